@@ -1,0 +1,38 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# torch is pinned here (not in pyproject) so a fresh machine takes the CPU build
+# that lies on disk instead of downloading a multi-GB CUDA build.
+TORCH   ?= torch==2.13.0
+DEMO    := demo-out
+
+.PHONY: install demo test bench results clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	@rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(BIN)/compress zoo train lenet5 --data mnist5k --epochs 3 -o $(DEMO)/lenet5.pt
+	$(BIN)/compress report $(DEMO)/lenet5.pt --data mnist5k
+	$(BIN)/compress pipeline $(DEMO)/lenet5.pt --train-data mnist5k --max-accuracy-drop 1.0 \
+		--recipe docs/recipes/demo.toml -o $(DEMO)/lenet5.cpz --report $(DEMO)/report
+	$(BIN)/compress report $(DEMO)/lenet5.cpz --data mnist5k
+
+test: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+bench: install
+	$(BIN)/python -m pytest -q bench --benchmark-json=bench-results.json
+	$(BIN)/python bench/render_results.py bench-results.json docs/results.md
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache .benchmarks bench-results.json
