@@ -1,0 +1,71 @@
+"""The ``compress`` command line: thin commands over the library.
+
+``main()`` maps compress's own exceptions (and click's usage errors) to one line on stderr and an
+exit code (2 usage, 1 failure). ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+
+import typer
+
+from ..errors import CompressError
+from . import common
+
+app = typer.Typer(name="compress", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Make trained PyTorch CNNs smaller and faster, and prove it with numbers.")
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the library does.")):
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+from . import model_cmds, zoo  # noqa: E402,F401  (registers commands)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    cmd = typer.main.get_command(app)
+    try:
+        rv = cmd.main(args=args, prog_name="compress", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 1
+    except typer.TyperException as e:  # click-style usage errors (bad flag, missing argument ...)
+        if type(e).__name__ == "NoArgsIsHelpError":
+            print(e.format_message(), file=sys.stderr)
+            return 2
+        if debug:
+            traceback.print_exc()
+        msg = " ".join(e.format_message().split())
+        hint = f" (see 'compress {e.ctx.command_path.split(' ', 1)[1]} --help')" \
+            if e.ctx is not None and " " in e.ctx.command_path else ""
+        print(f"error: {msg}{hint}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except CompressError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:  # disk full, permission denied ...: not a bug of ours
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Options shared by every command (defined once), and output helpers.
+
+Results go to stdout (a table, or JSON); progress, warnings and errors go to stderr.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import UsageError
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ModelArg = Annotated[str, typer.Argument(help="Model file: compress output, TorchScript, state_dict (+ --arch), .cpz.",
+                                         show_default=False)]
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture for a state_dict: module:callable, "
+                                                "path/to/file.py:callable or zoo:NAME.")]
+TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow unpickling a file that runs code. "
+                                        "Only for files you trust.")]
+OutOpt = Annotated[str, typer.Option("--output", "-o", help="Output file.", show_default=False)]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output file.")]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="Evaluation data: mnist5k, digits, DIR of IDX "
+                                                "files, PATH.npz, module:function; options after '?' "
+                                                "(mnist5k?size=32).")]
+TrainDataOpt = Annotated[Optional[str], typer.Option("--train-data", help="Fine-tuning data spec "
+                                                     "(see --data); 10% is held out for validation.")]
+TestDataOpt = Annotated[Optional[str], typer.Option("--test-data", help="Extra held-out data to report "
+                                                    "accuracy on (e.g. ../shared/data/mnist).")]
+EpochsOpt = Annotated[float, typer.Option("--epochs", help="Fine-tuning epochs (0: none).")]
+LrOpt = Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate.")]
+InputShapeOpt = Annotated[Optional[str], typer.Option("--input-shape", help="Input shape, e.g. 1,1,28,28.")]
+JsonOpt = Annotated[Optional[str], typer.Option("--json", help="Also write the result as JSON to this file "
+                                                "('-' for stdout).")]
+ReportOpt = Annotated[Optional[str], typer.Option("--report", help="Write JSON, Markdown, HTML and plots "
+                                                  "to this folder.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+
+
+def make_config(cls, **kw):
+    """Build a config; its ValueError becomes a usage error naming the option."""
+    try:
+        return cls(**kw)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        return f"{v:,.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.2e}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    t = Table(title=title, title_justify="left")
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="left" if i == 0 else "right")
+    for r in rows:
+        t.add_row(*[fmt(v) for v in r])
+    return t
+
+
+def before_after(before: dict, after: dict, title: str = "before / after") -> Table:
+    """The table every model-changing command prints."""
+    rows = []
+    keys = [("params", "params"), ("nonzero_params", "nonzeros"), ("macs", "MACs"),
+            ("file_bytes", "file bytes"), ("accuracy", "accuracy %"), ("test_accuracy", "test accuracy %")]
+    for k, label in keys:
+        if k in before or k in after:
+            b, a = before.get(k), after.get(k)
+            rows.append([label, b, a, _ratio(k, b, a)])
+    for k in ("batch_1", "batch_32"):
+        b = before.get("latency_ms", {}).get(k)
+        a = after.get("latency_ms", {}).get(k)
+        if b is not None or a is not None:
+            rows.append([f"latency {k.replace('_', ' ')} ms", b, a, _ratio("latency", b, a)])
+    return table(title, ["", "before", "after", "change"], rows)
+
+
+def _ratio(k, b, a) -> str:
+    if b is None or a is None:
+        return "-"
+    if "accuracy" in k:
+        return f"{a - b:+.2f} pt"
+    if a == 0:
+        return "-"
+    return f"{b / a:.2f}x smaller" if k != "latency" else f"{b / a:.2f}x faster"
+
+
+def emit_json(obj: Any, dest: Optional[str], force: bool = False) -> None:
+    from ..io import write_text
+
+    text = json.dumps(obj, indent=2, default=_json_default)
+    if dest == "-":
+        out.print(text, markup=False)
+    elif dest:
+        write_text(Path(dest), text + "\n", force=force)
+        err.print(f"wrote {dest}")
+
+
+def _json_default(o):
+    import numpy as np
+    import torch
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return repr(o)

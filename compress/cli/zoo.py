@@ -1,0 +1,70 @@
+"""``compress zoo list`` and ``compress zoo train``."""
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from . import app
+from .common import DataOpt, EpochsOpt, ForceOpt, OutOpt, SeedOpt, TestDataOpt, err, make_config, out, table
+
+zoo = typer.Typer(help="The model zoo: list and train reference models.", no_args_is_help=True)
+app.add_typer(zoo, name="zoo")
+
+
+@zoo.command("list")
+def list_cmd():
+    """List the zoo's models."""
+    from ..models import list_models, model_doc
+
+    out.print(table("zoo", ["name", "description"], [[n, model_doc(n)] for n in list_models()]))
+
+
+@zoo.command()
+def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compress zoo list`).")],
+          output: OutOpt, data: DataOpt = "mnist5k", epochs: EpochsOpt = 3,
+          lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+          optimizer: Annotated[str, typer.Option("--optimizer", help="adam or sgd.")] = "adam",
+          batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+          width: Annotated[float, typer.Option("--width", help="Width multiplier (ResNet, VGG, MobileNet).")] = 1.0,
+          test_data: TestDataOpt = None, seed: SeedOpt = 0, force: ForceOpt = False):
+    """Train a zoo model on a data set (10% held out for validation) and save it.
+
+    Examples:
+
+        compress zoo train lenet5 --epochs 3 -o lenet5.pt
+
+        compress zoo train resnet20 --data "mnist5k?size=32" --width 0.5 -o resnet20.pt
+    """
+    import torch
+
+    from .. import data as data_mod
+    from ..io import atomic_write, save_model, set_meta
+    from ..metrics import count_params
+    from ..models import create_model
+    from ..train import TrainConfig, evaluate, fit
+
+    cfg = make_config(TrainConfig, epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size, seed=seed)
+    with atomic_write(output, force):  # fail on an existing output before training, not after
+        pass
+    ds = data_mod.load(data)
+    tr, va = data_mod.split(ds, 0.1, seed=0)
+    torch.manual_seed(seed)
+    kw = {"width": width} if width != 1.0 else {}
+    if name.startswith("lenet"):
+        kw["input_size"] = ds.x.shape[-1]
+    model = create_model(name, num_classes=ds.num_classes, in_channels=ds.x.shape[1], **kw)
+    from ..data import check_fits
+
+    check_fits(model, tr)
+    err.print(f"training {name} ({count_params(model):,} params) on {len(tr):,} samples of {data}")
+    fit(model, tr, cfg, desc=f"train {name}")
+    acc = evaluate(model, va)
+    row = [["validation accuracy %", acc]]
+    meta = {"input_shape": [1, *ds.x.shape[1:]], "train_data": data, "val_accuracy": round(acc, 3)}
+    if test_data:
+        meta["test_accuracy"] = round(evaluate(model, data_mod.load(test_data)), 3)
+        row.append(["test accuracy %", meta["test_accuracy"]])
+    set_meta(model, **meta)
+    save_model(model, output, force=force)
+    out.print(table(f"{name} -> {output}", ["", "value"], [["params", count_params(model)], *row]))

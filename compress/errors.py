@@ -1,0 +1,33 @@
+"""Exceptions that the library raises and the CLI maps to one-line errors.
+
+Every message says what is wrong and, where there is one, how to fix it.
+"""
+from __future__ import annotations
+
+
+class CompressError(Exception):
+    """Base of every error that compress raises on purpose (exit code 1)."""
+
+    exit_code = 1
+
+
+class UsageError(CompressError):
+    """A bad option or combination of options (exit code 2)."""
+
+    exit_code = 2
+
+
+class InputError(CompressError):
+    """A file or data set that is missing, malformed or does not fit the model."""
+
+
+class UntrustedPickleError(InputError):
+    """A pickle that would run code was refused because it was not trusted."""
+
+
+class FormatError(InputError):
+    """A corrupt, truncated or unsupported compressed container."""
+
+
+class OutputExistsError(CompressError):
+    """An output path exists and overwriting was not allowed."""

@@ -1,0 +1,254 @@
+"""Safe loading and saving of models.
+
+Models are code: a whole pickled module runs code when it is unpickled. ``load_model`` therefore
+accepts, without being told to trust anything:
+
+* TorchScript archives (``torch.jit.save``);
+* state_dicts (loaded with ``weights_only=True``) together with ``arch="module:callable"``;
+* whole pickled modules whose every class is a ``torch.nn`` or ``compress`` module (allow-listed
+  and loaded with ``weights_only=True``): this covers every model that compress itself writes;
+* .cpz containers written by compress (their architecture is data, never code).
+
+Anything else needs ``trust_pickle=True`` (``--trust-pickle``).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import logging
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+import torch.nn as nn
+
+from .errors import InputError, OutputExistsError, UntrustedPickleError, UsageError
+
+log = logging.getLogger(__name__)
+
+META_ATTR = "compress_meta"  # plain dict on the root module: input shape, classes, history
+# Non-module globals that a checkpoint of ours may hold and that build nothing dangerous.
+_EXTRA_SAFE = {"collections.OrderedDict", "builtins.set", "torch.nn.parameter.Parameter"}
+
+
+# ----------------------------------------------------------------------------- writing files
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` only on success."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} exists; pass --force (force=True) to overwrite it")
+    if path.exists() and path.is_dir():
+        raise OutputExistsError(f"{path} is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"output directory {parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes(path, data: bytes, force: bool = False) -> None:
+    with atomic_write(path, force) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path, text: str, force: bool = False) -> None:
+    write_bytes(path, text.encode("utf-8"), force)
+
+
+# ----------------------------------------------------------------------------- metadata
+def get_meta(model: nn.Module) -> dict[str, Any]:
+    meta = getattr(model, META_ATTR, None)
+    return meta if isinstance(meta, dict) else {}
+
+
+def set_meta(model: nn.Module, **kw) -> dict[str, Any]:
+    """Merge plain-data metadata (lists, numbers, strings) into the model's metadata dict."""
+    meta = dict(get_meta(model))
+    meta.update(kw)
+    setattr(model, META_ATTR, meta)
+    return meta
+
+
+def add_history(model: nn.Module, entry: dict[str, Any]) -> None:
+    meta = get_meta(model)
+    set_meta(model, history=list(meta.get("history", [])) + [entry])
+
+
+# ----------------------------------------------------------------------------- arch specs
+def resolve_callable(spec: str, what: str = "--arch") -> Callable:
+    """``module:callable`` or ``path/to/file.py:callable`` -> the callable."""
+    if ":" not in spec:
+        raise UsageError(f"{what} {spec!r} must look like module:callable or path/to/file.py:callable")
+    mod_name, _, attr = spec.rpartition(":")
+    if mod_name.endswith(".py"):
+        p = Path(mod_name)
+        if not p.is_file():
+            raise InputError(f"{what}: file {p} not found")
+        sp = importlib.util.spec_from_file_location(f"_compress_user_{p.stem}", p)
+        module = importlib.util.module_from_spec(sp)
+        try:
+            sp.loader.exec_module(module)
+        except Exception as e:  # the user's own code failed to import
+            raise InputError(f"{what}: importing {p} failed: {type(e).__name__}: {e}") from e
+    else:
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise InputError(f"{what}: cannot import module {mod_name!r} ({e})") from e
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        raise InputError(f"{what}: {mod_name!r} has no callable {attr!r}")
+    return fn
+
+
+def build_arch(arch: str, **kw) -> nn.Module:
+    """Build a model from ``module:callable``, a file, or a zoo name (``zoo:lenet5``)."""
+    if arch.startswith("zoo:"):
+        from .models import create_model
+
+        return create_model(arch[4:], **kw)
+    fn = resolve_callable(arch)
+    try:
+        model = fn(**kw) if kw else fn()
+    except Exception as e:
+        raise InputError(f"--arch {arch}: calling it failed: {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise InputError(f"--arch {arch} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def load_state_dict_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], arch: str = "") -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    where = f" (--arch {arch})" if arch else ""
+    if missing:
+        raise InputError(f"weights do not match the architecture{where}: missing key {missing[0]!r}"
+                         f" ({len(missing)} missing)")
+    if unexpected:
+        raise InputError(f"weights do not match the architecture{where}: unexpected key {unexpected[0]!r}"
+                         f" ({len(unexpected)} unexpected)")
+    for k, v in own.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise InputError(f"weights do not match the architecture{where}: {k!r} has shape "
+                             f"{tuple(sd[k].shape)} in the file but {tuple(v.shape)} in the model")
+    model.load_state_dict(sd, strict=True)
+
+
+# ----------------------------------------------------------------------------- loading
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except zipfile.BadZipFile:
+        return False
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def _allowed_global(name: str):
+    """Return the object for an allow-listed global, or None."""
+    module, _, attr = name.rpartition(".")
+    if name in _EXTRA_SAFE or module.split(".")[0] in ("torch", "compress"):
+        try:
+            obj = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            return None
+        if name in _EXTRA_SAFE or (isinstance(obj, type) and issubclass(obj, nn.Module)):
+            return obj
+    return None
+
+
+def _torch_load(path: Path, trust_pickle: bool):
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    try:
+        needed = get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as e:
+        raise InputError(f"{path} is not a PyTorch file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
+    allowed = {n: _allowed_global(n) for n in needed}
+    foreign = sorted(n for n, o in allowed.items() if o is None)
+    if foreign and not trust_pickle:
+        raise UntrustedPickleError(
+            f"{path} is a pickle that would run code from {foreign[0]!r}"
+            f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}; it was not loaded. "
+            "If you trust this file pass --trust-pickle (trust_pickle=True), or save a state_dict "
+            "and load it with --arch module:callable")
+    try:
+        if foreign:  # trusted by the user
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(list(allowed.values())):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, OSError, ImportError, AttributeError) as e:
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path} could not be loaded as a model: {msg}") from e
+
+
+def load_model(path: str | os.PathLike, arch: str | None = None, trust_pickle: bool = False) -> nn.Module:
+    """Load a model safely; see the module docstring for what is accepted."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory, not a model file")
+    with path.open("rb") as f:
+        head = f.read(8)
+    if head[:4] == b"CPZ\x00" or path.suffix == ".cpz":
+        from .coding.container import load_cpz
+
+        return load_cpz(path)
+    if path.suffix == ".onnx":
+        raise InputError(f"{path} is an ONNX model; only `compress report` and `compress export` read ONNX")
+    if _is_torchscript(path):
+        try:
+            model = torch.jit.load(str(path), map_location="cpu")
+        except Exception as e:
+            raise InputError(f"{path}: corrupt TorchScript archive ({str(e).splitlines()[0][:120]})") from e
+        model.eval()
+        return model
+    obj = _torch_load(path, trust_pickle)
+    if arch is not None:
+        sd = obj.get("state_dict", obj) if isinstance(obj, Mapping) else obj
+        if isinstance(sd, nn.Module):
+            sd = sd.state_dict()
+        if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise InputError(f"{path} holds no state_dict to load into --arch {arch}")
+        model = build_arch(arch)
+        load_state_dict_strict(model, sd, arch)
+    elif isinstance(obj, nn.Module):
+        model = obj
+    elif isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()) and obj:
+        raise UsageError(f"{path} is a state_dict without its architecture; pass --arch module:callable "
+                         "(or zoo:NAME for a zoo model)")
+    else:
+        raise InputError(f"{path} holds a {type(obj).__name__}, not a model")
+    model.eval()
+    return model
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False) -> Path:
+    """Save a whole module (architecture travels with the weights), atomically.
+
+    ``torch.load(path, weights_only=False)`` returns a runnable module; compress reloads it without
+    ``--trust-pickle`` since every class in it is a torch.nn / compress module.
+    """
+    from .masks import remove_masks
+
+    remove_masks(model)  # masks are training state: finalize to exact zeros first
+    path = Path(path)
+    with atomic_write(path, force) as tmp:
+        torch.save(model, tmp)
+    return path

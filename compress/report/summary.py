@@ -1,0 +1,45 @@
+"""``compress report``: params, nonzeros, size, MACs, latency and accuracy of one model file."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .. import data as data_mod
+from ..errors import InputError
+from ..io import get_meta, load_model
+from ..metrics import input_shape_of, summarize
+
+
+def model_report(path: str | os.PathLike, arch: str | None = None, trust_pickle: bool = False,
+                 data: str | None = None, input_shape: str | None = None, latency: bool = True,
+                 test_data: str | None = None) -> dict[str, Any]:
+    """Everything ``compress report`` shows, as a JSON-able dict."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    ds = data_mod.load(data) if data else None
+    if path.suffix == ".onnx":
+        from ..export import onnx_summary
+
+        rep = onnx_summary(path, ds, input_shape)
+    else:
+        model = load_model(path, arch=arch, trust_pickle=trust_pickle)
+        shape = input_shape_of(model, ds, input_shape)
+        rep = summarize(model, shape, ds, latency=latency)
+        meta = get_meta(model)
+        if meta.get("history"):
+            rep["history"] = meta["history"]
+        if meta.get("arch"):
+            rep["arch"] = meta["arch"]
+        if test_data:
+            from ..train import evaluate
+
+            rep["test_accuracy"] = round(evaluate(model, data_mod.load(test_data)), 3)
+        if path.suffix == ".cpz":
+            from ..coding.container import read_stats
+
+            rep["cpz"] = read_stats(path)
+    rep = {"file": str(path), "file_bytes": path.stat().st_size, **rep}
+    rep["ratio_vs_dense_fp32"] = round(rep["dense_fp32_bytes"] / rep["file_bytes"], 3) if rep.get("dense_fp32_bytes") else None
+    return rep
