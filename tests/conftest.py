@@ -1,0 +1,48 @@
+import os
+
+os.environ.setdefault("COMPRESS_PROGRESS", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from compress import data as data_mod  # noqa: E402
+from compress.cli import main  # noqa: E402
+from compress.models import create_model  # noqa: E402
+from compress.train import TrainConfig, fit  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+class CliResult:
+    def __init__(self, code, out, err):
+        self.code, self.out, self.err = code, out, err
+
+    def __repr__(self):
+        return f"CliResult(code={self.code}, err={self.err!r})"
+
+
+@pytest.fixture
+def cli(capsys):
+    def run(*args):
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        o, e = capsys.readouterr()
+        return CliResult(code, o, e)
+    return run
+
+
+@pytest.fixture(scope="session")
+def mnist_small():
+    """2,000 of the embedded MNIST digits, split 90/10."""
+    ds = data_mod.load("mnist5k?limit=2000")
+    return data_mod.split(ds, 0.1, seed=0)
+
+
+@pytest.fixture(scope="session")
+def lenet5_trained(mnist_small):
+    torch.manual_seed(0)
+    tr, _ = mnist_small
+    m = create_model("lenet5")
+    fit(m, tr, TrainConfig(epochs=1, lr=2e-3, batch_size=64))
+    m.compress_meta["input_shape"] = [1, 1, 28, 28]
+    return m

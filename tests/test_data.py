@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+import torch
+
+from compress import data as data_mod
+from compress.errors import InputError, UsageError
+from compress.models import create_model
+
+
+def test_mnist5k_is_real_mnist():
+    ds = data_mod.load("mnist5k")
+    assert ds.x.shape == (5000, 1, 28, 28) and ds.x.dtype == torch.float32 and ds.y.dtype == torch.int64
+    assert 0.0 <= float(ds.x.min()) and float(ds.x.max()) <= 1.0
+    assert sorted(torch.unique(ds.y).tolist()) == list(range(10))
+    assert 0.1 < float(ds.x.mean()) < 0.2  # MNIST's mean intensity is about 0.13
+
+
+def test_digits_and_options():
+    ds = data_mod.load("digits")
+    assert ds.x.shape[1:] == (1, 8, 8) and len(ds) == 1797
+    p = data_mod.load("mnist5k?size=32&limit=100")
+    assert p.x.shape == (100, 1, 32, 32)
+    assert torch.all(p.x[:, :, :2] == 0)  # zero padding
+    with pytest.raises(UsageError):
+        data_mod.load("mnist5k?bogus=1")
+
+
+def test_split_is_deterministic_and_stratified():
+    ds = data_mod.load("mnist5k")
+    a_tr, a_va = data_mod.split(ds, 0.1, seed=0)
+    b_tr, b_va = data_mod.split(ds, 0.1, seed=0)
+    assert torch.equal(a_va.y, b_va.y) and torch.equal(a_tr.x[:5], b_tr.x[:5])
+    assert len(a_tr) + len(a_va) == 5000
+    counts = torch.bincount(a_va.y, minlength=10)
+    assert int(counts.min()) >= 40  # every class present in validation
+
+
+def test_npz_checks(tmp_path):
+    np.savez(tmp_path / "ok.npz", x=np.random.rand(4, 1, 8, 8).astype(np.float32), y=np.arange(4))
+    assert len(data_mod.load(str(tmp_path / "ok.npz"))) == 4
+    np.savez(tmp_path / "nokey.npz", a=np.zeros(3))
+    with pytest.raises(InputError, match="'x' and 'y'"):
+        data_mod.load(str(tmp_path / "nokey.npz"))
+    x = np.random.rand(4, 1, 8, 8).astype(np.float32)
+    x[0, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x, y=np.arange(4))
+    with pytest.raises(InputError, match="NaN"):
+        data_mod.load(str(tmp_path / "nan.npz"))
+    np.savez(tmp_path / "inty.npz", x=np.zeros((4, 1, 8, 8), np.uint8), y=np.arange(4))
+    with pytest.raises(InputError, match="float32"):
+        data_mod.load(str(tmp_path / "inty.npz"))
+    np.savez(tmp_path / "fy.npz", x=np.zeros((4, 1, 8, 8), np.float32), y=np.zeros(4, np.float32))
+    with pytest.raises(InputError, match="integer"):
+        data_mod.load(str(tmp_path / "fy.npz"))
+    (tmp_path / "bad.npz").write_bytes(b"garbage")
+    with pytest.raises(InputError):
+        data_mod.load(str(tmp_path / "bad.npz"))
+
+
+def test_idx_folder(tmp_path):
+    import gzip
+    imgs = np.random.randint(0, 255, (5, 28, 28), dtype=np.uint8)
+    labs = np.arange(5, dtype=np.uint8)
+    hdr = lambda magic, dims: bytes([0, 0, 8, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)  # noqa
+    (tmp_path / "t-images-idx3-ubyte.gz").write_bytes(gzip.compress(hdr(3, [5, 28, 28]) + imgs.tobytes()))
+    (tmp_path / "t-labels-idx1-ubyte").write_bytes(hdr(1, [5]) + labs.tobytes())
+    ds = data_mod.load(str(tmp_path))
+    assert ds.x.shape == (5, 1, 28, 28) and ds.y.tolist() == [0, 1, 2, 3, 4]
+    assert torch.allclose(ds.x[0, 0] * 255, torch.from_numpy(imgs[0]).float())
+
+
+def test_module_function_spec():
+    ds = data_mod.load("tests.helpers:tiny_data")
+    assert ds.x.shape == (20, 1, 8, 8)
+
+
+def test_data_must_fit_model():
+    m = create_model("lenet5")
+    with pytest.raises(InputError, match="does not fit"):
+        data_mod.check_fits(m, data_mod.load("digits"))
+    m3 = create_model("lenet300", num_classes=3)
+    with pytest.raises(InputError, match="label 9"):
+        data_mod.check_fits(m3, data_mod.load("mnist5k?limit=200"))
