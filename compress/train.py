@@ -73,12 +73,12 @@ def make_optimizer(params, cfg: TrainConfig):
 
 def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *,
         penalty: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
-        on_step: Callable[[nn.Module], None] | None = None,
+        on_step: Callable[[nn.Module, float], None] | None = None,
         on_epoch_end: Callable[[nn.Module, int], nn.Module | None] | None = None,
         params: list | None = None, desc: str = "train", progress: bool | None = None) -> list[dict]:
     """Train ``model`` in place; returns one dict per epoch (loss, penalty).
 
-    ``penalty(model, loss)`` is added to the loss; ``on_step(model)`` runs after each optimizer step;
+    ``penalty(model, loss)`` is added to the loss; ``on_step(model, lr)`` runs after each optimizer step;
     ``on_epoch_end(model, epoch)`` may return a *new* model (e.g. after a reconfiguration), for which
     the optimizer is rebuilt.
     """
@@ -129,7 +129,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *,
             sched.step()
             masks.enforce(model)
             if on_step is not None:
-                on_step(model)
+                on_step(model, sched.get_last_lr()[0])
             step += 1
             tot_loss += float(loss.detach()) * len(idx)
             tot_pen += float(pen.detach()) * len(idx) if pen is not None else 0.0
@@ -141,7 +141,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *,
         log.info("%s epoch %d: loss %.4f", desc, epoch + 1, history[-1]["loss"])
         if on_epoch_end is not None:
             new = on_epoch_end(model, epoch + 1)
-            if new is not None and new is not model:
+            if new is not None:
                 model = new  # the architecture changed: new parameters, new optimizer state
                 opt = make_optimizer(model.parameters(), cfg)
                 sched = schedule(opt, offset=step)

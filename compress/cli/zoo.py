@@ -39,14 +39,14 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compres
     import torch
 
     from .. import data as data_mod
-    from ..io import atomic_write, save_model, set_meta
+    from ..io import save_model, set_meta
+    from .stage import check_output
     from ..metrics import count_params
     from ..models import create_model
     from ..train import TrainConfig, evaluate, fit
 
     cfg = make_config(TrainConfig, epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size, seed=seed)
-    with atomic_write(output, force):  # fail on an existing output before training, not after
-        pass
+    check_output("", output, force)  # fail on an existing output before training, not after
     ds = data_mod.load(data)
     tr, va = data_mod.split(ds, 0.1, seed=0)
     torch.manual_seed(seed)

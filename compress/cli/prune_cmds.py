@@ -1,0 +1,131 @@
+"""``compress prune``: threshold, l1-filter and channel-union pruning."""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import app
+from .common import (ArchOpt, EpochsOpt, ForceOpt, InputShapeOpt, JsonOpt, ModelArg, OutOpt, ReportOpt,
+                     TestDataOpt, TrainDataOpt, TrustOpt, err, make_config, out, table)
+from .stage import finish, parse_mapping, start
+
+
+class Method(str, Enum):
+    threshold = "threshold"
+    l1_filter = "l1-filter"
+    channel_union = "channel-union"
+
+
+@app.command()
+def prune(model: ModelArg, output: OutOpt,
+          method: Annotated[Method, typer.Option("--method", "-m", help="Pruning method.")] = Method.threshold,
+          arch: ArchOpt = None, trust_pickle: TrustOpt = False, train_data: TrainDataOpt = None,
+          test_data: TestDataOpt = None, epochs: EpochsOpt = 0.0,
+          lr: Annotated[Optional[float], typer.Option("--lr", help="Fine-tuning learning rate.")] = None,
+          sparsity: Annotated[Optional[str], typer.Option(
+              "--sparsity", help="threshold: target sparsity, global (0.92) or per layer/type (conv=0.6,linear=0.95).")] = None,
+          quality: Annotated[Optional[str], typer.Option(
+              "--quality", help="threshold: threshold = quality x std of each layer (instead of --sparsity).")] = None,
+          steps: Annotated[int, typer.Option("--steps", help="threshold: pruning rounds (--epochs split over them).")] = 3,
+          ratio: Annotated[str, typer.Option(
+              "--ratio", help="l1-filter: fraction (0.5) or count (8) of filters per group, or per layer "
+                              "(layer1.0.conv1=0.3,_default=0.5).")] = "0.5",
+          sensitivity: Annotated[bool, typer.Option("--sensitivity", help="l1-filter: prune each layer alone at "
+                                                    "several ratios first, and show accuracy per layer and ratio.")] = False,
+          budget: Annotated[Optional[float], typer.Option(
+              "--budget", help="l1-filter with --sensitivity: per-layer ratios from this accuracy drop (pt).")] = None,
+          lasso_ratio: Annotated[float, typer.Option("--lasso-ratio", help="channel-union: group-lasso penalty "
+                                                     "strength (larger prunes more).")] = 0.8,
+          reconfig_interval: Annotated[int, typer.Option("--reconfig-interval", help="channel-union: epochs "
+                                                         "between reconfigurations.")] = 1,
+          input_shape: InputShapeOpt = None, report: ReportOpt = None, json_out: JsonOpt = None,
+          force: ForceOpt = False):
+    """Prune a trained model and show the numbers before and after.
+
+    Examples:
+
+        compress prune lenet5.pt --method threshold --sparsity 0.92 --train-data mnist5k --epochs 8 -o lenet5-pruned.pt
+
+        compress prune resnet20.pt --method l1-filter --ratio 0.5 --train-data "mnist5k?size=32" --epochs 3 -o r20-l1.pt
+
+        compress prune resnet20.pt --method channel-union --train-data "mnist5k?size=32" --epochs 4 -o r20-cu.pt
+    """
+    from ..prune import ChannelUnionConfig, L1FilterConfig, ThresholdConfig, prune_
+
+    needs_train = method == Method.channel_union or epochs > 0 or (sensitivity and method == Method.l1_filter)
+    st = start(model, output, force, arch, trust_pickle, train_data, test_data, input_shape, need_train=needs_train)
+    extra = {}
+    if method == Method.threshold:
+        if sparsity is None and quality is None:
+            sparsity = "0.9"
+        cfg = make_config(ThresholdConfig, sparsity=parse_mapping(sparsity, "--sparsity"),
+                          quality=parse_mapping(quality, "--quality"), steps=steps, epochs=epochs / steps,
+                          lr=lr or 1e-3)
+        rounds = []
+
+        def on_round(m, k):
+            from ..prune import sparsity_of
+            from ..train import evaluate
+
+            rec = {"round": k, "sparsity": round(sparsity_of(m), 4)}
+            if st.val is not None:
+                rec["accuracy"] = round(evaluate(m, st.val), 3)
+            rounds.append(rec)
+            err.print(f"round {k}/{steps}: sparsity {rec['sparsity']:.2%}"
+                      + (f", accuracy {rec['accuracy']:.2f}%" if "accuracy" in rec else ""))
+
+        prune_(st.model, cfg, st.train, st.val, on_round=on_round)
+        extra["rounds"] = rounds
+    elif method == Method.l1_filter:
+        r = parse_mapping(ratio, "--ratio", cast=_num)
+        if sensitivity:
+            r = _sensitivity(st, report or str(Path(output).with_suffix("")) + "-sensitivity", budget, r, extra, force)
+        cfg = make_config(L1FilterConfig, ratio=r, epochs=epochs, lr=lr or 1e-3)
+        prune_(st.model, cfg, st.train, st.val, input_shape=st.input_shape)
+    else:
+        cfg = make_config(ChannelUnionConfig, lasso_ratio=lasso_ratio, reconfig_interval=reconfig_interval,
+                          epochs=epochs or 4.0, lr=lr or 0.02)
+
+        def on_reconfig(rec):
+            err.print(f"reconfiguration after epoch {rec['epoch']}: params {rec['params']:,}, MACs {rec['macs']:,}"
+                      + (f", accuracy {rec['accuracy']:.2f}%" if "accuracy" in rec else ""))
+
+        prune_(st.model, cfg, st.train, st.val, input_shape=st.input_shape, on_reconfig=on_reconfig)
+        extra["reconfigurations"] = st.model.compress_meta["history"][-1]["reconfigurations"]
+    result = finish(st, st.model, output, force, f"prune/{method.value}", cfg, report, extra)
+    if json_out:
+        from .common import emit_json
+
+        emit_json(result, json_out, force)
+
+
+def _num(v: str):
+    v = v.strip()
+    return int(v) if v.isdigit() else float(v)
+
+
+def _sensitivity(st, folder, budget, ratio, extra, force):
+    from ..io import write_text
+    from ..prune import plot_sensitivity, ratios_for_budget, sensitivity as run_sens
+
+    if st.val is None:
+        raise typer.BadParameter("--sensitivity needs --train-data (accuracy is measured on its held-out 10%)")
+    sens = run_sens(st.model, st.val, input_shape=st.input_shape)
+    rs = sens["ratios"]
+    out.print(table(f"sensitivity (baseline {sens['baseline']:.2f}%)", ["layer", "channels", *[f"{r:.0%}" for r in rs]],
+                    [[n, row["channels"], *[row["accuracy"][r] for r in rs]] for n, row in sens["layers"].items()]))
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    png = Path(folder) / "sensitivity.png"
+    plot_sensitivity(sens, png)
+    import json
+    write_text(Path(folder) / "sensitivity.json", json.dumps(sens, indent=2), force=True)
+    err.print(f"sensitivity plot: {png}")
+    extra["sensitivity"] = sens
+    if budget is not None:
+        ratio = ratios_for_budget(sens, budget)
+        out.print(table(f"ratios for a {budget} pt budget per layer", ["layer", "ratio"],
+                        [[k, v] for k, v in ratio.items() if k != "_default"]))
+    return ratio

@@ -1,0 +1,149 @@
+"""SVD factorization of Linear and Conv2d layers (Denton et al. 2014; Jaderberg et al. 2014;
+Zhang et al. 2015 for the k x k + 1 x 1 conv form).
+
+* Linear (m x n): W ~ U_k S_k V_k^T -> Linear(n, k, bias=False) then Linear(k, m) with the bias.
+* Conv2d (out, in, kh, kw): reshape W to out x (in*kh*kw); the first factor becomes a kh x kw conv
+  with k filters (same stride, padding, dilation), the second a 1 x 1 conv with the bias.
+
+The rank comes from the kept energy (sum of squared singular values), a ratio of full rank, or is
+fixed. A layer is factorized only if it gets smaller: k (m + n) < m n. Grouped/depthwise convs are
+left alone, and said so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+
+import torch
+import torch.nn as nn
+
+from .config import Config, handler_for, register_handler
+from .io import add_history
+from .train import TrainConfig, fit
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorizeConfig(Config):
+    """Args:
+        energy: keep the smallest rank whose singular values hold this fraction of the squared sum.
+        rank_ratio: rank = ceil(ratio x full rank).
+        rank: a fixed rank (capped at full rank).
+        layers: glob patterns of layer FQNs to consider ("fc*", "layer3.*"); default all.
+        epochs: fine-tuning epochs afterwards (0: none).
+        lr: fine-tuning learning rate (Adam).
+    """
+
+    energy: float | None = None
+    rank_ratio: float | None = None
+    rank: int | None = None
+    layers: tuple = ()
+    epochs: float = 0.0
+    lr: float = 1e-3
+
+    def __post_init__(self):
+        given = [v is not None for v in (self.energy, self.rank_ratio, self.rank)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of energy, rank_ratio or rank")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise ValueError(f"energy must be in (0, 1], got {self.energy}")
+        if self.rank_ratio is not None and not 0 < self.rank_ratio <= 1:
+            raise ValueError(f"rank_ratio must be in (0, 1], got {self.rank_ratio}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.epochs < 0:
+            raise ValueError("epochs must be >= 0")
+
+
+def choose_rank(s: torch.Tensor, config: FactorizeConfig) -> int:
+    full = len(s)
+    if config.rank is not None:
+        return min(config.rank, full)
+    if config.rank_ratio is not None:
+        return max(1, min(full, int(torch.ceil(torch.tensor(config.rank_ratio * full)).item())))
+    e = (s.double() ** 2).cumsum(0)
+    return int(torch.searchsorted(e / e[-1], torch.tensor(config.energy, dtype=torch.float64)).item()) + 1
+
+
+def _weight_matrix(m: nn.Module) -> torch.Tensor:
+    return m.weight.detach().flatten(1).double()  # (out, in*kh*kw)
+
+
+def factor_layer(m: nn.Module, k: int) -> tuple[nn.Module, float]:
+    """The two-layer replacement of ``m`` at rank k, and the relative reconstruction error."""
+    W = _weight_matrix(m)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    sq = S[:k].sqrt()
+    A = (sq[:, None] * Vh[:k]).float()   # (k, in*kh*kw)
+    B = (U[:, :k] * sq[None, :]).float()  # (out, k)
+    err = float(torch.linalg.norm(W - (U[:, :k] * S[:k]) @ Vh[:k]) / torch.linalg.norm(W).clamp_min(1e-30))
+    has_bias = m.bias is not None
+    if isinstance(m, nn.Linear):
+        first, second = nn.Linear(m.in_features, k, bias=False), nn.Linear(k, m.out_features, bias=has_bias)
+        first.weight.data.copy_(A)
+        second.weight.data.copy_(B)
+    else:
+        first = nn.Conv2d(m.in_channels, k, m.kernel_size, m.stride, m.padding, m.dilation, bias=False,
+                          padding_mode=m.padding_mode)
+        second = nn.Conv2d(k, m.out_channels, 1, bias=has_bias)
+        first.weight.data.copy_(A.view(k, m.in_channels, *m.kernel_size))
+        second.weight.data.copy_(B.view(m.out_channels, k, 1, 1))
+    if has_bias:
+        second.bias.data.copy_(m.bias.detach())
+    seq = nn.Sequential(first, second).to(m.weight.device)
+    return seq, err
+
+
+def _eligible(m: nn.Module) -> str | None:
+    """None if the layer can be factorized, else why not."""
+    if isinstance(m, nn.Conv2d):
+        if m.groups != 1:
+            return "grouped/depthwise conv"
+        return None
+    if isinstance(m, nn.Linear):
+        return None
+    return "not a Linear or Conv2d"
+
+
+@register_handler(FactorizeConfig)
+def _factorize(model: nn.Module, config: FactorizeConfig, train_data=None, val_data=None) -> nn.Module:
+    rows = []
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+               and (not config.layers or any(fnmatch.fnmatch(n, p) for p in config.layers))]
+    for name, m in targets:
+        why = _eligible(m)
+        mat = m.weight.flatten(1)
+        rows_, cols = mat.shape
+        full = min(rows_, cols)
+        row = {"name": name, "type": type(m).__name__, "shape": list(m.weight.shape), "full_rank": full,
+               "params_before": sum(p.numel() for p in m.parameters())}
+        if why is None:
+            S = torch.linalg.svdvals(_weight_matrix(m))
+            k = choose_rank(S, config)
+            row["rank"] = k
+            if k * (rows_ + cols) >= rows_ * cols:
+                why = f"rank {k} would not be smaller"
+        if why is not None:
+            row.update(action="kept", reason=why, params_after=row["params_before"], error=0.0)
+            log.info("%s kept: %s", name, why)
+            rows.append(row)
+            continue
+        seq, err = factor_layer(m, k)
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, seq)
+        row.update(action="factorized", params_after=sum(p.numel() for p in seq.parameters()), error=err)
+        rows.append(row)
+    add_history(model, {"stage": "factorize", "layers": rows})
+    if train_data is not None and config.epochs > 0:
+        fit(model, train_data, TrainConfig(epochs=config.epochs, lr=config.lr), desc="factorize fine-tune")
+    return model
+
+
+def factorize(model: nn.Module, config: FactorizeConfig | None = None, train_data=None, val_data=None,
+              **kw) -> nn.Module:
+    """Factorize in place and return the model: ``factorize(m, energy=0.8)`` or with a config."""
+    config = config or FactorizeConfig(**kw)
+    return handler_for(config, "factorize")(model, config, train_data, val_data)

@@ -1,0 +1,150 @@
+"""L1-norm filter pruning, Li et al., "Pruning Filters for Efficient ConvNets" (ICLR 2017).
+
+Each conv's filters are ranked by L1 norm and the smallest are removed -- physically: the output
+is a smaller dense network. torch-pruning's DependencyGraph keeps every coupled layer consistent
+(BatchNorm, the next layer's inputs, residual additions, concatenations, depthwise convs); the
+classifier's outputs are never pruned. ``sensitivity`` prunes each layer alone at several ratios
+(Li et al.'s Figure 2) and ``ratios_for_budget`` turns that into per-layer ratios.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+
+import torch.nn as nn
+
+from ..config import Config, per_layer, register_handler
+from ..io import get_meta
+from ..metrics import input_shape_of
+from ..train import TrainConfig, evaluate, fit
+from .graph import channel_groups, prune_group
+from .importance import L1FilterImportance
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class L1FilterConfig(Config):
+    """Args:
+        ratio: filters to remove per coupled channel group: a float is a fraction, an int a count;
+            a dict keyed by the group's root layer FQN ("layer1.0.conv1"), with "_default".
+        epochs: fine-tuning epochs after pruning (0: none).
+        lr: fine-tuning learning rate (Adam).
+        min_channels: never leave a group with fewer channels than this.
+        ignore: FQNs of layers whose output channels are kept.
+    """
+
+    ratio: float | int | dict = 0.5
+    epochs: float = 0.0
+    lr: float = 1e-3
+    min_channels: int = 1
+    ignore: tuple = ()
+
+    def __post_init__(self):
+        vals = list(self.ratio.values()) if isinstance(self.ratio, dict) else [self.ratio]
+        for v in vals:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"ratio must be a number, got {v!r}")
+            if isinstance(v, float) and not 0.0 <= v < 1.0:
+                raise ValueError(f"a fractional ratio must be in [0, 1), got {v}")
+            if isinstance(v, int) and v < 0:
+                raise ValueError(f"a count ratio must be >= 0, got {v}")
+        if self.min_channels < 1:
+            raise ValueError("min_channels must be >= 1")
+        if self.epochs < 0:
+            raise ValueError("epochs must be >= 0")
+
+
+def _count(ratio, size: int, min_channels: int) -> int:
+    n = ratio if isinstance(ratio, int) else int(round(ratio * size))
+    return max(0, min(n, size - min_channels))
+
+
+def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, ignore=()) -> dict[str, tuple[int, int]]:
+    """Remove the lowest-L1 filters of every group; returns {root: (before, after)} channels."""
+    mods = dict(model.named_modules())
+    ignored = [mods[n] for n in ignore if n in mods]
+    dg, groups = channel_groups(model, input_shape, roots=(nn.Conv2d,), ignored=ignored)
+    imp = L1FilterImportance()
+    changes = {}
+    for cg in groups:
+        r = per_layer(ratio, cg.name, 0.0)
+        n = _count(r, cg.size, min_channels)
+        if n == 0:
+            continue
+        scores = imp(cg.group, cg.size)
+        idxs = scores.argsort()[:n].tolist()
+        prune_group(dg, cg, idxs)
+        changes[cg.name] = (cg.size, cg.size - n)
+        log.info("%s: %d -> %d channels", cg.name, cg.size, cg.size - n)
+    return changes
+
+
+@register_handler(L1FilterConfig)
+def _l1_filter(model: nn.Module, config: L1FilterConfig, train_data=None, val_data=None,
+               input_shape=None) -> nn.Module:
+    shape = input_shape or input_shape_of(model, train_data or val_data)
+    changes = prune_filters(model, shape, config.ratio, config.min_channels, config.ignore)
+    from ..io import add_history
+
+    add_history(model, {"stage": "l1_filter", "channels": {k: list(v) for k, v in changes.items()}})
+    if train_data is not None and config.epochs > 0:
+        fit(model, train_data, TrainConfig(epochs=config.epochs, lr=config.lr), desc="l1-filter fine-tune")
+    return model
+
+
+def l1_filter(model: nn.Module, ratio=0.5, *, train_data=None, val_data=None, **kw) -> nn.Module:
+    """Remove the lowest-L1 filters in place and return the (smaller) model."""
+    return _l1_filter(model, L1FilterConfig(ratio=ratio, **kw), train_data, val_data)
+
+
+def sensitivity(model: nn.Module, val_data, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), input_shape=None,
+                progress=None) -> dict:
+    """Prune each group alone at each ratio (no fine-tuning); accuracy per group and ratio."""
+    shape = input_shape or input_shape_of(model, val_data)
+    base = evaluate(model, val_data)
+    _, groups = channel_groups(model, shape, roots=(nn.Conv2d,))
+    table = {}
+    for cg in groups:
+        row = {}
+        for r in ratios:
+            m = copy.deepcopy(model)
+            prune_filters(m, shape, {cg.name: float(r), "_default": 0.0})
+            row[float(r)] = round(evaluate(m, val_data), 3)
+            if progress:
+                progress()
+        table[cg.name] = {"channels": cg.size, "accuracy": row}
+    return {"baseline": round(base, 3), "ratios": [float(r) for r in ratios], "layers": table,
+            "arch": get_meta(model).get("arch")}
+
+
+def ratios_for_budget(sens: dict, max_drop: float) -> dict[str, float]:
+    """Per group, the largest ratio whose accuracy drop (pruned alone) stays within ``max_drop``."""
+    out = {}
+    for name, row in sens["layers"].items():
+        ok = [r for r, acc in row["accuracy"].items() if sens["baseline"] - acc <= max_drop]
+        out[name] = max(ok) if ok else 0.0
+    out["_default"] = 0.0
+    return out
+
+
+def plot_sensitivity(sens: dict, path) -> None:
+    """Li et al.'s Figure 2: accuracy against fraction of filters pruned, one line per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, row in sens["layers"].items():
+        rs = sorted(float(r) for r in row["accuracy"])
+        ax.plot([100 * r for r in rs], [row["accuracy"][r] for r in rs], marker="o", label=f"{name} ({row['channels']})")
+    ax.axhline(sens["baseline"], color="k", lw=0.8, ls="--", label="unpruned")
+    ax.set_xlabel("filters pruned away (%)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("L1-filter pruning sensitivity (each layer pruned alone, no fine-tuning)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

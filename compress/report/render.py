@@ -1,0 +1,114 @@
+"""Render results as a folder: ``report.json``, ``report.md`` and a self-contained ``report.html``
+(PNG plots inlined as data URIs, and also written beside it)."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from ..io import write_text
+from . import plots
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.3f}".rstrip("0").rstrip(".") if abs(v) < 1e6 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return "-" if v is None else str(v)
+
+
+def _md_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: list[str], rows: list[list[Any]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
+td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}
+.big{font-size:1.4em;margin:.5em 0}.good{color:#17702a}.bad{color:#a4161a}"""
+
+
+def write_folder(folder, title: str, summary: str, sections: list[tuple[str, list[str], list[list]]],
+                 images: list[Path], data: dict, force: bool = False) -> dict[str, Path]:
+    """sections: (heading, header, rows). Writes report.json / report.md / report.html."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    md = [f"# {title}", "", summary, ""]
+    body = [f"<h1>{html.escape(title)}</h1>", f"<p class='big'>{html.escape(summary)}</p>"]
+    for heading, header, rows in sections:
+        md += [f"## {heading}", "", _md_table(header, rows), ""]
+        body += [f"<h2>{html.escape(heading)}</h2>", _html_table(header, rows)]
+    md += ["## Plots", ""]
+    body.append("<h2>Plots</h2>")
+    for img in images:
+        md.append(f"![{img.stem}]({img.name})")
+        b64 = base64.b64encode(img.read_bytes()).decode()
+        body.append(f"<h3>{html.escape(img.stem.replace('_', ' '))}</h3><img alt='{img.stem}' src='data:image/png;base64,{b64}'>")
+    paths = {"json": folder / "report.json", "md": folder / "report.md", "html": folder / "report.html"}
+    write_text(paths["json"], json.dumps(data, indent=2, default=str) + "\n", force=True)
+    write_text(paths["md"], "\n".join(md) + "\n", force=True)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
+    write_text(paths["html"], page, force=True)
+    return paths
+
+
+def _ba_rows(before: dict, after: dict) -> list[list]:
+    rows = []
+    for k in ("params", "nonzero_params", "macs", "file_bytes", "accuracy", "test_accuracy"):
+        if k in before or k in after:
+            rows.append([k, before.get(k), after.get(k)])
+    for k in ("batch_1", "batch_32"):
+        b, a = before.get("latency_ms", {}).get(k), after.get("latency_ms", {}).get(k)
+        if b is not None or a is not None:
+            rows.append([f"latency {k} ms", b, a])
+    return rows
+
+
+def render_stage_report(result: dict, before_model: nn.Module | None, after_model: nn.Module, folder,
+                        force: bool = False) -> dict[str, Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    b, a = result["before"], result["after"]
+    images = []
+    if b.get("layers") and a.get("layers"):
+        images.append(plots.layer_density(b["layers"], a["layers"], folder / "layers.png"))
+    if before_model is not None:
+        images.append(plots.weight_histograms(before_model, after_model, folder / "weight_histograms.png"))
+    ratio = b["nonzero_params"] / max(a["nonzero_params"], 1)
+    summary = (f"{result['method']}: {ratio:.1f}x fewer nonzero weights, "
+               f"{b['macs'] / max(a['macs'], 1):.2f}x fewer MACs")
+    if "accuracy" in a:
+        summary += f", accuracy {b['accuracy']:.2f}% -> {a['accuracy']:.2f}% ({a['accuracy'] - b['accuracy']:+.2f} pt)"
+    sections = [("Before / after", ["", "before", "after"], _ba_rows(b, a)),
+                ("Layers after", ["layer", "type", "params", "nonzeros", "MACs"],
+                 [[r["name"], r["type"], r["params"], r["nonzeros"], r["macs"]] for r in a.get("layers", [])])]
+    return write_folder(folder, f"compress report: {result['method']}", summary, sections, images, result, force)
+
+
+def render_model_report(rep: dict, folder, force: bool = False) -> dict[str, Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    images = []
+    if rep.get("layers"):
+        images.append(plots.layer_density(rep["layers"], rep["layers"], folder / "layers.png"))
+    rows = [[k, rep.get(k)] for k in ("file_bytes", "params", "nonzero_params", "dense_fp32_bytes", "macs",
+                                      "accuracy", "test_accuracy") if k in rep]
+    summary = f"{rep['file']}: {rep['file_bytes']:,} bytes, {rep.get('ratio_vs_dense_fp32') or 1:.2f}x smaller than dense FP32"
+    sections = [("Model", ["", "value"], rows)]
+    if rep.get("layers"):
+        sections.append(("Layers", ["layer", "type", "params", "nonzeros", "MACs"],
+                         [[r["name"], r["type"], r["params"], r["nonzeros"], r["macs"]] for r in rep["layers"]]))
+    return write_folder(folder, "compress report", summary, sections, images, rep, force)

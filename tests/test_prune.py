@@ -1,0 +1,225 @@
+import copy
+
+import pytest
+import torch
+
+from compress import data as data_mod
+from compress import masks
+from compress.metrics import count_macs, count_nonzero, count_params
+from compress.models import create_model
+from compress.prune import (ChannelUnionConfig, L1FilterConfig, ThresholdConfig, channel_union, l1_filter,
+                            prune_, ratios_for_budget, sensitivity, sparsity_of, threshold)
+from compress.prune.channel_union import GroupLasso, ResidualIdentity, reconfigure
+from compress.prune.graph import channel_groups, prune_group
+from compress.train import TrainConfig, evaluate, fit
+
+
+@pytest.fixture(scope="module")
+def small32():
+    ds = data_mod.load("mnist5k?size=32&limit=600")
+    return data_mod.split(ds, 0.2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def resnet8_trained(small32):
+    torch.manual_seed(0)
+    m = create_model("resnet8", width=0.5)
+    fit(m, small32[0], TrainConfig(epochs=1, lr=3e-3))
+    return m
+
+
+# ---------------------------------------------------------------- threshold
+def test_threshold_reaches_sparsity_and_masks_hold(lenet5_trained, mnist_small):
+    tr, va = mnist_small
+    m = copy.deepcopy(lenet5_trained)
+    before = evaluate(m, va)
+    threshold(m, 0.9, train_data=tr.subset(range(600)), steps=2, epochs=0.5)
+    assert abs(sparsity_of(m) - 0.9) < 0.01
+    assert count_params(m) / count_nonzero(m) > 8
+    assert not masks.has_masks(m) and "_compress_mask" not in str(m.__dict__.keys())
+    assert evaluate(m, va) > before - 10  # fine-tuning kept it working
+
+
+def test_masks_hold_through_training(lenet5_trained, mnist_small):
+    tr, _ = mnist_small
+    m = copy.deepcopy(lenet5_trained)
+    cfg = ThresholdConfig(sparsity=0.8, steps=1, epochs=0)
+    prune_(m, cfg)
+    zeros = {n: (p == 0) for n, p in m.named_parameters() if p.dim() > 1}
+    # re-attach masks and train hard: pruned weights (and their grads / Adam state) stay zero
+    for n, mod in m.named_modules():
+        if hasattr(mod, "weight") and mod.weight is not None and mod.weight.dim() > 1:
+            masks.set_mask(mod, (mod.weight != 0).float())
+    fit(m, tr.subset(range(300)), TrainConfig(epochs=1, lr=1e-2))
+    for n, p in m.named_parameters():
+        if n in zeros:
+            assert torch.all(p[zeros[n]] == 0), n
+    masks.remove_masks(m)
+    assert not masks.has_masks(m)
+
+
+def test_first_and_last_layers_pruned_less(lenet5_trained):
+    m = copy.deepcopy(lenet5_trained)
+    prune_(m, ThresholdConfig(sparsity=0.9, steps=1, epochs=0))
+    sp = {n: float((mod.weight == 0).float().mean()) for n, mod in m.named_modules() if hasattr(mod, "weight")}
+    assert sp["conv1"] < sp["fc1"] and sp["fc2"] < sp["fc1"]
+
+
+def test_quality_and_per_type_sparsity(lenet5_trained):
+    m = copy.deepcopy(lenet5_trained)
+    prune_(m, ThresholdConfig(sparsity={"conv": 0.5, "linear": 0.95}, steps=1, epochs=0))
+    assert abs(float((m.fc1.weight == 0).float().mean()) - 0.95) < 0.01
+    assert abs(float((m.conv2.weight == 0).float().mean()) - 0.5) < 0.01
+    q = copy.deepcopy(lenet5_trained)
+    prune_(q, ThresholdConfig(quality=1.0, steps=1, epochs=0, first_last_factor=1.0))
+    w = lenet5_trained.fc1.weight
+    expected = float((w.abs() <= w.std()).float().mean())
+    assert abs(float((q.fc1.weight == 0).float().mean()) - expected) < 1e-3
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        ThresholdConfig()
+    with pytest.raises(ValueError):
+        ThresholdConfig(sparsity=1.5)
+    with pytest.raises(ValueError):
+        L1FilterConfig(ratio=1.2)
+    d = ThresholdConfig(sparsity=0.9).to_dict()
+    assert d["type"] == "ThresholdConfig" and d["version"] == 1
+    from compress.config import Config
+    assert Config.from_dict(d) == ThresholdConfig(sparsity=0.9)
+    with pytest.raises(TypeError, match="known configs"):
+        prune_(torch.nn.Linear(2, 2), TrainConfig())
+
+
+# ---------------------------------------------------------------- l1-filter
+@pytest.mark.parametrize("name", ["resnet8", "vgg_small", "mobilenet_small", "squeezenet_small"])
+def test_l1_filter_shrinks_and_stays_runnable(name):
+    torch.manual_seed(0)
+    m = create_model(name, width=0.5) if name != "squeezenet_small" else create_model(name)
+    p0, mac0 = count_params(m), count_macs(m, (1, 1, 32, 32))
+    l1_filter(m, 0.3, input_shape=(1, 1, 32, 32)) if False else prune_(m, L1FilterConfig(ratio=0.3),
+                                                                      input_shape=(1, 1, 32, 32))
+    assert count_params(m) < 0.8 * p0 and count_macs(m, (1, 1, 32, 32)) < mac0
+    assert m(torch.randn(2, 1, 32, 32)).shape == (2, 10)  # classifier outputs never pruned
+
+
+def test_l1_removes_smallest_filters_and_keeps_the_rest_exact():
+    torch.manual_seed(0)
+    m = create_model("vgg_small", width=0.25).eval()
+    first = m.features[0][0]
+    with torch.no_grad():
+        first.weight[:3] *= 0.01  # three weak filters
+    kept_before = first.weight[3:].clone()
+    prune_(m, L1FilterConfig(ratio={"features.0.0": 3, "_default": 0}), input_shape=(1, 1, 32, 32))
+    assert m.features[0][0].out_channels == kept_before.shape[0]
+    assert torch.equal(m.features[0][0].weight, kept_before)  # unpruned channels unchanged
+
+
+def test_unpruned_channels_give_same_outputs():
+    """Removing channels whose every coupled slice is zero leaves the outputs unchanged."""
+    torch.manual_seed(0)
+    m = create_model("resnet8", width=0.5).eval()
+    _, groups = channel_groups(m, (1, 1, 32, 32), roots=(torch.nn.Conv2d,))
+    from compress.prune.graph import scale_channels
+    cg = [g for g in groups if g.name == "layer1.0.conv1"][0]
+    scale = torch.ones(cg.size)
+    scale[:3] = 0
+    scale_channels(cg.group, scale)
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        y0 = m(x)
+    dg, groups = channel_groups(m, (1, 1, 32, 32), roots=(torch.nn.Conv2d,))
+    prune_group(dg, [g for g in groups if g.name == "layer1.0.conv1"][0], [0, 1, 2])
+    assert m.layer1[0].conv1.out_channels == cg.size - 3
+    with torch.no_grad():
+        assert torch.allclose(m(x), y0, atol=1e-5)
+
+
+def test_sensitivity_and_budget(resnet8_trained, small32):
+    _, va = small32
+    sens = sensitivity(resnet8_trained, va, ratios=(0.25, 0.75), input_shape=(1, 1, 32, 32))
+    assert set(sens["layers"]) and all(len(r["accuracy"]) == 2 for r in sens["layers"].values())
+    ratios = ratios_for_budget(sens, 100.0)
+    assert all(v == 0.75 for k, v in ratios.items() if k != "_default")
+    strict = ratios_for_budget(sens, -1000)
+    assert all(v == 0.0 for v in strict.values())
+
+
+# ---------------------------------------------------------------- channel-union
+def test_reconfigure_removes_union_of_zero_channels(resnet8_trained):
+    m = copy.deepcopy(resnet8_trained).eval()
+    lasso = GroupLasso(m, (1, 1, 32, 32))
+    stage = [g for g in lasso.groups if g.name == "conv1"][0]  # the stage-1 identity channels
+    from compress.prune.graph import scale_channels
+    scale = torch.ones(stage.size)
+    scale[0] = 0  # zero in every layer that shares it
+    scale_channels(stage.group, scale)
+    # channel 1: zero the stem only; the residual blocks still write into it -> must be kept
+    with torch.no_grad():
+        m.bn1.weight[1] = 0
+        m.bn1.bias[1] = 0
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        y0 = m(x)
+    reconfigure(m, lasso, ChannelUnionConfig())
+    assert m.conv1.out_channels == stage.size - 1
+    with torch.no_grad():
+        assert torch.allclose(m(x), y0, atol=1e-5)
+
+
+def test_dead_branch_becomes_identity(resnet8_trained):
+    m = copy.deepcopy(resnet8_trained).eval()
+    lasso = GroupLasso(m, (1, 1, 32, 32))
+    g = [g for g in lasso.groups if g.name == "layer2.0.conv1"][0]
+    from compress.prune.graph import scale_channels
+    scale_channels(g.group, torch.zeros(g.size))
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        y0 = m(x)
+    reconfigure(m, lasso, ChannelUnionConfig())
+    assert isinstance(m.layer2[0], ResidualIdentity)
+    with torch.no_grad():
+        assert torch.allclose(m(x), y0, atol=1e-4)
+
+
+def test_channel_union_trains_and_shrinks(resnet8_trained, small32):
+    tr, va = small32
+    m = copy.deepcopy(resnet8_trained)
+    p0 = count_params(m)
+    channel_union(m, train_data=tr, val_data=va, epochs=3, lasso_ratio=0.5, batch_size=16)
+    recs = m.compress_meta["history"][-1]["reconfigurations"]
+    assert len(recs) == 4 and recs[0]["params"] == p0
+    assert count_params(m) < p0
+    assert m(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+# ---------------------------------------------------------------- CLI
+def test_prune_cli_threshold(tmp_path, cli, lenet5_trained):
+    from compress.io import save_model
+    src = tmp_path / "m.pt"
+    save_model(copy.deepcopy(lenet5_trained), src)
+    res = cli("prune", src, "--method", "threshold", "--sparsity", "0.8", "--train-data", "mnist5k?limit=300",
+              "--epochs", "1", "--steps", "1", "-o", tmp_path / "p.pt", "--report", tmp_path / "rep")
+    assert res.code == 0, res.err
+    assert "before / after" in res.out and "nonzeros" in res.out
+    for f in ("report.json", "report.md", "report.html", "layers.png", "weight_histograms.png"):
+        assert (tmp_path / "rep" / f).exists()
+    from compress.io import load_model
+    p = load_model(tmp_path / "p.pt")
+    assert 0.75 < sparsity_of(p) < 0.85
+    # the input is never overwritten without --force
+    res = cli("prune", src, "--sparsity", "0.5", "-o", src)
+    assert res.code == 1 and "--force" in res.err
+
+
+def test_prune_cli_l1_sensitivity(tmp_path, cli, resnet8_trained):
+    from compress.io import save_model, set_meta
+    m = copy.deepcopy(resnet8_trained)
+    set_meta(m, input_shape=[1, 1, 32, 32])
+    save_model(m, tmp_path / "r.pt")
+    res = cli("prune", tmp_path / "r.pt", "--method", "l1-filter", "--sensitivity", "--budget", "2",
+              "--train-data", "mnist5k?size=32&limit=300", "-o", tmp_path / "r1.pt")
+    assert res.code == 0, res.err
+    assert (tmp_path / "r1-sensitivity" / "sensitivity.png").exists()
+    assert "sensitivity" in res.out
