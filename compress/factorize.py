@@ -7,7 +7,10 @@ Zhang et al. 2015 for the k x k + 1 x 1 conv form).
 
 The rank comes from the kept energy (sum of squared singular values), a ratio of full rank, or is
 fixed. A layer is factorized only if it gets smaller: k (m + n) < m n. Grouped/depthwise convs are
-left alone, and said so.
+left alone, and said so, and so are the first and the last layer unless asked for (they are the
+most sensitive: the stem's filters are short, and the classifier's rows are the classes).
+Truncation shifts activations, and the shift compounds through BatchNorm layers: when data is given,
+BatchNorm statistics are re-estimated on it (no weight is trained) before any fine-tuning.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import torch.nn as nn
 
 from .config import Config, handler_for, register_handler
 from .io import add_history
-from .train import TrainConfig, fit
+from .train import TrainConfig, fit, recalibrate_bn
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ class FactorizeConfig(Config):
         rank_ratio: rank = ceil(ratio x full rank).
         rank: a fixed rank (capped at full rank).
         layers: glob patterns of layer FQNs to consider ("fc*", "layer3.*"); default all.
+        skip_first_last: leave the first and the last Linear/Conv alone (unless ``layers`` names them).
         epochs: fine-tuning epochs afterwards (0: none).
         lr: fine-tuning learning rate (Adam).
     """
@@ -40,6 +44,7 @@ class FactorizeConfig(Config):
     rank_ratio: float | None = None
     rank: int | None = None
     layers: tuple = ()
+    skip_first_last: bool = True
     epochs: float = 0.0
     lr: float = 1e-3
 
@@ -110,10 +115,15 @@ def _eligible(m: nn.Module) -> str | None:
 @register_handler(FactorizeConfig)
 def _factorize(model: nn.Module, config: FactorizeConfig, train_data=None, val_data=None) -> nn.Module:
     rows = []
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
-               and (not config.layers or any(fnmatch.fnmatch(n, p) for p in config.layers))]
+    all_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    ends = {all_layers[0][0], all_layers[-1][0]} if all_layers and config.skip_first_last else set()
+    targets = [(n, m) for n, m in all_layers
+               if (not config.layers or any(fnmatch.fnmatch(n, p) for p in config.layers))]
     for name, m in targets:
         why = _eligible(m)
+        named = any(p == name for p in config.layers)
+        if why is None and name in ends and not named:
+            why = "first/last layer (name it in layers to factorize it)"
         mat = m.weight.flatten(1)
         rows_, cols = mat.shape
         full = min(rows_, cols)
@@ -137,6 +147,8 @@ def _factorize(model: nn.Module, config: FactorizeConfig, train_data=None, val_d
         row.update(action="factorized", params_after=sum(p.numel() for p in seq.parameters()), error=err)
         rows.append(row)
     add_history(model, {"stage": "factorize", "layers": rows})
+    if train_data is not None and recalibrate_bn(model, train_data):
+        log.info("BatchNorm statistics re-estimated on %d samples", min(1000, len(train_data)))
     if train_data is not None and config.epochs > 0:
         fit(model, train_data, TrainConfig(epochs=config.epochs, lr=config.lr), desc="factorize fine-tune")
     return model

@@ -166,3 +166,27 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1000) -> float:
     """Top-1 accuracy in percent."""
     logits = predict(model, data.x, batch_size)
     return 100.0 * float((logits.argmax(1) == data.y).float().mean())
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: Dataset, samples: int = 1000, batch_size: int = 100) -> bool:
+    """Re-estimate BatchNorm running statistics on ``data`` (no weights change). Returns whether
+    the model had any BatchNorm. Used after a change of weights that shifts activations (SVD)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return False
+    saved = [(m, m.momentum) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    was = model.training
+    model.train()
+    try:
+        n = min(samples, len(data))
+        for i in range(0, n, batch_size):
+            model(data.x[i:i + batch_size])
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+        model.train(was)
+    return True

@@ -7,7 +7,7 @@ import typer
 
 from . import app
 from .common import (ArchOpt, EpochsOpt, ForceOpt, InputShapeOpt, JsonOpt, ModelArg, OutOpt, ReportOpt,
-                     TestDataOpt, TrainDataOpt, TrustOpt, emit_json, make_config, out, table)
+                     TestDataOpt, TrainDataOpt, TrustOpt, emit_json, err, make_config, out, table)
 from .stage import finish, start
 
 
@@ -28,14 +28,20 @@ def factorize(model: ModelArg, output: OutOpt,
 
         compress factorize lenet300.pt --energy 0.8 --train-data mnist5k --epochs 3 -o lenet300-svd.pt
 
-        compress factorize resnet20.pt --rank-ratio 0.5 --input-shape 1,1,32,32 -o r20-svd.pt
+        compress factorize resnet20.pt --rank-ratio 0.5 --train-data "mnist5k?size=32" -o r20-svd.pt
+
+    With --train-data and no --epochs, only BatchNorm statistics are re-estimated (no weight trains).
     """
+    import torch.nn as nn
+
     from ..factorize import FactorizeConfig, factorize as run
 
     cfg = make_config(FactorizeConfig, energy=energy, rank_ratio=rank_ratio, rank=rank, epochs=epochs, lr=lr,
                       layers=tuple(p.strip() for p in layers.split(",")) if layers else ())
     st = start(model, output, force, arch, trust_pickle, train_data, test_data, input_shape,
                need_train=epochs > 0)
+    if st.train is None and any(isinstance(m, nn.BatchNorm2d) for m in st.model.modules()):
+        err.print("note: without --train-data, BatchNorm statistics are not re-estimated after factorization")
     run(st.model, cfg, st.train, st.val)
     rows = st.model.compress_meta["history"][-1]["layers"]
     out.print(table("layers", ["layer", "shape", "rank", "params before", "params after", "rel. error", "action"],
