@@ -74,11 +74,12 @@ def make_optimizer(params, cfg: TrainConfig):
 def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *,
         penalty: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
         on_step: Callable[[nn.Module, float], None] | None = None,
+        after_backward: Callable[[nn.Module], None] | None = None,
         on_epoch_end: Callable[[nn.Module, int], nn.Module | None] | None = None,
         params: list | None = None, desc: str = "train", progress: bool | None = None) -> list[dict]:
     """Train ``model`` in place; returns one dict per epoch (loss, penalty).
 
-    ``penalty(model, loss)`` is added to the loss; ``on_step(model, lr)`` runs after each optimizer step;
+    ``penalty(model, loss)`` is added to the loss; ``after_backward(model)`` may rewrite gradients; ``on_step(model, lr)`` runs after each optimizer step;
     ``on_epoch_end(model, epoch)`` may return a *new* model (e.g. after a reconfiguration), for which
     the optimizer is rebuilt.
     """
@@ -125,6 +126,8 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *,
             opt.zero_grad(set_to_none=True)
             total.backward()
             masks.mask_grads(model)
+            if after_backward is not None:
+                after_backward(model)
             opt.step()
             sched.step()
             masks.enforce(model)

@@ -1,0 +1,88 @@
+"""``compress quantize`` and ``compress export``."""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from . import app
+from .common import (ArchOpt, DataOpt, EpochsOpt, ForceOpt, InputShapeOpt, JsonOpt, ModelArg, OutOpt, ReportOpt,
+                     TestDataOpt, TrainDataOpt, TrustOpt, emit_json, err, make_config, out, table)
+from .stage import check_output, finish, parse_mapping, start
+
+
+@app.command()
+def quantize(model: ModelArg, output: OutOpt,
+             bits: Annotated[str, typer.Option("--bits", help="Bits per weight (2..8), or per layer/type: "
+                                               "conv=8,linear=5.")] = "8",
+             scheme: Annotated[str, typer.Option("--scheme", help="minmax, mmse or kmeans.")] = "minmax",
+             per_tensor: Annotated[bool, typer.Option("--per-tensor", help="One grid per tensor, not per channel.")] = False,
+             affine: Annotated[bool, typer.Option("--affine", help="Affine grid with a zero point.")] = False,
+             layers: Annotated[Optional[str], typer.Option("--layers", help="Comma-separated glob patterns.")] = None,
+             arch: ArchOpt = None, trust_pickle: TrustOpt = False, train_data: TrainDataOpt = None,
+             test_data: TestDataOpt = None, epochs: EpochsOpt = 0.0,
+             lr: Annotated[float, typer.Option("--lr", help="k-means centroid learning rate.")] = 1e-4,
+             input_shape: InputShapeOpt = None, report: ReportOpt = None, json_out: JsonOpt = None,
+             force: ForceOpt = False):
+    """Quantize weights per channel (min-max, MMSE clipping) or by k-means weight sharing.
+
+    Examples:
+
+        compress quantize lenet5.pt --bits 4 --scheme mmse --test-data mnist5k -o lenet5-int4.pt
+
+        compress quantize lenet5.pt --bits conv=8,linear=5 --scheme kmeans --train-data mnist5k --epochs 1 -o l5-km.pt
+    """
+    from ..quantize import QuantConfig, quantize as run
+
+    cfg = make_config(QuantConfig, bits=parse_mapping(bits, "--bits", cast=int), scheme=scheme,
+                      per_channel=not per_tensor, symmetric=not affine, epochs=epochs, lr=lr,
+                      layers=tuple(p.strip() for p in layers.split(",")) if layers else ())
+    st = start(model, output, force, arch, trust_pickle, train_data, test_data, input_shape, need_train=epochs > 0)
+    run(st.model, cfg, st.train, st.val)
+    rows = st.model.compress_meta["history"][-1]["layers"]
+    out.print(table("layers", ["layer", "bits", "scheme", "weight MSE", "SQNR dB", "zeros"],
+                    [[r["name"], r["bits"], r["scheme"], r["mse"], r["sqnr_db"], r["zeros"]] for r in rows]))
+    result = finish(st, st.model, output, force, "quantize", cfg, report, {"layers_quantized": rows})
+    if json_out:
+        emit_json(result, json_out, force)
+
+
+@app.command()
+def export(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: TrustOpt = False,
+           input_shape: InputShapeOpt = None,
+           int8: Annotated[bool, typer.Option("--int8", help="ONNX Runtime static INT8 quantization (QDQ).")] = False,
+           calib_data: Annotated[Optional[str], typer.Option("--calib-data", help="Calibration data spec.")] = None,
+           data: DataOpt = None,
+           tol: Annotated[float, typer.Option("--tol", help="Max abs difference allowed vs PyTorch.")] = 1e-4,
+           threads: Annotated[int, typer.Option("--threads", help="ONNX Runtime threads for timing.")] = 2,
+           json_out: JsonOpt = None, force: ForceOpt = False):
+    """Export to ONNX (dynamic batch), checked against PyTorch; --int8 for ONNX Runtime INT8.
+
+    Examples:
+
+        compress export resnet20.pt -o resnet20.onnx
+
+        compress export resnet20.pt --int8 --calib-data "mnist5k?size=32&limit=512" --data "mnist5k?size=32" -o r20-int8.onnx
+    """
+    from .. import data as data_mod
+    from ..export import export as run
+    from ..io import load_model
+    from ..metrics import input_shape_of
+
+    check_output(model, output, force)
+    m = load_model(model, arch=arch, trust_pickle=trust_pickle)
+    calib = data_mod.load(calib_data) if calib_data else None
+    ev = data_mod.load(data) if data else None
+    shape = input_shape_of(m, ev or calib, input_shape)
+    res = run(m, output, shape, int8=int8, calib_data=calib, eval_data=ev, tol=tol, force=force, threads=threads)
+    rows = [["max |onnx - torch|", f"{res['max_abs_diff']:.2e}", "", ""],
+            ["FP32 ONNX", res["fp32"]["bytes"], res["fp32"]["latency_ms_batch_32"], res["fp32"].get("accuracy")]]
+    if int8:
+        rows.append(["INT8 ONNX (QDQ)", res["int8"]["bytes"], res["int8"]["latency_ms_batch_32"],
+                     res["int8"].get("accuracy")])
+    out.print(table(f"export -> {output}", ["", "bytes", f"latency batch 32 ms ({threads} threads)", "accuracy %"], rows))
+    if int8:
+        out.print(f"INT8 is {res['int8_speedup']:.2f}x faster than FP32 at batch 32")
+    err.print(f"wrote {output}")
+    if json_out:
+        emit_json(res, json_out, force)

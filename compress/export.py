@@ -1,0 +1,187 @@
+"""ONNX export, checked against PyTorch, and INT8 execution through ONNX Runtime static
+quantization (QDQ format, per-channel weights, calibrated on data)."""
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .errors import InputError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+def _session(path, threads: int = 2):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own untyped errors
+        raise InputError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:140]})") from e
+
+
+def to_onnx(model: nn.Module, path, input_shape, opset: int = 17) -> None:
+    """Export with a dynamic batch axis (legacy TorchScript exporter: no onnxscript needed)."""
+    from .masks import remove_masks
+
+    remove_masks(model)
+    model.eval()
+    x = torch.randn(tuple(input_shape))
+    try:
+        torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+                          dynamo=False)
+    except Exception as e:
+        raise InputError(f"the model cannot be exported to ONNX: {str(e).splitlines()[0][:160]}") from e
+    import onnx
+
+    onnx.checker.check_model(onnx.load(str(path)))
+
+
+def run_onnx(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
+
+
+def compare(model: nn.Module, sess, input_shape, n: int = 8, data=None) -> float:
+    """Max abs difference between PyTorch and ONNX Runtime outputs on sample input."""
+    x = data.x[:n] if data is not None else torch.randn((n,) + tuple(input_shape[1:]))
+    with torch.no_grad():
+        ref = model.eval()(x).numpy()
+    return float(np.abs(run_onnx(sess, x.numpy()) - ref).max())
+
+
+def onnx_latency_ms(sess, input_shape, batch: int, runs: int = 20, warmup: int = 3) -> float:
+    x = np.random.randn(batch, *input_shape[1:]).astype(np.float32)
+    name = sess.get_inputs()[0].name
+    times = []
+    for i in range(warmup + runs):
+        t0 = time.perf_counter()
+        sess.run(None, {name: x})
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1000)
+    return float(statistics.median(times))
+
+
+def onnx_accuracy(sess, data) -> float:
+    logits = run_onnx(sess, data.x.numpy())
+    return 100.0 * float((logits.argmax(1) == data.y.numpy()).mean())
+
+
+class _Calib:
+    """onnxruntime.quantization CalibrationDataReader over a Dataset."""
+
+    def __init__(self, data, name: str, n: int = 512, batch: int = 32):
+        self.batches = [data.x[i:i + batch].numpy() for i in range(0, min(n, len(data)), batch)]
+        self.name = name
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return {self.name: self.batches[self.i - 1]}
+
+    def rewind(self):
+        self.i = 0
+
+
+def quantize_int8(fp32_path, int8_path, calib_data, per_channel: bool = True) -> None:
+    """ONNX Runtime static quantization: QDQ, per-channel int8 weights, uint8 activations."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as d:
+        pre = Path(d) / "pre.onnx"
+        try:
+            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        except Exception as e:  # pre-processing is an optimisation; quantize the raw model instead
+            log.info("quant_pre_process skipped: %s", e)
+            pre = Path(fp32_path)
+        name = _session(pre).get_inputs()[0].name
+        quantize_static(str(pre), str(int8_path), _Calib(calib_data, name), quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+
+
+def onnx_summary(path, data=None, input_shape: str | None = None, threads: int = 2) -> dict[str, Any]:
+    """``compress report`` for an .onnx file: params, size, latency and accuracy through ORT."""
+    import onnx
+
+    try:
+        m = onnx.load(str(path))
+    except Exception as e:
+        raise InputError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:120]})") from e
+    from onnx import numpy_helper
+
+    params = sum(int(np.prod(t.dims)) for t in m.graph.initializer if len(t.dims) >= 1)
+    int8 = sum(int(np.prod(t.dims)) for t in m.graph.initializer if t.data_type in (2, 3) and len(t.dims) >= 1)
+    nonzero = sum(int(np.count_nonzero(numpy_helper.to_array(t))) for t in m.graph.initializer if len(t.dims) >= 1)
+    sess = _session(path, threads)
+    shape = None
+    if input_shape:
+        from .metrics import input_shape_of
+
+        shape = input_shape_of(None, None, input_shape)
+    elif data is not None:
+        shape = (1,) + tuple(data.x.shape[1:])
+    else:
+        dims = sess.get_inputs()[0].shape
+        if all(isinstance(d, int) for d in dims[1:]):
+            shape = (1,) + tuple(dims[1:])
+    out: dict[str, Any] = {"format": "onnx", "params": params, "int8_params": int8, "nonzero_params": nonzero,
+                           "dense_fp32_bytes": params * 4}
+    if shape is None:
+        raise UsageError("cannot tell the ONNX model's input shape: pass --input-shape 1,1,28,28 or --data")
+    out["input_shape"] = list(shape)
+    if data is not None:
+        out["accuracy"] = round(onnx_accuracy(sess, data), 3)
+    out["latency_ms"] = {"batch_1": round(onnx_latency_ms(sess, shape, 1), 4),
+                         "batch_32": round(onnx_latency_ms(sess, shape, 32, runs=10), 4)}
+    return out
+
+
+def export(model: nn.Module, path, input_shape, int8: bool = False, calib_data=None, eval_data=None,
+           tol: float = 1e-4, force: bool = False, threads: int = 2) -> dict[str, Any]:
+    """Write ``path`` (FP32 ONNX, or INT8 QDQ with ``int8``); return the comparison numbers."""
+    from .io import atomic_write
+
+    if int8 and calib_data is None:
+        raise UsageError("--int8 needs --calib-data SPEC (a few hundred representative inputs)")
+    res: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as d, atomic_write(path, force) as tmp:
+        fp32 = Path(d) / "fp32.onnx"
+        to_onnx(model, fp32, input_shape)
+        sess = _session(fp32, threads)
+        diff = compare(model, sess, input_shape, data=eval_data)
+        res["max_abs_diff"] = diff
+        scale = 1.0
+        if diff > tol * max(1.0, scale):
+            raise InputError(f"ONNX output differs from PyTorch by {diff:.2e} (> {tol:g}); not written")
+        res["fp32"] = {"bytes": os.path.getsize(fp32),
+                       "latency_ms_batch_32": round(onnx_latency_ms(sess, input_shape, 32, runs=20), 4)}
+        if eval_data is not None:
+            res["fp32"]["accuracy"] = round(onnx_accuracy(sess, eval_data), 3)
+        if int8:
+            quantize_int8(fp32, tmp, calib_data)
+            q = _session(tmp, threads)
+            res["int8"] = {"bytes": os.path.getsize(tmp),
+                           "latency_ms_batch_32": round(onnx_latency_ms(q, input_shape, 32, runs=20), 4)}
+            if eval_data is not None:
+                res["int8"]["accuracy"] = round(onnx_accuracy(q, eval_data), 3)
+            res["int8_speedup"] = round(res["fp32"]["latency_ms_batch_32"] / res["int8"]["latency_ms_batch_32"], 3)
+        else:
+            Path(tmp).write_bytes(fp32.read_bytes())
+    return res
