@@ -65,7 +65,7 @@ def remove_masks(model: nn.Module) -> None:
     """Finalize: bake masks into the weights (exact zeros) and remove hooks and attributes."""
     for _, m in list(masked_modules(model)):
         with torch.no_grad():
-            m.weight.mul_(getattr(m, _ATTR))
+            m.weight.mul_(getattr(m, _ATTR)).add_(0.0)  # exact zeros, and no negative zeros
         hook = getattr(m, _HOOK, None)
         if hook is not None:
             hook.remove()

@@ -5,6 +5,7 @@ Results go to stdout (a table, or JSON); progress, warnings and errors go to std
 from __future__ import annotations
 
 import json
+import sys
 import math
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -15,7 +16,7 @@ from rich.table import Table
 
 from ..errors import UsageError
 
-out = Console(highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 ModelArg = Annotated[str, typer.Argument(help="Model file: compress output, TorchScript, state_dict (+ --arch), .cpz.",

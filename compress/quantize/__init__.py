@@ -83,6 +83,7 @@ def quantize_tensor(w: torch.Tensor, bits: int, scheme: str, per_channel=True, s
     mat = w.detach().flatten(1) if per_channel else w.detach().reshape(1, -1)
     fn = uniform.mmse if scheme == "mmse" else uniform.minmax
     _, scale, zp, dq = fn(mat, bits, symmetric)
+    dq = dq + 0.0  # -0.0 -> +0.0: a stored zero is a zero
     return dq.view_as(w), {"bits": bits, "scheme": scheme, "scale": scale.float(), "zero_point": zp.float(),
                            "symmetric": symmetric, "per_channel": per_channel}
 

@@ -42,7 +42,7 @@ def quantize_kmeans(w: torch.Tensor, bits: int, iters: int = 30):
     codes = torch.full_like(flat, -1, dtype=torch.long)
     codes[nz] = assign(flat[nz].float(), cb)
     dq = torch.zeros_like(flat)
-    dq[nz] = cb[codes[nz]].to(flat.dtype)
+    dq[nz] = cb[codes[nz]].to(flat.dtype) + 0.0
     return codes.view_as(w), cb, dq.view_as(w)
 
 

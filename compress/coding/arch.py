@@ -1,0 +1,139 @@
+"""The architecture of a model as plain data (never pickled Python).
+
+A module tree is described node by node: the class (only ``torch.nn`` and ``compress`` module
+classes are allowed), its plain attributes (numbers, strings, booleans, None, tuples and lists of
+them), its children, and the names/shapes of its parameters and buffers. Rebuilding creates each
+node with ``cls.__new__`` + ``nn.Module.__init__`` and restores the attributes -- what unpickling
+does, minus the ability of the file to name any other code.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+_INTERNAL = set(vars(nn.Module()).keys())
+_ALLOWED_ROOTS = ("torch.nn.", "compress.")
+_SKIP = {"compress_quant"}  # stored with the tensor sections instead
+_LEAF = (type(None), bool, int, float, str)
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def resolve_class(path: str) -> type:
+    """An allow-listed nn.Module class from its path, or ValueError."""
+    if not isinstance(path, str) or not path.startswith(_ALLOWED_ROOTS) or path.count(".") > 12:
+        raise ValueError(f"class {path!r} is not allowed in a .cpz (only torch.nn and compress modules)")
+    mod, _, name = path.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"class {path!r} not found") from e
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise ValueError(f"{path!r} is not an nn.Module class")
+    return obj
+
+
+def _enc(v: Any, where: str):
+    if isinstance(v, _LEAF):
+        if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+            return {"f": repr(v)}
+        return v
+    if isinstance(v, tuple):
+        return {"t": [_enc(x, where) for x in v]}
+    if isinstance(v, list):
+        return [_enc(x, where) for x in v]
+    if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+        return {"d": {k: _enc(x, where) for k, x in v.items()}}
+    if isinstance(v, torch.Tensor) and v.numel() <= 64:
+        return {"tensor": v.detach().cpu().tolist(), "dtype": str(v.dtype).replace("torch.", "")}
+    raise TypeError(f"{where}: attribute of type {type(v).__name__} cannot be stored as data")
+
+
+def _dec(v: Any, depth: int = 0):
+    if depth > 32:
+        raise ValueError("attribute nesting too deep")
+    if isinstance(v, _LEAF):
+        return v
+    if isinstance(v, list):
+        return [_dec(x, depth + 1) for x in v]
+    if isinstance(v, dict):
+        if set(v) == {"t"} and isinstance(v["t"], list):
+            return tuple(_dec(x, depth + 1) for x in v["t"])
+        if set(v) == {"d"} and isinstance(v["d"], dict):
+            return {str(k): _dec(x, depth + 1) for k, x in v["d"].items()}
+        if set(v) == {"f"} and v["f"] in ("nan", "inf", "-inf"):
+            return float(v["f"])
+        if set(v) == {"tensor", "dtype"} and v["dtype"] in ("float32", "float64", "int64", "int32", "bool"):
+            return torch.tensor(v["tensor"], dtype=getattr(torch, v["dtype"]))
+    raise ValueError("malformed attribute value")
+
+
+def describe(model: nn.Module) -> dict:
+    """The module tree as JSON-able data; parameters/buffers listed by name and shape."""
+    def node(m: nn.Module, where: str) -> dict:
+        cls = type(m)
+        path = _class_path(cls)
+        if not path.startswith(_ALLOWED_ROOTS):
+            raise TypeError(f"{where or 'model'}: class {path} is not a torch.nn or compress module; "
+                            "a .cpz stores architecture as data and can only name those")
+        attrs = {k: _enc(v, f"{where}.{k}") for k, v in vars(m).items()
+                 if k not in _INTERNAL and k not in _SKIP and not k.startswith("__")}
+        out = {"class": path, "attrs": attrs,
+               "params": {k: None if p is None else [list(p.shape), bool(p.requires_grad)]
+                          for k, p in m._parameters.items()},
+               "buffers": {k: None if b is None else [list(b.shape), str(b.dtype).replace("torch.", "")]
+                           for k, b in m._buffers.items()},
+               "children": {k: node(c, f"{where}.{k}" if where else k) for k, c in m._modules.items() if c is not None}}
+        return out
+    return node(model, "")
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64, "int64": torch.int64,
+           "int32": torch.int32, "uint8": torch.uint8, "int8": torch.int8, "bool": torch.bool}
+
+
+def rebuild(spec: dict, tensors: dict[str, torch.Tensor], depth: int = 0, prefix: str = "") -> nn.Module:
+    """Rebuild a module tree from ``describe``'s data and a {fqn: tensor} map (shapes checked)."""
+    if depth > 64 or not isinstance(spec, dict):
+        raise ValueError("malformed architecture")
+    for key in ("class", "attrs", "params", "buffers", "children"):
+        if key not in spec:
+            raise ValueError(f"architecture node lacks {key!r}")
+    cls = resolve_class(spec["class"])
+    m = cls.__new__(cls)
+    nn.Module.__init__(m)
+    if not isinstance(spec["attrs"], dict):
+        raise ValueError("malformed attributes")
+    for k, v in spec["attrs"].items():
+        if not isinstance(k, str) or k in _INTERNAL or k.startswith("__"):
+            raise ValueError(f"attribute {k!r} not allowed")
+        object.__setattr__(m, k, _dec(v))
+    for kind in ("params", "buffers"):
+        if not isinstance(spec[kind], dict):
+            raise ValueError(f"malformed {kind}")
+        for k, meta in spec[kind].items():
+            fqn = f"{prefix}{k}"
+            if meta is None:  # e.g. a conv without bias
+                (m._parameters if kind == "params" else m._buffers)[k] = None
+                continue
+            if fqn not in tensors:
+                raise ValueError(f"tensor {fqn} missing")
+            t = tensors[fqn]
+            if not isinstance(meta, list) or len(meta) != 2 or list(t.shape) != meta[0]:
+                raise ValueError(f"tensor {fqn} has the wrong shape")
+            if kind == "params":
+                m._parameters[k] = nn.Parameter(t, requires_grad=bool(meta[1]) and t.is_floating_point())
+            else:
+                if meta[1] not in _DTYPES or t.dtype != _DTYPES[meta[1]]:
+                    raise ValueError(f"buffer {fqn} has the wrong dtype")
+                m._buffers[k] = t
+    if not isinstance(spec["children"], dict):
+        raise ValueError("malformed children")
+    for k, child in spec["children"].items():
+        m._modules[k] = rebuild(child, tensors, depth + 1, f"{prefix}{k}.")
+    return m

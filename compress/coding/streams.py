@@ -1,0 +1,133 @@
+"""Symbol and index streams inside a .cpz tensor section.
+
+A symbol stream is Huffman coded (``huff``: 4-bit code lengths, 16-bit block sync points, payload)
+or fixed-width packed (``packed``), whichever is smaller. Sparse positions are either gap indices
+as in Deep Compression (distance to the previous nonzero; a gap of 255 or more is spelled with
+filler symbols 255, each worth 255 positions) Huffman coded, or a plain bitmask, whichever is
+smaller. Each function returns ``(bytes, fields)``; the fields go into the manifest and are checked
+on the way back.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..quantize.packing import pack, unpack
+from . import huffman as H
+
+GAP_FILLER = 255
+
+
+def _bits_for(alpha: int) -> int:
+    return max(1, int(np.ceil(np.log2(max(alpha, 2)))))
+
+
+def encode_symbols(sym: np.ndarray, alpha: int, block: int = H.DEFAULT_BLOCK) -> tuple[bytes, dict]:
+    sym = np.asarray(sym, dtype=np.int64)
+    n = len(sym)
+    width = _bits_for(alpha)
+    fixed = pack(sym, width) if n else b""
+    fields = {"coding": "packed", "alpha": alpha, "count": n, "width": width, "fixed_bytes": len(fixed)}
+    if n == 0:
+        return b"", fields
+    freqs = np.bincount(sym, minlength=alpha)
+    lengths = H.code_lengths(freqs)
+    table = pack(lengths, 4)
+    est = len(table) + 2 * ((n + block - 1) // block) + (H.encoded_bits(freqs, lengths) + 7) // 8
+    if est >= len(fixed):
+        return fixed, fields
+    payload, block_bits = H.encode(sym, lengths, block)
+    bb = block_bits.astype("<u2").tobytes()
+    data = table + bb + payload
+    fields.update(coding="huff", block=block, parts=[len(table), len(bb), len(payload)])
+    return data, fields
+
+
+def decode_symbols(data: bytes, f: dict, max_count: int) -> np.ndarray:
+    alpha, n = _int(f, "alpha", 1, 1 << 16), _int(f, "count", 0, max_count)
+    coding = f.get("coding")
+    if coding == "packed":
+        width = _int(f, "width", 1, 16)
+        if width != _bits_for(alpha) or len(data) != (n * width + 7) // 8:
+            raise ValueError("packed stream has the wrong length")
+        out = unpack(data, width, n).astype(np.int64) if width <= 8 else _unpack_wide(data, width, n)
+    elif coding == "huff":
+        block = _int(f, "block", 1, 4096)
+        parts = f.get("parts")
+        if not (isinstance(parts, list) and len(parts) == 3 and all(isinstance(p, int) and p >= 0 for p in parts)
+                and sum(parts) == len(data)):
+            raise ValueError("Huffman stream parts do not add up")
+        a, b, _ = parts
+        if a != (alpha * 4 + 7) // 8 or b != 2 * ((n + block - 1) // block):
+            raise ValueError("Huffman stream tables have the wrong size")
+        lengths = unpack(data[:a], 4, alpha).astype(np.int64)
+        bb = np.frombuffer(data[a:a + b], dtype="<u2")
+        out = H.decode(data[a + b:], lengths, n, bb, block).astype(np.int64)
+    else:
+        raise ValueError(f"unknown stream coding {coding!r}")
+    if n and (out.min() < 0 or out.max() >= alpha):
+        raise ValueError("symbol out of range")
+    return out
+
+
+def _unpack_wide(data, width, n):
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[: n * width].reshape(n, width).astype(np.int64)
+    return (bits << np.arange(width - 1, -1, -1)).sum(1)
+
+
+def _int(f: dict, key: str, lo: int, hi: int) -> int:
+    v = f.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ValueError(f"field {key!r} missing or out of range")
+    return v
+
+
+def gaps_of(positions: np.ndarray) -> np.ndarray:
+    """Nonzero positions -> gap symbols with fillers (see module docstring)."""
+    gaps = np.diff(np.concatenate([[-1], positions])) - 1
+    fill = gaps // GAP_FILLER
+    out_len = len(gaps) + int(fill.sum())
+    out = np.full(out_len, GAP_FILLER, dtype=np.int64)
+    finals = np.cumsum(fill + 1) - 1
+    out[finals] = gaps - fill * GAP_FILLER
+    return out
+
+
+def positions_of(sym: np.ndarray) -> np.ndarray:
+    final = sym != GAP_FILLER
+    step = np.where(final, sym + 1, GAP_FILLER)
+    return (np.cumsum(step) - 1)[final]
+
+
+def encode_index(mask: np.ndarray) -> tuple[bytes, dict]:
+    """Positions of the nonzeros of a flat boolean mask: gap stream or bitmask, the smaller."""
+    n = len(mask)
+    bitmask = np.packbits(mask.astype(np.uint8)).tobytes()
+    pos = np.nonzero(mask)[0]
+    gdata, gf = encode_symbols(gaps_of(pos), 256)
+    if len(gdata) < len(bitmask):
+        return gdata, {"index": "gaps", "nnz": int(len(pos)), "stream": gf}
+    return bitmask, {"index": "bitmask", "nnz": int(len(pos)), "n": n}
+
+
+def decode_index(data: bytes, f: dict, n: int) -> np.ndarray:
+    """-> flat boolean mask of length n."""
+    nnz = _int(f, "nnz", 0, n)
+    if f.get("index") == "bitmask":
+        if len(data) != (n + 7) // 8:
+            raise ValueError("bitmask has the wrong length")
+        mask = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[:n].astype(bool)
+    elif f.get("index") == "gaps":
+        sf = f.get("stream")
+        if not isinstance(sf, dict):
+            raise ValueError("gap stream fields missing")
+        sym = decode_symbols(data, sf, max_count=n + n // GAP_FILLER + 1)
+        pos = positions_of(sym)
+        if len(pos) and (pos[-1] >= n):
+            raise ValueError("index points past the tensor")
+        mask = np.zeros(n, dtype=bool)
+        mask[pos] = True
+    else:
+        raise ValueError("unknown index coding")
+    if int(mask.sum()) != nnz:
+        raise ValueError("index does not hold the declared number of nonzeros")
+    return mask
