@@ -24,7 +24,7 @@ def small32():
 def resnet8_trained(small32):
     torch.manual_seed(0)
     m = create_model("resnet8", width=0.5)
-    fit(m, small32[0], TrainConfig(epochs=1, lr=3e-3))
+    fit(m, small32[0], TrainConfig(epochs=3, lr=3e-3, batch_size=32))
     return m
 
 
@@ -187,7 +187,7 @@ def test_channel_union_trains_and_shrinks(resnet8_trained, small32):
     tr, va = small32
     m = copy.deepcopy(resnet8_trained)
     p0 = count_params(m)
-    channel_union(m, train_data=tr, val_data=va, epochs=3, lasso_ratio=0.5, batch_size=16)
+    channel_union(m, train_data=tr, val_data=va, epochs=3, lasso_ratio=1.5, batch_size=16)
     recs = m.compress_meta["history"][-1]["reconfigurations"]
     assert len(recs) == 4 and recs[0]["params"] == p0
     assert count_params(m) < p0
