@@ -26,7 +26,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-from . import coding_cmds, factorize_cmd, model_cmds, prune_cmds, quant_cmds, zoo  # noqa: E402,F401  (registers commands)
+from . import coding_cmds, factorize_cmd, model_cmds, pipeline_cmd, prune_cmds, quant_cmds, zoo  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,8 +27,10 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compres
           optimizer: Annotated[str, typer.Option("--optimizer", help="adam or sgd.")] = "adam",
           batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
           width: Annotated[float, typer.Option("--width", help="Width multiplier (ResNet, VGG, MobileNet).")] = 1.0,
+          val_fraction: Annotated[float, typer.Option("--val-fraction", help="Held out for validation "
+                                                      "(use the same in `compress pipeline` recipes).")] = 0.1,
           test_data: TestDataOpt = None, seed: SeedOpt = 0, force: ForceOpt = False):
-    """Train a zoo model on a data set (10% held out for validation) and save it.
+    """Train a zoo model on a data set (--val-fraction held out for validation) and save it.
 
     Examples:
 
@@ -48,7 +50,7 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compres
     cfg = make_config(TrainConfig, epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size, seed=seed)
     check_output("", output, force)  # fail on an existing output before training, not after
     ds = data_mod.load(data)
-    tr, va = data_mod.split(ds, 0.1, seed=0)
+    tr, va = data_mod.split(ds, val_fraction, seed=0)
     torch.manual_seed(seed)
     kw = {"width": width} if width != 1.0 else {}
     if name.startswith("lenet"):
@@ -61,7 +63,8 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compres
     fit(model, tr, cfg, desc=f"train {name}")
     acc = evaluate(model, va)
     row = [["validation accuracy %", acc]]
-    meta = {"input_shape": [1, *ds.x.shape[1:]], "train_data": data, "val_accuracy": round(acc, 3)}
+    meta = {"input_shape": [1, *ds.x.shape[1:]], "train_data": data, "val_accuracy": round(acc, 3),
+            "val_fraction": val_fraction}
     if test_data:
         meta["test_accuracy"] = round(evaluate(model, data_mod.load(test_data)), 3)
         row.append(["test accuracy %", meta["test_accuracy"]])

@@ -112,3 +112,42 @@ def render_model_report(rep: dict, folder, force: bool = False) -> dict[str, Pat
         sections.append(("Layers", ["layer", "type", "params", "nonzeros", "MACs"],
                          [[r["name"], r["type"], r["params"], r["nonzeros"], r["macs"]] for r in rep["layers"]]))
     return write_folder(folder, "compress report", summary, sections, images, rep, force)
+
+
+def render_pipeline_report(summary: dict, before_model: nn.Module, after_model: nn.Module, input_shape, folder,
+                           force: bool = False) -> dict[str, Path]:
+    from ..metrics import layer_table
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lb, la = layer_table(before_model, input_shape), layer_table(after_model, input_shape)
+    points = [{"label": "dense", "bytes": summary["dense_bytes"], "accuracy": summary["base_accuracy"]}]
+    for s in summary["stages"]:
+        for i, c in enumerate(s["tried"]):
+            opts = c["options"]
+            tag = opts.get("sparsity") or opts.get("bits") or opts.get("ratio") or opts.get("energy") or i + 1
+            if isinstance(tag, dict):
+                tag = "/".join(f"{v}" for v in tag.values())
+            points.append({"label": f"{s['stage']} {tag}", "bytes": c["bytes"], "accuracy": c["accuracy"]})
+    images = [plots.bytes_per_stage(summary["timeline"], folder / "bytes_per_stage.png"),
+              plots.accuracy_vs_size(points, folder / "accuracy_vs_size.png"),
+              plots.layer_density(lb, la, folder / "layers.png"),
+              plots.weight_histograms(before_model, after_model, folder / "weight_histograms.png")]
+    text = (f"{summary['ratio']:.1f}x smaller than the dense FP32 weights ({summary['dense_bytes']:,} -> "
+            f"{summary['cpz_bytes']:,} bytes); validation accuracy {summary['base_accuracy']:.2f}% -> "
+            f"{summary['final_accuracy']:.2f}% (budget {summary['budget_pt']} pt)")
+    if "test_accuracy_after" in summary:
+        text += f"; test accuracy {summary['test_accuracy_before']:.2f}% -> {summary['test_accuracy_after']:.2f}%"
+    bits = {r["name"]: r.get("bits") for r in la}
+    sections = [
+        ("Where the bytes go", ["stage", "bytes", "ratio vs dense", "nonzeros", "accuracy %"],
+         [[t["stage"], t["bytes"], f"{summary['dense_bytes'] / t['bytes']:.1f}x", t["nonzeros"], t["accuracy"]]
+          for t in summary["timeline"]]),
+        ("Stages", ["stage", "kept", "candidates", "seconds"],
+         [[s["stage"], json.dumps(s["kept"]["options"] if s["kept"] else None)[:90], len(s["tried"]), s["seconds"]]
+          for s in summary["stages"]]),
+        ("Layers", ["layer", "params", "nonzeros", "density %", "bits"],
+         [[r["name"], r["params"], r["nonzeros"], 100 * r["nonzeros"] / max(r["params"], 1), bits.get(r["name"])]
+          for r in la]),
+    ]
+    return write_folder(folder, "compress pipeline report", text, sections, images, summary, force)
