@@ -7,8 +7,9 @@ Zhang et al. 2015 for the k x k + 1 x 1 conv form).
 
 The rank comes from the kept energy (sum of squared singular values), a ratio of full rank, or is
 fixed. A layer is factorized only if it gets smaller: k (m + n) < m n. Grouped/depthwise convs are
-left alone, and said so, and so are the first and the last layer unless asked for (they are the
-most sensitive: the stem's filters are short, and the classifier's rows are the classes).
+left alone, and said so, and so are a conv stem and the classifier unless asked for (they are the
+most sensitive: the stem's filters are short, and the classifier's rows are the classes; the first
+Linear of an MLP is its largest layer and is factorized).
 Truncation shifts activations, and the shift compounds through BatchNorm layers: when data is given,
 BatchNorm statistics are re-estimated on it (no weight is trained) before any fine-tuning.
 """
@@ -35,7 +36,7 @@ class FactorizeConfig(Config):
         rank_ratio: rank = ceil(ratio x full rank).
         rank: a fixed rank (capped at full rank).
         layers: glob patterns of layer FQNs to consider ("fc*", "layer3.*"); default all.
-        skip_first_last: leave the first and the last Linear/Conv alone (unless ``layers`` names them).
+        skip_first_last: leave a conv stem and the last layer alone (unless ``layers`` names them).
         epochs: fine-tuning epochs afterwards (0: none).
         lr: fine-tuning learning rate (Adam).
     """
@@ -116,7 +117,11 @@ def _eligible(m: nn.Module) -> str | None:
 def _factorize(model: nn.Module, config: FactorizeConfig, train_data=None, val_data=None) -> nn.Module:
     rows = []
     all_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    ends = {all_layers[0][0], all_layers[-1][0]} if all_layers and config.skip_first_last else set()
+    ends = set()
+    if all_layers and config.skip_first_last:
+        ends.add(all_layers[-1][0])
+        if isinstance(all_layers[0][1], nn.Conv2d):
+            ends.add(all_layers[0][0])
     targets = [(n, m) for n, m in all_layers
                if (not config.layers or any(fnmatch.fnmatch(n, p) for p in config.layers))]
     for name, m in targets:

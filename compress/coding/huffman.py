@@ -152,27 +152,32 @@ def decode(payload: bytes, lengths: np.ndarray, count: int, block_bits: np.ndarr
     if total > count * max_len or total < count:
         raise ValueError("stream length impossible for its symbol count")
     sym_t, len_t = build_table(lengths, max_len)
-    # 24-bit window starting at every byte (max_len + 7 <= 24)
-    b = np.frombuffer(payload, dtype=np.uint8).astype(np.uint32)
-    b = np.concatenate([b, np.zeros(3, dtype=np.uint32)])
+    table = (sym_t.astype(np.int32) << 8) | len_t  # one gather per step: symbol << 8 | length
+    # 24-bit window at every byte (max_len + 7 <= 24); padded so that a corrupt stream, which can
+    # run at most block * max_len bits past its start, never reads outside the array
+    pad = block * max_len // 8 + 4
+    b = np.concatenate([np.frombuffer(payload, dtype=np.uint8), np.zeros(pad, dtype=np.uint8)]).astype(np.int32)
     win = (b[:-2] << 16) | (b[1:-1] << 8) | b[2:]
     mask = (1 << max_len) - 1
-    pos = np.concatenate([[0], ends[:-1]]).astype(np.int64)
-    out = np.empty((nblocks, block), dtype=np.int32)
-    full = count // block  # lanes with a full block; the last lane may be partial
-    last = count - full * block
+    shift0 = 24 - max_len
+    pos = np.concatenate([[0], ends[:-1]]).astype(np.int32)
+    out = np.empty((block, nblocks), dtype=np.int32)  # row i: the i-th symbol of every block
+    last = count - (nblocks - 1) * block  # symbols in the last block
+    pos_last = None
+    e = np.empty(nblocks, dtype=np.int32)
     for i in range(block):
-        if i == last and last:
-            pos_last = pos[-1].copy()
-        w = (win[pos >> 3] >> (24 - max_len - (pos & 7))) & mask
-        out[:, i] = sym_t[w]
-        pos += len_t[w]
-        np.minimum(pos, total, out=pos)  # a corrupt stream must not read past the end
-    if last:
+        if i == last:
+            pos_last = int(pos[-1])
+        np.take(win, pos >> 3, out=e)
+        e >>= shift0 - (pos & 7)
+        e &= mask
+        np.take(table, e, out=e)
+        np.right_shift(e, 8, out=out[i])
+        e &= 0xFF
+        pos += e
+    if pos_last is not None:
         pos[-1] = pos_last
-        flat = np.concatenate([out[:-1].ravel(), out[-1, :last]]) if nblocks > 1 else out[-1, :last]
-    else:
-        flat = out.ravel()
+    flat = out.T.ravel()[:count] if last == block else np.concatenate([out[:, :-1].T.ravel(), out[:last, -1]])
     if not np.array_equal(pos, ends) or (flat < 0).any():
         raise ValueError("corrupt Huffman stream")
     return flat

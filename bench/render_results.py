@@ -1,0 +1,53 @@
+"""Render docs/results.md from a pytest-benchmark JSON file: `python bench/render_results.py F OUT`."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from datetime import datetime, timezone
+
+
+def fmt(v, digits=2):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def main(src: str, dst: str) -> None:
+    data = json.load(open(src))
+    rows = []
+    for b in sorted(data["benchmarks"], key=lambda b: b["fullname"]):
+        e = b.get("extra_info", {})
+        rows.append("| " + " | ".join([
+            b["name"].replace("test_", ""), fmt(e.get("compression_ratio")) + ("x" if e.get("compression_ratio") else ""),
+            fmt(e.get("base_accuracy")), fmt(e.get("accuracy")), fmt(e.get("accuracy_drop")),
+            fmt(e.get("latency_ms"), 3), fmt(b["stats"]["median"], 2),
+            ", ".join(f"{k}={v}" for k, v in e.items() if k in ("speedup_batch32", "macs_reduction", "times_zlib",
+                                                                   "file_bytes", "cpz_bytes", "metric", "method"))]) + " |")
+    machine = data.get("machine_info", {})
+    head = [
+        "# Results",
+        "",
+        "Rendered by `bench/render_results.py` from the JSON that `make bench` writes; do not edit by hand.",
+        f"Run: {datetime.now(timezone.utc).strftime('%Y-%m-%d')}, {machine.get('processor') or platform.processor()} "
+        f"({machine.get('cpu', {}).get('count', '?')} CPUs), Python {machine.get('python_version', platform.python_version())}, "
+        "torch threads 2.",
+        "",
+        "Accuracy is top-1 % on the official MNIST test set (10,000 digits) where it was available "
+        "(`eval_data` in the JSON says), models trained on 80% of the 5,000 embedded mnist5k digits. "
+        "`compression_ratio` is dense FP32 bytes / compressed bytes (file bytes for .cpz and the peer baseline; "
+        "params or nonzeros where the benchmark says so). Time is the median seconds of the timed call.",
+        "",
+        "| benchmark | ratio | base acc % | acc % | drop pt | latency ms (b32) | time s | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    open(dst, "w").write("\n".join(head + rows) + "\n")
+    print(f"wrote {dst} ({len(rows)} benchmarks)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: render_results.py BENCH.json OUT.md")
+    main(sys.argv[1], sys.argv[2])

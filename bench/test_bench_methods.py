@@ -1,0 +1,105 @@
+"""One benchmark per method. Fast cases run by default; long ones are marked slow."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from compress.metrics import count_macs, count_nonzero, count_params, latency_ms
+from compress.prune import ChannelUnionConfig, L1FilterConfig, ThresholdConfig, prune_
+from compress.quantize import QuantConfig, quantize_
+from compress.train import evaluate
+
+from .conftest import once, record, train_split, trained
+
+
+def test_threshold_lenet5(benchmark, eval_sets):
+    """Han et al.: LeNet-5 >= 12x fewer nonzero weights, <= 0.5 pt drop, <= 8 epochs fine-tuning."""
+    test, name = eval_sets[28]
+    base = trained("lenet5", 15)
+    tr, va = train_split()
+    m = copy.deepcopy(base)
+    once(benchmark, lambda: prune_(m, ThresholdConfig(sparsity=0.92, steps=3, epochs=8 / 3), tr, va))
+    record(benchmark, ratio=count_params(m) / count_nonzero(m), accuracy=evaluate(m, test),
+           base_accuracy=evaluate(base, test), latency_ms=latency_ms(m, (1, 1, 28, 28), 32), eval_name=name,
+           metric="nonzero weights")
+    assert benchmark.extra_info["compression_ratio"] >= 12
+
+
+@pytest.mark.parametrize("bits,scheme", [(8, "minmax"), (4, "mmse"), (4, "kmeans")])
+def test_quantize_lenet5(benchmark, eval_sets, bits, scheme):
+    test, name = eval_sets[28]
+    base = trained("lenet5", 15)
+    m = copy.deepcopy(base)
+    once(benchmark, lambda: quantize_(m, QuantConfig(bits=bits, scheme=scheme)))
+    from compress.coding.container import encode_model
+    size = len(encode_model(copy.deepcopy(m))[0])
+    record(benchmark, ratio=4 * count_params(m) / size, accuracy=evaluate(m, test),
+           base_accuracy=evaluate(base, test), latency_ms=latency_ms(m, (1, 1, 28, 28), 32), eval_name=name,
+           cpz_bytes=size)
+    assert benchmark.extra_info["accuracy_drop"] <= (0.2 if bits == 8 else 1.0)
+
+
+def test_factorize_lenet300(benchmark, eval_sets):
+    """SVD: LeNet-300-100, energy 0.8, 3 epochs: >= 2.5x fewer params at <= 1 pt drop."""
+    from compress.factorize import FactorizeConfig, factorize
+
+    test, name = eval_sets[28]
+    base = trained("lenet300", 15)
+    tr, va = train_split()
+    m = copy.deepcopy(base)
+    once(benchmark, lambda: factorize(m, FactorizeConfig(energy=0.8, epochs=3), tr, va))
+    record(benchmark, ratio=count_params(base) / count_params(m), accuracy=evaluate(m, test),
+           base_accuracy=evaluate(base, test), latency_ms=latency_ms(m, (1, 1, 28, 28), 32), eval_name=name)
+    assert benchmark.extra_info["compression_ratio"] >= 2.5
+
+
+@pytest.mark.slow
+def test_l1_filter_resnet20(benchmark, eval_sets):
+    """Li et al.: ratio 0.5 on ResNet-20 (16/32/64, 32x32): >= 45% fewer MACs, <= 1.5 pt, >= 1.6x faster."""
+    test, name = eval_sets[32]
+    base = trained("resnet20", 4, size=32)
+    tr, va = train_split(32)
+    m = copy.deepcopy(base)
+    once(benchmark, lambda: prune_(m, L1FilterConfig(ratio=0.5, epochs=3), tr, va, input_shape=(1, 1, 32, 32)))
+    shape = (1, 1, 32, 32)
+    lat_b, lat_a = latency_ms(base, shape, 32, runs=20), latency_ms(m, shape, 32, runs=20)
+    record(benchmark, ratio=count_params(base) / count_params(m), accuracy=evaluate(m, test),
+           base_accuracy=evaluate(base, test), latency_ms=lat_a, eval_name=name,
+           macs_reduction=round(1 - count_macs(m, shape) / count_macs(base, shape), 4),
+           speedup_batch32=round(lat_b / lat_a, 3))
+    assert benchmark.extra_info["macs_reduction"] >= 0.45
+
+
+@pytest.mark.slow
+def test_channel_union_resnet20(benchmark, eval_sets):
+    """PruneTrain-style: >= 30% fewer params at <= 2 pt drop in <= 4 epochs."""
+    test, name = eval_sets[32]
+    base = trained("resnet20", 4, size=32)
+    tr, va = train_split(32)
+    m = copy.deepcopy(base)
+    once(benchmark, lambda: prune_(m, ChannelUnionConfig(epochs=4), tr, va, input_shape=(1, 1, 32, 32)))
+    shape = (1, 1, 32, 32)
+    record(benchmark, ratio=count_params(base) / count_params(m), accuracy=evaluate(m, test),
+           base_accuracy=evaluate(base, test), latency_ms=latency_ms(m, shape, 32), eval_name=name,
+           macs_reduction=round(1 - count_macs(m, shape) / count_macs(base, shape), 4))
+
+
+def test_l1_filter_depthwise_and_concat(benchmark):
+    """Depthwise-separable and fire (concat) nets: ratio 0.3, no fine-tuning, >= 20% fewer params."""
+    rows = {}
+
+    def run():
+        for name in ("mobilenet_small", "squeezenet_small"):
+            torch.manual_seed(0)
+            m = __import__("compress").create_model(name)
+            p0 = count_params(m)
+            prune_(m, L1FilterConfig(ratio=0.3), input_shape=(1, 1, 32, 32))
+            assert m(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+            rows[name] = p0 / count_params(m)
+
+    once(benchmark, run)
+    benchmark.extra_info.update(compression_ratio=round(min(rows.values()), 3), accuracy=None, accuracy_drop=None,
+                                latency_ms=None, per_model={k: round(v, 3) for k, v in rows.items()})
+    assert min(rows.values()) >= 1 / 0.8
