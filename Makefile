@@ -8,14 +8,14 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 DEMO    := demo-out
 
-.PHONY: install demo test bench results clean
+.PHONY: install demo test bench bench-fast bench-baseline clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
@@ -30,9 +30,19 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
+# all benchmarks (the slow ones train ResNets and run whole pipelines: several minutes)
 bench: install
-	$(BIN)/python -m pytest -q bench --benchmark-json=bench-results.json
+	$(BIN)/python -m pytest -q bench -p no:cacheprovider --benchmark-json=bench-results.json
 	$(BIN)/python bench/render_results.py bench-results.json docs/results.md
+
+bench-fast: install
+	$(BIN)/python -m pytest -q bench -m "not slow" -p no:cacheprovider --benchmark-json=bench-results.json
+
+# the baseline that .github/workflows/bench.yml compares with (held-out evaluation, as in CI)
+bench-baseline: install
+	rm -rf bench/baselines && COMPRESS_BENCH_EVAL=heldout $(BIN)/python -m pytest -q bench -m "not slow" \
+		-p no:cacheprovider --benchmark-storage=file://bench/baselines --benchmark-save=baseline \
+		--benchmark-json=bench/baselines/quality.json
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .benchmarks bench-results.json

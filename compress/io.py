@@ -39,9 +39,15 @@ _EXTRA_SAFE = {"collections.OrderedDict", "builtins.set", "torch.nn.parameter.Pa
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only on success."""
+    from . import distributed
+
     path = Path(path)
     if path.exists() and not force:
         raise OutputExistsError(f"{path} exists; pass --force (force=True) to overwrite it")
+    if not distributed.is_main():  # under torchrun only rank 0 writes files
+        with tempfile.TemporaryDirectory() as d:
+            yield Path(d) / path.name
+        return
     if path.exists() and path.is_dir():
         raise OutputExistsError(f"{path} is a directory")
     parent = path.parent if str(path.parent) else Path(".")

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed
 from .data import Dataset
 from . import masks
 
@@ -28,12 +29,6 @@ def progress_enabled() -> bool:
     """Progress bars on a terminal; COMPRESS_PROGRESS=0/1 forces them off/on."""
     env = os.environ.get("COMPRESS_PROGRESS")
     return env == "1" if env in ("0", "1") else sys.stderr.isatty()
-
-
-def _rank_world():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 @dataclass(frozen=True)
@@ -84,7 +79,8 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *,
     the optimizer is rebuilt.
     """
     cfg = cfg or TrainConfig()
-    rank, world = _rank_world()
+    rank, world = distributed.rank_world()
+    dev = distributed.device_of(model)
     show = (progress if progress is not None else progress_enabled()) and rank == 0
     g = torch.Generator().manual_seed(cfg.seed)
     n = len(data)
@@ -106,11 +102,13 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *,
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+    net = distributed.wrap(model)  # DDP under torchrun; gradients are all-reduced in backward
     model.train()
     epoch = 0
     while step < total_steps:
         perm = torch.randperm(n, generator=g)
-        perm = perm[rank::world]  # DistributedSampler-style shard (same permutation on every rank)
+        if world > 1:  # DistributedSampler-style: same permutation everywhere, padded, strided
+            perm = torch.cat([perm, perm[: (-n) % world]])[rank::world]
         tot_loss = tot_pen = 0.0
         count = 0
         for i in range(steps_per_epoch):
@@ -119,8 +117,8 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *,
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             if len(idx) == 0:
                 break
-            x, y = data.x[idx], data.y[idx]
-            loss = F.cross_entropy(model(x), y)
+            x, y = data.x[idx].to(dev), data.y[idx].to(dev)
+            loss = F.cross_entropy(net(x), y)
             pen = penalty(model, loss) if penalty is not None else None
             total = loss + pen if pen is not None else loss
             opt.zero_grad(set_to_none=True)
@@ -140,12 +138,14 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *,
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{tot_loss / count:.3f}", epoch=epoch + 1)
+        distributed.sync_buffers(model)
         history.append({"epoch": epoch + 1, "loss": tot_loss / max(count, 1), "penalty": tot_pen / max(count, 1)})
         log.info("%s epoch %d: loss %.4f", desc, epoch + 1, history[-1]["loss"])
         if on_epoch_end is not None:
             new = on_epoch_end(model, epoch + 1)
             if new is not None:
                 model = new  # the architecture changed: new parameters, new optimizer state
+                net = distributed.wrap(model)  # and DDP re-wrapped around the rebuilt model
                 opt = make_optimizer(model.parameters(), cfg)
                 sched = schedule(opt, offset=step)
             model.train()
@@ -160,7 +160,8 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *,
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     was = model.training
     model.eval()
-    out = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    dev = distributed.device_of(model)
+    out = torch.cat([model(x[i:i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])
     model.train(was)
     return out
 
@@ -186,8 +187,9 @@ def recalibrate_bn(model: nn.Module, data: Dataset, samples: int = 1000, batch_s
     model.train()
     try:
         n = min(samples, len(data))
+        dev = distributed.device_of(model)
         for i in range(0, n, batch_size):
-            model(data.x[i:i + batch_size])
+            model(data.x[i:i + batch_size].to(dev))
     finally:
         for m, mom in saved:
             m.momentum = mom

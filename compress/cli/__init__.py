@@ -21,9 +21,27 @@ app = typer.Typer(name="compress", no_args_is_help=True, add_completion=False, p
 
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
-          verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the library does.")):
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the library does."),
+          device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N] for fine-tuning. Under "
+                                     "`torchrun --nproc-per-node N compress ...` fine-tuning runs on N processes.")):
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from .. import distributed
+    from ..errors import UsageError
+
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device here")
+    common.state["device"] = device
+    if distributed.init_from_env(device):
+        import os
+
+        if device.startswith("cuda"):
+            common.state["device"] = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        if not distributed.is_main():  # one set of tables and messages: rank 0's
+            common.out.quiet = common.err.quiet = True
 
 
 from . import coding_cmds, factorize_cmd, model_cmds, pipeline_cmd, prune_cmds, quant_cmds, zoo  # noqa: E402,F401

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from ..errors import UsageError
 
+state: dict = {"device": "cpu"}  # set by the root callback (--device)
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 

@@ -61,7 +61,9 @@ def start(model_path: str, output: str | None, force: bool, arch=None, trust_pic
         check_output(model_path, output, force)
     if need_train and not train_data:
         raise UsageError("this method trains: pass --train-data SPEC (e.g. mnist5k)")
-    model = load_model(model_path, arch=arch, trust_pickle=trust_pickle)
+    from .common import state
+
+    model = load_model(model_path, arch=arch, trust_pickle=trust_pickle).to(state["device"])
     if not isinstance(model, nn.Module) or model.__class__.__module__.startswith("torch.jit"):
         raise UsageError("TorchScript models cannot be changed; pass a state_dict with --arch or a compress model")
     tr = va = te = None
@@ -91,6 +93,7 @@ def finish(st: Stage, model: nn.Module, output: str | None, force: bool, method:
            report_dir: str | None = None, extra: dict | None = None, latency=True) -> dict:
     from ..io import add_history, save_model, set_meta
 
+    model = model.cpu()
     after = measure(st, model, latency)
     entry = {"stage": method, "config": config.to_dict() if config is not None else None,
              "before": _brief(st.before), "after": _brief(after)}

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import distributed
 from ..config import Config, register_handler
 from ..io import add_history
 from ..metrics import count_macs, count_params, input_shape_of
@@ -183,6 +184,7 @@ def _channel_union(model: nn.Module, config: ChannelUnionConfig, train_data=None
     def on_epoch_end(m, epoch):
         if epoch % config.reconfig_interval:
             return None
+        distributed.sync_buffers(m)  # every rank decides on the same BatchNorm statistics
         removed = reconfigure(m, lasso, config)
         measure(m, epoch, removed)
         return m  # parameters were replaced: the optimizer must be rebuilt
