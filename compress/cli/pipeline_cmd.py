@@ -57,7 +57,7 @@ def pipeline(model: ModelArg, output: OutOpt,
             mark = "ok" if kw["within_budget"] else "over budget"
             opts = {k: v for k, v in kw["options"].items() if k in ("sparsity", "bits", "ratio", "energy", "lasso_ratio")}
             err.print(f"  {kw['stage']} {kw['index']}/{kw['of']} {opts}: accuracy {kw['accuracy']:.2f}% "
-                      f"({-kw['drop']:+.2f} pt), {kw['bytes']:,} bytes ({mark})")
+                      f"({-kw['drop']:+.2f} ± {kw['se']:.2f} pt), {kw['bytes']:,} bytes ({mark})")
         elif kind == "skipped":
             err.print(f"  {kw['stage']}: no candidate within budget; stage skipped")
 

@@ -3,8 +3,9 @@ Efficient Neural Networks" (NeurIPS 2015).
 
 Each layer's threshold is ``quality x std(layer weights)``. Given a target sparsity instead of a
 quality, one global quality is solved for by bisection so that the whole model reaches the target:
-layers with widely spread weights keep more. The first conv and the last layer are pruned less
-(their threshold is scaled by ``first_last_factor``). Pruning is iterative: ``steps`` rounds, each
+layers with widely spread weights keep more. A conv stem and the last layer are pruned less (their
+threshold is scaled by ``first_last_factor``); the first Linear of an MLP is not spared -- it holds
+most of the weights, and sparing it would cut every other layer to the bone. Pruning is iterative: ``steps`` rounds, each
 raising sparsity (geometrically in the kept fraction) and followed by fine-tuning with masks held.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ class ThresholdConfig(Config):
         steps: pruning rounds; each is followed by ``epochs`` of fine-tuning with masks held.
         epochs: fine-tuning epochs after each round (0: prune only).
         lr: fine-tuning learning rate (Adam).
-        first_last_factor: the first conv's and the last layer's thresholds are scaled by this
+        first_last_factor: a conv stem's and the last layer's thresholds are scaled by this
             (< 1 prunes them less: they are the most sensitive layers).
         filter_fn: ``(module, fqn) -> bool`` choosing layers (default: every Conv2d and Linear).
     """
@@ -96,7 +97,8 @@ def thresholds(model: nn.Module, config: ThresholdConfig, sparsity=None) -> dict
     if not layers:
         return {}
     factor = {n: 1.0 for n, _ in layers}
-    factor[layers[0][0]] *= config.first_last_factor
+    if isinstance(layers[0][1], nn.Conv2d):
+        factor[layers[0][0]] *= config.first_last_factor
     factor[layers[-1][0]] *= config.first_last_factor
     std = {n: float(m.weight.detach().std()) or 1e-12 for n, m in layers}
     target = config.sparsity if sparsity is None else sparsity
