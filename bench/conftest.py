@@ -51,9 +51,10 @@ def eval_sets():
     return out
 
 
-def trained(name: str, epochs: float, size: int = 28, lr: float = 2e-3, **kw) -> torch.nn.Module:
-    """Train (or load from .bench-cache) a zoo model on the training part of mnist5k."""
-    tag = "-".join([name, f"e{epochs}", f"s{size}", f"lr{lr}"] + [f"{k}{v}" for k, v in sorted(kw.items())])
+def trained(name: str, epochs: float, size: int = 28, lr: float = 1e-3, augment: int = 2, **kw) -> torch.nn.Module:
+    """Train (or load from .bench-cache) a zoo model on the training part of mnist5k, as
+    `compress zoo train` does (random shifts of 2 px)."""
+    tag = "-".join([name, f"e{epochs}", f"s{size}", f"lr{lr}", f"a{augment}"] + [f"{k}{v}" for k, v in sorted(kw.items())])
     path = CACHE / f"{tag}.pt"
     if path.exists():
         return load_model(path)
@@ -64,8 +65,8 @@ def trained(name: str, epochs: float, size: int = 28, lr: float = 2e-3, **kw) ->
     if name.startswith("lenet"):
         kw.setdefault("input_size", size)
     m = create_model(name, **kw)
-    fit(m, tr, TrainConfig(epochs=epochs, lr=lr))
-    set_meta(m, input_shape=[1, 1, size, size], val_fraction=VAL_FRACTION, train_data=spec)
+    fit(m, tr, TrainConfig(epochs=epochs, lr=lr, augment=augment))
+    set_meta(m, input_shape=[1, 1, size, size], val_fraction=VAL_FRACTION, train_data=spec, augment=augment)
     save_model(m, path, force=True)
     return m
 

@@ -20,7 +20,7 @@ def test_threshold_lenet5(benchmark, eval_sets):
     base = trained("lenet5", 15)
     tr, va = train_split()
     m = copy.deepcopy(base)
-    once(benchmark, lambda: prune_(m, ThresholdConfig(sparsity=0.92, steps=3, epochs=8 / 3), tr, va))
+    once(benchmark, lambda: prune_(m, ThresholdConfig(sparsity=0.92, steps=3, epochs=8 / 3, augment=2), tr, va))
     record(benchmark, ratio=count_params(m) / count_nonzero(m), accuracy=evaluate(m, test),
            base_accuracy=evaluate(base, test), latency_ms=latency_ms(m, (1, 1, 28, 28), 32), eval_name=name,
            metric="nonzero weights")
@@ -59,7 +59,7 @@ def test_factorize_lenet300(benchmark, eval_sets):
 def test_l1_filter_resnet20(benchmark, eval_sets):
     """Li et al.: ratio 0.5 on ResNet-20 (16/32/64, 32x32): >= 45% fewer MACs, <= 1.5 pt, >= 1.6x faster."""
     test, name = eval_sets[32]
-    base = trained("resnet20", 4, size=32)
+    base = trained("resnet20", 4, size=32, lr=2e-3)
     tr, va = train_split(32)
     m = copy.deepcopy(base)
     once(benchmark, lambda: prune_(m, L1FilterConfig(ratio=0.5, epochs=3), tr, va, input_shape=(1, 1, 32, 32)))
@@ -76,7 +76,7 @@ def test_l1_filter_resnet20(benchmark, eval_sets):
 def test_channel_union_resnet20(benchmark, eval_sets):
     """PruneTrain-style: >= 30% fewer params at <= 2 pt drop in <= 4 epochs."""
     test, name = eval_sets[32]
-    base = trained("resnet20", 4, size=32)
+    base = trained("resnet20", 4, size=32, lr=2e-3)
     tr, va = train_split(32)
     m = copy.deepcopy(base)
     once(benchmark, lambda: prune_(m, ChannelUnionConfig(epochs=4), tr, va, input_shape=(1, 1, 32, 32)))

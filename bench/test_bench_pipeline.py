@@ -29,7 +29,7 @@ def peer_baseline(base: nn.Module, sparsity: float = 0.92, epochs: float = 8):
     params = [(mod, "weight") for mod in m.modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
     tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=sparsity)
     tr, _ = train_split()
-    fit(m, tr, TrainConfig(epochs=epochs, lr=1e-3))  # torch's masks hold through its pre-hooks
+    fit(m, tr, TrainConfig(epochs=epochs, lr=1e-3, augment=2))  # torch's masks hold through its pre-hooks
     for mod, n in params:
         tprune.remove(mod, n)
     q = quantize_dynamic(m.eval(), {nn.Linear}, dtype=torch.qint8)
@@ -81,7 +81,7 @@ def test_ort_int8_resnet20(benchmark, eval_sets, tmp_path):
     from compress.export import _session, onnx_accuracy, onnx_latency_ms, quantize_int8, to_onnx
 
     test, ev = eval_sets[32]
-    base = trained("resnet20", 4, size=32)
+    base = trained("resnet20", 4, size=32, lr=2e-3)
     shape = (1, 1, 32, 32)
     to_onnx(base, tmp_path / "fp32.onnx", shape)
     calib = data_mod.load("mnist5k?size=32&limit=512")

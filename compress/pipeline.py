@@ -49,7 +49,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
 
 _TYPES = {"threshold": ThresholdConfig, "l1-filter": L1FilterConfig, "channel-union": ChannelUnionConfig,
           "factorize": FactorizeConfig, "kmeans": QuantConfig, "quantize": QuantConfig, "int8": QuantConfig}
-_NOT_OPTIONS = ("type", "patience")
+_NOT_OPTIONS = ("type", "patience")  # stage keys that are not config options
 _SEARCH_KEYS = {"threshold": "sparsity", "l1-filter": "ratio", "channel-union": "lasso_ratio",
                 "factorize": "energy", "kmeans": "bits", "quantize": "bits", "int8": "bits"}
 
@@ -171,8 +171,13 @@ def pipeline(model: nn.Module, data, recipe: dict | None = None, max_accuracy_dr
     emit = on_event or (lambda kind, **kw: None)
     emit("start", accuracy=base_acc, bytes=dense, budget=budget)
     results = []
+    from .io import get_meta
+
+    trained_augment = int(get_meta(model).get("augment", 0))
     for i, st in enumerate(recipe["stage"]):
         t = st["type"]
+        if t == "threshold" and "augment" not in st:
+            st = {**st, "augment": trained_augment}  # fine-tune as the model was trained
         t0 = time.perf_counter()
         cands = _candidates(st)
         kept_model, kept = None, None

@@ -40,6 +40,8 @@ class TrainConfig:
         batch_size: samples per step (per process under torchrun).
         weight_decay: L2 weight decay.
         seed: seeds shuffling and initialisation-independent randomness.
+        augment: random shifts of up to this many pixels (0: none). Images only; keeps a model
+            from learning its training writers' quirks (MNIST's test writers are others).
     """
 
     epochs: float = 1
@@ -48,8 +50,11 @@ class TrainConfig:
     batch_size: int = 64
     weight_decay: float = 0.0
     seed: int = 0
+    augment: int = 0
 
     def __post_init__(self):
+        if self.augment < 0:
+            raise ValueError("augment must be >= 0")
         if self.epochs < 0:
             raise ValueError("epochs must be >= 0")
         if self.lr <= 0:
@@ -58,6 +63,17 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+
+
+def random_shift(x: torch.Tensor, pixels: int, g: torch.Generator) -> torch.Tensor:
+    """Shift each image by up to ``pixels`` in x and y (zero fill). x: (N, C, H, W)."""
+    n, _, h, w = x.shape
+    p = F.pad(x, (pixels, pixels, pixels, pixels))  # (N, C, H+2p, W+2p)
+    dy = torch.randint(0, 2 * pixels + 1, (n,), generator=g)
+    dx = torch.randint(0, 2 * pixels + 1, (n,), generator=g)
+    rows = (torch.arange(h)[None, :] + dy[:, None])[:, :, None]  # (N, H, 1)
+    cols = (torch.arange(w)[None, :] + dx[:, None])[:, None, :]  # (N, 1, W)
+    return p[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
 def make_optimizer(params, cfg: TrainConfig):
@@ -117,7 +133,10 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *,
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             if len(idx) == 0:
                 break
-            x, y = data.x[idx].to(dev), data.y[idx].to(dev)
+            x, y = data.x[idx], data.y[idx]
+            if cfg.augment:
+                x = random_shift(x, cfg.augment, g)
+            x, y = x.to(dev), y.to(dev)
             loss = F.cross_entropy(net(x), y)
             pen = penalty(model, loss) if penalty is not None else None
             total = loss + pen if pen is not None else loss

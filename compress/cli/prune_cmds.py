@@ -53,6 +53,7 @@ def prune(model: ModelArg, output: OutOpt,
 
         compress prune resnet20.pt --method channel-union --train-data "mnist5k?size=32" --epochs 4 -o r20-cu.pt
     """
+    from ..io import get_meta
     from ..prune import ChannelUnionConfig, L1FilterConfig, ThresholdConfig, prune_
 
     needs_train = method == Method.channel_union or epochs > 0 or (sensitivity and method == Method.l1_filter)
@@ -63,7 +64,7 @@ def prune(model: ModelArg, output: OutOpt,
             sparsity = "0.9"
         cfg = make_config(ThresholdConfig, sparsity=parse_mapping(sparsity, "--sparsity"),
                           quality=parse_mapping(quality, "--quality"), steps=steps, epochs=epochs / steps,
-                          lr=lr or 1e-3)
+                          lr=lr or 1e-3, augment=int(get_meta(st.model).get("augment", 0)))
         rounds = []
 
         def on_round(m, k):

@@ -1,7 +1,7 @@
 """``compress zoo list`` and ``compress zoo train``."""
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -29,6 +29,8 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compres
           width: Annotated[float, typer.Option("--width", help="Width multiplier (ResNet, VGG, MobileNet).")] = 1.0,
           val_fraction: Annotated[float, typer.Option("--val-fraction", help="Held out for validation "
                                                       "(use the same in `compress pipeline` recipes).")] = 0.1,
+          augment: Annotated[Optional[int], typer.Option("--augment", help="Random shifts of up to N pixels "
+                                                         "(default: 2 for images of 24 px or more, else 0).")] = None,
           test_data: TestDataOpt = None, seed: SeedOpt = 0, force: ForceOpt = False):
     """Train a zoo model on a data set (--val-fraction held out for validation) and save it.
 
@@ -47,9 +49,12 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compres
     from ..models import create_model
     from ..train import TrainConfig, evaluate, fit
 
-    cfg = make_config(TrainConfig, epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size, seed=seed)
     check_output("", output, force)  # fail on an existing output before training, not after
     ds = data_mod.load(data)
+    if augment is None:
+        augment = 2 if min(ds.x.shape[-2:]) >= 24 else 0
+    cfg = make_config(TrainConfig, epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size, seed=seed,
+                      augment=augment)
     tr, va = data_mod.split(ds, val_fraction, seed=0)
     torch.manual_seed(seed)
     kw = {"width": width} if width != 1.0 else {}
@@ -64,7 +69,7 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compres
     acc = evaluate(model, va)
     row = [["validation accuracy %", acc]]
     meta = {"input_shape": [1, *ds.x.shape[1:]], "train_data": data, "val_accuracy": round(acc, 3),
-            "val_fraction": val_fraction}
+            "val_fraction": val_fraction, "augment": augment}
     if test_data:
         meta["test_accuracy"] = round(evaluate(model, data_mod.load(test_data)), 3)
         row.append(["test accuracy %", meta["test_accuracy"]])

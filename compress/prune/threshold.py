@@ -41,6 +41,7 @@ class ThresholdConfig(Config):
         first_last_factor: a conv stem's and the last layer's thresholds are scaled by this
             (< 1 prunes them less: they are the most sensitive layers).
         filter_fn: ``(module, fqn) -> bool`` choosing layers (default: every Conv2d and Linear).
+        augment: random-shift augmentation (pixels) during fine-tuning, as the model was trained.
     """
 
     sparsity: float | dict | None = None
@@ -50,6 +51,7 @@ class ThresholdConfig(Config):
     lr: float = 1e-3
     first_last_factor: float = 0.5
     filter_fn: Callable[[nn.Module, str], bool] | None = None
+    augment: int = 0
 
     def __post_init__(self):
         if (self.sparsity is None) == (self.quality is None):
@@ -160,7 +162,7 @@ def _threshold(model: nn.Module, config: ThresholdConfig, train_data=None, val_d
         apply_thresholds(model, th)
         log.info("round %d/%d: sparsity %.4f", k, config.steps, sparsity_of(model, config.filter_fn))
         if train_data is not None and config.epochs > 0:
-            tc = train_config or TrainConfig(epochs=config.epochs, lr=config.lr, seed=k)
+            tc = train_config or TrainConfig(epochs=config.epochs, lr=config.lr, seed=k, augment=config.augment)
             fit(model, train_data, tc, desc=f"threshold round {k}/{config.steps}")
         if on_round is not None:
             on_round(model, k)
