@@ -25,7 +25,8 @@ def main(src: str, dst: str) -> None:
             fmt(e.get("base_accuracy")), fmt(e.get("accuracy")), fmt(e.get("accuracy_drop")),
             fmt(e.get("latency_ms"), 3), fmt(b["stats"]["median"], 2),
             ", ".join(f"{k}={v}" for k, v in e.items() if k in ("speedup_batch32", "macs_reduction", "times_zlib",
-                                                                   "file_bytes", "cpz_bytes", "metric", "method"))]) + " |")
+                                                                   "file_bytes", "cpz_bytes", "metric", "method",
+                                                                   "wall_s_1_process", "wall_s_2_processes"))]) + " |")
     machine = data.get("machine_info", {})
     head = [
         "# Results",

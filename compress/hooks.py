@@ -24,6 +24,7 @@ from . import distributed, masks
 from .prune.channel_union import ChannelUnionConfig, GroupLasso, reconfigure
 from .prune.threshold import ThresholdConfig, _step_targets, apply_thresholds, thresholds
 from .quantize import QuantConfig, quantize_
+from .quantize import kmeans as km
 from .quantize.kmeans import CentroidTrainer
 
 
@@ -95,16 +96,8 @@ class KMeansFinetuner:
         if config.scheme != "kmeans":
             raise ValueError("KMeansFinetuner needs scheme='kmeans'")
         quantize_(model, config)
-        from .quantize import kmeans as km
-
-        layers = {}
-        for name, m in model.named_modules():
-            info = getattr(m, "compress_quant", None)
-            if info and "codebook" in info:
-                flat = m.weight.detach().flatten()
-                codes = torch.where(flat == 0, torch.full_like(flat, -1, dtype=torch.long),
-                                    km.assign(flat, info["codebook"]))
-                layers[name] = (m, codes.view_as(m.weight), info["codebook"])
+        layers = {name: (m, km.layer_codes(m, m.compress_quant["codebook"]), m.compress_quant["codebook"])
+                  for name, m in model.named_modules() if "codebook" in getattr(m, "compress_quant", {})}
         self.model, self.trainer = model, CentroidTrainer(layers)
 
     def parameters(self):
@@ -118,13 +111,5 @@ class KMeansFinetuner:
         self.trainer.on_step(self.model)
 
     def apply(self) -> nn.Module:
-        for name, cb in self.trainer.codebooks().items():
-            m = dict(self.model.named_modules())[name]
-            m.compress_quant = {**m.compress_quant, "codebook": cb.sort().values}
-            from .quantize import kmeans as km
-
-            flat = m.weight.detach().flatten()
-            with torch.no_grad():
-                m.weight.copy_(torch.where(flat == 0, flat, m.compress_quant["codebook"][
-                    km.assign(flat, m.compress_quant["codebook"])]).view_as(m.weight))
+        km.finalize(dict(self.model.named_modules()), self.trainer.codebooks())
         return self.model

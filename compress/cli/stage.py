@@ -100,7 +100,10 @@ def finish(st: Stage, model: nn.Module, output: str | None, force: bool, method:
     add_history(model, entry)
     set_meta(model, input_shape=list(st.input_shape))
     if output:
-        save_model(model, output, force=force)
+        from .. import distributed
+
+        save_model(model, output, force=force)  # rank 0 writes; the others wait for it
+        distributed.barrier()
         after["file_bytes"] = Path(output).stat().st_size
     out.print(before_after(st.before, after, title=f"{method}: before / after"
                            + (" (accuracy on 10% held out of --train-data)" if st.val is not None else "")))

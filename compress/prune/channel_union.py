@@ -47,6 +47,8 @@ class ChannelUnionConfig(Config):
         batch_size: samples per step. The penalty acts once per step, so fewer, larger batches
             prune less in the same epochs.
         zero_tol: a slice whose L2 norm is at most this counts as zero.
+        rel_tol: a slice whose norm fell below this fraction of its layer's median slice norm counts
+            as zero too (PruneTrain removes channels below a threshold, not only exact zeros).
         min_channels: never leave a group with fewer channels than this (a residual branch may
             still vanish whole).
     """
@@ -57,6 +59,7 @@ class ChannelUnionConfig(Config):
     lr: float = 0.02
     batch_size: int = 64
     zero_tol: float = 1e-8
+    rel_tol: float = 0.1
     min_channels: int = 1
 
     def __post_init__(self):
@@ -130,7 +133,8 @@ def reconfigure(model: nn.Module, lasso: GroupLasso, config: ChannelUnionConfig)
     plan, dead_blocks = [], []
     for cg in lasso.groups:
         norms = torch.stack(member_norms(cg.group, cg.size))  # (members, size)
-        zero = (norms <= config.zero_tol).all(0)  # union: kept if any member is nonzero
+        tol = torch.clamp(config.rel_tol * norms.median(1, keepdim=True).values, min=config.zero_tol)
+        zero = (norms <= tol).all(0)  # union: kept if any member is nonzero
         if bool(zero.all()) and cg.root in blocks:
             dead_blocks.append(blocks[cg.root])
             continue

@@ -124,24 +124,14 @@ def _quantize(model: nn.Module, config: QuantConfig, train_data=None, val_data=N
             m.weight.copy_(dq)
         setattr(m, QUANT_ATTR, info)
         if config.scheme == "kmeans":
-            codes = km.assign(w.flatten(), info["codebook"])
-            codes = torch.where(w.flatten() == 0, torch.full_like(codes, -1), codes)
-            shared[name] = (m, codes.view_as(w), info["codebook"])
+            shared[name] = (m, km.layer_codes(m, info["codebook"]), info["codebook"])
         rows.append({"name": name, "bits": bits, "scheme": config.scheme, "mse": float((w - dq).pow(2).mean()),
                      "sqnr_db": round(sqnr_db(w, dq), 2), "zeros": int((dq == 0).sum()), "params": w.numel()})
     if config.scheme == "kmeans" and train_data is not None and config.epochs > 0:
         trainer = km.CentroidTrainer(shared)
         fit(model, train_data, TrainConfig(epochs=config.epochs, lr=config.lr), params=trainer.params(),
             after_backward=trainer.after_backward, on_step=trainer.on_step, desc="k-means centroids")
-        for name, cb in trainer.codebooks().items():
-            m = shared[name][0]
-            cb_sorted, _ = cb.sort()
-            m.compress_quant = {**m.compress_quant, "codebook": cb_sorted}
-            # re-snap: sorting may reorder codes; values themselves are already on the codebook
-            flat = m.weight.detach().flatten()
-            codes = km.assign(flat, cb_sorted)
-            with torch.no_grad():
-                m.weight.copy_(torch.where(flat == 0, flat, cb_sorted[codes]).view_as(m.weight))
+        km.finalize({n: v[0] for n, v in shared.items()}, trainer.codebooks())
     add_history(model, {"stage": "quantize", "config": config.to_dict(), "layers": rows})
     return model
 

@@ -81,3 +81,21 @@ class CentroidTrainer:
 
     def codebooks(self) -> dict[str, torch.Tensor]:
         return {n: cb.detach().clone() for n, (_, _, cb) in self.layers.items()}
+
+
+def layer_codes(module: torch.nn.Module, codebook: torch.Tensor) -> torch.Tensor:
+    """Codes of a shared-weight layer: nearest centroid, -1 where the weight is an exact zero."""
+    flat = module.weight.detach().flatten()
+    codes = assign(flat, codebook)
+    return torch.where(flat == 0, torch.full_like(codes, -1), codes).view_as(module.weight)
+
+
+@torch.no_grad()
+def finalize(modules: dict[str, torch.nn.Module], codebooks: dict[str, torch.Tensor]) -> None:
+    """Store trained codebooks sorted (the container's order) and snap the weights onto them."""
+    for name, cb in codebooks.items():
+        m = modules[name]
+        cb_sorted, _ = cb.sort()
+        m.compress_quant = {**m.compress_quant, "codebook": cb_sorted}
+        flat = m.weight.detach().flatten()
+        m.weight.copy_(torch.where(flat == 0, flat, cb_sorted[assign(flat, cb_sorted)]).view_as(m.weight))
