@@ -20,7 +20,7 @@ def test_threshold_lenet5(benchmark, eval_sets):
     base = trained("lenet5", 15)
     tr, va = train_split()
     m = copy.deepcopy(base)
-    once(benchmark, lambda: prune_(m, ThresholdConfig(sparsity=0.92, steps=2, epochs=4, augment=2), tr, va))
+    once(benchmark, lambda: prune_(m, ThresholdConfig(sparsity=0.92, steps=2, epochs=4, lr=2e-3, augment=2), tr, va))
     record(benchmark, ratio=count_params(m) / count_nonzero(m), accuracy=evaluate(m, test),
            base_accuracy=evaluate(base, test), latency_ms=latency_ms(m, (1, 1, 28, 28), 32), eval_name=name,
            metric="nonzero weights")
@@ -84,6 +84,7 @@ def test_channel_union_resnet20(benchmark, eval_sets):
     record(benchmark, ratio=count_params(base) / count_params(m), accuracy=evaluate(m, test),
            base_accuracy=evaluate(base, test), latency_ms=latency_ms(m, shape, 32), eval_name=name,
            macs_reduction=round(1 - count_macs(m, shape) / count_macs(base, shape), 4))
+    assert count_params(m) <= 0.7 * count_params(base)  # >= 30% fewer params
 
 
 def test_l1_filter_depthwise_and_concat(benchmark):

@@ -42,12 +42,12 @@ def atomic_write(path: str | os.PathLike, force: bool = False) -> Iterator[Path]
     from . import distributed
 
     path = Path(path)
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists; pass --force (force=True) to overwrite it")
-    if not distributed.is_main():  # under torchrun only rank 0 writes files
+    if not distributed.is_main():  # under torchrun only rank 0 writes (and checks) files
         with tempfile.TemporaryDirectory() as d:
             yield Path(d) / path.name
         return
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} exists; pass --force (force=True) to overwrite it")
     if path.exists() and path.is_dir():
         raise OutputExistsError(f"{path} is a directory")
     parent = path.parent if str(path.parent) else Path(".")

@@ -223,3 +223,18 @@ def test_prune_cli_l1_sensitivity(tmp_path, cli, resnet8_trained):
     assert res.code == 0, res.err
     assert (tmp_path / "r1-sensitivity" / "sensitivity.png").exists()
     assert "sensitivity" in res.out
+
+
+def test_prune_cli_channel_union_uses_library_defaults(tmp_path, cli):
+    from compress.io import load_model, save_model, set_meta
+    torch.manual_seed(0)
+    m = create_model("resnet8", width=0.5)
+    set_meta(m, input_shape=[1, 1, 8, 8])
+    save_model(m, tmp_path / "r.pt")
+    res = cli("prune", tmp_path / "r.pt", "--method", "channel-union", "--train-data", "digits", "--epochs", "1",
+              "-o", tmp_path / "cu.pt")
+    assert res.code == 0, res.err
+    hist = load_model(tmp_path / "cu.pt").compress_meta["history"]
+    cfg = [h for h in hist if h.get("stage") == "prune/channel-union"][0]["config"]
+    assert cfg["lasso_ratio"] == ChannelUnionConfig().lasso_ratio and cfg["epochs"] == 1
+    assert "reconfiguration after epoch 1" in res.err

@@ -37,8 +37,9 @@ def prune(model: ModelArg, output: OutOpt,
                                                     "several ratios first, and show accuracy per layer and ratio.")] = False,
           budget: Annotated[Optional[float], typer.Option(
               "--budget", help="l1-filter with --sensitivity: per-layer ratios from this accuracy drop (pt).")] = None,
-          lasso_ratio: Annotated[float, typer.Option("--lasso-ratio", help="channel-union: group-lasso penalty "
-                                                     "strength (larger prunes more).")] = 0.8,
+          lasso_ratio: Annotated[Optional[float], typer.Option(
+              "--lasso-ratio", help="channel-union: group-lasso strength, larger prunes more "
+                                    "(default: ChannelUnionConfig's, 0.8).")] = None,
           reconfig_interval: Annotated[int, typer.Option("--reconfig-interval", help="channel-union: epochs "
                                                          "between reconfigurations.")] = 1,
           input_shape: InputShapeOpt = None, report: ReportOpt = None, json_out: JsonOpt = None,
@@ -87,8 +88,9 @@ def prune(model: ModelArg, output: OutOpt,
         cfg = make_config(L1FilterConfig, ratio=r, epochs=epochs, lr=lr or 1e-3)
         prune_(st.model, cfg, st.train, st.val, input_shape=st.input_shape)
     else:
-        cfg = make_config(ChannelUnionConfig, lasso_ratio=lasso_ratio, reconfig_interval=reconfig_interval,
-                          epochs=epochs or 4.0, lr=lr or 0.02)
+        opts = {"lasso_ratio": lasso_ratio, "lr": lr, "epochs": epochs or None}
+        cfg = make_config(ChannelUnionConfig, reconfig_interval=reconfig_interval,
+                          **{k: v for k, v in opts.items() if v is not None})
 
         def on_reconfig(rec):
             err.print(f"reconfiguration after epoch {rec['epoch']}: params {rec['params']:,}, MACs {rec['macs']:,}"
