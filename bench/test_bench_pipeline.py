@@ -111,14 +111,14 @@ def test_decode_speed_vs_zlib(benchmark, tmp_path):
     size = (tmp_path / "big.cpz").stat().st_size
     # zlib on the same content: the model's INT4 codes, packed two to a byte, deflated
     z = zlib.compress(pack(codes_of(m[0])[0].numpy(), 4), 6)
-    reps = 10
-    t0 = time.perf_counter()
-    for _ in range(reps):
+    t_zlib = float("inf")  # both sides: the best of several runs (least disturbed by the machine)
+    for _ in range(10):
+        t0 = time.perf_counter()
         zlib.decompress(z)
-    t_zlib = (time.perf_counter() - t0) / reps
-    d = benchmark.pedantic(load_cpz, args=(tmp_path / "big.cpz",), rounds=5, iterations=1, warmup_rounds=1)
+        t_zlib = min(t_zlib, time.perf_counter() - t0)
+    d = benchmark.pedantic(load_cpz, args=(tmp_path / "big.cpz",), rounds=7, iterations=1, warmup_rounds=1)
     assert torch.equal(d[0].weight, m[0].weight)
-    t_cpz = benchmark.stats.stats.median
+    t_cpz = benchmark.stats.stats.min
     benchmark.extra_info.update(compression_ratio=round(4 * 2048 * 2048 / size, 3), accuracy=None,
                                 accuracy_drop=None, latency_ms=round(t_cpz * 1000, 3),
                                 zlib_ms=round(t_zlib * 1000, 3), times_zlib=round(t_cpz / t_zlib, 2),
