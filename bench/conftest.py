@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from compress import data as data_mod  # noqa: E402
 from compress.io import load_model, save_model, set_meta  # noqa: E402
 from compress.models import create_model  # noqa: E402
-from compress.train import TrainConfig, evaluate, fit  # noqa: E402
+from compress.train import TrainConfig, fit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".bench-cache"

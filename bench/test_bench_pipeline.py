@@ -7,12 +7,11 @@ import io
 import time
 import zlib
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from compress.coding.container import encode_model, load_cpz, save_cpz
+from compress.coding.container import load_cpz, save_cpz
 from compress.metrics import count_params, latency_ms
 from compress.train import TrainConfig, evaluate, fit
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed, masks
-from .prune.channel_union import ChannelUnionConfig, GroupLasso, reconfigure
+from .prune.channel_union import ChannelUnionConfig, GroupLasso, lasso_lambda, reconfigure
 from .prune.threshold import ThresholdConfig, _step_targets, apply_thresholds, thresholds
 from .quantize import QuantConfig, quantize_
 from .quantize import kmeans as km
@@ -63,11 +63,9 @@ class ChannelUnionPruner:
 
     def __init__(self, model: nn.Module, config: ChannelUnionConfig, input_shape, interval: int,
                  num_classes: int = 10):
-        import math
-
         self.model, self.config, self.interval = model, config, interval
         self.lasso = GroupLasso(model, input_shape)
-        self.lam = config.lasso_ratio * math.log(num_classes)
+        self.lam = lasso_lambda(config, num_classes)
         self.steps = 0
         self.records: list[dict] = []
 

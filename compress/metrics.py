@@ -16,17 +16,11 @@ LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)
 
 
 def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in _tensors(model))
+    return sum(p.numel() for p in model.parameters())
 
 
 def count_nonzero(model: nn.Module) -> int:
-    return sum(int(torch.count_nonzero(p)) for p in _tensors(model))
-
-
-def _tensors(model: nn.Module):
-    if isinstance(model, torch.jit.ScriptModule):
-        return [p for p in model.parameters()]
-    return list(model.parameters())
+    return sum(int(torch.count_nonzero(p)) for p in model.parameters())
 
 
 def input_shape_of(model: nn.Module, data=None, override: str | tuple | None = None) -> tuple[int, ...]:

@@ -34,7 +34,7 @@ from .io import add_history
 from .metrics import count_nonzero, count_params
 from .prune import ChannelUnionConfig, L1FilterConfig, ThresholdConfig, prune_
 from .quantize import QuantConfig, quantize_
-from .train import evaluate, predict
+from .train import predict
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def _config(t: str, opts: dict) -> Config:
         raise UsageError(f"stage {t}: {e}") from e
 
 
-def _apply(t: str, model: nn.Module, cfg: Config, train, val, input_shape) -> nn.Module:
+def _apply(model: nn.Module, cfg: Config, train, val, input_shape) -> nn.Module:
     if isinstance(cfg, ThresholdConfig):
         prune_(model, cfg, train, val)
     elif isinstance(cfg, (L1FilterConfig, ChannelUnionConfig)):
@@ -174,20 +174,21 @@ def pipeline(model: nn.Module, data, recipe: dict | None = None, max_accuracy_dr
     from .io import get_meta
 
     trained_augment = int(get_meta(model).get("augment", 0))
-    for i, st in enumerate(recipe["stage"]):
+    measured = None  # (sizes, val accuracy) of `model`, taken when it was a candidate
+    for st in recipe["stage"]:
         t = st["type"]
         if t == "threshold" and "augment" not in st:
             st = {**st, "augment": trained_augment}  # fine-tune as the model was trained
         t0 = time.perf_counter()
         cands = _candidates(st)
-        kept_model, kept = None, None
+        kept_model, kept, kept_measure = None, None, None
         current = model
         misses = 0
         sr = StageResult(name=t, kept=None)
         for j, opts in enumerate(cands):
             cfg = _config(t, opts)
             start = current if t == "threshold" else model
-            cand = _apply(t, copy.deepcopy(start), cfg, train, val, shape)
+            cand = _apply(copy.deepcopy(start), cfg, train, val, shape)
             pred = predict(cand, val.x).argmax(1)
             acc = 100.0 * float((pred == val.y).float().mean())
             drop, se = paired_drop(base_pred, pred, val.y)
@@ -207,23 +208,25 @@ def pipeline(model: nn.Module, data, recipe: dict | None = None, max_accuracy_dr
                 continue
             misses = 0
             if kept is None or sizes["coded"] <= kept["bytes"]:
-                kept_model, kept = cand, rec
+                kept_model, kept, kept_measure = cand, rec, (sizes, acc)
             current = cand
         if kept_model is None:
             emit("skipped", stage=t)
             log.warning("stage %s: no candidate within %.2f pt; stage skipped", t, budget)
         else:
-            model = kept_model
+            model, measured = kept_model, kept_measure
+        if measured is None:  # nothing kept yet: the input model, measured once
+            measured = (size_bytes(model), base_acc)
         sr.kept = kept
         sr.seconds = round(time.perf_counter() - t0, 2)
-        sizes = size_bytes(model)
-        sr.bytes, sr.accuracy = sizes["coded"], evaluate(model, val)
+        sizes, sr.accuracy = measured
+        sr.bytes = sizes["coded"]
         label = {"threshold": "pruned", "kmeans": "quantized", "quantize": "quantized", "int8": "quantized"}.get(t, t)
         timeline.append({"stage": label, "bytes": sizes["fixed"] if label == "quantized" else sizes["coded"],
                          "accuracy": sr.accuracy, "params": count_params(model), "nonzeros": count_nonzero(model)})
         results.append(sr)
-    final = size_bytes(model)
-    timeline.append({"stage": "huffman coded", "bytes": final["coded"], "accuracy": evaluate(model, val),
+    final = measured[0] if measured else size_bytes(model)
+    timeline.append({"stage": "huffman coded", "bytes": final["coded"], "accuracy": timeline[-1]["accuracy"],
                      "params": count_params(model), "nonzeros": count_nonzero(model)})
     summary = {"budget_pt": budget, "confidence": z, "base_accuracy": round(base_acc, 3), "final_accuracy": round(timeline[-1]["accuracy"], 3),
                "dense_bytes": dense, "cpz_bytes": final["coded"], "ratio": round(dense / final["coded"], 2),

@@ -159,7 +159,7 @@ def test_int8_size_near_entropy(lenet5_trained):
     quantize(m, QuantConfig(bits=8))
     blob, _ = encode_model(m)
     value_entropy = code_entropy = 0.0
-    for name, mod in m.named_modules():
+    for mod in m.modules():
         for pname, t in mod.named_parameters(recurse=False):
             if pname == "weight" and hasattr(mod, "compress_quant"):
                 c = codes_of(mod)[0].flatten().numpy()

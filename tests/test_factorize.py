@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-from compress.errors import UsageError
 from compress.factorize import FactorizeConfig, choose_rank, factor_layer, factorize
 from compress.io import load_model, save_model
 from compress.metrics import count_params

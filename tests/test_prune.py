@@ -7,8 +7,7 @@ from compress import data as data_mod
 from compress import masks
 from compress.metrics import count_macs, count_nonzero, count_params
 from compress.models import create_model
-from compress.prune import (ChannelUnionConfig, L1FilterConfig, ThresholdConfig, channel_union, l1_filter,
-                            prune_, ratios_for_budget, sensitivity, sparsity_of, threshold)
+from compress.prune import (ChannelUnionConfig, L1FilterConfig, ThresholdConfig, channel_union, prune_, ratios_for_budget, sensitivity, sparsity_of, threshold)
 from compress.prune.channel_union import GroupLasso, ResidualIdentity, reconfigure
 from compress.prune.graph import channel_groups, prune_group
 from compress.train import TrainConfig, evaluate, fit
@@ -47,7 +46,7 @@ def test_masks_hold_through_training(lenet5_trained, mnist_small):
     prune_(m, cfg)
     zeros = {n: (p == 0) for n, p in m.named_parameters() if p.dim() > 1}
     # re-attach masks and train hard: pruned weights (and their grads / Adam state) stay zero
-    for n, mod in m.named_modules():
+    for mod in m.modules():
         if hasattr(mod, "weight") and mod.weight is not None and mod.weight.dim() > 1:
             masks.set_mask(mod, (mod.weight != 0).float())
     fit(m, tr.subset(range(300)), TrainConfig(epochs=1, lr=1e-2))
@@ -98,8 +97,7 @@ def test_l1_filter_shrinks_and_stays_runnable(name):
     torch.manual_seed(0)
     m = create_model(name, width=0.5) if name != "squeezenet_small" else create_model(name)
     p0, mac0 = count_params(m), count_macs(m, (1, 1, 32, 32))
-    l1_filter(m, 0.3, input_shape=(1, 1, 32, 32)) if False else prune_(m, L1FilterConfig(ratio=0.3),
-                                                                      input_shape=(1, 1, 32, 32))
+    prune_(m, L1FilterConfig(ratio=0.3), input_shape=(1, 1, 32, 32))
     assert count_params(m) < 0.8 * p0 and count_macs(m, (1, 1, 32, 32)) < mac0
     assert m(torch.randn(2, 1, 32, 32)).shape == (2, 10)  # classifier outputs never pruned
 

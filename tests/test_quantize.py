@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from compress.io import load_model, save_model
 from compress.models import create_model
 from compress.prune import ThresholdConfig, prune_
-from compress.quantize import QuantConfig, codes_of, quantize, quantize_tensor
+from compress.quantize import QuantConfig, codes_of, quantize
 from compress.quantize import packing
 from compress.train import evaluate
 

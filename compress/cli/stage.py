@@ -55,7 +55,7 @@ def start(model_path: str, output: str | None, force: bool, arch=None, trust_pic
           test_data=None, input_shape=None, need_train=False, latency=True) -> Stage:
     from .. import data as data_mod
     from ..io import load_model
-    from ..metrics import input_shape_of, summarize
+    from ..metrics import input_shape_of
 
     if output:
         check_output(model_path, output, force)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -58,7 +57,7 @@ def _has_negative_zero(t: torch.Tensor) -> bool:
     return bool(((t == 0) & torch.signbit(t)).any())
 
 
-def _coded(w: torch.Tensor, sym: np.ndarray, zero: np.ndarray, alpha: int, params: bytes,
+def _coded(sym: np.ndarray, zero: np.ndarray, alpha: int, params: bytes,
            fields: dict) -> tuple[bytes, dict]:
     """Dense (all symbols) or sparse (index + nonzero symbols), the smaller."""
     dense, df = streams.encode_symbols(sym, alpha)
@@ -85,7 +84,7 @@ def encode_tensor(t: torch.Tensor, module: nn.Module | None, is_weight: bool) ->
             k = len(cb)
             sym = codes.numpy().astype(np.int64)
             sym[sym < 0] = k  # explicit zero symbol for dense mode
-            return _coded(t, sym, zero, k + 1, cb.tobytes(),
+            return _coded(sym, zero, k + 1, cb.tobytes(),
                           {"enc": "codebook", "bits": bits, "k": k})
         scale = info["scale"].float().numpy().astype("<f4")
         params = scale.tobytes()
@@ -93,7 +92,7 @@ def encode_tensor(t: torch.Tensor, module: nn.Module | None, is_weight: bool) ->
         if sym_affine:
             params += info["zero_point"].float().numpy().astype("<f4").tobytes()
         sym = codes.numpy().reshape(-1).astype(np.int64)
-        return _coded(t, sym, zero, 2 ** bits, params,
+        return _coded(sym, zero, 2 ** bits, params,
                       {"enc": "uniform", "bits": bits, "channels": len(scale), "affine": sym_affine,
                        "per_channel": bool(info.get("per_channel", True))})
     if t.dtype == torch.float32 and t.numel() > 64 and not _has_negative_zero(t):
@@ -125,7 +124,6 @@ def encode_model(model: nn.Module) -> tuple[bytes, dict]:
         entries.append(entry)
         sections.append(data)
         offset += len(data)
-    meta = model.__dict__.get("compress_meta", {})
     manifest = {"arch": spec, "tensors": entries, "format": "cpz", "version": VERSION}
     try:
         mbytes = zlib.compress(json.dumps(manifest, separators=(",", ":"), allow_nan=False).encode(), 9)
@@ -133,7 +131,7 @@ def encode_model(model: nn.Module) -> tuple[bytes, dict]:
         raise InputError(f"model metadata cannot be stored: {e}") from e
     body = HEAD.pack(MAGIC, VERSION, 0, len(mbytes), zlib.crc32(mbytes)) + mbytes + b"".join(sections)
     blob = body + struct.pack("<I", zlib.crc32(body))
-    stats = {"file_bytes": len(blob), "manifest_bytes": len(mbytes), "tensors": entries, "meta": bool(meta)}
+    stats = {"file_bytes": len(blob), "manifest_bytes": len(mbytes), "tensors": entries}
     return blob, stats
 
 

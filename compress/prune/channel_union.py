@@ -92,6 +92,11 @@ class ResidualIdentity(nn.Module):
         return F.relu(s + self.offset(s))
 
 
+def lasso_lambda(config: ChannelUnionConfig, classes: int) -> float:
+    """lambda = lasso_ratio x ln(classes), the loss of an untrained classifier."""
+    return config.lasso_ratio * math.log(classes)
+
+
 def _is_basic_block(m: nn.Module) -> bool:
     return all(hasattr(m, a) for a in ("conv1", "bn1", "conv2", "bn2", "shortcut"))
 
@@ -170,7 +175,7 @@ def _channel_union(model: nn.Module, config: ChannelUnionConfig, train_data=None
     shape = input_shape or input_shape_of(model, train_data)
     lasso = GroupLasso(model, shape)
     classes = int(train_data.y.max()) + 1
-    lam = config.lasso_ratio * math.log(classes)
+    lam = lasso_lambda(config, classes)
     log.info("group lasso: lambda %.3g over %d channel groups", lam, len(lasso.groups))
     records = []
 

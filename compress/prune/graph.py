@@ -65,6 +65,15 @@ def channel_groups(model: nn.Module, input_shape, roots=PRUNABLE_ROOTS, ignored=
     return dg, groups
 
 
+def _normalised_filters(group):
+    """Predicate on (pruning fn, layer): a bias-free producer whose output a BatchNorm in the same
+    group normalises. Its filters' size does not change the function, so penalties and the
+    proximal step leave them alone and the union test ignores them."""
+    has_bn = any(dep.pruning_fn == tpf.prune_batchnorm_out_channels for dep, _ in group)
+    return lambda fn, layer: (has_bn and fn in (tpf.prune_conv_out_channels, tpf.prune_linear_out_channels)
+                              and layer.bias is None)
+
+
 def slices(group) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """For each member of the group: (kind, root_idxs, slice matrix (channels, k)).
 
@@ -74,7 +83,7 @@ def slices(group) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     input slices), "bn" (BatchNorm scale and shift).
     """
     out = []
-    has_bn = any(dep.pruning_fn == tpf.prune_batchnorm_out_channels for dep, _ in group)
+    normalised = _normalised_filters(group)
     for i, (dep, idxs) in enumerate(group):
         layer, fn = dep.layer, dep.pruning_fn
         root_idxs = torch.as_tensor(group[i].root_idxs, dtype=torch.long)
@@ -83,9 +92,7 @@ def slices(group) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
             w = layer.weight.flatten(1)
             if layer.bias is not None:
                 w = torch.cat([w, layer.bias[:, None]], 1)
-            # a bias-free conv feeding BatchNorm is scale-invariant: its filters' size does not
-            # change the function, so a penalty on them would only shrink them without effect.
-            kind = "out_bn" if has_bn and layer.bias is None else "out"
+            kind = "out_bn" if normalised(fn, layer) else "out"
             out.append((kind, root_idxs, w[idxs_t]))
         elif fn in (tpf.prune_conv_in_channels, tpf.prune_linear_in_channels):
             if isinstance(layer, nn.Conv2d) and layer.groups > 1:
@@ -135,10 +142,10 @@ def member_norms(group, size: int, kinds=("out", "in", "bn")) -> list[torch.Tens
 def scale_channels(group, scale: torch.Tensor) -> None:
     """Multiply every coupled slice of root channel c by scale[c], in place (scale-invariant
     filters before a BatchNorm are left alone, as in ``slices``)."""
-    has_bn = any(dep.pruning_fn == tpf.prune_batchnorm_out_channels for dep, _ in group)
+    normalised = _normalised_filters(group)
     for i, (dep, idxs) in enumerate(group):
         layer, fn = dep.layer, dep.pruning_fn
-        if has_bn and fn == tpf.prune_conv_out_channels and layer.bias is None:
+        if normalised(fn, layer):
             continue
         ridx = torch.as_tensor(group[i].root_idxs, dtype=torch.long)
         idx = torch.as_tensor(idxs, dtype=torch.long)
