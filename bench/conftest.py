@@ -16,7 +16,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from compress import data as data_mod  # noqa: E402
-from compress.io import load_model, save_model, set_meta  # noqa: E402
+from compress.formats import load_model, save_model  # noqa: E402
+from compress.meta import set_meta
 from compress.models import create_model  # noqa: E402
 from compress.train import TrainConfig, fit  # noqa: E402
 

@@ -6,6 +6,8 @@ import copy
 import pytest
 import torch
 
+from compress.config import FineTune
+
 from compress.metrics import count_macs, count_nonzero, count_params, latency_ms
 from compress.prune import ChannelUnionConfig, L1FilterConfig, ThresholdConfig, prune_
 from compress.quantize import QuantConfig, quantize_
@@ -20,7 +22,7 @@ def test_threshold_lenet5(benchmark, eval_sets):
     base = trained("lenet5", 15)
     tr, va = train_split()
     m = copy.deepcopy(base)
-    once(benchmark, lambda: prune_(m, ThresholdConfig(sparsity=0.92, steps=2, epochs=4, lr=2e-3, augment=2), tr, va))
+    once(benchmark, lambda: prune_(m, ThresholdConfig(sparsity=0.92, steps=2, finetune=FineTune(epochs=8, lr=2e-3, augment=2)), tr, va))
     record(benchmark, ratio=count_params(m) / count_nonzero(m), accuracy=evaluate(m, test),
            base_accuracy=evaluate(base, test), latency_ms=latency_ms(m, (1, 1, 28, 28), 32), eval_name=name,
            metric="nonzero weights")
@@ -49,7 +51,7 @@ def test_factorize_lenet300(benchmark, eval_sets):
     base = trained("lenet300", 15)
     tr, va = train_split()
     m = copy.deepcopy(base)
-    once(benchmark, lambda: factorize(m, FactorizeConfig(energy=0.8, epochs=3), tr, va))
+    once(benchmark, lambda: factorize(m, FactorizeConfig(energy=0.8, finetune=FineTune(epochs=3, augment=0)), tr, va))
     record(benchmark, ratio=count_params(base) / count_params(m), accuracy=evaluate(m, test),
            base_accuracy=evaluate(base, test), latency_ms=latency_ms(m, (1, 1, 28, 28), 32), eval_name=name)
     assert benchmark.extra_info["compression_ratio"] >= 2.5
@@ -62,7 +64,7 @@ def test_l1_filter_resnet20(benchmark, eval_sets):
     base = trained("resnet20", 4, size=32, lr=2e-3)
     tr, va = train_split(32)
     m = copy.deepcopy(base)
-    once(benchmark, lambda: prune_(m, L1FilterConfig(ratio=0.5, epochs=3), tr, va, input_shape=(1, 1, 32, 32)))
+    once(benchmark, lambda: prune_(m, L1FilterConfig(ratio=0.5, finetune=FineTune(epochs=3, augment=0)), tr, va, input_shape=(1, 1, 32, 32)))
     shape = (1, 1, 32, 32)
     lat_b, lat_a = latency_ms(base, shape, 32, runs=20), latency_ms(m, shape, 32, runs=20)
     record(benchmark, ratio=count_params(base) / count_params(m), accuracy=evaluate(m, test),
@@ -79,7 +81,7 @@ def test_channel_union_resnet20(benchmark, eval_sets):
     base = trained("resnet20", 4, size=32, lr=2e-3)
     tr, va = train_split(32)
     m = copy.deepcopy(base)
-    once(benchmark, lambda: prune_(m, ChannelUnionConfig(epochs=4), tr, va, input_shape=(1, 1, 32, 32)))
+    once(benchmark, lambda: prune_(m, ChannelUnionConfig(), tr, va, input_shape=(1, 1, 32, 32)))
     shape = (1, 1, 32, 32)
     record(benchmark, ratio=count_params(base) / count_params(m), accuracy=evaluate(m, test),
            base_accuracy=evaluate(base, test), latency_ms=latency_ms(m, shape, 32), eval_name=name,

@@ -1,25 +1,167 @@
-"""Config base class and the config -> handler registry (after torchao's `quantize_`).
+"""Configs, the parts every config shares, and the per-verb registries (after torchao's `quantize_`).
 
 One frozen dataclass per method; its ``Args:`` docstring explains the options and
-``__post_init__`` checks them with ``ValueError``. Configs serialise to JSON with a type and
-version, so a recipe file, a report and a .cpz header can all say exactly what was done.
+``__post_init__`` checks them with ``ValueError``. Every method config embeds the same two parts:
+
+* ``Select`` -- which layers the stage touches (types, FQN globs, excludes, a ``filter_fn``, and
+  whether a conv stem and the classifier are spared), with one resolver for per-layer overrides;
+* ``FineTune`` -- the fine-tuning after (or during) the stage; ``epochs`` is always the *total*.
+
+A config names its verb (``prune``, ``quantize``, ``factorize``) and its stage name in a recipe;
+``register_method`` ties it to its method class. A verb refuses another verb's config with an error
+that names the right verb. Configs serialise to JSON with a type and version, so a recipe, a report
+and a .cpz header can all say exactly what was done.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, Callable
+import fnmatch
+from typing import Any, Callable, ClassVar
 
 import torch.nn as nn
 
-CONFIG_VERSION = 1
+from .errors import UsageError
+
+CONFIG_VERSION = 2
 _CONFIG_TYPES: dict[str, type["Config"]] = {}
-_HANDLERS: dict[type, Callable[..., nn.Module]] = {}
+_METHODS: dict[str, dict[type, type]] = {}  # verb -> {config class -> Method class}
+VERBS = ("prune", "quantize", "factorize")
+
+
+def type_key(m: nn.Module) -> str:
+    """The layer-type key of per-layer overrides: "conv", "linear" or the class name."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return "conv"
+    if isinstance(m, nn.Linear):
+        return "linear"
+    return type(m).__name__
+
+
+def per_layer(value, fqn: str, module: nn.Module | None = None, default=None):
+    """Resolve a per-layer setting: a scalar, or a dict keyed by FQN, then by layer type
+    ("conv", "linear"), then "_default"."""
+    if not isinstance(value, dict):
+        return value
+    if fqn in value:
+        return value[fqn]
+    if module is not None and type_key(module) in value:
+        return value[type_key(module)]
+    return value.get("_default", default)
+
+
+def close_matches(name: str, names) -> str:
+    m = difflib.get_close_matches(name, list(names), n=3)
+    return f" (did you mean {', '.join(m)}?)" if m else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Select:
+    """Which layers a stage touches.
+
+    Args:
+        types: layer kinds: "conv", "linear" (both by default).
+        names: glob patterns of layer FQNs ("fc*", "layer3.*"); empty: every layer of ``types``.
+        exclude: glob patterns of layer FQNs to leave alone.
+        filter_fn: ``(module, fqn) -> bool``, applied on top of the rest (library use only).
+        spare_first_last: a conv stem and the classifier are the most sensitive layers; each
+            method spares them its own way (threshold prunes them less, factorize skips them).
+            A layer named exactly in ``names`` is never spared.
+    """
+
+    types: tuple = ("conv", "linear")
+    names: tuple = ()
+    exclude: tuple = ()
+    filter_fn: Callable[[nn.Module, str], bool] | None = None
+    spare_first_last: bool = True
+
+    def __post_init__(self):
+        for f in ("types", "names", "exclude"):
+            v = getattr(self, f)
+            if isinstance(v, str):
+                object.__setattr__(self, f, (v,))
+            elif isinstance(v, list):
+                object.__setattr__(self, f, tuple(v))
+        bad = [t for t in self.types if t not in ("conv", "linear")]
+        if bad or not self.types:
+            raise ValueError(f"select types must be 'conv' and/or 'linear', got {list(self.types)}")
+        for p in self.names + self.exclude:
+            if not isinstance(p, str) or not p:
+                raise ValueError(f"select patterns must be non-empty strings, got {p!r}")
+
+    def _matches(self, name: str, m: nn.Module) -> bool:
+        if type_key(m) not in self.types:
+            return False
+        if self.names and not any(fnmatch.fnmatchcase(name, p) for p in self.names):
+            return False
+        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+            return False
+        return self.filter_fn is None or bool(self.filter_fn(m, name))
+
+    def layers(self, model: nn.Module, kinds=(nn.Conv2d, nn.Linear)) -> list[tuple[str, nn.Module]]:
+        """The chosen layers, in module order. A pattern that matches no layer is an error."""
+        candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+        for p in self.names:
+            if not any(fnmatch.fnmatchcase(n, p) for n, _ in candidates):
+                raise UsageError(f"layer pattern {p!r} matches no layer"
+                                 f"{close_matches(p, [n for n, _ in candidates])}")
+        return [(n, m) for n, m in candidates if self._matches(n, m)]
+
+    def ends(self, model: nn.Module) -> set[str]:
+        """FQNs of the layers this selection spares: a conv stem and the last layer, unless named."""
+        if not self.spare_first_last:
+            return set()
+        all_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        if not all_layers:
+            return set()
+        ends = {all_layers[-1][0]}
+        if isinstance(all_layers[0][1], nn.Conv2d):
+            ends.add(all_layers[0][0])
+        return {n for n in ends if n not in self.names}
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTune:
+    """Fine-tuning of a stage, on the training data given to it.
+
+    Args:
+        epochs: total epochs of the stage (0: none); a method with rounds splits them over its rounds.
+        lr: peak learning rate (cosine decay).
+        optimizer: "adam" or "sgd".
+        batch_size: samples per step.
+        augment: random shifts of up to this many pixels; None: as the model was trained (its metadata).
+    """
+
+    epochs: float = 0.0
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    batch_size: int = 64
+    augment: int | None = None
+
+    def __post_init__(self):
+        if not self.epochs >= 0:  # also refuses NaN
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.augment is not None and self.augment < 0:
+            raise ValueError("augment must be >= 0")
+
+
+_PARTS = {"select": Select, "finetune": FineTune}
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Base of every method config. Subclasses are frozen dataclasses."""
+    """Base of every method config. Subclasses are frozen dataclasses and set ``verb``,
+    ``stage_name`` (its name in a recipe) and ``search_key`` (the option a recipe may list)."""
+
+    verb: ClassVar[str] = ""
+    stage_name: ClassVar[str] = ""
+    search_key: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -36,18 +178,50 @@ class Config:
     def from_dict(d: dict[str, Any]) -> "Config":
         d = dict(d)
         name = d.pop("type", None)
-        d.pop("version", None)
-        cls = _CONFIG_TYPES.get(name)
+        version = d.pop("version", CONFIG_VERSION)
+        if not isinstance(version, int) or version > CONFIG_VERSION:
+            raise ValueError(f"config version {version!r} is newer than this compress reads ({CONFIG_VERSION})")
+        cls = _CONFIG_TYPES.get(name) if isinstance(name, str) else None
         if cls is None:
             raise ValueError(f"unknown config type {name!r}; known: {', '.join(sorted(_CONFIG_TYPES))}")
+        return cls.from_options(d)
+
+    @classmethod
+    def from_options(cls, opts: dict[str, Any]) -> "Config":
+        """Build from plain data (a recipe stage, a JSON header): parts may be given as dicts."""
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(set(opts) - names)
         if unknown:
-            raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        return cls(**d)
+            raise ValueError(f"{cls.stage_name or cls.__name__}: unknown option(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(names))}")
+        kw = {}
+        for k, v in opts.items():
+            if k in _PARTS and isinstance(v, dict):
+                v = _part(k, v, cls)
+            elif isinstance(v, list):
+                v = tuple(v)
+            kw[k] = v
+        return cls(**kw)
+
+    def replace(self, **kw) -> "Config":
+        return dataclasses.replace(self, **kw)
+
+
+def _part(key: str, d: dict, owner) -> Any:
+    """A Select/FineTune from a dict, starting from the owner's default part (its own defaults)."""
+    part_cls = _PARTS[key]
+    fields = {f.name for f in dataclasses.fields(part_cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ValueError(f"{key}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    default = {f.name: f for f in dataclasses.fields(owner)}[key]
+    base = default.default_factory() if default.default_factory is not dataclasses.MISSING else part_cls()
+    return dataclasses.replace(base, **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def _jsonable(v):
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)}
     if isinstance(v, (tuple, list)):
         return [_jsonable(x) for x in v]
     if isinstance(v, dict):
@@ -57,35 +231,34 @@ def _jsonable(v):
     return v
 
 
-def register_handler(config_cls: type[Config]):
-    """Decorator: ``@register_handler(ThresholdConfig) def _threshold(model, config, **kw)``."""
+def register_method(config_cls: type[Config]):
+    """Class decorator: ``@register_method(ThresholdConfig) class ThresholdPruner(Method)``."""
+    if config_cls.verb not in VERBS:
+        raise ValueError(f"{config_cls.__name__}.verb must be one of {VERBS}")
 
-    def deco(fn):
-        if config_cls in _HANDLERS:
-            raise ValueError(f"a handler for {config_cls.__name__} is registered twice")
-        _HANDLERS[config_cls] = fn
-        return fn
+    def deco(method_cls):
+        table = _METHODS.setdefault(config_cls.verb, {})
+        if config_cls in table:
+            raise ValueError(f"a method for {config_cls.__name__} is registered twice")
+        table[config_cls] = method_cls
+        return method_cls
 
     return deco
 
 
-def handler_for(config: Config, stage: str) -> Callable[..., nn.Module]:
-    fn = _HANDLERS.get(type(config))
-    if fn is None:
-        known = ", ".join(sorted(c.__name__ for c in _HANDLERS))
-        raise TypeError(f"{stage}: no handler for {type(config).__name__}; known configs: {known}")
-    return fn
+def method_for(config: Config, verb: str) -> type:
+    """The method class of ``config`` under ``verb``; a config of another verb is a clear error."""
+    if not isinstance(config, Config):
+        raise UsageError(f"{verb}_ takes a config, got {type(config).__name__}")
+    table = _METHODS.get(verb, {})
+    cls = table.get(type(config))
+    if cls is None:
+        known = ", ".join(sorted(c.__name__ for c in table))
+        other = f"; {type(config).__name__} belongs to {config.verb}_" if config.verb and config.verb != verb else ""
+        raise UsageError(f"{verb}_ does not take {type(config).__name__}{other}. {verb}_ takes: {known}")
+    return cls
 
 
-def per_layer(value, fqn: str, default=None):
-    """Resolve a per-layer override: a scalar, or a dict keyed by FQN with "_default"."""
-    if isinstance(value, dict):
-        if fqn in value:
-            return value[fqn]
-        return value.get("_default", default)
-    return value
-
-
-def close_matches(name: str, names) -> str:
-    m = difflib.get_close_matches(name, list(names), n=3)
-    return f" (did you mean {', '.join(m)}?)" if m else ""
+def stage_types() -> dict[str, type[Config]]:
+    """Recipe stage name -> config class, for every registered method."""
+    return {c.stage_name: c for table in _METHODS.values() for c in table}

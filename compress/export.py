@@ -132,9 +132,7 @@ def onnx_summary(path, data=None, input_shape: str | None = None, threads: int =
     sess = _session(path, threads)
     shape = None
     if input_shape:
-        from .metrics import input_shape_of
-
-        shape = input_shape_of(None, None, input_shape)
+        shape = (1,) + tuple(input_shape)[1:]
     elif data is not None:
         shape = (1,) + tuple(data.x.shape[1:])
     else:
@@ -156,7 +154,7 @@ def onnx_summary(path, data=None, input_shape: str | None = None, threads: int =
 def export(model: nn.Module, path, input_shape, int8: bool = False, calib_data=None, eval_data=None,
            tol: float = 1e-4, force: bool = False, threads: int = 2) -> dict[str, Any]:
     """Write ``path`` (FP32 ONNX, or INT8 QDQ with ``int8``); return the comparison numbers."""
-    from .io import atomic_write
+    from .fileio import atomic_write
 
     if int8 and calib_data is None:
         raise UsageError("--int8 needs --calib-data SPEC (a few hundred representative inputs)")

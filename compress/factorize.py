@@ -16,15 +16,14 @@ BatchNorm statistics are re-estimated on it (no weight is trained) before any fi
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 
 import torch
 import torch.nn as nn
 
-from .config import Config, handler_for, register_handler
-from .io import add_history
-from .train import TrainConfig, fit, recalibrate_bn
+from .config import Config, FineTune, Select, register_method
+from .stages import Method, factorize_
+from .train import recalibrate_bn
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +34,21 @@ class FactorizeConfig(Config):
         energy: keep the smallest rank whose singular values hold this fraction of the squared sum.
         rank_ratio: rank = ceil(ratio x full rank).
         rank: a fixed rank (capped at full rank).
-        layers: glob patterns of layer FQNs to consider ("fc*", "layer3.*"); default all.
-        skip_first_last: leave a conv stem and the last layer alone (unless ``layers`` names them).
-        epochs: fine-tuning epochs afterwards (0: none).
-        lr: fine-tuning learning rate (Adam).
+        select: layers to consider (``Select``); with ``spare_first_last`` a conv stem and the last
+            layer are left alone unless ``select.names`` names them exactly.
+        finetune: fine-tuning afterwards (``FineTune``; 0 epochs: none). With training data,
+            BatchNorm statistics are re-estimated first either way.
     """
+
+    verb = "factorize"
+    stage_name = "factorize"
+    search_key = "energy"
 
     energy: float | None = None
     rank_ratio: float | None = None
     rank: int | None = None
-    layers: tuple = ()
-    skip_first_last: bool = True
-    epochs: float = 0.0
-    lr: float = 1e-3
+    select: Select = dataclasses.field(default_factory=Select)
+    finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(augment=0))
 
     def __post_init__(self):
         given = [v is not None for v in (self.energy, self.rank_ratio, self.rank)]
@@ -59,8 +60,6 @@ class FactorizeConfig(Config):
             raise ValueError(f"rank_ratio must be in (0, 1], got {self.rank_ratio}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if self.epochs < 0:
-            raise ValueError("epochs must be >= 0")
 
 
 def choose_rank(s: torch.Tensor, config: FactorizeConfig) -> int:
@@ -113,54 +112,48 @@ def _eligible(m: nn.Module) -> str | None:
     return "not a Linear or Conv2d"
 
 
-@register_handler(FactorizeConfig)
-def _factorize(model: nn.Module, config: FactorizeConfig, train_data=None, val_data=None) -> nn.Module:
-    rows = []
-    all_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    ends = set()
-    if all_layers and config.skip_first_last:
-        ends.add(all_layers[-1][0])
-        if isinstance(all_layers[0][1], nn.Conv2d):
-            ends.add(all_layers[0][0])
-    targets = [(n, m) for n, m in all_layers
-               if (not config.layers or any(fnmatch.fnmatch(n, p) for p in config.layers))]
-    for name, m in targets:
+@register_method(FactorizeConfig)
+class Factorizer(Method):
+    """Structural: ``attach`` replaces layers by their two-layer factorizations and re-estimates
+    BatchNorm statistics on ``ctx.train``; then plain fine-tuning."""
+
+    def attach(self) -> None:
+        cfg = self.config
+        ends = cfg.select.ends(self.model)
+        for name, m in cfg.select.layers(self.model):
+            row = self._factor(name, m, ends)
+            self.layers.append(row)
+            if row["action"] == "kept":
+                log.info("%s kept: %s", name, row["reason"])
+        if self.ctx.train is not None and recalibrate_bn(self.model, self.ctx.train):
+            log.info("BatchNorm statistics re-estimated on %d samples", min(1000, len(self.ctx.train)))
+        elif any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            self.notes.append("without training data, BatchNorm statistics were not re-estimated")
+
+    def _factor(self, name: str, m: nn.Module, ends: set[str]) -> dict:
         why = _eligible(m)
-        named = any(p == name for p in config.layers)
-        if why is None and name in ends and not named:
-            why = "first/last layer (name it in layers to factorize it)"
-        mat = m.weight.flatten(1)
-        rows_, cols = mat.shape
-        full = min(rows_, cols)
-        row = {"name": name, "type": type(m).__name__, "shape": list(m.weight.shape), "full_rank": full,
+        if why is None and name in ends:
+            why = "first/last layer (name it in select.names / --layers to factorize it)"
+        rows_, cols = m.weight.flatten(1).shape
+        row = {"name": name, "type": type(m).__name__, "shape": list(m.weight.shape), "full_rank": min(rows_, cols),
                "params_before": sum(p.numel() for p in m.parameters())}
         if why is None:
-            S = torch.linalg.svdvals(_weight_matrix(m))
-            k = choose_rank(S, config)
+            k = choose_rank(torch.linalg.svdvals(_weight_matrix(m)), self.config)
             row["rank"] = k
             if k * (rows_ + cols) >= rows_ * cols:
                 why = f"rank {k} would not be smaller"
         if why is not None:
             row.update(action="kept", reason=why, params_after=row["params_before"], error=0.0)
-            log.info("%s kept: %s", name, why)
-            rows.append(row)
-            continue
+            return row
         seq, err = factor_layer(m, k)
         parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
         setattr(parent, attr, seq)
         row.update(action="factorized", params_after=sum(p.numel() for p in seq.parameters()), error=err)
-        rows.append(row)
-    add_history(model, {"stage": "factorize", "layers": rows})
-    if train_data is not None and recalibrate_bn(model, train_data):
-        log.info("BatchNorm statistics re-estimated on %d samples", min(1000, len(train_data)))
-    if train_data is not None and config.epochs > 0:
-        fit(model, train_data, TrainConfig(epochs=config.epochs, lr=config.lr), desc="factorize fine-tune")
-    return model
+        return row
 
 
 def factorize(model: nn.Module, config: FactorizeConfig | None = None, train_data=None, val_data=None,
               **kw) -> nn.Module:
     """Factorize in place and return the model: ``factorize(m, energy=0.8)`` or with a config."""
-    config = config or FactorizeConfig(**kw)
-    return handler_for(config, "factorize")(model, config, train_data, val_data)
+    return factorize_(model, config or FactorizeConfig(**kw), train_data, val_data)

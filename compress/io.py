@@ -7,89 +7,31 @@ accepts, without being told to trust anything:
 * state_dicts (loaded with ``weights_only=True``) together with ``arch="module:callable"``;
 * whole pickled modules whose every class is a ``torch.nn`` or ``compress`` module (allow-listed
   and loaded with ``weights_only=True``): this covers every model that compress itself writes;
-* .cpz containers written by compress (their architecture is data, never code).
 
-Anything else needs ``trust_pickle=True`` (``--trust-pickle``).
+Anything else needs ``trust_pickle=True`` (``--trust-pickle``). ``compress.formats`` dispatches
+between these files and .cpz containers.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import logging
 import os
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
 
-from .errors import InputError, OutputExistsError, UntrustedPickleError, UsageError
+from .errors import InputError, UntrustedPickleError, UsageError
+from .fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
-META_ATTR = "compress_meta"  # plain dict on the root module: input shape, classes, history
 # Non-module globals that a checkpoint of ours may hold and that build nothing dangerous.
-_EXTRA_SAFE = {"collections.OrderedDict", "builtins.set", "torch.nn.parameter.Parameter"}
-
-
-# ----------------------------------------------------------------------------- writing files
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` only on success."""
-    from . import distributed
-
-    path = Path(path)
-    if not distributed.is_main():  # under torchrun only rank 0 writes (and checks) files
-        with tempfile.TemporaryDirectory() as d:
-            yield Path(d) / path.name
-        return
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists; pass --force (force=True) to overwrite it")
-    if path.exists() and path.is_dir():
-        raise OutputExistsError(f"{path} is a directory")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"output directory {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_bytes(path, data: bytes, force: bool = False) -> None:
-    with atomic_write(path, force) as tmp:
-        tmp.write_bytes(data)
-
-
-def write_text(path, text: str, force: bool = False) -> None:
-    write_bytes(path, text.encode("utf-8"), force)
-
-
-# ----------------------------------------------------------------------------- metadata
-def get_meta(model: nn.Module) -> dict[str, Any]:
-    meta = getattr(model, META_ATTR, None)
-    return meta if isinstance(meta, dict) else {}
-
-
-def set_meta(model: nn.Module, **kw) -> dict[str, Any]:
-    """Merge plain-data metadata (lists, numbers, strings) into the model's metadata dict."""
-    meta = dict(get_meta(model))
-    meta.update(kw)
-    setattr(model, META_ATTR, meta)
-    return meta
-
-
-def add_history(model: nn.Module, entry: dict[str, Any]) -> None:
-    meta = get_meta(model)
-    set_meta(model, history=list(meta.get("history", [])) + [entry])
+_EXTRA_SAFE = {"collections.OrderedDict", "builtins.set", "torch.nn.parameter.Parameter",
+               "compress.quant_state.QuantState"}
 
 
 # ----------------------------------------------------------------------------- arch specs
@@ -203,21 +145,8 @@ def _torch_load(path: Path, trust_pickle: bool):
         raise InputError(f"{path} could not be loaded as a model: {msg}") from e
 
 
-def load_model(path: str | os.PathLike, arch: str | None = None, trust_pickle: bool = False) -> nn.Module:
-    """Load a model safely; see the module docstring for what is accepted."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path} is a directory, not a model file")
-    with path.open("rb") as f:
-        head = f.read(8)
-    if head[:4] == b"CPZ\x00" or path.suffix == ".cpz":
-        from .coding.container import load_cpz
-
-        return load_cpz(path)
-    if path.suffix == ".onnx":
-        raise InputError(f"{path} is an ONNX model; only `compress report` and `compress export` read ONNX")
+def load_torch(path: Path, arch: str | None = None, trust_pickle: bool = False) -> nn.Module:
+    """Load a torch file (TorchScript, state_dict + arch, or a whole module) safely."""
     if _is_torchscript(path):
         try:
             model = torch.jit.load(str(path), map_location="cpu")
@@ -245,7 +174,7 @@ def load_model(path: str | os.PathLike, arch: str | None = None, trust_pickle: b
     return model
 
 
-def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False) -> Path:
+def save_module(model: nn.Module, path: str | os.PathLike, force: bool = False) -> Path:
     """Save a whole module (architecture travels with the weights), atomically.
 
     ``torch.load(path, weights_only=False)`` returns a runnable module; compress reloads it without

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import InputError, UsageError
+from .errors import InputError
+from .quant_state import get_state
 
 log = logging.getLogger(__name__)
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)
@@ -21,29 +22,6 @@ def count_params(model: nn.Module) -> int:
 
 def count_nonzero(model: nn.Module) -> int:
     return sum(int(torch.count_nonzero(p)) for p in model.parameters())
-
-
-def input_shape_of(model: nn.Module, data=None, override: str | tuple | None = None) -> tuple[int, ...]:
-    """(1, C, H, W) from --input-shape, the data, or the checkpoint's metadata."""
-    if override:
-        if isinstance(override, str):
-            try:
-                shape = tuple(int(s) for s in override.replace("x", ",").split(",") if s.strip())
-            except ValueError as e:
-                raise UsageError(f"--input-shape {override!r} must look like 1,1,28,28") from e
-        else:
-            shape = tuple(override)
-        if len(shape) < 2 or any(s < 1 for s in shape):
-            raise UsageError(f"--input-shape {override!r} must look like 1,1,28,28")
-        return (1,) + shape[1:]
-    if data is not None:
-        return (1,) + tuple(data.x.shape[1:])
-    from .io import get_meta
-
-    meta = get_meta(model) if not isinstance(model, torch.jit.ScriptModule) else {}
-    if meta.get("input_shape"):
-        return (1,) + tuple(meta["input_shape"][1:])
-    raise UsageError("cannot tell the model's input shape: pass --input-shape 1,1,28,28 or --data SPEC")
 
 
 def _run_checked(model, x):
@@ -89,9 +67,9 @@ def layer_table(model: nn.Module, input_shape) -> list[dict[str, Any]]:
             continue
         rows[name] = {"name": name, "type": type(m).__name__, "params": sum(p.numel() for p in own),
                       "nonzeros": sum(int(torch.count_nonzero(p)) for p in own), "macs": 0, "output_shape": []}
-        q = getattr(m, "compress_quant", None)
-        if isinstance(q, dict):
-            rows[name]["bits"] = q.get("bits")
+        q = get_state(m)
+        if q is not None:
+            rows[name]["bits"] = q.bits
         hooks.append(m.register_forward_hook(hook(name)))
     try:
         _run_checked(model.eval(), torch.zeros(input_shape))
@@ -126,21 +104,17 @@ def summarize(model: nn.Module, input_shape, data=None, latency: bool = True,
     from .train import evaluate
 
     params = count_params(model)
-    out: dict[str, Any] = {
-        "params": params,
-        "nonzero_params": count_nonzero(model),
-        "dense_fp32_bytes": params * 4,
-        "macs": count_macs(model, input_shape),
-        "input_shape": list(input_shape),
-    }
+    out: dict[str, Any] = {"params": params, "nonzero_params": count_nonzero(model), "dense_fp32_bytes": params * 4}
+    if input_shape is not None:  # weight-only numbers otherwise
+        out.update(macs=count_macs(model, input_shape), input_shape=list(input_shape))
     if data is not None:
         from .data import check_fits
 
         check_fits(model, data)
         out["accuracy"] = round(evaluate(model, data), 3)
-    if latency:
+    if latency and input_shape is not None:
         out["latency_ms"] = {"batch_1": round(latency_ms(model, input_shape, 1, runs=runs), 4),
                              "batch_32": round(latency_ms(model, input_shape, 32, runs=max(5, runs // 2)), 4)}
-    if layers and not isinstance(model, torch.jit.ScriptModule):
+    if layers and input_shape is not None and not isinstance(model, torch.jit.ScriptModule):
         out["layers"] = layer_table(model, input_shape)
     return out

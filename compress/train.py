@@ -18,9 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import distributed
+from . import distributed, masks
 from .data import Dataset
-from . import masks
 
 log = logging.getLogger(__name__)
 
@@ -82,27 +81,58 @@ def make_optimizer(params, cfg: TrainConfig):
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *,
-        penalty: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
-        on_step: Callable[[nn.Module, float], None] | None = None,
-        after_backward: Callable[[nn.Module], None] | None = None,
-        on_epoch_end: Callable[[nn.Module, int], nn.Module | None] | None = None,
-        params: list | None = None, desc: str = "train", progress: bool | None = None) -> list[dict]:
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch over ``n`` samples (per process under torchrun)."""
+    _, world = distributed.rank_world()
+    return max(1, math.ceil(n / world / batch_size))
+
+
+class _Progress:
+    """A rich progress bar on stderr (rank 0, terminal or COMPRESS_PROGRESS=1), or nothing."""
+
+    def __init__(self, show: bool, total: int, desc: str):
+        self.bar = None
+        if show:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                                console=Console(stderr=True), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(desc, total=total, info="")
+
+    def update(self, info: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, info=info)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *, method=None,
+        desc: str = "train", progress: bool | None = None) -> list[dict]:
     """Train ``model`` in place; returns one dict per epoch (loss, penalty).
 
-    ``penalty(model, loss)`` is added to the loss; ``after_backward(model)`` may rewrite gradients; ``on_step(model, lr)`` runs after each optimizer step;
-    ``on_epoch_end(model, epoch)`` may return a *new* model (e.g. after a reconfiguration), for which
-    the optimizer is rebuilt.
+    ``method`` (a ``compress.stages.Method``) is driven as a user's loop would drive it: its
+    ``penalty()`` is added to the loss, ``after_backward()`` runs before the optimizer step and
+    ``step(lr)`` after it; when ``step`` says the architecture changed, the optimizer (and DDP) are
+    rebuilt around ``method.model``. Its ``parameters()`` (if any) are what the optimizer trains.
     """
     cfg = cfg or TrainConfig()
+    if method is None and masks.has_masks(model):
+        from .stages import KeepMasks
+
+        method = KeepMasks(model)
     rank, world = distributed.rank_world()
     dev = distributed.device_of(model)
     show = (progress if progress is not None else progress_enabled()) and rank == 0
     g = torch.Generator().manual_seed(cfg.seed)
     n = len(data)
-    steps_per_epoch = max(1, math.ceil(n / world / cfg.batch_size))
+    per_epoch = steps_per_epoch(n, cfg.batch_size)
     whole, frac = int(cfg.epochs), cfg.epochs - int(cfg.epochs)
-    total_steps = steps_per_epoch * whole + int(round(steps_per_epoch * frac))
+    total_steps = per_epoch * whole + int(round(per_epoch * frac))
     if total_steps == 0:
         return []
 
@@ -110,66 +140,59 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *,
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.01 + 0.99 * 0.5 * (
             1 + math.cos(math.pi * min(s + offset, total_steps) / total_steps)))
 
-    opt = make_optimizer(params if params is not None else model.parameters(), cfg)
+    def trained_params():
+        own = method.parameters() if method is not None else None
+        return own if own is not None else model.parameters()
+
+    opt = make_optimizer(trained_params(), cfg)
     sched = schedule(opt)
     history, step = [], 0
-    bar = None
-    if show:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+    bar = _Progress(show, total_steps, desc)
     net = distributed.wrap(model)  # DDP under torchrun; gradients are all-reduced in backward
     model.train()
     epoch = 0
-    while step < total_steps:
-        perm = torch.randperm(n, generator=g)
-        if world > 1:  # DistributedSampler-style: same permutation everywhere, padded, strided
-            perm = torch.cat([perm, perm[: (-n) % world]])[rank::world]
-        tot_loss = tot_pen = 0.0
-        count = 0
-        for i in range(steps_per_epoch):
-            if step >= total_steps:
-                break
-            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            if len(idx) == 0:
-                break
-            x, y = data.x[idx], data.y[idx]
-            if cfg.augment:
-                x = random_shift(x, cfg.augment, g)
-            x, y = x.to(dev), y.to(dev)
-            loss = F.cross_entropy(net(x), y)
-            pen = penalty(model, loss) if penalty is not None else None
-            total = loss + pen if pen is not None else loss
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            masks.mask_grads(model)
-            if after_backward is not None:
-                after_backward(model)
-            opt.step()
-            sched.step()
-            masks.enforce(model)
-            if on_step is not None:
-                on_step(model, sched.get_last_lr()[0])
-            step += 1
-            tot_loss += float(loss.detach()) * len(idx)
-            tot_pen += float(pen.detach()) * len(idx) if pen is not None else 0.0
-            count += len(idx)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{tot_loss / count:.3f}", epoch=epoch + 1)
-        distributed.sync_buffers(model)
-        history.append({"epoch": epoch + 1, "loss": tot_loss / max(count, 1), "penalty": tot_pen / max(count, 1)})
-        log.info("%s epoch %d: loss %.4f", desc, epoch + 1, history[-1]["loss"])
-        if on_epoch_end is not None:
-            new = on_epoch_end(model, epoch + 1)
-            if new is not None:
-                model = new  # the architecture changed: new parameters, new optimizer state
-                net = distributed.wrap(model)  # and DDP re-wrapped around the rebuilt model
-                opt = make_optimizer(model.parameters(), cfg)
-                sched = schedule(opt, offset=step)
-            model.train()
-        epoch += 1
-    if bar is not None:
+    try:
+        while step < total_steps:
+            perm = torch.randperm(n, generator=g)
+            if world > 1:  # DistributedSampler-style: same permutation everywhere, padded, strided
+                perm = torch.cat([perm, perm[: (-n) % world]])[rank::world]
+            tot_loss = tot_pen = 0.0
+            count = 0
+            for i in range(per_epoch):
+                if step >= total_steps:
+                    break
+                idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                if len(idx) == 0:
+                    break
+                x, y = data.x[idx], data.y[idx]
+                if cfg.augment:
+                    x = random_shift(x, cfg.augment, g)
+                x, y = x.to(dev), y.to(dev)
+                loss = F.cross_entropy(net(x), y)
+                pen = method.penalty() if method is not None else None
+                total = loss + pen if pen is not None else loss
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                if method is not None:
+                    method.after_backward()
+                opt.step()
+                sched.step()
+                if method is not None and method.step(sched.get_last_lr()[0]):
+                    model = method.model  # the architecture changed: new parameters, new optimizer state
+                    net = distributed.wrap(model)  # and DDP re-wrapped around the rebuilt model
+                    opt = make_optimizer(trained_params(), cfg)
+                    sched = schedule(opt, offset=step + 1)
+                    model.train()
+                step += 1
+                tot_loss += float(loss.detach()) * len(idx)
+                tot_pen += float(pen.detach()) * len(idx) if pen is not None else 0.0
+                count += len(idx)
+                bar.update(f"loss {tot_loss / count:.3f}  epoch {epoch + 1}")
+            distributed.sync_buffers(model)
+            history.append({"epoch": epoch + 1, "loss": tot_loss / max(count, 1), "penalty": tot_pen / max(count, 1)})
+            log.info("%s epoch %d: loss %.4f", desc, epoch + 1, history[-1]["loss"])
+            epoch += 1
+    finally:
         bar.close()
     model.eval()
     return history

@@ -5,6 +5,8 @@ import zlib
 import numpy as np
 import pytest
 import torch
+
+from compress.config import FineTune
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,10 +14,11 @@ from compress.coding import huffman as H
 from compress.coding import streams
 from compress.coding.container import encode_model, load_cpz, save_cpz
 from compress.errors import FormatError
-from compress.io import save_model
+from compress.formats import save_model
 from compress.models import create_model
 from compress.prune import ThresholdConfig, prune_
-from compress.quantize import QuantConfig, codes_of, quantize
+from compress.quant_state import get_state
+from compress.quantize import QuantConfig, quantize
 from tests.helpers import one_line_error
 
 
@@ -123,7 +126,7 @@ def test_gap_fillers_roundtrip(bits, jump):
 def test_container_roundtrip_bit_identical(lenet5_trained, scheme, bits, affine, sparsity):
     m = copy.deepcopy(lenet5_trained)
     if sparsity:
-        prune_(m, ThresholdConfig(sparsity=sparsity, steps=1, epochs=0))
+        prune_(m, ThresholdConfig(sparsity=sparsity, steps=1, finetune=FineTune(epochs=0)))
     quantize(m, QuantConfig(bits=bits, scheme=scheme, symmetric=not affine))
     blob, _ = encode_model(m)
     from compress.coding.container import decode_model
@@ -132,8 +135,8 @@ def test_container_roundtrip_bit_identical(lenet5_trained, scheme, bits, affine,
     x = torch.randn(8, 1, 28, 28)
     assert torch.equal(m(x), d(x))
     for name, mod in d.named_modules():  # decoded model can be re-encoded: its grids travel
-        if hasattr(mod, "compress_quant"):
-            assert torch.equal(codes_of(mod)[0], codes_of(dict(m.named_modules())[name])[0])
+        if get_state(mod) is not None:
+            assert torch.equal(get_state(mod).codes, get_state(dict(m.named_modules())[name]).codes)
 
 
 @pytest.mark.parametrize("name", ["resnet8", "mobilenet_small", "squeezenet_small"])
@@ -161,8 +164,8 @@ def test_int8_size_near_entropy(lenet5_trained):
     value_entropy = code_entropy = 0.0
     for mod in m.modules():
         for pname, t in mod.named_parameters(recurse=False):
-            if pname == "weight" and hasattr(mod, "compress_quant"):
-                c = codes_of(mod)[0].flatten().numpy()
+            if pname == "weight" and get_state(mod) is not None:
+                c = get_state(mod).codes.flatten().numpy()
             else:
                 c = t.detach().flatten().numpy()
             _, cnt = np.unique(c, return_counts=True)
@@ -200,7 +203,7 @@ def _corruptions(blob: bytes):
 
 def test_corrupt_files_rejected_cleanly(tmp_path, cli, lenet5_trained):
     m = copy.deepcopy(lenet5_trained)
-    prune_(m, ThresholdConfig(sparsity=0.8, steps=1, epochs=0))
+    prune_(m, ThresholdConfig(sparsity=0.8, steps=1, finetune=FineTune(epochs=0)))
     quantize(m, QuantConfig(bits=4, scheme="kmeans"))
     save_cpz(m, tmp_path / "good.cpz")
     blob = (tmp_path / "good.cpz").read_bytes()
@@ -243,7 +246,7 @@ def test_encode_decode_cli(tmp_path, cli, lenet5_trained):
     assert "smaller" in res.out and "Huffman gain" in res.out
     res = cli("decode", tmp_path / "q.cpz", "-o", tmp_path / "d.pt")
     assert res.code == 0, res.err
-    from compress.io import load_model
+    from compress.formats import load_model
     assert_identical(m, load_model(tmp_path / "d.pt"))
     rep = cli("report", tmp_path / "q.cpz", "--no-latency", "--json", "-")
     import json

@@ -4,6 +4,8 @@ import socket
 
 import pytest
 import torch
+
+from compress.config import FineTune
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -38,10 +40,10 @@ def _job(method: str, start=None):
     if method == "threshold":
         m = create_model("lenet300", input_size=8)
         m.load_state_dict(torch.load(start, weights_only=True))
-        prune_(m, ThresholdConfig(sparsity=0.8, steps=2, epochs=1, lr=1e-3), tr, va)
+        prune_(m, ThresholdConfig(sparsity=0.8, steps=2, finetune=FineTune(epochs=2, lr=1e-3)), tr, va)
     else:
         m = create_model("resnet8", width=0.5)
-        prune_(m, ChannelUnionConfig(epochs=3, lasso_ratio=1.5, batch_size=16), tr, va, input_shape=(1, 1, 8, 8))
+        prune_(m, ChannelUnionConfig(lasso_ratio=1.5, finetune=FineTune(epochs=3, lr=0.02, optimizer="sgd", batch_size=16, augment=0)), tr, va, input_shape=(1, 1, 8, 8))
     return m, va
 
 
@@ -76,7 +78,7 @@ def test_two_processes_match_one(tmp_path, method):
         assert abs(evaluate(r0, va) - evaluate(single, va)) < 3.0  # accuracy within noise
         assert evaluate(r0, va) > 85
     else:
-        recs = r0.compress_meta["history"][-1]["reconfigurations"]
+        recs = r0.compress_meta["history"][-1]["records"]
         assert len(recs) == 4  # reconfigured under DDP after every epoch, the model rebuilt each time
         assert count_params(r0) < recs[0]["params"]
         assert r0(torch.randn(2, 1, 8, 8)).shape == (2, 10)

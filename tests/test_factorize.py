@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from compress.factorize import FactorizeConfig, choose_rank, factor_layer, factorize
-from compress.io import load_model, save_model
+from compress.formats import load_model, save_model
 from compress.metrics import count_params
 from compress.models import create_model
 

@@ -1,14 +1,15 @@
-"""The hook objects inside a hand-written training loop (as users run their own)."""
+"""The method objects inside a hand-written training loop (as users run their own)."""
 import copy
 
 import torch
 import torch.nn.functional as F
 
 from compress import masks
-from compress.hooks import ChannelUnionPruner, KMeansFinetuner, ThresholdPruner
+from compress.hooks import ChannelUnionPruner, Context, Quantizer, ThresholdPruner
 from compress.metrics import count_params
 from compress.prune import ChannelUnionConfig, ThresholdConfig, sparsity_of
-from compress.quantize import QuantConfig, codes_of
+from compress.quant_state import get_state, quantized_layers
+from compress.quantize import QuantConfig
 
 
 def _batches(ds, bs=32, epochs=1):
@@ -25,8 +26,9 @@ def test_threshold_pruner_in_own_loop(lenet5_trained, mnist_small):
     tr = tr.subset(range(640))
     m = copy.deepcopy(lenet5_trained)
     pruner = ThresholdPruner(m, ThresholdConfig(sparsity=0.9, steps=2), steps_per_round=10)
+    pruner.attach()
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-    for x, y in _batches(tr, epochs=1):  # 20 steps: round 1 at step 0, round 2 at step 10
+    for x, y in _batches(tr, epochs=1):  # 20 steps: round 1 at attach, round 2 at step 10
         loss = F.cross_entropy(m(x), y)
         opt.zero_grad()
         loss.backward()
@@ -35,7 +37,7 @@ def test_threshold_pruner_in_own_loop(lenet5_trained, mnist_small):
         pruner.step()
         zero_now = {n: (p == 0) for n, p in m.named_parameters() if p.dim() > 1}
     assert pruner.round == 2 and masks.has_masks(m)
-    m = pruner.apply()
+    m = pruner.finalize()
     assert not masks.has_masks(m) and abs(sparsity_of(m) - 0.9) < 0.01
     for n, p in m.named_parameters():  # what was pruned in the last round stayed zero
         if n in zero_now:
@@ -49,40 +51,64 @@ def test_channel_union_pruner_reconfigures_and_optimizer_is_rebuilt():
     torch.manual_seed(0)
     m = create_model("resnet8", width=0.5)
     p0 = count_params(m)
-    pruner = ChannelUnionPruner(m, ChannelUnionConfig(lasso_ratio=3.0), (1, 1, 8, 8), interval=20)
+    pruner = ChannelUnionPruner(m, ChannelUnionConfig(lasso_ratio=0.1), Context(input_shape=(1, 1, 8, 8)),
+                                interval=20, num_classes=10)
+    pruner.attach()
     opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
     changed = 0
     for x, y in _batches(ds, bs=16, epochs=2):
         loss = F.cross_entropy(m(x), y)
+        assert pruner.penalty() is None  # the proximal step is the penalty
         opt.zero_grad()
         loss.backward()
         opt.step()
         if pruner.step(lr=0.05):
             changed += 1
-            opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)  # new parameters
-    assert changed >= 1 and count_params(pruner.apply()) < p0
+            opt = torch.optim.SGD(pruner.model.parameters(), lr=0.05, momentum=0.9)  # new parameters
+    assert changed >= 1 and count_params(pruner.finalize()) < p0
     assert m(torch.randn(2, 1, 8, 8)).shape == (2, 10)
-    assert float(pruner.penalty()) >= 0
+    # BatchNorm statistics were re-estimated on the last batch before each reconfiguration, as the
+    # library's loop does on its training data: eval-mode accuracy is far above chance (without the
+    # re-estimation, the lagging statistics left this very run at 10%)
+    m.eval()
+    with torch.no_grad():
+        acc = float((m(ds.x).argmax(1) == ds.y).float().mean())
+    assert acc > 0.5
 
 
-def test_kmeans_finetuner_in_own_loop(lenet5_trained, mnist_small):
+def test_library_and_own_loop_share_the_method(lenet5_trained, mnist_small):
+    """The library's `prune_` drives the very ThresholdPruner a user's loop drives: same masks."""
+    from compress.stages import prune_
+    from compress.config import FineTune
+    a, b = copy.deepcopy(lenet5_trained), copy.deepcopy(lenet5_trained)
+    cfg = ThresholdConfig(sparsity=0.8, steps=2, finetune=FineTune(epochs=0))
+    prune_(a, cfg)
+    p = ThresholdPruner(b, cfg, steps_per_round=1)
+    p.attach()
+    p.step()
+    p.finalize()
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa == 0, pb == 0), n
+
+
+def test_kmeans_quantizer_in_own_loop(lenet5_trained, mnist_small):
     tr, _ = mnist_small
     m = copy.deepcopy(lenet5_trained)
-    ft = KMeansFinetuner(m, QuantConfig(bits=3, scheme="kmeans"))
-    before = {n: mod.compress_quant["codebook"].clone() for n, mod in m.named_modules()
-              if hasattr(mod, "compress_quant")}
-    opt = torch.optim.Adam(ft.parameters(), lr=1e-3)
+    q = Quantizer(m, QuantConfig(bits=3, scheme="kmeans"))
+    q.attach()
+    before = {n: s.codebook.clone() for n, _, s in quantized_layers(m)}
+    opt = torch.optim.Adam(q.parameters(), lr=1e-3)
     for x, y in _batches(tr.subset(range(320))):
         loss = F.cross_entropy(m(x), y)
         opt.zero_grad()
         loss.backward()
-        ft.after_backward()
+        q.after_backward()
         opt.step()
-        ft.step()
-    m = ft.apply()
+        q.step()
+    m = q.finalize()
     moved = False
-    for n, mod in m.named_modules():
-        if hasattr(mod, "compress_quant"):
-            codes_of(mod)  # still exactly on its (trained) codebook
-            moved |= not torch.equal(mod.compress_quant["codebook"], before[n])
-    assert moved
+    for n, mod, state in quantized_layers(m):
+        state.check(mod.weight, n)  # still exactly on its (trained) codebook
+        assert torch.all(state.codebook[1:] >= state.codebook[:-1])  # sorted, the container's order
+        moved |= not torch.equal(state.codebook, before[n])
+    assert moved and get_state(m.fc1).bits == 3

@@ -7,7 +7,7 @@ import torch
 
 import compress
 from compress.errors import InputError, OutputExistsError, UntrustedPickleError, UsageError
-from compress.io import load_model, save_model
+from compress.formats import load_model, save_model
 from compress.models.lenet import LeNet5
 
 from compress.report import model_report

@@ -3,6 +3,8 @@ import copy
 import pytest
 import torch
 
+from compress.config import FineTune
+
 from compress import data as data_mod
 from compress import masks
 from compress.metrics import count_macs, count_nonzero, count_params
@@ -32,7 +34,7 @@ def test_threshold_reaches_sparsity_and_masks_hold(lenet5_trained, mnist_small):
     tr, va = mnist_small
     m = copy.deepcopy(lenet5_trained)
     before = evaluate(m, va)
-    threshold(m, 0.9, train_data=tr.subset(range(600)), steps=2, epochs=0.5)
+    threshold(m, 0.9, train_data=tr.subset(range(600)), steps=2, finetune=FineTune(epochs=1.0))
     assert abs(sparsity_of(m) - 0.9) < 0.01
     assert count_params(m) / count_nonzero(m) > 8
     assert not masks.has_masks(m) and "_compress_mask" not in str(m.__dict__.keys())
@@ -42,7 +44,7 @@ def test_threshold_reaches_sparsity_and_masks_hold(lenet5_trained, mnist_small):
 def test_masks_hold_through_training(lenet5_trained, mnist_small):
     tr, _ = mnist_small
     m = copy.deepcopy(lenet5_trained)
-    cfg = ThresholdConfig(sparsity=0.8, steps=1, epochs=0)
+    cfg = ThresholdConfig(sparsity=0.8, steps=1, finetune=FineTune(epochs=0))
     prune_(m, cfg)
     zeros = {n: (p == 0) for n, p in m.named_parameters() if p.dim() > 1}
     # re-attach masks and train hard: pruned weights (and their grads / Adam state) stay zero
@@ -59,18 +61,18 @@ def test_masks_hold_through_training(lenet5_trained, mnist_small):
 
 def test_first_and_last_layers_pruned_less(lenet5_trained):
     m = copy.deepcopy(lenet5_trained)
-    prune_(m, ThresholdConfig(sparsity=0.9, steps=1, epochs=0))
+    prune_(m, ThresholdConfig(sparsity=0.9, steps=1, finetune=FineTune(epochs=0)))
     sp = {n: float((mod.weight == 0).float().mean()) for n, mod in m.named_modules() if hasattr(mod, "weight")}
     assert sp["conv1"] < sp["fc1"] and sp["fc2"] < sp["fc1"]
 
 
 def test_quality_and_per_type_sparsity(lenet5_trained):
     m = copy.deepcopy(lenet5_trained)
-    prune_(m, ThresholdConfig(sparsity={"conv": 0.5, "linear": 0.95}, steps=1, epochs=0))
+    prune_(m, ThresholdConfig(sparsity={"conv": 0.5, "linear": 0.95}, steps=1, finetune=FineTune(epochs=0)))
     assert abs(float((m.fc1.weight == 0).float().mean()) - 0.95) < 0.01
     assert abs(float((m.conv2.weight == 0).float().mean()) - 0.5) < 0.01
     q = copy.deepcopy(lenet5_trained)
-    prune_(q, ThresholdConfig(quality=1.0, steps=1, epochs=0, first_last_factor=1.0))
+    prune_(q, ThresholdConfig(quality=1.0, steps=1, finetune=FineTune(epochs=0), first_last_factor=1.0))
     w = lenet5_trained.fc1.weight
     expected = float((w.abs() <= w.std()).float().mean())
     assert abs(float((q.fc1.weight == 0).float().mean()) - expected) < 1e-3
@@ -83,12 +85,33 @@ def test_config_validation():
         ThresholdConfig(sparsity=1.5)
     with pytest.raises(ValueError):
         L1FilterConfig(ratio=1.2)
-    d = ThresholdConfig(sparsity=0.9).to_dict()
-    assert d["type"] == "ThresholdConfig" and d["version"] == 1
-    from compress.config import Config
-    assert Config.from_dict(d) == ThresholdConfig(sparsity=0.9)
-    with pytest.raises(TypeError, match="known configs"):
-        prune_(torch.nn.Linear(2, 2), TrainConfig())
+    from compress.config import CONFIG_VERSION, Config
+    cfg = ThresholdConfig(sparsity=0.9, finetune=FineTune(epochs=2, lr=3e-3))
+    d = cfg.to_dict()
+    assert d["type"] == "ThresholdConfig" and d["version"] == CONFIG_VERSION
+    assert Config.from_dict(d) == cfg  # the parts travel as tables
+    with pytest.raises(ValueError, match="newer"):
+        Config.from_dict({**d, "version": CONFIG_VERSION + 1})
+
+
+def test_each_verb_refuses_another_verbs_config():
+    from compress import UsageError
+    from compress.factorize import FactorizeConfig
+    from compress.quantize import QuantConfig
+    from compress.stages import factorize_, quantize_
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    w = m[0].weight.detach().clone()
+    with pytest.raises(UsageError, match="QuantConfig belongs to quantize_"):
+        prune_(m, QuantConfig(bits=4))
+    with pytest.raises(UsageError, match="ThresholdConfig belongs to prune_"):
+        quantize_(m, ThresholdConfig(sparsity=0.5))
+    with pytest.raises(UsageError, match="L1FilterConfig belongs to prune_"):
+        factorize_(m, L1FilterConfig())
+    with pytest.raises(UsageError, match="FactorizeConfig belongs to factorize_"):
+        prune_(m, FactorizeConfig(rank=2))
+    with pytest.raises(UsageError, match="takes a config"):
+        prune_(m, TrainConfig())
+    assert torch.equal(m[0].weight, w)  # nothing was changed
 
 
 # ---------------------------------------------------------------- l1-filter
@@ -185,8 +208,9 @@ def test_channel_union_trains_and_shrinks(resnet8_trained, small32):
     tr, va = small32
     m = copy.deepcopy(resnet8_trained)
     p0 = count_params(m)
-    channel_union(m, train_data=tr, val_data=va, epochs=3, lasso_ratio=1.5, batch_size=16)
-    recs = m.compress_meta["history"][-1]["reconfigurations"]
+    channel_union(m, train_data=tr, val_data=va, lasso_ratio=1.5,
+                  finetune=FineTune(epochs=3, lr=0.02, optimizer="sgd", batch_size=16, augment=0))
+    recs = m.compress_meta["history"][-1]["records"]
     assert len(recs) == 4 and recs[0]["params"] == p0
     assert count_params(m) < p0
     assert m(torch.randn(2, 1, 32, 32)).shape == (2, 10)
@@ -194,7 +218,7 @@ def test_channel_union_trains_and_shrinks(resnet8_trained, small32):
 
 # ---------------------------------------------------------------- CLI
 def test_prune_cli_threshold(tmp_path, cli, lenet5_trained):
-    from compress.io import save_model
+    from compress.formats import save_model
     src = tmp_path / "m.pt"
     save_model(copy.deepcopy(lenet5_trained), src)
     res = cli("prune", src, "--method", "threshold", "--sparsity", "0.8", "--train-data", "mnist5k?limit=300",
@@ -203,7 +227,7 @@ def test_prune_cli_threshold(tmp_path, cli, lenet5_trained):
     assert "before / after" in res.out and "nonzeros" in res.out
     for f in ("report.json", "report.md", "report.html", "layers.png", "weight_histograms.png"):
         assert (tmp_path / "rep" / f).exists()
-    from compress.io import load_model
+    from compress.formats import load_model
     p = load_model(tmp_path / "p.pt")
     assert 0.75 < sparsity_of(p) < 0.85
     # the input is never overwritten without --force
@@ -212,7 +236,8 @@ def test_prune_cli_threshold(tmp_path, cli, lenet5_trained):
 
 
 def test_prune_cli_l1_sensitivity(tmp_path, cli, resnet8_trained):
-    from compress.io import save_model, set_meta
+    from compress.formats import save_model
+    from compress.meta import set_meta
     m = copy.deepcopy(resnet8_trained)
     set_meta(m, input_shape=[1, 1, 32, 32])
     save_model(m, tmp_path / "r.pt")
@@ -224,7 +249,8 @@ def test_prune_cli_l1_sensitivity(tmp_path, cli, resnet8_trained):
 
 
 def test_prune_cli_channel_union_uses_library_defaults(tmp_path, cli):
-    from compress.io import load_model, save_model, set_meta
+    from compress.formats import load_model, save_model
+    from compress.meta import set_meta
     torch.manual_seed(0)
     m = create_model("resnet8", width=0.5)
     set_meta(m, input_shape=[1, 1, 8, 8])
@@ -233,6 +259,6 @@ def test_prune_cli_channel_union_uses_library_defaults(tmp_path, cli):
               "-o", tmp_path / "cu.pt")
     assert res.code == 0, res.err
     hist = load_model(tmp_path / "cu.pt").compress_meta["history"]
-    cfg = [h for h in hist if h.get("stage") == "prune/channel-union"][0]["config"]
-    assert cfg["lasso_ratio"] == ChannelUnionConfig().lasso_ratio and cfg["epochs"] == 1
+    cfg = [h for h in hist if h.get("stage") == "channel-union"][0]["config"]
+    assert cfg["lasso_ratio"] == ChannelUnionConfig().lasso_ratio and cfg["finetune"]["epochs"] == 1
     assert "reconfiguration after epoch 1" in res.err

@@ -3,25 +3,29 @@ import copy
 import numpy as np
 import pytest
 import torch
+
+from compress.config import FineTune
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compress.io import load_model, save_model
+from compress.formats import load_model, save_model
 from compress.models import create_model
 from compress.prune import ThresholdConfig, prune_
-from compress.quantize import QuantConfig, codes_of, quantize
-from compress.quantize import packing
+from compress.quant_state import get_state
+from compress.quantize import QuantConfig, quantize
+from compress.coding import packing
 from compress.train import evaluate
 
 
 def _grid_ok(m):
-    for _, mod in m.named_modules():
-        if hasattr(mod, "compress_quant"):
-            codes, info = codes_of(mod)  # raises if a weight is off its grid
-            if "codebook" in info:
-                assert len(torch.unique(mod.weight[mod.weight != 0])) <= 2 ** info["bits"]
+    for name, mod in m.named_modules():
+        state = get_state(mod)
+        if state is not None:
+            state.check(mod.weight, name)  # raises if a weight is off its grid
+            if state.is_codebook:
+                assert len(torch.unique(mod.weight[mod.weight != 0])) <= 2 ** state.bits
             else:
-                assert int(codes.min()) >= 0 and int(codes.max()) < 2 ** info["bits"]
+                assert int(state.codes.min()) >= 0 and int(state.codes.max()) < 2 ** state.bits
 
 
 @pytest.mark.parametrize("scheme", ["minmax", "mmse", "kmeans"])
@@ -55,7 +59,7 @@ def test_int8_keeps_accuracy(lenet5_trained, mnist_small):
 
 def test_zeros_stay_zero(lenet5_trained):
     m = copy.deepcopy(lenet5_trained)
-    prune_(m, ThresholdConfig(sparsity=0.9, steps=1, epochs=0))
+    prune_(m, ThresholdConfig(sparsity=0.9, steps=1, finetune=FineTune(epochs=0)))
     zeros = {n: p == 0 for n, p in m.named_parameters() if p.dim() > 1}
     for scheme in ("minmax", "mmse", "kmeans"):
         q = copy.deepcopy(m)
@@ -68,10 +72,10 @@ def test_zeros_stay_zero(lenet5_trained):
 def test_kmeans_centroid_finetune_keeps_sharing(lenet5_trained, mnist_small):
     tr, va = mnist_small
     m = copy.deepcopy(lenet5_trained)
-    prune_(m, ThresholdConfig(sparsity=0.8, steps=1, epochs=0))
+    prune_(m, ThresholdConfig(sparsity=0.8, steps=1, finetune=FineTune(epochs=0)))
     nz = int(torch.count_nonzero(m.fc1.weight))
     before = {n: p.clone() for n, p in m.named_parameters()}
-    quantize(m, QuantConfig(bits=3, scheme="kmeans", epochs=0.5, lr=1e-3), train_data=tr.subset(range(500)))
+    quantize(m, QuantConfig(bits=3, scheme="kmeans", finetune=FineTune(epochs=0.5, lr=1e-3)), train_data=tr.subset(range(500)))
     _grid_ok(m)
     assert int(torch.count_nonzero(m.fc1.weight)) == nz  # sparsity kept through centroid training
     assert torch.equal(m.fc1.bias, before["fc1.bias"])  # only centroids train
@@ -83,9 +87,8 @@ def test_quantized_model_saves_and_codes_survive(tmp_path, lenet5_trained):
     quantize(m, QuantConfig(bits=4, scheme="mmse"))
     save_model(m, tmp_path / "q.pt")
     again = load_model(tmp_path / "q.pt")  # no --trust-pickle needed
-    c1, _ = codes_of(m.fc1)
-    c2, _ = codes_of(again.fc1)
-    assert torch.equal(c1, c2)
+    assert torch.equal(get_state(m.fc1).codes, get_state(again.fc1).codes)
+    get_state(again.fc1).check(again.fc1.weight)
 
 
 @settings(max_examples=60, deadline=None)

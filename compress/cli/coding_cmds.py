@@ -18,7 +18,7 @@ def encode(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: 
         compress encode lenet5-int4.pt -o lenet5.cpz
     """
     from ..coding.container import save_cpz, tensor_row
-    from ..io import load_model
+    from ..formats import load_model
     from ..metrics import count_params
 
     check_output(model, output, force)
@@ -45,7 +45,7 @@ def decode(cpz: ModelArg, output: OutOpt, force: ForceOpt = False):
         compress decode lenet5.cpz -o lenet5-decoded.pt
     """
     from ..coding.container import load_cpz
-    from ..io import save_model
+    from ..formats import save_model
 
     check_output(cpz, output, force)
     m = load_cpz(cpz)

@@ -35,14 +35,33 @@ TrainDataOpt = Annotated[Optional[str], typer.Option("--train-data", help="Fine-
                                                      "(see --data); 10% is held out for validation.")]
 TestDataOpt = Annotated[Optional[str], typer.Option("--test-data", help="Extra held-out data to report "
                                                     "accuracy on (e.g. ../shared/data/mnist).")]
-EpochsOpt = Annotated[float, typer.Option("--epochs", help="Fine-tuning epochs (0: none).")]
-LrOpt = Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate.")]
+EpochsOpt = Annotated[Optional[float], typer.Option("--epochs", help="Total fine-tuning epochs of the stage "
+                                                   "(0: none; default: the method's).", show_default=False)]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Fine-tuning learning rate (default: the method's).",
+                                                show_default=False)]
+LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="Only these layers: comma-separated glob "
+                                                  "patterns of layer names (fc*,layer3.*).")]
+ExcludeOpt = Annotated[Optional[str], typer.Option("--exclude", help="Leave these layers alone: comma-separated "
+                                                   "glob patterns.")]
 InputShapeOpt = Annotated[Optional[str], typer.Option("--input-shape", help="Input shape, e.g. 1,1,28,28.")]
 JsonOpt = Annotated[Optional[str], typer.Option("--json", help="Also write the result as JSON to this file "
                                                 "('-' for stdout).")]
 ReportOpt = Annotated[Optional[str], typer.Option("--report", help="Write JSON, Markdown, HTML and plots "
                                                   "to this folder.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    """'1,1,28,28' (or 1x1x28x28) -> (1, 1, 28, 28); the batch dimension is always 1."""
+    if not text:
+        return None
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+    except ValueError as e:
+        raise UsageError(f"--input-shape {text!r} must look like 1,1,28,28") from e
+    if not 2 <= len(shape) <= 5 or any(s < 1 for s in shape):
+        raise UsageError(f"--input-shape {text!r} must look like 1,1,28,28")
+    return (1,) + shape[1:]
 
 
 def make_config(cls, **kw):
@@ -102,7 +121,7 @@ def _ratio(k, b, a) -> str:
 
 
 def emit_json(obj: Any, dest: Optional[str], force: bool = False) -> None:
-    from ..io import write_text
+    from ..fileio import write_text
 
     text = json.dumps(obj, indent=2, default=_json_default)
     if dest == "-":

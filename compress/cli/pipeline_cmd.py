@@ -1,6 +1,8 @@
 """``compress pipeline``: Deep Compression end to end under an accuracy budget."""
 from __future__ import annotations
 
+import copy
+
 from typing import Annotated, Optional
 
 import typer
@@ -8,15 +10,19 @@ import typer
 from . import app
 from .common import (ArchOpt, ForceOpt, InputShapeOpt, JsonOpt, ModelArg, OutOpt, ReportOpt, TestDataOpt,
                      TrustOpt, emit_json, err, out, table)
-from .stage import check_output
+from .stage import load_inputs
 
 
 @app.command()
 def pipeline(model: ModelArg, output: OutOpt,
              train_data: Annotated[str, typer.Option("--train-data", help="Fine-tuning data; 10% is held "
                                                      "out to measure the accuracy budget.")],
-             max_accuracy_drop: Annotated[float, typer.Option("--max-accuracy-drop", help="Budget in accuracy "
-                                                              "points on the held-out split.")] = 0.5,
+             max_accuracy_drop: Annotated[Optional[float], typer.Option(
+                 "--max-accuracy-drop", min=0.0, max=100.0, help="Budget in accuracy points on the validation "
+                 "data (default: the recipe's, else 0.5).", show_default=False)] = None,
+             val_data: Annotated[Optional[str], typer.Option("--val-data", help="Validation data the model was "
+                                                            "not trained on; default: 10% held out of "
+                                                            "--train-data.")] = None,
              recipe: Annotated[Optional[str], typer.Option("--recipe", help="TOML recipe (see docs/recipes); "
                                                            "default: Deep Compression.")] = None,
              arch: ArchOpt = None, trust_pickle: TrustOpt = False, test_data: TestDataOpt = None,
@@ -31,69 +37,57 @@ def pipeline(model: ModelArg, output: OutOpt,
 
         compress pipeline r20.pt --train-data "mnist5k?size=32" --recipe docs/recipes/structured.toml -o r20.cpz
     """
-    import copy
-
     from .. import data as data_mod
-    from ..coding.container import save_cpz
-    from ..io import load_model
-    from ..metrics import input_shape_of
-    from ..pipeline import load_recipe, pipeline as run
-    from ..train import evaluate
+    from ..formats import save_model
+    from ..pipeline import pipeline as run
+    from ..recipe import Recipe
 
-    check_output(model, output, force)
-    rec = load_recipe(recipe) if recipe else None
-    m = load_model(model, arch=arch, trust_pickle=trust_pickle)
+    rec = Recipe.load(recipe) if recipe else None
+    inp = load_inputs(model, output, force, arch, trust_pickle, None, test_data, input_shape)
     ds = data_mod.load(train_data)
-    data_mod.check_fits(m, ds)
-    test = data_mod.load(test_data) if test_data else None
-    shape = input_shape_of(m, ds, input_shape)
-    original = copy.deepcopy(m)
-
-    def on_event(kind, **kw):
-        if kind == "start":
-            err.print(f"validation accuracy {kw['accuracy']:.2f}%, budget {kw['budget']} pt, "
-                      f"dense {kw['bytes']:,} bytes")
-        elif kind == "candidate":
-            mark = "ok" if kw["within_budget"] else "over budget"
-            opts = {k: v for k, v in kw["options"].items() if k in ("sparsity", "bits", "ratio", "energy", "lasso_ratio")}
-            err.print(f"  {kw['stage']} {kw['index']}/{kw['of']} {opts}: accuracy {kw['accuracy']:.2f}% "
-                      f"({-kw['drop']:+.2f} ± {kw['se']:.2f} pt), {kw['bytes']:,} bytes ({mark})")
-        elif kind == "skipped":
-            err.print(f"  {kw['stage']}: no candidate within budget; stage skipped")
-
-    from ..io import get_meta
-    from ..pipeline import DEFAULT_RECIPE
-
-    rec = dict(rec or DEFAULT_RECIPE)
-    trained_vf = get_meta(m).get("val_fraction")
-    if trained_vf and "val_fraction" not in (rec if recipe else {}):
-        rec["val_fraction"] = trained_vf  # hold out exactly what the model was not trained on
-    m, summary = run(m, ds, rec, max_accuracy_drop, shape, on_event=on_event)
-    stats = save_cpz(m, output, force=force)
-    summary["cpz_bytes"] = stats["file_bytes"]
-    summary["ratio"] = round(summary["dense_bytes"] / stats["file_bytes"], 2)
-    if test is not None:
-        summary["test_accuracy_before"] = round(evaluate(original, test), 3)
-        summary["test_accuracy_after"] = round(evaluate(m, test), 3)
+    data_mod.check_fits(inp.model, ds)
+    val = data_mod.load(val_data) if val_data else None
+    if val is not None:
+        data_mod.check_fits(inp.model, val)
+    original = copy.deepcopy(inp.model)
+    m, summary = run(inp.model, ds, rec, max_accuracy_drop, inp.input_shape, on_event=_show_event, val_data=val,
+                     test_data=inp.test)
+    m = m.cpu()
+    save_model(m, output, force=force)  # the same bytes the summary counted
     rows = [[t["stage"], t["bytes"], f"{summary['dense_bytes'] / t['bytes']:.1f}x", t["nonzeros"], t["accuracy"]]
             for t in summary["timeline"]]
-    out.print(table(f"pipeline -> {output} (accuracy on the held-out split)",
-                    ["stage", "bytes", "ratio", "nonzeros", "accuracy %"], rows))
+    out.print(table(f"pipeline -> {output} (validation accuracy)", ["stage", "bytes", "ratio", "nonzeros",
+                                                                     "accuracy %"], rows))
     for s in summary["stages"]:
         kept = s["kept"]
-        what = "nothing (skipped)" if not kept else {k: v for k, v in kept["options"].items()
-                                                     if k in ("sparsity", "bits", "ratio", "energy", "lasso_ratio")}
+        what = "nothing (skipped)" if not kept else _options(kept["options"])
         out.print(f"{s['stage']}: kept {what} after {len(s['tried'])} candidate(s), {s['seconds']:.0f}s")
-    line = f"[bold]{summary['ratio']:.1f}x smaller[/bold] than dense FP32 ({stats['file_bytes']:,} bytes), " \
+    line = f"[bold]{summary['ratio']:.1f}x smaller[/bold] than dense FP32 ({summary['cpz_bytes']:,} bytes), " \
            f"validation accuracy {summary['base_accuracy']:.2f}% -> {summary['final_accuracy']:.2f}%"
-    if test is not None:
+    if inp.test is not None:
         line += f"; test {summary['test_accuracy_before']:.2f}% -> {summary['test_accuracy_after']:.2f}%"
     out.print(line)
     if report:
         from ..report.render import render_pipeline_report
 
-        paths = render_pipeline_report(summary, original, m, shape, report, force=force)
+        paths = render_pipeline_report(summary, original, m, tuple(summary["input_shape"]), report, force=force)
         err.print(f"report written to {paths['html']}")
     err.print(f"wrote {output}")
     if json_out:
         emit_json(summary, json_out, force)
+
+
+def _options(opts: dict) -> dict:
+    """The options worth showing of a candidate: its search key and the bits/sparsity it set."""
+    return {k: v for k, v in opts.items() if k in ("sparsity", "bits", "ratio", "energy", "lasso_ratio")}
+
+
+def _show_event(kind, **kw):
+    if kind == "start":
+        err.print(f"validation accuracy {kw['accuracy']:.2f}%, budget {kw['budget']} pt, dense {kw['bytes']:,} bytes")
+    elif kind == "candidate":
+        mark = "ok" if kw["within_budget"] else "over budget"
+        err.print(f"  {kw['stage']} {kw['index']}/{kw['of']} {_options(kw['options'])}: accuracy {kw['accuracy']:.2f}% "
+                  f"({-kw['drop']:+.2f} ± {kw['se']:.2f} pt), {kw['bytes']:,} bytes ({mark})")
+    elif kind == "skipped":
+        err.print(f"  {kw['stage']}: no candidate within budget; stage skipped")

@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import (ArchOpt, EpochsOpt, ForceOpt, InputShapeOpt, JsonOpt, ModelArg, OutOpt, ReportOpt,
-                     TestDataOpt, TrainDataOpt, TrustOpt, err, make_config, out, table)
-from .stage import finish, parse_mapping, start
+from .common import (ArchOpt, EpochsOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, LrOpt, ModelArg,
+                     OutOpt, ReportOpt, TestDataOpt, TrainDataOpt, TrustOpt, err, make_config, out, table)
+from .stage import load_inputs, parse_mapping, patterns, run_command
 
 
 class Method(str, Enum):
@@ -23,13 +23,13 @@ class Method(str, Enum):
 def prune(model: ModelArg, output: OutOpt,
           method: Annotated[Method, typer.Option("--method", "-m", help="Pruning method.")] = Method.threshold,
           arch: ArchOpt = None, trust_pickle: TrustOpt = False, train_data: TrainDataOpt = None,
-          test_data: TestDataOpt = None, epochs: EpochsOpt = 0.0,
-          lr: Annotated[Optional[float], typer.Option("--lr", help="Fine-tuning learning rate.")] = None,
+          test_data: TestDataOpt = None, epochs: EpochsOpt = None, lr: LrOpt = None,
+          layers: LayersOpt = None, exclude: ExcludeOpt = None,
           sparsity: Annotated[Optional[str], typer.Option(
               "--sparsity", help="threshold: target sparsity, global (0.92) or per layer/type (conv=0.6,linear=0.95).")] = None,
           quality: Annotated[Optional[str], typer.Option(
               "--quality", help="threshold: threshold = quality x std of each layer (instead of --sparsity).")] = None,
-          steps: Annotated[int, typer.Option("--steps", help="threshold: pruning rounds (--epochs split over them).")] = 3,
+          steps: Annotated[int, typer.Option("--steps", min=1, help="threshold: pruning rounds (--epochs split over them).")] = 3,
           ratio: Annotated[str, typer.Option(
               "--ratio", help="l1-filter: fraction (0.5) or count (8) of filters per group, or per layer "
                               "(layer1.0.conv1=0.3,_default=0.5).")] = "0.5",
@@ -54,55 +54,42 @@ def prune(model: ModelArg, output: OutOpt,
 
         compress prune resnet20.pt --method channel-union --train-data "mnist5k?size=32" --epochs 4 -o r20-cu.pt
     """
-    from ..io import get_meta
-    from ..prune import ChannelUnionConfig, L1FilterConfig, ThresholdConfig, prune_
+    from ..config import FineTune, Select
+    from ..prune import ChannelUnionConfig, L1FilterConfig, ThresholdConfig
 
-    needs_train = method == Method.channel_union or epochs > 0 or (sensitivity and method == Method.l1_filter)
-    st = start(model, output, force, arch, trust_pickle, train_data, test_data, input_shape, need_train=needs_train)
-    extra = {}
+    needs_train = method == Method.channel_union or bool(epochs) or (sensitivity and method == Method.l1_filter)
+    inp = load_inputs(model, output, force, arch, trust_pickle, train_data, test_data, input_shape,
+                      need_train=needs_train)
+    extra: dict = {}
     if method == Method.threshold:
+        cls, opts = ThresholdConfig, {"sparsity": parse_mapping(sparsity, "--sparsity"),
+                                      "quality": parse_mapping(quality, "--quality"), "steps": steps}
         if sparsity is None and quality is None:
-            sparsity = "0.9"
-        cfg = make_config(ThresholdConfig, sparsity=parse_mapping(sparsity, "--sparsity"),
-                          quality=parse_mapping(quality, "--quality"), steps=steps, epochs=epochs / steps,
-                          lr=lr or 1e-3, augment=int(get_meta(st.model).get("augment", 0)))
-        rounds = []
-
-        def on_round(m, k):
-            from ..prune import sparsity_of
-            from ..train import evaluate
-
-            rec = {"round": k, "sparsity": round(sparsity_of(m), 4)}
-            if st.val is not None:
-                rec["accuracy"] = round(evaluate(m, st.val), 3)
-            rounds.append(rec)
-            err.print(f"round {k}/{steps}: sparsity {rec['sparsity']:.2%}"
-                      + (f", accuracy {rec['accuracy']:.2f}%" if "accuracy" in rec else ""))
-
-        prune_(st.model, cfg, st.train, st.val, on_round=on_round)
-        extra["rounds"] = rounds
+            opts["sparsity"] = 0.9
     elif method == Method.l1_filter:
         r = parse_mapping(ratio, "--ratio", cast=_num)
         if sensitivity:
-            r = _sensitivity(st, report or str(Path(output).with_suffix("")) + "-sensitivity", budget, r, extra, force)
-        cfg = make_config(L1FilterConfig, ratio=r, epochs=epochs, lr=lr or 1e-3)
-        prune_(st.model, cfg, st.train, st.val, input_shape=st.input_shape)
+            r = _sensitivity(inp, report or str(Path(output).with_suffix("")) + "-sensitivity", budget, r, extra)
+        cls, opts = L1FilterConfig, {"ratio": r}
     else:
-        opts = {"lasso_ratio": lasso_ratio, "lr": lr, "epochs": epochs or None}
-        cfg = make_config(ChannelUnionConfig, reconfig_interval=reconfig_interval,
-                          **{k: v for k, v in opts.items() if v is not None})
+        cls, opts = ChannelUnionConfig, {"reconfig_interval": reconfig_interval}
+        if lasso_ratio is not None:
+            opts["lasso_ratio"] = lasso_ratio
+    base = cls.__dataclass_fields__["finetune"].default_factory()
+    ft = make_config(FineTune, **{**base.__dict__, **{k: v for k, v in (("epochs", epochs), ("lr", lr))
+                                                      if v is not None}})
+    sel = make_config(Select, names=patterns(layers), exclude=patterns(exclude))
+    cfg = make_config(cls, **opts, finetune=ft, select=sel)
+    run_command("prune", cfg, inp, output, force, report, json_out, on_event=_show_progress, extra=extra)
 
-        def on_reconfig(rec):
-            err.print(f"reconfiguration after epoch {rec['epoch']}: params {rec['params']:,}, MACs {rec['macs']:,}"
-                      + (f", accuracy {rec['accuracy']:.2f}%" if "accuracy" in rec else ""))
 
-        prune_(st.model, cfg, st.train, st.val, input_shape=st.input_shape, on_reconfig=on_reconfig)
-        extra["reconfigurations"] = st.model.compress_meta["history"][-1]["reconfigurations"]
-    result = finish(st, st.model, output, force, f"prune/{method.value}", cfg, report, extra)
-    if json_out:
-        from .common import emit_json
-
-        emit_json(result, json_out, force)
+def _show_progress(kind: str, rec: dict) -> None:
+    acc = f", accuracy {rec['accuracy']:.2f}%" if "accuracy" in rec else ""
+    if kind == "round":
+        err.print(f"round {rec['round']}/{rec['of']}: sparsity {rec['sparsity']:.2%}{acc}")
+    elif kind == "reconfigure":
+        when = f"after epoch {rec['epoch']:g}" if "epoch" in rec else f"at step {rec['step']}"
+        err.print(f"reconfiguration {when}: params {rec['params']:,}, MACs {rec['macs']:,}{acc}")
 
 
 def _num(v: str):
@@ -110,13 +97,13 @@ def _num(v: str):
     return int(v) if v.isdigit() else float(v)
 
 
-def _sensitivity(st, folder, budget, ratio, extra, force):
-    from ..io import write_text
+def _sensitivity(inp, folder, budget, ratio, extra):
+    from ..fileio import write_text
     from ..prune import plot_sensitivity, ratios_for_budget, sensitivity as run_sens
 
-    if st.val is None:
+    if inp.val is None:
         raise typer.BadParameter("--sensitivity needs --train-data (accuracy is measured on its held-out 10%)")
-    sens = run_sens(st.model, st.val, input_shape=st.input_shape)
+    sens = run_sens(inp.model, inp.val, input_shape=inp.input_shape)
     rs = sens["ratios"]
     out.print(table(f"sensitivity (baseline {sens['baseline']:.2f}%)", ["layer", "channels", *[f"{r:.0%}" for r in rs]],
                     [[n, row["channels"], *[row["accuracy"][r] for r in rs]] for n, row in sens["layers"].items()]))

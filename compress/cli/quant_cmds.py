@@ -1,27 +1,35 @@
 """``compress quantize`` and ``compress export``."""
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
 
 from . import app
-from .common import (ArchOpt, DataOpt, EpochsOpt, ForceOpt, InputShapeOpt, JsonOpt, ModelArg, OutOpt, ReportOpt,
-                     TestDataOpt, TrainDataOpt, TrustOpt, emit_json, err, make_config, out, table)
-from .stage import check_output, finish, parse_mapping, start
+from .common import (ArchOpt, DataOpt, EpochsOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, LrOpt,
+                     ModelArg, OutOpt, ReportOpt, TestDataOpt, TrainDataOpt, TrustOpt, emit_json, err, make_config,
+                     out, parse_shape, table)
+from .stage import check_output, load_inputs, parse_mapping, patterns, run_command
+
+
+class Scheme(str, Enum):
+    minmax = "minmax"
+    mmse = "mmse"
+    kmeans = "kmeans"
 
 
 @app.command()
 def quantize(model: ModelArg, output: OutOpt,
              bits: Annotated[str, typer.Option("--bits", help="Bits per weight (2..8), or per layer/type: "
                                                "conv=8,linear=5.")] = "8",
-             scheme: Annotated[str, typer.Option("--scheme", help="minmax, mmse or kmeans.")] = "minmax",
+             scheme: Annotated[Scheme, typer.Option("--scheme", help="Grid: min-max, MMSE clipping, or a k-means "
+                                                    "codebook.")] = Scheme.minmax,
              per_tensor: Annotated[bool, typer.Option("--per-tensor", help="One grid per tensor, not per channel.")] = False,
              affine: Annotated[bool, typer.Option("--affine", help="Affine grid with a zero point.")] = False,
-             layers: Annotated[Optional[str], typer.Option("--layers", help="Comma-separated glob patterns.")] = None,
+             layers: LayersOpt = None, exclude: ExcludeOpt = None,
              arch: ArchOpt = None, trust_pickle: TrustOpt = False, train_data: TrainDataOpt = None,
-             test_data: TestDataOpt = None, epochs: EpochsOpt = 0.0,
-             lr: Annotated[float, typer.Option("--lr", help="k-means centroid learning rate.")] = 1e-4,
+             test_data: TestDataOpt = None, epochs: EpochsOpt = None, lr: LrOpt = None,
              input_shape: InputShapeOpt = None, report: ReportOpt = None, json_out: JsonOpt = None,
              force: ForceOpt = False):
     """Quantize weights per channel (min-max, MMSE clipping) or by k-means weight sharing.
@@ -32,19 +40,22 @@ def quantize(model: ModelArg, output: OutOpt,
 
         compress quantize lenet5.pt --bits conv=8,linear=5 --scheme kmeans --train-data mnist5k --epochs 1 -o l5-km.pt
     """
-    from ..quantize import QuantConfig, quantize as run
+    from ..config import FineTune, Select
+    from ..quantize import QuantConfig
 
-    cfg = make_config(QuantConfig, bits=parse_mapping(bits, "--bits", cast=int), scheme=scheme,
-                      per_channel=not per_tensor, symmetric=not affine, epochs=epochs, lr=lr,
-                      layers=tuple(p.strip() for p in layers.split(",")) if layers else ())
-    st = start(model, output, force, arch, trust_pickle, train_data, test_data, input_shape, need_train=epochs > 0)
-    run(st.model, cfg, st.train, st.val)
-    rows = st.model.compress_meta["history"][-1]["layers"]
+    base = QuantConfig.__dataclass_fields__["finetune"].default_factory()
+    ft = make_config(FineTune, **{**base.__dict__, **{k: v for k, v in (("epochs", epochs), ("lr", lr))
+                                                      if v is not None}})
+    cfg = make_config(QuantConfig, bits=parse_mapping(bits, "--bits", cast=int), scheme=scheme.value,
+                      per_channel=not per_tensor, symmetric=not affine, finetune=ft,
+                      select=make_config(Select, names=patterns(layers), exclude=patterns(exclude),
+                                         spare_first_last=False))
+    inp = load_inputs(model, output, force, arch, trust_pickle, train_data, test_data, input_shape,
+                      need_train=bool(epochs))
+    res = run_command("quantize", cfg, inp, output, force, report, json_out)
+    rows = res["layers_changed"]
     out.print(table("layers", ["layer", "bits", "scheme", "weight MSE", "SQNR dB", "zeros"],
                     [[r["name"], r["bits"], r["scheme"], r["mse"], r["sqnr_db"], r["zeros"]] for r in rows]))
-    result = finish(st, st.model, output, force, "quantize", cfg, report, {"layers_quantized": rows})
-    if json_out:
-        emit_json(result, json_out, force)
 
 
 @app.command()
@@ -66,14 +77,14 @@ def export(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: 
     """
     from .. import data as data_mod
     from ..export import export as run
-    from ..io import load_model
-    from ..metrics import input_shape_of
+    from ..formats import load_model
+    from ..stages import Context
 
     check_output(model, output, force)
     m = load_model(model, arch=arch, trust_pickle=trust_pickle)
     calib = data_mod.load(calib_data) if calib_data else None
     ev = data_mod.load(data) if data else None
-    shape = input_shape_of(m, ev or calib, input_shape)
+    shape = Context(train=calib, val=ev, input_shape=parse_shape(input_shape)).shape(m)
     res = run(m, output, shape, int8=int8, calib_data=calib, eval_data=ev, tol=tol, force=force, threads=threads)
     rows = [["max |onnx - torch|", f"{res['max_abs_diff']:.2e}", "", ""],
             ["FP32 ONNX", res["fp32"]["bytes"], res["fp32"]["latency_ms_batch_32"], res["fp32"].get("accuracy")]]

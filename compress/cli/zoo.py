@@ -43,7 +43,8 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compres
     import torch
 
     from .. import data as data_mod
-    from ..io import save_model, set_meta
+    from ..formats import save_model
+    from ..meta import set_meta
     from .stage import check_output
     from ..metrics import count_params
     from ..models import create_model

@@ -29,10 +29,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import FormatError, InputError
-from ..io import atomic_write
+from ..fileio import atomic_write
 from ..masks import remove_masks
-from ..quantize import QUANT_ATTR, codes_of
-from ..quantize.uniform import qrange
+from ..quant_state import QuantState, get_state, set_state
 from . import arch as arch_mod
 from . import streams
 
@@ -72,34 +71,40 @@ def _coded(sym: np.ndarray, zero: np.ndarray, alpha: int, params: bytes,
     return best
 
 
-def encode_tensor(t: torch.Tensor, module: nn.Module | None, is_weight: bool) -> tuple[bytes, dict]:
-    info = getattr(module, QUANT_ATTR, None) if (module is not None and is_weight) else None
-    if info is not None and t.dtype == torch.float32 and not _has_negative_zero(t):
-        codes, info = codes_of(module)
-        flat_w = t.detach().flatten()
-        zero = (flat_w == 0).numpy()
-        bits = int(info["bits"])
-        if "codebook" in info:
-            cb = info["codebook"].float().numpy().astype("<f4")
-            k = len(cb)
-            sym = codes.numpy().astype(np.int64)
-            sym[sym < 0] = k  # explicit zero symbol for dense mode
-            return _coded(sym, zero, k + 1, cb.tobytes(),
-                          {"enc": "codebook", "bits": bits, "k": k})
-        scale = info["scale"].float().numpy().astype("<f4")
-        params = scale.tobytes()
-        sym_affine = not info.get("symmetric", True)
-        if sym_affine:
-            params += info["zero_point"].float().numpy().astype("<f4").tobytes()
-        sym = codes.numpy().reshape(-1).astype(np.int64)
-        return _coded(sym, zero, 2 ** bits, params,
-                      {"enc": "uniform", "bits": bits, "channels": len(scale), "affine": sym_affine,
-                       "per_channel": bool(info.get("per_channel", True))})
+def _encode_state(state: QuantState, t: torch.Tensor) -> tuple[bytes, dict]:
+    """A quantized weight: its codes as they are, with the grid's scales or the codebook in front."""
+    zero = (t.detach().flatten() == 0).cpu().numpy()
+    bits = int(state.bits)
+    if state.is_codebook:
+        cb = state.codebook.float().cpu().numpy().astype("<f4")
+        k = len(cb)
+        sym = state.codes.flatten().cpu().numpy().astype(np.int64)
+        sym[sym < 0] = k  # explicit zero symbol for dense mode
+        return _coded(sym, zero, k + 1, cb.tobytes(), {"enc": "codebook", "bits": bits, "k": k})
+    scale = state.scale.float().cpu().numpy().astype("<f4")
+    params = scale.tobytes()
+    affine = not state.symmetric
+    if affine:
+        params += state.zero_point.float().cpu().numpy().astype("<f4").tobytes()
+    sym = state.codes.cpu().numpy().reshape(-1).astype(np.int64)
+    return _coded(sym, zero, 2 ** bits, params,
+                  {"enc": "uniform", "bits": bits, "channels": len(scale), "affine": affine,
+                   "per_channel": bool(state.per_channel)})
+
+
+def encode_tensor(t: torch.Tensor, state: QuantState | None = None, where: str = "") -> tuple[bytes, dict]:
+    if state is not None:
+        try:
+            state.check(t, where)
+        except ValueError as e:
+            raise InputError(str(e)) from e
+        return _encode_state(state, t)
     if t.dtype == torch.float32 and t.numel() > 64 and not _has_negative_zero(t):
-        zero = (t.detach().flatten() == 0).numpy()
+        flat = t.detach().flatten().cpu()
+        zero = (flat == 0).numpy()
         if zero.mean() > 0.5:  # pruned but not quantized: positions + fp32 nonzero values
             idx, ifl = streams.encode_index(~zero)
-            vals = t.detach().flatten().numpy()[~zero].astype("<f4").tobytes()
+            vals = flat.numpy()[~zero].astype("<f4").tobytes()
             return idx + vals, {"enc": "sparse_raw", "index": ifl, "index_bytes": len(idx)}
     return _raw(t)
 
@@ -118,7 +123,8 @@ def encode_model(model: nn.Module) -> tuple[bytes, dict]:
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     for name, t in named:
         mod_name, _, leaf = name.rpartition(".")
-        data, fields = encode_tensor(t, modules.get(mod_name), leaf == "weight")
+        state = get_state(modules[mod_name]) if leaf == "weight" and mod_name in modules else None
+        data, fields = encode_tensor(t, state, name)
         entry = {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
                  "offset": offset, "length": len(data), "crc": zlib.crc32(data), **fields}
         entries.append(entry)
@@ -181,35 +187,73 @@ def read_manifest(blob: bytes, path="<bytes>") -> tuple[dict, int]:
     return manifest, HEAD.size + mlen
 
 
-def _decode_tensor(e: dict, data: bytes) -> torch.Tensor:
+def _shape_numel(e: dict) -> tuple[list, int]:
     shape = e.get("shape")
-    if not (isinstance(shape, list) and len(shape) <= 8 and all(isinstance(s, int) and 0 <= s < MAX_NUMEL for s in shape)):
+    if not (isinstance(shape, list) and len(shape) <= 8
+            and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < MAX_NUMEL for s in shape)):
         raise ValueError("bad shape")
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if n > MAX_NUMEL:
-        raise ValueError("tensor too large")
-    enc, dtype = e.get("enc"), e.get("dtype")
-    if enc == "raw":
-        if dtype not in _RAW_DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}")
-        npd = np.dtype(_RAW_DTYPES[dtype]).newbyteorder("<")
-        if len(data) != n * npd.itemsize:
-            raise ValueError("raw tensor has the wrong length")
-        a = np.frombuffer(data, dtype=npd).astype(npd.newbyteorder("="))
-        return torch.from_numpy(a.copy()).reshape(shape)
-    if dtype != "float32":
+    n = 1
+    for s in shape:
+        n *= s
+        if n > MAX_NUMEL:
+            raise ValueError("tensor too large")
+    return shape, n
+
+
+def _decode_raw(e: dict, data: bytes, shape: list, n: int) -> torch.Tensor:
+    dtype = e.get("dtype")
+    if dtype not in _RAW_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}")
+    npd = np.dtype(_RAW_DTYPES[dtype]).newbyteorder("<")
+    if len(data) != n * npd.itemsize:
+        raise ValueError("raw tensor has the wrong length")
+    a = np.frombuffer(data, dtype=npd).astype(npd.newbyteorder("="))
+    return torch.from_numpy(a.copy()).reshape(shape)
+
+
+def _decode_sparse_raw(e: dict, data: bytes, shape: list, n: int) -> torch.Tensor:
+    ib = streams._int(e, "index_bytes", 0, len(data))
+    mask = streams.decode_index(data[:ib], _dict(e, "index"), n)
+    vals = data[ib:]
+    if len(vals) != 4 * int(mask.sum()):
+        raise ValueError("sparse values have the wrong length")
+    out = np.zeros(n, dtype=np.float32)
+    out[mask] = np.frombuffer(vals, dtype="<f4")
+    return torch.from_numpy(out).reshape(shape)
+
+
+def _dict(e: dict, key: str) -> dict:
+    v = e.get(key)
+    if not isinstance(v, dict):
+        raise ValueError(f"{key!r} must be a table")
+    return v
+
+
+def _symbols(e: dict, rest: bytes, n: int, alpha: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The coded symbols of a quantized tensor: all n (dense), or the nonzeros and their mask."""
+    if _dict(e, "values").get("alpha") != alpha:
+        raise ValueError("alphabet does not match the encoding")
+    mode = e.get("mode")
+    if mode == "dense":
+        sym, mask = streams.decode_symbols(rest, _dict(e, "values"), n), None
+        expected = n
+    elif mode == "sparse":
+        ib = streams._int(e, "index_bytes", 0, len(rest))
+        mask = streams.decode_index(rest[:ib], _dict(e, "index"), n)
+        expected = int(mask.sum())
+        sym = streams.decode_symbols(rest[ib:], _dict(e, "values"), expected)
+    else:
+        raise ValueError("unknown mode")
+    if len(sym) != expected:
+        raise ValueError("wrong symbol count")
+    return sym, mask
+
+
+def _decode_state(e: dict, data: bytes, shape: list, n: int) -> QuantState:
+    """The quantization state of a coded weight: its codes exactly as they were written."""
+    enc = e.get("enc")
+    if e.get("dtype") != "float32":
         raise ValueError("coded tensors are float32")
-    if enc == "sparse_raw":
-        ib = streams._int(e, "index_bytes", 0, len(data))
-        mask = streams.decode_index(data[:ib], e.get("index") or {}, n)
-        vals = data[ib:]
-        if len(vals) != 4 * int(mask.sum()):
-            raise ValueError("sparse values have the wrong length")
-        out = np.zeros(n, dtype=np.float32)
-        out[mask] = np.frombuffer(vals, dtype="<f4")
-        return torch.from_numpy(out).reshape(shape)
-    if enc not in ("uniform", "codebook"):
-        raise ValueError(f"unknown encoding {enc!r}")
     bits = streams._int(e, "bits", 2, 8)
     pb = streams._int(e, "params_bytes", 0, len(data))
     params, rest = data[:pb], data[pb:]
@@ -217,93 +261,80 @@ def _decode_tensor(e: dict, data: bytes) -> torch.Tensor:
         k = streams._int(e, "k", 1, 256)
         if pb != 4 * k:
             raise ValueError("codebook has the wrong size")
-        table = np.concatenate([np.frombuffer(params, dtype="<f4"), np.zeros(1, np.float32)]).astype(np.float32)
-        alpha = k + 1
-    else:
-        c = streams._int(e, "channels", 1, n if n else 1)
-        affine = e.get("affine")
-        if not isinstance(affine, bool) or pb != 4 * c * (2 if affine else 1) or (n and n % c):
-            raise ValueError("scales have the wrong size")
-        alpha = 2 ** bits
-    if e.get("mode") == "dense":
-        sym = streams.decode_symbols(rest, e.get("values") or {}, n)
-        if len(sym) != n:
-            raise ValueError("wrong symbol count")
-        mask = None
-    elif e.get("mode") == "sparse":
-        ib = streams._int(e, "index_bytes", 0, len(rest))
-        mask = streams.decode_index(rest[:ib], e.get("index") or {}, n)
-        sym = streams.decode_symbols(rest[ib:], e.get("values") or {}, int(mask.sum()))
-        if len(sym) != int(mask.sum()):
-            raise ValueError("wrong symbol count")
-    else:
-        raise ValueError("unknown mode")
-    if (e.get("values") or {}).get("alpha") != alpha:
-        raise ValueError("alphabet does not match the encoding")
-    if enc == "codebook":
-        vals = table[sym]
-        out = np.zeros(n, dtype=np.float32)
+        sym, mask = _symbols(e, rest, n, k + 1)
+        codes = np.full(n, -1, dtype=np.int16)
         if mask is None:
-            out = vals
+            codes[:] = np.where(sym == k, -1, sym)
         else:
-            out[mask] = vals
-        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(shape)
-    # uniform: value = (code + lo - zp) * scale, computed in float32 exactly as quantize does
+            codes[mask] = sym
+        if (codes >= k).any():
+            raise ValueError("code outside the codebook")
+        cb = torch.from_numpy(np.frombuffer(params, dtype="<f4").astype(np.float32))
+        return QuantState(bits, "kmeans", torch.from_numpy(codes), codebook=cb)
+    c = streams._int(e, "channels", 1, n if n else 1)
+    affine = e.get("affine")
+    if not isinstance(affine, bool) or pb != 4 * c * (2 if affine else 1) or (n and n % c):
+        raise ValueError("scales have the wrong size")
+    sym, mask = _symbols(e, rest, n, 2 ** bits)
     scale = torch.from_numpy(np.frombuffer(params[:4 * c], dtype="<f4").astype(np.float32))
     zp = torch.from_numpy(np.frombuffer(params[4 * c:], dtype="<f4").astype(np.float32)) if affine else None
-    lo, _ = qrange(bits, not affine)
-    codes = np.zeros(n, dtype=np.int64)
     if mask is None:
-        codes[:] = sym
-    else:
-        zero_code = (-lo) if not affine else None
-        if affine:
-            per = np.repeat(zp.numpy().astype(np.int64), n // c)
-            codes[:] = per
-        else:
-            codes[:] = zero_code
+        codes = sym.astype(np.int64)
+    else:  # pruned weights are the grid's zero: code -lo (symmetric) or the channel's zero point
+        lo = -(2 ** (bits - 1) - 1) if not affine else 0
+        codes = np.repeat(zp.numpy().astype(np.int64), n // c) if affine else np.full(n, -lo, dtype=np.int64)
         codes[mask] = sym
-    q = torch.from_numpy((codes + lo).astype(np.float32)).view(c, -1)
-    w = (q - zp[:, None]) * scale[:, None] if affine else q * scale[:, None]
-    w = w + 0.0  # no negative zeros
-    return w.reshape(shape), scale, zp
+    state = QuantState(bits, "uniform", torch.from_numpy(codes.astype(np.uint8)).view(c, -1), scale, zp,
+                       per_channel=bool(e.get("per_channel", True)))
+    return state
+
+
+def _decode_entry(e: dict, data: bytes) -> tuple[torch.Tensor, QuantState | None]:
+    """One tensor section -> (tensor, its quantization state or None)."""
+    shape, n = _shape_numel(e)
+    enc = e.get("enc")
+    if enc == "raw":
+        return _decode_raw(e, data, shape, n), None
+    if e.get("dtype") != "float32":
+        raise ValueError("coded tensors are float32")
+    if enc == "sparse_raw":
+        return _decode_sparse_raw(e, data, shape, n), None
+    if enc not in ("uniform", "codebook"):
+        raise ValueError(f"unknown encoding {enc!r}")
+    state = _decode_state(e, data, shape, n)
+    return state.dequantize(shape), state
 
 
 def decode_model(blob: bytes, path="<bytes>") -> nn.Module:
     manifest, start = read_manifest(blob, path)
     end = len(blob) - 4
-    tensors, quant = {}, {}
+    tensors, states = {}, {}
     for e in manifest["tensors"]:
         if not isinstance(e, dict) or not isinstance(e.get("name"), str):
             _fail(path, "malformed tensor entry")
         off, ln, crc = e.get("offset"), e.get("length"), e.get("crc")
-        if not all(isinstance(v, int) and v >= 0 for v in (off, ln, crc)) or start + off + ln > end:
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (off, ln, crc)) \
+                or start + off + ln > end:
             _fail(path, f"section of {e['name']} lies outside the file")
         data = blob[start + off:start + off + ln]
         if zlib.crc32(data) != crc:
             _fail(path, f"checksum mismatch in {e['name']}")
         try:
-            t = _decode_tensor(e, data)
+            tensors[e["name"]], state = _decode_entry(e, data)
         except (ValueError, IndexError, KeyError, TypeError, OverflowError) as err:
             _fail(path, f"tensor {e['name']}: {err}")
-        if isinstance(t, tuple):
-            t, scale, zp = t
-            quant[e["name"]] = {"bits": e["bits"], "scheme": "uniform", "scale": scale,
-                                "zero_point": zp if zp is not None else torch.zeros_like(scale),
-                                "symmetric": not e["affine"], "per_channel": bool(e.get("per_channel", True))}
-        elif e.get("enc") == "codebook":
-            d = blob[start + off:start + off + e["params_bytes"]]
-            quant[e["name"]] = {"bits": e["bits"], "scheme": "kmeans",
-                                "codebook": torch.from_numpy(np.frombuffer(d, dtype="<f4").copy())}
-        tensors[e["name"]] = t
+        if state is not None:
+            states[e["name"]] = state
     try:
         model = arch_mod.rebuild(manifest["arch"], tensors)
     except (ValueError, TypeError, KeyError, RecursionError) as err:
         _fail(path, f"architecture: {err}")
     mods = dict(model.named_modules())
-    for name, info in quant.items():
-        mod_name = name.rpartition(".")[0]
-        setattr(mods[mod_name], QUANT_ATTR, info)
+    for name, state in states.items():
+        mod_name, _, leaf = name.rpartition(".")
+        if leaf != "weight" or mod_name not in mods:
+            _fail(path, f"coded tensor {name} is not the weight of a layer in the architecture")
+        set_state(mods[mod_name], state)
     model.eval()
     return model
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..quantize.packing import pack, unpack
+from .packing import pack, unpack
 from . import huffman as H
 
 GAP_FILLER = 255

@@ -11,7 +11,8 @@ the layer's average lose ground until they reach zero, while the loss defends th
 ``lasso_ratio`` is lambda relative to the loss of an untrained classifier, ln(classes): each step
 shrinks a channel by lr * lasso_ratio * ln(classes) * w_g.
 
-Every ``reconfig_interval`` epochs the zero channels are removed physically. A channel that rides a
+Every ``reconfig_interval`` epochs the zero channels are removed physically, after BatchNorm
+statistics are re-estimated (the proximal steps leave them far behind). A channel that rides a
 residual stage's identity path is shared by every conv writing into the stage; it is removed only
 where every one of those layers is zero (the kept channels are the union over them). A residual
 block whose whole branch is zero becomes an identity (plus its constant offset).
@@ -27,11 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import distributed
-from ..config import Config, register_handler
-from ..io import add_history
-from ..metrics import count_macs, count_params, input_shape_of
-from ..train import TrainConfig, evaluate, fit, recalibrate_bn
-from .graph import channel_groups, group_norms, member_norms, prune_group, scale_channels
+from ..config import Config, FineTune, Select, register_method
+from ..metrics import count_macs, count_params
+from ..stages import Context, Method
+from ..train import evaluate, recalibrate_bn, steps_per_epoch
+from .graph import channel_groups, group_norms, member_norms, prune_group, scale_channels, unselected
 
 log = logging.getLogger(__name__)
 
@@ -42,33 +43,33 @@ class ChannelUnionConfig(Config):
         lasso_ratio: strength of the group-lasso pull relative to the loss of an untrained classifier
             (see the module docstring); larger prunes more.
         reconfig_interval: epochs between reconfigurations (removal of zero channels).
-        epochs: total training epochs.
-        lr: learning rate (SGD with momentum, as PruneTrain).
-        batch_size: samples per step. The penalty acts once per step, so fewer, larger batches
-            prune less in the same epochs.
         zero_tol: a slice whose L2 norm is at most this counts as zero.
         rel_tol: a slice whose norm fell below this fraction of its layer's median slice norm counts
             as zero too (PruneTrain removes channels below a threshold, not only exact zeros).
         min_channels: never leave a group with fewer channels than this (a residual branch may
             still vanish whole).
+        select: convs whose output channels may be removed (``Select``); the rest keep theirs.
+        finetune: the regularised training (``FineTune``): SGD with momentum as PruneTrain. The
+            penalty acts once per step, so fewer, larger batches prune less in the same epochs.
     """
+
+    verb = "prune"
+    stage_name = "channel-union"
+    search_key = "lasso_ratio"
 
     lasso_ratio: float = 0.8
     reconfig_interval: int = 1
-    epochs: float = 4.0
-    lr: float = 0.02
-    batch_size: int = 64
     zero_tol: float = 1e-8
     rel_tol: float = 0.1
     min_channels: int = 1
+    select: Select = dataclasses.field(default_factory=Select)
+    finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(epochs=4.0, lr=0.02, optimizer="sgd", augment=0))
 
     def __post_init__(self):
-        if self.lasso_ratio < 0:
+        if not self.lasso_ratio >= 0:
             raise ValueError("lasso_ratio must be >= 0")
         if self.reconfig_interval < 1:
             raise ValueError("reconfig_interval must be >= 1")
-        if self.epochs < 0 or self.lr <= 0:
-            raise ValueError("epochs must be >= 0 and lr > 0")
 
 
 class ResidualIdentity(nn.Module):
@@ -104,12 +105,13 @@ def _is_basic_block(m: nn.Module) -> bool:
 class GroupLasso:
     """The penalty over a model's channel groups, and its proximal operator."""
 
-    def __init__(self, model: nn.Module, input_shape):
-        self.input_shape = input_shape
+    def __init__(self, model: nn.Module, input_shape, select: Select | None = None):
+        self.input_shape, self.select = input_shape, select or Select()
         self.refresh(model)
 
     def refresh(self, model: nn.Module) -> None:
-        self.dg, self.groups = channel_groups(model, self.input_shape, roots=(nn.Conv2d,))
+        self.dg, self.groups = channel_groups(model, self.input_shape, roots=(nn.Conv2d,),
+                                              ignored=unselected(model, self.select))
 
     def value(self) -> torch.Tensor:
         """sum_g w_g * sum_c ||g_c|| with w_g the (constant) mean channel norm of group g."""
@@ -167,48 +169,95 @@ def reconfigure(model: nn.Module, lasso: GroupLasso, config: ChannelUnionConfig)
     return removed
 
 
-@register_handler(ChannelUnionConfig)
-def _channel_union(model: nn.Module, config: ChannelUnionConfig, train_data=None, val_data=None,
-                   input_shape=None, on_reconfig=None) -> nn.Module:
-    if train_data is None:
-        raise ValueError("channel-union pruning trains: give train_data")
-    shape = input_shape or input_shape_of(model, train_data)
-    lasso = GroupLasso(model, shape)
-    classes = int(train_data.y.max()) + 1
-    lam = lasso_lambda(config, classes)
-    log.info("group lasso: lambda %.3g over %d channel groups", lam, len(lasso.groups))
-    records = []
+@register_method(ChannelUnionConfig)
+class ChannelUnionPruner(Method):
+    """Proximal group lasso after every step; every ``interval`` steps, BatchNorm statistics are
+    re-estimated and zero channels removed (``step`` then returns True: rebuild your optimizer).
 
-    def measure(m, epoch, removed):
-        rec = {"epoch": epoch, "params": count_params(m), "macs": count_macs(m, shape), "removed": removed}
-        if val_data is not None:
-            rec["accuracy"] = round(evaluate(m, val_data), 3)
-        records.append(rec)
-        if on_reconfig is not None:
-            on_reconfig(rec)
-        return rec
+    The library sets ``interval`` to ``reconfig_interval`` epochs of steps. BatchNorm statistics
+    are re-estimated on ``ctx.train`` when given, else on the last batch the model saw.
+    """
 
-    measure(model, 0, {})
+    needs_train = True
 
-    def on_epoch_end(m, epoch):
-        if epoch % config.reconfig_interval:
-            return None
-        # The proximal steps rescale activations every step, so BatchNorm's running statistics lag
-        # far behind (eval-mode accuracy reads ~10% while the weights are fine): re-estimate them,
-        # on the same samples on every rank, before the offsets of dead branches are taken from them.
-        recalibrate_bn(m, train_data)
-        distributed.sync_buffers(m)
-        removed = reconfigure(m, lasso, config)
-        measure(m, epoch, removed)
-        return m  # parameters were replaced: the optimizer must be rebuilt
+    def __init__(self, model: nn.Module, config: ChannelUnionConfig, ctx: Context | None = None,
+                 interval: int | None = None, num_classes: int | None = None):
+        super().__init__(model, config, ctx)
+        self.interval, self.num_classes = interval, num_classes
+        self.steps = 0
+        self._last_batch = None
 
-    tc = TrainConfig(epochs=config.epochs, lr=config.lr, optimizer="sgd", batch_size=config.batch_size)
-    fit(model, train_data, tc, on_step=lambda m, lr: lasso.prox(lr * lam), on_epoch_end=on_epoch_end,
-        desc="channel-union")
-    add_history(model, {"stage": "channel_union", "lambda": lam, "reconfigurations": records})
-    return model
+    def attach(self) -> None:
+        if self.ctx.train is None and self.interval is None:
+            from ..errors import UsageError
+
+            raise UsageError("channel-union trains: give training data (--train-data SPEC)")
+        self.shape = self.ctx.shape(self.model)
+        self.per_epoch = (steps_per_epoch(len(self.ctx.train), self.config.finetune.batch_size)
+                          if self.ctx.train is not None else None)
+        if self.interval is None:
+            self.interval = self.config.reconfig_interval * self.per_epoch
+        classes = self.num_classes or (self.ctx.train.num_classes if self.ctx.train is not None else 10)
+        self.lasso = GroupLasso(self.model, self.shape, self.config.select)
+        self.lam = lasso_lambda(self.config, classes)
+        log.info("group lasso: lambda %.3g over %d channel groups", self.lam, len(self.lasso.groups))
+        if self.ctx.train is None:  # calibrate BatchNorm on what the user's loop feeds the model
+            self._hook = self.model.register_forward_pre_hook(self._keep_batch)
+        self._measure({})
+
+    def _keep_batch(self, module, inputs):
+        if module.training and inputs and isinstance(inputs[0], torch.Tensor):
+            self._last_batch = inputs[0].detach()
+
+    def lasso_value(self) -> torch.Tensor:
+        """lambda x the group-lasso term, for logging. It is not added to the loss: the proximal
+        step after each optimizer step is how the penalty acts (exact zeros, no oscillation)."""
+        return self.lam * self.lasso.value()
+
+    def step(self, lr: float | None = None) -> bool:
+        if lr is None:
+            raise ValueError("ChannelUnionPruner.step needs the learning rate of the step just taken")
+        self.lasso.prox(lr * self.lam)
+        self.steps += 1
+        if self.steps % self.interval:
+            return False
+        return bool(self.reconfigure())
+
+    def reconfigure(self) -> dict:
+        """Re-estimate BatchNorm statistics (the same samples on every rank), then remove zero channels."""
+        from ..data import Dataset
+
+        calib = self.ctx.train
+        if calib is None and self._last_batch is not None:
+            calib = Dataset(self._last_batch.cpu(), torch.zeros(len(self._last_batch), dtype=torch.long))
+        if calib is not None:
+            recalibrate_bn(self.model, calib)
+        distributed.sync_buffers(self.model)
+        removed = reconfigure(self.model, self.lasso, self.config)
+        self._measure(removed)
+        self.model.train()
+        return removed
+
+    def _measure(self, removed: dict) -> None:
+        rec = {"step": self.steps, "params": count_params(self.model), "macs": count_macs(self.model, self.shape),
+               "removed": removed}
+        if self.per_epoch:
+            rec["epoch"] = round(self.steps / self.per_epoch, 2)
+        if self.ctx.val is not None:
+            rec["accuracy"] = round(evaluate(self.model, self.ctx.val), 3)
+        self.records.append(rec)
+        if self.steps:
+            self.ctx.emit("reconfigure", **rec)
+
+    def finalize(self) -> nn.Module:
+        if getattr(self, "_hook", None) is not None:
+            self._hook.remove()
+            self._hook = None
+        self.layers = [{"name": cg.name, "channels_after": cg.size} for cg in self.lasso.groups]
+        return self.model
 
 
-def channel_union(model: nn.Module, *, train_data, val_data=None, **kw) -> nn.Module:
+def channel_union(model: nn.Module, *, train_data, val_data=None, input_shape=None, **kw) -> nn.Module:
     """Group-lasso training with periodic removal of zero channels; returns the (smaller) model."""
-    return _channel_union(model, ChannelUnionConfig(**kw), train_data, val_data)
+    ctx = Context(train=train_data, val=val_data, input_shape=input_shape)
+    return ChannelUnionPruner(model, ChannelUnionConfig(**kw), ctx).run().model

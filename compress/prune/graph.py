@@ -54,6 +54,12 @@ def build(model: nn.Module, input_shape) -> tuple[tp.DependencyGraph, list[nn.Mo
     return dg, output_layers(model, x)
 
 
+def unselected(model: nn.Module, select) -> list[nn.Module]:
+    """The convs a ``Select`` leaves out: their output channels are kept."""
+    chosen = {m for _, m in select.layers(model, kinds=(nn.Conv2d,))}
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d) and m not in chosen]
+
+
 def channel_groups(model: nn.Module, input_shape, roots=PRUNABLE_ROOTS, ignored=()):
     """(dependency graph, [ChannelGroup]) for every prunable set of coupled channels."""
     dg, outs = build(model, input_shape)

@@ -14,11 +14,12 @@ import logging
 
 import torch.nn as nn
 
-from ..config import Config, per_layer, register_handler
-from ..io import get_meta
-from ..metrics import input_shape_of
-from ..train import TrainConfig, evaluate, fit
-from .graph import channel_groups, prune_group
+from ..config import Config, FineTune, Select, close_matches, per_layer, register_method
+from ..errors import UsageError
+from ..meta import get_meta
+from ..stages import Context, Method
+from ..train import evaluate
+from .graph import channel_groups, prune_group, unselected
 from .importance import L1FilterImportance
 
 log = logging.getLogger(__name__)
@@ -29,17 +30,20 @@ class L1FilterConfig(Config):
     """Args:
         ratio: filters to remove per coupled channel group: a float is a fraction, an int a count;
             a dict keyed by the group's root layer FQN ("layer1.0.conv1"), with "_default".
-        epochs: fine-tuning epochs after pruning (0: none).
-        lr: fine-tuning learning rate (Adam).
         min_channels: never leave a group with fewer channels than this.
-        ignore: FQNs of layers whose output channels are kept.
+        select: layers whose output channels may be removed (``Select``; ``exclude`` keeps a
+            layer's channels). The classifier's outputs are never removed.
+        finetune: fine-tuning after pruning (``FineTune``; 0 epochs: none).
     """
 
+    verb = "prune"
+    stage_name = "l1-filter"
+    search_key = "ratio"
+
     ratio: float | int | dict = 0.5
-    epochs: float = 0.0
-    lr: float = 1e-3
     min_channels: int = 1
-    ignore: tuple = ()
+    select: Select = dataclasses.field(default_factory=Select)
+    finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(augment=0))
 
     def __post_init__(self):
         vals = list(self.ratio.values()) if isinstance(self.ratio, dict) else [self.ratio]
@@ -52,8 +56,6 @@ class L1FilterConfig(Config):
                 raise ValueError(f"a count ratio must be >= 0, got {v}")
         if self.min_channels < 1:
             raise ValueError("min_channels must be >= 1")
-        if self.epochs < 0:
-            raise ValueError("epochs must be >= 0")
 
 
 def _count(ratio, size: int, min_channels: int) -> int:
@@ -61,15 +63,20 @@ def _count(ratio, size: int, min_channels: int) -> int:
     return max(0, min(n, size - min_channels))
 
 
-def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, ignore=()) -> dict[str, tuple[int, int]]:
+def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, select: Select | None = None
+                  ) -> dict[str, tuple[int, int]]:
     """Remove the lowest-L1 filters of every group; returns {root: (before, after)} channels."""
-    mods = dict(model.named_modules())
-    ignored = [mods[n] for n in ignore if n in mods]
-    dg, groups = channel_groups(model, input_shape, roots=(nn.Conv2d,), ignored=ignored)
+    dg, groups = channel_groups(model, input_shape, roots=(nn.Conv2d,), ignored=unselected(model, select or Select()))
+    if isinstance(ratio, dict):
+        names = {cg.name for cg in groups}
+        for k in ratio:
+            if k != "_default" and k not in names:
+                raise UsageError(f"--ratio {k}: no prunable channel group of that name"
+                                 f"{close_matches(k, names)}")
     imp = L1FilterImportance()
     changes = {}
     for cg in groups:
-        r = per_layer(ratio, cg.name, 0.0)
+        r = per_layer(ratio, cg.name, None, 0.0)
         n = _count(r, cg.size, min_channels)
         if n == 0:
             continue
@@ -81,28 +88,28 @@ def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, i
     return changes
 
 
-@register_handler(L1FilterConfig)
-def _l1_filter(model: nn.Module, config: L1FilterConfig, train_data=None, val_data=None,
-               input_shape=None) -> nn.Module:
-    shape = input_shape or input_shape_of(model, train_data or val_data)
-    changes = prune_filters(model, shape, config.ratio, config.min_channels, config.ignore)
-    from ..io import add_history
+@register_method(L1FilterConfig)
+class L1FilterPruner(Method):
+    """Structural: ``attach`` removes the filters (the model gets smaller), then plain fine-tuning."""
 
-    add_history(model, {"stage": "l1_filter", "channels": {k: list(v) for k, v in changes.items()}})
-    if train_data is not None and config.epochs > 0:
-        fit(model, train_data, TrainConfig(epochs=config.epochs, lr=config.lr), desc="l1-filter fine-tune")
-    return model
+    def attach(self) -> None:
+        shape = self.ctx.shape(self.model)
+        changes = prune_filters(self.model, shape, self.config.ratio, self.config.min_channels, self.config.select)
+        self.layers = [{"name": k, "channels_before": b, "channels_after": a} for k, (b, a) in changes.items()]
+        if not changes:
+            self.notes.append("no channel group was pruned")
 
 
-def l1_filter(model: nn.Module, ratio=0.5, *, train_data=None, val_data=None, **kw) -> nn.Module:
+def l1_filter(model: nn.Module, ratio=0.5, *, train_data=None, val_data=None, input_shape=None, **kw) -> nn.Module:
     """Remove the lowest-L1 filters in place and return the (smaller) model."""
-    return _l1_filter(model, L1FilterConfig(ratio=ratio, **kw), train_data, val_data)
+    ctx = Context(train=train_data, val=val_data, input_shape=input_shape)
+    return L1FilterPruner(model, L1FilterConfig(ratio=ratio, **kw), ctx).run().model
 
 
 def sensitivity(model: nn.Module, val_data, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), input_shape=None,
                 progress=None) -> dict:
     """Prune each group alone at each ratio (no fine-tuning); accuracy per group and ratio."""
-    shape = input_shape or input_shape_of(model, val_data)
+    shape = Context(val=val_data, input_shape=input_shape).shape(model)
     base = evaluate(model, val_data)
     _, groups = channel_groups(model, shape, roots=(nn.Conv2d,))
     table = {}

@@ -4,28 +4,27 @@ Efficient Neural Networks" (NeurIPS 2015).
 Each layer's threshold is ``quality x std(layer weights)``. Given a target sparsity instead of a
 quality, one global quality is solved for by bisection so that the whole model reaches the target:
 layers with widely spread weights keep more. A conv stem and the last layer are pruned less (their
-threshold is scaled by ``first_last_factor``); the first Linear of an MLP is not spared -- it holds
-most of the weights, and sparing it would cut every other layer to the bone. Pruning is iterative: ``steps`` rounds, each
-raising sparsity (geometrically in the kept fraction) and followed by fine-tuning with masks held.
+threshold is scaled by ``first_last_factor``, see ``Select.spare_first_last``); the first Linear of an
+MLP is not spared -- it holds most of the weights, and sparing it would cut every other layer to the
+bone. Pruning is iterative: ``steps`` rounds, each raising sparsity (geometrically in the kept
+fraction) and followed by its share of the fine-tuning epochs with masks held.
+
+``ThresholdPruner`` is the whole method; in your own loop give it ``steps_per_round`` and it moves
+to the next round by itself (see ``compress.hooks``).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from .. import masks
-from ..config import Config, per_layer, register_handler
-from ..train import TrainConfig, fit
+from ..config import Config, FineTune, Select, per_layer, register_method
+from ..stages import Context, KeepMasks
 
 log = logging.getLogger(__name__)
-
-
-def _default_filter(module: nn.Module, fqn: str) -> bool:
-    return isinstance(module, (nn.Conv2d, nn.Linear))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,37 +34,35 @@ class ThresholdConfig(Config):
             model); a dict gives per-layer targets keyed by FQN or by layer type ("conv", "linear"),
             with "_default" for the rest.
         quality: instead of a sparsity, the threshold multiplier of each layer's std (float or dict).
-        steps: pruning rounds; each is followed by ``epochs`` of fine-tuning with masks held.
-        epochs: fine-tuning epochs after each round (0: prune only).
-        lr: fine-tuning learning rate (Adam).
-        first_last_factor: a conv stem's and the last layer's thresholds are scaled by this
-            (< 1 prunes them less: they are the most sensitive layers).
-        filter_fn: ``(module, fqn) -> bool`` choosing layers (default: every Conv2d and Linear).
-        augment: random-shift augmentation (pixels) during fine-tuning, as the model was trained.
+        steps: pruning rounds; the fine-tuning epochs are split evenly over them.
+        first_last_factor: with ``select.spare_first_last``, a conv stem's and the last layer's
+            thresholds are scaled by this (< 1 prunes them less).
+        select: which layers are pruned (``Select``).
+        finetune: fine-tuning with masks held (``FineTune``; ``epochs`` is the total over all rounds).
     """
+
+    verb = "prune"
+    stage_name = "threshold"
+    search_key = "sparsity"
 
     sparsity: float | dict | None = None
     quality: float | dict | None = None
     steps: int = 3
-    epochs: float = 1.0
-    lr: float = 1e-3
     first_last_factor: float = 0.5
-    filter_fn: Callable[[nn.Module, str], bool] | None = None
-    augment: int = 0
+    select: Select = dataclasses.field(default_factory=Select)
+    finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(epochs=3.0, lr=1e-3))
 
     def __post_init__(self):
         if (self.sparsity is None) == (self.quality is None):
             raise ValueError("give exactly one of sparsity or quality")
         for v in _values(self.sparsity):
-            if not 0.0 <= v < 1.0:
-                raise ValueError(f"sparsity must be in [0, 1), got {v}")
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0):
+                raise ValueError(f"sparsity must be in [0, 1), got {v!r}")
         for v in _values(self.quality):
-            if v < 0:
-                raise ValueError(f"quality must be >= 0, got {v}")
-        if self.steps < 1:
-            raise ValueError("steps must be >= 1")
-        if self.epochs < 0:
-            raise ValueError("epochs must be >= 0")
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0):
+                raise ValueError(f"quality must be >= 0, got {v!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
         if not 0 < self.first_last_factor <= 1:
             raise ValueError("first_last_factor must be in (0, 1]")
 
@@ -76,15 +73,6 @@ def _values(v):
     return list(v.values()) if isinstance(v, dict) else [v]
 
 
-def _layers(model: nn.Module, filter_fn) -> list[tuple[str, nn.Module]]:
-    f = filter_fn or _default_filter
-    return [(n, m) for n, m in model.named_modules() if getattr(m, "weight", None) is not None and f(m, n)]
-
-
-def _type_key(m: nn.Module) -> str:
-    return "conv" if isinstance(m, nn.Conv2d) else "linear" if isinstance(m, nn.Linear) else type(m).__name__
-
-
 def _kth_abs(w: torch.Tensor, fraction: float) -> float:
     """Magnitude below which ``fraction`` of w lies."""
     k = int(round(fraction * w.numel()))
@@ -93,23 +81,34 @@ def _kth_abs(w: torch.Tensor, fraction: float) -> float:
     return float(w.abs().flatten().kthvalue(min(k, w.numel())).values)
 
 
+def _check_keys(value, layers) -> None:
+    """A per-layer dict key must name a chosen layer, a layer type or _default."""
+    if not isinstance(value, dict):
+        return
+    names = [n for n, _ in layers]
+    for k in value:
+        if k not in names and k not in ("conv", "linear", "_default"):
+            from ..errors import UsageError
+            from ..config import close_matches
+
+            raise UsageError(f"no prunable layer {k!r}{close_matches(k, names)}")
+
+
 def thresholds(model: nn.Module, config: ThresholdConfig, sparsity=None) -> dict[str, float]:
     """Per-layer magnitude thresholds for a (possibly intermediate) sparsity target."""
-    layers = _layers(model, config.filter_fn)
+    layers = config.select.layers(model)
+    _check_keys(config.sparsity, layers)
+    _check_keys(config.quality, layers)
     if not layers:
         return {}
-    factor = {n: 1.0 for n, _ in layers}
-    if isinstance(layers[0][1], nn.Conv2d):
-        factor[layers[0][0]] *= config.first_last_factor
-    factor[layers[-1][0]] *= config.first_last_factor
+    ends = config.select.ends(model)
+    factor = {n: config.first_last_factor if n in ends else 1.0 for n, _ in layers}
     std = {n: float(m.weight.detach().std()) or 1e-12 for n, m in layers}
     target = config.sparsity if sparsity is None else sparsity
     if config.quality is not None:
-        return {n: per_layer(config.quality, n, per_layer(config.quality, _type_key(m), 0.0)) * factor[n] * std[n]
-                for n, m in layers}
+        return {n: per_layer(config.quality, n, m, 0.0) * factor[n] * std[n] for n, m in layers}
     if isinstance(target, dict):
-        return {n: _kth_abs(m.weight.detach(), per_layer(target, n, per_layer(target, _type_key(m), 0.0)))
-                for n, m in layers}
+        return {n: _kth_abs(m.weight.detach(), per_layer(target, n, m, 0.0)) for n, m in layers}
     # one global quality: bisection on q so that the pruned fraction over all layers = target
     ws = {n: m.weight.detach().abs().flatten() for n, m in layers}
     total = sum(w.numel() for w in ws.values())
@@ -126,16 +125,14 @@ def thresholds(model: nn.Module, config: ThresholdConfig, sparsity=None) -> dict
     return {n: hi * factor[n] * std[n] for n in ws}
 
 
-def _step_targets(config: ThresholdConfig):
-    """Geometric schedule in the kept fraction: 1 - (1 - s)^(k / steps)."""
-    s = config.sparsity
-    for k in range(1, config.steps + 1):
-        if s is None:
-            yield None
-        elif isinstance(s, dict):
-            yield {key: 1 - (1 - v) ** (k / config.steps) for key, v in s.items()}
-        else:
-            yield 1 - (1 - s) ** (k / config.steps)
+def round_targets(config: ThresholdConfig) -> list:
+    """Geometric schedule in the kept fraction: round k of K aims at 1 - (1 - s)^(k / K)."""
+    s, steps = config.sparsity, config.steps
+    if s is None:
+        return [None] * steps
+    if isinstance(s, dict):
+        return [{key: 1 - (1 - v) ** (k / steps) for key, v in s.items()} for k in range(1, steps + 1)]
+    return [1 - (1 - s) ** (k / steps) for k in range(1, steps + 1)]
 
 
 def apply_thresholds(model: nn.Module, th: dict[str, float]) -> None:
@@ -147,29 +144,71 @@ def apply_thresholds(model: nn.Module, th: dict[str, float]) -> None:
         masks.set_mask(m, keep if old is None else keep * old)
 
 
-def sparsity_of(model: nn.Module, filter_fn=None) -> float:
-    layers = _layers(model, filter_fn)
+def sparsity_of(model: nn.Module, select: Select | None = None) -> float:
+    layers = (select or Select()).layers(model)
     total = sum(m.weight.numel() for _, m in layers)
     zeros = sum(int((m.weight == 0).sum()) for _, m in layers)
     return zeros / max(total, 1)
 
 
-@register_handler(ThresholdConfig)
-def _threshold(model: nn.Module, config: ThresholdConfig, train_data=None, val_data=None,
-               train_config: TrainConfig | None = None, on_round=None) -> nn.Module:
-    for k, target in enumerate(_step_targets(config), 1):
-        th = thresholds(model, config, target)
-        apply_thresholds(model, th)
-        log.info("round %d/%d: sparsity %.4f", k, config.steps, sparsity_of(model, config.filter_fn))
-        if train_data is not None and config.epochs > 0:
-            tc = train_config or TrainConfig(epochs=config.epochs, lr=config.lr, seed=k, augment=config.augment)
-            fit(model, train_data, tc, desc=f"threshold round {k}/{config.steps}")
-        if on_round is not None:
-            on_round(model, k)
-    masks.remove_masks(model)
-    return model
+@register_method(ThresholdConfig)
+class ThresholdPruner(KeepMasks):
+    """Iterative threshold pruning. Round 1 prunes at ``attach``; with ``steps_per_round`` (your
+    own loop) round k+1 prunes after k x steps_per_round calls of ``step``; the library calls
+    ``next_round`` between its fine-tuning runs instead."""
+
+    def __init__(self, model: nn.Module, config: ThresholdConfig, ctx: Context | None = None,
+                 steps_per_round: int | None = None):
+        super().__init__(model, config, ctx)
+        if steps_per_round is not None and steps_per_round < 1:
+            raise ValueError("steps_per_round must be >= 1")
+        self.steps_per_round = steps_per_round
+        self.targets = round_targets(config)
+        self.round = self.steps = 0
+
+    def attach(self) -> None:
+        self.next_round()
+
+    def next_round(self) -> None:
+        if self.round < len(self.targets):
+            apply_thresholds(self.model, thresholds(self.model, self.config, self.targets[self.round]))
+            self.round += 1
+            log.info("round %d/%d: sparsity %.4f", self.round, self.config.steps,
+                     sparsity_of(self.model, self.config.select))
+
+    def step(self, lr: float | None = None) -> bool:
+        super().step(lr)  # masks hold
+        self.steps += 1
+        if self.steps_per_round and self.steps % self.steps_per_round == 0:
+            self.next_round()
+        return False
+
+    def fine_tune(self) -> None:
+        from ..train import evaluate, fit
+
+        epochs = self.config.finetune.epochs / self.config.steps
+        for k in range(1, self.config.steps + 1):
+            if self.ctx.train is not None and epochs > 0:
+                fit(self.model, self.ctx.train, self.train_config(epochs, seed=k), method=self,
+                    desc=f"threshold round {k}/{self.config.steps}")
+            rec = {"round": k, "sparsity": round(sparsity_of(self.model, self.config.select), 4)}
+            if self.ctx.val is not None:
+                rec["accuracy"] = round(evaluate(self.model, self.ctx.val), 3)
+            self.records.append(rec)
+            self.ctx.emit("round", of=self.config.steps, **rec)
+            if k < self.config.steps:
+                self.next_round()
+
+    def finalize(self) -> nn.Module:
+        super().finalize()
+        mods = dict(self.model.named_modules())
+        for n, _ in self.config.select.layers(self.model):
+            w = mods[n].weight
+            self.layers.append({"name": n, "params": w.numel(), "nonzeros": int(torch.count_nonzero(w))})
+        return self.model
 
 
 def threshold(model: nn.Module, sparsity=None, *, quality=None, train_data=None, val_data=None, **kw) -> nn.Module:
     """Threshold-prune ``model`` in place and return it: ``threshold(model, 0.9, train_data=d)``."""
-    return _threshold(model, ThresholdConfig(sparsity=sparsity, quality=quality, **kw), train_data, val_data)
+    ctx = Context(train=train_data, val=val_data)
+    return ThresholdPruner(model, ThresholdConfig(sparsity=sparsity, quality=quality, **kw), ctx).run().model

@@ -1,29 +1,28 @@
 """Weight quantization: INT8 / INT4 (any 2..8 bits) by min-max, MMSE clipping or k-means sharing.
 
 ``quantize_(model, QuantConfig(bits=4, scheme="mmse"))`` replaces each chosen layer's weight by
-values that lie exactly on its grid (float tensors holding dequantized values) and records the grid
-in ``module.compress_quant`` (bits, scheme, scale / zero point or codebook), so that the .cpz
-container stores the integer codes exactly. Zeros stay exactly zero: a pruned model stays as sparse.
+values that lie exactly on its grid and puts a ``QuantState`` on the layer (its integer codes and
+the grid or codebook they index), which the .cpz container stores as they are. Zeros stay exactly
+zero: a pruned model stays as sparse. ``Quantizer`` is the method object; with k-means and
+fine-tuning epochs it trains the shared centroids (each centroid's gradient is the sum of the
+gradients of the weights that share it), in the library's loop or in yours.
 """
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 import math
 
 import torch
 import torch.nn as nn
 
-from ..config import Config, handler_for, per_layer, register_handler
-from ..io import add_history
-from ..train import TrainConfig, fit
+from ..config import Config, FineTune, Select, per_layer, register_method
+from ..quant_state import SCHEMES, QuantState, get_state, set_state
+from ..stages import Context, Method, quantize_
 from . import kmeans as km
 from . import uniform
 
 log = logging.getLogger(__name__)
-SCHEMES = ("minmax", "mmse", "kmeans")
-QUANT_ATTR = "compress_quant"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,18 +34,20 @@ class QuantConfig(Config):
             squared error) or "kmeans" (a shared 2^bits codebook per layer).
         per_channel: one grid per output channel (uniform schemes); False for one per tensor.
         symmetric: symmetric grid with zero exact; False for an affine grid with an integer zero point.
-        layers: glob patterns of layer FQNs to quantize; default every Conv2d and Linear.
-        epochs: fine-tuning epochs after quantizing (kmeans: the centroids; uniform: none).
-        lr: centroid learning rate (Adam).
+        select: layers to quantize (``Select``; every Conv2d and Linear by default).
+        finetune: kmeans: training of the centroids (``FineTune``); uniform grids are not trained.
     """
+
+    verb = "quantize"
+    stage_name = "quantize"
+    search_key = "bits"
 
     bits: int | dict = 8
     scheme: str = "minmax"
     per_channel: bool = True
     symmetric: bool = True
-    layers: tuple = ()
-    epochs: float = 0.0
-    lr: float = 1e-4
+    select: Select = dataclasses.field(default_factory=lambda: Select(spare_first_last=False))
+    finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(epochs=0.0, lr=1e-4, augment=0))
 
     def __post_init__(self):
         for b in (self.bits.values() if isinstance(self.bits, dict) else [self.bits]):
@@ -54,19 +55,6 @@ class QuantConfig(Config):
                 raise ValueError(f"bits must be an integer in 2..8, got {b!r}")
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
-        if self.epochs < 0:
-            raise ValueError("epochs must be >= 0")
-
-
-def _type_key(m):
-    return "conv" if isinstance(m, nn.Conv2d) else "linear"
-
-
-def targets(model: nn.Module, config: QuantConfig):
-    for n, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and (
-                not config.layers or any(fnmatch.fnmatch(n, p) for p in config.layers)):
-            yield n, m
 
 
 def sqnr_db(w: torch.Tensor, dq: torch.Tensor) -> float:
@@ -75,74 +63,83 @@ def sqnr_db(w: torch.Tensor, dq: torch.Tensor) -> float:
     return float("inf") if noise == 0 else 10 * math.log10(max(sig, 1e-30) / noise)
 
 
-def quantize_tensor(w: torch.Tensor, bits: int, scheme: str, per_channel=True, symmetric=True):
-    """-> (dequantized like w, info dict). Zeros stay zero."""
+def quantize_tensor(w: torch.Tensor, bits: int, scheme: str, per_channel=True, symmetric=True) -> QuantState:
+    """The state of ``w`` on its grid; ``state.dequantize(w.shape)`` is the new weight. Zeros stay zero."""
+    w = w.detach().float().cpu()
     if scheme == "kmeans":
-        codes, cb, dq = km.quantize_kmeans(w, bits)
-        return dq, {"bits": bits, "scheme": scheme, "codebook": cb}
-    mat = w.detach().flatten(1) if per_channel else w.detach().reshape(1, -1)
+        codes, cb, _ = km.quantize_kmeans(w, bits)
+        return QuantState(bits, scheme, codes.flatten().to(torch.int16), codebook=cb)
+    mat = w.flatten(1) if per_channel and w.dim() > 1 else w.reshape(1, -1)
     fn = uniform.mmse if scheme == "mmse" else uniform.minmax
-    _, scale, zp, dq = fn(mat, bits, symmetric)
-    dq = dq + 0.0  # -0.0 -> +0.0: a stored zero is a zero
-    return dq.view_as(w), {"bits": bits, "scheme": scheme, "scale": scale.float(), "zero_point": zp.float(),
-                           "symmetric": symmetric, "per_channel": per_channel}
+    q, scale, zp, _ = fn(mat, bits, symmetric)
+    lo, _ = uniform.qrange(bits, symmetric)
+    return QuantState(bits, scheme, (q - lo).to(torch.uint8), scale.float(),
+                      None if symmetric else zp.float(), per_channel=per_channel and w.dim() > 1)
 
 
-def codes_of(module: nn.Module) -> tuple[torch.Tensor, dict]:
-    """Recover the integer codes of a quantized layer's weight exactly from its recorded grid.
-
-    Uniform: (C, K) unsigned codes (symmetric grids shifted by 2^(bits-1) - 1). Codebook: flat
-    indices into the codebook, -1 where the weight is an exact (pruned) zero.
-    """
-    info = getattr(module, QUANT_ATTR)
-    w = module.weight.detach()
-    if "codebook" in info:
-        cb = info["codebook"]
-        flat = w.flatten()
-        codes = km.assign(flat, cb)
-        codes = torch.where(flat == 0, torch.full_like(codes, -1), codes)
-        if not torch.equal(torch.where(codes >= 0, cb[codes.clamp_min(0)], torch.zeros_like(flat)), flat):
-            raise ValueError("weights are off their codebook (changed after quantization?)")
-        return codes, info
-    mat = w.flatten(1) if info.get("per_channel", True) else w.reshape(1, -1)
-    scale, zp = info["scale"], info["zero_point"]
-    q = torch.round(mat / scale[:, None]) + zp[:, None]
-    if not torch.equal((q - zp[:, None]) * scale[:, None], mat):
-        raise ValueError("weights are off their grid (changed after quantization?)")
-    lo, _ = uniform.qrange(info["bits"], info.get("symmetric", True))
-    return (q - lo).long(), info
+def set_weight(module: nn.Module, state: QuantState) -> None:
+    """Put ``state`` on ``module`` and its weight exactly on the codes."""
+    with torch.no_grad():
+        module.weight.copy_(state.dequantize(module.weight.shape).to(module.weight.device))
+    set_state(module, state)
 
 
-@register_handler(QuantConfig)
-def _quantize(model: nn.Module, config: QuantConfig, train_data=None, val_data=None) -> nn.Module:
-    rows, shared = [], {}
-    for name, m in targets(model, config):
-        bits = per_layer(config.bits, name, per_layer(config.bits, _type_key(m), 8))
-        w = m.weight.detach().clone()
-        dq, info = quantize_tensor(w, bits, config.scheme, config.per_channel, config.symmetric)
-        with torch.no_grad():
-            m.weight.copy_(dq)
-        setattr(m, QUANT_ATTR, info)
-        if config.scheme == "kmeans":
-            shared[name] = (m, km.layer_codes(m, info["codebook"]), info["codebook"])
-        rows.append({"name": name, "bits": bits, "scheme": config.scheme, "mse": float((w - dq).pow(2).mean()),
-                     "sqnr_db": round(sqnr_db(w, dq), 2), "zeros": int((dq == 0).sum()), "params": w.numel()})
-    if config.scheme == "kmeans" and train_data is not None and config.epochs > 0:
-        trainer = km.CentroidTrainer(shared)
-        fit(model, train_data, TrainConfig(epochs=config.epochs, lr=config.lr), params=trainer.params(),
-            after_backward=trainer.after_backward, on_step=trainer.on_step, desc="k-means centroids")
-        km.finalize({n: v[0] for n, v in shared.items()}, trainer.codebooks())
-    add_history(model, {"stage": "quantize", "config": config.to_dict(), "layers": rows})
-    return model
+@register_method(QuantConfig)
+class Quantizer(Method):
+    """``attach`` puts every chosen layer on its grid or codebook. For k-means, ``parameters()`` are
+    the centroids: give them (and only them) to your optimizer; ``after_backward`` turns weight
+    gradients into centroid gradients and ``step`` writes the centroids back into the weights."""
 
+    def attach(self) -> None:
+        cfg = self.config
+        for name, m in cfg.select.layers(self.model):
+            bits = per_layer(cfg.bits, name, m, 8)
+            w = m.weight.detach().clone()
+            state = quantize_tensor(w, bits, cfg.scheme, cfg.per_channel, cfg.symmetric)
+            set_weight(m, state)
+            dq = m.weight.detach().cpu()
+            self.layers.append({"name": name, "bits": bits, "scheme": cfg.scheme,
+                                "mse": float((w.cpu() - dq).pow(2).mean()), "sqnr_db": round(sqnr_db(w.cpu(), dq), 2),
+                                "zeros": int((dq == 0).sum()), "params": w.numel()})
+        if isinstance(cfg.bits, dict):
+            from ..config import close_matches
+            from ..errors import UsageError
 
-def quantize_(model: nn.Module, config: QuantConfig, train_data=None, val_data=None) -> nn.Module:
-    """Quantize weights in place; returns the model for chaining."""
-    return handler_for(config, "quantize_")(model, config, train_data, val_data)
+            names = [r["name"] for r in self.layers]
+            for k in cfg.bits:
+                if k not in names and k not in ("conv", "linear", "_default"):
+                    raise UsageError(f"--bits {k}: no quantized layer of that name{close_matches(k, names)}")
+        self.trainer = None
+        if cfg.scheme == "kmeans":
+            mods = dict(self.model.named_modules())
+            self.trainer = km.CentroidTrainer({r["name"]: mods[r["name"]] for r in self.layers})
+
+    def parameters(self):
+        return self.trainer.params() if self.trainer is not None else None
+
+    def after_backward(self) -> None:
+        if self.trainer is not None:
+            self.trainer.after_backward()
+
+    def step(self, lr: float | None = None) -> bool:
+        if self.trainer is not None:
+            self.trainer.write_back()
+        return False
+
+    def fine_tune(self) -> None:
+        if self.trainer is not None:  # uniform grids are not trained
+            super().fine_tune()
+
+    def finalize(self) -> nn.Module:
+        if self.trainer is not None:
+            self.trainer.finalize()
+        return self.model
 
 
 def quantize(model: nn.Module, config: QuantConfig | None = None, train_data=None, val_data=None, **kw) -> nn.Module:
+    """``quantize(m, bits=4, scheme="mmse")`` or with a config: in place, returns the model."""
     return quantize_(model, config or QuantConfig(**kw), train_data, val_data)
 
 
-__all__ = ["QuantConfig", "codes_of", "quantize", "quantize_", "quantize_tensor", "sqnr_db"]
+__all__ = ["QuantConfig", "QuantState", "Quantizer", "get_state", "quantize", "quantize_", "quantize_tensor",
+           "sqnr_db"]

@@ -47,55 +47,51 @@ def quantize_kmeans(w: torch.Tensor, bits: int, iters: int = 30):
 
 
 class CentroidTrainer:
-    """Fine-tunes codebooks inside the shared training loop.
+    """Fine-tunes the codebooks of k-means layers; the codes stay fixed.
 
-    ``after_backward`` turns each layer's weight gradient into per-centroid sums; the optimizer steps
-    the codebooks; ``on_step`` writes the shared values back into the weights.
+    ``after_backward`` turns each layer's weight gradient into per-centroid sums (and clears the
+    weight's own gradient: weights are not stepped); the optimizer steps the centroids;
+    ``write_back`` puts the shared values into the weights; ``finalize`` sorts each codebook (the
+    container's order), renumbers the codes to match and updates the layer's ``QuantState``.
     """
 
-    def __init__(self, layers: dict[str, tuple[torch.nn.Module, torch.Tensor, torch.Tensor]]):
-        # fqn -> (module, codes (-1 = pruned), codebook)
-        self.layers = {n: (m, codes, torch.nn.Parameter(cb.clone())) for n, (m, codes, cb) in layers.items()}
+    def __init__(self, layers: dict[str, torch.nn.Module]):
+        from ..quant_state import get_state
+
+        self.layers = {}
+        for n, m in layers.items():
+            st = get_state(m)
+            self.layers[n] = (m, st, st.codes.flatten().long(), torch.nn.Parameter(st.codebook.clone().float()))
 
     def params(self):
-        return [cb for _, _, cb in self.layers.values()]
+        return [cb for _, _, _, cb in self.layers.values()]
 
-    def after_backward(self, model) -> None:
-        for m, codes, cb in self.layers.values():
+    def after_backward(self) -> None:
+        for m, _, codes, cb in self.layers.values():
             g = m.weight.grad
             if g is None:
                 continue
-            flat, c = g.flatten(), codes.flatten()
-            live = c >= 0
-            cb.grad = torch.zeros_like(cb).index_add_(0, c[live], flat[live].to(cb.dtype))
+            live = codes >= 0
+            cb.grad = torch.zeros_like(cb).index_add_(0, codes[live], g.flatten()[live].to(cb.dtype).cpu())
             m.weight.grad = None  # the weights themselves are not stepped
 
     @torch.no_grad()
-    def on_step(self, model, lr=None) -> None:
-        for m, codes, cb in self.layers.values():
+    def write_back(self) -> None:
+        for m, _, codes, cb in self.layers.values():
             flat = torch.zeros(codes.numel(), dtype=m.weight.dtype)
-            c = codes.flatten()
-            live = c >= 0
-            flat[live] = cb.detach()[c[live]].to(flat.dtype)
+            live = codes >= 0
+            flat[live] = cb.detach()[codes[live]].to(flat.dtype)
             m.weight.copy_(flat.view_as(m.weight))
 
-    def codebooks(self) -> dict[str, torch.Tensor]:
-        return {n: cb.detach().clone() for n, (_, _, cb) in self.layers.items()}
+    @torch.no_grad()
+    def finalize(self) -> None:
+        from ..quant_state import QuantState, set_state
 
-
-def layer_codes(module: torch.nn.Module, codebook: torch.Tensor) -> torch.Tensor:
-    """Codes of a shared-weight layer: nearest centroid, -1 where the weight is an exact zero."""
-    flat = module.weight.detach().flatten()
-    codes = assign(flat, codebook)
-    return torch.where(flat == 0, torch.full_like(codes, -1), codes).view_as(module.weight)
-
-
-@torch.no_grad()
-def finalize(modules: dict[str, torch.nn.Module], codebooks: dict[str, torch.Tensor]) -> None:
-    """Store trained codebooks sorted (the container's order) and snap the weights onto them."""
-    for name, cb in codebooks.items():
-        m = modules[name]
-        cb_sorted, _ = cb.sort()
-        m.compress_quant = {**m.compress_quant, "codebook": cb_sorted}
-        flat = m.weight.detach().flatten()
-        m.weight.copy_(torch.where(flat == 0, flat, cb_sorted[assign(flat, cb_sorted)]).view_as(m.weight))
+        for m, st, codes, cb in self.layers.values():
+            cb_sorted, order = cb.detach().sort()
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(len(order))
+            new = torch.where(codes >= 0, rank[codes.clamp_min(0)], codes)
+            state = QuantState(st.bits, st.scheme, new.to(torch.int16), codebook=cb_sorted.clone())
+            m.weight.copy_(state.dequantize(m.weight.shape).to(m.weight.device))
+            set_state(m, state)

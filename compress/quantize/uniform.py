@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from ..quant_state import qrange
+
 # ACIQ (Banner et al., "Post training 4-bit quantization of convolutional networks for rapid-deployment",
 # NeurIPS 2019): optimal clipping for Laplace(b) at 2..8 bits, in units of b.
 ACIQ_LAPLACE = {2: 2.83, 3: 3.89, 4: 5.03, 5: 6.2, 6: 7.41, 7: 8.64, 8: 9.89}
-
-
-def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
-    if symmetric:  # narrow range: zero exact, grid symmetric
-        q = 2 ** (bits - 1) - 1
-        return -q, q
-    return 0, 2 ** bits - 1
 
 
 def quantize_symmetric(w: torch.Tensor, clip: torch.Tensor, bits: int):

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..io import write_text
+from ..fileio import write_text
 from . import plots
 
 

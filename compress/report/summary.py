@@ -7,12 +7,14 @@ from typing import Any
 
 from .. import data as data_mod
 from ..errors import InputError
-from ..io import get_meta, load_model
-from ..metrics import input_shape_of, summarize
+from ..meta import get_meta
+from ..formats import load_model
+from ..metrics import summarize
+from ..stages import Context
 
 
 def model_report(path: str | os.PathLike, arch: str | None = None, trust_pickle: bool = False,
-                 data: str | None = None, input_shape: str | None = None, latency: bool = True,
+                 data: str | None = None, input_shape: tuple | None = None, latency: bool = True,
                  test_data: str | None = None) -> dict[str, Any]:
     """Everything ``compress report`` shows, as a JSON-able dict."""
     path = Path(path)
@@ -25,7 +27,7 @@ def model_report(path: str | os.PathLike, arch: str | None = None, trust_pickle:
         rep = onnx_summary(path, ds, input_shape)
     else:
         model = load_model(path, arch=arch, trust_pickle=trust_pickle)
-        shape = input_shape_of(model, ds, input_shape)
+        shape = Context(val=ds, input_shape=input_shape).shape(model)
         rep = summarize(model, shape, ds, latency=latency)
         meta = get_meta(model)
         if meta.get("history"):

@@ -1,0 +1,54 @@
+"""Which file format a model path holds, and the one place that dispatches on it.
+
+It sits above ``io`` (torch files: TorchScript, state_dict + arch, whole modules) and ``coding``
+(.cpz containers), so neither needs the other.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch.nn as nn
+
+from .errors import InputError
+
+CPZ_MAGIC = b"CPZ\x00"
+
+
+def is_cpz(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == CPZ_MAGIC or path.suffix == ".cpz"
+
+
+def load_model(path: str | os.PathLike, arch: str | None = None, trust_pickle: bool = False) -> nn.Module:
+    """Load a model safely: a .cpz, a TorchScript archive, a state_dict with ``arch``, or a whole
+    module whose classes are torch.nn / compress ones. Anything that would run code from the file
+    needs ``trust_pickle=True``."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory, not a model file")
+    if is_cpz(path):
+        from .coding.container import load_cpz
+
+        return load_cpz(path)
+    if path.suffix == ".onnx":
+        raise InputError(f"{path} is an ONNX model; only `compress report` and `compress export` read ONNX")
+    from .io import load_torch
+
+    return load_torch(path, arch, trust_pickle)
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False) -> Path:
+    """Save atomically: a .cpz (Huffman-coded, architecture as data) for a ``.cpz`` path, else a
+    torch file that compress loads again without trust."""
+    path = Path(path)
+    if path.suffix == ".cpz":
+        from .coding.container import save_cpz
+
+        save_cpz(model, path, force=force)
+        return path
+    from .io import save_module
+
+    return save_module(model, path, force=force)

@@ -1,0 +1,101 @@
+"""The quantization state of one layer: its integer codes and the grid or codebook they index.
+
+``quantize_`` sets one ``QuantState`` on every layer it changes (``module.compress_quant``) and
+the layer's weight is exactly ``state.dequantize()``. The .cpz container writes ``state.codes``
+as they are and builds the state again when it decodes, so no code is ever recovered by division.
+A weight changed after quantization no longer matches its state; ``check`` says so.
+
+This module is the contract between ``quantize`` (which makes states) and ``coding`` (which
+stores them): it imports neither.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+QUANT_ATTR = "compress_quant"
+SCHEMES = ("minmax", "mmse", "kmeans")
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """The integer range of a grid: narrow and symmetric (zero exact), or 0..2^bits-1 (affine)."""
+    if symmetric:
+        q = 2 ** (bits - 1) - 1
+        return -q, q
+    return 0, 2 ** bits - 1
+
+
+@dataclass(eq=False)
+class QuantState:
+    """Args:
+        bits: bits per weight (2..8).
+        scheme: "minmax", "mmse" (uniform grids) or "kmeans" (a shared codebook).
+        codes: uniform: (C, K) unsigned codes, code - qrange's low end is the grid integer;
+            codebook: flat int16 indices into ``codebook``, -1 where the weight is a pruned zero.
+        scale: (C,) grid step per channel (uniform).
+        zero_point: (C,) integer zero point (affine grids), else None.
+        codebook: (2^bits,) sorted centroids (kmeans).
+        per_channel: one grid per output channel (uniform), else one for the tensor.
+    """
+
+    bits: int
+    scheme: str
+    codes: torch.Tensor
+    scale: torch.Tensor | None = None
+    zero_point: torch.Tensor | None = None
+    codebook: torch.Tensor | None = None
+    per_channel: bool = True
+
+    @property
+    def is_codebook(self) -> bool:
+        return self.codebook is not None
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_point is None
+
+    def dequantize(self, shape) -> torch.Tensor:
+        """The float32 weight these codes stand for, computed as the quantizer computed it."""
+        if self.is_codebook:
+            c = self.codes.flatten().long()
+            flat = torch.where(c >= 0, self.codebook.float()[c.clamp_min(0)], torch.zeros(c.shape))
+            return (flat + 0.0).view(shape)
+        lo, _ = qrange(self.bits, self.symmetric)
+        q = self.codes.to(torch.float32) + lo  # (C, K)
+        s = self.scale.float()[:, None]
+        w = (q - self.zero_point.float()[:, None]) * s if self.zero_point is not None else q * s
+        return (w + 0.0).reshape(shape)  # + 0.0: no negative zeros
+
+    def check(self, weight: torch.Tensor, where: str = "layer") -> None:
+        """Raise ValueError unless ``weight`` still equals the dequantized codes."""
+        if not torch.equal(self.dequantize(weight.shape), weight.detach().cpu().float()):
+            raise ValueError(f"{where}: weights are off their quantization grid (changed after quantization?); "
+                             "quantize again after the last change")
+
+    def to_dict(self) -> dict:
+        """Plain description (no tensors) for reports."""
+        return {"bits": self.bits, "scheme": self.scheme, "per_channel": self.per_channel,
+                "symmetric": self.symmetric}
+
+
+def get_state(module: nn.Module) -> QuantState | None:
+    s = getattr(module, QUANT_ATTR, None)
+    return s if isinstance(s, QuantState) else None
+
+
+def set_state(module: nn.Module, state: QuantState | None) -> None:
+    if state is None:
+        if QUANT_ATTR in module.__dict__:
+            delattr(module, QUANT_ATTR)
+        return
+    setattr(module, QUANT_ATTR, state)
+
+
+def quantized_layers(model: nn.Module):
+    """(fqn, module, state) of every layer that carries a quantization state."""
+    for name, m in model.named_modules():
+        s = get_state(m)
+        if s is not None:
+            yield name, m, s

@@ -1,0 +1,158 @@
+"""Recipes: stages of compression, each one method config or a search over one of its options.
+
+A recipe is TOML (see docs/recipes)::
+
+    version = 2
+    max_accuracy_drop = 0.5        # optional; the --max-accuracy-drop flag wins over it
+    confidence = 1.0               # standard errors of margin in the budget test
+    val_fraction = 0.1             # held out of the training data when no validation data is given
+
+    [[stage]]
+    type = "threshold"             # a method's stage name, or a preset: kmeans, int8
+    sparsity = [0.8, 0.9, 0.93]    # a list for the method's search key: candidates, in order
+    steps = 3                      # any other option of the method's config
+    finetune = { epochs = 3 }      # the config's parts as tables: finetune, select
+    patience = 2                   # a stage option: misses in a row that end the search
+
+Every value has one meaning wherever it appears: ``finetune.epochs`` is the stage's total.
+``resolve`` applies one precedence to every setting: argument > recipe > model metadata > default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from . import factorize, prune, quantize  # noqa: F401  (their methods register the stage types)
+from .config import CONFIG_VERSION, Config, close_matches, stage_types
+from .errors import UsageError
+
+PRESETS = {"kmeans": ("quantize", {"scheme": "kmeans"}), "int8": ("quantize", {"bits": 8, "scheme": "minmax"})}
+_STAGE_KEYS = ("type", "patience")
+
+
+def resolve(*values, default=None):
+    """The first value that is not None: argument > recipe > model metadata > default."""
+    return next((v for v in values if v is not None), default)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """Args:
+        name: the stage name ("threshold", "kmeans", ...).
+        candidates: configs tried in order (one: no search).
+        patience: candidates over budget in a row that end an iterative search.
+    """
+
+    name: str
+    candidates: tuple[Config, ...]
+    patience: int = 2
+
+    @property
+    def iterative(self) -> bool:
+        """Each candidate continues from the previous one (iterative pruning), else from the stage input."""
+        return self.candidates[0].stage_name == "threshold"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "stage") -> "Stage":
+        if not isinstance(d, dict):
+            raise UsageError(f"{where}: a stage must be a table, got {type(d).__name__}")
+        name = d.get("type")
+        types = stage_types()
+        known = sorted(types) + sorted(PRESETS)
+        if not isinstance(name, str) or name not in known:
+            hint = close_matches(name, known) if isinstance(name, str) else ""
+            raise UsageError(f"{where}: unknown type {name!r}{hint}; known: {', '.join(known)}")
+        base_name, preset = PRESETS.get(name, (name, {}))
+        cfg_cls = types[base_name]
+        opts = {**preset, **{k: v for k, v in d.items() if k not in _STAGE_KEYS}}
+        patience = d.get("patience", 2)
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise UsageError(f"{where}: patience must be an integer >= 1, got {patience!r}")
+        key = cfg_cls.search_key
+        values = opts.get(key)
+        if isinstance(values, list):
+            if not values:
+                raise UsageError(f"{where}: {key} = [] lists no candidate")
+            option_sets = [{**opts, key: v} for v in values]
+        else:
+            option_sets = [opts]
+        try:
+            cands = tuple(cfg_cls.from_options(o) for o in option_sets)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"{where} ({name}): {e}") from e
+        return cls(name, cands, patience)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.name, "patience": self.patience, "candidates": [c.to_dict() for c in self.candidates]}
+
+
+def _number(d: dict, key: str, lo: float, hi: float, where: str):
+    v = d.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+        raise UsageError(f"{where}: {key} must be a number in [{lo}, {hi}], got {v!r}")
+    return float(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Args:
+        stages: the stages, in order.
+        max_accuracy_drop: the budget in accuracy points (None: the caller's or the default).
+        confidence: standard errors of margin in the budget test (None: default).
+        val_fraction: fraction of the training data held out for validation (None: the model's
+            metadata, else the default).
+    """
+
+    stages: tuple[Stage, ...]
+    max_accuracy_drop: float | None = None
+    confidence: float | None = None
+    val_fraction: float | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "recipe") -> "Recipe":
+        if not isinstance(d, dict):
+            raise UsageError(f"{where} must be a table")
+        unknown = sorted(set(d) - {"stage", "max_accuracy_drop", "confidence", "val_fraction", "version"})
+        if unknown:
+            raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; a method's options go inside a "
+                             "[[stage]]")
+        version = d.get("version", CONFIG_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version > CONFIG_VERSION:
+            raise UsageError(f"{where}: version {version!r} is newer than this compress reads ({CONFIG_VERSION})")
+        stages = d.get("stage")
+        if not isinstance(stages, list) or not stages:
+            raise UsageError(f"{where} needs at least one [[stage]]")
+        return cls(tuple(Stage.from_dict(s, f"{where} stage {i + 1}") for i, s in enumerate(stages)),
+                   _number(d, "max_accuracy_drop", 0.0, 100.0, where), _number(d, "confidence", 0.0, 10.0, where),
+                   _number(d, "val_fraction", 0.01, 0.9, where))
+
+    @classmethod
+    def load(cls, path) -> "Recipe":
+        import tomllib
+
+        try:
+            with open(path, "rb") as f:
+                d = tomllib.load(f)
+        except FileNotFoundError as e:
+            raise UsageError(f"recipe {path} not found") from e
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"recipe {path}: {e}") from e
+        except IsADirectoryError as e:
+            raise UsageError(f"recipe {path} is a directory") from e
+        return cls.from_dict(d, f"recipe {path}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": CONFIG_VERSION, "max_accuracy_drop": self.max_accuracy_drop, "confidence": self.confidence,
+                "val_fraction": self.val_fraction, "stages": [s.to_dict() for s in self.stages]}
+
+
+# Han et al., Deep Compression (ICLR 2016): iterative threshold pruning with fine-tuning (3 epochs a
+# round), k-means weight sharing with centroid fine-tuning (conv 8 / fc 5 bits, searched downwards).
+DEFAULT_RECIPE = Recipe.from_dict({"stage": [
+    {"type": "threshold", "sparsity": [0.8, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98], "finetune": {"epochs": 9}},
+    {"type": "kmeans", "bits": [{"conv": 8, "linear": 5}, {"conv": 6, "linear": 4}, {"conv": 5, "linear": 4},
+                                {"conv": 4, "linear": 3}], "finetune": {"epochs": 1}},
+]}, "default recipe")

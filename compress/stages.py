@@ -1,0 +1,206 @@
+"""The one contract of every stage: ``run(verb, model, config, ctx) -> StageResult``.
+
+A stage is a *method* object with one lifecycle, in the style of Torch-Pruning's pruners::
+
+    method = ThresholdPruner(model, ThresholdConfig(sparsity=0.9), ctx)
+    method.attach()                 # masks, codes, penalty state, or a structural change
+    for each training step:         # the library's `fit`, or the user's own loop (compress.hooks)
+        loss = loss + method.penalty()      # when it has one (group lasso)
+        loss.backward(); method.after_backward(); optimizer.step()
+        if method.step(lr): rebuild the optimizer (the architecture changed)
+    model = method.finalize()       # exact zeros, snapped codes: no training state left
+
+The library's verbs (``prune_``, ``quantize_``, ``factorize_``) build the method from the config's
+registry entry, call ``attach``, ``fine_tune`` (the shared loop driving the same hooks) and
+``finalize``, and return the model; ``run`` returns the ``StageResult`` with the numbers every
+caller shows. Each config belongs to one verb: ``prune_(m, QuantConfig())`` is an error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn as nn
+
+from . import masks
+from .config import Config, FineTune, method_for
+from .errors import UsageError
+from .meta import add_history, get_meta
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Context:
+    """What a stage may use beside its config.
+
+    Args:
+        train: training data (a ``compress.data.Dataset``) for fine-tuning and calibration.
+        val: held-out data; methods with rounds report its accuracy after each.
+        input_shape: (1, C, H, W) for tracing; default: from the data, else the model's metadata.
+        device: move the model here before the stage ("cpu", "cuda:0"); None: leave it where it is.
+        on_event: ``(kind, fields)`` callback for progress ("round", "reconfigure").
+    """
+
+    train: Any = None
+    val: Any = None
+    input_shape: tuple | None = None
+    device: str | None = None
+    on_event: Callable[[str, dict], None] | None = None
+
+    def emit(self, kind: str, **fields) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, fields)
+
+    def shape(self, model: nn.Module) -> tuple[int, ...]:
+        """(1, C, H, W): given, else from the data, else from the model's metadata."""
+        if self.input_shape:
+            return (1,) + tuple(self.input_shape)[1:]
+        for d in (self.train, self.val):
+            if d is not None:
+                return (1,) + tuple(d.x.shape[1:])
+        meta = get_meta(model)
+        if meta.get("input_shape"):
+            return (1,) + tuple(meta["input_shape"][1:])
+        raise UsageError("cannot tell the model's input shape: give input_shape (--input-shape 1,1,28,28) "
+                         "or data")
+
+
+@dataclasses.dataclass
+class StageResult:
+    """What a stage did, in numbers. ``layers``: one row per layer it changed or left (with why);
+    ``records``: its progress over time (rounds, reconfigurations); ``notes``: what a user should know."""
+
+    stage: str
+    config: dict
+    model: nn.Module
+    layers: list[dict] = dataclasses.field(default_factory=list)
+    records: list[dict] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "config": self.config, "layers": self.layers, "records": self.records,
+                "notes": self.notes, "seconds": self.seconds}
+
+
+class Method:
+    """Base of every method object; see the module docstring for the lifecycle.
+
+    Subclasses set ``config_cls`` and override what they need. ``needs_train``: the method cannot run
+    without training data (channel-union trains from the start).
+    """
+
+    needs_train: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, config: Config | None = None, ctx: Context | None = None):
+        self.model, self.config, self.ctx = model, config, ctx or Context()
+        self.layers: list[dict] = []
+        self.records: list[dict] = []
+        self.notes: list[str] = []
+
+    # -- the lifecycle a training loop drives ------------------------------------------------
+    def attach(self) -> None:
+        """Start: apply masks/codes or change the structure. Called once, before training."""
+
+    def penalty(self) -> torch.Tensor | None:
+        """A term to add to the loss, or None."""
+        return None
+
+    def after_backward(self) -> None:
+        """Rewrite gradients (call after ``loss.backward()``, before ``optimizer.step()``)."""
+
+    def step(self, lr: float | None = None) -> bool:
+        """Call after ``optimizer.step()``. True when the architecture changed (rebuild the optimizer)."""
+        return False
+
+    def parameters(self):
+        """What the optimizer trains; None: the model's own parameters."""
+        return None
+
+    def finalize(self) -> nn.Module:
+        """End: leave a plain model (exact zeros, weights on their codes), no training state."""
+        return self.model
+
+    # -- what the library adds around it -------------------------------------------------------
+    def train_config(self, epochs: float, seed: int = 0):
+        from .train import TrainConfig
+
+        ft: FineTune = self.config.finetune
+        augment = ft.augment if ft.augment is not None else int(get_meta(self.model).get("augment", 0))
+        return TrainConfig(epochs=epochs, lr=ft.lr, optimizer=ft.optimizer, batch_size=ft.batch_size,
+                           augment=augment, seed=seed)
+
+    def fine_tune(self) -> None:
+        """The library's loop: ``config.finetune.epochs`` of training on ``ctx.train``, driving the hooks."""
+        from .train import fit
+
+        epochs = self.config.finetune.epochs
+        if epochs > 0 and self.ctx.train is not None:
+            fit(self.model, self.ctx.train, self.train_config(epochs), method=self,
+                desc=f"{self.config.stage_name} fine-tune")
+        elif epochs > 0:
+            self.notes.append("no training data: not fine-tuned")
+
+    def run(self) -> StageResult:
+        """attach -> fine_tune -> finalize, timed; the result is also recorded in the model's history."""
+        t0 = time.perf_counter()
+        if self.ctx.device:
+            self.model.to(self.ctx.device)
+        if self.needs_train and self.ctx.train is None:
+            raise UsageError(f"{self.config.stage_name} trains: give training data (--train-data SPEC)")
+        self.attach()
+        self.fine_tune()
+        self.model = self.finalize()
+        res = StageResult(self.config.stage_name, self.config.to_dict(), self.model, self.layers, self.records,
+                          self.notes, round(time.perf_counter() - t0, 2))
+        add_history(self.model, {k: v for k, v in res.to_dict().items() if k != "seconds"})
+        return res
+
+
+class KeepMasks(Method):
+    """Pruning masks hold through training: masked weights get no gradient (so no optimizer
+    state either) and are zeroed again after every step. ``fit`` uses it for a masked model."""
+
+    def after_backward(self) -> None:
+        masks.mask_grads(self.model)
+
+    def step(self, lr: float | None = None) -> bool:
+        masks.enforce(self.model)
+        return False
+
+    def finalize(self) -> nn.Module:
+        masks.remove_masks(self.model)  # exact zeros, no mask machinery
+        return self.model
+
+
+def run(verb: str, model: nn.Module, config: Config, ctx: Context | None = None) -> StageResult:
+    """Apply ``config`` to ``model`` under ``verb``; the model changes in place."""
+    return method_for(config, verb)(model, config, ctx).run()
+
+
+def _ctx(ctx, train_data, val_data, input_shape) -> Context:
+    if ctx is not None:
+        return ctx
+    return Context(train=train_data, val=val_data, input_shape=input_shape)
+
+
+def prune_(model: nn.Module, config: Config, train_data=None, val_data=None, *, input_shape=None,
+           ctx: Context | None = None) -> nn.Module:
+    """Prune in place with a pruning config; returns the model for chaining."""
+    return run("prune", model, config, _ctx(ctx, train_data, val_data, input_shape)).model
+
+
+def quantize_(model: nn.Module, config: Config, train_data=None, val_data=None, *, ctx: Context | None = None
+              ) -> nn.Module:
+    """Quantize weights in place with a ``QuantConfig``; returns the model for chaining."""
+    return run("quantize", model, config, _ctx(ctx, train_data, val_data, None)).model
+
+
+def factorize_(model: nn.Module, config: Config, train_data=None, val_data=None, *, ctx: Context | None = None
+               ) -> nn.Module:
+    """Factorize layers in place with a ``FactorizeConfig``; returns the model for chaining."""
+    return run("factorize", model, config, _ctx(ctx, train_data, val_data, None)).model
