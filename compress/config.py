@@ -206,6 +206,11 @@ class Config:
     def replace(self, **kw) -> "Config":
         return dataclasses.replace(self, **kw)
 
+    @classmethod
+    def part(cls, key: str, **changes) -> Any:
+        """This config's default ``select`` / ``finetune`` with ``changes`` (None values ignored)."""
+        return _part(key, {k: v for k, v in changes.items() if v is not None}, cls)
+
 
 def _part(key: str, d: dict, owner) -> Any:
     """A Select/FineTune from a dict, starting from the owner's default part (its own defaults)."""

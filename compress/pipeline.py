@@ -150,15 +150,15 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
         timeline.append(_point("quantized" if quantized else "pruned" if stage.name == "threshold" else stage.name,
                                model, sizes["fixed"] if quantized else sizes["coded"], acc))
         results.append(res)
-    final = measured[0] if measured else size_bytes(model)
+    add_history(model, {"stage": "pipeline", "budget_pt": budget,
+                        "kept": [r["kept"]["options"] if r["kept"] else None for r in results]})
+    final = size_bytes(model)  # with the history above: exactly the bytes save_model writes
     timeline.append(_point("huffman coded", model, final["coded"], timeline[-1]["accuracy"]))
     summary = {"budget_pt": budget, "confidence": z, "base_accuracy": round(base_acc, 3),
                "final_accuracy": round(timeline[-1]["accuracy"], 3), "dense_bytes": dense,
                "cpz_bytes": final["coded"], "ratio": round(dense / final["coded"], 2), "timeline": timeline,
-               "stages": results, "input_shape": list(ctx.input_shape), "recipe": recipe.to_dict(), "validation": {"samples": len(val),
-                                                                          "source": "given" if val_data is not None else "held out"}}
+               "stages": results, "input_shape": list(ctx.input_shape), "recipe": recipe.to_dict(),
+               "validation": {"samples": len(val), "source": "given" if val_data is not None else "held out"}}
     if test_data is not None:
         summary.update(test_accuracy_before=test_before, test_accuracy_after=round(evaluate(model, test_data), 3))
-    add_history(model, {"stage": "pipeline", "ratio": summary["ratio"], "budget_pt": budget,
-                        "kept": [r["kept"]["options"] if r["kept"] else None for r in results]})
     return model, summary

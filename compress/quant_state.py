@@ -58,10 +58,9 @@ class QuantState:
 
     def dequantize(self, shape) -> torch.Tensor:
         """The float32 weight these codes stand for, computed as the quantizer computed it."""
-        if self.is_codebook:
-            c = self.codes.flatten().long()
-            flat = torch.where(c >= 0, self.codebook.float()[c.clamp_min(0)], torch.zeros(c.shape))
-            return (flat + 0.0).view(shape)
+        if self.is_codebook:  # one gather: code -1 (a pruned zero) indexes the table's trailing 0
+            table = torch.cat([self.codebook.float() + 0.0, torch.zeros(1)])
+            return table[self.codes.flatten().long()].view(shape)
         lo, _ = qrange(self.bits, self.symmetric)
         q = self.codes.to(torch.float32) + lo  # (C, K)
         s = self.scale.float()[:, None]

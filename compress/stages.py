@@ -146,7 +146,8 @@ class Method:
             self.notes.append("no training data: not fine-tuned")
 
     def run(self) -> StageResult:
-        """attach -> fine_tune -> finalize, timed; the result is also recorded in the model's history."""
+        """attach -> fine_tune -> finalize, timed; the stage and its config go into the model's history
+        (files stay small: per-layer rows and records are in the result, not the file)."""
         t0 = time.perf_counter()
         if self.ctx.device:
             self.model.to(self.ctx.device)
@@ -157,7 +158,7 @@ class Method:
         self.model = self.finalize()
         res = StageResult(self.config.stage_name, self.config.to_dict(), self.model, self.layers, self.records,
                           self.notes, round(time.perf_counter() - t0, 2))
-        add_history(self.model, {k: v for k, v in res.to_dict().items() if k != "seconds"})
+        add_history(self.model, {"stage": res.stage, "config": res.config})  # what was done, in a few bytes
         return res
 
 

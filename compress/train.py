@@ -12,7 +12,6 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from compress.config import FineTune
+from compress.stages import Context, run
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -43,7 +44,10 @@ def _job(method: str, start=None):
         prune_(m, ThresholdConfig(sparsity=0.8, steps=2, finetune=FineTune(epochs=2, lr=1e-3)), tr, va)
     else:
         m = create_model("resnet8", width=0.5)
-        prune_(m, ChannelUnionConfig(lasso_ratio=1.5, finetune=FineTune(epochs=3, lr=0.02, optimizer="sgd", batch_size=16, augment=0)), tr, va, input_shape=(1, 1, 8, 8))
+        cfg = ChannelUnionConfig(lasso_ratio=1.5, finetune=FineTune(epochs=3, lr=0.02, optimizer="sgd", batch_size=16,
+                                                                    augment=0))
+        res = run("prune", m, cfg, Context(train=tr, val=va, input_shape=(1, 1, 8, 8)))
+        m.reconfigurations = res.records  # for the test to read back
     return m, va
 
 
@@ -78,7 +82,7 @@ def test_two_processes_match_one(tmp_path, method):
         assert abs(evaluate(r0, va) - evaluate(single, va)) < 3.0  # accuracy within noise
         assert evaluate(r0, va) > 85
     else:
-        recs = r0.compress_meta["history"][-1]["records"]
+        recs = r0.reconfigurations
         assert len(recs) == 4  # reconfigured under DDP after every epoch, the model rebuilt each time
         assert count_params(r0) < recs[0]["params"]
         assert r0(torch.randn(2, 1, 8, 8)).shape == (2, 10)

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from compress.factorize import FactorizeConfig, choose_rank, factor_layer, factorize
+from compress.stages import run
 from compress.formats import load_model, save_model
 from compress.metrics import count_params
 from compress.models import create_model
@@ -63,11 +64,10 @@ def test_high_energy_keeps_outputs_and_saves(tmp_path, lenet5_trained, mnist_sma
 def test_factorize_only_when_smaller_and_skips_depthwise():
     m = create_model("mobilenet_small", width=0.5)
     p0 = count_params(m)
-    factorize(m, rank_ratio=0.25)
-    rows = m.compress_meta["history"][-1]["layers"]
+    rows = run("factorize", m, FactorizeConfig(rank_ratio=0.25)).layers
     dw = [r for r in rows if r["name"].endswith("dw.0")]
     assert dw and all(r["action"] == "kept" and "depthwise" in r["reason"] for r in dw)
-    full = factorize(create_model("lenet300"), rank_ratio=1.0).compress_meta["history"][-1]["layers"]
+    full = run("factorize", create_model("lenet300"), FactorizeConfig(rank_ratio=1.0)).layers
     assert all(r["action"] == "kept" for r in full)  # full rank is never smaller
     assert count_params(m) < p0
     assert m(torch.randn(2, 1, 32, 32)).shape == (2, 10)

@@ -9,7 +9,7 @@ from compress import data as data_mod
 from compress import masks
 from compress.metrics import count_macs, count_nonzero, count_params
 from compress.models import create_model
-from compress.prune import (ChannelUnionConfig, L1FilterConfig, ThresholdConfig, channel_union, prune_, ratios_for_budget, sensitivity, sparsity_of, threshold)
+from compress.prune import (ChannelUnionConfig, L1FilterConfig, ThresholdConfig, prune_, ratios_for_budget, sensitivity, sparsity_of, threshold)
 from compress.prune.channel_union import GroupLasso, ResidualIdentity, reconfigure
 from compress.prune.graph import channel_groups, prune_group
 from compress.train import TrainConfig, evaluate, fit
@@ -208,9 +208,10 @@ def test_channel_union_trains_and_shrinks(resnet8_trained, small32):
     tr, va = small32
     m = copy.deepcopy(resnet8_trained)
     p0 = count_params(m)
-    channel_union(m, train_data=tr, val_data=va, lasso_ratio=1.5,
-                  finetune=FineTune(epochs=3, lr=0.02, optimizer="sgd", batch_size=16, augment=0))
-    recs = m.compress_meta["history"][-1]["records"]
+    from compress.stages import Context, run
+    cfg = ChannelUnionConfig(lasso_ratio=1.5, finetune=FineTune(epochs=3, lr=0.02, optimizer="sgd", batch_size=16,
+                                                                augment=0))
+    recs = run("prune", m, cfg, Context(train=tr, val=va)).records
     assert len(recs) == 4 and recs[0]["params"] == p0
     assert count_params(m) < p0
     assert m(torch.randn(2, 1, 32, 32)).shape == (2, 10)

@@ -41,10 +41,9 @@ def test_weights_lie_on_grid(lenet5_trained, scheme, bits):
 
 def test_mmse_beats_minmax_at_4_bits_on_every_layer(lenet5_trained, mnist_small):
     a, b = copy.deepcopy(lenet5_trained), copy.deepcopy(lenet5_trained)
-    quantize(a, QuantConfig(bits=4, scheme="minmax"))
-    quantize(b, QuantConfig(bits=4, scheme="mmse"))
-    ra = {r["name"]: r["mse"] for r in a.compress_meta["history"][-1]["layers"]}
-    rb = {r["name"]: r["mse"] for r in b.compress_meta["history"][-1]["layers"]}
+    from compress.stages import run
+    ra = {r["name"]: r["mse"] for r in run("quantize", a, QuantConfig(bits=4, scheme="minmax")).layers}
+    rb = {r["name"]: r["mse"] for r in run("quantize", b, QuantConfig(bits=4, scheme="mmse")).layers}
     assert all(rb[n] < ra[n] for n in ra), (ra, rb)
     _, va = mnist_small
     assert evaluate(b, va) >= evaluate(a, va) - 0.5

@@ -64,10 +64,10 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     return (1,) + shape[1:]
 
 
-def make_config(cls, **kw):
-    """Build a config; its ValueError becomes a usage error naming the option."""
+def make_config(build, *args, **kw):
+    """Build a config (or a part of one); its ValueError becomes a usage error naming the option."""
     try:
-        return cls(**kw)
+        return build(*args, **kw)
     except ValueError as e:
         raise UsageError(str(e)) from e
 

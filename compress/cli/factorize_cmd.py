@@ -31,10 +31,10 @@ def factorize(model: ModelArg, output: OutOpt,
 
     With --train-data and no --epochs, only BatchNorm statistics are re-estimated (no weight trains).
     """
-    from ..config import FineTune, Select
+    from ..config import Select
     from ..factorize import FactorizeConfig
 
-    ft = make_config(FineTune, **{k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None})
+    ft = make_config(FactorizeConfig.part, "finetune", epochs=epochs, lr=lr)
     cfg = make_config(FactorizeConfig, energy=energy, rank_ratio=rank_ratio, rank=rank, finetune=ft,
                       select=make_config(Select, names=patterns(layers), exclude=patterns(exclude)))
     inp = load_inputs(model, output, force, arch, trust_pickle, train_data, test_data, input_shape,

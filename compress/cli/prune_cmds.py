@@ -54,7 +54,7 @@ def prune(model: ModelArg, output: OutOpt,
 
         compress prune resnet20.pt --method channel-union --train-data "mnist5k?size=32" --epochs 4 -o r20-cu.pt
     """
-    from ..config import FineTune, Select
+    from ..config import Select
     from ..prune import ChannelUnionConfig, L1FilterConfig, ThresholdConfig
 
     needs_train = method == Method.channel_union or bool(epochs) or (sensitivity and method == Method.l1_filter)
@@ -75,9 +75,7 @@ def prune(model: ModelArg, output: OutOpt,
         cls, opts = ChannelUnionConfig, {"reconfig_interval": reconfig_interval}
         if lasso_ratio is not None:
             opts["lasso_ratio"] = lasso_ratio
-    base = cls.__dataclass_fields__["finetune"].default_factory()
-    ft = make_config(FineTune, **{**base.__dict__, **{k: v for k, v in (("epochs", epochs), ("lr", lr))
-                                                      if v is not None}})
+    ft = make_config(cls.part, "finetune", epochs=epochs, lr=lr)
     sel = make_config(Select, names=patterns(layers), exclude=patterns(exclude))
     cfg = make_config(cls, **opts, finetune=ft, select=sel)
     run_command("prune", cfg, inp, output, force, report, json_out, on_event=_show_progress, extra=extra)

@@ -40,12 +40,10 @@ def quantize(model: ModelArg, output: OutOpt,
 
         compress quantize lenet5.pt --bits conv=8,linear=5 --scheme kmeans --train-data mnist5k --epochs 1 -o l5-km.pt
     """
-    from ..config import FineTune, Select
+    from ..config import Select
     from ..quantize import QuantConfig
 
-    base = QuantConfig.__dataclass_fields__["finetune"].default_factory()
-    ft = make_config(FineTune, **{**base.__dict__, **{k: v for k, v in (("epochs", epochs), ("lr", lr))
-                                                      if v is not None}})
+    ft = make_config(QuantConfig.part, "finetune", epochs=epochs, lr=lr)
     cfg = make_config(QuantConfig, bits=parse_mapping(bits, "--bits", cast=int), scheme=scheme.value,
                       per_channel=not per_tensor, symmetric=not affine, finetune=ft,
                       select=make_config(Select, names=patterns(layers), exclude=patterns(exclude),

@@ -261,14 +261,15 @@ def _decode_state(e: dict, data: bytes, shape: list, n: int) -> QuantState:
         k = streams._int(e, "k", 1, 256)
         if pb != 4 * k:
             raise ValueError("codebook has the wrong size")
-        sym, mask = _symbols(e, rest, n, k + 1)
-        codes = np.full(n, -1, dtype=np.int16)
+        sym, mask = _symbols(e, rest, n, k + 1)  # symbols < k + 1: the streams check the alphabet
         if mask is None:
-            codes[:] = np.where(sym == k, -1, sym)
+            codes = sym.astype(np.int16)
+            codes[codes == k] = -1  # the dense stream's zero symbol
         else:
+            codes = np.full(n, -1, dtype=np.int16)
             codes[mask] = sym
-        if (codes >= k).any():
-            raise ValueError("code outside the codebook")
+            if n and codes.max() >= k:
+                raise ValueError("code outside the codebook")
         cb = torch.from_numpy(np.frombuffer(params, dtype="<f4").astype(np.float32))
         return QuantState(bits, "kmeans", torch.from_numpy(codes), codebook=cb)
     c = streams._int(e, "channels", 1, n if n else 1)

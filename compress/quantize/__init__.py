@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..config import Config, FineTune, Select, per_layer, register_method
 from ..quant_state import SCHEMES, QuantState, get_state, set_state
-from ..stages import Context, Method, quantize_
+from ..stages import Method, quantize_
 from . import kmeans as km
 from . import uniform
 

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from compress import create_model, data
 from compress.coding import save_cpz
-from compress.hooks import KMeansFinetuner, ThresholdPruner
+from compress.hooks import Quantizer, ThresholdPruner
 from compress.prune import ThresholdConfig, sparsity_of
 from compress.quantize import QuantConfig
 from compress.train import evaluate
@@ -49,16 +49,18 @@ for x, y in batches(3):  # your usual training
 # 1. iterative threshold pruning: three rounds, one epoch apart (an epoch is shorter on more ranks)
 steps_per_epoch = len(train) // world // 64
 pruner = ThresholdPruner(model, ThresholdConfig(sparsity=0.9, steps=3), steps_per_round=steps_per_epoch)
+pruner.attach()  # round 1: masks on
 for x, y in batches(3):
     opt.zero_grad()
     F.cross_entropy(net(x), y).backward()
     pruner.after_backward()
     opt.step()
     pruner.step()
-model = pruner.apply()
+model = pruner.finalize()  # exact zeros, no masks left
 
 # 2. k-means weight sharing; only the centroids train
-ft = KMeansFinetuner(model, QuantConfig(bits={"conv": 6, "linear": 4}, scheme="kmeans"))
+ft = Quantizer(model, QuantConfig(bits={"conv": 6, "linear": 4}, scheme="kmeans"))
+ft.attach()  # weights on their codebooks
 copt = torch.optim.Adam(ft.parameters(), lr=1e-4)
 for x, y in batches(1):
     copt.zero_grad()
@@ -66,7 +68,7 @@ for x, y in batches(1):
     ft.after_backward()
     copt.step()
     ft.step()
-model = ft.apply()
+model = ft.finalize()
 
 if rank == 0:
     stats = save_cpz(model, "lenet5-own-loop.cpz", force=True)

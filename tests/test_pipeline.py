@@ -1,0 +1,100 @@
+"""The pipeline and its recipes: every shipped recipe runs, bad recipes are refused, one precedence."""
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress import data as data_mod
+from compress.coding.container import decode_model, encode_model
+from compress.errors import UsageError
+from compress.meta import set_meta
+from compress.models import create_model
+from compress.pipeline import pipeline
+from compress.recipe import DEFAULT_RECIPE, Recipe
+from compress.train import TrainConfig, fit
+
+RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("docs", "recipes").glob("*.toml"))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data_mod.load("digits")
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    """A LeNet-300-100 and a small ResNet trained on 90% of the 8x8 digits."""
+    tr, _ = data_mod.split(digits, 0.1, seed=0)
+    torch.manual_seed(0)
+    mlp = create_model("lenet300", input_size=8)
+    fit(mlp, tr, TrainConfig(epochs=6, lr=2e-3))
+    torch.manual_seed(0)
+    cnn = create_model("resnet8", width=0.5)
+    fit(cnn, tr, TrainConfig(epochs=4, lr=3e-3, batch_size=32))
+    return {"mlp": mlp, "cnn": cnn}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_runs(path, trained, digits):
+    recipe = Recipe.load(path)
+    structured = any(s.candidates[0].stage_name in ("l1-filter", "channel-union") for s in recipe.stages)
+    model = copy.deepcopy(trained["cnn" if structured else "mlp"])
+    m, summary = pipeline(model, digits, recipe, max_accuracy_drop=2.0)
+    assert len(summary["stages"]) == len(recipe.stages)
+    for st in summary["stages"]:
+        assert st["tried"], st["stage"]
+        if st["kept"] is not None:  # what was kept passed the budget test
+            assert st["kept"]["within_budget"] and st["kept"]["drop"] + st["kept"]["se"] <= 2.0
+    blob, _ = encode_model(copy.deepcopy(m))
+    assert len(blob) == summary["cpz_bytes"] and summary["ratio"] > 3
+    x = digits.x[:16]
+    assert torch.equal(decode_model(blob)(x), m(x))  # the file is the model that was judged
+
+
+def test_default_recipe_is_the_documented_one():
+    assert Recipe.load(Path(__file__).resolve().parents[1] / "docs/recipes/deep-compression.toml").stages == \
+        DEFAULT_RECIPE.stages
+
+
+@pytest.mark.parametrize("body,match", [
+    ("[[stage]]\ntype = 'threshold'\nsparsity = 0.9\nconfidence = 1.0\n", "unknown option"),
+    ("stage = [5]\n", "must be a table"),
+    ("val_fraction = 5.0\n[[stage]]\ntype = 'kmeans'\nbits = 4\n", "val_fraction"),
+    ("max_accuracy_drop = 'x'\n[[stage]]\ntype = 'kmeans'\nbits = 4\n", "max_accuracy_drop"),
+    ("max_accuracy_drop = nan\n[[stage]]\ntype = 'kmeans'\nbits = 4\n", "max_accuracy_drop"),
+    ("[[stage]]\ntype = 'threshold'\nsparsity = []\n", "no candidate"),
+    ("[[stage]]\ntype = 'treshold'\nsparsity = 0.5\n", "did you mean threshold"),
+    ("[[stage]]\ntype = 'threshold'\nsparsity = 1.5\n", "sparsity must be in"),
+    ("[[stage]]\ntype = 'threshold'\nsparsity = 0.5\nfinetune = { epoch = 3 }\n", "finetune: unknown option"),
+    ("[[stage]]\ntype = 'threshold'\nsparsity = 0.5\npatience = 0\n", "patience"),
+    ("version = 99\n[[stage]]\ntype = 'kmeans'\nbits = 4\n", "newer"),
+    ("x = 1\n[[stage]]\ntype = 'kmeans'\nbits = 4\n", "unknown key"),
+    ("[[stage]\n", "recipe"),
+])
+def test_bad_recipes_are_refused_with_the_reason(tmp_path, body, match):
+    p = tmp_path / "r.toml"
+    p.write_text(body)
+    with pytest.raises(UsageError, match=match):
+        Recipe.load(p)
+
+
+def test_precedence_argument_recipe_metadata_default(trained, digits):
+    one = {"stage": [{"type": "kmeans", "bits": 6}], "max_accuracy_drop": 0.25}
+    m = copy.deepcopy(trained["mlp"])
+    _, s = pipeline(m, digits, one, max_accuracy_drop=3.0)
+    assert s["budget_pt"] == 3.0  # the argument wins over the recipe
+    _, s = pipeline(copy.deepcopy(trained["mlp"]), digits, one)
+    assert s["budget_pt"] == 0.25  # then the recipe
+    m = copy.deepcopy(trained["mlp"])
+    set_meta(m, val_fraction=0.2)
+    _, s = pipeline(m, digits, {"stage": [{"type": "kmeans", "bits": 6}]})
+    assert s["budget_pt"] == 0.5 and s["validation"]["samples"] == round(0.2 * len(digits))  # metadata, default
+    _, s = pipeline(m, digits, {"stage": [{"type": "kmeans", "bits": 6}], "val_fraction": 0.3})
+    assert s["validation"]["samples"] == round(0.3 * len(digits))  # the recipe over the metadata
+
+
+def test_given_validation_data_is_used_whole(trained, digits):
+    tr, va = data_mod.split(digits, 0.25, seed=1)
+    _, s = pipeline(copy.deepcopy(trained["mlp"]), tr, {"stage": [{"type": "kmeans", "bits": 6}]}, val_data=va)
+    assert s["validation"] == {"samples": len(va), "source": "given"}
