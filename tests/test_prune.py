@@ -11,6 +11,7 @@ from compress.metrics import count_macs, count_nonzero, count_params
 from compress.models import create_model
 from compress.prune import (ChannelUnionConfig, L1FilterConfig, ThresholdConfig, prune_, ratios_for_budget, sensitivity, sparsity_of, threshold)
 from compress.prune.channel_union import GroupLasso, ResidualIdentity, reconfigure
+from tests.helpers import one_line_error
 from compress.prune.graph import channel_groups, prune_group
 from compress.train import TrainConfig, evaluate, fit
 
@@ -263,3 +264,21 @@ def test_prune_cli_channel_union_uses_library_defaults(tmp_path, cli):
     cfg = [h for h in hist if h.get("stage") == "channel-union"][0]["config"]
     assert cfg["lasso_ratio"] == ChannelUnionConfig().lasso_ratio and cfg["finetune"]["epochs"] == 1
     assert "reconfiguration after epoch 1" in res.err
+
+
+@pytest.mark.parametrize("args,match", [
+    (["prune", "--sparsity", "nosuchlayer=0.5"], "no prunable layer 'nosuchlayer'"),
+    (["prune", "--layers", "nosuch*"], "matches no layer"),
+    (["quantize", "--bits", "fc9=4"], "no quantized layer of that name (did you mean"),
+    (["quantize", "--layers", "conv9"], "matches no layer"),
+    (["factorize", "--rank", "2", "--exclude", "fc1", "--layers", "zz*"], "matches no layer"),
+    (["prune", "--steps", "0"], "steps"),
+    (["prune", "--lr", "-1", "--train-data", "mnist5k?limit=100"], "lr must be > 0"),
+])
+def test_settings_that_select_nothing_or_are_invalid_are_errors(tmp_path, cli, lenet5_trained, args, match):
+    from compress.formats import save_model
+    src = tmp_path / "m.pt"
+    save_model(copy.deepcopy(lenet5_trained), src)
+    res = cli(args[0], src, *args[1:], "-o", tmp_path / "out.pt")
+    assert one_line_error(res) and match in res.err, res.err
+    assert not (tmp_path / "out.pt").exists()

@@ -92,7 +92,16 @@ class Quantizer(Method):
 
     def attach(self) -> None:
         cfg = self.config
-        for name, m in cfg.select.layers(self.model):
+        layers = cfg.select.layers(self.model)
+        if isinstance(cfg.bits, dict):  # checked before anything changes
+            from ..config import close_matches
+            from ..errors import UsageError
+
+            names = [n for n, _ in layers]
+            for k in cfg.bits:
+                if k not in names and k not in ("conv", "linear", "_default"):
+                    raise UsageError(f"--bits {k}: no quantized layer of that name{close_matches(k, names)}")
+        for name, m in layers:
             bits = per_layer(cfg.bits, name, m, 8)
             w = m.weight.detach().clone()
             state = quantize_tensor(w, bits, cfg.scheme, cfg.per_channel, cfg.symmetric)
@@ -101,14 +110,6 @@ class Quantizer(Method):
             self.layers.append({"name": name, "bits": bits, "scheme": cfg.scheme,
                                 "mse": float((w.cpu() - dq).pow(2).mean()), "sqnr_db": round(sqnr_db(w.cpu(), dq), 2),
                                 "zeros": int((dq == 0).sum()), "params": w.numel()})
-        if isinstance(cfg.bits, dict):
-            from ..config import close_matches
-            from ..errors import UsageError
-
-            names = [r["name"] for r in self.layers]
-            for k in cfg.bits:
-                if k not in names and k not in ("conv", "linear", "_default"):
-                    raise UsageError(f"--bits {k}: no quantized layer of that name{close_matches(k, names)}")
         self.trainer = None
         if cfg.scheme == "kmeans":
             mods = dict(self.model.named_modules())
