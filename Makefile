@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 demo: install
 	@rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(BIN)/compress zoo train lenet5 --data mnist5k --epochs 3 -o $(DEMO)/lenet5.pt
+	$(BIN)/compress zoo train lenet5 --train-data mnist5k --epochs 3 -o $(DEMO)/lenet5.pt
 	$(BIN)/compress report $(DEMO)/lenet5.pt --data mnist5k
 	$(BIN)/compress pipeline $(DEMO)/lenet5.pt --train-data mnist5k --max-accuracy-drop 1.0 \
 		--recipe docs/recipes/demo.toml -o $(DEMO)/lenet5.cpz --report $(DEMO)/report

@@ -63,16 +63,20 @@ def compare(model: nn.Module, sess, input_shape, n: int = 8, data=None) -> float
     return float(np.abs(run_onnx(sess, x.numpy()) - ref).max())
 
 
-def onnx_latency_ms(sess, input_shape, batch: int, runs: int = 20, warmup: int = 3) -> float:
+def onnx_latency_ms(sess, input_shape, batch: int, runs: int = 20) -> float:
+    """Median ms of one ONNX Runtime run at ``batch``, after a warm-up until stable (as for PyTorch)."""
+    from .metrics import _warm_up
+
     x = np.random.randn(batch, *input_shape[1:]).astype(np.float32)
     name = sess.get_inputs()[0].name
-    times = []
-    for i in range(warmup + runs):
+
+    def once() -> float:
         t0 = time.perf_counter()
         sess.run(None, {name: x})
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1000)
-    return float(statistics.median(times))
+        return (time.perf_counter() - t0) * 1000
+
+    _warm_up(once)
+    return float(statistics.median(once() for _ in range(runs)))
 
 
 def onnx_accuracy(sess, data) -> float:

@@ -1,4 +1,13 @@
-"""Writing files safely: atomic (temporary file + rename), never over an existing file unless told.
+"""Writing files safely.
+
+* Atomic: the bytes go to a temporary file beside the target, which then takes the target's name.
+* Never over an existing file unless told (``force``), and even then only over a regular file (a
+  device node, a folder or a fifo is never replaced). Without ``force`` the final step is a hard
+  link, which fails if another process created the name meanwhile: of two concurrent writers to the
+  same new name, one wins and the other gets an error.
+* The new file's mode follows the umask (0644 under umask 022); a replaced file keeps its mode.
+* Temporary files are named ``.compress-tmp-PID-...``; one left by a killed process (its PID gone)
+  is removed the next time compress writes into that folder.
 
 Under torchrun only rank 0 writes.
 """
@@ -6,16 +15,65 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from .errors import InputError, OutputExistsError
 
+TMP_PREFIX = ".compress-tmp-"
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def clean_stale(folder: Path) -> list[Path]:
+    """Remove temporary files that a killed compress process left in ``folder``."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for p in folder.iterdir():
+            if not p.name.startswith(TMP_PREFIX):
+                continue
+            pid = p.name[len(TMP_PREFIX):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(p)
+    return removed
+
+
+def _existing_mode(path: Path, force: bool) -> int | None:
+    """The mode of the file that ``path`` replaces, None if it is new; refuse what may not be replaced."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    if not force:
+        raise OutputExistsError(f"{path} exists; pass --force (force=True) to overwrite it")
+    if stat.S_ISDIR(st.st_mode):
+        raise OutputExistsError(f"{path} is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise OutputExistsError(f"{path} is not a regular file; compress only replaces regular files")
+    return stat.S_IMODE(st.st_mode)
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` only on success."""
+    """Yield a temporary path beside ``path``; it takes ``path``'s name only on success."""
     from . import distributed
 
     path = Path(path)
@@ -23,21 +81,32 @@ def atomic_write(path: str | os.PathLike, force: bool = False) -> Iterator[Path]
         with tempfile.TemporaryDirectory() as d:
             yield Path(d) / path.name
         return
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists; pass --force (force=True) to overwrite it")
-    if path.exists() and path.is_dir():
-        raise OutputExistsError(f"{path} is a directory")
+    mode = _existing_mode(path, force)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"output directory {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    clean_stale(parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=f"-{path.name}", dir=parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
-        os.replace(tmp, path)
+        os.chmod(tmp, mode if mode is not None else _umask_mode())
+        if force:
+            _existing_mode(path, force)  # still a regular file (or gone) at the last moment
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if the name exists: never a silent replacement
+            except FileExistsError as e:
+                raise OutputExistsError(f"{path} was created by someone else meanwhile; pass --force to "
+                                        "overwrite it") from e
+            except OSError:  # a file system without hard links
+                if path.exists():
+                    raise OutputExistsError(f"{path} exists; pass --force (force=True) to overwrite it") from None
+                os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 
 

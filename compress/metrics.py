@@ -79,23 +79,79 @@ def layer_table(model: nn.Module, input_shape) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
-def latency_ms(model, input_shape, batch: int = 1, runs: int = 20, warmup: int = 3, threads: int | None = 2) -> float:
-    """Median wall time of one forward pass at ``batch``, after warm-up, with fixed threads."""
+def _timed(model, x):
+    def once() -> float:
+        t0 = time.perf_counter()
+        model(x)
+        return (time.perf_counter() - t0) * 1000
+    return once
+
+
+def _warm_up(run, window: int = 5, max_seconds: float = 8.0) -> None:
+    """Run until the median of a window of runs is within 10% of the window before it.
+
+    A fresh process can run a small model orders of magnitude slower for its first seconds (thread
+    pools and allocators warming up); timing that phase would report any change as a huge speed-up.
+    """
+    prev, deadline = None, time.perf_counter() + max_seconds
+    while True:
+        med = statistics.median(run() for _ in range(window))
+        if (prev is not None and abs(med - prev) <= 0.1 * prev) or time.perf_counter() > deadline:
+            return
+        prev = med
+
+
+def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, threads: int | None = 2) -> list[dict]:
+    """Per model: median and quartiles (ms) of one forward pass at ``batch``.
+
+    Each model is warmed up until stable; then the runs are interleaved (model 1, model 2, model 1,
+    ...), so that a machine that speeds up or slows down meanwhile affects every model alike.
+    """
     old = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         x = torch.randn((batch,) + tuple(input_shape[1:]))
-        times = []
         with torch.no_grad():
-            for i in range(warmup + runs):
-                t0 = time.perf_counter()
-                model(x)
-                if i >= warmup:
-                    times.append((time.perf_counter() - t0) * 1000)
-        return float(statistics.median(times))
+            fns = [_timed(m, x) for m in models]
+            for fn in fns:
+                _warm_up(fn)
+            times = [[] for _ in fns]
+            for _ in range(runs):
+                for t, fn in zip(times, fns):
+                    t.append(fn())
+        out = []
+        for t in times:
+            q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
+            out.append({"median": round(statistics.median(t), 4), "p25": round(q[0], 4), "p75": round(q[2], 4)})
+        return out
     finally:
         torch.set_num_threads(old)
+
+
+def latency_ms(model, input_shape, batch: int = 1, runs: int = 20, threads: int | None = 2) -> float:
+    """Median wall time (ms) of one forward pass at ``batch``, after a warm-up until stable."""
+    return latency_stats([model], input_shape, batch, runs, threads)[0]["median"]
+
+
+def latencies(models: list, input_shape, runs: int = 20) -> list[dict]:
+    """``{"batch_1": ms, "batch_32": ms, "iqr": {...}}`` per model, measured interleaved."""
+    outs = [{"iqr": {}} for _ in models]
+    for key, batch, n in (("batch_1", 1, runs), ("batch_32", 32, max(5, runs // 2))):
+        for o, st in zip(outs, latency_stats(models, input_shape, batch, n)):
+            o[key] = st["median"]
+            o["iqr"][key] = [st["p25"], st["p75"]]
+    return outs
+
+
+def speed_change(before_ms: float | None, after_ms: float | None) -> str:
+    """"1.9x faster", "1.9x slower", or "same" within 10% (timing noise)."""
+    if not before_ms or not after_ms:
+        return "-"
+    r = before_ms / after_ms
+    if 1 / 1.1 <= r <= 1.1:
+        return "same"
+    return f"{r:.2f}x faster" if r > 1 else f"{1 / r:.2f}x slower"
 
 
 def summarize(model: nn.Module, input_shape, data=None, latency: bool = True,
@@ -113,8 +169,7 @@ def summarize(model: nn.Module, input_shape, data=None, latency: bool = True,
         check_fits(model, data)
         out["accuracy"] = round(evaluate(model, data), 3)
     if latency and input_shape is not None:
-        out["latency_ms"] = {"batch_1": round(latency_ms(model, input_shape, 1, runs=runs), 4),
-                             "batch_32": round(latency_ms(model, input_shape, 32, runs=max(5, runs // 2)), 4)}
+        out["latency_ms"] = latencies([model], input_shape, runs)[0]
     if layers and input_shape is not None and not isinstance(model, torch.jit.ScriptModule):
         out["layers"] = layer_table(model, input_shape)
     return out

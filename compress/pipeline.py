@@ -25,7 +25,7 @@ import torch.nn as nn
 from . import data as data_mod
 from .coding.container import encode_model
 from .meta import add_history, get_meta
-from .metrics import count_nonzero, count_params
+from .metrics import count_macs, count_nonzero, count_params, latency_ms
 from .recipe import DEFAULT_RECIPE, Recipe, Stage, resolve
 from .stages import Context, run
 from .train import evaluate, predict
@@ -74,8 +74,12 @@ class _Judge:
         pred = predict(model, self.val.x).argmax(1)
         drop, se = paired_drop(self.base_pred, pred, self.val.y)
         acc = 100.0 * float((pred == self.val.y).float().mean())
-        return {"accuracy": round(acc, 3), "drop": round(drop, 3), "se": round(se, 3),
-                "within_budget": drop + self.z * se <= self.budget}
+        margin = drop + self.z * se
+        ok = margin <= self.budget
+        why = (f"drop {drop:+.2f} + {self.z:g} x SE {se:.2f} = {margin:.2f} pt "
+               f"{'<=' if ok else '>'} budget {self.budget:g} pt")
+        return {"accuracy": round(acc, 3), "drop": round(drop, 3), "se": round(se, 3), "within_budget": ok,
+                "verdict": ("within budget: " if ok else "over budget: ") + why}
 
 
 def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit) -> tuple[nn.Module | None, dict]:
@@ -85,7 +89,8 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit) -
     for j, cfg in enumerate(stage.candidates):
         start = current if stage.iterative else model
         cand = run(cfg.verb, copy.deepcopy(start), cfg, ctx).model
-        rec = {"options": cfg.to_dict(), **judge(cand), "bytes": size_bytes(cand)["coded"]}
+        rec = {"value": getattr(cfg, cfg.search_key), "options": cfg.to_dict(), **judge(cand),
+               "bytes": size_bytes(cand)["coded"]}
         tried.append(rec)
         emit("candidate", stage=stage.name, index=j + 1, of=len(stage.candidates), **rec)
         if not rec["within_budget"]:
@@ -99,14 +104,26 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit) -
             continue
         misses = 0
         if kept is None or rec["bytes"] <= kept["bytes"]:
+            if kept is not None:
+                kept["verdict"] = kept["verdict"].replace("within budget:", "within budget, but larger than a later one:")
             kept_model, kept = cand, rec
+        else:
+            rec["verdict"] = rec["verdict"].replace("within budget:", "within budget, but larger than the kept one:")
         current = cand
-    return kept_model, {"stage": stage.name, "kept": kept, "tried": tried}
+    if kept is not None:
+        kept["verdict"] = kept["verdict"].replace("within budget:", "kept:", 1)
+    return kept_model, {"stage": stage.name, "search_key": stage.candidates[0].search_key, "kept": kept,
+                        "tried": tried}
 
 
-def _point(label: str, model: nn.Module, nbytes: int, accuracy: float) -> dict:
-    return {"stage": label, "bytes": nbytes, "accuracy": accuracy, "params": count_params(model),
-            "nonzeros": count_nonzero(model)}
+def _point(label: str, model: nn.Module, nbytes: int, accuracy: float, ctx: Context, test=None) -> dict:
+    """The numbers of the model after one stage: bytes, nonzeros, MACs, latency, accuracy."""
+    p = {"stage": label, "bytes": nbytes, "accuracy": round(accuracy, 3), "params": count_params(model),
+         "nonzeros": count_nonzero(model), "macs": count_macs(model, ctx.input_shape),
+         "latency_ms": latency_ms(model, ctx.input_shape, 1)}
+    if test is not None:
+        p["test_accuracy"] = round(evaluate(model, test), 3)
+    return p
 
 
 def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_accuracy_drop: float | None = None,
@@ -129,9 +146,8 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     ctx = Context(train=train, val=val, input_shape=input_shape or (1,) + tuple(ds.x.shape[1:]))
     judge = _Judge(val, budget, z)
     base_acc = judge.start(model)
-    test_before = round(evaluate(model, test_data), 3) if test_data is not None else None
     dense = 4 * count_params(model)
-    timeline = [_point("dense fp32", model, dense, base_acc)]
+    timeline = [_point("dense fp32", model, dense, base_acc, ctx, test_data)]
     emit("start", accuracy=base_acc, bytes=dense, budget=budget)
     results, measured = [], None  # measured: (sizes, val accuracy) of `model`, taken when it was a candidate
     for stage in recipe.stages:
@@ -148,17 +164,18 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
         res.update(bytes=sizes["coded"], accuracy=round(acc, 3), seconds=round(time.perf_counter() - t0, 2))
         quantized = stage.candidates[0].verb == "quantize"
         timeline.append(_point("quantized" if quantized else "pruned" if stage.name == "threshold" else stage.name,
-                               model, sizes["fixed"] if quantized else sizes["coded"], acc))
+                               model, sizes["fixed"] if quantized else sizes["coded"], acc, ctx, test_data))
         results.append(res)
     add_history(model, {"stage": "pipeline", "budget_pt": budget,
                         "kept": [r["kept"]["options"] if r["kept"] else None for r in results]})
     final = size_bytes(model)  # with the history above: exactly the bytes save_model writes
-    timeline.append(_point("huffman coded", model, final["coded"], timeline[-1]["accuracy"]))
+    timeline.append({**timeline[-1], "stage": "huffman coded", "bytes": final["coded"]})  # same weights, coded
     summary = {"budget_pt": budget, "confidence": z, "base_accuracy": round(base_acc, 3),
                "final_accuracy": round(timeline[-1]["accuracy"], 3), "dense_bytes": dense,
                "cpz_bytes": final["coded"], "ratio": round(dense / final["coded"], 2), "timeline": timeline,
                "stages": results, "input_shape": list(ctx.input_shape), "recipe": recipe.to_dict(),
                "validation": {"samples": len(val), "source": "given" if val_data is not None else "held out"}}
     if test_data is not None:
-        summary.update(test_accuracy_before=test_before, test_accuracy_after=round(evaluate(model, test_data), 3))
+        summary.update(test_accuracy_before=timeline[0]["test_accuracy"],
+                       test_accuracy_after=timeline[-1]["test_accuracy"])
     return model, summary

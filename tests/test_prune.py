@@ -226,7 +226,7 @@ def test_prune_cli_threshold(tmp_path, cli, lenet5_trained):
     res = cli("prune", src, "--method", "threshold", "--sparsity", "0.8", "--train-data", "mnist5k?limit=300",
               "--epochs", "1", "--steps", "1", "-o", tmp_path / "p.pt", "--report", tmp_path / "rep")
     assert res.code == 0, res.err
-    assert "before / after" in res.out and "nonzeros" in res.out
+    assert "before / after" in res.out and "nonzero parameters" in res.out
     for f in ("report.json", "report.md", "report.html", "layers.png", "weight_histograms.png"):
         assert (tmp_path / "rep" / f).exists()
     from compress.formats import load_model

@@ -14,26 +14,52 @@ import typer
 from ..errors import CompressError
 from . import common
 
+# Typer 0.29 labels on/off flags "<bool>" in help, which reads as if `--force true` were expected;
+# a flag takes no value, so it gets no type label.
+_display_type = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _display_type(self, ctx)
+GLOBAL_FLAGS = ("--debug", "--quiet", "-q", "--verbose", "-v")  # accepted before or after the command
+
 app = typer.Typer(name="compress", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Make trained PyTorch CNNs smaller and faster, and prove it with numbers.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        print(f"compress {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors (anywhere on the line)."),
           verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the library does."),
-          device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N] for fine-tuning. Under "
-                                     "`torchrun --nproc-per-node N compress ...` fine-tuning runs on N processes.")):
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="Only results and errors: no progress, notes "
+                                     "or 'wrote' lines."),
+          device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N for training and evaluation. "
+                                     "Under `torchrun --nproc-per-node N compress ...` fine-tuning runs on N "
+                                     "processes."),
+          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Show the version and exit.")):
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from .. import distributed
     from ..errors import UsageError
 
+    if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise UsageError(f"--device {device!r}: expected cpu, cuda or cuda:N")
     if device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device here")
+    if quiet:
+        common.err.quiet = True
+        import os
+
+        os.environ["COMPRESS_PROGRESS"] = "0"
     common.state["device"] = device
     if distributed.init_from_env(device):
         import os
@@ -50,6 +76,8 @@ from . import coding_cmds, factorize_cmd, model_cmds, pipeline_cmd, prune_cmds, 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    # global flags mean the same before or after the command: move them in front of it
+    args = [a for a in args if a in GLOBAL_FLAGS] + [a for a in args if a not in GLOBAL_FLAGS]
     cmd = typer.main.get_command(app)
     try:
         rv = cmd.main(args=args, prog_name="compress", standalone_mode=False)

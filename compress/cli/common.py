@@ -95,29 +95,9 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
 
 def before_after(before: dict, after: dict, title: str = "before / after") -> Table:
     """The table every model-changing command prints."""
-    rows = []
-    keys = [("params", "params"), ("nonzero_params", "nonzeros"), ("macs", "MACs"),
-            ("file_bytes", "file bytes"), ("accuracy", "accuracy %"), ("test_accuracy", "test accuracy %")]
-    for k, label in keys:
-        if k in before or k in after:
-            b, a = before.get(k), after.get(k)
-            rows.append([label, b, a, _ratio(k, b, a)])
-    for k in ("batch_1", "batch_32"):
-        b = before.get("latency_ms", {}).get(k)
-        a = after.get("latency_ms", {}).get(k)
-        if b is not None or a is not None:
-            rows.append([f"latency {k.replace('_', ' ')} ms", b, a, _ratio("latency", b, a)])
-    return table(title, ["", "before", "after", "change"], rows)
+    from ..report.render import before_after_rows
 
-
-def _ratio(k, b, a) -> str:
-    if b is None or a is None:
-        return "-"
-    if "accuracy" in k:
-        return f"{a - b:+.2f} pt"
-    if a == 0:
-        return "-"
-    return f"{b / a:.2f}x smaller" if k != "latency" else f"{b / a:.2f}x faster"
+    return table(title, ["", "before", "after", "change"], before_after_rows(before, after))
 
 
 def emit_json(obj: Any, dest: Optional[str], force: bool = False) -> None:

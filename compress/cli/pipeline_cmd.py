@@ -54,17 +54,19 @@ def pipeline(model: ModelArg, output: OutOpt,
                      test_data=inp.test)
     m = m.cpu()
     save_model(m, output, force=force)  # the same bytes the summary counted
-    rows = [[t["stage"], t["bytes"], f"{summary['dense_bytes'] / t['bytes']:.1f}x", t["nonzeros"], t["accuracy"]]
-            for t in summary["timeline"]]
-    out.print(table(f"pipeline -> {output} (validation accuracy)", ["stage", "bytes", "ratio", "nonzeros",
-                                                                     "accuracy %"], rows))
+    from ..report.render import value_text
+
+    test = inp.test is not None
+    rows = [[t["stage"], t["bytes"], f"{summary['dense_bytes'] / t['bytes']:.1f}x", t["nonzeros"], t["macs"],
+             t["latency_ms"], t["accuracy"]] + ([t["test_accuracy"]] if test else []) for t in summary["timeline"]]
+    out.print(table(f"pipeline -> {output}", ["stage", "bytes", "ratio", "nonzeros", "MACs", "ms (batch 1)",
+                                              "validation %"] + (["test %"] if test else []), rows))
     for s in summary["stages"]:
-        kept = s["kept"]
-        what = "nothing (skipped)" if not kept else _options(kept["options"])
-        out.print(f"{s['stage']}: kept {what} after {len(s['tried'])} candidate(s), {s['seconds']:.0f}s")
+        what = value_text(s["kept"]["value"]) if s["kept"] else "nothing (all over budget)"
+        out.print(f"{s['stage']}: kept {s['search_key']} {what} after {len(s['tried'])} candidate(s), {s['seconds']:.0f}s")
     line = f"[bold]{summary['ratio']:.1f}x smaller[/bold] than dense FP32 ({summary['cpz_bytes']:,} bytes), " \
            f"validation accuracy {summary['base_accuracy']:.2f}% -> {summary['final_accuracy']:.2f}%"
-    if inp.test is not None:
+    if test:
         line += f"; test {summary['test_accuracy_before']:.2f}% -> {summary['test_accuracy_after']:.2f}%"
     out.print(line)
     if report:
@@ -77,17 +79,13 @@ def pipeline(model: ModelArg, output: OutOpt,
         emit_json(summary, json_out, force)
 
 
-def _options(opts: dict) -> dict:
-    """The options worth showing of a candidate: its search key and the bits/sparsity it set."""
-    return {k: v for k, v in opts.items() if k in ("sparsity", "bits", "ratio", "energy", "lasso_ratio")}
-
-
 def _show_event(kind, **kw):
+    from ..report.render import value_text
+
     if kind == "start":
         err.print(f"validation accuracy {kw['accuracy']:.2f}%, budget {kw['budget']} pt, dense {kw['bytes']:,} bytes")
     elif kind == "candidate":
-        mark = "ok" if kw["within_budget"] else "over budget"
-        err.print(f"  {kw['stage']} {kw['index']}/{kw['of']} {_options(kw['options'])}: accuracy {kw['accuracy']:.2f}% "
-                  f"({-kw['drop']:+.2f} ± {kw['se']:.2f} pt), {kw['bytes']:,} bytes ({mark})")
+        err.print(f"  {kw['stage']} {kw['index']}/{kw['of']} {value_text(kw['value'])}: accuracy {kw['accuracy']:.2f}%, "
+                  f"{kw['bytes']:,} bytes; {kw['verdict']}")
     elif kind == "skipped":
         err.print(f"  {kw['stage']}: no candidate within budget; stage skipped")

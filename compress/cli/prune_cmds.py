@@ -97,7 +97,8 @@ def _num(v: str):
 
 def _sensitivity(inp, folder, budget, ratio, extra):
     from ..fileio import write_text
-    from ..prune import plot_sensitivity, ratios_for_budget, sensitivity as run_sens
+    from ..prune import ratios_for_budget, sensitivity as run_sens
+    from ..report.plots import sensitivity as plot_sensitivity
 
     if inp.val is None:
         raise typer.BadParameter("--sensitivity needs --train-data (accuracy is measured on its held-out 10%)")

@@ -81,7 +81,7 @@ def load_inputs(model_path: str, output: str | None, force: bool, arch=None, tru
     return inp
 
 
-def measure(inp: Inputs, model: nn.Module, latency=True) -> dict:
+def measure(inp: Inputs, model: nn.Module) -> dict:
     from ..metrics import summarize
     from ..stages import Context
     from ..train import evaluate
@@ -90,7 +90,7 @@ def measure(inp: Inputs, model: nn.Module, latency=True) -> dict:
         shape = Context(train=inp.train, val=inp.test, input_shape=inp.input_shape).shape(model)
     except UsageError:
         shape = None  # weight-only stages need no input: no MACs or latency then
-    rep = summarize(model, shape, inp.val, latency=latency and shape is not None, layers=shape is not None, runs=10)
+    rep = summarize(model, shape, inp.val, latency=False, layers=shape is not None)
     if inp.test is not None:
         rep["test_accuracy"] = round(evaluate(model, inp.test), 3)
     return rep
@@ -109,7 +109,10 @@ def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, re
     res = run(verb, inp.model, cfg, ctx)
     model = res.model.cpu()  # files are always written from CPU
     after = measure(inp, model)
-    if after.get("input_shape"):
+    if after.get("input_shape"):  # before and after timed interleaved, after a warm-up until stable
+        from ..metrics import latencies
+
+        inp.before["latency_ms"], after["latency_ms"] = latencies([original.cpu(), model], after["input_shape"])
         set_meta(model, input_shape=list(after["input_shape"]))
     if output:
         from .. import distributed

@@ -1,12 +1,18 @@
 """``compress zoo list`` and ``compress zoo train``."""
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
 
 from . import app
-from .common import DataOpt, EpochsOpt, ForceOpt, OutOpt, SeedOpt, TestDataOpt, err, make_config, out, table
+from .common import ForceOpt, OutOpt, SeedOpt, TestDataOpt, err, make_config, out, table
+
+class Optimizer(str, Enum):
+    adam = "adam"
+    sgd = "sgd"
+
 
 zoo = typer.Typer(help="The model zoo: list and train reference models.", no_args_is_help=True)
 app.add_typer(zoo, name="zoo")
@@ -22,12 +28,16 @@ def list_cmd():
 
 @zoo.command()
 def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compress zoo list`).")],
-          output: OutOpt, data: DataOpt = "mnist5k", epochs: EpochsOpt = 3,
-          lr: Annotated[float, typer.Option("--lr")] = 1e-3,
-          optimizer: Annotated[str, typer.Option("--optimizer", help="adam or sgd.")] = "adam",
-          batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
-          width: Annotated[float, typer.Option("--width", help="Width multiplier (ResNet, VGG, MobileNet).")] = 1.0,
-          val_fraction: Annotated[float, typer.Option("--val-fraction", help="Held out for validation "
+          output: OutOpt,
+          data: Annotated[str, typer.Option("--train-data", help="Training data spec (see `compress report "
+                                            "--help`); --val-fraction of it is held out.")] = "mnist5k",
+          epochs: Annotated[float, typer.Option("--epochs", min=0, help="Training epochs.")] = 3,
+          lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine decay).")] = 1e-3,
+          optimizer: Annotated[Optimizer, typer.Option("--optimizer", help="Optimizer.")] = Optimizer.adam,
+          batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per step.")] = 64,
+          width: Annotated[float, typer.Option("--width", min=0.01, max=64.0,
+                                               help="Width multiplier (ResNet, VGG, MobileNet).")] = 1.0,
+          val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.01, max=0.9, help="Held out for validation "
                                                       "(use the same in `compress pipeline` recipes).")] = 0.1,
           augment: Annotated[Optional[int], typer.Option("--augment", help="Random shifts of up to N pixels "
                                                          "(default: 2 for images of 24 px or more, else 0).")] = None,
@@ -38,7 +48,7 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compres
 
         compress zoo train lenet5 --epochs 3 -o lenet5.pt
 
-        compress zoo train resnet20 --data "mnist5k?size=32" --width 0.5 -o resnet20.pt
+        compress zoo train resnet20 --train-data "mnist5k?size=32" --width 0.5 -o resnet20.pt
     """
     import torch
 
@@ -54,7 +64,7 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compres
     ds = data_mod.load(data)
     if augment is None:
         augment = 2 if min(ds.x.shape[-2:]) >= 24 else 0
-    cfg = make_config(TrainConfig, epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size, seed=seed,
+    cfg = make_config(TrainConfig, epochs=epochs, lr=lr, optimizer=optimizer.value, batch_size=batch_size, seed=seed,
                       augment=augment)
     tr, va = data_mod.split(ds, val_fraction, seed=0)
     torch.manual_seed(seed)

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from ..stages import prune_
 from .channel_union import ChannelUnionConfig, ChannelUnionPruner, channel_union
-from .l1_filter import (L1FilterConfig, L1FilterPruner, l1_filter, plot_sensitivity, ratios_for_budget,
-                        sensitivity)
+from .l1_filter import L1FilterConfig, L1FilterPruner, l1_filter, ratios_for_budget, sensitivity
 from .threshold import ThresholdConfig, ThresholdPruner, sparsity_of, threshold
 
 __all__ = ["ChannelUnionConfig", "ChannelUnionPruner", "L1FilterConfig", "L1FilterPruner", "ThresholdConfig",
-           "ThresholdPruner", "channel_union", "l1_filter", "plot_sensitivity", "prune_", "ratios_for_budget",
+           "ThresholdPruner", "channel_union", "l1_filter", "prune_", "ratios_for_budget",
            "sensitivity", "sparsity_of", "threshold"]

@@ -134,24 +134,3 @@ def ratios_for_budget(sens: dict, max_drop: float) -> dict[str, float]:
         out[name] = max(ok) if ok else 0.0
     out["_default"] = 0.0
     return out
-
-
-def plot_sensitivity(sens: dict, path) -> None:
-    """Li et al.'s Figure 2: accuracy against fraction of filters pruned, one line per layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, row in sens["layers"].items():
-        rs = sorted(float(r) for r in row["accuracy"])
-        ax.plot([100 * r for r in rs], [row["accuracy"][r] for r in rs], marker="o", label=f"{name} ({row['channels']})")
-    ax.axhline(sens["baseline"], color="k", lw=0.8, ls="--", label="unpruned")
-    ax.set_xlabel("filters pruned away (%)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("L1-filter pruning sensitivity (each layer pruned alone, no fine-tuning)")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

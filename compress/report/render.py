@@ -65,15 +65,33 @@ def write_folder(folder, title: str, summary: str, sections: list[tuple[str, lis
     return paths
 
 
-def _ba_rows(before: dict, after: dict) -> list[list]:
+LABELS = {"file_bytes": "file bytes", "params": "parameters", "nonzero_params": "nonzero parameters",
+          "dense_fp32_bytes": "dense FP32 bytes", "macs": "MACs (multiply-accumulates)", "accuracy": "accuracy %",
+          "test_accuracy": "test accuracy %"}
+
+
+def before_after_rows(before: dict, after: dict) -> list[list]:
+    """[label, before, after, change] for the numbers every model-changing command shows."""
+    from ..metrics import speed_change
+
     rows = []
     for k in ("params", "nonzero_params", "macs", "file_bytes", "accuracy", "test_accuracy"):
-        if k in before or k in after:
-            rows.append([k, before.get(k), after.get(k)])
+        b, a = before.get(k), after.get(k)
+        if b is None and a is None:
+            continue
+        if b is None or a is None:
+            change = "-"
+        elif "accuracy" in k:
+            change = f"{a - b:+.2f} pt"
+        elif a == b:
+            change = "same"
+        else:
+            change = f"{b / a:.2f}x smaller" if a and b >= a else f"{a / max(b, 1):.2f}x larger"
+        rows.append([LABELS[k], b, a, change])
     for k in ("batch_1", "batch_32"):
         b, a = before.get("latency_ms", {}).get(k), after.get("latency_ms", {}).get(k)
         if b is not None or a is not None:
-            rows.append([f"latency {k} ms", b, a])
+            rows.append([f"latency, {k.replace('_', ' ')} (ms)", b, a, speed_change(b, a)])
     return rows
 
 
@@ -87,31 +105,54 @@ def render_stage_report(result: dict, before_model: nn.Module | None, after_mode
         images.append(plots.layer_density(b["layers"], a["layers"], folder / "layers.png"))
     if before_model is not None:
         images.append(plots.weight_histograms(before_model, after_model, folder / "weight_histograms.png"))
-    ratio = b["nonzero_params"] / max(a["nonzero_params"], 1)
-    summary = (f"{result['method']}: {ratio:.1f}x fewer nonzero weights, "
-               f"{b['macs'] / max(a['macs'], 1):.2f}x fewer MACs")
+    summary = f"{result['method']}: {b['nonzero_params'] / max(a['nonzero_params'], 1):.1f}x fewer nonzero weights"
+    if b.get("macs") and a.get("macs"):
+        summary += f", {b['macs'] / max(a['macs'], 1):.2f}x fewer MACs"
     if "accuracy" in a:
         summary += f", accuracy {b['accuracy']:.2f}% -> {a['accuracy']:.2f}% ({a['accuracy'] - b['accuracy']:+.2f} pt)"
-    sections = [("Before / after", ["", "before", "after"], _ba_rows(b, a)),
-                ("Layers after", ["layer", "type", "params", "nonzeros", "MACs"],
-                 [[r["name"], r["type"], r["params"], r["nonzeros"], r["macs"]] for r in a.get("layers", [])])]
+    sections = [("Before / after", ["", "before", "after", "change"], before_after_rows(b, a))]
+    if a.get("layers"):
+        sections.append(("Layers after", ["layer", "type", "parameters", "nonzeros", "MACs"],
+                         [[r["name"], r["type"], r["params"], r["nonzeros"], r["macs"]] for r in a["layers"]]))
     return write_folder(folder, f"compress report: {result['method']}", summary, sections, images, result, force)
+
+
+def model_rows(rep: dict) -> list[list]:
+    """[label, value] rows of one model's numbers (the terminal table and the HTML report)."""
+    rows = [[LABELS[k], rep[k]] for k in ("file_bytes", "params", "nonzero_params", "dense_fp32_bytes", "macs",
+                                          "accuracy", "test_accuracy") if rep.get(k) is not None]
+    if rep.get("ratio_vs_dense_fp32"):
+        rows.insert(1, ["smaller than dense FP32", f"{rep['ratio_vs_dense_fp32']:.2f}x"])
+    if rep.get("input_shape"):
+        rows.append(["input shape", "x".join(map(str, rep["input_shape"]))])
+    lat = rep.get("latency_ms", {})
+    for k in ("batch_1", "batch_32"):
+        if k in lat:
+            iqr = lat.get("iqr", {}).get(k)
+            rows.append([f"latency, {k.replace('_', ' ')} (ms, median and IQR)",
+                         f"{lat[k]:.3f}" + (f" ({iqr[0]:.3f}-{iqr[1]:.3f})" if iqr else "")])
+    return rows
 
 
 def render_model_report(rep: dict, folder, force: bool = False) -> dict[str, Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    images = []
+    images = [plots.layer_density(rep["layers"], None, folder / "layers.png")] if rep.get("layers") else []
+    summary = (f"{rep['file']}: {rep['file_bytes']:,} bytes, "
+               f"{rep.get('ratio_vs_dense_fp32') or 1:.2f}x smaller than its dense FP32 weights")
+    sections = [("Model", ["", "value"], model_rows(rep))]
     if rep.get("layers"):
-        images.append(plots.layer_density(rep["layers"], rep["layers"], folder / "layers.png"))
-    rows = [[k, rep.get(k)] for k in ("file_bytes", "params", "nonzero_params", "dense_fp32_bytes", "macs",
-                                      "accuracy", "test_accuracy") if k in rep]
-    summary = f"{rep['file']}: {rep['file_bytes']:,} bytes, {rep.get('ratio_vs_dense_fp32') or 1:.2f}x smaller than dense FP32"
-    sections = [("Model", ["", "value"], rows)]
-    if rep.get("layers"):
-        sections.append(("Layers", ["layer", "type", "params", "nonzeros", "MACs"],
-                         [[r["name"], r["type"], r["params"], r["nonzeros"], r["macs"]] for r in rep["layers"]]))
+        sections.append(("Layers", ["layer", "type", "parameters", "nonzeros", "MACs", "bits"],
+                         [[r["name"], r["type"], r["params"], r["nonzeros"], r["macs"], r.get("bits")]
+                          for r in rep["layers"]]))
     return write_folder(folder, "compress report", summary, sections, images, rep, force)
+
+
+def value_text(v) -> str:
+    """A searched value for people: 0.93, or "conv 6, linear 4"."""
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {x}" for k, x in v.items())
+    return "-" if v is None else str(v)
 
 
 def render_pipeline_report(summary: dict, before_model: nn.Module, after_model: nn.Module, input_shape, folder,
@@ -121,16 +162,15 @@ def render_pipeline_report(summary: dict, before_model: nn.Module, after_model: 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lb, la = layer_table(before_model, input_shape), layer_table(after_model, input_shape)
-    points = [{"label": "dense", "bytes": summary["dense_bytes"], "accuracy": summary["base_accuracy"]}]
+    points = [{"label": "dense", "stage": "uncompressed", "bytes": summary["dense_bytes"],
+               "accuracy": summary["base_accuracy"]}]
     for s in summary["stages"]:
-        for i, c in enumerate(s["tried"]):
-            opts = c["options"]
-            tag = opts.get("sparsity") or opts.get("bits") or opts.get("ratio") or opts.get("energy") or i + 1
-            if isinstance(tag, dict):
-                tag = "/".join(f"{v}" for v in tag.values())
-            points.append({"label": f"{s['stage']} {tag}", "bytes": c["bytes"], "accuracy": c["accuracy"]})
+        for c in s["tried"]:
+            points.append({"label": value_text(c["value"]), "stage": s["stage"], "bytes": c["bytes"],
+                           "accuracy": c["accuracy"], "kept": c["verdict"] == "kept"})
     images = [plots.bytes_per_stage(summary["timeline"], folder / "bytes_per_stage.png"),
-              plots.accuracy_vs_size(points, folder / "accuracy_vs_size.png"),
+              plots.accuracy_vs_size(points, folder / "accuracy_vs_size.png", summary["base_accuracy"],
+                                     summary["budget_pt"]),
               plots.layer_density(lb, la, folder / "layers.png"),
               plots.weight_histograms(before_model, after_model, folder / "weight_histograms.png")]
     text = (f"{summary['ratio']:.1f}x smaller than the dense FP32 weights ({summary['dense_bytes']:,} -> "
@@ -138,15 +178,22 @@ def render_pipeline_report(summary: dict, before_model: nn.Module, after_model: 
             f"{summary['final_accuracy']:.2f}% (budget {summary['budget_pt']} pt)")
     if "test_accuracy_after" in summary:
         text += f"; test accuracy {summary['test_accuracy_before']:.2f}% -> {summary['test_accuracy_after']:.2f}%"
+    test = "test_accuracy" in summary["timeline"][0]
     bits = {r["name"]: r.get("bits") for r in la}
     sections = [
-        ("Where the bytes go", ["stage", "bytes", "ratio vs dense", "nonzeros", "accuracy %"],
-         [[t["stage"], t["bytes"], f"{summary['dense_bytes'] / t['bytes']:.1f}x", t["nonzeros"], t["accuracy"]]
+        ("Stage by stage", ["stage", "bytes", "ratio vs dense", "nonzeros", "MACs", "latency batch 1 (ms)",
+                            "validation accuracy %"] + (["test accuracy %"] if test else []),
+         [[t["stage"], t["bytes"], f"{summary['dense_bytes'] / t['bytes']:.1f}x", t["nonzeros"], t.get("macs"),
+           t.get("latency_ms"), t["accuracy"]] + ([t.get("test_accuracy")] if test else [])
           for t in summary["timeline"]]),
-        ("Stages", ["stage", "kept", "candidates", "seconds"],
-         [[s["stage"], json.dumps(s["kept"]["options"] if s["kept"] else None)[:90], len(s["tried"]), s["seconds"]]
-          for s in summary["stages"]]),
-        ("Layers", ["layer", "params", "nonzeros", "density %", "bits"],
+        ("What each stage kept", ["stage", "searched", "kept", "candidates tried", "seconds"],
+         [[s["stage"], s["search_key"], value_text(s["kept"]["value"]) if s["kept"] else "nothing (all over budget)",
+           len(s["tried"]), s["seconds"]] for s in summary["stages"]]),
+        ("Every candidate, and why it was kept or not",
+         ["stage", "value", "bytes", "accuracy %", "drop (pt)", "verdict"],
+         [[s["stage"], value_text(c["value"]), c["bytes"], c["accuracy"], f"{c['drop']:+.2f} ± {c['se']:.2f}",
+           c["verdict"]] for s in summary["stages"] for c in s["tried"]]),
+        ("Layers", ["layer", "parameters", "nonzeros", "density %", "bits"],
          [[r["name"], r["params"], r["nonzeros"], 100 * r["nonzeros"] / max(r["params"], 1), bits.get(r["name"])]
           for r in la]),
     ]
