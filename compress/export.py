@@ -156,27 +156,34 @@ def onnx_summary(path, data=None, input_shape: str | None = None, threads: int =
 
 
 def export(model: nn.Module, path, input_shape, int8: bool = False, calib_data=None, eval_data=None,
-           tol: float = 1e-4, force: bool = False, threads: int = 2) -> dict[str, Any]:
-    """Write ``path`` (FP32 ONNX, or INT8 QDQ with ``int8``); return the comparison numbers."""
+           tol: float = 1e-4, force: bool = False, threads: int = 2, on_step=None) -> dict[str, Any]:
+    """Write ``path`` (FP32 ONNX, or INT8 QDQ with ``int8``); return the comparison numbers.
+    ``on_step(text)`` hears of each step as it starts (they take seconds each)."""
     from .fileio import atomic_write
+
+    step = on_step or (lambda text: None)
 
     if int8 and calib_data is None:
         raise UsageError("--int8 needs --calib-data SPEC (a few hundred representative inputs)")
     res: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as d, atomic_write(path, force) as tmp:
         fp32 = Path(d) / "fp32.onnx"
+        step("exporting to ONNX and checking it against PyTorch")
         to_onnx(model, fp32, input_shape)
         sess = _session(fp32, threads)
         diff = compare(model, sess, input_shape, data=eval_data)
         res["max_abs_diff"] = diff
         if diff > tol:
             raise InputError(f"ONNX output differs from PyTorch by {diff:.2e} (> {tol:g}); not written")
+        step("timing FP32 ONNX Runtime")
         res["fp32"] = {"bytes": os.path.getsize(fp32),
                        "latency_ms_batch_32": round(onnx_latency_ms(sess, input_shape, 32, runs=20), 4)}
         if eval_data is not None:
             res["fp32"]["accuracy"] = round(onnx_accuracy(sess, eval_data), 3)
         if int8:
+            step(f"calibrating INT8 activations on {min(512, len(calib_data))} samples")
             quantize_int8(fp32, tmp, calib_data)
+            step("timing INT8 ONNX Runtime")
             q = _session(tmp, threads)
             res["int8"] = {"bytes": os.path.getsize(tmp),
                            "latency_ms_batch_32": round(onnx_latency_ms(q, input_shape, 32, runs=20), 4)}

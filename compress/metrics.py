@@ -87,7 +87,7 @@ def _timed(model, x):
     return once
 
 
-def _warm_up(run, window: int = 5, max_seconds: float = 8.0) -> None:
+def _warm_up(run, window: int = 5, max_seconds: float = 3.0) -> None:
     """Run until the median of a window of runs is within 10% of the window before it.
 
     A fresh process can run a small model orders of magnitude slower for its first seconds (thread

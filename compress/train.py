@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -18,15 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed, masks
+from .progress import Bar, progress_enabled
 from .data import Dataset
 
 log = logging.getLogger(__name__)
-
-
-def progress_enabled() -> bool:
-    """Progress bars on a terminal; COMPRESS_PROGRESS=0/1 forces them off/on."""
-    env = os.environ.get("COMPRESS_PROGRESS")
-    return env == "1" if env in ("0", "1") else sys.stderr.isatty()
 
 
 @dataclass(frozen=True)
@@ -86,30 +79,6 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / world / batch_size))
 
 
-class _Progress:
-    """A rich progress bar on stderr (rank 0, terminal or COMPRESS_PROGRESS=1), or nothing."""
-
-    def __init__(self, show: bool, total: int, desc: str):
-        self.bar = None
-        if show:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                                console=Console(stderr=True), transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task(desc, total=total, info="")
-
-    def update(self, info: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1, info=info)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *, method=None,
         desc: str = "train", progress: bool | None = None) -> list[dict]:
     """Train ``model`` in place; returns one dict per epoch (loss, penalty).
@@ -146,7 +115,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *, meth
     opt = make_optimizer(trained_params(), cfg)
     sched = schedule(opt)
     history, step = [], 0
-    bar = _Progress(show, total_steps, desc)
+    bar = Bar(show, total_steps, desc)
     net = distributed.wrap(model)  # DDP under torchrun; gradients are all-reduced in backward
     model.train()
     epoch = 0

@@ -55,11 +55,10 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
 
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device here")
-    if quiet:
-        common.err.quiet = True
-        import os
+    from .. import progress
 
-        os.environ["COMPRESS_PROGRESS"] = "0"
+    common.err.quiet = quiet  # set on every invocation: main() may be called again in one process
+    progress.PROGRESS = False if quiet else None
     common.state["device"] = device
     if distributed.init_from_env(device):
         import os

@@ -78,7 +78,12 @@ def prune(model: ModelArg, output: OutOpt,
     ft = make_config(cls.part, "finetune", epochs=epochs, lr=lr)
     sel = make_config(Select, names=patterns(layers), exclude=patterns(exclude))
     cfg = make_config(cls, **opts, finetune=ft, select=sel)
-    run_command("prune", cfg, inp, output, force, report, json_out, on_event=_show_progress, extra=extra)
+    res = run_command("prune", cfg, inp, output, force, report, json_out, on_event=_show_progress, extra=extra)
+    drop = res["before"].get("accuracy", 0) - res["after"].get("accuracy", 0)
+    if budget is not None and sensitivity and drop > budget:
+        err.print(f"warning: accuracy dropped {drop:.2f} pt, more than --budget {budget:g}: the per-layer "
+                  "ratios were each within budget alone, but their losses add up. Lower --budget, or "
+                  "fine-tune (--epochs N).")
 
 
 def _show_progress(kind: str, rec: dict) -> None:

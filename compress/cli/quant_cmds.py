@@ -83,7 +83,8 @@ def export(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: 
     calib = data_mod.load(calib_data) if calib_data else None
     ev = data_mod.load(data) if data else None
     shape = Context(train=calib, val=ev, input_shape=parse_shape(input_shape)).shape(m)
-    res = run(m, output, shape, int8=int8, calib_data=calib, eval_data=ev, tol=tol, force=force, threads=threads)
+    res = run(m, output, shape, int8=int8, calib_data=calib, eval_data=ev, tol=tol, force=force, threads=threads,
+              on_step=lambda text: err.print(f"{text} ..."))
     rows = [["max |onnx - torch|", f"{res['max_abs_diff']:.2e}", "", ""],
             ["FP32 ONNX", res["fp32"]["bytes"], res["fp32"]["latency_ms_batch_32"], res["fp32"].get("accuracy")]]
     if int8:

@@ -106,22 +106,26 @@ def l1_filter(model: nn.Module, ratio=0.5, *, train_data=None, val_data=None, in
     return L1FilterPruner(model, L1FilterConfig(ratio=ratio, **kw), ctx).run().model
 
 
-def sensitivity(model: nn.Module, val_data, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), input_shape=None,
-                progress=None) -> dict:
+def sensitivity(model: nn.Module, val_data, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), input_shape=None) -> dict:
     """Prune each group alone at each ratio (no fine-tuning); accuracy per group and ratio."""
+    from ..progress import Bar, progress_enabled
+
     shape = Context(val=val_data, input_shape=input_shape).shape(model)
     base = evaluate(model, val_data)
     _, groups = channel_groups(model, shape, roots=(nn.Conv2d,))
     table = {}
-    for cg in groups:
-        row = {}
-        for r in ratios:
-            m = copy.deepcopy(model)
-            prune_filters(m, shape, {cg.name: float(r), "_default": 0.0})
-            row[float(r)] = round(evaluate(m, val_data), 3)
-            if progress:
-                progress()
-        table[cg.name] = {"channels": cg.size, "accuracy": row}
+    bar = Bar(progress_enabled(), len(groups) * len(ratios), "sensitivity")
+    try:
+        for cg in groups:
+            row = {}
+            for r in ratios:
+                m = copy.deepcopy(model)
+                prune_filters(m, shape, {cg.name: float(r), "_default": 0.0})
+                row[float(r)] = round(evaluate(m, val_data), 3)
+                bar.update(f"{cg.name} at {r:.0%}")
+            table[cg.name] = {"channels": cg.size, "accuracy": row}
+    finally:
+        bar.close()
     return {"baseline": round(base, 3), "ratios": [float(r) for r in ratios], "layers": table,
             "arch": get_meta(model).get("arch")}
 

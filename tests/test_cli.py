@@ -1,0 +1,124 @@
+"""What a user meets first: a terminal, the flags, the latency rows, the files written."""
+import copy
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from compress.formats import load_model, save_model
+from compress.metrics import latencies
+from tests.helpers import one_line_error
+
+
+def _run_in_pty(args, timeout=180):
+    """Run a command with a pseudo-terminal as stdout and stderr (as a user's shell does)."""
+    main, sub = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "COMPRESS_PROGRESS"}
+    env["COLUMNS"] = "100"
+    p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=sub, stderr=sub, env=env, close_fds=True)
+    os.close(sub)
+    out, deadline = b"", time.time() + timeout
+    while time.time() < deadline:
+        r, _, _ = select.select([main], [], [], 1.0)
+        if r:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif p.poll() is not None:
+            break
+    p.wait(timeout=10)
+    os.close(main)
+    return p.returncode, out.decode(errors="replace")
+
+
+def test_training_in_a_terminal_shows_progress_with_declared_dependencies(tmp_path):
+    code, out = _run_in_pty([sys.executable, "-m", "compress.cli", "zoo", "train", "lenet300", "--train-data",
+                             "digits", "--epochs", "2", "-o", str(tmp_path / "m.pt")])
+    assert code == 0, out
+    assert "Traceback" not in out and "train lenet300" in out  # the rich progress bar was drawn
+    assert (tmp_path / "m.pt").exists()
+
+
+def test_version_quiet_and_global_flags_anywhere(cli, tmp_path, lenet5_trained):
+    from compress import __version__
+    assert cli("--version").out.strip() == f"compress {__version__}"
+    save_model(copy.deepcopy(lenet5_trained), tmp_path / "m.pt")
+    res = cli("quantize", tmp_path / "m.pt", "--bits", "8", "-o", tmp_path / "q.pt", "--quiet")
+    assert res.code == 0 and res.err == "" and "before / after" in res.out
+    res = cli("report", tmp_path / "nope.pt", "--debug")  # --debug after the command: a traceback
+    assert res.code == 1 and "Traceback" in res.err
+    res = cli("--device", "tpu", "report", tmp_path / "m.pt")
+    assert one_line_error(res) and "tpu" in res.err
+
+
+def test_weight_only_quantize_of_a_pickle_without_input_shape(cli, tmp_path, lenet5_trained):
+    m = copy.deepcopy(lenet5_trained)
+    m.compress_meta = {}  # a user's model: nothing says what its input is
+    torch.save(m, tmp_path / "user.pt")
+    res = cli("quantize", tmp_path / "user.pt", "--bits", "8", "-o", tmp_path / "q.pt")
+    assert res.code == 0, res.err
+    assert "no input shape known" in res.err and "MACs" not in res.out
+    q = load_model(tmp_path / "q.pt")
+    assert len(torch.unique(q.fc1.weight[0])) <= 255
+
+
+def test_files_are_written_with_the_umask_and_keep_their_mode(cli, tmp_path, lenet5_trained):
+    old = os.umask(0o022)
+    try:
+        save_model(copy.deepcopy(lenet5_trained), tmp_path / "m.pt")
+        assert (tmp_path / "m.pt").stat().st_mode & 0o777 == 0o644
+        os.chmod(tmp_path / "m.pt", 0o640)
+        save_model(copy.deepcopy(lenet5_trained), tmp_path / "m.pt", force=True)
+        assert (tmp_path / "m.pt").stat().st_mode & 0o777 == 0o640  # --force keeps the file's mode
+    finally:
+        os.umask(old)
+
+
+def test_only_regular_files_are_replaced_and_stale_temporaries_go(tmp_path, lenet5_trained):
+    from compress.errors import OutputExistsError
+    from compress.fileio import TMP_PREFIX, write_bytes
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OutputExistsError, match="not a regular file"):
+        write_bytes(fifo, b"x", force=True)
+    assert fifo.is_fifo()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{TMP_PREFIX}{dead.pid}-abc-out.cpz"
+    stale.write_bytes(b"partial")
+    write_bytes(tmp_path / "new.bin", b"data")
+    assert not stale.exists() and (tmp_path / "new.bin").read_bytes() == b"data"
+
+
+def test_concurrent_writers_to_one_new_name_never_both_succeed(tmp_path):
+    code = ("import sys; from compress.fileio import write_bytes\n"
+            "try:\n    write_bytes(sys.argv[1], sys.argv[2].encode() * 100000)\nexcept Exception:\n    sys.exit(3)\n")
+    for i in range(5):
+        target = tmp_path / f"out{i}.bin"
+        ps = [subprocess.Popen([sys.executable, "-c", code, str(target), tag]) for tag in "ab"]
+        codes = sorted(p.wait() for p in ps)
+        assert codes == [0, 3], codes  # exactly one wins; the loser is told, nothing is silently replaced
+
+
+def test_latency_is_repeatable_and_a_masked_model_is_not_faster(lenet5_trained):
+    from compress.config import FineTune
+    from compress.prune import ThresholdConfig, prune_
+    from compress.metrics import speed_change
+    shape = (1, 1, 28, 28)
+    a = latencies([lenet5_trained], shape, runs=15)[0]["batch_1"]
+    b = latencies([lenet5_trained], shape, runs=15)[0]["batch_1"]
+    assert max(a, b) / min(a, b) < 1.5
+    pruned = prune_(copy.deepcopy(lenet5_trained), ThresholdConfig(sparsity=0.9, steps=1,
+                                                                    finetune=FineTune(epochs=0)))
+    dense_t, sparse_t = latencies([lenet5_trained, pruned], shape, runs=15)
+    assert speed_change(dense_t["batch_32"], sparse_t["batch_32"]) in ("same",) or \
+        dense_t["batch_32"] / sparse_t["batch_32"] < 1.5  # zeros in dense weights save no time
