@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 DEMO    := demo-out
 
-.PHONY: install demo test bench bench-fast bench-baseline clean
+.PHONY: install demo test readme-check bench bench-fast bench-baseline clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# every command of the README's command-line tour, as written, in a fresh folder (~10 minutes)
+readme-check: install
+	$(BIN)/python tools/readme_check.py
 
 # all benchmarks (the slow ones train ResNets and run whole pipelines: several minutes)
 bench: install

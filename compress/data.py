@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,9 +80,11 @@ def _read_idx(path: Path) -> np.ndarray:
     if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise InputError(f"{path}: not an IDX file of unsigned bytes")
     ndim = raw[3]
+    if not 1 <= ndim <= 3 or len(raw) < 4 + 4 * ndim:
+        raise InputError(f"{path}: IDX header declares {ndim} dimensions (1 to 3 expected)")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     off = 4 + 4 * ndim
-    if len(raw) != off + int(np.prod(dims)):
+    if len(raw) != off + math.prod(dims):  # exact integers: no overflow
         raise InputError(f"{path}: IDX size does not match its header {dims}")
     return np.frombuffer(raw, dtype=np.uint8, offset=off).reshape(dims)
 
@@ -90,8 +94,32 @@ def _idx_dir(path: Path):
     labs = sorted(path.glob("*labels-idx1-ubyte*"))
     if not imgs or not labs:
         raise InputError(f"{path}: no *images-idx3-ubyte / *labels-idx1-ubyte files in this folder")
-    x = _read_idx(imgs[0]).astype(np.float32)[:, None] / 255.0
-    return x, _read_idx(labs[0]).astype(np.int64)
+    x, y = _read_idx(imgs[0]), _read_idx(labs[0])
+    if x.ndim != 3 or y.ndim != 1:
+        raise InputError(f"{path}: images must be N x H x W and labels N (got {list(x.shape)} and {list(y.shape)})")
+    return x.astype(np.float32)[:, None] / 255.0, y.astype(np.int64)
+
+
+MAX_ARRAY_BYTES = 8 << 30  # one array of a data file, decoded
+
+
+def _check_npz_member(path: Path, z, key: str) -> None:
+    """Read an array's header before the array: refuse sizes the file cannot hold or memory cannot."""
+    info = z.zip.getinfo(f"{key}.npy")
+    with z.zip.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise InputError(f"{path}: array {key!r} uses .npy format {version}; 1.0 or 2.0 expected")
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise InputError(f"{path}: array {key!r} has dtype {dtype}; numbers expected")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > MAX_ARRAY_BYTES or nbytes > info.file_size:
+        raise InputError(f"{path}: array {key!r} declares shape {list(shape)} ({nbytes:,} bytes), more than "
+                         f"{'the file holds' if nbytes > info.file_size else 'compress loads (8 GiB)'}")
 
 
 def _npz(path: Path):
@@ -99,8 +127,10 @@ def _npz(path: Path):
         with np.load(path, allow_pickle=False) as z:
             if "x" not in z or "y" not in z:
                 raise InputError(f"{path}: needs arrays 'x' and 'y' (found {', '.join(z.files) or 'none'})")
+            for key in ("x", "y"):
+                _check_npz_member(path, z, key)
             return z["x"], z["y"]
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
         raise InputError(f"{path}: not a readable .npz file ({str(e)[:100]})") from e
 
 
@@ -113,6 +143,8 @@ def _callable(spec: str):
         x, y = out
     except InputError:
         raise
+    except SystemExit as e:
+        raise InputError(f"data {spec}: it tried to exit the program (SystemExit {e.code!r})") from None
     except Exception as e:
         raise InputError(f"data {spec}: calling it failed: {type(e).__name__}: {e}") from e
     return x, y
@@ -123,8 +155,16 @@ BUILTIN = {"mnist5k": _mnist5k, "digits": _digits}
 
 # ----------------------------------------------------------------------------- validation
 def _validate(x, y, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
-    y = torch.as_tensor(np.asarray(y)) if not isinstance(y, torch.Tensor) else y
+    if not isinstance(x, torch.Tensor):
+        x = np.asarray(x)
+        if x.dtype.kind not in "biuf":
+            raise InputError(f"{name}: x must be float32 (N x C x H x W), got {x.dtype}")
+        x = torch.as_tensor(x)
+    if not isinstance(y, torch.Tensor):
+        y = np.asarray(y)
+        if y.dtype.kind not in "iu" or (y.size and int(y.max()) >= 2 ** 31):
+            raise InputError(f"{name}: y must hold integer class labels below 2^31, got {y.dtype}")
+        y = torch.as_tensor(y.astype(np.int64))
     if not x.is_floating_point():
         raise InputError(f"{name}: x must be float32 (N x C x H x W), got {x.dtype}")
     if x.dim() == 3:
@@ -149,6 +189,11 @@ def _apply_options(x: torch.Tensor, y: torch.Tensor, opts: dict[str, str], name:
     for k in opts:
         if k not in ("size", "limit", "channels", "seed"):
             raise UsageError(f"data option {k!r} unknown; known: size, limit, channels, seed")
+    bounds = {"limit": (1, 1 << 31), "size": (1, 4096), "channels": (1, 64), "seed": (0, 1 << 63)}
+    for k, v in opts.items():
+        lo, hi = bounds[k]
+        if not (v.isdigit() and lo <= int(v) <= hi):
+            raise UsageError(f"{name}: ?{k}={v!r} must be an integer in {lo}..{hi}")
     try:
         seed = int(opts.get("seed", 0))
         if "limit" in opts:

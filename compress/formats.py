@@ -25,6 +25,13 @@ def load_model(path: str | os.PathLike, arch: str | None = None, trust_pickle: b
     module whose classes are torch.nn / compress ones. Anything that would run code from the file
     needs ``trust_pickle=True``."""
     path = Path(path)
+    try:
+        return _load(path, arch, trust_pickle)
+    except SystemExit as e:  # a file or module that tries to end the caller's program
+        raise InputError(f"{path}: loading it tried to exit the program (SystemExit {e.code!r}); refused") from None
+
+
+def _load(path: Path, arch: str | None, trust_pickle: bool) -> nn.Module:
     if not path.exists():
         raise InputError(f"{path}: no such file")
     if path.is_dir():

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import pickle
+import sys
+import threading
 import logging
 import os
 import zipfile
@@ -107,17 +110,61 @@ def _is_torchscript(path: Path) -> bool:
     return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
+# Modules whose nn.Module classes a safe load may name. torch.nn's are resolved only if already
+# imported (resolving a name never imports a module, whose import could run code); compress's own
+# are the ones compress writes.
+_OWN_MODULES = ("compress.models", "compress.prune.channel_union", "compress.quant_state")
+
+
 def _allowed_global(name: str):
-    """Return the object for an allow-listed global, or None."""
+    """The object for an allow-listed global, or None. Imports nothing a file names."""
     module, _, attr = name.rpartition(".")
-    if name in _EXTRA_SAFE or module.split(".")[0] in ("torch", "compress"):
+    if "__main__" in module.split(".") or attr.startswith("_"):
+        return None
+    if module.startswith("torch.nn.") or name in _EXTRA_SAFE:
+        mod = sys.modules.get(module)
+    elif any(module == m or module.startswith(m + ".") for m in _OWN_MODULES):
         try:
-            obj = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError):
+            mod = importlib.import_module(module)  # our own code
+        except ImportError:
             return None
-        if name in _EXTRA_SAFE or (isinstance(obj, type) and issubclass(obj, nn.Module)):
-            return obj
+    else:
+        return None
+    obj = getattr(mod, attr, None) if mod is not None else None
+    if obj is not None and (name in _EXTRA_SAFE or (isinstance(obj, type) and issubclass(obj, nn.Module))):
+        return obj
     return None
+
+
+class _NoConstructors:
+    """While a file loads, no nn.Module constructor may run: a checkpoint that torch.save wrote
+    rebuilds modules with ``__new__`` and ``__setstate__`` only; a file that calls a constructor with
+    arguments of its own choosing (``Linear(45000, 45000)``: 8 GB) is refused before it allocates."""
+
+    _local = threading.local()
+    _orig = None
+
+    def __enter__(self):
+        if _NoConstructors._orig is None:
+            _NoConstructors._orig = nn.Module.__init__
+            orig = _NoConstructors._orig
+
+            def guarded(module, *args, **kw):
+                if getattr(_NoConstructors._local, "active", False):
+                    raise _Refused(f"the file calls the constructor of {type(module).__name__} with arguments "
+                                   "of its own")
+                orig(module, *args, **kw)
+
+            nn.Module.__init__ = guarded
+        self._local.active = True
+        return self
+
+    def __exit__(self, *exc):
+        self._local.active = False
+
+
+class _Refused(Exception):
+    pass
 
 
 def _torch_load(path: Path, trust_pickle: bool):
@@ -138,9 +185,13 @@ def _torch_load(path: Path, trust_pickle: bool):
     try:
         if foreign:  # trusted by the user
             return torch.load(path, map_location="cpu", weights_only=False)
-        with torch.serialization.safe_globals(list(allowed.values())):
+        with torch.serialization.safe_globals(list(allowed.values())), _NoConstructors():
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, ValueError, OSError, ImportError, AttributeError) as e:
+    except _Refused as e:
+        raise UntrustedPickleError(f"{path}: {e}; it was not loaded. If you trust this file pass "
+                                   "--trust-pickle (trust_pickle=True)") from None
+    except (RuntimeError, EOFError, ValueError, OSError, ImportError, AttributeError, TypeError, KeyError,
+            IndexError, MemoryError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise InputError(f"{path} could not be loaded as a model: {msg}") from e
 
@@ -148,10 +199,19 @@ def _torch_load(path: Path, trust_pickle: bool):
 def load_torch(path: Path, arch: str | None = None, trust_pickle: bool = False) -> nn.Module:
     """Load a torch file (TorchScript, state_dict + arch, or a whole module) safely."""
     if _is_torchscript(path):
+        if not trust_pickle:
+            raise UntrustedPickleError(
+                f"{path} is a TorchScript archive, and TorchScript is code: loading it runs its methods "
+                "(__setstate__, forward), which can read and write files. It was not loaded. If you trust "
+                "this file pass --trust-pickle (trust_pickle=True), or save a state_dict and load it with "
+                "--arch module:callable")
         try:
             model = torch.jit.load(str(path), map_location="cpu")
-        except Exception as e:
-            raise InputError(f"{path}: corrupt TorchScript archive ({str(e).splitlines()[0][:120]})") from e
+        except Exception as e:  # TorchScript's loader raises many kinds; all mean a broken archive
+            lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+            cause = next((ln for ln in reversed(lines) if not ln.startswith(("File ", "~", "^", "Serialized"))),
+                         type(e).__name__)
+            raise InputError(f"{path}: TorchScript archive could not be loaded ({cause[:200]})") from e
         model.eval()
         return model
     obj = _torch_load(path, trust_pickle)

@@ -56,17 +56,37 @@ class Context:
             self.on_event(kind, fields)
 
     def shape(self, model: nn.Module) -> tuple[int, ...]:
-        """(1, C, H, W): given, else from the data, else from the model's metadata."""
+        """(1, C, H, W): given, else from the data, else from the model's metadata (checked: a file's
+        metadata is not trusted to ask for a 6000 x 6000 input)."""
         if self.input_shape:
-            return (1,) + tuple(self.input_shape)[1:]
+            return check_shape(self.input_shape, "input shape")
         for d in (self.train, self.val):
             if d is not None:
                 return (1,) + tuple(d.x.shape[1:])
         meta = get_meta(model)
         if meta.get("input_shape"):
-            return (1,) + tuple(meta["input_shape"][1:])
+            return check_shape(meta["input_shape"], "the model file's input shape")
         raise UsageError("cannot tell the model's input shape: give input_shape (--input-shape 1,1,28,28) "
                          "or data")
+
+
+MAX_INPUT_VALUES = 1 << 24  # per sample: 16.7 M values (a 3 x 2,364 x 2,364 image)
+
+
+def check_shape(shape, what: str = "input shape") -> tuple[int, ...]:
+    """(1, ...) from a shape of 2 to 5 positive integers whose sample holds at most MAX_INPUT_VALUES."""
+    from .errors import InputError
+
+    if not (isinstance(shape, (list, tuple)) and 2 <= len(shape) <= 5
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
+        raise InputError(f"{what} {shape!r} must be 2 to 5 positive integers, like 1,1,28,28")
+    per_sample = 1
+    for s in shape[1:]:
+        per_sample *= s
+    if per_sample > MAX_INPUT_VALUES:
+        raise InputError(f"{what} {list(shape)} asks for {per_sample:,} values per sample; at most "
+                         f"{MAX_INPUT_VALUES:,} are allowed")
+    return (1,) + tuple(shape)[1:]
 
 
 @dataclasses.dataclass

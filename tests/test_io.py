@@ -39,8 +39,10 @@ def test_three_formats_report_the_same(tmp_path, lenet5_trained, cli):
     reps = [
         model_report(tmp_path / "whole.pt", trust_pickle=True, data=d, latency=False),
         model_report(tmp_path / "sd.pt", arch="zoo:lenet5", data=d, latency=False),
-        model_report(tmp_path / "ts.pt", data=d, latency=False),
+        model_report(tmp_path / "ts.pt", trust_pickle=True, data=d, latency=False),  # TorchScript is code
     ]
+    with pytest.raises(compress.UntrustedPickleError, match="TorchScript is code"):
+        model_report(tmp_path / "ts.pt", data=d, latency=False)
     for r in reps:
         assert r["params"] == 431_080
         assert abs(r["macs"] - 2.29e6) < 0.01e6

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import UsageError
+from ..errors import CompressError, UsageError
 
 state: dict = {"device": "cpu"}  # set by the root callback (--device)
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 140)
@@ -59,9 +59,12 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
         shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
     except ValueError as e:
         raise UsageError(f"--input-shape {text!r} must look like 1,1,28,28") from e
-    if not 2 <= len(shape) <= 5 or any(s < 1 for s in shape):
-        raise UsageError(f"--input-shape {text!r} must look like 1,1,28,28")
-    return (1,) + shape[1:]
+    from ..stages import check_shape
+
+    try:
+        return check_shape(shape, "--input-shape")
+    except CompressError as e:
+        raise UsageError(str(e)) from None
 
 
 def make_config(build, *args, **kw):

@@ -97,8 +97,16 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.
            "int32": torch.int32, "uint8": torch.uint8, "int8": torch.int8, "bool": torch.bool}
 
 
-def rebuild(spec: dict, tensors: dict[str, torch.Tensor], depth: int = 0, prefix: str = "") -> nn.Module:
+MAX_MODULES = 50_000
+
+
+def rebuild(spec: dict, tensors: dict[str, torch.Tensor], depth: int = 0, prefix: str = "",
+            _count: list | None = None) -> nn.Module:
     """Rebuild a module tree from ``describe``'s data and a {fqn: tensor} map (shapes checked)."""
+    _count = _count if _count is not None else [0]
+    _count[0] += 1
+    if _count[0] > MAX_MODULES:
+        raise ValueError(f"more than {MAX_MODULES:,} modules")
     if depth > 64 or not isinstance(spec, dict):
         raise ValueError("malformed architecture")
     for key in ("class", "attrs", "params", "buffers", "children"):
@@ -135,5 +143,5 @@ def rebuild(spec: dict, tensors: dict[str, torch.Tensor], depth: int = 0, prefix
     if not isinstance(spec["children"], dict):
         raise ValueError("malformed children")
     for k, child in spec["children"].items():
-        m._modules[k] = rebuild(child, tensors, depth + 1, f"{prefix}{k}.")
+        m._modules[k] = rebuild(child, tensors, depth + 1, f"{prefix}{k}.", _count)
     return m

@@ -41,7 +41,12 @@ VERSION = 1
 HEAD = struct.Struct("<4sHHII")
 MAX_MANIFEST = 64 << 20
 MAX_NUMEL = 1 << 31
-MAX_TENSORS = 100_000
+MAX_TENSORS = 20_000
+# Decoding is bounded by what the file can honestly hold: at most MAX_RATIO times its size in
+# decoded bytes (the densest legitimate coding, a very sparse layer's gap stream, stays far below),
+# with a floor for small files. COMPRESS_MAX_DECODE_RATIO overrides it for a file you trust.
+MAX_RATIO = 1000
+MIN_DECODED_BYTES = 64 << 20
 _RAW_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64,
                "int32": np.int32, "uint8": np.uint8, "int8": np.int8, "bool": np.bool_}
 
@@ -211,9 +216,9 @@ def _decode_raw(e: dict, data: bytes, shape: list, n: int) -> torch.Tensor:
     return torch.from_numpy(a.copy()).reshape(shape)
 
 
-def _decode_sparse_raw(e: dict, data: bytes, shape: list, n: int) -> torch.Tensor:
+def _decode_sparse_raw(e: dict, data: bytes, shape: list, n: int, budget) -> torch.Tensor:
     ib = streams._int(e, "index_bytes", 0, len(data))
-    mask = streams.decode_index(data[:ib], _dict(e, "index"), n)
+    mask = streams.decode_index(data[:ib], _dict(e, "index"), n, budget)
     vals = data[ib:]
     if len(vals) != 4 * int(mask.sum()):
         raise ValueError("sparse values have the wrong length")
@@ -229,19 +234,19 @@ def _dict(e: dict, key: str) -> dict:
     return v
 
 
-def _symbols(e: dict, rest: bytes, n: int, alpha: int) -> tuple[np.ndarray, np.ndarray | None]:
+def _symbols(e: dict, rest: bytes, n: int, alpha: int, budget) -> tuple[np.ndarray, np.ndarray | None]:
     """The coded symbols of a quantized tensor: all n (dense), or the nonzeros and their mask."""
     if _dict(e, "values").get("alpha") != alpha:
         raise ValueError("alphabet does not match the encoding")
     mode = e.get("mode")
     if mode == "dense":
-        sym, mask = streams.decode_symbols(rest, _dict(e, "values"), n), None
+        sym, mask = streams.decode_symbols(rest, _dict(e, "values"), n, budget), None
         expected = n
     elif mode == "sparse":
         ib = streams._int(e, "index_bytes", 0, len(rest))
-        mask = streams.decode_index(rest[:ib], _dict(e, "index"), n)
+        mask = streams.decode_index(rest[:ib], _dict(e, "index"), n, budget)
         expected = int(mask.sum())
-        sym = streams.decode_symbols(rest[ib:], _dict(e, "values"), expected)
+        sym = streams.decode_symbols(rest[ib:], _dict(e, "values"), expected, budget)
     else:
         raise ValueError("unknown mode")
     if len(sym) != expected:
@@ -249,7 +254,7 @@ def _symbols(e: dict, rest: bytes, n: int, alpha: int) -> tuple[np.ndarray, np.n
     return sym, mask
 
 
-def _decode_state(e: dict, data: bytes, shape: list, n: int) -> QuantState:
+def _decode_state(e: dict, data: bytes, shape: list, n: int, budget) -> QuantState:
     """The quantization state of a coded weight: its codes exactly as they were written."""
     enc = e.get("enc")
     if e.get("dtype") != "float32":
@@ -261,7 +266,7 @@ def _decode_state(e: dict, data: bytes, shape: list, n: int) -> QuantState:
         k = streams._int(e, "k", 1, 256)
         if pb != 4 * k:
             raise ValueError("codebook has the wrong size")
-        sym, mask = _symbols(e, rest, n, k + 1)  # symbols < k + 1: the streams check the alphabet
+        sym, mask = _symbols(e, rest, n, k + 1, budget)  # symbols < k + 1: the streams check the alphabet
         if mask is None:
             codes = sym.astype(np.int16)
             codes[codes == k] = -1  # the dense stream's zero symbol
@@ -276,7 +281,7 @@ def _decode_state(e: dict, data: bytes, shape: list, n: int) -> QuantState:
     affine = e.get("affine")
     if not isinstance(affine, bool) or pb != 4 * c * (2 if affine else 1) or (n and n % c):
         raise ValueError("scales have the wrong size")
-    sym, mask = _symbols(e, rest, n, 2 ** bits)
+    sym, mask = _symbols(e, rest, n, 2 ** bits, budget)
     scale = torch.from_numpy(np.frombuffer(params[:4 * c], dtype="<f4").astype(np.float32))
     zp = torch.from_numpy(np.frombuffer(params[4 * c:], dtype="<f4").astype(np.float32)) if affine else None
     if mask is None:
@@ -290,42 +295,64 @@ def _decode_state(e: dict, data: bytes, shape: list, n: int) -> QuantState:
     return state
 
 
-def _decode_entry(e: dict, data: bytes) -> tuple[torch.Tensor, QuantState | None]:
+def _decode_entry(e: dict, data: bytes, budget) -> tuple[torch.Tensor, QuantState | None]:
     """One tensor section -> (tensor, its quantization state or None)."""
     shape, n = _shape_numel(e)
+    budget.spend(elements=n, work=1024 + n)  # the output tensor, and the per-entry overhead
     enc = e.get("enc")
     if enc == "raw":
         return _decode_raw(e, data, shape, n), None
     if e.get("dtype") != "float32":
         raise ValueError("coded tensors are float32")
     if enc == "sparse_raw":
-        return _decode_sparse_raw(e, data, shape, n), None
+        return _decode_sparse_raw(e, data, shape, n, budget), None
     if enc not in ("uniform", "codebook"):
         raise ValueError(f"unknown encoding {enc!r}")
-    state = _decode_state(e, data, shape, n)
+    state = _decode_state(e, data, shape, n, budget)
     return state.dequantize(shape), state
 
 
-def decode_model(blob: bytes, path="<bytes>") -> nn.Module:
+def decode_budget(file_bytes: int, max_ratio: float | None = None) -> streams.Budget:
+    """What decoding a file of ``file_bytes`` may spend (see MAX_RATIO)."""
+    import os
+
+    ratio = max_ratio if max_ratio is not None else float(os.environ.get("COMPRESS_MAX_DECODE_RATIO", MAX_RATIO))
+    decoded_bytes = max(MIN_DECODED_BYTES, int(ratio * file_bytes))
+    return streams.Budget(elements=decoded_bytes // 4, work=max(1 << 24, int(ratio / 16 * file_bytes)))
+
+
+def decode_model(blob: bytes, path="<bytes>", budget: streams.Budget | None = None) -> nn.Module:
     manifest, start = read_manifest(blob, path)
+    budget = budget or decode_budget(len(blob))
     end = len(blob) - 4
     tensors, states = {}, {}
+    expected_off = 0
     for e in manifest["tensors"]:
         if not isinstance(e, dict) or not isinstance(e.get("name"), str):
             _fail(path, "malformed tensor entry")
+        if e["name"] in tensors:
+            _fail(path, f"tensor {e['name']} appears twice")
         off, ln, crc = e.get("offset"), e.get("length"), e.get("crc")
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (off, ln, crc)) \
                 or start + off + ln > end:
             _fail(path, f"section of {e['name']} lies outside the file")
+        if off != expected_off:  # sections follow each other: none overlaps or is read twice
+            _fail(path, f"section of {e['name']} does not follow the previous one (overlapping sections)")
+        expected_off = off + ln
         data = blob[start + off:start + off + ln]
         if zlib.crc32(data) != crc:
             _fail(path, f"checksum mismatch in {e['name']}")
         try:
-            tensors[e["name"]], state = _decode_entry(e, data)
-        except (ValueError, IndexError, KeyError, TypeError, OverflowError) as err:
+            tensors[e["name"]], state = _decode_entry(e, data, budget)
+        except streams.BudgetExceeded as err:
+            raise FormatError(f"{path}: refused: {err} (more than {MAX_RATIO}x its {len(blob):,} bytes). If you "
+                              "trust it, set COMPRESS_MAX_DECODE_RATIO to a larger ratio") from None
+        except (ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError) as err:
             _fail(path, f"tensor {e['name']}: {err}")
         if state is not None:
             states[e["name"]] = state
+    if start + expected_off != end:
+        _fail(path, "bytes between the last section and the checksum")
     try:
         model = arch_mod.rebuild(manifest["arch"], tensors)
     except (ValueError, TypeError, KeyError, RecursionError) as err:

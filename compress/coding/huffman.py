@@ -161,11 +161,12 @@ def decode(payload: bytes, lengths: np.ndarray, count: int, block_bits: np.ndarr
     mask = (1 << max_len) - 1
     shift0 = 24 - max_len
     pos = np.concatenate([[0], ends[:-1]]).astype(np.int32)
-    out = np.empty((block, nblocks), dtype=np.int32)  # row i: the i-th symbol of every block
+    out = np.empty((min(block, count) if nblocks == 1 else block, nblocks), dtype=np.int32)  # row i: i-th symbols
     last = count - (nblocks - 1) * block  # symbols in the last block
     pos_last = None
     e = np.empty(nblocks, dtype=np.int32)
-    for i in range(block):
+    steps = block if nblocks > 1 else count  # a short stream needs only `count` steps, not `block`
+    for i in range(steps):
         if i == last:
             pos_last = int(pos[-1])
         np.take(win, pos >> 3, out=e)

@@ -17,6 +17,30 @@ from . import huffman as H
 GAP_FILLER = 255
 
 
+class BudgetExceeded(ValueError):
+    """A file asks for more decoding (memory or work) than its size can honestly justify."""
+
+
+class Budget:
+    """What decoding one file may spend, charged *before* each step: decoded elements (memory) and
+    work (symbols decoded, Huffman tables built, per-step overhead). A file that would exceed it is
+    refused before the expensive part, so no crafted header can make decoding take minutes or GBs."""
+
+    def __init__(self, elements: int, work: int):
+        self.elements, self.work = elements, work
+
+    def spend(self, elements: int = 0, work: int = 0) -> None:
+        self.elements -= elements
+        self.work -= work
+        if self.elements < 0:
+            raise BudgetExceeded("it declares more decoded data than its size can hold")
+        if self.work < 0:
+            raise BudgetExceeded("decoding it would take far more work than its size can justify")
+
+
+UNLIMITED = Budget(1 << 62, 1 << 62)
+
+
 def _bits_for(alpha: int) -> int:
     return max(1, int(np.ceil(np.log2(max(alpha, 2)))))
 
@@ -42,16 +66,18 @@ def encode_symbols(sym: np.ndarray, alpha: int, block: int = H.DEFAULT_BLOCK) ->
     return data, fields
 
 
-def decode_symbols(data: bytes, f: dict, max_count: int) -> np.ndarray:
+def decode_symbols(data: bytes, f: dict, max_count: int, budget: Budget = UNLIMITED) -> np.ndarray:
     alpha, n = _int(f, "alpha", 1, 1 << 16), _int(f, "count", 0, max_count)
     coding = f.get("coding")
+    huff = coding == "huff"
+    block = _int(f, "block", 1, 4096) if huff else 1
+    budget.spend(elements=n, work=n + ((1 << H.MAX_LEN) + 64 * min(block, n) if huff else 0))
     if coding == "packed":
         width = _int(f, "width", 1, 16)
         if width != _bits_for(alpha) or len(data) != (n * width + 7) // 8:
             raise ValueError("packed stream has the wrong length")
         out = unpack(data, width, n).astype(np.int64) if width <= 8 else _unpack_wide(data, width, n)
-    elif coding == "huff":
-        block = _int(f, "block", 1, 4096)
+    elif huff:
         parts = f.get("parts")
         if not (isinstance(parts, list) and len(parts) == 3 and all(isinstance(p, int) and p >= 0 for p in parts)
                 and sum(parts) == len(data)):
@@ -109,9 +135,10 @@ def encode_index(mask: np.ndarray) -> tuple[bytes, dict]:
     return bitmask, {"index": "bitmask", "nnz": int(len(pos)), "n": n}
 
 
-def decode_index(data: bytes, f: dict, n: int) -> np.ndarray:
+def decode_index(data: bytes, f: dict, n: int, budget: Budget = UNLIMITED) -> np.ndarray:
     """-> flat boolean mask of length n."""
     nnz = _int(f, "nnz", 0, n)
+    budget.spend(elements=n // 8, work=n // 8)
     if f.get("index") == "bitmask":
         if len(data) != (n + 7) // 8:
             raise ValueError("bitmask has the wrong length")
@@ -120,7 +147,7 @@ def decode_index(data: bytes, f: dict, n: int) -> np.ndarray:
         sf = f.get("stream")
         if not isinstance(sf, dict):
             raise ValueError("gap stream fields missing")
-        sym = decode_symbols(data, sf, max_count=n + n // GAP_FILLER + 1)
+        sym = decode_symbols(data, sf, max_count=n + n // GAP_FILLER + 1, budget=budget)
         pos = positions_of(sym)
         if len(pos) and (pos[-1] >= n):
             raise ValueError("index points past the tensor")
