@@ -51,6 +51,8 @@ def resolve_callable(spec: str, what: str = "--arch") -> Callable:
         module = importlib.util.module_from_spec(sp)
         try:
             sp.loader.exec_module(module)
+        except SystemExit as e:  # never let a user's module end the caller's program
+            raise InputError(f"{what}: importing {p} tried to exit the program (SystemExit {e.code!r})") from None
         except Exception as e:  # the user's own code failed to import
             raise InputError(f"{what}: importing {p} failed: {type(e).__name__}: {e}") from e
     else:
@@ -58,6 +60,8 @@ def resolve_callable(spec: str, what: str = "--arch") -> Callable:
             module = importlib.import_module(mod_name)
         except ImportError as e:
             raise InputError(f"{what}: cannot import module {mod_name!r} ({e})") from e
+        except SystemExit as e:
+            raise InputError(f"{what}: importing {mod_name} tried to exit the program (SystemExit {e.code!r})") from None
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
         raise InputError(f"{what}: {mod_name!r} has no callable {attr!r}")

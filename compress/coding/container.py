@@ -318,7 +318,8 @@ def decode_budget(file_bytes: int, max_ratio: float | None = None) -> streams.Bu
 
     ratio = max_ratio if max_ratio is not None else float(os.environ.get("COMPRESS_MAX_DECODE_RATIO", MAX_RATIO))
     decoded_bytes = max(MIN_DECODED_BYTES, int(ratio * file_bytes))
-    return streams.Budget(elements=decoded_bytes // 4, work=max(1 << 24, int(ratio / 16 * file_bytes)))
+    # work: 128 units (~1.3 us) per byte of file, at least 2^26 (~0.7 s); real files need far less
+    return streams.Budget(elements=decoded_bytes // 4, work=max(1 << 26, int(ratio / MAX_RATIO * 128 * file_bytes)))
 
 
 def decode_model(blob: bytes, path="<bytes>", budget: streams.Budget | None = None) -> nn.Module:

@@ -71,7 +71,9 @@ def decode_symbols(data: bytes, f: dict, max_count: int, budget: Budget = UNLIMI
     coding = f.get("coding")
     huff = coding == "huff"
     block = _int(f, "block", 1, 4096) if huff else 1
-    budget.spend(elements=n, work=n + ((1 << H.MAX_LEN) + 64 * min(block, n) if huff else 0))
+    # work units of ~10 ns: a symbol each, a decoding table, and ~5 us of overhead per decoder step
+    steps = (block if n > block else n) if huff else 0
+    budget.spend(elements=n, work=n + ((1 << H.MAX_LEN) + 512 * steps if huff else 0))
     if coding == "packed":
         width = _int(f, "width", 1, 16)
         if width != _bits_for(alpha) or len(data) != (n * width + 7) // 8:

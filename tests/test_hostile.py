@@ -1,0 +1,326 @@
+"""Hostile files and arguments: no code runs, no bomb goes off, nothing is lost.
+
+Every file here is crafted by the test itself. Each case must end in one line on stderr, a
+non-zero exit, nothing written, within a few seconds and without allocating what the file asks for.
+"""
+import copy
+import io
+import json
+import os
+import pickle
+import resource
+import struct
+import sys
+import time
+import zipfile
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import compress
+from compress.coding.container import HEAD, MAGIC, VERSION, decode_model, encode_model, read_manifest
+from compress.errors import FormatError, InputError, UntrustedPickleError
+from compress.formats import save_model
+from compress.meta import set_meta
+from compress.models import create_model
+from compress.quantize import QuantConfig, quantize
+from tests.helpers import one_line_error
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def forge(manifest: dict, sections: list[bytes]) -> bytes:
+    """A .cpz with every checksum right: only the structural checks stand between it and harm."""
+    off = 0
+    for e, data in zip(manifest["tensors"], sections):
+        e.setdefault("offset", off)
+        e.setdefault("length", len(data))
+        e["crc"] = zlib.crc32(data)
+        off += len(data)
+    mbytes = zlib.compress(json.dumps(manifest).encode())
+    body = HEAD.pack(MAGIC, VERSION, 0, len(mbytes), zlib.crc32(mbytes)) + mbytes + b"".join(sections)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+@pytest.fixture(scope="module")
+def tiny_cpz():
+    """A real small quantized model's .cpz: (blob, manifest, sections)."""
+    torch.manual_seed(0)
+    m = create_model("lenet300", input_size=4, num_classes=3)
+    quantize(m, QuantConfig(bits=4, scheme="kmeans"))
+    blob, _ = encode_model(m)
+    manifest, start = read_manifest(blob)
+    sections = [blob[start + e["offset"]:start + e["offset"] + e["length"]] for e in manifest["tensors"]]
+    return blob, manifest, sections
+
+
+def _refused_quickly(blob: bytes, match: str, seconds: float = 3.0, mb: float = 500):
+    before, t0 = _peak_mb(), time.perf_counter()
+    with pytest.raises(FormatError, match=match):
+        decode_model(blob)
+    assert time.perf_counter() - t0 < seconds
+    assert _peak_mb() - before < mb  # the declared size was never allocated
+
+
+# ------------------------------------------------------------------ code does not run
+def test_torchscript_is_code_and_needs_trust(tmp_path, cli):
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :10]
+
+    torch.jit.save(torch.jit.script(Net()), tmp_path / "ts.pt")
+    res = cli("report", tmp_path / "ts.pt", "--input-shape", "1,1,28,28", "--no-latency")
+    assert one_line_error(res) and "TorchScript is code" in res.err and "--trust-pickle" in res.err
+    res = cli("report", tmp_path / "ts.pt", "--input-shape", "1,1,28,28", "--no-latency", "--trust-pickle")
+    assert res.code == 0, res.err
+
+
+def _torch_file_with_pickle(path, payload: bytes) -> None:
+    """A torch.save zip whose data.pkl is ``payload``."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(1)}, buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            data = payload if info.filename.endswith("/data.pkl") else src.read(info)
+            dst.writestr(info.filename, data)
+
+
+def test_an_allowed_class_cannot_be_called_with_the_files_arguments(tmp_path, cli):
+    class Big:
+        def __reduce__(self):  # what a 401-byte file can ask for: Linear(45000, 45000), 8 GB
+            return torch.nn.Linear, (45000, 45000)
+
+    torch.save(Big(), tmp_path / "big.pt")
+    assert (tmp_path / "big.pt").stat().st_size < 2000
+    before, t0 = _peak_mb(), time.perf_counter()
+    res = cli("report", tmp_path / "big.pt", "--input-shape", "1,45000", "--no-latency")
+    assert one_line_error(res) and "constructor" in res.err and "--trust-pickle" in res.err
+    assert time.perf_counter() - t0 < 5 and _peak_mb() - before < 500
+
+
+def test_a_file_cannot_make_compress_import_a_module(tmp_path):
+    name = "torch.utils.model_dump.__main__"
+    payload = b"\x80\x02c" + name.encode() + b"\nX\nq\x00)\x81q\x01."  # GLOBAL, NEWOBJ
+    _torch_file_with_pickle(tmp_path / "imp.pt", payload)
+    was = name in sys.modules
+    with pytest.raises(UntrustedPickleError):
+        compress.load_model(tmp_path / "imp.pt")
+    assert (name in sys.modules) == was  # nothing was imported (its import calls sys.exit)
+
+
+def test_system_exit_never_escapes(tmp_path, lenet5_trained):
+    torch.save(lenet5_trained.state_dict(), tmp_path / "sd.pt")
+    (tmp_path / "quits.py").write_text("import sys\nsys.exit(3)\ndef f():\n    pass\n")
+    with pytest.raises(InputError, match="exit"):
+        compress.load_model(tmp_path / "sd.pt", arch=f"{tmp_path / 'quits.py'}:f")
+    with pytest.raises(InputError, match="exit"):
+        compress.data.load(f"{tmp_path / 'quits.py'}:f")
+
+
+# ------------------------------------------------------------------ bombs in a .cpz
+def test_a_tiny_section_cannot_declare_a_huge_tensor(tiny_cpz):
+    _, manifest, _ = tiny_cpz
+    bomb = {**copy.deepcopy(manifest), "tensors": [
+        {"name": "fc1.weight", "shape": [1 << 28], "dtype": "float32", "enc": "sparse_raw", "index_bytes": 6,
+         "index": {"index": "gaps", "nnz": 0, "stream": {"coding": "packed", "alpha": 256, "count": 0, "width": 8,
+                                                         "fixed_bytes": 0}}}]}
+    _refused_quickly(forge(bomb, [b"\x00" * 6]), "COMPRESS_MAX_DECODE_RATIO")
+
+
+def test_sections_cannot_overlap_or_repeat(tiny_cpz):
+    _, manifest, sections = tiny_cpz
+    m = copy.deepcopy(manifest)
+    first = m["tensors"][0]
+    m["tensors"] = [dict(first, name=f"t{i}", offset=0) for i in range(5000)]  # all pointing at one section
+    _refused_quickly(forge(m, [sections[0]]), "overlapping|lies outside")
+
+
+def test_many_huffman_streams_cannot_take_minutes(tiny_cpz):
+    """The issue's 523 KB file of tiny Huffman streams: work is bounded by what the file can justify."""
+    from compress.coding import streams
+    _, manifest, _ = tiny_cpz
+    sym = np.zeros(300, dtype=np.int64)
+    sym[::37] = np.arange(len(sym[::37])) % 4 + 1  # skewed: Huffman beats packing
+    data, fields = streams.encode_symbols(sym, 5)
+    assert fields["coding"] == "huff"
+    cb = np.linspace(-1, 1, 4).astype("<f4").tobytes()
+    entry = {"shape": [300], "dtype": "float32", "enc": "codebook", "bits": 2, "k": 4, "mode": "dense",
+             "params_bytes": len(cb), "values": fields}
+    n = 8500
+    many = {**copy.deepcopy(manifest), "tensors": [dict(copy.deepcopy(entry), name=f"t{i}") for i in range(n)]}
+    blob = forge(many, [cb + data] * n)
+    assert len(blob) < 600_000
+    _refused_quickly(blob, "work", seconds=4.0)
+    over = {**copy.deepcopy(manifest), "tensors": [dict(copy.deepcopy(entry), name=f"t{i}") for i in range(25_000)]}
+    _refused_quickly(forge(over, [cb + data] * 25_000), "too many tensors")
+
+
+def test_stored_input_shape_is_not_trusted(tmp_path, cli):
+    for shape in ([1, 1, 6000, 6000], ["a", 2], [1, -3, 4], [1]):
+        m = create_model("lenet300", input_size=4, num_classes=3)
+        set_meta(m, input_shape=shape)
+        p = tmp_path / f"s{len(os.listdir(tmp_path))}.cpz"
+        save_model(m, p)
+        before = _peak_mb()
+        res = cli("report", p, "--no-latency")
+        assert one_line_error(res) and "input shape" in res.err, (shape, res.err)
+        assert _peak_mb() - before < 500
+    res = cli("report", p, "--input-shape", "1,1,100000,100000")
+    assert one_line_error(res) and res.code == 2
+
+
+# ------------------------------------------------------------------ malformed fields
+@pytest.mark.parametrize("field,value", [("values", 5), ("values", "x"), ("values", [1]), ("values", {"coding": "huff"}),
+                                         ("shape", [1 << 40, 1 << 40]), ("shape", "7"), ("bits", "4"),
+                                         ("enc", ["uniform"]), ("mode", None), ("k", 10 ** 9)])
+def test_fields_of_the_wrong_type_are_format_errors(tiny_cpz, field, value):
+    _, manifest, sections = tiny_cpz
+    m = copy.deepcopy(manifest)
+    coded = next(e for e in m["tensors"] if e.get("enc") == "codebook")
+    coded[field] = value
+    for e in m["tensors"]:
+        e.pop("offset", None), e.pop("length", None)
+    with pytest.raises(FormatError):
+        decode_model(forge(m, sections))
+
+
+def test_a_coded_tensor_of_no_layer_is_a_format_error(tiny_cpz):
+    _, manifest, sections = tiny_cpz
+    m = copy.deepcopy(manifest)
+    coded = next(e for e in m["tensors"] if e.get("enc") == "codebook")
+    coded["name"] = "ghost.weight"
+    for e in m["tensors"]:
+        e.pop("offset", None), e.pop("length", None)
+    with pytest.raises(FormatError):
+        decode_model(forge(m, sections))
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: np.savez(p, x=np.array(["a", "b"]), y=np.array([0, 1])), "dtype"),
+    (lambda p: np.savez(p, x=np.zeros((2, 1, 4, 4), np.float32), y=np.array([0, 2 ** 63], np.uint64)), "labels"),
+])
+def test_data_files_with_wrong_dtypes(tmp_path, make, match):
+    make(tmp_path / "d.npz")
+    with pytest.raises(InputError, match=match):
+        compress.data.load(str(tmp_path / "d.npz"))
+
+
+def test_npz_header_declaring_a_huge_array(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 1, 4, 4), np.float32), y=np.zeros(2, np.int64))
+    with zipfile.ZipFile(tmp_path / "d.npz") as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    x = members["x.npy"]
+    header = x[:x.index(b"}") + 1].replace(b"(2, 1, 4, 4)", b"(1000000000000000000,)")
+    members["x.npy"] = header + x[x.index(b"}") + 1:]
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w") as z:
+        for n, d in members.items():
+            z.writestr(n, d)
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match="declares shape"):
+        compress.data.load(str(tmp_path / "bomb.npz"))
+    assert time.perf_counter() - t0 < 3
+
+
+def test_idx_header_with_overflowing_dims(tmp_path):
+    (tmp_path / "mnist").mkdir()
+    hdr = bytes([0, 0, 8, 3]) + b"".join(struct.pack(">I", 65536) for _ in range(3))
+    (tmp_path / "mnist" / "t-images-idx3-ubyte").write_bytes(hdr + b"\x00" * 16)
+    (tmp_path / "mnist" / "t-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 1) + b"\x00")
+    with pytest.raises(InputError, match="does not match its header"):
+        compress.data.load(str(tmp_path / "mnist"))
+
+
+@pytest.mark.parametrize("args", [
+    ["zoo", "train", "lenet300", "--val-fraction", "1.5"], ["zoo", "train", "lenet5", "--width", "0"],
+    ["report", "M", "--data", "digits?limit=0"], ["report", "M", "--data", "digits?size=-3"],
+    ["report", "M", "--data", "digits?channels=-1"], ["report", "M", "--data", "digits?limit=-5"],
+    ["pipeline", "M", "--train-data", "digits", "--max-accuracy-drop", "nan"],
+    ["--device", "tpu", "report", "M"],
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, cli, args):
+    m = create_model("lenet300", input_size=8)
+    save_model(m, tmp_path / "m.pt")
+    args = [str(tmp_path / "m.pt") if a == "M" else a for a in args]
+    res = cli(*args, "-o", tmp_path / "out.pt") if args[0] in ("zoo", "pipeline") else cli(*args)
+    assert one_line_error(res), res
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_dev_null_is_never_replaced(tmp_path, cli):
+    m = create_model("lenet300", input_size=4, num_classes=3)
+    save_model(m, tmp_path / "m.pt")
+    before = os.stat("/dev/null")
+    res = cli("encode", tmp_path / "m.pt", "-o", "/dev/null", "--force")
+    assert one_line_error(res) and "regular file" in res.err
+    after = os.stat("/dev/null")
+    assert (after.st_mode, after.st_rdev, after.st_ino) == (before.st_mode, before.st_rdev, before.st_ino)
+
+
+# ------------------------------------------------------------------ properties of the reader
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_files_are_decoded_or_refused_never_crash(tiny_cpz, data):
+    blob = bytearray(tiny_cpz[0])
+    for _ in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.sampled_from(["flip", "cut", "insert", "zero"]))
+        i = data.draw(st.integers(0, len(blob) - 1))
+        if op == "flip":
+            blob[i] ^= 1 << data.draw(st.integers(0, 7))
+        elif op == "cut":
+            del blob[i:i + data.draw(st.integers(1, 64))]
+        elif op == "insert":
+            blob[i:i] = data.draw(st.binary(min_size=1, max_size=16))
+        else:
+            blob[i:i + 8] = b"\x00" * len(blob[i:i + 8])
+        if len(blob) < 2:
+            break
+    t0 = time.perf_counter()
+    try:
+        decode_model(bytes(blob))
+    except FormatError:
+        pass
+    assert time.perf_counter() - t0 < 3
+
+
+_FIELD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2, 1 << 40), st.text(max_size=8),
+                          st.lists(st.integers(-1, 1 << 20), max_size=4), st.dictionaries(st.text(max_size=6),
+                                                                                             st.integers(0, 300),
+                                                                                             max_size=3))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_structurally_forged_files_are_refused_cleanly(tiny_cpz, data):
+    """Valid checksums, forged manifest fields: a FormatError (or a model), never another exception."""
+    _, manifest, sections = tiny_cpz
+    m = copy.deepcopy(manifest)
+    for _ in range(data.draw(st.integers(1, 3))):
+        e = data.draw(st.sampled_from(m["tensors"]))
+        target = data.draw(st.sampled_from([e, e.get("values") or e, e.get("index") or e]))
+        key = data.draw(st.sampled_from(sorted(target) + ["shape", "alpha", "count", "nnz", "block", "parts"]))
+        target[key] = data.draw(_FIELD_VALUES)
+    for e in m["tensors"]:
+        e.pop("offset", None), e.pop("length", None)
+    t0 = time.perf_counter()
+    try:
+        decode_model(forge(m, sections))
+    except FormatError:
+        pass
+    assert time.perf_counter() - t0 < 3
+
+
+def test_a_pickle_payload_is_still_refused_and_never_runs(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    (tmp_path / "p.pt").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(InputError):
+        compress.load_model(tmp_path / "p.pt")
+    assert not (tmp_path / "ran").exists()
