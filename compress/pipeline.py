@@ -25,7 +25,7 @@ import torch.nn as nn
 from . import data as data_mod
 from .coding.container import encode_model
 from .meta import add_history, get_meta
-from .metrics import count_macs, count_nonzero, count_params, latency_ms
+from .metrics import count_macs, count_nonzero, count_params, latency_stats
 from .recipe import DEFAULT_RECIPE, Recipe, Stage, resolve
 from .stages import Context, run
 from .train import evaluate, predict
@@ -117,10 +117,9 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit) -
 
 
 def _point(label: str, model: nn.Module, nbytes: int, accuracy: float, ctx: Context, test=None) -> dict:
-    """The numbers of the model after one stage: bytes, nonzeros, MACs, latency, accuracy."""
+    """The numbers of the model after one stage: bytes, nonzeros, MACs, accuracy (latency: at the end)."""
     p = {"stage": label, "bytes": nbytes, "accuracy": round(accuracy, 3), "params": count_params(model),
-         "nonzeros": count_nonzero(model), "macs": count_macs(model, ctx.input_shape),
-         "latency_ms": latency_ms(model, ctx.input_shape, 1)}
+         "nonzeros": count_nonzero(model), "macs": count_macs(model, ctx.input_shape)}
     if test is not None:
         p["test_accuracy"] = round(evaluate(model, test), 3)
     return p
@@ -148,6 +147,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     base_acc = judge.start(model)
     dense = 4 * count_params(model)
     timeline = [_point("dense fp32", model, dense, base_acc, ctx, test_data)]
+    snapshots = [copy.deepcopy(model)]  # the model after each stage, timed together at the end
     emit("start", accuracy=base_acc, bytes=dense, budget=budget)
     results, measured = [], None  # measured: (sizes, val accuracy) of `model`, taken when it was a candidate
     for stage in recipe.stages:
@@ -165,7 +165,11 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
         quantized = stage.candidates[0].verb == "quantize"
         timeline.append(_point("quantized" if quantized else "pruned" if stage.name == "threshold" else stage.name,
                                model, sizes["fixed"] if quantized else sizes["coded"], acc, ctx, test_data))
+        snapshots.append(copy.deepcopy(model))
         results.append(res)
+    # batch-1 latency of every stage's model, interleaved after a warm-up: the same machine state for all
+    for point, st in zip(timeline, latency_stats(snapshots, ctx.input_shape, batch=1, runs=15)):
+        point["latency_ms"] = st["median"]
     add_history(model, {"stage": "pipeline", "budget_pt": budget,
                         "kept": [r["kept"]["options"] if r["kept"] else None for r in results]})
     final = size_bytes(model)  # with the history above: exactly the bytes save_model writes

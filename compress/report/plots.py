@@ -87,12 +87,12 @@ def bytes_per_stage(stages: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     labels = [s["stage"] for s in stages]
     vals = [s["bytes"] for s in stages]
-    bars = ax.bar(labels, vals, color=plt.cm.viridis(np.linspace(0.15, 0.85, len(vals))))
-    for bar, v in zip(bars, vals):
+    kib = [v / 1024 for v in vals]
+    bars = ax.bar(labels, kib, color=plt.cm.viridis(np.linspace(0.15, 0.85, len(vals))))
+    for bar, v, k in zip(bars, vals, kib):
         ax.annotate(f"{_kib(v)}\n{vals[0] / max(v, 1):.1f}x smaller" if v != vals[0] else _kib(v),
-                    (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
-    ax.set_ylim(0, max(vals) * 1.25)
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1024:,.0f}"))
+                    (bar.get_x() + bar.get_width() / 2, k), ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, max(kib) * 1.25)
     ax.set_ylabel("size (KiB)")
     ax.set_title("model size after each stage", pad=10)
     return _save(fig, path)
@@ -121,7 +121,7 @@ def accuracy_vs_size(points: list[dict], path: Path, base_accuracy: float | None
                    edgecolors="k", linewidths=1.5, label="kept", zorder=5)
     if base_accuracy is not None and budget is not None:
         ax.axhline(base_accuracy - budget, color="#a4161a", ls="--", lw=1, label=f"budget (-{budget:g} pt)")
-        ax.axhline(base_accuracy, color="grey", ls=":", lw=1, label="uncompressed")
+        ax.axhline(base_accuracy, color="grey", ls=":", lw=1, label="accuracy before")
     ax.set_xscale("log")
     ax.set_xlabel("file size (KiB, log scale)")
     ax.set_ylabel("validation accuracy (%)")

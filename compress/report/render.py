@@ -167,7 +167,7 @@ def render_pipeline_report(summary: dict, before_model: nn.Module, after_model: 
     for s in summary["stages"]:
         for c in s["tried"]:
             points.append({"label": value_text(c["value"]), "stage": s["stage"], "bytes": c["bytes"],
-                           "accuracy": c["accuracy"], "kept": c["verdict"] == "kept"})
+                           "accuracy": c["accuracy"], "kept": c["verdict"].startswith("kept")})
     images = [plots.bytes_per_stage(summary["timeline"], folder / "bytes_per_stage.png"),
               plots.accuracy_vs_size(points, folder / "accuracy_vs_size.png", summary["base_accuracy"],
                                      summary["budget_pt"]),
