@@ -35,10 +35,6 @@ TrainDataOpt = Annotated[Optional[str], typer.Option("--train-data", help="Fine-
                                                      "(see --data); 10% is held out for validation.")]
 TestDataOpt = Annotated[Optional[str], typer.Option("--test-data", help="Extra held-out data to report "
                                                     "accuracy on (e.g. ../shared/data/mnist).")]
-EpochsOpt = Annotated[Optional[float], typer.Option("--epochs", help="Total fine-tuning epochs of the stage "
-                                                   "(0: none; default: the method's).", show_default=False)]
-LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Fine-tuning learning rate (default: the method's).",
-                                                show_default=False)]
 LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="Only these layers: comma-separated glob "
                                                   "patterns of layer names (fc*,layer3.*).")]
 ExcludeOpt = Annotated[Optional[str], typer.Option("--exclude", help="Leave these layers alone: comma-separated "

@@ -6,19 +6,25 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import (ArchOpt, EpochsOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, LrOpt, ModelArg,
+from .common import (ArchOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, ModelArg,
                      OutOpt, ReportOpt, TestDataOpt, TrainDataOpt, TrustOpt, make_config, out, table)
 from .stage import load_inputs, patterns, run_command
 
 
 @app.command()
 def factorize(model: ModelArg, output: OutOpt,
-              energy: Annotated[Optional[float], typer.Option("--energy", help="Kept energy (0.8).")] = None,
-              rank_ratio: Annotated[Optional[float], typer.Option("--rank-ratio", help="Rank / full rank.")] = None,
-              rank: Annotated[Optional[int], typer.Option("--rank", help="Fixed rank.")] = None,
+              energy: Annotated[Optional[float], typer.Option("--energy", help="Keep the smallest rank holding this "
+                                                              "fraction of the squared singular values, e.g. 0.8. "
+                                                              "Give one of --energy, --rank-ratio, --rank.")] = None,
+              rank_ratio: Annotated[Optional[float], typer.Option("--rank-ratio", help="Rank as a fraction of full "
+                                                                  "rank, e.g. 0.5.")] = None,
+              rank: Annotated[Optional[int], typer.Option("--rank", help="A fixed rank, e.g. 16.")] = None,
               layers: LayersOpt = None, exclude: ExcludeOpt = None,
               arch: ArchOpt = None, trust_pickle: TrustOpt = False, train_data: TrainDataOpt = None,
-              test_data: TestDataOpt = None, epochs: EpochsOpt = None, lr: LrOpt = None,
+              test_data: TestDataOpt = None,
+              epochs: Annotated[float, typer.Option("--epochs", min=0, help="Fine-tuning epochs (0: none; with "
+                                                    "--train-data BatchNorm is re-estimated anyway).")] = 0.0,
+              lr: Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate.")] = 1e-3,
               input_shape: InputShapeOpt = None,
               report: ReportOpt = None, json_out: JsonOpt = None, force: ForceOpt = False):
     """Replace Linear/Conv layers by two thin ones (truncated SVD) where that is smaller.

@@ -1,7 +1,7 @@
 """``compress report``: the numbers of one model file."""
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 

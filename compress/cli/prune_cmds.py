@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import (ArchOpt, EpochsOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, LrOpt, ModelArg,
+from .common import (ArchOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, ModelArg,
                      OutOpt, ReportOpt, TestDataOpt, TrainDataOpt, TrustOpt, err, make_config, out, table)
 from .stage import load_inputs, parse_mapping, patterns, run_command
 
@@ -23,7 +23,12 @@ class Method(str, Enum):
 def prune(model: ModelArg, output: OutOpt,
           method: Annotated[Method, typer.Option("--method", "-m", help="Pruning method.")] = Method.threshold,
           arch: ArchOpt = None, trust_pickle: TrustOpt = False, train_data: TrainDataOpt = None,
-          test_data: TestDataOpt = None, epochs: EpochsOpt = None, lr: LrOpt = None,
+          test_data: TestDataOpt = None,
+          epochs: Annotated[Optional[float], typer.Option(
+              "--epochs", min=0, show_default=False, help="Total fine-tuning epochs [default: threshold 3 (split "
+              "over --steps), l1-filter 0, channel-union 4].")] = None,
+          lr: Annotated[Optional[float], typer.Option(
+              "--lr", show_default=False, help="Learning rate [default: 0.001; channel-union 0.02 (SGD)].")] = None,
           layers: LayersOpt = None, exclude: ExcludeOpt = None,
           sparsity: Annotated[Optional[str], typer.Option(
               "--sparsity", help="threshold: target sparsity, global (0.92) or per layer/type (conv=0.6,linear=0.95).")] = None,

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import (ArchOpt, DataOpt, EpochsOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, LrOpt,
+from .common import (ArchOpt, DataOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt,
                      ModelArg, OutOpt, ReportOpt, TestDataOpt, TrainDataOpt, TrustOpt, emit_json, err, make_config,
                      out, parse_shape, table)
 from .stage import check_output, load_inputs, parse_mapping, patterns, run_command
@@ -29,7 +29,10 @@ def quantize(model: ModelArg, output: OutOpt,
              affine: Annotated[bool, typer.Option("--affine", help="Affine grid with a zero point.")] = False,
              layers: LayersOpt = None, exclude: ExcludeOpt = None,
              arch: ArchOpt = None, trust_pickle: TrustOpt = False, train_data: TrainDataOpt = None,
-             test_data: TestDataOpt = None, epochs: EpochsOpt = None, lr: LrOpt = None,
+             test_data: TestDataOpt = None,
+             epochs: Annotated[Optional[float], typer.Option(
+                 "--epochs", min=0, help="k-means: epochs of centroid training (needs --train-data).")] = 0.0,
+             lr: Annotated[float, typer.Option("--lr", help="k-means centroid learning rate.")] = 1e-4,
              input_shape: InputShapeOpt = None, report: ReportOpt = None, json_out: JsonOpt = None,
              force: ForceOpt = False):
     """Quantize weights per channel (min-max, MMSE clipping) or by k-means weight sharing.
