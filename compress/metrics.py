@@ -87,7 +87,7 @@ def _timed(model, x):
     return once
 
 
-def _warm_up(run, window: int = 5, max_seconds: float = 3.0) -> None:
+def _warm_up(run, window: int = 5, max_seconds: float = 3.0) -> float:
     """Run until the median of a window of runs is within 10% of the window before it.
 
     A fresh process can run a small model orders of magnitude slower for its first seconds (thread
@@ -97,15 +97,28 @@ def _warm_up(run, window: int = 5, max_seconds: float = 3.0) -> None:
     while True:
         med = statistics.median(run() for _ in range(window))
         if (prev is not None and abs(med - prev) <= 0.1 * prev) or time.perf_counter() > deadline:
-            return
+            return med  # ms of one run, once stable
         prev = med
 
 
+def timing_seconds() -> float:
+    """Seconds of timed runs per measurement (COMPRESS_LATENCY_SECONDS, default 1.5)."""
+    import os
+
+    try:
+        return max(0.05, float(os.environ.get("COMPRESS_LATENCY_SECONDS", 1.5)))
+    except ValueError:
+        return 1.5
+
+
 def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, threads: int | None = 2) -> list[dict]:
-    """Per model: median and quartiles (ms) of one forward pass at ``batch``.
+    """Per model (ms of one forward pass at ``batch``): ``ms``, the lowest median over blocks of 25
+    consecutive runs -- the speed the machine sustains when undisturbed, the repeatable figure on a
+    shared machine whose slow phases last seconds -- and the median and quartiles of all runs.
 
     Each model is warmed up until stable; then the runs are interleaved (model 1, model 2, model 1,
-    ...), so that a machine that speeds up or slows down meanwhile affects every model alike.
+    ...), so that a machine that speeds up or slows down meanwhile affects every model alike: at
+    least ``runs`` rounds, and as many more as fill ``timing_seconds()``.
     """
     old = torch.get_num_threads()
     if threads:
@@ -114,16 +127,18 @@ def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, thr
         x = torch.randn((batch,) + tuple(input_shape[1:]))
         with torch.no_grad():
             fns = [_timed(m, x) for m in models]
-            for fn in fns:
-                _warm_up(fn)
+            per_run = sum(_warm_up(fn) for fn in fns)  # ms for one round over all models
+            rounds = min(max(runs, int(1000 * timing_seconds() / max(per_run, 1e-3))), 10_000)
             times = [[] for _ in fns]
-            for _ in range(runs):
+            for _ in range(rounds):
                 for t, fn in zip(times, fns):
                     t.append(fn())
         out = []
         for t in times:
             q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
-            out.append({"median": round(statistics.median(t), 4), "p25": round(q[0], 4), "p75": round(q[2], 4)})
+            blocks = [statistics.median(t[i:i + 25]) for i in range(0, max(len(t) - 24, 1), 25)]
+            out.append({"ms": round(min(blocks), 4), "median": round(statistics.median(t), 4),
+                        "p25": round(q[0], 4), "p75": round(q[2], 4)})
         return out
     finally:
         torch.set_num_threads(old)
@@ -131,7 +146,7 @@ def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, thr
 
 def latency_ms(model, input_shape, batch: int = 1, runs: int = 20, threads: int | None = 2) -> float:
     """Median wall time (ms) of one forward pass at ``batch``, after a warm-up until stable."""
-    return latency_stats([model], input_shape, batch, runs, threads)[0]["median"]
+    return latency_stats([model], input_shape, batch, runs, threads)[0]["ms"]
 
 
 def latencies(models: list, input_shape, runs: int = 20) -> list[dict]:
@@ -139,7 +154,7 @@ def latencies(models: list, input_shape, runs: int = 20) -> list[dict]:
     outs = [{"iqr": {}} for _ in models]
     for key, batch, n in (("batch_1", 1, runs), ("batch_32", 32, max(5, runs // 2))):
         for o, st in zip(outs, latency_stats(models, input_shape, batch, n)):
-            o[key] = st["median"]
+            o[key] = st["ms"]
             o["iqr"][key] = [st["p25"], st["p75"]]
     return outs
 

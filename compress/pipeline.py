@@ -169,7 +169,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
         results.append(res)
     # batch-1 latency of every stage's model, interleaved after a warm-up: the same machine state for all
     for point, st in zip(timeline, latency_stats(snapshots, ctx.input_shape, batch=1, runs=15)):
-        point["latency_ms"] = st["median"]
+        point["latency_ms"] = st["ms"]
     add_history(model, {"stage": "pipeline", "budget_pt": budget,
                         "kept": [r["kept"]["options"] if r["kept"] else None for r in results]})
     final = size_bytes(model)  # with the history above: exactly the bytes save_model writes

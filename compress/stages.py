@@ -183,15 +183,13 @@ class Method:
 
 
 class KeepMasks(Method):
-    """Pruning masks hold through training: masked weights get no gradient (so no optimizer
-    state either) and are zeroed again after every step. ``fit`` uses it for a masked model."""
+    """A method whose pruning masks hold through training (``masks.Keeper``'s hooks)."""
 
     def after_backward(self) -> None:
-        masks.mask_grads(self.model)
+        masks.Keeper.after_backward(self)
 
     def step(self, lr: float | None = None) -> bool:
-        masks.enforce(self.model)
-        return False
+        return masks.Keeper.step(self, lr)
 
     def finalize(self) -> nn.Module:
         masks.remove_masks(self.model)  # exact zeros, no mask machinery

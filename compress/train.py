@@ -90,9 +90,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *, meth
     """
     cfg = cfg or TrainConfig()
     if method is None and masks.has_masks(model):
-        from .stages import KeepMasks
-
-        method = KeepMasks(model)
+        method = masks.Keeper(model)
     rank, world = distributed.rank_world()
     dev = distributed.device_of(model)
     show = (progress if progress is not None else progress_enabled()) and rank == 0

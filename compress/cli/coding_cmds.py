@@ -17,7 +17,8 @@ def encode(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: 
 
         compress encode lenet5-int4.pt -o lenet5.cpz
     """
-    from ..coding.container import save_cpz, tensor_row
+    from ..coding.container import save_cpz
+    from ..coding.stats import tensor_row
     from ..formats import load_model
     from ..metrics import count_params
 

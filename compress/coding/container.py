@@ -22,7 +22,6 @@ import logging
 import struct
 import zlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -377,26 +376,3 @@ def load_cpz(path) -> nn.Module:
     if size > 16 << 30:
         _fail(path, "file too large")
     return decode_model(path.read_bytes(), path)
-
-
-def read_stats(path) -> dict[str, Any]:
-    blob = Path(path).read_bytes()
-    manifest, _ = read_manifest(blob, path)
-    return {"manifest_bytes": HEAD.unpack_from(blob, 0)[3], "tensors": [tensor_row(e) for e in manifest["tensors"]]}
-
-
-def tensor_row(e: dict) -> dict:
-    """Per-tensor numbers for tables: bytes, bits per weight, index overhead, Huffman gain."""
-    n = int(np.prod(e["shape"])) if e["shape"] else 1
-    row = {"name": e["name"], "enc": e["enc"], "numel": n, "bytes": e["length"],
-           "bits_per_weight": round(8 * e["length"] / max(n, 1), 3), "mode": e.get("mode", "-")}
-    if "index_bytes" in e:
-        row["index_bytes"] = e["index_bytes"]
-        row["index"] = e["index"]["index"]
-    v = e.get("values")
-    if v:
-        coded = e["length"] - e.get("params_bytes", 0) - e.get("index_bytes", 0)
-        row["bits"] = e.get("bits")
-        row["coding"] = v["coding"]
-        row["huffman_gain"] = round(v["fixed_bytes"] / max(coded, 1), 3) if v["count"] else 1.0
-    return row

@@ -39,7 +39,7 @@ def model_report(path: str | os.PathLike, arch: str | None = None, trust_pickle:
 
             rep["test_accuracy"] = round(evaluate(model, data_mod.load(test_data)), 3)
         if path.suffix == ".cpz":
-            from ..coding.container import read_stats
+            from ..coding.stats import read_stats
 
             rep["cpz"] = read_stats(path)
     rep = {"file": str(path), "file_bytes": path.stat().st_size, **rep}
