@@ -203,9 +203,6 @@ class Config:
             kw[k] = v
         return cls(**kw)
 
-    def replace(self, **kw) -> "Config":
-        return dataclasses.replace(self, **kw)
-
     @classmethod
     def part(cls, key: str, **changes) -> Any:
         """This config's default ``select`` / ``finetune`` with ``changes`` (None values ignored)."""

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .errors import InputError, UsageError
 
 log = logging.getLogger(__name__)
@@ -265,7 +266,7 @@ def check_fits(model: torch.nn.Module, data: Dataset, num_classes: int | None = 
     model.eval()
     try:
         with torch.no_grad():
-            out = model(data.x[:2])
+            out = model(data.x[:2].to(distributed.device_of(model)))  # data follows the model
     except Exception as e:
         msg = str(e).strip().splitlines()[0][:140] if str(e).strip() else type(e).__name__
         raise InputError(f"data {data.name} (samples of shape {tuple(data.x.shape[1:])}) does not fit "

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .distributed import device_of
 from .errors import InputError
 from .quant_state import get_state
 
@@ -37,7 +38,7 @@ def count_macs(model: nn.Module, input_shape) -> int:
     """Multiply-accumulates of one sample (torch.utils.flop_counter FLOPs / 2)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.zeros(input_shape)
+    x = torch.zeros(input_shape, device=device_of(model))
     model.eval()
     counter = FlopCounterMode(display=False)
     with counter:
@@ -72,7 +73,7 @@ def layer_table(model: nn.Module, input_shape) -> list[dict[str, Any]]:
             rows[name]["bits"] = q.bits
         hooks.append(m.register_forward_hook(hook(name)))
     try:
-        _run_checked(model.eval(), torch.zeros(input_shape))
+        _run_checked(model.eval(), torch.zeros(input_shape, device=device_of(model)))
     finally:
         for h in hooks:
             h.remove()
@@ -80,9 +81,12 @@ def layer_table(model: nn.Module, input_shape) -> list[dict[str, Any]]:
 
 
 def _timed(model, x):
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)  # GPU work is asynchronous
+
     def once() -> float:
         t0 = time.perf_counter()
         model(x)
+        sync()
         return (time.perf_counter() - t0) * 1000
     return once
 
@@ -124,9 +128,8 @@ def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, thr
     if threads:
         torch.set_num_threads(threads)
     try:
-        x = torch.randn((batch,) + tuple(input_shape[1:]))
         with torch.no_grad():
-            fns = [_timed(m, x) for m in models]
+            fns = [_timed(m, torch.randn((batch,) + tuple(input_shape[1:]), device=device_of(m))) for m in models]
             per_run = sum(_warm_up(fn) for fn in fns)  # ms for one round over all models
             rounds = min(max(runs, int(1000 * timing_seconds() / max(per_run, 1e-3))), 10_000)
             times = [[] for _ in fns]

@@ -149,6 +149,12 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     timeline = [_point("dense fp32", model, dense, base_acc, ctx, test_data)]
     snapshots = [copy.deepcopy(model)]  # the model after each stage, timed together at the end
     emit("start", accuracy=base_acc, bytes=dense, budget=budget)
+    if val_data is None and base_acc >= 99.8:
+        text = (f"the held-out split of the training data reads {base_acc:.2f}%: the model has most likely been "
+                "trained on it, so every candidate's drop looks real and little is kept. Give --val-data "
+                "(val_data=) with samples the model has not seen")
+        log.warning(text)
+        emit("warning", text=text)
     results, measured = [], None  # measured: (sizes, val accuracy) of `model`, taken when it was a candidate
     for stage in recipe.stages:
         t0 = time.perf_counter()

@@ -98,3 +98,14 @@ def test_given_validation_data_is_used_whole(trained, digits):
     tr, va = data_mod.split(digits, 0.25, seed=1)
     _, s = pipeline(copy.deepcopy(trained["mlp"]), tr, {"stage": [{"type": "kmeans", "bits": 6}]}, val_data=va)
     assert s["validation"] == {"samples": len(va), "source": "given"}
+
+
+def test_a_model_trained_on_its_validation_split_is_flagged(digits):
+    """A model that has learned every sample reads ~100% on the held-out split: say so, ask for --val-data."""
+    torch.manual_seed(0)
+    m = create_model("lenet300", input_size=8)
+    fit(m, digits, TrainConfig(epochs=25, lr=3e-3))  # all of it, validation split included
+    events = []
+    pipeline(m, digits, {"stage": [{"type": "kmeans", "bits": 6}]}, on_event=lambda k, **kw: events.append((k, kw)))
+    warnings = [kw["text"] for k, kw in events if k == "warning"]
+    assert warnings and "--val-data" in warnings[0]

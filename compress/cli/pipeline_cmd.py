@@ -87,5 +87,7 @@ def _show_event(kind, **kw):
     elif kind == "candidate":
         err.print(f"  {kw['stage']} {kw['index']}/{kw['of']} {value_text(kw['value'])}: accuracy {kw['accuracy']:.2f}%, "
                   f"{kw['bytes']:,} bytes; {kw['verdict']}")
+    elif kind == "warning":
+        err.print(f"warning: {kw['text']}")
     elif kind == "skipped":
         err.print(f"  {kw['stage']}: no candidate within budget; stage skipped")
