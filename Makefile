@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[dev]"
+	# real architectures for the tests, in pure PyTorch; its torchvision dependency serves one model only
+	$(BIN)/pip install -q --no-deps "pytorchcv==0.0.74"
 	touch $(STAMP)
 
 demo: install

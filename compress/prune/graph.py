@@ -50,7 +50,15 @@ def output_layers(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
 
 def build(model: nn.Module, input_shape) -> tuple[tp.DependencyGraph, list[nn.Module]]:
     x = example_input(model, input_shape)
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    try:
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    except Exception as e:  # torch-pruning's tracer fails on some graphs (e.g. channel shuffle's reshape)
+        from ..errors import InputError
+
+        msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        raise InputError(f"structural pruning cannot follow this model's channels: torch-pruning failed tracing "
+                         f"it ({type(e).__name__}{': ' + msg if msg else ''}); threshold pruning and quantization "
+                         "still apply") from e
     return dg, output_layers(model, x)
 
 
@@ -121,6 +129,28 @@ def group_norms(group, size: int, kinds=("out", "in", "bn")) -> torch.Tensor:
     if sq is None:
         return torch.zeros(size)
     return sq
+
+
+def unsafe_member(cg: ChannelGroup, names: dict) -> str | None:
+    """Why this group cannot be pruned safely (a member layer and its reason), or None.
+
+    A grouped convolution (1 < groups, not depthwise) needs its channels removed evenly per group;
+    torch-pruning removes them anywhere and fails half-way, leaving a broken model. Such groups
+    are left whole."""
+    for dep, _ in cg.group:
+        m = dep.target.module
+        if isinstance(m, nn.Conv2d) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels):
+            return f"{names.get(m, type(m).__name__)}: grouped conv (groups={m.groups})"
+    return None
+
+
+def refresh(dg, cg: ChannelGroup) -> ChannelGroup:
+    """``cg`` as the graph sees it now. Groups are collected before any is pruned; once others are,
+    a concatenation's consumers hold fewer channels and the old indices point past them."""
+    root = cg.root
+    size = root.out_channels if isinstance(root, nn.modules.conv._ConvNd) else root.out_features
+    dep = cg.group[0].dep
+    return ChannelGroup(cg.name, dg.get_pruning_group(root, dep.handler, list(range(size))), size)
 
 
 def prune_group(dg, cg: ChannelGroup, idxs) -> None:

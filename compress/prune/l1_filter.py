@@ -19,7 +19,7 @@ from ..errors import UsageError
 from ..meta import get_meta
 from ..stages import Context, Method
 from ..train import evaluate
-from .graph import channel_groups, prune_group, unselected
+from .graph import channel_groups, prune_group, refresh, unsafe_member, unselected
 from .importance import L1FilterImportance
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,10 @@ def _count(ratio, size: int, min_channels: int) -> int:
     return max(0, min(n, size - min_channels))
 
 
-def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, select: Select | None = None
-                  ) -> dict[str, tuple[int, int]]:
-    """Remove the lowest-L1 filters of every group; returns {root: (before, after)} channels."""
+def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, select: Select | None = None,
+                  skipped: list | None = None) -> dict[str, tuple[int, int]]:
+    """Remove the lowest-L1 filters of every group; returns {root: (before, after)} channels.
+    Groups that cannot be pruned safely are left whole and listed in ``skipped`` (with why)."""
     dg, groups = channel_groups(model, input_shape, roots=(nn.Conv2d,), ignored=unselected(model, select or Select()))
     if isinstance(ratio, dict):
         names = {cg.name for cg in groups}
@@ -75,11 +76,18 @@ def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, s
                                  f"{close_matches(k, names)}")
     imp = L1FilterImportance()
     changes = {}
+    names = {m: n for n, m in model.named_modules()}
     for cg in groups:
         r = per_layer(ratio, cg.name, None, 0.0)
-        n = _count(r, cg.size, min_channels)
-        if n == 0:
+        if _count(r, cg.size, min_channels) == 0:
             continue
+        why = unsafe_member(cg, names)
+        if why is not None:
+            (skipped if skipped is not None else []).append(f"kept {cg.name}'s channels: {why}")
+            log.info("kept %s: %s", cg.name, why)
+            continue
+        cg = refresh(dg, cg)  # scored on the model as it is now, after the groups before it
+        n = _count(r, cg.size, min_channels)
         scores = imp(cg.group, cg.size)
         idxs = scores.argsort()[:n].tolist()
         prune_group(dg, cg, idxs)
@@ -94,7 +102,8 @@ class L1FilterPruner(Method):
 
     def attach(self) -> None:
         shape = self.ctx.shape(self.model)
-        changes = prune_filters(self.model, shape, self.config.ratio, self.config.min_channels, self.config.select)
+        changes = prune_filters(self.model, shape, self.config.ratio, self.config.min_channels, self.config.select,
+                                skipped=self.notes)
         self.layers = [{"name": k, "channels_before": b, "channels_after": a} for k, (b, a) in changes.items()]
         if not changes:
             self.notes.append("no channel group was pruned")

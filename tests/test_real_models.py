@@ -1,0 +1,59 @@
+"""Structural pruning on architectures nobody here wrote (pytorchcv, pure PyTorch): dense
+concatenation, squeeze-excitation, inverted residuals with depthwise convs, grouped convs, channel
+shuffle. Each either prunes into a working, smaller model or refuses in one line naming why."""
+import copy
+import importlib
+
+import pytest
+import torch
+
+from compress.errors import InputError
+from compress.metrics import count_macs
+from compress.prune import L1FilterConfig
+from compress.stages import Context, run
+
+pytest.importorskip("pytorchcv", reason="installed by `make install` (pip install --no-deps pytorchcv)")
+
+FAMILIES = {  # name: (pytorchcv module, input size, what it exercises)
+    "densenet40_k12_cifar10": ("densenet_cifar", 32, "dense concatenation"),
+    "seresnet20_cifar10": ("seresnet_cifar", 32, "squeeze-excitation, residual"),
+    "mobilenetv2_wd2": ("mobilenetv2", 224, "inverted residual, depthwise"),
+    "resnext14_16x4d": ("resnext", 224, "grouped convs"),
+    "regnetx002": ("regnet", 224, "grouped convs, residual"),
+}
+
+
+def _model(name):
+    torch.manual_seed(0)
+    mod, size, _ = FAMILIES.get(name, ("shufflenetv2", 224, ""))
+    return getattr(importlib.import_module(f"pytorchcv.models.{mod}"), name)().eval(), (1, 3, size, size)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_l1_filter_prunes_real_architectures(name):
+    m, shape = _model(name)
+    x = torch.randn(2, *shape[1:])
+    macs0 = count_macs(m, shape)
+    res = run("prune", m, L1FilterConfig(ratio=0.5), Context(input_shape=shape))
+    macs1 = count_macs(res.model, shape)
+    assert macs0 / macs1 > 1.5, (name, macs0 / macs1)
+    assert res.model(x).shape == (2, 1000 if shape[-1] == 224 else 10)
+    if "grouped" in FAMILIES[name][2]:  # groups that must stay divisible are left whole, and said so
+        assert any("grouped conv" in n for n in res.notes)
+
+
+def test_densenet_concat_indices_stay_in_step():
+    """Concatenation consumers are scored on the model as it is after earlier groups were pruned
+    (collected-then-pruned groups used to index past them: IndexError)."""
+    m, shape = _model("densenet40_k12_cifar10")
+    before = copy.deepcopy(m)
+    run("prune", m, L1FilterConfig(ratio=0.3), Context(input_shape=shape))
+    assert count_macs(m, shape) < count_macs(before, shape)
+
+
+def test_channel_shuffle_is_refused_in_one_line():
+    m, shape = _model("shufflenetv2_wd2")
+    w = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(InputError, match="torch-pruning failed tracing"):
+        run("prune", m, L1FilterConfig(ratio=0.5), Context(input_shape=shape))
+    assert all(torch.equal(a, b) for a, b in zip(w, m.parameters()))  # nothing was changed
