@@ -57,3 +57,28 @@ def test_channel_shuffle_is_refused_in_one_line():
     with pytest.raises(InputError, match="torch-pruning failed tracing"):
         run("prune", m, L1FilterConfig(ratio=0.5), Context(input_shape=shape))
     assert all(torch.equal(a, b) for a, b in zip(w, m.parameters()))  # nothing was changed
+
+
+def test_a_prune_that_would_break_the_model_leaves_it_unchanged():
+    """A concatenation flattened straight into a Linear: each channel is H x W of its inputs, which
+    torch-pruning does not follow. The model must come back unchanged, with a one-line reason."""
+    import torch.nn as nn
+
+    class Fire(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(1, 8, 3)
+            self.a, self.b = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = nn.Linear(16 * 26 * 26, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.stem(x))
+            return self.fc(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1).flatten(1))
+
+    torch.manual_seed(0)
+    m = Fire()
+    x = torch.randn(2, 1, 28, 28)
+    y = m(x)
+    with pytest.raises(InputError, match="left unchanged"):
+        run("prune", m, L1FilterConfig(ratio=0.5), Context(input_shape=(1, 1, 28, 28)))
+    assert torch.equal(m(x), y) and m.fc.in_features == 16 * 26 * 26

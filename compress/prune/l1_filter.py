@@ -12,14 +12,15 @@ import copy
 import dataclasses
 import logging
 
+import torch
 import torch.nn as nn
 
 from ..config import Config, FineTune, Select, close_matches, per_layer, register_method
-from ..errors import UsageError
+from ..errors import CompressError, InputError, UsageError
 from ..meta import get_meta
 from ..stages import Context, Method
 from ..train import evaluate
-from .graph import channel_groups, prune_group, refresh, unsafe_member, unselected
+from .graph import channel_groups, example_input, prune_group, refresh, unsafe_member, unselected
 from .importance import L1FilterImportance
 
 log = logging.getLogger(__name__)
@@ -102,11 +103,32 @@ class L1FilterPruner(Method):
 
     def attach(self) -> None:
         shape = self.ctx.shape(self.model)
-        changes = prune_filters(self.model, shape, self.config.ratio, self.config.min_channels, self.config.select,
-                                skipped=self.notes)
+        original = copy.deepcopy(self.model)
+        try:
+            changes = prune_filters(self.model, shape, self.config.ratio, self.config.min_channels,
+                                    self.config.select, skipped=self.notes)
+            with torch.no_grad():
+                self.model.eval()(example_input(self.model, shape))  # the pruned model must still run
+        except CompressError:
+            _restore(self.model, original)
+            raise
+        except Exception as e:
+            # torch-pruning followed the channels into something it cannot shrink correctly, e.g. a
+            # flatten after a concatenation (each channel is H x W features of the next Linear)
+            _restore(self.model, original)
+            msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            raise InputError(f"l1-filter would break this model ({msg}); it was left unchanged. Keep the layers "
+                             "feeding a flatten or reshape (--exclude / select.exclude), or use threshold "
+                             "pruning") from e
         self.layers = [{"name": k, "channels_before": b, "channels_after": a} for k, (b, a) in changes.items()]
         if not changes:
             self.notes.append("no channel group was pruned")
+
+
+def _restore(model: nn.Module, original: nn.Module) -> None:
+    """Put ``original``'s whole state back into ``model`` in place (the caller holds ``model``)."""
+    model.__dict__.clear()
+    model.__dict__.update(original.__dict__)
 
 
 def l1_filter(model: nn.Module, ratio=0.5, *, train_data=None, val_data=None, input_shape=None, **kw) -> nn.Module:
