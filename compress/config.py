@@ -157,11 +157,13 @@ _PARTS = {"select": Select, "finetune": FineTune}
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Base of every method config. Subclasses are frozen dataclasses and set ``verb``,
-    ``stage_name`` (its name in a recipe) and ``search_key`` (the option a recipe may list)."""
+    ``stage_name`` (its name in a recipe), ``search_key`` (the option a recipe may list) and
+    ``iterative`` (its search candidates build on each other, as iterative pruning does)."""
 
     verb: ClassVar[str] = ""
     stage_name: ClassVar[str] = ""
     search_key: ClassVar[str] = ""
+    iterative: ClassVar[bool] = False  # in a recipe's search, each candidate continues from the previous one
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

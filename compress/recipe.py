@@ -51,7 +51,7 @@ class Stage:
     @property
     def iterative(self) -> bool:
         """Each candidate continues from the previous one (iterative pruning), else from the stage input."""
-        return self.candidates[0].stage_name == "threshold"
+        return self.candidates[0].iterative
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "stage") -> "Stage":

@@ -116,7 +116,7 @@ class Method:
 
     needs_train: ClassVar[bool] = False
 
-    def __init__(self, model: nn.Module, config: Config | None = None, ctx: Context | None = None):
+    def __init__(self, model: nn.Module, config: Config, ctx: Context | None = None):
         self.model, self.config, self.ctx = model, config, ctx or Context()
         self.layers: list[dict] = []
         self.records: list[dict] = []
@@ -183,13 +183,15 @@ class Method:
 
 
 class KeepMasks(Method):
-    """A method whose pruning masks hold through training (``masks.Keeper``'s hooks)."""
+    """A method whose pruning masks hold through training: masked weights get no gradient (so no
+    optimizer state either) and are zeroed again after every step."""
 
     def after_backward(self) -> None:
-        masks.Keeper.after_backward(self)
+        masks.mask_grads(self.model)
 
     def step(self, lr: float | None = None) -> bool:
-        return masks.Keeper.step(self, lr)
+        masks.enforce(self.model)
+        return False
 
     def finalize(self) -> nn.Module:
         masks.remove_masks(self.model)  # exact zeros, no mask machinery

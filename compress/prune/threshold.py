@@ -44,6 +44,7 @@ class ThresholdConfig(Config):
     verb = "prune"
     stage_name = "threshold"
     search_key = "sparsity"
+    iterative = True
 
     sparsity: float | dict | None = None
     quality: float | dict | None = None
