@@ -324,3 +324,13 @@ def test_a_pickle_payload_is_still_refused_and_never_runs(tmp_path):
     with pytest.raises(InputError):
         compress.load_model(tmp_path / "p.pt")
     assert not (tmp_path / "ran").exists()
+
+
+def test_an_architecture_of_too_many_modules_is_refused(tiny_cpz):
+    _, manifest, sections = tiny_cpz
+    m = copy.deepcopy(manifest)
+    leaf = {"class": "torch.nn.modules.linear.Identity", "attrs": {}, "params": {}, "buffers": {}, "children": {}}
+    m["arch"] = {**m["arch"], "children": {**m["arch"]["children"], **{f"x{i}": leaf for i in range(50_001)}}}
+    for e in m["tensors"]:
+        e.pop("offset", None), e.pop("length", None)
+    _refused_quickly(forge(m, sections), "modules")
