@@ -82,15 +82,17 @@ class _Judge:
                 "verdict": ("within budget: " if ok else "over budget: ") + why}
 
 
-def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit) -> tuple[nn.Module | None, dict]:
-    """Try a stage's candidates; the most compressed one within budget and the record of all."""
-    kept_model, kept, current, misses = None, None, model, 0
+def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit):
+    """Try a stage's candidates: (the most compressed one within budget or None, its sizes as measured
+    when it was tried, the record of all)."""
+    kept_model, kept, kept_sizes, current, misses = None, None, None, model, 0
     tried = []
     for j, cfg in enumerate(stage.candidates):
         start = current if stage.iterative else model
         cand = run(cfg.verb, copy.deepcopy(start), cfg, ctx).model
+        sizes = size_bytes(cand)
         rec = {"value": getattr(cfg, cfg.search_key), "options": cfg.to_dict(), **judge(cand),
-               "bytes": size_bytes(cand)["coded"]}
+               "bytes": sizes["coded"]}
         tried.append(rec)
         emit("candidate", stage=stage.name, index=j + 1, of=len(stage.candidates), **rec)
         if not rec["within_budget"]:
@@ -106,14 +108,14 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit) -
         if kept is None or rec["bytes"] <= kept["bytes"]:
             if kept is not None:
                 kept["verdict"] = kept["verdict"].replace("within budget:", "within budget, but larger than a later one:")
-            kept_model, kept = cand, rec
+            kept_model, kept, kept_sizes = cand, rec, sizes
         else:
             rec["verdict"] = rec["verdict"].replace("within budget:", "within budget, but larger than the kept one:")
         current = cand
     if kept is not None:
         kept["verdict"] = kept["verdict"].replace("within budget:", "kept:", 1)
-    return kept_model, {"stage": stage.name, "search_key": stage.candidates[0].search_key, "kept": kept,
-                        "tried": tried}
+    return kept_model, kept_sizes, {"stage": stage.name, "search_key": stage.candidates[0].search_key,
+                                    "kept": kept, "tried": tried}
 
 
 def _point(label: str, model: nn.Module, nbytes: int, accuracy: float, ctx: Context, test=None) -> dict:
@@ -158,12 +160,12 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     results, measured = [], None  # measured: (sizes, val accuracy) of `model`, taken when it was a candidate
     for stage in recipe.stages:
         t0 = time.perf_counter()
-        kept_model, res = _search(stage, model, ctx, judge, emit)
+        kept_model, kept_sizes, res = _search(stage, model, ctx, judge, emit)
         if kept_model is None:
             emit("skipped", stage=stage.name)
             log.warning("stage %s: no candidate within %.2f pt; stage skipped", stage.name, budget)
         else:
-            model, measured = kept_model, (size_bytes(kept_model), res["kept"]["accuracy"])
+            model, measured = kept_model, (kept_sizes, res["kept"]["accuracy"])  # as measured when tried
         if measured is None:  # nothing kept yet: the input model, measured once
             measured = (size_bytes(model), base_acc)
         sizes, acc = measured

@@ -73,7 +73,7 @@ def decode_symbols(data: bytes, f: dict, max_count: int, budget: Budget = UNLIMI
     block = _int(f, "block", 1, 4096) if huff else 1
     # work units of ~10 ns: a symbol each, a decoding table, and ~5 us of overhead per decoder step
     steps = (block if n > block else n) if huff else 0
-    budget.spend(elements=n, work=n + ((1 << H.MAX_LEN) + 512 * steps if huff else 0))
+    budget.spend(work=n + ((1 << H.MAX_LEN) + 512 * steps if huff else 0))  # output: charged by the tensor
     if coding == "packed":
         width = _int(f, "width", 1, 16)
         if width != _bits_for(alpha) or len(data) != (n * width + 7) // 8:
