@@ -131,6 +131,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
              input_shape=None, on_event: Callable | None = None, val_data=None, test_data=None,
              val_fraction: float | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Run a recipe on ``model`` (in place); returns (model, summary). ``data``: training Dataset or spec.
+    ``on_event(kind, fields)`` hears "start", "warning", "candidate" and "skipped", as stages' events.
 
     Precedence of every setting: argument > recipe > model metadata > default.
     """
@@ -143,8 +144,8 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     else:
         vf = resolve(val_fraction, recipe.val_fraction, get_meta(model).get("val_fraction"), default=0.1)
         train, val = data_mod.split(ds, float(vf), seed=0)
-    emit = (lambda kind, **kw: on_event(kind, **kw)) if on_event else (lambda kind, **kw: None)
     ctx = Context(train=train, val=val, input_shape=input_shape or (1,) + tuple(ds.x.shape[1:]))
+    emit = Context(on_event=on_event).emit  # the pipeline's own events: on_event(kind, fields), as a stage's
     judge = _Judge(val, budget, z)
     base_acc = judge.start(model)
     dense = 4 * count_params(model)

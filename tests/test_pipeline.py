@@ -106,6 +106,6 @@ def test_a_model_trained_on_its_validation_split_is_flagged(digits):
     m = create_model("lenet300", input_size=8)
     fit(m, digits, TrainConfig(epochs=25, lr=3e-3))  # all of it, validation split included
     events = []
-    pipeline(m, digits, {"stage": [{"type": "kmeans", "bits": 6}]}, on_event=lambda k, **kw: events.append((k, kw)))
+    pipeline(m, digits, {"stage": [{"type": "kmeans", "bits": 6}]}, on_event=lambda k, kw: events.append((k, kw)))
     warnings = [kw["text"] for k, kw in events if k == "warning"]
     assert warnings and "--val-data" in warnings[0]

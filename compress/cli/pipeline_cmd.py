@@ -79,7 +79,7 @@ def pipeline(model: ModelArg, output: OutOpt,
         emit_json(summary, json_out, force)
 
 
-def _show_event(kind, **kw):
+def _show_event(kind: str, kw: dict) -> None:
     from ..report.render import value_text
 
     if kind == "start":
