@@ -79,7 +79,7 @@ class _Judge:
         why = (f"drop {drop:+.2f} + {self.z:g} x SE {se:.2f} = {margin:.2f} pt "
                f"{'<=' if ok else '>'} budget {self.budget:g} pt")
         return {"accuracy": round(acc, 3), "drop": round(drop, 3), "se": round(se, 3), "within_budget": ok,
-                "verdict": ("within budget: " if ok else "over budget: ") + why}
+                "verdict": ("within budget: " if ok else "over budget: ") + why, "why": why}
 
 
 def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit):
@@ -106,14 +106,14 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit):
             continue
         misses = 0
         if kept is None or rec["bytes"] <= kept["bytes"]:
-            if kept is not None:
-                kept["verdict"] = kept["verdict"].replace("within budget:", "within budget, but larger than a later one:")
             kept_model, kept, kept_sizes = cand, rec, sizes
-        else:
-            rec["verdict"] = rec["verdict"].replace("within budget:", "within budget, but larger than the kept one:")
         current = cand
-    if kept is not None:
-        kept["verdict"] = kept["verdict"].replace("within budget:", "kept:", 1)
+    for rec in tried:  # the final word on each: every one within budget but not kept is at least as large
+        why = rec.pop("why")
+        if rec is kept:
+            rec["verdict"] = f"kept: {why}"
+        elif rec["within_budget"]:
+            rec["verdict"] = f"within budget, but not smaller than the kept one: {why}"
     return kept_model, kept_sizes, {"stage": stage.name, "search_key": stage.candidates[0].search_key,
                                     "kept": kept, "tried": tried}
 
