@@ -50,6 +50,17 @@ def per_layer(value, fqn: str, module: nn.Module | None = None, default=None):
     return value.get("_default", default)
 
 
+def check_keys(value, names, message: str, types=("conv", "linear")) -> None:
+    """A per-layer dict may name only chosen layers, layer types and "_default" (what ``per_layer``
+    resolves); any other key is a UsageError: ``message`` (formatted with ``key``) and close matches."""
+    if not isinstance(value, dict):
+        return
+    names = list(names)
+    for k in value:
+        if k != "_default" and k not in types and k not in names:
+            raise UsageError(message.format(key=k) + close_matches(k, names))
+
+
 def close_matches(name: str, names) -> str:
     m = difflib.get_close_matches(name, list(names), n=3)
     return f" (did you mean {', '.join(m)}?)" if m else ""

@@ -15,8 +15,8 @@ import logging
 import torch
 import torch.nn as nn
 
-from ..config import Config, FineTune, Select, close_matches, per_layer, register_method
-from ..errors import CompressError, InputError, UsageError
+from ..config import Config, FineTune, Select, check_keys, per_layer, register_method
+from ..errors import CompressError, InputError
 from ..meta import get_meta
 from ..stages import Context, Method
 from ..train import evaluate
@@ -69,12 +69,7 @@ def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, s
     """Remove the lowest-L1 filters of every group; returns {root: (before, after)} channels.
     Groups that cannot be pruned safely are left whole and listed in ``skipped`` (with why)."""
     dg, groups = channel_groups(model, input_shape, roots=(nn.Conv2d,), ignored=unselected(model, select or Select()))
-    if isinstance(ratio, dict):
-        names = {cg.name for cg in groups}
-        for k in ratio:
-            if k != "_default" and k not in names:
-                raise UsageError(f"--ratio {k}: no prunable channel group of that name"
-                                 f"{close_matches(k, names)}")
+    check_keys(ratio, [cg.name for cg in groups], "--ratio {key}: no prunable channel group of that name", types=())
     imp = L1FilterImportance()
     changes = {}
     names = {m: n for n, m in model.named_modules()}

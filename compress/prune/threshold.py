@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .. import masks
-from ..config import Config, FineTune, Select, per_layer, register_method
+from ..config import Config, FineTune, Select, check_keys, per_layer, register_method
 from ..stages import Context, KeepMasks
 
 log = logging.getLogger(__name__)
@@ -82,24 +82,11 @@ def _kth_abs(w: torch.Tensor, fraction: float) -> float:
     return float(w.abs().flatten().kthvalue(min(k, w.numel())).values)
 
 
-def _check_keys(value, layers) -> None:
-    """A per-layer dict key must name a chosen layer, a layer type or _default."""
-    if not isinstance(value, dict):
-        return
-    names = [n for n, _ in layers]
-    for k in value:
-        if k not in names and k not in ("conv", "linear", "_default"):
-            from ..errors import UsageError
-            from ..config import close_matches
-
-            raise UsageError(f"no prunable layer {k!r}{close_matches(k, names)}")
-
-
 def thresholds(model: nn.Module, config: ThresholdConfig, sparsity=None) -> dict[str, float]:
     """Per-layer magnitude thresholds for a (possibly intermediate) sparsity target."""
     layers = config.select.layers(model)
-    _check_keys(config.sparsity, layers)
-    _check_keys(config.quality, layers)
+    for value in (config.sparsity, config.quality):
+        check_keys(value, [n for n, _ in layers], "no prunable layer {key!r}")
     if not layers:
         return {}
     ends = config.select.ends(model)

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..config import Config, FineTune, Select, per_layer, register_method
+from ..config import Config, FineTune, Select, check_keys, per_layer, register_method
 from ..quant_state import SCHEMES, QuantState, get_state, set_state
 from ..stages import Method, quantize_
 from . import kmeans as km
@@ -93,14 +93,8 @@ class Quantizer(Method):
     def attach(self) -> None:
         cfg = self.config
         layers = cfg.select.layers(self.model)
-        if isinstance(cfg.bits, dict):  # checked before anything changes
-            from ..config import close_matches
-            from ..errors import UsageError
-
-            names = [n for n, _ in layers]
-            for k in cfg.bits:
-                if k not in names and k not in ("conv", "linear", "_default"):
-                    raise UsageError(f"--bits {k}: no quantized layer of that name{close_matches(k, names)}")
+        # checked before anything changes
+        check_keys(cfg.bits, [n for n, _ in layers], "--bits {key}: no quantized layer of that name")
         for name, m in layers:
             bits = per_layer(cfg.bits, name, m, 8)
             w = m.weight.detach().clone()
