@@ -6,6 +6,7 @@ import gzip
 import io
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from compress.coding.container import load_cpz, save_cpz
 from compress.metrics import count_params, latency_ms
 from compress.train import TrainConfig, evaluate, fit
 
-from .conftest import VAL_FRACTION, once, record, train_split, trained
+from .conftest import CACHE, VAL_FRACTION, once, record, train_split, trained
 
 
 def peer_baseline(base: nn.Module, sparsity: float = 0.92, epochs: float = 8):
@@ -67,10 +68,49 @@ def test_pipeline_deep_compression(benchmark, eval_sets, name, tmp_path):
 
     once(benchmark, run)
     d = load_cpz(tmp_path / "m.cpz")
+    CACHE.mkdir(exist_ok=True)
+    (CACHE / f"pipeline-{name}.cpz").write_bytes((tmp_path / "m.cpz").read_bytes())  # for the NNCodec peer
     record(benchmark, ratio=4 * count_params(base) / out["bytes"], accuracy=evaluate(d, test),
            base_accuracy=evaluate(base, test), latency_ms=latency_ms(d, (1, 1, 28, 28), 32), eval_name=ev,
            file_bytes=out["bytes"], kept=[s["kept"]["options"] if s["kept"] else None for s in out["summary"]["stages"]])
-    assert benchmark.extra_info["compression_ratio"] >= 40
+    assert benchmark.extra_info["compression_ratio"] >= 100
+
+
+NNCODEC_QPS = (-14, -20, -26, -32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lenet5", "lenet300"])
+def test_nncodec_peer(benchmark, eval_sets, name, tmp_path):
+    """NNCodec (MPEG NNR / DeepCABAC) re-quantizes and codes the weights of the pipeline's .cpz (no
+    fine-tuning), at several qp; its own environment: set NNCODEC_PYTHON (see docs/results.md)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    py = os.environ.get("NNCODEC_PYTHON")
+    src = CACHE / f"pipeline-{name}.cpz"
+    if not py or not src.exists():
+        pytest.skip("set NNCODEC_PYTHON to a Python with nncodec, and run test_pipeline_deep_compression first")
+    test, ev = eval_sets[28]
+    m = load_cpz(src)
+    np.savez(tmp_path / "w.npz", **{k: v.detach().numpy() for k, v in m.state_dict().items()})
+    script = Path(__file__).with_name("nncodec_peer.py")
+    cmd = [py, str(script), "code", str(tmp_path / "w.npz"), str(tmp_path / "out"), "--qp", *map(str, NNCODEC_QPS)]
+    once(benchmark, lambda: subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": ""}))
+    sizes = json.loads((tmp_path / "out" / "sizes.json").read_text())
+    peer = {}
+    for qp in NNCODEC_QPS:
+        dec = np.load(tmp_path / "out" / f"decoded_qp{qp}.npz")
+        mm = copy.deepcopy(m)
+        mm.load_state_dict({k: torch.from_numpy(dec[k]) for k in dec.files})
+        peer[str(qp)] = {"bytes": sizes[str(qp)], "accuracy": round(evaluate(mm, test), 2)}
+    cpz = src.stat().st_size
+    record(benchmark, ratio=4 * count_params(m) / cpz, accuracy=evaluate(m, test), base_accuracy=evaluate(m, test),
+           latency_ms=0.0, eval_name=ev, cpz_bytes=cpz, nncodec=peer, python=sys.version.split()[0])
 
 
 @pytest.mark.slow

@@ -187,6 +187,25 @@ class Config:
         body = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
         return {"type": type(self).__name__, "version": CONFIG_VERSION, **body}
 
+    def changes(self) -> dict[str, Any]:
+        """Only the options that differ from the defaults (parts too), for ``from_dict``: what a
+        file's history keeps in a few bytes."""
+        default = {}
+        for f in dataclasses.fields(self):
+            if f.default is not dataclasses.MISSING:
+                default[f.name] = _jsonable(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                default[f.name] = _jsonable(f.default_factory())
+        out = {"type": type(self).__name__, "version": CONFIG_VERSION}
+        for k, v in self.to_dict().items():
+            if isinstance(v, dict) and isinstance(default.get(k), dict) and k in _PARTS:
+                diff = {kk: vv for kk, vv in v.items() if default[k].get(kk) != vv}
+                if diff:
+                    out[k] = diff
+            elif k not in out and default.get(k, object()) != v:
+                out[k] = v
+        return out
+
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "Config":
         d = dict(d)

@@ -242,7 +242,12 @@ def load(spec: str) -> Dataset:
     return Dataset(x, y, name=spec)
 
 
-def split(data: Dataset, val_fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:
+# held out of training data for validation when no validation data is given: 20% (1,000 of mnist5k)
+# gives a budget test a standard error of about 0.3 pt on the paired accuracy difference
+VAL_FRACTION = 0.2
+
+
+def split(data: Dataset, val_fraction: float = VAL_FRACTION, seed: int = 0) -> tuple[Dataset, Dataset]:
     """Deterministic stratified train/validation split."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError("val_fraction must be in (0, 1)")

@@ -3,13 +3,21 @@
 A recipe (``compress.recipe``) is a list of stages. A stage whose search key is a list is a
 *search*: its candidates are tried in order of increasing compression and the most compressed one
 within the budget is kept (threshold pruning goes on from the previous candidate, as Han et al.'s
-iterative pruning does, and stops after ``patience`` candidates in a row over budget; other stages
-start each candidate from the stage's input). The budget is measured on validation data -- the
-user's, or a split held out from the training data, never test data -- and tested with a margin
-for noise: a candidate is within budget when its accuracy drop plus ``confidence`` standard errors
-of the paired difference stays within it. Picking the most compressed candidate whose noisy drop
-happens to look small would otherwise overshoot the budget on new data (the winner's curse). The
-result is Huffman-coded into a .cpz, and the bytes after each stage are recorded.
+iterative pruning does; other stages start each candidate from the stage's input).
+
+The budget rule. The budget is measured on validation data -- the user's, or a split held out
+from the training data, never test data. A candidate is *within budget* when its accuracy drop
+against the input model, on the same samples, plus ``confidence`` (default 1) standard errors of
+that paired difference stays within the budget. The standard error comes from the samples on
+which the two models disagree (McNemar), so the margin shrinks as the evidence grows: a candidate
+that agrees with the input on nearly every sample is judged almost exactly, one that flips many
+predictions needs a clear lead. Taking the most compressed candidate whose noisy drop happens to
+look small would overshoot the budget on new data (the winner's curse); the margin guards
+against that. A candidate that misses only by its margin (measured drop within budget) is
+*inconclusive*: the search goes on past it. The search ends after ``patience`` candidates in a
+row whose measured drop alone exceeds the budget.
+
+The result is Huffman-coded into a .cpz, and the bytes after each stage are recorded.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import torch.nn as nn
 
 from . import data as data_mod
 from .coding.container import encode_model
+from .coding.streams import fixed_bytes
 from .meta import add_history, get_meta
 from .metrics import count_macs, count_nonzero, count_params, latency_stats
 from .recipe import DEFAULT_RECIPE, Recipe, Stage, resolve
@@ -51,7 +60,7 @@ def size_bytes(model: nn.Module) -> dict[str, int]:
     fixed = 0
     for e in stats["tensors"]:
         if "values" in e:
-            fixed += e.get("params_bytes", 0) + e.get("index_bytes", 0) + e["values"]["fixed_bytes"]
+            fixed += e.get("params_bytes", 0) + e.get("index_bytes", 0) + fixed_bytes(e["values"])
         else:
             fixed += e["length"]
     return {"coded": stats["file_bytes"], "fixed": fixed + stats["manifest_bytes"] + 20}
@@ -59,27 +68,29 @@ def size_bytes(model: nn.Module) -> dict[str, int]:
 
 @dataclasses.dataclass
 class _Judge:
-    """Validation predictions of the base model, and the budget test of a candidate."""
+    """The budget test of a candidate against the input model (see the module docstring)."""
 
     val: Any
     budget: float
     z: float
-    base_pred: torch.Tensor | None = None
+    ref_pred: torch.Tensor | None = None
 
     def start(self, model: nn.Module) -> float:
-        self.base_pred = predict(model, self.val.x).argmax(1)
-        return 100.0 * float((self.base_pred == self.val.y).float().mean())
+        self.ref_pred = predict(model, self.val.x).argmax(1)
+        return 100.0 * float((self.ref_pred == self.val.y).float().mean())
 
     def __call__(self, model: nn.Module) -> dict:
         pred = predict(model, self.val.x).argmax(1)
-        drop, se = paired_drop(self.base_pred, pred, self.val.y)
+        drop, se = paired_drop(self.ref_pred, pred, self.val.y)
         acc = 100.0 * float((pred == self.val.y).float().mean())
         margin = drop + self.z * se
         ok = margin <= self.budget
+        over = drop > self.budget  # the measured drop alone is over: evidence, not noise
         why = (f"drop {drop:+.2f} + {self.z:g} x SE {se:.2f} = {margin:.2f} pt "
                f"{'<=' if ok else '>'} budget {self.budget:g} pt")
+        word = "within budget: " if ok else "over budget: " if over else "inconclusive (over by its margin only): "
         return {"accuracy": round(acc, 3), "drop": round(drop, 3), "se": round(se, 3), "within_budget": ok,
-                "verdict": ("within budget: " if ok else "over budget: ") + why, "why": why}
+                "over": over, "verdict": word + why, "why": why}
 
 
 def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit):
@@ -91,19 +102,21 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit):
         start = current if stage.iterative else model
         cand = run(cfg.verb, copy.deepcopy(start), cfg, ctx).model
         sizes = size_bytes(cand)
-        rec = {"value": getattr(cfg, cfg.search_key), "options": cfg.to_dict(), **judge(cand),
+        value = getattr(cfg, cfg.search_key)
+        rec = {"value": value, "options": cfg.to_dict(), **judge(cand),
                "bytes": sizes["coded"]}
         tried.append(rec)
         emit("candidate", stage=stage.name, index=j + 1, of=len(stage.candidates), **rec)
         if not rec["within_budget"]:
-            misses += 1
+            misses += rec.pop("over")  # an inconclusive reading is noise: it neither ends nor resets the run
             if stage.iterative:
-                # sparser candidates build on this one, with more fine-tuning; one reading over
-                # budget may be noise, `patience` in a row end the search
+                # sparser candidates build on this one, with more fine-tuning; `patience` readings in
+                # a row whose measured drop alone is over budget end the search
                 if misses >= stage.patience:
                     break
                 current = cand
             continue
+        rec.pop("over")
         misses = 0
         if kept is None or rec["bytes"] <= kept["bytes"]:
             kept_model, kept, kept_sizes = cand, rec, sizes
@@ -142,7 +155,8 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     if val_data is not None:
         train, val = ds, (data_mod.load(val_data) if isinstance(val_data, str) else val_data)
     else:
-        vf = resolve(val_fraction, recipe.val_fraction, get_meta(model).get("val_fraction"), default=0.1)
+        vf = resolve(val_fraction, recipe.val_fraction, get_meta(model).get("val_fraction"),
+                     default=data_mod.VAL_FRACTION)
         train, val = data_mod.split(ds, float(vf), seed=0)
     ctx = Context(train=train, val=val, input_shape=input_shape or (1,) + tuple(ds.x.shape[1:]))
     emit = Context(on_event=on_event).emit  # the pipeline's own events: on_event(kind, fields), as a stage's
@@ -180,7 +194,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     for point, st in zip(timeline, latency_stats(snapshots, ctx.input_shape, batch=1, runs=15)):
         point["latency_ms"] = st["ms"]
     add_history(model, {"stage": "pipeline", "budget_pt": budget,
-                        "kept": [r["kept"]["options"] if r["kept"] else None for r in results]})
+                        "kept": [r["kept"]["value"] if r["kept"] else None for r in results]})  # stages: above
     final = size_bytes(model)  # with the history above: exactly the bytes save_model writes
     timeline.append({**timeline[-1], "stage": "huffman coded", "bytes": final["coded"]})  # same weights, coded
     summary = {"budget_pt": budget, "confidence": z, "base_accuracy": round(base_acc, 3),

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 QUANT_ATTR = "compress_quant"
+PARAMS = ("weight", "bias")  # the parameters of a layer that may carry a state
 SCHEMES = ("minmax", "mmse", "kmeans")
 
 
@@ -79,17 +80,25 @@ class QuantState:
                 "symmetric": self.symmetric}
 
 
-def get_state(module: nn.Module) -> QuantState | None:
-    s = getattr(module, QUANT_ATTR, None)
+def _attr(param: str) -> str:
+    if param not in PARAMS:
+        raise ValueError(f"no quantization state for parameter {param!r}")
+    return QUANT_ATTR if param == "weight" else f"{QUANT_ATTR}_{param}"
+
+
+def get_state(module: nn.Module, param: str = "weight") -> QuantState | None:
+    """The state of ``module.weight`` (or of ``module.bias`` with ``param="bias"``), or None."""
+    s = getattr(module, _attr(param), None)
     return s if isinstance(s, QuantState) else None
 
 
-def set_state(module: nn.Module, state: QuantState | None) -> None:
+def set_state(module: nn.Module, state: QuantState | None, param: str = "weight") -> None:
+    attr = _attr(param)
     if state is None:
-        if QUANT_ATTR in module.__dict__:
-            delattr(module, QUANT_ATTR)
+        if attr in module.__dict__:
+            delattr(module, attr)
         return
-    setattr(module, QUANT_ATTR, state)
+    setattr(module, attr, state)
 
 
 def quantized_layers(model: nn.Module):
@@ -98,3 +107,6 @@ def quantized_layers(model: nn.Module):
         s = get_state(m)
         if s is not None:
             yield name, m, s
+
+
+STATE_ATTRS = tuple(_attr(p) for p in PARAMS)  # module attributes that hold states

@@ -5,14 +5,14 @@ A recipe is TOML (see docs/recipes)::
     version = 2
     max_accuracy_drop = 0.5        # optional; the --max-accuracy-drop flag wins over it
     confidence = 1.0               # standard errors of margin in the budget test
-    val_fraction = 0.1             # held out of the training data when no validation data is given
+    val_fraction = 0.2             # held out of the training data when no validation data is given
 
     [[stage]]
     type = "threshold"             # a method's stage name, or a preset: kmeans, int8
     sparsity = [0.8, 0.9, 0.93]    # a list for the method's search key: candidates, in order
     steps = 3                      # any other option of the method's config
     finetune = { epochs = 3 }      # the config's parts as tables: finetune, select
-    patience = 2                   # a stage option: misses in a row that end the search
+    patience = 2                   # a stage option: candidates in a row measured over budget end the search
 
 Every value has one meaning wherever it appears: ``finetune.epochs`` is the stage's total.
 ``resolve`` applies one precedence to every setting: argument > recipe > model metadata > default.
@@ -41,7 +41,8 @@ class Stage:
     """Args:
         name: the stage name ("threshold", "kmeans", ...).
         candidates: configs tried in order (one: no search).
-        patience: candidates over budget in a row that end an iterative search.
+        patience: candidates in a row whose measured drop alone is over budget that end an iterative
+            search (a miss by the noise margin only does not count).
     """
 
     name: str
@@ -149,10 +150,13 @@ class Recipe:
                 "val_fraction": self.val_fraction, "stages": [s.to_dict() for s in self.stages]}
 
 
-# Han et al., Deep Compression (ICLR 2016): iterative threshold pruning with fine-tuning (3 epochs a
-# round), k-means weight sharing with centroid fine-tuning (conv 8 / fc 5 bits, searched downwards).
+# Han et al., Deep Compression (ICLR 2016), with per-layer sparsity from a sensitivity analysis and
+# Zhu & Gupta's gradual schedule: iterative threshold pruning, each candidate going on from the last
+# with 12 epochs of fine-tuning over 3 rounds; then k-means weight sharing with centroid fine-tuning
+# (conv 8 / fc 5 bits as in the paper, searched downwards).
 DEFAULT_RECIPE = Recipe.from_dict({"stage": [
-    {"type": "threshold", "sparsity": [0.8, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98], "finetune": {"epochs": 9}},
+    {"type": "threshold", "sparsity": [0.9, 0.95, 0.97, 0.98, 0.985, 0.99], "steps": 3,
+     "finetune": {"epochs": 12}},
     {"type": "kmeans", "bits": [{"conv": 8, "linear": 5}, {"conv": 6, "linear": 4}, {"conv": 5, "linear": 4},
-                                {"conv": 4, "linear": 3}], "finetune": {"epochs": 1}},
+                                {"conv": 4, "linear": 3}, {"conv": 4, "linear": 2}], "finetune": {"epochs": 1}},
 ]}, "default recipe")

@@ -178,7 +178,7 @@ class Method:
         self.model = self.finalize()
         res = StageResult(self.config.stage_name, self.config.to_dict(), self.model, self.layers, self.records,
                           self.notes, round(time.perf_counter() - t0, 2))
-        add_history(self.model, {"stage": res.stage, "config": res.config})  # what was done, in a few bytes
+        add_history(self.model, {"stage": res.stage, "config": self.config.changes()})  # what was done, in a few bytes
         return res
 
 

@@ -135,8 +135,30 @@ def test_container_roundtrip_bit_identical(lenet5_trained, scheme, bits, affine,
     x = torch.randn(8, 1, 28, 28)
     assert torch.equal(m(x), d(x))
     for name, mod in d.named_modules():  # decoded model can be re-encoded: its grids travel
-        if get_state(mod) is not None:
-            assert torch.equal(get_state(mod).codes, get_state(dict(m.named_modules())[name]).codes)
+        for param in ("weight", "bias"):
+            if get_state(mod, param) is not None:
+                assert torch.equal(get_state(mod, param).codes, get_state(dict(m.named_modules())[name], param).codes)
+    assert get_state(d.fc1, "bias") is not None and torch.equal(d.fc1.bias, m.fc1.bias)
+
+
+def test_biases_on_an_8_bit_grid_or_kept_float(lenet5_trained):
+    from compress.coding.container import decode_model
+
+    sizes = {}
+    for bias_bits in (None, 8):
+        m = copy.deepcopy(lenet5_trained)
+        quantize(m, QuantConfig(bits=4, scheme="kmeans", bias_bits=bias_bits))
+        b = lenet5_trained.fc1.bias.detach()
+        if bias_bits is None:
+            assert torch.equal(m.fc1.bias, b) and get_state(m.fc1, "bias") is None
+        else:
+            step = float(b.abs().max()) / 127
+            assert float((m.fc1.bias.detach() - b).abs().max()) <= step / 2 + 1e-7
+            assert len(torch.unique(m.fc1.bias)) <= 255
+        blob, _ = encode_model(m)
+        sizes[bias_bits] = len(blob)
+        assert torch.equal(decode_model(blob).fc1.bias, m.fc1.bias)
+    assert sizes[None] - sizes[8] > 3 * (20 + 50 + 500 + 10) * 0.9  # ~3 of every 4 bias bytes saved
 
 
 @pytest.mark.parametrize("name", ["resnet8", "mobilenet_small", "squeezenet_small"])

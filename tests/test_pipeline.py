@@ -109,3 +109,36 @@ def test_a_model_trained_on_its_validation_split_is_flagged(digits):
     pipeline(m, digits, {"stage": [{"type": "kmeans", "bits": 6}]}, on_event=lambda k, kw: events.append((k, kw)))
     warnings = [kw["text"] for k, kw in events if k == "warning"]
     assert warnings and "--val-data" in warnings[0]
+
+
+def test_search_goes_on_past_noise_and_stops_on_evidence():
+    """An inconclusive reading (over the budget by its noise margin only) neither ends nor resets the
+    search; `patience` readings in a row whose measured drop alone is over do."""
+    from compress.pipeline import _search
+    from compress.prune import sparsity_of
+    from compress.stages import Context
+
+    stage = Recipe.from_dict({"stage": [{"type": "threshold", "sparsity": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
+                                         "finetune": {"epochs": 0}}]}).stages[0]
+    # (within budget, measured drop alone over budget) per candidate
+    readings = iter([(True, False), (False, False), (True, False), (False, True), (False, True), (True, False)])
+
+    def judge(model):
+        ok, over = next(readings)
+        return {"accuracy": 90.0, "drop": 0.0, "se": 0.1, "within_budget": ok, "over": over,
+                "verdict": "", "why": "a reason"}
+
+    torch.manual_seed(0)
+    kept, _, res = _search(stage, create_model("lenet300", input_size=8), Context(), judge, lambda kind, **f: None)
+    assert [t["value"] for t in res["tried"]] == [0.5, 0.6, 0.7, 0.8, 0.9]
+    assert res["kept"]["value"] == 0.7 and res["kept"]["verdict"] == "kept: a reason"
+    assert abs(sparsity_of(kept) - 0.7) < 0.01
+
+
+def test_history_keeps_only_what_differs_from_the_defaults():
+    from compress.config import Config
+
+    for cfg in [c for s in DEFAULT_RECIPE.stages for c in s.candidates]:
+        small = cfg.changes()
+        assert Config.from_dict(small) == cfg
+        assert len(str(small)) < len(str(cfg.to_dict())) / 2

@@ -42,6 +42,50 @@ def test_threshold_reaches_sparsity_and_masks_hold(lenet5_trained, mnist_small):
     assert evaluate(m, va) > before - 10  # fine-tuning kept it working
 
 
+def test_sensitivity_allocation_keeps_the_layers_that_matter(lenet5_trained, mnist_small):
+    """At 97% overall, one quality x std rule over the model strips the small layers; sharing the
+    pruning by measured loss per weight removed keeps them and costs far less loss."""
+    import torch.nn.functional as F
+
+    tr, va = mnist_small
+    by = {}
+    for allocate in ("std", "sensitivity"):
+        m = copy.deepcopy(lenet5_trained)
+        prune_(m, ThresholdConfig(sparsity=0.97, allocate=allocate, steps=1, finetune=FineTune(epochs=0)),
+               train_data=tr)
+        assert abs(sparsity_of(m) - 0.97) < 0.005, allocate
+        with torch.no_grad():
+            loss = float(F.cross_entropy(m(va.x), va.y))
+        by[allocate] = (loss, float((m.conv1.weight != 0).float().mean()), float((m.fc1.weight != 0).float().mean()))
+    assert by["sensitivity"][0] < by["std"][0]
+    assert by["sensitivity"][1] > by["std"][1]  # conv1 (500 weights) keeps more
+    assert by["sensitivity"][2] < 0.03  # fc1 (400,000) gives up the most
+
+
+def test_allocation_takes_the_cheapest_weights_first():
+    import numpy as np
+
+    from compress.prune.allocate import allocate
+
+    curve = (np.array([0.0, 0.5, 0.9, 0.99]), np.array([0.0, 0.01, 0.1, 1.0]))
+    sizes = {"small": 100, "big": 10_000}
+    per = allocate({"small": curve, "big": curve}, sizes, 0.9)
+    total = sum(per[n] * sizes[n] for n in sizes) / sum(sizes.values())
+    assert abs(total - 0.9) < 1e-9
+    assert per["big"] > 0.9 > per["small"]  # the same harm per layer is 100x cheaper per weight in the big one
+
+
+def test_schedules_rise_from_where_the_model_is():
+    from compress.prune.threshold import round_targets
+
+    cubic = round_targets(ThresholdConfig(sparsity=0.9, steps=3), start=0.5)
+    geo = round_targets(ThresholdConfig(sparsity=0.9, steps=3, schedule="geometric"), start=0.5)
+    for t in (cubic, geo):
+        assert t[-1] == pytest.approx(0.9) and all(a < b for a, b in zip([0.5] + t, t))
+    assert cubic[0] - 0.5 > cubic[2] - cubic[1]  # Zhu & Gupta: fast first, gently at the end
+    assert cubic[0] == pytest.approx(0.9 - 0.4 * (2 / 3) ** 3)
+
+
 def test_masks_hold_through_training(lenet5_trained, mnist_small):
     tr, _ = mnist_small
     m = copy.deepcopy(lenet5_trained)
@@ -262,7 +306,9 @@ def test_prune_cli_channel_union_uses_library_defaults(tmp_path, cli):
     assert res.code == 0, res.err
     hist = load_model(tmp_path / "cu.pt").compress_meta["history"]
     cfg = [h for h in hist if h.get("stage") == "channel-union"][0]["config"]
-    assert cfg["lasso_ratio"] == ChannelUnionConfig().lasso_ratio and cfg["finetune"]["epochs"] == 1
+    from compress.config import Config
+    kept = Config.from_dict(cfg)  # the history keeps what differs from the defaults
+    assert kept.lasso_ratio == ChannelUnionConfig().lasso_ratio and kept.finetune.epochs == 1 == cfg["finetune"]["epochs"]
     assert "reconfiguration after epoch 1" in res.err
 
 

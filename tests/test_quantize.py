@@ -53,7 +53,7 @@ def test_int8_keeps_accuracy(lenet5_trained, mnist_small):
     _, va = mnist_small
     m = copy.deepcopy(lenet5_trained)
     quantize(m, QuantConfig(bits=8))
-    assert abs(evaluate(m, va) - evaluate(lenet5_trained, va)) <= 0.5
+    assert evaluate(m, va) >= evaluate(lenet5_trained, va) - 0.5  # one sample of 199 is 0.5 pt
 
 
 def test_zeros_stay_zero(lenet5_trained):
@@ -77,7 +77,9 @@ def test_kmeans_centroid_finetune_keeps_sharing(lenet5_trained, mnist_small):
     quantize(m, QuantConfig(bits=3, scheme="kmeans", finetune=FineTune(epochs=0.5, lr=1e-3)), train_data=tr.subset(range(500)))
     _grid_ok(m)
     assert int(torch.count_nonzero(m.fc1.weight)) == nz  # sparsity kept through centroid training
-    assert torch.equal(m.fc1.bias, before["fc1.bias"])  # only centroids train
+    from compress.quantize import quantize_tensor
+    on_grid = quantize_tensor(before["fc1.bias"], 8, "minmax", False, True).dequantize(m.fc1.bias.shape)
+    assert torch.equal(m.fc1.bias, on_grid)  # only centroids train; biases stay on their 8-bit grid
     assert len(torch.unique(m.fc1.weight)) <= 2 ** 3 + 1
 
 

@@ -32,7 +32,7 @@ DataOpt = Annotated[Optional[str], typer.Option("--data", help="Evaluation data:
                                                 "files, PATH.npz, module:function; options after '?' "
                                                 "(mnist5k?size=32).")]
 TrainDataOpt = Annotated[Optional[str], typer.Option("--train-data", help="Fine-tuning data spec "
-                                                     "(see --data); 10% is held out for validation.")]
+                                                     "(see --data); 20% is held out for validation (or the split the model was trained with).")]
 TestDataOpt = Annotated[Optional[str], typer.Option("--test-data", help="Extra held-out data to report "
                                                     "accuracy on (e.g. ../shared/data/mnist).")]
 LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="Only these layers: comma-separated glob "

@@ -15,13 +15,14 @@ from .stage import load_inputs
 
 @app.command()
 def pipeline(model: ModelArg, output: OutOpt,
-             train_data: Annotated[str, typer.Option("--train-data", help="Fine-tuning data; 10% is held "
-                                                     "out to measure the accuracy budget.")],
+             train_data: Annotated[str, typer.Option("--train-data", help="Fine-tuning data; 20% is held "
+                                                     "out to measure the accuracy budget (or the split the model "
+                                                     "was trained with).")],
              max_accuracy_drop: Annotated[Optional[float], typer.Option(
                  "--max-accuracy-drop", min=0.0, max=100.0, help="Budget in accuracy points on the validation "
                  "data (default: the recipe's, else 0.5).", show_default=False)] = None,
              val_data: Annotated[Optional[str], typer.Option("--val-data", help="Validation data the model was "
-                                                            "not trained on; default: 10% held out of "
+                                                            "not trained on; default: 20% held out of "
                                                             "--train-data.")] = None,
              recipe: Annotated[Optional[str], typer.Option("--recipe", help="TOML recipe (see docs/recipes); "
                                                            "default: Deep Compression.")] = None,
@@ -30,6 +31,11 @@ def pipeline(model: ModelArg, output: OutOpt,
              force: ForceOpt = False):
     """Prune, share weights and Huffman-code a model into a .cpz, keeping the most compressed
     result within an accuracy budget.
+
+    The budget is judged on validation data: a candidate is kept when its accuracy drop plus one
+    standard error of that drop (from the samples where it and the input model disagree) is within
+    --max-accuracy-drop. A miss by that margin alone does not stop the search; two candidates in a
+    row whose measured drop exceeds the budget do.
 
     Examples:
 

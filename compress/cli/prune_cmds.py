@@ -13,6 +13,16 @@ from .common import (ArchOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, Laye
 from .stage import load_inputs, parse_mapping, patterns, run_command
 
 
+class Allocate(str, Enum):
+    sensitivity = "sensitivity"
+    std = "std"
+
+
+class Schedule(str, Enum):
+    cubic = "cubic"
+    geometric = "geometric"
+
+
 class Method(str, Enum):
     threshold = "threshold"
     l1_filter = "l1-filter"
@@ -35,6 +45,11 @@ def prune(model: ModelArg, output: OutOpt,
           quality: Annotated[Optional[str], typer.Option(
               "--quality", help="threshold: threshold = quality x std of each layer (instead of --sparsity).")] = None,
           steps: Annotated[int, typer.Option("--steps", min=1, help="threshold: pruning rounds (--epochs split over them).")] = 3,
+          allocate: Annotated[Allocate, typer.Option(
+              "--allocate", help="threshold: how a global --sparsity is shared among layers: by measured loss per "
+              "weight removed (needs --train-data), or one quality x std rule.")] = Allocate.sensitivity,
+          schedule: Annotated[Schedule, typer.Option(
+              "--schedule", help="threshold: sparsity over the rounds: cubic (Zhu & Gupta) or geometric.")] = Schedule.cubic,
           ratio: Annotated[str, typer.Option(
               "--ratio", help="l1-filter: fraction (0.5) or count (8) of filters per group, or per layer "
                               "(layer1.0.conv1=0.3,_default=0.5).")] = "0.5",
@@ -68,7 +83,8 @@ def prune(model: ModelArg, output: OutOpt,
     extra: dict = {}
     if method == Method.threshold:
         cls, opts = ThresholdConfig, {"sparsity": parse_mapping(sparsity, "--sparsity"),
-                                      "quality": parse_mapping(quality, "--quality"), "steps": steps}
+                                      "quality": parse_mapping(quality, "--quality"), "steps": steps,
+                                      "allocate": allocate.value, "schedule": schedule.value}
         if sparsity is None and quality is None:
             opts["sparsity"] = 0.9
     elif method == Method.l1_filter:
@@ -111,7 +127,7 @@ def _sensitivity(inp, folder, budget, ratio, extra):
     from ..report.plots import sensitivity as plot_sensitivity
 
     if inp.val is None:
-        raise typer.BadParameter("--sensitivity needs --train-data (accuracy is measured on its held-out 10%)")
+        raise typer.BadParameter("--sensitivity needs --train-data (accuracy is measured on its held-out 20%)")
     sens = run_sens(inp.model, inp.val, input_shape=inp.input_shape)
     rs = sens["ratios"]
     out.print(table(f"sensitivity (baseline {sens['baseline']:.2f}%)", ["layer", "channels", *[f"{r:.0%}" for r in rs]],

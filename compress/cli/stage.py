@@ -62,6 +62,7 @@ def load_inputs(model_path: str, output: str | None, force: bool, arch=None, tru
                 test_data=None, input_shape=None, need_train=False) -> Inputs:
     from .. import data as data_mod
     from ..formats import load_model
+    from ..meta import get_meta
 
     if output:
         check_output(model_path, output, force)
@@ -73,7 +74,9 @@ def load_inputs(model_path: str, output: str | None, force: bool, arch=None, tru
     model = model.to(state["device"])
     inp = Inputs(model, input_shape=parse_shape(input_shape))
     if train_data:
-        inp.train, inp.val = data_mod.split(data_mod.load(train_data), 0.1, seed=0)
+        vf = get_meta(model).get("val_fraction")
+        vf = vf if isinstance(vf, float) and 0.0 < vf < 1.0 else data_mod.VAL_FRACTION  # the model's own split
+        inp.train, inp.val = data_mod.split(data_mod.load(train_data), vf, seed=0)
         data_mod.check_fits(model, inp.train)
     if test_data:
         inp.test = data_mod.load(test_data)

@@ -38,7 +38,7 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compres
           width: Annotated[float, typer.Option("--width", min=0.01, max=64.0,
                                                help="Width multiplier (ResNet, VGG, MobileNet).")] = 1.0,
           val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.01, max=0.9, help="Held out for validation "
-                                                      "(use the same in `compress pipeline` recipes).")] = 0.1,
+                                                      "(use the same in `compress pipeline` recipes).")] = 0.2,
           augment: Annotated[Optional[int], typer.Option("--augment", help="Random shifts of up to N pixels "
                                                          "(default: 2 for images of 24 px or more, else 0).")] = None,
           test_data: TestDataOpt = None, seed: SeedOpt = 0, force: ForceOpt = False):

@@ -14,9 +14,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..quant_state import STATE_ATTRS
+
 _INTERNAL = set(vars(nn.Module()).keys())
 _ALLOWED_ROOTS = ("torch.nn.", "compress.")
-_SKIP = {"compress_quant"}  # stored with the tensor sections instead
+_SKIP = set(STATE_ATTRS)  # stored with the tensor sections instead
 _LEAF = (type(None), bool, int, float, str)
 
 

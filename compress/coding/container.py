@@ -30,7 +30,7 @@ import torch.nn as nn
 from ..errors import FormatError, InputError
 from ..fileio import atomic_write
 from ..masks import remove_masks
-from ..quant_state import QuantState, get_state, set_state
+from ..quant_state import PARAMS, QuantState, get_state, set_state
 from . import arch as arch_mod
 from . import streams
 
@@ -127,7 +127,7 @@ def encode_model(model: nn.Module) -> tuple[bytes, dict]:
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     for name, t in named:
         mod_name, _, leaf = name.rpartition(".")
-        state = get_state(modules[mod_name]) if leaf == "weight" and mod_name in modules else None
+        state = get_state(modules[mod_name], leaf) if leaf in PARAMS and mod_name in modules else None
         data, fields = encode_tensor(t, state, name)
         entry = {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
                  "offset": offset, "length": len(data), "crc": zlib.crc32(data), **fields}
@@ -360,9 +360,9 @@ def decode_model(blob: bytes, path="<bytes>", budget: streams.Budget | None = No
     mods = dict(model.named_modules())
     for name, state in states.items():
         mod_name, _, leaf = name.rpartition(".")
-        if leaf != "weight" or mod_name not in mods:
-            _fail(path, f"coded tensor {name} is not the weight of a layer in the architecture")
-        set_state(mods[mod_name], state)
+        if leaf not in PARAMS or mod_name not in mods:
+            _fail(path, f"coded tensor {name} is not the weight or bias of a layer in the architecture")
+        set_state(mods[mod_name], state, leaf)
     model.eval()
     return model
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from . import streams
 from .container import HEAD, read_manifest
 
 
@@ -28,5 +29,5 @@ def tensor_row(e: dict) -> dict:
         coded = e["length"] - e.get("params_bytes", 0) - e.get("index_bytes", 0)
         row["bits"] = e.get("bits")
         row["coding"] = v["coding"]
-        row["huffman_gain"] = round(v["fixed_bytes"] / max(coded, 1), 3) if v["count"] else 1.0
+        row["huffman_gain"] = round(streams.fixed_bytes(v) / max(coded, 1), 3) if v["count"] else 1.0
     return row

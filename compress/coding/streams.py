@@ -50,7 +50,7 @@ def encode_symbols(sym: np.ndarray, alpha: int, block: int = H.DEFAULT_BLOCK) ->
     n = len(sym)
     width = _bits_for(alpha)
     fixed = pack(sym, width) if n else b""
-    fields = {"coding": "packed", "alpha": alpha, "count": n, "width": width, "fixed_bytes": len(fixed)}
+    fields = {"coding": "packed", "alpha": alpha, "count": n, "width": width}
     if n == 0:
         return b"", fields
     freqs = np.bincount(sym, minlength=alpha)
@@ -64,6 +64,11 @@ def encode_symbols(sym: np.ndarray, alpha: int, block: int = H.DEFAULT_BLOCK) ->
     data = table + bb + payload
     fields.update(coding="huff", block=block, parts=[len(table), len(bb), len(payload)])
     return data, fields
+
+
+def fixed_bytes(f: dict) -> int:
+    """Bytes the stream described by ``f`` takes packed at a fixed width (what Huffman is measured against)."""
+    return (int(f["count"]) * _bits_for(int(f["alpha"])) + 7) // 8
 
 
 def decode_symbols(data: bytes, f: dict, max_count: int, budget: Budget = UNLIMITED) -> np.ndarray:

@@ -23,8 +23,11 @@ import torch.nn as nn
 from .. import masks
 from ..config import Config, FineTune, Select, check_keys, per_layer, register_method
 from ..stages import Context, KeepMasks
+from . import allocate as alloc
 
 log = logging.getLogger(__name__)
+ALLOCATE = ("sensitivity", "std")
+SCHEDULES = ("cubic", "geometric")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +37,13 @@ class ThresholdConfig(Config):
             model); a dict gives per-layer targets keyed by FQN or by layer type ("conv", "linear"),
             with "_default" for the rest.
         quality: instead of a sparsity, the threshold multiplier of each layer's std (float or dict).
+        allocate: how a float ``sparsity`` is shared among layers: "sensitivity" (each layer pruned
+            alone on training data, one common tolerance on the loss rise; see ``prune.allocate``)
+            or "std" (Han et al.'s one ``quality x std`` rule). Without training data: "std".
         steps: pruning rounds; the fine-tuning epochs are split evenly over them.
+        schedule: how sparsity rises over the rounds, from where the model is to the target:
+            "cubic" (Zhu & Gupta 2017: fast first, gently at the end) or "geometric" (the kept
+            fraction shrinks by the same factor each round).
         first_last_factor: with ``select.spare_first_last``, a conv stem's and the last layer's
             thresholds are scaled by this (< 1 prunes them less).
         select: which layers are pruned (``Select``).
@@ -48,7 +57,9 @@ class ThresholdConfig(Config):
 
     sparsity: float | dict | None = None
     quality: float | dict | None = None
+    allocate: str = "sensitivity"
     steps: int = 3
+    schedule: str = "cubic"
     first_last_factor: float = 0.5
     select: Select = dataclasses.field(default_factory=Select)
     finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(epochs=3.0, lr=1e-3))
@@ -64,6 +75,10 @@ class ThresholdConfig(Config):
                 raise ValueError(f"quality must be >= 0, got {v!r}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if self.allocate not in ALLOCATE:
+            raise ValueError(f"allocate must be one of {', '.join(ALLOCATE)}, got {self.allocate!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not 0 < self.first_last_factor <= 1:
             raise ValueError("first_last_factor must be in (0, 1]")
 
@@ -82,8 +97,9 @@ def _kth_abs(w: torch.Tensor, fraction: float) -> float:
     return float(w.abs().flatten().kthvalue(min(k, w.numel())).values)
 
 
-def thresholds(model: nn.Module, config: ThresholdConfig, sparsity=None) -> dict[str, float]:
-    """Per-layer magnitude thresholds for a (possibly intermediate) sparsity target."""
+def thresholds(model: nn.Module, config: ThresholdConfig, sparsity=None, data=None) -> dict[str, float]:
+    """Per-layer magnitude thresholds for a (possibly intermediate) sparsity target; ``data``
+    (a Dataset) lets a float target be shared among layers by sensitivity."""
     layers = config.select.layers(model)
     for value in (config.sparsity, config.quality):
         check_keys(value, [n for n, _ in layers], "no prunable layer {key!r}")
@@ -97,6 +113,10 @@ def thresholds(model: nn.Module, config: ThresholdConfig, sparsity=None) -> dict
         return {n: per_layer(config.quality, n, m, 0.0) * factor[n] * std[n] for n, m in layers}
     if isinstance(target, dict):
         return {n: _kth_abs(m.weight.detach(), per_layer(target, n, m, 0.0)) for n, m in layers}
+    if config.allocate == "sensitivity" and data is not None and len(data):
+        per = alloc.allocate(alloc.loss_curves(model, layers, data), {n: m.weight.numel() for n, m in layers},
+                             float(target))
+        return {n: _kth_abs(m.weight.detach(), per[n]) for n, m in layers}
     # one global quality: bisection on q so that the pruned fraction over all layers = target
     ws = {n: m.weight.detach().abs().flatten() for n, m in layers}
     total = sum(w.numel() for w in ws.values())
@@ -113,14 +133,23 @@ def thresholds(model: nn.Module, config: ThresholdConfig, sparsity=None) -> dict
     return {n: hi * factor[n] * std[n] for n in ws}
 
 
-def round_targets(config: ThresholdConfig) -> list:
-    """Geometric schedule in the kept fraction: round k of K aims at 1 - (1 - s)^(k / K)."""
+def round_targets(config: ThresholdConfig, start: float = 0.0) -> list:
+    """Sparsity after each round k of K, from ``start`` (the model's sparsity now) to the target s:
+    cubic, s + (start - s)(1 - k/K)^3, or geometric in the kept fraction,
+    1 - (1 - start)((1 - s) / (1 - start))^(k/K). A per-layer dict target rises from 0."""
     s, steps = config.sparsity, config.steps
+
+    def at(k, target, s0):
+        s0 = min(s0, target)
+        if config.schedule == "cubic":
+            return target + (s0 - target) * (1 - k / steps) ** 3
+        return 1 - (1 - s0) * ((1 - target) / (1 - s0)) ** (k / steps)
+
     if s is None:
         return [None] * steps
     if isinstance(s, dict):
-        return [{key: 1 - (1 - v) ** (k / steps) for key, v in s.items()} for k in range(1, steps + 1)]
-    return [1 - (1 - s) ** (k / steps) for k in range(1, steps + 1)]
+        return [{key: at(k, v, 0.0) for key, v in s.items()} for k in range(1, steps + 1)]
+    return [at(k, s, start) for k in range(1, steps + 1)]
 
 
 def apply_thresholds(model: nn.Module, th: dict[str, float]) -> None:
@@ -151,15 +180,17 @@ class ThresholdPruner(KeepMasks):
         if steps_per_round is not None and steps_per_round < 1:
             raise ValueError("steps_per_round must be >= 1")
         self.steps_per_round = steps_per_round
-        self.targets = round_targets(config)
+        self.targets: list = []
         self.round = self.steps = 0
 
     def attach(self) -> None:
+        self.targets = round_targets(self.config, sparsity_of(self.model, self.config.select))
         self.next_round()
 
     def next_round(self) -> None:
         if self.round < len(self.targets):
-            apply_thresholds(self.model, thresholds(self.model, self.config, self.targets[self.round]))
+            target = self.targets[self.round]
+            apply_thresholds(self.model, thresholds(self.model, self.config, target, self.ctx.train))
             self.round += 1
             log.info("round %d/%d: sparsity %.4f", self.round, self.config.steps,
                      sparsity_of(self.model, self.config.select))
