@@ -36,15 +36,32 @@ def _load(path: Path, arch: str | None, trust_pickle: bool) -> nn.Module:
         raise InputError(f"{path}: no such file")
     if path.is_dir():
         raise InputError(f"{path} is a directory, not a model file")
+    base = arch_base(arch)
     if is_cpz(path):
         from .coding.container import load_cpz
 
-        return load_cpz(path)
+        return load_cpz(path, base=base)
     if path.suffix == ".onnx":
         raise InputError(f"{path} is an ONNX model; only `compress report` and `compress export` read ONNX")
+    from .coding.container import decode_model
     from .io import load_torch
 
-    return load_torch(path, arch, trust_pickle)
+    return load_torch(path, arch, trust_pickle, cpz=lambda blob: decode_model(blob, path, base=base))
+
+
+def arch_base(arch: str | None):
+    """What builds the user's own model for a file that refers to their classes: their --arch."""
+    if arch is None:
+        return None
+
+    def build() -> nn.Module:
+        from .io import build_arch
+        from .meta import set_meta
+
+        model = build_arch(arch)
+        set_meta(model, arch_ref=arch)
+        return model
+    return build
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False) -> Path:
@@ -56,6 +73,15 @@ def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False) -
 
         save_cpz(model, path, force=force)
         return path
-    from .io import save_module
+    from .coding.arch import foreign_classes
+    from .io import save_module, save_wrapped
 
+    if foreign_classes(model):
+        # classes of the user's code are not pickled (reloading them would need trust): the file is
+        # {"compress_cpz": the .cpz bytes, "state_dict": ...}, which torch.load(weights_only=True)
+        # reads, and compress rebuilds with the same --arch
+        from .coding.container import encode_model
+
+        blob, _ = encode_model(model)
+        return save_wrapped(blob, model.state_dict(), path, force=force)
     return save_module(model, path, force=force)

@@ -200,8 +200,13 @@ def _torch_load(path: Path, trust_pickle: bool):
         raise InputError(f"{path} could not be loaded as a model: {msg}") from e
 
 
-def load_torch(path: Path, arch: str | None = None, trust_pickle: bool = False) -> nn.Module:
-    """Load a torch file (TorchScript, state_dict + arch, or a whole module) safely."""
+CPZ_KEY = "compress_cpz"
+
+
+def load_torch(path: Path, arch: str | None = None, trust_pickle: bool = False,
+               cpz: Callable[[bytes], nn.Module] | None = None) -> nn.Module:
+    """Load a torch file (TorchScript, state_dict + arch, or a whole module) safely. ``cpz`` decodes
+    the container bytes of a file compress wrote for a model of the user's own classes."""
     if _is_torchscript(path):
         if not trust_pickle:
             raise UntrustedPickleError(
@@ -219,6 +224,8 @@ def load_torch(path: Path, arch: str | None = None, trust_pickle: bool = False) 
         model.eval()
         return model
     obj = _torch_load(path, trust_pickle)
+    if isinstance(obj, Mapping) and isinstance(obj.get(CPZ_KEY), bytes) and cpz is not None:
+        return cpz(obj[CPZ_KEY])
     if arch is not None:
         sd = obj.get("state_dict", obj) if isinstance(obj, Mapping) else obj
         if isinstance(sd, nn.Module):
@@ -227,6 +234,9 @@ def load_torch(path: Path, arch: str | None = None, trust_pickle: bool = False) 
             raise InputError(f"{path} holds no state_dict to load into --arch {arch}")
         model = build_arch(arch)
         load_state_dict_strict(model, sd, arch)
+        from .meta import set_meta
+
+        set_meta(model, arch_ref=arch)  # files written from it name the --arch that rebuilds them
     elif isinstance(obj, nn.Module):
         model = obj
     elif isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()) and obj:
@@ -236,6 +246,16 @@ def load_torch(path: Path, arch: str | None = None, trust_pickle: bool = False) 
         raise InputError(f"{path} holds a {type(obj).__name__}, not a model")
     model.eval()
     return model
+
+
+def save_wrapped(blob: bytes, state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                 force: bool = False) -> Path:
+    """A torch file of plain data: the model's .cpz bytes and its state_dict (atomically)."""
+    path = Path(path)
+    sd = {k: v.detach().cpu() for k, v in state_dict.items()}
+    with atomic_write(path, force) as tmp:
+        torch.save({CPZ_KEY: blob, "state_dict": sd}, tmp)
+    return path
 
 
 def save_module(model: nn.Module, path: str | os.PathLike, force: bool = False) -> Path:

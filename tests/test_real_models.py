@@ -82,3 +82,41 @@ def test_a_prune_that_would_break_the_model_leaves_it_unchanged():
     with pytest.raises(InputError, match="left unchanged"):
         run("prune", m, L1FilterConfig(ratio=0.5), Context(input_shape=(1, 1, 28, 28)))
     assert torch.equal(m(x), y) and m.fc.in_features == 16 * 26 * 26
+
+
+CHAIN = {  # --arch callables of real architectures whose classes are neither torch.nn nor compress ones
+    "resnet20": "pytorchcv.models.resnet_cifar:resnet20_cifar10",
+    "seresnet20": "pytorchcv.models.seresnet_cifar:seresnet20_cifar10",
+    "densenet40": "pytorchcv.models.densenet_cifar:densenet40_k12_cifar10",
+}
+
+
+@pytest.mark.parametrize("name", list(CHAIN))
+def test_a_users_own_classes_go_through_every_command_without_trust(name, tmp_path, cli):
+    """state_dict + --arch in; prune -> quantize -> encode -> decode -> report, each reading the last
+    one's file with the same --arch and never --trust-pickle; the decoded model computes exactly what
+    the quantized one did. Files hold the structure and weights as data, never the user's classes."""
+    from compress.formats import load_model
+
+    arch = CHAIN[name]
+    mod, fn = arch.split(":")
+    torch.manual_seed(0)
+    torch.save(getattr(importlib.import_module(mod), fn)().state_dict(), tmp_path / "in.pt")
+    steps = [["prune", tmp_path / "in.pt", "--method", "l1-filter", "--ratio", "0.3", "-o", tmp_path / "p.pt"],
+             ["quantize", tmp_path / "p.pt", "--bits", "4", "--scheme", "kmeans", "-o", tmp_path / "q.pt"],
+             ["encode", tmp_path / "q.pt", "-o", tmp_path / "q.cpz"],
+             ["decode", tmp_path / "q.cpz", "-o", tmp_path / "d.pt"],
+             ["report", tmp_path / "d.pt"]]
+    for args in steps:
+        res = cli("-q", *args, "--arch", arch, *(["--input-shape", "1,3,32,32"] if args[0] != "encode" and
+                                                 args[0] != "decode" else []))
+        assert res.code == 0, (args[0], res.err)
+    without = cli("-q", "report", tmp_path / "q.cpz")
+    assert without.code != 0 and f"--arch {arch}" in without.err and "Traceback" not in without.err
+    x = torch.randn(2, 3, 32, 32)
+    q, d = load_model(tmp_path / "q.pt", arch=arch).eval(), load_model(tmp_path / "d.pt", arch=arch).eval()
+    assert torch.equal(q(x), d(x))
+    assert sum(p.numel() for p in q.parameters()) < 0.8 * sum(
+        p.numel() for p in getattr(importlib.import_module(mod), fn)().parameters())
+    for f in ("p.pt", "q.pt", "d.pt"):  # plain data: torch's safe loader reads it, nothing is unpickled
+        assert set(torch.load(tmp_path / f, weights_only=True)) == {"compress_cpz", "state_dict"}

@@ -38,17 +38,21 @@ def encode(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: 
 
 
 @app.command()
-def decode(cpz: ModelArg, output: OutOpt, force: ForceOpt = False):
+def decode(cpz: ModelArg, output: OutOpt, arch: ArchOpt = None, force: ForceOpt = False):
     """Decode a .cpz back into a model file (runnable nn.Module; no code from the .cpz runs).
+    A model of your own classes is rebuilt with your --arch (the code), its structure and weights
+    from the file.
 
     Examples:
 
         compress decode lenet5.cpz -o lenet5-decoded.pt
+
+        compress decode r20.cpz --arch mypkg.models:resnet20 -o r20-decoded.pt
     """
     from ..coding.container import load_cpz
-    from ..formats import save_model
+    from ..formats import arch_base, save_model
 
     check_output(cpz, output, force)
-    m = load_cpz(cpz)
+    m = load_cpz(cpz, base=arch_base(arch))
     save_model(m, output, force=force)
     err.print(f"wrote {output} ({Path(output).stat().st_size:,} bytes)")

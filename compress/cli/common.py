@@ -22,7 +22,8 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 ModelArg = Annotated[str, typer.Argument(help="Model file: compress output, TorchScript, state_dict (+ --arch), .cpz.",
                                          show_default=False)]
-ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture for a state_dict: module:callable, "
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture for a state_dict, or the code of your "
+                                                "own classes in a file compress wrote: module:callable, "
                                                 "path/to/file.py:callable or zoo:NAME.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow unpickling a file that runs code. "
                                         "Only for files you trust.")]

@@ -75,17 +75,39 @@ def _dec(v: Any, depth: int = 0):
     raise ValueError("malformed attribute value")
 
 
+def foreign_classes(model: nn.Module) -> list[str]:
+    """Classes in ``model`` that are neither torch.nn nor compress ones (the user's own)."""
+    out = []
+    for m in model.modules():
+        path = _class_path(type(m))
+        if not path.startswith(_ALLOWED_ROOTS) and path not in out:
+            out.append(path)
+    return out
+
+
 def describe(model: nn.Module) -> dict:
-    """The module tree as JSON-able data; parameters/buffers listed by name and shape."""
+    """The module tree as JSON-able data; parameters/buffers listed by name and shape.
+
+    A module of any other class (the user's own: ``mypkg.ResNet``) becomes a *reference* node,
+    ``{"ref": "mypkg.ResNet", ...}``: its plain attributes, tensors and children are data as
+    everywhere else, but the module itself can only be rebuilt from the user's own code
+    (``rebuild(..., base=...)``, the model their ``--arch`` builds) -- the file never names code
+    that runs."""
     def node(m: nn.Module, where: str) -> dict:
         cls = type(m)
         path = _class_path(cls)
-        if not path.startswith(_ALLOWED_ROOTS):
-            raise TypeError(f"{where or 'model'}: class {path} is not a torch.nn or compress module; "
-                            "a .cpz stores architecture as data and can only name those")
-        attrs = {k: _enc(v, f"{where}.{k}") for k, v in vars(m).items()
-                 if k not in _INTERNAL and k not in _SKIP and not k.startswith("__")}
-        out = {"class": path, "attrs": attrs,
+        own = path.startswith(_ALLOWED_ROOTS)
+        attrs = {}
+        for k, v in vars(m).items():
+            if k in _INTERNAL or k in _SKIP or k.startswith("__"):
+                continue
+            try:
+                attrs[k] = _enc(v, f"{where}.{k}")
+            except TypeError:
+                if own:
+                    raise
+                # the user's constructor sets it again (a function, a layer list, ...)
+        out = {"class" if own else "ref": path, "attrs": attrs,
                "params": {k: None if p is None else [list(p.shape), bool(p.requires_grad)]
                           for k, p in m._parameters.items()},
                "buffers": {k: None if b is None else [list(b.shape), str(b.dtype).replace("torch.", "")]
@@ -102,21 +124,62 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.
 MAX_MODULES = 50_000
 
 
+class NeedsArch(ValueError):
+    """The architecture references classes of the user's own code: rebuild it with ``base``."""
+
+    def __init__(self, classes: list[str]):
+        super().__init__(f"it holds classes of your own code ({', '.join(classes[:3])}"
+                         f"{', ...' if len(classes) > 3 else ''})")
+        self.classes = classes
+
+
+class ArchMismatch(ValueError):
+    """The model the user's code builds does not have the modules the file refers to."""
+
+
+def references(spec: Any, depth: int = 0) -> list[str]:
+    """The user classes an architecture refers to (empty: rebuilt from data alone)."""
+    if not isinstance(spec, dict) or depth > 64:
+        return []
+    out = [spec["ref"]] if isinstance(spec.get("ref"), str) else []
+    children = spec.get("children")
+    for c in (children.values() if isinstance(children, dict) else []):
+        out += [r for r in references(c, depth + 1) if r not in out]
+    return out
+
+
 def rebuild(spec: dict, tensors: dict[str, torch.Tensor], depth: int = 0, prefix: str = "",
-            _count: list | None = None) -> nn.Module:
-    """Rebuild a module tree from ``describe``'s data and a {fqn: tensor} map (shapes checked)."""
+            _count: list | None = None, base: nn.Module | None = None) -> nn.Module:
+    """Rebuild a module tree from ``describe``'s data and a {fqn: tensor} map (shapes checked).
+    ``base``: the model the user's own code builds, whose modules stand for the reference nodes
+    (their attributes, tensors and children are then set from the data)."""
     _count = _count if _count is not None else [0]
     _count[0] += 1
     if _count[0] > MAX_MODULES:
         raise ValueError(f"more than {MAX_MODULES:,} modules")
     if depth > 64 or not isinstance(spec, dict):
         raise ValueError("malformed architecture")
-    for key in ("class", "attrs", "params", "buffers", "children"):
+    for key in ("attrs", "params", "buffers", "children"):
         if key not in spec:
             raise ValueError(f"architecture node lacks {key!r}")
-    cls = resolve_class(spec["class"])
-    m = cls.__new__(cls)
-    nn.Module.__init__(m)
+    if "ref" in spec:
+        where = prefix.rstrip(".") or "the model"
+        if base is None:
+            if depth:  # the user's model has no module here
+                raise ArchMismatch(f"the model your --arch builds has no {where} (a {spec['ref']})")
+            raise NeedsArch(references(spec))
+        if not isinstance(spec["ref"], str) or _class_path(type(base)) != spec["ref"]:
+            raise ArchMismatch(f"{where} is {spec['ref']!r} in the file, but {_class_path(type(base))!r} in the "
+                             "model your --arch builds")
+        m = base
+        for k in list(m._parameters) + list(m._buffers):  # set from the data below
+            (m._parameters if k in m._parameters else m._buffers).pop(k)
+    else:
+        if "class" not in spec:
+            raise ValueError("architecture node lacks 'class'")
+        cls = resolve_class(spec["class"])
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
     if not isinstance(spec["attrs"], dict):
         raise ValueError("malformed attributes")
     for k, v in spec["attrs"].items():
@@ -144,6 +207,10 @@ def rebuild(spec: dict, tensors: dict[str, torch.Tensor], depth: int = 0, prefix
                 m._buffers[k] = t
     if not isinstance(spec["children"], dict):
         raise ValueError("malformed children")
+    base_children = dict(base._modules) if base is not None else {}  # the user's modules, by name
+    m._modules.clear()
     for k, child in spec["children"].items():
-        m._modules[k] = rebuild(child, tensors, depth + 1, f"{prefix}{k}.", _count)
+        if not isinstance(k, str):
+            raise ValueError("malformed children")
+        m._modules[k] = rebuild(child, tensors, depth + 1, f"{prefix}{k}.", _count, base_children.get(k))
     return m

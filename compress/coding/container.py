@@ -22,6 +22,7 @@ import logging
 import struct
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -321,7 +322,16 @@ def decode_budget(file_bytes: int, max_ratio: float | None = None) -> streams.Bu
     return streams.Budget(elements=decoded_bytes // 4, work=max(1 << 26, int(ratio / MAX_RATIO * 128 * file_bytes)))
 
 
-def decode_model(blob: bytes, path="<bytes>", budget: streams.Budget | None = None) -> nn.Module:
+def _arch_hint(spec) -> str:
+    meta = spec.get("attrs", {}).get("compress_meta") if isinstance(spec, dict) else None
+    ref = meta.get("d", {}).get("arch_ref") if isinstance(meta, dict) else None
+    return f"--arch {ref}" if isinstance(ref, str) else "--arch module:callable (the code that builds it)"
+
+
+def decode_model(blob: bytes, path="<bytes>", budget: streams.Budget | None = None,
+                 base: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """Decode .cpz bytes. ``base`` builds the user's own model (their ``--arch``) when the
+    architecture refers to classes of their code; it is called only then."""
     manifest, start = read_manifest(blob, path)
     budget = budget or decode_budget(len(blob))
     end = len(blob) - 4
@@ -353,8 +363,15 @@ def decode_model(blob: bytes, path="<bytes>", budget: streams.Budget | None = No
             states[e["name"]] = state
     if start + expected_off != end:
         _fail(path, "bytes between the last section and the checksum")
+    spec = manifest["arch"]
+    refs = arch_mod.references(spec)
+    if refs and base is None:
+        raise InputError(f"{path}: {arch_mod.NeedsArch(refs)}; pass {_arch_hint(spec)} to rebuild it "
+                         "(the file stores its structure and weights as data, not the code)")
     try:
-        model = arch_mod.rebuild(manifest["arch"], tensors)
+        model = arch_mod.rebuild(spec, tensors, base=base() if refs else None)
+    except arch_mod.ArchMismatch as err:
+        raise InputError(f"{path}: {err}; pass the --arch the file was written with ({_arch_hint(spec)})") from None
     except (ValueError, TypeError, KeyError, RecursionError) as err:
         _fail(path, f"architecture: {err}")
     mods = dict(model.named_modules())
@@ -367,12 +384,13 @@ def decode_model(blob: bytes, path="<bytes>", budget: streams.Budget | None = No
     return model
 
 
-def load_cpz(path) -> nn.Module:
-    """Decode a .cpz file into a runnable module (no code from the file runs)."""
+def load_cpz(path, base: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """Decode a .cpz file into a runnable module (no code from the file runs; ``base``: see
+    ``decode_model``)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     size = path.stat().st_size
     if size > 16 << 30:
         _fail(path, "file too large")
-    return decode_model(path.read_bytes(), path)
+    return decode_model(path.read_bytes(), path, base=base)
