@@ -33,7 +33,7 @@ import torch.nn as nn
 from . import data as data_mod
 from .coding.container import encode_model
 from .coding.streams import fixed_bytes
-from .meta import add_history, get_meta
+from .meta import get_meta, set_meta
 from .metrics import count_macs, count_nonzero, count_params, latency_stats
 from .recipe import DEFAULT_RECIPE, Recipe, Stage, resolve
 from .stages import Context, run
@@ -172,6 +172,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
                 "(val_data=) with samples the model has not seen")
         log.warning(text)
         emit("warning", text=text)
+    history_before = len(get_meta(model).get("history", []))
     results, measured = [], None  # measured: (sizes, val accuracy) of `model`, taken when it was a candidate
     for stage in recipe.stages:
         t0 = time.perf_counter()
@@ -193,8 +194,11 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     # batch-1 latency of every stage's model, interleaved after a warm-up: the same machine state for all
     for point, st in zip(timeline, latency_stats(snapshots, ctx.input_shape, batch=1, runs=15)):
         point["latency_ms"] = st["ms"]
-    add_history(model, {"stage": "pipeline", "budget_pt": budget,
-                        "kept": [r["kept"]["value"] if r["kept"] else None for r in results]})  # stages: above
+    # one entry for the whole pipeline: what each kept stage did (not every candidate it went through)
+    set_meta(model, history=list(get_meta(model).get("history", []))[:history_before] + [
+        {"stage": "pipeline", "budget_pt": budget,
+         "kept": [{"stage": r["stage"], "config": stage.candidates[[c["value"] for c in r["tried"]].index(
+             r["kept"]["value"])].changes()} if r["kept"] else None for r, stage in zip(results, recipe.stages)]}])
     final = size_bytes(model)  # with the history above: exactly the bytes save_model writes
     timeline.append({**timeline[-1], "stage": "huffman coded", "bytes": final["coded"]})  # same weights, coded
     summary = {"budget_pt": budget, "confidence": z, "base_accuracy": round(base_acc, 3),

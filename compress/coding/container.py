@@ -85,7 +85,9 @@ def _encode_state(state: QuantState, t: torch.Tensor) -> tuple[bytes, dict]:
         k = len(cb)
         sym = state.codes.flatten().cpu().numpy().astype(np.int64)
         sym[sym < 0] = k  # explicit zero symbol for dense mode
-        return _coded(sym, zero, k + 1, cb.tobytes(), {"enc": "codebook", "bits": bits, "k": k})
+        half = bool(np.array_equal(cb.astype("<f2").astype("<f4"), cb))  # k-means rounds its centroids so
+        fields = {"enc": "codebook", "bits": bits, "k": k, **({"cb16": True} if half else {})}
+        return _coded(sym, zero, k + 1, (cb.astype("<f2") if half else cb).tobytes(), fields)
     scale = state.scale.float().cpu().numpy().astype("<f4")
     params = scale.tobytes()
     affine = not state.symmetric
@@ -131,7 +133,7 @@ def encode_model(model: nn.Module) -> tuple[bytes, dict]:
         state = get_state(modules[mod_name], leaf) if leaf in PARAMS and mod_name in modules else None
         data, fields = encode_tensor(t, state, name)
         entry = {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
-                 "offset": offset, "length": len(data), "crc": zlib.crc32(data), **fields}
+                 "length": len(data), "crc": zlib.crc32(data), **fields}  # sections follow each other
         entries.append(entry)
         sections.append(data)
         offset += len(data)
@@ -264,7 +266,8 @@ def _decode_state(e: dict, data: bytes, shape: list, n: int, budget) -> QuantSta
     params, rest = data[:pb], data[pb:]
     if enc == "codebook":
         k = streams._int(e, "k", 1, 256)
-        if pb != 4 * k:
+        half = e.get("cb16", False)
+        if not isinstance(half, bool) or pb != (2 if half else 4) * k:
             raise ValueError("codebook has the wrong size")
         sym, mask = _symbols(e, rest, n, k + 1, budget)  # symbols < k + 1: the streams check the alphabet
         if mask is None:
@@ -275,7 +278,7 @@ def _decode_state(e: dict, data: bytes, shape: list, n: int, budget) -> QuantSta
             codes[mask] = sym
             if n and codes.max() >= k:
                 raise ValueError("code outside the codebook")
-        cb = torch.from_numpy(np.frombuffer(params, dtype="<f4").astype(np.float32))
+        cb = torch.from_numpy(np.frombuffer(params, dtype="<f2" if half else "<f4").astype(np.float32))
         return QuantState(bits, "kmeans", torch.from_numpy(codes), codebook=cb)
     c = streams._int(e, "channels", 1, n if n else 1)
     affine = e.get("affine")
@@ -342,7 +345,7 @@ def decode_model(blob: bytes, path="<bytes>", budget: streams.Budget | None = No
             _fail(path, "malformed tensor entry")
         if e["name"] in tensors:
             _fail(path, f"tensor {e['name']} appears twice")
-        off, ln, crc = e.get("offset"), e.get("length"), e.get("crc")
+        off, ln, crc = e.get("offset", expected_off), e.get("length"), e.get("crc")  # offset: older writers
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (off, ln, crc)) \
                 or start + off + ln > end:
             _fail(path, f"section of {e['name']} lies outside the file")

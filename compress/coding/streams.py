@@ -50,7 +50,7 @@ def encode_symbols(sym: np.ndarray, alpha: int, block: int = H.DEFAULT_BLOCK) ->
     n = len(sym)
     width = _bits_for(alpha)
     fixed = pack(sym, width) if n else b""
-    fields = {"coding": "packed", "alpha": alpha, "count": n, "width": width}
+    fields = {"coding": "packed", "alpha": alpha, "count": n}  # width: ceil(log2 alpha)
     if n == 0:
         return b"", fields
     freqs = np.bincount(sym, minlength=alpha)
@@ -80,8 +80,8 @@ def decode_symbols(data: bytes, f: dict, max_count: int, budget: Budget = UNLIMI
     steps = (block if n > block else n) if huff else 0
     budget.spend(work=n + ((1 << H.MAX_LEN) + 512 * steps if huff else 0))  # output: charged by the tensor
     if coding == "packed":
-        width = _int(f, "width", 1, 16)
-        if width != _bits_for(alpha) or len(data) != (n * width + 7) // 8:
+        width = _bits_for(alpha)
+        if f.get("width", width) != width or len(data) != (n * width + 7) // 8:
             raise ValueError("packed stream has the wrong length")
         out = unpack(data, width, n).astype(np.int64) if width <= 8 else _unpack_wide(data, width, n)
     elif huff:

@@ -34,11 +34,19 @@ def assign(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(mids.to(values.dtype).contiguous(), values.contiguous())
 
 
+def half_exact(cb: torch.Tensor) -> torch.Tensor:
+    """Centroids rounded to float16 values (the container then stores them in 2 bytes each);
+    unchanged when they lie outside float16's range."""
+    if cb.numel() and float(cb.abs().max()) < 60000:
+        return cb.half().float()
+    return cb
+
+
 def quantize_kmeans(w: torch.Tensor, bits: int, iters: int = 30):
     """w (any shape) -> (codes int64 with -1 for pruned zeros, codebook (2^bits,), dequantized)."""
     flat = w.detach().flatten()
     nz = flat != 0
-    cb = lloyd_1d(flat[nz], 2 ** bits, iters)
+    cb = half_exact(lloyd_1d(flat[nz], 2 ** bits, iters))
     codes = torch.full_like(flat, -1, dtype=torch.long)
     codes[nz] = assign(flat[nz].float(), cb)
     dq = torch.zeros_like(flat)
@@ -88,7 +96,7 @@ class CentroidTrainer:
         from ..quant_state import QuantState, set_state
 
         for m, st, codes, cb in self.layers.values():
-            cb_sorted, order = cb.detach().sort()
+            cb_sorted, order = half_exact(cb.detach()).sort()
             rank = torch.empty_like(order)
             rank[order] = torch.arange(len(order))
             new = torch.where(codes >= 0, rank[codes.clamp_min(0)], codes)
