@@ -49,6 +49,9 @@ def nncodec(by_name: dict) -> list[str]:
         if not e or "nncodec" not in e:
             continue
         rows.append(f"| {model} | .cpz (compress) | {e['cpz_bytes']:,} | {fmt(e['accuracy'])} |")
+        if e.get("cpz_tensor_bytes"):
+            rows.append(f"| {model} | .cpz tensor sections only (no manifest, architecture, header) | "
+                        f"{e['cpz_tensor_bytes']:,} | {fmt(e['accuracy'])} |")
         for qp, r in sorted(e["nncodec"].items(), key=lambda kv: int(kv[0])):
             rows.append(f"| {model} | NNCodec qp {qp} | {r['bytes']:,} | {fmt(r['accuracy'])} |")
     if not rows:
