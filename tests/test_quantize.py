@@ -138,3 +138,21 @@ def test_export_onnx_and_int8(tmp_path, cli):
     import json
     assert json.loads(rep.out)["int8_params"] > 0
     assert cli("export", tmp_path / "r.pt", "--int8", "-o", tmp_path / "z.onnx").code == 2  # no calib data
+
+
+def test_export_check_is_relative_to_the_outputs_scale(tmp_path):
+    """A model whose outputs are all ~1e-7 passes any absolute 1e-4 check, however wrong; the check is
+    relative to the largest output, so a tolerance below the real float error refuses it."""
+    from compress.errors import InputError
+    from compress.export import export
+
+    torch.manual_seed(0)
+    m = create_model("lenet300", input_size=8).eval()
+    with torch.no_grad():
+        m.fc3.weight.mul_(1e-6), m.fc3.bias.mul_(1e-6)
+    res = export(m, tmp_path / "t.onnx", (1, 1, 8, 8))
+    assert res["max_abs_diff"] < 1e-9 and res["max_rel_diff"] < 1e-4
+    assert res["max_rel_diff"] > res["max_abs_diff"] * 1e5  # judged on the outputs' own scale
+    if res["max_rel_diff"] > 0:
+        with pytest.raises(InputError, match="of the largest output"):
+            export(m, tmp_path / "u.onnx", (1, 1, 8, 8), tol=res["max_rel_diff"] / 2)

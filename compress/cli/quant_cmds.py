@@ -65,7 +65,7 @@ def export(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: 
            int8: Annotated[bool, typer.Option("--int8", help="ONNX Runtime static INT8 quantization (QDQ).")] = False,
            calib_data: Annotated[Optional[str], typer.Option("--calib-data", help="Calibration data spec.")] = None,
            data: DataOpt = None,
-           tol: Annotated[float, typer.Option("--tol", help="Max abs difference allowed vs PyTorch.")] = 1e-4,
+           tol: Annotated[float, typer.Option("--tol", help="Max difference allowed vs PyTorch, relative to the largest output.")] = 1e-4,
            threads: Annotated[int, typer.Option("--threads", help="ONNX Runtime threads for timing.")] = 2,
            json_out: JsonOpt = None, force: ForceOpt = False):
     """Export to ONNX (dynamic batch), checked against PyTorch; --int8 for ONNX Runtime INT8.
