@@ -142,3 +142,21 @@ def test_history_keeps_only_what_differs_from_the_defaults():
         small = cfg.changes()
         assert Config.from_dict(small) == cfg
         assert len(str(small)) < len(str(cfg.to_dict())) / 2
+
+
+def test_pipeline_command_reports_every_candidate_and_bytes_per_layer(trained, tmp_path, cli):
+    import json
+
+    from compress.formats import save_model
+
+    m = copy.deepcopy(trained["mlp"])
+    set_meta(m, input_shape=[1, 1, 8, 8])
+    save_model(m, tmp_path / "m.pt")
+    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", RECIPES[1], "-o",
+              tmp_path / "m.cpz", "--report", tmp_path / "rep")
+    assert res.code == 0, res.err
+    assert "within budget" in res.err or "over budget" in res.err or "inconclusive" in res.err
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "bytes in the .cpz" in md and "Every candidate" in md
+    summary = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert summary["cpz_bytes"] == (tmp_path / "m.cpz").stat().st_size

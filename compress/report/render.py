@@ -180,6 +180,7 @@ def render_pipeline_report(summary: dict, before_model: nn.Module, after_model: 
         text += f"; test accuracy {summary['test_accuracy_before']:.2f}% -> {summary['test_accuracy_after']:.2f}%"
     test = "test_accuracy" in summary["timeline"][0]
     bits = {r["name"]: r.get("bits") for r in la}
+    layer_bytes = _bytes_per_layer(after_model)
     sections = [
         ("Stage by stage", ["stage", "bytes", "ratio vs dense", "nonzeros", "MACs", "latency batch 1 (ms)",
                             "validation accuracy %"] + (["test accuracy %"] if test else []),
@@ -193,8 +194,21 @@ def render_pipeline_report(summary: dict, before_model: nn.Module, after_model: 
          ["stage", "value", "bytes", "accuracy %", "drop (pt)", "verdict"],
          [[s["stage"], value_text(c["value"]), c["bytes"], c["accuracy"], f"{c['drop']:+.2f} ± {c['se']:.2f}",
            c["verdict"]] for s in summary["stages"] for c in s["tried"]]),
-        ("Layers", ["layer", "parameters", "nonzeros", "density %", "bits"],
-         [[r["name"], r["params"], r["nonzeros"], 100 * r["nonzeros"] / max(r["params"], 1), bits.get(r["name"])]
-          for r in la]),
+        ("Layers", ["layer", "parameters", "nonzeros", "density %", "bits", "bytes in the .cpz"],
+         [[r["name"], r["params"], r["nonzeros"], 100 * r["nonzeros"] / max(r["params"], 1), bits.get(r["name"]),
+           layer_bytes.get(r["name"])] for r in la]),
     ]
     return write_folder(folder, "compress pipeline report", text, sections, images, summary, force)
+
+
+def _bytes_per_layer(model) -> dict[str, int]:
+    """Bytes each layer's tensors (weight, bias, buffers) take in the model's .cpz."""
+    import copy
+
+    from ..coding.container import encode_model
+
+    out: dict[str, int] = {}
+    for e in encode_model(copy.deepcopy(model))[1]["tensors"]:
+        layer = e["name"].rpartition(".")[0]
+        out[layer] = out.get(layer, 0) + e["length"]
+    return out
