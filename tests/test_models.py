@@ -40,3 +40,35 @@ def test_training_learns_digits():
     before = evaluate(m, va)
     fit(m, tr, TrainConfig(epochs=3, lr=3e-3))
     assert evaluate(m, va) > max(85.0, before + 50)
+
+
+def test_attention_macs_are_counted_under_no_grad():
+    """MultiheadAttention's fused fast path (taken under no_grad) is invisible to the FLOP counter;
+    the count switches it off and counts the CPU attention kernel: 4 L E^2 + 2 L^2 E."""
+    import torch.nn as nn
+
+    from compress.metrics import count_macs
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.MultiheadAttention(64, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.a(x, x, x, need_weights=False)[0]
+
+    m, n, e = Attn(), 16, 64
+    with torch.no_grad():
+        assert count_macs(m, (1, n, e)) == 4 * n * e * e + 2 * n * n * e
+    assert torch.backends.mha.get_fastpath_enabled()  # left as it was
+
+
+def test_quantize_says_what_it_leaves_in_float32():
+    import torch.nn as nn
+
+    from compress.quantize import QuantConfig
+    from compress.stages import run
+
+    m = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2))
+    res = run("quantize", m, QuantConfig(bits=8))
+    assert any("left in float32" in n and "1.in_proj_weight" in n for n in res.notes), res.notes
