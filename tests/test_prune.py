@@ -328,3 +328,17 @@ def test_settings_that_select_nothing_or_are_invalid_are_errors(tmp_path, cli, l
     res = cli(args[0], src, *args[1:], "-o", tmp_path / "out.pt")
     assert one_line_error(res) and match in res.err, res.err
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_l1_filter_round_to_keeps_channel_multiples():
+    torch.manual_seed(0)
+    m = create_model("resnet20")
+    from compress.stages import Context, run
+
+    res = run("prune", m, L1FilterConfig(ratio=0.3, round_to=8), Context(input_shape=(1, 1, 32, 32)))
+    kept = [r["channels_after"] for r in res.layers]
+    assert kept and all(k % 8 == 0 for k in kept), kept
+    assert all(r["channels_after"] < r["channels_before"] for r in res.layers)
+    assert m(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="round_to"):
+        L1FilterConfig(round_to=0)

@@ -53,6 +53,9 @@ def prune(model: ModelArg, output: OutOpt,
           ratio: Annotated[str, typer.Option(
               "--ratio", help="l1-filter: fraction (0.5) or count (8) of filters per group, or per layer "
                               "(layer1.0.conv1=0.3,_default=0.5).")] = "0.5",
+          round_to: Annotated[Optional[int], typer.Option(
+              "--round-to", min=1, show_default=False, help="l1-filter: keep a multiple of this many channels per "
+              "group [default: 8 on a CUDA device, else 1].")] = None,
           sensitivity: Annotated[bool, typer.Option("--sensitivity", help="l1-filter: prune each layer alone at "
                                                     "several ratios first, and show accuracy per layer and ratio.")] = False,
           budget: Annotated[Optional[float], typer.Option(
@@ -91,7 +94,7 @@ def prune(model: ModelArg, output: OutOpt,
         r = parse_mapping(ratio, "--ratio", cast=_num)
         if sensitivity:
             r = _sensitivity(inp, report or str(Path(output).with_suffix("")) + "-sensitivity", budget, r, extra)
-        cls, opts = L1FilterConfig, {"ratio": r}
+        cls, opts = L1FilterConfig, {"ratio": r, "round_to": round_to}
     else:
         cls, opts = ChannelUnionConfig, {"reconfig_interval": reconfig_interval}
         if lasso_ratio is not None:

@@ -32,6 +32,9 @@ class L1FilterConfig(Config):
         ratio: filters to remove per coupled channel group: a float is a fraction, an int a count;
             a dict keyed by the group's root layer FQN ("layer1.0.conv1"), with "_default".
         min_channels: never leave a group with fewer channels than this.
+        round_to: keep a multiple of this many channels in every pruned group (the nearest one,
+            at least ``round_to``): GPU kernels (tensor cores) run fastest on multiples of 8. None:
+            8 when the model is on a CUDA device, else 1 (on CPUs odd widths cost nothing measurable).
         select: layers whose output channels may be removed (``Select``; ``exclude`` keeps a
             layer's channels). The classifier's outputs are never removed.
         finetune: fine-tuning after pruning (``FineTune``; 0 epochs: none).
@@ -43,6 +46,7 @@ class L1FilterConfig(Config):
 
     ratio: float | int | dict = 0.5
     min_channels: int = 1
+    round_to: int | None = None
     select: Select = dataclasses.field(default_factory=Select)
     finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(augment=0))
 
@@ -57,15 +61,22 @@ class L1FilterConfig(Config):
                 raise ValueError(f"a count ratio must be >= 0, got {v}")
         if self.min_channels < 1:
             raise ValueError("min_channels must be >= 1")
+        if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
+                                          or self.round_to < 1):
+            raise ValueError(f"round_to must be an integer >= 1, got {self.round_to!r}")
 
 
-def _count(ratio, size: int, min_channels: int) -> int:
+def _count(ratio, size: int, min_channels: int, round_to: int = 1) -> int:
     n = ratio if isinstance(ratio, int) else int(round(ratio * size))
-    return max(0, min(n, size - min_channels))
+    n = max(0, min(n, size - min_channels))
+    if round_to > 1 and n:
+        keep = min(size, max(round_to, min_channels, int(round((size - n) / round_to)) * round_to))
+        n = size - keep
+    return n
 
 
 def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, select: Select | None = None,
-                  skipped: list | None = None) -> dict[str, tuple[int, int]]:
+                  skipped: list | None = None, round_to: int = 1) -> dict[str, tuple[int, int]]:
     """Remove the lowest-L1 filters of every group; returns {root: (before, after)} channels.
     Groups that cannot be pruned safely are left whole and listed in ``skipped`` (with why)."""
     dg, groups = channel_groups(model, input_shape, roots=(nn.Conv2d,), ignored=unselected(model, select or Select()))
@@ -75,7 +86,7 @@ def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, s
     names = {m: n for n, m in model.named_modules()}
     for cg in groups:
         r = per_layer(ratio, cg.name, None, 0.0)
-        if _count(r, cg.size, min_channels) == 0:
+        if _count(r, cg.size, min_channels, round_to) == 0:
             continue
         why = unsafe_member(cg, names)
         if why is not None:
@@ -83,7 +94,9 @@ def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, s
             log.info("kept %s: %s", cg.name, why)
             continue
         cg = refresh(dg, cg)  # scored on the model as it is now, after the groups before it
-        n = _count(r, cg.size, min_channels)
+        n = _count(r, cg.size, min_channels, round_to)
+        if n == 0:
+            continue
         scores = imp(cg.group, cg.size)
         idxs = scores.argsort()[:n].tolist()
         prune_group(dg, cg, idxs)
@@ -100,8 +113,11 @@ class L1FilterPruner(Method):
         shape = self.ctx.shape(self.model)
         original = copy.deepcopy(self.model)
         try:
+            round_to = self.config.round_to
+            if round_to is None:
+                round_to = 8 if next(self.model.parameters()).device.type == "cuda" else 1
             changes = prune_filters(self.model, shape, self.config.ratio, self.config.min_channels,
-                                    self.config.select, skipped=self.notes)
+                                    self.config.select, skipped=self.notes, round_to=round_to)
             with torch.no_grad():
                 self.model.eval()(example_input(self.model, shape))  # the pruned model must still run
         except CompressError:
