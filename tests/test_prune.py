@@ -342,3 +342,14 @@ def test_l1_filter_round_to_keeps_channel_multiples():
     assert m(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
     with pytest.raises(ValueError, match="round_to"):
         L1FilterConfig(round_to=0)
+
+
+def test_l1_filter_prunes_linear_neurons_but_never_the_classifier():
+    from compress.stages import Context, run
+
+    torch.manual_seed(0)
+    m = create_model("lenet300")
+    res = run("prune", m, L1FilterConfig(ratio=0.5), Context(input_shape=(1, 1, 28, 28)))
+    assert {r["name"]: r["channels_after"] for r in res.layers} == {"fc1": 150, "fc2": 50}
+    assert (m.fc1.out_features, m.fc2.in_features, m.fc3.in_features, m.fc3.out_features) == (150, 150, 50, 10)
+    assert m(torch.zeros(3, 1, 28, 28)).shape == (3, 10)

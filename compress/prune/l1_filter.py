@@ -1,7 +1,7 @@
 """L1-norm filter pruning, Li et al., "Pruning Filters for Efficient ConvNets" (ICLR 2017).
 
-Each conv's filters are ranked by L1 norm and the smallest are removed -- physically: the output
-is a smaller dense network. torch-pruning's DependencyGraph keeps every coupled layer consistent
+Each conv's filters (and each Linear's output features) are ranked by L1 norm and the smallest
+are removed -- physically: the output is a smaller dense network. torch-pruning's DependencyGraph keeps every coupled layer consistent
 (BatchNorm, the next layer's inputs, residual additions, concatenations, depthwise convs); the
 classifier's outputs are never pruned. ``sensitivity`` prunes each layer alone at several ratios
 (Li et al.'s Figure 2) and ``ratios_for_budget`` turns that into per-layer ratios.
@@ -79,7 +79,8 @@ def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, s
                   skipped: list | None = None, round_to: int = 1) -> dict[str, tuple[int, int]]:
     """Remove the lowest-L1 filters of every group; returns {root: (before, after)} channels.
     Groups that cannot be pruned safely are left whole and listed in ``skipped`` (with why)."""
-    dg, groups = channel_groups(model, input_shape, roots=(nn.Conv2d,), ignored=unselected(model, select or Select()))
+    dg, groups = channel_groups(model, input_shape, roots=(nn.Conv2d, nn.Linear),
+                                ignored=unselected(model, select or Select()))
     check_keys(ratio, [cg.name for cg in groups], "--ratio {key}: no prunable channel group of that name", types=())
     imp = L1FilterImportance()
     changes = {}
@@ -154,7 +155,7 @@ def sensitivity(model: nn.Module, val_data, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), in
 
     shape = Context(val=val_data, input_shape=input_shape).shape(model)
     base = evaluate(model, val_data)
-    _, groups = channel_groups(model, shape, roots=(nn.Conv2d,))
+    _, groups = channel_groups(model, shape, roots=(nn.Conv2d, nn.Linear))
     table = {}
     bar = Bar(progress_enabled(), len(groups) * len(ratios), "sensitivity")
     try:
