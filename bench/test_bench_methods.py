@@ -106,3 +106,25 @@ def test_l1_filter_depthwise_and_concat(benchmark):
     benchmark.extra_info.update(compression_ratio=round(min(rows.values()), 3), accuracy=None, accuracy_drop=None,
                                 latency_ms=None, per_model={k: round(v, 3) for k, v in rows.items()})
     assert min(rows.values()) >= 1 / 0.8
+
+
+@pytest.mark.slow
+def test_l1_filter_resnet50_cpu(benchmark):
+    """A real ResNet-50 (pytorchcv, random weights: speed does not depend on them), l1-filter 0.5, batch 32
+    at 224x224 on 2 CPU threads: >= 2x faster (issue 13's CPU target)."""
+    resnet = pytest.importorskip("pytorchcv.models.resnet")
+    from compress.metrics import latency_stats
+    from compress.stages import Context, run
+
+    torch.manual_seed(0)
+    base = resnet.resnet50().eval()
+    m = copy.deepcopy(base)
+    shape = (1, 3, 224, 224)
+    once(benchmark, lambda: run("prune", m, L1FilterConfig(ratio=0.5), Context(input_shape=shape)))
+    st = latency_stats([base, m], shape, batch=32, runs=3)
+    benchmark.extra_info.update(compression_ratio=round(count_params(base) / count_params(m), 3), accuracy=None,
+                                accuracy_drop=None, latency_ms=round(st[1]["ms"], 1),
+                                base_latency_ms=round(st[0]["ms"], 1),
+                                macs_reduction=round(1 - count_macs(m, shape) / count_macs(base, shape), 4),
+                                speedup_batch32=round(st[0]["ms"] / st[1]["ms"], 3))
+    assert benchmark.extra_info["speedup_batch32"] >= 2
