@@ -120,3 +120,45 @@ def test_a_users_own_classes_go_through_every_command_without_trust(name, tmp_pa
         p.numel() for p in getattr(importlib.import_module(mod), fn)().parameters())
     for f in ("p.pt", "q.pt", "d.pt"):  # plain data: torch's safe loader reads it, nothing is unpickled
         assert set(torch.load(tmp_path / f, weights_only=True)) == {"compress_cpz", "state_dict"}
+
+
+MATRIX = {  # family: (--arch callable, input size, what it exercises)
+    "resnet20": ("pytorchcv.models.resnet_cifar:resnet20_cifar10", 32, "residual"),
+    "seresnet20": ("pytorchcv.models.seresnet_cifar:seresnet20_cifar10", 32, "squeeze-excitation"),
+    "densenet40": ("pytorchcv.models.densenet_cifar:densenet40_k12_cifar10", 32, "dense concatenation"),
+    "mobilenetv2": ("pytorchcv.models.mobilenetv2:mobilenetv2_wd4", 224, "inverted residual, depthwise"),
+    "shufflenetv2": ("pytorchcv.models.shufflenetv2:shufflenetv2_wd2", 224, "channel shuffle, grouped"),
+}
+
+
+@pytest.mark.parametrize("family", list(MATRIX))
+def test_every_method_on_real_families(family, tmp_path):
+    """report numbers, threshold pruning, INT8 and 4-bit k-means, the .cpz round trip (bit-exact, rebuilt
+    from the user's code), SVD factorization and ONNX INT8 export, on models of classes nobody here wrote."""
+    from compress.coding.container import decode_model, encode_model
+    from compress.data import Dataset
+    from compress.export import export
+    from compress.factorize import FactorizeConfig
+    from compress.formats import arch_base
+    from compress.metrics import count_nonzero, count_params
+    from compress.prune import ThresholdConfig
+    from compress.quantize import QuantConfig
+
+    arch, size, _ = MATRIX[family]
+    base = arch_base(arch)
+    shape, x = (1, 3, size, size), torch.randn(4, 3, size, size)
+    m = base().eval()
+    assert count_macs(m, shape) > 0 and count_params(m) > 0
+    run("prune", m, ThresholdConfig(sparsity=0.6, steps=1), Context(input_shape=shape))
+    assert count_nonzero(m) < 0.5 * count_params(m)
+    for cfg in (QuantConfig(bits=8), QuantConfig(bits=4, scheme="kmeans")):
+        q = copy.deepcopy(m)
+        run("quantize", q, cfg, Context(input_shape=shape))
+        d = decode_model(encode_model(copy.deepcopy(q))[0], base=base).eval()
+        assert torch.equal(q.eval()(x), d(x)), cfg.scheme
+    f = base().eval()
+    run("factorize", f, FactorizeConfig(rank_ratio=0.5), Context(input_shape=shape))
+    assert count_params(f) < count_params(base()) and f(x).shape[0] == 4
+    calib = Dataset(torch.randn(16, *shape[1:]), torch.zeros(16, dtype=torch.long))
+    res = export(base().eval(), tmp_path / "m.onnx", shape, int8=True, calib_data=calib)
+    assert res["max_rel_diff"] < 1e-4 and (tmp_path / "m.onnx").stat().st_size < 0.5 * 4 * count_params(base())
