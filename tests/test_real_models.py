@@ -36,10 +36,11 @@ def test_l1_filter_prunes_real_architectures(name):
     macs0 = count_macs(m, shape)
     res = run("prune", m, L1FilterConfig(ratio=0.5), Context(input_shape=shape))
     macs1 = count_macs(res.model, shape)
-    assert macs0 / macs1 > 1.5, (name, macs0 / macs1)
+    assert macs0 / macs1 > 3.0, (name, macs0 / macs1)  # as torch-pruning's own MetaPruner at 0.5
     assert res.model(x).shape == (2, 1000 if shape[-1] == 224 else 10)
-    if "grouped" in FAMILIES[name][2]:  # groups that must stay divisible are left whole, and said so
-        assert any("grouped conv" in n for n in res.notes)
+    for mod in res.model.modules():  # grouped convs lost the same positions in every group
+        if isinstance(mod, torch.nn.Conv2d) and mod.groups > 1:
+            assert mod.in_channels % mod.groups == 0 and mod.out_channels % mod.groups == 0
 
 
 def test_densenet_concat_indices_stay_in_step():

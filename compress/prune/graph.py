@@ -131,17 +131,24 @@ def group_norms(group, size: int, kinds=("out", "in", "bn")) -> torch.Tensor:
     return sq
 
 
-def unsafe_member(cg: ChannelGroup, names: dict) -> str | None:
-    """Why this group cannot be pruned safely (a member layer and its reason), or None.
+def conv_groups(cg: ChannelGroup, names: dict) -> tuple[int, str | None]:
+    """(G, None): the channels of this group must be removed evenly from G equal blocks (G = 1: no
+    grouped convolution in it; depthwise convs follow any choice). (0, why): they cannot be.
 
-    A grouped convolution (1 < groups, not depthwise) needs its channels removed evenly per group;
-    torch-pruning removes them anywhere and fails half-way, leaving a broken model. Such groups
-    are left whole."""
+    A grouped convolution (1 < groups, not depthwise) keeps ``groups`` blocks of channels; removing
+    the same positions from every block keeps it valid, as torch-pruning's own pruner does.
+    Removed anywhere, torch-pruning fails half-way and leaves a broken model."""
+    g, first = 1, None
     for dep, _ in cg.group:
         m = dep.target.module
         if isinstance(m, nn.Conv2d) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels):
-            return f"{names.get(m, type(m).__name__)}: grouped conv (groups={m.groups})"
-    return None
+            first = first or f"{names.get(m, type(m).__name__)}: grouped conv (groups={m.groups})"
+            if max(g, m.groups) % min(g, m.groups):
+                return 0, f"{first} and another with groups={m.groups}"
+            g = max(g, m.groups)
+    if g > 1 and cg.size % g:
+        return 0, f"{first}: {cg.size} channels do not split into {g} groups"
+    return g, None
 
 
 def refresh(dg, cg: ChannelGroup) -> ChannelGroup:

@@ -20,7 +20,7 @@ from ..errors import CompressError, InputError
 from ..meta import get_meta
 from ..stages import Context, Method
 from ..train import evaluate
-from .graph import channel_groups, example_input, prune_group, refresh, unsafe_member, unselected
+from .graph import channel_groups, conv_groups, example_input, prune_group, refresh, unselected
 from .importance import L1FilterImportance
 
 log = logging.getLogger(__name__)
@@ -89,17 +89,23 @@ def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, s
         r = per_layer(ratio, cg.name, None, 0.0)
         if _count(r, cg.size, min_channels, round_to) == 0:
             continue
-        why = unsafe_member(cg, names)
+        cg = refresh(dg, cg)  # scored on the model as it is now, after the groups before it
+        g, why = conv_groups(cg, names)
         if why is not None:
             (skipped if skipped is not None else []).append(f"kept {cg.name}'s channels: {why}")
             log.info("kept %s: %s", cg.name, why)
             continue
-        cg = refresh(dg, cg)  # scored on the model as it is now, after the groups before it
-        n = _count(r, cg.size, min_channels, round_to)
+        n = _count(r, cg.size, min_channels, max(round_to, g))  # grouped convs: whole rows of g
+        n -= n % g
         if n == 0:
             continue
         scores = imp(cg.group, cg.size)
-        idxs = scores.argsort()[:n].tolist()
+        if g > 1:  # the same positions in each of the g blocks (block scores summed), as torch-pruning does
+            per = cg.size // g
+            local = scores.view(g, per).sum(0).argsort()[: n // g]
+            idxs = [int(i) + b * per for b in range(g) for i in local]
+        else:
+            idxs = scores.argsort()[:n].tolist()
         prune_group(dg, cg, idxs)
         changes[cg.name] = (cg.size, cg.size - n)
         log.info("%s: %d -> %d channels", cg.name, cg.size, cg.size - n)
