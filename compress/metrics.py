@@ -98,13 +98,30 @@ def layer_table(model: nn.Module, input_shape) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
-def _timed(model, x):
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)  # GPU work is asynchronous
+def _timed(model, x, dtype=None):
+    """One timed forward pass (ms): CUDA events on a GPU (its work is asynchronous), the wall clock
+    elsewhere; under autocast to ``dtype`` (bfloat16, float16) when given."""
+    import contextlib
+
+    def cast():
+        return torch.autocast(x.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    if x.is_cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def once() -> float:
+            with cast():
+                start.record()
+                model(x)
+                end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        return once
 
     def once() -> float:
         t0 = time.perf_counter()
-        model(x)
-        sync()
+        with cast():
+            model(x)
         return (time.perf_counter() - t0) * 1000
     return once
 
@@ -133,21 +150,24 @@ def timing_seconds() -> float:
         return 1.5
 
 
-def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, threads: int | None = 2) -> list[dict]:
+def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, threads: int | None = 2,
+                  dtype=None) -> list[dict]:
     """Per model (ms of one forward pass at ``batch``): ``ms``, the lowest median over blocks of 25
     consecutive runs -- the speed the machine sustains when undisturbed, the repeatable figure on a
     shared machine whose slow phases last seconds -- and the median and quartiles of all runs.
 
     Each model is warmed up until stable; then the runs are interleaved (model 1, model 2, model 1,
     ...), so that a machine that speeds up or slows down meanwhile affects every model alike: at
-    least ``runs`` rounds, and as many more as fill ``timing_seconds()``.
+    least ``runs`` rounds, and as many more as fill ``timing_seconds()``. ``dtype``: time under
+    autocast (torch.bfloat16 / torch.float16), as a GPU deployment would run.
     """
     old = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            fns = [_timed(m, torch.randn((batch,) + tuple(input_shape[1:]), device=device_of(m))) for m in models]
+            fns = [_timed(m, torch.randn((batch,) + tuple(input_shape[1:]), device=device_of(m)), dtype)
+                   for m in models]
             per_run = sum(_warm_up(fn) for fn in fns)  # ms for one round over all models
             rounds = min(max(runs, int(1000 * timing_seconds() / max(per_run, 1e-3))), 10_000)
             times = [[] for _ in fns]

@@ -72,3 +72,13 @@ def test_quantize_says_what_it_leaves_in_float32():
     m = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2))
     res = run("quantize", m, QuantConfig(bits=8))
     assert any("left in float32" in n and "1.in_proj_weight" in n for n in res.notes), res.notes
+
+
+def test_latency_under_autocast_runs_and_is_reported():
+    from compress.metrics import latency_stats
+
+    torch.manual_seed(0)
+    m = create_model("lenet5").eval()
+    fp32, bf16 = latency_stats([m], (1, 1, 28, 28), batch=4, runs=3)[0], \
+        latency_stats([m], (1, 1, 28, 28), batch=4, runs=3, dtype=torch.bfloat16)[0]
+    assert fp32["ms"] > 0 and bf16["ms"] > 0 and bf16["p25"] <= bf16["median"] <= bf16["p75"]
