@@ -353,3 +353,29 @@ def test_l1_filter_prunes_linear_neurons_but_never_the_classifier():
     assert {r["name"]: r["channels_after"] for r in res.layers} == {"fc1": 150, "fc2": 50}
     assert (m.fc1.out_features, m.fc2.in_features, m.fc3.in_features, m.fc3.out_features) == (150, 150, 50, 10)
     assert m(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_l1_filter_prunes_a_transformer_block_and_it_still_runs():
+    """ViT pattern: patch conv -> MultiheadAttention + MLP with LayerNorm -> head. The embedding width
+    is one group (patch conv, attention projections, LayerNorms, MLP output, head input)."""
+    import torch.nn as nn
+
+    from compress.stages import Context, run
+
+    class TinyViT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(1, 64, 4, 4)
+            self.enc = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True)
+            self.head = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.head(self.enc(self.patch(x).flatten(2).transpose(1, 2)).mean(1))
+
+    torch.manual_seed(0)
+    m = TinyViT().eval()
+    macs = count_macs(m, (1, 1, 28, 28))
+    res = run("prune", m, L1FilterConfig(ratio=0.5), Context(input_shape=(1, 1, 28, 28)))
+    assert {r["name"]: r["channels_after"] for r in res.layers} == {"enc.linear2": 32, "enc.linear1": 64}
+    assert m.patch.out_channels == 32 and m.enc.self_attn.embed_dim == 32 and m.head.in_features == 32
+    assert m(torch.zeros(2, 1, 28, 28)).shape == (2, 10) and count_macs(m, (1, 1, 28, 28)) < 0.5 * macs
