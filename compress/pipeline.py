@@ -33,6 +33,7 @@ import torch.nn as nn
 from . import data as data_mod
 from .coding.container import encode_model
 from .coding.streams import fixed_bytes
+from .config import Config
 from .meta import get_meta, set_meta
 from .metrics import count_macs, count_nonzero, count_params, latency_stats
 from .recipe import DEFAULT_RECIPE, Recipe, Stage, resolve
@@ -54,16 +55,19 @@ def paired_drop(base_pred, cand_pred, y) -> tuple[float, float]:
     return drop, se
 
 
-def size_bytes(model: nn.Module) -> dict[str, int]:
-    """Encoded .cpz size, and the size the same content takes without Huffman coding."""
+def size_bytes(model: nn.Module) -> dict[str, Any]:
+    """Encoded .cpz size, the size the same content takes without Huffman coding, and the bytes of
+    each layer's tensors (weight, bias, buffers) in the .cpz."""
     _, stats = encode_model(copy.deepcopy(model))
-    fixed = 0
+    fixed, layers = 0, {}
     for e in stats["tensors"]:
         if "values" in e:
             fixed += e.get("params_bytes", 0) + e.get("index_bytes", 0) + fixed_bytes(e["values"])
         else:
             fixed += e["length"]
-    return {"coded": stats["file_bytes"], "fixed": fixed + stats["manifest_bytes"] + 20}
+        layer = e["name"].rpartition(".")[0]
+        layers[layer] = layers.get(layer, 0) + e["length"]
+    return {"coded": stats["file_bytes"], "fixed": fixed + stats["manifest_bytes"] + 20, "layers": layers}
 
 
 @dataclasses.dataclass
@@ -102,13 +106,13 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit):
         start = current if stage.iterative else model
         cand = run(cfg.verb, copy.deepcopy(start), cfg, ctx).model
         sizes = size_bytes(cand)
-        value = getattr(cfg, cfg.search_key)
-        rec = {"value": value, "options": cfg.to_dict(), **judge(cand),
+        rec = {"value": getattr(cfg, cfg.search_key), "options": cfg.to_dict(), **judge(cand),
                "bytes": sizes["coded"]}
         tried.append(rec)
         emit("candidate", stage=stage.name, index=j + 1, of=len(stage.candidates), **rec)
+        over = rec.pop("over")
         if not rec["within_budget"]:
-            misses += rec.pop("over")  # an inconclusive reading is noise: it neither ends nor resets the run
+            misses += over  # an inconclusive reading is noise: it neither ends nor resets the run
             if stage.iterative:
                 # sparser candidates build on this one, with more fine-tuning; `patience` readings in
                 # a row whose measured drop alone is over budget end the search
@@ -116,7 +120,6 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit):
                     break
                 current = cand
             continue
-        rec.pop("over")
         misses = 0
         if kept is None or rec["bytes"] <= kept["bytes"]:
             kept_model, kept, kept_sizes = cand, rec, sizes
@@ -197,13 +200,14 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     # one entry for the whole pipeline: what each kept stage did (not every candidate it went through)
     set_meta(model, history=list(get_meta(model).get("history", []))[:history_before] + [
         {"stage": "pipeline", "budget_pt": budget,
-         "kept": [{"stage": r["stage"], "config": stage.candidates[[c["value"] for c in r["tried"]].index(
-             r["kept"]["value"])].changes()} if r["kept"] else None for r, stage in zip(results, recipe.stages)]}])
+         "kept": [{"stage": r["stage"], "config": Config.from_dict(r["kept"]["options"]).changes()}
+                  if r["kept"] else None for r in results]}])
     final = size_bytes(model)  # with the history above: exactly the bytes save_model writes
     timeline.append({**timeline[-1], "stage": "huffman coded", "bytes": final["coded"]})  # same weights, coded
     summary = {"budget_pt": budget, "confidence": z, "base_accuracy": round(base_acc, 3),
                "final_accuracy": round(timeline[-1]["accuracy"], 3), "dense_bytes": dense,
                "cpz_bytes": final["coded"], "ratio": round(dense / final["coded"], 2), "timeline": timeline,
+               "layer_bytes": final["layers"],
                "stages": results, "input_shape": list(ctx.input_shape), "recipe": recipe.to_dict(),
                "validation": {"samples": len(val), "source": "given" if val_data is not None else "held out"}}
     if test_data is not None:

@@ -160,3 +160,5 @@ def test_pipeline_command_reports_every_candidate_and_bytes_per_layer(trained, t
     assert "bytes in the .cpz" in md and "Every candidate" in md
     summary = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert summary["cpz_bytes"] == (tmp_path / "m.cpz").stat().st_size
+    assert set(summary["layer_bytes"]) == {"fc1", "fc2", "fc3"}  # the tensor sections, without the manifest
+    assert 0 < sum(summary["layer_bytes"].values()) < summary["cpz_bytes"]

@@ -172,8 +172,8 @@ def rebuild(spec: dict, tensors: dict[str, torch.Tensor], depth: int = 0, prefix
             raise ArchMismatch(f"{where} is {spec['ref']!r} in the file, but {_class_path(type(base))!r} in the "
                              "model your --arch builds")
         m = base
-        for k in list(m._parameters) + list(m._buffers):  # set from the data below
-            (m._parameters if k in m._parameters else m._buffers).pop(k)
+        m._parameters.clear()  # set from the data below
+        m._buffers.clear()
     else:
         if "class" not in spec:
             raise ValueError("architecture node lacks 'class'")

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..distributed import device_of
+
 GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998)
 SAMPLES = 256
 
@@ -30,7 +32,7 @@ def loss_curves(model: nn.Module, layers: list[tuple[str, nn.Module]], data,
                 samples: int = SAMPLES) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per layer: (sparsities, loss rise) when that layer alone is magnitude-pruned to each sparsity
     (on top of the zeros it has). The rise is made non-decreasing (a running maximum)."""
-    dev = next(model.parameters()).device
+    dev = device_of(model)
     x, y = data.x[:samples].to(dev), data.y[:samples].to(dev)
     was_training = model.training
     model.eval()

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import logging
 
 import torch
 import torch.nn as nn
 
 from ..config import Config, FineTune, Select, check_keys, per_layer, register_method
+from ..distributed import device_of
 from ..errors import CompressError, InputError
 from ..meta import get_meta
 from ..stages import Context, Method
@@ -95,8 +97,7 @@ def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, s
             (skipped if skipped is not None else []).append(f"kept {cg.name}'s channels: {why}")
             log.info("kept %s: %s", cg.name, why)
             continue
-        n = _count(r, cg.size, min_channels, max(round_to, g))  # grouped convs: whole rows of g
-        n -= n % g
+        n = _count(r, cg.size, min_channels, math.lcm(round_to, g))  # grouped convs: keep whole rows of g
         if n == 0:
             continue
         scores = imp(cg.group, cg.size)
@@ -122,7 +123,7 @@ class L1FilterPruner(Method):
         try:
             round_to = self.config.round_to
             if round_to is None:
-                round_to = 8 if next(self.model.parameters()).device.type == "cuda" else 1
+                round_to = 8 if device_of(self.model).type == "cuda" else 1
             changes = prune_filters(self.model, shape, self.config.ratio, self.config.min_channels,
                                     self.config.select, skipped=self.notes, round_to=round_to)
             with torch.no_grad():

@@ -38,8 +38,9 @@ class ThresholdConfig(Config):
             with "_default" for the rest.
         quality: instead of a sparsity, the threshold multiplier of each layer's std (float or dict).
         allocate: how a float ``sparsity`` is shared among layers: "sensitivity" (each layer pruned
-            alone on training data, one common tolerance on the loss rise; see ``prune.allocate``)
-            or "std" (Han et al.'s one ``quality x std`` rule). Without training data: "std".
+            alone on training data; every layer pruned to the same loss rise per weight removed, see
+            ``prune.allocate``) or "std" (Han et al.'s one ``quality x std`` rule). Without training
+            data: "std".
         steps: pruning rounds; the fine-tuning epochs are split evenly over them.
         schedule: how sparsity rises over the rounds, from where the model is to the target:
             "cubic" (Zhu & Gupta 2017: fast first, gently at the end) or "geometric" (the kept

@@ -33,10 +33,10 @@ class QuantConfig(Config):
         scheme: "minmax" (grid over the channel's range), "mmse" (clipping that minimises the
             squared error) or "kmeans" (a shared 2^bits codebook per layer).
         per_channel: one grid per output channel (uniform schemes); False for one per tensor.
+        symmetric: symmetric grid with zero exact; False for an affine grid with an integer zero point.
         bias_bits: the biases of the quantized layers go on a symmetric per-tensor grid of this
             many bits (2..8; None keeps them float32). They are few, but in float32 they were the
             largest part of a pruned LeNet's file after its fc1 weights.
-        symmetric: symmetric grid with zero exact; False for an affine grid with an integer zero point.
         select: layers to quantize (``Select``; every Conv2d and Linear by default).
         finetune: kmeans: training of the centroids (``FineTune``); uniform grids are not trained.
     """

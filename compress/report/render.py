@@ -180,7 +180,7 @@ def render_pipeline_report(summary: dict, before_model: nn.Module, after_model: 
         text += f"; test accuracy {summary['test_accuracy_before']:.2f}% -> {summary['test_accuracy_after']:.2f}%"
     test = "test_accuracy" in summary["timeline"][0]
     bits = {r["name"]: r.get("bits") for r in la}
-    layer_bytes = _bytes_per_layer(after_model)
+    layer_bytes = summary.get("layer_bytes", {})  # measured by the pipeline's own final encode
     sections = [
         ("Stage by stage", ["stage", "bytes", "ratio vs dense", "nonzeros", "MACs", "latency batch 1 (ms)",
                             "validation accuracy %"] + (["test accuracy %"] if test else []),
@@ -200,15 +200,3 @@ def render_pipeline_report(summary: dict, before_model: nn.Module, after_model: 
     ]
     return write_folder(folder, "compress pipeline report", text, sections, images, summary, force)
 
-
-def _bytes_per_layer(model) -> dict[str, int]:
-    """Bytes each layer's tensors (weight, bias, buffers) take in the model's .cpz."""
-    import copy
-
-    from ..coding.container import encode_model
-
-    out: dict[str, int] = {}
-    for e in encode_model(copy.deepcopy(model))[1]["tensors"]:
-        layer = e["name"].rpartition(".")[0]
-        out[layer] = out.get(layer, 0) + e["length"]
-    return out
