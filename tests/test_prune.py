@@ -379,3 +379,13 @@ def test_l1_filter_prunes_a_transformer_block_and_it_still_runs():
     assert {r["name"]: r["channels_after"] for r in res.layers} == {"enc.linear2": 32, "enc.linear1": 64}
     assert m.patch.out_channels == 32 and m.enc.self_attn.embed_dim == 32 and m.head.in_features == 32
     assert m(torch.zeros(2, 1, 28, 28)).shape == (2, 10) and count_macs(m, (1, 1, 28, 28)) < 0.5 * macs
+
+
+def test_kept_channels_honour_round_to_and_conv_groups_together():
+    import math
+
+    from compress.prune.l1_filter import _count
+
+    for size, ratio, round_to, groups in [(96, 0.5, 3, 4), (64, 0.3, 8, 32), (48, 0.4, 1, 6)]:
+        kept = size - _count(ratio, size, 1, math.lcm(round_to, groups))
+        assert kept % round_to == 0 and kept % groups == 0 and 0 < kept < size, (size, kept)
