@@ -196,7 +196,7 @@ def test_unpruned_channels_give_same_outputs():
     with torch.no_grad():
         y0 = m(x)
     dg, groups = channel_groups(m, (1, 1, 32, 32), roots=(torch.nn.Conv2d,))
-    prune_group(dg, [g for g in groups if g.name == "layer1.0.conv1"][0], [0, 1, 2])
+    assert prune_group(dg, [g for g in groups if g.name == "layer1.0.conv1"][0], [0, 1, 2], m, (1, 1, 32, 32)) is None
     assert m.layer1[0].conv1.out_channels == cg.size - 3
     with torch.no_grad():
         assert torch.allclose(m(x), y0, atol=1e-5)

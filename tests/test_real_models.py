@@ -1,6 +1,7 @@
 """Structural pruning on architectures nobody here wrote (pytorchcv, pure PyTorch): dense
 concatenation, squeeze-excitation, inverted residuals with depthwise convs, grouped convs, channel
-shuffle. Each either prunes into a working, smaller model or refuses in one line naming why."""
+shuffle. Each either prunes into a working, smaller model that computes what the original does with
+the removed channels zeroed, or keeps the channels it cannot remove safely and says why."""
 import copy
 import importlib
 
@@ -29,14 +30,51 @@ def _model(name):
     return getattr(importlib.import_module(f"pytorchcv.models.{mod}"), name)().eval(), (1, 3, size, size)
 
 
+@torch.no_grad()
+def _randomise(model):
+    """Random weights, all distinct within a tensor (so that rows can be found again by value)."""
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            n, fan_in = m.weight.numel(), m.weight[0].numel()
+            ranks = (torch.randperm(n) + 1).float() / n * (3 / fan_in) ** 0.5
+            m.weight.copy_((ranks * torch.randn(n).sign()).view_as(m.weight))
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1), m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+
+
+@torch.no_grad()
+def _zero_removed(original, pruned):
+    """``original`` with every channel ``pruned`` removed zeroed at its producer (filter rows, bias,
+    BatchNorm scale and shift). Pruning is correct when both compute the same function. Kept rows are
+    found by value: each kept row still holds one of its original weights."""
+    mods = dict(original.named_modules())
+    for name, m in pruned.named_modules():
+        o = mods[name]
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.weight.shape[0] < o.weight.shape[0]:
+            kept = [int((o.weight == m.weight[r].flatten()[0]).nonzero()[0, 0]) for r in range(m.weight.shape[0])]
+        elif isinstance(m, torch.nn.BatchNorm2d) and m.num_features < o.num_features:
+            kept = [int((o.weight == w).nonzero()[0, 0]) for w in m.weight]
+        else:
+            continue
+        drop = sorted(set(range(o.weight.shape[0])) - set(kept))
+        o.weight[drop] = 0
+        if o.bias is not None:
+            o.bias[drop] = 0
+    return original
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_l1_filter_prunes_real_architectures(name):
     m, shape = _model(name)
+    _randomise(m)
+    original = copy.deepcopy(m)
     x = torch.randn(2, *shape[1:])
     macs0 = count_macs(m, shape)
     res = run("prune", m, L1FilterConfig(ratio=0.5), Context(input_shape=shape))
     macs1 = count_macs(res.model, shape)
     assert macs0 / macs1 > 3.0, (name, macs0 / macs1)  # as torch-pruning's own MetaPruner at 0.5
+    torch.testing.assert_close(res.model(x), _zero_removed(original, res.model)(x), rtol=1e-4, atol=1e-4)
     assert res.model(x).shape == (2, 1000 if shape[-1] == 224 else 10)
     for mod in res.model.modules():  # grouped convs lost the same positions in every group
         if isinstance(mod, torch.nn.Conv2d) and mod.groups > 1:
@@ -52,17 +90,56 @@ def test_densenet_concat_indices_stay_in_step():
     assert count_macs(m, shape) < count_macs(before, shape)
 
 
-def test_channel_shuffle_is_refused_in_one_line():
+def test_channel_shuffle_keeps_the_shuffled_channels_and_prunes_the_rest():
+    """torch-pruning maps channel indices straight through a shuffle's reshape and transpose (and
+    divides by zero on the second view). The channels that pass a shuffle are kept, with a note; the
+    branches' inner channels are removed, and the pruned model computes exactly what the original
+    does with those channels zeroed."""
     m, shape = _model("shufflenetv2_wd2")
-    w = [p.detach().clone() for p in m.parameters()]
-    with pytest.raises(InputError, match="torch-pruning failed tracing"):
-        run("prune", m, L1FilterConfig(ratio=0.5), Context(input_shape=shape))
-    assert all(torch.equal(a, b) for a, b in zip(w, m.parameters()))  # nothing was changed
+    _randomise(m)
+    original = copy.deepcopy(m)
+    macs0 = count_macs(m, shape)
+    res = run("prune", m, L1FilterConfig(ratio=0.5), Context(input_shape=shape))
+    assert macs0 / count_macs(res.model, shape) > 1.5
+    assert any(n.startswith("kept features.stage1.unit2.expand_conv3's channels") for n in res.notes)
+    x = torch.randn(2, *shape[1:])
+    torch.testing.assert_close(res.model(x), _zero_removed(original, res.model)(x), rtol=1e-4, atol=1e-4)
 
 
-def test_a_prune_that_would_break_the_model_leaves_it_unchanged():
+def test_a_functional_channel_shuffle_is_found_and_its_channels_kept():
+    """A shuffle written as a function (view, transpose, reshape: torchvision's style) where
+    torch-pruning raises nothing: it would map the channels straight through and remove the wrong
+    ones (outputs off by 0.3 here). The split of the channel axis is seen and those channels kept."""
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+            self.b, self.bn2 = nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16)
+            self.c = nn.Conv2d(16, 10, 1)
+
+        def forward(self, x):
+            x = torch.relu(self.bn(self.a(x)))
+            n, c, h, w = x.shape
+            x = x.view(n, 4, c // 4, h, w).transpose(1, 2).reshape(n, c, h, w)
+            return self.c(torch.relu(self.bn2(self.b(x)))).mean((2, 3))
+
+    torch.manual_seed(0)
+    m = Net().eval()
+    _randomise(m)
+    original = copy.deepcopy(m)
+    res = run("prune", m, L1FilterConfig(ratio=0.5), Context(input_shape=(1, 3, 8, 8)))
+    assert m.a.out_channels == 16 and m.b.out_channels == 8
+    assert any("kept a's channels" in n and "channel shuffle" in n for n in res.notes)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(m(x), _zero_removed(original, m)(x))
+
+
+def test_a_group_that_would_break_the_model_is_kept_and_the_rest_pruned():
     """A concatenation flattened straight into a Linear: each channel is H x W of its inputs, which
-    torch-pruning does not follow. The model must come back unchanged, with a one-line reason."""
+    torch-pruning does not follow (it couples the wrong features). Those channels are put back as they
+    were, with a one-line reason; the stem before the concatenation is still pruned."""
     import torch.nn as nn
 
     class Fire(nn.Module):
@@ -78,49 +155,13 @@ def test_a_prune_that_would_break_the_model_leaves_it_unchanged():
 
     torch.manual_seed(0)
     m = Fire()
+    original = copy.deepcopy(m)
+    res = run("prune", m, L1FilterConfig(ratio=0.5), Context(input_shape=(1, 1, 28, 28)))
+    assert m.stem.out_channels == 4 and m.a.out_channels == m.b.out_channels == 8
+    assert m.fc.in_features == 16 * 26 * 26
+    assert any("breaks the model" in n and "b's channels" in n for n in res.notes)
     x = torch.randn(2, 1, 28, 28)
-    y = m(x)
-    with pytest.raises(InputError, match="left unchanged"):
-        run("prune", m, L1FilterConfig(ratio=0.5), Context(input_shape=(1, 1, 28, 28)))
-    assert torch.equal(m(x), y) and m.fc.in_features == 16 * 26 * 26
-
-
-CHAIN = {  # --arch callables of real architectures whose classes are neither torch.nn nor compress ones
-    "resnet20": "pytorchcv.models.resnet_cifar:resnet20_cifar10",
-    "seresnet20": "pytorchcv.models.seresnet_cifar:seresnet20_cifar10",
-    "densenet40": "pytorchcv.models.densenet_cifar:densenet40_k12_cifar10",
-}
-
-
-@pytest.mark.parametrize("name", list(CHAIN))
-def test_a_users_own_classes_go_through_every_command_without_trust(name, tmp_path, cli):
-    """state_dict + --arch in; prune -> quantize -> encode -> decode -> report, each reading the last
-    one's file with the same --arch and never --trust-pickle; the decoded model computes exactly what
-    the quantized one did. Files hold the structure and weights as data, never the user's classes."""
-    from compress.formats import load_model
-
-    arch = CHAIN[name]
-    mod, fn = arch.split(":")
-    torch.manual_seed(0)
-    torch.save(getattr(importlib.import_module(mod), fn)().state_dict(), tmp_path / "in.pt")
-    steps = [["prune", tmp_path / "in.pt", "--method", "l1-filter", "--ratio", "0.3", "-o", tmp_path / "p.pt"],
-             ["quantize", tmp_path / "p.pt", "--bits", "4", "--scheme", "kmeans", "-o", tmp_path / "q.pt"],
-             ["encode", tmp_path / "q.pt", "-o", tmp_path / "q.cpz"],
-             ["decode", tmp_path / "q.cpz", "-o", tmp_path / "d.pt"],
-             ["report", tmp_path / "d.pt"]]
-    for args in steps:
-        res = cli("-q", *args, "--arch", arch, *(["--input-shape", "1,3,32,32"] if args[0] != "encode" and
-                                                 args[0] != "decode" else []))
-        assert res.code == 0, (args[0], res.err)
-    without = cli("-q", "report", tmp_path / "q.cpz")
-    assert without.code != 0 and f"--arch {arch}" in without.err and "Traceback" not in without.err
-    x = torch.randn(2, 3, 32, 32)
-    q, d = load_model(tmp_path / "q.pt", arch=arch).eval(), load_model(tmp_path / "d.pt", arch=arch).eval()
-    assert torch.equal(q(x), d(x))
-    assert sum(p.numel() for p in q.parameters()) < 0.8 * sum(
-        p.numel() for p in getattr(importlib.import_module(mod), fn)().parameters())
-    for f in ("p.pt", "q.pt", "d.pt"):  # plain data: torch's safe loader reads it, nothing is unpickled
-        assert set(torch.load(tmp_path / f, weights_only=True)) == {"compress_cpz", "state_dict"}
+    torch.testing.assert_close(m(x), _zero_removed(original, m)(x))
 
 
 MATRIX = {  # family: (--arch callable, input size, what it exercises)
@@ -130,6 +171,37 @@ MATRIX = {  # family: (--arch callable, input size, what it exercises)
     "mobilenetv2": ("pytorchcv.models.mobilenetv2:mobilenetv2_wd4", 224, "inverted residual, depthwise"),
     "shufflenetv2": ("pytorchcv.models.shufflenetv2:shufflenetv2_wd2", 224, "channel shuffle, grouped"),
 }
+
+
+@pytest.mark.parametrize("name", list(MATRIX))
+def test_a_users_own_classes_go_through_every_command_without_trust(name, tmp_path, cli):
+    """state_dict + --arch in; prune -> quantize -> encode -> decode -> report, each reading the last
+    one's file with the same --arch and never --trust-pickle; the decoded model computes exactly what
+    the quantized one did. Files hold the structure and weights as data, never the user's classes."""
+    from compress.formats import load_model
+
+    arch, size, _ = MATRIX[name]
+    mod, fn = arch.split(":")
+    torch.manual_seed(0)
+    torch.save(getattr(importlib.import_module(mod), fn)().state_dict(), tmp_path / "in.pt")
+    steps = [["prune", tmp_path / "in.pt", "--method", "l1-filter", "--ratio", "0.3", "-o", tmp_path / "p.pt"],
+             ["quantize", tmp_path / "p.pt", "--bits", "4", "--scheme", "kmeans", "-o", tmp_path / "q.pt"],
+             ["encode", tmp_path / "q.pt", "-o", tmp_path / "q.cpz"],
+             ["decode", tmp_path / "q.cpz", "-o", tmp_path / "d.pt"],
+             ["report", tmp_path / "d.pt"]]
+    for args in steps:
+        res = cli("-q", *args, "--arch", arch, *(["--input-shape", f"1,3,{size},{size}"] if args[0] != "encode" and
+                                                 args[0] != "decode" else []))
+        assert res.code == 0, (args[0], res.err)
+    without = cli("-q", "report", tmp_path / "q.cpz")
+    assert without.code != 0 and f"--arch {arch}" in without.err and "Traceback" not in without.err
+    x = torch.randn(2, 3, size, size)
+    q, d = load_model(tmp_path / "q.pt", arch=arch).eval(), load_model(tmp_path / "d.pt", arch=arch).eval()
+    assert torch.equal(q(x), d(x))
+    assert sum(p.numel() for p in q.parameters()) < 0.8 * sum(
+        p.numel() for p in getattr(importlib.import_module(mod), fn)().parameters())
+    for f in ("p.pt", "q.pt", "d.pt"):  # plain data: torch's safe loader reads it, nothing is unpickled
+        assert set(torch.load(tmp_path / f, weights_only=True)) == {"compress_cpz", "state_dict"}
 
 
 @pytest.mark.parametrize("family", list(MATRIX))

@@ -110,8 +110,9 @@ class GroupLasso:
         self.refresh(model)
 
     def refresh(self, model: nn.Module) -> None:
-        self.dg, self.groups = channel_groups(model, self.input_shape, roots=(nn.Conv2d,),
-                                              ignored=unselected(model, self.select))
+        self.dg, groups = channel_groups(model, self.input_shape, roots=(nn.Conv2d,),
+                                         ignored=unselected(model, self.select))
+        self.groups = [cg for cg in groups if cg.blocked is None]  # channels that can be removed
 
     def value(self) -> torch.Tensor:
         """sum_g w_g * sum_c ||g_c|| with w_g the (constant) mean channel norm of group g."""
@@ -154,8 +155,8 @@ def reconfigure(model: nn.Module, lasso: GroupLasso, config: ChannelUnionConfig)
             plan.append((cg, idxs.tolist()))
     removed = {}
     for cg, idxs in plan:
-        prune_group(lasso.dg, cg, idxs)
-        removed[cg.name] = len(idxs)
+        if prune_group(lasso.dg, cg, idxs, model, lasso.input_shape) is None:
+            removed[cg.name] = len(idxs)
     for blk in dead_blocks:
         name = names[blk]
         with torch.no_grad():

@@ -8,11 +8,16 @@ exposes each member's slices so that importance scores and penalties can be comp
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from torch.overrides import TorchFunctionMode
+from torch_pruning import ops as tp_ops
+from torch_pruning.dependency import index_mapping as tp_index_mapping
 from torch_pruning.pruner import function as tpf
 
 PRUNABLE_ROOTS = (nn.Conv2d, nn.Linear)
@@ -23,6 +28,7 @@ class ChannelGroup:
     name: str                 # FQN of the root layer (the first producer of these channels)
     group: object             # torch_pruning Group with full indices
     size: int                 # number of channels
+    blocked: str | None = None  # why these channels cannot be removed safely (None: they can)
 
     @property
     def root(self) -> nn.Module:
@@ -48,18 +54,71 @@ def output_layers(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
     return order[-1:] if order else []
 
 
+_RESHAPES = (torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.unflatten, torch.unflatten)
+
+
+class _ChannelSplits(TorchFunctionMode):
+    """Records the autograd nodes of reshapes that split the channel axis into several axes, as a
+    channel shuffle does ((N, C, H, W) -> (N, g, C/g, H, W), then a transpose). torch-pruning maps
+    channel indices straight through such a reshape and the transpose after it, which is wrong: the
+    shuffle permutes channels. Flattens and token reshapes keep axis 1 and are not recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.grad_fns = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _RESHAPES and isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            x = args[0]
+            if x.dim() >= 3 and out.dim() > x.dim() and out.shape[0] == x.shape[0] and out.shape[1] != x.shape[1]:
+                self.grad_fns.add(out.grad_fn)
+        return out
+
+
+@contextlib.contextmanager
+def _guarded(dg):
+    """torch-pruning 1.6 divides by zero mapping indices through some reshapes (a channel shuffle's
+    second view); such a reshape is recorded as unmapped instead, and its groups are not pruned."""
+    original = tp_index_mapping.update_reshape_index_mapping
+
+    def guarded(graph, node):
+        try:
+            original(graph, node)
+        except ArithmeticError:
+            dg.compress_unmapped.add(node.module)
+
+    tp_index_mapping.update_reshape_index_mapping = guarded
+    try:
+        yield
+    finally:
+        tp_index_mapping.update_reshape_index_mapping = original
+
+
 def build(model: nn.Module, input_shape) -> tuple[tp.DependencyGraph, list[nn.Module]]:
     x = example_input(model, input_shape)
+    dg = tp.DependencyGraph()
+    dg.compress_unmapped, splits = set(), _ChannelSplits()
     try:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
-    except Exception as e:  # torch-pruning's tracer fails on some graphs (e.g. channel shuffle's reshape)
+        with _guarded(dg), splits:
+            dg.build_dependency(model, example_inputs=x)
+    except Exception as e:  # torch-pruning's tracer fails on some graphs
         from ..errors import InputError
 
-        msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
         raise InputError(f"structural pruning cannot follow this model's channels: torch-pruning failed tracing "
-                         f"it ({type(e).__name__}{': ' + msg if msg else ''}); threshold pruning and quantization "
+                         f"it ({type(e).__name__}: {_first_line(e)}); threshold pruning and quantization "
                          "still apply") from e
+    dg.compress_splits = splits.grad_fns
     return dg, output_layers(model, x)
+
+
+def blocked(dg, group) -> str | None:
+    """Why the channels of ``group`` cannot be removed safely, or None."""
+    for dep, _ in group:
+        node = dep.target
+        if node.grad_fn in dg.compress_splits or node.module in dg.compress_unmapped:
+            return "they pass through a channel shuffle (a reshape that splits the channels into groups)"
+    return None
 
 
 def unselected(model: nn.Module, select) -> list[nn.Module]:
@@ -69,14 +128,40 @@ def unselected(model: nn.Module, select) -> list[nn.Module]:
 
 
 def channel_groups(model: nn.Module, input_shape, roots=PRUNABLE_ROOTS, ignored=()):
-    """(dependency graph, [ChannelGroup]) for every prunable set of coupled channels."""
+    """(dependency graph, [ChannelGroup]) for every set of coupled channels rooted at a ``roots``
+    layer. Groups that cannot be pruned safely carry the reason in ``blocked`` (their ``group`` is
+    None when torch-pruning could not follow them at all).
+
+    The loop is torch-pruning's ``get_all_groups`` (roots in graph order; a layer already in a group
+    roots none), one root at a time so that a group it cannot follow does not stop the others."""
     dg, outs = build(model, input_shape)
     names = {m: n for n, m in model.named_modules()}
-    groups = []
-    for g in dg.get_all_groups(ignored_layers=list(outs) + list(ignored), root_module_types=roots):
-        root = g[0].dep.target.module
-        groups.append(ChannelGroup(names.get(root, str(root)), g, len(g[0].idxs)))
+    ignored = set(outs) | set(ignored) | set(dg.IGNORED_LAYERS_IN_TRACING)
+    groups, visited = [], set()
+    for m in list(dg.module2node):
+        if m in ignored or m in visited or not isinstance(m, tuple(roots)):
+            continue
+        pruner = dg.get_pruner_of_module(m)
+        size = pruner.get_out_channels(m) if pruner is not None else None
+        if size is None:
+            continue
+        name = names.get(m, str(m))
+        try:
+            with _guarded(dg):
+                g = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(size)))
+        except Exception as e:
+            visited.add(m)
+            groups.append(ChannelGroup(name, None, size, f"torch-pruning cannot follow them ({_first_line(e)})"))
+            continue
+        members = [dep.target.module for dep, _ in g if dg.is_out_channel_pruning_fn(dep.handler)]
+        visited.update(members)
+        if not ignored.intersection(members):
+            groups.append(ChannelGroup(name, g, size, blocked(dg, g)))
     return dg, groups
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
 
 
 def _normalised_filters(group):
@@ -157,17 +242,44 @@ def refresh(dg, cg: ChannelGroup) -> ChannelGroup:
     root = cg.root
     size = root.out_channels if isinstance(root, nn.modules.conv._ConvNd) else root.out_features
     dep = cg.group[0].dep
-    return ChannelGroup(cg.name, dg.get_pruning_group(root, dep.handler, list(range(size))), size)
+    try:
+        with _guarded(dg):
+            group = dg.get_pruning_group(root, dep.handler, list(range(size)))
+    except Exception as e:
+        return ChannelGroup(cg.name, None, size, f"torch-pruning cannot follow them ({_first_line(e)})")
+    return ChannelGroup(cg.name, group, size, blocked(dg, group))
 
 
-def prune_group(dg, cg: ChannelGroup, idxs) -> None:
-    """Physically remove channels ``idxs`` (root indexing) from every coupled layer."""
+def _state(obj) -> dict:
+    return {k: copy.copy(v) if isinstance(v, (dict, list)) else v for k, v in vars(obj).items()}
+
+
+def prune_group(dg, cg: ChannelGroup, idxs, model: nn.Module, input_shape) -> str | None:
+    """Physically remove channels ``idxs`` (root indexing) from every coupled layer. If that fails,
+    or a group through a reshape leaves a model that no longer runs (a flatten after a
+    concatenation: each channel is H x W features of the next Linear), every layer is put back as
+    it was and the reason is returned; None when the channels were removed."""
     idxs = sorted(int(i) for i in idxs)
     if not idxs:
-        return
+        return None
+    objs = list(model.modules()) + [dep.target.module for dep, _ in cg.group]
+    saved = [(o, _state(o)) for o in dict.fromkeys(o for o in objs if isinstance(o, nn.Module))]
+    training = model.training
     dep = cg.group[0].dep
-    pg = dg.get_pruning_group(dep.target.module, dep.handler, idxs)
-    pg.prune()
+    try:
+        with _guarded(dg):
+            pg = dg.get_pruning_group(dep.target.module, dep.handler, idxs)
+        pg.prune()
+        if any(d.target.type == tp_ops.OPTYPE.RESHAPE for d, _ in pg):
+            with torch.no_grad():
+                model.eval()(example_input(model, input_shape))
+            model.train(training)
+    except Exception as e:
+        for o, state in saved:
+            vars(o).clear()
+            vars(o).update(state)
+        return f"removing them breaks the model ({_first_line(e)})"
+    return None
 
 
 def member_norms(group, size: int, kinds=("out", "in", "bn")) -> list[torch.Tensor]:

@@ -91,8 +91,9 @@ def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, s
         r = per_layer(ratio, cg.name, None, 0.0)
         if _count(r, cg.size, min_channels, round_to) == 0:
             continue
-        cg = refresh(dg, cg)  # scored on the model as it is now, after the groups before it
-        g, why = conv_groups(cg, names)
+        if cg.blocked is None:
+            cg = refresh(dg, cg)  # scored on the model as it is now, after the groups before it
+        g, why = conv_groups(cg, names) if cg.blocked is None else (1, cg.blocked)
         if why is not None:
             (skipped if skipped is not None else []).append(f"kept {cg.name}'s channels: {why}")
             log.info("kept %s: %s", cg.name, why)
@@ -107,7 +108,11 @@ def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, s
             idxs = [int(i) + b * per for b in range(g) for i in local]
         else:
             idxs = scores.argsort()[:n].tolist()
-        prune_group(dg, cg, idxs)
+        why = prune_group(dg, cg, idxs, model, input_shape)
+        if why is not None:
+            (skipped if skipped is not None else []).append(f"kept {cg.name}'s channels: {why}")
+            log.info("kept %s: %s", cg.name, why)
+            continue
         changes[cg.name] = (cg.size, cg.size - n)
         log.info("%s: %d -> %d channels", cg.name, cg.size, cg.size - n)
     return changes
@@ -163,6 +168,7 @@ def sensitivity(model: nn.Module, val_data, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), in
     shape = Context(val=val_data, input_shape=input_shape).shape(model)
     base = evaluate(model, val_data)
     _, groups = channel_groups(model, shape, roots=(nn.Conv2d, nn.Linear))
+    groups = [cg for cg in groups if cg.blocked is None]
     table = {}
     bar = Bar(progress_enabled(), len(groups) * len(ratios), "sensitivity")
     try:
