@@ -4,6 +4,7 @@ shuffle. Each either prunes into a working, smaller model that computes what the
 the removed channels zeroed, or keeps the channels it cannot remove safely and says why."""
 import copy
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -106,6 +107,29 @@ def test_channel_shuffle_keeps_the_shuffled_channels_and_prunes_the_rest():
     torch.testing.assert_close(res.model(x), _zero_removed(original, res.model)(x), rtol=1e-4, atol=1e-4)
 
 
+def test_convnext_blocks_prune_as_far_as_torch_pruning_does():
+    """torchvision's ConvNeXt layout: depthwise 7x7, permute to channels-last, LayerNorm, a Linear MLP,
+    a bare layer-scale Parameter, permute back, residual. The issue saw 2.04x MACs (Conv2d only) where
+    torch-pruning's own pruner reaches 3.89x; the stage width must shrink in every coupled place."""
+    import torch_pruning as tp
+
+    from tests.archs import convnext_mini
+
+    m, shape = convnext_mini().eval(), (1, 3, 64, 64)
+    ref = copy.deepcopy(m)
+    macs0 = count_macs(m, shape)
+    run("prune", m, L1FilterConfig(ratio=0.5), Context(input_shape=shape))
+    with warnings.catch_warnings():  # torch-pruning's note on the layer-scale Parameters
+        warnings.simplefilter("ignore")
+        tp.pruner.MetaPruner(ref, torch.zeros(shape), importance=tp.importance.MagnitudeImportance(p=1),
+                             pruning_ratio=0.5, ignored_layers=[ref.classifier[2]]).step()
+    ours, theirs = macs0 / count_macs(m, shape), macs0 / count_macs(ref, shape)
+    assert ours > 3.0 and ours >= 0.99 * theirs, (ours, theirs)
+    blk = m.features[1][0]
+    assert blk.block[0].out_channels == blk.block[2].normalized_shape[0] == blk.layer_scale.shape[0] == 12
+    assert blk.block[3].out_features == 48 and m(torch.randn(2, *shape[1:])).shape == (2, 10)
+
+
 def test_a_functional_channel_shuffle_is_found_and_its_channels_kept():
     """A shuffle written as a function (view, transpose, reshape: torchvision's style) where
     torch-pruning raises nothing: it would map the channels straight through and remove the wrong
@@ -170,6 +194,7 @@ MATRIX = {  # family: (--arch callable, input size, what it exercises)
     "densenet40": ("pytorchcv.models.densenet_cifar:densenet40_k12_cifar10", 32, "dense concatenation"),
     "mobilenetv2": ("pytorchcv.models.mobilenetv2:mobilenetv2_wd4", 224, "inverted residual, depthwise"),
     "shufflenetv2": ("pytorchcv.models.shufflenetv2:shufflenetv2_wd2", 224, "channel shuffle, grouped"),
+    "convnext": ("tests.archs:convnext_mini", 64, "channels-last LayerNorm, Linear MLP, layer scale"),
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -100,7 +101,9 @@ def build(model: nn.Module, input_shape) -> tuple[tp.DependencyGraph, list[nn.Mo
     dg = tp.DependencyGraph()
     dg.compress_unmapped, splits = set(), _ChannelSplits()
     try:
-        with _guarded(dg), splits:
+        with _guarded(dg), splits, warnings.catch_warnings():
+            # bare Parameters (ConvNeXt's layer scale) are pruned along their channel axis, as wanted
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
             dg.build_dependency(model, example_inputs=x)
     except Exception as e:  # torch-pruning's tracer fails on some graphs
         from ..errors import InputError
