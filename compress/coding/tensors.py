@@ -1,0 +1,200 @@
+"""One tensor section of a .cpz: raw, sparse raw, or quantized codes (a uniform grid's scales or a
+k-means codebook in front of Huffman-coded symbols, dense or with a sparse index). Decoding checks
+every length and alphabet against the manifest entry, within the file's decoding budget."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..quant_state import QuantState
+from . import streams
+
+MAX_NUMEL = 1 << 31
+_RAW_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64,
+               "int32": np.int32, "uint8": np.uint8, "int8": np.int8, "bool": np.bool_}
+
+
+def _raw(t: torch.Tensor) -> tuple[bytes, dict]:
+    a = t.detach().cpu().contiguous().numpy()
+    return a.astype(a.dtype.newbyteorder("<")).tobytes(), {"enc": "raw"}
+
+
+def _has_negative_zero(t: torch.Tensor) -> bool:
+    return bool(((t == 0) & torch.signbit(t)).any())
+
+
+def _coded(sym: np.ndarray, zero: np.ndarray, alpha: int, params: bytes,
+           fields: dict) -> tuple[bytes, dict]:
+    """Dense (all symbols) or sparse (index + nonzero symbols), the smaller."""
+    dense, df = streams.encode_symbols(sym, alpha)
+    best = (params + dense, {**fields, "mode": "dense", "params_bytes": len(params), "values": df})
+    nz = ~zero
+    if zero.any():
+        idx, ifl = streams.encode_index(nz)
+        vals, vf = streams.encode_symbols(sym[nz], alpha)
+        if len(idx) + len(vals) < len(dense):
+            best = (params + idx + vals, {**fields, "mode": "sparse", "params_bytes": len(params),
+                                          "index_bytes": len(idx), "index": ifl, "values": vf})
+    return best
+
+
+def _encode_state(state: QuantState, t: torch.Tensor) -> tuple[bytes, dict]:
+    """A quantized weight: its codes as they are, with the grid's scales or the codebook in front."""
+    zero = (t.detach().flatten() == 0).cpu().numpy()
+    bits = int(state.bits)
+    if state.is_codebook:
+        cb = state.codebook.float().cpu().numpy().astype("<f4")
+        k = len(cb)
+        sym = state.codes.flatten().cpu().numpy().astype(np.int64)
+        sym[sym < 0] = k  # explicit zero symbol for dense mode
+        half = bool(np.array_equal(cb.astype("<f2").astype("<f4"), cb))  # k-means rounds its centroids so
+        fields = {"enc": "codebook", "bits": bits, "k": k, **({"cb16": True} if half else {})}
+        return _coded(sym, zero, k + 1, (cb.astype("<f2") if half else cb).tobytes(), fields)
+    scale = state.scale.float().cpu().numpy().astype("<f4")
+    params = scale.tobytes()
+    affine = not state.symmetric
+    if affine:
+        params += state.zero_point.float().cpu().numpy().astype("<f4").tobytes()
+    sym = state.codes.cpu().numpy().reshape(-1).astype(np.int64)
+    return _coded(sym, zero, 2 ** bits, params,
+                  {"enc": "uniform", "bits": bits, "channels": len(scale), "affine": affine,
+                   "per_channel": bool(state.per_channel)})
+
+
+def encode_tensor(t: torch.Tensor, state: QuantState | None = None, where: str = "") -> tuple[bytes, dict]:
+    if state is not None:
+        try:
+            state.check(t, where)
+        except ValueError as e:
+            raise InputError(str(e)) from e
+        return _encode_state(state, t)
+    if t.dtype == torch.float32 and t.numel() > 64 and not _has_negative_zero(t):
+        flat = t.detach().flatten().cpu()
+        zero = (flat == 0).numpy()
+        if zero.mean() > 0.5:  # pruned but not quantized: positions + fp32 nonzero values
+            idx, ifl = streams.encode_index(~zero)
+            vals = flat.numpy()[~zero].astype("<f4").tobytes()
+            return idx + vals, {"enc": "sparse_raw", "index": ifl, "index_bytes": len(idx)}
+    return _raw(t)
+
+
+def _shape_numel(e: dict) -> tuple[list, int]:
+    shape = e.get("shape")
+    if not (isinstance(shape, list) and len(shape) <= 8
+            and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < MAX_NUMEL for s in shape)):
+        raise ValueError("bad shape")
+    n = 1
+    for s in shape:
+        n *= s
+        if n > MAX_NUMEL:
+            raise ValueError("tensor too large")
+    return shape, n
+
+
+def _decode_raw(e: dict, data: bytes, shape: list, n: int) -> torch.Tensor:
+    dtype = e.get("dtype")
+    if dtype not in _RAW_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}")
+    npd = np.dtype(_RAW_DTYPES[dtype]).newbyteorder("<")
+    if len(data) != n * npd.itemsize:
+        raise ValueError("raw tensor has the wrong length")
+    a = np.frombuffer(data, dtype=npd).astype(npd.newbyteorder("="))
+    return torch.from_numpy(a.copy()).reshape(shape)
+
+
+def _decode_sparse_raw(e: dict, data: bytes, shape: list, n: int, budget) -> torch.Tensor:
+    ib = streams._int(e, "index_bytes", 0, len(data))
+    mask = streams.decode_index(data[:ib], _dict(e, "index"), n, budget)
+    vals = data[ib:]
+    if len(vals) != 4 * int(mask.sum()):
+        raise ValueError("sparse values have the wrong length")
+    out = np.zeros(n, dtype=np.float32)
+    out[mask] = np.frombuffer(vals, dtype="<f4")
+    return torch.from_numpy(out).reshape(shape)
+
+
+def _dict(e: dict, key: str) -> dict:
+    v = e.get(key)
+    if not isinstance(v, dict):
+        raise ValueError(f"{key!r} must be a table")
+    return v
+
+
+def _symbols(e: dict, rest: bytes, n: int, alpha: int, budget) -> tuple[np.ndarray, np.ndarray | None]:
+    """The coded symbols of a quantized tensor: all n (dense), or the nonzeros and their mask."""
+    if _dict(e, "values").get("alpha") != alpha:
+        raise ValueError("alphabet does not match the encoding")
+    mode = e.get("mode")
+    if mode == "dense":
+        sym, mask = streams.decode_symbols(rest, _dict(e, "values"), n, budget), None
+        expected = n
+    elif mode == "sparse":
+        ib = streams._int(e, "index_bytes", 0, len(rest))
+        mask = streams.decode_index(rest[:ib], _dict(e, "index"), n, budget)
+        expected = int(mask.sum())
+        sym = streams.decode_symbols(rest[ib:], _dict(e, "values"), expected, budget)
+    else:
+        raise ValueError("unknown mode")
+    if len(sym) != expected:
+        raise ValueError("wrong symbol count")
+    return sym, mask
+
+
+def _decode_state(e: dict, data: bytes, shape: list, n: int, budget) -> QuantState:
+    """The quantization state of a coded weight: its codes exactly as they were written."""
+    enc = e.get("enc")
+    if e.get("dtype") != "float32":
+        raise ValueError("coded tensors are float32")
+    bits = streams._int(e, "bits", 2, 8)
+    pb = streams._int(e, "params_bytes", 0, len(data))
+    params, rest = data[:pb], data[pb:]
+    if enc == "codebook":
+        k = streams._int(e, "k", 1, 256)
+        half = e.get("cb16", False)
+        if not isinstance(half, bool) or pb != (2 if half else 4) * k:
+            raise ValueError("codebook has the wrong size")
+        sym, mask = _symbols(e, rest, n, k + 1, budget)  # symbols < k + 1: the streams check the alphabet
+        if mask is None:
+            codes = sym.astype(np.int16)
+            codes[codes == k] = -1  # the dense stream's zero symbol
+        else:
+            codes = np.full(n, -1, dtype=np.int16)
+            codes[mask] = sym
+            if n and codes.max() >= k:
+                raise ValueError("code outside the codebook")
+        cb = torch.from_numpy(np.frombuffer(params, dtype="<f2" if half else "<f4").astype(np.float32))
+        return QuantState(bits, "kmeans", torch.from_numpy(codes), codebook=cb)
+    c = streams._int(e, "channels", 1, n if n else 1)
+    affine = e.get("affine")
+    if not isinstance(affine, bool) or pb != 4 * c * (2 if affine else 1) or (n and n % c):
+        raise ValueError("scales have the wrong size")
+    sym, mask = _symbols(e, rest, n, 2 ** bits, budget)
+    scale = torch.from_numpy(np.frombuffer(params[:4 * c], dtype="<f4").astype(np.float32))
+    zp = torch.from_numpy(np.frombuffer(params[4 * c:], dtype="<f4").astype(np.float32)) if affine else None
+    if mask is None:
+        codes = sym.astype(np.int64)
+    else:  # pruned weights are the grid's zero: code -lo (symmetric) or the channel's zero point
+        lo = -(2 ** (bits - 1) - 1) if not affine else 0
+        codes = np.repeat(zp.numpy().astype(np.int64), n // c) if affine else np.full(n, -lo, dtype=np.int64)
+        codes[mask] = sym
+    state = QuantState(bits, "uniform", torch.from_numpy(codes.astype(np.uint8)).view(c, -1), scale, zp,
+                       per_channel=bool(e.get("per_channel", True)))
+    return state
+
+
+def decode_entry(e: dict, data: bytes, budget) -> tuple[torch.Tensor, QuantState | None]:
+    """One tensor section -> (tensor, its quantization state or None)."""
+    shape, n = _shape_numel(e)
+    budget.spend(elements=n, work=1024 + n)  # the output tensor, and the per-entry overhead
+    enc = e.get("enc")
+    if enc == "raw":
+        return _decode_raw(e, data, shape, n), None
+    if e.get("dtype") != "float32":
+        raise ValueError("coded tensors are float32")
+    if enc == "sparse_raw":
+        return _decode_sparse_raw(e, data, shape, n, budget), None
+    if enc not in ("uniform", "codebook"):
+        raise ValueError(f"unknown encoding {enc!r}")
+    state = _decode_state(e, data, shape, n, budget)
+    return state.dequantize(shape), state
