@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .errors import InputError, UsageError
+from .errors import InputError, UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ def check_fits(model: torch.nn.Module, data: Dataset, num_classes: int | None = 
         with torch.no_grad():
             out = model(data.x[:2].to(distributed.device_of(model)))  # data follows the model
     except Exception as e:
-        msg = str(e).strip().splitlines()[0][:140] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise InputError(f"data {data.name} (samples of shape {tuple(data.x.shape[1:])}) does not fit "
                          f"the model: {msg}") from e
     finally:

@@ -31,3 +31,10 @@ class FormatError(InputError):
 
 class OutputExistsError(CompressError):
     """An output path exists and overwriting was not allowed."""
+
+
+def first_line(e: BaseException, limit: int = 140) -> str:
+    """The first line of an exception's message (its type's name if it has none), at most ``limit``
+    characters: what a one-line error quotes of a library's exception."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import InputError, UsageError
+from .errors import InputError, UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def _session(path, threads: int = 2):
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own untyped errors
-        raise InputError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:140]})") from e
+        raise InputError(f"{path}: ONNX Runtime cannot load it ({first_line(e)})") from e
 
 
 def to_onnx(model: nn.Module, path, input_shape, opset: int = 17) -> None:
@@ -44,7 +44,7 @@ def to_onnx(model: nn.Module, path, input_shape, opset: int = 17) -> None:
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
                           dynamo=False)
     except Exception as e:
-        raise InputError(f"the model cannot be exported to ONNX: {str(e).splitlines()[0][:160]}") from e
+        raise InputError(f"the model cannot be exported to ONNX: {first_line(e, 160)}") from e
     import onnx
 
     onnx.checker.check_model(onnx.load(str(path)))
@@ -150,7 +150,7 @@ def onnx_summary(path, data=None, input_shape: str | None = None, threads: int =
     try:
         m = onnx.load(str(path))
     except Exception as e:
-        raise InputError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:120]})") from e
+        raise InputError(f"{path}: not a readable ONNX model ({first_line(e, 120)})") from e
     from onnx import numpy_helper
 
     params = sum(int(np.prod(t.dims)) for t in m.graph.initializer if len(t.dims) >= 1)

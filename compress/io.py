@@ -27,7 +27,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .errors import InputError, UntrustedPickleError, UsageError
+from .errors import InputError, UntrustedPickleError, UsageError, first_line
 from .fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def _torch_load(path: Path, trust_pickle: bool):
     try:
         needed = get_unsafe_globals_in_checkpoint(str(path))
     except Exception as e:
-        raise InputError(f"{path} is not a PyTorch file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
+        raise InputError(f"{path} is not a PyTorch file ({type(e).__name__}: {first_line(e, 120)})") from e
     allowed = {n: _allowed_global(n) for n in needed}
     foreign = sorted(n for n, o in allowed.items() if o is None)
     if foreign and not trust_pickle:

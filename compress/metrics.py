@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .distributed import device_of
-from .errors import InputError
+from .errors import InputError, first_line
 from .quant_state import get_state
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def _run_checked(model, x):
         with torch.no_grad():
             return model(x)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0][:140] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise InputError(f"input of shape {tuple(x.shape)} does not fit the model: {msg}") from e
 
 

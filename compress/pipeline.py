@@ -55,10 +55,11 @@ def paired_drop(base_pred, cand_pred, y) -> tuple[float, float]:
     return drop, se
 
 
-def size_bytes(model: nn.Module) -> dict[str, Any]:
+def size_bytes(model: nn.Module, graph: bool = False) -> dict[str, Any]:
     """Encoded .cpz size, the size the same content takes without Huffman coding, and the bytes of
-    each layer's tensors (weight, bias, buffers) in the .cpz."""
-    _, stats = encode_model(copy.deepcopy(model))
+    each layer's tensors (weight, bias, buffers) in the .cpz. ``graph``: with the torch.export graph
+    a .cpz of the user's own classes holds (``coding.graph``), as ``save_model`` writes it."""
+    _, stats = encode_model(copy.deepcopy(model), graph=graph)
     fixed, layers = 0, {}
     for e in stats["tensors"]:
         if "values" in e:
@@ -202,7 +203,8 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
         {"stage": "pipeline", "budget_pt": budget,
          "kept": [{"stage": r["stage"], "config": Config.from_dict(r["kept"]["options"]).changes()}
                   if r["kept"] else None for r in results]}])
-    final = size_bytes(model)  # with the history above: exactly the bytes save_model writes
+    set_meta(model, input_shape=list(ctx.input_shape))
+    final = size_bytes(model, graph=True)  # with the history above: exactly the bytes save_model writes
     timeline.append({**timeline[-1], "stage": "huffman coded", "bytes": final["coded"]})  # same weights, coded
     summary = {"budget_pt": budget, "confidence": z, "base_accuracy": round(base_acc, 3),
                "final_accuracy": round(timeline[-1]["accuracy"], 3), "dense_bytes": dense,

@@ -9,7 +9,6 @@ import warnings
 import pytest
 import torch
 
-from compress.errors import InputError
 from compress.metrics import count_macs
 from compress.prune import L1FilterConfig
 from compress.stages import Context, run
@@ -218,14 +217,19 @@ def test_a_users_own_classes_go_through_every_command_without_trust(name, tmp_pa
         res = cli("-q", *args, "--arch", arch, *(["--input-shape", f"1,3,{size},{size}"] if args[0] != "encode" and
                                                  args[0] != "decode" else []))
         assert res.code == 0, (args[0], res.err)
-    without = cli("-q", "report", tmp_path / "q.cpz")
-    assert without.code != 0 and f"--arch {arch}" in without.err and "Traceback" not in without.err
     x = torch.randn(2, 3, size, size)
     q, d = load_model(tmp_path / "q.pt", arch=arch).eval(), load_model(tmp_path / "d.pt", arch=arch).eval()
     assert torch.equal(q(x), d(x))
+    # without the code: the .cpz holds the model's torch.export graph, checked before it runs
+    assert cli("-q", "decode", tmp_path / "q.cpz", "-o", tmp_path / "g.pt").code == 0
+    assert cli("-q", "report", tmp_path / "g.pt").code == 0
+    assert torch.equal(load_model(tmp_path / "g.pt")(x), d(x))
+    assert cli("-q", "encode", tmp_path / "q.pt", "--arch", arch, "--no-graph", "-o", tmp_path / "n.cpz").code == 0
+    without = cli("-q", "report", tmp_path / "n.cpz")
+    assert without.code != 0 and f"--arch {arch}" in without.err and "Traceback" not in without.err
     assert sum(p.numel() for p in q.parameters()) < 0.8 * sum(
         p.numel() for p in getattr(importlib.import_module(mod), fn)().parameters())
-    for f in ("p.pt", "q.pt", "d.pt"):  # plain data: torch's safe loader reads it, nothing is unpickled
+    for f in ("p.pt", "q.pt", "d.pt", "g.pt"):  # plain data: torch's safe loader reads it, nothing is unpickled
         assert set(torch.load(tmp_path / f, weights_only=True)) == {"compress_cpz", "state_dict"}
 
 

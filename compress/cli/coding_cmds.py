@@ -4,18 +4,28 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import app
-from .common import ArchOpt, ForceOpt, ModelArg, OutOpt, TrustOpt, err, out, table
+from typing import Annotated
+
+import typer
+
+from .common import ArchOpt, ForceOpt, InputShapeOpt, ModelArg, OutOpt, TrustOpt, err, out, parse_shape, table
 from .stage import check_output
 
 
 @app.command()
 def encode(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: TrustOpt = False,
-           force: ForceOpt = False):
+           force: ForceOpt = False, input_shape: InputShapeOpt = None,
+           graph: Annotated[bool, typer.Option(
+               "--graph/--no-graph", help="For a model of your own classes, also store its torch.export graph "
+               "(a few KB), so the .cpz decodes and runs without your code; decoders check it against an "
+               "allow-list of ATen operators before running it.")] = True):
     """Huffman-code a (pruned, quantized) model into one compact, checked .cpz file.
 
     Examples:
 
         compress encode lenet5-int4.pt -o lenet5.cpz
+
+        compress encode r20-int4.pt --arch mypkg.models:resnet20 -o r20.cpz
     """
     from ..coding.container import save_cpz
     from ..coding.stats import tensor_row
@@ -24,7 +34,7 @@ def encode(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: 
 
     check_output(model, output, force)
     m = load_model(model, arch=arch, trust_pickle=trust_pickle)
-    stats = save_cpz(m, output, force=force)
+    stats = save_cpz(m, output, force=force, graph=graph, input_shape=parse_shape(input_shape))
     rows = [tensor_row(e) for e in stats["tensors"]]
     out.print(table(f"{output}", ["tensor", "encoding", "mode", "bits/weight", "index bytes", "Huffman gain", "bytes"],
                     [[r["name"], r["enc"] + (f" {r['bits']}b" if r.get("bits") else ""), r["mode"],
@@ -34,6 +44,10 @@ def encode(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: 
     size = stats["file_bytes"]
     out.print(f"{size:,} bytes (manifest {stats['manifest_bytes']:,}); dense FP32 weights {dense:,} bytes: "
               f"[bold]{dense / size:.2f}x smaller[/bold]")
+    if stats["graph_bytes"]:
+        out.print(f"graph: {stats['graph_bytes']:,} bytes; it decodes without your code (or with --arch)")
+    elif stats["graph_note"]:
+        err.print(f"note: no graph stored ({stats['graph_note']}); decoding needs your --arch")
     err.print(f"wrote {output}")
 
 
@@ -41,7 +55,8 @@ def encode(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: 
 def decode(cpz: ModelArg, output: OutOpt, arch: ArchOpt = None, force: ForceOpt = False):
     """Decode a .cpz back into a model file (runnable nn.Module; no code from the .cpz runs).
     A model of your own classes is rebuilt with your --arch (the code), its structure and weights
-    from the file.
+    from the file; without --arch, from the torch.export graph the file holds (checked against an
+    allow-list of ATen operators first), as a torch.fx GraphModule.
 
     Examples:
 

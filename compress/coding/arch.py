@@ -56,6 +56,16 @@ def _enc(v: Any, where: str):
     raise TypeError(f"{where}: attribute of type {type(v).__name__} cannot be stored as data")
 
 
+def encode_value(v: Any, where: str):
+    """A plain value (numbers, strings, lists, tuples, str-keyed dicts, small tensors) as JSON data."""
+    return _enc(v, where)
+
+
+def decode_value(v: Any):
+    """``encode_value``'s inverse; ValueError on anything else."""
+    return _dec(v)
+
+
 def _dec(v: Any, depth: int = 0):
     if depth > 32:
         raise ValueError("attribute nesting too deep")

@@ -31,7 +31,9 @@ from ..errors import FormatError, InputError
 from ..fileio import atomic_write
 from ..masks import remove_masks
 from ..quant_state import PARAMS, get_state, set_state
+from ..meta import get_meta, set_meta
 from . import arch as arch_mod
+from . import graph as graph_mod
 from . import streams
 from .tensors import decode_entry, encode_tensor
 
@@ -49,13 +51,31 @@ MIN_DECODED_BYTES = 64 << 20
 
 
 # ----------------------------------------------------------------------------- encoding
-def encode_model(model: nn.Module) -> tuple[bytes, dict]:
-    """The .cpz bytes of a model, and per-tensor stats."""
+def _graph_of(model: nn.Module, graph: bool, input_shape) -> tuple[dict | None, str | None]:
+    """(graph, None), or (None, why not) for a model of the user's classes; (None, None) for others."""
+    if getattr(model, "compress_graph", None) is not None:
+        return model.compress_graph, None  # decoded from a graph: it is its own architecture
+    if not graph or not arch_mod.foreign_classes(model):
+        return None, None
+    shape = input_shape or get_meta(model).get("input_shape")
+    if not shape:
+        return None, "its input shape is unknown (give --input-shape)"
+    try:
+        return graph_mod.capture(model, shape), None
+    except graph_mod.GraphError as e:
+        return None, str(e)
+
+
+def encode_model(model: nn.Module, graph: bool = False, input_shape=None) -> tuple[bytes, dict]:
+    """The .cpz bytes of a model, and per-tensor stats. ``graph``: for a model of the user's own
+    classes, also store its torch.export graph (``graph.py``), so that it decodes without their code;
+    ``stats["graph_bytes"]`` is what it costs, ``stats["graph_note"]`` why there is none."""
     if isinstance(model, torch.jit.ScriptModule):
         raise InputError("TorchScript models cannot be stored in a .cpz; pass the nn.Module")
     remove_masks(model)
+    doc, note = _graph_of(model, graph, input_shape)
     try:
-        spec = arch_mod.describe(model)
+        spec = None if getattr(model, "compress_graph", None) is not None else arch_mod.describe(model)
     except TypeError as e:
         raise InputError(str(e)) from e
     modules = dict(model.named_modules())
@@ -71,19 +91,25 @@ def encode_model(model: nn.Module) -> tuple[bytes, dict]:
         sections.append(data)
         offset += len(data)
     manifest = {"arch": spec, "tensors": entries, "format": "cpz", "version": VERSION}
+    if doc is not None:
+        manifest["graph"] = doc
+    if spec is None:  # the metadata a module tree's root would carry
+        manifest["meta"] = arch_mod.encode_value(get_meta(model), "metadata")
     try:
         mbytes = zlib.compress(json.dumps(manifest, separators=(",", ":"), allow_nan=False).encode(), 9)
     except ValueError as e:
         raise InputError(f"model metadata cannot be stored: {e}") from e
     body = HEAD.pack(MAGIC, VERSION, 0, len(mbytes), zlib.crc32(mbytes)) + mbytes + b"".join(sections)
     blob = body + struct.pack("<I", zlib.crc32(body))
-    stats = {"file_bytes": len(blob), "manifest_bytes": len(mbytes), "tensors": entries}
+    stats = {"file_bytes": len(blob), "manifest_bytes": len(mbytes), "tensors": entries,
+             "graph_bytes": len(zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 9)) if doc else 0,
+             "graph_note": note}
     return blob, stats
 
 
-def save_cpz(model: nn.Module, path, force: bool = False) -> dict:
-    """Write ``model`` as a .cpz file atomically; returns per-tensor stats."""
-    blob, stats = encode_model(model)
+def save_cpz(model: nn.Module, path, force: bool = False, graph: bool = True, input_shape=None) -> dict:
+    """Write ``model`` as a .cpz file atomically; returns per-tensor stats (``encode_model``)."""
+    blob, stats = encode_model(model, graph=graph, input_shape=input_shape)
     with atomic_write(path, force) as tmp:
         Path(tmp).write_bytes(blob)
     return stats
@@ -178,17 +204,7 @@ def decode_model(blob: bytes, path="<bytes>", budget: streams.Budget | None = No
             states[e["name"]] = state
     if start + expected_off != end:
         _fail(path, "bytes between the last section and the checksum")
-    spec = manifest["arch"]
-    refs = arch_mod.references(spec)
-    if refs and base is None:
-        raise InputError(f"{path}: {arch_mod.NeedsArch(refs)}; pass {_arch_hint(spec)} to rebuild it "
-                         "(the file stores its structure and weights as data, not the code)")
-    try:
-        model = arch_mod.rebuild(spec, tensors, base=base() if refs else None)
-    except arch_mod.ArchMismatch as err:
-        raise InputError(f"{path}: {err}; pass the --arch the file was written with ({_arch_hint(spec)})") from None
-    except (ValueError, TypeError, KeyError, RecursionError) as err:
-        _fail(path, f"architecture: {err}")
+    model = _architecture(manifest, tensors, base, path)
     mods = dict(model.named_modules())
     for name, state in states.items():
         mod_name, _, leaf = name.rpartition(".")
@@ -197,6 +213,37 @@ def decode_model(blob: bytes, path="<bytes>", budget: streams.Budget | None = No
         set_state(mods[mod_name], state, leaf)
     model.eval()
     return model
+
+
+def _architecture(manifest: dict, tensors: dict, base, path) -> nn.Module:
+    """The module the manifest describes: rebuilt from data, from the user's code (``base``) where it
+    refers to their classes, or else from its stored graph."""
+    spec, graph = manifest["arch"], manifest.get("graph")
+    refs = arch_mod.references(spec)
+    if spec is None or (refs and base is None and graph is not None):
+        if graph is None:
+            _fail(path, "no architecture")
+        try:
+            model = graph_mod.rebuild(graph, tensors)
+        except graph_mod.GraphError as err:
+            hint = f"; pass {_arch_hint(spec)} to rebuild it from your code" if refs else ""
+            raise InputError(f"{path}: its stored graph will not be run: it {err}{hint}") from None
+        meta = spec.get("attrs", {}).get("compress_meta") if isinstance(spec, dict) else manifest.get("meta")
+        try:
+            meta = arch_mod.decode_value(meta) if meta is not None else {}
+        except ValueError:
+            _fail(path, "malformed metadata")
+        set_meta(model, **(meta if isinstance(meta, dict) else {}))
+        return model
+    if refs and base is None:
+        raise InputError(f"{path}: {arch_mod.NeedsArch(refs)}; pass {_arch_hint(spec)} to rebuild it "
+                         "(the file stores its structure and weights as data, not the code)")
+    try:
+        return arch_mod.rebuild(spec, tensors, base=base() if refs else None)
+    except arch_mod.ArchMismatch as err:
+        raise InputError(f"{path}: {err}; pass the --arch the file was written with ({_arch_hint(spec)})") from None
+    except (ValueError, TypeError, KeyError, RecursionError) as err:
+        _fail(path, f"architecture: {err}")
 
 
 def load_cpz(path, base: Callable[[], nn.Module] | None = None) -> nn.Module:

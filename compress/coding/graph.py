@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..errors import first_line
+
 MAX_BATCH = 1 << 16
 MAX_NODES = 200_000
 
@@ -80,7 +82,7 @@ def capture(model: nn.Module, input_shape) -> dict:
             ep = torch.export.export(m, (x,), dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},))
         art = serialize(ep, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=False)
     except Exception as e:
-        raise GraphError(f"torch.export cannot capture it ({_first_line(e)})") from e
+        raise GraphError(f"torch.export cannot capture it ({first_line(e)})") from e
     if ep.constants:
         raise GraphError(f"its forward creates tensor constants ({', '.join(list(ep.constants)[:3])})")
     doc = json.loads(art.exported_program)
@@ -90,9 +92,6 @@ def capture(model: nn.Module, input_shape) -> dict:
     check(doc)
     return doc
 
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
 
 
 def _target_ok(t: Any) -> bool:
@@ -192,9 +191,11 @@ def rebuild(doc: Any, tensors: dict[str, torch.Tensor]) -> nn.Module:
         state[name] = nn.Parameter(t, requires_grad=t.is_floating_point()) if kind == "parameter" else t
     try:
         ep = deserialize(SerializedArtifact(json.dumps(doc).encode(), state, {}, {}))
-        model = ep.module()
+        model = ep.module(check_guards=False)  # no guard code generated; input shapes checked by a hook
     except Exception as e:  # a graph from another torch version, or one torch rejects
         raise GraphError(f"torch {torch.__version__} cannot rebuild it (written by torch "
-                         f"{str(doc.get('torch_version'))[:20]}: {_first_line(e)})") from e
+                         f"{str(doc.get('torch_version'))[:20]}: {first_line(e)})") from e
+    for name in ("train", "eval"):  # torch refuses mode switches: the graph is fixed in eval mode, so
+        vars(model).pop(name, None)  # compress lets them set the flags (and BatchNorm stays in eval mode)
     model.compress_graph = doc
     return model.eval()

@@ -21,6 +21,8 @@ from torch_pruning import ops as tp_ops
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 from torch_pruning.pruner import function as tpf
 
+from ..errors import InputError, first_line
+
 PRUNABLE_ROOTS = (nn.Conv2d, nn.Linear)
 
 
@@ -106,10 +108,8 @@ def build(model: nn.Module, input_shape) -> tuple[tp.DependencyGraph, list[nn.Mo
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
             dg.build_dependency(model, example_inputs=x)
     except Exception as e:  # torch-pruning's tracer fails on some graphs
-        from ..errors import InputError
-
         raise InputError(f"structural pruning cannot follow this model's channels: torch-pruning failed tracing "
-                         f"it ({type(e).__name__}: {_first_line(e)}); threshold pruning and quantization "
+                         f"it ({type(e).__name__}: {first_line(e)}); threshold pruning and quantization "
                          "still apply") from e
     dg.compress_splits = splits.grad_fns
     return dg, output_layers(model, x)
@@ -154,7 +154,7 @@ def channel_groups(model: nn.Module, input_shape, roots=PRUNABLE_ROOTS, ignored=
                 g = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(size)))
         except Exception as e:
             visited.add(m)
-            groups.append(ChannelGroup(name, None, size, f"torch-pruning cannot follow them ({_first_line(e)})"))
+            groups.append(ChannelGroup(name, None, size, f"torch-pruning cannot follow them ({first_line(e)})"))
             continue
         members = [dep.target.module for dep, _ in g if dg.is_out_channel_pruning_fn(dep.handler)]
         visited.update(members)
@@ -162,9 +162,6 @@ def channel_groups(model: nn.Module, input_shape, roots=PRUNABLE_ROOTS, ignored=
             groups.append(ChannelGroup(name, g, size, blocked(dg, g)))
     return dg, groups
 
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
 
 
 def _normalised_filters(group):
@@ -249,7 +246,7 @@ def refresh(dg, cg: ChannelGroup) -> ChannelGroup:
         with _guarded(dg):
             group = dg.get_pruning_group(root, dep.handler, list(range(size)))
     except Exception as e:
-        return ChannelGroup(cg.name, None, size, f"torch-pruning cannot follow them ({_first_line(e)})")
+        return ChannelGroup(cg.name, None, size, f"torch-pruning cannot follow them ({first_line(e)})")
     return ChannelGroup(cg.name, group, size, blocked(dg, group))
 
 
@@ -281,7 +278,7 @@ def prune_group(dg, cg: ChannelGroup, idxs, model: nn.Module, input_shape) -> st
         for o, state in saved:
             vars(o).clear()
             vars(o).update(state)
-        return f"removing them breaks the model ({_first_line(e)})"
+        return f"removing them breaks the model ({first_line(e)})"
     return None
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..config import Config, FineTune, Select, check_keys, per_layer, register_method
 from ..distributed import device_of
-from ..errors import CompressError, InputError
+from ..errors import CompressError, InputError, first_line
 from ..meta import get_meta
 from ..stages import Context, Method
 from ..train import evaluate
@@ -140,7 +140,7 @@ class L1FilterPruner(Method):
             # torch-pruning followed the channels into something it cannot shrink correctly, e.g. a
             # flatten after a concatenation (each channel is H x W features of the next Linear)
             _restore(self.model, original)
-            msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            msg = first_line(e, 120)
             raise InputError(f"l1-filter would break this model ({msg}); it was left unchanged. Keep the layers "
                              "feeding a flatten or reshape (--exclude / select.exclude), or use threshold "
                              "pruning") from e

@@ -1,0 +1,99 @@
+"""A .cpz of the user's own classes also holds its torch.export graph: it decodes and runs where
+their code is not, and a forged graph is refused before torch sees it (torch's own loader unpickles,
+compiles guard code and eval()s sympy strings)."""
+import copy
+import json
+
+import pytest
+import torch
+
+from compress.coding.container import decode_model, encode_model, read_manifest
+from compress.errors import InputError
+from compress.meta import set_meta
+from compress.quantize import QuantConfig, quantize
+from tests.archs import ConvNeXt, convnext_mini
+from tests.test_hostile import forge
+
+SHAPE = (1, 3, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def user_model():
+    m = convnext_mini().eval()
+    quantize(m, QuantConfig(bits=4, scheme="kmeans"))
+    set_meta(m, input_shape=list(SHAPE))
+    blob, stats = encode_model(copy.deepcopy(m), graph=True)
+    return m, blob, stats
+
+
+def test_a_model_of_user_classes_decodes_and_runs_without_its_code(user_model):
+    m, blob, stats = user_model
+    plain, _ = encode_model(copy.deepcopy(m))
+    assert 0 < stats["graph_bytes"] < 8000 and len(blob) - len(plain) < 8000  # a few KB of graph
+    d = decode_model(blob)  # no --arch: the graph
+    assert not isinstance(d, ConvNeXt) and d.compress_meta["input_shape"] == list(SHAPE)
+    for batch in (1, 5):  # the batch dimension is free
+        x = torch.randn(batch, *SHAPE[1:])
+        assert torch.equal(d(x), m(x))
+    again = decode_model(encode_model(d)[0])  # a decoded graph encodes again: weights coded as before
+    x = torch.randn(2, *SHAPE[1:])
+    assert torch.equal(again(x), m(x)) and len(encode_model(d)[0]) <= len(blob)
+    assert isinstance(decode_model(blob, base=convnext_mini), ConvNeXt)  # with --arch: the user's classes
+
+
+def test_without_an_input_shape_there_is_no_graph_and_the_note_says_why():
+    _, stats = encode_model(convnext_mini(), graph=True)
+    assert stats["graph_bytes"] == 0 and "input shape" in stats["graph_note"]
+    with pytest.raises(InputError, match="--arch"):
+        decode_model(encode_model(convnext_mini(), graph=True)[0])
+
+
+def _nodes(g):
+    return g["graph_module"]["graph"]["nodes"]
+
+
+def _first_expr(g):
+    for tv in g["graph_module"]["graph"]["tensor_values"].values():
+        for s in tv["sizes"]:
+            if "as_expr" in s:
+                return s["as_expr"]
+    raise AssertionError("no symbolic size")
+
+
+FORGERIES = {
+    "an operator that reads files": (lambda g: _nodes(g)[0].update(target="torch.ops.aten.from_file.default"),
+                                     "allow-list"),
+    "any torch callable": (lambda g: _nodes(g)[0].update(target="torch.load"), "allow-list"),
+    "a builtin": (lambda g: _nodes(g)[0].update(target="builtins.eval"), "allow-list"),
+    "guard code": (lambda g: g.update(guards_code=["__import__('os').system('touch {canary}')"]), "guard code"),
+    "a sympy string": (lambda g: _first_expr(g).update(expr_str="__import__('os').system('touch {canary}')"),
+                       "plain integer expression"),
+    "a power tower": (lambda g: _first_expr(g).update(expr_str="Integer(9)**Integer(9)**Integer(99)"),
+                      "plain integer expression"),
+    "a name that is code": (lambda g: _nodes(g)[0]["outputs"][0]["as_tensor"].update(
+        name="x = __import__('os').system('touch {canary}')"), "not an identifier"),
+    "a custom object": (lambda g: _nodes(g)[0]["inputs"][0].update(arg={"as_custom_obj": {"name": "o"}}),
+                        "custom_obj"),
+    "a lifted constant": (lambda g: g["graph_module"]["signature"]["input_specs"].insert(
+        0, {"constant_tensor": {"arg": {"name": "c"}, "tensor_constant_name": "c"}}), "input of kind"),
+    "a tensor the file lacks": (lambda g: g["graph_module"]["signature"]["input_specs"][0]["parameter"].update(
+        parameter_name="nowhere.weight"), "does not hold"),
+}
+
+
+@pytest.mark.parametrize("what", list(FORGERIES))
+def test_a_forged_graph_is_refused_before_anything_runs(user_model, what, tmp_path):
+    _, blob, _ = user_model
+    manifest, start = read_manifest(blob)
+    ends = [0]
+    for e in manifest["tensors"]:
+        ends.append(ends[-1] + e["length"])
+    sections = [blob[start + a:start + b] for a, b in zip(ends[:-1], ends[1:])]
+    canary = tmp_path / "canary"
+    change, match = FORGERIES[what]
+    graph = json.loads(json.dumps(manifest["graph"]).replace("{canary}", str(canary)))
+    change(graph)
+    manifest["graph"] = json.loads(json.dumps(graph).replace("{canary}", str(canary)))
+    with pytest.raises(InputError, match=match):
+        decode_model(forge(manifest, sections))
+    assert not canary.exists()
