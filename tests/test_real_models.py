@@ -197,7 +197,8 @@ MATRIX = {  # family: (--arch callable, input size, what it exercises)
 }
 
 
-@pytest.mark.parametrize("name", list(MATRIX))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if MATRIX[n][1] >= 224 else n
+                                  for n in MATRIX])  # 224x224 ones: 30-60 s each; every method runs on them below
 def test_a_users_own_classes_go_through_every_command_without_trust(name, tmp_path, cli):
     """state_dict + --arch in; prune -> quantize -> encode -> decode -> report, each reading the last
     one's file with the same --arch and never --trust-pickle; the decoded model computes exactly what
