@@ -131,6 +131,18 @@ class Select:
         return {n for n in ends if n not in self.names}
 
 
+def uncovered(model: nn.Module, layers) -> str | None:
+    """The matrices no layer of ``layers`` ([(name, module)]) holds as its weight -- e.g.
+    MultiheadAttention's in_proj_weight, which no Conv/Linear module holds -- said in a few words;
+    None when there are none."""
+    chosen = {f"{n}.weight" if n else "weight" for n, _ in layers}
+    left = [(n, p.numel()) for n, p in model.named_parameters() if p.dim() >= 2 and n not in chosen]
+    if not left:
+        return None
+    names = ", ".join(n for n, _ in left[:3]) + (", ..." if len(left) > 3 else "")
+    return f"{sum(k for _, k in left):,} weights of {len(left)} tensor(s) no selected Conv/Linear layer holds ({names})"
+
+
 @dataclasses.dataclass(frozen=True)
 class FineTune:
     """Fine-tuning of a stage, on the training data given to it.

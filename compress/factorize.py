@@ -112,6 +112,9 @@ def _eligible(m: nn.Module) -> str | None:
     return "not a Linear or Conv2d"
 
 
+_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
 @register_method(FactorizeConfig)
 class Factorizer(Method):
     """Structural: ``attach`` replaces layers by their two-layer factorizations and re-estimates
@@ -120,6 +123,10 @@ class Factorizer(Method):
     def attach(self) -> None:
         cfg = self.config
         ends = cfg.select.ends(self.model)
+        # modules that read a child's weight themselves (MultiheadAttention's out_proj, a transformer layer's
+        # fast path its linear1/linear2) need those children whole
+        self._held = {c: type(p).__name__ for p in self.model.modules() if isinstance(p, _READS_CHILD_WEIGHTS)
+                      for c in p.children()}
         for name, m in cfg.select.layers(self.model):
             row = self._factor(name, m, ends)
             self.layers.append(row)
@@ -132,6 +139,8 @@ class Factorizer(Method):
 
     def _factor(self, name: str, m: nn.Module, ends: set[str]) -> dict:
         why = _eligible(m)
+        if why is None and m in self._held:
+            why = f"its {self._held[m]} reads the weight itself"
         if why is None and name in ends:
             why = "first/last layer (name it in select.names / --layers to factorize it)"
         rows_, cols = m.weight.flatten(1).shape

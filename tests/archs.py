@@ -64,3 +64,22 @@ def convnext_mini():
     """A small ConvNeXt whose layer scales are ~1 (as after training), so every branch matters."""
     torch.manual_seed(0)
     return ConvNeXt(layer_scale=1.0)
+
+
+class TinyViT(nn.Module):
+    """The ViT pattern: patch conv, a transformer encoder layer (MultiheadAttention, LayerNorm, MLP),
+    mean over tokens, head."""
+
+    def __init__(self, width=64, heads=4, num_classes=10):
+        super().__init__()
+        self.patch = nn.Conv2d(3, width, 4, 4)
+        self.enc = nn.TransformerEncoderLayer(width, heads, 2 * width, batch_first=True)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.head(self.enc(self.patch(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+def tiny_vit():
+    torch.manual_seed(0)
+    return TinyViT().eval()

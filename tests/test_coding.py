@@ -172,6 +172,24 @@ def test_container_unquantized_and_other_archs(name):
     assert torch.equal(m(x), d(x))
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_a_transformer_layer_is_stored_as_data(activation):
+    """nn.TransformerEncoderLayer holds its activation as a function attribute (F.relu): stored by
+    name from an allow-list of torch.nn.functional's tensor functions, and nothing else."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from compress.coding.container import decode_model
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoderLayer(16, 2, 32, activation=activation,
+                                                                   batch_first=True)).eval()
+    d = decode_model(encode_model(m)[0])
+    assert d[1].activation is getattr(F, activation)
+    x = torch.randn(3, 5, 8)
+    assert torch.equal(m(x), d(x))
+
+
 def test_per_tensor_and_odd_int4(lenet5_trained):
     m = create_model("lenet300", input_size=3, num_classes=3)  # odd tensor sizes
     quantize(m, QuantConfig(bits=4, scheme="minmax", per_channel=False))

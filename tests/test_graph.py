@@ -41,6 +41,19 @@ def test_a_model_of_user_classes_decodes_and_runs_without_its_code(user_model):
     assert isinstance(decode_model(blob, base=convnext_mini), ConvNeXt)  # with --arch: the user's classes
 
 
+def test_attention_decodes_from_its_graph():
+    """MultiheadAttention (a transformer encoder layer) through torch.export and back."""
+    from tests.archs import tiny_vit
+
+    m = tiny_vit()
+    set_meta(m, input_shape=[1, 3, 32, 32])
+    blob, stats = encode_model(copy.deepcopy(m), graph=True)
+    assert stats["graph_bytes"] > 0
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(decode_model(blob)(x), m(x))
+
+
 def test_without_an_input_shape_there_is_no_graph_and_the_note_says_why():
     _, stats = encode_model(convnext_mini(), graph=True)
     assert stats["graph_bytes"] == 0 and "input shape" in stats["graph_note"]

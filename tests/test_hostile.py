@@ -335,3 +335,14 @@ def test_an_architecture_of_too_many_modules_is_refused(tiny_cpz):
     for e in m["tensors"]:
         e.pop("offset", None), e.pop("length", None)
     _refused_quickly(forge(m, sections), "modules")
+
+
+@pytest.mark.parametrize("fn", ["load", "save", "os.system", "__import__"])
+def test_a_function_attribute_names_only_allow_listed_tensor_functions(tiny_cpz, fn):
+    _, manifest, sections = tiny_cpz
+    m = copy.deepcopy(manifest)
+    m["arch"]["attrs"]["activation"] = {"fn": fn}
+    for e in m["tensors"]:
+        e.pop("offset", None), e.pop("length", None)
+    with pytest.raises(FormatError, match="malformed attribute"):
+        decode_model(forge(m, sections))

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..quant_state import STATE_ATTRS
 
@@ -20,6 +21,10 @@ _INTERNAL = set(vars(nn.Module()).keys())
 _ALLOWED_ROOTS = ("torch.nn.", "compress.")
 _SKIP = set(STATE_ATTRS)  # stored with the tensor sections instead
 _LEAF = (type(None), bool, int, float, str)
+# functions a torch.nn module may hold as an attribute (TransformerEncoderLayer's ``activation``):
+# stored by name, resolved only from this list of torch.nn.functional's pure tensor functions
+FUNCTIONS = frozenset("""relu relu6 gelu silu mish hardswish hardsigmoid hardtanh sigmoid tanh leaky_relu elu selu
+celu softplus softsign glu logsigmoid softmax log_softmax tanhshrink""".split())
 
 
 def _class_path(cls: type) -> str:
@@ -53,6 +58,9 @@ def _enc(v: Any, where: str):
         return {"d": {k: _enc(x, where) for k, x in v.items()}}
     if isinstance(v, torch.Tensor) and v.numel() <= 64:
         return {"tensor": v.detach().cpu().tolist(), "dtype": str(v.dtype).replace("torch.", "")}
+    name = getattr(v, "__name__", None)
+    if name in FUNCTIONS and getattr(F, name) is v:
+        return {"fn": name}
     raise TypeError(f"{where}: attribute of type {type(v).__name__} cannot be stored as data")
 
 
@@ -82,6 +90,8 @@ def _dec(v: Any, depth: int = 0):
             return float(v["f"])
         if set(v) == {"tensor", "dtype"} and v["dtype"] in ("float32", "float64", "int64", "int32", "bool"):
             return torch.tensor(v["tensor"], dtype=getattr(torch, v["dtype"]))
+        if set(v) == {"fn"} and v["fn"] in FUNCTIONS:
+            return getattr(F, v["fn"])
     raise ValueError("malformed attribute value")
 
 

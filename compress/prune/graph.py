@@ -218,19 +218,25 @@ def group_norms(group, size: int, kinds=("out", "in", "bn")) -> torch.Tensor:
 
 def conv_groups(cg: ChannelGroup, names: dict) -> tuple[int, str | None]:
     """(G, None): the channels of this group must be removed evenly from G equal blocks (G = 1: no
-    grouped convolution in it; depthwise convs follow any choice). (0, why): they cannot be.
+    grouped convolution or attention in it; depthwise convs follow any choice). (0, why): they cannot be.
 
     A grouped convolution (1 < groups, not depthwise) keeps ``groups`` blocks of channels; removing
     the same positions from every block keeps it valid, as torch-pruning's own pruner does.
-    Removed anywhere, torch-pruning fails half-way and leaves a broken model."""
+    Removed anywhere, torch-pruning fails half-way and leaves a broken model. MultiheadAttention's
+    embedding splits into ``num_heads`` equal blocks the same way: each head loses the same dims."""
     g, first = 1, None
     for dep, _ in cg.group:
         m = dep.target.module
         if isinstance(m, nn.Conv2d) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels):
-            first = first or f"{names.get(m, type(m).__name__)}: grouped conv (groups={m.groups})"
-            if max(g, m.groups) % min(g, m.groups):
-                return 0, f"{first} and another with groups={m.groups}"
-            g = max(g, m.groups)
+            blocks, what = m.groups, f"grouped conv (groups={m.groups})"
+        elif isinstance(m, nn.MultiheadAttention) and m.num_heads > 1:  # each head keeps the same width
+            blocks, what = m.num_heads, f"attention ({m.num_heads} heads)"
+        else:
+            continue
+        first = first or f"{names.get(m, type(m).__name__)}: {what}"
+        if max(g, blocks) % min(g, blocks):
+            return 0, f"{first} and another with {blocks} blocks"
+        g = max(g, blocks)
     if g > 1 and cg.size % g:
         return 0, f"{first}: {cg.size} channels do not split into {g} groups"
     return g, None

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .. import masks
-from ..config import Config, FineTune, Select, check_keys, per_layer, register_method
+from ..config import Config, FineTune, Select, check_keys, per_layer, register_method, uncovered
 from ..stages import Context, KeepMasks
 from . import allocate as alloc
 
@@ -186,6 +186,9 @@ class ThresholdPruner(KeepMasks):
 
     def attach(self) -> None:
         self.targets = round_targets(self.config, sparsity_of(self.model, self.config.select))
+        left = uncovered(self.model, self.config.select.layers(self.model))
+        if left:
+            self.notes.append(f"not pruned: {left}")
         self.next_round()
 
     def next_round(self) -> None:

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..config import Config, FineTune, Select, check_keys, per_layer, register_method
+from ..config import Config, FineTune, Select, check_keys, per_layer, register_method, uncovered
 from ..quant_state import SCHEMES, QuantState, get_state, set_state
 from ..stages import Method, quantize_
 from . import kmeans as km
@@ -114,12 +114,9 @@ class Quantizer(Method):
             self.layers.append({"name": name, "bits": bits, "scheme": cfg.scheme,
                                 "mse": float((w.cpu() - dq).pow(2).mean()), "sqnr_db": round(sqnr_db(w.cpu(), dq), 2),
                                 "zeros": int((dq == 0).sum()), "params": w.numel()})
-        chosen = {f"{n}.weight" for n, _ in layers}
-        left = [(n, p.numel()) for n, p in self.model.named_parameters() if p.dim() >= 2 and n not in chosen]
-        if left:  # e.g. MultiheadAttention's in_proj_weight: no Conv/Linear module holds it
-            total = sum(k for _, k in left)
-            self.notes.append(f"left in float32: {total:,} weights of {len(left)} tensor(s) no selected Conv/Linear "
-                              f"layer holds ({', '.join(n for n, _ in left[:3])}{', ...' if len(left) > 3 else ''})")
+        left = uncovered(self.model, layers)
+        if left:
+            self.notes.append(f"left in float32: {left}")
         self.trainer = None
         if cfg.scheme == "kmeans":
             mods = dict(self.model.named_modules())
