@@ -1,7 +1,7 @@
 """Issue 13's matrix as numbers: real architectures nobody here wrote (pytorchcv, and ConvNeXt in
 torchvision's layout), random weights (structure and bytes do not depend on them), through
 l1-filter pruning beside torch-pruning's own pruner, 4-bit k-means, and the .cpz with its
-torch.export graph decoded without the model's code."""
+torch.export graph decoded without the model's code (outputs compared with the quantized model's)."""
 from __future__ import annotations
 
 import copy
@@ -24,6 +24,7 @@ FAMILIES = {  # name: (callable, input size, what it exercises)
     "regnetx002": ("pytorchcv.models.regnet:regnetx002", 224, "grouped convs, residual"),
     "efficientnet_b0": ("pytorchcv.models.efficientnet:efficientnet_b0", 224, "SE, depthwise"),
     "convnext_mini": ("tests.archs:convnext_mini", 64, "channels-last LayerNorm, Linear MLP"),
+    "tiny_vit": ("tests.archs:tiny_vit", 32, "patch conv, MultiheadAttention"),
 }
 
 
@@ -72,12 +73,13 @@ def _row(name):
     blob, stats = encode_model(copy.deepcopy(q), graph=True)
     x = torch.randn(2, *shape[1:])
     d = decode_model(blob)  # from the graph: no --arch
-    exact = bool(torch.equal(d(x), q(x)))
+    with torch.no_grad():  # 0 for convnets; attention's fused eager kernel differs from its graph in the last bit
+        diff = float((d(x) - q(x)).abs().max() / q(x).abs().max())
     return {"family": name, "exercises": what, "params": params0, "macs": macs0,
             "l1_macs_ratio": round(macs0 / count_macs(pruned, shape), 2), "tp_macs_ratio": _tp_macs_ratio(base, shape),
             "kept_groups": sum(n.startswith("kept ") for n in res.notes), "prune_s": round(prune_s, 2),
             "cpz_bytes": stats["file_bytes"], "graph_bytes": stats["graph_bytes"],
-            "ratio_vs_dense": round(4 * params0 / stats["file_bytes"], 1), "graph_decode_exact": exact}
+            "ratio_vs_dense": round(4 * params0 / stats["file_bytes"], 1), "graph_decode_rel_diff": diff}
 
 
 @pytest.mark.slow
@@ -88,7 +90,7 @@ def test_real_architecture_matrix(benchmark):
     benchmark.extra_info.update(matrix=rows, compression_ratio=None, accuracy=None, accuracy_drop=None,
                                 latency_ms=None)
     for r in rows:
-        assert r["graph_decode_exact"], r
+        assert r["graph_decode_rel_diff"] < 1e-5, r
         assert r["l1_macs_ratio"] > 1.5, r
         if isinstance(r["tp_macs_ratio"], float):  # at least what torch-pruning's own pruner cuts
             assert r["l1_macs_ratio"] >= 0.99 * r["tp_macs_ratio"], r
