@@ -303,7 +303,8 @@ def test_structurally_forged_files_are_refused_cleanly(tiny_cpz, data):
     m = copy.deepcopy(manifest)
     for _ in range(data.draw(st.integers(1, 3))):
         e = data.draw(st.sampled_from(m["tensors"]))
-        target = data.draw(st.sampled_from([e, e.get("values") or e, e.get("index") or e]))
+        # an earlier draw may have replaced "values" or "index" by a non-table: only tables take keys
+        target = data.draw(st.sampled_from([t for t in (e, e.get("values"), e.get("index")) if isinstance(t, dict)]))
         key = data.draw(st.sampled_from(sorted(target) + ["shape", "alpha", "count", "nnz", "block", "parts"]))
         target[key] = data.draw(_FIELD_VALUES)
     for e in m["tensors"]:
