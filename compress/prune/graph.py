@@ -112,6 +112,11 @@ def build(model: nn.Module, input_shape) -> tuple[tp.DependencyGraph, list[nn.Mo
                          f"it ({type(e).__name__}: {first_line(e)}); threshold pruning and quantization "
                          "still apply") from e
     dg.compress_splits = splits.grad_fns
+    for node in dg.module2node.values():
+        if node.grad_fn in dg.compress_splits:
+            # groups that reach a channel split are kept whole (``blocked``): stop them there, instead
+            # of letting torch-pruning map indices through the shuffle (slow, and wrong)
+            node.dependencies = []
     return dg, output_layers(model, x)
 
 
