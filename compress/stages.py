@@ -70,6 +70,15 @@ class Context:
                          "or data")
 
 
+def graph_only(model: nn.Module, what: str) -> UsageError:
+    """The error for a model decoded from a .cpz's stored torch.export graph (a GraphModule: ATen
+    calls, no layers) given to something that needs the model's layers or code."""
+    ref = get_meta(model).get("arch_ref")
+    return UsageError(f"this model was decoded from its stored torch.export graph: it runs, reports and encodes, "
+                      f"but compress {what}; decode the .cpz it came from with "
+                      f"--arch {ref if isinstance(ref, str) else 'module:callable (your code)'} to change it")
+
+
 MAX_INPUT_VALUES = 1 << 24  # per sample: 16.7 M values (a 3 x 2,364 x 2,364 image)
 
 
@@ -117,6 +126,8 @@ class Method:
     needs_train: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, config: Config, ctx: Context | None = None):
+        if getattr(model, "compress_graph", None) is not None:
+            raise graph_only(model, "changes models through their layers")
         self.model, self.config, self.ctx = model, config, ctx or Context()
         self.layers: list[dict] = []
         self.records: list[dict] = []

@@ -41,6 +41,20 @@ def test_a_model_of_user_classes_decodes_and_runs_without_its_code(user_model):
     assert isinstance(decode_model(blob, base=convnext_mini), ConvNeXt)  # with --arch: the user's classes
 
 
+def test_a_graph_decoded_model_is_not_changed_or_exported_and_says_how_to(user_model, tmp_path):
+    from compress.errors import UsageError
+    from compress.export import to_onnx
+    from compress.prune import L1FilterConfig
+    from compress.stages import Context, run
+
+    d = decode_model(user_model[1])
+    for verb, cfg in (("prune", L1FilterConfig(ratio=0.5)), ("quantize", QuantConfig(bits=8))):
+        with pytest.raises(UsageError, match="--arch"):
+            run(verb, d, cfg, Context(input_shape=SHAPE))
+    with pytest.raises(UsageError, match="stored torch.export graph"):
+        to_onnx(d, tmp_path / "m.onnx", SHAPE)
+
+
 def test_attention_decodes_from_its_graph():
     """MultiheadAttention (a transformer encoder layer) through torch.export and back."""
     from tests.archs import tiny_vit

@@ -129,7 +129,7 @@ def model_rows(rep: dict) -> list[list]:
     for k in ("batch_1", "batch_32"):
         if k in lat:
             iqr = lat.get("iqr", {}).get(k)
-            rows.append([f"latency, {k.replace('_', ' ')} (ms; IQR of all runs)",
+            rows.append([f"latency, {k.replace('_', ' ')} (ms: best median of 25 runs; all runs' IQR)",
                          f"{lat[k]:.3f}" + (f" ({iqr[0]:.3f}-{iqr[1]:.3f})" if iqr else "")])
     return rows
 
