@@ -28,6 +28,26 @@ FAMILIES = {  # name: (callable, input size, what it exercises)
 }
 
 
+# torchvision's own models where torchvision imports (the device tool's GPU image; not beside the CPU
+# build of torch 2.13 here)
+TORCHVISION = {
+    "tv_resnet18": ("torchvision.models:resnet18", 224, "residual (torchvision)"),
+    "tv_mobilenet_v3_small": ("torchvision.models:mobilenet_v3_small", 224, "SE, hardswish (torchvision)"),
+    "tv_efficientnet_b0": ("torchvision.models:efficientnet_b0", 224, "SE, stochastic depth (torchvision)"),
+    "tv_densenet121": ("torchvision.models:densenet121", 224, "dense concatenation (torchvision)"),
+    "tv_regnet_x_400mf": ("torchvision.models:regnet_x_400mf", 224, "grouped convs (torchvision)"),
+    "tv_shufflenet_v2_x0_5": ("torchvision.models:shufflenet_v2_x0_5", 224, "inline channel shuffle (torchvision)"),
+    "tv_squeezenet1_1": ("torchvision.models:squeezenet1_1", 224, "fire concatenation (torchvision)"),
+    "tv_convnext_tiny": ("torchvision.models:convnext_tiny", 224, "ConvNeXt (torchvision)"),
+}
+try:
+    import torchvision  # noqa: F401
+
+    FAMILIES.update(TORCHVISION)
+except Exception:  # absent, or its compiled ops do not load beside this torch
+    pass
+
+
 def _build(spec):
     mod, fn = spec.split(":")
     torch.manual_seed(0)
