@@ -73,8 +73,8 @@ class _ChannelSplits(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func in _RESHAPES and isinstance(out, torch.Tensor) and out.grad_fn is not None:
-            x = args[0]
-            if x.dim() >= 3 and out.dim() > x.dim() and out.shape[0] == x.shape[0] and out.shape[1] != x.shape[1]:
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.dim() >= 3 and out.dim() > x.dim() and out.shape[0] == x.shape[0] and out.shape[1] != x.shape[1]:
                 self.grad_fns.add(out.grad_fn)
         return out
 
@@ -166,7 +166,6 @@ def channel_groups(model: nn.Module, input_shape, roots=PRUNABLE_ROOTS, ignored=
         if not ignored.intersection(members):
             groups.append(ChannelGroup(name, g, size, blocked(dg, g)))
     return dg, groups
-
 
 
 def _normalised_filters(group):
