@@ -83,3 +83,24 @@ class TinyViT(nn.Module):
 def tiny_vit():
     torch.manual_seed(0)
     return TinyViT().eval()
+
+
+class TinyCNN(nn.Module):
+    """A small residual convnet of the user's own class."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = x + torch.relu(self.conv(x))
+        return self.head(x.mean((2, 3)))
+
+
+def tiny_cnn():
+    torch.manual_seed(0)
+    return TinyCNN().eval()

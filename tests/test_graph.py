@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from compress.coding.container import decode_model, encode_model, read_manifest
 from compress.errors import InputError
@@ -103,6 +105,9 @@ FORGERIES = {
                         "custom_obj"),
     "a lifted constant": (lambda g: g["graph_module"]["signature"]["input_specs"].insert(
         0, {"constant_tensor": {"arg": {"name": "c"}, "tensor_constant_name": "c"}}), "input of kind"),
+    "a signature of the wrong type": (lambda g: g["graph_module"].update(signature=["not", "a", "table"]),
+                                      "malformed"),
+    "a node of the wrong type": (lambda g: _nodes(g).append(7), "allow-list"),
     "a tensor the file lacks": (lambda g: g["graph_module"]["signature"]["input_specs"][0]["parameter"].update(
         parameter_name="nowhere.weight"), "does not hold"),
 }
@@ -124,3 +129,56 @@ def test_a_forged_graph_is_refused_before_anything_runs(user_model, what, tmp_pa
     with pytest.raises(InputError, match=match):
         decode_model(forge(manifest, sections))
     assert not canary.exists()
+
+
+@pytest.fixture(scope="module")
+def small_graph_cpz():
+    from tests.archs import tiny_cnn
+
+    m = tiny_cnn()
+    set_meta(m, input_shape=[1, 1, 8, 8])
+    blob, _ = encode_model(m, graph=True)
+    manifest, start = read_manifest(blob)
+    ends = [0]
+    for e in manifest["tensors"]:
+        ends.append(ends[-1] + e["length"])
+    return manifest, [blob[start + a:start + b] for a, b in zip(ends[:-1], ends[1:])]
+
+
+def _leaves(v, path=()):
+    if isinstance(v, dict):
+        for k, x in v.items():
+            yield from _leaves(x, path + (k,))
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            yield from _leaves(x, path + (i,))
+    else:
+        yield path
+
+
+_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.text(max_size=30),
+                  st.sampled_from(["torch.load", "os.system", "torch.ops.aten.from_file.default", "__import__",
+                                   "Symbol('s1')**Integer(99)", "x;y", "builtins.exec"]),
+                  st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(),
+                                                                             max_size=2))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_mutated_graph_is_refused_in_one_line_or_runs(small_graph_cpz, data):
+    """Any value anywhere in the graph replaced by junk: decoding raises compress's own errors (one
+    line in the CLI), or gives a model; never another exception."""
+    from compress.errors import FormatError
+
+    manifest, sections = small_graph_cpz
+    m = copy.deepcopy(manifest)
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(list(_leaves(m["graph"]))))
+        target = m["graph"]
+        for k in path[:-1]:
+            target = target[k]
+        target[path[-1]] = data.draw(_JUNK)
+    try:
+        decode_model(forge(m, sections))
+    except (InputError, FormatError):
+        pass

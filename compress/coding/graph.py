@@ -150,6 +150,13 @@ def _check_treespec(s: Any) -> None:
 def check(doc: Any) -> None:
     """Raise GraphError unless ``doc`` is a graph compress will run (see the module docstring)."""
     try:
+        _check(doc)
+    except (TypeError, AttributeError, KeyError, IndexError, StopIteration) as e:  # wrong shapes of data
+        raise GraphError(f"is malformed ({type(e).__name__})") from e
+
+
+def _check(doc: Any) -> None:
+    try:
         gm, graph = doc["graph_module"], doc["graph_module"]["graph"]
         nodes, sig = graph["nodes"], gm["signature"]
     except (TypeError, KeyError) as e:
