@@ -36,7 +36,9 @@ def to_onnx(model: nn.Module, path, input_shape, opset: int = 17) -> None:
     """Export with a dynamic batch axis (legacy TorchScript exporter: no onnxscript needed)."""
     from .masks import remove_masks
 
-    if getattr(model, "compress_graph", None) is not None:
+    from .coding.graph import stored
+
+    if stored(model) is not None:
         from .stages import graph_only
 
         raise graph_only(model, "exports ONNX from a model's code (the stored graph has symbolic sizes)")

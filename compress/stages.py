@@ -28,6 +28,7 @@ import torch.nn as nn
 from . import masks
 from .config import Config, FineTune, method_for
 from .errors import UsageError
+from .coding import graph as graph_mod
 from .meta import add_history, get_meta
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ class Method:
     needs_train: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, config: Config, ctx: Context | None = None):
-        if getattr(model, "compress_graph", None) is not None:
+        if graph_mod.stored(model) is not None:
             raise graph_only(model, "changes models through their layers")
         self.model, self.config, self.ctx = model, config, ctx or Context()
         self.layers: list[dict] = []

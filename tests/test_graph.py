@@ -9,12 +9,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compress.coding.container import decode_model, encode_model, read_manifest
+from compress.coding.container import decode_model, encode_model
 from compress.errors import InputError
 from compress.meta import set_meta
 from compress.quantize import QuantConfig, quantize
 from tests.archs import ConvNeXt, convnext_mini
-from tests.test_hostile import forge
+from tests.test_hostile import forge, unpack
 
 SHAPE = (1, 3, 64, 64)
 
@@ -115,12 +115,7 @@ FORGERIES = {
 
 @pytest.mark.parametrize("what", list(FORGERIES))
 def test_a_forged_graph_is_refused_before_anything_runs(user_model, what, tmp_path):
-    _, blob, _ = user_model
-    manifest, start = read_manifest(blob)
-    ends = [0]
-    for e in manifest["tensors"]:
-        ends.append(ends[-1] + e["length"])
-    sections = [blob[start + a:start + b] for a, b in zip(ends[:-1], ends[1:])]
+    manifest, sections = unpack(user_model[1])
     canary = tmp_path / "canary"
     change, match = FORGERIES[what]
     graph = json.loads(json.dumps(manifest["graph"]).replace("{canary}", str(canary)))
@@ -137,12 +132,7 @@ def small_graph_cpz():
 
     m = tiny_cnn()
     set_meta(m, input_shape=[1, 1, 8, 8])
-    blob, _ = encode_model(m, graph=True)
-    manifest, start = read_manifest(blob)
-    ends = [0]
-    for e in manifest["tensors"]:
-        ends.append(ends[-1] + e["length"])
-    return manifest, [blob[start + a:start + b] for a, b in zip(ends[:-1], ends[1:])]
+    return unpack(encode_model(m, graph=True)[0])
 
 
 def _leaves(v, path=()):

@@ -48,6 +48,13 @@ def forge(manifest: dict, sections: list[bytes]) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body))
 
 
+def unpack(blob: bytes) -> tuple[dict, list[bytes]]:
+    """A .cpz's manifest and its tensor sections (they follow each other after the manifest)."""
+    manifest, start = read_manifest(blob)
+    ends = np.cumsum([0] + [e["length"] for e in manifest["tensors"]])
+    return manifest, [blob[start + a:start + b] for a, b in zip(ends[:-1], ends[1:])]
+
+
 @pytest.fixture(scope="module")
 def tiny_cpz():
     """A real small quantized model's .cpz: (blob, manifest, sections)."""
@@ -55,9 +62,7 @@ def tiny_cpz():
     m = create_model("lenet300", input_size=4, num_classes=3)
     quantize(m, QuantConfig(bits=4, scheme="kmeans"))
     blob, _ = encode_model(m)
-    manifest, start = read_manifest(blob)
-    ends = np.cumsum([0] + [e["length"] for e in manifest["tensors"]])  # sections follow each other
-    sections = [blob[start + a:start + b] for a, b in zip(ends[:-1], ends[1:])]
+    manifest, sections = unpack(blob)
     return blob, manifest, sections
 
 

@@ -53,8 +53,8 @@ MIN_DECODED_BYTES = 64 << 20
 # ----------------------------------------------------------------------------- encoding
 def _graph_of(model: nn.Module, graph: bool, input_shape) -> tuple[dict | None, str | None]:
     """(graph, None), or (None, why not) for a model of the user's classes; (None, None) for others."""
-    if getattr(model, "compress_graph", None) is not None:
-        return model.compress_graph, None  # decoded from a graph: it is its own architecture
+    if graph_mod.stored(model) is not None:
+        return graph_mod.stored(model), None  # decoded from a graph: it is its own architecture
     if not graph or not arch_mod.foreign_classes(model):
         return None, None
     shape = input_shape or get_meta(model).get("input_shape")
@@ -75,11 +75,11 @@ def encode_model(model: nn.Module, graph: bool = False, input_shape=None) -> tup
     remove_masks(model)
     doc, note = _graph_of(model, graph, input_shape)
     try:
-        spec = None if getattr(model, "compress_graph", None) is not None else arch_mod.describe(model)
+        spec = None if graph_mod.stored(model) is not None else arch_mod.describe(model)
     except TypeError as e:
         raise InputError(str(e)) from e
     modules = dict(model.named_modules())
-    entries, sections, offset = [], [], 0
+    entries, sections = [], []
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     for name, t in named:
         mod_name, _, leaf = name.rpartition(".")
@@ -89,7 +89,6 @@ def encode_model(model: nn.Module, graph: bool = False, input_shape=None) -> tup
                  "length": len(data), "crc": zlib.crc32(data), **fields}  # sections follow each other
         entries.append(entry)
         sections.append(data)
-        offset += len(data)
     manifest = {"arch": spec, "tensors": entries, "format": "cpz", "version": VERSION}
     if doc is not None:
         manifest["graph"] = doc

@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from ..errors import first_line
 
+ATTR = "compress_graph"  # on a module decoded from its graph: the checked graph it was built from
 MAX_BATCH = 1 << 16
 MAX_NODES = 200_000
 
@@ -70,6 +71,11 @@ class GraphError(ValueError):
     """A stored graph that compress will not run (or a model it cannot export)."""
 
 
+def stored(model: nn.Module) -> dict | None:
+    """The graph a module was decoded from (it has no layers of its own), or None."""
+    return getattr(model, ATTR, None)
+
+
 def capture(model: nn.Module, input_shape) -> dict:
     """The model's forward (eval mode, on the CPU, any batch size) as checked JSON data."""
     from torch._export.serde.serialize import serialize
@@ -93,7 +99,6 @@ def capture(model: nn.Module, input_shape) -> dict:
     return doc
 
 
-
 def _target_ok(t: Any) -> bool:
     if not isinstance(t, str):
         return False
@@ -104,7 +109,7 @@ def _target_ok(t: Any) -> bool:
     return (mod == "_operator" and name in _OPERATOR) or (mod == "torch" and name in _TORCH_SYM)
 
 
-def _walk(v: Any, key: str = "", depth: int = 0) -> None:
+def _walk(v: Any, depth: int = 0) -> None:
     if depth > 64:
         raise GraphError("nested too deeply")
     if isinstance(v, dict):
@@ -121,10 +126,10 @@ def _walk(v: Any, key: str = "", depth: int = 0) -> None:
                 raise GraphError(f"{k} {str(x)[:60]!r} is not a module path")
             if k in ("in_spec", "out_spec") and x is not None:
                 _check_treespec(x)
-            _walk(x, k, depth + 1)
+            _walk(x, depth + 1)
     elif isinstance(v, list):
         for x in v:
-            _walk(x, key, depth + 1)
+            _walk(x, depth + 1)
 
 
 def _check_treespec(s: Any) -> None:
@@ -204,5 +209,5 @@ def rebuild(doc: Any, tensors: dict[str, torch.Tensor]) -> nn.Module:
                          f"{str(doc.get('torch_version'))[:20]}: {first_line(e)})") from e
     for name in ("train", "eval"):  # torch refuses mode switches: the graph is fixed in eval mode, so
         vars(model).pop(name, None)  # compress lets them set the flags (and BatchNorm stays in eval mode)
-    model.compress_graph = doc
+    setattr(model, ATTR, doc)
     return model.eval()

@@ -74,7 +74,8 @@ class _ChannelSplits(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         if func in _RESHAPES and isinstance(out, torch.Tensor) and out.grad_fn is not None:
             x = args[0] if args else None
-            if isinstance(x, torch.Tensor) and x.dim() >= 3 and out.dim() > x.dim() and out.shape[0] == x.shape[0] and out.shape[1] != x.shape[1]:
+            if (isinstance(x, torch.Tensor) and x.dim() >= 3 and out.dim() > x.dim()
+                    and out.shape[0] == x.shape[0] and out.shape[1] != x.shape[1]):
                 self.grad_fns.add(out.grad_fn)
         return out
 
@@ -153,19 +154,27 @@ def channel_groups(model: nn.Module, input_shape, roots=PRUNABLE_ROOTS, ignored=
         size = pruner.get_out_channels(m) if pruner is not None else None
         if size is None:
             continue
-        name = names.get(m, str(m))
-        try:
-            with _guarded(dg):
-                g = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(size)))
-        except Exception as e:
+        cg = _group(dg, names.get(m, str(m)), m, pruner.prune_out_channels, size)
+        if cg.group is None:
             visited.add(m)
-            groups.append(ChannelGroup(name, None, size, f"torch-pruning cannot follow them ({first_line(e)})"))
+            groups.append(cg)
             continue
-        members = [dep.target.module for dep, _ in g if dg.is_out_channel_pruning_fn(dep.handler)]
+        members = [dep.target.module for dep, _ in cg.group if dg.is_out_channel_pruning_fn(dep.handler)]
         visited.update(members)
         if not ignored.intersection(members):
-            groups.append(ChannelGroup(name, g, size, blocked(dg, g)))
+            groups.append(cg)
     return dg, groups
+
+
+def _group(dg, name: str, root: nn.Module, handler, size: int) -> ChannelGroup:
+    """All ``size`` channels of ``root`` and everything coupled to them; ``blocked`` says why they
+    cannot be removed (with no group when torch-pruning cannot follow them at all)."""
+    try:
+        with _guarded(dg):
+            group = dg.get_pruning_group(root, handler, list(range(size)))
+    except Exception as e:
+        return ChannelGroup(name, None, size, f"torch-pruning cannot follow them ({first_line(e)})")
+    return ChannelGroup(name, group, size, blocked(dg, group))
 
 
 def _normalised_filters(group):
@@ -251,13 +260,7 @@ def refresh(dg, cg: ChannelGroup) -> ChannelGroup:
     a concatenation's consumers hold fewer channels and the old indices point past them."""
     root = cg.root
     size = root.out_channels if isinstance(root, nn.modules.conv._ConvNd) else root.out_features
-    dep = cg.group[0].dep
-    try:
-        with _guarded(dg):
-            group = dg.get_pruning_group(root, dep.handler, list(range(size)))
-    except Exception as e:
-        return ChannelGroup(cg.name, None, size, f"torch-pruning cannot follow them ({first_line(e)})")
-    return ChannelGroup(cg.name, group, size, blocked(dg, group))
+    return _group(dg, cg.name, root, cg.group[0].dep.handler, size)
 
 
 def _state(obj) -> dict:

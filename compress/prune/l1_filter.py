@@ -87,6 +87,11 @@ def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, s
     imp = L1FilterImportance()
     changes = {}
     names = {m: n for n, m in model.named_modules()}
+
+    def keep(cg, why: str) -> None:
+        (skipped if skipped is not None else []).append(f"kept {cg.name}'s channels: {why}")
+        log.info("kept %s: %s", cg.name, why)
+
     for cg in groups:
         r = per_layer(ratio, cg.name, None, 0.0)
         if _count(r, cg.size, min_channels, round_to) == 0:
@@ -95,8 +100,7 @@ def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, s
             cg = refresh(dg, cg)  # scored on the model as it is now, after the groups before it
         g, why = conv_groups(cg, names) if cg.blocked is None else (1, cg.blocked)
         if why is not None:
-            (skipped if skipped is not None else []).append(f"kept {cg.name}'s channels: {why}")
-            log.info("kept %s: %s", cg.name, why)
+            keep(cg, why)
             continue
         n = _count(r, cg.size, min_channels, math.lcm(round_to, g))  # grouped convs: keep whole rows of g
         if n == 0:
@@ -110,8 +114,7 @@ def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, s
             idxs = scores.argsort()[:n].tolist()
         why = prune_group(dg, cg, idxs, model, input_shape)
         if why is not None:
-            (skipped if skipped is not None else []).append(f"kept {cg.name}'s channels: {why}")
-            log.info("kept %s: %s", cg.name, why)
+            keep(cg, why)
             continue
         changes[cg.name] = (cg.size, cg.size - n)
         log.info("%s: %d -> %d channels", cg.name, cg.size, cg.size - n)
