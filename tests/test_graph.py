@@ -103,6 +103,7 @@ FORGERIES = {
         name="x = __import__('os').system('touch {canary}')"), "not an identifier"),
     "a custom object": (lambda g: _nodes(g)[0]["inputs"][0].update(arg={"as_custom_obj": {"name": "o"}}),
                         "custom_obj"),
+    "an input of no kind": (lambda g: g["graph_module"]["signature"]["input_specs"].insert(0, {}), "input of kind"),
     "a lifted constant": (lambda g: g["graph_module"]["signature"]["input_specs"].insert(
         0, {"constant_tensor": {"arg": {"name": "c"}, "tensor_constant_name": "c"}}), "input of kind"),
     "a signature of the wrong type": (lambda g: g["graph_module"].update(signature=["not", "a", "table"]),

@@ -178,7 +178,7 @@ def _check(doc: Any) -> None:
             t = n.get("target") if isinstance(n, dict) else None
             raise GraphError(f"calls {str(t)[:80]!r}, which is not on compress's allow-list of ATen operators")
     for spec in sig.get("input_specs", []):
-        if not isinstance(spec, dict) or set(spec) - {"parameter", "buffer", "user_input"}:
+        if not isinstance(spec, dict) or len(spec) != 1 or set(spec) - {"parameter", "buffer", "user_input"}:
             raise GraphError(f"has an input of kind {sorted(spec) if isinstance(spec, dict) else spec!r}")
     for spec in sig.get("output_specs", []):
         if not isinstance(spec, dict) or set(spec) != {"user_output"}:
