@@ -199,4 +199,3 @@ def render_pipeline_report(summary: dict, before_model: nn.Module, after_model: 
            layer_bytes.get(r["name"])] for r in la]),
     ]
     return write_folder(folder, "compress pipeline report", text, sections, images, summary, force)
-
