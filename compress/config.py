@@ -99,6 +99,10 @@ class Select:
         for p in self.names + self.exclude:
             if not isinstance(p, str) or not p:
                 raise ValueError(f"select patterns must be non-empty strings, got {p!r}")
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise ValueError(f"select filter_fn must be a callable (module, fqn) -> bool, got {self.filter_fn!r}")
+        if not isinstance(self.spare_first_last, bool):
+            raise ValueError(f"select spare_first_last must be true or false, got {self.spare_first_last!r}")
 
     def _matches(self, name: str, m: nn.Module) -> bool:
         if type_key(m) not in self.types:
@@ -260,6 +264,9 @@ def _part(key: str, d: dict, owner) -> Any:
     unknown = sorted(set(d) - fields)
     if unknown:
         raise ValueError(f"{key}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    if "filter_fn" in d:  # data names no code: a recipe or a header selects layers by names and types
+        raise ValueError(f"{key}: filter_fn is a callable for library use; in a recipe select layers with names, "
+                         "exclude and types")
     default = {f.name: f for f in dataclasses.fields(owner)}[key]
     base = default.default_factory() if default.default_factory is not dataclasses.MISSING else part_cls()
     return dataclasses.replace(base, **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

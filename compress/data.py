@@ -18,7 +18,9 @@ from __future__ import annotations
 import gzip
 import logging
 import math
+import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,22 +74,42 @@ def _digits():
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    raw = path.read_bytes()
-    if path.suffix == ".gz":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise InputError(f"{path}: corrupt gzip ({e})") from e
-    if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise InputError(f"{path}: not an IDX file of unsigned bytes")
-    ndim = raw[3]
-    if not 1 <= ndim <= 3 or len(raw) < 4 + 4 * ndim:
-        raise InputError(f"{path}: IDX header declares {ndim} dimensions (1 to 3 expected)")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    off = 4 + 4 * ndim
-    if len(raw) != off + math.prod(dims):  # exact integers: no overflow
+    """An IDX file (``.gz`` too): the header first, then exactly the bytes it declares, read in chunks,
+    so a small gzip can never unpack to more than the header's array (plus one byte to see excess)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:3] != b"\x00\x00\x08":
+                raise InputError(f"{path}: not an IDX file of unsigned bytes")
+            ndim = head[3]
+            if not 1 <= ndim <= 3:
+                raise InputError(f"{path}: IDX header declares {ndim} dimensions (1 to 3 expected)")
+            dims_raw = f.read(4 * ndim)
+            if len(dims_raw) < 4 * ndim:
+                raise InputError(f"{path}: IDX header declares {ndim} dimensions (1 to 3 expected)")
+            dims = [int.from_bytes(dims_raw[4 * i: 4 * i + 4], "big") for i in range(ndim)]
+            n = math.prod(dims)  # exact integers: no overflow
+            if n > MAX_ARRAY_BYTES:
+                raise InputError(f"{path}: IDX header declares {n:,} bytes, more than {MAX_ARRAY_BYTES:,}")
+            size = path.stat().st_size
+            if path.suffix != ".gz" and size != 4 + 4 * ndim + n:
+                raise InputError(f"{path}: IDX size does not match its header {dims}")
+            ratio = float(os.environ.get("COMPRESS_MAX_DECODE_RATIO", MAX_GZIP_RATIO))
+            if path.suffix == ".gz" and n > max(64 << 20, ratio * size):
+                raise InputError(f"{path}: refused: its header declares {n:,} bytes from {size:,} of gzip (more "
+                                 f"than {ratio:g}x). If you trust it, set COMPRESS_MAX_DECODE_RATIO to a larger ratio")
+            buf = bytearray()
+            while len(buf) <= n:
+                chunk = f.read(min(1 << 24, n + 1 - len(buf)))
+                if not chunk:
+                    break
+                buf += chunk
+    except (OSError, EOFError, zlib.error) as e:
+        raise InputError(f"{path}: corrupt gzip ({first_line(e)})") from e
+    if len(buf) != n:
         raise InputError(f"{path}: IDX size does not match its header {dims}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=off).reshape(dims)
+    return np.frombuffer(bytes(buf), dtype=np.uint8).reshape(dims)
 
 
 def _idx_dir(path: Path):
@@ -102,6 +124,7 @@ def _idx_dir(path: Path):
 
 
 MAX_ARRAY_BYTES = 8 << 30  # one array of a data file, decoded
+MAX_GZIP_RATIO = 100  # images gzip about 5:1 (MNIST); a 1000:1 gzip is a run of one byte, not a data set
 
 
 def _check_npz_member(path: Path, z, key: str) -> None:

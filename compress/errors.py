@@ -38,3 +38,16 @@ def first_line(e: BaseException, limit: int = 140) -> str:
     characters: what a one-line error quotes of a library's exception."""
     text = str(e).strip()
     return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
+def safe(v, limit: int = 60) -> str:
+    """A value read from a file, fit to print: quoted, control characters escaped (no terminal escape
+    sequence reaches the user's screen), at most ``limit`` characters of it."""
+    text = v if isinstance(v, str) else repr(v)
+    return repr(text[:limit] + ("..." if len(text) > limit else ""))
+
+
+def printable(text: str) -> str:
+    """``text`` with every control or invisible character escaped: the last guard before an error
+    message, which may quote a file, reaches the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

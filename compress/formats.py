@@ -71,17 +71,18 @@ def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False) -
     if path.suffix == ".cpz":
         from .coding.container import save_cpz
 
-        save_cpz(model, path, force=force)
+        save_cpz(model, path, force=force, graph=True)
         return path
     from .coding.arch import foreign_classes
+    from .coding.graph import GraphModel
     from .io import save_module, save_wrapped
 
-    if foreign_classes(model):
-        # classes of the user's code are not pickled (reloading them would need trust): the file is
-        # {"compress_cpz": the .cpz bytes, "state_dict": ...}, which torch.load(weights_only=True)
-        # reads, and compress rebuilds with the same --arch
+    if foreign_classes(model) or isinstance(model, GraphModel):
+        # classes of the user's code are not pickled (reloading them would need trust), nor is a model
+        # decoded from its graph: the file is {"compress_cpz": the .cpz bytes}, which
+        # torch.load(weights_only=True) reads, and compress decodes (with the same --arch)
         from .coding.container import encode_model
 
-        blob, _ = encode_model(model)
-        return save_wrapped(blob, model.state_dict(), path, force=force)
+        blob, _ = encode_model(model)  # a graph-decoded model keeps its graph
+        return save_wrapped(blob, path, force=force)
     return save_module(model, path, force=force)

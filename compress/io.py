@@ -27,7 +27,8 @@ from typing import Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .errors import InputError, UntrustedPickleError, UsageError, first_line
+from .coding.arch import OWN_MODULES
+from .errors import InputError, UntrustedPickleError, UsageError, first_line, safe
 from .fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def _is_torchscript(path: Path) -> bool:
 # Modules whose nn.Module classes a safe load may name. torch.nn's are resolved only if already
 # imported (resolving a name never imports a module, whose import could run code); compress's own
 # are the ones compress writes.
-_OWN_MODULES = ("compress.models", "compress.prune.channel_union", "compress.quant_state")
+_OWN_MODULES = OWN_MODULES + ("compress.quant_state",)
 
 
 def _allowed_global(name: str):
@@ -171,9 +172,30 @@ class _Refused(Exception):
     pass
 
 
+MAX_UNPACK_RATIO = 16  # torch.save stores its records uncompressed: what a real file unpacks to is its size
+MIN_UNPACK_BYTES = 64 << 20
+
+
+def _check_unpacked_size(path: Path) -> None:
+    """Refuse a torch (zip) file whose records unpack to far more than the file's size, from the sizes its
+    directory declares, before torch allocates them (a deflated 2 GB tensor fits in 2 MB)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            total = sum(i.file_size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip archive: torch's legacy format reads each tensor's bytes from the file itself
+    size = path.stat().st_size
+    ratio = float(os.environ.get("COMPRESS_MAX_DECODE_RATIO", MAX_UNPACK_RATIO))
+    if total > max(MIN_UNPACK_BYTES, ratio * size):
+        raise InputError(f"{path}: refused: its records unpack to {total:,} bytes from a file of {size:,} "
+                         "(torch.save writes them uncompressed). If you trust it, set COMPRESS_MAX_DECODE_RATIO "
+                         "to a larger ratio")
+
+
 def _torch_load(path: Path, trust_pickle: bool):
     from torch.serialization import get_unsafe_globals_in_checkpoint
 
+    _check_unpacked_size(path)
     try:
         needed = get_unsafe_globals_in_checkpoint(str(path))
     except Exception as e:
@@ -196,8 +218,7 @@ def _torch_load(path: Path, trust_pickle: bool):
                                    "--trust-pickle (trust_pickle=True)") from None
     except (RuntimeError, EOFError, ValueError, OSError, ImportError, AttributeError, TypeError, KeyError,
             IndexError, MemoryError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise InputError(f"{path} could not be loaded as a model: {msg}") from e
+        raise InputError(f"{path} could not be loaded as a model: {first_line(e, 160)}") from e
 
 
 CPZ_KEY = "compress_cpz"
@@ -225,7 +246,7 @@ def load_torch(path: Path, arch: str | None = None, trust_pickle: bool = False,
         return model
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, Mapping) and isinstance(obj.get(CPZ_KEY), bytes) and cpz is not None:
-        return cpz(obj[CPZ_KEY])
+        return _unwrap(path, obj, cpz)
     if arch is not None:
         sd = obj.get("state_dict", obj) if isinstance(obj, Mapping) else obj
         if isinstance(sd, nn.Module):
@@ -248,13 +269,31 @@ def load_torch(path: Path, arch: str | None = None, trust_pickle: bool = False,
     return model
 
 
-def save_wrapped(blob: bytes, state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                 force: bool = False) -> Path:
-    """A torch file of plain data: the model's .cpz bytes and its state_dict (atomically)."""
+def _unwrap(path: Path, obj: Mapping, cpz: Callable[[bytes], nn.Module]) -> nn.Module:
+    """The model of a wrapped .cpz: its one source of truth. A file of an older compress also holds a
+    state_dict; it must agree with the container, or the file is refused (other tools read one, compress
+    the other)."""
+    extra = set(obj) - {CPZ_KEY, "state_dict"}
+    if extra:
+        raise InputError(f"{path}: a wrapped .cpz with other entries ({safe(sorted(map(str, extra))[0])}); refused")
+    model = cpz(obj[CPZ_KEY])
+    sd = obj.get("state_dict")
+    if sd is not None:
+        own = model.state_dict()
+        if not isinstance(sd, Mapping) or set(sd) != set(own) or not all(
+                isinstance(sd[k], torch.Tensor) and sd[k].shape == v.shape and torch.equal(sd[k], v)
+                for k, v in own.items()):
+            raise InputError(f"{path}: its state_dict and the .cpz it wraps disagree; refused (write the file "
+                             "again with compress)")
+    return model
+
+
+def save_wrapped(blob: bytes, path: str | os.PathLike, force: bool = False) -> Path:
+    """A torch file of plain data, ``{"compress_cpz": the model's .cpz bytes}`` (atomically): the
+    weights once, readable by ``torch.load(weights_only=True)`` and by compress without trust."""
     path = Path(path)
-    sd = {k: v.detach().cpu() for k, v in state_dict.items()}
     with atomic_write(path, force) as tmp:
-        torch.save({CPZ_KEY: blob, "state_dict": sd}, tmp)
+        torch.save({CPZ_KEY: blob}, tmp)
     return path
 
 

@@ -144,7 +144,7 @@ def test_sections_cannot_overlap_or_repeat(tiny_cpz):
     m = copy.deepcopy(manifest)
     first = m["tensors"][0]
     m["tensors"] = [dict(first, name=f"t{i}", offset=0) for i in range(5000)]  # all pointing at one section
-    _refused_quickly(forge(m, [sections[0]]), "overlapping|lies outside")
+    _refused_quickly(forge(m, [sections[0]]), "overlapping|lies outside|more decoded data")
 
 
 def test_many_huffman_streams_cannot_take_minutes(tiny_cpz):
@@ -238,7 +238,7 @@ def test_idx_header_with_overflowing_dims(tmp_path):
     hdr = bytes([0, 0, 8, 3]) + b"".join(struct.pack(">I", 65536) for _ in range(3))
     (tmp_path / "mnist" / "t-images-idx3-ubyte").write_bytes(hdr + b"\x00" * 16)
     (tmp_path / "mnist" / "t-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 1) + b"\x00")
-    with pytest.raises(InputError, match="does not match its header"):
+    with pytest.raises(InputError, match="does not match its header|declares"):
         compress.data.load(str(tmp_path / "mnist"))
 
 

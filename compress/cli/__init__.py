@@ -11,7 +11,7 @@ import traceback
 
 import typer
 
-from ..errors import CompressError
+from ..errors import CompressError, first_line, printable
 from . import common
 
 # Typer 0.29 labels on/off flags "<bool>" in help, which reads as if `--force true` were expected;
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     except CompressError as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"error: {printable(first_line(e, 10_000))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

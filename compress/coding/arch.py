@@ -9,16 +9,19 @@ does, minus the ability of the file to name any other code.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import safe
 from ..quant_state import STATE_ATTRS
 
 _INTERNAL = set(vars(nn.Module()).keys())
-_ALLOWED_ROOTS = ("torch.nn.", "compress.")
+# the modules of compress whose nn.Module classes a file may name (the zoo, and what methods insert)
+OWN_MODULES = ("compress.models", "compress.prune.channel_union")
 _SKIP = set(STATE_ATTRS)  # stored with the tensor sections instead
 _LEAF = (type(None), bool, int, float, str)
 # functions a torch.nn module may hold as an attribute (TransformerEncoderLayer's ``activation``):
@@ -31,17 +34,26 @@ def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _own(path: str) -> bool:
+    """A class a .cpz may name as data: torch.nn's, or one of compress's model modules."""
+    return path.startswith("torch.nn.") or any(path.startswith(m + ".") for m in OWN_MODULES)
+
+
 def resolve_class(path: str) -> type:
-    """An allow-listed nn.Module class from its path, or ValueError."""
-    if not isinstance(path, str) or not path.startswith(_ALLOWED_ROOTS) or path.count(".") > 12:
-        raise ValueError(f"class {path!r} is not allowed in a .cpz (only torch.nn and compress modules)")
+    """An allow-listed nn.Module class from its path, or ValueError. Nothing is imported that the file
+    names: torch.nn's classes come from modules torch has already imported, compress's from the model
+    modules in ``OWN_MODULES``."""
+    if not isinstance(path, str) or path.count(".") > 12:
+        raise ValueError(f"class {safe(path)} is not allowed in a .cpz (only torch.nn and compress modules)")
     mod, _, name = path.rpartition(".")
-    try:
-        obj = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"class {path!r} not found") from e
-    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-        raise ValueError(f"{path!r} is not an nn.Module class")
+    if any(mod == m or mod.startswith(m + ".") for m in OWN_MODULES):
+        importlib.import_module(OWN_MODULES[0])  # the zoo: registers every model family
+        importlib.import_module("compress.prune.channel_union")
+    elif not mod.startswith("torch.nn.") or name.startswith("_"):
+        raise ValueError(f"class {safe(path)} is not allowed in a .cpz (only torch.nn and compress modules)")
+    obj = getattr(sys.modules.get(mod), name, None)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)) or obj.__module__ != mod:
+        raise ValueError(f"class {safe(path)} is not an nn.Module class of torch.nn or compress")
     return obj
 
 
@@ -100,7 +112,7 @@ def foreign_classes(model: nn.Module) -> list[str]:
     out = []
     for m in model.modules():
         path = _class_path(type(m))
-        if not path.startswith(_ALLOWED_ROOTS) and path not in out:
+        if not _own(path) and path not in out:
             out.append(path)
     return out
 
@@ -116,7 +128,7 @@ def describe(model: nn.Module) -> dict:
     def node(m: nn.Module, where: str) -> dict:
         cls = type(m)
         path = _class_path(cls)
-        own = path.startswith(_ALLOWED_ROOTS)
+        own = _own(path)
         attrs = {}
         for k, v in vars(m).items():
             if k in _INTERNAL or k in _SKIP or k.startswith("__"):
@@ -148,7 +160,7 @@ class NeedsArch(ValueError):
     """The architecture references classes of the user's own code: rebuild it with ``base``."""
 
     def __init__(self, classes: list[str]):
-        super().__init__(f"it holds classes of your own code ({', '.join(classes[:3])}"
+        super().__init__(f"it holds classes of your own code ({', '.join(safe(c) for c in classes[:3])}"
                          f"{', ...' if len(classes) > 3 else ''})")
         self.classes = classes
 
@@ -186,10 +198,10 @@ def rebuild(spec: dict, tensors: dict[str, torch.Tensor], depth: int = 0, prefix
         where = prefix.rstrip(".") or "the model"
         if base is None:
             if depth:  # the user's model has no module here
-                raise ArchMismatch(f"the model your --arch builds has no {where} (a {spec['ref']})")
+                raise ArchMismatch(f"the model your --arch builds has no {safe(where)} (a {safe(spec['ref'])})")
             raise NeedsArch(references(spec))
         if not isinstance(spec["ref"], str) or _class_path(type(base)) != spec["ref"]:
-            raise ArchMismatch(f"{where} is {spec['ref']!r} in the file, but {_class_path(type(base))!r} in the "
+            raise ArchMismatch(f"{safe(where)} is {safe(spec['ref'])} in the file, but {_class_path(type(base))!r} in the "
                              "model your --arch builds")
         m = base
         m._parameters.clear()  # set from the data below

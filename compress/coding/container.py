@@ -27,15 +27,15 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..errors import FormatError, InputError
+from ..errors import FormatError, InputError, first_line, safe
 from ..fileio import atomic_write
 from ..masks import remove_masks
-from ..quant_state import PARAMS, get_state, set_state
-from ..meta import get_meta, set_meta
+from ..quant_state import PARAMS, STATE_ATTRS, get_state, set_state
+from ..meta import META_ATTR, get_meta, set_meta
 from . import arch as arch_mod
 from . import graph as graph_mod
 from . import streams
-from .tensors import decode_entry, encode_tensor
+from .tensors import decode_entry, encode_tensor, shape_numel
 
 log = logging.getLogger(__name__)
 MAGIC = b"CPZ\x00"
@@ -83,6 +83,8 @@ def encode_model(model: nn.Module, graph: bool = False, input_shape=None) -> tup
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     for name, t in named:
         mod_name, _, leaf = name.rpartition(".")
+        if leaf in RESERVED:
+            raise InputError(f"the model has a tensor named {name!r}, a name compress reserves; rename it")
         state = get_state(modules[mod_name], leaf) if leaf in PARAMS and mod_name in modules else None
         data, fields = encode_tensor(t, state, name)
         entry = {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
@@ -162,10 +164,32 @@ def decode_budget(file_bytes: int, max_ratio: float | None = None) -> streams.Bu
     return streams.Budget(elements=decoded_bytes // 4, work=max(1 << 26, int(ratio / MAX_RATIO * 128 * file_bytes)))
 
 
-def _arch_hint(spec) -> str:
-    meta = spec.get("attrs", {}).get("compress_meta") if isinstance(spec, dict) else None
-    ref = meta.get("d", {}).get("arch_ref") if isinstance(meta, dict) else None
-    return f"--arch {ref}" if isinstance(ref, str) else "--arch module:callable (the code that builds it)"
+# Names a file's tensors may not take: the attributes compress keeps on modules (a buffer named
+# ``compress_meta`` would stand where the metadata belongs).
+RESERVED = frozenset((graph_mod.ATTR, META_ATTR) + STATE_ATTRS)
+ARCH_HINT = "--arch module:callable (your own code that builds it)"  # never a path the file names
+
+
+def _over_budget(path, err, size: int):
+    raise FormatError(f"{path}: refused: {err} (more than {MAX_RATIO}x its {size:,} bytes). If you "
+                      "trust it, set COMPRESS_MAX_DECODE_RATIO to a larger ratio") from None
+
+
+def _charge(manifest: dict, budget: streams.Budget, path, size: int) -> None:
+    """Charge every tensor the manifest declares (its elements, and a fixed cost per entry) before
+    anything is decoded: a file that asks for too much is refused at once, not after minutes."""
+    for e in manifest["tensors"]:
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not 0 < len(e["name"]) <= 400:
+            _fail(path, "malformed tensor entry")
+        if e["name"].rpartition(".")[2] in RESERVED:
+            _fail(path, f"tensor {safe(e['name'])} takes a name compress reserves")
+        try:
+            _, n = shape_numel(e)
+            budget.spend(elements=n, work=1024 + n)
+        except streams.BudgetExceeded as err:
+            _over_budget(path, err, size)
+        except ValueError as err:
+            _fail(path, f"tensor {safe(e['name'])}: {err}")
 
 
 def decode_model(blob: bytes, path="<bytes>", budget: streams.Budget | None = None,
@@ -174,33 +198,32 @@ def decode_model(blob: bytes, path="<bytes>", budget: streams.Budget | None = No
     architecture refers to classes of their code; it is called only then."""
     manifest, start = read_manifest(blob, path)
     budget = budget or decode_budget(len(blob))
+    _charge(manifest, budget, path, len(blob))  # the whole file's cost, before any section is decoded
     end = len(blob) - 4
     tensors, states = {}, {}
     expected_off = 0
     for e in manifest["tensors"]:
-        if not isinstance(e, dict) or not isinstance(e.get("name"), str):
-            _fail(path, "malformed tensor entry")
-        if e["name"] in tensors:
-            _fail(path, f"tensor {e['name']} appears twice")
+        name = e["name"]  # checked by _charge
+        if name in tensors:
+            _fail(path, f"tensor {safe(name)} appears twice")
         off, ln, crc = e.get("offset", expected_off), e.get("length"), e.get("crc")  # offset: older writers
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (off, ln, crc)) \
                 or start + off + ln > end:
-            _fail(path, f"section of {e['name']} lies outside the file")
+            _fail(path, f"section of {safe(name)} lies outside the file")
         if off != expected_off:  # sections follow each other: none overlaps or is read twice
-            _fail(path, f"section of {e['name']} does not follow the previous one (overlapping sections)")
+            _fail(path, f"section of {safe(name)} does not follow the previous one (overlapping sections)")
         expected_off = off + ln
         data = blob[start + off:start + off + ln]
         if zlib.crc32(data) != crc:
-            _fail(path, f"checksum mismatch in {e['name']}")
+            _fail(path, f"checksum mismatch in {safe(name)}")
         try:
-            tensors[e["name"]], state = decode_entry(e, data, budget)
+            tensors[name], state = decode_entry(e, data, budget)
         except streams.BudgetExceeded as err:
-            raise FormatError(f"{path}: refused: {err} (more than {MAX_RATIO}x its {len(blob):,} bytes). If you "
-                              "trust it, set COMPRESS_MAX_DECODE_RATIO to a larger ratio") from None
+            _over_budget(path, err, len(blob))
         except (ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError) as err:
-            _fail(path, f"tensor {e['name']}: {err}")
+            _fail(path, f"tensor {safe(name)}: {safe(first_line(err, 100))}")
         if state is not None:
-            states[e["name"]] = state
+            states[name] = state
     if start + expected_off != end:
         _fail(path, "bytes between the last section and the checksum")
     model = _architecture(manifest, tensors, base, path)
@@ -208,7 +231,7 @@ def decode_model(blob: bytes, path="<bytes>", budget: streams.Budget | None = No
     for name, state in states.items():
         mod_name, _, leaf = name.rpartition(".")
         if leaf not in PARAMS or mod_name not in mods:
-            _fail(path, f"coded tensor {name} is not the weight or bias of a layer in the architecture")
+            _fail(path, f"coded tensor {safe(name)} is not the weight or bias of a layer in the architecture")
         set_state(mods[mod_name], state, leaf)
     model.eval()
     return model
@@ -225,7 +248,7 @@ def _architecture(manifest: dict, tensors: dict, base, path) -> nn.Module:
         try:
             model = graph_mod.rebuild(graph, tensors)
         except graph_mod.GraphError as err:
-            hint = f"; pass {_arch_hint(spec)} to rebuild it from your code" if refs else ""
+            hint = f"; pass {ARCH_HINT} to rebuild it from your code" if refs else ""
             raise InputError(f"{path}: its stored graph will not be run: it {err}{hint}") from None
         meta = spec.get("attrs", {}).get("compress_meta") if isinstance(spec, dict) else manifest.get("meta")
         try:
@@ -235,14 +258,14 @@ def _architecture(manifest: dict, tensors: dict, base, path) -> nn.Module:
         set_meta(model, **(meta if isinstance(meta, dict) else {}))
         return model
     if refs and base is None:
-        raise InputError(f"{path}: {arch_mod.NeedsArch(refs)}; pass {_arch_hint(spec)} to rebuild it "
+        raise InputError(f"{path}: {arch_mod.NeedsArch(refs)}; pass {ARCH_HINT} to rebuild it "
                          "(the file stores its structure and weights as data, not the code)")
     try:
         return arch_mod.rebuild(spec, tensors, base=base() if refs else None)
     except arch_mod.ArchMismatch as err:
-        raise InputError(f"{path}: {err}; pass the --arch the file was written with ({_arch_hint(spec)})") from None
+        raise InputError(f"{path}: {err}; pass the {ARCH_HINT} that the file was written with") from None
     except (ValueError, TypeError, KeyError, RecursionError) as err:
-        _fail(path, f"architecture: {err}")
+        _fail(path, f"architecture: {safe(first_line(err, 100), 100)}")
 
 
 def load_cpz(path, base: Callable[[], nn.Module] | None = None) -> nn.Module:

@@ -1,213 +1,623 @@
-"""A model's computation as a ``torch.export`` graph: data a decoder checks before anything runs.
+"""A model's computation as compress's own graph data: captured with ``torch.export``, stored as a
+list of operator calls, decoded into typed objects and run by compress's interpreter.
 
 A .cpz stores the structure of a model of the user's own classes as *references* to their code
-(``arch.py``); decoding it needs their ``--arch``. When the model exports (``torch.export``, batch
-dimension dynamic), the file also holds its graph -- ATen operators and the tensors they read, as
-JSON -- so it can be decoded and run where the user's code is not: the result is a
-``torch.fx.GraphModule`` with the same parameters, buffers and outputs.
+(``arch.py``); decoding it needs their ``--arch``. When the model exports, the file also holds its
+graph, so it can be decoded and run where the user's code is not. The stored form (schema 1)::
 
-The graph is untrusted input on the way back. torch's own loader (``torch.export.load``) unpickles,
-and the serialized form can name any callable under ``torch``, carry guard code that is compiled to
-Python, and sympy expressions that are ``eval``-ed. So before torch sees a graph, ``check`` walks it:
-every operator must be one of ``ALLOWED_OPS`` (ATen compute, shape and normalisation ops: none
-touches files, processes or Python objects), symbolic sizes must be plain integer expressions of the
-batch symbol, names must be identifiers, and guard code, custom objects, subgraphs and constants
-must be absent. Node metadata (source stack traces) is dropped on writing: LeNet-5's graph costs
-about 1.3 KB in the file, a ResNet-20's 5 KB, a MobileNetV2's 11 KB.
+    {"schema": 1, "input": [3, 32, 32], "dtype": "float32",       # one sample; the batch is free
+     "params": ["conv1.weight", ...], "buffers": ["bn1.running_mean", ...],
+     "nodes": [["conv2d", [{"v": 0}, {"p": 0}, null, [1, 1], [1, 1], [1, 1], 1]], ...],
+     "outputs": [{"v": 57}]}
+
+A node is ``[op, args]`` or ``[op, args, kwargs]``. ``op`` names an entry of ``OPS``, a fixed
+table of functional ATen operators (no in-place, random, device-moving or file-touching ones) whose
+argument types come from torch's own schema; ``{"v": i}`` is value i (0: the input, i > 0: the
+result of node i - 1), ``{"p": j}`` is tensor j of ``params + buffers``; every other argument is a
+typed literal (int, float, bool, null, lists of them, ``{"dtype": ...}``, ``{"mf": ...}``, one of a
+few enum strings). Two ops are compress's own: ``getitem`` (one result of a multi-result op) and
+``sym_mul`` (the batch size times a constant: the only symbolic arithmetic, so every size is linear
+in the batch, and no expression is ever parsed).
+
+Nothing read from a file reaches a deserialiser, a code generator or ``eval``: ``parse`` turns the
+JSON into ``Graph`` (checked ops, references to earlier values only, literal sizes capped), ``cost``
+runs it on the meta device for one and two samples and totals its memory and work, and a file whose
+graph asks for more than its weights justify (``limits``) is refused before any real tensor is
+computed. Decoding is linear in the graph's size.
 """
 from __future__ import annotations
 
 import copy
-import json
-import re
+import dataclasses
+import math
+import operator
+import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ..errors import first_line
+from ..errors import first_line, safe
 
-ATTR = "compress_graph"  # on a module decoded from its graph: the checked graph it was built from
+ATTR = "compress_graph"  # on a module decoded from its graph: the graph data it was built from
+SCHEMA = 1
 MAX_BATCH = 1 << 16
-MAX_NODES = 200_000
+MAX_NODES = 50_000
+MAX_ARGS = 16          # arguments of one node
+MAX_LIST = 1024        # elements of one list argument
+MAX_INT = 1 << 40      # magnitude of an integer literal
+MAX_TENSORS = 20_000   # tensors a graph reads
+MAX_INPUT_DIMS = 6
 
-ALLOWED_OPS = frozenset("""
-conv1d conv2d conv3d convolution _convolution conv_transpose1d conv_transpose2d conv_transpose3d linear addmm
-mm bmm matmul baddbmm t einsum
-batch_norm _native_batch_norm_legit_no_training native_batch_norm layer_norm native_layer_norm group_norm
-native_group_norm instance_norm rms_norm
-relu relu_ relu6 hardtanh hardtanh_ hardswish hardswish_ hardsigmoid hardsigmoid_ sigmoid sigmoid_ silu silu_
-gelu gelu_ tanh tanh_ leaky_relu leaky_relu_ elu elu_ prelu _prelu_kernel mish softplus glu softmax _softmax
-log_softmax _log_softmax
-add add_ sub sub_ rsub mul mul_ div div_ neg abs sqrt rsqrt pow exp log clamp clamp_ clamp_min clamp_max
-maximum minimum where erf reciprocal sign floor ceil round eq ne lt gt le ge logical_not logical_and
+# Functional ATen operators, ``name`` or ``name.overload`` (its default overload otherwise). Views,
+# reductions, normalisation and the few allocating ops (full, zeros, ...) are all bounded by ``cost``.
+_ATEN = """
+conv1d conv2d conv3d conv_transpose1d conv_transpose2d.input conv_transpose3d.input convolution linear addmm mm
+bmm matmul baddbmm
+_native_batch_norm_legit_no_training layer_norm native_layer_norm group_norm native_group_norm rms_norm
+relu relu6 hardtanh hardswish hardsigmoid sigmoid silu gelu tanh leaky_relu elu prelu _prelu_kernel mish softplus
+glu softmax.int _softmax log_softmax.int _log_softmax
+add.Tensor add.Scalar sub.Tensor sub.Scalar rsub.Scalar mul.Tensor mul.Scalar div.Tensor div.Scalar div.Tensor_mode
+neg abs sqrt rsqrt pow.Tensor_Scalar exp log clamp clamp_min clamp_max maximum minimum where.self erf reciprocal
+sign floor ceil round eq.Tensor eq.Scalar ne.Scalar lt.Scalar gt.Scalar le.Scalar ge.Scalar logical_not
 max_pool1d max_pool2d max_pool2d_with_indices avg_pool1d avg_pool2d adaptive_avg_pool1d adaptive_avg_pool2d
-_adaptive_avg_pool2d adaptive_max_pool2d upsample_nearest2d upsample_bilinear2d _upsample_nearest_exact2d
-pixel_shuffle pixel_unshuffle pad constant_pad_nd reflection_pad2d replication_pad2d channel_shuffle
-native_channel_shuffle
-mean sum amax amin max min argmax var std norm linalg_vector_norm cumsum
-view _unsafe_view reshape flatten unflatten permute transpose contiguous clone cat stack split
-split_with_sizes chunk unbind slice select narrow squeeze unsqueeze expand expand_as repeat index_select gather
-roll flip alias detach sym_size sym_numel sym_stride _to_copy to type_as zeros_like ones_like full_like
-zeros ones full arange scalar_tensor dropout native_dropout feature_dropout masked_fill tril triu
-scaled_dot_product_attention _scaled_dot_product_flash_attention_for_cpu _native_multi_head_attention
-_assert_tensor_metadata _assert_scalar sym_constrain_range_for_size
-""".split())
-_OPERATOR = frozenset("getitem add sub mul floordiv truediv mod neg eq ne lt le gt ge".split())
-_TORCH_SYM = frozenset("sym_max sym_min sym_float sym_int sym_not".split())
-_TARGET = re.compile(r"torch\.ops\.aten\.([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)\Z")
-_AS_KEYS = frozenset("""as_tensor as_tensors as_optional_tensor as_optional_tensors as_int as_ints as_float
-as_floats as_bool as_bools as_none as_name as_expr as_sym_int as_sym_ints as_sym_float as_sym_bool
-as_scalar_type as_memory_format as_layout as_device as_string as_strings""".split())
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}\Z")
-_FQN = re.compile(r"[A-Za-z0-9_.]{0,400}\Z")
-# sympy's srepr of an integer expression of the batch symbol: sympify() evaluates these strings
-_EXPR = re.compile(r"(?:Symbol\('s\d{1,6}', positive=True, integer=True\)|Integer\(-?\d{1,12}\)|"
-                   r"(?:Mul|Add|FloorDiv|Mod|CeilToInt|Max|Min)\(|\)|, )*\Z")
-_SPEC_TYPES = (None, "builtins.tuple", "builtins.list", "builtins.dict", "collections.OrderedDict")
+_adaptive_avg_pool2d adaptive_max_pool2d upsample_nearest2d.vec upsample_bilinear2d.vec _upsample_nearest_exact2d.vec
+pixel_shuffle pixel_unshuffle constant_pad_nd reflection_pad2d replication_pad2d channel_shuffle native_channel_shuffle
+mean.dim sum.dim_IntList amax amin max.dim min.dim var.correction std.correction linalg_vector_norm cumsum
+view _unsafe_view reshape flatten.using_ints unflatten.int permute transpose.int t contiguous clone cat stack
+split.Tensor split_with_sizes chunk unbind.int slice.Tensor select.int narrow squeeze.dim squeeze.dims squeeze
+unsqueeze expand index_select roll flip alias sym_size.int _to_copy full_like zeros_like ones_like full zeros ones
+scaled_dot_product_attention _scaled_dot_product_flash_attention_for_cpu
+""".split()
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int8": torch.int8,
+           "uint8": torch.uint8, "bool": torch.bool}
+_FORMATS = {"contiguous_format": torch.contiguous_format, "channels_last": torch.channels_last,
+            "preserve_format": torch.preserve_format}
+_STRINGS = frozenset("none tanh floor trunc reflect replicate circular constant mean sum".split())
+_BASE = frozenset("Tensor int float bool number str ScalarType MemoryFormat Layout Device".split())
 
 
 class GraphError(ValueError):
-    """A stored graph that compress will not run (or a model it cannot export)."""
+    """A stored graph that compress will not run (or a model it cannot capture)."""
+
+
+@dataclass(frozen=True)
+class Op:
+    """One entry of the operator table: what it calls and the types of its arguments."""
+
+    name: str
+    fn: Any
+    args: tuple       # ((name, type, kwarg_only, required), ...) from torch's schema
+    returns: str      # "tensor", "int" or "tuple"
+    view: bool        # the result shares memory with its first tensor argument
+    factory: bool = False  # it creates a tensor (``full``): on the input's device, never another
+
+
+def _type_ok(t: str) -> bool:
+    while t.startswith(("Optional[", "List[")):
+        t = t[t.index("[") + 1:-1]
+    return t in _BASE
+
+
+def _aten(name: str) -> Op | None:
+    packet, _, overload = name.partition(".")
+    fn = getattr(getattr(torch.ops.aten, packet, None), overload or "default", None)
+    if fn is None:
+        return None
+    s = fn._schema
+    if s.is_mutable or not s.returns:
+        return None
+    args = tuple((a.name, str(a.real_type), a.kwarg_only, not a.has_default_value()) for a in s.arguments)
+    rets = [str(r.real_type) for r in s.returns]
+    if not all(_type_ok(t) for _, t, _, _ in args):
+        return None
+    if rets == ["Tensor"]:
+        returns = "tensor"
+    elif rets == ["int"]:
+        returns = "int"
+    elif all(r == "Tensor" for r in rets) or rets == ["List[Tensor]"]:
+        returns = "tuple"
+    else:
+        return None
+    factory = any(a[0] == "device" for a in args)
+    return Op(name, fn, args, returns, s.returns[0].alias_info is not None, factory)
+
+
+OPS: dict[str, Op] = {}
+for _name in _ATEN:
+    _op = _aten(_name)
+    if _op is not None:  # an op this torch does not have, or that turned mutable, is left out
+        OPS[_name] = _op
+OPS["getitem"] = Op("getitem", operator.getitem, (("self", "tuple", False, True), ("index", "int", False, True)),
+                    "tensor", True)
+OPS["sym_mul"] = Op("sym_mul", operator.mul, (("self", "symint", False, True), ("factor", "int", False, True)),
+                    "int", False)
+_NAMES = {op.fn: name for name, op in OPS.items() if name not in ("getitem", "sym_mul")}
+# a view runs as reshape: same values, and it also holds where an op's strides on another device or
+# kernel (the meta device that ``cost`` runs on, a fused attention kernel) differ from the capture's
+OPS["view"] = dataclasses.replace(OPS["view"], fn=torch.ops.aten.reshape.default, view=False)
+
+
+# ----------------------------------------------------------------------------- typed objects
+@dataclass(frozen=True)
+class Ref:
+    """Value i of the graph: 0 is the input, i > 0 the result of node i - 1."""
+    index: int
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """Tensor j of the graph's params + buffers."""
+    index: int
+
+
+@dataclass
+class Node:
+    op: Op
+    args: list
+    kwargs: dict
+
+
+@dataclass
+class Graph:
+    """A checked graph: ops from ``OPS``, arguments typed, references only to earlier values."""
+    input: tuple
+    dtype: str
+    params: list
+    buffers: list
+    nodes: list
+    outputs: list
+    frees: list  # frees[k]: the values no node after node k reads
+
+    @property
+    def tensors(self) -> list:
+        return self.params + self.buffers
+
+    def __deepcopy__(self, memo):  # checked once, never changed: copies of a model share it
+        return self
+
+
+# ----------------------------------------------------------------------------- parsing
+def _int(v, lo=-MAX_INT, hi=MAX_INT) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+class _Parser:
+    def __init__(self, n_tensors: int):
+        self.kinds = ["tensor"]  # the kind of each value: tensor, int or tuple
+        self.n_tensors = n_tensors
+        self.refs: list[int] = []  # values the node being parsed reads
+
+    def ref(self, v, kind: str):
+        if not isinstance(v, dict) or len(v) != 1:
+            raise GraphError(f"expects a reference to a {kind}, got {safe(v)}")
+        (key, i), = v.items()
+        if key == "p" and kind == "tensor" and _int(i, 0, self.n_tensors - 1):
+            return Tensor(i)
+        if key == "v" and _int(i, 0, len(self.kinds) - 1):
+            if self.kinds[i] != kind:
+                raise GraphError(f"reads value {i}, a {self.kinds[i]}, where a {kind} belongs")
+            self.refs.append(i)
+            return Ref(i)
+        raise GraphError(f"refers to {safe(v)}, which is not an earlier value or a stored tensor")
+
+    def value(self, v, t: str, depth: int = 0):
+        """A literal or reference of torch schema type ``t`` (``List[int]``, ``Optional[Tensor]``...)."""
+        if t.startswith("Optional["):
+            return None if v is None else self.value(v, t[9:-1], depth)
+        if t.startswith("List["):
+            if not isinstance(v, list) or len(v) > MAX_LIST or depth:
+                raise GraphError(f"expects a list of at most {MAX_LIST} {t[5:-1]}, got {safe(v)}")
+            return [self.value(x, t[5:-1], depth + 1) for x in v]
+        if t in ("Tensor", "tuple", "symint"):
+            return self.ref(v, {"Tensor": "tensor", "symint": "int"}.get(t, t))
+        if t == "int":
+            return v if _int(v) else self.ref(v, "int")
+        if t == "bool" and isinstance(v, bool):
+            return v
+        if t in ("float", "number"):
+            if isinstance(v, dict) and set(v) == {"f"} and v["f"] in ("inf", "-inf", "nan"):
+                return float(v["f"])
+            if isinstance(v, float) and math.isfinite(v) or _int(v) or (t == "number" and isinstance(v, bool)):
+                return v
+        if t == "str" and v in _STRINGS:
+            return v
+        if t == "ScalarType" and isinstance(v, dict) and set(v) == {"dtype"} and v["dtype"] in _DTYPES:
+            return _DTYPES[v["dtype"]]
+        if t == "MemoryFormat" and isinstance(v, dict) and set(v) == {"mf"} and v["mf"] in _FORMATS:
+            return _FORMATS[v["mf"]]
+        raise GraphError(f"expects {t}, got {safe(v)}")  # Layout and Device: only null (the defaults)
+
+    def node(self, raw) -> Node:
+        if not isinstance(raw, list) or len(raw) not in (2, 3) or not isinstance(raw[0], str):
+            raise GraphError("has a node that is not [op, args] or [op, args, kwargs]")
+        op = OPS.get(raw[0])
+        if op is None:
+            raise GraphError(f"calls {safe(raw[0])}, which is not in compress's table of operators")
+        args, kwargs = raw[1], raw[2] if len(raw) == 3 else {}
+        if not isinstance(args, list) or not isinstance(kwargs, dict) or len(args) + len(kwargs) > MAX_ARGS:
+            raise GraphError(f"has a {op.name} node with malformed arguments")
+        positional = [a for a in op.args if not a[2]]
+        if len(args) > len(positional):
+            raise GraphError(f"has a {op.name} node of {len(args)} arguments (it takes {len(positional)})")
+        self.refs = []
+        out_args = [self.where(op, a, v) for a, v in zip(positional, args)]
+        by_name = {a[0]: a for a in op.args}
+        out_kw = {}
+        for k, v in kwargs.items():
+            a = by_name.get(k)
+            if a is None or (not a[2] and positional.index(a) < len(args)):
+                raise GraphError(f"has a {op.name} node with an unknown or repeated argument {safe(k)}")
+            out_kw[k] = self.where(op, a, v)
+        for a in op.args[len(args):]:
+            if a[3] and a[0] not in kwargs:
+                raise GraphError(f"has a {op.name} node without its argument {a[0]!r}")
+        if op.name == "sym_mul" and not _int(out_args[1], 1, 1 << 20):
+            raise GraphError("has a sym_mul node that does not multiply the batch size by a constant from 1 to 2^20")
+        if op.name == "getitem" and not _int(out_args[1], 0, MAX_LIST):
+            raise GraphError("has a getitem node of a negative result index")
+        self.kinds.append(op.returns)
+        return Node(op, out_args, out_kw)
+
+    def where(self, op: Op, a: tuple, v):
+        try:
+            return self.value(v, a[1])
+        except GraphError as e:
+            raise GraphError(f"has a {op.name} node whose argument {a[0]!r} {e}") from None
+
+
+def _names(v, what: str) -> list:
+    if not isinstance(v, list) or len(v) > MAX_TENSORS:
+        raise GraphError(f"has a malformed {what} list")
+    for n in v:
+        if not (isinstance(n, str) and 0 < len(n) <= 400 and all(p.isidentifier() or p.isdigit() and p.isascii()
+                                                                  for p in n.split("."))):
+            raise GraphError(f"has a tensor name {safe(n)} that is not a module path")
+    return v
+
+
+def parse(doc: Any) -> Graph:
+    """The checked ``Graph`` of stored data, or GraphError; time and memory linear in its size."""
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        found = doc.get("schema") if isinstance(doc, dict) else None
+        raise GraphError(f"is not a graph of schema {SCHEMA} (found {safe(found)}; an older compress wrote it "
+                         "with torch.export's format, which compress no longer runs)")
+    extra = set(doc) - {"schema", "input", "dtype", "params", "buffers", "nodes", "outputs"}
+    if extra:
+        raise GraphError(f"has fields compress does not know ({safe(sorted(extra)[0])})")
+    shape, dtype = doc.get("input"), doc.get("dtype")
+    if not (isinstance(shape, list) and len(shape) <= MAX_INPUT_DIMS and all(_int(s, 1, 1 << 20) for s in shape)):
+        raise GraphError(f"has an input shape {safe(shape)} compress does not take")
+    if dtype not in ("float32", "float16", "bfloat16", "float64"):
+        raise GraphError(f"has an input of dtype {safe(dtype)}")
+    params, buffers = _names(doc.get("params"), "params"), _names(doc.get("buffers"), "buffers")
+    if len(set(params + buffers)) != len(params) + len(buffers):
+        raise GraphError("names a tensor twice")
+    nodes_raw = doc.get("nodes")
+    if not isinstance(nodes_raw, list) or not 0 < len(nodes_raw) <= MAX_NODES:
+        raise GraphError(f"has no nodes, or more than {MAX_NODES:,}")
+    p = _Parser(len(params) + len(buffers))
+    last = {}  # value -> the last node that reads it
+    nodes = []
+    for k, raw in enumerate(nodes_raw):
+        nodes.append(p.node(raw))
+        for i in p.refs:
+            last[i] = k
+    outs = doc.get("outputs")
+    if not isinstance(outs, list) or not 0 < len(outs) <= MAX_ARGS:
+        raise GraphError("has malformed outputs")
+    p.refs = []
+    outputs = [p.ref(o, "tensor") for o in outs]
+    kept = {r.index for r in outputs if isinstance(r, Ref)}
+    frees = [[] for _ in nodes]
+    for i, k in last.items():
+        if i not in kept:
+            frees[k].append(i)
+    for k in range(len(nodes)):  # a result no node reads is dropped at once
+        if k + 1 not in last and k + 1 not in kept:
+            frees[k].append(k + 1)
+    return Graph(tuple(shape), dtype, params, buffers, nodes, outputs, frees)
+
+
+def dump(g: Graph) -> dict:
+    """``parse``'s inverse: the stored form of a graph."""
+    def enc(v):
+        if isinstance(v, Ref):
+            return {"v": v.index}
+        if isinstance(v, Tensor):
+            return {"p": v.index}
+        if isinstance(v, list):
+            return [enc(x) for x in v]
+        if isinstance(v, torch.dtype):
+            return {"dtype": str(v).replace("torch.", "")}
+        if isinstance(v, torch.memory_format):
+            return {"mf": str(v).replace("torch.", "")}
+        if isinstance(v, float) and not math.isfinite(v):
+            return {"f": str(v)}
+        return v
+    nodes = [[n.op.name, enc(n.args)] + ([{k: enc(v) for k, v in n.kwargs.items()}] if n.kwargs else [])
+             for n in g.nodes]
+    return {"schema": SCHEMA, "input": list(g.input), "dtype": g.dtype, "params": list(g.params),
+            "buffers": list(g.buffers), "nodes": nodes, "outputs": enc(g.outputs)}
+
+
+# ----------------------------------------------------------------------------- running
+def _get(v, values, tensors):
+    if isinstance(v, Ref):
+        return values[v.index]
+    if isinstance(v, Tensor):
+        return tensors[v.index]
+    if isinstance(v, list):
+        return [_get(x, values, tensors) for x in v]
+    return v
+
+
+def run(g: Graph, x: torch.Tensor, tensors: list, watch=None):
+    """Interpret ``g`` on input ``x`` with ``tensors`` (params + buffers, in order); each value is
+    dropped after the last node that reads it. ``watch(k, node, args, out, values)``: called after
+    each node (the cost accounting)."""
+    values: list = [x]
+    for k, node in enumerate(g.nodes):
+        args = [_get(a, values, tensors) for a in node.args]
+        kwargs = {n: _get(a, values, tensors) for n, a in node.kwargs.items()}
+        if node.op.factory:  # the stored device is always null: the input's (the meta device in ``cost``)
+            kwargs["device"] = x.device
+        out = node.op.fn(*args, **kwargs)
+        values.append(out)
+        if watch is not None:
+            watch(k, node, args, out, values)
+        for i in g.frees[k]:
+            values[i] = None
+    outs = [_get(o, values, tensors) for o in g.outputs]
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+# ----------------------------------------------------------------------------- cost
+def _numel(v) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel()
+    if isinstance(v, (list, tuple)):
+        return sum(_numel(x) for x in v)
+    return 0
+
+
+def _nbytes(v) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size()
+    if isinstance(v, (list, tuple)):
+        return sum(_nbytes(x) for x in v)
+    return 0
+
+
+@dataclass
+class Cost:
+    """What running a graph on ``batch`` samples asks for: operations (multiply-adds counted twice,
+    plus every element each node reads and writes) and the peak of live activation memory."""
+    batch: int
+    work: int
+    peak_bytes: int
+    numels: list  # of every tensor the graph computes, in order
+
+
+def cost(g: Graph, tensors: list, batch: int = 1) -> Cost:
+    """Run ``g`` on the meta device (shapes only, nothing computed) and total its cost."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in tensors]
+    x = torch.empty((batch, *g.input), dtype=_DTYPES[g.dtype], device="meta")
+    owner = {0: 0}              # value -> the value whose memory it uses (itself, or a view's base)
+    size = {0: _nbytes(x)}      # owner -> bytes
+    users = {0: 1}              # owner -> live values using it
+    live = [size[0]]
+    peak = [live[0]]
+    numels: list = [x.numel()]
+    work = [x.numel()]
+
+    def base_of(args, node) -> int | None:
+        first = node.args[0] if node.args else None
+        return owner.get(first.index) if isinstance(first, Ref) and node.op.view else None
+
+    def watch(k, node, args, out, values):
+        i = k + 1
+        n = _numel(out)
+        numels.extend(_numel(t) for t in (out if isinstance(out, (list, tuple)) else [out]))
+        work[0] += n + sum(_numel(a) for a in args if isinstance(a, (torch.Tensor, list)))
+        b = base_of(args, node)
+        if b is None and isinstance(node.args[0] if node.args else None, Tensor) and node.op.view:
+            owner[i] = None  # a view of a stored tensor: the weights are counted apart
+        elif b is None:
+            owner[i], size[i], users[i] = i, _nbytes(out), 0
+            live[0] += size[i]
+            b = i
+        else:
+            owner[i] = b
+        if owner[i] is not None:
+            users[owner[i]] += 1
+        peak[0] = max(peak[0], live[0])
+        for j in g.frees[k]:
+            o = owner.get(j)
+            if o is not None:
+                users[o] -= 1
+                if users[o] == 0:
+                    live[0] -= size[o]
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        run(g, x, meta, watch)
+    return Cost(batch, work[0] + fc.get_total_flops(), peak[0], numels)
+
+
+def limits(tensors: list, g: Graph) -> tuple[float, float]:
+    """(work, bytes) that one sample of a graph may ask for: a floor, or what its weights and input
+    justify (a CNN does a few thousand operations per weight, holds a few copies of its activations);
+    ``COMPRESS_MAX_GRAPH_COST`` multiplies both, for a file you trust."""
+    factor = float(os.environ.get("COMPRESS_MAX_GRAPH_COST", 1))
+    weights = sum(t.numel() for t in tensors)
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    inp = math.prod(g.input)
+    return (factor * max(1 << 34, 4096 * (weights + inp)),
+            factor * max(1 << 28, 16 * (weight_bytes + 4 * inp)))
+
+
+def check_cost(g: Graph, tensors: list) -> Cost:
+    """Refuse a graph whose cost per sample exceeds ``limits`` or grows faster than the batch."""
+    try:
+        one, two = cost(g, tensors, 1), cost(g, tensors, 2)
+    except GraphError:
+        raise
+    except Exception as e:  # an op that does not fit its arguments' shapes, a size torch refuses
+        raise GraphError(f"does not run on its own input shape {tuple(g.input)} ({type(e).__name__}: "
+                         f"{safe(first_line(e, 100))})") from None
+    for a, b in zip(one.numels, two.numels):
+        if b not in (a, 2 * a):
+            raise GraphError(f"a value grows from {a:,} to {b:,} elements when the batch doubles (a graph's "
+                             "cost must be linear in the batch)")
+    max_work, max_bytes = limits(tensors, g)
+    if one.work > max_work or one.peak_bytes > max_bytes:
+        raise GraphError(f"asks for {one.work:.3g} operations and {one.peak_bytes / 2**20:,.0f} MiB of activations "
+                         f"per sample; its {sum(t.numel() for t in tensors):,} weights and input justify at most "
+                         f"{max_work:.3g} and {max_bytes / 2**20:,.0f} MiB (set COMPRESS_MAX_GRAPH_COST to a larger "
+                         "factor for a file you trust)")
+    return one
+
+
+# ----------------------------------------------------------------------------- the decoded model
+class GraphModel(nn.Module):
+    """A model decoded from its stored graph: the file's tensors under their own names, and a forward
+    that interprets the checked graph (``run``). It has no layers of its own: it runs, reports and
+    encodes, and the methods that change layers ask for the user's ``--arch``."""
+
+    def __init__(self, g: Graph, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        slots = []
+        for k, fqn in enumerate(g.tensors):
+            *path, leaf = fqn.split(".")
+            mod = self
+            try:
+                for p in path:
+                    if p not in mod._modules:
+                        mod.add_module(p, nn.Module())
+                    mod = mod._modules[p]
+                t = tensors[fqn]
+                if k < len(g.params):
+                    mod.register_parameter(leaf, nn.Parameter(t, requires_grad=t.is_floating_point()))
+                else:
+                    mod.register_buffer(leaf, t)
+            except (KeyError, TypeError, AttributeError) as e:
+                raise GraphError(f"cannot hold tensor {safe(fqn)} ({safe(first_line(e, 80))})") from None
+            slots.append((mod, leaf))
+        self._graph, self._slots = g, slots
+
+    def forward(self, x: torch.Tensor):
+        g = self._graph
+        if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != g.input or x.dim() != len(g.input) + 1:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"input of shape {shape} does not fit this model: its stored graph takes "
+                             f"(N, {', '.join(map(str, g.input))})")
+        return run(g, x, [getattr(m, leaf) for m, leaf in self._slots])
+
+    def extra_repr(self) -> str:
+        return f"graph of {len(self._graph.nodes)} nodes, input (N, {', '.join(map(str, self._graph.input))})"
 
 
 def stored(model: nn.Module) -> dict | None:
-    """The graph a module was decoded from (it has no layers of its own), or None."""
-    return getattr(model, ATTR, None)
+    """The graph data a module was decoded from (it has no layers of its own), or None."""
+    return dump(model._graph) if isinstance(model, GraphModel) else None
+
+
+def rebuild(doc: Any, tensors: dict[str, torch.Tensor]) -> GraphModel:
+    """The stored graph as a runnable module, after ``parse`` and ``check_cost``; GraphError otherwise."""
+    g = parse(doc)
+    for fqn in g.tensors:
+        if fqn not in tensors:
+            raise GraphError(f"reads tensor {safe(fqn)}, which the file does not hold")
+    ordered = [tensors[fqn] for fqn in g.tensors]
+    check_cost(g, ordered)
+    return GraphModel(g, tensors).eval()
+
+
+# ----------------------------------------------------------------------------- capture
+def _arg(v, slots: dict):
+    if isinstance(v, torch.fx.Node):
+        if v not in slots:
+            raise GraphError(f"reads {v.name}, which compress cannot store")
+        return slots[v]
+    if isinstance(v, (list, tuple)):
+        return [_arg(x, slots) for x in v]
+    if isinstance(v, torch.layout) and v == torch.strided:
+        return None
+    if isinstance(v, torch.device):
+        raise GraphError("moves tensors between devices")
+    if v is None or isinstance(v, (bool, int, float, str, torch.dtype, torch.memory_format)):
+        return v
+    raise GraphError(f"has an argument of type {type(v).__name__}")
+
+
+_DROP = ("_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size", "sym_constrain_range")
 
 
 def capture(model: nn.Module, input_shape) -> dict:
-    """The model's forward (eval mode, on the CPU, any batch size) as checked JSON data."""
-    from torch._export.serde.serialize import serialize
+    """The model's forward (eval mode, on the CPU, any batch size) as checked graph data."""
     from torch.export import Dim
+    from torch.export.graph_signature import InputKind, OutputKind
 
     m = copy.deepcopy(model).cpu().eval()
     x = torch.zeros((2,) + tuple(input_shape[1:]))
     try:
         with torch.no_grad():
             ep = torch.export.export(m, (x,), dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},))
-        art = serialize(ep, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=False)
+            ep = ep.run_decompositions({})  # functional: no in-place ops
     except Exception as e:
         raise GraphError(f"torch.export cannot capture it ({first_line(e)})") from e
-    if ep.constants:
-        raise GraphError(f"its forward creates tensor constants ({', '.join(list(ep.constants)[:3])})")
-    doc = json.loads(art.exported_program)
-    for node in doc["graph_module"]["graph"]["nodes"]:
-        node["metadata"] = {}  # stack traces and module paths: the largest part, and not needed to run
-    doc["guards_code"] = []
-    check(doc)
+    sig = ep.graph_signature
+    params = [s.target for s in sig.input_specs if s.kind == InputKind.PARAMETER]
+    buffers = [s.target for s in sig.input_specs if s.kind == InputKind.BUFFER]
+    index = {n: k for k, n in enumerate(params + buffers)}
+    if any(s.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.USER_INPUT) for s in sig.input_specs) \
+            or any(s.kind != OutputKind.USER_OUTPUT for s in sig.output_specs):
+        raise GraphError("its forward creates tensor constants or changes buffers")
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    slots, nodes, outputs = {}, [], []
+    for n, spec in zip(placeholders, sig.input_specs):
+        slots[n] = {"v": 0} if spec.kind == InputKind.USER_INPUT else {"p": index[spec.target]}
+    for n in ep.graph.nodes:
+        if n.op == "call_function":
+            name = getattr(n.target, "__name__", "")
+            if isinstance(n.target, torch._ops.OpOverload) and n.target._opname in _DROP:
+                continue
+            if n.target is operator.getitem:
+                op = "getitem"
+            elif n.target is operator.mul:
+                op = "sym_mul"
+            else:
+                op = _NAMES.get(n.target)
+            if op is None:
+                raise GraphError(f"its forward calls {n.target if name else type(n.target).__name__}, which is not "
+                                 "in compress's table of operators")
+            args = [_arg(a, slots) for a in n.args]
+            if op == "sym_mul" and isinstance(args[0], int):
+                args.reverse()
+            kwargs = {k: _arg(v, slots) for k, v in n.kwargs.items()}
+            nodes.append([op, args, kwargs] if kwargs else [op, args])
+            slots[n] = {"v": len(nodes)}
+        elif n.op == "output":
+            outputs = [_arg(a, slots) for a in n.args[0]]
+    doc = dump(parse({"schema": SCHEMA, "input": list(input_shape[1:]), "dtype": "float32", "params": params,
+                      "buffers": buffers, "nodes": [_json(nd) for nd in nodes], "outputs": outputs}))
     return doc
 
 
-def _target_ok(t: Any) -> bool:
-    if not isinstance(t, str):
-        return False
-    m = _TARGET.match(t)
-    if m:
-        return m.group(1) in ALLOWED_OPS
-    mod, _, name = t.partition(".")
-    return (mod == "_operator" and name in _OPERATOR) or (mod == "torch" and name in _TORCH_SYM)
-
-
-def _walk(v: Any, depth: int = 0) -> None:
-    if depth > 64:
-        raise GraphError("nested too deeply")
+def _json(v):
+    """Capture's torch values (dtypes, memory formats, non-finite floats) as stored literals."""
+    if isinstance(v, list):
+        return [_json(x) for x in v]
     if isinstance(v, dict):
-        for k, x in v.items():
-            if not isinstance(k, str):
-                raise GraphError("malformed graph")
-            if k.startswith("as_") and k not in _AS_KEYS:
-                raise GraphError(f"holds a {k[3:]!r} value, which compress does not run")
-            if k == "expr_str" and not (isinstance(x, str) and len(x) <= 512 and _EXPR.match(x)):
-                raise GraphError(f"symbolic size {str(x)[:60]!r} is not a plain integer expression")
-            if k == "name" and isinstance(x, str) and not _IDENT.match(x):
-                raise GraphError(f"name {x[:60]!r} is not an identifier")
-            if k in ("parameter_name", "buffer_name", "fqn") and not (isinstance(x, str) and _FQN.match(x)):
-                raise GraphError(f"{k} {str(x)[:60]!r} is not a module path")
-            if k in ("in_spec", "out_spec") and x is not None:
-                _check_treespec(x)
-            _walk(x, depth + 1)
-    elif isinstance(v, list):
-        for x in v:
-            _walk(x, depth + 1)
-
-
-def _check_treespec(s: Any) -> None:
-    try:
-        spec = json.loads(s)
-    except (TypeError, ValueError) as e:
-        raise GraphError("malformed input/output structure") from e
-
-    def walk(node, depth=0):
-        if depth > 32:
-            raise GraphError("input/output structure nested too deeply")
-        if isinstance(node, dict):
-            if "type" in node and node["type"] not in _SPEC_TYPES:
-                raise GraphError(f"input/output of type {str(node['type'])[:60]!r} is not supported")
-            for x in node.values():
-                walk(x, depth + 1)
-        elif isinstance(node, list):
-            for x in node:
-                walk(x, depth + 1)
-    walk(spec)
-
-
-def check(doc: Any) -> None:
-    """Raise GraphError unless ``doc`` is a graph compress will run (see the module docstring)."""
-    try:
-        _check(doc)
-    except (TypeError, AttributeError, KeyError, IndexError, StopIteration) as e:  # wrong shapes of data
-        raise GraphError(f"is malformed ({type(e).__name__})") from e
-
-
-def _check(doc: Any) -> None:
-    try:
-        gm, graph = doc["graph_module"], doc["graph_module"]["graph"]
-        nodes, sig = graph["nodes"], gm["signature"]
-    except (TypeError, KeyError) as e:
-        raise GraphError("malformed graph") from e
-    if not isinstance(nodes, list) or len(nodes) > MAX_NODES:
-        raise GraphError("malformed graph (node list)")
-    if doc.get("guards_code") or graph.get("custom_obj_values") or gm.get("treespec_namedtuple_fields"):
-        raise GraphError("holds guard code, custom objects or named tuples, which compress does not run")
-    for r in (doc.get("range_constraints") or {}):
-        if not re.match(r"s\d{1,6}\Z", str(r)):
-            raise GraphError(f"malformed symbol {str(r)[:40]!r}")
-    for n in nodes:
-        if not isinstance(n, dict) or not _target_ok(n.get("target")):
-            t = n.get("target") if isinstance(n, dict) else None
-            raise GraphError(f"calls {str(t)[:80]!r}, which is not on compress's allow-list of ATen operators")
-    for spec in sig.get("input_specs", []):
-        if not isinstance(spec, dict) or len(spec) != 1 or set(spec) - {"parameter", "buffer", "user_input"}:
-            raise GraphError(f"has an input of kind {sorted(spec) if isinstance(spec, dict) else spec!r}")
-    for spec in sig.get("output_specs", []):
-        if not isinstance(spec, dict) or set(spec) != {"user_output"}:
-            raise GraphError(f"has an output of kind {sorted(spec) if isinstance(spec, dict) else spec!r}")
-    _walk(doc)
-
-
-def rebuild(doc: Any, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """The checked graph with ``tensors`` (by parameter/buffer name) as a runnable module."""
-    from torch._export.serde.serialize import SerializedArtifact, deserialize
-
-    check(doc)
-    state = {}
-    for spec in doc["graph_module"]["signature"]["input_specs"]:
-        kind = next(iter(spec))
-        if kind == "user_input":
-            continue
-        name = spec[kind].get(f"{kind}_name") if isinstance(spec[kind], dict) else None
-        if name not in tensors:
-            raise GraphError(f"the graph reads {str(name)[:80]!r}, which the file does not hold")
-        t = tensors[name]
-        state[name] = nn.Parameter(t, requires_grad=t.is_floating_point()) if kind == "parameter" else t
-    try:
-        ep = deserialize(SerializedArtifact(json.dumps(doc).encode(), state, {}, {}))
-        model = ep.module(check_guards=False)  # no guard code generated; input shapes checked by a hook
-    except Exception as e:  # a graph from another torch version, or one torch rejects
-        raise GraphError(f"torch {torch.__version__} cannot rebuild it (written by torch "
-                         f"{str(doc.get('torch_version'))[:20]}: {first_line(e)})") from e
-    for name in ("train", "eval"):  # torch refuses mode switches: the graph is fixed in eval mode, so
-        vars(model).pop(name, None)  # compress lets them set the flags (and BatchNorm stays in eval mode)
-    setattr(model, ATTR, doc)
-    return model.eval()
+        return {k: _json(x) for k, x in v.items()}
+    if isinstance(v, torch.dtype):
+        return {"dtype": str(v).replace("torch.", "")}
+    if isinstance(v, torch.memory_format):
+        return {"mf": str(v).replace("torch.", "")}
+    if isinstance(v, float) and not math.isfinite(v):
+        return {"f": str(v)}
+    return v

@@ -79,7 +79,7 @@ def encode_tensor(t: torch.Tensor, state: QuantState | None = None, where: str =
     return _raw(t)
 
 
-def _shape_numel(e: dict) -> tuple[list, int]:
+def shape_numel(e: dict) -> tuple[list, int]:
     shape = e.get("shape")
     if not (isinstance(shape, list) and len(shape) <= 8
             and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < MAX_NUMEL for s in shape)):
@@ -185,8 +185,7 @@ def _decode_state(e: dict, data: bytes, shape: list, n: int, budget) -> QuantSta
 
 def decode_entry(e: dict, data: bytes, budget) -> tuple[torch.Tensor, QuantState | None]:
     """One tensor section -> (tensor, its quantization state or None)."""
-    shape, n = _shape_numel(e)
-    budget.spend(elements=n, work=1024 + n)  # the output tensor, and the per-entry overhead
+    shape, n = shape_numel(e)  # charged to the budget up front (container._charge)
     enc = e.get("enc")
     if enc == "raw":
         return _decode_raw(e, data, shape, n), None
