@@ -36,12 +36,12 @@ def to_onnx(model: nn.Module, path, input_shape, opset: int = 17) -> None:
     """Export with a dynamic batch axis (legacy TorchScript exporter: no onnxscript needed)."""
     from .masks import remove_masks
 
-    from .coding.graph import stored
+    from .coding.graph_model import stored
 
     if stored(model) is not None:
         from .stages import graph_only
 
-        raise graph_only(model, "exports ONNX from a model's code (the stored graph has symbolic sizes)")
+        raise graph_only(model, "exports ONNX from a model's layers")
     remove_masks(model)
     model.eval()
     x = torch.randn(tuple(input_shape))

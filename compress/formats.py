@@ -74,7 +74,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False) -
         save_cpz(model, path, force=force, graph=True)
         return path
     from .coding.arch import foreign_classes
-    from .coding.graph import GraphModel
+    from .coding.graph_model import GraphModel
     from .io import save_module, save_wrapped
 
     if foreign_classes(model) or isinstance(model, GraphModel):

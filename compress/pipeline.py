@@ -57,7 +57,7 @@ def paired_drop(base_pred, cand_pred, y) -> tuple[float, float]:
 
 def size_bytes(model: nn.Module, graph: bool = False) -> dict[str, Any]:
     """Encoded .cpz size, the size the same content takes without Huffman coding, and the bytes of
-    each layer's tensors (weight, bias, buffers) in the .cpz. ``graph``: with the torch.export graph
+    each layer's tensors (weight, bias, buffers) in the .cpz. ``graph``: with the graph
     a .cpz of the user's own classes holds (``coding.graph``), as ``save_model`` writes it."""
     _, stats = encode_model(copy.deepcopy(model), graph=graph)
     fixed, layers = 0, {}

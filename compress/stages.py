@@ -28,7 +28,7 @@ import torch.nn as nn
 from . import masks
 from .config import Config, FineTune, method_for
 from .errors import UsageError
-from .coding import graph as graph_mod
+from .coding import graph_model
 from .meta import add_history, get_meta
 
 log = logging.getLogger(__name__)
@@ -72,12 +72,12 @@ class Context:
 
 
 def graph_only(model: nn.Module, what: str) -> UsageError:
-    """The error for a model decoded from a .cpz's stored torch.export graph (a GraphModule: ATen
-    calls, no layers) given to something that needs the model's layers or code."""
-    ref = get_meta(model).get("arch_ref")
-    return UsageError(f"this model was decoded from its stored torch.export graph: it runs, reports and encodes, "
-                      f"but compress {what}; decode the .cpz it came from with "
-                      f"--arch {ref if isinstance(ref, str) else 'module:callable (your code)'} to change it")
+    """The error for a model decoded from a .cpz's stored graph (``coding.graph_model.GraphModel``:
+    ATen calls, no layers) given to something that needs the model's layers or code. It never names the
+    --arch the file mentions: a path read from a file is not a suggestion to run it."""
+    return UsageError(f"this model was decoded from its stored graph: it runs, reports and encodes, but compress "
+                      f"{what}; decode the .cpz it came from with --arch module:callable (your own code that "
+                      "builds it) to change it")
 
 
 MAX_INPUT_VALUES = 1 << 24  # per sample: 16.7 M values (a 3 x 2,364 x 2,364 image)
@@ -127,7 +127,7 @@ class Method:
     needs_train: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, config: Config, ctx: Context | None = None):
-        if graph_mod.stored(model) is not None:
+        if graph_model.stored(model) is not None:
             raise graph_only(model, "changes models through their layers")
         self.model, self.config, self.ctx = model, config, ctx or Context()
         self.layers: list[dict] = []

@@ -56,7 +56,7 @@ def test_a_graph_decoded_model_is_not_changed_or_exported_and_says_how_to(user_m
     for verb, cfg in (("prune", L1FilterConfig(ratio=0.5)), ("quantize", QuantConfig(bits=8))):
         with pytest.raises(UsageError, match="--arch"):
             run(verb, d, cfg, Context(input_shape=SHAPE))
-    with pytest.raises(UsageError, match="stored torch.export graph"):
+    with pytest.raises(UsageError, match="decoded from its stored graph.*--arch module:callable"):
         to_onnx(d, tmp_path / "m.onnx", SHAPE)
 
 
@@ -173,23 +173,26 @@ def test_the_cli_refuses_a_forged_graph_in_one_line_and_runs_nothing(user_model,
     assert not (tmp_path / "d.pt").exists()
 
 
-def test_many_nodes_decode_in_linear_time(user_model):
-    """20,000 relu nodes (the issue's 148 s case) decode in about a second; 10x the nodes, ~10x the time."""
+@pytest.mark.parametrize("op", ["relu", "add.Tensor"])
+def test_many_nodes_decode_in_linear_time(user_model, op):
+    """20,000 relu nodes (148 s before) decode in a second; adds, whose shapes the meta device computes,
+    in a few; 10x the nodes, about 10x the time (bench/test_bench_graph.py measures 1x, 10x, 100x)."""
     manifest, sections = unpack(user_model[1])
     times = {}
-    for n in (2_000, 20_000):
+    for n in (2_000, 20_000) if op == "relu" else (1_000, 10_000):
         m = copy.deepcopy(manifest)
         g = m["graph"]
         out = g["outputs"][0]
         for _ in range(n):
-            g["nodes"].append(["relu", [out]])
+            g["nodes"].append([op, [out] if op == "relu" else [out, out]])
             out = {"v": len(g["nodes"])}
         g["outputs"] = [out]
         blob = forge(m, sections)
         t0 = time.perf_counter()
         decode_model(blob)
         times[n] = time.perf_counter() - t0
-    assert times[20_000] < 8 and times[20_000] < 25 * times[2_000], times
+    small, large = sorted(times)
+    assert times[large] < 10 and times[large] < 25 * times[small], times
 
 
 def test_a_deeply_nested_graph_is_refused_in_one_line(user_model):
@@ -212,7 +215,7 @@ def test_a_tensor_name_cannot_replace_a_module_attribute(user_model, name):
         decode_model(forge(manifest, sections))
 
 
-@pytest.mark.parametrize("name", ["compress_graph", "compress_meta", "layer.compress_meta"])
+@pytest.mark.parametrize("name", ["compress_meta", "layer.compress_meta", "layer.compress_quant"])
 def test_a_tensor_cannot_take_a_name_compress_reserves(user_model, name):
     manifest, sections = unpack(user_model[1])
     manifest["tensors"][-1]["name"] = name

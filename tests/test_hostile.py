@@ -352,3 +352,103 @@ def test_a_function_attribute_names_only_allow_listed_tensor_functions(tiny_cpz,
         e.pop("offset", None), e.pop("length", None)
     with pytest.raises(FormatError, match="malformed attribute"):
         decode_model(forge(m, sections))
+
+
+# ------------------------------------------------------------------ every reader counts before it pays
+def test_an_idx_gzip_is_read_header_first(tmp_path):
+    """A small gzip that unpacks to a lot: refused from its header, before (or without) unpacking it."""
+    import gzip
+
+    (tmp_path / "bad").mkdir()
+    with gzip.open(tmp_path / "bad" / "t-images-idx3-ubyte.gz", "wb") as f:  # not IDX, 200 MB of zeros
+        for _ in range(25):
+            f.write(bytes(8 << 20))
+    (tmp_path / "bad" / "t-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 1) + b"\x00")
+    big = tmp_path / "big"
+    big.mkdir()
+    with gzip.open(big / "t-images-idx3-ubyte.gz", "wb") as f:  # a true header of 200 MB, from 200 KB
+        f.write(bytes([0, 0, 8, 3]) + b"".join(struct.pack(">I", d) for d in (255_102, 28, 28)))
+        for _ in range(25):
+            f.write(bytes(8 << 20))
+    (big / "t-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 1) + b"\x00")
+    assert (big / "t-images-idx3-ubyte.gz").stat().st_size < 300_000
+    for folder, match in ((tmp_path / "bad", "not an IDX"), (big, "declares 199,999,968 bytes")):
+        before, t0 = _peak_mb(), time.perf_counter()
+        with pytest.raises(InputError, match=match):
+            compress.data.load(str(folder))
+        assert time.perf_counter() - t0 < 2 and _peak_mb() - before < 100
+
+
+def _wrapped_user_model(tmp_path):
+    from tests.archs import tiny_cnn
+
+    m = tiny_cnn()
+    set_meta(m, input_shape=[1, 1, 8, 8], arch_ref="tests.archs:tiny_cnn")
+    save_model(m, tmp_path / "w.pt")
+    return m, torch.load(tmp_path / "w.pt", weights_only=True)
+
+
+def test_a_wrapped_cpz_holds_the_weights_once_and_an_old_state_dict_must_agree(tmp_path):
+    m, obj = _wrapped_user_model(tmp_path)
+    assert set(obj) == {"compress_cpz"}
+    loaded = compress.load_model(tmp_path / "w.pt", arch="tests.archs:tiny_cnn")
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    torch.save({**obj, "state_dict": sd}, tmp_path / "agree.pt")  # as an older compress wrote it
+    assert torch.equal(compress.load_model(tmp_path / "agree.pt", arch="tests.archs:tiny_cnn")(torch.ones(1, 1, 8, 8)),
+                       loaded(torch.ones(1, 1, 8, 8)))
+    k = next(iter(sd))
+    sd[k] = sd[k] + 1  # another tool reads the state_dict, compress the .cpz: they may not disagree
+    torch.save({**obj, "state_dict": sd}, tmp_path / "disagree.pt")
+    with pytest.raises(InputError, match="disagree"):
+        compress.load_model(tmp_path / "disagree.pt", arch="tests.archs:tiny_cnn")
+
+
+def test_a_deflated_tensor_in_a_torch_file_is_refused_before_torch_unpacks_it(tmp_path, cli):
+    """80 MB of zeros deflated into a ~100 KB torch file beside a real .cpz: refused from the zip's
+    directory, before torch allocates it."""
+    _, obj = _wrapped_user_model(tmp_path)
+    torch.save({**obj, "state_dict": {"w": torch.zeros(20 << 20)}}, tmp_path / "plain.pt")
+    with zipfile.ZipFile(tmp_path / "plain.pt") as src, \
+            zipfile.ZipFile(tmp_path / "bomb.pt", "w", zipfile.ZIP_DEFLATED, compresslevel=1) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    (tmp_path / "plain.pt").unlink()
+    assert (tmp_path / "bomb.pt").stat().st_size < 500_000
+    before, t0 = _peak_mb(), time.perf_counter()
+    res = cli("report", tmp_path / "bomb.pt", "--arch", "tests.archs:tiny_cnn", "--no-latency")
+    assert one_line_error(res) and "unpack to" in res.err and "COMPRESS_MAX_DECODE_RATIO" in res.err
+    assert time.perf_counter() - t0 < 5 and _peak_mb() - before < 60
+
+
+def test_strings_from_a_file_are_printed_escaped_and_never_as_an_arch_to_run(tiny_cpz, tmp_path, cli):
+    """A forged class reference with terminal escape sequences, and an arch_ref naming an attacker's
+    file: the one-line error shows the former escaped and suggests neither."""
+    _, manifest, sections = tiny_cpz
+    m = copy.deepcopy(manifest)
+    m["arch"]["ref"] = "\x1b]0;pwned\x07\x1b[31mevil.Net"
+    m["arch"]["attrs"]["compress_meta"] = {"d": {"arch_ref": "/tmp/evil.py:build"}}
+    (tmp_path / "e.cpz").write_bytes(forge(m, sections))
+    res = cli("report", tmp_path / "e.cpz", "--no-latency")
+    assert one_line_error(res) and "\x1b" not in res.err and "\x07" not in res.err and "\\x1b" in res.err
+    assert "evil.py" not in res.err and "--arch module:callable" in res.err
+
+
+def test_a_recipe_cannot_name_a_function(tmp_path, cli, lenet5_trained):
+    save_model(lenet5_trained, tmp_path / "m.pt")
+    (tmp_path / "r.toml").write_text('[[stage]]\ntype = "threshold"\nsparsity = 0.5\n'
+                                     'select = { filter_fn = "os.system" }\n')
+    res = cli("pipeline", tmp_path / "m.pt", "--recipe", tmp_path / "r.toml", "--train-data", "digits",
+              "-o", tmp_path / "o.cpz")
+    assert one_line_error(res) and "filter_fn" in res.err and not (tmp_path / "o.cpz").exists()
+
+
+def test_a_manifest_that_declares_too_much_is_refused_before_any_section_is_decoded(tiny_cpz):
+    """Many entries, each small enough alone, that together declare more than the file can hold: the
+    budget is charged from the manifest first (it had been charged as decoding went: 50 s, 6 GB)."""
+    _, manifest, sections = tiny_cpz
+    m = copy.deepcopy(manifest)
+    first = m["tensors"][0]
+    m["tensors"] = [dict(first, name=f"t{i}", shape=[1 << 24]) for i in range(200)] + m["tensors"][1:]
+    t0 = time.perf_counter()
+    _refused_quickly(forge(m, sections), "more decoded data", seconds=1.0, mb=50)
+    assert time.perf_counter() - t0 < 1.0

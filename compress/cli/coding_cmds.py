@@ -16,9 +16,9 @@ from .stage import check_output
 def encode(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: TrustOpt = False,
            force: ForceOpt = False, input_shape: InputShapeOpt = None,
            graph: Annotated[bool, typer.Option(
-               "--graph/--no-graph", help="For a model of your own classes, also store its torch.export graph "
-               "(a few KB), so the .cpz decodes and runs without your code; decoders check it against an "
-               "allow-list of ATen operators before running it.")] = True):
+               "--graph/--no-graph", help="For a model of your own classes, also store its graph (a few KB: "
+               "compress's own list of ATen operator calls), so the .cpz decodes and runs without your code; "
+               "decoders check it, and total its cost, before running it.")] = True):
     """Huffman-code a (pruned, quantized) model into one compact, checked .cpz file.
 
     Examples:
@@ -55,8 +55,8 @@ def encode(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: 
 def decode(cpz: ModelArg, output: OutOpt, arch: ArchOpt = None, force: ForceOpt = False):
     """Decode a .cpz back into a model file (runnable nn.Module; no code from the .cpz runs).
     A model of your own classes is rebuilt with your --arch (the code), its structure and weights
-    from the file; without --arch, from the torch.export graph the file holds (checked against an
-    allow-list of ATen operators first), as a torch.fx GraphModule.
+    from the file; without --arch, from the graph the file holds (its operators checked against a
+    fixed table and its memory and work totalled first), as a module that interprets it.
 
     Examples:
 

@@ -30,11 +30,12 @@ import torch.nn as nn
 from ..errors import FormatError, InputError, first_line, safe
 from ..fileio import atomic_write
 from ..masks import remove_masks
-from ..quant_state import PARAMS, STATE_ATTRS, get_state, set_state
 from ..meta import META_ATTR, get_meta, set_meta
+from ..quant_state import PARAMS, STATE_ATTRS, get_state, set_state
 from . import arch as arch_mod
-from . import graph as graph_mod
-from . import streams
+from . import capture as capture_mod
+from . import graph_model, streams
+from .graph import GraphError
 from .tensors import decode_entry, encode_tensor, shape_numel
 
 log = logging.getLogger(__name__)
@@ -53,29 +54,29 @@ MIN_DECODED_BYTES = 64 << 20
 # ----------------------------------------------------------------------------- encoding
 def _graph_of(model: nn.Module, graph: bool, input_shape) -> tuple[dict | None, str | None]:
     """(graph, None), or (None, why not) for a model of the user's classes; (None, None) for others."""
-    if graph_mod.stored(model) is not None:
-        return graph_mod.stored(model), None  # decoded from a graph: it is its own architecture
+    if graph_model.stored(model) is not None:
+        return graph_model.stored(model), None  # decoded from a graph: it is its own architecture
     if not graph or not arch_mod.foreign_classes(model):
         return None, None
     shape = input_shape or get_meta(model).get("input_shape")
     if not shape:
         return None, "its input shape is unknown (give --input-shape)"
     try:
-        return graph_mod.capture(model, shape), None
-    except graph_mod.GraphError as e:
+        return capture_mod.capture(model, shape), None
+    except GraphError as e:
         return None, str(e)
 
 
 def encode_model(model: nn.Module, graph: bool = False, input_shape=None) -> tuple[bytes, dict]:
     """The .cpz bytes of a model, and per-tensor stats. ``graph``: for a model of the user's own
-    classes, also store its torch.export graph (``graph.py``), so that it decodes without their code;
+    classes, also store its graph (``graph.py``, captured by ``capture.py``), so that it decodes without their code;
     ``stats["graph_bytes"]`` is what it costs, ``stats["graph_note"]`` why there is none."""
     if isinstance(model, torch.jit.ScriptModule):
         raise InputError("TorchScript models cannot be stored in a .cpz; pass the nn.Module")
     remove_masks(model)
     doc, note = _graph_of(model, graph, input_shape)
     try:
-        spec = None if graph_mod.stored(model) is not None else arch_mod.describe(model)
+        spec = None if graph_model.stored(model) is not None else arch_mod.describe(model)
     except TypeError as e:
         raise InputError(str(e)) from e
     modules = dict(model.named_modules())
@@ -166,7 +167,7 @@ def decode_budget(file_bytes: int, max_ratio: float | None = None) -> streams.Bu
 
 # Names a file's tensors may not take: the attributes compress keeps on modules (a buffer named
 # ``compress_meta`` would stand where the metadata belongs).
-RESERVED = frozenset((graph_mod.ATTR, META_ATTR) + STATE_ATTRS)
+RESERVED = frozenset((META_ATTR,) + STATE_ATTRS)
 ARCH_HINT = "--arch module:callable (your own code that builds it)"  # never a path the file names
 
 
@@ -246,8 +247,8 @@ def _architecture(manifest: dict, tensors: dict, base, path) -> nn.Module:
         if graph is None:
             _fail(path, "no architecture")
         try:
-            model = graph_mod.rebuild(graph, tensors)
-        except graph_mod.GraphError as err:
+            model = graph_model.rebuild(graph, tensors)
+        except GraphError as err:
             hint = f"; pass {ARCH_HINT} to rebuild it from your code" if refs else ""
             raise InputError(f"{path}: its stored graph will not be run: it {err}{hint}") from None
         meta = spec.get("attrs", {}).get("compress_meta") if isinstance(spec, dict) else manifest.get("meta")
