@@ -92,13 +92,15 @@ def _row(name):
     set_meta(q, input_shape=list(shape))
     blob, stats = encode_model(copy.deepcopy(q), graph=True)
     x = torch.randn(2, *shape[1:])
+    t0 = time.perf_counter()
     d = decode_model(blob)  # from the graph: no --arch
+    decode_s = time.perf_counter() - t0
     with torch.no_grad():  # 0 for convnets; attention's fused eager kernel differs from its graph in the last bit
         diff = float((d(x) - q(x)).abs().max() / q(x).abs().max())
     return {"family": name, "exercises": what, "params": params0, "macs": macs0,
             "l1_macs_ratio": round(macs0 / count_macs(pruned, shape), 2), "tp_macs_ratio": _tp_macs_ratio(base, shape),
             "kept_groups": sum(n.startswith("kept ") for n in res.notes), "prune_s": round(prune_s, 2),
-            "cpz_bytes": stats["file_bytes"], "graph_bytes": stats["graph_bytes"],
+            "cpz_bytes": stats["file_bytes"], "graph_bytes": stats["graph_bytes"], "decode_s": round(decode_s, 3),
             "ratio_vs_dense": round(4 * params0 / stats["file_bytes"], 1), "graph_decode_rel_diff": diff}
 
 
