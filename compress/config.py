@@ -264,7 +264,7 @@ def _part(key: str, d: dict, owner) -> Any:
     unknown = sorted(set(d) - fields)
     if unknown:
         raise ValueError(f"{key}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
-    if "filter_fn" in d:  # data names no code: a recipe or a header selects layers by names and types
+    if d.get("filter_fn") is not None:  # data names no code: a recipe or a header selects layers by names and types
         raise ValueError(f"{key}: filter_fn is a callable for library use; in a recipe select layers with names, "
                          "exclude and types")
     default = {f.name: f for f in dataclasses.fields(owner)}[key]

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 MAGIC = b"CPZ\x00"
 VERSION = 1
 HEAD = struct.Struct("<4sHHII")
-MAX_MANIFEST = 64 << 20
+MAX_MANIFEST = 32 << 20  # decompressed JSON: a few hundred MB of Python objects at most
 MAX_TENSORS = 20_000
 # Decoding is bounded by what the file can honestly hold: at most MAX_RATIO times its size in
 # decoded bytes (the densest legitimate coding, a very sparse layer's gap stream, stays far below),
