@@ -68,7 +68,8 @@ def size_bytes(model: nn.Module, graph: bool = False) -> dict[str, Any]:
             fixed += e["length"]
         layer = e["name"].rpartition(".")[0]
         layers[layer] = layers.get(layer, 0) + e["length"]
-    return {"coded": stats["file_bytes"], "fixed": fixed + stats["manifest_bytes"] + 20, "layers": layers}
+    return {"coded": stats["file_bytes"], "fixed": fixed + stats["manifest_bytes"] + 20, "layers": layers,
+            "graph_note": stats["graph_note"]}
 
 
 @dataclasses.dataclass
@@ -209,7 +210,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     summary = {"budget_pt": budget, "confidence": z, "base_accuracy": round(base_acc, 3),
                "final_accuracy": round(timeline[-1]["accuracy"], 3), "dense_bytes": dense,
                "cpz_bytes": final["coded"], "ratio": round(dense / final["coded"], 2), "timeline": timeline,
-               "layer_bytes": final["layers"],
+               "layer_bytes": final["layers"], "graph_note": final["graph_note"],
                "stages": results, "input_shape": list(ctx.input_shape), "recipe": recipe.to_dict(),
                "validation": {"samples": len(val), "source": "given" if val_data is not None else "held out"}}
     if test_data is not None:

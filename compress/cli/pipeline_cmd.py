@@ -60,6 +60,8 @@ def pipeline(model: ModelArg, output: OutOpt,
                      test_data=inp.test)
     m = m.cpu()
     save_model(m, output, force=force)  # the same bytes the summary counted
+    if summary.get("graph_note"):
+        err.print(f"note: no graph stored ({summary['graph_note']}); decoding needs your --arch")
     from ..report.render import value_text
 
     test = inp.test is not None

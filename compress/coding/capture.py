@@ -7,12 +7,13 @@ from __future__ import annotations
 import copy
 import math
 import operator
+import warnings
 
 import torch
 import torch.nn as nn
 
 from ..errors import first_line
-from .graph import _NAMES, MAX_BATCH, SCHEMA, GraphError, dump, parse
+from .graph import _NAMES, MAX_BATCH, OPS as _OPS, SCHEMA, GraphError, dump, parse
 
 
 def _arg(v, slots: dict):
@@ -42,7 +43,8 @@ def capture(model: nn.Module, input_shape) -> dict:
     m = copy.deepcopy(model).cpu().eval()
     x = torch.zeros((2,) + tuple(input_shape[1:]))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.export's own deprecations are not the user's business
             ep = torch.export.export(m, (x,), dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},))
             ep = ep.run_decompositions({})  # functional: no in-place ops
     except Exception as e:
@@ -73,6 +75,9 @@ def capture(model: nn.Module, input_shape) -> dict:
                 raise GraphError(f"its forward calls {n.target if name else type(n.target).__name__}, which is not "
                                  "in compress's table of operators")
             args = [_arg(a, slots) for a in n.args]
+            if op.endswith(".Tensor") and len(args) > 1 and isinstance(args[1], (int, float)) \
+                    and op[:-7] + ".Scalar" in _OPS:  # ``x * 0.5`` is mul.Tensor(x, 0.5) in torch.export
+                op = op[:-7] + ".Scalar"
             if op == "sym_mul" and isinstance(args[0], int):
                 args.reverse()
             kwargs = {k: _arg(v, slots) for k, v in n.kwargs.items()}
