@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import first_line
-from .graph import _NAMES, MAX_BATCH, OPS as _OPS, SCHEMA, GraphError, dump, parse
+from .graph import MAX_BATCH, OP_NAMES, OPS, SCHEMA, GraphError, dump, parse
 
 
 def _arg(v, slots: dict):
@@ -58,7 +58,7 @@ def capture(model: nn.Module, input_shape) -> dict:
         raise GraphError("its forward creates tensor constants or changes buffers")
     placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
     slots, nodes, outputs = {}, [], []
-    for n, spec in zip(placeholders, sig.input_specs):
+    for n, spec in zip(placeholders, sig.input_specs, strict=True):
         slots[n] = {"v": 0} if spec.kind == InputKind.USER_INPUT else {"p": index[spec.target]}
     for n in ep.graph.nodes:
         if n.op == "call_function":
@@ -70,13 +70,13 @@ def capture(model: nn.Module, input_shape) -> dict:
             elif n.target is operator.mul:
                 op = "sym_mul"
             else:
-                op = _NAMES.get(n.target)
+                op = OP_NAMES.get(n.target)
             if op is None:
                 raise GraphError(f"its forward calls {n.target if name else type(n.target).__name__}, which is not "
                                  "in compress's table of operators")
             args = [_arg(a, slots) for a in n.args]
             if op.endswith(".Tensor") and len(args) > 1 and isinstance(args[1], (int, float)) \
-                    and op[:-7] + ".Scalar" in _OPS:  # ``x * 0.5`` is mul.Tensor(x, 0.5) in torch.export
+                    and op[:-7] + ".Scalar" in OPS:  # ``x * 0.5`` is mul.Tensor(x, 0.5) in torch.export
                 op = op[:-7] + ".Scalar"
             if op == "sym_mul" and isinstance(args[0], int):
                 args.reverse()

@@ -70,7 +70,7 @@ scaled_dot_product_attention _scaled_dot_product_flash_attention_for_cpu
 # argument for the result instead of calling a meta kernel (~0.2 ms each, in Python, for pointwise ops)
 SAME_SHAPE = frozenset("""relu relu6 hardtanh hardswish hardsigmoid sigmoid silu gelu tanh leaky_relu elu mish softplus
 neg abs sqrt rsqrt exp log erf reciprocal sign floor ceil round clamp clamp_min clamp_max clone contiguous alias""".split())
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int8": torch.int8,
            "uint8": torch.uint8, "bool": torch.bool}
 _FORMATS = {"contiguous_format": torch.contiguous_format, "channels_last": torch.channels_last,
@@ -134,7 +134,7 @@ OPS["getitem"] = Op("getitem", operator.getitem, (("self", "tuple", False, True)
                     "tensor", True)
 OPS["sym_mul"] = Op("sym_mul", operator.mul, (("self", "symint", False, True), ("factor", "int", False, True)),
                     "int", False)
-_NAMES = {op.fn: name for name, op in OPS.items() if name not in ("getitem", "sym_mul")}
+OP_NAMES = {op.fn: name for name, op in OPS.items() if name not in ("getitem", "sym_mul")}
 # a view runs as reshape: same values, and it also holds where an op's strides on another device or
 # kernel (the meta device that ``cost`` runs on, a fused attention kernel) differ from the capture's
 OPS["view"] = dataclasses.replace(OPS["view"], fn=torch.ops.aten.reshape.default, view=False)
@@ -224,8 +224,8 @@ class _Parser:
                 return v
         if t == "str" and v in _STRINGS:
             return v
-        if t == "ScalarType" and isinstance(v, dict) and set(v) == {"dtype"} and v["dtype"] in _DTYPES:
-            return _DTYPES[v["dtype"]]
+        if t == "ScalarType" and isinstance(v, dict) and set(v) == {"dtype"} and v["dtype"] in DTYPES:
+            return DTYPES[v["dtype"]]
         if t == "MemoryFormat" and isinstance(v, dict) and set(v) == {"mf"} and v["mf"] in _FORMATS:
             return _FORMATS[v["mf"]]
         raise GraphError(f"expects {t}, got {safe(v)}")  # Layout and Device: only null (the defaults)

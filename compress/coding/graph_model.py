@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import first_line, safe
-from .graph import _DTYPES, Graph, GraphError, Ref, Tensor, dump, parse, run
+from .graph import DTYPES, Graph, GraphError, Ref, Tensor, dump, parse, run
 
 
 def _numel(v) -> int:
@@ -53,7 +53,7 @@ def cost(g: Graph, tensors: list, batch: int = 1) -> Cost:
     from torch.utils.flop_counter import FlopCounterMode
 
     meta = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in tensors]
-    x = torch.empty((batch, *g.input), dtype=_DTYPES[g.dtype], device="meta")
+    x = torch.empty((batch, *g.input), dtype=DTYPES[g.dtype], device="meta")
     owner = {0: 0}              # value -> the value whose memory it uses (itself, or a view's base)
     size = {0: _nbytes(x)}      # owner -> bytes
     users = {0: 1}              # owner -> live values using it
@@ -116,7 +116,7 @@ def check_cost(g: Graph, tensors: list) -> Cost:
     except Exception as e:  # an op that does not fit its arguments' shapes, a size torch refuses
         raise GraphError(f"does not run on its own input shape {tuple(g.input)} ({type(e).__name__}: "
                          f"{safe(first_line(e, 100))})") from None
-    for a, b in zip(one.numels, two.numels):
+    for a, b in zip(one.numels, two.numels, strict=True):
         if b not in (a, 2 * a):
             raise GraphError(f"a value grows from {a:,} to {b:,} elements when the batch doubles (a graph's "
                              "cost must be linear in the batch)")
