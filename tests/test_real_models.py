@@ -224,7 +224,7 @@ def test_a_users_own_classes_go_through_every_command_without_trust(name, tmp_pa
     x = torch.randn(2, 3, size, size)
     q, d = load_model(tmp_path / "q.pt", arch=arch).eval(), load_model(tmp_path / "d.pt", arch=arch).eval()
     assert torch.equal(q(x), d(x))
-    # without the code: the .cpz holds the model's torch.export graph, checked before it runs
+    # without the code: the .cpz holds the model's graph, checked and its cost totalled before it runs
     assert cli("-q", "decode", tmp_path / "q.cpz", "-o", tmp_path / "g.pt").code == 0
     assert cli("-q", "report", tmp_path / "g.pt").code == 0
     assert torch.equal(load_model(tmp_path / "g.pt")(x), d(x))

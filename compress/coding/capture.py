@@ -5,7 +5,6 @@ reads it back. Only the capture uses torch.export; what is stored is compress's 
 from __future__ import annotations
 
 import copy
-import math
 import operator
 import warnings
 
@@ -13,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import first_line
-from .graph import MAX_BATCH, OP_NAMES, OPS, SCHEMA, GraphError, dump, parse
+from .graph import MAX_BATCH, OP_NAMES, OPS, SCHEMA, GraphError, dump, encode, parse
 
 
 def _arg(v, slots: dict):
@@ -86,20 +85,5 @@ def capture(model: nn.Module, input_shape) -> dict:
         elif n.op == "output":
             outputs = [_arg(a, slots) for a in n.args[0]]
     doc = dump(parse({"schema": SCHEMA, "input": list(input_shape[1:]), "dtype": "float32", "params": params,
-                      "buffers": buffers, "nodes": [_json(nd) for nd in nodes], "outputs": outputs}))
+                      "buffers": buffers, "nodes": encode(nodes), "outputs": outputs}))
     return doc
-
-
-def _json(v):
-    """Capture's torch values (dtypes, memory formats, non-finite floats) as stored literals."""
-    if isinstance(v, list):
-        return [_json(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _json(x) for k, x in v.items()}
-    if isinstance(v, torch.dtype):
-        return {"dtype": str(v).replace("torch.", "")}
-    if isinstance(v, torch.memory_format):
-        return {"mf": str(v).replace("torch.", "")}
-    if isinstance(v, float) and not math.isfinite(v):
-        return {"f": str(v)}
-    return v

@@ -44,6 +44,8 @@ MAX_ARGS = 16          # arguments of one node
 MAX_LIST = 1024        # elements of one list argument
 MAX_INT = 1 << 40      # magnitude of an integer literal
 MAX_TENSORS = 20_000   # tensors a graph reads
+MAX_MODULES = 50_000   # the containers their module paths ask for
+MAX_DEPTH = 64         # parts of one module path
 MAX_INPUT_DIMS = 6
 
 # Functional ATen operators, ``name`` or ``name.overload`` (its default overload otherwise). Views,
@@ -71,8 +73,8 @@ scaled_dot_product_attention _scaled_dot_product_flash_attention_for_cpu
 SAME_SHAPE = frozenset("""relu relu6 hardtanh hardswish hardsigmoid sigmoid silu gelu tanh leaky_relu elu mish softplus
 neg abs sqrt rsqrt exp log erf reciprocal sign floor ceil round clamp clamp_min clamp_max clone contiguous alias""".split())
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int8": torch.int8,
-           "uint8": torch.uint8, "bool": torch.bool}
+          "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int8": torch.int8,
+          "uint8": torch.uint8, "bool": torch.bool}
 _FORMATS = {"contiguous_format": torch.contiguous_format, "channels_last": torch.channels_last,
             "preserve_format": torch.preserve_format}
 _STRINGS = frozenset("none tanh floor trunc reflect replicate circular constant mean sum".split())
@@ -272,10 +274,21 @@ def _names(v, what: str) -> list:
     if not isinstance(v, list) or len(v) > MAX_TENSORS:
         raise GraphError(f"has a malformed {what} list")
     for n in v:
-        if not (isinstance(n, str) and 0 < len(n) <= 400 and all(p.isidentifier() or p.isdigit() and p.isascii()
-                                                                  for p in n.split("."))):
+        if not (isinstance(n, str) and 0 < len(n) <= 400 and n.count(".") < MAX_DEPTH
+                and all(p.isidentifier() or p.isdigit() and p.isascii() for p in n.split("."))):
             raise GraphError(f"has a tensor name {safe(n)} that is not a module path")
     return v
+
+
+def _containers(names: list) -> int:
+    """How many modules the tensors' paths ask the decoded model to create (counted up to the cap)."""
+    seen: set[str] = set()
+    for n in names:
+        i = n.find(".")
+        while i != -1 and len(seen) <= MAX_MODULES:
+            seen.add(n[:i])
+            i = n.find(".", i + 1)
+    return len(seen)
 
 
 def parse(doc: Any) -> Graph:
@@ -295,6 +308,8 @@ def parse(doc: Any) -> Graph:
     params, buffers = _names(doc.get("params"), "params"), _names(doc.get("buffers"), "buffers")
     if len(set(params + buffers)) != len(params) + len(buffers):
         raise GraphError("names a tensor twice")
+    if _containers(params + buffers) > MAX_MODULES:
+        raise GraphError(f"asks for more than {MAX_MODULES:,} modules to hold its tensors")
     nodes_raw = doc.get("nodes")
     if not isinstance(nodes_raw, list) or not 0 < len(nodes_raw) <= MAX_NODES:
         raise GraphError(f"has no nodes, or more than {MAX_NODES:,}")
@@ -321,26 +336,30 @@ def parse(doc: Any) -> Graph:
     return Graph(tuple(shape), dtype, params, buffers, nodes, outputs, frees)
 
 
+def encode(v):
+    """An argument as stored data: references, dtypes, memory formats and non-finite floats tagged."""
+    if isinstance(v, Ref):
+        return {"v": v.index}
+    if isinstance(v, Tensor):
+        return {"p": v.index}
+    if isinstance(v, list):
+        return [encode(x) for x in v]
+    if isinstance(v, dict):
+        return {k: encode(x) for k, x in v.items()}
+    if isinstance(v, torch.dtype):
+        return {"dtype": str(v).replace("torch.", "")}
+    if isinstance(v, torch.memory_format):
+        return {"mf": str(v).replace("torch.", "")}
+    if isinstance(v, float) and not math.isfinite(v):
+        return {"f": str(v)}
+    return v
+
+
 def dump(g: Graph) -> dict:
     """``parse``'s inverse: the stored form of a graph."""
-    def enc(v):
-        if isinstance(v, Ref):
-            return {"v": v.index}
-        if isinstance(v, Tensor):
-            return {"p": v.index}
-        if isinstance(v, list):
-            return [enc(x) for x in v]
-        if isinstance(v, torch.dtype):
-            return {"dtype": str(v).replace("torch.", "")}
-        if isinstance(v, torch.memory_format):
-            return {"mf": str(v).replace("torch.", "")}
-        if isinstance(v, float) and not math.isfinite(v):
-            return {"f": str(v)}
-        return v
-    nodes = [[n.op.name, enc(n.args)] + ([{k: enc(v) for k, v in n.kwargs.items()}] if n.kwargs else [])
-             for n in g.nodes]
+    nodes = [[n.op.name, encode(n.args)] + ([encode(n.kwargs)] if n.kwargs else []) for n in g.nodes]
     return {"schema": SCHEMA, "input": list(g.input), "dtype": g.dtype, "params": list(g.params),
-            "buffers": list(g.buffers), "nodes": nodes, "outputs": enc(g.outputs)}
+            "buffers": list(g.buffers), "nodes": nodes, "outputs": encode(g.outputs)}
 
 
 # ----------------------------------------------------------------------------- running
