@@ -271,11 +271,16 @@ def test_prune_cli_threshold(tmp_path, cli, lenet5_trained):
               "--epochs", "1", "--steps", "1", "-o", tmp_path / "p.pt", "--report", tmp_path / "rep")
     assert res.code == 0, res.err
     assert "before / after" in res.out and "nonzero parameters" in res.out
+    assert "accuracy on 20% held out of --train-data, 61 samples" in " ".join(res.out.split())  # the real split (stratified)
+    assert "warning" not in res.err
     for f in ("report.json", "report.md", "report.html", "layers.png", "weight_histograms.png"):
         assert (tmp_path / "rep" / f).exists()
     from compress.formats import load_model
     p = load_model(tmp_path / "p.pt")
     assert 0.75 < sparsity_of(p) < 0.85
+    # without data nothing says what a change cost: a warning says so (90% pruned LeNet-5 can score 16%)
+    res = cli("prune", src, "--sparsity", "0.9", "-o", tmp_path / "blind.pt")
+    assert res.code == 0 and "warning: no --train-data or --test-data" in res.err
     # the input is never overwritten without --force
     res = cli("prune", src, "--sparsity", "0.5", "-o", src)
     assert res.code == 1 and "--force" in res.err

@@ -22,8 +22,9 @@ class Inputs:
     """What a command loaded: the model and the data splits."""
 
     model: nn.Module
-    train: Any = None   # fine-tuning data (90% of --train-data)
-    val: Any = None     # 10% held out of --train-data: the accuracy the tables show
+    train: Any = None   # fine-tuning data (the rest of --train-data)
+    val: Any = None     # held out of --train-data (val_fraction of it): the accuracy the tables show
+    val_fraction: float = 0.0
     test: Any = None    # --test-data
     input_shape: tuple | None = None
     before: dict = field(default_factory=dict)
@@ -77,6 +78,7 @@ def load_inputs(model_path: str, output: str | None, force: bool, arch=None, tru
         vf = get_meta(model).get("val_fraction")
         vf = vf if isinstance(vf, float) and 0.0 < vf < 1.0 else data_mod.VAL_FRACTION  # the model's own split
         inp.train, inp.val = data_mod.split(data_mod.load(train_data), vf, seed=0)
+        inp.val_fraction = vf
         data_mod.check_fits(model, inp.train)
     if test_data:
         inp.test = data_mod.load(test_data)
@@ -123,11 +125,15 @@ def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, re
         save_model(model, output, force=force)  # rank 0 writes; the others wait for it
         distributed.barrier()
         after["file_bytes"] = Path(output).stat().st_size
-    title = f"{verb}/{res.stage}: before / after" + (" (accuracy on 10% held out of --train-data)"
-                                                       if inp.val is not None else "")
+    title = f"{verb}/{res.stage}: before / after" + (
+        f" (accuracy on {inp.val_fraction:.0%} held out of --train-data, {len(inp.val):,} samples)"
+        if inp.val is not None else "")
     out.print(before_after(inp.before, after, title=title))
     for note in res.notes:
         err.print(f"note: {note}")
+    if inp.val is None and inp.test is None:  # a 90%-pruned model can score 16% and nothing would say so
+        err.print("warning: no --train-data or --test-data: nothing was fine-tuned and the accuracy after this "
+                  "change was not measured; pass --test-data (or --train-data) to see what it cost")
     if "macs" not in after:
         err.print("note: no input shape known, so no MACs or latency; pass --input-shape 1,C,H,W or --train-data")
     result = {"method": f"{verb}/{res.stage}", "config": res.config, "before": inp.before, "after": after,
