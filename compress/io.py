@@ -27,7 +27,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .coding.arch import OWN_MODULES
+from .coding.arch import OWN_MODULES, USER_PREFIX
 from .errors import InputError, UntrustedPickleError, UsageError, first_line, safe
 from .fileio import atomic_write
 
@@ -48,7 +48,7 @@ def resolve_callable(spec: str, what: str = "--arch") -> Callable:
         p = Path(mod_name)
         if not p.is_file():
             raise InputError(f"{what}: file {p} not found")
-        sp = importlib.util.spec_from_file_location(f"_compress_user_{p.stem}", p)
+        sp = importlib.util.spec_from_file_location(f"{USER_PREFIX}{p.stem}", p)
         module = importlib.util.module_from_spec(sp)
         try:
             sp.loader.exec_module(module)
@@ -216,6 +216,10 @@ def _torch_load(path: Path, trust_pickle: bool):
     except _Refused as e:
         raise UntrustedPickleError(f"{path}: {e}; it was not loaded. If you trust this file pass "
                                    "--trust-pickle (trust_pickle=True)") from None
+    except ModuleNotFoundError as e:  # a trusted whole pickle of classes Python cannot import from here
+        raise InputError(f"{path}: the pickled model needs the module {e.name!r}, which Python cannot import "
+                         "here; run compress where it is importable (PYTHONPATH=the folder that holds it), or "
+                         "save a state_dict and pass --arch path/to/file.py:build") from None
     except (RuntimeError, EOFError, ValueError, OSError, ImportError, AttributeError, TypeError, KeyError,
             IndexError, MemoryError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         raise InputError(f"{path} could not be loaded as a model: {first_line(e, 160)}") from e

@@ -1,4 +1,5 @@
 import copy
+import os
 import pickle
 
 import numpy as np
@@ -138,3 +139,26 @@ def test_cli_bad_input_is_one_line(tmp_path, cli, lenet5_trained, case):
 def test_debug_shows_traceback(tmp_path, cli):
     res = cli("--debug", "report", tmp_path / "nope.pt")
     assert res.code == 1 and "Traceback" in res.err
+
+
+def test_arch_by_path_and_by_module_name_the_same_classes(tmp_path, cli, monkeypatch):
+    """A whole pickle of the user's ``mynet.MyNet``: its .cpz rebuilds with ``--arch mynet:build`` and with
+    ``--arch path/to/mynet.py:build`` alike; --trust-pickle where mynet cannot be imported says how."""
+    import subprocess
+    import sys
+
+    src = ("import torch.nn as nn\n\nclass MyNet(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+           "        self.fc = nn.Linear(4, 3)\n\n    def forward(self, x):\n        return self.fc(x.flatten(1))\n\n"
+           "def build():\n    return MyNet()\n")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mynet.py").write_text(src)
+    subprocess.run([sys.executable, "-c", "import torch, mynet; torch.save(mynet.build(), 'whole.pt')"],
+                   cwd=tmp_path / "pkg", check=True, env={**os.environ, "PYTHONPATH": str(tmp_path / "pkg")})
+    res = cli("encode", tmp_path / "pkg" / "whole.pt", "--trust-pickle", "--no-graph", "-o", tmp_path / "w.cpz")
+    assert one_line_error(res) and "'mynet'" in res.err and "PYTHONPATH" in res.err  # not importable from here
+    monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
+    assert cli("encode", tmp_path / "pkg" / "whole.pt", "--trust-pickle", "--no-graph", "-o", tmp_path / "w.cpz",
+               "--input-shape", "1,4").code == 0
+    for arch in ("mynet:build", f"{tmp_path / 'pkg' / 'mynet.py'}:build"):
+        res = cli("report", tmp_path / "w.cpz", "--arch", arch, "--input-shape", "1,4", "--no-latency")
+        assert res.code == 0, (arch, res.err)

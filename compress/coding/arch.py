@@ -30,8 +30,14 @@ FUNCTIONS = frozenset("""relu relu6 gelu silu mish hardswish hardsigmoid hardtan
 celu softplus softsign glu logsigmoid softmax log_softmax tanhshrink""".split())
 
 
+USER_PREFIX = "_compress_user_"  # the module name ``--arch path/to/mynet.py:fn`` imports ``mynet.py`` as
+
+
 def _class_path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+    """``module.Class``; a class of a file loaded by path is named as if imported (``mynet.MyNet``), so that
+    ``--arch mynet:build`` and ``--arch path/to/mynet.py:build`` name the same classes."""
+    module = cls.__module__
+    return f"{module[len(USER_PREFIX):] if module.startswith(USER_PREFIX) else module}.{cls.__qualname__}"
 
 
 def _own(path: str) -> bool:
