@@ -151,7 +151,7 @@ def timing_seconds() -> float:
 
 
 def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, threads: int | None = 2,
-                  dtype=None) -> list[dict]:
+                  dtype=None, raw: list | None = None) -> list[dict]:
     """Per model (ms of one forward pass at ``batch``): ``ms``, the lowest median over blocks of 25
     consecutive runs -- the speed the machine sustains when undisturbed, the repeatable figure on a
     shared machine whose slow phases last seconds -- and the median and quartiles of all runs.
@@ -159,7 +159,8 @@ def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, thr
     Each model is warmed up until stable; then the runs are interleaved (model 1, model 2, model 1,
     ...), so that a machine that speeds up or slows down meanwhile affects every model alike: at
     least ``runs`` rounds, and as many more as fill ``timing_seconds()``. ``dtype``: time under
-    autocast (torch.bfloat16 / torch.float16), as a GPU deployment would run.
+    autocast (torch.bfloat16 / torch.float16), as a GPU deployment would run. ``raw``: a list that
+    receives each model's times, round by round (for paired comparisons: ``speed_ratio``).
     """
     old = torch.get_num_threads()
     if threads:
@@ -174,6 +175,8 @@ def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, thr
             for _ in range(rounds):
                 for t, fn in zip(times, fns):
                     t.append(fn())
+        if raw is not None:
+            raw.extend(times)
         out = []
         for t in times:
             q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
@@ -191,23 +194,54 @@ def latency_ms(model, input_shape, batch: int = 1, runs: int = 20, threads: int 
 
 
 def latencies(models: list, input_shape, runs: int = 20) -> list[dict]:
-    """``{"batch_1": ms, "batch_32": ms, "iqr": {...}}`` per model, measured interleaved."""
+    """``{"batch_1": ms, "batch_32": ms, "iqr": {...}}`` per model, measured interleaved; with two models
+    the second also gets ``"speedup": {batch: [low, median, high]}``, its speed relative to the first
+    with a 95% interval (``speed_ratio``)."""
     outs = [{"iqr": {}} for _ in models]
     for key, batch, n in (("batch_1", 1, runs), ("batch_32", 32, max(5, runs // 2))):
-        for o, st in zip(outs, latency_stats(models, input_shape, batch, n)):
+        raw: list = []
+        for o, st in zip(outs, latency_stats(models, input_shape, batch, n, raw=raw)):
             o[key] = st["ms"]
             o["iqr"][key] = [st["p25"], st["p75"]]
+        if len(models) == 2:
+            outs[1].setdefault("speedup", {})[key] = speed_ratio(raw[0], raw[1])
     return outs
 
 
-def speed_change(before_ms: float | None, after_ms: float | None) -> str:
-    """"1.9x faster", "1.9x slower", or "same" within 10% (timing noise)."""
+def speed_ratio(before: list[float], after: list[float]) -> list[float]:
+    """[low, median, high]: the median of the per-round ratios before / after of interleaved runs, and a
+    95% distribution-free interval for it (order statistics of the ratios). Rounds pair the two models
+    in time, so a machine that slows down for a while slows both, and the ratio stays honest."""
+    r = sorted(b / a for b, a in zip(before, after, strict=True) if a > 0)
+    n = len(r)
+    if n < 6:
+        return [r[0], statistics.median(r), r[-1]] if r else [1.0, 1.0, 1.0]
+    half = 0.98 * n ** 0.5  # 1.96 / 2 * sqrt(n): the binomial interval of the median's rank
+    lo, hi = max(0, int(n / 2 - half)), min(n - 1, int(n / 2 + half + 0.999))
+    return [round(r[lo], 4), round(statistics.median(r), 4), round(r[hi], 4)]
+
+
+SAME = 1.05  # a change of speed smaller than 5% is not called one, whatever its interval
+
+
+def speed_change(before_ms: float | None, after_ms: float | None, interval: list | None = None) -> str:
+    """"1.9x faster (1.8-2.0)" only when the 95% interval of the paired ratio (``speed_ratio``) lies
+    above 1.05; "1.9x slower" when below 1/1.05; else "same" -- "same within noise (0.6-1.7)" when the
+    interval is wide. Without an interval (one-off timings), only a change beyond 1.5x is called."""
     if not before_ms or not after_ms:
         return "-"
-    r = before_ms / after_ms
-    if 1 / 1.1 <= r <= 1.1:
-        return "same"
-    return f"{r:.2f}x faster" if r > 1 else f"{1 / r:.2f}x slower"
+    if interval is None:
+        r = before_ms / after_ms
+        lo = hi = r
+        if 1 / 1.5 <= r <= 1.5:
+            return "same"
+    else:
+        lo, r, hi = interval
+    if lo > SAME:
+        return f"{r:.2f}x faster ({lo:.2f}-{hi:.2f})" if interval else f"{r:.2f}x faster"
+    if hi < 1 / SAME:
+        return f"{1 / r:.2f}x slower ({1 / hi:.2f}-{1 / lo:.2f})" if interval else f"{1 / r:.2f}x slower"
+    return "same" if 1 / SAME <= lo and hi <= SAME else f"same within noise ({lo:.2f}-{hi:.2f})"
 
 
 def summarize(model: nn.Module, input_shape, data=None, latency: bool = True,

@@ -123,3 +123,29 @@ def test_latency_is_repeatable_and_a_masked_model_is_not_faster(lenet5_trained, 
     dense_t, sparse_t = latencies([lenet5_trained, pruned], shape, runs=15)
     assert speed_change(dense_t["batch_32"], sparse_t["batch_32"]) in ("same",) or \
         dense_t["batch_32"] / sparse_t["batch_32"] < 1.5  # zeros in dense weights save no time
+
+
+def test_a_speed_verdict_needs_its_interval(lenet5_trained, monkeypatch):
+    """"faster" only when the paired interval says so: the same model against itself is never called
+    faster or slower (issue: quantize of rounded weights printed "1.91x faster" on a busy machine)."""
+    import random
+
+    from compress.metrics import speed_change, speed_ratio
+
+    monkeypatch.setenv("COMPRESS_LATENCY_SECONDS", "0.5")
+    shape = (1, 1, 28, 28)
+    a, b = latencies([lenet5_trained, copy.deepcopy(lenet5_trained)], shape, runs=15)
+    for key in ("batch_1", "batch_32"):
+        lo, med, hi = b["speedup"][key]
+        assert lo <= med <= hi
+        assert speed_change(a[key], b[key], b["speedup"][key]).startswith("same"), b["speedup"][key]
+    rng = random.Random(0)
+    slow = [2.0 * rng.uniform(0.9, 1.1) for _ in range(60)]
+    fast = [1.0 * rng.uniform(0.9, 1.1) for _ in range(60)]
+    assert speed_change(2.0, 1.0, speed_ratio(slow, fast)).startswith("2.0")  # "2.0Nx faster (lo-hi)"
+    assert "faster" in speed_change(2.0, 1.0, speed_ratio(slow, fast))
+    assert "slower" in speed_change(1.0, 2.0, speed_ratio(fast, slow))
+    bursty = [rng.choice([1.0, 5.0]) for _ in range(40)]  # a busy machine: both models hit alike per round
+    assert speed_change(3.0, 1.0, speed_ratio(bursty, [x * rng.uniform(0.97, 1.03) for x in bursty])) == "same"
+    noisy = [rng.uniform(0.5, 2.0) for _ in range(20)]  # no pairing left: a wide interval says so
+    assert speed_change(1.5, 1.0, speed_ratio(noisy, [rng.uniform(0.5, 2.0) for _ in range(20)])).startswith("same")

@@ -91,7 +91,8 @@ def before_after_rows(before: dict, after: dict) -> list[list]:
     for k in ("batch_1", "batch_32"):
         b, a = before.get("latency_ms", {}).get(k), after.get("latency_ms", {}).get(k)
         if b is not None or a is not None:
-            rows.append([f"latency, {k.replace('_', ' ')} (ms)", b, a, speed_change(b, a)])
+            interval = after.get("latency_ms", {}).get("speedup", {}).get(k)
+            rows.append([f"latency, {k.replace('_', ' ')} (ms)", b, a, speed_change(b, a, interval)])
     return rows
 
 
