@@ -58,6 +58,31 @@ def test_version_quiet_and_global_flags_anywhere(cli, tmp_path, lenet5_trained):
     assert res.code == 1 and "Traceback" in res.err
     res = cli("--device", "tpu", "report", tmp_path / "m.pt")
     assert one_line_error(res) and "tpu" in res.err
+    for where in (["report", tmp_path / "m.pt", "--device", "tpu"], ["report", tmp_path / "m.pt", "--device=tpu"]):
+        res = cli(*where)  # --device after the command means the same (it was "no such option")
+        assert one_line_error(res) and "tpu" in res.err and "No such option" not in res.err
+    assert cli("report", tmp_path / "m.pt", "--no-latency", "--device", "cpu").code == 0
+
+
+def test_an_input_shape_without_its_batch_dimension_is_refused(cli, tmp_path, lenet5_trained):
+    save_model(copy.deepcopy(lenet5_trained), tmp_path / "m.pt")
+    res = cli("report", tmp_path / "m.pt", "--input-shape", "28,28", "--no-latency")  # was read as (1, 28)
+    assert one_line_error(res) and "batch dimension first" in res.err
+
+
+def test_an_existing_report_or_json_is_refused_before_the_work(cli, tmp_path, lenet5_trained):
+    """--report DIR replaced a report silently while --json refused, and only after the work."""
+    save_model(copy.deepcopy(lenet5_trained), tmp_path / "m.pt")
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep" / "report.html").write_text("mine")
+    (tmp_path / "r.json").write_text("mine")
+    for extra in (["--report", tmp_path / "rep"], ["--json", tmp_path / "r.json"]):
+        res = cli("prune", tmp_path / "m.pt", "--sparsity", "0.5", "-o", tmp_path / "p.pt", *extra)
+        assert one_line_error(res) and "--force" in res.err and not (tmp_path / "p.pt").exists()
+    assert (tmp_path / "rep" / "report.html").read_text() == "mine" and (tmp_path / "r.json").read_text() == "mine"
+    res = cli("prune", tmp_path / "m.pt", "--sparsity", "0.5", "-o", tmp_path / "p.pt", "--report", tmp_path / "rep",
+              "--force")
+    assert res.code == 0 and (tmp_path / "rep" / "report.html").read_text() != "mine"
 
 
 def test_weight_only_quantize_of_a_pickle_without_input_shape(cli, tmp_path, lenet5_trained):

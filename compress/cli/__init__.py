@@ -76,7 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     # global flags mean the same before or after the command: move them in front of it
-    args = [a for a in args if a in GLOBAL_FLAGS] + [a for a in args if a not in GLOBAL_FLAGS]
+    front, rest, i = [], [], 0
+    while i < len(args):
+        a = args[i]
+        if a in GLOBAL_FLAGS or a.startswith("--device="):
+            front.append(a)
+        elif a == "--device" and i + 1 < len(args):  # a flag with a value: both move
+            front += args[i:i + 2]
+            i += 1
+        else:
+            rest.append(a)
+        i += 1
+    args = front + rest
     cmd = typer.main.get_command(app)
     try:
         rv = cmd.main(args=args, prog_name="compress", standalone_mode=False)

@@ -56,6 +56,8 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
         shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
     except ValueError as e:
         raise UsageError(f"--input-shape {text!r} must look like 1,1,28,28") from e
+    if shape and shape[0] != 1:  # 28,28 would otherwise read as a batch of 28 samples of 28 values
+        raise UsageError(f"--input-shape {text!r}: give the batch dimension first, 1,C,H,W (e.g. 1,1,28,28)")
     from ..stages import check_shape
 
     try:
@@ -98,6 +100,17 @@ def before_after(before: dict, after: dict, title: str = "before / after") -> Ta
     from ..report.render import before_after_rows
 
     return table(title, ["", "before", "after", "change"], before_after_rows(before, after))
+
+
+def check_reports(report_dir: Optional[str], json_out: Optional[str], force: bool) -> None:
+    """Refuse, before any work, to replace an existing --report folder's report or --json file without --force."""
+    from ..errors import OutputExistsError
+    from ..report.render import REPORT_FILES
+
+    if report_dir and not force and any((Path(report_dir) / f).exists() for f in REPORT_FILES):
+        raise OutputExistsError(f"{report_dir} already holds a report; pass --force to replace it")
+    if json_out and json_out != "-" and not force and Path(json_out).exists():
+        raise OutputExistsError(f"{json_out} exists; pass --force to overwrite it")
 
 
 def emit_json(obj: Any, dest: Optional[str], force: bool = False) -> None:

@@ -7,7 +7,7 @@ import typer
 
 from . import app
 from .common import (ArchOpt, DataOpt, ForceOpt, InputShapeOpt, JsonOpt, ModelArg, TestDataOpt, TrustOpt,
-                     ReportOpt, emit_json, out, parse_shape, table)
+                     ReportOpt, check_reports, emit_json, out, parse_shape, table)
 
 
 @app.command()
@@ -26,6 +26,7 @@ def report(model: ModelArg, arch: ArchOpt = None, trust_pickle: TrustOpt = False
     """
     from ..report import model_report
 
+    check_reports(report_dir, json_out, force)
     rep = model_report(model, arch=arch, trust_pickle=trust_pickle, data=data, input_shape=parse_shape(input_shape),
                        latency=not no_latency, test_data=test_data)
     if json_out == "-":

@@ -9,7 +9,7 @@ import typer
 
 from . import app
 from .common import (ArchOpt, ForceOpt, InputShapeOpt, JsonOpt, ModelArg, OutOpt, ReportOpt, TestDataOpt,
-                     TrustOpt, emit_json, err, out, table)
+                     TrustOpt, check_reports, emit_json, err, out, table)
 from .stage import load_inputs
 
 
@@ -48,6 +48,7 @@ def pipeline(model: ModelArg, output: OutOpt,
     from ..pipeline import pipeline as run
     from ..recipe import Recipe
 
+    check_reports(report, json_out, force)  # before minutes of work, not after them
     rec = Recipe.load(recipe) if recipe else None
     inp = load_inputs(model, output, force, arch, trust_pickle, None, test_data, input_shape)
     ds = data_mod.load(train_data)

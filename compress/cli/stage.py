@@ -14,7 +14,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..errors import OutputExistsError, UsageError
-from .common import before_after, emit_json, err, out, parse_shape, state
+from .common import before_after, check_reports, emit_json, err, out, parse_shape, state
 
 
 @dataclass
@@ -108,6 +108,7 @@ def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, re
     from ..meta import set_meta
     from ..stages import Context, run
 
+    check_reports(report_dir, json_out, force)  # before the work, not after it
     original = copy.deepcopy(inp.model)
     inp.before = measure(inp, inp.model)
     ctx = Context(train=inp.train, val=inp.val, input_shape=inp.input_shape, on_event=on_event)

@@ -40,11 +40,24 @@ td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-widt
 .big{font-size:1.4em;margin:.5em 0}.good{color:#17702a}.bad{color:#a4161a}"""
 
 
+REPORT_FILES = ("report.json", "report.md", "report.html")
+
+
+def prepare_folder(folder, force: bool = False) -> Path:
+    """The report folder, created; a report already in it is replaced only with ``force``."""
+    from ..errors import OutputExistsError
+
+    folder = Path(folder)
+    if not force and any((folder / f).exists() for f in REPORT_FILES):
+        raise OutputExistsError(f"{folder} already holds a report; pass --force (force=True) to replace it")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def write_folder(folder, title: str, summary: str, sections: list[tuple[str, list[str], list[list]]],
                  images: list[Path], data: dict, force: bool = False) -> dict[str, Path]:
     """sections: (heading, header, rows). Writes report.json / report.md / report.html."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     md = [f"# {title}", "", summary, ""]
     body = [f"<h1>{html.escape(title)}</h1>", f"<p class='big'>{html.escape(summary)}</p>"]
     for heading, header, rows in sections:
@@ -98,8 +111,7 @@ def before_after_rows(before: dict, after: dict) -> list[list]:
 
 def render_stage_report(result: dict, before_model: nn.Module | None, after_model: nn.Module, folder,
                         force: bool = False) -> dict[str, Path]:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = prepare_folder(folder, force)
     b, a = result["before"], result["after"]
     images = []
     if b.get("layers") and a.get("layers"):
@@ -136,8 +148,7 @@ def model_rows(rep: dict) -> list[list]:
 
 
 def render_model_report(rep: dict, folder, force: bool = False) -> dict[str, Path]:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = prepare_folder(folder, force)
     images = [plots.layer_density(rep["layers"], None, folder / "layers.png")] if rep.get("layers") else []
     summary = (f"{rep['file']}: {rep['file_bytes']:,} bytes, "
                f"{rep.get('ratio_vs_dense_fp32') or 1:.2f}x smaller than its dense FP32 weights")
@@ -160,8 +171,7 @@ def render_pipeline_report(summary: dict, before_model: nn.Module, after_model: 
                            force: bool = False) -> dict[str, Path]:
     from ..metrics import layer_table
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = prepare_folder(folder, force)
     lb, la = layer_table(before_model, input_shape), layer_table(after_model, input_shape)
     points = [{"label": "dense", "stage": "uncompressed", "bytes": summary["dense_bytes"],
                "accuracy": summary["base_accuracy"]}]
