@@ -273,6 +273,7 @@ def test_prune_cli_threshold(tmp_path, cli, lenet5_trained):
     assert "before / after" in res.out and "nonzero parameters" in res.out
     assert "accuracy on 20% held out of --train-data, 61 samples" in " ".join(res.out.split())  # the real split (stratified)
     assert "warning" not in res.err
+    assert ".cpz" in res.out and "top-1" in res.out and "agreement" in res.out  # rows wrap in a narrow table
     for f in ("report.json", "report.md", "report.html", "layers.png", "weight_histograms.png"):
         assert (tmp_path / "rep" / f).exists()
     from compress.formats import load_model
@@ -281,6 +282,7 @@ def test_prune_cli_threshold(tmp_path, cli, lenet5_trained):
     # without data nothing says what a change cost: a warning says so (90% pruned LeNet-5 can score 16%)
     res = cli("prune", src, "--sparsity", "0.9", "-o", tmp_path / "blind.pt")
     assert res.code == 0 and "warning: no --train-data or --test-data" in res.err
+    assert "output change" in res.out and "random" in res.out  # what it did to the outputs, still
     # the input is never overwritten without --force
     res = cli("prune", src, "--sparsity", "0.5", "-o", src)
     assert res.code == 1 and "--force" in res.err

@@ -25,6 +25,7 @@ class Inputs:
     train: Any = None   # fine-tuning data (the rest of --train-data)
     val: Any = None     # held out of --train-data (val_fraction of it): the accuracy the tables show
     val_fraction: float = 0.0
+    file_bytes: int | None = None  # of the input file
     test: Any = None    # --test-data
     input_shape: tuple | None = None
     before: dict = field(default_factory=dict)
@@ -73,7 +74,7 @@ def load_inputs(model_path: str, output: str | None, force: bool, arch=None, tru
     if not isinstance(model, nn.Module) or model.__class__.__module__.startswith("torch.jit"):
         raise UsageError("TorchScript models cannot be changed; pass a state_dict with --arch or a compress model")
     model = model.to(state["device"])
-    inp = Inputs(model, input_shape=parse_shape(input_shape))
+    inp = Inputs(model, input_shape=parse_shape(input_shape), file_bytes=Path(model_path).stat().st_size)
     if train_data:
         vf = get_meta(model).get("val_fraction")
         vf = vf if isinstance(vf, float) and 0.0 < vf < 1.0 else data_mod.VAL_FRACTION  # the model's own split
@@ -86,6 +87,35 @@ def load_inputs(model_path: str, output: str | None, force: bool, arch=None, tru
     return inp
 
 
+def cpz_estimate(model: nn.Module) -> int | None:
+    """The bytes ``compress encode`` would write for the model (its graph aside): what a .pt's size hides."""
+    from ..coding.container import encode_model
+    from ..errors import CompressError
+
+    try:
+        return encode_model(copy.deepcopy(model).cpu())[1]["file_bytes"]
+    except CompressError:
+        return None
+
+
+def output_drift(before: nn.Module, after: nn.Module, input_shape, data=None, n: int = 256) -> dict:
+    """How far the outputs moved: top-1 agreement with the input model (%) and the relative L2 change
+    of the outputs, on up to ``n`` samples of ``data`` or, without data, on random normal inputs (seeded)
+    -- so that even a command given no labels shows what it did to the model."""
+    import torch
+
+    if data is not None:
+        x, name = data.x[:n], f"{min(n, len(data)):,} samples of {data.name}"
+    else:
+        x = torch.randn((n,) + tuple(input_shape[1:]), generator=torch.Generator().manual_seed(0))
+        name = f"{n} random inputs"
+    with torch.no_grad():
+        a, b = before.eval()(x), after.eval()(x)
+    agree = 100.0 * float((a.argmax(1) == b.argmax(1)).float().mean()) if a.dim() == 2 else None
+    rel = float((b - a).norm() / a.norm().clamp_min(1e-12))
+    return {"data": name, "top1_agreement": None if agree is None else round(agree, 2), "relative_change": rel}
+
+
 def measure(inp: Inputs, model: nn.Module) -> dict:
     from ..metrics import summarize
     from ..stages import Context
@@ -96,6 +126,7 @@ def measure(inp: Inputs, model: nn.Module) -> dict:
     except UsageError:
         shape = None  # weight-only stages need no input: no MACs or latency then
     rep = summarize(model, shape, inp.val, latency=False, layers=shape is not None)
+    rep["cpz_bytes"] = cpz_estimate(model)
     if inp.test is not None:
         rep["test_accuracy"] = round(evaluate(model, inp.test), 3)
     return rep
@@ -111,10 +142,14 @@ def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, re
     check_reports(report_dir, json_out, force)  # before the work, not after it
     original = copy.deepcopy(inp.model)
     inp.before = measure(inp, inp.model)
+    inp.before["file_bytes"] = inp.file_bytes
     ctx = Context(train=inp.train, val=inp.val, input_shape=inp.input_shape, on_event=on_event)
     res = run(verb, inp.model, cfg, ctx)
     model = res.model.cpu()  # files are always written from CPU
     after = measure(inp, model)
+    if after.get("input_shape"):
+        after["drift"] = output_drift(original.cpu(), model, after["input_shape"], inp.val if inp.val is not None
+                                      else inp.test)
     if after.get("input_shape"):  # before and after timed interleaved, after a warm-up until stable
         from ..metrics import latencies
 

@@ -78,7 +78,7 @@ def write_folder(folder, title: str, summary: str, sections: list[tuple[str, lis
     return paths
 
 
-LABELS = {"file_bytes": "file bytes", "params": "parameters", "nonzero_params": "nonzero parameters",
+LABELS = {"file_bytes": "file bytes", "cpz_bytes": ".cpz bytes (compress encode)", "params": "parameters", "nonzero_params": "nonzero parameters",
           "dense_fp32_bytes": "dense FP32 bytes", "macs": "MACs (multiply-accumulates)", "accuracy": "accuracy %",
           "test_accuracy": "test accuracy %"}
 
@@ -88,7 +88,7 @@ def before_after_rows(before: dict, after: dict) -> list[list]:
     from ..metrics import speed_change
 
     rows = []
-    for k in ("params", "nonzero_params", "macs", "file_bytes", "accuracy", "test_accuracy"):
+    for k in ("params", "nonzero_params", "macs", "file_bytes", "cpz_bytes", "accuracy", "test_accuracy"):
         b, a = before.get(k), after.get(k)
         if b is None and a is None:
             continue
@@ -101,6 +101,12 @@ def before_after_rows(before: dict, after: dict) -> list[list]:
         else:
             change = f"{b / a:.2f}x smaller" if a and b >= a else f"{a / max(b, 1):.2f}x larger"
         rows.append([LABELS[k], b, a, change])
+    drift = after.get("drift")
+    if drift:  # what the change did to the outputs, with data or without
+        if drift["top1_agreement"] is not None:
+            rows.append([f"top-1 agreement with the input model, {drift['data']} (%)", 100.0,
+                         drift["top1_agreement"], f"{drift['top1_agreement'] - 100:+.2f} pt"])
+        rows.append([f"output change, relative L2 ({drift['data']})", 0.0, round(drift["relative_change"], 4), ""])
     for k in ("batch_1", "batch_32"):
         b, a = before.get("latency_ms", {}).get(k), after.get("latency_ms", {}).get(k)
         if b is not None or a is not None:
