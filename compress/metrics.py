@@ -150,7 +150,18 @@ def timing_seconds() -> float:
         return 1.5
 
 
-def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, threads: int | None = 2,
+def timing_threads() -> int:
+    """Threads latency is timed on (COMPRESS_THREADS, set by ``--threads``; default 2: on a shared machine
+    the figure that repeats)."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("COMPRESS_THREADS", 2)))
+    except ValueError:
+        return 2
+
+
+def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, threads: int | None = None,
                   dtype=None, raw: list | None = None) -> list[dict]:
     """Per model (ms of one forward pass at ``batch``): ``ms``, the lowest median over blocks of 25
     consecutive runs -- the speed the machine sustains when undisturbed, the repeatable figure on a
@@ -163,8 +174,7 @@ def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, thr
     receives each model's times, round by round (for paired comparisons: ``speed_ratio``).
     """
     old = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or timing_threads())
     try:
         with torch.no_grad():
             fns = [_timed(m, torch.randn((batch,) + tuple(input_shape[1:]), device=device_of(m)), dtype)
@@ -188,7 +198,7 @@ def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, thr
         torch.set_num_threads(old)
 
 
-def latency_ms(model, input_shape, batch: int = 1, runs: int = 20, threads: int | None = 2) -> float:
+def latency_ms(model, input_shape, batch: int = 1, runs: int = 20, threads: int | None = None) -> float:
     """Median wall time (ms) of one forward pass at ``batch``, after a warm-up until stable."""
     return latency_stats([model], input_shape, batch, runs, threads)[0]["ms"]
 

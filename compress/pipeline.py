@@ -147,7 +147,7 @@ def _point(label: str, model: nn.Module, nbytes: int, accuracy: float, ctx: Cont
 
 def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_accuracy_drop: float | None = None,
              input_shape=None, on_event: Callable | None = None, val_data=None, test_data=None,
-             val_fraction: float | None = None) -> tuple[nn.Module, dict[str, Any]]:
+             val_fraction: float | None = None, latency: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Run a recipe on ``model`` (in place); returns (model, summary). ``data``: training Dataset or spec.
     ``on_event(kind, fields)`` hears "start", "warning", "candidate" and "skipped", as stages' events.
 
@@ -197,7 +197,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
         snapshots.append(copy.deepcopy(model))
         results.append(res)
     # batch-1 latency of every stage's model, interleaved after a warm-up: the same machine state for all
-    for point, st in zip(timeline, latency_stats(snapshots, ctx.input_shape, batch=1, runs=15)):
+    for point, st in zip(timeline, latency_stats(snapshots, ctx.input_shape, batch=1, runs=15) if latency else []):
         point["latency_ms"] = st["ms"]
     # one entry for the whole pipeline: what each kept stage did (not every candidate it went through)
     set_meta(model, history=list(get_meta(model).get("history", []))[:history_before] + [

@@ -174,3 +174,19 @@ def test_a_speed_verdict_needs_its_interval(lenet5_trained, monkeypatch):
     assert speed_change(3.0, 1.0, speed_ratio(bursty, [x * rng.uniform(0.97, 1.03) for x in bursty])) == "same"
     noisy = [rng.uniform(0.5, 2.0) for _ in range(20)]  # no pairing left: a wide interval says so
     assert speed_change(1.5, 1.0, speed_ratio(noisy, [rng.uniform(0.5, 2.0) for _ in range(20)])).startswith("same")
+
+
+def test_every_timing_command_takes_no_latency_and_threads(cli, tmp_path, lenet5_trained, monkeypatch):
+    monkeypatch.delenv("COMPRESS_THREADS", raising=False)
+    save_model(copy.deepcopy(lenet5_trained), tmp_path / "m.pt")
+    for args in (["prune", tmp_path / "m.pt", "--sparsity", "0.5", "-o", tmp_path / "p.pt"],
+                 ["quantize", tmp_path / "m.pt", "--bits", "8", "-o", tmp_path / "q.pt"],
+                 ["factorize", tmp_path / "m.pt", "--energy", "0.9", "-o", tmp_path / "f.pt"],
+                 ["report", tmp_path / "m.pt"]):
+        res = cli(*args, "--no-latency", "--threads", "1")
+        assert res.code == 0 and "latency" not in res.out, (args[0], res.err)
+    import os
+
+    from compress.metrics import timing_threads
+    assert os.environ["COMPRESS_THREADS"] == "1" and timing_threads() == 1 and torch.get_num_threads() == 1
+    torch.set_num_threads(2)

@@ -102,6 +102,22 @@ def before_after(before: dict, after: dict, title: str = "before / after") -> Ta
     return table(title, ["", "before", "after", "change"], before_after_rows(before, after))
 
 
+NoLatencyOpt = Annotated[bool, typer.Option("--no-latency", help="Skip latency timing.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="Threads to run and time on "
+                                                   "(default: torch's for work, 2 for timing).")]
+
+
+def use_threads(threads: Optional[int]) -> None:
+    """--threads: for the work and for latency timing alike (``metrics.timing_threads``)."""
+    if threads:
+        import os
+
+        import torch
+
+        torch.set_num_threads(threads)
+        os.environ["COMPRESS_THREADS"] = str(threads)
+
+
 def check_reports(report_dir: Optional[str], json_out: Optional[str], force: bool) -> None:
     """Refuse, before any work, to replace an existing --report folder's report or --json file without --force."""
     from ..errors import OutputExistsError

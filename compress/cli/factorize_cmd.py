@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import (ArchOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, ModelArg,
-                     OutOpt, ReportOpt, TestDataOpt, TrainDataOpt, TrustOpt, make_config, out, table)
+from .common import (ArchOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, ModelArg, NoLatencyOpt, OutOpt,
+                     ReportOpt, TestDataOpt, ThreadsOpt, TrainDataOpt, TrustOpt, make_config, out, table, use_threads)
 from .stage import load_inputs, patterns, run_command
 
 
@@ -26,7 +26,8 @@ def factorize(model: ModelArg, output: OutOpt,
                                                     "--train-data BatchNorm is re-estimated anyway).")] = 0.0,
               lr: Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate.")] = 1e-3,
               input_shape: InputShapeOpt = None,
-              report: ReportOpt = None, json_out: JsonOpt = None, force: ForceOpt = False):
+              report: ReportOpt = None, json_out: JsonOpt = None, no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None,
+          force: ForceOpt = False):
     """Replace Linear/Conv layers by two thin ones (truncated SVD) where that is smaller.
 
     Examples:
@@ -43,9 +44,10 @@ def factorize(model: ModelArg, output: OutOpt,
     ft = make_config(FactorizeConfig.part, "finetune", epochs=epochs, lr=lr)
     cfg = make_config(FactorizeConfig, energy=energy, rank_ratio=rank_ratio, rank=rank, finetune=ft,
                       select=make_config(Select, names=patterns(layers), exclude=patterns(exclude)))
+    use_threads(threads)
     inp = load_inputs(model, output, force, arch, trust_pickle, train_data, test_data, input_shape,
                       need_train=bool(epochs))
-    res = run_command("factorize", cfg, inp, output, force, report, json_out)
+    res = run_command("factorize", cfg, inp, output, force, report, json_out, latency=not no_latency)
     rows = res["layers_changed"]
     out.print(table("layers", ["layer", "shape", "rank", "params before", "params after", "rel. error", "action"],
                     [[r["name"], "x".join(map(str, r["shape"])), f"{r.get('rank', '-')}/{r['full_rank']}",

@@ -1,19 +1,18 @@
 """``compress report``: the numbers of one model file."""
 from __future__ import annotations
 
-from typing import Annotated
 
-import typer
 
 from . import app
-from .common import (ArchOpt, DataOpt, ForceOpt, InputShapeOpt, JsonOpt, ModelArg, TestDataOpt, TrustOpt,
-                     ReportOpt, check_reports, emit_json, out, parse_shape, table)
+from .common import (ArchOpt, DataOpt, ForceOpt, InputShapeOpt, JsonOpt, ModelArg, NoLatencyOpt, ReportOpt,
+                     TestDataOpt, ThreadsOpt, TrustOpt, check_reports, emit_json, out, parse_shape, table,
+                     use_threads)
 
 
 @app.command()
 def report(model: ModelArg, arch: ArchOpt = None, trust_pickle: TrustOpt = False, data: DataOpt = None,
            test_data: TestDataOpt = None, input_shape: InputShapeOpt = None, json_out: JsonOpt = None,
-           no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip latency timing.")] = False,
+           no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None,
            report_dir: ReportOpt = None,
            force: ForceOpt = False):
     """Size, nonzeros, MACs, latency and accuracy of a model (.pt, TorchScript, .cpz or .onnx).
@@ -27,6 +26,7 @@ def report(model: ModelArg, arch: ArchOpt = None, trust_pickle: TrustOpt = False
     from ..report import model_report
 
     check_reports(report_dir, json_out, force)
+    use_threads(threads)
     rep = model_report(model, arch=arch, trust_pickle=trust_pickle, data=data, input_shape=parse_shape(input_shape),
                        latency=not no_latency, test_data=test_data)
     if json_out == "-":

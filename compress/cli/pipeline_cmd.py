@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import (ArchOpt, ForceOpt, InputShapeOpt, JsonOpt, ModelArg, OutOpt, ReportOpt, TestDataOpt,
-                     TrustOpt, check_reports, emit_json, err, out, table)
+from .common import (ArchOpt, ForceOpt, InputShapeOpt, JsonOpt, ModelArg, NoLatencyOpt, OutOpt, ReportOpt,
+                     TestDataOpt, ThreadsOpt, TrustOpt, check_reports, emit_json, err, out, table, use_threads)
 from .stage import load_inputs
 
 
@@ -28,7 +28,7 @@ def pipeline(model: ModelArg, output: OutOpt,
                                                            "default: Deep Compression.")] = None,
              arch: ArchOpt = None, trust_pickle: TrustOpt = False, test_data: TestDataOpt = None,
              input_shape: InputShapeOpt = None, report: ReportOpt = None, json_out: JsonOpt = None,
-             force: ForceOpt = False):
+             no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None, force: ForceOpt = False):
     """Prune, share weights and Huffman-code a model into a .cpz, keeping the most compressed
     result within an accuracy budget.
 
@@ -49,6 +49,7 @@ def pipeline(model: ModelArg, output: OutOpt,
     from ..recipe import Recipe
 
     check_reports(report, json_out, force)  # before minutes of work, not after them
+    use_threads(threads)
     rec = Recipe.load(recipe) if recipe else None
     inp = load_inputs(model, output, force, arch, trust_pickle, None, test_data, input_shape)
     ds = data_mod.load(train_data)
@@ -58,7 +59,7 @@ def pipeline(model: ModelArg, output: OutOpt,
         data_mod.check_fits(inp.model, val)
     original = copy.deepcopy(inp.model)
     m, summary = run(inp.model, ds, rec, max_accuracy_drop, inp.input_shape, on_event=_show_event, val_data=val,
-                     test_data=inp.test)
+                     test_data=inp.test, latency=not no_latency)
     m = m.cpu()
     save_model(m, output, force=force)  # the same bytes the summary counted
     if summary.get("graph_note"):
@@ -67,7 +68,7 @@ def pipeline(model: ModelArg, output: OutOpt,
 
     test = inp.test is not None
     rows = [[t["stage"], t["bytes"], f"{summary['dense_bytes'] / t['bytes']:.1f}x", t["nonzeros"], t["macs"],
-             t["latency_ms"], t["accuracy"]] + ([t["test_accuracy"]] if test else []) for t in summary["timeline"]]
+             t.get("latency_ms"), t["accuracy"]] + ([t["test_accuracy"]] if test else []) for t in summary["timeline"]]
     out.print(table(f"pipeline -> {output}", ["stage", "bytes", "ratio", "nonzeros", "MACs", "ms (batch 1)",
                                               "validation %"] + (["test %"] if test else []), rows))
     for s in summary["stages"]:

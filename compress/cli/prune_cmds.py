@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import (ArchOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, ModelArg,
-                     OutOpt, ReportOpt, TestDataOpt, TrainDataOpt, TrustOpt, err, make_config, out, table)
+from .common import (ArchOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, ModelArg, NoLatencyOpt, OutOpt,
+                     ReportOpt, TestDataOpt, ThreadsOpt, TrainDataOpt, TrustOpt, err, make_config, out, table,
+                     use_threads)
 from .stage import load_inputs, parse_mapping, patterns, run_command
 
 
@@ -66,6 +67,7 @@ def prune(model: ModelArg, output: OutOpt,
           reconfig_interval: Annotated[int, typer.Option("--reconfig-interval", help="channel-union: epochs "
                                                          "between reconfigurations.")] = 1,
           input_shape: InputShapeOpt = None, report: ReportOpt = None, json_out: JsonOpt = None,
+          no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None,
           force: ForceOpt = False):
     """Prune a trained model and show the numbers before and after.
 
@@ -81,6 +83,7 @@ def prune(model: ModelArg, output: OutOpt,
     from ..prune import ChannelUnionConfig, L1FilterConfig, ThresholdConfig
 
     needs_train = method == Method.channel_union or bool(epochs) or (sensitivity and method == Method.l1_filter)
+    use_threads(threads)
     inp = load_inputs(model, output, force, arch, trust_pickle, train_data, test_data, input_shape,
                       need_train=needs_train)
     extra: dict = {}
@@ -102,7 +105,8 @@ def prune(model: ModelArg, output: OutOpt,
     ft = make_config(cls.part, "finetune", epochs=epochs, lr=lr)
     sel = make_config(Select, names=patterns(layers), exclude=patterns(exclude))
     cfg = make_config(cls, **opts, finetune=ft, select=sel)
-    res = run_command("prune", cfg, inp, output, force, report, json_out, on_event=_show_progress, extra=extra)
+    res = run_command("prune", cfg, inp, output, force, report, json_out, on_event=_show_progress, extra=extra,
+                      latency=not no_latency)
     drop = res["before"].get("accuracy", 0) - res["after"].get("accuracy", 0)
     if budget is not None and sensitivity and drop > budget:
         err.print(f"warning: accuracy dropped {drop:.2f} pt, more than --budget {budget:g}: the per-layer "

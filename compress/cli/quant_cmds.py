@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import (ArchOpt, DataOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt,
-                     ModelArg, OutOpt, ReportOpt, TestDataOpt, TrainDataOpt, TrustOpt, emit_json, err, make_config,
-                     out, parse_shape, table)
+from .common import (ArchOpt, DataOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, ModelArg,
+                     NoLatencyOpt, OutOpt, ReportOpt, TestDataOpt, ThreadsOpt, TrainDataOpt, TrustOpt, emit_json, err,
+                     make_config, out, parse_shape, table, use_threads)
 from .stage import check_output, load_inputs, parse_mapping, patterns, run_command
 
 
@@ -34,7 +34,8 @@ def quantize(model: ModelArg, output: OutOpt,
                  "--epochs", min=0, help="k-means: epochs of centroid training (needs --train-data).")] = 0.0,
              lr: Annotated[float, typer.Option("--lr", help="k-means centroid learning rate.")] = 1e-4,
              input_shape: InputShapeOpt = None, report: ReportOpt = None, json_out: JsonOpt = None,
-             force: ForceOpt = False):
+             no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None,
+          force: ForceOpt = False):
     """Quantize weights per channel (min-max, MMSE clipping) or by k-means weight sharing.
 
     Examples:
@@ -51,9 +52,10 @@ def quantize(model: ModelArg, output: OutOpt,
                       per_channel=not per_tensor, symmetric=not affine, finetune=ft,
                       select=make_config(Select, names=patterns(layers), exclude=patterns(exclude),
                                          spare_first_last=False))
+    use_threads(threads)
     inp = load_inputs(model, output, force, arch, trust_pickle, train_data, test_data, input_shape,
                       need_train=bool(epochs))
-    res = run_command("quantize", cfg, inp, output, force, report, json_out)
+    res = run_command("quantize", cfg, inp, output, force, report, json_out, latency=not no_latency)
     rows = res["layers_changed"]
     out.print(table("layers", ["layer", "bits", "scheme", "weight MSE", "SQNR dB", "zeros"],
                     [[r["name"], r["bits"], r["scheme"], r["mse"], r["sqnr_db"], r["zeros"]] for r in rows]))

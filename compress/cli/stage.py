@@ -133,7 +133,7 @@ def measure(inp: Inputs, model: nn.Module) -> dict:
 
 
 def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, report_dir: str | None = None,
-                json_out: str | None = None, on_event=None, extra: dict | None = None) -> dict:
+                json_out: str | None = None, on_event=None, extra: dict | None = None, latency: bool = True) -> dict:
     """Run one stage on loaded inputs, print before/after, save, report."""
     from ..formats import save_model
     from ..meta import set_meta
@@ -150,7 +150,7 @@ def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, re
     if after.get("input_shape"):
         after["drift"] = output_drift(original.cpu(), model, after["input_shape"], inp.val if inp.val is not None
                                       else inp.test)
-    if after.get("input_shape"):  # before and after timed interleaved, after a warm-up until stable
+    if after.get("input_shape") and latency:  # before and after timed interleaved, after a warm-up until stable
         from ..metrics import latencies
 
         inp.before["latency_ms"], after["latency_ms"] = latencies([original.cpu(), model], after["input_shape"])
