@@ -12,20 +12,31 @@ Public API (see README and docs/architecture.md)::
 Every verb takes a config of its own kind and changes the model in place; ``compress.run`` does
 the same and returns a ``StageResult`` with the numbers.
 """
-from . import data
-from .coding import load_cpz, save_cpz
-from .config import Config, FineTune, Select
-from .errors import CompressError, FormatError, InputError, UntrustedPickleError, UsageError
-from .factorize import FactorizeConfig, factorize
-from .formats import load_model, save_model
-from .metrics import count_macs, count_nonzero, count_params, summarize
-from .models import create_model, list_models
-from .pipeline import pipeline
-from .prune import ChannelUnionConfig, L1FilterConfig, ThresholdConfig
-from .quantize import QuantConfig
-from .recipe import Recipe, Stage
-from .stages import Context, StageResult, factorize_, prune_, quantize_, run
-from .train import TrainConfig, evaluate, fit
+import importlib
+
+# name -> the module that defines it: imported on first use (PEP 562), so that `compress --version`
+# and `--help` start without importing torch
+_EXPORTS = {
+    "load_cpz": "coding", "save_cpz": "coding", "Config": "config", "FineTune": "config", "Select": "config",
+    "CompressError": "errors", "FormatError": "errors", "InputError": "errors", "UntrustedPickleError": "errors",
+    "UsageError": "errors", "FactorizeConfig": "factorize", "load_model": "formats", "save_model": "formats",
+    "count_macs": "metrics", "count_nonzero": "metrics", "count_params": "metrics", "summarize": "metrics",
+    "create_model": "models", "list_models": "models", "pipeline": "pipeline", "ChannelUnionConfig": "prune",
+    "L1FilterConfig": "prune", "ThresholdConfig": "prune", "QuantConfig": "quantize", "Recipe": "recipe",
+    "Stage": "recipe", "Context": "stages", "StageResult": "stages", "factorize_": "stages", "prune_": "stages",
+    "quantize_": "stages", "run": "stages", "TrainConfig": "train", "evaluate": "train", "fit": "train",
+}
+
+
+def __getattr__(name: str):
+    if name == "data":
+        return importlib.import_module(".data", __name__)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'compress' has no attribute {name!r}")
+
 
 __version__ = "0.2.0"
 
@@ -33,6 +44,6 @@ __all__ = [
     "ChannelUnionConfig", "CompressError", "Config", "Context", "FactorizeConfig", "FineTune", "FormatError",
     "InputError", "L1FilterConfig", "QuantConfig", "Recipe", "Select", "Stage", "StageResult", "ThresholdConfig",
     "TrainConfig", "UntrustedPickleError", "UsageError", "count_macs", "count_nonzero", "count_params",
-    "create_model", "data", "evaluate", "factorize", "factorize_", "fit", "list_models", "load_cpz", "load_model",
+    "create_model", "data", "evaluate", "factorize_", "fit", "list_models", "load_cpz", "load_model",
     "pipeline", "prune_", "quantize_", "run", "save_cpz", "save_model", "summarize",
 ]

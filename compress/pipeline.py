@@ -175,7 +175,8 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
         text = (f"the held-out split of the training data reads {base_acc:.2f}%: the model has most likely been "
                 "trained on it, so every candidate's drop looks real and little is kept. Give --val-data "
                 "(val_data=) with samples the model has not seen")
-        log.warning(text)
+        if on_event is None:  # a listener shows it; the log is for callers without one (said once)
+            log.warning(text)
         emit("warning", text=text)
     history_before = len(get_meta(model).get("history", []))
     results, measured = [], None  # measured: (sizes, val accuracy) of `model`, taken when it was a candidate
@@ -184,7 +185,8 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
         kept_model, kept_sizes, res = _search(stage, model, ctx, judge, emit)
         if kept_model is None:
             emit("skipped", stage=stage.name)
-            log.warning("stage %s: no candidate within %.2f pt; stage skipped", stage.name, budget)
+            if on_event is None:
+                log.warning("stage %s: no candidate within %.2f pt; stage skipped", stage.name, budget)
         else:
             model, measured = kept_model, (kept_sizes, res["kept"]["accuracy"])  # as measured when tried
         if measured is None:  # nothing kept yet: the input model, measured once

@@ -190,3 +190,32 @@ def test_every_timing_command_takes_no_latency_and_threads(cli, tmp_path, lenet5
     from compress.metrics import timing_threads
     assert os.environ["COMPRESS_THREADS"] == "1" and timing_threads() == 1 and torch.get_num_threads() == 1
     torch.set_num_threads(2)
+
+
+def test_report_names_the_data_of_every_accuracy(cli, tmp_path, lenet5_trained):
+    """`report --data mnist5k` of a model trained on mnist5k scored all 5,000 digits as "accuracy %": it now
+    says so, and adds the accuracy of the split the model held out."""
+    from compress.meta import set_meta
+
+    m = copy.deepcopy(lenet5_trained)
+    set_meta(m, train_data="mnist5k?limit=300", val_fraction=0.2)
+    save_model(m, tmp_path / "m.pt")
+    res = cli("report", tmp_path / "m.pt", "--data", "mnist5k?limit=300", "--test-data", "digits?size=28&limit=50",
+              "--no-latency")
+    text = " ".join(res.out.split())
+    assert res.code == 0 and "including the ones it was trained on" in text
+    assert "held out in training" in text
+    assert "test accuracy % (digits?size=28&limit=50, 50 samples)" in text
+
+
+def test_version_and_help_start_without_torch():
+    """`compress --version` took 6-8 s on a busy machine: it imported torch. Measured by what is imported,
+    not by the clock."""
+    import subprocess
+    import sys
+
+    for args in (["--version"], ["--help"], ["prune", "--help"]):
+        code = ("import sys; from compress.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+                "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]" % args)
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert res.returncode == 0, (args, res.stderr[-500:])

@@ -6,6 +6,7 @@ exit code (2 usage, 1 failure). ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 
@@ -45,7 +46,6 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
                                        help="Show the version and exit.")):
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from .. import distributed
     from ..errors import UsageError
 
     if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
@@ -60,9 +60,11 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
     common.err.quiet = quiet  # set on every invocation: main() may be called again in one process
     progress.PROGRESS = False if quiet else None
     common.state["device"] = device
-    if distributed.init_from_env(device):
-        import os
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # not under torchrun: torch is imported by the command
+        return
+    from .. import distributed
 
+    if distributed.init_from_env(device):
         if device.startswith("cuda"):
             common.state["device"] = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
         if not distributed.is_main():  # one set of tables and messages: rank 0's

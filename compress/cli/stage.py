@@ -9,12 +9,13 @@ import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any
 
 from ..errors import OutputExistsError, UsageError
 from .common import before_after, check_reports, emit_json, err, out, parse_shape, state
+
+if TYPE_CHECKING:  # torch is imported where a command runs: `compress --help` starts without it
+    import torch.nn as nn
 
 
 @dataclass
@@ -71,6 +72,8 @@ def load_inputs(model_path: str, output: str | None, force: bool, arch=None, tru
     if need_train and not train_data:
         raise UsageError("this method trains: pass --train-data SPEC (e.g. mnist5k)")
     model = load_model(model_path, arch=arch, trust_pickle=trust_pickle)
+    import torch.nn as nn
+
     if not isinstance(model, nn.Module) or model.__class__.__module__.startswith("torch.jit"):
         raise UsageError("TorchScript models cannot be changed; pass a state_dict with --arch or a compress model")
     model = model.to(state["device"])

@@ -140,6 +140,13 @@ def model_rows(rep: dict) -> list[list]:
     """[label, value] rows of one model's numbers (the terminal table and the HTML report)."""
     rows = [[LABELS[k], rep[k]] for k in ("file_bytes", "params", "nonzero_params", "dense_fp32_bytes", "macs",
                                           "accuracy", "test_accuracy") if rep.get(k) is not None]
+    for row in rows:  # every accuracy names its data
+        if row[0] == LABELS["accuracy"] and rep.get("accuracy_data"):
+            row[0] = f"accuracy % ({rep['accuracy_data']})"
+        if row[0] == LABELS["test_accuracy"] and rep.get("test_data"):
+            row[0] = f"test accuracy % ({rep['test_data']})"
+    if rep.get("heldout_accuracy") is not None:
+        rows.append([f"accuracy % ({rep['heldout_data']})", rep["heldout_accuracy"]])
     if rep.get("ratio_vs_dense_fp32"):
         rows.insert(1, ["smaller than dense FP32", f"{rep['ratio_vs_dense_fp32']:.2f}x"])
     if rep.get("input_shape"):

@@ -13,6 +13,21 @@ from ..metrics import summarize
 from ..stages import Context
 
 
+def _data_label(model, spec: str, ds, rep: dict) -> str:
+    """What the accuracy was measured on. Data the model was trained on (its metadata says so) also
+    gets the accuracy of the split it held out, the number that says how it generalises."""
+    meta = get_meta(model)
+    if meta.get("train_data") != spec:
+        return f"{spec}, {len(ds):,} samples"
+    from ..train import evaluate
+
+    vf = meta.get("val_fraction") if isinstance(meta.get("val_fraction"), float) else data_mod.VAL_FRACTION
+    _, held = data_mod.split(ds, vf, seed=0)
+    rep["heldout_accuracy"] = round(evaluate(model, held), 3)
+    rep["heldout_data"] = f"{vf:.0%} of {spec} held out in training, {len(held):,} samples"
+    return f"all {len(ds):,} samples of {spec}, including the ones it was trained on"
+
+
 def model_report(path: str | os.PathLike, arch: str | None = None, trust_pickle: bool = False,
                  data: str | None = None, input_shape: tuple | None = None, latency: bool = True,
                  test_data: str | None = None) -> dict[str, Any]:
@@ -30,6 +45,8 @@ def model_report(path: str | os.PathLike, arch: str | None = None, trust_pickle:
         shape = Context(val=ds, input_shape=input_shape).shape(model)
         rep = summarize(model, shape, ds, latency=latency)
         meta = get_meta(model)
+        if ds is not None:
+            rep["accuracy_data"] = _data_label(model, data, ds, rep)
         if meta.get("history"):
             rep["history"] = meta["history"]
         if meta.get("arch"):
@@ -37,7 +54,9 @@ def model_report(path: str | os.PathLike, arch: str | None = None, trust_pickle:
         if test_data:
             from ..train import evaluate
 
-            rep["test_accuracy"] = round(evaluate(model, data_mod.load(test_data)), 3)
+            test = data_mod.load(test_data)
+            rep["test_accuracy"] = round(evaluate(model, test), 3)
+            rep["test_data"] = f"{test_data}, {len(test):,} samples"
         if path.suffix == ".cpz":
             from ..coding.stats import read_stats
 
