@@ -77,10 +77,11 @@ def test_an_existing_report_or_json_is_refused_before_the_work(cli, tmp_path, le
     (tmp_path / "rep" / "report.html").write_text("mine")
     (tmp_path / "r.json").write_text("mine")
     for extra in (["--report", tmp_path / "rep"], ["--json", tmp_path / "r.json"]):
-        res = cli("prune", tmp_path / "m.pt", "--sparsity", "0.5", "-o", tmp_path / "p.pt", *extra)
+        res = cli("prune", tmp_path / "m.pt", "--sparsity", "0.5", "--epochs", "0", "-o", tmp_path / "p.pt", *extra)
         assert one_line_error(res) and "--force" in res.err and not (tmp_path / "p.pt").exists()
     assert (tmp_path / "rep" / "report.html").read_text() == "mine" and (tmp_path / "r.json").read_text() == "mine"
-    res = cli("prune", tmp_path / "m.pt", "--sparsity", "0.5", "-o", tmp_path / "p.pt", "--report", tmp_path / "rep",
+    res = cli("prune", tmp_path / "m.pt", "--sparsity", "0.5", "--epochs", "0", "-o", tmp_path / "p.pt", "--report",
+              tmp_path / "rep",
               "--force")
     assert res.code == 0 and (tmp_path / "rep" / "report.html").read_text() != "mine"
 
@@ -179,7 +180,7 @@ def test_a_speed_verdict_needs_its_interval(lenet5_trained, monkeypatch):
 def test_every_timing_command_takes_no_latency_and_threads(cli, tmp_path, lenet5_trained, monkeypatch):
     monkeypatch.delenv("COMPRESS_THREADS", raising=False)
     save_model(copy.deepcopy(lenet5_trained), tmp_path / "m.pt")
-    for args in (["prune", tmp_path / "m.pt", "--sparsity", "0.5", "-o", tmp_path / "p.pt"],
+    for args in (["prune", tmp_path / "m.pt", "--sparsity", "0.5", "--epochs", "0", "-o", tmp_path / "p.pt"],
                  ["quantize", tmp_path / "m.pt", "--bits", "8", "-o", tmp_path / "q.pt"],
                  ["factorize", tmp_path / "m.pt", "--energy", "0.9", "-o", tmp_path / "f.pt"],
                  ["report", tmp_path / "m.pt"]):

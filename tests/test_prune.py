@@ -280,7 +280,9 @@ def test_prune_cli_threshold(tmp_path, cli, lenet5_trained):
     p = load_model(tmp_path / "p.pt")
     assert 0.75 < sparsity_of(p) < 0.85
     # without data nothing says what a change cost: a warning says so (90% pruned LeNet-5 can score 16%)
-    res = cli("prune", src, "--sparsity", "0.9", "-o", tmp_path / "blind.pt")
+    res = cli("prune", src, "--sparsity", "0.9", "-o", tmp_path / "blind.pt")  # fine-tunes by default: needs data
+    assert one_line_error(res) and "--train-data" in res.err and "--epochs 0" in res.err
+    res = cli("prune", src, "--sparsity", "0.9", "--epochs", "0", "-o", tmp_path / "blind.pt")
     assert res.code == 0 and "warning: no --train-data or --test-data" in res.err
     assert "output change" in res.out and "random" in res.out  # what it did to the outputs, still
     # the input is never overwritten without --force
@@ -320,12 +322,12 @@ def test_prune_cli_channel_union_uses_library_defaults(tmp_path, cli):
 
 
 @pytest.mark.parametrize("args,match", [
-    (["prune", "--sparsity", "nosuchlayer=0.5"], "no prunable layer 'nosuchlayer'"),
-    (["prune", "--layers", "nosuch*"], "matches no layer"),
+    (["prune", "--sparsity", "nosuchlayer=0.5", "--epochs", "0"], "no prunable layer 'nosuchlayer'"),
+    (["prune", "--layers", "nosuch*", "--epochs", "0"], "matches no layer"),
     (["quantize", "--bits", "fc9=4"], "no quantized layer of that name (did you mean"),
     (["quantize", "--layers", "conv9"], "matches no layer"),
     (["factorize", "--rank", "2", "--exclude", "fc1", "--layers", "zz*"], "matches no layer"),
-    (["prune", "--steps", "0"], "steps"),
+    (["prune", "--steps", "0", "--epochs", "0"], "steps"),
     (["prune", "--lr", "-1", "--train-data", "mnist5k?limit=100"], "lr must be > 0"),
 ])
 def test_settings_that_select_nothing_or_are_invalid_are_errors(tmp_path, cli, lenet5_trained, args, match):

@@ -70,7 +70,8 @@ def load_inputs(model_path: str, output: str | None, force: bool, arch=None, tru
     if output:
         check_output(model_path, output, force)
     if need_train and not train_data:
-        raise UsageError("this method trains: pass --train-data SPEC (e.g. mnist5k)")
+        raise UsageError("this method trains: pass --train-data SPEC (e.g. mnist5k), or --epochs 0 to run it "
+                         "without fine-tuning (and --test-data to see what that costs)")
     model = load_model(model_path, arch=arch, trust_pickle=trust_pickle)
     import torch.nn as nn
 
