@@ -99,14 +99,33 @@ class _Judge:
                 "over": over, "verdict": word + why, "why": why}
 
 
-def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit):
+@dataclasses.dataclass
+class _Stop:
+    """Why the search ended early, if it did: Ctrl-C, or the time budget (checked between candidates)."""
+
+    deadline: float | None = None
+    reason: str | None = None
+
+    def check(self) -> bool:
+        if self.reason is None and self.deadline is not None and time.perf_counter() > self.deadline:
+            self.reason = "time budget"
+        return self.reason is not None
+
+
+def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, stop: _Stop):
     """Try a stage's candidates: (the most compressed one within budget or None, its sizes as measured
-    when it was tried, the record of all)."""
+    when it was tried, the record of all). Ctrl-C or the time budget ends it with what was kept."""
     kept_model, kept, kept_sizes, current, misses = None, None, None, model, 0
     tried = []
     for j, cfg in enumerate(stage.candidates):
+        if stop.check():
+            break
         start = current if stage.iterative else model
-        cand = run(cfg.verb, copy.deepcopy(start), cfg, ctx).model
+        try:
+            cand = run(cfg.verb, copy.deepcopy(start), cfg, ctx).model
+        except KeyboardInterrupt:  # the candidate in progress is dropped; what was kept stands
+            stop.reason = "interrupted"
+            break
         sizes = size_bytes(cand)
         rec = {"value": getattr(cfg, cfg.search_key), "options": cfg.to_dict(), **judge(cand),
                "bytes": sizes["coded"]}
@@ -147,9 +166,12 @@ def _point(label: str, model: nn.Module, nbytes: int, accuracy: float, ctx: Cont
 
 def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_accuracy_drop: float | None = None,
              input_shape=None, on_event: Callable | None = None, val_data=None, test_data=None,
-             val_fraction: float | None = None, latency: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+             val_fraction: float | None = None, latency: bool = True,
+             time_budget: float | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Run a recipe on ``model`` (in place); returns (model, summary). ``data``: training Dataset or spec.
-    ``on_event(kind, fields)`` hears "start", "warning", "candidate" and "skipped", as stages' events.
+    ``on_event(kind, fields)`` hears "start", "warning", "stage", "candidate", "skipped" and "stopped", as
+    stages' events. ``time_budget`` (seconds) or Ctrl-C ends the search early: the result is the best kept so
+    far (``summary["stopped"]`` says why), encoded and measured as usual.
 
     Precedence of every setting: argument > recipe > model metadata > default.
     """
@@ -180,10 +202,16 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
         emit("warning", text=text)
     history_before = len(get_meta(model).get("history", []))
     results, measured = [], None  # measured: (sizes, val accuracy) of `model`, taken when it was a candidate
+    stop = _Stop(None if time_budget is None else time.perf_counter() + time_budget)
     for stage in recipe.stages:
+        if stop.check():
+            break
         t0 = time.perf_counter()
-        kept_model, kept_sizes, res = _search(stage, model, ctx, judge, emit)
-        if kept_model is None:
+        emit("stage", stage=stage.name, candidates=len(stage.candidates))
+        kept_model, kept_sizes, res = _search(stage, model, ctx, judge, emit, stop)
+        if stop.reason:
+            emit("stopped", reason=stop.reason, stage=stage.name)
+        if kept_model is None and not stop.reason:
             emit("skipped", stage=stage.name)
             if on_event is None:
                 log.warning("stage %s: no candidate within %.2f pt; stage skipped", stage.name, budget)
@@ -209,7 +237,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     set_meta(model, input_shape=list(ctx.input_shape))
     final = size_bytes(model, graph=True)  # with the history above: exactly the bytes save_model writes
     timeline.append({**timeline[-1], "stage": "huffman coded", "bytes": final["coded"]})  # same weights, coded
-    summary = {"budget_pt": budget, "confidence": z, "base_accuracy": round(base_acc, 3),
+    summary = {"stopped": stop.reason, "budget_pt": budget, "confidence": z, "base_accuracy": round(base_acc, 3),
                "final_accuracy": round(timeline[-1]["accuracy"], 3), "dense_bytes": dense,
                "cpz_bytes": final["coded"], "ratio": round(dense / final["coded"], 2), "timeline": timeline,
                "layer_bytes": final["layers"], "graph_note": final["graph_note"],

@@ -114,7 +114,7 @@ def test_a_model_trained_on_its_validation_split_is_flagged(digits):
 def test_search_goes_on_past_noise_and_stops_on_evidence():
     """An inconclusive reading (over the budget by its noise margin only) neither ends nor resets the
     search; `patience` readings in a row whose measured drop alone is over do."""
-    from compress.pipeline import _search
+    from compress.pipeline import _search, _Stop
     from compress.prune import sparsity_of
     from compress.stages import Context
 
@@ -129,7 +129,8 @@ def test_search_goes_on_past_noise_and_stops_on_evidence():
                 "verdict": "", "why": "a reason"}
 
     torch.manual_seed(0)
-    kept, _, res = _search(stage, create_model("lenet300", input_size=8), Context(), judge, lambda kind, **f: None)
+    kept, _, res = _search(stage, create_model("lenet300", input_size=8), Context(), judge, lambda kind, **f: None,
+                          _Stop())
     assert [t["value"] for t in res["tried"]] == [0.5, 0.6, 0.7, 0.8, 0.9]
     assert res["kept"]["value"] == 0.7 and res["kept"]["verdict"] == "kept: a reason"
     assert abs(sparsity_of(kept) - 0.7) < 0.01
@@ -162,3 +163,52 @@ def test_pipeline_command_reports_every_candidate_and_bytes_per_layer(trained, t
     assert summary["cpz_bytes"] == (tmp_path / "m.cpz").stat().st_size
     assert set(summary["layer_bytes"]) == {"fc1", "fc2", "fc3"}  # the tensor sections, without the manifest
     assert 0 < sum(summary["layer_bytes"].values()) < summary["cpz_bytes"]
+
+
+def test_ctrl_c_keeps_the_best_result_so_far(trained, digits, monkeypatch):
+    """Ctrl-C during a candidate (the issue: exit 130, no message, a within-budget result lost): the
+    candidate in progress is dropped, the stages after it do not run, and what was kept is the result,
+    encoded and measured as usual."""
+    import compress.pipeline as pl
+
+    calls, real = [], pl.run
+
+    def interrupted_on_the_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pl, "run", interrupted_on_the_second)
+    events = []
+    m, summary = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(RECIPES[1]), max_accuracy_drop=5.0,
+                          on_event=lambda k, kw: events.append(k), latency=False)
+    assert summary["stopped"] == "interrupted" and "stopped" in events and len(calls) == 2
+    first = summary["stages"][0]
+    assert len(first["tried"]) == 1 and first["kept"] is not None  # the first candidate, within a loose budget
+    assert len(summary["stages"]) == 1  # the stages after it did not run
+    blob, _ = encode_model(copy.deepcopy(m))
+    assert len(blob) == summary["cpz_bytes"] < summary["dense_bytes"]
+
+
+def test_a_time_budget_ends_the_search_between_candidates(trained, tmp_path, cli, monkeypatch):
+    """Candidates made slow (0.7 s each): a 1 s budget lets two start and no more."""
+    import time
+
+    import compress.pipeline as pl
+    from compress.formats import save_model
+
+    real = pl.run
+    monkeypatch.setattr(pl, "run", lambda *a, **kw: (time.sleep(0.7), real(*a, **kw))[1])
+    m = copy.deepcopy(trained["mlp"])
+    set_meta(m, input_shape=[1, 1, 8, 8])
+    save_model(m, tmp_path / "m.pt")
+    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", RECIPES[1], "--time-budget", "1",
+              "--max-accuracy-drop", "5", "-o", tmp_path / "m.cpz", "--json", tmp_path / "s.json", "--no-latency")
+    import json
+
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert res.code == 0 and summary["stopped"] == "time budget" and "--time-budget reached" in res.err
+    assert sum(len(s["tried"]) for s in summary["stages"]) == 2 < sum(
+        len(s.candidates) for s in Recipe.load(RECIPES[1]).stages)
+    assert (tmp_path / "m.cpz").stat().st_size == summary["cpz_bytes"] and "left at most" in res.err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 from typing import Annotated, Optional
 
@@ -28,6 +29,9 @@ def pipeline(model: ModelArg, output: OutOpt,
                                                            "default: Deep Compression.")] = None,
              arch: ArchOpt = None, trust_pickle: TrustOpt = False, test_data: TestDataOpt = None,
              input_shape: InputShapeOpt = None, report: ReportOpt = None, json_out: JsonOpt = None,
+             time_budget: Annotated[Optional[float], typer.Option(
+                 "--time-budget", min=1, help="Seconds of search at most; then (as on Ctrl-C) the best result kept "
+                 "so far is written.")] = None,
              no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None, force: ForceOpt = False):
     """Prune, share weights and Huffman-code a model into a .cpz, keeping the most compressed
     result within an accuracy budget.
@@ -58,8 +62,8 @@ def pipeline(model: ModelArg, output: OutOpt,
     if val is not None:
         data_mod.check_fits(inp.model, val)
     original = copy.deepcopy(inp.model)
-    m, summary = run(inp.model, ds, rec, max_accuracy_drop, inp.input_shape, on_event=_show_event, val_data=val,
-                     test_data=inp.test, latency=not no_latency)
+    m, summary = run(inp.model, ds, rec, max_accuracy_drop, inp.input_shape, on_event=_ShowEvents(), val_data=val,
+                     test_data=inp.test, latency=not no_latency, time_budget=time_budget)
     m = m.cpu()
     save_model(m, output, force=force)  # the same bytes the summary counted
     if summary.get("graph_note"):
@@ -79,6 +83,9 @@ def pipeline(model: ModelArg, output: OutOpt,
     if test:
         line += f"; test {summary['test_accuracy_before']:.2f}% -> {summary['test_accuracy_after']:.2f}%"
     out.print(line)
+    if summary.get("stopped"):
+        out.print(f"stopped early ({'Ctrl-C' if summary['stopped'] == 'interrupted' else '--time-budget'}): the "
+                  "best result kept before it; the stages after it did not run")
     if report:
         from ..report.render import render_pipeline_report
 
@@ -89,15 +96,35 @@ def pipeline(model: ModelArg, output: OutOpt,
         emit_json(summary, json_out, force)
 
 
-def _show_event(kind: str, kw: dict) -> None:
-    from ..report.render import value_text
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s" if seconds >= 60 else f"{seconds:.0f}s"
 
-    if kind == "start":
-        err.print(f"validation accuracy {kw['accuracy']:.2f}%, budget {kw['budget']} pt, dense {kw['bytes']:,} bytes")
-    elif kind == "candidate":
-        err.print(f"  {kw['stage']} {kw['index']}/{kw['of']} {value_text(kw['value'])}: accuracy {kw['accuracy']:.2f}%, "
-                  f"{kw['bytes']:,} bytes; {kw['verdict']}")
-    elif kind == "warning":
-        err.print(f"warning: {kw['text']}")
-    elif kind == "skipped":
-        err.print(f"  {kw['stage']}: no candidate within budget; stage skipped")
+
+class _ShowEvents:
+    """The pipeline's progress on stderr: each candidate with its verdict, the stage's elapsed time and
+    an estimate of what is left of it (its candidates so far, times those to come)."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()  # when the stage under way began
+
+    def __call__(self, kind: str, kw: dict) -> None:
+        from ..report.render import value_text
+
+        if kind == "start":
+            err.print(f"validation accuracy {kw['accuracy']:.2f}%, budget {kw['budget']} pt, dense {kw['bytes']:,} "
+                      "bytes (Ctrl-C stops and writes the best result kept so far)")
+        elif kind == "stage":
+            self.t0 = time.perf_counter()
+        elif kind == "candidate":
+            spent = time.perf_counter() - self.t0
+            left = spent / kw["index"] * (kw["of"] - kw["index"])
+            eta = f", ~{_clock(left)} left at most" if kw["index"] < kw["of"] else ""
+            err.print(f"  {kw['stage']} {kw['index']}/{kw['of']} {value_text(kw['value'])}: accuracy "
+                      f"{kw['accuracy']:.2f}%, {kw['bytes']:,} bytes; {kw['verdict']} [{_clock(spent)}{eta}]")
+        elif kind == "warning":
+            err.print(f"warning: {kw['text']}")
+        elif kind == "skipped":
+            err.print(f"  {kw['stage']}: no candidate within budget; stage skipped")
+        elif kind == "stopped":
+            why = "Ctrl-C" if kw["reason"] == "interrupted" else "--time-budget reached"
+            err.print(f"  stopped during {kw['stage']} ({why}): the best result kept so far is written")
