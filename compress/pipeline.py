@@ -222,8 +222,10 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
         sizes, acc = measured
         res.update(bytes=sizes["coded"], accuracy=round(acc, 3), seconds=round(time.perf_counter() - t0, 2))
         quantized = stage.candidates[0].verb == "quantize"
-        timeline.append(_point("quantized" if quantized else "pruned" if stage.name == "threshold" else stage.name,
-                               model, sizes["fixed"] if quantized else sizes["coded"], acc, ctx, test_data))
+        label = "quantized" if quantized else "pruned" if stage.name == "threshold" else stage.name
+        if kept_model is None:  # the row shows the model as it stands, not a result of this stage
+            label = f"{stage.name}: nothing kept"
+        timeline.append(_point(label, model, sizes["fixed"] if quantized else sizes["coded"], acc, ctx, test_data))
         snapshots.append(copy.deepcopy(model))
         results.append(res)
     # batch-1 latency of every stage's model, interleaved after a warm-up: the same machine state for all
