@@ -211,9 +211,10 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
         kept_model, kept_sizes, res = _search(stage, model, ctx, judge, emit, stop)
         if stop.reason:
             emit("stopped", reason=stop.reason, stage=stage.name)
-        if kept_model is None and not stop.reason:
-            emit("skipped", stage=stage.name)
-            if on_event is None:
+        if kept_model is None:
+            if not stop.reason:
+                emit("skipped", stage=stage.name)
+            if on_event is None and not stop.reason:
                 log.warning("stage %s: no candidate within %.2f pt; stage skipped", stage.name, budget)
         else:
             model, measured = kept_model, (kept_sizes, res["kept"]["accuracy"])  # as measured when tried

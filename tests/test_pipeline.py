@@ -179,6 +179,14 @@ def test_ctrl_c_keeps_the_best_result_so_far(trained, digits, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **kw)
 
+    def interrupted_at_once(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pl, "run", interrupted_at_once)  # before anything was kept: the input model, encoded
+    m, summary = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(RECIPES[1]), latency=False)
+    assert summary["stopped"] == "interrupted" and summary["stages"][0]["kept"] is None
+    assert summary["final_accuracy"] == summary["base_accuracy"]
+
     monkeypatch.setattr(pl, "run", interrupted_on_the_second)
     events = []
     m, summary = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(RECIPES[1]), max_accuracy_drop=5.0,

@@ -102,12 +102,16 @@ def cpz_estimate(model: nn.Module) -> int | None:
         return None
 
 
-def output_drift(before: nn.Module, after: nn.Module, input_shape, data=None, n: int = 256) -> dict:
+def output_drift(before: nn.Module, after: nn.Module, input_shape, data=None, n: int = 256) -> dict | None:
     """How far the outputs moved: top-1 agreement with the input model (%) and the relative L2 change
-    of the outputs, on up to ``n`` samples of ``data`` or, without data, on random normal inputs (seeded)
-    -- so that even a command given no labels shows what it did to the model."""
+    of the outputs, on up to ``n`` samples of ``data`` (fewer for large inputs: at most 2^21 input values)
+    or, without data, on random normal inputs (seeded) -- so that even a command given no labels shows
+    what it did to the model. None for a model whose output is not one tensor."""
+    import math
+
     import torch
 
+    n = max(4, min(n, (1 << 21) // max(1, math.prod(input_shape[1:]))))
     if data is not None:
         x, name = data.x[:n], f"{min(n, len(data)):,} samples of {data.name}"
     else:
@@ -115,6 +119,8 @@ def output_drift(before: nn.Module, after: nn.Module, input_shape, data=None, n:
         name = f"{n} random inputs"
     with torch.no_grad():
         a, b = before.eval()(x), after.eval()(x)
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape):
+        return None
     agree = 100.0 * float((a.argmax(1) == b.argmax(1)).float().mean()) if a.dim() == 2 else None
     rel = float((b - a).norm() / a.norm().clamp_min(1e-12))
     return {"data": name, "top1_agreement": None if agree is None else round(agree, 2), "relative_change": rel}
