@@ -137,6 +137,8 @@ FORGERIES = {
     "a sum over (2^31 - 1)^2 broadcast elements": (lambda g: _use(g, ["full", [[1], 1.0]], [
         ["expand", [{"v": V(g["nodes"]) + 1}, [2**31 - 1, 2**31 - 1]]],
         ["sum.dim_IntList", [{"v": V(g["nodes"]) + 2}, [0]]]]), "operations"),
+    "a result per sample (split along the batch)": (lambda g: _use(g, ["split.Tensor", [{"v": 0}, 1, 0]], [
+        ["getitem", [{"v": V(g["nodes"]) + 1}, 0]]]), "tensors for one sample"),
     "a cost that grows as the batch squared": (lambda g: _use(g, ["sym_size.int", [{"v": 0}, 0]], [
         ["full", [[{"v": V(g["nodes"]) + 1}, 1], 1.0]], ["full", [[1, {"v": V(g["nodes"]) + 1}], 1.0]],
         ["add.Tensor", [{"v": V(g["nodes"]) + 2}, {"v": V(g["nodes"]) + 3}]]]), "linear in the batch"),

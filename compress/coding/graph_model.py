@@ -116,6 +116,9 @@ def check_cost(g: Graph, tensors: list) -> Cost:
     except Exception as e:  # an op that does not fit its arguments' shapes, a size torch refuses
         raise GraphError(f"does not run on its own input shape {tuple(g.input)} ({type(e).__name__}: "
                          f"{safe(first_line(e, 100))})") from None
+    if len(one.numels) != len(two.numels):  # split(x, 1, dim=0): a result per sample
+        raise GraphError(f"computes {len(one.numels):,} tensors for one sample and {len(two.numels):,} for two "
+                         "(a graph's cost must be linear in the batch)")
     for a, b in zip(one.numels, two.numels, strict=True):
         if b not in (a, 2 * a):
             raise GraphError(f"a value grows from {a:,} to {b:,} elements when the batch doubles (a graph's "
