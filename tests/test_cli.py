@@ -54,6 +54,7 @@ def test_version_quiet_and_global_flags_anywhere(cli, tmp_path, lenet5_trained):
     save_model(copy.deepcopy(lenet5_trained), tmp_path / "m.pt")
     res = cli("quantize", tmp_path / "m.pt", "--bits", "8", "-o", tmp_path / "q.pt", "--quiet")
     assert res.code == 0 and res.err == "" and "before / after" in res.out
+    assert "weights only" in res.out and "faster" not in res.out  # rounded weights: the same FP32 compute
     res = cli("report", tmp_path / "nope.pt", "--debug")  # --debug after the command: a traceback
     assert res.code == 1 and "Traceback" in res.err
     res = cli("--device", "tpu", "report", tmp_path / "m.pt")

@@ -111,7 +111,12 @@ def before_after_rows(before: dict, after: dict) -> list[list]:
         b, a = before.get("latency_ms", {}).get(k), after.get("latency_ms", {}).get(k)
         if b is not None or a is not None:
             interval = after.get("latency_ms", {}).get("speedup", {}).get(k)
-            rows.append([f"latency, {k.replace('_', ' ')} (ms)", b, a, speed_change(b, a, interval)])
+            verdict = speed_change(b, a, interval)
+            if after.get("weights_only") and not verdict.startswith("same"):
+                verdict += " (weights only: the same FP32 compute; timing noise)"
+            elif after.get("weights_only"):
+                verdict = "same compute (weights only)"
+            rows.append([f"latency, {k.replace('_', ' ')} (ms)", b, a, verdict])
     return rows
 
 
