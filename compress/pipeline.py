@@ -167,7 +167,7 @@ def _point(label: str, model: nn.Module, nbytes: int, accuracy: float, ctx: Cont
 def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_accuracy_drop: float | None = None,
              input_shape=None, on_event: Callable | None = None, val_data=None, test_data=None,
              val_fraction: float | None = None, latency: bool = True,
-             time_budget: float | None = None) -> tuple[nn.Module, dict[str, Any]]:
+             time_budget: float | None = None, confidence: float | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Run a recipe on ``model`` (in place); returns (model, summary). ``data``: training Dataset or spec.
     ``on_event(kind, fields)`` hears "start", "warning", "stage", "candidate", "skipped" and "stopped", as
     stages' events. ``time_budget`` (seconds) or Ctrl-C ends the search early: the result is the best kept so
@@ -178,7 +178,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else recipe or DEFAULT_RECIPE
     ds = data_mod.load(data) if isinstance(data, str) else data
     budget = resolve(max_accuracy_drop, recipe.max_accuracy_drop, default=0.5)
-    z = resolve(recipe.confidence, default=1.0)
+    z = resolve(confidence, recipe.confidence, default=1.0)
     if val_data is not None:
         train, val = ds, (data_mod.load(val_data) if isinstance(val_data, str) else val_data)
     else:

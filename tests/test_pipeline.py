@@ -220,3 +220,20 @@ def test_a_time_budget_ends_the_search_between_candidates(trained, tmp_path, cli
     assert sum(len(s["tried"]) for s in summary["stages"]) == 2 < sum(
         len(s.candidates) for s in Recipe.load(RECIPES[1]).stages)
     assert (tmp_path / "m.cpz").stat().st_size == summary["cpz_bytes"] and "left at most" in res.err
+
+
+def test_confidence_is_an_argument_and_the_summary_says_how_sure(trained, digits, tmp_path, cli):
+    from compress.formats import save_model
+
+    _, loose = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(RECIPES[1]), latency=False,
+                        confidence=0.0)
+    _, strict = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(RECIPES[1]), latency=False,
+                         confidence=3.0)
+    assert loose["confidence"] == 0.0 and strict["confidence"] == 3.0
+    assert strict["cpz_bytes"] >= loose["cpz_bytes"]  # a stricter promise keeps no smaller a result
+    m = copy.deepcopy(trained["mlp"])
+    set_meta(m, input_shape=[1, 1, 8, 8])
+    save_model(m, tmp_path / "m.pt")
+    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", RECIPES[1], "--confidence", "2",
+              "-o", tmp_path / "m.cpz", "--no-latency")
+    assert res.code == 0 and "98% one-sided confidence" in " ".join(res.out.split())

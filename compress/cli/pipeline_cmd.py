@@ -29,6 +29,10 @@ def pipeline(model: ModelArg, output: OutOpt,
                                                            "default: Deep Compression.")] = None,
              arch: ArchOpt = None, trust_pickle: TrustOpt = False, test_data: TestDataOpt = None,
              input_shape: InputShapeOpt = None, report: ReportOpt = None, json_out: JsonOpt = None,
+             confidence: Annotated[Optional[float], typer.Option(
+                 "--confidence", min=0.0, max=10.0, show_default=False, help="Standard errors of margin in the "
+                 "budget test (default: the recipe's, else 1: a kept drop is within budget with ~84% one-sided "
+                 "confidence; 2: ~98%, keeps less).")] = None,
              time_budget: Annotated[Optional[float], typer.Option(
                  "--time-budget", min=1, help="Seconds of search at most; then (as on Ctrl-C) the best result kept "
                  "so far is written.")] = None,
@@ -63,7 +67,8 @@ def pipeline(model: ModelArg, output: OutOpt,
         data_mod.check_fits(inp.model, val)
     original = copy.deepcopy(inp.model)
     m, summary = run(inp.model, ds, rec, max_accuracy_drop, inp.input_shape, on_event=_ShowEvents(), val_data=val,
-                     test_data=inp.test, latency=not no_latency, time_budget=time_budget)
+                     test_data=inp.test, latency=not no_latency, time_budget=time_budget,
+                     confidence=confidence)
     m = m.cpu()
     save_model(m, output, force=force)  # the same bytes the summary counted
     if summary.get("graph_note"):
@@ -80,6 +85,8 @@ def pipeline(model: ModelArg, output: OutOpt,
         out.print(f"{s['stage']}: kept {s['search_key']} {what} after {len(s['tried'])} candidate(s), {s['seconds']:.0f}s")
     line = f"[bold]{summary['ratio']:.1f}x smaller[/bold] than dense FP32 ({summary['cpz_bytes']:,} bytes), " \
            f"validation accuracy {summary['base_accuracy']:.2f}% -> {summary['final_accuracy']:.2f}%"
+    line += f" (budget {summary['budget_pt']:g} pt at {_one_sided(summary['confidence']):.0%} one-sided confidence " \
+            f"on {summary['validation']['samples']:,} validation samples)"
     if test:
         line += f"; test {summary['test_accuracy_before']:.2f}% -> {summary['test_accuracy_after']:.2f}%"
     out.print(line)
@@ -94,6 +101,13 @@ def pipeline(model: ModelArg, output: OutOpt,
     err.print(f"wrote {output}")
     if json_out:
         emit_json(summary, json_out, force)
+
+
+def _one_sided(z: float) -> float:
+    """The normal probability that the true drop is below the measured drop + z standard errors."""
+    import math
+
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
 
 
 def _clock(seconds: float) -> str:
