@@ -36,9 +36,9 @@ def to_onnx(model: nn.Module, path, input_shape, opset: int = 17) -> None:
     """Export with a dynamic batch axis (legacy TorchScript exporter: no onnxscript needed)."""
     from .masks import remove_masks
 
-    from .coding.graph_model import stored
+    from .coding.graph_model import GraphModel
 
-    if stored(model) is not None:
+    if isinstance(model, GraphModel):
         from .stages import graph_only
 
         raise graph_only(model, "exports ONNX from a model's layers")

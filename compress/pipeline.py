@@ -212,10 +212,10 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
         if stop.reason:
             emit("stopped", reason=stop.reason, stage=stage.name)
         if kept_model is None:
-            if not stop.reason:
+            if not stop.reason:  # stopped: nothing was judged, so nothing was skipped
                 emit("skipped", stage=stage.name)
-            if on_event is None and not stop.reason:
-                log.warning("stage %s: no candidate within %.2f pt; stage skipped", stage.name, budget)
+                if on_event is None:
+                    log.warning("stage %s: no candidate within %.2f pt; stage skipped", stage.name, budget)
         else:
             model, measured = kept_model, (kept_sizes, res["kept"]["accuracy"])  # as measured when tried
         if measured is None:  # nothing kept yet: the input model, measured once

@@ -127,7 +127,7 @@ class Method:
     needs_train: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, config: Config, ctx: Context | None = None):
-        if graph_model.stored(model) is not None:
+        if isinstance(model, graph_model.GraphModel):
             raise graph_only(model, "changes models through their layers")
         self.model, self.config, self.ctx = model, config, ctx or Context()
         self.layers: list[dict] = []

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from .common import ArchOpt, ForceOpt, InputShapeOpt, ModelArg, OutOpt, TrustOpt, err, out, parse_shape, table
+from .common import (ArchOpt, ForceOpt, InputShapeOpt, ModelArg, OutOpt, TrustOpt, err, note_no_graph, out,
+                     parse_shape, table)
 from .stage import check_output
 
 
@@ -46,8 +47,8 @@ def encode(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: 
               f"[bold]{dense / size:.2f}x smaller[/bold]")
     if stats["graph_bytes"]:
         out.print(f"graph: {stats['graph_bytes']:,} bytes; it decodes without your code (or with --arch)")
-    elif stats["graph_note"]:
-        err.print(f"note: no graph stored ({stats['graph_note']}); decoding needs your --arch")
+    else:
+        note_no_graph(stats["graph_note"])
     err.print(f"wrote {output}")
 
 

@@ -118,13 +118,19 @@ def use_threads(threads: Optional[int]) -> None:
         os.environ["COMPRESS_THREADS"] = str(threads)
 
 
+def note_no_graph(why: Optional[str]) -> None:
+    """Say why a .cpz of the user's classes holds no graph (it then decodes only with their --arch)."""
+    if why:
+        err.print(f"note: no graph stored ({why}); decoding needs your --arch")
+
+
 def check_reports(report_dir: Optional[str], json_out: Optional[str], force: bool) -> None:
     """Refuse, before any work, to replace an existing --report folder's report or --json file without --force."""
     from ..errors import OutputExistsError
-    from ..report.render import REPORT_FILES
+    from ..report.render import check_folder
 
-    if report_dir and not force and any((Path(report_dir) / f).exists() for f in REPORT_FILES):
-        raise OutputExistsError(f"{report_dir} already holds a report; pass --force to replace it")
+    if report_dir:
+        check_folder(report_dir, force)
     if json_out and json_out != "-" and not force and Path(json_out).exists():
         raise OutputExistsError(f"{json_out} exists; pass --force to overwrite it")
 

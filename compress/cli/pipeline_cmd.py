@@ -10,7 +10,8 @@ import typer
 
 from . import app
 from .common import (ArchOpt, ForceOpt, InputShapeOpt, JsonOpt, ModelArg, NoLatencyOpt, OutOpt, ReportOpt,
-                     TestDataOpt, ThreadsOpt, TrustOpt, check_reports, emit_json, err, out, table, use_threads)
+                     TestDataOpt, ThreadsOpt, TrustOpt, check_reports, emit_json, err, note_no_graph, out, table,
+                     use_threads)
 from .stage import load_inputs
 
 
@@ -71,8 +72,7 @@ def pipeline(model: ModelArg, output: OutOpt,
                      confidence=confidence)
     m = m.cpu()
     save_model(m, output, force=force)  # the same bytes the summary counted
-    if summary.get("graph_note"):
-        err.print(f"note: no graph stored ({summary['graph_note']}); decoding needs your --arch")
+    note_no_graph(summary.get("graph_note"))
     from ..report.render import value_text
 
     test = inp.test is not None
@@ -91,8 +91,8 @@ def pipeline(model: ModelArg, output: OutOpt,
         line += f"; test {summary['test_accuracy_before']:.2f}% -> {summary['test_accuracy_after']:.2f}%"
     out.print(line)
     if summary.get("stopped"):
-        out.print(f"stopped early ({'Ctrl-C' if summary['stopped'] == 'interrupted' else '--time-budget'}): the "
-                  "best result kept before it; the stages after it did not run")
+        out.print(f"stopped early ({_STOPPED_BY[summary['stopped']]}): the best result kept before it; the stages "
+                  "after it did not run")
     if report:
         from ..report.render import render_pipeline_report
 
@@ -101,6 +101,9 @@ def pipeline(model: ModelArg, output: OutOpt,
     err.print(f"wrote {output}")
     if json_out:
         emit_json(summary, json_out, force)
+
+
+_STOPPED_BY = {"interrupted": "Ctrl-C", "time budget": "--time-budget reached"}
 
 
 def _one_sided(z: float) -> float:
@@ -140,5 +143,5 @@ class _ShowEvents:
         elif kind == "skipped":
             err.print(f"  {kw['stage']}: no candidate within budget; stage skipped")
         elif kind == "stopped":
-            why = "Ctrl-C" if kw["reason"] == "interrupted" else "--time-budget reached"
-            err.print(f"  stopped during {kw['stage']} ({why}): the best result kept so far is written")
+            err.print(f"  stopped during {kw['stage']} ({_STOPPED_BY[kw['reason']]}): the best result kept so far "
+                      "is written")

@@ -54,8 +54,9 @@ MIN_DECODED_BYTES = 64 << 20
 # ----------------------------------------------------------------------------- encoding
 def _graph_of(model: nn.Module, graph: bool, input_shape) -> tuple[dict | None, str | None]:
     """(graph, None), or (None, why not) for a model of the user's classes; (None, None) for others."""
-    if graph_model.stored(model) is not None:
-        return graph_model.stored(model), None  # decoded from a graph: it is its own architecture
+    doc = graph_model.stored(model)
+    if doc is not None:
+        return doc, None  # decoded from a graph: it is its own architecture
     if not graph or not arch_mod.foreign_classes(model):
         return None, None
     shape = input_shape or get_meta(model).get("input_shape")
@@ -76,7 +77,7 @@ def encode_model(model: nn.Module, graph: bool = False, input_shape=None) -> tup
     remove_masks(model)
     doc, note = _graph_of(model, graph, input_shape)
     try:
-        spec = None if graph_model.stored(model) is not None else arch_mod.describe(model)
+        spec = None if isinstance(model, graph_model.GraphModel) else arch_mod.describe(model)
     except TypeError as e:
         raise InputError(str(e)) from e
     modules = dict(model.named_modules())

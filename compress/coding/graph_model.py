@@ -62,22 +62,17 @@ def cost(g: Graph, tensors: list, batch: int = 1) -> Cost:
     numels: list = [x.numel()]
     work = [x.numel()]
 
-    def base_of(args, node) -> int | None:
-        first = node.args[0] if node.args else None
-        return owner.get(first.index) if isinstance(first, Ref) and node.op.view else None
-
     def watch(k, node, args, out, values):
         i = k + 1
-        n = _numel(out)
         numels.extend(_numel(t) for t in (out if isinstance(out, (list, tuple)) else [out]))
-        work[0] += n + sum(_numel(a) for a in args if isinstance(a, (torch.Tensor, list)))
-        b = base_of(args, node)
-        if b is None and isinstance(node.args[0] if node.args else None, Tensor) and node.op.view:
+        work[0] += _numel(out) + sum(_numel(a) for a in args if isinstance(a, (torch.Tensor, list)))
+        first = node.args[0] if node.args else None
+        b = owner.get(first.index) if isinstance(first, Ref) and node.op.view else None
+        if b is None and isinstance(first, Tensor) and node.op.view:
             owner[i] = None  # a view of a stored tensor: the weights are counted apart
         elif b is None:
             owner[i], size[i], users[i] = i, _nbytes(out), 0
             live[0] += size[i]
-            b = i
         else:
             owner[i] = b
         if owner[i] is not None:
@@ -111,8 +106,6 @@ def check_cost(g: Graph, tensors: list) -> Cost:
     """Refuse a graph whose cost per sample exceeds ``limits`` or grows faster than the batch."""
     try:
         one, two = cost(g, tensors, 1), cost(g, tensors, 2)
-    except GraphError:
-        raise
     except Exception as e:  # an op that does not fit its arguments' shapes, a size torch refuses
         raise GraphError(f"does not run on its own input shape {tuple(g.input)} ({type(e).__name__}: "
                          f"{safe(first_line(e, 100))})") from None

@@ -43,13 +43,19 @@ td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-widt
 REPORT_FILES = ("report.json", "report.md", "report.html")
 
 
-def prepare_folder(folder, force: bool = False) -> Path:
-    """The report folder, created; a report already in it is replaced only with ``force``."""
+def check_folder(folder, force: bool = False) -> Path:
+    """Refuse a folder that already holds a report, unless ``force``."""
     from ..errors import OutputExistsError
 
     folder = Path(folder)
     if not force and any((folder / f).exists() for f in REPORT_FILES):
         raise OutputExistsError(f"{folder} already holds a report; pass --force (force=True) to replace it")
+    return folder
+
+
+def prepare_folder(folder, force: bool = False) -> Path:
+    """The report folder, created; a report already in it is replaced only with ``force``."""
+    folder = check_folder(folder, force)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
