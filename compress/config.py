@@ -157,6 +157,9 @@ class FineTune:
         optimizer: "adam" or "sgd".
         batch_size: samples per step.
         augment: random shifts of up to this many pixels; None: as the model was trained (its metadata).
+        distill: learn from the input model's outputs at this temperature (Hinton et al.'s knowledge
+            distillation; e.g. 4); None: the task loss alone.
+        distill_weight: the distillation term's share of the loss (the task loss has the rest).
     """
 
     epochs: float = 0.0
@@ -164,6 +167,8 @@ class FineTune:
     optimizer: str = "adam"
     batch_size: int = 64
     augment: int | None = None
+    distill: float | None = None
+    distill_weight: float = 0.5
 
     def __post_init__(self):
         if not self.epochs >= 0:  # also refuses NaN
@@ -176,6 +181,10 @@ class FineTune:
             raise ValueError("batch_size must be >= 1")
         if self.augment is not None and self.augment < 0:
             raise ValueError("augment must be >= 0")
+        if self.distill is not None and not self.distill > 0:
+            raise ValueError(f"distill (a temperature) must be > 0, got {self.distill}")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
 
 
 _PARTS = {"select": Select, "finetune": FineTune}

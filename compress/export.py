@@ -64,7 +64,7 @@ def run_onnx(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
 def compare(model: nn.Module, sess, input_shape, n: int = 8, data=None) -> tuple[float, float]:
     """Max abs difference between PyTorch and ONNX Runtime outputs on sample input, and the same
     relative to the largest PyTorch output (a model whose outputs are all tiny is judged on scale)."""
-    x = data.x[:n] if data is not None else torch.randn((n,) + tuple(input_shape[1:]))
+    x = data.head(n) if data is not None else torch.randn((n,) + tuple(input_shape[1:]))
     with torch.no_grad():
         ref = model.eval()(x).numpy()
     diff = float(np.abs(run_onnx(sess, x.numpy()) - ref).max())
@@ -88,26 +88,33 @@ def onnx_latency_ms(sess, input_shape, batch: int, runs: int = 20) -> float:
 
 
 def onnx_accuracy(sess, data) -> float:
-    logits = run_onnx(sess, data.x.numpy())
-    return 100.0 * float((logits.argmax(1) == data.y.numpy()).mean())
+    """Top-1 accuracy (%) of an ONNX Runtime session on ``data``, read in batches."""
+    from .data import batches, eval_batch_size
+
+    right = total = 0
+    for x, y in batches(data, eval_batch_size(data)):
+        right += int((run_onnx(sess, x.numpy()).argmax(1) == y.numpy()).sum())
+        total += len(y)
+    return 100.0 * right / max(total, 1)
 
 
 class _Calib:
-    """onnxruntime.quantization CalibrationDataReader over a Dataset."""
+    """onnxruntime.quantization CalibrationDataReader over the first ``n`` samples of a data set, read a
+    batch at a time (one is held in memory, not the whole calibration set)."""
 
     def __init__(self, data, name: str, n: int = 512, batch: int = 32):
-        self.batches = [data.x[i:i + batch].numpy() for i in range(0, min(n, len(data)), batch)]
-        self.name = name
-        self.i = 0
+        self.data, self.name, self.n, self.batch = data, name, n, batch
+        self.rewind()
 
     def get_next(self):
-        if self.i >= len(self.batches):
-            return None
-        self.i += 1
-        return {self.name: self.batches[self.i - 1]}
+        x = next(self.it, None)
+        return None if x is None else {self.name: x[0].numpy()}
 
     def rewind(self):
-        self.i = 0
+        from .data import batches
+
+        order = None if self.data.iterable else torch.arange(min(self.n, len(self.data)))
+        self.it = iter(batches(self.data, self.batch, order))
 
 
 def cpu_has_vnni() -> bool:
@@ -167,7 +174,7 @@ def onnx_summary(path, data=None, input_shape: str | None = None, threads: int =
     if input_shape:
         shape = (1,) + tuple(input_shape)[1:]
     elif data is not None:
-        shape = (1,) + tuple(data.x.shape[1:])
+        shape = (1,) + tuple(data.sample_shape)
     else:
         dims = sess.get_inputs()[0].shape
         if all(isinstance(d, int) for d in dims[1:]):
@@ -187,8 +194,13 @@ def onnx_summary(path, data=None, input_shape: str | None = None, threads: int =
 def export(model: nn.Module, path, input_shape, int8: bool = False, calib_data=None, eval_data=None,
            tol: float = 1e-4, force: bool = False, threads: int = 2, on_step=None) -> dict[str, Any]:
     """Write ``path`` (FP32 ONNX, or INT8 QDQ with ``int8``); return the comparison numbers.
+    ``calib_data``, ``eval_data``: anything ``compress.data.as_data`` takes.
     ``on_step(text)`` hears of each step as it starts (they take seconds each)."""
+    from .data import as_data
     from .fileio import atomic_write
+
+    calib_data = None if calib_data is None else as_data(calib_data, "calibration data")
+    eval_data = None if eval_data is None else as_data(eval_data, "evaluation data")
 
     step = on_step or (lambda text: None)
 

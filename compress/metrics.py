@@ -255,9 +255,10 @@ def speed_change(before_ms: float | None, after_ms: float | None, interval: list
 
 
 def summarize(model: nn.Module, input_shape, data=None, latency: bool = True,
-              layers: bool = True, runs: int = 20) -> dict[str, Any]:
-    """The numbers that matter for one model, as a JSON-able dict."""
-    from .train import evaluate
+              layers: bool = True, runs: int = 20, metric=None) -> dict[str, Any]:
+    """The numbers that matter for one model, as a JSON-able dict; ``accuracy`` is ``metric``'s score on
+    ``data`` (default top-1 accuracy in percent), ``metric`` its label."""
+    from .train import evaluate, resolve_metric
 
     params = count_params(model)
     out: dict[str, Any] = {"params": params, "nonzero_params": count_nonzero(model), "dense_fp32_bytes": params * 4}
@@ -266,8 +267,10 @@ def summarize(model: nn.Module, input_shape, data=None, latency: bool = True,
     if data is not None:
         from .data import check_fits
 
-        check_fits(model, data)
-        out["accuracy"] = round(evaluate(model, data), 3)
+        m = resolve_metric(metric)
+        check_fits(model, data, labels_needed=m.builtin)
+        out["accuracy"] = round(evaluate(model, data, m), 3)
+        out["metric"] = m.label
     if latency and input_shape is not None:
         out["latency_ms"] = latencies([model], input_shape, runs)[0]
     if layers and input_shape is not None and not isinstance(model, torch.jit.ScriptModule):

@@ -27,7 +27,6 @@ import logging
 import time
 from typing import Any, Callable
 
-import torch
 import torch.nn as nn
 
 from . import data as data_mod
@@ -38,21 +37,9 @@ from .meta import get_meta, set_meta
 from .metrics import count_macs, count_nonzero, count_params, latency_stats
 from .recipe import DEFAULT_RECIPE, Recipe, Stage, resolve
 from .stages import Context, run
-from .train import evaluate, predict
+from .train import paired_drop, scores
 
 log = logging.getLogger(__name__)
-
-
-def paired_drop(base_pred, cand_pred, y) -> tuple[float, float]:
-    """Accuracy drop (points) of a candidate vs the base on the same samples, and its standard
-    error from the discordant pairs (McNemar): se = sqrt(b + c - (b - c)^2 / n) / n."""
-    ok_b, ok_c = base_pred == y, cand_pred == y
-    n = len(y)
-    b = int((ok_b & ~ok_c).sum())
-    c = int((~ok_b & ok_c).sum())
-    drop = 100.0 * (b - c) / n
-    se = 100.0 * max(b + c - (b - c) ** 2 / n, 0.0) ** 0.5 / n
-    return drop, se
 
 
 def size_bytes(model: nn.Module, graph: bool = False) -> dict[str, Any]:
@@ -76,19 +63,27 @@ def size_bytes(model: nn.Module, graph: bool = False) -> dict[str, Any]:
 class _Judge:
     """The budget test of a candidate against the input model (see the module docstring)."""
 
-    val: Any
+    ctx: Context
     budget: float
     z: float
-    ref_pred: torch.Tensor | None = None
+    ref: Any = None
+
+    def _scores(self, model: nn.Module):
+        if self.ctx.evaluate is not None:  # the user's one number: no paired differences, no standard error
+            return self.ctx.score(model, self.ctx.val)
+        return scores(model, self.ctx.val, self.ctx.metric)
 
     def start(self, model: nn.Module) -> float:
-        self.ref_pred = predict(model, self.val.x).argmax(1)
-        return 100.0 * float((self.ref_pred == self.val.y).float().mean())
+        self.ref = self._scores(model)
+        return self.ref if isinstance(self.ref, float) else self.ref.mean()
 
     def __call__(self, model: nn.Module) -> dict:
-        pred = predict(model, self.val.x).argmax(1)
-        drop, se = paired_drop(self.ref_pred, pred, self.val.y)
-        acc = 100.0 * float((pred == self.val.y).float().mean())
+        cand = self._scores(model)
+        if isinstance(cand, float):
+            acc, drop, se = cand, self.ref - cand, 0.0
+        else:
+            acc = cand.mean()
+            drop, se = paired_drop(self.ref, cand)
         margin = drop + self.z * se
         ok = margin <= self.budget
         over = drop > self.budget  # the measured drop alone is over: evidence, not noise
@@ -156,19 +151,24 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, s
 
 
 def _point(label: str, model: nn.Module, nbytes: int, accuracy: float, ctx: Context, test=None) -> dict:
-    """The numbers of the model after one stage: bytes, nonzeros, MACs, accuracy (latency: at the end)."""
+    """The numbers of the model after one stage: bytes, nonzeros, MACs, score (latency: at the end)."""
     p = {"stage": label, "bytes": nbytes, "accuracy": round(accuracy, 3), "params": count_params(model),
          "nonzeros": count_nonzero(model), "macs": count_macs(model, ctx.input_shape)}
     if test is not None:
-        p["test_accuracy"] = round(evaluate(model, test), 3)
+        p["test_accuracy"] = round(ctx.score(model, test), 3)
     return p
 
 
 def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_accuracy_drop: float | None = None,
              input_shape=None, on_event: Callable | None = None, val_data=None, test_data=None,
              val_fraction: float | None = None, latency: bool = True,
-             time_budget: float | None = None, confidence: float | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Run a recipe on ``model`` (in place); returns (model, summary). ``data``: training Dataset or spec.
+             time_budget: float | None = None, confidence: float | None = None, *, loss=None, metric=None,
+             train_step=None, evaluate=None, distill: float | None = None, workers: int | None = None
+             ) -> tuple[nn.Module, dict[str, Any]]:
+    """Run a recipe on ``model`` (in place); returns (model, summary). ``data``: training data -- a spec or
+    anything ``compress.data.as_data`` takes; ``val_data`` and ``test_data`` likewise. ``loss``, ``metric``,
+    ``train_step``, ``evaluate``: the user's recipe (``compress.stages.Context``); the budget is in the metric's
+    points. ``distill``: every stage's fine-tuning also learns from the input model at this temperature.
     ``on_event(kind, fields)`` hears "start", "warning", "stage", "candidate", "skipped" and "stopped", as
     stages' events. ``time_budget`` (seconds) or Ctrl-C ends the search early: the result is the best kept so
     far (``summary["stopped"]`` says why), encoded and measured as usual.
@@ -176,18 +176,27 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     Precedence of every setting: argument > recipe > model metadata > default.
     """
     recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else recipe or DEFAULT_RECIPE
-    ds = data_mod.load(data) if isinstance(data, str) else data
+    def as_data(d, name):
+        return data_mod.load(d, workers) if isinstance(d, str) else data_mod.as_data(d, name, workers or 0)
+
+    ds = as_data(data, "training data")
     budget = resolve(max_accuracy_drop, recipe.max_accuracy_drop, default=0.5)
     z = resolve(confidence, recipe.confidence, default=1.0)
     if val_data is not None:
-        train, val = ds, (data_mod.load(val_data) if isinstance(val_data, str) else val_data)
+        train, val = ds, as_data(val_data, "validation data")
     else:
         vf = resolve(val_fraction, recipe.val_fraction, get_meta(model).get("val_fraction"),
                      default=data_mod.VAL_FRACTION)
         train, val = data_mod.split(ds, float(vf), seed=0)
-    ctx = Context(train=train, val=val, input_shape=input_shape or (1,) + tuple(ds.x.shape[1:]))
+    if test_data is not None:
+        test_data = as_data(test_data, "test data")
+    ctx = Context(train=train, val=val, input_shape=input_shape, loss=loss, metric=metric, train_step=train_step,
+                  evaluate=evaluate, teacher=copy.deepcopy(model) if distill else None)
+    ctx.input_shape = ctx.shape(model)
+    if distill:
+        recipe = recipe.with_finetune(distill=distill)
     emit = Context(on_event=on_event).emit  # the pipeline's own events: on_event(kind, fields), as a stage's
-    judge = _Judge(val, budget, z)
+    judge = _Judge(ctx, budget, z)
     base_acc = judge.start(model)
     dense = 4 * count_params(model)
     timeline = [_point("dense fp32", model, dense, base_acc, ctx, test_data)]
@@ -245,7 +254,9 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
                "cpz_bytes": final["coded"], "ratio": round(dense / final["coded"], 2), "timeline": timeline,
                "layer_bytes": final["layers"], "graph_note": final["graph_note"],
                "stages": results, "input_shape": list(ctx.input_shape), "recipe": recipe.to_dict(),
-               "validation": {"samples": len(val), "source": "given" if val_data is not None else "held out"}}
+               "validation": {"samples": len(val), "source": "given" if val_data is not None else "held out",
+                              "data": val.name},
+               "metric": "evaluate" if evaluate is not None else ctx.metric.name}
     if test_data is not None:
         summary.update(test_accuracy_before=timeline[0]["test_accuracy"],
                        test_accuracy_after=timeline[-1]["test_accuracy"])

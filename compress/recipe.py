@@ -145,6 +145,14 @@ class Recipe:
             raise UsageError(f"recipe {path} is a directory") from e
         return cls.from_dict(d, f"recipe {path}")
 
+    def with_finetune(self, **changes) -> "Recipe":
+        """The same recipe with ``changes`` to every candidate's fine-tuning (``distill=4``)."""
+        def one(c: Config) -> Config:
+            return dataclasses.replace(c, finetune=dataclasses.replace(c.finetune, **changes))
+
+        return dataclasses.replace(self, stages=tuple(dataclasses.replace(st, candidates=tuple(
+            one(c) for c in st.candidates)) for st in self.stages))
+
     def to_dict(self) -> dict[str, Any]:
         return {"version": CONFIG_VERSION, "max_accuracy_drop": self.max_accuracy_drop, "confidence": self.confidence,
                 "val_fraction": self.val_fraction, "stages": [s.to_dict() for s in self.stages]}

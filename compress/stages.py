@@ -39,11 +39,20 @@ class Context:
     """What a stage may use beside its config.
 
     Args:
-        train: training data (a ``compress.data.Dataset``) for fine-tuning and calibration.
-        val: held-out data; methods with rounds report its accuracy after each.
+        train: training data for fine-tuning and calibration: anything ``compress.data.as_data`` takes
+            (``(x, y)`` tensors, a ``Dataset``, a ``DataLoader``, a ``compress.data.Data``).
+        val: held-out data; methods with rounds report its score after each.
         input_shape: (1, C, H, W) for tracing; default: from the data, else the model's metadata.
         device: move the model here before the stage ("cpu", "cuda:0"); None: leave it where it is.
         on_event: ``(kind, fields)`` callback for progress ("round", "reconfigure").
+        loss: the task's loss ``loss(outputs, targets)`` (default cross-entropy), or ``module:fn``.
+        metric: how a model is scored: "top1" (default), "top5", ``metric(outputs, targets)`` or
+            ``module:fn`` (higher is better; see ``compress.train.Metric``).
+        train_step: ``train_step(model, inputs, targets) -> loss`` instead of ``loss`` (mixup, several
+            outputs, anything else); compress does the backward pass, the hooks and the optimizer step.
+        evaluate: ``evaluate(model, data) -> float`` instead of ``metric`` (higher is better); the budget
+            of ``pipeline`` then has no standard error to add, and says so.
+        teacher: the model distillation learns from (default: the stage's input model).
     """
 
     train: Any = None
@@ -51,10 +60,31 @@ class Context:
     input_shape: tuple | None = None
     device: str | None = None
     on_event: Callable[[str, dict], None] | None = None
+    loss: Any = None
+    metric: Any = None
+    train_step: Callable | None = None
+    evaluate: Callable | None = None
+    teacher: nn.Module | None = None
+
+    def __post_init__(self):
+        from .data import as_data
+        from .train import resolve_loss, resolve_metric
+
+        self.train = None if self.train is None else as_data(self.train, "training data")
+        self.val = None if self.val is None else as_data(self.val, "validation data")
+        self.loss, self.metric = resolve_loss(self.loss), resolve_metric(self.metric)
 
     def emit(self, kind: str, **fields) -> None:
         if self.on_event is not None:
             self.on_event(kind, fields)
+
+    def score(self, model: nn.Module, data) -> float:
+        """The model's score on ``data``: the user's ``evaluate`` if given, else ``metric``'s mean."""
+        if self.evaluate is not None:
+            return float(self.evaluate(model, data))
+        from .train import evaluate
+
+        return evaluate(model, data, self.metric)
 
     def shape(self, model: nn.Module) -> tuple[int, ...]:
         """(1, C, H, W): given, else from the data, else from the model's metadata (checked: a file's
@@ -63,7 +93,7 @@ class Context:
             return check_shape(self.input_shape, "input shape")
         for d in (self.train, self.val):
             if d is not None:
-                return (1,) + tuple(d.x.shape[1:])
+                return check_shape((1,) + tuple(d.sample_shape), f"the shape of {d.name}'s samples")
         meta = get_meta(model)
         if meta.get("input_shape"):
             return check_shape(meta["input_shape"], "the model file's input shape")
@@ -130,6 +160,11 @@ class Method:
         if isinstance(model, graph_model.GraphModel):
             raise graph_only(model, "changes models through their layers")
         self.model, self.config, self.ctx = model, config, ctx or Context()
+        self.teacher = None
+        if config.finetune.distill and config.finetune.epochs > 0:  # the input model, before any change
+            import copy
+
+            self.teacher = self.ctx.teacher if self.ctx.teacher is not None else copy.deepcopy(model)
         self.layers: list[dict] = []
         self.records: list[dict] = []
         self.notes: list[str] = []
@@ -164,16 +199,22 @@ class Method:
         ft: FineTune = self.config.finetune
         augment = ft.augment if ft.augment is not None else int(get_meta(self.model).get("augment", 0))
         return TrainConfig(epochs=epochs, lr=ft.lr, optimizer=ft.optimizer, batch_size=ft.batch_size,
-                           augment=augment, seed=seed)
+                           augment=augment, seed=seed, distill=ft.distill, distill_weight=ft.distill_weight)
+
+    def train(self, epochs: float, seed: int = 0, desc: str | None = None) -> list[dict]:
+        """``epochs`` of the library's loop on ``ctx.train`` with the context's loss (or train_step) and,
+        when the config asks for it, distillation from the teacher, driving this method's hooks."""
+        from .train import fit
+
+        return fit(self.model, self.ctx.train, self.train_config(epochs, seed), method=self,
+                   desc=desc or f"{self.config.stage_name} fine-tune", loss=self.ctx.loss,
+                   train_step=self.ctx.train_step, teacher=self.teacher)
 
     def fine_tune(self) -> None:
         """The library's loop: ``config.finetune.epochs`` of training on ``ctx.train``, driving the hooks."""
-        from .train import fit
-
         epochs = self.config.finetune.epochs
         if epochs > 0 and self.ctx.train is not None:
-            fit(self.model, self.ctx.train, self.train_config(epochs), method=self,
-                desc=f"{self.config.stage_name} fine-tune")
+            self.train(epochs)
         elif epochs > 0:
             self.notes.append("no training data: not fine-tuned")
 

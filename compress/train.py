@@ -1,23 +1,32 @@
-"""The one training loop: zoo training and every fine-tuning step share it.
+"""The one training loop, and the one way a model is scored: zoo training, every fine-tuning step and
+every accuracy shown share them.
 
 Seeded, with a progress bar, Adam or SGD, cosine learning-rate decay. Masks hold throughout
 (pruned weights and their gradients stay zero). An optional ``penalty(model) -> tensor`` is added
-to the loss (group lasso). Under torchrun (``torch.distributed`` initialised) it shards the data
-with a DistributedSampler-style split and only rank 0 shows progress.
+to the loss (group lasso). The loss is the user's (``loss(outputs, targets)``, default cross-entropy),
+or a whole ``train_step(model, inputs, targets) -> loss``; with a ``teacher`` (the uncompressed model)
+Hinton's distillation term is mixed in. Data are read in batches (``compress.data.batches``), with
+loader processes when the data ask for them. Under torchrun (``torch.distributed`` initialised) each
+rank reads its DistributedSampler-style share and only rank 0 shows progress.
+
+A ``Metric`` scores outputs against targets (higher is better): top-1 (default), top-5 or the user's
+``metric(outputs, targets)``, per sample (a vector) or per batch (a number).
 """
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed, masks
+from .data import Data, batches, eval_batch_size
+from .errors import CompressError, InputError, first_line
 from .progress import Bar, progress_enabled
-from .data import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +42,8 @@ class TrainConfig:
         seed: seeds shuffling and initialisation-independent randomness.
         augment: random shifts of up to this many pixels (0: none). Images only; keeps a model
             from learning its training writers' quirks (MNIST's test writers are others).
+        distill: temperature of distillation from a ``teacher`` given to ``fit`` (None: none).
+        distill_weight: the distillation term's share of the loss.
     """
 
     epochs: float = 1
@@ -42,8 +53,14 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     augment: int = 0
+    distill: float | None = None
+    distill_weight: float = 0.5
 
     def __post_init__(self):
+        if self.distill is not None and not self.distill > 0:
+            raise ValueError("distill (a temperature) must be > 0")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError("distill_weight must be in [0, 1]")
         if self.augment < 0:
             raise ValueError("augment must be >= 0")
         if self.epochs < 0:
@@ -67,6 +84,162 @@ def random_shift(x: torch.Tensor, pixels: int, g: torch.Generator) -> torch.Tens
     return p[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
+def to_device(v, dev):
+    """Tensors (also inside tuples, lists and dicts of targets) on ``dev``."""
+    if isinstance(v, torch.Tensor):
+        return v.to(dev, non_blocking=True)
+    if isinstance(v, (tuple, list)):
+        return type(v)(to_device(t, dev) for t in v)
+    if isinstance(v, dict):
+        return {k: to_device(t, dev) for k, t in v.items()}
+    return v
+
+
+# ----------------------------------------------------------------------------- loss and metric
+def cross_entropy(outputs: torch.Tensor, targets) -> torch.Tensor:
+    return F.cross_entropy(outputs, targets)
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s soft-target term: KL(teacher || student) at ``temperature``, times T^2 (so its
+    gradients keep their scale as T changes)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
+                    reduction="batchmean") * (t * t)
+
+
+def _top1(outputs, targets):
+    return (outputs.argmax(1) == targets).float() * 100.0
+
+
+def _top5(outputs, targets):
+    k = min(5, outputs.shape[1])
+    return (outputs.topk(k, 1).indices == targets[:, None]).any(1).float() * 100.0
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How a model is scored: ``fn(outputs, targets)`` -> a vector of per-sample scores or one number for
+    the batch (averaged over batches by size). Higher is better; budgets are in its units ("points")."""
+
+    name: str
+    fn: Callable[[Any, Any], Any]
+    unit: str = ""
+
+    @property
+    def label(self) -> str:
+        return {"top1": "accuracy %", "top5": "top-5 accuracy %"}.get(self.name, f"{self.name} {self.unit}".strip())
+
+    @property
+    def builtin(self) -> bool:
+        return self.name in METRICS
+
+
+METRICS = {"top1": Metric("top1", _top1, "%"), "top5": Metric("top5", _top5, "%")}
+
+
+def resolve_metric(metric=None) -> Metric:
+    """None or "top1", "top5", a ``Metric``, a callable, or ``module:fn`` / ``file.py:fn`` -> a Metric."""
+    if metric is None:
+        return METRICS["top1"]
+    if isinstance(metric, Metric):
+        return metric
+    if isinstance(metric, str):
+        if metric in METRICS:
+            return METRICS[metric]
+        from .io import resolve_callable
+
+        return Metric(metric, resolve_callable(metric, what="--metric"))
+    if callable(metric):
+        return Metric(getattr(metric, "__name__", "metric"), metric)
+    raise ValueError(f"metric must be 'top1', 'top5', a callable or module:fn, got {metric!r}")
+
+
+def resolve_loss(loss=None) -> Callable:
+    """None (cross-entropy), a callable ``loss(outputs, targets)`` or ``module:fn`` / ``file.py:fn``."""
+    if loss is None:
+        return cross_entropy
+    if isinstance(loss, str):
+        from .io import resolve_callable
+
+        return resolve_callable(loss, what="--loss")
+    if callable(loss):
+        return loss
+    raise ValueError(f"loss must be a callable or module:fn, got {loss!r}")
+
+
+@dataclass
+class Scores:
+    """A model's scores on a data set: per sample (``weights`` None) or per batch (``weights``: batch sizes)."""
+
+    values: torch.Tensor
+    weights: torch.Tensor | None = None
+
+    def mean(self) -> float:
+        if self.weights is None:
+            return float(self.values.double().mean())
+        return float((self.values.double() * self.weights).sum() / self.weights.sum())
+
+
+def paired_drop(base: Scores, cand: Scores) -> tuple[float, float]:
+    """The score drop of a candidate vs the base on the same samples (in the metric's units) and its
+    standard error from the paired differences. For a 0/100 metric (top-1) this is McNemar's: only
+    the samples the two disagree on count. For a per-batch metric the batches are the units (a ratio
+    estimator weighted by batch size)."""
+    d = base.values.double() - cand.values.double()
+    if base.weights is None:
+        n = len(d)
+        drop = float(d.mean())
+        return drop, float(d.var(unbiased=False).sqrt()) / math.sqrt(n) if n else 0.0
+    w = base.weights.double()
+    drop = float((w * d).sum() / w.sum())
+    return drop, float(((w * (d - drop)) ** 2).sum().sqrt() / w.sum())
+
+
+@torch.no_grad()
+def scores(model: nn.Module, data: Data, metric=None, batch_size: int | None = None) -> Scores:
+    """Score ``model`` on every sample of ``data`` with ``metric`` (default top-1), in batches."""
+    m = resolve_metric(metric)
+    was = model.training
+    model.eval()
+    dev = distributed.device_of(model)
+    vals, weights, per_sample = [], [], None
+    try:
+        for x, y in batches(data, batch_size or eval_batch_size(data)):
+            out = model(x.to(dev))
+            y = to_device(y, dev)
+            try:
+                v = m.fn(out, y)
+            except CompressError:
+                raise
+            except Exception as e:
+                raise InputError(f"metric {m.name} failed on a batch of {data.name}: {type(e).__name__}: "
+                                 f"{first_line(e)}") from e
+            v = torch.as_tensor(v, dtype=torch.float64).detach().cpu()
+            ps = v.dim() == 1 and len(v) == len(x)
+            if not ps and v.numel() != 1:
+                raise InputError(f"metric {m.name} returned shape {tuple(v.shape)}; a vector of {len(x)} per-sample "
+                                 "scores or one number per batch expected")
+            if per_sample is not None and ps != per_sample:
+                raise InputError(f"metric {m.name} returned per-sample scores for some batches and one number for others")
+            per_sample = ps
+            vals.append(v if ps else v.reshape(1))
+            weights.append(len(x))
+    finally:
+        model.train(was)
+    if not vals:
+        raise InputError(f"data {data.name}: no samples")
+    values = torch.cat(vals)
+    if not torch.isfinite(values).all():
+        raise InputError(f"metric {m.name} gave NaN or infinite scores on {data.name}")
+    return Scores(values, None if per_sample else torch.tensor(weights, dtype=torch.float64))
+
+
+def evaluate(model: nn.Module, data: Data, metric=None, batch_size: int | None = None) -> float:
+    """The model's score on ``data``: top-1 accuracy in percent by default, else ``metric``'s mean."""
+    return scores(model, data, metric, batch_size).mean()
+
+
 def make_optimizer(params, cfg: TrainConfig):
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
@@ -79,16 +252,21 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / world / batch_size))
 
 
-def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *, method=None,
-        desc: str = "train", progress: bool | None = None) -> list[dict]:
+def fit(model: nn.Module, data: Data, cfg: TrainConfig | None = None, *, method=None,
+        desc: str = "train", progress: bool | None = None, loss: Callable | None = None,
+        train_step: Callable | None = None, teacher: nn.Module | None = None) -> list[dict]:
     """Train ``model`` in place; returns one dict per epoch (loss, penalty).
 
     ``method`` (a ``compress.stages.Method``) is driven as a user's loop would drive it: its
     ``penalty()`` is added to the loss, ``after_backward()`` runs before the optimizer step and
     ``step(lr)`` after it; when ``step`` says the architecture changed, the optimizer (and DDP) are
     rebuilt around ``method.model``. Its ``parameters()`` (if any) are what the optimizer trains.
+    ``loss(outputs, targets)`` (default cross-entropy) or ``train_step(model, inputs, targets) -> loss``
+    is the task's loss; with a ``teacher`` and ``cfg.distill`` (a temperature) the loss is
+    ``(1 - cfg.distill_weight) * task + cfg.distill_weight * distill_loss(student, teacher)``.
     """
     cfg = cfg or TrainConfig()
+    loss_fn = resolve_loss(loss)
     if method is None and masks.has_masks(model):
         method = masks.Keeper(model)
     rank, world = distributed.rank_world()
@@ -101,6 +279,10 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *, meth
     total_steps = per_epoch * whole + int(round(per_epoch * frac))
     if total_steps == 0:
         return []
+    if teacher is not None and cfg.distill:
+        teacher.eval()
+    else:
+        teacher = None
 
     def schedule(optimizer, offset=0):  # cosine decay to 1% of lr over all steps
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.01 + 0.99 * 0.5 * (
@@ -109,6 +291,28 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *, meth
     def trained_params():
         own = method.parameters() if method is not None else None
         return own if own is not None else model.parameters()
+
+    captured: list = []
+
+    def task_loss(net, x, y):
+        try:
+            if train_step is None:
+                out = net(x)
+                return loss_fn(out, y), out
+            captured.clear()
+            handle = model.register_forward_hook(lambda m, i, o: captured.append(o))
+            try:
+                value = train_step(net, x, y)
+            finally:
+                handle.remove()
+            return value, (captured[-1] if captured else None)
+        except CompressError:
+            raise
+        except Exception as e:
+            if isinstance(e, (torch.cuda.OutOfMemoryError, KeyboardInterrupt)):
+                raise
+            what = "train_step" if train_step is not None else f"loss {getattr(loss_fn, '__name__', '')}".strip()
+            raise InputError(f"{what} failed on a batch of {data.name}: {type(e).__name__}: {first_line(e)}") from e
 
     opt = make_optimizer(trained_params(), cfg)
     sched = schedule(opt)
@@ -119,24 +323,29 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *, meth
     epoch = 0
     try:
         while step < total_steps:
-            perm = torch.randperm(n, generator=g)
-            if world > 1:  # DistributedSampler-style: same permutation everywhere, padded, strided
-                perm = torch.cat([perm, perm[: (-n) % world]])[rank::world]
+            order = None
+            if not data.iterable:
+                order = torch.randperm(n, generator=g)
+                if world > 1:  # DistributedSampler-style: same permutation everywhere, padded, strided
+                    order = torch.cat([order, order[: (-n) % world]])[rank::world]
+                order = order[: min(len(order), (total_steps - step) * cfg.batch_size)]
             tot_loss = tot_pen = 0.0
             count = 0
-            for i in range(per_epoch):
+            for x, y in batches(data, cfg.batch_size, order, train=True, pin=dev.type == "cuda"):
                 if step >= total_steps:
                     break
-                idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                if len(idx) == 0:
-                    break
-                x, y = data.x[idx], data.y[idx]
-                if cfg.augment:
+                if cfg.augment and x.dim() == 4:
                     x = random_shift(x, cfg.augment, g)
-                x, y = x.to(dev), y.to(dev)
-                loss = F.cross_entropy(net(x), y)
+                x, y = x.to(dev, non_blocking=True), to_device(y, dev)
+                value, out = task_loss(net, x, y)
+                if teacher is not None:
+                    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+                        raise InputError("--distill needs a model whose output is (batch, classes) logits")
+                    with torch.no_grad():
+                        t_out = teacher(x)
+                    value = (1 - cfg.distill_weight) * value + cfg.distill_weight * distill_loss(out, t_out, cfg.distill)
                 pen = method.penalty() if method is not None else None
-                total = loss + pen if pen is not None else loss
+                total = value + pen if pen is not None else value
                 opt.zero_grad(set_to_none=True)
                 total.backward()
                 if method is not None:
@@ -150,10 +359,12 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *, meth
                     sched = schedule(opt, offset=step + 1)
                     model.train()
                 step += 1
-                tot_loss += float(loss.detach()) * len(idx)
-                tot_pen += float(pen.detach()) * len(idx) if pen is not None else 0.0
-                count += len(idx)
+                tot_loss += float(value.detach()) * len(x)
+                tot_pen += float(pen.detach()) * len(x) if pen is not None else 0.0
+                count += len(x)
                 bar.update(f"loss {tot_loss / count:.3f}  epoch {epoch + 1}")
+            if count == 0:
+                raise InputError(f"data {data.name}: no samples")
             distributed.sync_buffers(model)
             history.append({"epoch": epoch + 1, "loss": tot_loss / max(count, 1), "penalty": tot_pen / max(count, 1)})
             log.info("%s epoch %d: loss %.4f", desc, epoch + 1, history[-1]["loss"])
@@ -165,7 +376,8 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig | None = None, *, meth
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+def outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """The model's outputs for inputs ``x`` (in eval mode, in batches), on the CPU."""
     was = model.training
     model.eval()
     dev = distributed.device_of(model)
@@ -174,14 +386,8 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.
     return out
 
 
-def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1000) -> float:
-    """Top-1 accuracy in percent."""
-    logits = predict(model, data.x, batch_size)
-    return 100.0 * float((logits.argmax(1) == data.y).float().mean())
-
-
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, data: Dataset, samples: int = 1000, batch_size: int = 100) -> bool:
+def recalibrate_bn(model: nn.Module, data: Data, samples: int = 1000, batch_size: int = 100) -> bool:
     """Re-estimate BatchNorm running statistics on ``data`` (no weights change). Returns whether
     the model had any BatchNorm. Used after a change of weights that shifts activations (SVD)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -194,10 +400,14 @@ def recalibrate_bn(model: nn.Module, data: Dataset, samples: int = 1000, batch_s
     was = model.training
     model.train()
     try:
-        n = min(samples, len(data))
         dev = distributed.device_of(model)
-        for i in range(0, n, batch_size):
-            model(data.x[i:i + batch_size].to(dev))
+        seen = 0
+        order = None if data.iterable else torch.arange(min(samples, len(data)))
+        for x, _ in batches(data, batch_size, order):
+            model(x[: samples - seen].to(dev))
+            seen += len(x)
+            if seen >= samples:
+                break
     finally:
         for m, mom in saved:
             m.momentum = mom

@@ -46,12 +46,18 @@ def test_npz_checks(tmp_path):
     np.savez(tmp_path / "nan.npz", x=x, y=np.arange(4))
     with pytest.raises(InputError, match="NaN"):
         data_mod.load(str(tmp_path / "nan.npz"))
-    np.savez(tmp_path / "inty.npz", x=np.zeros((4, 1, 8, 8), np.uint8), y=np.arange(4))
+    np.savez(tmp_path / "intx.npz", x=np.zeros((4, 1, 8, 8), np.int32), y=np.arange(4))
     with pytest.raises(InputError, match="float32"):
-        data_mod.load(str(tmp_path / "inty.npz"))
-    np.savez(tmp_path / "fy.npz", x=np.zeros((4, 1, 8, 8), np.float32), y=np.zeros(4, np.float32))
-    with pytest.raises(InputError, match="integer"):
-        data_mod.load(str(tmp_path / "fy.npz"))
+        data_mod.load(str(tmp_path / "intx.npz"))
+    np.savez(tmp_path / "u8.npz", x=np.full((4, 1, 8, 8), 255, np.uint8), y=np.arange(4))  # images as bytes: [0, 1]
+    assert float(data_mod.load(str(tmp_path / "u8.npz")).head(4).max()) == 1.0
+    # float targets are targets (a regression, soft labels): loaded, but not class labels
+    fy = data_mod.load(str(tmp_path / "fy.npz")) if np.savez(tmp_path / "fy.npz", x=np.zeros((4, 1, 8, 8), np.float32),
+                                                              y=np.zeros((4, 3), np.float32)) is None else None
+    assert fy.labels() is None and fy.batch([0, 1])[1].shape == (2, 3)
+    np.savez(tmp_path / "negy.npz", x=np.zeros((4, 1, 8, 8), np.float32), y=-np.arange(4))
+    with pytest.raises(InputError, match="negative"):
+        data_mod.load(str(tmp_path / "negy.npz"))
     (tmp_path / "bad.npz").write_bytes(b"garbage")
     with pytest.raises(InputError):
         data_mod.load(str(tmp_path / "bad.npz"))

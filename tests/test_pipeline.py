@@ -97,7 +97,7 @@ def test_precedence_argument_recipe_metadata_default(trained, digits):
 def test_given_validation_data_is_used_whole(trained, digits):
     tr, va = data_mod.split(digits, 0.25, seed=1)
     _, s = pipeline(copy.deepcopy(trained["mlp"]), tr, {"stage": [{"type": "kmeans", "bits": 6}]}, val_data=va)
-    assert s["validation"] == {"samples": len(va), "source": "given"}
+    assert s["validation"] == {"samples": len(va), "source": "given", "data": "digits[val]"}
 
 
 def test_a_model_trained_on_its_validation_split_is_flagged(digits):

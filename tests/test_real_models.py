@@ -243,7 +243,7 @@ def test_every_method_on_real_families(family, tmp_path):
     """report numbers, threshold pruning, INT8 and 4-bit k-means, the .cpz round trip (bit-exact, rebuilt
     from the user's code), SVD factorization and ONNX INT8 export, on models of classes nobody here wrote."""
     from compress.coding.container import decode_model, encode_model
-    from compress.data import Dataset
+    from compress.data import TensorData
     from compress.export import export
     from compress.factorize import FactorizeConfig
     from compress.formats import arch_base
@@ -276,7 +276,7 @@ def test_every_method_on_real_families(family, tmp_path):
         assert any("reads the weight itself" in r["reason"] for r in res.layers)
     else:
         assert count_params(f) < count_params(base())
-    calib = Dataset(torch.randn(16, *shape[1:]), torch.zeros(16, dtype=torch.long))
+    calib = TensorData(torch.randn(16, *shape[1:]), torch.zeros(16, dtype=torch.long))
     res = export(base().eval(), tmp_path / "m.onnx", shape, int8=True, calib_data=calib)
     small = 0.65 if family == "vit" else 0.5  # every weight is INT8; the tiny ViT's 191-node graph is half its file
     assert res["max_rel_diff"] < 1e-4 and (tmp_path / "m.onnx").stat().st_size < small * 4 * count_params(base())

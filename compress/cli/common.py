@@ -29,9 +29,10 @@ TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow unpickling
                                         "Only for files you trust.")]
 OutOpt = Annotated[str, typer.Option("--output", "-o", help="Output file.", show_default=False)]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output file.")]
-DataOpt = Annotated[Optional[str], typer.Option("--data", help="Evaluation data: mnist5k, digits, DIR of IDX "
-                                                "files, PATH.npz, module:function; options after '?' "
-                                                "(mnist5k?size=32).")]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="Evaluation data: mnist5k, digits, folder:DIR "
+                                                "(a subfolder of images per class), DIR of IDX files, PATH.npz, "
+                                                "module:function returning (x, y), a Dataset or a DataLoader; "
+                                                "options after '?' (mnist5k?size=32, folder:train?resize=36&crop=32).")]
 TrainDataOpt = Annotated[Optional[str], typer.Option("--train-data", help="Fine-tuning data spec "
                                                      "(see --data); 20% is held out for validation (or the split the model was trained with).")]
 TestDataOpt = Annotated[Optional[str], typer.Option("--test-data", help="Extra held-out data to report "
@@ -46,6 +47,16 @@ JsonOpt = Annotated[Optional[str], typer.Option("--json", help="Also write the r
 ReportOpt = Annotated[Optional[str], typer.Option("--report", help="Write JSON, Markdown, HTML and plots "
                                                   "to this folder.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+LossOpt = Annotated[Optional[str], typer.Option("--loss", help="Your loss, module:fn or file.py:fn, called as "
+                                                "fn(outputs, targets) (default: cross-entropy).")]
+MetricOpt = Annotated[Optional[str], typer.Option("--metric", help="How the model is scored: top1 (default), top5, "
+                                                  "or module:fn called as fn(outputs, targets) -> per-sample scores or "
+                                                  "one number per batch, higher is better.")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", min=0, max=64, help="Loader processes reading "
+                                                   "the data ahead of training (default 0: none).")]
+DistillOpt = Annotated[Optional[float], typer.Option("--distill", min=0.01, help="Fine-tune against the input model's "
+                                                     "outputs too (knowledge distillation) at this temperature, "
+                                                     "e.g. 4.")]
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:

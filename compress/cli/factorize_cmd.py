@@ -6,9 +6,10 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import (ArchOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, ModelArg, NoLatencyOpt, OutOpt,
-                     ReportOpt, TestDataOpt, ThreadsOpt, TrainDataOpt, TrustOpt, make_config, out, table, use_threads)
-from .stage import load_inputs, patterns, run_command
+from .common import (ArchOpt, DistillOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, LossOpt, MetricOpt,
+                     ModelArg, NoLatencyOpt, OutOpt, ReportOpt, TestDataOpt, ThreadsOpt, TrainDataOpt, TrustOpt,
+                     WorkersOpt, make_config, out, table, use_threads)
+from .stage import TaskOptions, load_inputs, patterns, run_command
 
 
 @app.command()
@@ -27,7 +28,8 @@ def factorize(model: ModelArg, output: OutOpt,
               lr: Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate.")] = 1e-3,
               input_shape: InputShapeOpt = None,
               report: ReportOpt = None, json_out: JsonOpt = None, no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None,
-          force: ForceOpt = False):
+              loss: LossOpt = None, metric: MetricOpt = None, workers: WorkersOpt = None, distill: DistillOpt = None,
+              force: ForceOpt = False):
     """Replace Linear/Conv layers by two thin ones (truncated SVD) where that is smaller.
 
     Examples:
@@ -41,12 +43,12 @@ def factorize(model: ModelArg, output: OutOpt,
     from ..config import Select
     from ..factorize import FactorizeConfig
 
-    ft = make_config(FactorizeConfig.part, "finetune", epochs=epochs, lr=lr)
+    ft = make_config(FactorizeConfig.part, "finetune", epochs=epochs, lr=lr, distill=distill)
     cfg = make_config(FactorizeConfig, energy=energy, rank_ratio=rank_ratio, rank=rank, finetune=ft,
                       select=make_config(Select, names=patterns(layers), exclude=patterns(exclude)))
     use_threads(threads)
     inp = load_inputs(model, output, force, arch, trust_pickle, train_data, test_data, input_shape,
-                      need_train=bool(epochs))
+                      need_train=bool(epochs), task=TaskOptions(loss, metric, workers))
     res = run_command("factorize", cfg, inp, output, force, report, json_out, latency=not no_latency)
     rows = res["layers_changed"]
     out.print(table("layers", ["layer", "shape", "rank", "params before", "params after", "rel. error", "action"],

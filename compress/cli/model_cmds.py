@@ -4,16 +4,16 @@ from __future__ import annotations
 
 
 from . import app
-from .common import (ArchOpt, DataOpt, ForceOpt, InputShapeOpt, JsonOpt, ModelArg, NoLatencyOpt, ReportOpt,
-                     TestDataOpt, ThreadsOpt, TrustOpt, check_reports, emit_json, out, parse_shape, table,
+from .common import (ArchOpt, DataOpt, ForceOpt, InputShapeOpt, JsonOpt, MetricOpt, ModelArg, NoLatencyOpt, ReportOpt,
+                     TestDataOpt, ThreadsOpt, TrustOpt, WorkersOpt, check_reports, emit_json, out, parse_shape, table,
                      use_threads)
 
 
 @app.command()
 def report(model: ModelArg, arch: ArchOpt = None, trust_pickle: TrustOpt = False, data: DataOpt = None,
            test_data: TestDataOpt = None, input_shape: InputShapeOpt = None, json_out: JsonOpt = None,
-           no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None,
-           report_dir: ReportOpt = None,
+           no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None, metric: MetricOpt = None,
+           workers: WorkersOpt = None, report_dir: ReportOpt = None,
            force: ForceOpt = False):
     """Size, nonzeros, MACs, latency and accuracy of a model (.pt, TorchScript, .cpz or .onnx).
 
@@ -28,7 +28,7 @@ def report(model: ModelArg, arch: ArchOpt = None, trust_pickle: TrustOpt = False
     check_reports(report_dir, json_out, force)
     use_threads(threads)
     rep = model_report(model, arch=arch, trust_pickle=trust_pickle, data=data, input_shape=parse_shape(input_shape),
-                       latency=not no_latency, test_data=test_data)
+                       latency=not no_latency, test_data=test_data, metric=metric, workers=workers)
     if json_out == "-":
         emit_json(rep, "-")
         return

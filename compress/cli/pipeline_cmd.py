@@ -9,10 +9,10 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import (ArchOpt, ForceOpt, InputShapeOpt, JsonOpt, ModelArg, NoLatencyOpt, OutOpt, ReportOpt,
-                     TestDataOpt, ThreadsOpt, TrustOpt, check_reports, emit_json, err, note_no_graph, out, table,
-                     use_threads)
-from .stage import load_inputs
+from .common import (ArchOpt, DistillOpt, ForceOpt, InputShapeOpt, JsonOpt, LossOpt, MetricOpt, ModelArg, NoLatencyOpt,
+                     OutOpt, ReportOpt, TestDataOpt, ThreadsOpt, TrustOpt, WorkersOpt, check_reports, emit_json, err,
+                     note_no_graph, out, table, use_threads)
+from .stage import TaskOptions, load_inputs
 
 
 @app.command()
@@ -21,8 +21,8 @@ def pipeline(model: ModelArg, output: OutOpt,
                                                      "out to measure the accuracy budget (or the split the model "
                                                      "was trained with).")],
              max_accuracy_drop: Annotated[Optional[float], typer.Option(
-                 "--max-accuracy-drop", min=0.0, max=100.0, help="Budget in accuracy points on the validation "
-                 "data (default: the recipe's, else 0.5).", show_default=False)] = None,
+                 "--max-accuracy-drop", min=0.0, help="Budget in points of the --metric (accuracy points by "
+                 "default) on the validation data (default: the recipe's, else 0.5).", show_default=False)] = None,
              val_data: Annotated[Optional[str], typer.Option("--val-data", help="Validation data the model was "
                                                             "not trained on; default: 20% held out of "
                                                             "--train-data.")] = None,
@@ -37,7 +37,9 @@ def pipeline(model: ModelArg, output: OutOpt,
              time_budget: Annotated[Optional[float], typer.Option(
                  "--time-budget", min=1, help="Seconds of search at most; then (as on Ctrl-C) the best result kept "
                  "so far is written.")] = None,
-             no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None, force: ForceOpt = False):
+             no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None, loss: LossOpt = None,
+             metric: MetricOpt = None, workers: WorkersOpt = None, distill: DistillOpt = None,
+             force: ForceOpt = False):
     """Prune, share weights and Huffman-code a model into a .cpz, keeping the most compressed
     result within an accuracy budget.
 
@@ -60,16 +62,18 @@ def pipeline(model: ModelArg, output: OutOpt,
     check_reports(report, json_out, force)  # before minutes of work, not after them
     use_threads(threads)
     rec = Recipe.load(recipe) if recipe else None
-    inp = load_inputs(model, output, force, arch, trust_pickle, None, test_data, input_shape)
-    ds = data_mod.load(train_data)
-    data_mod.check_fits(inp.model, ds)
-    val = data_mod.load(val_data) if val_data else None
+    task = TaskOptions(loss, metric, workers)
+    inp = load_inputs(model, output, force, arch, trust_pickle, None, test_data, input_shape, task=task)
+    labels = loss is None or inp.metric.builtin
+    ds = data_mod.load(train_data, workers)
+    data_mod.check_fits(inp.model, ds, labels_needed=labels)
+    val = data_mod.load(val_data, workers) if val_data else None
     if val is not None:
-        data_mod.check_fits(inp.model, val)
+        data_mod.check_fits(inp.model, val, labels_needed=inp.metric.builtin)
     original = copy.deepcopy(inp.model)
     m, summary = run(inp.model, ds, rec, max_accuracy_drop, inp.input_shape, on_event=_ShowEvents(), val_data=val,
                      test_data=inp.test, latency=not no_latency, time_budget=time_budget,
-                     confidence=confidence)
+                     confidence=confidence, loss=inp.loss, metric=inp.metric, distill=distill)
     m = m.cpu()
     save_model(m, output, force=force)  # the same bytes the summary counted
     note_no_graph(summary.get("graph_note"))

@@ -8,10 +8,10 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import (ArchOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, ModelArg, NoLatencyOpt, OutOpt,
-                     ReportOpt, TestDataOpt, ThreadsOpt, TrainDataOpt, TrustOpt, err, make_config, out, table,
-                     use_threads)
-from .stage import load_inputs, parse_mapping, patterns, run_command
+from .common import (ArchOpt, DistillOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, LossOpt, MetricOpt,
+                     ModelArg, NoLatencyOpt, OutOpt, ReportOpt, TestDataOpt, ThreadsOpt, TrainDataOpt, TrustOpt,
+                     WorkersOpt, err, make_config, out, table, use_threads)
+from .stage import TaskOptions, load_inputs, parse_mapping, patterns, run_command
 
 
 class Allocate(str, Enum):
@@ -67,7 +67,8 @@ def prune(model: ModelArg, output: OutOpt,
           reconfig_interval: Annotated[int, typer.Option("--reconfig-interval", help="channel-union: epochs "
                                                          "between reconfigurations.")] = 1,
           input_shape: InputShapeOpt = None, report: ReportOpt = None, json_out: JsonOpt = None,
-          no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None,
+          no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None, loss: LossOpt = None,
+          metric: MetricOpt = None, workers: WorkersOpt = None, distill: DistillOpt = None,
           force: ForceOpt = False):
     """Prune a trained model and show the numbers before and after.
 
@@ -88,7 +89,7 @@ def prune(model: ModelArg, output: OutOpt,
         or (method == Method.threshold and epochs is None)
     use_threads(threads)
     inp = load_inputs(model, output, force, arch, trust_pickle, train_data, test_data, input_shape,
-                      need_train=needs_train)
+                      need_train=needs_train, task=TaskOptions(loss, metric, workers))
     extra: dict = {}
     if method == Method.threshold:
         cls, opts = ThresholdConfig, {"sparsity": parse_mapping(sparsity, "--sparsity"),
@@ -105,7 +106,7 @@ def prune(model: ModelArg, output: OutOpt,
         cls, opts = ChannelUnionConfig, {"reconfig_interval": reconfig_interval}
         if lasso_ratio is not None:
             opts["lasso_ratio"] = lasso_ratio
-    ft = make_config(cls.part, "finetune", epochs=epochs, lr=lr)
+    ft = make_config(cls.part, "finetune", epochs=epochs, lr=lr, distill=distill)
     sel = make_config(Select, names=patterns(layers), exclude=patterns(exclude))
     cfg = make_config(cls, **opts, finetune=ft, select=sel)
     res = run_command("prune", cfg, inp, output, force, report, json_out, on_event=_show_progress, extra=extra,
@@ -138,7 +139,7 @@ def _sensitivity(inp, folder, budget, ratio, extra):
 
     if inp.val is None:
         raise typer.BadParameter("--sensitivity needs --train-data (accuracy is measured on its held-out 20%)")
-    sens = run_sens(inp.model, inp.val, input_shape=inp.input_shape)
+    sens = run_sens(inp.model, inp.val, input_shape=inp.input_shape, metric=inp.metric)
     rs = sens["ratios"]
     out.print(table(f"sensitivity (baseline {sens['baseline']:.2f}%)", ["layer", "channels", *[f"{r:.0%}" for r in rs]],
                     [[n, row["channels"], *[row["accuracy"][r] for r in rs]] for n, row in sens["layers"].items()]))

@@ -7,10 +7,10 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import (ArchOpt, DataOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, ModelArg,
-                     NoLatencyOpt, OutOpt, ReportOpt, TestDataOpt, ThreadsOpt, TrainDataOpt, TrustOpt, emit_json, err,
-                     make_config, out, parse_shape, table, use_threads)
-from .stage import check_output, load_inputs, parse_mapping, patterns, run_command
+from .common import (ArchOpt, DataOpt, DistillOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, LossOpt,
+                     MetricOpt, ModelArg, NoLatencyOpt, OutOpt, ReportOpt, TestDataOpt, ThreadsOpt, TrainDataOpt,
+                     TrustOpt, WorkersOpt, emit_json, err, make_config, out, parse_shape, table, use_threads)
+from .stage import TaskOptions, check_output, load_inputs, parse_mapping, patterns, run_command
 
 
 class Scheme(str, Enum):
@@ -34,8 +34,9 @@ def quantize(model: ModelArg, output: OutOpt,
                  "--epochs", min=0, help="k-means: epochs of centroid training (needs --train-data).")] = 0.0,
              lr: Annotated[float, typer.Option("--lr", help="k-means centroid learning rate.")] = 1e-4,
              input_shape: InputShapeOpt = None, report: ReportOpt = None, json_out: JsonOpt = None,
-             no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None,
-          force: ForceOpt = False):
+             no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None, loss: LossOpt = None,
+             metric: MetricOpt = None, workers: WorkersOpt = None, distill: DistillOpt = None,
+             force: ForceOpt = False):
     """Quantize weights per channel (min-max, MMSE clipping) or by k-means weight sharing.
 
     Examples:
@@ -47,14 +48,14 @@ def quantize(model: ModelArg, output: OutOpt,
     from ..config import Select
     from ..quantize import QuantConfig
 
-    ft = make_config(QuantConfig.part, "finetune", epochs=epochs, lr=lr)
+    ft = make_config(QuantConfig.part, "finetune", epochs=epochs, lr=lr, distill=distill)
     cfg = make_config(QuantConfig, bits=parse_mapping(bits, "--bits", cast=int), scheme=scheme.value,
                       per_channel=not per_tensor, symmetric=not affine, finetune=ft,
                       select=make_config(Select, names=patterns(layers), exclude=patterns(exclude),
                                          spare_first_last=False))
     use_threads(threads)
     inp = load_inputs(model, output, force, arch, trust_pickle, train_data, test_data, input_shape,
-                      need_train=bool(epochs))
+                      need_train=bool(epochs), task=TaskOptions(loss, metric, workers))
     res = run_command("quantize", cfg, inp, output, force, report, json_out, latency=not no_latency)
     rows = res["layers_changed"]
     out.print(table("layers", ["layer", "bits", "scheme", "weight MSE", "SQNR dB", "zeros"],
@@ -69,7 +70,7 @@ def export(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: 
            data: DataOpt = None,
            tol: Annotated[float, typer.Option("--tol", help="Max difference allowed vs PyTorch, relative to the largest output.")] = 1e-4,
            threads: Annotated[int, typer.Option("--threads", help="ONNX Runtime threads for timing.")] = 2,
-           json_out: JsonOpt = None, force: ForceOpt = False):
+           workers: WorkersOpt = None, json_out: JsonOpt = None, force: ForceOpt = False):
     """Export to ONNX (dynamic batch), checked against PyTorch; --int8 for ONNX Runtime INT8.
 
     Examples:
@@ -85,8 +86,8 @@ def export(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: 
 
     check_output(model, output, force)
     m = load_model(model, arch=arch, trust_pickle=trust_pickle)
-    calib = data_mod.load(calib_data) if calib_data else None
-    ev = data_mod.load(data) if data else None
+    calib = data_mod.load(calib_data, workers) if calib_data else None
+    ev = data_mod.load(data, workers) if data else None
     shape = Context(train=calib, val=ev, input_shape=parse_shape(input_shape)).shape(m)
     res = run(m, output, shape, int8=int8, calib_data=calib, eval_data=ev, tol=tol, force=force, threads=threads,
               on_step=lambda text: err.print(f"{text} ..."))

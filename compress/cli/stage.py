@@ -30,6 +30,8 @@ class Inputs:
     test: Any = None    # --test-data
     input_shape: tuple | None = None
     before: dict = field(default_factory=dict)
+    loss: Any = None    # --loss (resolved), None: cross-entropy
+    metric: Any = None  # --metric (resolved ``compress.train.Metric``)
 
 
 def parse_mapping(text: str | None, what: str, cast=float):
@@ -62,10 +64,15 @@ def check_output(model_path: str, output: str, force: bool) -> None:
 
 
 def load_inputs(model_path: str, output: str | None, force: bool, arch=None, trust_pickle=False, train_data=None,
-                test_data=None, input_shape=None, need_train=False) -> Inputs:
+                test_data=None, input_shape=None, need_train=False, task=None) -> Inputs:
+    """Load the model and the data of a command; ``task``: its ``TaskOptions`` (--loss, --metric, --workers)."""
     from .. import data as data_mod
     from ..formats import load_model
     from ..meta import get_meta
+    from ..train import resolve_loss, resolve_metric
+
+    task = task or TaskOptions()
+    loss, metric = resolve_loss(task.loss), resolve_metric(task.metric)  # a bad --metric fails before any work
 
     if output:
         check_output(model_path, output, force)
@@ -78,17 +85,28 @@ def load_inputs(model_path: str, output: str | None, force: bool, arch=None, tru
     if not isinstance(model, nn.Module) or model.__class__.__module__.startswith("torch.jit"):
         raise UsageError("TorchScript models cannot be changed; pass a state_dict with --arch or a compress model")
     model = model.to(state["device"])
-    inp = Inputs(model, input_shape=parse_shape(input_shape), file_bytes=Path(model_path).stat().st_size)
+    inp = Inputs(model, input_shape=parse_shape(input_shape), file_bytes=Path(model_path).stat().st_size,
+                 loss=loss, metric=metric)
+    labels = task.loss is None or metric.builtin  # class labels are checked only where they are used as such
     if train_data:
         vf = get_meta(model).get("val_fraction")
         vf = vf if isinstance(vf, float) and 0.0 < vf < 1.0 else data_mod.VAL_FRACTION  # the model's own split
-        inp.train, inp.val = data_mod.split(data_mod.load(train_data), vf, seed=0)
+        inp.train, inp.val = data_mod.split(data_mod.load(train_data, task.workers), vf, seed=0)
         inp.val_fraction = vf
-        data_mod.check_fits(model, inp.train)
+        data_mod.check_fits(model, inp.train, labels_needed=labels)
     if test_data:
-        inp.test = data_mod.load(test_data)
-        data_mod.check_fits(model, inp.test)
+        inp.test = data_mod.load(test_data, task.workers)
+        data_mod.check_fits(model, inp.test, labels_needed=metric.builtin)
     return inp
+
+
+@dataclass
+class TaskOptions:
+    """--loss, --metric, --workers: how the user trains and scores, and how their data are read."""
+
+    loss: str | None = None
+    metric: str | None = None
+    workers: int | None = None
 
 
 def cpz_estimate(model: nn.Module) -> int | None:
@@ -113,7 +131,8 @@ def output_drift(before: nn.Module, after: nn.Module, input_shape, data=None, n:
 
     n = max(4, min(n, (1 << 21) // max(1, math.prod(input_shape[1:]))))
     if data is not None:
-        x, name = data.x[:n], f"{min(n, len(data)):,} samples of {data.name}"
+        x = data.head(n)
+        name = f"{len(x):,} samples of {data.name}"
     else:
         x = torch.randn((n,) + tuple(input_shape[1:]), generator=torch.Generator().manual_seed(0))
         name = f"{n} random inputs"
@@ -135,10 +154,11 @@ def measure(inp: Inputs, model: nn.Module) -> dict:
         shape = Context(train=inp.train, val=inp.test, input_shape=inp.input_shape).shape(model)
     except UsageError:
         shape = None  # weight-only stages need no input: no MACs or latency then
-    rep = summarize(model, shape, inp.val, latency=False, layers=shape is not None)
+    rep = summarize(model, shape, inp.val, latency=False, layers=shape is not None, metric=inp.metric)
     rep["cpz_bytes"] = cpz_estimate(model)
     if inp.test is not None:
-        rep["test_accuracy"] = round(evaluate(model, inp.test), 3)
+        rep["test_accuracy"] = round(evaluate(model, inp.test, inp.metric), 3)
+        rep["metric"] = inp.metric.label
     return rep
 
 
@@ -153,7 +173,8 @@ def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, re
     original = copy.deepcopy(inp.model)
     inp.before = measure(inp, inp.model)
     inp.before["file_bytes"] = inp.file_bytes
-    ctx = Context(train=inp.train, val=inp.val, input_shape=inp.input_shape, on_event=on_event)
+    ctx = Context(train=inp.train, val=inp.val, input_shape=inp.input_shape, on_event=on_event, loss=inp.loss,
+                  metric=inp.metric)
     res = run(verb, inp.model, cfg, ctx)
     model = res.model.cpu()  # files are always written from CPU
     after = measure(inp, model)
@@ -175,8 +196,8 @@ def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, re
         distributed.barrier()
         after["file_bytes"] = Path(output).stat().st_size
     title = f"{verb}/{res.stage}: before / after" + (
-        f" (accuracy on {inp.val_fraction:.0%} held out of --train-data, {len(inp.val):,} samples)"
-        if inp.val is not None else "")
+        f" ({inp.metric.label.removesuffix(' %')} on {inp.val_fraction:.0%} held out of --train-data, "
+        f"{len(inp.val):,} samples)" if inp.val is not None else "")
     out.print(before_after(inp.before, after, title=title))
     for note in res.notes:
         err.print(f"note: {note}")

@@ -62,16 +62,17 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compres
 
     check_output("", output, force)  # fail on an existing output before training, not after
     ds = data_mod.load(data)
+    shape = ds.sample_shape
     if augment is None:
-        augment = 2 if min(ds.x.shape[-2:]) >= 24 else 0
+        augment = 2 if len(shape) == 3 and min(shape[-2:]) >= 24 else 0
     cfg = make_config(TrainConfig, epochs=epochs, lr=lr, optimizer=optimizer.value, batch_size=batch_size, seed=seed,
                       augment=augment)
     tr, va = data_mod.split(ds, val_fraction, seed=0)
     torch.manual_seed(seed)
     kw = {"width": width} if width != 1.0 else {}
     if name.startswith("lenet"):
-        kw["input_size"] = ds.x.shape[-1]
-    model = create_model(name, num_classes=ds.num_classes, in_channels=ds.x.shape[1], **kw)
+        kw["input_size"] = shape[-1]
+    model = create_model(name, num_classes=ds.num_classes, in_channels=shape[0], **kw)
     from ..data import check_fits
 
     check_fits(model, tr)
@@ -79,7 +80,7 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compres
     fit(model, tr, cfg, desc=f"train {name}")
     acc = evaluate(model, va)
     row = [["validation accuracy %", acc]]
-    meta = {"input_shape": [1, *ds.x.shape[1:]], "train_data": data, "val_accuracy": round(acc, 3),
+    meta = {"input_shape": [1, *shape], "train_data": data, "val_accuracy": round(acc, 3),
             "val_fraction": val_fraction, "augment": augment}
     if test_data:
         meta["test_accuracy"] = round(evaluate(model, data_mod.load(test_data)), 3)

@@ -23,21 +23,26 @@ GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998)
 SAMPLES = 256
 
 
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float(F.cross_entropy(model(x), y))
+def _loss(model: nn.Module, x: torch.Tensor, y, loss=None) -> float:
+    return float((loss or F.cross_entropy)(model(x), y))
 
 
 @torch.no_grad()
 def loss_curves(model: nn.Module, layers: list[tuple[str, nn.Module]], data,
-                samples: int = SAMPLES) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                samples: int = SAMPLES, loss=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per layer: (sparsities, loss rise) when that layer alone is magnitude-pruned to each sparsity
     (on top of the zeros it has). The rise is made non-decreasing (a running maximum)."""
+    from ..data import batches
+    from ..train import to_device
+
     dev = device_of(model)
-    x, y = data.x[:samples].to(dev), data.y[:samples].to(dev)
+    order = None if data.iterable else torch.arange(min(samples, len(data)))
+    x, y = next(iter(batches(data, samples, order)))
+    x, y = x.to(dev), to_device(y, dev)
     was_training = model.training
     model.eval()
     try:
-        base = _loss(model, x, y)
+        base = _loss(model, x, y, loss)
         out = {}
         for name, m in layers:
             w = m.weight
@@ -52,7 +57,7 @@ def loss_curves(model: nn.Module, layers: list[tuple[str, nn.Module]], data,
                 k = min(int(round(s * mag.numel())), mag.numel())
                 w.mul_((orig.abs() > order[k - 1]).to(w.dtype))
                 ss.append(s)
-                ds.append(max(_loss(model, x, y) - base, ds[-1]))
+                ds.append(max(_loss(model, x, y, loss) - base, ds[-1]))
                 w.copy_(orig)
             out[name] = (np.array(ss), np.array(ds))
         return out

@@ -31,7 +31,7 @@ from .. import distributed
 from ..config import Config, FineTune, Select, register_method
 from ..metrics import count_macs, count_params
 from ..stages import Context, Method
-from ..train import evaluate, recalibrate_bn, steps_per_epoch
+from ..train import recalibrate_bn, steps_per_epoch
 from .graph import channel_groups, group_norms, member_norms, prune_group, scale_channels, unselected
 
 log = logging.getLogger(__name__)
@@ -198,13 +198,23 @@ class ChannelUnionPruner(Method):
                           if self.ctx.train is not None else None)
         if self.interval is None:
             self.interval = self.config.reconfig_interval * self.per_epoch
-        classes = self.num_classes or (self.ctx.train.num_classes if self.ctx.train is not None else 10)
+        classes = self.num_classes or self._classes()
         self.lasso = GroupLasso(self.model, self.shape, self.config.select)
         self.lam = lasso_lambda(self.config, classes)
         log.info("group lasso: lambda %.3g over %d channel groups", self.lam, len(self.lasso.groups))
         if self.ctx.train is None:  # calibrate BatchNorm on what the user's loop feeds the model
             self._hook = self.model.register_forward_pre_hook(self._keep_batch)
         self._measure({})
+
+    def _classes(self) -> int:
+        """Classes for the penalty's scale: from the labels when known up front, else the model's outputs."""
+        y = self.ctx.train.labels() if self.ctx.train is not None else None
+        if y is not None and len(y):
+            return int(y.max()) + 1
+        with torch.no_grad():
+            out = self.model.eval()(torch.zeros(self.shape, device=distributed.device_of(self.model)))
+        self.model.train()
+        return int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else 10
 
     def _keep_batch(self, module, inputs):
         if module.training and inputs and isinstance(inputs[0], torch.Tensor):
@@ -226,11 +236,11 @@ class ChannelUnionPruner(Method):
 
     def reconfigure(self) -> dict:
         """Re-estimate BatchNorm statistics (the same samples on every rank), then remove zero channels."""
-        from ..data import Dataset
+        from ..data import TensorData
 
         calib = self.ctx.train
         if calib is None and self._last_batch is not None:
-            calib = Dataset(self._last_batch.cpu(), torch.zeros(len(self._last_batch), dtype=torch.long))
+            calib = TensorData(self._last_batch.cpu(), torch.zeros(len(self._last_batch), dtype=torch.long))
         if calib is not None:
             recalibrate_bn(self.model, calib)
         distributed.sync_buffers(self.model)
@@ -245,7 +255,7 @@ class ChannelUnionPruner(Method):
         if self.per_epoch:
             rec["epoch"] = round(self.steps / self.per_epoch, 2)
         if self.ctx.val is not None:
-            rec["accuracy"] = round(evaluate(self.model, self.ctx.val), 3)
+            rec["accuracy"] = round(self.ctx.score(self.model, self.ctx.val), 3)
         self.records.append(rec)
         if self.steps:
             self.ctx.emit("reconfigure", **rec)

@@ -164,12 +164,15 @@ def l1_filter(model: nn.Module, ratio=0.5, *, train_data=None, val_data=None, in
     return L1FilterPruner(model, L1FilterConfig(ratio=ratio, **kw), ctx).run().model
 
 
-def sensitivity(model: nn.Module, val_data, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), input_shape=None) -> dict:
-    """Prune each group alone at each ratio (no fine-tuning); accuracy per group and ratio."""
+def sensitivity(model: nn.Module, val_data, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), input_shape=None,
+                metric=None) -> dict:
+    """Prune each group alone at each ratio (no fine-tuning); the score (``metric``, default top-1
+    accuracy) per group and ratio."""
     from ..progress import Bar, progress_enabled
 
-    shape = Context(val=val_data, input_shape=input_shape).shape(model)
-    base = evaluate(model, val_data)
+    ctx = Context(val=val_data, input_shape=input_shape, metric=metric)
+    shape, val_data = ctx.shape(model), ctx.val
+    base = evaluate(model, val_data, metric)
     _, groups = channel_groups(model, shape, roots=(nn.Conv2d, nn.Linear))
     groups = [cg for cg in groups if cg.blocked is None]
     table = {}
@@ -180,7 +183,7 @@ def sensitivity(model: nn.Module, val_data, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), in
             for r in ratios:
                 m = copy.deepcopy(model)
                 prune_filters(m, shape, {cg.name: float(r), "_default": 0.0})
-                row[float(r)] = round(evaluate(m, val_data), 3)
+                row[float(r)] = round(evaluate(m, val_data, metric), 3)
                 bar.update(f"{cg.name} at {r:.0%}")
             table[cg.name] = {"channels": cg.size, "accuracy": row}
     finally:

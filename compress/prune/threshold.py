@@ -98,9 +98,10 @@ def _kth_abs(w: torch.Tensor, fraction: float) -> float:
     return float(w.abs().flatten().kthvalue(min(k, w.numel())).values)
 
 
-def thresholds(model: nn.Module, config: ThresholdConfig, sparsity=None, data=None) -> dict[str, float]:
+def thresholds(model: nn.Module, config: ThresholdConfig, sparsity=None, data=None, loss=None) -> dict[str, float]:
     """Per-layer magnitude thresholds for a (possibly intermediate) sparsity target; ``data``
-    (a Dataset) lets a float target be shared among layers by sensitivity."""
+    (a ``compress.data.Data``) lets a float target be shared among layers by sensitivity (the rise of
+    ``loss``, default cross-entropy)."""
     layers = config.select.layers(model)
     for value in (config.sparsity, config.quality):
         check_keys(value, [n for n, _ in layers], "no prunable layer {key!r}")
@@ -114,8 +115,8 @@ def thresholds(model: nn.Module, config: ThresholdConfig, sparsity=None, data=No
         return {n: per_layer(config.quality, n, m, 0.0) * factor[n] * std[n] for n, m in layers}
     if isinstance(target, dict):
         return {n: _kth_abs(m.weight.detach(), per_layer(target, n, m, 0.0)) for n, m in layers}
-    if config.allocate == "sensitivity" and data is not None and len(data):
-        per = alloc.allocate(alloc.loss_curves(model, layers, data), {n: m.weight.numel() for n, m in layers},
+    if config.allocate == "sensitivity" and data is not None:
+        per = alloc.allocate(alloc.loss_curves(model, layers, data, loss=loss), {n: m.weight.numel() for n, m in layers},
                              float(target))
         return {n: _kth_abs(m.weight.detach(), per[n]) for n, m in layers}
     # one global quality: bisection on q so that the pruned fraction over all layers = target
@@ -194,7 +195,7 @@ class ThresholdPruner(KeepMasks):
     def next_round(self) -> None:
         if self.round < len(self.targets):
             target = self.targets[self.round]
-            apply_thresholds(self.model, thresholds(self.model, self.config, target, self.ctx.train))
+            apply_thresholds(self.model, thresholds(self.model, self.config, target, self.ctx.train, self.ctx.loss))
             self.round += 1
             log.info("round %d/%d: sparsity %.4f", self.round, self.config.steps,
                      sparsity_of(self.model, self.config.select))
@@ -207,16 +208,13 @@ class ThresholdPruner(KeepMasks):
         return False
 
     def fine_tune(self) -> None:
-        from ..train import evaluate, fit
-
         epochs = self.config.finetune.epochs / self.config.steps
         for k in range(1, self.config.steps + 1):
             if self.ctx.train is not None and epochs > 0:
-                fit(self.model, self.ctx.train, self.train_config(epochs, seed=k), method=self,
-                    desc=f"threshold round {k}/{self.config.steps}")
+                self.train(epochs, seed=k, desc=f"threshold round {k}/{self.config.steps}")
             rec = {"round": k, "sparsity": round(sparsity_of(self.model, self.config.select), 4)}
             if self.ctx.val is not None:
-                rec["accuracy"] = round(evaluate(self.model, self.ctx.val), 3)
+                rec["accuracy"] = round(self.ctx.score(self.model, self.ctx.val), 3)
             self.records.append(rec)
             self.ctx.emit("round", of=self.config.steps, **rec)
             if k < self.config.steps:

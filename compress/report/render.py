@@ -94,6 +94,7 @@ def before_after_rows(before: dict, after: dict) -> list[list]:
     from ..metrics import speed_change
 
     rows = []
+    labels = {**LABELS, **score_labels(after)}
     for k in ("params", "nonzero_params", "macs", "file_bytes", "cpz_bytes", "accuracy", "test_accuracy"):
         b, a = before.get(k), after.get(k)
         if b is None and a is None:
@@ -106,7 +107,7 @@ def before_after_rows(before: dict, after: dict) -> list[list]:
             change = "same"
         else:
             change = f"{b / a:.2f}x smaller" if a and b >= a else f"{a / max(b, 1):.2f}x larger"
-        rows.append([LABELS[k], b, a, change])
+        rows.append([labels[k], b, a, change])
     drift = after.get("drift")
     if drift:  # what the change did to the outputs, with data or without
         if drift["top1_agreement"] is not None:
@@ -147,17 +148,24 @@ def render_stage_report(result: dict, before_model: nn.Module | None, after_mode
     return write_folder(folder, f"compress report: {result['method']}", summary, sections, images, result, force)
 
 
+def score_labels(rep: dict) -> dict[str, str]:
+    """The rows' labels of a score that is not top-1 accuracy (``rep["metric"]``: the metric's label)."""
+    m = rep.get("metric")
+    return {"accuracy": m, "test_accuracy": f"test {m}"} if m and m != LABELS["accuracy"] else {}
+
+
 def model_rows(rep: dict) -> list[list]:
     """[label, value] rows of one model's numbers (the terminal table and the HTML report)."""
-    rows = [[LABELS[k], rep[k]] for k in ("file_bytes", "params", "nonzero_params", "dense_fp32_bytes", "macs",
+    labels = {**LABELS, **score_labels(rep)}
+    rows = [[labels[k], rep[k]] for k in ("file_bytes", "params", "nonzero_params", "dense_fp32_bytes", "macs",
                                           "accuracy", "test_accuracy") if rep.get(k) is not None]
     for row in rows:  # every accuracy names its data
-        if row[0] == LABELS["accuracy"] and rep.get("accuracy_data"):
-            row[0] = f"accuracy % ({rep['accuracy_data']})"
-        if row[0] == LABELS["test_accuracy"] and rep.get("test_data"):
-            row[0] = f"test accuracy % ({rep['test_data']})"
+        if row[0] == labels["accuracy"] and rep.get("accuracy_data"):
+            row[0] = f"{labels['accuracy']} ({rep['accuracy_data']})"
+        if row[0] == labels["test_accuracy"] and rep.get("test_data"):
+            row[0] = f"{labels['test_accuracy']} ({rep['test_data']})"
     if rep.get("heldout_accuracy") is not None:
-        rows.append([f"accuracy % ({rep['heldout_data']})", rep["heldout_accuracy"]])
+        rows.append([f"{labels['accuracy']} ({rep['heldout_data']})", rep["heldout_accuracy"]])
     if rep.get("ratio_vs_dense_fp32"):
         rows.insert(1, ["smaller than dense FP32", f"{rep['ratio_vs_dense_fp32']:.2f}x"])
     if rep.get("input_shape"):

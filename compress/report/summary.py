@@ -13,7 +13,7 @@ from ..metrics import summarize
 from ..stages import Context
 
 
-def _data_label(model, spec: str, ds, rep: dict) -> str:
+def _data_label(model, spec: str, ds, rep: dict, metric=None) -> str:
     """What the accuracy was measured on. Data the model was trained on (its metadata says so) also
     gets the accuracy of the split it held out, the number that says how it generalises."""
     meta = get_meta(model)
@@ -23,19 +23,23 @@ def _data_label(model, spec: str, ds, rep: dict) -> str:
 
     vf = meta.get("val_fraction") if isinstance(meta.get("val_fraction"), float) else data_mod.VAL_FRACTION
     _, held = data_mod.split(ds, vf, seed=0)
-    rep["heldout_accuracy"] = round(evaluate(model, held), 3)
+    rep["heldout_accuracy"] = round(evaluate(model, held, metric), 3)
     rep["heldout_data"] = f"{vf:.0%} of {spec} held out in training, {len(held):,} samples"
     return f"all {len(ds):,} samples of {spec}, including the ones it was trained on"
 
 
 def model_report(path: str | os.PathLike, arch: str | None = None, trust_pickle: bool = False,
                  data: str | None = None, input_shape: tuple | None = None, latency: bool = True,
-                 test_data: str | None = None) -> dict[str, Any]:
-    """Everything ``compress report`` shows, as a JSON-able dict."""
+                 test_data: str | None = None, metric=None, workers: int | None = None) -> dict[str, Any]:
+    """Everything ``compress report`` shows, as a JSON-able dict. ``metric``: how accuracy is scored
+    (``compress.train.resolve_metric``); ``workers``: loader processes for the data."""
+    from ..train import resolve_metric
+
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
-    ds = data_mod.load(data) if data else None
+    metric = resolve_metric(metric)
+    ds = data_mod.load(data, workers) if data else None
     if path.suffix == ".onnx":
         from ..export import onnx_summary
 
@@ -43,10 +47,10 @@ def model_report(path: str | os.PathLike, arch: str | None = None, trust_pickle:
     else:
         model = load_model(path, arch=arch, trust_pickle=trust_pickle)
         shape = Context(val=ds, input_shape=input_shape).shape(model)
-        rep = summarize(model, shape, ds, latency=latency)
+        rep = summarize(model, shape, ds, latency=latency, metric=metric)
         meta = get_meta(model)
         if ds is not None:
-            rep["accuracy_data"] = _data_label(model, data, ds, rep)
+            rep["accuracy_data"] = _data_label(model, data, ds, rep, metric)
         if meta.get("history"):
             rep["history"] = meta["history"]
         if meta.get("arch"):
@@ -54,8 +58,9 @@ def model_report(path: str | os.PathLike, arch: str | None = None, trust_pickle:
         if test_data:
             from ..train import evaluate
 
-            test = data_mod.load(test_data)
-            rep["test_accuracy"] = round(evaluate(model, test), 3)
+            test = data_mod.load(test_data, workers)
+            rep["test_accuracy"] = round(evaluate(model, test, metric), 3)
+            rep["metric"] = metric.label
             rep["test_data"] = f"{test_data}, {len(test):,} samples"
         if path.suffix == ".cpz":
             from ..coding.stats import read_stats

