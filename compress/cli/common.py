@@ -98,11 +98,13 @@ def fmt(v: Any) -> str:
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
-    t = Table(title=title, title_justify="left")
+    from rich.markup import escape  # names like "mnist5k[val]" are text, not markup
+
+    t = Table(title=escape(title), title_justify="left")
     for i, c in enumerate(columns):
-        t.add_column(c, justify="left" if i == 0 else "right")
+        t.add_column(escape(c), justify="left" if i == 0 else "right")
     for r in rows:
-        t.add_row(*[fmt(v) for v in r])
+        t.add_row(*[escape(fmt(v)) for v in r])
     return t
 
 
