@@ -97,6 +97,48 @@ def graph_decode(by_name: dict) -> list[str]:
         f"| {r['scale']}x | {r['nodes']:,} | {r['decode_s']} | {r['us_per_node']} |" for r in rows]
 
 
+def user_data(by_name: dict) -> list[str]:
+    """The data users have (bench/test_bench_data.py): folder vs memory, memory on 100,000 images, loader
+    speed, distillation."""
+    out = []
+    same = by_name.get("test_pipeline_folder_same_as_memory")
+    if same:
+        out += ["", "## The data users have (bench/test_bench_data.py)", "",
+                "The demo recipe on LeNet-5, 0.5 pt budget, with mnist5k in memory and with the same 5,000 digits "
+                "written as a PNG folder (`folder:DIR`), test accuracy on " + same.get("eval_data", "?") + ":", "",
+                "| data | ratio | .cpz bytes | validation acc % | test acc % | seconds |", "|---|---|---|---|---|---|"]
+        for k in ("memory", "folder"):
+            r = same[k]
+            out.append(f"| {k} | {fmt(r['ratio'])}x | {r['cpz_bytes']:,} | {fmt(r['val_accuracy'])} | "
+                       f"{fmt(r['test_accuracy'])} | {r['seconds']} |")
+    mem = by_name.get("test_folder_memory_is_bounded")
+    if mem:
+        out += ["", "Peak RSS (the process and its loader processes) of `compress report --data folder:DIR?workers=2` "
+                "and a 1-epoch `compress prune --train-data folder:DIR?workers=2` (LeNet-300-100, 28x28 PNGs):", "",
+                "| images | report MiB | report s | prune MiB | prune s |", "|---|---|---|---|---|"]
+        for n, r in sorted(mem["images"].items(), key=lambda kv: int(kv[0])):
+            out.append(f"| {int(n):,} | {r['report_mb']} | {r['report_s']} | {r['prune_mb']} | {r['prune_s']} |")
+    speed = by_name.get("test_folder_loader_keeps_up")
+    if speed:
+        out += ["", f"One fine-tuning epoch of ResNet-20 on {speed['samples']:,} 32x32 digits: "
+                f"{speed['seconds']['memory']} s in memory, {speed['seconds']['folder']} s from a PNG folder with "
+                f"2 loader processes ({speed['folder_over_memory']}x)."]
+    rows = [(m, by_name.get(f"test_distillation_at_fixed_compression[{m}]")) for m in ("lenet5", "resnet20")]
+    rows = [(m, e) for m, e in rows if e]
+    if rows:
+        out += ["", "### Distillation", "",
+                "L1-filter pruning at ratio 0.5 with 3 epochs of fine-tuning, from the same trained model, with the "
+                "task loss alone and with distillation from the input model (`--distill 4`, half the loss); "
+                "test accuracy, mean (min-max) over seeds of the fine-tuning order:", "",
+                "| model | base acc % | task loss | distill T=4 | gain pt | seeds |", "|---|---|---|---|---|---|"]
+        for m, e in rows:
+            d = e["distillation"]
+            cell = {k: f"{fmt(v['mean'])} ({fmt(v['min'])}-{fmt(v['max'])})" for k, v in d.items()}
+            out.append(f"| {m} | {fmt(e['base_accuracy'])} | {cell['task loss']} | {cell['distill T=4']} | "
+                       f"{e['gain_pt']:+.2f} | {len(d['task loss']['runs'])} |")
+    return out
+
+
 def main(src: str, dst: str) -> None:
     data = json.load(open(src))
     rows = []
@@ -143,7 +185,7 @@ def main(src: str, dst: str) -> None:
     if len(side) == 7:
         side = []
     open(dst, "w").write("\n".join(head + rows + side + anchors(by_name) + nncodec(by_name) + matrix(by_name)
-                              + graph_decode(by_name)) + "\n")
+                              + graph_decode(by_name) + user_data(by_name)) + "\n")
     print(f"wrote {dst} ({len(rows)} benchmarks)")
 
 

@@ -160,6 +160,7 @@ class FineTune:
         distill: learn from the input model's outputs at this temperature (Hinton et al.'s knowledge
             distillation; e.g. 4); None: the task loss alone.
         distill_weight: the distillation term's share of the loss (the task loss has the rest).
+        seed: seeds the order of the samples (and the data's random augmentation).
     """
 
     epochs: float = 0.0
@@ -169,6 +170,7 @@ class FineTune:
     augment: int | None = None
     distill: float | None = None
     distill_weight: float = 0.5
+    seed: int = 0
 
     def __post_init__(self):
         if not self.epochs >= 0:  # also refuses NaN

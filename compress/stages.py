@@ -199,7 +199,7 @@ class Method:
         ft: FineTune = self.config.finetune
         augment = ft.augment if ft.augment is not None else int(get_meta(self.model).get("augment", 0))
         return TrainConfig(epochs=epochs, lr=ft.lr, optimizer=ft.optimizer, batch_size=ft.batch_size,
-                           augment=augment, seed=seed, distill=ft.distill, distill_weight=ft.distill_weight)
+                           augment=augment, seed=ft.seed + seed, distill=ft.distill, distill_weight=ft.distill_weight)
 
     def train(self, epochs: float, seed: int = 0, desc: str | None = None) -> list[dict]:
         """``epochs`` of the library's loop on ``ctx.train`` with the context's loss (or train_step) and,

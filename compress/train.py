@@ -39,7 +39,7 @@ class TrainConfig:
         optimizer: "adam" or "sgd" (momentum 0.9, nesterov).
         batch_size: samples per step (per process under torchrun).
         weight_decay: L2 weight decay.
-        seed: seeds shuffling and initialisation-independent randomness.
+        seed: seeds the order of the samples and the data's random augmentation (crops, flips).
         augment: random shifts of up to this many pixels (0: none). Images only; keeps a model
             from learning its training writers' quirks (MNIST's test writers are others).
         distill: temperature of distillation from a ``teacher`` given to ``fit`` (None: none).
@@ -321,6 +321,9 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig | None = None, *, method=
     net = distributed.wrap(model)  # DDP under torchrun; gradients are all-reduced in backward
     model.train()
     epoch = 0
+    rng = torch.random.fork_rng(devices=[])  # the data's random augmentation is seeded; the caller's RNG untouched
+    rng.__enter__()
+    torch.manual_seed(cfg.seed)
     try:
         while step < total_steps:
             order = None
@@ -370,6 +373,7 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig | None = None, *, method=
             log.info("%s epoch %d: loss %.4f", desc, epoch + 1, history[-1]["loss"])
             epoch += 1
     finally:
+        rng.__exit__(None, None, None)
         bar.close()
     model.eval()
     return history

@@ -32,7 +32,7 @@ def write_png_folder(data, root, size_of=None):
 USER_CODE = '''
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 
 class Digits(Dataset):
@@ -76,6 +76,23 @@ class Breaks(Digits):
 
 def breaks():
     return Breaks()
+
+
+class Stream(IterableDataset):
+    """An iterable Dataset: samples front to back, no indices."""
+
+    def __init__(self):
+        self.d = Digits()
+
+    def __len__(self):
+        return len(self.d)
+
+    def __iter__(self):
+        return (self.d[i] for i in range(len(self.d)))
+
+
+def stream():
+    return Stream()
 
 
 def smooth(outputs, targets):
@@ -325,3 +342,16 @@ def test_distillation_learns_from_the_input_model(lenet5_trained, digits240):
         after = float(distill_loss(student.eval()(digits240.x), teacher(digits240.x), 4.0))
     assert calls and not any(calls[:-1])  # the teacher ran in eval mode
     assert after < 0.5 * before
+
+
+def test_iterable_data_with_its_own_validation(sources_dir, model_file, tmp_path, cli):
+    """An iterable Dataset trains front to back; it cannot be split, so --val-data judges (a folder here)."""
+    out = tmp_path / "p.pt"
+    base = ["prune", model_file, "--sparsity", "0.6", "--steps", "1", "--epochs", "1", "--no-latency",
+            "--train-data", f"{sources_dir}/userdata.py:stream"]
+    r = cli(*base, "-o", out)
+    assert r.code != 0 and "cannot be split" in r.err and "--val-data" in r.err and not out.exists()
+    r = cli(*base, "--val-data", f"folder:{sources_dir}/png", "-o", out)
+    assert r.code == 0, r.err
+    assert f"on --val-data folder:{sources_dir}/png, {N} samples" in " ".join(r.out.split())
+    assert out.exists()

@@ -52,6 +52,8 @@ LossOpt = Annotated[Optional[str], typer.Option("--loss", help="Your loss, modul
 MetricOpt = Annotated[Optional[str], typer.Option("--metric", help="How the model is scored: top1 (default), top5, "
                                                   "or module:fn called as fn(outputs, targets) -> per-sample scores or "
                                                   "one number per batch, higher is better.")]
+ValDataOpt = Annotated[Optional[str], typer.Option("--val-data", help="Validation data the model was not trained "
+                                                   "on (e.g. folder:val); default: 20% held out of --train-data.")]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", min=0, max=64, help="Loader processes reading "
                                                    "the data ahead of training (default 0: none).")]
 DistillOpt = Annotated[Optional[float], typer.Option("--distill", min=0.01, help="Fine-tune against the input model's "

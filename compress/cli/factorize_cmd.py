@@ -8,7 +8,7 @@ import typer
 from . import app
 from .common import (ArchOpt, DistillOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, LossOpt, MetricOpt,
                      ModelArg, NoLatencyOpt, OutOpt, ReportOpt, TestDataOpt, ThreadsOpt, TrainDataOpt, TrustOpt,
-                     WorkersOpt, make_config, out, table, use_threads)
+                     ValDataOpt, WorkersOpt, make_config, out, table, use_threads)
 from .stage import TaskOptions, load_inputs, patterns, run_command
 
 
@@ -28,7 +28,7 @@ def factorize(model: ModelArg, output: OutOpt,
               lr: Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate.")] = 1e-3,
               input_shape: InputShapeOpt = None,
               report: ReportOpt = None, json_out: JsonOpt = None, no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None,
-              loss: LossOpt = None, metric: MetricOpt = None, workers: WorkersOpt = None, distill: DistillOpt = None,
+              loss: LossOpt = None, val_data: ValDataOpt = None, metric: MetricOpt = None, workers: WorkersOpt = None, distill: DistillOpt = None,
               force: ForceOpt = False):
     """Replace Linear/Conv layers by two thin ones (truncated SVD) where that is smaller.
 
@@ -48,7 +48,7 @@ def factorize(model: ModelArg, output: OutOpt,
                       select=make_config(Select, names=patterns(layers), exclude=patterns(exclude)))
     use_threads(threads)
     inp = load_inputs(model, output, force, arch, trust_pickle, train_data, test_data, input_shape,
-                      need_train=bool(epochs), task=TaskOptions(loss, metric, workers))
+                      need_train=bool(epochs), task=TaskOptions(loss, metric, workers, val_data))
     res = run_command("factorize", cfg, inp, output, force, report, json_out, latency=not no_latency)
     rows = res["layers_changed"]
     out.print(table("layers", ["layer", "shape", "rank", "params before", "params after", "rel. error", "action"],

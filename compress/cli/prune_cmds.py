@@ -10,7 +10,7 @@ import typer
 from . import app
 from .common import (ArchOpt, DistillOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, LossOpt, MetricOpt,
                      ModelArg, NoLatencyOpt, OutOpt, ReportOpt, TestDataOpt, ThreadsOpt, TrainDataOpt, TrustOpt,
-                     WorkersOpt, err, make_config, out, table, use_threads)
+                     ValDataOpt, WorkersOpt, err, make_config, out, table, use_threads)
 from .stage import TaskOptions, load_inputs, parse_mapping, patterns, run_command
 
 
@@ -67,7 +67,7 @@ def prune(model: ModelArg, output: OutOpt,
           reconfig_interval: Annotated[int, typer.Option("--reconfig-interval", help="channel-union: epochs "
                                                          "between reconfigurations.")] = 1,
           input_shape: InputShapeOpt = None, report: ReportOpt = None, json_out: JsonOpt = None,
-          no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None, loss: LossOpt = None,
+          no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None, loss: LossOpt = None, val_data: ValDataOpt = None,
           metric: MetricOpt = None, workers: WorkersOpt = None, distill: DistillOpt = None,
           force: ForceOpt = False):
     """Prune a trained model and show the numbers before and after.
@@ -89,7 +89,7 @@ def prune(model: ModelArg, output: OutOpt,
         or (method == Method.threshold and epochs is None)
     use_threads(threads)
     inp = load_inputs(model, output, force, arch, trust_pickle, train_data, test_data, input_shape,
-                      need_train=needs_train, task=TaskOptions(loss, metric, workers))
+                      need_train=needs_train, task=TaskOptions(loss, metric, workers, val_data))
     extra: dict = {}
     if method == Method.threshold:
         cls, opts = ThresholdConfig, {"sparsity": parse_mapping(sparsity, "--sparsity"),

@@ -9,7 +9,7 @@ import typer
 from . import app
 from .common import (ArchOpt, DataOpt, DistillOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, LossOpt,
                      MetricOpt, ModelArg, NoLatencyOpt, OutOpt, ReportOpt, TestDataOpt, ThreadsOpt, TrainDataOpt,
-                     TrustOpt, WorkersOpt, emit_json, err, make_config, out, parse_shape, table, use_threads)
+                     TrustOpt, ValDataOpt, WorkersOpt, emit_json, err, make_config, out, parse_shape, table, use_threads)
 from .stage import TaskOptions, check_output, load_inputs, parse_mapping, patterns, run_command
 
 
@@ -34,7 +34,7 @@ def quantize(model: ModelArg, output: OutOpt,
                  "--epochs", min=0, help="k-means: epochs of centroid training (needs --train-data).")] = 0.0,
              lr: Annotated[float, typer.Option("--lr", help="k-means centroid learning rate.")] = 1e-4,
              input_shape: InputShapeOpt = None, report: ReportOpt = None, json_out: JsonOpt = None,
-             no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None, loss: LossOpt = None,
+             no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None, loss: LossOpt = None, val_data: ValDataOpt = None,
              metric: MetricOpt = None, workers: WorkersOpt = None, distill: DistillOpt = None,
              force: ForceOpt = False):
     """Quantize weights per channel (min-max, MMSE clipping) or by k-means weight sharing.
@@ -55,7 +55,7 @@ def quantize(model: ModelArg, output: OutOpt,
                                          spare_first_last=False))
     use_threads(threads)
     inp = load_inputs(model, output, force, arch, trust_pickle, train_data, test_data, input_shape,
-                      need_train=bool(epochs), task=TaskOptions(loss, metric, workers))
+                      need_train=bool(epochs), task=TaskOptions(loss, metric, workers, val_data))
     res = run_command("quantize", cfg, inp, output, force, report, json_out, latency=not no_latency)
     rows = res["layers_changed"]
     out.print(table("layers", ["layer", "bits", "scheme", "weight MSE", "SQNR dB", "zeros"],

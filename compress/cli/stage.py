@@ -88,7 +88,15 @@ def load_inputs(model_path: str, output: str | None, force: bool, arch=None, tru
     inp = Inputs(model, input_shape=parse_shape(input_shape), file_bytes=Path(model_path).stat().st_size,
                  loss=loss, metric=metric)
     labels = task.loss is None or metric.builtin  # class labels are checked only where they are used as such
-    if train_data:
+    if train_data and task.val_data:
+        inp.train = data_mod.load(train_data, task.workers)
+        inp.val = data_mod.load(task.val_data, task.workers)
+        data_mod.check_fits(model, inp.train, labels_needed=labels)
+        data_mod.check_fits(model, inp.val, labels_needed=metric.builtin)
+    elif task.val_data:
+        raise UsageError("--val-data is what --train-data's fine-tuning is judged on: give --train-data too "
+                         "(or --test-data to only measure)")
+    elif train_data:
         vf = get_meta(model).get("val_fraction")
         vf = vf if isinstance(vf, float) and 0.0 < vf < 1.0 else data_mod.VAL_FRACTION  # the model's own split
         inp.train, inp.val = data_mod.split(data_mod.load(train_data, task.workers), vf, seed=0)
@@ -102,11 +110,13 @@ def load_inputs(model_path: str, output: str | None, force: bool, arch=None, tru
 
 @dataclass
 class TaskOptions:
-    """--loss, --metric, --workers: how the user trains and scores, and how their data are read."""
+    """--loss, --metric, --workers, --val-data: how the user trains and scores, how their data are read,
+    and the validation data when it is not held out of --train-data."""
 
     loss: str | None = None
     metric: str | None = None
     workers: int | None = None
+    val_data: str | None = None
 
 
 def cpz_estimate(model: nn.Module) -> int | None:
@@ -195,9 +205,11 @@ def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, re
         save_model(model, output, force=force)  # rank 0 writes; the others wait for it
         distributed.barrier()
         after["file_bytes"] = Path(output).stat().st_size
-    title = f"{verb}/{res.stage}: before / after" + (
-        f" ({inp.metric.label.removesuffix(' %')} on {inp.val_fraction:.0%} held out of --train-data, "
-        f"{len(inp.val):,} samples)" if inp.val is not None else "")
+    what = inp.metric.label.removesuffix(" %")
+    held = f"{inp.val_fraction:.0%} held out of --train-data" if inp.val_fraction else f"--val-data {inp.val.name}" \
+        if inp.val is not None else ""
+    title = f"{verb}/{res.stage}: before / after" + (f" ({what} on {held}, {len(inp.val):,} samples)"
+                                                     if inp.val is not None else "")
     out.print(before_after(inp.before, after, title=title))
     for note in res.notes:
         err.print(f"note: {note}")

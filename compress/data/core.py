@@ -364,7 +364,7 @@ def as_data(obj, name: str = "data", workers: int = 0) -> Data:
     """Any data users have, as a ``Data``: a ``Data``; ``(x, y)`` tensors or arrays; a map-style or iterable
     ``torch.utils.data.Dataset`` of ``(input, target)`` samples; a ``DataLoader`` (compress reads its dataset
     with its ``collate_fn`` and ``num_workers``, in batches of its own size)."""
-    from torch.utils.data import DataLoader, IterableDataset
+    from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
     if isinstance(obj, Data):
         if workers:
@@ -379,6 +379,8 @@ def as_data(obj, name: str = "data", workers: int = 0) -> Data:
         return MapData(ds, name, collate=None if default else obj.collate_fn, workers=workers)
     if isinstance(obj, IterableDataset):
         return IterData(obj, name)
+    if isinstance(obj, TensorDataset) and len(obj.tensors) == 2:  # tensors already: read them as such
+        obj = obj.tensors
     if isinstance(obj, (tuple, list)) and len(obj) == 2 and not isinstance(obj[0], (tuple, list)):
         from .sources import validate
 
