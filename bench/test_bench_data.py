@@ -18,7 +18,7 @@ from compress.prune import L1FilterConfig
 from compress.stages import prune_
 from compress.train import TrainConfig, evaluate, fit
 
-from .conftest import ROOT, VAL_FRACTION, once, record, trained
+from .conftest import VAL_FRACTION, once, record, trained
 
 BIN = Path(sys.executable).parent
 
@@ -40,7 +40,7 @@ def write_png_folder(data, root: Path, n: int | None = None) -> Path:
 
 @pytest.mark.slow
 def test_pipeline_folder_same_as_memory(benchmark, eval_sets, tmp_path):
-    """The demo recipe on LeNet-5 with mnist5k in memory and with the same digits as a PNG folder: the split
+    """A short Deep Compression recipe on LeNet-5 with mnist5k in memory and with the same digits as a PNG folder: the split
     holds the same samples in the same order, so the ratio and the accuracy must agree."""
     from compress.pipeline import pipeline
     from compress.recipe import Recipe
@@ -49,7 +49,9 @@ def test_pipeline_folder_same_as_memory(benchmark, eval_sets, tmp_path):
     base = trained("lenet5", 15)
     mem = data_mod.load("mnist5k")
     folder = data_mod.load(f"folder:{write_png_folder(mem, tmp_path / 'png')}")
-    recipe = Recipe.load(ROOT / "docs" / "recipes" / "demo.toml")
+    recipe = Recipe.from_dict({"stage": [  # every candidate fine-tunes: the folder is read for every epoch
+        {"type": "threshold", "sparsity": [0.7, 0.8, 0.9], "steps": 2, "finetune": {"epochs": 4}},
+        {"type": "kmeans", "bits": [{"conv": 6, "linear": 4}, {"conv": 5, "linear": 3}], "finetune": {"epochs": 0.5}}]})
     res = {}
     for name, ds in (("memory", mem), ("folder", folder)):
         t0 = time.perf_counter()
