@@ -57,6 +57,11 @@ def prune(model: ModelArg, output: OutOpt,
           round_to: Annotated[Optional[int], typer.Option(
               "--round-to", min=1, show_default=False, help="l1-filter: keep a multiple of this many channels per "
               "group [default: 8 on a CUDA device, else 1].")] = None,
+          target_macs: Annotated[Optional[float], typer.Option(
+              "--target-macs", help="l1-filter: prune to this many MACs, a fraction of the input's (0.5) or a count "
+              "(2e6), channels ranked across layers (instead of --ratio).")] = None,
+          target_params: Annotated[Optional[float], typer.Option(
+              "--target-params", help="l1-filter: the same for parameters.")] = None,
           sensitivity: Annotated[bool, typer.Option("--sensitivity", help="l1-filter: prune each layer alone at "
                                                     "several ratios first, and show accuracy per layer and ratio.")] = False,
           budget: Annotated[Optional[float], typer.Option(
@@ -81,12 +86,16 @@ def prune(model: ModelArg, output: OutOpt,
         compress prune resnet20.pt --method channel-union --train-data "mnist5k?size=32" --epochs 4 -o r20-cu.pt
     """
     from ..config import Select
+    from ..errors import UsageError
     from ..prune import ChannelUnionConfig, L1FilterConfig, ThresholdConfig
 
     # threshold pruning fine-tunes by default (3 epochs): without data it would only destroy (a 90%-pruned
     # LeNet-5 scored 16% and exited 0), so it needs --train-data unless told --epochs 0
     needs_train = method == Method.channel_union or bool(epochs) or (sensitivity and method == Method.l1_filter) \
         or (method == Method.threshold and epochs is None)
+    if (target_macs is not None or target_params is not None) and method != Method.l1_filter:
+        raise UsageError("--target-macs / --target-params are for --method l1-filter; for channel-union "
+                         "raise --lasso-ratio (larger removes more), for threshold give --sparsity")
     use_threads(threads)
     inp = load_inputs(model, output, force, arch, trust_pickle, train_data, test_data, input_shape,
                       need_train=needs_train, task=TaskOptions(loss, metric, workers, val_data))
@@ -101,7 +110,8 @@ def prune(model: ModelArg, output: OutOpt,
         r = parse_mapping(ratio, "--ratio", cast=_num)
         if sensitivity:
             r = _sensitivity(inp, report or str(Path(output).with_suffix("")) + "-sensitivity", budget, r, extra)
-        cls, opts = L1FilterConfig, {"ratio": r, "round_to": round_to}
+        cls, opts = L1FilterConfig, {"ratio": r, "round_to": round_to, "target_macs": _target(target_macs),
+                                     "target_params": _target(target_params)}
     else:
         cls, opts = ChannelUnionConfig, {"reconfig_interval": reconfig_interval}
         if lasso_ratio is not None:
@@ -125,6 +135,11 @@ def _show_progress(kind: str, rec: dict) -> None:
     elif kind == "reconfigure":
         when = f"after epoch {rec['epoch']:g}" if "epoch" in rec else f"at step {rec['step']}"
         err.print(f"reconfiguration {when}: params {rec['params']:,}, MACs {rec['macs']:,}{acc}")
+
+
+def _target(v: Optional[float]):
+    """2e6 -> 2000000 (a count); 0.5 stays a fraction."""
+    return int(v) if v is not None and v >= 1 and v == int(v) else v
 
 
 def _num(v: str):

@@ -131,6 +131,54 @@ class ArrayData(Data):
         return self._labels
 
 
+def pil_to_tensor(img) -> torch.Tensor:
+    """A PIL image as a float C x H x W tensor in [0, 1]."""
+    a = np.asarray(img)
+    if a.dtype == np.uint16 or a.dtype == np.int32:
+        a = a.astype(np.float32) / 65535.0
+    elif a.dtype == np.bool_:
+        a = a.astype(np.float32)
+    else:
+        a = a.astype(np.float32) / 255.0
+    t = torch.from_numpy(a)
+    return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def validate(x, y, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-memory ``(x, y)`` checked and converted: x float (N, ...) of finite values (uint8: scaled to
+    [0, 1]); y integer class labels (N,) >= 0, or float targets of any shape (N, ...)."""
+    if not isinstance(x, torch.Tensor):
+        x = np.asarray(x)
+        if x.dtype.kind not in "biuf":
+            raise InputError(f"{name}: x must be float32 (N x C x H x W), got {x.dtype}")
+        x = torch.as_tensor(x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x)
+    if not isinstance(y, torch.Tensor):
+        y = np.asarray(y)
+        if y.dtype.kind not in "iuf" or (y.dtype.kind in "iu" and y.size and int(y.max()) >= 2 ** 31):
+            raise InputError(f"{name}: y must hold integer class labels below 2^31 (or float targets), got {y.dtype}")
+        y = torch.as_tensor(y.astype(np.int64) if y.dtype.kind in "iu" else y.astype(np.float32))
+    if not x.is_floating_point():
+        raise InputError(f"{name}: x must be float32 (N x C x H x W), got {x.dtype}")
+    if x.dim() == 3:
+        x = x[:, None]
+    if not 2 <= x.dim() <= 5:
+        raise InputError(f"{name}: x must have rank 4 (N x C x H x W), got shape {tuple(x.shape)}")
+    if y.dtype == torch.bool or y.dim() == 0 or len(y) != len(x):
+        raise InputError(f"{name}: y must hold {len(x)} targets (class labels), got shape {tuple(y.shape)}")
+    if len(x) == 0:
+        raise InputError(f"{name}: no samples")
+    x = x.float()
+    if not torch.isfinite(x).all():
+        raise InputError(f"{name}: x holds NaN or infinite values")
+    if not y.is_floating_point():
+        if y.dim() != 1:
+            raise InputError(f"{name}: y must be a vector of {len(x)} labels, got shape {tuple(y.shape)}")
+        if (y < 0).any():
+            raise InputError(f"{name}: negative labels")
+        y = y.long()
+    return x.contiguous(), y
+
+
 def _to_tensor(v) -> Any:
     """A sample's input as a float tensor: PIL images (C x H x W in [0, 1]) and arrays are converted."""
     if isinstance(v, torch.Tensor):
@@ -138,8 +186,6 @@ def _to_tensor(v) -> Any:
     if isinstance(v, np.ndarray):
         return _to_tensor(torch.from_numpy(np.ascontiguousarray(v)))
     if type(v).__module__.startswith("PIL."):
-        from .images import pil_to_tensor
-
         return pil_to_tensor(v)
     return v
 
@@ -382,8 +428,6 @@ def as_data(obj, name: str = "data", workers: int = 0) -> Data:
     if isinstance(obj, TensorDataset) and len(obj.tensors) == 2:  # tensors already: read them as such
         obj = obj.tensors
     if isinstance(obj, (tuple, list)) and len(obj) == 2 and not isinstance(obj[0], (tuple, list)):
-        from .sources import validate
-
         x, y = validate(obj[0], obj[1], name)
         return TensorData(x, y, name)
     if hasattr(obj, "__getitem__") and hasattr(obj, "__len__"):

@@ -11,31 +11,17 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, UsageError, first_line, safe
-from .core import Batch, Data
+from .core import Batch, Data, pil_to_tensor
 from .sources import int_option
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 NORMS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 OPTIONS = ("size", "resize", "crop", "rrc", "flip", "norm", "mean", "std", "channels")
 MAX_PIXELS = 1 << 24  # per image, checked from its header before it is decoded (a decompression bomb is refused)
-
-
-def pil_to_tensor(img) -> torch.Tensor:
-    """A PIL image as a float C x H x W tensor in [0, 1]."""
-    a = np.asarray(img)
-    if a.dtype == np.uint16 or a.dtype == np.int32:
-        a = a.astype(np.float32) / 65535.0
-    elif a.dtype == np.bool_:
-        a = a.astype(np.float32)
-    else:
-        a = a.astype(np.float32) / 255.0
-    t = torch.from_numpy(a)
-    return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
 
 
 class FolderData(Data):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, UsageError, first_line
-from .core import ArrayData, Data, Mapped, TensorData, as_data
+from .core import ArrayData, Data, Mapped, TensorData, as_data, validate
 
 log = logging.getLogger(__name__)
 
@@ -206,41 +206,6 @@ BUILTIN = {"mnist5k": _mnist5k, "digits": _digits}
 
 
 # ----------------------------------------------------------------------------- validation
-def validate(x, y, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """In-memory ``(x, y)`` checked and converted: x float (N, ...) of finite values (uint8: scaled to
-    [0, 1]); y integer class labels (N,) >= 0, or float targets of any shape (N, ...)."""
-    if not isinstance(x, torch.Tensor):
-        x = np.asarray(x)
-        if x.dtype.kind not in "biuf":
-            raise InputError(f"{name}: x must be float32 (N x C x H x W), got {x.dtype}")
-        x = torch.as_tensor(x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x)
-    if not isinstance(y, torch.Tensor):
-        y = np.asarray(y)
-        if y.dtype.kind not in "iuf" or (y.dtype.kind in "iu" and y.size and int(y.max()) >= 2 ** 31):
-            raise InputError(f"{name}: y must hold integer class labels below 2^31 (or float targets), got {y.dtype}")
-        y = torch.as_tensor(y.astype(np.int64) if y.dtype.kind in "iu" else y.astype(np.float32))
-    if not x.is_floating_point():
-        raise InputError(f"{name}: x must be float32 (N x C x H x W), got {x.dtype}")
-    if x.dim() == 3:
-        x = x[:, None]
-    if not 2 <= x.dim() <= 5:
-        raise InputError(f"{name}: x must have rank 4 (N x C x H x W), got shape {tuple(x.shape)}")
-    if y.dtype == torch.bool or y.dim() == 0 or len(y) != len(x):
-        raise InputError(f"{name}: y must hold {len(x)} targets (class labels), got shape {tuple(y.shape)}")
-    if len(x) == 0:
-        raise InputError(f"{name}: no samples")
-    x = x.float()
-    if not torch.isfinite(x).all():
-        raise InputError(f"{name}: x holds NaN or infinite values")
-    if not y.is_floating_point():
-        if y.dim() != 1:
-            raise InputError(f"{name}: y must be a vector of {len(x)} labels, got shape {tuple(y.shape)}")
-        if (y < 0).any():
-            raise InputError(f"{name}: negative labels")
-        y = y.long()
-    return x.contiguous(), y
-
-
 GENERIC = ("size", "limit", "channels", "seed", "workers")
 BOUNDS = {"limit": (1, 1 << 31), "size": (1, 4096), "channels": (1, 64), "seed": (0, 1 << 63), "workers": (0, 64),
           "resize": (1, 4096), "crop": (1, 4096)}

@@ -37,6 +37,10 @@ class L1FilterConfig(Config):
         round_to: keep a multiple of this many channels in every pruned group (the nearest one,
             at least ``round_to``): GPU kernels (tensor cores) run fastest on multiples of 8. None:
             8 when the model is on a CUDA device, else 1 (on CPUs odd widths cost nothing measurable).
+        target_macs: instead of ``ratio``, prune to this many MACs: a fraction of the input model's
+            (0.5) or a count (2e6). Channels are ranked globally, across layers, by their L1 norm
+            relative to their group's mean (Torch-Pruning's global pruning); one threshold for all.
+        target_params: the same for parameters.
         select: layers whose output channels may be removed (``Select``; ``exclude`` keeps a
             layer's channels). The classifier's outputs are never removed.
         finetune: fine-tuning after pruning (``FineTune``; 0 epochs: none).
@@ -49,6 +53,8 @@ class L1FilterConfig(Config):
     ratio: float | int | dict = 0.5
     min_channels: int = 1
     round_to: int | None = None
+    target_macs: float | None = None
+    target_params: float | None = None
     select: Select = dataclasses.field(default_factory=Select)
     finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(augment=0))
 
@@ -63,6 +69,13 @@ class L1FilterConfig(Config):
                 raise ValueError(f"a count ratio must be >= 0, got {v}")
         if self.min_channels < 1:
             raise ValueError("min_channels must be >= 1")
+        for k in ("target_macs", "target_params"):
+            v = getattr(self, k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
+                                  or (v >= 1 and v != int(v))):
+                raise ValueError(f"{k} must be a fraction in (0, 1) or a count >= 1, got {v!r}")
+        if self.target_macs is not None and self.target_params is not None:
+            raise ValueError("give target_macs or target_params, not both")
         if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
                                           or self.round_to < 1):
             raise ValueError(f"round_to must be an integer >= 1, got {self.round_to!r}")
@@ -121,6 +134,51 @@ def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, s
     return changes
 
 
+def global_counts(model: nn.Module, input_shape, target: float, measure, min_channels: int = 1,
+                  select: Select | None = None, round_to: int = 1, steps: int = 24) -> tuple[dict, float]:
+    """Channels to remove per group so that ``measure(pruned) / measure(model)`` comes to ``target`` (a
+    fraction): every prunable channel is scored by its L1 norm over the group's mean (so groups of any
+    width and scale compare, as Torch-Pruning's global pruning with a mean normaliser), one threshold
+    for all, found by bisection on trial prunings of copies. Returns ({group: count}, fraction reached)."""
+    _, groups = channel_groups(model, input_shape, roots=(nn.Conv2d, nn.Linear),
+                               ignored=unselected(model, select or Select()))
+    names = {m: n for n, m in model.named_modules()}
+    imp = L1FilterImportance()
+    scored = []
+    for cg in groups:
+        if cg.blocked is not None or conv_groups(cg, names)[1] is not None:
+            continue
+        g = conv_groups(cg, names)[0]
+        s = imp(cg.group, cg.size)
+        scored.append((cg.name, cg.size, g, (s / s.mean().clamp_min(1e-12)).sort().values))
+    base = measure(model)
+
+    def counts(t: float) -> dict:
+        out = {}
+        for name, size, g, s in scored:
+            n = _count(int((s < t).sum()), size, min_channels, math.lcm(round_to, g))
+            if n:
+                out[name] = n
+        return out
+
+    def reached(t: float) -> float:
+        m = copy.deepcopy(model)
+        prune_filters(m, input_shape, {**counts(t), "_default": 0}, min_channels, select, [], round_to)
+        return measure(m) / base
+
+    lo, hi = 0.0, max((float(s[-1]) for *_, s in scored), default=0.0) * 1.0001
+    best = (0.0, 1.0)  # (threshold, fraction): nothing removed
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        r = reached(mid)
+        if abs(r - target) < abs(best[1] - target):
+            best = (mid, r)
+        if abs(r - target) <= 0.005 * target:
+            break
+        lo, hi = (mid, hi) if r > target else (lo, mid)
+    return counts(best[0]), best[1]
+
+
 @register_method(L1FilterConfig)
 class L1FilterPruner(Method):
     """Structural: ``attach`` removes the filters (the model gets smaller), then plain fine-tuning."""
@@ -132,7 +190,19 @@ class L1FilterPruner(Method):
             round_to = self.config.round_to
             if round_to is None:
                 round_to = 8 if device_of(self.model).type == "cuda" else 1
-            changes = prune_filters(self.model, shape, self.config.ratio, self.config.min_channels,
+            ratio = self.config.ratio
+            target = self._target(shape)
+            if target is not None:
+                what, wanted, measure = target
+                ratio, got = global_counts(self.model, shape, wanted, measure, self.config.min_channels,
+                                           self.config.select, round_to)
+                ratio["_default"] = 0
+                miss = got / wanted - 1
+                self.records.append({"target": what, "wanted": round(wanted, 4), "reached": round(got, 4)})
+                self.notes.append(f"target {what} {wanted:.3f} of the input model: reached {got:.3f} ({miss:+.1%})"
+                                  + ("" if abs(miss) <= 0.05 else "; the layers it may prune cannot go closer "
+                                     "(min_channels, groups kept whole, --exclude): see the notes above"))
+            changes = prune_filters(self.model, shape, ratio, self.config.min_channels,
                                     self.config.select, skipped=self.notes, round_to=round_to)
             with torch.no_grad():
                 self.model.eval()(example_input(self.model, shape))  # the pruned model must still run
@@ -150,6 +220,20 @@ class L1FilterPruner(Method):
         self.layers = [{"name": k, "channels_before": b, "channels_after": a} for k, (b, a) in changes.items()]
         if not changes:
             self.notes.append("no channel group was pruned")
+
+    def _target(self, shape):
+        """(what, fraction wanted, measure) for a target_macs / target_params, else None."""
+        from ..metrics import count_macs, count_params
+
+        c = self.config
+        if c.target_macs is None and c.target_params is None:
+            return None
+        what, value, measure = (("MACs", c.target_macs, lambda m: count_macs(m, shape)) if c.target_macs is not None
+                                else ("parameters", c.target_params, count_params))
+        wanted = value if value < 1 else value / measure(self.model)
+        if not wanted < 1:
+            raise InputError(f"target {what} {value:,.0f} is not below the model's {measure(self.model):,}")
+        return what, wanted, measure
 
 
 def _restore(model: nn.Module, original: nn.Module) -> None:

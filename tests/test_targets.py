@@ -1,0 +1,71 @@
+"""--target-macs / --target-params: l1-filter ranks channels across layers and lands on the target."""
+import importlib
+
+import pytest
+import torch
+
+from compress.metrics import count_macs, count_params
+from compress.models import create_model
+from compress.prune import L1FilterConfig
+from compress.stages import Context, run
+
+
+def _model(name):
+    if name == "resnet20":
+        return create_model("resnet20", in_channels=3), (1, 3, 32, 32)
+    mod, fn = "pytorchcv.models.seresnet_cifar", "seresnet20_cifar10"  # squeeze-excitation, nobody here wrote it
+    return getattr(importlib.import_module(mod), fn)(), (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "seresnet20"])
+@pytest.mark.parametrize("what,target", [("macs", 0.5), ("params", 0.4)])
+def test_lands_within_5_percent_of_the_target(name, what, target):
+    torch.manual_seed(0)
+    m, shape = _model(name)
+    measure = (lambda x: count_macs(x, shape)) if what == "macs" else count_params
+    before = measure(m)
+    res = run("prune", m, L1FilterConfig(**{f"target_{what}": target}), Context(input_shape=shape))
+    got = measure(res.model) / before
+    assert abs(got / target - 1) <= 0.05, got
+    assert res.records[0]["reached"] == pytest.approx(got, abs=1e-3)  # what the note says is what it did
+    with torch.no_grad():
+        assert res.model(torch.randn(2, *shape[1:])).shape == (2, 10)
+    # global, not uniform: layers lose different fractions of their channels
+    fractions = {r["channels_after"] / r["channels_before"] for r in res.layers}
+    assert len(fractions) > 2
+
+
+def test_a_count_target_and_a_miss_that_says_by_how_much():
+    m, shape = _model("resnet20")
+    before = count_macs(m, shape)
+    res = run("prune", m, L1FilterConfig(target_macs=int(before * 0.6)), Context(input_shape=shape))
+    assert count_macs(res.model, shape) / before == pytest.approx(0.6, rel=0.05)
+    m, _ = _model("resnet20")
+    res = run("prune", m, L1FilterConfig(target_macs=0.001, min_channels=4), Context(input_shape=shape))
+    note = res.notes[-1]
+    assert "target MACs 0.001" in note and "cannot go closer" in note  # 4 channels a group cost more than that
+
+
+def test_bad_targets():
+    with pytest.raises(ValueError, match="not both"):
+        L1FilterConfig(target_macs=0.5, target_params=0.5)
+    for bad in (0, -0.5, 1.5, True):
+        with pytest.raises(ValueError, match="target_macs"):
+            L1FilterConfig(target_macs=bad)
+
+
+def test_cli_target(cli, tmp_path, lenet5_trained):
+    from compress.formats import save_model
+
+    save_model(lenet5_trained, tmp_path / "l5.pt")
+    r = cli("prune", tmp_path / "l5.pt", "-m", "l1-filter", "--target-macs", "0.5", "--epochs", "0", "--no-latency",
+            "--json", tmp_path / "r.json", "-o", tmp_path / "p.pt")
+    assert r.code == 0, r.err
+    assert "note: target MACs 0.500 of the input model: reached 0." in r.err
+    import json
+
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["after"]["macs"] / res["before"]["macs"] == pytest.approx(0.5, rel=0.05)
+    r = cli("prune", tmp_path / "l5.pt", "-m", "channel-union", "--target-macs", "0.5", "--train-data", "digits",
+            "-o", tmp_path / "c.pt")
+    assert r.code == 2 and "--lasso-ratio" in r.err and not (tmp_path / "c.pt").exists()
