@@ -69,3 +69,44 @@ def test_cli_target(cli, tmp_path, lenet5_trained):
     r = cli("prune", tmp_path / "l5.pt", "-m", "channel-union", "--target-macs", "0.5", "--train-data", "digits",
             "-o", tmp_path / "c.pt")
     assert r.code == 2 and "--lasso-ratio" in r.err and not (tmp_path / "c.pt").exists()
+
+
+class ConcatFlatten(torch.nn.Module):
+    """Two branches concatenated, flattened into a Linear: each channel is H x W of the Linear's columns."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 6, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(8, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(10 * 7 * 7, 10)
+
+    def forward(self, x):
+        x = torch.max_pool2d(torch.relu(self.stem(x)), 2)
+        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        return self.fc(torch.flatten(y, 1))
+
+
+def test_concat_then_flatten_is_pruned_exactly():
+    """Both branches lose channels and the Linear loses the matching blocks of H x W columns: the pruned model
+    computes exactly what the original does with the removed filters zeroed."""
+    import copy
+
+    from compress.prune import L1FilterConfig
+
+    torch.manual_seed(0)
+    m = ConcatFlatten()
+    original = copy.deepcopy(m)
+    res = run("prune", m, L1FilterConfig(ratio=0.5), Context(input_shape=(1, 1, 28, 28)))
+    after = {r["name"]: r["channels_after"] for r in res.layers}
+    assert after == {"stem": 4, "a": 3, "b": 2} and res.model.fc.in_features == 5 * 49, res.notes
+    with torch.no_grad():
+        for name in ("stem", "a", "b"):  # the kept filters, found by their (distinct) biases
+            b0, b1 = getattr(original, name).bias, getattr(res.model, name).bias
+            kept = [int((b0 == v).nonzero()[0]) for v in b1]
+            removed = [i for i in range(len(b0)) if i not in kept]
+            getattr(original, name).weight[removed] = 0
+            getattr(original, name).bias[removed] = 0
+        x = torch.randn(16, 1, 28, 28)
+        assert torch.allclose(res.model(x), original(x), atol=1e-5)

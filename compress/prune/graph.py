@@ -113,12 +113,51 @@ def build(model: nn.Module, input_shape) -> tuple[tp.DependencyGraph, list[nn.Mo
                          f"it ({type(e).__name__}: {first_line(e)}); threshold pruning and quantization "
                          "still apply") from e
     dg.compress_splits = splits.grad_fns
+    _map_concat_before_flatten(dg)
     for node in dg.module2node.values():
         if node.grad_fn in dg.compress_splits:
             # groups that reach a channel split are kept whole (``blocked``): stop them there, instead
             # of letting torch-pruning map indices through the shuffle (slow, and wrong)
             node.dependencies = []
     return dg, output_layers(model, x)
+
+
+def _reaches_reshape(node, depth: int = 0) -> bool:
+    """The node's output reaches a reshape (flatten) through element-wise ops only."""
+    if depth > 16:
+        return False
+    for out in node.outputs:
+        if out.type == tp_ops.OPTYPE.RESHAPE or (out.type == tp_ops.OPTYPE.ELEMENTWISE
+                                                 and _reaches_reshape(out, depth + 1)):
+            return True
+    return False
+
+
+def _map_concat_before_flatten(dg) -> None:
+    """torch-pruning 1.6 leaves a channel concatenation unmapped when a flatten follows it: it compares the
+    concat's channels with the next Linear's inputs (C x H x W), decides the concat was on another dimension
+    and maps no offsets, so removing one input's channels removed the same positions of every input's and
+    the wrong Linear columns. Here the concat is mapped as any channel concat (offsets from its inputs'
+    channels); torch-pruning's own flatten mapping then moves the Linear's columns in blocks of H x W."""
+    from torch_pruning.dependency import shape_infer
+
+    for node in dg.module2node.values():
+        if node.type != tp_ops.OPTYPE.CONCAT or node.module.offsets is not None:
+            continue
+        if getattr(node.grad_fn, "_saved_dim", None) != 1 or not _reaches_reshape(node):
+            continue
+        chs = [shape_infer.infer_channels_between(dg, n, node) for n in node.inputs]
+        if any(c is None for c in chs):
+            continue
+        out = shape_infer.infer_in_channels_recursively(dg, node, recursive_depth=[0])
+        if out is None or out % sum(chs):
+            continue
+        original = shape_infer.infer_in_channels_recursively
+        shape_infer.infer_in_channels_recursively = lambda graph, n, recursive_depth: None  # skip that comparison
+        try:
+            tp_index_mapping.update_concat_index_mapping(dg, node)
+        finally:
+            shape_infer.infer_in_channels_recursively = original
 
 
 def blocked(dg, group) -> str | None:
@@ -269,9 +308,9 @@ def _state(obj) -> dict:
 
 def prune_group(dg, cg: ChannelGroup, idxs, model: nn.Module, input_shape) -> str | None:
     """Physically remove channels ``idxs`` (root indexing) from every coupled layer. If that fails,
-    or a group through a reshape leaves a model that no longer runs (a flatten after a
-    concatenation: each channel is H x W features of the next Linear), every layer is put back as
-    it was and the reason is returned; None when the channels were removed."""
+    or a group through a reshape leaves a model that no longer runs (a reshape torch-pruning maps
+    wrongly), every layer is put back as it was and the reason is returned; None when the channels
+    were removed."""
     idxs = sorted(int(i) for i in idxs)
     if not idxs:
         return None

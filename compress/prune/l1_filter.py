@@ -210,8 +210,8 @@ class L1FilterPruner(Method):
             _restore(self.model, original)
             raise
         except Exception as e:
-            # torch-pruning followed the channels into something it cannot shrink correctly, e.g. a
-            # flatten after a concatenation (each channel is H x W features of the next Linear)
+            # torch-pruning followed the channels into something it cannot shrink correctly (a reshape
+            # it maps wrongly)
             _restore(self.model, original)
             msg = first_line(e, 120)
             raise InputError(f"l1-filter would break this model ({msg}); it was left unchanged. Keep the layers "
