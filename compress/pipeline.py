@@ -107,47 +107,156 @@ class _Stop:
         return self.reason is not None
 
 
-def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, stop: _Stop):
+@dataclasses.dataclass
+class _SearchState:
+    """Where a stage's search stands: the next candidate, the misses in a row, every record so far, and the
+    kept candidate (its index, sizes, model) and the model the next iterative candidate builds on."""
+
+    next: int = 0
+    misses: int = 0
+    tried: list = dataclasses.field(default_factory=list)
+    kept_index: int | None = None
+    kept_sizes: dict | None = None
+    kept_model: nn.Module | None = None
+    current: nn.Module | None = None
+
+
+def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, stop: _Stop,
+            state: _SearchState | None = None, save: Callable | None = None):
     """Try a stage's candidates: (the most compressed one within budget or None, its sizes as measured
-    when it was tried, the record of all). Ctrl-C or the time budget ends it with what was kept."""
-    kept_model, kept, kept_sizes, current, misses = None, None, None, model, 0
-    tried = []
-    for j, cfg in enumerate(stage.candidates):
+    when it was tried, the record of all). Ctrl-C or the time budget ends it with what was kept. ``state``:
+    where a checkpoint left it; ``save(state)`` after each decided candidate."""
+    st = state or _SearchState(current=model)
+    for j in range(st.next, len(stage.candidates)):
+        cfg = stage.candidates[j]
         if stop.check():
             break
-        start = current if stage.iterative else model
+        start = st.current if stage.iterative else model
         try:
             cand = run(cfg.verb, copy.deepcopy(start), cfg, ctx).model
+            sizes = size_bytes(cand)
+            rec = {"value": getattr(cfg, cfg.search_key), "options": cfg.to_dict(), **judge(cand),
+                   "bytes": sizes["coded"]}
         except KeyboardInterrupt:  # the candidate in progress is dropped; what was kept stands
             stop.reason = "interrupted"
             break
-        sizes = size_bytes(cand)
-        rec = {"value": getattr(cfg, cfg.search_key), "options": cfg.to_dict(), **judge(cand),
-               "bytes": sizes["coded"]}
-        tried.append(rec)
-        emit("candidate", stage=stage.name, index=j + 1, of=len(stage.candidates), **rec)
+        st.tried.append(rec)
         over = rec.pop("over")
+        st.next = j + 1
         if not rec["within_budget"]:
-            misses += over  # an inconclusive reading is noise: it neither ends nor resets the run
+            st.misses += over  # an inconclusive reading is noise: it neither ends nor resets the run
             if stage.iterative:
                 # sparser candidates build on this one, with more fine-tuning; `patience` readings in
                 # a row whose measured drop alone is over budget end the search
-                if misses >= stage.patience:
-                    break
-                current = cand
-            continue
-        misses = 0
-        if kept is None or rec["bytes"] <= kept["bytes"]:
-            kept_model, kept, kept_sizes = cand, rec, sizes
-        current = cand
-    for rec in tried:  # the final word on each: every one within budget but not kept is at least as large
+                if st.misses >= stage.patience:
+                    st.next = len(stage.candidates)
+                else:
+                    st.current = cand
+        else:
+            st.misses = 0
+            if st.kept_index is None or rec["bytes"] <= st.tried[st.kept_index]["bytes"]:
+                st.kept_index, st.kept_sizes, st.kept_model = len(st.tried) - 1, sizes, cand
+            st.current = cand
+        if save is not None:
+            try:
+                save(st)
+            except KeyboardInterrupt:  # the files on disk name the state before this one: still a valid checkpoint
+                stop.reason = "interrupted"
+                break
+        emit("candidate", stage=stage.name, index=j + 1, of=len(stage.candidates), **rec, over=over)  # once saved
+        if st.next >= len(stage.candidates):
+            break
+    kept = None if st.kept_index is None else st.tried[st.kept_index]
+    for rec in st.tried:  # the final word on each: every one within budget but not kept is at least as large
         why = rec.pop("why")
         if rec is kept:
             rec["verdict"] = f"kept: {why}"
         elif rec["within_budget"]:
             rec["verdict"] = f"within budget, but not smaller than the kept one: {why}"
-    return kept_model, kept_sizes, {"stage": stage.name, "search_key": stage.candidates[0].search_key,
-                                    "kept": kept, "tried": tried}
+    return st.kept_model, st.kept_sizes, {"stage": stage.name, "search_key": stage.candidates[0].search_key,
+                                          "kept": kept, "tried": st.tried}
+
+
+class Checkpoint:
+    """A folder that lets a stopped pipeline go on where it was (``--resume``): ``state.json`` (how far it got,
+    every record and number so far, and a fingerprint of the run's settings) and the models it needs, as
+    files compress writes and loads without trust. Written after each decided candidate, state last, each
+    file atomically; removed when the run ends.
+
+    Args:
+        folder: where it lives (the CLI: ``OUTPUT.resume``).
+        load: ``path -> model`` (the user's ``--arch`` for their own classes).
+    """
+
+    def __init__(self, folder, load: Callable | None = None):
+        from pathlib import Path
+
+        from .formats import load_model
+
+        self.folder = Path(folder)
+        self.load = load or load_model
+
+    def exists(self) -> bool:
+        return (self.folder / "state.json").is_file()
+
+    def write(self, state: dict, models: dict[str, nn.Module | None]) -> None:
+        import json
+
+        from .fileio import write_text
+        from .formats import save_model
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.writes = getattr(self, "writes", 0) + 1
+        names = {}
+        for key, m in models.items():  # new names each time: the state on disk always names complete files
+            if m is not None:
+                name = f"{key}-{self.writes}.pt"
+                save_model(m, self.folder / name, force=True)
+                names[key] = name
+        write_text(self.folder / "state.json", json.dumps({**state, "models": names}), force=True)
+        for f in self.folder.glob("*.pt"):  # then the files the state no longer names
+            if f.name not in names.values():
+                f.unlink(missing_ok=True)
+
+    def read(self, fingerprint: str) -> tuple[dict, dict[str, nn.Module]]:
+        import json
+
+        from .errors import InputError
+
+        try:
+            state = json.loads((self.folder / "state.json").read_text())
+        except (OSError, ValueError) as e:
+            raise InputError(f"{self.folder}: no readable checkpoint ({e})") from e
+        if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
+            raise InputError(f"{self.folder}: this checkpoint was written by a run with other settings (model, data, "
+                             "recipe, budget or confidence); run without --resume and with --force to start over")
+        models = {}
+        for key, name in dict(state.get("models", {})).items():
+            if not (isinstance(name, str) and name.startswith(f"{key}-") and name.endswith(".pt")
+                    and name[len(key) + 1:-3].isdigit()):
+                raise InputError(f"{self.folder}: checkpoint names a model file {name!r}")
+            models[key] = self.load(self.folder / name)
+        self.writes = max([int(n[len(k) + 1:-3]) for k, n in state["models"].items()], default=0)
+        return state, models
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _fingerprint(model: nn.Module, recipe: Recipe, budget: float, z: float, train, val) -> str:
+    """What a checkpoint must agree with to be resumed: the input model's weights, the data, the recipe."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    h.update(json.dumps([recipe.to_dict(), budget, z, train.name, len(train), val.name, len(val)],
+                        sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
 
 def _point(label: str, model: nn.Module, nbytes: int, accuracy: float, ctx: Context, test=None) -> dict:
@@ -163,13 +272,16 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
              input_shape=None, on_event: Callable | None = None, val_data=None, test_data=None,
              val_fraction: float | None = None, latency: bool = True,
              time_budget: float | None = None, confidence: float | None = None, *, loss=None, metric=None,
-             train_step=None, evaluate=None, distill: float | None = None, workers: int | None = None
-             ) -> tuple[nn.Module, dict[str, Any]]:
+             train_step=None, evaluate=None, distill: float | None = None, workers: int | None = None,
+             checkpoint: Checkpoint | None = None, resume: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Run a recipe on ``model`` (in place); returns (model, summary). ``data``: training data -- a spec or
     anything ``compress.data.as_data`` takes; ``val_data`` and ``test_data`` likewise. ``loss``, ``metric``,
     ``train_step``, ``evaluate``: the user's recipe (``compress.stages.Context``); the budget is in the metric's
     points. ``distill``: every stage's fine-tuning also learns from the input model at this temperature.
-    ``on_event(kind, fields)`` hears "start", "warning", "stage", "candidate", "skipped" and "stopped", as
+    ``checkpoint``: written after each decided candidate (and removed at the end); with ``resume`` the run goes on
+    from it, to the result an uninterrupted run reaches.
+    ``on_event(kind, fields)`` hears "start", "resumed", "warning", "stage", "candidate" (once checkpointed), "skipped"
+    and "stopped", as
     stages' events. ``time_budget`` (seconds) or Ctrl-C ends the search early: the result is the best kept so
     far (``summary["stopped"]`` says why), encoded and measured as usual.
 
@@ -212,12 +324,38 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     history_before = len(get_meta(model).get("history", []))
     results, measured = [], None  # measured: (sizes, val accuracy) of `model`, taken when it was a candidate
     stop = _Stop(None if time_budget is None else time.perf_counter() + time_budget)
-    for stage in recipe.stages:
+    first, search_state = 0, None
+    fingerprint = _fingerprint(model, recipe, budget, z, train, val) if checkpoint is not None else ""
+    if checkpoint is not None and resume:
+        saved, models = checkpoint.read(fingerprint)
+        first, results, timeline = saved["stage"], saved["results"], saved["timeline"]
+        measured = None if saved["measured"] is None else tuple(saved["measured"])
+        model = models.get("model", model)
+        snapshots = [models[f"snapshot{k}"] for k in range(len(timeline))]
+        if saved["search"] is not None:
+            search_state = _SearchState(**{**saved["search"], "kept_model": models.get("kept"),
+                                           "current": models.get("current", model)})
+        emit("resumed", stage=first, candidates=0 if search_state is None else search_state.next)
+
+    def save(stage_index: int, st: _SearchState | None) -> None:
+        search = None if st is None else {k: getattr(st, k) for k in ("next", "misses", "tried", "kept_index",
+                                                                       "kept_sizes")}
+        models = {"model": model, **{f"snapshot{k}": m for k, m in enumerate(snapshots)}}
+        if st is not None:
+            models.update(kept=st.kept_model, current=st.current if st.current is not model else None)
+        checkpoint.write({"fingerprint": fingerprint, "stage": stage_index, "results": results, "timeline": timeline,
+                          "measured": measured, "search": search}, models)
+
+    for i, stage in enumerate(recipe.stages):
+        if i < first:
+            continue
         if stop.check():
             break
         t0 = time.perf_counter()
         emit("stage", stage=stage.name, candidates=len(stage.candidates))
-        kept_model, kept_sizes, res = _search(stage, model, ctx, judge, emit, stop)
+        kept_model, kept_sizes, res = _search(stage, model, ctx, judge, emit, stop,
+                                              state=search_state if i == first else None,
+                                              save=None if checkpoint is None else (lambda st, i=i: save(i, st)))
         if stop.reason:
             emit("stopped", reason=stop.reason, stage=stage.name)
         if kept_model is None:
@@ -238,6 +376,8 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
         timeline.append(_point(label, model, sizes["fixed"] if quantized else sizes["coded"], acc, ctx, test_data))
         snapshots.append(copy.deepcopy(model))
         results.append(res)
+        if checkpoint is not None and not stop.reason:
+            save(i + 1, None)
     # batch-1 latency of every stage's model, interleaved after a warm-up: the same machine state for all
     for point, st in zip(timeline, latency_stats(snapshots, ctx.input_shape, batch=1, runs=15) if latency else []):
         point["latency_ms"] = st["ms"]

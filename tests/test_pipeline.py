@@ -7,7 +7,7 @@ import torch
 
 from compress import data as data_mod
 from compress.coding.container import decode_model, encode_model
-from compress.errors import UsageError
+from compress.errors import InputError, UsageError
 from compress.meta import set_meta
 from compress.models import create_model
 from compress.pipeline import pipeline
@@ -237,3 +237,78 @@ def test_confidence_is_an_argument_and_the_summary_says_how_sure(trained, digits
     res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", RECIPES[1], "--confidence", "2",
               "-o", tmp_path / "m.cpz", "--no-latency")
     assert res.code == 0 and "98% one-sided confidence" in " ".join(res.out.split())
+
+
+@pytest.mark.parametrize("stop_at", [2, 4])  # inside the threshold search; inside the k-means search
+def test_resume_reaches_the_result_of_an_uninterrupted_run(trained, digits, tmp_path, monkeypatch, stop_at):
+    """A run stopped at a candidate leaves a checkpoint (after each decided candidate); resumed, it tries only
+    the candidates left and ends with the same model, bytes and numbers as a run never stopped."""
+    import compress.pipeline as pl
+
+    recipe = Recipe.load(RECIPES[1])
+    whole_model, whole = pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, max_accuracy_drop=3.0, latency=False)
+    ckpt = pl.Checkpoint(tmp_path / "run.resume")
+    calls, real = [], pl.run
+
+    def stopped(*a, **kw):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pl, "run", stopped)
+    _, part = pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, max_accuracy_drop=3.0, latency=False,
+                       checkpoint=ckpt)
+    assert part["stopped"] == "interrupted" and ckpt.exists()
+    monkeypatch.setattr(pl, "run", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    events = []
+    model, resumed = pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, max_accuracy_drop=3.0, latency=False,
+                              checkpoint=ckpt, resume=True, on_event=lambda k, kw: events.append((k, kw)))
+    total = sum(len(s["tried"]) for s in whole["stages"])
+    assert len(calls) == total + 1  # the stopped candidate is tried again, nothing before it
+    assert ("resumed", {"stage": int(stop_at > 3), "candidates": (stop_at - 1) - 3 * (stop_at > 3)}) in events
+    for k in ("cpz_bytes", "ratio", "final_accuracy", "timeline"):
+        assert resumed[k] == whole[k], k
+    assert [s["tried"] for s in resumed["stages"]] == [s["tried"] for s in whole["stages"]]
+    for a, b in zip(model.state_dict().values(), whole_model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(InputError, match="other settings"):  # a checkpoint of another run is refused
+        pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, max_accuracy_drop=1.0, latency=False,
+                 checkpoint=ckpt, resume=True)
+
+
+def test_ctrl_c_then_resume_from_the_command_line(trained, tmp_path, cli):
+    """A real SIGINT to `compress pipeline`: a valid .cpz of the best kept result and a checkpoint; `--resume`
+    then writes the very bytes an uninterrupted run writes, and removes the checkpoint."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from compress.formats import load_model, save_model
+
+    m = copy.deepcopy(trained["mlp"])
+    set_meta(m, input_shape=[1, 1, 8, 8])
+    save_model(m, tmp_path / "m.pt")
+    args = ["pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", RECIPES[1], "--max-accuracy-drop",
+            "3", "--no-latency"]
+    assert cli(*args, "-o", tmp_path / "full.cpz").code == 0
+    exe = Path(sys.executable).parent / "compress"
+    p = subprocess.Popen([str(exe), *map(str, args), "-o", str(tmp_path / "cut.cpz")], stderr=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                                               signal.SIG_DFL))
+    for line in p.stderr:  # the first candidate is decided (and checkpointed): stop during the second
+        if "threshold 1/3" in line:
+            p.send_signal(signal.SIGINT)
+            break
+    rest = p.stderr.read()
+    assert p.wait(timeout=120) == 0, rest
+    assert "stopped during threshold (Ctrl-C)" in rest
+    load_model(tmp_path / "cut.cpz")  # a valid file of the best kept so far
+    assert (tmp_path / "cut.cpz.resume" / "state.json").is_file()
+    r = cli(*args, "-o", tmp_path / "cut.cpz")  # neither resumed nor forced: refused, nothing lost
+    assert r.code != 0 and "--resume" in r.err
+    r = cli(*args, "-o", tmp_path / "cut.cpz", "--resume", "--json", tmp_path / "s.json")
+    assert r.code == 0 and "resuming at stage 1, candidate 2" in r.err, r.err
+    assert (tmp_path / "cut.cpz").read_bytes() == (tmp_path / "full.cpz").read_bytes()
+    assert not (tmp_path / "cut.cpz.resume").exists() and json.loads((tmp_path / "s.json").read_text())["stopped"] is None

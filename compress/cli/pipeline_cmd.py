@@ -37,6 +37,8 @@ def pipeline(model: ModelArg, output: OutOpt,
              time_budget: Annotated[Optional[float], typer.Option(
                  "--time-budget", min=1, help="Seconds of search at most; then (as on Ctrl-C) the best result kept "
                  "so far is written.")] = None,
+             resume: Annotated[bool, typer.Option("--resume", help="Go on from where a stopped run (Ctrl-C, "
+                                                  "--time-budget, a crash) left OUTPUT.resume.")] = False,
              no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None, loss: LossOpt = None,
              metric: MetricOpt = None, workers: WorkersOpt = None, distill: DistillOpt = None,
              force: ForceOpt = False):
@@ -59,11 +61,26 @@ def pipeline(model: ModelArg, output: OutOpt,
     from ..pipeline import pipeline as run
     from ..recipe import Recipe
 
-    check_reports(report, json_out, force)  # before minutes of work, not after them
+    from pathlib import Path
+
+    from ..errors import OutputExistsError, UsageError
+    from ..formats import load_model
+    from ..pipeline import Checkpoint
+
+    ckpt = Checkpoint(Path(f"{output}.resume"), lambda p: load_model(p, arch=arch, trust_pickle=trust_pickle))
+    if resume and not ckpt.exists():
+        raise UsageError(f"--resume: no checkpoint {ckpt.folder} to go on from")
+    if not resume and ckpt.exists():
+        if not force:
+            raise OutputExistsError(f"{ckpt.folder} holds an unfinished run: --resume goes on with it, --force "
+                                    "starts over")
+        ckpt.remove()
+    check_reports(report, json_out, force or resume)  # before minutes of work, not after them
     use_threads(threads)
     rec = Recipe.load(recipe) if recipe else None
     task = TaskOptions(loss, metric, workers)
-    inp = load_inputs(model, output, force, arch, trust_pickle, None, test_data, input_shape, task=task)
+    # a resumed run writes the output its stopped run wrote
+    inp = load_inputs(model, output, force or resume, arch, trust_pickle, None, test_data, input_shape, task=task)
     labels = loss is None or inp.metric.builtin
     ds = data_mod.load(train_data, workers)
     data_mod.check_fits(inp.model, ds, labels_needed=labels)
@@ -73,9 +90,12 @@ def pipeline(model: ModelArg, output: OutOpt,
     original = copy.deepcopy(inp.model)
     m, summary = run(inp.model, ds, rec, max_accuracy_drop, inp.input_shape, on_event=_ShowEvents(), val_data=val,
                      test_data=inp.test, latency=not no_latency, time_budget=time_budget,
-                     confidence=confidence, loss=inp.loss, metric=inp.metric, distill=distill)
+                     confidence=confidence, loss=inp.loss, metric=inp.metric, distill=distill, checkpoint=ckpt,
+                     resume=resume)
     m = m.cpu()
-    save_model(m, output, force=force)  # the same bytes the summary counted
+    save_model(m, output, force=force or resume)  # the same bytes the summary counted
+    if not summary.get("stopped"):
+        ckpt.remove()
     note_no_graph(summary.get("graph_note"))
     from ..report.render import value_text
 
@@ -96,7 +116,7 @@ def pipeline(model: ModelArg, output: OutOpt,
     out.print(line)
     if summary.get("stopped"):
         out.print(f"stopped early ({_STOPPED_BY[summary['stopped']]}): the best result kept before it; the stages "
-                  "after it did not run")
+                  f"after it did not run. --resume goes on from {ckpt.folder}")
     if report:
         from ..report.render import render_pipeline_report
 
@@ -146,6 +166,8 @@ class _ShowEvents:
             err.print(f"warning: {kw['text']}")
         elif kind == "skipped":
             err.print(f"  {kw['stage']}: no candidate within budget; stage skipped")
+        elif kind == "resumed":
+            err.print(f"resuming at stage {kw['stage'] + 1}, candidate {kw['candidates'] + 1}")
         elif kind == "stopped":
             err.print(f"  stopped during {kw['stage']} ({_STOPPED_BY[kw['reason']]}): the best result kept so far "
                       "is written")
