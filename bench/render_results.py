@@ -137,7 +137,25 @@ def user_data(by_name: dict) -> list[str]:
             cell = {k: f"{fmt(v['mean'])} ({fmt(v['min'])}-{fmt(v['max'])})" for k, v in d.items()}
             out.append(f"| {m} | {fmt(e['base_accuracy'])} | {cell['task loss']} | {cell['distill T=4']} | "
                        f"{e['gain_pt']:+.2f} | {len(d['task loss']['runs'])} |")
+        clear = [m for m, e in rows if e["distillation"]["distill T=4"]["min"] > e["distillation"]["task loss"]["max"]]
+        out += ["", f"Distillation gained beyond the seed spread on: {', '.join(clear)}." if clear else
+                "No gain beyond the seed spread: distillation stays off by default (`--distill T` asks for it)."]
     return out
+
+
+def kept_section(dst: str, title: str) -> list[str]:
+    """A section of the previous ``dst`` (a peer this run could not set up, e.g. NNCodec's environment), kept as it
+    was: its heading says which run it is from."""
+    import os
+
+    if not os.path.exists(dst):
+        return []
+    text = open(dst).read()
+    start = text.find(title)
+    if start < 0:
+        return []
+    end = text.find("\n## ", start + len(title))
+    return [""] + text[start:end if end >= 0 else len(text)].rstrip("\n").split("\n")
 
 
 def main(src: str, dst: str) -> None:
@@ -185,7 +203,8 @@ def main(src: str, dst: str) -> None:
                         f"{fmt(p['accuracy_drop'])} |")
     if len(side) == 7:
         side = []
-    open(dst, "w").write("\n".join(head + rows + side + anchors(by_name) + nncodec(by_name) + matrix(by_name)
+    peer = nncodec(by_name) or kept_section(dst, "## NNCodec")
+    open(dst, "w").write("\n".join(head + rows + side + anchors(by_name) + peer + matrix(by_name)
                               + graph_decode(by_name) + user_data(by_name)) + "\n")
     print(f"wrote {dst} ({len(rows)} benchmarks)")
 
