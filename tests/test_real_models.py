@@ -161,28 +161,44 @@ def test_a_functional_channel_shuffle_is_found_and_its_channels_kept():
     torch.testing.assert_close(m(x), _zero_removed(original, m)(x))
 
 
-def test_a_group_that_would_break_the_model_is_kept_and_the_rest_pruned():
-    """A concatenation flattened straight into a Linear: each channel is H x W of its inputs, which
-    torch-pruning does not follow (it couples the wrong features). Those channels are put back as they
-    were, with a one-line reason; the stem before the concatenation is still pruned."""
-    import torch.nn as nn
+class _Fire(torch.nn.Module):
+    """A concatenation flattened straight into a Linear: each channel is H x W of its inputs."""
 
-    class Fire(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = nn.Conv2d(1, 8, 3)
-            self.a, self.b = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
-            self.fc = nn.Linear(16 * 26 * 26, 10)
+    def __init__(self, fixed_reshape: bool = False):
+        super().__init__()
+        nn = torch.nn
+        self.fixed_reshape = fixed_reshape
+        self.stem = nn.Conv2d(1, 8, 3)
+        self.a, self.b = nn.Conv2d(8, 6, 1), nn.Conv2d(8, 10, 3, padding=1)  # unequal: the offsets matter
+        self.fc = nn.Linear(16 * 26 * 26, 10)
 
-        def forward(self, x):
-            x = torch.relu(self.stem(x))
-            return self.fc(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1).flatten(1))
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        return self.fc(y.reshape(len(y), 16 * 26 * 26) if self.fixed_reshape else y.flatten(1))
 
+
+def test_a_concatenation_flattened_into_a_linear_is_pruned_exactly():
+    """torch-pruning leaves this concat unmapped (it coupled the wrong features; the issue's "mat1 and mat2
+    shapes cannot be multiplied"); both branches now lose channels and the Linear its blocks of H x W."""
     torch.manual_seed(0)
-    m = Fire()
+    m = _Fire()
+    original = copy.deepcopy(m)
+    run("prune", m, L1FilterConfig(ratio=0.5), Context(input_shape=(1, 1, 28, 28)))
+    assert (m.stem.out_channels, m.a.out_channels, m.b.out_channels) == (4, 3, 5)
+    assert m.fc.in_features == 8 * 26 * 26
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(m(x), _zero_removed(original, m)(x))
+
+
+def test_a_group_that_would_break_the_model_is_kept_and_the_rest_pruned():
+    """The same with a reshape to a fixed size: removing the branches' channels breaks it. Those channels are
+    put back as they were, with a one-line reason; the stem before the concatenation is still pruned."""
+    torch.manual_seed(0)
+    m = _Fire(fixed_reshape=True)
     original = copy.deepcopy(m)
     res = run("prune", m, L1FilterConfig(ratio=0.5), Context(input_shape=(1, 1, 28, 28)))
-    assert m.stem.out_channels == 4 and m.a.out_channels == m.b.out_channels == 8
+    assert (m.stem.out_channels, m.a.out_channels, m.b.out_channels) == (4, 6, 10)
     assert m.fc.in_features == 16 * 26 * 26
     assert any("breaks the model" in n and "b's channels" in n for n in res.notes)
     x = torch.randn(2, 1, 28, 28)
