@@ -158,6 +158,36 @@ def kept_section(dst: str, title: str) -> list[str]:
     return [""] + text[start:end if end >= 0 else len(text)].rstrip("\n").split("\n")
 
 
+def targets(by_name: dict) -> list[str]:
+    rows = [e for n, e in by_name.items() if n.startswith("test_target_macs[")]
+    if not rows:
+        return []
+    out = ["", "## --target-macs (bench/test_bench_targets.py)", "",
+           "`compress prune --method l1-filter --target-macs 0.5`: channels ranked across layers (L1 over the group's "
+           "mean), one threshold by bisection. Beside it, Torch-Pruning 1.6's MetaPruner with global pruning (group "
+           "L1 magnitude), its ratio bisected to the same MACs. The trained model gets the same 2 epochs of "
+           "fine-tuning after either; accuracy on " + next((e["eval_data"] for e in rows if "eval_data" in e), "-")
+           + "; pytorchcv models have random weights (where the target lands does not depend on them).", "",
+           "| model | MACs reached: compress | Torch-Pruning | base acc % | compress acc % (before fine-tuning) | "
+           "Torch-Pruning acc % (before) |", "|---|---|---|---|---|---|"]
+    for e in rows:
+        acc = (lambda k: f"{fmt(e[k + '_accuracy'])} ({fmt(e[k + '_accuracy_before_finetune'])})"
+               if k + "_accuracy" in e else "-")
+        out.append(f"| {e['case']} | {e['compress_macs_fraction']:.3f} | {e['torch_pruning_macs_fraction']:.3f} | "
+                   f"{fmt(e.get('base_accuracy'))} | {acc('compress')} | {acc('torch_pruning')} |")
+    return out
+
+
+def timing(by_name: dict) -> list[str]:
+    e = by_name.get("test_same_model_reads_same")
+    if not e:
+        return []
+    return ["", "## Speed verdicts (bench/test_bench_timing.py)", "",
+            f"The same LeNet-5 timed against a copy of itself, interleaved, 20 times: \"same\" in {e['same_of_20']} of 20 "
+            "(the 95% interval of the paired ratio must leave [0.95, 1.05] for \"faster\" or \"slower\"); its 8-bit "
+            f"weight-quantized copy (the same FP32 compute) against it at batch 32: \"{e['int8_weights_vs_fp32']}\"."]
+
+
 def main(src: str, dst: str) -> None:
     data = json.load(open(src))
     rows = []
@@ -205,7 +235,7 @@ def main(src: str, dst: str) -> None:
         side = []
     peer = nncodec(by_name) or kept_section(dst, "## NNCodec")
     open(dst, "w").write("\n".join(head + rows + side + anchors(by_name) + peer + matrix(by_name)
-                              + graph_decode(by_name) + user_data(by_name)) + "\n")
+                              + graph_decode(by_name) + user_data(by_name) + targets(by_name) + timing(by_name)) + "\n")
     print(f"wrote {dst} ({len(rows)} benchmarks)")
 
 

@@ -182,7 +182,8 @@ def onnx_summary(path, data=None, input_shape: str | None = None, threads: int =
     out: dict[str, Any] = {"format": "onnx", "params": params, "int8_params": int8, "nonzero_params": nonzero,
                            "dense_fp32_bytes": params * 4}
     if shape is None:
-        raise UsageError("cannot tell the ONNX model's input shape: pass --input-shape 1,1,28,28 or --data")
+        raise UsageError("cannot tell the ONNX model's input shape: give input_shape (--input-shape 1,1,28,28) or data "
+                         "(--data)")
     out["input_shape"] = list(shape)
     if data is not None:
         out["accuracy"] = round(onnx_accuracy(sess, data), 3)
@@ -205,7 +206,8 @@ def export(model: nn.Module, path, input_shape, int8: bool = False, calib_data=N
     step = on_step or (lambda text: None)
 
     if int8 and calib_data is None:
-        raise UsageError("--int8 needs --calib-data SPEC (a few hundred representative inputs)")
+        raise UsageError("INT8 needs calibration data: calib_data (--calib-data SPEC), a few hundred representative "
+                         "inputs")
     res: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as d, atomic_write(path, force) as tmp:
         fp32 = Path(d) / "fp32.onnx"

@@ -225,7 +225,7 @@ class Method:
         if self.ctx.device:
             self.model.to(self.ctx.device)
         if self.needs_train and self.ctx.train is None:
-            raise UsageError(f"{self.config.stage_name} trains: give training data (--train-data SPEC)")
+            raise UsageError(f"{self.config.stage_name} trains: give training data (Context(train=...); --train-data SPEC)")
         self.attach()
         self.fine_tune()
         self.model = self.finalize()

@@ -343,7 +343,8 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig | None = None, *, method=
                 value, out = task_loss(net, x, y)
                 if teacher is not None:
                     if not isinstance(out, torch.Tensor) or out.dim() != 2:
-                        raise InputError("--distill needs a model whose output is (batch, classes) logits")
+                        raise InputError("distillation (FineTune.distill, --distill) needs a model whose output is (batch, classes) "
+                                         "logits")
                     with torch.no_grad():
                         t_out = teacher(x)
                     value = (1 - cfg.distill_weight) * value + cfg.distill_weight * distill_loss(out, t_out, cfg.distill)

@@ -192,7 +192,7 @@ class ChannelUnionPruner(Method):
         if self.ctx.train is None and self.interval is None:
             from ..errors import UsageError
 
-            raise UsageError("channel-union trains: give training data (--train-data SPEC)")
+            raise UsageError("channel-union trains: give training data (Context(train=...); --train-data SPEC)")
         self.shape = self.ctx.shape(self.model)
         self.per_epoch = (steps_per_epoch(len(self.ctx.train), self.config.finetune.batch_size)
                           if self.ctx.train is not None else None)
