@@ -58,10 +58,10 @@ def prune(model: ModelArg, output: OutOpt,
               "--round-to", min=1, show_default=False, help="l1-filter: keep a multiple of this many channels per "
               "group [default: 8 on a CUDA device, else 1].")] = None,
           target_macs: Annotated[Optional[float], typer.Option(
-              "--target-macs", help="l1-filter: prune to this many MACs, a fraction of the input's (0.5) or a count "
+              "--target-macs", help="l1-filter, channel-union: prune to this many MACs, a fraction of the input's (0.5) or a count "
               "(2e6), channels ranked across layers (instead of --ratio).")] = None,
           target_params: Annotated[Optional[float], typer.Option(
-              "--target-params", help="l1-filter: the same for parameters.")] = None,
+              "--target-params", help="l1-filter, channel-union: the same for parameters.")] = None,
           sensitivity: Annotated[bool, typer.Option("--sensitivity", help="l1-filter: prune each layer alone at "
                                                     "several ratios first, and show accuracy per layer and ratio.")] = False,
           budget: Annotated[Optional[float], typer.Option(
@@ -93,9 +93,9 @@ def prune(model: ModelArg, output: OutOpt,
     # LeNet-5 scored 16% and exited 0), so it needs --train-data unless told --epochs 0
     needs_train = method == Method.channel_union or bool(epochs) or (sensitivity and method == Method.l1_filter) \
         or (method == Method.threshold and epochs is None)
-    if (target_macs is not None or target_params is not None) and method != Method.l1_filter:
-        raise UsageError("--target-macs / --target-params are for --method l1-filter; for channel-union "
-                         "raise --lasso-ratio (larger removes more), for threshold give --sparsity")
+    if (target_macs is not None or target_params is not None) and method == Method.threshold:
+        raise UsageError("--target-macs / --target-params are for l1-filter and channel-union (threshold pruning "
+                         "leaves the layers' shapes, so their MACs: give --sparsity)")
     use_threads(threads)
     inp = load_inputs(model, output, force, arch, trust_pickle, train_data, test_data, input_shape,
                       need_train=needs_train, task=TaskOptions(loss, metric, workers, val_data))
@@ -113,7 +113,8 @@ def prune(model: ModelArg, output: OutOpt,
         cls, opts = L1FilterConfig, {"ratio": r, "round_to": round_to, "target_macs": _target(target_macs),
                                      "target_params": _target(target_params)}
     else:
-        cls, opts = ChannelUnionConfig, {"reconfig_interval": reconfig_interval}
+        cls, opts = ChannelUnionConfig, {"reconfig_interval": reconfig_interval, "target_macs": _target(target_macs),
+                                         "target_params": _target(target_params)}
         if lasso_ratio is not None:
             opts["lasso_ratio"] = lasso_ratio
     ft = make_config(cls.part, "finetune", epochs=epochs, lr=lr, distill=distill)

@@ -48,6 +48,11 @@ class ChannelUnionConfig(Config):
             as zero too (PruneTrain removes channels below a threshold, not only exact zeros).
         min_channels: never leave a group with fewer channels than this (a residual branch may
             still vanish whole).
+        target_macs: instead of finding ``lasso_ratio`` by hand, prune to this many MACs (a fraction of the
+            input's, or a count): the pull stops once the target is reached; what the group lasso has not
+            removed by 3/4 of the training is removed then by L1 ranking across layers, and the last quarter
+            fine-tunes the result (the note says how much each did).
+        target_params: the same for parameters.
         select: convs whose output channels may be removed (``Select``); the rest keep theirs.
         finetune: the regularised training (``FineTune``): SGD with momentum as PruneTrain. The
             penalty acts once per step, so fewer, larger batches prune less in the same epochs.
@@ -62,10 +67,15 @@ class ChannelUnionConfig(Config):
     zero_tol: float = 1e-8
     rel_tol: float = 0.1
     min_channels: int = 1
+    target_macs: float | None = None
+    target_params: float | None = None
     select: Select = dataclasses.field(default_factory=Select)
     finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(epochs=4.0, lr=0.02, optimizer="sgd", augment=0))
 
     def __post_init__(self):
+        from .l1_filter import check_targets
+
+        check_targets(self)
         if not self.lasso_ratio >= 0:
             raise ValueError("lasso_ratio must be >= 0")
         if self.reconfig_interval < 1:
@@ -202,6 +212,14 @@ class ChannelUnionPruner(Method):
         self.lasso = GroupLasso(self.model, self.shape, self.config.select)
         self.lam = lasso_lambda(self.config, classes)
         log.info("group lasso: lambda %.3g over %d channel groups", self.lam, len(self.lasso.groups))
+        from .l1_filter import resolve_target
+
+        self.target = resolve_target(self.config, self.model, self.shape)
+        if self.target is not None:
+            self.base_measure = self.target[2](self.model)
+            total = self._total_steps()
+            if total:  # at least 8 points to steer from
+                self.interval = max(1, min(self.interval, total // 8))
         if self.ctx.train is None:  # calibrate BatchNorm on what the user's loop feeds the model
             self._hook = self.model.register_forward_pre_hook(self._keep_batch)
         self._measure({})
@@ -245,6 +263,8 @@ class ChannelUnionPruner(Method):
             recalibrate_bn(self.model, calib)
         distributed.sync_buffers(self.model)
         removed = reconfigure(self.model, self.lasso, self.config)
+        if self.target is not None:
+            removed.update(self._steer())
         self._measure(removed)
         self.model.train()
         return removed
@@ -260,12 +280,59 @@ class ChannelUnionPruner(Method):
         if self.steps:
             self.ctx.emit("reconfigure", **rec)
 
+    def _total_steps(self) -> int | None:
+        return int(self.per_epoch * self.config.finetune.epochs) if self.per_epoch else None
+
+    def _steer(self) -> dict:
+        """Toward the target: the group lasso pulls at its strength and its zero channels go as usual; once the
+        target is reached the pull stops; at 3/4 of the training what is left above the target is removed by L1
+        ranking across layers (the channels the lasso weakened rank lowest), so that the last quarter fine-tunes
+        the result. (Raising the pull to catch up collapsed small models: all channels shrink together and fall
+        below the removal threshold at once.) Returns the channels removed."""
+        what, wanted, measure = self.target
+        frac = measure(self.model) / self.base_measure
+        if frac <= wanted * 1.02:
+            self.lam = 0.0
+            return {}
+        total = self._total_steps()
+        if not total:
+            return {}
+        if self.steps >= 0.75 * total:
+            self.lam = 0.0
+            return self._top_up(f"at {self.steps / total:.0%} of the training (fine-tuned for the rest)")
+        return {}
+
     def finalize(self) -> nn.Module:
         if getattr(self, "_hook", None) is not None:
             self._hook.remove()
             self._hook = None
+        if self.target is not None:
+            what, wanted, measure = self.target
+            if measure(self.model) / self.base_measure > wanted * 1.02:
+                self._top_up("after the training (not fine-tuned: train longer, or fine-tune with prune -m "
+                             "l1-filter --ratio 0 --epochs N)")
+            got = measure(self.model) / self.base_measure
+            self.records.append({"target": what, "wanted": round(wanted, 4), "reached": round(got, 4)})
+            from .l1_filter import target_note
+
+            self.notes.append(target_note(what, wanted, got))
         self.layers = [{"name": cg.name, "channels_after": cg.size} for cg in self.lasso.groups]
         return self.model
+
+    def _top_up(self, when: str) -> dict:
+        """What the group lasso left above the target, removed by L1 ranking across layers."""
+        from .l1_filter import global_counts, prune_filters
+
+        what, wanted, measure = self.target
+        now = measure(self.model)
+        counts, _ = global_counts(self.model, self.shape, wanted * self.base_measure / now, measure,
+                                  self.config.min_channels, self.config.select)
+        changes = prune_filters(self.model, self.shape, {**counts, "_default": 0}, self.config.min_channels,
+                                self.config.select, skipped=self.notes)
+        self.lasso.refresh(self.model)
+        self.notes.append(f"the group lasso reached {now / self.base_measure:.3f} of the input's {what}; "
+                          f"{sum(counts.values())} more channels removed by L1 ranking {when}")
+        return changes
 
 
 def channel_union(model: nn.Module, *, train_data, val_data=None, input_shape=None, **kw) -> nn.Module:

@@ -69,13 +69,7 @@ class L1FilterConfig(Config):
                 raise ValueError(f"a count ratio must be >= 0, got {v}")
         if self.min_channels < 1:
             raise ValueError("min_channels must be >= 1")
-        for k in ("target_macs", "target_params"):
-            v = getattr(self, k)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
-                                  or (v >= 1 and v != int(v))):
-                raise ValueError(f"{k} must be a fraction in (0, 1) or a count >= 1, got {v!r}")
-        if self.target_macs is not None and self.target_params is not None:
-            raise ValueError("give target_macs or target_params, not both")
+        check_targets(self)
         if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
                                           or self.round_to < 1):
             raise ValueError(f"round_to must be an integer >= 1, got {self.round_to!r}")
@@ -197,11 +191,8 @@ class L1FilterPruner(Method):
                 ratio, got = global_counts(self.model, shape, wanted, measure, self.config.min_channels,
                                            self.config.select, round_to)
                 ratio["_default"] = 0
-                miss = got / wanted - 1
                 self.records.append({"target": what, "wanted": round(wanted, 4), "reached": round(got, 4)})
-                self.notes.append(f"target {what} {wanted:.3f} of the input model: reached {got:.3f} ({miss:+.1%})"
-                                  + ("" if abs(miss) <= 0.05 else "; the layers it may prune cannot go closer "
-                                     "(min_channels, groups kept whole, --exclude): see the notes above"))
+                self.notes.append(target_note(what, wanted, got))
             changes = prune_filters(self.model, shape, ratio, self.config.min_channels,
                                     self.config.select, skipped=self.notes, round_to=round_to)
             with torch.no_grad():
@@ -222,18 +213,39 @@ class L1FilterPruner(Method):
             self.notes.append("no channel group was pruned")
 
     def _target(self, shape):
-        """(what, fraction wanted, measure) for a target_macs / target_params, else None."""
-        from ..metrics import count_macs, count_params
+        return resolve_target(self.config, self.model, shape)
 
-        c = self.config
-        if c.target_macs is None and c.target_params is None:
-            return None
-        what, value, measure = (("MACs", c.target_macs, lambda m: count_macs(m, shape)) if c.target_macs is not None
-                                else ("parameters", c.target_params, count_params))
-        wanted = value if value < 1 else value / measure(self.model)
-        if not wanted < 1:
-            raise InputError(f"target {what} {value:,.0f} is not below the model's {measure(self.model):,}")
-        return what, wanted, measure
+
+def check_targets(config) -> None:
+    """A config's ``target_macs`` / ``target_params``: a fraction in (0, 1) or a count >= 1; not both."""
+    for k in ("target_macs", "target_params"):
+        v = getattr(config, k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
+                              or (v >= 1 and v != int(v))):
+            raise ValueError(f"{k} must be a fraction in (0, 1) or a count >= 1, got {v!r}")
+    if config.target_macs is not None and config.target_params is not None:
+        raise ValueError("give target_macs or target_params, not both")
+
+
+def resolve_target(config, model: nn.Module, shape):
+    """(what, fraction of the model's wanted, measure) for a config's target_macs / target_params, else None."""
+    from ..metrics import count_macs, count_params
+
+    if config.target_macs is None and config.target_params is None:
+        return None
+    what, value, measure = (("MACs", config.target_macs, lambda m: count_macs(m, shape))
+                            if config.target_macs is not None else ("parameters", config.target_params, count_params))
+    wanted = value if value < 1 else value / measure(model)
+    if not wanted < 1:
+        raise InputError(f"target {what} {value:,.0f} is not below the model's {measure(model):,}")
+    return what, wanted, measure
+
+
+def target_note(what: str, wanted: float, got: float) -> str:
+    miss = got / wanted - 1
+    return (f"target {what} {wanted:.3f} of the input model: reached {got:.3f} ({miss:+.1%})"
+            + ("" if abs(miss) <= 0.05 else "; the layers it may prune cannot go closer (min_channels, groups kept "
+               "whole, --exclude): see the notes above"))
 
 
 def _restore(model: nn.Module, original: nn.Module) -> None:
