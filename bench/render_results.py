@@ -170,11 +170,19 @@ def targets(by_name: dict) -> list[str]:
            + "; pytorchcv models have random weights (where the target lands does not depend on them).", "",
            "| model | MACs reached: compress | Torch-Pruning | base acc % | compress acc % (before fine-tuning) | "
            "Torch-Pruning acc % (before) |", "|---|---|---|---|---|---|"]
+    cu = [e for n, e in by_name.items() if n.startswith("test_channel_union_target_macs[")]
     for e in rows:
         acc = (lambda k: f"{fmt(e[k + '_accuracy'])} ({fmt(e[k + '_accuracy_before_finetune'])})"
                if k + "_accuracy" in e else "-")
         out.append(f"| {e['case']} | {e['compress_macs_fraction']:.3f} | {e['torch_pruning_macs_fraction']:.3f} | "
                    f"{fmt(e.get('base_accuracy'))} | {acc('compress')} | {acc('torch_pruning')} |")
+    if cu:
+        out += ["", "`compress prune --method channel-union --target-macs 0.5` (4 epochs of group-lasso training, SGD; "
+                "the pytorchcv model trains from random weights on 3-channel digits):", "",
+                "| model | MACs reached | test acc % | what removed it |", "|---|---|---|---|"]
+        for e in cu:
+            how = next((n for n in e["notes"] if n.startswith("the group lasso reached")), "the group lasso alone")
+            out.append(f"| {e['case']} | {e['compress_macs_fraction']:.3f} | {fmt(e['accuracy'])} | {how} |")
     return out
 
 

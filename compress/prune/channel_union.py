@@ -218,8 +218,8 @@ class ChannelUnionPruner(Method):
         if self.target is not None:
             self.base_measure = self.target[2](self.model)
             total = self._total_steps()
-            if total:  # at least 8 points to steer from
-                self.interval = max(1, min(self.interval, total // 8))
+            if total:  # at least 24 points to steer from: a reconfiguration removes no more than it must by much
+                self.interval = max(1, min(self.interval, total // 24))
         if self.ctx.train is None:  # calibrate BatchNorm on what the user's loop feeds the model
             self._hook = self.model.register_forward_pre_hook(self._keep_batch)
         self._measure({})
