@@ -196,6 +196,23 @@ def timing(by_name: dict) -> list[str]:
             f"weight-quantized copy (the same FP32 compute) against it at batch 32: \"{e['int8_weights_vs_fp32']}\"."]
 
 
+def confidence(by_name: dict) -> list[str]:
+    rows = [(n, e) for n, e in by_name.items() if n.startswith("test_budget_misses_on_test_by_confidence")]
+    if not rows:
+        return []
+    out = ["", "## How sure the budget is (bench/test_bench_confidence.py)", "",
+           "The issue's case: LeNet-300-100 trained on 4,500 mnist5k digits, the other 500 given as --val-data, "
+           "default recipe, 0.5 pt budget, over 5 splits; a miss is a drop of more than 0.5 pt on the official "
+           "MNIST test set.", "", "| trained with | margin | misses | worst test drop pt | mean ratio |",
+           "|---|---|---|---|---|"]
+    for _, e in sorted(rows, key=lambda kv: -kv[1]["augment"]):
+        how = "random shifts (as zoo train)" if e["augment"] else "no augmentation"
+        for z, r in e["confidence_study"].items():
+            out.append(f"| {how} | {float(z):g} SE | {r['misses']} of {r['runs']} | {fmt(r['worst_test_drop'])} | "
+                       f"{fmt(r['mean_ratio'], 1)}x |")
+    return out
+
+
 def main(src: str, dst: str) -> None:
     data = json.load(open(src))
     rows = []
@@ -243,7 +260,7 @@ def main(src: str, dst: str) -> None:
         side = []
     peer = nncodec(by_name) or kept_section(dst, "## NNCodec")
     open(dst, "w").write("\n".join(head + rows + side + anchors(by_name) + peer + matrix(by_name)
-                              + graph_decode(by_name) + user_data(by_name) + targets(by_name) + timing(by_name)) + "\n")
+                              + graph_decode(by_name) + user_data(by_name) + targets(by_name) + timing(by_name) + confidence(by_name)) + "\n")
     print(f"wrote {dst} ({len(rows)} benchmarks)")
 
 
