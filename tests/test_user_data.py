@@ -355,3 +355,23 @@ def test_iterable_data_with_its_own_validation(sources_dir, model_file, tmp_path
     assert r.code == 0, r.err
     assert f"on --val-data folder:{sources_dir}/png, {N} samples" in " ".join(r.out.split())
     assert out.exists()
+
+
+def test_data_with_options_can_go_to_spawned_loader_processes(sources_dir, mmap_everything):
+    """Loader processes started by spawning (macOS, Windows) receive the data by pickling: options are data,
+    not closures; a memory-mapped array travels as its file (mapped again, not copied); the batches they read
+    are the same."""
+    import multiprocessing
+    import pickle
+
+    d = data_mod.load(f"{sources_dir}/digits.npz?size=32&channels=3&limit=40")
+    blob = pickle.dumps(d)
+    assert len(blob) < 20_000  # not the array (240 x 784 bytes)
+    back = pickle.loads(blob)
+    assert isinstance(back.base.base.x, np.memmap)
+    assert torch.equal(back.batch([0, 1, 2])[0], d.batch([0, 1, 2])[0]) and back.sample_shape == (3, 32, 32)
+    loader = torch.utils.data.DataLoader(data_mod.core._Chunks(d, False), batch_size=None,
+                                         sampler=[torch.arange(0, 20), torch.arange(20, 40)], num_workers=2,
+                                         multiprocessing_context=multiprocessing.get_context("spawn"))
+    got = torch.cat([x for x, _ in loader])
+    assert torch.equal(got, d.batch(range(40))[0])

@@ -130,6 +130,23 @@ class ArrayData(Data):
     def labels(self) -> torch.Tensor | None:
         return self._labels
 
+    def __getstate__(self):
+        """A memory-mapped ``x`` travels as its file, offset and layout (a loader process started by spawning
+        maps the file again instead of receiving a copy of the whole array)."""
+        state = dict(self.__dict__)
+        x = self.x
+        if isinstance(x, np.memmap) and x.filename is not None:
+            state["x"] = ("memmap", x.filename, x.dtype.str, x.shape, x.offset,
+                          "F" if x.flags.f_contiguous and not x.flags.c_contiguous else "C")
+        return state
+
+    def __setstate__(self, state):
+        x = state["x"]
+        if isinstance(x, tuple) and x and x[0] == "memmap":
+            _, filename, dtype, shape, offset, order = x
+            state["x"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape, order=order)
+        self.__dict__.update(state)
+
 
 def pil_to_tensor(img) -> torch.Tensor:
     """A PIL image as a float C x H x W tensor in [0, 1]."""

@@ -256,16 +256,23 @@ def apply_options(data: Data, opts: dict[str, str], name: str, handled: tuple = 
         if ch is not None and "channels" not in handled:
             x = _channels_batch(x, ch, name)
         return TensorData(x.contiguous(), data.y, name)
-    fns = []
-    if size is not None and "size" not in handled:
-        fns.append(lambda x: _resize_batch(x, size))
-    if ch is not None and "channels" not in handled:
-        fns.append(lambda x: _channels_batch(x, ch, name))
-    if fns:
-        def fn(x):
-            for f in fns:
-                x = f(x)
-            return x
+    fn = _BatchOptions(None if "size" in handled else size, None if "channels" in handled else ch, name)
+    if fn.size is not None or fn.channels is not None:
         data = Mapped(data, fn, name)
     data.name = name
     return data
+
+
+class _BatchOptions:
+    """``?size`` and ``?channels`` on a batch: a class, not a closure, so that loader processes started by
+    spawning (macOS, Windows) can receive it."""
+
+    def __init__(self, size: int | None, channels: int | None, name: str):
+        self.size, self.channels, self.name = size, channels, name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size is not None:
+            x = _resize_batch(x, self.size)
+        if self.channels is not None:
+            x = _channels_batch(x, self.channels, self.name)
+        return x
