@@ -380,6 +380,19 @@ class _Chunks(torch.utils.data.Dataset):
         return self.data.batch(chunk, self.train)
 
 
+class _Chunking:
+    """``order`` in consecutive chunks of ``size``, made as they are asked for (a DataLoader's sampler)."""
+
+    def __init__(self, order: torch.Tensor, size: int):
+        self.order, self.size = order, size
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.size)
+
+    def __iter__(self):
+        return (self.order[i:i + self.size] for i in range(0, len(self.order), self.size))
+
+
 def batches(data: Data, batch_size: int, order: torch.Tensor | None = None, *, train: bool = False,
             workers: int | None = None, pin: bool = False) -> Iterator[Batch]:
     """``(inputs, targets)`` batches of ``data`` in ``order`` (sample indices; default: all, in order).
@@ -388,7 +401,7 @@ def batches(data: Data, batch_size: int, order: torch.Tensor | None = None, *, t
         yield from data.iter_batches(batch_size)
         return
     order = torch.arange(len(data)) if order is None else order
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    chunks = _Chunking(order, batch_size)
     workers = data.workers if workers is None else workers
     if not workers or len(chunks) < 2:
         for c in chunks:
