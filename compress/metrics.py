@@ -236,8 +236,9 @@ SAME = 1.05  # a change of speed smaller than 5% is not called one, whatever its
 
 def speed_change(before_ms: float | None, after_ms: float | None, interval: list | None = None) -> str:
     """"1.9x faster (1.8-2.0)" only when the 95% interval of the paired ratio (``speed_ratio``) lies
-    above 1.05; "1.9x slower" when below 1/1.05; else "same" -- "same within noise (0.6-1.7)" when the
-    interval is wide. Without an interval (one-off timings), only a change beyond 1.5x is called."""
+    above 1.05; "1.9x slower" when below 1/1.05; else "same" -- "same within noise (0.9-1.1)" when the
+    interval is wider than +-5%, and "too noisy to tell (0.6-1.7)" with a hint when it is wider than 1.5x (a busy
+    machine). Without an interval (one-off timings), only a change beyond 1.5x is called."""
     if not before_ms or not after_ms:
         return "-"
     if interval is None:
@@ -251,7 +252,14 @@ def speed_change(before_ms: float | None, after_ms: float | None, interval: list
         return f"{r:.2f}x faster ({lo:.2f}-{hi:.2f})" if interval else f"{r:.2f}x faster"
     if hi < 1 / SAME:
         return f"{1 / r:.2f}x slower ({1 / hi:.2f}-{1 / lo:.2f})" if interval else f"{1 / r:.2f}x slower"
-    return "same" if 1 / SAME <= lo and hi <= SAME else f"same within noise ({lo:.2f}-{hi:.2f})"
+    if 1 / SAME <= lo and hi <= SAME:
+        return "same"
+    if hi / lo > TOO_NOISY:  # the interval says nothing either way: the machine was busy
+        return f"too noisy to tell ({lo:.2f}-{hi:.2f}): time again on an idle machine, or with --threads"
+    return f"same within noise ({lo:.2f}-{hi:.2f})"
+
+
+TOO_NOISY = 1.5  # an interval of the speed ratio wider than this (hi / lo) tells nothing
 
 
 def summarize(model: nn.Module, input_shape, data=None, latency: bool = True,

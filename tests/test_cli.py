@@ -165,7 +165,8 @@ def test_a_speed_verdict_needs_its_interval(lenet5_trained, monkeypatch):
     for key in ("batch_1", "batch_32"):
         lo, med, hi = b["speedup"][key]
         assert lo <= med <= hi
-        assert speed_change(a[key], b[key], b["speedup"][key]).startswith("same"), b["speedup"][key]
+        # never "faster" or "slower" (on a very busy machine: "too noisy to tell")
+        assert speed_change(a[key], b[key], b["speedup"][key]).startswith(("same", "too noisy")), b["speedup"][key]
     rng = random.Random(0)
     slow = [2.0 * rng.uniform(0.9, 1.1) for _ in range(60)]
     fast = [1.0 * rng.uniform(0.9, 1.1) for _ in range(60)]
@@ -175,7 +176,8 @@ def test_a_speed_verdict_needs_its_interval(lenet5_trained, monkeypatch):
     bursty = [rng.choice([1.0, 5.0]) for _ in range(40)]  # a busy machine: both models hit alike per round
     assert speed_change(3.0, 1.0, speed_ratio(bursty, [x * rng.uniform(0.97, 1.03) for x in bursty])) == "same"
     noisy = [rng.uniform(0.5, 2.0) for _ in range(20)]  # no pairing left: a wide interval says so
-    assert speed_change(1.5, 1.0, speed_ratio(noisy, [rng.uniform(0.5, 2.0) for _ in range(20)])).startswith("same")
+    verdict = speed_change(1.5, 1.0, speed_ratio(noisy, [rng.uniform(0.5, 2.0) for _ in range(20)]))
+    assert verdict.startswith("too noisy to tell") and "idle machine" in verdict  # never "faster" on noise
 
 
 def test_every_timing_command_takes_no_latency_and_threads(cli, tmp_path, lenet5_trained, monkeypatch):

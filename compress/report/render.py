@@ -119,7 +119,7 @@ def before_after_rows(before: dict, after: dict) -> list[list]:
         if b is not None or a is not None:
             interval = after.get("latency_ms", {}).get("speedup", {}).get(k)
             verdict = speed_change(b, a, interval)
-            if after.get("weights_only") and not verdict.startswith("same"):
+            if after.get("weights_only") and not verdict.startswith(("same", "too noisy")):
                 verdict += " (weights only: the same FP32 compute; timing noise)"
             elif after.get("weights_only"):
                 verdict = "same compute (weights only)"
