@@ -176,6 +176,12 @@ def targets(by_name: dict) -> list[str]:
                if k + "_accuracy" in e else "-")
         out.append(f"| {e['case']} | {e['compress_macs_fraction']:.3f} | {e['torch_pruning_macs_fraction']:.3f} | "
                    f"{fmt(e.get('base_accuracy'))} | {acc('compress')} | {acc('torch_pruning')} |")
+    lat = by_name.get("test_target_latency")
+    if lat:
+        out += ["", f"`--target-latency {lat['target']}` (l1-filter, ResNet-20, batch 1, this machine): the bisection "
+                f"measured {lat['bisection_reached']:.3f} of the input's latency; timed again afterwards "
+                f"{lat['timed_again'][1]:.3f} (95% interval {lat['timed_again'][0]:.3f}-{lat['timed_again'][2]:.3f}), "
+                f"at {lat['macs_fraction']:.3f} of the MACs."]
     if cu:
         out += ["", "`compress prune --method channel-union --target-macs 0.5` (4 epochs of group-lasso training, SGD; "
                 "the pytorchcv model trains from random weights on 3-channel digits):", "",

@@ -175,6 +175,9 @@ def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, thr
     """
     old = torch.get_num_threads()
     torch.set_num_threads(threads or timing_threads())
+    modes = [(m, m.training) for m in models if isinstance(m, nn.Module)]
+    for m, _ in modes:  # timed as deployed: BatchNorm on its running statistics, no dropout
+        m.eval()
     try:
         with torch.no_grad():
             fns = [_timed(m, torch.randn((batch,) + tuple(input_shape[1:]), device=device_of(m)), dtype)
@@ -196,6 +199,8 @@ def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, thr
         return out
     finally:
         torch.set_num_threads(old)
+        for m, was in modes:
+            m.train(was)
 
 
 def latency_ms(model, input_shape, batch: int = 1, runs: int = 20, threads: int | None = None) -> float:

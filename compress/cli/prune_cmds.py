@@ -62,6 +62,9 @@ def prune(model: ModelArg, output: OutOpt,
               "(2e6), channels ranked across layers (instead of --ratio).")] = None,
           target_params: Annotated[Optional[float], typer.Option(
               "--target-params", help="l1-filter, channel-union: the same for parameters.")] = None,
+          target_latency: Annotated[Optional[float], typer.Option(
+              "--target-latency", help="l1-filter: prune to this fraction of the input's batch-1 latency, timed "
+              "on this machine (0.6).")] = None,
           sensitivity: Annotated[bool, typer.Option("--sensitivity", help="l1-filter: prune each layer alone at "
                                                     "several ratios first, and show accuracy per layer and ratio.")] = False,
           budget: Annotated[Optional[float], typer.Option(
@@ -93,6 +96,8 @@ def prune(model: ModelArg, output: OutOpt,
     # LeNet-5 scored 16% and exited 0), so it needs --train-data unless told --epochs 0
     needs_train = method == Method.channel_union or bool(epochs) or (sensitivity and method == Method.l1_filter) \
         or (method == Method.threshold and epochs is None)
+    if target_latency is not None and method != Method.l1_filter:
+        raise UsageError("--target-latency is for --method l1-filter (channel-union: --target-macs)")
     if (target_macs is not None or target_params is not None) and method == Method.threshold:
         raise UsageError("--target-macs / --target-params are for l1-filter and channel-union (threshold pruning "
                          "leaves the layers' shapes, so their MACs: give --sparsity)")
@@ -111,7 +116,7 @@ def prune(model: ModelArg, output: OutOpt,
         if sensitivity:
             r = _sensitivity(inp, report or str(Path(output).with_suffix("")) + "-sensitivity", budget, r, extra)
         cls, opts = L1FilterConfig, {"ratio": r, "round_to": round_to, "target_macs": _target(target_macs),
-                                     "target_params": _target(target_params)}
+                                     "target_params": _target(target_params), "target_latency": target_latency}
     else:
         cls, opts = ChannelUnionConfig, {"reconfig_interval": reconfig_interval, "target_macs": _target(target_macs),
                                          "target_params": _target(target_params)}

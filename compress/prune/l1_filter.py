@@ -41,6 +41,9 @@ class L1FilterConfig(Config):
             (0.5) or a count (2e6). Channels are ranked globally, across layers, by their L1 norm
             relative to their group's mean (Torch-Pruning's global pruning); one threshold for all.
         target_params: the same for parameters.
+        target_latency: the same for the batch-1 latency measured on this machine, as a fraction of the
+            input model's (0.6): each trial pruning is timed against the input, interleaved; the note gives
+            the ratio reached.
         select: layers whose output channels may be removed (``Select``; ``exclude`` keeps a
             layer's channels). The classifier's outputs are never removed.
         finetune: fine-tuning after pruning (``FineTune``; 0 epochs: none).
@@ -55,6 +58,7 @@ class L1FilterConfig(Config):
     round_to: int | None = None
     target_macs: float | None = None
     target_params: float | None = None
+    target_latency: float | None = None
     select: Select = dataclasses.field(default_factory=Select)
     finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(augment=0))
 
@@ -189,7 +193,7 @@ class L1FilterPruner(Method):
             if target is not None:
                 what, wanted, measure = target
                 ratio, got = global_counts(self.model, shape, wanted, measure, self.config.min_channels,
-                                           self.config.select, round_to)
+                                           self.config.select, round_to, steps=10 if what == "latency" else 24)
                 ratio["_default"] = 0
                 self.records.append({"target": what, "wanted": round(wanted, 4), "reached": round(got, 4)})
                 self.notes.append(target_note(what, wanted, got))
@@ -217,20 +221,26 @@ class L1FilterPruner(Method):
 
 
 def check_targets(config) -> None:
-    """A config's ``target_macs`` / ``target_params``: a fraction in (0, 1) or a count >= 1; not both."""
+    """A config's ``target_macs`` / ``target_params``: a fraction in (0, 1) or a count >= 1;
+    ``target_latency`` (where the config has one): a fraction in (0, 1); one target at most."""
     for k in ("target_macs", "target_params"):
         v = getattr(config, k)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
                               or (v >= 1 and v != int(v))):
             raise ValueError(f"{k} must be a fraction in (0, 1) or a count >= 1, got {v!r}")
-    if config.target_macs is not None and config.target_params is not None:
-        raise ValueError("give target_macs or target_params, not both")
+    lat = getattr(config, "target_latency", None)
+    if lat is not None and (isinstance(lat, bool) or not isinstance(lat, (int, float)) or not 0 < lat < 1):
+        raise ValueError(f"target_latency must be a fraction of the input's latency in (0, 1), got {lat!r}")
+    if sum(getattr(config, k, None) is not None for k in ("target_macs", "target_params", "target_latency")) > 1:
+        raise ValueError("give one of target_macs, target_params, target_latency (not both)")
 
 
 def resolve_target(config, model: nn.Module, shape):
     """(what, fraction of the model's wanted, measure) for a config's target_macs / target_params, else None."""
     from ..metrics import count_macs, count_params
 
+    if getattr(config, "target_latency", None) is not None:
+        return "latency", config.target_latency, LatencyFraction(model, shape)
     if config.target_macs is None and config.target_params is None:
         return None
     what, value, measure = (("MACs", config.target_macs, lambda m: count_macs(m, shape))
@@ -239,6 +249,26 @@ def resolve_target(config, model: nn.Module, shape):
     if not wanted < 1:
         raise InputError(f"target {what} {value:,.0f} is not below the model's {measure(model):,}")
     return what, wanted, measure
+
+
+class LatencyFraction:
+    """A measure for ``global_counts``: a model's batch-1 latency as a fraction of the input model's, timed
+    interleaved with it on this machine (``metrics.speed_ratio``: the median of the paired ratios); 1 for the
+    input model itself, so that the bisection works on fractions."""
+
+    def __init__(self, reference: nn.Module, shape):
+        self.reference, self.shape = reference, shape
+
+    def __call__(self, model: nn.Module) -> float:
+        from ..metrics import latency_stats, speed_ratio
+
+        if model is self.reference:
+            return 1.0
+        raw: list = []
+        was = model.training
+        latency_stats([self.reference.eval(), model.eval()], self.shape, batch=1, runs=15, raw=raw)
+        model.train(was)
+        return 1 / speed_ratio(raw[0], raw[1])[1]  # reference time / model time is the speed-up
 
 
 def target_note(what: str, wanted: float, got: float) -> str:
