@@ -12,12 +12,11 @@ import torch.nn as nn
 
 from .errors import InputError
 
-CPZ_MAGIC = b"CPZ\x00"
-
-
 def is_cpz(path: Path) -> bool:
+    from .coding.container import MAGIC  # the container's own: one source for its bytes
+
     with path.open("rb") as f:
-        return f.read(4) == CPZ_MAGIC or path.suffix == ".cpz"
+        return f.read(4) == MAGIC or path.suffix == ".cpz"
 
 
 def load_model(path: str | os.PathLike, arch: str | None = None, trust_pickle: bool = False) -> nn.Module:
