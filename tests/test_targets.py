@@ -122,3 +122,37 @@ def test_latency_target_prunes_and_reports_what_it_measured(cli, tmp_path):
     r = cli("prune", tmp_path / "r.pt", "-m", "channel-union", "--target-latency", "0.5", "--train-data", "digits",
             "-o", tmp_path / "c.pt")
     assert r.code == 2 and "--target-macs" in r.err
+
+
+def test_importance_is_chosen_by_name_and_a_new_one_is_one_class():
+    """bn-scale removes the channels whose BatchNorm scale is smallest, whatever their filters' norms; a registered
+    criterion is used by name; an unknown name is refused."""
+    from compress.prune import IMPORTANCES, L1FilterConfig, register_importance
+
+    torch.manual_seed(0)
+    m = create_model("resnet20", in_channels=1)
+    with torch.no_grad():  # the stem's BatchNorm: tiny gammas on channels 0-7, large filters there too
+        m.bn1.weight.fill_(1.0)
+        m.bn1.weight[:8] = 1e-3
+        m.conv1.weight[:8] *= 100
+    shape = (1, 1, 32, 32)
+    res = run("prune", m, L1FilterConfig(ratio={"conv1": 8, "_default": 0}, importance="bn-scale"),
+              Context(input_shape=shape))
+    assert bool((res.model.bn1.weight.abs() > 0.5).all())  # the eight tiny-gamma channels went
+
+    calls = []
+
+    @register_importance("test-reverse-l1")
+    class ReverseL1:
+        def __call__(self, group, size=None):
+            calls.append(size)
+            return -IMPORTANCES["l1"]()(group, size)
+
+    try:
+        m2 = create_model("resnet20", in_channels=1)
+        run("prune", m2, L1FilterConfig(ratio=0.25, importance="test-reverse-l1"), Context(input_shape=shape))
+        assert calls
+    finally:
+        IMPORTANCES.pop("test-reverse-l1")
+    with pytest.raises(ValueError, match="importance 'taylor' unknown"):
+        L1FilterConfig(importance="taylor")

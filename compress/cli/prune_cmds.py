@@ -62,6 +62,9 @@ def prune(model: ModelArg, output: OutOpt,
               "(2e6), channels ranked across layers (instead of --ratio).")] = None,
           target_params: Annotated[Optional[float], typer.Option(
               "--target-params", help="l1-filter, channel-union: the same for parameters.")] = None,
+          importance: Annotated[str, typer.Option(
+              "--importance", help="l1-filter: how channels are ranked: l1 (Li et al.), l2, bn-scale (|gamma| of the "
+              "BatchNorm after them, Network Slimming), group-lasso.")] = "l1",
           target_latency: Annotated[Optional[float], typer.Option(
               "--target-latency", help="l1-filter: prune to this fraction of the input's batch-1 latency, timed "
               "on this machine (0.6).")] = None,
@@ -116,7 +119,8 @@ def prune(model: ModelArg, output: OutOpt,
         if sensitivity:
             r = _sensitivity(inp, report or str(Path(output).with_suffix("")) + "-sensitivity", budget, r, extra)
         cls, opts = L1FilterConfig, {"ratio": r, "round_to": round_to, "target_macs": _target(target_macs),
-                                     "target_params": _target(target_params), "target_latency": target_latency}
+                                     "target_params": _target(target_params), "target_latency": target_latency,
+                                     "importance": importance}
     else:
         cls, opts = ChannelUnionConfig, {"reconfig_interval": reconfig_interval, "target_macs": _target(target_macs),
                                          "target_params": _target(target_params)}

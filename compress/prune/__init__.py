@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from ..stages import prune_
 from .channel_union import ChannelUnionConfig, ChannelUnionPruner, channel_union
+from .importance import IMPORTANCES, register_importance
 from .l1_filter import L1FilterConfig, L1FilterPruner, l1_filter, ratios_for_budget, sensitivity
 from .threshold import ThresholdConfig, ThresholdPruner, sparsity_of, threshold
 
-__all__ = ["ChannelUnionConfig", "ChannelUnionPruner", "L1FilterConfig", "L1FilterPruner", "ThresholdConfig",
-           "ThresholdPruner", "channel_union", "l1_filter", "prune_", "ratios_for_budget",
-           "sensitivity", "sparsity_of", "threshold"]
+__all__ = ["IMPORTANCES", "ChannelUnionConfig", "ChannelUnionPruner", "L1FilterConfig", "L1FilterPruner",
+           "ThresholdConfig", "ThresholdPruner", "channel_union", "l1_filter", "prune_", "ratios_for_budget",
+           "register_importance", "sensitivity", "sparsity_of", "threshold"]

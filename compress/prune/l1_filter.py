@@ -23,7 +23,7 @@ from ..meta import get_meta
 from ..stages import Context, Method
 from ..train import evaluate
 from .graph import channel_groups, conv_groups, example_input, prune_group, refresh, unselected
-from .importance import L1FilterImportance
+from .importance import IMPORTANCES, importance_for
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ class L1FilterConfig(Config):
             (0.5) or a count (2e6). Channels are ranked globally, across layers, by their L1 norm
             relative to their group's mean (Torch-Pruning's global pruning); one threshold for all.
         target_params: the same for parameters.
+        importance: how channels are ranked, by name from ``prune.importance.IMPORTANCES``: "l1" (Li et al.,
+            default), "l2", "bn-scale" (|gamma| of the following BatchNorm, Network Slimming), "group-lasso";
+            ``register_importance`` adds one.
         target_latency: the same for the batch-1 latency measured on this machine, as a fraction of the
             input model's (0.6): each trial pruning is timed against the input, interleaved; the note gives
             the ratio reached.
@@ -59,6 +62,7 @@ class L1FilterConfig(Config):
     target_macs: float | None = None
     target_params: float | None = None
     target_latency: float | None = None
+    importance: str = "l1"
     select: Select = dataclasses.field(default_factory=Select)
     finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(augment=0))
 
@@ -74,6 +78,8 @@ class L1FilterConfig(Config):
         if self.min_channels < 1:
             raise ValueError("min_channels must be >= 1")
         check_targets(self)
+        if self.importance not in IMPORTANCES:
+            raise ValueError(f"importance {self.importance!r} unknown; known: {', '.join(sorted(IMPORTANCES))}")
         if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
                                           or self.round_to < 1):
             raise ValueError(f"round_to must be an integer >= 1, got {self.round_to!r}")
@@ -89,13 +95,13 @@ def _count(ratio, size: int, min_channels: int, round_to: int = 1) -> int:
 
 
 def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, select: Select | None = None,
-                  skipped: list | None = None, round_to: int = 1) -> dict[str, tuple[int, int]]:
-    """Remove the lowest-L1 filters of every group; returns {root: (before, after)} channels.
-    Groups that cannot be pruned safely are left whole and listed in ``skipped`` (with why)."""
+                  skipped: list | None = None, round_to: int = 1, importance: str = "l1") -> dict[str, tuple[int, int]]:
+    """Remove the lowest-scoring filters (``importance``, default L1) of every group; returns {root: (before,
+    after)} channels. Groups that cannot be pruned safely are left whole and listed in ``skipped`` (with why)."""
     dg, groups = channel_groups(model, input_shape, roots=(nn.Conv2d, nn.Linear),
                                 ignored=unselected(model, select or Select()))
     check_keys(ratio, [cg.name for cg in groups], "--ratio {key}: no prunable channel group of that name", types=())
-    imp = L1FilterImportance()
+    imp = importance_for(importance)
     changes = {}
     names = {m: n for n, m in model.named_modules()}
 
@@ -133,7 +139,8 @@ def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, s
 
 
 def global_counts(model: nn.Module, input_shape, target: float, measure, min_channels: int = 1,
-                  select: Select | None = None, round_to: int = 1, steps: int = 24) -> tuple[dict, float]:
+                  select: Select | None = None, round_to: int = 1, steps: int = 24,
+                  importance: str = "l1") -> tuple[dict, float]:
     """Channels to remove per group so that ``measure(pruned) / measure(model)`` comes to ``target`` (a
     fraction): every prunable channel is scored by its L1 norm over the group's mean (so groups of any
     width and scale compare, as Torch-Pruning's global pruning with a mean normaliser), one threshold
@@ -141,7 +148,7 @@ def global_counts(model: nn.Module, input_shape, target: float, measure, min_cha
     _, groups = channel_groups(model, input_shape, roots=(nn.Conv2d, nn.Linear),
                                ignored=unselected(model, select or Select()))
     names = {m: n for n, m in model.named_modules()}
-    imp = L1FilterImportance()
+    imp = importance_for(importance)
     scored = []
     for cg in groups:
         if cg.blocked is not None or conv_groups(cg, names)[1] is not None:
@@ -161,7 +168,7 @@ def global_counts(model: nn.Module, input_shape, target: float, measure, min_cha
 
     def reached(t: float) -> float:
         m = copy.deepcopy(model)
-        prune_filters(m, input_shape, {**counts(t), "_default": 0}, min_channels, select, [], round_to)
+        prune_filters(m, input_shape, {**counts(t), "_default": 0}, min_channels, select, [], round_to, importance)
         return measure(m) / base
 
     lo, hi = 0.0, max((float(s[-1]) for *_, s in scored), default=0.0) * 1.0001
@@ -193,12 +200,14 @@ class L1FilterPruner(Method):
             if target is not None:
                 what, wanted, measure = target
                 ratio, got = global_counts(self.model, shape, wanted, measure, self.config.min_channels,
-                                           self.config.select, round_to, steps=10 if what == "latency" else 24)
+                                           self.config.select, round_to, steps=10 if what == "latency" else 24,
+                                           importance=self.config.importance)
                 ratio["_default"] = 0
                 self.records.append({"target": what, "wanted": round(wanted, 4), "reached": round(got, 4)})
                 self.notes.append(target_note(what, wanted, got))
             changes = prune_filters(self.model, shape, ratio, self.config.min_channels,
-                                    self.config.select, skipped=self.notes, round_to=round_to)
+                                    self.config.select, skipped=self.notes, round_to=round_to,
+                                    importance=self.config.importance)
             with torch.no_grad():
                 self.model.eval()(example_input(self.model, shape))  # the pruned model must still run
         except CompressError:
