@@ -21,6 +21,7 @@ The result is Huffman-coded into a .cpz, and the bytes after each stage are reco
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -100,6 +101,7 @@ class _Stop:
 
     deadline: float | None = None
     reason: str | None = None
+    in_candidate: bool = False  # a Ctrl-C now drops the candidate in progress; at any other moment it waits
 
     def check(self) -> bool:
         if self.reason is None and self.deadline is not None and time.perf_counter() > self.deadline:
@@ -121,6 +123,30 @@ class _SearchState:
     current: nn.Module | None = None
 
 
+@contextlib.contextmanager
+def _ctrl_c(stop: _Stop):
+    """Ctrl-C while a candidate trains interrupts it (KeyboardInterrupt); at any other moment (bookkeeping,
+    checkpointing, measuring) it only marks the run as stopped, so the search ends at its next check with
+    everything it holds written -- never half way through saving or printing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        stop.reason = stop.reason or "interrupted"
+        if stop.in_candidate:
+            raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, stop: _Stop,
             state: _SearchState | None = None, save: Callable | None = None):
     """Try a stage's candidates: (the most compressed one within budget or None, its sizes as measured
@@ -133,6 +159,7 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, s
             break
         start = st.current if stage.iterative else model
         try:
+            stop.in_candidate = True
             cand = run(cfg.verb, copy.deepcopy(start), cfg, ctx).model
             sizes = size_bytes(cand)
             rec = {"value": getattr(cfg, cfg.search_key), "options": cfg.to_dict(), **judge(cand),
@@ -140,6 +167,8 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, s
         except KeyboardInterrupt:  # the candidate in progress is dropped; what was kept stands
             stop.reason = "interrupted"
             break
+        finally:
+            stop.in_candidate = False
         st.tried.append(rec)
         over = rec.pop("over")
         st.next = j + 1
@@ -346,38 +375,39 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
         checkpoint.write({"fingerprint": fingerprint, "stage": stage_index, "results": results, "timeline": timeline,
                           "measured": measured, "search": search}, models)
 
-    for i, stage in enumerate(recipe.stages):
-        if i < first:
-            continue
-        if stop.check():
-            break
-        t0 = time.perf_counter()
-        emit("stage", stage=stage.name, candidates=len(stage.candidates))
-        kept_model, kept_sizes, res = _search(stage, model, ctx, judge, emit, stop,
-                                              state=search_state if i == first else None,
-                                              save=None if checkpoint is None else (lambda st, i=i: save(i, st)))
-        if stop.reason:
-            emit("stopped", reason=stop.reason, stage=stage.name)
-        if kept_model is None:
-            if not stop.reason:  # stopped: nothing was judged, so nothing was skipped
-                emit("skipped", stage=stage.name)
-                if on_event is None:
-                    log.warning("stage %s: no candidate within %.2f pt; stage skipped", stage.name, budget)
-        else:
-            model, measured = kept_model, (kept_sizes, res["kept"]["accuracy"])  # as measured when tried
-        if measured is None:  # nothing kept yet: the input model, measured once
-            measured = (size_bytes(model), base_acc)
-        sizes, acc = measured
-        res.update(bytes=sizes["coded"], accuracy=round(acc, 3), seconds=round(time.perf_counter() - t0, 2))
-        quantized = stage.candidates[0].verb == "quantize"
-        label = "quantized" if quantized else "pruned" if stage.name == "threshold" else stage.name
-        if kept_model is None:  # the row shows the model as it stands, not a result of this stage
-            label = f"{stage.name}: nothing kept"
-        timeline.append(_point(label, model, sizes["fixed"] if quantized else sizes["coded"], acc, ctx, test_data))
-        snapshots.append(copy.deepcopy(model))
-        results.append(res)
-        if checkpoint is not None and not stop.reason:
-            save(i + 1, None)
+    with _ctrl_c(stop):  # Ctrl-C interrupts a candidate's training, never the bookkeeping around it
+        for i, stage in enumerate(recipe.stages):
+            if i < first:
+                continue
+            if stop.check():
+                break
+            t0 = time.perf_counter()
+            emit("stage", stage=stage.name, candidates=len(stage.candidates))
+            kept_model, kept_sizes, res = _search(stage, model, ctx, judge, emit, stop,
+                                                  state=search_state if i == first else None,
+                                                  save=None if checkpoint is None else (lambda st, i=i: save(i, st)))
+            if stop.reason:
+                emit("stopped", reason=stop.reason, stage=stage.name)
+            if kept_model is None:
+                if not stop.reason:  # stopped: nothing was judged, so nothing was skipped
+                    emit("skipped", stage=stage.name)
+                    if on_event is None:
+                        log.warning("stage %s: no candidate within %.2f pt; stage skipped", stage.name, budget)
+            else:
+                model, measured = kept_model, (kept_sizes, res["kept"]["accuracy"])  # as measured when tried
+            if measured is None:  # nothing kept yet: the input model, measured once
+                measured = (size_bytes(model), base_acc)
+            sizes, acc = measured
+            res.update(bytes=sizes["coded"], accuracy=round(acc, 3), seconds=round(time.perf_counter() - t0, 2))
+            quantized = stage.candidates[0].verb == "quantize"
+            label = "quantized" if quantized else "pruned" if stage.name == "threshold" else stage.name
+            if kept_model is None:  # the row shows the model as it stands, not a result of this stage
+                label = f"{stage.name}: nothing kept"
+            timeline.append(_point(label, model, sizes["fixed"] if quantized else sizes["coded"], acc, ctx, test_data))
+            snapshots.append(copy.deepcopy(model))
+            results.append(res)
+            if checkpoint is not None and not stop.reason:
+                save(i + 1, None)
     # batch-1 latency of every stage's model, interleaved after a warm-up: the same machine state for all
     for point, st in zip(timeline, latency_stats(snapshots, ctx.input_shape, batch=1, runs=15) if latency else []):
         point["latency_ms"] = st["ms"]
