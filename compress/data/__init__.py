@@ -22,12 +22,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InputError
-from .core import (VAL_FRACTION, ArrayData, Data, IterData, MapData, Subset, TensorData, as_data, batches, validate,
-                   check_fits, eval_batch_size, split)
+from .core import VAL_FRACTION, Data, Mapped, Subset, batches, check_fits, eval_batch_size, split
+from .kinds import ArrayData, IterData, MapData, TensorData, as_data, validate
 from .images import FolderData
 from .sources import BUILTIN, MAX_ARRAY_BYTES, MAX_GZIP_RATIO, apply_options
 
-__all__ = ["VAL_FRACTION", "ArrayData", "Data", "FolderData", "IterData", "MapData", "Subset", "TensorData",
+__all__ = ["VAL_FRACTION", "ArrayData", "Data", "FolderData", "IterData", "MapData", "Mapped", "Subset", "TensorData",
            "as_data", "batches", "check_fits", "eval_batch_size", "load", "split", "MAX_ARRAY_BYTES",
            "MAX_GZIP_RATIO", "validate"]
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, UsageError, first_line, safe
-from .core import Batch, Data, pil_to_tensor
+from .core import Batch, Data
+from .kinds import pil_to_tensor
 from .sources import int_option
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")

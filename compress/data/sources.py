@@ -1,6 +1,6 @@
 """Where data come from: the embedded sets, IDX folders, NumPy files (memory-mapped), a user's callable.
 
-Each source returns a ``Data`` (``compress.data.core``); ``compress.data.load`` picks one by spec.
+Each source returns a ``Data`` (``compress.data.core``, ``compress.data.kinds``); ``compress.data.load`` picks one by spec.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, UsageError, first_line
-from .core import ArrayData, Data, Mapped, TensorData, as_data, validate
+from .core import Data, Mapped
+from .kinds import ArrayData, TensorData, as_data, validate
 
 log = logging.getLogger(__name__)
 
