@@ -12,7 +12,7 @@ from . import app
 from .common import (ArchOpt, DistillOpt, ForceOpt, InputShapeOpt, JsonOpt, LossOpt, MetricOpt, ModelArg, NoLatencyOpt,
                      OutOpt, ReportOpt, TestDataOpt, ThreadsOpt, TrustOpt, WorkersOpt, check_reports, emit_json, err,
                      note_no_graph, out, table, use_threads)
-from .stage import TaskOptions, load_inputs
+from .stage import TaskOptions, check_data, load_inputs
 
 
 @app.command()
@@ -81,12 +81,8 @@ def pipeline(model: ModelArg, output: OutOpt,
     task = TaskOptions(loss, metric, workers)
     # a resumed run writes the output its stopped run wrote
     inp = load_inputs(model, output, force or resume, arch, trust_pickle, None, test_data, input_shape, task=task)
-    labels = loss is None or inp.metric.builtin
-    ds = data_mod.load(train_data, workers)
-    data_mod.check_fits(inp.model, ds, labels_needed=labels)
-    val = data_mod.load(val_data, workers) if val_data else None
-    if val is not None:
-        data_mod.check_fits(inp.model, val, labels_needed=inp.metric.builtin)
+    ds = check_data(inp.model, data_mod.load(train_data, workers), task, inp.metric, training=True)
+    val = check_data(inp.model, data_mod.load(val_data, workers), task, inp.metric) if val_data else None
     original = copy.deepcopy(inp.model)
     m, summary = run(inp.model, ds, rec, max_accuracy_drop, inp.input_shape, on_event=_ShowEvents(), val_data=val,
                      test_data=inp.test, latency=not no_latency, time_budget=time_budget,

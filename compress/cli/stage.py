@@ -87,12 +87,9 @@ def load_inputs(model_path: str, output: str | None, force: bool, arch=None, tru
     model = model.to(state["device"])
     inp = Inputs(model, input_shape=parse_shape(input_shape), file_bytes=Path(model_path).stat().st_size,
                  loss=loss, metric=metric)
-    labels = task.loss is None or metric.builtin  # class labels are checked only where they are used as such
     if train_data and task.val_data:
-        inp.train = data_mod.load(train_data, task.workers)
-        inp.val = data_mod.load(task.val_data, task.workers)
-        data_mod.check_fits(model, inp.train, labels_needed=labels)
-        data_mod.check_fits(model, inp.val, labels_needed=metric.builtin)
+        inp.train = check_data(model, data_mod.load(train_data, task.workers), task, metric, training=True)
+        inp.val = check_data(model, data_mod.load(task.val_data, task.workers), task, metric)
     elif task.val_data:
         raise UsageError("--val-data is what --train-data's fine-tuning is judged on: give --train-data too "
                          "(or --test-data to only measure)")
@@ -101,11 +98,20 @@ def load_inputs(model_path: str, output: str | None, force: bool, arch=None, tru
         vf = vf if isinstance(vf, float) and 0.0 < vf < 1.0 else data_mod.VAL_FRACTION  # the model's own split
         inp.train, inp.val = data_mod.split(data_mod.load(train_data, task.workers), vf, seed=0)
         inp.val_fraction = vf
-        data_mod.check_fits(model, inp.train, labels_needed=labels)
+        check_data(model, inp.train, task, metric, training=True)
     if test_data:
-        inp.test = data_mod.load(test_data, task.workers)
-        data_mod.check_fits(model, inp.test, labels_needed=metric.builtin)
+        inp.test = check_data(model, data_mod.load(test_data, task.workers), task, metric)
     return inp
+
+
+def check_data(model: nn.Module, data, task: "TaskOptions", metric, training: bool = False):
+    """``data`` if it fits the model (``data.check_fits``); class labels are checked only where they are used as
+    such: in training data unless the user's --loss takes other targets, in scored data for the built-in metrics."""
+    from .. import data as data_mod
+
+    data_mod.check_fits(model, data, labels_needed=(task.loss is None or metric.builtin) if training
+                        else metric.builtin)
+    return data
 
 
 @dataclass
