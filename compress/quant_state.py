@@ -11,13 +11,16 @@ stores them): it imports neither.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
+from .errors import UsageError
+
 QUANT_ATTR = "compress_quant"
 PARAMS = ("weight", "bias")  # the parameters of a layer that may carry a state
-SCHEMES = ("minmax", "mmse", "kmeans")
+STORAGES = ("grid", "codebook")  # how a state is stored: a uniform grid's scales, or a table of values
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -28,17 +31,60 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, 2 ** bits - 1
 
 
+class Scheme:
+    """A way of putting a weight on a finite set of values: one small class, registered by name.
+
+    ``fit`` returns the weight's ``QuantState``; ``storage`` says which of the container's two
+    stored forms that state takes ("grid": integer codes with per-channel scales and zero points;
+    "codebook": codes into one table of at most 256 values, -1 for an exact zero), so a new scheme
+    needs no new file format. ``trainable``: the table's values are trained during fine-tuning
+    (each value's gradient is the sum of the gradients of the weights that share it).
+    """
+
+    name: ClassVar[str]
+    storage: ClassVar[str]
+    trainable: ClassVar[bool] = False
+    help: ClassVar[str] = ""
+
+    def fit(self, w: torch.Tensor, bits: int, per_channel: bool = True, symmetric: bool = True) -> "QuantState":
+        raise NotImplementedError
+
+
+SCHEMES: dict[str, Scheme] = {}
+
+
+def register_scheme(cls: type[Scheme]) -> type[Scheme]:
+    """Class decorator: ``QuantConfig(scheme=cls.name)``, ``--scheme`` and the container then know it."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name.replace("-", "").isalnum():
+        raise ValueError(f"a scheme needs a short alphanumeric name, got {name!r}")
+    if name in SCHEMES:
+        raise ValueError(f"quantization scheme {name!r} is already registered")
+    if getattr(cls, "storage", None) not in STORAGES:
+        raise ValueError(f"scheme {name!r}: storage must be one of {', '.join(STORAGES)}")
+    SCHEMES[name] = cls()
+    return cls
+
+
+def get_scheme(name: str) -> Scheme:
+    """The registered scheme of that name; an unknown one is a UsageError listing the known ones."""
+    s = SCHEMES.get(name) if isinstance(name, str) else None
+    if s is None:
+        raise UsageError(f"unknown quantization scheme {name!r}; known: {', '.join(SCHEMES)}")
+    return s
+
+
 @dataclass(eq=False)
 class QuantState:
     """Args:
         bits: bits per weight (2..8).
-        scheme: "minmax", "mmse" (uniform grids) or "kmeans" (a shared codebook).
-        codes: uniform: (C, K) unsigned codes, code - qrange's low end is the grid integer;
+        scheme: the registered ``Scheme`` that made it ("minmax", "mmse", "kmeans", "pow2", ...).
+        codes: grid: (C, K) unsigned codes, code - qrange's low end is the grid integer;
             codebook: flat int16 indices into ``codebook``, -1 where the weight is a pruned zero.
-        scale: (C,) grid step per channel (uniform).
+        scale: (C,) grid step per channel (grid).
         zero_point: (C,) integer zero point (affine grids), else None.
-        codebook: (2^bits,) sorted centroids (kmeans).
-        per_channel: one grid per output channel (uniform), else one for the tensor.
+        codebook: (<= 2^bits,) sorted values (codebook).
+        per_channel: one grid per output channel (grid), else one for the tensor.
     """
 
     bits: int
@@ -48,6 +94,10 @@ class QuantState:
     zero_point: torch.Tensor | None = None
     codebook: torch.Tensor | None = None
     per_channel: bool = True
+
+    def __post_init__(self):
+        if self.codebook is not None:
+            self.per_channel = False  # one table per tensor
 
     @property
     def is_codebook(self) -> bool:

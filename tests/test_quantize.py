@@ -28,14 +28,14 @@ def _grid_ok(m):
                 assert int(state.codes.min()) >= 0 and int(state.codes.max()) < 2 ** state.bits
 
 
-@pytest.mark.parametrize("scheme", ["minmax", "mmse", "kmeans"])
+@pytest.mark.parametrize("scheme", ["minmax", "mmse", "kmeans", "pow2"])
 @pytest.mark.parametrize("bits", [8, 4, 3])
 def test_weights_lie_on_grid(lenet5_trained, scheme, bits):
     m = copy.deepcopy(lenet5_trained)
     quantize(m, QuantConfig(bits=bits, scheme=scheme))
     _grid_ok(m)
     per_channel_vals = m.conv2.weight.flatten(1)
-    if scheme != "kmeans":  # per channel: each output channel has at most 2^bits - 1 levels
+    if scheme in ("minmax", "mmse"):  # per channel: each output channel has at most 2^bits - 1 levels
         assert max(len(torch.unique(r)) for r in per_channel_vals) <= 2 ** bits - 1
 
 

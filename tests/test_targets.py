@@ -154,5 +154,5 @@ def test_importance_is_chosen_by_name_and_a_new_one_is_one_class():
         assert calls
     finally:
         IMPORTANCES.pop("test-reverse-l1")
-    with pytest.raises(ValueError, match="importance 'taylor' unknown"):
-        L1FilterConfig(importance="taylor")
+    with pytest.raises(ValueError, match="importance 'snip' unknown"):
+        L1FilterConfig(importance="snip")

@@ -1,7 +1,6 @@
 """``compress quantize`` and ``compress export``."""
 from __future__ import annotations
 
-from enum import Enum
 from typing import Annotated, Optional
 
 import typer
@@ -13,18 +12,14 @@ from .common import (ArchOpt, DataOpt, DistillOpt, ExcludeOpt, ForceOpt, InputSh
 from .stage import TaskOptions, check_output, load_inputs, parse_mapping, patterns, run_command
 
 
-class Scheme(str, Enum):
-    minmax = "minmax"
-    mmse = "mmse"
-    kmeans = "kmeans"
-
-
 @app.command()
 def quantize(model: ModelArg, output: OutOpt,
              bits: Annotated[str, typer.Option("--bits", help="Bits per weight (2..8), or per layer/type: "
                                                "conv=8,linear=5.")] = "8",
-             scheme: Annotated[Scheme, typer.Option("--scheme", help="Grid: min-max, MMSE clipping, or a k-means "
-                                                    "codebook.")] = Scheme.minmax,
+             scheme: Annotated[str, typer.Option("--scheme", help="A registered scheme (compress.quantize.SCHEMES): "
+                                                 "minmax (grid over each channel's range), mmse (grid clipped at the "
+                                                 "least squared error), kmeans (a shared codebook per layer), pow2 "
+                                                 "(0 or ±s·2^-i per layer).")] = "minmax",
              per_tensor: Annotated[bool, typer.Option("--per-tensor", help="One grid per tensor, not per channel.")] = False,
              affine: Annotated[bool, typer.Option("--affine", help="Affine grid with a zero point.")] = False,
              layers: LayersOpt = None, exclude: ExcludeOpt = None,
@@ -49,7 +44,7 @@ def quantize(model: ModelArg, output: OutOpt,
     from ..quantize import QuantConfig
 
     ft = make_config(QuantConfig.part, "finetune", epochs=epochs, lr=lr, distill=distill)
-    cfg = make_config(QuantConfig, bits=parse_mapping(bits, "--bits", cast=int), scheme=scheme.value,
+    cfg = make_config(QuantConfig, bits=parse_mapping(bits, "--bits", cast=int), scheme=scheme,
                       per_channel=not per_tensor, symmetric=not affine, finetune=ft,
                       select=make_config(Select, names=patterns(layers), exclude=patterns(exclude),
                                          spare_first_last=False))

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..quant_state import QuantState
+from ..quant_state import SCHEMES, QuantState
 from . import streams
 
 MAX_NUMEL = 1 << 31
@@ -49,7 +49,7 @@ def _encode_state(state: QuantState, t: torch.Tensor) -> tuple[bytes, dict]:
         sym = state.codes.flatten().cpu().numpy().astype(np.int64)
         sym[sym < 0] = k  # explicit zero symbol for dense mode
         half = bool(np.array_equal(cb.astype("<f2").astype("<f4"), cb))  # k-means rounds its centroids so
-        fields = {"enc": "codebook", "bits": bits, "k": k, **({"cb16": True} if half else {})}
+        fields = {"enc": "codebook", "scheme": state.scheme, "bits": bits, "k": k, **({"cb16": True} if half else {})}
         return _coded(sym, zero, k + 1, (cb.astype("<f2") if half else cb).tobytes(), fields)
     scale = state.scale.float().cpu().numpy().astype("<f4")
     params = scale.tobytes()
@@ -58,7 +58,7 @@ def _encode_state(state: QuantState, t: torch.Tensor) -> tuple[bytes, dict]:
         params += state.zero_point.float().cpu().numpy().astype("<f4").tobytes()
     sym = state.codes.cpu().numpy().reshape(-1).astype(np.int64)
     return _coded(sym, zero, 2 ** bits, params,
-                  {"enc": "uniform", "bits": bits, "channels": len(scale), "affine": affine,
+                  {"enc": "uniform", "scheme": state.scheme, "bits": bits, "channels": len(scale), "affine": affine,
                    "per_channel": bool(state.per_channel)})
 
 
@@ -141,9 +141,26 @@ def _symbols(e: dict, rest: bytes, n: int, alpha: int, budget) -> tuple[np.ndarr
     return sym, mask
 
 
+_STORAGE = {"uniform": "grid", "codebook": "codebook"}  # the manifest's "enc" -> a scheme's storage
+_OLD_SCHEME = {"uniform": "minmax", "codebook": "kmeans"}  # files written before "scheme" was stored
+
+
+def _scheme_name(e: dict) -> str:
+    """The registered scheme a section names; it must store its state as the section does."""
+    enc = e.get("enc")
+    name = e.get("scheme", _OLD_SCHEME[enc])
+    if not isinstance(name, str) or name not in SCHEMES:
+        known = ", ".join(n for n, s in SCHEMES.items() if s.storage == _STORAGE[enc])
+        raise ValueError(f"unknown quantization scheme {str(name)[:40]!r} (known: {known})")
+    if SCHEMES[name].storage != _STORAGE[enc]:
+        raise ValueError(f"scheme {name!r} is not stored as {enc!r}")
+    return name
+
+
 def _decode_state(e: dict, data: bytes, shape: list, n: int, budget) -> QuantState:
     """The quantization state of a coded weight: its codes exactly as they were written."""
     enc = e.get("enc")
+    name = _scheme_name(e)
     if e.get("dtype") != "float32":
         raise ValueError("coded tensors are float32")
     bits = streams._int(e, "bits", 2, 8)
@@ -164,7 +181,7 @@ def _decode_state(e: dict, data: bytes, shape: list, n: int, budget) -> QuantSta
             if n and codes.max() >= k:
                 raise ValueError("code outside the codebook")
         cb = torch.from_numpy(np.frombuffer(params, dtype="<f2" if half else "<f4").astype(np.float32))
-        return QuantState(bits, "kmeans", torch.from_numpy(codes), codebook=cb)
+        return QuantState(bits, name, torch.from_numpy(codes), codebook=cb, per_channel=False)
     c = streams._int(e, "channels", 1, n if n else 1)
     affine = e.get("affine")
     if not isinstance(affine, bool) or pb != 4 * c * (2 if affine else 1) or (n and n % c):
@@ -178,7 +195,7 @@ def _decode_state(e: dict, data: bytes, shape: list, n: int, budget) -> QuantSta
         lo = -(2 ** (bits - 1) - 1) if not affine else 0
         codes = np.repeat(zp.numpy().astype(np.int64), n // c) if affine else np.full(n, -lo, dtype=np.int64)
         codes[mask] = sym
-    state = QuantState(bits, "uniform", torch.from_numpy(codes.astype(np.uint8)).view(c, -1), scale, zp,
+    state = QuantState(bits, name, torch.from_numpy(codes.astype(np.uint8)).view(c, -1), scale, zp,
                        per_channel=bool(e.get("per_channel", True)))
     return state
 

@@ -225,8 +225,9 @@ def _normalised_filters(group):
                               and layer.bias is None)
 
 
-def slices(group) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """For each member of the group: (kind, root_idxs, slice matrix (channels, k)).
+def slices(group, of=None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """For each member of the group: (kind, root_idxs, slice matrix (channels, k)) of its parameters, or of
+    ``of(parameter)`` (e.g. ``lambda p: p * p.grad``) where given.
 
     Rows are per channel of that member; ``root_idxs`` map rows to the root's channels. Slices keep
     the autograd graph (a penalty can be differentiated through them). Kinds: "out" (producer
@@ -234,24 +235,25 @@ def slices(group) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     input slices), "bn" (BatchNorm scale and shift).
     """
     out = []
+    of = of or (lambda p: p)
     normalised = _normalised_filters(group)
     for i, (dep, idxs) in enumerate(group):
         layer, fn = dep.layer, dep.pruning_fn
         root_idxs = torch.as_tensor(group[i].root_idxs, dtype=torch.long)
         idxs_t = torch.as_tensor(idxs, dtype=torch.long)
         if fn in (tpf.prune_conv_out_channels, tpf.prune_linear_out_channels):
-            w = layer.weight.flatten(1)
+            w = of(layer.weight).flatten(1)
             if layer.bias is not None:
-                w = torch.cat([w, layer.bias[:, None]], 1)
+                w = torch.cat([w, of(layer.bias)[:, None]], 1)
             kind = "out_bn" if normalised(fn, layer) else "out"
             out.append((kind, root_idxs, w[idxs_t]))
         elif fn in (tpf.prune_conv_in_channels, tpf.prune_linear_in_channels):
             if isinstance(layer, nn.Conv2d) and layer.groups > 1:
                 continue  # depthwise: its filters are counted as the group's "out" member
-            w = layer.weight.transpose(0, 1).flatten(1)
+            w = of(layer.weight).transpose(0, 1).flatten(1)
             out.append(("in", root_idxs, w[idxs_t]))
         elif fn == tpf.prune_batchnorm_out_channels and layer.affine:
-            out.append(("bn", root_idxs, torch.stack([layer.weight, layer.bias], 1)[idxs_t]))
+            out.append(("bn", root_idxs, torch.stack([of(layer.weight), of(layer.bias)], 1)[idxs_t]))
     return out
 
 

@@ -42,7 +42,8 @@ class L1FilterConfig(Config):
             relative to their group's mean (Torch-Pruning's global pruning); one threshold for all.
         target_params: the same for parameters.
         importance: how channels are ranked, by name from ``prune.importance.IMPORTANCES``: "l1" (Li et al.,
-            default), "l2", "bn-scale" (|gamma| of the following BatchNorm, Network Slimming), "group-lasso";
+            default), "l2", "bn-scale" (|gamma| of the following BatchNorm, Network Slimming), "group-lasso",
+            "taylor" (the loss change to first order, Molchanov et al.; needs training data);
             ``register_importance`` adds one.
         target_latency: the same for the batch-1 latency measured on this machine, as a fraction of the
             input model's (0.6): each trial pruning is timed against the input, interleaved; the note gives
@@ -191,6 +192,9 @@ class L1FilterPruner(Method):
     def attach(self) -> None:
         shape = self.ctx.shape(self.model)
         original = copy.deepcopy(self.model)
+        imp = importance_for(self.config.importance)
+        if hasattr(imp, "prepare"):  # a criterion that needs data (taylor) computes what it needs once
+            imp.prepare(self.model, self.ctx)
         try:
             round_to = self.config.round_to
             if round_to is None:
@@ -213,7 +217,7 @@ class L1FilterPruner(Method):
         except CompressError:
             _restore(self.model, original)
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             # torch-pruning followed the channels into something it cannot shrink correctly (a reshape
             # it maps wrongly)
             _restore(self.model, original)
@@ -221,6 +225,9 @@ class L1FilterPruner(Method):
             raise InputError(f"l1-filter would break this model ({msg}); it was left unchanged. Keep the layers "
                              "feeding a flatten or reshape (--exclude / select.exclude), or use threshold "
                              "pruning") from e
+        finally:
+            if hasattr(imp, "release"):
+                imp.release(self.model)
         self.layers = [{"name": k, "channels_before": b, "channels_after": a} for k, (b, a) in changes.items()]
         if not changes:
             self.notes.append("no channel group was pruned")

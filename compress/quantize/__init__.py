@@ -1,4 +1,5 @@
-"""Weight quantization: INT8 / INT4 (any 2..8 bits) by min-max, MMSE clipping or k-means sharing.
+"""Weight quantization: INT8 / INT4 (any 2..8 bits) by min-max, MMSE clipping, k-means sharing or
+powers of two -- each a registered ``Scheme`` (``quant_state.register_scheme``; one file per scheme).
 
 ``quantize_(model, QuantConfig(bits=4, scheme="mmse"))`` replaces each chosen layer's weight by
 values that lie exactly on its grid and puts a ``QuantState`` on the layer (its integer codes and
@@ -17,10 +18,10 @@ import torch
 import torch.nn as nn
 
 from ..config import Config, FineTune, Select, check_keys, per_layer, register_method, uncovered
-from ..quant_state import SCHEMES, QuantState, get_state, set_state
+from ..quant_state import SCHEMES, QuantState, Scheme, get_scheme, get_state, register_scheme, set_state
 from ..stages import Method, quantize_
 from . import kmeans as km
-from . import uniform
+from . import pow2, uniform  # noqa: F401  (the built-in schemes register themselves)
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +31,17 @@ class QuantConfig(Config):
     """Args:
         bits: bits per weight, 2..8; an int, or a dict keyed by FQN or layer type ("conv", "linear")
             with "_default" (Han et al. use conv=8, linear=5).
-        scheme: "minmax" (grid over the channel's range), "mmse" (clipping that minimises the
-            squared error) or "kmeans" (a shared 2^bits codebook per layer).
+        scheme: a registered scheme: "minmax" (grid over the channel's range), "mmse" (clipping that
+            minimises the squared error), "kmeans" (a shared 2^bits codebook per layer) or "pow2"
+            (0 or ±s·2^-i per layer); ``register_scheme`` adds one.
         per_channel: one grid per output channel (uniform schemes); False for one per tensor.
         symmetric: symmetric grid with zero exact; False for an affine grid with an integer zero point.
         bias_bits: the biases of the quantized layers go on a symmetric per-tensor grid of this
             many bits (2..8; None keeps them float32). They are few, but in float32 they were the
             largest part of a pruned LeNet's file after its fc1 weights.
         select: layers to quantize (``Select``; every Conv2d and Linear by default).
-        finetune: kmeans: training of the centroids (``FineTune``); uniform grids are not trained.
+        finetune: training of a trainable scheme's values (k-means centroids; ``FineTune``); other
+            schemes are not trained.
     """
 
     verb = "quantize"
@@ -62,6 +65,10 @@ class QuantConfig(Config):
             raise ValueError(f"bias_bits must be an integer in 2..8 or None, got {b!r}")
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+        if not self.per_channel or not self.symmetric:
+            if SCHEMES[self.scheme].storage == "codebook":
+                raise ValueError(f"scheme {self.scheme!r} keeps one table per layer: "
+                                 "per_channel and symmetric apply to grid schemes only")
 
 
 def sqnr_db(w: torch.Tensor, dq: torch.Tensor) -> float:
@@ -71,17 +78,9 @@ def sqnr_db(w: torch.Tensor, dq: torch.Tensor) -> float:
 
 
 def quantize_tensor(w: torch.Tensor, bits: int, scheme: str, per_channel=True, symmetric=True) -> QuantState:
-    """The state of ``w`` on its grid; ``state.dequantize(w.shape)`` is the new weight. Zeros stay zero."""
-    w = w.detach().float().cpu()
-    if scheme == "kmeans":
-        codes, cb, _ = km.quantize_kmeans(w, bits)
-        return QuantState(bits, scheme, codes.flatten().to(torch.int16), codebook=cb)
-    mat = w.flatten(1) if per_channel and w.dim() > 1 else w.reshape(1, -1)
-    fn = uniform.mmse if scheme == "mmse" else uniform.minmax
-    q, scale, zp, _ = fn(mat, bits, symmetric)
-    lo, _ = uniform.qrange(bits, symmetric)
-    return QuantState(bits, scheme, (q - lo).to(torch.uint8), scale.float(),
-                      None if symmetric else zp.float(), per_channel=per_channel and w.dim() > 1)
+    """The state of ``w`` under the named scheme; ``state.dequantize(w.shape)`` is the new weight.
+    Zeros stay zero."""
+    return get_scheme(scheme).fit(w.detach().float().cpu(), bits, per_channel, symmetric)
 
 
 def set_weight(module: nn.Module, state: QuantState, param: str = "weight") -> None:
@@ -118,7 +117,7 @@ class Quantizer(Method):
         if left:
             self.notes.append(f"left in float32: {left}")
         self.trainer = None
-        if cfg.scheme == "kmeans":
+        if SCHEMES[cfg.scheme].trainable:
             mods = dict(self.model.named_modules())
             self.trainer = km.CentroidTrainer({r["name"]: mods[r["name"]] for r in self.layers})
 
@@ -149,5 +148,5 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, train_data=Non
     return quantize_(model, config or QuantConfig(**kw), train_data, val_data)
 
 
-__all__ = ["QuantConfig", "QuantState", "Quantizer", "get_state", "quantize", "quantize_", "quantize_tensor",
-           "sqnr_db"]
+__all__ = ["SCHEMES", "QuantConfig", "QuantState", "Quantizer", "Scheme", "get_state", "quantize", "quantize_",
+           "quantize_tensor", "register_scheme", "get_scheme", "sqnr_db"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..quant_state import QuantState, Scheme, get_state, register_scheme, set_state
+
 
 def lloyd_1d(values: torch.Tensor, k: int, iters: int = 30) -> torch.Tensor:
     """1-D k-means with linear initialisation; returns sorted centroids (k,)."""
@@ -54,6 +56,18 @@ def quantize_kmeans(w: torch.Tensor, bits: int, iters: int = 30):
     return codes.view_as(w), cb, dq.view_as(w)
 
 
+@register_scheme
+class KMeans(Scheme):
+    name = "kmeans"
+    storage = "codebook"
+    trainable = True
+    help = "a shared codebook of 2^bits centroids per layer (Han et al.)"
+
+    def fit(self, w, bits, per_channel=True, symmetric=True):
+        codes, cb, _ = quantize_kmeans(w.detach().float().cpu(), bits)
+        return QuantState(bits, self.name, codes.flatten().to(torch.int16), codebook=cb)
+
+
 class CentroidTrainer:
     """Fine-tunes the codebooks of k-means layers; the codes stay fixed.
 
@@ -64,8 +78,6 @@ class CentroidTrainer:
     """
 
     def __init__(self, layers: dict[str, torch.nn.Module]):
-        from ..quant_state import get_state
-
         self.layers = {}
         for n, m in layers.items():
             st = get_state(m)
@@ -93,8 +105,6 @@ class CentroidTrainer:
 
     @torch.no_grad()
     def finalize(self) -> None:
-        from ..quant_state import QuantState, set_state
-
         for m, st, codes, cb in self.layers.values():
             cb_sorted, order = half_exact(cb.detach()).sort()
             rank = torch.empty_like(order)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant_state import qrange
+from ..quant_state import QuantState, Scheme, qrange, register_scheme
 
 # ACIQ (Banner et al., "Post training 4-bit quantization of convolutional networks for rapid-deployment",
 # NeurIPS 2019): optimal clipping for Laplace(b) at 2..8 bits, in units of b.
@@ -68,3 +68,34 @@ def mmse(w: torch.Tensor, bits: int, symmetric: bool = True, grid: int = 100):
         return q, s, torch.zeros_like(s), dq
     ratio = best / amax
     return quantize_affine(w, w.amin(1) * ratio, w.amax(1) * ratio, bits)
+
+
+def grid_state(name: str, fn, w: torch.Tensor, bits: int, per_channel: bool, symmetric: bool) -> QuantState:
+    """The state of ``w`` on the grid that ``fn`` (``minmax`` or ``mmse``) fits to each row."""
+    w = w.detach().float().cpu()
+    per_channel = per_channel and w.dim() > 1
+    mat = w.flatten(1) if per_channel else w.reshape(1, -1)  # (C, K)
+    q, scale, zp, _ = fn(mat, bits, symmetric)
+    lo, _ = qrange(bits, symmetric)
+    return QuantState(bits, name, (q - lo).to(torch.uint8), scale.float(), None if symmetric else zp.float(),
+                      per_channel=per_channel)
+
+
+@register_scheme
+class MinMax(Scheme):
+    name = "minmax"
+    storage = "grid"
+    help = "uniform grid over each channel's range"
+
+    def fit(self, w, bits, per_channel=True, symmetric=True):
+        return grid_state(self.name, minmax, w, bits, per_channel, symmetric)
+
+
+@register_scheme
+class MMSE(Scheme):
+    name = "mmse"
+    storage = "grid"
+    help = "uniform grid clipped where the squared error is least (Choukroun et al.)"
+
+    def fit(self, w, bits, per_channel=True, symmetric=True):
+        return grid_state(self.name, mmse, w, bits, per_channel, symmetric)
