@@ -15,11 +15,12 @@ os.environ.setdefault("COMPRESS_PROGRESS", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from compress.config import FineTune
 from compress import data as data_mod  # noqa: E402
 from compress.formats import load_model, save_model  # noqa: E402
 from compress.meta import set_meta
 from compress.models import create_model  # noqa: E402
-from compress.train import TrainConfig, fit  # noqa: E402
+from compress.train import fit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".bench-cache"
@@ -66,7 +67,7 @@ def trained(name: str, epochs: float, size: int = 28, lr: float = 1e-3, augment:
     if name.startswith("lenet"):
         kw.setdefault("input_size", size)
     m = create_model(name, **kw)
-    fit(m, tr, TrainConfig(epochs=epochs, lr=lr, augment=augment))
+    fit(m, tr, FineTune(epochs=epochs, lr=lr, augment=augment))
     set_meta(m, input_shape=[1, 1, size, size], val_fraction=VAL_FRACTION, train_data=spec, augment=augment)
     save_model(m, path, force=True)
     return m

@@ -219,6 +219,30 @@ def confidence(by_name: dict) -> list[str]:
     return out
 
 
+def extensions(by_name: dict) -> list[str]:
+    sch, imp = by_name.get("test_schemes_side_by_side"), by_name.get("test_importances_side_by_side")
+    out = []
+    if sch:
+        out += ["", "## Quantization schemes side by side (bench/test_bench_extensions.py)", "",
+                f"Every registered scheme on the same trained LeNet-5 (base {fmt(sch['base_accuracy'])}% on "
+                f"{sch['eval_data']}), every layer, no fine-tuning, biases on 8 bits; SQNR of the weights weighted by "
+                "layer size; bytes of the .cpz.", "",
+                "| scheme | accuracy % | weight SQNR dB | .cpz bytes | ratio |", "|---|---|---|---|---|"]
+        for name, r in sch["schemes"].items():
+            out.append(f"| {name} | {fmt(r['accuracy'])} | {fmt(r['sqnr_db'])} | {r['cpz_bytes']:,} | "
+                       f"{fmt(r['ratio'])}x |")
+    if imp:
+        out += ["", "## Channel importances side by side (bench/test_bench_extensions.py)", "",
+                f"`l1-filter --target-macs 0.5` on the trained ResNet-20 (base {fmt(imp['base_accuracy'])}% on "
+                f"{imp['eval_data']}) by each registered importance; accuracy right after pruning (BatchNorm "
+                "statistics no longer fit) and after the same 1 epoch of fine-tuning; one run each.", "",
+                "| importance | MACs reached | acc % pruned | acc % after 1 epoch | pruning s |", "|---|---|---|---|---|"]
+        for name, r in imp["importances"].items():
+            out.append(f"| {name} | {r['macs_fraction']:.3f} | {fmt(r['accuracy_pruned'])} | {fmt(r['accuracy'])} | "
+                       f"{fmt(r['seconds'], 1)} |")
+    return out
+
+
 def main(src: str, dst: str) -> None:
     data = json.load(open(src))
     rows = []
@@ -266,7 +290,8 @@ def main(src: str, dst: str) -> None:
         side = []
     peer = nncodec(by_name) or kept_section(dst, "## NNCodec")
     open(dst, "w").write("\n".join(head + rows + side + anchors(by_name) + peer + matrix(by_name)
-                              + graph_decode(by_name) + user_data(by_name) + targets(by_name) + timing(by_name) + confidence(by_name)) + "\n")
+                              + graph_decode(by_name) + user_data(by_name) + targets(by_name) + timing(by_name) + confidence(by_name)
+                              + extensions(by_name)) + "\n")
     print(f"wrote {dst} ({len(rows)} benchmarks)")
 
 

@@ -8,10 +8,11 @@ import copy
 import pytest
 import torch
 
+from compress.config import FineTune
 from compress import data as data_mod
 from compress.models import create_model
 from compress.pipeline import pipeline
-from compress.train import TrainConfig, evaluate, fit
+from compress.train import evaluate, fit
 
 from .conftest import once
 
@@ -29,7 +30,7 @@ def test_budget_misses_on_test_by_confidence(benchmark, eval_sets, augment):
             tr, va = data_mod.split(data_mod.load("mnist5k"), 0.1, seed=seed)  # 4,500 / 500
             torch.manual_seed(seed)
             m = create_model("lenet300")
-            fit(m, tr, TrainConfig(epochs=15, lr=1e-3, augment=augment, seed=seed))
+            fit(m, tr, FineTune(epochs=15, lr=1e-3, augment=augment, seed=seed))
             base = evaluate(m, test)
             for z in (1.0, 2.0):
                 out, s = pipeline(copy.deepcopy(m), tr, max_accuracy_drop=0.5, val_data=va, confidence=z, latency=False)

@@ -16,7 +16,7 @@ from compress import data as data_mod
 from compress.config import FineTune
 from compress.prune import L1FilterConfig
 from compress.stages import prune_
-from compress.train import TrainConfig, evaluate, fit
+from compress.train import evaluate, fit
 
 from .conftest import VAL_FRACTION, once, record, trained
 
@@ -50,8 +50,8 @@ def test_pipeline_folder_same_as_memory(benchmark, eval_sets, tmp_path):
     mem = data_mod.load("mnist5k")
     folder = data_mod.load(f"folder:{write_png_folder(mem, tmp_path / 'png')}")
     recipe = Recipe.from_dict({"stage": [  # every candidate fine-tunes: the folder is read for every epoch
-        {"type": "threshold", "sparsity": [0.7, 0.8, 0.9], "steps": 2, "finetune": {"epochs": 4}},
-        {"type": "kmeans", "bits": [{"conv": 6, "linear": 4}, {"conv": 5, "linear": 3}], "finetune": {"epochs": 0.5}}]})
+        {"method": "threshold", "sparsity": [0.7, 0.8, 0.9], "rounds": 2, "finetune": {"epochs": 4}},
+        {"method": "quantize", "scheme": "kmeans", "bits": [{"conv": 6, "linear": 4}, {"conv": 5, "linear": 3}], "finetune": {"epochs": 0.5}}]})
     res = {}
     for name, ds in (("memory", mem), ("folder", folder)):
         t0 = time.perf_counter()
@@ -91,7 +91,7 @@ def test_folder_memory_is_bounded(benchmark, tmp_path):
         root = write_png_folder(mem, tmp_path / f"png{n}", n)
         spec = f"folder:{root}?workers=2"
         rep, t_rep = _peak_rss_mb(["report", str(model), "--data", spec, "--no-latency"])
-        pr, t_pr = _peak_rss_mb(["prune", str(model), "--sparsity", "0.9", "--steps", "1", "--epochs", "1",
+        pr, t_pr = _peak_rss_mb(["prune", str(model), "--sparsity", "0.9", "--rounds", "1", "--epochs", "1",
                                  "--train-data", spec, "--no-latency", "-o", str(tmp_path / f"p{n}.pt")])
         rss[n] = {"report_mb": round(rep), "prune_mb": round(pr), "report_s": round(t_rep, 1),
                   "prune_s": round(t_pr, 1)}
@@ -111,11 +111,11 @@ def test_folder_loader_keeps_up(benchmark, tmp_path):
     base = trained("resnet20", 4, size=32, lr=2e-3)
     tr_mem, _ = data_mod.split(mem, VAL_FRACTION)
     tr_dir, _ = data_mod.split(folder, VAL_FRACTION)
-    fit(copy.deepcopy(base), tr_mem, TrainConfig(epochs=0.05))  # warm-up
+    fit(copy.deepcopy(base), tr_mem, FineTune(epochs=0.05))  # warm-up
     secs = {}
     for name, d in (("memory", tr_mem), ("folder", tr_dir)):
         t0 = time.perf_counter()
-        fit(copy.deepcopy(base), d, TrainConfig(epochs=1, lr=1e-3))
+        fit(copy.deepcopy(base), d, FineTune(epochs=1, lr=1e-3))
         secs[name] = round(time.perf_counter() - t0, 1)
     once(benchmark, lambda: None)
     ratio = secs["folder"] / secs["memory"]

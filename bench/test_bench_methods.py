@@ -22,7 +22,7 @@ def test_threshold_lenet5(benchmark, eval_sets):
     base = trained("lenet5", 15)
     tr, va = train_split()
     m = copy.deepcopy(base)
-    once(benchmark, lambda: prune_(m, ThresholdConfig(sparsity=0.92, steps=2, finetune=FineTune(epochs=8, lr=2e-3, augment=2)), tr, va))
+    once(benchmark, lambda: prune_(m, ThresholdConfig(sparsity=0.92, rounds=2, finetune=FineTune(epochs=8, lr=2e-3, augment=2)), tr, va))
     record(benchmark, ratio=count_params(m) / count_nonzero(m), accuracy=evaluate(m, test),
            base_accuracy=evaluate(base, test), latency_ms=latency_ms(m, (1, 1, 28, 28), 32), eval_name=name,
            metric="nonzero weights")

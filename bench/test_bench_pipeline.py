@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from compress.config import FineTune
 from compress.coding.container import load_cpz, save_cpz
 from compress.metrics import count_params, latency_ms
-from compress.train import TrainConfig, evaluate, fit
+from compress.train import evaluate, fit
 
 from .conftest import CACHE, VAL_FRACTION, once, record, train_split, trained
 
@@ -29,7 +30,7 @@ def peer_baseline(base: nn.Module, sparsity: float = 0.92, epochs: float = 8):
     params = [(mod, "weight") for mod in m.modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
     tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=sparsity)
     tr, _ = train_split()
-    fit(m, tr, TrainConfig(epochs=epochs, lr=1e-3, augment=2))  # torch's masks hold through its pre-hooks
+    fit(m, tr, FineTune(epochs=epochs, lr=1e-3, augment=2))  # torch's masks hold through its pre-hooks
     for mod, n in params:
         tprune.remove(mod, n)
     q = quantize_dynamic(m.eval(), {nn.Linear}, dtype=torch.qint8)

@@ -9,11 +9,12 @@ import warnings
 import pytest
 import torch
 
+from compress.config import FineTune
 from compress import data as data_mod
 from compress.metrics import count_macs
 from compress.prune import L1FilterConfig
 from compress.stages import Context, run
-from compress.train import TrainConfig, evaluate, fit
+from compress.train import evaluate, fit
 
 from .conftest import VAL_FRACTION, once, trained
 
@@ -78,7 +79,7 @@ def test_target_macs(benchmark, eval_sets, name):
         info["base_accuracy"] = round(evaluate(model, test), 3)
         for key, m in (("compress", out["model"]), ("torch_pruning", theirs)):
             info[f"{key}_accuracy_before_finetune"] = round(evaluate(m, test), 3)
-            fit(m, tr, TrainConfig(epochs=2, lr=1e-3, augment=2))
+            fit(m, tr, FineTune(epochs=2, lr=1e-3, augment=2))
             info[f"{key}_accuracy"] = round(evaluate(m, test), 3)
         info["eval_data"] = ev
     benchmark.extra_info.update(case=name, **info)

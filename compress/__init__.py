@@ -43,7 +43,7 @@ __version__ = "0.2.0"
 __all__ = [
     "ChannelUnionConfig", "CompressError", "Config", "Context", "FactorizeConfig", "FineTune", "FormatError",
     "InputError", "L1FilterConfig", "QuantConfig", "Recipe", "Select", "Stage", "StageResult", "ThresholdConfig",
-    "TrainConfig", "UntrustedPickleError", "UsageError", "count_macs", "count_nonzero", "count_params",
+    "UntrustedPickleError", "UsageError", "count_macs", "count_nonzero", "count_params",
     "create_model", "data", "evaluate", "factorize_", "fit", "list_models", "load_cpz", "load_model",
     "pipeline", "prune_", "quantize_", "run", "save_cpz", "save_model", "summarize",
 ]

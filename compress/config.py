@@ -15,6 +15,7 @@ and a .cpz header can all say exactly what was done.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import difflib
 import fnmatch
 from typing import Any, Callable, ClassVar
@@ -156,7 +157,9 @@ class FineTune:
         lr: peak learning rate (cosine decay).
         optimizer: "adam" or "sgd".
         batch_size: samples per step.
-        augment: random shifts of up to this many pixels; None: as the model was trained (its metadata).
+        augment: random shifts of up to this many pixels; None: as the model was trained (its metadata;
+            ``fit`` alone: none).
+        weight_decay: L2 weight decay.
         distill: learn from the input model's outputs at this temperature (Hinton et al.'s knowledge
             distillation; e.g. 4); None: the task loss alone.
         distill_weight: the distillation term's share of the loss (the task loss has the rest).
@@ -171,8 +174,11 @@ class FineTune:
     distill: float | None = None
     distill_weight: float = 0.5
     seed: int = 0
+    weight_decay: float = 0.0
 
     def __post_init__(self):
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not self.epochs >= 0:  # also refuses NaN
             raise ValueError(f"epochs must be >= 0, got {self.epochs}")
         if not self.lr > 0:
@@ -202,6 +208,7 @@ class Config:
     stage_name: ClassVar[str] = ""
     search_key: ClassVar[str] = ""
     iterative: ClassVar[bool] = False  # in a recipe's search, each candidate continues from the previous one
+    renamed: ClassVar[dict[str, str]] = {}  # old option name -> new: still read, with a FutureWarning
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -248,6 +255,11 @@ class Config:
     @classmethod
     def from_options(cls, opts: dict[str, Any]) -> "Config":
         """Build from plain data (a recipe stage, a JSON header): parts may be given as dicts."""
+        opts = dict(opts)
+        for old, new in cls.renamed.items():
+            if old in opts and new not in opts:
+                warnings.warn(f"{cls.stage_name}: option {old!r} is now {new!r}", FutureWarning, stacklevel=3)
+                opts[new] = opts.pop(old)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(opts) - names)
         if unknown:

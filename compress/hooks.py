@@ -3,7 +3,7 @@
 These are the very method objects the library's own loop drives (``compress.stages``), so your
 loop and ``compress prune`` cannot drift apart::
 
-    pruner = ThresholdPruner(model, ThresholdConfig(sparsity=0.9, steps=3), steps_per_round=1000)
+    pruner = ThresholdPruner(model, ThresholdConfig(sparsity=0.9, rounds=3), steps_per_round=1000)
     pruner.attach()                 # round 1: masks on
     for x, y in loader:
         loss = criterion(ddp_model(x), y)

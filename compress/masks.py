@@ -72,24 +72,3 @@ def remove_masks(model: nn.Module) -> None:
         for a in (_ATTR, _HOOK):
             if a in m.__dict__:
                 delattr(m, a)
-
-
-class Keeper:
-    """The training hooks that keep masks (``fit``'s for a masked model given no method):
-    masked weights get no gradient, so no optimizer state, and are zeroed again after each step."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def penalty(self):
-        return None
-
-    def parameters(self):
-        return None
-
-    def after_backward(self) -> None:
-        mask_grads(self.model)
-
-    def step(self, lr=None) -> bool:
-        enforce(self.model)
-        return False

@@ -8,9 +8,9 @@ A recipe is TOML (see docs/recipes)::
     val_fraction = 0.2             # held out of the training data when no validation data is given
 
     [[stage]]
-    type = "threshold"             # a method's stage name, or a preset: kmeans, int8
+    method = "threshold"           # a method by name: threshold, l1-filter, channel-union, quantize, factorize
     sparsity = [0.8, 0.9, 0.93]    # a list for the method's search key: candidates, in order
-    steps = 3                      # any other option of the method's config
+    rounds = 3                     # any other option of the method's config
     finetune = { epochs = 3 }      # the config's parts as tables: finetune, select
     patience = 2                   # a stage option: candidates in a row measured over budget end the search
 
@@ -21,14 +21,33 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 from . import factorize, prune, quantize  # noqa: F401  (their methods register the stage types)
 from .config import CONFIG_VERSION, Config, close_matches, stage_types
 from .errors import UsageError
 
-PRESETS = {"kmeans": ("quantize", {"scheme": "kmeans"}), "int8": ("quantize", {"bits": 8, "scheme": "minmax"})}
-_STAGE_KEYS = ("type", "patience")
+# names recipes used before one word meant one thing; read with a FutureWarning that says the new spelling
+_OLD_METHODS = {"kmeans": {"scheme": "kmeans"}, "int8": {"bits": 8, "scheme": "minmax"}}  # quantize with these
+_STAGE_KEYS = ("method", "patience")
+
+
+def _renamed(d: dict, where: str) -> dict:
+    """A stage table in today's words: ``type`` -> ``method``; kmeans / int8 -> quantize with their scheme."""
+    d = dict(d)
+    if "type" in d:
+        if "method" in d:
+            raise UsageError(f"{where}: give method only ('type' is its old name)")
+        d["method"] = d.pop("type")
+        warnings.warn(f"{where}: 'type = ...' is now 'method = ...'", FutureWarning, stacklevel=3)
+    old = d.get("method")
+    if isinstance(old, str) and old in _OLD_METHODS:
+        opts = _OLD_METHODS[old]
+        said = ", ".join(f"{k} = {v!r}" for k, v in opts.items())
+        warnings.warn(f"{where}: method = {old!r} is now method = 'quantize' with {said}", FutureWarning, stacklevel=3)
+        d = {**opts, **d, "method": "quantize"}
+    return d
 
 
 def resolve(*values, default=None):
@@ -58,15 +77,15 @@ class Stage:
     def from_dict(cls, d: dict[str, Any], where: str = "stage") -> "Stage":
         if not isinstance(d, dict):
             raise UsageError(f"{where}: a stage must be a table, got {type(d).__name__}")
-        name = d.get("type")
+        d = _renamed(d, where)
+        name = d.get("method")
         types = stage_types()
-        known = sorted(types) + sorted(PRESETS)
+        known = sorted(types)
         if not isinstance(name, str) or name not in known:
             hint = close_matches(name, known) if isinstance(name, str) else ""
-            raise UsageError(f"{where}: unknown type {name!r}{hint}; known: {', '.join(known)}")
-        base_name, preset = PRESETS.get(name, (name, {}))
-        cfg_cls = types[base_name]
-        opts = {**preset, **{k: v for k, v in d.items() if k not in _STAGE_KEYS}}
+            raise UsageError(f"{where}: unknown method {name!r}{hint}; known: {', '.join(known)}")
+        cfg_cls = types[name]
+        opts = {k: v for k, v in d.items() if k not in _STAGE_KEYS}
         patience = d.get("patience", 2)
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise UsageError(f"{where}: patience must be an integer >= 1, got {patience!r}")
@@ -85,7 +104,7 @@ class Stage:
         return cls(name, cands, patience)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.name, "patience": self.patience, "candidates": [c.to_dict() for c in self.candidates]}
+        return {"method": self.name, "patience": self.patience, "candidates": [c.to_dict() for c in self.candidates]}
 
 
 def _number(d: dict, key: str, lo: float, hi: float, where: str):
@@ -163,8 +182,8 @@ class Recipe:
 # with 12 epochs of fine-tuning over 3 rounds; then k-means weight sharing with centroid fine-tuning
 # (conv 8 / fc 5 bits as in the paper, searched downwards).
 DEFAULT_RECIPE = Recipe.from_dict({"stage": [
-    {"type": "threshold", "sparsity": [0.9, 0.95, 0.97, 0.98, 0.985, 0.99], "steps": 3,
+    {"method": "threshold", "sparsity": [0.9, 0.95, 0.97, 0.98, 0.985, 0.99], "rounds": 3,
      "finetune": {"epochs": 12}},
-    {"type": "kmeans", "bits": [{"conv": 8, "linear": 5}, {"conv": 6, "linear": 4}, {"conv": 5, "linear": 4},
+    {"method": "quantize", "scheme": "kmeans", "bits": [{"conv": 8, "linear": 5}, {"conv": 6, "linear": 4}, {"conv": 5, "linear": 4},
                                 {"conv": 4, "linear": 3}, {"conv": 4, "linear": 2}], "finetune": {"epochs": 1}},
 ]}, "default recipe")

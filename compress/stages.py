@@ -150,8 +150,8 @@ class StageResult:
 class Method:
     """Base of every method object; see the module docstring for the lifecycle.
 
-    Subclasses set ``config_cls`` and override what they need. ``needs_train``: the method cannot run
-    without training data (channel-union trains from the start).
+    ``@register_method(YourConfig)`` ties a subclass to its config; it overrides the hooks it needs.
+    ``needs_train``: the method cannot run without training data (channel-union trains from the start).
     """
 
     needs_train: ClassVar[bool] = False
@@ -193,13 +193,11 @@ class Method:
         return self.model
 
     # -- what the library adds around it -------------------------------------------------------
-    def train_config(self, epochs: float, seed: int = 0):
-        from .train import TrainConfig
-
+    def train_config(self, epochs: float, seed: int = 0) -> FineTune:
+        """The config's ``finetune`` for ``epochs`` of training, its augmentation resolved from the model."""
         ft: FineTune = self.config.finetune
         augment = ft.augment if ft.augment is not None else int(get_meta(self.model).get("augment", 0))
-        return TrainConfig(epochs=epochs, lr=ft.lr, optimizer=ft.optimizer, batch_size=ft.batch_size,
-                           augment=augment, seed=ft.seed + seed, distill=ft.distill, distill_weight=ft.distill_weight)
+        return dataclasses.replace(ft, epochs=epochs, augment=augment, seed=ft.seed + seed)
 
     def train(self, epochs: float, seed: int = 0, desc: str | None = None) -> list[dict]:
         """``epochs`` of the library's loop on ``ctx.train`` with the context's loss (or train_step) and,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed, masks
+from .config import FineTune
 from .data import Data, batches, eval_batch_size
 from .errors import CompressError, InputError, first_line
 from .progress import Bar, progress_enabled
@@ -31,46 +33,12 @@ from .progress import Bar, progress_enabled
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Args:
-        epochs: passes over the training data.
-        lr: peak learning rate (cosine decay to 1% over the run).
-        optimizer: "adam" or "sgd" (momentum 0.9, nesterov).
-        batch_size: samples per step (per process under torchrun).
-        weight_decay: L2 weight decay.
-        seed: seeds the order of the samples and the data's random augmentation (crops, flips).
-        augment: random shifts of up to this many pixels (0: none). Images only; keeps a model
-            from learning its training writers' quirks (MNIST's test writers are others).
-        distill: temperature of distillation from a ``teacher`` given to ``fit`` (None: none).
-        distill_weight: the distillation term's share of the loss.
-    """
-
-    epochs: float = 1
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    batch_size: int = 64
-    weight_decay: float = 0.0
-    seed: int = 0
-    augment: int = 0
-    distill: float | None = None
-    distill_weight: float = 0.5
-
-    def __post_init__(self):
-        if self.distill is not None and not self.distill > 0:
-            raise ValueError("distill (a temperature) must be > 0")
-        if not 0.0 <= self.distill_weight <= 1.0:
-            raise ValueError("distill_weight must be in [0, 1]")
-        if self.augment < 0:
-            raise ValueError("augment must be >= 0")
-        if self.epochs < 0:
-            raise ValueError("epochs must be >= 0")
-        if self.lr <= 0:
-            raise ValueError("lr must be > 0")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+def TrainConfig(**kw) -> FineTune:
+    """Deprecated: ``FineTune`` is the one training recipe (of a stage and of ``fit``); this returns
+    ``FineTune(epochs=1, **kw)`` (TrainConfig's default was one epoch)."""
+    warnings.warn("compress.train.TrainConfig is deprecated: use compress.FineTune (epochs default 0)",
+                  DeprecationWarning, stacklevel=2)
+    return FineTune(**{"epochs": 1, **kw})
 
 
 def random_shift(x: torch.Tensor, pixels: int, g: torch.Generator) -> torch.Tensor:
@@ -240,7 +208,7 @@ def evaluate(model: nn.Module, data: Data, metric=None, batch_size: int | None =
     return scores(model, data, metric, batch_size).mean()
 
 
-def make_optimizer(params, cfg: TrainConfig):
+def make_optimizer(params, cfg: FineTune):
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -252,7 +220,7 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / world / batch_size))
 
 
-def fit(model: nn.Module, data: Data, cfg: TrainConfig | None = None, *, method=None,
+def fit(model: nn.Module, data: Data, cfg: FineTune | None = None, *, method=None,
         desc: str = "train", progress: bool | None = None, loss: Callable | None = None,
         train_step: Callable | None = None, teacher: nn.Module | None = None) -> list[dict]:
     """Train ``model`` in place; returns one dict per epoch (loss, penalty).
@@ -265,10 +233,10 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig | None = None, *, method=
     is the task's loss; with a ``teacher`` and ``cfg.distill`` (a temperature) the loss is
     ``(1 - cfg.distill_weight) * task + cfg.distill_weight * distill_loss(student, teacher)``.
     """
-    cfg = cfg or TrainConfig()
+    cfg = cfg or FineTune(epochs=1)
     loss_fn = resolve_loss(loss)
-    if method is None and masks.has_masks(model):
-        method = masks.Keeper(model)
+    augment = cfg.augment or 0  # None (as the model was trained) is resolved by the stage; here: none
+    keep_masks = method is None and masks.has_masks(model)  # masked weights get no gradient, stay zero
     rank, world = distributed.rank_world()
     dev = distributed.device_of(model)
     show = (progress if progress is not None else progress_enabled()) and rank == 0
@@ -337,8 +305,8 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig | None = None, *, method=
             for x, y in batches(data, cfg.batch_size, order, train=True, pin=dev.type == "cuda"):
                 if step >= total_steps:
                     break
-                if cfg.augment and x.dim() == 4:
-                    x = random_shift(x, cfg.augment, g)
+                if augment and x.dim() == 4:
+                    x = random_shift(x, augment, g)
                 x, y = x.to(dev, non_blocking=True), to_device(y, dev)
                 value, out = task_loss(net, x, y)
                 if teacher is not None:
@@ -354,8 +322,12 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig | None = None, *, method=
                 total.backward()
                 if method is not None:
                     method.after_backward()
+                elif keep_masks:
+                    masks.mask_grads(model)
                 opt.step()
                 sched.step()
+                if keep_masks:
+                    masks.enforce(model)
                 if method is not None and method.step(sched.get_last_lr()[0]):
                     model = method.model  # the architecture changed: new parameters, new optimizer state
                     net = distributed.wrap(model)  # and DDP re-wrapped around the rebuilt model

@@ -6,10 +6,11 @@ os.environ.setdefault("COMPRESS_LATENCY_SECONDS", "0.1")  # tests check numbers,
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from compress.config import FineTune
 from compress import data as data_mod  # noqa: E402
 from compress.cli import main  # noqa: E402
 from compress.models import create_model  # noqa: E402
-from compress.train import TrainConfig, fit  # noqa: E402
+from compress.train import fit  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -44,6 +45,6 @@ def lenet5_trained(mnist_small):
     torch.manual_seed(0)
     tr, _ = mnist_small
     m = create_model("lenet5")
-    fit(m, tr, TrainConfig(epochs=1, lr=2e-3, batch_size=64))
+    fit(m, tr, FineTune(epochs=1, lr=2e-3, batch_size=64))
     m.compress_meta["input_shape"] = [1, 1, 28, 28]
     return m

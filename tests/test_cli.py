@@ -145,7 +145,7 @@ def test_latency_is_repeatable_and_a_masked_model_is_not_faster(lenet5_trained, 
     a = latency_ms(lenet5_trained, shape, 1)
     b = latency_ms(lenet5_trained, shape, 1)
     assert max(a, b) / min(a, b) < 1.5
-    pruned = prune_(copy.deepcopy(lenet5_trained), ThresholdConfig(sparsity=0.9, steps=1,
+    pruned = prune_(copy.deepcopy(lenet5_trained), ThresholdConfig(sparsity=0.9, rounds=1,
                                                                     finetune=FineTune(epochs=0)))
     dense_t, sparse_t = latencies([lenet5_trained, pruned], shape, runs=15)
     assert speed_change(dense_t["batch_32"], sparse_t["batch_32"]) in ("same",) or \

@@ -126,7 +126,7 @@ def test_gap_fillers_roundtrip(bits, jump):
 def test_container_roundtrip_bit_identical(lenet5_trained, scheme, bits, affine, sparsity):
     m = copy.deepcopy(lenet5_trained)
     if sparsity:
-        prune_(m, ThresholdConfig(sparsity=sparsity, steps=1, finetune=FineTune(epochs=0)))
+        prune_(m, ThresholdConfig(sparsity=sparsity, rounds=1, finetune=FineTune(epochs=0)))
     quantize(m, QuantConfig(bits=bits, scheme=scheme, symmetric=not affine))
     blob, _ = encode_model(m)
     from compress.coding.container import decode_model
@@ -243,7 +243,7 @@ def _corruptions(blob: bytes):
 
 def test_corrupt_files_rejected_cleanly(tmp_path, cli, lenet5_trained):
     m = copy.deepcopy(lenet5_trained)
-    prune_(m, ThresholdConfig(sparsity=0.8, steps=1, finetune=FineTune(epochs=0)))
+    prune_(m, ThresholdConfig(sparsity=0.8, rounds=1, finetune=FineTune(epochs=0)))
     quantize(m, QuantConfig(bits=4, scheme="kmeans"))
     save_cpz(m, tmp_path / "good.cpz")
     blob = (tmp_path / "good.cpz").read_bytes()

@@ -25,12 +25,13 @@ def _free_port() -> int:
 
 def _pretrained(path):
     """A trained starting point, made once in the test process (fine-tuning starts from a trained model)."""
-    from compress.train import TrainConfig, fit
+    from compress.config import FineTune
+    from compress.train import fit
     ds = data_mod.load("digits")
     tr, _ = data_mod.split(ds, 0.2, seed=0)
     torch.manual_seed(0)
     m = create_model("lenet300", input_size=8)
-    fit(m, tr, TrainConfig(epochs=4, lr=3e-3))
+    fit(m, tr, FineTune(epochs=4, lr=3e-3))
     torch.save(m.state_dict(), path)
 
 
@@ -41,7 +42,7 @@ def _job(method: str, start=None):
     if method == "threshold":
         m = create_model("lenet300", input_size=8)
         m.load_state_dict(torch.load(start, weights_only=True))
-        prune_(m, ThresholdConfig(sparsity=0.8, steps=2, finetune=FineTune(epochs=2, lr=1e-3)), tr, va)
+        prune_(m, ThresholdConfig(sparsity=0.8, rounds=2, finetune=FineTune(epochs=2, lr=1e-3)), tr, va)
     else:
         m = create_model("resnet8", width=0.5)
         cfg = ChannelUnionConfig(lasso_ratio=1.5, finetune=FineTune(epochs=3, lr=0.02, optimizer="sgd", batch_size=16,

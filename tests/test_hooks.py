@@ -25,7 +25,7 @@ def test_threshold_pruner_in_own_loop(lenet5_trained, mnist_small):
     tr, _ = mnist_small
     tr = tr.subset(range(640))
     m = copy.deepcopy(lenet5_trained)
-    pruner = ThresholdPruner(m, ThresholdConfig(sparsity=0.9, steps=2), steps_per_round=10)
+    pruner = ThresholdPruner(m, ThresholdConfig(sparsity=0.9, rounds=2), steps_per_round=10)
     pruner.attach()
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     for x, y in _batches(tr, epochs=1):  # 20 steps: round 1 at attach, round 2 at step 10
@@ -81,7 +81,7 @@ def test_library_and_own_loop_share_the_method(lenet5_trained, mnist_small):
     from compress.stages import prune_
     from compress.config import FineTune
     a, b = copy.deepcopy(lenet5_trained), copy.deepcopy(lenet5_trained)
-    cfg = ThresholdConfig(sparsity=0.8, steps=2, finetune=FineTune(epochs=0))
+    cfg = ThresholdConfig(sparsity=0.8, rounds=2, finetune=FineTune(epochs=0))
     prune_(a, cfg)
     p = ThresholdPruner(b, cfg, steps_per_round=1)
     p.attach()

@@ -435,7 +435,7 @@ def test_strings_from_a_file_are_printed_escaped_and_never_as_an_arch_to_run(tin
 
 def test_a_recipe_cannot_name_a_function(tmp_path, cli, lenet5_trained):
     save_model(lenet5_trained, tmp_path / "m.pt")
-    (tmp_path / "r.toml").write_text('[[stage]]\ntype = "threshold"\nsparsity = 0.5\n'
+    (tmp_path / "r.toml").write_text('[[stage]]\nmethod = "threshold"\nsparsity = 0.5\n'
                                      'select = { filter_fn = "os.system" }\n')
     res = cli("pipeline", tmp_path / "m.pt", "--recipe", tmp_path / "r.toml", "--train-data", "digits",
               "-o", tmp_path / "o.cpz")

@@ -1,11 +1,12 @@
 import pytest
 import torch
 
+from compress.config import FineTune
 from compress import data as data_mod
 from compress.errors import UsageError
 from compress.metrics import count_macs, count_params, layer_table
 from compress.models import create_model, list_models
-from compress.train import TrainConfig, evaluate, fit
+from compress.train import evaluate, fit
 
 
 def test_lenet_sizes():
@@ -38,7 +39,7 @@ def test_training_learns_digits():
     torch.manual_seed(0)
     m = create_model("lenet300", input_size=8)
     before = evaluate(m, va)
-    fit(m, tr, TrainConfig(epochs=3, lr=3e-3))
+    fit(m, tr, FineTune(epochs=3, lr=3e-3))
     assert evaluate(m, va) > max(85.0, before + 50)
 
 

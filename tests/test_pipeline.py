@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from compress.config import FineTune
 from compress import data as data_mod
 from compress.coding.container import decode_model, encode_model
 from compress.errors import InputError, UsageError
@@ -12,7 +13,7 @@ from compress.meta import set_meta
 from compress.models import create_model
 from compress.pipeline import pipeline
 from compress.recipe import DEFAULT_RECIPE, Recipe
-from compress.train import TrainConfig, fit
+from compress.train import fit
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("docs", "recipes").glob("*.toml"))
 
@@ -28,10 +29,10 @@ def trained(digits):
     tr, _ = data_mod.split(digits, 0.1, seed=0)
     torch.manual_seed(0)
     mlp = create_model("lenet300", input_size=8)
-    fit(mlp, tr, TrainConfig(epochs=6, lr=2e-3))
+    fit(mlp, tr, FineTune(epochs=6, lr=2e-3))
     torch.manual_seed(0)
     cnn = create_model("resnet8", width=0.5)
-    fit(cnn, tr, TrainConfig(epochs=4, lr=3e-3, batch_size=32))
+    fit(cnn, tr, FineTune(epochs=4, lr=3e-3, batch_size=32))
     return {"mlp": mlp, "cnn": cnn}
 
 
@@ -58,18 +59,18 @@ def test_default_recipe_is_the_documented_one():
 
 
 @pytest.mark.parametrize("body,match", [
-    ("[[stage]]\ntype = 'threshold'\nsparsity = 0.9\nconfidence = 1.0\n", "unknown option"),
+    ("[[stage]]\nmethod = 'threshold'\nsparsity = 0.9\nconfidence = 1.0\n", "unknown option"),
     ("stage = [5]\n", "must be a table"),
-    ("val_fraction = 5.0\n[[stage]]\ntype = 'kmeans'\nbits = 4\n", "val_fraction"),
-    ("max_accuracy_drop = 'x'\n[[stage]]\ntype = 'kmeans'\nbits = 4\n", "max_accuracy_drop"),
-    ("max_accuracy_drop = nan\n[[stage]]\ntype = 'kmeans'\nbits = 4\n", "max_accuracy_drop"),
-    ("[[stage]]\ntype = 'threshold'\nsparsity = []\n", "no candidate"),
-    ("[[stage]]\ntype = 'treshold'\nsparsity = 0.5\n", "did you mean threshold"),
-    ("[[stage]]\ntype = 'threshold'\nsparsity = 1.5\n", "sparsity must be in"),
-    ("[[stage]]\ntype = 'threshold'\nsparsity = 0.5\nfinetune = { epoch = 3 }\n", "finetune: unknown option"),
-    ("[[stage]]\ntype = 'threshold'\nsparsity = 0.5\npatience = 0\n", "patience"),
-    ("version = 99\n[[stage]]\ntype = 'kmeans'\nbits = 4\n", "newer"),
-    ("x = 1\n[[stage]]\ntype = 'kmeans'\nbits = 4\n", "unknown key"),
+    ("val_fraction = 5.0\n[[stage]]\nmethod = 'quantize'\nscheme = 'kmeans'\nbits = 4\n", "val_fraction"),
+    ("max_accuracy_drop = 'x'\n[[stage]]\nmethod = 'quantize'\nscheme = 'kmeans'\nbits = 4\n", "max_accuracy_drop"),
+    ("max_accuracy_drop = nan\n[[stage]]\nmethod = 'quantize'\nscheme = 'kmeans'\nbits = 4\n", "max_accuracy_drop"),
+    ("[[stage]]\nmethod = 'threshold'\nsparsity = []\n", "no candidate"),
+    ("[[stage]]\nmethod = 'treshold'\nsparsity = 0.5\n", "did you mean threshold"),
+    ("[[stage]]\nmethod = 'threshold'\nsparsity = 1.5\n", "sparsity must be in"),
+    ("[[stage]]\nmethod = 'threshold'\nsparsity = 0.5\nfinetune = { epoch = 3 }\n", "finetune: unknown option"),
+    ("[[stage]]\nmethod = 'threshold'\nsparsity = 0.5\npatience = 0\n", "patience"),
+    ("version = 99\n[[stage]]\nmethod = 'quantize'\nscheme = 'kmeans'\nbits = 4\n", "newer"),
+    ("x = 1\n[[stage]]\nmethod = 'quantize'\nscheme = 'kmeans'\nbits = 4\n", "unknown key"),
     ("[[stage]\n", "recipe"),
 ])
 def test_bad_recipes_are_refused_with_the_reason(tmp_path, body, match):
@@ -80,7 +81,7 @@ def test_bad_recipes_are_refused_with_the_reason(tmp_path, body, match):
 
 
 def test_precedence_argument_recipe_metadata_default(trained, digits):
-    one = {"stage": [{"type": "kmeans", "bits": 6}], "max_accuracy_drop": 0.25}
+    one = {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": 6}], "max_accuracy_drop": 0.25}
     m = copy.deepcopy(trained["mlp"])
     _, s = pipeline(m, digits, one, max_accuracy_drop=3.0)
     assert s["budget_pt"] == 3.0  # the argument wins over the recipe
@@ -88,15 +89,15 @@ def test_precedence_argument_recipe_metadata_default(trained, digits):
     assert s["budget_pt"] == 0.25  # then the recipe
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, val_fraction=0.2)
-    _, s = pipeline(m, digits, {"stage": [{"type": "kmeans", "bits": 6}]})
+    _, s = pipeline(m, digits, {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": 6}]})
     assert s["budget_pt"] == 0.5 and s["validation"]["samples"] == round(0.2 * len(digits))  # metadata, default
-    _, s = pipeline(m, digits, {"stage": [{"type": "kmeans", "bits": 6}], "val_fraction": 0.3})
+    _, s = pipeline(m, digits, {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": 6}], "val_fraction": 0.3})
     assert s["validation"]["samples"] == round(0.3 * len(digits))  # the recipe over the metadata
 
 
 def test_given_validation_data_is_used_whole(trained, digits):
     tr, va = data_mod.split(digits, 0.25, seed=1)
-    _, s = pipeline(copy.deepcopy(trained["mlp"]), tr, {"stage": [{"type": "kmeans", "bits": 6}]}, val_data=va)
+    _, s = pipeline(copy.deepcopy(trained["mlp"]), tr, {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": 6}]}, val_data=va)
     assert s["validation"] == {"samples": len(va), "source": "given", "data": "digits[val]"}
 
 
@@ -104,9 +105,9 @@ def test_a_model_trained_on_its_validation_split_is_flagged(digits):
     """A model that has learned every sample reads ~100% on the held-out split: say so, ask for --val-data."""
     torch.manual_seed(0)
     m = create_model("lenet300", input_size=8)
-    fit(m, digits, TrainConfig(epochs=25, lr=3e-3))  # all of it, validation split included
+    fit(m, digits, FineTune(epochs=25, lr=3e-3))  # all of it, validation split included
     events = []
-    pipeline(m, digits, {"stage": [{"type": "kmeans", "bits": 6}]}, on_event=lambda k, kw: events.append((k, kw)))
+    pipeline(m, digits, {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": 6}]}, on_event=lambda k, kw: events.append((k, kw)))
     warnings = [kw["text"] for k, kw in events if k == "warning"]
     assert warnings and "--val-data" in warnings[0]
 
@@ -118,7 +119,7 @@ def test_search_goes_on_past_noise_and_stops_on_evidence():
     from compress.prune import sparsity_of
     from compress.stages import Context
 
-    stage = Recipe.from_dict({"stage": [{"type": "threshold", "sparsity": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
+    stage = Recipe.from_dict({"stage": [{"method": "threshold", "sparsity": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
                                          "finetune": {"epochs": 0}}]}).stages[0]
     # (within budget, measured drop alone over budget) per candidate
     readings = iter([(True, False), (False, False), (True, False), (False, True), (False, True), (True, False)])
@@ -312,3 +313,21 @@ def test_ctrl_c_then_resume_from_the_command_line(trained, tmp_path, cli):
     assert r.code == 0 and "resuming at stage 1, candidate 2" in r.err, r.err
     assert (tmp_path / "cut.cpz").read_bytes() == (tmp_path / "full.cpz").read_bytes()
     assert not (tmp_path / "cut.cpz.resume").exists() and json.loads((tmp_path / "s.json").read_text())["stopped"] is None
+
+
+def test_old_recipe_words_still_read_with_a_warning_naming_the_new_ones():
+    from compress.recipe import Recipe
+
+    old = {"stage": [{"type": "threshold", "sparsity": 0.9, "steps": 2}, {"type": "kmeans", "bits": 5},
+                     {"type": "int8"}]}
+    with pytest.warns(FutureWarning) as caught:
+        r = Recipe.from_dict(old)
+    said = " ".join(str(w.message) for w in caught)
+    assert "'method = ...'" in said and "option 'steps' is now 'rounds'" in said
+    assert "method = 'quantize' with scheme = 'kmeans'" in said
+    new = Recipe.from_dict({"stage": [{"method": "threshold", "sparsity": 0.9, "rounds": 2},
+                                      {"method": "quantize", "scheme": "kmeans", "bits": 5},
+                                      {"method": "quantize", "bits": 8, "scheme": "minmax"}]})
+    assert r == new
+    with pytest.raises(Exception, match="method only"):
+        Recipe.from_dict({"stage": [{"type": "threshold", "method": "threshold"}]})

@@ -13,7 +13,7 @@ from compress.prune import (ChannelUnionConfig, L1FilterConfig, ThresholdConfig,
 from compress.prune.channel_union import GroupLasso, ResidualIdentity, reconfigure
 from tests.helpers import one_line_error
 from compress.prune.graph import channel_groups, prune_group
-from compress.train import TrainConfig, evaluate, fit
+from compress.train import evaluate, fit
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def small32():
 def resnet8_trained(small32):
     torch.manual_seed(0)
     m = create_model("resnet8", width=0.5)
-    fit(m, small32[0], TrainConfig(epochs=3, lr=3e-3, batch_size=32))
+    fit(m, small32[0], FineTune(epochs=3, lr=3e-3, batch_size=32))
     return m
 
 
@@ -51,7 +51,7 @@ def test_sensitivity_allocation_keeps_the_layers_that_matter(lenet5_trained, mni
     by = {}
     for allocate in ("std", "sensitivity"):
         m = copy.deepcopy(lenet5_trained)
-        prune_(m, ThresholdConfig(sparsity=0.97, allocate=allocate, steps=1, finetune=FineTune(epochs=0)),
+        prune_(m, ThresholdConfig(sparsity=0.97, allocate=allocate, rounds=1, finetune=FineTune(epochs=0)),
                train_data=tr)
         assert abs(sparsity_of(m) - 0.97) < 0.005, allocate
         with torch.no_grad():
@@ -78,8 +78,8 @@ def test_allocation_takes_the_cheapest_weights_first():
 def test_schedules_rise_from_where_the_model_is():
     from compress.prune.threshold import round_targets
 
-    cubic = round_targets(ThresholdConfig(sparsity=0.9, steps=3), start=0.5)
-    geo = round_targets(ThresholdConfig(sparsity=0.9, steps=3, schedule="geometric"), start=0.5)
+    cubic = round_targets(ThresholdConfig(sparsity=0.9, rounds=3), start=0.5)
+    geo = round_targets(ThresholdConfig(sparsity=0.9, rounds=3, schedule="geometric"), start=0.5)
     for t in (cubic, geo):
         assert t[-1] == pytest.approx(0.9) and all(a < b for a, b in zip([0.5] + t, t))
     assert cubic[0] - 0.5 > cubic[2] - cubic[1]  # Zhu & Gupta: fast first, gently at the end
@@ -89,14 +89,14 @@ def test_schedules_rise_from_where_the_model_is():
 def test_masks_hold_through_training(lenet5_trained, mnist_small):
     tr, _ = mnist_small
     m = copy.deepcopy(lenet5_trained)
-    cfg = ThresholdConfig(sparsity=0.8, steps=1, finetune=FineTune(epochs=0))
+    cfg = ThresholdConfig(sparsity=0.8, rounds=1, finetune=FineTune(epochs=0))
     prune_(m, cfg)
     zeros = {n: (p == 0) for n, p in m.named_parameters() if p.dim() > 1}
     # re-attach masks and train hard: pruned weights (and their grads / Adam state) stay zero
     for mod in m.modules():
         if hasattr(mod, "weight") and mod.weight is not None and mod.weight.dim() > 1:
             masks.set_mask(mod, (mod.weight != 0).float())
-    fit(m, tr.subset(range(300)), TrainConfig(epochs=1, lr=1e-2))
+    fit(m, tr.subset(range(300)), FineTune(epochs=1, lr=1e-2))
     for n, p in m.named_parameters():
         if n in zeros:
             assert torch.all(p[zeros[n]] == 0), n
@@ -106,18 +106,18 @@ def test_masks_hold_through_training(lenet5_trained, mnist_small):
 
 def test_first_and_last_layers_pruned_less(lenet5_trained):
     m = copy.deepcopy(lenet5_trained)
-    prune_(m, ThresholdConfig(sparsity=0.9, steps=1, finetune=FineTune(epochs=0)))
+    prune_(m, ThresholdConfig(sparsity=0.9, rounds=1, finetune=FineTune(epochs=0)))
     sp = {n: float((mod.weight == 0).float().mean()) for n, mod in m.named_modules() if hasattr(mod, "weight")}
     assert sp["conv1"] < sp["fc1"] and sp["fc2"] < sp["fc1"]
 
 
 def test_quality_and_per_type_sparsity(lenet5_trained):
     m = copy.deepcopy(lenet5_trained)
-    prune_(m, ThresholdConfig(sparsity={"conv": 0.5, "linear": 0.95}, steps=1, finetune=FineTune(epochs=0)))
+    prune_(m, ThresholdConfig(sparsity={"conv": 0.5, "linear": 0.95}, rounds=1, finetune=FineTune(epochs=0)))
     assert abs(float((m.fc1.weight == 0).float().mean()) - 0.95) < 0.01
     assert abs(float((m.conv2.weight == 0).float().mean()) - 0.5) < 0.01
     q = copy.deepcopy(lenet5_trained)
-    prune_(q, ThresholdConfig(quality=1.0, steps=1, finetune=FineTune(epochs=0), first_last_factor=1.0))
+    prune_(q, ThresholdConfig(quality=1.0, rounds=1, finetune=FineTune(epochs=0), first_last_factor=1.0))
     w = lenet5_trained.fc1.weight
     expected = float((w.abs() <= w.std()).float().mean())
     assert abs(float((q.fc1.weight == 0).float().mean()) - expected) < 1e-3
@@ -155,7 +155,7 @@ def test_each_verb_refuses_another_verbs_config():
     with pytest.raises(UsageError, match="FactorizeConfig belongs to factorize_"):
         prune_(m, FactorizeConfig(rank=2))
     with pytest.raises(UsageError, match="takes a config"):
-        prune_(m, TrainConfig())
+        prune_(m, FineTune())
     assert torch.equal(m[0].weight, w)  # nothing was changed
 
 
@@ -268,7 +268,7 @@ def test_prune_cli_threshold(tmp_path, cli, lenet5_trained):
     src = tmp_path / "m.pt"
     save_model(copy.deepcopy(lenet5_trained), src)
     res = cli("prune", src, "--method", "threshold", "--sparsity", "0.8", "--train-data", "mnist5k?limit=300",
-              "--epochs", "1", "--steps", "1", "-o", tmp_path / "p.pt", "--report", tmp_path / "rep")
+              "--epochs", "1", "--rounds", "1", "-o", tmp_path / "p.pt", "--report", tmp_path / "rep")
     assert res.code == 0, res.err
     assert "before / after" in res.out and "nonzero parameters" in res.out
     assert "accuracy on 20% held out of --train-data, 61 samples" in " ".join(res.out.split())  # the real split (stratified)
@@ -327,7 +327,7 @@ def test_prune_cli_channel_union_uses_library_defaults(tmp_path, cli):
     (["quantize", "--bits", "fc9=4"], "no quantized layer of that name (did you mean"),
     (["quantize", "--layers", "conv9"], "matches no layer"),
     (["factorize", "--rank", "2", "--exclude", "fc1", "--layers", "zz*"], "matches no layer"),
-    (["prune", "--steps", "0", "--epochs", "0"], "steps"),
+    (["prune", "--rounds", "0", "--epochs", "0"], "rounds"),
     (["prune", "--lr", "-1", "--train-data", "mnist5k?limit=100"], "lr must be > 0"),
 ])
 def test_settings_that_select_nothing_or_are_invalid_are_errors(tmp_path, cli, lenet5_trained, args, match):

@@ -58,7 +58,7 @@ def test_int8_keeps_accuracy(lenet5_trained, mnist_small):
 
 def test_zeros_stay_zero(lenet5_trained):
     m = copy.deepcopy(lenet5_trained)
-    prune_(m, ThresholdConfig(sparsity=0.9, steps=1, finetune=FineTune(epochs=0)))
+    prune_(m, ThresholdConfig(sparsity=0.9, rounds=1, finetune=FineTune(epochs=0)))
     zeros = {n: p == 0 for n, p in m.named_parameters() if p.dim() > 1}
     for scheme in ("minmax", "mmse", "kmeans"):
         q = copy.deepcopy(m)
@@ -71,7 +71,7 @@ def test_zeros_stay_zero(lenet5_trained):
 def test_kmeans_centroid_finetune_keeps_sharing(lenet5_trained, mnist_small):
     tr, va = mnist_small
     m = copy.deepcopy(lenet5_trained)
-    prune_(m, ThresholdConfig(sparsity=0.8, steps=1, finetune=FineTune(epochs=0)))
+    prune_(m, ThresholdConfig(sparsity=0.8, rounds=1, finetune=FineTune(epochs=0)))
     nz = int(torch.count_nonzero(m.fc1.weight))
     before = {n: p.clone() for n, p in m.named_parameters()}
     quantize(m, QuantConfig(bits=3, scheme="kmeans", finetune=FineTune(epochs=0.5, lr=1e-3)), train_data=tr.subset(range(500)))

@@ -273,7 +273,7 @@ def test_every_method_on_real_families(family, tmp_path):
     shape, x = (1, 3, size, size), torch.randn(4, 3, size, size)
     m = base().eval()
     assert count_macs(m, shape) > 0 and count_params(m) > 0
-    res = run("prune", m, ThresholdConfig(sparsity=0.6, steps=1), Context(input_shape=shape))
+    res = run("prune", m, ThresholdConfig(sparsity=0.6, rounds=1), Context(input_shape=shape))
     layers = [mod.weight for _, mod in Select().layers(m)]
     assert sum(int(w.count_nonzero()) for w in layers) <= 0.41 * sum(w.numel() for w in layers)
     assert count_nonzero(m) < (0.65 if family == "vit" else 0.5) * count_params(m)

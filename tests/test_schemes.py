@@ -28,7 +28,7 @@ def _pow2_ok(w, state):
 @pytest.mark.parametrize("bits", [3, 4, 6])
 def test_pow2_weights_are_signed_powers_of_two(lenet5_trained, bits):
     m = copy.deepcopy(lenet5_trained)
-    prune_(m, ThresholdConfig(sparsity=0.5, steps=1, finetune=FineTune(epochs=0)))
+    prune_(m, ThresholdConfig(sparsity=0.5, rounds=1, finetune=FineTune(epochs=0)))
     zeros = {n: p == 0 for n, p in m.named_parameters() if n.endswith("weight")}
     quantize(m, QuantConfig(bits=bits, scheme="pow2"))
     for name, mod in m.named_modules():

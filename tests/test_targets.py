@@ -78,12 +78,12 @@ def test_channel_union_lands_on_its_target_and_fine_tunes_the_rest(target):
     from compress import data as data_mod
     from compress.config import FineTune
     from compress.prune import ChannelUnionConfig
-    from compress.train import TrainConfig, fit
+    from compress.train import fit
 
     tr, va = data_mod.split(data_mod.load("digits"), 0.2)
     torch.manual_seed(0)
     m = create_model("resnet8", width=0.5)
-    fit(m, tr, TrainConfig(epochs=4, lr=3e-3, batch_size=32))
+    fit(m, tr, FineTune(epochs=4, lr=3e-3, batch_size=32))
     shape = (1, 1, 8, 8)
     before = count_macs(m, shape)
     res = run("prune", m, ChannelUnionConfig(target_macs=target, finetune=FineTune(epochs=3, lr=0.02, optimizer="sgd")),

@@ -162,12 +162,13 @@ def _recipe(tmp_path):
     p.write_text(textwrap.dedent("""
         version = 2
         [[stage]]
-        type = "threshold"
+        method = "threshold"
         sparsity = [0.5, 0.7]
-        steps = 1
+        rounds = 1
         finetune = { epochs = 0.3 }
         [[stage]]
-        type = "kmeans"
+        method = "quantize"
+        scheme = "kmeans"
         bits = 6
         finetune = { epochs = 0.2 }
     """))
@@ -183,7 +184,7 @@ def test_every_command_on_each_kind(kind, sources_dir, model_file, tmp_path, cli
     common = ["--no-latency", "--train-data", spec]
     runs = {
         "report": ["report", m, "--data", spec, "--no-latency"],
-        "threshold": ["prune", m, "--sparsity", "0.6", "--steps", "1", "--epochs", "0.3", *common, "-o", tmp_path / "t.pt"],
+        "threshold": ["prune", m, "--sparsity", "0.6", "--rounds", "1", "--epochs", "0.3", *common, "-o", tmp_path / "t.pt"],
         "l1": ["prune", m, "-m", "l1-filter", "--ratio", "0.25", "--epochs", "0.3", *common, "-o", tmp_path / "l.pt"],
         "cu": ["prune", m, "-m", "channel-union", "--epochs", "0.5", *common, "-o", tmp_path / "c.pt"],
         "quantize": ["quantize", m, "--bits", "4", "--scheme", "kmeans", "--epochs", "0.3", *common, "-o",
@@ -311,7 +312,7 @@ def test_targets_need_not_be_labels(lenet5_trained, digits240):
         return -100.0 * float(F.mse_loss(F.softmax(out, 1), target))
 
     ctx = Context(train=data, val=data, loss=mse, metric=neg_mse)
-    m = prune_(copy.deepcopy(lenet5_trained), ThresholdConfig(sparsity=0.5, steps=1, finetune=FineTune(epochs=0.5)),
+    m = prune_(copy.deepcopy(lenet5_trained), ThresholdConfig(sparsity=0.5, rounds=1, finetune=FineTune(epochs=0.5)),
                ctx=ctx)
     assert ctx.score(m, data) > -1.0  # still close to the teacher's probabilities
     with pytest.raises(InputError, match="not integer class labels"):
@@ -322,7 +323,7 @@ def test_distillation_learns_from_the_input_model(lenet5_trained, digits240):
     """--distill: the loss mixes Hinton's soft-target term, computed against the input model (eval mode)."""
     import copy
 
-    from compress.train import TrainConfig, distill_loss, fit
+    from compress.train import distill_loss, fit
 
     s = torch.randn(8, 10)
     assert float(distill_loss(s, s, 4.0)) == pytest.approx(0.0, abs=1e-6)
@@ -337,7 +338,7 @@ def test_distillation_learns_from_the_input_model(lenet5_trained, digits240):
     with torch.no_grad():
         before = float(distill_loss(student(digits240.x), teacher(digits240.x), 4.0))
     calls.clear()
-    fit(student, digits240, TrainConfig(epochs=2, lr=1e-3, distill=4.0, distill_weight=1.0), teacher=teacher)
+    fit(student, digits240, FineTune(epochs=2, lr=1e-3, distill=4.0, distill_weight=1.0), teacher=teacher)
     with torch.no_grad():
         after = float(distill_loss(student.eval()(digits240.x), teacher(digits240.x), 4.0))
     assert calls and not any(calls[:-1])  # the teacher ran in eval mode
@@ -347,7 +348,7 @@ def test_distillation_learns_from_the_input_model(lenet5_trained, digits240):
 def test_iterable_data_with_its_own_validation(sources_dir, model_file, tmp_path, cli):
     """An iterable Dataset trains front to back; it cannot be split, so --val-data judges (a folder here)."""
     out = tmp_path / "p.pt"
-    base = ["prune", model_file, "--sparsity", "0.6", "--steps", "1", "--epochs", "1", "--no-latency",
+    base = ["prune", model_file, "--sparsity", "0.6", "--rounds", "1", "--epochs", "1", "--no-latency",
             "--train-data", f"{sources_dir}/userdata.py:stream"]
     r = cli(*base, "-o", out)
     assert r.code != 0 and "cannot be split" in r.err and "--val-data" in r.err and not out.exists()

@@ -24,7 +24,7 @@ class Schedule(str, Enum):
     geometric = "geometric"
 
 
-class Method(str, Enum):
+class PruneMethod(str, Enum):
     threshold = "threshold"
     l1_filter = "l1-filter"
     channel_union = "channel-union"
@@ -32,12 +32,12 @@ class Method(str, Enum):
 
 @app.command()
 def prune(model: ModelArg, output: OutOpt,
-          method: Annotated[Method, typer.Option("--method", "-m", help="Pruning method.")] = Method.threshold,
+          method: Annotated[PruneMethod, typer.Option("--method", "-m", help="Pruning method.")] = PruneMethod.threshold,
           arch: ArchOpt = None, trust_pickle: TrustOpt = False, train_data: TrainDataOpt = None,
           test_data: TestDataOpt = None,
           epochs: Annotated[Optional[float], typer.Option(
               "--epochs", min=0, show_default=False, help="Total fine-tuning epochs [default: threshold 3 (split "
-              "over --steps), l1-filter 0, channel-union 4].")] = None,
+              "over --rounds), l1-filter 0, channel-union 4].")] = None,
           lr: Annotated[Optional[float], typer.Option(
               "--lr", show_default=False, help="Learning rate [default: 0.001; channel-union 0.02 (SGD)].")] = None,
           layers: LayersOpt = None, exclude: ExcludeOpt = None,
@@ -45,7 +45,8 @@ def prune(model: ModelArg, output: OutOpt,
               "--sparsity", help="threshold: target sparsity, global (0.92) or per layer/type (conv=0.6,linear=0.95).")] = None,
           quality: Annotated[Optional[str], typer.Option(
               "--quality", help="threshold: threshold = quality x std of each layer (instead of --sparsity).")] = None,
-          steps: Annotated[int, typer.Option("--steps", min=1, help="threshold: pruning rounds (--epochs split over them).")] = 3,
+          rounds: Annotated[int, typer.Option("--rounds", "--steps", min=1, help="threshold: pruning rounds (--epochs split "
+                                              "over them).")] = 3,
           allocate: Annotated[Allocate, typer.Option(
               "--allocate", help="threshold: how a global --sparsity is shared among layers: by measured loss per "
               "weight removed (needs --train-data), or one quality x std rule.")] = Allocate.sensitivity,
@@ -97,24 +98,24 @@ def prune(model: ModelArg, output: OutOpt,
 
     # threshold pruning fine-tunes by default (3 epochs): without data it would only destroy (a 90%-pruned
     # LeNet-5 scored 16% and exited 0), so it needs --train-data unless told --epochs 0
-    needs_train = method == Method.channel_union or bool(epochs) or (sensitivity and method == Method.l1_filter) \
-        or (method == Method.threshold and epochs is None)
-    if target_latency is not None and method != Method.l1_filter:
+    needs_train = method == PruneMethod.channel_union or bool(epochs) or (sensitivity and method == PruneMethod.l1_filter) \
+        or (method == PruneMethod.threshold and epochs is None)
+    if target_latency is not None and method != PruneMethod.l1_filter:
         raise UsageError("--target-latency is for --method l1-filter (channel-union: --target-macs)")
-    if (target_macs is not None or target_params is not None) and method == Method.threshold:
+    if (target_macs is not None or target_params is not None) and method == PruneMethod.threshold:
         raise UsageError("--target-macs / --target-params are for l1-filter and channel-union (threshold pruning "
                          "leaves the layers' shapes, so their MACs: give --sparsity)")
     use_threads(threads)
     inp = load_inputs(model, output, force, arch, trust_pickle, train_data, test_data, input_shape,
                       need_train=needs_train, task=TaskOptions(loss, metric, workers, val_data))
     extra: dict = {}
-    if method == Method.threshold:
+    if method == PruneMethod.threshold:
         cls, opts = ThresholdConfig, {"sparsity": parse_mapping(sparsity, "--sparsity"),
-                                      "quality": parse_mapping(quality, "--quality"), "steps": steps,
+                                      "quality": parse_mapping(quality, "--quality"), "rounds": rounds,
                                       "allocate": allocate.value, "schedule": schedule.value}
         if sparsity is None and quality is None:
             opts["sparsity"] = 0.9
-    elif method == Method.l1_filter:
+    elif method == PruneMethod.l1_filter:
         r = parse_mapping(ratio, "--ratio", cast=_num)
         if sensitivity:
             r = _sensitivity(inp, report or str(Path(output).with_suffix("")) + "-sensitivity", budget, r, extra)

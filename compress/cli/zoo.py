@@ -21,6 +21,7 @@ app.add_typer(zoo, name="zoo")
 @zoo.command("list")
 def list_cmd():
     """List the zoo's models."""
+    from ..config import FineTune
     from ..models import list_models, model_doc
 
     out.print(table("zoo", ["name", "description"], [[n, model_doc(n)] for n in list_models()]))
@@ -58,14 +59,14 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compres
     from .stage import check_output
     from ..metrics import count_params
     from ..models import create_model
-    from ..train import TrainConfig, evaluate, fit
+    from ..train import evaluate, fit
 
     check_output("", output, force)  # fail on an existing output before training, not after
     ds = data_mod.load(data)
     shape = ds.sample_shape
     if augment is None:
         augment = 2 if len(shape) == 3 and min(shape[-2:]) >= 24 else 0
-    cfg = make_config(TrainConfig, epochs=epochs, lr=lr, optimizer=optimizer.value, batch_size=batch_size, seed=seed,
+    cfg = make_config(FineTune, epochs=epochs, lr=lr, optimizer=optimizer.value, batch_size=batch_size, seed=seed,
                       augment=augment)
     tr, va = data_mod.split(ds, val_fraction, seed=0)
     torch.manual_seed(seed)

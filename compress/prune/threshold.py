@@ -6,7 +6,7 @@ quality, one global quality is solved for by bisection so that the whole model r
 layers with widely spread weights keep more. A conv stem and the last layer are pruned less (their
 threshold is scaled by ``first_last_factor``, see ``Select.spare_first_last``); the first Linear of an
 MLP is not spared -- it holds most of the weights, and sparing it would cut every other layer to the
-bone. Pruning is iterative: ``steps`` rounds, each raising sparsity (geometrically in the kept
+bone. Pruning is iterative: ``rounds`` rounds, each raising sparsity (geometrically in the kept
 fraction) and followed by its share of the fine-tuning epochs with masks held.
 
 ``ThresholdPruner`` is the whole method; in your own loop give it ``steps_per_round`` and it moves
@@ -41,7 +41,7 @@ class ThresholdConfig(Config):
             alone on training data; every layer pruned to the same loss rise per weight removed, see
             ``prune.allocate``) or "std" (Han et al.'s one ``quality x std`` rule). Without training
             data: "std".
-        steps: pruning rounds; the fine-tuning epochs are split evenly over them.
+        rounds: pruning rounds; the fine-tuning epochs are split evenly over them (``steps`` before 0.3).
         schedule: how sparsity rises over the rounds, from where the model is to the target:
             "cubic" (Zhu & Gupta 2017: fast first, gently at the end) or "geometric" (the kept
             fraction shrinks by the same factor each round).
@@ -55,11 +55,12 @@ class ThresholdConfig(Config):
     stage_name = "threshold"
     search_key = "sparsity"
     iterative = True
+    renamed = {"steps": "rounds"}
 
     sparsity: float | dict | None = None
     quality: float | dict | None = None
     allocate: str = "sensitivity"
-    steps: int = 3
+    rounds: int = 3
     schedule: str = "cubic"
     first_last_factor: float = 0.5
     select: Select = dataclasses.field(default_factory=Select)
@@ -74,8 +75,8 @@ class ThresholdConfig(Config):
         for v in _values(self.quality):
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0):
                 raise ValueError(f"quality must be >= 0, got {v!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"rounds must be an integer >= 1, got {self.rounds!r}")
         if self.allocate not in ALLOCATE:
             raise ValueError(f"allocate must be one of {', '.join(ALLOCATE)}, got {self.allocate!r}")
         if self.schedule not in SCHEDULES:
@@ -139,7 +140,7 @@ def round_targets(config: ThresholdConfig, start: float = 0.0) -> list:
     """Sparsity after each round k of K, from ``start`` (the model's sparsity now) to the target s:
     cubic, s + (start - s)(1 - k/K)^3, or geometric in the kept fraction,
     1 - (1 - start)((1 - s) / (1 - start))^(k/K). A per-layer dict target rises from 0."""
-    s, steps = config.sparsity, config.steps
+    s, steps = config.sparsity, config.rounds
 
     def at(k, target, s0):
         s0 = min(s0, target)
@@ -197,7 +198,7 @@ class ThresholdPruner(KeepMasks):
             target = self.targets[self.round]
             apply_thresholds(self.model, thresholds(self.model, self.config, target, self.ctx.train, self.ctx.loss))
             self.round += 1
-            log.info("round %d/%d: sparsity %.4f", self.round, self.config.steps,
+            log.info("round %d/%d: sparsity %.4f", self.round, self.config.rounds,
                      sparsity_of(self.model, self.config.select))
 
     def step(self, lr: float | None = None) -> bool:
@@ -208,16 +209,16 @@ class ThresholdPruner(KeepMasks):
         return False
 
     def fine_tune(self) -> None:
-        epochs = self.config.finetune.epochs / self.config.steps
-        for k in range(1, self.config.steps + 1):
+        epochs = self.config.finetune.epochs / self.config.rounds
+        for k in range(1, self.config.rounds + 1):
             if self.ctx.train is not None and epochs > 0:
-                self.train(epochs, seed=k, desc=f"threshold round {k}/{self.config.steps}")
+                self.train(epochs, seed=k, desc=f"threshold round {k}/{self.config.rounds}")
             rec = {"round": k, "sparsity": round(sparsity_of(self.model, self.config.select), 4)}
             if self.ctx.val is not None:
                 rec["accuracy"] = round(self.ctx.score(self.model, self.ctx.val), 3)
             self.records.append(rec)
-            self.ctx.emit("round", of=self.config.steps, **rec)
-            if k < self.config.steps:
+            self.ctx.emit("round", of=self.config.rounds, **rec)
+            if k < self.config.rounds:
                 self.next_round()
 
     def finalize(self) -> nn.Module:
