@@ -323,6 +323,7 @@ def test_distillation_learns_from_the_input_model(lenet5_trained, digits240):
     """--distill: the loss mixes Hinton's soft-target term, computed against the input model (eval mode)."""
     import copy
 
+    from compress.config import FineTune
     from compress.train import distill_loss, fit
 
     s = torch.randn(8, 10)

@@ -21,7 +21,6 @@ app.add_typer(zoo, name="zoo")
 @zoo.command("list")
 def list_cmd():
     """List the zoo's models."""
-    from ..config import FineTune
     from ..models import list_models, model_doc
 
     out.print(table("zoo", ["name", "description"], [[n, model_doc(n)] for n in list_models()]))
@@ -59,6 +58,7 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compres
     from .stage import check_output
     from ..metrics import count_params
     from ..models import create_model
+    from ..config import FineTune
     from ..train import evaluate, fit
 
     check_output("", output, force)  # fail on an existing output before training, not after
