@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 DEMO    := demo-out
 
-.PHONY: install demo test readme-check bench bench-fast bench-baseline clean
+.PHONY: install demo test lint readme-check bench bench-fast bench-baseline clean
 
 install: $(STAMP)
 
@@ -29,8 +29,13 @@ demo: install
 		--recipe docs/recipes/demo.toml -o $(DEMO)/lenet5.cpz --report $(DEMO)/report
 	$(BIN)/compress report $(DEMO)/lenet5.cpz --data mnist5k
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# ruff (pyflakes, import order) on everything, mypy on the library
+lint: install
+	$(BIN)/ruff check compress tests bench tools
+	$(BIN)/mypy
 
 # every command of the README's command-line tour, as written, in a fresh folder (~10 minutes)
 readme-check: install

@@ -15,8 +15,8 @@ os.environ.setdefault("COMPRESS_PROGRESS", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from compress.config import FineTune
 from compress import data as data_mod  # noqa: E402
+from compress.config import FineTune
 from compress.formats import load_model, save_model  # noqa: E402
 from compress.meta import set_meta
 from compress.models import create_model  # noqa: E402

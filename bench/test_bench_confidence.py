@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
-from compress.config import FineTune
 from compress import data as data_mod
+from compress.config import FineTune
 from compress.models import create_model
 from compress.pipeline import pipeline
 from compress.train import evaluate, fit

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from compress.config import FineTune
-
 from compress.metrics import count_macs, count_nonzero, count_params, latency_ms
 from compress.prune import ChannelUnionConfig, L1FilterConfig, ThresholdConfig, prune_
 from compress.quantize import QuantConfig, quantize_
@@ -45,13 +44,13 @@ def test_quantize_lenet5(benchmark, eval_sets, bits, scheme):
 
 def test_factorize_lenet300(benchmark, eval_sets):
     """SVD: LeNet-300-100, energy 0.8, 3 epochs: >= 2.5x fewer params at <= 1 pt drop."""
-    from compress.factorize import FactorizeConfig, factorize
+    from compress.factorize import FactorizeConfig, factorize_
 
     test, name = eval_sets[28]
     base = trained("lenet300", 15)
     tr, va = train_split()
     m = copy.deepcopy(base)
-    once(benchmark, lambda: factorize(m, FactorizeConfig(energy=0.8, finetune=FineTune(epochs=3, augment=0)), tr, va))
+    once(benchmark, lambda: factorize_(m, FactorizeConfig(energy=0.8, finetune=FineTune(epochs=3, augment=0)), tr, va))
     record(benchmark, ratio=count_params(base) / count_params(m), accuracy=evaluate(m, test),
            base_accuracy=evaluate(base, test), latency_ms=latency_ms(m, (1, 1, 28, 28), 32), eval_name=name)
     assert benchmark.extra_info["compression_ratio"] >= 2.5

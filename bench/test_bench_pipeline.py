@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from compress.config import FineTune
 from compress.coding.container import load_cpz, save_cpz
+from compress.config import FineTune
 from compress.metrics import count_params, latency_ms
 from compress.train import evaluate, fit
 
@@ -140,10 +140,9 @@ def test_ort_int8_resnet20(benchmark, eval_sets, tmp_path):
 
 def test_decode_speed_vs_zlib(benchmark, tmp_path):
     """load_cpz of a 4.2 M-weight INT4 k-means model vs zlib decompressing the same count of bytes."""
-    from compress.quantize import QuantConfig, quantize_
-
     from compress.coding.packing import pack
     from compress.quant_state import get_state
+    from compress.quantize import QuantConfig, quantize_
 
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(2048, 2048, bias=False))

@@ -9,8 +9,8 @@ import warnings
 import pytest
 import torch
 
-from compress.config import FineTune
 from compress import data as data_mod
+from compress.config import FineTune
 from compress.metrics import count_macs
 from compress.prune import L1FilterConfig
 from compress.stages import Context, run

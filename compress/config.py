@@ -15,12 +15,14 @@ and a .cpz header can all say exactly what was done.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 import difflib
 import fnmatch
-from typing import Any, Callable, ClassVar
+import warnings
+from typing import Any, Callable, ClassVar, Union
 
 import torch.nn as nn
+
+Layer = Union[nn.Conv2d, nn.Linear]  # what methods change: its .weight is a Tensor (a plain Module's attributes are not typed)
 
 from .errors import UsageError
 
@@ -114,7 +116,7 @@ class Select:
             return False
         return self.filter_fn is None or bool(self.filter_fn(m, name))
 
-    def layers(self, model: nn.Module, kinds=(nn.Conv2d, nn.Linear)) -> list[tuple[str, nn.Module]]:
+    def layers(self, model: nn.Module, kinds=(nn.Conv2d, nn.Linear)) -> list[tuple[str, Layer]]:
         """The chosen layers, in module order. A pattern that matches no layer is an error."""
         candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
         for p in self.names:
@@ -209,6 +211,8 @@ class Config:
     search_key: ClassVar[str] = ""
     iterative: ClassVar[bool] = False  # in a recipe's search, each candidate continues from the previous one
     renamed: ClassVar[dict[str, str]] = {}  # old option name -> new: still read, with a FutureWarning
+    select: Select  # the two parts every config has (each subclass gives its own default)
+    finetune: FineTune
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -337,4 +341,4 @@ def method_for(config: Config, verb: str) -> type:
 
 def stage_types() -> dict[str, type[Config]]:
     """Recipe stage name -> config class, for every registered method."""
-    return {c.stage_name: c for table in _METHODS.values() for c in table}
+    return {c.stage_name: c for table in _METHODS.values() for c in table}  # type: ignore[attr-defined]

@@ -3,6 +3,7 @@ quantization (QDQ format, per-channel weights, calibrated on data)."""
 from __future__ import annotations
 
 import logging
+import warnings
 import os
 import statistics
 import tempfile
@@ -34,9 +35,8 @@ def _session(path, threads: int = 2):
 
 def to_onnx(model: nn.Module, path, input_shape, opset: int = 17) -> None:
     """Export with a dynamic batch axis (legacy TorchScript exporter: no onnxscript needed)."""
-    from .masks import remove_masks
-
     from .coding.graph_model import GraphModel
+    from .masks import remove_masks
 
     if isinstance(model, GraphModel):
         from .stages import graph_only
@@ -46,9 +46,13 @@ def to_onnx(model: nn.Module, path, input_shape, opset: int = 17) -> None:
     model.eval()
     x = torch.randn(tuple(input_shape))
     try:
-        torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
-                          dynamo=False)
+        with warnings.catch_warnings():
+            # the TorchScript-based exporter on purpose (the torch.export-based one needs onnxscript); it and its
+            # internals announce their deprecation on every call
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+                              dynamo=False)
     except Exception as e:
         raise InputError(f"the model cannot be exported to ONNX: {first_line(e, 160)}") from e
     import onnx
@@ -156,7 +160,7 @@ def quantize_int8(fp32_path, int8_path, calib_data, per_channel: bool = True, re
     return reduce_range
 
 
-def onnx_summary(path, data=None, input_shape: str | None = None, threads: int = 2) -> dict[str, Any]:
+def onnx_summary(path, data=None, input_shape: tuple | None = None, threads: int = 2) -> dict[str, Any]:
     """``compress report`` for an .onnx file: params, size, latency and accuracy through ORT."""
     import onnx
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -72,11 +74,11 @@ def choose_rank(s: torch.Tensor, config: FactorizeConfig) -> int:
     return int(torch.searchsorted(e / e[-1], torch.tensor(config.energy, dtype=torch.float64)).item()) + 1
 
 
-def _weight_matrix(m: nn.Module) -> torch.Tensor:
+def _weight_matrix(m: Any) -> torch.Tensor:
     return m.weight.detach().flatten(1).double()  # (out, in*kh*kw)
 
 
-def factor_layer(m: nn.Module, k: int) -> tuple[nn.Module, float]:
+def factor_layer(m: Any, k: int) -> tuple[nn.Module, float]:
     """The two-layer replacement of ``m`` at rank k, and the relative reconstruction error."""
     W = _weight_matrix(m)
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
@@ -85,6 +87,8 @@ def factor_layer(m: nn.Module, k: int) -> tuple[nn.Module, float]:
     B = (U[:, :k] * sq[None, :]).float()  # (out, k)
     err = float(torch.linalg.norm(W - (U[:, :k] * S[:k]) @ Vh[:k]) / torch.linalg.norm(W).clamp_min(1e-30))
     has_bias = m.bias is not None
+    first: nn.Module
+    second: nn.Module
     if isinstance(m, nn.Linear):
         first, second = nn.Linear(m.in_features, k, bias=False), nn.Linear(k, m.out_features, bias=has_bias)
         first.weight.data.copy_(A)
@@ -95,7 +99,7 @@ def factor_layer(m: nn.Module, k: int) -> tuple[nn.Module, float]:
         second = nn.Conv2d(k, m.out_channels, 1, bias=has_bias)
         first.weight.data.copy_(A.view(k, m.in_channels, *m.kernel_size))
         second.weight.data.copy_(B.view(m.out_channels, k, 1, 1))
-    if has_bias:
+    if m.bias is not None and second.bias is not None:
         second.bias.data.copy_(m.bias.detach())
     seq = nn.Sequential(first, second).to(m.weight.device)
     return seq, err
@@ -120,6 +124,8 @@ class Factorizer(Method):
     """Structural: ``attach`` replaces layers by their two-layer factorizations and re-estimates
     BatchNorm statistics on ``ctx.train``; then plain fine-tuning."""
 
+    config: FactorizeConfig
+
     def attach(self) -> None:
         cfg = self.config
         ends = cfg.select.ends(self.model)
@@ -137,7 +143,7 @@ class Factorizer(Method):
         elif any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
             self.notes.append("without training data, BatchNorm statistics were not re-estimated")
 
-    def _factor(self, name: str, m: nn.Module, ends: set[str]) -> dict:
+    def _factor(self, name: str, m: Any, ends: set[str]) -> dict:
         why = _eligible(m)
         if why is None and m in self._held:
             why = f"its {self._held[m]} reads the weight itself"
@@ -165,4 +171,5 @@ class Factorizer(Method):
 def factorize(model: nn.Module, config: FactorizeConfig | None = None, train_data=None, val_data=None,
               **kw) -> nn.Module:
     """Factorize in place and return the model: ``factorize(m, energy=0.8)`` or with a config."""
+    warnings.warn("compress: factorize() is deprecated; the verb is factorize_(model, FactorizeConfig(...))", DeprecationWarning, stacklevel=2)
     return factorize_(model, config or FactorizeConfig(**kw), train_data, val_data)

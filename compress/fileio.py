@@ -86,9 +86,9 @@ def atomic_write(path: str | os.PathLike, force: bool = False) -> Iterator[Path]
     if not parent.is_dir():
         raise InputError(f"output directory {parent} does not exist")
     clean_stale(parent)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=f"-{path.name}", dir=parent)
+    fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=f"-{path.name}", dir=parent)
     os.close(fd)
-    tmp = Path(tmp)
+    tmp = Path(name)
     try:
         yield tmp
         os.chmod(tmp, mode if mode is not None else _umask_mode())

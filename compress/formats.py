@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .errors import InputError
 
+
 def is_cpz(path: Path) -> bool:
     from .coding.container import MAGIC  # the container's own: one source for its bytes
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
+import os
 import pickle
 import sys
 import threading
-import logging
-import os
 import zipfile
 from pathlib import Path
 from typing import Callable, Mapping
@@ -49,6 +49,8 @@ def resolve_callable(spec: str, what: str = "--arch") -> Callable:
         if not p.is_file():
             raise InputError(f"{what}: file {p} not found")
         sp = importlib.util.spec_from_file_location(f"{USER_PREFIX}{p.stem}", p)
+        if sp is None or sp.loader is None:
+            raise InputError(f"{what}: {p} is not a Python module")
         module = importlib.util.module_from_spec(sp)
         try:
             sp.loader.exec_module(module)

@@ -7,6 +7,8 @@ optimizer state of pruned weights stays zero too) and re-applies the mask after 
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -21,7 +23,7 @@ def _pre_hook(module, inputs):
             module.weight.mul_(mask)
 
 
-def set_mask(module: nn.Module, mask: torch.Tensor) -> None:
+def set_mask(module: Any, mask: torch.Tensor) -> None:
     """Attach (or replace) the mask of ``module.weight`` and zero the masked weights now."""
     mask = mask.to(dtype=module.weight.dtype, device=module.weight.device)
     if mask.shape != module.weight.shape:

@@ -184,7 +184,7 @@ def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, thr
                    for m in models]
             per_run = sum(_warm_up(fn) for fn in fns)  # ms for one round over all models
             rounds = min(max(runs, int(1000 * timing_seconds() / max(per_run, 1e-3))), 10_000)
-            times = [[] for _ in fns]
+            times: list[list[float]] = [[] for _ in fns]
             for _ in range(rounds):
                 for t, fn in zip(times, fns):
                     t.append(fn())
@@ -212,7 +212,7 @@ def latencies(models: list, input_shape, runs: int = 20) -> list[dict]:
     """``{"batch_1": ms, "batch_32": ms, "iqr": {...}}`` per model, measured interleaved; with two models
     the second also gets ``"speedup": {batch: [low, median, high]}``, its speed relative to the first
     with a 95% interval (``speed_ratio``)."""
-    outs = [{"iqr": {}} for _ in models]
+    outs: list[dict[str, Any]] = [{"iqr": {}} for _ in models]
     for key, batch, n in (("batch_1", 1, runs), ("batch_32", 32, max(5, runs // 2))):
         raw: list = []
         for o, st in zip(outs, latency_stats(models, input_shape, batch, n, raw=raw)):

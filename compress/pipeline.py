@@ -48,7 +48,7 @@ def size_bytes(model: nn.Module, graph: bool = False) -> dict[str, Any]:
     each layer's tensors (weight, bias, buffers) in the .cpz. ``graph``: with the graph
     a .cpz of the user's own classes holds (``coding.graph``), as ``save_model`` writes it."""
     _, stats = encode_model(copy.deepcopy(model), graph=graph)
-    fixed, layers = 0, {}
+    fixed, layers = 0, {}  # type: ignore[var-annotated]
     for e in stats["tensors"]:
         if "values" in e:
             fixed += e.get("params_bytes", 0) + e.get("index_bytes", 0) + fixed_bytes(e["values"])
@@ -157,7 +157,7 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, s
         cfg = stage.candidates[j]
         if stop.check():
             break
-        start = st.current if stage.iterative else model
+        start = st.current if stage.iterative and st.current is not None else model
         try:
             stop.in_candidate = True
             cand = run(cfg.verb, copy.deepcopy(start), cfg, ctx).model
@@ -369,9 +369,11 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     def save(stage_index: int, st: _SearchState | None) -> None:
         search = None if st is None else {k: getattr(st, k) for k in ("next", "misses", "tried", "kept_index",
                                                                        "kept_sizes")}
-        models = {"model": model, **{f"snapshot{k}": m for k, m in enumerate(snapshots)}}
+        models: dict[str, nn.Module | None] = {"model": model, **{f"snapshot{k}": m for k, m in enumerate(snapshots)}}
         if st is not None:
             models.update(kept=st.kept_model, current=st.current if st.current is not model else None)
+        if checkpoint is None:
+            return
         checkpoint.write({"fingerprint": fingerprint, "stage": stage_index, "results": results, "timeline": timeline,
                           "measured": measured, "search": search}, models)
 

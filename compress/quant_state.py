@@ -109,9 +109,11 @@ class QuantState:
 
     def dequantize(self, shape) -> torch.Tensor:
         """The float32 weight these codes stand for, computed as the quantizer computed it."""
-        if self.is_codebook:  # one gather: code -1 (a pruned zero) indexes the table's trailing 0
+        if self.codebook is not None:  # one gather: code -1 (a pruned zero) indexes the table's trailing 0
             table = torch.cat([self.codebook.float() + 0.0, torch.zeros(1)])
             return table[self.codes.flatten().long()].view(shape)
+        if self.scale is None:
+            raise ValueError("a grid state needs its scales")
         lo, _ = qrange(self.bits, self.symmetric)
         q = self.codes.to(torch.float32) + lo  # (C, K)
         s = self.scale.float()[:, None]

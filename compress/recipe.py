@@ -29,7 +29,7 @@ from .config import CONFIG_VERSION, Config, close_matches, stage_types
 from .errors import UsageError
 
 # names recipes used before one word meant one thing; read with a FutureWarning that says the new spelling
-_OLD_METHODS = {"kmeans": {"scheme": "kmeans"}, "int8": {"bits": 8, "scheme": "minmax"}}  # quantize with these
+_OLD_METHODS: dict[str, dict[str, Any]] = {"kmeans": {"scheme": "kmeans"}, "int8": {"bits": 8, "scheme": "minmax"}}  # quantize with these
 _STAGE_KEYS = ("method", "patience")
 
 

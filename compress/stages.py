@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 
 from . import masks
+from .coding import graph_model
 from .config import Config, FineTune, method_for
 from .errors import UsageError
-from .coding import graph_model
 from .meta import add_history, get_meta
 
 log = logging.getLogger(__name__)

@@ -315,7 +315,7 @@ def fit(model: nn.Module, data: Data, cfg: FineTune | None = None, *, method=Non
                                          "logits")
                     with torch.no_grad():
                         t_out = teacher(x)
-                    value = (1 - cfg.distill_weight) * value + cfg.distill_weight * distill_loss(out, t_out, cfg.distill)
+                    value = (1 - cfg.distill_weight) * value + cfg.distill_weight * distill_loss(out, t_out, cfg.distill or 1.0)
                 pen = method.penalty() if method is not None else None
                 total = value + pen if pen is not None else value
                 opt.zero_grad(set_to_none=True)

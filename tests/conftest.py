@@ -6,9 +6,9 @@ os.environ.setdefault("COMPRESS_LATENCY_SECONDS", "0.1")  # tests check numbers,
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from compress.config import FineTune
 from compress import data as data_mod  # noqa: E402
 from compress.cli import main  # noqa: E402
+from compress.config import FineTune
 from compress.models import create_model  # noqa: E402
 from compress.train import fit  # noqa: E402
 

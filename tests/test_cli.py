@@ -139,8 +139,8 @@ def test_concurrent_writers_to_one_new_name_never_both_succeed(tmp_path):
 def test_latency_is_repeatable_and_a_masked_model_is_not_faster(lenet5_trained, monkeypatch):
     monkeypatch.setenv("COMPRESS_LATENCY_SECONDS", "1.5")  # what a user's command measures
     from compress.config import FineTune
-    from compress.prune import ThresholdConfig, prune_
     from compress.metrics import speed_change
+    from compress.prune import ThresholdConfig, prune_
     shape = (1, 1, 28, 28)
     a = latency_ms(lenet5_trained, shape, 1)
     b = latency_ms(lenet5_trained, shape, 1)

@@ -5,20 +5,19 @@ import zlib
 import numpy as np
 import pytest
 import torch
-
-from compress.config import FineTune
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compress.coding import huffman as H
 from compress.coding import streams
 from compress.coding.container import encode_model, load_cpz, save_cpz
+from compress.config import FineTune
 from compress.errors import FormatError
 from compress.formats import save_model
 from compress.models import create_model
 from compress.prune import ThresholdConfig, prune_
 from compress.quant_state import get_state
-from compress.quantize import QuantConfig, quantize
+from compress.quantize import QuantConfig, quantize_
 from tests.helpers import one_line_error
 
 
@@ -127,7 +126,7 @@ def test_container_roundtrip_bit_identical(lenet5_trained, scheme, bits, affine,
     m = copy.deepcopy(lenet5_trained)
     if sparsity:
         prune_(m, ThresholdConfig(sparsity=sparsity, rounds=1, finetune=FineTune(epochs=0)))
-    quantize(m, QuantConfig(bits=bits, scheme=scheme, symmetric=not affine))
+    quantize_(m, QuantConfig(bits=bits, scheme=scheme, symmetric=not affine))
     blob, _ = encode_model(m)
     from compress.coding.container import decode_model
     d = decode_model(blob)
@@ -147,7 +146,7 @@ def test_biases_on_an_8_bit_grid_or_kept_float(lenet5_trained):
     sizes = {}
     for bias_bits in (None, 8):
         m = copy.deepcopy(lenet5_trained)
-        quantize(m, QuantConfig(bits=4, scheme="kmeans", bias_bits=bias_bits))
+        quantize_(m, QuantConfig(bits=4, scheme="kmeans", bias_bits=bias_bits))
         b = lenet5_trained.fc1.bias.detach()
         if bias_bits is None:
             assert torch.equal(m.fc1.bias, b) and get_state(m.fc1, "bias") is None
@@ -192,14 +191,14 @@ def test_a_transformer_layer_is_stored_as_data(activation):
 
 def test_per_tensor_and_odd_int4(lenet5_trained):
     m = create_model("lenet300", input_size=3, num_classes=3)  # odd tensor sizes
-    quantize(m, QuantConfig(bits=4, scheme="minmax", per_channel=False))
+    quantize_(m, QuantConfig(bits=4, scheme="minmax", per_channel=False))
     from compress.coding.container import decode_model
     assert_identical(m, decode_model(encode_model(m)[0]))
 
 
 def test_int8_size_near_entropy(lenet5_trained):
     m = copy.deepcopy(lenet5_trained)
-    quantize(m, QuantConfig(bits=8))
+    quantize_(m, QuantConfig(bits=8))
     blob, _ = encode_model(m)
     value_entropy = code_entropy = 0.0
     for mod in m.modules():
@@ -244,7 +243,7 @@ def _corruptions(blob: bytes):
 def test_corrupt_files_rejected_cleanly(tmp_path, cli, lenet5_trained):
     m = copy.deepcopy(lenet5_trained)
     prune_(m, ThresholdConfig(sparsity=0.8, rounds=1, finetune=FineTune(epochs=0)))
-    quantize(m, QuantConfig(bits=4, scheme="kmeans"))
+    quantize_(m, QuantConfig(bits=4, scheme="kmeans"))
     save_cpz(m, tmp_path / "good.cpz")
     blob = (tmp_path / "good.cpz").read_bytes()
     cases = _corruptions(blob)
@@ -265,6 +264,7 @@ def test_crafted_file_with_valid_checksums_is_still_checked(lenet5_trained):
     """A file whose CRCs were recomputed after tampering is caught by the structural checks."""
     import json
     import struct
+
     from compress.coding import container as C
     blob, _ = encode_model(copy.deepcopy(lenet5_trained))
     manifest, start = C.read_manifest(blob)
@@ -279,7 +279,7 @@ def test_crafted_file_with_valid_checksums_is_still_checked(lenet5_trained):
 
 def test_encode_decode_cli(tmp_path, cli, lenet5_trained):
     m = copy.deepcopy(lenet5_trained)
-    quantize(m, QuantConfig(bits=4, scheme="mmse"))
+    quantize_(m, QuantConfig(bits=4, scheme="mmse"))
     save_model(m, tmp_path / "q.pt")
     res = cli("encode", tmp_path / "q.pt", "-o", tmp_path / "q.cpz")
     assert res.code == 0, res.err

@@ -4,16 +4,15 @@ import socket
 
 import pytest
 import torch
-
-from compress.config import FineTune
-from compress.stages import Context, run
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from compress import data as data_mod
+from compress.config import FineTune
 from compress.metrics import count_params
 from compress.models import create_model
 from compress.prune import ChannelUnionConfig, ThresholdConfig, prune_, sparsity_of
+from compress.stages import Context, run
 from compress.train import evaluate
 
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from compress.factorize import FactorizeConfig, choose_rank, factor_layer, factorize
-from compress.stages import run
+from compress.factorize import FactorizeConfig, choose_rank, factor_layer
 from compress.formats import load_model, save_model
 from compress.metrics import count_params
 from compress.models import create_model
+from compress.stages import factorize_, run
 
 
 def test_exact_rank_linear_is_reconstructed():
@@ -51,7 +51,7 @@ def test_high_energy_keeps_outputs_and_saves(tmp_path, lenet5_trained, mnist_sma
     x = mnist_small[1].x[:50]
     with torch.no_grad():
         y0 = m(x)
-    factorize(m, energy=0.9999)
+    factorize_(m, FactorizeConfig(energy=0.9999))
     with torch.no_grad():
         y1 = m(x)
     assert (y1.argmax(1) == y0.argmax(1)).float().mean() > 0.97

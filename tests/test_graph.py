@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from compress.coding.container import HEAD, MAGIC, VERSION, decode_model, encode_model
 from compress.errors import InputError
 from compress.meta import set_meta
-from compress.quantize import QuantConfig, quantize
+from compress.quantize import QuantConfig, quantize_
 from tests.archs import ConvNeXt, convnext_mini
 from tests.test_hostile import forge, unpack
 
@@ -26,7 +26,7 @@ SHAPE = (1, 3, 64, 64)
 @pytest.fixture(scope="module")
 def user_model():
     m = convnext_mini().eval()
-    quantize(m, QuantConfig(bits=4, scheme="kmeans"))
+    quantize_(m, QuantConfig(bits=4, scheme="kmeans"))
     set_meta(m, input_shape=list(SHAPE))
     blob, stats = encode_model(copy.deepcopy(m), graph=True)
     return m, blob, stats

@@ -78,8 +78,8 @@ def test_channel_union_pruner_reconfigures_and_optimizer_is_rebuilt():
 
 def test_library_and_own_loop_share_the_method(lenet5_trained, mnist_small):
     """The library's `prune_` drives the very ThresholdPruner a user's loop drives: same masks."""
-    from compress.stages import prune_
     from compress.config import FineTune
+    from compress.stages import prune_
     a, b = copy.deepcopy(lenet5_trained), copy.deepcopy(lenet5_trained)
     cfg = ThresholdConfig(sparsity=0.8, rounds=2, finetune=FineTune(epochs=0))
     prune_(a, cfg)

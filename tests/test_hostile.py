@@ -27,7 +27,7 @@ from compress.errors import FormatError, InputError, UntrustedPickleError
 from compress.formats import save_model
 from compress.meta import set_meta
 from compress.models import create_model
-from compress.quantize import QuantConfig, quantize
+from compress.quantize import QuantConfig, quantize_
 from tests.helpers import one_line_error
 
 
@@ -60,7 +60,7 @@ def tiny_cpz():
     """A real small quantized model's .cpz: (blob, manifest, sections)."""
     torch.manual_seed(0)
     m = create_model("lenet300", input_size=4, num_classes=3)
-    quantize(m, QuantConfig(bits=4, scheme="kmeans"))
+    quantize_(m, QuantConfig(bits=4, scheme="kmeans"))
     blob, _ = encode_model(m)
     manifest, sections = unpack(blob)
     return blob, manifest, sections

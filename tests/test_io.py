@@ -10,7 +10,6 @@ import compress
 from compress.errors import InputError, OutputExistsError, UntrustedPickleError, UsageError
 from compress.formats import load_model, save_model
 from compress.models.lenet import LeNet5
-
 from compress.report import model_report
 from tests.helpers import one_line_error
 
@@ -24,7 +23,7 @@ class _Payload:
         self.path = path
 
     def __reduce__(self):
-        return (exec, (f"open({self.path!r}, 'w').write('pwned')",))
+        return (exec, (f"with open({self.path!r}, 'w') as f: f.write('pwned')",))
 
 
 def test_three_formats_report_the_same(tmp_path, lenet5_trained, cli):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from compress.config import FineTune
 from compress import data as data_mod
+from compress.config import FineTune
 from compress.errors import UsageError
 from compress.metrics import count_macs, count_params, layer_table
 from compress.models import create_model, list_models

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.config import FineTune
 from compress import data as data_mod
 from compress.coding.container import decode_model, encode_model
+from compress.config import FineTune
 from compress.errors import InputError, UsageError
 from compress.meta import set_meta
 from compress.models import create_model
@@ -303,6 +303,7 @@ def test_ctrl_c_then_resume_from_the_command_line(trained, tmp_path, cli):
             p.send_signal(signal.SIGINT)
             break
     rest = p.stderr.read()
+    p.stderr.close()
     assert p.wait(timeout=120) == 0, rest
     assert "stopped during threshold (Ctrl-C)" in rest
     load_model(tmp_path / "cut.cpz")  # a valid file of the best kept so far

@@ -3,17 +3,24 @@ import copy
 import pytest
 import torch
 
-from compress.config import FineTune
-
 from compress import data as data_mod
 from compress import masks
+from compress.config import FineTune
 from compress.metrics import count_macs, count_nonzero, count_params
 from compress.models import create_model
-from compress.prune import (ChannelUnionConfig, L1FilterConfig, ThresholdConfig, prune_, ratios_for_budget, sensitivity, sparsity_of, threshold)
+from compress.prune import (
+    ChannelUnionConfig,
+    L1FilterConfig,
+    ThresholdConfig,
+    prune_,
+    ratios_for_budget,
+    sensitivity,
+    sparsity_of,
+)
 from compress.prune.channel_union import GroupLasso, ResidualIdentity, reconfigure
-from tests.helpers import one_line_error
 from compress.prune.graph import channel_groups, prune_group
 from compress.train import evaluate, fit
+from tests.helpers import one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +42,7 @@ def test_threshold_reaches_sparsity_and_masks_hold(lenet5_trained, mnist_small):
     tr, va = mnist_small
     m = copy.deepcopy(lenet5_trained)
     before = evaluate(m, va)
-    threshold(m, 0.9, train_data=tr.subset(range(600)), steps=2, finetune=FineTune(epochs=1.0))
+    prune_(m, ThresholdConfig(sparsity=0.9, rounds=2, finetune=FineTune(epochs=1.0)), tr.subset(range(600)))
     assert abs(sparsity_of(m) - 0.9) < 0.01
     assert count_params(m) / count_nonzero(m) > 8
     assert not masks.has_masks(m) and "_compress_mask" not in str(m.__dict__.keys())

@@ -3,17 +3,16 @@ import copy
 import numpy as np
 import pytest
 import torch
-
-from compress.config import FineTune
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from compress.coding import packing
+from compress.config import FineTune
 from compress.formats import load_model, save_model
 from compress.models import create_model
 from compress.prune import ThresholdConfig, prune_
 from compress.quant_state import get_state
-from compress.quantize import QuantConfig, quantize
-from compress.coding import packing
+from compress.quantize import QuantConfig, quantize_
 from compress.train import evaluate
 
 
@@ -32,7 +31,7 @@ def _grid_ok(m):
 @pytest.mark.parametrize("bits", [8, 4, 3])
 def test_weights_lie_on_grid(lenet5_trained, scheme, bits):
     m = copy.deepcopy(lenet5_trained)
-    quantize(m, QuantConfig(bits=bits, scheme=scheme))
+    quantize_(m, QuantConfig(bits=bits, scheme=scheme))
     _grid_ok(m)
     per_channel_vals = m.conv2.weight.flatten(1)
     if scheme in ("minmax", "mmse"):  # per channel: each output channel has at most 2^bits - 1 levels
@@ -52,7 +51,7 @@ def test_mmse_beats_minmax_at_4_bits_on_every_layer(lenet5_trained, mnist_small)
 def test_int8_keeps_accuracy(lenet5_trained, mnist_small):
     _, va = mnist_small
     m = copy.deepcopy(lenet5_trained)
-    quantize(m, QuantConfig(bits=8))
+    quantize_(m, QuantConfig(bits=8))
     assert evaluate(m, va) >= evaluate(lenet5_trained, va) - 0.5  # one sample of 199 is 0.5 pt
 
 
@@ -62,7 +61,7 @@ def test_zeros_stay_zero(lenet5_trained):
     zeros = {n: p == 0 for n, p in m.named_parameters() if p.dim() > 1}
     for scheme in ("minmax", "mmse", "kmeans"):
         q = copy.deepcopy(m)
-        quantize(q, QuantConfig(bits=4, scheme=scheme, symmetric=scheme != "minmax"))
+        quantize_(q, QuantConfig(bits=4, scheme=scheme, symmetric=scheme != "minmax"))
         for n, p in q.named_parameters():
             if n in zeros:
                 assert torch.all(p[zeros[n]] == 0)
@@ -74,7 +73,7 @@ def test_kmeans_centroid_finetune_keeps_sharing(lenet5_trained, mnist_small):
     prune_(m, ThresholdConfig(sparsity=0.8, rounds=1, finetune=FineTune(epochs=0)))
     nz = int(torch.count_nonzero(m.fc1.weight))
     before = {n: p.clone() for n, p in m.named_parameters()}
-    quantize(m, QuantConfig(bits=3, scheme="kmeans", finetune=FineTune(epochs=0.5, lr=1e-3)), train_data=tr.subset(range(500)))
+    quantize_(m, QuantConfig(bits=3, scheme="kmeans", finetune=FineTune(epochs=0.5, lr=1e-3)), train_data=tr.subset(range(500)))
     _grid_ok(m)
     assert int(torch.count_nonzero(m.fc1.weight)) == nz  # sparsity kept through centroid training
     from compress.quantize import quantize_tensor
@@ -85,7 +84,7 @@ def test_kmeans_centroid_finetune_keeps_sharing(lenet5_trained, mnist_small):
 
 def test_quantized_model_saves_and_codes_survive(tmp_path, lenet5_trained):
     m = copy.deepcopy(lenet5_trained)
-    quantize(m, QuantConfig(bits=4, scheme="mmse"))
+    quantize_(m, QuantConfig(bits=4, scheme="mmse"))
     save_model(m, tmp_path / "q.pt")
     again = load_model(tmp_path / "q.pt")  # no --trust-pickle needed
     assert torch.equal(get_state(m.fc1).codes, get_state(again.fc1).codes)

@@ -259,12 +259,12 @@ def test_every_method_on_real_families(family, tmp_path):
     """report numbers, threshold pruning, INT8 and 4-bit k-means, the .cpz round trip (bit-exact, rebuilt
     from the user's code), SVD factorization and ONNX INT8 export, on models of classes nobody here wrote."""
     from compress.coding.container import decode_model, encode_model
+    from compress.config import Select
     from compress.data import TensorData
     from compress.export import export
     from compress.factorize import FactorizeConfig
     from compress.formats import arch_base
     from compress.metrics import count_nonzero, count_params
-    from compress.config import Select
     from compress.prune import ThresholdConfig
     from compress.quantize import QuantConfig
 

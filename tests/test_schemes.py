@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from compress.coding.container import decode_model, encode_model
+from compress.config import FineTune
 from compress.errors import FormatError
 from compress.prune import ThresholdConfig, prune_
-from compress.config import FineTune
 from compress.quant_state import SCHEMES, QuantState, Scheme, get_state, register_scheme
-from compress.quantize import QuantConfig, quantize, sqnr_db
+from compress.quantize import QuantConfig, quantize_, sqnr_db
 from compress.quantize.pow2 import MAX_EXPONENTS
 
 
@@ -30,7 +30,7 @@ def test_pow2_weights_are_signed_powers_of_two(lenet5_trained, bits):
     m = copy.deepcopy(lenet5_trained)
     prune_(m, ThresholdConfig(sparsity=0.5, rounds=1, finetune=FineTune(epochs=0)))
     zeros = {n: p == 0 for n, p in m.named_parameters() if n.endswith("weight")}
-    quantize(m, QuantConfig(bits=bits, scheme="pow2"))
+    quantize_(m, QuantConfig(bits=bits, scheme="pow2"))
     for name, mod in m.named_modules():
         state = get_state(mod)
         if state is None:
@@ -60,7 +60,7 @@ def test_pow2_scale_is_the_least_error_one(lenet5_trained):
 
 def test_pow2_travels_through_the_container_by_name(lenet5_trained):
     m = copy.deepcopy(lenet5_trained)
-    quantize(m, QuantConfig(bits=4, scheme="pow2"))
+    quantize_(m, QuantConfig(bits=4, scheme="pow2"))
     blob, _ = encode_model(m)
     d = decode_model(blob)
     assert get_state(d.fc1).scheme == "pow2" and get_state(d.conv1).scheme == "pow2"
@@ -107,7 +107,7 @@ def ternary():
 
 def test_a_registered_scheme_needs_no_other_change(lenet5_trained, ternary, tmp_path):
     m = copy.deepcopy(lenet5_trained)
-    quantize(m, QuantConfig(bits=2, scheme="ternary-test", bias_bits=None))
+    quantize_(m, QuantConfig(bits=2, scheme="ternary-test", bias_bits=None))
     assert len(torch.unique(m.fc1.weight)) == 3
     assert sqnr_db(lenet5_trained.fc1.weight.detach(), m.fc1.weight.detach()) > 0
     blob, _ = encode_model(m)

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from compress.config import FineTune
+from compress.models import create_model
 from compress.prune import L1FilterConfig
 from compress.prune.taylor import ATTR, SAMPLES
 from compress.stages import Context, run
-from compress.models import create_model
 
 
 def _kept_filters(before, after, layer):

@@ -295,9 +295,9 @@ def test_targets_need_not_be_labels(lenet5_trained, digits240):
     import torch.nn.functional as F
 
     from compress import prune_
+    from compress.config import FineTune
     from compress.prune import ThresholdConfig
     from compress.stages import Context
-    from compress.config import FineTune
 
     teacher = copy.deepcopy(lenet5_trained).eval()
     with torch.no_grad():

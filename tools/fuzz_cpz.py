@@ -21,10 +21,10 @@ def seeds() -> list[bytes]:
     import torch
 
     from compress.coding.container import encode_model
+    from compress.config import FineTune
     from compress.models import create_model
     from compress.prune import ThresholdConfig, prune_
-    from compress.config import FineTune
-    from compress.quantize import QuantConfig, quantize
+    from compress.quantize import QuantConfig, quantize_
 
     out = []
     for scheme, sparsity in (("kmeans", 0.9), ("minmax", None), ("mmse", 0.5)):
@@ -32,7 +32,7 @@ def seeds() -> list[bytes]:
         m = create_model("lenet300", input_size=4, num_classes=3)
         if sparsity:
             prune_(m, ThresholdConfig(sparsity=sparsity, steps=1, finetune=FineTune(epochs=0)))
-        quantize(m, QuantConfig(bits=4, scheme=scheme))
+        quantize_(m, QuantConfig(bits=4, scheme=scheme))
         out.append(encode_model(m)[0])
     return out
 

@@ -18,7 +18,8 @@ from . import common
 # Typer 0.29 labels on/off flags "<bool>" in help, which reads as if `--force true` were expected;
 # a flag takes no value, so it gets no type label.
 _display_type = typer.core.TyperOption.display_type_rich
-typer.core.TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _display_type(self, ctx)
+typer.core.TyperOption.display_type_rich = (  # type: ignore[method-assign]
+    lambda self, ctx: None if self.is_flag else _display_type(self, ctx))
 GLOBAL_FLAGS = ("--debug", "--quiet", "-q", "--verbose", "-v")  # accepted before or after the command
 
 app = typer.Typer(name="compress", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -106,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         msg = " ".join(e.format_message().split())
-        hint = f" (see 'compress {e.ctx.command_path.split(' ', 1)[1]} --help')" \
-            if e.ctx is not None and " " in e.ctx.command_path else ""
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see 'compress {ctx.command_path.split(' ', 1)[1]} --help')" \
+            if ctx is not None and " " in ctx.command_path else ""
         print(f"error: {msg}{hint}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     except CompressError as e:

@@ -2,14 +2,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-from . import app
 from typing import Annotated
 
 import typer
 
-from .common import (ArchOpt, ForceOpt, InputShapeOpt, ModelArg, OutOpt, TrustOpt, err, note_no_graph, out,
-                     parse_shape, table)
+from . import app
+from .common import (
+    ArchOpt,
+    ForceOpt,
+    InputShapeOpt,
+    ModelArg,
+    OutOpt,
+    TrustOpt,
+    err,
+    note_no_graph,
+    out,
+    parse_shape,
+    table,
+)
 from .stage import check_output
 
 

@@ -5,8 +5,8 @@ Results go to stdout (a table, or JSON); progress, warnings and errors go to std
 from __future__ import annotations
 
 import json
-import sys
 import math
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 

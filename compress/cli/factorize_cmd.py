@@ -6,9 +6,31 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import (ArchOpt, DistillOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, LossOpt, MetricOpt,
-                     ModelArg, NoLatencyOpt, OutOpt, ReportOpt, TestDataOpt, ThreadsOpt, TrainDataOpt, TrustOpt,
-                     ValDataOpt, WorkersOpt, make_config, out, table, use_threads)
+from .common import (
+    ArchOpt,
+    DistillOpt,
+    ExcludeOpt,
+    ForceOpt,
+    InputShapeOpt,
+    JsonOpt,
+    LayersOpt,
+    LossOpt,
+    MetricOpt,
+    ModelArg,
+    NoLatencyOpt,
+    OutOpt,
+    ReportOpt,
+    TestDataOpt,
+    ThreadsOpt,
+    TrainDataOpt,
+    TrustOpt,
+    ValDataOpt,
+    WorkersOpt,
+    make_config,
+    out,
+    table,
+    use_threads,
+)
 from .stage import TaskOptions, load_inputs, patterns, run_command
 
 

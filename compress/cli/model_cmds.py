@@ -1,12 +1,28 @@
 """``compress report``: the numbers of one model file."""
 from __future__ import annotations
 
-
-
 from . import app
-from .common import (ArchOpt, DataOpt, ForceOpt, InputShapeOpt, JsonOpt, MetricOpt, ModelArg, NoLatencyOpt, ReportOpt,
-                     TestDataOpt, ThreadsOpt, TrustOpt, WorkersOpt, check_reports, emit_json, out, parse_shape, table,
-                     use_threads)
+from .common import (
+    ArchOpt,
+    DataOpt,
+    ForceOpt,
+    InputShapeOpt,
+    JsonOpt,
+    MetricOpt,
+    ModelArg,
+    NoLatencyOpt,
+    ReportOpt,
+    TestDataOpt,
+    ThreadsOpt,
+    TrustOpt,
+    WorkersOpt,
+    check_reports,
+    emit_json,
+    out,
+    parse_shape,
+    table,
+    use_threads,
+)
 
 
 @app.command()

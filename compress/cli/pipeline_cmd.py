@@ -3,15 +3,35 @@ from __future__ import annotations
 
 import copy
 import time
-
 from typing import Annotated, Optional
 
 import typer
 
 from . import app
-from .common import (ArchOpt, DistillOpt, ForceOpt, InputShapeOpt, JsonOpt, LossOpt, MetricOpt, ModelArg, NoLatencyOpt,
-                     OutOpt, ReportOpt, TestDataOpt, ThreadsOpt, TrustOpt, WorkersOpt, check_reports, emit_json, err,
-                     note_no_graph, out, table, use_threads)
+from .common import (
+    ArchOpt,
+    DistillOpt,
+    ForceOpt,
+    InputShapeOpt,
+    JsonOpt,
+    LossOpt,
+    MetricOpt,
+    ModelArg,
+    NoLatencyOpt,
+    OutOpt,
+    ReportOpt,
+    TestDataOpt,
+    ThreadsOpt,
+    TrustOpt,
+    WorkersOpt,
+    check_reports,
+    emit_json,
+    err,
+    note_no_graph,
+    out,
+    table,
+    use_threads,
+)
 from .stage import TaskOptions, check_data, load_inputs
 
 
@@ -56,16 +76,14 @@ def pipeline(model: ModelArg, output: OutOpt,
 
         compress pipeline r20.pt --train-data "mnist5k?size=32" --recipe docs/recipes/structured.toml -o r20.cpz
     """
-    from .. import data as data_mod
-    from ..formats import save_model
-    from ..pipeline import pipeline as run
-    from ..recipe import Recipe
-
     from pathlib import Path
 
+    from .. import data as data_mod
     from ..errors import OutputExistsError, UsageError
-    from ..formats import load_model
+    from ..formats import load_model, save_model
     from ..pipeline import Checkpoint
+    from ..pipeline import pipeline as run
+    from ..recipe import Recipe
 
     ckpt = Checkpoint(Path(f"{output}.resume"), lambda p: load_model(p, arch=arch, trust_pickle=trust_pickle))
     if resume and not ckpt.exists():

@@ -8,9 +8,32 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import (ArchOpt, DistillOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, LossOpt, MetricOpt,
-                     ModelArg, NoLatencyOpt, OutOpt, ReportOpt, TestDataOpt, ThreadsOpt, TrainDataOpt, TrustOpt,
-                     ValDataOpt, WorkersOpt, err, make_config, out, table, use_threads)
+from .common import (
+    ArchOpt,
+    DistillOpt,
+    ExcludeOpt,
+    ForceOpt,
+    InputShapeOpt,
+    JsonOpt,
+    LayersOpt,
+    LossOpt,
+    MetricOpt,
+    ModelArg,
+    NoLatencyOpt,
+    OutOpt,
+    ReportOpt,
+    TestDataOpt,
+    ThreadsOpt,
+    TrainDataOpt,
+    TrustOpt,
+    ValDataOpt,
+    WorkersOpt,
+    err,
+    make_config,
+    out,
+    table,
+    use_threads,
+)
 from .stage import TaskOptions, load_inputs, parse_mapping, patterns, run_command
 
 
@@ -92,7 +115,7 @@ def prune(model: ModelArg, output: OutOpt,
 
         compress prune resnet20.pt --method channel-union --train-data "mnist5k?size=32" --epochs 4 -o r20-cu.pt
     """
-    from ..config import Select
+    from ..config import Config, Select
     from ..errors import UsageError
     from ..prune import ChannelUnionConfig, L1FilterConfig, ThresholdConfig
 
@@ -109,6 +132,7 @@ def prune(model: ModelArg, output: OutOpt,
     inp = load_inputs(model, output, force, arch, trust_pickle, train_data, test_data, input_shape,
                       need_train=needs_train, task=TaskOptions(loss, metric, workers, val_data))
     extra: dict = {}
+    cls: type[Config]
     if method == PruneMethod.threshold:
         cls, opts = ThresholdConfig, {"sparsity": parse_mapping(sparsity, "--sparsity"),
                                       "quality": parse_mapping(quality, "--quality"), "rounds": rounds,
@@ -160,7 +184,8 @@ def _num(v: str):
 
 def _sensitivity(inp, folder, budget, ratio, extra):
     from ..fileio import write_text
-    from ..prune import ratios_for_budget, sensitivity as run_sens
+    from ..prune import ratios_for_budget
+    from ..prune import sensitivity as run_sens
     from ..report.plots import sensitivity as plot_sensitivity
 
     if inp.val is None:

@@ -6,9 +6,35 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import (ArchOpt, DataOpt, DistillOpt, ExcludeOpt, ForceOpt, InputShapeOpt, JsonOpt, LayersOpt, LossOpt,
-                     MetricOpt, ModelArg, NoLatencyOpt, OutOpt, ReportOpt, TestDataOpt, ThreadsOpt, TrainDataOpt,
-                     TrustOpt, ValDataOpt, WorkersOpt, emit_json, err, make_config, out, parse_shape, table, use_threads)
+from .common import (
+    ArchOpt,
+    DataOpt,
+    DistillOpt,
+    ExcludeOpt,
+    ForceOpt,
+    InputShapeOpt,
+    JsonOpt,
+    LayersOpt,
+    LossOpt,
+    MetricOpt,
+    ModelArg,
+    NoLatencyOpt,
+    OutOpt,
+    ReportOpt,
+    TestDataOpt,
+    ThreadsOpt,
+    TrainDataOpt,
+    TrustOpt,
+    ValDataOpt,
+    WorkersOpt,
+    emit_json,
+    err,
+    make_config,
+    out,
+    parse_shape,
+    table,
+    use_threads,
+)
 from .stage import TaskOptions, check_output, load_inputs, parse_mapping, patterns, run_command
 
 

@@ -9,6 +9,7 @@ import typer
 from . import app
 from .common import ForceOpt, OutOpt, SeedOpt, TestDataOpt, err, make_config, out, table
 
+
 class Optimizer(str, Enum):
     adam = "adam"
     sgd = "sgd"
@@ -53,13 +54,13 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compres
     import torch
 
     from .. import data as data_mod
+    from ..config import FineTune
     from ..formats import save_model
     from ..meta import set_meta
-    from .stage import check_output
     from ..metrics import count_params
     from ..models import create_model
-    from ..config import FineTune
     from ..train import evaluate, fit
+    from .stage import check_output
 
     check_output("", output, force)  # fail on an existing output before training, not after
     ds = data_mod.load(data)

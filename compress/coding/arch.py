@@ -216,7 +216,7 @@ def rebuild(spec: dict, tensors: dict[str, torch.Tensor], depth: int = 0, prefix
         if "class" not in spec:
             raise ValueError("architecture node lacks 'class'")
         cls = resolve_class(spec["class"])
-        m = cls.__new__(cls)
+        m = object.__new__(cls)
         nn.Module.__init__(m)
     if not isinstance(spec["attrs"], dict):
         raise ValueError("malformed attributes")

@@ -69,7 +69,7 @@ def capture(model: nn.Module, input_shape) -> dict:
             elif n.target is operator.mul:
                 op = "sym_mul"
             else:
-                op = OP_NAMES.get(n.target)
+                op = OP_NAMES.get(n.target)  # type: ignore[assignment]  # None: checked below
             if op is None:
                 raise GraphError(f"its forward calls {n.target if name else type(n.target).__name__}, which is not "
                                  "in compress's table of operators")

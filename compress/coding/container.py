@@ -22,7 +22,7 @@ import logging
 import struct
 import zlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 import torch.nn as nn
@@ -119,7 +119,7 @@ def save_cpz(model: nn.Module, path, force: bool = False, graph: bool = True, in
 
 
 # ----------------------------------------------------------------------------- decoding
-def _fail(path, msg):
+def _fail(path, msg) -> NoReturn:
     raise FormatError(f"{path}: not a valid .cpz file ({msg})")
 
 

@@ -326,7 +326,7 @@ def parse(doc: Any) -> Graph:
     p.refs = []
     outputs = [p.ref(o, "tensor") for o in outs]
     kept = {r.index for r in outputs if isinstance(r, Ref)}
-    frees = [[] for _ in nodes]
+    frees: list[list[int]] = [[] for _ in nodes]
     for i, k in last.items():
         if i not in kept:
             frees[k].append(i)

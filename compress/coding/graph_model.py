@@ -135,7 +135,7 @@ class GraphModel(nn.Module):
         slots = []
         for k, fqn in enumerate(g.tensors):
             *path, leaf = fqn.split(".")
-            mod = self
+            mod: Any = self
             try:
                 for p in path:
                     if p not in mod._modules:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .packing import pack, unpack
 from . import huffman as H
+from .packing import pack, unpack
 
 GAP_FILLER = 255
 

@@ -43,7 +43,7 @@ def _encode_state(state: QuantState, t: torch.Tensor) -> tuple[bytes, dict]:
     """A quantized weight: its codes as they are, with the grid's scales or the codebook in front."""
     zero = (t.detach().flatten() == 0).cpu().numpy()
     bits = int(state.bits)
-    if state.is_codebook:
+    if state.codebook is not None:
         cb = state.codebook.float().cpu().numpy().astype("<f4")
         k = len(cb)
         sym = state.codes.flatten().cpu().numpy().astype(np.int64)
@@ -51,10 +51,12 @@ def _encode_state(state: QuantState, t: torch.Tensor) -> tuple[bytes, dict]:
         half = bool(np.array_equal(cb.astype("<f2").astype("<f4"), cb))  # k-means rounds its centroids so
         fields = {"enc": "codebook", "scheme": state.scheme, "bits": bits, "k": k, **({"cb16": True} if half else {})}
         return _coded(sym, zero, k + 1, (cb.astype("<f2") if half else cb).tobytes(), fields)
+    if state.scale is None:
+        raise ValueError("a grid state needs its scales")
     scale = state.scale.float().cpu().numpy().astype("<f4")
     params = scale.tobytes()
-    affine = not state.symmetric
-    if affine:
+    affine = state.zero_point is not None
+    if state.zero_point is not None:
         params += state.zero_point.float().cpu().numpy().astype("<f4").tobytes()
     sym = state.codes.cpu().numpy().reshape(-1).astype(np.int64)
     return _coded(sym, zero, 2 ** bits, params,
@@ -147,7 +149,7 @@ _OLD_SCHEME = {"uniform": "minmax", "codebook": "kmeans"}  # files written befor
 
 def _scheme_name(e: dict) -> str:
     """The registered scheme a section names; it must store its state as the section does."""
-    enc = e.get("enc")
+    enc = str(e.get("enc"))  # "uniform" or "codebook": decode_entry checked it
     name = e.get("scheme", _OLD_SCHEME[enc])
     if not isinstance(name, str) or name not in SCHEMES:
         known = ", ".join(n for n, s in SCHEMES.items() if s.storage == _STORAGE[enc])
@@ -193,7 +195,7 @@ def _decode_state(e: dict, data: bytes, shape: list, n: int, budget) -> QuantSta
         codes = sym.astype(np.int64)
     else:  # pruned weights are the grid's zero: code -lo (symmetric) or the channel's zero point
         lo = -(2 ** (bits - 1) - 1) if not affine else 0
-        codes = np.repeat(zp.numpy().astype(np.int64), n // c) if affine else np.full(n, -lo, dtype=np.int64)
+        codes = np.repeat(zp.numpy().astype(np.int64), n // c) if zp is not None else np.full(n, -lo, dtype=np.int64)
         codes[mask] = sym
     state = QuantState(bits, name, torch.from_numpy(codes.astype(np.uint8)).view(c, -1), scale, zp,
                        per_channel=bool(e.get("per_channel", True)))

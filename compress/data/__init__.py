@@ -23,8 +23,8 @@ from pathlib import Path
 
 from ..errors import InputError
 from .core import VAL_FRACTION, Data, Mapped, Subset, batches, check_fits, eval_batch_size, split
-from .kinds import ArrayData, IterData, MapData, TensorData, as_data, validate
 from .images import FolderData
+from .kinds import ArrayData, IterData, MapData, TensorData, as_data, validate
 from .sources import BUILTIN, MAX_ARRAY_BYTES, MAX_GZIP_RATIO, apply_options
 
 __all__ = ["VAL_FRACTION", "ArrayData", "Data", "FolderData", "IterData", "MapData", "Mapped", "Subset", "TensorData",
@@ -32,16 +32,23 @@ __all__ = ["VAL_FRACTION", "ArrayData", "Data", "FolderData", "IterData", "MapDa
            "MAX_GZIP_RATIO", "validate"]
 
 
+def _key_value(kv: str) -> tuple[str, str]:
+    k, _, v = kv.partition("=")
+    return k, v
+
+
 def load(spec: str, workers: int | None = None) -> Data:
     """Load a data set from a spec (see the module docstring). ``workers``: loader processes."""
     from . import images, sources
 
     base, _, query = spec.partition("?")
-    opts = dict(kv.split("=", 1) if "=" in kv else (kv, "") for kv in query.split("&") if kv)
+    opts = dict(_key_value(kv) for kv in query.split("&") if kv)
     handled: tuple = ()
     p = Path(base)
+    data: Data
     if base in BUILTIN:
-        x, y = validate(*BUILTIN[base](), base)
+        x, y = BUILTIN[base]()
+        x, y = validate(x, y, base)
         data = TensorData(x, y, spec)
     elif base.startswith("folder:"):
         data, handled = images.folder(base[len("folder:"):], opts, spec), images.OPTIONS
@@ -49,7 +56,8 @@ def load(spec: str, workers: int | None = None) -> Data:
         if (p / "x.npy").is_file() and (p / "y.npy").is_file():
             data = sources._npy_dir(p, spec)
         elif any(p.glob("*images-idx3-ubyte*")) or not images.looks_like_folder(p):
-            x, y = validate(*sources._idx_dir(p), base)
+            x, y = sources._idx_dir(p)
+            x, y = validate(x, y, base)
             data = TensorData(x, y, spec)
         else:
             data, handled = images.folder(base, opts, spec), images.OPTIONS

@@ -35,9 +35,13 @@ class Data:
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def batch(self, indices: Sequence[int], train: bool = False) -> Batch:
+    def batch(self, indices: Sequence[int] | torch.Tensor, train: bool = False) -> Batch:
         """The samples at ``indices`` as one batch ``(inputs, targets)``. ``train``: with the training-time
         augmentation the data defines (random crops and flips of an image folder)."""
+        raise NotImplementedError
+
+    def iter_batches(self, batch_size: int) -> Iterator[Batch]:
+        """Iterable data: its batches front to back (map-style data are read by index instead)."""
         raise NotImplementedError
 
     def labels(self) -> torch.Tensor | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +75,8 @@ class FolderData(Data):
 
         path = self.files[i]
         try:
-            with Image.open(path) as img:
+            with Image.open(path) as opened:
+                img: Any = opened
                 w, h = img.size
                 if w * h > MAX_PIXELS:
                     raise InputError(f"{self.name}: image {safe(path, 200)} is {w} x {h}, more than "
@@ -98,7 +100,7 @@ class FolderData(Data):
             x = F.interpolate(x[None], size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
                               antialias=True, align_corners=False)[0]
         out = self.crop or self.size
-        if train and self.rrc is not None:
+        if train and self.rrc is not None and out is not None:
             x = _random_resized_crop(x, out, self.rrc)
         elif self.crop is not None:
             h, w = x.shape[-2:]
@@ -167,7 +169,8 @@ def folder(path: str, opts: dict[str, str], name: str) -> FolderData:
         if not 0 < rrc <= 1:
             raise UsageError(f"{name}: ?rrc={opts['rrc']!r} must be the smallest area kept, in (0, 1]")
     flip = "flip" in opts and opts["flip"] not in ("0", "false", "no")
-    mean = std = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     if "norm" in opts:
         if opts["norm"] not in NORMS:
             raise UsageError(f"{name}: ?norm={opts['norm']!r} unknown; known: {', '.join(NORMS)} (or ?mean=...&std=...)")
@@ -175,10 +178,11 @@ def folder(path: str, opts: dict[str, str], name: str) -> FolderData:
     if "mean" in opts or "std" in opts:
         if "mean" not in opts or "std" not in opts:
             raise UsageError(f"{name}: give both ?mean= and ?std=")
-        mean, std = _floats(opts["mean"], "mean", name), _floats(opts["std"], "std", name)
-        if len(mean) != len(std) or not all(s > 0 for s in std):
+        means, stds = _floats(opts["mean"], "mean", name), _floats(opts["std"], "std", name)
+        if len(means) != len(stds) or not all(s > 0 for s in stds):
             raise UsageError(f"{name}: ?mean and ?std need as many values, and std > 0")
-    if mean is not None and len(mean) == 1:
+        mean, std = means, stds
+    if mean is not None and std is not None and len(mean) == 1:
         mean, std = mean * 3, std * 3
     return FolderData(path, name, size=size, resize=resize, crop=crop, rrc=rrc, flip=flip, mean=mean, std=std,
                       channels=ch)

@@ -11,6 +11,7 @@ import torch
 from ..errors import CompressError, InputError, first_line
 from .core import Batch, Data
 
+
 class TensorData(Data):
     """Tensors in memory: ``x`` (N, ...) float32 inputs, ``y`` (N, ...) targets (class labels: int64)."""
 
@@ -48,8 +49,8 @@ class ArrayData(Data):
 
     def batch(self, indices, train: bool = False) -> Batch:
         idx = np.asarray(indices, dtype=np.int64)
-        x = np.asarray(self.x[idx])
-        x = torch.from_numpy(x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32, copy=False))
+        a = np.asarray(self.x[idx])
+        x = torch.from_numpy(a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32, copy=False))
         bad = ~torch.isfinite(x.flatten(1)).all(1)
         if bad.any():  # checked as read: a whole pass over a memory-mapped file up front would read it all
             raise InputError(f"data {self.name}: sample {int(idx[int(bad.nonzero()[0])])} holds NaN or infinite values")

@@ -8,9 +8,9 @@ import gzip
 import logging
 import math
 import os
+import struct
 import zipfile
 import zlib
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -166,14 +166,13 @@ def _npy_dir(path: Path, name: str) -> Data:
             arrays.append(np.load(f, mmap_mode="r" if big else None, allow_pickle=False))
         except (ValueError, OSError) as e:
             raise InputError(f"{f}: not a readable .npy file ({first_line(e, 100)})") from e
-    return _arrays(*arrays, name)
+    return _arrays(arrays[0], arrays[1], name)
 
 
 def _arrays(x: np.ndarray, y: np.ndarray, name: str) -> Data:
     """Memory-mapped arrays stay on disk (``ArrayData``); arrays in memory are checked whole (``TensorData``)."""
     if not isinstance(x, np.memmap):
-        x, y = validate(x, y, name)
-        return TensorData(x, y, name)
+        return TensorData(*validate(x, y, name), name)
     y = np.asarray(y)
     if x.dtype.kind not in "fu" or (x.dtype.kind == "u" and x.dtype != np.uint8):
         raise InputError(f"{name}: x must be float32 or uint8 (N x C x H x W), got {x.dtype}")

@@ -1,7 +1,7 @@
 """Model registry (after timm): ``@register_model`` factories, ``create_model``, ``list_models``."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch.nn as nn
 
@@ -33,7 +33,7 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 1, **kw) -
     if name not in _MODELS:
         raise UsageError(f"unknown model {name!r}{close_matches(name, _MODELS)}; "
                          f"known: {', '.join(list_models())}")
-    model = _MODELS[name](num_classes=num_classes, in_channels=in_channels, **kw)
+    model: Any = _MODELS[name](num_classes=num_classes, in_channels=in_channels, **kw)
     model.compress_meta = {"arch": name, "num_classes": num_classes, "in_channels": in_channels,
                            "arch_kwargs": dict(kw)}
     return model

@@ -7,8 +7,8 @@ that your own training loop can drive too (``compress.hooks``).
 from __future__ import annotations
 
 from ..stages import prune_
-from .channel_union import ChannelUnionConfig, ChannelUnionPruner, channel_union
 from . import taylor  # noqa: F401  (registers the "taylor" importance)
+from .channel_union import ChannelUnionConfig, ChannelUnionPruner, channel_union
 from .importance import IMPORTANCES, register_importance
 from .l1_filter import L1FilterConfig, L1FilterPruner, l1_filter, ratios_for_budget, sensitivity
 from .threshold import ThresholdConfig, ThresholdPruner, sparsity_of, threshold

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import Layer
 from ..distributed import device_of
 
 GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998)
@@ -28,7 +29,7 @@ def _loss(model: nn.Module, x: torch.Tensor, y, loss=None) -> float:
 
 
 @torch.no_grad()
-def loss_curves(model: nn.Module, layers: list[tuple[str, nn.Module]], data,
+def loss_curves(model: nn.Module, layers: list[tuple[str, Layer]], data,
                 samples: int = SAMPLES, loss=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per layer: (sparsities, loss rise) when that layer alone is magnitude-pruned to each sparsity
     (on top of the zeros it has). The rise is made non-decreasing (a running maximum)."""

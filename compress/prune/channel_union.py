@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -32,7 +34,7 @@ from ..config import Config, FineTune, Select, register_method
 from ..metrics import count_macs, count_params
 from ..stages import Context, Method
 from ..train import recalibrate_bn, steps_per_epoch
-from .graph import channel_groups, group_norms, member_norms, prune_group, scale_channels, unselected
+from .graph import ChannelGroup, channel_groups, group_norms, member_norms, prune_group, scale_channels, unselected
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +128,7 @@ class GroupLasso:
 
     def value(self) -> torch.Tensor:
         """sum_g w_g * sum_c ||g_c|| with w_g the (constant) mean channel norm of group g."""
-        total = 0.0
+        total = torch.zeros(())
         for cg in self.groups:
             norm = group_norms(cg.group, cg.size).add(1e-12).sqrt()
             total = total + norm.mean().detach() * norm.sum()
@@ -148,7 +150,8 @@ def reconfigure(model: nn.Module, lasso: GroupLasso, config: ChannelUnionConfig)
     """Remove channels that are zero in every coupled layer; dead residual branches -> identity."""
     names = {m: n for n, m in model.named_modules()}
     blocks = {m.conv1: m for m in model.modules() if _is_basic_block(m)}
-    plan, dead_blocks = [], []
+    plan: list[tuple[ChannelGroup, list[int]]] = []
+    dead_blocks: list[Any] = []  # residual blocks: their bn2 and shortcut are read below
     for cg in lasso.groups:
         norms = torch.stack(member_norms(cg.group, cg.size))  # (members, size)
         tol = torch.clamp(config.rel_tol * norms.median(1, keepdim=True).values, min=config.zero_tol)
@@ -163,10 +166,10 @@ def reconfigure(model: nn.Module, lasso: GroupLasso, config: ChannelUnionConfig)
             idxs = order[config.min_channels:]
         if len(idxs):
             plan.append((cg, idxs.tolist()))
-    removed = {}
-    for cg, idxs in plan:
-        if prune_group(lasso.dg, cg, idxs, model, lasso.input_shape) is None:
-            removed[cg.name] = len(idxs)
+    removed: dict[str, int | str] = {}
+    for cg, dead in plan:
+        if prune_group(lasso.dg, cg, dead, model, lasso.input_shape) is None:
+            removed[cg.name] = len(dead)
     for blk in dead_blocks:
         name = names[blk]
         with torch.no_grad():
@@ -189,6 +192,8 @@ class ChannelUnionPruner(Method):
     are re-estimated on ``ctx.train`` when given, else on the last batch the model saw.
     """
 
+    config: ChannelUnionConfig
+
     needs_train = True
 
     def __init__(self, model: nn.Module, config: ChannelUnionConfig, ctx: Context | None = None,
@@ -207,7 +212,7 @@ class ChannelUnionPruner(Method):
         self.per_epoch = (steps_per_epoch(len(self.ctx.train), self.config.finetune.batch_size)
                           if self.ctx.train is not None else None)
         if self.interval is None:
-            self.interval = self.config.reconfig_interval * self.per_epoch
+            self.interval = self.config.reconfig_interval * (self.per_epoch or 1)  # per_epoch: data checked above
         classes = self.num_classes or self._classes()
         self.lasso = GroupLasso(self.model, self.shape, self.config.select)
         self.lam = lasso_lambda(self.config, classes)
@@ -248,7 +253,7 @@ class ChannelUnionPruner(Method):
             raise ValueError("ChannelUnionPruner.step needs the learning rate of the step just taken")
         self.lasso.prox(lr * self.lam)
         self.steps += 1
-        if self.steps % self.interval:
+        if not self.interval or self.steps % self.interval:
             return False
         return bool(self.reconfigure())
 
@@ -305,7 +310,7 @@ class ChannelUnionPruner(Method):
     def finalize(self) -> nn.Module:
         if getattr(self, "_hook", None) is not None:
             self._hook.remove()
-            self._hook = None
+            self._hook = None  # type: ignore[assignment]
         if self.target is not None:
             what, wanted, measure = self.target
             if measure(self.model) / self.base_measure > wanted * 1.02:
@@ -337,5 +342,6 @@ class ChannelUnionPruner(Method):
 
 def channel_union(model: nn.Module, *, train_data, val_data=None, input_shape=None, **kw) -> nn.Module:
     """Group-lasso training with periodic removal of zero channels; returns the (smaller) model."""
+    warnings.warn("compress: channel_union() is deprecated; the verb is prune_(model, ChannelUnionConfig(...), train_data)", DeprecationWarning, stacklevel=2)
     ctx = Context(train=train_data, val=val_data, input_shape=input_shape)
     return ChannelUnionPruner(model, ChannelUnionConfig(**kw), ctx).run().model

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import warnings
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -29,7 +30,7 @@ PRUNABLE_ROOTS = (nn.Conv2d, nn.Linear)
 @dataclass
 class ChannelGroup:
     name: str                 # FQN of the root layer (the first producer of these channels)
-    group: object             # torch_pruning Group with full indices
+    group: Any                # torch_pruning Group with full indices
     size: int                 # number of channels
     blocked: str | None = None  # why these channels cannot be removed safely (None: they can)
 
@@ -193,7 +194,7 @@ def channel_groups(model: nn.Module, input_shape, roots=PRUNABLE_ROOTS, ignored=
         size = pruner.get_out_channels(m) if pruner is not None else None
         if size is None:
             continue
-        cg = _group(dg, names.get(m, str(m)), m, pruner.prune_out_channels, size)
+        cg = _group(dg, names.get(m, str(m)), cast(nn.Module, m), pruner.prune_out_channels, int(size))
         if cg.group is None:
             visited.add(m)
             groups.append(cg)
@@ -299,9 +300,9 @@ def conv_groups(cg: ChannelGroup, names: dict) -> tuple[int, str | None]:
 def refresh(dg, cg: ChannelGroup) -> ChannelGroup:
     """``cg`` as the graph sees it now. Groups are collected before any is pruned; once others are,
     a concatenation's consumers hold fewer channels and the old indices point past them."""
-    root = cg.root
+    root: Any = cg.root
     size = root.out_channels if isinstance(root, nn.modules.conv._ConvNd) else root.out_features
-    return _group(dg, cg.name, root, cg.group[0].dep.handler, size)
+    return _group(dg, cg.name, root, cg.group[0].dep.handler, int(size))
 
 
 def _state(obj) -> dict:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import logging
+import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -189,6 +190,8 @@ def global_counts(model: nn.Module, input_shape, target: float, measure, min_cha
 class L1FilterPruner(Method):
     """Structural: ``attach`` removes the filters (the model gets smaller), then plain fine-tuning."""
 
+    config: L1FilterConfig
+
     def attach(self) -> None:
         shape = self.ctx.shape(self.model)
         original = copy.deepcopy(self.model)
@@ -302,6 +305,7 @@ def _restore(model: nn.Module, original: nn.Module) -> None:
 
 def l1_filter(model: nn.Module, ratio=0.5, *, train_data=None, val_data=None, input_shape=None, **kw) -> nn.Module:
     """Remove the lowest-L1 filters in place and return the (smaller) model."""
+    warnings.warn("compress: l1_filter() is deprecated; the verb is prune_(model, L1FilterConfig(...))", DeprecationWarning, stacklevel=2)
     ctx = Context(train=train_data, val=val_data, input_shape=input_shape)
     return L1FilterPruner(model, L1FilterConfig(ratio=ratio, **kw), ctx).run().model
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 
 import torch
 import torch.nn as nn
@@ -118,7 +119,7 @@ def thresholds(model: nn.Module, config: ThresholdConfig, sparsity=None, data=No
         return {n: _kth_abs(m.weight.detach(), per_layer(target, n, m, 0.0)) for n, m in layers}
     if config.allocate == "sensitivity" and data is not None:
         per = alloc.allocate(alloc.loss_curves(model, layers, data, loss=loss), {n: m.weight.numel() for n, m in layers},
-                             float(target))
+                             float(target or 0.0))
         return {n: _kth_abs(m.weight.detach(), per[n]) for n, m in layers}
     # one global quality: bisection on q so that the pruned fraction over all layers = target
     ws = {n: m.weight.detach().abs().flatten() for n, m in layers}
@@ -177,6 +178,8 @@ class ThresholdPruner(KeepMasks):
     own loop) round k+1 prunes after k x steps_per_round calls of ``step``; the library calls
     ``next_round`` between its fine-tuning runs instead."""
 
+    config: ThresholdConfig
+
     def __init__(self, model: nn.Module, config: ThresholdConfig, ctx: Context | None = None,
                  steps_per_round: int | None = None):
         super().__init__(model, config, ctx)
@@ -232,5 +235,6 @@ class ThresholdPruner(KeepMasks):
 
 def threshold(model: nn.Module, sparsity=None, *, quality=None, train_data=None, val_data=None, **kw) -> nn.Module:
     """Threshold-prune ``model`` in place and return it: ``threshold(model, 0.9, train_data=d)``."""
+    warnings.warn("compress: threshold() is deprecated; the verb is prune_(model, ThresholdConfig(...))", DeprecationWarning, stacklevel=2)
     ctx = Context(train=train_data, val=val_data)
     return ThresholdPruner(model, ThresholdConfig(sparsity=sparsity, quality=quality, **kw), ctx).run().model

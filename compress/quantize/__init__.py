@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -97,6 +98,8 @@ class Quantizer(Method):
     the centroids: give them (and only them) to your optimizer; ``after_backward`` turns weight
     gradients into centroid gradients and ``step`` writes the centroids back into the weights."""
 
+    config: QuantConfig
+
     def attach(self) -> None:
         cfg = self.config
         layers = cfg.select.layers(self.model)
@@ -108,7 +111,7 @@ class Quantizer(Method):
             state = quantize_tensor(w, bits, cfg.scheme, cfg.per_channel, cfg.symmetric)
             set_weight(m, state)
             dq = m.weight.detach().cpu()
-            if cfg.bias_bits is not None and isinstance(getattr(m, "bias", None), torch.Tensor):
+            if cfg.bias_bits is not None and m.bias is not None:
                 set_weight(m, quantize_tensor(m.bias.detach(), cfg.bias_bits, "minmax", False, True), "bias")
             self.layers.append({"name": name, "bits": bits, "scheme": cfg.scheme,
                                 "mse": float((w.cpu() - dq).pow(2).mean()), "sqnr_db": round(sqnr_db(w.cpu(), dq), 2),
@@ -145,6 +148,7 @@ class Quantizer(Method):
 
 def quantize(model: nn.Module, config: QuantConfig | None = None, train_data=None, val_data=None, **kw) -> nn.Module:
     """``quantize(m, bits=4, scheme="mmse")`` or with a config: in place, returns the model."""
+    warnings.warn("compress: quantize() is deprecated; the verb is quantize_(model, QuantConfig(...))", DeprecationWarning, stacklevel=2)
     return quantize_(model, config or QuantConfig(**kw), train_data, val_data)
 
 

@@ -6,6 +6,8 @@ zero.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..quant_state import QuantState, Scheme, get_state, register_scheme, set_state
@@ -77,10 +79,12 @@ class CentroidTrainer:
     container's order), renumbers the codes to match and updates the layer's ``QuantState``.
     """
 
-    def __init__(self, layers: dict[str, torch.nn.Module]):
-        self.layers = {}
+    def __init__(self, layers: dict[str, Any]):
+        self.layers: dict[str, tuple[Any, QuantState, torch.Tensor, torch.nn.Parameter]] = {}
         for n, m in layers.items():
             st = get_state(m)
+            if st is None or st.codebook is None:
+                raise ValueError(f"{n}: no codebook to train (quantize it with a codebook scheme first)")
             self.layers[n] = (m, st, st.codes.flatten().long(), torch.nn.Parameter(st.codebook.clone().float()))
 
     def params(self):

@@ -36,7 +36,7 @@ def quantize_pow2(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     if amax == 0.0:
         return codes, table(1.0, n)
     vals = flat[nz]
-    best_err, best = float("inf"), None
+    best_err, best = float("inf"), (table(amax, n), torch.zeros(0, dtype=torch.long))
     for f in torch.linspace(0, 2, SCALE_STEPS).tolist():
         tab = table(float(half_exact(torch.tensor([amax * 2.0 ** -f]))[0]), n)
         full = torch.cat([tab[:n], torch.zeros(1), tab[n:]]).double()  # zero in the middle

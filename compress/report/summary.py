@@ -7,8 +7,8 @@ from typing import Any
 
 from .. import data as data_mod
 from ..errors import InputError
-from ..meta import get_meta
 from ..formats import load_model
+from ..meta import get_meta
 from ..metrics import summarize
 from ..stages import Context
 
@@ -21,7 +21,7 @@ def _data_label(model, spec: str, ds, rep: dict, metric=None) -> str:
         return f"{spec}, {len(ds):,} samples"
     from ..train import evaluate
 
-    vf = meta.get("val_fraction") if isinstance(meta.get("val_fraction"), float) else data_mod.VAL_FRACTION
+    vf = meta["val_fraction"] if isinstance(meta.get("val_fraction"), float) else data_mod.VAL_FRACTION
     _, held = data_mod.split(ds, vf, seed=0)
     rep["heldout_accuracy"] = round(evaluate(model, held, metric), 3)
     rep["heldout_data"] = f"{vf:.0%} of {spec} held out in training, {len(held):,} samples"
@@ -50,7 +50,7 @@ def model_report(path: str | os.PathLike, arch: str | None = None, trust_pickle:
         rep = summarize(model, shape, ds, latency=latency, metric=metric)
         meta = get_meta(model)
         if ds is not None:
-            rep["accuracy_data"] = _data_label(model, data, ds, rep, metric)
+            rep["accuracy_data"] = _data_label(model, str(data), ds, rep, metric)
         if meta.get("history"):
             rep["history"] = meta["history"]
         if meta.get("arch"):
