@@ -3,11 +3,11 @@ quantization (QDQ format, per-channel weights, calibrated on data)."""
 from __future__ import annotations
 
 import logging
-import warnings
 import os
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 

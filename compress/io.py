@@ -1,14 +1,13 @@
 """Safe loading and saving of models.
 
-Models are code: a whole pickled module runs code when it is unpickled. ``load_model`` therefore
-accepts, without being told to trust anything:
+Models are code: a whole pickled module runs code when it is unpickled, and a TorchScript archive
+is a program. ``load_model`` therefore accepts, without being told to trust anything:
 
-* TorchScript archives (``torch.jit.save``);
 * state_dicts (loaded with ``weights_only=True``) together with ``arch="module:callable"``;
-* whole pickled modules whose every class is a ``torch.nn`` or ``compress`` module (allow-listed
-  and loaded with ``weights_only=True``): this covers every model that compress itself writes;
+* whole pickled modules whose every class is a ``torch.nn`` or ``compress.models`` module
+  (allow-listed and loaded with ``weights_only=True``): this covers every model compress writes.
 
-Anything else needs ``trust_pickle=True`` (``--trust-pickle``). ``compress.formats`` dispatches
+Anything else -- TorchScript included -- needs ``trust_pickle=True`` (``--trust-pickle``). ``compress.formats`` dispatches
 between these files and .cpz containers.
 """
 from __future__ import annotations
@@ -27,7 +26,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .coding.arch import OWN_MODULES, USER_PREFIX
+from .coding.arch import MOVED, OWN_MODULES, USER_PREFIX
 from .errors import InputError, UntrustedPickleError, UsageError, first_line, safe
 from .fileio import atomic_write
 
@@ -125,6 +124,7 @@ _OWN_MODULES = OWN_MODULES + ("compress.quant_state",)
 
 def _allowed_global(name: str):
     """The object for an allow-listed global, or None. Imports nothing a file names."""
+    name = MOVED.get(name, name)
     module, _, attr = name.rpartition(".")
     if "__main__" in module.split(".") or attr.startswith("_"):
         return None

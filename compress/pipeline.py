@@ -21,7 +21,6 @@ The result is Huffman-coded into a .cpz, and the bytes after each stage are reco
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import logging
@@ -31,6 +30,8 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from . import data as data_mod
+from .checkpoint import Checkpoint, Stop, ctrl_c
+from .checkpoint import fingerprint as run_fingerprint
 from .coding.container import encode_model
 from .coding.streams import fixed_bytes
 from .config import Config
@@ -96,20 +97,6 @@ class _Judge:
 
 
 @dataclasses.dataclass
-class _Stop:
-    """Why the search ended early, if it did: Ctrl-C, or the time budget (checked between candidates)."""
-
-    deadline: float | None = None
-    reason: str | None = None
-    in_candidate: bool = False  # a Ctrl-C now drops the candidate in progress; at any other moment it waits
-
-    def check(self) -> bool:
-        if self.reason is None and self.deadline is not None and time.perf_counter() > self.deadline:
-            self.reason = "time budget"
-        return self.reason is not None
-
-
-@dataclasses.dataclass
 class _SearchState:
     """Where a stage's search stands: the next candidate, the misses in a row, every record so far, and the
     kept candidate (its index, sizes, model) and the model the next iterative candidate builds on."""
@@ -123,31 +110,7 @@ class _SearchState:
     current: nn.Module | None = None
 
 
-@contextlib.contextmanager
-def _ctrl_c(stop: _Stop):
-    """Ctrl-C while a candidate trains interrupts it (KeyboardInterrupt); at any other moment (bookkeeping,
-    checkpointing, measuring) it only marks the run as stopped, so the search ends at its next check with
-    everything it holds written -- never half way through saving or printing."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        stop.reason = stop.reason or "interrupted"
-        if stop.in_candidate:
-            raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-
-
-def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, stop: _Stop,
+def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, stop: Stop,
             state: _SearchState | None = None, save: Callable | None = None):
     """Try a stage's candidates: (the most compressed one within budget or None, its sizes as measured
     when it was tried, the record of all). Ctrl-C or the time budget ends it with what was kept. ``state``:
@@ -204,88 +167,6 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, s
             rec["verdict"] = f"within budget, but not smaller than the kept one: {why}"
     return st.kept_model, st.kept_sizes, {"stage": stage.name, "search_key": stage.candidates[0].search_key,
                                           "kept": kept, "tried": st.tried}
-
-
-class Checkpoint:
-    """A folder that lets a stopped pipeline go on where it was (``--resume``): ``state.json`` (how far it got,
-    every record and number so far, and a fingerprint of the run's settings) and the models it needs, as
-    files compress writes and loads without trust. Written after each decided candidate, state last, each
-    file atomically; removed when the run ends.
-
-    Args:
-        folder: where it lives (the CLI: ``OUTPUT.resume``).
-        load: ``path -> model`` (the user's ``--arch`` for their own classes).
-    """
-
-    def __init__(self, folder, load: Callable | None = None):
-        from pathlib import Path
-
-        from .formats import load_model
-
-        self.folder = Path(folder)
-        self.load = load or load_model
-
-    def exists(self) -> bool:
-        return (self.folder / "state.json").is_file()
-
-    def write(self, state: dict, models: dict[str, nn.Module | None]) -> None:
-        import json
-
-        from .fileio import write_text
-        from .formats import save_model
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.writes = getattr(self, "writes", 0) + 1
-        names = {}
-        for key, m in models.items():  # new names each time: the state on disk always names complete files
-            if m is not None:
-                name = f"{key}-{self.writes}.pt"
-                save_model(m, self.folder / name, force=True)
-                names[key] = name
-        write_text(self.folder / "state.json", json.dumps({**state, "models": names}), force=True)
-        for f in self.folder.glob("*.pt"):  # then the files the state no longer names
-            if f.name not in names.values():
-                f.unlink(missing_ok=True)
-
-    def read(self, fingerprint: str) -> tuple[dict, dict[str, nn.Module]]:
-        import json
-
-        from .errors import InputError
-
-        try:
-            state = json.loads((self.folder / "state.json").read_text())
-        except (OSError, ValueError) as e:
-            raise InputError(f"{self.folder}: no readable checkpoint ({e})") from e
-        if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
-            raise InputError(f"{self.folder}: this checkpoint was written by a run with other settings (model, data, "
-                             "recipe, budget or confidence); run without --resume and with --force to start over")
-        models = {}
-        for key, name in dict(state.get("models", {})).items():
-            if not (isinstance(name, str) and name.startswith(f"{key}-") and name.endswith(".pt")
-                    and name[len(key) + 1:-3].isdigit()):
-                raise InputError(f"{self.folder}: checkpoint names a model file {name!r}")
-            models[key] = self.load(self.folder / name)
-        self.writes = max([int(n[len(k) + 1:-3]) for k, n in state["models"].items()], default=0)
-        return state, models
-
-    def remove(self) -> None:
-        import shutil
-
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _fingerprint(model: nn.Module, recipe: Recipe, budget: float, z: float, train, val) -> str:
-    """What a checkpoint must agree with to be resumed: the input model's weights, the data, the recipe."""
-    import hashlib
-    import json
-
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    h.update(json.dumps([recipe.to_dict(), budget, z, train.name, len(train), val.name, len(val)],
-                        sort_keys=True, default=str).encode())
-    return h.hexdigest()
 
 
 def _point(label: str, model: nn.Module, nbytes: int, accuracy: float, ctx: Context, test=None) -> dict:
@@ -352,9 +233,9 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
         emit("warning", text=text)
     history_before = len(get_meta(model).get("history", []))
     results, measured = [], None  # measured: (sizes, val accuracy) of `model`, taken when it was a candidate
-    stop = _Stop(None if time_budget is None else time.perf_counter() + time_budget)
+    stop = Stop(None if time_budget is None else time.perf_counter() + time_budget)
     first, search_state = 0, None
-    fingerprint = _fingerprint(model, recipe, budget, z, train, val) if checkpoint is not None else ""
+    fingerprint = run_fingerprint(model, recipe, budget, z, train, val) if checkpoint is not None else ""
     if checkpoint is not None and resume:
         saved, models = checkpoint.read(fingerprint)
         first, results, timeline = saved["stage"], saved["results"], saved["timeline"]
@@ -377,7 +258,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
         checkpoint.write({"fingerprint": fingerprint, "stage": stage_index, "results": results, "timeline": timeline,
                           "measured": measured, "search": search}, models)
 
-    with _ctrl_c(stop):  # Ctrl-C interrupts a candidate's training, never the bookkeeping around it
+    with ctrl_c(stop):  # Ctrl-C interrupts a candidate's training, never the bookkeeping around it
         for i, stage in enumerate(recipe.stages):
             if i < first:
                 continue

@@ -115,7 +115,8 @@ def test_a_model_trained_on_its_validation_split_is_flagged(digits):
 def test_search_goes_on_past_noise_and_stops_on_evidence():
     """An inconclusive reading (over the budget by its noise margin only) neither ends nor resets the
     search; `patience` readings in a row whose measured drop alone is over do."""
-    from compress.pipeline import _search, _Stop
+    from compress.checkpoint import Stop as _Stop
+    from compress.pipeline import _search
     from compress.prune import sparsity_of
     from compress.stages import Context
 

@@ -405,3 +405,14 @@ def test_kept_channels_honour_round_to_and_conv_groups_together():
     for size, ratio, round_to, groups in [(96, 0.5, 3, 4), (64, 0.3, 8, 32), (48, 0.4, 1, 6)]:
         kept = size - _count(ratio, size, 1, math.lcm(round_to, groups))
         assert kept % round_to == 0 and kept % groups == 0 and 0 < kept < size, (size, kept)
+
+
+def test_a_moved_block_still_loads_by_its_old_name():
+    """ResidualIdentity moved to compress.models.blocks; files that name its old home still resolve."""
+    from compress.coding.arch import resolve_class
+    from compress.models.blocks import ResidualIdentity as Moved
+
+    assert resolve_class("compress.prune.channel_union.ResidualIdentity") is Moved
+    assert resolve_class("compress.models.blocks.ResidualIdentity") is Moved
+    with pytest.raises(ValueError):
+        resolve_class("compress.prune.channel_union.GroupLasso")  # a method module is not a model module

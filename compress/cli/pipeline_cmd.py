@@ -79,9 +79,9 @@ def pipeline(model: ModelArg, output: OutOpt,
     from pathlib import Path
 
     from .. import data as data_mod
+    from ..checkpoint import Checkpoint
     from ..errors import OutputExistsError, UsageError
     from ..formats import load_model, save_model
-    from ..pipeline import Checkpoint
     from ..pipeline import pipeline as run
     from ..recipe import Recipe
 

@@ -21,7 +21,9 @@ from ..quant_state import STATE_ATTRS
 
 _INTERNAL = set(vars(nn.Module()).keys())
 # the modules of compress whose nn.Module classes a file may name (the zoo, and what methods insert)
-OWN_MODULES = ("compress.models", "compress.prune.channel_union")
+OWN_MODULES = ("compress.models",)
+# classes that moved: files written before still name them where they were
+MOVED = {"compress.prune.channel_union.ResidualIdentity": "compress.models.blocks.ResidualIdentity"}
 _SKIP = set(STATE_ATTRS)  # stored with the tensor sections instead
 _LEAF = (type(None), bool, int, float, str)
 # functions a torch.nn module may hold as an attribute (TransformerEncoderLayer's ``activation``):
@@ -51,10 +53,10 @@ def resolve_class(path: str) -> type:
     modules in ``OWN_MODULES``."""
     if not isinstance(path, str) or path.count(".") > 12:
         raise ValueError(f"class {safe(path)} is not allowed in a .cpz (only torch.nn and compress modules)")
+    path = MOVED.get(path, path)
     mod, _, name = path.rpartition(".")
     if any(mod == m or mod.startswith(m + ".") for m in OWN_MODULES):
-        importlib.import_module(OWN_MODULES[0])  # the zoo: registers every model family
-        importlib.import_module("compress.prune.channel_union")
+        importlib.import_module(OWN_MODULES[0])  # the zoo: registers every model family and the blocks
     elif not mod.startswith("torch.nn.") or name.startswith("_"):
         raise ValueError(f"class {safe(path)} is not allowed in a .cpz (only torch.nn and compress modules)")
     obj = getattr(sys.modules.get(mod), name, None)

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import distributed
 from ..config import Config, FineTune, Select, register_method
 from ..metrics import count_macs, count_params
+from ..models.blocks import ResidualIdentity
 from ..stages import Context, Method
 from ..train import recalibrate_bn, steps_per_epoch
 from .graph import ChannelGroup, channel_groups, group_norms, member_norms, prune_group, scale_channels, unselected
@@ -82,27 +82,6 @@ class ChannelUnionConfig(Config):
             raise ValueError("lasso_ratio must be >= 0")
         if self.reconfig_interval < 1:
             raise ValueError("reconfig_interval must be >= 1")
-
-
-class ResidualIdentity(nn.Module):
-    """A residual block whose branch was removed: relu(shortcut(x) + offset).
-
-    ``offset`` is a BatchNorm2d with zero scale, i.e. the per-channel constant the dead branch still
-    added (its last BatchNorm's shift); as a BatchNorm it stays coupled to the stage's channels for
-    later structural pruning.
-    """
-
-    def __init__(self, shortcut: nn.Module, offset: torch.Tensor):
-        super().__init__()
-        self.shortcut = shortcut
-        self.offset = nn.BatchNorm2d(len(offset))
-        with torch.no_grad():
-            self.offset.weight.zero_()
-            self.offset.bias.copy_(offset)
-
-    def forward(self, x):
-        s = self.shortcut(x)
-        return F.relu(s + self.offset(s))
 
 
 def lasso_lambda(config: ChannelUnionConfig, classes: int) -> float:
