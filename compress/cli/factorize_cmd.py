@@ -6,52 +6,29 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import (
-    ArchOpt,
-    DistillOpt,
-    ExcludeOpt,
-    ForceOpt,
-    InputShapeOpt,
-    JsonOpt,
-    LayersOpt,
-    LossOpt,
-    MetricOpt,
-    ModelArg,
-    NoLatencyOpt,
-    OutOpt,
-    ReportOpt,
-    TestDataOpt,
-    ThreadsOpt,
-    TrainDataOpt,
-    TrustOpt,
-    ValDataOpt,
-    WorkersOpt,
-    make_config,
-    out,
-    table,
-    use_threads,
-)
+from . import common as c
+from .common import make_config, out, table, use_threads
 from .stage import TaskOptions, load_inputs, patterns, run_command
 
 
 @app.command()
-def factorize(model: ModelArg, output: OutOpt,
+def factorize(model: c.ModelArg, output: c.OutOpt,
               energy: Annotated[Optional[float], typer.Option("--energy", help="Keep the smallest rank holding this "
                                                               "fraction of the squared singular values, e.g. 0.8. "
                                                               "Give one of --energy, --rank-ratio, --rank.")] = None,
               rank_ratio: Annotated[Optional[float], typer.Option("--rank-ratio", help="Rank as a fraction of full "
                                                                   "rank, e.g. 0.5.")] = None,
               rank: Annotated[Optional[int], typer.Option("--rank", help="A fixed rank, e.g. 16.")] = None,
-              layers: LayersOpt = None, exclude: ExcludeOpt = None,
-              arch: ArchOpt = None, trust_pickle: TrustOpt = False, train_data: TrainDataOpt = None,
-              test_data: TestDataOpt = None,
+              layers: c.LayersOpt = None, exclude: c.ExcludeOpt = None,
+              arch: c.ArchOpt = None, trust_pickle: c.TrustOpt = False, train_data: c.TrainDataOpt = None,
+              test_data: c.TestDataOpt = None,
               epochs: Annotated[float, typer.Option("--epochs", min=0, help="Fine-tuning epochs (0: none; with "
                                                     "--train-data BatchNorm is re-estimated anyway).")] = 0.0,
               lr: Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate.")] = 1e-3,
-              input_shape: InputShapeOpt = None,
-              report: ReportOpt = None, json_out: JsonOpt = None, no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None,
-              loss: LossOpt = None, val_data: ValDataOpt = None, metric: MetricOpt = None, workers: WorkersOpt = None, distill: DistillOpt = None,
-              force: ForceOpt = False):
+              input_shape: c.InputShapeOpt = None,
+              report: c.ReportOpt = None, json_out: c.JsonOpt = None, no_latency: c.NoLatencyOpt = False, threads: c.ThreadsOpt = None,
+              loss: c.LossOpt = None, val_data: c.ValDataOpt = None, metric: c.MetricOpt = None, workers: c.WorkersOpt = None, distill: c.DistillOpt = None,
+              force: c.ForceOpt = False):
     """Replace Linear/Conv layers by two thin ones (truncated SVD) where that is smaller.
 
     Examples:

@@ -2,35 +2,16 @@
 from __future__ import annotations
 
 from . import app
-from .common import (
-    ArchOpt,
-    DataOpt,
-    ForceOpt,
-    InputShapeOpt,
-    JsonOpt,
-    MetricOpt,
-    ModelArg,
-    NoLatencyOpt,
-    ReportOpt,
-    TestDataOpt,
-    ThreadsOpt,
-    TrustOpt,
-    WorkersOpt,
-    check_reports,
-    emit_json,
-    out,
-    parse_shape,
-    table,
-    use_threads,
-)
+from . import common as c
+from .common import check_reports, emit_json, out, parse_shape, table, use_threads
 
 
 @app.command()
-def report(model: ModelArg, arch: ArchOpt = None, trust_pickle: TrustOpt = False, data: DataOpt = None,
-           test_data: TestDataOpt = None, input_shape: InputShapeOpt = None, json_out: JsonOpt = None,
-           no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None, metric: MetricOpt = None,
-           workers: WorkersOpt = None, report_dir: ReportOpt = None,
-           force: ForceOpt = False):
+def report(model: c.ModelArg, arch: c.ArchOpt = None, trust_pickle: c.TrustOpt = False, data: c.DataOpt = None,
+           test_data: c.TestDataOpt = None, input_shape: c.InputShapeOpt = None, json_out: c.JsonOpt = None,
+           no_latency: c.NoLatencyOpt = False, threads: c.ThreadsOpt = None, metric: c.MetricOpt = None,
+           workers: c.WorkersOpt = None, report_dir: c.ReportOpt = None,
+           force: c.ForceOpt = False):
     """Size, nonzeros, MACs, latency and accuracy of a model (.pt, TorchScript, .cpz or .onnx).
 
     Examples:

@@ -8,35 +8,13 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import (
-    ArchOpt,
-    DistillOpt,
-    ForceOpt,
-    InputShapeOpt,
-    JsonOpt,
-    LossOpt,
-    MetricOpt,
-    ModelArg,
-    NoLatencyOpt,
-    OutOpt,
-    ReportOpt,
-    TestDataOpt,
-    ThreadsOpt,
-    TrustOpt,
-    WorkersOpt,
-    check_reports,
-    emit_json,
-    err,
-    note_no_graph,
-    out,
-    table,
-    use_threads,
-)
+from . import common as c
+from .common import check_reports, emit_json, err, note_no_graph, out, table, use_threads
 from .stage import TaskOptions, check_data, load_inputs
 
 
 @app.command()
-def pipeline(model: ModelArg, output: OutOpt,
+def pipeline(model: c.ModelArg, output: c.OutOpt,
              train_data: Annotated[str, typer.Option("--train-data", help="Fine-tuning data; 20% is held "
                                                      "out to measure the accuracy budget (or the split the model "
                                                      "was trained with).")],
@@ -48,8 +26,8 @@ def pipeline(model: ModelArg, output: OutOpt,
                                                             "--train-data.")] = None,
              recipe: Annotated[Optional[str], typer.Option("--recipe", help="TOML recipe (see docs/recipes); "
                                                            "default: Deep Compression.")] = None,
-             arch: ArchOpt = None, trust_pickle: TrustOpt = False, test_data: TestDataOpt = None,
-             input_shape: InputShapeOpt = None, report: ReportOpt = None, json_out: JsonOpt = None,
+             arch: c.ArchOpt = None, trust_pickle: c.TrustOpt = False, test_data: c.TestDataOpt = None,
+             input_shape: c.InputShapeOpt = None, report: c.ReportOpt = None, json_out: c.JsonOpt = None,
              confidence: Annotated[Optional[float], typer.Option(
                  "--confidence", min=0.0, max=10.0, show_default=False, help="Standard errors of margin in the "
                  "budget test (default: the recipe's, else 1: a kept drop is within budget with ~84% one-sided "
@@ -59,9 +37,9 @@ def pipeline(model: ModelArg, output: OutOpt,
                  "so far is written.")] = None,
              resume: Annotated[bool, typer.Option("--resume", help="Go on from where a stopped run (Ctrl-C, "
                                                   "--time-budget, a crash) left OUTPUT.resume.")] = False,
-             no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None, loss: LossOpt = None,
-             metric: MetricOpt = None, workers: WorkersOpt = None, distill: DistillOpt = None,
-             force: ForceOpt = False):
+             no_latency: c.NoLatencyOpt = False, threads: c.ThreadsOpt = None, loss: c.LossOpt = None,
+             metric: c.MetricOpt = None, workers: c.WorkersOpt = None, distill: c.DistillOpt = None,
+             force: c.ForceOpt = False):
     """Prune, share weights and Huffman-code a model into a .cpz, keeping the most compressed
     result within an accuracy budget.
 

@@ -8,32 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import (
-    ArchOpt,
-    DistillOpt,
-    ExcludeOpt,
-    ForceOpt,
-    InputShapeOpt,
-    JsonOpt,
-    LayersOpt,
-    LossOpt,
-    MetricOpt,
-    ModelArg,
-    NoLatencyOpt,
-    OutOpt,
-    ReportOpt,
-    TestDataOpt,
-    ThreadsOpt,
-    TrainDataOpt,
-    TrustOpt,
-    ValDataOpt,
-    WorkersOpt,
-    err,
-    make_config,
-    out,
-    table,
-    use_threads,
-)
+from . import common as c
+from .common import err, make_config, out, table, use_threads
 from .stage import TaskOptions, load_inputs, parse_mapping, patterns, run_command
 
 
@@ -54,16 +30,16 @@ class PruneMethod(str, Enum):
 
 
 @app.command()
-def prune(model: ModelArg, output: OutOpt,
+def prune(model: c.ModelArg, output: c.OutOpt,
           method: Annotated[PruneMethod, typer.Option("--method", "-m", help="Pruning method.")] = PruneMethod.threshold,
-          arch: ArchOpt = None, trust_pickle: TrustOpt = False, train_data: TrainDataOpt = None,
-          test_data: TestDataOpt = None,
+          arch: c.ArchOpt = None, trust_pickle: c.TrustOpt = False, train_data: c.TrainDataOpt = None,
+          test_data: c.TestDataOpt = None,
           epochs: Annotated[Optional[float], typer.Option(
               "--epochs", min=0, show_default=False, help="Total fine-tuning epochs [default: threshold 3 (split "
               "over --rounds), l1-filter 0, channel-union 4].")] = None,
           lr: Annotated[Optional[float], typer.Option(
               "--lr", show_default=False, help="Learning rate [default: 0.001; channel-union 0.02 (SGD)].")] = None,
-          layers: LayersOpt = None, exclude: ExcludeOpt = None,
+          layers: c.LayersOpt = None, exclude: c.ExcludeOpt = None,
           sparsity: Annotated[Optional[str], typer.Option(
               "--sparsity", help="threshold: target sparsity, global (0.92) or per layer/type (conv=0.6,linear=0.95).")] = None,
           quality: Annotated[Optional[str], typer.Option(
@@ -101,10 +77,10 @@ def prune(model: ModelArg, output: OutOpt,
                                     "(default: ChannelUnionConfig's, 0.8).")] = None,
           reconfig_interval: Annotated[int, typer.Option("--reconfig-interval", help="channel-union: epochs "
                                                          "between reconfigurations.")] = 1,
-          input_shape: InputShapeOpt = None, report: ReportOpt = None, json_out: JsonOpt = None,
-          no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None, loss: LossOpt = None, val_data: ValDataOpt = None,
-          metric: MetricOpt = None, workers: WorkersOpt = None, distill: DistillOpt = None,
-          force: ForceOpt = False):
+          input_shape: c.InputShapeOpt = None, report: c.ReportOpt = None, json_out: c.JsonOpt = None,
+          no_latency: c.NoLatencyOpt = False, threads: c.ThreadsOpt = None, loss: c.LossOpt = None, val_data: c.ValDataOpt = None,
+          metric: c.MetricOpt = None, workers: c.WorkersOpt = None, distill: c.DistillOpt = None,
+          force: c.ForceOpt = False):
     """Prune a trained model and show the numbers before and after.
 
     Examples:

@@ -6,40 +6,13 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import (
-    ArchOpt,
-    DataOpt,
-    DistillOpt,
-    ExcludeOpt,
-    ForceOpt,
-    InputShapeOpt,
-    JsonOpt,
-    LayersOpt,
-    LossOpt,
-    MetricOpt,
-    ModelArg,
-    NoLatencyOpt,
-    OutOpt,
-    ReportOpt,
-    TestDataOpt,
-    ThreadsOpt,
-    TrainDataOpt,
-    TrustOpt,
-    ValDataOpt,
-    WorkersOpt,
-    emit_json,
-    err,
-    make_config,
-    out,
-    parse_shape,
-    table,
-    use_threads,
-)
+from . import common as c
+from .common import emit_json, err, make_config, out, parse_shape, table, use_threads
 from .stage import TaskOptions, check_output, load_inputs, parse_mapping, patterns, run_command
 
 
 @app.command()
-def quantize(model: ModelArg, output: OutOpt,
+def quantize(model: c.ModelArg, output: c.OutOpt,
              bits: Annotated[str, typer.Option("--bits", help="Bits per weight (2..8), or per layer/type: "
                                                "conv=8,linear=5.")] = "8",
              scheme: Annotated[str, typer.Option("--scheme", help="A registered scheme (compress.quantize.SCHEMES): "
@@ -48,16 +21,16 @@ def quantize(model: ModelArg, output: OutOpt,
                                                  "(0 or ±s·2^-i per layer).")] = "minmax",
              per_tensor: Annotated[bool, typer.Option("--per-tensor", help="One grid per tensor, not per channel.")] = False,
              affine: Annotated[bool, typer.Option("--affine", help="Affine grid with a zero point.")] = False,
-             layers: LayersOpt = None, exclude: ExcludeOpt = None,
-             arch: ArchOpt = None, trust_pickle: TrustOpt = False, train_data: TrainDataOpt = None,
-             test_data: TestDataOpt = None,
+             layers: c.LayersOpt = None, exclude: c.ExcludeOpt = None,
+             arch: c.ArchOpt = None, trust_pickle: c.TrustOpt = False, train_data: c.TrainDataOpt = None,
+             test_data: c.TestDataOpt = None,
              epochs: Annotated[Optional[float], typer.Option(
                  "--epochs", min=0, help="k-means: epochs of centroid training (needs --train-data).")] = 0.0,
              lr: Annotated[float, typer.Option("--lr", help="k-means centroid learning rate.")] = 1e-4,
-             input_shape: InputShapeOpt = None, report: ReportOpt = None, json_out: JsonOpt = None,
-             no_latency: NoLatencyOpt = False, threads: ThreadsOpt = None, loss: LossOpt = None, val_data: ValDataOpt = None,
-             metric: MetricOpt = None, workers: WorkersOpt = None, distill: DistillOpt = None,
-             force: ForceOpt = False):
+             input_shape: c.InputShapeOpt = None, report: c.ReportOpt = None, json_out: c.JsonOpt = None,
+             no_latency: c.NoLatencyOpt = False, threads: c.ThreadsOpt = None, loss: c.LossOpt = None, val_data: c.ValDataOpt = None,
+             metric: c.MetricOpt = None, workers: c.WorkersOpt = None, distill: c.DistillOpt = None,
+             force: c.ForceOpt = False):
     """Quantize weights per channel (min-max, MMSE clipping) or by k-means weight sharing.
 
     Examples:
@@ -84,14 +57,14 @@ def quantize(model: ModelArg, output: OutOpt,
 
 
 @app.command()
-def export(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: TrustOpt = False,
-           input_shape: InputShapeOpt = None,
+def export(model: c.ModelArg, output: c.OutOpt, arch: c.ArchOpt = None, trust_pickle: c.TrustOpt = False,
+           input_shape: c.InputShapeOpt = None,
            int8: Annotated[bool, typer.Option("--int8", help="ONNX Runtime static INT8 quantization (QDQ).")] = False,
            calib_data: Annotated[Optional[str], typer.Option("--calib-data", help="Calibration data spec.")] = None,
-           data: DataOpt = None,
+           data: c.DataOpt = None,
            tol: Annotated[float, typer.Option("--tol", help="Max difference allowed vs PyTorch, relative to the largest output.")] = 1e-4,
            threads: Annotated[int, typer.Option("--threads", help="ONNX Runtime threads for timing.")] = 2,
-           workers: WorkersOpt = None, json_out: JsonOpt = None, force: ForceOpt = False):
+           workers: c.WorkersOpt = None, json_out: c.JsonOpt = None, force: c.ForceOpt = False):
     """Export to ONNX (dynamic batch), checked against PyTorch; --int8 for ONNX Runtime INT8.
 
     Examples:

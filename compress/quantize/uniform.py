@@ -81,21 +81,25 @@ def grid_state(name: str, fn, w: torch.Tensor, bits: int, per_channel: bool, sym
                       per_channel=per_channel)
 
 
+class GridScheme(Scheme):
+    """A uniform grid per channel, fitted row by row by ``rows(w (C, K), bits, symmetric)``."""
+
+    storage = "grid"
+    rows: staticmethod
+
+    def fit(self, w, bits, per_channel=True, symmetric=True):
+        return grid_state(self.name, self.rows, w, bits, per_channel, symmetric)
+
+
 @register_scheme
-class MinMax(Scheme):
+class MinMax(GridScheme):
     name = "minmax"
-    storage = "grid"
     help = "uniform grid over each channel's range"
-
-    def fit(self, w, bits, per_channel=True, symmetric=True):
-        return grid_state(self.name, minmax, w, bits, per_channel, symmetric)
+    rows = staticmethod(minmax)
 
 
 @register_scheme
-class MMSE(Scheme):
+class MMSE(GridScheme):
     name = "mmse"
-    storage = "grid"
     help = "uniform grid clipped where the squared error is least (Choukroun et al.)"
-
-    def fit(self, w, bits, per_channel=True, symmetric=True):
-        return grid_state(self.name, mmse, w, bits, per_channel, symmetric)
+    rows = staticmethod(mmse)
