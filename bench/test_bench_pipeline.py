@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import gzip
 import io
+import warnings
 import time
 import zlib
 from pathlib import Path
@@ -33,13 +34,16 @@ def peer_baseline(base: nn.Module, sparsity: float = 0.92, epochs: float = 8):
     fit(m, tr, FineTune(epochs=epochs, lr=1e-3, augment=2))  # torch's masks hold through its pre-hooks
     for mod, n in params:
         tprune.remove(mod, n)
-    q = quantize_dynamic(m.eval(), {nn.Linear}, dtype=torch.qint8)
+    with warnings.catch_warnings():  # torch.ao's eager quantization announces its move to torchao; the peer uses it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        q = quantize_dynamic(m.eval(), {nn.Linear}, dtype=torch.qint8)
     buf = io.BytesIO()
     torch.save(q.state_dict(), buf)
     return q, len(gzip.compress(buf.getvalue(), 9))
 
 
 @pytest.mark.parametrize("name", ["lenet5", "lenet300"])
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")  # the peer's quantized tensors
 def test_peer_baseline(benchmark, eval_sets, name):
     test, ev = eval_sets[28]
     base = trained(name, 15)

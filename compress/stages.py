@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 
 from . import masks
-from .coding import graph_model
 from .config import Config, FineTune, method_for
 from .errors import UsageError
 from .meta import add_history, get_meta
@@ -101,6 +100,16 @@ class Context:
                          "or data")
 
 
+def is_layerless(model: nn.Module) -> bool:
+    """A model decoded from a .cpz's stored graph: it runs, but has no layers a method could change."""
+    return bool(getattr(type(model), "layerless", False))
+
+
+def needs_data(what: str) -> UsageError:
+    """The one message for a step that cannot run without training data."""
+    return UsageError(f"{what}: give training data (Context(train=...); --train-data SPEC)")
+
+
 def graph_only(model: nn.Module, what: str) -> UsageError:
     """The error for a model decoded from a .cpz's stored graph (``coding.graph_model.GraphModel``:
     ATen calls, no layers) given to something that needs the model's layers or code. It never names the
@@ -157,7 +166,7 @@ class Method:
     needs_train: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, config: Config, ctx: Context | None = None):
-        if isinstance(model, graph_model.GraphModel):
+        if is_layerless(model):
             raise graph_only(model, "changes models through their layers")
         self.model, self.config, self.ctx = model, config, ctx or Context()
         self.teacher = None
@@ -223,7 +232,7 @@ class Method:
         if self.ctx.device:
             self.model.to(self.ctx.device)
         if self.needs_train and self.ctx.train is None:
-            raise UsageError(f"{self.config.stage_name} trains: give training data (Context(train=...); --train-data SPEC)")
+            raise needs_data(f"{self.config.stage_name} trains")
         self.attach()
         self.fine_tune()
         self.model = self.finalize()

@@ -79,6 +79,41 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
         raise UsageError(str(e)) from None
 
 
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Any option of the method's config, as in a "
+                                                    "recipe: --set rounds=4, --set finetune.weight_decay=1e-4, "
+                                                    "--set 'select.exclude=[\"fc1\"]' (TOML values).")]
+
+
+def with_settings(cfg, settings: list[str] | None):
+    """``cfg`` with ``key=value`` settings applied (``part.key`` inside select / finetune); values are read as
+    TOML (a number, a string, a list), else taken as a plain string. A bad key or value is a usage error."""
+    if not settings:
+        return cfg
+    import tomllib
+
+    from ..config import Config
+
+    d = cfg.to_dict()
+    for item in settings:
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise UsageError(f"--set {item!r}: give key=value")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        part, dot, sub = key.partition(".")
+        if dot:
+            if not isinstance(d.get(part), dict):
+                raise UsageError(f"--set {key}: {part!r} is not a part of {type(cfg).__name__} (select, finetune)")
+            d[part] = {**d[part], sub: value}
+        else:
+            d[key] = value
+    d.get("select", {}).pop("filter_fn", None)
+    return make_config(Config.from_dict, d)
+
+
 def make_config(build, *args, **kw):
     """Build a config (or a part of one); its ValueError becomes a usage error naming the option."""
     try:

@@ -7,7 +7,7 @@ import typer
 
 from . import app
 from . import common as c
-from .common import make_config, out, table, use_threads
+from .common import make_config, out, table, use_threads, with_settings
 from .stage import TaskOptions, load_inputs, patterns, run_command
 
 
@@ -28,7 +28,7 @@ def factorize(model: c.ModelArg, output: c.OutOpt,
               input_shape: c.InputShapeOpt = None,
               report: c.ReportOpt = None, json_out: c.JsonOpt = None, no_latency: c.NoLatencyOpt = False, threads: c.ThreadsOpt = None,
               loss: c.LossOpt = None, val_data: c.ValDataOpt = None, metric: c.MetricOpt = None, workers: c.WorkersOpt = None, distill: c.DistillOpt = None,
-              force: c.ForceOpt = False):
+              settings: c.SetOpt = None, force: c.ForceOpt = False):
     """Replace Linear/Conv layers by two thin ones (truncated SVD) where that is smaller.
 
     Examples:
@@ -48,6 +48,7 @@ def factorize(model: c.ModelArg, output: c.OutOpt,
     use_threads(threads)
     inp = load_inputs(model, output, force, arch, trust_pickle, train_data, test_data, input_shape,
                       need_train=bool(epochs), task=TaskOptions(loss, metric, workers, val_data))
+    cfg = with_settings(cfg, settings)
     res = run_command("factorize", cfg, inp, output, force, report, json_out, latency=not no_latency)
     rows = res["layers_changed"]
     out.print(table("layers", ["layer", "shape", "rank", "params before", "params after", "rel. error", "action"],

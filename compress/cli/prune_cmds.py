@@ -9,7 +9,7 @@ import typer
 
 from . import app
 from . import common as c
-from .common import err, make_config, out, table, use_threads
+from .common import err, make_config, out, table, use_threads, with_settings
 from .stage import TaskOptions, load_inputs, parse_mapping, patterns, run_command
 
 
@@ -80,7 +80,7 @@ def prune(model: c.ModelArg, output: c.OutOpt,
           input_shape: c.InputShapeOpt = None, report: c.ReportOpt = None, json_out: c.JsonOpt = None,
           no_latency: c.NoLatencyOpt = False, threads: c.ThreadsOpt = None, loss: c.LossOpt = None, val_data: c.ValDataOpt = None,
           metric: c.MetricOpt = None, workers: c.WorkersOpt = None, distill: c.DistillOpt = None,
-          force: c.ForceOpt = False):
+          settings: c.SetOpt = None, force: c.ForceOpt = False):
     """Prune a trained model and show the numbers before and after.
 
     Examples:
@@ -130,6 +130,7 @@ def prune(model: c.ModelArg, output: c.OutOpt,
     ft = make_config(cls.part, "finetune", epochs=epochs, lr=lr, distill=distill)
     sel = make_config(Select, names=patterns(layers), exclude=patterns(exclude))
     cfg = make_config(cls, **opts, finetune=ft, select=sel)
+    cfg = with_settings(cfg, settings)
     res = run_command("prune", cfg, inp, output, force, report, json_out, on_event=_show_progress, extra=extra,
                       latency=not no_latency)
     drop = res["before"].get("accuracy", 0) - res["after"].get("accuracy", 0)

@@ -130,6 +130,8 @@ class GraphModel(nn.Module):
     that interprets the checked graph (``run``). It has no layers of its own: it runs, reports and
     encodes, and the methods that change layers ask for the user's ``--arch``."""
 
+    layerless = True  # what stages and export check (``stages.is_layerless``), without importing coding
+
     def __init__(self, g: Graph, tensors: dict[str, torch.Tensor]):
         super().__init__()
         slots = []

@@ -11,6 +11,8 @@ from ..quant_state import SCHEMES, QuantState
 from . import streams
 
 MAX_NUMEL = 1 << 31
+_STORAGE = {"uniform": "grid", "codebook": "codebook"}  # the manifest's "enc" -> a scheme's storage
+_OLD_SCHEME = {"uniform": "minmax", "codebook": "kmeans"}  # files written before "scheme" was stored
 _RAW_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64,
                "int32": np.int32, "uint8": np.uint8, "int8": np.int8, "bool": np.bool_}
 
@@ -39,6 +41,11 @@ def _coded(sym: np.ndarray, zero: np.ndarray, alpha: int, params: bytes,
     return best
 
 
+def _scheme_field(state: QuantState, enc: str) -> dict:
+    """The scheme's name, unless it is the one a section of that kind was before names were stored."""
+    return {} if state.scheme == _OLD_SCHEME[enc] else {"scheme": state.scheme}
+
+
 def _encode_state(state: QuantState, t: torch.Tensor) -> tuple[bytes, dict]:
     """A quantized weight: its codes as they are, with the grid's scales or the codebook in front."""
     zero = (t.detach().flatten() == 0).cpu().numpy()
@@ -49,7 +56,8 @@ def _encode_state(state: QuantState, t: torch.Tensor) -> tuple[bytes, dict]:
         sym = state.codes.flatten().cpu().numpy().astype(np.int64)
         sym[sym < 0] = k  # explicit zero symbol for dense mode
         half = bool(np.array_equal(cb.astype("<f2").astype("<f4"), cb))  # k-means rounds its centroids so
-        fields = {"enc": "codebook", "scheme": state.scheme, "bits": bits, "k": k, **({"cb16": True} if half else {})}
+        fields = {"enc": "codebook", **_scheme_field(state, "codebook"), "bits": bits, "k": k,
+                  **({"cb16": True} if half else {})}
         return _coded(sym, zero, k + 1, (cb.astype("<f2") if half else cb).tobytes(), fields)
     if state.scale is None:
         raise ValueError("a grid state needs its scales")
@@ -60,7 +68,7 @@ def _encode_state(state: QuantState, t: torch.Tensor) -> tuple[bytes, dict]:
         params += state.zero_point.float().cpu().numpy().astype("<f4").tobytes()
     sym = state.codes.cpu().numpy().reshape(-1).astype(np.int64)
     return _coded(sym, zero, 2 ** bits, params,
-                  {"enc": "uniform", "scheme": state.scheme, "bits": bits, "channels": len(scale), "affine": affine,
+                  {"enc": "uniform", **_scheme_field(state, "uniform"), "bits": bits, "channels": len(scale), "affine": affine,
                    "per_channel": bool(state.per_channel)})
 
 
@@ -143,8 +151,6 @@ def _symbols(e: dict, rest: bytes, n: int, alpha: int, budget) -> tuple[np.ndarr
     return sym, mask
 
 
-_STORAGE = {"uniform": "grid", "codebook": "codebook"}  # the manifest's "enc" -> a scheme's storage
-_OLD_SCHEME = {"uniform": "minmax", "codebook": "kmeans"}  # files written before "scheme" was stored
 
 
 def _scheme_name(e: dict) -> str:

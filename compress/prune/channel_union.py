@@ -32,7 +32,7 @@ from .. import distributed
 from ..config import Config, FineTune, Select, register_method
 from ..metrics import count_macs, count_params
 from ..models.blocks import ResidualIdentity
-from ..stages import Context, Method
+from ..stages import Context, Method, needs_data
 from ..train import recalibrate_bn, steps_per_epoch
 from .graph import ChannelGroup, channel_groups, group_norms, member_norms, prune_group, scale_channels, unselected
 
@@ -184,9 +184,7 @@ class ChannelUnionPruner(Method):
 
     def attach(self) -> None:
         if self.ctx.train is None and self.interval is None:
-            from ..errors import UsageError
-
-            raise UsageError("channel-union trains: give training data (Context(train=...); --train-data SPEC)")
+            raise needs_data("channel-union trains")
         self.shape = self.ctx.shape(self.model)
         self.per_epoch = (steps_per_epoch(len(self.ctx.train), self.config.finetune.batch_size)
                           if self.ctx.train is not None else None)

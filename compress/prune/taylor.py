@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ..data import batches
 from ..errors import UsageError
+from ..stages import needs_data
 from .graph import slices
 from .importance import register_importance
 
@@ -29,8 +30,7 @@ class TaylorImportance:
 
     def prepare(self, model: nn.Module, ctx) -> None:
         if ctx.train is None:
-            raise UsageError("importance 'taylor' scores channels by the loss gradient: it needs training data "
-                             "(--train-data)")
+            raise needs_data("importance 'taylor' scores channels by the loss gradient")
         device = next(model.parameters()).device
         was_training, grads = model.training, {n: p.requires_grad for n, p in model.named_parameters()}
         model.eval()

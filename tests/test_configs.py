@@ -1,0 +1,107 @@
+"""Every registered method config, through every way a user reaches it: JSON, a recipe, their own training loop
+(the method object's hooks) and a saved file that loads without trust."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import compress.recipe  # noqa: F401  (registers every method)
+from compress import data as data_mod
+from compress.config import Config, FineTune, method_for, stage_types
+from compress.formats import load_model, save_model
+from compress.meta import get_meta
+from compress.models import create_model
+from compress.recipe import Stage
+from compress.stages import Context
+
+# the options a config needs beside its defaults, and a few that differ from them, per stage name
+SETTINGS = {
+    "threshold": {"sparsity": 0.6, "rounds": 2},
+    "l1-filter": {"ratio": 0.25, "importance": "l2"},
+    "channel-union": {"lasso_ratio": 1.5, "reconfig_interval": 1},
+    "quantize": {"bits": 5, "scheme": "pow2"},
+    "factorize": {"energy": 0.95},
+}
+
+
+def test_every_registered_method_has_settings_here():
+    assert set(stage_types()) == set(SETTINGS), "a new method: add it to SETTINGS so it is tested below"
+
+
+def _config(name: str) -> Config:
+    return stage_types()[name].from_options({**SETTINGS[name], "finetune": {"epochs": 0.0}})
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_config_round_trips_through_json_and_a_recipe(name):
+    cfg = _config(name)
+    assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert Config.from_dict({"type": type(cfg).__name__, **cfg.changes()}) == cfg  # what a file's history keeps
+    stage = Stage.from_dict({"method": name, **{k: v for k, v in cfg.changes().items() if k not in ("type", "version")}})
+    assert stage.name == name and stage.candidates == (cfg,)
+    as_toml = {"method": name, **SETTINGS[name], "finetune": {"epochs": 0.0}}  # as a recipe file spells it
+    assert Stage.from_dict(as_toml).candidates == (cfg,)
+    assert [Config.from_dict(c) for c in json.loads(json.dumps(stage.to_dict()))["candidates"]] == [cfg]
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_config_drives_a_users_own_loop_and_the_result_reloads_without_trust(name, tmp_path):
+    """The method object in a plain PyTorch loop (attach, penalty, after_backward, step, finalize), then the
+    model saved and loaded back without trust, its history naming the stage."""
+    torch.manual_seed(0)
+    ds = data_mod.load("digits?limit=256")
+    model = create_model("resnet8", width=0.5)
+    cfg = _config(name)
+    method = method_for(cfg, cfg.verb)(model, cfg, Context(train=ds, input_shape=(1, 1, 8, 8)))
+    method.attach()
+    params = method.parameters() or method.model.parameters()
+    opt = torch.optim.SGD(params, lr=0.01)
+    x, y = ds.batch(torch.arange(64))
+    for _ in range(3):
+        loss = F.cross_entropy(method.model(x), y)
+        pen = method.penalty()
+        (loss + pen if pen is not None else loss).backward()
+        method.after_backward()
+        opt.step()
+        opt.zero_grad()
+        if method.step(0.01):
+            opt = torch.optim.SGD(method.parameters() or method.model.parameters(), lr=0.01)
+    model = method.finalize()
+    out = model.eval()(x)
+    assert out.shape == (64, 10) and bool(torch.isfinite(out).all())
+    save_model(model, tmp_path / "m.pt")
+    again = load_model(tmp_path / "m.pt")  # no trust: compress's own classes and data only
+    assert torch.allclose(again.eval()(x), out, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_config_through_run_names_itself_in_the_file(name, tmp_path):
+    from compress.stages import run
+
+    ds = data_mod.load("digits?limit=256")
+    torch.manual_seed(0)
+    model = create_model("resnet8", width=0.5)
+    cfg = stage_types()[name].from_options({**SETTINGS[name], "finetune": FineTune(epochs=0.5)})
+    res = run(cfg.verb, model, cfg, Context(train=ds, input_shape=(1, 1, 8, 8)))
+    save_model(res.model, tmp_path / "m.pt")
+    history = get_meta(load_model(tmp_path / "m.pt"))["history"]
+    assert history[-1]["stage"] == name
+    assert Config.from_dict(history[-1]["config"]) == cfg
+
+
+def test_set_reaches_any_option_without_a_flag(cli, tmp_path, lenet5_trained):
+    """--set key=value (TOML values, part.key for select / finetune) for options the command has no flag for."""
+    save_model(lenet5_trained, tmp_path / "m.pt")
+    r = cli("prune", tmp_path / "m.pt", "--sparsity", "0.5", "--epochs", "0", "--no-latency", "--set", "rounds=1",
+            "--set", "first_last_factor=1.0", "--set", 'select.exclude=["fc2"]', "-o", tmp_path / "p.pt")
+    assert r.code == 0, r.err
+    m = load_model(tmp_path / "p.pt")
+    cfg = Config.from_dict(get_meta(m)["history"][-1]["config"])
+    assert cfg.rounds == 1 and cfg.first_last_factor == 1.0 and cfg.select.exclude == ("fc2",)
+    assert bool((m.fc2.weight != 0).all())  # excluded: untouched
+    for bad, said in ((["--set", "roundz=2"], "unknown option"), (["--set", "rounds"], "key=value"),
+                      (["--set", "finetune.lrr=1"], "finetune: unknown option"), (["--set", "rounds=0"], "rounds")):
+        r = cli("prune", tmp_path / "m.pt", "--sparsity", "0.5", "--epochs", "0", *bad, "-o", tmp_path / "q.pt")
+        assert r.code == 2 and said in r.err and len(r.err.strip().splitlines()) == 1, (bad, r.err)
+        assert not (tmp_path / "q.pt").exists()
