@@ -20,6 +20,14 @@ def is_cpz(path: Path) -> bool:
         return f.read(4) == MAGIC or path.suffix == ".cpz"
 
 
+def kind(path: str | os.PathLike) -> str:
+    """What an existing model file holds: "cpz", "onnx" or "torch" (everything ``io`` loads)."""
+    path = Path(path)
+    if is_cpz(path):
+        return "cpz"
+    return "onnx" if path.suffix == ".onnx" else "torch"
+
+
 def load_model(path: str | os.PathLike, arch: str | None = None, trust_pickle: bool = False) -> nn.Module:
     """Load a model safely: a .cpz, a TorchScript archive, a state_dict with ``arch``, or a whole
     module whose classes are torch.nn / compress ones. Anything that would run code from the file
@@ -37,11 +45,12 @@ def _load(path: Path, arch: str | None, trust_pickle: bool) -> nn.Module:
     if path.is_dir():
         raise InputError(f"{path} is a directory, not a model file")
     base = arch_base(arch)
-    if is_cpz(path):
+    what = kind(path)
+    if what == "cpz":
         from .coding.container import load_cpz
 
         return load_cpz(path, base=base)
-    if path.suffix == ".onnx":
+    if what == "onnx":
         raise InputError(f"{path} is an ONNX model; only `compress report` and `compress export` read ONNX")
     from .coding.container import decode_model
     from .io import load_torch

@@ -32,8 +32,7 @@ import torch.nn as nn
 from . import data as data_mod
 from .checkpoint import Checkpoint, Stop, ctrl_c
 from .checkpoint import fingerprint as run_fingerprint
-from .coding.container import encode_model
-from .coding.streams import fixed_bytes
+from .coding.stats import size_bytes
 from .config import Config
 from .meta import get_meta, set_meta
 from .metrics import count_macs, count_nonzero, count_params, latency_stats
@@ -42,23 +41,6 @@ from .stages import Context, run
 from .train import paired_drop, scores
 
 log = logging.getLogger(__name__)
-
-
-def size_bytes(model: nn.Module, graph: bool = False) -> dict[str, Any]:
-    """Encoded .cpz size, the size the same content takes without Huffman coding, and the bytes of
-    each layer's tensors (weight, bias, buffers) in the .cpz. ``graph``: with the graph
-    a .cpz of the user's own classes holds (``coding.graph``), as ``save_model`` writes it."""
-    _, stats = encode_model(copy.deepcopy(model), graph=graph)
-    fixed, layers = 0, {}  # type: ignore[var-annotated]
-    for e in stats["tensors"]:
-        if "values" in e:
-            fixed += e.get("params_bytes", 0) + e.get("index_bytes", 0) + fixed_bytes(e["values"])
-        else:
-            fixed += e["length"]
-        layer = e["name"].rpartition(".")[0]
-        layers[layer] = layers.get(layer, 0) + e["length"]
-    return {"coded": stats["file_bytes"], "fixed": fixed + stats["manifest_bytes"] + 20, "layers": layers,
-            "graph_note": stats["graph_note"]}
 
 
 @dataclasses.dataclass

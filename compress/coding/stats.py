@@ -1,13 +1,14 @@
 """Per-tensor numbers of a .cpz for tables and reports: bytes, bits per weight, index overhead."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import streams
-from .container import HEAD, read_manifest
+from .container import HEAD, encode_model, read_manifest
 
 
 def read_stats(path) -> dict[str, Any]:
@@ -31,3 +32,21 @@ def tensor_row(e: dict) -> dict:
         row["coding"] = v["coding"]
         row["huffman_gain"] = round(streams.fixed_bytes(v) / max(coded, 1), 3) if v["count"] else 1.0
     return row
+
+
+def size_bytes(model, graph: bool = False) -> dict[str, Any]:
+    """Encoded .cpz size, the size the same content takes without Huffman coding, and the bytes of
+    each layer's tensors (weight, bias, buffers) in the .cpz. ``graph``: with the graph
+    a .cpz of the user's own classes holds (``coding.graph``), as ``save_model`` writes it."""
+    _, stats = encode_model(copy.deepcopy(model), graph=graph)
+    fixed = 0
+    layers: dict[str, int] = {}
+    for e in stats["tensors"]:
+        if "values" in e:
+            fixed += e.get("params_bytes", 0) + e.get("index_bytes", 0) + streams.fixed_bytes(e["values"])
+        else:
+            fixed += e["length"]
+        layer = e["name"].rpartition(".")[0]
+        layers[layer] = layers.get(layer, 0) + e["length"]
+    return {"coded": stats["file_bytes"], "fixed": fixed + stats["manifest_bytes"] + 20, "layers": layers,
+            "graph_note": stats["graph_note"]}

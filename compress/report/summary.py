@@ -7,7 +7,7 @@ from typing import Any
 
 from .. import data as data_mod
 from ..errors import InputError
-from ..formats import load_model
+from ..formats import kind, load_model
 from ..meta import get_meta
 from ..metrics import summarize
 from ..stages import Context
@@ -40,7 +40,8 @@ def model_report(path: str | os.PathLike, arch: str | None = None, trust_pickle:
         raise InputError(f"{path}: no such file")
     metric = resolve_metric(metric)
     ds = data_mod.load(data, workers) if data else None
-    if path.suffix == ".onnx":
+    what = kind(path)
+    if what == "onnx":
         from ..export import onnx_summary
 
         rep = onnx_summary(path, ds, input_shape)
@@ -62,7 +63,7 @@ def model_report(path: str | os.PathLike, arch: str | None = None, trust_pickle:
             rep["test_accuracy"] = round(evaluate(model, test, metric), 3)
             rep["metric"] = metric.label
             rep["test_data"] = f"{test_data}, {len(test):,} samples"
-        if path.suffix == ".cpz":
+        if what == "cpz":
             from ..coding.stats import read_stats
 
             rep["cpz"] = read_stats(path)
