@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from .errors import InputError
+from .errors import InputError, UsageError
 
 
 def is_cpz(path: Path) -> bool:
@@ -55,7 +55,13 @@ def _load(path: Path, arch: str | None, trust_pickle: bool) -> nn.Module:
     from .coding.container import decode_model
     from .io import load_torch
 
-    return load_torch(path, arch, trust_pickle, cpz=lambda blob: decode_model(blob, path, base=base))
+    return load_torch(path, arch, trust_pickle, cpz=lambda blob: decode_model(blob, path, base=base), int8=_int8)
+
+
+def _int8(float_model: nn.Module, table, state) -> nn.Module:
+    from .quantize.int8 import rebuild
+
+    return rebuild(float_model, table, state)
 
 
 def arch_base(arch: str | None):
@@ -77,7 +83,11 @@ def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False) -
     """Save atomically: a .cpz (Huffman-coded, architecture as data) for a ``.cpz`` path, else a
     torch file that compress loads again without trust."""
     path = Path(path)
+    from .quantize.int8 import Int8Model, is_int8, payload, skeleton_of
+
     if path.suffix == ".cpz":
+        if is_int8(model):
+            raise UsageError(f"{path}: an INT8 model is saved as a .pt (its float model travels inside as a .cpz)")
         from .coding.container import save_cpz
 
         save_cpz(model, path, force=force, graph=True)
@@ -85,6 +95,12 @@ def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False) -
     from .coding.arch import foreign_classes
     from .coding.graph_model import GraphModel
     from .io import save_module, save_wrapped
+
+    if isinstance(model, Int8Model):  # generated code is never pickled: the float model as a .cpz, the INT8 state
+        from .coding.container import encode_model  # as tensors
+
+        blob, _ = encode_model(skeleton_of(model))
+        return save_wrapped(blob, path, force=force, extra=payload(model))
 
     if foreign_classes(model) or isinstance(model, GraphModel):
         # classes of the user's code are not pickled (reloading them would need trust), nor is a model

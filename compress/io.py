@@ -231,7 +231,7 @@ CPZ_KEY = "compress_cpz"
 
 
 def load_torch(path: Path, arch: str | None = None, trust_pickle: bool = False,
-               cpz: Callable[[bytes], nn.Module] | None = None) -> nn.Module:
+               cpz: Callable[[bytes], nn.Module] | None = None, int8: Callable | None = None) -> nn.Module:
     """Load a torch file (TorchScript, state_dict + arch, or a whole module) safely. ``cpz`` decodes
     the container bytes of a file compress wrote for a model of the user's own classes."""
     if _is_torchscript(path):
@@ -252,7 +252,7 @@ def load_torch(path: Path, arch: str | None = None, trust_pickle: bool = False,
         return model
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, Mapping) and isinstance(obj.get(CPZ_KEY), bytes) and cpz is not None:
-        return _unwrap(path, obj, cpz)
+        return _unwrap(path, obj, cpz, int8)
     if arch is not None:
         sd = obj.get("state_dict", obj) if isinstance(obj, Mapping) else obj
         if isinstance(sd, nn.Module):
@@ -275,14 +275,21 @@ def load_torch(path: Path, arch: str | None = None, trust_pickle: bool = False,
     return model
 
 
-def _unwrap(path: Path, obj: Mapping, cpz: Callable[[bytes], nn.Module]) -> nn.Module:
+INT8_KEYS = ("compress_int8", "int8_state")  # an INT8 model's file: its table and INT8 state beside the float .cpz
+
+
+def _unwrap(path: Path, obj: Mapping, cpz: Callable[[bytes], nn.Module], int8: Callable | None = None) -> nn.Module:
     """The model of a wrapped .cpz: its one source of truth. A file of an older compress also holds a
     state_dict; it must agree with the container, or the file is refused (other tools read one, compress
-    the other)."""
-    extra = set(obj) - {CPZ_KEY, "state_dict"}
+    the other). An INT8 file also holds ``INT8_KEYS``: ``int8(float_model, table, state)`` rebuilds it."""
+    extra = set(obj) - {CPZ_KEY, "state_dict", *INT8_KEYS}
     if extra:
         raise InputError(f"{path}: a wrapped .cpz with other entries ({safe(sorted(map(str, extra))[0])}); refused")
     model = cpz(obj[CPZ_KEY])
+    if any(k in obj for k in INT8_KEYS):
+        if int8 is None or not all(k in obj for k in INT8_KEYS):
+            raise InputError(f"{path}: an INT8 file without its INT8 table or state; refused")
+        return int8(model, obj[INT8_KEYS[0]], obj[INT8_KEYS[1]])
     sd = obj.get("state_dict")
     if sd is not None:
         own = model.state_dict()
@@ -294,12 +301,13 @@ def _unwrap(path: Path, obj: Mapping, cpz: Callable[[bytes], nn.Module]) -> nn.M
     return model
 
 
-def save_wrapped(blob: bytes, path: str | os.PathLike, force: bool = False) -> Path:
+def save_wrapped(blob: bytes, path: str | os.PathLike, force: bool = False, extra: dict | None = None) -> Path:
     """A torch file of plain data, ``{"compress_cpz": the model's .cpz bytes}`` (atomically): the
-    weights once, readable by ``torch.load(weights_only=True)`` and by compress without trust."""
+    weights once, readable by ``torch.load(weights_only=True)`` and by compress without trust.
+    ``extra``: the INT8 table and state of an INT8 model (``INT8_KEYS``), tensors and plain values."""
     path = Path(path)
     with atomic_write(path, force) as tmp:
-        torch.save({CPZ_KEY: blob}, tmp)
+        torch.save({CPZ_KEY: blob, **(extra or {})}, tmp)
     return path
 
 

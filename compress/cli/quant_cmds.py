@@ -1,6 +1,7 @@
 """``compress quantize`` and ``compress export``."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -21,6 +22,13 @@ def quantize(model: c.ModelArg, output: c.OutOpt,
                                                  "(0 or ±s·2^-i per layer).")] = "minmax",
              per_tensor: Annotated[bool, typer.Option("--per-tensor", help="One grid per tensor, not per channel.")] = False,
              affine: Annotated[bool, typer.Option("--affine", help="Affine grid with a zero point.")] = False,
+             activations: Annotated[bool, typer.Option(
+                 "--activations", help="Static INT8 of weights and activations that PyTorch runs as integers "
+                 "(x86 kernels; activation ranges from --calib-data).")] = False,
+             observer: Annotated[str, typer.Option("--observer", help="--activations: how activation ranges are "
+                                                   "set: histogram (least error) or minmax.")] = "histogram",
+             calib_data: Annotated[Optional[str], typer.Option(
+                 "--calib-data", help="--activations: calibration data spec (512 samples are read).")] = None,
              layers: c.LayersOpt = None, exclude: c.ExcludeOpt = None,
              arch: c.ArchOpt = None, trust_pickle: c.TrustOpt = False, train_data: c.TrainDataOpt = None,
              test_data: c.TestDataOpt = None,
@@ -38,7 +46,16 @@ def quantize(model: c.ModelArg, output: c.OutOpt,
         compress quantize lenet5.pt --bits 4 --scheme mmse --test-data mnist5k -o lenet5-int4.pt
 
         compress quantize lenet5.pt --bits conv=8,linear=5 --scheme kmeans --train-data mnist5k --epochs 1 -o l5-km.pt
+
+        compress quantize resnet20.pt --activations --calib-data "mnist5k?size=32" --test-data "mnist5k?size=32" -o r20-int8.pt
     """
+    if activations:
+        if bits != "8" or scheme != "minmax" or per_tensor or affine or epochs:
+            raise typer.BadParameter("--activations is static INT8 (per-channel weights): leave --bits, --scheme, "
+                                     "--per-tensor, --affine and --epochs at their defaults")
+        use_threads(threads)
+        return _int8(model, output, arch, trust_pickle, calib_data or train_data, test_data, input_shape, observer,
+                     workers, no_latency, json_out, force)
     from ..config import Select
     from ..quantize import QuantConfig
 
@@ -94,6 +111,46 @@ def export(model: c.ModelArg, output: c.OutOpt, arch: c.ArchOpt = None, trust_pi
     out.print(table(f"export -> {output}", ["", "bytes", f"latency batch 32 ms ({threads} threads)", "accuracy %"], rows))
     if int8:
         out.print(f"INT8 is {res['int8_speedup']:.2f}x faster than FP32 at batch 32")
+    err.print(f"wrote {output}")
+    if json_out:
+        emit_json(res, json_out, force)
+
+
+def _int8(model, output, arch, trust_pickle, calib_spec, test_spec, input_shape, observer, workers, no_latency,
+          json_out, force) -> None:
+    """``quantize --activations``: the model lowered to INT8 that PyTorch executes, with its before/after numbers."""
+    from .. import data as data_mod
+    from ..formats import load_model, save_model
+    from ..metrics import latencies, speed_change
+    from ..quantize.int8 import to_int8
+    from ..stages import Context
+    from ..train import evaluate
+    from .stage import check_output
+
+    check_output(model, output, force)
+    if not calib_spec:
+        raise typer.BadParameter("--activations needs --calib-data (or --train-data) for the activation ranges")
+    m = load_model(model, arch=arch, trust_pickle=trust_pickle)
+    calib = data_mod.load(calib_spec, workers)
+    shape = Context(train=calib, input_shape=parse_shape(input_shape)).shape(m)
+    q = to_int8(m, calib, shape, observer=observer)
+    save_model(q, output, force=force)
+    made = q.compress_int8
+    res: dict = {"file": str(output), "int8": made, "bytes": {"fp32": Path(model).stat().st_size,
+                                                                         "int8": Path(output).stat().st_size}}
+    rows = [["file bytes", f"{res['bytes']['fp32']:,}", f"{res['bytes']['int8']:,}", ""]]
+    if test_spec:
+        test = data_mod.load(test_spec, workers)
+        acc = [evaluate(m, test), evaluate(q, test)]
+        res["accuracy"] = {"fp32": acc[0], "int8": acc[1], "data": f"{test_spec}, {len(test):,} samples"}
+        rows.append([f"top-1 % on {test_spec}", f"{acc[0]:.2f}", f"{acc[1]:.2f}", f"{acc[1] - acc[0]:+.2f} pt"])
+    if not no_latency:
+        fp, i8 = latencies([m, q], shape)
+        verdict = speed_change(fp["batch_32"], i8["batch_32"], i8["speedup"]["batch_32"])
+        res["latency_ms_batch_32"] = {"fp32": fp["batch_32"], "int8": i8["batch_32"], "verdict": verdict}
+        rows.append(["latency batch 32 ms", f"{fp['batch_32']:.2f}", f"{i8['batch_32']:.2f}", verdict])
+    out.print(table(f"INT8 ({observer} activations, calibrated on {made['calibration']})",
+                    ["", "FP32", "INT8", "change"], rows))
     err.print(f"wrote {output}")
     if json_out:
         emit_json(res, json_out, force)

@@ -170,6 +170,9 @@ def model_rows(rep: dict) -> list[list]:
         rows.insert(1, ["smaller than dense FP32", f"{rep['ratio_vs_dense_fp32']:.2f}x"])
     if rep.get("input_shape"):
         rows.append(["input shape", "x".join(map(str, rep["input_shape"]))])
+    if rep.get("int8"):
+        rows.append(["executes", f"{rep['int8']['executes']}; {rep['int8']['observer']} activation ranges from "
+                                 f"{rep['int8']['calibration']}"])
     lat = rep.get("latency_ms", {})
     for k in ("batch_1", "batch_32"):
         if k in lat:
