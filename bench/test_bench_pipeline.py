@@ -4,8 +4,8 @@ from __future__ import annotations
 import copy
 import gzip
 import io
-import warnings
 import time
+import warnings
 import zlib
 from pathlib import Path
 

@@ -83,7 +83,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False) -
     """Save atomically: a .cpz (Huffman-coded, architecture as data) for a ``.cpz`` path, else a
     torch file that compress loads again without trust."""
     path = Path(path)
-    from .quantize.int8 import Int8Model, is_int8, payload, skeleton_of
+    from .quantize.int8 import Int8Model, is_int8, payload
 
     if path.suffix == ".cpz":
         if is_int8(model):
@@ -96,11 +96,8 @@ def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False) -
     from .coding.graph_model import GraphModel
     from .io import save_module, save_wrapped
 
-    if isinstance(model, Int8Model):  # generated code is never pickled: the float model as a .cpz, the INT8 state
-        from .coding.container import encode_model  # as tensors
-
-        blob, _ = encode_model(skeleton_of(model))
-        return save_wrapped(blob, path, force=force, extra=payload(model))
+    if isinstance(model, Int8Model):  # generated code is never pickled: the architecture as a .cpz, the INT8
+        return save_wrapped(model.arch_cpz, path, force=force, extra=payload(model))  # state as plain tensors
 
     if foreign_classes(model) or isinstance(model, GraphModel):
         # classes of the user's code are not pickled (reloading them would need trust), nor is a model

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..data import Data, batches
+from ..data import Data, batches, check_fits
 from ..errors import InputError, UsageError
+from ..meta import get_meta, set_meta
 
 INT8_KEY = "compress_int8"  # the table in an INT8 file: {"version", "backend", "observer", "input_shape"}
 OBSERVERS = ("minmax", "histogram")  # activation ranges: min-max, or the histogram's least-error range
@@ -70,13 +71,21 @@ def _skeleton(model: nn.Module, observer: str, input_shape) -> torch.fx.GraphMod
 
 class Int8Model(nn.Module):
     """An INT8 model: ``inner`` (the converted FX graph) runs; ``compress_int8`` says how it was made;
-    ``float_model`` (not a submodule) is what its file stores and rebuilds it from."""
+    ``arch_cpz`` is its float architecture (weights zeroed) as .cpz bytes, what its file stores and rebuilds
+    it from -- a few kilobytes, so no float copy of the weights stays in memory."""
 
     def __init__(self, inner: nn.Module, table: dict, float_model: nn.Module):
         super().__init__()
         self.inner = inner
         self.compress_int8 = dict(table)
-        self.__dict__["float_model"] = float_model  # not registered: no parameters, no state of its own here
+        self.arch_cpz = _arch_bytes(float_model)
+        set_meta(self, **{**get_meta(float_model), "input_shape": list(table["input_shape"])})
+
+    def architecture(self) -> nn.Module:
+        """The float architecture (zero weights): for counting its parameters and MACs."""
+        from ..coding.container import decode_model
+
+        return decode_model(self.arch_cpz)
 
     def forward(self, x):
         with _quiet():
@@ -90,6 +99,7 @@ def to_int8(model: nn.Module, calib: Data, input_shape, observer: str = "histogr
 
     if calib is None or len(calib) == 0:
         raise UsageError("INT8 activations need calibration data (--calib-data SPEC): none was given")
+    check_fits(model, calib, labels_needed=False)  # the data's samples are what the model takes
     with _quiet():
         prepared = _skeleton(model, observer, input_shape)
         seen = 0
@@ -102,7 +112,7 @@ def to_int8(model: nn.Module, calib: Data, input_shape, observer: str = "histogr
         q = convert_fx(prepared)
     table = {"version": 1, "backend": BACKEND, "observer": observer, "input_shape": list(input_shape),
              "calibration": f"{calib.name}, {seen} samples"}
-    return Int8Model(q, table, copy.deepcopy(model).eval()).eval()
+    return Int8Model(q, table, model).eval()
 
 
 def is_int8(model: nn.Module) -> bool:
@@ -160,15 +170,18 @@ def _unflat(key: str, own, flat: dict):
     return own  # a dtype or other constant of the rebuilt model itself
 
 
-def skeleton_of(model: Int8Model) -> nn.Module:
-    """The float model with every float tensor zeroed: its architecture, which is all the INT8 model is rebuilt
-    from (its INT8 state carries every number it runs with), in a few bytes once coded."""
-    skeleton = copy.deepcopy(model.__dict__["float_model"])
+def _arch_bytes(float_model: nn.Module) -> bytes:
+    """The float model with every float tensor zeroed, as .cpz bytes: its architecture, which is all the INT8
+    model is rebuilt from (its INT8 state carries every number it runs with)."""
+    from ..coding.container import encode_model
+
+    skeleton = copy.deepcopy(float_model)
     with torch.no_grad():
         for t in skeleton.state_dict().values():
             if t.is_floating_point():
                 t.zero_()
-    return skeleton
+    blob, _ = encode_model(skeleton)
+    return blob
 
 
 def payload(model: Int8Model) -> dict[str, Any]:

@@ -8,9 +8,9 @@ from typing import Any
 from .. import data as data_mod
 from ..errors import InputError
 from ..formats import kind, load_model
-from ..quantize.int8 import is_int8
 from ..meta import get_meta
 from ..metrics import summarize
+from ..quantize.int8 import Int8Model
 from ..stages import Context
 
 
@@ -50,8 +50,8 @@ def model_report(path: str | os.PathLike, arch: str | None = None, trust_pickle:
         model = load_model(path, arch=arch, trust_pickle=trust_pickle)
         shape = Context(val=ds, input_shape=input_shape).shape(model)
         rep = summarize(model, shape, ds, latency=latency, metric=metric)
-        if is_int8(model):  # its layers are INT8 kernels: the counts are the architecture's, executed as integers
-            arch_numbers = summarize(model.__dict__["float_model"], shape, None, latency=False, layers=False)
+        if isinstance(model, Int8Model):  # its layers are INT8 kernels: the counts are the architecture's, as integers
+            arch_numbers = summarize(model.architecture(), shape, None, latency=False, layers=False)
             rep.update({k: arch_numbers[k] for k in ("params", "dense_fp32_bytes", "macs")},
                        nonzero_params=None, int8={**model.__dict__["compress_int8"], "executes": "INT8 weights and activations "
                                                   "(PyTorch x86 kernels); MACs are INT8 MACs"})

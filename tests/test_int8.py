@@ -1,0 +1,110 @@
+"""quantize --activations: static INT8 that PyTorch runs as integers, and its data-only file."""
+import copy
+import importlib
+
+import pytest
+import torch
+
+from compress import data as data_mod
+from compress.errors import InputError, UsageError
+from compress.formats import load_model, save_model
+from compress.quantize.int8 import INT8_KEY, Int8Model, to_int8
+from compress.train import evaluate
+from tests.helpers import one_line_error
+
+
+def _quantized_layers(q: Int8Model) -> list[str]:
+    return [type(m).__module__ for m in q.inner.modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
+
+
+def test_lenet5_runs_as_int8_and_keeps_its_accuracy(lenet5_trained, mnist_small):
+    tr, va = mnist_small
+    q = to_int8(lenet5_trained, tr, (1, 1, 28, 28))
+    kinds = _quantized_layers(q)
+    assert len(kinds) >= 4  # conv1, conv2, fc1, fc2 are INT8 kernels, not float layers
+    x = va.batch(torch.arange(32))[0]
+    with torch.no_grad():
+        ref, out = lenet5_trained(x), q(x)
+    assert not torch.equal(ref, out) and float((ref - out).abs().max()) < 0.1 * float(ref.abs().max())
+    assert evaluate(q, va) >= evaluate(lenet5_trained, va) - 1.0
+    assert q.compress_int8["calibration"].endswith("512 samples")
+
+
+def test_int8_file_is_data_reloads_without_trust_and_is_small(lenet5_trained, mnist_small, tmp_path):
+    tr, va = mnist_small
+    q = to_int8(lenet5_trained, tr, (1, 1, 28, 28), observer="minmax")
+    save_model(q, tmp_path / "q.pt")
+    save_model(lenet5_trained, tmp_path / "f.pt")
+    assert (tmp_path / "q.pt").stat().st_size < 0.35 * (tmp_path / "f.pt").stat().st_size
+    raw = torch.load(tmp_path / "q.pt", weights_only=True)  # plain data: tensors, bytes, numbers, strings
+    assert set(raw) == {"compress_cpz", INT8_KEY, "int8_state"}
+    assert all(not t.is_quantized for t in raw["int8_state"].values())
+    again = load_model(tmp_path / "q.pt")
+    x = va.batch(torch.arange(16))[0]
+    assert isinstance(again, Int8Model) and torch.equal(again(x), q(x))
+    with pytest.raises(UsageError, match=".pt"):
+        save_model(q, tmp_path / "q.cpz")
+
+
+@pytest.mark.parametrize("damage", ["drop", "shape", "table", "extra"])
+def test_a_damaged_int8_file_is_refused(lenet5_trained, mnist_small, tmp_path, damage, cli):
+    tr, _ = mnist_small
+    save_model(to_int8(lenet5_trained, tr, (1, 1, 28, 28)), tmp_path / "q.pt")
+    obj = torch.load(tmp_path / "q.pt", weights_only=True)
+    key = next(k for k in obj["int8_state"] if k.endswith("#int"))
+    if damage == "drop":
+        del obj["int8_state"][key]
+    elif damage == "shape":
+        obj["int8_state"][key] = obj["int8_state"][key][:1]
+    elif damage == "table":
+        obj[INT8_KEY]["backend"] = "os.system"
+    else:
+        obj["int8_state"]["conv1.weight#int_extra"] = torch.zeros(1)
+    torch.save(obj, tmp_path / "bad.pt")
+    with pytest.raises(InputError, match="INT8 file"):
+        load_model(tmp_path / "bad.pt")
+    assert one_line_error(cli("report", tmp_path / "bad.pt", "--input-shape", "1,1,28,28"))
+
+
+def test_bad_calibration_data_is_one_line(lenet5_trained, cli, tmp_path):
+    save_model(lenet5_trained, tmp_path / "m.pt")
+    empty = data_mod.TensorData(torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.long), "empty")
+    with pytest.raises(UsageError, match="calibration"):
+        to_int8(lenet5_trained, empty, (1, 1, 28, 28))
+    nan = data_mod.TensorData(torch.full((8, 1, 28, 28), 0.5), torch.zeros(8, dtype=torch.long), "nan")
+    nan.x[3, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        to_int8(lenet5_trained, nan, (1, 1, 28, 28))
+    r = cli("quantize", tmp_path / "m.pt", "--activations", "-o", tmp_path / "q.pt")
+    assert r.code == 2 and "--calib-data" in r.err and not (tmp_path / "q.pt").exists()
+    r = cli("quantize", tmp_path / "m.pt", "--activations", "--calib-data", "mnist5k?size=32&limit=64",
+            "-o", tmp_path / "q.pt")
+    assert one_line_error(r) and not (tmp_path / "q.pt").exists()  # 32x32 digits into a 28x28 model
+    r = cli("quantize", tmp_path / "m.pt", "--activations", "--bits", "4", "--calib-data", "mnist5k", "-o",
+            tmp_path / "q.pt")
+    assert r.code == 2 and "--activations" in r.err
+
+
+def test_cli_prints_before_and_after(lenet5_trained, cli, tmp_path):
+    save_model(lenet5_trained, tmp_path / "m.pt")
+    r = cli("quantize", tmp_path / "m.pt", "--activations", "--calib-data", "mnist5k?limit=256",
+            "--test-data", "mnist5k?limit=500", "--no-latency", "-o", tmp_path / "q.pt")
+    assert r.code == 0, r.err
+    assert "file bytes" in r.out and "top-1 % on mnist5k?limit=500" in r.out and "INT8" in r.out
+    r = cli("report", tmp_path / "q.pt", "--no-latency")
+    assert r.code == 0 and "INT8 weights and activations" in r.out
+
+
+@pytest.mark.parametrize("spec,size", [("pytorchcv.models.resnet_cifar:resnet20_cifar10", 32),
+                                       ("pytorchcv.models.mobilenetv2:mobilenetv2_w1", 224)])  # residual; depthwise
+def test_real_architectures_lower_to_int8(spec, size):
+    mod, fn = spec.split(":")
+    torch.manual_seed(0)
+    m = getattr(importlib.import_module(mod), fn)(num_classes=10).eval()
+    shape = (1, 3, size, size)
+    calib = data_mod.TensorData(torch.rand(8, 3, size, size), torch.zeros(8, dtype=torch.long), "random")
+    q = to_int8(copy.deepcopy(m), calib, shape)
+    assert len(_quantized_layers(q)) > 10
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        assert q(x).shape == m(x).shape
