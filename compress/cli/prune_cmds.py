@@ -13,16 +13,6 @@ from .common import err, make_config, out, table, use_threads, with_settings
 from .stage import TaskOptions, load_inputs, parse_mapping, patterns, run_command
 
 
-class Allocate(str, Enum):
-    sensitivity = "sensitivity"
-    std = "std"
-
-
-class Schedule(str, Enum):
-    cubic = "cubic"
-    geometric = "geometric"
-
-
 class PruneMethod(str, Enum):
     threshold = "threshold"
     l1_filter = "l1-filter"
@@ -44,13 +34,16 @@ def prune(model: c.ModelArg, output: c.OutOpt,
               "--sparsity", help="threshold: target sparsity, global (0.92) or per layer/type (conv=0.6,linear=0.95).")] = None,
           quality: Annotated[Optional[str], typer.Option(
               "--quality", help="threshold: threshold = quality x std of each layer (instead of --sparsity).")] = None,
-          rounds: Annotated[int, typer.Option("--rounds", "--steps", min=1, help="threshold: pruning rounds (--epochs split "
-                                              "over them).")] = 3,
-          allocate: Annotated[Allocate, typer.Option(
-              "--allocate", help="threshold: how a global --sparsity is shared among layers: by measured loss per "
-              "weight removed (needs --train-data), or one quality x std rule.")] = Allocate.sensitivity,
-          schedule: Annotated[Schedule, typer.Option(
-              "--schedule", help="threshold: sparsity over the rounds: cubic (Zhu & Gupta) or geometric.")] = Schedule.cubic,
+          rounds: Annotated[Optional[int], typer.Option("--rounds", "--steps", show_default=False,
+                                                        help="threshold: pruning rounds (--epochs split over them) "
+                                                        "[default: ThresholdConfig's, 3].")] = None,
+          allocate: Annotated[Optional[str], typer.Option(
+              "--allocate", show_default=False, help="threshold: how a global --sparsity is shared among layers: "
+              "sensitivity (measured loss per weight removed; needs --train-data; the default) or std (one quality "
+              "x std rule).")] = None,
+          schedule: Annotated[Optional[str], typer.Option(
+              "--schedule", show_default=False, help="threshold: sparsity over the rounds: cubic (Zhu & Gupta; the "
+              "default) or geometric.")] = None,
           ratio: Annotated[str, typer.Option(
               "--ratio", help="l1-filter: fraction (0.5) or count (8) of filters per group, or per layer "
                               "(layer1.0.conv1=0.3,_default=0.5).")] = "0.5",
@@ -112,7 +105,7 @@ def prune(model: c.ModelArg, output: c.OutOpt,
     if method == PruneMethod.threshold:
         cls, opts = ThresholdConfig, {"sparsity": parse_mapping(sparsity, "--sparsity"),
                                       "quality": parse_mapping(quality, "--quality"), "rounds": rounds,
-                                      "allocate": allocate.value, "schedule": schedule.value}
+                                      "allocate": allocate, "schedule": schedule}
         if sparsity is None and quality is None:
             opts["sparsity"] = 0.9
     elif method == PruneMethod.l1_filter:
@@ -129,7 +122,7 @@ def prune(model: c.ModelArg, output: c.OutOpt,
             opts["lasso_ratio"] = lasso_ratio
     ft = make_config(cls.part, "finetune", epochs=epochs, lr=lr, distill=distill)
     sel = make_config(Select, names=patterns(layers), exclude=patterns(exclude))
-    cfg = make_config(cls, **opts, finetune=ft, select=sel)
+    cfg = make_config(cls, **{k: v for k, v in opts.items() if v is not None}, finetune=ft, select=sel)  # None: the default
     cfg = with_settings(cfg, settings)
     res = run_command("prune", cfg, inp, output, force, report, json_out, on_event=_show_progress, extra=extra,
                       latency=not no_latency)
