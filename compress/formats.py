@@ -5,6 +5,7 @@ It sits above ``io`` (torch files: TorchScript, state_dict + arch, whole modules
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -26,6 +27,25 @@ def kind(path: str | os.PathLike) -> str:
     if is_cpz(path):
         return "cpz"
     return "onnx" if path.suffix == ".onnx" else "torch"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    """How a command reads its model, stated once (``--arch``, ``--trust-pickle``, ``--input-shape``).
+
+    Args:
+        arch: ``module:callable``, ``path/to/file.py:callable`` or ``zoo:NAME`` that builds the architecture
+            of a state_dict (or of a file of the user's own classes).
+        trust_pickle: allow a file that runs code when loaded (TorchScript, arbitrary pickles).
+        input_shape: (1, C, H, W) the model takes, where neither the data nor the file says it.
+    """
+
+    arch: str | None = None
+    trust_pickle: bool = False
+    input_shape: tuple[int, ...] | None = None
+
+    def load(self, path: str | os.PathLike) -> nn.Module:
+        return load_model(path, arch=self.arch, trust_pickle=self.trust_pickle)
 
 
 def load_model(path: str | os.PathLike, arch: str | None = None, trust_pickle: bool = False) -> nn.Module:

@@ -34,7 +34,7 @@ from .checkpoint import Checkpoint, Stop, ctrl_c
 from .checkpoint import fingerprint as run_fingerprint
 from .coding.stats import size_bytes
 from .config import Config
-from .meta import get_meta, set_meta
+from .meta import read_meta, set_meta
 from .metrics import count_macs, count_nonzero, count_params, latency_stats
 from .recipe import DEFAULT_RECIPE, Recipe, Stage, resolve
 from .stages import Context, run
@@ -189,7 +189,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     if val_data is not None:
         train, val = ds, as_data(val_data, "validation data")
     else:
-        vf = resolve(val_fraction, recipe.val_fraction, get_meta(model).get("val_fraction"),
+        vf = resolve(val_fraction, recipe.val_fraction, read_meta(model).val_fraction,
                      default=data_mod.VAL_FRACTION)
         train, val = data_mod.split(ds, float(vf), seed=0)
     if test_data is not None:
@@ -213,7 +213,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
         if on_event is None:  # a listener shows it; the log is for callers without one (said once)
             log.warning(text)
         emit("warning", text=text)
-    history_before = len(get_meta(model).get("history", []))
+    history_before = len(read_meta(model).history)
     results, measured = [], None  # measured: (sizes, val accuracy) of `model`, taken when it was a candidate
     stop = Stop(None if time_budget is None else time.perf_counter() + time_budget)
     first, search_state = 0, None
@@ -277,7 +277,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     for point, st in zip(timeline, latency_stats(snapshots, ctx.input_shape, batch=1, runs=15) if latency else []):
         point["latency_ms"] = st["ms"]
     # one entry for the whole pipeline: what each kept stage did (not every candidate it went through)
-    set_meta(model, history=list(get_meta(model).get("history", []))[:history_before] + [
+    set_meta(model, history=list(read_meta(model).history)[:history_before] + [
         {"stage": "pipeline", "budget_pt": budget,
          "kept": [{"stage": r["stage"], "config": Config.from_dict(r["kept"]["options"]).changes()}
                   if r["kept"] else None for r in results]}])

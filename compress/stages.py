@@ -28,7 +28,7 @@ import torch.nn as nn
 from . import masks
 from .config import Config, FineTune, method_for
 from .errors import UsageError
-from .meta import add_history, get_meta
+from .meta import add_history, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,9 @@ class Context:
         for d in (self.train, self.val):
             if d is not None:
                 return check_shape((1,) + tuple(d.sample_shape), f"the shape of {d.name}'s samples")
-        meta = get_meta(model)
-        if meta.get("input_shape"):
-            return check_shape(meta["input_shape"], "the model file's input shape")
+        meta = read_meta(model)
+        if meta.input_shape:
+            return check_shape(meta.input_shape, "the model file's input shape")
         raise UsageError("cannot tell the model's input shape: give input_shape (--input-shape 1,1,28,28) "
                          "or data")
 
@@ -205,7 +205,7 @@ class Method:
     def train_config(self, epochs: float, seed: int = 0) -> FineTune:
         """The config's ``finetune`` for ``epochs`` of training, its augmentation resolved from the model."""
         ft: FineTune = self.config.finetune
-        augment = ft.augment if ft.augment is not None else int(get_meta(self.model).get("augment", 0))
+        augment = ft.augment if ft.augment is not None else (read_meta(self.model).augment or 0)
         return dataclasses.replace(ft, epochs=epochs, augment=augment, seed=ft.seed + seed)
 
     def train(self, epochs: float, seed: int = 0, desc: str | None = None) -> list[dict]:

@@ -8,7 +8,7 @@ import torch
 
 import compress
 from compress.errors import InputError, OutputExistsError, UntrustedPickleError, UsageError
-from compress.formats import load_model, save_model
+from compress.formats import LoadOptions, load_model, save_model
 from compress.models.lenet import LeNet5
 from compress.report import model_report
 from tests.helpers import one_line_error
@@ -37,9 +37,9 @@ def test_three_formats_report_the_same(tmp_path, lenet5_trained, cli):
              y=compress.data.load("mnist5k?limit=300").y.numpy())
     d = str(tmp_path / "d.npz")
     reps = [
-        model_report(tmp_path / "whole.pt", trust_pickle=True, data=d, latency=False),
-        model_report(tmp_path / "sd.pt", arch="zoo:lenet5", data=d, latency=False),
-        model_report(tmp_path / "ts.pt", trust_pickle=True, data=d, latency=False),  # TorchScript is code
+        model_report(tmp_path / "whole.pt", LoadOptions(trust_pickle=True), data=d, latency=False),
+        model_report(tmp_path / "sd.pt", LoadOptions(arch="zoo:lenet5"), data=d, latency=False),
+        model_report(tmp_path / "ts.pt", LoadOptions(trust_pickle=True), data=d, latency=False),  # TorchScript is code
     ]
     with pytest.raises(compress.UntrustedPickleError, match="TorchScript is code"):
         model_report(tmp_path / "ts.pt", data=d, latency=False)
@@ -161,3 +161,16 @@ def test_arch_by_path_and_by_module_name_the_same_classes(tmp_path, cli, monkeyp
     for arch in ("mynet:build", f"{tmp_path / 'pkg' / 'mynet.py'}:build"):
         res = cli("report", tmp_path / "w.cpz", "--arch", arch, "--input-shape", "1,4", "--no-latency")
         assert res.code == 0, (arch, res.err)
+
+
+def test_metadata_is_read_typed_and_a_files_wrong_types_are_left_out(lenet5_trained):
+    from compress.meta import read_meta, set_meta
+
+    m = copy.deepcopy(lenet5_trained)
+    meta = read_meta(m)
+    assert meta.arch == "lenet5" and meta.input_shape == [1, 1, 28, 28]
+    m.compress_meta = {**m.compress_meta, "input_shape": "1,1,6000,6000", "val_fraction": "0.2", "augment": True}
+    meta = read_meta(m)  # a file may say anything: the wrong types are not used
+    assert meta.input_shape is None and meta.val_fraction is None and meta.augment is None
+    with pytest.raises(TypeError, match="val_fracton"):
+        set_meta(m, val_fracton=0.2)

@@ -15,9 +15,9 @@ from .common import (
     OutOpt,
     TrustOpt,
     err,
+    load_options,
     note_no_graph,
     out,
-    parse_shape,
     table,
 )
 from .stage import check_output
@@ -40,12 +40,12 @@ def encode(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: 
     """
     from ..coding.container import save_cpz
     from ..coding.stats import tensor_row
-    from ..formats import load_model
     from ..metrics import count_params
 
     check_output(model, output, force)
-    m = load_model(model, arch=arch, trust_pickle=trust_pickle)
-    stats = save_cpz(m, output, force=force, graph=graph, input_shape=parse_shape(input_shape))
+    load = load_options(arch, trust_pickle, input_shape)
+    m = load.load(model)
+    stats = save_cpz(m, output, force=force, graph=graph, input_shape=load.input_shape)
     rows = [tensor_row(e) for e in stats["tensors"]]
     out.print(table(f"{output}", ["tensor", "encoding", "mode", "bits/weight", "index bytes", "Huffman gain", "bytes"],
                     [[r["name"], r["enc"] + (f" {r['bits']}b" if r.get("bits") else ""), r["mode"],

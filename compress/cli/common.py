@@ -84,6 +84,13 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Any option o
                                                     "--set 'select.exclude=[\"fc1\"]' (TOML values).")]
 
 
+def load_options(arch: str | None, trust_pickle: bool, input_shape: str | None):
+    """The command's ``LoadOptions`` from its --arch, --trust-pickle and --input-shape."""
+    from ..formats import LoadOptions
+
+    return LoadOptions(arch, trust_pickle, parse_shape(input_shape))
+
+
 def with_settings(cfg, settings: list[str] | None):
     """``cfg`` with ``key=value`` settings applied (``part.key`` inside select / finetune); values are read as
     TOML (a number, a string, a list), else taken as a plain string. A bad key or value is a usage error."""

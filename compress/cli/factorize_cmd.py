@@ -7,7 +7,7 @@ import typer
 
 from . import app
 from . import common as c
-from .common import make_config, out, table, use_threads, with_settings
+from .common import load_options, make_config, out, table, use_threads, with_settings
 from .stage import TaskOptions, load_inputs, patterns, run_command
 
 
@@ -46,7 +46,7 @@ def factorize(model: c.ModelArg, output: c.OutOpt,
     cfg = make_config(FactorizeConfig, energy=energy, rank_ratio=rank_ratio, rank=rank, finetune=ft,
                       select=make_config(Select, names=patterns(layers), exclude=patterns(exclude)))
     use_threads(threads)
-    inp = load_inputs(model, output, force, arch, trust_pickle, train_data, test_data, input_shape,
+    inp = load_inputs(model, output, force, load_options(arch, trust_pickle, input_shape), train_data, test_data,
                       need_train=bool(epochs), task=TaskOptions(loss, metric, workers, val_data))
     cfg = with_settings(cfg, settings)
     res = run_command("factorize", cfg, inp, output, force, report, json_out, latency=not no_latency)

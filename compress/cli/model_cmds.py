@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from . import app
 from . import common as c
-from .common import check_reports, emit_json, out, parse_shape, table, use_threads
+from .common import check_reports, emit_json, load_options, out, table, use_threads
 
 
 @app.command()
@@ -24,8 +24,7 @@ def report(model: c.ModelArg, arch: c.ArchOpt = None, trust_pickle: c.TrustOpt =
 
     check_reports(report_dir, json_out, force)
     use_threads(threads)
-    rep = model_report(model, arch=arch, trust_pickle=trust_pickle, data=data, input_shape=parse_shape(input_shape),
-                       latency=not no_latency, test_data=test_data, metric=metric, workers=workers)
+    rep = model_report(model, load_options(arch, trust_pickle, input_shape), data=data, latency=not no_latency, test_data=test_data, metric=metric, workers=workers)
     if json_out == "-":
         emit_json(rep, "-")
         return

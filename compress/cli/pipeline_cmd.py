@@ -9,7 +9,7 @@ import typer
 
 from . import app
 from . import common as c
-from .common import check_reports, emit_json, err, note_no_graph, out, table, use_threads
+from .common import check_reports, emit_json, err, load_options, note_no_graph, out, table, use_threads
 from .stage import TaskOptions, check_data, load_inputs
 
 
@@ -59,11 +59,12 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
     from .. import data as data_mod
     from ..checkpoint import Checkpoint
     from ..errors import OutputExistsError, UsageError
-    from ..formats import load_model, save_model
+    from ..formats import save_model
     from ..pipeline import pipeline as run
     from ..recipe import Recipe
 
-    ckpt = Checkpoint(Path(f"{output}.resume"), lambda p: load_model(p, arch=arch, trust_pickle=trust_pickle))
+    load = load_options(arch, trust_pickle, input_shape)
+    ckpt = Checkpoint(Path(f"{output}.resume"), load.load)
     if resume and not ckpt.exists():
         raise UsageError(f"--resume: no checkpoint {ckpt.folder} to go on from")
     if not resume and ckpt.exists():
@@ -76,7 +77,7 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
     rec = Recipe.load(recipe) if recipe else None
     task = TaskOptions(loss, metric, workers)
     # a resumed run writes the output its stopped run wrote
-    inp = load_inputs(model, output, force or resume, arch, trust_pickle, None, test_data, input_shape, task=task)
+    inp = load_inputs(model, output, force or resume, load, None, test_data, task=task)
     ds = check_data(inp.model, data_mod.load(train_data, workers), task, inp.metric, training=True)
     val = check_data(inp.model, data_mod.load(val_data, workers), task, inp.metric) if val_data else None
     original = copy.deepcopy(inp.model)

@@ -9,7 +9,7 @@ import typer
 
 from . import app
 from . import common as c
-from .common import err, make_config, out, table, use_threads, with_settings
+from .common import err, load_options, make_config, out, table, use_threads, with_settings
 from .stage import TaskOptions, load_inputs, parse_mapping, patterns, run_command
 
 
@@ -98,7 +98,7 @@ def prune(model: c.ModelArg, output: c.OutOpt,
         raise UsageError("--target-macs / --target-params are for l1-filter and channel-union (threshold pruning "
                          "leaves the layers' shapes, so their MACs: give --sparsity)")
     use_threads(threads)
-    inp = load_inputs(model, output, force, arch, trust_pickle, train_data, test_data, input_shape,
+    inp = load_inputs(model, output, force, load_options(arch, trust_pickle, input_shape), train_data, test_data,
                       need_train=needs_train, task=TaskOptions(loss, metric, workers, val_data))
     extra: dict = {}
     cls: type[Config]

@@ -8,7 +8,7 @@ import typer
 
 from . import app
 from . import common as c
-from .common import emit_json, err, make_config, out, parse_shape, table, use_threads, with_settings
+from .common import emit_json, err, load_options, make_config, out, table, use_threads, with_settings
 from .stage import TaskOptions, check_output, load_inputs, parse_mapping, patterns, run_command
 
 
@@ -54,7 +54,8 @@ def quantize(model: c.ModelArg, output: c.OutOpt,
             raise typer.BadParameter("--activations is static INT8 (per-channel weights): leave --bits, --scheme, "
                                      "--per-tensor, --affine and --epochs at their defaults")
         use_threads(threads)
-        return _int8(model, output, arch, trust_pickle, calib_data or train_data, test_data, input_shape, observer,
+        return _int8(model, output, load_options(arch, trust_pickle, input_shape), calib_data or train_data, test_data,
+                     observer,
                      workers, no_latency, json_out, force)
     from ..config import Select
     from ..quantize import QuantConfig
@@ -65,7 +66,7 @@ def quantize(model: c.ModelArg, output: c.OutOpt,
                       select=make_config(Select, names=patterns(layers), exclude=patterns(exclude),
                                          spare_first_last=False))
     use_threads(threads)
-    inp = load_inputs(model, output, force, arch, trust_pickle, train_data, test_data, input_shape,
+    inp = load_inputs(model, output, force, load_options(arch, trust_pickle, input_shape), train_data, test_data,
                       need_train=bool(epochs), task=TaskOptions(loss, metric, workers, val_data))
     cfg = with_settings(cfg, settings)
     res = run_command("quantize", cfg, inp, output, force, report, json_out, latency=not no_latency)
@@ -93,14 +94,14 @@ def export(model: c.ModelArg, output: c.OutOpt, arch: c.ArchOpt = None, trust_pi
     """
     from .. import data as data_mod
     from ..export import export as run
-    from ..formats import load_model
     from ..stages import Context
 
     check_output(model, output, force)
-    m = load_model(model, arch=arch, trust_pickle=trust_pickle)
+    load = load_options(arch, trust_pickle, input_shape)
+    m = load.load(model)
     calib = data_mod.load(calib_data, workers) if calib_data else None
     ev = data_mod.load(data, workers) if data else None
-    shape = Context(train=calib, val=ev, input_shape=parse_shape(input_shape)).shape(m)
+    shape = Context(train=calib, val=ev, input_shape=load.input_shape).shape(m)
     res = run(m, output, shape, int8=int8, calib_data=calib, eval_data=ev, tol=tol, force=force, threads=threads,
               on_step=lambda text: err.print(f"{text} ..."))
     rows = [["max |onnx - torch|", f"{res['max_abs_diff']:.2e}", "", ""],
@@ -116,11 +117,11 @@ def export(model: c.ModelArg, output: c.OutOpt, arch: c.ArchOpt = None, trust_pi
         emit_json(res, json_out, force)
 
 
-def _int8(model, output, arch, trust_pickle, calib_spec, test_spec, input_shape, observer, workers, no_latency,
+def _int8(model, output, load, calib_spec, test_spec, observer, workers, no_latency,
           json_out, force) -> None:
     """``quantize --activations``: the model lowered to INT8 that PyTorch executes, with its before/after numbers."""
     from .. import data as data_mod
-    from ..formats import load_model, save_model
+    from ..formats import save_model
     from ..metrics import latencies, speed_change
     from ..quantize.int8 import to_int8
     from ..stages import Context
@@ -130,9 +131,9 @@ def _int8(model, output, arch, trust_pickle, calib_spec, test_spec, input_shape,
     check_output(model, output, force)
     if not calib_spec:
         raise typer.BadParameter("--activations needs --calib-data (or --train-data) for the activation ranges")
-    m = load_model(model, arch=arch, trust_pickle=trust_pickle)
+    m = load.load(model)
     calib = data_mod.load(calib_spec, workers)
-    shape = Context(train=calib, input_shape=parse_shape(input_shape)).shape(m)
+    shape = Context(train=calib, input_shape=load.input_shape).shape(m)
     q = to_int8(m, calib, shape, observer=observer)
     save_model(q, output, force=force)
     made = q.compress_int8

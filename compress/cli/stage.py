@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import OutputExistsError, UsageError
-from .common import before_after, check_reports, emit_json, err, out, parse_shape, state
+from .common import before_after, check_reports, emit_json, err, out, state
 
 if TYPE_CHECKING:  # torch is imported where a command runs: `compress --help` starts without it
     import torch.nn as nn
+
+    from ..formats import LoadOptions
 
 
 @dataclass
@@ -63,12 +65,12 @@ def check_output(model_path: str, output: str, force: bool) -> None:
         raise OutputExistsError("the output would overwrite the input; choose another -o or pass --force")
 
 
-def load_inputs(model_path: str, output: str | None, force: bool, arch=None, trust_pickle=False, train_data=None,
-                test_data=None, input_shape=None, need_train=False, task=None) -> Inputs:
-    """Load the model and the data of a command; ``task``: its ``TaskOptions`` (--loss, --metric, --workers)."""
+def load_inputs(model_path: str, output: str | None, force: bool, load: LoadOptions, train_data=None,
+                test_data=None, need_train=False, task=None) -> Inputs:
+    """Load the model and the data of a command: ``load`` says how the model is read (--arch, --trust-pickle,
+    --input-shape), ``task`` its ``TaskOptions`` (--loss, --metric, --workers)."""
     from .. import data as data_mod
-    from ..formats import load_model
-    from ..meta import get_meta
+    from ..meta import read_meta
     from ..train import resolve_loss, resolve_metric
 
     task = task or TaskOptions()
@@ -79,13 +81,13 @@ def load_inputs(model_path: str, output: str | None, force: bool, arch=None, tru
     if need_train and not train_data:
         raise UsageError("this method trains: pass --train-data SPEC (e.g. mnist5k), or --epochs 0 to run it "
                          "without fine-tuning (and --test-data to see what that costs)")
-    model = load_model(model_path, arch=arch, trust_pickle=trust_pickle)
+    model = load.load(model_path)
     import torch.nn as nn
 
     if not isinstance(model, nn.Module) or model.__class__.__module__.startswith("torch.jit"):
         raise UsageError("TorchScript models cannot be changed; pass a state_dict with --arch or a compress model")
     model = model.to(state["device"])
-    inp = Inputs(model, input_shape=parse_shape(input_shape), file_bytes=Path(model_path).stat().st_size,
+    inp = Inputs(model, input_shape=load.input_shape, file_bytes=Path(model_path).stat().st_size,
                  loss=loss, metric=metric)
     if train_data and task.val_data:
         inp.train = check_data(model, data_mod.load(train_data, task.workers), task, metric, training=True)
@@ -94,8 +96,8 @@ def load_inputs(model_path: str, output: str | None, force: bool, arch=None, tru
         raise UsageError("--val-data is what --train-data's fine-tuning is judged on: give --train-data too "
                          "(or --test-data to only measure)")
     elif train_data:
-        vf = get_meta(model).get("val_fraction")
-        vf = vf if isinstance(vf, float) and 0.0 < vf < 1.0 else data_mod.VAL_FRACTION  # the model's own split
+        vf = read_meta(model).val_fraction
+        vf = vf if vf is not None and 0.0 < vf < 1.0 else data_mod.VAL_FRACTION  # the model's own split
         inp.train, inp.val = data_mod.split(data_mod.load(train_data, task.workers), vf, seed=0)
         inp.val_fraction = vf
         check_data(model, inp.train, task, metric, training=True)

@@ -30,7 +30,7 @@ import torch.nn as nn
 from ..errors import FormatError, InputError, first_line, safe
 from ..fileio import atomic_write
 from ..masks import remove_masks
-from ..meta import META_ATTR, get_meta, set_meta
+from ..meta import META_ATTR, get_meta, read_meta
 from ..quant_state import PARAMS, STATE_ATTRS, get_state, set_state
 from . import arch as arch_mod
 from . import capture as capture_mod
@@ -59,7 +59,7 @@ def _graph_of(model: nn.Module, graph: bool, input_shape) -> tuple[dict | None, 
         return doc, None  # decoded from a graph: it is its own architecture
     if not graph or not arch_mod.foreign_classes(model):
         return None, None
-    shape = input_shape or get_meta(model).get("input_shape")
+    shape = input_shape or read_meta(model).input_shape
     if not shape:
         return None, "its input shape is unknown (give --input-shape)"
     try:
@@ -257,7 +257,8 @@ def _architecture(manifest: dict, tensors: dict, base, path) -> nn.Module:
             meta = arch_mod.decode_value(meta) if meta is not None else {}
         except ValueError:
             _fail(path, "malformed metadata")
-        set_meta(model, **(meta if isinstance(meta, dict) else {}))
+        # as the file has it (keys of another compress included); read_meta checks every value when it is read
+        setattr(model, META_ATTR, {str(k): v for k, v in meta.items()} if isinstance(meta, dict) else {})
         return model
     if refs and base is None:
         raise InputError(f"{path}: {arch_mod.NeedsArch(refs)}; pass {ARCH_HINT} to rebuild it "

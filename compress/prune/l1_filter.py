@@ -20,7 +20,7 @@ import torch.nn as nn
 from ..config import Config, FineTune, Select, check_keys, per_layer, register_method
 from ..distributed import device_of
 from ..errors import CompressError, InputError, first_line
-from ..meta import get_meta
+from ..meta import read_meta
 from ..stages import Context, Method
 from ..train import evaluate
 from .graph import channel_groups, conv_groups, example_input, prune_group, refresh, unselected
@@ -335,7 +335,7 @@ def sensitivity(model: nn.Module, val_data, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), in
     finally:
         bar.close()
     return {"baseline": round(base, 3), "ratios": [float(r) for r in ratios], "layers": table,
-            "arch": get_meta(model).get("arch")}
+            "arch": read_meta(model).arch}
 
 
 def ratios_for_budget(sens: dict, max_drop: float) -> dict[str, float]:

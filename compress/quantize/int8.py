@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..data import Data, batches, check_fits
 from ..errors import InputError, UsageError
-from ..meta import get_meta, set_meta
+from ..meta import META_ATTR, get_meta
 
 INT8_KEY = "compress_int8"  # the table in an INT8 file: {"version", "backend", "observer", "input_shape"}
 OBSERVERS = ("minmax", "histogram")  # activation ranges: min-max, or the histogram's least-error range
@@ -79,7 +79,8 @@ class Int8Model(nn.Module):
         self.inner = inner
         self.compress_int8 = dict(table)
         self.arch_cpz = _arch_bytes(float_model)
-        set_meta(self, **{**get_meta(float_model), "input_shape": list(table["input_shape"])})
+        # the float model's metadata as it is (a file's may hold keys of a newer compress), and its input shape
+        setattr(self, META_ATTR, {**get_meta(float_model), "input_shape": list(table["input_shape"])})
 
     def architecture(self) -> nn.Module:
         """The float architecture (zero weights): for counting its parameters and MACs."""

@@ -7,8 +7,8 @@ from typing import Any
 
 from .. import data as data_mod
 from ..errors import InputError
-from ..formats import kind, load_model
-from ..meta import get_meta
+from ..formats import LoadOptions, kind
+from ..meta import read_meta
 from ..metrics import summarize
 from ..quantize.int8 import Int8Model
 from ..stages import Context
@@ -17,23 +17,24 @@ from ..stages import Context
 def _data_label(model, spec: str, ds, rep: dict, metric=None) -> str:
     """What the accuracy was measured on. Data the model was trained on (its metadata says so) also
     gets the accuracy of the split it held out, the number that says how it generalises."""
-    meta = get_meta(model)
-    if meta.get("train_data") != spec:
+    meta = read_meta(model)
+    if meta.train_data != spec:
         return f"{spec}, {len(ds):,} samples"
     from ..train import evaluate
 
-    vf = meta["val_fraction"] if isinstance(meta.get("val_fraction"), float) else data_mod.VAL_FRACTION
+    vf = meta.val_fraction if meta.val_fraction is not None and 0 < meta.val_fraction < 1 else data_mod.VAL_FRACTION
     _, held = data_mod.split(ds, vf, seed=0)
     rep["heldout_accuracy"] = round(evaluate(model, held, metric), 3)
     rep["heldout_data"] = f"{vf:.0%} of {spec} held out in training, {len(held):,} samples"
     return f"all {len(ds):,} samples of {spec}, including the ones it was trained on"
 
 
-def model_report(path: str | os.PathLike, arch: str | None = None, trust_pickle: bool = False,
-                 data: str | None = None, input_shape: tuple | None = None, latency: bool = True,
-                 test_data: str | None = None, metric=None, workers: int | None = None) -> dict[str, Any]:
-    """Everything ``compress report`` shows, as a JSON-able dict. ``metric``: how accuracy is scored
-    (``compress.train.resolve_metric``); ``workers``: loader processes for the data."""
+def model_report(path: str | os.PathLike, load: LoadOptions = LoadOptions(), data: str | None = None,
+                 latency: bool = True, test_data: str | None = None, metric=None, workers: int | None = None
+                 ) -> dict[str, Any]:
+    """Everything ``compress report`` shows, as a JSON-able dict. ``load``: how the model is read (arch,
+    trust, input shape); ``metric``: how accuracy is scored (``compress.train.resolve_metric``);
+    ``workers``: loader processes for the data."""
     from ..train import resolve_metric
 
     path = Path(path)
@@ -45,23 +46,23 @@ def model_report(path: str | os.PathLike, arch: str | None = None, trust_pickle:
     if what == "onnx":
         from ..export import onnx_summary
 
-        rep = onnx_summary(path, ds, input_shape)
+        rep = onnx_summary(path, ds, load.input_shape)
     else:
-        model = load_model(path, arch=arch, trust_pickle=trust_pickle)
-        shape = Context(val=ds, input_shape=input_shape).shape(model)
+        model = load.load(path)
+        shape = Context(val=ds, input_shape=load.input_shape).shape(model)
         rep = summarize(model, shape, ds, latency=latency, metric=metric)
         if isinstance(model, Int8Model):  # its layers are INT8 kernels: the counts are the architecture's, as integers
             arch_numbers = summarize(model.architecture(), shape, None, latency=False, layers=False)
             rep.update({k: arch_numbers[k] for k in ("params", "dense_fp32_bytes", "macs")},
                        nonzero_params=None, int8={**model.__dict__["compress_int8"], "executes": "INT8 weights and activations "
                                                   "(PyTorch x86 kernels); MACs are INT8 MACs"})
-        meta = get_meta(model)
+        meta = read_meta(model)
         if ds is not None:
             rep["accuracy_data"] = _data_label(model, str(data), ds, rep, metric)
-        if meta.get("history"):
-            rep["history"] = meta["history"]
-        if meta.get("arch"):
-            rep["arch"] = meta["arch"]
+        if meta.history:
+            rep["history"] = meta.history
+        if meta.arch:
+            rep["arch"] = meta.arch
         if test_data:
             from ..train import evaluate
 
