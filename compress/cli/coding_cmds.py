@@ -20,7 +20,7 @@ from .common import (
     out,
     table,
 )
-from .stage import check_output
+from .harness import check_output
 
 
 @app.command()

@@ -8,7 +8,7 @@ import typer
 from . import app
 from . import common as c
 from .common import load_options, make_config, out, table, use_threads, with_settings
-from .stage import TaskOptions, load_inputs, patterns, run_command
+from .harness import TaskOptions, load_inputs, patterns, run_command
 
 
 @app.command()

@@ -10,7 +10,7 @@ import typer
 from . import app
 from . import common as c
 from .common import check_reports, emit_json, err, load_options, note_no_graph, out, table, use_threads
-from .stage import TaskOptions, check_data, load_inputs
+from .harness import TaskOptions, check_data, load_inputs
 
 
 @app.command()

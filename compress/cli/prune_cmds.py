@@ -10,7 +10,7 @@ import typer
 from . import app
 from . import common as c
 from .common import err, load_options, make_config, out, table, use_threads, with_settings
-from .stage import TaskOptions, load_inputs, parse_mapping, patterns, run_command
+from .harness import TaskOptions, load_inputs, parse_mapping, patterns, run_command
 
 
 class PruneMethod(str, Enum):

@@ -9,7 +9,7 @@ import typer
 from . import app
 from . import common as c
 from .common import emit_json, err, load_options, make_config, out, table, use_threads, with_settings
-from .stage import TaskOptions, check_output, load_inputs, parse_mapping, patterns, run_command
+from .harness import TaskOptions, check_output, load_inputs, parse_mapping, patterns, run_command
 
 
 @app.command()
@@ -126,7 +126,7 @@ def _int8(model, output, load, calib_spec, test_spec, observer, workers, no_late
     from ..quantize.int8 import to_int8
     from ..stages import Context
     from ..train import evaluate
-    from .stage import check_output
+    from .harness import check_output
 
     check_output(model, output, force)
     if not calib_spec:

@@ -60,7 +60,7 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compres
     from ..metrics import count_params
     from ..models import create_model
     from ..train import evaluate, fit
-    from .stage import check_output
+    from .harness import check_output
 
     check_output("", output, force)  # fail on an existing output before training, not after
     ds = data_mod.load(data)
