@@ -53,6 +53,20 @@ class Scheme:
 SCHEMES: dict[str, Scheme] = {}
 
 
+def schemes() -> dict[str, Scheme]:
+    """Every registered scheme. The built-in ones register when ``compress.quantize`` is imported: a reader
+    of files that never imported it (``compress decode``) gets them here."""
+    if not _BUILTIN:
+        import importlib
+
+        importlib.import_module("compress.quantize")
+        _BUILTIN.append(True)
+    return SCHEMES
+
+
+_BUILTIN: list[bool] = []
+
+
 def register_scheme(cls: type[Scheme]) -> type[Scheme]:
     """Class decorator: ``QuantConfig(scheme=cls.name)``, ``--scheme`` and the container then know it."""
     name = getattr(cls, "name", None)
@@ -68,7 +82,7 @@ def register_scheme(cls: type[Scheme]) -> type[Scheme]:
 
 def get_scheme(name: str) -> Scheme:
     """The registered scheme of that name; an unknown one is a UsageError listing the known ones."""
-    s = SCHEMES.get(name) if isinstance(name, str) else None
+    s = schemes().get(name) if isinstance(name, str) else None
     if s is None:
         raise UsageError(f"unknown quantization scheme {name!r}; known: {', '.join(SCHEMES)}")
     return s

@@ -126,3 +126,19 @@ def test_register_scheme_checks_what_it_is_given():
         register_scheme(type("Again", (Scheme,), {"name": "kmeans", "storage": "codebook"}))
     with pytest.raises(ValueError, match="storage"):
         register_scheme(type("Odd", (Scheme,), {"name": "odd", "storage": "bits"}))
+
+
+def test_a_reader_that_never_imported_quantize_knows_the_built_in_schemes(lenet5_trained, tmp_path):
+    """`compress decode` reads a .cpz through the container alone: the schemes it names must still be known."""
+    import subprocess
+    import sys
+
+    from compress.coding.container import save_cpz
+
+    m = copy.deepcopy(lenet5_trained)
+    quantize_(m, QuantConfig(bits=4, scheme="mmse"))
+    save_cpz(m, tmp_path / "m.cpz")
+    code = ("import sys; from compress.coding.container import load_cpz; m = load_cpz(sys.argv[1]); "
+            "from compress.quant_state import get_state; print(get_state(m.conv1).scheme)")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.cpz")], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "mmse", r.stderr

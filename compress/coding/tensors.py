@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..quant_state import SCHEMES, QuantState
+from ..quant_state import QuantState, schemes
 from . import streams
 
 MAX_NUMEL = 1 << 31
@@ -157,10 +157,11 @@ def _scheme_name(e: dict) -> str:
     """The registered scheme a section names; it must store its state as the section does."""
     enc = str(e.get("enc"))  # "uniform" or "codebook": decode_entry checked it
     name = e.get("scheme", _OLD_SCHEME[enc])
-    if not isinstance(name, str) or name not in SCHEMES:
-        known = ", ".join(n for n, s in SCHEMES.items() if s.storage == _STORAGE[enc])
+    registered = schemes()
+    if not isinstance(name, str) or name not in registered:
+        known = ", ".join(n for n, s in registered.items() if s.storage == _STORAGE[enc])
         raise ValueError(f"unknown quantization scheme {str(name)[:40]!r} (known: {known})")
-    if SCHEMES[name].storage != _STORAGE[enc]:
+    if registered[name].storage != _STORAGE[enc]:
         raise ValueError(f"scheme {name!r} is not stored as {enc!r}")
     return name
 

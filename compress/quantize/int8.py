@@ -5,10 +5,11 @@ for the x86 backend (fbgemm / oneDNN kernels; conv-bn-relu fused; observers on c
 convs and linears then run INT8 on the CPU. compress writes no kernels.
 
 An INT8 model is an FX ``GraphModule`` -- generated code -- so it is never pickled. Its file holds data only:
-the float model as a .cpz (``compress_cpz``), the INT8 state (quantized weights, scales, zero points) as
-tensors, and a small table naming the backend and the observer. Loading rebuilds the same INT8 model from the
-float one (trace, prepare, convert: compress's own code on the float model's classes) and loads the state
-into it: no trust needed (``compress.formats.load_model``).
+the float architecture with its weights zeroed as a .cpz (``compress_cpz``, a few KB), the INT8 state as plain
+tensors (each quantized tensor as its integers, scales and zero points), and a small table naming the backend,
+the observer and the input shape. Loading rebuilds the same INT8 model from the architecture (trace, prepare,
+convert: compress's own code on classes the .cpz may name) and loads the checked state into it: no trust
+needed (``compress.formats.load_model``). ``torch.backends.quantized.engine`` is set to x86 while doing so.
 
 Torch 2.13 marks its quantized tensors deprecated (pytorch/pytorch#184982) in favour of torchao's PT2E flow
 with ``torch.compile``; the kernels still run, and their warnings are kept inside this module.
