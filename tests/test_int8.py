@@ -108,3 +108,22 @@ def test_real_architectures_lower_to_int8(spec, size):
     x = torch.rand(2, 3, size, size)
     with torch.no_grad():
         assert q(x).shape == m(x).shape
+
+
+def test_layers_kept_float_stay_float_and_the_file_says_so(lenet5_trained, mnist_small, tmp_path, cli):
+    tr, va = mnist_small
+    q = to_int8(lenet5_trained, tr, (1, 1, 28, 28), keep_float=["fc2"])
+    mods = dict(q.inner.named_modules())
+    assert type(mods["fc2"]) is torch.nn.Linear and ".quantized" in type(mods["fc1"]).__module__  # fc1 (+relu): INT8
+    assert q.compress_int8["keep_float"] == ["fc2"]
+    save_model(q, tmp_path / "q.pt")
+    again = load_model(tmp_path / "q.pt")
+    assert type(dict(again.inner.named_modules())["fc2"]) is torch.nn.Linear
+    x = va.batch(torch.arange(8))[0]
+    assert torch.equal(again(x), q(x))
+    with pytest.raises(UsageError, match="matches no"):
+        to_int8(lenet5_trained, tr, (1, 1, 28, 28), keep_float=["fc9"])
+    save_model(lenet5_trained, tmp_path / "m.pt")
+    r = cli("quantize", tmp_path / "m.pt", "--activations", "--exclude", "conv1", "--calib-data", "mnist5k?limit=128",
+            "--no-latency", "-o", tmp_path / "k.pt")
+    assert r.code == 0 and "kept in float: conv1" in r.err, r.err

@@ -50,12 +50,13 @@ def quantize(model: c.ModelArg, output: c.OutOpt,
         compress quantize resnet20.pt --activations --calib-data "mnist5k?size=32" --test-data "mnist5k?size=32" -o r20-int8.pt
     """
     if activations:
-        if bits != "8" or scheme != "minmax" or per_tensor or affine or epochs:
-            raise typer.BadParameter("--activations is static INT8 (per-channel weights): leave --bits, --scheme, "
-                                     "--per-tensor, --affine and --epochs at their defaults")
+        if bits != "8" or scheme != "minmax" or per_tensor or affine or epochs or layers:
+            raise typer.BadParameter("--activations is static INT8 (per-channel weights) of every conv and linear "
+                                     "but those --exclude keeps float: leave --bits, --scheme, --per-tensor, "
+                                     "--affine, --epochs and --layers at their defaults")
         use_threads(threads)
         return _int8(model, output, load_options(arch, trust_pickle, input_shape), calib_data or train_data, test_data,
-                     observer,
+                     observer, patterns(exclude),
                      workers, no_latency, json_out, force)
     from ..config import Select
     from ..quantize import QuantConfig
@@ -112,12 +113,14 @@ def export(model: c.ModelArg, output: c.OutOpt, arch: c.ArchOpt = None, trust_pi
     out.print(table(f"export -> {output}", ["", "bytes", f"latency batch 32 ms ({threads} threads)", "accuracy %"], rows))
     if int8:
         out.print(f"INT8 is {res['int8_speedup']:.2f}x faster than FP32 at batch 32")
+    if made["keep_float"]:
+        err.print(f"kept in float: {', '.join(made['keep_float'])}")
     err.print(f"wrote {output}")
     if json_out:
         emit_json(res, json_out, force)
 
 
-def _int8(model, output, load, calib_spec, test_spec, observer, workers, no_latency,
+def _int8(model, output, load, calib_spec, test_spec, observer, keep_float, workers, no_latency,
           json_out, force) -> None:
     """``quantize --activations``: the model lowered to INT8 that PyTorch executes, with its before/after numbers."""
     from .. import data as data_mod
@@ -134,7 +137,7 @@ def _int8(model, output, load, calib_spec, test_spec, observer, workers, no_late
     m = load.load(model)
     calib = data_mod.load(calib_spec, workers)
     shape = Context(train=calib, input_shape=load.input_shape).shape(m)
-    q = to_int8(m, calib, shape, observer=observer)
+    q = to_int8(m, calib, shape, observer=observer, keep_float=keep_float)
     save_model(q, output, force=force)
     made = q.compress_int8
     res: dict = {"file": str(output), "int8": made, "bytes": {"fp32": Path(model).stat().st_size,
@@ -152,6 +155,8 @@ def _int8(model, output, load, calib_spec, test_spec, observer, workers, no_late
         rows.append(["latency batch 32 ms", f"{fp['batch_32']:.2f}", f"{i8['batch_32']:.2f}", verdict])
     out.print(table(f"INT8 ({observer} activations, calibrated on {made['calibration']})",
                     ["", "FP32", "INT8", "change"], rows))
+    if made["keep_float"]:
+        err.print(f"kept in float: {', '.join(made['keep_float'])}")
     err.print(f"wrote {output}")
     if json_out:
         emit_json(res, json_out, force)

@@ -43,7 +43,7 @@ def _quiet():
         yield
 
 
-def _qconfig_mapping(observer: str):
+def _qconfig_mapping(observer: str, keep_float: tuple[str, ...] = ()):
     from torch.ao.quantization import QConfig, get_default_qconfig_mapping
     from torch.ao.quantization.observer import MinMaxObserver
 
@@ -54,17 +54,34 @@ def _qconfig_mapping(observer: str):
         mapping = mapping.set_global(QConfig(activation=act, weight=weight))
     elif observer != "histogram":
         raise UsageError(f"observer must be one of {', '.join(OBSERVERS)}, got {observer!r}")
+    for name in keep_float:  # these layers stay float: the graph dequantizes before them, quantizes after
+        mapping = mapping.set_module_name(name, None)
     return mapping
 
 
-def _skeleton(model: nn.Module, observer: str, input_shape) -> torch.fx.GraphModule:
+def float_layers(model: nn.Module, patterns) -> tuple[str, ...]:
+    """Names of the Conv/Linear layers that ``patterns`` (globs of layer names) keep in float; a pattern that
+    matches none is an error."""
+    import fnmatch
+
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    kept = []
+    for p in patterns or ():
+        hit = [n for n in names if fnmatch.fnmatchcase(n, p)]
+        if not hit:
+            raise UsageError(f"--exclude {p!r} matches no conv or linear layer")
+        kept += hit
+    return tuple(sorted(set(kept)))
+
+
+def _skeleton(model: nn.Module, observer: str, input_shape, keep_float: tuple[str, ...] = ()) -> torch.fx.GraphModule:
     """The prepared (observed) FX model of ``model``: traced, fused, observers in place."""
     from torch.ao.quantization.quantize_fx import prepare_fx
 
     torch.backends.quantized.engine = BACKEND
     example = torch.zeros(tuple(input_shape))
     try:
-        return prepare_fx(copy.deepcopy(model).eval(), _qconfig_mapping(observer), (example,))
+        return prepare_fx(copy.deepcopy(model).eval(), _qconfig_mapping(observer, keep_float), (example,))
     except (torch.fx.proxy.TraceError, TypeError, RuntimeError, NotImplementedError) as e:
         raise InputError(f"the model cannot be traced for INT8 execution ({str(e).splitlines()[0][:160]}); "
                          "keep it float, or use export --int8 (ONNX Runtime)") from e
@@ -95,15 +112,17 @@ class Int8Model(nn.Module):
 
 
 def to_int8(model: nn.Module, calib: Data, input_shape, observer: str = "histogram",
-            samples: int = CALIB_SAMPLES) -> Int8Model:
-    """An INT8 copy of ``model`` calibrated on up to ``samples`` samples of ``calib`` (the model is unchanged)."""
+            samples: int = CALIB_SAMPLES, keep_float=()) -> Int8Model:
+    """An INT8 copy of ``model`` calibrated on up to ``samples`` samples of ``calib`` (the model is unchanged);
+    ``keep_float``: globs of layer names left in float (a sensitive first or last layer)."""
     from torch.ao.quantization.quantize_fx import convert_fx
 
     if calib is None or len(calib) == 0:
         raise UsageError("INT8 activations need calibration data (--calib-data SPEC): none was given")
     check_fits(model, calib, labels_needed=False)  # the data's samples are what the model takes
+    kept = float_layers(model, keep_float)
     with _quiet():
-        prepared = _skeleton(model, observer, input_shape)
+        prepared = _skeleton(model, observer, input_shape, kept)
         seen = 0
         with torch.no_grad():
             for x, _ in batches(calib, 64, torch.arange(min(samples, len(calib)))):
@@ -113,7 +132,7 @@ def to_int8(model: nn.Module, calib: Data, input_shape, observer: str = "histogr
                 seen += len(x)
         q = convert_fx(prepared)
     table = {"version": 1, "backend": BACKEND, "observer": observer, "input_shape": list(input_shape),
-             "calibration": f"{calib.name}, {seen} samples"}
+             "calibration": f"{calib.name}, {seen} samples", "keep_float": list(kept)}
     return Int8Model(q, table, model).eval()
 
 
@@ -209,8 +228,14 @@ def rebuild(float_model: nn.Module, table: Any, state: Any) -> Int8Model:
         raise InputError("INT8 file: bad input shape")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError("INT8 file: its INT8 state is not a table of tensors")
+    kept = table.get("keep_float", [])
+    if not (isinstance(kept, list) and len(kept) <= 10_000 and all(isinstance(n, str) and len(n) < 512 for n in kept)):
+        raise InputError("INT8 file: its float layers are not a list of layer names")
+    known = {n for n, _ in float_model.named_modules()}
+    if not set(kept) <= known:
+        raise InputError("INT8 file: it keeps float a layer its architecture does not have")
     with _quiet():
-        q = convert_fx(_skeleton(float_model, table["observer"], shape))
+        q = convert_fx(_skeleton(float_model, table["observer"], shape, tuple(kept)))
         own = q.state_dict()
         expected: dict[str, torch.Tensor] = {}
         for k, v in own.items():
