@@ -113,8 +113,6 @@ def export(model: c.ModelArg, output: c.OutOpt, arch: c.ArchOpt = None, trust_pi
     out.print(table(f"export -> {output}", ["", "bytes", f"latency batch 32 ms ({threads} threads)", "accuracy %"], rows))
     if int8:
         out.print(f"INT8 is {res['int8_speedup']:.2f}x faster than FP32 at batch 32")
-    if made["keep_float"]:
-        err.print(f"kept in float: {', '.join(made['keep_float'])}")
     err.print(f"wrote {output}")
     if json_out:
         emit_json(res, json_out, force)
