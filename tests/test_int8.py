@@ -8,7 +8,7 @@ import torch
 from compress import data as data_mod
 from compress.errors import InputError, UsageError
 from compress.formats import load_model, save_model
-from compress.quantize.int8 import INT8_KEY, Int8Model, to_int8
+from compress.quantize.int8 import INT8_KEY, Int8Model, backend, to_int8
 from compress.train import evaluate
 from tests.helpers import one_line_error
 
@@ -28,6 +28,7 @@ def test_lenet5_runs_as_int8_and_keeps_its_accuracy(lenet5_trained, mnist_small)
     assert not torch.equal(ref, out) and float((ref - out).abs().max()) < 0.1 * float(ref.abs().max())
     assert evaluate(q, va) >= evaluate(lenet5_trained, va) - 1.0
     assert q.compress_int8["calibration"].endswith("512 samples")
+    assert q.compress_int8["backend"] == backend() == "x86"  # this machine: x86 kernels (ARM: qnnpack)
 
 
 def test_int8_file_is_data_reloads_without_trust_and_is_small(lenet5_trained, mnist_small, tmp_path):
@@ -46,7 +47,7 @@ def test_int8_file_is_data_reloads_without_trust_and_is_small(lenet5_trained, mn
         save_model(q, tmp_path / "q.cpz")
 
 
-@pytest.mark.parametrize("damage", ["drop", "shape", "table", "extra"])
+@pytest.mark.parametrize("damage", ["drop", "shape", "table", "extra", "engine"])
 def test_a_damaged_int8_file_is_refused(lenet5_trained, mnist_small, tmp_path, damage, cli):
     tr, _ = mnist_small
     save_model(to_int8(lenet5_trained, tr, (1, 1, 28, 28)), tmp_path / "q.pt")
@@ -58,6 +59,8 @@ def test_a_damaged_int8_file_is_refused(lenet5_trained, mnist_small, tmp_path, d
         obj["int8_state"][key] = obj["int8_state"][key][:1]
     elif damage == "table":
         obj[INT8_KEY]["backend"] = "os.system"
+    elif damage == "engine":  # made for other kernels: its state does not fit what this build rebuilds
+        obj[INT8_KEY]["backend"] = "qnnpack"
     else:
         obj["int8_state"]["conv1.weight#int_extra"] = torch.zeros(1)
     torch.save(obj, tmp_path / "bad.pt")

@@ -30,7 +30,17 @@ from ..meta import META_ATTR, get_meta
 
 INT8_KEY = "compress_int8"  # the table in an INT8 file: {"version", "backend", "observer", "input_shape"}
 OBSERVERS = ("minmax", "histogram")  # activation ranges: min-max, or the histogram's least-error range
-BACKEND = "x86"
+BACKENDS = ("x86", "qnnpack")  # x86 CPUs (fbgemm / oneDNN); ARM (phones, Apple silicon, Raspberry Pi): QNNPACK
+
+
+def backend() -> str:
+    """The INT8 kernels this machine has: x86's where PyTorch ships them, else QNNPACK's."""
+    engines = torch.backends.quantized.supported_engines
+    for b in BACKENDS:
+        if b in engines:
+            return b
+    raise UsageError(f"this PyTorch build has no INT8 CPU kernels ({', '.join(engines) or 'none'}); use export "
+                     "--int8 (ONNX Runtime)")
 CALIB_SAMPLES = 512
 
 
@@ -43,14 +53,15 @@ def _quiet():
         yield
 
 
-def _qconfig_mapping(observer: str, keep_float: tuple[str, ...] = ()):
+def _qconfig_mapping(observer: str, keep_float: tuple[str, ...] = (), engine: str = "x86"):
     from torch.ao.quantization import QConfig, get_default_qconfig_mapping
     from torch.ao.quantization.observer import MinMaxObserver
 
-    mapping = get_default_qconfig_mapping(BACKEND)  # per-channel symmetric int8 weights, uint8 activations
+    mapping = get_default_qconfig_mapping(engine)  # per-channel symmetric int8 weights (x86), uint8 activations
     if observer == "minmax":
         weight = mapping.global_qconfig.weight if mapping.global_qconfig is not None else None
-        act = MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=True)  # as the x86 default: no overflow without VNNI
+        # reduce_range as x86's default does (no overflow without VNNI); QNNPACK uses the full range
+        act = MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=engine == "x86")
         mapping = mapping.set_global(QConfig(activation=act, weight=weight))
     elif observer != "histogram":
         raise UsageError(f"observer must be one of {', '.join(OBSERVERS)}, got {observer!r}")
@@ -74,14 +85,18 @@ def float_layers(model: nn.Module, patterns) -> tuple[str, ...]:
     return tuple(sorted(set(kept)))
 
 
-def _skeleton(model: nn.Module, observer: str, input_shape, keep_float: tuple[str, ...] = ()) -> torch.fx.GraphModule:
-    """The prepared (observed) FX model of ``model``: traced, fused, observers in place."""
+def _skeleton(model: nn.Module, observer: str, input_shape, keep_float: tuple[str, ...] = (),
+              engine: str = "x86") -> torch.fx.GraphModule:
+    """The prepared (observed) FX model of ``model`` for ``engine``'s kernels: traced, fused, observers in place."""
     from torch.ao.quantization.quantize_fx import prepare_fx
 
-    torch.backends.quantized.engine = BACKEND
+    if engine not in torch.backends.quantized.supported_engines:
+        raise InputError(f"this model was made for {engine} INT8 kernels, which this PyTorch build lacks "
+                         f"({', '.join(torch.backends.quantized.supported_engines)}); quantize it again here")
+    torch.backends.quantized.engine = engine
     example = torch.zeros(tuple(input_shape))
     try:
-        return prepare_fx(copy.deepcopy(model).eval(), _qconfig_mapping(observer, keep_float), (example,))
+        return prepare_fx(copy.deepcopy(model).eval(), _qconfig_mapping(observer, keep_float, engine), (example,))
     except (torch.fx.proxy.TraceError, TypeError, RuntimeError, NotImplementedError) as e:
         raise InputError(f"the model cannot be traced for INT8 execution ({str(e).splitlines()[0][:160]}); "
                          "keep it float, or use export --int8 (ONNX Runtime)") from e
@@ -121,8 +136,9 @@ def to_int8(model: nn.Module, calib: Data, input_shape, observer: str = "histogr
         raise UsageError("INT8 activations need calibration data (--calib-data SPEC): none was given")
     check_fits(model, calib, labels_needed=False)  # the data's samples are what the model takes
     kept = float_layers(model, keep_float)
+    engine = backend()
     with _quiet():
-        prepared = _skeleton(model, observer, input_shape, kept)
+        prepared = _skeleton(model, observer, input_shape, kept, engine)
         seen = 0
         with torch.no_grad():
             for x, _ in batches(calib, 64, torch.arange(min(samples, len(calib)))):
@@ -131,7 +147,7 @@ def to_int8(model: nn.Module, calib: Data, input_shape, observer: str = "histogr
                 prepared(x.float())
                 seen += len(x)
         q = convert_fx(prepared)
-    table = {"version": 1, "backend": BACKEND, "observer": observer, "input_shape": list(input_shape),
+    table = {"version": 1, "backend": engine, "observer": observer, "input_shape": list(input_shape),
              "calibration": f"{calib.name}, {seen} samples", "keep_float": list(kept)}
     return Int8Model(q, table, model).eval()
 
@@ -219,7 +235,7 @@ def rebuild(float_model: nn.Module, table: Any, state: Any) -> Int8Model:
     file's INT8 state (checked: the same names and shapes) loaded into it."""
     from torch.ao.quantization.quantize_fx import convert_fx
 
-    if not (isinstance(table, dict) and table.get("version") == 1 and table.get("backend") == BACKEND
+    if not (isinstance(table, dict) and table.get("version") == 1 and table.get("backend") in BACKENDS
             and table.get("observer") in OBSERVERS and all(isinstance(v, (str, int, list)) for v in table.values())):
         raise InputError("INT8 file: its table is not one this compress writes")
     shape = table.get("input_shape")
@@ -235,7 +251,7 @@ def rebuild(float_model: nn.Module, table: Any, state: Any) -> Int8Model:
     if not set(kept) <= known:
         raise InputError("INT8 file: it keeps float a layer its architecture does not have")
     with _quiet():
-        q = convert_fx(_skeleton(float_model, table["observer"], shape, tuple(kept)))
+        q = convert_fx(_skeleton(float_model, table["observer"], shape, tuple(kept), table["backend"]))
         own = q.state_dict()
         expected: dict[str, torch.Tensor] = {}
         for k, v in own.items():

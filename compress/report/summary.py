@@ -55,7 +55,8 @@ def model_report(path: str | os.PathLike, load: LoadOptions = LoadOptions(), dat
             arch_numbers = summarize(model.architecture(), shape, None, latency=False, layers=False)
             rep.update({k: arch_numbers[k] for k in ("params", "dense_fp32_bytes", "macs")},
                        nonzero_params=None, int8={**model.__dict__["compress_int8"], "executes": "INT8 weights and activations "
-                                                  "(PyTorch x86 kernels); MACs are INT8 MACs"})
+                                                  f"(PyTorch {model.compress_int8['backend']} kernels); MACs are "
+                                                  "INT8 MACs"})
         meta = read_meta(model)
         if ds is not None:
             rep["accuracy_data"] = _data_label(model, str(data), ds, rep, metric)
