@@ -278,7 +278,7 @@ def test_a_mutated_graph_is_refused_in_one_line_or_runs(small_graph_cpz, data):
         target = m["graph"]
         for k in path[:-1]:
             target = target[k]
-        target[path[-1]] = data.draw(_JUNK)
+        target[path[-1]] = copy.deepcopy(data.draw(_JUNK))  # _JUNK holds shared dicts: a later draw may mutate it
     try:
         decode_model(forge(m, sections))
     except (InputError, FormatError):
