@@ -219,27 +219,33 @@ def confidence(by_name: dict) -> list[str]:
     return out
 
 
+def section(title: str, intro: str, columns: list[str], rows: list[list]) -> list[str]:
+    """A results section: heading, what was measured, and its table."""
+    return (["", f"## {title}", "", intro, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
 def extensions(by_name: dict) -> list[str]:
     sch, imp = by_name.get("test_schemes_side_by_side"), by_name.get("test_importances_side_by_side")
     out = []
     if sch:
-        out += ["", "## Quantization schemes side by side (bench/test_bench_extensions.py)", "",
-                f"Every registered scheme on the same trained LeNet-5 (base {fmt(sch['base_accuracy'])}% on "
-                f"{sch['eval_data']}), every layer, no fine-tuning, biases on 8 bits; SQNR of the weights weighted by "
-                "layer size; bytes of the .cpz.", "",
-                "| scheme | accuracy % | weight SQNR dB | .cpz bytes | ratio |", "|---|---|---|---|---|"]
-        for name, r in sch["schemes"].items():
-            out.append(f"| {name} | {fmt(r['accuracy'])} | {fmt(r['sqnr_db'])} | {r['cpz_bytes']:,} | "
-                       f"{fmt(r['ratio'])}x |")
+        out += section(
+            "Quantization schemes side by side (bench/test_bench_extensions.py)",
+            f"Every registered scheme on the same trained LeNet-5 (base {fmt(sch['base_accuracy'])}% on "
+            f"{sch['eval_data']}), every layer, no fine-tuning, biases on 8 bits; SQNR of the weights weighted by "
+            "layer size; bytes of the .cpz.",
+            ["scheme", "accuracy %", "weight SQNR dB", ".cpz bytes", "ratio"],
+            [[name, fmt(r["accuracy"]), fmt(r["sqnr_db"]), f"{r['cpz_bytes']:,}", f"{fmt(r['ratio'])}x"]
+             for name, r in sch["schemes"].items()])
     if imp:
-        out += ["", "## Channel importances side by side (bench/test_bench_extensions.py)", "",
-                f"`l1-filter --target-macs 0.5` on the trained ResNet-20 (base {fmt(imp['base_accuracy'])}% on "
-                f"{imp['eval_data']}) by each registered importance; accuracy right after pruning (BatchNorm "
-                "statistics no longer fit) and after the same 1 epoch of fine-tuning; one run each.", "",
-                "| importance | MACs reached | acc % pruned | acc % after 1 epoch | pruning s |", "|---|---|---|---|---|"]
-        for name, r in imp["importances"].items():
-            out.append(f"| {name} | {r['macs_fraction']:.3f} | {fmt(r['accuracy_pruned'])} | {fmt(r['accuracy'])} | "
-                       f"{fmt(r['seconds'], 1)} |")
+        out += section(
+            "Channel importances side by side (bench/test_bench_extensions.py)",
+            f"`l1-filter --target-macs 0.5` on the trained ResNet-20 (base {fmt(imp['base_accuracy'])}% on "
+            f"{imp['eval_data']}) by each registered importance; accuracy right after pruning (BatchNorm "
+            "statistics no longer fit) and after the same 1 epoch of fine-tuning; one run each.",
+            ["importance", "MACs reached", "acc % pruned", "acc % after 1 epoch", "pruning s"],
+            [[name, f"{r['macs_fraction']:.3f}", fmt(r["accuracy_pruned"]), fmt(r["accuracy"]), fmt(r["seconds"], 1)]
+             for name, r in imp["importances"].items()])
     return out
 
 
@@ -247,20 +253,19 @@ def int8(by_name: dict) -> list[str]:
     rows = [e for n, e in by_name.items() if n.startswith("test_int8_in_pytorch[")]
     if not rows:
         return []
-    out = ["", "## INT8 that PyTorch executes (bench/test_bench_int8.py)", "",
-           "`compress quantize --activations`: static INT8 through PyTorch's FX flow (x86 kernels, conv-bn-relu "
-           "fused, per-channel weights, activations calibrated on 512 mnist5k digits), beside ONNX Runtime's static "
-           f"INT8 of the same model. Accuracy on {rows[0]['eval_data']}; latency at batch 32 on this machine "
-           "(PyTorch: interleaved with FP32, 95% interval of the ratio; ORT: 2 threads). Memory: bytes of the tensors "
-           "the model holds while it runs; file: the INT8 .pt against the FP32 .pt.", "",
-           "| model | FP32 % | INT8 % (histogram) | INT8 % (min-max) | PyTorch FP32 → INT8 ms | speed | ORT FP32 → INT8 ms "
-           "| ORT INT8 % | memory | file |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for e in rows:
-        out.append(f"| {e['case']} | {fmt(e['fp32_accuracy'])} | {fmt(e['int8_histogram_accuracy'])} | "
-                   f"{fmt(e['int8_minmax_accuracy'])} | {fmt(e['fp32_ms_b32'])} → {fmt(e['int8_ms_b32'])} | "
-                   f"{e['verdict']} | {fmt(e['ort_fp32_ms_b32'])} → {fmt(e['ort_int8_ms_b32'])} | "
-                   f"{fmt(e['ort_int8_accuracy'])} | {e['memory_ratio']:.2f}x | {e['file_ratio']:.2f}x |")
-    return out
+    return section(
+        "INT8 that PyTorch executes (bench/test_bench_int8.py)",
+        "`compress quantize --activations`: static INT8 through PyTorch's FX flow (x86 kernels, conv-bn-relu "
+        "fused, per-channel weights, activations calibrated on 512 mnist5k digits), beside ONNX Runtime's static "
+        f"INT8 of the same model. Accuracy on {rows[0]['eval_data']}; latency at batch 32 on this machine "
+        "(PyTorch: interleaved with FP32, 95% interval of the ratio; ORT: 2 threads). Memory: bytes of the tensors "
+        "the model holds while it runs; file: the INT8 .pt against the FP32 .pt.",
+        ["model", "FP32 %", "INT8 % (histogram)", "INT8 % (min-max)", "PyTorch FP32 → INT8 ms", "speed",
+         "ORT FP32 → INT8 ms", "ORT INT8 %", "memory", "file"],
+        [[e["case"], fmt(e["fp32_accuracy"]), fmt(e["int8_histogram_accuracy"]), fmt(e["int8_minmax_accuracy"]),
+          f"{fmt(e['fp32_ms_b32'])} → {fmt(e['int8_ms_b32'])}", e["verdict"],
+          f"{fmt(e['ort_fp32_ms_b32'])} → {fmt(e['ort_int8_ms_b32'])}", fmt(e["ort_int8_accuracy"]),
+          f"{e['memory_ratio']:.2f}x", f"{e['file_ratio']:.2f}x"] for e in rows])
 
 
 def main(src: str, dst: str) -> None:

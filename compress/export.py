@@ -35,12 +35,10 @@ def _session(path, threads: int = 2):
 
 def to_onnx(model: nn.Module, path, input_shape, opset: int = 17) -> None:
     """Export with a dynamic batch axis (legacy TorchScript exporter: no onnxscript needed)."""
-    from .coding.graph_model import GraphModel
     from .masks import remove_masks
+    from .stages import graph_only, is_layerless
 
-    if isinstance(model, GraphModel):
-        from .stages import graph_only
-
+    if is_layerless(model):
         raise graph_only(model, "exports ONNX from a model's layers")
     remove_masks(model)
     model.eval()

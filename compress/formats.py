@@ -78,10 +78,10 @@ def _load(path: Path, arch: str | None, trust_pickle: bool) -> nn.Module:
     return load_torch(path, arch, trust_pickle, cpz=lambda blob: decode_model(blob, path, base=base), int8=_int8)
 
 
-def _int8(float_model: nn.Module, table, state) -> nn.Module:
+def _int8(float_model: nn.Module, table, state, arch_cpz: bytes) -> nn.Module:
     from .quantize.int8 import rebuild
 
-    return rebuild(float_model, table, state)
+    return rebuild(float_model, table, state, arch_cpz)
 
 
 def arch_base(arch: str | None):
@@ -103,11 +103,11 @@ def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False) -
     """Save atomically: a .cpz (Huffman-coded, architecture as data) for a ``.cpz`` path, else a
     torch file that compress loads again without trust."""
     path = Path(path)
-    from .quantize.int8 import Int8Model, is_int8, payload
+    from .quantize.int8 import Int8Model, payload
 
     if path.suffix == ".cpz":
-        if is_int8(model):
-            raise UsageError(f"{path}: an INT8 model is saved as a .pt (its float model travels inside as a .cpz)")
+        if isinstance(model, Int8Model):
+            raise UsageError(f"{path}: an INT8 model is saved as a .pt (its architecture travels inside as a .cpz)")
         from .coding.container import save_cpz
 
         save_cpz(model, path, force=force, graph=True)

@@ -281,7 +281,8 @@ INT8_KEYS = ("compress_int8", "int8_state")  # an INT8 model's file: its table a
 def _unwrap(path: Path, obj: Mapping, cpz: Callable[[bytes], nn.Module], int8: Callable | None = None) -> nn.Module:
     """The model of a wrapped .cpz: its one source of truth. A file of an older compress also holds a
     state_dict; it must agree with the container, or the file is refused (other tools read one, compress
-    the other). An INT8 file also holds ``INT8_KEYS``: ``int8(float_model, table, state)`` rebuilds it."""
+    the other). An INT8 file also holds ``INT8_KEYS``: ``int8(float_model, table, state, cpz_bytes)`` rebuilds
+    it."""
     extra = set(obj) - {CPZ_KEY, "state_dict", *INT8_KEYS}
     if extra:
         raise InputError(f"{path}: a wrapped .cpz with other entries ({safe(sorted(map(str, extra))[0])}); refused")
@@ -289,7 +290,7 @@ def _unwrap(path: Path, obj: Mapping, cpz: Callable[[bytes], nn.Module], int8: C
     if any(k in obj for k in INT8_KEYS):
         if int8 is None or not all(k in obj for k in INT8_KEYS):
             raise InputError(f"{path}: an INT8 file without its INT8 table or state; refused")
-        return int8(model, obj[INT8_KEYS[0]], obj[INT8_KEYS[1]])
+        return int8(model, obj[INT8_KEYS[0]], obj[INT8_KEYS[1]], obj[CPZ_KEY])
     sd = obj.get("state_dict")
     if sd is not None:
         own = model.state_dict()

@@ -44,9 +44,9 @@ class Scheme:
     name: ClassVar[str]
     storage: ClassVar[str]
     trainable: ClassVar[bool] = False
-    help: ClassVar[str] = ""
 
     def fit(self, w: torch.Tensor, bits: int, per_channel: bool = True, symmetric: bool = True) -> "QuantState":
+        """The state of ``w`` (detached float32 on the CPU, as ``quantize_tensor`` passes it)."""
         raise NotImplementedError
 
 
@@ -56,15 +56,10 @@ SCHEMES: dict[str, Scheme] = {}
 def schemes() -> dict[str, Scheme]:
     """Every registered scheme. The built-in ones register when ``compress.quantize`` is imported: a reader
     of files that never imported it (``compress decode``) gets them here."""
-    if not _BUILTIN:
-        import importlib
+    import importlib
 
-        importlib.import_module("compress.quantize")
-        _BUILTIN.append(True)
+    importlib.import_module("compress.quantize")  # a lookup once it is imported
     return SCHEMES
-
-
-_BUILTIN: list[bool] = []
 
 
 def register_scheme(cls: type[Scheme]) -> type[Scheme]:

@@ -29,7 +29,8 @@ from .config import CONFIG_VERSION, Config, close_matches, stage_types
 from .errors import UsageError
 
 # names recipes used before one word meant one thing; read with a FutureWarning that says the new spelling
-_OLD_METHODS: dict[str, dict[str, Any]] = {"kmeans": {"scheme": "kmeans"}, "int8": {"bits": 8, "scheme": "minmax"}}  # quantize with these
+# quantize with these options
+_OLD_METHODS: dict[str, dict[str, Any]] = {"kmeans": {"scheme": "kmeans"}, "int8": {"bits": 8, "scheme": "minmax"}}
 _STAGE_KEYS = ("method", "patience")
 
 
@@ -184,6 +185,7 @@ class Recipe:
 DEFAULT_RECIPE = Recipe.from_dict({"stage": [
     {"method": "threshold", "sparsity": [0.9, 0.95, 0.97, 0.98, 0.985, 0.99], "rounds": 3,
      "finetune": {"epochs": 12}},
-    {"method": "quantize", "scheme": "kmeans", "bits": [{"conv": 8, "linear": 5}, {"conv": 6, "linear": 4}, {"conv": 5, "linear": 4},
-                                {"conv": 4, "linear": 3}, {"conv": 4, "linear": 2}], "finetune": {"epochs": 1}},
+    {"method": "quantize", "scheme": "kmeans",
+     "bits": [{"conv": 8, "linear": 5}, {"conv": 6, "linear": 4}, {"conv": 5, "linear": 4},
+              {"conv": 4, "linear": 3}, {"conv": 4, "linear": 2}], "finetune": {"epochs": 1}},
 ]}, "default recipe")

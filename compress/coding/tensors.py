@@ -68,8 +68,8 @@ def _encode_state(state: QuantState, t: torch.Tensor) -> tuple[bytes, dict]:
         params += state.zero_point.float().cpu().numpy().astype("<f4").tobytes()
     sym = state.codes.cpu().numpy().reshape(-1).astype(np.int64)
     return _coded(sym, zero, 2 ** bits, params,
-                  {"enc": "uniform", **_scheme_field(state, "uniform"), "bits": bits, "channels": len(scale), "affine": affine,
-                   "per_channel": bool(state.per_channel)})
+                  {"enc": "uniform", **_scheme_field(state, "uniform"), "bits": bits, "channels": len(scale),
+                   "affine": affine, "per_channel": bool(state.per_channel)})
 
 
 def encode_tensor(t: torch.Tensor, state: QuantState | None = None, where: str = "") -> tuple[bytes, dict]:
@@ -149,8 +149,6 @@ def _symbols(e: dict, rest: bytes, n: int, alpha: int, budget) -> tuple[np.ndarr
     if len(sym) != expected:
         raise ValueError("wrong symbol count")
     return sym, mask
-
-
 
 
 def _scheme_name(e: dict) -> str:

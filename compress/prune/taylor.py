@@ -26,8 +26,6 @@ SAMPLES = 512
 
 @register_importance("taylor")
 class TaylorImportance:
-    needs_data = True
-
     def prepare(self, model: nn.Module, ctx) -> None:
         if ctx.train is None:
             raise needs_data("importance 'taylor' scores channels by the loss gradient")

@@ -9,7 +9,7 @@ the float architecture with its weights zeroed as a .cpz (``compress_cpz``, a fe
 tensors (each quantized tensor as its integers, scales and zero points), and a small table naming the backend,
 the observer and the input shape. Loading rebuilds the same INT8 model from the architecture (trace, prepare,
 convert: compress's own code on classes the .cpz may name) and loads the checked state into it: no trust
-needed (``compress.formats.load_model``). ``torch.backends.quantized.engine`` is set to x86 while doing so.
+needed (``compress.formats.load_model``). ``torch.backends.quantized.engine`` is set to the file's backend.
 
 Torch 2.13 marks its quantized tensors deprecated (pytorch/pytorch#184982) in favour of torchao's PT2E flow
 with ``torch.compile``; the kernels still run, and their warnings are kept inside this module.
@@ -24,12 +24,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..config import Select
 from ..data import Data, batches, check_fits
 from ..errors import InputError, UsageError
 from ..meta import META_ATTR, get_meta
 
 INT8_KEY = "compress_int8"  # the table in an INT8 file: {"version", "backend", "observer", "input_shape"}
 OBSERVERS = ("minmax", "histogram")  # activation ranges: min-max, or the histogram's least-error range
+CALIB_SAMPLES = 512
 BACKENDS = ("x86", "qnnpack")  # x86 CPUs (fbgemm / oneDNN); ARM (phones, Apple silicon, Raspberry Pi): QNNPACK
 
 
@@ -41,7 +43,6 @@ def backend() -> str:
             return b
     raise UsageError(f"this PyTorch build has no INT8 CPU kernels ({', '.join(engines) or 'none'}); use export "
                      "--int8 (ONNX Runtime)")
-CALIB_SAMPLES = 512
 
 
 @contextlib.contextmanager
@@ -72,17 +73,10 @@ def _qconfig_mapping(observer: str, keep_float: tuple[str, ...] = (), engine: st
 
 def float_layers(model: nn.Module, patterns) -> tuple[str, ...]:
     """Names of the Conv/Linear layers that ``patterns`` (globs of layer names) keep in float; a pattern that
-    matches none is an error."""
-    import fnmatch
-
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
-    kept = []
-    for p in patterns or ():
-        hit = [n for n in names if fnmatch.fnmatchcase(n, p)]
-        if not hit:
-            raise UsageError(f"--exclude {p!r} matches no conv or linear layer")
-        kept += hit
-    return tuple(sorted(set(kept)))
+    matches none is an error (``Select``'s rule)."""
+    if not patterns:
+        return ()
+    return tuple(sorted(n for n, _ in Select(names=tuple(patterns), spare_first_last=False).layers(model)))
 
 
 def _skeleton(model: nn.Module, observer: str, input_shape, keep_float: tuple[str, ...] = (),
@@ -107,11 +101,11 @@ class Int8Model(nn.Module):
     ``arch_cpz`` is its float architecture (weights zeroed) as .cpz bytes, what its file stores and rebuilds
     it from -- a few kilobytes, so no float copy of the weights stays in memory."""
 
-    def __init__(self, inner: nn.Module, table: dict, float_model: nn.Module):
+    def __init__(self, inner: nn.Module, table: dict, float_model: nn.Module, arch_cpz: bytes | None = None):
         super().__init__()
         self.inner = inner
         self.compress_int8 = dict(table)
-        self.arch_cpz = _arch_bytes(float_model)
+        self.arch_cpz = arch_cpz if arch_cpz is not None else _arch_bytes(float_model)
         # the float model's metadata as it is (a file's may hold keys of a newer compress), and its input shape
         setattr(self, META_ATTR, {**get_meta(float_model), "input_shape": list(table["input_shape"])})
 
@@ -150,10 +144,6 @@ def to_int8(model: nn.Module, calib: Data, input_shape, observer: str = "histogr
     table = {"version": 1, "backend": engine, "observer": observer, "input_shape": list(input_shape),
              "calibration": f"{calib.name}, {seen} samples", "keep_float": list(kept)}
     return Int8Model(q, table, model).eval()
-
-
-def is_int8(model: nn.Module) -> bool:
-    return isinstance(model, Int8Model)
 
 
 def _flat(key: str, v, out: dict) -> None:
@@ -230,9 +220,10 @@ def payload(model: Int8Model) -> dict[str, Any]:
     return {INT8_KEY: dict(model.compress_int8), "int8_state": flat}
 
 
-def rebuild(float_model: nn.Module, table: Any, state: Any) -> Int8Model:
-    """The INT8 model a file describes, from its float model: prepared and converted by compress, then the
-    file's INT8 state (checked: the same names and shapes) loaded into it."""
+def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | None = None) -> Int8Model:
+    """The INT8 model a file describes, from its float architecture (decoded from ``arch_cpz``, the file's bytes
+    of it): prepared and converted by compress, then the file's INT8 state (checked: the same names and shapes)
+    loaded into it."""
     from torch.ao.quantization.quantize_fx import convert_fx
 
     if not (isinstance(table, dict) and table.get("version") == 1 and table.get("backend") in BACKENDS
@@ -261,4 +252,4 @@ def rebuild(float_model: nn.Module, table: Any, state: Any) -> Int8Model:
         filled = type(own)((k, _unflat(k, v, state)) for k, v in own.items())
         filled._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]  # the modules' versions
         q.load_state_dict(filled)
-    return Int8Model(q, table, float_model.eval()).eval()
+    return Int8Model(q, table, float_model.eval(), arch_cpz).eval()

@@ -60,13 +60,14 @@ def quantize_kmeans(w: torch.Tensor, bits: int, iters: int = 30):
 
 @register_scheme
 class KMeans(Scheme):
+    """A shared codebook of 2^bits centroids per layer (Han et al.), trainable."""
+
     name = "kmeans"
     storage = "codebook"
     trainable = True
-    help = "a shared codebook of 2^bits centroids per layer (Han et al.)"
 
     def fit(self, w, bits, per_channel=True, symmetric=True):
-        codes, cb, _ = quantize_kmeans(w.detach().float().cpu(), bits)
+        codes, cb, _ = quantize_kmeans(w, bits)
         return QuantState(bits, self.name, codes.flatten().to(torch.int16), codebook=cb)
 
 

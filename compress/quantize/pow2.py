@@ -52,10 +52,11 @@ def quantize_pow2(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
 
 @register_scheme
 class PowerOfTwo(Scheme):
+    """Weights 0 or ±s·2^-i, one scale per layer (multiplies become shifts)."""
+
     name = "pow2"
     storage = "codebook"
-    help = "weights 0 or ±s·2^-i, one scale per layer (multiplies become shifts)"
 
     def fit(self, w, bits, per_channel=True, symmetric=True):
-        codes, tab = quantize_pow2(w.float().cpu(), bits)
+        codes, tab = quantize_pow2(w, bits)
         return QuantState(bits, self.name, codes, codebook=tab, per_channel=False)

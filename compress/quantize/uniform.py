@@ -70,17 +70,6 @@ def mmse(w: torch.Tensor, bits: int, symmetric: bool = True, grid: int = 100):
     return quantize_affine(w, w.amin(1) * ratio, w.amax(1) * ratio, bits)
 
 
-def grid_state(name: str, fn, w: torch.Tensor, bits: int, per_channel: bool, symmetric: bool) -> QuantState:
-    """The state of ``w`` on the grid that ``fn`` (``minmax`` or ``mmse``) fits to each row."""
-    w = w.detach().float().cpu()
-    per_channel = per_channel and w.dim() > 1
-    mat = w.flatten(1) if per_channel else w.reshape(1, -1)  # (C, K)
-    q, scale, zp, _ = fn(mat, bits, symmetric)
-    lo, _ = qrange(bits, symmetric)
-    return QuantState(bits, name, (q - lo).to(torch.uint8), scale.float(), None if symmetric else zp.float(),
-                      per_channel=per_channel)
-
-
 class GridScheme(Scheme):
     """A uniform grid per channel, fitted row by row by ``rows(w (C, K), bits, symmetric)``."""
 
@@ -88,18 +77,25 @@ class GridScheme(Scheme):
     rows: staticmethod
 
     def fit(self, w, bits, per_channel=True, symmetric=True):
-        return grid_state(self.name, self.rows, w, bits, per_channel, symmetric)
+        per_channel = per_channel and w.dim() > 1
+        mat = w.flatten(1) if per_channel else w.reshape(1, -1)  # (C, K)
+        q, scale, zp, _ = self.rows(mat, bits, symmetric)
+        lo, _ = qrange(bits, symmetric)
+        return QuantState(bits, self.name, (q - lo).to(torch.uint8), scale.float(),
+                          None if symmetric else zp.float(), per_channel=per_channel)
 
 
 @register_scheme
 class MinMax(GridScheme):
+    """A uniform grid over each channel's range."""
+
     name = "minmax"
-    help = "uniform grid over each channel's range"
     rows = staticmethod(minmax)
 
 
 @register_scheme
 class MMSE(GridScheme):
+    """A uniform grid clipped where the squared error is least (Choukroun et al.)."""
+
     name = "mmse"
-    help = "uniform grid clipped where the squared error is least (Choukroun et al.)"
     rows = staticmethod(mmse)

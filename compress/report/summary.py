@@ -54,7 +54,7 @@ def model_report(path: str | os.PathLike, load: LoadOptions = LoadOptions(), dat
         if isinstance(model, Int8Model):  # its layers are INT8 kernels: the counts are the architecture's, as integers
             arch_numbers = summarize(model.architecture(), shape, None, latency=False, layers=False)
             rep.update({k: arch_numbers[k] for k in ("params", "dense_fp32_bytes", "macs")},
-                       nonzero_params=None, int8={**model.__dict__["compress_int8"], "executes": "INT8 weights and activations "
+                       nonzero_params=None, int8={**model.compress_int8, "executes": "INT8 weights and activations "
                                                   f"(PyTorch {model.compress_int8['backend']} kernels); MACs are "
                                                   "INT8 MACs"})
         meta = read_meta(model)
