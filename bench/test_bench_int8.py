@@ -12,7 +12,8 @@ from compress import data as data_mod
 from compress.export import _session, onnx_accuracy, onnx_latency_ms, quantize_int8, to_onnx
 from compress.formats import save_model
 from compress.metrics import latencies, speed_change
-from compress.quantize.int8 import OBSERVERS, to_int8
+from compress.quantize import to_int8
+from compress.quantize.int8 import OBSERVERS
 from compress.train import evaluate, fit
 
 from .conftest import CACHE, VAL_FRACTION, mnist_test_dir, once, trained

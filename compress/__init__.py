@@ -22,7 +22,7 @@ _EXPORTS = {
     "UsageError": "errors", "FactorizeConfig": "factorize", "load_model": "formats", "save_model": "formats",
     "count_macs": "metrics", "count_nonzero": "metrics", "count_params": "metrics", "summarize": "metrics",
     "create_model": "models", "list_models": "models", "pipeline": "pipeline", "ChannelUnionConfig": "prune",
-    "L1FilterConfig": "prune", "ThresholdConfig": "prune", "QuantConfig": "quantize", "Recipe": "recipe",
+    "L1FilterConfig": "prune", "ThresholdConfig": "prune", "QuantConfig": "quantize", "Int8Config": "quantize", "Recipe": "recipe",
     "Stage": "recipe", "Context": "stages", "StageResult": "stages", "factorize_": "stages", "prune_": "stages",
     "quantize_": "stages", "run": "stages", "TrainConfig": "train", "evaluate": "train", "fit": "train",
 }
@@ -42,7 +42,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "ChannelUnionConfig", "CompressError", "Config", "Context", "FactorizeConfig", "FineTune", "FormatError",
-    "InputError", "L1FilterConfig", "QuantConfig", "Recipe", "Select", "Stage", "StageResult", "ThresholdConfig",
+    "InputError", "Int8Config", "L1FilterConfig", "QuantConfig", "Recipe", "Select", "Stage", "StageResult", "ThresholdConfig",
     "UntrustedPickleError", "UsageError", "count_macs", "count_nonzero", "count_params",
     "create_model", "data", "evaluate", "factorize_", "fit", "list_models", "load_cpz", "load_model",
     "pipeline", "prune_", "quantize_", "run", "save_cpz", "save_model", "summarize",

@@ -204,12 +204,15 @@ _PARTS = {"select": Select, "finetune": FineTune}
 class Config:
     """Base of every method config. Subclasses are frozen dataclasses and set ``verb``,
     ``stage_name`` (its name in a recipe), ``search_key`` (the option a recipe may list) and
-    ``iterative`` (its search candidates build on each other, as iterative pruning does)."""
+    ``iterative`` (its search candidates build on each other, as iterative pruning does). A search key
+    may name a part's option ("finetune.epochs"). ``first_fit``: the candidates cost more rather than
+    compress more (PTQ, then QAT): the first within budget is kept and the rest are not tried."""
 
     verb: ClassVar[str] = ""
     stage_name: ClassVar[str] = ""
     search_key: ClassVar[str] = ""
     iterative: ClassVar[bool] = False  # in a recipe's search, each candidate continues from the previous one
+    first_fit: ClassVar[bool] = False  # in a recipe's search, the first candidate within budget ends it
     renamed: ClassVar[dict[str, str]] = {}  # old option name -> new: still read, with a FutureWarning
     select: Select  # the two parts every config has (each subclass gives its own default)
     finetune: FineTune
@@ -220,6 +223,13 @@ class Config:
         if name in _CONFIG_TYPES and _CONFIG_TYPES[name].__module__ != cls.__module__:
             raise ValueError(f"config type {name!r} is registered twice")
         _CONFIG_TYPES[name] = cls
+
+    def searched(self) -> Any:
+        """The value of this config's search key (a part's option when the key is "part.option")."""
+        value: Any = self
+        for name in self.search_key.split("."):
+            value = getattr(value, name)
+        return value
 
     def to_dict(self) -> dict[str, Any]:
         body = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}

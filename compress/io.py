@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import io
 import logging
 import os
 import pickle
@@ -308,8 +309,19 @@ def save_wrapped(blob: bytes, path: str | os.PathLike, force: bool = False, extr
     ``extra``: the INT8 table and state of an INT8 model (``INT8_KEYS``), tensors and plain values."""
     path = Path(path)
     with atomic_write(path, force) as tmp:
-        torch.save({CPZ_KEY: blob, **(extra or {})}, tmp)
+        torch.save(_wrapped(blob, extra), tmp)
     return path
+
+
+def wrapped_size(blob: bytes, extra: dict | None = None) -> int:
+    """The bytes ``save_wrapped`` writes for the same content."""
+    buf = io.BytesIO()
+    torch.save(_wrapped(blob, extra), buf)
+    return buf.tell()
+
+
+def _wrapped(blob: bytes, extra: dict | None) -> dict:
+    return {CPZ_KEY: blob, **(extra or {})}
 
 
 def save_module(model: nn.Module, path: str | os.PathLike, force: bool = False) -> Path:

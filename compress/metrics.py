@@ -271,12 +271,20 @@ def summarize(model: nn.Module, input_shape, data=None, latency: bool = True,
               layers: bool = True, runs: int = 20, metric=None) -> dict[str, Any]:
     """The numbers that matter for one model, as a JSON-able dict; ``accuracy`` is ``metric``'s score on
     ``data`` (default top-1 accuracy in percent), ``metric`` its label."""
+    from .quantize.int8 import Int8Model
     from .train import evaluate, resolve_metric
 
-    params = count_params(model)
-    out: dict[str, Any] = {"params": params, "nonzero_params": count_nonzero(model), "dense_fp32_bytes": params * 4}
+    int8 = model if isinstance(model, Int8Model) else None  # INT8 kernels: the architecture's counts, as integers
+    counted = int8.architecture() if int8 is not None else model
+    params = count_params(counted)
+    out: dict[str, Any] = {"params": params, "dense_fp32_bytes": params * 4,
+                           "nonzero_params": int8.nonzeros() if int8 is not None else count_nonzero(model)}
+    if int8 is not None:
+        t: dict = int8.compress_int8
+        out["int8"] = {**t, "executes": f"INT8 weights and activations (PyTorch {t['backend']} kernels); MACs are "
+                                        "INT8 MACs"}
     if input_shape is not None:  # weight-only numbers otherwise
-        out.update(macs=count_macs(model, input_shape), input_shape=list(input_shape))
+        out.update(macs=count_macs(counted, input_shape), input_shape=list(input_shape))
     if data is not None:
         from .data import check_fits
 
@@ -286,6 +294,6 @@ def summarize(model: nn.Module, input_shape, data=None, latency: bool = True,
         out["metric"] = m.label
     if latency and input_shape is not None:
         out["latency_ms"] = latencies([model], input_shape, runs)[0]
-    if layers and input_shape is not None and not isinstance(model, torch.jit.ScriptModule):
+    if layers and input_shape is not None and int8 is None and not isinstance(model, torch.jit.ScriptModule):
         out["layers"] = layer_table(model, input_shape)
     return out

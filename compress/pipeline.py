@@ -107,7 +107,7 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, s
             stop.in_candidate = True
             cand = run(cfg.verb, copy.deepcopy(start), cfg, ctx).model
             sizes = size_bytes(cand)
-            rec = {"value": getattr(cfg, cfg.search_key), "options": cfg.to_dict(), **judge(cand),
+            rec = {"value": cfg.searched(), "options": cfg.to_dict(), **judge(cand),
                    "bytes": sizes["coded"]}
         except KeyboardInterrupt:  # the candidate in progress is dropped; what was kept stands
             stop.reason = "interrupted"
@@ -131,6 +131,8 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, s
             if st.kept_index is None or rec["bytes"] <= st.tried[st.kept_index]["bytes"]:
                 st.kept_index, st.kept_sizes, st.kept_model = len(st.tried) - 1, sizes, cand
             st.current = cand
+            if cfg.first_fit:  # the later candidates only cost more
+                st.next = len(stage.candidates)
         if save is not None:
             try:
                 save(st)
@@ -153,8 +155,15 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, s
 
 def _point(label: str, model: nn.Module, nbytes: int, accuracy: float, ctx: Context, test=None) -> dict:
     """The numbers of the model after one stage: bytes, nonzeros, MACs, score (latency: at the end)."""
-    p = {"stage": label, "bytes": nbytes, "accuracy": round(accuracy, 3), "params": count_params(model),
-         "nonzeros": count_nonzero(model), "macs": count_macs(model, ctx.input_shape)}
+    from .quantize.int8 import Int8Model
+
+    if isinstance(model, Int8Model):  # INT8 kernels: the architecture's counts, its INT8 weights' nonzeros
+        arch = model.architecture()
+        p = {"stage": label, "bytes": nbytes, "accuracy": round(accuracy, 3), "params": count_params(arch),
+             "nonzeros": model.nonzeros(), "macs": count_macs(arch, ctx.input_shape), "int8": True}
+    else:
+        p = {"stage": label, "bytes": nbytes, "accuracy": round(accuracy, 3), "params": count_params(model),
+             "nonzeros": count_nonzero(model), "macs": count_macs(model, ctx.input_shape)}
     if test is not None:
         p["test_accuracy"] = round(ctx.score(model, test), 3)
     return p

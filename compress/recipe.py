@@ -30,12 +30,13 @@ from .errors import UsageError
 
 # names recipes used before one word meant one thing; read with a FutureWarning that says the new spelling
 # quantize with these options
-_OLD_METHODS: dict[str, dict[str, Any]] = {"kmeans": {"scheme": "kmeans"}, "int8": {"bits": 8, "scheme": "minmax"}}
+_OLD_METHODS: dict[str, dict[str, Any]] = {"kmeans": {"scheme": "kmeans"}}
 _STAGE_KEYS = ("method", "patience")
 
 
 def _renamed(d: dict, where: str) -> dict:
-    """A stage table in today's words: ``type`` -> ``method``; kmeans / int8 -> quantize with their scheme."""
+    """A stage table in today's words: ``type`` -> ``method``; kmeans -> quantize with its scheme (``int8`` was
+    8-bit weights; it is now INT8 execution, and a stage with the old options is refused with the new spelling)."""
     d = dict(d)
     if "type" in d:
         if "method" in d:
@@ -43,6 +44,9 @@ def _renamed(d: dict, where: str) -> dict:
         d["method"] = d.pop("type")
         warnings.warn(f"{where}: 'type = ...' is now 'method = ...'", FutureWarning, stacklevel=3)
     old = d.get("method")
+    if old == "int8" and {"bits", "scheme", "per_channel", "symmetric", "bias_bits"} & set(d):
+        raise UsageError(f"{where}: method = 'int8' is INT8 execution (weights and activations, calibrated); "
+                         "8-bit weights alone are method = 'quantize' with bits = 8")
     if isinstance(old, str) and old in _OLD_METHODS:
         opts = _OLD_METHODS[old]
         said = ", ".join(f"{k} = {v!r}" for k, v in opts.items())
@@ -91,11 +95,14 @@ class Stage:
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise UsageError(f"{where}: patience must be an integer >= 1, got {patience!r}")
         key = cfg_cls.search_key
-        values = opts.get(key)
+        part, _, option = key.rpartition(".")  # "finetune.epochs": an option of a part
+        found = opts.get(part) if part else opts
+        holder: dict = found if isinstance(found, dict) else {}
+        values = holder.get(option)
         if isinstance(values, list):
             if not values:
                 raise UsageError(f"{where}: {key} = [] lists no candidate")
-            option_sets = [{**opts, key: v} for v in values]
+            option_sets = [{**opts, part: {**holder, option: v}} if part else {**opts, key: v} for v in values]
         else:
             option_sets = [opts]
         try:

@@ -52,6 +52,7 @@ class Context:
         evaluate: ``evaluate(model, data) -> float`` instead of ``metric`` (higher is better); the budget
             of ``pipeline`` then has no standard error to add, and says so.
         teacher: the model distillation learns from (default: the stage's input model).
+        calib: calibration data for activation ranges (INT8); default: ``train``.
     """
 
     train: Any = None
@@ -64,6 +65,7 @@ class Context:
     train_step: Callable | None = None
     evaluate: Callable | None = None
     teacher: nn.Module | None = None
+    calib: Any = None
 
     def __post_init__(self):
         from .data import as_data
@@ -71,6 +73,7 @@ class Context:
 
         self.train = None if self.train is None else as_data(self.train, "training data")
         self.val = None if self.val is None else as_data(self.val, "validation data")
+        self.calib = None if self.calib is None else as_data(self.calib, "calibration data")
         self.loss, self.metric = resolve_loss(self.loss), resolve_metric(self.metric)
 
     def emit(self, kind: str, **fields) -> None:
@@ -90,7 +93,7 @@ class Context:
         metadata is not trusted to ask for a 6000 x 6000 input)."""
         if self.input_shape:
             return check_shape(self.input_shape, "input shape")
-        for d in (self.train, self.val):
+        for d in (self.train, self.val, self.calib):
             if d is not None:
                 return check_shape((1,) + tuple(d.sample_shape), f"the shape of {d.name}'s samples")
         meta = read_meta(model)

@@ -22,6 +22,7 @@ SETTINGS = {
     "channel-union": {"lasso_ratio": 1.5, "reconfig_interval": 1},
     "quantize": {"bits": 5, "scheme": "pow2"},
     "factorize": {"energy": 0.95},
+    "int8": {"observer": "percentile", "percentile": 99.9},
 }
 
 

@@ -8,7 +8,8 @@ import torch
 from compress import data as data_mod
 from compress.errors import InputError, UsageError
 from compress.formats import load_model, save_model
-from compress.quantize.int8 import INT8_KEY, Int8Model, backend, to_int8
+from compress.quantize import to_int8
+from compress.quantize.int8 import INT8_KEY, Int8Model, backend
 from compress.train import evaluate
 from tests.helpers import one_line_error
 
@@ -93,7 +94,8 @@ def test_cli_prints_before_and_after(lenet5_trained, cli, tmp_path):
     r = cli("quantize", tmp_path / "m.pt", "--activations", "--calib-data", "mnist5k?limit=256",
             "--test-data", "mnist5k?limit=500", "--no-latency", "-o", tmp_path / "q.pt")
     assert r.code == 0, r.err
-    assert "file bytes" in r.out and "top-1 % on mnist5k?limit=500" in r.out and "INT8" in r.out
+    assert "file bytes" in r.out and "test accuracy % (mnist5k?limit=500, 500 samples)" in r.out, r.out
+    assert "quantize/int8" in r.out and "INT8 weights and activations" in r.err
     r = cli("report", tmp_path / "q.pt", "--no-latency")
     assert r.code == 0 and "INT8 weights and activations" in r.out
 
@@ -130,3 +132,82 @@ def test_layers_kept_float_stay_float_and_the_file_says_so(lenet5_trained, mnist
     r = cli("quantize", tmp_path / "m.pt", "--activations", "--exclude", "conv1", "--calib-data", "mnist5k?limit=128",
             "--no-latency", "-o", tmp_path / "k.pt")
     assert r.code == 0 and "kept in float: conv1" in r.err, r.err
+
+
+def test_percentile_ranges_ignore_an_outlier_that_min_max_and_histogram_follow(lenet5_trained, mnist_small):
+    tr, va = mnist_small
+    x, y = tr.batch(torch.arange(512))
+    x = x.clone()
+    x[0] *= 100  # one corrupt calibration image stretches a min-max range 100-fold
+    calib = data_mod.TensorData(x, y, "calibration with one outlier")
+    base = evaluate(lenet5_trained, va)
+    acc = {obs: evaluate(to_int8(lenet5_trained, calib, (1, 1, 28, 28), observer=obs), va)
+           for obs in ("minmax", "percentile")}
+    assert acc["minmax"] < base - 30  # every ordinary activation lands on a handful of levels
+    assert acc["percentile"] > base - 10 and acc["percentile"] > acc["minmax"] + 40
+
+
+def test_qat_trains_the_model_that_runs_and_its_file_reloads(lenet5_trained, mnist_small, tmp_path):
+    from compress.config import FineTune
+    from compress.quantize import Int8Config, Int8Lowering
+    from compress.stages import Context
+
+    tr, va = mnist_small
+    method = Int8Lowering(copy.deepcopy(lenet5_trained), Int8Config(finetune=FineTune(epochs=0.5, lr=1e-4)),
+                          Context(train=tr))
+    method.attach()
+    before = {k: v.clone() for k, v in method.model.state_dict().items() if k.endswith("weight")}
+    method.fine_tune()
+    trained = method.model.eval()
+    assert any(not torch.equal(before[k], v) for k, v in trained.state_dict().items() if k in before)
+    assert method.frozen  # the last 30% of the steps ran with batch-norm statistics and ranges frozen
+    q = method.finalize()
+    x = va.batch(torch.arange(len(va)))[0]
+    with torch.no_grad():  # the fake-quantized model it trained computes what the INT8 kernels compute
+        fake, real = trained(x), q(x)
+    assert float((fake.argmax(1) == real.argmax(1)).float().mean()) >= 0.98
+    assert float((fake - real).norm() / fake.norm()) < 0.05
+    ptq = to_int8(lenet5_trained, tr, (1, 1, 28, 28))
+    assert evaluate(q, va) >= evaluate(ptq, va) - 1.0
+    assert q.compress_int8["qat"] == f"0.5 epochs on {tr.name}"
+    save_model(q, tmp_path / "qat.pt")
+    assert torch.equal(load_model(tmp_path / "qat.pt")(x), q(x))  # rebuilt from the PTQ skeleton: the same graph
+
+
+def test_cli_qat_needs_training_data(lenet5_trained, cli, tmp_path):
+    save_model(lenet5_trained, tmp_path / "m.pt")
+    r = cli("quantize", tmp_path / "m.pt", "--activations", "--epochs", "1", "--calib-data", "mnist5k?limit=64",
+            "-o", tmp_path / "q.pt")
+    assert one_line_error(r) and "--train-data" in r.err and not (tmp_path / "q.pt").exists()
+    r = cli("quantize", tmp_path / "m.pt", "--activations", "--epochs", "0.2", "--train-data", "mnist5k?limit=600",
+            "--no-latency", "-o", tmp_path / "q.pt")
+    assert r.code == 0 and "quantization-aware: 0.2 epochs" in r.err, r.err
+    assert isinstance(load_model(tmp_path / "q.pt"), Int8Model)
+
+
+def test_pipeline_int8_stage_tries_qat_only_when_ptq_misses_the_budget(lenet5_trained, mnist_small):
+    from compress.pipeline import pipeline
+
+    tr, va = mnist_small
+    recipe = {"stage": [{"method": "int8", "observer": "minmax", "finetune": {"epochs": [0, 0.3], "lr": 1e-4}}]}
+    q, summary = pipeline(copy.deepcopy(lenet5_trained), tr, recipe, max_accuracy_drop=1.0, val_data=va,
+                          latency=False)
+    tried = summary["stages"][0]["tried"]
+    assert isinstance(q, Int8Model) and len(tried) == 1 and tried[0]["value"] == 0  # PTQ within budget: no QAT
+    assert summary["timeline"][-1]["macs"] == summary["timeline"][0]["macs"]
+    assert summary["ratio"] > 3  # 4-byte floats -> 1-byte integers, with the file's own overhead
+    x, y = tr.batch(torch.arange(len(tr)))
+    x = x.clone()
+    x[0] *= 100  # the first calibration sample is corrupt: PTQ's min-max ranges are ruined, the search goes on
+    _, summary = pipeline(copy.deepcopy(lenet5_trained), data_mod.TensorData(x, y, "outlier"), recipe,
+                          max_accuracy_drop=1.0, val_data=va, latency=False)
+    tried = summary["stages"][0]["tried"]
+    assert [t["value"] for t in tried] == [0, 0.3] and not tried[0]["within_budget"]
+
+
+def test_a_recipe_with_an_int8_stage_writes_a_pt(lenet5_trained, cli, tmp_path):
+    save_model(lenet5_trained, tmp_path / "m.pt")
+    (tmp_path / "r.toml").write_text('[[stage]]\nmethod = "int8"\nfinetune = { epochs = [0, 1] }\n')
+    r = cli("pipeline", tmp_path / "m.pt", "--train-data", "mnist5k?limit=300", "--recipe", tmp_path / "r.toml",
+            "-o", tmp_path / "out.cpz")
+    assert one_line_error(r) and "NAME.pt" in r.err

@@ -320,16 +320,17 @@ def test_ctrl_c_then_resume_from_the_command_line(trained, tmp_path, cli):
 def test_old_recipe_words_still_read_with_a_warning_naming_the_new_ones():
     from compress.recipe import Recipe
 
-    old = {"stage": [{"type": "threshold", "sparsity": 0.9, "steps": 2}, {"type": "kmeans", "bits": 5},
-                     {"type": "int8"}]}
+    old = {"stage": [{"type": "threshold", "sparsity": 0.9, "steps": 2}, {"type": "kmeans", "bits": 5}]}
     with pytest.warns(FutureWarning) as caught:
         r = Recipe.from_dict(old)
     said = " ".join(str(w.message) for w in caught)
     assert "'method = ...'" in said and "option 'steps' is now 'rounds'" in said
     assert "method = 'quantize' with scheme = 'kmeans'" in said
     new = Recipe.from_dict({"stage": [{"method": "threshold", "sparsity": 0.9, "rounds": 2},
-                                      {"method": "quantize", "scheme": "kmeans", "bits": 5},
-                                      {"method": "quantize", "bits": 8, "scheme": "minmax"}]})
+                                      {"method": "quantize", "scheme": "kmeans", "bits": 5}]})
     assert r == new
+    # "int8" was 8-bit weights; it now names INT8 execution, and a stage written the old way says the new spelling
+    with pytest.raises(Exception, match="method = 'quantize' with bits = 8"):
+        Recipe.from_dict({"stage": [{"method": "int8", "bits": 8}]})
     with pytest.raises(Exception, match="method only"):
         Recipe.from_dict({"stage": [{"type": "threshold", "method": "threshold"}]})

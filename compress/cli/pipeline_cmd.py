@@ -75,6 +75,9 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
     check_reports(report, json_out, force or resume)  # before minutes of work, not after them
     use_threads(threads)
     rec = Recipe.load(recipe) if recipe else None
+    if rec is not None and Path(output).suffix == ".cpz" and any(st.name == "int8" for st in rec.stages):
+        raise UsageError(f"{output}: a recipe with an int8 stage writes an INT8 model, which is saved as a .pt "
+                         "(its architecture travels inside as a .cpz): give -o NAME.pt")
     task = TaskOptions(loss, metric, workers)
     # a resumed run writes the output its stopped run wrote
     inp = load_inputs(model, output, force or resume, load, None, test_data, task=task)

@@ -1,7 +1,6 @@
 """``compress quantize`` and ``compress export``."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -26,15 +25,17 @@ def quantize(model: c.ModelArg, output: c.OutOpt,
                  "--activations", help="Static INT8 of weights and activations that PyTorch runs as integers "
                  "(x86 kernels; activation ranges from --calib-data).")] = False,
              observer: Annotated[str, typer.Option("--observer", help="--activations: how activation ranges are "
-                                                   "set: histogram (least error) or minmax.")] = "histogram",
+                                                   "set: histogram (least error), minmax, or percentile (99.99th "
+                                                   "of each batch; outliers saturate).")] = "histogram",
              calib_data: Annotated[Optional[str], typer.Option(
                  "--calib-data", help="--activations: calibration data spec (512 samples are read).")] = None,
              layers: c.LayersOpt = None, exclude: c.ExcludeOpt = None,
              arch: c.ArchOpt = None, trust_pickle: c.TrustOpt = False, train_data: c.TrainDataOpt = None,
              test_data: c.TestDataOpt = None,
              epochs: Annotated[Optional[float], typer.Option(
-                 "--epochs", min=0, help="k-means: epochs of centroid training (needs --train-data).")] = 0.0,
-             lr: Annotated[float, typer.Option("--lr", help="k-means centroid learning rate.")] = 1e-4,
+                 "--epochs", min=0, help="k-means: epochs of centroid training; --activations: epochs of "
+                 "quantization-aware training (fake-quantized, then converted); both need --train-data.")] = 0.0,
+             lr: Annotated[float, typer.Option("--lr", help="k-means centroid / QAT learning rate.")] = 1e-4,
              input_shape: c.InputShapeOpt = None, report: c.ReportOpt = None, json_out: c.JsonOpt = None,
              no_latency: c.NoLatencyOpt = False, threads: c.ThreadsOpt = None, loss: c.LossOpt = None, val_data: c.ValDataOpt = None,
              metric: c.MetricOpt = None, workers: c.WorkersOpt = None, distill: c.DistillOpt = None,
@@ -48,16 +49,32 @@ def quantize(model: c.ModelArg, output: c.OutOpt,
         compress quantize lenet5.pt --bits conv=8,linear=5 --scheme kmeans --train-data mnist5k --epochs 1 -o l5-km.pt
 
         compress quantize resnet20.pt --activations --calib-data "mnist5k?size=32" --test-data "mnist5k?size=32" -o r20-int8.pt
+
+        compress quantize mbv2.pt --activations --epochs 1 --train-data "mnist5k?size=32&channels=3" -o mbv2-qat.pt
     """
     if activations:
-        if bits != "8" or scheme != "minmax" or per_tensor or affine or epochs or layers:
-            raise typer.BadParameter("--activations is static INT8 (per-channel weights) of every conv and linear "
-                                     "but those --exclude keeps float: leave --bits, --scheme, --per-tensor, "
-                                     "--affine, --epochs and --layers at their defaults")
+        if bits != "8" or scheme != "minmax" or per_tensor or affine:
+            raise typer.BadParameter("--activations is static INT8 (per-channel int8 weights, uint8 activations): "
+                                     "leave --bits, --scheme, --per-tensor and --affine at their defaults")
+        if not (calib_data or train_data):
+            raise typer.BadParameter("--activations needs --calib-data (or --train-data) for the activation ranges")
+        from ..config import Select
+        from ..quantize import Int8Config
+
+        cfg8 = make_config(Int8Config, observer=observer,
+                           select=make_config(Select, names=patterns(layers), exclude=patterns(exclude),
+                                              spare_first_last=False),
+                           finetune=make_config(Int8Config.part, "finetune", epochs=epochs, lr=lr, distill=distill))
         use_threads(threads)
-        return _int8(model, output, load_options(arch, trust_pickle, input_shape), calib_data or train_data, test_data,
-                     observer, patterns(exclude),
-                     workers, no_latency, json_out, force)
+        inp = load_inputs(model, output, force, load_options(arch, trust_pickle, input_shape), train_data, test_data,
+                          need_train=bool(epochs), task=TaskOptions(loss, metric, workers, val_data))
+        calib = _calibration(inp, calib_data, workers)
+        res = run_command("quantize", with_settings(cfg8, settings), inp, output, force, report, json_out,
+                          latency=not no_latency, calib=calib)
+        made = res["after"]["int8"]
+        err.print(f"INT8 ({made['observer'] if 'qat' not in made else 'quantization-aware: ' + made['qat']}; "
+                  f"activation ranges from {made['calibration']}); {made['executes']}")
+        return
     from ..config import Select
     from ..quantize import QuantConfig
 
@@ -118,43 +135,12 @@ def export(model: c.ModelArg, output: c.OutOpt, arch: c.ArchOpt = None, trust_pi
         emit_json(res, json_out, force)
 
 
-def _int8(model, output, load, calib_spec, test_spec, observer, keep_float, workers, no_latency,
-          json_out, force) -> None:
-    """``quantize --activations``: the model lowered to INT8 that PyTorch executes, with its before/after numbers."""
-    from .. import data as data_mod
-    from ..formats import save_model
-    from ..metrics import latencies, speed_change
-    from ..quantize.int8 import to_int8
-    from ..stages import Context
-    from ..train import evaluate
-    from .harness import check_output
-
-    check_output(model, output, force)
+def _calibration(inp, calib_spec, workers):
+    """--calib-data (checked against the model), else None: the stage calibrates on --train-data's part."""
     if not calib_spec:
-        raise typer.BadParameter("--activations needs --calib-data (or --train-data) for the activation ranges")
-    m = load.load(model)
+        return None
+    from .. import data as data_mod
+
     calib = data_mod.load(calib_spec, workers)
-    shape = Context(train=calib, input_shape=load.input_shape).shape(m)
-    q = to_int8(m, calib, shape, observer=observer, keep_float=keep_float)
-    save_model(q, output, force=force)
-    made = q.compress_int8
-    res: dict = {"file": str(output), "int8": made, "bytes": {"fp32": Path(model).stat().st_size,
-                                                                         "int8": Path(output).stat().st_size}}
-    rows = [["file bytes", f"{res['bytes']['fp32']:,}", f"{res['bytes']['int8']:,}", ""]]
-    if test_spec:
-        test = data_mod.load(test_spec, workers)
-        acc = [evaluate(m, test), evaluate(q, test)]
-        res["accuracy"] = {"fp32": acc[0], "int8": acc[1], "data": f"{test_spec}, {len(test):,} samples"}
-        rows.append([f"top-1 % on {test_spec}", f"{acc[0]:.2f}", f"{acc[1]:.2f}", f"{acc[1] - acc[0]:+.2f} pt"])
-    if not no_latency:
-        fp, i8 = latencies([m, q], shape)
-        verdict = speed_change(fp["batch_32"], i8["batch_32"], i8["speedup"]["batch_32"])
-        res["latency_ms_batch_32"] = {"fp32": fp["batch_32"], "int8": i8["batch_32"], "verdict": verdict}
-        rows.append(["latency batch 32 ms", f"{fp['batch_32']:.2f}", f"{i8['batch_32']:.2f}", verdict])
-    out.print(table(f"INT8 ({observer} activations, calibrated on {made['calibration']})",
-                    ["", "FP32", "INT8", "change"], rows))
-    if made["keep_float"]:
-        err.print(f"kept in float: {', '.join(made['keep_float'])}")
-    err.print(f"wrote {output}")
-    if json_out:
-        emit_json(res, json_out, force)
+    data_mod.check_fits(inp.model, calib, labels_needed=False)
+    return calib

@@ -37,7 +37,13 @@ def tensor_row(e: dict) -> dict:
 def size_bytes(model, graph: bool = False) -> dict[str, Any]:
     """Encoded .cpz size, the size the same content takes without Huffman coding, and the bytes of
     each layer's tensors (weight, bias, buffers) in the .cpz. ``graph``: with the graph
-    a .cpz of the user's own classes holds (``coding.graph``), as ``save_model`` writes it."""
+    a .cpz of the user's own classes holds (``coding.graph``), as ``save_model`` writes it. An INT8 model
+    (``quantize.int8.Int8Model``) is not a .cpz: its file's bytes, both coded and fixed."""
+    from ..quantize.int8 import Int8Model, file_size
+
+    if isinstance(model, Int8Model):
+        n = file_size(model)
+        return {"coded": n, "fixed": n, "layers": {}, "graph_note": None}
     _, stats = encode_model(copy.deepcopy(model), graph=graph)
     fixed = 0
     layers: dict[str, int] = {}

@@ -18,19 +18,22 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import json
 import warnings
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ..config import Select
-from ..data import Data, batches, check_fits
+from ..data import Data, batches
 from ..errors import InputError, UsageError
 from ..meta import META_ATTR, get_meta
 
 INT8_KEY = "compress_int8"  # the table in an INT8 file: {"version", "backend", "observer", "input_shape"}
-OBSERVERS = ("minmax", "histogram")  # activation ranges: min-max, or the histogram's least-error range
+# activation ranges: the histogram's least-error range, min-max, or a percentile of each batch's values (averaged)
+OBSERVERS = ("histogram", "minmax", "percentile")
+PERCENTILE = 99.99
 CALIB_SAMPLES = 512
 BACKENDS = ("x86", "qnnpack")  # x86 CPUs (fbgemm / oneDNN); ARM (phones, Apple silicon, Raspberry Pi): QNNPACK
 
@@ -54,46 +57,114 @@ def _quiet():
         yield
 
 
-def _qconfig_mapping(observer: str, keep_float: tuple[str, ...] = (), engine: str = "x86"):
-    from torch.ao.quantization import QConfig, get_default_qconfig_mapping
+@functools.cache
+def _percentile_observer_class():
+    """torch.ao's MinMaxObserver with the range from percentiles (TensorRT's "percentile" calibration): per
+    batch, the ``100 - p`` and ``p`` percentiles of the values (of at most 2^20 evenly strided ones), averaged
+    over batches; outliers beyond them saturate instead of stretching the grid for everything else. Made on
+    first use: torch.ao loads lazily."""
     from torch.ao.quantization.observer import MinMaxObserver
 
-    mapping = get_default_qconfig_mapping(engine)  # per-channel symmetric int8 weights (x86), uint8 activations
-    if observer == "minmax":
+    class _Percentile(MinMaxObserver):
+        def __init__(self, percentile: float = PERCENTILE, **kw):
+            super().__init__(**kw)
+            self.percentile = percentile
+            self.register_buffer("batches", torch.tensor(0))
+
+        def forward(self, x_orig):
+            if x_orig.numel() == 0:
+                return x_orig
+            x = x_orig.detach().float().flatten()
+            x = x[:: max(1, x.numel() >> 20)]
+            q = torch.tensor([1 - self.percentile / 100, self.percentile / 100], device=x.device)
+            lo, hi = torch.quantile(x, q)
+            n = int(self.batches)
+            if n == 0:
+                self.min_val.resize_(lo.shape)
+                self.max_val.resize_(hi.shape)
+                self.min_val.copy_(lo)
+                self.max_val.copy_(hi)
+            else:  # the running mean of the batches' percentiles
+                self.min_val.copy_(self.min_val + (lo - self.min_val) / (n + 1))
+                self.max_val.copy_(self.max_val + (hi - self.max_val) / (n + 1))
+            self.batches += 1
+            return x_orig
+
+    return _Percentile
+
+
+def _qconfig_mapping(observer: str, keep_float: tuple[str, ...] = (), engine: str = "x86", qat: bool = False,
+                     percentile: float = PERCENTILE):
+    """torch.ao's default mapping for ``engine`` (per-channel symmetric int8 weights, uint8 activations; with
+    ``qat`` fake-quantized for training), its activation observer replaced as ``observer`` says."""
+    from torch.ao.quantization import QConfig, get_default_qat_qconfig_mapping, get_default_qconfig_mapping
+    from torch.ao.quantization.observer import MinMaxObserver
+
+    if observer not in OBSERVERS:
+        raise UsageError(f"observer must be one of {', '.join(OBSERVERS)}, got {observer!r}")
+    if qat:  # moving-average ranges learned while training: the observer is the QAT flow's own
+        mapping = get_default_qat_qconfig_mapping(engine)
+    else:
+        mapping = get_default_qconfig_mapping(engine)
         weight = mapping.global_qconfig.weight if mapping.global_qconfig is not None else None
         # reduce_range as x86's default does (no overflow without VNNI); QNNPACK uses the full range
-        act = MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=engine == "x86")
-        mapping = mapping.set_global(QConfig(activation=act, weight=weight))
-    elif observer != "histogram":
-        raise UsageError(f"observer must be one of {', '.join(OBSERVERS)}, got {observer!r}")
+        if observer == "minmax":
+            act = MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=engine == "x86")
+            mapping = mapping.set_global(QConfig(activation=act, weight=weight))
+        elif observer == "percentile":
+            act = _percentile_observer_class().with_args(percentile=percentile, dtype=torch.quint8,
+                                                         reduce_range=engine == "x86")
+            mapping = mapping.set_global(QConfig(activation=act, weight=weight))
     for name in keep_float:  # these layers stay float: the graph dequantizes before them, quantizes after
         mapping = mapping.set_module_name(name, None)
     return mapping
 
 
-def float_layers(model: nn.Module, patterns) -> tuple[str, ...]:
-    """Names of the Conv/Linear layers that ``patterns`` (globs of layer names) keep in float; a pattern that
-    matches none is an error (``Select``'s rule)."""
-    if not patterns:
-        return ()
-    return tuple(sorted(n for n, _ in Select(names=tuple(patterns), spare_first_last=False).layers(model)))
-
-
-def _skeleton(model: nn.Module, observer: str, input_shape, keep_float: tuple[str, ...] = (),
-              engine: str = "x86") -> torch.fx.GraphModule:
-    """The prepared (observed) FX model of ``model`` for ``engine``'s kernels: traced, fused, observers in place."""
-    from torch.ao.quantization.quantize_fx import prepare_fx
+def prepare(model: nn.Module, input_shape, observer: str = "histogram", keep_float: tuple[str, ...] = (),
+            engine: str = "x86", qat: bool = False, percentile: float = PERCENTILE) -> torch.fx.GraphModule:
+    """A copy of ``model`` prepared for ``engine``'s INT8 kernels: traced, conv-bn-relu fused, observers in place
+    (``qat``: fake-quantized in training mode, for quantization-aware training). ``keep_float``: layer names
+    left in float."""
+    from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
 
     if engine not in torch.backends.quantized.supported_engines:
         raise InputError(f"this model was made for {engine} INT8 kernels, which this PyTorch build lacks "
                          f"({', '.join(torch.backends.quantized.supported_engines)}); quantize it again here")
     torch.backends.quantized.engine = engine
     example = torch.zeros(tuple(input_shape))
+    mapping = _qconfig_mapping(observer, keep_float, engine, qat, percentile)
     try:
-        return prepare_fx(copy.deepcopy(model).eval(), _qconfig_mapping(observer, keep_float, engine), (example,))
+        with _quiet():
+            if qat:
+                return prepare_qat_fx(copy.deepcopy(model).cpu().train(), mapping, (example,))
+            return prepare_fx(copy.deepcopy(model).cpu().eval(), mapping, (example,))
     except (torch.fx.proxy.TraceError, TypeError, RuntimeError, NotImplementedError) as e:
         raise InputError(f"the model cannot be traced for INT8 execution ({str(e).splitlines()[0][:160]}); "
                          "keep it float, or use export --int8 (ONNX Runtime)") from e
+
+
+def calibrate(prepared: nn.Module, calib: Data, samples: int = CALIB_SAMPLES) -> int:
+    """Run up to ``samples`` samples of ``calib`` through ``prepared``'s observers; returns how many ran.
+    NaN or infinite inputs are refused (they would set every range they reach)."""
+    if calib is None or len(calib) == 0:
+        raise UsageError("INT8 activations need calibration data (--calib-data SPEC): none was given")
+    seen = 0
+    with _quiet(), torch.no_grad():
+        for x, _ in batches(calib, 64, torch.arange(min(samples, len(calib)))):
+            if not bool(torch.isfinite(x).all()):
+                raise InputError(f"calibration data {calib.name}: NaN or infinite values")
+            prepared(x.float())
+            seen += len(x)
+    return seen
+
+
+def convert(prepared: torch.fx.GraphModule, table: dict, float_model: nn.Module) -> "Int8Model":
+    """The INT8 model of a calibrated (or QAT-trained) prepared model; ``table`` says how it was made."""
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    with _quiet():
+        q = convert_fx(prepared.cpu().eval())
+    return Int8Model(q, {"version": 1, **table}, float_model).eval()
 
 
 class Int8Model(nn.Module):
@@ -107,7 +178,7 @@ class Int8Model(nn.Module):
         self.compress_int8 = dict(table)
         self.arch_cpz = arch_cpz if arch_cpz is not None else _arch_bytes(float_model)
         # the float model's metadata as it is (a file's may hold keys of a newer compress), and its input shape
-        setattr(self, META_ATTR, {**get_meta(float_model), "input_shape": list(table["input_shape"])})
+        setattr(self, META_ATTR, {**copy.deepcopy(get_meta(float_model)), "input_shape": list(table["input_shape"])})
 
     def architecture(self) -> nn.Module:
         """The float architecture (zero weights): for counting its parameters and MACs."""
@@ -115,35 +186,21 @@ class Int8Model(nn.Module):
 
         return decode_model(self.arch_cpz)
 
+    def nonzeros(self) -> int:
+        """Nonzero weights and biases of its INT8 layers (a pruned weight's integer is 0: its zero point)."""
+        n = 0
+        with _quiet():
+            for v in self.inner.state_dict().values():
+                for t in (v if isinstance(v, tuple) else (v,)):
+                    if isinstance(t, torch.Tensor) and t.is_quantized and t.qscheme() == torch.per_channel_affine:
+                        n += int(torch.count_nonzero(t.int_repr()))
+                    elif isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 1:
+                        n += int(torch.count_nonzero(t))
+        return n
+
     def forward(self, x):
         with _quiet():
             return self.inner(x.float())
-
-
-def to_int8(model: nn.Module, calib: Data, input_shape, observer: str = "histogram",
-            samples: int = CALIB_SAMPLES, keep_float=()) -> Int8Model:
-    """An INT8 copy of ``model`` calibrated on up to ``samples`` samples of ``calib`` (the model is unchanged);
-    ``keep_float``: globs of layer names left in float (a sensitive first or last layer)."""
-    from torch.ao.quantization.quantize_fx import convert_fx
-
-    if calib is None or len(calib) == 0:
-        raise UsageError("INT8 activations need calibration data (--calib-data SPEC): none was given")
-    check_fits(model, calib, labels_needed=False)  # the data's samples are what the model takes
-    kept = float_layers(model, keep_float)
-    engine = backend()
-    with _quiet():
-        prepared = _skeleton(model, observer, input_shape, kept, engine)
-        seen = 0
-        with torch.no_grad():
-            for x, _ in batches(calib, 64, torch.arange(min(samples, len(calib)))):
-                if not bool(torch.isfinite(x).all()):
-                    raise InputError(f"calibration data {calib.name}: NaN or infinite values")
-                prepared(x.float())
-                seen += len(x)
-        q = convert_fx(prepared)
-    table = {"version": 1, "backend": engine, "observer": observer, "input_shape": list(input_shape),
-             "calibration": f"{calib.name}, {seen} samples", "keep_float": list(kept)}
-    return Int8Model(q, table, model).eval()
 
 
 def _flat(key: str, v, out: dict) -> None:
@@ -217,7 +274,16 @@ def payload(model: Int8Model) -> dict[str, Any]:
     with _quiet():
         for k, v in model.inner.state_dict().items():
             _flat(k, v, flat)
-    return {INT8_KEY: dict(model.compress_int8), "int8_state": flat}
+    # the model's metadata (its history since the conversion too) as JSON text: the table holds plain values only
+    meta = json.dumps(get_meta(model), default=str)
+    return {INT8_KEY: {**model.compress_int8, "meta": meta}, "int8_state": flat}
+
+
+def file_size(model: Int8Model) -> int:
+    """The bytes of the file ``formats.save_model`` writes for ``model``."""
+    from ..io import wrapped_size
+
+    return wrapped_size(model.arch_cpz, payload(model))
 
 
 def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | None = None) -> Int8Model:
@@ -229,6 +295,8 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
     if not (isinstance(table, dict) and table.get("version") == 1 and table.get("backend") in BACKENDS
             and table.get("observer") in OBSERVERS and all(isinstance(v, (str, int, list)) for v in table.values())):
         raise InputError("INT8 file: its table is not one this compress writes")
+    table = dict(table)
+    meta = _meta(table.pop("meta", "{}"))
     shape = table.get("input_shape")
     if not (isinstance(shape, list) and 2 <= len(shape) <= 5 and all(isinstance(s, int) and 0 < s < 1 << 16
                                                                       for s in shape)):
@@ -242,7 +310,7 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
     if not set(kept) <= known:
         raise InputError("INT8 file: it keeps float a layer its architecture does not have")
     with _quiet():
-        q = convert_fx(_skeleton(float_model, table["observer"], shape, tuple(kept), table["backend"]))
+        q = convert_fx(prepare(float_model, shape, table["observer"], tuple(kept), table["backend"]))
         own = q.state_dict()
         expected: dict[str, torch.Tensor] = {}
         for k, v in own.items():
@@ -252,4 +320,23 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
         filled = type(own)((k, _unflat(k, v, state)) for k, v in own.items())
         filled._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]  # the modules' versions
         q.load_state_dict(filled)
-    return Int8Model(q, table, float_model.eval(), arch_cpz).eval()
+    model = Int8Model(q, table, float_model.eval(), arch_cpz).eval()
+    setattr(model, META_ATTR, {**get_meta(model), **meta})
+    return model
+
+
+MAX_META_CHARS = 1 << 20
+
+
+def _meta(text: Any) -> dict:
+    """The metadata an INT8 file's table carries: JSON text of a table (parsed as data; every field is checked
+    where it is read, ``meta.read_meta``)."""
+    if not isinstance(text, str) or len(text) > MAX_META_CHARS:
+        raise InputError("INT8 file: its metadata is not JSON text of a sensible size")
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser goes
+        raise InputError("INT8 file: its metadata is not JSON") from e
+    if not isinstance(meta, dict):
+        raise InputError("INT8 file: its metadata is not a table")
+    return meta

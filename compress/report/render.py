@@ -107,7 +107,8 @@ def before_after_rows(before: dict, after: dict) -> list[list]:
             change = "same"
         else:
             change = f"{b / a:.2f}x smaller" if a and b >= a else f"{a / max(b, 1):.2f}x larger"
-        rows.append([labels[k], b, a, change])
+        label = f"{labels[k]} ({after['test_data']})" if k == "test_accuracy" and after.get("test_data") else labels[k]
+        rows.append([label, b, a, change])  # every accuracy names its data (the title names the validation data)
     drift = after.get("drift")
     if drift:  # what the change did to the outputs, with data or without
         if drift["top1_agreement"] is not None:

@@ -10,7 +10,6 @@ from ..errors import InputError
 from ..formats import LoadOptions, kind
 from ..meta import read_meta
 from ..metrics import summarize
-from ..quantize.int8 import Int8Model
 from ..stages import Context
 
 
@@ -51,12 +50,6 @@ def model_report(path: str | os.PathLike, load: LoadOptions = LoadOptions(), dat
         model = load.load(path)
         shape = Context(val=ds, input_shape=load.input_shape).shape(model)
         rep = summarize(model, shape, ds, latency=latency, metric=metric)
-        if isinstance(model, Int8Model):  # its layers are INT8 kernels: the counts are the architecture's, as integers
-            arch_numbers = summarize(model.architecture(), shape, None, latency=False, layers=False)
-            rep.update({k: arch_numbers[k] for k in ("params", "dense_fp32_bytes", "macs")},
-                       nonzero_params=None, int8={**model.compress_int8, "executes": "INT8 weights and activations "
-                                                  f"(PyTorch {model.compress_int8['backend']} kernels); MACs are "
-                                                  "INT8 MACs"})
         meta = read_meta(model)
         if ds is not None:
             rep["accuracy_data"] = _data_label(model, str(data), ds, rep, metric)
