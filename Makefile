@@ -6,6 +6,9 @@ STAMP   := $(VENV)/.installed
 # torch is pinned here (not in pyproject) so a fresh machine takes the CPU build
 # that lies on disk instead of downloading a multi-GB CUDA build.
 TORCH   ?= torch==2.13.0
+# optional groups to install too: `make install EXTRAS=dev,openvino` adds OpenVINO (export --format openvino;
+# its tests skip without it)
+EXTRAS  ?= dev
 DEMO    := demo-out
 
 .PHONY: install demo test lint readme-check bench bench-fast bench-baseline clean
@@ -16,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	# real architectures for the tests, in pure PyTorch; its torchvision dependency serves one model only
 	$(BIN)/pip install -q --no-deps "pytorchcv==0.0.74"
 	touch $(STAMP)

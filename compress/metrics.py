@@ -163,7 +163,8 @@ def timing_threads() -> int:
 
 def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, threads: int | None = None,
                   dtype=None, raw: list | None = None) -> list[dict]:
-    """Per model (ms of one forward pass at ``batch``): ``ms``, the lowest median over blocks of 25
+    """Per model (a module, or any callable of a CPU tensor: an ONNX Runtime or OpenVINO session's runner) (ms of
+    one forward pass at ``batch``): ``ms``, the lowest median over blocks of 25
     consecutive runs -- the speed the machine sustains when undisturbed, the repeatable figure on a
     shared machine whose slow phases last seconds -- and the median and quartiles of all runs.
 
@@ -180,7 +181,8 @@ def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, thr
         m.eval()
     try:
         with torch.no_grad():
-            fns = [_timed(m, torch.randn((batch,) + tuple(input_shape[1:]), device=device_of(m)), dtype)
+            fns = [_timed(m, torch.randn((batch,) + tuple(input_shape[1:]),  # a runtime's callable: on the CPU
+                                         device=device_of(m) if isinstance(m, nn.Module) else "cpu"), dtype)
                    for m in models]
             per_run = sum(_warm_up(fn) for fn in fns)  # ms for one round over all models
             rounds = min(max(runs, int(1000 * timing_seconds() / max(per_run, 1e-3))), 10_000)
@@ -221,6 +223,16 @@ def latencies(models: list, input_shape, runs: int = 20) -> list[dict]:
         if len(models) == 2:
             outs[1].setdefault("speedup", {})[key] = speed_ratio(raw[0], raw[1])
     return outs
+
+
+def paired_speed(before, after, input_shape, batch: int = 32, runs: int = 10) -> dict[str, Any]:
+    """Two models (or runtimes' callables) timed interleaved at ``batch``: their ms, the speed-up of ``after`` with
+    its 95% interval, and the verdict that interval allows (``speed_change``)."""
+    raw: list = []
+    a, b = latency_stats([before, after], input_shape, batch, runs, raw=raw)
+    interval = speed_ratio(raw[0], raw[1])
+    return {"before_ms": a["ms"], "after_ms": b["ms"], "speedup": interval,
+            "verdict": speed_change(a["ms"], b["ms"], interval)}
 
 
 def speed_ratio(before: list[float], after: list[float]) -> list[float]:
