@@ -249,23 +249,61 @@ def extensions(by_name: dict) -> list[str]:
     return out
 
 
+def _kept(st: dict) -> str:
+    if st["kept"] is None:
+        return f"{st['stage']}: nothing"
+    if st["stage"] == "int8":
+        return "int8 PTQ" if not st["kept"] else f"int8 QAT {fmt(st['kept'])} epoch(s)"
+    return f"{st['stage']} {fmt(st['kept'])}"
+
+
 def int8(by_name: dict) -> list[str]:
     rows = [e for n, e in by_name.items() if n.startswith("test_int8_in_pytorch[")]
     if not rows:
         return []
-    return section(
-        "INT8 that PyTorch executes (bench/test_bench_int8.py)",
+    ov = any("ov_int8_ms_b32" in e for e in rows)
+    out = section(
+        "INT8 that PyTorch executes: accuracy (bench/test_bench_int8.py)",
         "`compress quantize --activations`: static INT8 through PyTorch's FX flow (x86 kernels, conv-bn-relu "
-        "fused, per-channel weights, activations calibrated on 512 mnist5k digits), beside ONNX Runtime's static "
-        f"INT8 of the same model. Accuracy on {rows[0]['eval_data']}; latency at batch 32 on this machine "
-        "(PyTorch: interleaved with FP32, 95% interval of the ratio; ORT: 2 threads). Memory: bytes of the tensors "
-        "the model holds while it runs; file: the INT8 .pt against the FP32 .pt.",
-        ["model", "FP32 %", "INT8 % (histogram)", "INT8 % (min-max)", "PyTorch FP32 → INT8 ms", "speed",
-         "ORT FP32 → INT8 ms", "ORT INT8 %", "memory", "file"],
+        "fused, per-channel int8 weights, per-tensor uint8 activations). Post-training (PTQ): activation ranges "
+        "from 512 mnist5k digits by each observer. Quantization-aware (QAT, `--epochs 1`): 1 epoch of "
+        "fake-quantized fine-tuning on the training split (batch-norm statistics and ranges frozen for the last "
+        f"30%), then converted. Accuracy on {rows[0]['eval_data']}; one run each.",
+        ["model", "FP32 %", "PTQ histogram %", "PTQ min-max %", "PTQ percentile %", "QAT 1 epoch %", "QAT s",
+         "ORT INT8 %"] + (["OpenVINO INT8 %"] if ov else []),
         [[e["case"], fmt(e["fp32_accuracy"]), fmt(e["int8_histogram_accuracy"]), fmt(e["int8_minmax_accuracy"]),
-          f"{fmt(e['fp32_ms_b32'])} → {fmt(e['int8_ms_b32'])}", e["verdict"],
-          f"{fmt(e['ort_fp32_ms_b32'])} → {fmt(e['ort_int8_ms_b32'])}", fmt(e["ort_int8_accuracy"]),
-          f"{e['memory_ratio']:.2f}x", f"{e['file_ratio']:.2f}x"] for e in rows])
+          fmt(e.get("int8_percentile_accuracy")), fmt(e.get("int8_qat_accuracy")), fmt(e.get("qat_seconds"), 1),
+          fmt(e["ort_int8_accuracy"])] + ([fmt(e.get("ov_int8_accuracy"))] if ov else []) for e in rows])
+    out += section(
+        "INT8 that PyTorch executes: speed, memory, file (bench/test_bench_int8.py)",
+        "Latency at batch 32 on this machine with 2 threads: PyTorch FP32 and INT8 (PTQ histogram) interleaved, "
+        "with the 95% interval of the ratio; ONNX Runtime (static QDQ of the same model) and OpenVINO (the same "
+        "two ONNX files as IR, FP32 run in f32) timed each alone, medians. Memory: bytes of the tensors the model "
+        "holds while it runs; file: the INT8 .pt against the FP32 .pt.",
+        ["model", "PyTorch FP32 → INT8 ms", "speed", "ORT FP32 → INT8 ms"]
+        + (["OpenVINO FP32 → INT8 ms", "OpenVINO INT8 layers"] if ov else []) + ["memory", "file"],
+        [[e["case"], f"{fmt(e['fp32_ms_b32'])} → {fmt(e['int8_ms_b32'])}", e["verdict"],
+          f"{fmt(e['ort_fp32_ms_b32'])} → {fmt(e['ort_int8_ms_b32'])}"]
+         + ([f"{fmt(e.get('ov_fp32_ms_b32'))} → {fmt(e.get('ov_int8_ms_b32'))}",
+             "{} of {}".format(*e.get("ov_int8_int8_layers", ["-", "-"]))] if ov else [])
+         + [f"{e['memory_ratio']:.2f}x", f"{e['file_ratio']:.2f}x"] for e in rows])
+    pipes = [e for n, e in by_name.items() if n.startswith("test_pipeline_with_an_int8_stage[")]
+    if pipes:
+        out += section(
+            "The pipeline chooses INT8 (bench/test_bench_int8.py)",
+            "`compress pipeline` with an `int8` stage (`finetune = { epochs = [0, 1] }`: PTQ first, one epoch of QAT "
+            f"only if PTQ misses) under a {fmt(pipes[0]['budget_pt'], 1)} pt budget judged on the held-out split "
+            f"(drop + 1 SE); test accuracy on {pipes[0]['eval_data']}; latency of the input FP32 model and the "
+            "result at batch 32, interleaved, 95% interval; ratio: FP32 bytes over the INT8 file.",
+            ["pipeline", "stages kept", "int8 candidates (validation %, verdict)", "test % before → after", "MACs",
+             "ratio", "FP32 → result ms", "speed"],
+            [[e["case"], ", ".join(_kept(st) for st in e["stages"]),
+              "; ".join(f"{'PTQ' if not t['qat_epochs'] else 'QAT'}: {fmt(t['accuracy'])} {t['verdict'].split(':')[0]}"
+                        for t in e["int8_tried"]),
+              f"{fmt(e['test_before'])} → {fmt(e['test_after'])}", f"{e['macs_fraction']:.2f}x",
+              f"{fmt(e['ratio'])}x", f"{fmt(e['fp32_ms_b32'])} → {fmt(e['final_ms_b32'])}", e["verdict"]]
+             for e in pipes])
+    return out
 
 
 def main(src: str, dst: str) -> None:

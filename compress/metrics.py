@@ -287,8 +287,7 @@ def summarize(model: nn.Module, input_shape, data=None, latency: bool = True,
     from .train import evaluate, resolve_metric
 
     int8 = model if isinstance(model, Int8Model) else None  # INT8 kernels: the architecture's counts, as integers
-    counted = int8.architecture() if int8 is not None else model
-    params = count_params(counted)
+    params = int8.params if int8 is not None else count_params(model)
     out: dict[str, Any] = {"params": params, "dense_fp32_bytes": params * 4,
                            "nonzero_params": int8.nonzeros() if int8 is not None else count_nonzero(model)}
     if int8 is not None:
@@ -296,7 +295,7 @@ def summarize(model: nn.Module, input_shape, data=None, latency: bool = True,
         out["int8"] = {**t, "executes": f"INT8 weights and activations (PyTorch {t['backend']} kernels); MACs are "
                                         "INT8 MACs"}
     if input_shape is not None:  # weight-only numbers otherwise
-        out.update(macs=count_macs(counted, input_shape), input_shape=list(input_shape))
+        out.update(macs=count_macs(model, input_shape) if int8 is None else int8.macs, input_shape=list(input_shape))
     if data is not None:
         from .data import check_fits
 

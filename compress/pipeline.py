@@ -158,9 +158,8 @@ def _point(label: str, model: nn.Module, nbytes: int, accuracy: float, ctx: Cont
     from .quantize.int8 import Int8Model
 
     if isinstance(model, Int8Model):  # INT8 kernels: the architecture's counts, its INT8 weights' nonzeros
-        arch = model.architecture()
-        p = {"stage": label, "bytes": nbytes, "accuracy": round(accuracy, 3), "params": count_params(arch),
-             "nonzeros": model.nonzeros(), "macs": count_macs(arch, ctx.input_shape), "int8": True}
+        p = {"stage": label, "bytes": nbytes, "accuracy": round(accuracy, 3), "params": model.params,
+             "nonzeros": model.nonzeros(), "macs": model.macs, "int8": True}
     else:
         p = {"stage": label, "bytes": nbytes, "accuracy": round(accuracy, 3), "params": count_params(model),
              "nonzeros": count_nonzero(model), "macs": count_macs(model, ctx.input_shape)}

@@ -179,12 +179,12 @@ class Int8Model(nn.Module):
         self.arch_cpz = arch_cpz if arch_cpz is not None else _arch_bytes(float_model)
         # the float model's metadata as it is (a file's may hold keys of a newer compress), and its input shape
         setattr(self, META_ATTR, {**copy.deepcopy(get_meta(float_model)), "input_shape": list(table["input_shape"])})
+        from ..metrics import count_macs, count_params
 
-    def architecture(self) -> nn.Module:
-        """The float architecture (zero weights): for counting its parameters and MACs."""
-        from ..coding.container import decode_model
-
-        return decode_model(self.arch_cpz)
+        # its parameters and MACs are the float architecture's (as integers), counted while it is at hand: decoding
+        # the architecture again may need the user's --arch
+        self.params = count_params(float_model)
+        self.macs = count_macs(float_model, table["input_shape"])
 
     def nonzeros(self) -> int:
         """Nonzero weights and biases of its INT8 layers (a pruned weight's integer is 0: its zero point)."""
