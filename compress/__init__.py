@@ -38,7 +38,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'compress' has no attribute {name!r}")
 
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "ChannelUnionConfig", "CompressError", "Config", "Context", "FactorizeConfig", "FineTune", "FormatError",

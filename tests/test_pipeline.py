@@ -334,3 +334,12 @@ def test_old_recipe_words_still_read_with_a_warning_naming_the_new_ones():
         Recipe.from_dict({"stage": [{"method": "int8", "bits": 8}]})
     with pytest.raises(Exception, match="method only"):
         Recipe.from_dict({"stage": [{"type": "threshold", "method": "threshold"}]})
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "docs/recipes").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_documented_recipe_reads(path):
+    from compress.recipe import Recipe
+
+    recipe = Recipe.load(path)
+    assert recipe.stages and all(st.candidates for st in recipe.stages)
