@@ -308,8 +308,8 @@ def save_wrapped(blob: bytes, path: str | os.PathLike, force: bool = False, extr
     weights once, readable by ``torch.load(weights_only=True)`` and by compress without trust.
     ``extra``: the INT8 table and state of an INT8 model (``INT8_KEYS``), tensors and plain values."""
     path = Path(path)
-    with atomic_write(path, force) as tmp:
-        torch.save(_wrapped(blob, extra), tmp)
+    with atomic_write(path, force) as tmp, open(tmp, "wb") as f:
+        torch.save(_wrapped(blob, extra), f)  # a file object: the archive's inner names do not depend on the path's
     return path
 
 

@@ -9,59 +9,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .counting import _run_checked, count_macs, count_nonzero, count_params  # noqa: F401  (metrics' names too)
 from .distributed import device_of
-from .errors import InputError, first_line
 from .quant_state import get_state
 
 log = logging.getLogger(__name__)
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_nonzero(model: nn.Module) -> int:
-    return sum(int(torch.count_nonzero(p)) for p in model.parameters())
-
-
-def _run_checked(model, x):
-    try:
-        with torch.no_grad():
-            return model(x)
-    except Exception as e:
-        msg = first_line(e)
-        raise InputError(f"input of shape {tuple(x.shape)} does not fit the model: {msg}") from e
-
-
-def _sdpa_cpu_flops(q, k, v, *args, out_shape=None, **kw) -> int:
-    """FLOPs of CPU scaled-dot-product attention: Q K^T and (softmax) V, two batched matmuls."""
-    *batch, length, dim = q
-    s, dv = k[-2], v[-1]
-    n = 1
-    for b in batch:
-        n *= b
-    return 2 * n * length * s * dim + 2 * n * length * s * dv
-
-
-def count_macs(model: nn.Module, input_shape) -> int:
-    """Multiply-accumulates of one sample (torch.utils.flop_counter FLOPs / 2). MultiheadAttention's
-    fused fast path (taken under no_grad) is switched off while counting: its one kernel is invisible
-    to the counter, which undercounted a ViT-B/16 by a third."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.zeros(input_shape, device=device_of(model))
-    model.eval()
-    counter = FlopCounterMode(display=False, custom_mapping={
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops})
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with counter:
-            _run_checked(model, x)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
-    return int(counter.get_total_flops() // 2 // input_shape[0])
 
 
 def layer_table(model: nn.Module, input_shape) -> list[dict[str, Any]]:

@@ -48,26 +48,49 @@ def test_int8_file_is_data_reloads_without_trust_and_is_small(lenet5_trained, mn
         save_model(q, tmp_path / "q.cpz")
 
 
-@pytest.mark.parametrize("damage", ["drop", "shape", "table", "extra", "engine"])
+@pytest.mark.parametrize("damage", ["drop", "shape", "table", "extra", "engine", "offset", "dtype", "index"])
 def test_a_damaged_int8_file_is_refused(lenet5_trained, mnist_small, tmp_path, damage, cli):
     tr, _ = mnist_small
     save_model(to_int8(lenet5_trained, tr, (1, 1, 28, 28)), tmp_path / "q.pt")
     obj = torch.load(tmp_path / "q.pt", weights_only=True)
-    key = next(k for k in obj["int8_state"] if k.endswith("#int"))
+    index, state = obj[INT8_KEY]["index"], obj["int8_state"]
+    row = next(r for r in index if r[0].endswith("#int"))
     if damage == "drop":
-        del obj["int8_state"][key]
+        index.remove(row)
     elif damage == "shape":
-        obj["int8_state"][key] = obj["int8_state"][key][:1]
+        row[2] = [1]
     elif damage == "table":
         obj[INT8_KEY]["backend"] = "os.system"
     elif damage == "engine":  # made for other kernels: its state does not fit what this build rebuilds
         obj[INT8_KEY]["backend"] = "qnnpack"
+    elif damage == "offset":  # a row that points past its buffer: refused before it is sliced
+        row[3] = len(state[row[1]])
+    elif damage == "dtype":
+        state["int8"] = state["int8"].float()
+    elif damage == "index":
+        obj[INT8_KEY]["index"] = "conv1"
     else:
-        obj["int8_state"]["conv1.weight#int_extra"] = torch.zeros(1)
+        index.append(["conv1.weight#int_extra", "int8", [1], 0])
     torch.save(obj, tmp_path / "bad.pt")
     with pytest.raises(InputError, match="INT8 file"):
         load_model(tmp_path / "bad.pt")
     assert one_line_error(cli("report", tmp_path / "bad.pt", "--input-shape", "1,1,28,28"))
+
+
+def test_an_int8_file_of_the_first_layout_still_loads(lenet5_trained, mnist_small, tmp_path):
+    """Version 1 stored one tensor per entry (zero points as int64); version 2 packs them by dtype."""
+    from compress.quantize.int8 import _unpack
+
+    tr, va = mnist_small
+    q = to_int8(lenet5_trained, tr, (1, 1, 28, 28))
+    save_model(q, tmp_path / "q.pt")
+    obj = torch.load(tmp_path / "q.pt", weights_only=True)
+    flat = _unpack(obj["int8_state"], obj[INT8_KEY].pop("index"))
+    obj["int8_state"] = {k: v.long() if k.endswith("#zero_points") else v.clone() for k, v in flat.items()}
+    obj[INT8_KEY]["version"] = 1
+    torch.save(obj, tmp_path / "v1.pt")
+    x = va.batch(torch.arange(16))[0]
+    assert torch.equal(load_model(tmp_path / "v1.pt")(x), q(x))
 
 
 def test_bad_calibration_data_is_one_line(lenet5_trained, cli, tmp_path):

@@ -27,7 +27,7 @@ from typing import Callable, NoReturn
 import torch
 import torch.nn as nn
 
-from ..errors import FormatError, InputError, first_line, safe
+from ..errors import FormatError, InputError, UsageError, first_line, safe
 from ..fileio import atomic_write
 from ..masks import remove_masks
 from ..meta import META_ATTR, get_meta, read_meta
@@ -74,6 +74,8 @@ def encode_model(model: nn.Module, graph: bool = False, input_shape=None) -> tup
     ``stats["graph_bytes"]`` is what it costs, ``stats["graph_note"]`` why there is none."""
     if isinstance(model, torch.jit.ScriptModule):
         raise InputError("TorchScript models cannot be stored in a .cpz; pass the nn.Module")
+    if not getattr(type(model), "cpz_storable", True):  # quantize.int8.Int8Model: packed INT8 kernels, not tensors
+        raise UsageError("an INT8 model is saved as a .pt (save_model; its architecture travels inside as a .cpz)")
     remove_masks(model)
     doc, note = _graph_of(model, graph, input_shape)
     try:
