@@ -287,6 +287,18 @@ def int8(by_name: dict) -> list[str]:
          + ([f"{fmt(e.get('ov_fp32_ms_b32'))} → {fmt(e.get('ov_int8_ms_b32'))}",
              "{} of {}".format(*e.get("ov_int8_int8_layers", ["-", "-"]))] if ov else [])
          + [f"{e['memory_ratio']:.2f}x", f"{e['file_ratio']:.2f}x"] for e in rows])
+    peers = [e for n, e in by_name.items() if n.startswith("test_int8_pt2e_peer[")]
+    if peers:
+        out += section(
+            "INT8 in PyTorch: compress's FX flow beside PT2E + inductor (bench/test_bench_int8.py)",
+            "The flow PyTorch now points to, as a peer: torchao 0.18's PT2E (`torch.export`, X86InductorQuantizer, "
+            "512 calibration digits) compiled by `torch.compile` with freezing, beside compress's FX INT8 "
+            f"(histogram) of the same model. Accuracy on {peers[0]['eval_data']}; latency at batch 32, 2 threads, "
+            "interleaved, 95% interval; compile: seconds of the first call at batch 32 (every new shape compiles "
+            "again; a compiled model is code and is not saved).",
+            ["model", "FX INT8 %", "PT2E INT8 %", "FX ms", "PT2E compiled ms", "PT2E vs FX", "compile s"],
+            [[e["case"], fmt(e["fx_accuracy"]), fmt(e["pt2e_accuracy"]), fmt(e["fx_ms_b32"]), fmt(e["pt2e_ms_b32"]),
+              e["pt2e_vs_fx"], fmt(e["compile_s_batch_32"], 1)] for e in peers])
     pipes = [e for n, e in by_name.items() if n.startswith("test_pipeline_with_an_int8_stage[")]
     if pipes:
         out += section(

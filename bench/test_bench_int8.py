@@ -156,3 +156,64 @@ def test_pipeline_with_an_int8_stage(benchmark, eval_sets, name):
         "fp32_ms_b32": fp["batch_32"], "final_ms_b32": i8["batch_32"],
         "verdict": speed_change(fp["batch_32"], i8["batch_32"], i8["speedup"]["batch_32"])})
     assert isinstance(q, Int8Model) == (int8["kept"] is not None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_int8_pt2e_peer(benchmark, eval_sets, name):
+    """The flow PyTorch now points to (torchao's PT2E: torch.export, X86InductorQuantizer, torch.compile with
+    freezing) beside compress's FX INT8 of the same model: accuracy, compile time, latency interleaved. A peer
+    measurement only (torchao is not a dependency; skipped without it)."""
+    pytest.importorskip("torchao")
+    import warnings
+
+    import torch._inductor.config as inductor_config
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    build, chan = CASES[name]
+    model = build().eval()
+    shape = (1, 3 if chan else 1, 32, 32)
+    d = mnist_test_dir()
+    test = data_mod.load(f"{d}?size=32{chan}") if d is not None else \
+        data_mod.split(data_mod.load(f"mnist5k?size=32{chan}"), VAL_FRACTION, seed=0)[1]
+    calib = data_mod.load(f"mnist5k?size=32&limit=512{chan}")
+    fx = to_int8(model, calib, shape)
+    info: dict = {"case": name, "eval_data": eval_sets[32][1], "fx_accuracy": round(evaluate(fx, test), 2)}
+    made: dict = {}
+
+    def lower():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            batch = torch.export.Dim("batch", max=1024)
+            ep = torch.export.export(copy.deepcopy(model), (torch.zeros(2, *shape[1:]),),
+                                     dynamic_shapes=({0: batch},)).module()
+            quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+            prepared = prepare_pt2e(ep, quantizer)
+            with torch.no_grad():
+                for i in range(0, 512, 64):
+                    prepared(calib.batch(torch.arange(i, i + 64))[0])
+            made["q"] = convert_pt2e(prepared)
+            allow_exported_model_train_eval(made["q"])  # evaluate() and the timer call .eval()
+            inductor_config.freezing = True  # weights folded as constants: what the x86 INT8 kernels need
+            t0 = time.perf_counter()
+            made["compiled"] = torch.compile(made["q"], dynamic=False)
+            with torch.no_grad():
+                made["compiled"](torch.zeros(32, *shape[1:]))
+            made["compile_s"] = round(time.perf_counter() - t0, 1)
+
+    try:
+        once(benchmark, lower)
+        with torch.no_grad():
+            info["pt2e_accuracy"] = round(evaluate(made["q"], test), 2)  # the converted graph, uncompiled
+        info["compile_s_batch_32"] = made["compile_s"]
+        with warnings.catch_warnings():  # batch 1 recompiles once (dynamic=False); inductor's own warnings
+            warnings.simplefilter("ignore")
+            fx_ms, pt2e_ms = latencies([fx, made["compiled"]], shape)
+        info["fx_ms_b32"], info["pt2e_ms_b32"] = fx_ms["batch_32"], pt2e_ms["batch_32"]
+        info["pt2e_vs_fx"] = speed_change(fx_ms["batch_32"], pt2e_ms["batch_32"], pt2e_ms["speedup"]["batch_32"])
+    finally:
+        inductor_config.freezing = False
+    benchmark.extra_info.update(info)
+    assert info["pt2e_accuracy"] >= info["fx_accuracy"] - 1.0
