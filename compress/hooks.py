@@ -18,14 +18,18 @@ reconfigures every ``interval`` steps (BatchNorm statistics re-estimated first, 
 ``Context(train=...)`` if you give it, else on the last batch it saw); ``step(lr)`` returns True
 when the architecture changed: rebuild your optimizer (and re-wrap DDP) around ``pruner.model``.
 ``Quantizer`` with ``scheme="kmeans"`` trains shared centroids: give ``quantizer.parameters()`` to
-your optimizer. Every decision is a deterministic function of the weights, so under DDP (whose
-gradients are all-reduced) every rank makes the same one; write files from rank 0 only.
+your optimizer. ``Int8Lowering`` with ``Int8Config(finetune=FineTune(epochs=N))`` is quantization-aware
+training: after ``attach()`` train ``lowering.model`` (the fake-quantized copy) with your loop, calling
+``lowering.step()`` after each optimizer step (batch-norm statistics and ranges freeze on schedule), and
+``finalize()`` returns the ``Int8Model`` PyTorch runs as integers. Every decision is a deterministic
+function of the weights, so under DDP (whose gradients are all-reduced) every rank makes the same one;
+write files from rank 0 only.
 """
 from __future__ import annotations
 
 from .prune.channel_union import ChannelUnionPruner
 from .prune.threshold import ThresholdPruner
-from .quantize import Quantizer
+from .quantize import Int8Lowering, Quantizer
 from .stages import Context, Method
 
-__all__ = ["ChannelUnionPruner", "Context", "Method", "Quantizer", "ThresholdPruner"]
+__all__ = ["ChannelUnionPruner", "Context", "Int8Lowering", "Method", "Quantizer", "ThresholdPruner"]

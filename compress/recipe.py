@@ -153,7 +153,10 @@ class Recipe:
         stages = d.get("stage")
         if not isinstance(stages, list) or not stages:
             raise UsageError(f"{where} needs at least one [[stage]]")
-        return cls(tuple(Stage.from_dict(s, f"{where} stage {i + 1}") for i, s in enumerate(stages)),
+        parsed = tuple(Stage.from_dict(s, f"{where} stage {i + 1}") for i, s in enumerate(stages))
+        if any(st.name == "int8" for st in parsed[:-1]):  # its result runs integer kernels no method changes
+            raise UsageError(f"{where}: int8 must be the last stage (methods change float models)")
+        return cls(parsed,
                    _number(d, "max_accuracy_drop", 0.0, 100.0, where), _number(d, "confidence", 0.0, 10.0, where),
                    _number(d, "val_fraction", 0.01, 0.9, where))
 

@@ -171,6 +171,9 @@ class Method:
     def __init__(self, model: nn.Module, config: Config, ctx: Context | None = None):
         if is_layerless(model):
             raise graph_only(model, "changes models through their layers")
+        if getattr(type(model), "int8_kernels", False):  # quantize.int8.Int8Model
+            raise UsageError("this is an INT8 model: its layers are integer kernels no method changes; prune, "
+                             "factorize or quantize the float model before its int8 stage")
         self.model, self.config, self.ctx = model, config, ctx or Context()
         self.teacher = None
         if config.finetune.distill and config.finetune.epochs > 0:  # the input model, before any change

@@ -234,3 +234,19 @@ def test_a_recipe_with_an_int8_stage_writes_a_pt(lenet5_trained, cli, tmp_path):
     r = cli("pipeline", tmp_path / "m.pt", "--train-data", "mnist5k?limit=300", "--recipe", tmp_path / "r.toml",
             "-o", tmp_path / "out.cpz")
     assert one_line_error(r) and "NAME.pt" in r.err
+
+
+def test_no_method_changes_an_int8_model_and_int8_ends_a_recipe(lenet5_trained, mnist_small, tmp_path, cli):
+    from compress.prune import ThresholdConfig
+    from compress.recipe import Recipe
+    from compress.stages import prune_
+
+    tr, _ = mnist_small
+    q = to_int8(lenet5_trained, tr, (1, 1, 28, 28))
+    with pytest.raises(UsageError, match="INT8 model"):
+        prune_(q, ThresholdConfig(sparsity=0.5))
+    save_model(q, tmp_path / "q.pt")
+    r = cli("prune", tmp_path / "q.pt", "--sparsity", "0.5", "--epochs", "0", "-o", tmp_path / "p.pt")
+    assert one_line_error(r) and "INT8 model" in r.err
+    with pytest.raises(UsageError, match="last stage"):
+        Recipe.from_dict({"stage": [{"method": "int8"}, {"method": "quantize", "bits": 4}]})

@@ -74,7 +74,7 @@ def encode_model(model: nn.Module, graph: bool = False, input_shape=None) -> tup
     ``stats["graph_bytes"]`` is what it costs, ``stats["graph_note"]`` why there is none."""
     if isinstance(model, torch.jit.ScriptModule):
         raise InputError("TorchScript models cannot be stored in a .cpz; pass the nn.Module")
-    if not getattr(type(model), "cpz_storable", True):  # quantize.int8.Int8Model: packed INT8 kernels, not tensors
+    if getattr(type(model), "int8_kernels", False):  # quantize.int8.Int8Model: packed INT8 kernels, not tensors
         raise UsageError("an INT8 model is saved as a .pt (save_model; its architecture travels inside as a .cpz)")
     remove_masks(model)
     doc, note = _graph_of(model, graph, input_shape)

@@ -173,7 +173,9 @@ class Int8Model(nn.Module):
     ``arch_cpz`` is its float architecture (weights zeroed) as .cpz bytes, what its file stores and rebuilds
     it from -- a few kilobytes, so no float copy of the weights stays in memory."""
 
-    cpz_storable = False  # its packed INT8 kernels are not tensors a .cpz holds: ``coding.container`` refuses it
+    # its layers are packed INT8 kernels: a .cpz cannot hold them (``coding.container`` refuses it) and no method
+    # can change them (``stages.Method`` refuses it)
+    int8_kernels = True
 
     def __init__(self, inner: nn.Module, table: dict, float_model: nn.Module, arch_cpz: bytes | None = None):
         super().__init__()
