@@ -96,13 +96,9 @@ def onnx_latency_ms(sess, input_shape, batch: int, runs: int = 20) -> float:
 
 def onnx_accuracy(sess, data) -> float:
     """Top-1 accuracy (%) of an ONNX Runtime session on ``data``, read in batches."""
-    from .data import batches, eval_batch_size
+    from .train import runtime_accuracy
 
-    right = total = 0
-    for x, y in batches(data, eval_batch_size(data)):
-        right += int((run_onnx(sess, x.numpy()).argmax(1) == y.numpy()).sum())
-        total += len(y)
-    return 100.0 * right / max(total, 1)
+    return runtime_accuracy(lambda x: run_onnx(sess, x), data)
 
 
 class _Calib:

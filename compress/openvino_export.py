@@ -105,13 +105,9 @@ def integer_layers(compiled) -> tuple[int, int]:
 
 def accuracy(compiled, data) -> float:
     """Top-1 accuracy (%) of a compiled model on ``data``, read in batches."""
-    from .data import batches, eval_batch_size
+    from .train import runtime_accuracy
 
-    right = total = 0
-    for x, y in batches(data, eval_batch_size(data)):
-        right += int((run(compiled, x.numpy()).argmax(1) == y.numpy()).sum())
-        total += len(y)
-    return 100.0 * right / max(total, 1)
+    return runtime_accuracy(lambda x: run(compiled, x), data)
 
 
 def write(onnx_path, path, reference, input_shape, *, check_tol: float | None, force: bool = False,
