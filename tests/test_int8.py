@@ -123,9 +123,16 @@ def test_cli_prints_before_and_after(lenet5_trained, cli, tmp_path):
     assert r.code == 0 and "INT8 weights and activations" in r.out
 
 
-@pytest.mark.parametrize("spec,size", [("pytorchcv.models.resnet_cifar:resnet20_cifar10", 32),
-                                       ("pytorchcv.models.mobilenetv2:mobilenetv2_w1", 224)])  # residual; depthwise
-def test_real_architectures_lower_to_int8(spec, size):
+@pytest.mark.parametrize("spec,size", [
+    ("pytorchcv.models.resnet_cifar:resnet20_cifar10", 32),          # residual
+    ("pytorchcv.models.mobilenetv2:mobilenetv2_w1", 224),            # depthwise, inverted residual
+    ("pytorchcv.models.seresnet_cifar:seresnet20_cifar10", 32),      # squeeze-excitation
+    ("pytorchcv.models.densenet_cifar:densenet40_k12_cifar10", 32),  # dense concatenation
+    ("pytorchcv.models.shufflenetv2:shufflenetv2_wd2", 224),         # channel shuffle, grouped
+    ("pytorchcv.models.resnext_cifar:resnext20_16x4d_cifar10", 32),  # grouped convolutions
+    ("pytorchcv.models.mobilenetv3:mobilenetv3_small_w7d20", 224),   # hard-swish, SE with hard-sigmoid
+])
+def test_real_architectures_lower_to_int8_and_reload_with_their_code(spec, size, tmp_path):
     mod, fn = spec.split(":")
     torch.manual_seed(0)
     m = getattr(importlib.import_module(mod), fn)(num_classes=10).eval()
@@ -135,7 +142,12 @@ def test_real_architectures_lower_to_int8(spec, size):
     assert len(_quantized_layers(q)) > 10
     x = torch.rand(2, 3, size, size)
     with torch.no_grad():
-        assert q(x).shape == m(x).shape
+        out = q(x)
+    assert out.shape == m(x).shape
+    save_model(q, tmp_path / "q.pt")  # pytorchcv's classes: the file names them, --arch rebuilds them
+    with pytest.raises(InputError, match="--arch"):
+        load_model(tmp_path / "q.pt")
+    assert torch.equal(load_model(tmp_path / "q.pt", arch=spec)(x), out)
 
 
 def test_layers_kept_float_stay_float_and_the_file_says_so(lenet5_trained, mnist_small, tmp_path, cli):
