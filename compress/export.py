@@ -45,6 +45,7 @@ def to_onnx(model: nn.Module, path, input_shape, opset: int = 17) -> None:
 
     if is_layerless(model):
         raise graph_only(model, "exports ONNX from a model's layers")
+    _exportable(model)
     remove_masks(model)
     model.eval()
     x = torch.randn(tuple(input_shape))
@@ -61,6 +62,12 @@ def to_onnx(model: nn.Module, path, input_shape, opset: int = 17) -> None:
     import onnx
 
     onnx.checker.check_model(onnx.load(str(path)))
+
+
+def _exportable(model: nn.Module) -> None:
+    if getattr(type(model), "int8_kernels", False):  # quantize.int8.Int8Model
+        raise UsageError("this INT8 model runs PyTorch's own integer kernels; export its float model with --int8 "
+                         "for ONNX Runtime or OpenVINO INT8")
 
 
 def run_onnx(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -207,6 +214,7 @@ def export(model: nn.Module, path, input_shape, int8: bool = False, calib_data=N
     calib_data = None if calib_data is None else as_data(calib_data, "calibration data")
     eval_data = None if eval_data is None else as_data(eval_data, "evaluation data")
     step = on_step or (lambda text: None)
+    _exportable(model)
     if fmt not in ("onnx", "openvino"):
         raise UsageError(f"format must be onnx or openvino, got {fmt!r}")
     if fmt == "openvino":

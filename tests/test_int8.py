@@ -262,3 +262,13 @@ def test_no_method_changes_an_int8_model_and_int8_ends_a_recipe(lenet5_trained, 
     assert one_line_error(r) and "INT8 model" in r.err
     with pytest.raises(UsageError, match="last stage"):
         Recipe.from_dict({"stage": [{"method": "int8"}, {"method": "quantize", "bits": 4}]})
+
+
+def test_int8_outputs_are_refused_where_they_do_not_belong_before_any_work(lenet5_trained, mnist_small, cli, tmp_path):
+    tr, _ = mnist_small
+    save_model(lenet5_trained, tmp_path / "m.pt")
+    r = cli("quantize", tmp_path / "m.pt", "--activations", "--calib-data", "mnist5k?limit=64", "-o", tmp_path / "q.cpz")
+    assert r.code == 2 and "NAME.pt" in r.err and not (tmp_path / "q.cpz").exists()
+    save_model(to_int8(lenet5_trained, tr, (1, 1, 28, 28)), tmp_path / "q.pt")
+    r = cli("export", tmp_path / "q.pt", "-o", tmp_path / "q.onnx")
+    assert one_line_error(r) and "float model with --int8" in r.err and not (tmp_path / "q.onnx").exists()

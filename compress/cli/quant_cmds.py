@@ -59,6 +59,9 @@ def quantize(model: c.ModelArg, output: c.OutOpt,
                                      "leave --bits, --scheme, --per-tensor and --affine at their defaults")
         if not (calib_data or train_data):
             raise typer.BadParameter("--activations needs --calib-data (or --train-data) for the activation ranges")
+        if output.endswith(".cpz"):  # before the work, not after it
+            raise typer.BadParameter("an INT8 model is saved as a .pt (its architecture travels inside as a .cpz): "
+                                     "give -o NAME.pt")
         from ..config import Select
         from ..quantize import Int8Config
 
