@@ -41,7 +41,8 @@ def quantize(model: c.ModelArg, output: c.OutOpt,
              no_latency: c.NoLatencyOpt = False, threads: c.ThreadsOpt = None, loss: c.LossOpt = None, val_data: c.ValDataOpt = None,
              metric: c.MetricOpt = None, workers: c.WorkersOpt = None, distill: c.DistillOpt = None,
              settings: c.SetOpt = None, force: c.ForceOpt = False):
-    """Quantize weights per channel (min-max, MMSE clipping) or by k-means weight sharing.
+    """Quantize weights (min-max, MMSE clipping, k-means sharing, powers of two: smaller file, same FP32 compute),
+    or with --activations lower the model to INT8 that PyTorch runs as integers (PTQ; QAT with --epochs).
 
     Examples:
 
