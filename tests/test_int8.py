@@ -272,3 +272,16 @@ def test_int8_outputs_are_refused_where_they_do_not_belong_before_any_work(lenet
     save_model(to_int8(lenet5_trained, tr, (1, 1, 28, 28)), tmp_path / "q.pt")
     r = cli("export", tmp_path / "q.pt", "-o", tmp_path / "q.onnx")
     assert one_line_error(r) and "float model with --int8" in r.err and not (tmp_path / "q.onnx").exists()
+
+
+def test_a_torch_without_the_fx_flow_gets_one_line_not_a_traceback(lenet5_trained, mnist_small, tmp_path, monkeypatch,
+                                                                   cli):
+    import sys
+
+    tr, _ = mnist_small
+    save_model(to_int8(lenet5_trained, tr, (1, 1, 28, 28)), tmp_path / "q.pt")
+    monkeypatch.setitem(sys.modules, "torch.ao.quantization.quantize_fx", None)  # as if a later torch removed it
+    with pytest.raises(UsageError, match="no FX INT8 flow"):
+        to_int8(lenet5_trained, tr, (1, 1, 28, 28))
+    r = cli("report", tmp_path / "q.pt", "--no-latency")
+    assert one_line_error(r) and "export --int8" in r.err

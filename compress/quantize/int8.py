@@ -39,8 +39,18 @@ CALIB_SAMPLES = 512
 BACKENDS = ("x86", "qnnpack")  # x86 CPUs (fbgemm / oneDNN); ARM (phones, Apple silicon, Raspberry Pi): QNNPACK
 
 
+def _require_fx() -> None:
+    """torch.ao's FX flow is deprecated in torch 2.13 (pytorch/pytorch#184982): a later torch may not have it."""
+    try:
+        import torch.ao.quantization.quantize_fx  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"this PyTorch ({torch.__version__}) has no FX INT8 flow (torch.ao.quantization); use "
+                         "export --int8 (ONNX Runtime or OpenVINO)") from e
+
+
 def backend() -> str:
     """The INT8 kernels this machine has: x86's where PyTorch ships them, else QNNPACK's."""
+    _require_fx()
     engines = torch.backends.quantized.supported_engines
     for b in BACKENDS:
         if b in engines:
@@ -339,6 +349,7 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
     """The INT8 model a file describes, from its float architecture (decoded from ``arch_cpz``, the file's bytes
     of it): prepared and converted by compress, then the file's INT8 state (checked: the same names and shapes)
     loaded into it."""
+    _require_fx()
     from torch.ao.quantization.quantize_fx import convert_fx
 
     if not (isinstance(table, dict) and table.get("version") in (1, FILE_VERSION) and table.get("backend") in BACKENDS
