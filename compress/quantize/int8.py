@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import importlib
 import json
 import warnings
 from typing import Any
@@ -42,7 +43,7 @@ BACKENDS = ("x86", "qnnpack")  # x86 CPUs (fbgemm / oneDNN); ARM (phones, Apple 
 def _require_fx() -> None:
     """torch.ao's FX flow is deprecated in torch 2.13 (pytorch/pytorch#184982): a later torch may not have it."""
     try:
-        import torch.ao.quantization.quantize_fx  # noqa: F401
+        importlib.import_module("torch.ao.quantization.quantize_fx")  # (an `import torch.ao...` here would bind torch)
     except ImportError as e:
         raise UsageError(f"this PyTorch ({torch.__version__}) has no FX INT8 flow (torch.ao.quantization); use "
                          "export --int8 (ONNX Runtime or OpenVINO)") from e
