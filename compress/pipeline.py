@@ -273,7 +273,8 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
             sizes, acc = measured
             res.update(bytes=sizes["coded"], accuracy=round(acc, 3), seconds=round(time.perf_counter() - t0, 2))
             quantized = stage.candidates[0].verb == "quantize"
-            label = "quantized" if quantized else "pruned" if stage.name == "threshold" else stage.name
+            label = "int8" if stage.name == "int8" else "quantized" if quantized else \
+                "pruned" if stage.name == "threshold" else stage.name
             if kept_model is None:  # the row shows the model as it stands, not a result of this stage
                 label = f"{stage.name}: nothing kept"
             timeline.append(_point(label, model, sizes["fixed"] if quantized else sizes["coded"], acc, ctx, test_data))
@@ -291,7 +292,8 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
                   if r["kept"] else None for r in results]}])
     set_meta(model, input_shape=list(ctx.input_shape))
     final = size_bytes(model, graph=True)  # with the history above: exactly the bytes save_model writes
-    timeline.append({**timeline[-1], "stage": "huffman coded", "bytes": final["coded"]})  # same weights, coded
+    last = "INT8 file" if getattr(type(model), "int8_kernels", False) else "huffman coded"  # same weights, as saved
+    timeline.append({**timeline[-1], "stage": last, "bytes": final["coded"]})
     summary = {"stopped": stop.reason, "budget_pt": budget, "confidence": z, "base_accuracy": round(base_acc, 3),
                "final_accuracy": round(timeline[-1]["accuracy"], 3), "dense_bytes": dense,
                "cpz_bytes": final["coded"], "ratio": round(dense / final["coded"], 2), "timeline": timeline,

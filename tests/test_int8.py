@@ -230,6 +230,7 @@ def test_pipeline_int8_stage_tries_qat_only_when_ptq_misses_the_budget(lenet5_tr
     tried = summary["stages"][0]["tried"]
     assert isinstance(q, Int8Model) and len(tried) == 1 and tried[0]["value"] == 0  # PTQ within budget: no QAT
     assert summary["timeline"][-1]["macs"] == summary["timeline"][0]["macs"]
+    assert [t["stage"] for t in summary["timeline"]] == ["dense fp32", "int8", "INT8 file"]
     assert summary["ratio"] > 3  # 4-byte floats -> 1-byte integers, with the file's own overhead
     x, y = tr.batch(torch.arange(len(tr)))
     x = x.clone()
