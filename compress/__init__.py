@@ -9,8 +9,9 @@ Public API (see README and docs/architecture.md)::
     compress.quantize_(model, compress.QuantConfig(bits=4, scheme="kmeans"), train)
     compress.save_model(model, "lenet5.cpz")
 
-Every verb takes a config of its own kind and changes the model in place; ``compress.run`` does
-the same and returns a ``StageResult`` with the numbers.
+Every verb takes a config of its own kind and changes the model in place (but for ``Int8Config``, whose
+``quantize_`` returns a new ``Int8Model`` that runs as integers); ``compress.run`` does the same and returns a
+``StageResult`` with the numbers.
 """
 import importlib
 

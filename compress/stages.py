@@ -283,7 +283,9 @@ def prune_(model: nn.Module, config: Config, train_data=None, val_data=None, *, 
 
 def quantize_(model: nn.Module, config: Config, train_data=None, val_data=None, *, ctx: Context | None = None
               ) -> nn.Module:
-    """Quantize weights in place with a ``QuantConfig``; returns the model for chaining."""
+    """Quantize weights in place with a ``QuantConfig``; returns the model for chaining. With an ``Int8Config``
+    the model is lowered to INT8 execution: the returned ``Int8Model`` is a new model (use it; the float model
+    given is left as it was)."""
     return run("quantize", model, config, _ctx(ctx, train_data, val_data, None)).model
 
 
