@@ -286,3 +286,48 @@ def test_a_torch_without_the_fx_flow_gets_one_line_not_a_traceback(lenet5_traine
         to_int8(lenet5_trained, tr, (1, 1, 28, 28))
     r = cli("report", tmp_path / "q.pt", "--no-latency")
     assert one_line_error(r) and "export --int8" in r.err
+
+
+def test_hand_written_hard_swish_runs_as_one_int8_op(tmp_path):
+    """pytorchcv's MobileNetV3 computes hard-swish as x * relu6(x + 3) / 6 in its own module: INT8 runs it as
+    torch's Hardswish (judged by what the module computes), so no intermediate of the formula is rounded."""
+    import torch.nn as nn
+    from pytorchcv.models.mobilenetv3 import mobilenetv3_small_w7d20
+
+    from compress.quantize import Int8Config
+    from compress.quantize.int8 import native_activations
+    from compress.stages import Context, run
+
+    torch.manual_seed(0)
+    m = mobilenetv3_small_w7d20(num_classes=10).eval()
+    hand = [n for n, mod in m.named_modules() if type(mod).__name__ in ("HSwish", "HSigmoid")]
+    probe = copy.deepcopy(m)
+    assert sorted(native_activations(probe)) == sorted(hand) and hand
+    assert not any(type(mod).__name__ in ("HSwish", "HSigmoid") for mod in probe.modules())
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(probe(x), m(x), atol=1e-5)  # the same function
+    assert native_activations(nn.Sequential(nn.ReLU(), nn.Dropout(), nn.Identity())) == []
+    calib = data_mod.TensorData(torch.rand(8, 3, 224, 224), torch.zeros(8, dtype=torch.long), "random")
+    res = run("quantize", m, Int8Config(), Context(train=calib))
+    kinds = {type(mod).__name__ for mod in res.model.inner.modules()}
+    assert "Hardswish" in kinds and any("hard-swish" in n for n in res.notes)
+    assert any(type(mod).__name__ == "HSwish" for mod in m.modules())  # the float model given is left as it was
+
+
+def test_a_file_made_before_the_activation_swap_rebuilds_as_it_was_made(tmp_path):
+    from pytorchcv.models.mobilenetv3 import mobilenetv3_small_w7d20
+
+    from compress.quantize import int8
+
+    torch.manual_seed(0)
+    m = mobilenetv3_small_w7d20(num_classes=10).eval()
+    calib = data_mod.TensorData(torch.rand(4, 3, 224, 224), torch.zeros(4, dtype=torch.long), "random")
+    prepared = int8.prepare(m, (1, 3, 224, 224), native=False)  # as compress 0.2 traced it: the formula itself
+    int8.calibrate(prepared, calib)
+    old = int8.convert(prepared, {"backend": "x86", "observer": "histogram", "input_shape": [1, 3, 224, 224],
+                                  "calibration": "random", "keep_float": []}, m)  # no "native_activations" key
+    save_model(old, tmp_path / "old.pt")
+    x = torch.rand(2, 3, 224, 224)
+    spec = "pytorchcv.models.mobilenetv3:mobilenetv3_small_w7d20"
+    assert torch.equal(load_model(tmp_path / "old.pt", arch=spec)(x), old(x))

@@ -123,13 +123,19 @@ class Int8Lowering(Method):
     def finalize(self) -> nn.Module:
         cfg = self.config
         table = {"backend": self.engine, "observer": cfg.observer, "input_shape": list(self.shape),
-                 "calibration": f"{self.calib.name}, {self.seen} samples", "keep_float": list(self.kept)}
+                 "calibration": f"{self.calib.name}, {self.seen} samples", "keep_float": list(self.kept),
+                 "native_activations": list(getattr(self.prepared, "native_activations", []))}
         if self.qat:
             table["qat"] = f"{cfg.finetune.epochs:g} epochs on {self.ctx.train.name}"
             table["calibration"] = f"moving averages over the QAT batches of {self.ctx.train.name}"
         q = int8.convert(self.prepared, table, self.float_model)
         if self.kept:
             self.notes.append(f"kept in float: {', '.join(self.kept)}")
+        swapped = getattr(self.prepared, "native_activations", [])
+        if swapped:
+            self.notes.append(f"{len(swapped)} hand-written hard-swish / hard-sigmoid modules run as torch's own "
+                              f"(one INT8 op each, not every step of the formula): {', '.join(swapped[:3])}"
+                              + (", ..." if len(swapped) > 3 else ""))
         self.layers = [{"name": n, "int8": n not in self.kept} for n, m in self.float_model.named_modules()
                        if isinstance(m, (nn.Conv2d, nn.Linear))]
         return q
