@@ -297,8 +297,9 @@ def int8(by_name: dict) -> list[str]:
             "interleaved, 95% interval; compile: seconds of the first call at batch 32 (every new shape compiles "
             "again; a compiled model is code and is not saved).",
             ["model", "FX INT8 %", "PT2E INT8 %", "FX ms", "PT2E compiled ms", "PT2E vs FX", "compile s"],
-            [[e["case"], fmt(e["fx_accuracy"]), fmt(e["pt2e_accuracy"]), fmt(e["fx_ms_b32"]), fmt(e["pt2e_ms_b32"]),
-              e["pt2e_vs_fx"], fmt(e["compile_s_batch_32"], 1)] for e in peers])
+            [[e["case"], fmt(e["fx_accuracy"]), fmt(e.get("pt2e_accuracy")), fmt(e.get("fx_ms_b32")),
+              fmt(e.get("pt2e_ms_b32")), e.get("pt2e_vs_fx", f"PT2E failed: {e.get('pt2e_error')}"),
+              fmt(e.get("compile_s_batch_32"), 1)] for e in peers])
     pipes = [e for n, e in by_name.items() if n.startswith("test_pipeline_with_an_int8_stage[")]
     if pipes:
         out += section(
