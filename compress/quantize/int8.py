@@ -1,13 +1,15 @@
 """Static INT8 that PyTorch executes as integers: weights per channel, activations per tensor, both calibrated.
 
-``to_int8(model, calib, input_shape)`` lowers a float model through PyTorch's own FX graph-mode quantization
-for the x86 backend (fbgemm / oneDNN kernels; conv-bn-relu fused; observers on calibration batches): its
-convs and linears then run INT8 on the CPU. compress writes no kernels.
+The pieces of the lowering (the ``int8`` method, ``int8_stage.py``, drives them): ``prepare`` traces a copy
+of the model through PyTorch's own FX graph-mode quantization for the x86 backend (fbgemm / oneDNN kernels;
+conv-bn-relu fused; observers, or fake quantization for QAT), ``calibrate`` runs calibration batches through
+its observers, ``convert`` makes the ``Int8Model`` whose convs and linears run INT8 on the CPU. compress writes
+no kernels.
 
 An INT8 model is an FX ``GraphModule`` -- generated code -- so it is never pickled. Its file holds data only:
-the float architecture with its weights zeroed as a .cpz (``compress_cpz``, a few KB), the INT8 state as plain
-tensors (each quantized tensor as its integers, scales and zero points), and a small table naming the backend,
-the observer and the input shape. Loading rebuilds the same INT8 model from the architecture (trace, prepare,
+the float architecture with its weights zeroed as a .cpz (``compress_cpz``, a few KB), the INT8 state packed by
+dtype (each quantized tensor as its integers, scales and zero points) with an index, and a small table naming
+the backend, the observer, the input shape and the model's metadata (docs/format.md). Loading rebuilds the same INT8 model from the architecture (trace, prepare,
 convert: compress's own code on classes the .cpz may name) and loads the checked state into it: no trust
 needed (``compress.formats.load_model``). ``torch.backends.quantized.engine`` is set to the file's backend.
 
