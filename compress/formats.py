@@ -79,7 +79,7 @@ def _load(path: Path, arch: str | None, trust_pickle: bool) -> nn.Module:
 
 
 def _int8(float_model: nn.Module, table, state, arch_cpz: bytes) -> nn.Module:
-    from .quantize.int8 import rebuild
+    from .quantize.int8_file import rebuild
 
     return rebuild(float_model, table, state, arch_cpz)
 
@@ -103,7 +103,8 @@ def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False) -
     """Save atomically: a .cpz (Huffman-coded, architecture as data) for a ``.cpz`` path, else a
     torch file that compress loads again without trust."""
     path = Path(path)
-    from .quantize.int8 import Int8Model, payload
+    from .quantize.int8 import Int8Model
+    from .quantize.int8_file import payload
 
     if path.suffix == ".cpz":
         if isinstance(model, Int8Model):

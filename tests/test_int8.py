@@ -9,7 +9,8 @@ from compress import data as data_mod
 from compress.errors import InputError, UsageError
 from compress.formats import load_model, save_model
 from compress.quantize import to_int8
-from compress.quantize.int8 import INT8_KEY, Int8Model, backend
+from compress.quantize.int8 import Int8Model, backend
+from compress.quantize.int8_file import INT8_KEY
 from compress.train import evaluate
 from tests.helpers import one_line_error
 
@@ -79,7 +80,7 @@ def test_a_damaged_int8_file_is_refused(lenet5_trained, mnist_small, tmp_path, d
 
 def test_an_int8_file_of_the_first_layout_still_loads(lenet5_trained, mnist_small, tmp_path):
     """Version 1 stored one tensor per entry (zero points as int64); version 2 packs them by dtype."""
-    from compress.quantize.int8 import _unpack
+    from compress.quantize.int8_file import _unpack
 
     tr, va = mnist_small
     q = to_int8(lenet5_trained, tr, (1, 1, 28, 28))
