@@ -103,7 +103,7 @@ def onnx_latency_ms(sess, input_shape, batch: int, runs: int = 20) -> float:
 
 def onnx_accuracy(sess, data) -> float:
     """Top-1 accuracy (%) of an ONNX Runtime session on ``data``, read in batches."""
-    from .train import runtime_accuracy
+    from .metrics import runtime_accuracy
 
     return runtime_accuracy(lambda x: run_onnx(sess, x), data)
 

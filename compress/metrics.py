@@ -178,6 +178,18 @@ def latencies(models: list, input_shape, runs: int = 20) -> list[dict]:
     return outs
 
 
+def runtime_accuracy(predict, data) -> float:
+    """Top-1 accuracy (%) on ``data`` of another runtime's ``predict(inputs) -> logits`` (numpy arrays in and
+    out: an ONNX Runtime session, a compiled OpenVINO model), read in batches."""
+    from .data import batches, eval_batch_size
+
+    right = total = 0
+    for x, y in batches(data, eval_batch_size(data)):
+        right += int((predict(x.numpy()).argmax(1) == y.numpy()).sum())
+        total += len(y)
+    return 100.0 * right / max(total, 1)
+
+
 def paired_speed(before, after, input_shape, batch: int = 32, runs: int = 10) -> dict[str, Any]:
     """Two models (or runtimes' callables) timed interleaved at ``batch``: their ms, the speed-up of ``after`` with
     its 95% interval, and the verdict that interval allows (``speed_change``)."""

@@ -105,7 +105,7 @@ def integer_layers(compiled) -> tuple[int, int]:
 
 def accuracy(compiled, data) -> float:
     """Top-1 accuracy (%) of a compiled model on ``data``, read in batches."""
-    from .train import runtime_accuracy
+    from .metrics import runtime_accuracy
 
     return runtime_accuracy(lambda x: run(compiled, x), data)
 

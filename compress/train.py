@@ -208,18 +208,6 @@ def evaluate(model: nn.Module, data: Data, metric=None, batch_size: int | None =
     return scores(model, data, metric, batch_size).mean()
 
 
-def runtime_accuracy(predict: Callable, data: Data) -> float:
-    """Top-1 accuracy (%) on ``data`` of another runtime's ``predict(inputs) -> logits`` (numpy arrays in and
-    out: an ONNX Runtime session, a compiled OpenVINO model), read in batches."""
-    from .data import batches, eval_batch_size
-
-    right = total = 0
-    for x, y in batches(data, eval_batch_size(data)):
-        right += int((predict(x.numpy()).argmax(1) == y.numpy()).sum())
-        total += len(y)
-    return 100.0 * right / max(total, 1)
-
-
 def make_optimizer(params, cfg: FineTune):
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
