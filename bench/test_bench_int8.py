@@ -22,46 +22,39 @@ from compress.train import evaluate, fit
 from .conftest import CACHE, VAL_FRACTION, mnist_test_dir, once, trained
 
 
-def _mobilenetv2() -> nn.Module:
-    """pytorchcv's MobileNetV2 (depthwise, inverted residuals) for 32x32 digits: its 7x7 final pool made
-    adaptive, trained here for 10 epochs on the mnist5k training split (3 channels), cached."""
-    from pytorchcv.models.mobilenetv2 import mobilenetv2_w1
+def _pytorchcv_digits(spec: str, tag: str, epochs: int) -> nn.Module:
+    """pytorchcv's ``spec`` (module:callable) for 32x32 digits: its 7x7 final pool made adaptive, trained here for
+    ``epochs`` on the mnist5k training split (3 channels), cached as ``tag``. Reloaded as a user loads a model of
+    their own classes: rebuilt with their code (``arch``)."""
+    import importlib
 
     from compress.config import FineTune
     from compress.formats import load_model
 
-    path = CACHE / "mobilenetv2-w1-s32-e10.pt"
-    if path.exists():  # pytorchcv's classes: rebuilt with their code, named as a user names theirs
-        return load_model(path, arch="pytorchcv.models.mobilenetv2:mobilenetv2_w1")
+    path = CACHE / f"{tag}.pt"
+    if path.exists():
+        return load_model(path, arch=spec)
+    module, fn = spec.split(":")
     torch.manual_seed(0)
-    m = mobilenetv2_w1(num_classes=10)
+    m = getattr(importlib.import_module(module), fn)(num_classes=10)
     m.features.final_pool = nn.AdaptiveAvgPool2d(1)
     tr, _ = data_mod.split(data_mod.load("mnist5k?size=32&channels=3"), VAL_FRACTION, seed=0)
-    fit(m, tr, FineTune(epochs=10, lr=2e-3, augment=2))
+    fit(m, tr, FineTune(epochs=epochs, lr=2e-3, augment=2))
     CACHE.mkdir(exist_ok=True)
     save_model(m.eval(), path)
     return m.eval()
+
+
+def _mobilenetv2() -> nn.Module:
+    """MobileNetV2 (depthwise, inverted residuals), 10 epochs."""
+    return _pytorchcv_digits("pytorchcv.models.mobilenetv2:mobilenetv2_w1", "mobilenetv2-w1-s32-e10", 10)
 
 
 def _mobilenetv3() -> nn.Module:
-    """pytorchcv's MobileNetV3-small (x0.75: hard-swish and squeeze-excitation written as formulas in its own
-    modules) for 32x32 digits, its final pool made adaptive, trained here for 15 epochs (3 channels), cached."""
-    from pytorchcv.models.mobilenetv3 import mobilenetv3_small_w3d4
-
-    from compress.config import FineTune
-    from compress.formats import load_model
-
-    path = CACHE / "mobilenetv3-small-w3d4-s32-e15.pt"
-    if path.exists():
-        return load_model(path, arch="pytorchcv.models.mobilenetv3:mobilenetv3_small_w3d4")
-    torch.manual_seed(0)
-    m = mobilenetv3_small_w3d4(num_classes=10)
-    m.features.final_pool = nn.AdaptiveAvgPool2d(1)
-    tr, _ = data_mod.split(data_mod.load("mnist5k?size=32&channels=3"), VAL_FRACTION, seed=0)
-    fit(m, tr, FineTune(epochs=15, lr=2e-3, augment=2))
-    CACHE.mkdir(exist_ok=True)
-    save_model(m.eval(), path)
-    return m.eval()
+    """MobileNetV3-small x0.75 (hard-swish and squeeze-excitation written as formulas in its own modules),
+    15 epochs."""
+    return _pytorchcv_digits("pytorchcv.models.mobilenetv3:mobilenetv3_small_w3d4", "mobilenetv3-small-w3d4-s32-e15",
+                             15)
 
 
 def _bytes(model: nn.Module) -> int:
