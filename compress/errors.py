@@ -4,6 +4,9 @@ Every message says what is wrong and, where there is one, how to fix it.
 """
 from __future__ import annotations
 
+# where an INT8 model (quantize.int8.Int8Model) cannot go: said the same way by the container and the commands
+INT8_IS_PT = "an INT8 model is saved as a .pt (its architecture travels inside as a .cpz)"
+
 
 class CompressError(Exception):
     """Base of every error that compress raises on purpose (exit code 1)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from .errors import InputError, UsageError
+from .errors import InputError
 
 
 def is_cpz(path: Path) -> bool:
@@ -106,9 +106,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False) -
     from .quantize.int8 import Int8Model
     from .quantize.int8_file import payload
 
-    if path.suffix == ".cpz":
-        if isinstance(model, Int8Model):
-            raise UsageError(f"{path}: an INT8 model is saved as a .pt (its architecture travels inside as a .cpz)")
+    if path.suffix == ".cpz":  # the container refuses an INT8 model (errors.INT8_IS_PT)
         from .coding.container import save_cpz
 
         save_cpz(model, path, force=force, graph=True)

@@ -131,11 +131,8 @@ def cpz_estimate(model: nn.Module) -> int | None:
     """The bytes ``compress encode`` would write for the model (its graph aside): what a .pt's size hides."""
     from ..coding.container import encode_model
     from ..errors import CompressError
-    from ..quantize.int8 import Int8Model
 
-    if isinstance(model, Int8Model):  # not a .cpz: its file is what save_model writes
-        return None
-    try:
+    try:  # (an INT8 model is refused by the container: None)
         return encode_model(copy.deepcopy(model).cpu())[1]["file_bytes"]
     except CompressError:
         return None

@@ -58,7 +58,7 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
 
     from .. import data as data_mod
     from ..checkpoint import Checkpoint
-    from ..errors import OutputExistsError, UsageError
+    from ..errors import INT8_IS_PT, OutputExistsError, UsageError
     from ..formats import save_model
     from ..pipeline import pipeline as run
     from ..recipe import Recipe
@@ -76,8 +76,7 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
     use_threads(threads)
     rec = Recipe.load(recipe) if recipe else None
     if rec is not None and Path(output).suffix == ".cpz" and any(st.name == "int8" for st in rec.stages):
-        raise UsageError(f"{output}: a recipe with an int8 stage writes an INT8 model, which is saved as a .pt "
-                         "(its architecture travels inside as a .cpz): give -o NAME.pt")
+        raise UsageError(f"{output}: a recipe with an int8 stage writes an INT8 model; {INT8_IS_PT}: give -o NAME.pt")
     task = TaskOptions(loss, metric, workers)
     # a resumed run writes the output its stopped run wrote
     inp = load_inputs(model, output, force or resume, load, None, test_data, task=task)

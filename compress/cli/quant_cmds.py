@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import INT8_IS_PT
 from . import app
 from . import common as c
 from .common import emit_json, err, load_options, make_config, out, table, use_threads, with_settings
@@ -61,8 +62,7 @@ def quantize(model: c.ModelArg, output: c.OutOpt,
         if not (calib_data or train_data):
             raise typer.BadParameter("--activations needs --calib-data (or --train-data) for the activation ranges")
         if output.endswith(".cpz"):  # before the work, not after it
-            raise typer.BadParameter("an INT8 model is saved as a .pt (its architecture travels inside as a .cpz): "
-                                     "give -o NAME.pt")
+            raise typer.BadParameter(f"{INT8_IS_PT}: give -o NAME.pt")
         from ..config import Select
         from ..quantize import Int8Config
 

@@ -27,7 +27,7 @@ from typing import Callable, NoReturn
 import torch
 import torch.nn as nn
 
-from ..errors import FormatError, InputError, UsageError, first_line, safe
+from ..errors import INT8_IS_PT, FormatError, InputError, UsageError, first_line, safe
 from ..fileio import atomic_write
 from ..masks import remove_masks
 from ..meta import META_ATTR, get_meta, read_meta
@@ -75,7 +75,7 @@ def encode_model(model: nn.Module, graph: bool = False, input_shape=None) -> tup
     if isinstance(model, torch.jit.ScriptModule):
         raise InputError("TorchScript models cannot be stored in a .cpz; pass the nn.Module")
     if getattr(type(model), "int8_kernels", False):  # quantize.int8.Int8Model: packed INT8 kernels, not tensors
-        raise UsageError("an INT8 model is saved as a .pt (save_model; its architecture travels inside as a .cpz)")
+        raise UsageError(INT8_IS_PT)
     remove_masks(model)
     doc, note = _graph_of(model, graph, input_shape)
     try:
