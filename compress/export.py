@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -87,18 +85,9 @@ def compare(model: nn.Module, sess, input_shape, n: int = 8, data=None) -> tuple
 
 def onnx_latency_ms(sess, input_shape, batch: int, runs: int = 20) -> float:
     """Median ms of one ONNX Runtime run at ``batch``, after a warm-up until stable (as for PyTorch)."""
-    from .metrics import _warm_up
+    from .metrics import median_latency_ms
 
-    x = np.random.randn(batch, *input_shape[1:]).astype(np.float32)
-    name = sess.get_inputs()[0].name
-
-    def once() -> float:
-        t0 = time.perf_counter()
-        sess.run(None, {name: x})
-        return (time.perf_counter() - t0) * 1000
-
-    _warm_up(once)
-    return float(statistics.median(once() for _ in range(runs)))
+    return median_latency_ms(onnx_runner(sess), input_shape, batch, runs)
 
 
 def onnx_accuracy(sess, data) -> float:

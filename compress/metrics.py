@@ -190,6 +190,20 @@ def runtime_accuracy(predict, data) -> float:
     return 100.0 * right / max(total, 1)
 
 
+def median_latency_ms(run, input_shape, batch: int, runs: int = 20) -> float:
+    """Median ms of one call of ``run`` (another runtime's callable of a CPU tensor: an ONNX Runtime session, a
+    compiled OpenVINO model) at ``batch``, timed alone after a warm-up until stable."""
+    x = torch.randn((batch,) + tuple(input_shape[1:]))
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        run(x)
+        return (time.perf_counter() - t0) * 1000
+
+    _warm_up(once)
+    return float(statistics.median(once() for _ in range(runs)))
+
+
 def paired_speed(before, after, input_shape, batch: int = 32, runs: int = 10) -> dict[str, Any]:
     """Two models (or runtimes' callables) timed interleaved at ``batch``: their ms, the speed-up of ``after`` with
     its 95% interval, and the verdict that interval allows (``speed_change``)."""

@@ -81,11 +81,11 @@ def runner(xml_path, batch: int, threads: int = 2):
 
 
 def latency_ms(xml_path, input_shape, batch: int, threads: int = 2, runs: int = 20) -> float:
-    """ms of one inference at ``batch`` (compiled for that batch), after a warm-up until stable
-    (``metrics.latency_stats``)."""
-    from .metrics import latency_stats
+    """Median ms of one inference at ``batch`` (compiled for that batch), after a warm-up until stable: timed
+    as ONNX Runtime is (``metrics.median_latency_ms``)."""
+    from .metrics import median_latency_ms
 
-    return latency_stats([runner(xml_path, batch, threads)], input_shape, batch, runs)[0]["ms"]
+    return median_latency_ms(runner(xml_path, batch, threads), input_shape, batch, runs)
 
 
 COMPUTE = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution")
