@@ -77,18 +77,22 @@ CASES = {"resnet20 (zoo, trained)": (lambda: trained("resnet20", 4, size=32, lr=
          "mobilenetv3-small (pytorchcv, trained)": (_mobilenetv3, "&channels=3")}
 
 
+def _case(name: str):
+    """A case's trained model, its input shape, its test data (the MNIST test set, else the held-out split), 512
+    calibration digits, and its data-spec suffix."""
+    build, chan = CASES[name]
+    d = mnist_test_dir()
+    test = data_mod.load(f"{d}?size=32{chan}") if d is not None else \
+        data_mod.split(data_mod.load(f"mnist5k?size=32{chan}"), VAL_FRACTION, seed=0)[1]
+    return build().eval(), (1, 3 if chan else 1, 32, 32), test, data_mod.load(f"mnist5k?size=32&limit=512{chan}"), chan
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_int8_in_pytorch(benchmark, eval_sets, name, tmp_path):  # eval_sets: names the data as the others do
     from compress.config import FineTune
 
-    build, chan = CASES[name]
-    model = build().eval()
-    shape = (1, 3 if chan else 1, 32, 32)
-    d = mnist_test_dir()
-    test = data_mod.load(f"{d}?size=32{chan}") if d is not None else \
-        data_mod.split(data_mod.load(f"mnist5k?size=32{chan}"), VAL_FRACTION, seed=0)[1]
-    calib = data_mod.load(f"mnist5k?size=32&limit=512{chan}")
+    model, shape, test, calib, chan = _case(name)
     base_acc = evaluate(model, test)
     info: dict = {"case": name, "eval_data": f"{eval_sets[32][1]}", "fp32_accuracy": round(base_acc, 2)}
     made = {}
@@ -188,13 +192,7 @@ def test_int8_pt2e_peer(benchmark, eval_sets, name):
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
-    build, chan = CASES[name]
-    model = build().eval()
-    shape = (1, 3 if chan else 1, 32, 32)
-    d = mnist_test_dir()
-    test = data_mod.load(f"{d}?size=32{chan}") if d is not None else \
-        data_mod.split(data_mod.load(f"mnist5k?size=32{chan}"), VAL_FRACTION, seed=0)[1]
-    calib = data_mod.load(f"mnist5k?size=32&limit=512{chan}")
+    model, shape, test, calib, chan = _case(name)
     fx = to_int8(model, calib, shape)
     info: dict = {"case": name, "eval_data": eval_sets[32][1], "fx_accuracy": round(evaluate(fx, test), 2)}
     made: dict = {}
