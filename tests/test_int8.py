@@ -168,6 +168,9 @@ def test_layers_kept_float_stay_float_and_the_file_says_so(lenet5_trained, mnist
     r = cli("quantize", tmp_path / "m.pt", "--activations", "--exclude", "conv1", "--calib-data", "mnist5k?limit=128",
             "--no-latency", "-o", tmp_path / "k.pt")
     assert r.code == 0 and "kept in float: conv1" in r.err, r.err
+    r = cli("quantize", tmp_path / "m.pt", "--activations", "--exclude", "fc9", "--calib-data", "mnist5k?limit=128",
+            "--no-latency", "-o", tmp_path / "k9.pt")
+    assert one_line_error(r) and "matches no" in r.err and not (tmp_path / "k9.pt").exists()
 
 
 def test_percentile_ranges_ignore_an_outlier_that_min_max_and_histogram_follow(lenet5_trained, mnist_small):

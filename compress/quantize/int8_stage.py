@@ -78,6 +78,8 @@ class Int8Lowering(Method):
             raise UsageError("INT8 activations need calibration data (--calib-data SPEC; Context(calib=...) or "
                              "train=...): none was given")
         check_fits(self.model, self.calib, labels_needed=False)  # its samples are what the model takes
+        if cfg.select.exclude:  # the layers kept float are named on purpose: a pattern that names none is an error
+            Select(names=cfg.select.exclude, spare_first_last=False).layers(self.model)
         chosen = {n for n, _ in cfg.select.layers(self.model)}
         self.kept = tuple(sorted(n for n, m in self.model.named_modules()
                                  if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in chosen))
@@ -157,6 +159,4 @@ def to_int8(model: nn.Module, calib: Data, input_shape=None, observer: str = "hi
     cfg = Int8Config(observer=observer, calib_samples=samples,
                      select=Select(exclude=tuple(keep_float), spare_first_last=False),
                      finetune=qat or Int8Config().finetune)
-    if keep_float:  # a pattern that names no layer is an error, as everywhere
-        Select(names=tuple(keep_float), spare_first_last=False).layers(model)
     return run("quantize", model, cfg, ctx).model  # type: ignore[return-value]  # Int8Lowering's result
