@@ -1,0 +1,100 @@
+"""Run one reader on a hostile input in a child process under an address-space cap and a timeout.
+
+The readers' promise (README, docs/format.md) is that a file is refused in one line, or runs bounded,
+before it spends more than it justifies. An in-process test cannot see a bomb go off without going off
+with it, so each hostile case runs here: ``python -m compress.cli ARGS`` (or a snippet of Python) in a
+fresh interpreter whose address space is capped (``resource.setrlimit(RLIMIT_AS)``) and whose wall time is
+limited; the result says how it ended, what it printed and how much memory it really took.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CAP_MB = 1536       # address space of the child (torch and compress take ~300 MB resident of it)
+TIMEOUT_S = 40.0    # the acceptance's "< 40 s on 2 cores"
+
+
+@dataclass
+class Ended:
+    code: int | None      # None: killed at the timeout
+    out: str
+    err: str
+    seconds: float
+    peak_mb: float        # the child's peak resident memory
+
+    @property
+    def one_line_refusal(self) -> bool:
+        """Non-zero exit, exactly one line on stderr that starts with ``error:``, no traceback, no control
+        character printed (an escape sequence from a file would reach the user's terminal)."""
+        lines = [ln for ln in self.err.strip().splitlines() if ln.strip()]
+        return (self.code not in (0, None) and len(lines) == 1 and lines[0].startswith("error: ")
+                and "Traceback" not in self.err and self.clean)
+
+    @property
+    def clean(self) -> bool:
+        """No control character (other than newline and tab) in anything printed."""
+        return not any(ord(c) < 32 and c not in "\n\t" or 0x7f <= ord(c) < 0xa0 for c in self.out + self.err)
+
+    def __repr__(self):
+        return (f"Ended(code={self.code}, {self.seconds:.1f} s, {self.peak_mb:.0f} MB, err={self.err[-600:]!r}, "
+                f"out={self.out[-300:]!r})")
+
+
+def _limits(cap_mb: int):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_AS, (cap_mb << 20, cap_mb << 20))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    return apply
+
+
+def run_python(code: str, *, cap_mb: int = CAP_MB, timeout: float = TIMEOUT_S, cwd=None,
+               env: dict | None = None) -> Ended:
+    """``code`` run by a fresh ``python -c`` under the caps. Its peak RSS is reported on stderr's last line
+    by a wrapper and taken off again."""
+    wrapper = ("import resource, sys\n"
+               "try:\n"
+               + "".join(f"    {ln}\n" for ln in code.splitlines())
+               + "finally:\n"
+               "    sys.stderr.write('\\n@peak ' + str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) + '\\n')\n")
+    return _run([sys.executable, "-c", wrapper], cap_mb, timeout, cwd, env)
+
+
+def run_cli(*args, cap_mb: int = CAP_MB, timeout: float = TIMEOUT_S, cwd=None, env: dict | None = None) -> Ended:
+    """``compress ARGS`` in a fresh interpreter under the caps."""
+    code = ("import sys\n"
+            "from compress.cli import main\n"
+            f"code = main({[str(a) for a in args]!r})\n"
+            "sys.stdout.flush()\n"
+            "raise SystemExit(code)\n")
+    return run_python(code, cap_mb=cap_mb, timeout=timeout, cwd=cwd, env=env)
+
+
+def _run(cmd, cap_mb, timeout, cwd, env) -> Ended:
+    full_env = {**os.environ, "COMPRESS_PROGRESS": "0", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2",
+                **(env or {})}
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=full_env,
+                           preexec_fn=_limits(cap_mb), stdin=subprocess.DEVNULL, errors="replace")
+        code, out, err = p.returncode, p.stdout, p.stderr
+    except subprocess.TimeoutExpired as e:
+        code = None
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+    seconds = time.perf_counter() - t0
+    peak, kept = 0.0, []
+    for ln in err.split("\n"):
+        if ln.startswith("@peak "):
+            peak = int(ln.split()[1]) / 1024
+        else:
+            kept.append(ln)
+    err = "\n".join(kept).strip("\n")
+    err = err + "\n" if err else ""
+    return Ended(code, out, err, seconds, peak)
