@@ -23,13 +23,14 @@ from pathlib import Path
 
 from ..errors import InputError
 from .core import VAL_FRACTION, Data, Mapped, Subset, batches, check_fits, eval_batch_size, split
+from .files import MAX_ARRAY_BYTES, MAX_DECODE_RATIO
 from .images import FolderData
 from .kinds import ArrayData, IterData, MapData, TensorData, as_data, validate
-from .sources import BUILTIN, MAX_ARRAY_BYTES, MAX_GZIP_RATIO, apply_options
+from .sources import BUILTIN, apply_options
 
 __all__ = ["VAL_FRACTION", "ArrayData", "Data", "FolderData", "IterData", "MapData", "Mapped", "Subset", "TensorData",
            "as_data", "batches", "check_fits", "eval_batch_size", "load", "split", "MAX_ARRAY_BYTES",
-           "MAX_GZIP_RATIO", "validate"]
+           "MAX_DECODE_RATIO", "validate"]
 
 
 def _key_value(kv: str) -> tuple[str, str]:

@@ -7,8 +7,10 @@ Images are opened when a batch needs them: memory holds the list of files, not t
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError, UsageError, first_line, safe
 from .core import Batch, Data
+from .files import inside, not_regular, open_regular
 from .kinds import pil_to_tensor
 from .sources import int_option
 
@@ -24,6 +27,11 @@ EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", 
 NORMS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 OPTIONS = ("size", "resize", "crop", "rrc", "flip", "norm", "mean", "std", "channels")
 MAX_PIXELS = 1 << 24  # per image, checked from its header before it is decoded (a decompression bomb is refused)
+# Pillow's formats for those names: no other decoder is tried on a file (EPS, for one, would run Ghostscript)
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "PPM", "TIFF")
+MAX_FILES = 2_000_000  # images in one folder (ImageNet's training set holds 1.28 M); memory holds their names
+MAX_ENTRIES = 4 * MAX_FILES  # files and folders looked at while scanning, images or not
+MAX_DEPTH = 16  # folders below a class folder
 
 
 class FolderData(Data):
@@ -41,24 +49,59 @@ class FolderData(Data):
         self.classes, self.files, self.targets = self._scan()
 
     def _scan(self):
+        """Every image under ``root/<class>/``, by a walk that is bounded (``MAX_ENTRIES`` looked at, ``MAX_FILES``
+        kept, ``MAX_DEPTH`` deep), keeps regular files only and keeps every path inside the folder."""
         if not self.root.is_dir():
             raise InputError(f"{self.name}: folder {self.root} not found")
-        classes = sorted(d.name for d in os.scandir(self.root) if d.is_dir() and not d.name.startswith("."))
+        seen = [0]
+        classes = []
+        for e in _entries(self.root, seen, self.name):
+            if not e.name.startswith(".") and e.is_dir():
+                if e.is_symlink():
+                    inside(e.path, self.root)
+                classes.append(e.name)
+        classes.sort()
         if not classes:
             raise InputError(f"{self.name}: no class subfolders in {self.root} (expected {self.root}/<class>/<image>)")
-        files, targets = [], []
+        files: list[str] = []
+        targets: list[int] = []
         for c, cls in enumerate(classes):
-            found = []
-            for dirpath, dirnames, names in os.walk(self.root / cls, followlinks=False):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                found += [os.path.join(dirpath, n) for n in sorted(names)
-                          if n.lower().endswith(EXTENSIONS) and not n.startswith(".")]
+            found = self._walk(self.root / cls, 0, seen, len(files))
             if not found:
                 raise InputError(f"{self.name}: class folder {self.root / cls} holds no images "
                                  f"({', '.join(EXTENSIONS[:3])}, ...)")
             files += found
             targets += [c] * len(found)
         return classes, files, torch.tensor(targets, dtype=torch.long)
+
+    def _walk(self, folder: Path, depth: int, seen: list[int], kept: int) -> list[str]:
+        """Images of ``folder`` (sorted), then of its subfolders in sorted order, as ``os.walk`` lists them.
+        Links to folders are not followed; a link to an image must stay inside the root (its real path is
+        kept, so reading it follows no link); anything but a regular file with an image's name is refused."""
+        if depth > MAX_DEPTH:
+            raise InputError(f"{self.name}: folders nested more than {MAX_DEPTH} deep under {self.root}")
+        names, subfolders = [], []
+        for e in _entries(folder, seen, self.name):
+            if e.name.startswith("."):
+                continue
+            if e.is_dir(follow_symlinks=False):
+                subfolders.append(e.name)
+            elif e.name.lower().endswith(EXTENSIONS):
+                path, kind = e.path, None
+                if e.is_symlink():
+                    path = str(inside(path, self.root))
+                    kind = not_regular(os.stat(path).st_mode)
+                elif not e.is_file(follow_symlinks=False):  # the listing's file type: no system call for a file
+                    kind = not_regular(e.stat(follow_symlinks=False).st_mode)
+                if kind is not None:
+                    raise InputError(f"{self.name}: {safe(e.path, 200)} is {kind}, not an image file")
+                names.append((e.name, path))
+                if kept + len(names) > MAX_FILES:
+                    raise InputError(f"{self.name}: more than {MAX_FILES:,} images under {self.root}")
+        found = [p for _, p in sorted(names)]
+        for d in sorted(subfolders):
+            found += self._walk(folder / d, depth + 1, seen, kept + len(found))
+        return found
 
     def __len__(self) -> int:
         return len(self.files)
@@ -75,18 +118,22 @@ class FolderData(Data):
 
         path = self.files[i]
         try:
-            with Image.open(path) as opened:
-                img: Any = opened
-                w, h = img.size
-                if w * h > MAX_PIXELS:
-                    raise InputError(f"{self.name}: image {safe(path, 200)} is {w} x {h}, more than "
-                                     f"{MAX_PIXELS:,} pixels")
-                img = img.convert("L" if self.channels == 1 else "RGB" if self.channels == 3 or img.mode not in
-                                  ("L", "I;16", "I", "1") else "L")
-                x = pil_to_tensor(img)
+            # a regular file, opened without blocking (a FIFO swapped in after the scan is refused, not waited on)
+            with open_regular(path) as f, warnings.catch_warnings():
+                # Pillow warns above its own limit (89 M pixels) and refuses above twice that; ours is lower
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(f, formats=FORMATS) as opened:  # reads the header only
+                    img: Any = opened
+                    w, h = img.size
+                    if w * h > MAX_PIXELS:
+                        raise InputError(f"{self.name}: image {safe(path, 200)} is {w} x {h}, more than "
+                                         f"{MAX_PIXELS:,} pixels")
+                    img = img.convert("L" if self.channels == 1 else "RGB" if self.channels == 3 or img.mode not in
+                                      ("L", "I;16", "I", "1") else "L")
+                    x = pil_to_tensor(img)
         except InputError:
             raise
-        except Exception as e:  # PIL's UnidentifiedImageError, OSError for a truncated file, ...
+        except Exception as e:  # PIL's UnidentifiedImageError, DecompressionBombError, OSError when truncated, ...
             raise InputError(f"{self.name}: cannot read image {safe(path, 200)}: {first_line(e)}") from None
         return self._transform(x, train)
 
@@ -118,12 +165,14 @@ class FolderData(Data):
 
     def batch(self, indices, train: bool = False) -> Batch:
         idx = [int(i) for i in indices]
-        xs = [self.read(i, train) for i in idx]
-        for i, x in zip(idx, xs):
-            if x.shape != xs[0].shape:
+        xs: list[torch.Tensor] = []
+        for i in idx:  # checked as read: a batch holds at most batch-size images of the first one's size
+            x = self.read(i, train)
+            if xs and x.shape != xs[0].shape:
                 raise InputError(f"{self.name}: image {safe(self.files[i], 200)} is {tuple(x.shape)} but "
                                  f"{safe(self.files[idx[0]], 200)} is {tuple(xs[0].shape)}; give one size "
                                  "(?size=N, or ?resize=N&crop=N)")
+            xs.append(x)
         return torch.stack(xs), self.targets[idx]
 
 
@@ -191,11 +240,27 @@ def folder(path: str, opts: dict[str, str], name: str) -> FolderData:
 def looks_like_folder(path: Path) -> bool:
     """A folder whose subfolders hold images (checked on the first few entries only)."""
     try:
-        for d in sorted(os.scandir(path), key=lambda e: e.name)[:50]:
-            if d.is_dir() and not d.name.startswith("."):
-                for f in list(os.scandir(d.path))[:50]:
-                    if f.name.lower().endswith(EXTENSIONS):
-                        return True
+        with os.scandir(path) as top:
+            for d in sorted(itertools.islice(top, 50), key=lambda e: e.name):
+                if d.is_dir() and not d.name.startswith("."):
+                    with os.scandir(d.path) as inner:
+                        if any(f.name.lower().endswith(EXTENSIONS) for f in itertools.islice(inner, 50)):
+                            return True
     except OSError:
         return False
     return False
+
+
+def _entries(folder, seen: list[int], name: str) -> list[os.DirEntry]:
+    """The entries of ``folder``, counted into ``seen[0]`` as they are listed: at most ``MAX_ENTRIES`` in all."""
+    out = []
+    try:
+        with os.scandir(folder) as it:
+            for e in it:
+                seen[0] += 1
+                if seen[0] > MAX_ENTRIES:
+                    raise InputError(f"{name}: more than {MAX_ENTRIES:,} files and folders to look through")
+                out.append(e)
+    except OSError as e:
+        raise InputError(f"{name}: cannot list {safe(str(folder), 200)}: {e.strerror or e}") from None
+    return out

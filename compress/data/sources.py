@@ -1,4 +1,4 @@
-"""Where data come from: the embedded sets, IDX folders, NumPy files (memory-mapped), a user's callable.
+"""Where data come from: the embedded sets, IDX folders, NumPy files (``npy``), a user's callable.
 
 Each source returns a ``Data`` (``compress.data.core``, ``compress.data.kinds``); ``compress.data.load`` picks one by spec.
 """
@@ -8,10 +8,9 @@ import gzip
 import logging
 import math
 import os
-import struct
-import zipfile
 import zlib
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -19,7 +18,9 @@ import torch.nn.functional as F
 
 from ..errors import InputError, UsageError, first_line
 from .core import Data, Mapped
+from .files import MAX_ARRAY_BYTES, DecodeBudget, inside, open_regular, read_exact
 from .kinds import ArrayData, TensorData, as_data, validate
+from .npy import read_npy, read_npz
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,15 @@ def _digits():
     return d.images.reshape(-1, 1, 8, 8) / 16.0, d.target
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """An IDX file (``.gz`` too): the header first, then exactly the bytes it declares, read in chunks,
-    so a small gzip can never unpack to more than the header's array (plus one byte to see excess)."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
+def _read_idx(path: Path, root: Path) -> np.ndarray:
+    """An IDX file (``.gz`` too) of ``root``: the header first, then exactly the bytes it declares, read in
+    chunks; a ``.gz`` may declare at most ``decode_cap`` of its size (``files.DecodeBudget``)."""
+    gz = path.suffix == ".gz"
+    where = str(path)
+    with open_regular(inside(path, root)) as raw:
+        size = os.fstat(raw.fileno()).st_size
+        try:
+            f: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw  # type: ignore[assignment]
             head = f.read(4)
             if len(head) < 4 or head[:3] != b"\x00\x00\x08":
                 raise InputError(f"{path}: not an IDX file of unsigned bytes")
@@ -58,24 +62,14 @@ def _read_idx(path: Path) -> np.ndarray:
             n = math.prod(dims)  # exact integers: no overflow
             if n > MAX_ARRAY_BYTES:
                 raise InputError(f"{path}: IDX header declares {n:,} bytes, more than {MAX_ARRAY_BYTES:,}")
-            size = path.stat().st_size
-            if path.suffix != ".gz" and size != 4 + 4 * ndim + n:
+            if not gz and size != 4 + 4 * ndim + n:
                 raise InputError(f"{path}: IDX size does not match its header {dims}")
-            ratio = float(os.environ.get("COMPRESS_MAX_DECODE_RATIO", MAX_GZIP_RATIO))
-            if path.suffix == ".gz" and n > max(64 << 20, ratio * size):
-                raise InputError(f"{path}: refused: its header declares {n:,} bytes from {size:,} of gzip (more "
-                                 f"than {ratio:g}x). If you trust it, set COMPRESS_MAX_DECODE_RATIO to a larger ratio")
-            buf = bytearray()
-            while len(buf) <= n:
-                chunk = f.read(min(1 << 24, n + 1 - len(buf)))
-                if not chunk:
-                    break
-                buf += chunk
-    except (OSError, EOFError, zlib.error) as e:
-        raise InputError(f"{path}: corrupt gzip ({first_line(e)})") from e
-    if len(buf) != n:
-        raise InputError(f"{path}: IDX size does not match its header {dims}")
-    return np.frombuffer(bytes(buf), dtype=np.uint8).reshape(dims)
+            if gz:
+                DecodeBudget(path, size).charge("its header", n)
+            data = read_exact(f, n, where)
+        except (OSError, EOFError, zlib.error) as e:
+            raise InputError(f"{path}: corrupt gzip ({first_line(e)})") from e
+    return data.reshape(dims)
 
 
 def _idx_dir(path: Path):
@@ -83,90 +77,26 @@ def _idx_dir(path: Path):
     labs = sorted(path.glob("*labels-idx1-ubyte*"))
     if not imgs or not labs:
         raise InputError(f"{path}: no *images-idx3-ubyte / *labels-idx1-ubyte files in this folder")
-    x, y = _read_idx(imgs[0]), _read_idx(labs[0])
+    x, y = _read_idx(imgs[0], path), _read_idx(labs[0], path)
     if x.ndim != 3 or y.ndim != 1:
         raise InputError(f"{path}: images must be N x H x W and labels N (got {list(x.shape)} and {list(y.shape)})")
     return x.astype(np.float32)[:, None] / 255.0, y.astype(np.int64)
 
 
-MAX_ARRAY_BYTES = 8 << 30  # one array of a data file, decoded
-MAX_GZIP_RATIO = 100  # images gzip about 5:1 (MNIST); a 1000:1 gzip is a run of one byte, not a data set
-
-
-def _npy_header(f, where: str, key: str):
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    else:
-        raise InputError(f"{where}: array {key!r} uses .npy format {version}; 1.0 or 2.0 expected")
-    if dtype.hasobject or dtype.kind not in "biuf":
-        raise InputError(f"{where}: array {key!r} has dtype {dtype}; numbers expected")
-    return shape, fortran, dtype
-
-
-def _check_size(where, key, shape, dtype, available: int) -> None:
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes > MAX_ARRAY_BYTES or nbytes > available:
-        raise InputError(f"{where}: array {key!r} declares shape {list(shape)} ({nbytes:,} bytes), more than "
-                         f"{'the file holds' if nbytes > available else 'compress loads (8 GiB)'}")
-
-
 MMAP_MIN_BYTES = 64 << 20  # arrays this large stay on disk (memory-mapped); smaller ones are read and checked whole
 
 
-def _npz_member(path: Path, z: zipfile.ZipFile, key: str) -> np.ndarray:
-    """Array ``key`` of an .npz: memory-mapped when large and stored uncompressed (``np.savez``), so only
-    the rows a batch reads are read; else (``np.savez_compressed``, or small) read whole, its header first."""
-    info = z.getinfo(f"{key}.npy")
-    if info.compress_type == zipfile.ZIP_STORED and info.file_size >= MMAP_MIN_BYTES:
-        with open(path, "rb") as f:
-            f.seek(info.header_offset)
-            local = f.read(30)
-            if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                raise InputError(f"{path}: array {key!r}: corrupt zip entry")
-            start = info.header_offset + 30 + sum(struct.unpack("<HH", local[26:30]))
-            f.seek(start)
-            shape, fortran, dtype = _npy_header(f, str(path), key)
-            offset = f.tell()
-        _check_size(path, key, shape, dtype, start + info.file_size - offset)
-        if math.prod(shape) == 0:
-            return np.zeros(shape, dtype)
-        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape), order="F" if fortran else "C")
-    with z.open(info) as f:
-        shape, _, dtype = _npy_header(f, str(path), key)
-    _check_size(path, key, shape, dtype, info.file_size)
-    with z.open(info) as f:
-        return np.lib.format.read_array(f, allow_pickle=False)
-
-
 def _npz(path: Path, name: str) -> Data:
-    try:
-        with zipfile.ZipFile(path) as z:
-            files = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
-            if "x" not in files or "y" not in files:
-                raise InputError(f"{path}: needs arrays 'x' and 'y' (found {', '.join(files) or 'none'})")
-            x, y = _npz_member(path, z, "x"), _npz_member(path, z, "y")
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, struct.error) as e:
-        raise InputError(f"{path}: not a readable .npz file ({first_line(e, 100)})") from e
-    return _arrays(x, y, name)
+    """``PATH.npz`` (``npy.read_npz``): a large array stored uncompressed (``np.savez``) is memory-mapped, so
+    only the rows a batch reads are read; others (``np.savez_compressed``, or small) are read whole."""
+    arrays = read_npz(path, MMAP_MIN_BYTES)
+    return _arrays(arrays["x"], arrays["y"], name)
 
 
 def _npy_dir(path: Path, name: str) -> Data:
-    """A folder holding ``x.npy`` and ``y.npy``, both memory-mapped."""
-    arrays = []
-    for key in ("x", "y"):
-        f = path / f"{key}.npy"
-        try:
-            with open(f, "rb") as fh:
-                shape, _, dtype = _npy_header(fh, str(f), key)
-                _check_size(f, key, shape, dtype, f.stat().st_size - fh.tell())
-            big = f.stat().st_size >= MMAP_MIN_BYTES
-            arrays.append(np.load(f, mmap_mode="r" if big else None, allow_pickle=False))
-        except (ValueError, OSError) as e:
-            raise InputError(f"{f}: not a readable .npy file ({first_line(e, 100)})") from e
-    return _arrays(arrays[0], arrays[1], name)
+    """A folder holding ``x.npy`` and ``y.npy`` (memory-mapped when large)."""
+    x, y = (read_npy(path / f"{key}.npy", path, MMAP_MIN_BYTES) for key in ("x", "y"))
+    return _arrays(x, y, name)
 
 
 def _arrays(x: np.ndarray, y: np.ndarray, name: str) -> Data:
