@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from . import data as data_mod
-from .checkpoint import Checkpoint, Stop, ctrl_c
+from .checkpoint import Checkpoint, StagePlan, Stop, ctrl_c
 from .checkpoint import fingerprint as run_fingerprint
 from .coding.stats import size_bytes
 from .config import Config
@@ -153,6 +153,29 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, s
                                           "kept": kept, "tried": st.tried}
 
 
+def _label(stage: Stage, kept: bool) -> str:
+    """The timeline's name for the model after ``stage``."""
+    if not kept:  # the row shows the model as it stands, not a result of this stage
+        return f"{stage.name}: nothing kept"
+    if stage.name == "int8":
+        return "int8"
+    if stage.candidates[0].verb == "quantize":
+        return "quantized"
+    return "pruned" if stage.name == "threshold" else stage.name
+
+
+def _plan(recipe: Recipe) -> list[StagePlan]:
+    """What a checkpoint of a run of ``recipe`` must agree with, stage by stage (``checkpoint.check_state``)."""
+    import json
+
+    def as_read(v):  # as the checkpoint's JSON gives it back
+        return json.loads(json.dumps(v))
+
+    return [StagePlan(s.name, s.candidates[0].search_key,
+                      tuple((as_read(c.searched()), as_read(c.to_dict())) for c in s.candidates),
+                      (_label(s, True), _label(s, False))) for s in recipe.stages]
+
+
 def _point(label: str, model: nn.Module, nbytes: int, accuracy: float, ctx: Context, test=None) -> dict:
     """The numbers of the model after one stage: bytes, nonzeros, MACs, score (latency: at the end)."""
     from .quantize.int8 import Int8Model
@@ -207,6 +230,13 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     ctx.input_shape = ctx.shape(model)
     if distill:
         recipe = recipe.with_finetune(distill=distill)
+    fingerprint, saved, saved_models = "", dict[str, Any](), dict[str, nn.Module]()
+    if checkpoint is not None:  # a checkpoint that will not do is refused before any work (or output)
+        fingerprint = run_fingerprint(model, recipe, budget, z, train, val)
+        if resume:  # checked against this run's recipe; its models loaded without trust
+            saved, saved_models = checkpoint.read(fingerprint, _plan(recipe), test=test_data is not None)
+        else:
+            checkpoint.check()
     emit = Context(on_event=on_event).emit  # the pipeline's own events: on_event(kind, fields), as a stage's
     judge = _Judge(ctx, budget, z)
     base_acc = judge.start(model)
@@ -225,16 +255,14 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     results, measured = [], None  # measured: (sizes, val accuracy) of `model`, taken when it was a candidate
     stop = Stop(None if time_budget is None else time.perf_counter() + time_budget)
     first, search_state = 0, None
-    fingerprint = run_fingerprint(model, recipe, budget, z, train, val) if checkpoint is not None else ""
     if checkpoint is not None and resume:
-        saved, models = checkpoint.read(fingerprint)
         first, results, timeline = saved["stage"], saved["results"], saved["timeline"]
         measured = None if saved["measured"] is None else tuple(saved["measured"])
-        model = models.get("model", model)
-        snapshots = [models[f"snapshot{k}"] for k in range(len(timeline))]
+        model = saved_models["model"]
+        snapshots = [saved_models[f"snapshot{k}"] for k in range(len(timeline))]
         if saved["search"] is not None:
-            search_state = _SearchState(**{**saved["search"], "kept_model": models.get("kept"),
-                                           "current": models.get("current", model)})
+            search_state = _SearchState(**{**saved["search"], "kept_model": saved_models.get("kept"),
+                                           "current": saved_models.get("current", model)})
         emit("resumed", stage=first, candidates=0 if search_state is None else search_state.next)
 
     def save(stage_index: int, st: _SearchState | None) -> None:
@@ -273,11 +301,8 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
             sizes, acc = measured
             res.update(bytes=sizes["coded"], accuracy=round(acc, 3), seconds=round(time.perf_counter() - t0, 2))
             quantized = stage.candidates[0].verb == "quantize"
-            label = "int8" if stage.name == "int8" else "quantized" if quantized else \
-                "pruned" if stage.name == "threshold" else stage.name
-            if kept_model is None:  # the row shows the model as it stands, not a result of this stage
-                label = f"{stage.name}: nothing kept"
-            timeline.append(_point(label, model, sizes["fixed"] if quantized else sizes["coded"], acc, ctx, test_data))
+            timeline.append(_point(_label(stage, kept_model is not None), model,
+                                   sizes["fixed"] if quantized else sizes["coded"], acc, ctx, test_data))
             snapshots.append(copy.deepcopy(model))
             results.append(res)
             if checkpoint is not None and not stop.reason:

@@ -64,14 +64,17 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
     from ..recipe import Recipe
 
     load = load_options(arch, trust_pickle, input_shape)
-    ckpt = Checkpoint(Path(f"{output}.resume"), load.load)
-    if resume and not ckpt.exists():
+    # compress's own files, loaded without --trust-pickle (it covers the user's model only); --arch may rebuild
+    # the user's classes. A link or a folder compress did not make is refused here, before any work.
+    ckpt = Checkpoint(Path(f"{output}.resume"), arch)
+    found = ckpt.exists()
+    if resume and not found:
         raise UsageError(f"--resume: no checkpoint {ckpt.folder} to go on from")
-    if not resume and ckpt.exists():
+    if not resume and found:
         if not force:
             raise OutputExistsError(f"{ckpt.folder} holds an unfinished run: --resume goes on with it, --force "
                                     "starts over")
-        ckpt.remove()
+        ckpt.clear()  # only the files its manifest lists
     check_reports(report, json_out, force or resume)  # before minutes of work, not after them
     use_threads(threads)
     rec = Recipe.load(recipe) if recipe else None
