@@ -108,7 +108,7 @@ def _arrays(x: np.ndarray, y: np.ndarray, name: str) -> Data:
         raise InputError(f"{name}: x must be float32 or uint8 (N x C x H x W), got {x.dtype}")
     if not 2 <= x.ndim <= 5:
         raise InputError(f"{name}: x must have rank 4 (N x C x H x W), got shape {tuple(x.shape)}")
-    if len(y) != len(x):
+    if y.ndim == 0 or len(y) != len(x):
         raise InputError(f"{name}: y must hold {len(x)} targets, got shape {tuple(y.shape)}")
     if len(x) == 0:
         raise InputError(f"{name}: no samples")
