@@ -17,6 +17,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import functools
+import math
+import numbers
 import warnings
 from typing import Any, Callable, ClassVar, Union
 
@@ -24,7 +27,7 @@ import torch.nn as nn
 
 Layer = Union[nn.Conv2d, nn.Linear]  # what methods change: its .weight is a Tensor (a plain Module's attributes are not typed)
 
-from .errors import UsageError
+from .errors import UsageError, safe
 
 CONFIG_VERSION = 2
 _CONFIG_TYPES: dict[str, type["Config"]] = {}
@@ -69,6 +72,133 @@ def close_matches(name: str, names) -> str:
     return f" (did you mean {', '.join(m)}?)" if m else ""
 
 
+# ----------------------------------------------------------------------------- declared ranges
+MAX_LAYER_KEYS = 10_000  # entries of a per-layer table ({fqn | "conv" | "linear" | "_default": value})
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """What one config field accepts, declared on the field (``bounded``) and checked by ``check_fields``
+    wherever the value comes from: the library, a CLI option, ``--set``, a recipe or a file's header.
+
+    Args:
+        kind: int (integral, not bool; 3.0 is refused), float (finite; an int is fine), bool, or str.
+        lo, hi: the range of a number, or the length of a str.
+        lo_open, hi_open: the bound itself is excluded.
+        optional: None is allowed (the default is chosen elsewhere).
+        per_layer: a table of such values keyed by layer FQN, "conv", "linear", "_default" is allowed too.
+        count: a float field where an int means a count instead, in this range (``amount`` in torch's
+            prune: a float is a fraction, an int a count).
+        many: a tuple of up to this many values is what the field holds (0: one value).
+    """
+
+    kind: type
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+    optional: bool = False
+    per_layer: bool = False
+    count: tuple[int, int] | None = None
+    many: int = 0
+
+    def text(self) -> str:
+        """The allowed range in words: 'in [0, 1)', '> 0 and <= 10'."""
+        lo, hi = _num(self.lo), _num(self.hi)
+        if self.lo_open:  # "(0, 10]" is easily misread: an open lower bound is said in words
+            return f"> {lo} and {'<' if self.hi_open else '<='} {hi}"
+        return f"in [{lo}, {hi}{')' if self.hi_open else ']'}"
+
+    def check(self, v, name: str) -> None:
+        """Raise ValueError (one line naming ``name`` and the range) unless ``v`` is allowed."""
+        if v is None and self.optional:
+            return
+        if self.many:
+            if not isinstance(v, tuple) or len(v) > self.many:
+                raise ValueError(f"{name} must be a list of at most {self.many} {self._what(plural=True)}, "
+                                 f"got {_got(v)}")
+            for x in v:
+                self._one(x, name)
+            return
+        if self.per_layer and isinstance(v, dict):
+            if len(v) > MAX_LAYER_KEYS:
+                raise ValueError(f"{name}: a per-layer table has at most {MAX_LAYER_KEYS} entries, got {len(v):,}")
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise ValueError(f"{name}: per-layer keys are layer names, got {safe(k)}")
+                self._one(x, f"{name}[{safe(k, 40)}]")
+            return
+        self._one(v, name)
+
+    def _one(self, v, name: str) -> None:
+        if self.kind is bool:
+            if not isinstance(v, bool):
+                raise ValueError(f"{name} must be true or false, got {_got(v)}")
+            return
+        if self.kind is str:
+            if not isinstance(v, str) or not self.lo <= len(v) <= self.hi:
+                raise ValueError(f"{name} must be strings of {_num(self.lo)} to {_num(self.hi)} characters, "
+                                 f"got {_got(v)}")
+            return
+        integral = isinstance(v, numbers.Integral) and not isinstance(v, bool)
+        if self.count is not None and integral:  # an int is a count
+            lo, hi = self.count
+            if not lo <= v <= hi:
+                raise ValueError(f"{name} as a count (an integer) must be in [{lo}, {hi}], got {_got(v)}")
+            return
+        if self.kind is int and not integral:
+            hint = f" (a float: write {int(v)})" if isinstance(v, float) and v.is_integer() else ""
+            raise ValueError(f"{name} must be an integer {self.text()}, got {_got(v)}{hint}")
+        if not integral and (not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v)):
+            raise ValueError(f"{name} must be a number {self.text()}{self._or_count()}, got {_got(v)}")
+        below = v < self.lo or (self.lo_open and v == self.lo)
+        above = v > self.hi or (self.hi_open and v == self.hi)
+        if below or above:
+            raise ValueError(f"{name} must be {self.text()}{self._or_count()}, got {_got(v)}")
+
+    def _or_count(self) -> str:
+        return f" (or an integer count in [{self.count[0]}, {self.count[1]}])" if self.count else ""
+
+    def _what(self, plural: bool = False) -> str:
+        s = "s" if plural else ""
+        return {bool: f"boolean{s}", str: f"string{s}", int: f"integer{s}"}.get(self.kind, f"number{s}")
+
+
+def _num(x) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _got(v) -> str:
+    """A bad value, fit to quote in one line: a list or table is said by its size, not printed whole."""
+    if isinstance(v, (list, tuple)):
+        return f"a list of {len(v):,}"
+    if isinstance(v, dict):
+        return f"a table of {len(v):,} entries"
+    return safe(v) if isinstance(v, str) else safe(v, 40)[1:-1]
+
+
+def bounded(kind: type, lo: float, hi: float, default: Any, **kw) -> Any:
+    """A dataclass field with its declared ``Bound`` (None as the default makes None allowed):
+    ``rounds: int = bounded(int, 1, 1000, 3)``."""
+    bound = Bound(kind, lo, hi, optional=kw.pop("optional", default is None), **kw)
+    return dataclasses.field(default=default, metadata={"bound": bound})
+
+
+def check_fields(obj) -> None:
+    """Check every field of the dataclass ``obj`` that declares a ``Bound``; ValueError names the first bad one
+    (as ``prefix + name``, the prefix being the class's ``option_prefix``: "finetune.")."""
+    prefix = getattr(obj, "option_prefix", "")
+    for f in dataclasses.fields(obj):
+        bound = f.metadata.get("bound")
+        if bound is not None:
+            bound.check(getattr(obj, f.name), prefix + f.name)
+
+
+def bound_of(cls, name: str) -> Bound | None:
+    """The declared ``Bound`` of field ``name`` of the dataclass ``cls`` (None: none declared)."""
+    return {f.name: f.metadata.get("bound") for f in dataclasses.fields(cls)}.get(name)
+
+
 @dataclasses.dataclass(frozen=True)
 class Select:
     """Which layers a stage touches.
@@ -83,11 +213,13 @@ class Select:
             A layer named exactly in ``names`` is never spared.
     """
 
-    types: tuple = ("conv", "linear")
-    names: tuple = ()
-    exclude: tuple = ()
+    option_prefix: ClassVar[str] = "select."  # how its options are named in errors (as --set and recipes spell them)
+
+    types: tuple = bounded(str, 1, 16, ("conv", "linear"), many=2)
+    names: tuple = bounded(str, 1, 1000, (), many=1000)
+    exclude: tuple = bounded(str, 1, 1000, (), many=1000)
     filter_fn: Callable[[nn.Module, str], bool] | None = None
-    spare_first_last: bool = True
+    spare_first_last: bool = bounded(bool, 0, 1, True)
 
     def __post_init__(self):
         for f in ("types", "names", "exclude"):
@@ -96,16 +228,12 @@ class Select:
                 object.__setattr__(self, f, (v,))
             elif isinstance(v, list):
                 object.__setattr__(self, f, tuple(v))
+        check_fields(self)
         bad = [t for t in self.types if t not in ("conv", "linear")]
         if bad or not self.types:
             raise ValueError(f"select types must be 'conv' and/or 'linear', got {list(self.types)}")
-        for p in self.names + self.exclude:
-            if not isinstance(p, str) or not p:
-                raise ValueError(f"select patterns must be non-empty strings, got {p!r}")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ValueError(f"select filter_fn must be a callable (module, fqn) -> bool, got {self.filter_fn!r}")
-        if not isinstance(self.spare_first_last, bool):
-            raise ValueError(f"select spare_first_last must be true or false, got {self.spare_first_last!r}")
 
     def _matches(self, name: str, m: nn.Module) -> bool:
         if type_key(m) not in self.types:
@@ -168,33 +296,22 @@ class FineTune:
         seed: seeds the order of the samples (and the data's random augmentation).
     """
 
-    epochs: float = 0.0
-    lr: float = 1e-3
+    option_prefix: ClassVar[str] = "finetune."
+
+    epochs: float = bounded(float, 0, 10_000, 0.0)
+    lr: float = bounded(float, 0, 10, 1e-3, lo_open=True)
     optimizer: str = "adam"
-    batch_size: int = 64
-    augment: int | None = None
-    distill: float | None = None
-    distill_weight: float = 0.5
-    seed: int = 0
-    weight_decay: float = 0.0
+    batch_size: int = bounded(int, 1, 65_536, 64)
+    augment: int | None = bounded(int, 0, 512, None)  # and at most the input's side (train.check_augment)
+    distill: float | None = bounded(float, 0, 100, None, lo_open=True)
+    distill_weight: float = bounded(float, 0, 1, 0.5)
+    seed: int = bounded(int, 0, 2**31 - 1, 0)  # a stage adds its round (<= 1000) to it
+    weight_decay: float = bounded(float, 0, 1, 0.0)
 
     def __post_init__(self):
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not self.epochs >= 0:  # also refuses NaN
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        check_fields(self)
         if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        if self.augment is not None and self.augment < 0:
-            raise ValueError("augment must be >= 0")
-        if self.distill is not None and not self.distill > 0:
-            raise ValueError(f"distill (a temperature) must be > 0, got {self.distill}")
-        if not 0.0 <= self.distill_weight <= 1.0:
-            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+            raise ValueError(f"finetune.optimizer must be 'adam' or 'sgd', got {safe(self.optimizer)}")
 
 
 _PARTS = {"select": Select, "finetune": FineTune}
@@ -223,6 +340,23 @@ class Config:
         if name in _CONFIG_TYPES and _CONFIG_TYPES[name].__module__ != cls.__module__:
             raise ValueError(f"config type {name!r} is registered twice")
         _CONFIG_TYPES[name] = cls
+        own = cls.__dict__.get("__post_init__")
+        if own is not None:  # a subclass's own checks (rules across fields) run after the declared ranges
+            @functools.wraps(own)
+            def post_init(self, _own=own):
+                Config.__post_init__(self)
+                _own(self)
+
+            cls.__post_init__ = post_init
+
+    def __post_init__(self):
+        """Every field's declared ``Bound`` (``check_fields``), and the parts of the right types: what every
+        config is checked for, however it was built."""
+        for key, part_cls in _PARTS.items():
+            v = getattr(self, key, None)
+            if not isinstance(v, part_cls):
+                raise ValueError(f"{key} must be a table of {part_cls.__name__} options, got {_got(v)}")
+        check_fields(self)
 
     def searched(self) -> Any:
         """The value of this config's search key (a part's option when the key is "part.option")."""

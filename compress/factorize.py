@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .config import Config, FineTune, Select, register_method
+from .config import Config, FineTune, Select, bounded, register_method
 from .stages import Method, factorize_
 from .train import recalibrate_bn
 
@@ -46,9 +46,9 @@ class FactorizeConfig(Config):
     stage_name = "factorize"
     search_key = "energy"
 
-    energy: float | None = None
-    rank_ratio: float | None = None
-    rank: int | None = None
+    energy: float | None = bounded(float, 0, 1, None, lo_open=True)
+    rank_ratio: float | None = bounded(float, 0, 1, None, lo_open=True)
+    rank: int | None = bounded(int, 1, 1_000_000, None)
     select: Select = dataclasses.field(default_factory=Select)
     finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(augment=0))
 
@@ -56,12 +56,6 @@ class FactorizeConfig(Config):
         given = [v is not None for v in (self.energy, self.rank_ratio, self.rank)]
         if sum(given) != 1:
             raise ValueError("give exactly one of energy, rank_ratio or rank")
-        if self.energy is not None and not 0 < self.energy <= 1:
-            raise ValueError(f"energy must be in (0, 1], got {self.energy}")
-        if self.rank_ratio is not None and not 0 < self.rank_ratio <= 1:
-            raise ValueError(f"rank_ratio must be in (0, 1], got {self.rank_ratio}")
-        if self.rank is not None and self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
 
 
 def choose_rank(s: torch.Tensor, config: FactorizeConfig) -> int:

@@ -20,13 +20,17 @@ Every value has one meaning wherever it appears: ``finetune.epochs`` is the stag
 from __future__ import annotations
 
 import dataclasses
-import math
+import os
 import warnings
 from typing import Any
 
 from . import factorize, prune, quantize  # noqa: F401  (their methods register the stage types)
-from .config import CONFIG_VERSION, Config, close_matches, stage_types
-from .errors import UsageError
+from .config import CONFIG_VERSION, Config, bounded, check_fields, close_matches, stage_types
+from .errors import UsageError, first_line
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few lines; a larger file is refused before it is parsed
+MAX_STAGES = 32
+MAX_CANDIDATES = 64         # values of a search list (each checked by its option's declared range)
 
 # names recipes used before one word meant one thing; read with a FutureWarning that says the new spelling
 # quantize with these options
@@ -71,7 +75,10 @@ class Stage:
 
     name: str
     candidates: tuple[Config, ...]
-    patience: int = 2
+    patience: int = bounded(int, 1, 100, 2)
+
+    def __post_init__(self):
+        check_fields(self)
 
     @property
     def iterative(self) -> bool:
@@ -91,9 +98,6 @@ class Stage:
             raise UsageError(f"{where}: unknown method {name!r}{hint}; known: {', '.join(known)}")
         cfg_cls = types[name]
         opts = {k: v for k, v in d.items() if k not in _STAGE_KEYS}
-        patience = d.get("patience", 2)
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise UsageError(f"{where}: patience must be an integer >= 1, got {patience!r}")
         key = cfg_cls.search_key
         part, _, option = key.rpartition(".")  # "finetune.epochs": an option of a part
         found = opts.get(part) if part else opts
@@ -102,26 +106,18 @@ class Stage:
         if isinstance(values, list):
             if not values:
                 raise UsageError(f"{where}: {key} = [] lists no candidate")
+            if len(values) > MAX_CANDIDATES:
+                raise UsageError(f"{where}: {key} lists {len(values):,} candidates; at most {MAX_CANDIDATES}")
             option_sets = [{**opts, part: {**holder, option: v}} if part else {**opts, key: v} for v in values]
         else:
             option_sets = [opts]
         try:
-            cands = tuple(cfg_cls.from_options(o) for o in option_sets)
+            return cls(name, tuple(cfg_cls.from_options(o) for o in option_sets), d.get("patience", 2))
         except (TypeError, ValueError) as e:
             raise UsageError(f"{where} ({name}): {e}") from e
-        return cls(name, cands, patience)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.name, "patience": self.patience, "candidates": [c.to_dict() for c in self.candidates]}
-
-
-def _number(d: dict, key: str, lo: float, hi: float, where: str):
-    v = d.get(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-        raise UsageError(f"{where}: {key} must be a number in [{lo}, {hi}], got {v!r}")
-    return float(v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,9 +131,12 @@ class Recipe:
     """
 
     stages: tuple[Stage, ...]
-    max_accuracy_drop: float | None = None
-    confidence: float | None = None
-    val_fraction: float | None = None
+    max_accuracy_drop: float | None = bounded(float, 0, 100, None)
+    confidence: float | None = bounded(float, 0, 10, None)
+    val_fraction: float | None = bounded(float, 0.01, 0.9, None)
+
+    def __post_init__(self):
+        check_fields(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "recipe") -> "Recipe":
@@ -153,12 +152,18 @@ class Recipe:
         stages = d.get("stage")
         if not isinstance(stages, list) or not stages:
             raise UsageError(f"{where} needs at least one [[stage]]")
+        if len(stages) > MAX_STAGES:
+            raise UsageError(f"{where} has {len(stages):,} stages; at most {MAX_STAGES}")
         parsed = tuple(Stage.from_dict(s, f"{where} stage {i + 1}") for i, s in enumerate(stages))
         if any(st.name == "int8" for st in parsed[:-1]):  # its result runs integer kernels no method changes
             raise UsageError(f"{where}: int8 must be the last stage (methods change float models)")
-        return cls(parsed,
-                   _number(d, "max_accuracy_drop", 0.0, 100.0, where), _number(d, "confidence", 0.0, 10.0, where),
-                   _number(d, "val_fraction", 0.01, 0.9, where))
+        numbers = {k: d.get(k) for k in ("max_accuracy_drop", "confidence", "val_fraction")}
+        try:
+            rec = cls(parsed, **numbers)  # the declared ranges
+        except ValueError as e:
+            raise UsageError(f"{where}: {e}") from e
+        floats: dict[str, Any] = {k: float(v) for k, v in numbers.items() if v is not None}  # TOML's 1: 1.0
+        return dataclasses.replace(rec, **floats)
 
     @classmethod
     def load(cls, path) -> "Recipe":
@@ -166,13 +171,23 @@ class Recipe:
 
         try:
             with open(path, "rb") as f:
-                d = tomllib.load(f)
+                if os.fstat(f.fileno()).st_size > MAX_RECIPE_BYTES:
+                    raise UsageError(f"recipe {path} is {os.fstat(f.fileno()).st_size:,} bytes; a recipe is at most "
+                                     f"{MAX_RECIPE_BYTES:,}")
+                raw = f.read(MAX_RECIPE_BYTES + 1)  # (a device or a pipe has no size: read no more than that)
+            if len(raw) > MAX_RECIPE_BYTES:
+                raise UsageError(f"recipe {path} is over {MAX_RECIPE_BYTES:,} bytes; a recipe is at most that")
+            d = tomllib.loads(raw.decode())
         except FileNotFoundError as e:
             raise UsageError(f"recipe {path} not found") from e
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise UsageError(f"recipe {path}: {e}") from e
+            raise UsageError(f"recipe {path}: {first_line(e)}") from e
         except IsADirectoryError as e:
             raise UsageError(f"recipe {path} is a directory") from e
+        except RecursionError as e:  # tables or lists nested deeper than Python's parser recurses
+            raise UsageError(f"recipe {path}: nested too deeply") from e
+        except ValueError as e:  # an integer of more digits than Python converts
+            raise UsageError(f"recipe {path}: {first_line(e)}") from e
         return cls.from_dict(d, f"recipe {path}")
 
     def with_finetune(self, **changes) -> "Recipe":

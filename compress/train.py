@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import distributed, masks
 from .config import FineTune
 from .data import Data, batches, eval_batch_size
-from .errors import CompressError, InputError, first_line
+from .errors import CompressError, InputError, UsageError, first_line
 from .progress import Bar, progress_enabled
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,17 @@ def random_shift(x: torch.Tensor, pixels: int, g: torch.Generator) -> torch.Tens
     rows = (torch.arange(h)[None, :] + dy[:, None])[:, :, None]  # (N, H, 1)
     cols = (torch.arange(w)[None, :] + dx[:, None])[:, None, :]  # (N, 1, W)
     return p[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+def check_augment(augment: int | None, data: Data) -> None:
+    """Random shifts of up to ``augment`` pixels must fit the images of ``data`` (at most their side): a UsageError,
+    said before any work, for more (the shift pads every batch by twice as many pixels)."""
+    if not augment:
+        return
+    shape = data.sample_shape  # (C, H, W) for images; other inputs are not shifted
+    if len(shape) == 3 and augment > min(shape[-2:]):
+        raise UsageError(f"finetune.augment = {augment} is more than the side of the images of {data.name} "
+                         f"({min(shape[-2:])} pixels); give at most {min(shape[-2:])}")
 
 
 def to_device(v, dev):
@@ -247,6 +258,7 @@ def fit(model: nn.Module, data: Data, cfg: FineTune | None = None, *, method=Non
     total_steps = per_epoch * whole + int(round(per_epoch * frac))
     if total_steps == 0:
         return []
+    check_augment(augment, data)
     if teacher is not None and cfg.distill:
         teacher.eval()
     else:

@@ -110,6 +110,8 @@ def with_settings(cfg, settings: list[str] | None):
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw
+        except (RecursionError, ValueError) as e:  # nested deeper than the parser recurses; an int of 5,000 digits
+            raise UsageError(f"--set {key}: the value is not one compress reads ({type(e).__name__})") from None
         part, dot, sub = key.partition(".")
         if dot:
             if not isinstance(d.get(part), dict):

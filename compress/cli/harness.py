@@ -191,6 +191,10 @@ def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, re
     from ..stages import Context, run
 
     check_reports(report_dir, json_out, force)  # before the work, not after it
+    if inp.train is not None and getattr(cfg, "finetune", None) is not None:
+        from ..train import check_augment
+
+        check_augment(cfg.finetune.augment, inp.train)  # the shifts fit the images: said before any work
     original = copy.deepcopy(inp.model)
     inp.before = measure(inp, inp.model, calib)
     inp.before["file_bytes"] = inp.file_bytes

@@ -85,6 +85,11 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
     inp = load_inputs(model, output, force or resume, load, None, test_data, task=task)
     ds = check_data(inp.model, data_mod.load(train_data, workers), task, inp.metric, training=True)
     val = check_data(inp.model, data_mod.load(val_data, workers), task, inp.metric) if val_data else None
+    if rec is not None:  # the recipe's shifts fit the images: said before minutes of work
+        from ..train import check_augment
+
+        for cand in (c for st in rec.stages for c in st.candidates):
+            check_augment(cand.finetune.augment, ds)
     original = copy.deepcopy(inp.model)
     m, summary = run(inp.model, ds, rec, max_accuracy_drop, inp.input_shape, on_event=_ShowEvents(), val_data=val,
                      test_data=inp.test, latency=not no_latency, time_budget=time_budget,

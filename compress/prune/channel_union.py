@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .. import distributed
-from ..config import Config, FineTune, Select, register_method
+from ..config import Config, FineTune, Select, bounded, register_method
 from ..metrics import count_macs, count_params
 from ..models.blocks import ResidualIdentity
 from ..stages import Context, Method, needs_data
@@ -64,13 +64,13 @@ class ChannelUnionConfig(Config):
     stage_name = "channel-union"
     search_key = "lasso_ratio"
 
-    lasso_ratio: float = 0.8
-    reconfig_interval: int = 1
-    zero_tol: float = 1e-8
-    rel_tol: float = 0.1
-    min_channels: int = 1
-    target_macs: float | None = None
-    target_params: float | None = None
+    lasso_ratio: float = bounded(float, 0, 1000, 0.8)
+    reconfig_interval: int = bounded(int, 1, 10_000, 1)
+    zero_tol: float = bounded(float, 0, 1, 1e-8)
+    rel_tol: float = bounded(float, 0, 1, 0.1)
+    min_channels: int = bounded(int, 1, 1_000_000, 1)
+    target_macs: float | None = bounded(float, 0, 1e18, None, lo_open=True)  # and see l1_filter.check_targets
+    target_params: float | None = bounded(float, 0, 1e15, None, lo_open=True)
     select: Select = dataclasses.field(default_factory=Select)
     finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(epochs=4.0, lr=0.02, optimizer="sgd", augment=0))
 
@@ -78,10 +78,6 @@ class ChannelUnionConfig(Config):
         from .l1_filter import check_targets
 
         check_targets(self)
-        if not self.lasso_ratio >= 0:
-            raise ValueError("lasso_ratio must be >= 0")
-        if self.reconfig_interval < 1:
-            raise ValueError("reconfig_interval must be >= 1")
 
 
 def lasso_lambda(config: ChannelUnionConfig, classes: int) -> float:

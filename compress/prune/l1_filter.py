@@ -17,9 +17,9 @@ import warnings
 import torch
 import torch.nn as nn
 
-from ..config import Config, FineTune, Select, check_keys, per_layer, register_method
+from ..config import Config, FineTune, Select, bounded, check_keys, per_layer, register_method
 from ..distributed import device_of
-from ..errors import CompressError, InputError, first_line
+from ..errors import CompressError, InputError, first_line, safe
 from ..meta import read_meta
 from ..stages import Context, Method
 from ..train import evaluate
@@ -58,33 +58,20 @@ class L1FilterConfig(Config):
     stage_name = "l1-filter"
     search_key = "ratio"
 
-    ratio: float | int | dict = 0.5
-    min_channels: int = 1
-    round_to: int | None = None
-    target_macs: float | None = None
-    target_params: float | None = None
-    target_latency: float | None = None
+    ratio: float | int | dict = bounded(float, 0, 1, 0.5, hi_open=True, count=(0, 1_000_000), per_layer=True)
+    min_channels: int = bounded(int, 1, 1_000_000, 1)
+    round_to: int | None = bounded(int, 1, 1024, None)
+    target_macs: float | None = bounded(float, 0, 1e18, None, lo_open=True)  # and see check_targets
+    target_params: float | None = bounded(float, 0, 1e15, None, lo_open=True)
+    target_latency: float | None = bounded(float, 0, 1, None, lo_open=True, hi_open=True)
     importance: str = "l1"
     select: Select = dataclasses.field(default_factory=Select)
     finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(augment=0))
 
     def __post_init__(self):
-        vals = list(self.ratio.values()) if isinstance(self.ratio, dict) else [self.ratio]
-        for v in vals:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"ratio must be a number, got {v!r}")
-            if isinstance(v, float) and not 0.0 <= v < 1.0:
-                raise ValueError(f"a fractional ratio must be in [0, 1), got {v}")
-            if isinstance(v, int) and v < 0:
-                raise ValueError(f"a count ratio must be >= 0, got {v}")
-        if self.min_channels < 1:
-            raise ValueError("min_channels must be >= 1")
         check_targets(self)
-        if self.importance not in IMPORTANCES:
-            raise ValueError(f"importance {self.importance!r} unknown; known: {', '.join(sorted(IMPORTANCES))}")
-        if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
-                                          or self.round_to < 1):
-            raise ValueError(f"round_to must be an integer >= 1, got {self.round_to!r}")
+        if not isinstance(self.importance, str) or self.importance not in IMPORTANCES:
+            raise ValueError(f"importance {safe(self.importance)} unknown; known: {', '.join(sorted(IMPORTANCES))}")
 
 
 def _count(ratio, size: int, min_channels: int, round_to: int = 1) -> int:
@@ -240,16 +227,12 @@ class L1FilterPruner(Method):
 
 
 def check_targets(config) -> None:
-    """A config's ``target_macs`` / ``target_params``: a fraction in (0, 1) or a count >= 1;
-    ``target_latency`` (where the config has one): a fraction in (0, 1); one target at most."""
+    """A config's ``target_macs`` / ``target_params`` (their declared ranges checked): a fraction in (0, 1) or a
+    whole count >= 1; one target at most."""
     for k in ("target_macs", "target_params"):
         v = getattr(config, k)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
-                              or (v >= 1 and v != int(v))):
+        if v is not None and v >= 1 and v != int(v):
             raise ValueError(f"{k} must be a fraction in (0, 1) or a count >= 1, got {v!r}")
-    lat = getattr(config, "target_latency", None)
-    if lat is not None and (isinstance(lat, bool) or not isinstance(lat, (int, float)) or not 0 < lat < 1):
-        raise ValueError(f"target_latency must be a fraction of the input's latency in (0, 1), got {lat!r}")
     if sum(getattr(config, k, None) is not None for k in ("target_macs", "target_params", "target_latency")) > 1:
         raise ValueError("give one of target_macs, target_params, target_latency (not both)")
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from .. import masks
-from ..config import Config, FineTune, Select, check_keys, per_layer, register_method, uncovered
+from ..config import Config, FineTune, Select, bounded, check_keys, per_layer, register_method, uncovered
 from ..stages import Context, KeepMasks
 from . import allocate as alloc
 
@@ -58,38 +58,22 @@ class ThresholdConfig(Config):
     iterative = True
     renamed = {"steps": "rounds"}
 
-    sparsity: float | dict | None = None
-    quality: float | dict | None = None
+    sparsity: float | dict | None = bounded(float, 0, 1, None, hi_open=True, per_layer=True)
+    quality: float | dict | None = bounded(float, 0, 100, None, per_layer=True)
     allocate: str = "sensitivity"
-    rounds: int = 3
+    rounds: int = bounded(int, 1, 1000, 3)
     schedule: str = "cubic"
-    first_last_factor: float = 0.5
+    first_last_factor: float = bounded(float, 0, 1, 0.5, lo_open=True)
     select: Select = dataclasses.field(default_factory=Select)
     finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(epochs=3.0, lr=1e-3))
 
     def __post_init__(self):
         if (self.sparsity is None) == (self.quality is None):
             raise ValueError("give exactly one of sparsity or quality")
-        for v in _values(self.sparsity):
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0):
-                raise ValueError(f"sparsity must be in [0, 1), got {v!r}")
-        for v in _values(self.quality):
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0):
-                raise ValueError(f"quality must be >= 0, got {v!r}")
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
-            raise ValueError(f"rounds must be an integer >= 1, got {self.rounds!r}")
         if self.allocate not in ALLOCATE:
             raise ValueError(f"allocate must be one of {', '.join(ALLOCATE)}, got {self.allocate!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if not 0 < self.first_last_factor <= 1:
-            raise ValueError("first_last_factor must be in (0, 1]")
-
-
-def _values(v):
-    if v is None:
-        return []
-    return list(v.values()) if isinstance(v, dict) else [v]
 
 
 def _kth_abs(w: torch.Tensor, fraction: float) -> float:

@@ -18,7 +18,8 @@ import warnings
 import torch
 import torch.nn as nn
 
-from ..config import Config, FineTune, Select, check_keys, per_layer, register_method, uncovered
+from ..config import Config, FineTune, Select, bounded, check_keys, per_layer, register_method, uncovered
+from ..errors import safe
 from ..quant_state import SCHEMES, QuantState, Scheme, get_scheme, get_state, register_scheme, set_state
 from ..stages import Method, quantize_
 from . import kmeans as km
@@ -49,23 +50,17 @@ class QuantConfig(Config):
     stage_name = "quantize"
     search_key = "bits"
 
-    bits: int | dict = 8
+    bits: int | dict = bounded(int, 2, 8, 8, per_layer=True)
     scheme: str = "minmax"
-    per_channel: bool = True
-    symmetric: bool = True
-    bias_bits: int | None = 8
+    per_channel: bool = bounded(bool, 0, 1, True)
+    symmetric: bool = bounded(bool, 0, 1, True)
+    bias_bits: int | None = bounded(int, 2, 8, 8, optional=True)
     select: Select = dataclasses.field(default_factory=lambda: Select(spare_first_last=False))
     finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(epochs=0.0, lr=1e-4, augment=0))
 
     def __post_init__(self):
-        for b in (self.bits.values() if isinstance(self.bits, dict) else [self.bits]):
-            if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8:
-                raise ValueError(f"bits must be an integer in 2..8, got {b!r}")
-        b = self.bias_bits
-        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8):
-            raise ValueError(f"bias_bits must be an integer in 2..8 or None, got {b!r}")
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+        if not isinstance(self.scheme, str) or self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {safe(self.scheme)}")
         if not self.per_channel or not self.symmetric:
             if SCHEMES[self.scheme].storage == "codebook":
                 raise ValueError(f"scheme {self.scheme!r} keeps one table per layer: "

@@ -15,9 +15,9 @@ import math
 
 import torch.nn as nn
 
-from ..config import Config, FineTune, Select, register_method
+from ..config import Config, FineTune, Select, bounded, register_method
 from ..data import Data, as_data, check_fits
-from ..errors import UsageError
+from ..errors import UsageError, safe
 from ..stages import Context, Method, needs_data, run
 from . import int8
 
@@ -42,23 +42,15 @@ class Int8Config(Config):
     first_fit = True  # candidates cost more, not compress more: the first within budget is kept
 
     observer: str = "histogram"
-    percentile: float = int8.PERCENTILE
-    calib_samples: int = int8.CALIB_SAMPLES
-    freeze: float = 0.3
+    percentile: float = bounded(float, 99, 100, int8.PERCENTILE)
+    calib_samples: int = bounded(int, 1, 1 << 20, int8.CALIB_SAMPLES)
+    freeze: float = bounded(float, 0, 1, 0.3, hi_open=True)
     select: Select = dataclasses.field(default_factory=lambda: Select(spare_first_last=False))
     finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(epochs=0.0, lr=1e-4, augment=0))
 
     def __post_init__(self):
         if self.observer not in int8.OBSERVERS:
-            raise ValueError(f"observer must be one of {', '.join(int8.OBSERVERS)}, got {self.observer!r}")
-        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
-                or not 99.0 <= self.percentile <= 100.0:
-            raise ValueError(f"percentile must be a number in [99, 100], got {self.percentile!r}")
-        if isinstance(self.calib_samples, bool) or not isinstance(self.calib_samples, int) \
-                or not 1 <= self.calib_samples <= 1 << 20:
-            raise ValueError(f"calib_samples must be an integer in 1..{1 << 20}, got {self.calib_samples!r}")
-        if not (isinstance(self.freeze, (int, float)) and 0.0 <= self.freeze < 1.0):
-            raise ValueError(f"freeze must be in [0, 1), got {self.freeze!r}")
+            raise ValueError(f"observer must be one of {', '.join(int8.OBSERVERS)}, got {safe(self.observer)}")
 
 
 @register_method(Int8Config)
