@@ -396,6 +396,21 @@ def test_mutated_npz_files_are_read_or_refused_never_crash(data):
         assert sum(a.nbytes for a in arrays.values()) <= files_mod.MIN_DECODED_BYTES
 
 
+@pytest.mark.parametrize("where", ["before the locator", "where the locator says"])
+def test_a_zip64_directory_is_sized_before_zipfile_reads_it(tmp_path, where):
+    """A zip64 end record (what zipfile reads the directory's size from when it finds one) of 2^40 bytes."""
+    honest = zip_bytes([{"name": "x.npy", "data": npy_bytes((0,), "<f4")}])
+    end = honest.index(b"PK\x05\x06")
+    record = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, 1, 1, 1 << 40, 0)
+    if where == "before the locator":
+        blob = honest[:end] + record + struct.pack("<4sLQL", b"PK\x06\x07", 0, end, 1) + honest[end:]
+    else:  # the record at the start of the file, the locator pointing to it
+        blob = record + honest[:end] + struct.pack("<4sLQL", b"PK\x06\x07", 0, 0, 1) + honest[end:]
+    (tmp_path / "z.npz").write_bytes(blob)
+    with pytest.raises(CompressError, match="zip directory declares 1,099,511,627,776 bytes"):
+        npy_mod.read_npz(tmp_path / "z.npz", mmap_min=1 << 20)
+
+
 def test_measured_numbers_are_printed():
     """``pytest -s`` shows every hostile case's time and peak memory (the numbers the report quotes)."""
     for k, e in MEASURED.items():

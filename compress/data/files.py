@@ -62,8 +62,8 @@ class DecodeBudget:
         if own is not None and n > own:
             self._refuse(f"{what} declares {n:,} bytes from {compressed_bytes:,} compressed", own)
         if n > self.left:
-            self._refuse(f"{what} declares {n:,} bytes ({self.cap - self.left:,} already decoded) from a file of "
-                         f"{self.file_bytes:,}", self.cap)
+            spent = f" ({self.cap - self.left:,} already decoded)" if self.left < self.cap else ""
+            self._refuse(f"{what} declares {n:,} bytes{spent} from a file of {self.file_bytes:,}", self.cap)
         self.left -= n
 
     def _refuse(self, why: str, cap: int):
@@ -88,7 +88,7 @@ def read_exact(f: IO[bytes], n: int, where: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- files and folders
 _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a link"))
 
 
 def not_regular(mode: int) -> str | None:
@@ -98,18 +98,16 @@ def not_regular(mode: int) -> str | None:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
-def _nonblocking(path, flags):
-    return os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-
-
-def open_regular(path) -> IO[bytes]:
+def open_regular(path, follow: bool = True) -> IO[bytes]:
     """``path`` opened for reading, if it is a regular file: refused from ``stat`` before the open, and from
-    ``fstat`` after an open that never blocks (a FIFO swapped in between opens at once and is refused)."""
+    ``fstat`` after an open that never blocks (a FIFO swapped in between opens at once and is refused).
+    ``follow=False``: a link in the last place is refused too (a path already resolved inside its folder)."""
+    extra = os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow else getattr(os, "O_NOFOLLOW", 0))
     try:
-        kind = not_regular(os.stat(path).st_mode)
+        kind = not_regular(os.stat(path, follow_symlinks=follow).st_mode)
         if kind is not None:
             raise InputError(f"{safe(str(path), 200)} is {kind}, not a regular file")
-        f = open(path, "rb", opener=_nonblocking)
+        f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | extra))
     except OSError as e:
         raise InputError(f"cannot read {safe(str(path), 200)}: {e.strerror or e}") from None
     kind = not_regular(os.fstat(f.fileno()).st_mode)

@@ -48,7 +48,7 @@ class FolderData(Data):
             raise UsageError(f"{self.name}: ?rrc needs the size it crops to: ?crop=N (or ?size=N)")
         self.classes, self.files, self.targets = self._scan()
 
-    def _scan(self):
+    def _scan(self) -> tuple[list[str], list[str], torch.Tensor]:
         """Every image under ``root/<class>/``, by a walk that is bounded (``MAX_ENTRIES`` looked at, ``MAX_FILES``
         kept, ``MAX_DEPTH`` deep), keeps regular files only and keeps every path inside the folder."""
         if not self.root.is_dir():
@@ -118,8 +118,9 @@ class FolderData(Data):
 
         path = self.files[i]
         try:
-            # a regular file, opened without blocking (a FIFO swapped in after the scan is refused, not waited on)
-            with open_regular(path) as f, warnings.catch_warnings():
+            # a regular file, opened without blocking and without following a link (the scan kept real paths):
+            # a FIFO or a link swapped in after the scan is refused, not waited on or followed
+            with open_regular(path, follow=False) as f, warnings.catch_warnings():
                 # Pillow warns above its own limit (89 M pixels) and refuses above twice that; ours is lower
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(f, formats=FORMATS) as opened:  # reads the header only

@@ -140,11 +140,15 @@ def _directory_bytes(f: IO[bytes], size: int, where: str) -> int:
         raise InputError(f"{where}: not a readable .npz file (no zip directory)")
     end = _END.unpack_from(data, at)
     sizes = [end[5]]
-    if at >= _END64_LOCATOR.size + _END64.size:
+    if at >= _END64_LOCATOR.size:
         loc = _END64_LOCATOR.unpack_from(data, at - _END64_LOCATOR.size)
-        rec = _END64.unpack_from(data, at - _END64_LOCATOR.size - _END64.size)
-        if loc[0] == b"PK\x06\x07" and rec[0] == b"PK\x06\x06":
-            sizes.append(rec[8])
+        if loc[0] == b"PK\x06\x07":  # a zip64 record: just before the locator, or where the locator says
+            before = at - _END64_LOCATOR.size - _END64.size
+            records = [data[before:before + _END64.size]] if before >= 0 else []
+            if loc[2] <= size - _END64.size:
+                f.seek(loc[2])
+                records.append(f.read(_END64.size))
+            sizes += [_END64.unpack(r)[8] for r in records if len(r) == _END64.size and r[:4] == b"PK\x06\x06"]
     return max(sizes)
 
 
