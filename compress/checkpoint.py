@@ -104,6 +104,8 @@ class Checkpoint:
         return files is not None and STATE in files and os.path.lexists(self.folder / STATE)
 
     def write(self, state: dict, models: dict[str, nn.Module | None]) -> None:
+        """Save ``state`` and ``models`` (by key; None: none) under new names, then delete the files of the
+        write before. Makes the folder, with its manifest, if there is none; refuses one compress may not use."""
         import json
 
         from .fileio import write_text
@@ -159,7 +161,7 @@ class Checkpoint:
             if not stat.S_ISREG(mode):
                 raise InputError(f"{path}: not a regular file (a link, a folder, ...); not loaded")
             models[key] = load_model(path, arch=self.arch, trust_pickle=False)  # compress's own file: no trust
-        self.writes = int(_MODEL_NAME.fullmatch(state["models"]["model"]).group(2))  # type: ignore[union-attr]
+        self.writes = int(state["models"]["model"].rpartition("-")[2][:-3])  # KEY-N.pt, checked: N goes on
         return state, models
 
     def clear(self) -> None:
@@ -201,7 +203,7 @@ class Checkpoint:
         except InputError as e:
             raise InputError(f"{path}: {e}") from None
         ok = isinstance(doc, dict) and set(doc) == {"format", "version", "files"} and \
-            doc["format"] == _FORMAT and doc["version"] == _VERSION and isinstance(doc["files"], list) and \
+            doc["format"] == _FORMAT and type(doc["version"]) is int and doc["version"] == _VERSION and isinstance(doc["files"], list) and \
             len(doc["files"]) <= MAX_LISTED and all(isinstance(n, str) and (n == STATE or _MODEL_NAME.fullmatch(n))
                                                     for n in doc["files"])
         if not ok:
