@@ -111,7 +111,11 @@ FORGERIES = {
     "a builtin": (lambda g: _nodes(g)[0].__setitem__(0, "builtins.eval"), "table of operators"),
     "an in-place op on a parameter": (lambda g: _use(g, ["add_.Tensor", [{"p": 1}, {"p": 1}]]), "table of operators"),
     "a random op": (lambda g: _use(g, ["native_dropout", [{"v": 0}, 0.5, True]]), "table of operators"),
-    "a move to another device": (lambda g: _use(g, ["_to_copy", [{"v": 0}], {"device": "cuda"}]), "Device"),
+    "a move to another device": (lambda g: _use(g, ["_to_copy", [{"v": 0}], {"device": "cuda"}]),
+                                 "table of operators"),
+    "an op that makes tensors of any size": (lambda g: _use(g, ["full", [[30000, 30000], 1.0]]), "table of operators"),
+    "an op whose result may be far larger than its memory": (
+        lambda g: _use(g, ["expand", [{"v": 0}, [2**31 - 1, 3, 64, 64]]]), "table of operators"),
     "code as a tensor name": (lambda g: g["params"].__setitem__(0, "x = __import__('os').system('touch {canary}')"),
                               "module path"),
     "code as a string argument": (lambda g: _use(g, ["gelu", [{"v": 0}], {"approximate": "__import__('os')"}]),
@@ -131,17 +135,24 @@ FORGERIES = {
     "1 M integers in one literal": (lambda g: _use(g, ["view", [{"v": 0}, [1] * 10**6]]), "at most 1024"),
     "an op whose arguments do not fit": (lambda g: _use(g, ["conv2d", [{"v": 0}, {"p": 0}, None, [1, 1], "x"]]),
                                           "expects"),
-    # cost before work
-    "a 3.6 GB allocation": (lambda g: _use(g, ["full", [[30000, 30000], 1.0]]), "MiB of activations"),
-    "a 40 GB allocation": (lambda g: _use(g, ["full", [[100000, 100000], 1.0]]), "MiB of activations"),
-    "a sum over (2^31 - 1)^2 broadcast elements": (lambda g: _use(g, ["full", [[1], 1.0]], [
-        ["expand", [{"v": V(g["nodes"]) + 1}, [2**31 - 1, 2**31 - 1]]],
-        ["sum.dim_IntList", [{"v": V(g["nodes"]) + 2}, [0]]]]), "operations"),
-    "a result per sample (split along the batch)": (lambda g: _use(g, ["split.Tensor", [{"v": 0}, 1, 0]], [
-        ["getitem", [{"v": V(g["nodes"]) + 1}, 0]]]), "tensors for one sample"),
-    "a cost that grows as the batch squared": (lambda g: _use(g, ["sym_size.int", [{"v": 0}, 0]], [
-        ["full", [[{"v": V(g["nodes"]) + 1}, 1], 1.0]], ["full", [[1, {"v": V(g["nodes"]) + 1}], 1.0]],
-        ["add.Tensor", [{"v": V(g["nodes"]) + 2}, {"v": V(g["nodes"]) + 3}]]]), "linear in the batch"),
+    "a dropout probability in attention (a random eval model)": (lambda g: _use(g, ["view", [{"v": 0}, [-1, 64, 192]]], [
+        ["scaled_dot_product_attention", [{"v": V(g["nodes"]) + 1}] * 3 + [None, 0.5]]]), "random"),
+    # cost before work: every op charged by its own formula (issue: "Every reader bounded by construction")
+    "a 10 GB allocation (adaptive pooling that upsamples)": (
+        lambda g: _use(g, ["adaptive_avg_pool2d", [{"v": 0}, [30000, 30000]]]), "MiB for a batch"),
+    "a 2^40-fold copy (cat doubling)": (lambda g: [_use(g, ["cat", [[_out(g), _out(g)]]]) for _ in range(40)],
+                                         "MiB for a batch"),
+    "a 1024x1024 pooling window": (lambda g: _use(g, ["adaptive_avg_pool2d", [{"v": 0}, [2048, 2048]]], [
+        ["max_pool2d", [{"v": V(g["nodes"]) + 1}, [1024, 1024], [1, 1]]]]), "operations"),
+    "a view that copies (reshape of a transposed, pooled-up tensor)": (lambda g: _use(g, [
+        "adaptive_avg_pool2d", [{"v": 0}, [4096, 4096]]], [["transpose.int", [{"v": V(g["nodes"]) + 1}, 2, 3]],
+                                                          ["view", [{"v": V(g["nodes"]) + 2}, [-1]]]]), "MiB for a batch"),
+    "millions of results from one split": (lambda g: _use(g, ["view", [{"v": 0}, [-1]]], [
+        ["split.Tensor", [{"v": V(g["nodes"]) + 1}, 1]], ["getitem", [{"v": V(g["nodes"]) + 2}, 0]]]),
+        "more than 1,024 tensors"),
+    "attention over a million tokens": (lambda g: _use(g, ["adaptive_avg_pool2d", [{"v": 0}, [1024, 1024]]], [
+        ["view", [{"v": V(g["nodes"]) + 1}, [1, -1, 3]]],
+        ["scaled_dot_product_attention", [{"v": V(g["nodes"]) + 2}] * 3]]), "MiB for a batch"),
 }
 
 
@@ -164,15 +175,32 @@ def test_a_forged_graph_is_refused_before_anything_runs(user_model, what, tmp_pa
     assert not canary.exists()
 
 
+def test_each_batch_is_checked_at_the_shape_that_runs(user_model):
+    """A cost cubic in the batch (an output side of batch x 1000) is modest for one sample, so the file
+    decodes; the batch of 32 that a latency run would use is checked before it runs, and refused."""
+    from tests.test_hostile import _peak_mb
+
+    manifest, sections = unpack(user_model[1])
+    g = manifest["graph"]
+    _use(g, ["sym_size.int", [{"v": 0}, 0]], [["sym_mul", [{"v": V(g["nodes"]) + 1}, 200]],
+                                              ["adaptive_avg_pool2d", [{"v": 0}, [{"v": V(g["nodes"]) + 2}] * 2]]])
+    model = decode_model(forge(manifest, sections))
+    assert model(torch.randn(1, *SHAPE[1:])).shape == (1, 3, 200, 200)
+    before, t0 = _peak_mb(), time.perf_counter()
+    with pytest.raises(InputError, match="batch of 32.*MiB for a batch of 32"):
+        model(torch.randn(32, *SHAPE[1:]))
+    assert time.perf_counter() - t0 < 5 and _peak_mb() - before < 100
+
+
 def test_the_cli_refuses_a_forged_graph_in_one_line_and_runs_nothing(user_model, tmp_path, cli):
     from tests.helpers import one_line_error
 
     manifest, sections = unpack(user_model[1])
-    _use(manifest["graph"], ["full", [[30000, 30000], 1.0]])
+    _use(manifest["graph"], ["adaptive_avg_pool2d", [{"v": 0}, [30000, 30000]]])
     (tmp_path / "f.cpz").write_bytes(forge(manifest, sections))
     for args in (("report", tmp_path / "f.cpz", "--no-latency"), ("decode", tmp_path / "f.cpz", "-o", tmp_path / "d.pt")):
         res = cli(*args)
-        assert one_line_error(res) and "MiB of activations" in res.err and "--arch module:callable" in res.err
+        assert one_line_error(res) and "MiB for a batch" in res.err and "--arch module:callable" in res.err
     assert not (tmp_path / "d.pt").exists()
 
 

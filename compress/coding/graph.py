@@ -27,15 +27,16 @@ computed. Decoding is linear in the graph's size.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import operator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import safe
+from .graph_ops import MAX_RESULTS, NO_RANDOM, OP_NAMES, OPS, SAME_SHAPE, Op
+
+__all__ = ["MAX_RESULTS", "OP_NAMES", "OPS", "Op", "GraphError", "Graph", "parse", "dump", "encode", "run"]
 
 SCHEMA = 1
 MAX_BATCH = 1 << 16
@@ -48,98 +49,16 @@ MAX_MODULES = 50_000   # the containers their module paths ask for
 MAX_DEPTH = 64         # parts of one module path
 MAX_INPUT_DIMS = 6
 
-# Functional ATen operators, ``name`` or ``name.overload`` (its default overload otherwise). Views,
-# reductions, normalisation and the few allocating ops (full, zeros, ...) are all bounded by ``cost``.
-_ATEN = """
-conv1d conv2d conv3d conv_transpose1d conv_transpose2d.input conv_transpose3d.input convolution linear addmm mm
-bmm matmul baddbmm
-_native_batch_norm_legit_no_training layer_norm native_layer_norm group_norm native_group_norm rms_norm
-relu relu6 hardtanh hardswish hardsigmoid sigmoid silu gelu tanh leaky_relu elu prelu _prelu_kernel mish softplus
-glu softmax.int _softmax log_softmax.int _log_softmax
-add.Tensor add.Scalar sub.Tensor sub.Scalar rsub.Scalar mul.Tensor mul.Scalar div.Tensor div.Scalar div.Tensor_mode
-neg abs sqrt rsqrt pow.Tensor_Scalar exp log clamp clamp_min clamp_max maximum minimum where.self erf reciprocal
-sign floor ceil round eq.Tensor eq.Scalar ne.Scalar lt.Scalar gt.Scalar le.Scalar ge.Scalar logical_not
-max_pool1d max_pool2d max_pool2d_with_indices avg_pool1d avg_pool2d adaptive_avg_pool1d adaptive_avg_pool2d
-_adaptive_avg_pool2d adaptive_max_pool2d upsample_nearest2d.vec upsample_bilinear2d.vec _upsample_nearest_exact2d.vec
-pixel_shuffle pixel_unshuffle constant_pad_nd reflection_pad2d replication_pad2d channel_shuffle native_channel_shuffle
-mean.dim sum.dim_IntList amax amin max.dim min.dim var.correction std.correction linalg_vector_norm cumsum
-view _unsafe_view reshape flatten.using_ints unflatten.int permute transpose.int t contiguous clone cat stack
-split.Tensor split_with_sizes chunk unbind.int slice.Tensor select.int narrow squeeze.dim squeeze.dims squeeze
-unsqueeze expand index_select roll flip alias sym_size.int _to_copy full_like zeros_like ones_like full zeros ones
-scaled_dot_product_attention _scaled_dot_product_flash_attention_for_cpu
-""".split()
-# ops whose result has their first argument's shape, dtype and size: ``cost`` (shapes only) takes the
-# argument for the result instead of calling a meta kernel (~0.2 ms each, in Python, for pointwise ops)
-SAME_SHAPE = frozenset("""relu relu6 hardtanh hardswish hardsigmoid sigmoid silu gelu tanh leaky_relu elu mish softplus
-neg abs sqrt rsqrt exp log erf reciprocal sign floor ceil round clamp clamp_min clamp_max clone contiguous alias""".split())
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int8": torch.int8,
           "uint8": torch.uint8, "bool": torch.bool}
 _FORMATS = {"contiguous_format": torch.contiguous_format, "channels_last": torch.channels_last,
             "preserve_format": torch.preserve_format}
 _STRINGS = frozenset("none tanh floor trunc reflect replicate circular constant mean sum".split())
-_BASE = frozenset("Tensor int float bool number str ScalarType MemoryFormat Layout Device".split())
 
 
 class GraphError(ValueError):
     """A stored graph that compress will not run (or a model it cannot capture)."""
-
-
-@dataclass(frozen=True)
-class Op:
-    """One entry of the operator table: what it calls and the types of its arguments."""
-
-    name: str
-    fn: Any
-    args: tuple       # ((name, type, kwarg_only, required), ...) from torch's schema
-    returns: str      # "tensor", "int" or "tuple"
-    view: bool        # the result shares memory with its first tensor argument
-    factory: bool = False  # it creates a tensor (``full``): on the input's device, never another
-
-
-def _type_ok(t: str) -> bool:
-    while t.startswith(("Optional[", "List[")):
-        t = t[t.index("[") + 1:-1]
-    return t in _BASE
-
-
-def _aten(name: str) -> Op | None:
-    packet, _, overload = name.partition(".")
-    fn = getattr(getattr(torch.ops.aten, packet, None), overload or "default", None)
-    if fn is None:
-        return None
-    s = fn._schema
-    if s.is_mutable or not s.returns:
-        return None
-    args = tuple((a.name, str(a.real_type), a.kwarg_only, not a.has_default_value()) for a in s.arguments)
-    rets = [str(r.real_type) for r in s.returns]
-    if not all(_type_ok(t) for _, t, _, _ in args):
-        return None
-    if rets == ["Tensor"]:
-        returns = "tensor"
-    elif rets == ["int"]:
-        returns = "int"
-    elif all(r == "Tensor" for r in rets) or rets == ["List[Tensor]"]:
-        returns = "tuple"
-    else:
-        return None
-    factory = any(a[0] == "device" for a in args)
-    return Op(name, fn, args, returns, s.returns[0].alias_info is not None, factory)
-
-
-OPS: dict[str, Op] = {}
-for _name in _ATEN:
-    _op = _aten(_name)
-    if _op is not None:  # an op this torch does not have, or that turned mutable, is left out
-        OPS[_name] = _op
-OPS["getitem"] = Op("getitem", operator.getitem, (("self", "tuple", False, True), ("index", "int", False, True)),
-                    "tensor", True)
-OPS["sym_mul"] = Op("sym_mul", operator.mul, (("self", "symint", False, True), ("factor", "int", False, True)),
-                    "int", False)
-OP_NAMES = {op.fn: name for name, op in OPS.items() if name not in ("getitem", "sym_mul")}
-# a view runs as reshape: same values, and it also holds where an op's strides on another device or
-# kernel (the meta device that ``cost`` runs on, a fused attention kernel) differ from the capture's
-OPS["view"] = dataclasses.replace(OPS["view"], fn=torch.ops.aten.reshape.default, view=False)
 
 
 # ----------------------------------------------------------------------------- typed objects
@@ -258,7 +177,14 @@ class _Parser:
                 raise GraphError(f"has a {op.name} node without its argument {a[0]!r}")
         if op.name == "sym_mul" and not _int(out_args[1], 1, 1 << 20):
             raise GraphError("has a sym_mul node that does not multiply the batch size by a constant from 1 to 2^20")
-        if op.name == "getitem" and not _int(out_args[1], 0, MAX_LIST):
+        random = NO_RANDOM.get(op.name)
+        if random is not None:
+            at = [a[0] for a in positional].index(random)
+            p = out_kw[random] if random in out_kw else out_args[at] if at < len(out_args) else 0
+            if p != 0 or isinstance(p, bool):
+                raise GraphError(f"has a {op.name} node whose {random} is {safe(p)}: it would make the model random "
+                                 "(it must be 0)")
+        if op.name == "getitem" and not _int(out_args[1], 0, MAX_RESULTS - 1):
             raise GraphError("has a getitem node of a negative result index")
         self.kinds.append(op.returns)
         return Node(op, out_args, out_kw)
@@ -373,24 +299,24 @@ def _get(v, values, tensors):
     return v
 
 
-def run(g: Graph, x: torch.Tensor, tensors: list, watch=None):
+def run(g: Graph, x: torch.Tensor, tensors: list, watch=None, before=None):
     """Interpret ``g`` on input ``x`` with ``tensors`` (params + buffers, in order); each value is
-    dropped after the last node that reads it. ``watch(k, node, args, out, values)``: called after
-    each node (the cost accounting, on the meta device)."""
+    dropped after the last node that reads it. ``before(k, node, args, kwargs)`` and ``watch(k, node,
+    args, out, values)``: called before and after each node (the cost check, on the meta device)."""
     values: list = [x]
     shapes_only = x.device.type == "meta"
     for k, node in enumerate(g.nodes):
         args = [_get(a, values, tensors) for a in node.args]
         kwargs = {n: _get(a, values, tensors) for n, a in node.kwargs.items()}
-        if node.op.factory:  # the stored device is always null: the input's (the meta device in ``cost``)
-            kwargs["device"] = x.device
+        if before is not None:
+            before(k, node, args, kwargs)
         if shapes_only and node.op.name in SAME_SHAPE and isinstance(args[0], torch.Tensor):
             out = args[0]
         else:
             out = node.op.fn(*args, **kwargs)
         values.append(out)
         if watch is not None:
-            watch(k, node, args, out, values)
+            watch(k, node, args, kwargs, out, values)
         for i in g.frees[k]:
             values[i] = None
     outs = [_get(o, values, tensors) for o in g.outputs]

@@ -2,127 +2,123 @@
 that holds the file's tensors under their own names and interprets the graph (``graph.run``).
 
 Before a stored graph computes anything real, ``check_cost`` runs it on the meta device (shapes only)
-for one sample and for two, and totals what it asks for: operations (multiply-adds counted twice by
-torch's FLOP counter, plus every element each node reads and writes) and the peak of live activation
-memory (views share their base's bytes; each value is freed after its last reader, as ``run`` does).
-It is refused when either exceeds what its weights and input justify (``limits``), or when any value
-grows faster than the batch (a graph's cost must be linear in it).
+at the exact input shape that is about to run -- the batch of a latency run, a user's batch, an
+evaluation's last short batch -- and totals what it asks for with each operator's own formula
+(``graph_ops``): operations, and the peak of live memory (a view shares its base's bytes, an op that
+may copy is charged as a copy, each value is freed after its last reader as ``run`` frees it, and a
+kernel's scratch counts while it runs; with gradients on, nothing is freed: autograd keeps it). The
+check itself is bounded before it builds anything: a node's results are counted from its arguments
+before it runs. ``GraphModel.forward`` checks each new shape once (cached) and refuses, in one line, a
+call that asks for more than ``limits`` allow.
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ..errors import first_line, safe
-from .graph import DTYPES, Graph, GraphError, Ref, Tensor, dump, parse, run
+from ..budget import BYTES_CAP, BYTES_FLOOR, WORK_CAP, WORK_FLOOR, cost_factor
+from ..errors import InputError, first_line, safe
+from .graph import DTYPES, MAX_RESULTS, Graph, GraphError, Ref, dump, parse, run
+from .graph_ops import nbytes
 
-
-def _numel(v) -> int:
-    if isinstance(v, torch.Tensor):
-        return v.numel()
-    if isinstance(v, (list, tuple)):
-        return sum(_numel(x) for x in v)
-    return 0
-
-
-def _nbytes(v) -> int:
-    if isinstance(v, torch.Tensor):
-        return v.numel() * v.element_size()
-    if isinstance(v, (list, tuple)):
-        return sum(_nbytes(x) for x in v)
-    return 0
+MAX_VALUES = 200_000   # tensors a graph may compute in one run, all its nodes' results together
 
 
 @dataclass
 class Cost:
-    """What running a graph on ``batch`` samples asks for: operations (multiply-adds counted twice,
-    plus every element each node reads and writes) and the peak of live activation memory."""
+    """What running a graph on ``batch`` samples asks for: operations (each op's formula: multiply-adds
+    counted twice, windows and reductions included) and the peak of live memory, input included."""
     batch: int
     work: int
     peak_bytes: int
-    numels: list  # of every tensor the graph computes, in order
+    tensors: int  # results the graph computes
 
 
-def cost(g: Graph, tensors: list, batch: int = 1) -> Cost:
-    """Run ``g`` on the meta device (shapes only, nothing computed) and total its cost."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def cost(g: Graph, tensors: list, batch: int = 1, dtype: torch.dtype | None = None, grad: bool = False) -> Cost:
+    """Run ``g`` on the meta device (shapes only, nothing computed) for ``batch`` samples and total its
+    cost; GraphError as soon as it computes more tensors than the check may hold."""
     meta = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in tensors]
-    x = torch.empty((batch, *g.input), dtype=DTYPES[g.dtype], device="meta")
-    owner = {0: 0}              # value -> the value whose memory it uses (itself, or a view's base)
-    size = {0: _nbytes(x)}      # owner -> bytes
-    users = {0: 1}              # owner -> live values using it
-    live = [size[0]]
-    peak = [live[0]]
-    numels: list = [x.numel()]
-    work = [x.numel()]
+    x = torch.empty((batch, *g.input), dtype=dtype or DTYPES[g.dtype], device="meta")
+    owners: dict[int, tuple] = {0: (0,)}  # value -> the allocations it keeps alive (itself, a view's base)
+    size = {0: nbytes(x)}                # allocation -> bytes
+    users = {0: 1}                        # allocation -> live values keeping it
+    st = {"live": size[0], "peak": size[0], "all": size[0], "work": x.numel(), "tensors": 1}
 
-    def watch(k, node, args, out, values):
+    def before(k, node, args, kwargs):
+        n = node.op.results(args, kwargs) if node.op.results is not None else 1
+        if n > MAX_RESULTS:
+            raise GraphError(f"has a {node.op.name} node (node {k}) that returns more than {MAX_RESULTS:,} tensors")
+        st["tensors"] += n
+        if st["tensors"] > MAX_VALUES:
+            raise GraphError(f"computes more than {MAX_VALUES:,} tensors")
+
+    def watch(k, node, args, kwargs, out, values):
         i = k + 1
-        numels.extend(_numel(t) for t in (out if isinstance(out, (list, tuple)) else [out]))
-        work[0] += _numel(out) + sum(_numel(a) for a in args if isinstance(a, (torch.Tensor, list)))
+        alloc, work = node.op.charge(args, kwargs, out)
+        st["work"] += work
         first = node.args[0] if node.args else None
-        b = owner.get(first.index) if isinstance(first, Ref) and node.op.view else None
-        if b is None and isinstance(first, Tensor) and node.op.view:
-            owner[i] = None  # a view of a stored tensor: the weights are counted apart
-        elif b is None:
-            owner[i], size[i], users[i] = i, _nbytes(out), 0
-            live[0] += size[i]
-        else:
-            owner[i] = b
-        if owner[i] is not None:
-            users[owner[i]] += 1
-        peak[0] = max(peak[0], live[0])
+        kept = nbytes(out) if alloc else 0
+        if node.op.view:  # shares its base's memory: a stored tensor's (counted apart) or an earlier value's
+            owners[i] = owners.get(first.index, ()) if isinstance(first, Ref) else ()
+        elif node.op.returns == "int":
+            owners[i] = ()
+        else:  # a new allocation; an op that may copy (view as reshape) may also keep its base
+            base = owners.get(first.index, ()) if isinstance(first, Ref) and node.op.name == "view" else ()
+            owners[i], size[i], users[i] = (i, *base), kept, 0
+            st["live"] += kept
+            st["all"] += alloc
+        for o in owners[i]:
+            users[o] += 1
+        st["peak"] = max(st["peak"], st["live"] + max(alloc - kept, 0))
         for j in g.frees[k]:
-            o = owner.get(j)
-            if o is not None:
+            for o in owners.pop(j, ()):
                 users[o] -= 1
                 if users[o] == 0:
-                    live[0] -= size[o]
+                    st["live"] -= size[o]
 
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        run(g, x, meta, watch)
-    return Cost(batch, work[0] + fc.get_total_flops(), peak[0], numels)
+    with torch.no_grad():
+        run(g, x, meta, watch, before)
+    if grad:  # autograd keeps what the forward computed for the backward, which does about twice its work
+        return Cost(batch, 3 * st["work"], st["all"], st["tensors"])
+    return Cost(batch, st["work"], st["peak"], st["tensors"])
 
 
-def limits(tensors: list, g: Graph) -> tuple[float, float]:
-    """(work, bytes) that one sample of a graph may ask for: a floor, or what its weights and input
-    justify (a CNN does a few thousand operations per weight, holds a few copies of its activations);
-    ``COMPRESS_MAX_GRAPH_COST`` multiplies both, for a file you trust."""
-    factor = float(os.environ.get("COMPRESS_MAX_GRAPH_COST", 1))
+def limits(tensors: list, g: Graph, batch: int = 1) -> tuple[float, float]:
+    """(work, bytes) that one call of a graph on ``batch`` samples may ask for: what its weights and input
+    justify per sample (a CNN does a few thousand operations per weight; its activations are a few dozen
+    copies of its input, or as large as its weights), at least a floor and at most a cap for any call;
+    ``COMPRESS_MAX_GRAPH_COST`` multiplies all of them, for a file you trust."""
+    factor = cost_factor()
     weights = sum(t.numel() for t in tensors)
     weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
     inp = math.prod(g.input)
-    return (factor * max(1 << 34, 4096 * (weights + inp)),
-            factor * max(1 << 28, 16 * (weight_bytes + 4 * inp)))
+    inp_bytes = inp * DTYPES[g.dtype].itemsize
+    work = min(WORK_CAP, max(WORK_FLOOR, batch * 4096 * (weights + inp)))
+    nbytes = min(BYTES_CAP, max(BYTES_FLOOR, batch * max(128 * inp_bytes, 2 * weight_bytes)))
+    return factor * work, factor * nbytes
 
 
-def check_cost(g: Graph, tensors: list) -> Cost:
-    """Refuse a graph whose cost per sample exceeds ``limits`` or grows faster than the batch."""
+def check_cost(g: Graph, tensors: list, batch: int = 1, dtype: torch.dtype | None = None,
+               grad: bool = False) -> Cost:
+    """Refuse (GraphError) a call of ``g`` on ``batch`` samples that asks for more than ``limits``."""
     try:
-        one, two = cost(g, tensors, 1), cost(g, tensors, 2)
+        c = cost(g, tensors, batch, dtype, grad)
+    except GraphError:
+        raise
     except Exception as e:  # an op that does not fit its arguments' shapes, a size torch refuses
-        raise GraphError(f"does not run on its own input shape {tuple(g.input)} ({type(e).__name__}: "
+        raise GraphError(f"does not run on the input shape {(batch, *g.input)} ({type(e).__name__}: "
                          f"{safe(first_line(e, 100))})") from None
-    if len(one.numels) != len(two.numels):  # split(x, 1, dim=0): a result per sample
-        raise GraphError(f"computes {len(one.numels):,} tensors for one sample and {len(two.numels):,} for two "
-                         "(a graph's cost must be linear in the batch)")
-    for a, b in zip(one.numels, two.numels, strict=True):
-        if b not in (a, 2 * a):
-            raise GraphError(f"a value grows from {a:,} to {b:,} elements when the batch doubles (a graph's "
-                             "cost must be linear in the batch)")
-    max_work, max_bytes = limits(tensors, g)
-    if one.work > max_work or one.peak_bytes > max_bytes:
-        raise GraphError(f"asks for {one.work:.3g} operations and {one.peak_bytes / 2**20:,.0f} MiB of activations "
-                         f"per sample; its {sum(t.numel() for t in tensors):,} weights and input justify at most "
-                         f"{max_work:.3g} and {max_bytes / 2**20:,.0f} MiB (set COMPRESS_MAX_GRAPH_COST to a larger "
-                         "factor for a file you trust)")
-    return one
+    max_work, max_bytes = limits(tensors, g, batch)
+    if c.work > max_work or c.peak_bytes > max_bytes:
+        raise GraphError(f"asks for {c.work:.3g} operations and {c.peak_bytes / 2**20:,.0f} MiB for a batch of {batch}; "
+                         f"its {sum(t.numel() for t in tensors):,} weights and input justify at most {max_work:.3g} "
+                         f"and {max_bytes / 2**20:,.0f} MiB (set COMPRESS_MAX_GRAPH_COST to a larger factor for a "
+                         "file you trust)")
+    return c
 
 
 class GraphModel(nn.Module):
@@ -152,6 +148,7 @@ class GraphModel(nn.Module):
                 raise GraphError(f"cannot hold tensor {safe(fqn)} ({safe(first_line(e, 80))})") from None
             slots.append((mod, leaf))
         self._graph, self._slots = g, slots
+        self._checked: set = set()  # (batch, dtype, grad) of the calls whose cost was checked
 
     def forward(self, x: torch.Tensor):
         g = self._graph
@@ -159,7 +156,19 @@ class GraphModel(nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"input of shape {shape} does not fit this model: its stored graph takes "
                              f"(N, {', '.join(map(str, g.input))})")
-        return run(g, x, [getattr(m, leaf) for m, leaf in self._slots])
+        tensors = [getattr(m, leaf) for m, leaf in self._slots]
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors))
+        key = (x.shape[0], x.dtype, grad)
+        if key not in self._checked:
+            try:
+                check_cost(g, tensors, x.shape[0], x.dtype, grad)
+            except GraphError as e:
+                raise InputError(f"this model's stored graph will not be run on a batch of {x.shape[0]}: it {e}") \
+                    from None
+            if len(self._checked) >= 64:
+                self._checked.clear()
+            self._checked.add(key)
+        return run(g, x, tensors)
 
     def extra_repr(self) -> str:
         return f"graph of {len(self._graph.nodes)} nodes, input (N, {', '.join(map(str, self._graph.input))})"
@@ -177,5 +186,7 @@ def rebuild(doc: Any, tensors: dict[str, torch.Tensor]) -> GraphModel:
         if fqn not in tensors:
             raise GraphError(f"reads tensor {safe(fqn)}, which the file does not hold")
     ordered = [tensors[fqn] for fqn in g.tensors]
-    check_cost(g, ordered)
-    return GraphModel(g, tensors).eval()
+    check_cost(g, ordered)  # one sample, before anything else; each batch that runs is checked again
+    model = GraphModel(g, tensors).eval()
+    model._checked.add((1, DTYPES[g.dtype], False))
+    return model

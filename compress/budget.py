@@ -1,0 +1,30 @@
+"""What one call of a model read from a file may cost: the floor any file may ask for, the cap no file may
+pass, and the factor a user sets for a file they trust (``COMPRESS_MAX_GRAPH_COST``). A leaf: the stored
+graph's check (``coding.graph_model``) and the INT8 file (``quantize.int8_file``) both charge against it."""
+from __future__ import annotations
+
+import math
+import os
+
+from .errors import UsageError, safe
+
+WORK_FLOOR, BYTES_FLOOR = 1 << 33, 1 << 28   # any graph may ask for this much (8.6e9 operations, 256 MiB)
+WORK_CAP, BYTES_CAP = 1 << 39, 3 << 29       # and no call of one for more (5.5e11 operations, 1.5 GiB)
+
+
+def cost_factor() -> float:
+    """``COMPRESS_MAX_GRAPH_COST``: what every cost limit of a file is multiplied by (a file you trust); a value
+    that is not a finite positive number is a UsageError."""
+    text = os.environ.get("COMPRESS_MAX_GRAPH_COST", "1")
+    try:
+        factor = float(text)
+    except ValueError:
+        factor = math.nan
+    if not (math.isfinite(factor) and factor > 0):
+        raise UsageError(f"COMPRESS_MAX_GRAPH_COST must be a positive number, got {safe(text)}")
+    return factor
+
+
+def call_limits() -> tuple[float, float]:
+    """(operations, bytes) that one call of a model read from a file may take at most."""
+    return cost_factor() * WORK_CAP, cost_factor() * BYTES_CAP
