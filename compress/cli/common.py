@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import CompressError, UsageError
+from ..errors import CompressError, UsageError, printable
 
 state: dict = {"device": "cpu"}  # set by the root callback (--device)
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 140)
@@ -144,13 +144,13 @@ def fmt(v: Any) -> str:
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
-    from rich.markup import escape  # names like "mnist5k[val]" are text, not markup
-
-    t = Table(title=escape(title), title_justify="left")
+    from rich.markup import escape  # names like "mnist5k[val]" are text, not markup; printable: a name from a
+    # file never carries a control sequence to the terminal
+    t = Table(title=escape(printable(title)), title_justify="left")
     for i, c in enumerate(columns):
-        t.add_column(escape(c), justify="left" if i == 0 else "right")
+        t.add_column(escape(printable(c)), justify="left" if i == 0 else "right")
     for r in rows:
-        t.add_row(*[escape(fmt(v)) for v in r])
+        t.add_row(*[escape(printable(fmt(v))) for v in r])
     return t
 
 

@@ -188,6 +188,13 @@ def references(spec: Any, depth: int = 0) -> list[str]:
     return out
 
 
+def _is_name(k) -> bool:
+    """A name from a file that becomes a module's, parameter's or attribute's name: a Python identifier or
+    an ASCII index (``Sequential``'s "0"), at most 200 characters -- never a control character or an escape
+    sequence that a report's layer table would print."""
+    return isinstance(k, str) and 0 < len(k) <= 200 and (k.isidentifier() or k.isascii() and k.isdigit())
+
+
 def rebuild(spec: dict, tensors: dict[str, torch.Tensor], depth: int = 0, prefix: str = "",
             _count: list | None = None, base: nn.Module | None = None) -> nn.Module:
     """Rebuild a module tree from ``describe``'s data and a {fqn: tensor} map (shapes checked).
@@ -223,13 +230,15 @@ def rebuild(spec: dict, tensors: dict[str, torch.Tensor], depth: int = 0, prefix
     if not isinstance(spec["attrs"], dict):
         raise ValueError("malformed attributes")
     for k, v in spec["attrs"].items():
-        if not isinstance(k, str) or k in _INTERNAL or k.startswith("__"):
-            raise ValueError(f"attribute {k!r} not allowed")
+        if not _is_name(k) or k in _INTERNAL or k.startswith("__"):
+            raise ValueError(f"attribute {safe(k)} not allowed")
         object.__setattr__(m, k, _dec(v))
     for kind in ("params", "buffers"):
         if not isinstance(spec[kind], dict):
             raise ValueError(f"malformed {kind}")
         for k, meta in spec[kind].items():
+            if not _is_name(k):
+                raise ValueError(f"{kind[:-1]} name {safe(k)} is not an identifier")
             fqn = f"{prefix}{k}"
             if meta is None:  # e.g. a conv without bias
                 (m._parameters if kind == "params" else m._buffers)[k] = None
@@ -250,7 +259,7 @@ def rebuild(spec: dict, tensors: dict[str, torch.Tensor], depth: int = 0, prefix
     base_children = dict(base._modules) if base is not None else {}  # the user's modules, by name
     m._modules.clear()
     for k, child in spec["children"].items():
-        if not isinstance(k, str):
-            raise ValueError("malformed children")
+        if not _is_name(k):
+            raise ValueError(f"module name {safe(k)} is not an identifier or an index")
         m._modules[k] = rebuild(child, tensors, depth + 1, f"{prefix}{k}.", _count, base_children.get(k))
     return m
