@@ -53,3 +53,33 @@ def count_macs(model: nn.Module, input_shape) -> int:
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
     return int(counter.get_total_flops() // 2 // input_shape[0])
+
+
+def sample_cost(model: nn.Module, input_shape) -> tuple[int, int]:
+    """(bytes, operations) of one sample through ``model``, counted on the meta device (nothing computed,
+    nothing allocated): every leaf module's output bytes added up (more than are ever live at once) and
+    torch's FLOP count. What a shape read from a file asks of a model before it runs at that shape;
+    InputError if the model does not run on the meta device."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    total = [0]
+
+    def hook(m, inp, out):
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                total[0] += t.numel() * t.element_size()
+
+    try:
+        meta = copy.deepcopy(model).to("meta").eval()
+        hooks = [m.register_forward_hook(hook) for m in meta.modules() if not list(m.children())]
+        x = torch.zeros((1, *tuple(input_shape)[1:]), device="meta")
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            meta(x)
+    except Exception as e:
+        raise InputError(f"the model does not run on the meta device at input shape {tuple(input_shape)}, so "
+                         f"the cost of that shape cannot be counted before it runs ({first_line(e, 100)})") from None
+    for h in hooks:
+        h.remove()
+    return total[0] + x.numel() * 4, int(fc.get_total_flops())

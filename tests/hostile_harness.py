@@ -98,3 +98,31 @@ def _run(cmd, cap_mb, timeout, cwd, env) -> Ended:
     err = "\n".join(kept).strip("\n")
     err = err + "\n" if err else ""
     return Ended(code, out, err, seconds, peak)
+
+
+def run_cli_each(argvs: list, *, cap_mb: int = CAP_MB, timeout: float = TIMEOUT_S * 3, cwd=None,
+                 env: dict | None = None) -> tuple[list[Ended], Ended]:
+    """Several ``compress`` commands in one capped child (torch is imported once): each one's exit code, stdout,
+    stderr and seconds, and the child as a whole (its peak memory: that of the costliest case at most, plus
+    what the others left behind)."""
+    import json
+
+    code = ("import contextlib, io, json, sys, time\n"
+            "from compress.cli import main\n"
+            f"results = []\n"
+            f"for argv in {[[str(a) for a in argv] for argv in argvs]!r}:\n"
+            "    out, err = io.StringIO(), io.StringIO()\n"
+            "    t0 = time.perf_counter()\n"
+            "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+            "        try:\n"
+            "            rc = main(argv)\n"
+            "        except BaseException as e:\n"
+            "            import traceback; traceback.print_exc(file=err); rc = None\n"
+            "    results.append([rc, out.getvalue(), err.getvalue(), time.perf_counter() - t0])\n"
+            "print(json.dumps(results))\n")
+    whole = run_python(code, cap_mb=cap_mb, timeout=timeout, cwd=cwd, env=env)
+    try:
+        rows = json.loads(whole.out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise AssertionError(f"the child did not finish: {whole!r}") from None
+    return [Ended(rc, out, err, s, whole.peak_mb) for rc, out, err, s in rows], whole

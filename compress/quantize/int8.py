@@ -28,6 +28,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from ..budget import call_limits
 from ..data import Data, batches
 from ..errors import InputError, UsageError
 from ..meta import META_ATTR, get_meta
@@ -249,7 +250,15 @@ class Int8Model(nn.Module):
                         n += int(torch.count_nonzero(t))
         return n
 
+    sample_bytes = 0  # activation bytes of one sample (set when rebuilt from a file): each batch is checked
+
     def forward(self, x):
+        if self.sample_bytes and isinstance(x, torch.Tensor) and x.dim() > 0:
+            _, max_bytes = call_limits()
+            if x.shape[0] * self.sample_bytes > max_bytes:
+                raise InputError(f"this INT8 model's file asks for {self.sample_bytes / 2**20:,.1f} MiB of activations "
+                                 f"a sample: a batch of {x.shape[0]} would take more than {max_bytes / 2**20:,.0f} MiB "
+                                 "(COMPRESS_MAX_GRAPH_COST raises it for a file you trust)")
         with _quiet():
             return self.inner(x.float())
 

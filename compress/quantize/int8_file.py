@@ -15,8 +15,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import InputError
+from ..budget import call_limits
+from ..counting import sample_cost
+from ..errors import InputError, first_line, printable, safe
 from ..meta import META_ATTR, get_meta
+from ..stages import check_shape
 from .int8 import BACKENDS, OBSERVERS, Int8Model, _quiet, _require_fx, prepare
 
 INT8_KEY = "compress_int8"  # the table in an INT8 file: {"version", "backend", "observer", "input_shape", ...}
@@ -56,6 +59,7 @@ def _unflat(key: str, own, flat: dict):
         ints, scales, zps = (_tensor(flat, f"{key}#{p}") for p in ("int", "scales", "zero_points"))
         if ints.shape != own.shape or ints.dtype != own.int_repr().dtype:
             raise InputError(f"INT8 file: {key} does not match its float model")
+        _check_qparams(key, scales, zps, ints.dtype)
         if own.qscheme() == torch.per_channel_affine:
             axis = own.q_per_channel_axis()
             if scales.shape != (own.shape[axis],) or zps.shape != scales.shape:
@@ -72,6 +76,34 @@ def _unflat(key: str, own, flat: dict):
     if isinstance(own, tuple):
         return tuple(None if x is None else _unflat(f"{key}#{i}", x, flat) for i, x in enumerate(own))
     return own  # a dtype or other constant of the rebuilt model itself
+
+
+def _check_qparams(key: str, scales: torch.Tensor, zps: torch.Tensor, dtype: torch.dtype) -> None:
+    """Scales finite and > 0 (a NaN or 0 scale makes every value it reaches NaN or infinite), zero points
+    integers within the range of the integers they offset."""
+    if not scales.is_floating_point() or zps.is_floating_point() or zps.dtype == torch.bool:
+        raise InputError(f"INT8 file: {safe(key)} has scales or zero points of the wrong type")
+    s = scales.double()
+    if s.numel() and not bool((torch.isfinite(s) & (s > 0) & (s < 2.0**64)).all()):
+        raise InputError(f"INT8 file: {safe(key)} has a scale that is not a finite positive number")
+    info = torch.iinfo(dtype)
+    if zps.numel() and not (info.min <= int(zps.min()) and int(zps.max()) <= info.max):
+        raise InputError(f"INT8 file: {safe(key)} has a zero point outside the range of {str(dtype)[6:]}")
+
+
+MAX_TEXT = 2000  # characters of one string of the table (a calibration's description, a layer's name)
+
+
+def _text(v: Any) -> Any:
+    """A string of the table as the file has it, fit to print: control characters escaped (no escape
+    sequence from a file reaches a terminal or a report), at most MAX_TEXT characters."""
+    if isinstance(v, str):
+        if len(v) > MAX_TEXT:
+            raise InputError(f"INT8 file: a string of its table is longer than {MAX_TEXT} characters")
+        return printable(v)
+    if isinstance(v, list):
+        return [_text(x) for x in v]
+    return v
 
 
 def payload(model: Int8Model) -> dict[str, Any]:
@@ -141,8 +173,6 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
     of it): prepared and converted by compress, then the file's INT8 state (checked: the same names and shapes)
     loaded into it."""
     _require_fx()
-    from torch.ao.quantization.quantize_fx import convert_fx
-
     if not (isinstance(table, dict) and table.get("version") in (1, FILE_VERSION) and table.get("backend") in BACKENDS
             and table.get("observer") in OBSERVERS and all(isinstance(v, (str, int, list)) for v in table.values())):
         raise InputError("INT8 file: its table is not one this compress writes")
@@ -150,10 +180,26 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
     meta = _meta(table.pop("meta", "{}"))
     if table["version"] == FILE_VERSION:
         state = _unpack(state, table.pop("index", None))
+    table = {k: _text(v) if k not in ("keep_float", "native_activations") else v for k, v in table.items()}
+    if getattr(float_model, "layerless", False):
+        raise InputError("INT8 file: its float architecture was stored as a graph only; rebuilding the INT8 model "
+                         "needs its layers: pass --arch module:callable (your own code that builds it)")
     shape = table.get("input_shape")
-    if not (isinstance(shape, list) and 2 <= len(shape) <= 5 and all(isinstance(s, int) and 0 < s < 1 << 16
-                                                                      for s in shape)):
+    if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and 0 < s < 1 << 16
+                                            for s in shape)):
         raise InputError("INT8 file: bad input shape")
+    check_shape(shape, "INT8 file: its input shape")  # the shape budget every input shape goes through
+    shape = [1, *shape[1:]]
+    table["input_shape"] = shape
+    try:  # on the meta device, before anything runs at that shape
+        sample_bytes, sample_work = sample_cost(float_model, shape)
+    except InputError as e:
+        raise InputError(f"INT8 file: {e}") from None
+    max_work, max_bytes = call_limits()
+    if sample_bytes > max_bytes or sample_work > max_work:
+        raise InputError(f"INT8 file: its input shape {shape} asks for {sample_work:.3g} operations and "
+                         f"{sample_bytes / 2**20:,.0f} MiB of activations for one sample, more than any call may "
+                         f"({max_work:.3g}, {max_bytes / 2**20:,.0f} MiB; COMPRESS_MAX_GRAPH_COST raises both)")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError("INT8 file: its INT8 state is not a table of tensors")
     kept, native = table.get("keep_float", []), table.get("native_activations")
@@ -164,6 +210,18 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
     known = {n for n, _ in float_model.named_modules()}
     if not set(kept) <= known:
         raise InputError("INT8 file: it keeps float a layer its architecture does not have")
+    try:
+        return _rebuilt(float_model, table, state, arch_cpz, meta, shape, kept, native, sample_bytes)
+    except InputError:
+        raise
+    except Exception as e:  # a trace or conversion torch refuses on this architecture: one line, as any bad file
+        raise InputError(f"INT8 file: its model cannot be rebuilt from its architecture ({type(e).__name__}: "
+                         f"{safe(first_line(e, 100))})") from None
+
+
+def _rebuilt(float_model, table, state, arch_cpz, meta, shape, kept, native, sample_bytes) -> Int8Model:
+    from torch.ao.quantization.quantize_fx import convert_fx
+
     with _quiet():
         prepared = prepare(float_model, shape, table["observer"], tuple(kept), table["backend"],
                            native=native is not None)
@@ -180,6 +238,7 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
         filled._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]  # the modules' versions
         q.load_state_dict(filled)
     model = Int8Model(q, table, float_model.eval(), arch_cpz).eval()
+    model.sample_bytes = sample_bytes
     setattr(model, META_ATTR, {**get_meta(model), **meta})
     return model
 

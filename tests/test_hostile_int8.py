@@ -1,0 +1,164 @@
+"""Hostile INT8 model files: every field of the table is checked before it is used, the input shape goes
+through the shape budget and the cost of that shape is counted on the meta device before it runs, each batch
+that runs is checked again, qparams are finite and in range, strings are printed escaped, and a file whose
+float architecture is a graph alone is refused in one line. Each command runs in a child process under an
+address-space cap (tests/hostile_harness.py)."""
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from compress import data as data_mod
+from compress.config import FineTune
+from compress.errors import InputError
+from compress.formats import load_model, save_model
+from compress.models import create_model
+from compress.quantize import to_int8
+from compress.quantize.int8_file import INT8_KEY
+from compress.train import fit
+from tests.hostile_harness import run_cli_each
+
+ESC = "\x1b[2J\x1b]0;pwned\x07"
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """Two real INT8 files: LeNet-300 (8x8 only) and a ResNet-8 (adaptive pooling: it runs at any size)."""
+    d = tmp_path_factory.mktemp("int8")
+    ds = data_mod.load("digits")
+    torch.manual_seed(0)
+    files = {}
+    for name in ("lenet300", "resnet8"):
+        m = create_model(name, input_size=8) if name == "lenet300" else create_model(name)
+        fit(m, ds, FineTune(epochs=0.2, lr=1e-3, batch_size=64))
+        q = to_int8(m, ds, (1, 1, 8, 8), observer="minmax")
+        save_model(q, d / f"{name}.pt")
+        files[name] = d / f"{name}.pt"
+    return d, files
+
+
+def _forge(src, dst, change):
+    obj = torch.load(src, weights_only=True)
+    change(obj)
+    torch.save(obj, dst)
+    return dst
+
+
+def _rows(obj, suffix):
+    return [r for r in obj[INT8_KEY]["index"] if r[0].endswith(suffix)]
+
+
+def _set_row(obj, suffix, value, dtype=None):
+    """Every ``suffix`` entry (``#scales``, ``#zero_points``) set to ``value``, in a buffer of ``dtype``."""
+    for r in _rows(obj, suffix):
+        dt = dtype or r[1]
+        n = 1
+        for s in r[2]:
+            n *= s
+        buf = obj["int8_state"].get(dt)
+        extra = torch.full((n,), value, dtype=getattr(torch, dt))
+        obj["int8_state"][dt] = extra if buf is None else torch.cat([buf, extra])
+        r[1], r[3] = dt, len(obj["int8_state"][dt]) - n
+
+
+def _graph_only_arch(obj):
+    """The float architecture replaced by a .cpz that holds only a stored graph (no layers to rebuild)."""
+    from compress.coding.capture import capture
+    from compress.coding.container import encode_model
+    from compress.coding.graph_model import rebuild
+
+    m = create_model("resnet8").eval()
+    gm = rebuild(capture(m, (1, 1, 8, 8)), dict(m.state_dict()))
+    obj["compress_cpz"] = encode_model(gm)[0]
+
+
+CASES = {  # name: (file, change, what the one line says)
+    "a 28000 x 28000 input": ("lenet300", lambda o: o[INT8_KEY].update(input_shape=[1, 1, 28000, 28000]), "values per sample"),
+    "a 65535 x 65535 input": ("resnet8", lambda o: o[INT8_KEY].update(input_shape=[1, 1, 65535, 65535]), "values per sample"),
+    "a 4000 x 4000 input (16 M values, GBs of activations)": (
+        "resnet8", lambda o: o[INT8_KEY].update(input_shape=[1, 1, 4000, 4000]), "MiB of activations"),
+    "a shape of floats and booleans": ("resnet8", lambda o: o[INT8_KEY].update(input_shape=[1, True, 8.0, 8]),
+                                       "bad input shape"),
+    "a shape LeNet-300 cannot take": ("lenet300", lambda o: o[INT8_KEY].update(input_shape=[1, 1, 300, 300]), "meta device"),
+    "NaN scales": ("resnet8", lambda o: _set_row(o, "#scales", float("nan")), "finite positive"),
+    "zero scales": ("resnet8", lambda o: _set_row(o, "#scales", 0.0), "finite positive"),
+    "negative scales": ("resnet8", lambda o: _set_row(o, "#scales", -1.0), "finite positive"),
+    "zero points of 2^62": ("resnet8", lambda o: _set_row(o, "#zero_points", 2**62, "int64"), "zero point"),
+    "zero points of 300 for uint8": ("resnet8", lambda o: _set_row(o, "#zero_points", 300), "zero point"),
+    "a float architecture of a graph alone": ("resnet8", _graph_only_arch, "graph only"),
+    "a 1 MB string": ("resnet8", lambda o: o[INT8_KEY].update(calibration="x" * 1_000_000), "longer than"),
+    "a layer kept float that has an escape sequence for a name": (
+        "resnet8", lambda o: o[INT8_KEY].update(keep_float=[ESC]), "does not have"),
+}
+
+
+def test_hostile_int8_files_are_refused_in_one_line(made, tmp_path):
+    d, files = made
+    argvs = []
+    for k, (src, change, _) in enumerate(CASES.values()):
+        path = _forge(files[src], tmp_path / f"case{k}.pt", change)
+        argvs.append(["report", path, "--no-latency"])
+    ended, child = run_cli_each(argvs)
+    for (what, (_, _, match)), e in zip(CASES.items(), ended):
+        assert e.one_line_refusal and match in e.err, (what, e)
+        assert e.seconds < 20, (what, e)
+    assert child.peak_mb < 1200, child  # no case allocated what its file asked for
+
+
+def test_the_batch_that_runs_is_checked_before_it_runs(made, tmp_path):
+    """A 1024 x 1024 input fits one sample (about 0.4 GB of activations a sample) but not the batch of 32 a
+    latency run takes: the file loads and reports, and the batch run is refused in one line."""
+    _, files = made
+    big = _forge(files["resnet8"], tmp_path / "big.pt", lambda o: o[INT8_KEY].update(input_shape=[1, 1, 1024, 1024]))
+    (ended,), child = run_cli_each([["report", big]])
+    assert ended.one_line_refusal and "a batch of 32" in ended.err, ended
+    assert child.peak_mb < 1500, child
+
+
+def test_strings_of_the_table_are_printed_escaped(made, tmp_path):
+    _, files = made
+    path = _forge(files["resnet8"], tmp_path / "esc.pt", lambda o: o[INT8_KEY].update(calibration=ESC, observer="minmax"))
+    (ended,), _ = run_cli_each([["report", path, "--no-latency"]])
+    assert ended.code == 0 and ended.clean, ended
+    assert "\\x1b[2J" in ended.out  # shown, escaped
+
+
+def _leaves(obj, path=()):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, (*path, k))
+    elif isinstance(obj, list) and len(obj) < 20:
+        for i, v in enumerate(obj):
+            yield from _leaves(v, (*path, i))
+    yield path
+
+
+JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**63), st.floats(allow_nan=True),
+                 st.text(max_size=8), st.lists(st.integers(-3, 70000), max_size=6),
+                 st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_table_with_any_field_changed_loads_or_is_refused(made, tmp_path_factory, data):
+    """Any value anywhere in the INT8 table (its shape, strings, lists, the index) replaced by junk: loading
+    ends in compress's own InputError or a model that runs; never another exception."""
+    _, files = made
+    obj = torch.load(files["resnet8"], weights_only=True)
+    table = obj[INT8_KEY]
+    path = data.draw(st.sampled_from([p for p in _leaves(table) if p]))
+    value = data.draw(JUNK)
+    parent = table
+    for p in path[:-1]:
+        parent = parent[p]
+    parent[path[-1]] = copy.deepcopy(value)
+    f = tmp_path_factory.mktemp("fuzz") / "f.pt"
+    torch.save(obj, f)
+    try:
+        m = load_model(f)
+    except InputError:
+        return
+    with torch.no_grad():
+        m(torch.zeros(2, 1, 8, 8))
