@@ -223,3 +223,19 @@ def test_version_and_help_start_without_torch():
                 "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]" % args)
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert res.returncode == 0, (args, res.stderr[-500:])
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_where(cli, tmp_path, lenet5_trained, monkeypatch):
+    """Whatever a model read from a file makes torch raise (a kernel's RuntimeError, a MemoryError), the user
+    gets one line; --debug gives the traceback."""
+    import compress.metrics
+
+    save_model(copy.deepcopy(lenet5_trained), tmp_path / "m.pt")
+    for exc in (RuntimeError("a kernel\x1b[2J failed"), MemoryError()):
+        def boom(*a, exc=exc, **k):
+            raise exc
+        monkeypatch.setattr(compress.metrics, "count_macs", boom)
+        res = cli("report", tmp_path / "m.pt", "--no-latency")
+        assert one_line_error(res) and "\x1b" not in res.err, res
+        res = cli("report", tmp_path / "m.pt", "--no-latency", "--debug")
+        assert res.code == 1 and "Traceback" in res.err

@@ -125,6 +125,17 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
+    except MemoryError:
+        if debug:
+            traceback.print_exc()
+        print("error: out of memory (a batch, model or file larger than this machine holds)", file=sys.stderr)
+        return 1
+    except Exception as e:  # anything else is a bug of compress's: still one line; --debug shows where
+        if debug:
+            traceback.print_exc()
+        print(f"error: internal error: {type(e).__name__}: {printable(first_line(e, 300))} (run with --debug for the "
+              "traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 def entry() -> None:
