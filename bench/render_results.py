@@ -91,8 +91,8 @@ def graph_decode(by_name: dict) -> list[str]:
         return []
     return ["", "## Graph decoding is linear (bench/test_bench_graph.py)", "",
             "A stored graph of residual units (conv, relu, add; each unit its own weights) at 1x, 10x and 100x "
-            "its depth, decoded: parsed into compress's typed objects, run twice on the meta device to total its "
-            "memory and work (for one and two samples), and built into a module.", "",
+            "its depth, decoded: parsed into compress's typed objects, run on the meta device to total its "
+            "memory and work (by each op's formula, for one sample), and built into a module.", "",
             "| scale | nodes | decode s | us per node |", "|---|---|---|---|"] + [
         f"| {r['scale']}x | {r['nodes']:,} | {r['decode_s']} | {r['us_per_node']} |" for r in rows]
 
