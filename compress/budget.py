@@ -12,17 +12,24 @@ WORK_FLOOR, BYTES_FLOOR = 1 << 33, 1 << 28   # any graph may ask for this much (
 WORK_CAP, BYTES_CAP = 1 << 39, 3 << 29       # and no call of one for more (5.5e11 operations, 1.5 GiB)
 
 
-def cost_factor() -> float:
-    """``COMPRESS_MAX_GRAPH_COST``: what every cost limit of a file is multiplied by (a file you trust); a value
-    that is not a finite positive number is a UsageError."""
-    text = os.environ.get("COMPRESS_MAX_GRAPH_COST", "1")
+def env_number(name: str, default: float) -> float:
+    """The positive number an environment variable sets (``default`` when unset): the user's word that a file
+    they trust may cost more. Anything else is a UsageError, one line."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return float(default)
     try:
-        factor = float(text)
+        value = float(raw)
     except ValueError:
-        factor = math.nan
-    if not (math.isfinite(factor) and factor > 0):
-        raise UsageError(f"COMPRESS_MAX_GRAPH_COST must be a positive number, got {safe(text)}")
-    return factor
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise UsageError(f"{name}={safe(raw)} must be a positive number (default {default:g})")
+    return value
+
+
+def cost_factor() -> float:
+    """``COMPRESS_MAX_GRAPH_COST``: what every cost limit of a file is multiplied by (a file you trust)."""
+    return env_number("COMPRESS_MAX_GRAPH_COST", 1)
 
 
 def call_limits() -> tuple[float, float]:

@@ -27,6 +27,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn as nn
 
+from .budget import env_number
 from .coding.arch import MOVED, OWN_MODULES, USER_PREFIX
 from .errors import InputError, UntrustedPickleError, UsageError, first_line, safe
 from .fileio import atomic_write
@@ -188,7 +189,7 @@ def _check_unpacked_size(path: Path) -> None:
     except (zipfile.BadZipFile, OSError, ValueError):
         return  # not a zip archive: torch's legacy format reads each tensor's bytes from the file itself
     size = path.stat().st_size
-    ratio = float(os.environ.get("COMPRESS_MAX_DECODE_RATIO", MAX_UNPACK_RATIO))
+    ratio = env_number("COMPRESS_MAX_DECODE_RATIO", MAX_UNPACK_RATIO)
     if total > max(MIN_UNPACK_BYTES, ratio * size):
         raise InputError(f"{path}: refused: its records unpack to {total:,} bytes from a file of {size:,} "
                          "(torch.save writes them uncompressed). If you trust it, set COMPRESS_MAX_DECODE_RATIO "

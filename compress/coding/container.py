@@ -27,6 +27,7 @@ from typing import Callable, NoReturn
 import torch
 import torch.nn as nn
 
+from ..budget import env_number
 from ..errors import INT8_IS_PT, FormatError, InputError, UsageError, first_line, safe
 from ..fileio import atomic_write
 from ..masks import remove_masks
@@ -160,9 +161,8 @@ def read_manifest(blob: bytes, path="<bytes>") -> tuple[dict, int]:
 
 def decode_budget(file_bytes: int, max_ratio: float | None = None) -> streams.Budget:
     """What decoding a file of ``file_bytes`` may spend (see MAX_RATIO)."""
-    import os
 
-    ratio = max_ratio if max_ratio is not None else float(os.environ.get("COMPRESS_MAX_DECODE_RATIO", MAX_RATIO))
+    ratio = max_ratio if max_ratio is not None else env_number("COMPRESS_MAX_DECODE_RATIO", MAX_RATIO)
     decoded_bytes = max(MIN_DECODED_BYTES, int(ratio * file_bytes))
     # work: 128 units (~1.3 us) per byte of file, at least 2^26 (~0.7 s); real files need far less
     return streams.Budget(elements=decoded_bytes // 4, work=max(1 << 26, int(ratio / MAX_RATIO * 128 * file_bytes)))

@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import math
 import os
 import stat
 from pathlib import Path
@@ -20,7 +19,8 @@ from typing import IO
 
 import numpy as np
 
-from ..errors import InputError, UsageError, safe
+from ..budget import env_number
+from ..errors import InputError, safe
 
 MAX_ARRAY_BYTES = 8 << 30  # one array of a data file, decoded
 # images gzip about 5:1 (MNIST); a 1000:1 gzip is a run of one byte, not a data set. The IDX .gz and the
@@ -31,16 +31,7 @@ CHUNK = 1 << 24  # bytes read (and decompressed) at a time
 
 
 def decode_ratio() -> float:
-    raw = os.environ.get("COMPRESS_MAX_DECODE_RATIO")
-    if raw is None:
-        return float(MAX_DECODE_RATIO)
-    try:
-        ratio = float(raw)
-    except ValueError:
-        ratio = math.nan
-    if not (math.isfinite(ratio) and ratio > 0):
-        raise UsageError(f"COMPRESS_MAX_DECODE_RATIO={safe(raw)} must be a positive number (default {MAX_DECODE_RATIO})")
-    return ratio
+    return env_number("COMPRESS_MAX_DECODE_RATIO", MAX_DECODE_RATIO)
 
 
 def decode_cap(compressed_bytes: int) -> int:
