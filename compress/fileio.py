@@ -31,31 +31,6 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def clean_stale(folder: Path) -> list[Path]:
-    """Remove temporary files that a killed compress process left in ``folder``."""
-    removed = []
-    with contextlib.suppress(OSError):
-        for p in folder.iterdir():
-            if not p.name.startswith(TMP_PREFIX):
-                continue
-            pid = p.name[len(TMP_PREFIX):].split("-", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-                with contextlib.suppress(OSError):
-                    p.unlink()
-                    removed.append(p)
-    return removed
-
-
 def _existing_mode(path: Path, force: bool) -> int | None:
     """The mode of the file that ``path`` replaces, None if it is new; refuse what may not be replaced."""
     try:
@@ -85,7 +60,6 @@ def atomic_write(path: str | os.PathLike, force: bool = False) -> Iterator[Path]
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"output directory {parent} does not exist")
-    clean_stale(parent)
     fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=f"-{path.name}", dir=parent)
     os.close(fd)
     tmp = Path(name)
