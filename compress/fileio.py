@@ -18,9 +18,9 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
-from .errors import InputError, OutputExistsError
+from .errors import InputError, OutputExistsError, safe
 
 TMP_PREFIX = ".compress-tmp-"
 
@@ -91,3 +91,34 @@ def write_bytes(path, data: bytes, force: bool = False) -> None:
 
 def write_text(path, text: str, force: bool = False) -> None:
     write_bytes(path, text.encode("utf-8"), force)
+
+
+# ----------------------------------------------------------------------------- reading
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a link"))
+
+
+def not_regular(mode: int) -> str | None:
+    """What a file of this mode is, when it is not a regular file (None when it is)."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(path, follow: bool = True) -> IO[bytes]:
+    """``path`` opened for reading, if it is a regular file: refused from ``stat`` before the open, and from
+    ``fstat`` after an open that never blocks (a FIFO swapped in between opens at once and is refused).
+    ``follow=False``: a link in the last place is refused too (a path already resolved inside its folder)."""
+    extra = os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow else getattr(os, "O_NOFOLLOW", 0))
+    try:
+        kind = not_regular(os.stat(path, follow_symlinks=follow).st_mode)
+        if kind is not None:
+            raise InputError(f"{safe(str(path), 200)} is {kind}, not a regular file")
+        f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | extra))
+    except OSError as e:
+        raise InputError(f"cannot read {safe(str(path), 200)}: {e.strerror or e}") from None
+    kind = not_regular(os.fstat(f.fileno()).st_mode)
+    if kind is not None:
+        f.close()
+        raise InputError(f"{safe(str(path), 200)} is {kind}, not a regular file")
+    return f

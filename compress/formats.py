@@ -16,8 +16,9 @@ from .errors import InputError
 
 def is_cpz(path: Path) -> bool:
     from .coding.container import MAGIC  # the container's own: one source for its bytes
+    from .fileio import open_regular
 
-    with path.open("rb") as f:
+    with open_regular(path) as f:  # a FIFO or device named as a model is refused, never read or waited on
         return f.read(4) == MAGIC or path.suffix == ".cpz"
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from . import factorize, prune, quantize  # noqa: F401  (their methods register the stage types)
 from .config import CONFIG_VERSION, Config, bounded, check_fields, close_matches, stage_types
-from .errors import UsageError, first_line
+from .errors import InputError, UsageError, first_line
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few lines; a larger file is refused before it is parsed
 MAX_STAGES = 32
@@ -169,8 +169,10 @@ class Recipe:
     def load(cls, path) -> "Recipe":
         import tomllib
 
+        from .fileio import open_regular
+
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:  # never a FIFO or a device: no read that waits or never ends
                 if os.fstat(f.fileno()).st_size > MAX_RECIPE_BYTES:
                     raise UsageError(f"recipe {path} is {os.fstat(f.fileno()).st_size:,} bytes; a recipe is at most "
                                      f"{MAX_RECIPE_BYTES:,}")
@@ -178,12 +180,12 @@ class Recipe:
             if len(raw) > MAX_RECIPE_BYTES:
                 raise UsageError(f"recipe {path} is over {MAX_RECIPE_BYTES:,} bytes; a recipe is at most that")
             d = tomllib.loads(raw.decode())
-        except FileNotFoundError as e:
-            raise UsageError(f"recipe {path} not found") from e
+        except InputError as e:  # missing, or not a regular file
+            if not os.path.lexists(path):
+                raise UsageError(f"recipe {path} not found") from None
+            raise UsageError(f"recipe {e}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UsageError(f"recipe {path}: {first_line(e)}") from e
-        except IsADirectoryError as e:
-            raise UsageError(f"recipe {path} is a directory") from e
         except RecursionError as e:  # tables or lists nested deeper than Python's parser recurses
             raise UsageError(f"recipe {path}: nested too deeply") from e
         except ValueError as e:  # an integer of more digits than Python converts

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 from typing import IO
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from ..budget import env_number
 from ..errors import InputError, safe
+from ..fileio import not_regular, open_regular  # noqa: F401  (the data readers' names too)
 
 MAX_ARRAY_BYTES = 8 << 30  # one array of a data file, decoded
 # images gzip about 5:1 (MNIST); a 1000:1 gzip is a run of one byte, not a data set. The IDX .gz and the
@@ -78,36 +78,6 @@ def read_exact(f: IO[bytes], n: int, where: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- files and folders
-_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a link"))
-
-
-def not_regular(mode: int) -> str | None:
-    """What a file of this mode is, when it is not a regular file (None when it is)."""
-    if stat.S_ISREG(mode):
-        return None
-    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
-
-
-def open_regular(path, follow: bool = True) -> IO[bytes]:
-    """``path`` opened for reading, if it is a regular file: refused from ``stat`` before the open, and from
-    ``fstat`` after an open that never blocks (a FIFO swapped in between opens at once and is refused).
-    ``follow=False``: a link in the last place is refused too (a path already resolved inside its folder)."""
-    extra = os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow else getattr(os, "O_NOFOLLOW", 0))
-    try:
-        kind = not_regular(os.stat(path, follow_symlinks=follow).st_mode)
-        if kind is not None:
-            raise InputError(f"{safe(str(path), 200)} is {kind}, not a regular file")
-        f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | extra))
-    except OSError as e:
-        raise InputError(f"cannot read {safe(str(path), 200)}: {e.strerror or e}") from None
-    kind = not_regular(os.fstat(f.fileno()).st_mode)
-    if kind is not None:
-        f.close()
-        raise InputError(f"{safe(str(path), 200)} is {kind}, not a regular file")
-    return f
-
-
 def inside(path, root) -> Path:
     """The real path of ``path``, found in the data folder ``root``: refused when a link on the way loops,
     leads nowhere or leads out of the folder."""
