@@ -239,7 +239,8 @@ def _rebuilt(float_model, table, state, arch_cpz, meta, shape, kept, native, sam
         q.load_state_dict(filled)
     model = Int8Model(q, table, float_model.eval(), arch_cpz).eval()
     model.sample_bytes = sample_bytes
-    setattr(model, META_ATTR, {**get_meta(model), **meta})
+    # the file's metadata, but the input shape is the table's: the one checked above (the metadata's is not)
+    setattr(model, META_ATTR, {**get_meta(model), **meta, "input_shape": list(shape)})
     return model
 
 
