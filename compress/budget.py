@@ -8,8 +8,8 @@ import os
 
 from .errors import UsageError, safe
 
-WORK_FLOOR, BYTES_FLOOR = 1 << 33, 1 << 28   # any graph may ask for this much (8.6e9 operations, 256 MiB)
-WORK_CAP, BYTES_CAP = 1 << 39, 3 << 29       # and no call of one for more (5.5e11 operations, 1.5 GiB)
+WORK_FLOOR, BYTES_FLOOR = 1 << 32, 1 << 28   # any graph may ask for this much (4.3e9 operations, 256 MiB)
+WORK_CAP, BYTES_CAP = 1 << 39, 1 << 30       # and no call of one for more (5.5e11 operations, 1 GiB)
 
 
 def env_number(name: str, default: float) -> float:
@@ -35,3 +35,18 @@ def cost_factor() -> float:
 def call_limits() -> tuple[float, float]:
     """(operations, bytes) that one call of a model read from a file may take at most."""
     return cost_factor() * WORK_CAP, cost_factor() * BYTES_CAP
+
+
+def justified(weights: int, weight_bytes: int, input_values: int, input_bytes: int) -> tuple[int, int]:
+    """(operations, bytes) one sample of a model read from a file may ask for, for what its weights and input
+    are: a CNN does a few thousand operations per weight; its activations are some dozens of copies of its
+    input, or twice its weights."""
+    return 4096 * (weights + input_values), max(128 * input_bytes, 2 * weight_bytes)
+
+
+def limits(per_sample: tuple[int, int], batch: int) -> tuple[float, float]:
+    """(operations, bytes) one call on ``batch`` samples may take: ``per_sample`` (``justified``) times the
+    batch, at least the floor, at most the cap, all times ``cost_factor()``."""
+    f = cost_factor()
+    return (f * min(WORK_CAP, max(WORK_FLOOR, batch * per_sample[0])),
+            f * min(BYTES_CAP, max(BYTES_FLOOR, batch * per_sample[1])))

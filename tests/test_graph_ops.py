@@ -106,3 +106,16 @@ def test_results_are_counted_before_the_op_runs():
     assert split.results([torch.empty(10**7, device="meta"), 1], {}) == 10**7
     assert split.results([torch.empty(2, 9, device="meta"), 2, 1], {}) == 5
     assert split.results([torch.empty(4, device="meta"), 0], {}) > 1024  # never run
+
+
+@pytest.mark.parametrize("cin,cout,k,groups,side", [(1, 1, 1, 1, 256), (3, 24, 3, 1, 112), (4, 4, 1, 1, 128),
+                                                    (16, 16, 3, 16, 64), (32, 64, 3, 1, 32)])
+def test_convolutions_of_few_channels_are_charged_their_blocked_copies(cin, cout, k, groups, side):
+    """oneDNN reorders a convolution's input and output into 16-channel blocks: a 1-channel 1x1 convolution
+    takes 16x its input (an attacker's file ran at 10x its charge before this was charged)."""
+    op = OPS["conv2d"]
+    for batch in (1, 4):
+        args = [R(batch, cin, side, side), R(cout, cin // groups, k, k), None, [1, 1], [k // 2, k // 2], [1, 1], groups]
+        alloc, _ = op.charge(args, {}, op.fn(*args))
+        measured = _measured_peak(op.fn, args, {})
+        assert measured <= alloc <= 4 * measured + 4096, (batch, alloc, measured)

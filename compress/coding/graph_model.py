@@ -20,7 +20,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..budget import BYTES_CAP, BYTES_FLOOR, WORK_CAP, WORK_FLOOR, cost_factor
+from .. import budget
+from ..budget import call_limits
 from ..errors import InputError, first_line, safe
 from .graph import DTYPES, MAX_RESULTS, Graph, GraphError, Ref, dump, parse, run
 from .graph_ops import nbytes
@@ -88,18 +89,15 @@ def cost(g: Graph, tensors: list, batch: int = 1, dtype: torch.dtype | None = No
 
 
 def limits(tensors: list, g: Graph, batch: int = 1) -> tuple[float, float]:
-    """(work, bytes) that one call of a graph on ``batch`` samples may ask for: what its weights and input
-    justify per sample (a CNN does a few thousand operations per weight; its activations are a few dozen
-    copies of its input, or as large as its weights), at least a floor and at most a cap for any call;
-    ``COMPRESS_MAX_GRAPH_COST`` multiplies all of them, for a file you trust."""
-    factor = cost_factor()
-    weights = sum(t.numel() for t in tensors)
-    weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    """(work, bytes) that one call of a graph on ``batch`` samples may ask for (``budget.limits``)."""
+    return budget.limits(justified(tensors, g), batch)
+
+
+def justified(tensors: list, g: Graph) -> tuple[int, int]:
+    """(work, bytes) one sample of a graph may ask for, for what its weights and input are (``budget.justified``)."""
     inp = math.prod(g.input)
-    inp_bytes = inp * DTYPES[g.dtype].itemsize
-    work = min(WORK_CAP, max(WORK_FLOOR, batch * 4096 * (weights + inp)))
-    nbytes = min(BYTES_CAP, max(BYTES_FLOOR, batch * max(128 * inp_bytes, 2 * weight_bytes)))
-    return factor * work, factor * nbytes
+    return budget.justified(sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors),
+                            inp, inp * DTYPES[g.dtype].itemsize)
 
 
 def check_cost(g: Graph, tensors: list, batch: int = 1, dtype: torch.dtype | None = None,
@@ -148,7 +146,7 @@ class GraphModel(nn.Module):
                 raise GraphError(f"cannot hold tensor {safe(fqn)} ({safe(first_line(e, 80))})") from None
             slots.append((mod, leaf))
         self._graph, self._slots = g, slots
-        self._checked: set = set()  # (batch, dtype, grad) of the calls whose cost was checked
+        self._checked: dict = {}  # (batch, dtype, grad) of the calls whose cost was checked -> samples a run
 
     def forward(self, x: torch.Tensor):
         g = self._graph
@@ -159,16 +157,37 @@ class GraphModel(nn.Module):
         tensors = [getattr(m, leaf) for m, leaf in self._slots]
         grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors))
         key = (x.shape[0], x.dtype, grad)
-        if key not in self._checked:
-            try:
-                check_cost(g, tensors, x.shape[0], x.dtype, grad)
-            except GraphError as e:
-                raise InputError(f"this model's stored graph will not be run on a batch of {x.shape[0]}: it {e}") \
-                    from None
+        chunk = self._checked.get(key)
+        if chunk is None:
+            chunk = self._chunk(tensors, x.shape[0], x.dtype, grad)
             if len(self._checked) >= 64:
                 self._checked.clear()
-            self._checked.add(key)
-        return run(g, x, tensors)
+            self._checked[key] = chunk
+        if chunk >= x.shape[0]:
+            return run(g, x, tensors)
+        outs = [run(g, part, tensors) for part in x.split(chunk)]
+        if isinstance(outs[0], tuple):
+            return tuple(torch.cat(parts) for parts in zip(*outs))
+        return torch.cat(outs)
+
+    def _chunk(self, tensors: list, batch: int, dtype: torch.dtype, grad: bool) -> int:
+        """The samples one run may take of a batch of ``batch``: all of them when the batch's cost is within its
+        limits; else, when it is the per-call cap that the batch's justified cost passes (a large evaluation
+        batch of the user's own data), the largest half, quarter... of it whose cost is within them, run one
+        after the other; InputError otherwise (a graph that costs more than its weights justify never runs)."""
+        size, first = batch, None
+        while True:
+            try:
+                check_cost(self._graph, tensors, size, dtype, grad)
+                return size
+            except GraphError as e:
+                first = first or e
+                work, nbytes = justified(tensors, self._graph)
+                max_work, max_bytes = call_limits()
+                if size == 1 or (size * work <= max_work and size * nbytes <= max_bytes):
+                    raise InputError(f"this model's stored graph will not be run on a batch of {batch}: it {first}") \
+                        from None
+            size = (size + 1) // 2
 
     def extra_repr(self) -> str:
         return f"graph of {len(self._graph.nodes)} nodes, input (N, {', '.join(map(str, self._graph.input))})"
@@ -188,5 +207,5 @@ def rebuild(doc: Any, tensors: dict[str, torch.Tensor]) -> GraphModel:
     ordered = [tensors[fqn] for fqn in g.tensors]
     check_cost(g, ordered)  # one sample, before anything else; each batch that runs is checked again
     model = GraphModel(g, tensors).eval()
-    model._checked.add((1, DTYPES[g.dtype], False))
+    model._checked[(1, DTYPES[g.dtype], False)] = 1
     return model

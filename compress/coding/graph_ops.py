@@ -76,7 +76,20 @@ def _view(a, k, out):
 
 
 def _copy(a, k, out):  # a view that may copy (reshape of a non-contiguous tensor): charged as a copy
-    return nbytes(out), numel(out)
+    return nbytes(out), 4 * numel(out)
+
+
+def _blocked(t: torch.Tensor) -> int:
+    """Elements of ``t`` with its channels (dim 1) padded to a multiple of 16: the blocked layout oneDNN's CPU
+    convolution reorders its input and output into (a 1-channel image takes 16x its size there)."""
+    if t.dim() < 2:
+        return t.numel()
+    return t.numel() // max(t.shape[1], 1) * (-(-t.shape[1] // 16) * 16)
+
+
+def _slow(t: torch.Tensor) -> int:
+    """How much slower than float32 a matrix kernel runs on ``t``'s dtype here (bfloat16, float16, float64)."""
+    return 1 if t.dtype == torch.float32 else 8
 
 
 def _conv(a, k, out):
@@ -84,11 +97,15 @@ def _conv(a, k, out):
     taps = w[0].numel()  # C_in / groups x kernel
     spatial = math.prod(out.shape[2:]) if out.dim() > 2 else 1
     unfolded = taps * spatial * x.element_size()  # one sample's columns, where the kernel unfolds its input
-    return nbytes(out) + unfolded, 2 * out.numel() * taps + out.numel()
+    reorder = max(_blocked(x), _blocked(out)) * x.element_size()  # the larger blocked copy (input or output)
+    # few channels a group (depthwise, a 1-channel image) leave the vector units idle: up to 16x the time
+    idle = 16 // min(16, max(w.shape[1], 1))
+    work = 2 * out.numel() * taps * idle * _slow(x) + 4 * (_blocked(x) + _blocked(out)) + out.numel()
+    return nbytes(out) + reorder + unfolded, work
 
 
 def _linear(a, k, out):
-    return nbytes(out), 2 * out.numel() * a[1].shape[-1] + out.numel()
+    return nbytes(out), 2 * out.numel() * a[1].shape[-1] * _slow(a[0]) + out.numel()
 
 
 def _window(a, k, out):
@@ -117,21 +134,24 @@ def _adaptive_pool(a, k, out):
     return nbytes(out), out.numel() * (WINDOW * window + 1)
 
 
-def _reduce(a, k, out):
-    return nbytes(out), a[0].numel() + out.numel()
+def _reduce(a, k, out):  # a dtype other than the input's converts a copy of it first
+    x = a[0]
+    copy = x.numel() * out.element_size() if out.dtype != x.dtype else 0
+    return nbytes(out) + copy, 8 * x.numel() * _slow(out) + out.numel()
 
 
 def _norm(per_element: int) -> Callable:
-    def f(a, k, out):  # the result, and a mean and a deviation per normalised row (float32)
+    def f(a, k, out):  # the result, a mean and a deviation per normalised row, a contiguous copy of a strided input
         x = a[0]
         rows = x.numel() // max(math.prod(x.shape[-len(a[1]):]) if isinstance(a[1], list) and a[1] else 1, 1)
-        return nbytes(out) + 8 * rows, per_element * numel(out)
+        copy = 0 if x.is_contiguous() else nbytes(x)
+        return nbytes(out) + 8 * rows + copy, per_element * numel(out)
     return f
 
 
 def _batch_norm(a, k, out):  # the result, and a saved mean and deviation per channel
     channels = a[0].shape[1] if a[0].dim() > 1 else 1
-    return nbytes(out) + 8 * channels, 4 * numel(out)
+    return nbytes(out) + 8 * channels, 16 * numel(out)
 
 
 def _attention(a, k, out):
@@ -156,15 +176,17 @@ def _no_cost(a, k, out):
     return 0, 0
 
 
-_POINTWISE = {1: "relu relu6 hardtanh hardswish hardsigmoid leaky_relu clamp clamp_min clamp_max neg abs clone "
+# operations charged per output element: what a CPU kernel's time per element is worth in multiply-adds of a
+# float32 convolution (a broadcast add runs ~3.4 ns an element on two cores, a convolution ~0.4 ns a FLOP)
+_POINTWISE = {8: "relu relu6 hardtanh hardswish hardsigmoid leaky_relu clamp clamp_min clamp_max neg abs clone "
                  "add.Tensor add.Scalar sub.Tensor sub.Scalar mul.Tensor mul.Scalar div.Tensor div.Scalar",
-              8: "sigmoid silu gelu tanh"}
+              32: "sigmoid silu gelu tanh"}
 FORMULAS: dict[str, Callable] = {
     **{n: _pointwise(c) for c, names in _POINTWISE.items() for n in names.split()},
     "conv2d": _conv, "linear": _linear,
-    "_native_batch_norm_legit_no_training": _batch_norm, "layer_norm": _norm(8),
+    "_native_batch_norm_legit_no_training": _batch_norm, "layer_norm": _norm(32),
     "max_pool2d": _max_pool, "avg_pool2d": _avg_pool, "adaptive_avg_pool2d": _adaptive_pool, "mean.dim": _reduce,
-    "cat": _pointwise(1), "view": _copy,
+    "cat": _pointwise(4), "view": _copy,
     "permute": _view, "transpose.int": _view, "select.int": _view, "squeeze.dim": _view, "unsqueeze": _view,
     "split.Tensor": _view, "sym_size.int": _no_cost,
     "scaled_dot_product_attention": _attention,
