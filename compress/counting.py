@@ -1,6 +1,8 @@
 """Counting a model: parameters, nonzeros, multiply-accumulates (a leaf: what every model knows of itself)."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 
@@ -57,19 +59,20 @@ def count_macs(model: nn.Module, input_shape) -> int:
 
 def sample_cost(model: nn.Module, input_shape) -> tuple[int, int]:
     """(bytes, operations) of one sample through ``model``, counted on the meta device (nothing computed,
-    nothing allocated): every leaf module's output bytes added up (more than are ever live at once) and
-    torch's FLOP count. What a shape read from a file asks of a model before it runs at that shape;
-    InputError if the model does not run on the meta device."""
+    nothing allocated): the input and four times the largest output of any leaf module (a layer's input,
+    its output, a residual and a kernel's scratch live at once) and torch's FLOP count. What a shape read
+    from a file asks of a model before it runs at that shape; InputError if the model does not run on the
+    meta device."""
     import copy
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    total = [0]
+    largest = [0]
 
     def hook(m, inp, out):
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
-                total[0] += t.numel() * t.element_size()
+                largest[0] = max(largest[0], t.numel() * t.element_size())
 
     try:
         meta = copy.deepcopy(model).to("meta").eval()
@@ -82,4 +85,43 @@ def sample_cost(model: nn.Module, input_shape) -> tuple[int, int]:
                          f"the cost of that shape cannot be counted before it runs ({first_line(e, 100)})") from None
     for h in hooks:
         h.remove()
-    return total[0] + x.numel() * 4, int(fc.get_total_flops())
+    return x.numel() * 4 + 4 * largest[0], int(fc.get_total_flops())
+
+
+_COSTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+SMALL_INPUT = 1 << 20  # values per sample a model whose code does not run on the meta device may still be run at
+
+
+def check_call(model, input_shape, batch: int = 1) -> None:
+    """Refuse (InputError) to run ``model`` on ``batch`` samples of ``input_shape`` -- a shape a file's metadata
+    may have chosen -- when one sample's cost (``sample_cost``, counted once per model and shape) times the batch
+    passes what its weights and that input justify (``budget.limits``, as a stored graph's). Models that check each call themselves (a stored graph, an INT8
+    model) and callables that are not modules pass."""
+    from . import budget
+
+    if not isinstance(model, nn.Module) or getattr(model, "layerless", False) or getattr(model, "int8_kernels", False):
+        return
+    shape = tuple(input_shape)[1:]
+    costs = _COSTS.setdefault(model, {})
+    if shape not in costs:
+        try:
+            costs[shape] = sample_cost(model, (1, *shape))
+        except InputError:
+            values = 1
+            for s in shape:
+                values *= s
+            if values > SMALL_INPUT:
+                raise
+            costs[shape] = (0, 0)  # a small input: run as it is
+    nbytes, work = costs[shape]
+    values = 1
+    for s in shape:
+        values *= s
+    weights = list(model.parameters()) + list(model.buffers())
+    max_work, max_bytes = budget.limits(budget.justified(sum(t.numel() for t in weights), sum(
+        t.numel() * t.element_size() for t in weights), values, 4 * values), batch)
+    if batch * nbytes > max_bytes or batch * work > max_work:
+        raise InputError(f"a batch of {batch} at input shape {(batch, *shape)} asks for about {batch * work:.3g} "
+                         f"operations and {batch * nbytes / 2**20:,.0f} MiB; its {sum(t.numel() for t in weights):,} "
+                         f"weights and that input justify at most {max_work:.3g} and {max_bytes / 2**20:,.0f} MiB "
+                         "(COMPRESS_MAX_GRAPH_COST raises both for a model you trust)")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .counting import _run_checked, count_macs, count_nonzero, count_params  # noqa: F401  (metrics' names too)
+from .counting import _run_checked, check_call, count_macs, count_nonzero, count_params  # noqa: F401  (metrics' names too)
 from .distributed import device_of
 from .quant_state import get_state
 
@@ -87,8 +87,13 @@ def _warm_up(run, window: int = 5, max_seconds: float = 3.0) -> float:
     """
     prev, deadline = None, time.perf_counter() + max_seconds
     while True:
-        med = statistics.median(run() for _ in range(window))
-        if (prev is not None and abs(med - prev) <= 0.1 * prev) or time.perf_counter() > deadline:
+        times = []
+        for _ in range(window):  # a model whose one run takes seconds stops at the deadline, not after a window
+            times.append(run())
+            if time.perf_counter() > deadline:
+                return statistics.median(times)
+        med = statistics.median(times)
+        if prev is not None and abs(med - prev) <= 0.1 * prev:
             return med  # ms of one run, once stable
         prev = med
 
@@ -132,13 +137,18 @@ def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, thr
     modes = [(m, m.training) for m in models if isinstance(m, nn.Module)]
     for m, _ in modes:  # timed as deployed: BatchNorm on its running statistics, no dropout
         m.eval()
+    for m in models:  # the shape may be a file's: its cost at this batch is checked before any input is made
+        check_call(m, input_shape, batch)
     try:
         with torch.no_grad():
             fns = [_timed(m, torch.randn((batch,) + tuple(input_shape[1:]),  # a runtime's callable: on the CPU
                                          device=device_of(m) if isinstance(m, nn.Module) else "cpu"), dtype)
                    for m in models]
             per_run = sum(_warm_up(fn) for fn in fns)  # ms for one round over all models
-            rounds = min(max(runs, int(1000 * timing_seconds() / max(per_run, 1e-3))), 10_000)
+            # as many rounds as fill timing_seconds(), at least ``runs``, but never more than four times that long
+            # (at least 3 rounds): a model whose one run takes seconds is timed in seconds, not minutes
+            cap = max(3, int(4000 * timing_seconds() / max(per_run, 1e-3)))
+            rounds = min(max(runs, int(1000 * timing_seconds() / max(per_run, 1e-3))), 10_000, cap)
             times: list[list[float]] = [[] for _ in fns]
             for _ in range(rounds):
                 for t, fn in zip(times, fns):

@@ -98,7 +98,11 @@ class Context:
                 return check_shape((1,) + tuple(d.sample_shape), f"the shape of {d.name}'s samples")
         meta = read_meta(model)
         if meta.input_shape:
-            return check_shape(meta.input_shape, "the model file's input shape")
+            from .counting import check_call
+
+            shape = check_shape(meta.input_shape, "the model file's input shape")
+            check_call(model, shape)  # what one sample at the file's shape costs, counted before it runs
+            return shape
         raise UsageError("cannot tell the model's input shape: give input_shape (--input-shape 1,1,28,28) "
                          "or data")
 
