@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from . import masks
+from .budget import MAX_INPUT_VALUES
 from .config import Config, FineTune, method_for
 from .errors import UsageError
 from .meta import add_history, read_meta
@@ -126,7 +127,6 @@ def graph_only(model: nn.Module, what: str) -> UsageError:
                       "builds it) to change it")
 
 
-MAX_INPUT_VALUES = 1 << 24  # per sample: 16.7 M values (a 3 x 2,364 x 2,364 image)
 
 
 def check_shape(shape, what: str = "input shape") -> tuple[int, ...]:

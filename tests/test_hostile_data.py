@@ -6,7 +6,9 @@ out of their folder, images that declare 10^10 pixels, truncated files, huge IDX
 Each case ends in one line on stderr and a non-zero exit, or in a bounded run; never a traceback, a hang
 or an allocation of what the file asks for. Cases share a child (``_cases``): importing torch costs ~3 s.
 """
+import io
 import os
+import re
 import socket
 import stat
 import struct
@@ -26,7 +28,8 @@ from compress.errors import CompressError
 from compress.formats import save_model
 from compress.meta import set_meta
 from compress.models import create_model
-from tests.hostile_harness import CAP_MB, TIMEOUT_S, Ended, run_cli, run_python
+from tests.helpers import mutated
+from tests.hostile_harness import CAP_MB, TIMEOUT_S, Ended, run_cli, run_cli_each, run_python
 
 MEASURED: dict[str, Ended] = {}  # every case's numbers, printed with ``pytest -s`` (the report quotes them)
 
@@ -372,23 +375,13 @@ _HONEST = zip_bytes([{"name": "x.npy", "data": npy_bytes((2, 1, 2, 2), "<f4", by
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_mutated_npz_files_are_read_or_refused_never_crash(data):
-    blob = bytearray(_HONEST)
-    for _ in range(data.draw(st.integers(1, 4))):
-        op = data.draw(st.sampled_from(["flip", "cut", "insert", "word"]))
-        i = data.draw(st.integers(0, len(blob) - 1))
-        if op == "flip":
-            blob[i] ^= 1 << data.draw(st.integers(0, 7))
-        elif op == "cut":
-            del blob[i:i + data.draw(st.integers(1, 64))]
-        elif op == "insert":
-            blob[i:i] = data.draw(st.binary(min_size=1, max_size=16))
-        else:  # a size or offset field set to something large
-            blob[i:i + 4] = struct.pack("<L", data.draw(st.sampled_from([0, 1, 0xFFFF, 0xFFFFFFFF, 1 << 30])))
-        if len(blob) < 2:
-            break
+    def word(b, i):  # a size or offset field set to something large
+        b[i:i + 4] = struct.pack("<L", data.draw(st.sampled_from([0, 1, 0xFFFF, 0xFFFFFFFF, 1 << 30])))
+
+    blob = mutated(_HONEST, data, word)
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "m.npz"
-        p.write_bytes(bytes(blob))
+        p.write_bytes(blob)
         try:
             arrays = npy_mod.read_npz(p, mmap_min=1 << 20)
         except CompressError:
@@ -415,3 +408,56 @@ def test_measured_numbers_are_printed():
     """``pytest -s`` shows every hostile case's time and peak memory (the numbers the report quotes)."""
     for k, e in MEASURED.items():
         print(f"{k:45s} {e.seconds:6.2f} s {e.peak_mb:6.0f} MB")
+
+
+# ----------------------------------------------------------------------------- the second round of attacks
+def _deflated_at(raw: bytes, ratio: int) -> bytes:
+    """``raw`` deflated, padded with empty stored blocks until it is exactly 1/``ratio`` of its size: a member
+    inside any decode ratio above ``ratio``, whatever its contents."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    body = c.compress(raw) + c.flush(zlib.Z_SYNC_FLUSH)
+    return body + b"\x00\x00\x00\xff\xff" * max(0, (len(raw) // ratio - len(body)) // 5) + c.flush()
+
+
+def _progressive_jpeg(path, scans: int, side: int = 64) -> None:
+    """A grey progressive JPEG whose first AC scan is repeated ``scans`` times: each scan is decoded over the
+    whole image, so a 1 MB file of them took minutes to read."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (side, side), 128).save(buf, "JPEG", progressive=True, quality=50)
+    b = buf.getvalue()
+    starts = [i for i in range(len(b) - 1) if b[i] == 0xFF and b[i + 1] == 0xDA]
+    ends = starts[1:] + [b.rindex(b"\xff\xd9")]
+    ac = next(b[s:e] for s, e in zip(starts, ends) if b[s + 5 + 2 * b[s + 4]] > 0)  # Ss > 0: an AC scan
+    path.write_bytes(b[:b.rindex(b"\xff\xd9")] + ac * scans + b"\xff\xd9")
+
+
+def test_second_round_data_attacks_are_refused_in_one_line(tmp_path, model):
+    """A uint8 .npz at 50x deflate (inside the 100x ratio, but 200x once held as float32: 5 GB from 4.5 MB
+    before), a JPEG of 200 scans, a 4,194,304 x 4 image (16 KB; 4.2 GB once ?resize=28 scales its shorter side), Unicode digits in
+    an option, and ?size / ?channels that make samples or a data set too large: one line each."""
+    n = 40_000  # 31 MB of uint8 from 0.6 MB: 125 MB as float32, past both the floor (64 MiB) and 100x the file
+    raw = npy_bytes((n, 1, 28, 28), "|u1", bytes(n * 784))
+    y = npy_bytes((n,), "|u1", bytes(n))
+    (tmp_path / "f32.npz").write_bytes(zip_bytes([
+        {"name": "x.npy", "data": _deflated_at(raw, 50), "method": 8, "size": len(raw), "crc": zlib.crc32(raw)},
+        {"name": "y.npy", "data": y}]))
+    for d in ("scans/a", "wide/a"):
+        (tmp_path / d).mkdir(parents=True)
+    _progressive_jpeg(tmp_path / "scans/a/x.jpg", 200)
+    (tmp_path / "wide/a/x.png").write_bytes(png_bytes(1 << 22, 4))
+    cases = {
+        "50x deflate, 200x as float32": (tmp_path / "f32.npz", "more than 100x"),
+        "a JPEG of 200 scans": (f"folder:{tmp_path / 'scans'}?size=28&channels=1", "scans"),
+        "a 4,194,304 x 4 image resized by its shorter side": (f"folder:{tmp_path / 'wide'}?resize=28&crop=28&channels=1",
+                                                         "would make it"),
+        "a superscript digit": ("mnist5k?limit=\u00b2", "must be an integer"),
+        "an Arabic-Indic digit": ("mnist5k?limit=\u0663", "must be an integer"),
+        "samples of 64 x 4096 x 4096": ("digits?limit=1&size=4096&channels=64", "values per sample|at most"),
+        "a data set of 300 GB": ("digits?size=4096", "GiB in memory"),
+    }
+    ended, child = run_cli_each([_report(model, data) for data, _ in cases.values()], timeout=120)
+    for (what, (_, match)), e in zip(cases.items(), ended):
+        assert e.one_line_refusal and re.search(match, e.err) and e.seconds < 20, (what, e)
+    assert child.peak_mb < 800, child

@@ -129,6 +129,12 @@ class FolderData(Data):
                     if w * h > MAX_PIXELS:
                         raise InputError(f"{self.name}: image {safe(path, 200)} is {w} x {h}, more than "
                                          f"{MAX_PIXELS:,} pixels")
+                    if self.resize is not None and self.resize * self.resize * max(w, h) > MAX_PIXELS * min(w, h):
+                        raise InputError(f"{self.name}: image {safe(path, 200)} is {w} x {h}: ?resize={self.resize} "
+                                         f"(its shorter side) would make it more than {MAX_PIXELS:,} pixels")
+                    if getattr(img, "format", None) == "JPEG" and _scans(f) > MAX_SCANS:
+                        raise InputError(f"{self.name}: image {safe(path, 200)} is a JPEG of more than {MAX_SCANS} "
+                                         "scans (a decoder's time bomb; a progressive JPEG has about 10)")
                     img = img.convert("L" if self.channels == 1 else "RGB" if self.channels == 3 or img.mode not in
                                       ("L", "I;16", "I", "1") else "L")
                     x = pil_to_tensor(img)
@@ -265,3 +271,26 @@ def _entries(folder, seen: list[int], name: str) -> list[os.DirEntry]:
     except OSError as e:
         raise InputError(f"{name}: cannot list {safe(str(folder), 200)}: {e.strerror or e}") from None
     return out
+
+
+MAX_SCANS = 64  # a progressive JPEG has about 10; each scan is decoded over the whole image
+
+
+def _scans(f) -> int:
+    """How many start-of-scan markers (FF DA) the open JPEG ``f`` has, at most: in entropy-coded data an FF is
+    always followed by 00 or a restart marker, so every FF DA in the file is a marker. Read in chunks; ``f``'s
+    position is restored."""
+    pos = f.tell()
+    f.seek(0)
+    count, tail = 0, b""
+    while True:
+        chunk = f.read(1 << 20)
+        if not chunk:
+            break
+        data = tail + chunk
+        count += data.count(b"\xff\xda")
+        tail = data[-1:] if data[-1:] == b"\xff" else b""  # a marker split across chunks: counted next round
+        if count > MAX_SCANS:
+            break
+    f.seek(pos)
+    return count

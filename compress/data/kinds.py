@@ -100,7 +100,10 @@ def validate(x, y, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         x = np.asarray(x)
         if x.dtype.kind not in "biuf":
             raise InputError(f"{name}: x must be float32 (N x C x H x W), got {x.dtype}")
-        x = torch.as_tensor(x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x)
+        if x.dtype == np.uint8:  # one float32 copy, scaled in place (not a second one for the division)
+            x = x.astype(np.float32)
+            x /= 255.0
+        x = torch.as_tensor(x)
     if not isinstance(y, torch.Tensor):
         y = np.asarray(y)
         if y.dtype.kind not in "iuf" or (y.dtype.kind in "iu" and y.size and int(y.max()) >= 2 ** 31):

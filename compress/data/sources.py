@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError, UsageError, first_line
+from ..budget import MAX_INPUT_VALUES
+from ..errors import CompressError, InputError, UsageError, first_line
 from .core import Data, Mapped
 from .files import MAX_ARRAY_BYTES, DecodeBudget, inside, open_regular, read_exact
 from .kinds import ArrayData, TensorData, as_data, validate
@@ -64,8 +65,8 @@ def _read_idx(path: Path, root: Path) -> np.ndarray:
                 raise InputError(f"{path}: IDX header declares {n:,} bytes, more than {MAX_ARRAY_BYTES:,}")
             if not gz and size != 4 + 4 * ndim + n:
                 raise InputError(f"{path}: IDX size does not match its header {dims}")
-            if gz:
-                DecodeBudget(path, size).charge("its header", n)
+            if gz:  # charged as it will be held: float32, 4 bytes a value
+                DecodeBudget(path, size).charge("its header", 4 * n)
             data = read_exact(f, n, where)
         except (OSError, EOFError, zlib.error) as e:
             raise InputError(f"{path}: corrupt gzip ({first_line(e)})") from e
@@ -146,7 +147,7 @@ def int_option(opts: dict[str, str], k: str, name: str) -> int | None:
         return None
     lo, hi = BOUNDS[k]
     v = opts[k]
-    if not (v.isdigit() and lo <= int(v) <= hi):
+    if not (v.isascii() and v.isdigit() and lo <= int(v) <= hi):  # "²" and "٣" are digits to str.isdigit
         raise UsageError(f"{name}: ?{k}={v!r} must be an integer in {lo}..{hi}")
     return int(v)
 
@@ -179,6 +180,21 @@ def apply_options(data: Data, opts: dict[str, str], name: str, handled: tuple = 
     if limit is not None and limit < len(data):
         perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:limit]
         data = data.subset(perm, name)
+    try:
+        shape = tuple(data.sample_shape)
+    except CompressError:
+        shape = ()
+    if len(shape) == 3 and (size is not None or ch is not None):  # what one sample becomes, checked before it does
+        c = ch if ch is not None and "channels" not in handled else shape[0]
+        side = (size, size) if size is not None and "size" not in handled else shape[1:]
+        values = c * side[0] * side[1]
+        if values > MAX_INPUT_VALUES:
+            raise UsageError(f"{name}: ?size / ?channels make samples of {c} x {side[0]} x {side[1]} = {values:,} "
+                             f"values; at most {MAX_INPUT_VALUES:,} are allowed")
+        if isinstance(data, TensorData) and 4 * values * len(data) > MAX_ARRAY_BYTES:
+            raise UsageError(f"{name}: ?size / ?channels make {len(data):,} samples of {values:,} values "
+                             f"({4 * values * len(data) / 2**30:,.1f} GiB in memory, at most "
+                             f"{MAX_ARRAY_BYTES / 2**30:,.0f}); add ?limit=N or a smaller ?size")
     if isinstance(data, TensorData):  # in memory: done once, now
         x = data.x
         if size is not None and "size" not in handled:
