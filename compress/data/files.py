@@ -48,13 +48,16 @@ class DecodeBudget:
         self.path, self.file_bytes = path, file_bytes
         self.left = self.cap = decode_cap(file_bytes)
 
-    def charge(self, what: str, n: int, compressed_bytes: int | None = None) -> None:
+    def charge(self, what: str, declared: int, compressed_bytes: int | None = None, held: int | None = None) -> None:
+        """Charge a part that declares ``declared`` bytes and is ``held`` in memory (float32 of uint8: 4x)."""
+        n = declared if held is None else max(held, declared)
+        size = f"{declared:,} bytes" + (f" ({n:,} as float32)" if n > declared else "")
         own = None if compressed_bytes is None else decode_cap(compressed_bytes)
         if own is not None and n > own:
-            self._refuse(f"{what} declares {n:,} bytes from {compressed_bytes:,} compressed", own)
+            self._refuse(f"{what} declares {size} from {compressed_bytes:,} compressed", own)
         if n > self.left:
             spent = f" ({self.cap - self.left:,} already decoded)" if self.left < self.cap else ""
-            self._refuse(f"{what} declares {n:,} bytes{spent} from a file of {self.file_bytes:,}", self.cap)
+            self._refuse(f"{what} declares {size}{spent} from a file of {self.file_bytes:,}", self.cap)
         self.left -= n
 
     def _refuse(self, why: str, cap: int):

@@ -192,7 +192,7 @@ def _member(f: IO[bytes], z: zipfile.ZipFile, info: zipfile.ZipInfo, size: int, 
             return _mapped(f, h, start + h.size)
         if not stored:  # charged as it will be held: as float32 (4 bytes a value) when its values are smaller
             held = math.prod(h.shape) * max(h.dtype.itemsize, 4)
-            budget.charge(f"member {info.filename!r}", held, info.compress_size)
+            budget.charge(f"member {info.filename!r}", h.nbytes, info.compress_size, held)
         return h.array(read_exact(s, h.nbytes, where))
 
 

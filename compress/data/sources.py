@@ -66,7 +66,7 @@ def _read_idx(path: Path, root: Path) -> np.ndarray:
             if not gz and size != 4 + 4 * ndim + n:
                 raise InputError(f"{path}: IDX size does not match its header {dims}")
             if gz:  # charged as it will be held: float32, 4 bytes a value
-                DecodeBudget(path, size).charge("its header", 4 * n)
+                DecodeBudget(path, size).charge("its header", n, held=4 * n)
             data = read_exact(f, n, where)
         except (OSError, EOFError, zlib.error) as e:
             raise InputError(f"{path}: corrupt gzip ({first_line(e)})") from e
