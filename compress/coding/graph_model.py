@@ -9,7 +9,8 @@ may copy is charged as a copy, each value is freed after its last reader as ``ru
 kernel's scratch counts while it runs; with gradients on, nothing is freed: autograd keeps it). The
 check itself is bounded before it builds anything: a node's results are counted from its arguments
 before it runs. ``GraphModel.forward`` checks each new shape once (cached) and refuses, in one line, a
-call that asks for more than ``limits`` allow.
+call that asks for more than ``limits`` allow -- except a batch whose justified cost passes only the per-call
+cap (an evaluation batch of the user's own data), which runs in parts that fit.
 """
 from __future__ import annotations
 
