@@ -1,11 +1,13 @@
 """Counting a model: parameters, nonzeros, multiply-accumulates (a leaf: what every model knows of itself)."""
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
 import torch.nn as nn
 
+from . import budget
 from .distributed import device_of
 from .errors import InputError, first_line
 
@@ -95,33 +97,27 @@ SMALL_INPUT = 1 << 20  # values per sample a model whose code does not run on th
 def check_call(model, input_shape, batch: int = 1) -> None:
     """Refuse (InputError) to run ``model`` on ``batch`` samples of ``input_shape`` -- a shape a file's metadata
     may have chosen -- when one sample's cost (``sample_cost``, counted once per model and shape) times the batch
-    passes what its weights and that input justify (``budget.limits``, as a stored graph's). Models that check each call themselves (a stored graph, an INT8
-    model) and callables that are not modules pass."""
-    from . import budget
-
+    passes what its weights and that input justify (``budget.limits``, as a stored graph's). Models that check
+    each call themselves (a stored graph, an INT8 model) and callables that are not modules pass."""
     if not isinstance(model, nn.Module) or getattr(model, "layerless", False) or getattr(model, "int8_kernels", False):
         return
     shape = tuple(input_shape)[1:]
+    values = math.prod(shape)
     costs = _COSTS.setdefault(model, {})
     if shape not in costs:
         try:
             costs[shape] = sample_cost(model, (1, *shape))
         except InputError:
-            values = 1
-            for s in shape:
-                values *= s
             if values > SMALL_INPUT:
                 raise
             costs[shape] = (0, 0)  # a small input: run as it is
     nbytes, work = costs[shape]
-    values = 1
-    for s in shape:
-        values *= s
-    weights = list(model.parameters()) + list(model.buffers())
-    max_work, max_bytes = budget.limits(budget.justified(sum(t.numel() for t in weights), sum(
-        t.numel() * t.element_size() for t in weights), values, 4 * values), batch)
+    tensors = list(model.parameters()) + list(model.buffers())
+    weights = sum(t.numel() for t in tensors)
+    max_work, max_bytes = budget.limits(budget.justified(weights, sum(t.numel() * t.element_size() for t in tensors),
+                                                         values, 4 * values), batch)
     if batch * nbytes > max_bytes or batch * work > max_work:
         raise InputError(f"a batch of {batch} at input shape {(batch, *shape)} asks for about {batch * work:.3g} "
-                         f"operations and {batch * nbytes / 2**20:,.0f} MiB; its {sum(t.numel() for t in weights):,} "
-                         f"weights and that input justify at most {max_work:.3g} and {max_bytes / 2**20:,.0f} MiB "
-                         "(COMPRESS_MAX_GRAPH_COST raises both for a model you trust)")
+                         f"operations and {batch * nbytes / 2**20:,.0f} MiB; its {weights:,} weights and that input "
+                         f"justify at most {max_work:.3g} and {max_bytes / 2**20:,.0f} MiB (COMPRESS_MAX_GRAPH_COST "
+                         "raises both for a model you trust)")

@@ -20,10 +20,10 @@ few enum strings). Two ops are compress's own: ``getitem`` (one result of a mult
 in the batch, and no expression is ever parsed).
 
 Nothing read from a file reaches a deserialiser, a code generator or ``eval``: ``parse`` turns the
-JSON into ``Graph`` (checked ops, references to earlier values only, literal sizes capped), ``cost``
-runs it on the meta device for one and two samples and totals its memory and work, and a file whose
-graph asks for more than its weights justify (``limits``) is refused before any real tensor is
-computed. Decoding is linear in the graph's size.
+JSON into ``Graph`` (checked ops of ``graph_ops``' table, references to earlier values only, literal sizes
+capped), ``graph_model.check_cost`` runs it on the meta device at the shape of each call and totals its memory
+and work by each op's own formula, and a call that asks for more than its weights justify (``limits``) is
+refused before any real tensor is computed. Decoding is linear in the graph's size.
 """
 from __future__ import annotations
 
@@ -302,7 +302,7 @@ def _get(v, values, tensors):
 def run(g: Graph, x: torch.Tensor, tensors: list, watch=None, before=None):
     """Interpret ``g`` on input ``x`` with ``tensors`` (params + buffers, in order); each value is
     dropped after the last node that reads it. ``before(k, node, args, kwargs)`` and ``watch(k, node,
-    args, out, values)``: called before and after each node (the cost check, on the meta device)."""
+    args, kwargs, out, values)``: called before and after each node (the cost check, on the meta device)."""
     values: list = [x]
     shapes_only = x.device.type == "meta"
     for k, node in enumerate(g.nodes):

@@ -176,6 +176,8 @@ class GraphModel(nn.Module):
         limits; else, when it is the per-call cap that the batch's justified cost passes (a large evaluation
         batch of the user's own data), the largest half, quarter... of it whose cost is within them, run one
         after the other; InputError otherwise (a graph that costs more than its weights justify never runs)."""
+        work, nbytes = justified(tensors, self._graph)
+        max_work, max_bytes = call_limits()
         size, first = batch, None
         while True:
             try:
@@ -183,9 +185,7 @@ class GraphModel(nn.Module):
                 return size
             except GraphError as e:
                 first = first or e
-                work, nbytes = justified(tensors, self._graph)
-                max_work, max_bytes = call_limits()
-                if size == 1 or (size * work <= max_work and size * nbytes <= max_bytes):
+                if size == 1 or (size * work <= max_work and size * nbytes <= max_bytes):  # not the cap: refused
                     raise InputError(f"this model's stored graph will not be run on a batch of {batch}: it {first}") \
                         from None
             size = (size + 1) // 2
