@@ -20,7 +20,6 @@ import numpy as np
 
 from ..budget import env_number
 from ..errors import InputError, safe
-from ..fileio import not_regular, open_regular  # noqa: F401  (the data readers' names too)
 
 MAX_ARRAY_BYTES = 8 << 30  # one array of a data file, decoded
 # images gzip about 5:1 (MNIST); a 1000:1 gzip is a run of one byte, not a data set. The IDX .gz and the

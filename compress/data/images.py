@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, UsageError, first_line, safe
+from ..fileio import not_regular, open_regular
 from .core import Batch, Data
-from .files import inside, not_regular, open_regular
+from .files import inside
 from .kinds import pil_to_tensor
 from .sources import int_option
 

@@ -28,7 +28,8 @@ from typing import IO
 import numpy as np
 
 from ..errors import InputError, first_line, safe
-from .files import MAX_ARRAY_BYTES, DecodeBudget, inside, open_regular, read_exact
+from ..fileio import open_regular
+from .files import MAX_ARRAY_BYTES, DecodeBudget, inside, read_exact
 
 MAX_HEADER = 10_000  # bytes of a .npy header's dict (numpy's own limit; its headers are ~120 bytes)
 MAX_RANK = 8

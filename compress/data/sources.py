@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from ..budget import MAX_INPUT_VALUES
 from ..errors import CompressError, InputError, UsageError, first_line
+from ..fileio import open_regular
 from .core import Data, Mapped
-from .files import MAX_ARRAY_BYTES, DecodeBudget, inside, open_regular, read_exact
+from .files import MAX_ARRAY_BYTES, DecodeBudget, inside, read_exact
 from .kinds import ArrayData, TensorData, as_data, validate
 from .npy import read_npy, read_npz
 
