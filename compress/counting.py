@@ -39,16 +39,21 @@ def _sdpa_cpu_flops(q, k, v, *args, out_shape=None, **kw) -> int:
     return 2 * n * length * s * dim + 2 * n * length * s * dv
 
 
+def mac_counter():
+    """torch's FLOP counter (a context manager; ``get_total_flops()``: twice the MACs), CPU attention included."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops})
+
+
 def count_macs(model: nn.Module, input_shape) -> int:
     """Multiply-accumulates of one sample (torch.utils.flop_counter FLOPs / 2). MultiheadAttention's
     fused fast path (taken under no_grad) is switched off while counting: its one kernel is invisible
     to the counter, which undercounted a ViT-B/16 by a third."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     x = torch.zeros(input_shape, device=device_of(model))
     model.eval()
-    counter = FlopCounterMode(display=False, custom_mapping={
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops})
+    counter = mac_counter()
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:

@@ -18,7 +18,11 @@ LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)
 
 
 def layer_table(model: nn.Module, input_shape) -> list[dict[str, Any]]:
-    """Per leaf layer with weights: name, type, params, nonzeros, MACs, output shape."""
+    """Per leaf layer with weights: name, type, params, nonzeros, MACs, output shape. A model decoded from its
+    stored graph has no layers: per group of its nodes (``GraphModel.layer_table``)."""
+    own = getattr(model, "layer_table", None) if getattr(model, "layerless", False) else None
+    if callable(own):
+        return own()
     rows: dict[str, dict] = {}
     hooks = []
 

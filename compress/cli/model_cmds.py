@@ -38,10 +38,12 @@ def report(model: c.ModelArg, arch: c.ArchOpt = None, trust_pickle: c.TrustOpt =
 
 
 def show_report(rep: dict) -> None:
-    from ..report.render import model_rows
+    from ..report.render import graph_layer_rows, model_rows
 
     out.print(table(rep["file"], ["", "value"], model_rows(rep)))
-    if rep.get("layers"):
+    if rep.get("layers") and "nodes" in rep["layers"][0]:  # decoded from its stored graph: groups of its nodes
+        out.print(table(*graph_layer_rows(rep["layers"])))
+    elif rep.get("layers"):
         out.print(table("layers", ["layer", "type", "params", "nonzeros", "MACs", "output"],
                         [[r["name"], r["type"], r["params"], r["nonzeros"], r["macs"],
                           "x".join(map(str, r["output_shape"]))] for r in rep["layers"]]))

@@ -23,8 +23,11 @@ import torch.nn as nn
 
 from .. import budget
 from ..budget import call_limits
+from ..counting import mac_counter
+from ..distributed import device_of
 from ..errors import InputError, first_line, safe
-from .graph import DTYPES, MAX_RESULTS, Graph, GraphError, Ref, dump, parse, run
+from ..quant_state import PARAMS, get_state
+from .graph import DTYPES, MAX_RESULTS, Graph, GraphError, Ref, Tensor, dump, parse, run
 from .graph_ops import nbytes
 
 MAX_VALUES = 200_000   # tensors a graph may compute in one run, all its nodes' results together
@@ -155,6 +158,16 @@ class GraphModel(nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"input of shape {shape} does not fit this model: its stored graph takes "
                              f"(N, {', '.join(map(str, g.input))})")
+        tensors, chunk = self._check(x)
+        if chunk >= x.shape[0]:
+            return run(g, x, tensors)
+        outs = [run(g, part, tensors) for part in x.split(chunk)]
+        if isinstance(outs[0], tuple):
+            return tuple(torch.cat(parts) for parts in zip(*outs))
+        return torch.cat(outs)
+
+    def _check(self, x: torch.Tensor) -> tuple[list, int]:
+        """The tensors a call on ``x`` reads, and the samples one run of it may take (``_chunk``, once a shape)."""
         tensors = [getattr(m, leaf) for m, leaf in self._slots]
         grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors))
         key = (x.shape[0], x.dtype, grad)
@@ -164,12 +177,7 @@ class GraphModel(nn.Module):
             if len(self._checked) >= 64:
                 self._checked.clear()
             self._checked[key] = chunk
-        if chunk >= x.shape[0]:
-            return run(g, x, tensors)
-        outs = [run(g, part, tensors) for part in x.split(chunk)]
-        if isinstance(outs[0], tuple):
-            return tuple(torch.cat(parts) for parts in zip(*outs))
-        return torch.cat(outs)
+        return tensors, chunk
 
     def _chunk(self, tensors: list, batch: int, dtype: torch.dtype, grad: bool) -> int:
         """The samples one run may take of a batch of ``batch``: all of them when the batch's cost is within its
@@ -190,8 +198,75 @@ class GraphModel(nn.Module):
                         from None
             size = (size + 1) // 2
 
+    def layer_table(self) -> list[dict[str, Any]]:
+        """The report's rows of a model with no layers of its own (``metrics.layer_table``): one per group of
+        the stored graph's nodes -- a node that multiplies (``MAC_OPS``) and the nodes after it up to the next
+        (its batch norm, a residual add, an activation, a pooling) -- named by the module path of the first
+        stored tensor it reads (``node k`` where it reads none). Each row: the group's op kinds (``type``, as
+        "conv2d+batch_norm+relu"), the parameters it is the first to read and their nonzeros, its MACs of one
+        sample (torch's FLOP counter, as ``count_macs``: the rows sum to the model's total), the shape of its
+        last result, ``nodes`` (its first and last node) and ``bits`` where its weight is quantized. Names are
+        the file's (module paths, checked by ``parse``): print them through ``printable``."""
+        g = self._graph
+        x = torch.zeros((1, *g.input), dtype=DTYPES[g.dtype], device=device_of(self))
+        with torch.no_grad():
+            tensors, _ = self._check(x)  # one sample, checked as any call is
+        rows: list[dict[str, Any]] = []
+        seen: set[int] = set()  # params counted in an earlier row
+        counter, flops = mac_counter(), [0]
+
+        def before(k, node, args, kwargs):
+            flops[0] = counter.get_total_flops()
+
+        def watch(k, node, args, kwargs, out, values):
+            kind = _kind(node.op.name)
+            read = _tensors(node)
+            if node.op.name in MAC_OPS or (not rows and kind):
+                first = g.tensors[read[0]] if read else None
+                rows.append({"name": first.rpartition(".")[0] if first else f"node {k}", "type": "", "params": 0,
+                             "nonzeros": 0, "macs": 0, "output_shape": [], "nodes": [k, k]})
+                mod, leaf = self._slots[read[0]] if read else (None, "")
+                if leaf in PARAMS:
+                    q = get_state(mod, leaf)
+                    if q is not None:
+                        rows[-1]["bits"] = q.bits
+            if not rows:  # the input's size, read before any layer
+                return
+            row = rows[-1]
+            row["macs"] += (counter.get_total_flops() - flops[0]) // 2
+            row["nodes"][1] = k
+            if kind and kind not in row["type"].split("+"):
+                row["type"] = f"{row['type']}+{kind}" if row["type"] else kind
+            for j in read:
+                if j < len(g.params) and j not in seen:
+                    seen.add(j)
+                    row["params"] += tensors[j].numel()
+                    row["nonzeros"] += int(torch.count_nonzero(tensors[j]))
+            if isinstance(out, torch.Tensor):
+                row["output_shape"] = list(out.shape[1:])
+
+        with torch.no_grad(), counter:
+            run(g, x, tensors, watch, before)
+        return rows
+
     def extra_repr(self) -> str:
         return f"graph of {len(self._graph.nodes)} nodes, input (N, {', '.join(map(str, self._graph.input))})"
+
+
+MAC_OPS = frozenset({"conv2d", "linear", "scaled_dot_product_attention"})  # each starts a row of the layer table
+_BOOKKEEPING = frozenset({"getitem", "sym_size.int", "sym_mul"})  # no op kind of their own in a row
+_KINDS = {"_native_batch_norm_legit_no_training": "batch_norm"}
+
+
+def _kind(op: str) -> str:
+    """An op's kind as a row of the layer table names it: "add" for add.Tensor, "" for bookkeeping."""
+    return "" if op in _BOOKKEEPING else _KINDS.get(op, op.partition(".")[0])
+
+
+def _tensors(node) -> list[int]:
+    """The stored tensors a node reads, in the order of its arguments (a list argument holds no lists)."""
+    return [x.index for v in (*node.args, *node.kwargs.values()) for x in (v if isinstance(v, list) else [v])
+            if isinstance(x, Tensor)]
 
 
 def stored(model: nn.Module) -> dict | None:

@@ -189,11 +189,27 @@ def render_model_report(rep: dict, folder, force: bool = False) -> dict[str, Pat
     summary = (f"{rep['file']}: {rep['file_bytes']:,} bytes, "
                f"{rep.get('ratio_vs_dense_fp32') or 1:.2f}x smaller than its dense FP32 weights")
     sections = [("Model", ["", "value"], model_rows(rep))]
-    if rep.get("layers"):
+    if rep.get("layers") and "nodes" in rep["layers"][0]:
+        title, header, rows = graph_layer_rows(rep["layers"])
+        sections.append((title.capitalize(), header, rows))
+    elif rep.get("layers"):
         sections.append(("Layers", ["layer", "type", "parameters", "nonzeros", "MACs", "bits"],
                          [[r["name"], r["type"], r["params"], r["nonzeros"], r["macs"], r.get("bits")]
                           for r in rep["layers"]]))
     return write_folder(folder, "compress report", summary, sections, images, rep, force)
+
+
+def _span(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}-{last}"
+
+
+def graph_layer_rows(layers: list[dict]) -> tuple[str, list[str], list[list]]:
+    """(title, header, rows) of the layer table of a model decoded from its stored graph (``GraphModel.layer_table``:
+    rows with ``nodes``): a group of its nodes a row, with their op kinds."""
+    return ("layers: the stored graph's nodes, a row from each conv2d / linear / attention node to the next",
+            ["layer", "ops", "nodes", "parameters", "nonzeros", "MACs", "output", "bits"],
+            [[r["name"], r["type"], _span(*r["nodes"]), r["params"], r["nonzeros"], r["macs"],
+              "x".join(map(str, r["output_shape"])), r.get("bits")] for r in layers])
 
 
 def value_text(v) -> str:
