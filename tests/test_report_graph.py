@@ -12,6 +12,7 @@ from compress.coding.container import encode_model
 from compress.meta import set_meta
 from compress.metrics import layer_table
 from compress.models import create_model
+from compress.report.render import render_model_report
 
 SHAPE = [1, 3, 16, 16]
 
@@ -95,3 +96,17 @@ def test_a_zoo_models_layer_rows_are_still_its_modules():
                                                       ("fc2", "Linear")]
     assert all("nodes" not in r for r in rows)
     assert rows[0]["macs"] == 20 * 24 * 24 * 25 and rows[0]["output_shape"] == [20, 24, 24]
+
+
+def test_a_layer_name_cannot_break_the_markdown_table_or_reach_the_terminal(tmp_path):
+    """Names are the file's: a '|' or a control character in one stays inside its cell, escaped; a '$' in
+    the plot is text, not mathtext."""
+    m = nn.Sequential()
+    m.add_module("a|b\x1b[31m\nx$\\q$", nn.Linear(4, 2))
+    from compress.metrics import summarize
+
+    rep = {"file": "f.pt", "file_bytes": 1, **summarize(m, (1, 4), latency=False)}
+    render_model_report(rep, tmp_path / "r")
+    md = (tmp_path / "r" / "report.md").read_text()
+    row = next(line for line in md.splitlines() if "a\\|b" in line)
+    assert "\x1b" not in md and row.count(" | ") == 5 and "\\x1b[31m\\nx" in row

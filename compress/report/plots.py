@@ -17,12 +17,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from ..errors import printable  # noqa: E402
+
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _label(name: str) -> str:
+    """A name from a file as a plot's text: control characters escaped, a '$' not read as mathtext."""
+    return printable(name).replace("$", r"\$")
 
 
 def _kib(n: float) -> str:
@@ -45,7 +52,7 @@ def layer_density(before: list[dict], after: list[dict] | None, path: Path) -> P
         label = f"{dens[i]:.1f}%" + (f"\n{bits} bit" if bits else "")
         ax.annotate(label, (bars[i].get_x() + bars[i].get_width() / 2, dens[i]), ha="center", va="bottom", fontsize=7)
     ax.set_ylim(0, 115)
-    ax.set_xticks(x, [f"{n}\n({b[n]['params']:,})" for n in names], rotation=60, ha="right", fontsize=7)
+    ax.set_xticks(x, [f"{_label(n)}\n({b[n]['params']:,})" for n in names], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("weights kept (nonzero), % of layer")
     ax.set_xlabel("layer (parameters)")
     ax.set_title("per-layer density" + (" after compression" if after is not before else ""), pad=12)

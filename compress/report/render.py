@@ -10,6 +10,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from ..errors import printable
 from ..fileio import write_text
 from . import plots
 
@@ -22,9 +23,14 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+def _md_cell(v: Any) -> str:
+    """A cell's text: a name from a file (a layer's) keeps its '|' and control characters inside the cell."""
+    return printable(_fmt(v)).replace("|", "\\|")
+
+
 def _md_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+    lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
