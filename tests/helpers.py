@@ -33,3 +33,30 @@ def mutated(blob: bytes, data, fourth) -> bytes:
         if len(out) < 2:
             break
     return bytes(out)
+
+
+class Calls:
+    """Counts the Python and C function calls made inside ``with Calls() as c:`` (``c.n``): a measure of work
+    that, unlike a clock, does not depend on how fast or how busy the machine is. A refusal that comes before
+    the work a file asks for makes a few thousand calls; the work (a loop per declared module, node or
+    element) makes as many calls as the file declares."""
+
+    def __init__(self):
+        self.n = 0
+
+    def _count(self, frame, event, arg):
+        if event in ("call", "c_call"):
+            self.n += 1
+
+    def __enter__(self):
+        import sys
+
+        self._before = sys.getprofile()
+        sys.setprofile(self._count)
+        return self
+
+    def __exit__(self, *exc):
+        import sys
+
+        sys.setprofile(self._before)
+        return False

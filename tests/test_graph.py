@@ -5,7 +5,6 @@ computes, and the schema is fuzzed with valid checksums."""
 import copy
 import json
 import struct
-import time
 import zlib
 
 import pytest
@@ -18,6 +17,7 @@ from compress.errors import InputError
 from compress.meta import set_meta
 from compress.quantize import QuantConfig, quantize_
 from tests.archs import ConvNeXt, convnext_mini
+from tests.helpers import Calls
 from tests.test_hostile import forge, unpack
 
 SHAPE = (1, 3, 64, 64)
@@ -168,10 +168,10 @@ def test_a_forged_graph_is_refused_before_anything_runs(user_model, what, tmp_pa
     graph = manifest["graph"]
     change(graph)
     manifest["graph"] = json.loads(json.dumps(graph).replace("{canary}", str(canary)))
-    before, t0 = _peak_mb(), time.perf_counter()
-    with pytest.raises(InputError, match=match):
+    before = _peak_mb()
+    with Calls() as c, pytest.raises(InputError, match=match):
         decode_model(forge(manifest, sections))
-    assert time.perf_counter() - t0 < 10 and _peak_mb() - before < 300
+    assert c.n < 500_000 and _peak_mb() - before < 300, c.n
     assert not canary.exists()
 
 
@@ -186,10 +186,10 @@ def test_each_batch_is_checked_at_the_shape_that_runs(user_model):
                                               ["adaptive_avg_pool2d", [{"v": 0}, [{"v": V(g["nodes"]) + 2}] * 2]]])
     model = decode_model(forge(manifest, sections))
     assert model(torch.randn(1, *SHAPE[1:])).shape == (1, 3, 200, 200)
-    before, t0 = _peak_mb(), time.perf_counter()
-    with pytest.raises(InputError, match="batch of 32.*MiB for a batch of 32"):
+    before = _peak_mb()
+    with Calls() as c, pytest.raises(InputError, match="batch of 32.*MiB for a batch of 32"):
         model(torch.randn(32, *SHAPE[1:]))
-    assert time.perf_counter() - t0 < 5 and _peak_mb() - before < 100
+    assert c.n < 500_000 and _peak_mb() - before < 100, c.n
 
 
 def test_the_cli_refuses_a_forged_graph_in_one_line_and_runs_nothing(user_model, tmp_path, cli):
@@ -206,11 +206,11 @@ def test_the_cli_refuses_a_forged_graph_in_one_line_and_runs_nothing(user_model,
 
 @pytest.mark.parametrize("op", ["relu", "add.Tensor"])
 def test_many_nodes_decode_in_linear_time(user_model, op):
-    """20,000 relu nodes (148 s before) decode in a second; adds, whose shapes the meta device computes,
-    in a few; 10x the nodes, about 10x the time (bench/test_bench_graph.py measures 1x, 10x, 100x)."""
+    """20,000 relu nodes took 148 s before (quadratic); 10x the nodes now make about 10x the function calls, a
+    count that does not depend on the machine's speed (bench/test_bench_graph.py times 1x, 10x, 100x)."""
     manifest, sections = unpack(user_model[1])
-    times = {}
-    for n in (2_000, 20_000) if op == "relu" else (1_000, 10_000):
+    calls = {}
+    for n in (500, 5_000):
         m = copy.deepcopy(manifest)
         g = m["graph"]
         out = g["outputs"][0]
@@ -219,11 +219,11 @@ def test_many_nodes_decode_in_linear_time(user_model, op):
             out = {"v": len(g["nodes"])}
         g["outputs"] = [out]
         blob = forge(m, sections)
-        t0 = time.perf_counter()
-        decode_model(blob)
-        times[n] = time.perf_counter() - t0
-    small, large = sorted(times)
-    assert times[large] < 10 and times[large] < 25 * times[small], times
+        with Calls() as c:
+            decode_model(blob)
+        calls[n] = c.n
+    small, large = sorted(calls)
+    assert calls[large] < 12 * calls[small], calls
 
 
 def test_a_deeply_nested_graph_is_refused_in_one_line(user_model):
@@ -358,13 +358,14 @@ def test_random_well_formed_graphs_are_refused_cleanly_or_run(small_graph_cpz, d
     manifest, sections = small_graph_cpz
     m = copy.deepcopy(manifest)
     m["graph"] = data.draw(_graph_nodes(manifest["graph"]))
-    t0 = time.perf_counter()
-    try:
-        model = decode_model(forge(m, sections))
-    except (InputError, FormatError):
+    with Calls() as c:
+        try:
+            model = decode_model(forge(m, sections))
+        except (InputError, FormatError):
+            model = None
+    assert c.n < 2_000_000, c.n
+    if model is None:
         return
-    finally:
-        assert time.perf_counter() - t0 < 10
     try:
         with torch.no_grad():
             model(torch.randn(2, 1, 8, 8))

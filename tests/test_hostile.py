@@ -11,7 +11,6 @@ import pickle
 import resource
 import struct
 import sys
-import time
 import zipfile
 import zlib
 
@@ -28,7 +27,7 @@ from compress.formats import save_model
 from compress.meta import set_meta
 from compress.models import create_model
 from compress.quantize import QuantConfig, quantize_
-from tests.helpers import mutated, one_line_error
+from tests.helpers import Calls, mutated, one_line_error
 
 
 def _peak_mb() -> float:
@@ -66,11 +65,12 @@ def tiny_cpz():
     return blob, manifest, sections
 
 
-def _refused_quickly(blob: bytes, match: str, seconds: float = 3.0, mb: float = 500):
-    before, t0 = _peak_mb(), time.perf_counter()
-    with pytest.raises(FormatError, match=match):
+def _refused_quickly(blob: bytes, match: str, calls: int = 200_000, mb: float = 500):
+    """Refused before the work and the memory the file declares: counted in function calls, not seconds."""
+    before = _peak_mb()
+    with Calls() as c, pytest.raises(FormatError, match=match):
         decode_model(blob)
-    assert time.perf_counter() - t0 < seconds
+    assert c.n < calls, c.n
     assert _peak_mb() - before < mb  # the declared size was never allocated
 
 
@@ -104,10 +104,10 @@ def test_an_allowed_class_cannot_be_called_with_the_files_arguments(tmp_path, cl
 
     torch.save(Big(), tmp_path / "big.pt")
     assert (tmp_path / "big.pt").stat().st_size < 2000
-    before, t0 = _peak_mb(), time.perf_counter()
+    before = _peak_mb()
     res = cli("report", tmp_path / "big.pt", "--input-shape", "1,45000", "--no-latency")
     assert one_line_error(res) and "constructor" in res.err and "--trust-pickle" in res.err
-    assert time.perf_counter() - t0 < 5 and _peak_mb() - before < 500
+    assert _peak_mb() - before < 500
 
 
 def test_a_file_cannot_make_compress_import_a_module(tmp_path):
@@ -162,7 +162,7 @@ def test_many_huffman_streams_cannot_take_minutes(tiny_cpz):
     many = {**copy.deepcopy(manifest), "tensors": [dict(copy.deepcopy(entry), name=f"t{i}") for i in range(n)]}
     blob = forge(many, [cb + data] * n)
     assert len(blob) < 600_000
-    _refused_quickly(blob, "work", seconds=4.0)
+    _refused_quickly(blob, "work", calls=250 * n)  # checking each entry's fields, not decoding its stream
     over = {**copy.deepcopy(manifest), "tensors": [dict(copy.deepcopy(entry), name=f"t{i}") for i in range(25_000)]}
     _refused_quickly(forge(over, [cb + data] * 25_000), "too many tensors")
 
@@ -227,10 +227,10 @@ def test_npz_header_declaring_a_huge_array(tmp_path):
     with zipfile.ZipFile(tmp_path / "bomb.npz", "w") as z:
         for n, d in members.items():
             z.writestr(n, d)
-    t0 = time.perf_counter()
-    with pytest.raises(InputError, match="declares shape"):
+    before = _peak_mb()
+    with Calls() as c, pytest.raises(InputError, match="declares shape"):
         compress.data.load(str(tmp_path / "bomb.npz"))
-    assert time.perf_counter() - t0 < 3
+    assert c.n < 200_000 and _peak_mb() - before < 100, c.n
 
 
 def test_idx_header_with_overflowing_dims(tmp_path):
@@ -276,12 +276,12 @@ def test_mutated_files_are_decoded_or_refused_never_crash(tiny_cpz, data):
         b[i:i + 8] = b"\x00" * len(b[i:i + 8])
 
     blob = mutated(tiny_cpz[0], data, zero)
-    t0 = time.perf_counter()
-    try:
-        decode_model(blob)
-    except FormatError:
-        pass
-    assert time.perf_counter() - t0 < 3
+    with Calls() as c:
+        try:
+            decode_model(blob)
+        except FormatError:
+            pass
+    assert c.n < 2_000_000, c.n
 
 
 _FIELD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2, 1 << 40), st.text(max_size=8),
@@ -304,12 +304,12 @@ def test_structurally_forged_files_are_refused_cleanly(tiny_cpz, data):
         target[key] = data.draw(_FIELD_VALUES)
     for e in m["tensors"]:
         e.pop("offset", None), e.pop("length", None)
-    t0 = time.perf_counter()
-    try:
-        decode_model(forge(m, sections))
-    except FormatError:
-        pass
-    assert time.perf_counter() - t0 < 3
+    with Calls() as c:
+        try:
+            decode_model(forge(m, sections))
+        except FormatError:
+            pass
+    assert c.n < 2_000_000, c.n
 
 
 def test_a_pickle_payload_is_still_refused_and_never_runs(tmp_path):
@@ -330,7 +330,7 @@ def test_an_architecture_of_too_many_modules_is_refused(tiny_cpz):
     m["arch"] = {**m["arch"], "children": {**m["arch"]["children"], **{f"x{i}": leaf for i in range(50_001)}}}
     for e in m["tensors"]:
         e.pop("offset", None), e.pop("length", None)
-    _refused_quickly(forge(m, sections), "modules")
+    _refused_quickly(forge(m, sections), "modules", calls=50 * 50_001)  # counting the entries, building none
 
 
 @pytest.mark.parametrize("fn", ["load", "save", "os.system", "__import__"])
@@ -363,10 +363,10 @@ def test_an_idx_gzip_is_read_header_first(tmp_path):
     (big / "t-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 1) + b"\x00")
     assert (big / "t-images-idx3-ubyte.gz").stat().st_size < 300_000
     for folder, match in ((tmp_path / "bad", "not an IDX"), (big, "declares 199,999,968 bytes")):
-        before, t0 = _peak_mb(), time.perf_counter()
-        with pytest.raises(InputError, match=match):
+        before = _peak_mb()
+        with Calls() as c, pytest.raises(InputError, match=match):
             compress.data.load(str(folder))
-        assert time.perf_counter() - t0 < 2 and _peak_mb() - before < 100
+        assert c.n < 200_000 and _peak_mb() - before < 100, c.n
 
 
 def _wrapped_user_model(tmp_path):
@@ -404,10 +404,10 @@ def test_a_deflated_tensor_in_a_torch_file_is_refused_before_torch_unpacks_it(tm
             dst.writestr(info.filename, src.read(info))
     (tmp_path / "plain.pt").unlink()
     assert (tmp_path / "bomb.pt").stat().st_size < 500_000
-    before, t0 = _peak_mb(), time.perf_counter()
+    before = _peak_mb()
     res = cli("report", tmp_path / "bomb.pt", "--arch", "tests.archs:tiny_cnn", "--no-latency")
     assert one_line_error(res) and "unpack to" in res.err and "COMPRESS_MAX_DECODE_RATIO" in res.err
-    assert time.perf_counter() - t0 < 5 and _peak_mb() - before < 60
+    assert _peak_mb() - before < 60
 
 
 def test_strings_from_a_file_are_printed_escaped_and_never_as_an_arch_to_run(tiny_cpz, tmp_path, cli):
@@ -439,6 +439,4 @@ def test_a_manifest_that_declares_too_much_is_refused_before_any_section_is_deco
     m = copy.deepcopy(manifest)
     first = m["tensors"][0]
     m["tensors"] = [dict(first, name=f"t{i}", shape=[1 << 24]) for i in range(200)] + m["tensors"][1:]
-    t0 = time.perf_counter()
-    _refused_quickly(forge(m, sections), "more decoded data", seconds=1.0, mb=50)
-    assert time.perf_counter() - t0 < 1.0
+    _refused_quickly(forge(m, sections), "more decoded data", mb=50)

@@ -29,7 +29,7 @@ from compress.formats import save_model
 from compress.meta import set_meta
 from compress.models import create_model
 from tests.helpers import mutated
-from tests.hostile_harness import CAP_MB, TIMEOUT_S, Ended, run_cli, run_cli_each, run_python
+from tests.hostile_harness import CAP_MB, CPU_S, Ended, run_cli, run_cli_each, run_python
 
 MEASURED: dict[str, Ended] = {}  # every case's numbers, printed with ``pytest -s`` (the report quotes them)
 
@@ -43,25 +43,25 @@ def _cases(cases: dict[str, list], setup: str = "") -> dict[str, Ended]:
             + f"cases = {({k: [str(a) for a in v] for k, v in cases.items()})!r}\n"
             "ended = {}\n"
             "for label, args in cases.items():\n"
-            "    err, t0 = io.StringIO(), time.perf_counter()\n"
+            "    err, t0 = io.StringIO(), time.process_time()\n"
             "    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):\n"
             "        rc = main(args)\n"
-            "    ended[label] = [rc, err.getvalue(), time.perf_counter() - t0,\n"
+            "    ended[label] = [rc, err.getvalue(), time.process_time() - t0,\n"
             "                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]\n"
             "print('@cases ' + json.dumps(ended))\n")
-    r = run_python(code)
+    r = run_python(code, cpu_s=CPU_S * max(1, len(cases)))
     assert r.code == 0 and "@cases " in r.out, r
     raw = __import__("json").loads(r.out.split("@cases ", 1)[1])
     out = {k: Ended(rc, "", err, secs, peak) for k, (rc, err, secs, peak) in raw.items()}
     MEASURED.update(out)
-    print(f"\nchild: {r.seconds:.1f} s, {r.peak_mb:.0f} MB peak")
+    print(f"\nchild: {r.seconds:.1f} CPU s, {r.peak_mb:.0f} MB peak")
     for k, e in out.items():
         print(f"  {k:40s} {e.seconds:6.2f} s {e.peak_mb:6.0f} MB  {e.err.strip()[:150]}")
     return out
 
 
 def _refused(e: Ended, *words: str) -> bool:
-    return e.one_line_refusal and all(w in e.err for w in words) and e.seconds < TIMEOUT_S and e.peak_mb < CAP_MB / 2
+    return e.one_line_refusal and all(w in e.err for w in words) and e.seconds < CPU_S and e.peak_mb < CAP_MB / 2
 
 
 # ----------------------------------------------------------------------------- files made by hand
@@ -207,7 +207,7 @@ def test_hostile_npz_files_are_refused_in_one_line(tmp_path, model):
            "stream shorter than declared": "not a readable", "FIFO named .npz": "not found"}
     for label, e in ended.items():
         if label == "an honest file (runs)":
-            assert e.code == 0 and e.seconds < TIMEOUT_S, e
+            assert e.code == 0 and e.seconds < CPU_S, e
         else:
             assert _refused(e, why[label]), (label, e)
 
@@ -274,7 +274,7 @@ def test_hostile_image_folders_are_refused_or_run_bounded(tmp_path, model, monke
            "folders 40 deep": "nested more than 16", "1,204 images (limit 1,000)": "more than 1,000 images"}
     for label, e in ended.items():
         if label.endswith("(runs)"):
-            assert e.code == 0 and e.seconds < TIMEOUT_S, (label, e)
+            assert e.code == 0 and e.seconds < CPU_S, (label, e)
         else:
             assert _refused(e, why[label]), (label, e)
 
@@ -457,7 +457,7 @@ def test_second_round_data_attacks_are_refused_in_one_line(tmp_path, model):
         "samples of 64 x 4096 x 4096": ("digits?limit=1&size=4096&channels=64", "values per sample|at most"),
         "a data set of 300 GB": ("digits?size=4096", "GiB in memory"),
     }
-    ended, child = run_cli_each([_report(model, data) for data, _ in cases.values()], timeout=120)
+    ended, child = run_cli_each([_report(model, data) for data, _ in cases.values()])
     for (what, (_, match)), e in zip(cases.items(), ended):
         assert e.one_line_refusal and re.search(match, e.err) and e.seconds < 20, (what, e)
     assert child.peak_mb < 800, child

@@ -18,7 +18,7 @@ def test_fifos_and_devices_named_as_models_or_recipes_are_refused_unread(tmp_pat
         "/dev/urandom as the recipe": (["pipeline", "/dev/null", "--train-data", "digits", "-o", tmp_path / "o.cpz",
                                         "--recipe", "/dev/urandom"], "character device"),
     }
-    ended, child = run_cli_each([argv for argv, _ in cases.values()], timeout=60)
+    ended, child = run_cli_each([argv for argv, _ in cases.values()])
     for (what, (_, match)), e in zip(cases.items(), ended):
         assert e.one_line_refusal and match in e.err and e.seconds < 5, (what, e)
     assert child.peak_mb < 800, child
