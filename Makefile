@@ -44,10 +44,12 @@ lint: install
 readme-check: install
 	$(BIN)/python tools/readme_check.py
 
-# all benchmarks (the slow ones train ResNets and run whole pipelines: several minutes)
+# all benchmarks (the slow ones train ResNets and run whole pipelines: several minutes), then the tests
+# marked slow (real architectures end to end), which `make test` leaves out
 bench: install
 	$(BIN)/python -m pytest -q bench -p no:cacheprovider --benchmark-json=bench-results.json
 	$(BIN)/python bench/render_results.py bench-results.json docs/results.md
+	$(BIN)/python -m pytest -q -m slow tests -p no:cacheprovider
 
 bench-fast: install
 	$(BIN)/python -m pytest -q bench -m "not slow" -p no:cacheprovider --benchmark-json=bench-results.json
