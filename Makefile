@@ -32,8 +32,11 @@ demo: install
 		--recipe docs/recipes/demo.toml -o $(DEMO)/lenet5.cpz --report $(DEMO)/report
 	$(BIN)/compress report $(DEMO)/lenet5.cpz --data mnist5k
 
+# two test processes (pytest-xdist; a test file stays in one process, so its module fixtures are built once)
+TEST_WORKERS ?= 2
+
 test: install lint
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile -p no:cacheprovider tests
 
 # ruff (pyflakes, import order) on everything, mypy on the library
 lint: install

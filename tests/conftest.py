@@ -12,7 +12,9 @@ from compress.config import FineTune
 from compress.models import create_model  # noqa: E402
 from compress.train import fit  # noqa: E402
 
-torch.set_num_threads(2)
+# one thread per test process: `make test` runs two processes (pytest-xdist), and a second OpenMP thread
+# spinning beside other work on a busy 2-core machine costs more than it gives a small model
+torch.set_num_threads(1)
 
 
 class CliResult:

@@ -81,7 +81,7 @@ def run_cli(*args, cap_mb: int = CAP_MB, timeout: float = TIMEOUT_S, cwd=None, e
 
 
 def _run(cmd, cap_mb, timeout, cwd, env, cpu_s) -> Ended:
-    full_env = {**os.environ, "COMPRESS_PROGRESS": "0", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2",
+    full_env = {**os.environ, "COMPRESS_PROGRESS": "0", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
                 **(env or {})}
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=full_env,
