@@ -11,6 +11,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..fileio import write_text
+from ..metrics import BUSY, speed_change
 from . import plots
 
 
@@ -91,8 +92,6 @@ LABELS = {"file_bytes": "file bytes", "cpz_bytes": ".cpz bytes (compress encode)
 
 def before_after_rows(before: dict, after: dict) -> list[list]:
     """[label, before, after, change] for the numbers every model-changing command shows."""
-    from ..metrics import speed_change
-
     rows = []
     labels = {**LABELS, **score_labels(after)}
     for k in ("params", "nonzero_params", "macs", "file_bytes", "cpz_bytes", "accuracy", "test_accuracy"):
@@ -115,16 +114,21 @@ def before_after_rows(before: dict, after: dict) -> list[list]:
             rows.append([f"top-1 agreement with the input model, {drift['data']} (%)", 100.0,
                          drift["top1_agreement"], f"{drift['top1_agreement'] - 100:+.2f} pt"])
         rows.append([f"output change, relative L2 ({drift['data']})", 0.0, round(drift["relative_change"], 4), ""])
+    lb, la = before.get("latency_ms", {}), after.get("latency_ms", {})
     for k in ("batch_1", "batch_32"):
-        b, a = before.get("latency_ms", {}).get(k), after.get("latency_ms", {}).get(k)
+        b, a = lb.get(k), la.get(k)
         if b is not None or a is not None:
-            interval = after.get("latency_ms", {}).get("speedup", {}).get(k)
-            verdict = speed_change(b, a, interval)
-            if after.get("weights_only") and not verdict.startswith(("same", "too noisy")):
+            busy = lb.get("busy", {}).get(k) or la.get("busy", {}).get(k)
+            verdict = speed_change(b, a, la.get("speedup", {}).get(k), busy)
+            if after.get("weights_only") and BUSY in verdict:
+                verdict = f"same compute (weights only); {BUSY}: the timings are not reliable"
+            elif after.get("weights_only") and not verdict.startswith(("same", "too noisy")):
                 verdict += " (weights only: the same FP32 compute; timing noise)"
             elif after.get("weights_only"):
                 verdict = "same compute (weights only)"
-            rows.append([f"latency, {k.replace('_', ' ')} (ms)", b, a, verdict])
+            runs = la.get("runs", {}).get(k)
+            what = f"median of {runs:,} interleaved runs" if runs else "median"
+            rows.append([f"latency, {k.replace('_', ' ')} (ms, {what})", b, a, verdict])
     return rows
 
 
@@ -176,10 +180,14 @@ def model_rows(rep: dict) -> list[list]:
                                  f"{rep['int8']['calibration']}"])
     lat = rep.get("latency_ms", {})
     for k in ("batch_1", "batch_32"):
-        if k in lat:
-            iqr = lat.get("iqr", {}).get(k)
-            rows.append([f"latency, {k.replace('_', ' ')} (ms: best median of 25 runs; all runs' IQR)",
-                         f"{lat[k]:.3f}" + (f" ({iqr[0]:.3f}-{iqr[1]:.3f})" if iqr else "")])
+        if k in lat:  # the median and the quartiles of the same runs (metrics.run_stats): it lies within them
+            iqr, runs, busy = (lat.get(f, {}).get(k) for f in ("iqr", "runs", "busy"))
+            what = f"median of {runs:,} runs" if runs else "median"
+            text = f"{lat[k]:.3f}" + (f" (IQR {iqr[0]:.3f}-{iqr[1]:.3f})" if iqr else "")
+            if busy:
+                text += f"; {BUSY} ({busy}): not reliable"
+            rows.append([f"latency, {k.replace('_', ' ')} (ms, {what}{'; IQR of the same runs' if iqr else ''})",
+                         text])
     return rows
 
 

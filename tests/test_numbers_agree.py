@@ -1,0 +1,129 @@
+"""Numbers that agree (issue 36): a verdict and the figures beside it come from the same statistic, a figure
+lies within its own range, a busy machine is said to be one, every score is named by its metric, and every byte
+count is the bytes written. Timings here come from a fake clock: no assertion depends on this machine's speed."""
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from compress import metrics
+from compress.report.render import before_after_rows, model_rows
+
+
+class FakeMachine:
+    """A clock that advances only when a fake model runs: each model's ``durations(i)`` gives the ms of its
+    ``i``-th timed run; the first ``warm`` runs (the warm-up) all take ``durations(0)``."""
+
+    def __init__(self, monkeypatch, warm: int = 10):
+        self.now, self.warm = 0.0, warm
+        monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
+        monkeypatch.setenv("COMPRESS_LATENCY_SECONDS", "1.5")  # of fake time
+
+    def model(self, durations):
+        calls = [0]
+
+        def run(x):
+            i = max(0, calls[0] - self.warm)
+            calls[0] += 1
+            self.now += durations(i) / 1000
+        return run
+
+
+def test_faster_is_never_printed_beside_a_larger_after(monkeypatch):
+    """The user's `latency, batch 1 (ms) | 0.87 | 1.15 | 1.48x faster (1.40-1.63)`: the figures were each model's
+    best block of 25 runs, the verdict the median of the per-round ratios. Rounds 0-24 the machine favoured the
+    first model (0.87 vs 2.0 ms), rounds 25-99 the second (1.7 vs 1.15 ms)."""
+    fake = FakeMachine(monkeypatch)
+    before = fake.model(lambda i: 0.87 if 0 < i < 25 else 1.7)
+    after = fake.model(lambda i: 2.0 if 0 < i < 25 else 1.15)
+    t = metrics.paired_speed(before, after, (1, 1, 8, 8), batch=1, runs=100)
+    lo, ratio, hi = t["speedup"]
+    assert lo <= ratio <= hi
+    assert ratio == pytest.approx(t["before_ms"] / t["after_ms"], rel=1e-3)  # the printed ratio is the figures'
+    assert "faster" in t["verdict"]
+    assert t["after_ms"] < t["before_ms"], t
+    assert t["verdict"].startswith(f"{t['before_ms'] / t['after_ms']:.2f}x faster")
+
+
+def test_a_verdict_given_figures_it_was_not_measured_on_gives_none():
+    """Old figures beside another statistic's interval: no "faster" beside a larger "after", and the 192 vs 328 ms
+    that an interval around 1.0 called "same" are not called anything."""
+    row = before_after_rows({"latency_ms": {"batch_1": 0.87}},
+                            {"latency_ms": {"batch_1": 1.15, "speedup": {"batch_1": [1.40, 1.48, 1.63]}}})[0]
+    assert row[1:3] == [0.87, 1.15] and "faster" not in row[3] and "not comparable" in row[3]
+    verdict = metrics.speed_change(192.0, 328.0, [0.97, 1.0, 1.03])
+    assert not verdict.startswith("same") and "busy" in verdict
+    assert metrics.speed_change(1.0, 2.0, [0.45, 0.5, 0.55]).startswith("2.00x slower")
+
+
+def test_a_summary_lies_within_its_own_range(monkeypatch):
+    """`12.091 (15.010-79.032)`: the best block's median beside all runs' IQR. Now the median of the runs and
+    the quartiles of the same runs."""
+    fake = FakeMachine(monkeypatch)
+    st = metrics.latency_stats([fake.model(lambda i: 12.0 if i < 25 else 15.0 + (i % 7) * 10)],
+                               (1, 1, 8, 8), batch=1, runs=100)[0]
+    assert st["p25"] <= st["ms"] <= st["p75"], st
+    assert st["runs"] >= 100
+    row = model_rows({"latency_ms": {"batch_1": st["ms"], "iqr": {"batch_1": [st["p25"], st["p75"]]},
+                                     "runs": {"batch_1": st["runs"]}, "spread": {"batch_1": st["spread"]}}})[-1]
+    assert "median" in row[0] and "IQR of the same runs" in row[0] and "best" not in row[0]
+
+
+def test_a_busy_machine_is_said_to_be_one(monkeypatch):
+    """Runs spread over far more than their median: every verdict and every figure from them says the machine
+    looks busy and is not reliable."""
+    fake = FakeMachine(monkeypatch)
+    slow = [5.0, 192.0, 328.0, 40.0, 600.0]
+    before, after = fake.model(lambda i: slow[i % 5]), fake.model(lambda i: slow[(i + 2) % 5])
+    b, a = metrics.latencies([before, after], (1, 1, 8, 8), runs=40)
+    for row in before_after_rows({"latency_ms": b}, {"latency_ms": a}):
+        assert "busy" in row[3] and "not reliable" in row[3], row
+    for row in model_rows({"latency_ms": a}):
+        assert "busy" in row[1] and "not reliable" in row[1], row
+    quiet = metrics.run_stats([1.0, 1.01, 0.99, 1.02, 0.98], macs=10**6)
+    assert quiet["busy"] is None
+    assert "busy" not in metrics.speed_change(1.0, 1.0, [0.99, 1.0, 1.01], quiet["busy"])
+
+
+def test_a_steadily_absurd_time_is_a_busy_machine(monkeypatch):
+    """192 and 195 ms for LeNet-5 (2.3M MACs) were called "same": on a shared 2-core machine its two threads
+    waited for each other, steadily (little spread). No idle CPU runs 2.3M MACs at 12M MAC/s."""
+    import torch.nn as nn
+
+    from compress import create_model
+
+    fake = FakeMachine(monkeypatch)
+    monkeypatch.setenv("COMPRESS_THREADS", "1")  # (the real runs underneath, kept short on this machine)
+
+    class Stalled(nn.Module):  # the real model, on a machine where each call takes ``ms``
+        def __init__(self, ms):
+            super().__init__()
+            self.net, self.ms = create_model("lenet5"), ms
+
+        def forward(self, x):
+            fake.now += self.ms / 1000
+            return self.net(x)
+
+    b, a = metrics.latencies([Stalled(192.0), Stalled(195.0)], (1, 1, 28, 28), runs=5)
+    assert b["spread"]["batch_1"] < 0.1 and "MAC/s" in b["busy"]["batch_1"]
+    row = before_after_rows({"latency_ms": b}, {"latency_ms": a})[0]
+    assert "batch 1" in row[0] and "busy" in row[3] and "not reliable" in row[3], row
+    assert b["busy"]["batch_32"] is None  # 73M MACs in 192 ms: a slow CPU, not an absurd one
+    assert metrics.busy_reason(0.6, 0.05, 2_293_000) is None  # the same model at its idle speed
+
+
+def test_speed_ratio_is_the_ratio_of_the_medians_and_repeatable():
+    import random
+
+    rng = random.Random(0)
+    slow = [2.0 * rng.uniform(0.9, 1.1) for _ in range(60)]
+    fast = [1.0 * rng.uniform(0.9, 1.1) for _ in range(60)]
+    lo, r, hi = metrics.speed_ratio(slow, fast)
+    assert lo < r < hi and 1.8 < lo and hi < 2.2
+    a, b = metrics.run_stats(slow)["ms"], metrics.run_stats(fast)["ms"]
+    assert r == pytest.approx(a / b, rel=1e-3)
+    assert metrics.speed_ratio(slow, fast) == [lo, r, hi]  # seeded: the same runs, the same interval
+    bursty = [rng.choice([1.0, 5.0]) for _ in range(40)]  # a busy machine hits both models alike, round by round
+    lo, r, hi = metrics.speed_ratio(bursty, [x * rng.uniform(0.97, 1.03) for x in bursty])
+    assert 0.9 < lo <= r <= hi < 1.1
