@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import types
 
+import numpy as np
 import pytest
 
 from compress import metrics
@@ -127,3 +128,37 @@ def test_speed_ratio_is_the_ratio_of_the_medians_and_repeatable():
     bursty = [rng.choice([1.0, 5.0]) for _ in range(40)]  # a busy machine hits both models alike, round by round
     lo, r, hi = metrics.speed_ratio(bursty, [x * rng.uniform(0.97, 1.03) for x in bursty])
     assert 0.9 < lo <= r <= hi < 1.1
+
+
+def test_every_score_is_named_by_its_metric(cli, tmp_path, capsys):
+    """`--metric my_metric` printed "accuracy 72.22%" per round: every line, table and report names the metric."""
+    import copy
+
+    from compress import create_model
+    from compress.cli.pipeline_cmd import _ShowEvents
+    from compress.formats import save_model
+
+    (tmp_path / "mymet.py").write_text("def my_metric(outputs, targets):\n"
+                                       "    return (outputs.argmax(1) == targets).float()\n")
+    m = create_model("lenet5")
+    m.compress_meta["input_shape"] = [1, 1, 28, 28]
+    save_model(copy.deepcopy(m), tmp_path / "m.pt")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.random((100, 1, 28, 28), dtype=np.float32), y=rng.integers(0, 10, 100))
+    res = cli("prune", tmp_path / "m.pt", "--sparsity", "0.5", "--rounds", "2", "--epochs", "0", "--allocate", "std",
+              "--train-data", tmp_path / "d.npz", "--metric", f"{tmp_path}/mymet.py:my_metric", "--no-latency", "--threads", "1",
+              "--report", tmp_path / "rep", "-o", tmp_path / "p.pt")
+    assert res.code == 0, res
+    rounds = [ln for ln in res.err.splitlines() if ln.startswith("round ")]
+    assert len(rounds) == 2 and all("my_metric" in ln and "accuracy" not in ln for ln in rounds), rounds
+    for name in ("report.md", "report.html"):
+        text = (tmp_path / "rep" / name).read_text()
+        assert "my_metric" in text and "accuracy" not in text.replace("top-1 agreement", ""), name
+    show = _ShowEvents("my_metric")
+    show("start", {"accuracy": 0.5, "budget": 1.0, "bytes": 100})
+    show("stage", {})
+    show("candidate", {"stage": "prune", "index": 1, "of": 2, "value": 0.5, "accuracy": 0.45, "bytes": 80,
+                       "verdict": "kept"})
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all("my_metric 0.45" in ln or "my_metric 0.5" in ln for ln in lines), lines
+    assert not any("accuracy" in ln or "%" in ln.split("my_metric")[1][:8] for ln in lines), lines
