@@ -120,6 +120,9 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
         line += f"; test {score_text(summary['test_accuracy_before'], label)} -> " \
                 f"{score_text(summary['test_accuracy_after'], label).rpartition(' ')[2]}"
     out.print(line)
+    if summary.get("candidate_bytes_error"):  # the bytes above are each candidate's .cpz, measured when tried
+        out.print(f"the file written is {summary['cpz_bytes']:,} bytes, {summary['candidate_bytes_error']:+,} beside the "
+                  "last candidate kept: the pipeline's history entry, written only now")
     if summary.get("stopped"):
         out.print(f"stopped early ({_STOPPED_BY[summary['stopped']]}): the best result kept before it; the stages "
                   f"after it did not run. --resume goes on from {ckpt.folder}")

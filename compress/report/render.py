@@ -253,6 +253,9 @@ def render_pipeline_report(summary: dict, before_model: nn.Module, after_model: 
     text = (f"{summary['ratio']:.1f}x smaller than the dense FP32 weights ({summary['dense_bytes']:,} -> "
             f"{summary['cpz_bytes']:,} bytes); validation {score_text(summary['base_accuracy'], label)} -> "
             f"{score_text(summary['final_accuracy'], label).rpartition(' ')[2]} (budget {summary['budget_pt']} pt)")
+    if summary.get("candidate_bytes_error"):
+        text += (f"; each candidate's bytes are its own .cpz, measured when tried: the file written differs from the "
+                 f"last one kept by {summary['candidate_bytes_error']:+,} bytes (the pipeline's history entry)")
     if "test_accuracy_after" in summary:
         text += (f"; test {score_text(summary['test_accuracy_before'], label)} -> "
                  f"{score_text(summary['test_accuracy_after'], label).rpartition(' ')[2]}")
@@ -269,7 +272,7 @@ def render_pipeline_report(summary: dict, before_model: nn.Module, after_model: 
          [[s["stage"], s["search_key"], value_text(s["kept"]["value"]) if s["kept"] else "nothing (all over budget)",
            len(s["tried"]), s["seconds"]] for s in summary["stages"]]),
         ("Every candidate, and why it was kept or not",
-         ["stage", "value", "bytes", label, "drop (pt)", "verdict"],
+         ["stage", "value", "bytes (its .cpz)", label, "drop (pt)", "verdict"],
          [[s["stage"], value_text(c["value"]), c["bytes"], c["accuracy"], f"{c['drop']:+.2f} ± {c['se']:.2f}",
            c["verdict"]] for s in summary["stages"] for c in s["tried"]]),
         ("Layers", ["layer", "parameters", "nonzeros", "density %", "bits", "bytes in the .cpz"],
