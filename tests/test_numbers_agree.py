@@ -206,3 +206,38 @@ def test_pipeline_candidates_bytes_are_their_files_and_the_rest_is_said(tmp_path
     written, kept = (tmp_path / "m.cpz").stat().st_size, s["stages"][0]["kept"]["bytes"]
     assert s["cpz_bytes"] == written
     assert s["candidate_bytes_error"] == written - kept and abs(written - kept) < 64, (written, kept)
+
+
+def test_an_int8_ir_larger_than_the_fp32_one_says_why():
+    """Without OpenVINO: the note of an INT8 IR whose weights stayed FP32, or whose .xml outgrew what its INT8
+    weights saved; none when it is the smaller one."""
+    from compress.openvino_export import size_note
+
+    fp32 = {"bytes": 108_797, "xml_bytes": 7_000, "bin_bytes": 101_797, "constants": {"f32": 101_700}}
+    kept_fp32 = {"bytes": 118_983, "xml_bytes": 17_000, "bin_bytes": 101_983, "constants": {"f32": 101_900}}
+    assert "stored in FP32" in size_note(fp32, kept_fp32)
+    grown = {"bytes": 119_716, "xml_bytes": 98_348, "bin_bytes": 21_368, "constants": {"f32": 1_680, "i8": 19_464}}
+    note = size_note(fp32, grown)
+    assert "98,348" in note and "21,368" in note and ".xml" in note
+    assert size_note(fp32, {**grown, "bytes": 60_000}) is None
+
+
+def test_openvino_ir_bytes_are_both_files_and_int8_weights_are_int8(tmp_path):
+    """An IR is a .xml and a .bin: its bytes are both files' as written, and an INT8 IR stores its weights as INT8
+    constants (read back from the IR), with a note when its .xml makes it the larger one."""
+    pytest.importorskip("openvino")
+    import torch
+
+    from compress import data as data_mod
+    from compress.export import export
+    from compress.models import create_model
+
+    torch.manual_seed(0)
+    m, digits = create_model("resnet8", width=0.5), data_mod.load("digits?limit=128")
+    res = export(m, tmp_path / "q.xml", (1, 1, 8, 8), int8=True, calib_data=digits, fmt="openvino")["openvino"]
+    q, f = res["int8"], res["fp32"]
+    assert q["bytes"] == (tmp_path / "q.xml").stat().st_size + (tmp_path / "q.bin").stat().st_size
+    assert q["bytes"] == q["xml_bytes"] + q["bin_bytes"]
+    assert q["constants"].get("i8", 0) > 4 * q["constants"].get("f32", 0), q["constants"]  # the weights: INT8
+    assert q["bin_bytes"] < f["bin_bytes"] / 3
+    assert (q["size_note"] is not None) == (q["bytes"] > f["bytes"]), (q, f)
