@@ -186,8 +186,11 @@ def run_stats(times: list[float], macs: int | None = None) -> dict[str, Any]:
     t = sorted(times)
     med = statistics.median(t)
     q = statistics.quantiles(t, n=4, method="inclusive") if len(t) > 1 else [t[0]] * 3
-    st: dict[str, Any] = {"ms": round(med, 4), "median": round(med, 4), "p25": round(min(q[0], med), 4),
-                          "p75": round(max(q[2], med), 4), "runs": len(t),
+    def sig(v: float) -> float:  # 6 significant digits: a ratio of two figures stays within 1e-5 of the runs'
+        return float(f"{v:.6g}")
+
+    st: dict[str, Any] = {"ms": sig(med), "median": sig(med), "p25": sig(min(q[0], med)),
+                          "p75": sig(max(q[2], med)), "runs": len(t),
                           "spread": round((q[2] - q[0]) / med, 4) if med > 0 else 0.0}
     st["busy"] = busy_reason(st["ms"], st["spread"], macs)
     return st
