@@ -317,7 +317,8 @@ def speed_change(before_ms: float | None, after_ms: float | None, interval: list
     if not before_ms or not after_ms:
         return "-"
     r = before_ms / after_ms
-    busy = f"; {BUSY} ({busy}): not reliable" if busy else ""
+    why = f" ({busy})" if busy else ""
+    busy = f"; {BUSY}{why}: not reliable" if busy else ""
     if interval is None:
         lo = hi = r
         if 1 / 1.5 <= r <= 1.5:
@@ -335,8 +336,8 @@ def speed_change(before_ms: float | None, after_ms: float | None, interval: list
     if 1 / SAME <= lo and hi <= SAME:
         return "same" + busy
     if hi / lo > TOO_NOISY or busy:  # the interval says nothing either way: the machine was busy
-        return (f"too noisy to tell ({lo:.2f}-{hi:.2f}): {BUSY}, the comparison is not reliable; time again on an "
-                "idle machine, or with --threads")
+        return (f"too noisy to tell ({lo:.2f}-{hi:.2f}): {BUSY}{why}, the comparison is not reliable; time again on "
+                "an idle machine, or with --threads")
     return f"same within noise ({lo:.2f}-{hi:.2f})"
 
 
