@@ -264,6 +264,7 @@ def export(model: nn.Module, path, input_shape, int8: bool = False, calib_data=N
         o["int8" if int8 else "fp32"] = ov.write(final, path, reference, input_shape, check_tol=None if int8 else tol,
                                                  force=force, threads=threads, eval_data=eval_data)
         if int8:
+            o["int8"]["size_note"] = ov.size_note(o["fp32"], o["int8"])  # why it is not the smaller one, if not
             step("timing FP32 and INT8 in OpenVINO, interleaved")
             _timed_pair(o, "fp32", "int8", ov.runner(fp32_ir, 32, threads), ov.runner(path, 32, threads), input_shape)
         else:

@@ -6,11 +6,13 @@ import statistics
 import time
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from .counting import _run_checked, check_call, count_macs, count_nonzero, count_params  # noqa: F401  (metrics' names too)
+from .counting import _run_checked, check_call, count_macs, count_nonzero, count_params, sample_cost  # noqa: F401  (metrics' names too)
 from .distributed import device_of
+from .errors import CompressError
 from .quant_state import get_state
 
 log = logging.getLogger(__name__)
@@ -126,9 +128,9 @@ def timing_threads() -> int:
 def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, threads: int | None = None,
                   dtype=None, raw: list | None = None) -> list[dict]:
     """Per model (a module, or any callable of a CPU tensor: an ONNX Runtime or OpenVINO session's runner) (ms of
-    one forward pass at ``batch``): ``ms``, the lowest median over blocks of 25
-    consecutive runs -- the speed the machine sustains when undisturbed, the repeatable figure on a
-    shared machine whose slow phases last seconds -- and the median and quartiles of all runs.
+    one forward pass at ``batch``): ``ms``, the median of all timed runs, with ``p25`` and ``p75``, the
+    quartiles of the same runs (so the figure always lies within its range), ``runs`` their number and
+    ``spread`` (p75 - p25) / median and ``busy`` (why they look like a busy machine's, or None: ``busy_reason``).
 
     Each model is warmed up until stable; then the runs are interleaved (model 1, model 2, model 1,
     ...), so that a machine that speeds up or slows down meanwhile affects every model alike: at
@@ -154,22 +156,65 @@ def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, thr
             cap = max(3, int(4000 * timing_seconds() / max(per_run, 1e-3)))
             rounds = min(max(runs, int(1000 * timing_seconds() / max(per_run, 1e-3))), 10_000, cap)
             times: list[list[float]] = [[] for _ in fns]
-            for _ in range(rounds):
+            deadline = time.perf_counter() + 4 * timing_seconds()  # a machine that turns busy meanwhile: the same cap
+            for k in range(rounds):
                 for t, fn in zip(times, fns):
                     t.append(fn())
+                if k >= 2 and time.perf_counter() > deadline:
+                    break
         if raw is not None:
             raw.extend(times)
-        out = []
-        for t in times:
-            q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
-            blocks = [statistics.median(t[i:i + 25]) for i in range(0, max(len(t) - 24, 1), 25)]
-            out.append({"ms": round(min(blocks), 4), "median": round(statistics.median(t), 4),
-                        "p25": round(q[0], 4), "p75": round(q[2], 4)})
-        return out
+        return [run_stats(t, _macs(m, input_shape, batch)) for m, t in zip(models, times)]
     finally:
         torch.set_num_threads(old)
         for m, was in modes:
             m.train(was)
+
+
+def _macs(model, input_shape, batch: int) -> int | None:
+    """Multiply-accumulates of one call at ``batch`` (counted on the meta device, nothing run); None for a
+    runtime's callable or a model that counts its own calls."""
+    if not isinstance(model, nn.Module) or getattr(model, "layerless", False) or getattr(model, "int8_kernels", False):
+        return None
+    try:
+        return batch * sample_cost(model, (1, *tuple(input_shape)[1:]))[1] // 2
+    except CompressError:
+        return None
+
+
+def run_stats(times: list[float], macs: int | None = None) -> dict[str, Any]:
+    """``ms`` (the median), ``p25``, ``p75`` (the quartiles), ``runs`` and ``spread`` ((p75 - p25) / median) of one
+    model's timed runs: every figure from the same runs, so the median lies within its interquartile range.
+    ``busy``: why the runs look like a busy machine's (``busy_reason``), or None; ``macs``: the work of one
+    run, when known."""
+    t = sorted(times)
+    med = statistics.median(t)
+    q = statistics.quantiles(t, n=4, method="inclusive") if len(t) > 1 else [t[0]] * 3
+    def sig(v: float) -> float:  # 6 significant digits: a ratio of two figures stays within 1e-5 of the runs'
+        return float(f"{v:.6g}")
+
+    st: dict[str, Any] = {"ms": sig(med), "median": sig(med), "p25": sig(min(q[0], med)),
+                          "p75": sig(max(q[2], med)), "runs": len(t),
+                          "spread": round((q[2] - q[0]) / med, 4) if med > 0 else 0.0}
+    st["busy"] = busy_reason(st["ms"], st["spread"], macs)
+    return st
+
+
+BUSY_SPREAD = 0.5  # runs whose interquartile range is more than half their median: the machine was busy
+SLOW_MS, SLOW_RATE = 20.0, 1e8  # a run over 20 ms at under 100M MAC/s (any CPU does more): a busy machine
+BUSY = "the machine looks busy"
+
+
+def busy_reason(ms: float, spread: float | None, macs: int | None = None) -> str | None:
+    """Why runs of median ``ms`` and ``spread`` ((p75 - p25) / median) look like a busy machine's, or None: runs
+    spread over more than half their median, or a model of ``macs`` multiply-accumulates run at a rate no idle
+    CPU is that slow at (seen on a shared 2-core machine: a 2.3M-MAC LeNet-5 took a steady 190 ms on 2 threads,
+    its threads waiting for each other, and 0.6 ms on 1)."""
+    if spread is not None and spread > BUSY_SPREAD:
+        return f"runs spread {spread:.0%} of their median"
+    if macs and ms > SLOW_MS and macs / (ms / 1000) < SLOW_RATE:
+        return f"{macs / 1e6:.3g}M MACs took {ms:.0f} ms, {macs / ms / 1e3:.3g}M MAC/s"
+    return None
 
 
 def latency_ms(model, input_shape, batch: int = 1, runs: int = 20, threads: int | None = None) -> float:
@@ -178,15 +223,20 @@ def latency_ms(model, input_shape, batch: int = 1, runs: int = 20, threads: int 
 
 
 def latencies(models: list, input_shape, runs: int = 20) -> list[dict]:
-    """``{"batch_1": ms, "batch_32": ms, "iqr": {...}}`` per model, measured interleaved; with two models
-    the second also gets ``"speedup": {batch: [low, median, high]}``, its speed relative to the first
-    with a 95% interval (``speed_ratio``)."""
-    outs: list[dict[str, Any]] = [{"iqr": {}} for _ in models]
+    """``{"batch_1": ms, "batch_32": ms, "iqr": {...}, "spread": {...}, "runs": {...}, "busy": {...}}`` per model,
+    measured interleaved: the median of each model's runs and the quartiles, spread and busy-machine reason of the
+    same runs (``run_stats``);
+    with two models the second also gets ``"speedup": {batch: [low, ratio, high]}``, the ratio of the two
+    medians with its 95% interval (``speed_ratio``)."""
+    outs: list[dict[str, Any]] = [{"iqr": {}, "spread": {}, "runs": {}, "busy": {}} for _ in models]
     for key, batch, n in (("batch_1", 1, runs), ("batch_32", 32, max(5, runs // 2))):
         raw: list = []
         for o, st in zip(outs, latency_stats(models, input_shape, batch, n, raw=raw)):
             o[key] = st["ms"]
             o["iqr"][key] = [st["p25"], st["p75"]]
+            o["spread"][key] = st["spread"]
+            o["runs"][key] = st["runs"]
+            o["busy"][key] = st["busy"]
         if len(models) == 2:
             outs[1].setdefault("speedup", {})[key] = speed_ratio(raw[0], raw[1])
     return outs
@@ -219,57 +269,80 @@ def median_latency_ms(run, input_shape, batch: int, runs: int = 20) -> float:
 
 
 def paired_speed(before, after, input_shape, batch: int = 32, runs: int = 10) -> dict[str, Any]:
-    """Two models (or runtimes' callables) timed interleaved at ``batch``: their ms, the speed-up of ``after`` with
-    its 95% interval, and the verdict that interval allows (``speed_change``)."""
+    """Two models (or runtimes' callables) timed interleaved at ``batch``: their median ms, the speed-up of ``after``
+    (the ratio of those medians) with its 95% interval, and the verdict that interval allows (``speed_change``)."""
     raw: list = []
     a, b = latency_stats([before, after], input_shape, batch, runs, raw=raw)
     interval = speed_ratio(raw[0], raw[1])
     return {"before_ms": a["ms"], "after_ms": b["ms"], "speedup": interval,
-            "verdict": speed_change(a["ms"], b["ms"], interval)}
+            "verdict": speed_change(a["ms"], b["ms"], interval, a["busy"] or b["busy"])}
+
+
+BOOTSTRAP = 1000  # resamples of the rounds for a speed ratio's interval (fewer for many rounds: at most 4M values)
 
 
 def speed_ratio(before: list[float], after: list[float]) -> list[float]:
-    """[low, median, high]: the median of the per-round ratios before / after of interleaved runs, and a
-    95% distribution-free interval for it (order statistics of the ratios). Rounds pair the two models
-    in time, so a machine that slows down for a while slows both, and the ratio stays honest."""
-    r = sorted(b / a for b, a in zip(before, after, strict=True) if a > 0)
-    n = len(r)
-    if n < 6:
-        return [r[0], statistics.median(r), r[-1]] if r else [1.0, 1.0, 1.0]
-    half = 0.98 * n ** 0.5  # 1.96 / 2 * sqrt(n): the binomial interval of the median's rank
-    lo, hi = max(0, int(n / 2 - half)), min(n - 1, int(n / 2 + half + 0.999))
-    return [round(r[lo], 4), round(statistics.median(r), 4), round(r[hi], 4)]
+    """[low, ratio, high]: the ratio median(before) / median(after) of interleaved runs -- exactly the ratio of
+    the two figures a table shows -- and its 95% interval, from a paired bootstrap over the rounds (seeded: the
+    same runs give the same interval). Resampling whole rounds keeps the pairing in time, so a machine that
+    slows down for a while slows both, and the interval stays honest."""
+    if len(before) != len(after):
+        raise ValueError(f"speed_ratio needs runs in pairs, got {len(before)} and {len(after)}")
+    if not before:
+        return [1.0, 1.0, 1.0]
+    b, a = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    r = float(np.median(b) / np.median(a)) if np.median(a) > 0 else 1.0
+    n = len(b)
+    if n < 2:
+        return [round(r, 4)] * 3
+    k = max(200, min(BOOTSTRAP, 4_000_000 // n))
+    idx = np.random.default_rng(0).integers(0, n, size=(k, n))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boot = np.median(b[idx], axis=1) / np.median(a[idx], axis=1)
+    boot = boot[np.isfinite(boot)]
+    lo, hi = (np.percentile(boot, [2.5, 97.5]) if len(boot) else (r, r))
+    return [round(min(float(lo), r), 4), round(r, 4), round(max(float(hi), r), 4)]
 
 
 SAME = 1.05  # a change of speed smaller than 5% is not called one, whatever its interval
+TOO_NOISY = 1.5  # an interval of the speed ratio wider than this (hi / lo) tells nothing
 
 
-def speed_change(before_ms: float | None, after_ms: float | None, interval: list | None = None) -> str:
-    """"1.9x faster (1.8-2.0)" only when the 95% interval of the paired ratio (``speed_ratio``) lies
-    above 1.05; "1.9x slower" when below 1/1.05; else "same" -- "same within noise (0.9-1.1)" when the
-    interval is wider than +-5%, and "too noisy to tell (0.6-1.7)" with a hint when it is wider than 1.5x (a busy
-    machine). Without an interval (one-off timings), only a change beyond 1.5x is called."""
+def speed_change(before_ms: float | None, after_ms: float | None, interval: list | None = None,
+                 busy: str | None = None) -> str:
+    """The verdict on two figures: the ratio it prints is before_ms / after_ms, the figures beside it, so
+    "faster" never stands beside a larger "after". "1.9x faster (1.8-2.0)" only when the 95% interval of that
+    ratio (``speed_ratio``) lies above 1.05; "1.9x slower" when below 1/1.05; else "same" -- "same within noise
+    (0.9-1.1)" when the interval is wider than +-5%, and "too noisy to tell (0.6-1.7)" with a hint when it is
+    wider than 1.5x. An interval that does not hold the figures' ratio was measured on other runs: no verdict.
+    ``busy``: why the runs compared look like a busy machine's (``busy_reason``): the verdict then says so,
+    and that the comparison is not reliable. Without an interval (one-off timings), only a
+    change beyond 1.5x is called."""
     if not before_ms or not after_ms:
         return "-"
+    r = before_ms / after_ms
+    why = f" ({busy})" if busy else ""
+    busy = f"; {BUSY}{why}: not reliable" if busy else ""
     if interval is None:
-        r = before_ms / after_ms
         lo = hi = r
         if 1 / 1.5 <= r <= 1.5:
-            return "same"
+            return "same" + busy
     else:
-        lo, r, hi = interval
+        lo, _, hi = interval
+        if not lo * 0.995 <= r <= hi * 1.005:  # (0.5%: the figures are rounded)
+            return (f"not comparable: {before_ms:g} / {after_ms:g} = {r:.2f} lies outside the interval of the ratio "
+                    f"({lo:.2f}-{hi:.2f}) it was given; {BUSY}, time again")
+    span = f" ({lo:.2f}-{hi:.2f})" if interval else ""
     if lo > SAME:
-        return f"{r:.2f}x faster ({lo:.2f}-{hi:.2f})" if interval else f"{r:.2f}x faster"
+        return f"{r:.2f}x faster{span}" + busy
     if hi < 1 / SAME:
-        return f"{1 / r:.2f}x slower ({1 / hi:.2f}-{1 / lo:.2f})" if interval else f"{1 / r:.2f}x slower"
+        return f"{1 / r:.2f}x slower" + (f" ({1 / hi:.2f}-{1 / lo:.2f})" if interval else "") + busy
     if 1 / SAME <= lo and hi <= SAME:
-        return "same"
-    if hi / lo > TOO_NOISY:  # the interval says nothing either way: the machine was busy
-        return f"too noisy to tell ({lo:.2f}-{hi:.2f}): time again on an idle machine, or with --threads"
+        return "same" + busy
+    if hi / lo > TOO_NOISY or busy:  # the interval says nothing either way: the machine was busy
+        return (f"too noisy to tell ({lo:.2f}-{hi:.2f}): {BUSY}{why}, the comparison is not reliable; time again on "
+                "an idle machine, or with --threads")
     return f"same within noise ({lo:.2f}-{hi:.2f})"
-
-
-TOO_NOISY = 1.5  # an interval of the speed ratio wider than this (hi / lo) tells nothing
 
 
 def summarize(model: nn.Module, input_shape, data=None, latency: bool = True,

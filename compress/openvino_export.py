@@ -47,14 +47,55 @@ def ir_paths(path) -> tuple[Path, Path]:
 
 
 def convert(onnx_path, xml_path) -> None:
-    """ONNX -> OpenVINO IR at ``xml_path`` (weights kept in FP32: the FP16 compression OpenVINO applies by
-    default would change what was checked)."""
+    """ONNX -> OpenVINO IR at ``xml_path``. FP32 weights stay FP32 (the FP16 compression OpenVINO applies by
+    default would change what was checked); quantized weights (a QDQ model's) are stored as INT8 constants, as
+    OpenVINO's own weight compression of FakeQuantize-d constants stores them (older OpenVINO converters left
+    them FP32)."""
     ov = _ov()
     try:
         model = ov.convert_model(str(onnx_path))
+        _compress_quantized_weights(model)
         ov.save_model(model, str(xml_path), compress_to_fp16=False)
     except Exception as e:  # OpenVINO raises its own untyped errors
         raise InputError(f"OpenVINO cannot convert the ONNX model ({first_line(e, 160)})") from e
+
+
+def _compress_quantized_weights(model) -> None:
+    """FakeQuantize-d FP32 weight constants -> INT8 constants (OpenVINO's offline transformation; a model without
+    FakeQuantize is left as it is). An OpenVINO without it keeps them FP32, and ``storage`` says so."""
+    try:
+        from openvino._offline_transformations import compress_quantize_weights_transformation
+    except ImportError:
+        return
+    compress_quantize_weights_transformation(model)
+
+
+def storage(xml_path) -> dict[str, Any]:
+    """What an IR's two files hold: ``xml_bytes`` (the graph), ``bin_bytes`` (the weights), ``bytes`` (both) and
+    ``constants``: the bytes of its constants by element type ({"i8": ..., "f32": ...}), read from the IR."""
+    xml, bin_ = ir_paths(xml_path)
+    by_type: dict[str, int] = {}
+    for op in _ov().Core().read_model(str(xml)).get_ops():
+        if op.get_type_name() == "Constant":
+            t = op.get_output_element_type(0).get_type_name()
+            by_type[t] = by_type.get(t, 0) + int(op.get_byte_size())
+    sizes = {"xml_bytes": xml.stat().st_size, "bin_bytes": bin_.stat().st_size if bin_.exists() else 0}
+    return {**sizes, "bytes": sizes["xml_bytes"] + sizes["bin_bytes"], "constants": by_type}
+
+
+def size_note(fp32: dict, int8: dict) -> str | None:
+    """Why an INT8 IR is not the smaller one, from both IRs' ``storage``: weights left in FP32, or a graph
+    (.xml) grown by its quantize/dequantize operations past what the INT8 weights saved. None if it is smaller."""
+    c = int8.get("constants", {})
+    if c.get("f32", 0) > c.get("i8", 0) + c.get("u8", 0):
+        return (f"its weights are stored in FP32 ({c.get('f32', 0):,} bytes of FP32 constants against "
+                f"{c.get('i8', 0) + c.get('u8', 0):,} of INT8): this OpenVINO did not compress them, though it runs "
+                "them as INT8")
+    if int8["bytes"] <= fp32["bytes"]:
+        return None
+    return (f"larger than the FP32 IR although its weights are INT8 (.bin {int8['bin_bytes']:,} bytes against "
+            f"{fp32['bin_bytes']:,}): its graph, the .xml, describes every quantize/dequantize step "
+            f"({int8['xml_bytes']:,} bytes against {fp32['xml_bytes']:,})")
 
 
 def compile_model(xml_path, threads: int = 2, batch: int | None = None):
@@ -114,7 +155,8 @@ def write(onnx_path, path, reference, input_shape, *, check_tol: float | None, f
           threads: int = 2, eval_data=None, mkdir: bool = False) -> dict[str, Any]:
     """Convert ``onnx_path`` into the IR ``path`` (+ .bin), both written atomically once checked: its outputs
     against ``reference(x) -> np.ndarray`` (PyTorch) within ``check_tol`` of the largest output (None: INT8,
-    judged by accuracy instead); returns bytes, latency at batch 32 and accuracy on ``eval_data``."""
+    judged by accuracy instead); returns bytes (``storage``: .xml + .bin, and the weights' element types), latency
+    at batch 32 and accuracy on ``eval_data``."""
     import torch
 
     from .fileio import atomic_write
@@ -138,7 +180,7 @@ def write(onnx_path, path, reference, input_shape, *, check_tol: float | None, f
                              f"(> --tol {check_tol:g}); not written")
         n, total = integer_layers(compiled)
         res: dict[str, Any] = {"max_abs_diff": diff, "max_rel_diff": rel, "int8_layers": [n, total],
-                               "bytes": tmp_xml.stat().st_size + tmp_xml.with_suffix(".bin").stat().st_size}
+                               **storage(tmp_xml)}  # the bytes of both files: the .xml and its .bin
         if eval_data is not None:
             res["accuracy"] = round(accuracy(compiled, eval_data), 3)
         with atomic_write(xml, force) as tx:  # the weights first: the .xml that names them appears last

@@ -106,7 +106,7 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, s
         try:
             stop.in_candidate = True
             cand = run(cfg.verb, copy.deepcopy(start), cfg, ctx).model
-            sizes = size_bytes(cand)
+            sizes = size_bytes(cand, graph=True)  # as the file is written: its graph too
             rec = {"value": cfg.searched(), "options": cfg.to_dict(), **judge(cand),
                    "bytes": sizes["coded"]}
         except KeyboardInterrupt:  # the candidate in progress is dropped; what was kept stands
@@ -239,6 +239,9 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
             checkpoint.check()
     emit = Context(on_event=on_event).emit  # the pipeline's own events: on_event(kind, fields), as a stage's
     judge = _Judge(ctx, budget, z)
+    # (in place, as at the end): every candidate then carries the input shape its file will, so its .cpz bytes,
+    # graph included, are those the file takes
+    set_meta(model, input_shape=list(ctx.input_shape))
     base_acc = judge.start(model)
     dense = 4 * count_params(model)
     timeline = [_point("dense fp32", model, dense, base_acc, ctx, test_data)]
@@ -297,7 +300,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
             else:
                 model, measured = kept_model, (kept_sizes, res["kept"]["accuracy"])  # as measured when tried
             if measured is None:  # nothing kept yet: the input model, measured once
-                measured = (size_bytes(model), base_acc)
+                measured = (size_bytes(model, graph=True), base_acc)
             sizes, acc = measured
             res.update(bytes=sizes["coded"], accuracy=round(acc, 3), seconds=round(time.perf_counter() - t0, 2))
             quantized = stage.candidates[0].verb == "quantize"
@@ -327,6 +330,9 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
                "validation": {"samples": len(val), "source": "given" if val_data is not None else "held out",
                               "data": val.name},
                "metric": "evaluate" if evaluate is not None else ctx.metric.name}
+    kept = [r["kept"]["bytes"] for r in results if r["kept"]]
+    if kept:  # a candidate's bytes are its own .cpz; the file's history entry is written only now
+        summary["candidate_bytes_error"] = final["coded"] - kept[-1]
     if test_data is not None:
         summary.update(test_accuracy_before=timeline[0]["test_accuracy"],
                        test_accuracy_after=timeline[-1]["test_accuracy"])

@@ -127,13 +127,14 @@ class TaskOptions:
     val_data: str | None = None
 
 
-def cpz_estimate(model: nn.Module) -> int | None:
-    """The bytes ``compress encode`` would write for the model (its graph aside): what a .pt's size hides."""
+def cpz_estimate(model: nn.Module, input_shape=None) -> int | None:
+    """The bytes ``compress encode`` writes for the model as it stands (with its graph and metadata, encoded in
+    memory with the same options): what a .pt's size hides. Call it once the model's metadata is final."""
     from ..coding.container import encode_model
     from ..errors import CompressError
 
     try:  # (an INT8 model is refused by the container: None)
-        return encode_model(copy.deepcopy(model).cpu())[1]["file_bytes"]
+        return encode_model(copy.deepcopy(model).cpu(), graph=True, input_shape=input_shape)[1]["file_bytes"]
     except CompressError:
         return None
 
@@ -174,7 +175,7 @@ def measure(inp: Inputs, model: nn.Module, calib=None) -> dict:
     except UsageError:
         shape = None  # weight-only stages need no input: no MACs or latency then
     rep = summarize(model, shape, inp.val, latency=False, layers=shape is not None, metric=inp.metric)
-    rep["cpz_bytes"] = cpz_estimate(model)
+    rep["cpz_bytes"] = cpz_estimate(model, inp.input_shape)
     if inp.test is not None:
         rep["test_accuracy"] = round(evaluate(model, inp.test, inp.metric), 3)
         rep["test_data"] = f"{inp.test.name}, {len(inp.test):,} samples"
@@ -214,6 +215,8 @@ def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, re
 
         inp.before["latency_ms"], after["latency_ms"] = latencies([original.cpu(), model], after["input_shape"])
         set_meta(model, input_shape=list(after["input_shape"]))
+    if after.get("cpz_bytes") is not None:  # with the metadata the file carries: the bytes `compress encode` writes
+        after["cpz_bytes"] = cpz_estimate(model, inp.input_shape)
     if output:
         from .. import distributed
 

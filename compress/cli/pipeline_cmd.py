@@ -91,7 +91,7 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
         for cand in (c for st in rec.stages for c in st.candidates):
             check_augment(cand.finetune.augment, ds)
     original = copy.deepcopy(inp.model)
-    m, summary = run(inp.model, ds, rec, max_accuracy_drop, inp.input_shape, on_event=_ShowEvents(), val_data=val,
+    m, summary = run(inp.model, ds, rec, max_accuracy_drop, inp.input_shape, on_event=_ShowEvents(inp.metric.label), val_data=val,
                      test_data=inp.test, latency=not no_latency, time_budget=time_budget,
                      confidence=confidence, loss=inp.loss, metric=inp.metric, distill=distill, checkpoint=ckpt,
                      resume=resume)
@@ -100,23 +100,29 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
     if not summary.get("stopped"):
         ckpt.remove()
     note_no_graph(summary.get("graph_note"))
-    from ..report.render import value_text
+    from ..report.render import score_text, value_text
 
     test = inp.test is not None
+    label = inp.metric.label
     rows = [[t["stage"], t["bytes"], f"{summary['dense_bytes'] / t['bytes']:.1f}x", t["nonzeros"], t["macs"],
              t.get("latency_ms"), t["accuracy"]] + ([t["test_accuracy"]] if test else []) for t in summary["timeline"]]
-    out.print(table(f"pipeline -> {output}", ["stage", "bytes", "ratio", "nonzeros", "MACs", "ms (batch 1)",
-                                              "validation %"] + (["test %"] if test else []), rows))
+    out.print(table(f"pipeline -> {output}", ["stage", "bytes", "ratio", "nonzeros", "MACs", "median ms (batch 1)",
+                                              f"validation {label}"] + ([f"test {label}"] if test else []), rows))
     for s in summary["stages"]:
         what = value_text(s["kept"]["value"]) if s["kept"] else "nothing (all over budget)"
         out.print(f"{s['stage']}: kept {s['search_key']} {what} after {len(s['tried'])} candidate(s), {s['seconds']:.0f}s")
     line = f"[bold]{summary['ratio']:.1f}x smaller[/bold] than dense FP32 ({summary['cpz_bytes']:,} bytes), " \
-           f"validation accuracy {summary['base_accuracy']:.2f}% -> {summary['final_accuracy']:.2f}%"
+           f"validation {score_text(summary['base_accuracy'], label)} -> " \
+           f"{score_text(summary['final_accuracy'], label).rpartition(' ')[2]}"
     line += f" (budget {summary['budget_pt']:g} pt at {_one_sided(summary['confidence']):.0%} one-sided confidence " \
             f"on {summary['validation']['samples']:,} validation samples)"
     if test:
-        line += f"; test {summary['test_accuracy_before']:.2f}% -> {summary['test_accuracy_after']:.2f}%"
+        line += f"; test {score_text(summary['test_accuracy_before'], label)} -> " \
+                f"{score_text(summary['test_accuracy_after'], label).rpartition(' ')[2]}"
     out.print(line)
+    if summary.get("candidate_bytes_error"):  # the bytes above are each candidate's .cpz, measured when tried
+        out.print(f"the file written is {summary['cpz_bytes']:,} bytes, {summary['candidate_bytes_error']:+,} beside the "
+                  "last candidate kept: the pipeline's history entry, written only now")
     if summary.get("stopped"):
         out.print(f"stopped early ({_STOPPED_BY[summary['stopped']]}): the best result kept before it; the stages "
                   f"after it did not run. --resume goes on from {ckpt.folder}")
@@ -148,14 +154,15 @@ class _ShowEvents:
     """The pipeline's progress on stderr: each candidate with its verdict, the stage's elapsed time and
     an estimate of what is left of it (its candidates so far, times those to come)."""
 
-    def __init__(self):
+    def __init__(self, label: str = "accuracy %"):
         self.t0 = time.perf_counter()  # when the stage under way began
+        self.label = label  # the metric's: every score is named by it
 
     def __call__(self, kind: str, kw: dict) -> None:
-        from ..report.render import value_text
+        from ..report.render import score_text, value_text
 
         if kind == "start":
-            err.print(f"validation accuracy {kw['accuracy']:.2f}%, budget {kw['budget']} pt, dense {kw['bytes']:,} "
+            err.print(f"validation {score_text(kw['accuracy'], self.label)}, budget {kw['budget']} pt, dense {kw['bytes']:,} "
                       "bytes (Ctrl-C stops and writes the best result kept so far)")
         elif kind == "stage":
             self.t0 = time.perf_counter()
@@ -163,8 +170,8 @@ class _ShowEvents:
             spent = time.perf_counter() - self.t0
             left = spent / kw["index"] * (kw["of"] - kw["index"])
             eta = f", ~{_clock(left)} left at most" if kw["index"] < kw["of"] else ""
-            err.print(f"  {kw['stage']} {kw['index']}/{kw['of']} {value_text(kw['value'])}: accuracy "
-                      f"{kw['accuracy']:.2f}%, {kw['bytes']:,} bytes; {kw['verdict']} [{_clock(spent)}{eta}]")
+            err.print(f"  {kw['stage']} {kw['index']}/{kw['of']} {value_text(kw['value'])}: "
+                      f"{score_text(kw['accuracy'], self.label)}, {kw['bytes']:,} bytes; {kw['verdict']} [{_clock(spent)}{eta}]")
         elif kind == "warning":
             err.print(f"warning: {kw['text']}")
         elif kind == "skipped":

@@ -124,22 +124,30 @@ def prune(model: c.ModelArg, output: c.OutOpt,
     sel = make_config(Select, names=patterns(layers), exclude=patterns(exclude))
     cfg = make_config(cls, **{k: v for k, v in opts.items() if v is not None}, finetune=ft, select=sel)  # None: the default
     cfg = with_settings(cfg, settings)
-    res = run_command("prune", cfg, inp, output, force, report, json_out, on_event=_show_progress, extra=extra,
+    res = run_command("prune", cfg, inp, output, force, report, json_out, on_event=_Progress(inp.metric.label), extra=extra,
                       latency=not no_latency)
     drop = res["before"].get("accuracy", 0) - res["after"].get("accuracy", 0)
     if budget is not None and sensitivity and drop > budget:
-        err.print(f"warning: accuracy dropped {drop:.2f} pt, more than --budget {budget:g}: the per-layer "
+        err.print(f"warning: {inp.metric.label.removesuffix(' %')} dropped {drop:.2f} pt, more than --budget {budget:g}: the per-layer "
                   "ratios were each within budget alone, but their losses add up. Lower --budget, or "
                   "fine-tune (--epochs N).")
 
 
-def _show_progress(kind: str, rec: dict) -> None:
-    acc = f", accuracy {rec['accuracy']:.2f}%" if "accuracy" in rec else ""
-    if kind == "round":
-        err.print(f"round {rec['round']}/{rec['of']}: sparsity {rec['sparsity']:.2%}{acc}")
-    elif kind == "reconfigure":
-        when = f"after epoch {rec['epoch']:g}" if "epoch" in rec else f"at step {rec['step']}"
-        err.print(f"reconfiguration {when}: params {rec['params']:,}, MACs {rec['macs']:,}{acc}")
+class _Progress:
+    """Each pruning round on stderr, its score named by the metric it was measured with (``label``)."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def __call__(self, kind: str, rec: dict) -> None:
+        from ..report.render import score_text
+
+        acc = f", {score_text(rec['accuracy'], self.label)}" if "accuracy" in rec else ""
+        if kind == "round":
+            err.print(f"round {rec['round']}/{rec['of']}: sparsity {rec['sparsity']:.2%}{acc}")
+        elif kind == "reconfigure":
+            when = f"after epoch {rec['epoch']:g}" if "epoch" in rec else f"at step {rec['step']}"
+            err.print(f"reconfiguration {when}: params {rec['params']:,}, MACs {rec['macs']:,}{acc}")
 
 
 def _target(v: Optional[float]):
@@ -157,16 +165,18 @@ def _sensitivity(inp, folder, budget, ratio, extra):
     from ..prune import ratios_for_budget
     from ..prune import sensitivity as run_sens
     from ..report.plots import sensitivity as plot_sensitivity
+    from ..report.render import score_text
 
     if inp.val is None:
         raise typer.BadParameter("--sensitivity needs --train-data (accuracy is measured on its held-out 20%)")
     sens = run_sens(inp.model, inp.val, input_shape=inp.input_shape, metric=inp.metric)
     rs = sens["ratios"]
-    out.print(table(f"sensitivity (baseline {sens['baseline']:.2f}%)", ["layer", "channels", *[f"{r:.0%}" for r in rs]],
+    out.print(table(f"sensitivity ({inp.metric.label} by layer and ratio pruned; baseline "
+                    f"{score_text(sens['baseline'], inp.metric.label)})", ["layer", "channels", *[f"{r:.0%}" for r in rs]],
                     [[n, row["channels"], *[row["accuracy"][r] for r in rs]] for n, row in sens["layers"].items()]))
     Path(folder).mkdir(parents=True, exist_ok=True)
     png = Path(folder) / "sensitivity.png"
-    plot_sensitivity(sens, png)
+    plot_sensitivity(sens, png, inp.metric.label)
     import json
     write_text(Path(folder) / "sensitivity.json", json.dumps(sens, indent=2), force=True)
     err.print(f"sensitivity plot: {png}")

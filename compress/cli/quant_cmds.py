@@ -140,13 +140,16 @@ def export(model: c.ModelArg, output: c.OutOpt, arch: c.ArchOpt = None, trust_pi
         rows.append(["INT8 ONNX Runtime (QDQ)", res["int8"]["bytes"], res["int8"]["latency_ms_batch_32"],
                      res["int8"].get("accuracy")])
     for kind, r in res.get("openvino", {}).items():
-        if isinstance(r, dict):
-            rows.append([f"{kind.upper()} OpenVINO IR", r["bytes"], r["latency_ms_batch_32"], r.get("accuracy")])
+        if isinstance(r, dict):  # an IR is two files: its bytes are both
+            rows.append([f"{kind.upper()} OpenVINO IR (.xml {r['xml_bytes']:,} + .bin {r['bin_bytes']:,})", r["bytes"],
+                         r["latency_ms_batch_32"], r.get("accuracy")])
     acc = f"accuracy % ({data})" if ev is not None else "accuracy %"
     out.print(table(f"export -> {output}", ["", "bytes", f"latency batch 32 ms ({threads} threads)", acc], rows))
     if "int8" in res.get("openvino", {}):
         n, total = res["openvino"]["int8"]["int8_layers"]
         out.print(f"OpenVINO runs {n} of its {total} convolutions and matrix products in 8-bit integers")
+        if res["openvino"]["int8"].get("size_note"):
+            out.print(f"INT8 OpenVINO IR: {res['openvino']['int8']['size_note']}")
     for runtime, r in (("ONNX Runtime", res), ("OpenVINO", res.get("openvino", {}))):
         if "int8_verdict" in r:  # interleaved runs: "faster" only when the 95% interval says so
             out.print(f"INT8 vs FP32 in {runtime}, batch 32: {r['int8_verdict']}")

@@ -106,8 +106,9 @@ def bytes_per_stage(stages: list[dict], path: Path) -> Path:
 
 
 def accuracy_vs_size(points: list[dict], path: Path, base_accuracy: float | None = None,
-                     budget: float | None = None) -> Path:
-    """Accuracy against file size for every candidate tried; the budget line; kept ones ringed.
+                     budget: float | None = None, label: str = "accuracy %") -> Path:
+    """Score (the metric's ``label``) against file size for every candidate tried; the budget line; kept ones
+    ringed.
 
     points: {"label", "stage", "bytes", "accuracy", "kept": bool, "within_budget": bool}.
     """
@@ -128,18 +129,18 @@ def accuracy_vs_size(points: list[dict], path: Path, base_accuracy: float | None
                    edgecolors="k", linewidths=1.5, label="kept", zorder=5)
     if base_accuracy is not None and budget is not None:
         ax.axhline(base_accuracy - budget, color="#a4161a", ls="--", lw=1, label=f"budget (-{budget:g} pt)")
-        ax.axhline(base_accuracy, color="grey", ls=":", lw=1, label="accuracy before")
+        ax.axhline(base_accuracy, color="grey", ls=":", lw=1, label=f"{label.removesuffix(' %')} before")
     ax.set_xscale("log")
     ax.set_xlabel("file size (KiB, log scale)")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("every candidate tried: accuracy against size", pad=10)
+    ax.set_ylabel(f"validation {label}")
+    ax.set_title(f"every candidate tried: {label.removesuffix(' %')} against size", pad=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path)
 
 
-def sensitivity(sens: dict, path: Path) -> Path:
-    """Li et al.'s Figure 2: accuracy against fraction of filters pruned, one line per layer (each
+def sensitivity(sens: dict, path: Path, label: str = "accuracy %") -> Path:
+    """Li et al.'s Figure 2: score (the metric's ``label``) against fraction of filters pruned, one line per layer (each
     pruned alone). Many layers get distinct colour x line-style pairs and a legend beside the plot."""
     styles = ["-", "--", ":", "-."]
     fig, ax = plt.subplots(figsize=(8.5, 4.6))
@@ -151,7 +152,7 @@ def sensitivity(sens: dict, path: Path) -> Path:
                 color=cmap(i % 10), ls=styles[(i // 10) % len(styles)], label=f"{name} ({row['channels']})")
     ax.axhline(sens["baseline"], color="k", lw=0.8, ls="--", label="unpruned")
     ax.set_xlabel("filters pruned away (%)")
-    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylabel(f"validation {label}")
     ax.set_title("L1-filter sensitivity: each layer pruned alone, no fine-tuning", pad=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=1 + len(layers) // 16)

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ..errors import printable
 from ..fileio import write_text
+from ..metrics import BUSY, speed_change
 from . import plots
 
 
@@ -97,8 +98,6 @@ LABELS = {"file_bytes": "file bytes", "cpz_bytes": ".cpz bytes (compress encode)
 
 def before_after_rows(before: dict, after: dict) -> list[list]:
     """[label, before, after, change] for the numbers every model-changing command shows."""
-    from ..metrics import speed_change
-
     rows = []
     labels = {**LABELS, **score_labels(after)}
     for k in ("params", "nonzero_params", "macs", "file_bytes", "cpz_bytes", "accuracy", "test_accuracy"):
@@ -121,16 +120,21 @@ def before_after_rows(before: dict, after: dict) -> list[list]:
             rows.append([f"top-1 agreement with the input model, {drift['data']} (%)", 100.0,
                          drift["top1_agreement"], f"{drift['top1_agreement'] - 100:+.2f} pt"])
         rows.append([f"output change, relative L2 ({drift['data']})", 0.0, round(drift["relative_change"], 4), ""])
+    lb, la = before.get("latency_ms", {}), after.get("latency_ms", {})
     for k in ("batch_1", "batch_32"):
-        b, a = before.get("latency_ms", {}).get(k), after.get("latency_ms", {}).get(k)
+        b, a = lb.get(k), la.get(k)
         if b is not None or a is not None:
-            interval = after.get("latency_ms", {}).get("speedup", {}).get(k)
-            verdict = speed_change(b, a, interval)
-            if after.get("weights_only") and not verdict.startswith(("same", "too noisy")):
+            busy = lb.get("busy", {}).get(k) or la.get("busy", {}).get(k)
+            verdict = speed_change(b, a, la.get("speedup", {}).get(k), busy)
+            if after.get("weights_only") and BUSY in verdict:
+                verdict = f"same compute (weights only); {BUSY}: the timings are not reliable"
+            elif after.get("weights_only") and not verdict.startswith(("same", "too noisy")):
                 verdict += " (weights only: the same FP32 compute; timing noise)"
             elif after.get("weights_only"):
                 verdict = "same compute (weights only)"
-            rows.append([f"latency, {k.replace('_', ' ')} (ms)", b, a, verdict])
+            runs = la.get("runs", {}).get(k)
+            what = f"median of {runs:,} interleaved runs" if runs else "median"
+            rows.append([f"latency, {k.replace('_', ' ')} (ms, {what})", b, a, verdict])
     return rows
 
 
@@ -147,12 +151,33 @@ def render_stage_report(result: dict, before_model: nn.Module | None, after_mode
     if b.get("macs") and a.get("macs"):
         summary += f", {b['macs'] / max(a['macs'], 1):.2f}x fewer MACs"
     if "accuracy" in a:
-        summary += f", accuracy {b['accuracy']:.2f}% -> {a['accuracy']:.2f}% ({a['accuracy'] - b['accuracy']:+.2f} pt)"
+        label = a.get("metric") or LABELS["accuracy"]
+        summary += (f", {score_text(b['accuracy'], label)} -> {score_text(a['accuracy'], label).rpartition(' ')[2]} "
+                    f"({a['accuracy'] - b['accuracy']:+.2f} pt)")
     sections = [("Before / after", ["", "before", "after", "change"], before_after_rows(b, a))]
     if a.get("layers"):
         sections.append(("Layers after", ["layer", "type", "parameters", "nonzeros", "MACs"],
                          [[r["name"], r["type"], r["params"], r["nonzeros"], r["macs"]] for r in a["layers"]]))
     return write_folder(folder, f"compress report: {result['method']}", summary, sections, images, result, force)
+
+
+def metric_label(metric) -> str:
+    """The label of the metric scores were measured by: a ``train.Metric`` (its ``label``), or the name a
+    summary keeps ("top1", "top5", the user's function's name, "evaluate" for the user's own evaluation)."""
+    from ..train import METRICS, Metric
+
+    if isinstance(metric, Metric):
+        return metric.label
+    if metric is None or metric in METRICS:
+        return METRICS[metric or "top1"].label
+    return "score (evaluate)" if metric == "evaluate" else str(metric)
+
+
+def score_text(value: float, label: str) -> str:
+    """A score as its metric names it: "accuracy 72.22%" (a label in %), "my_metric 0.7222" (any other)."""
+    if label.endswith(" %"):
+        return f"{label.removesuffix(' %')} {value:.2f}%"
+    return f"{label} {value:.4g}"
 
 
 def score_labels(rep: dict) -> dict[str, str]:
@@ -182,10 +207,14 @@ def model_rows(rep: dict) -> list[list]:
                                  f"{rep['int8']['calibration']}"])
     lat = rep.get("latency_ms", {})
     for k in ("batch_1", "batch_32"):
-        if k in lat:
-            iqr = lat.get("iqr", {}).get(k)
-            rows.append([f"latency, {k.replace('_', ' ')} (ms: best median of 25 runs; all runs' IQR)",
-                         f"{lat[k]:.3f}" + (f" ({iqr[0]:.3f}-{iqr[1]:.3f})" if iqr else "")])
+        if k in lat:  # the median and the quartiles of the same runs (metrics.run_stats): it lies within them
+            iqr, runs, busy = (lat.get(f, {}).get(k) for f in ("iqr", "runs", "busy"))
+            what = f"median of {runs:,} runs" if runs else "median"
+            text = f"{lat[k]:.3f}" + (f" (IQR {iqr[0]:.3f}-{iqr[1]:.3f})" if iqr else "")
+            if busy:
+                text += f"; {BUSY} ({busy}): not reliable"
+            rows.append([f"latency, {k.replace('_', ' ')} (ms, {what}{'; IQR of the same runs' if iqr else ''})",
+                         text])
     return rows
 
 
@@ -230,6 +259,7 @@ def render_pipeline_report(summary: dict, before_model: nn.Module, after_model: 
     from ..metrics import layer_table
 
     folder = prepare_folder(folder, force)
+    label = metric_label(summary.get("metric"))  # every score named by the metric it was measured with
     lb, la = layer_table(before_model, input_shape), layer_table(after_model, input_shape)
     points = [{"label": "dense", "stage": "uncompressed", "bytes": summary["dense_bytes"],
                "accuracy": summary["base_accuracy"]}]
@@ -239,20 +269,24 @@ def render_pipeline_report(summary: dict, before_model: nn.Module, after_model: 
                            "accuracy": c["accuracy"], "kept": c["verdict"].startswith("kept")})
     images = [plots.bytes_per_stage(summary["timeline"], folder / "bytes_per_stage.png"),
               plots.accuracy_vs_size(points, folder / "accuracy_vs_size.png", summary["base_accuracy"],
-                                     summary["budget_pt"]),
+                                     summary["budget_pt"], label),
               plots.layer_density(lb, la, folder / "layers.png"),
               plots.weight_histograms(before_model, after_model, folder / "weight_histograms.png")]
     text = (f"{summary['ratio']:.1f}x smaller than the dense FP32 weights ({summary['dense_bytes']:,} -> "
-            f"{summary['cpz_bytes']:,} bytes); validation accuracy {summary['base_accuracy']:.2f}% -> "
-            f"{summary['final_accuracy']:.2f}% (budget {summary['budget_pt']} pt)")
+            f"{summary['cpz_bytes']:,} bytes); validation {score_text(summary['base_accuracy'], label)} -> "
+            f"{score_text(summary['final_accuracy'], label).rpartition(' ')[2]} (budget {summary['budget_pt']} pt)")
+    if summary.get("candidate_bytes_error"):
+        text += (f"; each candidate's bytes are its own .cpz, measured when tried: the file written differs from the "
+                 f"last one kept by {summary['candidate_bytes_error']:+,} bytes (the pipeline's history entry)")
     if "test_accuracy_after" in summary:
-        text += f"; test accuracy {summary['test_accuracy_before']:.2f}% -> {summary['test_accuracy_after']:.2f}%"
+        text += (f"; test {score_text(summary['test_accuracy_before'], label)} -> "
+                 f"{score_text(summary['test_accuracy_after'], label).rpartition(' ')[2]}")
     test = "test_accuracy" in summary["timeline"][0]
     bits = {r["name"]: r.get("bits") for r in la}
     layer_bytes = summary.get("layer_bytes", {})  # measured by the pipeline's own final encode
     sections = [
-        ("Stage by stage", ["stage", "bytes", "ratio vs dense", "nonzeros", "MACs", "latency batch 1 (ms)",
-                            "validation accuracy %"] + (["test accuracy %"] if test else []),
+        ("Stage by stage", ["stage", "bytes", "ratio vs dense", "nonzeros", "MACs", "latency batch 1 (ms, median)",
+                            f"validation {label}"] + ([f"test {label}"] if test else []),
          [[t["stage"], t["bytes"], f"{summary['dense_bytes'] / t['bytes']:.1f}x", t["nonzeros"], t.get("macs"),
            t.get("latency_ms"), t["accuracy"]] + ([t.get("test_accuracy")] if test else [])
           for t in summary["timeline"]]),
@@ -260,7 +294,7 @@ def render_pipeline_report(summary: dict, before_model: nn.Module, after_model: 
          [[s["stage"], s["search_key"], value_text(s["kept"]["value"]) if s["kept"] else "nothing (all over budget)",
            len(s["tried"]), s["seconds"]] for s in summary["stages"]]),
         ("Every candidate, and why it was kept or not",
-         ["stage", "value", "bytes", "accuracy %", "drop (pt)", "verdict"],
+         ["stage", "value", "bytes (its .cpz)", label, "drop (pt)", "verdict"],
          [[s["stage"], value_text(c["value"]), c["bytes"], c["accuracy"], f"{c['drop']:+.2f} ± {c['se']:.2f}",
            c["verdict"]] for s in summary["stages"] for c in s["tried"]]),
         ("Layers", ["layer", "parameters", "nonzeros", "density %", "bits", "bytes in the .cpz"],
