@@ -209,11 +209,11 @@ def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, re
     if after.get("input_shape"):
         after["drift"] = output_drift(original.cpu(), model, after["input_shape"], inp.val if inp.val is not None
                                       else inp.test)
+        set_meta(model, input_shape=list(after["input_shape"]))  # the file it writes says the shape it takes
     if after.get("input_shape") and latency:  # before and after timed interleaved, after a warm-up until stable
         from ..metrics import latencies
 
         inp.before["latency_ms"], after["latency_ms"] = latencies([original.cpu(), model], after["input_shape"])
-        set_meta(model, input_shape=list(after["input_shape"]))
     if output:
         from .. import distributed
 
