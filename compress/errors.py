@@ -49,9 +49,9 @@ class CompressWarning(UserWarning):
 # caller, ``--arch module:callable`` on the command line. Library code names it through ``param()``;
 # the CLI's ``main`` runs commands under ``cli_style()``, so that the same message names its flags.
 FLAGS: dict[str, str] = {"arch": "--arch", "trust_pickle": "--trust-pickle", "input_shape": "--input-shape",
-                         "force": "--force", "calib_data": "--calib-data"}
+                         "force": "--force"}
 _SWITCHES = frozenset({"trust_pickle", "force"})  # on/off: the flag alone, ``name=True``
-_style = {"cli": False}
+_style = {"cli": False}  # process-wide, not per thread: a command's threads (timing, loading) name flags too
 
 
 @contextlib.contextmanager
