@@ -8,8 +8,9 @@ import torch
 import torch.nn as nn
 
 import compress
+from compress import CompressWarning
 from compress.coding.graph_model import GraphModel
-from compress.errors import CompressWarning, InputError, OutputExistsError, UntrustedPickleError, UsageError
+from compress.errors import InputError, OutputExistsError, UntrustedPickleError, UsageError
 from compress.meta import read_meta, set_meta
 from compress.stages import Context
 
