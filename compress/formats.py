@@ -123,8 +123,8 @@ def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False, *
     """Save atomically: a .cpz (Huffman-coded, architecture as data) for a ``.cpz`` path, else a
     torch file that compress loads again without trust.
 
-    ``input_shape``: the (1, C, H, W) the model takes, recorded in the file's metadata (default: the shape
-    the model's metadata already says). A .cpz of a model of your own classes also holds its graph, as
+    ``input_shape``: the (1, C, H, W) the model takes, recorded in its metadata and so in the file (default:
+    the shape its metadata already says). A .cpz of a model of your own classes also holds its graph, as
     ``compress encode`` writes it, so that it loads without your code; that needs the input shape, and
     where no graph can be stored a ``CompressWarning`` says why (the file then loads with ``arch=``)."""
     path = Path(path)
