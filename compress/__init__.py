@@ -19,7 +19,7 @@ import importlib
 # and `--help` start without importing torch
 _EXPORTS = {
     "load_cpz": "coding", "save_cpz": "coding", "Config": "config", "FineTune": "config", "Select": "config",
-    "CompressError": "errors", "FormatError": "errors", "InputError": "errors", "UntrustedPickleError": "errors",
+    "CompressError": "errors", "CompressWarning": "errors", "FormatError": "errors", "InputError": "errors", "UntrustedPickleError": "errors",
     "UsageError": "errors", "FactorizeConfig": "factorize", "load_model": "formats", "save_model": "formats",
     "count_macs": "metrics", "count_nonzero": "metrics", "count_params": "metrics", "summarize": "metrics",
     "create_model": "models", "list_models": "models", "pipeline": "pipeline", "ChannelUnionConfig": "prune",
@@ -42,7 +42,7 @@ def __getattr__(name: str):
 __version__ = "0.3.0"
 
 __all__ = [
-    "ChannelUnionConfig", "CompressError", "Config", "Context", "FactorizeConfig", "FineTune", "FormatError",
+    "ChannelUnionConfig", "CompressError", "CompressWarning", "Config", "Context", "FactorizeConfig", "FineTune", "FormatError",
     "InputError", "Int8Config", "L1FilterConfig", "QuantConfig", "Recipe", "Select", "Stage", "StageResult", "ThresholdConfig",
     "UntrustedPickleError", "UsageError", "count_macs", "count_nonzero", "count_params",
     "create_model", "data", "evaluate", "factorize_", "fit", "list_models", "load_cpz", "load_model",

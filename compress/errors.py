@@ -4,6 +4,9 @@ Every message says what is wrong and, where there is one, how to fix it.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 # where an INT8 model (quantize.int8.Int8Model) cannot go: said the same way by the container and the commands
 INT8_IS_PT = "an INT8 model is saved as a .pt (its architecture travels inside as a .cpz)"
 
@@ -34,6 +37,48 @@ class FormatError(InputError):
 
 class OutputExistsError(CompressError):
     """An output path exists and overwriting was not allowed."""
+
+
+class CompressWarning(UserWarning):
+    """Something the caller should know that is not an error (a .cpz saved without its graph); the CLI
+    shows it as a ``note:`` line."""
+
+
+# ----------------------------------------------------------------------------- naming a parameter
+# A message names a parameter the way its reader passes it: ``arch='module:callable'`` to a library
+# caller, ``--arch module:callable`` on the command line. Library code names it through ``param()``;
+# the CLI's ``main`` runs commands under ``cli_style()``, so that the same message names its flags.
+FLAGS: dict[str, str] = {"arch": "--arch", "trust_pickle": "--trust-pickle", "input_shape": "--input-shape",
+                         "force": "--force"}
+_SWITCHES = frozenset({"trust_pickle", "force"})  # on/off: the flag alone, ``name=True``
+_style = {"cli": False}  # process-wide, not per thread: a command's threads (timing, loading) name flags too
+
+
+@contextlib.contextmanager
+def cli_style() -> Iterator[None]:
+    """While it lasts, ``param()`` names command-line flags (the CLI's ``main`` runs each command in it)."""
+    before = _style["cli"]
+    _style["cli"] = True
+    try:
+        yield
+    finally:
+        _style["cli"] = before
+
+
+def param(name: str, value=None) -> str:
+    """The parameter ``name`` (a key of ``FLAGS``), with an example or the caller's ``value``, as its reader
+    passes it: ``param("arch", "module:callable")`` is ``arch='module:callable'`` for a library caller and
+    ``--arch module:callable`` on the command line; ``param("force")`` is ``force=True`` / ``--force``; a
+    shape ``(1, "C", "H", "W")`` is ``input_shape=(1, C, H, W)`` / ``--input-shape 1,C,H,W``."""
+    flag = FLAGS[name]
+    seq = isinstance(value, (tuple, list))
+    if _style["cli"]:
+        if value is None:
+            return flag
+        return f"{flag} {','.join(map(str, value)) if seq else value}"
+    if value is None:
+        return f"{name}=True" if name in _SWITCHES else f"{name}="
+    return f"{name}=({', '.join(map(str, value))})" if seq else f"{name}={value!r}"
 
 
 def first_line(e: BaseException, limit: int = 140) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import InputError, UsageError, first_line
+from .errors import InputError, UsageError, first_line, param
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +181,8 @@ def onnx_summary(path, data=None, input_shape: tuple | None = None, threads: int
     out: dict[str, Any] = {"format": "onnx", "params": params, "int8_params": int8, "nonzero_params": nonzero,
                            "dense_fp32_bytes": params * 4}
     if shape is None:
-        raise UsageError("cannot tell the ONNX model's input shape: give input_shape (--input-shape 1,1,28,28) or data "
-                         "(--data)")
+        raise UsageError(f"cannot tell the ONNX model's input shape: give {param('input_shape', (1, 1, 28, 28))} or "
+                         "data")
     out["input_shape"] = list(shape)
     if data is not None:
         out["accuracy"] = round(onnx_accuracy(sess, data), 3)
@@ -213,7 +213,7 @@ def export(model: nn.Module, path, input_shape, int8: bool = False, calib_data=N
         raise UsageError("INT8 needs calibration data: calib_data (--calib-data SPEC), a few hundred representative "
                          "inputs")
     if Path(path).exists() and not force:  # before the work, not after it
-        raise InputError(f"{path} exists; pass --force to overwrite it")
+        raise InputError(f"{path} exists; pass {param('force')} to overwrite it")
     res: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as d:
         fp32 = Path(d) / "fp32.onnx"

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-from .errors import InputError, OutputExistsError, safe
+from .errors import InputError, OutputExistsError, param, safe
 
 TMP_PREFIX = ".compress-tmp-"
 
@@ -38,7 +38,7 @@ def _existing_mode(path: Path, force: bool) -> int | None:
     except FileNotFoundError:
         return None
     if not force:
-        raise OutputExistsError(f"{path} exists; pass --force (force=True) to overwrite it")
+        raise OutputExistsError(f"{path} exists; pass {param('force')} to overwrite it")
     if stat.S_ISDIR(st.st_mode):
         raise OutputExistsError(f"{path} is a directory")
     if not stat.S_ISREG(st.st_mode):
@@ -73,11 +73,11 @@ def atomic_write(path: str | os.PathLike, force: bool = False) -> Iterator[Path]
             try:
                 os.link(tmp, path)  # fails if the name exists: never a silent replacement
             except FileExistsError as e:
-                raise OutputExistsError(f"{path} was created by someone else meanwhile; pass --force to "
+                raise OutputExistsError(f"{path} was created by someone else meanwhile; pass {param('force')} to "
                                         "overwrite it") from e
             except OSError:  # a file system without hard links
                 if path.exists():
-                    raise OutputExistsError(f"{path} exists; pass --force (force=True) to overwrite it") from None
+                    raise OutputExistsError(f"{path} exists; pass {param('force')} to overwrite it") from None
                 os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

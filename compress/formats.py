@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
-from .errors import InputError
+from .errors import CompressWarning, InputError, param
+from .meta import set_meta
 
 
 def is_cpz(path: Path) -> bool:
@@ -38,7 +41,8 @@ class LoadOptions:
         arch: ``module:callable``, ``path/to/file.py:callable`` or ``zoo:NAME`` that builds the architecture
             of a state_dict (or of a file of the user's own classes).
         trust_pickle: allow a file that runs code when loaded (TorchScript, arbitrary pickles).
-        input_shape: (1, C, H, W) the model takes, where neither the data nor the file says it.
+        input_shape: (1, C, H, W) the model takes, where neither the data nor the file says it. The loaded
+            model carries it in its metadata, so that every file written from it says it too.
     """
 
     arch: str | None = None
@@ -46,7 +50,22 @@ class LoadOptions:
     input_shape: tuple[int, ...] | None = None
 
     def load(self, path: str | os.PathLike) -> nn.Module:
-        return load_model(path, arch=self.arch, trust_pickle=self.trust_pickle)
+        model = load_model(path, arch=self.arch, trust_pickle=self.trust_pickle)
+        if self.input_shape:
+            record_shape(model, self.input_shape)
+        return model
+
+
+def record_shape(model: nn.Module, input_shape) -> None:
+    """Note the (1, C, H, W) a model takes in its metadata (which every file compress writes carries). An
+    INT8 model's shape is its conversion's and a TorchScript module holds no metadata: both are left as they
+    are."""
+    from .stages import check_shape
+
+    shape = check_shape(tuple(input_shape))
+    if getattr(type(model), "int8_kernels", False) or isinstance(model, torch.jit.ScriptModule):
+        return
+    set_meta(model, input_shape=list(shape))
 
 
 def load_model(path: str | os.PathLike, arch: str | None = None, trust_pickle: bool = False) -> nn.Module:
@@ -92,7 +111,6 @@ def arch_base(arch: str | None):
 
     def build() -> nn.Module:
         from .io import build_arch
-        from .meta import set_meta
 
         model = build_arch(arch)
         set_meta(model, arch_ref=arch)
@@ -100,17 +118,28 @@ def arch_base(arch: str | None):
     return build
 
 
-def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False) -> Path:
+def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False, *,
+               input_shape: tuple[int, ...] | None = None) -> Path:
     """Save atomically: a .cpz (Huffman-coded, architecture as data) for a ``.cpz`` path, else a
-    torch file that compress loads again without trust."""
+    torch file that compress loads again without trust.
+
+    ``input_shape``: the (1, C, H, W) the model takes, recorded in its metadata and so in the file (default:
+    the shape its metadata already says). A .cpz of a model of your own classes also holds its graph, as
+    ``compress encode`` writes it, so that it loads without your code; that needs the input shape, and
+    where no graph can be stored a ``CompressWarning`` says why (the file then loads with ``arch=``)."""
     path = Path(path)
     from .quantize.int8 import Int8Model
     from .quantize.int8_file import payload
 
+    if input_shape is not None:
+        record_shape(model, input_shape)
     if path.suffix == ".cpz":  # the container refuses an INT8 model (errors.INT8_IS_PT)
         from .coding.container import save_cpz
 
-        save_cpz(model, path, force=force, graph=True)
+        stats = save_cpz(model, path, force=force, graph=True)  # at the input shape of its metadata
+        if stats["graph_note"]:
+            warnings.warn(f"{path}: no graph stored ({stats['graph_note']}); loading it needs your "
+                          f"{param('arch', 'module:callable')}", CompressWarning, stacklevel=2)
         return path
     from .coding.arch import foreign_classes
     from .coding.graph_model import GraphModel

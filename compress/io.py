@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from .budget import env_number
 from .coding.arch import MOVED, OWN_MODULES, USER_PREFIX
-from .errors import InputError, UntrustedPickleError, UsageError, first_line, safe
+from .errors import InputError, UntrustedPickleError, UsageError, first_line, param, safe
 from .fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,13 @@ _EXTRA_SAFE = {"collections.OrderedDict", "builtins.set", "torch.nn.parameter.Pa
 
 
 # ----------------------------------------------------------------------------- arch specs
-def resolve_callable(spec: str, what: str = "--arch") -> Callable:
-    """``module:callable`` or ``path/to/file.py:callable`` -> the callable."""
+def resolve_callable(spec: str, what: str | None = None) -> Callable:
+    """``module:callable`` or ``path/to/file.py:callable`` -> the callable. ``what`` names the option in
+    messages (default: the architecture's, ``param("arch")``)."""
     if ":" not in spec:
-        raise UsageError(f"{what} {spec!r} must look like module:callable or path/to/file.py:callable")
+        named = param("arch", spec) if what is None else f"{what} {spec!r}"
+        raise UsageError(f"{named} must look like module:callable or path/to/file.py:callable")
+    what = param("arch", spec) if what is None else what
     mod_name, _, attr = spec.rpartition(":")
     if mod_name.endswith(".py"):
         p = Path(mod_name)
@@ -82,9 +85,9 @@ def build_arch(arch: str, **kw) -> nn.Module:
     try:
         model = fn(**kw) if kw else fn()
     except Exception as e:
-        raise InputError(f"--arch {arch}: calling it failed: {type(e).__name__}: {e}") from e
+        raise InputError(f"{param('arch', arch)}: calling it failed: {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
-        raise InputError(f"--arch {arch} returned {type(model).__name__}, not an nn.Module")
+        raise InputError(f"{param('arch', arch)} returned {type(model).__name__}, not an nn.Module")
     return model
 
 
@@ -92,7 +95,7 @@ def load_state_dict_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], arc
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    where = f" (--arch {arch})" if arch else ""
+    where = f" ({param('arch', arch)})" if arch else ""
     if missing:
         raise InputError(f"weights do not match the architecture{where}: missing key {missing[0]!r}"
                          f" ({len(missing)} missing)")
@@ -210,8 +213,8 @@ def _torch_load(path: Path, trust_pickle: bool):
         raise UntrustedPickleError(
             f"{path} is a pickle that would run code from {foreign[0]!r}"
             f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}; it was not loaded. "
-            "If you trust this file pass --trust-pickle (trust_pickle=True), or save a state_dict "
-            "and load it with --arch module:callable")
+            f"If you trust this file pass {param('trust_pickle')}, or save a state_dict "
+            f"and load it with {param('arch', 'module:callable')}")
     try:
         if foreign:  # trusted by the user
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -219,11 +222,11 @@ def _torch_load(path: Path, trust_pickle: bool):
             return torch.load(path, map_location="cpu", weights_only=True)
     except _Refused as e:
         raise UntrustedPickleError(f"{path}: {e}; it was not loaded. If you trust this file pass "
-                                   "--trust-pickle (trust_pickle=True)") from None
+                                   f"{param('trust_pickle')}") from None
     except ModuleNotFoundError as e:  # a trusted whole pickle of classes Python cannot import from here
         raise InputError(f"{path}: the pickled model needs the module {e.name!r}, which Python cannot import "
                          "here; run compress where it is importable (PYTHONPATH=the folder that holds it), or "
-                         "save a state_dict and pass --arch path/to/file.py:build") from None
+                         f"save a state_dict and pass {param('arch', 'path/to/file.py:build')}") from None
     except (RuntimeError, EOFError, ValueError, OSError, ImportError, AttributeError, TypeError, KeyError,
             IndexError, MemoryError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         raise InputError(f"{path} could not be loaded as a model: {first_line(e, 160)}") from e
@@ -241,8 +244,8 @@ def load_torch(path: Path, arch: str | None = None, trust_pickle: bool = False,
             raise UntrustedPickleError(
                 f"{path} is a TorchScript archive, and TorchScript is code: loading it runs its methods "
                 "(__setstate__, forward), which can read and write files. It was not loaded. If you trust "
-                "this file pass --trust-pickle (trust_pickle=True), or save a state_dict and load it with "
-                "--arch module:callable")
+                f"this file pass {param('trust_pickle')}, or save a state_dict and load it with "
+                f"{param('arch', 'module:callable')}")
         try:
             model = torch.jit.load(str(path), map_location="cpu")
         except Exception as e:  # TorchScript's loader raises many kinds; all mean a broken archive
@@ -260,7 +263,7 @@ def load_torch(path: Path, arch: str | None = None, trust_pickle: bool = False,
         if isinstance(sd, nn.Module):
             sd = sd.state_dict()
         if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise InputError(f"{path} holds no state_dict to load into --arch {arch}")
+            raise InputError(f"{path} holds no state_dict to load into {param('arch', arch)}")
         model = build_arch(arch)
         load_state_dict_strict(model, sd, arch)
         from .meta import set_meta
@@ -269,7 +272,7 @@ def load_torch(path: Path, arch: str | None = None, trust_pickle: bool = False,
     elif isinstance(obj, nn.Module):
         model = obj
     elif isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()) and obj:
-        raise UsageError(f"{path} is a state_dict without its architecture; pass --arch module:callable "
+        raise UsageError(f"{path} is a state_dict without its architecture; pass {param('arch', 'module:callable')} "
                          "(or zoo:NAME for a zoo model)")
     else:
         raise InputError(f"{path} holds a {type(obj).__name__}, not a model")

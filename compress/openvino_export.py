@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, UsageError, first_line
+from .errors import InputError, UsageError, first_line, param
 
 
 def _ov():
@@ -166,7 +166,7 @@ def write(onnx_path, path, reference, input_shape, *, check_tol: float | None, f
         xml.parent.mkdir(parents=True, exist_ok=True)
     for p in (xml, bin_):
         if p.exists() and not force:
-            raise InputError(f"{p} exists; pass --force to overwrite it")
+            raise InputError(f"{p} exists; pass {param('force')} to overwrite it")
     with tempfile.TemporaryDirectory() as d:
         tmp_xml = Path(d) / xml.name
         convert(onnx_path, tmp_xml)

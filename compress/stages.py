@@ -28,7 +28,7 @@ import torch.nn as nn
 from . import masks
 from .budget import MAX_INPUT_VALUES
 from .config import Config, FineTune, method_for
-from .errors import UsageError
+from .errors import UsageError, param
 from .meta import add_history, read_meta
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class Context:
             shape = check_shape(meta.input_shape, "the model file's input shape")
             check_call(model, shape)  # what one sample at the file's shape costs, counted before it runs
             return shape
-        raise UsageError("cannot tell the model's input shape: give input_shape (--input-shape 1,1,28,28) "
+        raise UsageError(f"cannot tell the model's input shape: give {param('input_shape', (1, 1, 28, 28))} "
                          "or data")
 
 
@@ -123,7 +123,7 @@ def graph_only(model: nn.Module, what: str) -> UsageError:
     ATen calls, no layers) given to something that needs the model's layers or code. It never names the
     --arch the file mentions: a path read from a file is not a suggestion to run it."""
     return UsageError(f"this model was decoded from its stored graph: it runs, reports and encodes, but compress "
-                      f"{what}; decode the .cpz it came from with --arch module:callable (your own code that "
+                      f"{what}; decode the .cpz it came from with {param('arch', 'module:callable')} (your own code that "
                       "builds it) to change it")
 
 

@@ -9,10 +9,11 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 
 import typer
 
-from ..errors import CompressError, first_line, printable
+from ..errors import CompressError, CompressWarning, cli_style, first_line, printable
 from . import common
 
 # Typer 0.29 labels on/off flags "<bool>" in help, which reads as if `--force true` were expected;
@@ -76,6 +77,23 @@ from . import coding_cmds, factorize_cmd, model_cmds, pipeline_cmd, prune_cmds, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command line; the library's messages name its flags (``errors.cli_style``) and its warnings
+    (``errors.CompressWarning``) are ``note:`` lines."""
+    with cli_style(), warnings.catch_warnings():
+        warnings.simplefilter("always", CompressWarning)
+        show = warnings.showwarning
+
+        def note(message, category, *args, **kw) -> None:
+            if issubclass(category, CompressWarning):
+                common.err.print(f"note: {printable(str(message))}", markup=False)
+            else:  # another library's warning: as Python shows it
+                show(message, category, *args, **kw)
+
+        warnings.showwarning = note
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     # global flags mean the same before or after the command: move them in front of it

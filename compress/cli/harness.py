@@ -210,11 +210,11 @@ def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, re
     if after.get("input_shape"):
         after["drift"] = output_drift(original.cpu(), model, after["input_shape"], inp.val if inp.val is not None
                                       else inp.test)
+        set_meta(model, input_shape=list(after["input_shape"]))  # the file it writes says the shape it takes
     if after.get("input_shape") and latency:  # before and after timed interleaved, after a warm-up until stable
         from ..metrics import latencies
 
         inp.before["latency_ms"], after["latency_ms"] = latencies([original.cpu(), model], after["input_shape"])
-        set_meta(model, input_shape=list(after["input_shape"]))
     if after.get("cpz_bytes") is not None:  # with the metadata the file carries: the bytes `compress encode` writes
         after["cpz_bytes"] = cpz_estimate(model, inp.input_shape)
     if output:

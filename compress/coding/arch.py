@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import safe
+from ..errors import param, safe
 from ..quant_state import STATE_ATTRS
 
 _INTERNAL = set(vars(nn.Module()).keys())
@@ -213,11 +213,11 @@ def rebuild(spec: dict, tensors: dict[str, torch.Tensor], depth: int = 0, prefix
         where = prefix.rstrip(".") or "the model"
         if base is None:
             if depth:  # the user's model has no module here
-                raise ArchMismatch(f"the model your --arch builds has no {safe(where)} (a {safe(spec['ref'])})")
+                raise ArchMismatch(f"the model your {param('arch')} builds has no {safe(where)} (a {safe(spec['ref'])})")
             raise NeedsArch(references(spec))
         if not isinstance(spec["ref"], str) or _class_path(type(base)) != spec["ref"]:
             raise ArchMismatch(f"{safe(where)} is {safe(spec['ref'])} in the file, but {_class_path(type(base))!r} in the "
-                             "model your --arch builds")
+                             f"model your {param('arch')} builds")
         m = base
         m._parameters.clear()  # set from the data below
         m._buffers.clear()

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..budget import env_number
-from ..errors import INT8_IS_PT, FormatError, InputError, UsageError, first_line, safe
+from ..errors import INT8_IS_PT, FormatError, InputError, UsageError, first_line, param, safe
 from ..fileio import atomic_write
 from ..masks import remove_masks
 from ..meta import META_ATTR, get_meta, read_meta
@@ -62,7 +62,7 @@ def _graph_of(model: nn.Module, graph: bool, input_shape) -> tuple[dict | None, 
         return None, None
     shape = input_shape or read_meta(model).input_shape
     if not shape:
-        return None, "its input shape is unknown (give --input-shape)"
+        return None, f"its input shape is unknown (give {param('input_shape', (1, 'C', 'H', 'W'))})"
     try:
         return capture_mod.capture(model, shape), None
     except GraphError as e:
@@ -171,7 +171,11 @@ def decode_budget(file_bytes: int, max_ratio: float | None = None) -> streams.Bu
 # Names a file's tensors may not take: the attributes compress keeps on modules (a buffer named
 # ``compress_meta`` would stand where the metadata belongs).
 RESERVED = frozenset((META_ATTR,) + STATE_ATTRS)
-ARCH_HINT = "--arch module:callable (your own code that builds it)"  # never a path the file names
+
+
+def arch_hint() -> str:
+    """How to pass the user's own code that builds a model (never a path the file names)."""
+    return f"{param('arch', 'module:callable')} (your own code that builds it)"
 
 
 def _over_budget(path, err, size: int):
@@ -252,7 +256,7 @@ def _architecture(manifest: dict, tensors: dict, base, path) -> nn.Module:
         try:
             model = graph_model.rebuild(graph, tensors)
         except GraphError as err:
-            hint = f"; pass {ARCH_HINT} to rebuild it from your code" if refs else ""
+            hint = f"; pass {arch_hint()} to rebuild it from your code" if refs else ""
             raise InputError(f"{path}: its stored graph will not be run: it {err}{hint}") from None
         meta = spec.get("attrs", {}).get("compress_meta") if isinstance(spec, dict) else manifest.get("meta")
         try:
@@ -263,12 +267,12 @@ def _architecture(manifest: dict, tensors: dict, base, path) -> nn.Module:
         setattr(model, META_ATTR, {str(k): v for k, v in meta.items()} if isinstance(meta, dict) else {})
         return model
     if refs and base is None:
-        raise InputError(f"{path}: {arch_mod.NeedsArch(refs)}; pass {ARCH_HINT} to rebuild it "
+        raise InputError(f"{path}: {arch_mod.NeedsArch(refs)}; pass {arch_hint()} to rebuild it "
                          "(the file stores its structure and weights as data, not the code)")
     try:
         return arch_mod.rebuild(spec, tensors, base=base() if refs else None)
     except arch_mod.ArchMismatch as err:
-        raise InputError(f"{path}: {err}; pass the {ARCH_HINT} that the file was written with") from None
+        raise InputError(f"{path}: {err}; pass the {arch_hint()} that the file was written with") from None
     except (ValueError, TypeError, KeyError, RecursionError) as err:
         _fail(path, f"architecture: {safe(first_line(err, 100), 100)}")
 

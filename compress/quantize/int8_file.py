@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..budget import call_limits
 from ..counting import sample_cost
-from ..errors import InputError, first_line, printable, safe
+from ..errors import InputError, first_line, param, printable, safe
 from ..meta import META_ATTR, get_meta
 from ..stages import check_shape
 from .int8 import BACKENDS, OBSERVERS, Int8Model, _quiet, _require_fx, prepare
@@ -183,7 +183,7 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
     table = {k: _text(v) if k not in ("keep_float", "native_activations") else v for k, v in table.items()}
     if getattr(float_model, "layerless", False):
         raise InputError("INT8 file: its float architecture was stored as a graph only; rebuilding the INT8 model "
-                         "needs its layers: pass --arch module:callable (your own code that builds it)")
+                         f"needs its layers: pass {param('arch', 'module:callable')} (your own code that builds it)")
     shape = table.get("input_shape")
     if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and 0 < s < 1 << 16
                                             for s in shape)):

@@ -52,11 +52,11 @@ REPORT_FILES = ("report.json", "report.md", "report.html")
 
 def check_folder(folder, force: bool = False) -> Path:
     """Refuse a folder that already holds a report, unless ``force``."""
-    from ..errors import OutputExistsError
+    from ..errors import OutputExistsError, param
 
     folder = Path(folder)
     if not force and any((folder / f).exists() for f in REPORT_FILES):
-        raise OutputExistsError(f"{folder} already holds a report; pass --force (force=True) to replace it")
+        raise OutputExistsError(f"{folder} already holds a report; pass {param('force')} to replace it")
     return folder
 
 
