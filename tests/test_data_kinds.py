@@ -201,6 +201,23 @@ def test_context_converts_every_kind_however_it_is_set():
     same(scores)
 
 
+def test_split_and_check_fits_take_every_kind():
+    def held_out(d):
+        _, va = data_mod.split(d, 0.25)
+        return next(data_mod.batches(va, N))[0]
+
+    labelled = {k: v for k, v in KINDS.items() if k != "dataset"}  # a stratified split: labels known up front
+    same({kind: held_out(make(X, Y)) for kind, make in labelled.items()})
+    assert len(held_out(Samples(X, Y))) == N // 4  # a seeded random split
+    for make in KINDS.values():
+        data_mod.check_fits(tiny(), make(X, Y))
+        with pytest.raises(InputError, match=r"samples of shape \(1, 4, 4\)\) does not fit the model"):
+            data_mod.check_fits(tiny(), make(X[:, :, :4, :4], Y))
+    for make in labelled.values():
+        with pytest.raises(InputError, match="has label 2 but the model has 2 classes"):
+            data_mod.check_fits(tiny(), make(X, Y), num_classes=2)
+
+
 def test_pipeline_takes_every_kind():
     recipe = {"stage": [{"method": "threshold", "sparsity": [0.3, 0.6], "rounds": 1, "allocate": "std",
                          "finetune": {"epochs": 0}}],
