@@ -91,7 +91,9 @@ class Context:
             self.on_event(kind, fields)
 
     def score(self, model: nn.Module, data) -> float:
-        """The model's score on ``data``: the user's ``evaluate`` if given, else ``metric``'s mean."""
+        """The model's score on ``data`` (anything ``as_data`` takes; the user's ``evaluate`` gets it as a
+        ``compress.data.Data``, as from every stage): the user's ``evaluate`` if given, else ``metric``'s mean."""
+        data = as_data(data, arg="data")
         if self.evaluate is not None:
             return float(self.evaluate(model, data))
         from .train import evaluate

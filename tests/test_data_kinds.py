@@ -199,6 +199,15 @@ def test_context_converts_every_kind_however_it_is_set():
         assert ctx.shape(m) == (1, 1, 8, 8)
         scores[kind] = ctx.score(m, ctx.val), ctx.score(m, make(X, Y))
     same(scores)
+    seen = []  # the user's evaluate gets a Data whichever kind ctx.score was given
+
+    def users_evaluate(model, data):
+        seen.append(data)
+        return compress.evaluate(model, data)
+
+    ctx = Context(evaluate=users_evaluate)
+    same(each_kind(lambda d: ctx.score(m, d)))
+    assert all(isinstance(d, data_mod.Data) for d in seen) and len(seen) == len(KINDS)
 
 
 def test_split_and_check_fits_take_every_kind():
