@@ -156,8 +156,13 @@ def quantize_int8(fp32_path, int8_path, calib_data, per_channel: bool = True, re
 
 
 def onnx_summary(path, data=None, input_shape: tuple | None = None, threads: int = 2) -> dict[str, Any]:
-    """``compress report`` for an .onnx file: params, size, latency and accuracy through ORT."""
+    """``compress report`` for an .onnx file: params, size, latency and accuracy through ORT on ``data``
+    (anything ``compress.data.as_data`` takes)."""
     import onnx
+
+    from .data import as_data
+
+    data = None if data is None else as_data(data, arg="data")
 
     try:
         m = onnx.load(str(path))
@@ -200,8 +205,8 @@ def export(model: nn.Module, path, input_shape, int8: bool = False, calib_data=N
     from .data import as_data
     from .fileio import write_bytes
 
-    calib_data = None if calib_data is None else as_data(calib_data, "calibration data")
-    eval_data = None if eval_data is None else as_data(eval_data, "evaluation data")
+    calib_data = None if calib_data is None else as_data(calib_data, "calibration data", arg="calib_data")
+    eval_data = None if eval_data is None else as_data(eval_data, "evaluation data", arg="eval_data")
     step = on_step or (lambda text: None)
     _exportable(model)
     if fmt not in ("onnx", "openvino"):

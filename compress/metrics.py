@@ -348,7 +348,7 @@ def speed_change(before_ms: float | None, after_ms: float | None, interval: list
 def summarize(model: nn.Module, input_shape, data=None, latency: bool = True,
               layers: bool = True, runs: int = 20, metric=None) -> dict[str, Any]:
     """The numbers that matter for one model, as a JSON-able dict; ``accuracy`` is ``metric``'s score on
-    ``data`` (default top-1 accuracy in percent), ``metric`` its label."""
+    ``data`` (default top-1 accuracy in percent; anything ``compress.data.as_data`` takes), ``metric`` its label."""
     from .quantize.int8 import Int8Model
     from .train import evaluate, resolve_metric
 
@@ -363,8 +363,9 @@ def summarize(model: nn.Module, input_shape, data=None, latency: bool = True,
     if input_shape is not None:  # weight-only numbers otherwise
         out.update(macs=count_macs(model, input_shape) if int8 is None else int8.macs, input_shape=list(input_shape))
     if data is not None:
-        from .data import check_fits
+        from .data import as_data, check_fits
 
+        data = as_data(data, arg="data")
         m = resolve_metric(metric)
         check_fits(model, data, labels_needed=m.builtin)
         out["accuracy"] = round(evaluate(model, data, m), 3)

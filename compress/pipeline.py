@@ -211,20 +211,20 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     Precedence of every setting: argument > recipe > model metadata > default.
     """
     recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else recipe or DEFAULT_RECIPE
-    def as_data(d, name):
-        return data_mod.load(d, workers) if isinstance(d, str) else data_mod.as_data(d, name, workers or 0)
+    def as_data(d, name, arg):
+        return data_mod.load(d, workers) if isinstance(d, str) else data_mod.as_data(d, name, workers or 0, arg=arg)
 
-    ds = as_data(data, "training data")
+    ds = as_data(data, "training data", "data")
     budget = resolve(max_accuracy_drop, recipe.max_accuracy_drop, default=0.5)
     z = resolve(confidence, recipe.confidence, default=1.0)
     if val_data is not None:
-        train, val = ds, as_data(val_data, "validation data")
+        train, val = ds, as_data(val_data, "validation data", "val_data")
     else:
         vf = resolve(val_fraction, recipe.val_fraction, read_meta(model).val_fraction,
                      default=data_mod.VAL_FRACTION)
         train, val = data_mod.split(ds, float(vf), seed=0)
     if test_data is not None:
-        test_data = as_data(test_data, "test data")
+        test_data = as_data(test_data, "test data", "test_data")
     ctx = Context(train=train, val=val, input_shape=input_shape, loss=loss, metric=metric, train_step=train_step,
                   evaluate=evaluate, teacher=copy.deepcopy(model) if distill else None)
     ctx.input_shape = ctx.shape(model)

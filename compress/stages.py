@@ -28,10 +28,15 @@ import torch.nn as nn
 from . import masks
 from .budget import MAX_INPUT_VALUES
 from .config import Config, FineTune, method_for
-from .errors import UsageError, param
+from .data import as_data
+from .errors import InputError, UsageError, param
 from .meta import add_history, read_meta
 
 log = logging.getLogger(__name__)
+
+
+# Context's data fields and the names the numbers measured on them carry
+DATA_FIELDS = {"train": "training data", "val": "validation data", "calib": "calibration data"}
 
 
 @dataclasses.dataclass
@@ -54,6 +59,9 @@ class Context:
             of ``pipeline`` then has no standard error to add, and says so.
         teacher: the model distillation learns from (default: the stage's input model).
         calib: calibration data for activation ranges (INT8); default: ``train``.
+
+    ``train``, ``val`` and ``calib`` are converted by ``as_data`` whenever they are set (here or later), so
+    each is a ``compress.data.Data`` from then on; anything else is an ``InputError`` naming the field.
     """
 
     train: Any = None
@@ -69,20 +77,23 @@ class Context:
     calib: Any = None
 
     def __post_init__(self):
-        from .data import as_data
         from .train import resolve_loss, resolve_metric
 
-        self.train = None if self.train is None else as_data(self.train, "training data")
-        self.val = None if self.val is None else as_data(self.val, "validation data")
-        self.calib = None if self.calib is None else as_data(self.calib, "calibration data")
         self.loss, self.metric = resolve_loss(self.loss), resolve_metric(self.metric)
+
+    def __setattr__(self, key: str, value) -> None:
+        if key in DATA_FIELDS and value is not None:  # the one conversion, whichever way the data come in
+            value = as_data(value, DATA_FIELDS[key], arg=key)
+        super().__setattr__(key, value)
 
     def emit(self, kind: str, **fields) -> None:
         if self.on_event is not None:
             self.on_event(kind, fields)
 
     def score(self, model: nn.Module, data) -> float:
-        """The model's score on ``data``: the user's ``evaluate`` if given, else ``metric``'s mean."""
+        """The model's score on ``data`` (anything ``as_data`` takes; the user's ``evaluate`` gets it as a
+        ``compress.data.Data``, as from every stage): the user's ``evaluate`` if given, else ``metric``'s mean."""
+        data = as_data(data, arg="data")
         if self.evaluate is not None:
             return float(self.evaluate(model, data))
         from .train import evaluate
@@ -106,6 +117,14 @@ class Context:
             return shape
         raise UsageError(f"cannot tell the model's input shape: give {param('input_shape', (1, 1, 28, 28))} "
                          "or data")
+
+
+def check_ctx(ctx: Context | None) -> Context | None:
+    """``ctx`` if it is a ``Context`` or None; anything else (data given in its place) is an InputError."""
+    if ctx is not None and not isinstance(ctx, Context):
+        raise InputError(f"ctx: a {type(ctx).__name__} is not a compress.Context; give data as "
+                         "Context(train=..., val=...), or as the verbs' train_data= and val_data=")
+    return ctx
 
 
 def is_layerless(model: nn.Module) -> bool:
@@ -178,7 +197,7 @@ class Method:
         if getattr(type(model), "int8_kernels", False):  # quantize.int8.Int8Model
             raise UsageError("this is an INT8 model: its layers are integer kernels no method changes; prune, "
                              "factorize or quantize the float model before its int8 stage")
-        self.model, self.config, self.ctx = model, config, ctx or Context()
+        self.model, self.config, self.ctx = model, config, check_ctx(ctx) or Context()
         self.teacher = None
         if config.finetune.distill and config.finetune.epochs > 0:  # the input model, before any change
             import copy
@@ -273,10 +292,18 @@ def run(verb: str, model: nn.Module, config: Config, ctx: Context | None = None)
     return method_for(config, verb)(model, config, ctx).run()
 
 
-def _ctx(ctx, train_data, val_data, input_shape) -> Context:
-    if ctx is not None:
-        return ctx
-    return Context(train=train_data, val=val_data, input_shape=input_shape)
+def _ctx(ctx, train_data, val_data, input_shape, calib_data=None) -> Context:
+    """The verbs' context: ``ctx``, with ``train_data``, ``val_data``, ``calib_data`` in it when given (each
+    converted by ``as_data``, an error naming the argument for anything that is not data)."""
+    pairs = (("train", train_data), ("val", val_data), ("calib", calib_data))
+    given: dict[str, Any] = {k: as_data(v, DATA_FIELDS[k], arg=f"{k}_data") for k, v in pairs if v is not None}
+    if ctx is None:
+        return Context(input_shape=input_shape, **given)
+    check_ctx(ctx)
+    for k in given:
+        if getattr(ctx, k) is not None:
+            raise UsageError(f"{k}_data and ctx.{k} are both given: give the {DATA_FIELDS[k]} once")
+    return dataclasses.replace(ctx, **given) if given else ctx
 
 
 def prune_(model: nn.Module, config: Config, train_data=None, val_data=None, *, input_shape=None,
@@ -285,12 +312,12 @@ def prune_(model: nn.Module, config: Config, train_data=None, val_data=None, *, 
     return run("prune", model, config, _ctx(ctx, train_data, val_data, input_shape)).model
 
 
-def quantize_(model: nn.Module, config: Config, train_data=None, val_data=None, *, ctx: Context | None = None
-              ) -> nn.Module:
+def quantize_(model: nn.Module, config: Config, train_data=None, val_data=None, *, calib_data=None,
+              ctx: Context | None = None) -> nn.Module:
     """Quantize weights in place with a ``QuantConfig``; returns the model for chaining. With an ``Int8Config``
     the model is lowered to INT8 execution: the returned ``Int8Model`` is a new model (use it; the float model
-    given is left as it was)."""
-    return run("quantize", model, config, _ctx(ctx, train_data, val_data, None)).model
+    given is left as it was); its activation ranges are calibrated on ``calib_data`` (default: ``train_data``)."""
+    return run("quantize", model, config, _ctx(ctx, train_data, val_data, None, calib_data)).model
 
 
 def factorize_(model: nn.Module, config: Config, train_data=None, val_data=None, *, ctx: Context | None = None

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import distributed, masks
 from .config import FineTune
-from .data import Data, batches, eval_batch_size
+from .data import Data, as_data, batches, eval_batch_size
 from .errors import CompressError, InputError, UsageError, first_line
 from .progress import Bar, progress_enabled
 
@@ -176,8 +176,10 @@ def paired_drop(base: Scores, cand: Scores) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def scores(model: nn.Module, data: Data, metric=None, batch_size: int | None = None) -> Scores:
-    """Score ``model`` on every sample of ``data`` with ``metric`` (default top-1), in batches."""
+def scores(model: nn.Module, data, metric=None, batch_size: int | None = None) -> Scores:
+    """Score ``model`` on every sample of ``data`` (anything ``compress.data.as_data`` takes) with ``metric``
+    (default top-1), in batches."""
+    data = as_data(data, arg="data")
     m = resolve_metric(metric)
     was = model.training
     model.eval()
@@ -214,8 +216,9 @@ def scores(model: nn.Module, data: Data, metric=None, batch_size: int | None = N
     return Scores(values, None if per_sample else torch.tensor(weights, dtype=torch.float64))
 
 
-def evaluate(model: nn.Module, data: Data, metric=None, batch_size: int | None = None) -> float:
-    """The model's score on ``data``: top-1 accuracy in percent by default, else ``metric``'s mean."""
+def evaluate(model: nn.Module, data, metric=None, batch_size: int | None = None) -> float:
+    """The model's score on ``data``: top-1 accuracy in percent by default, else ``metric``'s mean. ``data``:
+    ``(x, y)`` tensors, a ``Dataset``, a ``DataLoader`` or a ``compress.data.Data`` (``compress.data.as_data``)."""
     return scores(model, data, metric, batch_size).mean()
 
 
@@ -231,10 +234,11 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / world / batch_size))
 
 
-def fit(model: nn.Module, data: Data, cfg: FineTune | None = None, *, method=None,
+def fit(model: nn.Module, data, cfg: FineTune | None = None, *, method=None,
         desc: str = "train", progress: bool | None = None, loss: Callable | None = None,
         train_step: Callable | None = None, teacher: nn.Module | None = None) -> list[dict]:
-    """Train ``model`` in place; returns one dict per epoch (loss, penalty).
+    """Train ``model`` in place on ``data`` (anything ``compress.data.as_data`` takes); returns one dict per
+    epoch (loss, penalty).
 
     ``method`` (a ``compress.stages.Method``) is driven as a user's loop would drive it: its
     ``penalty()`` is added to the loss, ``after_backward()`` runs before the optimizer step and
@@ -244,6 +248,7 @@ def fit(model: nn.Module, data: Data, cfg: FineTune | None = None, *, method=Non
     is the task's loss; with a ``teacher`` and ``cfg.distill`` (a temperature) the loss is
     ``(1 - cfg.distill_weight) * task + cfg.distill_weight * distill_loss(student, teacher)``.
     """
+    data = as_data(data, "training data", arg="data")
     cfg = cfg or FineTune(epochs=1)
     loss_fn = resolve_loss(loss)
     augment = cfg.augment or 0  # None (as the model was trained) is resolved by the stage; here: none
@@ -376,12 +381,13 @@ def outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, data: Data, samples: int = 1000, batch_size: int = 100) -> bool:
+def recalibrate_bn(model: nn.Module, data, samples: int = 1000, batch_size: int = 100) -> bool:
     """Re-estimate BatchNorm running statistics on ``data`` (no weights change). Returns whether
     the model had any BatchNorm. Used after a change of weights that shifts activations (SVD)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return False
+    data = as_data(data, arg="data")
     saved = [(m, m.momentum) for m in bns]
     for m in bns:
         m.reset_running_stats()

@@ -198,11 +198,14 @@ def eval_batch_size(data: Data) -> int:
 VAL_FRACTION = 0.2
 
 
-def split(data: Data, val_fraction: float = VAL_FRACTION, seed: int = 0) -> tuple[Data, Data]:
-    """Deterministic train/validation split by index: stratified by class when the labels are known up
-    front, else a seeded random split."""
+def split(data, val_fraction: float = VAL_FRACTION, seed: int = 0) -> tuple[Data, Data]:
+    """Deterministic train/validation split by index of ``data`` (anything ``as_data`` takes): stratified by
+    class when the labels are known up front, else a seeded random split."""
+    from .kinds import as_data  # (kinds builds on this module)
+
     if not 0.0 < val_fraction < 1.0:
         raise ValueError("val_fraction must be in (0, 1)")
+    data = as_data(data, arg="data")
     if data.iterable:
         data.subset(None)  # raises the one-line reason
     g = torch.Generator().manual_seed(seed)
@@ -225,11 +228,14 @@ def split(data: Data, val_fraction: float = VAL_FRACTION, seed: int = 0) -> tupl
     return data.subset(tr, f"{data.name}[train]"), data.subset(va, f"{data.name}[val]")
 
 
-def check_fits(model: torch.nn.Module, data: Data, num_classes: int | None = None,
+def check_fits(model: torch.nn.Module, data, num_classes: int | None = None,
                labels_needed: bool = True) -> None:
-    """Raise InputError if the data does not fit the model (input shape; label range when the targets are
-    class labels known up front)."""
+    """Raise InputError if the data (anything ``as_data`` takes) does not fit the model (input shape; label
+    range when the targets are class labels known up front)."""
     from .. import distributed
+    from .kinds import as_data
+
+    data = as_data(data, arg="data")
 
     x = data.head(2)
     was = model.training

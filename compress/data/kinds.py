@@ -131,6 +131,19 @@ def validate(x, y, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x.contiguous(), y
 
 
+def _to_target(v) -> Any:
+    """A sample's (or batch's) target with its kind kept: integer labels as int64 (what cross-entropy
+    takes), float targets as they are, arrays as tensors; anything else (dicts, strings) untouched."""
+    if type(v).__module__.startswith("PIL."):  # a mask image: its pixel values are the labels
+        v = np.asarray(v)
+    if isinstance(v, (np.ndarray, np.generic)):  # an array, or one NumPy number (``y[i]`` of an array)
+        a = np.asarray(v)  # (not ascontiguousarray: it makes a number an array of one)
+        v = torch.from_numpy(a if a.flags.c_contiguous else a.copy())
+    if isinstance(v, torch.Tensor) and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool:
+        return v.long()
+    return v
+
+
 def _to_tensor(v) -> Any:
     """A sample's input as a float tensor: PIL images (C x H x W in [0, 1]) and arrays are converted."""
     if isinstance(v, torch.Tensor):
@@ -162,7 +175,7 @@ class MapData(Data):
         if not (isinstance(s, (tuple, list)) and len(s) == 2):
             kind = f"a {type(s).__name__} of {len(s)}" if isinstance(s, (tuple, list)) else f"a {type(s).__name__}"
             raise InputError(f"data {self.name}: sample {i} is {kind}, not (input, target)")
-        return _to_tensor(s[0]), _to_tensor(s[1])
+        return _to_tensor(s[0]), _to_target(s[1])
 
     def batch(self, indices, train: bool = False) -> Batch:
         idx = [int(i) for i in indices]
@@ -177,6 +190,9 @@ class MapData(Data):
 
     def labels(self) -> torch.Tensor | None:
         t = getattr(self.dataset, "targets", None)  # torchvision's datasets, and many users' own, keep them
+        ds = self.dataset
+        if t is None and isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) == 2:
+            t = ds.tensors[1]  # (a TensorDataset in a DataLoader): known up front, as of the TensorDataset alone
         if t is None:
             return None
         try:
@@ -226,13 +242,13 @@ class IterData(Data):
             for i, b in enumerate(_guard(it, self.name)):
                 if not (isinstance(b, (tuple, list)) and len(b) == 2):
                     raise InputError(f"data {self.name}: batch {i} is a {type(b).__name__}, not (inputs, targets)")
-                yield _to_tensor(b[0]), _to_tensor(b[1])
+                yield _to_tensor(b[0]), _to_target(b[1])
             return
         buf, idx = [], []
         for i, s in enumerate(_guard(it, self.name)):
             if not (isinstance(s, (tuple, list)) and len(s) == 2):
                 raise InputError(f"data {self.name}: sample {i} is a {type(s).__name__}, not (input, target)")
-            buf.append((_to_tensor(s[0]), _to_tensor(s[1])))
+            buf.append((_to_tensor(s[0]), _to_target(s[1])))
             idx.append(i)
             if len(buf) == batch_size:
                 yield collate(buf, idx, self.name)
@@ -262,10 +278,18 @@ def _guard(it, name: str):
 
 
 # ----------------------------------------------------------------------------- what users hand us
-def as_data(obj, name: str = "data", workers: int = 0) -> Data:
+KINDS = "(x, y) tensors, a torch Dataset of (input, target) samples, a DataLoader or a compress.data.Data"
+
+
+def as_data(obj, name: str = "data", workers: int = 0, *, arg: str | None = None) -> Data:
     """Any data users have, as a ``Data``: a ``Data``; ``(x, y)`` tensors or arrays; a map-style or iterable
     ``torch.utils.data.Dataset`` of ``(input, target)`` samples; a ``DataLoader`` (compress reads its dataset
-    with its ``collate_fn`` and ``num_workers``, in batches of its own size)."""
+    with its ``collate_fn`` and ``num_workers``, in batches of its own size). Targets keep their kind: integer
+    labels are int64 whichever way they come, float targets stay float.
+
+    Every public function that takes data converts it here, once. ``name``: what the numbers measured on
+    it say they were measured on; ``arg``: the keyword argument it came in (named by the error for an object
+    that is not data)."""
     from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
     if isinstance(obj, Data):
@@ -286,7 +310,10 @@ def as_data(obj, name: str = "data", workers: int = 0) -> Data:
     if isinstance(obj, (tuple, list)) and len(obj) == 2 and not isinstance(obj[0], (tuple, list)):
         x, y = validate(obj[0], obj[1], name)
         return TensorData(x, y, name)
-    if hasattr(obj, "__getitem__") and hasattr(obj, "__len__"):
+    # a string, a dict, one tensor or array index too, but none is a data set of (input, target) samples
+    not_samples = (str, bytes, dict, torch.Tensor, np.ndarray)
+    if hasattr(obj, "__getitem__") and hasattr(obj, "__len__") and not isinstance(obj, not_samples):
         return MapData(obj, name, workers=workers)
-    raise InputError(f"data {name}: a {type(obj).__name__} is not data compress reads: give (x, y) tensors, a "
-                     "torch Dataset of (input, target) samples or a DataLoader")
+    hint = " (a spec such as 'mnist5k' is read by compress.data.load(spec))" if isinstance(obj, str) else ""
+    raise InputError(f"{arg or f'data {name}'}: a {type(obj).__name__} is not data compress reads: give "
+                     f"{KINDS}{hint}")
