@@ -22,10 +22,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InputError
-from .core import VAL_FRACTION, Data, Mapped, Subset, batches, check_fits, eval_batch_size, split
+from .core import VAL_FRACTION, Data, Mapped, Subset, batches, eval_batch_size
 from .files import MAX_ARRAY_BYTES, MAX_DECODE_RATIO
 from .images import FolderData
-from .kinds import ArrayData, IterData, MapData, TensorData, as_data, validate
+from .kinds import ArrayData, IterData, MapData, TensorData, as_data, check_fits, split, validate
 from .sources import BUILTIN, apply_options
 
 __all__ = ["VAL_FRACTION", "ArrayData", "Data", "FolderData", "IterData", "MapData", "Mapped", "Subset", "TensorData",

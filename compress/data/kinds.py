@@ -8,8 +8,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from .. import distributed
 from ..errors import CompressError, InputError, first_line
-from .core import Batch, Data
+from .core import VAL_FRACTION, Batch, Data
 
 
 class TensorData(Data):
@@ -317,3 +318,60 @@ def as_data(obj, name: str = "data", workers: int = 0, *, arg: str | None = None
     hint = " (a spec such as 'mnist5k' is read by compress.data.load(spec))" if isinstance(obj, str) else ""
     raise InputError(f"{arg or f'data {name}'}: a {type(obj).__name__} is not data compress reads: give "
                      f"{KINDS}{hint}")
+
+
+# ----------------------------------------------------------------------------- splits and checks
+def split(data, val_fraction: float = VAL_FRACTION, seed: int = 0) -> tuple[Data, Data]:
+    """Deterministic train/validation split by index of ``data`` (anything ``as_data`` takes): stratified by
+    class when the labels are known up front, else a seeded random split."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError("val_fraction must be in (0, 1)")
+    data = as_data(data, arg="data")
+    if data.iterable:
+        data.subset(None)  # raises the one-line reason
+    g = torch.Generator().manual_seed(seed)
+    y = data.labels()
+    if y is None:
+        perm = torch.randperm(len(data), generator=g)
+        k = max(1, int(round(len(data) * val_fraction)))
+        tr, va = perm[k:], perm[:k]
+    else:
+        train_idx, val_idx = [], []
+        for c in torch.unique(y):
+            idx = torch.nonzero(y == c).flatten()
+            idx = idx[torch.randperm(len(idx), generator=g)]
+            k = max(1, int(round(len(idx) * val_fraction))) if len(idx) > 1 else 0
+            val_idx.append(idx[:k])
+            train_idx.append(idx[k:])
+        tr = torch.cat(train_idx)
+        va = torch.cat(val_idx)
+        tr = tr[torch.randperm(len(tr), generator=g)]
+    return data.subset(tr, f"{data.name}[train]"), data.subset(va, f"{data.name}[val]")
+
+
+def check_fits(model: torch.nn.Module, data, num_classes: int | None = None,
+               labels_needed: bool = True) -> None:
+    """Raise InputError if the data (anything ``as_data`` takes) does not fit the model (input shape; label
+    range when the targets are class labels known up front)."""
+    data = as_data(data, arg="data")
+
+    x = data.head(2)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x.to(distributed.device_of(model)))  # data follows the model
+    except Exception as e:
+        raise InputError(f"data {data.name} (samples of shape {tuple(x.shape[1:])}) does not fit "
+                         f"the model: {first_line(e)}") from e
+    finally:
+        model.train(was)
+    if not labels_needed:
+        return
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise InputError(f"the model's output has shape {tuple(getattr(out, 'shape', ()))}; expected (batch, classes) "
+                         "logits (for other outputs give a --loss and --metric of your own)")
+    y = data.labels()
+    n = num_classes or out.shape[1]
+    if y is not None and len(y) and int(y.max()) >= n:
+        raise InputError(f"data {data.name} has label {int(y.max())} but the model has {n} classes")
