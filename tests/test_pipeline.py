@@ -209,27 +209,169 @@ def test_ctrl_c_keeps_the_best_result_so_far(trained, digits, monkeypatch):
     assert len(blob) == summary["cpz_bytes"] < summary["dense_bytes"]
 
 
-def test_a_time_budget_ends_the_search_between_candidates(trained, tmp_path, cli, monkeypatch):
-    """Candidates made slow (0.7 s each): a 1 s budget lets two start and no more."""
-    import time
+class FakeClock:
+    """Seconds that pass only when a test says so (``pipeline.clock``): no assertion depends on the machine's speed."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_time_budget_ends_the_search_between_candidates_and_the_eta_stays_within_it(trained, tmp_path, cli,
+                                                                                         monkeypatch):
+    """Each candidate takes 40 (fake) seconds against a 100 s budget: the three threshold candidates run, the
+    k-means stage does not start, the run exits 3 (stopped) with its result written, and no candidate's line
+    promises more time than the budget has left (the pace alone said 80 s, then 40 s)."""
+    import json
 
     import compress.pipeline as pl
     from compress.formats import save_model
 
-    real = pl.run
-    monkeypatch.setattr(pl, "run", lambda *a, **kw: (time.sleep(0.7), real(*a, **kw))[1])
+    clock, real = FakeClock(), pl.run
+    monkeypatch.setattr(pl, "clock", clock)
+
+    def slow(*a, **kw):
+        done = real(*a, **kw)
+        clock.now += 40.0
+        return done
+
+    monkeypatch.setattr(pl, "run", slow)
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, input_shape=[1, 1, 8, 8])
     save_model(m, tmp_path / "m.pt")
-    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", RECIPES[1], "--time-budget", "1",
+    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", RECIPES[1], "--time-budget", "100",
               "--max-accuracy-drop", "5", "-o", tmp_path / "m.cpz", "--json", tmp_path / "s.json", "--no-latency")
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert res.code == 3, res.err
+    assert summary["stopped"] == "time budget" and "stopped early (--time-budget reached)" in res.out
+    assert [len(s["tried"]) for s in summary["stages"]] == [3], res.err  # the k-means stage never started
+    assert "threshold 1/3 " in res.err and "[40s, ~1m00s left at most (time budget)]" in res.err
+    assert "[1m20s, ~20s left at most (time budget)]" in res.err and "[2m00s]" in res.err
+    assert (tmp_path / "m.cpz").stat().st_size == summary["cpz_bytes"] < summary["dense_bytes"]
+
+
+def test_a_time_budget_drops_the_candidate_in_progress(trained, digits, monkeypatch):
+    """The budget runs out half way through the second candidate's fine-tuning (each step takes one fake second):
+    that candidate stops at its next step, as on Ctrl-C, and is dropped; the first one is the result."""
+    import compress.pipeline as pl
+    from compress.train import cross_entropy
+
+    clock = FakeClock()
+    monkeypatch.setattr(pl, "clock", clock)
+    started: list[float] = []  # when each training step began
+
+    def slow_loss(outputs, targets):
+        started.append(clock.now)
+        clock.now += 1.0
+        return cross_entropy(outputs, targets)
+
+    recipe = {"stage": [{"method": "threshold", "sparsity": [0.5, 0.6, 0.7], "rounds": 1, "allocate": "std",
+                         "finetune": {"epochs": 0.5}}]}
+    ends: list[float] = []
+
+    def note(kind, kw):
+        if kind == "candidate":
+            ends.append(clock.now)
+
+    def go(**kw):
+        return pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, max_accuracy_drop=5.0, loss=slow_loss,
+                        latency=False, **kw)
+
+    go(on_event=note)  # no budget: each candidate's steps, on the fake clock
+    assert len(ends) == 3 and ends[0] >= 4 and ends[1] - ends[0] >= 4
+    deadline = ends[0] + (ends[1] - ends[0]) // 2
+    clock.now, started[:] = 0.0, []
+    events = []
+    _, summary = go(time_budget=deadline, on_event=lambda k, kw: events.append(k))
+    assert summary["stopped"] == "time budget" and "stopped" in events
+    stage = summary["stages"][0]
+    assert [t["value"] for t in stage["tried"]] == [0.5] and stage["kept"]["value"] == 0.5
+    assert max(started) <= deadline < clock.now < ends[1]  # no step began after the deadline; the rest never ran
+    assert not summary["kept_nothing"]
+
+
+def test_the_eta_never_exceeds_the_time_budget_left(trained, digits, monkeypatch):
+    """Every candidate's ``eta`` is at most what the time budget has left then; without a budget it is the pace
+    so far times the candidates to come."""
+    import compress.pipeline as pl
+
+    clock, real = FakeClock(), pl.run
+    monkeypatch.setattr(pl, "clock", clock)
+    monkeypatch.setattr(pl, "run", lambda *a, **kw: (setattr(clock, "now", clock.now + 30.0), real(*a, **kw))[1])
+    recipe = {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": [8, 6, 5, 4]}]}
+
+    def etas(**kw):
+        seen = []
+        clock.now = 0.0
+        pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, max_accuracy_drop=50.0, latency=False,
+                 on_event=lambda k, f: seen.append((clock.now, f)) if k == "candidate" else None, **kw)
+        return seen
+
+    free = etas()
+    assert [f["eta"] for _, f in free] == [90.0, 60.0, 30.0, None]  # 30 s a candidate, those to come
+    assert all(f["budget_left"] is None for _, f in free)
+    capped = etas(time_budget=100)
+    assert len(capped) == 4
+    for now, f in capped:
+        assert f["budget_left"] == max(0.0, 100 - now)
+        assert f["eta"] is None or f["eta"] <= f["budget_left"]
+    assert [f["eta"] for _, f in capped] == [70.0, 40.0, 10.0, None]
+
+
+def test_a_run_that_keeps_nothing_writes_nothing_and_says_what_to_try(trained, tmp_path, cli):
+    """Every candidate over budget (the issue: a .cpz larger than the input, exit 0): no file, exit 4, and
+    the message says so and what to try."""
     import json
 
+    from compress.formats import save_model
+
+    m = copy.deepcopy(trained["mlp"])
+    set_meta(m, input_shape=[1, 1, 8, 8])
+    save_model(m, tmp_path / "m.pt")
+    (tmp_path / "harsh.toml").write_text("[[stage]]\nmethod = 'threshold'\nsparsity = [0.98, 0.99]\nrounds = 1\n"
+                                         "allocate = 'std'\nfinetune = { epochs = 0 }\n")
+    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", tmp_path / "harsh.toml",
+              "--max-accuracy-drop", "0.5", "-o", tmp_path / "m.cpz", "--json", tmp_path / "s.json", "--no-latency")
+    assert res.code == 4, res.err
+    assert not (tmp_path / "m.cpz").exists() and not (tmp_path / "m.cpz.resume").exists()
     summary = json.loads((tmp_path / "s.json").read_text())
-    assert res.code == 0 and summary["stopped"] == "time budget" and "--time-budget reached" in res.err
-    assert sum(len(s["tried"]) for s in summary["stages"]) == 2 < sum(
-        len(s.candidates) for s in Recipe.load(RECIPES[1]).stages)
-    assert (tmp_path / "m.cpz").stat().st_size == summary["cpz_bytes"] and "left at most" in res.err
+    assert summary["kept_nothing"] and summary["stopped"] is None
+    said = " ".join(res.err.split())
+    assert "nothing kept: all 2 candidate(s) were over the 0.5 pt budget" in said and "was not written" in said
+    assert "--sensitivity" in said and "a larger --max-accuracy-drop" in said and "gentle.toml" in said
+    assert "nothing kept" in res.out and "smaller" not in res.out
+
+
+def test_a_stopped_run_exits_3_with_what_it_kept(trained, tmp_path, cli, monkeypatch):
+    """Ctrl-C (or the time budget) is told apart from a finished run: exit 3, the best result kept so far written
+    (none when nothing was kept yet), the checkpoint left for --resume."""
+    import compress.pipeline as pl
+    from compress.formats import save_model
+
+    m = copy.deepcopy(trained["mlp"])
+    set_meta(m, input_shape=[1, 1, 8, 8])
+    save_model(m, tmp_path / "m.pt")
+    args = ["pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", RECIPES[1], "--max-accuracy-drop",
+            "5", "--no-latency"]
+    calls, real = [], pl.run
+
+    def interrupted_on_the_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pl, "run", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    res = cli(*args, "-o", tmp_path / "a.cpz")
+    assert res.code == 3 and not (tmp_path / "a.cpz").exists()  # stopped in the first candidate: nothing to write
+    assert "nothing was kept yet, so no OUTPUT is written" in " ".join(res.out.split())
+    assert "nothing to resume" in res.out and not (tmp_path / "a.cpz.resume").exists()
+    monkeypatch.setattr(pl, "run", interrupted_on_the_second)
+    res = cli(*args, "-o", tmp_path / "b.cpz")
+    assert res.code == 3 and (tmp_path / "b.cpz").is_file() and (tmp_path / "b.cpz.resume").is_dir()
+    assert "--resume goes on" in " ".join(res.out.split())
 
 
 def test_confidence_is_an_argument_and_the_summary_says_how_sure(trained, digits, tmp_path, cli):
@@ -313,7 +455,7 @@ def test_ctrl_c_then_resume_from_the_command_line(trained, tmp_path, cli):
             break
     rest = p.stderr.read()
     p.stderr.close()
-    assert p.wait(timeout=120) == 0, rest
+    assert p.wait(timeout=120) == 3, rest  # stopped, with the best kept result written
     assert "stopped during threshold (Ctrl-C)" in rest
     load_model(tmp_path / "cut.cpz")  # a valid file of the best kept so far
     assert (tmp_path / "cut.cpz.resume" / "state.json").is_file()
