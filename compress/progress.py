@@ -11,12 +11,14 @@ as soon as ``check()`` is true. The pipeline's time budget ends a candidate in p
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import sys
 from typing import Callable, Iterator
 
 PROGRESS: bool | None = None  # the CLI's --quiet sets False; None: decide as below
-_stop_check: Callable[[], bool] | None = None  # set by stop_when
+# set by stop_when; per thread (a pipeline in one thread never stops another's work)
+_stop_check: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar("stop_check", default=None)
 
 
 class Stopped(KeyboardInterrupt):
@@ -26,17 +28,17 @@ class Stopped(KeyboardInterrupt):
 @contextlib.contextmanager
 def stop_when(check: Callable[[], bool]) -> Iterator[None]:
     """Within this block, the work's next stop point raises ``Stopped`` once ``check()`` is true."""
-    global _stop_check
-    outer, _stop_check = _stop_check, check
+    token = _stop_check.set(check)
     try:
         yield
     finally:
-        _stop_check = outer
+        _stop_check.reset(token)
 
 
 def stop_point() -> None:
     """Raise ``Stopped`` if the ``stop_when`` check in force says so; else nothing (and nothing outside one)."""
-    if _stop_check is not None and _stop_check():
+    check = _stop_check.get()
+    if check is not None and check():
         raise Stopped
 
 

@@ -219,6 +219,36 @@ class FakeClock:
         return self.now
 
 
+def test_a_stop_check_ends_long_work_at_its_next_step_in_its_own_thread_only(digits):
+    """``progress.stop_when``: a training step inside it raises ``Stopped`` (a KeyboardInterrupt, as Ctrl-C) once
+    the check is true; outside it, or in another thread, the same work runs to its end."""
+    import threading
+
+    from compress import progress
+
+    steps: list[int] = []
+
+    def counted(outputs, targets):
+        steps.append(1)
+        return torch.nn.functional.cross_entropy(outputs, targets)
+
+    def train():
+        fit(create_model("lenet300", input_size=8), digits, FineTune(epochs=0.1, batch_size=64), loss=counted)
+
+    train()
+    whole, steps[:] = len(steps), []
+    assert whole >= 3
+    with progress.stop_when(lambda: len(steps) >= 2):
+        with pytest.raises(progress.Stopped) as caught:
+            train()
+        assert isinstance(caught.value, KeyboardInterrupt) and len(steps) == 2
+        steps[:] = []
+        t = threading.Thread(target=train)
+        t.start()
+        t.join()
+        assert len(steps) == whole  # the check is this thread's
+
+
 def test_a_time_budget_ends_the_search_between_candidates_and_the_eta_stays_within_it(trained, tmp_path, cli,
                                                                                          monkeypatch):
     """Each candidate takes 40 (fake) seconds against a 100 s budget: the three threshold candidates run, the
