@@ -16,6 +16,7 @@ from compress.recipe import DEFAULT_RECIPE, Recipe
 from compress.train import fit
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("docs", "recipes").glob("*.toml"))
+DEMO = next(p for p in RECIPES if p.stem == "demo")  # the quick one
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,12 @@ def trained(digits):
     return {"mlp": mlp, "cnn": cnn}
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+# gentle.toml is the default recipe with two gentler first candidates (test_the_gentle_recipe_is_the_default_
+# starting lower): it runs as deep-compression.toml does, in twice the time
+RUN = [p for p in RECIPES if p.stem != "gentle"]
+
+
+@pytest.mark.parametrize("path", RUN, ids=[p.stem for p in RUN])
 def test_every_shipped_recipe_runs(path, trained, digits, tmp_path):
     from compress.formats import load_model, save_model
     from compress.quantize.int8 import Int8Model
@@ -64,6 +70,17 @@ def test_every_shipped_recipe_runs(path, trained, digits, tmp_path):
 def test_default_recipe_is_the_documented_one():
     assert Recipe.load(Path(__file__).resolve().parents[1] / "docs/recipes/deep-compression.toml").stages == \
         DEFAULT_RECIPE.stages
+
+
+def test_the_gentle_recipe_is_the_default_starting_lower():
+    """What a run that keeps nothing suggests: the default's stages, the threshold search begun at 50% sparsity."""
+    import dataclasses
+
+    gentle = Recipe.load(next(p for p in RECIPES if p.stem == "gentle"))
+    first, rest = gentle.stages[0], DEFAULT_RECIPE.stages[0]
+    assert [c.searched() for c in first.candidates] == [0.5, 0.75] + [c.searched() for c in rest.candidates]
+    assert all(dataclasses.replace(c, sparsity=0.9) == rest.candidates[0] for c in first.candidates)
+    assert gentle.stages[1:] == DEFAULT_RECIPE.stages[1:]
 
 
 @pytest.mark.parametrize("body,match", [
@@ -163,7 +180,7 @@ def test_pipeline_command_reports_every_candidate_and_bytes_per_layer(trained, t
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, input_shape=[1, 1, 8, 8])
     save_model(m, tmp_path / "m.pt")
-    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", RECIPES[1], "-o",
+    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", DEMO, "-o",
               tmp_path / "m.cpz", "--report", tmp_path / "rep")
     assert res.code == 0, res.err
     assert "within budget" in res.err or "over budget" in res.err or "inconclusive" in res.err
@@ -193,13 +210,13 @@ def test_ctrl_c_keeps_the_best_result_so_far(trained, digits, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pl, "run", interrupted_at_once)  # before anything was kept: the input model, encoded
-    m, summary = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(RECIPES[1]), latency=False)
+    m, summary = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(DEMO), latency=False)
     assert summary["stopped"] == "interrupted" and summary["stages"][0]["kept"] is None
     assert summary["final_accuracy"] == summary["base_accuracy"]
 
     monkeypatch.setattr(pl, "run", interrupted_on_the_second)
     events = []
-    m, summary = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(RECIPES[1]), max_accuracy_drop=5.0,
+    m, summary = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(DEMO), max_accuracy_drop=5.0,
                           on_event=lambda k, kw: events.append(k), latency=False)
     assert summary["stopped"] == "interrupted" and "stopped" in events and len(calls) == 2
     first = summary["stages"][0]
@@ -271,7 +288,7 @@ def test_a_time_budget_ends_the_search_between_candidates_and_the_eta_stays_with
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, input_shape=[1, 1, 8, 8])
     save_model(m, tmp_path / "m.pt")
-    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", RECIPES[1], "--time-budget", "100",
+    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", DEMO, "--time-budget", "100",
               "--max-accuracy-drop", "5", "-o", tmp_path / "m.cpz", "--json", tmp_path / "s.json", "--no-latency")
     summary = json.loads((tmp_path / "s.json").read_text())
     assert res.code == 3, res.err
@@ -383,7 +400,7 @@ def test_a_stopped_run_exits_3_with_what_it_kept(trained, tmp_path, cli, monkeyp
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, input_shape=[1, 1, 8, 8])
     save_model(m, tmp_path / "m.pt")
-    args = ["pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", RECIPES[1], "--max-accuracy-drop",
+    args = ["pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", DEMO, "--max-accuracy-drop",
             "5", "--no-latency"]
     calls, real = [], pl.run
 
@@ -407,16 +424,16 @@ def test_a_stopped_run_exits_3_with_what_it_kept(trained, tmp_path, cli, monkeyp
 def test_confidence_is_an_argument_and_the_summary_says_how_sure(trained, digits, tmp_path, cli):
     from compress.formats import save_model
 
-    _, loose = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(RECIPES[1]), latency=False,
+    _, loose = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(DEMO), latency=False,
                         confidence=0.0)
-    _, strict = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(RECIPES[1]), latency=False,
+    _, strict = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(DEMO), latency=False,
                          confidence=3.0)
     assert loose["confidence"] == 0.0 and strict["confidence"] == 3.0
     assert strict["cpz_bytes"] >= loose["cpz_bytes"]  # a stricter promise keeps no smaller a result
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, input_shape=[1, 1, 8, 8])
     save_model(m, tmp_path / "m.pt")
-    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", RECIPES[1], "--confidence", "2",
+    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", DEMO, "--confidence", "2",
               "-o", tmp_path / "m.cpz", "--no-latency")
     assert res.code == 0 and "98% one-sided confidence" in " ".join(res.out.split())
 
@@ -427,7 +444,7 @@ def test_resume_reaches_the_result_of_an_uninterrupted_run(trained, digits, tmp_
     the candidates left and ends with the same model, bytes and numbers as a run never stopped."""
     import compress.pipeline as pl
 
-    recipe = Recipe.load(RECIPES[1])
+    recipe = Recipe.load(DEMO)
     whole_model, whole = pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, max_accuracy_drop=3.0, latency=False)
     ckpt = pl.Checkpoint(tmp_path / "run.resume")
     calls, real = [], pl.run
@@ -472,7 +489,7 @@ def test_ctrl_c_then_resume_from_the_command_line(trained, tmp_path, cli):
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, input_shape=[1, 1, 8, 8])
     save_model(m, tmp_path / "m.pt")
-    args = ["pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", RECIPES[1], "--max-accuracy-drop",
+    args = ["pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", DEMO, "--max-accuracy-drop",
             "5", "--no-latency"]  # the first candidate is kept (drop + SE ~3.2 pt): the stopped run has a result
     assert cli(*args, "-o", tmp_path / "full.cpz").code == 0
     exe = Path(sys.executable).parent / "compress"
