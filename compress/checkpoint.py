@@ -9,7 +9,7 @@ import os
 import stat
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch.nn as nn
 
@@ -27,16 +27,22 @@ _FORMAT, _VERSION = "compress checkpoint", 1
 
 @dataclasses.dataclass
 class Stop:
-    """Why the search ended early, if it did: Ctrl-C, or the time budget (checked between candidates)."""
+    """Why the search ended early, if it did: Ctrl-C, or the time budget (checked between candidates and, through
+    ``progress.stop_when``, at every step of a candidate's work). ``deadline`` is a reading of ``clock``."""
 
     deadline: float | None = None
     reason: str | None = None
     in_candidate: bool = False  # a Ctrl-C now drops the candidate in progress; at any other moment it waits
+    clock: Callable[[], float] = time.perf_counter
 
     def check(self) -> bool:
-        if self.reason is None and self.deadline is not None and time.perf_counter() > self.deadline:
+        if self.reason is None and self.deadline is not None and self.clock() > self.deadline:
             self.reason = "time budget"
         return self.reason is not None
+
+    def left(self) -> float | None:
+        """Seconds of the time budget left (0 once spent), or None without one."""
+        return None if self.deadline is None else max(0.0, self.deadline - self.clock())
 
 
 @contextlib.contextmanager

@@ -18,6 +18,11 @@ against that. A candidate that misses only by its margin (measured drop within b
 row whose measured drop alone exceeds the budget.
 
 The result is Huffman-coded into a .cpz, and the bytes after each stage are recorded.
+
+Stopping. Ctrl-C or the time budget ends the run with the best result kept so far; the candidate in progress is
+dropped. The time budget is checked between candidates and at every step of a candidate's work (each training
+step: ``progress.stop_when``), on ``clock`` -- ``time.perf_counter``, a module attribute that tests replace.
+``summary["kept_nothing"]`` says when no stage kept a candidate: the model is the input, unchanged.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from . import data as data_mod
+from . import progress
 from .checkpoint import Checkpoint, StagePlan, Stop, ctrl_c
 from .checkpoint import fingerprint as run_fingerprint
 from .coding.stats import size_bytes
@@ -41,6 +47,7 @@ from .stages import Context, run
 from .train import paired_drop, scores
 
 log = logging.getLogger(__name__)
+clock = time.perf_counter  # the time budget's clock (tests give a fake one)
 
 
 @dataclasses.dataclass
@@ -95,9 +102,13 @@ class _SearchState:
 def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, stop: Stop,
             state: _SearchState | None = None, save: Callable | None = None):
     """Try a stage's candidates: (the most compressed one within budget or None, its sizes as measured
-    when it was tried, the record of all). Ctrl-C or the time budget ends it with what was kept. ``state``:
-    where a checkpoint left it; ``save(state)`` after each decided candidate."""
+    when it was tried, the record of all). Ctrl-C or the time budget ends it with what was kept, the candidate in
+    progress dropped. ``state``: where a checkpoint left it; ``save(state)`` after each decided candidate.
+
+    Each candidate's event carries ``elapsed`` (seconds of this search so far) and ``eta``: the seconds the
+    candidates left would take at the pace so far, never more than the time budget has left (None: none left)."""
     st = state or _SearchState(current=model)
+    t0, done = clock(), 0
     for j in range(st.next, len(stage.candidates)):
         cfg = stage.candidates[j]
         if stop.check():
@@ -105,12 +116,13 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, s
         start = st.current if stage.iterative and st.current is not None else model
         try:
             stop.in_candidate = True
-            cand = run(cfg.verb, copy.deepcopy(start), cfg, ctx).model
-            sizes = size_bytes(cand, graph=True)  # as the file is written: its graph too
-            rec = {"value": cfg.searched(), "options": cfg.to_dict(), **judge(cand),
-                   "bytes": sizes["coded"]}
-        except KeyboardInterrupt:  # the candidate in progress is dropped; what was kept stands
-            stop.reason = "interrupted"
+            with progress.stop_when(stop.check):  # the time budget ends the candidate's work at its next step
+                cand = run(cfg.verb, copy.deepcopy(start), cfg, ctx).model
+                sizes = size_bytes(cand, graph=True)  # as the file is written: its graph too
+                rec = {"value": cfg.searched(), "options": cfg.to_dict(), **judge(cand),
+                       "bytes": sizes["coded"]}
+        except KeyboardInterrupt:  # Ctrl-C or the time budget: the candidate in progress is dropped; what was kept stands
+            stop.reason = stop.reason or "interrupted"
             break
         finally:
             stop.in_candidate = False
@@ -137,9 +149,15 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, s
             try:
                 save(st)
             except KeyboardInterrupt:  # the files on disk name the state before this one: still a valid checkpoint
-                stop.reason = "interrupted"
+                stop.reason = stop.reason or "interrupted"
                 break
-        emit("candidate", stage=stage.name, index=j + 1, of=len(stage.candidates), **rec, over=over)  # once saved
+        done += 1
+        elapsed = clock() - t0
+        left, budget_left = len(stage.candidates) - st.next, stop.left()
+        eta = None if not left else elapsed / done * left if budget_left is None else \
+            min(elapsed / done * left, budget_left)
+        emit("candidate", stage=stage.name, index=j + 1, of=len(stage.candidates), **rec, over=over,
+             elapsed=elapsed, eta=eta, budget_left=budget_left)  # once saved
         if st.next >= len(stage.candidates):
             break
     kept = None if st.kept_index is None else st.tried[st.kept_index]
@@ -205,8 +223,10 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     from it, to the result an uninterrupted run reaches.
     ``on_event(kind, fields)`` hears "start", "resumed", "warning", "stage", "candidate" (once checkpointed), "skipped"
     and "stopped", as
-    stages' events. ``time_budget`` (seconds) or Ctrl-C ends the search early: the result is the best kept so
-    far (``summary["stopped"]`` says why), encoded and measured as usual.
+    stages' events. ``time_budget`` (seconds) or Ctrl-C ends the search early, the candidate in progress dropped
+    (the budget is checked at every training step): the result is the best kept so far (``summary["stopped"]``
+    says why), encoded and measured as usual. ``summary["kept_nothing"]``: no stage kept a candidate, so the
+    model is the input's (re-encoded, it may be larger than the input).
 
     Precedence of every setting: argument > recipe > model metadata > default.
     """
@@ -246,7 +266,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     dense = 4 * count_params(model)
     timeline = [_point("dense fp32", model, dense, base_acc, ctx, test_data)]
     snapshots = [copy.deepcopy(model)]  # the model after each stage, timed together at the end
-    emit("start", accuracy=base_acc, bytes=dense, budget=budget)
+    emit("start", accuracy=base_acc, bytes=dense, budget=budget, time_budget=time_budget)
     if val_data is None and base_acc >= 99.8:
         text = (f"the held-out split of the training data reads {base_acc:.2f}%: the model has most likely been "
                 "trained on it, so every candidate's drop looks real and little is kept. Give --val-data "
@@ -256,7 +276,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
         emit("warning", text=text)
     history_before = len(read_meta(model).history)
     results, measured = [], None  # measured: (sizes, val accuracy) of `model`, taken when it was a candidate
-    stop = Stop(None if time_budget is None else time.perf_counter() + time_budget)
+    stop = Stop(None if time_budget is None else clock() + time_budget, clock=clock)
     first, search_state = 0, None
     if checkpoint is not None and resume:
         first, results, timeline = saved["stage"], saved["results"], saved["timeline"]
@@ -285,7 +305,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
                 continue
             if stop.check():
                 break
-            t0 = time.perf_counter()
+            t0 = clock()
             emit("stage", stage=stage.name, candidates=len(stage.candidates))
             kept_model, kept_sizes, res = _search(stage, model, ctx, judge, emit, stop,
                                                   state=search_state if i == first else None,
@@ -302,7 +322,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
             if measured is None:  # nothing kept yet: the input model, measured once
                 measured = (size_bytes(model, graph=True), base_acc)
             sizes, acc = measured
-            res.update(bytes=sizes["coded"], accuracy=round(acc, 3), seconds=round(time.perf_counter() - t0, 2))
+            res.update(bytes=sizes["coded"], accuracy=round(acc, 3), seconds=round(clock() - t0, 2))
             quantized = stage.candidates[0].verb == "quantize"
             timeline.append(_point(_label(stage, kept_model is not None), model,
                                    sizes["fixed"] if quantized else sizes["coded"], acc, ctx, test_data))
@@ -322,7 +342,8 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     final = size_bytes(model, graph=True)  # with the history above: exactly the bytes save_model writes
     last = "INT8 file" if getattr(type(model), "int8_kernels", False) else "huffman coded"  # same weights, as saved
     timeline.append({**timeline[-1], "stage": last, "bytes": final["coded"]})
-    summary = {"stopped": stop.reason, "budget_pt": budget, "confidence": z, "base_accuracy": round(base_acc, 3),
+    summary = {"stopped": stop.reason, "kept_nothing": all(r["kept"] is None for r in results),
+               "budget_pt": budget, "confidence": z, "base_accuracy": round(base_acc, 3),
                "final_accuracy": round(timeline[-1]["accuracy"], 3), "dense_bytes": dense,
                "cpz_bytes": final["coded"], "ratio": round(dense / final["coded"], 2), "timeline": timeline,
                "layer_bytes": final["layers"], "graph_note": final["graph_note"],

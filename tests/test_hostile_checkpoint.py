@@ -85,7 +85,7 @@ def made(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pl, "run", stopped)
-        assert main(_args(root, resume=False)) == 0
+        assert main(_args(root, resume=False)) == 3  # stopped, its first candidate written
     assert (root / "m.cpz.resume" / MANIFEST).is_file()
     return root
 

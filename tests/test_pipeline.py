@@ -16,6 +16,7 @@ from compress.recipe import DEFAULT_RECIPE, Recipe
 from compress.train import fit
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("docs", "recipes").glob("*.toml"))
+DEMO = next(p for p in RECIPES if p.stem == "demo")  # the quick one
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,12 @@ def trained(digits):
     return {"mlp": mlp, "cnn": cnn}
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+# gentle.toml is the default recipe with two gentler first candidates (test_the_gentle_recipe_is_the_default_
+# starting lower): it runs as deep-compression.toml does, in twice the time
+RUN = [p for p in RECIPES if p.stem != "gentle"]
+
+
+@pytest.mark.parametrize("path", RUN, ids=[p.stem for p in RUN])
 def test_every_shipped_recipe_runs(path, trained, digits, tmp_path):
     from compress.formats import load_model, save_model
     from compress.quantize.int8 import Int8Model
@@ -64,6 +70,17 @@ def test_every_shipped_recipe_runs(path, trained, digits, tmp_path):
 def test_default_recipe_is_the_documented_one():
     assert Recipe.load(Path(__file__).resolve().parents[1] / "docs/recipes/deep-compression.toml").stages == \
         DEFAULT_RECIPE.stages
+
+
+def test_the_gentle_recipe_is_the_default_starting_lower():
+    """What a run that keeps nothing suggests: the default's stages, the threshold search begun at 50% sparsity."""
+    import dataclasses
+
+    gentle = Recipe.load(next(p for p in RECIPES if p.stem == "gentle"))
+    first, rest = gentle.stages[0], DEFAULT_RECIPE.stages[0]
+    assert [c.searched() for c in first.candidates] == [0.5, 0.75] + [c.searched() for c in rest.candidates]
+    assert all(dataclasses.replace(c, sparsity=0.9) == rest.candidates[0] for c in first.candidates)
+    assert gentle.stages[1:] == DEFAULT_RECIPE.stages[1:]
 
 
 @pytest.mark.parametrize("body,match", [
@@ -163,7 +180,7 @@ def test_pipeline_command_reports_every_candidate_and_bytes_per_layer(trained, t
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, input_shape=[1, 1, 8, 8])
     save_model(m, tmp_path / "m.pt")
-    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", RECIPES[1], "-o",
+    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", DEMO, "-o",
               tmp_path / "m.cpz", "--report", tmp_path / "rep")
     assert res.code == 0, res.err
     assert "within budget" in res.err or "over budget" in res.err or "inconclusive" in res.err
@@ -193,13 +210,13 @@ def test_ctrl_c_keeps_the_best_result_so_far(trained, digits, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pl, "run", interrupted_at_once)  # before anything was kept: the input model, encoded
-    m, summary = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(RECIPES[1]), latency=False)
+    m, summary = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(DEMO), latency=False)
     assert summary["stopped"] == "interrupted" and summary["stages"][0]["kept"] is None
     assert summary["final_accuracy"] == summary["base_accuracy"]
 
     monkeypatch.setattr(pl, "run", interrupted_on_the_second)
     events = []
-    m, summary = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(RECIPES[1]), max_accuracy_drop=5.0,
+    m, summary = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(DEMO), max_accuracy_drop=5.0,
                           on_event=lambda k, kw: events.append(k), latency=False)
     assert summary["stopped"] == "interrupted" and "stopped" in events and len(calls) == 2
     first = summary["stages"][0]
@@ -209,42 +226,214 @@ def test_ctrl_c_keeps_the_best_result_so_far(trained, digits, monkeypatch):
     assert len(blob) == summary["cpz_bytes"] < summary["dense_bytes"]
 
 
-def test_a_time_budget_ends_the_search_between_candidates(trained, tmp_path, cli, monkeypatch):
-    """Candidates made slow (0.7 s each): a 1 s budget lets two start and no more."""
-    import time
+class FakeClock:
+    """Seconds that pass only when a test says so (``pipeline.clock``): no assertion depends on the machine's speed."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_stop_check_ends_long_work_at_its_next_step_in_its_own_thread_only(digits):
+    """``progress.stop_when``: a training step inside it raises ``Stopped`` (a KeyboardInterrupt, as Ctrl-C) once
+    the check is true; outside it, or in another thread, the same work runs to its end."""
+    import threading
+
+    from compress import progress
+
+    steps: list[int] = []
+
+    def counted(outputs, targets):
+        steps.append(1)
+        return torch.nn.functional.cross_entropy(outputs, targets)
+
+    def train():
+        fit(create_model("lenet300", input_size=8), digits, FineTune(epochs=0.1, batch_size=64), loss=counted)
+
+    train()
+    whole, steps[:] = len(steps), []
+    assert whole >= 3
+    with progress.stop_when(lambda: len(steps) >= 2):
+        with pytest.raises(progress.Stopped) as caught:
+            train()
+        assert isinstance(caught.value, KeyboardInterrupt) and len(steps) == 2
+        steps[:] = []
+        t = threading.Thread(target=train)
+        t.start()
+        t.join()
+        assert len(steps) == whole  # the check is this thread's
+
+
+def test_a_time_budget_ends_the_search_between_candidates_and_the_eta_stays_within_it(trained, tmp_path, cli,
+                                                                                         monkeypatch):
+    """Each candidate takes 40 (fake) seconds against a 100 s budget: the three threshold candidates run, the
+    k-means stage does not start, the run exits 3 (stopped) with its result written, and no candidate's line
+    promises more time than the budget has left (the pace alone said 80 s, then 40 s)."""
+    import json
 
     import compress.pipeline as pl
     from compress.formats import save_model
 
-    real = pl.run
-    monkeypatch.setattr(pl, "run", lambda *a, **kw: (time.sleep(0.7), real(*a, **kw))[1])
+    clock, real = FakeClock(), pl.run
+    monkeypatch.setattr(pl, "clock", clock)
+
+    def slow(*a, **kw):
+        done = real(*a, **kw)
+        clock.now += 40.0
+        return done
+
+    monkeypatch.setattr(pl, "run", slow)
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, input_shape=[1, 1, 8, 8])
     save_model(m, tmp_path / "m.pt")
-    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", RECIPES[1], "--time-budget", "1",
+    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", DEMO, "--time-budget", "100",
               "--max-accuracy-drop", "5", "-o", tmp_path / "m.cpz", "--json", tmp_path / "s.json", "--no-latency")
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert res.code == 3, res.err
+    assert summary["stopped"] == "time budget" and "stopped early (--time-budget reached)" in res.out
+    assert [len(s["tried"]) for s in summary["stages"]] == [3], res.err  # the k-means stage never started
+    assert "threshold 1/3 " in res.err and "[40s, ~1m00s left at most (time budget)]" in res.err
+    assert "[1m20s, ~20s left at most (time budget)]" in res.err and "[2m00s]" in res.err
+    assert (tmp_path / "m.cpz").stat().st_size == summary["cpz_bytes"] < summary["dense_bytes"]
+
+
+def test_a_time_budget_drops_the_candidate_in_progress(trained, digits, monkeypatch):
+    """The budget runs out half way through the second candidate's fine-tuning (each step takes one fake second):
+    that candidate stops at its next step, as on Ctrl-C, and is dropped; the first one is the result."""
+    import compress.pipeline as pl
+    from compress.train import cross_entropy
+
+    clock = FakeClock()
+    monkeypatch.setattr(pl, "clock", clock)
+    started: list[float] = []  # when each training step began
+
+    def slow_loss(outputs, targets):
+        started.append(clock.now)
+        clock.now += 1.0
+        return cross_entropy(outputs, targets)
+
+    recipe = {"stage": [{"method": "threshold", "sparsity": [0.5, 0.6, 0.7], "rounds": 1, "allocate": "std",
+                         "finetune": {"epochs": 0.5}}]}
+    ends: list[float] = []
+
+    def note(kind, kw):
+        if kind == "candidate":
+            ends.append(clock.now)
+
+    def go(**kw):
+        return pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, max_accuracy_drop=5.0, loss=slow_loss,
+                        latency=False, **kw)
+
+    go(on_event=note)  # no budget: each candidate's steps, on the fake clock
+    assert len(ends) == 3 and ends[0] >= 4 and ends[1] - ends[0] >= 4
+    deadline = ends[0] + (ends[1] - ends[0]) // 2
+    clock.now, started[:] = 0.0, []
+    events = []
+    _, summary = go(time_budget=deadline, on_event=lambda k, kw: events.append(k))
+    assert summary["stopped"] == "time budget" and "stopped" in events
+    stage = summary["stages"][0]
+    assert [t["value"] for t in stage["tried"]] == [0.5] and stage["kept"]["value"] == 0.5
+    assert max(started) <= deadline < clock.now < ends[1]  # no step began after the deadline; the rest never ran
+    assert not summary["kept_nothing"]
+
+
+def test_the_eta_never_exceeds_the_time_budget_left(trained, digits, monkeypatch):
+    """Every candidate's ``eta`` is at most what the time budget has left then; without a budget it is the pace
+    so far times the candidates to come."""
+    import compress.pipeline as pl
+
+    clock, real = FakeClock(), pl.run
+    monkeypatch.setattr(pl, "clock", clock)
+    monkeypatch.setattr(pl, "run", lambda *a, **kw: (setattr(clock, "now", clock.now + 30.0), real(*a, **kw))[1])
+    recipe = {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": [8, 6, 5, 4]}]}
+
+    def etas(**kw):
+        seen = []
+        clock.now = 0.0
+        pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, max_accuracy_drop=50.0, latency=False,
+                 on_event=lambda k, f: seen.append((clock.now, f)) if k == "candidate" else None, **kw)
+        return seen
+
+    free = etas()
+    assert [f["eta"] for _, f in free] == [90.0, 60.0, 30.0, None]  # 30 s a candidate, those to come
+    assert all(f["budget_left"] is None for _, f in free)
+    capped = etas(time_budget=100)
+    assert len(capped) == 4
+    for now, f in capped:
+        assert f["budget_left"] == max(0.0, 100 - now)
+        assert f["eta"] is None or f["eta"] <= f["budget_left"]
+    assert [f["eta"] for _, f in capped] == [70.0, 40.0, 10.0, None]
+
+
+def test_a_run_that_keeps_nothing_writes_nothing_and_says_what_to_try(trained, tmp_path, cli):
+    """Every candidate over budget (the issue: a .cpz larger than the input, exit 0): no file, exit 4, and
+    the message says so and what to try."""
     import json
 
+    from compress.formats import save_model
+
+    m = copy.deepcopy(trained["mlp"])
+    set_meta(m, input_shape=[1, 1, 8, 8])
+    save_model(m, tmp_path / "m.pt")
+    (tmp_path / "harsh.toml").write_text("[[stage]]\nmethod = 'threshold'\nsparsity = [0.98, 0.99]\nrounds = 1\n"
+                                         "allocate = 'std'\nfinetune = { epochs = 0 }\n")
+    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", tmp_path / "harsh.toml",
+              "--max-accuracy-drop", "0.5", "-o", tmp_path / "m.cpz", "--json", tmp_path / "s.json", "--no-latency")
+    assert res.code == 4, res.err
+    assert not (tmp_path / "m.cpz").exists() and not (tmp_path / "m.cpz.resume").exists()
     summary = json.loads((tmp_path / "s.json").read_text())
-    assert res.code == 0 and summary["stopped"] == "time budget" and "--time-budget reached" in res.err
-    assert sum(len(s["tried"]) for s in summary["stages"]) == 2 < sum(
-        len(s.candidates) for s in Recipe.load(RECIPES[1]).stages)
-    assert (tmp_path / "m.cpz").stat().st_size == summary["cpz_bytes"] and "left at most" in res.err
+    assert summary["kept_nothing"] and summary["stopped"] is None
+    said = " ".join(res.err.split())
+    assert "nothing kept: all 2 candidate(s) were over the 0.5 pt budget" in said and "was not written" in said
+    assert "--sensitivity" in said and "a larger --max-accuracy-drop" in said and "gentle.toml" in said
+    assert "nothing kept" in res.out and "smaller" not in res.out
+
+
+def test_a_stopped_run_exits_3_with_what_it_kept(trained, tmp_path, cli, monkeypatch):
+    """Ctrl-C (or the time budget) is told apart from a finished run: exit 3, the best result kept so far written
+    (none when nothing was kept yet), the checkpoint left for --resume."""
+    import compress.pipeline as pl
+    from compress.formats import save_model
+
+    m = copy.deepcopy(trained["mlp"])
+    set_meta(m, input_shape=[1, 1, 8, 8])
+    save_model(m, tmp_path / "m.pt")
+    args = ["pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", DEMO, "--max-accuracy-drop",
+            "5", "--no-latency"]
+    calls, real = [], pl.run
+
+    def interrupted_on_the_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pl, "run", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    res = cli(*args, "-o", tmp_path / "a.cpz")
+    assert res.code == 3 and not (tmp_path / "a.cpz").exists()  # stopped in the first candidate: nothing to write
+    assert "nothing was kept yet, so no OUTPUT is written" in " ".join(res.out.split())
+    assert "nothing to resume" in res.out and not (tmp_path / "a.cpz.resume").exists()
+    monkeypatch.setattr(pl, "run", interrupted_on_the_second)
+    res = cli(*args, "-o", tmp_path / "b.cpz")
+    assert res.code == 3 and (tmp_path / "b.cpz").is_file() and (tmp_path / "b.cpz.resume").is_dir()
+    assert "--resume goes on" in " ".join(res.out.split())
 
 
 def test_confidence_is_an_argument_and_the_summary_says_how_sure(trained, digits, tmp_path, cli):
     from compress.formats import save_model
 
-    _, loose = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(RECIPES[1]), latency=False,
+    _, loose = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(DEMO), latency=False,
                         confidence=0.0)
-    _, strict = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(RECIPES[1]), latency=False,
+    _, strict = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(DEMO), latency=False,
                          confidence=3.0)
     assert loose["confidence"] == 0.0 and strict["confidence"] == 3.0
     assert strict["cpz_bytes"] >= loose["cpz_bytes"]  # a stricter promise keeps no smaller a result
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, input_shape=[1, 1, 8, 8])
     save_model(m, tmp_path / "m.pt")
-    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", RECIPES[1], "--confidence", "2",
+    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", DEMO, "--confidence", "2",
               "-o", tmp_path / "m.cpz", "--no-latency")
     assert res.code == 0 and "98% one-sided confidence" in " ".join(res.out.split())
 
@@ -255,7 +444,7 @@ def test_resume_reaches_the_result_of_an_uninterrupted_run(trained, digits, tmp_
     the candidates left and ends with the same model, bytes and numbers as a run never stopped."""
     import compress.pipeline as pl
 
-    recipe = Recipe.load(RECIPES[1])
+    recipe = Recipe.load(DEMO)
     whole_model, whole = pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, max_accuracy_drop=3.0, latency=False)
     ckpt = pl.Checkpoint(tmp_path / "run.resume")
     calls, real = [], pl.run
@@ -300,8 +489,8 @@ def test_ctrl_c_then_resume_from_the_command_line(trained, tmp_path, cli):
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, input_shape=[1, 1, 8, 8])
     save_model(m, tmp_path / "m.pt")
-    args = ["pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", RECIPES[1], "--max-accuracy-drop",
-            "3", "--no-latency"]
+    args = ["pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", DEMO, "--max-accuracy-drop",
+            "5", "--no-latency"]  # the first candidate is kept (drop + SE ~3.2 pt): the stopped run has a result
     assert cli(*args, "-o", tmp_path / "full.cpz").code == 0
     exe = Path(sys.executable).parent / "compress"
     p = subprocess.Popen([str(exe), *map(str, args), "-o", str(tmp_path / "cut.cpz")], stderr=subprocess.PIPE,
@@ -311,9 +500,10 @@ def test_ctrl_c_then_resume_from_the_command_line(trained, tmp_path, cli):
         if "threshold 1/3" in line:
             p.send_signal(signal.SIGINT)
             break
+    assert "within budget" in line, line
     rest = p.stderr.read()
     p.stderr.close()
-    assert p.wait(timeout=120) == 0, rest
+    assert p.wait(timeout=120) == 3, rest  # stopped, with the best kept result written
     assert "stopped during threshold (Ctrl-C)" in rest
     load_model(tmp_path / "cut.cpz")  # a valid file of the best kept so far
     assert (tmp_path / "cut.cpz.resume" / "state.json").is_file()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import time
 from typing import Annotated, Optional
 
 import typer
@@ -33,8 +32,9 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
                  "budget test (default: the recipe's, else 1: a kept drop is within budget with ~84% one-sided "
                  "confidence; 2: ~98%, keeps less).")] = None,
              time_budget: Annotated[Optional[float], typer.Option(
-                 "--time-budget", min=1, help="Seconds of search at most; then (as on Ctrl-C) the best result kept "
-                 "so far is written.")] = None,
+                 "--time-budget", min=1, help="Seconds of search at most: then, as on Ctrl-C, the candidate in "
+                 "progress is dropped (checked at every training step) and the best result kept so far is written "
+                 "(exit status 3).")] = None,
              resume: Annotated[bool, typer.Option("--resume", help="Go on from where a stopped run (Ctrl-C, "
                                                   "--time-budget, a crash) left OUTPUT.resume.")] = False,
              no_latency: c.NoLatencyOpt = False, threads: c.ThreadsOpt = None, loss: c.LossOpt = None,
@@ -47,6 +47,11 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
     standard error of that drop (from the samples where it and the input model disagree) is within
     --max-accuracy-drop. A miss by that margin alone does not stop the search; two candidates in a
     row whose measured drop exceeds the budget do.
+
+    Exit status: 0 finished, OUTPUT written; 1 bad input or a failure; 2 bad usage; 3 stopped by Ctrl-C or
+    --time-budget: the best result kept so far is written (nothing if nothing was kept yet), --resume goes on;
+    4 finished but nothing kept (every candidate over budget): no OUTPUT written; 130 Ctrl-C before or after
+    the search, nothing written.
 
     Examples:
 
@@ -96,8 +101,10 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
                      confidence=confidence, loss=inp.loss, metric=inp.metric, distill=distill, checkpoint=ckpt,
                      resume=resume)
     m = m.cpu()
-    save_model(m, output, force=force or resume)  # the same bytes the summary counted
-    if not summary.get("stopped"):
+    stopped, nothing = summary["stopped"], summary["kept_nothing"]
+    if not nothing:  # else the input, re-encoded: no smaller, and often larger than the input (headers, codes)
+        save_model(m, output, force=force or resume)  # the same bytes the summary counted
+    if not stopped:
         ckpt.remove()
     note_no_graph(summary.get("graph_note"))
     from ..report.render import score_text, value_text
@@ -108,35 +115,63 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
              t.get("latency_ms"), t["accuracy"]] + ([t["test_accuracy"]] if test else []) for t in summary["timeline"]]
     out.print(table(f"pipeline -> {output}", ["stage", "bytes", "ratio", "nonzeros", "MACs", "median ms (batch 1)",
                                               f"validation {label}"] + ([f"test {label}"] if test else []), rows))
-    for s in summary["stages"]:
-        what = value_text(s["kept"]["value"]) if s["kept"] else "nothing (all over budget)"
+    for k, s in enumerate(summary["stages"]):
+        cut = stopped and k == len(summary["stages"]) - 1  # the stage the stop ended
+        what = value_text(s["kept"]["value"]) if s["kept"] else "nothing (stopped)" if cut else \
+            "nothing (all over budget)"
         out.print(f"{s['stage']}: kept {s['search_key']} {what} after {len(s['tried'])} candidate(s), {s['seconds']:.0f}s")
-    line = f"[bold]{summary['ratio']:.1f}x smaller[/bold] than dense FP32 ({summary['cpz_bytes']:,} bytes), " \
-           f"validation {score_text(summary['base_accuracy'], label)} -> " \
-           f"{score_text(summary['final_accuracy'], label).rpartition(' ')[2]}"
+    line = f"[bold]nothing kept[/bold]: the model is unchanged, validation {score_text(summary['base_accuracy'], label)}" \
+        if nothing else f"[bold]{summary['ratio']:.1f}x smaller[/bold] than dense FP32 ({summary['cpz_bytes']:,} bytes), " \
+        f"validation {score_text(summary['base_accuracy'], label)} -> " \
+        f"{score_text(summary['final_accuracy'], label).rpartition(' ')[2]}"
     line += f" (budget {summary['budget_pt']:g} pt at {_one_sided(summary['confidence']):.0%} one-sided confidence " \
             f"on {summary['validation']['samples']:,} validation samples)"
     if test:
         line += f"; test {score_text(summary['test_accuracy_before'], label)} -> " \
                 f"{score_text(summary['test_accuracy_after'], label).rpartition(' ')[2]}"
     out.print(line)
-    if summary.get("candidate_bytes_error"):  # the bytes above are each candidate's .cpz, measured when tried
+    if summary.get("candidate_bytes_error") and not nothing:  # the bytes above: each candidate's .cpz, when tried
         out.print(f"the file written is {summary['cpz_bytes']:,} bytes, {summary['candidate_bytes_error']:+,} beside the "
                   "last candidate kept: the pipeline's history entry, written only now")
-    if summary.get("stopped"):
-        out.print(f"stopped early ({_STOPPED_BY[summary['stopped']]}): the best result kept before it; the stages "
-                  f"after it did not run. --resume goes on from {ckpt.folder}")
+    if stopped:
+        what = "nothing was kept yet, so no OUTPUT is written" if nothing else "the best result kept before it"
+        then = f"--resume goes on from {ckpt.folder}" if ckpt.exists() else "no candidate was decided: nothing to resume"
+        out.print(f"stopped early ({_STOPPED_BY[stopped]}): {what}; the stages after it did not run. {then}")
     if report:
         from ..report.render import render_pipeline_report
 
         paths = render_pipeline_report(summary, original, m, tuple(summary["input_shape"]), report, force=force)
         err.print(f"report written to {paths['html']}")
-    err.print(f"wrote {output}")
     if json_out:
         emit_json(summary, json_out, force)
+    if nothing and not stopped:
+        err.print(_nothing_kept(summary, model, train_data, output), markup=False)
+    elif not nothing:
+        err.print(f"wrote {output}")
+    if stopped:
+        raise typer.Exit(EXIT_STOPPED)
+    if nothing:
+        raise typer.Exit(EXIT_NOTHING_KEPT)
 
 
+EXIT_STOPPED = 3  # Ctrl-C or --time-budget: the best result kept so far is written; --resume goes on
+EXIT_NOTHING_KEPT = 4  # finished, but no candidate of any stage was within budget: nothing written
 _STOPPED_BY = {"interrupted": "Ctrl-C", "time budget": "--time-budget reached"}
+
+
+def _nothing_kept(summary: dict, model: str, train_data: str, output: str) -> str:
+    """What a run that kept nothing says: why no file was written, and what to try."""
+    tried = sum(len(s["tried"]) for s in summary["stages"])
+    best = min((t["drop"] for s in summary["stages"] for t in s["tried"]), default=None)
+    closest = f" (the smallest drop measured was {best:.2f} pt)" if best is not None else ""
+    return (f"nothing kept: all {tried} candidate(s) were over the {summary['budget_pt']:g} pt budget{closest}, "
+            f"so {output} was not written: it would hold the input model unchanged, re-encoded "
+            f"({summary['cpz_bytes']:,} bytes against {summary['dense_bytes']:,} dense). To try:\n"
+            f"  - see how much each layer takes: compress prune {model} --method l1-filter --sensitivity "
+            f"--train-data {train_data} -o sens.pt\n"
+            f"  - a larger --max-accuracy-drop, if the task allows it\n"
+            "  - a gentler recipe: its first candidates prune less (docs/recipes/gentle.toml starts at sparsity "
+            "0.5), as small models need")
 
 
 def _one_sided(z: float) -> float:
@@ -152,26 +187,26 @@ def _clock(seconds: float) -> str:
 
 class _ShowEvents:
     """The pipeline's progress on stderr: each candidate with its verdict, the stage's elapsed time and
-    an estimate of what is left of it (its candidates so far, times those to come)."""
+    an estimate of what is left of it (the pipeline's: the pace so far, never past the time budget)."""
 
     def __init__(self, label: str = "accuracy %"):
-        self.t0 = time.perf_counter()  # when the stage under way began
         self.label = label  # the metric's: every score is named by it
 
     def __call__(self, kind: str, kw: dict) -> None:
         from ..report.render import score_text, value_text
 
         if kind == "start":
-            err.print(f"validation {score_text(kw['accuracy'], self.label)}, budget {kw['budget']} pt, dense {kw['bytes']:,} "
-                      "bytes (Ctrl-C stops and writes the best result kept so far)")
-        elif kind == "stage":
-            self.t0 = time.perf_counter()
+            within = f", time budget {_clock(kw['time_budget'])}" if kw.get("time_budget") is not None else ""
+            err.print(f"validation {score_text(kw['accuracy'], self.label)}, budget {kw['budget']} pt{within}, dense "
+                      f"{kw['bytes']:,} bytes (Ctrl-C stops and writes the best result kept so far)")
         elif kind == "candidate":
-            spent = time.perf_counter() - self.t0
-            left = spent / kw["index"] * (kw["of"] - kw["index"])
-            eta = f", ~{_clock(left)} left at most" if kw["index"] < kw["of"] else ""
+            eta = ""
+            if kw["eta"] is not None:
+                capped = kw["budget_left"] is not None and kw["eta"] >= kw["budget_left"]
+                eta = f", ~{_clock(kw['eta'])} left at most" + (" (time budget)" if capped else "")
             err.print(f"  {kw['stage']} {kw['index']}/{kw['of']} {value_text(kw['value'])}: "
-                      f"{score_text(kw['accuracy'], self.label)}, {kw['bytes']:,} bytes; {kw['verdict']} [{_clock(spent)}{eta}]")
+                      f"{score_text(kw['accuracy'], self.label)}, {kw['bytes']:,} bytes; {kw['verdict']} "
+                      f"[{_clock(kw['elapsed'])}{eta}]")
         elif kind == "warning":
             err.print(f"warning: {kw['text']}")
         elif kind == "skipped":
@@ -179,5 +214,5 @@ class _ShowEvents:
         elif kind == "resumed":
             err.print(f"resuming at stage {kw['stage'] + 1}, candidate {kw['candidates'] + 1}")
         elif kind == "stopped":
-            err.print(f"  stopped during {kw['stage']} ({_STOPPED_BY[kw['reason']]}): the best result kept so far "
-                      "is written")
+            err.print(f"  stopped during {kw['stage']} ({_STOPPED_BY[kw['reason']]}): the candidate in progress is "
+                      "dropped")

@@ -12,6 +12,13 @@ from . import common as c
 from .common import err, load_options, make_config, out, table, use_threads, with_settings
 from .harness import TaskOptions, load_inputs, parse_mapping, patterns, run_command
 
+# The importances compress registers (compress.prune.importance.IMPORTANCES), as --help names them. The registry
+# itself needs torch, which `--help` does not import; tests/test_pipeline_help.py checks this lists all of them.
+IMPORTANCES_HELP = {"l1": "l1 (Li et al.)", "l2": "l2",
+                    "bn-scale": "bn-scale (|gamma| of the BatchNorm after them, Network Slimming)",
+                    "group-lasso": "group-lasso",
+                    "taylor": "taylor (first-order loss change, Molchanov et al.; needs --train-data)"}
+
 
 class PruneMethod(str, Enum):
     threshold = "threshold"
@@ -25,10 +32,10 @@ def prune(model: c.ModelArg, output: c.OutOpt,
           arch: c.ArchOpt = None, trust_pickle: c.TrustOpt = False, train_data: c.TrainDataOpt = None,
           test_data: c.TestDataOpt = None,
           epochs: Annotated[Optional[float], typer.Option(
-              "--epochs", min=0, show_default=False, help="Total fine-tuning epochs [default: threshold 3 (split "
-              "over --rounds), l1-filter 0, channel-union 4].")] = None,
+              "--epochs", min=0, show_default=False, help="Total fine-tuning epochs (default: threshold 3, split "
+              "over --rounds; l1-filter 0; channel-union 4).")] = None,
           lr: Annotated[Optional[float], typer.Option(
-              "--lr", show_default=False, help="Learning rate [default: 0.001; channel-union 0.02 (SGD)].")] = None,
+              "--lr", show_default=False, help="Learning rate (default: 0.001; channel-union 0.02, SGD).")] = None,
           layers: c.LayersOpt = None, exclude: c.ExcludeOpt = None,
           sparsity: Annotated[Optional[str], typer.Option(
               "--sparsity", help="threshold: target sparsity, global (0.92) or per layer/type (conv=0.6,linear=0.95).")] = None,
@@ -36,7 +43,7 @@ def prune(model: c.ModelArg, output: c.OutOpt,
               "--quality", help="threshold: threshold = quality x std of each layer (instead of --sparsity).")] = None,
           rounds: Annotated[Optional[int], typer.Option("--rounds", "--steps", show_default=False,
                                                         help="threshold: pruning rounds (--epochs split over them) "
-                                                        "[default: ThresholdConfig's, 3].")] = None,
+                                                        "(default: ThresholdConfig's, 3).")] = None,
           allocate: Annotated[Optional[str], typer.Option(
               "--allocate", show_default=False, help="threshold: how a global --sparsity is shared among layers: "
               "sensitivity (measured loss per weight removed; needs --train-data; the default) or std (one quality "
@@ -49,15 +56,15 @@ def prune(model: c.ModelArg, output: c.OutOpt,
                               "(layer1.0.conv1=0.3,_default=0.5).")] = "0.5",
           round_to: Annotated[Optional[int], typer.Option(
               "--round-to", min=1, show_default=False, help="l1-filter: keep a multiple of this many channels per "
-              "group [default: 8 on a CUDA device, else 1].")] = None,
+              "group (default: 8 on a CUDA device, else 1).")] = None,
           target_macs: Annotated[Optional[float], typer.Option(
               "--target-macs", help="l1-filter, channel-union: prune to this many MACs, a fraction of the input's (0.5) or a count "
               "(2e6), channels ranked across layers (instead of --ratio).")] = None,
           target_params: Annotated[Optional[float], typer.Option(
               "--target-params", help="l1-filter, channel-union: the same for parameters.")] = None,
           importance: Annotated[str, typer.Option(
-              "--importance", help="l1-filter: how channels are ranked: l1 (Li et al.), l2, bn-scale (|gamma| of the "
-              "BatchNorm after them, Network Slimming), group-lasso.")] = "l1",
+              "--importance", help=f"l1-filter: how channels are ranked: {', '.join(IMPORTANCES_HELP.values())}; or "
+              "one registered with compress.prune.register_importance.")] = "l1",
           target_latency: Annotated[Optional[float], typer.Option(
               "--target-latency", help="l1-filter: prune to this fraction of the input's batch-1 latency, timed "
               "on this machine (0.6).")] = None,
