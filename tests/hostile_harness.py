@@ -57,16 +57,27 @@ def _limits(cap_mb: int, cpu_s: int):
     return apply
 
 
+# The child's own peak resident memory (kB): VmHWM belongs to the address space exec made, while ru_maxrss
+# keeps the forking parent's peak (a pytest worker that grew to 1.1 GB would report 1.1 GB for any child).
+PEAK_KB = ("def _peak_kb():\n"
+           "    try:\n"
+           "        with open('/proc/self/status') as f:\n"
+           "            return int(next(ln for ln in f if ln.startswith('VmHWM:')).split()[1])\n"
+           "    except (OSError, StopIteration, ValueError):\n"
+           "        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n")
+
+
 def run_python(code: str, *, cap_mb: int = CAP_MB, timeout: float = TIMEOUT_S, cwd=None,
                env: dict | None = None, cpu_s: int = CPU_S) -> Ended:
     """``code`` run by a fresh ``python -c`` under the caps. Its peak RSS and CPU seconds are reported on
     stderr's last line by a wrapper and taken off again."""
     wrapper = ("import resource, sys\n"
+               + PEAK_KB +
                "try:\n"
                + "".join(f"    {ln}\n" for ln in code.splitlines())
                + "finally:\n"
                "    u = resource.getrusage(resource.RUSAGE_SELF)\n"
-               "    sys.stderr.write(f'\\n@peak {u.ru_maxrss} {u.ru_utime + u.ru_stime}\\n')\n")
+               "    sys.stderr.write(f'\\n@peak {_peak_kb()} {u.ru_utime + u.ru_stime}\\n')\n")
     return _run([sys.executable, "-c", wrapper], cap_mb, timeout, cwd, env, cpu_s)
 
 

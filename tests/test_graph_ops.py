@@ -117,5 +117,12 @@ def test_convolutions_of_few_channels_are_charged_their_blocked_copies(cin, cout
     for batch in (1, 4):
         args = [R(batch, cin, side, side), R(cout, cin // groups, k, k), None, [1, 1], [k // 2, k // 2], [1, 1], groups]
         alloc, _ = op.charge(args, {}, op.fn(*args))
-        measured = _measured_peak(op.fn, args, {})
+        threads = torch.get_num_threads()
+        try:  # oneDNN takes its blocked path with more than one thread: the charge covers the larger
+            measured = 0
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                measured = max(measured, _measured_peak(op.fn, args, {}))
+        finally:
+            torch.set_num_threads(threads)
         assert measured <= alloc <= 4 * measured + 4096, (batch, alloc, measured)

@@ -47,7 +47,7 @@ def _cases(cases: dict[str, list], setup: str = "") -> dict[str, Ended]:
             "    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):\n"
             "        rc = main(args)\n"
             "    ended[label] = [rc, err.getvalue(), time.process_time() - t0,\n"
-            "                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]\n"
+            "                    _peak_kb() / 1024]\n"
             "print('@cases ' + json.dumps(ended))\n")
     r = run_python(code, cpu_s=CPU_S * max(1, len(cases)))
     assert r.code == 0 and "@cases " in r.out, r

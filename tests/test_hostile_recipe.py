@@ -53,7 +53,7 @@ def _cases_in_one_child(cases: list[list[str]]) -> tuple[Ended, list[Ended]]:
         "            code = -1\n"
         "            e.write(traceback.format_exc())\n"
         "    res.append([code, e.getvalue(), time.process_time() - t0,\n"
-        "                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024])\n"
+        "                _peak_kb() / 1024])\n"
         "print(json.dumps(res))\n")
     child = run_python(code, cpu_s=CPU_S * max(1, len(cases)))
     assert child.code == 0, child
