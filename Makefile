@@ -32,11 +32,11 @@ demo: install
 		--recipe docs/recipes/demo.toml -o $(DEMO)/lenet5.cpz --report $(DEMO)/report
 	$(BIN)/compress report $(DEMO)/lenet5.cpz --data mnist5k
 
-# two test processes (pytest-xdist; a test file stays in one process, so its module fixtures are built once)
+# two test processes (pytest-xdist; an idle one takes tests from the other, so one long file is no long tail)
 TEST_WORKERS ?= 2
 
 test: install lint
-	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist worksteal -p no:cacheprovider tests
 
 # ruff (pyflakes, import order) on everything, mypy on the library
 lint: install

@@ -17,7 +17,8 @@ def _model(name):
     return getattr(importlib.import_module(mod), fn)(), (1, 3, 32, 32)
 
 
-@pytest.mark.parametrize("name", ["resnet20", "seresnet20"])
+# SE-ResNet-20 (2-3 minutes each on a busy machine) runs in `make bench` (marked slow)
+@pytest.mark.parametrize("name", ["resnet20", pytest.param("seresnet20", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("what,target", [("macs", 0.5), ("params", 0.4)])
 def test_lands_within_5_percent_of_the_target(name, what, target):
     torch.manual_seed(0)
@@ -71,7 +72,7 @@ def test_cli_target(cli, tmp_path, lenet5_trained):
     assert r.code == 2 and "--sparsity" in r.err and not (tmp_path / "c.pt").exists()
 
 
-@pytest.mark.parametrize("target", [0.6, 0.3])
+@pytest.mark.parametrize("target", [0.6, pytest.param(0.3, marks=pytest.mark.slow)])  # 0.3: 4 minutes, in make bench
 def test_channel_union_lands_on_its_target_and_fine_tunes_the_rest(target):
     """The group lasso removes what it drives to zero; at 3/4 of the training the rest above the target goes by L1
     ranking, and the last quarter fine-tunes: within 5% of the target, and better than the moment it was cut."""
