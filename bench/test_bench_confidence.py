@@ -11,7 +11,7 @@ import torch
 from compress import data as data_mod
 from compress.config import FineTune
 from compress.models import create_model
-from compress.pipeline import pipeline
+from compress.search import pipeline
 from compress.train import evaluate, fit
 
 from .conftest import once

@@ -42,8 +42,8 @@ def write_png_folder(data, root: Path, n: int | None = None) -> Path:
 def test_pipeline_folder_same_as_memory(benchmark, eval_sets, tmp_path):
     """A short Deep Compression recipe on LeNet-5 with mnist5k in memory and with the same digits as a PNG folder: the split
     holds the same samples in the same order, so the ratio and the accuracy must agree."""
-    from compress.pipeline import pipeline
     from compress.recipe import Recipe
+    from compress.search import pipeline
 
     test, ev = eval_sets[28]
     base = trained("lenet5", 15)

@@ -148,9 +148,9 @@ PIPELINES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(PIPELINES))
 def test_pipeline_with_an_int8_stage(benchmark, eval_sets, name):
-    from compress.pipeline import pipeline
     from compress.quantize.int8 import Int8Model
     from compress.recipe import Recipe
+    from compress.search import pipeline
 
     build, chan, recipe = PIPELINES[name]
     recipe = Recipe.load(recipe) if isinstance(recipe, str) else Recipe.from_dict(recipe)

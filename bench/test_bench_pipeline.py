@@ -58,7 +58,7 @@ def test_peer_baseline(benchmark, eval_sets, name):
 @pytest.mark.parametrize("name", ["lenet5", "lenet300"])
 def test_pipeline_deep_compression(benchmark, eval_sets, name, tmp_path):
     """compress pipeline, default recipe, 0.5 pt budget on the held-out split: >= 40x (Han: 39x / 40x)."""
-    from compress.pipeline import pipeline
+    from compress.search import pipeline
 
     test, ev = eval_sets[28]
     base = trained(name, 15)

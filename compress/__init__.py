@@ -22,7 +22,7 @@ _EXPORTS = {
     "CompressError": "errors", "CompressWarning": "errors", "FormatError": "errors", "InputError": "errors", "UntrustedPickleError": "errors",
     "UsageError": "errors", "FactorizeConfig": "factorize", "load_model": "formats", "save_model": "formats",
     "count_macs": "metrics", "count_nonzero": "metrics", "count_params": "metrics", "summarize": "metrics",
-    "create_model": "models", "list_models": "models", "pipeline": "pipeline", "ChannelUnionConfig": "prune",
+    "create_model": "models", "list_models": "models", "pipeline": "search", "ChannelUnionConfig": "prune",
     "L1FilterConfig": "prune", "ThresholdConfig": "prune", "QuantConfig": "quantize", "Int8Config": "quantize", "Recipe": "recipe",
     "Stage": "recipe", "Context": "stages", "StageResult": "stages", "factorize_": "stages", "prune_": "stages",
     "quantize_": "stages", "run": "stages", "TrainConfig": "train", "evaluate": "train", "fit": "train",

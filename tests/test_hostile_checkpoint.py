@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import compress.pipeline as pl
+import compress.search as pl
 from compress.checkpoint import MANIFEST, MAX_STATE_BYTES, STATE, Checkpoint, check_state
 from compress.cli import main
 from compress.errors import InputError

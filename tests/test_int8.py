@@ -225,7 +225,7 @@ def test_cli_qat_needs_training_data(lenet5_trained, cli, tmp_path):
 
 
 def test_pipeline_int8_stage_tries_qat_only_when_ptq_misses_the_budget(lenet5_trained, mnist_small):
-    from compress.pipeline import pipeline
+    from compress.search import pipeline
 
     tr, va = mnist_small
     recipe = {"stage": [{"method": "int8", "observer": "minmax", "finetune": {"epochs": [0, 0.3], "lr": 1e-4}}]}

@@ -11,8 +11,8 @@ from compress.config import FineTune
 from compress.errors import InputError, UsageError
 from compress.meta import set_meta
 from compress.models import create_model
-from compress.pipeline import pipeline
 from compress.recipe import DEFAULT_RECIPE, Recipe
+from compress.search import pipeline
 from compress.train import fit
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("docs", "recipes").glob("*.toml"))
@@ -141,8 +141,8 @@ def test_search_goes_on_past_noise_and_stops_on_evidence():
     """An inconclusive reading (over the budget by its noise margin only) neither ends nor resets the
     search; `patience` readings in a row whose measured drop alone is over do."""
     from compress.checkpoint import Stop as _Stop
-    from compress.pipeline import _search
     from compress.prune import sparsity_of
+    from compress.search import _search
     from compress.stages import Context
 
     stage = Recipe.from_dict({"stage": [{"method": "threshold", "sparsity": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
@@ -196,7 +196,7 @@ def test_ctrl_c_keeps_the_best_result_so_far(trained, digits, monkeypatch):
     """Ctrl-C during a candidate (the issue: exit 130, no message, a within-budget result lost): the
     candidate in progress is dropped, the stages after it do not run, and what was kept is the result,
     encoded and measured as usual."""
-    import compress.pipeline as pl
+    import compress.search as pl
 
     calls, real = [], pl.run
 
@@ -273,7 +273,7 @@ def test_a_time_budget_ends_the_search_between_candidates_and_the_eta_stays_with
     promises more time than the budget has left (the pace alone said 80 s, then 40 s)."""
     import json
 
-    import compress.pipeline as pl
+    import compress.search as pl
     from compress.formats import save_model
 
     clock, real = FakeClock(), pl.run
@@ -302,7 +302,7 @@ def test_a_time_budget_ends_the_search_between_candidates_and_the_eta_stays_with
 def test_a_time_budget_drops_the_candidate_in_progress(trained, digits, monkeypatch):
     """The budget runs out half way through the second candidate's fine-tuning (each step takes one fake second):
     that candidate stops at its next step, as on Ctrl-C, and is dropped; the first one is the result."""
-    import compress.pipeline as pl
+    import compress.search as pl
     from compress.train import cross_entropy
 
     clock = FakeClock()
@@ -342,7 +342,7 @@ def test_a_time_budget_drops_the_candidate_in_progress(trained, digits, monkeypa
 def test_the_eta_never_exceeds_the_time_budget_left(trained, digits, monkeypatch):
     """Every candidate's ``eta`` is at most what the time budget has left then; without a budget it is the pace
     so far times the candidates to come."""
-    import compress.pipeline as pl
+    import compress.search as pl
 
     clock, real = FakeClock(), pl.run
     monkeypatch.setattr(pl, "clock", clock)
@@ -394,7 +394,7 @@ def test_a_run_that_keeps_nothing_writes_nothing_and_says_what_to_try(trained, t
 def test_a_stopped_run_exits_3_with_what_it_kept(trained, tmp_path, cli, monkeypatch):
     """Ctrl-C (or the time budget) is told apart from a finished run: exit 3, the best result kept so far written
     (none when nothing was kept yet), the checkpoint left for --resume."""
-    import compress.pipeline as pl
+    import compress.search as pl
     from compress.formats import save_model
 
     m = copy.deepcopy(trained["mlp"])
@@ -442,7 +442,7 @@ def test_confidence_is_an_argument_and_the_summary_says_how_sure(trained, digits
 def test_resume_reaches_the_result_of_an_uninterrupted_run(trained, digits, tmp_path, monkeypatch, stop_at):
     """A run stopped at a candidate leaves a checkpoint (after each decided candidate); resumed, it tries only
     the candidates left and ends with the same model, bytes and numbers as a run never stopped."""
-    import compress.pipeline as pl
+    import compress.search as pl
 
     recipe = Recipe.load(DEMO)
     whole_model, whole = pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, max_accuracy_drop=3.0, latency=False)
@@ -541,3 +541,16 @@ def test_every_documented_recipe_reads(path):
 
     recipe = Recipe.load(path)
     assert recipe.stages and all(st.candidates for st in recipe.stages)
+
+
+def test_compress_pipeline_is_the_function_whatever_was_imported():
+    """After `import compress.pipeline` it was the module ("'module' object is not callable"): the module is
+    compress.search, and no submodule of compress is named like a function of its API."""
+    import pkgutil
+
+    import compress
+    import compress.search  # noqa: F401
+
+    assert callable(compress.pipeline) and compress.pipeline.__module__ == "compress.search"
+    modules = {m.name for m in pkgutil.iter_modules(compress.__path__)}
+    assert not modules & {n for n in compress.__all__ if n != "data"}, modules & set(compress.__all__)

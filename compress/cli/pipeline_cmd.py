@@ -65,8 +65,8 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
     from ..checkpoint import Checkpoint
     from ..errors import INT8_IS_PT, OutputExistsError, UsageError
     from ..formats import save_model
-    from ..pipeline import pipeline as run
     from ..recipe import Recipe
+    from ..search import pipeline as run
 
     load = load_options(arch, trust_pickle, input_shape)
     # compress's own files, loaded without --trust-pickle (it covers the user's model only); --arch may rebuild

@@ -1,4 +1,5 @@
-"""Deep Compression end to end, under an accuracy budget.
+"""The pipeline (``compress.pipeline``): Deep Compression end to end, under an accuracy budget (this module is
+``compress.search``, so that ``compress.pipeline`` is the function whatever was imported).
 
 A recipe (``compress.recipe``) is a list of stages. A stage whose search key is a list is a
 *search*: its candidates are tried in order of increasing compression and the most compressed one
