@@ -158,7 +158,7 @@ def test_every_score_is_named_by_its_metric(cli, tmp_path, capsys):
     show("start", {"accuracy": 0.5, "budget": 1.0, "bytes": 100})
     show("stage", {})
     show("candidate", {"stage": "prune", "index": 1, "of": 2, "value": 0.5, "accuracy": 0.45, "bytes": 80,
-                       "verdict": "kept"})
+                       "verdict": "kept", "elapsed": 3.0, "eta": 3.0, "budget_left": None})
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2 and all("my_metric 0.45" in ln or "my_metric 0.5" in ln for ln in lines), lines
     assert not any("accuracy" in ln or "%" in ln.split("my_metric")[1][:8] for ln in lines), lines
@@ -194,7 +194,7 @@ def test_pipeline_candidates_bytes_are_their_files_and_the_rest_is_said(tmp_path
     from compress import data as data_mod
     from compress.formats import save_model
     from compress.meta import set_meta
-    from compress.pipeline import pipeline
+    from compress.search import pipeline
     from tests.archs import tiny_cnn
 
     m = tiny_cnn()
