@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from compress.formats import load_model, save_model
-from compress.metrics import latencies, latency_ms
 from tests.helpers import one_line_error
 
 
@@ -138,38 +137,14 @@ def test_concurrent_writers_to_one_new_name_never_both_succeed(tmp_path):
         assert codes == [0, 3], codes  # exactly one wins; the loser is told, nothing is silently replaced
 
 
-def test_latency_is_repeatable_and_a_masked_model_is_not_faster(lenet5_trained, monkeypatch):
-    monkeypatch.setenv("COMPRESS_LATENCY_SECONDS", "1.5")  # what a user's command measures
-    from compress.config import FineTune
-    from compress.metrics import speed_change
-    from compress.prune import ThresholdConfig, prune_
-    shape = (1, 1, 28, 28)
-    a = latency_ms(lenet5_trained, shape, 1)
-    b = latency_ms(lenet5_trained, shape, 1)
-    assert max(a, b) / min(a, b) < 1.5
-    pruned = prune_(copy.deepcopy(lenet5_trained), ThresholdConfig(sparsity=0.9, rounds=1,
-                                                                    finetune=FineTune(epochs=0)))
-    dense_t, sparse_t = latencies([lenet5_trained, pruned], shape, runs=15)
-    assert speed_change(dense_t["batch_32"], sparse_t["batch_32"]) in ("same",) or \
-        dense_t["batch_32"] / sparse_t["batch_32"] < 1.5  # zeros in dense weights save no time
-
-
-def test_a_speed_verdict_needs_its_interval(lenet5_trained, monkeypatch):
-    """"faster" only when the paired interval says so: the same model against itself is never called
-    faster or slower (issue: quantize of rounded weights printed "1.91x faster" on a busy machine)."""
+def test_a_speed_verdict_needs_its_interval():
+    """"faster" only when the paired interval says so, on given timings (issue: quantize of rounded weights printed
+    "1.91x faster" on a busy machine); bench/test_bench_timing.py times a model against itself 20 times."""
     import random
     from statistics import median
 
     from compress.metrics import speed_change, speed_ratio
 
-    monkeypatch.setenv("COMPRESS_LATENCY_SECONDS", "0.5")
-    shape = (1, 1, 28, 28)
-    a, b = latencies([lenet5_trained, copy.deepcopy(lenet5_trained)], shape, runs=15)
-    for key in ("batch_1", "batch_32"):
-        lo, med, hi = b["speedup"][key]
-        assert lo <= med <= hi
-        # never "faster" or "slower" (on a very busy machine: "too noisy to tell")
-        assert speed_change(a[key], b[key], b["speedup"][key]).startswith(("same", "too noisy")), b["speedup"][key]
     rng = random.Random(0)
     slow = [2.0 * rng.uniform(0.9, 1.1) for _ in range(60)]
     fast = [1.0 * rng.uniform(0.9, 1.1) for _ in range(60)]
