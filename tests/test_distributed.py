@@ -67,7 +67,7 @@ def _run_ddp(method, tmp_path, start):
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-@pytest.mark.parametrize("method", ["threshold", "channel-union"])
+@pytest.mark.parametrize("method", ["threshold", pytest.param("channel-union", marks=pytest.mark.slow)])  # 30 s: bench
 def test_two_processes_match_one(tmp_path, method):
     start = str(tmp_path / "start.pt")
     _pretrained(start)

@@ -217,9 +217,10 @@ MATRIX = {  # family: (--arch callable, input size, what it exercises)
 }
 
 
-# in `make bench` (marked slow): the 224x224 ones (30-60 s each; every method runs on them below) and DenseNet and
-# SE-ResNet (3-8 minutes on a busy machine; l1-filter's surgery on both runs below, in `make test` too)
-SLOW_MATRIX = {"densenet40", "seresnet20"}
+# in `make bench` (marked slow): the 224x224 ones (30-60 s each; every method runs on them below), DenseNet and
+# SE-ResNet (3-8 minutes on a busy machine; l1-filter's surgery on both runs below, in `make test` too), ConvNeXt and
+# ViT (20-40 s; every method on them below); ResNet-20 goes through every command in `make test`
+SLOW_MATRIX = {"densenet40", "seresnet20", "convnext", "vit"}  # ConvNeXt's and ViT's every method runs below
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if MATRIX[n][1] >= 224 or n in SLOW_MATRIX
@@ -260,7 +261,8 @@ def test_a_users_own_classes_go_through_every_command_without_trust(name, tmp_pa
         assert set(torch.load(tmp_path / f, weights_only=True)) == {"compress_cpz"}  # the weights once
 
 
-@pytest.mark.parametrize("family", list(MATRIX))
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if MATRIX[f][1] >= 224 else f
+                                    for f in MATRIX])  # the 224x224 ones, 15-20 s each: in make bench
 def test_every_method_on_real_families(family, tmp_path):
     """report numbers, threshold pruning, INT8 and 4-bit k-means, the .cpz round trip (bit-exact, rebuilt
     from the user's code), SVD factorization and ONNX INT8 export, on models of classes nobody here wrote."""

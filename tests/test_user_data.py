@@ -175,7 +175,10 @@ def _recipe(tmp_path):
     return p
 
 
-@pytest.mark.parametrize("kind", KINDS)
+# a Dataset's and a DataLoader's every command runs in make bench (15 s each); tests/test_data_kinds.py gives both
+# to every library function that takes data, in make test
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k in ("dataset", "loader") else k
+                                  for k in KINDS])
 def test_every_command_on_each_kind(kind, sources_dir, model_file, tmp_path, cli, mmap_everything):
     """report, prune (threshold, l1-filter, channel-union), quantize --train-data, factorize, export --int8
     --calib-data and pipeline, each on data of this kind; every accuracy names it."""
