@@ -192,19 +192,26 @@ def test_pipeline_command_reports_every_candidate_and_bytes_per_layer(trained, t
     assert 0 < sum(summary["layer_bytes"].values()) < summary["cpz_bytes"]
 
 
-def test_ctrl_c_keeps_the_best_result_so_far(trained, digits, monkeypatch):
-    """Ctrl-C during a candidate (the issue: exit 130, no message, a within-budget result lost): the
-    candidate in progress is dropped, the stages after it do not run, and what was kept is the result,
-    encoded and measured as usual."""
-    import compress.search as pl
-
-    calls, real = [], pl.run
+def _ctrl_c_in_the_second_candidate(real):
+    """``real`` (the pipeline's ``run``), but Ctrl-C pressed during its second call."""
+    calls = []
 
     def interrupted_on_the_second(*a, **kw):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **kw)
+    interrupted_on_the_second.calls = calls  # type: ignore[attr-defined]
+    return interrupted_on_the_second
+
+
+def test_ctrl_c_keeps_the_best_result_so_far(trained, digits, monkeypatch):
+    """Ctrl-C during a candidate (the issue: exit 130, no message, a within-budget result lost): the
+    candidate in progress is dropped, the stages after it do not run, and what was kept is the result,
+    encoded and measured as usual."""
+    import compress.search as pl
+
+    interrupted_on_the_second = _ctrl_c_in_the_second_candidate(pl.run)
 
     def interrupted_at_once(*a, **kw):
         raise KeyboardInterrupt
@@ -218,7 +225,7 @@ def test_ctrl_c_keeps_the_best_result_so_far(trained, digits, monkeypatch):
     events = []
     m, summary = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(DEMO), max_accuracy_drop=5.0,
                           on_event=lambda k, kw: events.append(k), latency=False)
-    assert summary["stopped"] == "interrupted" and "stopped" in events and len(calls) == 2
+    assert summary["stopped"] == "interrupted" and "stopped" in events and len(interrupted_on_the_second.calls) == 2
     first = summary["stages"][0]
     assert len(first["tried"]) == 1 and first["kept"] is not None  # the first candidate, within a loose budget
     assert len(summary["stages"]) == 1  # the stages after it did not run
@@ -402,13 +409,7 @@ def test_a_stopped_run_exits_3_with_what_it_kept(trained, tmp_path, cli, monkeyp
     save_model(m, tmp_path / "m.pt")
     args = ["pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", DEMO, "--max-accuracy-drop",
             "5", "--no-latency"]
-    calls, real = [], pl.run
-
-    def interrupted_on_the_second(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
+    interrupted_on_the_second = _ctrl_c_in_the_second_candidate(pl.run)
 
     monkeypatch.setattr(pl, "run", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
     res = cli(*args, "-o", tmp_path / "a.cpz")
