@@ -99,24 +99,36 @@ _COSTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary
 SMALL_INPUT = 1 << 20  # values per sample a model whose code does not run on the meta device may still be run at
 
 
-def check_call(model, input_shape, batch: int = 1) -> None:
-    """Refuse (InputError) to run ``model`` on ``batch`` samples of ``input_shape`` -- a shape a file's metadata
-    may have chosen -- when one sample's cost (``sample_cost``, counted once per model and shape) times the batch
-    passes what its weights and that input justify (``budget.limits``, as a stored graph's). Models that check
-    each call themselves (a stored graph, an INT8 model) and callables that are not modules pass."""
+def known_cost(model, input_shape) -> tuple[int, int] | None:
+    """``sample_cost`` of one sample of ``input_shape`` (its batch aside), counted once per model and shape;
+    (0, 0) for a small input the model's code cannot run on the meta device (InputError for a large one), None
+    for models that check each call themselves (a stored graph, an INT8 model) and callables that are not
+    modules."""
     if not isinstance(model, nn.Module) or getattr(model, "layerless", False) or getattr(model, "int8_kernels", False):
-        return
+        return None
     shape = tuple(input_shape)[1:]
-    values = math.prod(shape)
     costs = _COSTS.setdefault(model, {})
     if shape not in costs:
         try:
             costs[shape] = sample_cost(model, (1, *shape))
         except InputError:
-            if values > SMALL_INPUT:
+            if math.prod(shape) > SMALL_INPUT:
                 raise
             costs[shape] = (0, 0)  # a small input: run as it is
-    nbytes, work = costs[shape]
+    return costs[shape]
+
+
+def check_call(model, input_shape, batch: int = 1) -> None:
+    """Refuse (InputError) to run ``model`` on ``batch`` samples of ``input_shape`` -- a shape a file's metadata
+    may have chosen -- when one sample's cost (``known_cost``) times the batch passes what its weights and that
+    input justify (``budget.limits``, as a stored graph's). Models that check each call themselves (a stored
+    graph, an INT8 model) and callables that are not modules pass."""
+    cost = known_cost(model, input_shape)
+    if cost is None:
+        return
+    nbytes, work = cost
+    shape = tuple(input_shape)[1:]
+    values = math.prod(shape)
     tensors = list(model.parameters()) + list(model.buffers())
     weights = sum(t.numel() for t in tensors)
     max_work, max_bytes = budget.limits(budget.justified(weights, sum(t.numel() * t.element_size() for t in tensors),

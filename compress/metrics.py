@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .counting import _run_checked, check_call, count_macs, count_nonzero, count_params, sample_cost  # noqa: F401  (metrics' names too)
+from .counting import _run_checked, check_call, count_macs, count_nonzero, count_params, known_cost  # noqa: F401  (metrics' names too)
 from .distributed import device_of
 from .errors import CompressError
 from .quant_state import get_state
@@ -172,14 +172,13 @@ def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, thr
 
 
 def _macs(model, input_shape, batch: int) -> int | None:
-    """Multiply-accumulates of one call at ``batch`` (counted on the meta device, nothing run); None for a
-    runtime's callable or a model that counts its own calls."""
-    if not isinstance(model, nn.Module) or getattr(model, "layerless", False) or getattr(model, "int8_kernels", False):
-        return None
+    """Multiply-accumulates of one call at ``batch`` (the sample cost ``check_call`` counted on the meta device
+    before the timing); None for a runtime's callable or a model that counts its own calls."""
     try:
-        return batch * sample_cost(model, (1, *tuple(input_shape)[1:]))[1] // 2
+        cost = known_cost(model, input_shape)
     except CompressError:
         return None
+    return None if cost is None else batch * cost[1] // 2
 
 
 def run_stats(times: list[float], macs: int | None = None) -> dict[str, Any]:
@@ -322,11 +321,11 @@ def speed_change(before_ms: float | None, after_ms: float | None, interval: list
         return "-"
     r = before_ms / after_ms
     why = f" ({busy})" if busy else ""
-    busy = f"; {BUSY}{why}: not reliable" if busy else ""
+    unreliable = f"; {BUSY}{why}: not reliable" if busy else ""
     if interval is None:
         lo = hi = r
         if 1 / 1.5 <= r <= 1.5:
-            return "same" + busy
+            return "same" + unreliable
     else:
         lo, _, hi = interval
         if not lo * 0.995 <= r <= hi * 1.005:  # (0.5%: the figures are rounded)
@@ -334,11 +333,11 @@ def speed_change(before_ms: float | None, after_ms: float | None, interval: list
                     f"({lo:.2f}-{hi:.2f}) it was given; {BUSY}, time again")
     span = f" ({lo:.2f}-{hi:.2f})" if interval else ""
     if lo > SAME:
-        return f"{r:.2f}x faster{span}" + busy
+        return f"{r:.2f}x faster{span}" + unreliable
     if hi < 1 / SAME:
-        return f"{1 / r:.2f}x slower" + (f" ({1 / hi:.2f}-{1 / lo:.2f})" if interval else "") + busy
+        return f"{1 / r:.2f}x slower" + (f" ({1 / hi:.2f}-{1 / lo:.2f})" if interval else "") + unreliable
     if 1 / SAME <= lo and hi <= SAME:
-        return "same" + busy
+        return "same" + unreliable
     if hi / lo > TOO_NOISY or busy:  # the interval says nothing either way: the machine was busy
         return (f"too noisy to tell ({lo:.2f}-{hi:.2f}): {BUSY}{why}, the comparison is not reliable; time again on "
                 "an idle machine, or with --threads")
