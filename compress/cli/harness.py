@@ -164,7 +164,9 @@ def output_drift(before: nn.Module, after: nn.Module, input_shape, data=None, n:
     return {"data": name, "top1_agreement": None if agree is None else round(agree, 2), "relative_change": rel}
 
 
-def measure(inp: Inputs, model: nn.Module, calib=None) -> dict:
+def measure(inp: Inputs, model: nn.Module, calib=None, cpz: bool = True) -> dict:
+    """The numbers of ``model`` before or after a stage; ``cpz``: its .cpz bytes too (``cpz_estimate``), else
+    None there, for a caller that sets the model's metadata first."""
     from ..metrics import summarize
     from ..stages import Context
     from ..train import evaluate
@@ -175,7 +177,7 @@ def measure(inp: Inputs, model: nn.Module, calib=None) -> dict:
     except UsageError:
         shape = None  # weight-only stages need no input: no MACs or latency then
     rep = summarize(model, shape, inp.val, latency=False, layers=shape is not None, metric=inp.metric)
-    rep["cpz_bytes"] = cpz_estimate(model, inp.input_shape)
+    rep["cpz_bytes"] = cpz_estimate(model, inp.input_shape) if cpz else None
     if inp.test is not None:
         rep["test_accuracy"] = round(evaluate(model, inp.test, inp.metric), 3)
         rep["test_data"] = f"{inp.test.name}, {len(inp.test):,} samples"
@@ -203,7 +205,7 @@ def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, re
                   metric=inp.metric, calib=calib)
     res = run(verb, inp.model, cfg, ctx)
     model = res.model.cpu()  # files are always written from CPU
-    after = measure(inp, model, calib)
+    after = measure(inp, model, calib, cpz=False)  # its .cpz bytes once its metadata is final, below
     # quantized weights are decoded to FP32 on the CPU: a smaller file, the same computation, so no speed
     # verdict is due (INT8 execution -- the int8 method, ONNX Runtime's `export --int8` -- computes in integers)
     after["weights_only"] = verb == "quantize" and "int8" not in after
@@ -215,8 +217,7 @@ def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, re
         from ..metrics import latencies
 
         inp.before["latency_ms"], after["latency_ms"] = latencies([original.cpu(), model], after["input_shape"])
-    if after.get("cpz_bytes") is not None:  # with the metadata the file carries: the bytes `compress encode` writes
-        after["cpz_bytes"] = cpz_estimate(model, inp.input_shape)
+    after["cpz_bytes"] = cpz_estimate(model, inp.input_shape)  # with the metadata the file carries: what encode writes
     if output:
         from .. import distributed
 
