@@ -107,7 +107,7 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
     if not stopped:
         ckpt.remove()
     note_no_graph(summary.get("graph_note"))
-    from ..report.render import score_text, value_text
+    from ..report.render import score_change, score_text, value_text
 
     test = inp.test is not None
     label = inp.metric.label
@@ -122,13 +122,11 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
         out.print(f"{s['stage']}: kept {s['search_key']} {what} after {len(s['tried'])} candidate(s), {s['seconds']:.0f}s")
     line = f"[bold]nothing kept[/bold]: the model is unchanged, validation {score_text(summary['base_accuracy'], label)}" \
         if nothing else f"[bold]{summary['ratio']:.1f}x smaller[/bold] than dense FP32 ({summary['cpz_bytes']:,} bytes), " \
-        f"validation {score_text(summary['base_accuracy'], label)} -> " \
-        f"{score_text(summary['final_accuracy'], label).rpartition(' ')[2]}"
+        f"validation {score_change(summary['base_accuracy'], summary['final_accuracy'], label)}"
     line += f" (budget {summary['budget_pt']:g} pt at {_one_sided(summary['confidence']):.0%} one-sided confidence " \
             f"on {summary['validation']['samples']:,} validation samples)"
     if test:
-        line += f"; test {score_text(summary['test_accuracy_before'], label)} -> " \
-                f"{score_text(summary['test_accuracy_after'], label).rpartition(' ')[2]}"
+        line += f"; test {score_change(summary['test_accuracy_before'], summary['test_accuracy_after'], label)}"
     out.print(line)
     if summary.get("candidate_bytes_error") and not nothing:  # the bytes above: each candidate's .cpz, when tried
         out.print(f"the file written is {summary['cpz_bytes']:,} bytes, {summary['candidate_bytes_error']:+,} beside the "

@@ -152,7 +152,7 @@ def render_stage_report(result: dict, before_model: nn.Module | None, after_mode
         summary += f", {b['macs'] / max(a['macs'], 1):.2f}x fewer MACs"
     if "accuracy" in a:
         label = a.get("metric") or LABELS["accuracy"]
-        summary += (f", {score_text(b['accuracy'], label)} -> {score_text(a['accuracy'], label).rpartition(' ')[2]} "
+        summary += (f", {score_change(b['accuracy'], a['accuracy'], label)} "
                     f"({a['accuracy'] - b['accuracy']:+.2f} pt)")
     sections = [("Before / after", ["", "before", "after", "change"], before_after_rows(b, a))]
     if a.get("layers"):
@@ -178,6 +178,11 @@ def score_text(value: float, label: str) -> str:
     if label.endswith(" %"):
         return f"{label.removesuffix(' %')} {value:.2f}%"
     return f"{label} {value:.4g}"
+
+
+def score_change(before: float, after: float, label: str) -> str:
+    """A score before and after, named once by its metric: "accuracy 85.80% -> 86.00%", "my_metric 0.7 -> 0.72"."""
+    return f"{score_text(before, label)} -> {score_text(after, label).rpartition(' ')[2]}"
 
 
 def score_labels(rep: dict) -> dict[str, str]:
@@ -273,14 +278,13 @@ def render_pipeline_report(summary: dict, before_model: nn.Module, after_model: 
               plots.layer_density(lb, la, folder / "layers.png"),
               plots.weight_histograms(before_model, after_model, folder / "weight_histograms.png")]
     text = (f"{summary['ratio']:.1f}x smaller than the dense FP32 weights ({summary['dense_bytes']:,} -> "
-            f"{summary['cpz_bytes']:,} bytes); validation {score_text(summary['base_accuracy'], label)} -> "
-            f"{score_text(summary['final_accuracy'], label).rpartition(' ')[2]} (budget {summary['budget_pt']} pt)")
+            f"{summary['cpz_bytes']:,} bytes); validation "
+            f"{score_change(summary['base_accuracy'], summary['final_accuracy'], label)} (budget {summary['budget_pt']} pt)")
     if summary.get("candidate_bytes_error"):
         text += (f"; each candidate's bytes are its own .cpz, measured when tried: the file written differs from the "
                  f"last one kept by {summary['candidate_bytes_error']:+,} bytes (the pipeline's history entry)")
     if "test_accuracy_after" in summary:
-        text += (f"; test {score_text(summary['test_accuracy_before'], label)} -> "
-                 f"{score_text(summary['test_accuracy_after'], label).rpartition(' ')[2]}")
+        text += f"; test {score_change(summary['test_accuracy_before'], summary['test_accuracy_after'], label)}"
     test = "test_accuracy" in summary["timeline"][0]
     bits = {r["name"]: r.get("bits") for r in la}
     layer_bytes = summary.get("layer_bytes", {})  # measured by the pipeline's own final encode
