@@ -146,8 +146,6 @@ def graph_only(model: nn.Module, what: str) -> UsageError:
                       "builds it) to change it")
 
 
-
-
 def check_shape(shape, what: str = "input shape") -> tuple[int, ...]:
     """(1, ...) from a shape of 2 to 5 positive integers whose sample holds at most MAX_INPUT_VALUES."""
     from .errors import InputError
