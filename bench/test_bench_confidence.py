@@ -8,13 +8,12 @@ import copy
 import pytest
 import torch
 
+from bench.conftest import once
 from compress import data as data_mod
 from compress.config import FineTune
 from compress.models import create_model
 from compress.search import pipeline
 from compress.train import evaluate, fit
-
-from .conftest import once
 
 SEEDS = (0, 1, 2, 3, 4)
 

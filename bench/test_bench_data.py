@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.conftest import VAL_FRACTION, once, record, trained
 from compress import data as data_mod
 from compress.config import FineTune
 from compress.prune import L1FilterConfig
 from compress.stages import prune_
 from compress.train import evaluate, fit
-
-from .conftest import VAL_FRACTION, once, record, trained
 
 BIN = Path(sys.executable).parent
 

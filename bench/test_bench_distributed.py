@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.conftest import trained
 from compress.formats import load_model
 from compress.prune import sparsity_of
-
-from .conftest import trained
 
 
 def _port() -> int:

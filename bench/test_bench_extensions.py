@@ -6,6 +6,7 @@ import copy
 
 import pytest
 
+from bench.conftest import VAL_FRACTION, once, trained
 from compress import data as data_mod
 from compress.coding.container import encode_model
 from compress.config import FineTune
@@ -15,8 +16,6 @@ from compress.quant_state import SCHEMES
 from compress.quantize import QuantConfig
 from compress.stages import Context, run
 from compress.train import evaluate, fit
-
-from .conftest import VAL_FRACTION, once, trained
 
 
 @pytest.mark.slow

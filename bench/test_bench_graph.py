@@ -7,7 +7,7 @@ import time
 import torch
 import torch.nn as nn
 
-from .conftest import once
+from bench.conftest import once
 
 
 class Unit(nn.Module):

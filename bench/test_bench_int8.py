@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from bench.conftest import CACHE, VAL_FRACTION, mnist_test_dir, once, trained
 from compress import data as data_mod
 from compress import openvino_export as ov
 from compress.export import _session, onnx_accuracy, onnx_latency_ms, quantize_int8, to_onnx
@@ -18,8 +19,6 @@ from compress.metrics import latencies, speed_change
 from compress.quantize import to_int8
 from compress.quantize.int8 import OBSERVERS
 from compress.train import evaluate, fit
-
-from .conftest import CACHE, VAL_FRACTION, mnist_test_dir, once, trained
 
 
 def _pytorchcv_digits(spec: str, tag: str, epochs: int) -> nn.Module:

@@ -6,13 +6,12 @@ import copy
 import pytest
 import torch
 
+from bench.conftest import once, record, train_split, trained
 from compress.config import FineTune
 from compress.metrics import count_macs, count_nonzero, count_params, latency_ms
 from compress.prune import ChannelUnionConfig, L1FilterConfig, ThresholdConfig, prune_
 from compress.quantize import QuantConfig, quantize_
 from compress.train import evaluate
-
-from .conftest import once, record, train_split, trained
 
 
 def test_threshold_lenet5(benchmark, eval_sets):

@@ -13,12 +13,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+from bench.conftest import CACHE, VAL_FRACTION, once, record, train_split, trained
 from compress.coding.container import load_cpz, save_cpz
 from compress.config import FineTune
 from compress.metrics import count_params, latency_ms
 from compress.train import evaluate, fit
-
-from .conftest import CACHE, VAL_FRACTION, once, record, train_split, trained
 
 
 def peer_baseline(base: nn.Module, sparsity: float = 0.92, epochs: float = 8):

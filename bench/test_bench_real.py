@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from .conftest import once
+from bench.conftest import once
 
 FAMILIES = {  # name: (callable, input size, what it exercises)
     "resnet20": ("pytorchcv.models.resnet_cifar:resnet20_cifar10", 32, "residual"),

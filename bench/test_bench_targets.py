@@ -9,14 +9,13 @@ import warnings
 import pytest
 import torch
 
+from bench.conftest import VAL_FRACTION, once, trained
 from compress import data as data_mod
 from compress.config import FineTune
 from compress.metrics import count_macs
 from compress.prune import L1FilterConfig
 from compress.stages import Context, run
 from compress.train import evaluate, fit
-
-from .conftest import VAL_FRACTION, once, trained
 
 TARGET = 0.5
 

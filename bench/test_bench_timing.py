@@ -6,11 +6,10 @@ import copy
 
 import pytest
 
+from bench.conftest import once, trained
 from compress.metrics import latencies, speed_change
 from compress.quantize import QuantConfig
 from compress.stages import quantize_
-
-from .conftest import once, trained
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 
-from .errors import UsageError, safe
+from compress.errors import UsageError, safe
 
 MAX_INPUT_VALUES = 1 << 24  # values per sample of any input shape (16.7 M: a 3 x 2,364 x 2,364 image)
 WORK_FLOOR, BYTES_FLOOR = 1 << 32, 1 << 28   # any graph may ask for this much (4.3e9 operations, 256 MiB)

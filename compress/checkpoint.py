@@ -13,9 +13,9 @@ from typing import Any, Callable, Sequence
 
 import torch.nn as nn
 
-from .checkpoint_state import MODEL_NAME, StagePlan, check_state
-from .errors import InputError, first_line
-from .recipe import Recipe
+from compress.checkpoint_state import MODEL_NAME, StagePlan, check_state
+from compress.errors import InputError, first_line
+from compress.recipe import Recipe
 
 STATE = "state.json"
 MANIFEST = "compress-checkpoint.json"  # compress's mark on the folder: the files it wrote there
@@ -106,8 +106,8 @@ class Checkpoint:
         write before. Makes the folder, with its manifest, if there is none; refuses one compress may not use."""
         import json
 
-        from .fileio import write_text
-        from .formats import save_model
+        from compress.fileio import write_text
+        from compress.formats import save_model
 
         old = self._listed()
         if old is None:
@@ -131,7 +131,7 @@ class Checkpoint:
     def read(self, fingerprint: str, plan: Sequence[StagePlan], test: bool = False) -> tuple[dict, dict[str, nn.Module]]:
         """The saved state (checked by ``check_state`` against ``plan``) and its models, loaded without trust.
         ``test``: the run measures test data (every timeline row then has its test accuracy)."""
-        from .formats import load_model
+        from compress.formats import load_model
 
         files = self._listed()
         if files is None or STATE not in files:
@@ -212,7 +212,7 @@ class Checkpoint:
     def bounded_list(self, files: set[str]) -> None:
         import json
 
-        from .fileio import write_text
+        from compress.fileio import write_text
 
         write_text(self.folder / MANIFEST, json.dumps({"format": _FORMAT, "version": _VERSION,
                                                        "files": sorted(files)}), force=True)

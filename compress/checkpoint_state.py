@@ -8,7 +8,7 @@ import math
 import re
 from typing import Any, Sequence
 
-from .errors import InputError, safe
+from compress.errors import InputError, safe
 
 MAX_BYTES = 1 << 53  # any byte count, parameter, nonzero or MAC count (exact in a JSON double)
 MAX_SCORE = 1e12  # |accuracy|, |drop|, standard error, seconds: finite and at most this

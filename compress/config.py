@@ -27,7 +27,7 @@ import torch.nn as nn
 
 Layer = Union[nn.Conv2d, nn.Linear]  # what methods change: its .weight is a Tensor (a plain Module's attributes are not typed)
 
-from .errors import UsageError, safe
+from compress.errors import UsageError, safe
 
 CONFIG_VERSION = 2
 _CONFIG_TYPES: dict[str, type["Config"]] = {}

@@ -7,9 +7,9 @@ import weakref
 import torch
 import torch.nn as nn
 
-from . import budget
-from .distributed import device_of
-from .errors import InputError, first_line
+from compress import budget
+from compress.distributed import device_of
+from compress.errors import InputError, first_line
 
 
 def count_params(model: nn.Module) -> int:

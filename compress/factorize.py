@@ -23,9 +23,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .config import Config, FineTune, Select, bounded, register_method
-from .stages import Method, factorize_
-from .train import recalibrate_bn
+from compress.config import Config, FineTune, Select, bounded, register_method
+from compress.stages import Method, factorize_
+from compress.train import recalibrate_bn
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-from .errors import InputError, OutputExistsError, param, safe
+from compress.errors import InputError, OutputExistsError, param, safe
 
 TMP_PREFIX = ".compress-tmp-"
 
@@ -49,7 +49,7 @@ def _existing_mode(path: Path, force: bool) -> int | None:
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it takes ``path``'s name only on success."""
-    from . import distributed
+    from compress import distributed
 
     path = Path(path)
     if not distributed.is_main():  # under torchrun only rank 0 writes (and checks) files

@@ -27,9 +27,9 @@ write files from rank 0 only.
 """
 from __future__ import annotations
 
-from .prune.channel_union import ChannelUnionPruner
-from .prune.threshold import ThresholdPruner
-from .quantize import Int8Lowering, Quantizer
-from .stages import Context, Method
+from compress.prune.channel_union import ChannelUnionPruner
+from compress.prune.threshold import ThresholdPruner
+from compress.quantize import Int8Lowering, Quantizer
+from compress.stages import Context, Method
 
 __all__ = ["ChannelUnionPruner", "Context", "Int8Lowering", "Method", "Quantizer", "ThresholdPruner"]

@@ -27,10 +27,10 @@ from typing import Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .budget import env_number
-from .coding.arch import MOVED, OWN_MODULES, USER_PREFIX
-from .errors import InputError, UntrustedPickleError, UsageError, first_line, param, safe
-from .fileio import atomic_write
+from compress.budget import env_number
+from compress.coding.arch import MOVED, OWN_MODULES, USER_PREFIX
+from compress.errors import InputError, UntrustedPickleError, UsageError, first_line, param, safe
+from compress.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def resolve_callable(spec: str, what: str | None = None) -> Callable:
 def build_arch(arch: str, **kw) -> nn.Module:
     """Build a model from ``module:callable``, a file, or a zoo name (``zoo:lenet5``)."""
     if arch.startswith("zoo:"):
-        from .models import create_model
+        from compress.models import create_model
 
         return create_model(arch[4:], **kw)
     fn = resolve_callable(arch)
@@ -266,7 +266,7 @@ def load_torch(path: Path, arch: str | None = None, trust_pickle: bool = False,
             raise InputError(f"{path} holds no state_dict to load into {param('arch', arch)}")
         model = build_arch(arch)
         load_state_dict_strict(model, sd, arch)
-        from .meta import set_meta
+        from compress.meta import set_meta
 
         set_meta(model, arch_ref=arch)  # files written from it name the --arch that rebuilds them
     elif isinstance(obj, nn.Module):
@@ -334,7 +334,7 @@ def save_module(model: nn.Module, path: str | os.PathLike, force: bool = False) 
     ``torch.load(path, weights_only=False)`` returns a runnable module; compress reloads it without
     ``--trust-pickle`` since every class in it is a torch.nn / compress module.
     """
-    from .masks import remove_masks
+    from compress.masks import remove_masks
 
     remove_masks(model)  # masks are training state: finalize to exact zeros first
     path = Path(path)

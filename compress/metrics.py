@@ -10,10 +10,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .counting import _run_checked, check_call, count_macs, count_nonzero, count_params, known_cost  # noqa: F401  (metrics' names too)
-from .distributed import device_of
-from .errors import CompressError
-from .quant_state import get_state
+from compress.counting import _run_checked, check_call, count_macs, count_nonzero, count_params, known_cost  # noqa: F401  (metrics' names too)
+from compress.distributed import device_of
+from compress.errors import CompressError
+from compress.quant_state import get_state
 
 log = logging.getLogger(__name__)
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)
@@ -244,7 +244,7 @@ def latencies(models: list, input_shape, runs: int = 20) -> list[dict]:
 def runtime_accuracy(predict, data) -> float:
     """Top-1 accuracy (%) on ``data`` of another runtime's ``predict(inputs) -> logits`` (numpy arrays in and
     out: an ONNX Runtime session, a compiled OpenVINO model), read in batches."""
-    from .data import batches, eval_batch_size
+    from compress.data import batches, eval_batch_size
 
     right = total = 0
     for x, y in batches(data, eval_batch_size(data)):
@@ -348,8 +348,8 @@ def summarize(model: nn.Module, input_shape, data=None, latency: bool = True,
               layers: bool = True, runs: int = 20, metric=None) -> dict[str, Any]:
     """The numbers that matter for one model, as a JSON-able dict; ``accuracy`` is ``metric``'s score on
     ``data`` (default top-1 accuracy in percent; anything ``compress.data.as_data`` takes), ``metric`` its label."""
-    from .quantize.int8 import Int8Model
-    from .train import evaluate, resolve_metric
+    from compress.quantize.int8 import Int8Model
+    from compress.train import evaluate, resolve_metric
 
     int8 = model if isinstance(model, Int8Model) else None  # INT8 kernels: the architecture's counts, as integers
     params = int8.params if int8 is not None else count_params(model)
@@ -362,7 +362,7 @@ def summarize(model: nn.Module, input_shape, data=None, latency: bool = True,
     if input_shape is not None:  # weight-only numbers otherwise
         out.update(macs=count_macs(model, input_shape) if int8 is None else int8.macs, input_shape=list(input_shape))
     if data is not None:
-        from .data import as_data, check_fits
+        from compress.data import as_data, check_fits
 
         data = as_data(data, arg="data")
         m = resolve_metric(metric)

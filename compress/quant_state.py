@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from .errors import UsageError
+from compress.errors import UsageError
 
 QUANT_ATTR = "compress_quant"
 PARAMS = ("weight", "bias")  # the parameters of a layer that may carry a state

@@ -24,9 +24,9 @@ import os
 import warnings
 from typing import Any
 
-from . import factorize, prune, quantize  # noqa: F401  (their methods register the stage types)
-from .config import CONFIG_VERSION, Config, bounded, check_fields, close_matches, stage_types
-from .errors import InputError, UsageError, first_line
+from compress import factorize, prune, quantize  # noqa: F401  (their methods register the stage types)
+from compress.config import CONFIG_VERSION, Config, bounded, check_fields, close_matches, stage_types
+from compress.errors import InputError, UsageError, first_line
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few lines; a larger file is refused before it is parsed
 MAX_STAGES = 32
@@ -169,7 +169,7 @@ class Recipe:
     def load(cls, path) -> "Recipe":
         import tomllib
 
-        from .fileio import open_regular
+        from compress.fileio import open_regular
 
         try:
             with open_regular(path) as f:  # never a FIFO or a device: no read that waits or never ends

@@ -35,17 +35,17 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from . import data as data_mod
-from . import progress
-from .checkpoint import Checkpoint, StagePlan, Stop, ctrl_c
-from .checkpoint import fingerprint as run_fingerprint
-from .coding.stats import size_bytes
-from .config import Config
-from .meta import read_meta, set_meta
-from .metrics import count_macs, count_nonzero, count_params, latency_stats
-from .recipe import DEFAULT_RECIPE, Recipe, Stage, resolve
-from .stages import Context, run
-from .train import paired_drop, scores
+from compress import data as data_mod
+from compress import progress
+from compress.checkpoint import Checkpoint, StagePlan, Stop, ctrl_c
+from compress.checkpoint import fingerprint as run_fingerprint
+from compress.coding.stats import size_bytes
+from compress.config import Config
+from compress.meta import read_meta, set_meta
+from compress.metrics import count_macs, count_nonzero, count_params, latency_stats
+from compress.recipe import DEFAULT_RECIPE, Recipe, Stage, resolve
+from compress.stages import Context, run
+from compress.train import paired_drop, scores
 
 log = logging.getLogger(__name__)
 clock = time.perf_counter  # the time budget's clock (tests give a fake one)
@@ -197,7 +197,7 @@ def _plan(recipe: Recipe) -> list[StagePlan]:
 
 def _point(label: str, model: nn.Module, nbytes: int, accuracy: float, ctx: Context, test=None) -> dict:
     """The numbers of the model after one stage: bytes, nonzeros, MACs, score (latency: at the end)."""
-    from .quantize.int8 import Int8Model
+    from compress.quantize.int8 import Int8Model
 
     if isinstance(model, Int8Model):  # INT8 kernels: the architecture's counts, its INT8 weights' nonzeros
         p = {"stage": label, "bytes": nbytes, "accuracy": round(accuracy, 3), "params": model.params,

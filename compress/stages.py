@@ -25,12 +25,12 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn as nn
 
-from . import masks
-from .budget import MAX_INPUT_VALUES
-from .config import Config, FineTune, method_for
-from .data import as_data
-from .errors import InputError, UsageError, param
-from .meta import add_history, read_meta
+from compress import masks
+from compress.budget import MAX_INPUT_VALUES
+from compress.config import Config, FineTune, method_for
+from compress.data import as_data
+from compress.errors import InputError, UsageError, param
+from compress.meta import add_history, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Context:
     calib: Any = None
 
     def __post_init__(self):
-        from .train import resolve_loss, resolve_metric
+        from compress.train import resolve_loss, resolve_metric
 
         self.loss, self.metric = resolve_loss(self.loss), resolve_metric(self.metric)
 
@@ -96,7 +96,7 @@ class Context:
         data = as_data(data, arg="data")
         if self.evaluate is not None:
             return float(self.evaluate(model, data))
-        from .train import evaluate
+        from compress.train import evaluate
 
         return evaluate(model, data, self.metric)
 
@@ -110,7 +110,7 @@ class Context:
                 return check_shape((1,) + tuple(d.sample_shape), f"the shape of {d.name}'s samples")
         meta = read_meta(model)
         if meta.input_shape:
-            from .counting import check_call
+            from compress.counting import check_call
 
             shape = check_shape(meta.input_shape, "the model file's input shape")
             check_call(model, shape)  # what one sample at the file's shape costs, counted before it runs
@@ -148,7 +148,7 @@ def graph_only(model: nn.Module, what: str) -> UsageError:
 
 def check_shape(shape, what: str = "input shape") -> tuple[int, ...]:
     """(1, ...) from a shape of 2 to 5 positive integers whose sample holds at most MAX_INPUT_VALUES."""
-    from .errors import InputError
+    from compress.errors import InputError
 
     if not (isinstance(shape, (list, tuple)) and 2 <= len(shape) <= 5
             and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
@@ -238,7 +238,7 @@ class Method:
     def train(self, epochs: float, seed: int = 0, desc: str | None = None) -> list[dict]:
         """``epochs`` of the library's loop on ``ctx.train`` with the context's loss (or train_step) and,
         when the config asks for it, distillation from the teacher, driving this method's hooks."""
-        from .train import fit
+        from compress.train import fit
 
         return fit(self.model, self.ctx.train, self.train_config(epochs, seed), method=self,
                    desc=desc or f"{self.config.stage_name} fine-tune", loss=self.ctx.loss,

@@ -24,11 +24,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import distributed, masks
-from .config import FineTune
-from .data import Data, as_data, batches, eval_batch_size
-from .errors import CompressError, InputError, UsageError, first_line
-from .progress import Bar, progress_enabled
+from compress import distributed, masks
+from compress.config import FineTune
+from compress.data import Data, as_data, batches, eval_batch_size
+from compress.errors import CompressError, InputError, UsageError, first_line
+from compress.progress import Bar, progress_enabled
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def resolve_metric(metric=None) -> Metric:
     if isinstance(metric, str):
         if metric in METRICS:
             return METRICS[metric]
-        from .io import resolve_callable
+        from compress.io import resolve_callable
 
         return Metric(metric, resolve_callable(metric, what="--metric"))
     if callable(metric):
@@ -139,7 +139,7 @@ def resolve_loss(loss=None) -> Callable:
     if loss is None:
         return cross_entropy
     if isinstance(loss, str):
-        from .io import resolve_callable
+        from compress.io import resolve_callable
 
         return resolve_callable(loss, what="--loss")
     if callable(loss):

@@ -13,8 +13,7 @@ from compress.coding.graph_model import GraphModel
 from compress.errors import InputError, OutputExistsError, UntrustedPickleError, UsageError
 from compress.meta import read_meta, set_meta
 from compress.stages import Context
-
-from .helpers import one_line_error
+from tests.helpers import one_line_error
 
 ARCH = "tests.test_library:tiny_res"
 SHAPE = (1, 3, 20, 20)

@@ -13,8 +13,8 @@ import warnings
 
 import typer
 
-from ..errors import CompressError, CompressWarning, cli_style, first_line, printable
-from . import common
+from compress.cli import common
+from compress.errors import CompressError, CompressWarning, cli_style, first_line, printable
 
 # Typer 0.29 labels on/off flags "<bool>" in help, which reads as if `--force true` were expected;
 # a flag takes no value, so it gets no type label.
@@ -30,7 +30,7 @@ app = typer.Typer(name="compress", no_args_is_help=True, add_completion=False, p
 
 def _version(value: bool) -> None:
     if value:
-        from .. import __version__
+        from compress import __version__
 
         print(f"compress {__version__}")
         raise typer.Exit(0)
@@ -48,7 +48,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
                                        help="Show the version and exit.")):
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from ..errors import UsageError
+    from compress.errors import UsageError
 
     if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
         raise UsageError(f"--device {device!r}: expected cpu, cuda or cuda:N")
@@ -57,14 +57,14 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
 
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device here")
-    from .. import progress
+    from compress import progress
 
     common.err.quiet = quiet  # set on every invocation: main() may be called again in one process
     progress.PROGRESS = False if quiet else None
     common.state["device"] = device
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # not under torchrun: torch is imported by the command
         return
-    from .. import distributed
+    from compress import distributed
 
     if distributed.init_from_env(device):
         if device.startswith("cuda"):
@@ -73,7 +73,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
             common.out.quiet = common.err.quiet = True
 
 
-from . import coding_cmds, factorize_cmd, model_cmds, pipeline_cmd, prune_cmds, quant_cmds, zoo  # noqa: E402,F401
+from compress.cli import coding_cmds, factorize_cmd, model_cmds, pipeline_cmd, prune_cmds, quant_cmds, zoo  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,3 +1,3 @@
-from . import entry
+from compress.cli import entry
 
 entry()

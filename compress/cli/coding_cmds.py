@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from . import app
-from .common import (
+from compress.cli import app
+from compress.cli.common import (
     ArchOpt,
     ForceOpt,
     InputShapeOpt,
@@ -20,7 +20,7 @@ from .common import (
     out,
     table,
 )
-from .harness import check_output
+from compress.cli.harness import check_output
 
 
 @app.command()
@@ -38,9 +38,9 @@ def encode(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: 
 
         compress encode r20-int4.pt --arch mypkg.models:resnet20 -o r20.cpz
     """
-    from ..coding.container import save_cpz
-    from ..coding.stats import tensor_row
-    from ..metrics import count_params
+    from compress.coding.container import save_cpz
+    from compress.coding.stats import tensor_row
+    from compress.metrics import count_params
 
     check_output(model, output, force)
     load = load_options(arch, trust_pickle, input_shape)
@@ -75,8 +75,8 @@ def decode(cpz: ModelArg, output: OutOpt, arch: ArchOpt = None, force: ForceOpt 
 
         compress decode r20.cpz --arch mypkg.models:resnet20 -o r20-decoded.pt
     """
-    from ..coding.container import load_cpz
-    from ..formats import arch_base, save_model
+    from compress.coding.container import load_cpz
+    from compress.formats import arch_base, save_model
 
     check_output(cpz, output, force)
     m = load_cpz(cpz, base=arch_base(arch))

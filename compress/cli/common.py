@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import CompressError, UsageError, printable
+from compress.errors import CompressError, UsageError, printable
 
 state: dict = {"device": "cpu"}  # set by the root callback (--device)
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 140)
@@ -71,7 +71,7 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
         raise UsageError(f"--input-shape {text!r} must look like 1,1,28,28") from e
     if shape and shape[0] != 1:  # 28,28 would otherwise read as a batch of 28 samples of 28 values
         raise UsageError(f"--input-shape {text!r}: give the batch dimension first, 1,C,H,W (e.g. 1,1,28,28)")
-    from ..stages import check_shape
+    from compress.stages import check_shape
 
     try:
         return check_shape(shape, "--input-shape")
@@ -86,7 +86,7 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Any option o
 
 def load_options(arch: str | None, trust_pickle: bool, input_shape: str | None):
     """The command's ``LoadOptions`` from its --arch, --trust-pickle and --input-shape."""
-    from ..formats import LoadOptions
+    from compress.formats import LoadOptions
 
     return LoadOptions(arch, trust_pickle, parse_shape(input_shape))
 
@@ -98,7 +98,7 @@ def with_settings(cfg, settings: list[str] | None):
         return cfg
     import tomllib
 
-    from ..config import Config
+    from compress.config import Config
 
     d = cfg.to_dict()
     for item in settings:
@@ -156,7 +156,7 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
 
 def before_after(before: dict, after: dict, title: str = "before / after") -> Table:
     """The table every model-changing command prints."""
-    from ..report.render import before_after_rows
+    from compress.report.render import before_after_rows
 
     return table(title, ["", "before", "after", "change"], before_after_rows(before, after))
 
@@ -185,8 +185,8 @@ def note_no_graph(why: Optional[str]) -> None:
 
 def check_reports(report_dir: Optional[str], json_out: Optional[str], force: bool) -> None:
     """Refuse, before any work, to replace an existing --report folder's report or --json file without --force."""
-    from ..errors import OutputExistsError
-    from ..report.render import check_folder
+    from compress.errors import OutputExistsError
+    from compress.report.render import check_folder
 
     if report_dir:
         check_folder(report_dir, force)
@@ -195,7 +195,7 @@ def check_reports(report_dir: Optional[str], json_out: Optional[str], force: boo
 
 
 def emit_json(obj: Any, dest: Optional[str], force: bool = False) -> None:
-    from ..fileio import write_text
+    from compress.fileio import write_text
 
     text = json.dumps(obj, indent=2, default=_json_default)
     if dest == "-":

@@ -5,10 +5,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import app
-from . import common as c
-from .common import load_options, make_config, out, table, use_threads, with_settings
-from .harness import TaskOptions, load_inputs, patterns, run_command
+from compress.cli import app
+from compress.cli import common as c
+from compress.cli.common import load_options, make_config, out, table, use_threads, with_settings
+from compress.cli.harness import TaskOptions, load_inputs, patterns, run_command
 
 
 @app.command()
@@ -39,8 +39,8 @@ def factorize(model: c.ModelArg, output: c.OutOpt,
 
     With --train-data and no --epochs, only BatchNorm statistics are re-estimated (no weight trains).
     """
-    from ..config import Select
-    from ..factorize import FactorizeConfig
+    from compress.config import Select
+    from compress.factorize import FactorizeConfig
 
     ft = make_config(FactorizeConfig.part, "finetune", epochs=epochs, lr=lr, distill=distill)
     cfg = make_config(FactorizeConfig, energy=energy, rank_ratio=rank_ratio, rank=rank, finetune=ft,

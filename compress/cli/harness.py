@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import OutputExistsError, UsageError
-from .common import before_after, check_reports, emit_json, err, out, state
+from compress.cli.common import before_after, check_reports, emit_json, err, out, state
+from compress.errors import OutputExistsError, UsageError
 
 if TYPE_CHECKING:  # torch is imported where a command runs: `compress --help` starts without it
     import torch.nn as nn
 
-    from ..formats import LoadOptions
+    from compress.formats import LoadOptions
 
 
 @dataclass
@@ -69,9 +69,9 @@ def load_inputs(model_path: str, output: str | None, force: bool, load: LoadOpti
                 test_data=None, need_train=False, task=None) -> Inputs:
     """Load the model and the data of a command: ``load`` says how the model is read (--arch, --trust-pickle,
     --input-shape), ``task`` its ``TaskOptions`` (--loss, --metric, --workers)."""
-    from .. import data as data_mod
-    from ..meta import read_meta
-    from ..train import resolve_loss, resolve_metric
+    from compress import data as data_mod
+    from compress.meta import read_meta
+    from compress.train import resolve_loss, resolve_metric
 
     task = task or TaskOptions()
     loss, metric = resolve_loss(task.loss), resolve_metric(task.metric)  # a bad --metric fails before any work
@@ -109,7 +109,7 @@ def load_inputs(model_path: str, output: str | None, force: bool, load: LoadOpti
 def check_data(model: nn.Module, data, task: "TaskOptions", metric, training: bool = False):
     """``data`` if it fits the model (``data.check_fits``); class labels are checked only where they are used as
     such: in training data unless the user's --loss takes other targets, in scored data for the built-in metrics."""
-    from .. import data as data_mod
+    from compress import data as data_mod
 
     data_mod.check_fits(model, data, labels_needed=(task.loss is None or metric.builtin) if training
                         else metric.builtin)
@@ -130,8 +130,8 @@ class TaskOptions:
 def cpz_estimate(model: nn.Module, input_shape=None) -> int | None:
     """The bytes ``compress encode`` writes for the model as it stands (with its graph and metadata, encoded in
     memory with the same options): what a .pt's size hides. Call it once the model's metadata is final."""
-    from ..coding.container import encode_model
-    from ..errors import CompressError
+    from compress.coding.container import encode_model
+    from compress.errors import CompressError
 
     try:  # (an INT8 model is refused by the container: None)
         return encode_model(copy.deepcopy(model).cpu(), graph=True, input_shape=input_shape)[1]["file_bytes"]
@@ -167,9 +167,9 @@ def output_drift(before: nn.Module, after: nn.Module, input_shape, data=None, n:
 def measure(inp: Inputs, model: nn.Module, calib=None, cpz: bool = True) -> dict:
     """The numbers of ``model`` before or after a stage; ``cpz``: its .cpz bytes too (``cpz_estimate``), else
     None there, for a caller that sets the model's metadata first."""
-    from ..metrics import summarize
-    from ..stages import Context
-    from ..train import evaluate
+    from compress.metrics import summarize
+    from compress.stages import Context
+    from compress.train import evaluate
 
     try:
         shape = Context(train=inp.train, val=inp.test if inp.test is not None else calib,
@@ -189,13 +189,13 @@ def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, re
                 json_out: str | None = None, on_event=None, extra: dict | None = None, latency: bool = True,
                 calib=None) -> dict:
     """Run one stage on loaded inputs, print before/after, save, report. ``calib``: calibration data (INT8)."""
-    from ..formats import save_model
-    from ..meta import set_meta
-    from ..stages import Context, run
+    from compress.formats import save_model
+    from compress.meta import set_meta
+    from compress.stages import Context, run
 
     check_reports(report_dir, json_out, force)  # before the work, not after it
     if inp.train is not None and getattr(cfg, "finetune", None) is not None:
-        from ..train import check_augment
+        from compress.train import check_augment
 
         check_augment(cfg.finetune.augment, inp.train)  # the shifts fit the images: said before any work
     original = copy.deepcopy(inp.model)
@@ -214,12 +214,12 @@ def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, re
                                       else inp.test)
         set_meta(model, input_shape=list(after["input_shape"]))  # the file it writes says the shape it takes
     if after.get("input_shape") and latency:  # before and after timed interleaved, after a warm-up until stable
-        from ..metrics import latencies
+        from compress.metrics import latencies
 
         inp.before["latency_ms"], after["latency_ms"] = latencies([original.cpu(), model], after["input_shape"])
     after["cpz_bytes"] = cpz_estimate(model, inp.input_shape)  # with the metadata the file carries: what encode writes
     if output:
-        from .. import distributed
+        from compress import distributed
 
         save_model(model, output, force=force)  # rank 0 writes; the others wait for it
         distributed.barrier()
@@ -240,7 +240,7 @@ def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, re
     result = {"method": f"{verb}/{res.stage}", "config": res.config, "before": inp.before, "after": after,
               "layers_changed": res.layers, "records": res.records, "notes": res.notes, **(extra or {})}
     if report_dir:
-        from ..report.render import render_stage_report
+        from compress.report.render import render_stage_report
 
         paths = render_stage_report(result, original, model, report_dir, force=force)
         err.print(f"report written to {paths['html']}")

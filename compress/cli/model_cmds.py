@@ -1,9 +1,9 @@
 """``compress report``: the numbers of one model file."""
 from __future__ import annotations
 
-from . import app
-from . import common as c
-from .common import check_reports, emit_json, load_options, out, table, use_threads
+from compress.cli import app
+from compress.cli import common as c
+from compress.cli.common import check_reports, emit_json, load_options, out, table, use_threads
 
 
 @app.command()
@@ -20,7 +20,7 @@ def report(model: c.ModelArg, arch: c.ArchOpt = None, trust_pickle: c.TrustOpt =
 
         compress report weights.pt --arch zoo:lenet5 --input-shape 1,1,28,28 --json report.json
     """
-    from ..report import model_report
+    from compress.report import model_report
 
     check_reports(report_dir, json_out, force)
     use_threads(threads)
@@ -31,14 +31,14 @@ def report(model: c.ModelArg, arch: c.ArchOpt = None, trust_pickle: c.TrustOpt =
     show_report(rep)
     emit_json(rep, json_out, force)
     if report_dir:
-        from ..report.render import render_model_report
+        from compress.report.render import render_model_report
 
         paths = render_model_report(rep, report_dir, force=force)
         out.print(f"report written to {paths['html']}")
 
 
 def show_report(rep: dict) -> None:
-    from ..report.render import graph_layer_rows, model_rows
+    from compress.report.render import graph_layer_rows, model_rows
 
     out.print(table(rep["file"], ["", "value"], model_rows(rep)))
     if rep.get("layers") and "nodes" in rep["layers"][0]:  # decoded from its stored graph: groups of its nodes

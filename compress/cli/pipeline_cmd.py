@@ -6,10 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import app
-from . import common as c
-from .common import check_reports, emit_json, err, load_options, note_no_graph, out, table, use_threads
-from .harness import TaskOptions, check_data, load_inputs
+from compress.cli import app
+from compress.cli import common as c
+from compress.cli.common import check_reports, emit_json, err, load_options, note_no_graph, out, table, use_threads
+from compress.cli.harness import TaskOptions, check_data, load_inputs
 
 
 @app.command()
@@ -61,12 +61,12 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
     """
     from pathlib import Path
 
-    from .. import data as data_mod
-    from ..checkpoint import Checkpoint
-    from ..errors import INT8_IS_PT, OutputExistsError, UsageError
-    from ..formats import save_model
-    from ..recipe import Recipe
-    from ..search import pipeline as run
+    from compress import data as data_mod
+    from compress.checkpoint import Checkpoint
+    from compress.errors import INT8_IS_PT, OutputExistsError, UsageError
+    from compress.formats import save_model
+    from compress.recipe import Recipe
+    from compress.search import pipeline as run
 
     load = load_options(arch, trust_pickle, input_shape)
     # compress's own files, loaded without --trust-pickle (it covers the user's model only); --arch may rebuild
@@ -91,7 +91,7 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
     ds = check_data(inp.model, data_mod.load(train_data, workers), task, inp.metric, training=True)
     val = check_data(inp.model, data_mod.load(val_data, workers), task, inp.metric) if val_data else None
     if rec is not None:  # the recipe's shifts fit the images: said before minutes of work
-        from ..train import check_augment
+        from compress.train import check_augment
 
         for cand in (c for st in rec.stages for c in st.candidates):
             check_augment(cand.finetune.augment, ds)
@@ -107,7 +107,7 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
     if not stopped:
         ckpt.remove()
     note_no_graph(summary.get("graph_note"))
-    from ..report.render import score_change, score_text, value_text
+    from compress.report.render import score_change, score_text, value_text
 
     test = inp.test is not None
     label = inp.metric.label
@@ -136,7 +136,7 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
         then = f"--resume goes on from {ckpt.folder}" if ckpt.exists() else "no candidate was decided: nothing to resume"
         out.print(f"stopped early ({_STOPPED_BY[stopped]}): {what}; the stages after it did not run. {then}")
     if report:
-        from ..report.render import render_pipeline_report
+        from compress.report.render import render_pipeline_report
 
         paths = render_pipeline_report(summary, original, m, tuple(summary["input_shape"]), report, force=force)
         err.print(f"report written to {paths['html']}")
@@ -191,7 +191,7 @@ class _ShowEvents:
         self.label = label  # the metric's: every score is named by it
 
     def __call__(self, kind: str, kw: dict) -> None:
-        from ..report.render import score_text, value_text
+        from compress.report.render import score_text, value_text
 
         if kind == "start":
             within = f", time budget {_clock(kw['time_budget'])}" if kw.get("time_budget") is not None else ""

@@ -7,10 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import app
-from . import common as c
-from .common import err, load_options, make_config, out, table, use_threads, with_settings
-from .harness import TaskOptions, load_inputs, parse_mapping, patterns, run_command
+from compress.cli import app
+from compress.cli import common as c
+from compress.cli.common import err, load_options, make_config, out, table, use_threads, with_settings
+from compress.cli.harness import TaskOptions, load_inputs, parse_mapping, patterns, run_command
 
 # The importances compress registers (compress.prune.importance.IMPORTANCES), as --help names them. The registry
 # itself needs torch, which `--help` does not import; tests/test_pipeline_help.py checks this lists all of them.
@@ -91,9 +91,9 @@ def prune(model: c.ModelArg, output: c.OutOpt,
 
         compress prune resnet20.pt --method channel-union --train-data "mnist5k?size=32" --epochs 4 -o r20-cu.pt
     """
-    from ..config import Config, Select
-    from ..errors import UsageError
-    from ..prune import ChannelUnionConfig, L1FilterConfig, ThresholdConfig
+    from compress.config import Config, Select
+    from compress.errors import UsageError
+    from compress.prune import ChannelUnionConfig, L1FilterConfig, ThresholdConfig
 
     # threshold pruning fine-tunes by default (3 epochs): without data it would only destroy (a 90%-pruned
     # LeNet-5 scored 16% and exited 0), so it needs --train-data unless told --epochs 0
@@ -147,7 +147,7 @@ class _Progress:
         self.label = label
 
     def __call__(self, kind: str, rec: dict) -> None:
-        from ..report.render import score_text
+        from compress.report.render import score_text
 
         acc = f", {score_text(rec['accuracy'], self.label)}" if "accuracy" in rec else ""
         if kind == "round":
@@ -168,11 +168,11 @@ def _num(v: str):
 
 
 def _sensitivity(inp, folder, budget, ratio, extra):
-    from ..fileio import write_text
-    from ..prune import ratios_for_budget
-    from ..prune import sensitivity as run_sens
-    from ..report.plots import sensitivity as plot_sensitivity
-    from ..report.render import score_text
+    from compress.fileio import write_text
+    from compress.prune import ratios_for_budget
+    from compress.prune import sensitivity as run_sens
+    from compress.report.plots import sensitivity as plot_sensitivity
+    from compress.report.render import score_text
 
     if inp.val is None:
         raise typer.BadParameter("--sensitivity needs --train-data (accuracy is measured on its held-out 20%)")

@@ -6,11 +6,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import INT8_IS_PT
-from . import app
-from . import common as c
-from .common import emit_json, err, load_options, make_config, out, table, use_threads, with_settings
-from .harness import TaskOptions, check_output, load_inputs, parse_mapping, patterns, run_command
+from compress.cli import app
+from compress.cli import common as c
+from compress.cli.common import emit_json, err, load_options, make_config, out, table, use_threads, with_settings
+from compress.cli.harness import TaskOptions, check_output, load_inputs, parse_mapping, patterns, run_command
+from compress.errors import INT8_IS_PT
 
 
 @app.command()
@@ -63,8 +63,8 @@ def quantize(model: c.ModelArg, output: c.OutOpt,
             raise typer.BadParameter("--activations needs --calib-data (or --train-data) for the activation ranges")
         if output.endswith(".cpz"):  # before the work, not after it
             raise typer.BadParameter(f"{INT8_IS_PT}: give -o NAME.pt")
-        from ..config import Select
-        from ..quantize import Int8Config
+        from compress.config import Select
+        from compress.quantize import Int8Config
 
         cfg8 = make_config(Int8Config, observer=observer,
                            select=make_config(Select, names=patterns(layers), exclude=patterns(exclude),
@@ -80,8 +80,8 @@ def quantize(model: c.ModelArg, output: c.OutOpt,
         err.print(f"INT8 ({made['observer'] if 'qat' not in made else 'quantization-aware: ' + made['qat']}; "
                   f"activation ranges from {made['calibration']}); {made['executes']}")
         return
-    from ..config import Select
-    from ..quantize import QuantConfig
+    from compress.config import Select
+    from compress.quantize import QuantConfig
 
     ft = make_config(QuantConfig.part, "finetune", epochs=epochs, lr=lr, distill=distill)
     cfg = make_config(QuantConfig, bits=parse_mapping(bits, "--bits", cast=int), scheme=scheme,
@@ -121,9 +121,9 @@ def export(model: c.ModelArg, output: c.OutOpt, arch: c.ArchOpt = None, trust_pi
 
         compress export resnet20.pt --int8 --format openvino --calib-data "mnist5k?size=32&limit=512" -o r20-int8.xml
     """
-    from .. import data as data_mod
-    from ..export import export as run
-    from ..stages import Context
+    from compress import data as data_mod
+    from compress.export import export as run
+    from compress.stages import Context
 
     check_output(model, output, force)
     load = load_options(arch, trust_pickle, input_shape)
@@ -162,7 +162,7 @@ def _calibration(inp, calib_spec, workers):
     """--calib-data (checked against the model), else None: the stage calibrates on --train-data's part."""
     if not calib_spec:
         return None
-    from .. import data as data_mod
+    from compress import data as data_mod
 
     calib = data_mod.load(calib_spec, workers)
     data_mod.check_fits(inp.model, calib, labels_needed=False)

@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import app
-from .common import ForceOpt, OutOpt, SeedOpt, TestDataOpt, err, make_config, out, table
+from compress.cli import app
+from compress.cli.common import ForceOpt, OutOpt, SeedOpt, TestDataOpt, err, make_config, out, table
 
 
 class Optimizer(str, Enum):
@@ -22,7 +22,7 @@ app.add_typer(zoo, name="zoo")
 @zoo.command("list")
 def list_cmd():
     """List the zoo's models."""
-    from ..models import list_models, model_doc
+    from compress.models import list_models, model_doc
 
     out.print(table("zoo", ["name", "description"], [[n, model_doc(n)] for n in list_models()]))
 
@@ -53,14 +53,14 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compres
     """
     import torch
 
-    from .. import data as data_mod
-    from ..config import FineTune
-    from ..formats import save_model
-    from ..meta import set_meta
-    from ..metrics import count_params
-    from ..models import create_model
-    from ..train import evaluate, fit
-    from .harness import check_output
+    from compress import data as data_mod
+    from compress.cli.harness import check_output
+    from compress.config import FineTune
+    from compress.formats import save_model
+    from compress.meta import set_meta
+    from compress.metrics import count_params
+    from compress.models import create_model
+    from compress.train import evaluate, fit
 
     check_output("", output, force)  # fail on an existing output before training, not after
     ds = data_mod.load(data)
@@ -75,7 +75,7 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compres
     if name.startswith("lenet"):
         kw["input_size"] = shape[-1]
     model = create_model(name, num_classes=ds.num_classes, in_channels=shape[0], **kw)
-    from ..data import check_fits
+    from compress.data import check_fits
 
     check_fits(model, tr)
     err.print(f"training {name} ({count_params(model):,} params) on {len(tr):,} samples of {data}")

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import param, safe
-from ..quant_state import STATE_ATTRS
+from compress.errors import param, safe
+from compress.quant_state import STATE_ATTRS
 
 _INTERNAL = set(vars(nn.Module()).keys())
 # the modules of compress whose nn.Module classes a file may name (the zoo, and what methods insert)

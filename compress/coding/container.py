@@ -27,17 +27,17 @@ from typing import Callable, NoReturn
 import torch
 import torch.nn as nn
 
-from ..budget import env_number
-from ..errors import INT8_IS_PT, FormatError, InputError, UsageError, first_line, param, safe
-from ..fileio import atomic_write
-from ..masks import remove_masks
-from ..meta import META_ATTR, get_meta, read_meta
-from ..quant_state import PARAMS, STATE_ATTRS, get_state, set_state
-from . import arch as arch_mod
-from . import capture as capture_mod
-from . import graph_model, streams
-from .graph import GraphError
-from .tensors import decode_entry, encode_tensor, shape_numel
+from compress.budget import env_number
+from compress.coding import arch as arch_mod
+from compress.coding import capture as capture_mod
+from compress.coding import graph_model, streams
+from compress.coding.graph import GraphError
+from compress.coding.tensors import decode_entry, encode_tensor, shape_numel
+from compress.errors import INT8_IS_PT, FormatError, InputError, UsageError, first_line, param, safe
+from compress.fileio import atomic_write
+from compress.masks import remove_masks
+from compress.meta import META_ATTR, get_meta, read_meta
+from compress.quant_state import PARAMS, STATE_ATTRS, get_state, set_state
 
 log = logging.getLogger(__name__)
 MAGIC = b"CPZ\x00"

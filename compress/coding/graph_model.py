@@ -21,14 +21,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .. import budget
-from ..budget import call_limits
-from ..counting import mac_counter
-from ..distributed import device_of
-from ..errors import InputError, first_line, safe
-from ..quant_state import PARAMS, get_state
-from .graph import DTYPES, MAX_RESULTS, Graph, GraphError, Ref, Tensor, dump, parse, run
-from .graph_ops import nbytes
+from compress import budget
+from compress.budget import call_limits
+from compress.coding.graph import DTYPES, MAX_RESULTS, Graph, GraphError, Ref, Tensor, dump, parse, run
+from compress.coding.graph_ops import nbytes
+from compress.counting import mac_counter
+from compress.distributed import device_of
+from compress.errors import InputError, first_line, safe
+from compress.quant_state import PARAMS, get_state
 
 MAX_VALUES = 200_000   # tensors a graph may compute in one run, all its nodes' results together
 

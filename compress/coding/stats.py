@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from . import streams
-from .container import HEAD, encode_model, read_manifest
+from compress.coding import streams
+from compress.coding.container import HEAD, encode_model, read_manifest
 
 
 def read_stats(path) -> dict[str, Any]:
@@ -39,8 +39,8 @@ def size_bytes(model, graph: bool = False) -> dict[str, Any]:
     each layer's tensors (weight, bias, buffers) in the .cpz. ``graph``: with the graph
     a .cpz of the user's own classes holds (``coding.graph``), as ``save_model`` writes it. An INT8 model
     (``quantize.int8.Int8Model``) is not a .cpz: its file's bytes, both coded and fixed."""
-    from ..quantize.int8 import Int8Model
-    from ..quantize.int8_file import file_size
+    from compress.quantize.int8 import Int8Model
+    from compress.quantize.int8_file import file_size
 
     if isinstance(model, Int8Model):
         n = file_size(model)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import huffman as H
-from .packing import pack, unpack
+from compress.coding import huffman as H
+from compress.coding.packing import pack, unpack
 
 GAP_FILLER = 255
 

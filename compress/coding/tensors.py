@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import InputError
-from ..quant_state import QuantState, schemes
-from . import streams
+from compress.coding import streams
+from compress.errors import InputError
+from compress.quant_state import QuantState, schemes
 
 MAX_NUMEL = 1 << 31
 _STORAGE = {"uniform": "grid", "codebook": "codebook"}  # the manifest's "enc" -> a scheme's storage

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InputError
-from .core import VAL_FRACTION, Data, Mapped, Subset, batches, eval_batch_size
-from .files import MAX_ARRAY_BYTES, MAX_DECODE_RATIO
-from .images import FolderData
-from .kinds import ArrayData, IterData, MapData, TensorData, as_data, check_fits, split, validate
-from .sources import BUILTIN, apply_options
+from compress.data.core import VAL_FRACTION, Data, Mapped, Subset, batches, eval_batch_size
+from compress.data.files import MAX_ARRAY_BYTES, MAX_DECODE_RATIO
+from compress.data.images import FolderData
+from compress.data.kinds import ArrayData, IterData, MapData, TensorData, as_data, check_fits, split, validate
+from compress.data.sources import BUILTIN, apply_options
+from compress.errors import InputError
 
 __all__ = ["VAL_FRACTION", "ArrayData", "Data", "FolderData", "IterData", "MapData", "Mapped", "Subset", "TensorData",
            "as_data", "batches", "check_fits", "eval_batch_size", "load", "split", "MAX_ARRAY_BYTES",
@@ -40,7 +40,7 @@ def _key_value(kv: str) -> tuple[str, str]:
 
 def load(spec: str, workers: int | None = None) -> Data:
     """Load a data set from a spec (see the module docstring). ``workers``: loader processes."""
-    from . import images, sources
+    from compress.data import images, sources
 
     base, _, query = spec.partition("?")
     opts = dict(_key_value(kv) for kv in query.split("&") if kv)

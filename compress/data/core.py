@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from ..errors import CompressError, InputError
+from compress.errors import CompressError, InputError
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import IO
 
 import numpy as np
 
-from ..budget import env_number
-from ..errors import InputError, safe
+from compress.budget import env_number
+from compress.errors import InputError, safe
 
 MAX_ARRAY_BYTES = 8 << 30  # one array of a data file, decoded
 # images gzip about 5:1 (MNIST); a 1000:1 gzip is a run of one byte, not a data set. The IDX .gz and the

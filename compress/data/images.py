@@ -17,12 +17,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError, UsageError, first_line, safe
-from ..fileio import not_regular, open_regular
-from .core import Batch, Data
-from .files import inside
-from .kinds import pil_to_tensor
-from .sources import int_option
+from compress.data.core import Batch, Data
+from compress.data.files import inside
+from compress.data.kinds import pil_to_tensor
+from compress.data.sources import int_option
+from compress.errors import InputError, UsageError, first_line, safe
+from compress.fileio import not_regular, open_regular
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 NORMS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}

@@ -8,9 +8,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .. import distributed
-from ..errors import CompressError, InputError, first_line
-from .core import VAL_FRACTION, Batch, Data
+from compress import distributed
+from compress.data.core import VAL_FRACTION, Batch, Data
+from compress.errors import CompressError, InputError, first_line
 
 
 class TensorData(Data):

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..budget import MAX_INPUT_VALUES
-from ..errors import CompressError, InputError, UsageError, first_line
-from ..fileio import open_regular
-from .core import Data, Mapped
-from .files import MAX_ARRAY_BYTES, DecodeBudget, inside, read_exact
-from .kinds import ArrayData, TensorData, as_data, validate
-from .npy import read_npy, read_npz
+from compress.budget import MAX_INPUT_VALUES
+from compress.data.core import Data, Mapped
+from compress.data.files import MAX_ARRAY_BYTES, DecodeBudget, inside, read_exact
+from compress.data.kinds import ArrayData, TensorData, as_data, validate
+from compress.data.npy import read_npy, read_npz
+from compress.errors import CompressError, InputError, UsageError, first_line
+from compress.fileio import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _arrays(x: np.ndarray, y: np.ndarray, name: str) -> Data:
 
 
 def _callable(spec: str, name: str) -> Data:
-    from ..io import resolve_callable
+    from compress.io import resolve_callable
 
     fn = resolve_callable(spec, what="data")
     try:

@@ -1,5 +1,5 @@
 """The model zoo: plain-torch definitions created through a registry."""
-from . import blocks, lenet, resnet, small  # noqa: F401  (registers the models)
-from ._registry import create_model, list_models, model_doc, register_model
+from compress.models import blocks, lenet, resnet, small  # noqa: F401  (registers the models)
+from compress.models._registry import create_model, list_models, model_doc, register_model
 
 __all__ = ["create_model", "list_models", "model_doc", "register_model"]

@@ -5,8 +5,8 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from ..config import close_matches
-from ..errors import UsageError
+from compress.config import close_matches
+from compress.errors import UsageError
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 

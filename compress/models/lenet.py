@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._registry import register_model
+from compress.models._registry import register_model
 
 
 class LeNet300(nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._registry import register_model
+from compress.models._registry import register_model
 
 
 class BasicBlock(nn.Module):

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._registry import register_model
+from compress.models._registry import register_model
 
 
 def conv_bn(cin, cout, k=3, stride=1, groups=1):

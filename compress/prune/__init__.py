@@ -6,12 +6,12 @@ that your own training loop can drive too (``compress.hooks``).
 """
 from __future__ import annotations
 
-from ..stages import prune_
-from . import taylor  # noqa: F401  (registers the "taylor" importance)
-from .channel_union import ChannelUnionConfig, ChannelUnionPruner, channel_union
-from .importance import IMPORTANCES, register_importance
-from .l1_filter import L1FilterConfig, L1FilterPruner, l1_filter, ratios_for_budget, sensitivity
-from .threshold import ThresholdConfig, ThresholdPruner, sparsity_of, threshold
+from compress.prune import taylor  # noqa: F401  (registers the "taylor" importance)
+from compress.prune.channel_union import ChannelUnionConfig, ChannelUnionPruner, channel_union
+from compress.prune.importance import IMPORTANCES, register_importance
+from compress.prune.l1_filter import L1FilterConfig, L1FilterPruner, l1_filter, ratios_for_budget, sensitivity
+from compress.prune.threshold import ThresholdConfig, ThresholdPruner, sparsity_of, threshold
+from compress.stages import prune_
 
 __all__ = ["IMPORTANCES", "ChannelUnionConfig", "ChannelUnionPruner", "L1FilterConfig", "L1FilterPruner",
            "ThresholdConfig", "ThresholdPruner", "channel_union", "l1_filter", "prune_", "ratios_for_budget",

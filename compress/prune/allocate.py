@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import Layer
-from ..distributed import device_of
+from compress.config import Layer
+from compress.distributed import device_of
 
 GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998)
 SAMPLES = 256
@@ -33,8 +33,8 @@ def loss_curves(model: nn.Module, layers: list[tuple[str, Layer]], data,
                 samples: int = SAMPLES, loss=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per layer: (sparsities, loss rise) when that layer alone is magnitude-pruned to each sparsity
     (on top of the zeros it has). The rise is made non-decreasing (a running maximum)."""
-    from ..data import batches
-    from ..train import to_device
+    from compress.data import batches
+    from compress.train import to_device
 
     dev = device_of(model)
     order = None if data.iterable else torch.arange(min(samples, len(data)))

@@ -28,13 +28,21 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .. import distributed
-from ..config import Config, FineTune, Select, bounded, register_method
-from ..metrics import count_macs, count_params
-from ..models.blocks import ResidualIdentity
-from ..stages import Context, Method, needs_data
-from ..train import recalibrate_bn, steps_per_epoch
-from .graph import ChannelGroup, channel_groups, group_norms, member_norms, prune_group, scale_channels, unselected
+from compress import distributed
+from compress.config import Config, FineTune, Select, bounded, register_method
+from compress.metrics import count_macs, count_params
+from compress.models.blocks import ResidualIdentity
+from compress.prune.graph import (
+    ChannelGroup,
+    channel_groups,
+    group_norms,
+    member_norms,
+    prune_group,
+    scale_channels,
+    unselected,
+)
+from compress.stages import Context, Method, needs_data
+from compress.train import recalibrate_bn, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +83,7 @@ class ChannelUnionConfig(Config):
     finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(epochs=4.0, lr=0.02, optimizer="sgd", augment=0))
 
     def __post_init__(self):
-        from .l1_filter import check_targets
+        from compress.prune.l1_filter import check_targets
 
         check_targets(self)
 
@@ -190,7 +198,7 @@ class ChannelUnionPruner(Method):
         self.lasso = GroupLasso(self.model, self.shape, self.config.select)
         self.lam = lasso_lambda(self.config, classes)
         log.info("group lasso: lambda %.3g over %d channel groups", self.lam, len(self.lasso.groups))
-        from .l1_filter import resolve_target
+        from compress.prune.l1_filter import resolve_target
 
         self.target = resolve_target(self.config, self.model, self.shape)
         if self.target is not None:
@@ -232,7 +240,7 @@ class ChannelUnionPruner(Method):
 
     def reconfigure(self) -> dict:
         """Re-estimate BatchNorm statistics (the same samples on every rank), then remove zero channels."""
-        from ..data import TensorData
+        from compress.data import TensorData
 
         calib = self.ctx.train
         if calib is None and self._last_batch is not None:
@@ -291,7 +299,7 @@ class ChannelUnionPruner(Method):
                              "l1-filter --ratio 0 --epochs N)")
             got = measure(self.model) / self.base_measure
             self.records.append({"target": what, "wanted": round(wanted, 4), "reached": round(got, 4)})
-            from .l1_filter import target_note
+            from compress.prune.l1_filter import target_note
 
             self.notes.append(target_note(what, wanted, got))
         self.layers = [{"name": cg.name, "channels_after": cg.size} for cg in self.lasso.groups]
@@ -299,7 +307,7 @@ class ChannelUnionPruner(Method):
 
     def _top_up(self, when: str) -> dict:
         """What the group lasso left above the target, removed by L1 ranking across layers."""
-        from .l1_filter import global_counts, prune_filters
+        from compress.prune.l1_filter import global_counts, prune_filters
 
         what, wanted, measure = self.target
         now = measure(self.model)

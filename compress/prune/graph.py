@@ -22,7 +22,7 @@ from torch_pruning import ops as tp_ops
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 from torch_pruning.pruner import function as tpf
 
-from ..errors import InputError, first_line
+from compress.errors import InputError, first_line
 
 PRUNABLE_ROOTS = (nn.Conv2d, nn.Linear)
 

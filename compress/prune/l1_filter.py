@@ -17,14 +17,14 @@ import warnings
 import torch
 import torch.nn as nn
 
-from ..config import Config, FineTune, Select, bounded, check_keys, per_layer, register_method
-from ..distributed import device_of
-from ..errors import CompressError, InputError, first_line, safe
-from ..meta import read_meta
-from ..stages import Context, Method
-from ..train import evaluate
-from .graph import channel_groups, conv_groups, example_input, prune_group, refresh, unselected
-from .importance import IMPORTANCES, importance_for
+from compress.config import Config, FineTune, Select, bounded, check_keys, per_layer, register_method
+from compress.distributed import device_of
+from compress.errors import CompressError, InputError, first_line, safe
+from compress.meta import read_meta
+from compress.prune.graph import channel_groups, conv_groups, example_input, prune_group, refresh, unselected
+from compress.prune.importance import IMPORTANCES, importance_for
+from compress.stages import Context, Method
+from compress.train import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def check_targets(config) -> None:
 
 def resolve_target(config, model: nn.Module, shape):
     """(what, fraction of the model's wanted, measure) for a config's target_macs / target_params, else None."""
-    from ..metrics import count_macs, count_params
+    from compress.metrics import count_macs, count_params
 
     if getattr(config, "target_latency", None) is not None:
         return "latency", config.target_latency, LatencyFraction(model, shape)
@@ -262,7 +262,7 @@ class LatencyFraction:
         self.reference, self.shape = reference, shape
 
     def __call__(self, model: nn.Module) -> float:
-        from ..metrics import latency_stats, speed_ratio
+        from compress.metrics import latency_stats, speed_ratio
 
         if model is self.reference:
             return 1.0
@@ -297,7 +297,7 @@ def sensitivity(model: nn.Module, val_data, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), in
                 metric=None) -> dict:
     """Prune each group alone at each ratio (no fine-tuning); the score (``metric``, default top-1
     accuracy) per group and ratio."""
-    from ..progress import Bar, progress_enabled
+    from compress.progress import Bar, progress_enabled
 
     ctx = Context(val=val_data, input_shape=input_shape, metric=metric)
     shape, val_data = ctx.shape(model), ctx.val

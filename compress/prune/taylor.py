@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..data import batches
-from ..errors import UsageError
-from ..stages import needs_data
-from .graph import slices
-from .importance import register_importance
+from compress.data import batches
+from compress.errors import UsageError
+from compress.prune.graph import slices
+from compress.prune.importance import register_importance
+from compress.stages import needs_data
 
 ATTR = "compress_taylor"  # on a layer between prepare and release: {parameter name: w * grad}
 SAMPLES = 512

@@ -21,10 +21,10 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .. import masks
-from ..config import Config, FineTune, Select, bounded, check_keys, per_layer, register_method, uncovered
-from ..stages import Context, KeepMasks
-from . import allocate as alloc
+from compress import masks
+from compress.config import Config, FineTune, Select, bounded, check_keys, per_layer, register_method, uncovered
+from compress.prune import allocate as alloc
+from compress.stages import Context, KeepMasks
 
 log = logging.getLogger(__name__)
 ALLOCATE = ("sensitivity", "std")

@@ -18,12 +18,12 @@ import warnings
 import torch
 import torch.nn as nn
 
-from ..config import Config, FineTune, Select, bounded, check_keys, per_layer, register_method, uncovered
-from ..errors import safe
-from ..quant_state import SCHEMES, QuantState, Scheme, get_scheme, get_state, register_scheme, set_state
-from ..stages import Method, quantize_
-from . import kmeans as km
-from . import pow2, uniform  # noqa: F401  (the built-in schemes register themselves)
+from compress.config import Config, FineTune, Select, bounded, check_keys, per_layer, register_method, uncovered
+from compress.errors import safe
+from compress.quant_state import SCHEMES, QuantState, Scheme, get_scheme, get_state, register_scheme, set_state
+from compress.quantize import kmeans as km
+from compress.quantize import pow2, uniform  # noqa: F401  (the built-in schemes register themselves)
+from compress.stages import Method, quantize_
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, train_data=Non
     return quantize_(model, config or QuantConfig(**kw), train_data, val_data)
 
 
-from .int8_stage import Int8Config, Int8Lowering, to_int8  # noqa: E402  (the int8 method registers itself)
+from compress.quantize.int8_stage import Int8Config, Int8Lowering, to_int8  # noqa: E402  (the int8 method registers itself)
 
 __all__ = ["SCHEMES", "Int8Config", "Int8Lowering", "QuantConfig", "QuantState", "Quantizer", "Scheme", "get_state", "quantize", "quantize_",
            "quantize_tensor", "register_scheme", "get_scheme", "sqnr_db", "to_int8"]

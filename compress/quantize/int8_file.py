@@ -15,12 +15,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..budget import call_limits
-from ..counting import sample_cost
-from ..errors import InputError, first_line, param, printable, safe
-from ..meta import META_ATTR, get_meta
-from ..stages import check_shape
-from .int8 import BACKENDS, OBSERVERS, Int8Model, _quiet, _require_fx, prepare
+from compress.budget import call_limits
+from compress.counting import sample_cost
+from compress.errors import InputError, first_line, param, printable, safe
+from compress.meta import META_ATTR, get_meta
+from compress.quantize.int8 import BACKENDS, OBSERVERS, Int8Model, _quiet, _require_fx, prepare
+from compress.stages import check_shape
 
 INT8_KEY = "compress_int8"  # the table in an INT8 file: {"version", "backend", "observer", "input_shape", ...}
 FILE_VERSION = 2  # 2: the state packed into one buffer per dtype + an index (1: one tensor per entry; still read)
@@ -163,7 +163,7 @@ def _unpack(buffers: Any, index: Any) -> dict[str, torch.Tensor]:
 
 def file_size(model: Int8Model) -> int:
     """The bytes of the file ``formats.save_model`` writes for ``model``."""
-    from ..io import wrapped_size
+    from compress.io import wrapped_size
 
     return wrapped_size(model.arch_cpz, payload(model))
 

@@ -15,11 +15,11 @@ import math
 
 import torch.nn as nn
 
-from ..config import Config, FineTune, Select, bounded, register_method
-from ..data import Data, as_data, check_fits
-from ..errors import UsageError, safe
-from ..stages import Context, Method, needs_data, run
-from . import int8
+from compress.config import Config, FineTune, Select, bounded, register_method
+from compress.data import Data, as_data, check_fits
+from compress.errors import UsageError, safe
+from compress.quantize import int8
+from compress.stages import Context, Method, needs_data, run
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..quant_state import QuantState, Scheme, get_state, register_scheme, set_state
+from compress.quant_state import QuantState, Scheme, get_state, register_scheme, set_state
 
 
 def lloyd_1d(values: torch.Tensor, k: int, iters: int = 30) -> torch.Tensor:

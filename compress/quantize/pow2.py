@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ..quant_state import QuantState, Scheme, register_scheme
-from .kmeans import assign, half_exact
+from compress.quant_state import QuantState, Scheme, register_scheme
+from compress.quantize.kmeans import assign, half_exact
 
 MAX_EXPONENTS = 16
 SCALE_STEPS = 41  # scale candidates: the largest magnitude times 2^-f, f in [0, 2]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant_state import QuantState, Scheme, qrange, register_scheme
+from compress.quant_state import QuantState, Scheme, qrange, register_scheme
 
 # ACIQ (Banner et al., "Post training 4-bit quantization of convolutional networks for rapid-deployment",
 # NeurIPS 2019): optimal clipping for Laplace(b) at 2..8 bits, in units of b.

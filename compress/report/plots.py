@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from ..errors import printable  # noqa: E402
+from compress.errors import printable  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:

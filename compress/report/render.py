@@ -10,10 +10,10 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..errors import printable
-from ..fileio import write_text
-from ..metrics import BUSY, speed_change
-from . import plots
+from compress.errors import printable
+from compress.fileio import write_text
+from compress.metrics import BUSY, speed_change
+from compress.report import plots
 
 
 def _fmt(v: Any) -> str:
@@ -52,7 +52,7 @@ REPORT_FILES = ("report.json", "report.md", "report.html")
 
 def check_folder(folder, force: bool = False) -> Path:
     """Refuse a folder that already holds a report, unless ``force``."""
-    from ..errors import OutputExistsError, param
+    from compress.errors import OutputExistsError, param
 
     folder = Path(folder)
     if not force and any((folder / f).exists() for f in REPORT_FILES):
@@ -164,7 +164,7 @@ def render_stage_report(result: dict, before_model: nn.Module | None, after_mode
 def metric_label(metric) -> str:
     """The label of the metric scores were measured by: a ``train.Metric`` (its ``label``), or the name a
     summary keeps ("top1", "top5", the user's function's name, "evaluate" for the user's own evaluation)."""
-    from ..train import METRICS, Metric
+    from compress.train import METRICS, Metric
 
     if isinstance(metric, Metric):
         return metric.label
@@ -261,7 +261,7 @@ def value_text(v) -> str:
 
 def render_pipeline_report(summary: dict, before_model: nn.Module, after_model: nn.Module, input_shape, folder,
                            force: bool = False) -> dict[str, Path]:
-    from ..metrics import layer_table
+    from compress.metrics import layer_table
 
     folder = prepare_folder(folder, force)
     label = metric_label(summary.get("metric"))  # every score named by the metric it was measured with

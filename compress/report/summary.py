@@ -5,12 +5,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .. import data as data_mod
-from ..errors import InputError
-from ..formats import LoadOptions, kind
-from ..meta import read_meta
-from ..metrics import summarize
-from ..stages import Context
+from compress import data as data_mod
+from compress.errors import InputError
+from compress.formats import LoadOptions, kind
+from compress.meta import read_meta
+from compress.metrics import summarize
+from compress.stages import Context
 
 
 def _data_label(model, spec: str, ds, rep: dict, metric=None) -> str:
@@ -19,7 +19,7 @@ def _data_label(model, spec: str, ds, rep: dict, metric=None) -> str:
     meta = read_meta(model)
     if meta.train_data != spec:
         return f"{spec}, {len(ds):,} samples"
-    from ..train import evaluate
+    from compress.train import evaluate
 
     vf = meta.val_fraction if meta.val_fraction is not None and 0 < meta.val_fraction < 1 else data_mod.VAL_FRACTION
     _, held = data_mod.split(ds, vf, seed=0)
@@ -34,7 +34,7 @@ def model_report(path: str | os.PathLike, load: LoadOptions = LoadOptions(), dat
     """Everything ``compress report`` shows, as a JSON-able dict. ``load``: how the model is read (arch,
     trust, input shape); ``metric``: how accuracy is scored (``compress.train.resolve_metric``);
     ``workers``: loader processes for the data."""
-    from ..train import resolve_metric
+    from compress.train import resolve_metric
 
     path = Path(path)
     if not path.exists():
@@ -43,7 +43,7 @@ def model_report(path: str | os.PathLike, load: LoadOptions = LoadOptions(), dat
     ds = data_mod.load(data, workers) if data else None
     what = kind(path)
     if what == "onnx":
-        from ..export import onnx_summary
+        from compress.export import onnx_summary
 
         rep = onnx_summary(path, ds, load.input_shape)
     else:
@@ -58,14 +58,14 @@ def model_report(path: str | os.PathLike, load: LoadOptions = LoadOptions(), dat
         if meta.arch:
             rep["arch"] = meta.arch
         if test_data:
-            from ..train import evaluate
+            from compress.train import evaluate
 
             test = data_mod.load(test_data, workers)
             rep["test_accuracy"] = round(evaluate(model, test, metric), 3)
             rep["metric"] = metric.label
             rep["test_data"] = f"{test_data}, {len(test):,} samples"
         if what == "cpz":
-            from ..coding.stats import read_stats
+            from compress.coding.stats import read_stats
 
             rep["cpz"] = read_stats(path)
     rep = {"file": str(path), "file_bytes": path.stat().st_size, **rep}
