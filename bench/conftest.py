@@ -17,8 +17,8 @@ import torch  # noqa: E402
 
 from compress import data as data_mod  # noqa: E402
 from compress.config import FineTune
-from compress.formats import load_model, save_model  # noqa: E402
 from compress.meta import set_meta
+from compress.model_io import load_model, save_model  # noqa: E402
 from compress.models import create_model  # noqa: E402
 from compress.train import fit  # noqa: E402
 

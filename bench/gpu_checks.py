@@ -75,9 +75,10 @@ def resnet50():
 def latency_checks(device: str, quick: bool) -> dict:
     import torch
 
-    from compress.metrics import count_macs, count_params, latency_stats
+    from compress.counting import count_macs, count_params
+    from compress.measure import latency_stats
+    from compress.method import Context, run
     from compress.prune import L1FilterConfig
-    from compress.stages import Context, run
 
     torch.manual_seed(0)
     base, source = resnet50()

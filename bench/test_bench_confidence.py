@@ -12,8 +12,9 @@ from bench.conftest import once
 from compress import data as data_mod
 from compress.config import FineTune
 from compress.models import create_model
+from compress.scoring import evaluate
 from compress.search import pipeline
-from compress.train import evaluate, fit
+from compress.train import fit
 
 SEEDS = (0, 1, 2, 3, 4)
 

@@ -15,9 +15,10 @@ import torch
 from bench.conftest import VAL_FRACTION, once, record, trained
 from compress import data as data_mod
 from compress.config import FineTune
+from compress.method import prune_
 from compress.prune import L1FilterConfig
-from compress.stages import prune_
-from compress.train import evaluate, fit
+from compress.scoring import evaluate
+from compress.train import fit
 
 BIN = Path(sys.executable).parent
 
@@ -81,7 +82,7 @@ def test_folder_memory_is_bounded(benchmark, tmp_path):
     """`report` and a 1-epoch `prune --train-data` on 100,000 and on 10,000 PNG digits: peak RSS under
     1.5 GB and nearly the same for both (memory holds the file list and a few batches, not the images)."""
     model = tmp_path / "lenet300.pt"
-    from compress.formats import save_model
+    from compress.model_io import save_model
 
     save_model(trained("lenet300", 15), model)
     mem = data_mod.load("mnist5k")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.conftest import trained
-from compress.formats import load_model
+from compress.model_io import load_model
 from compress.prune import sparsity_of
 
 
@@ -24,7 +24,7 @@ def _port() -> int:
 
 @pytest.mark.slow
 def test_threshold_finetune_1_vs_2_processes(benchmark, tmp_path):
-    from compress.formats import save_model
+    from compress.model_io import save_model
 
     src = tmp_path / "lenet5.pt"
     save_model(trained("lenet5", 15), src)

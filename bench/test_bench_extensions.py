@@ -8,14 +8,15 @@ import pytest
 
 from bench.conftest import VAL_FRACTION, once, trained
 from compress import data as data_mod
-from compress.coding.container import encode_model
 from compress.config import FineTune
-from compress.metrics import count_macs
+from compress.counting import count_macs
+from compress.cpz.container import encode_model
+from compress.method import Context, run
 from compress.prune import IMPORTANCES, L1FilterConfig
 from compress.quant_state import SCHEMES
 from compress.quantize import QuantConfig
-from compress.stages import Context, run
-from compress.train import evaluate, fit
+from compress.scoring import evaluate
+from compress.train import fit
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ def _doc(units: int):
     """The graph of a stem, ``units`` residual units and a head, and its tensors. One unit is exported;
     the stored graph is then tiled, each copy reading its own tensors (appended as buffers, so earlier
     indices stay), because torch.export of 5,000 units would take minutes and only decoding is measured."""
-    from compress.coding.capture import capture
+    from compress.graph.capture import capture
 
     m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), Unit(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
     doc = capture(m, (1, 1, 16, 16))
@@ -62,7 +62,7 @@ def _doc(units: int):
 
 
 def test_graph_decode_is_linear_in_its_nodes(benchmark):
-    from compress.coding.graph_model import rebuild
+    from compress.graph.model import rebuild
 
     rows = []
 

@@ -14,11 +14,12 @@ from bench.conftest import CACHE, VAL_FRACTION, mnist_test_dir, once, trained
 from compress import data as data_mod
 from compress import openvino_export as ov
 from compress.export import _session, onnx_accuracy, onnx_latency_ms, quantize_int8, to_onnx
-from compress.formats import save_model
-from compress.metrics import latencies, speed_change
+from compress.measure import latencies, speed_change
+from compress.model_io import save_model
 from compress.quantize import to_int8
 from compress.quantize.int8 import OBSERVERS
-from compress.train import evaluate, fit
+from compress.scoring import evaluate
+from compress.train import fit
 
 
 def _pytorchcv_digits(spec: str, tag: str, epochs: int) -> nn.Module:
@@ -28,7 +29,7 @@ def _pytorchcv_digits(spec: str, tag: str, epochs: int) -> nn.Module:
     import importlib
 
     from compress.config import FineTune
-    from compress.formats import load_model
+    from compress.model_io import load_model
 
     path = CACHE / f"{tag}.pt"
     if path.exists():

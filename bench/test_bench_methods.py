@@ -8,10 +8,11 @@ import torch
 
 from bench.conftest import once, record, train_split, trained
 from compress.config import FineTune
-from compress.metrics import count_macs, count_nonzero, count_params, latency_ms
+from compress.counting import count_macs, count_nonzero, count_params
+from compress.measure import latency_ms
 from compress.prune import ChannelUnionConfig, L1FilterConfig, ThresholdConfig, prune_
 from compress.quantize import QuantConfig, quantize_
-from compress.train import evaluate
+from compress.scoring import evaluate
 
 
 def test_threshold_lenet5(benchmark, eval_sets):
@@ -33,7 +34,7 @@ def test_quantize_lenet5(benchmark, eval_sets, bits, scheme):
     base = trained("lenet5", 15)
     m = copy.deepcopy(base)
     once(benchmark, lambda: quantize_(m, QuantConfig(bits=bits, scheme=scheme)))
-    from compress.coding.container import encode_model
+    from compress.cpz.container import encode_model
     size = len(encode_model(copy.deepcopy(m))[0])
     record(benchmark, ratio=4 * count_params(m) / size, accuracy=evaluate(m, test),
            base_accuracy=evaluate(base, test), latency_ms=latency_ms(m, (1, 1, 28, 28), 32), eval_name=name,
@@ -111,8 +112,8 @@ def test_l1_filter_resnet50_cpu(benchmark):
     """A real ResNet-50 (pytorchcv, random weights: speed does not depend on them), l1-filter 0.5, batch 32
     at 224x224 on 2 CPU threads: >= 2x faster (issue 13's CPU target)."""
     resnet = pytest.importorskip("pytorchcv.models.resnet")
-    from compress.metrics import latency_stats
-    from compress.stages import Context, run
+    from compress.measure import latency_stats
+    from compress.method import Context, run
 
     torch.manual_seed(0)
     base = resnet.resnet50().eval()

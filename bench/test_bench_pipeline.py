@@ -14,10 +14,12 @@ import torch
 import torch.nn as nn
 
 from bench.conftest import CACHE, VAL_FRACTION, once, record, train_split, trained
-from compress.coding.container import load_cpz, save_cpz
 from compress.config import FineTune
-from compress.metrics import count_params, latency_ms
-from compress.train import evaluate, fit
+from compress.counting import count_params
+from compress.cpz.container import load_cpz, save_cpz
+from compress.measure import latency_ms
+from compress.scoring import evaluate
+from compress.train import fit
 
 
 def peer_baseline(base: nn.Module, sparsity: float = 0.92, epochs: float = 8):
@@ -113,7 +115,7 @@ def test_nncodec_peer(benchmark, eval_sets, name, tmp_path):
         mm.load_state_dict({k: torch.from_numpy(dec[k]) for k in dec.files})
         peer[str(qp)] = {"bytes": sizes[str(qp)], "accuracy": round(evaluate(mm, test), 2)}
     cpz = src.stat().st_size
-    from compress.coding.container import read_manifest
+    from compress.cpz.container import read_manifest
     _, start = read_manifest(src.read_bytes())
     record(benchmark, ratio=4 * count_params(m) / cpz, accuracy=evaluate(m, test), base_accuracy=evaluate(m, test),
            latency_ms=0.0, eval_name=ev, cpz_bytes=cpz, cpz_tensor_bytes=cpz - start - 4, nncodec=peer,

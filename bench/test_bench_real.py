@@ -57,7 +57,7 @@ def _build(spec):
 def _tp_macs_ratio(model, shape):
     import torch_pruning as tp
 
-    from compress.metrics import count_macs
+    from compress.counting import count_macs
 
     m = copy.deepcopy(model)
     last = [x for x in m.modules() if isinstance(x, (torch.nn.Linear, torch.nn.Conv2d))][-1]
@@ -72,12 +72,12 @@ def _tp_macs_ratio(model, shape):
 
 
 def _row(name):
-    from compress.coding.container import decode_model, encode_model
+    from compress.counting import count_macs, count_params
+    from compress.cpz.container import decode_model, encode_model
     from compress.meta import set_meta
-    from compress.metrics import count_macs, count_params
+    from compress.method import Context, run
     from compress.prune import L1FilterConfig
     from compress.quantize import QuantConfig
-    from compress.stages import Context, run
 
     spec, size, what = FAMILIES[name]
     shape = (1, 3, size, size)

@@ -12,10 +12,11 @@ import torch
 from bench.conftest import VAL_FRACTION, once, trained
 from compress import data as data_mod
 from compress.config import FineTune
-from compress.metrics import count_macs
+from compress.counting import count_macs
+from compress.method import Context, run
 from compress.prune import L1FilterConfig
-from compress.stages import Context, run
-from compress.train import evaluate, fit
+from compress.scoring import evaluate
+from compress.train import fit
 
 TARGET = 0.5
 
@@ -131,7 +132,7 @@ def test_channel_union_target_macs(benchmark, eval_sets, name):
 def test_target_latency(benchmark):
     """l1-filter --target-latency 0.6 on ResNet-20 (random weights: timing does not depend on them): the fraction
     its bisection measured, and the same model timed again afterwards against the input, interleaved."""
-    from compress.metrics import latencies
+    from compress.measure import latencies
     from compress.models import create_model
 
     torch.manual_seed(0)

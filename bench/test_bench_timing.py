@@ -7,9 +7,9 @@ import copy
 import pytest
 
 from bench.conftest import once, trained
-from compress.metrics import latencies, speed_change
+from compress.measure import latencies, speed_change
+from compress.method import quantize_
 from compress.quantize import QuantConfig
-from compress.stages import quantize_
 
 
 @pytest.mark.slow
@@ -38,7 +38,7 @@ def test_latency_is_repeatable_and_a_masked_model_is_not_faster(benchmark, monke
     """Two timings of one model agree within 1.5x, and zeros in dense weights save no time (moved here from the
     tests: it measures speed, and a busy machine may fail it)."""
     from compress.config import FineTune
-    from compress.metrics import latency_ms
+    from compress.measure import latency_ms
     from compress.prune import ThresholdConfig, prune_
 
     monkeypatch.setenv("COMPRESS_LATENCY_SECONDS", "1.5")  # what a user's command measures

@@ -18,14 +18,15 @@ import importlib
 # name -> the module that defines it: imported on first use (PEP 562), so that `compress --version`
 # and `--help` start without importing torch
 _EXPORTS = {
-    "load_cpz": "coding", "save_cpz": "coding", "Config": "config", "FineTune": "config", "Select": "config",
+    "load_cpz": "cpz", "save_cpz": "cpz", "Config": "config", "FineTune": "config", "Select": "config",
     "CompressError": "errors", "CompressWarning": "errors", "FormatError": "errors", "InputError": "errors", "UntrustedPickleError": "errors",
-    "UsageError": "errors", "FactorizeConfig": "factorize", "load_model": "formats", "save_model": "formats",
-    "count_macs": "metrics", "count_nonzero": "metrics", "count_params": "metrics", "summarize": "metrics",
+    "UsageError": "errors", "FactorizeConfig": "factorize", "load_model": "model_io", "save_model": "model_io",
+    "count_macs": "counting", "count_nonzero": "counting", "count_params": "counting", "summarize": "measure",
     "create_model": "models", "list_models": "models", "pipeline": "search", "ChannelUnionConfig": "prune",
     "L1FilterConfig": "prune", "ThresholdConfig": "prune", "QuantConfig": "quantize", "Int8Config": "quantize", "Recipe": "recipe",
-    "Stage": "recipe", "Context": "stages", "StageResult": "stages", "factorize_": "stages", "prune_": "stages",
-    "quantize_": "stages", "run": "stages", "TrainConfig": "train", "evaluate": "train", "fit": "train",
+    "Stage": "recipe", "Context": "method", "StageResult": "method", "factorize_": "method", "prune_": "method",
+    "quantize_": "method", "run": "method", "Method": "method", "ThresholdPruner": "prune", "L1FilterPruner": "prune",
+    "ChannelUnionPruner": "prune", "Quantizer": "quantize", "Int8Lowering": "quantize", "TrainConfig": "train", "evaluate": "scoring", "fit": "train",
 }
 
 
@@ -42,8 +43,8 @@ def __getattr__(name: str):
 __version__ = "0.3.0"
 
 __all__ = [
-    "ChannelUnionConfig", "CompressError", "CompressWarning", "Config", "Context", "FactorizeConfig", "FineTune", "FormatError",
-    "InputError", "Int8Config", "L1FilterConfig", "QuantConfig", "Recipe", "Select", "Stage", "StageResult", "ThresholdConfig",
+    "ChannelUnionConfig", "ChannelUnionPruner", "CompressError", "CompressWarning", "Config", "Context", "FactorizeConfig", "FineTune", "FormatError",
+    "InputError", "Int8Config", "Int8Lowering", "L1FilterConfig", "L1FilterPruner", "Method", "QuantConfig", "Quantizer", "Recipe", "Select", "Stage", "StageResult", "ThresholdConfig", "ThresholdPruner",
     "UntrustedPickleError", "UsageError", "count_macs", "count_nonzero", "count_params",
     "create_model", "data", "evaluate", "factorize_", "fit", "list_models", "load_cpz", "load_model",
     "pipeline", "prune_", "quantize_", "run", "save_cpz", "save_model", "summarize",

@@ -106,8 +106,8 @@ class Checkpoint:
         write before. Makes the folder, with its manifest, if there is none; refuses one compress may not use."""
         import json
 
-        from compress.fileio import write_text
-        from compress.formats import save_model
+        from compress.filesystem import write_text
+        from compress.model_io import save_model
 
         old = self._listed()
         if old is None:
@@ -131,7 +131,7 @@ class Checkpoint:
     def read(self, fingerprint: str, plan: Sequence[StagePlan], test: bool = False) -> tuple[dict, dict[str, nn.Module]]:
         """The saved state (checked by ``check_state`` against ``plan``) and its models, loaded without trust.
         ``test``: the run measures test data (every timeline row then has its test accuracy)."""
-        from compress.formats import load_model
+        from compress.model_io import load_model
 
         files = self._listed()
         if files is None or STATE not in files:
@@ -212,7 +212,7 @@ class Checkpoint:
     def bounded_list(self, files: set[str]) -> None:
         import json
 
-        from compress.fileio import write_text
+        from compress.filesystem import write_text
 
         write_text(self.folder / MANIFEST, json.dumps({"format": _FORMAT, "version": _VERSION,
                                                        "files": sorted(files)}), force=True)

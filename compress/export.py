@@ -39,7 +39,7 @@ def _session(path, threads: int = 2, spin: bool = True):
 def to_onnx(model: nn.Module, path, input_shape, opset: int = 17) -> None:
     """Export with a dynamic batch axis (legacy TorchScript exporter: no onnxscript needed)."""
     from compress.masks import remove_masks
-    from compress.stages import graph_only, is_layerless
+    from compress.method import graph_only, is_layerless
 
     if is_layerless(model):
         raise graph_only(model, "exports ONNX from a model's layers")
@@ -85,14 +85,14 @@ def compare(model: nn.Module, sess, input_shape, n: int = 8, data=None) -> tuple
 
 def onnx_latency_ms(sess, input_shape, batch: int, runs: int = 20) -> float:
     """Median ms of one ONNX Runtime run at ``batch``, after a warm-up until stable (as for PyTorch)."""
-    from compress.metrics import median_latency_ms
+    from compress.measure import median_latency_ms
 
     return median_latency_ms(onnx_runner(sess), input_shape, batch, runs)
 
 
 def onnx_accuracy(sess, data) -> float:
     """Top-1 accuracy (%) of an ONNX Runtime session on ``data``, read in batches."""
-    from compress.metrics import runtime_accuracy
+    from compress.measure import runtime_accuracy
 
     return runtime_accuracy(lambda x: run_onnx(sess, x), data)
 
@@ -203,7 +203,7 @@ def export(model: nn.Module, path, input_shape, int8: bool = False, calib_data=N
     ``compress.data.as_data`` takes. ``on_step(text)`` hears of each step as it starts (they take seconds each)."""
     from compress import openvino_export as ov
     from compress.data import as_data
-    from compress.fileio import write_bytes
+    from compress.filesystem import write_bytes
 
     calib_data = None if calib_data is None else as_data(calib_data, "calibration data", arg="calib_data")
     eval_data = None if eval_data is None else as_data(eval_data, "evaluation data", arg="eval_data")
@@ -286,7 +286,7 @@ def onnx_runner(sess):
 def _timed_pair(res: dict, a: str, b: str, run_a, run_b, input_shape) -> None:
     """``res[a]``, ``res[b]`` get their batch-32 ms, timed interleaved; ``res`` the speed-up of ``b`` with its 95%
     interval and the verdict it allows."""
-    from compress.metrics import paired_speed
+    from compress.measure import paired_speed
 
     t = paired_speed(run_a, run_b, input_shape, 32)
     res[a]["latency_ms_batch_32"], res[b]["latency_ms_batch_32"] = t["before_ms"], t["after_ms"]

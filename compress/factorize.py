@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from compress.config import Config, FineTune, Select, bounded, register_method
-from compress.stages import Method, factorize_
+from compress.method import Method, factorize_
 from compress.train import recalibrate_bn
 
 log = logging.getLogger(__name__)

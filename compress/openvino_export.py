@@ -124,7 +124,7 @@ def runner(xml_path, batch: int, threads: int = 2):
 def latency_ms(xml_path, input_shape, batch: int, threads: int = 2, runs: int = 20) -> float:
     """Median ms of one inference at ``batch`` (compiled for that batch), after a warm-up until stable: timed
     as ONNX Runtime is (``metrics.median_latency_ms``)."""
-    from compress.metrics import median_latency_ms
+    from compress.measure import median_latency_ms
 
     return median_latency_ms(runner(xml_path, batch, threads), input_shape, batch, runs)
 
@@ -146,7 +146,7 @@ def integer_layers(compiled) -> tuple[int, int]:
 
 def accuracy(compiled, data) -> float:
     """Top-1 accuracy (%) of a compiled model on ``data``, read in batches."""
-    from compress.metrics import runtime_accuracy
+    from compress.measure import runtime_accuracy
 
     return runtime_accuracy(lambda x: run(compiled, x), data)
 
@@ -159,7 +159,7 @@ def write(onnx_path, path, reference, input_shape, *, check_tol: float | None, f
     at batch 32 and accuracy on ``eval_data``."""
     import torch
 
-    from compress.fileio import atomic_write
+    from compress.filesystem import atomic_write
 
     xml, bin_ = ir_paths(path)
     if mkdir:

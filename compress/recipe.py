@@ -169,7 +169,7 @@ class Recipe:
     def load(cls, path) -> "Recipe":
         import tomllib
 
-        from compress.fileio import open_regular
+        from compress.filesystem import open_regular
 
         try:
             with open_regular(path) as f:  # never a FIFO or a device: no read that waits or never ends

@@ -39,13 +39,14 @@ from compress import data as data_mod
 from compress import progress
 from compress.checkpoint import Checkpoint, StagePlan, Stop, ctrl_c
 from compress.checkpoint import fingerprint as run_fingerprint
-from compress.coding.stats import size_bytes
 from compress.config import Config
+from compress.counting import count_macs, count_nonzero, count_params
+from compress.cpz.stats import size_bytes
+from compress.measure import latency_stats
 from compress.meta import read_meta, set_meta
-from compress.metrics import count_macs, count_nonzero, count_params, latency_stats
+from compress.method import Context, run
 from compress.recipe import DEFAULT_RECIPE, Recipe, Stage, resolve
-from compress.stages import Context, run
-from compress.train import paired_drop, scores
+from compress.scoring import paired_drop, scores
 
 log = logging.getLogger(__name__)
 clock = time.perf_counter  # the time budget's clock (tests give a fake one)
@@ -218,7 +219,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
              checkpoint: Checkpoint | None = None, resume: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Run a recipe on ``model`` (in place); returns (model, summary). ``data``: training data -- a spec or
     anything ``compress.data.as_data`` takes; ``val_data`` and ``test_data`` likewise. ``loss``, ``metric``,
-    ``train_step``, ``evaluate``: the user's recipe (``compress.stages.Context``); the budget is in the metric's
+    ``train_step``, ``evaluate``: the user's recipe (``compress.method.Context``); the budget is in the metric's
     points. ``distill``: every stage's fine-tuning also learns from the input model at this temperature.
     ``checkpoint``: written after each decided candidate (and removed at the end); with ``resume`` the run goes on
     from it, to the result an uninterrupted run reaches.

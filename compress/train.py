@@ -1,5 +1,4 @@
-"""The one training loop, and the one way a model is scored: zoo training, every fine-tuning step and
-every accuracy shown share them.
+"""The one training loop: zoo training and every fine-tuning step share it.
 
 Seeded, with a progress bar, Adam or SGD, cosine learning-rate decay. Masks hold throughout
 (pruned weights and their gradients stay zero). An optional ``penalty(model) -> tensor`` is added
@@ -8,17 +7,13 @@ or a whole ``train_step(model, inputs, targets) -> loss``; with a ``teacher`` (t
 Hinton's distillation term is mixed in. Data are read in batches (``compress.data.batches``), with
 loader processes when the data ask for them. Under torchrun (``torch.distributed`` initialised) each
 rank reads its DistributedSampler-style share and only rank 0 shows progress.
-
-A ``Metric`` scores outputs against targets (higher is better): top-1 (default), top-5 or the user's
-``metric(outputs, targets)``, per sample (a vector) or per batch (a number).
 """
 from __future__ import annotations
 
 import logging
 import math
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -26,9 +21,10 @@ import torch.nn.functional as F
 
 from compress import distributed, masks
 from compress.config import FineTune
-from compress.data import Data, as_data, batches, eval_batch_size
+from compress.data import Data, as_data, batches
 from compress.errors import CompressError, InputError, UsageError, first_line
 from compress.progress import Bar, progress_enabled
+from compress.scoring import to_device
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +59,6 @@ def check_augment(augment: int | None, data: Data) -> None:
                          f"({min(shape[-2:])} pixels); give at most {min(shape[-2:])}")
 
 
-def to_device(v, dev):
-    """Tensors (also inside tuples, lists and dicts of targets) on ``dev``."""
-    if isinstance(v, torch.Tensor):
-        return v.to(dev, non_blocking=True)
-    if isinstance(v, (tuple, list)):
-        return type(v)(to_device(t, dev) for t in v)
-    if isinstance(v, dict):
-        return {k: to_device(t, dev) for k, t in v.items()}
-    return v
-
-
 # ----------------------------------------------------------------------------- loss and metric
 def cross_entropy(outputs: torch.Tensor, targets) -> torch.Tensor:
     return F.cross_entropy(outputs, targets)
@@ -87,139 +72,17 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
                     reduction="batchmean") * (t * t)
 
 
-def _top1(outputs, targets):
-    return (outputs.argmax(1) == targets).float() * 100.0
-
-
-def _top5(outputs, targets):
-    k = min(5, outputs.shape[1])
-    return (outputs.topk(k, 1).indices == targets[:, None]).any(1).float() * 100.0
-
-
-@dataclass(frozen=True)
-class Metric:
-    """How a model is scored: ``fn(outputs, targets)`` -> a vector of per-sample scores or one number for
-    the batch (averaged over batches by size). Higher is better; budgets are in its units ("points")."""
-
-    name: str
-    fn: Callable[[Any, Any], Any]
-    unit: str = ""
-
-    @property
-    def label(self) -> str:
-        return {"top1": "accuracy %", "top5": "top-5 accuracy %"}.get(self.name, f"{self.name} {self.unit}".strip())
-
-    @property
-    def builtin(self) -> bool:
-        return self.name in METRICS
-
-
-METRICS = {"top1": Metric("top1", _top1, "%"), "top5": Metric("top5", _top5, "%")}
-
-
-def resolve_metric(metric=None) -> Metric:
-    """None or "top1", "top5", a ``Metric``, a callable, or ``module:fn`` / ``file.py:fn`` -> a Metric."""
-    if metric is None:
-        return METRICS["top1"]
-    if isinstance(metric, Metric):
-        return metric
-    if isinstance(metric, str):
-        if metric in METRICS:
-            return METRICS[metric]
-        from compress.io import resolve_callable
-
-        return Metric(metric, resolve_callable(metric, what="--metric"))
-    if callable(metric):
-        return Metric(getattr(metric, "__name__", "metric"), metric)
-    raise ValueError(f"metric must be 'top1', 'top5', a callable or module:fn, got {metric!r}")
-
-
 def resolve_loss(loss=None) -> Callable:
     """None (cross-entropy), a callable ``loss(outputs, targets)`` or ``module:fn`` / ``file.py:fn``."""
     if loss is None:
         return cross_entropy
     if isinstance(loss, str):
-        from compress.io import resolve_callable
+        from compress.torch_files import resolve_callable
 
         return resolve_callable(loss, what="--loss")
     if callable(loss):
         return loss
     raise ValueError(f"loss must be a callable or module:fn, got {loss!r}")
-
-
-@dataclass
-class Scores:
-    """A model's scores on a data set: per sample (``weights`` None) or per batch (``weights``: batch sizes)."""
-
-    values: torch.Tensor
-    weights: torch.Tensor | None = None
-
-    def mean(self) -> float:
-        if self.weights is None:
-            return float(self.values.double().mean())
-        return float((self.values.double() * self.weights).sum() / self.weights.sum())
-
-
-def paired_drop(base: Scores, cand: Scores) -> tuple[float, float]:
-    """The score drop of a candidate vs the base on the same samples (in the metric's units) and its
-    standard error from the paired differences. For a 0/100 metric (top-1) this is McNemar's: only
-    the samples the two disagree on count. For a per-batch metric the batches are the units (a ratio
-    estimator weighted by batch size)."""
-    d = base.values.double() - cand.values.double()
-    if base.weights is None:
-        n = len(d)
-        drop = float(d.mean())
-        return drop, float(d.var(unbiased=False).sqrt()) / math.sqrt(n) if n else 0.0
-    w = base.weights.double()
-    drop = float((w * d).sum() / w.sum())
-    return drop, float(((w * (d - drop)) ** 2).sum().sqrt() / w.sum())
-
-
-@torch.no_grad()
-def scores(model: nn.Module, data, metric=None, batch_size: int | None = None) -> Scores:
-    """Score ``model`` on every sample of ``data`` (anything ``compress.data.as_data`` takes) with ``metric``
-    (default top-1), in batches."""
-    data = as_data(data, arg="data")
-    m = resolve_metric(metric)
-    was = model.training
-    model.eval()
-    dev = distributed.device_of(model)
-    vals, weights, per_sample = [], [], None
-    try:
-        for x, y in batches(data, batch_size or eval_batch_size(data)):
-            out = model(x.to(dev))
-            y = to_device(y, dev)
-            try:
-                v = m.fn(out, y)
-            except CompressError:
-                raise
-            except Exception as e:
-                raise InputError(f"metric {m.name} failed on a batch of {data.name}: {type(e).__name__}: "
-                                 f"{first_line(e)}") from e
-            v = torch.as_tensor(v, dtype=torch.float64).detach().cpu()
-            ps = v.dim() == 1 and len(v) == len(x)
-            if not ps and v.numel() != 1:
-                raise InputError(f"metric {m.name} returned shape {tuple(v.shape)}; a vector of {len(x)} per-sample "
-                                 "scores or one number per batch expected")
-            if per_sample is not None and ps != per_sample:
-                raise InputError(f"metric {m.name} returned per-sample scores for some batches and one number for others")
-            per_sample = ps
-            vals.append(v if ps else v.reshape(1))
-            weights.append(len(x))
-    finally:
-        model.train(was)
-    if not vals:
-        raise InputError(f"data {data.name}: no samples")
-    values = torch.cat(vals)
-    if not torch.isfinite(values).all():
-        raise InputError(f"metric {m.name} gave NaN or infinite scores on {data.name}")
-    return Scores(values, None if per_sample else torch.tensor(weights, dtype=torch.float64))
-
-
-def evaluate(model: nn.Module, data, metric=None, batch_size: int | None = None) -> float:
-    """The model's score on ``data``: top-1 accuracy in percent by default, else ``metric``'s mean. ``data``:
-    ``(x, y)`` tensors, a ``Dataset``, a ``DataLoader`` or a ``compress.data.Data`` (``compress.data.as_data``)."""
-    return scores(model, data, metric, batch_size).mean()
 
 
 def make_optimizer(params, cfg: FineTune):
@@ -240,7 +103,7 @@ def fit(model: nn.Module, data, cfg: FineTune | None = None, *, method=None,
     """Train ``model`` in place on ``data`` (anything ``compress.data.as_data`` takes); returns one dict per
     epoch (loss, penalty).
 
-    ``method`` (a ``compress.stages.Method``) is driven as a user's loop would drive it: its
+    ``method`` (a ``compress.method.Method``) is driven as a user's loop would drive it: its
     ``penalty()`` is added to the loss, ``after_backward()`` runs before the optimizer step and
     ``step(lr)`` after it; when ``step`` says the architecture changed, the optimizer (and DDP) are
     rebuilt around ``method.model``. Its ``parameters()`` (if any) are what the optimizer trains.
@@ -367,17 +230,6 @@ def fit(model: nn.Module, data, cfg: FineTune | None = None, *, method=None,
         bar.close()
     model.eval()
     return history
-
-
-@torch.no_grad()
-def outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """The model's outputs for inputs ``x`` (in eval mode, in batches), on the CPU."""
-    was = model.training
-    model.eval()
-    dev = distributed.device_of(model)
-    out = torch.cat([model(x[i:i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])
-    model.train(was)
-    return out
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from compress.formats import load_model, save_model
+from compress.model_io import load_model, save_model
 from tests.helpers import one_line_error
 
 
@@ -111,7 +111,7 @@ def test_files_are_written_with_the_umask_and_keep_their_mode(cli, tmp_path, len
 
 def test_only_regular_files_are_replaced_and_no_file_compress_did_not_write_is_deleted(tmp_path, lenet5_trained):
     from compress.errors import OutputExistsError
-    from compress.fileio import TMP_PREFIX, write_bytes
+    from compress.filesystem import TMP_PREFIX, write_bytes
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     with pytest.raises(OutputExistsError, match="not a regular file"):
@@ -128,7 +128,7 @@ def test_only_regular_files_are_replaced_and_no_file_compress_did_not_write_is_d
 
 
 def test_concurrent_writers_to_one_new_name_never_both_succeed(tmp_path):
-    code = ("import sys; from compress.fileio import write_bytes\n"
+    code = ("import sys; from compress.filesystem import write_bytes\n"
             "try:\n    write_bytes(sys.argv[1], sys.argv[2].encode() * 100000)\nexcept Exception:\n    sys.exit(3)\n")
     for i in range(3):
         target = tmp_path / f"out{i}.bin"
@@ -143,7 +143,7 @@ def test_a_speed_verdict_needs_its_interval():
     import random
     from statistics import median
 
-    from compress.metrics import speed_change, speed_ratio
+    from compress.measure import speed_change, speed_ratio
 
     rng = random.Random(0)
     slow = [2.0 * rng.uniform(0.9, 1.1) for _ in range(60)]
@@ -170,7 +170,7 @@ def test_every_timing_command_takes_no_latency_and_threads(cli, tmp_path, lenet5
         assert res.code == 0 and "latency" not in res.out, (args[0], res.err)
     import os
 
-    from compress.metrics import timing_threads
+    from compress.measure import timing_threads
     assert os.environ["COMPRESS_THREADS"] == "1" and timing_threads() == 1 and torch.get_num_threads() == 1
     torch.set_num_threads(2)
 
@@ -207,13 +207,13 @@ def test_version_and_help_start_without_torch():
 def test_an_unexpected_error_is_one_line_and_debug_shows_where(cli, tmp_path, lenet5_trained, monkeypatch):
     """Whatever a model read from a file makes torch raise (a kernel's RuntimeError, a MemoryError), the user
     gets one line; --debug gives the traceback."""
-    import compress.metrics
+    import compress.measure
 
     save_model(copy.deepcopy(lenet5_trained), tmp_path / "m.pt")
     for exc in (RuntimeError("a kernel\x1b[2J failed"), MemoryError()):
         def boom(*a, exc=exc, **k):
             raise exc
-        monkeypatch.setattr(compress.metrics, "count_macs", boom)
+        monkeypatch.setattr(compress.measure, "count_macs", boom)
         res = cli("report", tmp_path / "m.pt", "--no-latency")
         assert one_line_error(res) and "\x1b" not in res.err, res
         res = cli("report", tmp_path / "m.pt", "--no-latency", "--debug")

@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 
 from compress.coding import huffman as H
 from compress.coding import streams
-from compress.coding.container import encode_model, load_cpz, save_cpz
 from compress.config import FineTune
+from compress.cpz.container import encode_model, load_cpz, save_cpz
 from compress.errors import FormatError
-from compress.formats import save_model
+from compress.model_io import save_model
 from compress.models import create_model
 from compress.prune import ThresholdConfig, prune_
 from compress.quant_state import get_state
@@ -127,7 +127,7 @@ def test_container_roundtrip_bit_identical(lenet5_trained, scheme, bits, affine,
         prune_(m, ThresholdConfig(sparsity=sparsity, rounds=1, finetune=FineTune(epochs=0)))
     quantize_(m, QuantConfig(bits=bits, scheme=scheme, symmetric=not affine))
     blob, _ = encode_model(m)
-    from compress.coding.container import decode_model
+    from compress.cpz.container import decode_model
     d = decode_model(blob)
     assert_identical(m, d)
     x = torch.randn(8, 1, 28, 28)
@@ -140,7 +140,7 @@ def test_container_roundtrip_bit_identical(lenet5_trained, scheme, bits, affine,
 
 
 def test_biases_on_an_8_bit_grid_or_kept_float(lenet5_trained):
-    from compress.coding.container import decode_model
+    from compress.cpz.container import decode_model
 
     sizes = {}
     for bias_bits in (None, 8):
@@ -163,7 +163,7 @@ def test_biases_on_an_8_bit_grid_or_kept_float(lenet5_trained):
 def test_container_unquantized_and_other_archs(name):
     torch.manual_seed(0)
     m = create_model(name).eval()
-    from compress.coding.container import decode_model
+    from compress.cpz.container import decode_model
     d = decode_model(encode_model(m)[0])
     assert_identical(m, d)
     x = torch.randn(2, 1, 32, 32)
@@ -177,7 +177,7 @@ def test_a_transformer_layer_is_stored_as_data(activation):
     import torch.nn as nn
     import torch.nn.functional as F
 
-    from compress.coding.container import decode_model
+    from compress.cpz.container import decode_model
 
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoderLayer(16, 2, 32, activation=activation,
@@ -191,7 +191,7 @@ def test_a_transformer_layer_is_stored_as_data(activation):
 def test_per_tensor_and_odd_int4(lenet5_trained):
     m = create_model("lenet300", input_size=3, num_classes=3)  # odd tensor sizes
     quantize_(m, QuantConfig(bits=4, scheme="minmax", per_channel=False))
-    from compress.coding.container import decode_model
+    from compress.cpz.container import decode_model
     assert_identical(m, decode_model(encode_model(m)[0]))
 
 
@@ -264,7 +264,7 @@ def test_crafted_file_with_valid_checksums_is_still_checked(lenet5_trained):
     import json
     import struct
 
-    from compress.coding import container as C
+    from compress.cpz import container as C
     blob, _ = encode_model(copy.deepcopy(lenet5_trained))
     manifest, start = C.read_manifest(blob)
     manifest["arch"]["class"] = "os.system"  # tries to name foreign code
@@ -285,7 +285,7 @@ def test_encode_decode_cli(tmp_path, cli, lenet5_trained):
     assert "smaller" in res.out and "Huffman gain" in res.out
     res = cli("decode", tmp_path / "q.cpz", "-o", tmp_path / "d.pt")
     assert res.code == 0, res.err
-    from compress.formats import load_model
+    from compress.model_io import load_model
     assert_identical(m, load_model(tmp_path / "d.pt"))
     rep = cli("report", tmp_path / "q.cpz", "--no-latency", "--json", "-")
     import json

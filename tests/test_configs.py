@@ -9,11 +9,11 @@ import torch.nn.functional as F
 import compress.recipe  # noqa: F401  (registers every method)
 from compress import data as data_mod
 from compress.config import Config, FineTune, method_for, stage_types
-from compress.formats import load_model, save_model
 from compress.meta import get_meta
+from compress.method import Context
+from compress.model_io import load_model, save_model
 from compress.models import create_model
 from compress.recipe import Stage
-from compress.stages import Context
 
 # the options a config needs beside its defaults, and a few that differ from them, per stage name
 SETTINGS = {
@@ -78,7 +78,7 @@ def test_config_drives_a_users_own_loop_and_the_result_reloads_without_trust(nam
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_config_through_run_names_itself_in_the_file(name, tmp_path):
-    from compress.stages import run
+    from compress.method import run
 
     ds = data_mod.load("digits?limit=256")
     torch.manual_seed(0)

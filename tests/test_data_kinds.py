@@ -11,12 +11,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 import compress
-from compress import FineTune, InputError, UsageError
+from compress import ChannelUnionPruner, FineTune, InputError, ThresholdPruner, UsageError
 from compress import data as data_mod
 from compress.data.kinds import KINDS as ACCEPTED
-from compress.hooks import ChannelUnionPruner, ThresholdPruner
+from compress.method import Context
 from compress.prune import ChannelUnionConfig
-from compress.stages import Context
 
 N, CLASSES = 64, 3
 

@@ -9,11 +9,11 @@ import torch.multiprocessing as mp
 
 from compress import data as data_mod
 from compress.config import FineTune
-from compress.metrics import count_params
+from compress.counting import count_params
+from compress.method import Context, run
 from compress.models import create_model
 from compress.prune import ChannelUnionConfig, ThresholdConfig, prune_, sparsity_of
-from compress.stages import Context, run
-from compress.train import evaluate
+from compress.scoring import evaluate
 
 
 def _free_port() -> int:

@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+from compress.counting import count_params
 from compress.factorize import FactorizeConfig, choose_rank, factor_layer
-from compress.formats import load_model, save_model
-from compress.metrics import count_params
+from compress.method import factorize_, run
+from compress.model_io import load_model, save_model
 from compress.models import create_model
-from compress.stages import factorize_, run
 
 
 def test_exact_rank_linear_is_reconstructed():

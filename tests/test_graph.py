@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compress.coding.container import HEAD, MAGIC, VERSION, decode_model, encode_model
+from compress.cpz.container import HEAD, MAGIC, VERSION, decode_model, encode_model
 from compress.errors import InputError
 from compress.meta import set_meta
 from compress.quantize import QuantConfig, quantize_
@@ -50,8 +50,8 @@ def test_a_model_of_user_classes_decodes_and_runs_without_its_code(user_model):
 def test_a_graph_decoded_model_is_not_changed_or_exported_and_says_how_to(user_model, tmp_path):
     from compress.errors import UsageError
     from compress.export import to_onnx
+    from compress.method import Context, run
     from compress.prune import L1FilterConfig
-    from compress.stages import Context, run
 
     d = decode_model(user_model[1])
     for verb, cfg in (("prune", L1FilterConfig(ratio=0.5)), ("quantize", QuantConfig(bits=8))):
@@ -255,7 +255,7 @@ def test_a_tensor_cannot_take_a_name_compress_reserves(user_model, name):
 
 
 def test_a_stored_graph_names_only_ops_of_the_table_and_is_small(user_model):
-    from compress.coding.graph import OPS, parse
+    from compress.graph.program import OPS, parse
 
     g = unpack(user_model[1])[0]["graph"]
     assert {n[0] for n in g["nodes"]} <= set(OPS) and parse(g).nodes
@@ -334,7 +334,7 @@ def _typed(t: str, n_values: int, n_tensors: int):
 def _graph_nodes(draw, graph: dict):
     """1 to 4 nodes of operators drawn from the table, their arguments drawn from their schemas,
     appended to a real graph; the last one is the output."""
-    from compress.coding.graph import OPS
+    from compress.graph.program import OPS
 
     g = copy.deepcopy(graph)
     n_tensors = len(g["params"]) + len(g["buffers"])

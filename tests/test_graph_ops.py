@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from compress.coding.graph_ops import OPS, SAME_SHAPE
+from compress.graph.ops import OPS, SAME_SHAPE
 
 R = torch.randn
 

@@ -4,9 +4,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from compress import masks
-from compress.hooks import ChannelUnionPruner, Context, Quantizer, ThresholdPruner
-from compress.metrics import count_params
+from compress import ChannelUnionPruner, Context, Quantizer, ThresholdPruner, masks
+from compress.counting import count_params
 from compress.prune import ChannelUnionConfig, ThresholdConfig, sparsity_of
 from compress.quant_state import get_state, quantized_layers
 from compress.quantize import QuantConfig
@@ -79,7 +78,7 @@ def test_channel_union_pruner_reconfigures_and_optimizer_is_rebuilt():
 def test_library_and_own_loop_share_the_method(lenet5_trained, mnist_small):
     """The library's `prune_` drives the very ThresholdPruner a user's loop drives: same masks."""
     from compress.config import FineTune
-    from compress.stages import prune_
+    from compress.method import prune_
     a, b = copy.deepcopy(lenet5_trained), copy.deepcopy(lenet5_trained)
     cfg = ThresholdConfig(sparsity=0.8, rounds=2, finetune=FineTune(epochs=0))
     prune_(a, cfg)

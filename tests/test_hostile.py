@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import compress
-from compress.coding.container import HEAD, MAGIC, VERSION, decode_model, encode_model, read_manifest
+from compress.cpz.container import HEAD, MAGIC, VERSION, decode_model, encode_model, read_manifest
 from compress.errors import FormatError, InputError, UntrustedPickleError
-from compress.formats import save_model
 from compress.meta import set_meta
+from compress.model_io import save_model
 from compress.models import create_model
 from compress.quantize import QuantConfig, quantize_
 from tests.helpers import Calls, mutated, one_line_error

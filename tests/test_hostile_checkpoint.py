@@ -19,8 +19,8 @@ import compress.search as pl
 from compress.checkpoint import MANIFEST, MAX_STATE_BYTES, STATE, Checkpoint, check_state
 from compress.cli import main
 from compress.errors import InputError
-from compress.formats import save_model
 from compress.meta import set_meta
+from compress.model_io import save_model
 from compress.models import create_model
 from compress.recipe import Recipe
 from tests.hostile_harness import run_cli

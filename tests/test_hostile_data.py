@@ -25,8 +25,8 @@ from PIL import Image
 from compress.data import files as files_mod
 from compress.data import npy as npy_mod
 from compress.errors import CompressError
-from compress.formats import save_model
 from compress.meta import set_meta
+from compress.model_io import save_model
 from compress.models import create_model
 from tests.helpers import mutated
 from tests.hostile_harness import CAP_MB, CPU_S, Ended, run_cli, run_cli_each, run_python

@@ -8,7 +8,7 @@ import zlib
 
 import numpy as np
 
-from compress.coding.container import HEAD, MAGIC, VERSION, encode_model
+from compress.cpz.container import HEAD, MAGIC, VERSION, encode_model
 from compress.meta import set_meta
 from compress.models import create_model
 from tests.hostile_harness import run_cli_each

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from compress import data as data_mod
 from compress.config import FineTune
 from compress.errors import InputError
-from compress.formats import load_model, save_model
+from compress.model_io import load_model, save_model
 from compress.models import create_model
 from compress.quantize import to_int8
 from compress.quantize.int8_file import INT8_KEY
@@ -66,9 +66,9 @@ def _set_row(obj, suffix, value, dtype=None):
 
 def _graph_only_arch(obj):
     """The float architecture replaced by a .cpz that holds only a stored graph (no layers to rebuild)."""
-    from compress.coding.capture import capture
-    from compress.coding.container import encode_model
-    from compress.coding.graph_model import rebuild
+    from compress.cpz.container import encode_model
+    from compress.graph.capture import capture
+    from compress.graph.model import rebuild
 
     m = create_model("resnet8").eval()
     gm = rebuild(capture(m, (1, 1, 8, 8)), dict(m.state_dict()))

@@ -76,7 +76,7 @@ def folder(tmp_path_factory):
     """A LeNet-5 file and 64 28x28 images (.npz: read in milliseconds) in one folder."""
     import torch
 
-    from compress.formats import save_model
+    from compress.model_io import save_model
     from compress.models import create_model
 
     torch.manual_seed(0)

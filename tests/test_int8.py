@@ -7,11 +7,11 @@ import torch
 
 from compress import data as data_mod
 from compress.errors import InputError, UsageError
-from compress.formats import load_model, save_model
+from compress.model_io import load_model, save_model
 from compress.quantize import to_int8
 from compress.quantize.int8 import Int8Model, backend
 from compress.quantize.int8_file import INT8_KEY
-from compress.train import evaluate
+from compress.scoring import evaluate
 from tests.helpers import one_line_error
 
 
@@ -188,8 +188,8 @@ def test_percentile_ranges_ignore_an_outlier_that_min_max_and_histogram_follow(l
 
 def test_qat_trains_the_model_that_runs_and_its_file_reloads(lenet5_trained, mnist_small, tmp_path):
     from compress.config import FineTune
+    from compress.method import Context
     from compress.quantize import Int8Config, Int8Lowering
-    from compress.stages import Context
 
     tr, va = mnist_small
     method = Int8Lowering(copy.deepcopy(lenet5_trained), Int8Config(finetune=FineTune(epochs=0.5, lr=1e-4)),
@@ -254,9 +254,9 @@ def test_a_recipe_with_an_int8_stage_writes_a_pt(lenet5_trained, cli, tmp_path):
 
 
 def test_no_method_changes_an_int8_model_and_int8_ends_a_recipe(lenet5_trained, mnist_small, tmp_path, cli):
+    from compress.method import prune_
     from compress.prune import ThresholdConfig
     from compress.recipe import Recipe
-    from compress.stages import prune_
 
     tr, _ = mnist_small
     q = to_int8(lenet5_trained, tr, (1, 1, 28, 28))
@@ -298,9 +298,9 @@ def test_hand_written_hard_swish_runs_as_one_int8_op(tmp_path):
     import torch.nn as nn
     from pytorchcv.models.mobilenetv3 import mobilenetv3_small_w7d20
 
+    from compress.method import Context, run
     from compress.quantize import Int8Config
     from compress.quantize.int8 import native_activations
-    from compress.stages import Context, run
 
     torch.manual_seed(0)
     m = mobilenetv3_small_w7d20(num_classes=10).eval()

@@ -8,7 +8,7 @@ import torch
 
 import compress
 from compress.errors import InputError, OutputExistsError, UntrustedPickleError, UsageError
-from compress.formats import LoadOptions, load_model, save_model
+from compress.model_io import LoadOptions, load_model, save_model
 from compress.models.lenet import LeNet5
 from compress.report import model_report
 from tests.helpers import one_line_error

@@ -9,10 +9,10 @@ import torch.nn as nn
 
 import compress
 from compress import CompressWarning
-from compress.coding.graph_model import GraphModel
 from compress.errors import InputError, OutputExistsError, UntrustedPickleError, UsageError
+from compress.graph.model import GraphModel
 from compress.meta import read_meta, set_meta
-from compress.stages import Context
+from compress.method import Context
 from tests.helpers import one_line_error
 
 ARCH = "tests.test_library:tiny_res"

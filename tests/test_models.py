@@ -3,10 +3,12 @@ import torch
 
 from compress import data as data_mod
 from compress.config import FineTune
+from compress.counting import count_macs, count_params
 from compress.errors import UsageError
-from compress.metrics import count_macs, count_params, layer_table
+from compress.measure import layer_table
 from compress.models import create_model, list_models
-from compress.train import evaluate, fit
+from compress.scoring import evaluate
+from compress.train import fit
 
 
 def test_lenet_sizes():
@@ -48,7 +50,7 @@ def test_attention_macs_are_counted_under_no_grad():
     the count switches it off and counts the CPU attention kernel: 4 L E^2 + 2 L^2 E."""
     import torch.nn as nn
 
-    from compress.metrics import count_macs
+    from compress.counting import count_macs
 
     class Attn(nn.Module):
         def __init__(self):
@@ -67,8 +69,8 @@ def test_attention_macs_are_counted_under_no_grad():
 def test_quantize_says_what_it_leaves_in_float32():
     import torch.nn as nn
 
+    from compress.method import run
     from compress.quantize import QuantConfig
-    from compress.stages import run
 
     m = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2))
     res = run("quantize", m, QuantConfig(bits=8))
@@ -76,7 +78,7 @@ def test_quantize_says_what_it_leaves_in_float32():
 
 
 def test_latency_under_autocast_runs_and_is_reported():
-    from compress.metrics import latency_stats
+    from compress.measure import latency_stats
 
     torch.manual_seed(0)
     m = create_model("lenet5").eval()

@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 
-from compress import metrics
+from compress import measure
 from compress.report.render import before_after_rows, model_rows
 
 
@@ -18,7 +18,7 @@ class FakeMachine:
 
     def __init__(self, monkeypatch, warm: int = 10):
         self.now, self.warm = 0.0, warm
-        monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
+        monkeypatch.setattr(measure, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
         monkeypatch.setenv("COMPRESS_LATENCY_SECONDS", "1.5")  # of fake time
 
     def model(self, durations):
@@ -38,7 +38,7 @@ def test_faster_is_never_printed_beside_a_larger_after(monkeypatch):
     fake = FakeMachine(monkeypatch)
     before = fake.model(lambda i: 0.87 if 0 < i < 25 else 1.7)
     after = fake.model(lambda i: 2.0 if 0 < i < 25 else 1.15)
-    t = metrics.paired_speed(before, after, (1, 1, 8, 8), batch=1, runs=100)
+    t = measure.paired_speed(before, after, (1, 1, 8, 8), batch=1, runs=100)
     lo, ratio, hi = t["speedup"]
     assert lo <= ratio <= hi
     assert ratio == pytest.approx(t["before_ms"] / t["after_ms"], rel=1e-3)  # the printed ratio is the figures'
@@ -53,16 +53,16 @@ def test_a_verdict_given_figures_it_was_not_measured_on_gives_none():
     row = before_after_rows({"latency_ms": {"batch_1": 0.87}},
                             {"latency_ms": {"batch_1": 1.15, "speedup": {"batch_1": [1.40, 1.48, 1.63]}}})[0]
     assert row[1:3] == [0.87, 1.15] and "faster" not in row[3] and "not comparable" in row[3]
-    verdict = metrics.speed_change(192.0, 328.0, [0.97, 1.0, 1.03])
+    verdict = measure.speed_change(192.0, 328.0, [0.97, 1.0, 1.03])
     assert not verdict.startswith("same") and "busy" in verdict
-    assert metrics.speed_change(1.0, 2.0, [0.45, 0.5, 0.55]).startswith("2.00x slower")
+    assert measure.speed_change(1.0, 2.0, [0.45, 0.5, 0.55]).startswith("2.00x slower")
 
 
 def test_a_summary_lies_within_its_own_range(monkeypatch):
     """`12.091 (15.010-79.032)`: the best block's median beside all runs' IQR. Now the median of the runs and
     the quartiles of the same runs."""
     fake = FakeMachine(monkeypatch)
-    st = metrics.latency_stats([fake.model(lambda i: 12.0 if i < 25 else 15.0 + (i % 7) * 10)],
+    st = measure.latency_stats([fake.model(lambda i: 12.0 if i < 25 else 15.0 + (i % 7) * 10)],
                                (1, 1, 8, 8), batch=1, runs=100)[0]
     assert st["p25"] <= st["ms"] <= st["p75"], st
     assert st["runs"] >= 100
@@ -77,14 +77,14 @@ def test_a_busy_machine_is_said_to_be_one(monkeypatch):
     fake = FakeMachine(monkeypatch)
     slow = [5.0, 192.0, 328.0, 40.0, 600.0]
     before, after = fake.model(lambda i: slow[i % 5]), fake.model(lambda i: slow[(i + 2) % 5])
-    b, a = metrics.latencies([before, after], (1, 1, 8, 8), runs=40)
+    b, a = measure.latencies([before, after], (1, 1, 8, 8), runs=40)
     for row in before_after_rows({"latency_ms": b}, {"latency_ms": a}):
         assert "busy" in row[3] and "not reliable" in row[3], row
     for row in model_rows({"latency_ms": a}):
         assert "busy" in row[1] and "not reliable" in row[1], row
-    quiet = metrics.run_stats([1.0, 1.01, 0.99, 1.02, 0.98], macs=10**6)
+    quiet = measure.run_stats([1.0, 1.01, 0.99, 1.02, 0.98], macs=10**6)
     assert quiet["busy"] is None
-    assert "busy" not in metrics.speed_change(1.0, 1.0, [0.99, 1.0, 1.01], quiet["busy"])
+    assert "busy" not in measure.speed_change(1.0, 1.0, [0.99, 1.0, 1.01], quiet["busy"])
 
 
 def test_a_steadily_absurd_time_is_a_busy_machine(monkeypatch):
@@ -106,12 +106,12 @@ def test_a_steadily_absurd_time_is_a_busy_machine(monkeypatch):
             fake.now += self.ms / 1000
             return self.net(x)
 
-    b, a = metrics.latencies([Stalled(192.0), Stalled(195.0)], (1, 1, 28, 28), runs=5)
+    b, a = measure.latencies([Stalled(192.0), Stalled(195.0)], (1, 1, 28, 28), runs=5)
     assert b["spread"]["batch_1"] < 0.1 and "MAC/s" in b["busy"]["batch_1"]
     row = before_after_rows({"latency_ms": b}, {"latency_ms": a})[0]
     assert "batch 1" in row[0] and "busy" in row[3] and "not reliable" in row[3], row
     assert b["busy"]["batch_32"] is None  # 73M MACs in 192 ms: a slow CPU, not an absurd one
-    assert metrics.busy_reason(0.6, 0.05, 2_293_000) is None  # the same model at its idle speed
+    assert measure.busy_reason(0.6, 0.05, 2_293_000) is None  # the same model at its idle speed
 
 
 def test_speed_ratio_is_the_ratio_of_the_medians_and_repeatable():
@@ -120,13 +120,13 @@ def test_speed_ratio_is_the_ratio_of_the_medians_and_repeatable():
     rng = random.Random(0)
     slow = [2.0 * rng.uniform(0.9, 1.1) for _ in range(60)]
     fast = [1.0 * rng.uniform(0.9, 1.1) for _ in range(60)]
-    lo, r, hi = metrics.speed_ratio(slow, fast)
+    lo, r, hi = measure.speed_ratio(slow, fast)
     assert lo < r < hi and 1.8 < lo and hi < 2.2
-    a, b = metrics.run_stats(slow)["ms"], metrics.run_stats(fast)["ms"]
+    a, b = measure.run_stats(slow)["ms"], measure.run_stats(fast)["ms"]
     assert r == pytest.approx(a / b, rel=1e-3)
-    assert metrics.speed_ratio(slow, fast) == [lo, r, hi]  # seeded: the same runs, the same interval
+    assert measure.speed_ratio(slow, fast) == [lo, r, hi]  # seeded: the same runs, the same interval
     bursty = [rng.choice([1.0, 5.0]) for _ in range(40)]  # a busy machine hits both models alike, round by round
-    lo, r, hi = metrics.speed_ratio(bursty, [x * rng.uniform(0.97, 1.03) for x in bursty])
+    lo, r, hi = measure.speed_ratio(bursty, [x * rng.uniform(0.97, 1.03) for x in bursty])
     assert 0.9 < lo <= r <= hi < 1.1
 
 
@@ -136,7 +136,7 @@ def test_every_score_is_named_by_its_metric(cli, tmp_path, capsys):
 
     from compress import create_model
     from compress.cli.pipeline_cmd import _ShowEvents
-    from compress.formats import save_model
+    from compress.model_io import save_model
 
     (tmp_path / "mymet.py").write_text("def my_metric(outputs, targets):\n"
                                        "    return (outputs.argmax(1) == targets).float()\n")
@@ -170,8 +170,8 @@ def test_prune_s_cpz_bytes_are_the_bytes_encode_writes(cli, tmp_path):
     encode's options, once the model is final."""
     import json
 
-    from compress.formats import save_model
     from compress.meta import set_meta
+    from compress.model_io import save_model
     from tests.archs import tiny_cnn
 
     m = tiny_cnn()
@@ -192,8 +192,8 @@ def test_pipeline_candidates_bytes_are_their_files_and_the_rest_is_said(tmp_path
     """Pipeline candidates read 18,595 B and the file was 19,160 B: candidates were sized without the graph the
     file holds. Now with it; what is left (the pipeline's history entry, written at the end) is measured and said."""
     from compress import data as data_mod
-    from compress.formats import save_model
     from compress.meta import set_meta
+    from compress.model_io import save_model
     from compress.search import pipeline
     from tests.archs import tiny_cnn
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from compress.formats import save_model
+from compress.model_io import save_model
 from tests.helpers import one_line_error
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from compress import data as data_mod
-from compress.coding.container import decode_model, encode_model
 from compress.config import FineTune
+from compress.cpz.container import decode_model, encode_model
 from compress.errors import InputError, UsageError
 from compress.meta import set_meta
 from compress.models import create_model
@@ -44,7 +44,7 @@ RUN = [p for p in RECIPES if p.stem != "gentle"]
 
 @pytest.mark.parametrize("path", RUN, ids=[p.stem for p in RUN])
 def test_every_shipped_recipe_runs(path, trained, digits, tmp_path):
-    from compress.formats import load_model, save_model
+    from compress.model_io import load_model, save_model
     from compress.quantize.int8 import Int8Model
 
     recipe = Recipe.load(path)
@@ -141,9 +141,9 @@ def test_search_goes_on_past_noise_and_stops_on_evidence():
     """An inconclusive reading (over the budget by its noise margin only) neither ends nor resets the
     search; `patience` readings in a row whose measured drop alone is over do."""
     from compress.checkpoint import Stop as _Stop
+    from compress.method import Context
     from compress.prune import sparsity_of
     from compress.search import _search
-    from compress.stages import Context
 
     stage = Recipe.from_dict({"stage": [{"method": "threshold", "sparsity": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
                                          "finetune": {"epochs": 0}}]}).stages[0]
@@ -175,7 +175,7 @@ def test_history_keeps_only_what_differs_from_the_defaults():
 def test_pipeline_command_reports_every_candidate_and_bytes_per_layer(trained, tmp_path, cli):
     import json
 
-    from compress.formats import save_model
+    from compress.model_io import save_model
 
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, input_shape=[1, 1, 8, 8])
@@ -281,7 +281,7 @@ def test_a_time_budget_ends_the_search_between_candidates_and_the_eta_stays_with
     import json
 
     import compress.search as pl
-    from compress.formats import save_model
+    from compress.model_io import save_model
 
     clock, real = FakeClock(), pl.run
     monkeypatch.setattr(pl, "clock", clock)
@@ -379,7 +379,7 @@ def test_a_run_that_keeps_nothing_writes_nothing_and_says_what_to_try(trained, t
     the message says so and what to try."""
     import json
 
-    from compress.formats import save_model
+    from compress.model_io import save_model
 
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, input_shape=[1, 1, 8, 8])
@@ -402,7 +402,7 @@ def test_a_stopped_run_exits_3_with_what_it_kept(trained, tmp_path, cli, monkeyp
     """Ctrl-C (or the time budget) is told apart from a finished run: exit 3, the best result kept so far written
     (none when nothing was kept yet), the checkpoint left for --resume."""
     import compress.search as pl
-    from compress.formats import save_model
+    from compress.model_io import save_model
 
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, input_shape=[1, 1, 8, 8])
@@ -423,7 +423,7 @@ def test_a_stopped_run_exits_3_with_what_it_kept(trained, tmp_path, cli, monkeyp
 
 
 def test_confidence_is_an_argument_and_the_summary_says_how_sure(trained, digits, tmp_path, cli):
-    from compress.formats import save_model
+    from compress.model_io import save_model
 
     _, loose = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(DEMO), latency=False,
                         confidence=0.0)
@@ -485,7 +485,7 @@ def test_ctrl_c_then_resume_from_the_command_line(trained, tmp_path, cli):
     import subprocess
     import sys
 
-    from compress.formats import load_model, save_model
+    from compress.model_io import load_model, save_model
 
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, input_shape=[1, 1, 8, 8])

@@ -6,7 +6,7 @@ import torch
 from compress import data as data_mod
 from compress import masks
 from compress.config import FineTune
-from compress.metrics import count_macs, count_nonzero, count_params
+from compress.counting import count_macs, count_nonzero, count_params
 from compress.models import create_model
 from compress.prune import (
     ChannelUnionConfig,
@@ -19,7 +19,8 @@ from compress.prune import (
 )
 from compress.prune.channel_union import GroupLasso, ResidualIdentity, reconfigure
 from compress.prune.graph import channel_groups, prune_group
-from compress.train import evaluate, fit
+from compress.scoring import evaluate
+from compress.train import fit
 from tests.helpers import one_line_error
 
 
@@ -149,8 +150,8 @@ def test_config_validation():
 def test_each_verb_refuses_another_verbs_config():
     from compress import UsageError
     from compress.factorize import FactorizeConfig
+    from compress.method import factorize_, quantize_
     from compress.quantize import QuantConfig
-    from compress.stages import factorize_, quantize_
     m = torch.nn.Sequential(torch.nn.Linear(4, 4))
     w = m[0].weight.detach().clone()
     with pytest.raises(UsageError, match="QuantConfig belongs to quantize_"):
@@ -260,7 +261,7 @@ def test_channel_union_trains_and_shrinks(resnet8_trained, small32):
     tr, va = small32
     m = copy.deepcopy(resnet8_trained)
     p0 = count_params(m)
-    from compress.stages import Context, run
+    from compress.method import Context, run
     cfg = ChannelUnionConfig(lasso_ratio=1.5, finetune=FineTune(epochs=3, lr=0.02, optimizer="sgd", batch_size=16,
                                                                 augment=0))
     recs = run("prune", m, cfg, Context(train=tr, val=va)).records
@@ -271,7 +272,7 @@ def test_channel_union_trains_and_shrinks(resnet8_trained, small32):
 
 # ---------------------------------------------------------------- CLI
 def test_prune_cli_threshold(tmp_path, cli, lenet5_trained):
-    from compress.formats import save_model
+    from compress.model_io import save_model
     src = tmp_path / "m.pt"
     save_model(copy.deepcopy(lenet5_trained), src)
     res = cli("prune", src, "--method", "threshold", "--sparsity", "0.8", "--train-data", "mnist5k?limit=300",
@@ -283,7 +284,7 @@ def test_prune_cli_threshold(tmp_path, cli, lenet5_trained):
     assert ".cpz" in res.out and "top-1" in res.out and "agreement" in res.out  # rows wrap in a narrow table
     for f in ("report.json", "report.md", "report.html", "layers.png", "weight_histograms.png"):
         assert (tmp_path / "rep" / f).exists()
-    from compress.formats import load_model
+    from compress.model_io import load_model
     p = load_model(tmp_path / "p.pt")
     assert 0.75 < sparsity_of(p) < 0.85
     # without data nothing says what a change cost: a warning says so (90% pruned LeNet-5 can score 16%)
@@ -298,8 +299,8 @@ def test_prune_cli_threshold(tmp_path, cli, lenet5_trained):
 
 
 def test_prune_cli_l1_sensitivity(tmp_path, cli, resnet8_trained):
-    from compress.formats import save_model
     from compress.meta import set_meta
+    from compress.model_io import save_model
     m = copy.deepcopy(resnet8_trained)
     set_meta(m, input_shape=[1, 1, 32, 32])
     save_model(m, tmp_path / "r.pt")
@@ -311,8 +312,8 @@ def test_prune_cli_l1_sensitivity(tmp_path, cli, resnet8_trained):
 
 
 def test_prune_cli_channel_union_uses_library_defaults(tmp_path, cli):
-    from compress.formats import load_model, save_model
     from compress.meta import set_meta
+    from compress.model_io import load_model, save_model
     torch.manual_seed(0)
     m = create_model("resnet8", width=0.5)
     set_meta(m, input_shape=[1, 1, 8, 8])
@@ -338,7 +339,7 @@ def test_prune_cli_channel_union_uses_library_defaults(tmp_path, cli):
     (["prune", "--lr", "-1", "--train-data", "mnist5k?limit=100"], "lr must be > 0"),
 ])
 def test_settings_that_select_nothing_or_are_invalid_are_errors(tmp_path, cli, lenet5_trained, args, match):
-    from compress.formats import save_model
+    from compress.model_io import save_model
     src = tmp_path / "m.pt"
     save_model(copy.deepcopy(lenet5_trained), src)
     res = cli(args[0], src, *args[1:], "-o", tmp_path / "out.pt")
@@ -349,7 +350,7 @@ def test_settings_that_select_nothing_or_are_invalid_are_errors(tmp_path, cli, l
 def test_l1_filter_round_to_keeps_channel_multiples():
     torch.manual_seed(0)
     m = create_model("resnet20")
-    from compress.stages import Context, run
+    from compress.method import Context, run
 
     res = run("prune", m, L1FilterConfig(ratio=0.3, round_to=8), Context(input_shape=(1, 1, 32, 32)))
     kept = [r["channels_after"] for r in res.layers]
@@ -361,7 +362,7 @@ def test_l1_filter_round_to_keeps_channel_multiples():
 
 
 def test_l1_filter_prunes_linear_neurons_but_never_the_classifier():
-    from compress.stages import Context, run
+    from compress.method import Context, run
 
     torch.manual_seed(0)
     m = create_model("lenet300")
@@ -376,7 +377,7 @@ def test_l1_filter_prunes_a_transformer_block_and_it_still_runs():
     is one group (patch conv, attention projections, LayerNorms, MLP output, head input)."""
     import torch.nn as nn
 
-    from compress.stages import Context, run
+    from compress.method import Context, run
 
     class TinyViT(nn.Module):
         def __init__(self):
@@ -409,7 +410,7 @@ def test_kept_channels_honour_round_to_and_conv_groups_together():
 
 def test_a_moved_block_still_loads_by_its_old_name():
     """ResidualIdentity moved to compress.models.blocks; files that name its old home still resolve."""
-    from compress.coding.arch import resolve_class
+    from compress.cpz.arch import resolve_class
     from compress.models.blocks import ResidualIdentity as Moved
 
     assert resolve_class("compress.prune.channel_union.ResidualIdentity") is Moved

@@ -8,12 +8,12 @@ from hypothesis import strategies as st
 
 from compress.coding import packing
 from compress.config import FineTune
-from compress.formats import load_model, save_model
+from compress.model_io import load_model, save_model
 from compress.models import create_model
 from compress.prune import ThresholdConfig, prune_
 from compress.quant_state import get_state
 from compress.quantize import QuantConfig, quantize_
-from compress.train import evaluate
+from compress.scoring import evaluate
 
 
 def _grid_ok(m):
@@ -40,7 +40,7 @@ def test_weights_lie_on_grid(lenet5_trained, scheme, bits):
 
 def test_mmse_beats_minmax_at_4_bits_on_every_layer(lenet5_trained, mnist_small):
     a, b = copy.deepcopy(lenet5_trained), copy.deepcopy(lenet5_trained)
-    from compress.stages import run
+    from compress.method import run
     ra = {r["name"]: r["mse"] for r in run("quantize", a, QuantConfig(bits=4, scheme="minmax")).layers}
     rb = {r["name"]: r["mse"] for r in run("quantize", b, QuantConfig(bits=4, scheme="mmse")).layers}
     assert all(rb[n] < ra[n] for n in ra), (ra, rb)

@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 
-from compress.metrics import count_macs
+from compress.counting import count_macs
+from compress.method import Context, run
 from compress.prune import L1FilterConfig
-from compress.stages import Context, run
 from tests.helpers import one_line_error
 
 pytest.importorskip("pytorchcv", reason="installed by `make install` (pip install --no-deps pytorchcv)")
@@ -229,7 +229,7 @@ def test_a_users_own_classes_go_through_every_command_without_trust(name, tmp_pa
     """state_dict + --arch in; prune -> quantize -> encode -> decode -> report, each reading the last
     one's file with the same --arch and never --trust-pickle; the decoded model computes exactly what
     the quantized one did. Files hold the structure and weights as data, never the user's classes."""
-    from compress.formats import load_model
+    from compress.model_io import load_model
 
     arch, size, _ = MATRIX[name]
     mod, fn = arch.split(":")
@@ -266,13 +266,13 @@ def test_a_users_own_classes_go_through_every_command_without_trust(name, tmp_pa
 def test_every_method_on_real_families(family, tmp_path):
     """report numbers, threshold pruning, INT8 and 4-bit k-means, the .cpz round trip (bit-exact, rebuilt
     from the user's code), SVD factorization and ONNX INT8 export, on models of classes nobody here wrote."""
-    from compress.coding.container import decode_model, encode_model
     from compress.config import Select
+    from compress.counting import count_nonzero, count_params
+    from compress.cpz.container import decode_model, encode_model
     from compress.data import TensorData
     from compress.export import export
     from compress.factorize import FactorizeConfig
-    from compress.formats import arch_base
-    from compress.metrics import count_nonzero, count_params
+    from compress.model_io import arch_base
     from compress.prune import ThresholdConfig
     from compress.quantize import QuantConfig
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from compress.coding.container import encode_model
+from compress.cpz.container import encode_model
+from compress.measure import layer_table
 from compress.meta import set_meta
-from compress.metrics import layer_table
 from compress.models import create_model
 from compress.report.render import render_model_report
 
@@ -103,7 +103,7 @@ def test_a_layer_name_cannot_break_the_markdown_table_or_reach_the_terminal(tmp_
     the plot is text, not mathtext."""
     m = nn.Sequential()
     m.add_module("a|b\x1b[31m\nx$\\q$", nn.Linear(4, 2))
-    from compress.metrics import summarize
+    from compress.measure import summarize
 
     rep = {"file": "f.pt", "file_bytes": 1, **summarize(m, (1, 4), latency=False)}
     render_model_report(rep, tmp_path / "r")

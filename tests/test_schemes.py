@@ -4,8 +4,8 @@ import copy
 import pytest
 import torch
 
-from compress.coding.container import decode_model, encode_model
 from compress.config import FineTune
+from compress.cpz.container import decode_model, encode_model
 from compress.errors import FormatError
 from compress.prune import ThresholdConfig, prune_
 from compress.quant_state import SCHEMES, QuantState, Scheme, get_state, register_scheme
@@ -79,7 +79,7 @@ def test_codebook_schemes_refuse_grid_options():
 def test_unknown_scheme_is_refused_with_the_known_ones(cli, tmp_path, lenet5_trained):
     with pytest.raises(ValueError, match="pow2"):
         QuantConfig(scheme="log")
-    from compress.formats import save_model
+    from compress.model_io import save_model
     save_model(lenet5_trained, tmp_path / "m.pt")
     res = cli("quantize", tmp_path / "m.pt", "--scheme", "log", "-o", tmp_path / "q.pt")
     assert res.code == 2 and "minmax" in res.err and "pow2" in res.err
@@ -133,12 +133,12 @@ def test_a_reader_that_never_imported_quantize_knows_the_built_in_schemes(lenet5
     import subprocess
     import sys
 
-    from compress.coding.container import save_cpz
+    from compress.cpz.container import save_cpz
 
     m = copy.deepcopy(lenet5_trained)
     quantize_(m, QuantConfig(bits=4, scheme="mmse"))
     save_cpz(m, tmp_path / "m.cpz")
-    code = ("import sys; from compress.coding.container import load_cpz; m = load_cpz(sys.argv[1]); "
+    code = ("import sys; from compress.cpz.container import load_cpz; m = load_cpz(sys.argv[1]); "
             "from compress.quant_state import get_state; print(get_state(m.conv1).scheme)")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.cpz")], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "mmse", r.stderr

@@ -4,10 +4,10 @@ import importlib
 import pytest
 import torch
 
-from compress.metrics import count_macs, count_params
+from compress.counting import count_macs, count_params
+from compress.method import Context, run
 from compress.models import create_model
 from compress.prune import L1FilterConfig
-from compress.stages import Context, run
 
 
 def _model(name):
@@ -56,7 +56,7 @@ def test_bad_targets():
 
 
 def test_cli_target(cli, tmp_path, lenet5_trained):
-    from compress.formats import save_model
+    from compress.model_io import save_model
 
     save_model(lenet5_trained, tmp_path / "l5.pt")
     r = cli("prune", tmp_path / "l5.pt", "-m", "l1-filter", "--target-macs", "0.5", "--epochs", "0", "--no-latency",
@@ -102,8 +102,8 @@ def test_latency_target_prunes_and_reports_what_it_measured(cli, tmp_path):
     measured. Timing is noise-prone, so this checks what it did, not where it landed (benchmarks do that)."""
     import json
 
-    from compress.formats import save_model
     from compress.meta import set_meta
+    from compress.model_io import save_model
 
     torch.manual_seed(0)
     m = create_model("resnet20", in_channels=1)

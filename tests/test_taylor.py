@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from compress.config import FineTune
+from compress.method import Context, run
 from compress.models import create_model
 from compress.prune import L1FilterConfig
 from compress.prune.taylor import ATTR, SAMPLES
-from compress.stages import Context, run
 
 
 def _kept_filters(before, after, layer):
@@ -59,7 +59,7 @@ def test_taylor_with_batchnorm_and_a_target_leaves_statistics_alone():
 
 def test_taylor_needs_training_data(cli, tmp_path, lenet5_trained):
     from compress.errors import UsageError
-    from compress.formats import save_model
+    from compress.model_io import save_model
 
     with pytest.raises(UsageError, match="training data"):
         run("prune", copy.deepcopy(lenet5_trained), L1FilterConfig(ratio=0.5, importance="taylor"),

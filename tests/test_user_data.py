@@ -11,7 +11,7 @@ from PIL import Image
 from compress import data as data_mod
 from compress.data import sources
 from compress.errors import InputError
-from compress.formats import save_model
+from compress.model_io import save_model
 
 N = 240  # samples of the embedded MNIST digits every source below holds
 
@@ -299,8 +299,8 @@ def test_targets_need_not_be_labels(lenet5_trained, digits240):
 
     from compress import prune_
     from compress.config import FineTune
+    from compress.method import Context
     from compress.prune import ThresholdConfig
-    from compress.stages import Context
 
     teacher = copy.deepcopy(lenet5_trained).eval()
     with torch.no_grad():

@@ -13,15 +13,15 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from compress.coding.container import decode_model
+    from compress.cpz.container import decode_model
     from compress.errors import FormatError
 
 
 def seeds() -> list[bytes]:
     import torch
 
-    from compress.coding.container import encode_model
     from compress.config import FineTune
+    from compress.cpz.container import encode_model
     from compress.models import create_model
     from compress.prune import ThresholdConfig, prune_
     from compress.quantize import QuantConfig, quantize_

@@ -38,9 +38,9 @@ def encode(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: 
 
         compress encode r20-int4.pt --arch mypkg.models:resnet20 -o r20.cpz
     """
-    from compress.coding.container import save_cpz
-    from compress.coding.stats import tensor_row
-    from compress.metrics import count_params
+    from compress.counting import count_params
+    from compress.cpz.container import save_cpz
+    from compress.cpz.stats import tensor_row
 
     check_output(model, output, force)
     load = load_options(arch, trust_pickle, input_shape)
@@ -75,8 +75,8 @@ def decode(cpz: ModelArg, output: OutOpt, arch: ArchOpt = None, force: ForceOpt 
 
         compress decode r20.cpz --arch mypkg.models:resnet20 -o r20-decoded.pt
     """
-    from compress.coding.container import load_cpz
-    from compress.formats import arch_base, save_model
+    from compress.cpz.container import load_cpz
+    from compress.model_io import arch_base, save_model
 
     check_output(cpz, output, force)
     m = load_cpz(cpz, base=arch_base(arch))

@@ -71,7 +71,7 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
         raise UsageError(f"--input-shape {text!r} must look like 1,1,28,28") from e
     if shape and shape[0] != 1:  # 28,28 would otherwise read as a batch of 28 samples of 28 values
         raise UsageError(f"--input-shape {text!r}: give the batch dimension first, 1,C,H,W (e.g. 1,1,28,28)")
-    from compress.stages import check_shape
+    from compress.method import check_shape
 
     try:
         return check_shape(shape, "--input-shape")
@@ -86,7 +86,7 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Any option o
 
 def load_options(arch: str | None, trust_pickle: bool, input_shape: str | None):
     """The command's ``LoadOptions`` from its --arch, --trust-pickle and --input-shape."""
-    from compress.formats import LoadOptions
+    from compress.model_io import LoadOptions
 
     return LoadOptions(arch, trust_pickle, parse_shape(input_shape))
 
@@ -195,7 +195,7 @@ def check_reports(report_dir: Optional[str], json_out: Optional[str], force: boo
 
 
 def emit_json(obj: Any, dest: Optional[str], force: bool = False) -> None:
-    from compress.fileio import write_text
+    from compress.filesystem import write_text
 
     text = json.dumps(obj, indent=2, default=_json_default)
     if dest == "-":

@@ -1,7 +1,7 @@
 """The shape of every model-changing command: load, measure, run the stage, measure, save, show.
 
 Commands only parse options and build a config; ``run_command`` does the rest through the
-library's one contract (``compress.stages.run``) and prints the ``StageResult`` it returns.
+library's one contract (``compress.method.run``) and prints the ``StageResult`` it returns.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from compress.errors import OutputExistsError, UsageError
 if TYPE_CHECKING:  # torch is imported where a command runs: `compress --help` starts without it
     import torch.nn as nn
 
-    from compress.formats import LoadOptions
+    from compress.model_io import LoadOptions
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Inputs:
     input_shape: tuple | None = None
     before: dict = field(default_factory=dict)
     loss: Any = None    # --loss (resolved), None: cross-entropy
-    metric: Any = None  # --metric (resolved ``compress.train.Metric``)
+    metric: Any = None  # --metric (resolved ``compress.scoring.Metric``)
 
 
 def parse_mapping(text: str | None, what: str, cast=float):
@@ -71,7 +71,8 @@ def load_inputs(model_path: str, output: str | None, force: bool, load: LoadOpti
     --input-shape), ``task`` its ``TaskOptions`` (--loss, --metric, --workers)."""
     from compress import data as data_mod
     from compress.meta import read_meta
-    from compress.train import resolve_loss, resolve_metric
+    from compress.scoring import resolve_metric
+    from compress.train import resolve_loss
 
     task = task or TaskOptions()
     loss, metric = resolve_loss(task.loss), resolve_metric(task.metric)  # a bad --metric fails before any work
@@ -130,7 +131,7 @@ class TaskOptions:
 def cpz_estimate(model: nn.Module, input_shape=None) -> int | None:
     """The bytes ``compress encode`` writes for the model as it stands (with its graph and metadata, encoded in
     memory with the same options): what a .pt's size hides. Call it once the model's metadata is final."""
-    from compress.coding.container import encode_model
+    from compress.cpz.container import encode_model
     from compress.errors import CompressError
 
     try:  # (an INT8 model is refused by the container: None)
@@ -167,9 +168,9 @@ def output_drift(before: nn.Module, after: nn.Module, input_shape, data=None, n:
 def measure(inp: Inputs, model: nn.Module, calib=None, cpz: bool = True) -> dict:
     """The numbers of ``model`` before or after a stage; ``cpz``: its .cpz bytes too (``cpz_estimate``), else
     None there, for a caller that sets the model's metadata first."""
-    from compress.metrics import summarize
-    from compress.stages import Context
-    from compress.train import evaluate
+    from compress.measure import summarize
+    from compress.method import Context
+    from compress.scoring import evaluate
 
     try:
         shape = Context(train=inp.train, val=inp.test if inp.test is not None else calib,
@@ -189,9 +190,9 @@ def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, re
                 json_out: str | None = None, on_event=None, extra: dict | None = None, latency: bool = True,
                 calib=None) -> dict:
     """Run one stage on loaded inputs, print before/after, save, report. ``calib``: calibration data (INT8)."""
-    from compress.formats import save_model
     from compress.meta import set_meta
-    from compress.stages import Context, run
+    from compress.method import Context, run
+    from compress.model_io import save_model
 
     check_reports(report_dir, json_out, force)  # before the work, not after it
     if inp.train is not None and getattr(cfg, "finetune", None) is not None:
@@ -214,7 +215,7 @@ def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, re
                                       else inp.test)
         set_meta(model, input_shape=list(after["input_shape"]))  # the file it writes says the shape it takes
     if after.get("input_shape") and latency:  # before and after timed interleaved, after a warm-up until stable
-        from compress.metrics import latencies
+        from compress.measure import latencies
 
         inp.before["latency_ms"], after["latency_ms"] = latencies([original.cpu(), model], after["input_shape"])
     after["cpz_bytes"] = cpz_estimate(model, inp.input_shape)  # with the metadata the file carries: what encode writes

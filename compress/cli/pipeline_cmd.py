@@ -64,7 +64,7 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
     from compress import data as data_mod
     from compress.checkpoint import Checkpoint
     from compress.errors import INT8_IS_PT, OutputExistsError, UsageError
-    from compress.formats import save_model
+    from compress.model_io import save_model
     from compress.recipe import Recipe
     from compress.search import pipeline as run
 

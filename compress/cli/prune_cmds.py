@@ -168,7 +168,7 @@ def _num(v: str):
 
 
 def _sensitivity(inp, folder, budget, ratio, extra):
-    from compress.fileio import write_text
+    from compress.filesystem import write_text
     from compress.prune import ratios_for_budget
     from compress.prune import sensitivity as run_sens
     from compress.report.plots import sensitivity as plot_sensitivity

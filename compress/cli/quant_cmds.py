@@ -123,7 +123,7 @@ def export(model: c.ModelArg, output: c.OutOpt, arch: c.ArchOpt = None, trust_pi
     """
     from compress import data as data_mod
     from compress.export import export as run
-    from compress.stages import Context
+    from compress.method import Context
 
     check_output(model, output, force)
     load = load_options(arch, trust_pickle, input_shape)

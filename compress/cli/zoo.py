@@ -56,11 +56,12 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compres
     from compress import data as data_mod
     from compress.cli.harness import check_output
     from compress.config import FineTune
-    from compress.formats import save_model
+    from compress.counting import count_params
     from compress.meta import set_meta
-    from compress.metrics import count_params
+    from compress.model_io import save_model
     from compress.models import create_model
-    from compress.train import evaluate, fit
+    from compress.scoring import evaluate
+    from compress.train import fit
 
     check_output("", output, force)  # fail on an existing output before training, not after
     ds = data_mod.load(data)

@@ -1,4 +1,1 @@
-"""Entropy coding and the .cpz container."""
-from compress.coding.container import load_cpz, save_cpz
-
-__all__ = ["load_cpz", "save_cpz"]
+"""Entropy coding: canonical Huffman codes, symbol and index streams, fixed-width bit packing."""

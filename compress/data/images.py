@@ -22,7 +22,7 @@ from compress.data.files import inside
 from compress.data.kinds import pil_to_tensor
 from compress.data.sources import int_option
 from compress.errors import InputError, UsageError, first_line, safe
-from compress.fileio import not_regular, open_regular
+from compress.filesystem import not_regular, open_regular
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 NORMS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}

@@ -29,7 +29,7 @@ import numpy as np
 
 from compress.data.files import MAX_ARRAY_BYTES, DecodeBudget, inside, read_exact
 from compress.errors import InputError, first_line, safe
-from compress.fileio import open_regular
+from compress.filesystem import open_regular
 
 MAX_HEADER = 10_000  # bytes of a .npy header's dict (numpy's own limit; its headers are ~120 bytes)
 MAX_RANK = 8

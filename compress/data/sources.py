@@ -22,7 +22,7 @@ from compress.data.files import MAX_ARRAY_BYTES, DecodeBudget, inside, read_exac
 from compress.data.kinds import ArrayData, TensorData, as_data, validate
 from compress.data.npy import read_npy, read_npz
 from compress.errors import CompressError, InputError, UsageError, first_line
-from compress.fileio import open_regular
+from compress.filesystem import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _arrays(x: np.ndarray, y: np.ndarray, name: str) -> Data:
 
 
 def _callable(spec: str, name: str) -> Data:
-    from compress.io import resolve_callable
+    from compress.torch_files import resolve_callable
 
     fn = resolve_callable(spec, what="data")
     try:

@@ -34,7 +34,7 @@ def loss_curves(model: nn.Module, layers: list[tuple[str, Layer]], data,
     """Per layer: (sparsities, loss rise) when that layer alone is magnitude-pruned to each sparsity
     (on top of the zeros it has). The rise is made non-decreasing (a running maximum)."""
     from compress.data import batches
-    from compress.train import to_device
+    from compress.scoring import to_device
 
     dev = device_of(model)
     order = None if data.iterable else torch.arange(min(samples, len(data)))

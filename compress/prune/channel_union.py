@@ -30,7 +30,8 @@ import torch.nn as nn
 
 from compress import distributed
 from compress.config import Config, FineTune, Select, bounded, register_method
-from compress.metrics import count_macs, count_params
+from compress.counting import count_macs, count_params
+from compress.method import Context, Method, needs_data
 from compress.models.blocks import ResidualIdentity
 from compress.prune.graph import (
     ChannelGroup,
@@ -41,7 +42,6 @@ from compress.prune.graph import (
     scale_channels,
     unselected,
 )
-from compress.stages import Context, Method, needs_data
 from compress.train import recalibrate_bn, steps_per_epoch
 
 log = logging.getLogger(__name__)

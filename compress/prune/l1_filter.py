@@ -21,10 +21,10 @@ from compress.config import Config, FineTune, Select, bounded, check_keys, per_l
 from compress.distributed import device_of
 from compress.errors import CompressError, InputError, first_line, safe
 from compress.meta import read_meta
+from compress.method import Context, Method
 from compress.prune.graph import channel_groups, conv_groups, example_input, prune_group, refresh, unselected
 from compress.prune.importance import IMPORTANCES, importance_for
-from compress.stages import Context, Method
-from compress.train import evaluate
+from compress.scoring import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def check_targets(config) -> None:
 
 def resolve_target(config, model: nn.Module, shape):
     """(what, fraction of the model's wanted, measure) for a config's target_macs / target_params, else None."""
-    from compress.metrics import count_macs, count_params
+    from compress.counting import count_macs, count_params
 
     if getattr(config, "target_latency", None) is not None:
         return "latency", config.target_latency, LatencyFraction(model, shape)
@@ -262,7 +262,7 @@ class LatencyFraction:
         self.reference, self.shape = reference, shape
 
     def __call__(self, model: nn.Module) -> float:
-        from compress.metrics import latency_stats, speed_ratio
+        from compress.measure import latency_stats, speed_ratio
 
         if model is self.reference:
             return 1.0

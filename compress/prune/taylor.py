@@ -16,9 +16,9 @@ import torch.nn as nn
 
 from compress.data import batches
 from compress.errors import UsageError
+from compress.method import needs_data
 from compress.prune.graph import slices
 from compress.prune.importance import register_importance
-from compress.stages import needs_data
 
 ATTR = "compress_taylor"  # on a layer between prepare and release: {parameter name: w * grad}
 SAMPLES = 512

@@ -10,7 +10,7 @@ bone. Pruning is iterative: ``rounds`` rounds, each raising sparsity (geometrica
 fraction) and followed by its share of the fine-tuning epochs with masks held.
 
 ``ThresholdPruner`` is the whole method; in your own loop give it ``steps_per_round`` and it moves
-to the next round by itself (see ``compress.hooks``).
+to the next round by itself (see ``compress.ThresholdPruner``).
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import torch.nn as nn
 
 from compress import masks
 from compress.config import Config, FineTune, Select, bounded, check_keys, per_layer, register_method, uncovered
+from compress.method import Context, KeepMasks
 from compress.prune import allocate as alloc
-from compress.stages import Context, KeepMasks
 
 log = logging.getLogger(__name__)
 ALLOCATE = ("sensitivity", "std")

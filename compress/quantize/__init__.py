@@ -20,10 +20,10 @@ import torch.nn as nn
 
 from compress.config import Config, FineTune, Select, bounded, check_keys, per_layer, register_method, uncovered
 from compress.errors import safe
+from compress.method import Method, quantize_
 from compress.quant_state import SCHEMES, QuantState, Scheme, get_scheme, get_state, register_scheme, set_state
 from compress.quantize import kmeans as km
 from compress.quantize import pow2, uniform  # noqa: F401  (the built-in schemes register themselves)
-from compress.stages import Method, quantize_
 
 log = logging.getLogger(__name__)
 

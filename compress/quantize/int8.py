@@ -12,7 +12,7 @@ dtype (each quantized tensor as its integers, scales and zero points) with an in
 the backend, the observer, the input shape and the model's metadata (``int8_file.py``; docs/format.md). Loading
 rebuilds the same INT8 model from the architecture (trace, prepare,
 convert: compress's own code on classes the .cpz may name) and loads the checked state into it: no trust
-needed (``compress.formats.load_model``). ``torch.backends.quantized.engine`` is set to the file's backend.
+needed (``compress.model_io.load_model``). ``torch.backends.quantized.engine`` is set to the file's backend.
 
 Torch 2.13 marks its quantized tensors deprecated (pytorch/pytorch#184982) in favour of torchao's PT2E flow
 with ``torch.compile``; the kernels still run, and their warnings are kept inside this module.
@@ -266,7 +266,7 @@ class Int8Model(nn.Module):
 def _arch_bytes(float_model: nn.Module) -> bytes:
     """The float model with every float tensor zeroed, as .cpz bytes: its architecture, which is all the INT8
     model is rebuilt from (its INT8 state carries every number it runs with)."""
-    from compress.coding.container import encode_model
+    from compress.cpz.container import encode_model
 
     skeleton = copy.deepcopy(float_model)
     with torch.no_grad():

@@ -19,8 +19,8 @@ from compress.budget import call_limits
 from compress.counting import sample_cost
 from compress.errors import InputError, first_line, param, printable, safe
 from compress.meta import META_ATTR, get_meta
+from compress.method import check_shape
 from compress.quantize.int8 import BACKENDS, OBSERVERS, Int8Model, _quiet, _require_fx, prepare
-from compress.stages import check_shape
 
 INT8_KEY = "compress_int8"  # the table in an INT8 file: {"version", "backend", "observer", "input_shape", ...}
 FILE_VERSION = 2  # 2: the state packed into one buffer per dtype + an index (1: one tensor per entry; still read)
@@ -163,7 +163,7 @@ def _unpack(buffers: Any, index: Any) -> dict[str, torch.Tensor]:
 
 def file_size(model: Int8Model) -> int:
     """The bytes of the file ``formats.save_model`` writes for ``model``."""
-    from compress.io import wrapped_size
+    from compress.torch_files import wrapped_size
 
     return wrapped_size(model.arch_cpz, payload(model))
 

@@ -1,5 +1,5 @@
 """The ``int8`` method: static INT8 of weights and activations that PyTorch executes, post-training (PTQ) or
-quantization-aware (QAT), under the one method lifecycle (``compress.stages``).
+quantization-aware (QAT), under the one method lifecycle (``compress.method``).
 
 ``quantize_(model, Int8Config(), calib)`` calibrates activation ranges on the data and returns an
 ``Int8Model``; ``Int8Config(finetune=FineTune(epochs=1))`` trains first with fake quantization
@@ -18,8 +18,8 @@ import torch.nn as nn
 from compress.config import Config, FineTune, Select, bounded, register_method
 from compress.data import Data, as_data, check_fits
 from compress.errors import UsageError, safe
+from compress.method import Context, Method, needs_data, run
 from compress.quantize import int8
-from compress.stages import Context, Method, needs_data, run
 
 
 @dataclasses.dataclass(frozen=True)

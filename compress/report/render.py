@@ -11,8 +11,8 @@ from typing import Any
 import torch.nn as nn
 
 from compress.errors import printable
-from compress.fileio import write_text
-from compress.metrics import BUSY, speed_change
+from compress.filesystem import write_text
+from compress.measure import BUSY, speed_change
 from compress.report import plots
 
 
@@ -162,9 +162,9 @@ def render_stage_report(result: dict, before_model: nn.Module | None, after_mode
 
 
 def metric_label(metric) -> str:
-    """The label of the metric scores were measured by: a ``train.Metric`` (its ``label``), or the name a
+    """The label of the metric scores were measured by: a ``scoring.Metric`` (its ``label``), or the name a
     summary keeps ("top1", "top5", the user's function's name, "evaluate" for the user's own evaluation)."""
-    from compress.train import METRICS, Metric
+    from compress.scoring import METRICS, Metric
 
     if isinstance(metric, Metric):
         return metric.label
@@ -261,7 +261,7 @@ def value_text(v) -> str:
 
 def render_pipeline_report(summary: dict, before_model: nn.Module, after_model: nn.Module, input_shape, folder,
                            force: bool = False) -> dict[str, Path]:
-    from compress.metrics import layer_table
+    from compress.measure import layer_table
 
     folder = prepare_folder(folder, force)
     label = metric_label(summary.get("metric"))  # every score named by the metric it was measured with

@@ -7,10 +7,10 @@ from typing import Any
 
 from compress import data as data_mod
 from compress.errors import InputError
-from compress.formats import LoadOptions, kind
+from compress.measure import summarize
 from compress.meta import read_meta
-from compress.metrics import summarize
-from compress.stages import Context
+from compress.method import Context
+from compress.model_io import LoadOptions, kind
 
 
 def _data_label(model, spec: str, ds, rep: dict, metric=None) -> str:
@@ -19,7 +19,7 @@ def _data_label(model, spec: str, ds, rep: dict, metric=None) -> str:
     meta = read_meta(model)
     if meta.train_data != spec:
         return f"{spec}, {len(ds):,} samples"
-    from compress.train import evaluate
+    from compress.scoring import evaluate
 
     vf = meta.val_fraction if meta.val_fraction is not None and 0 < meta.val_fraction < 1 else data_mod.VAL_FRACTION
     _, held = data_mod.split(ds, vf, seed=0)
@@ -32,9 +32,9 @@ def model_report(path: str | os.PathLike, load: LoadOptions = LoadOptions(), dat
                  latency: bool = True, test_data: str | None = None, metric=None, workers: int | None = None
                  ) -> dict[str, Any]:
     """Everything ``compress report`` shows, as a JSON-able dict. ``load``: how the model is read (arch,
-    trust, input shape); ``metric``: how accuracy is scored (``compress.train.resolve_metric``);
+    trust, input shape); ``metric``: how accuracy is scored (``compress.scoring.resolve_metric``);
     ``workers``: loader processes for the data."""
-    from compress.train import resolve_metric
+    from compress.scoring import resolve_metric
 
     path = Path(path)
     if not path.exists():
@@ -58,14 +58,14 @@ def model_report(path: str | os.PathLike, load: LoadOptions = LoadOptions(), dat
         if meta.arch:
             rep["arch"] = meta.arch
         if test_data:
-            from compress.train import evaluate
+            from compress.scoring import evaluate
 
             test = data_mod.load(test_data, workers)
             rep["test_accuracy"] = round(evaluate(model, test, metric), 3)
             rep["metric"] = metric.label
             rep["test_data"] = f"{test_data}, {len(test):,} samples"
         if what == "cpz":
-            from compress.coding.stats import read_stats
+            from compress.cpz.stats import read_stats
 
             rep["cpz"] = read_stats(path)
     rep = {"file": str(path), "file_bytes": path.stat().st_size, **rep}

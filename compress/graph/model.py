@@ -23,11 +23,11 @@ import torch.nn as nn
 
 from compress import budget
 from compress.budget import call_limits
-from compress.coding.graph import DTYPES, MAX_RESULTS, Graph, GraphError, Ref, Tensor, dump, parse, run
-from compress.coding.graph_ops import nbytes
 from compress.counting import mac_counter
 from compress.distributed import device_of
 from compress.errors import InputError, first_line, safe
+from compress.graph.ops import nbytes
+from compress.graph.program import DTYPES, MAX_RESULTS, Graph, GraphError, Ref, Tensor, dump, parse, run
 from compress.quant_state import PARAMS, get_state
 
 MAX_VALUES = 200_000   # tensors a graph may compute in one run, all its nodes' results together

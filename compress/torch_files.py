@@ -7,7 +7,7 @@ is a program. ``load_model`` therefore accepts, without being told to trust anyt
 * whole pickled modules whose every class is a ``torch.nn`` or ``compress.models`` module
   (allow-listed and loaded with ``weights_only=True``): this covers every model compress writes.
 
-Anything else -- TorchScript included -- needs ``trust_pickle=True`` (``--trust-pickle``). ``compress.formats`` dispatches
+Anything else -- TorchScript included -- needs ``trust_pickle=True`` (``--trust-pickle``). ``compress.model_io`` dispatches
 between these files and .cpz containers.
 """
 from __future__ import annotations
@@ -28,9 +28,9 @@ import torch
 import torch.nn as nn
 
 from compress.budget import env_number
-from compress.coding.arch import MOVED, OWN_MODULES, USER_PREFIX
+from compress.cpz.arch import MOVED, OWN_MODULES, USER_PREFIX
 from compress.errors import InputError, UntrustedPickleError, UsageError, first_line, param, safe
-from compress.fileio import atomic_write
+from compress.filesystem import atomic_write
 
 log = logging.getLogger(__name__)
 

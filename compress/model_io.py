@@ -18,8 +18,8 @@ from compress.meta import set_meta
 
 
 def is_cpz(path: Path) -> bool:
-    from compress.coding.container import MAGIC  # the container's own: one source for its bytes
-    from compress.fileio import open_regular
+    from compress.cpz.container import MAGIC  # the container's own: one source for its bytes
+    from compress.filesystem import open_regular
 
     with open_regular(path) as f:  # a FIFO or device named as a model is refused, never read or waited on
         return f.read(4) == MAGIC or path.suffix == ".cpz"
@@ -60,7 +60,7 @@ def record_shape(model: nn.Module, input_shape) -> None:
     """Note the (1, C, H, W) a model takes in its metadata (which every file compress writes carries). An
     INT8 model's shape is its conversion's and a TorchScript module holds no metadata: both are left as they
     are."""
-    from compress.stages import check_shape
+    from compress.method import check_shape
 
     shape = check_shape(tuple(input_shape))
     if getattr(type(model), "int8_kernels", False) or isinstance(model, torch.jit.ScriptModule):
@@ -87,13 +87,13 @@ def _load(path: Path, arch: str | None, trust_pickle: bool) -> nn.Module:
     base = arch_base(arch)
     what = kind(path)
     if what == "cpz":
-        from compress.coding.container import load_cpz
+        from compress.cpz.container import load_cpz
 
         return load_cpz(path, base=base)
     if what == "onnx":
         raise InputError(f"{path} is an ONNX model; only `compress report` and `compress export` read ONNX")
-    from compress.coding.container import decode_model
-    from compress.io import load_torch
+    from compress.cpz.container import decode_model
+    from compress.torch_files import load_torch
 
     return load_torch(path, arch, trust_pickle, cpz=lambda blob: decode_model(blob, path, base=base), int8=_int8)
 
@@ -110,7 +110,7 @@ def arch_base(arch: str | None):
         return None
 
     def build() -> nn.Module:
-        from compress.io import build_arch
+        from compress.torch_files import build_arch
 
         model = build_arch(arch)
         set_meta(model, arch_ref=arch)
@@ -134,16 +134,16 @@ def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False, *
     if input_shape is not None:
         record_shape(model, input_shape)
     if path.suffix == ".cpz":  # the container refuses an INT8 model (errors.INT8_IS_PT)
-        from compress.coding.container import save_cpz
+        from compress.cpz.container import save_cpz
 
         stats = save_cpz(model, path, force=force, graph=True)  # at the input shape of its metadata
         if stats["graph_note"]:
             warnings.warn(f"{path}: no graph stored ({stats['graph_note']}); loading it needs your "
                           f"{param('arch', 'module:callable')}", CompressWarning, stacklevel=2)
         return path
-    from compress.coding.arch import foreign_classes
-    from compress.coding.graph_model import GraphModel
-    from compress.io import save_module, save_wrapped
+    from compress.cpz.arch import foreign_classes
+    from compress.graph.model import GraphModel
+    from compress.torch_files import save_module, save_wrapped
 
     if isinstance(model, Int8Model):  # generated code is never pickled: the architecture as a .cpz, the INT8
         return save_wrapped(model.arch_cpz, path, force=force, extra=payload(model))  # state as plain tensors
@@ -152,7 +152,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False, *
         # classes of the user's code are not pickled (reloading them would need trust), nor is a model
         # decoded from its graph: the file is {"compress_cpz": the .cpz bytes}, which
         # torch.load(weights_only=True) reads, and compress decodes (with the same --arch)
-        from compress.coding.container import encode_model
+        from compress.cpz.container import encode_model
 
         blob, _ = encode_model(model)  # a graph-decoded model keeps its graph
         return save_wrapped(blob, path, force=force)

@@ -4,7 +4,7 @@ A stage is a *method* object with one lifecycle, in the style of Torch-Pruning's
 
     method = ThresholdPruner(model, ThresholdConfig(sparsity=0.9), ctx)
     method.attach()                 # masks, codes, penalty state, or a structural change
-    for each training step:         # the library's `fit`, or the user's own loop (compress.hooks)
+    for each training step:         # the library's `fit`, or the user's own loop (compress.ThresholdPruner and kin)
         loss = loss + method.penalty()      # when it has one (group lasso)
         loss.backward(); method.after_backward(); optimizer.step()
         if method.step(lr): rebuild the optimizer (the architecture changed)
@@ -52,7 +52,7 @@ class Context:
         on_event: ``(kind, fields)`` callback for progress ("round", "reconfigure").
         loss: the task's loss ``loss(outputs, targets)`` (default cross-entropy), or ``module:fn``.
         metric: how a model is scored: "top1" (default), "top5", ``metric(outputs, targets)`` or
-            ``module:fn`` (higher is better; see ``compress.train.Metric``).
+            ``module:fn`` (higher is better; see ``compress.scoring.Metric``).
         train_step: ``train_step(model, inputs, targets) -> loss`` instead of ``loss`` (mixup, several
             outputs, anything else); compress does the backward pass, the hooks and the optimizer step.
         evaluate: ``evaluate(model, data) -> float`` instead of ``metric`` (higher is better); the budget
@@ -77,7 +77,8 @@ class Context:
     calib: Any = None
 
     def __post_init__(self):
-        from compress.train import resolve_loss, resolve_metric
+        from compress.scoring import resolve_metric
+        from compress.train import resolve_loss
 
         self.loss, self.metric = resolve_loss(self.loss), resolve_metric(self.metric)
 
@@ -96,7 +97,7 @@ class Context:
         data = as_data(data, arg="data")
         if self.evaluate is not None:
             return float(self.evaluate(model, data))
-        from compress.train import evaluate
+        from compress.scoring import evaluate
 
         return evaluate(model, data, self.metric)
 

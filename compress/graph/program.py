@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from compress.coding.graph_ops import MAX_RESULTS, NO_RANDOM, OP_NAMES, OPS, SAME_SHAPE, Op
 from compress.errors import safe
+from compress.graph.ops import MAX_RESULTS, NO_RANDOM, OP_NAMES, OPS, SAME_SHAPE, Op
 
 __all__ = ["MAX_RESULTS", "OP_NAMES", "OPS", "Op", "GraphError", "Graph", "parse", "dump", "encode", "run"]
 

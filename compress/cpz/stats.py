@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from compress.coding import streams
-from compress.coding.container import HEAD, encode_model, read_manifest
+from compress.cpz.container import HEAD, encode_model, read_manifest
 
 
 def read_stats(path) -> dict[str, Any]:

@@ -28,13 +28,14 @@ import torch
 import torch.nn as nn
 
 from compress.budget import env_number
-from compress.coding import arch as arch_mod
-from compress.coding import capture as capture_mod
-from compress.coding import graph_model, streams
-from compress.coding.graph import GraphError
-from compress.coding.tensors import decode_entry, encode_tensor, shape_numel
+from compress.coding import streams
+from compress.cpz import arch as arch_mod
+from compress.cpz.tensors import decode_entry, encode_tensor, shape_numel
 from compress.errors import INT8_IS_PT, FormatError, InputError, UsageError, first_line, param, safe
-from compress.fileio import atomic_write
+from compress.filesystem import atomic_write
+from compress.graph import capture as capture_mod
+from compress.graph import model as graph_model
+from compress.graph.program import GraphError
 from compress.masks import remove_masks
 from compress.meta import META_ATTR, get_meta, read_meta
 from compress.quant_state import PARAMS, STATE_ATTRS, get_state, set_state

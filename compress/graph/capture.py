@@ -11,8 +11,8 @@ import warnings
 import torch
 import torch.nn as nn
 
-from compress.coding.graph import MAX_BATCH, OP_NAMES, OPS, SCHEMA, GraphError, dump, encode, parse
 from compress.errors import first_line
+from compress.graph.program import MAX_BATCH, OP_NAMES, OPS, SCHEMA, GraphError, dump, encode, parse
 
 
 def _arg(v, slots: dict):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from compress.counting import _run_checked, check_call, count_macs, count_nonzero, count_params, known_cost  # noqa: F401  (metrics' names too)
+from compress.counting import _run_checked, check_call, count_macs, count_nonzero, count_params, known_cost
 from compress.distributed import device_of
 from compress.errors import CompressError
 from compress.quant_state import get_state
@@ -349,7 +349,7 @@ def summarize(model: nn.Module, input_shape, data=None, latency: bool = True,
     """The numbers that matter for one model, as a JSON-able dict; ``accuracy`` is ``metric``'s score on
     ``data`` (default top-1 accuracy in percent; anything ``compress.data.as_data`` takes), ``metric`` its label."""
     from compress.quantize.int8 import Int8Model
-    from compress.train import evaluate, resolve_metric
+    from compress.scoring import evaluate, resolve_metric
 
     int8 = model if isinstance(model, Int8Model) else None  # INT8 kernels: the architecture's counts, as integers
     params = int8.params if int8 is not None else count_params(model)
