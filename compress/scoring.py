@@ -13,6 +13,7 @@ import torch.nn as nn
 from compress import distributed
 from compress.data import as_data, batches, eval_batch_size
 from compress.errors import CompressError, InputError, first_line
+from compress.user_code import resolve_callable
 
 
 def to_device(v, dev):
@@ -66,8 +67,6 @@ def resolve_metric(metric=None) -> Metric:
     if isinstance(metric, str):
         if metric in METRICS:
             return METRICS[metric]
-        from compress.torch_files import resolve_callable
-
         return Metric(metric, resolve_callable(metric, what="--metric"))
     if callable(metric):
         return Metric(getattr(metric, "__name__", "metric"), metric)

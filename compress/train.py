@@ -25,6 +25,7 @@ from compress.data import Data, as_data, batches
 from compress.errors import CompressError, InputError, UsageError, first_line
 from compress.progress import Bar, progress_enabled
 from compress.scoring import to_device
+from compress.user_code import resolve_callable
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,6 @@ def resolve_loss(loss=None) -> Callable:
     if loss is None:
         return cross_entropy
     if isinstance(loss, str):
-        from compress.torch_files import resolve_callable
-
         return resolve_callable(loss, what="--loss")
     if callable(loss):
         return loss

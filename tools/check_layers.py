@@ -8,7 +8,9 @@ Every import counts, wherever it is written: at module level, inside a function,
 `__init__` is a module of its own: `compress.quantize` importing `compress.quantize.int8` is an edge,
 and so is `compress.quantize.int8` importing `compress.quantize`. An import counts for the module it names:
 `from compress.cpz import container` names `compress.cpz.container`, `from compress.cpz import load_cpz`
-names `compress.cpz`; the parent packages Python initialises on the way are not counted, as in grimp.
+names `compress.cpz`. Importing a module first runs its packages' `__init__`s, so those count too, except
+the importer's own packages (already running): `compress.measure` importing `compress.quantize.int8` also
+imports `compress.quantize`.
 
 LAYERS lists the layers bottom to top. An entry names a module or a package (the package and every
 submodule not listed elsewhere); the longest entry that matches a module places it. A module may import
@@ -25,33 +27,37 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS: list[list[str]] = [
-    # leaves: errors, limits, small helpers that import nothing of compress but each other
+    # leaves: errors, limits, small helpers, the user's own code
     ["compress.errors", "compress.budget", "compress.progress", "compress.meta", "compress.counting",
-     "compress.filesystem", "compress.distributed"],
+     "compress.filesystem", "compress.distributed", "compress.user_code", "compress.timing"],
+    # the vocabulary every method shares: configs, quantizer state and its schemes' registry, masks
+    ["compress.config", "compress.quant_state", "compress.masks"],
     # datasets and model definitions
     ["compress.data", "compress.models"],
     # entropy coding
     ["compress.coding"],
     # the ATen interpreter a .cpz's graph program runs on
     ["compress.graph"],
-    # the vocabulary every method shares: configs, quantizer state, masks
-    ["compress.config", "compress.quant_state", "compress.masks"],
     # the method contract, the fine-tuning loop and scoring
     ["compress.scoring", "compress.train", "compress.method", "compress.checkpoint_state"],
-    # the methods
+    # the methods that change a float model in place (the built-in quantization schemes register here)
     ["compress.prune", "compress.factorize", "compress.quantize"],
-    # the .cpz container (it stores quantized tensors and INT8 models)
-    ["compress.cpz", "compress.quantize.int8_file"],
-    # reading and writing models in every format
-    ["compress.torch_files", "compress.model_io"],
+    # the .cpz container: it stores quantized tensors, so it sits above the schemes
+    ["compress.cpz"],
+    # torch files (state_dict + arch, TorchScript, the wrapped INT8 file) read and written safely
+    ["compress.torch_files"],
+    # lowering to INT8 execution: a new model whose file holds its architecture as .cpz bytes
+    ["compress.quantize.int8", "compress.quantize.int8_stage", "compress.quantize.int8_file"],
+    # the one place that dispatches on a file's format
+    ["compress.model_io"],
     # measuring and exporting
     ["compress.measure", "compress.export", "compress.openvino_export"],
     # recipes and the search under an accuracy budget
     ["compress.recipe", "compress.search", "compress.checkpoint"],
     ["compress.report"],
-    ["compress.cli"],
-    # the public names, imported on first use
+    # the public names (each imported on first use)
     ["compress"],
+    ["compress.cli"],
 ]
 
 
@@ -95,9 +101,11 @@ def imports(name: str, path: Path, mods: dict[str, Path]) -> list[tuple[str, int
                   and isinstance(child.args[0].value, str)):
                 targets = [child.args[0].value]
             for t in targets:
-                dep = resolve(t)
-                if dep and dep != name:
-                    found.append((dep, child.lineno, in_function))  # type: ignore[attr-defined]
+                dep, named = resolve(t), True
+                while dep:  # the module named, then the packages Python initialises before it
+                    if dep != name and (named or not name.startswith(dep + ".")):
+                        found.append((dep, child.lineno, in_function))  # type: ignore[attr-defined]
+                    dep, named = dep.rpartition(".")[0], False
             walk(child, inner)
 
     walk(ast.parse(path.read_text(), str(path)), False)
@@ -150,7 +158,9 @@ def layer_of(module: str) -> int | None:
     best, best_len = None, -1
     for i, layer in enumerate(LAYERS):
         for entry in layer:
-            if (module == entry or module.startswith(entry + ".")) and len(entry) > best_len:
+            # an entry covers its package's submodules; the root package's entry covers only its __init__
+            covers = module == entry or ("." in entry and module.startswith(entry + "."))
+            if covers and len(entry) > best_len:
                 best, best_len = i, len(entry)
     return best
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from compress.errors import param, safe
 from compress.quant_state import STATE_ATTRS
+from compress.user_code import USER_PREFIX
 
 _INTERNAL = set(vars(nn.Module()).keys())
 # the modules of compress whose nn.Module classes a file may name (the zoo, and what methods insert)
@@ -30,9 +31,6 @@ _LEAF = (type(None), bool, int, float, str)
 # stored by name, resolved only from this list of torch.nn.functional's pure tensor functions
 FUNCTIONS = frozenset("""relu relu6 gelu silu mish hardswish hardsigmoid hardtanh sigmoid tanh leaky_relu elu selu
 celu softplus softsign glu logsigmoid softmax log_softmax tanhshrink""".split())
-
-
-USER_PREFIX = "_compress_user_"  # the module name ``--arch path/to/mynet.py:fn`` imports ``mynet.py`` as
 
 
 def _class_path(cls: type) -> str:

@@ -23,6 +23,7 @@ from compress.data.kinds import ArrayData, TensorData, as_data, validate
 from compress.data.npy import read_npy, read_npz
 from compress.errors import CompressError, InputError, UsageError, first_line
 from compress.filesystem import open_regular
+from compress.user_code import resolve_callable
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,6 @@ def _arrays(x: np.ndarray, y: np.ndarray, name: str) -> Data:
 
 
 def _callable(spec: str, name: str) -> Data:
-    from compress.torch_files import resolve_callable
-
     fn = resolve_callable(spec, what="data")
     try:
         obj = fn()
