@@ -16,8 +16,8 @@ from compress import openvino_export as ov
 from compress.export import _session, onnx_accuracy, onnx_latency_ms, quantize_int8, to_onnx
 from compress.measure import latencies, speed_change
 from compress.model_io import save_model
-from compress.quantize import to_int8
 from compress.quantize.int8 import OBSERVERS
+from compress.quantize.int8_stage import to_int8
 from compress.scoring import evaluate
 from compress.train import fit
 

@@ -9,9 +9,9 @@ Public API (see README and docs/architecture.md)::
     compress.quantize_(model, compress.QuantConfig(bits=4, scheme="kmeans"), train)
     compress.save_model(model, "lenet5.cpz")
 
-Every verb takes a config of its own kind and changes the model in place (but for ``Int8Config``, whose
-``quantize_`` returns a new ``Int8Model`` that runs as integers); ``compress.run`` does the same and returns a
-``StageResult`` with the numbers.
+Every verb ending in ``_`` takes a config of its own kind and changes the model in place;
+``compress.lower_int8(model, Int8Config(), calib_data=...)`` makes a new ``Int8Model`` that runs as integers;
+``compress.run`` does either and returns a ``StageResult`` with the numbers.
 """
 import importlib
 
@@ -23,10 +23,10 @@ _EXPORTS = {
     "UsageError": "errors", "FactorizeConfig": "factorize", "load_model": "model_io", "save_model": "model_io",
     "count_macs": "counting", "count_nonzero": "counting", "count_params": "counting", "summarize": "measure",
     "create_model": "models", "list_models": "models", "pipeline": "search", "ChannelUnionConfig": "prune",
-    "L1FilterConfig": "prune", "ThresholdConfig": "prune", "QuantConfig": "quantize", "Int8Config": "quantize", "Recipe": "recipe",
+    "L1FilterConfig": "prune", "ThresholdConfig": "prune", "QuantConfig": "quantize", "Int8Config": "quantize.int8_stage", "Recipe": "recipe",
     "Stage": "recipe", "Context": "method", "StageResult": "method", "factorize_": "method", "prune_": "method",
     "quantize_": "method", "run": "method", "Method": "method", "ThresholdPruner": "prune", "L1FilterPruner": "prune",
-    "ChannelUnionPruner": "prune", "Quantizer": "quantize", "Int8Lowering": "quantize", "TrainConfig": "train", "evaluate": "scoring", "fit": "train",
+    "ChannelUnionPruner": "prune", "Quantizer": "quantize", "Int8Lowering": "quantize.int8_stage", "lower_int8": "quantize.int8_stage", "TrainConfig": "train", "evaluate": "scoring", "fit": "train",
 }
 
 
@@ -46,6 +46,6 @@ __all__ = [
     "ChannelUnionConfig", "ChannelUnionPruner", "CompressError", "CompressWarning", "Config", "Context", "FactorizeConfig", "FineTune", "FormatError",
     "InputError", "Int8Config", "Int8Lowering", "L1FilterConfig", "L1FilterPruner", "Method", "QuantConfig", "Quantizer", "Recipe", "Select", "Stage", "StageResult", "ThresholdConfig", "ThresholdPruner",
     "UntrustedPickleError", "UsageError", "count_macs", "count_nonzero", "count_params",
-    "create_model", "data", "evaluate", "factorize_", "fit", "list_models", "load_cpz", "load_model",
+    "create_model", "data", "evaluate", "factorize_", "fit", "list_models", "load_cpz", "load_model", "lower_int8",
     "pipeline", "prune_", "quantize_", "run", "save_cpz", "save_model", "summarize",
 ]

@@ -189,6 +189,8 @@ class Method:
     """
 
     needs_train: ClassVar[bool] = False
+    # False for a method whose result is a new model (INT8 lowering): the in-place verbs refuse its config
+    in_place: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, config: Config, ctx: Context | None = None):
         if is_layerless(model):
@@ -313,9 +315,11 @@ def prune_(model: nn.Module, config: Config, train_data=None, val_data=None, *, 
 
 def quantize_(model: nn.Module, config: Config, train_data=None, val_data=None, *, calib_data=None,
               ctx: Context | None = None) -> nn.Module:
-    """Quantize weights in place with a ``QuantConfig``; returns the model for chaining. With an ``Int8Config``
-    the model is lowered to INT8 execution: the returned ``Int8Model`` is a new model (use it; the float model
-    given is left as it was); its activation ranges are calibrated on ``calib_data`` (default: ``train_data``)."""
+    """Quantize weights in place with a ``QuantConfig``; returns the model for chaining. Lowering to INT8
+    execution makes a new model: that is ``compress.lower_int8(model, Int8Config(...), calib_data=...)``."""
+    if not method_for(config, "quantize").in_place:
+        raise UsageError(f"quantize_ changes a model in place; a {type(config).__name__} makes a new model: "
+                         f"use compress.lower_int8(model, {type(config).__name__}(...), calib_data=...)")
     return run("quantize", model, config, _ctx(ctx, train_data, val_data, None, calib_data)).model
 
 

@@ -54,11 +54,8 @@ SCHEMES: dict[str, Scheme] = {}
 
 
 def schemes() -> dict[str, Scheme]:
-    """Every registered scheme. The built-in ones register when ``compress.quantize`` is imported: a reader
-    of files that never imported it (``compress decode``) gets them here."""
-    import importlib
-
-    importlib.import_module("compress.quantize")  # a lookup once it is imported
+    """Every registered scheme. The built-in ones register where they are defined (``compress.quantize``'s
+    modules); a reader of files imports ``compress.quantize`` before it asks (``cpz.tensors`` does)."""
     return SCHEMES
 
 

@@ -27,6 +27,7 @@ from typing import Any
 from compress import factorize, prune, quantize  # noqa: F401  (their methods register the stage types)
 from compress.config import CONFIG_VERSION, Config, bounded, check_fields, close_matches, stage_types
 from compress.errors import InputError, UsageError, first_line
+from compress.quantize import int8_stage  # noqa: F401  (and the int8 stage)
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few lines; a larger file is refused before it is parsed
 MAX_STAGES = 32

@@ -172,7 +172,7 @@ def test_verbs_take_every_kind():
         return compress.quantize_(tiny(), compress.QuantConfig(bits=3, scheme="kmeans", finetune=ft), d).state_dict()
 
     def int8(d, **kw):
-        q = compress.quantize_(tiny().eval(), compress.Int8Config(observer="minmax", calib_samples=N), **kw)
+        q = compress.lower_int8(tiny().eval(), compress.Int8Config(observer="minmax", calib_samples=N), **kw)
         return q(X)
 
     def stage(d):
@@ -287,7 +287,7 @@ NOT_DATA = {  # id: (call, the argument its error names)
     "summarize-int": (lambda: compress.summarize(tiny(), (1, 1, 8, 8), 3, latency=False), "data"),
     "prune-object": (lambda: compress.prune_(tiny(), compress.ThresholdConfig(sparsity=0.5), object()), "train_data"),
     "prune-val-int": (lambda: compress.prune_(tiny(), compress.ThresholdConfig(sparsity=0.5), (X, Y), 7), "val_data"),
-    "int8-calib-array": (lambda: compress.quantize_(tiny(), compress.Int8Config(), calib_data=X.numpy()),
+    "int8-calib-array": (lambda: compress.lower_int8(tiny(), compress.Int8Config(), calib_data=X.numpy()),
                          "calib_data"),
     "factorize-spec": (lambda: compress.factorize_(tiny(), compress.FactorizeConfig(rank=2), "digits"), "train_data"),
     "Context-val-float": (lambda: Context(val=1.5), "val"),

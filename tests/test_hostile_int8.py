@@ -16,8 +16,8 @@ from compress.config import FineTune
 from compress.errors import InputError
 from compress.model_io import load_model, save_model
 from compress.models import create_model
-from compress.quantize import to_int8
 from compress.quantize.int8_file import INT8_KEY
+from compress.quantize.int8_stage import to_int8
 from compress.train import fit
 from tests.hostile_harness import run_cli_each
 

@@ -8,15 +8,31 @@ import torch
 from compress import data as data_mod
 from compress.errors import InputError, UsageError
 from compress.model_io import load_model, save_model
-from compress.quantize import to_int8
 from compress.quantize.int8 import Int8Model, backend
 from compress.quantize.int8_file import INT8_KEY
+from compress.quantize.int8_stage import to_int8
 from compress.scoring import evaluate
 from tests.helpers import one_line_error
 
 
 def _quantized_layers(q: Int8Model) -> list[str]:
     return [type(m).__module__ for m in q.inner.modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
+
+
+def test_lowering_to_int8_is_its_own_verb_and_quantize_refuses_it(lenet5_trained, mnist_small):
+    import compress
+
+    tr, _ = mnist_small
+    before = {k: v.clone() for k, v in lenet5_trained.state_dict().items()}
+    with pytest.raises(UsageError, match=r"in place.*compress\.lower_int8\(model, Int8Config"):
+        compress.quantize_(lenet5_trained, compress.Int8Config(), calib_data=tr)
+    q = compress.lower_int8(lenet5_trained, compress.Int8Config(observer="minmax"), calib_data=tr)
+    assert isinstance(q, Int8Model) and q is not lenet5_trained
+    ref = to_int8(lenet5_trained, tr, (1, 1, 28, 28), observer="minmax")  # the same lowering, the same integers
+    x = tr.batch(torch.arange(8))[0]
+    with torch.no_grad():
+        assert torch.equal(q(x), ref(x))
+    assert all(torch.equal(v, before[k]) for k, v in lenet5_trained.state_dict().items())  # the float model is as it was
 
 
 def test_lenet5_runs_as_int8_and_keeps_its_accuracy(lenet5_trained, mnist_small):
@@ -189,7 +205,7 @@ def test_percentile_ranges_ignore_an_outlier_that_min_max_and_histogram_follow(l
 def test_qat_trains_the_model_that_runs_and_its_file_reloads(lenet5_trained, mnist_small, tmp_path):
     from compress.config import FineTune
     from compress.method import Context
-    from compress.quantize import Int8Config, Int8Lowering
+    from compress.quantize.int8_stage import Int8Config, Int8Lowering
 
     tr, va = mnist_small
     method = Int8Lowering(copy.deepcopy(lenet5_trained), Int8Config(finetune=FineTune(epochs=0.5, lr=1e-4)),
@@ -299,8 +315,8 @@ def test_hand_written_hard_swish_runs_as_one_int8_op(tmp_path):
     from pytorchcv.models.mobilenetv3 import mobilenetv3_small_w7d20
 
     from compress.method import Context, run
-    from compress.quantize import Int8Config
     from compress.quantize.int8 import native_activations
+    from compress.quantize.int8_stage import Int8Config
 
     torch.manual_seed(0)
     m = mobilenetv3_small_w7d20(num_classes=10).eval()

@@ -64,7 +64,7 @@ def quantize(model: c.ModelArg, output: c.OutOpt,
         if output.endswith(".cpz"):  # before the work, not after it
             raise typer.BadParameter(f"{INT8_IS_PT}: give -o NAME.pt")
         from compress.config import Select
-        from compress.quantize import Int8Config
+        from compress.quantize.int8_stage import Int8Config
 
         cfg8 = make_config(Int8Config, observer=observer,
                            select=make_config(Select, names=patterns(layers), exclude=patterns(exclude),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from compress import quantize  # noqa: F401  (importing it registers the built-in schemes a file may name)
 from compress.coding import streams
 from compress.errors import InputError
 from compress.quant_state import QuantState, schemes

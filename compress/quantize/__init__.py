@@ -147,7 +147,5 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, train_data=Non
     return quantize_(model, config or QuantConfig(**kw), train_data, val_data)
 
 
-from compress.quantize.int8_stage import Int8Config, Int8Lowering, to_int8  # noqa: E402  (the int8 method registers itself)
-
-__all__ = ["SCHEMES", "Int8Config", "Int8Lowering", "QuantConfig", "QuantState", "Quantizer", "Scheme", "get_state", "quantize", "quantize_",
-           "quantize_tensor", "register_scheme", "get_scheme", "sqnr_db", "to_int8"]
+__all__ = ["SCHEMES", "QuantConfig", "QuantState", "Quantizer", "Scheme", "get_state", "quantize", "quantize_",
+           "quantize_tensor", "register_scheme", "get_scheme", "sqnr_db"]

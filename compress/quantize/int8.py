@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 
 from compress.budget import call_limits
+from compress.counting import count_macs, count_params
+from compress.cpz.container import encode_model
 from compress.data import Data, batches
 from compress.errors import InputError, UsageError
 from compress.meta import META_ATTR, get_meta
@@ -231,8 +233,6 @@ class Int8Model(nn.Module):
         self.arch_cpz = arch_cpz if arch_cpz is not None else _arch_bytes(float_model)
         # the float model's metadata as it is (a file's may hold keys of a newer compress), and its input shape
         setattr(self, META_ATTR, {**copy.deepcopy(get_meta(float_model)), "input_shape": list(table["input_shape"])})
-        from compress.counting import count_macs, count_params
-
         # its parameters and MACs are the float architecture's (as integers), counted while it is at hand: decoding
         # the architecture again may need the user's --arch
         self.params = count_params(float_model)
@@ -266,8 +266,6 @@ class Int8Model(nn.Module):
 def _arch_bytes(float_model: nn.Module) -> bytes:
     """The float model with every float tensor zeroed, as .cpz bytes: its architecture, which is all the INT8
     model is rebuilt from (its INT8 state carries every number it runs with)."""
-    from compress.cpz.container import encode_model
-
     skeleton = copy.deepcopy(float_model)
     with torch.no_grad():
         for t in skeleton.state_dict().values():

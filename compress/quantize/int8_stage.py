@@ -1,8 +1,8 @@
 """The ``int8`` method: static INT8 of weights and activations that PyTorch executes, post-training (PTQ) or
 quantization-aware (QAT), under the one method lifecycle (``compress.method``).
 
-``quantize_(model, Int8Config(), calib)`` calibrates activation ranges on the data and returns an
-``Int8Model``; ``Int8Config(finetune=FineTune(epochs=1))`` trains first with fake quantization
+``lower_int8(model, Int8Config(), calib_data=calib)`` calibrates activation ranges on the data and returns
+an ``Int8Model``; ``Int8Config(finetune=FineTune(epochs=1))`` trains first with fake quantization
 (straight-through gradients, conv-bn folded, moving-average ranges) and then converts: the accuracy PTQ
 loses to rounding is trained back. The float model given is left as it was; the INT8 model is returned
 (it is a new model, not the input changed in place). In a recipe, ``method = "int8"`` with
@@ -18,7 +18,7 @@ import torch.nn as nn
 from compress.config import Config, FineTune, Select, bounded, register_method
 from compress.data import Data, as_data, check_fits
 from compress.errors import UsageError, safe
-from compress.method import Context, Method, needs_data, run
+from compress.method import Context, Method, _ctx, needs_data, run
 from compress.quantize import int8
 
 
@@ -60,6 +60,7 @@ class Int8Lowering(Method):
     ``Int8Model`` PyTorch runs as integers."""
 
     config: Int8Config
+    in_place = False  # its result is a new Int8Model: lower_int8, not quantize_
 
     def attach(self) -> None:
         cfg, ctx = self.config, self.ctx
@@ -135,6 +136,15 @@ class Int8Lowering(Method):
         return q
 
 
+def lower_int8(model: nn.Module, config: Int8Config | None = None, train_data=None, val_data=None, *,
+               calib_data=None, ctx: Context | None = None) -> int8.Int8Model:
+    """A new ``Int8Model`` that runs ``model`` as integers (``model`` is left as it was): activation ranges are
+    calibrated on ``calib_data`` (default: ``train_data``, which QAT -- ``config.finetune.epochs`` > 0 -- trains
+    on). Not ``quantize_``: that verb changes a model in place, and this one makes a new one."""
+    cfg = Int8Config() if config is None else config
+    return run("quantize", model, cfg, _ctx(ctx, train_data, val_data, None, calib_data)).model  # type: ignore[return-value]
+
+
 def to_int8(model: nn.Module, calib: Data, input_shape=None, observer: str = "histogram",
             samples: int = int8.CALIB_SAMPLES, keep_float=(), *, qat: FineTune | None = None,
             ctx: Context | None = None) -> int8.Int8Model:
@@ -151,4 +161,4 @@ def to_int8(model: nn.Module, calib: Data, input_shape=None, observer: str = "hi
     cfg = Int8Config(observer=observer, calib_samples=samples,
                      select=Select(exclude=tuple(keep_float), spare_first_last=False),
                      finetune=qat or Int8Config().finetune)
-    return run("quantize", model, cfg, ctx).model  # type: ignore[return-value]  # Int8Lowering's result
+    return lower_int8(model, cfg, ctx=ctx)
