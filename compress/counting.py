@@ -1,8 +1,10 @@
 """Counting a model: parameters, nonzeros, multiply-accumulates (a leaf: what every model knows of itself)."""
 from __future__ import annotations
 
+import functools
 import math
 import weakref
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -18,6 +20,16 @@ def count_params(model: nn.Module) -> int:
 
 def count_nonzero(model: nn.Module) -> int:
     return sum(int(torch.count_nonzero(p)) for p in model.parameters())
+
+
+@functools.singledispatch
+def counts(model: nn.Module, input_shape=None) -> dict[str, Any]:
+    """``params``, ``nonzeros`` and (for an ``input_shape``) ``macs`` of a model. A kind of model that runs its
+    own kernels registers its own (an INT8 model: its float architecture's counts, as integers)."""
+    out: dict[str, Any] = {"params": count_params(model), "nonzeros": count_nonzero(model)}
+    if input_shape is not None:
+        out["macs"] = count_macs(model, input_shape)
+    return out
 
 
 def _run_checked(model, x):
@@ -99,12 +111,13 @@ _COSTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary
 SMALL_INPUT = 1 << 20  # values per sample a model whose code does not run on the meta device may still be run at
 
 
+@functools.singledispatch
 def known_cost(model, input_shape) -> tuple[int, int] | None:
     """``sample_cost`` of one sample of ``input_shape`` (its batch aside), counted once per model and shape;
     (0, 0) for a small input the model's code cannot run on the meta device (InputError for a large one), None
     for models that check each call themselves (a stored graph, an INT8 model) and callables that are not
-    modules."""
-    if not isinstance(model, nn.Module) or getattr(model, "layerless", False) or getattr(model, "int8_kernels", False):
+    modules. A model that checks each call itself registers None for its type (``known_cost.register``)."""
+    if not isinstance(model, nn.Module):
         return None
     shape = tuple(input_shape)[1:]
     costs = _COSTS.setdefault(model, {})

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from compress import kinds
 from compress.errors import InputError, UsageError, first_line, param
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,10 @@ def _session(path, threads: int = 2, spin: bool = True):
 def to_onnx(model: nn.Module, path, input_shape, opset: int = 17) -> None:
     """Export with a dynamic batch axis (legacy TorchScript exporter: no onnxscript needed)."""
     from compress.masks import remove_masks
-    from compress.method import graph_only, is_layerless
 
-    if is_layerless(model):
-        raise graph_only(model, "exports ONNX from a model's layers")
-    _exportable(model)
+    refused = kinds.refusal(model, kinds.ONNX)  # a stored graph, or INT8 kernels
+    if refused is not None:
+        raise refused
     remove_masks(model)
     model.eval()
     x = torch.randn(tuple(input_shape))
@@ -62,10 +62,6 @@ def to_onnx(model: nn.Module, path, input_shape, opset: int = 17) -> None:
     onnx.checker.check_model(onnx.load(str(path)))
 
 
-def _exportable(model: nn.Module) -> None:
-    if getattr(type(model), "int8_kernels", False):  # quantize.int8.Int8Model
-        raise UsageError("this INT8 model runs PyTorch's own integer kernels; export its float model with --int8 "
-                         "for ONNX Runtime or OpenVINO INT8")
 
 
 def run_onnx(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -208,7 +204,9 @@ def export(model: nn.Module, path, input_shape, int8: bool = False, calib_data=N
     calib_data = None if calib_data is None else as_data(calib_data, "calibration data", arg="calib_data")
     eval_data = None if eval_data is None else as_data(eval_data, "evaluation data", arg="eval_data")
     step = on_step or (lambda text: None)
-    _exportable(model)
+    refused = kinds.refusal(model, kinds.ONNX)  # before any work
+    if refused is not None:
+        raise refused
     if fmt not in ("onnx", "openvino"):
         raise UsageError(f"format must be onnx or openvino, got {fmt!r}")
     if fmt == "openvino":

@@ -1,6 +1,7 @@
 """What a compressed model is measured by: params, nonzeros, MACs, latency, accuracy, per layer."""
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 import time
@@ -10,21 +11,23 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from compress.counting import _run_checked, check_call, count_macs, count_nonzero, count_params, known_cost
+from compress import kinds
+from compress.counting import _run_checked, check_call, counts, known_cost
+from compress.data import as_data, batches, check_fits, eval_batch_size
 from compress.distributed import device_of
 from compress.errors import CompressError
+from compress.graph.model import GraphModel
 from compress.quant_state import get_state
+from compress.scoring import evaluate, resolve_metric
 
 log = logging.getLogger(__name__)
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)
 
 
+@functools.singledispatch
 def layer_table(model: nn.Module, input_shape) -> list[dict[str, Any]]:
     """Per leaf layer with weights: name, type, params, nonzeros, MACs, output shape. A model decoded from its
     stored graph has no layers: per group of its nodes (``GraphModel.layer_table``)."""
-    own = getattr(model, "layer_table", None) if getattr(model, "layerless", False) else None
-    if callable(own):
-        return own()
     rows: dict[str, dict] = {}
     hooks = []
 
@@ -55,6 +58,11 @@ def layer_table(model: nn.Module, input_shape) -> list[dict[str, Any]]:
         for h in hooks:
             h.remove()
     return list(rows.values())
+
+
+@layer_table.register(GraphModel)
+def _graph_layer_table(model: GraphModel, input_shape) -> list[dict[str, Any]]:
+    return model.layer_table()
 
 
 def _timed(model, x, dtype=None):
@@ -244,8 +252,6 @@ def latencies(models: list, input_shape, runs: int = 20) -> list[dict]:
 def runtime_accuracy(predict, data) -> float:
     """Top-1 accuracy (%) on ``data`` of another runtime's ``predict(inputs) -> logits`` (numpy arrays in and
     out: an ONNX Runtime session, a compiled OpenVINO model), read in batches."""
-    from compress.data import batches, eval_batch_size
-
     right = total = 0
     for x, y in batches(data, eval_batch_size(data)):
         right += int((predict(x.numpy()).argmax(1) == y.numpy()).sum())
@@ -348,22 +354,14 @@ def summarize(model: nn.Module, input_shape, data=None, latency: bool = True,
               layers: bool = True, runs: int = 20, metric=None) -> dict[str, Any]:
     """The numbers that matter for one model, as a JSON-able dict; ``accuracy`` is ``metric``'s score on
     ``data`` (default top-1 accuracy in percent; anything ``compress.data.as_data`` takes), ``metric`` its label."""
-    from compress.quantize.int8 import Int8Model
-    from compress.scoring import evaluate, resolve_metric
-
-    int8 = model if isinstance(model, Int8Model) else None  # INT8 kernels: the architecture's counts, as integers
-    params = int8.params if int8 is not None else count_params(model)
-    out: dict[str, Any] = {"params": params, "dense_fp32_bytes": params * 4,
-                           "nonzero_params": int8.nonzeros() if int8 is not None else count_nonzero(model)}
-    if int8 is not None:
-        t: dict = int8.compress_int8
-        out["int8"] = {**t, "executes": f"INT8 weights and activations (PyTorch {t['backend']} kernels); MACs are "
-                                        "INT8 MACs"}
+    c = counts(model, input_shape)  # an INT8 model's: its architecture's counts, as integers
+    out: dict[str, Any] = {"params": c["params"], "dense_fp32_bytes": c["params"] * 4, "nonzero_params": c["nonzeros"]}
+    executes = kinds.execution(model)  # how a model that does not run as float layers runs (INT8 kernels)
+    if executes is not None:
+        out["int8"] = executes
     if input_shape is not None:  # weight-only numbers otherwise
-        out.update(macs=count_macs(model, input_shape) if int8 is None else int8.macs, input_shape=list(input_shape))
+        out.update(macs=c["macs"], input_shape=list(input_shape))
     if data is not None:
-        from compress.data import as_data, check_fits
-
         data = as_data(data, arg="data")
         m = resolve_metric(metric)
         check_fits(model, data, labels_needed=m.builtin)
@@ -371,6 +369,6 @@ def summarize(model: nn.Module, input_shape, data=None, latency: bool = True,
         out["metric"] = m.label
     if latency and input_shape is not None:
         out["latency_ms"] = latencies([model], input_shape, runs)[0]
-    if layers and input_shape is not None and int8 is None and not isinstance(model, torch.jit.ScriptModule):
+    if layers and input_shape is not None and executes is None and not isinstance(model, torch.jit.ScriptModule):
         out["layers"] = layer_table(model, input_shape)
     return out

@@ -25,7 +25,7 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn as nn
 
-from compress import masks
+from compress import kinds, masks
 from compress.budget import MAX_INPUT_VALUES
 from compress.config import Config, FineTune, method_for
 from compress.data import as_data
@@ -128,23 +128,9 @@ def check_ctx(ctx: Context | None) -> Context | None:
     return ctx
 
 
-def is_layerless(model: nn.Module) -> bool:
-    """A model decoded from a .cpz's stored graph: it runs, but has no layers a method could change."""
-    return bool(getattr(type(model), "layerless", False))
-
-
 def needs_data(what: str) -> UsageError:
     """The one message for a step that cannot run without training data."""
     return UsageError(f"{what}: give training data (Context(train=...); --train-data SPEC)")
-
-
-def graph_only(model: nn.Module, what: str) -> UsageError:
-    """The error for a model decoded from a .cpz's stored graph (``coding.graph_model.GraphModel``:
-    ATen calls, no layers) given to something that needs the model's layers or code. It never names the
-    --arch the file mentions: a path read from a file is not a suggestion to run it."""
-    return UsageError(f"this model was decoded from its stored graph: it runs, reports and encodes, but compress "
-                      f"{what}; decode the .cpz it came from with {param('arch', 'module:callable')} (your own code that "
-                      "builds it) to change it")
 
 
 def check_shape(shape, what: str = "input shape") -> tuple[int, ...]:
@@ -193,11 +179,9 @@ class Method:
     in_place: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, config: Config, ctx: Context | None = None):
-        if is_layerless(model):
-            raise graph_only(model, "changes models through their layers")
-        if getattr(type(model), "int8_kernels", False):  # quantize.int8.Int8Model
-            raise UsageError("this is an INT8 model: its layers are integer kernels no method changes; prune, "
-                             "factorize or quantize the float model before its int8 stage")
+        refused = kinds.refusal(model, kinds.CHANGE)  # a stored graph or INT8 kernels: no layers to change
+        if refused is not None:
+            raise refused
         self.model, self.config, self.ctx = model, config, check_ctx(ctx) or Context()
         self.teacher = None
         if config.finetune.distill and config.finetune.epochs > 0:  # the input model, before any change
@@ -317,7 +301,8 @@ def quantize_(model: nn.Module, config: Config, train_data=None, val_data=None, 
               ctx: Context | None = None) -> nn.Module:
     """Quantize weights in place with a ``QuantConfig``; returns the model for chaining. Lowering to INT8
     execution makes a new model: that is ``compress.lower_int8(model, Int8Config(...), calib_data=...)``."""
-    if not method_for(config, "quantize").in_place:
+    method: type[Method] = method_for(config, "quantize")
+    if not method.in_place:
         raise UsageError(f"quantize_ changes a model in place; a {type(config).__name__} makes a new model: "
                          f"use compress.lower_int8(model, {type(config).__name__}(...), calib_data=...)")
     return run("quantize", model, config, _ctx(ctx, train_data, val_data, None, calib_data)).model

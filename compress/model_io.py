@@ -10,9 +10,9 @@ import os
 import warnings
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
+from compress import kinds
 from compress.errors import CompressWarning, InputError, param
 from compress.meta import set_meta
 
@@ -63,7 +63,7 @@ def record_shape(model: nn.Module, input_shape) -> None:
     from compress.method import check_shape
 
     shape = check_shape(tuple(input_shape))
-    if getattr(type(model), "int8_kernels", False) or isinstance(model, torch.jit.ScriptModule):
+    if kinds.keeps_input_shape(model):
         return
     set_meta(model, input_shape=list(shape))
 
@@ -128,9 +128,6 @@ def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False, *
     ``compress encode`` writes it, so that it loads without your code; that needs the input shape, and
     where no graph can be stored a ``CompressWarning`` says why (the file then loads with ``arch=``)."""
     path = Path(path)
-    from compress.quantize.int8 import Int8Model
-    from compress.quantize.int8_file import payload
-
     if input_shape is not None:
         record_shape(model, input_shape)
     if path.suffix == ".cpz":  # the container refuses an INT8 model (errors.INT8_IS_PT)
@@ -141,19 +138,6 @@ def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False, *
             warnings.warn(f"{path}: no graph stored ({stats['graph_note']}); loading it needs your "
                           f"{param('arch', 'module:callable')}", CompressWarning, stacklevel=2)
         return path
-    from compress.cpz.arch import foreign_classes
-    from compress.graph.model import GraphModel
-    from compress.torch_files import save_module, save_wrapped
+    from compress.torch_files import save_torch
 
-    if isinstance(model, Int8Model):  # generated code is never pickled: the architecture as a .cpz, the INT8
-        return save_wrapped(model.arch_cpz, path, force=force, extra=payload(model))  # state as plain tensors
-
-    if foreign_classes(model) or isinstance(model, GraphModel):
-        # classes of the user's code are not pickled (reloading them would need trust), nor is a model
-        # decoded from its graph: the file is {"compress_cpz": the .cpz bytes}, which
-        # torch.load(weights_only=True) reads, and compress decodes (with the same --arch)
-        from compress.cpz.container import encode_model
-
-        blob, _ = encode_model(model)  # a graph-decoded model keeps its graph
-        return save_wrapped(blob, path, force=force)
-    return save_module(model, path, force=force)
+    return save_torch(model, path, force=force)  # per kind of model

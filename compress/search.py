@@ -36,11 +36,11 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from compress import data as data_mod
-from compress import progress
+from compress import kinds, progress
 from compress.checkpoint import Checkpoint, StagePlan, Stop, ctrl_c
 from compress.checkpoint import fingerprint as run_fingerprint
 from compress.config import Config
-from compress.counting import count_macs, count_nonzero, count_params
+from compress.counting import count_params, counts
 from compress.cpz.stats import size_bytes
 from compress.measure import latency_stats
 from compress.meta import read_meta, set_meta
@@ -198,14 +198,11 @@ def _plan(recipe: Recipe) -> list[StagePlan]:
 
 def _point(label: str, model: nn.Module, nbytes: int, accuracy: float, ctx: Context, test=None) -> dict:
     """The numbers of the model after one stage: bytes, nonzeros, MACs, score (latency: at the end)."""
-    from compress.quantize.int8 import Int8Model
-
-    if isinstance(model, Int8Model):  # INT8 kernels: the architecture's counts, its INT8 weights' nonzeros
-        p = {"stage": label, "bytes": nbytes, "accuracy": round(accuracy, 3), "params": model.params,
-             "nonzeros": model.nonzeros(), "macs": model.macs, "int8": True}
-    else:
-        p = {"stage": label, "bytes": nbytes, "accuracy": round(accuracy, 3), "params": count_params(model),
-             "nonzeros": count_nonzero(model), "macs": count_macs(model, ctx.input_shape)}
+    c = counts(model, ctx.input_shape)  # INT8 kernels: the architecture's counts, its INT8 weights' nonzeros
+    p = {"stage": label, "bytes": nbytes, "accuracy": round(accuracy, 3), "params": c["params"],
+         "nonzeros": c["nonzeros"], "macs": c["macs"]}
+    if kinds.execution(model) is not None:
+        p["int8"] = True
     if test is not None:
         p["test_accuracy"] = round(ctx.score(model, test), 3)
     return p
@@ -342,7 +339,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
                   if r["kept"] else None for r in results]}])
     set_meta(model, input_shape=list(ctx.input_shape))
     final = size_bytes(model, graph=True)  # with the history above: exactly the bytes save_model writes
-    last = "INT8 file" if getattr(type(model), "int8_kernels", False) else "huffman coded"  # same weights, as saved
+    last = "INT8 file" if kinds.execution(model) is not None else "huffman coded"  # same weights, as saved
     timeline.append({**timeline[-1], "stage": last, "bytes": final["coded"]})
     summary = {"stopped": stop.reason, "kept_nothing": all(r["kept"] is None for r in results),
                "budget_pt": budget, "confidence": z, "base_accuracy": round(base_acc, 3),

@@ -12,8 +12,8 @@ between these files and .cpz containers.
 """
 from __future__ import annotations
 
+import functools
 import importlib
-import importlib.util
 import io
 import logging
 import os
@@ -28,9 +28,11 @@ import torch
 import torch.nn as nn
 
 from compress.budget import env_number
-from compress.cpz.arch import MOVED, OWN_MODULES
+from compress.cpz.arch import MOVED, OWN_MODULES, foreign_classes
+from compress.cpz.container import encode_model
 from compress.errors import InputError, UntrustedPickleError, UsageError, first_line, param, safe
 from compress.filesystem import atomic_write
+from compress.graph.model import GraphModel
 from compress.user_code import resolve_callable
 
 log = logging.getLogger(__name__)
@@ -292,6 +294,24 @@ def wrapped_size(blob: bytes, extra: dict | None = None) -> int:
 
 def _wrapped(blob: bytes, extra: dict | None) -> dict:
     return {CPZ_KEY: blob, **(extra or {})}
+
+
+@functools.singledispatch
+def save_torch(model: nn.Module, path: str | os.PathLike, force: bool = False) -> Path:
+    """Save a model as a torch file compress loads again without trust; a kind of model stored otherwise
+    registers its own writer (an INT8 model: ``quantize.int8_file``)."""
+    if foreign_classes(model):
+        return _save_cpz_wrapped(model, path, force)
+    return save_module(model, path, force=force)
+
+
+@save_torch.register(GraphModel)
+def _save_cpz_wrapped(model: nn.Module, path: str | os.PathLike, force: bool = False) -> Path:
+    # classes of the user's code are not pickled (reloading them would need trust), nor is a model decoded from
+    # its graph: the file is {"compress_cpz": the .cpz bytes}, which torch.load(weights_only=True) reads, and
+    # compress decodes (with the same --arch)
+    blob, _ = encode_model(model)  # a graph-decoded model keeps its graph
+    return save_wrapped(blob, path, force=force)
 
 
 def save_module(model: nn.Module, path: str | os.PathLike, force: bool = False) -> Path:

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: list[list[str]] = [
     # leaves: errors, limits, small helpers, the user's own code
     ["compress.errors", "compress.budget", "compress.progress", "compress.meta", "compress.counting",
-     "compress.filesystem", "compress.distributed", "compress.user_code", "compress.timing"],
+     "compress.filesystem", "compress.distributed", "compress.user_code", "compress.kinds"],
     # the vocabulary every method shares: configs, quantizer state and its schemes' registry, masks
     ["compress.config", "compress.quant_state", "compress.masks"],
     # datasets and model definitions
@@ -38,8 +38,8 @@ LAYERS: list[list[str]] = [
     ["compress.coding"],
     # the ATen interpreter a .cpz's graph program runs on
     ["compress.graph"],
-    # the method contract, the fine-tuning loop and scoring
-    ["compress.scoring", "compress.train", "compress.method", "compress.checkpoint_state"],
+    # the method contract, the fine-tuning loop, scoring and measuring (latency is a target pruning aims at)
+    ["compress.scoring", "compress.train", "compress.method", "compress.checkpoint_state", "compress.measure"],
     # the methods that change a float model in place (the built-in quantization schemes register here)
     ["compress.prune", "compress.factorize", "compress.quantize"],
     # the .cpz container: it stores quantized tensors, so it sits above the schemes
@@ -50,8 +50,8 @@ LAYERS: list[list[str]] = [
     ["compress.quantize.int8", "compress.quantize.int8_stage", "compress.quantize.int8_file"],
     # the one place that dispatches on a file's format
     ["compress.model_io"],
-    # measuring and exporting
-    ["compress.measure", "compress.export", "compress.openvino_export"],
+    # exporting to other runtimes
+    ["compress.export", "compress.openvino_export"],
     # recipes and the search under an accuracy budget
     ["compress.recipe", "compress.search", "compress.checkpoint"],
     ["compress.report"],

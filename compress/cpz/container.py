@@ -27,11 +27,12 @@ from typing import Callable, NoReturn
 import torch
 import torch.nn as nn
 
+from compress import kinds
 from compress.budget import env_number
 from compress.coding import streams
 from compress.cpz import arch as arch_mod
 from compress.cpz.tensors import decode_entry, encode_tensor, shape_numel
-from compress.errors import INT8_IS_PT, FormatError, InputError, UsageError, first_line, param, safe
+from compress.errors import FormatError, InputError, first_line, param, safe
 from compress.filesystem import atomic_write
 from compress.graph import capture as capture_mod
 from compress.graph import model as graph_model
@@ -76,12 +77,13 @@ def encode_model(model: nn.Module, graph: bool = False, input_shape=None) -> tup
     ``stats["graph_bytes"]`` is what it costs, ``stats["graph_note"]`` why there is none."""
     if isinstance(model, torch.jit.ScriptModule):
         raise InputError("TorchScript models cannot be stored in a .cpz; pass the nn.Module")
-    if getattr(type(model), "int8_kernels", False):  # quantize.int8.Int8Model: packed INT8 kernels, not tensors
-        raise UsageError(INT8_IS_PT)
+    refused = kinds.refusal(model, kinds.CPZ)  # an INT8 model: packed INT8 kernels, not tensors
+    if refused is not None:
+        raise refused
     remove_masks(model)
     doc, note = _graph_of(model, graph, input_shape)
     try:
-        spec = None if isinstance(model, graph_model.GraphModel) else arch_mod.describe(model)
+        spec = None if graph_model.stored(model) is not None else arch_mod.describe(model)
     except TypeError as e:
         raise InputError(str(e)) from e
     modules = dict(model.named_modules())

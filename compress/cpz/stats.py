@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +35,12 @@ def tensor_row(e: dict) -> dict:
     return row
 
 
+@functools.singledispatch
 def size_bytes(model, graph: bool = False) -> dict[str, Any]:
     """Encoded .cpz size, the size the same content takes without Huffman coding, and the bytes of
     each layer's tensors (weight, bias, buffers) in the .cpz. ``graph``: with the graph
-    a .cpz of the user's own classes holds (``coding.graph``), as ``save_model`` writes it. An INT8 model
-    (``quantize.int8.Int8Model``) is not a .cpz: its file's bytes, both coded and fixed."""
-    from compress.quantize.int8 import Int8Model
-    from compress.quantize.int8_file import file_size
-
-    if isinstance(model, Int8Model):
-        n = file_size(model)
-        return {"coded": n, "fixed": n, "layers": {}, "graph_note": None}
+    a .cpz of the user's own classes holds (``graph``), as ``save_model`` writes it. A kind of model saved
+    otherwise registers its own (an INT8 model: its file's bytes, both coded and fixed)."""
     _, stats = encode_model(copy.deepcopy(model), graph=graph)
     fixed = 0
     layers: dict[str, int] = {}

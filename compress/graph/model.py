@@ -14,6 +14,7 @@ cap (an evaluation batch of the user's own data), which runs in parts that fit.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -21,11 +22,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from compress import budget
+from compress import budget, kinds
 from compress.budget import call_limits
-from compress.counting import mac_counter
+from compress.counting import known_cost, mac_counter
 from compress.distributed import device_of
-from compress.errors import InputError, first_line, safe
+from compress.errors import CompressError, InputError, UsageError, first_line, param, safe
 from compress.graph.ops import nbytes
 from compress.graph.program import DTYPES, MAX_RESULTS, Graph, GraphError, Ref, Tensor, dump, parse, run
 from compress.quant_state import PARAMS, get_state
@@ -127,8 +128,6 @@ class GraphModel(nn.Module):
     """A model decoded from its stored graph: the file's tensors under their own names, and a forward
     that interprets the checked graph (``run``). It has no layers of its own: it runs, reports and
     encodes, and the methods that change layers ask for the user's ``--arch``."""
-
-    layerless = True  # what stages and export check (``stages.is_layerless``), without importing coding
 
     def __init__(self, g: Graph, tensors: dict[str, torch.Tensor]):
         super().__init__()
@@ -269,9 +268,40 @@ def _tensors(node) -> list[int]:
             if isinstance(x, Tensor)]
 
 
+def graph_only(what: str) -> UsageError:
+    """The error for a model decoded from a .cpz's stored graph (ATen calls, no layers) given to something
+    that needs the model's layers or code. It never names the --arch the file mentions: a path read from a
+    file is not a suggestion to run it."""
+    return UsageError(f"this model was decoded from its stored graph: it runs, reports and encodes, but compress "
+                      f"{what}; decode the .cpz it came from with {param('arch', 'module:callable')} (your own code that "
+                      "builds it) to change it")
+
+
+_REFUSED = {kinds.CHANGE: "changes models through their layers", kinds.ONNX: "exports ONNX from a model's layers"}
+
+
+@kinds.refusal.register(GraphModel)
+def _refusal(model: GraphModel, action: str) -> CompressError | None:
+    if action == kinds.INT8:
+        return InputError("INT8 file: its float architecture was stored as a graph only; rebuilding the INT8 model "
+                          f"needs its layers: pass {param('arch', 'module:callable')} (your own code that builds it)")
+    return graph_only(_REFUSED[action]) if action in _REFUSED else None
+
+
+@known_cost.register(GraphModel)
+def _known_cost(model: GraphModel, input_shape) -> None:
+    return None  # it checks the cost of each new shape itself (``forward``)
+
+
+@functools.singledispatch
 def stored(model: nn.Module) -> dict | None:
     """The graph data a module was decoded from (it has no layers of its own), or None."""
-    return dump(model._graph) if isinstance(model, GraphModel) else None
+    return None
+
+
+@stored.register(GraphModel)
+def _stored(model: GraphModel) -> dict:
+    return dump(model._graph)
 
 
 def rebuild(doc: Any, tensors: dict[str, torch.Tensor]) -> GraphModel:

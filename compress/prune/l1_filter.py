@@ -20,6 +20,7 @@ import torch.nn as nn
 from compress.config import Config, FineTune, Select, bounded, check_keys, per_layer, register_method
 from compress.distributed import device_of
 from compress.errors import CompressError, InputError, first_line, safe
+from compress.measure import latency_stats, speed_ratio
 from compress.meta import read_meta
 from compress.method import Context, Method
 from compress.prune.graph import channel_groups, conv_groups, example_input, prune_group, refresh, unselected
@@ -262,8 +263,6 @@ class LatencyFraction:
         self.reference, self.shape = reference, shape
 
     def __call__(self, model: nn.Module) -> float:
-        from compress.measure import latency_stats, speed_ratio
-
         if model is self.reference:
             return 1.0
         raw: list = []

@@ -28,11 +28,12 @@ import warnings
 import torch
 import torch.nn as nn
 
+from compress import kinds
 from compress.budget import call_limits
-from compress.counting import count_macs, count_params
+from compress.counting import count_macs, count_params, counts, known_cost
 from compress.cpz.container import encode_model
 from compress.data import Data, batches
-from compress.errors import InputError, UsageError
+from compress.errors import INT8_IS_PT, InputError, UsageError
 from compress.meta import META_ATTR, get_meta
 
 # activation ranges: the histogram's least-error range, min-max, or a percentile of each batch's values (averaged)
@@ -222,10 +223,6 @@ class Int8Model(nn.Module):
     ``arch_cpz`` is its float architecture (weights zeroed) as .cpz bytes, what its file stores and rebuilds
     it from -- a few kilobytes, so no float copy of the weights stays in memory."""
 
-    # its layers are packed INT8 kernels: a .cpz cannot hold them (``coding.container`` refuses it) and no method
-    # can change them (``stages.Method`` refuses it)
-    int8_kernels = True
-
     def __init__(self, inner: nn.Module, table: dict, float_model: nn.Module, arch_cpz: bytes | None = None):
         super().__init__()
         self.inner = inner
@@ -261,6 +258,46 @@ class Int8Model(nn.Module):
                                  "(COMPRESS_MAX_GRAPH_COST raises it for a file you trust)")
         with _quiet():
             return self.inner(x.float())
+
+
+# its layers are packed INT8 kernels: no method changes them, ONNX is exported from its float model and a .cpz
+# cannot hold them
+_REFUSED = {
+    kinds.CHANGE: "this is an INT8 model: its layers are integer kernels no method changes; prune, factorize or "
+                  "quantize the float model before its int8 stage",
+    kinds.ONNX: "this INT8 model runs PyTorch's own integer kernels; export its float model with --int8 for ONNX "
+                "Runtime or OpenVINO INT8",
+    kinds.CPZ: INT8_IS_PT,
+}
+
+
+@kinds.refusal.register(Int8Model)
+def _refusal(model: Int8Model, action: str) -> UsageError | None:
+    return UsageError(_REFUSED[action]) if action in _REFUSED else None
+
+
+@kinds.execution.register(Int8Model)
+def _execution(model: Int8Model) -> dict:
+    t = model.compress_int8
+    return {**t, "executes": f"INT8 weights and activations (PyTorch {t['backend']} kernels); MACs are INT8 MACs"}
+
+
+@kinds.keeps_input_shape.register(Int8Model)
+def _keeps_input_shape(model: Int8Model) -> bool:
+    return True  # its conversion's
+
+
+@counts.register(Int8Model)
+def _counts(model: Int8Model, input_shape=None) -> dict:
+    out = {"params": model.params, "nonzeros": model.nonzeros()}  # the float architecture's, as integers
+    if input_shape is not None:
+        out["macs"] = model.macs
+    return out
+
+
+@known_cost.register(Int8Model)
+def _known_cost(model: Int8Model, input_shape) -> None:
+    return None  # each batch is checked against its activation bytes (``forward``)
 
 
 def _arch_bytes(float_model: nn.Module) -> bytes:

@@ -15,12 +15,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from compress import kinds
 from compress.budget import call_limits
 from compress.counting import sample_cost
-from compress.errors import InputError, first_line, param, printable, safe
+from compress.cpz.stats import size_bytes
+from compress.errors import InputError, first_line, printable, safe
 from compress.meta import META_ATTR, get_meta
 from compress.method import check_shape
 from compress.quantize.int8 import BACKENDS, OBSERVERS, Int8Model, _quiet, _require_fx, prepare
+from compress.torch_files import save_torch, save_wrapped, wrapped_size
 
 INT8_KEY = "compress_int8"  # the table in an INT8 file: {"version", "backend", "observer", "input_shape", ...}
 FILE_VERSION = 2  # 2: the state packed into one buffer per dtype + an index (1: one tensor per entry; still read)
@@ -162,10 +165,20 @@ def _unpack(buffers: Any, index: Any) -> dict[str, torch.Tensor]:
 
 
 def file_size(model: Int8Model) -> int:
-    """The bytes of the file ``formats.save_model`` writes for ``model``."""
-    from compress.torch_files import wrapped_size
-
+    """The bytes of the file ``model_io.save_model`` writes for ``model``."""
     return wrapped_size(model.arch_cpz, payload(model))
+
+
+@size_bytes.register(Int8Model)
+def _size_bytes(model: Int8Model, graph: bool = False) -> dict[str, Any]:
+    n = file_size(model)  # not a .cpz: its file's bytes, both coded and fixed
+    return {"coded": n, "fixed": n, "layers": {}, "graph_note": None}
+
+
+@save_torch.register(Int8Model)
+def _save(model: Int8Model, path, force: bool = False):
+    # generated code is never pickled: the architecture as a .cpz, the INT8 state as plain tensors
+    return save_wrapped(model.arch_cpz, path, force=force, extra=payload(model))
 
 
 def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | None = None) -> Int8Model:
@@ -181,9 +194,9 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
     if table["version"] == FILE_VERSION:
         state = _unpack(state, table.pop("index", None))
     table = {k: _text(v) if k not in ("keep_float", "native_activations") else v for k, v in table.items()}
-    if getattr(float_model, "layerless", False):
-        raise InputError("INT8 file: its float architecture was stored as a graph only; rebuilding the INT8 model "
-                         f"needs its layers: pass {param('arch', 'module:callable')} (your own code that builds it)")
+    refused = kinds.refusal(float_model, kinds.INT8)  # a float architecture stored as a graph only
+    if refused is not None:
+        raise refused
     shape = table.get("input_shape")
     if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and 0 < s < 1 << 16
                                             for s in shape)):

@@ -19,7 +19,7 @@ from compress.config import Config, FineTune, Select, bounded, register_method
 from compress.data import Data, as_data, check_fits
 from compress.errors import UsageError, safe
 from compress.method import Context, Method, _ctx, needs_data, run
-from compress.quantize import int8
+from compress.quantize import int8, int8_file  # noqa: F401  (int8_file: an Int8Model's writer and size register)
 
 
 @dataclasses.dataclass(frozen=True)
