@@ -15,6 +15,8 @@ import torch.nn as nn
 
 from compress.checkpoint_state import MODEL_NAME, StagePlan, check_state
 from compress.errors import InputError, first_line
+from compress.filesystem import write_text
+from compress.model_io import load_model, save_model
 from compress.recipe import Recipe
 
 STATE = "state.json"
@@ -106,9 +108,6 @@ class Checkpoint:
         write before. Makes the folder, with its manifest, if there is none; refuses one compress may not use."""
         import json
 
-        from compress.filesystem import write_text
-        from compress.model_io import save_model
-
         old = self._listed()
         if old is None:
             try:
@@ -131,8 +130,6 @@ class Checkpoint:
     def read(self, fingerprint: str, plan: Sequence[StagePlan], test: bool = False) -> tuple[dict, dict[str, nn.Module]]:
         """The saved state (checked by ``check_state`` against ``plan``) and its models, loaded without trust.
         ``test``: the run measures test data (every timeline row then has its test accuracy)."""
-        from compress.model_io import load_model
-
         files = self._listed()
         if files is None or STATE not in files:
             raise InputError(f"{self.folder}: no checkpoint to go on from")
@@ -211,8 +208,6 @@ class Checkpoint:
 
     def bounded_list(self, files: set[str]) -> None:
         import json
-
-        from compress.filesystem import write_text
 
         write_text(self.folder / MANIFEST, json.dumps({"format": _FORMAT, "version": _VERSION,
                                                        "files": sorted(files)}), force=True)

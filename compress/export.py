@@ -14,7 +14,12 @@ import torch
 import torch.nn as nn
 
 from compress import kinds
+from compress import openvino_export as ov
+from compress.data import as_data, batches
 from compress.errors import InputError, UsageError, first_line, param
+from compress.filesystem import write_bytes
+from compress.masks import remove_masks
+from compress.measure import median_latency_ms, paired_speed, runtime_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +44,6 @@ def _session(path, threads: int = 2, spin: bool = True):
 
 def to_onnx(model: nn.Module, path, input_shape, opset: int = 17) -> None:
     """Export with a dynamic batch axis (legacy TorchScript exporter: no onnxscript needed)."""
-    from compress.masks import remove_masks
-
     refused = kinds.refusal(model, kinds.ONNX)  # a stored graph, or INT8 kernels
     if refused is not None:
         raise refused
@@ -81,15 +84,11 @@ def compare(model: nn.Module, sess, input_shape, n: int = 8, data=None) -> tuple
 
 def onnx_latency_ms(sess, input_shape, batch: int, runs: int = 20) -> float:
     """Median ms of one ONNX Runtime run at ``batch``, after a warm-up until stable (as for PyTorch)."""
-    from compress.measure import median_latency_ms
-
     return median_latency_ms(onnx_runner(sess), input_shape, batch, runs)
 
 
 def onnx_accuracy(sess, data) -> float:
     """Top-1 accuracy (%) of an ONNX Runtime session on ``data``, read in batches."""
-    from compress.measure import runtime_accuracy
-
     return runtime_accuracy(lambda x: run_onnx(sess, x), data)
 
 
@@ -106,8 +105,6 @@ class _Calib:
         return None if x is None else {self.name: x[0].numpy()}
 
     def rewind(self):
-        from compress.data import batches
-
         order = None if self.data.iterable else torch.arange(min(self.n, len(self.data)))
         self.it = iter(batches(self.data, self.batch, order))
 
@@ -156,8 +153,6 @@ def onnx_summary(path, data=None, input_shape: tuple | None = None, threads: int
     (anything ``compress.data.as_data`` takes)."""
     import onnx
 
-    from compress.data import as_data
-
     data = None if data is None else as_data(data, arg="data")
 
     try:
@@ -197,10 +192,6 @@ def export(model: nn.Module, path, input_shape, int8: bool = False, calib_data=N
     """Write ``path`` (FP32 ONNX, or INT8 QDQ with ``int8``; ``fmt="openvino"``: the same model as OpenVINO IR,
     ``NAME.xml`` + ``NAME.bin``); return the comparison numbers. ``calib_data``, ``eval_data``: anything
     ``compress.data.as_data`` takes. ``on_step(text)`` hears of each step as it starts (they take seconds each)."""
-    from compress import openvino_export as ov
-    from compress.data import as_data
-    from compress.filesystem import write_bytes
-
     calib_data = None if calib_data is None else as_data(calib_data, "calibration data", arg="calib_data")
     eval_data = None if eval_data is None else as_data(eval_data, "evaluation data", arg="eval_data")
     step = on_step or (lambda text: None)
@@ -284,8 +275,6 @@ def onnx_runner(sess):
 def _timed_pair(res: dict, a: str, b: str, run_a, run_b, input_shape) -> None:
     """``res[a]``, ``res[b]`` get their batch-32 ms, timed interleaved; ``res`` the speed-up of ``b`` with its 95%
     interval and the verdict it allows."""
-    from compress.measure import paired_speed
-
     t = paired_speed(run_a, run_b, input_shape, 32)
     res[a]["latency_ms_batch_32"], res[b]["latency_ms_batch_32"] = t["before_ms"], t["after_ms"]
     res[f"{b}_speedup"], res[f"{b}_speedup_interval"], res[f"{b}_verdict"] = t["speedup"][1], t["speedup"], t["verdict"]

@@ -28,9 +28,12 @@ import torch.nn as nn
 from compress import kinds, masks
 from compress.budget import MAX_INPUT_VALUES
 from compress.config import Config, FineTune, method_for
+from compress.counting import check_call
 from compress.data import as_data
 from compress.errors import InputError, UsageError, param
 from compress.meta import add_history, read_meta
+from compress.scoring import evaluate, resolve_metric
+from compress.train import fit, resolve_loss
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +80,6 @@ class Context:
     calib: Any = None
 
     def __post_init__(self):
-        from compress.scoring import resolve_metric
-        from compress.train import resolve_loss
-
         self.loss, self.metric = resolve_loss(self.loss), resolve_metric(self.metric)
 
     def __setattr__(self, key: str, value) -> None:
@@ -97,8 +97,6 @@ class Context:
         data = as_data(data, arg="data")
         if self.evaluate is not None:
             return float(self.evaluate(model, data))
-        from compress.scoring import evaluate
-
         return evaluate(model, data, self.metric)
 
     def shape(self, model: nn.Module) -> tuple[int, ...]:
@@ -111,8 +109,6 @@ class Context:
                 return check_shape((1,) + tuple(d.sample_shape), f"the shape of {d.name}'s samples")
         meta = read_meta(model)
         if meta.input_shape:
-            from compress.counting import check_call
-
             shape = check_shape(meta.input_shape, "the model file's input shape")
             check_call(model, shape)  # what one sample at the file's shape costs, counted before it runs
             return shape
@@ -135,8 +131,6 @@ def needs_data(what: str) -> UsageError:
 
 def check_shape(shape, what: str = "input shape") -> tuple[int, ...]:
     """(1, ...) from a shape of 2 to 5 positive integers whose sample holds at most MAX_INPUT_VALUES."""
-    from compress.errors import InputError
-
     if not (isinstance(shape, (list, tuple)) and 2 <= len(shape) <= 5
             and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
         raise InputError(f"{what} {shape!r} must be 2 to 5 positive integers, like 1,1,28,28")
@@ -225,8 +219,6 @@ class Method:
     def train(self, epochs: float, seed: int = 0, desc: str | None = None) -> list[dict]:
         """``epochs`` of the library's loop on ``ctx.train`` with the context's loss (or train_step) and,
         when the config asks for it, distillation from the teacher, driving this method's hooks."""
-        from compress.train import fit
-
         return fit(self.model, self.ctx.train, self.train_config(epochs, seed), method=self,
                    desc=desc or f"{self.config.stage_name} fine-tune", loss=self.ctx.loss,
                    train_step=self.ctx.train_step, teacher=self.teacher)

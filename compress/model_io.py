@@ -13,14 +13,16 @@ from pathlib import Path
 import torch.nn as nn
 
 from compress import kinds
+from compress.cpz.container import MAGIC, decode_model, load_cpz, save_cpz
 from compress.errors import CompressWarning, InputError, param
+from compress.filesystem import open_regular
 from compress.meta import set_meta
+from compress.method import check_shape
+from compress.quantize.int8_file import rebuild
+from compress.torch_files import build_arch, load_torch, save_torch
 
 
 def is_cpz(path: Path) -> bool:
-    from compress.cpz.container import MAGIC  # the container's own: one source for its bytes
-    from compress.filesystem import open_regular
-
     with open_regular(path) as f:  # a FIFO or device named as a model is refused, never read or waited on
         return f.read(4) == MAGIC or path.suffix == ".cpz"
 
@@ -60,8 +62,6 @@ def record_shape(model: nn.Module, input_shape) -> None:
     """Note the (1, C, H, W) a model takes in its metadata (which every file compress writes carries). An
     INT8 model's shape is its conversion's and a TorchScript module holds no metadata: both are left as they
     are."""
-    from compress.method import check_shape
-
     shape = check_shape(tuple(input_shape))
     if kinds.keeps_input_shape(model):
         return
@@ -87,21 +87,10 @@ def _load(path: Path, arch: str | None, trust_pickle: bool) -> nn.Module:
     base = arch_base(arch)
     what = kind(path)
     if what == "cpz":
-        from compress.cpz.container import load_cpz
-
         return load_cpz(path, base=base)
     if what == "onnx":
         raise InputError(f"{path} is an ONNX model; only `compress report` and `compress export` read ONNX")
-    from compress.cpz.container import decode_model
-    from compress.torch_files import load_torch
-
-    return load_torch(path, arch, trust_pickle, cpz=lambda blob: decode_model(blob, path, base=base), int8=_int8)
-
-
-def _int8(float_model: nn.Module, table, state, arch_cpz: bytes) -> nn.Module:
-    from compress.quantize.int8_file import rebuild
-
-    return rebuild(float_model, table, state, arch_cpz)
+    return load_torch(path, arch, trust_pickle, cpz=lambda blob: decode_model(blob, path, base=base), int8=rebuild)
 
 
 def arch_base(arch: str | None):
@@ -110,8 +99,6 @@ def arch_base(arch: str | None):
         return None
 
     def build() -> nn.Module:
-        from compress.torch_files import build_arch
-
         model = build_arch(arch)
         set_meta(model, arch_ref=arch)
         return model
@@ -131,13 +118,9 @@ def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False, *
     if input_shape is not None:
         record_shape(model, input_shape)
     if path.suffix == ".cpz":  # the container refuses an INT8 model (errors.INT8_IS_PT)
-        from compress.cpz.container import save_cpz
-
         stats = save_cpz(model, path, force=force, graph=True)  # at the input shape of its metadata
         if stats["graph_note"]:
             warnings.warn(f"{path}: no graph stored ({stats['graph_note']}); loading it needs your "
                           f"{param('arch', 'module:callable')}", CompressWarning, stacklevel=2)
         return path
-    from compress.torch_files import save_torch
-
     return save_torch(model, path, force=force)  # per kind of model

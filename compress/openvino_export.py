@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from compress.errors import InputError, UsageError, first_line, param
+from compress.filesystem import atomic_write
+from compress.measure import median_latency_ms, runtime_accuracy
 
 
 def _ov():
@@ -124,8 +126,6 @@ def runner(xml_path, batch: int, threads: int = 2):
 def latency_ms(xml_path, input_shape, batch: int, threads: int = 2, runs: int = 20) -> float:
     """Median ms of one inference at ``batch`` (compiled for that batch), after a warm-up until stable: timed
     as ONNX Runtime is (``metrics.median_latency_ms``)."""
-    from compress.measure import median_latency_ms
-
     return median_latency_ms(runner(xml_path, batch, threads), input_shape, batch, runs)
 
 
@@ -146,8 +146,6 @@ def integer_layers(compiled) -> tuple[int, int]:
 
 def accuracy(compiled, data) -> float:
     """Top-1 accuracy (%) of a compiled model on ``data``, read in batches."""
-    from compress.measure import runtime_accuracy
-
     return runtime_accuracy(lambda x: run(compiled, x), data)
 
 
@@ -158,8 +156,6 @@ def write(onnx_path, path, reference, input_shape, *, check_tol: float | None, f
     judged by accuracy instead); returns bytes (``storage``: .xml + .bin, and the weights' element types), latency
     at batch 32 and accuracy on ``eval_data``."""
     import torch
-
-    from compress.filesystem import atomic_write
 
     xml, bin_ = ir_paths(path)
     if mkdir:

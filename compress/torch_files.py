@@ -33,6 +33,9 @@ from compress.cpz.container import encode_model
 from compress.errors import InputError, UntrustedPickleError, UsageError, first_line, param, safe
 from compress.filesystem import atomic_write
 from compress.graph.model import GraphModel
+from compress.masks import remove_masks
+from compress.meta import set_meta
+from compress.models import create_model
 from compress.user_code import resolve_callable
 
 log = logging.getLogger(__name__)
@@ -46,8 +49,6 @@ _EXTRA_SAFE = {"collections.OrderedDict", "builtins.set", "torch.nn.parameter.Pa
 def build_arch(arch: str, **kw) -> nn.Module:
     """Build a model from ``module:callable``, a file, or a zoo name (``zoo:lenet5``)."""
     if arch.startswith("zoo:"):
-        from compress.models import create_model
-
         return create_model(arch[4:], **kw)
     fn = resolve_callable(arch)
     try:
@@ -234,8 +235,6 @@ def load_torch(path: Path, arch: str | None = None, trust_pickle: bool = False,
             raise InputError(f"{path} holds no state_dict to load into {param('arch', arch)}")
         model = build_arch(arch)
         load_state_dict_strict(model, sd, arch)
-        from compress.meta import set_meta
-
         set_meta(model, arch_ref=arch)  # files written from it name the --arch that rebuilds them
     elif isinstance(obj, nn.Module):
         model = obj
@@ -320,8 +319,6 @@ def save_module(model: nn.Module, path: str | os.PathLike, force: bool = False) 
     ``torch.load(path, weights_only=False)`` returns a runnable module; compress reloads it without
     ``--trust-pickle`` since every class in it is a torch.nn / compress module.
     """
-    from compress.masks import remove_masks
-
     remove_masks(model)  # masks are training state: finalize to exact zeros first
     path = Path(path)
     with atomic_write(path, force) as tmp:

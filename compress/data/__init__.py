@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from compress.data import images, sources
 from compress.data.core import VAL_FRACTION, Data, Mapped, Subset, batches, eval_batch_size
 from compress.data.files import MAX_ARRAY_BYTES, MAX_DECODE_RATIO
 from compress.data.images import FolderData
@@ -40,8 +41,6 @@ def _key_value(kv: str) -> tuple[str, str]:
 
 def load(spec: str, workers: int | None = None) -> Data:
     """Load a data set from a spec (see the module docstring). ``workers``: loader processes."""
-    from compress.data import images, sources
-
     base, _, query = spec.partition("?")
     opts = dict(_key_value(kv) for kv in query.split("&") if kv)
     handled: tuple = ()

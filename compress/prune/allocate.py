@@ -18,7 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from compress.config import Layer
+from compress.data import batches
 from compress.distributed import device_of
+from compress.scoring import to_device
 
 GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998)
 SAMPLES = 256
@@ -33,9 +35,6 @@ def loss_curves(model: nn.Module, layers: list[tuple[str, Layer]], data,
                 samples: int = SAMPLES, loss=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per layer: (sparsities, loss rise) when that layer alone is magnitude-pruned to each sparsity
     (on top of the zeros it has). The rise is made non-decreasing (a running maximum)."""
-    from compress.data import batches
-    from compress.scoring import to_device
-
     dev = device_of(model)
     order = None if data.iterable else torch.arange(min(samples, len(data)))
     x, y = next(iter(batches(data, samples, order)))

@@ -31,6 +31,7 @@ import torch.nn as nn
 from compress import distributed
 from compress.config import Config, FineTune, Select, bounded, register_method
 from compress.counting import count_macs, count_params
+from compress.data import TensorData
 from compress.method import Context, Method, needs_data
 from compress.models.blocks import ResidualIdentity
 from compress.prune.graph import (
@@ -42,6 +43,7 @@ from compress.prune.graph import (
     scale_channels,
     unselected,
 )
+from compress.prune.l1_filter import check_targets, global_counts, prune_filters, resolve_target, target_note
 from compress.train import recalibrate_bn, steps_per_epoch
 
 log = logging.getLogger(__name__)
@@ -83,8 +85,6 @@ class ChannelUnionConfig(Config):
     finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(epochs=4.0, lr=0.02, optimizer="sgd", augment=0))
 
     def __post_init__(self):
-        from compress.prune.l1_filter import check_targets
-
         check_targets(self)
 
 
@@ -198,8 +198,6 @@ class ChannelUnionPruner(Method):
         self.lasso = GroupLasso(self.model, self.shape, self.config.select)
         self.lam = lasso_lambda(self.config, classes)
         log.info("group lasso: lambda %.3g over %d channel groups", self.lam, len(self.lasso.groups))
-        from compress.prune.l1_filter import resolve_target
-
         self.target = resolve_target(self.config, self.model, self.shape)
         if self.target is not None:
             self.base_measure = self.target[2](self.model)
@@ -240,8 +238,6 @@ class ChannelUnionPruner(Method):
 
     def reconfigure(self) -> dict:
         """Re-estimate BatchNorm statistics (the same samples on every rank), then remove zero channels."""
-        from compress.data import TensorData
-
         calib = self.ctx.train
         if calib is None and self._last_batch is not None:
             calib = TensorData(self._last_batch.cpu(), torch.zeros(len(self._last_batch), dtype=torch.long))
@@ -299,16 +295,12 @@ class ChannelUnionPruner(Method):
                              "l1-filter --ratio 0 --epochs N)")
             got = measure(self.model) / self.base_measure
             self.records.append({"target": what, "wanted": round(wanted, 4), "reached": round(got, 4)})
-            from compress.prune.l1_filter import target_note
-
             self.notes.append(target_note(what, wanted, got))
         self.layers = [{"name": cg.name, "channels_after": cg.size} for cg in self.lasso.groups]
         return self.model
 
     def _top_up(self, when: str) -> dict:
         """What the group lasso left above the target, removed by L1 ranking across layers."""
-        from compress.prune.l1_filter import global_counts, prune_filters
-
         what, wanted, measure = self.target
         now = measure(self.model)
         counts, _ = global_counts(self.model, self.shape, wanted * self.base_measure / now, measure,

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from compress.prune.graph import slices
+from compress.prune.graph import group_norms, slices
 
 IMPORTANCES: dict[str, Callable[[], object]] = {}
 
@@ -73,8 +73,6 @@ class GroupLassoImportance:
     """The L2 norm of each channel over all coupled slices (PruneTrain's group-lasso groups)."""
 
     def __call__(self, group, size: int | None = None) -> torch.Tensor:
-        from compress.prune.graph import group_norms
-
         size = size or len(group[0].idxs)
         with torch.no_grad():
             return group_norms(group, size).sqrt().float().cpu()

@@ -18,11 +18,13 @@ import torch
 import torch.nn as nn
 
 from compress.config import Config, FineTune, Select, bounded, check_keys, per_layer, register_method
+from compress.counting import count_macs, count_params
 from compress.distributed import device_of
 from compress.errors import CompressError, InputError, first_line, safe
 from compress.measure import latency_stats, speed_ratio
 from compress.meta import read_meta
 from compress.method import Context, Method
+from compress.progress import Bar, progress_enabled
 from compress.prune.graph import channel_groups, conv_groups, example_input, prune_group, refresh, unselected
 from compress.prune.importance import IMPORTANCES, importance_for
 from compress.scoring import evaluate
@@ -240,8 +242,6 @@ def check_targets(config) -> None:
 
 def resolve_target(config, model: nn.Module, shape):
     """(what, fraction of the model's wanted, measure) for a config's target_macs / target_params, else None."""
-    from compress.counting import count_macs, count_params
-
     if getattr(config, "target_latency", None) is not None:
         return "latency", config.target_latency, LatencyFraction(model, shape)
     if config.target_macs is None and config.target_params is None:
@@ -296,8 +296,6 @@ def sensitivity(model: nn.Module, val_data, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), in
                 metric=None) -> dict:
     """Prune each group alone at each ratio (no fine-tuning); the score (``metric``, default top-1
     accuracy) per group and ratio."""
-    from compress.progress import Bar, progress_enabled
-
     ctx = Context(val=val_data, input_shape=input_shape, metric=metric)
     shape, val_data = ctx.shape(model), ctx.val
     base = evaluate(model, val_data, metric)

@@ -10,10 +10,11 @@ from typing import Any
 
 import torch.nn as nn
 
-from compress.errors import printable
+from compress.errors import OutputExistsError, param, printable
 from compress.filesystem import write_text
-from compress.measure import BUSY, speed_change
+from compress.measure import BUSY, layer_table, speed_change
 from compress.report import plots
+from compress.scoring import METRICS, Metric
 
 
 def _fmt(v: Any) -> str:
@@ -52,8 +53,6 @@ REPORT_FILES = ("report.json", "report.md", "report.html")
 
 def check_folder(folder, force: bool = False) -> Path:
     """Refuse a folder that already holds a report, unless ``force``."""
-    from compress.errors import OutputExistsError, param
-
     folder = Path(folder)
     if not force and any((folder / f).exists() for f in REPORT_FILES):
         raise OutputExistsError(f"{folder} already holds a report; pass {param('force')} to replace it")
@@ -164,8 +163,6 @@ def render_stage_report(result: dict, before_model: nn.Module | None, after_mode
 def metric_label(metric) -> str:
     """The label of the metric scores were measured by: a ``scoring.Metric`` (its ``label``), or the name a
     summary keeps ("top1", "top5", the user's function's name, "evaluate" for the user's own evaluation)."""
-    from compress.scoring import METRICS, Metric
-
     if isinstance(metric, Metric):
         return metric.label
     if metric is None or metric in METRICS:
@@ -261,8 +258,6 @@ def value_text(v) -> str:
 
 def render_pipeline_report(summary: dict, before_model: nn.Module, after_model: nn.Module, input_shape, folder,
                            force: bool = False) -> dict[str, Path]:
-    from compress.measure import layer_table
-
     folder = prepare_folder(folder, force)
     label = metric_label(summary.get("metric"))  # every score named by the metric it was measured with
     lb, la = layer_table(before_model, input_shape), layer_table(after_model, input_shape)

@@ -6,11 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from compress import data as data_mod
+from compress.cpz.stats import read_stats
 from compress.errors import InputError
+from compress.export import onnx_summary
 from compress.measure import summarize
 from compress.meta import read_meta
 from compress.method import Context
 from compress.model_io import LoadOptions, kind
+from compress.scoring import evaluate, resolve_metric
 
 
 def _data_label(model, spec: str, ds, rep: dict, metric=None) -> str:
@@ -19,8 +22,6 @@ def _data_label(model, spec: str, ds, rep: dict, metric=None) -> str:
     meta = read_meta(model)
     if meta.train_data != spec:
         return f"{spec}, {len(ds):,} samples"
-    from compress.scoring import evaluate
-
     vf = meta.val_fraction if meta.val_fraction is not None and 0 < meta.val_fraction < 1 else data_mod.VAL_FRACTION
     _, held = data_mod.split(ds, vf, seed=0)
     rep["heldout_accuracy"] = round(evaluate(model, held, metric), 3)
@@ -34,8 +35,6 @@ def model_report(path: str | os.PathLike, load: LoadOptions = LoadOptions(), dat
     """Everything ``compress report`` shows, as a JSON-able dict. ``load``: how the model is read (arch,
     trust, input shape); ``metric``: how accuracy is scored (``compress.scoring.resolve_metric``);
     ``workers``: loader processes for the data."""
-    from compress.scoring import resolve_metric
-
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -43,8 +42,6 @@ def model_report(path: str | os.PathLike, load: LoadOptions = LoadOptions(), dat
     ds = data_mod.load(data, workers) if data else None
     what = kind(path)
     if what == "onnx":
-        from compress.export import onnx_summary
-
         rep = onnx_summary(path, ds, load.input_shape)
     else:
         model = load.load(path)
@@ -58,15 +55,11 @@ def model_report(path: str | os.PathLike, load: LoadOptions = LoadOptions(), dat
         if meta.arch:
             rep["arch"] = meta.arch
         if test_data:
-            from compress.scoring import evaluate
-
             test = data_mod.load(test_data, workers)
             rep["test_accuracy"] = round(evaluate(model, test, metric), 3)
             rep["metric"] = metric.label
             rep["test_data"] = f"{test_data}, {len(test):,} samples"
         if what == "cpz":
-            from compress.cpz.stats import read_stats
-
             rep["cpz"] = read_stats(path)
     rep = {"file": str(path), "file_bytes": path.stat().st_size, **rep}
     rep["ratio_vs_dense_fp32"] = round(rep["dense_fp32_bytes"] / rep["file_bytes"], 3) if rep.get("dense_fp32_bytes") else None
