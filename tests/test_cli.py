@@ -207,13 +207,13 @@ def test_version_and_help_start_without_torch():
 def test_an_unexpected_error_is_one_line_and_debug_shows_where(cli, tmp_path, lenet5_trained, monkeypatch):
     """Whatever a model read from a file makes torch raise (a kernel's RuntimeError, a MemoryError), the user
     gets one line; --debug gives the traceback."""
-    import compress.measure
+    import compress.counting
 
     save_model(copy.deepcopy(lenet5_trained), tmp_path / "m.pt")
     for exc in (RuntimeError("a kernel\x1b[2J failed"), MemoryError()):
         def boom(*a, exc=exc, **k):
             raise exc
-        monkeypatch.setattr(compress.measure, "count_macs", boom)
+        monkeypatch.setattr(compress.counting, "count_macs", boom)
         res = cli("report", tmp_path / "m.pt", "--no-latency")
         assert one_line_error(res) and "\x1b" not in res.err, res
         res = cli("report", tmp_path / "m.pt", "--no-latency", "--debug")
