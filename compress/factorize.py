@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from compress.config import Config, FineTune, Select, bounded, register_method
-from compress.method import Method, factorize_
+from compress.method import Method
 from compress.train import recalibrate_bn
 
 log = logging.getLogger(__name__)
@@ -160,10 +159,3 @@ class Factorizer(Method):
         setattr(parent, attr, seq)
         row.update(action="factorized", params_after=sum(p.numel() for p in seq.parameters()), error=err)
         return row
-
-
-def factorize(model: nn.Module, config: FactorizeConfig | None = None, train_data=None, val_data=None,
-              **kw) -> nn.Module:
-    """Factorize in place and return the model: ``factorize(m, energy=0.8)`` or with a config."""
-    warnings.warn("compress: factorize() is deprecated; the verb is factorize_(model, FactorizeConfig(...))", DeprecationWarning, stacklevel=2)
-    return factorize_(model, config or FactorizeConfig(**kw), train_data, val_data)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from typing import Any
 
 from compress import factorize, prune, quantize  # noqa: F401  (their methods register the stage types)
@@ -32,31 +31,7 @@ MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few lines; a larger file is refused 
 MAX_STAGES = 32
 MAX_CANDIDATES = 64         # values of a search list (each checked by its option's declared range)
 
-# names recipes used before one word meant one thing; read with a FutureWarning that says the new spelling
-# quantize with these options
-_OLD_METHODS: dict[str, dict[str, Any]] = {"kmeans": {"scheme": "kmeans"}}
 _STAGE_KEYS = ("method", "patience")
-
-
-def _renamed(d: dict, where: str) -> dict:
-    """A stage table in today's words: ``type`` -> ``method``; kmeans -> quantize with its scheme (``int8`` was
-    8-bit weights; it is now INT8 execution, and a stage with the old options is refused with the new spelling)."""
-    d = dict(d)
-    if "type" in d:
-        if "method" in d:
-            raise UsageError(f"{where}: give method only ('type' is its old name)")
-        d["method"] = d.pop("type")
-        warnings.warn(f"{where}: 'type = ...' is now 'method = ...'", FutureWarning, stacklevel=3)
-    old = d.get("method")
-    if old == "int8" and {"bits", "scheme", "per_channel", "symmetric", "bias_bits"} & set(d):
-        raise UsageError(f"{where}: method = 'int8' is INT8 execution (weights and activations, calibrated); "
-                         "8-bit weights alone are method = 'quantize' with bits = 8")
-    if isinstance(old, str) and old in _OLD_METHODS:
-        opts = _OLD_METHODS[old]
-        said = ", ".join(f"{k} = {v!r}" for k, v in opts.items())
-        warnings.warn(f"{where}: method = {old!r} is now method = 'quantize' with {said}", FutureWarning, stacklevel=3)
-        d = {**opts, **d, "method": "quantize"}
-    return d
 
 
 def resolve(*values, default=None):
@@ -67,7 +42,7 @@ def resolve(*values, default=None):
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """Args:
-        name: the stage name ("threshold", "kmeans", ...).
+        name: the stage's method ("threshold", "quantize", ...).
         candidates: configs tried in order (one: no search).
         patience: candidates in a row whose measured drop alone is over budget that end an iterative
             search (a miss by the noise margin only does not count).
@@ -89,10 +64,11 @@ class Stage:
     def from_dict(cls, d: dict[str, Any], where: str = "stage") -> "Stage":
         if not isinstance(d, dict):
             raise UsageError(f"{where}: a stage must be a table, got {type(d).__name__}")
-        d = _renamed(d, where)
         name = d.get("method")
         types = stage_types()
         known = sorted(types)
+        if name is None:
+            raise UsageError(f"{where}: a stage names its method (method = ...; known: {', '.join(known)})")
         if not isinstance(name, str) or name not in known:
             hint = close_matches(name, known) if isinstance(name, str) else ""
             raise UsageError(f"{where}: unknown method {name!r}{hint}; known: {', '.join(known)}")

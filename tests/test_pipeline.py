@@ -1,5 +1,7 @@
 """The pipeline and its recipes: every shipped recipe runs, bad recipes are refused, one precedence."""
 import copy
+import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -516,23 +518,17 @@ def test_ctrl_c_then_resume_from_the_command_line(trained, tmp_path, cli):
     assert not (tmp_path / "cut.cpz.resume").exists() and json.loads((tmp_path / "s.json").read_text())["stopped"] is None
 
 
-def test_old_recipe_words_still_read_with_a_warning_naming_the_new_ones():
-    from compress.recipe import Recipe
-
-    old = {"stage": [{"type": "threshold", "sparsity": 0.9, "steps": 2}, {"type": "kmeans", "bits": 5}]}
-    with pytest.warns(FutureWarning) as caught:
-        r = Recipe.from_dict(old)
-    said = " ".join(str(w.message) for w in caught)
-    assert "'method = ...'" in said and "option 'steps' is now 'rounds'" in said
-    assert "method = 'quantize' with scheme = 'kmeans'" in said
-    new = Recipe.from_dict({"stage": [{"method": "threshold", "sparsity": 0.9, "rounds": 2},
-                                      {"method": "quantize", "scheme": "kmeans", "bits": 5}]})
-    assert r == new
-    # "int8" was 8-bit weights; it now names INT8 execution, and a stage written the old way says the new spelling
-    with pytest.raises(Exception, match="method = 'quantize' with bits = 8"):
-        Recipe.from_dict({"stage": [{"method": "int8", "bits": 8}]})
-    with pytest.raises(Exception, match="method only"):
-        Recipe.from_dict({"stage": [{"type": "threshold", "method": "threshold"}]})
+def test_old_recipe_words_are_refused_naming_what_is_read():
+    """``type =``, method ``kmeans`` and threshold ``steps`` were spellings before the first release: a recipe that
+    uses them is an error that says what is read instead, never a different run."""
+    for stage, said in (({"type": "threshold", "sparsity": 0.9}, "a stage names its method (method = ...;"),
+                        ({"method": "kmeans", "bits": 5}, "unknown method 'kmeans'"),
+                        ({"method": "threshold", "sparsity": 0.9, "steps": 2}, "unknown option(s) steps"),
+                        ({"method": "int8", "bits": 8}, "unknown option(s) bits")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # refused, not read with a warning
+            with pytest.raises(UsageError, match=re.escape(said)):
+                Recipe.from_dict({"stage": [stage]})
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "docs/recipes").glob("*.toml")),

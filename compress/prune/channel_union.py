@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -319,10 +318,3 @@ class ChannelUnionPruner(Method):
         self.notes.append(f"the group lasso reached {now / self.base_measure:.3f} of the input's {what}; "
                           f"{sum(counts.values())} more channels removed by L1 ranking {when}")
         return changes
-
-
-def channel_union(model: nn.Module, *, train_data, val_data=None, input_shape=None, **kw) -> nn.Module:
-    """Group-lasso training with periodic removal of zero channels; returns the (smaller) model."""
-    warnings.warn("compress: channel_union() is deprecated; the verb is prune_(model, ChannelUnionConfig(...), train_data)", DeprecationWarning, stacklevel=2)
-    ctx = Context(train=train_data, val=val_data, input_shape=input_shape)
-    return ChannelUnionPruner(model, ChannelUnionConfig(**kw), ctx).run().model

@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import logging
 import math
-import warnings
 
 import torch
 import torch.nn as nn
@@ -284,13 +283,6 @@ def _restore(model: nn.Module, original: nn.Module) -> None:
     """Put ``original``'s whole state back into ``model`` in place (the caller holds ``model``)."""
     model.__dict__.clear()
     model.__dict__.update(original.__dict__)
-
-
-def l1_filter(model: nn.Module, ratio=0.5, *, train_data=None, val_data=None, input_shape=None, **kw) -> nn.Module:
-    """Remove the lowest-L1 filters in place and return the (smaller) model."""
-    warnings.warn("compress: l1_filter() is deprecated; the verb is prune_(model, L1FilterConfig(...))", DeprecationWarning, stacklevel=2)
-    ctx = Context(train=train_data, val=val_data, input_shape=input_shape)
-    return L1FilterPruner(model, L1FilterConfig(ratio=ratio, **kw), ctx).run().model
 
 
 def sensitivity(model: nn.Module, val_data, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), input_shape=None,

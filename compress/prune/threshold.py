@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
 
 import torch
 import torch.nn as nn
@@ -42,7 +41,7 @@ class ThresholdConfig(Config):
             alone on training data; every layer pruned to the same loss rise per weight removed, see
             ``prune.allocate``) or "std" (Han et al.'s one ``quality x std`` rule). Without training
             data: "std".
-        rounds: pruning rounds; the fine-tuning epochs are split evenly over them (``steps`` before 0.3).
+        rounds: pruning rounds; the fine-tuning epochs are split evenly over them.
         schedule: how sparsity rises over the rounds, from where the model is to the target:
             "cubic" (Zhu & Gupta 2017: fast first, gently at the end) or "geometric" (the kept
             fraction shrinks by the same factor each round).
@@ -56,7 +55,6 @@ class ThresholdConfig(Config):
     stage_name = "threshold"
     search_key = "sparsity"
     iterative = True
-    renamed = {"steps": "rounds"}
 
     sparsity: float | dict | None = bounded(float, 0, 1, None, hi_open=True, per_layer=True)
     quality: float | dict | None = bounded(float, 0, 100, None, per_layer=True)
@@ -215,10 +213,3 @@ class ThresholdPruner(KeepMasks):
             w = mods[n].weight
             self.layers.append({"name": n, "params": w.numel(), "nonzeros": int(torch.count_nonzero(w))})
         return self.model
-
-
-def threshold(model: nn.Module, sparsity=None, *, quality=None, train_data=None, val_data=None, **kw) -> nn.Module:
-    """Threshold-prune ``model`` in place and return it: ``threshold(model, 0.9, train_data=d)``."""
-    warnings.warn("compress: threshold() is deprecated; the verb is prune_(model, ThresholdConfig(...))", DeprecationWarning, stacklevel=2)
-    ctx = Context(train=train_data, val=val_data)
-    return ThresholdPruner(model, ThresholdConfig(sparsity=sparsity, quality=quality, **kw), ctx).run().model

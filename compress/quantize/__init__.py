@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import warnings
 
 import torch
 import torch.nn as nn
@@ -141,13 +140,7 @@ class Quantizer(Method):
         return self.model
 
 
-def quantize(model: nn.Module, config: QuantConfig | None = None, train_data=None, val_data=None, **kw) -> nn.Module:
-    """``quantize(m, bits=4, scheme="mmse")`` or with a config: in place, returns the model."""
-    warnings.warn("compress: quantize() is deprecated; the verb is quantize_(model, QuantConfig(...))", DeprecationWarning, stacklevel=2)
-    return quantize_(model, config or QuantConfig(**kw), train_data, val_data)
-
-
 from compress.quantize.int8_stage import Int8Config, Int8Lowering, to_int8  # noqa: E402  (the int8 method registers itself)
 
-__all__ = ["SCHEMES", "Int8Config", "Int8Lowering", "QuantConfig", "QuantState", "Quantizer", "Scheme", "get_state", "quantize", "quantize_",
+__all__ = ["SCHEMES", "Int8Config", "Int8Lowering", "QuantConfig", "QuantState", "Quantizer", "Scheme", "get_state", "quantize_",
            "quantize_tensor", "register_scheme", "get_scheme", "sqnr_db", "to_int8"]
