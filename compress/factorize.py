@@ -120,13 +120,12 @@ class Factorizer(Method):
     config: FactorizeConfig
 
     def attach(self) -> None:
-        cfg = self.config
-        ends = cfg.select.ends(self.model)
+        ends = self.select.ends(self.model)
         # modules that read a child's weight themselves (MultiheadAttention's out_proj, a transformer layer's
         # fast path its linear1/linear2) need those children whole
         self._held = {c: type(p).__name__ for p in self.model.modules() if isinstance(p, _READS_CHILD_WEIGHTS)
                       for c in p.children()}
-        for name, m in cfg.select.layers(self.model):
+        for name, m in self.select.layers(self.model):
             row = self._factor(name, m, ends)
             self.layers.append(row)
             if row["action"] == "kept":

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from compress import masks
 from compress.budget import MAX_INPUT_VALUES
-from compress.config import Config, FineTune, method_for
+from compress.config import Config, FilterFn, FineTune, Selection, check_filter_fn, method_for
 from compress.data import as_data
 from compress.errors import InputError, UsageError, param
 from compress.meta import add_history, read_meta
@@ -59,6 +59,8 @@ class Context:
             of ``pipeline`` then has no standard error to add, and says so.
         teacher: the model distillation learns from (default: the stage's input model).
         calib: calibration data for activation ranges (INT8); default: ``train``.
+        filter_fn: ``(module, fqn) -> bool``: the stage touches only the layers of its config's ``select`` this
+            accepts (code, so not a config field: a config stays data that a file or a recipe holds).
 
     ``train``, ``val`` and ``calib`` are converted by ``as_data`` whenever they are set (here or later), so
     each is a ``compress.data.Data`` from then on; anything else is an ``InputError`` naming the field.
@@ -75,12 +77,14 @@ class Context:
     evaluate: Callable | None = None
     teacher: nn.Module | None = None
     calib: Any = None
+    filter_fn: FilterFn | None = None
 
     def __post_init__(self):
         from compress.scoring import resolve_metric
         from compress.train import resolve_loss
 
         self.loss, self.metric = resolve_loss(self.loss), resolve_metric(self.metric)
+        check_filter_fn(self.filter_fn)
 
     def __setattr__(self, key: str, value) -> None:
         if key in DATA_FIELDS and value is not None:  # the one conversion, whichever way the data come in
@@ -197,6 +201,7 @@ class Method:
             raise UsageError("this is an INT8 model: its layers are integer kernels no method changes; prune, "
                              "factorize or quantize the float model before its int8 stage")
         self.model, self.config, self.ctx = model, config, check_ctx(ctx) or Context()
+        self.select = Selection(config.select, self.ctx.filter_fn)  # the layers it may touch
         self.teacher = None
         if config.finetune.distill and config.finetune.epochs > 0:  # the input model, before any change
             import copy
@@ -286,40 +291,49 @@ class KeepMasks(Method):
         return self.model
 
 
-def run(verb: str, model: nn.Module, config: Config, ctx: Context | None = None) -> StageResult:
-    """Apply ``config`` to ``model`` under ``verb``; the model changes in place."""
-    return method_for(config, verb)(model, config, ctx).run()
+def run(verb: str, model: nn.Module, config: Config, ctx: Context | None = None, *,
+        filter_fn: FilterFn | None = None) -> StageResult:
+    """Apply ``config`` to ``model`` under ``verb``; the model changes in place. ``filter_fn(module, fqn) -> bool``:
+    only the layers of ``config.select`` it accepts are touched (``ctx.filter_fn``; give it once)."""
+    return method_for(config, verb)(model, config, _ctx(ctx, filter_fn=filter_fn)).run()
 
 
-def _ctx(ctx, train_data, val_data, input_shape, calib_data=None) -> Context:
-    """The verbs' context: ``ctx``, with ``train_data``, ``val_data``, ``calib_data`` in it when given (each
-    converted by ``as_data``, an error naming the argument for anything that is not data)."""
+def _ctx(ctx, train_data=None, val_data=None, input_shape=None, calib_data=None, filter_fn=None) -> Context | None:
+    """The verbs' context: ``ctx``, with ``train_data``, ``val_data``, ``calib_data`` and ``filter_fn`` in it when
+    given (data converted by ``as_data``, an error naming the argument for anything that is not data)."""
     pairs = (("train", train_data), ("val", val_data), ("calib", calib_data))
     given: dict[str, Any] = {k: as_data(v, DATA_FIELDS[k], arg=f"{k}_data") for k, v in pairs if v is not None}
+    if filter_fn is not None:
+        given["filter_fn"] = check_filter_fn(filter_fn)
     if ctx is None:
-        return Context(input_shape=input_shape, **given)
+        return Context(input_shape=input_shape, **given) if given or input_shape is not None else None
     check_ctx(ctx)
     for k in given:
         if getattr(ctx, k) is not None:
-            raise UsageError(f"{k}_data and ctx.{k} are both given: give the {DATA_FIELDS[k]} once")
+            what = "filter_fn" if k == "filter_fn" else f"the {DATA_FIELDS[k]}"
+            arg = "filter_fn" if k == "filter_fn" else f"{k}_data"
+            raise UsageError(f"{arg} and ctx.{k} are both given: give {what} once")
     return dataclasses.replace(ctx, **given) if given else ctx
 
 
 def prune_(model: nn.Module, config: Config, train_data=None, val_data=None, *, input_shape=None,
-           ctx: Context | None = None) -> nn.Module:
-    """Prune in place with a pruning config; returns the model for chaining."""
-    return run("prune", model, config, _ctx(ctx, train_data, val_data, input_shape)).model
+           ctx: Context | None = None, filter_fn: FilterFn | None = None) -> nn.Module:
+    """Prune in place with a pruning config; returns the model for chaining. ``filter_fn(module, fqn) -> bool``:
+    only the layers of ``config.select`` it accepts are pruned."""
+    return run("prune", model, config, _ctx(ctx, train_data, val_data, input_shape, filter_fn=filter_fn)).model
 
 
 def quantize_(model: nn.Module, config: Config, train_data=None, val_data=None, *, calib_data=None,
-              ctx: Context | None = None) -> nn.Module:
+              ctx: Context | None = None, filter_fn: FilterFn | None = None) -> nn.Module:
     """Quantize weights in place with a ``QuantConfig``; returns the model for chaining. With an ``Int8Config``
     the model is lowered to INT8 execution: the returned ``Int8Model`` is a new model (use it; the float model
-    given is left as it was); its activation ranges are calibrated on ``calib_data`` (default: ``train_data``)."""
-    return run("quantize", model, config, _ctx(ctx, train_data, val_data, None, calib_data)).model
+    given is left as it was); its activation ranges are calibrated on ``calib_data`` (default: ``train_data``).
+    ``filter_fn(module, fqn) -> bool``: only the layers of ``config.select`` it accepts are quantized."""
+    return run("quantize", model, config, _ctx(ctx, train_data, val_data, None, calib_data, filter_fn)).model
 
 
-def factorize_(model: nn.Module, config: Config, train_data=None, val_data=None, *, ctx: Context | None = None
-               ) -> nn.Module:
-    """Factorize layers in place with a ``FactorizeConfig``; returns the model for chaining."""
-    return run("factorize", model, config, _ctx(ctx, train_data, val_data, None)).model
+def factorize_(model: nn.Module, config: Config, train_data=None, val_data=None, *, ctx: Context | None = None,
+               filter_fn: FilterFn | None = None) -> nn.Module:
+    """Factorize layers in place with a ``FactorizeConfig``; returns the model for chaining.
+    ``filter_fn(module, fqn) -> bool``: only the layers of ``config.select`` it accepts are factorized."""
+    return run("factorize", model, config, _ctx(ctx, train_data, val_data, None, filter_fn=filter_fn)).model

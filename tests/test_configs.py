@@ -1,5 +1,6 @@
 """Every registered method config, through every way a user reaches it: JSON, a recipe, their own training loop
 (the method object's hooks) and a saved file that loads without trust."""
+import dataclasses
 import json
 
 import pytest
@@ -106,3 +107,49 @@ def test_set_reaches_any_option_without_a_flag(cli, tmp_path, lenet5_trained):
         r = cli("prune", tmp_path / "m.pt", "--sparsity", "0.5", "--epochs", "0", *bad, "-o", tmp_path / "q.pt")
         assert r.code == 2 and said in r.err and len(r.err.strip().splitlines()) == 1, (bad, r.err)
         assert not (tmp_path / "q.pt").exists()
+
+
+def _changed(before: dict, model) -> set[str]:
+    """Layers whose weight changed (or were replaced) since ``before`` (a state dict)."""
+    after = model.state_dict()
+    return {k.rpartition(".")[0] for k, v in before.items() if k not in after or not torch.equal(v, after[k])}
+
+
+@pytest.mark.parametrize("verb", ["prune", "quantize", "factorize"])
+def test_filter_fn_is_an_argument_of_the_verb_not_a_config_field(verb):
+    """A config is data (no callable in it); the code that chooses layers goes to the verb, to ``run`` or through
+    the Context to a method object, and narrows the config's ``select`` the same way each time."""
+    import compress
+    from compress.config import Select
+    from compress.errors import UsageError
+    from compress.method import run
+
+    assert "filter_fn" not in {f.name for f in dataclasses.fields(Select)}
+    cfg = {"prune": compress.ThresholdConfig(sparsity=0.5, rounds=1, finetune=FineTune(epochs=0),
+                                             select=Select(spare_first_last=False)),
+           "quantize": compress.QuantConfig(bits=3),
+           "factorize": compress.FactorizeConfig(rank=2, select=Select(spare_first_last=False))}[verb]
+    seen = []
+
+    def only_conv2(module, fqn):
+        seen.append(fqn)
+        return fqn == "conv2"
+
+    def lenet():
+        torch.manual_seed(0)
+        return create_model("lenet5")
+
+    before = lenet().state_dict()
+    by_verb = getattr(compress, f"{verb}_")(lenet(), cfg, filter_fn=only_conv2)
+    assert _changed(before, by_verb) == {"conv2"} and set(seen) == {"conv1", "conv2", "fc1", "fc2"}
+    whole = getattr(compress, f"{verb}_")(lenet(), cfg)  # the same config without it: every selected layer
+    assert _changed(before, whole) >= {"conv1", "conv2", "fc1"}
+    by_run = run(verb, lenet(), cfg, filter_fn=only_conv2).model
+    by_ctx = method_for(cfg, verb)(lenet(), cfg, Context(filter_fn=only_conv2)).run().model
+    for m in (by_run, by_ctx):
+        assert all(torch.equal(v, by_verb.state_dict()[k]) for k, v in m.state_dict().items())
+    assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # nothing of the callable in it
+    with pytest.raises(UsageError, match="filter_fn and ctx.filter_fn are both given"):
+        run(verb, lenet(), cfg, Context(filter_fn=only_conv2), filter_fn=only_conv2)
+    with pytest.raises(UsageError, match="filter_fn must be a callable"):
+        getattr(compress, f"{verb}_")(lenet(), cfg, filter_fn="conv2")

@@ -96,7 +96,7 @@ class Quantizer(Method):
 
     def attach(self) -> None:
         cfg = self.config
-        layers = cfg.select.layers(self.model)
+        layers = self.select.layers(self.model)
         # checked before anything changes
         check_keys(cfg.bits, [n for n, _ in layers], "--bits {key}: no quantized layer of that name")
         for name, m in layers:
