@@ -30,7 +30,6 @@ FilterFn = Callable[[nn.Module, str], bool]  # (module, fqn) -> whether a stage 
 
 from compress.errors import UsageError, safe
 
-CONFIG_VERSION = 2
 _CONFIG_TYPES: dict[str, type["Config"]] = {}
 _METHODS: dict[str, dict[type, type]] = {}  # verb -> {config class -> Method class}
 VERBS = ("prune", "quantize", "factorize")
@@ -345,13 +344,17 @@ class Config:
     ``stage_name`` (its name in a recipe), ``search_key`` (the option a recipe may list) and
     ``iterative`` (its search candidates build on each other, as iterative pruning does). A search key
     may name a part's option ("finetune.epochs"). ``first_fit``: the candidates cost more rather than
-    compress more (PTQ, then QAT): the first within budget is kept and the rest are not tried."""
+    compress more (PTQ, then QAT): the first within budget is kept and the rest are not tried.
+
+    ``version``: what ``to_dict`` writes beside the type. A config whose fields change raises it and turns data of
+    its older versions into today's fields in ``upgrade``, so that a file written before still reads."""
 
     verb: ClassVar[str] = ""
     stage_name: ClassVar[str] = ""
     search_key: ClassVar[str] = ""
     iterative: ClassVar[bool] = False  # in a recipe's search, each candidate continues from the previous one
     first_fit: ClassVar[bool] = False  # in a recipe's search, the first candidate within budget ends it
+    version: ClassVar[int] = 2  # of its fields as to_dict writes them (1: before select and finetune were parts)
     select: Select  # the two parts every config has (each subclass gives its own default)
     finetune: FineTune
 
@@ -388,7 +391,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         body = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        return {"type": type(self).__name__, "version": CONFIG_VERSION, **body}
+        return {"type": type(self).__name__, "version": self.version, **body}
 
     def changes(self) -> dict[str, Any]:
         """Only the options that differ from the defaults (parts too), for ``from_dict``: what a
@@ -399,7 +402,7 @@ class Config:
                 default[f.name] = _jsonable(f.default)
             elif f.default_factory is not dataclasses.MISSING:
                 default[f.name] = _jsonable(f.default_factory())
-        out = {"type": type(self).__name__, "version": CONFIG_VERSION}
+        out: dict[str, Any] = {"type": type(self).__name__, "version": self.version}
         for k, v in self.to_dict().items():
             if isinstance(v, dict) and isinstance(default.get(k), dict) and k in _PARTS:
                 diff = {kk: vv for kk, vv in v.items() if default[k].get(kk) != vv}
@@ -411,15 +414,27 @@ class Config:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "Config":
+        """The config ``to_dict`` (or ``changes``) wrote: ``Config.from_dict(c.to_dict()) == c``. Its ``type`` names
+        a registered config (``import compress`` registers every built-in one), ``version`` one this compress reads
+        (default: the type's own)."""
         d = dict(d)
         name = d.pop("type", None)
-        version = d.pop("version", CONFIG_VERSION)
-        if not isinstance(version, int) or version > CONFIG_VERSION:
-            raise ValueError(f"config version {version!r} is newer than this compress reads ({CONFIG_VERSION})")
         cls = _CONFIG_TYPES.get(name) if isinstance(name, str) else None
         if cls is None:
-            raise ValueError(f"unknown config type {name!r}; known: {', '.join(sorted(_CONFIG_TYPES))}")
-        return cls.from_options(d)
+            raise ValueError(f"unknown config type {safe(name, 40) if isinstance(name, str) else _got(name)}; "
+                             f"known: {', '.join(sorted(_CONFIG_TYPES))}")
+        version = d.pop("version", cls.version)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"{name} version must be a positive integer, got {_got(version)}")
+        if version > cls.version:
+            raise ValueError(f"{name} version {version} is newer than this compress reads ({cls.version})")
+        return cls.from_options(cls.upgrade(d, version))
+
+    @classmethod
+    def upgrade(cls, opts: dict[str, Any], version: int) -> dict[str, Any]:
+        """``opts`` written by ``version`` of this config, in today's fields (a config that changes its fields
+        overrides this; today every version reads as it is)."""
+        return opts
 
     @classmethod
     def from_options(cls, opts: dict[str, Any]) -> "Config":

@@ -1,5 +1,6 @@
 """The pipeline and its recipes: every shipped recipe runs, bad recipes are refused, one precedence."""
 import copy
+import os
 import re
 import warnings
 from pathlib import Path
@@ -67,6 +68,43 @@ def test_every_shipped_recipe_runs(path, trained, digits, tmp_path):
     blob, _ = encode_model(copy.deepcopy(m))
     assert len(blob) == summary["cpz_bytes"] and summary["ratio"] > 3
     assert torch.equal(decode_model(blob)(x), m(x))  # the file is the model that was judged
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_round_trips(path):
+    """``Recipe.from_dict(r.to_dict()) == r``, through JSON too (as a summary file holds it)."""
+    import json
+
+    recipe = Recipe.load(path)
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    assert Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
+    distilled = recipe.with_finetune(distill=4.0)  # candidates that differ from what a file can list still read back
+    assert Recipe.from_dict(json.loads(json.dumps(distilled.to_dict()))) == distilled
+
+
+def test_a_summarys_recipe_runs_again_to_the_same_decisions(trained, digits):
+    """The recipe a pipeline's summary holds, read back, is the recipe that ran: run again, it tries the same
+    candidates, keeps the same ones and writes the same bytes."""
+    import json
+
+    recipe = {"stage": [{"method": "threshold", "sparsity": [0.3, 0.5, 0.97], "rounds": 1, "patience": 1,
+                         "finetune": {"epochs": 0.3, "seed": 1}, "select": {"exclude": ["fc3"]}},
+                        {"method": "quantize", "scheme": "kmeans", "bits": [6, 3], "per_channel": True}],
+              "max_accuracy_drop": 2.0, "val_fraction": 0.25}
+
+    def decisions(s):
+        return [(st["stage"], st["kept"] and st["kept"]["value"], [(t["value"], t["verdict"]) for t in st["tried"]])
+                for st in s["stages"]]
+
+    _, first = pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, latency=False)
+    verdicts = [t["verdict"].partition(":")[0] for st in first["stages"] for t in st["tried"]]
+    assert "kept" in verdicts and len(set(verdicts)) >= 3, verdicts  # decisions that could come out otherwise
+    again = Recipe.from_dict(json.loads(json.dumps(first["recipe"])))
+    assert again == Recipe.from_dict(recipe)
+    _, second = pipeline(copy.deepcopy(trained["mlp"]), digits, again, latency=False)
+    assert decisions(second) == decisions(first) and second["cpz_bytes"] == first["cpz_bytes"]
+    assert second["budget_pt"] == 2.0 and second["validation"] == first["validation"]
+    assert second["recipe"] == first["recipe"]
 
 
 def test_default_recipe_is_the_documented_one():
@@ -538,6 +576,22 @@ def test_every_documented_recipe_reads(path):
 
     recipe = Recipe.load(path)
     assert recipe.stages and all(st.candidates for st in recipe.stages)
+
+
+def test_compress_pipeline_is_the_function_after_any_import_order():
+    """In fresh interpreters: importing the module that defines it first, or trying ``import compress.pipeline``
+    (there is no such module), leaves ``compress.pipeline`` the function."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for code in ("import compress.search\nimport compress\nassert callable(compress.pipeline)\n",
+                 "import compress\ntry:\n    import compress.pipeline\nexcept ModuleNotFoundError:\n    pass\n"
+                 "assert callable(compress.pipeline), compress.pipeline\n",
+                 "from compress import pipeline\nimport compress.search\nimport compress\n"
+                 "assert compress.pipeline is pipeline and callable(pipeline)\n"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 0, (code, out.stderr)
 
 
 def test_compress_pipeline_is_the_function_whatever_was_imported():
