@@ -44,7 +44,7 @@ for x, y in batches(3):  # your usual training
 
 # 1. iterative threshold pruning: three rounds, one epoch apart (an epoch is shorter on more ranks)
 steps_per_epoch = len(train) // world // 64
-pruner = ThresholdPruner(model, ThresholdConfig(sparsity=0.9, steps=3), steps_per_round=steps_per_epoch)
+pruner = ThresholdPruner(model, ThresholdConfig(sparsity=0.9, rounds=3), steps_per_round=steps_per_epoch)
 pruner.attach()  # round 1: masks on
 for x, y in batches(3):
     opt.zero_grad()
