@@ -23,7 +23,7 @@ The result is Huffman-coded into a .cpz, and the bytes after each stage are reco
 Stopping. Ctrl-C or the time budget ends the run with the best result kept so far; the candidate in progress is
 dropped. The time budget is checked between candidates and at every step of a candidate's work (each training
 step: ``progress.stop_when``), on ``clock`` -- ``time.perf_counter``, a module attribute that tests replace.
-``summary["kept_nothing"]`` says when no stage kept a candidate: the model is the input, unchanged.
+``summary.kept_nothing`` says when no stage kept a candidate: the model is the input, unchanged.
 """
 from __future__ import annotations
 
@@ -50,6 +50,56 @@ from compress.scoring import paired_drop, scores
 
 log = logging.getLogger(__name__)
 clock = time.perf_counter  # the time budget's clock (tests give a fake one)
+
+
+@dataclasses.dataclass
+class PipelineSummary:
+    """What ``pipeline`` did, in numbers: what the CLI shows and the report holds (``to_dict``: its JSON).
+
+    Args:
+        stopped: why the run ended early ("time budget", "interrupted"), None when it ran to the end.
+        kept_nothing: no stage kept a candidate: the model is the input's.
+        budget_pt: the accuracy budget, in the metric's points.
+        confidence: standard errors of margin in the budget test.
+        base_accuracy, final_accuracy: the validation score of the input and of the result.
+        dense_bytes: the input's weights as FP32; cpz_bytes: the result as written; ratio: the one over the other.
+        timeline: one row per model along the way (stage, bytes, accuracy, params, nonzeros, macs, latency_ms).
+        layer_bytes: bytes of each layer's tensors in the result's .cpz; graph_note: why no graph was stored (None).
+        stages: each stage's search: stage, search_key, kept and tried (candidate records), bytes, accuracy, seconds.
+        input_shape: the shape the model was measured and traced at.
+        recipe: the recipe that ran (``Recipe.to_dict``: ``Recipe.from_dict`` runs it again).
+        validation: samples, source ("given" or "held out") and the data's name.
+        metric: the metric's name ("evaluate" for the user's own evaluate).
+        candidate_bytes_error: the file's bytes less the last kept candidate's (None: nothing kept).
+        test_accuracy_before, test_accuracy_after: on the test data (None: none given).
+    """
+
+    stopped: str | None
+    kept_nothing: bool
+    budget_pt: float
+    confidence: float
+    base_accuracy: float
+    final_accuracy: float
+    dense_bytes: int
+    cpz_bytes: int
+    ratio: float
+    timeline: list[dict]
+    layer_bytes: dict[str, int]
+    graph_note: str | None
+    stages: list[dict]
+    input_shape: list[int]
+    recipe: dict[str, Any]
+    validation: dict[str, Any]
+    metric: str
+    candidate_bytes_error: int | None = None
+    test_accuracy_before: float | None = None
+    test_accuracy_after: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary's JSON (the report's and ``--json``'s): the optional numbers only when measured."""
+        optional = ("candidate_bytes_error", "test_accuracy_before", "test_accuracy_after")
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in optional or getattr(self, f.name) is not None}
 
 
 @dataclasses.dataclass
@@ -216,7 +266,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
              val_fraction: float | None = None, latency: bool = True,
              time_budget: float | None = None, confidence: float | None = None, *, loss=None, metric=None,
              train_step=None, evaluate=None, distill: float | None = None, workers: int | None = None,
-             checkpoint: Checkpoint | None = None, resume: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+             checkpoint: Checkpoint | None = None, resume: bool = False) -> tuple[nn.Module, PipelineSummary]:
     """Run a recipe on ``model`` (in place); returns (model, summary). ``data``: training data -- a spec or
     anything ``compress.data.as_data`` takes; ``val_data`` and ``test_data`` likewise. ``loss``, ``metric``,
     ``train_step``, ``evaluate``: the user's recipe (``compress.method.Context``); the budget is in the metric's
@@ -226,8 +276,8 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     ``on_event(kind, fields)`` hears "start", "resumed", "warning", "stage", "candidate" (once checkpointed), "skipped"
     and "stopped", as
     stages' events. ``time_budget`` (seconds) or Ctrl-C ends the search early, the candidate in progress dropped
-    (the budget is checked at every training step): the result is the best kept so far (``summary["stopped"]``
-    says why), encoded and measured as usual. ``summary["kept_nothing"]``: no stage kept a candidate, so the
+    (the budget is checked at every training step): the result is the best kept so far (``summary.stopped``
+    says why), encoded and measured as usual. ``summary.kept_nothing``: no stage kept a candidate, so the
     model is the input's (re-encoded, it may be larger than the input).
 
     Precedence of every setting: argument > recipe > model metadata > default.
@@ -344,19 +394,18 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     final = size_bytes(model, graph=True)  # with the history above: exactly the bytes save_model writes
     last = "INT8 file" if getattr(type(model), "int8_kernels", False) else "huffman coded"  # same weights, as saved
     timeline.append({**timeline[-1], "stage": last, "bytes": final["coded"]})
-    summary = {"stopped": stop.reason, "kept_nothing": all(r["kept"] is None for r in results),
-               "budget_pt": budget, "confidence": z, "base_accuracy": round(base_acc, 3),
-               "final_accuracy": round(timeline[-1]["accuracy"], 3), "dense_bytes": dense,
-               "cpz_bytes": final["coded"], "ratio": round(dense / final["coded"], 2), "timeline": timeline,
-               "layer_bytes": final["layers"], "graph_note": final["graph_note"],
-               "stages": results, "input_shape": list(ctx.input_shape), "recipe": recipe.to_dict(),
-               "validation": {"samples": len(val), "source": "given" if val_data is not None else "held out",
-                              "data": val.name},
-               "metric": "evaluate" if evaluate is not None else ctx.metric.name}
     kept = [r["kept"]["bytes"] for r in results if r["kept"]]
-    if kept:  # a candidate's bytes are its own .cpz; the file's history entry is written only now
-        summary["candidate_bytes_error"] = final["coded"] - kept[-1]
+    summary = PipelineSummary(
+        stopped=stop.reason, kept_nothing=not kept, budget_pt=budget, confidence=z,
+        base_accuracy=round(base_acc, 3), final_accuracy=round(timeline[-1]["accuracy"], 3), dense_bytes=dense,
+        cpz_bytes=final["coded"], ratio=round(dense / final["coded"], 2), timeline=timeline,
+        layer_bytes=final["layers"], graph_note=final["graph_note"], stages=results,
+        input_shape=list(ctx.input_shape), recipe=recipe.to_dict(),
+        validation={"samples": len(val), "source": "given" if val_data is not None else "held out", "data": val.name},
+        metric="evaluate" if evaluate is not None else ctx.metric.name,
+        # a candidate's bytes are its own .cpz; the file's history entry is written only now
+        candidate_bytes_error=final["coded"] - kept[-1] if kept else None)
     if test_data is not None:
-        summary.update(test_accuracy_before=timeline[0]["test_accuracy"],
-                       test_accuracy_after=timeline[-1]["test_accuracy"])
+        summary.test_accuracy_before = timeline[0]["test_accuracy"]
+        summary.test_accuracy_after = timeline[-1]["test_accuracy"]
     return model, summary
