@@ -47,59 +47,10 @@ from compress.meta import read_meta, set_meta
 from compress.method import Context, run
 from compress.recipe import DEFAULT_RECIPE, Recipe, Stage, resolve
 from compress.scoring import paired_drop, scores
+from compress.search_results import PipelineSummary, StageSearch
 
 log = logging.getLogger(__name__)
 clock = time.perf_counter  # the time budget's clock (tests give a fake one)
-
-
-@dataclasses.dataclass
-class PipelineSummary:
-    """What ``pipeline`` did, in numbers: what the CLI shows and the report holds (``to_dict``: its JSON).
-
-    Args:
-        stopped: why the run ended early ("time budget", "interrupted"), None when it ran to the end.
-        kept_nothing: no stage kept a candidate: the model is the input's.
-        budget_pt: the accuracy budget, in the metric's points.
-        confidence: standard errors of margin in the budget test.
-        base_accuracy, final_accuracy: the validation score of the input and of the result.
-        dense_bytes: the input's weights as FP32; cpz_bytes: the result as written; ratio: the one over the other.
-        timeline: one row per model along the way (stage, bytes, accuracy, params, nonzeros, macs, latency_ms).
-        layer_bytes: bytes of each layer's tensors in the result's .cpz; graph_note: why no graph was stored (None).
-        stages: each stage's search: stage, search_key, kept and tried (candidate records), bytes, accuracy, seconds.
-        input_shape: the shape the model was measured and traced at.
-        recipe: the recipe that ran (``Recipe.to_dict``: ``Recipe.from_dict`` runs it again).
-        validation: samples, source ("given" or "held out") and the data's name.
-        metric: the metric's name ("evaluate" for the user's own evaluate).
-        candidate_bytes_error: the file's bytes less the last kept candidate's (None: nothing kept).
-        test_accuracy_before, test_accuracy_after: on the test data (None: none given).
-    """
-
-    stopped: str | None
-    kept_nothing: bool
-    budget_pt: float
-    confidence: float
-    base_accuracy: float
-    final_accuracy: float
-    dense_bytes: int
-    cpz_bytes: int
-    ratio: float
-    timeline: list[dict]
-    layer_bytes: dict[str, int]
-    graph_note: str | None
-    stages: list[dict]
-    input_shape: list[int]
-    recipe: dict[str, Any]
-    validation: dict[str, Any]
-    metric: str
-    candidate_bytes_error: int | None = None
-    test_accuracy_before: float | None = None
-    test_accuracy_after: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The summary's JSON (the report's and ``--json``'s): the optional numbers only when measured."""
-        optional = ("candidate_bytes_error", "test_accuracy_before", "test_accuracy_after")
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in optional or getattr(self, f.name) is not None}
 
 
 @dataclasses.dataclass
@@ -399,7 +350,8 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
         stopped=stop.reason, kept_nothing=not kept, budget_pt=budget, confidence=z,
         base_accuracy=round(base_acc, 3), final_accuracy=round(timeline[-1]["accuracy"], 3), dense_bytes=dense,
         cpz_bytes=final["coded"], ratio=round(dense / final["coded"], 2), timeline=timeline,
-        layer_bytes=final["layers"], graph_note=final["graph_note"], stages=results,
+        layer_bytes=final["layers"], graph_note=final["graph_note"],
+        stages=[StageSearch.from_record(r) for r in results],
         input_shape=list(ctx.input_shape), recipe=recipe.to_dict(),
         validation={"samples": len(val), "source": "given" if val_data is not None else "held out", "data": val.name},
         metric="evaluate" if evaluate is not None else ctx.metric.name,

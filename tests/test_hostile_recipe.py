@@ -236,7 +236,7 @@ def test_library_errors_name_the_option_and_valid_edges_still_pass():
         dataclasses.replace(ok, epochs=-1)  # however a config is made, it is checked
 
 
-_CFG_FIELDS = sorted({f.name for c in stage_types().values() for f in dataclasses.fields(c)} - {"steps"})
+_CFG_FIELDS = sorted({f.name for c in stage_types().values() for f in dataclasses.fields(c)})
 _scalars = st.one_of(st.booleans(), st.integers(), st.integers(min_value=-2**80, max_value=2**80),
                      st.floats(), st.text(max_size=12),
                      st.sampled_from(["conv", "linear", "_default", "adam", "sgd", "kmeans", "mmse", "l1", "minmax",

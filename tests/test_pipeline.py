@@ -56,9 +56,9 @@ def test_every_shipped_recipe_runs(path, trained, digits, tmp_path):
     m, summary = pipeline(model, digits, recipe, max_accuracy_drop=2.0)
     assert len(summary.stages) == len(recipe.stages)
     for st in summary.stages:
-        assert st["tried"], st["stage"]
-        if st["kept"] is not None:  # what was kept passed the budget test
-            assert st["kept"]["within_budget"] and st["kept"]["drop"] + st["kept"]["se"] <= 2.0
+        assert st.tried, st.stage
+        if st.kept is not None:  # what was kept passed the budget test
+            assert st.kept.within_budget and st.kept.drop + st.kept.se <= 2.0
     x = digits.x[:16]
     if isinstance(m, Int8Model):  # an int8 stage: the file is an INT8 .pt, 1 byte a weight
         save_model(m, tmp_path / "m.pt")
@@ -93,11 +93,11 @@ def test_a_summarys_recipe_runs_again_to_the_same_decisions(trained, digits):
               "max_accuracy_drop": 2.0, "val_fraction": 0.25}
 
     def decisions(s):
-        return [(st["stage"], st["kept"] and st["kept"]["value"], [(t["value"], t["verdict"]) for t in st["tried"]])
+        return [(st.stage, st.kept and st.kept.value, [(t.value, t.verdict) for t in st.tried])
                 for st in s.stages]
 
     _, first = pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, latency=False)
-    verdicts = [t["verdict"].partition(":")[0] for st in first.stages for t in st["tried"]]
+    verdicts = [t.verdict.partition(":")[0] for st in first.stages for t in st.tried]
     assert "kept" in verdicts and len(set(verdicts)) >= 3, verdicts  # decisions that could come out otherwise
     again = Recipe.from_dict(json.loads(json.dumps(first.recipe)))
     assert again == Recipe.from_dict(recipe)
@@ -117,7 +117,7 @@ def test_the_summary_is_typed_and_its_json_keeps_its_keys(trained, digits):
     the keys in the order they always had, the optional numbers only when measured."""
     import json
 
-    from compress.search import PipelineSummary
+    from compress.search_results import PipelineSummary
 
     one = {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": 6}]}
     _, s = pipeline(copy.deepcopy(trained["mlp"]), digits, one, max_accuracy_drop=3.0, latency=False,
@@ -125,7 +125,10 @@ def test_the_summary_is_typed_and_its_json_keeps_its_keys(trained, digits):
     assert isinstance(s, PipelineSummary) and not s.kept_nothing
     d = json.loads(json.dumps(s.to_dict()))
     assert list(d) == SUMMARY_KEYS + ["candidate_bytes_error", "test_accuracy_before", "test_accuracy_after"]
-    assert d["cpz_bytes"] == s.cpz_bytes and d["stages"] == s.stages and d["timeline"] == s.timeline
+    assert d["cpz_bytes"] == s.cpz_bytes and d["stages"] == [st.to_dict() for st in s.stages] and d["timeline"] == s.timeline
+    assert d["stages"][0]["kept"] == d["stages"][0]["tried"][-1] and list(d["stages"][0]) == [
+        "stage", "search_key", "kept", "tried", "bytes", "accuracy", "seconds"]
+    assert list(d["stages"][0]["kept"]) == ["value", "options", "accuracy", "drop", "se", "within_budget", "verdict", "bytes"]
     assert d["test_accuracy_after"] == s.timeline[-1]["test_accuracy"]
     harsh = {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": 2}]}
     _, s = pipeline(copy.deepcopy(trained["mlp"]), digits, harsh, latency=False, max_accuracy_drop=0.0)
@@ -283,7 +286,7 @@ def test_ctrl_c_keeps_the_best_result_so_far(trained, digits, monkeypatch):
 
     monkeypatch.setattr(pl, "run", interrupted_at_once)  # before anything was kept: the input model, encoded
     m, summary = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(DEMO), latency=False)
-    assert summary.stopped == "interrupted" and summary.stages[0]["kept"] is None
+    assert summary.stopped == "interrupted" and summary.stages[0].kept is None
     assert summary.final_accuracy == summary.base_accuracy
 
     monkeypatch.setattr(pl, "run", interrupted_on_the_second)
@@ -292,7 +295,7 @@ def test_ctrl_c_keeps_the_best_result_so_far(trained, digits, monkeypatch):
                           on_event=lambda k, kw: events.append(k), latency=False)
     assert summary.stopped == "interrupted" and "stopped" in events and len(interrupted_on_the_second.calls) == 2
     first = summary.stages[0]
-    assert len(first["tried"]) == 1 and first["kept"] is not None  # the first candidate, within a loose budget
+    assert len(first.tried) == 1 and first.kept is not None  # the first candidate, within a loose budget
     assert len(summary.stages) == 1  # the stages after it did not run
     blob, _ = encode_model(copy.deepcopy(m))
     assert len(blob) == summary.cpz_bytes < summary.dense_bytes
@@ -406,7 +409,7 @@ def test_a_time_budget_drops_the_candidate_in_progress(trained, digits, monkeypa
     _, summary = go(time_budget=deadline, on_event=lambda k, kw: events.append(k))
     assert summary.stopped == "time budget" and "stopped" in events
     stage = summary.stages[0]
-    assert [t["value"] for t in stage["tried"]] == [0.5] and stage["kept"]["value"] == 0.5
+    assert [t.value for t in stage.tried] == [0.5] and stage.kept.value == 0.5
     assert max(started) <= deadline < clock.now < ends[1]  # no step began after the deadline; the rest never ran
     assert not summary.kept_nothing
 
@@ -529,12 +532,12 @@ def test_resume_reaches_the_result_of_an_uninterrupted_run(trained, digits, tmp_
     events = []
     model, resumed = pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, max_accuracy_drop=3.0, latency=False,
                               checkpoint=ckpt, resume=True, on_event=lambda k, kw: events.append((k, kw)))
-    total = sum(len(s["tried"]) for s in whole.stages)
+    total = sum(len(s.tried) for s in whole.stages)
     assert len(calls) == total + 1  # the stopped candidate is tried again, nothing before it
     assert ("resumed", {"stage": int(stop_at > 3), "candidates": (stop_at - 1) - 3 * (stop_at > 3)}) in events
     for k in ("cpz_bytes", "ratio", "final_accuracy", "timeline"):
         assert getattr(resumed, k) == getattr(whole, k), k
-    assert [s["tried"] for s in resumed.stages] == [s["tried"] for s in whole.stages]
+    assert [s.tried for s in resumed.stages] == [s.tried for s in whole.stages]
     for a, b in zip(model.state_dict().values(), whole_model.state_dict().values()):
         assert torch.equal(a, b)
     with pytest.raises(InputError, match="other settings"):  # a checkpoint of another run is refused

@@ -12,7 +12,7 @@ from compress.cli.common import check_reports, emit_json, err, load_options, not
 from compress.cli.harness import TaskOptions, check_data, load_inputs
 
 if TYPE_CHECKING:
-    from compress.search import PipelineSummary
+    from compress.search_results import PipelineSummary
 
 
 @app.command()
@@ -120,9 +120,9 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
                                               f"validation {label}"] + ([f"test {label}"] if test else []), rows))
     for k, s in enumerate(summary.stages):
         cut = stopped and k == len(summary.stages) - 1  # the stage the stop ended
-        what = value_text(s["kept"]["value"]) if s["kept"] else "nothing (stopped)" if cut else \
+        what = value_text(s.kept.value) if s.kept else "nothing (stopped)" if cut else \
             "nothing (all over budget)"
-        out.print(f"{s['stage']}: kept {s['search_key']} {what} after {len(s['tried'])} candidate(s), {s['seconds']:.0f}s")
+        out.print(f"{s.stage}: kept {s.search_key} {what} after {len(s.tried)} candidate(s), {s.seconds:.0f}s")
     line = f"[bold]nothing kept[/bold]: the model is unchanged, validation {score_text(summary.base_accuracy, label)}" \
         if nothing else f"[bold]{summary.ratio:.1f}x smaller[/bold] than dense FP32 ({summary.cpz_bytes:,} bytes), " \
         f"validation {score_change(summary.base_accuracy, summary.final_accuracy, label)}"
@@ -162,8 +162,8 @@ _STOPPED_BY = {"interrupted": "Ctrl-C", "time budget": "--time-budget reached"}
 
 def _nothing_kept(summary: PipelineSummary, model: str, train_data: str, output: str) -> str:
     """What a run that kept nothing says: why no file was written, and what to try."""
-    tried = sum(len(s["tried"]) for s in summary.stages)
-    best = min((t["drop"] for s in summary.stages for t in s["tried"]), default=None)
+    tried = sum(len(s.tried) for s in summary.stages)
+    best = min((t.drop for s in summary.stages for t in s.tried), default=None)
     closest = f" (the smallest drop measured was {best:.2f} pt)" if best is not None else ""
     return (f"nothing kept: all {tried} candidate(s) were over the {summary.budget_pt:g} pt budget{closest}, "
             f"so {output} was not written: it would hold the input model unchanged, re-encoded "

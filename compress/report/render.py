@@ -16,7 +16,7 @@ from compress.measure import BUSY, speed_change
 from compress.report import plots
 
 if TYPE_CHECKING:
-    from compress.search import PipelineSummary
+    from compress.search_results import PipelineSummary
 
 
 def _fmt(v: Any) -> str:
@@ -272,9 +272,9 @@ def render_pipeline_report(summary: PipelineSummary, before_model: nn.Module, af
     points = [{"label": "dense", "stage": "uncompressed", "bytes": summary.dense_bytes,
                "accuracy": summary.base_accuracy}]
     for s in summary.stages:
-        for c in s["tried"]:
-            points.append({"label": value_text(c["value"]), "stage": s["stage"], "bytes": c["bytes"],
-                           "accuracy": c["accuracy"], "kept": c["verdict"].startswith("kept")})
+        for c in s.tried:
+            points.append({"label": value_text(c.value), "stage": s.stage, "bytes": c.bytes,
+                           "accuracy": c.accuracy, "kept": c.verdict.startswith("kept")})
     images = [plots.bytes_per_stage(summary.timeline, folder / "bytes_per_stage.png"),
               plots.accuracy_vs_size(points, folder / "accuracy_vs_size.png", summary.base_accuracy,
                                      summary.budget_pt, label),
@@ -298,12 +298,12 @@ def render_pipeline_report(summary: PipelineSummary, before_model: nn.Module, af
            t.get("latency_ms"), t["accuracy"]] + ([t.get("test_accuracy")] if test else [])
           for t in summary.timeline]),
         ("What each stage kept", ["stage", "searched", "kept", "candidates tried", "seconds"],
-         [[s["stage"], s["search_key"], value_text(s["kept"]["value"]) if s["kept"] else "nothing (all over budget)",
-           len(s["tried"]), s["seconds"]] for s in summary.stages]),
+         [[s.stage, s.search_key, value_text(s.kept.value) if s.kept else "nothing (all over budget)",
+           len(s.tried), s.seconds] for s in summary.stages]),
         ("Every candidate, and why it was kept or not",
          ["stage", "value", "bytes (its .cpz)", label, "drop (pt)", "verdict"],
-         [[s["stage"], value_text(c["value"]), c["bytes"], c["accuracy"], f"{c['drop']:+.2f} ± {c['se']:.2f}",
-           c["verdict"]] for s in summary.stages for c in s["tried"]]),
+         [[s.stage, value_text(c.value), c.bytes, c.accuracy, f"{c.drop:+.2f} ± {c.se:.2f}",
+           c.verdict] for s in summary.stages for c in s.tried]),
         ("Layers", ["layer", "parameters", "nonzeros", "density %", "bits", "bytes in the .cpz"],
          [[r["name"], r["params"], r["nonzeros"], 100 * r["nonzeros"] / max(r["params"], 1), bits.get(r["name"]),
            layer_bytes.get(r["name"])] for r in la]),
