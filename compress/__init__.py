@@ -27,6 +27,7 @@ _EXPORTS = {
     "factorize": ("FactorizeConfig",),
     "recipe": ("Recipe", "Stage"),
     "search": ("pipeline",),
+    "search_results": ("PipelineSummary",),
     "model_io": ("load_model", "save_model"),
     "cpz": ("load_cpz", "save_cpz"),
     "models": ("create_model", "list_models"),
