@@ -35,8 +35,8 @@ def test_budget_misses_on_test_by_confidence(benchmark, eval_sets, augment):
             for z in (1.0, 2.0):
                 out, s = pipeline(copy.deepcopy(m), tr, max_accuracy_drop=0.5, val_data=va, confidence=z, latency=False)
                 drop = base - evaluate(out, test)
-                rows.append({"seed": seed, "z": z, "ratio": s["ratio"], "val_drop": round(s["base_accuracy"] -
-                             s["final_accuracy"], 2), "test_drop": round(drop, 2), "miss": drop > 0.5})
+                rows.append({"seed": seed, "z": z, "ratio": s.ratio, "val_drop": round(s.base_accuracy -
+                             s.final_accuracy, 2), "test_drop": round(drop, 2), "miss": drop > 0.5})
 
     once(benchmark, study)
     summary = {str(z): {"misses": sum(r["miss"] for r in rows if r["z"] == z), "runs": len(SEEDS),

@@ -57,8 +57,8 @@ def test_pipeline_folder_same_as_memory(benchmark, eval_sets, tmp_path):
         t0 = time.perf_counter()
         m, s = pipeline(copy.deepcopy(base), ds, recipe, max_accuracy_drop=0.5, val_fraction=VAL_FRACTION,
                         latency=False)
-        res[name] = {"ratio": s["ratio"], "val_accuracy": s["final_accuracy"], "test_accuracy": evaluate(m, test),
-                     "cpz_bytes": s["cpz_bytes"], "seconds": round(time.perf_counter() - t0, 1)}
+        res[name] = {"ratio": s.ratio, "val_accuracy": s.final_accuracy, "test_accuracy": evaluate(m, test),
+                     "cpz_bytes": s.cpz_bytes, "seconds": round(time.perf_counter() - t0, 1)}
     once(benchmark, lambda: None)
     record(benchmark, ratio=res["folder"]["ratio"], accuracy=res["folder"]["test_accuracy"],
            base_accuracy=evaluate(base, test), latency_ms=0.0, eval_name=ev, memory=res["memory"],

@@ -161,18 +161,18 @@ def test_pipeline_with_an_int8_stage(benchmark, eval_sets, name):
     once(benchmark, lambda: out.update(zip(("model", "summary"), pipeline(
         copy.deepcopy(model), f"mnist5k?size=32{chan}", recipe, max_accuracy_drop=0.5, test_data=test))))
     s, q = out["summary"], out["model"]
-    int8 = next(r for r in s["stages"] if r["stage"] == "int8")
+    int8 = next(r for r in s.stages if r.stage == "int8")
     fp, i8 = latencies([model, q], (1, 3 if chan else 1, 32, 32))
     benchmark.extra_info.update({
-        "case": name, "eval_data": eval_sets[32][1], "budget_pt": s["budget_pt"],
-        "validation": f"{s['validation']['data']}, {s['validation']['samples']} samples",
-        "base_accuracy": s["base_accuracy"], "final_accuracy": s["final_accuracy"],
-        "test_before": s.get("test_accuracy_before"), "test_after": s.get("test_accuracy_after"),
-        "ratio": s["ratio"], "macs_fraction": round(s["timeline"][-1]["macs"] / s["timeline"][0]["macs"], 3),
-        "int8_tried": [{"qat_epochs": t["value"], "accuracy": t["accuracy"], "verdict": t["verdict"]}
-                       for t in int8["tried"]],
-        "int8_kept": None if int8["kept"] is None else int8["kept"]["value"],
-        "stages": [{"stage": r["stage"], "kept": None if r["kept"] is None else r["kept"]["value"]} for r in s["stages"]],
+        "case": name, "eval_data": eval_sets[32][1], "budget_pt": s.budget_pt,
+        "validation": f"{s.validation['data']}, {s.validation['samples']} samples",
+        "base_accuracy": s.base_accuracy, "final_accuracy": s.final_accuracy,
+        "test_before": s.test_accuracy_before, "test_after": s.test_accuracy_after,
+        "ratio": s.ratio, "macs_fraction": round(s.timeline[-1]["macs"] / s.timeline[0]["macs"], 3),
+        "int8_tried": [{"qat_epochs": t.value, "accuracy": t.accuracy, "verdict": t.verdict}
+                       for t in int8.tried],
+        "int8_kept": None if int8.kept is None else int8.kept.value,
+        "stages": [{"stage": r.stage, "kept": None if r.kept is None else r.kept.value} for r in s.stages],
         "fp32_ms_b32": fp["batch_32"], "final_ms_b32": i8["batch_32"],
         "verdict": speed_change(fp["batch_32"], i8["batch_32"], i8["speedup"]["batch_32"])})
     assert isinstance(q, Int8Model) == (int8["kept"] is not None)

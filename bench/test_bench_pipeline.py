@@ -78,7 +78,7 @@ def test_pipeline_deep_compression(benchmark, eval_sets, name, tmp_path):
     (CACHE / f"pipeline-{name}.cpz").write_bytes((tmp_path / "m.cpz").read_bytes())  # for the NNCodec peer
     record(benchmark, ratio=4 * count_params(base) / out["bytes"], accuracy=evaluate(d, test),
            base_accuracy=evaluate(base, test), latency_ms=latency_ms(d, (1, 1, 28, 28), 32), eval_name=ev,
-           file_bytes=out["bytes"], kept=[s["kept"]["options"] if s["kept"] else None for s in out["summary"]["stages"]])
+           file_bytes=out["bytes"], kept=[s.kept.options if s.kept else None for s in out["summary"].stages])
     assert benchmark.extra_info["compression_ratio"] >= 100
 
 

@@ -15,37 +15,45 @@ Every verb ending in ``_`` takes a config of its own kind and changes the model 
 """
 import importlib
 
-# name -> the module that defines it: imported on first use (PEP 562), so that `compress --version`
-# and `--help` start without importing torch
+# the public names, by the module that defines each: imported on first use (PEP 562), so that `compress --version`
+# and `--help` start without importing torch. `__all__` is these names and the `data` package.
 _EXPORTS = {
-    "load_cpz": "cpz", "save_cpz": "cpz", "Config": "config", "FineTune": "config", "Select": "config",
-    "CompressError": "errors", "CompressWarning": "errors", "FormatError": "errors", "InputError": "errors", "UntrustedPickleError": "errors",
-    "UsageError": "errors", "FactorizeConfig": "factorize", "load_model": "model_io", "save_model": "model_io",
-    "count_macs": "counting", "count_nonzero": "counting", "count_params": "counting", "summarize": "measure",
-    "create_model": "models", "list_models": "models", "pipeline": "search", "ChannelUnionConfig": "prune",
-    "L1FilterConfig": "prune", "ThresholdConfig": "prune", "QuantConfig": "quantize", "Int8Config": "quantize.int8_stage", "Recipe": "recipe",
-    "Stage": "recipe", "Context": "method", "StageResult": "method", "factorize_": "method", "prune_": "method",
-    "quantize_": "method", "run": "method", "Method": "method", "ThresholdPruner": "prune", "L1FilterPruner": "prune",
-    "ChannelUnionPruner": "prune", "Quantizer": "quantize", "Int8Lowering": "quantize.int8_stage", "lower_int8": "quantize.int8_stage", "TrainConfig": "train", "evaluate": "scoring", "fit": "train",
+    "config": ("Config", "FineTune", "Select"),
+    "errors": ("CompressError", "CompressWarning", "FormatError", "InputError", "UntrustedPickleError", "UsageError"),
+    "method": ("Context", "Method", "StageResult", "factorize_", "prune_", "quantize_", "run"),
+    "prune": ("ChannelUnionConfig", "ChannelUnionPruner", "L1FilterConfig", "L1FilterPruner", "ThresholdConfig",
+              "ThresholdPruner"),
+    "quantize": ("QuantConfig", "Quantizer"),
+    "quantize.int8_stage": ("Int8Config", "Int8Lowering", "lower_int8"),
+    "factorize": ("FactorizeConfig",),
+    "recipe": ("Recipe", "Stage"),
+    "search": ("pipeline",),
+    "search_results": ("PipelineSummary",),
+    "model_io": ("load_model", "save_model"),
+    "cpz": ("load_cpz", "save_cpz"),
+    "models": ("create_model", "list_models"),
+    "counting": ("count_macs", "count_nonzero", "count_params"),
+    "measure": ("summarize",),
+    "scoring": ("evaluate",),
+    "train": ("fit",),
 }
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__version__ = "0.3.0"
+__all__ = sorted([*_MODULE_OF, "data"])
 
 
 def __getattr__(name: str):
     if name == "data":
         return importlib.import_module(".data", __name__)
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'compress' has no attribute {name!r}")
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'compress' has no attribute {name!r}")
+    if name == "Config":  # it reads configs by their type's name: every built-in one is registered first
+        importlib.import_module(".all_methods", __name__)
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value
+    return value
 
 
-__version__ = "0.3.0"
-
-__all__ = [
-    "ChannelUnionConfig", "ChannelUnionPruner", "CompressError", "CompressWarning", "Config", "Context", "FactorizeConfig", "FineTune", "FormatError",
-    "InputError", "Int8Config", "Int8Lowering", "L1FilterConfig", "L1FilterPruner", "Method", "QuantConfig", "Quantizer", "Recipe", "Select", "Stage", "StageResult", "ThresholdConfig", "ThresholdPruner",
-    "UntrustedPickleError", "UsageError", "count_macs", "count_nonzero", "count_params",
-    "create_model", "data", "evaluate", "factorize_", "fit", "list_models", "load_cpz", "load_model", "lower_int8",
-    "pipeline", "prune_", "quantize_", "run", "save_cpz", "save_model", "summarize",
-]
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

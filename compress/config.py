@@ -3,14 +3,15 @@
 One frozen dataclass per method; its ``Args:`` docstring explains the options and
 ``__post_init__`` checks them with ``ValueError``. Every method config embeds the same two parts:
 
-* ``Select`` -- which layers the stage touches (types, FQN globs, excludes, a ``filter_fn``, and
-  whether a conv stem and the classifier are spared), with one resolver for per-layer overrides;
+* ``Select`` -- which layers the stage touches (types, FQN globs, excludes, and whether a conv stem and the
+  classifier are spared), with one resolver for per-layer overrides;
 * ``FineTune`` -- the fine-tuning after (or during) the stage; ``epochs`` is always the *total*.
 
 A config names its verb (``prune``, ``quantize``, ``factorize``) and its stage name in a recipe;
 ``register_method`` ties it to its method class. A verb refuses another verb's config with an error
-that names the right verb. Configs serialise to JSON with a type and version, so a recipe, a report
-and a .cpz header can all say exactly what was done.
+that names the right verb. Configs are data: they serialise to JSON with a type and version, so a recipe,
+a report and a .cpz header can all say exactly what was done, and ``Config.from_dict(c.to_dict()) == c``. Code
+that chooses layers (a ``filter_fn``) is an argument of the verb, not a field (``Selection``).
 """
 from __future__ import annotations
 
@@ -20,16 +21,15 @@ import fnmatch
 import functools
 import math
 import numbers
-import warnings
 from typing import Any, Callable, ClassVar, Union
 
 import torch.nn as nn
 
 Layer = Union[nn.Conv2d, nn.Linear]  # what methods change: its .weight is a Tensor (a plain Module's attributes are not typed)
+FilterFn = Callable[[nn.Module, str], bool]  # (module, fqn) -> whether a stage may touch the layer
 
 from compress.errors import UsageError, safe
 
-CONFIG_VERSION = 2
 _CONFIG_TYPES: dict[str, type["Config"]] = {}
 _METHODS: dict[str, dict[type, type]] = {}  # verb -> {config class -> Method class}
 VERBS = ("prune", "quantize", "factorize")
@@ -207,7 +207,6 @@ class Select:
         types: layer kinds: "conv", "linear" (both by default).
         names: glob patterns of layer FQNs ("fc*", "layer3.*"); empty: every layer of ``types``.
         exclude: glob patterns of layer FQNs to leave alone.
-        filter_fn: ``(module, fqn) -> bool``, applied on top of the rest (library use only).
         spare_first_last: a conv stem and the classifier are the most sensitive layers; each
             method spares them its own way (threshold prunes them less, factorize skips them).
             A layer named exactly in ``names`` is never spared.
@@ -218,7 +217,6 @@ class Select:
     types: tuple = bounded(str, 1, 16, ("conv", "linear"), many=2)
     names: tuple = bounded(str, 1, 1000, (), many=1000)
     exclude: tuple = bounded(str, 1, 1000, (), many=1000)
-    filter_fn: Callable[[nn.Module, str], bool] | None = None
     spare_first_last: bool = bounded(bool, 0, 1, True)
 
     def __post_init__(self):
@@ -232,17 +230,13 @@ class Select:
         bad = [t for t in self.types if t not in ("conv", "linear")]
         if bad or not self.types:
             raise ValueError(f"select types must be 'conv' and/or 'linear', got {list(self.types)}")
-        if self.filter_fn is not None and not callable(self.filter_fn):
-            raise ValueError(f"select filter_fn must be a callable (module, fqn) -> bool, got {self.filter_fn!r}")
 
     def _matches(self, name: str, m: nn.Module) -> bool:
         if type_key(m) not in self.types:
             return False
         if self.names and not any(fnmatch.fnmatchcase(name, p) for p in self.names):
             return False
-        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
-            return False
-        return self.filter_fn is None or bool(self.filter_fn(m, name))
+        return not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
 
     def layers(self, model: nn.Module, kinds=(nn.Conv2d, nn.Linear)) -> list[tuple[str, Layer]]:
         """The chosen layers, in module order. A pattern that matches no layer is an error."""
@@ -264,6 +258,33 @@ class Select:
         if isinstance(all_layers[0][1], nn.Conv2d):
             ends.add(all_layers[0][0])
         return {n for n in ends if n not in self.names}
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The layers a stage touches: its config's ``select`` (data, in every file and recipe) narrowed by the verb's
+    ``filter_fn`` (code, which only a library call gives: ``prune_(model, cfg, filter_fn=...)``). Each method asks it,
+    never the config's ``select`` alone."""
+
+    select: Select
+    filter_fn: FilterFn | None = None
+
+    def layers(self, model: nn.Module, kinds=(nn.Conv2d, nn.Linear)) -> list[tuple[str, Layer]]:
+        """``select.layers``, then those ``filter_fn(module, fqn)`` accepts."""
+        chosen = self.select.layers(model, kinds)
+        if self.filter_fn is None:
+            return chosen
+        return [(n, m) for n, m in chosen if self.filter_fn(m, n)]
+
+    def ends(self, model: nn.Module) -> set[str]:
+        return self.select.ends(model)
+
+
+def check_filter_fn(filter_fn) -> FilterFn | None:
+    """``filter_fn`` if it is None or a callable; anything else is a UsageError."""
+    if filter_fn is not None and not callable(filter_fn):
+        raise UsageError(f"filter_fn must be a callable (module, fqn) -> bool, got {type(filter_fn).__name__}")
+    return filter_fn
 
 
 def uncovered(model: nn.Module, layers) -> str | None:
@@ -323,14 +344,17 @@ class Config:
     ``stage_name`` (its name in a recipe), ``search_key`` (the option a recipe may list) and
     ``iterative`` (its search candidates build on each other, as iterative pruning does). A search key
     may name a part's option ("finetune.epochs"). ``first_fit``: the candidates cost more rather than
-    compress more (PTQ, then QAT): the first within budget is kept and the rest are not tried."""
+    compress more (PTQ, then QAT): the first within budget is kept and the rest are not tried.
+
+    ``version``: what ``to_dict`` writes beside the type. A config whose fields change raises it and turns data of
+    its older versions into today's fields in ``upgrade``, so that a file written before still reads."""
 
     verb: ClassVar[str] = ""
     stage_name: ClassVar[str] = ""
     search_key: ClassVar[str] = ""
     iterative: ClassVar[bool] = False  # in a recipe's search, each candidate continues from the previous one
     first_fit: ClassVar[bool] = False  # in a recipe's search, the first candidate within budget ends it
-    renamed: ClassVar[dict[str, str]] = {}  # old option name -> new: still read, with a FutureWarning
+    version: ClassVar[int] = 2  # of its fields as to_dict writes them (1: before select and finetune were parts)
     select: Select  # the two parts every config has (each subclass gives its own default)
     finetune: FineTune
 
@@ -367,7 +391,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         body = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        return {"type": type(self).__name__, "version": CONFIG_VERSION, **body}
+        return {"type": type(self).__name__, "version": self.version, **body}
 
     def changes(self) -> dict[str, Any]:
         """Only the options that differ from the defaults (parts too), for ``from_dict``: what a
@@ -378,7 +402,7 @@ class Config:
                 default[f.name] = _jsonable(f.default)
             elif f.default_factory is not dataclasses.MISSING:
                 default[f.name] = _jsonable(f.default_factory())
-        out = {"type": type(self).__name__, "version": CONFIG_VERSION}
+        out: dict[str, Any] = {"type": type(self).__name__, "version": self.version}
         for k, v in self.to_dict().items():
             if isinstance(v, dict) and isinstance(default.get(k), dict) and k in _PARTS:
                 diff = {kk: vv for kk, vv in v.items() if default[k].get(kk) != vv}
@@ -390,24 +414,32 @@ class Config:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "Config":
+        """The config ``to_dict`` (or ``changes``) wrote: ``Config.from_dict(c.to_dict()) == c``. Its ``type`` names
+        a registered config (``import compress`` registers every built-in one), ``version`` one this compress reads
+        (default: the type's own)."""
         d = dict(d)
         name = d.pop("type", None)
-        version = d.pop("version", CONFIG_VERSION)
-        if not isinstance(version, int) or version > CONFIG_VERSION:
-            raise ValueError(f"config version {version!r} is newer than this compress reads ({CONFIG_VERSION})")
         cls = _CONFIG_TYPES.get(name) if isinstance(name, str) else None
         if cls is None:
-            raise ValueError(f"unknown config type {name!r}; known: {', '.join(sorted(_CONFIG_TYPES))}")
-        return cls.from_options(d)
+            raise ValueError(f"unknown config type {safe(name, 40) if isinstance(name, str) else _got(name)}; "
+                             f"known: {', '.join(sorted(_CONFIG_TYPES))}")
+        version = d.pop("version", cls.version)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"{name} version must be a positive integer, got {_got(version)}")
+        if version > cls.version:
+            raise ValueError(f"{name} version {version} is newer than this compress reads ({cls.version})")
+        return cls.from_options(cls.upgrade(d, version))
+
+    @classmethod
+    def upgrade(cls, opts: dict[str, Any], version: int) -> dict[str, Any]:
+        """``opts`` written by ``version`` of this config, in today's fields (a config that changes its fields
+        overrides this; today every version reads as it is)."""
+        return opts
 
     @classmethod
     def from_options(cls, opts: dict[str, Any]) -> "Config":
         """Build from plain data (a recipe stage, a JSON header): parts may be given as dicts."""
         opts = dict(opts)
-        for old, new in cls.renamed.items():
-            if old in opts and new not in opts:
-                warnings.warn(f"{cls.stage_name}: option {old!r} is now {new!r}", FutureWarning, stacklevel=3)
-                opts[new] = opts.pop(old)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(opts) - names)
         if unknown:
@@ -435,9 +467,6 @@ def _part(key: str, d: dict, owner) -> Any:
     unknown = sorted(set(d) - fields)
     if unknown:
         raise ValueError(f"{key}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
-    if d.get("filter_fn") is not None:  # data names no code: a recipe or a header selects layers by names and types
-        raise ValueError(f"{key}: filter_fn is a callable for library use; in a recipe select layers with names, "
-                         "exclude and types")
     default = {f.name: f for f in dataclasses.fields(owner)}[key]
     base = default.default_factory() if default.default_factory is not dataclasses.MISSING else part_cls()
     return dataclasses.replace(base, **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
@@ -450,8 +479,6 @@ def _jsonable(v):
         return [_jsonable(x) for x in v]
     if isinstance(v, dict):
         return {str(k): _jsonable(x) for k, x in v.items()}
-    if callable(v):
-        return getattr(v, "__name__", repr(v))
     return v
 
 

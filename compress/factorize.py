@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from compress.config import Config, FineTune, Select, bounded, register_method
-from compress.method import Method, factorize_
+from compress.method import Method
 from compress.train import recalibrate_bn
 
 log = logging.getLogger(__name__)
@@ -121,13 +120,12 @@ class Factorizer(Method):
     config: FactorizeConfig
 
     def attach(self) -> None:
-        cfg = self.config
-        ends = cfg.select.ends(self.model)
+        ends = self.select.ends(self.model)
         # modules that read a child's weight themselves (MultiheadAttention's out_proj, a transformer layer's
         # fast path its linear1/linear2) need those children whole
         self._held = {c: type(p).__name__ for p in self.model.modules() if isinstance(p, _READS_CHILD_WEIGHTS)
                       for c in p.children()}
-        for name, m in cfg.select.layers(self.model):
+        for name, m in self.select.layers(self.model):
             row = self._factor(name, m, ends)
             self.layers.append(row)
             if row["action"] == "kept":
@@ -160,10 +158,3 @@ class Factorizer(Method):
         setattr(parent, attr, seq)
         row.update(action="factorized", params_after=sum(p.numel() for p in seq.parameters()), error=err)
         return row
-
-
-def factorize(model: nn.Module, config: FactorizeConfig | None = None, train_data=None, val_data=None,
-              **kw) -> nn.Module:
-    """Factorize in place and return the model: ``factorize(m, energy=0.8)`` or with a config."""
-    warnings.warn("compress: factorize() is deprecated; the verb is factorize_(model, FactorizeConfig(...))", DeprecationWarning, stacklevel=2)
-    return factorize_(model, config or FactorizeConfig(**kw), train_data, val_data)

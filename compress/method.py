@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from compress import kinds, masks
 from compress.budget import MAX_INPUT_VALUES
-from compress.config import Config, FineTune, method_for
+from compress.config import Config, FilterFn, FineTune, Selection, check_filter_fn, method_for
 from compress.counting import check_call
 from compress.data import as_data
 from compress.errors import InputError, UsageError, param
@@ -62,6 +62,8 @@ class Context:
             of ``pipeline`` then has no standard error to add, and says so.
         teacher: the model distillation learns from (default: the stage's input model).
         calib: calibration data for activation ranges (INT8); default: ``train``.
+        filter_fn: ``(module, fqn) -> bool``: the stage touches only the layers of its config's ``select`` this
+            accepts (code, so not a config field: a config stays data that a file or a recipe holds).
 
     ``train``, ``val`` and ``calib`` are converted by ``as_data`` whenever they are set (here or later), so
     each is a ``compress.data.Data`` from then on; anything else is an ``InputError`` naming the field.
@@ -78,9 +80,11 @@ class Context:
     evaluate: Callable | None = None
     teacher: nn.Module | None = None
     calib: Any = None
+    filter_fn: FilterFn | None = None
 
     def __post_init__(self):
         self.loss, self.metric = resolve_loss(self.loss), resolve_metric(self.metric)
+        check_filter_fn(self.filter_fn)
 
     def __setattr__(self, key: str, value) -> None:
         if key in DATA_FIELDS and value is not None:  # the one conversion, whichever way the data come in
@@ -177,6 +181,7 @@ class Method:
         if refused is not None:
             raise refused
         self.model, self.config, self.ctx = model, config, check_ctx(ctx) or Context()
+        self.select = Selection(config.select, self.ctx.filter_fn)  # the layers it may touch
         self.teacher = None
         if config.finetune.distill and config.finetune.epochs > 0:  # the input model, before any change
             import copy
@@ -264,43 +269,52 @@ class KeepMasks(Method):
         return self.model
 
 
-def run(verb: str, model: nn.Module, config: Config, ctx: Context | None = None) -> StageResult:
-    """Apply ``config`` to ``model`` under ``verb``; the model changes in place."""
-    return method_for(config, verb)(model, config, ctx).run()
+def run(verb: str, model: nn.Module, config: Config, ctx: Context | None = None, *,
+        filter_fn: FilterFn | None = None) -> StageResult:
+    """Apply ``config`` to ``model`` under ``verb``; the model changes in place. ``filter_fn(module, fqn) -> bool``:
+    only the layers of ``config.select`` it accepts are touched (``ctx.filter_fn``; give it once)."""
+    return method_for(config, verb)(model, config, _ctx(ctx, filter_fn=filter_fn)).run()
 
 
-def _ctx(ctx, train_data, val_data, input_shape, calib_data=None) -> Context:
-    """The verbs' context: ``ctx``, with ``train_data``, ``val_data``, ``calib_data`` in it when given (each
-    converted by ``as_data``, an error naming the argument for anything that is not data)."""
+def _ctx(ctx, train_data=None, val_data=None, input_shape=None, calib_data=None, filter_fn=None) -> Context | None:
+    """The verbs' context: ``ctx``, with ``train_data``, ``val_data``, ``calib_data`` and ``filter_fn`` in it when
+    given (data converted by ``as_data``, an error naming the argument for anything that is not data)."""
     pairs = (("train", train_data), ("val", val_data), ("calib", calib_data))
     given: dict[str, Any] = {k: as_data(v, DATA_FIELDS[k], arg=f"{k}_data") for k, v in pairs if v is not None}
+    if filter_fn is not None:
+        given["filter_fn"] = check_filter_fn(filter_fn)
     if ctx is None:
-        return Context(input_shape=input_shape, **given)
+        return Context(input_shape=input_shape, **given) if given or input_shape is not None else None
     check_ctx(ctx)
     for k in given:
         if getattr(ctx, k) is not None:
-            raise UsageError(f"{k}_data and ctx.{k} are both given: give the {DATA_FIELDS[k]} once")
+            what = "filter_fn" if k == "filter_fn" else f"the {DATA_FIELDS[k]}"
+            arg = "filter_fn" if k == "filter_fn" else f"{k}_data"
+            raise UsageError(f"{arg} and ctx.{k} are both given: give {what} once")
     return dataclasses.replace(ctx, **given) if given else ctx
 
 
 def prune_(model: nn.Module, config: Config, train_data=None, val_data=None, *, input_shape=None,
-           ctx: Context | None = None) -> nn.Module:
-    """Prune in place with a pruning config; returns the model for chaining."""
-    return run("prune", model, config, _ctx(ctx, train_data, val_data, input_shape)).model
+           ctx: Context | None = None, filter_fn: FilterFn | None = None) -> nn.Module:
+    """Prune in place with a pruning config; returns the model for chaining. ``filter_fn(module, fqn) -> bool``:
+    only the layers of ``config.select`` it accepts are pruned."""
+    return run("prune", model, config, _ctx(ctx, train_data, val_data, input_shape, filter_fn=filter_fn)).model
 
 
 def quantize_(model: nn.Module, config: Config, train_data=None, val_data=None, *, calib_data=None,
-              ctx: Context | None = None) -> nn.Module:
+              ctx: Context | None = None, filter_fn: FilterFn | None = None) -> nn.Module:
     """Quantize weights in place with a ``QuantConfig``; returns the model for chaining. Lowering to INT8
-    execution makes a new model: that is ``compress.lower_int8(model, Int8Config(...), calib_data=...)``."""
+    execution makes a new model: that is ``compress.lower_int8(model, Int8Config(...), calib_data=...)``.
+    ``filter_fn(module, fqn) -> bool``: only the layers of ``config.select`` it accepts are quantized."""
     method: type[Method] = method_for(config, "quantize")
     if not method.in_place:
         raise UsageError(f"quantize_ changes a model in place; a {type(config).__name__} makes a new model: "
                          f"use compress.lower_int8(model, {type(config).__name__}(...), calib_data=...)")
-    return run("quantize", model, config, _ctx(ctx, train_data, val_data, None, calib_data)).model
+    return run("quantize", model, config, _ctx(ctx, train_data, val_data, None, calib_data, filter_fn)).model
 
 
-def factorize_(model: nn.Module, config: Config, train_data=None, val_data=None, *, ctx: Context | None = None
-               ) -> nn.Module:
-    """Factorize layers in place with a ``FactorizeConfig``; returns the model for chaining."""
-    return run("factorize", model, config, _ctx(ctx, train_data, val_data, None)).model
+def factorize_(model: nn.Module, config: Config, train_data=None, val_data=None, *, ctx: Context | None = None,
+               filter_fn: FilterFn | None = None) -> nn.Module:
+    """Factorize layers in place with a ``FactorizeConfig``; returns the model for chaining.
+    ``filter_fn(module, fqn) -> bool``: only the layers of ``config.select`` it accepts are factorized."""
+    return run("factorize", model, config, _ctx(ctx, train_data, val_data, None, filter_fn=filter_fn)).model

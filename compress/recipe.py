@@ -15,49 +15,26 @@ A recipe is TOML (see docs/recipes)::
     patience = 2                   # a stage option: candidates in a row measured over budget end the search
 
 Every value has one meaning wherever it appears: ``finetune.epochs`` is the stage's total.
+``Recipe.to_dict`` writes each stage with its candidates whole (``{"method", "patience", "candidates": [config,
+...]}`` under ``stages``), the form a pipeline summary holds; ``Recipe.from_dict`` reads it back to the same recipe.
 ``resolve`` applies one precedence to every setting: argument > recipe > model metadata > default.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from typing import Any
 
-from compress import factorize, prune, quantize  # noqa: F401  (their methods register the stage types)
-from compress.config import CONFIG_VERSION, Config, bounded, check_fields, close_matches, stage_types
-from compress.errors import InputError, UsageError, first_line
-from compress.quantize import int8_stage  # noqa: F401  (and the int8 stage)
+from compress import all_methods  # noqa: F401  (a stage names a method: every built-in one is registered)
+from compress.config import Config, bounded, check_fields, close_matches, stage_types
+from compress.errors import InputError, UsageError, first_line, safe
 
+RECIPE_VERSION = 2  # what to_dict writes; from_dict reads it and earlier ones
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few lines; a larger file is refused before it is parsed
 MAX_STAGES = 32
 MAX_CANDIDATES = 64         # values of a search list (each checked by its option's declared range)
 
-# names recipes used before one word meant one thing; read with a FutureWarning that says the new spelling
-# quantize with these options
-_OLD_METHODS: dict[str, dict[str, Any]] = {"kmeans": {"scheme": "kmeans"}}
 _STAGE_KEYS = ("method", "patience")
-
-
-def _renamed(d: dict, where: str) -> dict:
-    """A stage table in today's words: ``type`` -> ``method``; kmeans -> quantize with its scheme (``int8`` was
-    8-bit weights; it is now INT8 execution, and a stage with the old options is refused with the new spelling)."""
-    d = dict(d)
-    if "type" in d:
-        if "method" in d:
-            raise UsageError(f"{where}: give method only ('type' is its old name)")
-        d["method"] = d.pop("type")
-        warnings.warn(f"{where}: 'type = ...' is now 'method = ...'", FutureWarning, stacklevel=3)
-    old = d.get("method")
-    if old == "int8" and {"bits", "scheme", "per_channel", "symmetric", "bias_bits"} & set(d):
-        raise UsageError(f"{where}: method = 'int8' is INT8 execution (weights and activations, calibrated); "
-                         "8-bit weights alone are method = 'quantize' with bits = 8")
-    if isinstance(old, str) and old in _OLD_METHODS:
-        opts = _OLD_METHODS[old]
-        said = ", ".join(f"{k} = {v!r}" for k, v in opts.items())
-        warnings.warn(f"{where}: method = {old!r} is now method = 'quantize' with {said}", FutureWarning, stacklevel=3)
-        d = {**opts, **d, "method": "quantize"}
-    return d
 
 
 def resolve(*values, default=None):
@@ -68,7 +45,7 @@ def resolve(*values, default=None):
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """Args:
-        name: the stage name ("threshold", "kmeans", ...).
+        name: the stage's method ("threshold", "quantize", ...).
         candidates: configs tried in order (one: no search).
         patience: candidates in a row whose measured drop alone is over budget that end an iterative
             search (a miss by the noise margin only does not count).
@@ -90,14 +67,17 @@ class Stage:
     def from_dict(cls, d: dict[str, Any], where: str = "stage") -> "Stage":
         if not isinstance(d, dict):
             raise UsageError(f"{where}: a stage must be a table, got {type(d).__name__}")
-        d = _renamed(d, where)
         name = d.get("method")
         types = stage_types()
         known = sorted(types)
+        if name is None:
+            raise UsageError(f"{where}: a stage names its method (method = ...; known: {', '.join(known)})")
         if not isinstance(name, str) or name not in known:
             hint = close_matches(name, known) if isinstance(name, str) else ""
             raise UsageError(f"{where}: unknown method {name!r}{hint}; known: {', '.join(known)}")
         cfg_cls = types[name]
+        if "candidates" in d:
+            return cls._from_candidates(d, name, cfg_cls, where)
         opts = {k: v for k, v in d.items() if k not in _STAGE_KEYS}
         key = cfg_cls.search_key
         part, _, option = key.rpartition(".")  # "finetune.epochs": an option of a part
@@ -117,7 +97,35 @@ class Stage:
         except (TypeError, ValueError) as e:
             raise UsageError(f"{where} ({name}): {e}") from e
 
+    @classmethod
+    def _from_candidates(cls, d: dict[str, Any], name: str, cfg_cls: type[Config], where: str) -> "Stage":
+        """The form ``to_dict`` writes: every candidate a whole config (``Config.to_dict``), so any stage reads back
+        as it was, whatever its candidates differ in."""
+        extra = sorted(str(k) for k in set(d) - {"method", "patience", "candidates"})
+        if extra:
+            raise UsageError(f"{where}: a stage of candidates holds method, patience and candidates only, not "
+                             f"{safe(', '.join(extra), 80)} (a method's options go inside each candidate)")
+        found = d["candidates"]
+        if not isinstance(found, list) or not found:
+            raise UsageError(f"{where}: candidates must be a list of at least one config")
+        if len(found) > MAX_CANDIDATES:
+            raise UsageError(f"{where}: {len(found):,} candidates; at most {MAX_CANDIDATES}")
+        configs = []
+        for j, c in enumerate(found):
+            if not isinstance(c, dict) or c.get("type") != cfg_cls.__name__:
+                raise UsageError(f"{where} candidate {j + 1}: method {name} takes a table of type "
+                                 f"{cfg_cls.__name__!r}")
+            try:
+                configs.append(Config.from_dict(c))
+            except (TypeError, ValueError) as e:
+                raise UsageError(f"{where} candidate {j + 1} ({name}): {e}") from e
+        try:
+            return cls(name, tuple(configs), d.get("patience", 2))
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"{where} ({name}): {e}") from e
+
     def to_dict(self) -> dict[str, Any]:
+        """Every candidate whole: ``Stage.from_dict(st.to_dict()) == st``."""
         return {"method": self.name, "patience": self.patience, "candidates": [c.to_dict() for c in self.candidates]}
 
 
@@ -143,14 +151,16 @@ class Recipe:
     def from_dict(cls, d: dict[str, Any], where: str = "recipe") -> "Recipe":
         if not isinstance(d, dict):
             raise UsageError(f"{where} must be a table")
-        unknown = sorted(set(d) - {"stage", "max_accuracy_drop", "confidence", "val_fraction", "version"})
+        unknown = sorted(set(d) - {"stage", "stages", "max_accuracy_drop", "confidence", "val_fraction", "version"})
         if unknown:
             raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; a method's options go inside a "
                              "[[stage]]")
-        version = d.get("version", CONFIG_VERSION)
-        if isinstance(version, bool) or not isinstance(version, int) or version > CONFIG_VERSION:
-            raise UsageError(f"{where}: version {version!r} is newer than this compress reads ({CONFIG_VERSION})")
-        stages = d.get("stage")
+        if "stage" in d and "stages" in d:
+            raise UsageError(f"{where}: give its stages once, as [[stage]] tables or as the stages list to_dict writes")
+        version = d.get("version", RECIPE_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version > RECIPE_VERSION:
+            raise UsageError(f"{where}: version {version!r} is newer than this compress reads ({RECIPE_VERSION})")
+        stages = d.get("stage", d.get("stages"))  # a file's [[stage]] tables, or the list to_dict writes
         if not isinstance(stages, list) or not stages:
             raise UsageError(f"{where} needs at least one [[stage]]")
         if len(stages) > MAX_STAGES:
@@ -202,7 +212,8 @@ class Recipe:
             one(c) for c in st.candidates)) for st in self.stages))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": CONFIG_VERSION, "max_accuracy_drop": self.max_accuracy_drop, "confidence": self.confidence,
+        """What a summary and a checkpoint's fingerprint hold: ``Recipe.from_dict(r.to_dict()) == r``."""
+        return {"version": RECIPE_VERSION, "max_accuracy_drop": self.max_accuracy_drop, "confidence": self.confidence,
                 "val_fraction": self.val_fraction, "stages": [s.to_dict() for s in self.stages]}
 
 

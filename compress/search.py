@@ -23,7 +23,7 @@ The result is Huffman-coded into a .cpz, and the bytes after each stage are reco
 Stopping. Ctrl-C or the time budget ends the run with the best result kept so far; the candidate in progress is
 dropped. The time budget is checked between candidates and at every step of a candidate's work (each training
 step: ``progress.stop_when``), on ``clock`` -- ``time.perf_counter``, a module attribute that tests replace.
-``summary["kept_nothing"]`` says when no stage kept a candidate: the model is the input, unchanged.
+``summary.kept_nothing`` says when no stage kept a candidate: the model is the input, unchanged.
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ from compress.meta import read_meta, set_meta
 from compress.method import Context, run
 from compress.recipe import DEFAULT_RECIPE, Recipe, Stage, resolve
 from compress.scoring import paired_drop, scores
+from compress.search_results import PipelineSummary, StageSearch
 
 log = logging.getLogger(__name__)
 clock = time.perf_counter  # the time budget's clock (tests give a fake one)
@@ -213,7 +214,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
              val_fraction: float | None = None, latency: bool = True,
              time_budget: float | None = None, confidence: float | None = None, *, loss=None, metric=None,
              train_step=None, evaluate=None, distill: float | None = None, workers: int | None = None,
-             checkpoint: Checkpoint | None = None, resume: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+             checkpoint: Checkpoint | None = None, resume: bool = False) -> tuple[nn.Module, PipelineSummary]:
     """Run a recipe on ``model`` (in place); returns (model, summary). ``data``: training data -- a spec or
     anything ``compress.data.as_data`` takes; ``val_data`` and ``test_data`` likewise. ``loss``, ``metric``,
     ``train_step``, ``evaluate``: the user's recipe (``compress.method.Context``); the budget is in the metric's
@@ -223,8 +224,8 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     ``on_event(kind, fields)`` hears "start", "resumed", "warning", "stage", "candidate" (once checkpointed), "skipped"
     and "stopped", as
     stages' events. ``time_budget`` (seconds) or Ctrl-C ends the search early, the candidate in progress dropped
-    (the budget is checked at every training step): the result is the best kept so far (``summary["stopped"]``
-    says why), encoded and measured as usual. ``summary["kept_nothing"]``: no stage kept a candidate, so the
+    (the budget is checked at every training step): the result is the best kept so far (``summary.stopped``
+    says why), encoded and measured as usual. ``summary.kept_nothing``: no stage kept a candidate, so the
     model is the input's (re-encoded, it may be larger than the input).
 
     Precedence of every setting: argument > recipe > model metadata > default.
@@ -341,19 +342,19 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     final = size_bytes(model, graph=True)  # with the history above: exactly the bytes save_model writes
     last = "INT8 file" if kinds.execution(model) is not None else "huffman coded"  # same weights, as saved
     timeline.append({**timeline[-1], "stage": last, "bytes": final["coded"]})
-    summary = {"stopped": stop.reason, "kept_nothing": all(r["kept"] is None for r in results),
-               "budget_pt": budget, "confidence": z, "base_accuracy": round(base_acc, 3),
-               "final_accuracy": round(timeline[-1]["accuracy"], 3), "dense_bytes": dense,
-               "cpz_bytes": final["coded"], "ratio": round(dense / final["coded"], 2), "timeline": timeline,
-               "layer_bytes": final["layers"], "graph_note": final["graph_note"],
-               "stages": results, "input_shape": list(ctx.input_shape), "recipe": recipe.to_dict(),
-               "validation": {"samples": len(val), "source": "given" if val_data is not None else "held out",
-                              "data": val.name},
-               "metric": "evaluate" if evaluate is not None else ctx.metric.name}
     kept = [r["kept"]["bytes"] for r in results if r["kept"]]
-    if kept:  # a candidate's bytes are its own .cpz; the file's history entry is written only now
-        summary["candidate_bytes_error"] = final["coded"] - kept[-1]
+    summary = PipelineSummary(
+        stopped=stop.reason, kept_nothing=not kept, budget_pt=budget, confidence=z,
+        base_accuracy=round(base_acc, 3), final_accuracy=round(timeline[-1]["accuracy"], 3), dense_bytes=dense,
+        cpz_bytes=final["coded"], ratio=round(dense / final["coded"], 2), timeline=timeline,
+        layer_bytes=final["layers"], graph_note=final["graph_note"],
+        stages=[StageSearch.from_record(r) for r in results],
+        input_shape=list(ctx.input_shape), recipe=recipe.to_dict(),
+        validation={"samples": len(val), "source": "given" if val_data is not None else "held out", "data": val.name},
+        metric="evaluate" if evaluate is not None else ctx.metric.name,
+        # a candidate's bytes are its own .cpz; the file's history entry is written only now
+        candidate_bytes_error=final["coded"] - kept[-1] if kept else None)
     if test_data is not None:
-        summary.update(test_accuracy_before=timeline[0]["test_accuracy"],
-                       test_accuracy_after=timeline[-1]["test_accuracy"])
+        summary.test_accuracy_before = timeline[0]["test_accuracy"]
+        summary.test_accuracy_after = timeline[-1]["test_accuracy"]
     return model, summary

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from typing import Callable
 
 import torch
@@ -28,14 +27,6 @@ from compress.scoring import to_device
 from compress.user_code import resolve_callable
 
 log = logging.getLogger(__name__)
-
-
-def TrainConfig(**kw) -> FineTune:
-    """Deprecated: ``FineTune`` is the one training recipe (of a stage and of ``fit``); this returns
-    ``FineTune(epochs=1, **kw)`` (TrainConfig's default was one epoch)."""
-    warnings.warn("compress.train.TrainConfig is deprecated: use compress.FineTune (epochs default 0)",
-                  DeprecationWarning, stacklevel=2)
-    return FineTune(**{"epochs": 1, **kw})
 
 
 def random_shift(x: torch.Tensor, pixels: int, g: torch.Generator) -> torch.Tensor:

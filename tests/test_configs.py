@@ -1,12 +1,19 @@
 """Every registered method config, through every way a user reaches it: JSON, a recipe, their own training loop
 (the method object's hooks) and a saved file that loads without trust."""
+import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
-import compress.recipe  # noqa: F401  (registers every method)
+import compress
 from compress import data as data_mod
 from compress.config import Config, FineTune, method_for, stage_types
 from compress.meta import get_meta
@@ -106,3 +113,179 @@ def test_set_reaches_any_option_without_a_flag(cli, tmp_path, lenet5_trained):
         r = cli("prune", tmp_path / "m.pt", "--sparsity", "0.5", "--epochs", "0", *bad, "-o", tmp_path / "q.pt")
         assert r.code == 2 and said in r.err and len(r.err.strip().splitlines()) == 1, (bad, r.err)
         assert not (tmp_path / "q.pt").exists()
+
+
+def _changed(before: dict, model) -> set[str]:
+    """Layers whose weight changed (or were replaced) since ``before`` (a state dict)."""
+    after = model.state_dict()
+    return {k.rpartition(".")[0] for k, v in before.items() if k not in after or not torch.equal(v, after[k])}
+
+
+@pytest.mark.parametrize("verb", ["prune", "quantize", "factorize"])
+def test_filter_fn_is_an_argument_of_the_verb_not_a_config_field(verb):
+    """A config is data (no callable in it); the code that chooses layers goes to the verb, to ``run`` or through
+    the Context to a method object, and narrows the config's ``select`` the same way each time."""
+    from compress.config import Select
+    from compress.errors import UsageError
+    from compress.method import run
+
+    assert "filter_fn" not in {f.name for f in dataclasses.fields(Select)}
+    cfg = {"prune": compress.ThresholdConfig(sparsity=0.5, rounds=1, finetune=FineTune(epochs=0),
+                                             select=Select(spare_first_last=False)),
+           "quantize": compress.QuantConfig(bits=3),
+           "factorize": compress.FactorizeConfig(rank=2, select=Select(spare_first_last=False))}[verb]
+    seen = []
+
+    def only_conv2(module, fqn):
+        seen.append(fqn)
+        return fqn == "conv2"
+
+    def lenet():
+        torch.manual_seed(0)
+        return create_model("lenet5")
+
+    before = lenet().state_dict()
+    by_verb = getattr(compress, f"{verb}_")(lenet(), cfg, filter_fn=only_conv2)
+    assert _changed(before, by_verb) == {"conv2"} and set(seen) == {"conv1", "conv2", "fc1", "fc2"}
+    whole = getattr(compress, f"{verb}_")(lenet(), cfg)  # the same config without it: every selected layer
+    assert _changed(before, whole) >= {"conv1", "conv2", "fc1"}
+    by_run = run(verb, lenet(), cfg, filter_fn=only_conv2).model
+    by_ctx = method_for(cfg, verb)(lenet(), cfg, Context(filter_fn=only_conv2)).run().model
+    for m in (by_run, by_ctx):
+        assert all(torch.equal(v, by_verb.state_dict()[k]) for k, v in m.state_dict().items())
+    assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # nothing of the callable in it
+    with pytest.raises(UsageError, match="filter_fn and ctx.filter_fn are both given"):
+        run(verb, lenet(), cfg, Context(filter_fn=only_conv2), filter_fn=only_conv2)
+    with pytest.raises(UsageError, match="filter_fn must be a callable"):
+        getattr(compress, f"{verb}_")(lenet(), cfg, filter_fn="conv2")
+
+
+# non-default values of every option of the built-in configs and of their parts (per-layer tables, counts, None)
+OTHER_VALUES: dict[str, list] = {
+    "sparsity": [0.9, {"conv": 0.6, "fc1": 0.95, "_default": 0.5}, None], "quality": [1.5, {"linear": 2.0}],
+    "allocate": ["std"], "rounds": [1, 7], "schedule": ["geometric"], "first_last_factor": [0.8, 1.0],
+    "ratio": [0.3, 7, {"conv1": 0.2, "_default": 0.5}], "min_channels": [4], "round_to": [8],
+    "target_macs": [0.5, 1_000_000], "target_params": [0.25, 50_000], "target_latency": [0.5],
+    "importance": ["l2", "bn-scale", "taylor", "group-lasso"],
+    "lasso_ratio": [1.5, 0.0], "reconfig_interval": [3], "zero_tol": [1e-6], "rel_tol": [0.2],
+    "bits": [4, 2, {"conv": 6, "linear": 4, "fc2": 8}], "scheme": ["mmse", "kmeans", "pow2"],
+    "per_channel": [False], "symmetric": [False], "bias_bits": [None, 4],
+    "energy": [0.9, None], "rank_ratio": [0.5], "rank": [4],
+    "observer": ["percentile", "minmax"], "percentile": [99.9], "calib_samples": [128], "freeze": [0.5, 0.0],
+}
+PART_VALUES: dict[str, dict[str, list]] = {
+    "finetune": {"epochs": [2.5, 3], "lr": [0.01], "optimizer": ["sgd", "adam"], "batch_size": [32],
+                 "augment": [2, 0, None], "distill": [4.0], "distill_weight": [0.7], "seed": [3],
+                 "weight_decay": [1e-4]},
+    "select": {"types": [("conv",), ("linear",)], "names": [("fc*", "conv1")], "exclude": [("fc2",)],
+               "spare_first_last": [False, True]},
+}
+
+
+def _builtin_configs() -> list[type[Config]]:
+    from compress.config import _CONFIG_TYPES
+
+    compress.Config  # what a user reads configs with: every built-in config is registered
+
+    return sorted((c for c in _CONFIG_TYPES.values() if c.__module__.startswith("compress.")), key=lambda c: c.__name__)
+
+
+def _round_trips(cfg: Config) -> None:
+    d = cfg.to_dict()
+    assert d["type"] == type(cfg).__name__ and d["version"] == type(cfg).version
+    assert Config.from_dict(d) == cfg
+    assert Config.from_dict(json.loads(json.dumps(d))) == cfg  # as a file holds it
+    assert Config.from_dict(cfg.changes()) == cfg  # as a file's history keeps it
+
+
+def _variants(cls: type[Config]):
+    """(the config with one option changed, that option) for every option of ``cls`` and of its parts that can be
+    changed alone; ``cls`` needs one of its search options given (``_config``'s)."""
+    base = _config(cls.stage_name)
+    for f in dataclasses.fields(cls):
+        if f.name in PART_VALUES:
+            for k, values in PART_VALUES[f.name].items():
+                for v in values:
+                    yield dataclasses.replace(base, **{f.name: dataclasses.replace(getattr(base, f.name), **{k: v})}), \
+                        f"{f.name}.{k}"
+            continue
+        for v in OTHER_VALUES.get(f.name, []):  # none: the check below names the option
+            # exclusive with an option the base sets: that option cleared, or set to one that allows it
+            for also in ({}, {"sparsity": None, "quality": None}, {"energy": None, "rank_ratio": None, "rank": None},
+                         {"scheme": "minmax"}):
+                changes = {k: x for k, x in also.items() if k in {g.name for g in dataclasses.fields(cls)} and k != f.name}
+                try:
+                    yield dataclasses.replace(base, **{**changes, f.name: v}), f.name
+                    break
+                except ValueError:
+                    continue
+
+
+def test_every_builtin_config_round_trips_with_every_option_changed():
+    """``Config.from_dict(c.to_dict()) == c`` for each built-in config: its defaults, and each of its options and its
+    parts' set to other values in turn (JSON in between, and the short form a file's history keeps)."""
+    classes = _builtin_configs()
+    assert {c.__name__ for c in classes} >= {"ThresholdConfig", "L1FilterConfig", "ChannelUnionConfig", "QuantConfig",
+                                             "Int8Config", "FactorizeConfig"}
+    for cls in classes:
+        changed = set()
+        for cfg, option in _variants(cls):
+            _round_trips(cfg)
+            changed.add(option)
+        every = {f.name for f in dataclasses.fields(cls) if f.name not in PART_VALUES}
+        every |= {f"{p}.{g.name}" for p in PART_VALUES for g in dataclasses.fields(getattr(cls(**_needed(cls)), p))}
+        assert changed == every, f"{cls.__name__}: give OTHER_VALUES / PART_VALUES for {sorted(every - changed)}"
+
+
+def _needed(cls: type[Config]) -> dict:
+    return {k: v for k, v in SETTINGS[cls.stage_name].items() if k in ("sparsity", "energy")}
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_configs_of_many_changed_options_round_trip(data):
+    """Several options changed at once (any combination the config accepts) round-trip too."""
+    cls = data.draw(st.sampled_from(_builtin_configs()))
+    names = [f.name for f in dataclasses.fields(cls) if f.name in OTHER_VALUES or f.name in PART_VALUES]
+    opts: dict = {}
+    for name in data.draw(st.lists(st.sampled_from(names), unique=True, max_size=len(names))):
+        if name in PART_VALUES:
+            part = PART_VALUES[name]
+            keys = data.draw(st.lists(st.sampled_from(sorted(part)), unique=True, min_size=1))
+            opts[name] = {k: data.draw(st.sampled_from(part[k])) for k in keys}
+        else:
+            opts[name] = data.draw(st.sampled_from(OTHER_VALUES[name]))
+    try:
+        cfg = cls.from_options(opts)
+    except ValueError:  # a combination the config refuses (two exclusive options, none of them)
+        assume(False)
+    _round_trips(cfg)
+
+
+def test_a_config_of_an_unknown_version_or_type_is_refused():
+    d = compress_configs()["threshold"].to_dict()
+    with pytest.raises(ValueError, match="ThresholdConfig version 3 is newer than this compress reads \\(2\\)"):
+        Config.from_dict({**d, "version": 3})
+    for bad in (0, True, "2", 2.0):
+        with pytest.raises(ValueError, match="version must be a positive integer"):
+            Config.from_dict({**d, "version": bad})
+    assert Config.from_dict({**d, "version": 1}) == Config.from_dict(d)  # an earlier version still reads
+    with pytest.raises(ValueError, match="unknown config type 'NoSuchConfig'; known: .*ThresholdConfig"):
+        Config.from_dict({**d, "type": "NoSuchConfig"})
+
+
+def compress_configs() -> dict[str, Config]:
+    return {name: _config(name) for name in SETTINGS}
+
+
+def test_import_compress_alone_reads_every_builtin_config():
+    """In a fresh interpreter, ``import compress`` and nothing else: ``compress.Config.from_dict`` knows every built-in
+    type (they register where they are defined; the public ``Config`` loads them), and torch is not imported before."""
+    dicts = [json.loads(json.dumps(_config(n).to_dict())) for n in sorted(SETTINGS)]
+    code = ("import json, sys\nimport compress\nassert 'torch' not in sys.modules\n"
+            f"ds = json.loads({json.dumps(json.dumps(dicts))})\n"
+            "print(json.dumps([compress.Config.from_dict(d).to_dict() for d in ds]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == dicts

@@ -234,7 +234,7 @@ def test_pipeline_takes_every_kind():
 
     def summary(d, held_out=False):
         _, s = compress.pipeline(tiny(), d, recipe, val_data=None if held_out else d, test_data=d, latency=False)
-        return {k: s[k] for k in keys if k != "validation"} | {"samples": s["validation"]["samples"]}
+        return {k: getattr(s, k) for k in keys if k != "validation"} | {"samples": s.validation["samples"]}
 
     same(each_kind(summary))
     # held out of the training data: the same stratified split wherever the labels are known up front (a

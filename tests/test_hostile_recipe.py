@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import compress.recipe  # noqa: F401  (registers every method)
+import compress.recipe  # noqa: F401  (reads stages by their method: every built-in one is registered)
 from compress.config import FineTune, Select, bound_of, stage_types
 from compress.errors import CompressError, UsageError
 from compress.recipe import MAX_CANDIDATES, Recipe, Stage
@@ -235,7 +236,7 @@ def test_library_errors_name_the_option_and_valid_edges_still_pass():
         dataclasses.replace(ok, epochs=-1)  # however a config is made, it is checked
 
 
-_CFG_FIELDS = sorted({f.name for c in stage_types().values() for f in dataclasses.fields(c)} - {"steps"})
+_CFG_FIELDS = sorted({f.name for c in stage_types().values() for f in dataclasses.fields(c)})
 _scalars = st.one_of(st.booleans(), st.integers(), st.integers(min_value=-2**80, max_value=2**80),
                      st.floats(), st.text(max_size=12),
                      st.sampled_from(["conv", "linear", "_default", "adam", "sgd", "kmeans", "mmse", "l1", "minmax",
@@ -282,3 +283,46 @@ def test_search_list_elements_are_checked_by_the_same_declaration():
 def test_documented_recipes_read_unchanged():
     for p in sorted((Path(__file__).resolve().parents[1] / "docs/recipes").glob("*.toml")):
         assert Recipe.load(p).stages
+
+
+_THRESHOLD = {"type": "ThresholdConfig", "version": 2, "sparsity": 0.5}
+
+
+@pytest.mark.parametrize("stage,said", [
+    ({"method": "threshold", "candidates": []}, "candidates must be a list of at least one config"),
+    ({"method": "threshold", "candidates": {"a": 1}}, "candidates must be a list"),
+    ({"method": "threshold", "candidates": [_THRESHOLD] * (MAX_CANDIDATES + 1)}, f"at most {MAX_CANDIDATES}"),
+    ({"method": "threshold", "candidates": [{**_THRESHOLD, "type": "QuantConfig"}]}, "takes a table of type 'ThresholdConfig'"),
+    ({"method": "threshold", "candidates": [5]}, "takes a table of type 'ThresholdConfig'"),
+    ({"method": "threshold", "candidates": [{**_THRESHOLD, "version": 99}]}, "newer than this compress reads"),
+    ({"method": "threshold", "candidates": [{**_THRESHOLD, "rounds": 1e300}]}, "rounds must be an integer"),
+    ({"method": "threshold", "candidates": [{**_THRESHOLD, "select": {"filter_fn": "os.system"}}]},
+     "select: unknown option(s) filter_fn"),
+    ({"method": "threshold", "candidates": [_THRESHOLD], "sparsity": 0.9}, "holds method, patience and candidates only"),
+    ({"method": "threshold", "candidates": [_THRESHOLD], "patience": 0}, "patience must be"),
+])
+def test_the_candidates_form_is_checked_as_a_file_is(stage, said):
+    """The form ``to_dict`` writes (a pipeline summary's recipe) comes from a file too: each candidate is read by
+    ``Config.from_dict`` with the same declared ranges, and anything off is one line naming the stage."""
+    with pytest.raises(UsageError, match=re.escape(said)) as e:
+        Recipe.from_dict({"stages": [stage]})
+    assert "\n" not in str(e.value) and "stage 1" in str(e.value)
+
+
+def test_stages_are_given_once():
+    with pytest.raises(UsageError, match="give its stages once"):
+        Recipe.from_dict({"stage": [{"method": "threshold", "sparsity": 0.5}],
+                          "stages": [{"method": "threshold", "candidates": [_THRESHOLD]}]})
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(method=st.sampled_from(sorted(stage_types())), candidates=st.lists(_options, max_size=3),
+       typed=st.booleans())
+def test_fuzzed_candidates_raise_only_our_errors(method, candidates, typed):
+    """Random candidates in the form ``to_dict`` writes: a stage, or one line of UsageError -- nothing else."""
+    name = stage_types()[method].__name__
+    cands = [{"type": name, **c} if typed else c for c in candidates]
+    try:
+        Stage.from_dict({"method": method, "candidates": cands})
+    except UsageError as e:
+        assert "\n" not in str(e) and len(str(e)) < 400, str(e)

@@ -247,18 +247,18 @@ def test_pipeline_int8_stage_tries_qat_only_when_ptq_misses_the_budget(lenet5_tr
     recipe = {"stage": [{"method": "int8", "observer": "minmax", "finetune": {"epochs": [0, 0.3], "lr": 1e-4}}]}
     q, summary = pipeline(copy.deepcopy(lenet5_trained), tr, recipe, max_accuracy_drop=1.0, val_data=va,
                           latency=False)
-    tried = summary["stages"][0]["tried"]
-    assert isinstance(q, Int8Model) and len(tried) == 1 and tried[0]["value"] == 0  # PTQ within budget: no QAT
-    assert summary["timeline"][-1]["macs"] == summary["timeline"][0]["macs"]
-    assert [t["stage"] for t in summary["timeline"]] == ["dense fp32", "int8", "INT8 file"]
-    assert summary["ratio"] > 3  # 4-byte floats -> 1-byte integers, with the file's own overhead
+    tried = summary.stages[0].tried
+    assert isinstance(q, Int8Model) and len(tried) == 1 and tried[0].value == 0  # PTQ within budget: no QAT
+    assert summary.timeline[-1]["macs"] == summary.timeline[0]["macs"]
+    assert [t["stage"] for t in summary.timeline] == ["dense fp32", "int8", "INT8 file"]
+    assert summary.ratio > 3  # 4-byte floats -> 1-byte integers, with the file's own overhead
     x, y = tr.batch(torch.arange(len(tr)))
     x = x.clone()
     x[0] *= 100  # the first calibration sample is corrupt: PTQ's min-max ranges are ruined, the search goes on
     _, summary = pipeline(copy.deepcopy(lenet5_trained), data_mod.TensorData(x, y, "outlier"), recipe,
                           max_accuracy_drop=1.0, val_data=va, latency=False)
-    tried = summary["stages"][0]["tried"]
-    assert [t["value"] for t in tried] == [0, 0.3] and not tried[0]["within_budget"]
+    tried = summary.stages[0].tried
+    assert [t.value for t in tried] == [0, 0.3] and not tried[0].within_budget
 
 
 def test_a_recipe_with_an_int8_stage_writes_a_pt(lenet5_trained, cli, tmp_path):

@@ -203,9 +203,9 @@ def test_pipeline_candidates_bytes_are_their_files_and_the_rest_is_said(tmp_path
                                                                         "bits": 6}]}, max_accuracy_drop=100,
                     latency=False)
     save_model(m, tmp_path / "m.cpz")
-    written, kept = (tmp_path / "m.cpz").stat().st_size, s["stages"][0]["kept"]["bytes"]
-    assert s["cpz_bytes"] == written
-    assert s["candidate_bytes_error"] == written - kept and abs(written - kept) < 64, (written, kept)
+    written, kept = (tmp_path / "m.cpz").stat().st_size, s.stages[0].kept.bytes
+    assert s.cpz_bytes == written
+    assert s.candidate_bytes_error == written - kept and abs(written - kept) < 64, (written, kept)
 
 
 def test_an_int8_ir_larger_than_the_fp32_one_says_why():

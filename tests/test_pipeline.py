@@ -1,5 +1,8 @@
 """The pipeline and its recipes: every shipped recipe runs, bad recipes are refused, one precedence."""
 import copy
+import os
+import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -51,20 +54,85 @@ def test_every_shipped_recipe_runs(path, trained, digits, tmp_path):
     structured = any(s.candidates[0].stage_name in ("l1-filter", "channel-union") for s in recipe.stages)
     model = copy.deepcopy(trained["cnn" if structured else "mlp"])
     m, summary = pipeline(model, digits, recipe, max_accuracy_drop=2.0)
-    assert len(summary["stages"]) == len(recipe.stages)
-    for st in summary["stages"]:
-        assert st["tried"], st["stage"]
-        if st["kept"] is not None:  # what was kept passed the budget test
-            assert st["kept"]["within_budget"] and st["kept"]["drop"] + st["kept"]["se"] <= 2.0
+    assert len(summary.stages) == len(recipe.stages)
+    for st in summary.stages:
+        assert st.tried, st.stage
+        if st.kept is not None:  # what was kept passed the budget test
+            assert st.kept.within_budget and st.kept.drop + st.kept.se <= 2.0
     x = digits.x[:16]
     if isinstance(m, Int8Model):  # an int8 stage: the file is an INT8 .pt, 1 byte a weight
         save_model(m, tmp_path / "m.pt")
-        assert (tmp_path / "m.pt").stat().st_size == summary["cpz_bytes"] and summary["ratio"] > 2  # 20k weights + overhead
+        assert (tmp_path / "m.pt").stat().st_size == summary.cpz_bytes and summary.ratio > 2  # 20k weights + overhead
         assert torch.equal(load_model(tmp_path / "m.pt")(x), m(x))  # the file is the model that was judged
         return
     blob, _ = encode_model(copy.deepcopy(m))
-    assert len(blob) == summary["cpz_bytes"] and summary["ratio"] > 3
+    assert len(blob) == summary.cpz_bytes and summary.ratio > 3
     assert torch.equal(decode_model(blob)(x), m(x))  # the file is the model that was judged
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_round_trips(path):
+    """``Recipe.from_dict(r.to_dict()) == r``, through JSON too (as a summary file holds it)."""
+    import json
+
+    recipe = Recipe.load(path)
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    assert Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
+    distilled = recipe.with_finetune(distill=4.0)  # candidates that differ from what a file can list still read back
+    assert Recipe.from_dict(json.loads(json.dumps(distilled.to_dict()))) == distilled
+
+
+def test_a_summarys_recipe_runs_again_to_the_same_decisions(trained, digits):
+    """The recipe a pipeline's summary holds, read back, is the recipe that ran: run again, it tries the same
+    candidates, keeps the same ones and writes the same bytes."""
+    import json
+
+    recipe = {"stage": [{"method": "threshold", "sparsity": [0.3, 0.5, 0.97], "rounds": 1, "patience": 1,
+                         "finetune": {"epochs": 0.3, "seed": 1}, "select": {"exclude": ["fc3"]}},
+                        {"method": "quantize", "scheme": "kmeans", "bits": [6, 3], "per_channel": True}],
+              "max_accuracy_drop": 2.0, "val_fraction": 0.25}
+
+    def decisions(s):
+        return [(st.stage, st.kept and st.kept.value, [(t.value, t.verdict) for t in st.tried])
+                for st in s.stages]
+
+    _, first = pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, latency=False)
+    verdicts = [t.verdict.partition(":")[0] for st in first.stages for t in st.tried]
+    assert "kept" in verdicts and len(set(verdicts)) >= 3, verdicts  # decisions that could come out otherwise
+    again = Recipe.from_dict(json.loads(json.dumps(first.recipe)))
+    assert again == Recipe.from_dict(recipe)
+    _, second = pipeline(copy.deepcopy(trained["mlp"]), digits, again, latency=False)
+    assert decisions(second) == decisions(first) and second.cpz_bytes == first.cpz_bytes
+    assert second.budget_pt == 2.0 and second.validation == first.validation
+    assert second.recipe == first.recipe
+
+
+SUMMARY_KEYS = ["stopped", "kept_nothing", "budget_pt", "confidence", "base_accuracy", "final_accuracy", "dense_bytes",
+                "cpz_bytes", "ratio", "timeline", "layer_bytes", "graph_note", "stages", "input_shape", "recipe",
+                "validation", "metric"]
+
+
+def test_the_summary_is_typed_and_its_json_keeps_its_keys(trained, digits):
+    """``pipeline`` returns a ``PipelineSummary``; its ``to_dict`` is the JSON the report and ``--json`` hold, with
+    the keys in the order they always had, the optional numbers only when measured."""
+    import json
+
+    from compress.search_results import PipelineSummary
+
+    one = {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": 6}]}
+    _, s = pipeline(copy.deepcopy(trained["mlp"]), digits, one, max_accuracy_drop=3.0, latency=False,
+                    test_data=digits.subset(range(200)))
+    assert isinstance(s, PipelineSummary) and not s.kept_nothing
+    d = json.loads(json.dumps(s.to_dict()))
+    assert list(d) == SUMMARY_KEYS + ["candidate_bytes_error", "test_accuracy_before", "test_accuracy_after"]
+    assert d["cpz_bytes"] == s.cpz_bytes and d["stages"] == [st.to_dict() for st in s.stages] and d["timeline"] == s.timeline
+    assert d["stages"][0]["kept"] == d["stages"][0]["tried"][-1] and list(d["stages"][0]) == [
+        "stage", "search_key", "kept", "tried", "bytes", "accuracy", "seconds"]
+    assert list(d["stages"][0]["kept"]) == ["value", "options", "accuracy", "drop", "se", "within_budget", "verdict", "bytes"]
+    assert d["test_accuracy_after"] == s.timeline[-1]["test_accuracy"]
+    harsh = {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": 2}]}
+    _, s = pipeline(copy.deepcopy(trained["mlp"]), digits, harsh, latency=False, max_accuracy_drop=0.0)
+    assert s.kept_nothing and list(s.to_dict()) == SUMMARY_KEYS  # nothing kept, no test data: neither is there
 
 
 def test_default_recipe_is_the_documented_one():
@@ -109,21 +177,21 @@ def test_precedence_argument_recipe_metadata_default(trained, digits):
     one = {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": 6}], "max_accuracy_drop": 0.25}
     m = copy.deepcopy(trained["mlp"])
     _, s = pipeline(m, digits, one, max_accuracy_drop=3.0)
-    assert s["budget_pt"] == 3.0  # the argument wins over the recipe
+    assert s.budget_pt == 3.0  # the argument wins over the recipe
     _, s = pipeline(copy.deepcopy(trained["mlp"]), digits, one)
-    assert s["budget_pt"] == 0.25  # then the recipe
+    assert s.budget_pt == 0.25  # then the recipe
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, val_fraction=0.2)
     _, s = pipeline(m, digits, {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": 6}]})
-    assert s["budget_pt"] == 0.5 and s["validation"]["samples"] == round(0.2 * len(digits))  # metadata, default
+    assert s.budget_pt == 0.5 and s.validation["samples"] == round(0.2 * len(digits))  # metadata, default
     _, s = pipeline(m, digits, {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": 6}], "val_fraction": 0.3})
-    assert s["validation"]["samples"] == round(0.3 * len(digits))  # the recipe over the metadata
+    assert s.validation["samples"] == round(0.3 * len(digits))  # the recipe over the metadata
 
 
 def test_given_validation_data_is_used_whole(trained, digits):
     tr, va = data_mod.split(digits, 0.25, seed=1)
     _, s = pipeline(copy.deepcopy(trained["mlp"]), tr, {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": 6}]}, val_data=va)
-    assert s["validation"] == {"samples": len(va), "source": "given", "data": "digits[val]"}
+    assert s.validation == {"samples": len(va), "source": "given", "data": "digits[val]"}
 
 
 def test_a_model_trained_on_its_validation_split_is_flagged(digits):
@@ -218,19 +286,19 @@ def test_ctrl_c_keeps_the_best_result_so_far(trained, digits, monkeypatch):
 
     monkeypatch.setattr(pl, "run", interrupted_at_once)  # before anything was kept: the input model, encoded
     m, summary = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(DEMO), latency=False)
-    assert summary["stopped"] == "interrupted" and summary["stages"][0]["kept"] is None
-    assert summary["final_accuracy"] == summary["base_accuracy"]
+    assert summary.stopped == "interrupted" and summary.stages[0].kept is None
+    assert summary.final_accuracy == summary.base_accuracy
 
     monkeypatch.setattr(pl, "run", interrupted_on_the_second)
     events = []
     m, summary = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(DEMO), max_accuracy_drop=5.0,
                           on_event=lambda k, kw: events.append(k), latency=False)
-    assert summary["stopped"] == "interrupted" and "stopped" in events and len(interrupted_on_the_second.calls) == 2
-    first = summary["stages"][0]
-    assert len(first["tried"]) == 1 and first["kept"] is not None  # the first candidate, within a loose budget
-    assert len(summary["stages"]) == 1  # the stages after it did not run
+    assert summary.stopped == "interrupted" and "stopped" in events and len(interrupted_on_the_second.calls) == 2
+    first = summary.stages[0]
+    assert len(first.tried) == 1 and first.kept is not None  # the first candidate, within a loose budget
+    assert len(summary.stages) == 1  # the stages after it did not run
     blob, _ = encode_model(copy.deepcopy(m))
-    assert len(blob) == summary["cpz_bytes"] < summary["dense_bytes"]
+    assert len(blob) == summary.cpz_bytes < summary.dense_bytes
 
 
 class FakeClock:
@@ -339,11 +407,11 @@ def test_a_time_budget_drops_the_candidate_in_progress(trained, digits, monkeypa
     clock.now, started[:] = 0.0, []
     events = []
     _, summary = go(time_budget=deadline, on_event=lambda k, kw: events.append(k))
-    assert summary["stopped"] == "time budget" and "stopped" in events
-    stage = summary["stages"][0]
-    assert [t["value"] for t in stage["tried"]] == [0.5] and stage["kept"]["value"] == 0.5
+    assert summary.stopped == "time budget" and "stopped" in events
+    stage = summary.stages[0]
+    assert [t.value for t in stage.tried] == [0.5] and stage.kept.value == 0.5
     assert max(started) <= deadline < clock.now < ends[1]  # no step began after the deadline; the rest never ran
-    assert not summary["kept_nothing"]
+    assert not summary.kept_nothing
 
 
 def test_the_eta_never_exceeds_the_time_budget_left(trained, digits, monkeypatch):
@@ -429,8 +497,8 @@ def test_confidence_is_an_argument_and_the_summary_says_how_sure(trained, digits
                         confidence=0.0)
     _, strict = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(DEMO), latency=False,
                          confidence=3.0)
-    assert loose["confidence"] == 0.0 and strict["confidence"] == 3.0
-    assert strict["cpz_bytes"] >= loose["cpz_bytes"]  # a stricter promise keeps no smaller a result
+    assert loose.confidence == 0.0 and strict.confidence == 3.0
+    assert strict.cpz_bytes >= loose.cpz_bytes  # a stricter promise keeps no smaller a result
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, input_shape=[1, 1, 8, 8])
     save_model(m, tmp_path / "m.pt")
@@ -459,17 +527,17 @@ def test_resume_reaches_the_result_of_an_uninterrupted_run(trained, digits, tmp_
     monkeypatch.setattr(pl, "run", stopped)
     _, part = pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, max_accuracy_drop=3.0, latency=False,
                        checkpoint=ckpt)
-    assert part["stopped"] == "interrupted" and ckpt.exists()
+    assert part.stopped == "interrupted" and ckpt.exists()
     monkeypatch.setattr(pl, "run", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
     events = []
     model, resumed = pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, max_accuracy_drop=3.0, latency=False,
                               checkpoint=ckpt, resume=True, on_event=lambda k, kw: events.append((k, kw)))
-    total = sum(len(s["tried"]) for s in whole["stages"])
+    total = sum(len(s.tried) for s in whole.stages)
     assert len(calls) == total + 1  # the stopped candidate is tried again, nothing before it
     assert ("resumed", {"stage": int(stop_at > 3), "candidates": (stop_at - 1) - 3 * (stop_at > 3)}) in events
     for k in ("cpz_bytes", "ratio", "final_accuracy", "timeline"):
-        assert resumed[k] == whole[k], k
-    assert [s["tried"] for s in resumed["stages"]] == [s["tried"] for s in whole["stages"]]
+        assert getattr(resumed, k) == getattr(whole, k), k
+    assert [s.tried for s in resumed.stages] == [s.tried for s in whole.stages]
     for a, b in zip(model.state_dict().values(), whole_model.state_dict().values()):
         assert torch.equal(a, b)
     with pytest.raises(InputError, match="other settings"):  # a checkpoint of another run is refused
@@ -516,23 +584,17 @@ def test_ctrl_c_then_resume_from_the_command_line(trained, tmp_path, cli):
     assert not (tmp_path / "cut.cpz.resume").exists() and json.loads((tmp_path / "s.json").read_text())["stopped"] is None
 
 
-def test_old_recipe_words_still_read_with_a_warning_naming_the_new_ones():
-    from compress.recipe import Recipe
-
-    old = {"stage": [{"type": "threshold", "sparsity": 0.9, "steps": 2}, {"type": "kmeans", "bits": 5}]}
-    with pytest.warns(FutureWarning) as caught:
-        r = Recipe.from_dict(old)
-    said = " ".join(str(w.message) for w in caught)
-    assert "'method = ...'" in said and "option 'steps' is now 'rounds'" in said
-    assert "method = 'quantize' with scheme = 'kmeans'" in said
-    new = Recipe.from_dict({"stage": [{"method": "threshold", "sparsity": 0.9, "rounds": 2},
-                                      {"method": "quantize", "scheme": "kmeans", "bits": 5}]})
-    assert r == new
-    # "int8" was 8-bit weights; it now names INT8 execution, and a stage written the old way says the new spelling
-    with pytest.raises(Exception, match="method = 'quantize' with bits = 8"):
-        Recipe.from_dict({"stage": [{"method": "int8", "bits": 8}]})
-    with pytest.raises(Exception, match="method only"):
-        Recipe.from_dict({"stage": [{"type": "threshold", "method": "threshold"}]})
+def test_old_recipe_words_are_refused_naming_what_is_read():
+    """``type =``, method ``kmeans`` and threshold ``steps`` were spellings before the first release: a recipe that
+    uses them is an error that says what is read instead, never a different run."""
+    for stage, said in (({"type": "threshold", "sparsity": 0.9}, "a stage names its method (method = ...;"),
+                        ({"method": "kmeans", "bits": 5}, "unknown method 'kmeans'"),
+                        ({"method": "threshold", "sparsity": 0.9, "steps": 2}, "unknown option(s) steps"),
+                        ({"method": "int8", "bits": 8}, "unknown option(s) bits")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # refused, not read with a warning
+            with pytest.raises(UsageError, match=re.escape(said)):
+                Recipe.from_dict({"stage": [stage]})
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "docs/recipes").glob("*.toml")),
@@ -542,6 +604,22 @@ def test_every_documented_recipe_reads(path):
 
     recipe = Recipe.load(path)
     assert recipe.stages and all(st.candidates for st in recipe.stages)
+
+
+def test_compress_pipeline_is_the_function_after_any_import_order():
+    """In fresh interpreters: importing the module that defines it first, or trying ``import compress.pipeline``
+    (there is no such module), leaves ``compress.pipeline`` the function."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for code in ("import compress.search\nimport compress\nassert callable(compress.pipeline)\n",
+                 "import compress\ntry:\n    import compress.pipeline\nexcept ModuleNotFoundError:\n    pass\n"
+                 "assert callable(compress.pipeline), compress.pipeline\n",
+                 "from compress import pipeline\nimport compress.search\nimport compress\n"
+                 "assert compress.pipeline is pipeline and callable(pipeline)\n"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 0, (code, out.stderr)
 
 
 def test_compress_pipeline_is_the_function_whatever_was_imported():

@@ -138,13 +138,13 @@ def test_config_validation():
         ThresholdConfig(sparsity=1.5)
     with pytest.raises(ValueError):
         L1FilterConfig(ratio=1.2)
-    from compress.config import CONFIG_VERSION, Config
+    from compress.config import Config
     cfg = ThresholdConfig(sparsity=0.9, finetune=FineTune(epochs=2, lr=3e-3))
     d = cfg.to_dict()
-    assert d["type"] == "ThresholdConfig" and d["version"] == CONFIG_VERSION
+    assert d["type"] == "ThresholdConfig" and d["version"] == ThresholdConfig.version
     assert Config.from_dict(d) == cfg  # the parts travel as tables
     with pytest.raises(ValueError, match="newer"):
-        Config.from_dict({**d, "version": CONFIG_VERSION + 1})
+        Config.from_dict({**d, "version": ThresholdConfig.version + 1})
 
 
 def test_each_verb_refuses_another_verbs_config():

@@ -49,12 +49,14 @@ LAYERS: list[list[str]] = [
     ["compress.torch_files"],
     # lowering to INT8 execution: a new model whose file holds its architecture as .cpz bytes
     ["compress.quantize.int8", "compress.quantize.int8_stage", "compress.quantize.int8_file"],
+    # every built-in method, registered (what reads configs and recipes by name imports it)
+    ["compress.all_methods"],
     # the one place that dispatches on a file's format
     ["compress.model_io"],
     # exporting to other runtimes
     ["compress.export", "compress.openvino_export"],
     # recipes and the search under an accuracy budget
-    ["compress.recipe", "compress.search", "compress.checkpoint"],
+    ["compress.recipe", "compress.search", "compress.search_results", "compress.checkpoint"],
     ["compress.report"],
     # the public names (each imported on first use)
     ["compress"],

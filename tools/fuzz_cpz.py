@@ -31,7 +31,7 @@ def seeds() -> list[bytes]:
         torch.manual_seed(0)
         m = create_model("lenet300", input_size=4, num_classes=3)
         if sparsity:
-            prune_(m, ThresholdConfig(sparsity=sparsity, steps=1, finetune=FineTune(epochs=0)))
+            prune_(m, ThresholdConfig(sparsity=sparsity, rounds=1, finetune=FineTune(epochs=0)))
         quantize_(m, QuantConfig(bits=4, scheme=scheme))
         out.append(encode_model(m)[0])
     return out

@@ -119,7 +119,6 @@ def with_settings(cfg, settings: list[str] | None):
             d[part] = {**d[part], sub: value}
         else:
             d[key] = value
-    d.get("select", {}).pop("filter_fn", None)
     return make_config(Config.from_dict, d)
 
 

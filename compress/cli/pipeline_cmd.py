@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -10,6 +10,9 @@ from compress.cli import app
 from compress.cli import common as c
 from compress.cli.common import check_reports, emit_json, err, load_options, note_no_graph, out, table, use_threads
 from compress.cli.harness import TaskOptions, check_data, load_inputs
+
+if TYPE_CHECKING:
+    from compress.search_results import PipelineSummary
 
 
 @app.command()
@@ -101,35 +104,35 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
                      confidence=confidence, loss=inp.loss, metric=inp.metric, distill=distill, checkpoint=ckpt,
                      resume=resume)
     m = m.cpu()
-    stopped, nothing = summary["stopped"], summary["kept_nothing"]
+    stopped, nothing = summary.stopped, summary.kept_nothing
     if not nothing:  # else the input, re-encoded: no smaller, and often larger than the input (headers, codes)
         save_model(m, output, force=force or resume)  # the same bytes the summary counted
     if not stopped:
         ckpt.remove()
-    note_no_graph(summary.get("graph_note"))
+    note_no_graph(summary.graph_note)
     from compress.report.render import score_change, score_text, value_text
 
     test = inp.test is not None
     label = inp.metric.label
-    rows = [[t["stage"], t["bytes"], f"{summary['dense_bytes'] / t['bytes']:.1f}x", t["nonzeros"], t["macs"],
-             t.get("latency_ms"), t["accuracy"]] + ([t["test_accuracy"]] if test else []) for t in summary["timeline"]]
+    rows = [[t["stage"], t["bytes"], f"{summary.dense_bytes / t['bytes']:.1f}x", t["nonzeros"], t["macs"],
+             t.get("latency_ms"), t["accuracy"]] + ([t["test_accuracy"]] if test else []) for t in summary.timeline]
     out.print(table(f"pipeline -> {output}", ["stage", "bytes", "ratio", "nonzeros", "MACs", "median ms (batch 1)",
                                               f"validation {label}"] + ([f"test {label}"] if test else []), rows))
-    for k, s in enumerate(summary["stages"]):
-        cut = stopped and k == len(summary["stages"]) - 1  # the stage the stop ended
-        what = value_text(s["kept"]["value"]) if s["kept"] else "nothing (stopped)" if cut else \
+    for k, s in enumerate(summary.stages):
+        cut = stopped and k == len(summary.stages) - 1  # the stage the stop ended
+        what = value_text(s.kept.value) if s.kept else "nothing (stopped)" if cut else \
             "nothing (all over budget)"
-        out.print(f"{s['stage']}: kept {s['search_key']} {what} after {len(s['tried'])} candidate(s), {s['seconds']:.0f}s")
-    line = f"[bold]nothing kept[/bold]: the model is unchanged, validation {score_text(summary['base_accuracy'], label)}" \
-        if nothing else f"[bold]{summary['ratio']:.1f}x smaller[/bold] than dense FP32 ({summary['cpz_bytes']:,} bytes), " \
-        f"validation {score_change(summary['base_accuracy'], summary['final_accuracy'], label)}"
-    line += f" (budget {summary['budget_pt']:g} pt at {_one_sided(summary['confidence']):.0%} one-sided confidence " \
-            f"on {summary['validation']['samples']:,} validation samples)"
-    if test:
-        line += f"; test {score_change(summary['test_accuracy_before'], summary['test_accuracy_after'], label)}"
+        out.print(f"{s.stage}: kept {s.search_key} {what} after {len(s.tried)} candidate(s), {s.seconds:.0f}s")
+    line = f"[bold]nothing kept[/bold]: the model is unchanged, validation {score_text(summary.base_accuracy, label)}" \
+        if nothing else f"[bold]{summary.ratio:.1f}x smaller[/bold] than dense FP32 ({summary.cpz_bytes:,} bytes), " \
+        f"validation {score_change(summary.base_accuracy, summary.final_accuracy, label)}"
+    line += f" (budget {summary.budget_pt:g} pt at {_one_sided(summary.confidence):.0%} one-sided confidence " \
+            f"on {summary.validation['samples']:,} validation samples)"
+    if summary.test_accuracy_before is not None and summary.test_accuracy_after is not None:
+        line += f"; test {score_change(summary.test_accuracy_before, summary.test_accuracy_after, label)}"
     out.print(line)
-    if summary.get("candidate_bytes_error") and not nothing:  # the bytes above: each candidate's .cpz, when tried
-        out.print(f"the file written is {summary['cpz_bytes']:,} bytes, {summary['candidate_bytes_error']:+,} beside the "
+    if summary.candidate_bytes_error and not nothing:  # the bytes above: each candidate's .cpz, when tried
+        out.print(f"the file written is {summary.cpz_bytes:,} bytes, {summary.candidate_bytes_error:+,} beside the "
                   "last candidate kept: the pipeline's history entry, written only now")
     if stopped:
         what = "nothing was kept yet, so no OUTPUT is written" if nothing else "the best result kept before it"
@@ -138,10 +141,10 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
     if report:
         from compress.report.render import render_pipeline_report
 
-        paths = render_pipeline_report(summary, original, m, tuple(summary["input_shape"]), report, force=force)
+        paths = render_pipeline_report(summary, original, m, tuple(summary.input_shape), report, force=force)
         err.print(f"report written to {paths['html']}")
     if json_out:
-        emit_json(summary, json_out, force)
+        emit_json(summary.to_dict(), json_out, force)
     if nothing and not stopped:
         err.print(_nothing_kept(summary, model, train_data, output), markup=False)
     elif not nothing:
@@ -157,14 +160,14 @@ EXIT_NOTHING_KEPT = 4  # finished, but no candidate of any stage was within budg
 _STOPPED_BY = {"interrupted": "Ctrl-C", "time budget": "--time-budget reached"}
 
 
-def _nothing_kept(summary: dict, model: str, train_data: str, output: str) -> str:
+def _nothing_kept(summary: PipelineSummary, model: str, train_data: str, output: str) -> str:
     """What a run that kept nothing says: why no file was written, and what to try."""
-    tried = sum(len(s["tried"]) for s in summary["stages"])
-    best = min((t["drop"] for s in summary["stages"] for t in s["tried"]), default=None)
+    tried = sum(len(s.tried) for s in summary.stages)
+    best = min((t.drop for s in summary.stages for t in s.tried), default=None)
     closest = f" (the smallest drop measured was {best:.2f} pt)" if best is not None else ""
-    return (f"nothing kept: all {tried} candidate(s) were over the {summary['budget_pt']:g} pt budget{closest}, "
+    return (f"nothing kept: all {tried} candidate(s) were over the {summary.budget_pt:g} pt budget{closest}, "
             f"so {output} was not written: it would hold the input model unchanged, re-encoded "
-            f"({summary['cpz_bytes']:,} bytes against {summary['dense_bytes']:,} dense). To try:\n"
+            f"({summary.cpz_bytes:,} bytes against {summary.dense_bytes:,} dense). To try:\n"
             f"  - see how much each layer takes: compress prune {model} --method l1-filter --sensitivity "
             f"--train-data {train_data} -o sens.pt\n"
             f"  - a larger --max-accuracy-drop, if the task allows it\n"

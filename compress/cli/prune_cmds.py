@@ -41,7 +41,7 @@ def prune(model: c.ModelArg, output: c.OutOpt,
               "--sparsity", help="threshold: target sparsity, global (0.92) or per layer/type (conv=0.6,linear=0.95).")] = None,
           quality: Annotated[Optional[str], typer.Option(
               "--quality", help="threshold: threshold = quality x std of each layer (instead of --sparsity).")] = None,
-          rounds: Annotated[Optional[int], typer.Option("--rounds", "--steps", show_default=False,
+          rounds: Annotated[Optional[int], typer.Option("--rounds", show_default=False,
                                                         help="threshold: pruning rounds (--epochs split over them) "
                                                         "(default: ThresholdConfig's, 3).")] = None,
           allocate: Annotated[Optional[str], typer.Option(

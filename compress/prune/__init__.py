@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from compress.method import prune_
 from compress.prune import taylor  # noqa: F401  (registers the "taylor" importance)
-from compress.prune.channel_union import ChannelUnionConfig, ChannelUnionPruner, channel_union
+from compress.prune.channel_union import ChannelUnionConfig, ChannelUnionPruner
 from compress.prune.importance import IMPORTANCES, register_importance
-from compress.prune.l1_filter import L1FilterConfig, L1FilterPruner, l1_filter, ratios_for_budget, sensitivity
-from compress.prune.threshold import ThresholdConfig, ThresholdPruner, sparsity_of, threshold
+from compress.prune.l1_filter import L1FilterConfig, L1FilterPruner, ratios_for_budget, sensitivity
+from compress.prune.threshold import ThresholdConfig, ThresholdPruner, sparsity_of
 
 __all__ = ["IMPORTANCES", "ChannelUnionConfig", "ChannelUnionPruner", "L1FilterConfig", "L1FilterPruner",
-           "ThresholdConfig", "ThresholdPruner", "channel_union", "l1_filter", "prune_", "ratios_for_budget",
-           "register_importance", "sensitivity", "sparsity_of", "threshold"]
+           "ThresholdConfig", "ThresholdPruner", "prune_", "ratios_for_budget", "register_importance", "sensitivity",
+           "sparsity_of"]

@@ -22,14 +22,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import warnings
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from compress import distributed
-from compress.config import Config, FineTune, Select, bounded, register_method
+from compress.config import Config, FineTune, Select, Selection, bounded, register_method
 from compress.counting import count_macs, count_params
 from compress.data import TensorData
 from compress.method import Context, Method, needs_data
@@ -100,7 +99,7 @@ def _is_basic_block(m: nn.Module) -> bool:
 class GroupLasso:
     """The penalty over a model's channel groups, and its proximal operator."""
 
-    def __init__(self, model: nn.Module, input_shape, select: Select | None = None):
+    def __init__(self, model: nn.Module, input_shape, select: Select | Selection | None = None):
         self.input_shape, self.select = input_shape, select or Select()
         self.refresh(model)
 
@@ -195,7 +194,7 @@ class ChannelUnionPruner(Method):
         if self.interval is None:
             self.interval = self.config.reconfig_interval * (self.per_epoch or 1)  # per_epoch: data checked above
         classes = self.num_classes or self._classes()
-        self.lasso = GroupLasso(self.model, self.shape, self.config.select)
+        self.lasso = GroupLasso(self.model, self.shape, self.select)
         self.lam = lasso_lambda(self.config, classes)
         log.info("group lasso: lambda %.3g over %d channel groups", self.lam, len(self.lasso.groups))
         self.target = resolve_target(self.config, self.model, self.shape)
@@ -304,17 +303,10 @@ class ChannelUnionPruner(Method):
         what, wanted, measure = self.target
         now = measure(self.model)
         counts, _ = global_counts(self.model, self.shape, wanted * self.base_measure / now, measure,
-                                  self.config.min_channels, self.config.select)
+                                  self.config.min_channels, self.select)
         changes = prune_filters(self.model, self.shape, {**counts, "_default": 0}, self.config.min_channels,
-                                self.config.select, skipped=self.notes)
+                                self.select, skipped=self.notes)
         self.lasso.refresh(self.model)
         self.notes.append(f"the group lasso reached {now / self.base_measure:.3f} of the input's {what}; "
                           f"{sum(counts.values())} more channels removed by L1 ranking {when}")
         return changes
-
-
-def channel_union(model: nn.Module, *, train_data, val_data=None, input_shape=None, **kw) -> nn.Module:
-    """Group-lasso training with periodic removal of zero channels; returns the (smaller) model."""
-    warnings.warn("compress: channel_union() is deprecated; the verb is prune_(model, ChannelUnionConfig(...), train_data)", DeprecationWarning, stacklevel=2)
-    ctx = Context(train=train_data, val=val_data, input_shape=input_shape)
-    return ChannelUnionPruner(model, ChannelUnionConfig(**kw), ctx).run().model

@@ -12,12 +12,11 @@ import copy
 import dataclasses
 import logging
 import math
-import warnings
 
 import torch
 import torch.nn as nn
 
-from compress.config import Config, FineTune, Select, bounded, check_keys, per_layer, register_method
+from compress.config import Config, FineTune, Select, Selection, bounded, check_keys, per_layer, register_method
 from compress.counting import count_macs, count_params
 from compress.distributed import device_of
 from compress.errors import CompressError, InputError, first_line, safe
@@ -86,7 +85,7 @@ def _count(ratio, size: int, min_channels: int, round_to: int = 1) -> int:
     return n
 
 
-def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, select: Select | None = None,
+def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, select: Select | Selection | None = None,
                   skipped: list | None = None, round_to: int = 1, importance: str = "l1") -> dict[str, tuple[int, int]]:
     """Remove the lowest-scoring filters (``importance``, default L1) of every group; returns {root: (before,
     after)} channels. Groups that cannot be pruned safely are left whole and listed in ``skipped`` (with why)."""
@@ -131,7 +130,7 @@ def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, s
 
 
 def global_counts(model: nn.Module, input_shape, target: float, measure, min_channels: int = 1,
-                  select: Select | None = None, round_to: int = 1, steps: int = 24,
+                  select: Select | Selection | None = None, round_to: int = 1, steps: int = 24,
                   importance: str = "l1") -> tuple[dict, float]:
     """Channels to remove per group so that ``measure(pruned) / measure(model)`` comes to ``target`` (a
     fraction): every prunable channel is scored by its L1 norm over the group's mean (so groups of any
@@ -197,13 +196,13 @@ class L1FilterPruner(Method):
             if target is not None:
                 what, wanted, measure = target
                 ratio, got = global_counts(self.model, shape, wanted, measure, self.config.min_channels,
-                                           self.config.select, round_to, steps=10 if what == "latency" else 24,
+                                           self.select, round_to, steps=10 if what == "latency" else 24,
                                            importance=self.config.importance)
                 ratio["_default"] = 0
                 self.records.append({"target": what, "wanted": round(wanted, 4), "reached": round(got, 4)})
                 self.notes.append(target_note(what, wanted, got))
             changes = prune_filters(self.model, shape, ratio, self.config.min_channels,
-                                    self.config.select, skipped=self.notes, round_to=round_to,
+                                    self.select, skipped=self.notes, round_to=round_to,
                                     importance=self.config.importance)
             with torch.no_grad():
                 self.model.eval()(example_input(self.model, shape))  # the pruned model must still run
@@ -283,13 +282,6 @@ def _restore(model: nn.Module, original: nn.Module) -> None:
     """Put ``original``'s whole state back into ``model`` in place (the caller holds ``model``)."""
     model.__dict__.clear()
     model.__dict__.update(original.__dict__)
-
-
-def l1_filter(model: nn.Module, ratio=0.5, *, train_data=None, val_data=None, input_shape=None, **kw) -> nn.Module:
-    """Remove the lowest-L1 filters in place and return the (smaller) model."""
-    warnings.warn("compress: l1_filter() is deprecated; the verb is prune_(model, L1FilterConfig(...))", DeprecationWarning, stacklevel=2)
-    ctx = Context(train=train_data, val=val_data, input_shape=input_shape)
-    return L1FilterPruner(model, L1FilterConfig(ratio=ratio, **kw), ctx).run().model
 
 
 def sensitivity(model: nn.Module, val_data, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), input_shape=None,

@@ -16,13 +16,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
 
 import torch
 import torch.nn as nn
 
 from compress import masks
-from compress.config import Config, FineTune, Select, bounded, check_keys, per_layer, register_method, uncovered
+from compress.config import (
+    Config,
+    FineTune,
+    Select,
+    Selection,
+    bounded,
+    check_keys,
+    per_layer,
+    register_method,
+    uncovered,
+)
 from compress.method import Context, KeepMasks
 from compress.prune import allocate as alloc
 
@@ -42,7 +51,7 @@ class ThresholdConfig(Config):
             alone on training data; every layer pruned to the same loss rise per weight removed, see
             ``prune.allocate``) or "std" (Han et al.'s one ``quality x std`` rule). Without training
             data: "std".
-        rounds: pruning rounds; the fine-tuning epochs are split evenly over them (``steps`` before 0.3).
+        rounds: pruning rounds; the fine-tuning epochs are split evenly over them.
         schedule: how sparsity rises over the rounds, from where the model is to the target:
             "cubic" (Zhu & Gupta 2017: fast first, gently at the end) or "geometric" (the kept
             fraction shrinks by the same factor each round).
@@ -56,7 +65,6 @@ class ThresholdConfig(Config):
     stage_name = "threshold"
     search_key = "sparsity"
     iterative = True
-    renamed = {"steps": "rounds"}
 
     sparsity: float | dict | None = bounded(float, 0, 1, None, hi_open=True, per_layer=True)
     quality: float | dict | None = bounded(float, 0, 100, None, per_layer=True)
@@ -84,16 +92,18 @@ def _kth_abs(w: torch.Tensor, fraction: float) -> float:
     return float(w.abs().flatten().kthvalue(min(k, w.numel())).values)
 
 
-def thresholds(model: nn.Module, config: ThresholdConfig, sparsity=None, data=None, loss=None) -> dict[str, float]:
+def thresholds(model: nn.Module, config: ThresholdConfig, sparsity=None, data=None, loss=None,
+               select: Selection | None = None) -> dict[str, float]:
     """Per-layer magnitude thresholds for a (possibly intermediate) sparsity target; ``data``
     (a ``compress.data.Data``) lets a float target be shared among layers by sensitivity (the rise of
-    ``loss``, default cross-entropy)."""
-    layers = config.select.layers(model)
+    ``loss``, default cross-entropy). ``select``: the layers pruned (default: the config's ``select``)."""
+    select = select or Selection(config.select)
+    layers = select.layers(model)
     for value in (config.sparsity, config.quality):
         check_keys(value, [n for n, _ in layers], "no prunable layer {key!r}")
     if not layers:
         return {}
-    ends = config.select.ends(model)
+    ends = select.ends(model)
     factor = {n: config.first_last_factor if n in ends else 1.0 for n, _ in layers}
     std = {n: float(m.weight.detach().std()) or 1e-12 for n, m in layers}
     target = config.sparsity if sparsity is None else sparsity
@@ -149,7 +159,7 @@ def apply_thresholds(model: nn.Module, th: dict[str, float]) -> None:
         masks.set_mask(m, keep if old is None else keep * old)
 
 
-def sparsity_of(model: nn.Module, select: Select | None = None) -> float:
+def sparsity_of(model: nn.Module, select: Select | Selection | None = None) -> float:
     layers = (select or Select()).layers(model)
     total = sum(m.weight.numel() for _, m in layers)
     zeros = sum(int((m.weight == 0).sum()) for _, m in layers)
@@ -174,8 +184,8 @@ class ThresholdPruner(KeepMasks):
         self.round = self.steps = 0
 
     def attach(self) -> None:
-        self.targets = round_targets(self.config, sparsity_of(self.model, self.config.select))
-        left = uncovered(self.model, self.config.select.layers(self.model))
+        self.targets = round_targets(self.config, sparsity_of(self.model, self.select))
+        left = uncovered(self.model, self.select.layers(self.model))
         if left:
             self.notes.append(f"not pruned: {left}")
         self.next_round()
@@ -183,10 +193,10 @@ class ThresholdPruner(KeepMasks):
     def next_round(self) -> None:
         if self.round < len(self.targets):
             target = self.targets[self.round]
-            apply_thresholds(self.model, thresholds(self.model, self.config, target, self.ctx.train, self.ctx.loss))
+            apply_thresholds(self.model, thresholds(self.model, self.config, target, self.ctx.train, self.ctx.loss, self.select))
             self.round += 1
             log.info("round %d/%d: sparsity %.4f", self.round, self.config.rounds,
-                     sparsity_of(self.model, self.config.select))
+                     sparsity_of(self.model, self.select))
 
     def step(self, lr: float | None = None) -> bool:
         super().step(lr)  # masks hold
@@ -200,7 +210,7 @@ class ThresholdPruner(KeepMasks):
         for k in range(1, self.config.rounds + 1):
             if self.ctx.train is not None and epochs > 0:
                 self.train(epochs, seed=k, desc=f"threshold round {k}/{self.config.rounds}")
-            rec = {"round": k, "sparsity": round(sparsity_of(self.model, self.config.select), 4)}
+            rec = {"round": k, "sparsity": round(sparsity_of(self.model, self.select), 4)}
             if self.ctx.val is not None:
                 rec["accuracy"] = round(self.ctx.score(self.model, self.ctx.val), 3)
             self.records.append(rec)
@@ -211,14 +221,7 @@ class ThresholdPruner(KeepMasks):
     def finalize(self) -> nn.Module:
         super().finalize()
         mods = dict(self.model.named_modules())
-        for n, _ in self.config.select.layers(self.model):
+        for n, _ in self.select.layers(self.model):
             w = mods[n].weight
             self.layers.append({"name": n, "params": w.numel(), "nonzeros": int(torch.count_nonzero(w))})
         return self.model
-
-
-def threshold(model: nn.Module, sparsity=None, *, quality=None, train_data=None, val_data=None, **kw) -> nn.Module:
-    """Threshold-prune ``model`` in place and return it: ``threshold(model, 0.9, train_data=d)``."""
-    warnings.warn("compress: threshold() is deprecated; the verb is prune_(model, ThresholdConfig(...))", DeprecationWarning, stacklevel=2)
-    ctx = Context(train=train_data, val=val_data)
-    return ThresholdPruner(model, ThresholdConfig(sparsity=sparsity, quality=quality, **kw), ctx).run().model

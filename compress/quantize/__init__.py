@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import warnings
 
 import torch
 import torch.nn as nn
@@ -97,7 +96,7 @@ class Quantizer(Method):
 
     def attach(self) -> None:
         cfg = self.config
-        layers = cfg.select.layers(self.model)
+        layers = self.select.layers(self.model)
         # checked before anything changes
         check_keys(cfg.bits, [n for n, _ in layers], "--bits {key}: no quantized layer of that name")
         for name, m in layers:
@@ -141,11 +140,5 @@ class Quantizer(Method):
         return self.model
 
 
-def quantize(model: nn.Module, config: QuantConfig | None = None, train_data=None, val_data=None, **kw) -> nn.Module:
-    """``quantize(m, bits=4, scheme="mmse")`` or with a config: in place, returns the model."""
-    warnings.warn("compress: quantize() is deprecated; the verb is quantize_(model, QuantConfig(...))", DeprecationWarning, stacklevel=2)
-    return quantize_(model, config or QuantConfig(**kw), train_data, val_data)
-
-
-__all__ = ["SCHEMES", "QuantConfig", "QuantState", "Quantizer", "Scheme", "get_state", "quantize", "quantize_",
+__all__ = ["SCHEMES", "QuantConfig", "QuantState", "Quantizer", "Scheme", "get_state", "quantize_",
            "quantize_tensor", "register_scheme", "get_scheme", "sqnr_db"]

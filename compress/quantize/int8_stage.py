@@ -73,7 +73,7 @@ class Int8Lowering(Method):
         check_fits(self.model, self.calib, labels_needed=False)  # its samples are what the model takes
         if cfg.select.exclude:  # the layers kept float are named on purpose: a pattern that names none is an error
             Select(names=cfg.select.exclude, spare_first_last=False).layers(self.model)
-        chosen = {n for n, _ in cfg.select.layers(self.model)}
+        chosen = {n for n, _ in self.select.layers(self.model)}
         self.kept = tuple(sorted(n for n, m in self.model.named_modules()
                                  if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in chosen))
         self.shape = ctx.shape(self.model)

@@ -6,7 +6,7 @@ import base64
 import html
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.nn as nn
 
@@ -15,6 +15,9 @@ from compress.filesystem import write_text
 from compress.measure import BUSY, layer_table, speed_change
 from compress.report import plots
 from compress.scoring import METRICS, Metric
+
+if TYPE_CHECKING:
+    from compress.search_results import PipelineSummary
 
 
 def _fmt(v: Any) -> str:
@@ -256,48 +259,48 @@ def value_text(v) -> str:
     return "-" if v is None else str(v)
 
 
-def render_pipeline_report(summary: dict, before_model: nn.Module, after_model: nn.Module, input_shape, folder,
-                           force: bool = False) -> dict[str, Path]:
+def render_pipeline_report(summary: PipelineSummary, before_model: nn.Module, after_model: nn.Module, input_shape,
+                           folder, force: bool = False) -> dict[str, Path]:
     folder = prepare_folder(folder, force)
-    label = metric_label(summary.get("metric"))  # every score named by the metric it was measured with
+    label = metric_label(summary.metric)  # every score named by the metric it was measured with
     lb, la = layer_table(before_model, input_shape), layer_table(after_model, input_shape)
-    points = [{"label": "dense", "stage": "uncompressed", "bytes": summary["dense_bytes"],
-               "accuracy": summary["base_accuracy"]}]
-    for s in summary["stages"]:
-        for c in s["tried"]:
-            points.append({"label": value_text(c["value"]), "stage": s["stage"], "bytes": c["bytes"],
-                           "accuracy": c["accuracy"], "kept": c["verdict"].startswith("kept")})
-    images = [plots.bytes_per_stage(summary["timeline"], folder / "bytes_per_stage.png"),
-              plots.accuracy_vs_size(points, folder / "accuracy_vs_size.png", summary["base_accuracy"],
-                                     summary["budget_pt"], label),
+    points = [{"label": "dense", "stage": "uncompressed", "bytes": summary.dense_bytes,
+               "accuracy": summary.base_accuracy}]
+    for s in summary.stages:
+        for c in s.tried:
+            points.append({"label": value_text(c.value), "stage": s.stage, "bytes": c.bytes,
+                           "accuracy": c.accuracy, "kept": c.verdict.startswith("kept")})
+    images = [plots.bytes_per_stage(summary.timeline, folder / "bytes_per_stage.png"),
+              plots.accuracy_vs_size(points, folder / "accuracy_vs_size.png", summary.base_accuracy,
+                                     summary.budget_pt, label),
               plots.layer_density(lb, la, folder / "layers.png"),
               plots.weight_histograms(before_model, after_model, folder / "weight_histograms.png")]
-    text = (f"{summary['ratio']:.1f}x smaller than the dense FP32 weights ({summary['dense_bytes']:,} -> "
-            f"{summary['cpz_bytes']:,} bytes); validation "
-            f"{score_change(summary['base_accuracy'], summary['final_accuracy'], label)} (budget {summary['budget_pt']} pt)")
-    if summary.get("candidate_bytes_error"):
+    text = (f"{summary.ratio:.1f}x smaller than the dense FP32 weights ({summary.dense_bytes:,} -> "
+            f"{summary.cpz_bytes:,} bytes); validation "
+            f"{score_change(summary.base_accuracy, summary.final_accuracy, label)} (budget {summary.budget_pt} pt)")
+    if summary.candidate_bytes_error:
         text += (f"; each candidate's bytes are its own .cpz, measured when tried: the file written differs from the "
-                 f"last one kept by {summary['candidate_bytes_error']:+,} bytes (the pipeline's history entry)")
-    if "test_accuracy_after" in summary:
-        text += f"; test {score_change(summary['test_accuracy_before'], summary['test_accuracy_after'], label)}"
-    test = "test_accuracy" in summary["timeline"][0]
+                 f"last one kept by {summary.candidate_bytes_error:+,} bytes (the pipeline's history entry)")
+    if summary.test_accuracy_before is not None and summary.test_accuracy_after is not None:
+        text += f"; test {score_change(summary.test_accuracy_before, summary.test_accuracy_after, label)}"
+    test = "test_accuracy" in summary.timeline[0]
     bits = {r["name"]: r.get("bits") for r in la}
-    layer_bytes = summary.get("layer_bytes", {})  # measured by the pipeline's own final encode
+    layer_bytes = summary.layer_bytes  # measured by the pipeline's own final encode
     sections = [
         ("Stage by stage", ["stage", "bytes", "ratio vs dense", "nonzeros", "MACs", "latency batch 1 (ms, median)",
                             f"validation {label}"] + ([f"test {label}"] if test else []),
-         [[t["stage"], t["bytes"], f"{summary['dense_bytes'] / t['bytes']:.1f}x", t["nonzeros"], t.get("macs"),
+         [[t["stage"], t["bytes"], f"{summary.dense_bytes / t['bytes']:.1f}x", t["nonzeros"], t.get("macs"),
            t.get("latency_ms"), t["accuracy"]] + ([t.get("test_accuracy")] if test else [])
-          for t in summary["timeline"]]),
+          for t in summary.timeline]),
         ("What each stage kept", ["stage", "searched", "kept", "candidates tried", "seconds"],
-         [[s["stage"], s["search_key"], value_text(s["kept"]["value"]) if s["kept"] else "nothing (all over budget)",
-           len(s["tried"]), s["seconds"]] for s in summary["stages"]]),
+         [[s.stage, s.search_key, value_text(s.kept.value) if s.kept else "nothing (all over budget)",
+           len(s.tried), s.seconds] for s in summary.stages]),
         ("Every candidate, and why it was kept or not",
          ["stage", "value", "bytes (its .cpz)", label, "drop (pt)", "verdict"],
-         [[s["stage"], value_text(c["value"]), c["bytes"], c["accuracy"], f"{c['drop']:+.2f} ± {c['se']:.2f}",
-           c["verdict"]] for s in summary["stages"] for c in s["tried"]]),
+         [[s.stage, value_text(c.value), c.bytes, c.accuracy, f"{c.drop:+.2f} ± {c.se:.2f}",
+           c.verdict] for s in summary.stages for c in s.tried]),
         ("Layers", ["layer", "parameters", "nonzeros", "density %", "bits", "bytes in the .cpz"],
          [[r["name"], r["params"], r["nonzeros"], 100 * r["nonzeros"] / max(r["params"], 1), bits.get(r["name"]),
            layer_bytes.get(r["name"])] for r in la]),
     ]
-    return write_folder(folder, "compress pipeline report", text, sections, images, summary, force)
+    return write_folder(folder, "compress pipeline report", text, sections, images, summary.to_dict(), force)
