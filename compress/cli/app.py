@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from compress.cli import common
+from compress.cli.common import err, out, state
 from compress.cli.options import Group
 
 GLOBAL_FLAGS = ("--debug", "--quiet", "-q", "--verbose", "-v")  # accepted before or after the command
@@ -52,15 +52,15 @@ def _root(debug: bool = typer.Option(False, "--debug", metavar="", help="Show tr
             raise UsageError("--device cuda: no CUDA device here")
     from compress import progress
 
-    common.err.quiet = quiet  # set on every invocation: main() may be called again in one process
+    err.quiet = quiet  # set on every invocation: main() may be called again in one process
     progress.PROGRESS = False if quiet else None
-    common.state["device"] = device
+    state["device"] = device
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # not under torchrun: torch is imported by the command
         return
     from compress import distributed
 
     if distributed.init_from_env(device):
         if device.startswith("cuda"):
-            common.state["device"] = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+            state["device"] = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
         if not distributed.is_main():  # one set of tables and messages: rank 0's
-            common.out.quiet = common.err.quiet = True
+            out.quiet = err.quiet = True

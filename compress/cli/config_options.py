@@ -154,7 +154,7 @@ class ConfigOptions:
         the config's default; ``fixed`` values are set as given (None too). A bad value is a usage error."""
         from compress.cli.common import make_config
 
-        cls = self.methods[method]
+        cls: Any = self.methods[method]
         own: dict[str, Any] = {}
         parts: dict[str, dict] = {"select": {}, "finetune": {}}
         for o in self.opts.values():
@@ -229,7 +229,7 @@ def _part_class(cls: type, key: str) -> type:
 def _default_of(cls: type, part: str | None, name: str) -> Any:
     """The default of field ``name`` of ``cls`` (of its part ``part``), default factories called."""
     f = _field(cls, part or name)
-    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     return getattr(value, name) if part else value
 
 

@@ -216,7 +216,7 @@ class LazyCommand(Command):
         self._made: list | None = None
         super().__init__(callback=callback, **kw)
 
-    @property  # type: ignore[override]
+    @property
     def params(self) -> list:
         if self._made is None:
             from typer.main import get_command_from_info

@@ -87,8 +87,7 @@ def pipeline(model: ModelArg, output: OutOpt, load: ModelOptions,
     from compress.recipe import Recipe
     from compress.search import pipeline as run
 
-    arch = load.arch
-    load = load.load()
+    arch, how = load.arch, load.load()
     # compress's own files, loaded without --trust-pickle (it covers the user's model only); --arch may rebuild
     # the user's classes. A link or a folder compress did not make is refused here, before any work.
     ckpt = Checkpoint(Path(f"{output}.resume"), arch)
@@ -107,7 +106,7 @@ def pipeline(model: ModelArg, output: OutOpt, load: ModelOptions,
         raise UsageError(f"{output}: a recipe with an int8 stage writes an INT8 model; {INT8_IS_PT}: give -o NAME.pt")
     task = TaskOptions(loss, metric, workers)
     # a resumed run writes the output its stopped run wrote
-    inp = load_inputs(model, output, force or resume, load, None, test_data, task=task)
+    inp = load_inputs(model, output, force or resume, how, None, test_data, task=task)
     ds = check_data(inp.model, data_mod.load(train_data, workers), task, inp.metric, training=True)
     val = check_data(inp.model, data_mod.load(val_data, workers), task, inp.metric) if val_data else None
     if rec is not None:  # the recipe's shifts fit the images: said before minutes of work

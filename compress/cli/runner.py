@@ -11,8 +11,8 @@ import warnings
 
 import typer
 
-from compress.cli import common
 from compress.cli.app import GLOBAL_FLAGS, app
+from compress.cli.common import err
 from compress.errors import CompressError, CompressWarning, cli_style, first_line, printable
 
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def note(message, category, *args, **kw) -> None:
             if issubclass(category, CompressWarning):
-                common.err.print(f"note: {printable(str(message))}", markup=False)
+                err.print(f"note: {printable(str(message))}", markup=False)
             else:  # another library's warning: as Python shows it
                 show(message, category, *args, **kw)
 
