@@ -2,7 +2,9 @@
 option text lost to rich's markup (a "[default: ...]" in a help string was read as a style tag and vanished)."""
 import re
 
-from compress.cli.prune_cmds import IMPORTANCES_HELP
+import typer
+
+from compress.cli.app import app
 from compress.prune.importance import IMPORTANCES
 
 
@@ -21,14 +23,16 @@ def test_pipeline_help_lists_the_exit_statuses(cli):
 
 def test_prune_help_names_every_registered_importance(cli):
     said = _help(cli, "prune")
-    assert list(IMPORTANCES_HELP) == list(IMPORTANCES)  # the help's list is the registry's, in its order
+    prune = typer.main.get_command(app).commands["prune"]
+    importance = next(p for p in prune.params if p.opts == ["--importance"])
+    assert list(importance.type_descriptor.choices) == list(IMPORTANCES)  # the registry's, in its order
     for name in IMPORTANCES:
-        assert re.search(rf"\b{re.escape(name)}\b", said.split("--importance", 1)[1].split("--target-latency")[0]), name
+        assert re.search(rf"\b{re.escape(name)}\b", said.split("--importance", 1)[1].split("--sensitivity")[0]), name
 
 
 def test_prune_help_keeps_the_defaults_it_states(cli):
     said = _help(cli, "prune")
-    assert "Total fine-tuning epochs (default: threshold 3, split over --rounds; l1-filter 0; channel-union 4)." in said
-    assert "Learning rate (default: 0.001; channel-union 0.02, SGD)." in said
-    assert "(default: ThresholdConfig's, 3)" in said and "(default: 8 on a CUDA device, else 1)" in said
+    assert "(default: threshold 3; channel-union 4; l1-filter 0)" in said  # each method's own, from its config
+    assert "(default: threshold 0.001; channel-union 0.02; l1-filter 0.001)" in said
+    assert "[default: 3]" in said.split("--rounds", 1)[1] and "8 when the model is on a CUDA device, else 1" in said
     assert not re.search(r"\w \.", said)  # no word left before a stray " ." (the issue: "Total fine-tuning epochs .")

@@ -4,30 +4,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import typer
-
-from compress.cli import app
-from compress.cli.common import (
-    ArchOpt,
-    ForceOpt,
-    InputShapeOpt,
-    ModelArg,
-    OutOpt,
-    TrustOpt,
-    err,
-    load_options,
-    note_no_graph,
-    out,
-    table,
-)
+from compress.cli.app import app
+from compress.cli.common import err, note_no_graph, out, table
 from compress.cli.harness import check_output
+from compress.cli.options import MODEL, ArchOpt, Command, ForceOpt, ModelArg, ModelOptions, OutOpt, flag, grouped
 
 
-@app.command()
-def encode(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: TrustOpt = False,
-           force: ForceOpt = False, input_shape: InputShapeOpt = None,
-           graph: Annotated[bool, typer.Option(
-               "--graph/--no-graph", help="For a model of your own classes, also store its graph (a few KB: "
+@app.command(cls=Command)
+@grouped
+def encode(model: ModelArg, output: OutOpt, load: ModelOptions, force: ForceOpt = False,
+           graph: Annotated[bool, flag(
+               "--graph/--no-graph", panel=MODEL, help="For a model of your own classes, also store its graph (a few KB: "
                "compress's own list of ATen operator calls), so the .cpz decodes and runs without your code; "
                "decoders check it, and total its cost, before running it.")] = True):
     """Huffman-code a (pruned, quantized) model into one compact, checked .cpz file.
@@ -43,9 +30,9 @@ def encode(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: 
     from compress.cpz.stats import tensor_row
 
     check_output(model, output, force)
-    load = load_options(arch, trust_pickle, input_shape)
-    m = load.load(model)
-    stats = save_cpz(m, output, force=force, graph=graph, input_shape=load.input_shape)
+    opts = load.load()
+    m = opts.load(model)
+    stats = save_cpz(m, output, force=force, graph=graph, input_shape=opts.input_shape)
     rows = [tensor_row(e) for e in stats["tensors"]]
     out.print(table(f"{output}", ["tensor", "encoding", "mode", "bits/weight", "index bytes", "Huffman gain", "bytes"],
                     [[r["name"], r["enc"] + (f" {r['bits']}b" if r.get("bits") else ""), r["mode"],
@@ -62,7 +49,7 @@ def encode(model: ModelArg, output: OutOpt, arch: ArchOpt = None, trust_pickle: 
     err.print(f"wrote {output}")
 
 
-@app.command()
+@app.command(cls=Command)
 def decode(cpz: ModelArg, output: OutOpt, arch: ArchOpt = None, force: ForceOpt = False):
     """Decode a .cpz back into a model file (runnable nn.Module; no code from the .cpz runs).
     A model of your own classes is rebuilt with your --arch (the code), its structure and weights

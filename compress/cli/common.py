@@ -1,4 +1,4 @@
-"""Options shared by every command (defined once), and output helpers.
+"""What every command uses: the output consoles, tables, JSON, and turning option text into values.
 
 Results go to stdout (a table, or JSON); progress, warnings and errors go to stderr.
 """
@@ -8,9 +8,8 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Any, Optional
 
-import typer
 from rich.console import Console
 from rich.table import Table
 
@@ -19,47 +18,6 @@ from compress.errors import CompressError, UsageError, printable
 state: dict = {"device": "cpu"}  # set by the root callback (--device)
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-ModelArg = Annotated[str, typer.Argument(help="Model file: compress output, TorchScript, state_dict (+ --arch), .cpz.",
-                                         show_default=False)]
-ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture for a state_dict, or the code of your "
-                                                "own classes in a file compress wrote: module:callable, "
-                                                "path/to/file.py:callable or zoo:NAME.")]
-TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow unpickling a file that runs code. "
-                                        "Only for files you trust.")]
-OutOpt = Annotated[str, typer.Option("--output", "-o", help="Output file.", show_default=False)]
-ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output file.")]
-DataOpt = Annotated[Optional[str], typer.Option("--data", help="Evaluation data: mnist5k, digits, folder:DIR "
-                                                "(a subfolder of images per class), DIR of IDX files, PATH.npz, "
-                                                "module:function returning (x, y), a Dataset or a DataLoader; "
-                                                "options after '?' (mnist5k?size=32, folder:train?resize=36&crop=32).")]
-TrainDataOpt = Annotated[Optional[str], typer.Option("--train-data", help="Fine-tuning data spec "
-                                                     "(see --data); 20% is held out for validation (or the split the model was trained with).")]
-TestDataOpt = Annotated[Optional[str], typer.Option("--test-data", help="Extra held-out data to report "
-                                                    "accuracy on (e.g. ../shared/data/mnist).")]
-LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="Only these layers: comma-separated glob "
-                                                  "patterns of layer names (fc*,layer3.*).")]
-ExcludeOpt = Annotated[Optional[str], typer.Option("--exclude", help="Leave these layers alone: comma-separated "
-                                                   "glob patterns.")]
-InputShapeOpt = Annotated[Optional[str], typer.Option("--input-shape", help="Input shape, e.g. 1,1,28,28.")]
-JsonOpt = Annotated[Optional[str], typer.Option("--json", help="Also write the result as JSON to this file "
-                                                "('-' for stdout).")]
-ReportOpt = Annotated[Optional[str], typer.Option("--report", help="Write JSON, Markdown, HTML and plots "
-                                                  "to this folder.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
-LossOpt = Annotated[Optional[str], typer.Option("--loss", help="Your loss, module:fn or file.py:fn, called as "
-                                                "fn(outputs, targets) (default: cross-entropy).")]
-MetricOpt = Annotated[Optional[str], typer.Option("--metric", help="How the model is scored: top1 (default), top5, "
-                                                  "or module:fn called as fn(outputs, targets) -> per-sample scores or "
-                                                  "one number per batch, higher is better.")]
-ValDataOpt = Annotated[Optional[str], typer.Option("--val-data", help="Validation data the model was not trained "
-                                                   "on (e.g. folder:val); default: 20% held out of --train-data.")]
-WorkersOpt = Annotated[Optional[int], typer.Option("--workers", min=0, max=64, help="Loader processes reading "
-                                                   "the data ahead of training (default 0: none).")]
-DistillOpt = Annotated[Optional[float], typer.Option("--distill", min=0.01, help="Fine-tune against the input model's "
-                                                     "outputs too (knowledge distillation) at this temperature, "
-                                                     "e.g. 4.")]
-
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
     """'1,1,28,28' (or 1x1x28x28) -> (1, 1, 28, 28); the batch dimension is always 1."""
@@ -77,11 +35,6 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
         return check_shape(shape, "--input-shape")
     except CompressError as e:
         raise UsageError(str(e)) from None
-
-
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Any option of the method's config, as in a "
-                                                    "recipe: --set rounds=4, --set finetune.weight_decay=1e-4, "
-                                                    "--set 'select.exclude=[\"fc1\"]' (TOML values).")]
 
 
 def load_options(arch: str | None, trust_pickle: bool, input_shape: str | None):
@@ -158,11 +111,6 @@ def before_after(before: dict, after: dict, title: str = "before / after") -> Ta
     from compress.report.render import before_after_rows
 
     return table(title, ["", "before", "after", "change"], before_after_rows(before, after))
-
-
-NoLatencyOpt = Annotated[bool, typer.Option("--no-latency", help="Skip latency timing.")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="Threads to run and time on "
-                                                   "(default: torch's for work, 2 for timing).")]
 
 
 def use_threads(threads: Optional[int]) -> None:

@@ -1,17 +1,29 @@
 """``compress report``: the numbers of one model file."""
 from __future__ import annotations
 
-from compress.cli import app
-from compress.cli import common as c
-from compress.cli.common import check_reports, emit_json, load_options, out, table, use_threads
+from compress.cli.app import app
+from compress.cli.common import check_reports, emit_json, out, table, use_threads
+from compress.cli.options import (
+    Command,
+    DataOpt,
+    ForceOpt,
+    JsonOpt,
+    MetricOpt,
+    ModelArg,
+    ModelOptions,
+    ReportOpt,
+    RunOptions,
+    TestDataOpt,
+    WorkersOpt,
+    grouped,
+)
 
 
-@app.command()
-def report(model: c.ModelArg, arch: c.ArchOpt = None, trust_pickle: c.TrustOpt = False, data: c.DataOpt = None,
-           test_data: c.TestDataOpt = None, input_shape: c.InputShapeOpt = None, json_out: c.JsonOpt = None,
-           no_latency: c.NoLatencyOpt = False, threads: c.ThreadsOpt = None, metric: c.MetricOpt = None,
-           workers: c.WorkersOpt = None, report_dir: c.ReportOpt = None,
-           force: c.ForceOpt = False):
+@app.command(cls=Command)
+@grouped
+def report(model: ModelArg, load: ModelOptions, runtime: RunOptions, data: DataOpt = None, test_data: TestDataOpt = None,
+           metric: MetricOpt = None, workers: WorkersOpt = None, json_out: JsonOpt = None, report_dir: ReportOpt = None,
+           force: ForceOpt = False):
     """Size, nonzeros, MACs, latency and accuracy of a model (.pt, TorchScript, .cpz or .onnx).
 
     Examples:
@@ -23,8 +35,9 @@ def report(model: c.ModelArg, arch: c.ArchOpt = None, trust_pickle: c.TrustOpt =
     from compress.report import model_report
 
     check_reports(report_dir, json_out, force)
-    use_threads(threads)
-    rep = model_report(model, load_options(arch, trust_pickle, input_shape), data=data, latency=not no_latency, test_data=test_data, metric=metric, workers=workers)
+    use_threads(runtime.threads)
+    rep = model_report(model, load.load(), data=data, latency=not runtime.no_latency, test_data=test_data,
+                       metric=metric, workers=workers)
     if json_out == "-":
         emit_json(rep, "-")
         return

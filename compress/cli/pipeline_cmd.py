@@ -6,43 +6,62 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from compress.cli import app
-from compress.cli import common as c
-from compress.cli.common import check_reports, emit_json, err, load_options, note_no_graph, out, table, use_threads
+from compress.cli.app import app
+from compress.cli.common import check_reports, emit_json, err, note_no_graph, out, table, use_threads
 from compress.cli.harness import TaskOptions, check_data, load_inputs
+from compress.cli.options import (
+    DATA,
+    METHOD,
+    OUTPUT,
+    Command,
+    DistillOpt,
+    ForceOpt,
+    JsonOpt,
+    LossOpt,
+    MetricOpt,
+    ModelArg,
+    ModelOptions,
+    OutOpt,
+    ReportOpt,
+    RunOptions,
+    TestDataOpt,
+    WorkersOpt,
+    flag,
+    grouped,
+    option,
+)
 
 if TYPE_CHECKING:
     from compress.search_results import PipelineSummary
 
 
-@app.command()
-def pipeline(model: c.ModelArg, output: c.OutOpt,
-             train_data: Annotated[str, typer.Option("--train-data", help="Fine-tuning data; 20% is held "
+@app.command(cls=Command)
+@grouped
+def pipeline(model: ModelArg, output: OutOpt, load: ModelOptions,
+             train_data: Annotated[str, option("--train-data", panel=DATA, help="Fine-tuning data; 20% is held "
                                                      "out to measure the accuracy budget (or the split the model "
                                                      "was trained with).")],
-             max_accuracy_drop: Annotated[Optional[float], typer.Option(
-                 "--max-accuracy-drop", min=0.0, help="Budget in points of the --metric (accuracy points by "
+             max_accuracy_drop: Annotated[Optional[float], option(
+                 "--max-accuracy-drop", min=0.0, panel=METHOD, help="Budget in points of the --metric (accuracy points by "
                  "default) on the validation data (default: the recipe's, else 0.5).", show_default=False)] = None,
-             val_data: Annotated[Optional[str], typer.Option("--val-data", help="Validation data the model was "
+             val_data: Annotated[Optional[str], option("--val-data", panel=DATA, help="Validation data the model was "
                                                             "not trained on; default: 20% held out of "
                                                             "--train-data.")] = None,
-             recipe: Annotated[Optional[str], typer.Option("--recipe", help="TOML recipe (see docs/recipes); "
+             recipe: Annotated[Optional[str], option("--recipe", panel=METHOD, help="TOML recipe (see docs/recipes); "
                                                            "default: Deep Compression.")] = None,
-             arch: c.ArchOpt = None, trust_pickle: c.TrustOpt = False, test_data: c.TestDataOpt = None,
-             input_shape: c.InputShapeOpt = None, report: c.ReportOpt = None, json_out: c.JsonOpt = None,
-             confidence: Annotated[Optional[float], typer.Option(
-                 "--confidence", min=0.0, max=10.0, show_default=False, help="Standard errors of margin in the "
+             test_data: TestDataOpt = None, report: ReportOpt = None, json_out: JsonOpt = None,
+             confidence: Annotated[Optional[float], option(
+                 "--confidence", min=0.0, max=10.0, show_default=False, panel=METHOD, help="Standard errors of margin in the "
                  "budget test (default: the recipe's, else 1: a kept drop is within budget with ~84% one-sided "
                  "confidence; 2: ~98%, keeps less).")] = None,
-             time_budget: Annotated[Optional[float], typer.Option(
-                 "--time-budget", min=1, help="Seconds of search at most: then, as on Ctrl-C, the candidate in "
+             time_budget: Annotated[Optional[float], option(
+                 "--time-budget", min=1, panel=METHOD, help="Seconds of search at most: then, as on Ctrl-C, the candidate in "
                  "progress is dropped (checked at every training step) and the best result kept so far is written "
                  "(exit status 3).")] = None,
-             resume: Annotated[bool, typer.Option("--resume", help="Go on from where a stopped run (Ctrl-C, "
+             resume: Annotated[bool, flag("--resume", panel=OUTPUT, help="Go on from where a stopped run (Ctrl-C, "
                                                   "--time-budget, a crash) left OUTPUT.resume.")] = False,
-             no_latency: c.NoLatencyOpt = False, threads: c.ThreadsOpt = None, loss: c.LossOpt = None,
-             metric: c.MetricOpt = None, workers: c.WorkersOpt = None, distill: c.DistillOpt = None,
-             force: c.ForceOpt = False):
+             *, runtime: RunOptions, loss: LossOpt = None, metric: MetricOpt = None, workers: WorkersOpt = None,
+             distill: DistillOpt = None, force: ForceOpt = False):
     """Prune, share weights and Huffman-code a model into a .cpz, keeping the most compressed
     result within an accuracy budget.
 
@@ -71,7 +90,7 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
     from compress.recipe import Recipe
     from compress.search import pipeline as run
 
-    load = load_options(arch, trust_pickle, input_shape)
+    arch, how = load.arch, load.load()
     # compress's own files, loaded without --trust-pickle (it covers the user's model only); --arch may rebuild
     # the user's classes. A link or a folder compress did not make is refused here, before any work.
     ckpt = Checkpoint(Path(f"{output}.resume"), arch)
@@ -84,13 +103,13 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
                                     "starts over")
         ckpt.clear()  # only the files its manifest lists
     check_reports(report, json_out, force or resume)  # before minutes of work, not after them
-    use_threads(threads)
+    use_threads(runtime.threads)
     rec = Recipe.load(recipe) if recipe else None
     if rec is not None and Path(output).suffix == ".cpz" and any(st.name == "int8" for st in rec.stages):
         raise UsageError(f"{output}: a recipe with an int8 stage writes an INT8 model; {INT8_IS_PT}: give -o NAME.pt")
     task = TaskOptions(loss, metric, workers)
     # a resumed run writes the output its stopped run wrote
-    inp = load_inputs(model, output, force or resume, load, None, test_data, task=task)
+    inp = load_inputs(model, output, force or resume, how, None, test_data, task=task)
     ds = check_data(inp.model, data_mod.load(train_data, workers), task, inp.metric, training=True)
     val = check_data(inp.model, data_mod.load(val_data, workers), task, inp.metric) if val_data else None
     if rec is not None:  # the recipe's shifts fit the images: said before minutes of work
@@ -100,7 +119,7 @@ def pipeline(model: c.ModelArg, output: c.OutOpt,
             check_augment(cand.finetune.augment, ds)
     original = copy.deepcopy(inp.model)
     m, summary = run(inp.model, ds, rec, max_accuracy_drop, inp.input_shape, on_event=_ShowEvents(inp.metric.label), val_data=val,
-                     test_data=inp.test, latency=not no_latency, time_budget=time_budget,
+                     test_data=inp.test, latency=not runtime.no_latency, time_budget=time_budget,
                      confidence=confidence, loss=inp.loss, metric=inp.metric, distill=distill, checkpoint=ckpt,
                      resume=resume)
     m = m.cpu()

@@ -1,86 +1,79 @@
-"""``compress prune``: threshold, l1-filter and channel-union pruning."""
+"""``compress prune``: every registered pruning method (threshold, l1-filter, channel-union), its options made
+from its config (``config_options``); the few options of the command itself are declared here."""
 from __future__ import annotations
 
-from enum import Enum
+import functools
+import inspect
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
-from compress.cli import app
-from compress.cli import common as c
-from compress.cli.common import err, load_options, make_config, out, table, use_threads, with_settings
-from compress.cli.harness import TaskOptions, load_inputs, parse_mapping, patterns, run_command
+from compress.cli.app import app
+from compress.cli.common import err, out, table, use_threads, with_settings
+from compress.cli.config_options import ConfigOptions, Field, methods_of
+from compress.cli.harness import TaskOptions, load_inputs, run_command
+from compress.cli.options import (
+    METHOD,
+    DataOptions,
+    LazyCommand,
+    ModelArg,
+    ModelOptions,
+    OutputOptions,
+    RunOptions,
+    SetOpt,
+    flag,
+    lazy,
+    option,
+)
 
-# The importances compress registers (compress.prune.importance.IMPORTANCES), as --help names them. The registry
-# itself needs torch, which `--help` does not import; tests/test_pipeline_help.py checks this lists all of them.
-IMPORTANCES_HELP = {"l1": "l1 (Li et al.)", "l2": "l2",
-                    "bn-scale": "bn-scale (|gamma| of the BatchNorm after them, Network Slimming)",
-                    "group-lasso": "group-lasso",
-                    "taylor": "taylor (first-order loss change, Molchanov et al.; needs --train-data)"}
+
+def _target(v: Optional[float]):
+    """2e6 -> 2000000 (a count); 0.5 stays a fraction."""
+    return int(v) if v is not None and v >= 1 and v == int(v) else v
 
 
-class PruneMethod(str, Enum):
-    threshold = "threshold"
-    l1_filter = "l1-filter"
-    channel_union = "channel-union"
+# How prune spells some config fields; every other field is an option as its config declares it.
+FIELDS = {
+    "sparsity": Field(note="Default 0.9 unless --quality is given."),
+    "round_to": Field(kw={"min": 1}),
+    "target_macs": Field(parse=_target),
+    "target_params": Field(parse=_target),
+}
+DEFAULT_METHOD = "threshold"
+HIDDEN = {"first_last_factor", "min_channels", "zero_tol", "rel_tol"}  # left to --set and recipes
 
 
-@app.command()
-def prune(model: c.ModelArg, output: c.OutOpt,
-          method: Annotated[PruneMethod, typer.Option("--method", "-m", help="Pruning method.")] = PruneMethod.threshold,
-          arch: c.ArchOpt = None, trust_pickle: c.TrustOpt = False, train_data: c.TrainDataOpt = None,
-          test_data: c.TestDataOpt = None,
-          epochs: Annotated[Optional[float], typer.Option(
-              "--epochs", min=0, show_default=False, help="Total fine-tuning epochs (default: threshold 3, split "
-              "over --rounds; l1-filter 0; channel-union 4).")] = None,
-          lr: Annotated[Optional[float], typer.Option(
-              "--lr", show_default=False, help="Learning rate (default: 0.001; channel-union 0.02, SGD).")] = None,
-          layers: c.LayersOpt = None, exclude: c.ExcludeOpt = None,
-          sparsity: Annotated[Optional[str], typer.Option(
-              "--sparsity", help="threshold: target sparsity, global (0.92) or per layer/type (conv=0.6,linear=0.95).")] = None,
-          quality: Annotated[Optional[str], typer.Option(
-              "--quality", help="threshold: threshold = quality x std of each layer (instead of --sparsity).")] = None,
-          rounds: Annotated[Optional[int], typer.Option("--rounds", show_default=False,
-                                                        help="threshold: pruning rounds (--epochs split over them) "
-                                                        "(default: ThresholdConfig's, 3).")] = None,
-          allocate: Annotated[Optional[str], typer.Option(
-              "--allocate", show_default=False, help="threshold: how a global --sparsity is shared among layers: "
-              "sensitivity (measured loss per weight removed; needs --train-data; the default) or std (one quality "
-              "x std rule).")] = None,
-          schedule: Annotated[Optional[str], typer.Option(
-              "--schedule", show_default=False, help="threshold: sparsity over the rounds: cubic (Zhu & Gupta; the "
-              "default) or geometric.")] = None,
-          ratio: Annotated[str, typer.Option(
-              "--ratio", help="l1-filter: fraction (0.5) or count (8) of filters per group, or per layer "
-                              "(layer1.0.conv1=0.3,_default=0.5).")] = "0.5",
-          round_to: Annotated[Optional[int], typer.Option(
-              "--round-to", min=1, show_default=False, help="l1-filter: keep a multiple of this many channels per "
-              "group (default: 8 on a CUDA device, else 1).")] = None,
-          target_macs: Annotated[Optional[float], typer.Option(
-              "--target-macs", help="l1-filter, channel-union: prune to this many MACs, a fraction of the input's (0.5) or a count "
-              "(2e6), channels ranked across layers (instead of --ratio).")] = None,
-          target_params: Annotated[Optional[float], typer.Option(
-              "--target-params", help="l1-filter, channel-union: the same for parameters.")] = None,
-          importance: Annotated[str, typer.Option(
-              "--importance", help=f"l1-filter: how channels are ranked: {', '.join(IMPORTANCES_HELP.values())}; or "
-              "one registered with compress.prune.register_importance.")] = "l1",
-          target_latency: Annotated[Optional[float], typer.Option(
-              "--target-latency", help="l1-filter: prune to this fraction of the input's batch-1 latency, timed "
-              "on this machine (0.6).")] = None,
-          sensitivity: Annotated[bool, typer.Option("--sensitivity", help="l1-filter: prune each layer alone at "
-                                                    "several ratios first, and show accuracy per layer and ratio.")] = False,
-          budget: Annotated[Optional[float], typer.Option(
-              "--budget", help="l1-filter with --sensitivity: per-layer ratios from this accuracy drop (pt).")] = None,
-          lasso_ratio: Annotated[Optional[float], typer.Option(
-              "--lasso-ratio", help="channel-union: group-lasso strength, larger prunes more "
-                                    "(default: ChannelUnionConfig's, 0.8).")] = None,
-          reconfig_interval: Annotated[int, typer.Option("--reconfig-interval", help="channel-union: epochs "
-                                                         "between reconfigurations.")] = 1,
-          input_shape: c.InputShapeOpt = None, report: c.ReportOpt = None, json_out: c.JsonOpt = None,
-          no_latency: c.NoLatencyOpt = False, threads: c.ThreadsOpt = None, loss: c.LossOpt = None, val_data: c.ValDataOpt = None,
-          metric: c.MetricOpt = None, workers: c.WorkersOpt = None, distill: c.DistillOpt = None,
-          settings: c.SetOpt = None, force: c.ForceOpt = False):
+@functools.cache
+def spec() -> ConfigOptions:
+    import compress.prune  # noqa: F401  (registers the pruning methods)
+
+    methods = methods_of("prune")
+    return ConfigOptions({DEFAULT_METHOD: methods[DEFAULT_METHOD], **methods}, FIELDS, HIDDEN)
+
+
+def _options() -> list[inspect.Parameter]:
+    s = spec()
+    names = tuple(s.methods)
+
+    def kw(name, annotation, default):
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+    return [kw("method", Annotated[Literal.__getitem__(names), option("--method", "-m", panel=METHOD,
+                                                                      help="Pruning method.")], names[0]),
+            *s.params(),
+            kw("sensitivity", Annotated[bool, flag("--sensitivity", panel=METHOD, help="l1-filter: prune each layer "
+                                                   "alone at several ratios first, and show accuracy per layer and "
+                                                   "ratio.")], False),
+            kw("budget", Annotated[Optional[float], option("--budget", panel=METHOD, help="l1-filter with "
+                                                           "--sensitivity: per-layer ratios from this accuracy drop "
+                                                           "(pt).")], None)]
+
+
+@app.command(cls=LazyCommand)
+@lazy(_options)
+def prune(model: ModelArg, *, load: ModelOptions, data: DataOptions, settings: SetOpt = None,
+          dest: OutputOptions, runtime: RunOptions, **kw):
     """Prune a trained model and show the numbers before and after.
 
     Examples:
@@ -91,48 +84,32 @@ def prune(model: c.ModelArg, output: c.OutOpt,
 
         compress prune resnet20.pt --method channel-union --train-data "mnist5k?size=32" --epochs 4 -o r20-cu.pt
     """
-    from compress.config import Config, Select
     from compress.errors import UsageError
-    from compress.prune import ChannelUnionConfig, L1FilterConfig, ThresholdConfig
 
-    # threshold pruning fine-tunes by default (3 epochs): without data it would only destroy (a 90%-pruned
-    # LeNet-5 scored 16% and exited 0), so it needs --train-data unless told --epochs 0
-    needs_train = method == PruneMethod.channel_union or bool(epochs) or (sensitivity and method == PruneMethod.l1_filter) \
-        or (method == PruneMethod.threshold and epochs is None)
-    if target_latency is not None and method != PruneMethod.l1_filter:
+    s = spec()
+    method, sensitivity, budget, epochs = kw.pop("method"), kw.pop("sensitivity"), kw.pop("budget"), kw["epochs"]
+    # a method that fine-tunes by default (threshold: 3 epochs) needs --train-data unless told --epochs 0: without
+    # data a 90%-pruned model would only be destroyed
+    needs_train = method == "channel-union" or bool(epochs) or (sensitivity and method == "l1-filter") \
+        or (epochs is None and s.default(method, "finetune.epochs") > 0)
+    if kw.get("target_latency") is not None and method != "l1-filter":
         raise UsageError("--target-latency is for --method l1-filter (channel-union: --target-macs)")
-    if (target_macs is not None or target_params is not None) and method == PruneMethod.threshold:
+    if (kw.get("target_macs") is not None or kw.get("target_params") is not None) and method == "threshold":
         raise UsageError("--target-macs / --target-params are for l1-filter and channel-union (threshold pruning "
                          "leaves the layers' shapes, so their MACs: give --sparsity)")
-    use_threads(threads)
-    inp = load_inputs(model, output, force, load_options(arch, trust_pickle, input_shape), train_data, test_data,
-                      need_train=needs_train, task=TaskOptions(loss, metric, workers, val_data))
+    use_threads(runtime.threads)
+    inp = load_inputs(model, dest.output, dest.force, load.load(), data.train_data, data.test_data,
+                      need_train=needs_train, task=TaskOptions(data.loss, data.metric, data.workers, data.val_data))
     extra: dict = {}
-    cls: type[Config]
-    if method == PruneMethod.threshold:
-        cls, opts = ThresholdConfig, {"sparsity": parse_mapping(sparsity, "--sparsity"),
-                                      "quality": parse_mapping(quality, "--quality"), "rounds": rounds,
-                                      "allocate": allocate, "schedule": schedule}
-        if sparsity is None and quality is None:
-            opts["sparsity"] = 0.9
-    elif method == PruneMethod.l1_filter:
-        r = parse_mapping(ratio, "--ratio", cast=_num)
-        if sensitivity:
-            r = _sensitivity(inp, report or str(Path(output).with_suffix("")) + "-sensitivity", budget, r, extra)
-        cls, opts = L1FilterConfig, {"ratio": r, "round_to": round_to, "target_macs": _target(target_macs),
-                                     "target_params": _target(target_params), "target_latency": target_latency,
-                                     "importance": importance}
-    else:
-        cls, opts = ChannelUnionConfig, {"reconfig_interval": reconfig_interval, "target_macs": _target(target_macs),
-                                         "target_params": _target(target_params)}
-        if lasso_ratio is not None:
-            opts["lasso_ratio"] = lasso_ratio
-    ft = make_config(cls.part, "finetune", epochs=epochs, lr=lr, distill=distill)
-    sel = make_config(Select, names=patterns(layers), exclude=patterns(exclude))
-    cfg = make_config(cls, **{k: v for k, v in opts.items() if v is not None}, finetune=ft, select=sel)  # None: the default
-    cfg = with_settings(cfg, settings)
-    res = run_command("prune", cfg, inp, output, force, report, json_out, on_event=_Progress(inp.metric.label), extra=extra,
-                      latency=not no_latency)
+    fixed: dict = {}
+    if method == "threshold" and kw.get("sparsity") is None and kw.get("quality") is None:
+        fixed["sparsity"] = 0.9
+    if method == "l1-filter" and sensitivity:
+        folder = dest.report or str(Path(dest.output).with_suffix("")) + "-sensitivity"
+        fixed["ratio"] = _sensitivity(inp, folder, budget, s.opts["ratio"].parse(kw["ratio"]), extra)
+    cfg = with_settings(s.config(method, kw, **fixed), settings)
+    res = run_command("prune", cfg, inp, dest.output, dest.force, dest.report, dest.json_out,
+                      on_event=_Progress(inp.metric.label), extra=extra, latency=not runtime.no_latency)
     drop = res["before"].get("accuracy", 0) - res["after"].get("accuracy", 0)
     if budget is not None and sensitivity and drop > budget:
         err.print(f"warning: {inp.metric.label.removesuffix(' %')} dropped {drop:.2f} pt, more than --budget {budget:g}: the per-layer "
@@ -155,16 +132,6 @@ class _Progress:
         elif kind == "reconfigure":
             when = f"after epoch {rec['epoch']:g}" if "epoch" in rec else f"at step {rec['step']}"
             err.print(f"reconfiguration {when}: params {rec['params']:,}, MACs {rec['macs']:,}{acc}")
-
-
-def _target(v: Optional[float]):
-    """2e6 -> 2000000 (a count); 0.5 stays a fraction."""
-    return int(v) if v is not None and v >= 1 and v == int(v) else v
-
-
-def _num(v: str):
-    v = v.strip()
-    return int(v) if v.isdigit() else float(v)
 
 
 def _sensitivity(inp, folder, budget, ratio, extra):

@@ -6,8 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from compress.cli import app
-from compress.cli.common import ForceOpt, OutOpt, SeedOpt, TestDataOpt, err, make_config, out, table
+from compress.cli.app import app
+from compress.cli.common import err, make_config, out, table
+from compress.cli.options import Command, ForceOpt, Group, OutOpt, SeedOpt, TestDataOpt
 
 
 class Optimizer(str, Enum):
@@ -15,11 +16,11 @@ class Optimizer(str, Enum):
     sgd = "sgd"
 
 
-zoo = typer.Typer(help="The model zoo: list and train reference models.", no_args_is_help=True)
+zoo = typer.Typer(cls=Group, help="The model zoo: list and train reference models.", no_args_is_help=True)
 app.add_typer(zoo, name="zoo")
 
 
-@zoo.command("list")
+@zoo.command("list", cls=Command)
 def list_cmd():
     """List the zoo's models."""
     from compress.models import list_models, model_doc
@@ -27,7 +28,7 @@ def list_cmd():
     out.print(table("zoo", ["name", "description"], [[n, model_doc(n)] for n in list_models()]))
 
 
-@zoo.command()
+@zoo.command(cls=Command)
 def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compress zoo list`).")],
           output: OutOpt,
           data: Annotated[str, typer.Option("--train-data", help="Training data spec (see `compress report "

@@ -66,7 +66,7 @@ class L1FilterConfig(Config):
     target_macs: float | None = bounded(float, 0, 1e18, None, lo_open=True)  # and see check_targets
     target_params: float | None = bounded(float, 0, 1e15, None, lo_open=True)
     target_latency: float | None = bounded(float, 0, 1, None, lo_open=True, hi_open=True)
-    importance: str = "l1"
+    importance: str = dataclasses.field(default="l1", metadata={"choices": IMPORTANCES})
     select: Select = dataclasses.field(default_factory=Select)
     finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(augment=0))
 

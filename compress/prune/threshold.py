@@ -68,9 +68,9 @@ class ThresholdConfig(Config):
 
     sparsity: float | dict | None = bounded(float, 0, 1, None, hi_open=True, per_layer=True)
     quality: float | dict | None = bounded(float, 0, 100, None, per_layer=True)
-    allocate: str = "sensitivity"
+    allocate: str = dataclasses.field(default="sensitivity", metadata={"choices": ALLOCATE})
     rounds: int = bounded(int, 1, 1000, 3)
-    schedule: str = "cubic"
+    schedule: str = dataclasses.field(default="cubic", metadata={"choices": SCHEDULES})
     first_last_factor: float = bounded(float, 0, 1, 0.5, lo_open=True)
     select: Select = dataclasses.field(default_factory=Select)
     finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(epochs=3.0, lr=1e-3))

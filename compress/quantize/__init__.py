@@ -50,7 +50,7 @@ class QuantConfig(Config):
     search_key = "bits"
 
     bits: int | dict = bounded(int, 2, 8, 8, per_layer=True)
-    scheme: str = "minmax"
+    scheme: str = dataclasses.field(default="minmax", metadata={"choices": SCHEMES})
     per_channel: bool = bounded(bool, 0, 1, True)
     symmetric: bool = bounded(bool, 0, 1, True)
     bias_bits: int | None = bounded(int, 2, 8, 8, optional=True)

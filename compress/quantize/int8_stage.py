@@ -41,7 +41,7 @@ class Int8Config(Config):
     search_key = "finetune.epochs"
     first_fit = True  # candidates cost more, not compress more: the first within budget is kept
 
-    observer: str = "histogram"
+    observer: str = dataclasses.field(default="histogram", metadata={"choices": int8.OBSERVERS})
     percentile: float = bounded(float, 99, 100, int8.PERCENTILE)
     calib_samples: int = bounded(int, 1, 1 << 20, int8.CALIB_SAMPLES)
     freeze: float = bounded(float, 0, 1, 0.3, hi_open=True)
