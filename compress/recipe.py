@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -167,7 +168,10 @@ class Recipe:
 
     @classmethod
     def load(cls, path) -> "Recipe":
-        import tomllib
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # the same parser, published as tomli before it joined the standard library
+            import tomli as tomllib
 
         from .fileio import open_regular
 
