@@ -14,12 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from compress import create_model, data
-from compress.coding import save_cpz
-from compress.hooks import Quantizer, ThresholdPruner
-from compress.prune import ThresholdConfig, sparsity_of
-from compress.quantize import QuantConfig
-from compress.train import evaluate
+from compress import QuantConfig, Quantizer, ThresholdConfig, ThresholdPruner, create_model, data, evaluate, save_cpz
+from compress.prune import sparsity_of
 
 distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
 if distributed:
@@ -48,7 +44,7 @@ for x, y in batches(3):  # your usual training
 
 # 1. iterative threshold pruning: three rounds, one epoch apart (an epoch is shorter on more ranks)
 steps_per_epoch = len(train) // world // 64
-pruner = ThresholdPruner(model, ThresholdConfig(sparsity=0.9, steps=3), steps_per_round=steps_per_epoch)
+pruner = ThresholdPruner(model, ThresholdConfig(sparsity=0.9, rounds=3), steps_per_round=steps_per_epoch)
 pruner.attach()  # round 1: masks on
 for x, y in batches(3):
     opt.zero_grad()
