@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Any
 
 from compress import all_methods  # noqa: F401  (a stage names a method: every built-in one is registered)
@@ -178,7 +179,10 @@ class Recipe:
 
     @classmethod
     def load(cls, path) -> "Recipe":
-        import tomllib
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # the same parser, published as tomli before it joined the standard library
+            import tomli as tomllib
 
         from compress.filesystem import open_regular
 

@@ -49,7 +49,10 @@ def with_settings(cfg, settings: list[str] | None):
     TOML (a number, a string, a list), else taken as a plain string. A bad key or value is a usage error."""
     if not settings:
         return cfg
-    import tomllib
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # the same parser, published as tomli before it joined the standard library
+        import tomli as tomllib
 
     from compress.config import Config
 
