@@ -44,7 +44,8 @@ def capture(model: nn.Module, input_shape) -> dict:
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.export's own deprecations are not the user's business
-            ep = torch.export.export(m, (x,), dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},))
+            ep = torch.export.export(m, (x,), dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},),
+                                     strict=False)  # torch 2.6-2.7 default to strict, which cannot trace attention
             ep = ep.run_decompositions({})  # functional: no in-place ops
     except Exception as e:
         raise GraphError(f"torch.export cannot capture it ({first_line(e)})") from e
