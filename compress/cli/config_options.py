@@ -199,8 +199,10 @@ class ConfigOptions:
         elif bound is not None and bound.kind is bool or isinstance(default, bool):
             return _kw(o.name, Annotated[bool, flag(flag_name, *spec.aliases, help=help_text, panel=panel)],
                        bool(default))
-        elif choices is not None:
-            kind = Literal.__getitem__(tuple(choices))  # a registry's names as they are now
+        elif choices is not None:  # a registry's names as they are now, as copies: the value given is then its own
+            # string, as one read from the command line is, not the registry's (pickled into a file's history, the
+            # registry's own string would be written as a reference to its other use: other bytes)
+            kind = Literal.__getitem__(tuple(str(c).encode().decode() for c in choices))
         elif bound is not None and bound.many:
             kind = str
             default = None
