@@ -6,6 +6,7 @@ Timings are compared by pytest-benchmark itself (--benchmark-compare-fail); this
 matters more here: compression_ratio must not fall by more than ratio-tol (relative) and
 accuracy_drop must not grow by more than drop-tol (points).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,11 +34,19 @@ def main(argv=None) -> int:
             continue
         if b.get("eval_data") != n.get("eval_data"):
             print(f"{name}: evaluated on {n.get('eval_data')} vs baseline {b.get('eval_data')}; accuracy not compared")
-        elif b.get("accuracy_drop") is not None and n.get("accuracy_drop") is not None \
-                and n["accuracy_drop"] > b["accuracy_drop"] + a.drop_tol:
-            failures.append(f"{name}: accuracy drop {n['accuracy_drop']} > baseline {b['accuracy_drop']} + {a.drop_tol}")
-        if b.get("compression_ratio") and n.get("compression_ratio") is not None \
-                and n["compression_ratio"] < b["compression_ratio"] * (1 - a.ratio_tol):
+        elif (
+            b.get("accuracy_drop") is not None
+            and n.get("accuracy_drop") is not None
+            and n["accuracy_drop"] > b["accuracy_drop"] + a.drop_tol
+        ):
+            failures.append(
+                f"{name}: accuracy drop {n['accuracy_drop']} > baseline {b['accuracy_drop']} + {a.drop_tol}"
+            )
+        if (
+            b.get("compression_ratio")
+            and n.get("compression_ratio") is not None
+            and n["compression_ratio"] < b["compression_ratio"] * (1 - a.ratio_tol)
+        ):
             failures.append(f"{name}: compression ratio {n['compression_ratio']} < baseline {b['compression_ratio']}")
     for f in failures:
         print("REGRESSION", f)

@@ -4,6 +4,7 @@ Accuracy is judged on the official MNIST test set at ../shared/data/mnist (or $C
 when it is there; otherwise on the 20% of the embedded mnist5k digits that no model here trains on,
 and ``extra_info["eval_data"]`` says which.
 """
+
 from __future__ import annotations
 
 import copy
@@ -12,15 +13,15 @@ from pathlib import Path
 
 os.environ.setdefault("COMPRESS_PROGRESS", "0")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from compress import data as data_mod  # noqa: E402
+from compress import data as data_mod
 from compress.config import FineTune
 from compress.meta import set_meta
-from compress.model_io import load_model, save_model  # noqa: E402
-from compress.models import create_model  # noqa: E402
-from compress.train import fit  # noqa: E402
+from compress.model_io import load_model, save_model
+from compress.models import create_model
+from compress.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".bench-cache"
@@ -56,7 +57,9 @@ def eval_sets():
 def trained(name: str, epochs: float, size: int = 28, lr: float = 1e-3, augment: int = 2, **kw) -> torch.nn.Module:
     """Train (or load from .bench-cache) a zoo model on the training part of mnist5k, as
     `compress zoo train` does (random shifts of 2 px)."""
-    tag = "-".join([name, f"e{epochs}", f"s{size}", f"lr{lr}", f"a{augment}"] + [f"{k}{v}" for k, v in sorted(kw.items())])
+    tag = "-".join(
+        [name, f"e{epochs}", f"s{size}", f"lr{lr}", f"a{augment}"] + [f"{k}{v}" for k, v in sorted(kw.items())]
+    )
     path = CACHE / f"{tag}.pt"
     if path.exists():
         return load_model(path)
@@ -78,11 +81,18 @@ def train_split(size: int = 28):
     return data_mod.split(data_mod.load(spec), VAL_FRACTION, seed=0)
 
 
-def record(benchmark, *, ratio: float, accuracy: float, base_accuracy: float, latency_ms: float, eval_name: str,
-           **extra) -> None:
-    benchmark.extra_info.update(compression_ratio=round(ratio, 3), accuracy=round(accuracy, 3),
-                                accuracy_drop=round(base_accuracy - accuracy, 3), latency_ms=round(latency_ms, 4),
-                                base_accuracy=round(base_accuracy, 3), eval_data=eval_name, **extra)
+def record(
+    benchmark, *, ratio: float, accuracy: float, base_accuracy: float, latency_ms: float, eval_name: str, **extra
+) -> None:
+    benchmark.extra_info.update(
+        compression_ratio=round(ratio, 3),
+        accuracy=round(accuracy, 3),
+        accuracy_drop=round(base_accuracy - accuracy, 3),
+        latency_ms=round(latency_ms, 4),
+        base_accuracy=round(base_accuracy, 3),
+        eval_data=eval_name,
+        **extra,
+    )
 
 
 def once(benchmark, fn):

@@ -15,6 +15,7 @@ script here, smaller, as a smoke test (tests/test_models.py does not run it: it 
    to 8 on CUDA), batch 64 at 224x224: latency of dense and pruned, fp32 and bfloat16 autocast,
    timed with CUDA events.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,45 +31,128 @@ from pathlib import Path
 
 def cli_checks(device: str, quick: bool) -> dict:
     d = Path(tempfile.mkdtemp(prefix="gpu-checks-"))
-    data, data32 = "mnist5k?limit=600" if quick else "mnist5k", "mnist5k?size=32&limit=600" if quick else "mnist5k?size=32"
+    data, data32 = (
+        "mnist5k?limit=600" if quick else "mnist5k",
+        "mnist5k?size=32&limit=600" if quick else "mnist5k?size=32",
+    )
     exe = [sys.executable, "-m", "compress.cli", "--device", device, "-q"]
     steps = {
         "zoo train lenet5": ["zoo", "train", "lenet5", "--train-data", data, "--epochs", "1", "-o", d / "l5.pt"],
-        "zoo train resnet20": ["zoo", "train", "resnet20", "--width", "0.5", "--train-data", data32, "--epochs", "1",
-                               "-o", d / "r20.pt"],
+        "zoo train resnet20": [
+            "zoo",
+            "train",
+            "resnet20",
+            "--width",
+            "0.5",
+            "--train-data",
+            data32,
+            "--epochs",
+            "1",
+            "-o",
+            d / "r20.pt",
+        ],
         "report": ["report", d / "l5.pt", "--data", data],
-        "prune threshold": ["prune", d / "l5.pt", "--sparsity", "0.9", "--train-data", data, "--epochs", "1",
-                            "-o", d / "p.pt"],
-        "prune l1-filter": ["prune", d / "r20.pt", "--method", "l1-filter", "--train-data", data32, "--epochs", "1",
-                            "-o", d / "l1.pt"],
-        "prune channel-union": ["prune", d / "r20.pt", "--method", "channel-union", "--train-data", data32,
-                                "--epochs", "1", "-o", d / "cu.pt"],
-        "quantize kmeans": ["quantize", d / "p.pt", "--bits", "4", "--scheme", "kmeans", "--train-data", data,
-                            "--epochs", "1", "-o", d / "q.pt"],
-        "factorize": ["factorize", d / "l5.pt", "--energy", "0.8", "--train-data", data, "--epochs", "1",
-                      "-o", d / "f.pt"],
+        "prune threshold": [
+            "prune",
+            d / "l5.pt",
+            "--sparsity",
+            "0.9",
+            "--train-data",
+            data,
+            "--epochs",
+            "1",
+            "-o",
+            d / "p.pt",
+        ],
+        "prune l1-filter": [
+            "prune",
+            d / "r20.pt",
+            "--method",
+            "l1-filter",
+            "--train-data",
+            data32,
+            "--epochs",
+            "1",
+            "-o",
+            d / "l1.pt",
+        ],
+        "prune channel-union": [
+            "prune",
+            d / "r20.pt",
+            "--method",
+            "channel-union",
+            "--train-data",
+            data32,
+            "--epochs",
+            "1",
+            "-o",
+            d / "cu.pt",
+        ],
+        "quantize kmeans": [
+            "quantize",
+            d / "p.pt",
+            "--bits",
+            "4",
+            "--scheme",
+            "kmeans",
+            "--train-data",
+            data,
+            "--epochs",
+            "1",
+            "-o",
+            d / "q.pt",
+        ],
+        "factorize": [
+            "factorize",
+            d / "l5.pt",
+            "--energy",
+            "0.8",
+            "--train-data",
+            data,
+            "--epochs",
+            "1",
+            "-o",
+            d / "f.pt",
+        ],
         "encode": ["encode", d / "q.pt", "-o", d / "q.cpz"],
         "decode": ["decode", d / "q.cpz", "-o", d / "d.pt"],
-        "pipeline": ["pipeline", d / "l5.pt", "--train-data", data, "--recipe", "docs/recipes/demo.toml",
-                     "--max-accuracy-drop", "1", "-o", d / "l5.cpz"],
+        "pipeline": [
+            "pipeline",
+            d / "l5.pt",
+            "--train-data",
+            data,
+            "--recipe",
+            "docs/recipes/demo.toml",
+            "--max-accuracy-drop",
+            "1",
+            "-o",
+            d / "l5.cpz",
+        ],
     }
     out = {}
     for name, args in steps.items():
         t0 = time.perf_counter()
         r = subprocess.run(exe + [str(a) for a in args], capture_output=True, text=True)
-        out[name] = {"exit": r.returncode, "seconds": round(time.perf_counter() - t0, 1),
-                     "error": r.stderr.strip().splitlines()[-1][:300] if r.returncode and r.stderr.strip() else ""}
-        print(f"{'ok  ' if r.returncode == 0 else 'FAIL'} {name:22s} {out[name]['seconds']:7.1f}s {out[name]['error']}",
-              flush=True)
+        out[name] = {
+            "exit": r.returncode,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "error": r.stderr.strip().splitlines()[-1][:300] if r.returncode and r.stderr.strip() else "",
+        }
+        print(
+            f"{'ok  ' if r.returncode == 0 else 'FAIL'} {name:22s} {out[name]['seconds']:7.1f}s {out[name]['error']}",
+            flush=True,
+        )
     return out
 
 
 def resnet50():
     try:
         from torchvision.models import resnet50 as tv
+
         return tv(), "torchvision"
     except Exception:  # torchvision's compiled ops do not load beside some torch builds
         from pytorchcv.models.resnet import resnet50 as cv
+
         return cv(), "pytorchcv"
 
 
@@ -88,15 +172,23 @@ def latency_checks(device: str, quick: bool) -> dict:
     batch = 2 if quick else 64
     shape = (1, 3, size, size)
     run("prune", pruned, L1FilterConfig(ratio=0.5), Context(input_shape=shape))
-    out = {"model": f"resnet50 ({source})", "batch": batch, "input": size, "params": [count_params(base),
-           count_params(pruned)], "macs": [count_macs(base, shape), count_macs(pruned, shape)],
-           "channels_multiple_of_8": all(m.out_channels % 8 == 0 for m in pruned.modules()
-                                         if isinstance(m, torch.nn.Conv2d))}
+    out = {
+        "model": f"resnet50 ({source})",
+        "batch": batch,
+        "input": size,
+        "params": [count_params(base), count_params(pruned)],
+        "macs": [count_macs(base, shape), count_macs(pruned, shape)],
+        "channels_multiple_of_8": all(
+            m.out_channels % 8 == 0 for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)
+        ),
+    }
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         st = latency_stats([base, pruned], shape, batch=batch, runs=10 if quick else 30, dtype=dtype)
         out[name] = {"dense_ms": st[0]["ms"], "pruned_ms": st[1]["ms"], "speedup": round(st[0]["ms"] / st[1]["ms"], 3)}
-        print(f"resnet50 l1 0.5 {name}: {st[0]['ms']:.2f} -> {st[1]['ms']:.2f} ms, {out[name]['speedup']:.2f}x",
-              flush=True)
+        print(
+            f"resnet50 l1 0.5 {name}: {st[0]['ms']:.2f} -> {st[1]['ms']:.2f} ms, {out[name]['speedup']:.2f}x",
+            flush=True,
+        )
     return out
 
 
@@ -110,6 +202,7 @@ def main(argv=None) -> int:
     res = {"device": a.device, "commands": cli_checks(a.device, a.quick), "latency": latency_checks(a.device, a.quick)}
     try:
         import torch
+
         res["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except Exception:
         res["gpu"] = None

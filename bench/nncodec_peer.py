@@ -12,6 +12,7 @@ that talk through data-only .npz files:
 Each qp's bitstream is NNCodec's own output (``return_bitstream=True``): its length is what is
 counted. NNCodec stores no architecture; compress's .cpz bytes include it.
 """
+
 from __future__ import annotations
 
 import argparse

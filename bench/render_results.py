@@ -1,4 +1,5 @@
 """Render docs/results.md from a pytest-benchmark JSON file: `python bench/render_results.py F OUT`."""
+
 from __future__ import annotations
 
 import json
@@ -30,14 +31,20 @@ def anchors(by_name: dict) -> list[str]:
     ours = {m: by_name.get(f"test_pipeline_deep_compression[{m}]") for m in ("lenet5", "lenet300")}
     if not all(ours.values()):
         return []
-    out = ["", "## Anchors: published ratios beside this run", "",
-           "compress counts the real bytes of the file it writes (architecture, indices, codebooks, biases, "
-           "checksums); most papers count computed bits of the weights or parameters. Their base models "
-           "were trained on all 60,000 MNIST digits; ours on 4,000.", "",
-           "| method | LeNet-5 | LeNet-300-100 | counted as |", "|---|---|---|---|",
-           f"| **compress pipeline (this run)** | **{fmt(ours['lenet5']['compression_ratio'], 1)}x** "
-           f"({fmt(ours['lenet5']['accuracy_drop'])} pt) | **{fmt(ours['lenet300']['compression_ratio'], 1)}x** "
-           f"({fmt(ours['lenet300']['accuracy_drop'])} pt) | file bytes, test-set drop |"]
+    out = [
+        "",
+        "## Anchors: published ratios beside this run",
+        "",
+        "compress counts the real bytes of the file it writes (architecture, indices, codebooks, biases, "
+        "checksums); most papers count computed bits of the weights or parameters. Their base models "
+        "were trained on all 60,000 MNIST digits; ours on 4,000.",
+        "",
+        "| method | LeNet-5 | LeNet-300-100 | counted as |",
+        "|---|---|---|---|",
+        f"| **compress pipeline (this run)** | **{fmt(ours['lenet5']['compression_ratio'], 1)}x** "
+        f"({fmt(ours['lenet5']['accuracy_drop'])} pt) | **{fmt(ours['lenet300']['compression_ratio'], 1)}x** "
+        f"({fmt(ours['lenet300']['accuracy_drop'])} pt) | file bytes, test-set drop |",
+    ]
     out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in ANCHORS]
     return out
 
@@ -50,38 +57,53 @@ def nncodec(by_name: dict) -> list[str]:
             continue
         rows.append(f"| {model} | .cpz (compress) | {e['cpz_bytes']:,} | {fmt(e['accuracy'])} |")
         if e.get("cpz_tensor_bytes"):
-            rows.append(f"| {model} | .cpz tensor sections only (no manifest, architecture, header) | "
-                        f"{e['cpz_tensor_bytes']:,} | {fmt(e['accuracy'])} |")
+            rows.append(
+                f"| {model} | .cpz tensor sections only (no manifest, architecture, header) | "
+                f"{e['cpz_tensor_bytes']:,} | {fmt(e['accuracy'])} |"
+            )
         for qp, r in sorted(e["nncodec"].items(), key=lambda kv: int(kv[0])):
             rows.append(f"| {model} | NNCodec qp {qp} | {r['bytes']:,} | {fmt(r['accuracy'])} |")
     if not rows:
         return []
-    return ["", "## NNCodec beside .cpz, on the same weights", "",
-            "NNCodec 2.1.3 (Fraunhofer HHI's MPEG NNR / DeepCABAC) re-quantizes and codes the weights of the "
-            "pipeline's .cpz, without fine-tuning, in its own environment (`NNCODEC_PYTHON`, see "
-            "bench/nncodec_peer.py). Its bitstream holds no architecture; the .cpz bytes include it.", "",
-            "| model | coder | bytes | test acc % |", "|---|---|---|---|"] + rows
+    return [
+        "",
+        "## NNCodec beside .cpz, on the same weights",
+        "",
+        "NNCodec 2.1.3 (Fraunhofer HHI's MPEG NNR / DeepCABAC) re-quantizes and codes the weights of the "
+        "pipeline's .cpz, without fine-tuning, in its own environment (`NNCODEC_PYTHON`, see "
+        "bench/nncodec_peer.py). Its bitstream holds no architecture; the .cpz bytes include it.",
+        "",
+        "| model | coder | bytes | test acc % |",
+        "|---|---|---|---|",
+    ] + rows
 
 
 def matrix(by_name: dict) -> list[str]:
     rows = (by_name.get("test_real_architecture_matrix") or {}).get("matrix")
     if not rows:
         return []
-    out = ["", "## Real architectures (bench/test_bench_real.py)", "",
-           "Models nobody here wrote (pytorchcv; ConvNeXt in torchvision's CNBlock layout, tests/archs.py), random "
-           "weights: structure, MACs and bytes do not depend on them. l1-filter at ratio 0.5 without fine-tuning "
-           "beside torch-pruning 1.6's own MetaPruner (L1 magnitude, same ratio); then 4-bit k-means and the .cpz "
-           "with the model's graph (compress's own schema, docs/format.md), decoded without the model's code: the "
-           "whole .cpz decode in seconds (graph checked and its cost totalled on the meta device included), and the "
-           "largest output difference, relative to the largest output.",
-           "", "| family | exercises | params | MACs | l1-filter 0.5: fewer MACs | torch-pruning | groups kept "
-           "(unsafe) | prune s | .cpz bytes (4-bit) | of which graph | vs FP32 | decode s | graph decode rel. diff |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "",
+        "## Real architectures (bench/test_bench_real.py)",
+        "",
+        "Models nobody here wrote (pytorchcv; ConvNeXt in torchvision's CNBlock layout, tests/archs.py), random "
+        "weights: structure, MACs and bytes do not depend on them. l1-filter at ratio 0.5 without fine-tuning "
+        "beside torch-pruning 1.6's own MetaPruner (L1 magnitude, same ratio); then 4-bit k-means and the .cpz "
+        "with the model's graph (compress's own schema, docs/format.md), decoded without the model's code: the "
+        "whole .cpz decode in seconds (graph checked and its cost totalled on the meta device included), and the "
+        "largest output difference, relative to the largest output.",
+        "",
+        "| family | exercises | params | MACs | l1-filter 0.5: fewer MACs | torch-pruning | groups kept "
+        "(unsafe) | prune s | .cpz bytes (4-bit) | of which graph | vs FP32 | decode s | graph decode rel. diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         tp = f"{r['tp_macs_ratio']}x" if isinstance(r["tp_macs_ratio"], (int, float)) else r["tp_macs_ratio"]
-        out.append(f"| {r['family']} | {r['exercises']} | {r['params']:,} | {r['macs']:,} | {r['l1_macs_ratio']}x | "
-                   f"{tp} | {r['kept_groups']} | {r['prune_s']} | {r['cpz_bytes']:,} | {r['graph_bytes']:,} | "
-                   f"{r['ratio_vs_dense']}x | {r.get('decode_s', '-')} | {r['graph_decode_rel_diff']:.1g} |")
+        out.append(
+            f"| {r['family']} | {r['exercises']} | {r['params']:,} | {r['macs']:,} | {r['l1_macs_ratio']}x | "
+            f"{tp} | {r['kept_groups']} | {r['prune_s']} | {r['cpz_bytes']:,} | {r['graph_bytes']:,} | "
+            f"{r['ratio_vs_dense']}x | {r.get('decode_s', '-')} | {r['graph_decode_rel_diff']:.1g} |"
+        )
     return out
 
 
@@ -89,12 +111,17 @@ def graph_decode(by_name: dict) -> list[str]:
     rows = (by_name.get("test_graph_decode_is_linear_in_its_nodes") or {}).get("graph_decode")
     if not rows:
         return []
-    return ["", "## Graph decoding is linear (bench/test_bench_graph.py)", "",
-            "A stored graph of residual units (conv, relu, add; each unit its own weights) at 1x, 10x and 100x "
-            "its depth, decoded: parsed into compress's typed objects, run on the meta device to total its "
-            "memory and work (by each op's formula, for one sample), and built into a module.", "",
-            "| scale | nodes | decode s | us per node |", "|---|---|---|---|"] + [
-        f"| {r['scale']}x | {r['nodes']:,} | {r['decode_s']} | {r['us_per_node']} |" for r in rows]
+    return [
+        "",
+        "## Graph decoding is linear (bench/test_bench_graph.py)",
+        "",
+        "A stored graph of residual units (conv, relu, add; each unit its own weights) at 1x, 10x and 100x "
+        "its depth, decoded: parsed into compress's typed objects, run on the meta device to total its "
+        "memory and work (by each op's formula, for one sample), and built into a module.",
+        "",
+        "| scale | nodes | decode s | us per node |",
+        "|---|---|---|---|",
+    ] + [f"| {r['scale']}x | {r['nodes']:,} | {r['decode_s']} | {r['us_per_node']} |" for r in rows]
 
 
 def user_data(by_name: dict) -> list[str]:
@@ -103,43 +130,71 @@ def user_data(by_name: dict) -> list[str]:
     out = []
     same = by_name.get("test_pipeline_folder_same_as_memory")
     if same:
-        out += ["", "## The data users have (bench/test_bench_data.py)", "",
-                "A short Deep Compression recipe (threshold 0.7/0.8/0.9 with 4 epochs each, then k-means) on LeNet-5, "
-                "0.5 pt budget, with mnist5k in memory and with the same 5,000 digits "
-                "written as a PNG folder (`folder:DIR`), test accuracy on " + same.get("eval_data", "?") + ":", "",
-                "| data | ratio | .cpz bytes | validation acc % | test acc % | seconds |", "|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "## The data users have (bench/test_bench_data.py)",
+            "",
+            "A short Deep Compression recipe (threshold 0.7/0.8/0.9 with 4 epochs each, then k-means) on LeNet-5, "
+            "0.5 pt budget, with mnist5k in memory and with the same 5,000 digits "
+            "written as a PNG folder (`folder:DIR`), test accuracy on " + same.get("eval_data", "?") + ":",
+            "",
+            "| data | ratio | .cpz bytes | validation acc % | test acc % | seconds |",
+            "|---|---|---|---|---|---|",
+        ]
         for k in ("memory", "folder"):
             r = same[k]
-            out.append(f"| {k} | {fmt(r['ratio'])}x | {r['cpz_bytes']:,} | {fmt(r['val_accuracy'])} | "
-                       f"{fmt(r['test_accuracy'])} | {r['seconds']} |")
+            out.append(
+                f"| {k} | {fmt(r['ratio'])}x | {r['cpz_bytes']:,} | {fmt(r['val_accuracy'])} | "
+                f"{fmt(r['test_accuracy'])} | {r['seconds']} |"
+            )
     mem = by_name.get("test_folder_memory_is_bounded")
     if mem:
-        out += ["", "Peak RSS (the process and its loader processes) of `compress report --data folder:DIR?workers=2` "
-                "and a 1-epoch `compress prune --train-data folder:DIR?workers=2` (LeNet-300-100, 28x28 PNGs):", "",
-                "| images | report MiB | report s | prune MiB | prune s |", "|---|---|---|---|---|"]
+        out += [
+            "",
+            "Peak RSS (the process and its loader processes) of `compress report --data folder:DIR?workers=2` "
+            "and a 1-epoch `compress prune --train-data folder:DIR?workers=2` (LeNet-300-100, 28x28 PNGs):",
+            "",
+            "| images | report MiB | report s | prune MiB | prune s |",
+            "|---|---|---|---|---|",
+        ]
         for n, r in sorted(mem["images"].items(), key=lambda kv: int(kv[0])):
             out.append(f"| {int(n):,} | {r['report_mb']} | {r['report_s']} | {r['prune_mb']} | {r['prune_s']} |")
     speed = by_name.get("test_folder_loader_keeps_up")
     if speed:
-        out += ["", f"One fine-tuning epoch of ResNet-20 on {speed['samples']:,} 32x32 digits: "
-                f"{speed['seconds']['memory']} s in memory, {speed['seconds']['folder']} s from a PNG folder with "
-                f"2 loader processes ({speed['folder_over_memory']}x)."]
+        out += [
+            "",
+            f"One fine-tuning epoch of ResNet-20 on {speed['samples']:,} 32x32 digits: "
+            f"{speed['seconds']['memory']} s in memory, {speed['seconds']['folder']} s from a PNG folder with "
+            f"2 loader processes ({speed['folder_over_memory']}x).",
+        ]
     rows = [(m, by_name.get(f"test_distillation_at_fixed_compression[{m}]")) for m in ("lenet5", "resnet20")]
     rows = [(m, e) for m, e in rows if e]
     if rows:
-        out += ["", "### Distillation", "",
-                "L1-filter pruning at ratio 0.5 with 3 epochs of fine-tuning, from the same trained model, with the "
-                "task loss alone and with distillation from the input model (`--distill 4`, half the loss); "
-                "test accuracy, mean (min-max) over seeds of the fine-tuning order:", "",
-                "| model | base acc % | task loss | distill T=4 | gain pt | seeds |", "|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "### Distillation",
+            "",
+            "L1-filter pruning at ratio 0.5 with 3 epochs of fine-tuning, from the same trained model, with the "
+            "task loss alone and with distillation from the input model (`--distill 4`, half the loss); "
+            "test accuracy, mean (min-max) over seeds of the fine-tuning order:",
+            "",
+            "| model | base acc % | task loss | distill T=4 | gain pt | seeds |",
+            "|---|---|---|---|---|---|",
+        ]
         for m, e in rows:
             d = e["distillation"]
             cell = {k: f"{fmt(v['mean'])} ({fmt(v['min'])}-{fmt(v['max'])})" for k, v in d.items()}
-            out.append(f"| {m} | {fmt(e['base_accuracy'])} | {cell['task loss']} | {cell['distill T=4']} | "
-                       f"{e['gain_pt']:+.2f} | {len(d['task loss']['runs'])} |")
+            out.append(
+                f"| {m} | {fmt(e['base_accuracy'])} | {cell['task loss']} | {cell['distill T=4']} | "
+                f"{e['gain_pt']:+.2f} | {len(d['task loss']['runs'])} |"
+            )
         clear = [m for m, e in rows if e["distillation"]["distill T=4"]["min"] > e["distillation"]["task loss"]["max"]]
-        out += ["", f"Distillation gained beyond the seed spread on: {', '.join(clear)}." if clear else
-                "No gain beyond the seed spread: distillation stays off by default (`--distill T` asks for it)."]
+        out += [
+            "",
+            f"Distillation gained beyond the seed spread on: {', '.join(clear)}."
+            if clear
+            else "No gain beyond the seed spread: distillation stays off by default (`--distill T` asks for it).",
+        ]
     return out
 
 
@@ -155,37 +210,60 @@ def kept_section(dst: str, title: str) -> list[str]:
     if start < 0:
         return []
     end = text.find("\n## ", start + len(title))
-    return [""] + text[start:end if end >= 0 else len(text)].rstrip("\n").split("\n")
+    return [""] + text[start : end if end >= 0 else len(text)].rstrip("\n").split("\n")
 
 
 def targets(by_name: dict) -> list[str]:
     rows = [e for n, e in by_name.items() if n.startswith("test_target_macs[")]
     if not rows:
         return []
-    out = ["", "## --target-macs (bench/test_bench_targets.py)", "",
-           "`compress prune --method l1-filter --target-macs 0.5`: channels ranked across layers (L1 over the group's "
-           "mean), one threshold by bisection. Beside it, Torch-Pruning 1.6's MetaPruner with global pruning (group "
-           "L1 magnitude), its ratio bisected to the same MACs. The trained model gets the same 2 epochs of "
-           "fine-tuning after either; accuracy on " + next((e["eval_data"] for e in rows if "eval_data" in e), "-")
-           + "; pytorchcv models have random weights (where the target lands does not depend on them).", "",
-           "| model | MACs reached: compress | Torch-Pruning | base acc % | compress acc % (before fine-tuning) | "
-           "Torch-Pruning acc % (before) |", "|---|---|---|---|---|---|"]
+    out = [
+        "",
+        "## --target-macs (bench/test_bench_targets.py)",
+        "",
+        "`compress prune --method l1-filter --target-macs 0.5`: channels ranked across layers (L1 over the group's "
+        "mean), one threshold by bisection. Beside it, Torch-Pruning 1.6's MetaPruner with global pruning (group "
+        "L1 magnitude), its ratio bisected to the same MACs. The trained model gets the same 2 epochs of "
+        "fine-tuning after either; accuracy on "
+        + next((e["eval_data"] for e in rows if "eval_data" in e), "-")
+        + "; pytorchcv models have random weights (where the target lands does not depend on them).",
+        "",
+        "| model | MACs reached: compress | Torch-Pruning | base acc % | compress acc % (before fine-tuning) | "
+        "Torch-Pruning acc % (before) |",
+        "|---|---|---|---|---|---|",
+    ]
     cu = [e for n, e in by_name.items() if n.startswith("test_channel_union_target_macs[")]
     for e in rows:
-        acc = (lambda k: f"{fmt(e[k + '_accuracy'])} ({fmt(e[k + '_accuracy_before_finetune'])})"
-               if k + "_accuracy" in e else "-")
-        out.append(f"| {e['case']} | {e['compress_macs_fraction']:.3f} | {e['torch_pruning_macs_fraction']:.3f} | "
-                   f"{fmt(e.get('base_accuracy'))} | {acc('compress')} | {acc('torch_pruning')} |")
+
+        def acc(k, e=e):
+            return (
+                f"{fmt(e[k + '_accuracy'])} ({fmt(e[k + '_accuracy_before_finetune'])})"
+                if k + "_accuracy" in e
+                else "-"
+            )
+
+        out.append(
+            f"| {e['case']} | {e['compress_macs_fraction']:.3f} | {e['torch_pruning_macs_fraction']:.3f} | "
+            f"{fmt(e.get('base_accuracy'))} | {acc('compress')} | {acc('torch_pruning')} |"
+        )
     lat = by_name.get("test_target_latency")
     if lat:
-        out += ["", f"`--target-latency {lat['target']}` (l1-filter, ResNet-20, batch 1, this machine): the bisection "
-                f"measured {lat['bisection_reached']:.3f} of the input's latency; timed again afterwards "
-                f"{lat['timed_again'][1]:.3f} (95% interval {lat['timed_again'][0]:.3f}-{lat['timed_again'][2]:.3f}), "
-                f"at {lat['macs_fraction']:.3f} of the MACs."]
+        out += [
+            "",
+            f"`--target-latency {lat['target']}` (l1-filter, ResNet-20, batch 1, this machine): the bisection "
+            f"measured {lat['bisection_reached']:.3f} of the input's latency; timed again afterwards "
+            f"{lat['timed_again'][1]:.3f} (95% interval {lat['timed_again'][0]:.3f}-{lat['timed_again'][2]:.3f}), "
+            f"at {lat['macs_fraction']:.3f} of the MACs.",
+        ]
     if cu:
-        out += ["", "`compress prune --method channel-union --target-macs 0.5` (4 epochs of group-lasso training, SGD; "
-                "the pytorchcv model trains from random weights on 3-channel digits):", "",
-                "| model | MACs reached | test acc % | what removed it |", "|---|---|---|---|"]
+        out += [
+            "",
+            "`compress prune --method channel-union --target-macs 0.5` (4 epochs of group-lasso training, SGD; "
+            "the pytorchcv model trains from random weights on 3-channel digits):",
+            "",
+            "| model | MACs reached | test acc % | what removed it |",
+            "|---|---|---|---|",
+        ]
         for e in cu:
             how = next((n for n in e["notes"] if n.startswith("the group lasso reached")), "the group lasso alone")
             out.append(f"| {e['case']} | {e['compress_macs_fraction']:.3f} | {fmt(e['accuracy'])} | {how} |")
@@ -196,33 +274,46 @@ def timing(by_name: dict) -> list[str]:
     e = by_name.get("test_same_model_reads_same")
     if not e:
         return []
-    return ["", "## Speed verdicts (bench/test_bench_timing.py)", "",
-            f"The same LeNet-5 timed against a copy of itself, interleaved, 20 times: \"same\" in {e['same_of_20']} of 20 "
-            "(the 95% interval of the paired ratio must leave [0.95, 1.05] for \"faster\" or \"slower\"); its 8-bit "
-            f"weight-quantized copy (the same FP32 compute) against it at batch 32: \"{e['int8_weights_vs_fp32']}\"."]
+    return [
+        "",
+        "## Speed verdicts (bench/test_bench_timing.py)",
+        "",
+        f'The same LeNet-5 timed against a copy of itself, interleaved, 20 times: "same" in {e["same_of_20"]} of 20 '
+        '(the 95% interval of the paired ratio must leave [0.95, 1.05] for "faster" or "slower"); its 8-bit '
+        f'weight-quantized copy (the same FP32 compute) against it at batch 32: "{e["int8_weights_vs_fp32"]}".',
+    ]
 
 
 def confidence(by_name: dict) -> list[str]:
     rows = [(n, e) for n, e in by_name.items() if n.startswith("test_budget_misses_on_test_by_confidence")]
     if not rows:
         return []
-    out = ["", "## How sure the budget is (bench/test_bench_confidence.py)", "",
-           "The issue's case: LeNet-300-100 trained on 4,500 mnist5k digits, the other 500 given as --val-data, "
-           "default recipe, 0.5 pt budget, over 5 splits; a miss is a drop of more than 0.5 pt on the official "
-           "MNIST test set.", "", "| trained with | margin | misses | worst test drop pt | mean ratio |",
-           "|---|---|---|---|---|"]
+    out = [
+        "",
+        "## How sure the budget is (bench/test_bench_confidence.py)",
+        "",
+        "The issue's case: LeNet-300-100 trained on 4,500 mnist5k digits, the other 500 given as --val-data, "
+        "default recipe, 0.5 pt budget, over 5 splits; a miss is a drop of more than 0.5 pt on the official "
+        "MNIST test set.",
+        "",
+        "| trained with | margin | misses | worst test drop pt | mean ratio |",
+        "|---|---|---|---|---|",
+    ]
     for _, e in sorted(rows, key=lambda kv: -kv[1]["augment"]):
         how = "random shifts (as zoo train)" if e["augment"] else "no augmentation"
         for z, r in e["confidence_study"].items():
-            out.append(f"| {how} | {float(z):g} SE | {r['misses']} of {r['runs']} | {fmt(r['worst_test_drop'])} | "
-                       f"{fmt(r['mean_ratio'], 1)}x |")
+            out.append(
+                f"| {how} | {float(z):g} SE | {r['misses']} of {r['runs']} | {fmt(r['worst_test_drop'])} | "
+                f"{fmt(r['mean_ratio'], 1)}x |"
+            )
     return out
 
 
 def section(title: str, intro: str, columns: list[str], rows: list[list]) -> list[str]:
     """A results section: heading, what was measured, and its table."""
-    return (["", f"## {title}", "", intro, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-            + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+    return ["", f"## {title}", "", intro, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + [
+        "| " + " | ".join(str(c) for c in r) + " |" for r in rows
+    ]
 
 
 def extensions(by_name: dict) -> list[str]:
@@ -235,8 +326,11 @@ def extensions(by_name: dict) -> list[str]:
             f"{sch['eval_data']}), every layer, no fine-tuning, biases on 8 bits; SQNR of the weights weighted by "
             "layer size; bytes of the .cpz.",
             ["scheme", "accuracy %", "weight SQNR dB", ".cpz bytes", "ratio"],
-            [[name, fmt(r["accuracy"]), fmt(r["sqnr_db"]), f"{r['cpz_bytes']:,}", f"{fmt(r['ratio'])}x"]
-             for name, r in sch["schemes"].items()])
+            [
+                [name, fmt(r["accuracy"]), fmt(r["sqnr_db"]), f"{r['cpz_bytes']:,}", f"{fmt(r['ratio'])}x"]
+                for name, r in sch["schemes"].items()
+            ],
+        )
     if imp:
         out += section(
             "Channel importances side by side (bench/test_bench_extensions.py)",
@@ -244,8 +338,11 @@ def extensions(by_name: dict) -> list[str]:
             f"{imp['eval_data']}) by each registered importance; accuracy right after pruning (BatchNorm "
             "statistics no longer fit) and after the same 1 epoch of fine-tuning; one run each.",
             ["importance", "MACs reached", "acc % pruned", "acc % after 1 epoch", "pruning s"],
-            [[name, f"{r['macs_fraction']:.3f}", fmt(r["accuracy_pruned"]), fmt(r["accuracy"]), fmt(r["seconds"], 1)]
-             for name, r in imp["importances"].items()])
+            [
+                [name, f"{r['macs_fraction']:.3f}", fmt(r["accuracy_pruned"]), fmt(r["accuracy"]), fmt(r["seconds"], 1)]
+                for name, r in imp["importances"].items()
+            ],
+        )
     return out
 
 
@@ -269,11 +366,32 @@ def int8(by_name: dict) -> list[str]:
         "from 512 mnist5k digits by each observer. Quantization-aware (QAT, `--epochs 1`): 1 epoch of "
         "fake-quantized fine-tuning on the training split (batch-norm statistics and ranges frozen for the last "
         f"30%), then converted. Accuracy on {rows[0]['eval_data']}; one run each.",
-        ["model", "FP32 %", "PTQ histogram %", "PTQ min-max %", "PTQ percentile %", "QAT 1 epoch %", "QAT s",
-         "ORT INT8 %"] + (["OpenVINO INT8 %"] if ov else []),
-        [[e["case"], fmt(e["fp32_accuracy"]), fmt(e["int8_histogram_accuracy"]), fmt(e["int8_minmax_accuracy"]),
-          fmt(e.get("int8_percentile_accuracy")), fmt(e.get("int8_qat_accuracy")), fmt(e.get("qat_seconds"), 1),
-          fmt(e["ort_int8_accuracy"])] + ([fmt(e.get("ov_int8_accuracy"))] if ov else []) for e in rows])
+        [
+            "model",
+            "FP32 %",
+            "PTQ histogram %",
+            "PTQ min-max %",
+            "PTQ percentile %",
+            "QAT 1 epoch %",
+            "QAT s",
+            "ORT INT8 %",
+        ]
+        + (["OpenVINO INT8 %"] if ov else []),
+        [
+            [
+                e["case"],
+                fmt(e["fp32_accuracy"]),
+                fmt(e["int8_histogram_accuracy"]),
+                fmt(e["int8_minmax_accuracy"]),
+                fmt(e.get("int8_percentile_accuracy")),
+                fmt(e.get("int8_qat_accuracy")),
+                fmt(e.get("qat_seconds"), 1),
+                fmt(e["ort_int8_accuracy"]),
+            ]
+            + ([fmt(e.get("ov_int8_accuracy"))] if ov else [])
+            for e in rows
+        ],
+    )
     out += section(
         "INT8 that PyTorch executes: speed, memory, file (bench/test_bench_int8.py)",
         "Latency at batch 32 on this machine with 2 threads: PyTorch FP32 and INT8 (PTQ histogram) interleaved, "
@@ -281,12 +399,27 @@ def int8(by_name: dict) -> list[str]:
         "two ONNX files as IR, FP32 run in f32) timed each alone, medians. Memory: bytes of the tensors the model "
         "holds while it runs; file: the INT8 .pt against the FP32 .pt.",
         ["model", "PyTorch FP32 → INT8 ms", "speed", "ORT FP32 → INT8 ms"]
-        + (["OpenVINO FP32 → INT8 ms", "OpenVINO INT8 layers"] if ov else []) + ["memory", "file"],
-        [[e["case"], f"{fmt(e['fp32_ms_b32'])} → {fmt(e['int8_ms_b32'])}", e["verdict"],
-          f"{fmt(e['ort_fp32_ms_b32'])} → {fmt(e['ort_int8_ms_b32'])}"]
-         + ([f"{fmt(e.get('ov_fp32_ms_b32'))} → {fmt(e.get('ov_int8_ms_b32'))}",
-             "{} of {}".format(*e.get("ov_int8_int8_layers", ["-", "-"]))] if ov else [])
-         + [f"{e['memory_ratio']:.2f}x", f"{e['file_ratio']:.2f}x"] for e in rows])
+        + (["OpenVINO FP32 → INT8 ms", "OpenVINO INT8 layers"] if ov else [])
+        + ["memory", "file"],
+        [
+            [
+                e["case"],
+                f"{fmt(e['fp32_ms_b32'])} → {fmt(e['int8_ms_b32'])}",
+                e["verdict"],
+                f"{fmt(e['ort_fp32_ms_b32'])} → {fmt(e['ort_int8_ms_b32'])}",
+            ]
+            + (
+                [
+                    f"{fmt(e.get('ov_fp32_ms_b32'))} → {fmt(e.get('ov_int8_ms_b32'))}",
+                    "{} of {}".format(*e.get("ov_int8_int8_layers", ["-", "-"])),
+                ]
+                if ov
+                else []
+            )
+            + [f"{e['memory_ratio']:.2f}x", f"{e['file_ratio']:.2f}x"]
+            for e in rows
+        ],
+    )
     peers = [e for n, e in by_name.items() if n.startswith("test_int8_pt2e_peer[")]
     if peers:
         out += section(
@@ -297,9 +430,19 @@ def int8(by_name: dict) -> list[str]:
             "interleaved, 95% interval; compile: seconds of the first call at batch 32 (every new shape compiles "
             "again; a compiled model is code and is not saved).",
             ["model", "FX INT8 %", "PT2E INT8 %", "FX ms", "PT2E compiled ms", "PT2E vs FX", "compile s"],
-            [[e["case"], fmt(e["fx_accuracy"]), fmt(e.get("pt2e_accuracy")), fmt(e.get("fx_ms_b32")),
-              fmt(e.get("pt2e_ms_b32")), e.get("pt2e_vs_fx", f"PT2E failed: {e.get('pt2e_error')}"),
-              fmt(e.get("compile_s_batch_32"), 1)] for e in peers])
+            [
+                [
+                    e["case"],
+                    fmt(e["fx_accuracy"]),
+                    fmt(e.get("pt2e_accuracy")),
+                    fmt(e.get("fx_ms_b32")),
+                    fmt(e.get("pt2e_ms_b32")),
+                    e.get("pt2e_vs_fx", f"PT2E failed: {e.get('pt2e_error')}"),
+                    fmt(e.get("compile_s_batch_32"), 1),
+                ]
+                for e in peers
+            ],
+        )
     pipes = [e for n, e in by_name.items() if n.startswith("test_pipeline_with_an_int8_stage[")]
     if pipes:
         out += section(
@@ -308,14 +451,33 @@ def int8(by_name: dict) -> list[str]:
             f"only if PTQ misses) under a {fmt(pipes[0]['budget_pt'], 1)} pt budget judged on the held-out split "
             f"(drop + 1 SE); test accuracy on {pipes[0]['eval_data']}; latency of the input FP32 model and the "
             "result at batch 32, interleaved, 95% interval; ratio: FP32 bytes over the INT8 file.",
-            ["pipeline", "stages kept", "int8 candidates (validation %, verdict)", "test % before → after", "MACs",
-             "ratio", "FP32 → result ms", "speed"],
-            [[e["case"], ", ".join(_kept(st) for st in e["stages"]),
-              "; ".join(f"{'PTQ' if not t['qat_epochs'] else 'QAT'}: {fmt(t['accuracy'])} {t['verdict'].split(':')[0]}"
-                        for t in e["int8_tried"]),
-              f"{fmt(e['test_before'])} → {fmt(e['test_after'])}", f"{e['macs_fraction']:.2f}x",
-              f"{fmt(e['ratio'])}x", f"{fmt(e['fp32_ms_b32'])} → {fmt(e['final_ms_b32'])}", e["verdict"]]
-             for e in pipes])
+            [
+                "pipeline",
+                "stages kept",
+                "int8 candidates (validation %, verdict)",
+                "test % before → after",
+                "MACs",
+                "ratio",
+                "FP32 → result ms",
+                "speed",
+            ],
+            [
+                [
+                    e["case"],
+                    ", ".join(_kept(st) for st in e["stages"]),
+                    "; ".join(
+                        f"{'PTQ' if not t['qat_epochs'] else 'QAT'}: {fmt(t['accuracy'])} {t['verdict'].split(':')[0]}"
+                        for t in e["int8_tried"]
+                    ),
+                    f"{fmt(e['test_before'])} → {fmt(e['test_after'])}",
+                    f"{e['macs_fraction']:.2f}x",
+                    f"{fmt(e['ratio'])}x",
+                    f"{fmt(e['fp32_ms_b32'])} → {fmt(e['final_ms_b32'])}",
+                    e["verdict"],
+                ]
+                for e in pipes
+            ],
+        )
     return out
 
 
@@ -324,20 +486,45 @@ def main(src: str, dst: str) -> None:
     rows = []
     for b in sorted(data["benchmarks"], key=lambda b: b["fullname"]):
         e = b.get("extra_info", {})
-        rows.append("| " + " | ".join([
-            b["name"].replace("test_", ""), fmt(e.get("compression_ratio")) + ("x" if e.get("compression_ratio") else ""),
-            fmt(e.get("base_accuracy")), fmt(e.get("accuracy")), fmt(e.get("accuracy_drop")),
-            fmt(e.get("latency_ms"), 3), fmt(b["stats"]["median"], 2),
-            ", ".join(f"{k}={v}" for k, v in e.items() if k in ("speedup_batch32", "macs_reduction", "times_zlib",
-                                                                   "file_bytes", "cpz_bytes", "metric", "method",
-                                                                   "wall_s_1_process", "wall_s_2_processes"))]) + " |")
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    b["name"].replace("test_", ""),
+                    fmt(e.get("compression_ratio")) + ("x" if e.get("compression_ratio") else ""),
+                    fmt(e.get("base_accuracy")),
+                    fmt(e.get("accuracy")),
+                    fmt(e.get("accuracy_drop")),
+                    fmt(e.get("latency_ms"), 3),
+                    fmt(b["stats"]["median"], 2),
+                    ", ".join(
+                        f"{k}={v}"
+                        for k, v in e.items()
+                        if k
+                        in (
+                            "speedup_batch32",
+                            "macs_reduction",
+                            "times_zlib",
+                            "file_bytes",
+                            "cpz_bytes",
+                            "metric",
+                            "method",
+                            "wall_s_1_process",
+                            "wall_s_2_processes",
+                        )
+                    ),
+                ]
+            )
+            + " |"
+        )
     machine = data.get("machine_info", {})
     head = [
         "# Results",
         "",
         "Rendered by `bench/render_results.py` from the JSON that `make bench` writes; do not edit by hand.",
         f"Run: {datetime.now(timezone.utc).strftime('%Y-%m-%d')}, {machine.get('processor') or platform.machine()} "
-        f"({machine.get('cpu', {}).get('count', '?')} CPUs), Python {machine.get('python_version', platform.python_version())}, "
+        f"({machine.get('cpu', {}).get('count', '?')} CPUs), "
+        f"Python {machine.get('python_version', platform.python_version())}, "
         "torch threads 2.",
         "",
         "Accuracy is top-1 % on the official MNIST test set (10,000 digits) where it was available "
@@ -349,25 +536,47 @@ def main(src: str, dst: str) -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     by_name = {b["name"]: b.get("extra_info", {}) for b in data["benchmarks"]}
-    side = ["", "## compress pipeline vs the peer baseline", "",
-            "The same trained model through `compress pipeline` (default recipe, 0.5 pt budget on held-out "
-            "training data) and through what a user would otherwise do with plain PyTorch "
-            "(torch.nn.utils.prune global magnitude pruning to 92% + the same fine-tuning, dynamic INT8, gzip).",
-            "", "| model | compress .cpz bytes | ratio | drop pt | peer bytes | peer ratio | peer drop pt |",
-            "|---|---|---|---|---|---|---|"]
+    side = [
+        "",
+        "## compress pipeline vs the peer baseline",
+        "",
+        "The same trained model through `compress pipeline` (default recipe, 0.5 pt budget on held-out "
+        "training data) and through what a user would otherwise do with plain PyTorch "
+        "(torch.nn.utils.prune global magnitude pruning to 92% + the same fine-tuning, dynamic INT8, gzip).",
+        "",
+        "| model | compress .cpz bytes | ratio | drop pt | peer bytes | peer ratio | peer drop pt |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for model in ("lenet5", "lenet300"):
         c = by_name.get(f"test_pipeline_deep_compression[{model}]")
         p = by_name.get(f"test_peer_baseline[{model}]")
         if c and p:
-            side.append(f"| {model} | {c.get('file_bytes', 0):,} | {fmt(c['compression_ratio'])}x | "
-                        f"{fmt(c['accuracy_drop'])} | {p.get('file_bytes', 0):,} | {fmt(p['compression_ratio'])}x | "
-                        f"{fmt(p['accuracy_drop'])} |")
+            side.append(
+                f"| {model} | {c.get('file_bytes', 0):,} | {fmt(c['compression_ratio'])}x | "
+                f"{fmt(c['accuracy_drop'])} | {p.get('file_bytes', 0):,} | {fmt(p['compression_ratio'])}x | "
+                f"{fmt(p['accuracy_drop'])} |"
+            )
     if len(side) == 7:
         side = []
     peer = nncodec(by_name) or kept_section(dst, "## NNCodec")
-    open(dst, "w").write("\n".join(head + rows + side + anchors(by_name) + peer + matrix(by_name)
-                              + graph_decode(by_name) + user_data(by_name) + targets(by_name) + timing(by_name) + confidence(by_name)
-                              + extensions(by_name) + int8(by_name)) + "\n")
+    open(dst, "w").write(
+        "\n".join(
+            head
+            + rows
+            + side
+            + anchors(by_name)
+            + peer
+            + matrix(by_name)
+            + graph_decode(by_name)
+            + user_data(by_name)
+            + targets(by_name)
+            + timing(by_name)
+            + confidence(by_name)
+            + extensions(by_name)
+            + int8(by_name)
+        )
+        + "\n"
+    )
     print(f"wrote {dst} ({len(rows)} benchmarks)")
 
 

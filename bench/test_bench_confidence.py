@@ -1,6 +1,7 @@
 """How sure the budget is: the issue's case (LeNet-300-100 trained on 4,500 digits, the other 500 as --val-data,
 0.5 pt budget) over several splits, with 1 and 2 standard errors of margin: how often the official test set
 drops by more than the budget, and what each margin costs in ratio."""
+
 from __future__ import annotations
 
 import copy
@@ -35,11 +36,25 @@ def test_budget_misses_on_test_by_confidence(benchmark, eval_sets, augment):
             for z in (1.0, 2.0):
                 out, s = pipeline(copy.deepcopy(m), tr, max_accuracy_drop=0.5, val_data=va, confidence=z, latency=False)
                 drop = base - evaluate(out, test)
-                rows.append({"seed": seed, "z": z, "ratio": s.ratio, "val_drop": round(s.base_accuracy -
-                             s.final_accuracy, 2), "test_drop": round(drop, 2), "miss": drop > 0.5})
+                rows.append(
+                    {
+                        "seed": seed,
+                        "z": z,
+                        "ratio": s.ratio,
+                        "val_drop": round(s.base_accuracy - s.final_accuracy, 2),
+                        "test_drop": round(drop, 2),
+                        "miss": drop > 0.5,
+                    }
+                )
 
     once(benchmark, study)
-    summary = {str(z): {"misses": sum(r["miss"] for r in rows if r["z"] == z), "runs": len(SEEDS),
-                        "mean_ratio": round(sum(r["ratio"] for r in rows if r["z"] == z) / len(SEEDS), 1),
-                        "worst_test_drop": max(r["test_drop"] for r in rows if r["z"] == z)} for z in (1.0, 2.0)}
+    summary = {
+        str(z): {
+            "misses": sum(r["miss"] for r in rows if r["z"] == z),
+            "runs": len(SEEDS),
+            "mean_ratio": round(sum(r["ratio"] for r in rows if r["z"] == z) / len(SEEDS), 1),
+            "worst_test_drop": max(r["test_drop"] for r in rows if r["z"] == z),
+        }
+        for z in (1.0, 2.0)
+    }
     benchmark.extra_info.update(eval_data=ev, augment=augment, confidence_study=summary, runs=rows)

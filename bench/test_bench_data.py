@@ -1,5 +1,6 @@
 """The data users have: an image folder against the same digits in memory (the same result), bounded memory
 on 100,000 images, a loader that keeps up with ResNet-20, and what distillation buys back."""
+
 from __future__ import annotations
 
 import copy
@@ -40,7 +41,8 @@ def write_png_folder(data, root: Path, n: int | None = None) -> Path:
 
 @pytest.mark.slow
 def test_pipeline_folder_same_as_memory(benchmark, eval_sets, tmp_path):
-    """A short Deep Compression recipe on LeNet-5 with mnist5k in memory and with the same digits as a PNG folder: the split
+    """A short Deep Compression recipe on LeNet-5 with mnist5k in memory and with the same digits as a PNG folder:
+    the split
     holds the same samples in the same order, so the ratio and the accuracy must agree."""
     from compress.recipe import Recipe
     from compress.search import pipeline
@@ -49,28 +51,53 @@ def test_pipeline_folder_same_as_memory(benchmark, eval_sets, tmp_path):
     base = trained("lenet5", 15)
     mem = data_mod.load("mnist5k")
     folder = data_mod.load(f"folder:{write_png_folder(mem, tmp_path / 'png')}")
-    recipe = Recipe.from_dict({"stage": [  # every candidate fine-tunes: the folder is read for every epoch
-        {"method": "threshold", "sparsity": [0.7, 0.8, 0.9], "rounds": 2, "finetune": {"epochs": 4}},
-        {"method": "quantize", "scheme": "kmeans", "bits": [{"conv": 6, "linear": 4}, {"conv": 5, "linear": 3}], "finetune": {"epochs": 0.5}}]})
+    recipe = Recipe.from_dict(
+        {
+            "stage": [  # every candidate fine-tunes: the folder is read for every epoch
+                {"method": "threshold", "sparsity": [0.7, 0.8, 0.9], "rounds": 2, "finetune": {"epochs": 4}},
+                {
+                    "method": "quantize",
+                    "scheme": "kmeans",
+                    "bits": [{"conv": 6, "linear": 4}, {"conv": 5, "linear": 3}],
+                    "finetune": {"epochs": 0.5},
+                },
+            ]
+        }
+    )
     res = {}
     for name, ds in (("memory", mem), ("folder", folder)):
         t0 = time.perf_counter()
-        m, s = pipeline(copy.deepcopy(base), ds, recipe, max_accuracy_drop=0.5, val_fraction=VAL_FRACTION,
-                        latency=False)
-        res[name] = {"ratio": s.ratio, "val_accuracy": s.final_accuracy, "test_accuracy": evaluate(m, test),
-                     "cpz_bytes": s.cpz_bytes, "seconds": round(time.perf_counter() - t0, 1)}
+        m, s = pipeline(
+            copy.deepcopy(base), ds, recipe, max_accuracy_drop=0.5, val_fraction=VAL_FRACTION, latency=False
+        )
+        res[name] = {
+            "ratio": s.ratio,
+            "val_accuracy": s.final_accuracy,
+            "test_accuracy": evaluate(m, test),
+            "cpz_bytes": s.cpz_bytes,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
     once(benchmark, lambda: None)
-    record(benchmark, ratio=res["folder"]["ratio"], accuracy=res["folder"]["test_accuracy"],
-           base_accuracy=evaluate(base, test), latency_ms=0.0, eval_name=ev, memory=res["memory"],
-           folder=res["folder"])
+    record(
+        benchmark,
+        ratio=res["folder"]["ratio"],
+        accuracy=res["folder"]["test_accuracy"],
+        base_accuracy=evaluate(base, test),
+        latency_ms=0.0,
+        eval_name=ev,
+        memory=res["memory"],
+        folder=res["folder"],
+    )
     assert abs(res["folder"]["ratio"] - res["memory"]["ratio"]) <= 0.02 * res["memory"]["ratio"]
     assert abs(res["folder"]["test_accuracy"] - res["memory"]["test_accuracy"]) <= 0.3
 
 
 def _peak_rss_mb(args: list[str]) -> tuple[float, float]:
     """(peak RSS in MiB of the command and the processes it waited for, seconds) of ``compress ARGS``."""
-    code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+    code = (
+        "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
+    )
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", code, str(BIN / "compress"), *args], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -91,10 +118,29 @@ def test_folder_memory_is_bounded(benchmark, tmp_path):
         root = write_png_folder(mem, tmp_path / f"png{n}", n)
         spec = f"folder:{root}?workers=2"
         rep, t_rep = _peak_rss_mb(["report", str(model), "--data", spec, "--no-latency"])
-        pr, t_pr = _peak_rss_mb(["prune", str(model), "--sparsity", "0.9", "--rounds", "1", "--epochs", "1",
-                                 "--train-data", spec, "--no-latency", "-o", str(tmp_path / f"p{n}.pt")])
-        rss[n] = {"report_mb": round(rep), "prune_mb": round(pr), "report_s": round(t_rep, 1),
-                  "prune_s": round(t_pr, 1)}
+        pr, t_pr = _peak_rss_mb(
+            [
+                "prune",
+                str(model),
+                "--sparsity",
+                "0.9",
+                "--rounds",
+                "1",
+                "--epochs",
+                "1",
+                "--train-data",
+                spec,
+                "--no-latency",
+                "-o",
+                str(tmp_path / f"p{n}.pt"),
+            ]
+        )
+        rss[n] = {
+            "report_mb": round(rep),
+            "prune_mb": round(pr),
+            "report_s": round(t_rep, 1),
+            "prune_s": round(t_pr, 1),
+        }
     once(benchmark, lambda: None)
     benchmark.extra_info.update(images={str(k): v for k, v in rss.items()})
     for k in ("report_mb", "prune_mb"):
@@ -123,8 +169,10 @@ def test_folder_loader_keeps_up(benchmark, tmp_path):
     assert ratio <= 1.5
 
 
-DISTILL = {"lenet5": dict(epochs=15, size=28, seeds=(0, 1, 2)),
-           "resnet20": dict(epochs=4, size=32, lr=2e-3, seeds=(0, 1))}
+DISTILL = {
+    "lenet5": dict(epochs=15, size=28, seeds=(0, 1, 2)),
+    "resnet20": dict(epochs=4, size=32, lr=2e-3, seeds=(0, 1)),
+}
 
 
 @pytest.mark.slow
@@ -145,8 +193,16 @@ def test_distillation_at_fixed_compression(benchmark, eval_sets, name):
             m = prune_(copy.deepcopy(base), cfg, tr, va, input_shape=shape)
             acc[label].append(round(evaluate(m, test), 3))
     once(benchmark, lambda: None)
-    summary = {k: {"mean": round(statistics.mean(v), 3), "min": min(v), "max": max(v), "runs": v}
-               for k, v in acc.items()}
-    record(benchmark, ratio=0.0, accuracy=summary["distill T=4"]["mean"], base_accuracy=evaluate(base, test),
-           latency_ms=0.0, eval_name=ev, distillation=summary,
-           gain_pt=round(summary["distill T=4"]["mean"] - summary["task loss"]["mean"], 3))
+    summary = {
+        k: {"mean": round(statistics.mean(v), 3), "min": min(v), "max": max(v), "runs": v} for k, v in acc.items()
+    }
+    record(
+        benchmark,
+        ratio=0.0,
+        accuracy=summary["distill T=4"]["mean"],
+        base_accuracy=evaluate(base, test),
+        latency_ms=0.0,
+        eval_name=ev,
+        distillation=summary,
+        gain_pt=round(summary["distill T=4"]["mean"] - summary["task loss"]["mean"], 3),
+    )

@@ -1,4 +1,5 @@
 """Wall time of the CLI's fine-tuning on 1 and 2 processes (torchrun, gloo on CPU)."""
+
 from __future__ import annotations
 
 import os
@@ -36,14 +37,38 @@ def test_threshold_finetune_1_vs_2_processes(benchmark, tmp_path):
     def run(n):
         out = tmp_path / f"p{n}.pt"
         t0 = time.perf_counter()
-        subprocess.run([torchrun, f"--nproc-per-node={n}", f"--master-port={_port()}", cli, "prune", str(src),
-                        "--sparsity", "0.9", "--train-data", "mnist5k", "--epochs", "3", "-o", str(out)],
-                       check=True, env=env, capture_output=True)
+        subprocess.run(
+            [
+                torchrun,
+                f"--nproc-per-node={n}",
+                f"--master-port={_port()}",
+                cli,
+                "prune",
+                str(src),
+                "--sparsity",
+                "0.9",
+                "--train-data",
+                "mnist5k",
+                "--epochs",
+                "3",
+                "-o",
+                str(out),
+            ],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
         times[n] = time.perf_counter() - t0
         sparsity[n] = sparsity_of(load_model(out))
 
     benchmark.pedantic(lambda: [run(n) for n in (1, 2)], rounds=1, iterations=1)
-    benchmark.extra_info.update(compression_ratio=round(1 / (1 - sparsity[2]), 3), accuracy=None,
-                                accuracy_drop=None, latency_ms=None, wall_s_1_process=round(times[1], 2),
-                                wall_s_2_processes=round(times[2], 2), speedup=round(times[1] / times[2], 3))
+    benchmark.extra_info.update(
+        compression_ratio=round(1 / (1 - sparsity[2]), 3),
+        accuracy=None,
+        accuracy_drop=None,
+        latency_ms=None,
+        wall_s_1_process=round(times[1], 2),
+        wall_s_2_processes=round(times[2], 2),
+        speedup=round(times[1] / times[2], 3),
+    )
     assert abs(sparsity[1] - sparsity[2]) < 0.002

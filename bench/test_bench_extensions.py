@@ -1,5 +1,6 @@
 """The extension points measured against what they extend: every registered quantization scheme on the
 same trained LeNet-5, every registered channel importance on the same trained ResNet-20 at the same MACs."""
+
 from __future__ import annotations
 
 import copy
@@ -33,9 +34,12 @@ def test_schemes_side_by_side(benchmark, eval_sets):
                 res = run("quantize", copy.deepcopy(model), QuantConfig(bits=bits, scheme=name))
                 blob, _ = encode_model(res.model)
                 sqnr = sum(r["sqnr_db"] * r["params"] for r in res.layers) / sum(r["params"] for r in res.layers)
-                rows[f"{name} {bits}-bit"] = {"accuracy": round(evaluate(res.model, test), 2),
-                                              "sqnr_db": round(sqnr, 2), "cpz_bytes": len(blob),
-                                              "ratio": round(dense / len(blob), 2)}
+                rows[f"{name} {bits}-bit"] = {
+                    "accuracy": round(evaluate(res.model, test), 2),
+                    "sqnr_db": round(sqnr, 2),
+                    "cpz_bytes": len(blob),
+                    "ratio": round(dense / len(blob), 2),
+                }
 
     once(benchmark, all_schemes)
     benchmark.extra_info.update(base_accuracy=round(evaluate(model, test), 2), schemes=rows, eval_data=ev)
@@ -55,11 +59,18 @@ def test_importances_side_by_side(benchmark, eval_sets):
 
     def all_importances():
         for name in sorted(IMPORTANCES):
-            res = run("prune", copy.deepcopy(model), L1FilterConfig(target_macs=0.5, importance=name, finetune=FineTune(epochs=0)),
-                      Context(train=tr, input_shape=shape))
+            res = run(
+                "prune",
+                copy.deepcopy(model),
+                L1FilterConfig(target_macs=0.5, importance=name, finetune=FineTune(epochs=0)),
+                Context(train=tr, input_shape=shape),
+            )
             m = res.model
-            row = {"macs_fraction": round(count_macs(m, shape) / base, 3),
-                   "accuracy_pruned": round(evaluate(m, test), 2), "seconds": round(res.seconds, 1)}
+            row = {
+                "macs_fraction": round(count_macs(m, shape) / base, 3),
+                "accuracy_pruned": round(evaluate(m, test), 2),
+                "seconds": round(res.seconds, 1),
+            }
             fit(m, tr, FineTune(epochs=1, lr=1e-3, augment=2))
             row["accuracy"] = round(evaluate(m, test), 2)
             rows[name] = row

@@ -1,5 +1,6 @@
 """The graph decoder's cost is linear in the graph: decode (parse, cost on the meta device, model) of a
 residual CNN's graph at 1x, 10x and 100x its depth; the time per node must stay flat."""
+
 from __future__ import annotations
 
 import time
@@ -32,11 +33,12 @@ def _doc(units: int):
     doc = capture(m, (1, 1, 16, 16))
     tensors = {k: v.detach() for k, v in (dict(m.named_parameters()) | dict(m.named_buffers())).items()}
     names = doc["params"] + doc["buffers"]
-    reads = [any(isinstance(x, dict) and "p" in x and names[x["p"]].startswith("1.") for x in n[1])
-             for n in doc["nodes"]]
-    a = reads.index(True)                    # the unit: from its conv ...
+    reads = [
+        any(isinstance(x, dict) and "p" in x and names[x["p"]].startswith("1.") for x in n[1]) for n in doc["nodes"]
+    ]
+    a = reads.index(True)  # the unit: from its conv ...
     b = next(k for k in range(a, len(doc["nodes"])) if doc["nodes"][k][0] == "add.Tensor")  # ... to its add
-    size, buffers, nodes = b - a + 1, list(doc["buffers"]), doc["nodes"][:b + 1]
+    size, buffers, nodes = b - a + 1, list(doc["buffers"]), doc["nodes"][: b + 1]
 
     def shift(v, u, pmap):
         if isinstance(v, list):
@@ -47,6 +49,7 @@ def _doc(units: int):
         if isinstance(v, dict) and "p" in v:
             return {"p": pmap.get(v["p"], v["p"])}
         return v
+
     for u in range(1, units):
         pmap = {}
         for j, name in enumerate(names):
@@ -54,10 +57,12 @@ def _doc(units: int):
                 new = f"u{u}.{name[2:]}"
                 tensors[new], pmap[j] = tensors[name].clone(), len(doc["params"]) + len(buffers)
                 buffers.append(new)
-        nodes += [[n[0], shift(n[1], u, pmap)] + n[2:] for n in doc["nodes"][a:b + 1]]
+        nodes += [[n[0], shift(n[1], u, pmap)] + n[2:] for n in doc["nodes"][a : b + 1]]
     dv = (units - 1) * size
-    tail = [[n[0], [{"v": x["v"] + dv} if isinstance(x, dict) and "v" in x and x["v"] > a else x for x in n[1]]]
-            + n[2:] for n in doc["nodes"][b + 1:]]
+    tail = [
+        [n[0], [{"v": x["v"] + dv} if isinstance(x, dict) and "v" in x and x["v"] > a else x for x in n[1]]] + n[2:]
+        for n in doc["nodes"][b + 1 :]
+    ]
     return {**doc, "buffers": buffers, "nodes": nodes + tail, "outputs": [{"v": doc["outputs"][0]["v"] + dv}]}, tensors
 
 
@@ -74,10 +79,18 @@ def test_graph_decode_is_linear_in_its_nodes(benchmark):
             dt = time.perf_counter() - t0
             with torch.no_grad():
                 assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
-            rows.append({"scale": scale, "nodes": len(doc["nodes"]), "decode_s": round(dt, 4),
-                         "us_per_node": round(1e6 * dt / len(doc["nodes"]), 1)})
+            rows.append(
+                {
+                    "scale": scale,
+                    "nodes": len(doc["nodes"]),
+                    "decode_s": round(dt, 4),
+                    "us_per_node": round(1e6 * dt / len(doc["nodes"]), 1),
+                }
+            )
+
     once(benchmark, measure)
-    benchmark.extra_info.update(graph_decode=rows, compression_ratio=None, accuracy=None, accuracy_drop=None,
-                                latency_ms=None)
+    benchmark.extra_info.update(
+        graph_decode=rows, compression_ratio=None, accuracy=None, accuracy_drop=None, latency_ms=None
+    )
     per_node = [r["us_per_node"] for r in rows]
     assert max(per_node) < 3 * min(per_node), rows  # linear: the cost of a node does not grow with the graph

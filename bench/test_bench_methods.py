@@ -1,4 +1,5 @@
 """One benchmark per method. Fast cases run by default; long ones are marked slow."""
+
 from __future__ import annotations
 
 import copy
@@ -21,10 +22,21 @@ def test_threshold_lenet5(benchmark, eval_sets):
     base = trained("lenet5", 15)
     tr, va = train_split()
     m = copy.deepcopy(base)
-    once(benchmark, lambda: prune_(m, ThresholdConfig(sparsity=0.92, rounds=2, finetune=FineTune(epochs=8, lr=2e-3, augment=2)), tr, va))
-    record(benchmark, ratio=count_params(m) / count_nonzero(m), accuracy=evaluate(m, test),
-           base_accuracy=evaluate(base, test), latency_ms=latency_ms(m, (1, 1, 28, 28), 32), eval_name=name,
-           metric="nonzero weights")
+    once(
+        benchmark,
+        lambda: prune_(
+            m, ThresholdConfig(sparsity=0.92, rounds=2, finetune=FineTune(epochs=8, lr=2e-3, augment=2)), tr, va
+        ),
+    )
+    record(
+        benchmark,
+        ratio=count_params(m) / count_nonzero(m),
+        accuracy=evaluate(m, test),
+        base_accuracy=evaluate(base, test),
+        latency_ms=latency_ms(m, (1, 1, 28, 28), 32),
+        eval_name=name,
+        metric="nonzero weights",
+    )
     assert benchmark.extra_info["compression_ratio"] >= 12
 
 
@@ -35,10 +47,17 @@ def test_quantize_lenet5(benchmark, eval_sets, bits, scheme):
     m = copy.deepcopy(base)
     once(benchmark, lambda: quantize_(m, QuantConfig(bits=bits, scheme=scheme)))
     from compress.cpz.container import encode_model
+
     size = len(encode_model(copy.deepcopy(m))[0])
-    record(benchmark, ratio=4 * count_params(m) / size, accuracy=evaluate(m, test),
-           base_accuracy=evaluate(base, test), latency_ms=latency_ms(m, (1, 1, 28, 28), 32), eval_name=name,
-           cpz_bytes=size)
+    record(
+        benchmark,
+        ratio=4 * count_params(m) / size,
+        accuracy=evaluate(m, test),
+        base_accuracy=evaluate(base, test),
+        latency_ms=latency_ms(m, (1, 1, 28, 28), 32),
+        eval_name=name,
+        cpz_bytes=size,
+    )
     assert benchmark.extra_info["accuracy_drop"] <= (0.2 if bits == 8 else 1.0)
 
 
@@ -51,8 +70,14 @@ def test_factorize_lenet300(benchmark, eval_sets):
     tr, va = train_split()
     m = copy.deepcopy(base)
     once(benchmark, lambda: factorize_(m, FactorizeConfig(energy=0.8, finetune=FineTune(epochs=3, augment=0)), tr, va))
-    record(benchmark, ratio=count_params(base) / count_params(m), accuracy=evaluate(m, test),
-           base_accuracy=evaluate(base, test), latency_ms=latency_ms(m, (1, 1, 28, 28), 32), eval_name=name)
+    record(
+        benchmark,
+        ratio=count_params(base) / count_params(m),
+        accuracy=evaluate(m, test),
+        base_accuracy=evaluate(base, test),
+        latency_ms=latency_ms(m, (1, 1, 28, 28), 32),
+        eval_name=name,
+    )
     assert benchmark.extra_info["compression_ratio"] >= 2.5
 
 
@@ -63,13 +88,24 @@ def test_l1_filter_resnet20(benchmark, eval_sets):
     base = trained("resnet20", 4, size=32, lr=2e-3)
     tr, va = train_split(32)
     m = copy.deepcopy(base)
-    once(benchmark, lambda: prune_(m, L1FilterConfig(ratio=0.5, finetune=FineTune(epochs=3, augment=0)), tr, va, input_shape=(1, 1, 32, 32)))
+    once(
+        benchmark,
+        lambda: prune_(
+            m, L1FilterConfig(ratio=0.5, finetune=FineTune(epochs=3, augment=0)), tr, va, input_shape=(1, 1, 32, 32)
+        ),
+    )
     shape = (1, 1, 32, 32)
     lat_b, lat_a = latency_ms(base, shape, 32, runs=20), latency_ms(m, shape, 32, runs=20)
-    record(benchmark, ratio=count_params(base) / count_params(m), accuracy=evaluate(m, test),
-           base_accuracy=evaluate(base, test), latency_ms=lat_a, eval_name=name,
-           macs_reduction=round(1 - count_macs(m, shape) / count_macs(base, shape), 4),
-           speedup_batch32=round(lat_b / lat_a, 3))
+    record(
+        benchmark,
+        ratio=count_params(base) / count_params(m),
+        accuracy=evaluate(m, test),
+        base_accuracy=evaluate(base, test),
+        latency_ms=lat_a,
+        eval_name=name,
+        macs_reduction=round(1 - count_macs(m, shape) / count_macs(base, shape), 4),
+        speedup_batch32=round(lat_b / lat_a, 3),
+    )
     assert benchmark.extra_info["macs_reduction"] >= 0.45
 
 
@@ -82,9 +118,15 @@ def test_channel_union_resnet20(benchmark, eval_sets):
     m = copy.deepcopy(base)
     once(benchmark, lambda: prune_(m, ChannelUnionConfig(), tr, va, input_shape=(1, 1, 32, 32)))
     shape = (1, 1, 32, 32)
-    record(benchmark, ratio=count_params(base) / count_params(m), accuracy=evaluate(m, test),
-           base_accuracy=evaluate(base, test), latency_ms=latency_ms(m, shape, 32), eval_name=name,
-           macs_reduction=round(1 - count_macs(m, shape) / count_macs(base, shape), 4))
+    record(
+        benchmark,
+        ratio=count_params(base) / count_params(m),
+        accuracy=evaluate(m, test),
+        base_accuracy=evaluate(base, test),
+        latency_ms=latency_ms(m, shape, 32),
+        eval_name=name,
+        macs_reduction=round(1 - count_macs(m, shape) / count_macs(base, shape), 4),
+    )
     assert count_params(m) <= 0.7 * count_params(base)  # >= 30% fewer params
 
 
@@ -102,8 +144,13 @@ def test_l1_filter_depthwise_and_concat(benchmark):
             rows[name] = p0 / count_params(m)
 
     once(benchmark, run)
-    benchmark.extra_info.update(compression_ratio=round(min(rows.values()), 3), accuracy=None, accuracy_drop=None,
-                                latency_ms=None, per_model={k: round(v, 3) for k, v in rows.items()})
+    benchmark.extra_info.update(
+        compression_ratio=round(min(rows.values()), 3),
+        accuracy=None,
+        accuracy_drop=None,
+        latency_ms=None,
+        per_model={k: round(v, 3) for k, v in rows.items()},
+    )
     assert min(rows.values()) >= 1 / 0.8
 
 
@@ -121,9 +168,13 @@ def test_l1_filter_resnet50_cpu(benchmark):
     shape = (1, 3, 224, 224)
     once(benchmark, lambda: run("prune", m, L1FilterConfig(ratio=0.5), Context(input_shape=shape)))
     st = latency_stats([base, m], shape, batch=32, runs=3)
-    benchmark.extra_info.update(compression_ratio=round(count_params(base) / count_params(m), 3), accuracy=None,
-                                accuracy_drop=None, latency_ms=round(st[1]["ms"], 1),
-                                base_latency_ms=round(st[0]["ms"], 1),
-                                macs_reduction=round(1 - count_macs(m, shape) / count_macs(base, shape), 4),
-                                speedup_batch32=round(st[0]["ms"] / st[1]["ms"], 3))
+    benchmark.extra_info.update(
+        compression_ratio=round(count_params(base) / count_params(m), 3),
+        accuracy=None,
+        accuracy_drop=None,
+        latency_ms=round(st[1]["ms"], 1),
+        base_latency_ms=round(st[0]["ms"], 1),
+        macs_reduction=round(1 - count_macs(m, shape) / count_macs(base, shape), 4),
+        speedup_batch32=round(st[0]["ms"] / st[1]["ms"], 3),
+    )
     assert benchmark.extra_info["speedup_batch32"] >= 2

@@ -2,6 +2,7 @@
 torchvision's layout), random weights (structure and bytes do not depend on them), through
 l1-filter pruning beside torch-pruning's own pruner, 4-bit k-means, and the .cpz with its
 torch.export graph decoded without the model's code (outputs compared with the quantized model's)."""
+
 from __future__ import annotations
 
 import copy
@@ -64,8 +65,13 @@ def _tp_macs_ratio(model, shape):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tp.pruner.MetaPruner(m, torch.zeros(shape), importance=tp.importance.MagnitudeImportance(p=1),
-                                 pruning_ratio=0.5, ignored_layers=[last]).step()
+            tp.pruner.MetaPruner(
+                m,
+                torch.zeros(shape),
+                importance=tp.importance.MagnitudeImportance(p=1),
+                pruning_ratio=0.5,
+                ignored_layers=[last],
+            ).step()
         return round(count_macs(model, shape) / count_macs(m, shape), 2)
     except Exception as e:  # torch-pruning 1.6 fails on channel shuffle
         return f"fails ({type(e).__name__})"
@@ -97,11 +103,21 @@ def _row(name):
     decode_s = time.perf_counter() - t0
     with torch.no_grad():  # 0 for convnets; attention's fused eager kernel differs from its graph in the last bit
         diff = float((d(x) - q(x)).abs().max() / q(x).abs().max())
-    return {"family": name, "exercises": what, "params": params0, "macs": macs0,
-            "l1_macs_ratio": round(macs0 / count_macs(pruned, shape), 2), "tp_macs_ratio": _tp_macs_ratio(base, shape),
-            "kept_groups": sum(n.startswith("kept ") for n in res.notes), "prune_s": round(prune_s, 2),
-            "cpz_bytes": stats["file_bytes"], "graph_bytes": stats["graph_bytes"], "decode_s": round(decode_s, 3),
-            "ratio_vs_dense": round(4 * params0 / stats["file_bytes"], 1), "graph_decode_rel_diff": diff}
+    return {
+        "family": name,
+        "exercises": what,
+        "params": params0,
+        "macs": macs0,
+        "l1_macs_ratio": round(macs0 / count_macs(pruned, shape), 2),
+        "tp_macs_ratio": _tp_macs_ratio(base, shape),
+        "kept_groups": sum(n.startswith("kept ") for n in res.notes),
+        "prune_s": round(prune_s, 2),
+        "cpz_bytes": stats["file_bytes"],
+        "graph_bytes": stats["graph_bytes"],
+        "decode_s": round(decode_s, 3),
+        "ratio_vs_dense": round(4 * params0 / stats["file_bytes"], 1),
+        "graph_decode_rel_diff": diff,
+    }
 
 
 @pytest.mark.slow
@@ -109,8 +125,7 @@ def test_real_architecture_matrix(benchmark):
     pytest.importorskip("pytorchcv")
     rows = []
     once(benchmark, lambda: rows.extend(_row(n) for n in FAMILIES))
-    benchmark.extra_info.update(matrix=rows, compression_ratio=None, accuracy=None, accuracy_drop=None,
-                                latency_ms=None)
+    benchmark.extra_info.update(matrix=rows, compression_ratio=None, accuracy=None, accuracy_drop=None, latency_ms=None)
     for r in rows:
         assert r["graph_decode_rel_diff"] < 1e-5, r
         assert r["l1_macs_ratio"] > 1.5, r

@@ -1,5 +1,6 @@
 """--target-macs: where l1-filter lands, and the accuracy after fine-tuning beside Torch-Pruning's own global
 pruning at the same MACs (the same fine-tuning for both)."""
+
 from __future__ import annotations
 
 import copy
@@ -35,9 +36,14 @@ def tp_global(model: torch.nn.Module, shape, target: float) -> tuple[torch.nn.Mo
         m = copy.deepcopy(model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tp.pruner.MetaPruner(m, torch.zeros(shape), importance=tp.importance.MagnitudeImportance(p=1),
-                                 global_pruning=True, pruning_ratio=r,
-                                 ignored_layers=[dict(m.named_modules())[names[last]]]).step()
+            tp.pruner.MetaPruner(
+                m,
+                torch.zeros(shape),
+                importance=tp.importance.MagnitudeImportance(p=1),
+                global_pruning=True,
+                pruning_ratio=r,
+                ignored_layers=[dict(m.named_modules())[names[last]]],
+            ).step()
         got = count_macs(m, shape) / base
         if best is None or abs(got - target) < abs(best[1] - target):
             best = (m, got)
@@ -71,8 +77,11 @@ def test_target_macs(benchmark, eval_sets, name):
 
     once(benchmark, ours)
     theirs, tp_reached = tp_global(model, shape, TARGET)
-    info = {"target": TARGET, "compress_macs_fraction": round(out["reached"], 4),
-            "torch_pruning_macs_fraction": round(tp_reached, 4)}
+    info = {
+        "target": TARGET,
+        "compress_macs_fraction": round(out["reached"], 4),
+        "torch_pruning_macs_fraction": round(tp_reached, 4),
+    }
     if is_trained:  # the same fine-tuning for both: 2 epochs on the training split
         test, ev = eval_sets[32]
         tr, _ = data_mod.split(data_mod.load("mnist5k?size=32"), VAL_FRACTION)
@@ -88,8 +97,11 @@ def test_target_macs(benchmark, eval_sets, name):
 
 CU_CASES = {  # name: (model, input shape, data spec)
     "resnet20 (zoo, trained)": (lambda: trained("resnet20", 4, size=32, lr=2e-3), (1, 1, 32, 32), "mnist5k?size=32"),
-    "seresnet20 (pytorchcv)": (lambda: _pytorchcv("pytorchcv.models.seresnet_cifar:seresnet20_cifar10"), (1, 3, 32, 32),
-                               "mnist5k?size=32&channels=3"),
+    "seresnet20 (pytorchcv)": (
+        lambda: _pytorchcv("pytorchcv.models.seresnet_cifar:seresnet20_cifar10"),
+        (1, 3, 32, 32),
+        "mnist5k?size=32&channels=3",
+    ),
 }
 
 
@@ -113,8 +125,12 @@ def test_channel_union_target_macs(benchmark, eval_sets, name):
     out = {}
 
     def ours():
-        res = run("prune", copy.deepcopy(model), ChannelUnionConfig(target_macs=TARGET), Context(train=tr, val=va,
-                                                                                              input_shape=shape))
+        res = run(
+            "prune",
+            copy.deepcopy(model),
+            ChannelUnionConfig(target_macs=TARGET),
+            Context(train=tr, val=va, input_shape=shape),
+        )
         out.update(model=res.model, notes=res.notes, reached=count_macs(res.model, shape) / base)
 
     once(benchmark, ours)
@@ -123,8 +139,14 @@ def test_channel_union_target_macs(benchmark, eval_sets, name):
         from compress.data.core import Mapped
 
         test = Mapped(test, lambda x: x.repeat(1, 3, 1, 1), test.name)
-    benchmark.extra_info.update(case=name, target=TARGET, compress_macs_fraction=round(out["reached"], 4),
-                                accuracy=round(evaluate(out["model"], test), 3), eval_data=ev, notes=out["notes"])
+    benchmark.extra_info.update(
+        case=name,
+        target=TARGET,
+        compress_macs_fraction=round(out["reached"], 4),
+        accuracy=round(evaluate(out["model"], test), 3),
+        eval_data=ev,
+        notes=out["notes"],
+    )
     assert abs(out["reached"] / TARGET - 1) <= 0.05
 
 
@@ -148,6 +170,10 @@ def test_target_latency(benchmark):
     a, b = latencies([model, out["model"].eval()], shape)
     lo, med, hi = b["speedup"]["batch_1"]
     again = [round(1 / hi, 3), round(1 / med, 3), round(1 / lo, 3)]
-    benchmark.extra_info.update(target=0.6, bisection_reached=out["reached"], timed_again=again,
-                                macs_fraction=round(count_macs(out["model"], shape) / count_macs(model, shape), 3))
+    benchmark.extra_info.update(
+        target=0.6,
+        bisection_reached=out["reached"],
+        timed_again=again,
+        macs_fraction=round(count_macs(out["model"], shape) / count_macs(model, shape), 3),
+    )
     assert again[1] < 1.0

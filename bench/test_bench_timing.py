@@ -1,5 +1,6 @@
 """Speed verdicts are not noise: the same model timed against itself reads "same" (interval of the paired ratio)
 in at least 19 of 20 runs, and a weight-quantized model (same FP32 compute) reads "same" against its input."""
+
 from __future__ import annotations
 
 import copy
@@ -47,8 +48,11 @@ def test_latency_is_repeatable_and_a_masked_model_is_not_faster(benchmark, monke
     a, b = once(benchmark, lambda: (latency_ms(model, shape, 1), latency_ms(model, shape, 1)))
     pruned = prune_(copy.deepcopy(model), ThresholdConfig(sparsity=0.9, rounds=1, finetune=FineTune(epochs=0)))
     dense_t, sparse_t = latencies([model, pruned], shape, runs=15)
-    benchmark.extra_info.update(first_ms=a, second_ms=b, dense_batch_32=dense_t["batch_32"],
-                                sparse_batch_32=sparse_t["batch_32"])
+    benchmark.extra_info.update(
+        first_ms=a, second_ms=b, dense_batch_32=dense_t["batch_32"], sparse_batch_32=sparse_t["batch_32"]
+    )
     assert max(a, b) / min(a, b) < 1.5
-    assert speed_change(dense_t["batch_32"], sparse_t["batch_32"]) in ("same",) or \
-        dense_t["batch_32"] / sparse_t["batch_32"] < 1.5
+    assert (
+        speed_change(dense_t["batch_32"], sparse_t["batch_32"]) in ("same",)
+        or dense_t["batch_32"] / sparse_t["batch_32"] < 1.5
+    )

@@ -13,6 +13,7 @@ Every verb ending in ``_`` takes a config of its own kind and changes the model 
 ``compress.lower_int8(model, Int8Config(), calib_data=...)`` makes a new ``Int8Model`` that runs as integers;
 ``compress.run`` does either and returns a ``StageResult`` with the numbers.
 """
+
 import importlib
 
 # the public names, by the module that defines each: imported on first use (PEP 562), so that `compress --version`
@@ -21,8 +22,14 @@ _EXPORTS = {
     "config": ("Config", "FineTune", "Select"),
     "errors": ("CompressError", "CompressWarning", "FormatError", "InputError", "UntrustedPickleError", "UsageError"),
     "method": ("Context", "Method", "StageResult", "factorize_", "prune_", "quantize_", "run"),
-    "prune": ("ChannelUnionConfig", "ChannelUnionPruner", "L1FilterConfig", "L1FilterPruner", "ThresholdConfig",
-              "ThresholdPruner"),
+    "prune": (
+        "ChannelUnionConfig",
+        "ChannelUnionPruner",
+        "L1FilterConfig",
+        "L1FilterPruner",
+        "ThresholdConfig",
+        "ThresholdPruner",
+    ),
     "quantize": ("QuantConfig", "Quantizer"),
     "quantize.int8_stage": ("Int8Config", "Int8Lowering", "lower_int8"),
     "factorize": ("FactorizeConfig",),

@@ -1,6 +1,7 @@
 """What one call of a model read from a file may cost: the floor any file may ask for, the cap no file may
 pass, and the factor a user sets for a file they trust (``COMPRESS_MAX_GRAPH_COST``). A leaf: the stored
 graph's check (``coding.graph_model``) and the INT8 file (``quantize.int8_file``) both charge against it."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,8 @@ import os
 from compress.errors import UsageError, safe
 
 MAX_INPUT_VALUES = 1 << 24  # values per sample of any input shape (16.7 M: a 3 x 2,364 x 2,364 image)
-WORK_FLOOR, BYTES_FLOOR = 1 << 32, 1 << 28   # any graph may ask for this much (4.3e9 operations, 256 MiB)
-WORK_CAP, BYTES_CAP = 1 << 39, 1 << 30       # and no call of one for more (5.5e11 operations, 1 GiB)
+WORK_FLOOR, BYTES_FLOOR = 1 << 32, 1 << 28  # any graph may ask for this much (4.3e9 operations, 256 MiB)
+WORK_CAP, BYTES_CAP = 1 << 39, 1 << 30  # and no call of one for more (5.5e11 operations, 1 GiB)
 
 
 def env_number(name: str, default: float) -> float:
@@ -49,5 +50,7 @@ def limits(per_sample: tuple[int, int], batch: int) -> tuple[float, float]:
     """(operations, bytes) one call on ``batch`` samples may take: ``per_sample`` (``justified``) times the
     batch, at least the floor, at most the cap, all times ``cost_factor()``."""
     f = cost_factor()
-    return (f * min(WORK_CAP, max(WORK_FLOOR, batch * per_sample[0])),
-            f * min(BYTES_CAP, max(BYTES_FLOOR, batch * per_sample[1])))
+    return (
+        f * min(WORK_CAP, max(WORK_FLOOR, batch * per_sample[0])),
+        f * min(BYTES_CAP, max(BYTES_FLOOR, batch * per_sample[1])),
+    )

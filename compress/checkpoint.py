@@ -1,6 +1,7 @@
 """Stopping and resuming a pipeline: Ctrl-C that never lands half way through bookkeeping, a time budget,
 and the checkpoint folder that ``--resume`` goes on from -- a folder whose files are read back as hostile
 input (see ``Checkpoint``)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -8,8 +9,9 @@ import dataclasses
 import os
 import stat
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch.nn as nn
 
@@ -127,7 +129,9 @@ class Checkpoint:
         self._delete(old - keep)  # then the files the state no longer names
         self.bounded_list(keep)
 
-    def read(self, fingerprint: str, plan: Sequence[StagePlan], test: bool = False) -> tuple[dict, dict[str, nn.Module]]:
+    def read(
+        self, fingerprint: str, plan: Sequence[StagePlan], test: bool = False
+    ) -> tuple[dict, dict[str, nn.Module]]:
         """The saved state (checked by ``check_state`` against ``plan``) and its models, loaded without trust.
         ``test``: the run measures test data (every timeline row then has its test accuracy)."""
         files = self._listed()
@@ -138,8 +142,10 @@ class Checkpoint:
         except (FileNotFoundError, InputError) as e:
             raise InputError(f"{self.folder / STATE}: no readable checkpoint ({first_line(e)})") from None
         if not isinstance(doc, dict) or doc.get("fingerprint") != fingerprint:
-            raise InputError(f"{self.folder}: this checkpoint was written by a run with other settings (model, data, "
-                             "recipe, budget or confidence); run without --resume and with --force to start over")
+            raise InputError(
+                f"{self.folder}: this checkpoint was written by a run with other settings (model, data, "
+                "recipe, budget or confidence); run without --resume and with --force to start over"
+            )
         try:
             state = check_state(doc, plan, test)
         except InputError as e:
@@ -185,32 +191,47 @@ class Checkpoint:
         except FileNotFoundError:
             return None
         if stat.S_ISLNK(mode):
-            raise InputError(f"{self.folder} is a symbolic link; a checkpoint folder is a real folder compress made, "
-                             "and compress does not follow the link (remove it, or choose another -o)")
+            raise InputError(
+                f"{self.folder} is a symbolic link; a checkpoint folder is a real folder compress made, "
+                "and compress does not follow the link (remove it, or choose another -o)"
+            )
         if not stat.S_ISDIR(mode):
             raise InputError(f"{self.folder} is not a folder (remove it, or choose another -o)")
         path = self.folder / MANIFEST
         try:
             doc = _parse(_read_plain(path, MAX_MANIFEST_BYTES))
         except FileNotFoundError:
-            raise InputError(f"{self.folder} was not made by compress (it has no {MANIFEST}); compress neither "
-                             "reads, writes nor deletes in it: move it away, or choose another -o") from None
+            raise InputError(
+                f"{self.folder} was not made by compress (it has no {MANIFEST}); compress neither "
+                "reads, writes nor deletes in it: move it away, or choose another -o"
+            ) from None
         except InputError as e:
             raise InputError(f"{path}: {e}") from None
-        ok = isinstance(doc, dict) and set(doc) == {"format", "version", "files"} and \
-            doc["format"] == _FORMAT and type(doc["version"]) is int and doc["version"] == _VERSION and isinstance(doc["files"], list) and \
-            len(doc["files"]) <= MAX_LISTED and all(isinstance(n, str) and (n == STATE or MODEL_NAME.fullmatch(n))
-                                                    for n in doc["files"])
+        ok = (
+            isinstance(doc, dict)
+            and set(doc) == {"format", "version", "files"}
+            and doc["format"] == _FORMAT
+            and type(doc["version"]) is int
+            and doc["version"] == _VERSION
+            and isinstance(doc["files"], list)
+            and len(doc["files"]) <= MAX_LISTED
+            and all(isinstance(n, str) and (n == STATE or MODEL_NAME.fullmatch(n)) for n in doc["files"])
+        )
         if not ok:
-            raise InputError(f"{path}: not a manifest compress writes (format, version, files: plain names of "
-                             "its own files); the folder is not used")
+            raise InputError(
+                f"{path}: not a manifest compress writes (format, version, files: plain names of "
+                "its own files); the folder is not used"
+            )
         return set(doc["files"])
 
     def bounded_list(self, files: set[str]) -> None:
         import json
 
-        write_text(self.folder / MANIFEST, json.dumps({"format": _FORMAT, "version": _VERSION,
-                                                       "files": sorted(files)}), force=True)
+        write_text(
+            self.folder / MANIFEST,
+            json.dumps({"format": _FORMAT, "version": _VERSION, "files": sorted(files)}),
+            force=True,
+        )
 
     def _delete(self, names: set[str]) -> None:
         for name in names:  # plain names (the manifest's check): never a path out of the folder
@@ -257,6 +278,9 @@ def fingerprint(model: nn.Module, recipe: Recipe, budget: float, z: float, train
     for k, v in model.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    h.update(json.dumps([recipe.to_dict(), budget, z, train.name, len(train), val.name, len(val)],
-                        sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps(
+            [recipe.to_dict(), budget, z, train.name, len(train), val.name, len(val)], sort_keys=True, default=str
+        ).encode()
+    )
     return h.hexdigest()

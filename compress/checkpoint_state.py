@@ -1,12 +1,14 @@
 """The schema of a checkpoint's ``state.json``: every field ``pipeline`` reads back on ``--resume``, checked for
 type, range and agreement with the run's recipe before any of it is used (``check_state``). The folder's file
 handling is ``checkpoint.Checkpoint``'s."""
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from compress.errors import InputError, safe
 
@@ -198,14 +200,15 @@ def _text(v: Any, where: str) -> str:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """``a`` (from the file) equals ``b`` (the recipe's), type for type (``true`` is not 1, nor 1 the same as 1.0). Recursion
+    """``a`` (from the file) equals ``b`` (the recipe's), type for type (``true`` is not 1, nor 1 the same as 1.0).
+    Recursion
     follows ``b``, whose depth compress chose."""
     if type(a) is not type(b):
         return False
     if isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in b)
     if isinstance(b, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=False))
     return a == b
 
 

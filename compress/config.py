@@ -13,6 +13,7 @@ that names the right verb. Configs are data: they serialise to JSON with a type 
 a report and a .cpz header can all say exactly what was done, and ``Config.from_dict(c.to_dict()) == c``. Code
 that chooses layers (a ``filter_fn``) is an argument of the verb, not a field (``Selection``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,16 +22,18 @@ import fnmatch
 import functools
 import math
 import numbers
-from typing import Any, Callable, ClassVar, Union
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch.nn as nn
 
-Layer = Union[nn.Conv2d, nn.Linear]  # what methods change: its .weight is a Tensor (a plain Module's attributes are not typed)
-FilterFn = Callable[[nn.Module, str], bool]  # (module, fqn) -> whether a stage may touch the layer
-
 from compress.errors import UsageError, safe
 
-_CONFIG_TYPES: dict[str, type["Config"]] = {}
+# what methods change: its .weight is a Tensor (a plain Module's attributes are not typed)
+Layer = nn.Conv2d | nn.Linear
+FilterFn = Callable[[nn.Module, str], bool]  # (module, fqn) -> whether a stage may touch the layer
+
+_CONFIG_TYPES: dict[str, type[Config]] = {}
 _METHODS: dict[str, dict[type, type]] = {}  # verb -> {config class -> Method class}
 VERBS = ("prune", "quantize", "factorize")
 
@@ -115,8 +118,9 @@ class Bound:
             return
         if self.many:
             if not isinstance(v, tuple) or len(v) > self.many:
-                raise ValueError(f"{name} must be a list of at most {self.many} {self._what(plural=True)}, "
-                                 f"got {_got(v)}")
+                raise ValueError(
+                    f"{name} must be a list of at most {self.many} {self._what(plural=True)}, got {_got(v)}"
+                )
             for x in v:
                 self._one(x, name)
             return
@@ -137,8 +141,9 @@ class Bound:
             return
         if self.kind is str:
             if not isinstance(v, str) or not self.lo <= len(v) <= self.hi:
-                raise ValueError(f"{name} must be strings of {_num(self.lo)} to {_num(self.hi)} characters, "
-                                 f"got {_got(v)}")
+                raise ValueError(
+                    f"{name} must be strings of {_num(self.lo)} to {_num(self.hi)} characters, got {_got(v)}"
+                )
             return
         integral = isinstance(v, numbers.Integral) and not isinstance(v, bool)
         if self.count is not None and integral:  # an int is a count
@@ -243,8 +248,7 @@ class Select:
         candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
         for p in self.names:
             if not any(fnmatch.fnmatchcase(n, p) for n, _ in candidates):
-                raise UsageError(f"layer pattern {p!r} matches no layer"
-                                 f"{close_matches(p, [n for n, _ in candidates])}")
+                raise UsageError(f"layer pattern {p!r} matches no layer{close_matches(p, [n for n, _ in candidates])}")
         return [(n, m) for n, m in candidates if self._matches(n, m)]
 
     def ends(self, model: nn.Module) -> set[str]:
@@ -366,6 +370,7 @@ class Config:
         _CONFIG_TYPES[name] = cls
         own = cls.__dict__.get("__post_init__")
         if own is not None:  # a subclass's own checks (rules across fields) run after the declared ranges
+
             @functools.wraps(own)
             def post_init(self, _own=own):
                 Config.__post_init__(self)
@@ -413,7 +418,7 @@ class Config:
         return out
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "Config":
+    def from_dict(d: dict[str, Any]) -> Config:
         """The config ``to_dict`` (or ``changes``) wrote: ``Config.from_dict(c.to_dict()) == c``. Its ``type`` names
         a registered config (``import compress`` registers every built-in one), ``version`` one this compress reads
         (default: the type's own)."""
@@ -421,8 +426,10 @@ class Config:
         name = d.pop("type", None)
         cls = _CONFIG_TYPES.get(name) if isinstance(name, str) else None
         if cls is None:
-            raise ValueError(f"unknown config type {safe(name, 40) if isinstance(name, str) else _got(name)}; "
-                             f"known: {', '.join(sorted(_CONFIG_TYPES))}")
+            raise ValueError(
+                f"unknown config type {safe(name, 40) if isinstance(name, str) else _got(name)}; "
+                f"known: {', '.join(sorted(_CONFIG_TYPES))}"
+            )
         version = d.pop("version", cls.version)
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise ValueError(f"{name} version must be a positive integer, got {_got(version)}")
@@ -437,14 +444,16 @@ class Config:
         return opts
 
     @classmethod
-    def from_options(cls, opts: dict[str, Any]) -> "Config":
+    def from_options(cls, opts: dict[str, Any]) -> Config:
         """Build from plain data (a recipe stage, a JSON header): parts may be given as dicts."""
         opts = dict(opts)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(opts) - names)
         if unknown:
-            raise ValueError(f"{cls.stage_name or cls.__name__}: unknown option(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(names))}")
+            raise ValueError(
+                f"{cls.stage_name or cls.__name__}: unknown option(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(names))}"
+            )
         kw = {}
         for k, v in opts.items():
             if k in _PARTS and isinstance(v, dict):

@@ -1,4 +1,5 @@
 """Counting a model: parameters, nonzeros, multiply-accumulates (a leaf: what every model knows of itself)."""
+
 from __future__ import annotations
 
 import functools
@@ -55,8 +56,9 @@ def mac_counter():
     """torch's FLOP counter (a context manager; ``get_total_flops()``: twice the MACs), CPU attention included."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    return FlopCounterMode(display=False, custom_mapping={
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops})
+    return FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
+    )
 
 
 def count_macs(model: nn.Module, input_shape) -> int:
@@ -100,14 +102,16 @@ def sample_cost(model: nn.Module, input_shape) -> tuple[int, int]:
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
             meta(x)
     except Exception as e:
-        raise InputError(f"the model does not run on the meta device at input shape {tuple(input_shape)}, so "
-                         f"the cost of that shape cannot be counted before it runs ({first_line(e, 100)})") from None
+        raise InputError(
+            f"the model does not run on the meta device at input shape {tuple(input_shape)}, so "
+            f"the cost of that shape cannot be counted before it runs ({first_line(e, 100)})"
+        ) from None
     for h in hooks:
         h.remove()
     return x.numel() * 4 + 4 * largest[0], int(fc.get_total_flops())
 
 
-_COSTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_COSTS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 SMALL_INPUT = 1 << 20  # values per sample a model whose code does not run on the meta device may still be run at
 
 
@@ -144,10 +148,13 @@ def check_call(model, input_shape, batch: int = 1) -> None:
     values = math.prod(shape)
     tensors = list(model.parameters()) + list(model.buffers())
     weights = sum(t.numel() for t in tensors)
-    max_work, max_bytes = budget.limits(budget.justified(weights, sum(t.numel() * t.element_size() for t in tensors),
-                                                         values, 4 * values), batch)
+    max_work, max_bytes = budget.limits(
+        budget.justified(weights, sum(t.numel() * t.element_size() for t in tensors), values, 4 * values), batch
+    )
     if batch * nbytes > max_bytes or batch * work > max_work:
-        raise InputError(f"a batch of {batch} at input shape {(batch, *shape)} asks for about {batch * work:.3g} "
-                         f"operations and {batch * nbytes / 2**20:,.0f} MiB; its {weights:,} weights and that input "
-                         f"justify at most {max_work:.3g} and {max_bytes / 2**20:,.0f} MiB (COMPRESS_MAX_GRAPH_COST "
-                         "raises both for a model you trust)")
+        raise InputError(
+            f"a batch of {batch} at input shape {(batch, *shape)} asks for about {batch * work:.3g} "
+            f"operations and {batch * nbytes / 2**20:,.0f} MiB; its {weights:,} weights and that input "
+            f"justify at most {max_work:.3g} and {max_bytes / 2**20:,.0f} MiB (COMPRESS_MAX_GRAPH_COST "
+            "raises both for a model you trust)"
+        )

@@ -6,6 +6,7 @@ same number of steps) and shows progress on rank 0 only. Masks, proximal steps a
 reconfigurations are deterministic functions of the (all-reduced, hence identical) weights, so
 every rank makes the same decisions. Only rank 0 writes files.
 """
+
 from __future__ import annotations
 
 import os

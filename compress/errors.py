@@ -2,10 +2,11 @@
 
 Every message says what is wrong and, where there is one, how to fix it.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 # where an INT8 model (quantize.int8.Int8Model) cannot go: said the same way by the container and the commands
 INT8_IS_PT = "an INT8 model is saved as a .pt (its architecture travels inside as a .cpz)"
@@ -48,8 +49,12 @@ class CompressWarning(UserWarning):
 # A message names a parameter the way its reader passes it: ``arch='module:callable'`` to a library
 # caller, ``--arch module:callable`` on the command line. Library code names it through ``param()``;
 # the CLI's ``main`` runs commands under ``cli_style()``, so that the same message names its flags.
-FLAGS: dict[str, str] = {"arch": "--arch", "trust_pickle": "--trust-pickle", "input_shape": "--input-shape",
-                         "force": "--force"}
+FLAGS: dict[str, str] = {
+    "arch": "--arch",
+    "trust_pickle": "--trust-pickle",
+    "input_shape": "--input-shape",
+    "force": "--force",
+}
 _SWITCHES = frozenset({"trust_pickle", "force"})  # on/off: the flag alone, ``name=True``
 _style = {"cli": False}  # process-wide, not per thread: a command's threads (timing, loading) name flags too
 

@@ -1,5 +1,6 @@
 """ONNX export, checked against PyTorch, and INT8 execution through ONNX Runtime static
 quantization (QDQ format, per-channel weights, calibrated on data)."""
+
 from __future__ import annotations
 
 import logging
@@ -55,9 +56,16 @@ def to_onnx(model: nn.Module, path, input_shape, opset: int = 17) -> None:
             # the TorchScript-based exporter on purpose (the torch.export-based one needs onnxscript); it and its
             # internals announce their deprecation on every call
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
-                              dynamo=False)
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=opset,
+                dynamo=False,
+            )
     except Exception as e:
         raise InputError(f"the model cannot be exported to ONNX: {first_line(e, 160)}") from e
     import onnx
@@ -65,11 +73,9 @@ def to_onnx(model: nn.Module, path, input_shape, opset: int = 17) -> None:
     onnx.checker.check_model(onnx.load(str(path)))
 
 
-
-
 def run_onnx(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
+    return np.concatenate([sess.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)])
 
 
 def compare(model: nn.Module, sess, input_shape, n: int = 8, data=None) -> tuple[float, float]:
@@ -142,9 +148,17 @@ def quantize_int8(fp32_path, int8_path, calib_data, per_channel: bool = True, re
             pre = Path(fp32_path)
         name = _session(pre).get_inputs()[0].name
         reduce_range = (not cpu_has_vnni()) if reduce_range is None else reduce_range
-        quantize_static(str(pre), str(int8_path), _Calib(calib_data, name), quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                        calibrate_method=CalibrationMethod.MinMax, reduce_range=reduce_range)
+        quantize_static(
+            str(pre),
+            str(int8_path),
+            _Calib(calib_data, name),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            reduce_range=reduce_range,
+        )
     return reduce_range
 
 
@@ -174,21 +188,40 @@ def onnx_summary(path, data=None, input_shape: tuple | None = None, threads: int
         dims = sess.get_inputs()[0].shape
         if all(isinstance(d, int) for d in dims[1:]):
             shape = (1,) + tuple(dims[1:])
-    out: dict[str, Any] = {"format": "onnx", "params": params, "int8_params": int8, "nonzero_params": nonzero,
-                           "dense_fp32_bytes": params * 4}
+    out: dict[str, Any] = {
+        "format": "onnx",
+        "params": params,
+        "int8_params": int8,
+        "nonzero_params": nonzero,
+        "dense_fp32_bytes": params * 4,
+    }
     if shape is None:
-        raise UsageError(f"cannot tell the ONNX model's input shape: give {param('input_shape', (1, 1, 28, 28))} or "
-                         "data")
+        raise UsageError(
+            f"cannot tell the ONNX model's input shape: give {param('input_shape', (1, 1, 28, 28))} or data"
+        )
     out["input_shape"] = list(shape)
     if data is not None:
         out["accuracy"] = round(onnx_accuracy(sess, data), 3)
-    out["latency_ms"] = {"batch_1": round(onnx_latency_ms(sess, shape, 1), 4),
-                         "batch_32": round(onnx_latency_ms(sess, shape, 32, runs=10), 4)}
+    out["latency_ms"] = {
+        "batch_1": round(onnx_latency_ms(sess, shape, 1), 4),
+        "batch_32": round(onnx_latency_ms(sess, shape, 32, runs=10), 4),
+    }
     return out
 
 
-def export(model: nn.Module, path, input_shape, int8: bool = False, calib_data=None, eval_data=None,
-           tol: float = 1e-4, force: bool = False, threads: int = 2, on_step=None, fmt: str = "onnx") -> dict[str, Any]:
+def export(
+    model: nn.Module,
+    path,
+    input_shape,
+    int8: bool = False,
+    calib_data=None,
+    eval_data=None,
+    tol: float = 1e-4,
+    force: bool = False,
+    threads: int = 2,
+    on_step=None,
+    fmt: str = "onnx",
+) -> dict[str, Any]:
     """Write ``path`` (FP32 ONNX, or INT8 QDQ with ``int8``; ``fmt="openvino"``: the same model as OpenVINO IR,
     ``NAME.xml`` + ``NAME.bin``); return the comparison numbers. ``calib_data``, ``eval_data``: anything
     ``compress.data.as_data`` takes. ``on_step(text)`` hears of each step as it starts (they take seconds each)."""
@@ -204,8 +237,9 @@ def export(model: nn.Module, path, input_shape, int8: bool = False, calib_data=N
         ov.ir_paths(path)
         ov._ov()  # installed, before any work
     if int8 and calib_data is None:
-        raise UsageError("INT8 needs calibration data: calib_data (--calib-data SPEC), a few hundred representative "
-                         "inputs")
+        raise UsageError(
+            "INT8 needs calibration data: calib_data (--calib-data SPEC), a few hundred representative inputs"
+        )
     if Path(path).exists() and not force:  # before the work, not after it
         raise InputError(f"{path} exists; pass {param('force')} to overwrite it")
     res: dict[str, Any] = {}
@@ -217,8 +251,10 @@ def export(model: nn.Module, path, input_shape, int8: bool = False, calib_data=N
         diff, rel = compare(model, sess, input_shape, data=eval_data)
         res["max_abs_diff"], res["max_rel_diff"] = diff, rel
         if rel > tol:
-            raise InputError(f"ONNX output differs from PyTorch by {diff:.2e}, {rel:.2e} of the largest output "
-                             f"(> --tol {tol:g}); not written")
+            raise InputError(
+                f"ONNX output differs from PyTorch by {diff:.2e}, {rel:.2e} of the largest output "
+                f"(> --tol {tol:g}); not written"
+            )
         res["fp32"] = {"bytes": os.path.getsize(fp32)}
         if eval_data is not None:
             res["fp32"]["accuracy"] = round(onnx_accuracy(sess, eval_data), 3)
@@ -234,8 +270,14 @@ def export(model: nn.Module, path, input_shape, int8: bool = False, calib_data=N
             if eval_data is not None:
                 res["int8"]["accuracy"] = round(onnx_accuracy(q, eval_data), 3)
             step("timing FP32 and INT8 in ONNX Runtime, interleaved")
-            _timed_pair(res, "fp32", "int8", onnx_runner(_session(fp32, threads, spin=False)),
-                        onnx_runner(_session(final, threads, spin=False)), input_shape)
+            _timed_pair(
+                res,
+                "fp32",
+                "int8",
+                onnx_runner(_session(fp32, threads, spin=False)),
+                onnx_runner(_session(final, threads, spin=False)),
+                input_shape,
+            )
         else:
             step("timing FP32 ONNX Runtime")
             res["fp32"]["latency_ms_batch_32"] = round(onnx_latency_ms(sess, input_shape, 32, runs=20), 4)
@@ -252,11 +294,20 @@ def export(model: nn.Module, path, input_shape, int8: bool = False, calib_data=N
         if int8:  # OpenVINO's own FP32 beside its INT8: the speed-up a user gets from INT8 in OpenVINO
             step("converting FP32 to OpenVINO IR and checking it")
             fp32_ir = Path(d) / "fp32-ir" / "m.xml"
-            o["fp32"] = ov.write(fp32, fp32_ir, reference, input_shape, check_tol=tol, threads=threads,
-                                 eval_data=eval_data, mkdir=True)
+            o["fp32"] = ov.write(
+                fp32, fp32_ir, reference, input_shape, check_tol=tol, threads=threads, eval_data=eval_data, mkdir=True
+            )
         step(f"converting to OpenVINO IR ({'INT8' if int8 else 'FP32'}) and checking it")
-        o["int8" if int8 else "fp32"] = ov.write(final, path, reference, input_shape, check_tol=None if int8 else tol,
-                                                 force=force, threads=threads, eval_data=eval_data)
+        o["int8" if int8 else "fp32"] = ov.write(
+            final,
+            path,
+            reference,
+            input_shape,
+            check_tol=None if int8 else tol,
+            force=force,
+            threads=threads,
+            eval_data=eval_data,
+        )
         if int8:
             o["int8"]["size_note"] = ov.size_note(o["fp32"], o["int8"])  # why it is not the smaller one, if not
             step("timing FP32 and INT8 in OpenVINO, interleaved")

@@ -13,6 +13,7 @@ Linear of an MLP is its largest layer and is factorized).
 Truncation shifts activations, and the shift compounds through BatchNorm layers: when data is given,
 BatchNorm statistics are re-estimated on it (no weight is trained) before any fine-tuning.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,13 +33,13 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class FactorizeConfig(Config):
     """Args:
-        energy: keep the smallest rank whose singular values hold this fraction of the squared sum.
-        rank_ratio: rank = ceil(ratio x full rank).
-        rank: a fixed rank (capped at full rank).
-        select: layers to consider (``Select``); with ``spare_first_last`` a conv stem and the last
-            layer are left alone unless ``select.names`` names them exactly.
-        finetune: fine-tuning afterwards (``FineTune``; 0 epochs: none). With training data,
-            BatchNorm statistics are re-estimated first either way.
+    energy: keep the smallest rank whose singular values hold this fraction of the squared sum.
+    rank_ratio: rank = ceil(ratio x full rank).
+    rank: a fixed rank (capped at full rank).
+    select: layers to consider (``Select``); with ``spare_first_last`` a conv stem and the last
+        layer are left alone unless ``select.names`` names them exactly.
+    finetune: fine-tuning afterwards (``FineTune``; 0 epochs: none). With training data,
+        BatchNorm statistics are re-estimated first either way.
     """
 
     verb = "factorize"
@@ -76,7 +77,7 @@ def factor_layer(m: Any, k: int) -> tuple[nn.Module, float]:
     W = _weight_matrix(m)
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     sq = S[:k].sqrt()
-    A = (sq[:, None] * Vh[:k]).float()   # (k, in*kh*kw)
+    A = (sq[:, None] * Vh[:k]).float()  # (k, in*kh*kw)
     B = (U[:, :k] * sq[None, :]).float()  # (out, k)
     err = float(torch.linalg.norm(W - (U[:, :k] * S[:k]) @ Vh[:k]) / torch.linalg.norm(W).clamp_min(1e-30))
     has_bias = m.bias is not None
@@ -87,8 +88,9 @@ def factor_layer(m: Any, k: int) -> tuple[nn.Module, float]:
         first.weight.data.copy_(A)
         second.weight.data.copy_(B)
     else:
-        first = nn.Conv2d(m.in_channels, k, m.kernel_size, m.stride, m.padding, m.dilation, bias=False,
-                          padding_mode=m.padding_mode)
+        first = nn.Conv2d(
+            m.in_channels, k, m.kernel_size, m.stride, m.padding, m.dilation, bias=False, padding_mode=m.padding_mode
+        )
         second = nn.Conv2d(k, m.out_channels, 1, bias=has_bias)
         first.weight.data.copy_(A.view(k, m.in_channels, *m.kernel_size))
         second.weight.data.copy_(B.view(m.out_channels, k, 1, 1))
@@ -123,8 +125,12 @@ class Factorizer(Method):
         ends = self.select.ends(self.model)
         # modules that read a child's weight themselves (MultiheadAttention's out_proj, a transformer layer's
         # fast path its linear1/linear2) need those children whole
-        self._held = {c: type(p).__name__ for p in self.model.modules() if isinstance(p, _READS_CHILD_WEIGHTS)
-                      for c in p.children()}
+        self._held = {
+            c: type(p).__name__
+            for p in self.model.modules()
+            if isinstance(p, _READS_CHILD_WEIGHTS)
+            for c in p.children()
+        }
         for name, m in self.select.layers(self.model):
             row = self._factor(name, m, ends)
             self.layers.append(row)
@@ -142,8 +148,13 @@ class Factorizer(Method):
         if why is None and name in ends:
             why = "first/last layer (name it in select.names / --layers to factorize it)"
         rows_, cols = m.weight.flatten(1).shape
-        row = {"name": name, "type": type(m).__name__, "shape": list(m.weight.shape), "full_rank": min(rows_, cols),
-               "params_before": sum(p.numel() for p in m.parameters())}
+        row = {
+            "name": name,
+            "type": type(m).__name__,
+            "shape": list(m.weight.shape),
+            "full_rank": min(rows_, cols),
+            "params_before": sum(p.numel() for p in m.parameters()),
+        }
         if why is None:
             k = choose_rank(torch.linalg.svdvals(_weight_matrix(m)), self.config)
             row["rank"] = k

@@ -11,14 +11,16 @@
 
 Under torchrun only rank 0 writes.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from compress.errors import InputError, OutputExistsError, param, safe
 
@@ -73,8 +75,9 @@ def atomic_write(path: str | os.PathLike, force: bool = False) -> Iterator[Path]
             try:
                 os.link(tmp, path)  # fails if the name exists: never a silent replacement
             except FileExistsError as e:
-                raise OutputExistsError(f"{path} was created by someone else meanwhile; pass {param('force')} to "
-                                        "overwrite it") from e
+                raise OutputExistsError(
+                    f"{path} was created by someone else meanwhile; pass {param('force')} to overwrite it"
+                ) from e
             except OSError:  # a file system without hard links
                 if path.exists():
                     raise OutputExistsError(f"{path} exists; pass {param('force')} to overwrite it") from None
@@ -94,8 +97,14 @@ def write_text(path, text: str, force: bool = False) -> None:
 
 
 # ----------------------------------------------------------------------------- reading
-_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a link"))
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISLNK, "a link"),
+)
 
 
 def not_regular(mode: int) -> str | None:

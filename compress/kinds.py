@@ -9,6 +9,7 @@ answered here for a plain module; the module that defines a kind registers its o
 Sizes and counts dispatch the same way where they are defined (``counting.counts``,
 ``cpz.stats.size_bytes``, ``torch_files.save_torch``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,9 +21,9 @@ from compress.errors import CompressError
 
 # what refusal() is asked about
 CHANGE = "change"  # a method changes the model through its layers
-ONNX = "onnx"      # ONNX is exported from its layers
-CPZ = "cpz"        # its tensors are stored in a .cpz
-INT8 = "int8"      # it is the float architecture an INT8 model is rebuilt from
+ONNX = "onnx"  # ONNX is exported from its layers
+CPZ = "cpz"  # its tensors are stored in a .cpz
+INT8 = "int8"  # it is the float architecture an INT8 model is rebuilt from
 
 
 @functools.singledispatch

@@ -5,6 +5,7 @@ re-applies it before every forward, the training loop zeroes masked gradients af
 optimizer state of pruned weights stays zero too) and re-applies the mask after each step.
 ``remove_masks`` finalizes: weights keep exact zeros, no mask machinery is left behind.
 """
+
 from __future__ import annotations
 
 from typing import Any

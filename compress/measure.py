@@ -1,4 +1,5 @@
 """What a compressed model is measured by: params, nonzeros, MACs, latency, accuracy, per layer."""
+
 from __future__ import annotations
 
 import functools
@@ -40,14 +41,21 @@ def layer_table(model: nn.Module, input_shape) -> list[dict[str, Any]]:
             elif isinstance(m, nn.Linear) and isinstance(out, torch.Tensor):
                 macs = out[0].numel() * m.in_features
             rows[name].update(output_shape=shape[1:], macs=int(macs))
+
         return fn
 
     for name, m in model.named_modules():
         own = list(m.parameters(recurse=False))
         if not own:
             continue
-        rows[name] = {"name": name, "type": type(m).__name__, "params": sum(p.numel() for p in own),
-                      "nonzeros": sum(int(torch.count_nonzero(p)) for p in own), "macs": 0, "output_shape": []}
+        rows[name] = {
+            "name": name,
+            "type": type(m).__name__,
+            "params": sum(p.numel() for p in own),
+            "nonzeros": sum(int(torch.count_nonzero(p)) for p in own),
+            "macs": 0,
+            "output_shape": [],
+        }
         q = get_state(m)
         if q is not None:
             rows[name]["bits"] = q.bits
@@ -83,6 +91,7 @@ def _timed(model, x, dtype=None):
                 end.record()
             end.synchronize()
             return start.elapsed_time(end)
+
         return once
 
     def once() -> float:
@@ -90,6 +99,7 @@ def _timed(model, x, dtype=None):
         with cast():
             model(x)
         return (time.perf_counter() - t0) * 1000
+
     return once
 
 
@@ -133,8 +143,15 @@ def timing_threads() -> int:
         return 2
 
 
-def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, threads: int | None = None,
-                  dtype=None, raw: list | None = None) -> list[dict]:
+def latency_stats(
+    models: list,
+    input_shape,
+    batch: int = 1,
+    runs: int = 20,
+    threads: int | None = None,
+    dtype=None,
+    raw: list | None = None,
+) -> list[dict]:
     """Per model (a module, or any callable of a CPU tensor: an ONNX Runtime or OpenVINO session's runner) (ms of
     one forward pass at ``batch``): ``ms``, the median of all timed runs, with ``p25`` and ``p75``, the
     quartiles of the same runs (so the figure always lies within its range), ``runs`` their number and
@@ -155,9 +172,17 @@ def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, thr
         check_call(m, input_shape, batch)
     try:
         with torch.no_grad():
-            fns = [_timed(m, torch.randn((batch,) + tuple(input_shape[1:]),  # a runtime's callable: on the CPU
-                                         device=device_of(m) if isinstance(m, nn.Module) else "cpu"), dtype)
-                   for m in models]
+            fns = [
+                _timed(
+                    m,
+                    torch.randn(
+                        (batch,) + tuple(input_shape[1:]),  # a runtime's callable: on the CPU
+                        device=device_of(m) if isinstance(m, nn.Module) else "cpu",
+                    ),
+                    dtype,
+                )
+                for m in models
+            ]
             per_run = sum(_warm_up(fn) for fn in fns)  # ms for one round over all models
             # as many rounds as fill timing_seconds(), at least ``runs``, but never more than four times that long
             # (at least 3 rounds): a model whose one run takes seconds is timed in seconds, not minutes
@@ -166,13 +191,13 @@ def latency_stats(models: list, input_shape, batch: int = 1, runs: int = 20, thr
             times: list[list[float]] = [[] for _ in fns]
             deadline = time.perf_counter() + 4 * timing_seconds()  # a machine that turns busy meanwhile: the same cap
             for k in range(rounds):
-                for t, fn in zip(times, fns):
+                for t, fn in zip(times, fns, strict=False):
                     t.append(fn())
                 if k >= 2 and time.perf_counter() > deadline:
                     break
         if raw is not None:
             raw.extend(times)
-        return [run_stats(t, _macs(m, input_shape, batch)) for m, t in zip(models, times)]
+        return [run_stats(t, _macs(m, input_shape, batch)) for m, t in zip(models, times, strict=False)]
     finally:
         torch.set_num_threads(old)
         for m, was in modes:
@@ -197,12 +222,18 @@ def run_stats(times: list[float], macs: int | None = None) -> dict[str, Any]:
     t = sorted(times)
     med = statistics.median(t)
     q = statistics.quantiles(t, n=4, method="inclusive") if len(t) > 1 else [t[0]] * 3
+
     def sig(v: float) -> float:  # 6 significant digits: a ratio of two figures stays within 1e-5 of the runs'
         return float(f"{v:.6g}")
 
-    st: dict[str, Any] = {"ms": sig(med), "median": sig(med), "p25": sig(min(q[0], med)),
-                          "p75": sig(max(q[2], med)), "runs": len(t),
-                          "spread": round((q[2] - q[0]) / med, 4) if med > 0 else 0.0}
+    st: dict[str, Any] = {
+        "ms": sig(med),
+        "median": sig(med),
+        "p25": sig(min(q[0], med)),
+        "p75": sig(max(q[2], med)),
+        "runs": len(t),
+        "spread": round((q[2] - q[0]) / med, 4) if med > 0 else 0.0,
+    }
     st["busy"] = busy_reason(st["ms"], st["spread"], macs)
     return st
 
@@ -238,7 +269,7 @@ def latencies(models: list, input_shape, runs: int = 20) -> list[dict]:
     outs: list[dict[str, Any]] = [{"iqr": {}, "spread": {}, "runs": {}, "busy": {}} for _ in models]
     for key, batch, n in (("batch_1", 1, runs), ("batch_32", 32, max(5, runs // 2))):
         raw: list = []
-        for o, st in zip(outs, latency_stats(models, input_shape, batch, n, raw=raw)):
+        for o, st in zip(outs, latency_stats(models, input_shape, batch, n, raw=raw), strict=False):
             o[key] = st["ms"]
             o["iqr"][key] = [st["p25"], st["p75"]]
             o["spread"][key] = st["spread"]
@@ -279,8 +310,12 @@ def paired_speed(before, after, input_shape, batch: int = 32, runs: int = 10) ->
     raw: list = []
     a, b = latency_stats([before, after], input_shape, batch, runs, raw=raw)
     interval = speed_ratio(raw[0], raw[1])
-    return {"before_ms": a["ms"], "after_ms": b["ms"], "speedup": interval,
-            "verdict": speed_change(a["ms"], b["ms"], interval, a["busy"] or b["busy"])}
+    return {
+        "before_ms": a["ms"],
+        "after_ms": b["ms"],
+        "speedup": interval,
+        "verdict": speed_change(a["ms"], b["ms"], interval, a["busy"] or b["busy"]),
+    }
 
 
 BOOTSTRAP = 1000  # resamples of the rounds for a speed ratio's interval (fewer for many rounds: at most 4M values)
@@ -305,7 +340,7 @@ def speed_ratio(before: list[float], after: list[float]) -> list[float]:
     with np.errstate(divide="ignore", invalid="ignore"):
         boot = np.median(b[idx], axis=1) / np.median(a[idx], axis=1)
     boot = boot[np.isfinite(boot)]
-    lo, hi = (np.percentile(boot, [2.5, 97.5]) if len(boot) else (r, r))
+    lo, hi = np.percentile(boot, [2.5, 97.5]) if len(boot) else (r, r)
     return [round(min(float(lo), r), 4), round(r, 4), round(max(float(hi), r), 4)]
 
 
@@ -313,8 +348,9 @@ SAME = 1.05  # a change of speed smaller than 5% is not called one, whatever its
 TOO_NOISY = 1.5  # an interval of the speed ratio wider than this (hi / lo) tells nothing
 
 
-def speed_change(before_ms: float | None, after_ms: float | None, interval: list | None = None,
-                 busy: str | None = None) -> str:
+def speed_change(
+    before_ms: float | None, after_ms: float | None, interval: list | None = None, busy: str | None = None
+) -> str:
     """The verdict on two figures: the ratio it prints is before_ms / after_ms, the figures beside it, so
     "faster" never stands beside a larger "after". "1.9x faster (1.8-2.0)" only when the 95% interval of that
     ratio (``speed_ratio``) lies above 1.05; "1.9x slower" when below 1/1.05; else "same" -- "same within noise
@@ -335,8 +371,10 @@ def speed_change(before_ms: float | None, after_ms: float | None, interval: list
     else:
         lo, _, hi = interval
         if not lo * 0.995 <= r <= hi * 1.005:  # (0.5%: the figures are rounded)
-            return (f"not comparable: {before_ms:g} / {after_ms:g} = {r:.2f} lies outside the interval of the ratio "
-                    f"({lo:.2f}-{hi:.2f}) it was given; {BUSY}, time again")
+            return (
+                f"not comparable: {before_ms:g} / {after_ms:g} = {r:.2f} lies outside the interval of the ratio "
+                f"({lo:.2f}-{hi:.2f}) it was given; {BUSY}, time again"
+            )
     span = f" ({lo:.2f}-{hi:.2f})" if interval else ""
     if lo > SAME:
         return f"{r:.2f}x faster{span}" + unreliable
@@ -345,13 +383,16 @@ def speed_change(before_ms: float | None, after_ms: float | None, interval: list
     if 1 / SAME <= lo and hi <= SAME:
         return "same" + unreliable
     if hi / lo > TOO_NOISY or busy:  # the interval says nothing either way: the machine was busy
-        return (f"too noisy to tell ({lo:.2f}-{hi:.2f}): {BUSY}{why}, the comparison is not reliable; time again on "
-                "an idle machine, or with --threads")
+        return (
+            f"too noisy to tell ({lo:.2f}-{hi:.2f}): {BUSY}{why}, the comparison is not reliable; time again on "
+            "an idle machine, or with --threads"
+        )
     return f"same within noise ({lo:.2f}-{hi:.2f})"
 
 
-def summarize(model: nn.Module, input_shape, data=None, latency: bool = True,
-              layers: bool = True, runs: int = 20, metric=None) -> dict[str, Any]:
+def summarize(
+    model: nn.Module, input_shape, data=None, latency: bool = True, layers: bool = True, runs: int = 20, metric=None
+) -> dict[str, Any]:
     """The numbers that matter for one model, as a JSON-able dict; ``accuracy`` is ``metric``'s score on
     ``data`` (default top-1 accuracy in percent; anything ``compress.data.as_data`` takes), ``metric`` its label."""
     c = counts(model, input_shape)  # an INT8 model's: its architecture's counts, as integers

@@ -5,6 +5,7 @@ file formats. On the module and in files it is a plain dict (data a file may car
 through ``read_meta``, a typed ``ModelMeta`` whose every field is checked, since a file's metadata is
 input like any other: a value of the wrong type is left out, never trusted.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,14 +22,14 @@ META_ATTR = "compress_meta"
 @dataclasses.dataclass(frozen=True)
 class ModelMeta:
     """Args:
-        arch: the zoo model it was built as (``create_model(arch, **arch_kwargs)``).
-        arch_kwargs, num_classes, in_channels: how the zoo built it.
-        arch_ref: the ``--arch module:callable`` that rebuilds it (a model of the user's classes).
-        input_shape: (1, C, H, W) it takes.
-        train_data: the data spec it was trained on; val_fraction: the share held out of it; augment: the
-            pixel shifts it was trained with (fine-tuning does the same unless told otherwise).
-        history: what compress did to it, one entry per stage ({"stage", "config"}).
-        val_accuracy, test_accuracy: as ``zoo train`` measured them.
+    arch: the zoo model it was built as (``create_model(arch, **arch_kwargs)``).
+    arch_kwargs, num_classes, in_channels: how the zoo built it.
+    arch_ref: the ``--arch module:callable`` that rebuilds it (a model of the user's classes).
+    input_shape: (1, C, H, W) it takes.
+    train_data: the data spec it was trained on; val_fraction: the share held out of it; augment: the
+        pixel shifts it was trained with (fine-tuning does the same unless told otherwise).
+    history: what compress did to it, one entry per stage ({"stage", "config"}).
+    val_accuracy, test_accuracy: as ``zoo train`` measured them.
     """
 
     arch: str | None = None
@@ -45,10 +46,20 @@ class ModelMeta:
     test_accuracy: float | None = None
 
 
-_TYPES: dict[str, tuple] = {"arch": (str,), "arch_kwargs": (dict,), "num_classes": (int,), "in_channels": (int,),
-                            "arch_ref": (str,), "input_shape": (list, tuple), "train_data": (str,),
-                            "val_fraction": (float,), "augment": (int,), "history": (list,),
-                            "val_accuracy": (float, int), "test_accuracy": (float, int)}
+_TYPES: dict[str, tuple] = {
+    "arch": (str,),
+    "arch_kwargs": (dict,),
+    "num_classes": (int,),
+    "in_channels": (int,),
+    "arch_ref": (str,),
+    "input_shape": (list, tuple),
+    "train_data": (str,),
+    "val_fraction": (float,),
+    "augment": (int,),
+    "history": (list,),
+    "val_accuracy": (float, int),
+    "test_accuracy": (float, int),
+}
 FIELDS = frozenset(_TYPES)
 
 

@@ -15,12 +15,14 @@ registry entry, call ``attach``, ``fine_tune`` (the shared loop driving the same
 ``finalize``, and return the model; ``run`` returns the ``StageResult`` with the numbers every
 caller shows. Each config belongs to one verb: ``prune_(m, QuantConfig())`` is an error.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -116,15 +118,16 @@ class Context:
             shape = check_shape(meta.input_shape, "the model file's input shape")
             check_call(model, shape)  # what one sample at the file's shape costs, counted before it runs
             return shape
-        raise UsageError(f"cannot tell the model's input shape: give {param('input_shape', (1, 1, 28, 28))} "
-                         "or data")
+        raise UsageError(f"cannot tell the model's input shape: give {param('input_shape', (1, 1, 28, 28))} or data")
 
 
 def check_ctx(ctx: Context | None) -> Context | None:
     """``ctx`` if it is a ``Context`` or None; anything else (data given in its place) is an InputError."""
     if ctx is not None and not isinstance(ctx, Context):
-        raise InputError(f"ctx: a {type(ctx).__name__} is not a compress.Context; give data as "
-                         "Context(train=..., val=...), or as the verbs' train_data= and val_data=")
+        raise InputError(
+            f"ctx: a {type(ctx).__name__} is not a compress.Context; give data as "
+            "Context(train=..., val=...), or as the verbs' train_data= and val_data="
+        )
     return ctx
 
 
@@ -135,15 +138,19 @@ def needs_data(what: str) -> UsageError:
 
 def check_shape(shape, what: str = "input shape") -> tuple[int, ...]:
     """(1, ...) from a shape of 2 to 5 positive integers whose sample holds at most MAX_INPUT_VALUES."""
-    if not (isinstance(shape, (list, tuple)) and 2 <= len(shape) <= 5
-            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
+    if not (
+        isinstance(shape, (list, tuple))
+        and 2 <= len(shape) <= 5
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
+    ):
         raise InputError(f"{what} {shape!r} must be 2 to 5 positive integers, like 1,1,28,28")
     per_sample = 1
     for s in shape[1:]:
         per_sample *= s
     if per_sample > MAX_INPUT_VALUES:
-        raise InputError(f"{what} {list(shape)} asks for {per_sample:,} values per sample; at most "
-                         f"{MAX_INPUT_VALUES:,} are allowed")
+        raise InputError(
+            f"{what} {list(shape)} asks for {per_sample:,} values per sample; at most {MAX_INPUT_VALUES:,} are allowed"
+        )
     return (1,) + tuple(shape)[1:]
 
 
@@ -161,8 +168,14 @@ class StageResult:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "config": self.config, "layers": self.layers, "records": self.records,
-                "notes": self.notes, "seconds": self.seconds}
+        return {
+            "stage": self.stage,
+            "config": self.config,
+            "layers": self.layers,
+            "records": self.records,
+            "notes": self.notes,
+            "seconds": self.seconds,
+        }
 
 
 class Method:
@@ -224,9 +237,16 @@ class Method:
     def train(self, epochs: float, seed: int = 0, desc: str | None = None) -> list[dict]:
         """``epochs`` of the library's loop on ``ctx.train`` with the context's loss (or train_step) and,
         when the config asks for it, distillation from the teacher, driving this method's hooks."""
-        return fit(self.model, self.ctx.train, self.train_config(epochs, seed), method=self,
-                   desc=desc or f"{self.config.stage_name} fine-tune", loss=self.ctx.loss,
-                   train_step=self.ctx.train_step, teacher=self.teacher)
+        return fit(
+            self.model,
+            self.ctx.train,
+            self.train_config(epochs, seed),
+            method=self,
+            desc=desc or f"{self.config.stage_name} fine-tune",
+            loss=self.ctx.loss,
+            train_step=self.ctx.train_step,
+            teacher=self.teacher,
+        )
 
     def fine_tune(self) -> None:
         """The library's loop: ``config.finetune.epochs`` of training on ``ctx.train``, driving the hooks."""
@@ -247,8 +267,15 @@ class Method:
         self.attach()
         self.fine_tune()
         self.model = self.finalize()
-        res = StageResult(self.config.stage_name, self.config.to_dict(), self.model, self.layers, self.records,
-                          self.notes, round(time.perf_counter() - t0, 2))
+        res = StageResult(
+            self.config.stage_name,
+            self.config.to_dict(),
+            self.model,
+            self.layers,
+            self.records,
+            self.notes,
+            round(time.perf_counter() - t0, 2),
+        )
         add_history(self.model, {"stage": res.stage, "config": self.config.changes()})  # what was done, in a few bytes
         return res
 
@@ -269,8 +296,9 @@ class KeepMasks(Method):
         return self.model
 
 
-def run(verb: str, model: nn.Module, config: Config, ctx: Context | None = None, *,
-        filter_fn: FilterFn | None = None) -> StageResult:
+def run(
+    verb: str, model: nn.Module, config: Config, ctx: Context | None = None, *, filter_fn: FilterFn | None = None
+) -> StageResult:
     """Apply ``config`` to ``model`` under ``verb``; the model changes in place. ``filter_fn(module, fqn) -> bool``:
     only the layers of ``config.select`` it accepts are touched (``ctx.filter_fn``; give it once)."""
     return method_for(config, verb)(model, config, _ctx(ctx, filter_fn=filter_fn)).run()
@@ -294,27 +322,52 @@ def _ctx(ctx, train_data=None, val_data=None, input_shape=None, calib_data=None,
     return dataclasses.replace(ctx, **given) if given else ctx
 
 
-def prune_(model: nn.Module, config: Config, train_data=None, val_data=None, *, input_shape=None,
-           ctx: Context | None = None, filter_fn: FilterFn | None = None) -> nn.Module:
+def prune_(
+    model: nn.Module,
+    config: Config,
+    train_data=None,
+    val_data=None,
+    *,
+    input_shape=None,
+    ctx: Context | None = None,
+    filter_fn: FilterFn | None = None,
+) -> nn.Module:
     """Prune in place with a pruning config; returns the model for chaining. ``filter_fn(module, fqn) -> bool``:
     only the layers of ``config.select`` it accepts are pruned."""
     return run("prune", model, config, _ctx(ctx, train_data, val_data, input_shape, filter_fn=filter_fn)).model
 
 
-def quantize_(model: nn.Module, config: Config, train_data=None, val_data=None, *, calib_data=None,
-              ctx: Context | None = None, filter_fn: FilterFn | None = None) -> nn.Module:
+def quantize_(
+    model: nn.Module,
+    config: Config,
+    train_data=None,
+    val_data=None,
+    *,
+    calib_data=None,
+    ctx: Context | None = None,
+    filter_fn: FilterFn | None = None,
+) -> nn.Module:
     """Quantize weights in place with a ``QuantConfig``; returns the model for chaining. Lowering to INT8
     execution makes a new model: that is ``compress.lower_int8(model, Int8Config(...), calib_data=...)``.
     ``filter_fn(module, fqn) -> bool``: only the layers of ``config.select`` it accepts are quantized."""
     method: type[Method] = method_for(config, "quantize")
     if not method.in_place:
-        raise UsageError(f"quantize_ changes a model in place; a {type(config).__name__} makes a new model: "
-                         f"use compress.lower_int8(model, {type(config).__name__}(...), calib_data=...)")
+        raise UsageError(
+            f"quantize_ changes a model in place; a {type(config).__name__} makes a new model: "
+            f"use compress.lower_int8(model, {type(config).__name__}(...), calib_data=...)"
+        )
     return run("quantize", model, config, _ctx(ctx, train_data, val_data, None, calib_data, filter_fn)).model
 
 
-def factorize_(model: nn.Module, config: Config, train_data=None, val_data=None, *, ctx: Context | None = None,
-               filter_fn: FilterFn | None = None) -> nn.Module:
+def factorize_(
+    model: nn.Module,
+    config: Config,
+    train_data=None,
+    val_data=None,
+    *,
+    ctx: Context | None = None,
+    filter_fn: FilterFn | None = None,
+) -> nn.Module:
     """Factorize layers in place with a ``FactorizeConfig``; returns the model for chaining.
     ``filter_fn(module, fqn) -> bool``: only the layers of ``config.select`` it accepts are factorized."""
     return run("factorize", model, config, _ctx(ctx, train_data, val_data, None, filter_fn=filter_fn)).model

@@ -3,6 +3,7 @@
 It sits above ``io`` (torch files: TorchScript, state_dict + arch, whole modules) and ``coding``
 (.cpz containers), so neither needs the other.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -102,11 +103,13 @@ def arch_base(arch: str | None):
         model = build_arch(arch)
         set_meta(model, arch_ref=arch)
         return model
+
     return build
 
 
-def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False, *,
-               input_shape: tuple[int, ...] | None = None) -> Path:
+def save_model(
+    model: nn.Module, path: str | os.PathLike, force: bool = False, *, input_shape: tuple[int, ...] | None = None
+) -> Path:
     """Save atomically: a .cpz (Huffman-coded, architecture as data) for a ``.cpz`` path, else a
     torch file that compress loads again without trust.
 
@@ -120,7 +123,11 @@ def save_model(model: nn.Module, path: str | os.PathLike, force: bool = False, *
     if path.suffix == ".cpz":  # the container refuses an INT8 model (errors.INT8_IS_PT)
         stats = save_cpz(model, path, force=force, graph=True)  # at the input shape of its metadata
         if stats["graph_note"]:
-            warnings.warn(f"{path}: no graph stored ({stats['graph_note']}); loading it needs your "
-                          f"{param('arch', 'module:callable')}", CompressWarning, stacklevel=2)
+            warnings.warn(
+                f"{path}: no graph stored ({stats['graph_note']}); loading it needs your "
+                f"{param('arch', 'module:callable')}",
+                CompressWarning,
+                stacklevel=2,
+            )
         return path
     return save_torch(model, path, force=force)  # per kind of model

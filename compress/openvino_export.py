@@ -8,6 +8,7 @@ OpenVINO loads it without Python.
 
 Optional: ``pip install 'compress[openvino]'``; without it ``export --format openvino`` says so in one line.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -28,8 +29,9 @@ def _ov():
     try:
         return importlib.import_module("openvino")
     except ImportError as e:
-        raise UsageError("OpenVINO is not installed: pip install 'compress[openvino]' (or openvino), or export "
-                         "ONNX") from e
+        raise UsageError(
+            "OpenVINO is not installed: pip install 'compress[openvino]' (or openvino), or export ONNX"
+        ) from e
 
 
 def available() -> bool:
@@ -90,14 +92,18 @@ def size_note(fp32: dict, int8: dict) -> str | None:
     (.xml) grown by its quantize/dequantize operations past what the INT8 weights saved. None if it is smaller."""
     c = int8.get("constants", {})
     if c.get("f32", 0) > c.get("i8", 0) + c.get("u8", 0):
-        return (f"its weights are stored in FP32 ({c.get('f32', 0):,} bytes of FP32 constants against "
-                f"{c.get('i8', 0) + c.get('u8', 0):,} of INT8): this OpenVINO did not compress them, though it runs "
-                "them as INT8")
+        return (
+            f"its weights are stored in FP32 ({c.get('f32', 0):,} bytes of FP32 constants against "
+            f"{c.get('i8', 0) + c.get('u8', 0):,} of INT8): this OpenVINO did not compress them, though it runs "
+            "them as INT8"
+        )
     if int8["bytes"] <= fp32["bytes"]:
         return None
-    return (f"larger than the FP32 IR although its weights are INT8 (.bin {int8['bin_bytes']:,} bytes against "
-            f"{fp32['bin_bytes']:,}): its graph, the .xml, describes every quantize/dequantize step "
-            f"({int8['xml_bytes']:,} bytes against {fp32['xml_bytes']:,})")
+    return (
+        f"larger than the FP32 IR although its weights are INT8 (.bin {int8['bin_bytes']:,} bytes against "
+        f"{fp32['bin_bytes']:,}): its graph, the .xml, describes every quantize/dequantize step "
+        f"({int8['xml_bytes']:,} bytes against {fp32['xml_bytes']:,})"
+    )
 
 
 def compile_model(xml_path, threads: int = 2, batch: int | None = None):
@@ -108,8 +114,11 @@ def compile_model(xml_path, threads: int = 2, batch: int | None = None):
     model = core.read_model(str(xml_path))
     if batch is not None:
         model.reshape({model.inputs[0].any_name: [batch, *list(model.inputs[0].get_partial_shape())[1:]]})
-    return core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32",
-                                             "PERFORMANCE_HINT": "LATENCY"})
+    return core.compile_model(
+        model,
+        "CPU",
+        {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"},
+    )
 
 
 def run(compiled, x: np.ndarray) -> np.ndarray:
@@ -149,8 +158,18 @@ def accuracy(compiled, data) -> float:
     return runtime_accuracy(lambda x: run(compiled, x), data)
 
 
-def write(onnx_path, path, reference, input_shape, *, check_tol: float | None, force: bool = False,
-          threads: int = 2, eval_data=None, mkdir: bool = False) -> dict[str, Any]:
+def write(
+    onnx_path,
+    path,
+    reference,
+    input_shape,
+    *,
+    check_tol: float | None,
+    force: bool = False,
+    threads: int = 2,
+    eval_data=None,
+    mkdir: bool = False,
+) -> dict[str, Any]:
     """Convert ``onnx_path`` into the IR ``path`` (+ .bin), both written atomically once checked: its outputs
     against ``reference(x) -> np.ndarray`` (PyTorch) within ``check_tol`` of the largest output (None: INT8,
     judged by accuracy instead); returns bytes (``storage``: .xml + .bin, and the weights' element types), latency
@@ -172,11 +191,17 @@ def write(onnx_path, path, reference, input_shape, *, check_tol: float | None, f
         diff = float(np.abs(run(compiled, x.numpy()) - ref).max())
         rel = diff / max(float(np.abs(ref).max()), 1e-30)
         if check_tol is not None and rel > check_tol:
-            raise InputError(f"OpenVINO output differs from PyTorch by {diff:.2e}, {rel:.2e} of the largest output "
-                             f"(> --tol {check_tol:g}); not written")
+            raise InputError(
+                f"OpenVINO output differs from PyTorch by {diff:.2e}, {rel:.2e} of the largest output "
+                f"(> --tol {check_tol:g}); not written"
+            )
         n, total = integer_layers(compiled)
-        res: dict[str, Any] = {"max_abs_diff": diff, "max_rel_diff": rel, "int8_layers": [n, total],
-                               **storage(tmp_xml)}  # the bytes of both files: the .xml and its .bin
+        res: dict[str, Any] = {
+            "max_abs_diff": diff,
+            "max_rel_diff": rel,
+            "int8_layers": [n, total],
+            **storage(tmp_xml),
+        }  # the bytes of both files: the .xml and its .bin
         if eval_data is not None:
             res["accuracy"] = round(accuracy(compiled, eval_data), 3)
         with atomic_write(xml, force) as tx:  # the weights first: the .xml that names them appears last

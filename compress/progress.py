@@ -8,13 +8,14 @@ Every unit of progress (``Bar.update``: a training step, one trial of a scan) is
 ``stop_when(check)`` it raises ``Stopped`` -- a ``KeyboardInterrupt``, so it ends the work the way Ctrl-C does --
 as soon as ``check()`` is true. The pipeline's time budget ends a candidate in progress this way.
 """
+
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import os
 import sys
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 PROGRESS: bool | None = None  # the CLI's --quiet sets False; None: decide as below
 # set by stop_when; per thread (a pipeline in one thread never stops another's work)
@@ -59,9 +60,15 @@ class Bar:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                                console=Console(stderr=True), transient=True)
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
             self.bar.start()
             self.task = self.bar.add_task(desc, total=total, info="")
 

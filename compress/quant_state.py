@@ -8,6 +8,7 @@ A weight changed after quantization no longer matches its state; ``check`` says 
 This module is the contract between ``quantize`` (which makes states) and ``coding`` (which
 stores them): it imports neither.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     if symmetric:
         q = 2 ** (bits - 1) - 1
         return -q, q
-    return 0, 2 ** bits - 1
+    return 0, 2**bits - 1
 
 
 class Scheme:
@@ -45,7 +46,7 @@ class Scheme:
     storage: ClassVar[str]
     trainable: ClassVar[bool] = False
 
-    def fit(self, w: torch.Tensor, bits: int, per_channel: bool = True, symmetric: bool = True) -> "QuantState":
+    def fit(self, w: torch.Tensor, bits: int, per_channel: bool = True, symmetric: bool = True) -> QuantState:
         """The state of ``w`` (detached float32 on the CPU, as ``quantize_tensor`` passes it)."""
         raise NotImplementedError
 
@@ -83,14 +84,14 @@ def get_scheme(name: str) -> Scheme:
 @dataclass(eq=False)
 class QuantState:
     """Args:
-        bits: bits per weight (2..8).
-        scheme: the registered ``Scheme`` that made it ("minmax", "mmse", "kmeans", "pow2", ...).
-        codes: grid: (C, K) unsigned codes, code - qrange's low end is the grid integer;
-            codebook: flat int16 indices into ``codebook``, -1 where the weight is a pruned zero.
-        scale: (C,) grid step per channel (grid).
-        zero_point: (C,) integer zero point (affine grids), else None.
-        codebook: (<= 2^bits,) sorted values (codebook).
-        per_channel: one grid per output channel (grid), else one for the tensor.
+    bits: bits per weight (2..8).
+    scheme: the registered ``Scheme`` that made it ("minmax", "mmse", "kmeans", "pow2", ...).
+    codes: grid: (C, K) unsigned codes, code - qrange's low end is the grid integer;
+        codebook: flat int16 indices into ``codebook``, -1 where the weight is a pruned zero.
+    scale: (C,) grid step per channel (grid).
+    zero_point: (C,) integer zero point (affine grids), else None.
+    codebook: (<= 2^bits,) sorted values (codebook).
+    per_channel: one grid per output channel (grid), else one for the tensor.
     """
 
     bits: int
@@ -129,13 +130,14 @@ class QuantState:
     def check(self, weight: torch.Tensor, where: str = "layer") -> None:
         """Raise ValueError unless ``weight`` still equals the dequantized codes."""
         if not torch.equal(self.dequantize(weight.shape), weight.detach().cpu().float()):
-            raise ValueError(f"{where}: weights are off their quantization grid (changed after quantization?); "
-                             "quantize again after the last change")
+            raise ValueError(
+                f"{where}: weights are off their quantization grid (changed after quantization?); "
+                "quantize again after the last change"
+            )
 
     def to_dict(self) -> dict:
         """Plain description (no tensors) for reports."""
-        return {"bits": self.bits, "scheme": self.scheme, "per_channel": self.per_channel,
-                "symmetric": self.symmetric}
+        return {"bits": self.bits, "scheme": self.scheme, "per_channel": self.per_channel, "symmetric": self.symmetric}
 
 
 def _attr(param: str) -> str:

@@ -19,6 +19,7 @@ Every value has one meaning wherever it appears: ``finetune.epochs`` is the stag
 ...]}`` under ``stages``), the form a pipeline summary holds; ``Recipe.from_dict`` reads it back to the same recipe.
 ``resolve`` applies one precedence to every setting: argument > recipe > model metadata > default.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,7 @@ from compress.errors import InputError, UsageError, first_line, safe
 RECIPE_VERSION = 2  # what to_dict writes; from_dict reads it and earlier ones
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few lines; a larger file is refused before it is parsed
 MAX_STAGES = 32
-MAX_CANDIDATES = 64         # values of a search list (each checked by its option's declared range)
+MAX_CANDIDATES = 64  # values of a search list (each checked by its option's declared range)
 
 _STAGE_KEYS = ("method", "patience")
 
@@ -46,10 +47,10 @@ def resolve(*values, default=None):
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """Args:
-        name: the stage's method ("threshold", "quantize", ...).
-        candidates: configs tried in order (one: no search).
-        patience: candidates in a row whose measured drop alone is over budget that end an iterative
-            search (a miss by the noise margin only does not count).
+    name: the stage's method ("threshold", "quantize", ...).
+    candidates: configs tried in order (one: no search).
+    patience: candidates in a row whose measured drop alone is over budget that end an iterative
+        search (a miss by the noise margin only does not count).
     """
 
     name: str
@@ -65,7 +66,7 @@ class Stage:
         return self.candidates[0].iterative
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "stage") -> "Stage":
+    def from_dict(cls, d: dict[str, Any], where: str = "stage") -> Stage:
         if not isinstance(d, dict):
             raise UsageError(f"{where}: a stage must be a table, got {type(d).__name__}")
         name = d.get("method")
@@ -99,13 +100,15 @@ class Stage:
             raise UsageError(f"{where} ({name}): {e}") from e
 
     @classmethod
-    def _from_candidates(cls, d: dict[str, Any], name: str, cfg_cls: type[Config], where: str) -> "Stage":
+    def _from_candidates(cls, d: dict[str, Any], name: str, cfg_cls: type[Config], where: str) -> Stage:
         """The form ``to_dict`` writes: every candidate a whole config (``Config.to_dict``), so any stage reads back
         as it was, whatever its candidates differ in."""
         extra = sorted(str(k) for k in set(d) - {"method", "patience", "candidates"})
         if extra:
-            raise UsageError(f"{where}: a stage of candidates holds method, patience and candidates only, not "
-                             f"{safe(', '.join(extra), 80)} (a method's options go inside each candidate)")
+            raise UsageError(
+                f"{where}: a stage of candidates holds method, patience and candidates only, not "
+                f"{safe(', '.join(extra), 80)} (a method's options go inside each candidate)"
+            )
         found = d["candidates"]
         if not isinstance(found, list) or not found:
             raise UsageError(f"{where}: candidates must be a list of at least one config")
@@ -114,8 +117,7 @@ class Stage:
         configs = []
         for j, c in enumerate(found):
             if not isinstance(c, dict) or c.get("type") != cfg_cls.__name__:
-                raise UsageError(f"{where} candidate {j + 1}: method {name} takes a table of type "
-                                 f"{cfg_cls.__name__!r}")
+                raise UsageError(f"{where} candidate {j + 1}: method {name} takes a table of type {cfg_cls.__name__!r}")
             try:
                 configs.append(Config.from_dict(c))
             except (TypeError, ValueError) as e:
@@ -133,11 +135,11 @@ class Stage:
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """Args:
-        stages: the stages, in order.
-        max_accuracy_drop: the budget in accuracy points (None: the caller's or the default).
-        confidence: standard errors of margin in the budget test (None: default).
-        val_fraction: fraction of the training data held out for validation (None: the model's
-            metadata, else the default).
+    stages: the stages, in order.
+    max_accuracy_drop: the budget in accuracy points (None: the caller's or the default).
+    confidence: standard errors of margin in the budget test (None: default).
+    val_fraction: fraction of the training data held out for validation (None: the model's
+        metadata, else the default).
     """
 
     stages: tuple[Stage, ...]
@@ -149,13 +151,12 @@ class Recipe:
         check_fields(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "recipe") -> "Recipe":
+    def from_dict(cls, d: dict[str, Any], where: str = "recipe") -> Recipe:
         if not isinstance(d, dict):
             raise UsageError(f"{where} must be a table")
         unknown = sorted(set(d) - {"stage", "stages", "max_accuracy_drop", "confidence", "val_fraction", "version"})
         if unknown:
-            raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; a method's options go inside a "
-                             "[[stage]]")
+            raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; a method's options go inside a [[stage]]")
         if "stage" in d and "stages" in d:
             raise UsageError(f"{where}: give its stages once, as [[stage]] tables or as the stages list to_dict writes")
         version = d.get("version", RECIPE_VERSION)
@@ -178,7 +179,7 @@ class Recipe:
         return dataclasses.replace(rec, **floats)
 
     @classmethod
-    def load(cls, path) -> "Recipe":
+    def load(cls, path) -> Recipe:
         if sys.version_info >= (3, 11):
             import tomllib
         else:  # the same parser, published as tomli before it joined the standard library
@@ -189,8 +190,10 @@ class Recipe:
         try:
             with open_regular(path) as f:  # never a FIFO or a device: no read that waits or never ends
                 if os.fstat(f.fileno()).st_size > MAX_RECIPE_BYTES:
-                    raise UsageError(f"recipe {path} is {os.fstat(f.fileno()).st_size:,} bytes; a recipe is at most "
-                                     f"{MAX_RECIPE_BYTES:,}")
+                    raise UsageError(
+                        f"recipe {path} is {os.fstat(f.fileno()).st_size:,} bytes; a recipe is at most "
+                        f"{MAX_RECIPE_BYTES:,}"
+                    )
                 raw = f.read(MAX_RECIPE_BYTES + 1)  # (a device or a pipe has no size: read no more than that)
             if len(raw) > MAX_RECIPE_BYTES:
                 raise UsageError(f"recipe {path} is over {MAX_RECIPE_BYTES:,} bytes; a recipe is at most that")
@@ -207,28 +210,56 @@ class Recipe:
             raise UsageError(f"recipe {path}: {first_line(e)}") from e
         return cls.from_dict(d, f"recipe {path}")
 
-    def with_finetune(self, **changes) -> "Recipe":
+    def with_finetune(self, **changes) -> Recipe:
         """The same recipe with ``changes`` to every candidate's fine-tuning (``distill=4``)."""
+
         def one(c: Config) -> Config:
             return dataclasses.replace(c, finetune=dataclasses.replace(c.finetune, **changes))
 
-        return dataclasses.replace(self, stages=tuple(dataclasses.replace(st, candidates=tuple(
-            one(c) for c in st.candidates)) for st in self.stages))
+        return dataclasses.replace(
+            self,
+            stages=tuple(
+                dataclasses.replace(st, candidates=tuple(one(c) for c in st.candidates)) for st in self.stages
+            ),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """What a summary and a checkpoint's fingerprint hold: ``Recipe.from_dict(r.to_dict()) == r``."""
-        return {"version": RECIPE_VERSION, "max_accuracy_drop": self.max_accuracy_drop, "confidence": self.confidence,
-                "val_fraction": self.val_fraction, "stages": [s.to_dict() for s in self.stages]}
+        return {
+            "version": RECIPE_VERSION,
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "confidence": self.confidence,
+            "val_fraction": self.val_fraction,
+            "stages": [s.to_dict() for s in self.stages],
+        }
 
 
 # Han et al., Deep Compression (ICLR 2016), with per-layer sparsity from a sensitivity analysis and
 # Zhu & Gupta's gradual schedule: iterative threshold pruning, each candidate going on from the last
 # with 12 epochs of fine-tuning over 3 rounds; then k-means weight sharing with centroid fine-tuning
 # (conv 8 / fc 5 bits as in the paper, searched downwards).
-DEFAULT_RECIPE = Recipe.from_dict({"stage": [
-    {"method": "threshold", "sparsity": [0.9, 0.95, 0.97, 0.98, 0.985, 0.99], "rounds": 3,
-     "finetune": {"epochs": 12}},
-    {"method": "quantize", "scheme": "kmeans",
-     "bits": [{"conv": 8, "linear": 5}, {"conv": 6, "linear": 4}, {"conv": 5, "linear": 4},
-              {"conv": 4, "linear": 3}, {"conv": 4, "linear": 2}], "finetune": {"epochs": 1}},
-]}, "default recipe")
+DEFAULT_RECIPE = Recipe.from_dict(
+    {
+        "stage": [
+            {
+                "method": "threshold",
+                "sparsity": [0.9, 0.95, 0.97, 0.98, 0.985, 0.99],
+                "rounds": 3,
+                "finetune": {"epochs": 12},
+            },
+            {
+                "method": "quantize",
+                "scheme": "kmeans",
+                "bits": [
+                    {"conv": 8, "linear": 5},
+                    {"conv": 6, "linear": 4},
+                    {"conv": 5, "linear": 4},
+                    {"conv": 4, "linear": 3},
+                    {"conv": 4, "linear": 2},
+                ],
+                "finetune": {"epochs": 1},
+            },
+        ]
+    },
+    "default recipe",
+)

@@ -1,11 +1,13 @@
 """How a model is scored: a ``Metric`` (top-1 by default, top-5, or the user's ``metric(outputs, targets)``, per
 sample or per batch), the ``Scores`` of a model on data, and the paired drop between two models' scores on the
 same samples. Every accuracy compress shows comes from here."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -25,7 +27,6 @@ def to_device(v, dev):
     if isinstance(v, dict):
         return {k: to_device(t, dev) for k, t in v.items()}
     return v
-
 
 
 def _top1(outputs, targets):
@@ -71,7 +72,6 @@ def resolve_metric(metric=None) -> Metric:
     if callable(metric):
         return Metric(getattr(metric, "__name__", "metric"), metric)
     raise ValueError(f"metric must be 'top1', 'top5', a callable or module:fn, got {metric!r}")
-
 
 
 @dataclass
@@ -121,15 +121,20 @@ def scores(model: nn.Module, data, metric=None, batch_size: int | None = None) -
             except CompressError:
                 raise
             except Exception as e:
-                raise InputError(f"metric {m.name} failed on a batch of {data.name}: {type(e).__name__}: "
-                                 f"{first_line(e)}") from e
+                raise InputError(
+                    f"metric {m.name} failed on a batch of {data.name}: {type(e).__name__}: {first_line(e)}"
+                ) from e
             v = torch.as_tensor(v, dtype=torch.float64).detach().cpu()
             ps = v.dim() == 1 and len(v) == len(x)
             if not ps and v.numel() != 1:
-                raise InputError(f"metric {m.name} returned shape {tuple(v.shape)}; a vector of {len(x)} per-sample "
-                                 "scores or one number per batch expected")
+                raise InputError(
+                    f"metric {m.name} returned shape {tuple(v.shape)}; a vector of {len(x)} per-sample "
+                    "scores or one number per batch expected"
+                )
             if per_sample is not None and ps != per_sample:
-                raise InputError(f"metric {m.name} returned per-sample scores for some batches and one number for others")
+                raise InputError(
+                    f"metric {m.name} returned per-sample scores for some batches and one number for others"
+                )
             per_sample = ps
             vals.append(v if ps else v.reshape(1))
             weights.append(len(x))
@@ -149,13 +154,12 @@ def evaluate(model: nn.Module, data, metric=None, batch_size: int | None = None)
     return scores(model, data, metric, batch_size).mean()
 
 
-
 @torch.no_grad()
 def outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """The model's outputs for inputs ``x`` (in eval mode, in batches), on the CPU."""
     was = model.training
     model.eval()
     dev = distributed.device_of(model)
-    out = torch.cat([model(x[i:i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])
+    out = torch.cat([model(x[i : i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])
     model.train(was)
     return out

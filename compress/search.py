@@ -25,13 +25,15 @@ dropped. The time budget is checked between candidates and at every step of a ca
 step: ``progress.stop_when``), on ``clock`` -- ``time.perf_counter``, a module attribute that tests replace.
 ``summary.kept_nothing`` says when no stage kept a candidate: the model is the input, unchanged.
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch.nn as nn
 
@@ -81,11 +83,20 @@ class _Judge:
         margin = drop + self.z * se
         ok = margin <= self.budget
         over = drop > self.budget  # the measured drop alone is over: evidence, not noise
-        why = (f"drop {drop:+.2f} + {self.z:g} x SE {se:.2f} = {margin:.2f} pt "
-               f"{'<=' if ok else '>'} budget {self.budget:g} pt")
+        why = (
+            f"drop {drop:+.2f} + {self.z:g} x SE {se:.2f} = {margin:.2f} pt "
+            f"{'<=' if ok else '>'} budget {self.budget:g} pt"
+        )
         word = "within budget: " if ok else "over budget: " if over else "inconclusive (over by its margin only): "
-        return {"accuracy": round(acc, 3), "drop": round(drop, 3), "se": round(se, 3), "within_budget": ok,
-                "over": over, "verdict": word + why, "why": why}
+        return {
+            "accuracy": round(acc, 3),
+            "drop": round(drop, 3),
+            "se": round(se, 3),
+            "within_budget": ok,
+            "over": over,
+            "verdict": word + why,
+            "why": why,
+        }
 
 
 @dataclasses.dataclass
@@ -102,8 +113,16 @@ class _SearchState:
     current: nn.Module | None = None
 
 
-def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, stop: Stop,
-            state: _SearchState | None = None, save: Callable | None = None):
+def _search(
+    stage: Stage,
+    model: nn.Module,
+    ctx: Context,
+    judge: _Judge,
+    emit,
+    stop: Stop,
+    state: _SearchState | None = None,
+    save: Callable | None = None,
+):
     """Try a stage's candidates: (the most compressed one within budget or None, its sizes as measured
     when it was tried, the record of all). Ctrl-C or the time budget ends it with what was kept, the candidate in
     progress dropped. ``state``: where a checkpoint left it; ``save(state)`` after each decided candidate.
@@ -122,9 +141,10 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, s
             with progress.stop_when(stop.check):  # the time budget ends the candidate's work at its next step
                 cand = run(cfg.verb, copy.deepcopy(start), cfg, ctx).model
                 sizes = size_bytes(cand, graph=True)  # as the file is written: its graph too
-                rec = {"value": cfg.searched(), "options": cfg.to_dict(), **judge(cand),
-                       "bytes": sizes["coded"]}
-        except KeyboardInterrupt:  # Ctrl-C or the time budget: the candidate in progress is dropped; what was kept stands
+                rec = {"value": cfg.searched(), "options": cfg.to_dict(), **judge(cand), "bytes": sizes["coded"]}
+        except (
+            KeyboardInterrupt
+        ):  # Ctrl-C or the time budget: the candidate in progress is dropped; what was kept stands
             stop.reason = stop.reason or "interrupted"
             break
         finally:
@@ -157,10 +177,24 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, s
         done += 1
         elapsed = clock() - t0
         left, budget_left = len(stage.candidates) - st.next, stop.left()
-        eta = None if not left else elapsed / done * left if budget_left is None else \
-            min(elapsed / done * left, budget_left)
-        emit("candidate", stage=stage.name, index=j + 1, of=len(stage.candidates), **rec, over=over,
-             elapsed=elapsed, eta=eta, budget_left=budget_left)  # once saved
+        eta = (
+            None
+            if not left
+            else elapsed / done * left
+            if budget_left is None
+            else min(elapsed / done * left, budget_left)
+        )
+        emit(
+            "candidate",
+            stage=stage.name,
+            index=j + 1,
+            of=len(stage.candidates),
+            **rec,
+            over=over,
+            elapsed=elapsed,
+            eta=eta,
+            budget_left=budget_left,
+        )  # once saved
         if st.next >= len(stage.candidates):
             break
     kept = None if st.kept_index is None else st.tried[st.kept_index]
@@ -170,8 +204,11 @@ def _search(stage: Stage, model: nn.Module, ctx: Context, judge: _Judge, emit, s
             rec["verdict"] = f"kept: {why}"
         elif rec["within_budget"]:
             rec["verdict"] = f"within budget, but not smaller than the kept one: {why}"
-    return st.kept_model, st.kept_sizes, {"stage": stage.name, "search_key": stage.candidates[0].search_key,
-                                          "kept": kept, "tried": st.tried}
+    return (
+        st.kept_model,
+        st.kept_sizes,
+        {"stage": stage.name, "search_key": stage.candidates[0].search_key, "kept": kept, "tried": st.tried},
+    )
 
 
 def _label(stage: Stage, kept: bool) -> str:
@@ -192,16 +229,28 @@ def _plan(recipe: Recipe) -> list[StagePlan]:
     def as_read(v):  # as the checkpoint's JSON gives it back
         return json.loads(json.dumps(v))
 
-    return [StagePlan(s.name, s.candidates[0].search_key,
-                      tuple((as_read(c.searched()), as_read(c.to_dict())) for c in s.candidates),
-                      (_label(s, True), _label(s, False))) for s in recipe.stages]
+    return [
+        StagePlan(
+            s.name,
+            s.candidates[0].search_key,
+            tuple((as_read(c.searched()), as_read(c.to_dict())) for c in s.candidates),
+            (_label(s, True), _label(s, False)),
+        )
+        for s in recipe.stages
+    ]
 
 
 def _point(label: str, model: nn.Module, nbytes: int, accuracy: float, ctx: Context, test=None) -> dict:
     """The numbers of the model after one stage: bytes, nonzeros, MACs, score (latency: at the end)."""
     c = counts(model, ctx.input_shape)  # INT8 kernels: the architecture's counts, its INT8 weights' nonzeros
-    p = {"stage": label, "bytes": nbytes, "accuracy": round(accuracy, 3), "params": c["params"],
-         "nonzeros": c["nonzeros"], "macs": c["macs"]}
+    p = {
+        "stage": label,
+        "bytes": nbytes,
+        "accuracy": round(accuracy, 3),
+        "params": c["params"],
+        "nonzeros": c["nonzeros"],
+        "macs": c["macs"],
+    }
     if kinds.execution(model) is not None:
         p["int8"] = True
     if test is not None:
@@ -209,12 +258,29 @@ def _point(label: str, model: nn.Module, nbytes: int, accuracy: float, ctx: Cont
     return p
 
 
-def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_accuracy_drop: float | None = None,
-             input_shape=None, on_event: Callable | None = None, val_data=None, test_data=None,
-             val_fraction: float | None = None, latency: bool = True,
-             time_budget: float | None = None, confidence: float | None = None, *, loss=None, metric=None,
-             train_step=None, evaluate=None, distill: float | None = None, workers: int | None = None,
-             checkpoint: Checkpoint | None = None, resume: bool = False) -> tuple[nn.Module, PipelineSummary]:
+def pipeline(
+    model: nn.Module,
+    data,
+    recipe: Recipe | dict | None = None,
+    max_accuracy_drop: float | None = None,
+    input_shape=None,
+    on_event: Callable | None = None,
+    val_data=None,
+    test_data=None,
+    val_fraction: float | None = None,
+    latency: bool = True,
+    time_budget: float | None = None,
+    confidence: float | None = None,
+    *,
+    loss=None,
+    metric=None,
+    train_step=None,
+    evaluate=None,
+    distill: float | None = None,
+    workers: int | None = None,
+    checkpoint: Checkpoint | None = None,
+    resume: bool = False,
+) -> tuple[nn.Module, PipelineSummary]:
     """Run a recipe on ``model`` (in place); returns (model, summary). ``data``: training data -- a spec or
     anything ``compress.data.as_data`` takes; ``val_data`` and ``test_data`` likewise. ``loss``, ``metric``,
     ``train_step``, ``evaluate``: the user's recipe (``compress.method.Context``); the budget is in the metric's
@@ -231,6 +297,7 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     Precedence of every setting: argument > recipe > model metadata > default.
     """
     recipe = Recipe.from_dict(recipe) if isinstance(recipe, dict) else recipe or DEFAULT_RECIPE
+
     def as_data(d, name, arg):
         return data_mod.load(d, workers) if isinstance(d, str) else data_mod.as_data(d, name, workers or 0, arg=arg)
 
@@ -240,13 +307,20 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     if val_data is not None:
         train, val = ds, as_data(val_data, "validation data", "val_data")
     else:
-        vf = resolve(val_fraction, recipe.val_fraction, read_meta(model).val_fraction,
-                     default=data_mod.VAL_FRACTION)
+        vf = resolve(val_fraction, recipe.val_fraction, read_meta(model).val_fraction, default=data_mod.VAL_FRACTION)
         train, val = data_mod.split(ds, float(vf), seed=0)
     if test_data is not None:
         test_data = as_data(test_data, "test data", "test_data")
-    ctx = Context(train=train, val=val, input_shape=input_shape, loss=loss, metric=metric, train_step=train_step,
-                  evaluate=evaluate, teacher=copy.deepcopy(model) if distill else None)
+    ctx = Context(
+        train=train,
+        val=val,
+        input_shape=input_shape,
+        loss=loss,
+        metric=metric,
+        train_step=train_step,
+        evaluate=evaluate,
+        teacher=copy.deepcopy(model) if distill else None,
+    )
     ctx.input_shape = ctx.shape(model)
     if distill:
         recipe = recipe.with_finetune(distill=distill)
@@ -268,9 +342,11 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
     snapshots = [copy.deepcopy(model)]  # the model after each stage, timed together at the end
     emit("start", accuracy=base_acc, bytes=dense, budget=budget, time_budget=time_budget)
     if val_data is None and base_acc >= 99.8:
-        text = (f"the held-out split of the training data reads {base_acc:.2f}%: the model has most likely been "
-                "trained on it, so every candidate's drop looks real and little is kept. Give --val-data "
-                "(val_data=) with samples the model has not seen")
+        text = (
+            f"the held-out split of the training data reads {base_acc:.2f}%: the model has most likely been "
+            "trained on it, so every candidate's drop looks real and little is kept. Give --val-data "
+            "(val_data=) with samples the model has not seen"
+        )
         if on_event is None:  # a listener shows it; the log is for callers without one (said once)
             log.warning(text)
         emit("warning", text=text)
@@ -284,20 +360,35 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
         model = saved_models["model"]
         snapshots = [saved_models[f"snapshot{k}"] for k in range(len(timeline))]
         if saved["search"] is not None:
-            search_state = _SearchState(**{**saved["search"], "kept_model": saved_models.get("kept"),
-                                           "current": saved_models.get("current", model)})
+            search_state = _SearchState(
+                **{
+                    **saved["search"],
+                    "kept_model": saved_models.get("kept"),
+                    "current": saved_models.get("current", model),
+                }
+            )
         emit("resumed", stage=first, candidates=0 if search_state is None else search_state.next)
 
     def save(stage_index: int, st: _SearchState | None) -> None:
-        search = None if st is None else {k: getattr(st, k) for k in ("next", "misses", "tried", "kept_index",
-                                                                       "kept_sizes")}
+        search = (
+            None if st is None else {k: getattr(st, k) for k in ("next", "misses", "tried", "kept_index", "kept_sizes")}
+        )
         models: dict[str, nn.Module | None] = {"model": model, **{f"snapshot{k}": m for k, m in enumerate(snapshots)}}
         if st is not None:
             models.update(kept=st.kept_model, current=st.current if st.current is not model else None)
         if checkpoint is None:
             return
-        checkpoint.write({"fingerprint": fingerprint, "stage": stage_index, "results": results, "timeline": timeline,
-                          "measured": measured, "search": search}, models)
+        checkpoint.write(
+            {
+                "fingerprint": fingerprint,
+                "stage": stage_index,
+                "results": results,
+                "timeline": timeline,
+                "measured": measured,
+                "search": search,
+            },
+            models,
+        )
 
     with ctrl_c(stop):  # Ctrl-C interrupts a candidate's training, never the bookkeeping around it
         for i, stage in enumerate(recipe.stages):
@@ -307,9 +398,16 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
                 break
             t0 = clock()
             emit("stage", stage=stage.name, candidates=len(stage.candidates))
-            kept_model, kept_sizes, res = _search(stage, model, ctx, judge, emit, stop,
-                                                  state=search_state if i == first else None,
-                                                  save=None if checkpoint is None else (lambda st, i=i: save(i, st)))
+            kept_model, kept_sizes, res = _search(
+                stage,
+                model,
+                ctx,
+                judge,
+                emit,
+                stop,
+                state=search_state if i == first else None,
+                save=None if checkpoint is None else (lambda st, i=i: save(i, st)),
+            )
             if stop.reason:
                 emit("stopped", reason=stop.reason, stage=stage.name)
             if kept_model is None:
@@ -324,36 +422,68 @@ def pipeline(model: nn.Module, data, recipe: Recipe | dict | None = None, max_ac
             sizes, acc = measured
             res.update(bytes=sizes["coded"], accuracy=round(acc, 3), seconds=round(clock() - t0, 2))
             quantized = stage.candidates[0].verb == "quantize"
-            timeline.append(_point(_label(stage, kept_model is not None), model,
-                                   sizes["fixed"] if quantized else sizes["coded"], acc, ctx, test_data))
+            timeline.append(
+                _point(
+                    _label(stage, kept_model is not None),
+                    model,
+                    sizes["fixed"] if quantized else sizes["coded"],
+                    acc,
+                    ctx,
+                    test_data,
+                )
+            )
             snapshots.append(copy.deepcopy(model))
             results.append(res)
             if checkpoint is not None and not stop.reason:
                 save(i + 1, None)
     # batch-1 latency of every stage's model, interleaved after a warm-up: the same machine state for all
-    for point, st in zip(timeline, latency_stats(snapshots, ctx.input_shape, batch=1, runs=15) if latency else []):
+    for point, st in zip(
+        timeline, latency_stats(snapshots, ctx.input_shape, batch=1, runs=15) if latency else [], strict=False
+    ):
         point["latency_ms"] = st["ms"]
     # one entry for the whole pipeline: what each kept stage did (not every candidate it went through)
-    set_meta(model, history=list(read_meta(model).history)[:history_before] + [
-        {"stage": "pipeline", "budget_pt": budget,
-         "kept": [{"stage": r["stage"], "config": Config.from_dict(r["kept"]["options"]).changes()}
-                  if r["kept"] else None for r in results]}])
+    set_meta(
+        model,
+        history=list(read_meta(model).history)[:history_before]
+        + [
+            {
+                "stage": "pipeline",
+                "budget_pt": budget,
+                "kept": [
+                    {"stage": r["stage"], "config": Config.from_dict(r["kept"]["options"]).changes()}
+                    if r["kept"]
+                    else None
+                    for r in results
+                ],
+            }
+        ],
+    )
     set_meta(model, input_shape=list(ctx.input_shape))
     final = size_bytes(model, graph=True)  # with the history above: exactly the bytes save_model writes
     last = "INT8 file" if kinds.execution(model) is not None else "huffman coded"  # same weights, as saved
     timeline.append({**timeline[-1], "stage": last, "bytes": final["coded"]})
     kept = [r["kept"]["bytes"] for r in results if r["kept"]]
     summary = PipelineSummary(
-        stopped=stop.reason, kept_nothing=not kept, budget_pt=budget, confidence=z,
-        base_accuracy=round(base_acc, 3), final_accuracy=round(timeline[-1]["accuracy"], 3), dense_bytes=dense,
-        cpz_bytes=final["coded"], ratio=round(dense / final["coded"], 2), timeline=timeline,
-        layer_bytes=final["layers"], graph_note=final["graph_note"],
+        stopped=stop.reason,
+        kept_nothing=not kept,
+        budget_pt=budget,
+        confidence=z,
+        base_accuracy=round(base_acc, 3),
+        final_accuracy=round(timeline[-1]["accuracy"], 3),
+        dense_bytes=dense,
+        cpz_bytes=final["coded"],
+        ratio=round(dense / final["coded"], 2),
+        timeline=timeline,
+        layer_bytes=final["layers"],
+        graph_note=final["graph_note"],
         stages=[StageSearch.from_record(r) for r in results],
-        input_shape=list(ctx.input_shape), recipe=recipe.to_dict(),
+        input_shape=list(ctx.input_shape),
+        recipe=recipe.to_dict(),
         validation={"samples": len(val), "source": "given" if val_data is not None else "held out", "data": val.name},
         metric="evaluate" if evaluate is not None else ctx.metric.name,
         # a candidate's bytes are its own .cpz; the file's history entry is written only now
-        candidate_bytes_error=final["coded"] - kept[-1] if kept else None)
+        candidate_bytes_error=final["coded"] - kept[-1] if kept else None,
+    )
     if test_data is not None:
         summary.test_accuracy_before = timeline[0]["test_accuracy"]
         summary.test_accuracy_after = timeline[-1]["test_accuracy"]

@@ -2,6 +2,7 @@
 
 ``PipelineSummary.to_dict`` is the JSON the report (``report.json``) and ``compress pipeline --json`` hold.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,16 +52,28 @@ class StageSearch:
     seconds: float
 
     @classmethod
-    def from_record(cls, r: dict[str, Any]) -> "StageSearch":
+    def from_record(cls, r: dict[str, Any]) -> StageSearch:
         """From the record the search keeps (and a checkpoint holds, checked by ``checkpoint_state``)."""
-        return cls(r["stage"], r["search_key"], None if r["kept"] is None else Candidate(**r["kept"]),
-                   [Candidate(**c) for c in r["tried"]], r["bytes"], r["accuracy"], r["seconds"])
+        return cls(
+            r["stage"],
+            r["search_key"],
+            None if r["kept"] is None else Candidate(**r["kept"]),
+            [Candidate(**c) for c in r["tried"]],
+            r["bytes"],
+            r["accuracy"],
+            r["seconds"],
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "search_key": self.search_key,
-                "kept": None if self.kept is None else self.kept.to_dict(),
-                "tried": [c.to_dict() for c in self.tried], "bytes": self.bytes, "accuracy": self.accuracy,
-                "seconds": self.seconds}
+        return {
+            "stage": self.stage,
+            "search_key": self.search_key,
+            "kept": None if self.kept is None else self.kept.to_dict(),
+            "tried": [c.to_dict() for c in self.tried],
+            "bytes": self.bytes,
+            "accuracy": self.accuracy,
+            "seconds": self.seconds,
+        }
 
 
 @dataclasses.dataclass
@@ -109,6 +122,9 @@ class PipelineSummary:
     def to_dict(self) -> dict[str, Any]:
         """The summary's JSON (the report's and ``--json``'s): the optional numbers only when measured."""
         optional = ("candidate_bytes_error", "test_accuracy_before", "test_accuracy_after")
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name not in optional or getattr(self, f.name) is not None}
+        d = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in optional or getattr(self, f.name) is not None
+        }
         return {**d, "stages": [s.to_dict() for s in self.stages]}

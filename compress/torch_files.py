@@ -7,9 +7,11 @@ is a program. ``load_model`` therefore accepts, without being told to trust anyt
 * whole pickled modules whose every class is a ``torch.nn`` or ``compress.models`` module
   (allow-listed and loaded with ``weights_only=True``): this covers every model compress writes.
 
-Anything else -- TorchScript included -- needs ``trust_pickle=True`` (``--trust-pickle``). ``compress.model_io`` dispatches
+Anything else -- TorchScript included -- needs ``trust_pickle=True`` (``--trust-pickle``). ``compress.model_io``
+dispatches
 between these files and .cpz containers.
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,8 +23,8 @@ import pickle
 import sys
 import threading
 import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -41,8 +43,12 @@ from compress.user_code import resolve_callable
 log = logging.getLogger(__name__)
 
 # Non-module globals that a checkpoint of ours may hold and that build nothing dangerous.
-_EXTRA_SAFE = {"collections.OrderedDict", "builtins.set", "torch.nn.parameter.Parameter",
-               "compress.quant_state.QuantState"}
+_EXTRA_SAFE = {
+    "collections.OrderedDict",
+    "builtins.set",
+    "torch.nn.parameter.Parameter",
+    "compress.quant_state.QuantState",
+}
 
 
 # ----------------------------------------------------------------------------- arch specs
@@ -66,15 +72,20 @@ def load_state_dict_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], arc
     unexpected = [k for k in sd if k not in own]
     where = f" ({param('arch', arch)})" if arch else ""
     if missing:
-        raise InputError(f"weights do not match the architecture{where}: missing key {missing[0]!r}"
-                         f" ({len(missing)} missing)")
+        raise InputError(
+            f"weights do not match the architecture{where}: missing key {missing[0]!r} ({len(missing)} missing)"
+        )
     if unexpected:
-        raise InputError(f"weights do not match the architecture{where}: unexpected key {unexpected[0]!r}"
-                         f" ({len(unexpected)} unexpected)")
+        raise InputError(
+            f"weights do not match the architecture{where}: unexpected key {unexpected[0]!r}"
+            f" ({len(unexpected)} unexpected)"
+        )
     for k, v in own.items():
         if tuple(sd[k].shape) != tuple(v.shape):
-            raise InputError(f"weights do not match the architecture{where}: {k!r} has shape "
-                             f"{tuple(sd[k].shape)} in the file but {tuple(v.shape)} in the model")
+            raise InputError(
+                f"weights do not match the architecture{where}: {k!r} has shape "
+                f"{tuple(sd[k].shape)} in the file but {tuple(v.shape)} in the model"
+            )
     model.load_state_dict(sd, strict=True)
 
 
@@ -132,8 +143,9 @@ class _NoConstructors:
 
             def guarded(module, *args, **kw):
                 if getattr(_NoConstructors._local, "active", False):
-                    raise _Refused(f"the file calls the constructor of {type(module).__name__} with arguments "
-                                   "of its own")
+                    raise _Refused(
+                        f"the file calls the constructor of {type(module).__name__} with arguments of its own"
+                    )
                 orig(module, *args, **kw)
 
             nn.Module.__init__ = guarded
@@ -163,9 +175,11 @@ def _check_unpacked_size(path: Path) -> None:
     size = path.stat().st_size
     ratio = env_number("COMPRESS_MAX_DECODE_RATIO", MAX_UNPACK_RATIO)
     if total > max(MIN_UNPACK_BYTES, ratio * size):
-        raise InputError(f"{path}: refused: its records unpack to {total:,} bytes from a file of {size:,} "
-                         "(torch.save writes them uncompressed). If you trust it, set COMPRESS_MAX_DECODE_RATIO "
-                         "to a larger ratio")
+        raise InputError(
+            f"{path}: refused: its records unpack to {total:,} bytes from a file of {size:,} "
+            "(torch.save writes them uncompressed). If you trust it, set COMPRESS_MAX_DECODE_RATIO "
+            "to a larger ratio"
+        )
 
 
 def _torch_load(path: Path, trust_pickle: bool):
@@ -183,29 +197,50 @@ def _torch_load(path: Path, trust_pickle: bool):
             f"{path} is a pickle that would run code from {foreign[0]!r}"
             f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}; it was not loaded. "
             f"If you trust this file pass {param('trust_pickle')}, or save a state_dict "
-            f"and load it with {param('arch', 'module:callable')}")
+            f"and load it with {param('arch', 'module:callable')}"
+        )
     try:
         if foreign:  # trusted by the user
             return torch.load(path, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals(list(allowed.values())), _NoConstructors():
             return torch.load(path, map_location="cpu", weights_only=True)
     except _Refused as e:
-        raise UntrustedPickleError(f"{path}: {e}; it was not loaded. If you trust this file pass "
-                                   f"{param('trust_pickle')}") from None
+        raise UntrustedPickleError(
+            f"{path}: {e}; it was not loaded. If you trust this file pass {param('trust_pickle')}"
+        ) from None
     except ModuleNotFoundError as e:  # a trusted whole pickle of classes Python cannot import from here
-        raise InputError(f"{path}: the pickled model needs the module {e.name!r}, which Python cannot import "
-                         "here; run compress where it is importable (PYTHONPATH=the folder that holds it), or "
-                         f"save a state_dict and pass {param('arch', 'path/to/file.py:build')}") from None
-    except (RuntimeError, EOFError, ValueError, OSError, ImportError, AttributeError, TypeError, KeyError,
-            IndexError, MemoryError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise InputError(
+            f"{path}: the pickled model needs the module {e.name!r}, which Python cannot import "
+            "here; run compress where it is importable (PYTHONPATH=the folder that holds it), or "
+            f"save a state_dict and pass {param('arch', 'path/to/file.py:build')}"
+        ) from None
+    except (
+        RuntimeError,
+        EOFError,
+        ValueError,
+        OSError,
+        ImportError,
+        AttributeError,
+        TypeError,
+        KeyError,
+        IndexError,
+        MemoryError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+    ) as e:
         raise InputError(f"{path} could not be loaded as a model: {first_line(e, 160)}") from e
 
 
 CPZ_KEY = "compress_cpz"
 
 
-def load_torch(path: Path, arch: str | None = None, trust_pickle: bool = False,
-               cpz: Callable[[bytes], nn.Module] | None = None, int8: Callable | None = None) -> nn.Module:
+def load_torch(
+    path: Path,
+    arch: str | None = None,
+    trust_pickle: bool = False,
+    cpz: Callable[[bytes], nn.Module] | None = None,
+    int8: Callable | None = None,
+) -> nn.Module:
     """Load a torch file (TorchScript, state_dict + arch, or a whole module) safely. ``cpz`` decodes
     the container bytes of a file compress wrote for a model of the user's own classes."""
     if _is_torchscript(path):
@@ -214,13 +249,15 @@ def load_torch(path: Path, arch: str | None = None, trust_pickle: bool = False,
                 f"{path} is a TorchScript archive, and TorchScript is code: loading it runs its methods "
                 "(__setstate__, forward), which can read and write files. It was not loaded. If you trust "
                 f"this file pass {param('trust_pickle')}, or save a state_dict and load it with "
-                f"{param('arch', 'module:callable')}")
+                f"{param('arch', 'module:callable')}"
+            )
         try:
             model = torch.jit.load(str(path), map_location="cpu")
         except Exception as e:  # TorchScript's loader raises many kinds; all mean a broken archive
             lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-            cause = next((ln for ln in reversed(lines) if not ln.startswith(("File ", "~", "^", "Serialized"))),
-                         type(e).__name__)
+            cause = next(
+                (ln for ln in reversed(lines) if not ln.startswith(("File ", "~", "^", "Serialized"))), type(e).__name__
+            )
             raise InputError(f"{path}: TorchScript archive could not be loaded ({cause[:200]})") from e
         model.eval()
         return model
@@ -239,8 +276,10 @@ def load_torch(path: Path, arch: str | None = None, trust_pickle: bool = False,
     elif isinstance(obj, nn.Module):
         model = obj
     elif isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()) and obj:
-        raise UsageError(f"{path} is a state_dict without its architecture; pass {param('arch', 'module:callable')} "
-                         "(or zoo:NAME for a zoo model)")
+        raise UsageError(
+            f"{path} is a state_dict without its architecture; pass {param('arch', 'module:callable')} "
+            "(or zoo:NAME for a zoo model)"
+        )
     else:
         raise InputError(f"{path} holds a {type(obj).__name__}, not a model")
     model.eval()
@@ -266,11 +305,17 @@ def _unwrap(path: Path, obj: Mapping, cpz: Callable[[bytes], nn.Module], int8: C
     sd = obj.get("state_dict")
     if sd is not None:
         own = model.state_dict()
-        if not isinstance(sd, Mapping) or set(sd) != set(own) or not all(
+        if (
+            not isinstance(sd, Mapping)
+            or set(sd) != set(own)
+            or not all(
                 isinstance(sd[k], torch.Tensor) and sd[k].shape == v.shape and torch.equal(sd[k], v)
-                for k, v in own.items()):
-            raise InputError(f"{path}: its state_dict and the .cpz it wraps disagree; refused (write the file "
-                             "again with compress)")
+                for k, v in own.items()
+            )
+        ):
+            raise InputError(
+                f"{path}: its state_dict and the .cpz it wraps disagree; refused (write the file again with compress)"
+            )
     return model
 
 

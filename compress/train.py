@@ -8,11 +8,12 @@ Hinton's distillation term is mixed in. Data are read in batches (``compress.dat
 loader processes when the data ask for them. Under torchrun (``torch.distributed`` initialised) each
 rank reads its DistributedSampler-style share and only rank 0 shows progress.
 """
+
 from __future__ import annotations
 
 import logging
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -47,8 +48,10 @@ def check_augment(augment: int | None, data: Data) -> None:
         return
     shape = data.sample_shape  # (C, H, W) for images; other inputs are not shifted
     if len(shape) == 3 and augment > min(shape[-2:]):
-        raise UsageError(f"finetune.augment = {augment} is more than the side of the images of {data.name} "
-                         f"({min(shape[-2:])} pixels); give at most {min(shape[-2:])}")
+        raise UsageError(
+            f"finetune.augment = {augment} is more than the side of the images of {data.name} "
+            f"({min(shape[-2:])} pixels); give at most {min(shape[-2:])}"
+        )
 
 
 # ----------------------------------------------------------------------------- loss and metric
@@ -60,8 +63,9 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     """Hinton et al.'s soft-target term: KL(teacher || student) at ``temperature``, times T^2 (so its
     gradients keep their scale as T changes)."""
     t = temperature
-    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
-                    reduction="batchmean") * (t * t)
+    return F.kl_div(
+        F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True, reduction="batchmean"
+    ) * (t * t)
 
 
 def resolve_loss(loss=None) -> Callable:
@@ -87,9 +91,18 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / world / batch_size))
 
 
-def fit(model: nn.Module, data, cfg: FineTune | None = None, *, method=None,
-        desc: str = "train", progress: bool | None = None, loss: Callable | None = None,
-        train_step: Callable | None = None, teacher: nn.Module | None = None) -> list[dict]:
+def fit(
+    model: nn.Module,
+    data,
+    cfg: FineTune | None = None,
+    *,
+    method=None,
+    desc: str = "train",
+    progress: bool | None = None,
+    loss: Callable | None = None,
+    train_step: Callable | None = None,
+    teacher: nn.Module | None = None,
+) -> list[dict]:
     """Train ``model`` in place on ``data`` (anything ``compress.data.as_data`` takes); returns one dict per
     epoch (loss, penalty).
 
@@ -123,8 +136,10 @@ def fit(model: nn.Module, data, cfg: FineTune | None = None, *, method=None,
         teacher = None
 
     def schedule(optimizer, offset=0):  # cosine decay to 1% of lr over all steps
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.01 + 0.99 * 0.5 * (
-            1 + math.cos(math.pi * min(s + offset, total_steps) / total_steps)))
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(s + offset, total_steps) / total_steps)),
+        )
 
     def trained_params():
         own = method.parameters() if method is not None else None
@@ -181,11 +196,15 @@ def fit(model: nn.Module, data, cfg: FineTune | None = None, *, method=None,
                 value, out = task_loss(net, x, y)
                 if teacher is not None:
                     if not isinstance(out, torch.Tensor) or out.dim() != 2:
-                        raise InputError("distillation (FineTune.distill, --distill) needs a model whose output is (batch, classes) "
-                                         "logits")
+                        raise InputError(
+                            "distillation (FineTune.distill, --distill) needs a model whose output is (batch, classes) "
+                            "logits"
+                        )
                     with torch.no_grad():
                         t_out = teacher(x)
-                    value = (1 - cfg.distill_weight) * value + cfg.distill_weight * distill_loss(out, t_out, cfg.distill or 1.0)
+                    value = (1 - cfg.distill_weight) * value + cfg.distill_weight * distill_loss(
+                        out, t_out, cfg.distill or 1.0
+                    )
                 pen = method.penalty() if method is not None else None
                 total = value + pen if pen is not None else value
                 opt.zero_grad(set_to_none=True)

@@ -1,12 +1,13 @@
 """The user's own code, named on the command line or in a call: ``module:callable`` or
 ``path/to/file.py:callable`` (an architecture, a data set, a metric, a loss). Importing it runs it: only
 what the user names is imported, never a name read from a file."""
+
 from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from compress.errors import InputError, UsageError, param
 
@@ -41,7 +42,9 @@ def resolve_callable(spec: str, what: str | None = None) -> Callable:
         except ImportError as e:
             raise InputError(f"{what}: cannot import module {mod_name!r} ({e})") from e
         except SystemExit as e:
-            raise InputError(f"{what}: importing {mod_name} tried to exit the program (SystemExit {e.code!r})") from None
+            raise InputError(
+                f"{what}: importing {mod_name} tried to exit the program (SystemExit {e.code!r})"
+            ) from None
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
         raise InputError(f"{what}: {mod_name!r} has no callable {attr!r}")

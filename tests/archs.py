@@ -1,6 +1,7 @@
 """Reference architectures in the layout of libraries that do not import here (torchvision's compiled
 ops do not load beside the CPU build of torch): the same modules, names and forward code, at a
 small size. They are the user's classes: neither torch.nn nor compress ones."""
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,9 +32,14 @@ class CNBlock(nn.Module):
     def __init__(self, dim, layer_scale=1e-6):
         super().__init__()
         self.block = nn.Sequential(
-            nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim, bias=True), Permute([0, 2, 3, 1]),
-            nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim),
-            Permute([0, 3, 1, 2]))
+            nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim, bias=True),
+            Permute([0, 2, 3, 1]),
+            nn.LayerNorm(dim, eps=1e-6),
+            nn.Linear(dim, 4 * dim),
+            nn.GELU(),
+            nn.Linear(4 * dim, dim),
+            Permute([0, 3, 1, 2]),
+        )
         self.layer_scale = nn.Parameter(torch.ones(dim, 1, 1) * layer_scale)
 
     def forward(self, x):
@@ -47,14 +53,15 @@ class ConvNeXt(nn.Module):
     def __init__(self, dims=(24, 48, 96, 192), depths=(1, 1, 3, 1), num_classes=10, layer_scale=1e-6):
         super().__init__()
         layers = [nn.Sequential(nn.Conv2d(3, dims[0], 4, 4), LayerNorm2d(dims[0], eps=1e-6))]
-        for i, (d, n) in enumerate(zip(dims, depths)):
+        for i, (d, n) in enumerate(zip(dims, depths, strict=False)):
             layers.append(nn.Sequential(*[CNBlock(d, layer_scale) for _ in range(n)]))
             if i + 1 < len(dims):
                 layers.append(nn.Sequential(LayerNorm2d(d, eps=1e-6), nn.Conv2d(d, dims[i + 1], 2, 2)))
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(LayerNorm2d(dims[-1], eps=1e-6), nn.Flatten(1),
-                                        nn.Linear(dims[-1], num_classes))
+        self.classifier = nn.Sequential(
+            LayerNorm2d(dims[-1], eps=1e-6), nn.Flatten(1), nn.Linear(dims[-1], num_classes)
+        )
 
     def forward(self, x):
         return self.classifier(self.avgpool(self.features(x)))

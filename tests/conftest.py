@@ -3,14 +3,14 @@ import os
 os.environ.setdefault("COMPRESS_PROGRESS", "0")
 os.environ.setdefault("COMPRESS_LATENCY_SECONDS", "0.1")  # tests check numbers, not speed (one test times)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from compress import data as data_mod  # noqa: E402
-from compress.cli import main  # noqa: E402
+from compress import data as data_mod
+from compress.cli import main
 from compress.config import FineTune
-from compress.models import create_model  # noqa: E402
-from compress.train import fit  # noqa: E402
+from compress.models import create_model
+from compress.train import fit
 
 # one thread per test process: `make test` runs two processes (pytest-xdist), and a second OpenMP thread
 # spinning beside other work on a busy 2-core machine costs more than it gives a small model
@@ -32,6 +32,7 @@ def cli(capsys):
         code = main([str(a) for a in args])
         o, e = capsys.readouterr()
         return CliResult(code, o, e)
+
     return run
 
 

@@ -1,4 +1,5 @@
 """Importable helpers for tests (data callables, architectures)."""
+
 import numpy as np
 
 
@@ -25,7 +26,7 @@ def mutated(blob: bytes, data, fourth) -> bytes:
         if op == "flip":
             out[i] ^= 1 << data.draw(st.integers(0, 7))
         elif op == "cut":
-            del out[i:i + data.draw(st.integers(1, 64))]
+            del out[i : i + data.draw(st.integers(1, 64))]
         elif op == "insert":
             out[i:i] = data.draw(st.binary(min_size=1, max_size=16))
         else:

@@ -1,4 +1,5 @@
 """What a user meets first: a terminal, the flags, the latency rows, the files written."""
+
 import copy
 import os
 import pty
@@ -40,8 +41,22 @@ def _run_in_pty(args, timeout=180):
 
 
 def test_training_in_a_terminal_shows_progress_with_declared_dependencies(tmp_path):
-    code, out = _run_in_pty([sys.executable, "-m", "compress.cli", "zoo", "train", "lenet300", "--train-data",
-                             "digits", "--epochs", "2", "-o", str(tmp_path / "m.pt")])
+    code, out = _run_in_pty(
+        [
+            sys.executable,
+            "-m",
+            "compress.cli",
+            "zoo",
+            "train",
+            "lenet300",
+            "--train-data",
+            "digits",
+            "--epochs",
+            "2",
+            "-o",
+            str(tmp_path / "m.pt"),
+        ]
+    )
     assert code == 0, out
     assert "Traceback" not in out and "train lenet300" in out  # the rich progress bar was drawn
     assert (tmp_path / "m.pt").exists()
@@ -49,6 +64,7 @@ def test_training_in_a_terminal_shows_progress_with_declared_dependencies(tmp_pa
 
 def test_version_quiet_and_global_flags_anywhere(cli, tmp_path, lenet5_trained):
     from compress import __version__
+
     assert cli("--version").out.strip() == f"compress {__version__}"
     save_model(copy.deepcopy(lenet5_trained), tmp_path / "m.pt")
     res = cli("quantize", tmp_path / "m.pt", "--bits", "8", "-o", tmp_path / "q.pt", "--quiet")
@@ -80,9 +96,19 @@ def test_an_existing_report_or_json_is_refused_before_the_work(cli, tmp_path, le
         res = cli("prune", tmp_path / "m.pt", "--sparsity", "0.5", "--epochs", "0", "-o", tmp_path / "p.pt", *extra)
         assert one_line_error(res) and "--force" in res.err and not (tmp_path / "p.pt").exists()
     assert (tmp_path / "rep" / "report.html").read_text() == "mine" and (tmp_path / "r.json").read_text() == "mine"
-    res = cli("prune", tmp_path / "m.pt", "--sparsity", "0.5", "--epochs", "0", "-o", tmp_path / "p.pt", "--report",
-              tmp_path / "rep",
-              "--force")
+    res = cli(
+        "prune",
+        tmp_path / "m.pt",
+        "--sparsity",
+        "0.5",
+        "--epochs",
+        "0",
+        "-o",
+        tmp_path / "p.pt",
+        "--report",
+        tmp_path / "rep",
+        "--force",
+    )
     assert res.code == 0 and (tmp_path / "rep" / "report.html").read_text() != "mine"
 
 
@@ -112,6 +138,7 @@ def test_files_are_written_with_the_umask_and_keep_their_mode(cli, tmp_path, len
 def test_only_regular_files_are_replaced_and_no_file_compress_did_not_write_is_deleted(tmp_path, lenet5_trained):
     from compress.errors import OutputExistsError
     from compress.filesystem import TMP_PREFIX, write_bytes
+
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     with pytest.raises(OutputExistsError, match="not a regular file"):
@@ -128,8 +155,10 @@ def test_only_regular_files_are_replaced_and_no_file_compress_did_not_write_is_d
 
 
 def test_concurrent_writers_to_one_new_name_never_both_succeed(tmp_path):
-    code = ("import sys; from compress.filesystem import write_bytes\n"
-            "try:\n    write_bytes(sys.argv[1], sys.argv[2].encode() * 100000)\nexcept Exception:\n    sys.exit(3)\n")
+    code = (
+        "import sys; from compress.filesystem import write_bytes\n"
+        "try:\n    write_bytes(sys.argv[1], sys.argv[2].encode() * 100000)\nexcept Exception:\n    sys.exit(3)\n"
+    )
     for i in range(3):
         target = tmp_path / f"out{i}.bin"
         ps = [subprocess.Popen([sys.executable, "-c", code, str(target), tag]) for tag in "ab"]
@@ -138,7 +167,7 @@ def test_concurrent_writers_to_one_new_name_never_both_succeed(tmp_path):
 
 
 def test_a_speed_verdict_needs_its_interval():
-    """"faster" only when the paired interval says so, on given timings (issue: quantize of rounded weights printed
+    """ "faster" only when the paired interval says so, on given timings (issue: quantize of rounded weights printed
     "1.91x faster" on a busy machine); bench/test_bench_timing.py times a model against itself 20 times."""
     import random
     from statistics import median
@@ -162,15 +191,18 @@ def test_a_speed_verdict_needs_its_interval():
 def test_every_timing_command_takes_no_latency_and_threads(cli, tmp_path, lenet5_trained, monkeypatch):
     monkeypatch.delenv("COMPRESS_THREADS", raising=False)
     save_model(copy.deepcopy(lenet5_trained), tmp_path / "m.pt")
-    for args in (["prune", tmp_path / "m.pt", "--sparsity", "0.5", "--epochs", "0", "-o", tmp_path / "p.pt"],
-                 ["quantize", tmp_path / "m.pt", "--bits", "8", "-o", tmp_path / "q.pt"],
-                 ["factorize", tmp_path / "m.pt", "--energy", "0.9", "-o", tmp_path / "f.pt"],
-                 ["report", tmp_path / "m.pt"]):
+    for args in (
+        ["prune", tmp_path / "m.pt", "--sparsity", "0.5", "--epochs", "0", "-o", tmp_path / "p.pt"],
+        ["quantize", tmp_path / "m.pt", "--bits", "8", "-o", tmp_path / "q.pt"],
+        ["factorize", tmp_path / "m.pt", "--energy", "0.9", "-o", tmp_path / "f.pt"],
+        ["report", tmp_path / "m.pt"],
+    ):
         res = cli(*args, "--no-latency", "--threads", "1")
         assert res.code == 0 and "latency" not in res.out, (args[0], res.err)
     import os
 
     from compress.measure import timing_threads
+
     assert os.environ["COMPRESS_THREADS"] == "1" and timing_threads() == 1 and torch.get_num_threads() == 1
     torch.set_num_threads(2)
 
@@ -183,8 +215,15 @@ def test_report_names_the_data_of_every_accuracy(cli, tmp_path, lenet5_trained):
     m = copy.deepcopy(lenet5_trained)
     set_meta(m, train_data="mnist5k?limit=300", val_fraction=0.2)
     save_model(m, tmp_path / "m.pt")
-    res = cli("report", tmp_path / "m.pt", "--data", "mnist5k?limit=300", "--test-data", "digits?size=28&limit=50",
-              "--no-latency")
+    res = cli(
+        "report",
+        tmp_path / "m.pt",
+        "--data",
+        "mnist5k?limit=300",
+        "--test-data",
+        "digits?size=28&limit=50",
+        "--no-latency",
+    )
     text = " ".join(res.out.split())
     assert res.code == 0 and "including the ones it was trained on" in text
     assert "held out in training" in text
@@ -198,8 +237,10 @@ def test_version_and_help_start_without_torch():
     import sys
 
     for args in (["--version"], ["--help"], ["report", "--help"], ["zoo", "--help"]):
-        code = ("import sys; from compress.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
-                "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]" % args)
+        code = (
+            f"import sys; from compress.cli import main\ntry:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]"
+        )
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert res.returncode == 0, (args, res.stderr[-500:])
 
@@ -211,8 +252,10 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_where(cli, tmp_path, le
 
     save_model(copy.deepcopy(lenet5_trained), tmp_path / "m.pt")
     for exc in (RuntimeError("a kernel\x1b[2J failed"), MemoryError()):
+
         def boom(*a, exc=exc, **k):
             raise exc
+
         monkeypatch.setattr(compress.counting, "count_macs", boom)
         res = cli("report", tmp_path / "m.pt", "--no-latency")
         assert one_line_error(res) and "\x1b" not in res.err, res

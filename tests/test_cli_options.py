@@ -1,5 +1,6 @@
 """The options of prune, quantize and factorize are made from their configs: every config field is an option or
 named as left to --set, each option says what it does, and the options are the ones the CLI has always had."""
+
 import dataclasses
 
 import pytest
@@ -12,15 +13,51 @@ from compress.cli.config_options import HIDDEN, args_doc
 SPECS = {"prune": prune_cmds, "quantize": quant_cmds, "factorize": factorize_cmd}
 # the options each command had before they were made from the configs; a new config field shows up here
 OPTIONS = {
-    "prune": {"--method", "--sparsity", "--quality", "--allocate", "--rounds", "--schedule", "--ratio", "--round-to",
-              "--target-macs", "--target-params", "--target-latency", "--importance", "--lasso-ratio",
-              "--reconfig-interval", "--sensitivity", "--budget"},
+    "prune": {
+        "--method",
+        "--sparsity",
+        "--quality",
+        "--allocate",
+        "--rounds",
+        "--schedule",
+        "--ratio",
+        "--round-to",
+        "--target-macs",
+        "--target-params",
+        "--target-latency",
+        "--importance",
+        "--lasso-ratio",
+        "--reconfig-interval",
+        "--sensitivity",
+        "--budget",
+    },
     "quantize": {"--activations", "--bits", "--scheme", "--per-tensor", "--affine", "--observer", "--calib-data"},
     "factorize": {"--energy", "--rank-ratio", "--rank"},
 }
-COMMON = {"--output", "--force", "--json", "--report", "--threads", "--no-latency", "--arch", "--trust-pickle",
-          "--input-shape", "--train-data", "--val-data", "--test-data", "--loss", "--metric", "--workers", "--set",
-          "--layers", "--exclude", "--epochs", "--lr", "--distill", "model"}
+COMMON = {
+    "--output",
+    "--force",
+    "--json",
+    "--report",
+    "--threads",
+    "--no-latency",
+    "--arch",
+    "--trust-pickle",
+    "--input-shape",
+    "--train-data",
+    "--val-data",
+    "--test-data",
+    "--loss",
+    "--metric",
+    "--workers",
+    "--set",
+    "--layers",
+    "--exclude",
+    "--epochs",
+    "--lr",
+    "--distill",
+    "model",
+}
 
 
 def _params(name):

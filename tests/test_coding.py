@@ -38,7 +38,7 @@ def test_huffman_roundtrip_random_distributions(data):
     alpha = data.draw(st.integers(1, 300))
     n = data.draw(st.integers(0, 3000))
     weights = np.array(data.draw(st.lists(st.floats(0.001, 1.0), min_size=alpha, max_size=alpha)))
-    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 31)))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
     sym = rng.choice(alpha, size=n, p=weights / weights.sum()) if n else np.zeros(0, np.int64)
     block = data.draw(st.sampled_from([1, 7, 64, 512]))
     freqs = np.bincount(sym, minlength=alpha)
@@ -118,8 +118,10 @@ def test_gap_fillers_roundtrip(bits, jump):
 
 
 # ------------------------------------------------------------------ container
-@pytest.mark.parametrize("scheme,bits,affine", [("minmax", 8, False), ("mmse", 4, False), ("kmeans", 4, False),
-                                                ("minmax", 3, True), ("mmse", 5, False)])
+@pytest.mark.parametrize(
+    "scheme,bits,affine",
+    [("minmax", 8, False), ("mmse", 4, False), ("kmeans", 4, False), ("minmax", 3, True), ("mmse", 5, False)],
+)
 @pytest.mark.parametrize("sparsity", [None, 0.9])
 def test_container_roundtrip_bit_identical(lenet5_trained, scheme, bits, affine, sparsity):
     m = copy.deepcopy(lenet5_trained)
@@ -128,6 +130,7 @@ def test_container_roundtrip_bit_identical(lenet5_trained, scheme, bits, affine,
     quantize_(m, QuantConfig(bits=bits, scheme=scheme, symmetric=not affine))
     blob, _ = encode_model(m)
     from compress.cpz.container import decode_model
+
     d = decode_model(blob)
     assert_identical(m, d)
     x = torch.randn(8, 1, 28, 28)
@@ -164,6 +167,7 @@ def test_container_unquantized_and_other_archs(name):
     torch.manual_seed(0)
     m = create_model(name).eval()
     from compress.cpz.container import decode_model
+
     d = decode_model(encode_model(m)[0])
     assert_identical(m, d)
     x = torch.randn(2, 1, 32, 32)
@@ -180,8 +184,9 @@ def test_a_transformer_layer_is_stored_as_data(activation):
     from compress.cpz.container import decode_model
 
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoderLayer(16, 2, 32, activation=activation,
-                                                                   batch_first=True)).eval()
+    m = nn.Sequential(
+        nn.Linear(8, 16), nn.TransformerEncoderLayer(16, 2, 32, activation=activation, batch_first=True)
+    ).eval()
     d = decode_model(encode_model(m)[0])
     assert d[1].activation is getattr(F, activation)
     x = torch.randn(3, 5, 8)
@@ -192,6 +197,7 @@ def test_per_tensor_and_odd_int4(lenet5_trained):
     m = create_model("lenet300", input_size=3, num_classes=3)  # odd tensor sizes
     quantize_(m, QuantConfig(bits=4, scheme="minmax", per_channel=False))
     from compress.cpz.container import decode_model
+
     assert_identical(m, decode_model(encode_model(m)[0]))
 
 
@@ -231,7 +237,7 @@ def _corruptions(blob: bytes):
     out["random"] = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
     out["random-with-magic"] = b"CPZ\x00" + rng.integers(0, 256, n - 4, dtype=np.uint8).tobytes()
     absurd = bytearray(blob)
-    absurd[8:12] = (2 ** 32 - 1).to_bytes(4, "little")
+    absurd[8:12] = (2**32 - 1).to_bytes(4, "little")
     out["absurd-length"] = bytes(absurd)
     version = bytearray(blob)
     version[4:6] = (99).to_bytes(2, "little")
@@ -265,10 +271,11 @@ def test_crafted_file_with_valid_checksums_is_still_checked(lenet5_trained):
     import struct
 
     from compress.cpz import container as C
+
     blob, _ = encode_model(copy.deepcopy(lenet5_trained))
     manifest, start = C.read_manifest(blob)
     manifest["arch"]["class"] = "os.system"  # tries to name foreign code
-    for bad in (manifest, {**manifest, "tensors": [{**manifest["tensors"][0], "length": 10 ** 12}]}):
+    for bad in (manifest, {**manifest, "tensors": [{**manifest["tensors"][0], "length": 10**12}]}):
         mb = zlib.compress(json.dumps(bad).encode())
         body = C.HEAD.pack(C.MAGIC, 1, 0, len(mb), zlib.crc32(mb)) + mb + blob[start:-4]
         forged = body + struct.pack("<I", zlib.crc32(body))
@@ -286,8 +293,10 @@ def test_encode_decode_cli(tmp_path, cli, lenet5_trained):
     res = cli("decode", tmp_path / "q.cpz", "-o", tmp_path / "d.pt")
     assert res.code == 0, res.err
     from compress.model_io import load_model
+
     assert_identical(m, load_model(tmp_path / "d.pt"))
     rep = cli("report", tmp_path / "q.cpz", "--no-latency", "--json", "-")
     import json
+
     r = json.loads(rep.out)
     assert r["ratio_vs_dense_fp32"] > 7 and r["params"] == 431_080

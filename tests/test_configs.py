@@ -1,5 +1,6 @@
 """Every registered method config, through every way a user reaches it: JSON, a recipe, their own training loop
 (the method object's hooks) and a saved file that loads without trust."""
+
 import dataclasses
 import json
 import os
@@ -46,7 +47,9 @@ def test_config_round_trips_through_json_and_a_recipe(name):
     cfg = _config(name)
     assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert Config.from_dict({"type": type(cfg).__name__, **cfg.changes()}) == cfg  # what a file's history keeps
-    stage = Stage.from_dict({"method": name, **{k: v for k, v in cfg.changes().items() if k not in ("type", "version")}})
+    stage = Stage.from_dict(
+        {"method": name, **{k: v for k, v in cfg.changes().items() if k not in ("type", "version")}}
+    )
     assert stage.name == name and stage.candidates == (cfg,)
     as_toml = {"method": name, **SETTINGS[name], "finetune": {"epochs": 0.0}}  # as a recipe file spells it
     assert Stage.from_dict(as_toml).candidates == (cfg,)
@@ -101,15 +104,34 @@ def test_config_through_run_names_itself_in_the_file(name, tmp_path):
 def test_set_reaches_any_option_without_a_flag(cli, tmp_path, lenet5_trained):
     """--set key=value (TOML values, part.key for select / finetune) for options the command has no flag for."""
     save_model(lenet5_trained, tmp_path / "m.pt")
-    r = cli("prune", tmp_path / "m.pt", "--sparsity", "0.5", "--epochs", "0", "--no-latency", "--set", "rounds=1",
-            "--set", "first_last_factor=1.0", "--set", 'select.exclude=["fc2"]', "-o", tmp_path / "p.pt")
+    r = cli(
+        "prune",
+        tmp_path / "m.pt",
+        "--sparsity",
+        "0.5",
+        "--epochs",
+        "0",
+        "--no-latency",
+        "--set",
+        "rounds=1",
+        "--set",
+        "first_last_factor=1.0",
+        "--set",
+        'select.exclude=["fc2"]',
+        "-o",
+        tmp_path / "p.pt",
+    )
     assert r.code == 0, r.err
     m = load_model(tmp_path / "p.pt")
     cfg = Config.from_dict(get_meta(m)["history"][-1]["config"])
     assert cfg.rounds == 1 and cfg.first_last_factor == 1.0 and cfg.select.exclude == ("fc2",)
     assert bool((m.fc2.weight != 0).all())  # excluded: untouched
-    for bad, said in ((["--set", "roundz=2"], "unknown option"), (["--set", "rounds"], "key=value"),
-                      (["--set", "finetune.lrr=1"], "finetune: unknown option"), (["--set", "rounds=0"], "rounds")):
+    for bad, said in (
+        (["--set", "roundz=2"], "unknown option"),
+        (["--set", "rounds"], "key=value"),
+        (["--set", "finetune.lrr=1"], "finetune: unknown option"),
+        (["--set", "rounds=0"], "rounds"),
+    ):
         r = cli("prune", tmp_path / "m.pt", "--sparsity", "0.5", "--epochs", "0", *bad, "-o", tmp_path / "q.pt")
         assert r.code == 2 and said in r.err and len(r.err.strip().splitlines()) == 1, (bad, r.err)
         assert not (tmp_path / "q.pt").exists()
@@ -130,10 +152,13 @@ def test_filter_fn_is_an_argument_of_the_verb_not_a_config_field(verb):
     from compress.method import run
 
     assert "filter_fn" not in {f.name for f in dataclasses.fields(Select)}
-    cfg = {"prune": compress.ThresholdConfig(sparsity=0.5, rounds=1, finetune=FineTune(epochs=0),
-                                             select=Select(spare_first_last=False)),
-           "quantize": compress.QuantConfig(bits=3),
-           "factorize": compress.FactorizeConfig(rank=2, select=Select(spare_first_last=False))}[verb]
+    cfg = {
+        "prune": compress.ThresholdConfig(
+            sparsity=0.5, rounds=1, finetune=FineTune(epochs=0), select=Select(spare_first_last=False)
+        ),
+        "quantize": compress.QuantConfig(bits=3),
+        "factorize": compress.FactorizeConfig(rank=2, select=Select(spare_first_last=False)),
+    }[verb]
     seen = []
 
     def only_conv2(module, fqn):
@@ -162,30 +187,61 @@ def test_filter_fn_is_an_argument_of_the_verb_not_a_config_field(verb):
 
 # non-default values of every option of the built-in configs and of their parts (per-layer tables, counts, None)
 OTHER_VALUES: dict[str, list] = {
-    "sparsity": [0.9, {"conv": 0.6, "fc1": 0.95, "_default": 0.5}, None], "quality": [1.5, {"linear": 2.0}],
-    "allocate": ["std"], "rounds": [1, 7], "schedule": ["geometric"], "first_last_factor": [0.8, 1.0],
-    "ratio": [0.3, 7, {"conv1": 0.2, "_default": 0.5}], "min_channels": [4], "round_to": [8],
-    "target_macs": [0.5, 1_000_000], "target_params": [0.25, 50_000], "target_latency": [0.5],
+    "sparsity": [0.9, {"conv": 0.6, "fc1": 0.95, "_default": 0.5}, None],
+    "quality": [1.5, {"linear": 2.0}],
+    "allocate": ["std"],
+    "rounds": [1, 7],
+    "schedule": ["geometric"],
+    "first_last_factor": [0.8, 1.0],
+    "ratio": [0.3, 7, {"conv1": 0.2, "_default": 0.5}],
+    "min_channels": [4],
+    "round_to": [8],
+    "target_macs": [0.5, 1_000_000],
+    "target_params": [0.25, 50_000],
+    "target_latency": [0.5],
     "importance": ["l2", "bn-scale", "taylor", "group-lasso"],
-    "lasso_ratio": [1.5, 0.0], "reconfig_interval": [3], "zero_tol": [1e-6], "rel_tol": [0.2],
-    "bits": [4, 2, {"conv": 6, "linear": 4, "fc2": 8}], "scheme": ["mmse", "kmeans", "pow2"],
-    "per_channel": [False], "symmetric": [False], "bias_bits": [None, 4],
-    "energy": [0.9, None], "rank_ratio": [0.5], "rank": [4],
-    "observer": ["percentile", "minmax"], "percentile": [99.9], "calib_samples": [128], "freeze": [0.5, 0.0],
+    "lasso_ratio": [1.5, 0.0],
+    "reconfig_interval": [3],
+    "zero_tol": [1e-6],
+    "rel_tol": [0.2],
+    "bits": [4, 2, {"conv": 6, "linear": 4, "fc2": 8}],
+    "scheme": ["mmse", "kmeans", "pow2"],
+    "per_channel": [False],
+    "symmetric": [False],
+    "bias_bits": [None, 4],
+    "energy": [0.9, None],
+    "rank_ratio": [0.5],
+    "rank": [4],
+    "observer": ["percentile", "minmax"],
+    "percentile": [99.9],
+    "calib_samples": [128],
+    "freeze": [0.5, 0.0],
 }
 PART_VALUES: dict[str, dict[str, list]] = {
-    "finetune": {"epochs": [2.5, 3], "lr": [0.01], "optimizer": ["sgd", "adam"], "batch_size": [32],
-                 "augment": [2, 0, None], "distill": [4.0], "distill_weight": [0.7], "seed": [3],
-                 "weight_decay": [1e-4]},
-    "select": {"types": [("conv",), ("linear",)], "names": [("fc*", "conv1")], "exclude": [("fc2",)],
-               "spare_first_last": [False, True]},
+    "finetune": {
+        "epochs": [2.5, 3],
+        "lr": [0.01],
+        "optimizer": ["sgd", "adam"],
+        "batch_size": [32],
+        "augment": [2, 0, None],
+        "distill": [4.0],
+        "distill_weight": [0.7],
+        "seed": [3],
+        "weight_decay": [1e-4],
+    },
+    "select": {
+        "types": [("conv",), ("linear",)],
+        "names": [("fc*", "conv1")],
+        "exclude": [("fc2",)],
+        "spare_first_last": [False, True],
+    },
 }
 
 
 def _builtin_configs() -> list[type[Config]]:
     from compress.config import _CONFIG_TYPES
 
-    compress.Config  # what a user reads configs with: every built-in config is registered
+    _ = compress.Config  # what a user reads configs with: every built-in config is registered
 
     return sorted((c for c in _CONFIG_TYPES.values() if c.__module__.startswith("compress.")), key=lambda c: c.__name__)
 
@@ -206,14 +262,22 @@ def _variants(cls: type[Config]):
         if f.name in PART_VALUES:
             for k, values in PART_VALUES[f.name].items():
                 for v in values:
-                    yield dataclasses.replace(base, **{f.name: dataclasses.replace(getattr(base, f.name), **{k: v})}), \
-                        f"{f.name}.{k}"
+                    yield (
+                        dataclasses.replace(base, **{f.name: dataclasses.replace(getattr(base, f.name), **{k: v})}),
+                        f"{f.name}.{k}",
+                    )
             continue
         for v in OTHER_VALUES.get(f.name, []):  # none: the check below names the option
             # exclusive with an option the base sets: that option cleared, or set to one that allows it
-            for also in ({}, {"sparsity": None, "quality": None}, {"energy": None, "rank_ratio": None, "rank": None},
-                         {"scheme": "minmax"}):
-                changes = {k: x for k, x in also.items() if k in {g.name for g in dataclasses.fields(cls)} and k != f.name}
+            for also in (
+                {},
+                {"sparsity": None, "quality": None},
+                {"energy": None, "rank_ratio": None, "rank": None},
+                {"scheme": "minmax"},
+            ):
+                changes = {
+                    k: x for k, x in also.items() if k in {g.name for g in dataclasses.fields(cls)} and k != f.name
+                }
                 try:
                     yield dataclasses.replace(base, **{**changes, f.name: v}), f.name
                     break
@@ -225,8 +289,14 @@ def test_every_builtin_config_round_trips_with_every_option_changed():
     """``Config.from_dict(c.to_dict()) == c`` for each built-in config: its defaults, and each of its options and its
     parts' set to other values in turn (JSON in between, and the short form a file's history keeps)."""
     classes = _builtin_configs()
-    assert {c.__name__ for c in classes} >= {"ThresholdConfig", "L1FilterConfig", "ChannelUnionConfig", "QuantConfig",
-                                             "Int8Config", "FactorizeConfig"}
+    assert {c.__name__ for c in classes} >= {
+        "ThresholdConfig",
+        "L1FilterConfig",
+        "ChannelUnionConfig",
+        "QuantConfig",
+        "Int8Config",
+        "FactorizeConfig",
+    }
     for cls in classes:
         changed = set()
         for cfg, option in _variants(cls):
@@ -282,10 +352,17 @@ def test_import_compress_alone_reads_every_builtin_config():
     """In a fresh interpreter, ``import compress`` and nothing else: ``compress.Config.from_dict`` knows every built-in
     type (they register where they are defined; the public ``Config`` loads them), and torch is not imported before."""
     dicts = [json.loads(json.dumps(_config(n).to_dict())) for n in sorted(SETTINGS)]
-    code = ("import json, sys\nimport compress\nassert 'torch' not in sys.modules\n"
-            f"ds = json.loads({json.dumps(json.dumps(dicts))})\n"
-            "print(json.dumps([compress.Config.from_dict(d).to_dict() for d in ds]))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    code = (
+        "import json, sys\nimport compress\nassert 'torch' not in sys.modules\n"
+        f"ds = json.loads({json.dumps(json.dumps(dicts))})\n"
+        "print(json.dumps([compress.Config.from_dict(d).to_dict() for d in ds]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == dicts

@@ -52,8 +52,11 @@ def test_npz_checks(tmp_path):
     np.savez(tmp_path / "u8.npz", x=np.full((4, 1, 8, 8), 255, np.uint8), y=np.arange(4))  # images as bytes: [0, 1]
     assert float(data_mod.load(str(tmp_path / "u8.npz")).head(4).max()) == 1.0
     # float targets are targets (a regression, soft labels): loaded, but not class labels
-    fy = data_mod.load(str(tmp_path / "fy.npz")) if np.savez(tmp_path / "fy.npz", x=np.zeros((4, 1, 8, 8), np.float32),
-                                                              y=np.zeros((4, 3), np.float32)) is None else None
+    fy = (
+        data_mod.load(str(tmp_path / "fy.npz"))
+        if np.savez(tmp_path / "fy.npz", x=np.zeros((4, 1, 8, 8), np.float32), y=np.zeros((4, 3), np.float32)) is None
+        else None
+    )
     assert fy.labels() is None and fy.batch([0, 1])[1].shape == (2, 3)
     np.savez(tmp_path / "negy.npz", x=np.zeros((4, 1, 8, 8), np.float32), y=-np.arange(4))
     with pytest.raises(InputError, match="negative"):
@@ -65,6 +68,7 @@ def test_npz_checks(tmp_path):
 
 def test_idx_folder(tmp_path):
     import gzip
+
     imgs = np.random.randint(0, 255, (5, 28, 28), dtype=np.uint8)
     labs = np.arange(5, dtype=np.uint8)
     hdr = lambda magic, dims: bytes([0, 0, 8, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)  # noqa

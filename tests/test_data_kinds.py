@@ -33,8 +33,9 @@ X, Y = samples()
 
 def tiny(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 8 * 8, CLASSES))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, CLASSES)
+    )
 
 
 class Samples(Dataset):
@@ -57,7 +58,7 @@ class Stream(IterableDataset):
         self.x, self.y = x, y
 
     def __iter__(self):
-        return iter(zip(self.x, self.y))
+        return iter(zip(self.x, self.y, strict=False))
 
 
 KINDS = {
@@ -88,17 +89,29 @@ def same(results: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- targets keep their kind
-@pytest.mark.parametrize("make", [
-    lambda x, y: DataLoader(TensorDataset(x, y), batch_size=16),  # the report: int64 labels came back float32
-    lambda x, y: DataLoader(Samples(x, y), batch_size=16),
-    lambda x, y: DataLoader(Stream(x, y), batch_size=16),  # read as it batches
-    lambda x, y: DataLoader(Stream(x, y), batch_size=None),  # read sample by sample, batched by compress
-    lambda x, y: Samples(x, y),
-    lambda x, y: TensorDataset(x, y),
-    lambda x, y: Stream(x, y),
-    lambda x, y: (x, y),
-], ids=["loader-tensors", "loader-dataset", "loader-iterable", "loader-unbatched", "dataset", "tensordataset",
-        "iterable", "pair"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x, y: DataLoader(TensorDataset(x, y), batch_size=16),  # the report: int64 labels came back float32
+        lambda x, y: DataLoader(Samples(x, y), batch_size=16),
+        lambda x, y: DataLoader(Stream(x, y), batch_size=16),  # read as it batches
+        lambda x, y: DataLoader(Stream(x, y), batch_size=None),  # read sample by sample, batched by compress
+        lambda x, y: Samples(x, y),
+        lambda x, y: TensorDataset(x, y),
+        lambda x, y: Stream(x, y),
+        lambda x, y: (x, y),
+    ],
+    ids=[
+        "loader-tensors",
+        "loader-dataset",
+        "loader-iterable",
+        "loader-unbatched",
+        "dataset",
+        "tensordataset",
+        "iterable",
+        "pair",
+    ],
+)
 def test_targets_keep_their_dtype(make):
     d = data_mod.as_data(make(X, Y))
     ys = [y for _, y in data_mod.batches(d, 16)]
@@ -131,8 +144,12 @@ def test_users_cross_entropy_trains_on_a_dataloader():
         hist = compress.fit(tiny(), loader, FineTune(epochs=1, batch_size=16), loss=F.cross_entropy)
         assert len(hist) == 1 and np.isfinite(hist[0]["loss"])
     soft = F.softmax(torch.randn(N, CLASSES, generator=torch.Generator().manual_seed(1)), 1)
-    hist = compress.fit(tiny(), DataLoader(Samples(X, soft), batch_size=16), FineTune(epochs=1, batch_size=16),
-                        loss=lambda out, t: F.mse_loss(F.softmax(out, 1), t))
+    hist = compress.fit(
+        tiny(),
+        DataLoader(Samples(X, soft), batch_size=16),
+        FineTune(epochs=1, batch_size=16),
+        loss=lambda out, t: F.mse_loss(F.softmax(out, 1), t),
+    )
     assert np.isfinite(hist[0]["loss"])
 
 
@@ -176,8 +193,12 @@ def test_verbs_take_every_kind():
         return q(X)
 
     def stage(d):
-        res = compress.run("prune", tiny(), compress.ThresholdConfig(sparsity=0.5, rounds=2, allocate="std", finetune=ft),
-                           Context(train=d, val=d))
+        res = compress.run(
+            "prune",
+            tiny(),
+            compress.ThresholdConfig(sparsity=0.5, rounds=2, allocate="std", finetune=ft),
+            Context(train=d, val=d),
+        )
         return [r["accuracy"] for r in res.records]
 
     same(each_kind(pruned))
@@ -227,9 +248,12 @@ def test_split_and_check_fits_take_every_kind():
 
 
 def test_pipeline_takes_every_kind():
-    recipe = {"stage": [{"method": "threshold", "sparsity": [0.3, 0.6], "rounds": 1, "allocate": "std",
-                         "finetune": {"epochs": 0}}],
-              "max_accuracy_drop": 100}
+    recipe = {
+        "stage": [
+            {"method": "threshold", "sparsity": [0.3, 0.6], "rounds": 1, "allocate": "std", "finetune": {"epochs": 0}}
+        ],
+        "max_accuracy_drop": 100,
+    }
     keys = ("base_accuracy", "final_accuracy", "cpz_bytes", "validation")
 
     def summary(d, held_out=False):
@@ -246,13 +270,14 @@ def test_pipeline_takes_every_kind():
 def test_hooks_take_every_kind():
     """The methods a user's loop drives read their data through ``Context`` too (BatchNorm re-estimation and
     each reconfiguration's accuracy, here)."""
+
     def run_loop(d):
         m = tiny()
         pruner = ChannelUnionPruner(m, ChannelUnionConfig(lasso_ratio=0.5), Context(train=d, val=d), interval=2)
         pruner.attach()
         opt = torch.optim.SGD(pruner.model.parameters(), lr=0.1)
         for i in range(4):
-            x, y = X[16 * i:16 * (i + 1)], Y[16 * i:16 * (i + 1)]
+            x, y = X[16 * i : 16 * (i + 1)], Y[16 * i : 16 * (i + 1)]
             loss = F.cross_entropy(pruner.model(x), y)
             opt.zero_grad()
             loss.backward()
@@ -287,8 +312,10 @@ NOT_DATA = {  # id: (call, the argument its error names)
     "summarize-int": (lambda: compress.summarize(tiny(), (1, 1, 8, 8), 3, latency=False), "data"),
     "prune-object": (lambda: compress.prune_(tiny(), compress.ThresholdConfig(sparsity=0.5), object()), "train_data"),
     "prune-val-int": (lambda: compress.prune_(tiny(), compress.ThresholdConfig(sparsity=0.5), (X, Y), 7), "val_data"),
-    "int8-calib-array": (lambda: compress.lower_int8(tiny(), compress.Int8Config(), calib_data=X.numpy()),
-                         "calib_data"),
+    "int8-calib-array": (
+        lambda: compress.lower_int8(tiny(), compress.Int8Config(), calib_data=X.numpy()),
+        "calib_data",
+    ),
     "factorize-spec": (lambda: compress.factorize_(tiny(), compress.FactorizeConfig(rank=2), "digits"), "train_data"),
     "Context-val-float": (lambda: Context(val=1.5), "val"),
     "Context-calib-set-later": (lambda: setattr(Context(), "calib", "mnist5k"), "calib"),
@@ -307,13 +334,20 @@ def test_what_is_not_data_is_an_input_error_naming_the_argument(case):
     assert ("compress.data.load(spec)" in msg) == (case.endswith("spec") or "later" in case)
 
 
-@pytest.mark.parametrize("call", [
-    lambda: compress.run("prune", tiny(), compress.ThresholdConfig(sparsity=0.5), (X, Y)),
-    lambda: ThresholdPruner(tiny(), compress.ThresholdConfig(sparsity=0.5), DataLoader(TensorDataset(X, Y))),
-], ids=["run", "hooks"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: compress.run("prune", tiny(), compress.ThresholdConfig(sparsity=0.5), (X, Y)),
+        lambda: ThresholdPruner(tiny(), compress.ThresholdConfig(sparsity=0.5), DataLoader(TensorDataset(X, Y))),
+    ],
+    ids=["run", "hooks"],
+)
 def test_data_in_place_of_a_context_is_an_input_error(call):
-    with pytest.raises(InputError, match=r"^ctx: a (tuple|DataLoader) is not a compress.Context; give data as "
-                                         r"Context\(train=\.\.\., val=\.\.\.\)"):
+    with pytest.raises(
+        InputError,
+        match=r"^ctx: a (tuple|DataLoader) is not a compress.Context; give data as "
+        r"Context\(train=\.\.\., val=\.\.\.\)",
+    ):
         call()
 
 

@@ -1,4 +1,5 @@
 """Fine-tuning on 2 CPU processes (gloo over localhost) gives the same result on every rank."""
+
 import os
 import socket
 
@@ -26,6 +27,7 @@ def _pretrained(path):
     """A trained starting point, made once in the test process (fine-tuning starts from a trained model)."""
     from compress.config import FineTune
     from compress.train import fit
+
     ds = data_mod.load("digits")
     tr, _ = data_mod.split(ds, 0.2, seed=0)
     torch.manual_seed(0)
@@ -44,8 +46,9 @@ def _job(method: str, start=None):
         prune_(m, ThresholdConfig(sparsity=0.8, rounds=2, finetune=FineTune(epochs=2, lr=1e-3)), tr, va)
     else:
         m = create_model("resnet8", width=0.5)
-        cfg = ChannelUnionConfig(lasso_ratio=1.5, finetune=FineTune(epochs=3, lr=0.02, optimizer="sgd", batch_size=16,
-                                                                    augment=0))
+        cfg = ChannelUnionConfig(
+            lasso_ratio=1.5, finetune=FineTune(epochs=3, lr=0.02, optimizer="sgd", batch_size=16, augment=0)
+        )
         res = run("prune", m, cfg, Context(train=tr, val=va, input_shape=(1, 1, 8, 8)))
         m.reconfigurations = res.records  # for the test to read back
     return m, va

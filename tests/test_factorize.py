@@ -37,7 +37,7 @@ def test_exact_rank_conv_is_reconstructed():
 
 def test_rank_choice():
     s = torch.tensor([3.0, 2.0, 1.0, 0.5])
-    tot = float((s ** 2).sum())
+    tot = float((s**2).sum())
     assert choose_rank(s, FactorizeConfig(energy=9 / tot)) == 1
     assert choose_rank(s, FactorizeConfig(energy=(9 + 4) / tot + 1e-6)) == 3
     assert choose_rank(s, FactorizeConfig(rank_ratio=0.5)) == 2
@@ -75,8 +75,18 @@ def test_factorize_only_when_smaller_and_skips_depthwise():
 
 def test_factorize_cli(tmp_path, cli, lenet5_trained):
     save_model(copy.deepcopy(lenet5_trained), tmp_path / "m.pt")
-    res = cli("factorize", tmp_path / "m.pt", "--rank", "20", "--layers", "fc*", "-o", tmp_path / "f.pt",
-              "--train-data", "mnist5k?limit=200")
+    res = cli(
+        "factorize",
+        tmp_path / "m.pt",
+        "--rank",
+        "20",
+        "--layers",
+        "fc*",
+        "-o",
+        tmp_path / "f.pt",
+        "--train-data",
+        "mnist5k?limit=200",
+    )
     assert res.code == 0, res.err
     assert "20/500" in res.out or "20/" in res.out
     f = load_model(tmp_path / "f.pt")

@@ -2,6 +2,7 @@
 torch.export): it decodes and runs where their code is not. A stored graph is data: every attack of
 the issue "A stored graph is data" is crafted here as a file and refused in one line, before anything
 computes, and the schema is fuzzed with valid checksums."""
+
 import copy
 import json
 import struct
@@ -99,60 +100,113 @@ def _use(g, node, extra=()):
 
 V = len  # the value of the last node: {"v": V(g["nodes"])}
 
-TORCH_EXPORT_DOC = {"graph_module": {"graph": {"nodes": []}, "signature": {"input_specs": []}},
-                    "module_call_graph": [{"signature": {"forward_arg_names": ["x=__import__('os')"]}}]}
+TORCH_EXPORT_DOC = {
+    "graph_module": {"graph": {"nodes": []}, "signature": {"input_specs": []}},
+    "module_call_graph": [{"signature": {"forward_arg_names": ["x=__import__('os')"]}}],
+}
 
 FORGERIES = {
     # what torch would have turned into code
-    "torch.export's format (argument names are pasted into generated source)":
-        (lambda g: (g.clear(), g.update(TORCH_EXPORT_DOC)), "schema 1"),
+    "torch.export's format (argument names are pasted into generated source)": (
+        lambda g: (g.clear(), g.update(TORCH_EXPORT_DOC)),
+        "schema 1",
+    ),
     "an operator that reads files": (lambda g: _nodes(g)[0].__setitem__(0, "from_file"), "table of operators"),
     "any torch callable": (lambda g: _nodes(g)[0].__setitem__(0, "torch.load"), "table of operators"),
     "a builtin": (lambda g: _nodes(g)[0].__setitem__(0, "builtins.eval"), "table of operators"),
     "an in-place op on a parameter": (lambda g: _use(g, ["add_.Tensor", [{"p": 1}, {"p": 1}]]), "table of operators"),
     "a random op": (lambda g: _use(g, ["native_dropout", [{"v": 0}, 0.5, True]]), "table of operators"),
-    "a move to another device": (lambda g: _use(g, ["_to_copy", [{"v": 0}], {"device": "cuda"}]),
-                                 "table of operators"),
+    "a move to another device": (lambda g: _use(g, ["_to_copy", [{"v": 0}], {"device": "cuda"}]), "table of operators"),
     "an op that makes tensors of any size": (lambda g: _use(g, ["full", [[30000, 30000], 1.0]]), "table of operators"),
     "an op whose result may be far larger than its memory": (
-        lambda g: _use(g, ["expand", [{"v": 0}, [2**31 - 1, 3, 64, 64]]]), "table of operators"),
-    "code as a tensor name": (lambda g: g["params"].__setitem__(0, "x = __import__('os').system('touch {canary}')"),
-                              "module path"),
-    "code as a string argument": (lambda g: _use(g, ["gelu", [{"v": 0}], {"approximate": "__import__('os')"}]),
-                                  "expects str"),
+        lambda g: _use(g, ["expand", [{"v": 0}, [2**31 - 1, 3, 64, 64]]]),
+        "table of operators",
+    ),
+    "code as a tensor name": (
+        lambda g: g["params"].__setitem__(0, "x = __import__('os').system('touch {canary}')"),
+        "module path",
+    ),
+    "code as a string argument": (
+        lambda g: _use(g, ["gelu", [{"v": 0}], {"approximate": "__import__('os')"}]),
+        "expects str",
+    ),
     "an expression as a size": (lambda g: _use(g, ["view", [{"v": 0}, ["s0*s0", -1]]]), "reference to a int"),
-    "symbolic arithmetic other than batch x constant": (lambda g: _use(g, ["sym_size.int", [{"v": 0}, 0]], [
-        ["sym_mul", [{"v": V(g["nodes"]) + 1}, {"v": V(g["nodes"]) + 1}]]]), "sym_mul"),
-    "a custom object": (lambda g: _nodes(g)[0][1].__setitem__(0, {"as_custom_obj": {"name": "o"}}),
-                        "not an earlier value"),
+    "symbolic arithmetic other than batch x constant": (
+        lambda g: _use(
+            g, ["sym_size.int", [{"v": 0}, 0]], [["sym_mul", [{"v": V(g["nodes"]) + 1}, {"v": V(g["nodes"]) + 1}]]]
+        ),
+        "sym_mul",
+    ),
+    "a custom object": (
+        lambda g: _nodes(g)[0][1].__setitem__(0, {"as_custom_obj": {"name": "o"}}),
+        "not an earlier value",
+    ),
     "a reference to a later value": (lambda g: _nodes(g)[0][1].__setitem__(0, {"v": 10**6}), "earlier value"),
     "a field compress does not know": (lambda g: g.update(guards_code=["__import__('os')"]), "fields"),
     "a node of the wrong type": (lambda g: _nodes(g).append(7), r"\[op, args\]"),
     "a tensor the file lacks": (lambda g: g["params"].__setitem__(0, "nowhere.weight"), "does not hold"),
     "a tensor named twice": (lambda g: g["params"].__setitem__(1, g["params"][0]), "twice"),
-    "a result index out of range": (lambda g: _use(g, ["split.Tensor", [{"v": 0}, 1, 1]], [
-        ["getitem", [{"v": V(g["nodes"]) + 1}, 900]]]), "does not run"),
+    "a result index out of range": (
+        lambda g: _use(g, ["split.Tensor", [{"v": 0}, 1, 1]], [["getitem", [{"v": V(g["nodes"]) + 1}, 900]]]),
+        "does not run",
+    ),
     "1 M integers in one literal": (lambda g: _use(g, ["view", [{"v": 0}, [1] * 10**6]]), "at most 1024"),
-    "an op whose arguments do not fit": (lambda g: _use(g, ["conv2d", [{"v": 0}, {"p": 0}, None, [1, 1], "x"]]),
-                                          "expects"),
-    "a dropout probability in attention (a random eval model)": (lambda g: _use(g, ["view", [{"v": 0}, [-1, 64, 192]]], [
-        ["scaled_dot_product_attention", [{"v": V(g["nodes"]) + 1}] * 3 + [None, 0.5]]]), "random"),
+    "an op whose arguments do not fit": (
+        lambda g: _use(g, ["conv2d", [{"v": 0}, {"p": 0}, None, [1, 1], "x"]]),
+        "expects",
+    ),
+    "a dropout probability in attention (a random eval model)": (
+        lambda g: _use(
+            g,
+            ["view", [{"v": 0}, [-1, 64, 192]]],
+            [["scaled_dot_product_attention", [{"v": V(g["nodes"]) + 1}] * 3 + [None, 0.5]]],
+        ),
+        "random",
+    ),
     # cost before work: every op charged by its own formula (issue: "Every reader bounded by construction")
     "a 10 GB allocation (adaptive pooling that upsamples)": (
-        lambda g: _use(g, ["adaptive_avg_pool2d", [{"v": 0}, [30000, 30000]]]), "MiB for a batch"),
-    "a 2^40-fold copy (cat doubling)": (lambda g: [_use(g, ["cat", [[_out(g), _out(g)]]]) for _ in range(40)],
-                                         "MiB for a batch"),
-    "a 1024x1024 pooling window": (lambda g: _use(g, ["adaptive_avg_pool2d", [{"v": 0}, [2048, 2048]]], [
-        ["max_pool2d", [{"v": V(g["nodes"]) + 1}, [1024, 1024], [1, 1]]]]), "operations"),
-    "a view that copies (reshape of a transposed, pooled-up tensor)": (lambda g: _use(g, [
-        "adaptive_avg_pool2d", [{"v": 0}, [4096, 4096]]], [["transpose.int", [{"v": V(g["nodes"]) + 1}, 2, 3]],
-                                                          ["view", [{"v": V(g["nodes"]) + 2}, [-1]]]]), "MiB for a batch"),
-    "millions of results from one split": (lambda g: _use(g, ["view", [{"v": 0}, [-1]]], [
-        ["split.Tensor", [{"v": V(g["nodes"]) + 1}, 1]], ["getitem", [{"v": V(g["nodes"]) + 2}, 0]]]),
-        "more than 1,024 tensors"),
-    "attention over a million tokens": (lambda g: _use(g, ["adaptive_avg_pool2d", [{"v": 0}, [1024, 1024]]], [
-        ["view", [{"v": V(g["nodes"]) + 1}, [1, -1, 3]]],
-        ["scaled_dot_product_attention", [{"v": V(g["nodes"]) + 2}] * 3]]), "MiB for a batch"),
+        lambda g: _use(g, ["adaptive_avg_pool2d", [{"v": 0}, [30000, 30000]]]),
+        "MiB for a batch",
+    ),
+    "a 2^40-fold copy (cat doubling)": (
+        lambda g: [_use(g, ["cat", [[_out(g), _out(g)]]]) for _ in range(40)],
+        "MiB for a batch",
+    ),
+    "a 1024x1024 pooling window": (
+        lambda g: _use(
+            g,
+            ["adaptive_avg_pool2d", [{"v": 0}, [2048, 2048]]],
+            [["max_pool2d", [{"v": V(g["nodes"]) + 1}, [1024, 1024], [1, 1]]]],
+        ),
+        "operations",
+    ),
+    "a view that copies (reshape of a transposed, pooled-up tensor)": (
+        lambda g: _use(
+            g,
+            ["adaptive_avg_pool2d", [{"v": 0}, [4096, 4096]]],
+            [["transpose.int", [{"v": V(g["nodes"]) + 1}, 2, 3]], ["view", [{"v": V(g["nodes"]) + 2}, [-1]]]],
+        ),
+        "MiB for a batch",
+    ),
+    "millions of results from one split": (
+        lambda g: _use(
+            g,
+            ["view", [{"v": 0}, [-1]]],
+            [["split.Tensor", [{"v": V(g["nodes"]) + 1}, 1]], ["getitem", [{"v": V(g["nodes"]) + 2}, 0]]],
+        ),
+        "more than 1,024 tensors",
+    ),
+    "attention over a million tokens": (
+        lambda g: _use(
+            g,
+            ["adaptive_avg_pool2d", [{"v": 0}, [1024, 1024]]],
+            [
+                ["view", [{"v": V(g["nodes"]) + 1}, [1, -1, 3]]],
+                ["scaled_dot_product_attention", [{"v": V(g["nodes"]) + 2}] * 3],
+            ],
+        ),
+        "MiB for a batch",
+    ),
 }
 
 
@@ -182,8 +236,14 @@ def test_each_batch_is_checked_at_the_shape_that_runs(user_model):
 
     manifest, sections = unpack(user_model[1])
     g = manifest["graph"]
-    _use(g, ["sym_size.int", [{"v": 0}, 0]], [["sym_mul", [{"v": V(g["nodes"]) + 1}, 200]],
-                                              ["adaptive_avg_pool2d", [{"v": 0}, [{"v": V(g["nodes"]) + 2}] * 2]]])
+    _use(
+        g,
+        ["sym_size.int", [{"v": 0}, 0]],
+        [
+            ["sym_mul", [{"v": V(g["nodes"]) + 1}, 200]],
+            ["adaptive_avg_pool2d", [{"v": 0}, [{"v": V(g["nodes"]) + 2}] * 2]],
+        ],
+    )
     model = decode_model(forge(manifest, sections))
     assert model(torch.randn(1, *SHAPE[1:])).shape == (1, 3, 200, 200)
     before = _peak_mb()
@@ -198,7 +258,10 @@ def test_the_cli_refuses_a_forged_graph_in_one_line_and_runs_nothing(user_model,
     manifest, sections = unpack(user_model[1])
     _use(manifest["graph"], ["adaptive_avg_pool2d", [{"v": 0}, [30000, 30000]]])
     (tmp_path / "f.cpz").write_bytes(forge(manifest, sections))
-    for args in (("report", tmp_path / "f.cpz", "--no-latency"), ("decode", tmp_path / "f.cpz", "-o", tmp_path / "d.pt")):
+    for args in (
+        ("report", tmp_path / "f.cpz", "--no-latency"),
+        ("decode", tmp_path / "f.cpz", "-o", tmp_path / "d.pt"),
+    ):
         res = cli(*args)
         assert one_line_error(res) and "MiB for a batch" in res.err and "--arch module:callable" in res.err
     assert not (tmp_path / "d.pt").exists()
@@ -284,12 +347,34 @@ def _leaves(v, path=()):
         yield path
 
 
-_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.text(max_size=30),
-                  st.sampled_from(["torch.load", "os.system", "from_file", "__import__", "add_.Tensor", "full",
-                                   "native_dropout", "x;y", "builtins.exec", {"v": 10**9}, {"p": -1}, {"v": 0},
-                                   {"p": 0}, [30000, 30000], {"dtype": "float32"}, {"mf": "channels_last"}]),
-                  st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(),
-                                                                             max_size=2))
+_JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**40), 2**40),
+    st.text(max_size=30),
+    st.sampled_from(
+        [
+            "torch.load",
+            "os.system",
+            "from_file",
+            "__import__",
+            "add_.Tensor",
+            "full",
+            "native_dropout",
+            "x;y",
+            "builtins.exec",
+            {"v": 10**9},
+            {"p": -1},
+            {"v": 0},
+            {"p": 0},
+            [30000, 30000],
+            {"dtype": "float32"},
+            {"mf": "channels_last"},
+        ]
+    ),
+    st.lists(st.integers(-3, 3), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -322,11 +407,15 @@ def _typed(t: str, n_values: int, n_tensors: int):
     ref = st.builds(lambda i: {"v": i}, st.integers(0, n_values - 1))
     if t in ("Tensor", "tuple", "symint"):
         return st.one_of(ref, st.builds(lambda j: {"p": j}, st.integers(0, n_tensors - 1)))
-    literal = {"int": st.one_of(st.integers(-4, 64), st.sampled_from([2**31 - 1, 2**40, -2**40])),
-               "bool": st.booleans(), "float": st.floats(-10, 10), "number": st.floats(-10, 10),
-               "str": st.sampled_from(["none", "tanh", "floor", "mean", "os.system"]),
-               "ScalarType": st.sampled_from([{"dtype": "float32"}, {"dtype": "int64"}, {"dtype": "complex64"}]),
-               "MemoryFormat": st.sampled_from([{"mf": "contiguous_format"}, {"mf": "channels_last"}])}.get(t)
+    literal = {
+        "int": st.one_of(st.integers(-4, 64), st.sampled_from([2**31 - 1, 2**40, -(2**40)])),
+        "bool": st.booleans(),
+        "float": st.floats(-10, 10),
+        "number": st.floats(-10, 10),
+        "str": st.sampled_from(["none", "tanh", "floor", "mean", "os.system"]),
+        "ScalarType": st.sampled_from([{"dtype": "float32"}, {"dtype": "int64"}, {"dtype": "complex64"}]),
+        "MemoryFormat": st.sampled_from([{"mf": "contiguous_format"}, {"mf": "channels_last"}]),
+    }.get(t)
     return st.one_of(literal, ref) if literal is not None else st.just(None)
 
 
@@ -342,7 +431,7 @@ def _graph_nodes(draw, graph: dict):
         op = OPS[draw(st.sampled_from(sorted(OPS)))]
         n_values = len(g["nodes"]) + 1
         args = [draw(_typed(a[1], n_values, n_tensors)) for a in op.args if not a[2]]
-        g["nodes"].append([op.name, args[:draw(st.integers(0, len(args)))] if draw(st.booleans()) else args])
+        g["nodes"].append([op.name, args[: draw(st.integers(0, len(args)))] if draw(st.booleans()) else args])
     g["outputs"] = [{"v": len(g["nodes"])}]
     return g
 

@@ -2,6 +2,7 @@
 is checked against the bytes torch's CPU kernel really allocates for it, measured by the profiler, at
 two sizes -- so a formula that forgets a kernel's scratch (max-pooling's indices, attention's scores) or
 charges a copy as a view fails here, and one that grows slower than the op does fails at the larger size."""
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -33,12 +34,18 @@ CASES = {  # name: size -> (args, kwargs)
     "unsqueeze": lambda s: ([_x(s), 1], {}),
     "split.Tensor": lambda s: ([_x(s), 2, 1], {}),
     "scaled_dot_product_attention": lambda s: ([R(2, 4, 32 * s, 16), R(2, 4, 32 * s, 16), R(2, 4, 32 * s, 16)], {}),
-    "add.Tensor": lambda s: ([_x(s), _x(s)], {}), "sub.Tensor": lambda s: ([_x(s), _x(s)], {}),
-    "mul.Tensor": lambda s: ([_x(s), R(1, 8, 1, 1)], {}), "div.Tensor": lambda s: ([_x(s), R(1, 8, 1, 1)], {}),
-    "add.Scalar": lambda s: ([_x(s), 3.0], {}), "sub.Scalar": lambda s: ([_x(s), 3.0], {}),
-    "mul.Scalar": lambda s: ([_x(s), 3.0], {}), "div.Scalar": lambda s: ([_x(s), 3.0], {}),
-    "hardtanh": lambda s: ([_x(s), 0.0, 6.0], {}), "clamp": lambda s: ([_x(s), -1.0, 1.0], {}),
-    "clamp_min": lambda s: ([_x(s), 0.0], {}), "clamp_max": lambda s: ([_x(s), 0.0], {}),
+    "add.Tensor": lambda s: ([_x(s), _x(s)], {}),
+    "sub.Tensor": lambda s: ([_x(s), _x(s)], {}),
+    "mul.Tensor": lambda s: ([_x(s), R(1, 8, 1, 1)], {}),
+    "div.Tensor": lambda s: ([_x(s), R(1, 8, 1, 1)], {}),
+    "add.Scalar": lambda s: ([_x(s), 3.0], {}),
+    "sub.Scalar": lambda s: ([_x(s), 3.0], {}),
+    "mul.Scalar": lambda s: ([_x(s), 3.0], {}),
+    "div.Scalar": lambda s: ([_x(s), 3.0], {}),
+    "hardtanh": lambda s: ([_x(s), 0.0, 6.0], {}),
+    "clamp": lambda s: ([_x(s), -1.0, 1.0], {}),
+    "clamp_min": lambda s: ([_x(s), 0.0], {}),
+    "clamp_max": lambda s: ([_x(s), 0.0], {}),
     "leaky_relu": lambda s: ([_x(s), 0.1], {}),
     "sym_size.int": lambda s: ([_x(s), 0], {}),
 }
@@ -54,8 +61,9 @@ def _measured_peak(fn, args, kwargs) -> int:
     kept alive -- what the op adds to the process at its worst."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
         out = fn(*args, **kwargs)
-    events = sorted((e for e in p.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in p.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     now = peak = 0
     for e in events:
         now += e.nbytes()
@@ -108,8 +116,10 @@ def test_results_are_counted_before_the_op_runs():
     assert split.results([torch.empty(4, device="meta"), 0], {}) > 1024  # never run
 
 
-@pytest.mark.parametrize("cin,cout,k,groups,side", [(1, 1, 1, 1, 256), (3, 24, 3, 1, 112), (4, 4, 1, 1, 128),
-                                                    (16, 16, 3, 16, 64), (32, 64, 3, 1, 32)])
+@pytest.mark.parametrize(
+    "cin,cout,k,groups,side",
+    [(1, 1, 1, 1, 256), (3, 24, 3, 1, 112), (4, 4, 1, 1, 128), (16, 16, 3, 16, 64), (32, 64, 3, 1, 32)],
+)
 def test_convolutions_of_few_channels_are_charged_their_blocked_copies(cin, cout, k, groups, side):
     """oneDNN reorders a convolution's input and output into 16-channel blocks: a 1-channel 1x1 convolution
     takes 16x its input (an attacker's file ran at 10x its charge before this was charged)."""

@@ -3,6 +3,7 @@
 Every file here is crafted by the test itself. Each case must end in one line on stderr, a
 non-zero exit, nothing written, within a few seconds and without allocating what the file asks for.
 """
+
 import copy
 import io
 import json
@@ -37,7 +38,7 @@ def _peak_mb() -> float:
 def forge(manifest: dict, sections: list[bytes]) -> bytes:
     """A .cpz with every checksum right: only the structural checks stand between it and harm."""
     off = 0
-    for e, data in zip(manifest["tensors"], sections):
+    for e, data in zip(manifest["tensors"], sections, strict=False):
         e.setdefault("offset", off)
         e.setdefault("length", len(data))
         e["crc"] = zlib.crc32(data)
@@ -51,7 +52,7 @@ def unpack(blob: bytes) -> tuple[dict, list[bytes]]:
     """A .cpz's manifest and its tensor sections (they follow each other after the manifest)."""
     manifest, start = read_manifest(blob)
     ends = np.cumsum([0] + [e["length"] for e in manifest["tensors"]])
-    return manifest, [blob[start + a:start + b] for a, b in zip(ends[:-1], ends[1:])]
+    return manifest, [blob[start + a : start + b] for a, b in zip(ends[:-1], ends[1:], strict=False)]
 
 
 @pytest.fixture(scope="module")
@@ -132,10 +133,23 @@ def test_system_exit_never_escapes(tmp_path, lenet5_trained):
 # ------------------------------------------------------------------ bombs in a .cpz
 def test_a_tiny_section_cannot_declare_a_huge_tensor(tiny_cpz):
     _, manifest, _ = tiny_cpz
-    bomb = {**copy.deepcopy(manifest), "tensors": [
-        {"name": "fc1.weight", "shape": [1 << 28], "dtype": "float32", "enc": "sparse_raw", "index_bytes": 6,
-         "index": {"index": "gaps", "nnz": 0, "stream": {"coding": "packed", "alpha": 256, "count": 0, "width": 8,
-                                                         "fixed_bytes": 0}}}]}
+    bomb = {
+        **copy.deepcopy(manifest),
+        "tensors": [
+            {
+                "name": "fc1.weight",
+                "shape": [1 << 28],
+                "dtype": "float32",
+                "enc": "sparse_raw",
+                "index_bytes": 6,
+                "index": {
+                    "index": "gaps",
+                    "nnz": 0,
+                    "stream": {"coding": "packed", "alpha": 256, "count": 0, "width": 8, "fixed_bytes": 0},
+                },
+            }
+        ],
+    }
     _refused_quickly(forge(bomb, [b"\x00" * 6]), "COMPRESS_MAX_DECODE_RATIO")
 
 
@@ -150,14 +164,23 @@ def test_sections_cannot_overlap_or_repeat(tiny_cpz):
 def test_many_huffman_streams_cannot_take_minutes(tiny_cpz):
     """The issue's 523 KB file of tiny Huffman streams: work is bounded by what the file can justify."""
     from compress.coding import streams
+
     _, manifest, _ = tiny_cpz
     sym = np.zeros(300, dtype=np.int64)
     sym[::37] = np.arange(len(sym[::37])) % 4 + 1  # skewed: Huffman beats packing
     data, fields = streams.encode_symbols(sym, 5)
     assert fields["coding"] == "huff"
     cb = np.linspace(-1, 1, 4).astype("<f4").tobytes()
-    entry = {"shape": [300], "dtype": "float32", "enc": "codebook", "bits": 2, "k": 4, "mode": "dense",
-             "params_bytes": len(cb), "values": fields}
+    entry = {
+        "shape": [300],
+        "dtype": "float32",
+        "enc": "codebook",
+        "bits": 2,
+        "k": 4,
+        "mode": "dense",
+        "params_bytes": len(cb),
+        "values": fields,
+    }
     n = 8500
     many = {**copy.deepcopy(manifest), "tensors": [dict(copy.deepcopy(entry), name=f"t{i}") for i in range(n)]}
     blob = forge(many, [cb + data] * n)
@@ -182,9 +205,21 @@ def test_stored_input_shape_is_not_trusted(tmp_path, cli):
 
 
 # ------------------------------------------------------------------ malformed fields
-@pytest.mark.parametrize("field,value", [("values", 5), ("values", "x"), ("values", [1]), ("values", {"coding": "huff"}),
-                                         ("shape", [1 << 40, 1 << 40]), ("shape", "7"), ("bits", "4"),
-                                         ("enc", ["uniform"]), ("mode", None), ("k", 10 ** 9)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("values", 5),
+        ("values", "x"),
+        ("values", [1]),
+        ("values", {"coding": "huff"}),
+        ("shape", [1 << 40, 1 << 40]),
+        ("shape", "7"),
+        ("bits", "4"),
+        ("enc", ["uniform"]),
+        ("mode", None),
+        ("k", 10**9),
+    ],
+)
 def test_fields_of_the_wrong_type_are_format_errors(tiny_cpz, field, value):
     _, manifest, sections = tiny_cpz
     m = copy.deepcopy(manifest)
@@ -207,10 +242,13 @@ def test_a_coded_tensor_of_no_layer_is_a_format_error(tiny_cpz):
         decode_model(forge(m, sections))
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda p: np.savez(p, x=np.array(["a", "b"]), y=np.array([0, 1])), "dtype"),
-    (lambda p: np.savez(p, x=np.zeros((2, 1, 4, 4), np.float32), y=np.array([0, 2 ** 63], np.uint64)), "labels"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda p: np.savez(p, x=np.array(["a", "b"]), y=np.array([0, 1])), "dtype"),
+        (lambda p: np.savez(p, x=np.zeros((2, 1, 4, 4), np.float32), y=np.array([0, 2**63], np.uint64)), "labels"),
+    ],
+)
 def test_data_files_with_wrong_dtypes(tmp_path, make, match):
     make(tmp_path / "d.npz")
     with pytest.raises(InputError, match=match):
@@ -222,8 +260,8 @@ def test_npz_header_declaring_a_huge_array(tmp_path):
     with zipfile.ZipFile(tmp_path / "d.npz") as z:
         members = {n: z.read(n) for n in z.namelist()}
     x = members["x.npy"]
-    header = x[:x.index(b"}") + 1].replace(b"(2, 1, 4, 4)", b"(1000000000000000000,)")
-    members["x.npy"] = header + x[x.index(b"}") + 1:]
+    header = x[: x.index(b"}") + 1].replace(b"(2, 1, 4, 4)", b"(1000000000000000000,)")
+    members["x.npy"] = header + x[x.index(b"}") + 1 :]
     with zipfile.ZipFile(tmp_path / "bomb.npz", "w") as z:
         for n, d in members.items():
             z.writestr(n, d)
@@ -242,13 +280,19 @@ def test_idx_header_with_overflowing_dims(tmp_path):
         compress.data.load(str(tmp_path / "mnist"))
 
 
-@pytest.mark.parametrize("args", [
-    ["zoo", "train", "lenet300", "--val-fraction", "1.5"], ["zoo", "train", "lenet5", "--width", "0"],
-    ["report", "M", "--data", "digits?limit=0"], ["report", "M", "--data", "digits?size=-3"],
-    ["report", "M", "--data", "digits?channels=-1"], ["report", "M", "--data", "digits?limit=-5"],
-    ["pipeline", "M", "--train-data", "digits", "--max-accuracy-drop", "nan"],
-    ["--device", "tpu", "report", "M"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["zoo", "train", "lenet300", "--val-fraction", "1.5"],
+        ["zoo", "train", "lenet5", "--width", "0"],
+        ["report", "M", "--data", "digits?limit=0"],
+        ["report", "M", "--data", "digits?size=-3"],
+        ["report", "M", "--data", "digits?channels=-1"],
+        ["report", "M", "--data", "digits?limit=-5"],
+        ["pipeline", "M", "--train-data", "digits", "--max-accuracy-drop", "nan"],
+        ["--device", "tpu", "report", "M"],
+    ],
+)
 def test_bad_arguments_are_one_line_errors(tmp_path, cli, args):
     m = create_model("lenet300", input_size=8)
     save_model(m, tmp_path / "m.pt")
@@ -273,7 +317,7 @@ def test_dev_null_is_never_replaced(tmp_path, cli):
 @given(data=st.data())
 def test_mutated_files_are_decoded_or_refused_never_crash(tiny_cpz, data):
     def zero(b, i):
-        b[i:i + 8] = b"\x00" * len(b[i:i + 8])
+        b[i : i + 8] = b"\x00" * len(b[i : i + 8])
 
     blob = mutated(tiny_cpz[0], data, zero)
     with Calls() as c:
@@ -284,10 +328,14 @@ def test_mutated_files_are_decoded_or_refused_never_crash(tiny_cpz, data):
     assert c.n < 2_000_000, c.n
 
 
-_FIELD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2, 1 << 40), st.text(max_size=8),
-                          st.lists(st.integers(-1, 1 << 20), max_size=4), st.dictionaries(st.text(max_size=6),
-                                                                                             st.integers(0, 300),
-                                                                                             max_size=3))
+_FIELD_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-2, 1 << 40),
+    st.text(max_size=8),
+    st.lists(st.integers(-1, 1 << 20), max_size=4),
+    st.dictionaries(st.text(max_size=6), st.integers(0, 300), max_size=3),
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -384,8 +432,10 @@ def test_a_wrapped_cpz_holds_the_weights_once_and_an_old_state_dict_must_agree(t
     loaded = compress.load_model(tmp_path / "w.pt", arch="tests.archs:tiny_cnn")
     sd = {k: v.clone() for k, v in m.state_dict().items()}
     torch.save({**obj, "state_dict": sd}, tmp_path / "agree.pt")  # as an older compress wrote it
-    assert torch.equal(compress.load_model(tmp_path / "agree.pt", arch="tests.archs:tiny_cnn")(torch.ones(1, 1, 8, 8)),
-                       loaded(torch.ones(1, 1, 8, 8)))
+    assert torch.equal(
+        compress.load_model(tmp_path / "agree.pt", arch="tests.archs:tiny_cnn")(torch.ones(1, 1, 8, 8)),
+        loaded(torch.ones(1, 1, 8, 8)),
+    )
     k = next(iter(sd))
     sd[k] = sd[k] + 1  # another tool reads the state_dict, compress the .cpz: they may not disagree
     torch.save({**obj, "state_dict": sd}, tmp_path / "disagree.pt")
@@ -398,8 +448,10 @@ def test_a_deflated_tensor_in_a_torch_file_is_refused_before_torch_unpacks_it(tm
     directory, before torch allocates it."""
     _, obj = _wrapped_user_model(tmp_path)
     torch.save({**obj, "state_dict": {"w": torch.zeros(20 << 20)}}, tmp_path / "plain.pt")
-    with zipfile.ZipFile(tmp_path / "plain.pt") as src, \
-            zipfile.ZipFile(tmp_path / "bomb.pt", "w", zipfile.ZIP_DEFLATED, compresslevel=1) as dst:
+    with (
+        zipfile.ZipFile(tmp_path / "plain.pt") as src,
+        zipfile.ZipFile(tmp_path / "bomb.pt", "w", zipfile.ZIP_DEFLATED, compresslevel=1) as dst,
+    ):
         for info in src.infolist():
             dst.writestr(info.filename, src.read(info))
     (tmp_path / "plain.pt").unlink()
@@ -425,10 +477,19 @@ def test_strings_from_a_file_are_printed_escaped_and_never_as_an_arch_to_run(tin
 
 def test_a_recipe_cannot_name_a_function(tmp_path, cli, lenet5_trained):
     save_model(lenet5_trained, tmp_path / "m.pt")
-    (tmp_path / "r.toml").write_text('[[stage]]\nmethod = "threshold"\nsparsity = 0.5\n'
-                                     'select = { filter_fn = "os.system" }\n')
-    res = cli("pipeline", tmp_path / "m.pt", "--recipe", tmp_path / "r.toml", "--train-data", "digits",
-              "-o", tmp_path / "o.cpz")
+    (tmp_path / "r.toml").write_text(
+        '[[stage]]\nmethod = "threshold"\nsparsity = 0.5\nselect = { filter_fn = "os.system" }\n'
+    )
+    res = cli(
+        "pipeline",
+        tmp_path / "m.pt",
+        "--recipe",
+        tmp_path / "r.toml",
+        "--train-data",
+        "digits",
+        "-o",
+        tmp_path / "o.cpz",
+    )
     assert one_line_error(res) and "filter_fn" in res.err and not (tmp_path / "o.cpz").exists()
 
 

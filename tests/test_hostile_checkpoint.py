@@ -5,6 +5,7 @@ with it. The command-line cases run in a child process under a memory cap and a 
 (``tests/hostile_harness.py``) and always pass ``--trust-pickle``: the user's trust in their model must
 never reach a file in the folder. Cases that the library refuses before loading anything run in-process.
 """
+
 import copy
 import json
 import shutil
@@ -36,9 +37,25 @@ finetune = { epochs = 0.1 }
 
 def _args(root: Path, *extra, resume=True) -> list[str]:
     """`compress pipeline` of the model in ``root``, trusting it (--trust-pickle), to ``root/m.cpz``."""
-    return [str(a) for a in ["pipeline", root / "m.pt", "--train-data", "digits", "--recipe", root / "r.toml",
-                             "--max-accuracy-drop", "50", "--no-latency", "--trust-pickle", "-o", root / "m.cpz",
-                             *(["--resume"] if resume else []), *extra]]
+    return [
+        str(a)
+        for a in [
+            "pipeline",
+            root / "m.pt",
+            "--train-data",
+            "digits",
+            "--recipe",
+            root / "r.toml",
+            "--max-accuracy-drop",
+            "50",
+            "--no-latency",
+            "--trust-pickle",
+            "-o",
+            root / "m.cpz",
+            *(["--resume"] if resume else []),
+            *extra,
+        ]
+    ]
 
 
 class Case:
@@ -61,8 +78,9 @@ class Case:
     def read(self):
         """What the library makes of the folder on --resume (the run's own fingerprint and recipe)."""
         plan = pl._plan(Recipe.load(self.root / "r.toml"))
-        return Checkpoint(self.folder).read(json.loads((self.made / "m.cpz.resume" / STATE).read_text())
-                                            ["fingerprint"], plan)
+        return Checkpoint(self.folder).read(
+            json.loads((self.made / "m.cpz.resume" / STATE).read_text())["fingerprint"], plan
+        )
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +115,11 @@ def case(made, tmp_path):
 
 def _payload(sentinel: Path):
     """A torch file whose unpickling creates ``sentinel``: proof that code from the file ran."""
+
     class Payload:
         def __reduce__(self):
             return open, (str(sentinel), "w")
+
     return {"state_dict": Payload()}
 
 
@@ -119,8 +139,24 @@ def test_the_made_checkpoint_is_compress_own(case):
 
 
 # ------------------------------------------------------------------ names from state.json
-@pytest.mark.parametrize("name", ["/etc/passwd", "../../model-1.pt", "../m.pt", "model-1.pt/..", "model-１.pt",
-                                  "model-01.pt", "model-1.pt\n", "kept-1.pt", "model-1.PT", "model-1", "", 7, None])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "/etc/passwd",
+        "../../model-1.pt",
+        "../m.pt",
+        "model-1.pt/..",
+        "model-１.pt",
+        "model-01.pt",
+        "model-1.pt\n",
+        "kept-1.pt",
+        "model-1.PT",
+        "model-1",
+        "",
+        7,
+        None,
+    ],
+)
 def test_a_model_name_that_is_not_a_plain_name_of_compress_pattern_is_refused(case, name):
     case.state["models"]["model"] = name
     case.save(case.state)
@@ -170,35 +206,39 @@ def _drop(key):
     return lambda d: d.pop(key)
 
 
-@pytest.mark.parametrize("edit, match", [
-    (_drop("timeline"), "missing 'timeline'"),
-    (_drop("models"), "missing 'models'"),
-    (lambda d: d.update(extra=1), "unknown key 'extra'"),
-    (lambda d: d.update(stage="0"), "stage"),
-    (lambda d: d.update(stage=True), "stage"),
-    (lambda d: d.update(stage=10**300), "stage"),
-    (lambda d: d.update(stage=-1), "stage"),
-    (lambda d: d.update(stage=1), "results"),  # past the stage the records reach
-    (lambda d: d.update(timeline=[]), "timeline"),
-    (lambda d: d["timeline"][0].update(bytes=10**30), "bytes"),
-    (lambda d: d["timeline"][0].update(accuracy=1e308), "accuracy"),
-    (lambda d: d["timeline"][0].update(stage="\x1b[2Jdense fp32"), "timeline"),
-    (lambda d: d["timeline"][0].update(test_accuracy=1.0), "--test-data"),
-    (lambda d: d.update(measured=[{}, 1.0]), "measured"),
-    (lambda d: d.update(search="junk"), "search"),
-    (lambda d: d["search"].update(next=5), "search.next"),
-    (lambda d: d["search"].update(next="１"), "search.next"),
-    (lambda d: d["search"].update(misses=-3), "search.misses"),
-    (lambda d: d["search"].update(kept_index=9), "search.kept_index"),
-    (lambda d: d["search"].update(kept_index=None), "kept_sizes"),
-    (lambda d: d["search"]["tried"][0].update(options={"type": "ThresholdConfig"}), "candidate 1"),
-    (lambda d: d["search"]["tried"][0].update(value=True), "candidate 1"),
-    (lambda d: d["search"]["tried"][0].update(bytes=-1), "bytes"),
-    (lambda d: d["search"]["tried"][0].update(verdict=["x"] * 3), "verdict"),
-    (lambda d: d["search"]["tried"][0].pop("why"), "why"),
-    (lambda d: d["search"]["kept_sizes"].update(layers={"fc1": 10**20}), "layers"),
-    (lambda d: d["search"].update(tried=d["search"]["tried"] * 1000), "tried"),
-], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (_drop("timeline"), "missing 'timeline'"),
+        (_drop("models"), "missing 'models'"),
+        (lambda d: d.update(extra=1), "unknown key 'extra'"),
+        (lambda d: d.update(stage="0"), "stage"),
+        (lambda d: d.update(stage=True), "stage"),
+        (lambda d: d.update(stage=10**300), "stage"),
+        (lambda d: d.update(stage=-1), "stage"),
+        (lambda d: d.update(stage=1), "results"),  # past the stage the records reach
+        (lambda d: d.update(timeline=[]), "timeline"),
+        (lambda d: d["timeline"][0].update(bytes=10**30), "bytes"),
+        (lambda d: d["timeline"][0].update(accuracy=1e308), "accuracy"),
+        (lambda d: d["timeline"][0].update(stage="\x1b[2Jdense fp32"), "timeline"),
+        (lambda d: d["timeline"][0].update(test_accuracy=1.0), "--test-data"),
+        (lambda d: d.update(measured=[{}, 1.0]), "measured"),
+        (lambda d: d.update(search="junk"), "search"),
+        (lambda d: d["search"].update(next=5), "search.next"),
+        (lambda d: d["search"].update(next="１"), "search.next"),
+        (lambda d: d["search"].update(misses=-3), "search.misses"),
+        (lambda d: d["search"].update(kept_index=9), "search.kept_index"),
+        (lambda d: d["search"].update(kept_index=None), "kept_sizes"),
+        (lambda d: d["search"]["tried"][0].update(options={"type": "ThresholdConfig"}), "candidate 1"),
+        (lambda d: d["search"]["tried"][0].update(value=True), "candidate 1"),
+        (lambda d: d["search"]["tried"][0].update(bytes=-1), "bytes"),
+        (lambda d: d["search"]["tried"][0].update(verdict=["x"] * 3), "verdict"),
+        (lambda d: d["search"]["tried"][0].pop("why"), "why"),
+        (lambda d: d["search"]["kept_sizes"].update(layers={"fc1": 10**20}), "layers"),
+        (lambda d: d["search"].update(tried=d["search"]["tried"] * 1000), "tried"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
 def test_a_state_out_of_shape_is_refused_in_one_line(case, edit, match):
     doc = copy.deepcopy(case.state)
     edit(doc)
@@ -281,9 +321,11 @@ def test_remove_leaves_an_emptied_folder_gone_and_a_link_named_by_the_manifest_i
 
 
 # ------------------------------------------------------------------ property: the checker raises only InputError
-_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
-                     lambda ch: st.lists(ch, max_size=4) | st.dictionaries(st.text(max_size=8), ch, max_size=4),
-                     max_leaves=25)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda ch: st.lists(ch, max_size=4) | st.dictionaries(st.text(max_size=8), ch, max_size=4),
+    max_leaves=25,
+)
 
 
 def _paths(v, at=()):
@@ -298,8 +340,7 @@ def _paths(v, at=()):
 
 @pytest.fixture(scope="module")
 def real(made):
-    return (json.loads((made / "m.cpz.resume" / STATE).read_text()),
-            pl._plan(Recipe.load(made / "r.toml")))
+    return (json.loads((made / "m.cpz.resume" / STATE).read_text()), pl._plan(Recipe.load(made / "r.toml")))
 
 
 def _checked(doc, plan, test=False):

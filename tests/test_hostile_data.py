@@ -6,6 +6,7 @@ out of their folder, images that declare 10^10 pixels, truncated files, huge IDX
 Each case ends in one line on stderr and a non-zero exit, or in a bounded run; never a traceback, a hang
 or an allocation of what the file asks for. Cases share a child (``_cases``): importing torch costs ~3 s.
 """
+
 import io
 import os
 import re
@@ -37,18 +38,20 @@ MEASURED: dict[str, Ended] = {}  # every case's numbers, printed with ``pytest -
 def _cases(cases: dict[str, list], setup: str = "") -> dict[str, Ended]:
     """Each ``compress ARGS`` of ``cases`` run by ``main()`` in one capped child, in order; how each ended
     (its stderr alone; its peak is the child's peak so far, an upper bound for the case)."""
-    code = ("import contextlib, io, json, resource, time\n"
-            "from compress.cli import main\n"
-            + setup
-            + f"cases = {({k: [str(a) for a in v] for k, v in cases.items()})!r}\n"
-            "ended = {}\n"
-            "for label, args in cases.items():\n"
-            "    err, t0 = io.StringIO(), time.process_time()\n"
-            "    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):\n"
-            "        rc = main(args)\n"
-            "    ended[label] = [rc, err.getvalue(), time.process_time() - t0,\n"
-            "                    _peak_kb() / 1024]\n"
-            "print('@cases ' + json.dumps(ended))\n")
+    code = (
+        "import contextlib, io, json, resource, time\n"
+        "from compress.cli import main\n"
+        + setup
+        + f"cases = { ({k: [str(a) for a in v] for k, v in cases.items()})!r}\n"
+        "ended = {}\n"
+        "for label, args in cases.items():\n"
+        "    err, t0 = io.StringIO(), time.process_time()\n"
+        "    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        rc = main(args)\n"
+        "    ended[label] = [rc, err.getvalue(), time.process_time() - t0,\n"
+        "                    _peak_kb() / 1024]\n"
+        "print('@cases ' + json.dumps(ended))\n"
+    )
     r = run_python(code, cpu_s=CPU_S * max(1, len(cases)))
     assert r.code == 0 and "@cases " in r.out, r
     raw = __import__("json").loads(r.out.split("@cases ", 1)[1])
@@ -88,8 +91,29 @@ def zip_bytes(members, comment=b"") -> bytes:
         offset = len(out)
         out += struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, flags, method, 0, 0, crc, len(data), size, len(name), 0)
         out += name + data
-        central += struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, flags, method, 0, 0, crc, len(data), size,
-                               len(name), 0, 0, 0, 0, 0, offset) + name
+        central += (
+            struct.pack(
+                "<4s6H3L5H2L",
+                b"PK\x01\x02",
+                20,
+                20,
+                flags,
+                method,
+                0,
+                0,
+                crc,
+                len(data),
+                size,
+                len(name),
+                0,
+                0,
+                0,
+                0,
+                0,
+                offset,
+            )
+            + name
+        )
     n = len(members) % 65536  # the count fields are 16 bits (zipfile counts the directory itself)
     out += central + struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, n, n, len(central), len(out), len(comment)) + comment
     return bytes(out)
@@ -111,10 +135,16 @@ def npz_member(name, arr_head, zeros, **kw) -> dict:
 
 def png_bytes(w: int, h: int) -> bytes:
     """A PNG that declares ``w`` x ``h`` grey pixels and holds one row of them (truncated after)."""
+
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def idx_bytes(dims, data=b"") -> bytes:
@@ -157,23 +187,37 @@ def test_hostile_npz_files_are_refused_in_one_line(tmp_path, model):
     lie = npy_bytes((100 << 20, 1, 2, 2), "<f4")
     files = {
         # a member that is a bomb by ratio in a file of honest bytes: 300 MB from ~300 KB, in a 4.3 MB file
-        "member bomb by ratio": zip_bytes([{"name": "pad.npy", "data": npy_bytes((len(pad),), "|u1", pad)},
-                                           npz_member("x.npy", npy_bytes((300 << 18, 1, 2, 2), "|u1"), 300 << 20),
-                                           ok[1]]),
+        "member bomb by ratio": zip_bytes(
+            [
+                {"name": "pad.npy", "data": npy_bytes((len(pad),), "|u1", pad)},
+                npz_member("x.npy", npy_bytes((300 << 18, 1, 2, 2), "|u1"), 300 << 20),
+                ok[1],
+            ]
+        ),
         # the zip says 1,000 bytes (and their true CRC), the .npy header 400 MB (and the stream holds them)
-        "zip size lies": zip_bytes([npz_member("x.npy", lie, 400 << 20, size=1000,
-                                               crc=zlib.crc32(lie + bytes(1000 - len(lie)))), ok[1]]),
+        "zip size lies": zip_bytes(
+            [npz_member("x.npy", lie, 400 << 20, size=1000, crc=zlib.crc32(lie + bytes(1000 - len(lie)))), ok[1]]
+        ),
         # the .npy header declares 4 samples, the member holds 40
-        "npy header lies (more data)": zip_bytes([{"name": "x.npy", "data": npy_bytes(
-            (4, 1, 28, 28), "<f4", np.zeros((40, 1, 28, 28), np.float32).tobytes())}, ok[1]]),
+        "npy header lies (more data)": zip_bytes(
+            [
+                {
+                    "name": "x.npy",
+                    "data": npy_bytes((4, 1, 28, 28), "<f4", np.zeros((40, 1, 28, 28), np.float32).tobytes()),
+                },
+                ok[1],
+            ]
+        ),
         "npy header lies (less data)": zip_bytes([{"name": "x.npy", "data": gx[:-100]}, ok[1]]),
         # the deflate stream ends long before what both headers declare
-        "stream shorter than declared": zip_bytes([{"name": "x.npy", "data": zlib.compress(gx)[2:-4][:200],
-                                                    "method": 8, "size": len(gx)}, ok[1]]),
-        "shape of 10^18": zip_bytes([{"name": "x.npy", "data": npy_bytes((10 ** 18, 1, 2, 2), "<f4")}, ok[1]]),
+        "stream shorter than declared": zip_bytes(
+            [{"name": "x.npy", "data": zlib.compress(gx)[2:-4][:200], "method": 8, "size": len(gx)}, ok[1]]
+        ),
+        "shape of 10^18": zip_bytes([{"name": "x.npy", "data": npy_bytes((10**18, 1, 2, 2), "<f4")}, ok[1]]),
         "pickled object array": zip_bytes([{"name": "x.npy", "data": npy_bytes((2,), "|O", b"\x80\x04N.")}, ok[1]]),
-        "header that is code": zip_bytes([{"name": "x.npy", "data": npy_bytes((), text="__import__('os').getcwd()")},
-                                          ok[1]]),
+        "header that is code": zip_bytes(
+            [{"name": "x.npy", "data": npy_bytes((), text="__import__('os').getcwd()")}, ok[1]]
+        ),
         "header of 60 KB": zip_bytes([{"name": "x.npy", "data": npy_bytes((), text="{" + " " * 60_000 + "}")}, ok[1]]),
         "100 members": zip_bytes(ok + [{"name": f"m{i}.npy", "data": gy} for i in range(98)]),
         "100,000 members": zip_bytes([{"name": f"{i}", "data": b""} for i in range(100_000)]),
@@ -196,15 +240,28 @@ def test_hostile_npz_files_are_refused_in_one_line(tmp_path, model):
     (tmp_path / "ok.npz").write_bytes(zip_bytes(ok))
     cases["an honest file (runs)"] = _report(model, tmp_path / "ok.npz")
     ended = _cases(cases)
-    why = {"member bomb by ratio": "COMPRESS_MAX_DECODE_RATIO", "zip size lies": "zip entry holds",
-           "npy header lies (more data)": "zip entry holds", "npy header lies (less data)": "zip entry holds",
-           "shape of 10^18": "more than compress loads", "pickled object array": "never objects",
-           "header that is code": "malformed .npy header", "header of 60 KB": "at most 10,000",
-           "100 members": "100 members", "100,000 members": "zip directory declares",
-           "nested name with ..": "plain names", "two members named x.npy": "two members",
-           "encrypted member": "encrypted", "lzma member": "method 14", "bad crc": "not a readable",
-           "stored size lies": "stored zip entry", "truncated": "not a readable", "not a zip": "not a readable",
-           "stream shorter than declared": "not a readable", "FIFO named .npz": "not found"}
+    why = {
+        "member bomb by ratio": "COMPRESS_MAX_DECODE_RATIO",
+        "zip size lies": "zip entry holds",
+        "npy header lies (more data)": "zip entry holds",
+        "npy header lies (less data)": "zip entry holds",
+        "shape of 10^18": "more than compress loads",
+        "pickled object array": "never objects",
+        "header that is code": "malformed .npy header",
+        "header of 60 KB": "at most 10,000",
+        "100 members": "100 members",
+        "100,000 members": "zip directory declares",
+        "nested name with ..": "plain names",
+        "two members named x.npy": "two members",
+        "encrypted member": "encrypted",
+        "lzma member": "method 14",
+        "bad crc": "not a readable",
+        "stored size lies": "stored zip entry",
+        "truncated": "not a readable",
+        "not a zip": "not a readable",
+        "stream shorter than declared": "not a readable",
+        "FIFO named .npz": "not found",
+    }
     for label, e in ended.items():
         if label == "an honest file (runs)":
             assert e.code == 0 and e.seconds < CPU_S, e
@@ -238,6 +295,7 @@ def test_hostile_image_folders_are_refused_or_run_bounded(tmp_path, model, monke
         s = socket.socket(socket.AF_UNIX)
         s.bind("x.png")
         s.close()
+
     case("socket named x.png", make_socket)
     try:
         os.mknod(tmp_path / "probe", stat.S_IFCHR | 0o600, os.makedev(1, 3))
@@ -251,9 +309,11 @@ def test_hostile_image_folders_are_refused_or_run_bounded(tmp_path, model, monke
     case("PNG of 100000 x 100000", lambda d: (d / "x.png").write_bytes(png_bytes(100_000, 100_000)))
     case("PNG of 10000 x 10000", lambda d: (d / "x.png").write_bytes(png_bytes(10_000, 10_000)))
     case("PNG of 5000 x 5000", lambda d: (d / "x.png").write_bytes(png_bytes(5_000, 5_000)))
+
     def truncated(d):
         Image.effect_noise((28, 28), 50).save(d / "x.png")
         (d / "x.png").write_bytes((d / "x.png").read_bytes()[:120])
+
     case("truncated PNG", truncated)
     case("EPS named x.png", lambda d: (d / "x.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"))
     case("folders 40 deep", lambda d: os.makedirs(d / "/".join("d" * 40)))
@@ -265,13 +325,22 @@ def test_hostile_image_folders_are_refused_or_run_bounded(tmp_path, model, monke
     cases = {k: _report(model, f"folder:{r}") for k, r in roots.items()}
     cases["1,204 images (limit 1,000)"] = _report(model, f"folder:{many}")
     ended = _cases(cases, "import compress.data.images as im\nim.MAX_FILES = 1000\n")
-    why = {"FIFO named x.png": "is a FIFO", "socket named x.png": "is a socket",
-           "character device named x.png": "is a character device", "link loop x.png <-> y.png": "loops",
-           "link out of the folder": "leads out", "link to /dev/zero": "leads out",
-           "class folder linked outside": "leads out", "PNG of 100000 x 100000": "cannot read image",
-           "PNG of 10000 x 10000": "more than 16,777,216 pixels", "PNG of 5000 x 5000": "more than 16,777,216 pixels",
-           "truncated PNG": "cannot read image", "EPS named x.png": "cannot read image",
-           "folders 40 deep": "nested more than 16", "1,204 images (limit 1,000)": "more than 1,000 images"}
+    why = {
+        "FIFO named x.png": "is a FIFO",
+        "socket named x.png": "is a socket",
+        "character device named x.png": "is a character device",
+        "link loop x.png <-> y.png": "loops",
+        "link out of the folder": "leads out",
+        "link to /dev/zero": "leads out",
+        "class folder linked outside": "leads out",
+        "PNG of 100000 x 100000": "cannot read image",
+        "PNG of 10000 x 10000": "more than 16,777,216 pixels",
+        "PNG of 5000 x 5000": "more than 16,777,216 pixels",
+        "truncated PNG": "cannot read image",
+        "EPS named x.png": "cannot read image",
+        "folders 40 deep": "nested more than 16",
+        "1,204 images (limit 1,000)": "more than 1,000 images",
+    }
     for label, e in ended.items():
         if label.endswith("(runs)"):
             assert e.code == 0 and e.seconds < CPU_S, (label, e)
@@ -313,7 +382,7 @@ def test_hostile_idx_npy_and_large_folders_are_refused_in_one_line(tmp_path, mod
     npys = {
         "x.npy header lies": npy_bytes((400, 1, 28, 28), "<f4", x.tobytes()),
         "x.npy pickled objects": npy_bytes((4,), "|O", b"\x80\x04N."),
-        "x.npy of 10^12 floats": npy_bytes((10 ** 12,), "<f4", x.tobytes()),
+        "x.npy of 10^12 floats": npy_bytes((10**12,), "<f4", x.tobytes()),
         "x.npy link out of the folder": "link",
     }
     for label, content in npys.items():
@@ -332,33 +401,56 @@ def test_hostile_idx_npy_and_large_folders_are_refused_in_one_line(tmp_path, mod
         (many / "1" / f"{i}.txt").write_bytes(b"")
     cases["folder of 6,204 entries (limit 5,000)"] = _report(model, f"folder:{many}")
     ended = _cases(cases, "import compress.data.images as im\nim.MAX_ENTRIES = 5000\n")
-    why = {"folder of 6,204 entries (limit 5,000)": "more than 5,000 files", "IDX of 65536^3": "more than", "IDX truncated": "does not match", "IDX of 4 dims": "4 dimensions",
-           "IDX gzip bomb": "COMPRESS_MAX_DECODE_RATIO", "IDX a FIFO": "is a FIFO",
-           "IDX link out of the folder": "leads out", "x.npy header lies": "file holds",
-           "x.npy pickled objects": "never objects", "x.npy of 10^12 floats": "more than compress loads",
-           "x.npy link out of the folder": "leads out"}
+    why = {
+        "folder of 6,204 entries (limit 5,000)": "more than 5,000 files",
+        "IDX of 65536^3": "more than",
+        "IDX truncated": "does not match",
+        "IDX of 4 dims": "4 dimensions",
+        "IDX gzip bomb": "COMPRESS_MAX_DECODE_RATIO",
+        "IDX a FIFO": "is a FIFO",
+        "IDX link out of the folder": "leads out",
+        "x.npy header lies": "file holds",
+        "x.npy pickled objects": "never objects",
+        "x.npy of 10^12 floats": "more than compress loads",
+        "x.npy link out of the folder": "leads out",
+    }
     for label, e in ended.items():
         assert _refused(e, why[label]), (label, e)
 
 
 # ----------------------------------------------------------------------------- the .npy and .npz readers, fuzzed
-_LITERALS = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-2, 1 << 70), st.floats(), st.text(max_size=6),
-                                   st.sampled_from(["<f4", "|u1", "<i8", "|O", "<U3", "V8", "f16", ">f8", "b1"])),
-                         lambda inner: st.one_of(st.tuples(inner, inner), st.tuples(inner, inner, inner),
-                                                 st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-                         max_leaves=12)
+_LITERALS = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-2, 1 << 70),
+        st.floats(),
+        st.text(max_size=6),
+        st.sampled_from(["<f4", "|u1", "<i8", "|O", "<U3", "V8", "f16", ">f8", "b1"]),
+    ),
+    lambda inner: st.one_of(
+        st.tuples(inner, inner), st.tuples(inner, inner, inner), st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
 _FIELDS = st.fixed_dictionaries({"descr": _LITERALS, "fortran_order": _LITERALS, "shape": _LITERALS})
 
 
 @settings(max_examples=300, deadline=None)
-@given(header=st.one_of(_FIELDS.map(repr), st.text(max_size=200), _LITERALS.map(repr)),
-       raw=st.binary(max_size=64), cut=st.integers(0, 400))
+@given(
+    header=st.one_of(_FIELDS.map(repr), st.text(max_size=200), _LITERALS.map(repr)),
+    raw=st.binary(max_size=64),
+    cut=st.integers(0, 400),
+)
 def test_npy_headers_are_parsed_or_refused_never_crash(header, raw, cut):
     """Field values of every type, text of any kind, raw bytes, cut anywhere: a header or an InputError."""
     import io
 
-    for blob in (npy_bytes((), text=header.encode("utf-8", "replace")), b"\x93NUMPY" + raw,
-                 npy_bytes((), text=header.encode("utf-8", "replace"))[:cut]):
+    for blob in (
+        npy_bytes((), text=header.encode("utf-8", "replace")),
+        b"\x93NUMPY" + raw,
+        npy_bytes((), text=header.encode("utf-8", "replace"))[:cut],
+    ):
         try:
             h = npy_mod.read_npy_header(io.BytesIO(blob), "fuzz")
         except CompressError:
@@ -366,17 +458,25 @@ def test_npy_headers_are_parsed_or_refused_never_crash(header, raw, cut):
         assert h.nbytes <= files_mod.MAX_ARRAY_BYTES and h.dtype.kind in "biuf"
 
 
-_HONEST = zip_bytes([{"name": "x.npy", "data": npy_bytes((2, 1, 2, 2), "<f4", bytes(32))},
-                     {"name": "y.npy", "data": zlib.compress(npy_bytes((2,), "<i8", bytes(16)))[2:-4], "method": 8,
-                      "size": len(npy_bytes((2,), "<i8", bytes(16))), "crc": zlib.crc32(npy_bytes((2,), "<i8",
-                                                                                                  bytes(16)))}])
+_HONEST = zip_bytes(
+    [
+        {"name": "x.npy", "data": npy_bytes((2, 1, 2, 2), "<f4", bytes(32))},
+        {
+            "name": "y.npy",
+            "data": zlib.compress(npy_bytes((2,), "<i8", bytes(16)))[2:-4],
+            "method": 8,
+            "size": len(npy_bytes((2,), "<i8", bytes(16))),
+            "crc": zlib.crc32(npy_bytes((2,), "<i8", bytes(16))),
+        },
+    ]
+)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_mutated_npz_files_are_read_or_refused_never_crash(data):
     def word(b, i):  # a size or offset field set to something large
-        b[i:i + 4] = struct.pack("<L", data.draw(st.sampled_from([0, 1, 0xFFFF, 0xFFFFFFFF, 1 << 30])))
+        b[i : i + 4] = struct.pack("<L", data.draw(st.sampled_from([0, 1, 0xFFFF, 0xFFFFFFFF, 1 << 30])))
 
     blob = mutated(_HONEST, data, word)
     with tempfile.TemporaryDirectory() as d:
@@ -429,20 +529,26 @@ def _progressive_jpeg(path, scans: int, side: int = 64) -> None:
     b = buf.getvalue()
     starts = [i for i in range(len(b) - 1) if b[i] == 0xFF and b[i + 1] == 0xDA]
     ends = starts[1:] + [b.rindex(b"\xff\xd9")]
-    ac = next(b[s:e] for s, e in zip(starts, ends) if b[s + 5 + 2 * b[s + 4]] > 0)  # Ss > 0: an AC scan
-    path.write_bytes(b[:b.rindex(b"\xff\xd9")] + ac * scans + b"\xff\xd9")
+    ac = next(b[s:e] for s, e in zip(starts, ends, strict=False) if b[s + 5 + 2 * b[s + 4]] > 0)  # Ss > 0: an AC scan
+    path.write_bytes(b[: b.rindex(b"\xff\xd9")] + ac * scans + b"\xff\xd9")
 
 
 def test_second_round_data_attacks_are_refused_in_one_line(tmp_path, model):
     """A uint8 .npz at 50x deflate (inside the 100x ratio, but 200x once held as float32: 5 GB from 4.5 MB
-    before), a JPEG of 200 scans, a 4,194,304 x 4 image (16 KB; 4.2 GB once ?resize=28 scales its shorter side), Unicode digits in
+    before), a JPEG of 200 scans, a 4,194,304 x 4 image (16 KB; 4.2 GB once ?resize=28 scales its shorter side),
+    Unicode digits in
     an option, and ?size / ?channels that make samples or a data set too large: one line each."""
     n = 40_000  # 31 MB of uint8 from 0.6 MB: 125 MB as float32, past both the floor (64 MiB) and 100x the file
     raw = npy_bytes((n, 1, 28, 28), "|u1", bytes(n * 784))
     y = npy_bytes((n,), "|u1", bytes(n))
-    (tmp_path / "f32.npz").write_bytes(zip_bytes([
-        {"name": "x.npy", "data": _deflated_at(raw, 50), "method": 8, "size": len(raw), "crc": zlib.crc32(raw)},
-        {"name": "y.npy", "data": y}]))
+    (tmp_path / "f32.npz").write_bytes(
+        zip_bytes(
+            [
+                {"name": "x.npy", "data": _deflated_at(raw, 50), "method": 8, "size": len(raw), "crc": zlib.crc32(raw)},
+                {"name": "y.npy", "data": y},
+            ]
+        )
+    )
     for d in ("scans/a", "wide/a"):
         (tmp_path / d).mkdir(parents=True)
     _progressive_jpeg(tmp_path / "scans/a/x.jpg", 200)
@@ -450,14 +556,16 @@ def test_second_round_data_attacks_are_refused_in_one_line(tmp_path, model):
     cases = {
         "50x deflate, 200x as float32": (tmp_path / "f32.npz", "more than 100x"),
         "a JPEG of 200 scans": (f"folder:{tmp_path / 'scans'}?size=28&channels=1", "scans"),
-        "a 4,194,304 x 4 image resized by its shorter side": (f"folder:{tmp_path / 'wide'}?resize=28&crop=28&channels=1",
-                                                         "would make it"),
+        "a 4,194,304 x 4 image resized by its shorter side": (
+            f"folder:{tmp_path / 'wide'}?resize=28&crop=28&channels=1",
+            "would make it",
+        ),
         "a superscript digit": ("mnist5k?limit=\u00b2", "must be an integer"),
         "an Arabic-Indic digit": ("mnist5k?limit=\u0663", "must be an integer"),
         "samples of 64 x 4096 x 4096": ("digits?limit=1&size=4096&channels=64", "values per sample|at most"),
         "a data set of 300 GB": ("digits?size=4096", "GiB in memory"),
     }
     ended, child = run_cli_each([_report(model, data) for data, _ in cases.values()])
-    for (what, (_, match)), e in zip(cases.items(), ended):
+    for (what, (_, match)), e in zip(cases.items(), ended, strict=False):
         assert e.one_line_refusal and re.search(match, e.err) and e.seconds < 20, (what, e)
     assert child.peak_mb < 800, child

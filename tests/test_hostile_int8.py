@@ -3,6 +3,7 @@ through the shape budget and the cost of that shape is counted on the meta devic
 that runs is checked again, qparams are finite and in range, strings are printed escaped, and a file whose
 float architecture is a graph alone is refused in one line. Each command runs in a child process under an
 address-space cap (tests/hostile_harness.py)."""
+
 import copy
 import json
 
@@ -76,13 +77,31 @@ def _graph_only_arch(obj):
 
 
 CASES = {  # name: (file, change, what the one line says)
-    "a 28000 x 28000 input": ("lenet300", lambda o: o[INT8_KEY].update(input_shape=[1, 1, 28000, 28000]), "values per sample"),
-    "a 65535 x 65535 input": ("resnet8", lambda o: o[INT8_KEY].update(input_shape=[1, 1, 65535, 65535]), "values per sample"),
+    "a 28000 x 28000 input": (
+        "lenet300",
+        lambda o: o[INT8_KEY].update(input_shape=[1, 1, 28000, 28000]),
+        "values per sample",
+    ),
+    "a 65535 x 65535 input": (
+        "resnet8",
+        lambda o: o[INT8_KEY].update(input_shape=[1, 1, 65535, 65535]),
+        "values per sample",
+    ),
     "a 4000 x 4000 input (16 M values, GBs of activations)": (
-        "resnet8", lambda o: o[INT8_KEY].update(input_shape=[1, 1, 4000, 4000]), "MiB of activations"),
-    "a shape of floats and booleans": ("resnet8", lambda o: o[INT8_KEY].update(input_shape=[1, True, 8.0, 8]),
-                                       "bad input shape"),
-    "a shape LeNet-300 cannot take": ("lenet300", lambda o: o[INT8_KEY].update(input_shape=[1, 1, 300, 300]), "meta device"),
+        "resnet8",
+        lambda o: o[INT8_KEY].update(input_shape=[1, 1, 4000, 4000]),
+        "MiB of activations",
+    ),
+    "a shape of floats and booleans": (
+        "resnet8",
+        lambda o: o[INT8_KEY].update(input_shape=[1, True, 8.0, 8]),
+        "bad input shape",
+    ),
+    "a shape LeNet-300 cannot take": (
+        "lenet300",
+        lambda o: o[INT8_KEY].update(input_shape=[1, 1, 300, 300]),
+        "meta device",
+    ),
     "NaN scales": ("resnet8", lambda o: _set_row(o, "#scales", float("nan")), "finite positive"),
     "zero scales": ("resnet8", lambda o: _set_row(o, "#scales", 0.0), "finite positive"),
     "negative scales": ("resnet8", lambda o: _set_row(o, "#scales", -1.0), "finite positive"),
@@ -90,11 +109,18 @@ CASES = {  # name: (file, change, what the one line says)
     "zero points of 300 for uint8": ("resnet8", lambda o: _set_row(o, "#zero_points", 300), "zero point"),
     "a float architecture of a graph alone": ("resnet8", _graph_only_arch, "graph only"),
     "a huge input shape in the metadata instead of the table": (
-        "resnet8", lambda o: o[INT8_KEY].update(meta=json.dumps({**json.loads(o[INT8_KEY]["meta"]),
-                                                                 "input_shape": [1, 1, 1024, 1024]})), None),
+        "resnet8",
+        lambda o: o[INT8_KEY].update(
+            meta=json.dumps({**json.loads(o[INT8_KEY]["meta"]), "input_shape": [1, 1, 1024, 1024]})
+        ),
+        None,
+    ),
     "a 1 MB string": ("resnet8", lambda o: o[INT8_KEY].update(calibration="x" * 1_000_000), "longer than"),
     "a layer kept float that has an escape sequence for a name": (
-        "resnet8", lambda o: o[INT8_KEY].update(keep_float=[ESC]), "does not have"),
+        "resnet8",
+        lambda o: o[INT8_KEY].update(keep_float=[ESC]),
+        "does not have",
+    ),
 }
 
 
@@ -105,7 +131,7 @@ def test_hostile_int8_files_are_refused_in_one_line(made, tmp_path):
         path = _forge(files[src], tmp_path / f"case{k}.pt", change)
         argvs.append(["report", path, "--no-latency"])
     ended, child = run_cli_each(argvs)
-    for (what, (_, _, match)), e in zip(CASES.items(), ended):
+    for (what, (_, _, match)), e in zip(CASES.items(), ended, strict=False):
         if match is None:  # runs, bounded: at the table's checked shape
             assert e.code == 0 and e.clean and e.seconds < 20, (what, e)
             continue
@@ -126,7 +152,9 @@ def test_the_batch_that_runs_is_checked_before_it_runs(made, tmp_path):
 
 def test_strings_of_the_table_are_printed_escaped(made, tmp_path):
     _, files = made
-    path = _forge(files["resnet8"], tmp_path / "esc.pt", lambda o: o[INT8_KEY].update(calibration=ESC, observer="minmax"))
+    path = _forge(
+        files["resnet8"], tmp_path / "esc.pt", lambda o: o[INT8_KEY].update(calibration=ESC, observer="minmax")
+    )
     (ended,), _ = run_cli_each([["report", path, "--no-latency"]])
     assert ended.code == 0 and ended.clean, ended
     assert "\\x1b[2J" in ended.out  # shown, escaped
@@ -142,9 +170,15 @@ def _leaves(obj, path=()):
     yield path
 
 
-JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**63), st.floats(allow_nan=True),
-                 st.text(max_size=8), st.lists(st.integers(-3, 70000), max_size=6),
-                 st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**63),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.lists(st.integers(-3, 70000), max_size=6),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -8,6 +8,7 @@ wider than the images. Several cases share one child (importing torch costs seco
 child's peak memory covers them all. Beside the bombs, hypothesis builds recipe stages at random: only the
 project's own errors may come out of the config constructors.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +29,7 @@ from compress.errors import CompressError, UsageError
 from compress.recipe import MAX_CANDIDATES, Recipe, Stage
 from tests.hostile_harness import CPU_S, Ended, run_cli, run_python
 
-PEAK_MB = 900      # the child's whole peak resident memory: torch, compress, the data (the attack took 4,500+)
+PEAK_MB = 900  # the child's whole peak resident memory: torch, compress, the data (the attack took 4,500+)
 CASE_SECONDS = 5.0  # CPU seconds of one refusal, torch already imported
 STAGE = "[[stage]]\nmethod = 'threshold'\nsparsity = 0.5\n"
 INT8 = "[[stage]]\nmethod = 'int8'\n"
@@ -55,7 +56,8 @@ def _cases_in_one_child(cases: list[list[str]]) -> tuple[Ended, list[Ended]]:
         "            e.write(traceback.format_exc())\n"
         "    res.append([code, e.getvalue(), time.process_time() - t0,\n"
         "                _peak_kb() / 1024])\n"
-        "print(json.dumps(res))\n")
+        "print(json.dumps(res))\n"
+    )
     child = run_python(code, cpu_s=CPU_S * max(1, len(cases)))
     assert child.code == 0, child
     each = [Ended(c, "", err, s, mb) for c, err, s, mb in json.loads(child.out.strip().splitlines()[-1])]
@@ -63,7 +65,7 @@ def _cases_in_one_child(cases: list[list[str]]) -> tuple[Ended, list[Ended]]:
 
 
 def _check(child: Ended, each: list[Ended], cases, said):
-    for args, ended, words in zip(cases, each, said):
+    for args, ended, words in zip(cases, each, said, strict=False):
         print(f"{ended.seconds:6.2f} s {ended.peak_mb:6.0f} MB  {ended.err.strip()[:150]}")
         assert ended.one_line_refusal, (args[-3:], ended)
         assert all(w in ended.err for w in words), (words, ended.err)
@@ -126,11 +128,15 @@ RECIPES = {
     STAGE + "select = { names = [" + ", ".join(["'fc*'"] * 5000) + "] }\n": ["select.names", "at most 1000"],
     STAGE + "select = 5\n": ["select must be a table"],
     STAGE + "patience = 1e9\n": ["patience", "[1, 100]"],
-    "[[stage]]\nmethod = 'threshold'\nsparsity = [" + ", ".join(["0.5"] * 10_000) + "]\n":
-        ["sparsity", f"at most {MAX_CANDIDATES}"],
+    "[[stage]]\nmethod = 'threshold'\nsparsity = [" + ", ".join(["0.5"] * 10_000) + "]\n": [
+        "sparsity",
+        f"at most {MAX_CANDIDATES}",
+    ],
     "[[stage]]\nmethod = 'threshold'\nsparsity = [0.5, 0.9, 1e300]\n": ["sparsity must be in [0, 1)", "1e+300"],
-    "[[stage]]\nmethod = 'threshold'\nsparsity = {" + ", ".join(f"l{i} = 0.5" for i in range(20_000)) + "}\n":
-        ["sparsity", "at most 10000"],
+    "[[stage]]\nmethod = 'threshold'\nsparsity = {" + ", ".join(f"l{i} = 0.5" for i in range(20_000)) + "}\n": [
+        "sparsity",
+        "at most 10000",
+    ],
     "[[stage]]\nmethod = 'quantize'\nbits = [8, 4, 2.5]\n": ["bits must be an integer in [2, 8]", "2.5"],
     "[[stage]]\nmethod = 'quantize'\nbits = {conv = 4, linear = 99}\n": ["bits['linear']", "[2, 8]"],
     "[[stage]]\nmethod = 'l1-filter'\nratio = -1\n": ["ratio as a count"],
@@ -150,8 +156,19 @@ def test_hostile_recipes_are_refused_in_one_line_before_any_work(tmp_path, model
     for i, (body, words) in enumerate(RECIPES.items()):
         p = tmp_path / f"r{i}.toml"
         p.write_text(body)
-        cases.append(["pipeline", str(model_file), "--train-data", data, "--recipe", str(p), "--no-latency",
-                      "-o", str(tmp_path / f"out{i}.cpz")])
+        cases.append(
+            [
+                "pipeline",
+                str(model_file),
+                "--train-data",
+                data,
+                "--recipe",
+                str(p),
+                "--no-latency",
+                "-o",
+                str(tmp_path / f"out{i}.cpz"),
+            ]
+        )
         said.append(words)
     child, each = _cases_in_one_child(cases)
     _check(child, each, cases, said)
@@ -178,8 +195,22 @@ SETS = {
 
 
 def test_hostile_set_values_are_refused_in_one_line(tmp_path, model_file, data):
-    cases = [["prune", str(model_file), "--sparsity", "0.5", "--epochs", "0", "--no-latency", "--set", s,
-              "-o", str(tmp_path / f"out{i}.pt")] for i, s in enumerate(SETS)]
+    cases = [
+        [
+            "prune",
+            str(model_file),
+            "--sparsity",
+            "0.5",
+            "--epochs",
+            "0",
+            "--no-latency",
+            "--set",
+            s,
+            "-o",
+            str(tmp_path / f"out{i}.pt"),
+        ]
+        for i, s in enumerate(SETS)
+    ]
     child, each = _cases_in_one_child(cases)
     _check(child, each, cases, list(SETS.values()))
     assert not list(tmp_path.glob("out*"))
@@ -190,10 +221,34 @@ def test_shifts_wider_than_the_images_are_refused_where_model_and_data_meet(tmp_
     by the pipeline and a single command alike, before any work."""
     p = tmp_path / "r.toml"
     p.write_text(STAGE + "finetune = { augment = 100, epochs = 1 }\n")
-    cases = [["pipeline", str(model_file), "--train-data", data, "--recipe", str(p), "--no-latency",
-              "-o", str(tmp_path / "out.cpz")],
-             ["prune", str(model_file), "--sparsity", "0.5", "--train-data", data, "--epochs", "1", "--no-latency",
-              "--set", "finetune.augment=100", "-o", str(tmp_path / "out.pt")]]
+    cases = [
+        [
+            "pipeline",
+            str(model_file),
+            "--train-data",
+            data,
+            "--recipe",
+            str(p),
+            "--no-latency",
+            "-o",
+            str(tmp_path / "out.cpz"),
+        ],
+        [
+            "prune",
+            str(model_file),
+            "--sparsity",
+            "0.5",
+            "--train-data",
+            data,
+            "--epochs",
+            "1",
+            "--no-latency",
+            "--set",
+            "finetune.augment=100",
+            "-o",
+            str(tmp_path / "out.pt"),
+        ],
+    ]
     child, each = _cases_in_one_child(cases)
     _check(child, each, cases, [["finetune.augment = 100", f"{IMAGES} pixels"]] * 2)
     assert not list(tmp_path.glob("out*"))
@@ -216,17 +271,24 @@ def test_every_numeric_field_declares_its_range():
     """No number reaches a method unchecked: each int / float / bool field of every config, part and recipe has a
     ``Bound`` on the field itself."""
     classes = [*stage_types().values(), Select, FineTune, Stage, Recipe]
-    missing = [f"{c.__name__}.{f.name}" for c in classes for f in dataclasses.fields(c)
-               if any(t in str(f.type) for t in ("int", "float", "bool")) and "Callable" not in str(f.type)
-               and bound_of(c, f.name) is None]
+    missing = [
+        f"{c.__name__}.{f.name}"
+        for c in classes
+        for f in dataclasses.fields(c)
+        if any(t in str(f.type) for t in ("int", "float", "bool"))
+        and "Callable" not in str(f.type)
+        and bound_of(c, f.name) is None
+    ]
     assert not missing, missing
 
 
 def test_library_errors_name_the_option_and_valid_edges_still_pass():
-    for kw, words in [({"epochs": 1e300}, "finetune.epochs must be in [0, 10000]"),
-                      ({"batch_size": True}, "finetune.batch_size must be an integer"),
-                      ({"batch_size": 64.0}, "a float: write 64"),
-                      ({"lr": math.nan}, "finetune.lr must be a number > 0 and <= 10")]:
+    for kw, words in [
+        ({"epochs": 1e300}, "finetune.epochs must be in [0, 10000]"),
+        ({"batch_size": True}, "finetune.batch_size must be an integer"),
+        ({"batch_size": 64.0}, "a float: write 64"),
+        ({"lr": math.nan}, "finetune.lr must be a number > 0 and <= 10"),
+    ]:
         with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("(", r"\(")):
             FineTune(**kw)
     ok = FineTune(epochs=10_000, lr=10, batch_size=np.int64(65_536), augment=512, seed=2**31 - 1, distill=100)
@@ -237,19 +299,50 @@ def test_library_errors_name_the_option_and_valid_edges_still_pass():
 
 
 _CFG_FIELDS = sorted({f.name for c in stage_types().values() for f in dataclasses.fields(c)})
-_scalars = st.one_of(st.booleans(), st.integers(), st.integers(min_value=-2**80, max_value=2**80),
-                     st.floats(), st.text(max_size=12),
-                     st.sampled_from(["conv", "linear", "_default", "adam", "sgd", "kmeans", "mmse", "l1", "minmax",
-                                      "histogram", "percentile", "std", "geometric", "fc*"]))
-_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
-                       | st.dictionaries(st.sampled_from(["conv", "linear", "_default", "fc1", "x"]), inner, max_size=3),
-                       max_leaves=8)
-_part = {"finetune": st.dictionaries(st.sampled_from([f.name for f in dataclasses.fields(FineTune)] + ["zz"]),
-                                     _values, max_size=4),
-         "select": st.dictionaries(st.sampled_from([f.name for f in dataclasses.fields(Select) if f.name != "filter_fn"]),
-                                   _values, max_size=3)}
+_scalars = st.one_of(
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(2**80), max_value=2**80),
+    st.floats(),
+    st.text(max_size=12),
+    st.sampled_from(
+        [
+            "conv",
+            "linear",
+            "_default",
+            "adam",
+            "sgd",
+            "kmeans",
+            "mmse",
+            "l1",
+            "minmax",
+            "histogram",
+            "percentile",
+            "std",
+            "geometric",
+            "fc*",
+        ]
+    ),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(["conv", "linear", "_default", "fc1", "x"]), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_part = {
+    "finetune": st.dictionaries(
+        st.sampled_from([f.name for f in dataclasses.fields(FineTune)] + ["zz"]), _values, max_size=4
+    ),
+    "select": st.dictionaries(
+        st.sampled_from([f.name for f in dataclasses.fields(Select) if f.name != "filter_fn"]), _values, max_size=3
+    ),
+}
 _options = st.dictionaries(st.sampled_from(_CFG_FIELDS + ["patience", "zz"]), _values, max_size=5).flatmap(
-    lambda d: st.fixed_dictionaries({k: _part[k] if k in _part else st.just(v) for k, v in d.items()}))
+    lambda d: st.fixed_dictionaries({k: _part[k] if k in _part else st.just(v) for k, v in d.items()})
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -277,7 +370,9 @@ def test_search_list_elements_are_checked_by_the_same_declaration():
         Stage.from_dict({"method": "int8", "finetune": {"epochs": [0, 1, 20_000]}})
     with pytest.raises(UsageError, match=f"at most {MAX_CANDIDATES}"):
         Stage.from_dict({"method": "threshold", "sparsity": [0.5] * (MAX_CANDIDATES + 1)})
-    assert len(Stage.from_dict({"method": "threshold", "sparsity": [0.5] * MAX_CANDIDATES}).candidates) == MAX_CANDIDATES
+    assert (
+        len(Stage.from_dict({"method": "threshold", "sparsity": [0.5] * MAX_CANDIDATES}).candidates) == MAX_CANDIDATES
+    )
 
 
 def test_documented_recipes_read_unchanged():
@@ -288,19 +383,30 @@ def test_documented_recipes_read_unchanged():
 _THRESHOLD = {"type": "ThresholdConfig", "version": 2, "sparsity": 0.5}
 
 
-@pytest.mark.parametrize("stage,said", [
-    ({"method": "threshold", "candidates": []}, "candidates must be a list of at least one config"),
-    ({"method": "threshold", "candidates": {"a": 1}}, "candidates must be a list"),
-    ({"method": "threshold", "candidates": [_THRESHOLD] * (MAX_CANDIDATES + 1)}, f"at most {MAX_CANDIDATES}"),
-    ({"method": "threshold", "candidates": [{**_THRESHOLD, "type": "QuantConfig"}]}, "takes a table of type 'ThresholdConfig'"),
-    ({"method": "threshold", "candidates": [5]}, "takes a table of type 'ThresholdConfig'"),
-    ({"method": "threshold", "candidates": [{**_THRESHOLD, "version": 99}]}, "newer than this compress reads"),
-    ({"method": "threshold", "candidates": [{**_THRESHOLD, "rounds": 1e300}]}, "rounds must be an integer"),
-    ({"method": "threshold", "candidates": [{**_THRESHOLD, "select": {"filter_fn": "os.system"}}]},
-     "select: unknown option(s) filter_fn"),
-    ({"method": "threshold", "candidates": [_THRESHOLD], "sparsity": 0.9}, "holds method, patience and candidates only"),
-    ({"method": "threshold", "candidates": [_THRESHOLD], "patience": 0}, "patience must be"),
-])
+@pytest.mark.parametrize(
+    "stage,said",
+    [
+        ({"method": "threshold", "candidates": []}, "candidates must be a list of at least one config"),
+        ({"method": "threshold", "candidates": {"a": 1}}, "candidates must be a list"),
+        ({"method": "threshold", "candidates": [_THRESHOLD] * (MAX_CANDIDATES + 1)}, f"at most {MAX_CANDIDATES}"),
+        (
+            {"method": "threshold", "candidates": [{**_THRESHOLD, "type": "QuantConfig"}]},
+            "takes a table of type 'ThresholdConfig'",
+        ),
+        ({"method": "threshold", "candidates": [5]}, "takes a table of type 'ThresholdConfig'"),
+        ({"method": "threshold", "candidates": [{**_THRESHOLD, "version": 99}]}, "newer than this compress reads"),
+        ({"method": "threshold", "candidates": [{**_THRESHOLD, "rounds": 1e300}]}, "rounds must be an integer"),
+        (
+            {"method": "threshold", "candidates": [{**_THRESHOLD, "select": {"filter_fn": "os.system"}}]},
+            "select: unknown option(s) filter_fn",
+        ),
+        (
+            {"method": "threshold", "candidates": [_THRESHOLD], "sparsity": 0.9},
+            "holds method, patience and candidates only",
+        ),
+        ({"method": "threshold", "candidates": [_THRESHOLD], "patience": 0}, "patience must be"),
+    ],
+)
 def test_the_candidates_form_is_checked_as_a_file_is(stage, said):
     """The form ``to_dict`` writes (a pipeline summary's recipe) comes from a file too: each candidate is read by
     ``Config.from_dict`` with the same declared ranges, and anything off is one line naming the stage."""
@@ -311,13 +417,16 @@ def test_the_candidates_form_is_checked_as_a_file_is(stage, said):
 
 def test_stages_are_given_once():
     with pytest.raises(UsageError, match="give its stages once"):
-        Recipe.from_dict({"stage": [{"method": "threshold", "sparsity": 0.5}],
-                          "stages": [{"method": "threshold", "candidates": [_THRESHOLD]}]})
+        Recipe.from_dict(
+            {
+                "stage": [{"method": "threshold", "sparsity": 0.5}],
+                "stages": [{"method": "threshold", "candidates": [_THRESHOLD]}],
+            }
+        )
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(method=st.sampled_from(sorted(stage_types())), candidates=st.lists(_options, max_size=3),
-       typed=st.booleans())
+@given(method=st.sampled_from(sorted(stage_types())), candidates=st.lists(_options, max_size=3), typed=st.booleans())
 def test_fuzzed_candidates_raise_only_our_errors(method, candidates, typed):
     """Random candidates in the form ``to_dict`` writes: a stage, or one line of UsageError -- nothing else."""
     name = stage_types()[method].__name__

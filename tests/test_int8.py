@@ -1,4 +1,5 @@
 """quantize --activations: static INT8 that PyTorch runs as integers, and its data-only file."""
+
 import copy
 import importlib
 
@@ -32,7 +33,9 @@ def test_lowering_to_int8_is_its_own_verb_and_quantize_refuses_it(lenet5_trained
     x = tr.batch(torch.arange(8))[0]
     with torch.no_grad():
         assert torch.equal(q(x), ref(x))
-    assert all(torch.equal(v, before[k]) for k, v in lenet5_trained.state_dict().items())  # the float model is as it was
+    assert all(
+        torch.equal(v, before[k]) for k, v in lenet5_trained.state_dict().items()
+    )  # the float model is as it was
 
 
 def test_lenet5_runs_as_int8_and_keeps_its_accuracy(lenet5_trained, mnist_small):
@@ -121,18 +124,44 @@ def test_bad_calibration_data_is_one_line(lenet5_trained, cli, tmp_path):
         to_int8(lenet5_trained, nan, (1, 1, 28, 28))
     r = cli("quantize", tmp_path / "m.pt", "--activations", "-o", tmp_path / "q.pt")
     assert r.code == 2 and "--calib-data" in r.err and not (tmp_path / "q.pt").exists()
-    r = cli("quantize", tmp_path / "m.pt", "--activations", "--calib-data", "mnist5k?size=32&limit=64",
-            "-o", tmp_path / "q.pt")
+    r = cli(
+        "quantize",
+        tmp_path / "m.pt",
+        "--activations",
+        "--calib-data",
+        "mnist5k?size=32&limit=64",
+        "-o",
+        tmp_path / "q.pt",
+    )
     assert one_line_error(r) and not (tmp_path / "q.pt").exists()  # 32x32 digits into a 28x28 model
-    r = cli("quantize", tmp_path / "m.pt", "--activations", "--bits", "4", "--calib-data", "mnist5k", "-o",
-            tmp_path / "q.pt")
+    r = cli(
+        "quantize",
+        tmp_path / "m.pt",
+        "--activations",
+        "--bits",
+        "4",
+        "--calib-data",
+        "mnist5k",
+        "-o",
+        tmp_path / "q.pt",
+    )
     assert r.code == 2 and "--activations" in r.err
 
 
 def test_cli_prints_before_and_after(lenet5_trained, cli, tmp_path):
     save_model(lenet5_trained, tmp_path / "m.pt")
-    r = cli("quantize", tmp_path / "m.pt", "--activations", "--calib-data", "mnist5k?limit=256",
-            "--test-data", "mnist5k?limit=500", "--no-latency", "-o", tmp_path / "q.pt")
+    r = cli(
+        "quantize",
+        tmp_path / "m.pt",
+        "--activations",
+        "--calib-data",
+        "mnist5k?limit=256",
+        "--test-data",
+        "mnist5k?limit=500",
+        "--no-latency",
+        "-o",
+        tmp_path / "q.pt",
+    )
     assert r.code == 0, r.err
     assert "file bytes" in r.out and "test accuracy % (mnist5k?limit=500, 500 samples)" in r.out, r.out
     assert "quantize/int8" in r.out and "INT8 weights and activations" in r.err
@@ -140,15 +169,18 @@ def test_cli_prints_before_and_after(lenet5_trained, cli, tmp_path):
     assert r.code == 0 and "INT8 weights and activations" in r.out
 
 
-@pytest.mark.parametrize("spec,size", [
-    ("pytorchcv.models.resnet_cifar:resnet20_cifar10", 32),          # residual
-    ("pytorchcv.models.mobilenetv2:mobilenetv2_w1", 224),            # depthwise, inverted residual
-    ("pytorchcv.models.seresnet_cifar:seresnet20_cifar10", 32),      # squeeze-excitation
-    ("pytorchcv.models.densenet_cifar:densenet40_k12_cifar10", 32),  # dense concatenation
-    ("pytorchcv.models.shufflenetv2:shufflenetv2_wd2", 224),         # channel shuffle, grouped
-    ("pytorchcv.models.resnext_cifar:resnext20_16x4d_cifar10", 32),  # grouped convolutions
-    ("pytorchcv.models.mobilenetv3:mobilenetv3_small_w7d20", 224),   # hard-swish, SE with hard-sigmoid
-])
+@pytest.mark.parametrize(
+    "spec,size",
+    [
+        ("pytorchcv.models.resnet_cifar:resnet20_cifar10", 32),  # residual
+        ("pytorchcv.models.mobilenetv2:mobilenetv2_w1", 224),  # depthwise, inverted residual
+        ("pytorchcv.models.seresnet_cifar:seresnet20_cifar10", 32),  # squeeze-excitation
+        ("pytorchcv.models.densenet_cifar:densenet40_k12_cifar10", 32),  # dense concatenation
+        ("pytorchcv.models.shufflenetv2:shufflenetv2_wd2", 224),  # channel shuffle, grouped
+        ("pytorchcv.models.resnext_cifar:resnext20_16x4d_cifar10", 32),  # grouped convolutions
+        ("pytorchcv.models.mobilenetv3:mobilenetv3_small_w7d20", 224),  # hard-swish, SE with hard-sigmoid
+    ],
+)
 def test_real_architectures_lower_to_int8_and_reload_with_their_code(spec, size, tmp_path):
     mod, fn = spec.split(":")
     torch.manual_seed(0)
@@ -181,11 +213,31 @@ def test_layers_kept_float_stay_float_and_the_file_says_so(lenet5_trained, mnist
     with pytest.raises(UsageError, match="matches no"):
         to_int8(lenet5_trained, tr, (1, 1, 28, 28), keep_float=["fc9"])
     save_model(lenet5_trained, tmp_path / "m.pt")
-    r = cli("quantize", tmp_path / "m.pt", "--activations", "--exclude", "conv1", "--calib-data", "mnist5k?limit=128",
-            "--no-latency", "-o", tmp_path / "k.pt")
+    r = cli(
+        "quantize",
+        tmp_path / "m.pt",
+        "--activations",
+        "--exclude",
+        "conv1",
+        "--calib-data",
+        "mnist5k?limit=128",
+        "--no-latency",
+        "-o",
+        tmp_path / "k.pt",
+    )
     assert r.code == 0 and "kept in float: conv1" in r.err, r.err
-    r = cli("quantize", tmp_path / "m.pt", "--activations", "--exclude", "fc9", "--calib-data", "mnist5k?limit=128",
-            "--no-latency", "-o", tmp_path / "k9.pt")
+    r = cli(
+        "quantize",
+        tmp_path / "m.pt",
+        "--activations",
+        "--exclude",
+        "fc9",
+        "--calib-data",
+        "mnist5k?limit=128",
+        "--no-latency",
+        "-o",
+        tmp_path / "k9.pt",
+    )
     assert one_line_error(r) and "matches no" in r.err and not (tmp_path / "k9.pt").exists()
 
 
@@ -196,8 +248,10 @@ def test_percentile_ranges_ignore_an_outlier_that_min_max_and_histogram_follow(l
     x[0] *= 100  # one corrupt calibration image stretches a min-max range 100-fold
     calib = data_mod.TensorData(x, y, "calibration with one outlier")
     base = evaluate(lenet5_trained, va)
-    acc = {obs: evaluate(to_int8(lenet5_trained, calib, (1, 1, 28, 28), observer=obs), va)
-           for obs in ("minmax", "percentile")}
+    acc = {
+        obs: evaluate(to_int8(lenet5_trained, calib, (1, 1, 28, 28), observer=obs), va)
+        for obs in ("minmax", "percentile")
+    }
     assert acc["minmax"] < base - 30  # every ordinary activation lands on a handful of levels
     assert acc["percentile"] > base - 10 and acc["percentile"] > acc["minmax"] + 40
 
@@ -208,8 +262,9 @@ def test_qat_trains_the_model_that_runs_and_its_file_reloads(lenet5_trained, mni
     from compress.quantize.int8_stage import Int8Config, Int8Lowering
 
     tr, va = mnist_small
-    method = Int8Lowering(copy.deepcopy(lenet5_trained), Int8Config(finetune=FineTune(epochs=0.5, lr=1e-4)),
-                          Context(train=tr))
+    method = Int8Lowering(
+        copy.deepcopy(lenet5_trained), Int8Config(finetune=FineTune(epochs=0.5, lr=1e-4)), Context(train=tr)
+    )
     method.attach()
     before = {k: v.clone() for k, v in method.model.state_dict().items() if k.endswith("weight")}
     method.fine_tune()
@@ -231,11 +286,30 @@ def test_qat_trains_the_model_that_runs_and_its_file_reloads(lenet5_trained, mni
 
 def test_cli_qat_needs_training_data(lenet5_trained, cli, tmp_path):
     save_model(lenet5_trained, tmp_path / "m.pt")
-    r = cli("quantize", tmp_path / "m.pt", "--activations", "--epochs", "1", "--calib-data", "mnist5k?limit=64",
-            "-o", tmp_path / "q.pt")
+    r = cli(
+        "quantize",
+        tmp_path / "m.pt",
+        "--activations",
+        "--epochs",
+        "1",
+        "--calib-data",
+        "mnist5k?limit=64",
+        "-o",
+        tmp_path / "q.pt",
+    )
     assert one_line_error(r) and "--train-data" in r.err and not (tmp_path / "q.pt").exists()
-    r = cli("quantize", tmp_path / "m.pt", "--activations", "--epochs", "0.2", "--train-data", "mnist5k?limit=600",
-            "--no-latency", "-o", tmp_path / "q.pt")
+    r = cli(
+        "quantize",
+        tmp_path / "m.pt",
+        "--activations",
+        "--epochs",
+        "0.2",
+        "--train-data",
+        "mnist5k?limit=600",
+        "--no-latency",
+        "-o",
+        tmp_path / "q.pt",
+    )
     assert r.code == 0 and "quantization-aware: 0.2 epochs" in r.err, r.err
     assert isinstance(load_model(tmp_path / "q.pt"), Int8Model)
 
@@ -245,8 +319,7 @@ def test_pipeline_int8_stage_tries_qat_only_when_ptq_misses_the_budget(lenet5_tr
 
     tr, va = mnist_small
     recipe = {"stage": [{"method": "int8", "observer": "minmax", "finetune": {"epochs": [0, 0.3], "lr": 1e-4}}]}
-    q, summary = pipeline(copy.deepcopy(lenet5_trained), tr, recipe, max_accuracy_drop=1.0, val_data=va,
-                          latency=False)
+    q, summary = pipeline(copy.deepcopy(lenet5_trained), tr, recipe, max_accuracy_drop=1.0, val_data=va, latency=False)
     tried = summary.stages[0].tried
     assert isinstance(q, Int8Model) and len(tried) == 1 and tried[0].value == 0  # PTQ within budget: no QAT
     assert summary.timeline[-1]["macs"] == summary.timeline[0]["macs"]
@@ -255,8 +328,14 @@ def test_pipeline_int8_stage_tries_qat_only_when_ptq_misses_the_budget(lenet5_tr
     x, y = tr.batch(torch.arange(len(tr)))
     x = x.clone()
     x[0] *= 100  # the first calibration sample is corrupt: PTQ's min-max ranges are ruined, the search goes on
-    _, summary = pipeline(copy.deepcopy(lenet5_trained), data_mod.TensorData(x, y, "outlier"), recipe,
-                          max_accuracy_drop=1.0, val_data=va, latency=False)
+    _, summary = pipeline(
+        copy.deepcopy(lenet5_trained),
+        data_mod.TensorData(x, y, "outlier"),
+        recipe,
+        max_accuracy_drop=1.0,
+        val_data=va,
+        latency=False,
+    )
     tried = summary.stages[0].tried
     assert [t.value for t in tried] == [0, 0.3] and not tried[0].within_budget
 
@@ -264,8 +343,16 @@ def test_pipeline_int8_stage_tries_qat_only_when_ptq_misses_the_budget(lenet5_tr
 def test_a_recipe_with_an_int8_stage_writes_a_pt(lenet5_trained, cli, tmp_path):
     save_model(lenet5_trained, tmp_path / "m.pt")
     (tmp_path / "r.toml").write_text('[[stage]]\nmethod = "int8"\nfinetune = { epochs = [0, 1] }\n')
-    r = cli("pipeline", tmp_path / "m.pt", "--train-data", "mnist5k?limit=300", "--recipe", tmp_path / "r.toml",
-            "-o", tmp_path / "out.cpz")
+    r = cli(
+        "pipeline",
+        tmp_path / "m.pt",
+        "--train-data",
+        "mnist5k?limit=300",
+        "--recipe",
+        tmp_path / "r.toml",
+        "-o",
+        tmp_path / "out.cpz",
+    )
     assert one_line_error(r) and "NAME.pt" in r.err
 
 
@@ -288,15 +375,18 @@ def test_no_method_changes_an_int8_model_and_int8_ends_a_recipe(lenet5_trained, 
 def test_int8_outputs_are_refused_where_they_do_not_belong_before_any_work(lenet5_trained, mnist_small, cli, tmp_path):
     tr, _ = mnist_small
     save_model(lenet5_trained, tmp_path / "m.pt")
-    r = cli("quantize", tmp_path / "m.pt", "--activations", "--calib-data", "mnist5k?limit=64", "-o", tmp_path / "q.cpz")
+    r = cli(
+        "quantize", tmp_path / "m.pt", "--activations", "--calib-data", "mnist5k?limit=64", "-o", tmp_path / "q.cpz"
+    )
     assert r.code == 2 and "NAME.pt" in r.err and not (tmp_path / "q.cpz").exists()
     save_model(to_int8(lenet5_trained, tr, (1, 1, 28, 28)), tmp_path / "q.pt")
     r = cli("export", tmp_path / "q.pt", "-o", tmp_path / "q.onnx")
     assert one_line_error(r) and "float model with --int8" in r.err and not (tmp_path / "q.onnx").exists()
 
 
-def test_a_torch_without_the_fx_flow_gets_one_line_not_a_traceback(lenet5_trained, mnist_small, tmp_path, monkeypatch,
-                                                                   cli):
+def test_a_torch_without_the_fx_flow_gets_one_line_not_a_traceback(
+    lenet5_trained, mnist_small, tmp_path, monkeypatch, cli
+):
     import sys
 
     tr, _ = mnist_small
@@ -345,8 +435,17 @@ def test_a_file_made_before_the_activation_swap_rebuilds_as_it_was_made(tmp_path
     calib = data_mod.TensorData(torch.rand(4, 3, 224, 224), torch.zeros(4, dtype=torch.long), "random")
     prepared = int8.prepare(m, (1, 3, 224, 224), native=False)  # as compress 0.2 traced it: the formula itself
     int8.calibrate(prepared, calib)
-    old = int8.convert(prepared, {"backend": "x86", "observer": "histogram", "input_shape": [1, 3, 224, 224],
-                                  "calibration": "random", "keep_float": []}, m)  # no "native_activations" key
+    old = int8.convert(
+        prepared,
+        {
+            "backend": "x86",
+            "observer": "histogram",
+            "input_shape": [1, 3, 224, 224],
+            "calibration": "random",
+            "keep_float": [],
+        },
+        m,
+    )  # no "native_activations" key
     save_model(old, tmp_path / "old.pt")
     x = torch.rand(2, 3, 224, 224)
     spec = "pytorchcv.models.mobilenetv3:mobilenetv3_small_w7d20"

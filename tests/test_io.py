@@ -33,8 +33,11 @@ def test_three_formats_report_the_same(tmp_path, lenet5_trained, cli):
     torch.save(user, tmp_path / "whole.pt")
     torch.save(m.state_dict(), tmp_path / "sd.pt")
     torch.jit.save(torch.jit.script(m), tmp_path / "ts.pt")
-    np.savez(tmp_path / "d.npz", x=compress.data.load("mnist5k?limit=300").x.numpy(),
-             y=compress.data.load("mnist5k?limit=300").y.numpy())
+    np.savez(
+        tmp_path / "d.npz",
+        x=compress.data.load("mnist5k?limit=300").x.numpy(),
+        y=compress.data.load("mnist5k?limit=300").y.numpy(),
+    )
     d = str(tmp_path / "d.npz")
     reps = [
         model_report(tmp_path / "whole.pt", LoadOptions(trust_pickle=True), data=d, latency=False),
@@ -48,10 +51,20 @@ def test_three_formats_report_the_same(tmp_path, lenet5_trained, cli):
         assert abs(r["macs"] - 2.29e6) < 0.01e6
         assert r["accuracy"] == reps[0]["accuracy"]
     # and through the CLI, as JSON
-    res = cli("report", tmp_path / "sd.pt", "--arch", "compress.models.lenet:lenet5", "--input-shape",
-              "1,1,28,28", "--no-latency", "--json", tmp_path / "r.json")
+    res = cli(
+        "report",
+        tmp_path / "sd.pt",
+        "--arch",
+        "compress.models.lenet:lenet5",
+        "--input-shape",
+        "1,1,28,28",
+        "--no-latency",
+        "--json",
+        tmp_path / "r.json",
+    )
     assert res.code == 0, res.err
     import json
+
     rep = json.loads((tmp_path / "r.json").read_text())
     for key in ("params", "nonzero_params", "dense_fp32_bytes", "file_bytes", "macs", "layers"):
         assert key in rep
@@ -88,7 +101,7 @@ def test_own_outputs_reload_without_trust(tmp_path, lenet5_trained):
     save_model(m, tmp_path / "m.pt")
     again = load_model(tmp_path / "m.pt")
     assert type(again) is LeNet5 and again.compress_meta["input_shape"] == [1, 1, 28, 28]
-    for a, b in zip(m.parameters(), again.parameters()):
+    for a, b in zip(m.parameters(), again.parameters(), strict=False):
         assert torch.equal(a, b)
     # plain torch can load it as a runnable module
     assert isinstance(torch.load(tmp_path / "m.pt", weights_only=False), torch.nn.Module)
@@ -109,8 +122,21 @@ def test_arch_mismatch_names_the_key(tmp_path, lenet5_trained):
         load_model(tmp_path / "sd.pt", arch="zoo:lenet300")
 
 
-@pytest.mark.parametrize("case", ["missing", "not_model", "bad_arch_module", "arch_mismatch", "missing_data",
-                                  "wrong_shape_data", "bad_flag", "bad_input_shape", "directory", "exists"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "not_model",
+        "bad_arch_module",
+        "arch_mismatch",
+        "missing_data",
+        "wrong_shape_data",
+        "bad_flag",
+        "bad_input_shape",
+        "directory",
+        "exists",
+    ],
+)
 def test_cli_bad_input_is_one_line(tmp_path, cli, lenet5_trained, case):
     sd = tmp_path / "sd.pt"
     torch.save(lenet5_trained.state_dict(), sd)
@@ -146,18 +172,35 @@ def test_arch_by_path_and_by_module_name_the_same_classes(tmp_path, cli, monkeyp
     import subprocess
     import sys
 
-    src = ("import torch.nn as nn\n\nclass MyNet(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
-           "        self.fc = nn.Linear(4, 3)\n\n    def forward(self, x):\n        return self.fc(x.flatten(1))\n\n"
-           "def build():\n    return MyNet()\n")
+    src = (
+        "import torch.nn as nn\n\nclass MyNet(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = nn.Linear(4, 3)\n\n    def forward(self, x):\n        return self.fc(x.flatten(1))\n\n"
+        "def build():\n    return MyNet()\n"
+    )
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "mynet.py").write_text(src)
-    subprocess.run([sys.executable, "-c", "import torch, mynet; torch.save(mynet.build(), 'whole.pt')"],
-                   cwd=tmp_path / "pkg", check=True, env={**os.environ, "PYTHONPATH": str(tmp_path / "pkg")})
+    subprocess.run(
+        [sys.executable, "-c", "import torch, mynet; torch.save(mynet.build(), 'whole.pt')"],
+        cwd=tmp_path / "pkg",
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "pkg")},
+    )
     res = cli("encode", tmp_path / "pkg" / "whole.pt", "--trust-pickle", "--no-graph", "-o", tmp_path / "w.cpz")
     assert one_line_error(res) and "'mynet'" in res.err and "PYTHONPATH" in res.err  # not importable from here
     monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
-    assert cli("encode", tmp_path / "pkg" / "whole.pt", "--trust-pickle", "--no-graph", "-o", tmp_path / "w.cpz",
-               "--input-shape", "1,4").code == 0
+    assert (
+        cli(
+            "encode",
+            tmp_path / "pkg" / "whole.pt",
+            "--trust-pickle",
+            "--no-graph",
+            "-o",
+            tmp_path / "w.cpz",
+            "--input-shape",
+            "1,4",
+        ).code
+        == 0
+    )
     for arch in ("mynet:build", f"{tmp_path / 'pkg' / 'mynet.py'}:build"):
         res = cli("report", tmp_path / "w.cpz", "--arch", arch, "--input-shape", "1,4", "--no-latency")
         assert res.code == 0, (arch, res.err)

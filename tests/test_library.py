@@ -1,6 +1,7 @@
 """The library is a first-class interface: its errors name keyword arguments (the CLI's name flags),
 ``save_model`` writes a .cpz as ``compress encode`` does, and the input shape given to a command travels
 in every file it writes. The model is the user's own (a tiny residual CNN of this module) at 3x20x20."""
+
 import warnings
 
 import pytest
@@ -77,19 +78,41 @@ def _whole_pickle(tmp_path):
 
 # (what the library is given, the exception, its keyword; the same file through the CLI, its flag)
 CASES = {
-    "a state_dict without arch": (lambda t, sd: compress.load_model(sd), UsageError,
-                                  "arch='module:callable'", lambda t, sd: ["report", sd], "--arch module:callable"),
-    "a pickle of the user's classes": (lambda t, sd: compress.load_model(_whole_pickle(t)), UntrustedPickleError,
-                                       "trust_pickle=True", lambda t, sd: ["report", _whole_pickle(t)],
-                                       "--trust-pickle"),
+    "a state_dict without arch": (
+        lambda t, sd: compress.load_model(sd),
+        UsageError,
+        "arch='module:callable'",
+        lambda t, sd: ["report", sd],
+        "--arch module:callable",
+    ),
+    "a pickle of the user's classes": (
+        lambda t, sd: compress.load_model(_whole_pickle(t)),
+        UntrustedPickleError,
+        "trust_pickle=True",
+        lambda t, sd: ["report", _whole_pickle(t)],
+        "--trust-pickle",
+    ),
     "a .cpz of the user's classes without its graph": (
-        lambda t, sd: compress.load_model(_no_graph_cpz(t)), InputError, "arch='module:callable'",
-        lambda t, sd: ["decode", _no_graph_cpz(t), "-o", t / "d.pt"], "--arch module:callable"),
-    "an existing output": (lambda t, sd: compress.save_model(tiny_res(), sd), OutputExistsError, "force=True",
-                           lambda t, sd: ["encode", sd, "--arch", ARCH, "-o", sd], "--force"),
-    "an arch that is not module:callable": (lambda t, sd: compress.load_model(sd, arch="nocolon"), UsageError,
-                                            "arch='nocolon'", lambda t, sd: ["report", sd, "--arch", "nocolon"],
-                                            "--arch nocolon"),
+        lambda t, sd: compress.load_model(_no_graph_cpz(t)),
+        InputError,
+        "arch='module:callable'",
+        lambda t, sd: ["decode", _no_graph_cpz(t), "-o", t / "d.pt"],
+        "--arch module:callable",
+    ),
+    "an existing output": (
+        lambda t, sd: compress.save_model(tiny_res(), sd),
+        OutputExistsError,
+        "force=True",
+        lambda t, sd: ["encode", sd, "--arch", ARCH, "-o", sd],
+        "--force",
+    ),
+    "an arch that is not module:callable": (
+        lambda t, sd: compress.load_model(sd, arch="nocolon"),
+        UsageError,
+        "arch='nocolon'",
+        lambda t, sd: ["report", sd, "--arch", "nocolon"],
+        "--arch nocolon",
+    ),
 }
 
 
@@ -130,8 +153,11 @@ def test_save_model_cpz_takes_the_shape_from_the_models_metadata(tmp_path):
 
 
 def test_save_model_cpz_warns_when_it_stores_no_graph(tmp_path):
-    with pytest.warns(CompressWarning, match=r"no graph stored \(its input shape is unknown "
-                                             r"\(give input_shape=\(1, C, H, W\)\)\).*arch='module:callable'"):
+    with pytest.warns(
+        CompressWarning,
+        match=r"no graph stored \(its input shape is unknown "
+        r"\(give input_shape=\(1, C, H, W\)\)\).*arch='module:callable'",
+    ):
         compress.save_model(tiny_res(), tmp_path / "m.cpz")
     assert isinstance(compress.load_model(tmp_path / "m.cpz", arch=ARCH), TinyRes)
 
@@ -174,11 +200,38 @@ def test_the_input_shape_travels_through_a_pipeline_and_an_int8_file(tmp_path, s
     recipe = tmp_path / "r.toml"
     recipe.write_text('version = 2\n[[stage]]\nmethod = "threshold"\nsparsity = [0.5]\nfinetune = { epochs = 0 }\n')
     data = "tests.test_library:tiny_data"
-    res = cli("-q", "pipeline", sd, "--arch", ARCH, "--input-shape", "1,3,20,20", "--train-data", data,
-              "--recipe", recipe, "--max-accuracy-drop", "100", "--no-latency", "-o", tmp_path / "p.pt")
+    res = cli(
+        "-q",
+        "pipeline",
+        sd,
+        "--arch",
+        ARCH,
+        "--input-shape",
+        "1,3,20,20",
+        "--train-data",
+        data,
+        "--recipe",
+        recipe,
+        "--max-accuracy-drop",
+        "100",
+        "--no-latency",
+        "-o",
+        tmp_path / "p.pt",
+    )
     assert res.code == 0, res.err
     assert read_meta(compress.load_model(tmp_path / "p.pt", arch=ARCH)).input_shape == list(SHAPE)
-    res = cli("-q", "quantize", tmp_path / "p.pt", "--activations", "--calib-data", data, "--arch", ARCH,
-              "--no-latency", "-o", tmp_path / "q8.pt")
+    res = cli(
+        "-q",
+        "quantize",
+        tmp_path / "p.pt",
+        "--activations",
+        "--calib-data",
+        data,
+        "--arch",
+        ARCH,
+        "--no-latency",
+        "-o",
+        tmp_path / "q8.pt",
+    )
     assert res.code == 0, res.err
     assert read_meta(compress.load_model(tmp_path / "q8.pt", arch=ARCH)).input_shape == list(SHAPE)

@@ -82,6 +82,8 @@ def test_latency_under_autocast_runs_and_is_reported():
 
     torch.manual_seed(0)
     m = create_model("lenet5").eval()
-    fp32, bf16 = latency_stats([m], (1, 1, 28, 28), batch=4, runs=3)[0], \
-        latency_stats([m], (1, 1, 28, 28), batch=4, runs=3, dtype=torch.bfloat16)[0]
+    fp32, bf16 = (
+        latency_stats([m], (1, 1, 28, 28), batch=4, runs=3)[0],
+        latency_stats([m], (1, 1, 28, 28), batch=4, runs=3, dtype=torch.bfloat16)[0],
+    )
     assert fp32["ms"] > 0 and bf16["ms"] > 0 and bf16["p25"] <= bf16["median"] <= bf16["p75"]

@@ -1,6 +1,7 @@
 """Numbers that agree (issue 36): a verdict and the figures beside it come from the same statistic, a figure
 lies within its own range, a busy machine is said to be one, every score is named by its metric, and every byte
 count is the bytes written. Timings here come from a fake clock: no assertion depends on this machine's speed."""
+
 from __future__ import annotations
 
 import types
@@ -28,6 +29,7 @@ class FakeMachine:
             i = max(0, calls[0] - self.warm)
             calls[0] += 1
             self.now += durations(i) / 1000
+
         return run
 
 
@@ -50,8 +52,9 @@ def test_faster_is_never_printed_beside_a_larger_after(monkeypatch):
 def test_a_verdict_given_figures_it_was_not_measured_on_gives_none():
     """Old figures beside another statistic's interval: no "faster" beside a larger "after", and the 192 vs 328 ms
     that an interval around 1.0 called "same" are not called anything."""
-    row = before_after_rows({"latency_ms": {"batch_1": 0.87}},
-                            {"latency_ms": {"batch_1": 1.15, "speedup": {"batch_1": [1.40, 1.48, 1.63]}}})[0]
+    row = before_after_rows(
+        {"latency_ms": {"batch_1": 0.87}}, {"latency_ms": {"batch_1": 1.15, "speedup": {"batch_1": [1.40, 1.48, 1.63]}}}
+    )[0]
     assert row[1:3] == [0.87, 1.15] and "faster" not in row[3] and "not comparable" in row[3]
     verdict = measure.speed_change(192.0, 328.0, [0.97, 1.0, 1.03])
     assert not verdict.startswith("same") and "busy" in verdict
@@ -62,12 +65,21 @@ def test_a_summary_lies_within_its_own_range(monkeypatch):
     """`12.091 (15.010-79.032)`: the best block's median beside all runs' IQR. Now the median of the runs and
     the quartiles of the same runs."""
     fake = FakeMachine(monkeypatch)
-    st = measure.latency_stats([fake.model(lambda i: 12.0 if i < 25 else 15.0 + (i % 7) * 10)],
-                               (1, 1, 8, 8), batch=1, runs=100)[0]
+    st = measure.latency_stats(
+        [fake.model(lambda i: 12.0 if i < 25 else 15.0 + (i % 7) * 10)], (1, 1, 8, 8), batch=1, runs=100
+    )[0]
     assert st["p25"] <= st["ms"] <= st["p75"], st
     assert st["runs"] >= 100
-    row = model_rows({"latency_ms": {"batch_1": st["ms"], "iqr": {"batch_1": [st["p25"], st["p75"]]},
-                                     "runs": {"batch_1": st["runs"]}, "spread": {"batch_1": st["spread"]}}})[-1]
+    row = model_rows(
+        {
+            "latency_ms": {
+                "batch_1": st["ms"],
+                "iqr": {"batch_1": [st["p25"], st["p75"]]},
+                "runs": {"batch_1": st["runs"]},
+                "spread": {"batch_1": st["spread"]},
+            }
+        }
+    )[-1]
     assert "median" in row[0] and "IQR of the same runs" in row[0] and "best" not in row[0]
 
 
@@ -138,16 +150,37 @@ def test_every_score_is_named_by_its_metric(cli, tmp_path, capsys):
     from compress.cli.pipeline_cmd import _ShowEvents
     from compress.model_io import save_model
 
-    (tmp_path / "mymet.py").write_text("def my_metric(outputs, targets):\n"
-                                       "    return (outputs.argmax(1) == targets).float()\n")
+    (tmp_path / "mymet.py").write_text(
+        "def my_metric(outputs, targets):\n    return (outputs.argmax(1) == targets).float()\n"
+    )
     m = create_model("lenet5")
     m.compress_meta["input_shape"] = [1, 1, 28, 28]
     save_model(copy.deepcopy(m), tmp_path / "m.pt")
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x=rng.random((100, 1, 28, 28), dtype=np.float32), y=rng.integers(0, 10, 100))
-    res = cli("prune", tmp_path / "m.pt", "--sparsity", "0.5", "--rounds", "2", "--epochs", "0", "--allocate", "std",
-              "--train-data", tmp_path / "d.npz", "--metric", f"{tmp_path}/mymet.py:my_metric", "--no-latency", "--threads", "1",
-              "--report", tmp_path / "rep", "-o", tmp_path / "p.pt")
+    res = cli(
+        "prune",
+        tmp_path / "m.pt",
+        "--sparsity",
+        "0.5",
+        "--rounds",
+        "2",
+        "--epochs",
+        "0",
+        "--allocate",
+        "std",
+        "--train-data",
+        tmp_path / "d.npz",
+        "--metric",
+        f"{tmp_path}/mymet.py:my_metric",
+        "--no-latency",
+        "--threads",
+        "1",
+        "--report",
+        tmp_path / "rep",
+        "-o",
+        tmp_path / "p.pt",
+    )
     assert res.code == 0, res
     rounds = [ln for ln in res.err.splitlines() if ln.startswith("round ")]
     assert len(rounds) == 2 and all("my_metric" in ln and "accuracy" not in ln for ln in rounds), rounds
@@ -157,8 +190,21 @@ def test_every_score_is_named_by_its_metric(cli, tmp_path, capsys):
     show = _ShowEvents("my_metric")
     show("start", {"accuracy": 0.5, "budget": 1.0, "bytes": 100})
     show("stage", {})
-    show("candidate", {"stage": "prune", "index": 1, "of": 2, "value": 0.5, "accuracy": 0.45, "bytes": 80,
-                       "verdict": "kept", "elapsed": 3.0, "eta": 3.0, "budget_left": None})
+    show(
+        "candidate",
+        {
+            "stage": "prune",
+            "index": 1,
+            "of": 2,
+            "value": 0.5,
+            "accuracy": 0.45,
+            "bytes": 80,
+            "verdict": "kept",
+            "elapsed": 3.0,
+            "eta": 3.0,
+            "budget_left": None,
+        },
+    )
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2 and all("my_metric 0.45" in ln or "my_metric 0.5" in ln for ln in lines), lines
     assert not any("accuracy" in ln or "%" in ln.split("my_metric")[1][:8] for ln in lines), lines
@@ -178,8 +224,24 @@ def test_prune_s_cpz_bytes_are_the_bytes_encode_writes(cli, tmp_path):
     set_meta(m, input_shape=[1, 1, 8, 8], arch_ref="tests.archs:tiny_cnn")
     save_model(m, tmp_path / "w.pt")
     arch = ["--arch", "tests.archs:tiny_cnn"]
-    res = cli("prune", tmp_path / "w.pt", *arch, "--sparsity", "0.5", "--rounds", "1", "--epochs", "0", "--allocate",
-              "std", "--no-latency", "--json", tmp_path / "o.json", "-o", tmp_path / "p.pt")
+    res = cli(
+        "prune",
+        tmp_path / "w.pt",
+        *arch,
+        "--sparsity",
+        "0.5",
+        "--rounds",
+        "1",
+        "--epochs",
+        "0",
+        "--allocate",
+        "std",
+        "--no-latency",
+        "--json",
+        tmp_path / "o.json",
+        "-o",
+        tmp_path / "p.pt",
+    )
     assert res.code == 0, res
     for src, out in (("p.pt", "p.cpz"), ("w.pt", "w.cpz")):
         assert cli("encode", tmp_path / src, *arch, "-o", tmp_path / out).code == 0
@@ -199,9 +261,13 @@ def test_pipeline_candidates_bytes_are_their_files_and_the_rest_is_said(tmp_path
 
     m = tiny_cnn()
     set_meta(m, arch_ref="tests.archs:tiny_cnn")
-    m, s = pipeline(m, data_mod.load("digits?limit=300"), {"stage": [{"method": "quantize", "scheme": "kmeans",
-                                                                        "bits": 6}]}, max_accuracy_drop=100,
-                    latency=False)
+    m, s = pipeline(
+        m,
+        data_mod.load("digits?limit=300"),
+        {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": 6}]},
+        max_accuracy_drop=100,
+        latency=False,
+    )
     save_model(m, tmp_path / "m.cpz")
     written, kept = (tmp_path / "m.cpz").stat().st_size, s.stages[0].kept.bytes
     assert s.cpz_bytes == written

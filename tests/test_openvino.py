@@ -1,4 +1,5 @@
 """export --format openvino: OpenVINO IR (FP32 and INT8), checked against PyTorch; skipped without OpenVINO."""
+
 import sys
 
 import numpy as np
@@ -42,8 +43,19 @@ def test_int8_ir_runs_its_convolutions_as_integers_and_keeps_accuracy(lenet5_tra
     pytest.importorskip("openvino")
     tr, va = mnist_small
     save_model(lenet5_trained, tmp_path / "m.pt")
-    r = cli("export", tmp_path / "m.pt", "--int8", "--calib-data", "mnist5k?limit=256", "--data", "mnist5k?limit=500",
-            "-o", tmp_path / "q.xml", "--json", tmp_path / "q.json")
+    r = cli(
+        "export",
+        tmp_path / "m.pt",
+        "--int8",
+        "--calib-data",
+        "mnist5k?limit=256",
+        "--data",
+        "mnist5k?limit=500",
+        "-o",
+        tmp_path / "q.xml",
+        "--json",
+        tmp_path / "q.json",
+    )
     assert r.code == 0, r.err
     import json
 

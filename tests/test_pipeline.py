@@ -1,4 +1,5 @@
 """The pipeline and its recipes: every shipped recipe runs, bad recipes are refused, one precedence."""
+
 import copy
 import os
 import re
@@ -87,14 +88,24 @@ def test_a_summarys_recipe_runs_again_to_the_same_decisions(trained, digits):
     candidates, keeps the same ones and writes the same bytes."""
     import json
 
-    recipe = {"stage": [{"method": "threshold", "sparsity": [0.3, 0.5, 0.97], "rounds": 1, "patience": 1,
-                         "finetune": {"epochs": 0.3, "seed": 1}, "select": {"exclude": ["fc3"]}},
-                        {"method": "quantize", "scheme": "kmeans", "bits": [6, 3], "per_channel": True}],
-              "max_accuracy_drop": 2.0, "val_fraction": 0.25}
+    recipe = {
+        "stage": [
+            {
+                "method": "threshold",
+                "sparsity": [0.3, 0.5, 0.97],
+                "rounds": 1,
+                "patience": 1,
+                "finetune": {"epochs": 0.3, "seed": 1},
+                "select": {"exclude": ["fc3"]},
+            },
+            {"method": "quantize", "scheme": "kmeans", "bits": [6, 3], "per_channel": True},
+        ],
+        "max_accuracy_drop": 2.0,
+        "val_fraction": 0.25,
+    }
 
     def decisions(s):
-        return [(st.stage, st.kept and st.kept.value, [(t.value, t.verdict) for t in st.tried])
-                for st in s.stages]
+        return [(st.stage, st.kept and st.kept.value, [(t.value, t.verdict) for t in st.tried]) for st in s.stages]
 
     _, first = pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, latency=False)
     verdicts = [t.verdict.partition(":")[0] for st in first.stages for t in st.tried]
@@ -107,9 +118,25 @@ def test_a_summarys_recipe_runs_again_to_the_same_decisions(trained, digits):
     assert second.recipe == first.recipe
 
 
-SUMMARY_KEYS = ["stopped", "kept_nothing", "budget_pt", "confidence", "base_accuracy", "final_accuracy", "dense_bytes",
-                "cpz_bytes", "ratio", "timeline", "layer_bytes", "graph_note", "stages", "input_shape", "recipe",
-                "validation", "metric"]
+SUMMARY_KEYS = [
+    "stopped",
+    "kept_nothing",
+    "budget_pt",
+    "confidence",
+    "base_accuracy",
+    "final_accuracy",
+    "dense_bytes",
+    "cpz_bytes",
+    "ratio",
+    "timeline",
+    "layer_bytes",
+    "graph_note",
+    "stages",
+    "input_shape",
+    "recipe",
+    "validation",
+    "metric",
+]
 
 
 def test_the_summary_is_typed_and_its_json_keeps_its_keys(trained, digits):
@@ -120,15 +147,41 @@ def test_the_summary_is_typed_and_its_json_keeps_its_keys(trained, digits):
     from compress.search_results import PipelineSummary
 
     one = {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": 6}]}
-    _, s = pipeline(copy.deepcopy(trained["mlp"]), digits, one, max_accuracy_drop=3.0, latency=False,
-                    test_data=digits.subset(range(200)))
+    _, s = pipeline(
+        copy.deepcopy(trained["mlp"]),
+        digits,
+        one,
+        max_accuracy_drop=3.0,
+        latency=False,
+        test_data=digits.subset(range(200)),
+    )
     assert isinstance(s, PipelineSummary) and not s.kept_nothing
     d = json.loads(json.dumps(s.to_dict()))
     assert list(d) == SUMMARY_KEYS + ["candidate_bytes_error", "test_accuracy_before", "test_accuracy_after"]
-    assert d["cpz_bytes"] == s.cpz_bytes and d["stages"] == [st.to_dict() for st in s.stages] and d["timeline"] == s.timeline
+    assert (
+        d["cpz_bytes"] == s.cpz_bytes
+        and d["stages"] == [st.to_dict() for st in s.stages]
+        and d["timeline"] == s.timeline
+    )
     assert d["stages"][0]["kept"] == d["stages"][0]["tried"][-1] and list(d["stages"][0]) == [
-        "stage", "search_key", "kept", "tried", "bytes", "accuracy", "seconds"]
-    assert list(d["stages"][0]["kept"]) == ["value", "options", "accuracy", "drop", "se", "within_budget", "verdict", "bytes"]
+        "stage",
+        "search_key",
+        "kept",
+        "tried",
+        "bytes",
+        "accuracy",
+        "seconds",
+    ]
+    assert list(d["stages"][0]["kept"]) == [
+        "value",
+        "options",
+        "accuracy",
+        "drop",
+        "se",
+        "within_budget",
+        "verdict",
+        "bytes",
+    ]
     assert d["test_accuracy_after"] == s.timeline[-1]["test_accuracy"]
     harsh = {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": 2}]}
     _, s = pipeline(copy.deepcopy(trained["mlp"]), digits, harsh, latency=False, max_accuracy_drop=0.0)
@@ -136,8 +189,10 @@ def test_the_summary_is_typed_and_its_json_keeps_its_keys(trained, digits):
 
 
 def test_default_recipe_is_the_documented_one():
-    assert Recipe.load(Path(__file__).resolve().parents[1] / "docs/recipes/deep-compression.toml").stages == \
-        DEFAULT_RECIPE.stages
+    assert (
+        Recipe.load(Path(__file__).resolve().parents[1] / "docs/recipes/deep-compression.toml").stages
+        == DEFAULT_RECIPE.stages
+    )
 
 
 def test_the_gentle_recipe_is_the_default_starting_lower():
@@ -151,21 +206,24 @@ def test_the_gentle_recipe_is_the_default_starting_lower():
     assert gentle.stages[1:] == DEFAULT_RECIPE.stages[1:]
 
 
-@pytest.mark.parametrize("body,match", [
-    ("[[stage]]\nmethod = 'threshold'\nsparsity = 0.9\nconfidence = 1.0\n", "unknown option"),
-    ("stage = [5]\n", "must be a table"),
-    ("val_fraction = 5.0\n[[stage]]\nmethod = 'quantize'\nscheme = 'kmeans'\nbits = 4\n", "val_fraction"),
-    ("max_accuracy_drop = 'x'\n[[stage]]\nmethod = 'quantize'\nscheme = 'kmeans'\nbits = 4\n", "max_accuracy_drop"),
-    ("max_accuracy_drop = nan\n[[stage]]\nmethod = 'quantize'\nscheme = 'kmeans'\nbits = 4\n", "max_accuracy_drop"),
-    ("[[stage]]\nmethod = 'threshold'\nsparsity = []\n", "no candidate"),
-    ("[[stage]]\nmethod = 'treshold'\nsparsity = 0.5\n", "did you mean threshold"),
-    ("[[stage]]\nmethod = 'threshold'\nsparsity = 1.5\n", "sparsity must be in"),
-    ("[[stage]]\nmethod = 'threshold'\nsparsity = 0.5\nfinetune = { epoch = 3 }\n", "finetune: unknown option"),
-    ("[[stage]]\nmethod = 'threshold'\nsparsity = 0.5\npatience = 0\n", "patience"),
-    ("version = 99\n[[stage]]\nmethod = 'quantize'\nscheme = 'kmeans'\nbits = 4\n", "newer"),
-    ("x = 1\n[[stage]]\nmethod = 'quantize'\nscheme = 'kmeans'\nbits = 4\n", "unknown key"),
-    ("[[stage]\n", "recipe"),
-])
+@pytest.mark.parametrize(
+    "body,match",
+    [
+        ("[[stage]]\nmethod = 'threshold'\nsparsity = 0.9\nconfidence = 1.0\n", "unknown option"),
+        ("stage = [5]\n", "must be a table"),
+        ("val_fraction = 5.0\n[[stage]]\nmethod = 'quantize'\nscheme = 'kmeans'\nbits = 4\n", "val_fraction"),
+        ("max_accuracy_drop = 'x'\n[[stage]]\nmethod = 'quantize'\nscheme = 'kmeans'\nbits = 4\n", "max_accuracy_drop"),
+        ("max_accuracy_drop = nan\n[[stage]]\nmethod = 'quantize'\nscheme = 'kmeans'\nbits = 4\n", "max_accuracy_drop"),
+        ("[[stage]]\nmethod = 'threshold'\nsparsity = []\n", "no candidate"),
+        ("[[stage]]\nmethod = 'treshold'\nsparsity = 0.5\n", "did you mean threshold"),
+        ("[[stage]]\nmethod = 'threshold'\nsparsity = 1.5\n", "sparsity must be in"),
+        ("[[stage]]\nmethod = 'threshold'\nsparsity = 0.5\nfinetune = { epoch = 3 }\n", "finetune: unknown option"),
+        ("[[stage]]\nmethod = 'threshold'\nsparsity = 0.5\npatience = 0\n", "patience"),
+        ("version = 99\n[[stage]]\nmethod = 'quantize'\nscheme = 'kmeans'\nbits = 4\n", "newer"),
+        ("x = 1\n[[stage]]\nmethod = 'quantize'\nscheme = 'kmeans'\nbits = 4\n", "unknown key"),
+        ("[[stage]\n", "recipe"),
+    ],
+)
 def test_bad_recipes_are_refused_with_the_reason(tmp_path, body, match):
     p = tmp_path / "r.toml"
     p.write_text(body)
@@ -190,7 +248,12 @@ def test_precedence_argument_recipe_metadata_default(trained, digits):
 
 def test_given_validation_data_is_used_whole(trained, digits):
     tr, va = data_mod.split(digits, 0.25, seed=1)
-    _, s = pipeline(copy.deepcopy(trained["mlp"]), tr, {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": 6}]}, val_data=va)
+    _, s = pipeline(
+        copy.deepcopy(trained["mlp"]),
+        tr,
+        {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": 6}]},
+        val_data=va,
+    )
     assert s.validation == {"samples": len(va), "source": "given", "data": "digits[val]"}
 
 
@@ -200,7 +263,12 @@ def test_a_model_trained_on_its_validation_split_is_flagged(digits):
     m = create_model("lenet300", input_size=8)
     fit(m, digits, FineTune(epochs=25, lr=3e-3))  # all of it, validation split included
     events = []
-    pipeline(m, digits, {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": 6}]}, on_event=lambda k, kw: events.append((k, kw)))
+    pipeline(
+        m,
+        digits,
+        {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": 6}]},
+        on_event=lambda k, kw: events.append((k, kw)),
+    )
     warnings = [kw["text"] for k, kw in events if k == "warning"]
     assert warnings and "--val-data" in warnings[0]
 
@@ -213,19 +281,28 @@ def test_search_goes_on_past_noise_and_stops_on_evidence():
     from compress.prune import sparsity_of
     from compress.search import _search
 
-    stage = Recipe.from_dict({"stage": [{"method": "threshold", "sparsity": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
-                                         "finetune": {"epochs": 0}}]}).stages[0]
+    stage = Recipe.from_dict(
+        {"stage": [{"method": "threshold", "sparsity": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95], "finetune": {"epochs": 0}}]}
+    ).stages[0]
     # (within budget, measured drop alone over budget) per candidate
     readings = iter([(True, False), (False, False), (True, False), (False, True), (False, True), (True, False)])
 
     def judge(model):
         ok, over = next(readings)
-        return {"accuracy": 90.0, "drop": 0.0, "se": 0.1, "within_budget": ok, "over": over,
-                "verdict": "", "why": "a reason"}
+        return {
+            "accuracy": 90.0,
+            "drop": 0.0,
+            "se": 0.1,
+            "within_budget": ok,
+            "over": over,
+            "verdict": "",
+            "why": "a reason",
+        }
 
     torch.manual_seed(0)
-    kept, _, res = _search(stage, create_model("lenet300", input_size=8), Context(), judge, lambda kind, **f: None,
-                          _Stop())
+    kept, _, res = _search(
+        stage, create_model("lenet300", input_size=8), Context(), judge, lambda kind, **f: None, _Stop()
+    )
     assert [t["value"] for t in res["tried"]] == [0.5, 0.6, 0.7, 0.8, 0.9]
     assert res["kept"]["value"] == 0.7 and res["kept"]["verdict"] == "kept: a reason"
     assert abs(sparsity_of(kept) - 0.7) < 0.01
@@ -248,8 +325,18 @@ def test_pipeline_command_reports_every_candidate_and_bytes_per_layer(trained, t
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, input_shape=[1, 1, 8, 8])
     save_model(m, tmp_path / "m.pt")
-    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", DEMO, "-o",
-              tmp_path / "m.cpz", "--report", tmp_path / "rep")
+    res = cli(
+        "pipeline",
+        tmp_path / "m.pt",
+        "--train-data",
+        "digits",
+        "--recipe",
+        DEMO,
+        "-o",
+        tmp_path / "m.cpz",
+        "--report",
+        tmp_path / "rep",
+    )
     assert res.code == 0, res.err
     assert "within budget" in res.err or "over budget" in res.err or "inconclusive" in res.err
     md = (tmp_path / "rep" / "report.md").read_text()
@@ -269,6 +356,7 @@ def _ctrl_c_in_the_second_candidate(real):
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **kw)
+
     interrupted_on_the_second.calls = calls  # type: ignore[attr-defined]
     return interrupted_on_the_second
 
@@ -291,8 +379,14 @@ def test_ctrl_c_keeps_the_best_result_so_far(trained, digits, monkeypatch):
 
     monkeypatch.setattr(pl, "run", interrupted_on_the_second)
     events = []
-    m, summary = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(DEMO), max_accuracy_drop=5.0,
-                          on_event=lambda k, kw: events.append(k), latency=False)
+    m, summary = pipeline(
+        copy.deepcopy(trained["mlp"]),
+        digits,
+        Recipe.load(DEMO),
+        max_accuracy_drop=5.0,
+        on_event=lambda k, kw: events.append(k),
+        latency=False,
+    )
     assert summary.stopped == "interrupted" and "stopped" in events and len(interrupted_on_the_second.calls) == 2
     first = summary.stages[0]
     assert len(first.tried) == 1 and first.kept is not None  # the first candidate, within a loose budget
@@ -341,8 +435,9 @@ def test_a_stop_check_ends_long_work_at_its_next_step_in_its_own_thread_only(dig
         assert len(steps) == whole  # the check is this thread's
 
 
-def test_a_time_budget_ends_the_search_between_candidates_and_the_eta_stays_within_it(trained, tmp_path, cli,
-                                                                                         monkeypatch):
+def test_a_time_budget_ends_the_search_between_candidates_and_the_eta_stays_within_it(
+    trained, tmp_path, cli, monkeypatch
+):
     """Each candidate takes 40 (fake) seconds against a 100 s budget: the three threshold candidates run, the
     k-means stage does not start, the run exits 3 (stopped) with its result written, and no candidate's line
     promises more time than the budget has left (the pace alone said 80 s, then 40 s)."""
@@ -363,8 +458,23 @@ def test_a_time_budget_ends_the_search_between_candidates_and_the_eta_stays_with
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, input_shape=[1, 1, 8, 8])
     save_model(m, tmp_path / "m.pt")
-    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", DEMO, "--time-budget", "100",
-              "--max-accuracy-drop", "5", "-o", tmp_path / "m.cpz", "--json", tmp_path / "s.json", "--no-latency")
+    res = cli(
+        "pipeline",
+        tmp_path / "m.pt",
+        "--train-data",
+        "digits",
+        "--recipe",
+        DEMO,
+        "--time-budget",
+        "100",
+        "--max-accuracy-drop",
+        "5",
+        "-o",
+        tmp_path / "m.cpz",
+        "--json",
+        tmp_path / "s.json",
+        "--no-latency",
+    )
     summary = json.loads((tmp_path / "s.json").read_text())
     assert res.code == 3, res.err
     assert summary["stopped"] == "time budget" and "stopped early (--time-budget reached)" in res.out
@@ -389,8 +499,17 @@ def test_a_time_budget_drops_the_candidate_in_progress(trained, digits, monkeypa
         clock.now += 1.0
         return cross_entropy(outputs, targets)
 
-    recipe = {"stage": [{"method": "threshold", "sparsity": [0.5, 0.6, 0.7], "rounds": 1, "allocate": "std",
-                         "finetune": {"epochs": 0.5}}]}
+    recipe = {
+        "stage": [
+            {
+                "method": "threshold",
+                "sparsity": [0.5, 0.6, 0.7],
+                "rounds": 1,
+                "allocate": "std",
+                "finetune": {"epochs": 0.5},
+            }
+        ]
+    }
     ends: list[float] = []
 
     def note(kind, kw):
@@ -398,8 +517,9 @@ def test_a_time_budget_drops_the_candidate_in_progress(trained, digits, monkeypa
             ends.append(clock.now)
 
     def go(**kw):
-        return pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, max_accuracy_drop=5.0, loss=slow_loss,
-                        latency=False, **kw)
+        return pipeline(
+            copy.deepcopy(trained["mlp"]), digits, recipe, max_accuracy_drop=5.0, loss=slow_loss, latency=False, **kw
+        )
 
     go(on_event=note)  # no budget: each candidate's steps, on the fake clock
     assert len(ends) == 3 and ends[0] >= 4 and ends[1] - ends[0] >= 4
@@ -427,8 +547,15 @@ def test_the_eta_never_exceeds_the_time_budget_left(trained, digits, monkeypatch
     def etas(**kw):
         seen = []
         clock.now = 0.0
-        pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, max_accuracy_drop=50.0, latency=False,
-                 on_event=lambda k, f: seen.append((clock.now, f)) if k == "candidate" else None, **kw)
+        pipeline(
+            copy.deepcopy(trained["mlp"]),
+            digits,
+            recipe,
+            max_accuracy_drop=50.0,
+            latency=False,
+            on_event=lambda k, f: seen.append((clock.now, f)) if k == "candidate" else None,
+            **kw,
+        )
         return seen
 
     free = etas()
@@ -452,10 +579,25 @@ def test_a_run_that_keeps_nothing_writes_nothing_and_says_what_to_try(trained, t
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, input_shape=[1, 1, 8, 8])
     save_model(m, tmp_path / "m.pt")
-    (tmp_path / "harsh.toml").write_text("[[stage]]\nmethod = 'threshold'\nsparsity = [0.98, 0.99]\nrounds = 1\n"
-                                         "allocate = 'std'\nfinetune = { epochs = 0 }\n")
-    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", tmp_path / "harsh.toml",
-              "--max-accuracy-drop", "0.5", "-o", tmp_path / "m.cpz", "--json", tmp_path / "s.json", "--no-latency")
+    (tmp_path / "harsh.toml").write_text(
+        "[[stage]]\nmethod = 'threshold'\nsparsity = [0.98, 0.99]\nrounds = 1\n"
+        "allocate = 'std'\nfinetune = { epochs = 0 }\n"
+    )
+    res = cli(
+        "pipeline",
+        tmp_path / "m.pt",
+        "--train-data",
+        "digits",
+        "--recipe",
+        tmp_path / "harsh.toml",
+        "--max-accuracy-drop",
+        "0.5",
+        "-o",
+        tmp_path / "m.cpz",
+        "--json",
+        tmp_path / "s.json",
+        "--no-latency",
+    )
     assert res.code == 4, res.err
     assert not (tmp_path / "m.cpz").exists() and not (tmp_path / "m.cpz.resume").exists()
     summary = json.loads((tmp_path / "s.json").read_text())
@@ -475,8 +617,17 @@ def test_a_stopped_run_exits_3_with_what_it_kept(trained, tmp_path, cli, monkeyp
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, input_shape=[1, 1, 8, 8])
     save_model(m, tmp_path / "m.pt")
-    args = ["pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", DEMO, "--max-accuracy-drop",
-            "5", "--no-latency"]
+    args = [
+        "pipeline",
+        tmp_path / "m.pt",
+        "--train-data",
+        "digits",
+        "--recipe",
+        DEMO,
+        "--max-accuracy-drop",
+        "5",
+        "--no-latency",
+    ]
     interrupted_on_the_second = _ctrl_c_in_the_second_candidate(pl.run)
 
     monkeypatch.setattr(pl, "run", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
@@ -493,17 +644,26 @@ def test_a_stopped_run_exits_3_with_what_it_kept(trained, tmp_path, cli, monkeyp
 def test_confidence_is_an_argument_and_the_summary_says_how_sure(trained, digits, tmp_path, cli):
     from compress.model_io import save_model
 
-    _, loose = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(DEMO), latency=False,
-                        confidence=0.0)
-    _, strict = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(DEMO), latency=False,
-                         confidence=3.0)
+    _, loose = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(DEMO), latency=False, confidence=0.0)
+    _, strict = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(DEMO), latency=False, confidence=3.0)
     assert loose.confidence == 0.0 and strict.confidence == 3.0
     assert strict.cpz_bytes >= loose.cpz_bytes  # a stricter promise keeps no smaller a result
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, input_shape=[1, 1, 8, 8])
     save_model(m, tmp_path / "m.pt")
-    res = cli("pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", DEMO, "--confidence", "2",
-              "-o", tmp_path / "m.cpz", "--no-latency")
+    res = cli(
+        "pipeline",
+        tmp_path / "m.pt",
+        "--train-data",
+        "digits",
+        "--recipe",
+        DEMO,
+        "--confidence",
+        "2",
+        "-o",
+        tmp_path / "m.cpz",
+        "--no-latency",
+    )
     assert res.code == 0 and "98% one-sided confidence" in " ".join(res.out.split())
 
 
@@ -525,24 +685,40 @@ def test_resume_reaches_the_result_of_an_uninterrupted_run(trained, digits, tmp_
         return real(*a, **kw)
 
     monkeypatch.setattr(pl, "run", stopped)
-    _, part = pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, max_accuracy_drop=3.0, latency=False,
-                       checkpoint=ckpt)
+    _, part = pipeline(
+        copy.deepcopy(trained["mlp"]), digits, recipe, max_accuracy_drop=3.0, latency=False, checkpoint=ckpt
+    )
     assert part.stopped == "interrupted" and ckpt.exists()
     monkeypatch.setattr(pl, "run", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
     events = []
-    model, resumed = pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, max_accuracy_drop=3.0, latency=False,
-                              checkpoint=ckpt, resume=True, on_event=lambda k, kw: events.append((k, kw)))
+    model, resumed = pipeline(
+        copy.deepcopy(trained["mlp"]),
+        digits,
+        recipe,
+        max_accuracy_drop=3.0,
+        latency=False,
+        checkpoint=ckpt,
+        resume=True,
+        on_event=lambda k, kw: events.append((k, kw)),
+    )
     total = sum(len(s.tried) for s in whole.stages)
     assert len(calls) == total + 1  # the stopped candidate is tried again, nothing before it
     assert ("resumed", {"stage": int(stop_at > 3), "candidates": (stop_at - 1) - 3 * (stop_at > 3)}) in events
     for k in ("cpz_bytes", "ratio", "final_accuracy", "timeline"):
         assert getattr(resumed, k) == getattr(whole, k), k
     assert [s.tried for s in resumed.stages] == [s.tried for s in whole.stages]
-    for a, b in zip(model.state_dict().values(), whole_model.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), whole_model.state_dict().values(), strict=False):
         assert torch.equal(a, b)
     with pytest.raises(InputError, match="other settings"):  # a checkpoint of another run is refused
-        pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, max_accuracy_drop=1.0, latency=False,
-                 checkpoint=ckpt, resume=True)
+        pipeline(
+            copy.deepcopy(trained["mlp"]),
+            digits,
+            recipe,
+            max_accuracy_drop=1.0,
+            latency=False,
+            checkpoint=ckpt,
+            resume=True,
+        )
 
 
 def test_ctrl_c_then_resume_from_the_command_line(trained, tmp_path, cli):
@@ -558,13 +734,26 @@ def test_ctrl_c_then_resume_from_the_command_line(trained, tmp_path, cli):
     m = copy.deepcopy(trained["mlp"])
     set_meta(m, input_shape=[1, 1, 8, 8])
     save_model(m, tmp_path / "m.pt")
-    args = ["pipeline", tmp_path / "m.pt", "--train-data", "digits", "--recipe", DEMO, "--max-accuracy-drop",
-            "5", "--no-latency"]  # the first candidate is kept (drop + SE ~3.2 pt): the stopped run has a result
+    args = [
+        "pipeline",
+        tmp_path / "m.pt",
+        "--train-data",
+        "digits",
+        "--recipe",
+        DEMO,
+        "--max-accuracy-drop",
+        "5",
+        "--no-latency",
+    ]  # the first candidate is kept (drop + SE ~3.2 pt): the stopped run has a result
     assert cli(*args, "-o", tmp_path / "full.cpz").code == 0
     exe = Path(sys.executable).parent / "compress"
-    p = subprocess.Popen([str(exe), *map(str, args), "-o", str(tmp_path / "cut.cpz")], stderr=subprocess.PIPE,
-                         stdout=subprocess.DEVNULL, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
-                                                                                               signal.SIG_DFL))
+    p = subprocess.Popen(
+        [str(exe), *map(str, args), "-o", str(tmp_path / "cut.cpz")],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     for line in p.stderr:  # the first candidate is decided (and checkpointed): stop during the second
         if "threshold 1/3" in line:
             p.send_signal(signal.SIGINT)
@@ -581,24 +770,29 @@ def test_ctrl_c_then_resume_from_the_command_line(trained, tmp_path, cli):
     r = cli(*args, "-o", tmp_path / "cut.cpz", "--resume", "--json", tmp_path / "s.json")
     assert r.code == 0 and "resuming at stage 1, candidate 2" in r.err, r.err
     assert (tmp_path / "cut.cpz").read_bytes() == (tmp_path / "full.cpz").read_bytes()
-    assert not (tmp_path / "cut.cpz.resume").exists() and json.loads((tmp_path / "s.json").read_text())["stopped"] is None
+    assert (
+        not (tmp_path / "cut.cpz.resume").exists() and json.loads((tmp_path / "s.json").read_text())["stopped"] is None
+    )
 
 
 def test_old_recipe_words_are_refused_naming_what_is_read():
     """``type =``, method ``kmeans`` and threshold ``steps`` were spellings before the first release: a recipe that
     uses them is an error that says what is read instead, never a different run."""
-    for stage, said in (({"type": "threshold", "sparsity": 0.9}, "a stage names its method (method = ...;"),
-                        ({"method": "kmeans", "bits": 5}, "unknown method 'kmeans'"),
-                        ({"method": "threshold", "sparsity": 0.9, "steps": 2}, "unknown option(s) steps"),
-                        ({"method": "int8", "bits": 8}, "unknown option(s) bits")):
+    for stage, said in (
+        ({"type": "threshold", "sparsity": 0.9}, "a stage names its method (method = ...;"),
+        ({"method": "kmeans", "bits": 5}, "unknown method 'kmeans'"),
+        ({"method": "threshold", "sparsity": 0.9, "steps": 2}, "unknown option(s) steps"),
+        ({"method": "int8", "bits": 8}, "unknown option(s) bits"),
+    ):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # refused, not read with a warning
             with pytest.raises(UsageError, match=re.escape(said)):
                 Recipe.from_dict({"stage": [stage]})
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "docs/recipes").glob("*.toml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "docs/recipes").glob("*.toml")), ids=lambda p: p.name
+)
 def test_every_documented_recipe_reads(path):
     from compress.recipe import Recipe
 
@@ -613,11 +807,13 @@ def test_compress_pipeline_is_the_function_after_any_import_order():
     import sys
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    for code in ("import compress.search\nimport compress\nassert callable(compress.pipeline)\n",
-                 "import compress\ntry:\n    import compress.pipeline\nexcept ModuleNotFoundError:\n    pass\n"
-                 "assert callable(compress.pipeline), compress.pipeline\n",
-                 "from compress import pipeline\nimport compress.search\nimport compress\n"
-                 "assert compress.pipeline is pipeline and callable(pipeline)\n"):
+    for code in (
+        "import compress.search\nimport compress\nassert callable(compress.pipeline)\n",
+        "import compress\ntry:\n    import compress.pipeline\nexcept ModuleNotFoundError:\n    pass\n"
+        "assert callable(compress.pipeline), compress.pipeline\n",
+        "from compress import pipeline\nimport compress.search\nimport compress\n"
+        "assert compress.pipeline is pipeline and callable(pipeline)\n",
+    ):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
         assert out.returncode == 0, (code, out.stderr)
 
@@ -628,7 +824,7 @@ def test_compress_pipeline_is_the_function_whatever_was_imported():
     import pkgutil
 
     import compress
-    import compress.search  # noqa: F401
+    import compress.search
 
     assert callable(compress.pipeline) and compress.pipeline.__module__ == "compress.search"
     modules = {m.name for m in pkgutil.iter_modules(compress.__path__)}

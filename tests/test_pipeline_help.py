@@ -1,5 +1,6 @@
 """What `compress pipeline --help` and `compress prune --help` say: the exit statuses, every importance, and no
 option text lost to rich's markup (a "[default: ...]" in a help string was read as a style tag and vanished)."""
+
 import re
 
 import typer
@@ -16,8 +17,14 @@ def _help(cli, command: str) -> str:
 
 def test_pipeline_help_lists_the_exit_statuses(cli):
     said = _help(cli, "pipeline")
-    for status in ("0 finished, OUTPUT written", "1 bad input or a failure", "2 bad usage",
-                   "3 stopped by Ctrl-C or --time-budget", "4 finished but nothing kept", "130 Ctrl-C before or after"):
+    for status in (
+        "0 finished, OUTPUT written",
+        "1 bad input or a failure",
+        "2 bad usage",
+        "3 stopped by Ctrl-C or --time-budget",
+        "4 finished but nothing kept",
+        "130 Ctrl-C before or after",
+    ):
         assert status in said, status
 
 

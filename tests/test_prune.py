@@ -59,8 +59,9 @@ def test_sensitivity_allocation_keeps_the_layers_that_matter(lenet5_trained, mni
     by = {}
     for allocate in ("std", "sensitivity"):
         m = copy.deepcopy(lenet5_trained)
-        prune_(m, ThresholdConfig(sparsity=0.97, allocate=allocate, rounds=1, finetune=FineTune(epochs=0)),
-               train_data=tr)
+        prune_(
+            m, ThresholdConfig(sparsity=0.97, allocate=allocate, rounds=1, finetune=FineTune(epochs=0)), train_data=tr
+        )
         assert abs(sparsity_of(m) - 0.97) < 0.005, allocate
         with torch.no_grad():
             loss = float(F.cross_entropy(m(va.x), va.y))
@@ -89,7 +90,7 @@ def test_schedules_rise_from_where_the_model_is():
     cubic = round_targets(ThresholdConfig(sparsity=0.9, rounds=3), start=0.5)
     geo = round_targets(ThresholdConfig(sparsity=0.9, rounds=3, schedule="geometric"), start=0.5)
     for t in (cubic, geo):
-        assert t[-1] == pytest.approx(0.9) and all(a < b for a, b in zip([0.5] + t, t))
+        assert t[-1] == pytest.approx(0.9) and all(a < b for a, b in zip([0.5] + t, t, strict=False))
     assert cubic[0] - 0.5 > cubic[2] - cubic[1]  # Zhu & Gupta: fast first, gently at the end
     assert cubic[0] == pytest.approx(0.9 - 0.4 * (2 / 3) ** 3)
 
@@ -139,6 +140,7 @@ def test_config_validation():
     with pytest.raises(ValueError):
         L1FilterConfig(ratio=1.2)
     from compress.config import Config
+
     cfg = ThresholdConfig(sparsity=0.9, finetune=FineTune(epochs=2, lr=3e-3))
     d = cfg.to_dict()
     assert d["type"] == "ThresholdConfig" and d["version"] == ThresholdConfig.version
@@ -152,6 +154,7 @@ def test_each_verb_refuses_another_verbs_config():
     from compress.factorize import FactorizeConfig
     from compress.method import factorize_, quantize_
     from compress.quantize import QuantConfig
+
     m = torch.nn.Sequential(torch.nn.Linear(4, 4))
     w = m[0].weight.detach().clone()
     with pytest.raises(UsageError, match="QuantConfig belongs to quantize_"):
@@ -196,6 +199,7 @@ def test_unpruned_channels_give_same_outputs():
     m = create_model("resnet8", width=0.5).eval()
     _, groups = channel_groups(m, (1, 1, 32, 32), roots=(torch.nn.Conv2d,))
     from compress.prune.graph import scale_channels
+
     cg = [g for g in groups if g.name == "layer1.0.conv1"][0]
     scale = torch.ones(cg.size)
     scale[:3] = 0
@@ -226,6 +230,7 @@ def test_reconfigure_removes_union_of_zero_channels(resnet8_trained):
     lasso = GroupLasso(m, (1, 1, 32, 32))
     stage = [g for g in lasso.groups if g.name == "conv1"][0]  # the stage-1 identity channels
     from compress.prune.graph import scale_channels
+
     scale = torch.ones(stage.size)
     scale[0] = 0  # zero in every layer that shares it
     scale_channels(stage.group, scale)
@@ -247,6 +252,7 @@ def test_dead_branch_becomes_identity(resnet8_trained):
     lasso = GroupLasso(m, (1, 1, 32, 32))
     g = [g for g in lasso.groups if g.name == "layer2.0.conv1"][0]
     from compress.prune.graph import scale_channels
+
     scale_channels(g.group, torch.zeros(g.size))
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
@@ -262,8 +268,10 @@ def test_channel_union_trains_and_shrinks(resnet8_trained, small32):
     m = copy.deepcopy(resnet8_trained)
     p0 = count_params(m)
     from compress.method import Context, run
-    cfg = ChannelUnionConfig(lasso_ratio=1.5, finetune=FineTune(epochs=3, lr=0.02, optimizer="sgd", batch_size=16,
-                                                                augment=0))
+
+    cfg = ChannelUnionConfig(
+        lasso_ratio=1.5, finetune=FineTune(epochs=3, lr=0.02, optimizer="sgd", batch_size=16, augment=0)
+    )
     recs = run("prune", m, cfg, Context(train=tr, val=va)).records
     assert len(recs) == 4 and recs[0]["params"] == p0
     assert count_params(m) < p0
@@ -273,18 +281,38 @@ def test_channel_union_trains_and_shrinks(resnet8_trained, small32):
 # ---------------------------------------------------------------- CLI
 def test_prune_cli_threshold(tmp_path, cli, lenet5_trained):
     from compress.model_io import save_model
+
     src = tmp_path / "m.pt"
     save_model(copy.deepcopy(lenet5_trained), src)
-    res = cli("prune", src, "--method", "threshold", "--sparsity", "0.8", "--train-data", "mnist5k?limit=300",
-              "--epochs", "1", "--rounds", "1", "-o", tmp_path / "p.pt", "--report", tmp_path / "rep")
+    res = cli(
+        "prune",
+        src,
+        "--method",
+        "threshold",
+        "--sparsity",
+        "0.8",
+        "--train-data",
+        "mnist5k?limit=300",
+        "--epochs",
+        "1",
+        "--rounds",
+        "1",
+        "-o",
+        tmp_path / "p.pt",
+        "--report",
+        tmp_path / "rep",
+    )
     assert res.code == 0, res.err
     assert "before / after" in res.out and "nonzero parameters" in res.out
-    assert "accuracy on 20% held out of --train-data, 61 samples" in " ".join(res.out.split())  # the real split (stratified)
+    assert "accuracy on 20% held out of --train-data, 61 samples" in " ".join(
+        res.out.split()
+    )  # the real split (stratified)
     assert "warning" not in res.err
     assert ".cpz" in res.out and "top-1" in res.out and "agreement" in res.out  # rows wrap in a narrow table
     for f in ("report.json", "report.md", "report.html", "layers.png", "weight_histograms.png"):
         assert (tmp_path / "rep" / f).exists()
     from compress.model_io import load_model
+
     p = load_model(tmp_path / "p.pt")
     assert 0.75 < sparsity_of(p) < 0.85
     # without data nothing says what a change cost: a warning says so (90% pruned LeNet-5 can score 16%)
@@ -301,11 +329,23 @@ def test_prune_cli_threshold(tmp_path, cli, lenet5_trained):
 def test_prune_cli_l1_sensitivity(tmp_path, cli, resnet8_trained):
     from compress.meta import set_meta
     from compress.model_io import save_model
+
     m = copy.deepcopy(resnet8_trained)
     set_meta(m, input_shape=[1, 1, 32, 32])
     save_model(m, tmp_path / "r.pt")
-    res = cli("prune", tmp_path / "r.pt", "--method", "l1-filter", "--sensitivity", "--budget", "2",
-              "--train-data", "mnist5k?size=32&limit=300", "-o", tmp_path / "r1.pt")
+    res = cli(
+        "prune",
+        tmp_path / "r.pt",
+        "--method",
+        "l1-filter",
+        "--sensitivity",
+        "--budget",
+        "2",
+        "--train-data",
+        "mnist5k?size=32&limit=300",
+        "-o",
+        tmp_path / "r1.pt",
+    )
     assert res.code == 0, res.err
     assert (tmp_path / "r1-sensitivity" / "sensitivity.png").exists()
     assert "sensitivity" in res.out
@@ -314,32 +354,50 @@ def test_prune_cli_l1_sensitivity(tmp_path, cli, resnet8_trained):
 def test_prune_cli_channel_union_uses_library_defaults(tmp_path, cli):
     from compress.meta import set_meta
     from compress.model_io import load_model, save_model
+
     torch.manual_seed(0)
     m = create_model("resnet8", width=0.5)
     set_meta(m, input_shape=[1, 1, 8, 8])
     save_model(m, tmp_path / "r.pt")
-    res = cli("prune", tmp_path / "r.pt", "--method", "channel-union", "--train-data", "digits", "--epochs", "1",
-              "-o", tmp_path / "cu.pt")
+    res = cli(
+        "prune",
+        tmp_path / "r.pt",
+        "--method",
+        "channel-union",
+        "--train-data",
+        "digits",
+        "--epochs",
+        "1",
+        "-o",
+        tmp_path / "cu.pt",
+    )
     assert res.code == 0, res.err
     hist = load_model(tmp_path / "cu.pt").compress_meta["history"]
     cfg = [h for h in hist if h.get("stage") == "channel-union"][0]["config"]
     from compress.config import Config
+
     kept = Config.from_dict(cfg)  # the history keeps what differs from the defaults
-    assert kept.lasso_ratio == ChannelUnionConfig().lasso_ratio and kept.finetune.epochs == 1 == cfg["finetune"]["epochs"]
+    assert (
+        kept.lasso_ratio == ChannelUnionConfig().lasso_ratio and kept.finetune.epochs == 1 == cfg["finetune"]["epochs"]
+    )
     assert "reconfiguration after epoch 1" in res.err
 
 
-@pytest.mark.parametrize("args,match", [
-    (["prune", "--sparsity", "nosuchlayer=0.5", "--epochs", "0"], "no prunable layer 'nosuchlayer'"),
-    (["prune", "--layers", "nosuch*", "--epochs", "0"], "matches no layer"),
-    (["quantize", "--bits", "fc9=4"], "no quantized layer of that name (did you mean"),
-    (["quantize", "--layers", "conv9"], "matches no layer"),
-    (["factorize", "--rank", "2", "--exclude", "fc1", "--layers", "zz*"], "matches no layer"),
-    (["prune", "--rounds", "0", "--epochs", "0"], "rounds"),
-    (["prune", "--lr", "-1", "--train-data", "mnist5k?limit=100"], "lr must be > 0"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["prune", "--sparsity", "nosuchlayer=0.5", "--epochs", "0"], "no prunable layer 'nosuchlayer'"),
+        (["prune", "--layers", "nosuch*", "--epochs", "0"], "matches no layer"),
+        (["quantize", "--bits", "fc9=4"], "no quantized layer of that name (did you mean"),
+        (["quantize", "--layers", "conv9"], "matches no layer"),
+        (["factorize", "--rank", "2", "--exclude", "fc1", "--layers", "zz*"], "matches no layer"),
+        (["prune", "--rounds", "0", "--epochs", "0"], "rounds"),
+        (["prune", "--lr", "-1", "--train-data", "mnist5k?limit=100"], "lr must be > 0"),
+    ],
+)
 def test_settings_that_select_nothing_or_are_invalid_are_errors(tmp_path, cli, lenet5_trained, args, match):
     from compress.model_io import save_model
+
     src = tmp_path / "m.pt"
     save_model(copy.deepcopy(lenet5_trained), src)
     res = cli(args[0], src, *args[1:], "-o", tmp_path / "out.pt")

@@ -1,5 +1,6 @@
 """compress's public names: one map (``compress._EXPORTS``) that ``__all__`` is made from, every name resolving to
 what its module defines, and the docs using no name outside it."""
+
 import importlib
 import pkgutil
 import re
@@ -27,8 +28,13 @@ def test_all_is_the_export_map_and_every_name_resolves():
 def test_the_public_names_load_without_torch():
     """``compress --help`` and ``--version`` start without torch: the map is read, nothing it names is imported."""
     code = "import sys\nimport compress\nassert compress.__all__ and 'torch' not in sys.modules\nprint(dir(compress))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(ROOT), "PATH": ""},
+    )
     assert out.returncode == 0, out.stderr
     assert all(repr(n) in out.stdout for n in compress.__all__)  # dir() offers the lazy names too
 
@@ -49,7 +55,9 @@ def test_the_docs_use_only_public_names_and_modules_that_exist():
     bad = []
     for path in sorted([*(ROOT / "docs").rglob("*.md"), *(ROOT / "docs").rglob("*.py")]):
         for name, how in _references(path.read_text()):
-            ok = name in compress.__all__ or name == "__version__" or (how != "from compress import" and name in modules)
+            ok = (
+                name in compress.__all__ or name == "__version__" or (how != "from compress import" and name in modules)
+            )
             if not ok:
                 bad.append(f"{path.relative_to(ROOT)}: {name} ({how})")
     assert not bad, bad

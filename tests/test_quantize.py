@@ -22,9 +22,9 @@ def _grid_ok(m):
         if state is not None:
             state.check(mod.weight, name)  # raises if a weight is off its grid
             if state.is_codebook:
-                assert len(torch.unique(mod.weight[mod.weight != 0])) <= 2 ** state.bits
+                assert len(torch.unique(mod.weight[mod.weight != 0])) <= 2**state.bits
             else:
-                assert int(state.codes.min()) >= 0 and int(state.codes.max()) < 2 ** state.bits
+                assert int(state.codes.min()) >= 0 and int(state.codes.max()) < 2**state.bits
 
 
 @pytest.mark.parametrize("scheme", ["minmax", "mmse", "kmeans", "pow2"])
@@ -35,12 +35,13 @@ def test_weights_lie_on_grid(lenet5_trained, scheme, bits):
     _grid_ok(m)
     per_channel_vals = m.conv2.weight.flatten(1)
     if scheme in ("minmax", "mmse"):  # per channel: each output channel has at most 2^bits - 1 levels
-        assert max(len(torch.unique(r)) for r in per_channel_vals) <= 2 ** bits - 1
+        assert max(len(torch.unique(r)) for r in per_channel_vals) <= 2**bits - 1
 
 
 def test_mmse_beats_minmax_at_4_bits_on_every_layer(lenet5_trained, mnist_small):
     a, b = copy.deepcopy(lenet5_trained), copy.deepcopy(lenet5_trained)
     from compress.method import run
+
     ra = {r["name"]: r["mse"] for r in run("quantize", a, QuantConfig(bits=4, scheme="minmax")).layers}
     rb = {r["name"]: r["mse"] for r in run("quantize", b, QuantConfig(bits=4, scheme="mmse")).layers}
     assert all(rb[n] < ra[n] for n in ra), (ra, rb)
@@ -73,13 +74,18 @@ def test_kmeans_centroid_finetune_keeps_sharing(lenet5_trained, mnist_small):
     prune_(m, ThresholdConfig(sparsity=0.8, rounds=1, finetune=FineTune(epochs=0)))
     nz = int(torch.count_nonzero(m.fc1.weight))
     before = {n: p.clone() for n, p in m.named_parameters()}
-    quantize_(m, QuantConfig(bits=3, scheme="kmeans", finetune=FineTune(epochs=0.5, lr=1e-3)), train_data=tr.subset(range(500)))
+    quantize_(
+        m,
+        QuantConfig(bits=3, scheme="kmeans", finetune=FineTune(epochs=0.5, lr=1e-3)),
+        train_data=tr.subset(range(500)),
+    )
     _grid_ok(m)
     assert int(torch.count_nonzero(m.fc1.weight)) == nz  # sparsity kept through centroid training
     from compress.quantize import quantize_tensor
+
     on_grid = quantize_tensor(before["fc1.bias"], 8, "minmax", False, True).dequantize(m.fc1.bias.shape)
     assert torch.equal(m.fc1.bias, on_grid)  # only centroids train; biases stay on their 8-bit grid
-    assert len(torch.unique(m.fc1.weight)) <= 2 ** 3 + 1
+    assert len(torch.unique(m.fc1.weight)) <= 2**3 + 1
 
 
 def test_quantized_model_saves_and_codes_survive(tmp_path, lenet5_trained):
@@ -95,7 +101,7 @@ def test_quantized_model_saves_and_codes_survive(tmp_path, lenet5_trained):
 @given(bits=st.integers(1, 8), data=st.data())
 def test_pack_roundtrip(bits, data):
     n = data.draw(st.integers(0, 300))
-    codes = np.array(data.draw(st.lists(st.integers(0, 2 ** bits - 1), min_size=n, max_size=n)), dtype=np.uint32)
+    codes = np.array(data.draw(st.lists(st.integers(0, 2**bits - 1), min_size=n, max_size=n)), dtype=np.uint32)
     packed = packing.pack(codes, bits)
     assert len(packed) == (n * bits + 7) // 8
     assert np.array_equal(packing.unpack(packed, bits, n), codes)
@@ -107,8 +113,18 @@ def test_int4_packs_two_per_byte():
 
 def test_quantize_cli_and_validation(tmp_path, cli, lenet5_trained):
     save_model(copy.deepcopy(lenet5_trained), tmp_path / "m.pt")
-    res = cli("quantize", tmp_path / "m.pt", "--bits", "4", "--scheme", "mmse", "-o", tmp_path / "q.pt",
-              "--test-data", "mnist5k?limit=200")
+    res = cli(
+        "quantize",
+        tmp_path / "m.pt",
+        "--bits",
+        "4",
+        "--scheme",
+        "mmse",
+        "-o",
+        tmp_path / "q.pt",
+        "--test-data",
+        "mnist5k?limit=200",
+    )
     assert res.code == 0, res.err
     assert "SQNR" in res.out
     assert cli("quantize", tmp_path / "m.pt", "--bits", "9", "-o", tmp_path / "x.pt").code == 2
@@ -123,18 +139,29 @@ def test_export_onnx_and_int8(tmp_path, cli):
     res = cli("export", tmp_path / "r.pt", "-o", tmp_path / "r.onnx")
     assert res.code == 0, res.err
     import onnxruntime as ort
+
     sess = ort.InferenceSession(str(tmp_path / "r.onnx"))
     x = np.random.randn(5, 1, 32, 32).astype(np.float32)  # dynamic batch axis
     with torch.no_grad():
         ref = m.eval()(torch.from_numpy(x)).numpy()
     assert np.abs(sess.run(None, {"input": x})[0] - ref).max() < 1e-4
-    res = cli("export", tmp_path / "r.pt", "--int8", "--calib-data", "mnist5k?size=32&limit=64",
-              "--data", "mnist5k?size=32&limit=200", "-o", tmp_path / "q.onnx")
+    res = cli(
+        "export",
+        tmp_path / "r.pt",
+        "--int8",
+        "--calib-data",
+        "mnist5k?size=32&limit=64",
+        "--data",
+        "mnist5k?size=32&limit=200",
+        "-o",
+        tmp_path / "q.onnx",
+    )
     assert res.code == 0, res.err
     assert "INT8" in res.out and (tmp_path / "q.onnx").stat().st_size < (tmp_path / "r.onnx").stat().st_size
     rep = cli("report", tmp_path / "q.onnx", "--data", "mnist5k?size=32&limit=100", "--json", "-")
     assert rep.code == 0, rep.err
     import json
+
     assert json.loads(rep.out)["int8_params"] > 0
     assert cli("export", tmp_path / "r.pt", "--int8", "-o", tmp_path / "z.onnx").code == 2  # no calib data
 

@@ -5,6 +5,7 @@ Only the sizes below change, each a literal text of the README that must be ther
 fails here rather than silently running something else): less data, fewer epochs, and a pipeline recipe of one
 candidate. The calls, their arguments and the files they write are the README's.
 """
+
 import re
 from pathlib import Path
 
@@ -24,16 +25,20 @@ FAST = {
     "max_accuracy_drop=0.5)": "max_accuracy_drop=0.5, recipe=ONE_CANDIDATE, latency=False)",
 }
 # the pipeline's default recipe searches six sparsities of 3 rounds and 12 epochs each, then five codebooks
-ONE_CANDIDATE = {"version": 2, "stage": [
-    {"method": "threshold", "sparsity": [0.9], "rounds": 1, "finetune": {"epochs": 1}},
-    {"method": "quantize", "scheme": "kmeans", "bits": [{"conv": 8, "linear": 5}], "finetune": {"epochs": 0}}]}
+ONE_CANDIDATE = {
+    "version": 2,
+    "stage": [
+        {"method": "threshold", "sparsity": [0.9], "rounds": 1, "finetune": {"epochs": 1}},
+        {"method": "quantize", "scheme": "kmeans", "bits": [{"conv": 8, "linear": 5}], "finetune": {"epochs": 0}},
+    ],
+}
 
 
 def library_blocks(text: str) -> list[str]:
     """The python blocks between '## The library' and the next section of the same level."""
     start = text.index("## The library\n")
     end = text.find("\n## ", start + 1)
-    return re.findall(r"```python\n(.*?)```", text[start:end if end >= 0 else None], re.S)
+    return re.findall(r"```python\n(.*?)```", text[start : end if end >= 0 else None], re.S)
 
 
 def fast(block: str) -> str:
@@ -60,4 +65,3 @@ def test_the_readme_library_tour_runs(tmp_path, monkeypatch, capsys):
     shown = capsys.readouterr().out
     assert "%" in shown and "top-5" in shown
     assert compress.load_model("lenet5-api.cpz") is not None and (tmp_path / "lenet5-int8.pt").is_file()
-

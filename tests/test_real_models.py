@@ -2,6 +2,7 @@
 concatenation, squeeze-excitation, inverted residuals with depthwise convs, grouped convs, channel
 shuffle. Each either prunes into a working, smaller model that computes what the original does with
 the removed channels zeroed, or keeps the channels it cannot remove safely and says why."""
+
 import copy
 import importlib
 import warnings
@@ -65,8 +66,9 @@ def _zero_removed(original, pruned):
     return original
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "resnext14_16x4d" else n
-                                  for n in FAMILIES])  # ResNeXt (2 minutes): grouped convs are RegNet's too
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "resnext14_16x4d" else n for n in FAMILIES]
+)  # ResNeXt (2 minutes): grouped convs are RegNet's too
 def test_l1_filter_prunes_real_architectures(name):
     m, shape = _model(name)
     _randomise(m)
@@ -103,8 +105,9 @@ def test_channel_shuffle_keeps_the_shuffled_channels_and_prunes_the_rest():
     macs0 = count_macs(m, shape)
     res = run("prune", m, L1FilterConfig(ratio=0.5), Context(input_shape=shape))
     assert macs0 / count_macs(res.model, shape) > 1.5
-    assert any(n.startswith("kept features.stage1.unit2.expand_conv3's channels") and "channel shuffle" in n
-               for n in res.notes)
+    assert any(
+        n.startswith("kept features.stage1.unit2.expand_conv3's channels") and "channel shuffle" in n for n in res.notes
+    )
     x = torch.randn(2, *shape[1:])
     torch.testing.assert_close(res.model(x), _zero_removed(original, res.model)(x), rtol=1e-4, atol=1e-4)
 
@@ -123,8 +126,13 @@ def test_convnext_blocks_prune_as_far_as_torch_pruning_does():
     run("prune", m, L1FilterConfig(ratio=0.5), Context(input_shape=shape))
     with warnings.catch_warnings():  # torch-pruning's note on the layer-scale Parameters
         warnings.simplefilter("ignore")
-        tp.pruner.MetaPruner(ref, torch.zeros(shape), importance=tp.importance.MagnitudeImportance(p=1),
-                             pruning_ratio=0.5, ignored_layers=[ref.classifier[2]]).step()
+        tp.pruner.MetaPruner(
+            ref,
+            torch.zeros(shape),
+            importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=0.5,
+            ignored_layers=[ref.classifier[2]],
+        ).step()
     ours, theirs = macs0 / count_macs(m, shape), macs0 / count_macs(ref, shape)
     assert ours > 3.0 and ours >= 0.99 * theirs, (ours, theirs)
     blk = m.features[1][0]
@@ -223,8 +231,9 @@ MATRIX = {  # family: (--arch callable, input size, what it exercises)
 SLOW_MATRIX = {"densenet40", "seresnet20", "convnext", "vit"}  # ConvNeXt's and ViT's every method runs below
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if MATRIX[n][1] >= 224 or n in SLOW_MATRIX
-                                  else n for n in MATRIX])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if MATRIX[n][1] >= 224 or n in SLOW_MATRIX else n for n in MATRIX]
+)
 def test_a_users_own_classes_go_through_every_command_without_trust(name, tmp_path, cli):
     """state_dict + --arch in; prune -> quantize -> encode -> decode -> report, each reading the last
     one's file with the same --arch and never --trust-pickle; the decoded model computes exactly what
@@ -235,14 +244,21 @@ def test_a_users_own_classes_go_through_every_command_without_trust(name, tmp_pa
     mod, fn = arch.split(":")
     torch.manual_seed(0)
     torch.save(getattr(importlib.import_module(mod), fn)().state_dict(), tmp_path / "in.pt")
-    steps = [["prune", tmp_path / "in.pt", "--method", "l1-filter", "--ratio", "0.3", "-o", tmp_path / "p.pt"],
-             ["quantize", tmp_path / "p.pt", "--bits", "4", "--scheme", "kmeans", "-o", tmp_path / "q.pt"],
-             ["encode", tmp_path / "q.pt", "-o", tmp_path / "q.cpz"],
-             ["decode", tmp_path / "q.cpz", "-o", tmp_path / "d.pt"],
-             ["report", tmp_path / "d.pt"]]
+    steps = [
+        ["prune", tmp_path / "in.pt", "--method", "l1-filter", "--ratio", "0.3", "-o", tmp_path / "p.pt"],
+        ["quantize", tmp_path / "p.pt", "--bits", "4", "--scheme", "kmeans", "-o", tmp_path / "q.pt"],
+        ["encode", tmp_path / "q.pt", "-o", tmp_path / "q.cpz"],
+        ["decode", tmp_path / "q.cpz", "-o", tmp_path / "d.pt"],
+        ["report", tmp_path / "d.pt"],
+    ]
     for args in steps:
-        res = cli("-q", *args, "--arch", arch, *(["--input-shape", f"1,3,{size},{size}"] if args[0] != "encode" and
-                                                 args[0] != "decode" else []))
+        res = cli(
+            "-q",
+            *args,
+            "--arch",
+            arch,
+            *(["--input-shape", f"1,3,{size},{size}"] if args[0] != "encode" and args[0] != "decode" else []),
+        )
         assert res.code == 0, (args[0], res.err)
     x = torch.randn(2, 3, size, size)
     q, d = load_model(tmp_path / "q.pt", arch=arch).eval(), load_model(tmp_path / "d.pt", arch=arch).eval()
@@ -256,13 +272,15 @@ def test_a_users_own_classes_go_through_every_command_without_trust(name, tmp_pa
     # the refusal says how to rebuild it, and never suggests running a path that the file names
     assert one_line_error(without) and "--arch module:callable" in without.err and arch not in without.err
     assert sum(p.numel() for p in q.parameters()) < 0.8 * sum(
-        p.numel() for p in getattr(importlib.import_module(mod), fn)().parameters())
+        p.numel() for p in getattr(importlib.import_module(mod), fn)().parameters()
+    )
     for f in ("p.pt", "q.pt", "d.pt", "g.pt"):  # plain data: torch's safe loader reads it, nothing is unpickled
         assert set(torch.load(tmp_path / f, weights_only=True)) == {"compress_cpz"}  # the weights once
 
 
-@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if MATRIX[f][1] >= 224 else f
-                                    for f in MATRIX])  # the 224x224 ones, 15-20 s each: in make bench
+@pytest.mark.parametrize(
+    "family", [pytest.param(f, marks=pytest.mark.slow) if MATRIX[f][1] >= 224 else f for f in MATRIX]
+)  # the 224x224 ones, 15-20 s each: in make bench
 def test_every_method_on_real_families(family, tmp_path):
     """report numbers, threshold pruning, INT8 and 4-bit k-means, the .cpz round trip (bit-exact, rebuilt
     from the user's code), SVD factorization and ONNX INT8 export, on models of classes nobody here wrote."""

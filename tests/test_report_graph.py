@@ -1,6 +1,7 @@
 """The report of a model decoded from its stored graph (a .cpz of the user's own classes, read without their
 code) shows the graph: a row per group of nodes, each with its op kinds, MACs, parameters and output shape,
 and MACs that sum to the model's total."""
+
 import copy
 import json
 
@@ -92,8 +93,12 @@ def test_the_table_and_the_report_folder_show_the_graphs_rows(graph_cpz, cli, tm
 def test_a_zoo_models_layer_rows_are_still_its_modules():
     m = create_model("lenet5")
     rows = layer_table(m, (1, 1, 28, 28))
-    assert [(r["name"], r["type"]) for r in rows] == [("conv1", "Conv2d"), ("conv2", "Conv2d"), ("fc1", "Linear"),
-                                                      ("fc2", "Linear")]
+    assert [(r["name"], r["type"]) for r in rows] == [
+        ("conv1", "Conv2d"),
+        ("conv2", "Conv2d"),
+        ("fc1", "Linear"),
+        ("fc2", "Linear"),
+    ]
     assert all("nodes" not in r for r in rows)
     assert rows[0]["macs"] == 20 * 24 * 24 * 25 and rows[0]["output_shape"] == [20, 24, 24]
 

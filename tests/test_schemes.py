@@ -1,4 +1,5 @@
 """Quantization schemes are a registry: the built-in power-of-two scheme, and one a user registers."""
+
 import copy
 
 import pytest
@@ -51,7 +52,7 @@ def test_pow2_scale_is_the_least_error_one(lenet5_trained):
         codes, tab = quantize_pow2(w, bits)
         dq = torch.where(codes >= 0, tab[codes.long().clamp_min(0)], torch.zeros(())).view_as(w)
         naive = table(float(w.abs().max()), min(2 ** (bits - 1), MAX_EXPONENTS)).double()
-        full = torch.cat([naive[:len(naive) // 2], torch.zeros(1, dtype=torch.float64), naive[len(naive) // 2:]])
+        full = torch.cat([naive[: len(naive) // 2], torch.zeros(1, dtype=torch.float64), naive[len(naive) // 2 :]])
         nearest = full[(w.flatten().double()[:, None] - full[None]).abs().argmin(1)]
         errs[bits] = float((w - dq).pow(2).sum())
         assert errs[bits] <= float((w.flatten().double() - nearest).pow(2).sum()) * 1.001
@@ -80,6 +81,7 @@ def test_unknown_scheme_is_refused_with_the_known_ones(cli, tmp_path, lenet5_tra
     with pytest.raises(ValueError, match="pow2"):
         QuantConfig(scheme="log")
     from compress.model_io import save_model
+
     save_model(lenet5_trained, tmp_path / "m.pt")
     res = cli("quantize", tmp_path / "m.pt", "--scheme", "log", "-o", tmp_path / "q.pt")
     assert res.code == 2 and "minmax" in res.err and "pow2" in res.err
@@ -89,6 +91,7 @@ def test_unknown_scheme_is_refused_with_the_known_ones(cli, tmp_path, lenet5_tra
 @pytest.fixture
 def ternary():
     """A user's scheme in a few lines: weights -t, 0, +t per layer (a codebook of two values)."""
+
     @register_scheme
     class Ternary(Scheme):
         name = "ternary-test"
@@ -101,6 +104,7 @@ def ternary():
             codes[flat > t / 2] = 1
             codes[flat < -t / 2] = 0
             return QuantState(bits, self.name, codes, codebook=torch.tensor([-t, t]))
+
     yield Ternary
     del SCHEMES["ternary-test"]
 
@@ -138,7 +142,9 @@ def test_a_reader_that_never_imported_quantize_knows_the_built_in_schemes(lenet5
     m = copy.deepcopy(lenet5_trained)
     quantize_(m, QuantConfig(bits=4, scheme="mmse"))
     save_cpz(m, tmp_path / "m.cpz")
-    code = ("import sys; from compress.cpz.container import load_cpz; m = load_cpz(sys.argv[1]); "
-            "from compress.quant_state import get_state; print(get_state(m.conv1).scheme)")
+    code = (
+        "import sys; from compress.cpz.container import load_cpz; m = load_cpz(sys.argv[1]); "
+        "from compress.quant_state import get_state; print(get_state(m.conv1).scheme)"
+    )
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.cpz")], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "mmse", r.stderr

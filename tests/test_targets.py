@@ -1,4 +1,5 @@
 """--target-macs / --target-params: l1-filter ranks channels across layers and lands on the target."""
+
 import importlib
 
 import pytest
@@ -59,16 +60,39 @@ def test_cli_target(cli, tmp_path, lenet5_trained):
     from compress.model_io import save_model
 
     save_model(lenet5_trained, tmp_path / "l5.pt")
-    r = cli("prune", tmp_path / "l5.pt", "-m", "l1-filter", "--target-macs", "0.5", "--epochs", "0", "--no-latency",
-            "--json", tmp_path / "r.json", "-o", tmp_path / "p.pt")
+    r = cli(
+        "prune",
+        tmp_path / "l5.pt",
+        "-m",
+        "l1-filter",
+        "--target-macs",
+        "0.5",
+        "--epochs",
+        "0",
+        "--no-latency",
+        "--json",
+        tmp_path / "r.json",
+        "-o",
+        tmp_path / "p.pt",
+    )
     assert r.code == 0, r.err
     assert "note: target MACs 0.500 of the input model: reached 0." in r.err
     import json
 
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["after"]["macs"] / res["before"]["macs"] == pytest.approx(0.5, rel=0.05)
-    r = cli("prune", tmp_path / "l5.pt", "-m", "threshold", "--target-macs", "0.5", "--train-data", "digits",
-            "-o", tmp_path / "c.pt")
+    r = cli(
+        "prune",
+        tmp_path / "l5.pt",
+        "-m",
+        "threshold",
+        "--target-macs",
+        "0.5",
+        "--train-data",
+        "digits",
+        "-o",
+        tmp_path / "c.pt",
+    )
     assert r.code == 2 and "--sparsity" in r.err and not (tmp_path / "c.pt").exists()
 
 
@@ -87,14 +111,17 @@ def test_channel_union_lands_on_its_target_and_fine_tunes_the_rest(target):
     fit(m, tr, FineTune(epochs=4, lr=3e-3, batch_size=32))
     shape = (1, 1, 8, 8)
     before = count_macs(m, shape)
-    res = run("prune", m, ChannelUnionConfig(target_macs=target, finetune=FineTune(epochs=3, lr=0.02, optimizer="sgd")),
-              Context(train=tr, val=va, input_shape=shape))
+    res = run(
+        "prune",
+        m,
+        ChannelUnionConfig(target_macs=target, finetune=FineTune(epochs=3, lr=0.02, optimizer="sgd")),
+        Context(train=tr, val=va, input_shape=shape),
+    )
     assert abs(count_macs(res.model, shape) / before / target - 1) <= 0.05
     assert any("removed by L1 ranking at" in n and "fine-tuned for the rest" in n for n in res.notes), res.notes
     accs = [r["accuracy"] for r in res.records if "accuracy" in r]
     cut = next(i for i, r in enumerate(res.records) if r.get("macs", before) < before)
     assert accs[-1] > res.records[cut]["accuracy"]  # the last quarter recovered accuracy after the cut
-
 
 
 def test_latency_target_prunes_and_reports_what_it_measured(cli, tmp_path):
@@ -109,8 +136,19 @@ def test_latency_target_prunes_and_reports_what_it_measured(cli, tmp_path):
     m = create_model("resnet20", in_channels=1)
     set_meta(m, input_shape=[1, 1, 32, 32])
     save_model(m, tmp_path / "r.pt")
-    r = cli("prune", tmp_path / "r.pt", "-m", "l1-filter", "--target-latency", "0.6", "--no-latency", "--json",
-            tmp_path / "r.json", "-o", tmp_path / "p.pt")
+    r = cli(
+        "prune",
+        tmp_path / "r.pt",
+        "-m",
+        "l1-filter",
+        "--target-latency",
+        "0.6",
+        "--no-latency",
+        "--json",
+        tmp_path / "r.json",
+        "-o",
+        tmp_path / "p.pt",
+    )
     assert r.code == 0, r.err
     assert "note: target latency 0.600 of the input model: reached 0." in r.err
     res = json.loads((tmp_path / "r.json").read_text())
@@ -120,8 +158,18 @@ def test_latency_target_prunes_and_reports_what_it_measured(cli, tmp_path):
         L1FilterConfig(target_latency=0.5, target_macs=0.5)
     with pytest.raises(ValueError, match="target_latency"):
         L1FilterConfig(target_latency=1.5)
-    r = cli("prune", tmp_path / "r.pt", "-m", "channel-union", "--target-latency", "0.5", "--train-data", "digits",
-            "-o", tmp_path / "c.pt")
+    r = cli(
+        "prune",
+        tmp_path / "r.pt",
+        "-m",
+        "channel-union",
+        "--target-latency",
+        "0.5",
+        "--train-data",
+        "digits",
+        "-o",
+        tmp_path / "c.pt",
+    )
     assert r.code == 2 and "--target-macs" in r.err
 
 
@@ -137,8 +185,9 @@ def test_importance_is_chosen_by_name_and_a_new_one_is_one_class():
         m.bn1.weight[:8] = 1e-3
         m.conv1.weight[:8] *= 100
     shape = (1, 1, 32, 32)
-    res = run("prune", m, L1FilterConfig(ratio={"conv1": 8, "_default": 0}, importance="bn-scale"),
-              Context(input_shape=shape))
+    res = run(
+        "prune", m, L1FilterConfig(ratio={"conv1": 8, "_default": 0}, importance="bn-scale"), Context(input_shape=shape)
+    )
     assert bool((res.model.bn1.weight.abs() > 0.5).all())  # the eight tiny-gamma channels went
 
     calls = []

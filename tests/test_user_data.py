@@ -1,5 +1,6 @@
 """The data users have: their own Dataset class, a DataLoader, a folder of images and a memory-mapped .npz,
 through every command; their loss and metric; distillation; bad data of every kind as one-line errors."""
+
 import json
 import textwrap
 
@@ -134,8 +135,12 @@ KINDS = ["dataset", "loader", "folder", "npz"]
 
 
 def spec_of(kind, root):
-    return {"dataset": f"{root}/userdata.py:dataset", "loader": f"{root}/userdata.py:loader",
-            "folder": f"folder:{root}/png", "npz": f"{root}/digits.npz"}[kind]
+    return {
+        "dataset": f"{root}/userdata.py:dataset",
+        "loader": f"{root}/userdata.py:loader",
+        "folder": f"folder:{root}/png",
+        "npz": f"{root}/digits.npz",
+    }[kind]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -159,7 +164,8 @@ def test_each_kind_reads_the_same_samples(kind, sources_dir, digits240, mmap_eve
 
 def _recipe(tmp_path):
     p = tmp_path / "tiny.toml"
-    p.write_text(textwrap.dedent("""
+    p.write_text(
+        textwrap.dedent("""
         version = 2
         [[stage]]
         method = "threshold"
@@ -171,14 +177,16 @@ def _recipe(tmp_path):
         scheme = "kmeans"
         bits = 6
         finetune = { epochs = 0.2 }
-    """))
+    """)
+    )
     return p
 
 
 # a Dataset's and a DataLoader's every command runs in make bench (15 s each); tests/test_data_kinds.py gives both
 # to every library function that takes data, in make test
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k in ("dataset", "loader") else k
-                                  for k in KINDS])
+@pytest.mark.parametrize(
+    "kind", [pytest.param(k, marks=pytest.mark.slow) if k in ("dataset", "loader") else k for k in KINDS]
+)
 def test_every_command_on_each_kind(kind, sources_dir, model_file, tmp_path, cli, mmap_everything):
     """report, prune (threshold, l1-filter, channel-union), quantize --train-data, factorize, export --int8
     --calib-data and pipeline, each on data of this kind; every accuracy names it."""
@@ -187,15 +195,51 @@ def test_every_command_on_each_kind(kind, sources_dir, model_file, tmp_path, cli
     common = ["--no-latency", "--train-data", spec]
     runs = {
         "report": ["report", m, "--data", spec, "--no-latency"],
-        "threshold": ["prune", m, "--sparsity", "0.6", "--rounds", "1", "--epochs", "0.3", *common, "-o", tmp_path / "t.pt"],
+        "threshold": [
+            "prune",
+            m,
+            "--sparsity",
+            "0.6",
+            "--rounds",
+            "1",
+            "--epochs",
+            "0.3",
+            *common,
+            "-o",
+            tmp_path / "t.pt",
+        ],
         "l1": ["prune", m, "-m", "l1-filter", "--ratio", "0.25", "--epochs", "0.3", *common, "-o", tmp_path / "l.pt"],
         "cu": ["prune", m, "-m", "channel-union", "--epochs", "0.5", *common, "-o", tmp_path / "c.pt"],
-        "quantize": ["quantize", m, "--bits", "4", "--scheme", "kmeans", "--epochs", "0.3", *common, "-o",
-                     tmp_path / "q.pt"],
+        "quantize": [
+            "quantize",
+            m,
+            "--bits",
+            "4",
+            "--scheme",
+            "kmeans",
+            "--epochs",
+            "0.3",
+            *common,
+            "-o",
+            tmp_path / "q.pt",
+        ],
         "factorize": ["factorize", m, "--energy", "0.9", *common, "-o", tmp_path / "f.pt"],
         "export": ["export", m, "--int8", "--calib-data", spec, "--data", spec, "-o", tmp_path / "m.onnx"],
-        "pipeline": ["pipeline", m, "--train-data", spec, "--recipe", _recipe(tmp_path), "--max-accuracy-drop", "5",
-                     "--no-latency", "-o", tmp_path / "p.cpz", "--json", tmp_path / "p.json"],
+        "pipeline": [
+            "pipeline",
+            m,
+            "--train-data",
+            spec,
+            "--recipe",
+            _recipe(tmp_path),
+            "--max-accuracy-drop",
+            "5",
+            "--no-latency",
+            "-o",
+            tmp_path / "p.cpz",
+            "--json",
+            tmp_path / "p.json",
+        ],
     }
     for what, args in runs.items():
         r = cli(*args)
@@ -231,26 +275,48 @@ def test_workers_read_the_same_batches(sources_dir):
     d0 = data_mod.load(f"folder:{sources_dir}/png")
     d2 = data_mod.load(f"folder:{sources_dir}/png?workers=2")
     order = torch.randperm(N, generator=torch.Generator().manual_seed(0))
-    for (x0, y0), (x2, y2) in zip(data_mod.batches(d0, 50, order), data_mod.batches(d2, 50, order)):
+    for (x0, y0), (x2, y2) in zip(data_mod.batches(d0, 50, order), data_mod.batches(d2, 50, order), strict=False):
         assert torch.equal(x0, x2) and torch.equal(y0, y2)
 
 
 BAD = {
     "empty folder": (lambda root: root.mkdir(), "no class subfolders"),
-    "class without images": (lambda root: ((root / "0").mkdir(parents=True), (root / "1").mkdir(),
-                                           Image.new("L", (8, 8)).save(root / "0" / "a.png")), "holds no images"),
-    "corrupt image": (lambda root: ((root / "0").mkdir(parents=True),
-                                    Image.new("L", (28, 28)).save(root / "0" / "a.png"),
-                                    (root / "0" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")),
-                      "cannot read image"),
-    "truncated image": (lambda root: ((root / "0").mkdir(parents=True),
-                                      Image.new("L", (28, 28)).save(root / "0" / "a.png"),
-                                      Image.effect_noise((28, 28), 50).save(root / "0" / "b.png"),
-                                      (root / "0" / "b.png").write_bytes((root / "0" / "b.png").read_bytes()[:120])),
-                        "cannot read image"),
-    "mixed sizes": (lambda root: [((root / str(c)).mkdir(parents=True, exist_ok=True),
-                                   Image.new("L", (28 + 2 * (i % 2), 28)).save(root / str(c) / f"{i}.png"))
-                                  for c in range(2) for i in range(10)], "give one size"),
+    "class without images": (
+        lambda root: (
+            (root / "0").mkdir(parents=True),
+            (root / "1").mkdir(),
+            Image.new("L", (8, 8)).save(root / "0" / "a.png"),
+        ),
+        "holds no images",
+    ),
+    "corrupt image": (
+        lambda root: (
+            (root / "0").mkdir(parents=True),
+            Image.new("L", (28, 28)).save(root / "0" / "a.png"),
+            (root / "0" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really"),
+        ),
+        "cannot read image",
+    ),
+    "truncated image": (
+        lambda root: (
+            (root / "0").mkdir(parents=True),
+            Image.new("L", (28, 28)).save(root / "0" / "a.png"),
+            Image.effect_noise((28, 28), 50).save(root / "0" / "b.png"),
+            (root / "0" / "b.png").write_bytes((root / "0" / "b.png").read_bytes()[:120]),
+        ),
+        "cannot read image",
+    ),
+    "mixed sizes": (
+        lambda root: [
+            (
+                (root / str(c)).mkdir(parents=True, exist_ok=True),
+                Image.new("L", (28 + 2 * (i % 2), 28)).save(root / str(c) / f"{i}.png"),
+            )
+            for c in range(2)
+            for i in range(10)
+        ],
+        "give one size",
+    ),
 }
 
 
@@ -265,13 +331,28 @@ def test_bad_folders_are_one_line_errors(case, tmp_path, cli, model_file):
     assert len(r.err.strip().splitlines()) == 1 and not out.exists()
 
 
-@pytest.mark.parametrize("fn,message", [("not_pairs", "not (input, target)"),
-                                        ("breaks", "reading sample 7 failed: RuntimeError: disk went away")])
+@pytest.mark.parametrize(
+    "fn,message",
+    [("not_pairs", "not (input, target)"), ("breaks", "reading sample 7 failed: RuntimeError: disk went away")],
+)
 @pytest.mark.parametrize("workers", [0, 2])
 def test_bad_datasets_are_one_line_errors(fn, message, workers, sources_dir, cli, model_file, tmp_path):
     out = tmp_path / "out.pt"
-    r = cli("prune", model_file, "--sparsity", "0.5", "--epochs", "1", "--no-latency", "--workers", workers,
-            "--train-data", f"{sources_dir}/userdata.py:{fn}", "-o", out)
+    r = cli(
+        "prune",
+        model_file,
+        "--sparsity",
+        "0.5",
+        "--epochs",
+        "1",
+        "--no-latency",
+        "--workers",
+        workers,
+        "--train-data",
+        f"{sources_dir}/userdata.py:{fn}",
+        "-o",
+        out,
+    )
     assert r.code != 0 and message in r.err and "Traceback" not in r.err, r.err
     assert len(r.err.strip().splitlines()) == 1 and not out.exists()
 
@@ -279,9 +360,25 @@ def test_bad_datasets_are_one_line_errors(fn, message, workers, sources_dir, cli
 def test_users_loss_and_top5_drive_the_pipeline(sources_dir, model_file, tmp_path, cli):
     """--loss and --metric top5 end to end: the loss is the one fine-tuning calls, the budget is in top-5 points."""
     spec = f"{sources_dir}/userdata.py:dataset"
-    r = cli("pipeline", model_file, "--train-data", spec, "--recipe", _recipe(tmp_path), "--loss",
-            f"{sources_dir}/userdata.py:smooth", "--metric", "top5", "--max-accuracy-drop", "1", "--no-latency",
-            "-o", tmp_path / "p.cpz", "--json", tmp_path / "p.json")
+    r = cli(
+        "pipeline",
+        model_file,
+        "--train-data",
+        spec,
+        "--recipe",
+        _recipe(tmp_path),
+        "--loss",
+        f"{sources_dir}/userdata.py:smooth",
+        "--metric",
+        "top5",
+        "--max-accuracy-drop",
+        "1",
+        "--no-latency",
+        "-o",
+        tmp_path / "p.cpz",
+        "--json",
+        tmp_path / "p.json",
+    )
     assert r.code == 0, r.err
     s = json.loads((tmp_path / "p.json").read_text())
     assert s["metric"] == "top5" and s["base_accuracy"] >= 90.0  # top-5 of a trained LeNet-5
@@ -315,11 +412,12 @@ def test_targets_need_not_be_labels(lenet5_trained, digits240):
         return -100.0 * float(F.mse_loss(F.softmax(out, 1), target))
 
     ctx = Context(train=data, val=data, loss=mse, metric=neg_mse)
-    m = prune_(copy.deepcopy(lenet5_trained), ThresholdConfig(sparsity=0.5, rounds=1, finetune=FineTune(epochs=0.5)),
-               ctx=ctx)
+    m = prune_(
+        copy.deepcopy(lenet5_trained), ThresholdConfig(sparsity=0.5, rounds=1, finetune=FineTune(epochs=0.5)), ctx=ctx
+    )
     assert ctx.score(m, data) > -1.0  # still close to the teacher's probabilities
     with pytest.raises(InputError, match="not integer class labels"):
-        data.num_classes
+        _ = data.num_classes
 
 
 def test_distillation_learns_from_the_input_model(lenet5_trained, digits240):
@@ -352,8 +450,19 @@ def test_distillation_learns_from_the_input_model(lenet5_trained, digits240):
 def test_iterable_data_with_its_own_validation(sources_dir, model_file, tmp_path, cli):
     """An iterable Dataset trains front to back; it cannot be split, so --val-data judges (a folder here)."""
     out = tmp_path / "p.pt"
-    base = ["prune", model_file, "--sparsity", "0.6", "--rounds", "1", "--epochs", "1", "--no-latency",
-            "--train-data", f"{sources_dir}/userdata.py:stream"]
+    base = [
+        "prune",
+        model_file,
+        "--sparsity",
+        "0.6",
+        "--rounds",
+        "1",
+        "--epochs",
+        "1",
+        "--no-latency",
+        "--train-data",
+        f"{sources_dir}/userdata.py:stream",
+    ]
     r = cli(*base, "-o", out)
     assert r.code != 0 and "cannot be split" in r.err and "--val-data" in r.err and not out.exists()
     r = cli(*base, "--val-data", f"folder:{sources_dir}/png", "-o", out)
@@ -375,8 +484,12 @@ def test_data_with_options_can_go_to_spawned_loader_processes(sources_dir, mmap_
     back = pickle.loads(blob)
     assert isinstance(back.base.base.x, np.memmap)
     assert torch.equal(back.batch([0, 1, 2])[0], d.batch([0, 1, 2])[0]) and back.sample_shape == (3, 32, 32)
-    loader = torch.utils.data.DataLoader(data_mod.core._Chunks(d, False), batch_size=None,
-                                         sampler=[torch.arange(0, 20), torch.arange(20, 40)], num_workers=2,
-                                         multiprocessing_context=multiprocessing.get_context("spawn"))
+    loader = torch.utils.data.DataLoader(
+        data_mod.core._Chunks(d, False),
+        batch_size=None,
+        sampler=[torch.arange(0, 20), torch.arange(20, 40)],
+        num_workers=2,
+        multiprocessing_context=multiprocessing.get_context("spawn"),
+    )
     got = torch.cat([x for x, _ in loader])
     assert torch.equal(got, d.batch(range(40))[0])

@@ -18,6 +18,7 @@ submodule not listed elsewhere); the longest entry that matches a module places 
 modules of its own layer or of lower ones; imports within a layer must not form a cycle. A module that
 no entry places is an error, so a new module has to be given its place.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS: list[list[str]] = [
     # leaves: errors, limits, small helpers, the user's own code
-    ["compress.errors", "compress.budget", "compress.progress", "compress.meta", "compress.counting",
-     "compress.filesystem", "compress.distributed", "compress.user_code", "compress.kinds"],
+    [
+        "compress.errors",
+        "compress.budget",
+        "compress.progress",
+        "compress.meta",
+        "compress.counting",
+        "compress.filesystem",
+        "compress.distributed",
+        "compress.user_code",
+        "compress.kinds",
+    ],
     # the vocabulary every method shares: configs, quantizer state and its schemes' registry, masks
     ["compress.config", "compress.quant_state", "compress.masks"],
     # datasets and model definitions
@@ -99,9 +109,13 @@ def imports(name: str, path: Path, mods: dict[str, Path]) -> list[tuple[str, int
                 subs = [f"{module}.{a.name}" for a in child.names if f"{module}.{a.name}" in mods]
                 # `from pkg import mod` names pkg.mod; pkg itself only when a name is not a submodule
                 targets = subs + ([module] if len(subs) < len(child.names) else [])
-            elif (isinstance(child, ast.Call) and getattr(child.func, "attr", getattr(child.func, "id", None))
-                  == "import_module" and child.args and isinstance(child.args[0], ast.Constant)
-                  and isinstance(child.args[0].value, str)):
+            elif (
+                isinstance(child, ast.Call)
+                and getattr(child.func, "attr", getattr(child.func, "id", None)) == "import_module"
+                and child.args
+                and isinstance(child.args[0], ast.Constant)
+                and isinstance(child.args[0].value, str)
+            ):
                 targets = [child.args[0].value]
             for t in targets:
                 dep, named = resolve(t), True
@@ -172,8 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("package", nargs="?", default=str(ROOT / "compress"))
     parser.add_argument("--stats", action="store_true", help="count the imports made inside functions")
-    parser.add_argument("--allow-cycle", action="append", default=[], metavar="PACKAGE",
-                        help="report a cycle wholly inside PACKAGE (e.g. compress.cli) as a note, not a violation")
+    parser.add_argument(
+        "--allow-cycle",
+        action="append",
+        default=[],
+        metavar="PACKAGE",
+        help="report a cycle wholly inside PACKAGE (e.g. compress.cli) as a note, not a violation",
+    )
     args = parser.parse_args(argv)
     mods = discover(Path(args.package).resolve())
     edges = {m: imports(m, p, mods) for m, p in mods.items()}

@@ -6,6 +6,7 @@
 Seeds are real .cpz files of small models. Every input must end in a model or a FormatError, within
 the decode budget; anything else (another exception, a hang, a crash) is a finding.
 """
+
 from __future__ import annotations
 
 import sys

@@ -5,6 +5,7 @@
 Exits non-zero at the first command that fails, printing it. The commands use the relative paths
 the README shows; the folder starts empty, as a new user's would.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,7 @@ def commands(readme: Path) -> list[str]:
     """Every shell line after '## The command line' (comments stripped), then each Python block,
     in the order the README shows them. The set-up block (`make demo`, `make test`) comes before."""
     text = readme.read_text()
-    text = text[text.index("## The command line"):]
+    text = text[text.index("## The command line") :]
     out = []
     for lang, block in re.findall(r"```(sh|python)\n(.*?)```", text, re.S):
         if lang == "python":

@@ -3,6 +3,7 @@
 The Typer app is ``compress.cli.app``; each command module registers its commands with it, and
 ``compress.cli.runner.main`` runs one command line.
 """
+
 from compress.cli import coding_cmds, factorize_cmd, model_cmds, pipeline_cmd, prune_cmds, quant_cmds, zoo  # noqa: F401
 from compress.cli.runner import entry, main
 

@@ -2,6 +2,7 @@
 
 Command modules import ``app`` from here; ``compress.cli`` imports the command modules and runs the app.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,9 +16,15 @@ from compress.cli.options import Group
 
 GLOBAL_FLAGS = ("--debug", "--quiet", "-q", "--verbose", "-v")  # accepted before or after the command
 
-app = typer.Typer(name="compress", cls=Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  context_settings={"help_option_names": ["-h", "--help"]},
-                  help="Make trained PyTorch CNNs smaller and faster, and prove it with numbers.")
+app = typer.Typer(
+    name="compress",
+    cls=Group,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Make trained PyTorch CNNs smaller and faster, and prove it with numbers.",
+)
 
 
 def _version(value: bool) -> None:
@@ -29,18 +36,28 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", metavar="", help="Show tracebacks for errors (anywhere on "
-                                     "the line)."),
-          verbose: bool = typer.Option(False, "--verbose", "-v", metavar="", help="Log what the library does."),
-          quiet: bool = typer.Option(False, "--quiet", "-q", metavar="", help="Only results and errors: no progress, "
-                                     "notes or 'wrote' lines."),
-          device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N for training and evaluation. "
-                                     "Under `torchrun --nproc-per-node N compress ...` fine-tuning runs on N "
-                                     "processes."),
-          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, metavar="",
-                                       help="Show the version and exit.")):
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+def _root(
+    debug: bool = typer.Option(False, "--debug", metavar="", help="Show tracebacks for errors (anywhere on the line)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", metavar="", help="Log what the library does."),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", metavar="", help="Only results and errors: no progress, notes or 'wrote' lines."
+    ),
+    device: str = typer.Option(
+        "cpu",
+        "--device",
+        help="cpu, cuda or cuda:N for training and evaluation. "
+        "Under `torchrun --nproc-per-node N compress ...` fine-tuning runs on N "
+        "processes.",
+    ),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, metavar="", help="Show the version and exit."
+    ),
+):
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     from compress.errors import UsageError
 
     if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):

@@ -1,4 +1,5 @@
 """``compress encode`` and ``compress decode``: the .cpz container."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,11 +13,22 @@ from compress.cli.options import MODEL, ArchOpt, Command, ForceOpt, ModelArg, Mo
 
 @app.command(cls=Command)
 @grouped
-def encode(model: ModelArg, output: OutOpt, load: ModelOptions, force: ForceOpt = False,
-           graph: Annotated[bool, flag(
-               "--graph/--no-graph", panel=MODEL, help="For a model of your own classes, also store its graph (a few KB: "
-               "compress's own list of ATen operator calls), so the .cpz decodes and runs without your code; "
-               "decoders check it, and total its cost, before running it.")] = True):
+def encode(
+    model: ModelArg,
+    output: OutOpt,
+    load: ModelOptions,
+    force: ForceOpt = False,
+    graph: Annotated[
+        bool,
+        flag(
+            "--graph/--no-graph",
+            panel=MODEL,
+            help="For a model of your own classes, also store its graph (a few KB: "
+            "compress's own list of ATen operator calls), so the .cpz decodes and runs without your code; "
+            "decoders check it, and total its cost, before running it.",
+        ),
+    ] = True,
+):
     """Huffman-code a (pruned, quantized) model into one compact, checked .cpz file.
 
     Examples:
@@ -34,14 +46,30 @@ def encode(model: ModelArg, output: OutOpt, load: ModelOptions, force: ForceOpt 
     m = opts.load(model)
     stats = save_cpz(m, output, force=force, graph=graph, input_shape=opts.input_shape)
     rows = [tensor_row(e) for e in stats["tensors"]]
-    out.print(table(f"{output}", ["tensor", "encoding", "mode", "bits/weight", "index bytes", "Huffman gain", "bytes"],
-                    [[r["name"], r["enc"] + (f" {r['bits']}b" if r.get("bits") else ""), r["mode"],
-                      r["bits_per_weight"], r.get("index_bytes", "-"),
-                      f"{r['huffman_gain']:.2f}x" if "huffman_gain" in r else "-", r["bytes"]] for r in rows]))
+    out.print(
+        table(
+            f"{output}",
+            ["tensor", "encoding", "mode", "bits/weight", "index bytes", "Huffman gain", "bytes"],
+            [
+                [
+                    r["name"],
+                    r["enc"] + (f" {r['bits']}b" if r.get("bits") else ""),
+                    r["mode"],
+                    r["bits_per_weight"],
+                    r.get("index_bytes", "-"),
+                    f"{r['huffman_gain']:.2f}x" if "huffman_gain" in r else "-",
+                    r["bytes"],
+                ]
+                for r in rows
+            ],
+        )
+    )
     dense = 4 * count_params(m)
     size = stats["file_bytes"]
-    out.print(f"{size:,} bytes (manifest {stats['manifest_bytes']:,}); dense FP32 weights {dense:,} bytes: "
-              f"[bold]{dense / size:.2f}x smaller[/bold]")
+    out.print(
+        f"{size:,} bytes (manifest {stats['manifest_bytes']:,}); dense FP32 weights {dense:,} bytes: "
+        f"[bold]{dense / size:.2f}x smaller[/bold]"
+    )
     if stats["graph_bytes"]:
         out.print(f"graph: {stats['graph_bytes']:,} bytes; it decodes without your code (or with --arch)")
     else:

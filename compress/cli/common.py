@@ -2,13 +2,14 @@
 
 Results go to stdout (a table, or JSON); progress, warnings and errors go to stderr.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -18,6 +19,7 @@ from compress.errors import CompressError, UsageError, printable
 state: dict = {"device": "cpu"}  # set by the root callback (--device)
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
     """'1,1,28,28' (or 1x1x28x28) -> (1, 1, 28, 28); the batch dimension is always 1."""
@@ -100,6 +102,7 @@ def fmt(v: Any) -> str:
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     from rich.markup import escape  # names like "mnist5k[val]" are text, not markup; printable: a name from a
+
     # file never carries a control sequence to the terminal
     t = Table(title=escape(printable(title)), title_justify="left")
     for i, c in enumerate(columns):
@@ -116,7 +119,7 @@ def before_after(before: dict, after: dict, title: str = "before / after") -> Ta
     return table(title, ["", "before", "after", "change"], before_after_rows(before, after))
 
 
-def use_threads(threads: Optional[int]) -> None:
+def use_threads(threads: int | None) -> None:
     """--threads: for the work and for latency timing alike (``metrics.timing_threads``)."""
     if threads:
         import os
@@ -127,13 +130,13 @@ def use_threads(threads: Optional[int]) -> None:
         os.environ["COMPRESS_THREADS"] = str(threads)
 
 
-def note_no_graph(why: Optional[str]) -> None:
+def note_no_graph(why: str | None) -> None:
     """Say why a .cpz of the user's classes holds no graph (it then decodes only with their --arch)."""
     if why:
         err.print(f"note: no graph stored ({why}); decoding needs your --arch")
 
 
-def check_reports(report_dir: Optional[str], json_out: Optional[str], force: bool) -> None:
+def check_reports(report_dir: str | None, json_out: str | None, force: bool) -> None:
     """Refuse, before any work, to replace an existing --report folder's report or --json file without --force."""
     from compress.errors import OutputExistsError
     from compress.report.render import check_folder
@@ -144,7 +147,7 @@ def check_reports(report_dir: Optional[str], json_out: Optional[str], force: boo
         raise OutputExistsError(f"{json_out} exists; pass --force to overwrite it")
 
 
-def emit_json(obj: Any, dest: Optional[str], force: bool = False) -> None:
+def emit_json(obj: Any, dest: str | None, force: bool = False) -> None:
     from compress.filesystem import write_text
 
     text = json.dumps(obj, indent=2, default=_json_default)

@@ -7,12 +7,14 @@ spells one differently; ``HIDDEN`` (and a command's own list) names the fields l
 A command of several methods (``prune --method``) shows which methods an option is for, and each method's
 default where they differ.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import inspect
 import re
-from typing import Annotated, Any, Callable, Literal, Optional
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, Optional
 
 from compress.cli.options import METHOD, TRAINING, flag, option
 
@@ -21,25 +23,31 @@ from compress.cli.options import METHOD, TRAINING, flag, option
 class Field:
     """How a command spells one config field, where the rule does not fit."""
 
-    flag: str | None = None            # the option's name (default: --field-name)
+    flag: str | None = None  # the option's name (default: --field-name)
     aliases: tuple[str, ...] = ()
-    invert: bool = False               # a flag that sets the field to False (--per-tensor: per_channel=False)
-    parse: Callable | None = None      # text or number -> the field's value
-    help: str | None = None            # instead of the Args: text
-    note: str = ""                     # after the help text
+    invert: bool = False  # a flag that sets the field to False (--per-tensor: per_channel=False)
+    parse: Callable | None = None  # text or number -> the field's value
+    help: str | None = None  # instead of the Args: text
+    note: str = ""  # after the help text
     kw: dict = dataclasses.field(default_factory=dict)  # more typer.Option arguments (min=...)
 
 
 # The parts every config has: how the commands spell them, and what they leave to --set.
 PARTS: dict[str, dict[str, Field]] = {
-    "select": {"names": Field("--layers", parse=lambda t: _patterns(t), help="Only these layers: comma-separated "
-                                                                           "glob patterns of layer names (fc*,layer3.*)."),
-               "exclude": Field(parse=lambda t: _patterns(t), help="Leave these layers alone: comma-separated glob "
-                                                                  "patterns.")},
+    "select": {
+        "names": Field(
+            "--layers",
+            parse=lambda t: _patterns(t),
+            help="Only these layers: comma-separated glob patterns of layer names (fc*,layer3.*).",
+        ),
+        "exclude": Field(parse=lambda t: _patterns(t), help="Leave these layers alone: comma-separated glob patterns."),
+    },
     "finetune": {"epochs": Field(kw={"min": 0}), "distill": Field(kw={"min": 0.01})},
 }
-HIDDEN = {"select": {"types", "filter_fn", "spare_first_last"},
-          "finetune": {"optimizer", "batch_size", "augment", "distill_weight", "seed", "weight_decay"}}
+HIDDEN = {
+    "select": {"types", "filter_fn", "spare_first_last"},
+    "finetune": {"optimizer", "batch_size", "augment", "distill_weight", "seed", "weight_decay"},
+}
 _PANEL = {"select": METHOD, "finetune": TRAINING}
 
 
@@ -84,6 +92,7 @@ def _mapping(cast: Callable, flag_name: str) -> Callable:
         from compress.cli.harness import parse_mapping
 
         return parse_mapping(text, flag_name, cast=cast)
+
     return parse
 
 
@@ -98,8 +107,8 @@ class _Opt:
     """One generated option: the field it sets in each config that has it."""
 
     name: str
-    part: str | None                     # None: the config's own field; else "select" / "finetune"
-    owners: dict[str, type]              # method name -> config class having the field
+    part: str | None  # None: the config's own field; else "select" / "finetune"
+    owners: dict[str, type]  # method name -> config class having the field
     spec: Field
     param: inspect.Parameter | None = None
 
@@ -115,8 +124,13 @@ class ConfigOptions:
     """The options generated from the configs of one command (``methods``: name -> config class, in the order
     shown); ``fields`` respells some, ``hidden`` leaves some to --set."""
 
-    def __init__(self, methods: dict[str, type], fields: dict[str, Field] | None = None,
-                 hidden: set[str] | frozenset = frozenset(), panel: str = METHOD):
+    def __init__(
+        self,
+        methods: dict[str, type],
+        fields: dict[str, Field] | None = None,
+        hidden: set[str] | frozenset = frozenset(),
+        panel: str = METHOD,
+    ):
         self.methods, self.fields, self.hidden, self.panel = methods, fields or {}, set(hidden), panel
         self.opts: dict[str, _Opt] = {}
         for method, cls in methods.items():
@@ -141,8 +155,9 @@ class ConfigOptions:
 
     def exposed(self, cls: type) -> set[str]:
         """The fields of ``cls`` (``part.name`` for a part's) these options set."""
-        return {o.name if o.part is None else f"{o.part}.{o.name}" for o in self.opts.values()
-                if cls in o.owners.values()}
+        return {
+            o.name if o.part is None else f"{o.part}.{o.name}" for o in self.opts.values() if cls in o.owners.values()
+        }
 
     def default(self, method: str, name: str) -> Any:
         """The default of field ``name`` ("part.name" for a part's) in ``method``'s config."""
@@ -197,8 +212,9 @@ class ConfigOptions:
             default = None if default is None else _show(default)
             help_text += " Per layer: NAME=VALUE,... (a layer, conv, linear or _default)."
         elif bound is not None and bound.kind is bool or isinstance(default, bool):
-            return _kw(o.name, Annotated[bool, flag(flag_name, *spec.aliases, help=help_text, panel=panel)],
-                       bool(default))
+            return _kw(
+                o.name, Annotated[bool, flag(flag_name, *spec.aliases, help=help_text, panel=panel)], bool(default)
+            )
         elif choices is not None:  # a registry's names as they are now, as copies: the value given is then its own
             # string, as one read from the command line is, not the registry's (pickled into a file's history, the
             # registry's own string would be written as a reference to its other use: other bytes)
@@ -209,11 +225,14 @@ class ConfigOptions:
         else:
             kind = bound.kind if bound is not None else str
         if default is None:
-            kind = Optional[kind]
+            kind = Optional[kind]  # noqa: UP045  (built at run time for Typer: typing.Optional, which every Typer version reads)
         shown = spec.kw.get("show_default", same and default is not None)
         kw = {k: v for k, v in spec.kw.items() if k != "show_default"}
-        return _kw(o.name, Annotated[kind, option(flag_name, *spec.aliases, help=help_text, panel=panel,
-                                                  show_default=shown, **kw)], default)
+        return _kw(
+            o.name,
+            Annotated[kind, option(flag_name, *spec.aliases, help=help_text, panel=panel, show_default=shown, **kw)],
+            default,
+        )
 
 
 def _kw(name: str, annotation: Any, default: Any) -> inspect.Parameter:

@@ -1,5 +1,6 @@
 """``compress factorize``: truncated-SVD factorization of Linear and Conv layers, its options made from
 FactorizeConfig (``config_options``)."""
+
 from __future__ import annotations
 
 import functools
@@ -19,9 +20,12 @@ from compress.cli.options import (
     lazy,
 )
 
-FIELDS = {"energy": Field(note="Give one of --energy, --rank-ratio, --rank."),
-          "epochs": Field(kw={"min": 0}, help="Fine-tuning epochs (0: none; with --train-data BatchNorm is "
-                          "re-estimated anyway).")}
+FIELDS = {
+    "energy": Field(note="Give one of --energy, --rank-ratio, --rank."),
+    "epochs": Field(
+        kw={"min": 0}, help="Fine-tuning epochs (0: none; with --train-data BatchNorm is re-estimated anyway)."
+    ),
+}
 
 
 @functools.cache
@@ -33,8 +37,16 @@ def spec() -> ConfigOptions:
 
 @app.command(cls=LazyCommand)
 @lazy(lambda: spec().params())
-def factorize(model: ModelArg, *, load: ModelOptions, data: DataOptions, settings: SetOpt = None,
-              dest: OutputOptions, runtime: RunOptions, **kw):
+def factorize(
+    model: ModelArg,
+    *,
+    load: ModelOptions,
+    data: DataOptions,
+    settings: SetOpt = None,
+    dest: OutputOptions,
+    runtime: RunOptions,
+    **kw,
+):
     """Replace Linear/Conv layers by two thin ones (truncated SVD) where that is smaller.
 
     Examples:
@@ -47,14 +59,36 @@ def factorize(model: ModelArg, *, load: ModelOptions, data: DataOptions, setting
     """
     cfg = spec().config("factorize", kw)
     use_threads(runtime.threads)
-    inp = load_inputs(model, dest.output, dest.force, load.load(), data.train_data, data.test_data,
-                      need_train=bool(kw["epochs"]), task=TaskOptions(data.loss, data.metric, data.workers,
-                                                                      data.val_data))
+    inp = load_inputs(
+        model,
+        dest.output,
+        dest.force,
+        load.load(),
+        data.train_data,
+        data.test_data,
+        need_train=bool(kw["epochs"]),
+        task=TaskOptions(data.loss, data.metric, data.workers, data.val_data),
+    )
     cfg = with_settings(cfg, settings)
-    res = run_command("factorize", cfg, inp, dest.output, dest.force, dest.report, dest.json_out,
-                      latency=not runtime.no_latency)
+    res = run_command(
+        "factorize", cfg, inp, dest.output, dest.force, dest.report, dest.json_out, latency=not runtime.no_latency
+    )
     rows = res["layers_changed"]
-    out.print(table("layers", ["layer", "shape", "rank", "params before", "params after", "rel. error", "action"],
-                    [[r["name"], "x".join(map(str, r["shape"])), f"{r.get('rank', '-')}/{r['full_rank']}",
-                      r["params_before"], r["params_after"], r["error"],
-                      r["action"] + (f" ({r['reason']})" if r.get("reason") else "")] for r in rows]))
+    out.print(
+        table(
+            "layers",
+            ["layer", "shape", "rank", "params before", "params after", "rel. error", "action"],
+            [
+                [
+                    r["name"],
+                    "x".join(map(str, r["shape"])),
+                    f"{r.get('rank', '-')}/{r['full_rank']}",
+                    r["params_before"],
+                    r["params_after"],
+                    r["error"],
+                    r["action"] + (f" ({r['reason']})" if r.get("reason") else ""),
+                ]
+                for r in rows
+            ],
+        )
+    )

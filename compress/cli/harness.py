@@ -3,6 +3,7 @@
 Commands only parse options and build a config; ``run_command`` does the rest through the
 library's one contract (``compress.method.run``) and prints the ``StageResult`` it returns.
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,14 +26,14 @@ class Inputs:
     """What a command loaded: the model and the data splits."""
 
     model: nn.Module
-    train: Any = None   # fine-tuning data (the rest of --train-data)
-    val: Any = None     # held out of --train-data (val_fraction of it): the accuracy the tables show
+    train: Any = None  # fine-tuning data (the rest of --train-data)
+    val: Any = None  # held out of --train-data (val_fraction of it): the accuracy the tables show
     val_fraction: float = 0.0
     file_bytes: int | None = None  # of the input file
-    test: Any = None    # --test-data
+    test: Any = None  # --test-data
     input_shape: tuple | None = None
     before: dict = field(default_factory=dict)
-    loss: Any = None    # --loss (resolved), None: cross-entropy
+    loss: Any = None  # --loss (resolved), None: cross-entropy
     metric: Any = None  # --metric (resolved ``compress.scoring.Metric``)
 
 
@@ -65,8 +66,16 @@ def check_output(model_path: str, output: str, force: bool) -> None:
         raise OutputExistsError("the output would overwrite the input; choose another -o or pass --force")
 
 
-def load_inputs(model_path: str, output: str | None, force: bool, load: LoadOptions, train_data=None,
-                test_data=None, need_train=False, task=None) -> Inputs:
+def load_inputs(
+    model_path: str,
+    output: str | None,
+    force: bool,
+    load: LoadOptions,
+    train_data=None,
+    test_data=None,
+    need_train=False,
+    task=None,
+) -> Inputs:
     """Load the model and the data of a command: ``load`` says how the model is read (--arch, --trust-pickle,
     --input-shape), ``task`` its ``TaskOptions`` (--loss, --metric, --workers)."""
     from compress import data as data_mod
@@ -80,22 +89,27 @@ def load_inputs(model_path: str, output: str | None, force: bool, load: LoadOpti
     if output:
         check_output(model_path, output, force)
     if need_train and not train_data:
-        raise UsageError("this method trains: pass --train-data SPEC (e.g. mnist5k), or --epochs 0 to run it "
-                         "without fine-tuning (and --test-data to see what that costs)")
+        raise UsageError(
+            "this method trains: pass --train-data SPEC (e.g. mnist5k), or --epochs 0 to run it "
+            "without fine-tuning (and --test-data to see what that costs)"
+        )
     model = load.load(model_path)
     import torch.nn as nn
 
     if not isinstance(model, nn.Module) or model.__class__.__module__.startswith("torch.jit"):
         raise UsageError("TorchScript models cannot be changed; pass a state_dict with --arch or a compress model")
     model = model.to(state["device"])
-    inp = Inputs(model, input_shape=load.input_shape, file_bytes=Path(model_path).stat().st_size,
-                 loss=loss, metric=metric)
+    inp = Inputs(
+        model, input_shape=load.input_shape, file_bytes=Path(model_path).stat().st_size, loss=loss, metric=metric
+    )
     if train_data and task.val_data:
         inp.train = check_data(model, data_mod.load(train_data, task.workers), task, metric, training=True)
         inp.val = check_data(model, data_mod.load(task.val_data, task.workers), task, metric)
     elif task.val_data:
-        raise UsageError("--val-data is what --train-data's fine-tuning is judged on: give --train-data too "
-                         "(or --test-data to only measure)")
+        raise UsageError(
+            "--val-data is what --train-data's fine-tuning is judged on: give --train-data too "
+            "(or --test-data to only measure)"
+        )
     elif train_data:
         vf = read_meta(model).val_fraction
         vf = vf if vf is not None and 0.0 < vf < 1.0 else data_mod.VAL_FRACTION  # the model's own split
@@ -107,13 +121,14 @@ def load_inputs(model_path: str, output: str | None, force: bool, load: LoadOpti
     return inp
 
 
-def check_data(model: nn.Module, data, task: "TaskOptions", metric, training: bool = False):
+def check_data(model: nn.Module, data, task: TaskOptions, metric, training: bool = False):
     """``data`` if it fits the model (``data.check_fits``); class labels are checked only where they are used as
     such: in training data unless the user's --loss takes other targets, in scored data for the built-in metrics."""
     from compress import data as data_mod
 
-    data_mod.check_fits(model, data, labels_needed=(task.loss is None or metric.builtin) if training
-                        else metric.builtin)
+    data_mod.check_fits(
+        model, data, labels_needed=(task.loss is None or metric.builtin) if training else metric.builtin
+    )
     return data
 
 
@@ -173,8 +188,9 @@ def measure(inp: Inputs, model: nn.Module, calib=None, cpz: bool = True) -> dict
     from compress.scoring import evaluate
 
     try:
-        shape = Context(train=inp.train, val=inp.test if inp.test is not None else calib,
-                        input_shape=inp.input_shape).shape(model)
+        shape = Context(
+            train=inp.train, val=inp.test if inp.test is not None else calib, input_shape=inp.input_shape
+        ).shape(model)
     except UsageError:
         shape = None  # weight-only stages need no input: no MACs or latency then
     rep = summarize(model, shape, inp.val, latency=False, layers=shape is not None, metric=inp.metric)
@@ -186,9 +202,19 @@ def measure(inp: Inputs, model: nn.Module, calib=None, cpz: bool = True) -> dict
     return rep
 
 
-def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, report_dir: str | None = None,
-                json_out: str | None = None, on_event=None, extra: dict | None = None, latency: bool = True,
-                calib=None) -> dict:
+def run_command(
+    verb: str,
+    cfg,
+    inp: Inputs,
+    output: str | None,
+    force: bool,
+    report_dir: str | None = None,
+    json_out: str | None = None,
+    on_event=None,
+    extra: dict | None = None,
+    latency: bool = True,
+    calib=None,
+) -> dict:
     """Run one stage on loaded inputs, print before/after, save, report. ``calib``: calibration data (INT8)."""
     from compress.meta import set_meta
     from compress.method import Context, run
@@ -202,8 +228,15 @@ def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, re
     original = copy.deepcopy(inp.model)
     inp.before = measure(inp, inp.model, calib)
     inp.before["file_bytes"] = inp.file_bytes
-    ctx = Context(train=inp.train, val=inp.val, input_shape=inp.input_shape, on_event=on_event, loss=inp.loss,
-                  metric=inp.metric, calib=calib)
+    ctx = Context(
+        train=inp.train,
+        val=inp.val,
+        input_shape=inp.input_shape,
+        on_event=on_event,
+        loss=inp.loss,
+        metric=inp.metric,
+        calib=calib,
+    )
     res = run(verb, inp.model, cfg, ctx)
     model = res.model.cpu()  # files are always written from CPU
     after = measure(inp, model, calib, cpz=False)  # its .cpz bytes once its metadata is final, below
@@ -211,8 +244,9 @@ def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, re
     # verdict is due (INT8 execution -- the int8 method, ONNX Runtime's `export --int8` -- computes in integers)
     after["weights_only"] = verb == "quantize" and "int8" not in after
     if after.get("input_shape"):
-        after["drift"] = output_drift(original.cpu(), model, after["input_shape"], inp.val if inp.val is not None
-                                      else inp.test)
+        after["drift"] = output_drift(
+            original.cpu(), model, after["input_shape"], inp.val if inp.val is not None else inp.test
+        )
         set_meta(model, input_shape=list(after["input_shape"]))  # the file it writes says the shape it takes
     if after.get("input_shape") and latency:  # before and after timed interleaved, after a warm-up until stable
         from compress.measure import latencies
@@ -226,20 +260,36 @@ def run_command(verb: str, cfg, inp: Inputs, output: str | None, force: bool, re
         distributed.barrier()
         after["file_bytes"] = Path(output).stat().st_size
     what = inp.metric.label.removesuffix(" %")
-    held = f"{inp.val_fraction:.0%} held out of --train-data" if inp.val_fraction else f"--val-data {inp.val.name}" \
-        if inp.val is not None else ""
-    title = f"{verb}/{res.stage}: before / after" + (f" ({what} on {held}, {len(inp.val):,} samples)"
-                                                     if inp.val is not None else "")
+    held = (
+        f"{inp.val_fraction:.0%} held out of --train-data"
+        if inp.val_fraction
+        else f"--val-data {inp.val.name}"
+        if inp.val is not None
+        else ""
+    )
+    title = f"{verb}/{res.stage}: before / after" + (
+        f" ({what} on {held}, {len(inp.val):,} samples)" if inp.val is not None else ""
+    )
     out.print(before_after(inp.before, after, title=title))
     for note in res.notes:
         err.print(f"note: {note}")
     if inp.val is None and inp.test is None:  # a 90%-pruned model can score 16% and nothing would say so
-        err.print("warning: no --train-data or --test-data: nothing was fine-tuned and the accuracy after this "
-                  "change was not measured; pass --test-data (or --train-data) to see what it cost")
+        err.print(
+            "warning: no --train-data or --test-data: nothing was fine-tuned and the accuracy after this "
+            "change was not measured; pass --test-data (or --train-data) to see what it cost"
+        )
     if "macs" not in after:
         err.print("note: no input shape known, so no MACs or latency; pass --input-shape 1,C,H,W or --train-data")
-    result = {"method": f"{verb}/{res.stage}", "config": res.config, "before": inp.before, "after": after,
-              "layers_changed": res.layers, "records": res.records, "notes": res.notes, **(extra or {})}
+    result = {
+        "method": f"{verb}/{res.stage}",
+        "config": res.config,
+        "before": inp.before,
+        "after": after,
+        "layers_changed": res.layers,
+        "records": res.records,
+        "notes": res.notes,
+        **(extra or {}),
+    }
     if report_dir:
         from compress.report.render import render_stage_report
 

@@ -1,4 +1,5 @@
 """``compress report``: the numbers of one model file."""
+
 from __future__ import annotations
 
 from compress.cli.app import app
@@ -21,9 +22,18 @@ from compress.cli.options import (
 
 @app.command(cls=Command)
 @grouped
-def report(model: ModelArg, load: ModelOptions, runtime: RunOptions, data: DataOpt = None, test_data: TestDataOpt = None,
-           metric: MetricOpt = None, workers: WorkersOpt = None, json_out: JsonOpt = None, report_dir: ReportOpt = None,
-           force: ForceOpt = False):
+def report(
+    model: ModelArg,
+    load: ModelOptions,
+    runtime: RunOptions,
+    data: DataOpt = None,
+    test_data: TestDataOpt = None,
+    metric: MetricOpt = None,
+    workers: WorkersOpt = None,
+    json_out: JsonOpt = None,
+    report_dir: ReportOpt = None,
+    force: ForceOpt = False,
+):
     """Size, nonzeros, MACs, latency and accuracy of a model (.pt, TorchScript, .cpz or .onnx).
 
     Examples:
@@ -36,8 +46,15 @@ def report(model: ModelArg, load: ModelOptions, runtime: RunOptions, data: DataO
 
     check_reports(report_dir, json_out, force)
     use_threads(runtime.threads)
-    rep = model_report(model, load.load(), data=data, latency=not runtime.no_latency, test_data=test_data,
-                       metric=metric, workers=workers)
+    rep = model_report(
+        model,
+        load.load(),
+        data=data,
+        latency=not runtime.no_latency,
+        test_data=test_data,
+        metric=metric,
+        workers=workers,
+    )
     if json_out == "-":
         emit_json(rep, "-")
         return
@@ -57,6 +74,13 @@ def show_report(rep: dict) -> None:
     if rep.get("layers") and "nodes" in rep["layers"][0]:  # decoded from its stored graph: groups of its nodes
         out.print(table(*graph_layer_rows(rep["layers"])))
     elif rep.get("layers"):
-        out.print(table("layers", ["layer", "type", "params", "nonzeros", "MACs", "output"],
-                        [[r["name"], r["type"], r["params"], r["nonzeros"], r["macs"],
-                          "x".join(map(str, r["output_shape"]))] for r in rep["layers"]]))
+        out.print(
+            table(
+                "layers",
+                ["layer", "type", "params", "nonzeros", "MACs", "output"],
+                [
+                    [r["name"], r["type"], r["params"], r["nonzeros"], r["macs"], "x".join(map(str, r["output_shape"]))]
+                    for r in rep["layers"]
+                ],
+            )
+        )

@@ -5,12 +5,14 @@ the groups a command takes whole (``ModelOptions``, ``DataOptions``, ``OutputOpt
 command the filled groups; ``LazyCommand`` builds a command's options only when the command is used (options
 generated from configs import the configs, and torch with them: ``compress --help`` does not).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import inspect
 import typing
-from typing import Annotated, Any, Callable, Optional
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperCommand, TyperGroup
@@ -29,52 +31,124 @@ def flag(*flags: str, help: str, panel: str | None = None) -> Any:
 
 
 # --------------------------------------------------------------------------------------- the options
-ModelArg = Annotated[str, typer.Argument(help="Model file: compress output, TorchScript, state_dict (+ --arch), .cpz.",
-                                         show_default=False)]
-ArchOpt = Annotated[Optional[str], option("--arch", panel=MODEL, help="Architecture for a state_dict, or the code "
-                                          "of your own classes in a file compress wrote: module:callable, "
-                                          "path/to/file.py:callable or zoo:NAME.")]
-TrustOpt = Annotated[bool, flag("--trust-pickle", panel=MODEL, help="Allow unpickling a file that runs code. "
-                                "Only for files you trust.")]
-InputShapeOpt = Annotated[Optional[str], option("--input-shape", panel=MODEL, help="Input shape, e.g. 1,1,28,28.")]
+ModelArg = Annotated[
+    str,
+    typer.Argument(help="Model file: compress output, TorchScript, state_dict (+ --arch), .cpz.", show_default=False),
+]
+ArchOpt = Annotated[
+    str | None,
+    option(
+        "--arch",
+        panel=MODEL,
+        help="Architecture for a state_dict, or the code "
+        "of your own classes in a file compress wrote: module:callable, "
+        "path/to/file.py:callable or zoo:NAME.",
+    ),
+]
+TrustOpt = Annotated[
+    bool, flag("--trust-pickle", panel=MODEL, help="Allow unpickling a file that runs code. Only for files you trust.")
+]
+InputShapeOpt = Annotated[str | None, option("--input-shape", panel=MODEL, help="Input shape, e.g. 1,1,28,28.")]
 
 OutOpt = Annotated[str, option("--output", "-o", panel=OUTPUT, help="Output file.", show_default=False)]
 ForceOpt = Annotated[bool, flag("--force", "-f", panel=OUTPUT, help="Overwrite an existing output file.")]
-JsonOpt = Annotated[Optional[str], option("--json", panel=OUTPUT, help="Also write the result as JSON to this file "
-                                          "('-' for stdout).")]
-ReportOpt = Annotated[Optional[str], option("--report", panel=OUTPUT, help="Write JSON, Markdown, HTML and plots "
-                                            "to this folder.")]
+JsonOpt = Annotated[
+    str | None, option("--json", panel=OUTPUT, help="Also write the result as JSON to this file ('-' for stdout).")
+]
+ReportOpt = Annotated[
+    str | None, option("--report", panel=OUTPUT, help="Write JSON, Markdown, HTML and plots to this folder.")
+]
 NoLatencyOpt = Annotated[bool, flag("--no-latency", panel=OUTPUT, help="Skip latency timing.")]
-ThreadsOpt = Annotated[Optional[int], option("--threads", min=1, panel=OUTPUT, help="Threads to run and time on "
-                                             "(default: torch's for work, 2 for timing).")]
+ThreadsOpt = Annotated[
+    int | None,
+    option(
+        "--threads", min=1, panel=OUTPUT, help="Threads to run and time on (default: torch's for work, 2 for timing)."
+    ),
+]
 
-DataOpt = Annotated[Optional[str], option("--data", panel=DATA, help="Evaluation data: mnist5k, digits, folder:DIR "
-                                          "(a subfolder of images per class), DIR of IDX files, PATH.npz, "
-                                          "module:function returning (x, y), a Dataset or a DataLoader; "
-                                          "options after '?' (mnist5k?size=32, folder:train?resize=36&crop=32).")]
-TrainDataOpt = Annotated[Optional[str], option("--train-data", panel=DATA, help="Fine-tuning data spec (see --data); "
-                                               "20% is held out for validation (or the split the model was trained "
-                                               "with).")]
-TestDataOpt = Annotated[Optional[str], option("--test-data", panel=DATA, help="Extra held-out data to report "
-                                              "accuracy on (e.g. ../shared/data/mnist).")]
-ValDataOpt = Annotated[Optional[str], option("--val-data", panel=DATA, help="Validation data the model was not "
-                                             "trained on (e.g. folder:val); default: 20% held out of --train-data.")]
-CalibDataOpt = Annotated[Optional[str], option("--calib-data", panel=DATA, help="Calibration data spec.")]
-LossOpt = Annotated[Optional[str], option("--loss", panel=DATA, help="Your loss, module:fn or file.py:fn, called as "
-                                          "fn(outputs, targets) (default: cross-entropy).")]
-MetricOpt = Annotated[Optional[str], option("--metric", panel=DATA, help="How the model is scored: top1 (default), "
-                                            "top5, or module:fn called as fn(outputs, targets) -> per-sample scores "
-                                            "or one number per batch, higher is better.")]
-WorkersOpt = Annotated[Optional[int], option("--workers", min=0, max=64, panel=DATA, help="Loader processes reading "
-                                             "the data ahead of training (default 0: none).")]
+DataOpt = Annotated[
+    str | None,
+    option(
+        "--data",
+        panel=DATA,
+        help="Evaluation data: mnist5k, digits, folder:DIR "
+        "(a subfolder of images per class), DIR of IDX files, PATH.npz, "
+        "module:function returning (x, y), a Dataset or a DataLoader; "
+        "options after '?' (mnist5k?size=32, folder:train?resize=36&crop=32).",
+    ),
+]
+TrainDataOpt = Annotated[
+    str | None,
+    option(
+        "--train-data",
+        panel=DATA,
+        help="Fine-tuning data spec (see --data); "
+        "20% is held out for validation (or the split the model was trained "
+        "with).",
+    ),
+]
+TestDataOpt = Annotated[
+    str | None,
+    option("--test-data", panel=DATA, help="Extra held-out data to report accuracy on (e.g. ../shared/data/mnist)."),
+]
+ValDataOpt = Annotated[
+    str | None,
+    option(
+        "--val-data",
+        panel=DATA,
+        help="Validation data the model was not trained on (e.g. folder:val); default: 20% held out of --train-data.",
+    ),
+]
+CalibDataOpt = Annotated[str | None, option("--calib-data", panel=DATA, help="Calibration data spec.")]
+LossOpt = Annotated[
+    str | None,
+    option(
+        "--loss",
+        panel=DATA,
+        help="Your loss, module:fn or file.py:fn, called as fn(outputs, targets) (default: cross-entropy).",
+    ),
+]
+MetricOpt = Annotated[
+    str | None,
+    option(
+        "--metric",
+        panel=DATA,
+        help="How the model is scored: top1 (default), "
+        "top5, or module:fn called as fn(outputs, targets) -> per-sample scores "
+        "or one number per batch, higher is better.",
+    ),
+]
+WorkersOpt = Annotated[
+    int | None,
+    option(
+        "--workers",
+        min=0,
+        max=64,
+        panel=DATA,
+        help="Loader processes reading the data ahead of training (default 0: none).",
+    ),
+]
 
-DistillOpt = Annotated[Optional[float], option("--distill", min=0.01, panel=TRAINING, help="Fine-tune against the "
-                                               "input model's outputs too (knowledge distillation) at this "
-                                               "temperature, e.g. 4.")]
+DistillOpt = Annotated[
+    float | None,
+    option(
+        "--distill",
+        min=0.01,
+        panel=TRAINING,
+        help="Fine-tune against the input model's outputs too (knowledge distillation) at this temperature, e.g. 4.",
+    ),
+]
 SeedOpt = Annotated[int, option("--seed", panel=TRAINING, help="Random seed.")]
-SetOpt = Annotated[Optional[list[str]], option("--set", panel=METHOD, help="Any option of the method's config, as "
-                                               "in a recipe: --set rounds=4, --set finetune.weight_decay=1e-4, "
-                                               "--set 'select.exclude=[\"fc1\"]' (TOML values).")]
+SetOpt = Annotated[
+    list[str] | None,
+    option(
+        "--set",
+        panel=METHOD,
+        help="Any option of the method's config, as "
+        "in a recipe: --set rounds=4, --set finetune.weight_decay=1e-4, "
+        "--set 'select.exclude=[\"fc1\"]' (TOML values).",
+    ),
+]
 
 
 # --------------------------------------------------------------------------------------- the groups
@@ -137,9 +211,15 @@ def expand(fn: Callable, extra: list[inspect.Parameter] | None = None) -> Callab
         if dataclasses.is_dataclass(kind):
             groups[name] = kind  # type: ignore[assignment]
             own = typing.get_type_hints(kind, include_extras=True)
-            params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=own[f.name],
-                                         default=inspect.Parameter.empty if f.default is dataclasses.MISSING
-                                         else f.default) for f in dataclasses.fields(kind)]
+            params += [
+                inspect.Parameter(
+                    f.name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    annotation=own[f.name],
+                    default=inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default,
+                )
+                for f in dataclasses.fields(kind)
+            ]
         else:
             params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=kind))
     params += extra or []
@@ -178,6 +258,7 @@ def grouped(fn: Callable) -> Callable:
 def lazy(options: Callable[[], list[inspect.Parameter]]) -> Callable[[Callable], Callable]:
     """Decorator for a command registered with ``cls=LazyCommand``: its options, ``expand(fn, options())``, are
     made the first time the command is parsed or its help shown."""
+
     def deco(fn: Callable) -> Callable:
         def placeholder() -> None:  # what Typer sees at start: a name and a docstring
             raise AssertionError("a lazy command runs through the command LazyCommand builds")
@@ -185,6 +266,7 @@ def lazy(options: Callable[[], list[inspect.Parameter]]) -> Callable[[Callable],
         placeholder.__name__, placeholder.__doc__, placeholder.__module__ = fn.__name__, fn.__doc__, fn.__module__
         placeholder.build = lambda: expand(fn, options())  # type: ignore[attr-defined]
         return placeholder
+
     return deco
 
 
@@ -222,8 +304,11 @@ class LazyCommand(Command):
             from typer.main import get_command_from_info
             from typer.models import CommandInfo
 
-            real = get_command_from_info(CommandInfo(name=self.name, callback=self._build()),
-                                         pretty_exceptions_short=False, rich_markup_mode=self.rich_markup_mode)
+            real = get_command_from_info(
+                CommandInfo(name=self.name, callback=self._build()),
+                pretty_exceptions_short=False,
+                rich_markup_mode=self.rich_markup_mode,
+            )
             self._made, self.callback = real.params, real.callback
         return self._made
 

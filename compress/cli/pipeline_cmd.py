@@ -1,8 +1,9 @@
 """``compress pipeline``: Deep Compression end to end under an accuracy budget."""
+
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -37,31 +38,86 @@ if TYPE_CHECKING:
 
 @app.command(cls=Command)
 @grouped
-def pipeline(model: ModelArg, output: OutOpt, load: ModelOptions,
-             train_data: Annotated[str, option("--train-data", panel=DATA, help="Fine-tuning data; 20% is held "
-                                                     "out to measure the accuracy budget (or the split the model "
-                                                     "was trained with).")],
-             max_accuracy_drop: Annotated[Optional[float], option(
-                 "--max-accuracy-drop", min=0.0, panel=METHOD, help="Budget in points of the --metric (accuracy points by "
-                 "default) on the validation data (default: the recipe's, else 0.5).", show_default=False)] = None,
-             val_data: Annotated[Optional[str], option("--val-data", panel=DATA, help="Validation data the model was "
-                                                            "not trained on; default: 20% held out of "
-                                                            "--train-data.")] = None,
-             recipe: Annotated[Optional[str], option("--recipe", panel=METHOD, help="TOML recipe (see docs/recipes); "
-                                                           "default: Deep Compression.")] = None,
-             test_data: TestDataOpt = None, report: ReportOpt = None, json_out: JsonOpt = None,
-             confidence: Annotated[Optional[float], option(
-                 "--confidence", min=0.0, max=10.0, show_default=False, panel=METHOD, help="Standard errors of margin in the "
-                 "budget test (default: the recipe's, else 1: a kept drop is within budget with ~84% one-sided "
-                 "confidence; 2: ~98%, keeps less).")] = None,
-             time_budget: Annotated[Optional[float], option(
-                 "--time-budget", min=1, panel=METHOD, help="Seconds of search at most: then, as on Ctrl-C, the candidate in "
-                 "progress is dropped (checked at every training step) and the best result kept so far is written "
-                 "(exit status 3).")] = None,
-             resume: Annotated[bool, flag("--resume", panel=OUTPUT, help="Go on from where a stopped run (Ctrl-C, "
-                                                  "--time-budget, a crash) left OUTPUT.resume.")] = False,
-             *, runtime: RunOptions, loss: LossOpt = None, metric: MetricOpt = None, workers: WorkersOpt = None,
-             distill: DistillOpt = None, force: ForceOpt = False):
+def pipeline(
+    model: ModelArg,
+    output: OutOpt,
+    load: ModelOptions,
+    train_data: Annotated[
+        str,
+        option(
+            "--train-data",
+            panel=DATA,
+            help="Fine-tuning data; 20% is held "
+            "out to measure the accuracy budget (or the split the model "
+            "was trained with).",
+        ),
+    ],
+    max_accuracy_drop: Annotated[
+        float | None,
+        option(
+            "--max-accuracy-drop",
+            min=0.0,
+            panel=METHOD,
+            help="Budget in points of the --metric (accuracy points by "
+            "default) on the validation data (default: the recipe's, else 0.5).",
+            show_default=False,
+        ),
+    ] = None,
+    val_data: Annotated[
+        str | None,
+        option(
+            "--val-data",
+            panel=DATA,
+            help="Validation data the model was not trained on; default: 20% held out of --train-data.",
+        ),
+    ] = None,
+    recipe: Annotated[
+        str | None,
+        option("--recipe", panel=METHOD, help="TOML recipe (see docs/recipes); default: Deep Compression."),
+    ] = None,
+    test_data: TestDataOpt = None,
+    report: ReportOpt = None,
+    json_out: JsonOpt = None,
+    confidence: Annotated[
+        float | None,
+        option(
+            "--confidence",
+            min=0.0,
+            max=10.0,
+            show_default=False,
+            panel=METHOD,
+            help="Standard errors of margin in the "
+            "budget test (default: the recipe's, else 1: a kept drop is within budget with ~84% one-sided "
+            "confidence; 2: ~98%, keeps less).",
+        ),
+    ] = None,
+    time_budget: Annotated[
+        float | None,
+        option(
+            "--time-budget",
+            min=1,
+            panel=METHOD,
+            help="Seconds of search at most: then, as on Ctrl-C, the candidate in "
+            "progress is dropped (checked at every training step) and the best result kept so far is written "
+            "(exit status 3).",
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        flag(
+            "--resume",
+            panel=OUTPUT,
+            help="Go on from where a stopped run (Ctrl-C, --time-budget, a crash) left OUTPUT.resume.",
+        ),
+    ] = False,
+    *,
+    runtime: RunOptions,
+    loss: LossOpt = None,
+    metric: MetricOpt = None,
+    workers: WorkersOpt = None,
+    distill: DistillOpt = None,
+    force: ForceOpt = False,
+):
     """Prune, share weights and Huffman-code a model into a .cpz, keeping the most compressed
     result within an accuracy budget.
 
@@ -99,8 +155,9 @@ def pipeline(model: ModelArg, output: OutOpt, load: ModelOptions,
         raise UsageError(f"--resume: no checkpoint {ckpt.folder} to go on from")
     if not resume and found:
         if not force:
-            raise OutputExistsError(f"{ckpt.folder} holds an unfinished run: --resume goes on with it, --force "
-                                    "starts over")
+            raise OutputExistsError(
+                f"{ckpt.folder} holds an unfinished run: --resume goes on with it, --force starts over"
+            )
         ckpt.clear()  # only the files its manifest lists
     check_reports(report, json_out, force or resume)  # before minutes of work, not after them
     use_threads(runtime.threads)
@@ -118,10 +175,24 @@ def pipeline(model: ModelArg, output: OutOpt, load: ModelOptions,
         for cand in (c for st in rec.stages for c in st.candidates):
             check_augment(cand.finetune.augment, ds)
     original = copy.deepcopy(inp.model)
-    m, summary = run(inp.model, ds, rec, max_accuracy_drop, inp.input_shape, on_event=_ShowEvents(inp.metric.label), val_data=val,
-                     test_data=inp.test, latency=not runtime.no_latency, time_budget=time_budget,
-                     confidence=confidence, loss=inp.loss, metric=inp.metric, distill=distill, checkpoint=ckpt,
-                     resume=resume)
+    m, summary = run(
+        inp.model,
+        ds,
+        rec,
+        max_accuracy_drop,
+        inp.input_shape,
+        on_event=_ShowEvents(inp.metric.label),
+        val_data=val,
+        test_data=inp.test,
+        latency=not runtime.no_latency,
+        time_budget=time_budget,
+        confidence=confidence,
+        loss=inp.loss,
+        metric=inp.metric,
+        distill=distill,
+        checkpoint=ckpt,
+        resume=resume,
+    )
     m = m.cpu()
     stopped, nothing = summary.stopped, summary.kept_nothing
     if not nothing:  # else the input, re-encoded: no smaller, and often larger than the input (headers, codes)
@@ -133,29 +204,54 @@ def pipeline(model: ModelArg, output: OutOpt, load: ModelOptions,
 
     test = inp.test is not None
     label = inp.metric.label
-    rows = [[t["stage"], t["bytes"], f"{summary.dense_bytes / t['bytes']:.1f}x", t["nonzeros"], t["macs"],
-             t.get("latency_ms"), t["accuracy"]] + ([t["test_accuracy"]] if test else []) for t in summary.timeline]
-    out.print(table(f"pipeline -> {output}", ["stage", "bytes", "ratio", "nonzeros", "MACs", "median ms (batch 1)",
-                                              f"validation {label}"] + ([f"test {label}"] if test else []), rows))
+    rows = [
+        [
+            t["stage"],
+            t["bytes"],
+            f"{summary.dense_bytes / t['bytes']:.1f}x",
+            t["nonzeros"],
+            t["macs"],
+            t.get("latency_ms"),
+            t["accuracy"],
+        ]
+        + ([t["test_accuracy"]] if test else [])
+        for t in summary.timeline
+    ]
+    out.print(
+        table(
+            f"pipeline -> {output}",
+            ["stage", "bytes", "ratio", "nonzeros", "MACs", "median ms (batch 1)", f"validation {label}"]
+            + ([f"test {label}"] if test else []),
+            rows,
+        )
+    )
     for k, s in enumerate(summary.stages):
         cut = stopped and k == len(summary.stages) - 1  # the stage the stop ended
-        what = value_text(s.kept.value) if s.kept else "nothing (stopped)" if cut else \
-            "nothing (all over budget)"
+        what = value_text(s.kept.value) if s.kept else "nothing (stopped)" if cut else "nothing (all over budget)"
         out.print(f"{s.stage}: kept {s.search_key} {what} after {len(s.tried)} candidate(s), {s.seconds:.0f}s")
-    line = f"[bold]nothing kept[/bold]: the model is unchanged, validation {score_text(summary.base_accuracy, label)}" \
-        if nothing else f"[bold]{summary.ratio:.1f}x smaller[/bold] than dense FP32 ({summary.cpz_bytes:,} bytes), " \
+    line = (
+        f"[bold]nothing kept[/bold]: the model is unchanged, validation {score_text(summary.base_accuracy, label)}"
+        if nothing
+        else f"[bold]{summary.ratio:.1f}x smaller[/bold] than dense FP32 ({summary.cpz_bytes:,} bytes), "
         f"validation {score_change(summary.base_accuracy, summary.final_accuracy, label)}"
-    line += f" (budget {summary.budget_pt:g} pt at {_one_sided(summary.confidence):.0%} one-sided confidence " \
-            f"on {summary.validation['samples']:,} validation samples)"
+    )
+    line += (
+        f" (budget {summary.budget_pt:g} pt at {_one_sided(summary.confidence):.0%} one-sided confidence "
+        f"on {summary.validation['samples']:,} validation samples)"
+    )
     if summary.test_accuracy_before is not None and summary.test_accuracy_after is not None:
         line += f"; test {score_change(summary.test_accuracy_before, summary.test_accuracy_after, label)}"
     out.print(line)
     if summary.candidate_bytes_error and not nothing:  # the bytes above: each candidate's .cpz, when tried
-        out.print(f"the file written is {summary.cpz_bytes:,} bytes, {summary.candidate_bytes_error:+,} beside the "
-                  "last candidate kept: the pipeline's history entry, written only now")
+        out.print(
+            f"the file written is {summary.cpz_bytes:,} bytes, {summary.candidate_bytes_error:+,} beside the "
+            "last candidate kept: the pipeline's history entry, written only now"
+        )
     if stopped:
         what = "nothing was kept yet, so no OUTPUT is written" if nothing else "the best result kept before it"
-        then = f"--resume goes on from {ckpt.folder}" if ckpt.exists() else "no candidate was decided: nothing to resume"
+        then = (
+            f"--resume goes on from {ckpt.folder}" if ckpt.exists() else "no candidate was decided: nothing to resume"
+        )
         out.print(f"stopped early ({_STOPPED_BY[stopped]}): {what}; the stages after it did not run. {then}")
     if report:
         from compress.report.render import render_pipeline_report
@@ -184,14 +280,16 @@ def _nothing_kept(summary: PipelineSummary, model: str, train_data: str, output:
     tried = sum(len(s.tried) for s in summary.stages)
     best = min((t.drop for s in summary.stages for t in s.tried), default=None)
     closest = f" (the smallest drop measured was {best:.2f} pt)" if best is not None else ""
-    return (f"nothing kept: all {tried} candidate(s) were over the {summary.budget_pt:g} pt budget{closest}, "
-            f"so {output} was not written: it would hold the input model unchanged, re-encoded "
-            f"({summary.cpz_bytes:,} bytes against {summary.dense_bytes:,} dense). To try:\n"
-            f"  - see how much each layer takes: compress prune {model} --method l1-filter --sensitivity "
-            f"--train-data {train_data} -o sens.pt\n"
-            f"  - a larger --max-accuracy-drop, if the task allows it\n"
-            "  - a gentler recipe: its first candidates prune less (docs/recipes/gentle.toml starts at sparsity "
-            "0.5), as small models need")
+    return (
+        f"nothing kept: all {tried} candidate(s) were over the {summary.budget_pt:g} pt budget{closest}, "
+        f"so {output} was not written: it would hold the input model unchanged, re-encoded "
+        f"({summary.cpz_bytes:,} bytes against {summary.dense_bytes:,} dense). To try:\n"
+        f"  - see how much each layer takes: compress prune {model} --method l1-filter --sensitivity "
+        f"--train-data {train_data} -o sens.pt\n"
+        f"  - a larger --max-accuracy-drop, if the task allows it\n"
+        "  - a gentler recipe: its first candidates prune less (docs/recipes/gentle.toml starts at sparsity "
+        "0.5), as small models need"
+    )
 
 
 def _one_sided(z: float) -> float:
@@ -217,16 +315,20 @@ class _ShowEvents:
 
         if kind == "start":
             within = f", time budget {_clock(kw['time_budget'])}" if kw.get("time_budget") is not None else ""
-            err.print(f"validation {score_text(kw['accuracy'], self.label)}, budget {kw['budget']} pt{within}, dense "
-                      f"{kw['bytes']:,} bytes (Ctrl-C stops and writes the best result kept so far)")
+            err.print(
+                f"validation {score_text(kw['accuracy'], self.label)}, budget {kw['budget']} pt{within}, dense "
+                f"{kw['bytes']:,} bytes (Ctrl-C stops and writes the best result kept so far)"
+            )
         elif kind == "candidate":
             eta = ""
             if kw["eta"] is not None:
                 capped = kw["budget_left"] is not None and kw["eta"] >= kw["budget_left"]
                 eta = f", ~{_clock(kw['eta'])} left at most" + (" (time budget)" if capped else "")
-            err.print(f"  {kw['stage']} {kw['index']}/{kw['of']} {value_text(kw['value'])}: "
-                      f"{score_text(kw['accuracy'], self.label)}, {kw['bytes']:,} bytes; {kw['verdict']} "
-                      f"[{_clock(kw['elapsed'])}{eta}]")
+            err.print(
+                f"  {kw['stage']} {kw['index']}/{kw['of']} {value_text(kw['value'])}: "
+                f"{score_text(kw['accuracy'], self.label)}, {kw['bytes']:,} bytes; {kw['verdict']} "
+                f"[{_clock(kw['elapsed'])}{eta}]"
+            )
         elif kind == "warning":
             err.print(f"warning: {kw['text']}")
         elif kind == "skipped":
@@ -234,5 +336,6 @@ class _ShowEvents:
         elif kind == "resumed":
             err.print(f"resuming at stage {kw['stage'] + 1}, candidate {kw['candidates'] + 1}")
         elif kind == "stopped":
-            err.print(f"  stopped during {kw['stage']} ({_STOPPED_BY[kw['reason']]}): the candidate in progress is "
-                      "dropped")
+            err.print(
+                f"  stopped during {kw['stage']} ({_STOPPED_BY[kw['reason']]}): the candidate in progress is dropped"
+            )

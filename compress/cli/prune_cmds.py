@@ -1,11 +1,12 @@
 """``compress prune``: every registered pruning method (threshold, l1-filter, channel-union), its options made
 from its config (``config_options``); the few options of the command itself are declared here."""
+
 from __future__ import annotations
 
 import functools
 import inspect
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 import typer
 
@@ -28,7 +29,7 @@ from compress.cli.options import (
 )
 
 
-def _target(v: Optional[float]):
+def _target(v: float | None):
     """2e6 -> 2000000 (a count); 0.5 stays a fraction."""
     return int(v) if v is not None and v >= 1 and v == int(v) else v
 
@@ -59,21 +60,54 @@ def _options() -> list[inspect.Parameter]:
     def kw(name, annotation, default):
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
 
-    return [kw("method", Annotated[Literal.__getitem__(names), option("--method", "-m", panel=METHOD,
-                                                                      help="Pruning method.")], names[0]),
-            *s.params(),
-            kw("sensitivity", Annotated[bool, flag("--sensitivity", panel=METHOD, help="l1-filter: prune each layer "
-                                                   "alone at several ratios first, and show accuracy per layer and "
-                                                   "ratio.")], False),
-            kw("budget", Annotated[Optional[float], option("--budget", panel=METHOD, help="l1-filter with "
-                                                           "--sensitivity: per-layer ratios from this accuracy drop "
-                                                           "(pt).")], None)]
+    return [
+        kw(
+            "method",
+            Annotated[Literal.__getitem__(names), option("--method", "-m", panel=METHOD, help="Pruning method.")],
+            names[0],
+        ),
+        *s.params(),
+        kw(
+            "sensitivity",
+            Annotated[
+                bool,
+                flag(
+                    "--sensitivity",
+                    panel=METHOD,
+                    help="l1-filter: prune each layer "
+                    "alone at several ratios first, and show accuracy per layer and "
+                    "ratio.",
+                ),
+            ],
+            False,
+        ),
+        kw(
+            "budget",
+            Annotated[
+                float | None,
+                option(
+                    "--budget",
+                    panel=METHOD,
+                    help="l1-filter with --sensitivity: per-layer ratios from this accuracy drop (pt).",
+                ),
+            ],
+            None,
+        ),
+    ]
 
 
 @app.command(cls=LazyCommand)
 @lazy(_options)
-def prune(model: ModelArg, *, load: ModelOptions, data: DataOptions, settings: SetOpt = None,
-          dest: OutputOptions, runtime: RunOptions, **kw):
+def prune(
+    model: ModelArg,
+    *,
+    load: ModelOptions,
+    data: DataOptions,
+    settings: SetOpt = None,
+    dest: OutputOptions,
+    runtime: RunOptions,
+    **kw,
+):
     """Prune a trained model and show the numbers before and after.
 
     Examples:
@@ -90,16 +124,30 @@ def prune(model: ModelArg, *, load: ModelOptions, data: DataOptions, settings: S
     method, sensitivity, budget, epochs = kw.pop("method"), kw.pop("sensitivity"), kw.pop("budget"), kw["epochs"]
     # a method that fine-tunes by default (threshold: 3 epochs) needs --train-data unless told --epochs 0: without
     # data a 90%-pruned model would only be destroyed
-    needs_train = method == "channel-union" or bool(epochs) or (sensitivity and method == "l1-filter") \
+    needs_train = (
+        method == "channel-union"
+        or bool(epochs)
+        or (sensitivity and method == "l1-filter")
         or (epochs is None and s.default(method, "finetune.epochs") > 0)
+    )
     if kw.get("target_latency") is not None and method != "l1-filter":
         raise UsageError("--target-latency is for --method l1-filter (channel-union: --target-macs)")
     if (kw.get("target_macs") is not None or kw.get("target_params") is not None) and method == "threshold":
-        raise UsageError("--target-macs / --target-params are for l1-filter and channel-union (threshold pruning "
-                         "leaves the layers' shapes, so their MACs: give --sparsity)")
+        raise UsageError(
+            "--target-macs / --target-params are for l1-filter and channel-union (threshold pruning "
+            "leaves the layers' shapes, so their MACs: give --sparsity)"
+        )
     use_threads(runtime.threads)
-    inp = load_inputs(model, dest.output, dest.force, load.load(), data.train_data, data.test_data,
-                      need_train=needs_train, task=TaskOptions(data.loss, data.metric, data.workers, data.val_data))
+    inp = load_inputs(
+        model,
+        dest.output,
+        dest.force,
+        load.load(),
+        data.train_data,
+        data.test_data,
+        need_train=needs_train,
+        task=TaskOptions(data.loss, data.metric, data.workers, data.val_data),
+    )
     extra: dict = {}
     fixed: dict = {}
     if method == "threshold" and kw.get("sparsity") is None and kw.get("quality") is None:
@@ -108,13 +156,25 @@ def prune(model: ModelArg, *, load: ModelOptions, data: DataOptions, settings: S
         folder = dest.report or str(Path(dest.output).with_suffix("")) + "-sensitivity"
         fixed["ratio"] = _sensitivity(inp, folder, budget, s.opts["ratio"].parse(kw["ratio"]), extra)
     cfg = with_settings(s.config(method, kw, **fixed), settings)
-    res = run_command("prune", cfg, inp, dest.output, dest.force, dest.report, dest.json_out,
-                      on_event=_Progress(inp.metric.label), extra=extra, latency=not runtime.no_latency)
+    res = run_command(
+        "prune",
+        cfg,
+        inp,
+        dest.output,
+        dest.force,
+        dest.report,
+        dest.json_out,
+        on_event=_Progress(inp.metric.label),
+        extra=extra,
+        latency=not runtime.no_latency,
+    )
     drop = res["before"].get("accuracy", 0) - res["after"].get("accuracy", 0)
     if budget is not None and sensitivity and drop > budget:
-        err.print(f"warning: {inp.metric.label.removesuffix(' %')} dropped {drop:.2f} pt, more than --budget {budget:g}: the per-layer "
-                  "ratios were each within budget alone, but their losses add up. Lower --budget, or "
-                  "fine-tune (--epochs N).")
+        err.print(
+            f"warning: {inp.metric.label.removesuffix(' %')} dropped {drop:.2f} pt, more than --budget {budget:g}: "
+            "the per-layer ratios were each within budget alone, but their losses add up. Lower --budget, or "
+            "fine-tune (--epochs N)."
+        )
 
 
 class _Progress:
@@ -145,18 +205,29 @@ def _sensitivity(inp, folder, budget, ratio, extra):
         raise typer.BadParameter("--sensitivity needs --train-data (accuracy is measured on its held-out 20%)")
     sens = run_sens(inp.model, inp.val, input_shape=inp.input_shape, metric=inp.metric)
     rs = sens["ratios"]
-    out.print(table(f"sensitivity ({inp.metric.label} by layer and ratio pruned; baseline "
-                    f"{score_text(sens['baseline'], inp.metric.label)})", ["layer", "channels", *[f"{r:.0%}" for r in rs]],
-                    [[n, row["channels"], *[row["accuracy"][r] for r in rs]] for n, row in sens["layers"].items()]))
+    out.print(
+        table(
+            f"sensitivity ({inp.metric.label} by layer and ratio pruned; baseline "
+            f"{score_text(sens['baseline'], inp.metric.label)})",
+            ["layer", "channels", *[f"{r:.0%}" for r in rs]],
+            [[n, row["channels"], *[row["accuracy"][r] for r in rs]] for n, row in sens["layers"].items()],
+        )
+    )
     Path(folder).mkdir(parents=True, exist_ok=True)
     png = Path(folder) / "sensitivity.png"
     plot_sensitivity(sens, png, inp.metric.label)
     import json
+
     write_text(Path(folder) / "sensitivity.json", json.dumps(sens, indent=2), force=True)
     err.print(f"sensitivity plot: {png}")
     extra["sensitivity"] = sens
     if budget is not None:
         ratio = ratios_for_budget(sens, budget)
-        out.print(table(f"ratios for a {budget} pt budget per layer", ["layer", "ratio"],
-                        [[k, v] for k, v in ratio.items() if k != "_default"]))
+        out.print(
+            table(
+                f"ratios for a {budget} pt budget per layer",
+                ["layer", "ratio"],
+                [[k, v] for k, v in ratio.items() if k != "_default"],
+            )
+        )
     return ratio

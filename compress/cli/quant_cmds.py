@@ -1,11 +1,12 @@
 """``compress quantize`` (its options made from QuantConfig and Int8Config, ``config_options``) and
 ``compress export``."""
+
 from __future__ import annotations
 
 import functools
 import inspect
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -43,8 +44,11 @@ ACTIVATIONS = "--activations"
 FIELDS = {
     "per_channel": Field("--per-tensor", invert=True, help="One grid per tensor, not per channel."),
     "symmetric": Field("--affine", invert=True, help="Affine grid with a zero point."),
-    "epochs": Field(kw={"min": 0}, help="k-means: epochs of centroid training; --activations: epochs of "
-                    "quantization-aware training (fake-quantized, then converted); both need --train-data."),
+    "epochs": Field(
+        kw={"min": 0},
+        help="k-means: epochs of centroid training; --activations: epochs of "
+        "quantization-aware training (fake-quantized, then converted); both need --train-data.",
+    ),
 }
 HIDDEN = {"bias_bits", "percentile", "calib_samples", "freeze"}  # left to --set and recipes
 
@@ -61,18 +65,45 @@ def _options() -> list[inspect.Parameter]:
     def kw(name, annotation, default):
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
 
-    return [kw("activations", Annotated[bool, flag(ACTIVATIONS, panel=METHOD, help="Static INT8 of weights and "
-                                                   "activations that PyTorch runs as integers (x86 kernels; "
-                                                   "activation ranges from --calib-data).")], False),
-            *spec().params(),
-            kw("calib_data", Annotated[Optional[str], option("--calib-data", panel=DATA, help="--activations: "
-                                                             "calibration data spec (512 samples are read).")], None)]
+    return [
+        kw(
+            "activations",
+            Annotated[
+                bool,
+                flag(
+                    ACTIVATIONS,
+                    panel=METHOD,
+                    help="Static INT8 of weights and "
+                    "activations that PyTorch runs as integers (x86 kernels; "
+                    "activation ranges from --calib-data).",
+                ),
+            ],
+            False,
+        ),
+        *spec().params(),
+        kw(
+            "calib_data",
+            Annotated[
+                str | None,
+                option("--calib-data", panel=DATA, help="--activations: calibration data spec (512 samples are read)."),
+            ],
+            None,
+        ),
+    ]
 
 
 @app.command(cls=LazyCommand)
 @lazy(_options)
-def quantize(model: ModelArg, *, load: ModelOptions, data: DataOptions, settings: SetOpt = None,
-             dest: OutputOptions, runtime: RunOptions, **kw):
+def quantize(
+    model: ModelArg,
+    *,
+    load: ModelOptions,
+    data: DataOptions,
+    settings: SetOpt = None,
+    dest: OutputOptions,
+    runtime: RunOptions,
+    **kw,
+):
     """Quantize weights (min-max, MMSE clipping, k-means sharing, powers of two: smaller file, same FP32 compute),
     or with --activations lower the model to INT8 that PyTorch runs as integers (PTQ; QAT with --epochs).
 
@@ -89,47 +120,99 @@ def quantize(model: ModelArg, *, load: ModelOptions, data: DataOptions, settings
     s = spec()
     task = TaskOptions(data.loss, data.metric, data.workers, data.val_data)
     if kw.pop("activations"):
-        if kw["bits"] != "8" or kw["scheme"] != "minmax" or kw["per_channel"] or kw["symmetric"]:  # (--per-tensor, --affine)
-            raise typer.BadParameter("--activations is static INT8 (per-channel int8 weights, uint8 activations): "
-                                     "leave --bits, --scheme, --per-tensor and --affine at their defaults")
+        if (
+            kw["bits"] != "8" or kw["scheme"] != "minmax" or kw["per_channel"] or kw["symmetric"]
+        ):  # (--per-tensor, --affine)
+            raise typer.BadParameter(
+                "--activations is static INT8 (per-channel int8 weights, uint8 activations): "
+                "leave --bits, --scheme, --per-tensor and --affine at their defaults"
+            )
         if not (kw["calib_data"] or data.train_data):
             raise typer.BadParameter("--activations needs --calib-data (or --train-data) for the activation ranges")
         if dest.output.endswith(".cpz"):  # before the work, not after it
             raise typer.BadParameter(f"{INT8_IS_PT}: give -o NAME.pt")
         cfg8 = s.config(ACTIVATIONS, kw)
         use_threads(runtime.threads)
-        inp = load_inputs(model, dest.output, dest.force, load.load(), data.train_data, data.test_data,
-                          need_train=bool(kw["epochs"]), task=task)
+        inp = load_inputs(
+            model,
+            dest.output,
+            dest.force,
+            load.load(),
+            data.train_data,
+            data.test_data,
+            need_train=bool(kw["epochs"]),
+            task=task,
+        )
         calib = _calibration(inp, kw["calib_data"], data.workers)
-        res = run_command("quantize", with_settings(cfg8, settings), inp, dest.output, dest.force, dest.report,
-                          dest.json_out, latency=not runtime.no_latency, calib=calib)
+        res = run_command(
+            "quantize",
+            with_settings(cfg8, settings),
+            inp,
+            dest.output,
+            dest.force,
+            dest.report,
+            dest.json_out,
+            latency=not runtime.no_latency,
+            calib=calib,
+        )
         made = res["after"]["int8"]
-        err.print(f"INT8 ({made['observer'] if 'qat' not in made else 'quantization-aware: ' + made['qat']}; "
-                  f"activation ranges from {made['calibration']}); {made['executes']}")
+        err.print(
+            f"INT8 ({made['observer'] if 'qat' not in made else 'quantization-aware: ' + made['qat']}; "
+            f"activation ranges from {made['calibration']}); {made['executes']}"
+        )
         return
     cfg = s.config("weights", kw)
     use_threads(runtime.threads)
-    inp = load_inputs(model, dest.output, dest.force, load.load(), data.train_data, data.test_data,
-                      need_train=bool(kw["epochs"]), task=task)
+    inp = load_inputs(
+        model,
+        dest.output,
+        dest.force,
+        load.load(),
+        data.train_data,
+        data.test_data,
+        need_train=bool(kw["epochs"]),
+        task=task,
+    )
     cfg = with_settings(cfg, settings)
-    res = run_command("quantize", cfg, inp, dest.output, dest.force, dest.report, dest.json_out,
-                      latency=not runtime.no_latency)
+    res = run_command(
+        "quantize", cfg, inp, dest.output, dest.force, dest.report, dest.json_out, latency=not runtime.no_latency
+    )
     rows = res["layers_changed"]
-    out.print(table("layers", ["layer", "bits", "scheme", "weight MSE", "SQNR dB", "zeros"],
-                    [[r["name"], r["bits"], r["scheme"], r["mse"], r["sqnr_db"], r["zeros"]] for r in rows]))
+    out.print(
+        table(
+            "layers",
+            ["layer", "bits", "scheme", "weight MSE", "SQNR dB", "zeros"],
+            [[r["name"], r["bits"], r["scheme"], r["mse"], r["sqnr_db"], r["zeros"]] for r in rows],
+        )
+    )
 
 
 @app.command(cls=Command)
 @grouped
-def export(model: ModelArg, output: OutOpt, load: ModelOptions,
-           int8: Annotated[bool, flag("--int8", panel=METHOD, help="ONNX Runtime static INT8 quantization (QDQ).")] = False,
-           calib_data: CalibDataOpt = None, data: DataOpt = None,
-           tol: Annotated[float, option("--tol", panel=METHOD, help="Max difference allowed vs PyTorch, relative to the largest output.")] = 1e-4,
-           threads: Annotated[int, option("--threads", panel=OUTPUT, help="ONNX Runtime / OpenVINO threads for timing.")] = 2,
-           fmt: Annotated[Optional[str], option(
-               "--format", panel=METHOD, help="onnx, or openvino (IR: NAME.xml + NAME.bin; needs compress[openvino]); default: "
-               "from the output's suffix (.xml: openvino).")] = None,
-           workers: WorkersOpt = None, json_out: JsonOpt = None, force: ForceOpt = False):
+def export(
+    model: ModelArg,
+    output: OutOpt,
+    load: ModelOptions,
+    int8: Annotated[bool, flag("--int8", panel=METHOD, help="ONNX Runtime static INT8 quantization (QDQ).")] = False,
+    calib_data: CalibDataOpt = None,
+    data: DataOpt = None,
+    tol: Annotated[
+        float, option("--tol", panel=METHOD, help="Max difference allowed vs PyTorch, relative to the largest output.")
+    ] = 1e-4,
+    threads: Annotated[int, option("--threads", panel=OUTPUT, help="ONNX Runtime / OpenVINO threads for timing.")] = 2,
+    fmt: Annotated[
+        str | None,
+        option(
+            "--format",
+            panel=METHOD,
+            help="onnx, or openvino (IR: NAME.xml + NAME.bin; needs compress[openvino]); default: "
+            "from the output's suffix (.xml: openvino).",
+        ),
+    ] = None,
+    workers: WorkersOpt = None,
+    json_out: JsonOpt = None,
+    force: ForceOpt = False,
+):
     """Export to ONNX (dynamic batch) or OpenVINO IR, checked against PyTorch; --int8 for static INT8 (QDQ,
     calibrated), which ONNX Runtime and OpenVINO run as integers.
 
@@ -152,17 +235,42 @@ def export(model: ModelArg, output: OutOpt, load: ModelOptions,
     ev = data_mod.load(data, workers) if data else None
     shape = Context(train=calib, val=ev, input_shape=opts.input_shape).shape(m)
     fmt = fmt or ("openvino" if Path(output).suffix == ".xml" else "onnx")
-    res = run(m, output, shape, int8=int8, calib_data=calib, eval_data=ev, tol=tol, force=force, threads=threads,
-              on_step=lambda text: err.print(f"{text} ..."), fmt=fmt)
-    rows = [["max |onnx - torch|", f"{res['max_abs_diff']:.2e}", "", ""],
-            ["FP32 ONNX Runtime", res["fp32"]["bytes"], res["fp32"]["latency_ms_batch_32"], res["fp32"].get("accuracy")]]
+    res = run(
+        m,
+        output,
+        shape,
+        int8=int8,
+        calib_data=calib,
+        eval_data=ev,
+        tol=tol,
+        force=force,
+        threads=threads,
+        on_step=lambda text: err.print(f"{text} ..."),
+        fmt=fmt,
+    )
+    rows = [
+        ["max |onnx - torch|", f"{res['max_abs_diff']:.2e}", "", ""],
+        ["FP32 ONNX Runtime", res["fp32"]["bytes"], res["fp32"]["latency_ms_batch_32"], res["fp32"].get("accuracy")],
+    ]
     if int8:
-        rows.append(["INT8 ONNX Runtime (QDQ)", res["int8"]["bytes"], res["int8"]["latency_ms_batch_32"],
-                     res["int8"].get("accuracy")])
+        rows.append(
+            [
+                "INT8 ONNX Runtime (QDQ)",
+                res["int8"]["bytes"],
+                res["int8"]["latency_ms_batch_32"],
+                res["int8"].get("accuracy"),
+            ]
+        )
     for kind, r in res.get("openvino", {}).items():
         if isinstance(r, dict):  # an IR is two files: its bytes are both
-            rows.append([f"{kind.upper()} OpenVINO IR (.xml {r['xml_bytes']:,} + .bin {r['bin_bytes']:,})", r["bytes"],
-                         r["latency_ms_batch_32"], r.get("accuracy")])
+            rows.append(
+                [
+                    f"{kind.upper()} OpenVINO IR (.xml {r['xml_bytes']:,} + .bin {r['bin_bytes']:,})",
+                    r["bytes"],
+                    r["latency_ms_batch_32"],
+                    r.get("accuracy"),
+                ]
+            )
     acc = f"accuracy % ({data})" if ev is not None else "accuracy %"
     out.print(table(f"export -> {output}", ["", "bytes", f"latency batch 32 ms ({threads} threads)", acc], rows))
     if "int8" in res.get("openvino", {}):

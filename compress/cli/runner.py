@@ -3,6 +3,7 @@
 ``main()`` maps compress's own exceptions (and click's usage errors) to one line on stderr and an
 exit code (2 usage, 1 failure). ``--debug`` shows the traceback instead.
 """
+
 from __future__ import annotations
 
 import sys
@@ -43,7 +44,7 @@ def _main(argv: list[str] | None) -> int:
         if a in GLOBAL_FLAGS or a.startswith("--device="):
             front.append(a)
         elif a == "--device" and i + 1 < len(args):  # a flag with a value: both move
-            front += args[i:i + 2]
+            front += args[i : i + 2]
             i += 1
         else:
             rest.append(a)
@@ -66,8 +67,11 @@ def _main(argv: list[str] | None) -> int:
             traceback.print_exc()
         msg = " ".join(e.format_message().split())
         ctx = getattr(e, "ctx", None)
-        hint = f" (see 'compress {ctx.command_path.split(' ', 1)[1]} --help')" \
-            if ctx is not None and " " in ctx.command_path else ""
+        hint = (
+            f" (see 'compress {ctx.command_path.split(' ', 1)[1]} --help')"
+            if ctx is not None and " " in ctx.command_path
+            else ""
+        )
         print(f"error: {msg}{hint}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     except CompressError as e:
@@ -91,8 +95,11 @@ def _main(argv: list[str] | None) -> int:
     except Exception as e:  # anything else is a bug of compress's: still one line; --debug shows where
         if debug:
             traceback.print_exc()
-        print(f"error: internal error: {type(e).__name__}: {printable(first_line(e, 300))} (run with --debug for the "
-              "traceback, and please report it)", file=sys.stderr)
+        print(
+            f"error: internal error: {type(e).__name__}: {printable(first_line(e, 300))} (run with --debug for the "
+            "traceback, and please report it)",
+            file=sys.stderr,
+        )
         return 1
 
 

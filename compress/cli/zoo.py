@@ -1,8 +1,9 @@
 """``compress zoo list`` and ``compress zoo train``."""
+
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -29,21 +30,41 @@ def list_cmd():
 
 
 @zoo.command(cls=Command)
-def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compress zoo list`).")],
-          output: OutOpt,
-          data: Annotated[str, typer.Option("--train-data", help="Training data spec (see `compress report "
-                                            "--help`); --val-fraction of it is held out.")] = "mnist5k",
-          epochs: Annotated[float, typer.Option("--epochs", min=0, help="Training epochs.")] = 3,
-          lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine decay).")] = 1e-3,
-          optimizer: Annotated[Optimizer, typer.Option("--optimizer", help="Optimizer.")] = Optimizer.adam,
-          batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per step.")] = 64,
-          width: Annotated[float, typer.Option("--width", min=0.01, max=64.0,
-                                               help="Width multiplier (ResNet, VGG, MobileNet).")] = 1.0,
-          val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.01, max=0.9, help="Held out for validation "
-                                                      "(use the same in `compress pipeline` recipes).")] = 0.2,
-          augment: Annotated[Optional[int], typer.Option("--augment", help="Random shifts of up to N pixels "
-                                                         "(default: 2 for images of 24 px or more, else 0).")] = None,
-          test_data: TestDataOpt = None, seed: SeedOpt = 0, force: ForceOpt = False):
+def train(
+    name: Annotated[str, typer.Argument(help="Zoo model name (see `compress zoo list`).")],
+    output: OutOpt,
+    data: Annotated[
+        str,
+        typer.Option(
+            "--train-data", help="Training data spec (see `compress report --help`); --val-fraction of it is held out."
+        ),
+    ] = "mnist5k",
+    epochs: Annotated[float, typer.Option("--epochs", min=0, help="Training epochs.")] = 3,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine decay).")] = 1e-3,
+    optimizer: Annotated[Optimizer, typer.Option("--optimizer", help="Optimizer.")] = Optimizer.adam,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per step.")] = 64,
+    width: Annotated[
+        float, typer.Option("--width", min=0.01, max=64.0, help="Width multiplier (ResNet, VGG, MobileNet).")
+    ] = 1.0,
+    val_fraction: Annotated[
+        float,
+        typer.Option(
+            "--val-fraction",
+            min=0.01,
+            max=0.9,
+            help="Held out for validation (use the same in `compress pipeline` recipes).",
+        ),
+    ] = 0.2,
+    augment: Annotated[
+        int | None,
+        typer.Option(
+            "--augment", help="Random shifts of up to N pixels (default: 2 for images of 24 px or more, else 0)."
+        ),
+    ] = None,
+    test_data: TestDataOpt = None,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+):
     """Train a zoo model on a data set (--val-fraction held out for validation) and save it.
 
     Examples:
@@ -69,8 +90,9 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compres
     shape = ds.sample_shape
     if augment is None:
         augment = 2 if len(shape) == 3 and min(shape[-2:]) >= 24 else 0
-    cfg = make_config(FineTune, epochs=epochs, lr=lr, optimizer=optimizer.value, batch_size=batch_size, seed=seed,
-                      augment=augment)
+    cfg = make_config(
+        FineTune, epochs=epochs, lr=lr, optimizer=optimizer.value, batch_size=batch_size, seed=seed, augment=augment
+    )
     tr, va = data_mod.split(ds, val_fraction, seed=0)
     torch.manual_seed(seed)
     kw = {"width": width} if width != 1.0 else {}
@@ -84,8 +106,13 @@ def train(name: Annotated[str, typer.Argument(help="Zoo model name (see `compres
     fit(model, tr, cfg, desc=f"train {name}")
     acc = evaluate(model, va)
     row = [["validation accuracy %", acc]]
-    meta = {"input_shape": [1, *shape], "train_data": data, "val_accuracy": round(acc, 3),
-            "val_fraction": val_fraction, "augment": augment}
+    meta = {
+        "input_shape": [1, *shape],
+        "train_data": data,
+        "val_accuracy": round(acc, 3),
+        "val_fraction": val_fraction,
+        "augment": augment,
+    }
     if test_data:
         meta["test_accuracy"] = round(evaluate(model, data_mod.load(test_data)), 3)
         row.append(["test accuracy %", meta["test_accuracy"]])

@@ -10,6 +10,7 @@
 * Everything read is checked: lengths form a prefix code (Kraft), every block must end exactly where
   the next one starts, and no invalid code may appear. A decoder error is a ``ValueError``.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -83,7 +84,7 @@ def check_lengths(lengths: np.ndarray, max_len: int = MAX_LEN) -> None:
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.size and (lengths.min() < 0 or lengths.max() > max_len):
         raise ValueError("code length out of range")
-    kraft = sum(2.0 ** -int(l) for l in lengths if l > 0)
+    kraft = sum(2.0 ** -int(n) for n in lengths if n > 0)
     if kraft > 1.0 + 1e-12:
         raise ValueError("code lengths do not form a prefix code")
 
@@ -126,16 +127,22 @@ def build_table(lengths: np.ndarray, max_len: int = MAX_LEN) -> tuple[np.ndarray
     sym = np.full(1 << max_len, -1, dtype=np.int32)
     tl = np.zeros(1 << max_len, dtype=np.int32)
     for s in np.nonzero(lengths)[0]:
-        l = int(lengths[s])
-        lo = int(codes[s]) << (max_len - l)
-        hi = (int(codes[s]) + 1) << (max_len - l)
+        n = int(lengths[s])
+        lo = int(codes[s]) << (max_len - n)
+        hi = (int(codes[s]) + 1) << (max_len - n)
         sym[lo:hi] = s
-        tl[lo:hi] = l
+        tl[lo:hi] = n
     return sym, tl
 
 
-def decode(payload: bytes, lengths: np.ndarray, count: int, block_bits: np.ndarray,
-           block: int = DEFAULT_BLOCK, max_len: int = MAX_LEN) -> np.ndarray:
+def decode(
+    payload: bytes,
+    lengths: np.ndarray,
+    count: int,
+    block_bits: np.ndarray,
+    block: int = DEFAULT_BLOCK,
+    max_len: int = MAX_LEN,
+) -> np.ndarray:
     """Inverse of ``encode``: ``count`` symbols (int32). Raises ValueError on any inconsistency."""
     if count == 0:
         if len(payload) or len(block_bits):

@@ -1,4 +1,5 @@
 """Fixed-width bit packing of integer codes (INT4: two to a byte)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -7,6 +7,7 @@ filler symbols 255, each worth 255 positions) Huffman coded, or a plain bitmask,
 smaller. Each function returns ``(bytes, fields)``; the fields go into the manifest and are checked
 on the way back.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -86,15 +87,19 @@ def decode_symbols(data: bytes, f: dict, max_count: int, budget: Budget = UNLIMI
         out = unpack(data, width, n).astype(np.int64) if width <= 8 else _unpack_wide(data, width, n)
     elif huff:
         parts = f.get("parts")
-        if not (isinstance(parts, list) and len(parts) == 3 and all(isinstance(p, int) and p >= 0 for p in parts)
-                and sum(parts) == len(data)):
+        if not (
+            isinstance(parts, list)
+            and len(parts) == 3
+            and all(isinstance(p, int) and p >= 0 for p in parts)
+            and sum(parts) == len(data)
+        ):
             raise ValueError("Huffman stream parts do not add up")
         a, b, _ = parts
         if a != (alpha * 4 + 7) // 8 or b != 2 * ((n + block - 1) // block):
             raise ValueError("Huffman stream tables have the wrong size")
         lengths = unpack(data[:a], 4, alpha).astype(np.int64)
-        bb = np.frombuffer(data[a:a + b], dtype="<u2")
-        out = H.decode(data[a + b:], lengths, n, bb, block).astype(np.int64)
+        bb = np.frombuffer(data[a : a + b], dtype="<u2")
+        out = H.decode(data[a + b :], lengths, n, bb, block).astype(np.int64)
     else:
         raise ValueError(f"unknown stream coding {coding!r}")
     if n and (out.min() < 0 or out.max() >= alpha):

@@ -6,6 +6,7 @@ them), its children, and the names/shapes of its parameters and buffers. Rebuild
 node with ``cls.__new__`` + ``nn.Module.__init__`` and restores the attributes -- what unpickling
 does, minus the ability of the file to name any other code.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -29,15 +30,17 @@ _SKIP = set(STATE_ATTRS)  # stored with the tensor sections instead
 _LEAF = (type(None), bool, int, float, str)
 # functions a torch.nn module may hold as an attribute (TransformerEncoderLayer's ``activation``):
 # stored by name, resolved only from this list of torch.nn.functional's pure tensor functions
-FUNCTIONS = frozenset("""relu relu6 gelu silu mish hardswish hardsigmoid hardtanh sigmoid tanh leaky_relu elu selu
-celu softplus softsign glu logsigmoid softmax log_softmax tanhshrink""".split())
+FUNCTIONS = frozenset(
+    """relu relu6 gelu silu mish hardswish hardsigmoid hardtanh sigmoid tanh leaky_relu elu selu
+celu softplus softsign glu logsigmoid softmax log_softmax tanhshrink""".split()
+)
 
 
 def _class_path(cls: type) -> str:
     """``module.Class``; a class of a file loaded by path is named as if imported (``mynet.MyNet``), so that
     ``--arch mynet:build`` and ``--arch path/to/mynet.py:build`` name the same classes."""
     module = cls.__module__
-    return f"{module[len(USER_PREFIX):] if module.startswith(USER_PREFIX) else module}.{cls.__qualname__}"
+    return f"{module[len(USER_PREFIX) :] if module.startswith(USER_PREFIX) else module}.{cls.__qualname__}"
 
 
 def _own(path: str) -> bool:
@@ -131,6 +134,7 @@ def describe(model: nn.Module) -> dict:
     everywhere else, but the module itself can only be rebuilt from the user's own code
     (``rebuild(..., base=...)``, the model their ``--arch`` builds) -- the file never names code
     that runs."""
+
     def node(m: nn.Module, where: str) -> dict:
         cls = type(m)
         path = _class_path(cls)
@@ -145,18 +149,33 @@ def describe(model: nn.Module) -> dict:
                 if own:
                     raise
                 # the user's constructor sets it again (a function, a layer list, ...)
-        out = {"class" if own else "ref": path, "attrs": attrs,
-               "params": {k: None if p is None else [list(p.shape), bool(p.requires_grad)]
-                          for k, p in m._parameters.items()},
-               "buffers": {k: None if b is None else [list(b.shape), str(b.dtype).replace("torch.", "")]
-                           for k, b in m._buffers.items()},
-               "children": {k: node(c, f"{where}.{k}" if where else k) for k, c in m._modules.items() if c is not None}}
+        out = {
+            "class" if own else "ref": path,
+            "attrs": attrs,
+            "params": {
+                k: None if p is None else [list(p.shape), bool(p.requires_grad)] for k, p in m._parameters.items()
+            },
+            "buffers": {
+                k: None if b is None else [list(b.shape), str(b.dtype).replace("torch.", "")]
+                for k, b in m._buffers.items()
+            },
+            "children": {k: node(c, f"{where}.{k}" if where else k) for k, c in m._modules.items() if c is not None},
+        }
         return out
+
     return node(model, "")
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64, "int64": torch.int64,
-           "int32": torch.int32, "uint8": torch.uint8, "int8": torch.int8, "bool": torch.bool}
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+    "bool": torch.bool,
+}
 
 
 MAX_MODULES = 50_000
@@ -166,8 +185,10 @@ class NeedsArch(ValueError):
     """The architecture references classes of the user's own code: rebuild it with ``base``."""
 
     def __init__(self, classes: list[str]):
-        super().__init__(f"it holds classes of your own code ({', '.join(safe(c) for c in classes[:3])}"
-                         f"{', ...' if len(classes) > 3 else ''})")
+        super().__init__(
+            f"it holds classes of your own code ({', '.join(safe(c) for c in classes[:3])}"
+            f"{', ...' if len(classes) > 3 else ''})"
+        )
         self.classes = classes
 
 
@@ -181,7 +202,7 @@ def references(spec: Any, depth: int = 0) -> list[str]:
         return []
     out = [spec["ref"]] if isinstance(spec.get("ref"), str) else []
     children = spec.get("children")
-    for c in (children.values() if isinstance(children, dict) else []):
+    for c in children.values() if isinstance(children, dict) else []:
         out += [r for r in references(c, depth + 1) if r not in out]
     return out
 
@@ -193,8 +214,14 @@ def _is_name(k) -> bool:
     return isinstance(k, str) and 0 < len(k) <= 200 and (k.isidentifier() or k.isascii() and k.isdigit())
 
 
-def rebuild(spec: dict, tensors: dict[str, torch.Tensor], depth: int = 0, prefix: str = "",
-            _count: list | None = None, base: nn.Module | None = None) -> nn.Module:
+def rebuild(
+    spec: dict,
+    tensors: dict[str, torch.Tensor],
+    depth: int = 0,
+    prefix: str = "",
+    _count: list | None = None,
+    base: nn.Module | None = None,
+) -> nn.Module:
     """Rebuild a module tree from ``describe``'s data and a {fqn: tensor} map (shapes checked).
     ``base``: the model the user's own code builds, whose modules stand for the reference nodes
     (their attributes, tensors and children are then set from the data)."""
@@ -211,11 +238,15 @@ def rebuild(spec: dict, tensors: dict[str, torch.Tensor], depth: int = 0, prefix
         where = prefix.rstrip(".") or "the model"
         if base is None:
             if depth:  # the user's model has no module here
-                raise ArchMismatch(f"the model your {param('arch')} builds has no {safe(where)} (a {safe(spec['ref'])})")
+                raise ArchMismatch(
+                    f"the model your {param('arch')} builds has no {safe(where)} (a {safe(spec['ref'])})"
+                )
             raise NeedsArch(references(spec))
         if not isinstance(spec["ref"], str) or _class_path(type(base)) != spec["ref"]:
-            raise ArchMismatch(f"{safe(where)} is {safe(spec['ref'])} in the file, but {_class_path(type(base))!r} in the "
-                             f"model your {param('arch')} builds")
+            raise ArchMismatch(
+                f"{safe(where)} is {safe(spec['ref'])} in the file, but {_class_path(type(base))!r} in the "
+                f"model your {param('arch')} builds"
+            )
         m = base
         m._parameters.clear()  # set from the data below
         m._buffers.clear()

@@ -15,14 +15,16 @@ Reading never trusts a declared length: sizes are checked against the file size 
 before anything is allocated, every CRC is verified before decoding, and the architecture is data
 (``arch.py``), so decoding a stranger's file runs none of its code.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import NoReturn
 
 import torch
 import torch.nn as nn
@@ -95,8 +97,14 @@ def encode_model(model: nn.Module, graph: bool = False, input_shape=None) -> tup
             raise InputError(f"the model has a tensor named {name!r}, a name compress reserves; rename it")
         state = get_state(modules[mod_name], leaf) if leaf in PARAMS and mod_name in modules else None
         data, fields = encode_tensor(t, state, name)
-        entry = {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
-                 "length": len(data), "crc": zlib.crc32(data), **fields}  # sections follow each other
+        entry = {
+            "name": name,
+            "shape": list(t.shape),
+            "dtype": str(t.dtype).replace("torch.", ""),
+            "length": len(data),
+            "crc": zlib.crc32(data),
+            **fields,
+        }  # sections follow each other
         entries.append(entry)
         sections.append(data)
     manifest = {"arch": spec, "tensors": entries, "format": "cpz", "version": VERSION}
@@ -110,9 +118,13 @@ def encode_model(model: nn.Module, graph: bool = False, input_shape=None) -> tup
         raise InputError(f"model metadata cannot be stored: {e}") from e
     body = HEAD.pack(MAGIC, VERSION, 0, len(mbytes), zlib.crc32(mbytes)) + mbytes + b"".join(sections)
     blob = body + struct.pack("<I", zlib.crc32(body))
-    stats = {"file_bytes": len(blob), "manifest_bytes": len(mbytes), "tensors": entries,
-             "graph_bytes": len(zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 9)) if doc else 0,
-             "graph_note": note}
+    stats = {
+        "file_bytes": len(blob),
+        "manifest_bytes": len(mbytes),
+        "tensors": entries,
+        "graph_bytes": len(zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 9)) if doc else 0,
+        "graph_note": note,
+    }
     return blob, stats
 
 
@@ -144,7 +156,7 @@ def read_manifest(blob: bytes, path="<bytes>") -> tuple[dict, int]:
     (fcrc,) = struct.unpack_from("<I", blob, len(blob) - 4)
     if zlib.crc32(memoryview(blob)[:-4]) != fcrc:
         _fail(path, "file checksum mismatch: truncated or corrupted")
-    mbytes = blob[HEAD.size:HEAD.size + mlen]
+    mbytes = blob[HEAD.size : HEAD.size + mlen]
     if zlib.crc32(mbytes) != mcrc:
         _fail(path, "manifest checksum mismatch")
     try:
@@ -182,8 +194,10 @@ def arch_hint() -> str:
 
 
 def _over_budget(path, err, size: int):
-    raise FormatError(f"{path}: refused: {err} (more than {MAX_RATIO}x its {size:,} bytes). If you "
-                      "trust it, set COMPRESS_MAX_DECODE_RATIO to a larger ratio") from None
+    raise FormatError(
+        f"{path}: refused: {err} (more than {MAX_RATIO}x its {size:,} bytes). If you "
+        "trust it, set COMPRESS_MAX_DECODE_RATIO to a larger ratio"
+    ) from None
 
 
 def _charge(manifest: dict, budget: streams.Budget, path, size: int) -> None:
@@ -203,8 +217,9 @@ def _charge(manifest: dict, budget: streams.Budget, path, size: int) -> None:
             _fail(path, f"tensor {safe(e['name'])}: {err}")
 
 
-def decode_model(blob: bytes, path="<bytes>", budget: streams.Budget | None = None,
-                 base: Callable[[], nn.Module] | None = None) -> nn.Module:
+def decode_model(
+    blob: bytes, path="<bytes>", budget: streams.Budget | None = None, base: Callable[[], nn.Module] | None = None
+) -> nn.Module:
     """Decode .cpz bytes. ``base`` builds the user's own model (their ``--arch``) when the
     architecture refers to classes of their code; it is called only then."""
     manifest, start = read_manifest(blob, path)
@@ -218,13 +233,15 @@ def decode_model(blob: bytes, path="<bytes>", budget: streams.Budget | None = No
         if name in tensors:
             _fail(path, f"tensor {safe(name)} appears twice")
         off, ln, crc = e.get("offset", expected_off), e.get("length"), e.get("crc")  # offset: older writers
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (off, ln, crc)) \
-                or start + off + ln > end:
+        if (
+            not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (off, ln, crc))
+            or start + off + ln > end
+        ):
             _fail(path, f"section of {safe(name)} lies outside the file")
         if off != expected_off:  # sections follow each other: none overlaps or is read twice
             _fail(path, f"section of {safe(name)} does not follow the previous one (overlapping sections)")
         expected_off = off + ln
-        data = blob[start + off:start + off + ln]
+        data = blob[start + off : start + off + ln]
         if zlib.crc32(data) != crc:
             _fail(path, f"checksum mismatch in {safe(name)}")
         try:
@@ -270,8 +287,10 @@ def _architecture(manifest: dict, tensors: dict, base, path) -> nn.Module:
         setattr(model, META_ATTR, {str(k): v for k, v in meta.items()} if isinstance(meta, dict) else {})
         return model
     if refs and base is None:
-        raise InputError(f"{path}: {arch_mod.NeedsArch(refs)}; pass {arch_hint()} to rebuild it "
-                         "(the file stores its structure and weights as data, not the code)")
+        raise InputError(
+            f"{path}: {arch_mod.NeedsArch(refs)}; pass {arch_hint()} to rebuild it "
+            "(the file stores its structure and weights as data, not the code)"
+        )
     try:
         return arch_mod.rebuild(spec, tensors, base=base() if refs else None)
     except arch_mod.ArchMismatch as err:

@@ -1,4 +1,5 @@
 """Per-tensor numbers of a .cpz for tables and reports: bytes, bits per weight, index overhead."""
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,14 @@ def read_stats(path) -> dict[str, Any]:
 def tensor_row(e: dict) -> dict:
     """Per-tensor numbers for tables: bytes, bits per weight, index overhead, Huffman gain."""
     n = int(np.prod(e["shape"])) if e["shape"] else 1
-    row = {"name": e["name"], "enc": e["enc"], "numel": n, "bytes": e["length"],
-           "bits_per_weight": round(8 * e["length"] / max(n, 1), 3), "mode": e.get("mode", "-")}
+    row = {
+        "name": e["name"],
+        "enc": e["enc"],
+        "numel": n,
+        "bytes": e["length"],
+        "bits_per_weight": round(8 * e["length"] / max(n, 1), 3),
+        "mode": e.get("mode", "-"),
+    }
     if "index_bytes" in e:
         row["index_bytes"] = e["index_bytes"]
         row["index"] = e["index"]["index"]
@@ -51,5 +58,9 @@ def size_bytes(model, graph: bool = False) -> dict[str, Any]:
             fixed += e["length"]
         layer = e["name"].rpartition(".")[0]
         layers[layer] = layers.get(layer, 0) + e["length"]
-    return {"coded": stats["file_bytes"], "fixed": fixed + stats["manifest_bytes"] + 20, "layers": layers,
-            "graph_note": stats["graph_note"]}
+    return {
+        "coded": stats["file_bytes"],
+        "fixed": fixed + stats["manifest_bytes"] + 20,
+        "layers": layers,
+        "graph_note": stats["graph_note"],
+    }

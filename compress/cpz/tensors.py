@@ -1,6 +1,7 @@
 """One tensor section of a .cpz: raw, sparse raw, or quantized codes (a uniform grid's scales or a
 k-means codebook in front of Huffman-coded symbols, dense or with a sparse index). Decoding checks
 every length and alphabet against the manifest entry, within the file's decoding budget."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,8 +15,16 @@ from compress.quant_state import QuantState, schemes
 MAX_NUMEL = 1 << 31
 _STORAGE = {"uniform": "grid", "codebook": "codebook"}  # the manifest's "enc" -> a scheme's storage
 _OLD_SCHEME = {"uniform": "minmax", "codebook": "kmeans"}  # files written before "scheme" was stored
-_RAW_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64,
-               "int32": np.int32, "uint8": np.uint8, "int8": np.int8, "bool": np.bool_}
+_RAW_DTYPES = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "float64": np.float64,
+    "int64": np.int64,
+    "int32": np.int32,
+    "uint8": np.uint8,
+    "int8": np.int8,
+    "bool": np.bool_,
+}
 
 
 def _raw(t: torch.Tensor) -> tuple[bytes, dict]:
@@ -27,8 +36,7 @@ def _has_negative_zero(t: torch.Tensor) -> bool:
     return bool(((t == 0) & torch.signbit(t)).any())
 
 
-def _coded(sym: np.ndarray, zero: np.ndarray, alpha: int, params: bytes,
-           fields: dict) -> tuple[bytes, dict]:
+def _coded(sym: np.ndarray, zero: np.ndarray, alpha: int, params: bytes, fields: dict) -> tuple[bytes, dict]:
     """Dense (all symbols) or sparse (index + nonzero symbols), the smaller."""
     dense, df = streams.encode_symbols(sym, alpha)
     best = (params + dense, {**fields, "mode": "dense", "params_bytes": len(params), "values": df})
@@ -37,8 +45,17 @@ def _coded(sym: np.ndarray, zero: np.ndarray, alpha: int, params: bytes,
         idx, ifl = streams.encode_index(nz)
         vals, vf = streams.encode_symbols(sym[nz], alpha)
         if len(idx) + len(vals) < len(dense):
-            best = (params + idx + vals, {**fields, "mode": "sparse", "params_bytes": len(params),
-                                          "index_bytes": len(idx), "index": ifl, "values": vf})
+            best = (
+                params + idx + vals,
+                {
+                    **fields,
+                    "mode": "sparse",
+                    "params_bytes": len(params),
+                    "index_bytes": len(idx),
+                    "index": ifl,
+                    "values": vf,
+                },
+            )
     return best
 
 
@@ -57,8 +74,13 @@ def _encode_state(state: QuantState, t: torch.Tensor) -> tuple[bytes, dict]:
         sym = state.codes.flatten().cpu().numpy().astype(np.int64)
         sym[sym < 0] = k  # explicit zero symbol for dense mode
         half = bool(np.array_equal(cb.astype("<f2").astype("<f4"), cb))  # k-means rounds its centroids so
-        fields = {"enc": "codebook", **_scheme_field(state, "codebook"), "bits": bits, "k": k,
-                  **({"cb16": True} if half else {})}
+        fields = {
+            "enc": "codebook",
+            **_scheme_field(state, "codebook"),
+            "bits": bits,
+            "k": k,
+            **({"cb16": True} if half else {}),
+        }
         return _coded(sym, zero, k + 1, (cb.astype("<f2") if half else cb).tobytes(), fields)
     if state.scale is None:
         raise ValueError("a grid state needs its scales")
@@ -68,9 +90,20 @@ def _encode_state(state: QuantState, t: torch.Tensor) -> tuple[bytes, dict]:
     if state.zero_point is not None:
         params += state.zero_point.float().cpu().numpy().astype("<f4").tobytes()
     sym = state.codes.cpu().numpy().reshape(-1).astype(np.int64)
-    return _coded(sym, zero, 2 ** bits, params,
-                  {"enc": "uniform", **_scheme_field(state, "uniform"), "bits": bits, "channels": len(scale),
-                   "affine": affine, "per_channel": bool(state.per_channel)})
+    return _coded(
+        sym,
+        zero,
+        2**bits,
+        params,
+        {
+            "enc": "uniform",
+            **_scheme_field(state, "uniform"),
+            "bits": bits,
+            "channels": len(scale),
+            "affine": affine,
+            "per_channel": bool(state.per_channel),
+        },
+    )
 
 
 def encode_tensor(t: torch.Tensor, state: QuantState | None = None, where: str = "") -> tuple[bytes, dict]:
@@ -92,8 +125,11 @@ def encode_tensor(t: torch.Tensor, state: QuantState | None = None, where: str =
 
 def shape_numel(e: dict) -> tuple[list, int]:
     shape = e.get("shape")
-    if not (isinstance(shape, list) and len(shape) <= 8
-            and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < MAX_NUMEL for s in shape)):
+    if not (
+        isinstance(shape, list)
+        and len(shape) <= 8
+        and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < MAX_NUMEL for s in shape)
+    ):
         raise ValueError("bad shape")
     n = 1
     for s in shape:
@@ -194,17 +230,23 @@ def _decode_state(e: dict, data: bytes, shape: list, n: int, budget) -> QuantSta
     affine = e.get("affine")
     if not isinstance(affine, bool) or pb != 4 * c * (2 if affine else 1) or (n and n % c):
         raise ValueError("scales have the wrong size")
-    sym, mask = _symbols(e, rest, n, 2 ** bits, budget)
-    scale = torch.from_numpy(np.frombuffer(params[:4 * c], dtype="<f4").astype(np.float32))
-    zp = torch.from_numpy(np.frombuffer(params[4 * c:], dtype="<f4").astype(np.float32)) if affine else None
+    sym, mask = _symbols(e, rest, n, 2**bits, budget)
+    scale = torch.from_numpy(np.frombuffer(params[: 4 * c], dtype="<f4").astype(np.float32))
+    zp = torch.from_numpy(np.frombuffer(params[4 * c :], dtype="<f4").astype(np.float32)) if affine else None
     if mask is None:
         codes = sym.astype(np.int64)
     else:  # pruned weights are the grid's zero: code -lo (symmetric) or the channel's zero point
         lo = -(2 ** (bits - 1) - 1) if not affine else 0
         codes = np.repeat(zp.numpy().astype(np.int64), n // c) if zp is not None else np.full(n, -lo, dtype=np.int64)
         codes[mask] = sym
-    state = QuantState(bits, name, torch.from_numpy(codes.astype(np.uint8)).view(c, -1), scale, zp,
-                       per_channel=bool(e.get("per_channel", True)))
+    state = QuantState(
+        bits,
+        name,
+        torch.from_numpy(codes.astype(np.uint8)).view(c, -1),
+        scale,
+        zp,
+        per_channel=bool(e.get("per_channel", True)),
+    )
     return state
 
 

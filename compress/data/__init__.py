@@ -17,6 +17,7 @@ Options follow a ``?``: ``mnist5k?size=32`` zero-pads (or resizes) images to 32 
 channels, ``?workers=2`` reads batches in 2 loader processes; folders add ``resize``, ``crop``, ``rrc``,
 ``flip``, ``norm``, ``mean``, ``std``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,9 +30,26 @@ from compress.data.kinds import ArrayData, IterData, MapData, TensorData, as_dat
 from compress.data.sources import BUILTIN, apply_options
 from compress.errors import InputError
 
-__all__ = ["VAL_FRACTION", "ArrayData", "Data", "FolderData", "IterData", "MapData", "Mapped", "Subset", "TensorData",
-           "as_data", "batches", "check_fits", "eval_batch_size", "load", "split", "MAX_ARRAY_BYTES",
-           "MAX_DECODE_RATIO", "validate"]
+__all__ = [
+    "VAL_FRACTION",
+    "ArrayData",
+    "Data",
+    "FolderData",
+    "IterData",
+    "MapData",
+    "Mapped",
+    "Subset",
+    "TensorData",
+    "as_data",
+    "batches",
+    "check_fits",
+    "eval_batch_size",
+    "load",
+    "split",
+    "MAX_ARRAY_BYTES",
+    "MAX_DECODE_RATIO",
+    "validate",
+]
 
 
 def _key_value(kv: str) -> tuple[str, str]:
@@ -51,7 +69,7 @@ def load(spec: str, workers: int | None = None) -> Data:
         x, y = validate(x, y, base)
         data = TensorData(x, y, spec)
     elif base.startswith("folder:"):
-        data, handled = images.folder(base[len("folder:"):], opts, spec), images.OPTIONS
+        data, handled = images.folder(base[len("folder:") :], opts, spec), images.OPTIONS
     elif p.is_dir():
         if (p / "x.npy").is_file() and (p / "y.npy").is_file():
             data = sources._npy_dir(p, spec)
@@ -68,8 +86,10 @@ def load(spec: str, workers: int | None = None) -> Data:
     elif ":" in base and not p.exists():
         data = sources._callable(base, spec)
     else:
-        raise InputError(f"data {base!r} not found: use mnist5k, digits, folder:DIR, a folder of IDX files, "
-                         "PATH.npz or module:function")
+        raise InputError(
+            f"data {base!r} not found: use mnist5k, digits, folder:DIR, a folder of IDX files, "
+            "PATH.npz or module:function"
+        )
     data = apply_options(data, opts, spec, handled)
     if workers is not None:
         data.workers = workers

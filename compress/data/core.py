@@ -5,11 +5,13 @@ Every kind of data users have -- tensors in memory, a memory-mapped array, a PyT
 evaluation, calibration, BatchNorm re-estimation, sensitivity analysis and held-out splits read it
 by indices and batches (``batches``), never as one tensor, so memory does not grow with the data.
 """
+
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -49,7 +51,7 @@ class Data:
         splits and the label check); None otherwise."""
         return None
 
-    def subset(self, indices, name: str | None = None) -> "Data":
+    def subset(self, indices, name: str | None = None) -> Data:
         return Subset(self, indices, name or self.name)
 
     def head(self, n: int) -> torch.Tensor:
@@ -78,8 +80,10 @@ class Data:
 
 def _as_labels(t, name: str) -> torch.Tensor:
     if not (isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point()):
-        raise InputError(f"data {name}: targets are not integer class labels (got "
-                         f"{type(t).__name__} {tuple(getattr(t, 'shape', ()))}); give a --loss and --metric of your own")
+        raise InputError(
+            f"data {name}: targets are not integer class labels (got "
+            f"{type(t).__name__} {tuple(getattr(t, 'shape', ()))}); give a --loss and --metric of your own"
+        )
     return t.long()
 
 
@@ -100,7 +104,7 @@ class Subset(Data):
         y = self.base.labels()
         return None if y is None else y[self.indices]
 
-    def subset(self, indices, name: str | None = None) -> "Subset":
+    def subset(self, indices, name: str | None = None) -> Subset:
         return Subset(self.base, self.indices[torch.as_tensor(indices, dtype=torch.long)], name or self.name)
 
 
@@ -147,11 +151,18 @@ class _Chunking:
         return -(-len(self.order) // self.size)
 
     def __iter__(self):
-        return (self.order[i:i + self.size] for i in range(0, len(self.order), self.size))
+        return (self.order[i : i + self.size] for i in range(0, len(self.order), self.size))
 
 
-def batches(data: Data, batch_size: int, order: torch.Tensor | None = None, *, train: bool = False,
-            workers: int | None = None, pin: bool = False) -> Iterator[Batch]:
+def batches(
+    data: Data,
+    batch_size: int,
+    order: torch.Tensor | None = None,
+    *,
+    train: bool = False,
+    workers: int | None = None,
+    pin: bool = False,
+) -> Iterator[Batch]:
     """``(inputs, targets)`` batches of ``data`` in ``order`` (sample indices; default: all, in order).
     With ``workers`` (default: the data's own) batches are read ahead in that many processes."""
     if data.iterable:
@@ -164,8 +175,9 @@ def batches(data: Data, batch_size: int, order: torch.Tensor | None = None, *, t
         for c in chunks:
             yield data.batch(c, train)
         return
-    loader = torch.utils.data.DataLoader(_Chunks(data, train), batch_size=None, sampler=chunks, num_workers=workers,
-                                         pin_memory=pin, prefetch_factor=4)
+    loader = torch.utils.data.DataLoader(
+        _Chunks(data, train), batch_size=None, sampler=chunks, num_workers=workers, pin_memory=pin, prefetch_factor=4
+    )
     try:
         yield from loader
     except CompressError as e:  # re-raised from a worker: its message is the worker's traceback; keep the error
@@ -179,7 +191,7 @@ def _worker_message(e: BaseException) -> str:
     last = lines[-1] if lines else type(e).__name__
     for prefix in ("compress.errors.InputError: ", "compress.errors.FormatError: ", "InputError: "):
         if last.startswith(prefix):
-            return last[len(prefix):]
+            return last[len(prefix) :]
     return last
 
 

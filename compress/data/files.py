@@ -10,6 +10,7 @@
   before anything is decoded, and ``read_exact`` then reads in chunks that stop at that size, whatever
   the container's own headers claim.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,8 +61,10 @@ class DecodeBudget:
         self.left -= n
 
     def _refuse(self, why: str, cap: int):
-        raise InputError(f"{self.path}: refused: {why}, more than {decode_ratio():g}x (at most {cap:,} bytes). If "
-                         "you trust it, set COMPRESS_MAX_DECODE_RATIO to a larger ratio")
+        raise InputError(
+            f"{self.path}: refused: {why}, more than {decode_ratio():g}x (at most {cap:,} bytes). If "
+            "you trust it, set COMPRESS_MAX_DECODE_RATIO to a larger ratio"
+        )
 
 
 def read_exact(f: IO[bytes], n: int, where: str) -> np.ndarray:
@@ -70,7 +73,7 @@ def read_exact(f: IO[bytes], n: int, where: str) -> np.ndarray:
     buf = np.empty(n, np.uint8)
     view, got = buf.data, 0
     while got < n:
-        k = f.readinto(view[got:got + min(CHUNK, n - got)])  # type: ignore[attr-defined]
+        k = f.readinto(view[got : got + min(CHUNK, n - got)])  # type: ignore[attr-defined]
         if not k:
             raise InputError(f"{where}: truncated: {got:,} bytes of data where its header declares {n:,}")
         got += k
@@ -89,6 +92,8 @@ def inside(path, root) -> Path:
     except OSError as e:  # ELOOP, or a link to nothing
         raise InputError(f"{safe(str(path), 200)}: a link that loops or leads nowhere ({e.strerror or e})") from None
     if os.path.commonpath([top, real]) != top:
-        raise InputError(f"{safe(str(path), 200)} is a link that leads out of its folder {safe(str(root), 200)} (to "
-                         f"{safe(real, 200)}); copy the file into the folder instead")
+        raise InputError(
+            f"{safe(str(path), 200)} is a link that leads out of its folder {safe(str(root), 200)} (to "
+            f"{safe(real, 200)}); copy the file into the folder instead"
+        )
     return Path(real)

@@ -5,6 +5,7 @@ N x N); training adds ``rrc`` (random-resized crop to ``crop``, of at least that
 and ``flip`` (random horizontal flips). ``norm=imagenet`` (or ``mean=...&std=...``) normalises.
 Images are opened when a batch needs them: memory holds the list of files, not the images.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -38,9 +39,21 @@ MAX_DEPTH = 16  # folders below a class folder
 class FolderData(Data):
     """``root/<class>/<image>``; classes are the subfolders in sorted order, as torchvision's ImageFolder."""
 
-    def __init__(self, root, name: str | None = None, *, size: int | None = None, resize: int | None = None,
-                 crop: int | None = None, rrc: float | None = None, flip: bool = False, mean=None, std=None,
-                 channels: int | None = None, workers: int = 0):
+    def __init__(
+        self,
+        root,
+        name: str | None = None,
+        *,
+        size: int | None = None,
+        resize: int | None = None,
+        crop: int | None = None,
+        rrc: float | None = None,
+        flip: bool = False,
+        mean=None,
+        std=None,
+        channels: int | None = None,
+        workers: int = 0,
+    ):
         self.root = Path(root)
         self.name = name or f"folder:{root}"
         self.size, self.resize, self.crop, self.rrc, self.flip = size, resize, crop, rrc, flip
@@ -69,8 +82,9 @@ class FolderData(Data):
         for c, cls in enumerate(classes):
             found = self._walk(self.root / cls, 0, seen, len(files))
             if not found:
-                raise InputError(f"{self.name}: class folder {self.root / cls} holds no images "
-                                 f"({', '.join(EXTENSIONS[:3])}, ...)")
+                raise InputError(
+                    f"{self.name}: class folder {self.root / cls} holds no images ({', '.join(EXTENSIONS[:3])}, ...)"
+                )
             files += found
             targets += [c] * len(found)
         return classes, files, torch.tensor(targets, dtype=torch.long)
@@ -128,16 +142,26 @@ class FolderData(Data):
                     img: Any = opened
                     w, h = img.size
                     if w * h > MAX_PIXELS:
-                        raise InputError(f"{self.name}: image {safe(path, 200)} is {w} x {h}, more than "
-                                         f"{MAX_PIXELS:,} pixels")
+                        raise InputError(
+                            f"{self.name}: image {safe(path, 200)} is {w} x {h}, more than {MAX_PIXELS:,} pixels"
+                        )
                     if self.resize is not None and self.resize * self.resize * max(w, h) > MAX_PIXELS * min(w, h):
-                        raise InputError(f"{self.name}: image {safe(path, 200)} is {w} x {h}: ?resize={self.resize} "
-                                         f"(its shorter side) would make it more than {MAX_PIXELS:,} pixels")
+                        raise InputError(
+                            f"{self.name}: image {safe(path, 200)} is {w} x {h}: ?resize={self.resize} "
+                            f"(its shorter side) would make it more than {MAX_PIXELS:,} pixels"
+                        )
                     if getattr(img, "format", None) == "JPEG" and _scans(f) > MAX_SCANS:
-                        raise InputError(f"{self.name}: image {safe(path, 200)} is a JPEG of more than {MAX_SCANS} "
-                                         "scans (a decoder's time bomb; a progressive JPEG has about 10)")
-                    img = img.convert("L" if self.channels == 1 else "RGB" if self.channels == 3 or img.mode not in
-                                      ("L", "I;16", "I", "1") else "L")
+                        raise InputError(
+                            f"{self.name}: image {safe(path, 200)} is a JPEG of more than {MAX_SCANS} "
+                            "scans (a decoder's time bomb; a progressive JPEG has about 10)"
+                        )
+                    img = img.convert(
+                        "L"
+                        if self.channels == 1
+                        else "RGB"
+                        if self.channels == 3 or img.mode not in ("L", "I;16", "I", "1")
+                        else "L"
+                    )
                     x = pil_to_tensor(img)
         except InputError:
             raise
@@ -147,13 +171,19 @@ class FolderData(Data):
 
     def _transform(self, x: torch.Tensor, train: bool) -> torch.Tensor:
         if self.size is not None and not (train and self.rrc is not None):
-            x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear", antialias=True,
-                              align_corners=False)[0]
+            x = F.interpolate(
+                x[None], size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+            )[0]
         if self.resize is not None and not (train and self.rrc is not None):
             h, w = x.shape[-2:]
             s = self.resize / min(h, w)
-            x = F.interpolate(x[None], size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
-                              antialias=True, align_corners=False)[0]
+            x = F.interpolate(
+                x[None],
+                size=(max(1, round(h * s)), max(1, round(w * s))),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )[0]
         out = self.crop or self.size
         if train and self.rrc is not None and out is not None:
             x = _random_resized_crop(x, out, self.rrc)
@@ -161,8 +191,8 @@ class FolderData(Data):
             h, w = x.shape[-2:]
             if h < self.crop or w < self.crop:
                 raise InputError(f"{self.name}: an image of {w} x {h} is smaller than ?crop={self.crop}; add ?resize=N")
-            t, l = (h - self.crop) // 2, (w - self.crop) // 2
-            x = x[:, t:t + self.crop, l:l + self.crop]
+            top, left = (h - self.crop) // 2, (w - self.crop) // 2
+            x = x[:, top : top + self.crop, left : left + self.crop]
         if train and self.flip and bool(torch.rand(()) < 0.5):
             x = x.flip(-1)
         if self.mean is not None:
@@ -177,9 +207,11 @@ class FolderData(Data):
         for i in idx:  # checked as read: a batch holds at most batch-size images of the first one's size
             x = self.read(i, train)
             if xs and x.shape != xs[0].shape:
-                raise InputError(f"{self.name}: image {safe(self.files[i], 200)} is {tuple(x.shape)} but "
-                                 f"{safe(self.files[idx[0]], 200)} is {tuple(xs[0].shape)}; give one size "
-                                 "(?size=N, or ?resize=N&crop=N)")
+                raise InputError(
+                    f"{self.name}: image {safe(self.files[i], 200)} is {tuple(x.shape)} but "
+                    f"{safe(self.files[idx[0]], 200)} is {tuple(xs[0].shape)}; give one size "
+                    "(?size=N, or ?resize=N&crop=N)"
+                )
             xs.append(x)
         return torch.stack(xs), self.targets[idx]
 
@@ -192,13 +224,13 @@ def _random_resized_crop(x: torch.Tensor, out: int, min_scale: float) -> torch.T
         ratio = math.exp(float(torch.empty(()).uniform_(math.log(3 / 4), math.log(4 / 3))))
         cw, ch = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
         if 0 < cw <= w and 0 < ch <= h:
-            t = int(torch.randint(0, h - ch + 1, ()))
-            l = int(torch.randint(0, w - cw + 1, ()))
+            top = int(torch.randint(0, h - ch + 1, ()))
+            left = int(torch.randint(0, w - cw + 1, ()))
             break
     else:  # the centre, as large as fits
         ch = cw = min(h, w)
-        t, l = (h - ch) // 2, (w - cw) // 2
-    patch = x[None, :, t:t + ch, l:l + cw]
+        top, left = (h - ch) // 2, (w - cw) // 2
+    patch = x[None, :, top : top + ch, left : left + cw]
     return F.interpolate(patch, size=(out, out), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
@@ -230,7 +262,9 @@ def folder(path: str, opts: dict[str, str], name: str) -> FolderData:
     std: tuple[float, ...] | None = None
     if "norm" in opts:
         if opts["norm"] not in NORMS:
-            raise UsageError(f"{name}: ?norm={opts['norm']!r} unknown; known: {', '.join(NORMS)} (or ?mean=...&std=...)")
+            raise UsageError(
+                f"{name}: ?norm={opts['norm']!r} unknown; known: {', '.join(NORMS)} (or ?mean=...&std=...)"
+            )
         mean, std = NORMS[opts["norm"]]
     if "mean" in opts or "std" in opts:
         if "mean" not in opts or "std" not in opts:
@@ -241,8 +275,9 @@ def folder(path: str, opts: dict[str, str], name: str) -> FolderData:
         mean, std = means, stds
     if mean is not None and std is not None and len(mean) == 1:
         mean, std = mean * 3, std * 3
-    return FolderData(path, name, size=size, resize=resize, crop=crop, rrc=rrc, flip=flip, mean=mean, std=std,
-                      channels=ch)
+    return FolderData(
+        path, name, size=size, resize=resize, crop=crop, rrc=rrc, flip=flip, mean=mean, std=std, channels=ch
+    )
 
 
 def looks_like_folder(path: Path) -> bool:

@@ -1,9 +1,11 @@
 """The kinds of data compress reads, and ``as_data``, which turns what users have into one of them: tensors in
 memory (``TensorData``), memory-mapped arrays (``ArrayData``), a map-style ``Dataset`` (``MapData``), an
 iterable ``Dataset`` or ``DataLoader`` (``IterData``). Each is a ``core.Data``."""
+
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +31,7 @@ class TensorData(Data):
     def labels(self) -> torch.Tensor | None:
         return self.y if self.y.dim() == 1 and not self.y.is_floating_point() else None
 
-    def subset(self, indices, name: str | None = None) -> "TensorData":
+    def subset(self, indices, name: str | None = None) -> TensorData:
         idx = torch.as_tensor(indices, dtype=torch.long)
         return TensorData(self.x[idx], self.y[idx], name or self.name)
 
@@ -43,7 +45,9 @@ class ArrayData(Data):
 
     def __init__(self, x: np.ndarray, y: np.ndarray, name: str = "data"):
         self.x, self.y, self.name = x, y, name
-        self._labels = torch.from_numpy(np.asarray(y).astype(np.int64)) if y.dtype.kind in "iu" and y.ndim == 1 else None
+        self._labels = (
+            torch.from_numpy(np.asarray(y).astype(np.int64)) if y.dtype.kind in "iu" and y.ndim == 1 else None
+        )
 
     def __len__(self) -> int:
         return len(self.x)
@@ -69,8 +73,14 @@ class ArrayData(Data):
         state = dict(self.__dict__)
         x = self.x
         if isinstance(x, np.memmap) and x.filename is not None:
-            state["x"] = ("memmap", x.filename, x.dtype.str, x.shape, x.offset,
-                          "F" if x.flags.f_contiguous and not x.flags.c_contiguous else "C")
+            state["x"] = (
+                "memmap",
+                x.filename,
+                x.dtype.str,
+                x.shape,
+                x.offset,
+                "F" if x.flags.f_contiguous and not x.flags.c_contiguous else "C",
+            )
         return state
 
     def __setstate__(self, state):
@@ -107,7 +117,7 @@ def validate(x, y, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.as_tensor(x)
     if not isinstance(y, torch.Tensor):
         y = np.asarray(y)
-        if y.dtype.kind not in "iuf" or (y.dtype.kind in "iu" and y.size and int(y.max()) >= 2 ** 31):
+        if y.dtype.kind not in "iuf" or (y.dtype.kind in "iu" and y.size and int(y.max()) >= 2**31):
             raise InputError(f"{name}: y must hold integer class labels below 2^31 (or float targets), got {y.dtype}")
         y = torch.as_tensor(y.astype(np.int64) if y.dtype.kind in "iu" else y.astype(np.float32))
     if not x.is_floating_point():
@@ -185,8 +195,10 @@ class MapData(Data):
             try:
                 return self.collate(samples)
             except Exception as e:
-                raise InputError(f"data {self.name}: its collate_fn failed on samples {idx[0]}..: "
-                                 f"{type(e).__name__}: {first_line(e)}") from e
+                raise InputError(
+                    f"data {self.name}: its collate_fn failed on samples {idx[0]}..: "
+                    f"{type(e).__name__}: {first_line(e)}"
+                ) from e
         return collate(samples, idx, self.name)
 
     def labels(self) -> torch.Tensor | None:
@@ -205,20 +217,25 @@ class MapData(Data):
 
 def collate(samples: list, indices: list[int], name: str) -> Batch:
     """Stack ``(input, target)`` samples; a sample whose shape differs from the first is named."""
-    xs, ys = zip(*samples)
+    xs, ys = zip(*samples, strict=False)
     if not all(isinstance(x, torch.Tensor) for x in xs):
-        bad = next(i for i, x in zip(indices, xs) if not isinstance(x, torch.Tensor))
-        raise InputError(f"data {name}: sample {bad}'s input is a {type(xs[indices.index(bad)]).__name__}, "
-                         "not a tensor, array or image")
-    for i, x in zip(indices, xs):
+        bad = next(i for i, x in zip(indices, xs, strict=False) if not isinstance(x, torch.Tensor))
+        raise InputError(
+            f"data {name}: sample {bad}'s input is a {type(xs[indices.index(bad)]).__name__}, "
+            "not a tensor, array or image"
+        )
+    for i, x in zip(indices, xs, strict=False):
         if x.shape != xs[0].shape:
-            raise InputError(f"data {name}: sample {i} has shape {tuple(x.shape)} but sample {indices[0]} has "
-                             f"{tuple(xs[0].shape)}; resize them to one size (for a folder: ?size=N or ?resize=N&crop=N)")
+            raise InputError(
+                f"data {name}: sample {i} has shape {tuple(x.shape)} but sample {indices[0]} has "
+                f"{tuple(xs[0].shape)}; resize them to one size (for a folder: ?size=N or ?resize=N&crop=N)"
+            )
     try:
         y = torch.utils.data.default_collate(list(ys))
     except Exception as e:
-        raise InputError(f"data {name}: targets of samples {indices[0]}..{indices[-1]} do not stack: "
-                         f"{first_line(e)}") from e
+        raise InputError(
+            f"data {name}: targets of samples {indices[0]}..{indices[-1]} do not stack: {first_line(e)}"
+        ) from e
     return torch.stack(xs), y
 
 
@@ -258,8 +275,10 @@ class IterData(Data):
             yield collate(buf, idx, self.name)
 
     def subset(self, indices, name=None):
-        raise InputError(f"data {self.name}: an iterable data set cannot be split or subsampled; give "
-                         "validation data of its own (--val-data) or a map-style Dataset")
+        raise InputError(
+            f"data {self.name}: an iterable data set cannot be split or subsampled; give "
+            "validation data of its own (--val-data) or a map-style Dataset"
+        )
 
 
 def _guard(it, name: str):
@@ -316,8 +335,7 @@ def as_data(obj, name: str = "data", workers: int = 0, *, arg: str | None = None
     if hasattr(obj, "__getitem__") and hasattr(obj, "__len__") and not isinstance(obj, not_samples):
         return MapData(obj, name, workers=workers)
     hint = " (a spec such as 'mnist5k' is read by compress.data.load(spec))" if isinstance(obj, str) else ""
-    raise InputError(f"{arg or f'data {name}'}: a {type(obj).__name__} is not data compress reads: give "
-                     f"{KINDS}{hint}")
+    raise InputError(f"{arg or f'data {name}'}: a {type(obj).__name__} is not data compress reads: give {KINDS}{hint}")
 
 
 # ----------------------------------------------------------------------------- splits and checks
@@ -349,8 +367,7 @@ def split(data, val_fraction: float = VAL_FRACTION, seed: int = 0) -> tuple[Data
     return data.subset(tr, f"{data.name}[train]"), data.subset(va, f"{data.name}[val]")
 
 
-def check_fits(model: torch.nn.Module, data, num_classes: int | None = None,
-               labels_needed: bool = True) -> None:
+def check_fits(model: torch.nn.Module, data, num_classes: int | None = None, labels_needed: bool = True) -> None:
     """Raise InputError if the data (anything ``as_data`` takes) does not fit the model (input shape; label
     range when the targets are class labels known up front)."""
     data = as_data(data, arg="data")
@@ -362,15 +379,18 @@ def check_fits(model: torch.nn.Module, data, num_classes: int | None = None,
         with torch.no_grad():
             out = model(x.to(distributed.device_of(model)))  # data follows the model
     except Exception as e:
-        raise InputError(f"data {data.name} (samples of shape {tuple(x.shape[1:])}) does not fit "
-                         f"the model: {first_line(e)}") from e
+        raise InputError(
+            f"data {data.name} (samples of shape {tuple(x.shape[1:])}) does not fit the model: {first_line(e)}"
+        ) from e
     finally:
         model.train(was)
     if not labels_needed:
         return
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise InputError(f"the model's output has shape {tuple(getattr(out, 'shape', ()))}; expected (batch, classes) "
-                         "logits (for other outputs give a --loss and --metric of your own)")
+        raise InputError(
+            f"the model's output has shape {tuple(getattr(out, 'shape', ()))}; expected (batch, classes) "
+            "logits (for other outputs give a --loss and --metric of your own)"
+        )
     y = data.labels()
     n = num_classes or out.shape[1]
     if y is not None and len(y) and int(y.max()) >= n:

@@ -12,6 +12,7 @@ What a file may ask for:
   else, never encrypted; a deflated member decodes to what its header declares, charged to the file's
   ``DecodeBudget`` before it is decoded. Only stored members are memory-mapped (their bytes are the file's).
 """
+
 from __future__ import annotations
 
 import ast
@@ -86,18 +87,23 @@ def parse_npy_dict(text: bytes, encoding: str, where: str) -> tuple[tuple[int, .
         raise InputError(f"{where}: malformed .npy header (a dict of descr, fortran_order and shape expected)")
     descr, fortran, shape = d["descr"], d["fortran_order"], d["shape"]
     if not (isinstance(descr, str) and _DESCR.fullmatch(descr)):
-        raise InputError(f"{where}: array of dtype {safe(descr)}; plain numbers expected (bool, int, uint, float; "
-                         "never objects, which numpy stores as a pickle)")
+        raise InputError(
+            f"{where}: array of dtype {safe(descr)}; plain numbers expected (bool, int, uint, float; "
+            "never objects, which numpy stores as a pickle)"
+        )
     if not isinstance(fortran, bool):
         raise InputError(f"{where}: malformed .npy header (fortran_order {safe(fortran)})")
-    if not (isinstance(shape, tuple) and len(shape) <= MAX_RANK
-            and all(type(n) is int and 0 <= n < 1 << 62 for n in shape)):
+    if not (
+        isinstance(shape, tuple) and len(shape) <= MAX_RANK and all(type(n) is int and 0 <= n < 1 << 62 for n in shape)
+    ):
         raise InputError(f"{where}: malformed .npy header (shape {safe(shape)}: at most {MAX_RANK} sizes >= 0)")
     dtype = np.dtype(descr)
     nbytes = math.prod(shape) * dtype.itemsize  # exact integers: no overflow
     if nbytes > MAX_ARRAY_BYTES:
-        raise InputError(f"{where}: array declares shape {list(shape)} ({nbytes:,} bytes), more than compress "
-                         f"loads ({MAX_ARRAY_BYTES >> 30} GiB)")
+        raise InputError(
+            f"{where}: array declares shape {list(shape)} ({nbytes:,} bytes), more than compress "
+            f"loads ({MAX_ARRAY_BYTES >> 30} GiB)"
+        )
     return shape, dtype, fortran
 
 
@@ -115,8 +121,10 @@ def read_npy(path: Path, root: Path, mmap_min: int) -> np.ndarray:
         size = os.fstat(f.fileno()).st_size
         h = read_npy_header(f, where)
         if size != h.size + h.nbytes:
-            raise InputError(f"{where}: its header declares shape {list(h.shape)} ({h.nbytes:,} bytes) but the "
-                             f"file holds {size - h.size:,} bytes of data")
+            raise InputError(
+                f"{where}: its header declares shape {list(h.shape)} ({h.nbytes:,} bytes) but the "
+                f"file holds {size - h.size:,} bytes of data"
+            )
         if h.nbytes >= mmap_min:
             return _mapped(f, h, h.size)
         return h.array(read_exact(f, h.nbytes, where))
@@ -135,7 +143,7 @@ def _directory_bytes(f: IO[bytes], size: int, where: str) -> int:
     f.seek(size - tail)
     data = f.read(tail)
     at = len(data) - _END.size
-    if not (at >= 0 and data[at:at + 4] == b"PK\x05\x06" and data[-2:] == b"\0\0"):
+    if not (at >= 0 and data[at : at + 4] == b"PK\x05\x06" and data[-2:] == b"\0\0"):
         at = data.rfind(b"PK\x05\x06")
     if at < 0 or at + _END.size > len(data):
         raise InputError(f"{where}: not a readable .npz file (no zip directory)")
@@ -145,7 +153,7 @@ def _directory_bytes(f: IO[bytes], size: int, where: str) -> int:
         loc = _END64_LOCATOR.unpack_from(data, at - _END64_LOCATOR.size)
         if loc[0] == b"PK\x06\x07":  # a zip64 record: just before the locator, or where the locator says
             before = at - _END64_LOCATOR.size - _END64.size
-            records = [data[before:before + _END64.size]] if before >= 0 else []
+            records = [data[before : before + _END64.size]] if before >= 0 else []
             if loc[2] <= size - _END64.size:
                 f.seek(loc[2])
                 records.append(f.read(_END64.size))
@@ -158,22 +166,30 @@ def _check_names(infos: list[zipfile.ZipInfo], where: str) -> None:
     for i in infos:
         name = i.filename
         parts = name.split("/")
-        if (not name or name.startswith("/") or "\\" in name or ".." in parts
-                or any(ord(c) < 32 or ord(c) == 127 for c in name)):
+        if (
+            not name
+            or name.startswith("/")
+            or "\\" in name
+            or ".." in parts
+            or any(ord(c) < 32 or ord(c) == 127 for c in name)
+        ):
             raise InputError(f"{where}: a member named {safe(name, 80)}; the members of an .npz are plain names")
         if name in seen:
             raise InputError(f"{where}: two members named {safe(name, 80)}")
         seen.add(name)
 
 
-def _member(f: IO[bytes], z: zipfile.ZipFile, info: zipfile.ZipInfo, size: int, budget: DecodeBudget,
-            mmap_min: int, where: str) -> np.ndarray:
+def _member(
+    f: IO[bytes], z: zipfile.ZipFile, info: zipfile.ZipInfo, size: int, budget: DecodeBudget, mmap_min: int, where: str
+) -> np.ndarray:
     """One array of the archive: its .npy header first, then exactly the bytes it declares."""
     if info.flag_bits & 0x1:
         raise InputError(f"{where}: it is encrypted")
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-        raise InputError(f"{where}: compressed with method {info.compress_type}; np.savez stores and "
-                         "np.savez_compressed deflates, nothing else is read")
+        raise InputError(
+            f"{where}: compressed with method {info.compress_type}; np.savez stores and "
+            "np.savez_compressed deflates, nothing else is read"
+        )
     f.seek(info.header_offset)
     local = f.read(30)
     if len(local) < 30 or local[:4] != b"PK\x03\x04":
@@ -187,8 +203,10 @@ def _member(f: IO[bytes], z: zipfile.ZipFile, info: zipfile.ZipInfo, size: int, 
     with z.open(info) as s:  # checks the entry's local name; the data are not read yet
         h = read_npy_header(s, where)
         if info.file_size != h.size + h.nbytes:
-            raise InputError(f"{where}: its header declares shape {list(h.shape)} ({h.nbytes:,} bytes) but its "
-                             f"zip entry holds {info.file_size - h.size:,} bytes of data")
+            raise InputError(
+                f"{where}: its header declares shape {list(h.shape)} ({h.nbytes:,} bytes) but its "
+                f"zip entry holds {info.file_size - h.size:,} bytes of data"
+            )
         if stored and h.nbytes >= mmap_min:
             return _mapped(f, h, start + h.size)
         if not stored:  # charged as it will be held: as float32 (4 bytes a value) when its values are smaller
@@ -204,23 +222,39 @@ def read_npz(path: Path, mmap_min: int, keys: tuple[str, ...] = ("x", "y")) -> d
         try:
             directory = _directory_bytes(f, size, str(path))
             if directory > MAX_DIRECTORY:
-                raise InputError(f"{path}: its zip directory declares {directory:,} bytes (at most "
-                                 f"{MAX_DIRECTORY:,}: an .npz lists a few arrays)")
+                raise InputError(
+                    f"{path}: its zip directory declares {directory:,} bytes (at most "
+                    f"{MAX_DIRECTORY:,}: an .npz lists a few arrays)"
+                )
             f.seek(0)
             with zipfile.ZipFile(f) as z:
                 infos = z.infolist()
                 if len(infos) > MAX_MEMBERS:
-                    raise InputError(f"{path}: {len(infos):,} members (at most {MAX_MEMBERS}: an .npz of x and y "
-                                     "holds two)")
+                    raise InputError(
+                        f"{path}: {len(infos):,} members (at most {MAX_MEMBERS}: an .npz of x and y holds two)"
+                    )
                 _check_names(infos, str(path))
                 by_name = {i.filename: i for i in infos}
                 found = [n[:-4] for n in by_name if n.endswith(".npy")]
                 missing = [k for k in keys if f"{k}.npy" not in by_name]
                 if missing:
-                    raise InputError(f"{path}: needs arrays 'x' and 'y' (found "
-                                     f"{', '.join(safe(n, 40) for n in found[:10]) or 'none'})")
+                    raise InputError(
+                        f"{path}: needs arrays 'x' and 'y' (found "
+                        f"{', '.join(safe(n, 40) for n in found[:10]) or 'none'})"
+                    )
                 budget = DecodeBudget(path, size)
-                return {k: _member(f, z, by_name[f"{k}.npy"], size, budget, mmap_min, f"{path}: array {k!r}") for k in keys}
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, ValueError,
-                NotImplementedError, RuntimeError, struct.error) as e:
+                return {
+                    k: _member(f, z, by_name[f"{k}.npy"], size, budget, mmap_min, f"{path}: array {k!r}") for k in keys
+                }
+        except (
+            zipfile.BadZipFile,
+            zipfile.LargeZipFile,
+            zlib.error,
+            EOFError,
+            OSError,
+            ValueError,
+            NotImplementedError,
+            RuntimeError,
+            struct.error,
+        ) as e:
             raise InputError(f"{path}: not a readable .npz file ({first_line(e, 100)})") from None

@@ -1,7 +1,9 @@
 """Where data come from: the embedded sets, IDX folders, NumPy files (``npy``), a user's callable.
 
-Each source returns a ``Data`` (``compress.data.core``, ``compress.data.kinds``); ``compress.data.load`` picks one by spec.
+Each source returns a ``Data`` (``compress.data.core``, ``compress.data.kinds``); ``compress.data.load`` picks one
+by spec.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -61,7 +63,7 @@ def _read_idx(path: Path, root: Path) -> np.ndarray:
             dims_raw = f.read(4 * ndim)
             if len(dims_raw) < 4 * ndim:
                 raise InputError(f"{path}: IDX header declares {ndim} dimensions (1 to 3 expected)")
-            dims = [int.from_bytes(dims_raw[4 * i: 4 * i + 4], "big") for i in range(ndim)]
+            dims = [int.from_bytes(dims_raw[4 * i : 4 * i + 4], "big") for i in range(ndim)]
             n = math.prod(dims)  # exact integers: no overflow
             if n > MAX_ARRAY_BYTES:
                 raise InputError(f"{path}: IDX header declares {n:,} bytes, more than {MAX_ARRAY_BYTES:,}")
@@ -115,7 +117,7 @@ def _arrays(x: np.ndarray, y: np.ndarray, name: str) -> Data:
         raise InputError(f"{name}: y must hold {len(x)} targets, got shape {tuple(y.shape)}")
     if len(x) == 0:
         raise InputError(f"{name}: no samples")
-    if y.dtype.kind in "iu" and y.ndim == 1 and (int(y.min()) < 0 or int(y.max()) >= 2 ** 31):
+    if y.dtype.kind in "iu" and y.ndim == 1 and (int(y.min()) < 0 or int(y.max()) >= 2**31):
         raise InputError(f"{name}: y must hold integer class labels in 0..2^31")
     return ArrayData(x, y, name)
 
@@ -138,8 +140,15 @@ BUILTIN = {"mnist5k": _mnist5k, "digits": _digits}
 
 # ----------------------------------------------------------------------------- validation
 GENERIC = ("size", "limit", "channels", "seed", "workers")
-BOUNDS = {"limit": (1, 1 << 31), "size": (1, 4096), "channels": (1, 64), "seed": (0, 1 << 63), "workers": (0, 64),
-          "resize": (1, 4096), "crop": (1, 4096)}
+BOUNDS = {
+    "limit": (1, 1 << 31),
+    "size": (1, 4096),
+    "channels": (1, 64),
+    "seed": (0, 1 << 63),
+    "workers": (0, 64),
+    "resize": (1, 4096),
+    "crop": (1, 4096),
+}
 
 
 def int_option(opts: dict[str, str], k: str, name: str) -> int | None:
@@ -189,12 +198,16 @@ def apply_options(data: Data, opts: dict[str, str], name: str, handled: tuple = 
         side = (size, size) if size is not None and "size" not in handled else shape[1:]
         values = c * side[0] * side[1]
         if values > MAX_INPUT_VALUES:
-            raise UsageError(f"{name}: ?size / ?channels make samples of {c} x {side[0]} x {side[1]} = {values:,} "
-                             f"values; at most {MAX_INPUT_VALUES:,} are allowed")
+            raise UsageError(
+                f"{name}: ?size / ?channels make samples of {c} x {side[0]} x {side[1]} = {values:,} "
+                f"values; at most {MAX_INPUT_VALUES:,} are allowed"
+            )
         if isinstance(data, TensorData) and 4 * values * len(data) > MAX_ARRAY_BYTES:
-            raise UsageError(f"{name}: ?size / ?channels make {len(data):,} samples of {values:,} values "
-                             f"({4 * values * len(data) / 2**30:,.1f} GiB in memory, at most "
-                             f"{MAX_ARRAY_BYTES / 2**30:,.0f}); add ?limit=N or a smaller ?size")
+            raise UsageError(
+                f"{name}: ?size / ?channels make {len(data):,} samples of {values:,} values "
+                f"({4 * values * len(data) / 2**30:,.1f} GiB in memory, at most "
+                f"{MAX_ARRAY_BYTES / 2**30:,.0f}); add ?limit=N or a smaller ?size"
+            )
     if isinstance(data, TensorData):  # in memory: done once, now
         x = data.x
         if size is not None and "size" not in handled:

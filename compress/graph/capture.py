@@ -2,6 +2,7 @@
 dynamic), written in compress's graph schema (``graph.py``) and checked by the same ``parse`` that
 reads it back. Only the capture uses torch.export; what is stored is compress's own data.
 """
+
 from __future__ import annotations
 
 import copy
@@ -44,8 +45,9 @@ def capture(model: nn.Module, input_shape) -> dict:
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.export's own deprecations are not the user's business
-            ep = torch.export.export(m, (x,), dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},),
-                                     strict=False)  # torch 2.6-2.7 default to strict, which cannot trace attention
+            ep = torch.export.export(
+                m, (x,), dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},), strict=False
+            )  # torch 2.6-2.7 default to strict, which cannot trace attention
             ep = ep.run_decompositions({})  # functional: no in-place ops
     except Exception as e:
         raise GraphError(f"torch.export cannot capture it ({first_line(e)})") from e
@@ -53,8 +55,9 @@ def capture(model: nn.Module, input_shape) -> dict:
     params = [s.target for s in sig.input_specs if s.kind == InputKind.PARAMETER]
     buffers = [s.target for s in sig.input_specs if s.kind == InputKind.BUFFER]
     index = {n: k for k, n in enumerate(params + buffers)}
-    if any(s.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.USER_INPUT) for s in sig.input_specs) \
-            or any(s.kind != OutputKind.USER_OUTPUT for s in sig.output_specs):
+    if any(s.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.USER_INPUT) for s in sig.input_specs) or any(
+        s.kind != OutputKind.USER_OUTPUT for s in sig.output_specs
+    ):
         raise GraphError("its forward creates tensor constants or changes buffers")
     placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
     slots, nodes, outputs = {}, [], []
@@ -72,11 +75,17 @@ def capture(model: nn.Module, input_shape) -> dict:
             else:
                 op = OP_NAMES.get(n.target)  # type: ignore[assignment]  # None: checked below
             if op is None:
-                raise GraphError(f"its forward calls {n.target if name else type(n.target).__name__}, which is not "
-                                 "in compress's table of operators")
+                raise GraphError(
+                    f"its forward calls {n.target if name else type(n.target).__name__}, which is not "
+                    "in compress's table of operators"
+                )
             args = [_arg(a, slots) for a in n.args]
-            if op.endswith(".Tensor") and len(args) > 1 and isinstance(args[1], (int, float)) \
-                    and op[:-7] + ".Scalar" in OPS:  # ``x * 0.5`` is mul.Tensor(x, 0.5) in torch.export
+            if (
+                op.endswith(".Tensor")
+                and len(args) > 1
+                and isinstance(args[1], (int, float))
+                and op[:-7] + ".Scalar" in OPS
+            ):  # ``x * 0.5`` is mul.Tensor(x, 0.5) in torch.export
                 op = op[:-7] + ".Scalar"
             if op == "sym_mul" and isinstance(args[0], int):
                 args.reverse()
@@ -85,6 +94,17 @@ def capture(model: nn.Module, input_shape) -> dict:
             slots[n] = {"v": len(nodes)}
         elif n.op == "output":
             outputs = [_arg(a, slots) for a in n.args[0]]
-    doc = dump(parse({"schema": SCHEMA, "input": list(input_shape[1:]), "dtype": "float32", "params": params,
-                      "buffers": buffers, "nodes": encode(nodes), "outputs": outputs}))
+    doc = dump(
+        parse(
+            {
+                "schema": SCHEMA,
+                "input": list(input_shape[1:]),
+                "dtype": "float32",
+                "params": params,
+                "buffers": buffers,
+                "nodes": encode(nodes),
+                "outputs": outputs,
+            }
+        )
+    )
     return doc

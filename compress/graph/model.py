@@ -12,6 +12,7 @@ before it runs. ``GraphModel.forward`` checks each new shape once (cached) and r
 call that asks for more than ``limits`` allow -- except a batch whose justified cost passes only the per-call
 cap (an evaluation batch of the user's own data), which runs in parts that fit.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,13 +32,14 @@ from compress.graph.ops import nbytes
 from compress.graph.program import DTYPES, MAX_RESULTS, Graph, GraphError, Ref, Tensor, dump, parse, run
 from compress.quant_state import PARAMS, get_state
 
-MAX_VALUES = 200_000   # tensors a graph may compute in one run, all its nodes' results together
+MAX_VALUES = 200_000  # tensors a graph may compute in one run, all its nodes' results together
 
 
 @dataclass
 class Cost:
     """What running a graph on ``batch`` samples asks for: operations (each op's formula: multiply-adds
     counted twice, windows and reductions included) and the peak of live memory, input included."""
+
     batch: int
     work: int
     peak_bytes: int
@@ -50,8 +52,8 @@ def cost(g: Graph, tensors: list, batch: int = 1, dtype: torch.dtype | None = No
     meta = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in tensors]
     x = torch.empty((batch, *g.input), dtype=dtype or DTYPES[g.dtype], device="meta")
     owners: dict[int, tuple] = {0: (0,)}  # value -> the allocations it keeps alive (itself, a view's base)
-    size = {0: nbytes(x)}                # allocation -> bytes
-    users = {0: 1}                        # allocation -> live values keeping it
+    size = {0: nbytes(x)}  # allocation -> bytes
+    users = {0: 1}  # allocation -> live values keeping it
     st = {"live": size[0], "peak": size[0], "all": size[0], "work": x.numel(), "tensors": 1}
 
     def before(k, node, args, kwargs):
@@ -101,26 +103,32 @@ def limits(tensors: list, g: Graph, batch: int = 1) -> tuple[float, float]:
 def justified(tensors: list, g: Graph) -> tuple[int, int]:
     """(work, bytes) one sample of a graph may ask for, for what its weights and input are (``budget.justified``)."""
     inp = math.prod(g.input)
-    return budget.justified(sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors),
-                            inp, inp * DTYPES[g.dtype].itemsize)
+    return budget.justified(
+        sum(t.numel() for t in tensors),
+        sum(t.numel() * t.element_size() for t in tensors),
+        inp,
+        inp * DTYPES[g.dtype].itemsize,
+    )
 
 
-def check_cost(g: Graph, tensors: list, batch: int = 1, dtype: torch.dtype | None = None,
-               grad: bool = False) -> Cost:
+def check_cost(g: Graph, tensors: list, batch: int = 1, dtype: torch.dtype | None = None, grad: bool = False) -> Cost:
     """Refuse (GraphError) a call of ``g`` on ``batch`` samples that asks for more than ``limits``."""
     try:
         c = cost(g, tensors, batch, dtype, grad)
     except GraphError:
         raise
     except Exception as e:  # an op that does not fit its arguments' shapes, a size torch refuses
-        raise GraphError(f"does not run on the input shape {(batch, *g.input)} ({type(e).__name__}: "
-                         f"{safe(first_line(e, 100))})") from None
+        raise GraphError(
+            f"does not run on the input shape {(batch, *g.input)} ({type(e).__name__}: {safe(first_line(e, 100))})"
+        ) from None
     max_work, max_bytes = limits(tensors, g, batch)
     if c.work > max_work or c.peak_bytes > max_bytes:
-        raise GraphError(f"asks for {c.work:.3g} operations and {c.peak_bytes / 2**20:,.0f} MiB for a batch of {batch}; "
-                         f"its {sum(t.numel() for t in tensors):,} weights and input justify at most {max_work:.3g} "
-                         f"and {max_bytes / 2**20:,.0f} MiB (set COMPRESS_MAX_GRAPH_COST to a larger factor for a "
-                         "file you trust)")
+        raise GraphError(
+            f"asks for {c.work:.3g} operations and {c.peak_bytes / 2**20:,.0f} MiB for a batch of {batch}; "
+            f"its {sum(t.numel() for t in tensors):,} weights and input justify at most {max_work:.3g} "
+            f"and {max_bytes / 2**20:,.0f} MiB (set COMPRESS_MAX_GRAPH_COST to a larger factor for a "
+            "file you trust)"
+        )
     return c
 
 
@@ -155,14 +163,16 @@ class GraphModel(nn.Module):
         g = self._graph
         if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != g.input or x.dim() != len(g.input) + 1:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"input of shape {shape} does not fit this model: its stored graph takes "
-                             f"(N, {', '.join(map(str, g.input))})")
+            raise ValueError(
+                f"input of shape {shape} does not fit this model: its stored graph takes "
+                f"(N, {', '.join(map(str, g.input))})"
+            )
         tensors, chunk = self._check(x)
         if chunk >= x.shape[0]:
             return run(g, x, tensors)
         outs = [run(g, part, tensors) for part in x.split(chunk)]
         if isinstance(outs[0], tuple):
-            return tuple(torch.cat(parts) for parts in zip(*outs))
+            return tuple(torch.cat(parts) for parts in zip(*outs, strict=False))
         return torch.cat(outs)
 
     def _check(self, x: torch.Tensor) -> tuple[list, int]:
@@ -193,8 +203,9 @@ class GraphModel(nn.Module):
             except GraphError as e:
                 first = first or e
                 if size == 1 or (size * work <= max_work and size * nbytes <= max_bytes):  # not the cap: refused
-                    raise InputError(f"this model's stored graph will not be run on a batch of {batch}: it {first}") \
-                        from None
+                    raise InputError(
+                        f"this model's stored graph will not be run on a batch of {batch}: it {first}"
+                    ) from None
             size = (size + 1) // 2
 
     def layer_table(self) -> list[dict[str, Any]]:
@@ -222,8 +233,17 @@ class GraphModel(nn.Module):
             read = _tensors(node)
             if node.op.name in MAC_OPS or (not rows and kind):
                 first = g.tensors[read[0]] if read else None
-                rows.append({"name": first.rpartition(".")[0] if first else f"node {k}", "type": "", "params": 0,
-                             "nonzeros": 0, "macs": 0, "output_shape": [], "nodes": [k, k]})
+                rows.append(
+                    {
+                        "name": first.rpartition(".")[0] if first else f"node {k}",
+                        "type": "",
+                        "params": 0,
+                        "nonzeros": 0,
+                        "macs": 0,
+                        "output_shape": [],
+                        "nodes": [k, k],
+                    }
+                )
                 mod, leaf = self._slots[read[0]] if read else (None, "")
                 if leaf in PARAMS:
                     q = get_state(mod, leaf)
@@ -264,17 +284,23 @@ def _kind(op: str) -> str:
 
 def _tensors(node) -> list[int]:
     """The stored tensors a node reads, in the order of its arguments (a list argument holds no lists)."""
-    return [x.index for v in (*node.args, *node.kwargs.values()) for x in (v if isinstance(v, list) else [v])
-            if isinstance(x, Tensor)]
+    return [
+        x.index
+        for v in (*node.args, *node.kwargs.values())
+        for x in (v if isinstance(v, list) else [v])
+        if isinstance(x, Tensor)
+    ]
 
 
 def graph_only(what: str) -> UsageError:
     """The error for a model decoded from a .cpz's stored graph (ATen calls, no layers) given to something
     that needs the model's layers or code. It never names the --arch the file mentions: a path read from a
     file is not a suggestion to run it."""
-    return UsageError(f"this model was decoded from its stored graph: it runs, reports and encodes, but compress "
-                      f"{what}; decode the .cpz it came from with {param('arch', 'module:callable')} (your own code that "
-                      "builds it) to change it")
+    return UsageError(
+        f"this model was decoded from its stored graph: it runs, reports and encodes, but compress "
+        f"{what}; decode the .cpz it came from with {param('arch', 'module:callable')} (your own code that "
+        "builds it) to change it"
+    )
 
 
 _REFUSED = {kinds.CHANGE: "changes models through their layers", kinds.ONNX: "exports ONNX from a model's layers"}
@@ -283,8 +309,10 @@ _REFUSED = {kinds.CHANGE: "changes models through their layers", kinds.ONNX: "ex
 @kinds.refusal.register(GraphModel)
 def _refusal(model: GraphModel, action: str) -> CompressError | None:
     if action == kinds.INT8:
-        return InputError("INT8 file: its float architecture was stored as a graph only; rebuilding the INT8 model "
-                          f"needs its layers: pass {param('arch', 'module:callable')} (your own code that builds it)")
+        return InputError(
+            "INT8 file: its float architecture was stored as a graph only; rebuilding the INT8 model "
+            f"needs its layers: pass {param('arch', 'module:callable')} (your own code that builds it)"
+        )
     return graph_only(_REFUSED[action]) if action in _REFUSED else None
 
 

@@ -18,17 +18,19 @@ DenseNet, MobileNetV2/V3, ShuffleNetV2, ResNeXt, RegNet, ConvNeXt, a ViT block) 
 the same kind; ``tests/test_graph_ops.py`` checks every formula against the bytes torch really allocates
 for that op, at two sizes.
 """
+
 from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 MAX_RESULTS = 1024  # tensors one node may return
-NODE_BYTES = 256    # charged to every call besides its formula: the small tensors a kernel makes (a wrapped scalar)
+NODE_BYTES = 256  # charged to every call besides its formula: the small tensors a kernel makes (a wrapped scalar)
 
 
 @dataclass(frozen=True)
@@ -37,10 +39,10 @@ class Op:
 
     name: str
     fn: Any
-    args: tuple       # ((name, type, kwarg_only, required), ...) from torch's schema
-    returns: str      # "tensor", "int" or "tuple"
-    view: bool        # the result always shares memory with its first tensor argument (never copies)
-    cost: Callable    # (args, kwargs, out) -> (bytes allocated, operations); ``charge`` adds NODE_BYTES
+    args: tuple  # ((name, type, kwarg_only, required), ...) from torch's schema
+    returns: str  # "tensor", "int" or "tuple"
+    view: bool  # the result always shares memory with its first tensor argument (never copies)
+    cost: Callable  # (args, kwargs, out) -> (bytes allocated, operations); ``charge`` adds NODE_BYTES
     results: Callable | None = None  # (args, kwargs) -> how many tensors a "tuple" op returns
 
     def charge(self, args, kwargs, out) -> tuple[int, int]:
@@ -129,7 +131,9 @@ def _avg_pool(a, k, out):
 def _adaptive_pool(a, k, out):
     x = a[0]
     window = 1
-    for i, o in zip(x.shape[-2:], out.shape[-2:]):  # a window of at most ceil(in / out) + 1 elements a side
+    for i, o in zip(
+        x.shape[-2:], out.shape[-2:], strict=False
+    ):  # a window of at most ceil(in / out) + 1 elements a side
         window *= -(-i // max(o, 1)) + 1
     return nbytes(out), out.numel() * (WINDOW * window + 1)
 
@@ -143,9 +147,10 @@ def _reduce(a, k, out):  # a dtype other than the input's converts a copy of it 
 def _norm(per_element: int) -> Callable:
     def f(a, k, out):  # the result, a mean and a deviation per normalised row, a contiguous copy of a strided input
         x = a[0]
-        rows = x.numel() // max(math.prod(x.shape[-len(a[1]):]) if isinstance(a[1], list) and a[1] else 1, 1)
+        rows = x.numel() // max(math.prod(x.shape[-len(a[1]) :]) if isinstance(a[1], list) and a[1] else 1, 1)
         copy = 0 if x.is_contiguous() else nbytes(x)
         return nbytes(out) + 8 * rows + copy, per_element * numel(out)
+
     return f
 
 
@@ -178,34 +183,48 @@ def _no_cost(a, k, out):
 
 # operations charged per output element: what a CPU kernel's time per element is worth in multiply-adds of a
 # float32 convolution (a broadcast add runs ~3.4 ns an element on two cores, a convolution ~0.4 ns a FLOP)
-_POINTWISE = {8: "relu relu6 hardtanh hardswish hardsigmoid leaky_relu clamp clamp_min clamp_max neg abs clone "
-                 "add.Tensor add.Scalar sub.Tensor sub.Scalar mul.Tensor mul.Scalar div.Tensor div.Scalar",
-              32: "sigmoid silu gelu tanh"}
+_POINTWISE = {
+    8: "relu relu6 hardtanh hardswish hardsigmoid leaky_relu clamp clamp_min clamp_max neg abs clone "
+    "add.Tensor add.Scalar sub.Tensor sub.Scalar mul.Tensor mul.Scalar div.Tensor div.Scalar",
+    32: "sigmoid silu gelu tanh",
+}
 FORMULAS: dict[str, Callable] = {
     **{n: _pointwise(c) for c, names in _POINTWISE.items() for n in names.split()},
-    "conv2d": _conv, "linear": _linear,
-    "_native_batch_norm_legit_no_training": _batch_norm, "layer_norm": _norm(32),
-    "max_pool2d": _max_pool, "avg_pool2d": _avg_pool, "adaptive_avg_pool2d": _adaptive_pool, "mean.dim": _reduce,
-    "cat": _pointwise(4), "view": _copy,
-    "permute": _view, "transpose.int": _view, "select.int": _view, "squeeze.dim": _view, "unsqueeze": _view,
-    "split.Tensor": _view, "sym_size.int": _no_cost,
+    "conv2d": _conv,
+    "linear": _linear,
+    "_native_batch_norm_legit_no_training": _batch_norm,
+    "layer_norm": _norm(32),
+    "max_pool2d": _max_pool,
+    "avg_pool2d": _avg_pool,
+    "adaptive_avg_pool2d": _adaptive_pool,
+    "mean.dim": _reduce,
+    "cat": _pointwise(4),
+    "view": _copy,
+    "permute": _view,
+    "transpose.int": _view,
+    "select.int": _view,
+    "squeeze.dim": _view,
+    "unsqueeze": _view,
+    "split.Tensor": _view,
+    "sym_size.int": _no_cost,
     "scaled_dot_product_attention": _attention,
 }
-RESULTS: dict[str, Callable] = {"split.Tensor": _split_results,
-                                "_native_batch_norm_legit_no_training": lambda a, k: 3}
+RESULTS: dict[str, Callable] = {"split.Tensor": _split_results, "_native_batch_norm_legit_no_training": lambda a, k: 3}
 # literals that would make an eval model random: each must be 0 (a float literal; a reference is refused)
 NO_RANDOM = {"scaled_dot_product_attention": "dropout_p"}
 # ops whose result has their first argument's shape, dtype and size: the cost check (shapes only) takes the
 # argument for the result instead of calling a meta kernel (~0.2 ms each, in Python, for pointwise ops)
-SAME_SHAPE = frozenset("""relu relu6 hardtanh hardswish hardsigmoid sigmoid silu gelu tanh leaky_relu clamp clamp_min
-clamp_max neg abs clone""".split())
+SAME_SHAPE = frozenset(
+    """relu relu6 hardtanh hardswish hardsigmoid sigmoid silu gelu tanh leaky_relu clamp clamp_min
+clamp_max neg abs clone""".split()
+)
 
 _BASE = frozenset("Tensor int float bool number str ScalarType MemoryFormat Layout Device".split())
 
 
 def _type_ok(t: str) -> bool:
     while t.startswith(("Optional[", "List[")):
-        t = t[t.index("[") + 1:-1]
+        t = t[t.index("[") + 1 : -1]
     return t in _BASE
 
 
@@ -238,10 +257,12 @@ for _name, _cost in FORMULAS.items():
     _op = _aten(_name, _cost)
     if _op is not None:  # an op this torch does not have, or that turned mutable, is left out
         OPS[_name] = _op
-OPS["getitem"] = Op("getitem", operator.getitem, (("self", "tuple", False, True), ("index", "int", False, True)),
-                    "tensor", True, _view)
-OPS["sym_mul"] = Op("sym_mul", operator.mul, (("self", "symint", False, True), ("factor", "int", False, True)),
-                    "int", False, _no_cost)
+OPS["getitem"] = Op(
+    "getitem", operator.getitem, (("self", "tuple", False, True), ("index", "int", False, True)), "tensor", True, _view
+)
+OPS["sym_mul"] = Op(
+    "sym_mul", operator.mul, (("self", "symint", False, True), ("factor", "int", False, True)), "int", False, _no_cost
+)
 OP_NAMES = {op.fn: name for name, op in OPS.items() if name not in ("getitem", "sym_mul")}
 # a view runs as reshape: same values, and it also holds where an op's strides on another device or
 # kernel (the meta device that the cost check runs on, a fused attention kernel) differ from the capture's;

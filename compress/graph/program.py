@@ -25,6 +25,7 @@ capped), ``graph_model.check_cost`` runs it on the meta device at the shape of e
 and work by each op's own formula, and a call that asks for more than its weights justify (``limits``) is
 refused before any real tensor is computed. Decoding is linear in the graph's size.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,19 +42,30 @@ __all__ = ["MAX_RESULTS", "OP_NAMES", "OPS", "Op", "GraphError", "Graph", "parse
 SCHEMA = 1
 MAX_BATCH = 1 << 16
 MAX_NODES = 50_000
-MAX_ARGS = 16          # arguments of one node
-MAX_LIST = 1024        # elements of one list argument
-MAX_INT = 1 << 40      # magnitude of an integer literal
-MAX_TENSORS = 20_000   # tensors a graph reads
-MAX_MODULES = 50_000   # the containers their module paths ask for
-MAX_DEPTH = 64         # parts of one module path
+MAX_ARGS = 16  # arguments of one node
+MAX_LIST = 1024  # elements of one list argument
+MAX_INT = 1 << 40  # magnitude of an integer literal
+MAX_TENSORS = 20_000  # tensors a graph reads
+MAX_MODULES = 50_000  # the containers their module paths ask for
+MAX_DEPTH = 64  # parts of one module path
 MAX_INPUT_DIMS = 6
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int8": torch.int8,
-          "uint8": torch.uint8, "bool": torch.bool}
-_FORMATS = {"contiguous_format": torch.contiguous_format, "channels_last": torch.channels_last,
-            "preserve_format": torch.preserve_format}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_FORMATS = {
+    "contiguous_format": torch.contiguous_format,
+    "channels_last": torch.channels_last,
+    "preserve_format": torch.preserve_format,
+}
 _STRINGS = frozenset("none tanh floor trunc reflect replicate circular constant mean sum".split())
 
 
@@ -65,12 +77,14 @@ class GraphError(ValueError):
 @dataclass(frozen=True)
 class Ref:
     """Value i of the graph: 0 is the input, i > 0 the result of node i - 1."""
+
     index: int
 
 
 @dataclass(frozen=True)
 class Tensor:
     """Tensor j of the graph's params + buffers."""
+
     index: int
 
 
@@ -84,6 +98,7 @@ class Node:
 @dataclass
 class Graph:
     """A checked graph: ops from ``OPS``, arguments typed, references only to earlier values."""
+
     input: tuple
     dtype: str
     params: list
@@ -114,7 +129,7 @@ class _Parser:
     def ref(self, v, kind: str):
         if not isinstance(v, dict) or len(v) != 1:
             raise GraphError(f"expects a reference to a {kind}, got {safe(v)}")
-        (key, i), = v.items()
+        ((key, i),) = v.items()
         if key == "p" and kind == "tensor" and _int(i, 0, self.n_tensors - 1):
             return Tensor(i)
         if key == "v" and _int(i, 0, len(self.kinds) - 1):
@@ -164,7 +179,7 @@ class _Parser:
         if len(args) > len(positional):
             raise GraphError(f"has a {op.name} node of {len(args)} arguments (it takes {len(positional)})")
         self.refs = []
-        out_args = [self.where(op, a, v) for a, v in zip(positional, args)]
+        out_args = [self.where(op, a, v) for a, v in zip(positional, args, strict=False)]
         by_name = {a[0]: a for a in op.args}
         out_kw = {}
         for k, v in kwargs.items():
@@ -172,7 +187,7 @@ class _Parser:
             if a is None or (not a[2] and positional.index(a) < len(args)):
                 raise GraphError(f"has a {op.name} node with an unknown or repeated argument {safe(k)}")
             out_kw[k] = self.where(op, a, v)
-        for a in op.args[len(args):]:
+        for a in op.args[len(args) :]:
             if a[3] and a[0] not in kwargs:
                 raise GraphError(f"has a {op.name} node without its argument {a[0]!r}")
         if op.name == "sym_mul" and not _int(out_args[1], 1, 1 << 20):
@@ -182,8 +197,9 @@ class _Parser:
             at = [a[0] for a in positional].index(random)
             p = out_kw[random] if random in out_kw else out_args[at] if at < len(out_args) else 0
             if p != 0 or isinstance(p, bool):
-                raise GraphError(f"has a {op.name} node whose {random} is {safe(p)}: it would make the model random "
-                                 "(it must be 0)")
+                raise GraphError(
+                    f"has a {op.name} node whose {random} is {safe(p)}: it would make the model random (it must be 0)"
+                )
         if op.name == "getitem" and not _int(out_args[1], 0, MAX_RESULTS - 1):
             raise GraphError("has a getitem node of a negative result index")
         self.kinds.append(op.returns)
@@ -200,8 +216,12 @@ def _names(v, what: str) -> list:
     if not isinstance(v, list) or len(v) > MAX_TENSORS:
         raise GraphError(f"has a malformed {what} list")
     for n in v:
-        if not (isinstance(n, str) and 0 < len(n) <= 400 and n.count(".") < MAX_DEPTH
-                and all(p.isidentifier() or p.isdigit() and p.isascii() for p in n.split("."))):
+        if not (
+            isinstance(n, str)
+            and 0 < len(n) <= 400
+            and n.count(".") < MAX_DEPTH
+            and all(p.isidentifier() or p.isdigit() and p.isascii() for p in n.split("."))
+        ):
             raise GraphError(f"has a tensor name {safe(n)} that is not a module path")
     return v
 
@@ -221,8 +241,10 @@ def parse(doc: Any) -> Graph:
     """The checked ``Graph`` of stored data, or GraphError; time and memory linear in its size."""
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         found = doc.get("schema") if isinstance(doc, dict) else None
-        raise GraphError(f"is not a graph of schema {SCHEMA} (found {safe(found)}; an older compress wrote it "
-                         "with torch.export's format, which compress no longer runs)")
+        raise GraphError(
+            f"is not a graph of schema {SCHEMA} (found {safe(found)}; an older compress wrote it "
+            "with torch.export's format, which compress no longer runs)"
+        )
     extra = set(doc) - {"schema", "input", "dtype", "params", "buffers", "nodes", "outputs"}
     if extra:
         raise GraphError(f"has fields compress does not know ({safe(sorted(extra)[0])})")
@@ -284,8 +306,15 @@ def encode(v):
 def dump(g: Graph) -> dict:
     """``parse``'s inverse: the stored form of a graph."""
     nodes = [[n.op.name, encode(n.args)] + ([encode(n.kwargs)] if n.kwargs else []) for n in g.nodes]
-    return {"schema": SCHEMA, "input": list(g.input), "dtype": g.dtype, "params": list(g.params),
-            "buffers": list(g.buffers), "nodes": nodes, "outputs": encode(g.outputs)}
+    return {
+        "schema": SCHEMA,
+        "input": list(g.input),
+        "dtype": g.dtype,
+        "params": list(g.params),
+        "buffers": list(g.buffers),
+        "nodes": nodes,
+        "outputs": encode(g.outputs),
+    }
 
 
 # ----------------------------------------------------------------------------- running

@@ -1,7 +1,9 @@
 """Model registry (after timm): ``@register_model`` factories, ``create_model``, ``list_models``."""
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch.nn as nn
 
@@ -31,9 +33,12 @@ def model_doc(name: str) -> str:
 def create_model(name: str, num_classes: int = 10, in_channels: int = 1, **kw) -> nn.Module:
     """Build a zoo model by name; the model remembers how it was made in ``compress_meta``."""
     if name not in _MODELS:
-        raise UsageError(f"unknown model {name!r}{close_matches(name, _MODELS)}; "
-                         f"known: {', '.join(list_models())}")
+        raise UsageError(f"unknown model {name!r}{close_matches(name, _MODELS)}; known: {', '.join(list_models())}")
     model: Any = _MODELS[name](num_classes=num_classes, in_channels=in_channels, **kw)
-    model.compress_meta = {"arch": name, "num_classes": num_classes, "in_channels": in_channels,
-                           "arch_kwargs": dict(kw)}
+    model.compress_meta = {
+        "arch": name,
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "arch_kwargs": dict(kw),
+    }
     return model

@@ -1,5 +1,6 @@
 """Building blocks that compress itself puts into a user's model (not zoo models): a .cpz or a saved
 file names them as data, so they live with the models, where ``coding.arch`` allows them."""
+
 from __future__ import annotations
 
 import torch

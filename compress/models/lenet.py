@@ -1,6 +1,7 @@
 """LeNet-300-100 and LeNet-5 (Caffe variant), as used by Han et al., "Learning both Weights and
 Connections for Efficient Neural Networks" (NeurIPS 2015) and "Deep Compression" (ICLR 2016).
 """
+
 from __future__ import annotations
 
 import torch

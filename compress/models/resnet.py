@@ -4,6 +4,7 @@ three stages of n basic blocks, widths 16/32/64 (times a width multiplier), 6n+2
 Shortcuts that change shape are 1x1 conv + BatchNorm (option B) so that the dependency graph of
 structured pruning couples every layer that shares a stage's channels.
 """
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -61,6 +62,7 @@ _VARIANTS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resn
 def _make(depth):
     def factory(num_classes=10, in_channels=1, width=1.0):
         return ResNet(depth, num_classes, in_channels, width)
+
     return factory
 
 

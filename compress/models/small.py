@@ -6,6 +6,7 @@
 * ``squeezenet_small`` -- fire modules (Iandola et al., SqueezeNet, 2016): concatenation of a 1x1
   and a 3x3 expand branch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,9 @@ from compress.models._registry import register_model
 
 
 def conv_bn(cin, cout, k=3, stride=1, groups=1):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 class VGGSmall(nn.Module):

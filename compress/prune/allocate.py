@@ -10,6 +10,7 @@ sensitivity analyses). The weights to remove are then shared out at the least to
 the big, redundant layers give up the most. Iterative pruning re-measures the curves at every
 round, on the model as it is then.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,9 @@ def _loss(model: nn.Module, x: torch.Tensor, y, loss=None) -> float:
 
 
 @torch.no_grad()
-def loss_curves(model: nn.Module, layers: list[tuple[str, Layer]], data,
-                samples: int = SAMPLES, loss=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def loss_curves(
+    model: nn.Module, layers: list[tuple[str, Layer]], data, samples: int = SAMPLES, loss=None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per layer: (sparsities, loss rise) when that layer alone is magnitude-pruned to each sparsity
     (on top of the zeros it has). The rise is made non-decreasing (a running maximum)."""
     dev = device_of(model)
@@ -67,7 +69,7 @@ def loss_curves(model: nn.Module, layers: list[tuple[str, Layer]], data,
 
 def _hull(n: int, curve: tuple[np.ndarray, np.ndarray]) -> list[tuple[float, float]]:
     """Lower convex hull of (weights removed, loss rise), as (removed, rise) vertices."""
-    pts = [(float(s) * n, float(d)) for s, d in zip(*curve)]
+    pts = [(float(s) * n, float(d)) for s, d in zip(*curve, strict=False)]
     hull: list[tuple[float, float]] = []
     for p in pts:
         while len(hull) >= 2:
@@ -80,8 +82,9 @@ def _hull(n: int, curve: tuple[np.ndarray, np.ndarray]) -> list[tuple[float, flo
     return hull
 
 
-def allocate(curves: dict[str, tuple[np.ndarray, np.ndarray]], sizes: dict[str, int],
-             target: float) -> dict[str, float]:
+def allocate(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]], sizes: dict[str, int], target: float
+) -> dict[str, float]:
     """Per-layer sparsities that remove ``target`` of all weights at the least total loss rise.
 
     The rises are taken as additive; on each layer's convex hull the cheapest weights (least
@@ -92,7 +95,7 @@ def allocate(curves: dict[str, tuple[np.ndarray, np.ndarray]], sizes: dict[str, 
     for name, curve in curves.items():
         hull = _hull(sizes[name], curve)
         removed[name] = hull[0][0]
-        for (x1, y1), (x2, y2) in zip(hull, hull[1:]):
+        for (x1, y1), (x2, y2) in zip(hull, hull[1:], strict=False):
             segments.append(((y2 - y1) / (x2 - x1), name, x2 - x1))
     need = target * sum(sizes.values()) - sum(removed.values())
     for _, name, width in sorted(segments, key=lambda t: t[0]):  # a layer's slopes rise: its order holds

@@ -17,6 +17,7 @@ residual stage's identity path is shared by every conv writing into the stage; i
 where every one of those layers is zero (the kept channels are the union over them). A residual
 block whose whole branch is zero becomes an identity (plus its constant offset).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,22 +52,22 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class ChannelUnionConfig(Config):
     """Args:
-        lasso_ratio: strength of the group-lasso pull relative to the loss of an untrained classifier
-            (see the module docstring); larger prunes more.
-        reconfig_interval: epochs between reconfigurations (removal of zero channels).
-        zero_tol: a slice whose L2 norm is at most this counts as zero.
-        rel_tol: a slice whose norm fell below this fraction of its layer's median slice norm counts
-            as zero too (PruneTrain removes channels below a threshold, not only exact zeros).
-        min_channels: never leave a group with fewer channels than this (a residual branch may
-            still vanish whole).
-        target_macs: instead of finding ``lasso_ratio`` by hand, prune to this many MACs (a fraction of the
-            input's, or a count): the pull stops once the target is reached; what the group lasso has not
-            removed by 3/4 of the training is removed then by L1 ranking across layers, and the last quarter
-            fine-tunes the result (the note says how much each did).
-        target_params: the same for parameters.
-        select: convs whose output channels may be removed (``Select``); the rest keep theirs.
-        finetune: the regularised training (``FineTune``): SGD with momentum as PruneTrain. The
-            penalty acts once per step, so fewer, larger batches prune less in the same epochs.
+    lasso_ratio: strength of the group-lasso pull relative to the loss of an untrained classifier
+        (see the module docstring); larger prunes more.
+    reconfig_interval: epochs between reconfigurations (removal of zero channels).
+    zero_tol: a slice whose L2 norm is at most this counts as zero.
+    rel_tol: a slice whose norm fell below this fraction of its layer's median slice norm counts
+        as zero too (PruneTrain removes channels below a threshold, not only exact zeros).
+    min_channels: never leave a group with fewer channels than this (a residual branch may
+        still vanish whole).
+    target_macs: instead of finding ``lasso_ratio`` by hand, prune to this many MACs (a fraction of the
+        input's, or a count): the pull stops once the target is reached; what the group lasso has not
+        removed by 3/4 of the training is removed then by L1 ranking across layers, and the last quarter
+        fine-tunes the result (the note says how much each did).
+    target_params: the same for parameters.
+    select: convs whose output channels may be removed (``Select``); the rest keep theirs.
+    finetune: the regularised training (``FineTune``): SGD with momentum as PruneTrain. The
+        penalty acts once per step, so fewer, larger batches prune less in the same epochs.
     """
 
     verb = "prune"
@@ -81,7 +82,9 @@ class ChannelUnionConfig(Config):
     target_macs: float | None = bounded(float, 0, 1e18, None, lo_open=True)  # and see l1_filter.check_targets
     target_params: float | None = bounded(float, 0, 1e15, None, lo_open=True)
     select: Select = dataclasses.field(default_factory=Select)
-    finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(epochs=4.0, lr=0.02, optimizer="sgd", augment=0))
+    finetune: FineTune = dataclasses.field(
+        default_factory=lambda: FineTune(epochs=4.0, lr=0.02, optimizer="sgd", augment=0)
+    )
 
     def __post_init__(self):
         check_targets(self)
@@ -104,8 +107,9 @@ class GroupLasso:
         self.refresh(model)
 
     def refresh(self, model: nn.Module) -> None:
-        self.dg, groups = channel_groups(model, self.input_shape, roots=(nn.Conv2d,),
-                                         ignored=unselected(model, self.select))
+        self.dg, groups = channel_groups(
+            model, self.input_shape, roots=(nn.Conv2d,), ignored=unselected(model, self.select)
+        )
         self.groups = [cg for cg in groups if cg.blocked is None]  # channels that can be removed
 
     def value(self) -> torch.Tensor:
@@ -145,7 +149,7 @@ def reconfigure(model: nn.Module, lasso: GroupLasso, config: ChannelUnionConfig)
         keep = cg.size - len(idxs)
         if keep < config.min_channels:  # keep the strongest few
             order = norms.sum(0).argsort(descending=True)
-            idxs = order[config.min_channels:]
+            idxs = order[config.min_channels :]
         if len(idxs):
             plan.append((cg, idxs.tolist()))
     removed: dict[str, int | str] = {}
@@ -178,8 +182,14 @@ class ChannelUnionPruner(Method):
 
     needs_train = True
 
-    def __init__(self, model: nn.Module, config: ChannelUnionConfig, ctx: Context | None = None,
-                 interval: int | None = None, num_classes: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ChannelUnionConfig,
+        ctx: Context | None = None,
+        interval: int | None = None,
+        num_classes: int | None = None,
+    ):
         super().__init__(model, config, ctx)
         self.interval, self.num_classes = interval, num_classes
         self.steps = 0
@@ -189,8 +199,11 @@ class ChannelUnionPruner(Method):
         if self.ctx.train is None and self.interval is None:
             raise needs_data("channel-union trains")
         self.shape = self.ctx.shape(self.model)
-        self.per_epoch = (steps_per_epoch(len(self.ctx.train), self.config.finetune.batch_size)
-                          if self.ctx.train is not None else None)
+        self.per_epoch = (
+            steps_per_epoch(len(self.ctx.train), self.config.finetune.batch_size)
+            if self.ctx.train is not None
+            else None
+        )
         if self.interval is None:
             self.interval = self.config.reconfig_interval * (self.per_epoch or 1)  # per_epoch: data checked above
         classes = self.num_classes or self._classes()
@@ -251,8 +264,12 @@ class ChannelUnionPruner(Method):
         return removed
 
     def _measure(self, removed: dict) -> None:
-        rec = {"step": self.steps, "params": count_params(self.model), "macs": count_macs(self.model, self.shape),
-               "removed": removed}
+        rec = {
+            "step": self.steps,
+            "params": count_params(self.model),
+            "macs": count_macs(self.model, self.shape),
+            "removed": removed,
+        }
         if self.per_epoch:
             rec["epoch"] = round(self.steps / self.per_epoch, 2)
         if self.ctx.val is not None:
@@ -290,8 +307,10 @@ class ChannelUnionPruner(Method):
         if self.target is not None:
             what, wanted, measure = self.target
             if measure(self.model) / self.base_measure > wanted * 1.02:
-                self._top_up("after the training (not fine-tuned: train longer, or fine-tune with prune -m "
-                             "l1-filter --ratio 0 --epochs N)")
+                self._top_up(
+                    "after the training (not fine-tuned: train longer, or fine-tune with prune -m "
+                    "l1-filter --ratio 0 --epochs N)"
+                )
             got = measure(self.model) / self.base_measure
             self.records.append({"target": what, "wanted": round(wanted, 4), "reached": round(got, 4)})
             self.notes.append(target_note(what, wanted, got))
@@ -302,11 +321,15 @@ class ChannelUnionPruner(Method):
         """What the group lasso left above the target, removed by L1 ranking across layers."""
         what, wanted, measure = self.target
         now = measure(self.model)
-        counts, _ = global_counts(self.model, self.shape, wanted * self.base_measure / now, measure,
-                                  self.config.min_channels, self.select)
-        changes = prune_filters(self.model, self.shape, {**counts, "_default": 0}, self.config.min_channels,
-                                self.select, skipped=self.notes)
+        counts, _ = global_counts(
+            self.model, self.shape, wanted * self.base_measure / now, measure, self.config.min_channels, self.select
+        )
+        changes = prune_filters(
+            self.model, self.shape, {**counts, "_default": 0}, self.config.min_channels, self.select, skipped=self.notes
+        )
         self.lasso.refresh(self.model)
-        self.notes.append(f"the group lasso reached {now / self.base_measure:.3f} of the input's {what}; "
-                          f"{sum(counts.values())} more channels removed by L1 ranking {when}")
+        self.notes.append(
+            f"the group lasso reached {now / self.base_measure:.3f} of the input's {what}; "
+            f"{sum(counts.values())} more channels removed by L1 ranking {when}"
+        )
         return changes

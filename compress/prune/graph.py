@@ -6,6 +6,7 @@ its BatchNorm, the next layers' input slices, and -- in residual nets -- every c
 into the same stage (the identity path couples them). torch-pruning finds the coupling; this module
 exposes each member's slices so that importance scores and penalties can be computed on them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,9 +30,9 @@ PRUNABLE_ROOTS = (nn.Conv2d, nn.Linear)
 
 @dataclass
 class ChannelGroup:
-    name: str                 # FQN of the root layer (the first producer of these channels)
-    group: Any                # torch_pruning Group with full indices
-    size: int                 # number of channels
+    name: str  # FQN of the root layer (the first producer of these channels)
+    group: Any  # torch_pruning Group with full indices
+    size: int  # number of channels
     blocked: str | None = None  # why these channels cannot be removed safely (None: they can)
 
     @property
@@ -47,8 +48,11 @@ def example_input(model: nn.Module, input_shape) -> torch.Tensor:
 def output_layers(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
     """The layer(s) that write the logits: the last Conv/Linear executed (never pruned)."""
     order = []
-    hooks = [m.register_forward_hook(lambda m, i, o: order.append(m))
-             for m in model.modules() if isinstance(m, PRUNABLE_ROOTS)]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: order.append(m))
+        for m in model.modules()
+        if isinstance(m, PRUNABLE_ROOTS)
+    ]
     try:
         with torch.no_grad():
             model.eval()(x)
@@ -75,8 +79,13 @@ class _ChannelSplits(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         if func in _RESHAPES and isinstance(out, torch.Tensor) and out.grad_fn is not None:
             x = args[0] if args else None
-            if (isinstance(x, torch.Tensor) and x.dim() >= 3 and out.dim() > x.dim()
-                    and out.shape[0] == x.shape[0] and out.shape[1] != x.shape[1]):
+            if (
+                isinstance(x, torch.Tensor)
+                and x.dim() >= 3
+                and out.dim() > x.dim()
+                and out.shape[0] == x.shape[0]
+                and out.shape[1] != x.shape[1]
+            ):
                 self.grad_fns.add(out.grad_fn)
         return out
 
@@ -110,9 +119,11 @@ def build(model: nn.Module, input_shape) -> tuple[tp.DependencyGraph, list[nn.Mo
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
             dg.build_dependency(model, example_inputs=x)
     except Exception as e:  # torch-pruning's tracer fails on some graphs
-        raise InputError(f"structural pruning cannot follow this model's channels: torch-pruning failed tracing "
-                         f"it ({type(e).__name__}: {first_line(e)}); threshold pruning and quantization "
-                         "still apply") from e
+        raise InputError(
+            f"structural pruning cannot follow this model's channels: torch-pruning failed tracing "
+            f"it ({type(e).__name__}: {first_line(e)}); threshold pruning and quantization "
+            "still apply"
+        ) from e
     dg.compress_splits = splits.grad_fns
     _map_concat_before_flatten(dg)
     for node in dg.module2node.values():
@@ -128,8 +139,9 @@ def _reaches_reshape(node, depth: int = 0) -> bool:
     if depth > 16:
         return False
     for out in node.outputs:
-        if out.type == tp_ops.OPTYPE.RESHAPE or (out.type == tp_ops.OPTYPE.ELEMENTWISE
-                                                 and _reaches_reshape(out, depth + 1)):
+        if out.type == tp_ops.OPTYPE.RESHAPE or (
+            out.type == tp_ops.OPTYPE.ELEMENTWISE and _reaches_reshape(out, depth + 1)
+        ):
             return True
     return False
 
@@ -222,8 +234,9 @@ def _normalised_filters(group):
     group normalises. Its filters' size does not change the function, so penalties and the
     proximal step leave them alone and the union test ignores them."""
     has_bn = any(dep.pruning_fn == tpf.prune_batchnorm_out_channels for dep, _ in group)
-    return lambda fn, layer: (has_bn and fn in (tpf.prune_conv_out_channels, tpf.prune_linear_out_channels)
-                              and layer.bias is None)
+    return lambda fn, layer: (
+        has_bn and fn in (tpf.prune_conv_out_channels, tpf.prune_linear_out_channels) and layer.bias is None
+    )
 
 
 def slices(group, of=None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:

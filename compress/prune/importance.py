@@ -4,9 +4,10 @@ registry l1-filter picks one from by name (``L1FilterConfig(importance="bn-scale
 A new criterion is one small class with ``__call__(group, size) -> (size,) scores`` (lower is removed first),
 decorated ``@register_importance("name")``; no new config, flag or method.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -17,9 +18,11 @@ IMPORTANCES: dict[str, Callable[[], object]] = {}
 
 def register_importance(name: str):
     """Make an importance class available by ``name`` to l1-filter (and its targets)."""
+
     def deco(cls):
         IMPORTANCES[name] = cls
         return cls
+
     return deco
 
 

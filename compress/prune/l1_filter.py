@@ -1,11 +1,13 @@
 """L1-norm filter pruning, Li et al., "Pruning Filters for Efficient ConvNets" (ICLR 2017).
 
 Each conv's filters (and each Linear's output features) are ranked by L1 norm and the smallest
-are removed -- physically: the output is a smaller dense network. torch-pruning's DependencyGraph keeps every coupled layer consistent
+are removed -- physically: the output is a smaller dense network. torch-pruning's DependencyGraph keeps every
+coupled layer consistent
 (BatchNorm, the next layer's inputs, residual additions, concatenations, depthwise convs); the
 classifier's outputs are never pruned. ``sensitivity`` prunes each layer alone at several ratios
 (Li et al.'s Figure 2) and ``ratios_for_budget`` turns that into per-layer ratios.
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,26 +36,26 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class L1FilterConfig(Config):
     """Args:
-        ratio: filters to remove per coupled channel group: a float is a fraction, an int a count;
-            a dict keyed by the group's root layer FQN ("layer1.0.conv1"), with "_default".
-        min_channels: never leave a group with fewer channels than this.
-        round_to: keep a multiple of this many channels in every pruned group (the nearest one,
-            at least ``round_to``): GPU kernels (tensor cores) run fastest on multiples of 8. None:
-            8 when the model is on a CUDA device, else 1 (on CPUs odd widths cost nothing measurable).
-        target_macs: instead of ``ratio``, prune to this many MACs: a fraction of the input model's
-            (0.5) or a count (2e6). Channels are ranked globally, across layers, by their L1 norm
-            relative to their group's mean (Torch-Pruning's global pruning); one threshold for all.
-        target_params: the same for parameters.
-        importance: how channels are ranked, by name from ``prune.importance.IMPORTANCES``: "l1" (Li et al.,
-            default), "l2", "bn-scale" (|gamma| of the following BatchNorm, Network Slimming), "group-lasso",
-            "taylor" (the loss change to first order, Molchanov et al.; needs training data);
-            ``register_importance`` adds one.
-        target_latency: the same for the batch-1 latency measured on this machine, as a fraction of the
-            input model's (0.6): each trial pruning is timed against the input, interleaved; the note gives
-            the ratio reached.
-        select: layers whose output channels may be removed (``Select``; ``exclude`` keeps a
-            layer's channels). The classifier's outputs are never removed.
-        finetune: fine-tuning after pruning (``FineTune``; 0 epochs: none).
+    ratio: filters to remove per coupled channel group: a float is a fraction, an int a count;
+        a dict keyed by the group's root layer FQN ("layer1.0.conv1"), with "_default".
+    min_channels: never leave a group with fewer channels than this.
+    round_to: keep a multiple of this many channels in every pruned group (the nearest one,
+        at least ``round_to``): GPU kernels (tensor cores) run fastest on multiples of 8. None:
+        8 when the model is on a CUDA device, else 1 (on CPUs odd widths cost nothing measurable).
+    target_macs: instead of ``ratio``, prune to this many MACs: a fraction of the input model's
+        (0.5) or a count (2e6). Channels are ranked globally, across layers, by their L1 norm
+        relative to their group's mean (Torch-Pruning's global pruning); one threshold for all.
+    target_params: the same for parameters.
+    importance: how channels are ranked, by name from ``prune.importance.IMPORTANCES``: "l1" (Li et al.,
+        default), "l2", "bn-scale" (|gamma| of the following BatchNorm, Network Slimming), "group-lasso",
+        "taylor" (the loss change to first order, Molchanov et al.; needs training data);
+        ``register_importance`` adds one.
+    target_latency: the same for the batch-1 latency measured on this machine, as a fraction of the
+        input model's (0.6): each trial pruning is timed against the input, interleaved; the note gives
+        the ratio reached.
+    select: layers whose output channels may be removed (``Select``; ``exclude`` keeps a
+        layer's channels). The classifier's outputs are never removed.
+    finetune: fine-tuning after pruning (``FineTune``; 0 epochs: none).
     """
 
     verb = "prune"
@@ -85,12 +87,21 @@ def _count(ratio, size: int, min_channels: int, round_to: int = 1) -> int:
     return n
 
 
-def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, select: Select | Selection | None = None,
-                  skipped: list | None = None, round_to: int = 1, importance: str = "l1") -> dict[str, tuple[int, int]]:
+def prune_filters(
+    model: nn.Module,
+    input_shape,
+    ratio,
+    min_channels: int = 1,
+    select: Select | Selection | None = None,
+    skipped: list | None = None,
+    round_to: int = 1,
+    importance: str = "l1",
+) -> dict[str, tuple[int, int]]:
     """Remove the lowest-scoring filters (``importance``, default L1) of every group; returns {root: (before,
     after)} channels. Groups that cannot be pruned safely are left whole and listed in ``skipped`` (with why)."""
-    dg, groups = channel_groups(model, input_shape, roots=(nn.Conv2d, nn.Linear),
-                                ignored=unselected(model, select or Select()))
+    dg, groups = channel_groups(
+        model, input_shape, roots=(nn.Conv2d, nn.Linear), ignored=unselected(model, select or Select())
+    )
     check_keys(ratio, [cg.name for cg in groups], "--ratio {key}: no prunable channel group of that name", types=())
     imp = importance_for(importance)
     changes = {}
@@ -129,15 +140,24 @@ def prune_filters(model: nn.Module, input_shape, ratio, min_channels: int = 1, s
     return changes
 
 
-def global_counts(model: nn.Module, input_shape, target: float, measure, min_channels: int = 1,
-                  select: Select | Selection | None = None, round_to: int = 1, steps: int = 24,
-                  importance: str = "l1") -> tuple[dict, float]:
+def global_counts(
+    model: nn.Module,
+    input_shape,
+    target: float,
+    measure,
+    min_channels: int = 1,
+    select: Select | Selection | None = None,
+    round_to: int = 1,
+    steps: int = 24,
+    importance: str = "l1",
+) -> tuple[dict, float]:
     """Channels to remove per group so that ``measure(pruned) / measure(model)`` comes to ``target`` (a
     fraction): every prunable channel is scored by its L1 norm over the group's mean (so groups of any
     width and scale compare, as Torch-Pruning's global pruning with a mean normaliser), one threshold
     for all, found by bisection on trial prunings of copies. Returns ({group: count}, fraction reached)."""
-    _, groups = channel_groups(model, input_shape, roots=(nn.Conv2d, nn.Linear),
-                               ignored=unselected(model, select or Select()))
+    _, groups = channel_groups(
+        model, input_shape, roots=(nn.Conv2d, nn.Linear), ignored=unselected(model, select or Select())
+    )
     names = {m: n for n, m in model.named_modules()}
     imp = importance_for(importance)
     scored = []
@@ -195,28 +215,45 @@ class L1FilterPruner(Method):
             target = self._target(shape)
             if target is not None:
                 what, wanted, measure = target
-                ratio, got = global_counts(self.model, shape, wanted, measure, self.config.min_channels,
-                                           self.select, round_to, steps=10 if what == "latency" else 24,
-                                           importance=self.config.importance)
+                ratio, got = global_counts(
+                    self.model,
+                    shape,
+                    wanted,
+                    measure,
+                    self.config.min_channels,
+                    self.select,
+                    round_to,
+                    steps=10 if what == "latency" else 24,
+                    importance=self.config.importance,
+                )
                 ratio["_default"] = 0
                 self.records.append({"target": what, "wanted": round(wanted, 4), "reached": round(got, 4)})
                 self.notes.append(target_note(what, wanted, got))
-            changes = prune_filters(self.model, shape, ratio, self.config.min_channels,
-                                    self.select, skipped=self.notes, round_to=round_to,
-                                    importance=self.config.importance)
+            changes = prune_filters(
+                self.model,
+                shape,
+                ratio,
+                self.config.min_channels,
+                self.select,
+                skipped=self.notes,
+                round_to=round_to,
+                importance=self.config.importance,
+            )
             with torch.no_grad():
                 self.model.eval()(example_input(self.model, shape))  # the pruned model must still run
         except CompressError:
             _restore(self.model, original)
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             # torch-pruning followed the channels into something it cannot shrink correctly (a reshape
             # it maps wrongly)
             _restore(self.model, original)
             msg = first_line(e, 120)
-            raise InputError(f"l1-filter would break this model ({msg}); it was left unchanged. Keep the layers "
-                             "feeding a flatten or reshape (--exclude / select.exclude), or use threshold "
-                             "pruning") from e
+            raise InputError(
+                f"l1-filter would break this model ({msg}); it was left unchanged. Keep the layers "
+                "feeding a flatten or reshape (--exclude / select.exclude), or use threshold "
+                "pruning"
+            ) from e
         finally:
             if hasattr(imp, "release"):
                 imp.release(self.model)
@@ -245,8 +282,11 @@ def resolve_target(config, model: nn.Module, shape):
         return "latency", config.target_latency, LatencyFraction(model, shape)
     if config.target_macs is None and config.target_params is None:
         return None
-    what, value, measure = (("MACs", config.target_macs, lambda m: count_macs(m, shape))
-                            if config.target_macs is not None else ("parameters", config.target_params, count_params))
+    what, value, measure = (
+        ("MACs", config.target_macs, lambda m: count_macs(m, shape))
+        if config.target_macs is not None
+        else ("parameters", config.target_params, count_params)
+    )
     wanted = value if value < 1 else value / measure(model)
     if not wanted < 1:
         raise InputError(f"target {what} {value:,.0f} is not below the model's {measure(model):,}")
@@ -273,9 +313,12 @@ class LatencyFraction:
 
 def target_note(what: str, wanted: float, got: float) -> str:
     miss = got / wanted - 1
-    return (f"target {what} {wanted:.3f} of the input model: reached {got:.3f} ({miss:+.1%})"
-            + ("" if abs(miss) <= 0.05 else "; the layers it may prune cannot go closer (min_channels, groups kept "
-               "whole, --exclude): see the notes above"))
+    return f"target {what} {wanted:.3f} of the input model: reached {got:.3f} ({miss:+.1%})" + (
+        ""
+        if abs(miss) <= 0.05
+        else "; the layers it may prune cannot go closer (min_channels, groups kept "
+        "whole, --exclude): see the notes above"
+    )
 
 
 def _restore(model: nn.Module, original: nn.Module) -> None:
@@ -284,8 +327,7 @@ def _restore(model: nn.Module, original: nn.Module) -> None:
     model.__dict__.update(original.__dict__)
 
 
-def sensitivity(model: nn.Module, val_data, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), input_shape=None,
-                metric=None) -> dict:
+def sensitivity(model: nn.Module, val_data, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), input_shape=None, metric=None) -> dict:
     """Prune each group alone at each ratio (no fine-tuning); the score (``metric``, default top-1
     accuracy) per group and ratio."""
     ctx = Context(val=val_data, input_shape=input_shape, metric=metric)
@@ -306,8 +348,12 @@ def sensitivity(model: nn.Module, val_data, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), in
             table[cg.name] = {"channels": cg.size, "accuracy": row}
     finally:
         bar.close()
-    return {"baseline": round(base, 3), "ratios": [float(r) for r in ratios], "layers": table,
-            "arch": read_meta(model).arch}
+    return {
+        "baseline": round(base, 3),
+        "ratios": [float(r) for r in ratios],
+        "layers": table,
+        "arch": read_meta(model).arch,
+    }
 
 
 def ratios_for_budget(sens: dict, max_drop: float) -> dict[str, float]:

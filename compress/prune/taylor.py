@@ -9,6 +9,7 @@ on ``SAMPLES`` training samples with the model in eval mode (BatchNorm statistic
 w * grad on each layer until ``release``; the scores then rank the channels of the model and of the
 copies a target's search prunes. ``--importance taylor`` / ``L1FilterConfig(importance="taylor")``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,11 @@ class TaylorImportance:
         model.zero_grad(set_to_none=True)
         for p in model.parameters():
             p.requires_grad_(True)
-        order = torch.randperm(len(ctx.train), generator=torch.Generator().manual_seed(0))[:SAMPLES] \
-            if not ctx.train.iterable else None
+        order = (
+            torch.randperm(len(ctx.train), generator=torch.Generator().manual_seed(0))[:SAMPLES]
+            if not ctx.train.iterable
+            else None
+        )
         seen = 0
         try:
             for x, y in batches(ctx.train, 64, order):
@@ -48,8 +52,11 @@ class TaylorImportance:
                     break
             for m in model.modules():
                 if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
-                    sal = {pn: (p * p.grad).detach().cpu() for pn, p in m.named_parameters(recurse=False)
-                           if p.grad is not None}
+                    sal = {
+                        pn: (p * p.grad).detach().cpu()
+                        for pn, p in m.named_parameters(recurse=False)
+                        if p.grad is not None
+                    }
                     if sal:
                         setattr(m, ATTR, sal)
         finally:

@@ -12,6 +12,7 @@ fraction) and followed by its share of the fine-tuning epochs with masks held.
 ``ThresholdPruner`` is the whole method; in your own loop give it ``steps_per_round`` and it moves
 to the next round by itself (see ``compress.ThresholdPruner``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,22 +44,22 @@ SCHEDULES = ("cubic", "geometric")
 @dataclasses.dataclass(frozen=True)
 class ThresholdConfig(Config):
     """Args:
-        sparsity: target fraction of zero weights. A float is global (one quality x std rule over the
-            model); a dict gives per-layer targets keyed by FQN or by layer type ("conv", "linear"),
-            with "_default" for the rest.
-        quality: instead of a sparsity, the threshold multiplier of each layer's std (float or dict).
-        allocate: how a float ``sparsity`` is shared among layers: "sensitivity" (each layer pruned
-            alone on training data; every layer pruned to the same loss rise per weight removed, see
-            ``prune.allocate``) or "std" (Han et al.'s one ``quality x std`` rule). Without training
-            data: "std".
-        rounds: pruning rounds; the fine-tuning epochs are split evenly over them.
-        schedule: how sparsity rises over the rounds, from where the model is to the target:
-            "cubic" (Zhu & Gupta 2017: fast first, gently at the end) or "geometric" (the kept
-            fraction shrinks by the same factor each round).
-        first_last_factor: with ``select.spare_first_last``, a conv stem's and the last layer's
-            thresholds are scaled by this (< 1 prunes them less).
-        select: which layers are pruned (``Select``).
-        finetune: fine-tuning with masks held (``FineTune``; ``epochs`` is the total over all rounds).
+    sparsity: target fraction of zero weights. A float is global (one quality x std rule over the
+        model); a dict gives per-layer targets keyed by FQN or by layer type ("conv", "linear"),
+        with "_default" for the rest.
+    quality: instead of a sparsity, the threshold multiplier of each layer's std (float or dict).
+    allocate: how a float ``sparsity`` is shared among layers: "sensitivity" (each layer pruned
+        alone on training data; every layer pruned to the same loss rise per weight removed, see
+        ``prune.allocate``) or "std" (Han et al.'s one ``quality x std`` rule). Without training
+        data: "std".
+    rounds: pruning rounds; the fine-tuning epochs are split evenly over them.
+    schedule: how sparsity rises over the rounds, from where the model is to the target:
+        "cubic" (Zhu & Gupta 2017: fast first, gently at the end) or "geometric" (the kept
+        fraction shrinks by the same factor each round).
+    first_last_factor: with ``select.spare_first_last``, a conv stem's and the last layer's
+        thresholds are scaled by this (< 1 prunes them less).
+    select: which layers are pruned (``Select``).
+    finetune: fine-tuning with masks held (``FineTune``; ``epochs`` is the total over all rounds).
     """
 
     verb = "prune"
@@ -92,8 +93,9 @@ def _kth_abs(w: torch.Tensor, fraction: float) -> float:
     return float(w.abs().flatten().kthvalue(min(k, w.numel())).values)
 
 
-def thresholds(model: nn.Module, config: ThresholdConfig, sparsity=None, data=None, loss=None,
-               select: Selection | None = None) -> dict[str, float]:
+def thresholds(
+    model: nn.Module, config: ThresholdConfig, sparsity=None, data=None, loss=None, select: Selection | None = None
+) -> dict[str, float]:
     """Per-layer magnitude thresholds for a (possibly intermediate) sparsity target; ``data``
     (a ``compress.data.Data``) lets a float target be shared among layers by sensitivity (the rise of
     ``loss``, default cross-entropy). ``select``: the layers pruned (default: the config's ``select``)."""
@@ -112,8 +114,11 @@ def thresholds(model: nn.Module, config: ThresholdConfig, sparsity=None, data=No
     if isinstance(target, dict):
         return {n: _kth_abs(m.weight.detach(), per_layer(target, n, m, 0.0)) for n, m in layers}
     if config.allocate == "sensitivity" and data is not None:
-        per = alloc.allocate(alloc.loss_curves(model, layers, data, loss=loss), {n: m.weight.numel() for n, m in layers},
-                             float(target or 0.0))
+        per = alloc.allocate(
+            alloc.loss_curves(model, layers, data, loss=loss),
+            {n: m.weight.numel() for n, m in layers},
+            float(target or 0.0),
+        )
         return {n: _kth_abs(m.weight.detach(), per[n]) for n, m in layers}
     # one global quality: bisection on q so that the pruned fraction over all layers = target
     ws = {n: m.weight.detach().abs().flatten() for n, m in layers}
@@ -174,8 +179,9 @@ class ThresholdPruner(KeepMasks):
 
     config: ThresholdConfig
 
-    def __init__(self, model: nn.Module, config: ThresholdConfig, ctx: Context | None = None,
-                 steps_per_round: int | None = None):
+    def __init__(
+        self, model: nn.Module, config: ThresholdConfig, ctx: Context | None = None, steps_per_round: int | None = None
+    ):
         super().__init__(model, config, ctx)
         if steps_per_round is not None and steps_per_round < 1:
             raise ValueError("steps_per_round must be >= 1")
@@ -193,10 +199,11 @@ class ThresholdPruner(KeepMasks):
     def next_round(self) -> None:
         if self.round < len(self.targets):
             target = self.targets[self.round]
-            apply_thresholds(self.model, thresholds(self.model, self.config, target, self.ctx.train, self.ctx.loss, self.select))
+            apply_thresholds(
+                self.model, thresholds(self.model, self.config, target, self.ctx.train, self.ctx.loss, self.select)
+            )
             self.round += 1
-            log.info("round %d/%d: sparsity %.4f", self.round, self.config.rounds,
-                     sparsity_of(self.model, self.select))
+            log.info("round %d/%d: sparsity %.4f", self.round, self.config.rounds, sparsity_of(self.model, self.select))
 
     def step(self, lr: float | None = None) -> bool:
         super().step(lr)  # masks hold

@@ -8,6 +8,7 @@ zero: a pruned model stays as sparse. ``Quantizer`` is the method object; with k
 fine-tuning epochs it trains the shared centroids (each centroid's gradient is the sum of the
 gradients of the weights that share it), in the library's loop or in yours.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,19 +31,19 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class QuantConfig(Config):
     """Args:
-        bits: bits per weight, 2..8; an int, or a dict keyed by FQN or layer type ("conv", "linear")
-            with "_default" (Han et al. use conv=8, linear=5).
-        scheme: a registered scheme: "minmax" (grid over the channel's range), "mmse" (clipping that
-            minimises the squared error), "kmeans" (a shared 2^bits codebook per layer) or "pow2"
-            (0 or ±s·2^-i per layer); ``register_scheme`` adds one.
-        per_channel: one grid per output channel (uniform schemes); False for one per tensor.
-        symmetric: symmetric grid with zero exact; False for an affine grid with an integer zero point.
-        bias_bits: the biases of the quantized layers go on a symmetric per-tensor grid of this
-            many bits (2..8; None keeps them float32). They are few, but in float32 they were the
-            largest part of a pruned LeNet's file after its fc1 weights.
-        select: layers to quantize (``Select``; every Conv2d and Linear by default).
-        finetune: training of a trainable scheme's values (k-means centroids; ``FineTune``); other
-            schemes are not trained.
+    bits: bits per weight, 2..8; an int, or a dict keyed by FQN or layer type ("conv", "linear")
+        with "_default" (Han et al. use conv=8, linear=5).
+    scheme: a registered scheme: "minmax" (grid over the channel's range), "mmse" (clipping that
+        minimises the squared error), "kmeans" (a shared 2^bits codebook per layer) or "pow2"
+        (0 or ±s·2^-i per layer); ``register_scheme`` adds one.
+    per_channel: one grid per output channel (uniform schemes); False for one per tensor.
+    symmetric: symmetric grid with zero exact; False for an affine grid with an integer zero point.
+    bias_bits: the biases of the quantized layers go on a symmetric per-tensor grid of this
+        many bits (2..8; None keeps them float32). They are few, but in float32 they were the
+        largest part of a pruned LeNet's file after its fc1 weights.
+    select: layers to quantize (``Select``; every Conv2d and Linear by default).
+    finetune: training of a trainable scheme's values (k-means centroids; ``FineTune``); other
+        schemes are not trained.
     """
 
     verb = "quantize"
@@ -62,8 +63,10 @@ class QuantConfig(Config):
             raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {safe(self.scheme)}")
         if not self.per_channel or not self.symmetric:
             if SCHEMES[self.scheme].storage == "codebook":
-                raise ValueError(f"scheme {self.scheme!r} keeps one table per layer: "
-                                 "per_channel and symmetric apply to grid schemes only")
+                raise ValueError(
+                    f"scheme {self.scheme!r} keeps one table per layer: "
+                    "per_channel and symmetric apply to grid schemes only"
+                )
 
 
 def sqnr_db(w: torch.Tensor, dq: torch.Tensor) -> float:
@@ -107,9 +110,17 @@ class Quantizer(Method):
             dq = m.weight.detach().cpu()
             if cfg.bias_bits is not None and m.bias is not None:
                 set_weight(m, quantize_tensor(m.bias.detach(), cfg.bias_bits, "minmax", False, True), "bias")
-            self.layers.append({"name": name, "bits": bits, "scheme": cfg.scheme,
-                                "mse": float((w.cpu() - dq).pow(2).mean()), "sqnr_db": round(sqnr_db(w.cpu(), dq), 2),
-                                "zeros": int((dq == 0).sum()), "params": w.numel()})
+            self.layers.append(
+                {
+                    "name": name,
+                    "bits": bits,
+                    "scheme": cfg.scheme,
+                    "mse": float((w.cpu() - dq).pow(2).mean()),
+                    "sqnr_db": round(sqnr_db(w.cpu(), dq), 2),
+                    "zeros": int((dq == 0).sum()),
+                    "params": w.numel(),
+                }
+            )
         left = uncovered(self.model, layers)
         if left:
             self.notes.append(f"left in float32: {left}")
@@ -140,5 +151,16 @@ class Quantizer(Method):
         return self.model
 
 
-__all__ = ["SCHEMES", "QuantConfig", "QuantState", "Quantizer", "Scheme", "get_state", "quantize_",
-           "quantize_tensor", "register_scheme", "get_scheme", "sqnr_db"]
+__all__ = [
+    "SCHEMES",
+    "QuantConfig",
+    "QuantState",
+    "Quantizer",
+    "Scheme",
+    "get_state",
+    "quantize_",
+    "quantize_tensor",
+    "register_scheme",
+    "get_scheme",
+    "sqnr_db",
+]

@@ -17,6 +17,7 @@ needed (``compress.model_io.load_model``). ``torch.backends.quantized.engine`` i
 Torch 2.13 marks its quantized tensors deprecated (pytorch/pytorch#184982) in favour of torchao's PT2E flow
 with ``torch.compile``; the kernels still run, and their warnings are kept inside this module.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,8 +49,10 @@ def _require_fx() -> None:
     try:
         importlib.import_module("torch.ao.quantization.quantize_fx")  # (an `import torch.ao...` here would bind torch)
     except ImportError as e:
-        raise UsageError(f"this PyTorch ({torch.__version__}) has no FX INT8 flow (torch.ao.quantization); use "
-                         "export --int8 (ONNX Runtime or OpenVINO)") from e
+        raise UsageError(
+            f"this PyTorch ({torch.__version__}) has no FX INT8 flow (torch.ao.quantization); use "
+            "export --int8 (ONNX Runtime or OpenVINO)"
+        ) from e
 
 
 def backend() -> str:
@@ -59,8 +62,9 @@ def backend() -> str:
     for b in BACKENDS:
         if b in engines:
             return b
-    raise UsageError(f"this PyTorch build has no INT8 CPU kernels ({', '.join(engines) or 'none'}); use export "
-                     "--int8 (ONNX Runtime)")
+    raise UsageError(
+        f"this PyTorch build has no INT8 CPU kernels ({', '.join(engines) or 'none'}); use export --int8 (ONNX Runtime)"
+    )
 
 
 @contextlib.contextmanager
@@ -108,8 +112,13 @@ def _percentile_observer_class():
     return _Percentile
 
 
-def _qconfig_mapping(observer: str, keep_float: tuple[str, ...] = (), engine: str = "x86", qat: bool = False,
-                     percentile: float = PERCENTILE):
+def _qconfig_mapping(
+    observer: str,
+    keep_float: tuple[str, ...] = (),
+    engine: str = "x86",
+    qat: bool = False,
+    percentile: float = PERCENTILE,
+):
     """torch.ao's default mapping for ``engine`` (per-channel symmetric int8 weights, uint8 activations; with
     ``qat`` fake-quantized for training), its activation observer replaced as ``observer`` says."""
     from torch.ao.quantization import QConfig, get_default_qat_qconfig_mapping, get_default_qconfig_mapping
@@ -127,8 +136,9 @@ def _qconfig_mapping(observer: str, keep_float: tuple[str, ...] = (), engine: st
             act = MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=engine == "x86")
             mapping = mapping.set_global(QConfig(activation=act, weight=weight))
         elif observer == "percentile":
-            act = _percentile_observer_class().with_args(percentile=percentile, dtype=torch.quint8,
-                                                         reduce_range=engine == "x86")
+            act = _percentile_observer_class().with_args(
+                percentile=percentile, dtype=torch.quint8, reduce_range=engine == "x86"
+            )
             mapping = mapping.set_global(QConfig(activation=act, weight=weight))
     for name in keep_float:  # these layers stay float: the graph dequantizes before them, quantizes after
         mapping = mapping.set_module_name(name, None)
@@ -147,13 +157,18 @@ def native_activations(model: nn.Module) -> list[str]:
     targets = ((nn.Hardswish, F.hardswish), (nn.Hardsigmoid, F.hardsigmoid))
     swapped = []
     for name, mod in list(model.named_modules()):
-        if not name or isinstance(mod, (nn.Hardswish, nn.Hardsigmoid)) or any(True for _ in mod.children()) \
-                or any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
+        if (
+            not name
+            or isinstance(mod, (nn.Hardswish, nn.Hardsigmoid))
+            or any(True for _ in mod.children())
+            or any(True for _ in mod.parameters())
+            or any(True for _ in mod.buffers())
+        ):
             continue
         try:
             with torch.no_grad():
                 out = mod(probe.clone())
-        except Exception:  # noqa: BLE001  (a module that takes no single tensor is not an activation)
+        except Exception:
             continue
         for cls, fn in targets:
             if isinstance(out, torch.Tensor) and out.shape == probe.shape and torch.allclose(out, fn(probe), atol=1e-5):
@@ -164,9 +179,16 @@ def native_activations(model: nn.Module) -> list[str]:
     return swapped
 
 
-def prepare(model: nn.Module, input_shape, observer: str = "histogram", keep_float: tuple[str, ...] = (),
-            engine: str = "x86", qat: bool = False, percentile: float = PERCENTILE,
-            native: bool = True) -> torch.fx.GraphModule:
+def prepare(
+    model: nn.Module,
+    input_shape,
+    observer: str = "histogram",
+    keep_float: tuple[str, ...] = (),
+    engine: str = "x86",
+    qat: bool = False,
+    percentile: float = PERCENTILE,
+    native: bool = True,
+) -> torch.fx.GraphModule:
     """A copy of ``model`` prepared for ``engine``'s INT8 kernels: traced, conv-bn-relu fused, observers in place
     (``qat``: fake-quantized in training mode, for quantization-aware training). ``keep_float``: layer names
     left in float. ``native``: hand-written hard-swish / hard-sigmoid become torch's (``native_activations``;
@@ -174,8 +196,10 @@ def prepare(model: nn.Module, input_shape, observer: str = "histogram", keep_flo
     from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
 
     if engine not in torch.backends.quantized.supported_engines:
-        raise InputError(f"this model was made for {engine} INT8 kernels, which this PyTorch build lacks "
-                         f"({', '.join(torch.backends.quantized.supported_engines)}); quantize it again here")
+        raise InputError(
+            f"this model was made for {engine} INT8 kernels, which this PyTorch build lacks "
+            f"({', '.join(torch.backends.quantized.supported_engines)}); quantize it again here"
+        )
     torch.backends.quantized.engine = engine
     example = torch.zeros(tuple(input_shape))
     mapping = _qconfig_mapping(observer, keep_float, engine, qat, percentile)
@@ -188,9 +212,11 @@ def prepare(model: nn.Module, input_shape, observer: str = "histogram", keep_flo
             else:
                 prepared = prepare_fx(work.eval(), mapping, (example,))
     except (torch.fx.proxy.TraceError, TypeError, RuntimeError, NotImplementedError) as e:
-        raise InputError(f"the model cannot be traced for INT8 execution ({str(e).splitlines()[0][:160]}); "
-                         "keep it float, or use export --int8 (ONNX Runtime)") from e
-    setattr(prepared, "native_activations", swapped)  # what was replaced, for the stage's notes (a Module attribute)
+        raise InputError(
+            f"the model cannot be traced for INT8 execution ({str(e).splitlines()[0][:160]}); "
+            "keep it float, or use export --int8 (ONNX Runtime)"
+        ) from e
+    setattr(prepared, "native_activations", swapped)  # noqa: B010  (a Module attribute mypy cannot type: the stage's notes)
     return prepared
 
 
@@ -209,7 +235,7 @@ def calibrate(prepared: nn.Module, calib: Data, samples: int = CALIB_SAMPLES) ->
     return seen
 
 
-def convert(prepared: torch.fx.GraphModule, table: dict, float_model: nn.Module) -> "Int8Model":
+def convert(prepared: torch.fx.GraphModule, table: dict, float_model: nn.Module) -> Int8Model:
     """The INT8 model of a calibrated (or QAT-trained) prepared model; ``table`` says how it was made."""
     from torch.ao.quantization.quantize_fx import convert_fx
 
@@ -240,7 +266,7 @@ class Int8Model(nn.Module):
         n = 0
         with _quiet():
             for v in self.inner.state_dict().values():
-                for t in (v if isinstance(v, tuple) else (v,)):
+                for t in v if isinstance(v, tuple) else (v,):
                     if isinstance(t, torch.Tensor) and t.is_quantized and t.qscheme() == torch.per_channel_affine:
                         n += int(torch.count_nonzero(t.int_repr()))
                     elif isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 1:
@@ -253,9 +279,11 @@ class Int8Model(nn.Module):
         if self.sample_bytes and isinstance(x, torch.Tensor) and x.dim() > 0:
             _, max_bytes = call_limits()
             if x.shape[0] * self.sample_bytes > max_bytes:
-                raise InputError(f"this INT8 model's file asks for {self.sample_bytes / 2**20:,.1f} MiB of activations "
-                                 f"a sample: a batch of {x.shape[0]} would take more than {max_bytes / 2**20:,.0f} MiB "
-                                 "(COMPRESS_MAX_GRAPH_COST raises it for a file you trust)")
+                raise InputError(
+                    f"this INT8 model's file asks for {self.sample_bytes / 2**20:,.1f} MiB of activations "
+                    f"a sample: a batch of {x.shape[0]} would take more than {max_bytes / 2**20:,.0f} MiB "
+                    "(COMPRESS_MAX_GRAPH_COST raises it for a file you trust)"
+                )
         with _quiet():
             return self.inner(x.float())
 
@@ -264,9 +292,9 @@ class Int8Model(nn.Module):
 # cannot hold them
 _REFUSED = {
     kinds.CHANGE: "this is an INT8 model: its layers are integer kernels no method changes; prune, factorize or "
-                  "quantize the float model before its int8 stage",
+    "quantize the float model before its int8 stage",
     kinds.ONNX: "this INT8 model runs PyTorch's own integer kernels; export its float model with --int8 for ONNX "
-                "Runtime or OpenVINO INT8",
+    "Runtime or OpenVINO INT8",
     kinds.CPZ: INT8_IS_PT,
 }
 

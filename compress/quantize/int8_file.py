@@ -7,6 +7,7 @@ into one flat tensor per dtype (``int8_state``). ``rebuild`` makes the INT8 mode
 with compress's own code and loads the state into it only once every index row, name, shape and dtype has
 been checked against what it rebuilt. Version 1 (one tensor per entry) is still read.
 """
+
 from __future__ import annotations
 
 import json
@@ -118,8 +119,10 @@ def payload(model: Int8Model) -> dict[str, Any]:
     # the model's metadata (its history since the conversion too) as JSON text: the table holds plain values only
     meta = json.dumps(get_meta(model), default=str)
     buffers, index = _pack(flat)
-    return {INT8_KEY: {**model.compress_int8, "version": FILE_VERSION, "meta": meta, "index": index},
-            "int8_state": buffers}
+    return {
+        INT8_KEY: {**model.compress_int8, "version": FILE_VERSION, "meta": meta, "index": index},
+        "int8_state": buffers,
+    }
 
 
 PACKED = {str(d).removeprefix("torch."): d for d in (torch.int8, torch.uint8, torch.int32, torch.int64, torch.float32)}
@@ -142,17 +145,28 @@ def _pack(flat: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list]
 def _unpack(buffers: Any, index: Any) -> dict[str, torch.Tensor]:
     """The entries of a packed state, every index row checked against its buffer before it is sliced
     (views: nothing is copied or allocated on a file's word)."""
-    if not (isinstance(buffers, dict) and set(buffers) <= set(PACKED)
-            and all(isinstance(b, torch.Tensor) and b.dim() == 1 and b.dtype == PACKED[dt] for dt, b in buffers.items())):
+    if not (
+        isinstance(buffers, dict)
+        and set(buffers) <= set(PACKED)
+        and all(isinstance(b, torch.Tensor) and b.dim() == 1 and b.dtype == PACKED[dt] for dt, b in buffers.items())
+    ):
         raise InputError("INT8 file: its INT8 state is not buffers of the dtypes this compress writes")
     if not isinstance(index, list) or len(index) > 1_000_000:
         raise InputError("INT8 file: its state index is not a list")
     out: dict[str, torch.Tensor] = {}
     for row in index:
-        if not (isinstance(row, list) and len(row) == 4 and isinstance(row[0], str) and row[1] in buffers
-                and isinstance(row[2], list) and len(row[2]) <= 8
-                and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in row[2])
-                and isinstance(row[3], int) and not isinstance(row[3], bool) and row[3] >= 0):
+        if not (
+            isinstance(row, list)
+            and len(row) == 4
+            and isinstance(row[0], str)
+            and row[1] in buffers
+            and isinstance(row[2], list)
+            and len(row[2]) <= 8
+            and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in row[2])
+            and isinstance(row[3], int)
+            and not isinstance(row[3], bool)
+            and row[3] >= 0
+        ):
             raise InputError("INT8 file: a row of its state index is damaged")
         name, dt, shape, off = row
         n = 1
@@ -160,7 +174,7 @@ def _unpack(buffers: Any, index: Any) -> dict[str, torch.Tensor]:
             n *= d
         if off + n > len(buffers[dt]) or name in out:
             raise InputError(f"INT8 file: {name} lies outside its buffer or is listed twice")
-        out[name] = buffers[dt][off:off + n].view(shape)
+        out[name] = buffers[dt][off : off + n].view(shape)
     return out
 
 
@@ -186,8 +200,13 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
     of it): prepared and converted by compress, then the file's INT8 state (checked: the same names and shapes)
     loaded into it."""
     _require_fx()
-    if not (isinstance(table, dict) and table.get("version") in (1, FILE_VERSION) and table.get("backend") in BACKENDS
-            and table.get("observer") in OBSERVERS and all(isinstance(v, (str, int, list)) for v in table.values())):
+    if not (
+        isinstance(table, dict)
+        and table.get("version") in (1, FILE_VERSION)
+        and table.get("backend") in BACKENDS
+        and table.get("observer") in OBSERVERS
+        and all(isinstance(v, (str, int, list)) for v in table.values())
+    ):
         raise InputError("INT8 file: its table is not one this compress writes")
     table = dict(table)
     meta = _meta(table.pop("meta", "{}"))
@@ -198,8 +217,10 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
     if refused is not None:
         raise refused
     shape = table.get("input_shape")
-    if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and 0 < s < 1 << 16
-                                            for s in shape)):
+    if not (
+        isinstance(shape, list)
+        and all(isinstance(s, int) and not isinstance(s, bool) and 0 < s < 1 << 16 for s in shape)
+    ):
         raise InputError("INT8 file: bad input shape")
     check_shape(shape, "INT8 file: its input shape")  # the shape budget every input shape goes through
     shape = [1, *shape[1:]]
@@ -210,15 +231,18 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
         raise InputError(f"INT8 file: {e}") from None
     max_work, max_bytes = call_limits()
     if sample_bytes > max_bytes or sample_work > max_work:
-        raise InputError(f"INT8 file: its input shape {shape} asks for {sample_work:.3g} operations and "
-                         f"{sample_bytes / 2**20:,.0f} MiB of activations for one sample, more than any call may "
-                         f"({max_work:.3g}, {max_bytes / 2**20:,.0f} MiB; COMPRESS_MAX_GRAPH_COST raises both)")
+        raise InputError(
+            f"INT8 file: its input shape {shape} asks for {sample_work:.3g} operations and "
+            f"{sample_bytes / 2**20:,.0f} MiB of activations for one sample, more than any call may "
+            f"({max_work:.3g}, {max_bytes / 2**20:,.0f} MiB; COMPRESS_MAX_GRAPH_COST raises both)"
+        )
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError("INT8 file: its INT8 state is not a table of tensors")
     kept, native = table.get("keep_float", []), table.get("native_activations")
     for names in (kept, [] if native is None else native):
-        if not (isinstance(names, list) and len(names) <= 10_000 and all(isinstance(n, str) and len(n) < 512
-                                                                          for n in names)):
+        if not (
+            isinstance(names, list) and len(names) <= 10_000 and all(isinstance(n, str) and len(n) < 512 for n in names)
+        ):
             raise InputError("INT8 file: its float layers or activations are not a list of layer names")
     known = {n for n, _ in float_model.named_modules()}
     if not set(kept) <= known:
@@ -228,16 +252,19 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
     except InputError:
         raise
     except Exception as e:  # a trace or conversion torch refuses on this architecture: one line, as any bad file
-        raise InputError(f"INT8 file: its model cannot be rebuilt from its architecture ({type(e).__name__}: "
-                         f"{safe(first_line(e, 100))})") from None
+        raise InputError(
+            f"INT8 file: its model cannot be rebuilt from its architecture ({type(e).__name__}: "
+            f"{safe(first_line(e, 100))})"
+        ) from None
 
 
 def _rebuilt(float_model, table, state, arch_cpz, meta, shape, kept, native, sample_bytes) -> Int8Model:
     from torch.ao.quantization.quantize_fx import convert_fx
 
     with _quiet():
-        prepared = prepare(float_model, shape, table["observer"], tuple(kept), table["backend"],
-                           native=native is not None)
+        prepared = prepare(
+            float_model, shape, table["observer"], tuple(kept), table["backend"], native=native is not None
+        )
         if native is not None and sorted(getattr(prepared, "native_activations", [])) != sorted(native):
             raise InputError("INT8 file: its activations do not match its float model")
         q = convert_fx(prepared)

@@ -8,6 +8,7 @@ loses to rounding is trained back. The float model given is left as it was; the 
 (it is a new model, not the input changed in place). In a recipe, ``method = "int8"`` with
 ``finetune = { epochs = [0, 1] }`` tries PTQ and trains only when PTQ misses the budget.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,15 +26,15 @@ from compress.quantize import int8, int8_file  # noqa: F401  (int8_file: an Int8
 @dataclasses.dataclass(frozen=True)
 class Int8Config(Config):
     """Args:
-        observer: how activation ranges are set from the calibration data: "histogram" (the range with the
-            least quantization error), "minmax", or "percentile" (``percentile`` of each batch's values).
-        percentile: the percentile of the "percentile" observer (99.9 .. 100).
-        calib_samples: calibration samples read from the stage's data.
-        select: the layers that run INT8; every other Conv2d / Linear stays float (``Select.exclude``
-            keeps a sensitive stem or classifier float).
-        finetune: ``epochs`` > 0: quantization-aware training for that many epochs before the conversion;
-            batch-norm statistics and activation ranges are frozen for the last ``freeze`` of it.
-        freeze: the share of the QAT steps, at the end, with batch-norm statistics and ranges frozen.
+    observer: how activation ranges are set from the calibration data: "histogram" (the range with the
+        least quantization error), "minmax", or "percentile" (``percentile`` of each batch's values).
+    percentile: the percentile of the "percentile" observer (99.9 .. 100).
+    calib_samples: calibration samples read from the stage's data.
+    select: the layers that run INT8; every other Conv2d / Linear stays float (``Select.exclude``
+        keeps a sensitive stem or classifier float).
+    finetune: ``epochs`` > 0: quantization-aware training for that many epochs before the conversion;
+        batch-norm statistics and activation ranges are frozen for the last ``freeze`` of it.
+    freeze: the share of the QAT steps, at the end, with batch-norm statistics and ranges frozen.
     """
 
     verb = "quantize"
@@ -68,19 +69,25 @@ class Int8Lowering(Method):
             raise needs_data("int8 quantization-aware training")
         self.calib = ctx.train if self.qat or ctx.calib is None else ctx.calib  # QAT: ranges from its batches
         if self.calib is None:
-            raise UsageError("INT8 activations need calibration data (--calib-data SPEC; Context(calib=...) or "
-                             "train=...): none was given")
+            raise UsageError(
+                "INT8 activations need calibration data (--calib-data SPEC; Context(calib=...) or "
+                "train=...): none was given"
+            )
         check_fits(self.model, self.calib, labels_needed=False)  # its samples are what the model takes
         if cfg.select.exclude:  # the layers kept float are named on purpose: a pattern that names none is an error
             Select(names=cfg.select.exclude, spare_first_last=False).layers(self.model)
         chosen = {n for n, _ in self.select.layers(self.model)}
-        self.kept = tuple(sorted(n for n, m in self.model.named_modules()
-                                 if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in chosen))
+        self.kept = tuple(
+            sorted(
+                n for n, m in self.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in chosen
+            )
+        )
         self.shape = ctx.shape(self.model)
         self.engine = int8.backend()
         self.float_model = self.model
-        self.prepared = int8.prepare(self.float_model, self.shape, cfg.observer, self.kept, self.engine, self.qat,
-                                     cfg.percentile)
+        self.prepared = int8.prepare(
+            self.float_model, self.shape, cfg.observer, self.kept, self.engine, self.qat, cfg.percentile
+        )
         self.model = self.prepared  # what the loop trains (QAT)
         # PTQ: the ranges from calibration. QAT: the moving averages learn them from the training batches, as
         # the weights adapt (calibrating first, in eval mode, cost MobileNetV3-small 50 points that one epoch of
@@ -117,9 +124,14 @@ class Int8Lowering(Method):
 
     def finalize(self) -> nn.Module:
         cfg = self.config
-        table = {"backend": self.engine, "observer": cfg.observer, "input_shape": list(self.shape),
-                 "calibration": f"{self.calib.name}, {self.seen} samples", "keep_float": list(self.kept),
-                 "native_activations": list(getattr(self.prepared, "native_activations", []))}
+        table = {
+            "backend": self.engine,
+            "observer": cfg.observer,
+            "input_shape": list(self.shape),
+            "calibration": f"{self.calib.name}, {self.seen} samples",
+            "keep_float": list(self.kept),
+            "native_activations": list(getattr(self.prepared, "native_activations", [])),
+        }
         if self.qat:
             table["qat"] = f"{cfg.finetune.epochs:g} epochs on {self.ctx.train.name}"
             table["calibration"] = f"moving averages over the QAT batches of {self.ctx.train.name}"
@@ -128,16 +140,28 @@ class Int8Lowering(Method):
             self.notes.append(f"kept in float: {', '.join(self.kept)}")
         swapped = getattr(self.prepared, "native_activations", [])
         if swapped:
-            self.notes.append(f"{len(swapped)} hand-written hard-swish / hard-sigmoid modules run as torch's own "
-                              f"(one INT8 op each, not every step of the formula): {', '.join(swapped[:3])}"
-                              + (", ..." if len(swapped) > 3 else ""))
-        self.layers = [{"name": n, "int8": n not in self.kept} for n, m in self.float_model.named_modules()
-                       if isinstance(m, (nn.Conv2d, nn.Linear))]
+            self.notes.append(
+                f"{len(swapped)} hand-written hard-swish / hard-sigmoid modules run as torch's own "
+                f"(one INT8 op each, not every step of the formula): {', '.join(swapped[:3])}"
+                + (", ..." if len(swapped) > 3 else "")
+            )
+        self.layers = [
+            {"name": n, "int8": n not in self.kept}
+            for n, m in self.float_model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))
+        ]
         return q
 
 
-def lower_int8(model: nn.Module, config: Int8Config | None = None, train_data=None, val_data=None, *,
-               calib_data=None, ctx: Context | None = None) -> int8.Int8Model:
+def lower_int8(
+    model: nn.Module,
+    config: Int8Config | None = None,
+    train_data=None,
+    val_data=None,
+    *,
+    calib_data=None,
+    ctx: Context | None = None,
+) -> int8.Int8Model:
     """A new ``Int8Model`` that runs ``model`` as integers (``model`` is left as it was): activation ranges are
     calibrated on ``calib_data`` (default: ``train_data``, which QAT -- ``config.finetune.epochs`` > 0 -- trains
     on). Not ``quantize_``: that verb changes a model in place, and this one makes a new one."""
@@ -145,9 +169,17 @@ def lower_int8(model: nn.Module, config: Int8Config | None = None, train_data=No
     return run("quantize", model, cfg, _ctx(ctx, train_data, val_data, None, calib_data)).model  # type: ignore[return-value]
 
 
-def to_int8(model: nn.Module, calib: Data, input_shape=None, observer: str = "histogram",
-            samples: int = int8.CALIB_SAMPLES, keep_float=(), *, qat: FineTune | None = None,
-            ctx: Context | None = None) -> int8.Int8Model:
+def to_int8(
+    model: nn.Module,
+    calib: Data,
+    input_shape=None,
+    observer: str = "histogram",
+    samples: int = int8.CALIB_SAMPLES,
+    keep_float=(),
+    *,
+    qat: FineTune | None = None,
+    ctx: Context | None = None,
+) -> int8.Int8Model:
     """An INT8 copy of ``model`` (left unchanged) calibrated on up to ``samples`` samples of ``calib``;
     ``keep_float``: globs of layer names left in float (a sensitive first or last layer); ``qat``: train this
     long with fake quantization on ``calib`` (then labelled training data) before converting. ``ctx``: the
@@ -158,7 +190,10 @@ def to_int8(model: nn.Module, calib: Data, input_shape=None, observer: str = "hi
     ctx = dataclasses.replace(ctx, train=data, calib=data) if ctx is not None else Context(train=data, calib=data)
     if input_shape is not None:
         ctx.input_shape = tuple(input_shape)
-    cfg = Int8Config(observer=observer, calib_samples=samples,
-                     select=Select(exclude=tuple(keep_float), spare_first_last=False),
-                     finetune=qat or Int8Config().finetune)
+    cfg = Int8Config(
+        observer=observer,
+        calib_samples=samples,
+        select=Select(exclude=tuple(keep_float), spare_first_last=False),
+        finetune=qat or Int8Config().finetune,
+    )
     return lower_int8(model, cfg, ctx=ctx)

@@ -4,6 +4,7 @@ iterations, then optional fine-tuning of the centroids where each centroid's gra
 the gradients of the weights that share it. Pruned weights (exact zeros) are not clustered and stay
 zero.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -50,7 +51,7 @@ def quantize_kmeans(w: torch.Tensor, bits: int, iters: int = 30):
     """w (any shape) -> (codes int64 with -1 for pruned zeros, codebook (2^bits,), dequantized)."""
     flat = w.detach().flatten()
     nz = flat != 0
-    cb = half_exact(lloyd_1d(flat[nz], 2 ** bits, iters))
+    cb = half_exact(lloyd_1d(flat[nz], 2**bits, iters))
     codes = torch.full_like(flat, -1, dtype=torch.long)
     codes[nz] = assign(flat[nz].float(), cb)
     dq = torch.zeros_like(flat)

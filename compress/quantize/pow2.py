@@ -9,6 +9,7 @@ n = 2^(bits-1) exponents, at most 16: below s·2^-15 a value adds nothing a zero
 The state is a codebook (the 2n values, sorted; -1 for zero), so the container stores it with no
 new format and `compress inspect` shows it as scheme "pow2". Exact zeros (pruned weights) stay zero.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,7 +39,7 @@ def quantize_pow2(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     vals = flat[nz]
     best_err, best = float("inf"), (table(amax, n), torch.zeros(0, dtype=torch.long))
     for f in torch.linspace(0, 2, SCALE_STEPS).tolist():
-        tab = table(float(half_exact(torch.tensor([amax * 2.0 ** -f]))[0]), n)
+        tab = table(float(half_exact(torch.tensor([amax * 2.0**-f]))[0]), n)
         full = torch.cat([tab[:n], torch.zeros(1), tab[n:]]).double()  # zero in the middle
         idx = assign(vals, full)
         err = float((vals - full[idx]).pow(2).sum())

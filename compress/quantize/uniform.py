@@ -6,6 +6,7 @@ ICCVW 2019). The search starts from Banner et al.'s ACIQ closed form for Laplace
 weights (alpha* = c_b * b, b the mean absolute deviation) and scans a grid of clipping values
 around it that always includes min-max, so MMSE is never worse than min-max.
 """
+
 from __future__ import annotations
 
 import torch
@@ -81,8 +82,14 @@ class GridScheme(Scheme):
         mat = w.flatten(1) if per_channel else w.reshape(1, -1)  # (C, K)
         q, scale, zp, _ = self.rows(mat, bits, symmetric)
         lo, _ = qrange(bits, symmetric)
-        return QuantState(bits, self.name, (q - lo).to(torch.uint8), scale.float(),
-                          None if symmetric else zp.float(), per_channel=per_channel)
+        return QuantState(
+            bits,
+            self.name,
+            (q - lo).to(torch.uint8),
+            scale.float(),
+            None if symmetric else zp.float(),
+            per_channel=per_channel,
+        )
 
 
 @register_scheme

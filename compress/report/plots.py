@@ -6,6 +6,7 @@
 * ``weight_histograms``-- what did the weights look like before and after?
 * ``sensitivity``      -- (l1-filter) which layers can lose filters? (see prune.l1_filter)
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,11 +14,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch.nn as nn  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch.nn as nn
 
-from compress.errors import printable  # noqa: E402
+from compress.errors import printable
 
 
 def _save(fig, path: Path) -> Path:
@@ -61,9 +62,13 @@ def layer_density(before: list[dict], after: list[dict] | None, path: Path) -> P
 
 def weight_histograms(before: nn.Module, after: nn.Module | None, path: Path, max_layers: int = 6) -> Path:
     """Histogram of each weight layer's values before / after (pruned zeros left out of 'after')."""
+
     def weights(m):
-        return {n: mod.weight.detach().flatten().cpu().numpy() for n, mod in m.named_modules()
-                if isinstance(mod, (nn.Conv2d, nn.Linear))}
+        return {
+            n: mod.weight.detach().flatten().cpu().numpy()
+            for n, mod in m.named_modules()
+            if isinstance(mod, (nn.Conv2d, nn.Linear))
+        }
 
     wb = weights(before)
     wa = weights(after) if after is not None else {}
@@ -71,7 +76,7 @@ def weight_histograms(before: nn.Module, after: nn.Module | None, path: Path, ma
     cols = min(3, max(1, len(names)))
     rows = max(1, (len(names) + cols - 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    for ax, n in zip(axes.flat, names):
+    for ax, n in zip(axes.flat, names, strict=False):
         b = wb[n]
         lim = float(np.abs(b).max()) or 1.0
         bins = np.linspace(-lim, lim, 80)
@@ -83,7 +88,7 @@ def weight_histograms(before: nn.Module, after: nn.Module | None, path: Path, ma
         ax.set_xlabel("weight value", fontsize=7)
         ax.set_ylabel("count", fontsize=7)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     return _save(fig, path)
@@ -96,17 +101,27 @@ def bytes_per_stage(stages: list[dict], path: Path) -> Path:
     vals = [s["bytes"] for s in stages]
     kib = [v / 1024 for v in vals]
     bars = ax.bar(labels, kib, color=plt.cm.viridis(np.linspace(0.15, 0.85, len(vals))))
-    for bar, v, k in zip(bars, vals, kib):
-        ax.annotate(f"{_kib(v)}\n{vals[0] / max(v, 1):.1f}x smaller" if v != vals[0] else _kib(v),
-                    (bar.get_x() + bar.get_width() / 2, k), ha="center", va="bottom", fontsize=8)
+    for bar, v, k in zip(bars, vals, kib, strict=False):
+        ax.annotate(
+            f"{_kib(v)}\n{vals[0] / max(v, 1):.1f}x smaller" if v != vals[0] else _kib(v),
+            (bar.get_x() + bar.get_width() / 2, k),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax.set_ylim(0, max(kib) * 1.25)
     ax.set_ylabel("size (KiB)")
     ax.set_title("model size after each stage", pad=10)
     return _save(fig, path)
 
 
-def accuracy_vs_size(points: list[dict], path: Path, base_accuracy: float | None = None,
-                     budget: float | None = None, label: str = "accuracy %") -> Path:
+def accuracy_vs_size(
+    points: list[dict],
+    path: Path,
+    base_accuracy: float | None = None,
+    budget: float | None = None,
+    label: str = "accuracy %",
+) -> Path:
     """Score (the metric's ``label``) against file size for every candidate tried; the budget line; kept ones
     ringed.
 
@@ -114,19 +129,41 @@ def accuracy_vs_size(points: list[dict], path: Path, base_accuracy: float | None
     """
     fig, ax = plt.subplots(figsize=(7, 4.4))
     stages = list(dict.fromkeys(p.get("stage", "") for p in points))
-    colors = dict(zip(stages, plt.cm.tab10(np.arange(len(stages)) % 10)))
+    colors = dict(zip(stages, plt.cm.tab10(np.arange(len(stages)) % 10), strict=False))
     for st in stages:
         pts = [p for p in points if p.get("stage", "") == st]
-        ax.plot([p["bytes"] / 1024 for p in pts], [p["accuracy"] for p in pts], "-o", ms=5, lw=1,
-                color=colors[st], label=st, alpha=0.85)
+        ax.plot(
+            [p["bytes"] / 1024 for p in pts],
+            [p["accuracy"] for p in pts],
+            "-o",
+            ms=5,
+            lw=1,
+            color=colors[st],
+            label=st,
+            alpha=0.85,
+        )
         for p in pts:  # small labels, alternately above and below the line to avoid collisions
             i = pts.index(p)
-            ax.annotate(p["label"], (p["bytes"] / 1024, p["accuracy"]), fontsize=6.5, xytext=(3, 5 if i % 2 else -10),
-                        textcoords="offset points", color=colors[st])
+            ax.annotate(
+                p["label"],
+                (p["bytes"] / 1024, p["accuracy"]),
+                fontsize=6.5,
+                xytext=(3, 5 if i % 2 else -10),
+                textcoords="offset points",
+                color=colors[st],
+            )
     kept = [p for p in points if p.get("kept")]
     if kept:
-        ax.scatter([p["bytes"] / 1024 for p in kept], [p["accuracy"] for p in kept], s=160, facecolors="none",
-                   edgecolors="k", linewidths=1.5, label="kept", zorder=5)
+        ax.scatter(
+            [p["bytes"] / 1024 for p in kept],
+            [p["accuracy"] for p in kept],
+            s=160,
+            facecolors="none",
+            edgecolors="k",
+            linewidths=1.5,
+            label="kept",
+            zorder=5,
+        )
     if base_accuracy is not None and budget is not None:
         ax.axhline(base_accuracy - budget, color="#a4161a", ls="--", lw=1, label=f"budget (-{budget:g} pt)")
         ax.axhline(base_accuracy, color="grey", ls=":", lw=1, label=f"{label.removesuffix(' %')} before")
@@ -148,8 +185,15 @@ def sensitivity(sens: dict, path: Path, label: str = "accuracy %") -> Path:
     cmap = plt.cm.tab10
     for i, (name, row) in enumerate(layers):
         rs = sorted(float(r) for r in row["accuracy"])
-        ax.plot([100 * r for r in rs], [row["accuracy"][r] for r in rs], marker="o", ms=3,
-                color=cmap(i % 10), ls=styles[(i // 10) % len(styles)], label=f"{name} ({row['channels']})")
+        ax.plot(
+            [100 * r for r in rs],
+            [row["accuracy"][r] for r in rs],
+            marker="o",
+            ms=3,
+            color=cmap(i % 10),
+            ls=styles[(i // 10) % len(styles)],
+            label=f"{name} ({row['channels']})",
+        )
     ax.axhline(sens["baseline"], color="k", lw=0.8, ls="--", label="unpruned")
     ax.set_xlabel("filters pruned away (%)")
     ax.set_ylabel(f"validation {label}")

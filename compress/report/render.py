@@ -1,5 +1,6 @@
 """Render results as a folder: ``report.json``, ``report.md`` and a self-contained ``report.html``
 (PNG plots inlined as data URIs, and also written beside it)."""
+
 from __future__ import annotations
 
 import base64
@@ -69,8 +70,15 @@ def prepare_folder(folder, force: bool = False) -> Path:
     return folder
 
 
-def write_folder(folder, title: str, summary: str, sections: list[tuple[str, list[str], list[list]]],
-                 images: list[Path], data: dict, force: bool = False) -> dict[str, Path]:
+def write_folder(
+    folder,
+    title: str,
+    summary: str,
+    sections: list[tuple[str, list[str], list[list]]],
+    images: list[Path],
+    data: dict,
+    force: bool = False,
+) -> dict[str, Path]:
     """sections: (heading, header, rows). Writes report.json / report.md / report.html."""
     folder = Path(folder)
     md = [f"# {title}", "", summary, ""]
@@ -83,19 +91,31 @@ def write_folder(folder, title: str, summary: str, sections: list[tuple[str, lis
     for img in images:
         md.append(f"![{img.stem}]({img.name})")
         b64 = base64.b64encode(img.read_bytes()).decode()
-        body.append(f"<h3>{html.escape(img.stem.replace('_', ' '))}</h3><img alt='{img.stem}' src='data:image/png;base64,{b64}'>")
+        body.append(
+            f"<h3>{html.escape(img.stem.replace('_', ' '))}</h3>"
+            f"<img alt='{img.stem}' src='data:image/png;base64,{b64}'>"
+        )
     paths = {"json": folder / "report.json", "md": folder / "report.md", "html": folder / "report.html"}
     write_text(paths["json"], json.dumps(data, indent=2, default=str) + "\n", force=True)
     write_text(paths["md"], "\n".join(md) + "\n", force=True)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>"
+    )
     write_text(paths["html"], page, force=True)
     return paths
 
 
-LABELS = {"file_bytes": "file bytes", "cpz_bytes": ".cpz bytes (compress encode)", "params": "parameters", "nonzero_params": "nonzero parameters",
-          "dense_fp32_bytes": "dense FP32 bytes", "macs": "MACs (multiply-accumulates)", "accuracy": "accuracy %",
-          "test_accuracy": "test accuracy %"}
+LABELS = {
+    "file_bytes": "file bytes",
+    "cpz_bytes": ".cpz bytes (compress encode)",
+    "params": "parameters",
+    "nonzero_params": "nonzero parameters",
+    "dense_fp32_bytes": "dense FP32 bytes",
+    "macs": "MACs (multiply-accumulates)",
+    "accuracy": "accuracy %",
+    "test_accuracy": "test accuracy %",
+}
 
 
 def before_after_rows(before: dict, after: dict) -> list[list]:
@@ -119,8 +139,14 @@ def before_after_rows(before: dict, after: dict) -> list[list]:
     drift = after.get("drift")
     if drift:  # what the change did to the outputs, with data or without
         if drift["top1_agreement"] is not None:
-            rows.append([f"top-1 agreement with the input model, {drift['data']} (%)", 100.0,
-                         drift["top1_agreement"], f"{drift['top1_agreement'] - 100:+.2f} pt"])
+            rows.append(
+                [
+                    f"top-1 agreement with the input model, {drift['data']} (%)",
+                    100.0,
+                    drift["top1_agreement"],
+                    f"{drift['top1_agreement'] - 100:+.2f} pt",
+                ]
+            )
         rows.append([f"output change, relative L2 ({drift['data']})", 0.0, round(drift["relative_change"], 4), ""])
     lb, la = before.get("latency_ms", {}), after.get("latency_ms", {})
     for k in ("batch_1", "batch_32"):
@@ -140,8 +166,9 @@ def before_after_rows(before: dict, after: dict) -> list[list]:
     return rows
 
 
-def render_stage_report(result: dict, before_model: nn.Module | None, after_model: nn.Module, folder,
-                        force: bool = False) -> dict[str, Path]:
+def render_stage_report(
+    result: dict, before_model: nn.Module | None, after_model: nn.Module, folder, force: bool = False
+) -> dict[str, Path]:
     folder = prepare_folder(folder, force)
     b, a = result["before"], result["after"]
     images = []
@@ -154,12 +181,16 @@ def render_stage_report(result: dict, before_model: nn.Module | None, after_mode
         summary += f", {b['macs'] / max(a['macs'], 1):.2f}x fewer MACs"
     if "accuracy" in a:
         label = a.get("metric") or LABELS["accuracy"]
-        summary += (f", {score_change(b['accuracy'], a['accuracy'], label)} "
-                    f"({a['accuracy'] - b['accuracy']:+.2f} pt)")
+        summary += f", {score_change(b['accuracy'], a['accuracy'], label)} ({a['accuracy'] - b['accuracy']:+.2f} pt)"
     sections = [("Before / after", ["", "before", "after", "change"], before_after_rows(b, a))]
     if a.get("layers"):
-        sections.append(("Layers after", ["layer", "type", "parameters", "nonzeros", "MACs"],
-                         [[r["name"], r["type"], r["params"], r["nonzeros"], r["macs"]] for r in a["layers"]]))
+        sections.append(
+            (
+                "Layers after",
+                ["layer", "type", "parameters", "nonzeros", "MACs"],
+                [[r["name"], r["type"], r["params"], r["nonzeros"], r["macs"]] for r in a["layers"]],
+            )
+        )
     return write_folder(folder, f"compress report: {result['method']}", summary, sections, images, result, force)
 
 
@@ -194,8 +225,11 @@ def score_labels(rep: dict) -> dict[str, str]:
 def model_rows(rep: dict) -> list[list]:
     """[label, value] rows of one model's numbers (the terminal table and the HTML report)."""
     labels = {**LABELS, **score_labels(rep)}
-    rows = [[labels[k], rep[k]] for k in ("file_bytes", "params", "nonzero_params", "dense_fp32_bytes", "macs",
-                                          "accuracy", "test_accuracy") if rep.get(k) is not None]
+    rows = [
+        [labels[k], rep[k]]
+        for k in ("file_bytes", "params", "nonzero_params", "dense_fp32_bytes", "macs", "accuracy", "test_accuracy")
+        if rep.get(k) is not None
+    ]
     for row in rows:  # every accuracy names its data
         if row[0] == labels["accuracy"] and rep.get("accuracy_data"):
             row[0] = f"{labels['accuracy']} ({rep['accuracy_data']})"
@@ -208,8 +242,13 @@ def model_rows(rep: dict) -> list[list]:
     if rep.get("input_shape"):
         rows.append(["input shape", "x".join(map(str, rep["input_shape"]))])
     if rep.get("int8"):
-        rows.append(["executes", f"{rep['int8']['executes']}; {rep['int8']['observer']} activation ranges from "
-                                 f"{rep['int8']['calibration']}"])
+        rows.append(
+            [
+                "executes",
+                f"{rep['int8']['executes']}; {rep['int8']['observer']} activation ranges from "
+                f"{rep['int8']['calibration']}",
+            ]
+        )
     lat = rep.get("latency_ms", {})
     for k in ("batch_1", "batch_32"):
         if k in lat:  # the median and the quartiles of the same runs (metrics.run_stats): it lies within them
@@ -218,24 +257,29 @@ def model_rows(rep: dict) -> list[list]:
             text = f"{lat[k]:.3f}" + (f" (IQR {iqr[0]:.3f}-{iqr[1]:.3f})" if iqr else "")
             if busy:
                 text += f"; {BUSY} ({busy}): not reliable"
-            rows.append([f"latency, {k.replace('_', ' ')} (ms, {what}{'; IQR of the same runs' if iqr else ''})",
-                         text])
+            rows.append([f"latency, {k.replace('_', ' ')} (ms, {what}{'; IQR of the same runs' if iqr else ''})", text])
     return rows
 
 
 def render_model_report(rep: dict, folder, force: bool = False) -> dict[str, Path]:
     folder = prepare_folder(folder, force)
     images = [plots.layer_density(rep["layers"], None, folder / "layers.png")] if rep.get("layers") else []
-    summary = (f"{rep['file']}: {rep['file_bytes']:,} bytes, "
-               f"{rep.get('ratio_vs_dense_fp32') or 1:.2f}x smaller than its dense FP32 weights")
+    summary = (
+        f"{rep['file']}: {rep['file_bytes']:,} bytes, "
+        f"{rep.get('ratio_vs_dense_fp32') or 1:.2f}x smaller than its dense FP32 weights"
+    )
     sections = [("Model", ["", "value"], model_rows(rep))]
     if rep.get("layers") and "nodes" in rep["layers"][0]:
         title, header, rows = graph_layer_rows(rep["layers"])
         sections.append((title.capitalize(), header, rows))
     elif rep.get("layers"):
-        sections.append(("Layers", ["layer", "type", "parameters", "nonzeros", "MACs", "bits"],
-                         [[r["name"], r["type"], r["params"], r["nonzeros"], r["macs"], r.get("bits")]
-                          for r in rep["layers"]]))
+        sections.append(
+            (
+                "Layers",
+                ["layer", "type", "parameters", "nonzeros", "MACs", "bits"],
+                [[r["name"], r["type"], r["params"], r["nonzeros"], r["macs"], r.get("bits")] for r in rep["layers"]],
+            )
+        )
     return write_folder(folder, "compress report", summary, sections, images, rep, force)
 
 
@@ -246,10 +290,23 @@ def _span(first: int, last: int) -> str:
 def graph_layer_rows(layers: list[dict]) -> tuple[str, list[str], list[list]]:
     """(title, header, rows) of the layer table of a model decoded from its stored graph (``GraphModel.layer_table``:
     rows with ``nodes``): a group of its nodes a row, with their op kinds."""
-    return ("layers: the stored graph's nodes, a row from each conv2d / linear / attention node to the next",
-            ["layer", "ops", "nodes", "parameters", "nonzeros", "MACs", "output", "bits"],
-            [[r["name"], r["type"], _span(*r["nodes"]), r["params"], r["nonzeros"], r["macs"],
-              "x".join(map(str, r["output_shape"])), r.get("bits")] for r in layers])
+    return (
+        "layers: the stored graph's nodes, a row from each conv2d / linear / attention node to the next",
+        ["layer", "ops", "nodes", "parameters", "nonzeros", "MACs", "output", "bits"],
+        [
+            [
+                r["name"],
+                r["type"],
+                _span(*r["nodes"]),
+                r["params"],
+                r["nonzeros"],
+                r["macs"],
+                "x".join(map(str, r["output_shape"])),
+                r.get("bits"),
+            ]
+            for r in layers
+        ],
+    )
 
 
 def value_text(v) -> str:
@@ -259,48 +316,113 @@ def value_text(v) -> str:
     return "-" if v is None else str(v)
 
 
-def render_pipeline_report(summary: PipelineSummary, before_model: nn.Module, after_model: nn.Module, input_shape,
-                           folder, force: bool = False) -> dict[str, Path]:
+def render_pipeline_report(
+    summary: PipelineSummary, before_model: nn.Module, after_model: nn.Module, input_shape, folder, force: bool = False
+) -> dict[str, Path]:
     folder = prepare_folder(folder, force)
     label = metric_label(summary.metric)  # every score named by the metric it was measured with
     lb, la = layer_table(before_model, input_shape), layer_table(after_model, input_shape)
-    points = [{"label": "dense", "stage": "uncompressed", "bytes": summary.dense_bytes,
-               "accuracy": summary.base_accuracy}]
+    points = [
+        {"label": "dense", "stage": "uncompressed", "bytes": summary.dense_bytes, "accuracy": summary.base_accuracy}
+    ]
     for s in summary.stages:
         for c in s.tried:
-            points.append({"label": value_text(c.value), "stage": s.stage, "bytes": c.bytes,
-                           "accuracy": c.accuracy, "kept": c.verdict.startswith("kept")})
-    images = [plots.bytes_per_stage(summary.timeline, folder / "bytes_per_stage.png"),
-              plots.accuracy_vs_size(points, folder / "accuracy_vs_size.png", summary.base_accuracy,
-                                     summary.budget_pt, label),
-              plots.layer_density(lb, la, folder / "layers.png"),
-              plots.weight_histograms(before_model, after_model, folder / "weight_histograms.png")]
-    text = (f"{summary.ratio:.1f}x smaller than the dense FP32 weights ({summary.dense_bytes:,} -> "
-            f"{summary.cpz_bytes:,} bytes); validation "
-            f"{score_change(summary.base_accuracy, summary.final_accuracy, label)} (budget {summary.budget_pt} pt)")
+            points.append(
+                {
+                    "label": value_text(c.value),
+                    "stage": s.stage,
+                    "bytes": c.bytes,
+                    "accuracy": c.accuracy,
+                    "kept": c.verdict.startswith("kept"),
+                }
+            )
+    images = [
+        plots.bytes_per_stage(summary.timeline, folder / "bytes_per_stage.png"),
+        plots.accuracy_vs_size(
+            points, folder / "accuracy_vs_size.png", summary.base_accuracy, summary.budget_pt, label
+        ),
+        plots.layer_density(lb, la, folder / "layers.png"),
+        plots.weight_histograms(before_model, after_model, folder / "weight_histograms.png"),
+    ]
+    text = (
+        f"{summary.ratio:.1f}x smaller than the dense FP32 weights ({summary.dense_bytes:,} -> "
+        f"{summary.cpz_bytes:,} bytes); validation "
+        f"{score_change(summary.base_accuracy, summary.final_accuracy, label)} (budget {summary.budget_pt} pt)"
+    )
     if summary.candidate_bytes_error:
-        text += (f"; each candidate's bytes are its own .cpz, measured when tried: the file written differs from the "
-                 f"last one kept by {summary.candidate_bytes_error:+,} bytes (the pipeline's history entry)")
+        text += (
+            f"; each candidate's bytes are its own .cpz, measured when tried: the file written differs from the "
+            f"last one kept by {summary.candidate_bytes_error:+,} bytes (the pipeline's history entry)"
+        )
     if summary.test_accuracy_before is not None and summary.test_accuracy_after is not None:
         text += f"; test {score_change(summary.test_accuracy_before, summary.test_accuracy_after, label)}"
     test = "test_accuracy" in summary.timeline[0]
     bits = {r["name"]: r.get("bits") for r in la}
     layer_bytes = summary.layer_bytes  # measured by the pipeline's own final encode
     sections = [
-        ("Stage by stage", ["stage", "bytes", "ratio vs dense", "nonzeros", "MACs", "latency batch 1 (ms, median)",
-                            f"validation {label}"] + ([f"test {label}"] if test else []),
-         [[t["stage"], t["bytes"], f"{summary.dense_bytes / t['bytes']:.1f}x", t["nonzeros"], t.get("macs"),
-           t.get("latency_ms"), t["accuracy"]] + ([t.get("test_accuracy")] if test else [])
-          for t in summary.timeline]),
-        ("What each stage kept", ["stage", "searched", "kept", "candidates tried", "seconds"],
-         [[s.stage, s.search_key, value_text(s.kept.value) if s.kept else "nothing (all over budget)",
-           len(s.tried), s.seconds] for s in summary.stages]),
-        ("Every candidate, and why it was kept or not",
-         ["stage", "value", "bytes (its .cpz)", label, "drop (pt)", "verdict"],
-         [[s.stage, value_text(c.value), c.bytes, c.accuracy, f"{c.drop:+.2f} ± {c.se:.2f}",
-           c.verdict] for s in summary.stages for c in s.tried]),
-        ("Layers", ["layer", "parameters", "nonzeros", "density %", "bits", "bytes in the .cpz"],
-         [[r["name"], r["params"], r["nonzeros"], 100 * r["nonzeros"] / max(r["params"], 1), bits.get(r["name"]),
-           layer_bytes.get(r["name"])] for r in la]),
+        (
+            "Stage by stage",
+            [
+                "stage",
+                "bytes",
+                "ratio vs dense",
+                "nonzeros",
+                "MACs",
+                "latency batch 1 (ms, median)",
+                f"validation {label}",
+            ]
+            + ([f"test {label}"] if test else []),
+            [
+                [
+                    t["stage"],
+                    t["bytes"],
+                    f"{summary.dense_bytes / t['bytes']:.1f}x",
+                    t["nonzeros"],
+                    t.get("macs"),
+                    t.get("latency_ms"),
+                    t["accuracy"],
+                ]
+                + ([t.get("test_accuracy")] if test else [])
+                for t in summary.timeline
+            ],
+        ),
+        (
+            "What each stage kept",
+            ["stage", "searched", "kept", "candidates tried", "seconds"],
+            [
+                [
+                    s.stage,
+                    s.search_key,
+                    value_text(s.kept.value) if s.kept else "nothing (all over budget)",
+                    len(s.tried),
+                    s.seconds,
+                ]
+                for s in summary.stages
+            ],
+        ),
+        (
+            "Every candidate, and why it was kept or not",
+            ["stage", "value", "bytes (its .cpz)", label, "drop (pt)", "verdict"],
+            [
+                [s.stage, value_text(c.value), c.bytes, c.accuracy, f"{c.drop:+.2f} ± {c.se:.2f}", c.verdict]
+                for s in summary.stages
+                for c in s.tried
+            ],
+        ),
+        (
+            "Layers",
+            ["layer", "parameters", "nonzeros", "density %", "bits", "bytes in the .cpz"],
+            [
+                [
+                    r["name"],
+                    r["params"],
+                    r["nonzeros"],
+                    100 * r["nonzeros"] / max(r["params"], 1),
+                    bits.get(r["name"]),
+                    layer_bytes.get(r["name"]),
+                ]
+                for r in la
+            ],
+        ),
     ]
     return write_folder(folder, "compress pipeline report", text, sections, images, summary.to_dict(), force)

@@ -1,4 +1,5 @@
 """``compress report``: params, nonzeros, size, MACs, latency and accuracy of one model file."""
+
 from __future__ import annotations
 
 import os
@@ -29,13 +30,19 @@ def _data_label(model, spec: str, ds, rep: dict, metric=None) -> str:
     return f"all {len(ds):,} samples of {spec}, including the ones it was trained on"
 
 
-def model_report(path: str | os.PathLike, load: LoadOptions = LoadOptions(), data: str | None = None,
-                 latency: bool = True, test_data: str | None = None, metric=None, workers: int | None = None
-                 ) -> dict[str, Any]:
+def model_report(
+    path: str | os.PathLike,
+    load: LoadOptions | None = None,
+    data: str | None = None,
+    latency: bool = True,
+    test_data: str | None = None,
+    metric=None,
+    workers: int | None = None,
+) -> dict[str, Any]:
     """Everything ``compress report`` shows, as a JSON-able dict. ``load``: how the model is read (arch,
     trust, input shape); ``metric``: how accuracy is scored (``compress.scoring.resolve_metric``);
     ``workers``: loader processes for the data."""
-    path = Path(path)
+    path, load = Path(path), load or LoadOptions()
     if not path.exists():
         raise InputError(f"{path}: no such file")
     metric = resolve_metric(metric)
@@ -62,5 +69,7 @@ def model_report(path: str | os.PathLike, load: LoadOptions = LoadOptions(), dat
         if what == "cpz":
             rep["cpz"] = read_stats(path)
     rep = {"file": str(path), "file_bytes": path.stat().st_size, **rep}
-    rep["ratio_vs_dense_fp32"] = round(rep["dense_fp32_bytes"] / rep["file_bytes"], 3) if rep.get("dense_fp32_bytes") else None
+    rep["ratio_vs_dense_fp32"] = (
+        round(rep["dense_fp32_bytes"] / rep["file_bytes"], 3) if rep.get("dense_fp32_bytes") else None
+    )
     return rep
