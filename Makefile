@@ -38,11 +38,11 @@ TEST_WORKERS ?= 2
 test: install lint
 	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist worksteal -p no:cacheprovider tests
 
-# ruff (pyflakes, import order) on everything, mypy on the library, and the layers (tools/check_layers.py: every
-# import counted, zero cycles). The CLI's package imports its commands and they import its app: allowed until
-# the app moves to a module of its own
+# ruff (the rules in pyproject.toml, and its formatting) on everything, mypy on the library, and the layers
+# (tools/check_layers.py: every import counted, zero cycles, no import from a lower layer to a higher one)
 lint: install
 	$(BIN)/ruff check compress tests bench tools
+	$(BIN)/ruff format --check compress tests bench tools
 	$(BIN)/mypy
 	$(BIN)/python tools/check_layers.py
 
