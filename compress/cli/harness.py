@@ -273,7 +273,7 @@ def run_command(
     out.print(before_after(inp.before, after, title=title))
     for note in res.notes:
         err.print(f"note: {note}")
-    if inp.val is None and inp.test is None:  # a 90%-pruned model can score 16% and nothing would say so
+    if inp.val is None and inp.test is None:  # a heavily pruned model can score near chance and nothing would say so
         err.print(
             "warning: no --train-data or --test-data: nothing was fine-tuned and the accuracy after this "
             "change was not measured; pass --test-data (or --train-data) to see what it cost"

@@ -149,8 +149,8 @@ def native_activations(model: nn.Module) -> list[str]:
     """Parameter-free leaf modules that compute hard-swish or hard-sigmoid by hand (``x * relu6(x + 3) / 6``, as
     pytorchcv's HSwish does) are replaced in ``model`` by torch's own ``nn.Hardswish`` / ``nn.Hardsigmoid``
     (judged by what they compute on a probe, not by name); returns their names. Traced as written, every
-    intermediate of the formula would be quantized: an undertrained MobileNetV3-small lost 7.6 pt to PTQ instead
-    of 2.7, and its QAT fell to 16% instead of rising to 63%."""
+    intermediate of the formula would be quantized, each with its own rounding error (what that costs:
+    docs/methods.md, "Why the INT8 lowering does what it does")."""
     import torch.nn.functional as F
 
     probe = torch.linspace(-8.0, 8.0, 289).reshape(1, 1, 17, 17)

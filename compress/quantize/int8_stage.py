@@ -90,8 +90,8 @@ class Int8Lowering(Method):
         )
         self.model = self.prepared  # what the loop trains (QAT)
         # PTQ: the ranges from calibration. QAT: the moving averages learn them from the training batches, as
-        # the weights adapt (calibrating first, in eval mode, cost MobileNetV3-small 50 points that one epoch of
-        # QAT did not win back: 9% instead of 60%)
+        # the weights adapt (ranges calibrated first, in eval mode, fit statistics the training batches do not
+        # have, and QAT does not win that back: docs/methods.md)
         self.seen = 0 if self.qat else int8.calibrate(self.model.eval(), self.calib, cfg.calib_samples)
         self.steps, self.frozen = 0, False
         if self.qat:
