@@ -39,7 +39,8 @@ def test_prune_help_names_every_registered_importance(cli):
 
 def test_prune_help_keeps_the_defaults_it_states(cli):
     said = _help(cli, "prune")
-    assert "(default: threshold 3; channel-union 4; l1-filter 0)" in said  # each method's own, from its config
-    assert "(default: threshold 0.001; channel-union 0.02; l1-filter 0.001)" in said
+    # each method's own, from its config, in the order the methods registered
+    assert "(default: threshold 3; l1-filter 0; channel-union 4)" in said
+    assert "(default: threshold 0.001; l1-filter 0.001; channel-union 0.02)" in said
     assert "[default: 3]" in said.split("--rounds", 1)[1] and "8 when the model is on a CUDA device, else 1" in said
     assert not re.search(r"\w \.", said)  # no word left before a stray " ." (the issue: "Total fine-tuning epochs .")
