@@ -15,7 +15,7 @@ the meta device:
 An operator without a formula is not in the table. The table is what ``torch.export`` makes of the
 architectures compress is tested on (the zoo and the real-architecture matrix: ResNets, SE-ResNet,
 DenseNet, MobileNetV2/V3, ShuffleNetV2, ResNeXt, RegNet, ConvNeXt, a ViT block) and a few activations of
-the same kind; ``tests/test_graph_ops.py`` checks every formula against the bytes torch really allocates
+the same kind; ``tests/graph/test_ops.py`` checks every formula against the bytes torch really allocates
 for that op, at two sizes.
 """
 

@@ -18,8 +18,8 @@ from compress.errors import InputError
 from compress.meta import set_meta
 from compress.quantize import QuantConfig, quantize_
 from tests.archs import ConvNeXt, convnext_mini
+from tests.cpz.test_hostile_cpz import forge, unpack
 from tests.helpers import Calls
-from tests.test_hostile import forge, unpack
 
 SHAPE = (1, 3, 64, 64)
 
@@ -214,7 +214,7 @@ FORGERIES = {
 def test_a_forged_graph_is_refused_before_anything_runs(user_model, what, tmp_path):
     """Every attack on the stored graph (issue: "A stored graph is data") is refused in one line, quickly
     and without allocating what it asks for; none creates a file."""
-    from tests.test_hostile import _peak_mb
+    from tests.cpz.test_hostile_cpz import _peak_mb
 
     manifest, sections = unpack(user_model[1])
     canary = tmp_path / "canary"
@@ -232,7 +232,7 @@ def test_a_forged_graph_is_refused_before_anything_runs(user_model, what, tmp_pa
 def test_each_batch_is_checked_at_the_shape_that_runs(user_model):
     """A cost cubic in the batch (an output side of batch x 1000) is modest for one sample, so the file
     decodes; the batch of 32 that a latency run would use is checked before it runs, and refused."""
-    from tests.test_hostile import _peak_mb
+    from tests.cpz.test_hostile_cpz import _peak_mb
 
     manifest, sections = unpack(user_model[1])
     g = manifest["graph"]

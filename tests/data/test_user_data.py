@@ -182,7 +182,7 @@ def _recipe(tmp_path):
     return p
 
 
-# a Dataset's and a DataLoader's every command runs in make bench (15 s each); tests/test_data_kinds.py gives both
+# a Dataset's and a DataLoader's every command runs in make bench (15 s each); tests/data/test_kinds.py gives both
 # to every library function that takes data, in make test
 @pytest.mark.parametrize(
     "kind", [pytest.param(k, marks=pytest.mark.slow) if k in ("dataset", "loader") else k for k in KINDS]
