@@ -63,7 +63,7 @@ def test_quantize_lenet5(benchmark, eval_sets, bits, scheme):
 
 def test_factorize_lenet300(benchmark, eval_sets):
     """SVD: LeNet-300-100, energy 0.8, 3 epochs: >= 2.5x fewer params at <= 1 pt drop."""
-    from compress.factorize import FactorizeConfig, factorize_
+    from compress import FactorizeConfig, factorize_
 
     test, name = eval_sets[28]
     base = trained("lenet300", 15)
