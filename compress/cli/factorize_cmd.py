@@ -6,9 +6,9 @@ from __future__ import annotations
 import functools
 
 from compress.cli.app import app
-from compress.cli.common import out, table, use_threads, with_settings
+from compress.cli.common import out, table, with_settings
 from compress.cli.config_options import ConfigOptions, Field
-from compress.cli.harness import TaskOptions, load_inputs, run_command
+from compress.cli.harness import command_inputs, run_command
 from compress.cli.options import (
     DataOptions,
     LazyCommand,
@@ -58,17 +58,7 @@ def factorize(
     With --train-data and no --epochs, only BatchNorm statistics are re-estimated (no weight trains).
     """
     cfg = spec().config("factorize", kw)
-    use_threads(runtime.threads)
-    inp = load_inputs(
-        model,
-        dest.output,
-        dest.force,
-        load.load(),
-        data.train_data,
-        data.test_data,
-        need_train=bool(kw["epochs"]),
-        task=TaskOptions(data.loss, data.metric, data.workers, data.val_data),
-    )
+    inp = command_inputs(model, load, data, dest, runtime, need_train=bool(kw["epochs"]))
     cfg = with_settings(cfg, settings)
     res = run_command(
         "factorize", cfg, inp, dest.output, dest.force, dest.report, dest.json_out, latency=not runtime.no_latency

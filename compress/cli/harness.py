@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compress.cli.common import before_after, check_reports, emit_json, err, out, state
+from compress.cli.common import before_after, check_reports, emit_json, err, out, state, use_threads
 from compress.errors import OutputExistsError, UsageError
 
 if TYPE_CHECKING:  # torch is imported where a command runs: `compress --help` starts without it
@@ -141,6 +141,23 @@ class TaskOptions:
     metric: str | None = None
     workers: int | None = None
     val_data: str | None = None
+
+
+def command_inputs(model_path: str, load, data, dest, runtime, need_train: bool) -> Inputs:
+    """The model and data of a command that changes a model, from its option groups (``cli.options``:
+    ``ModelOptions``, ``DataOptions``, ``OutputOptions``, ``RunOptions``), on the threads it asks for."""
+    use_threads(runtime.threads)
+    task = TaskOptions(data.loss, data.metric, data.workers, data.val_data)
+    return load_inputs(
+        model_path,
+        dest.output,
+        dest.force,
+        load.load(),
+        data.train_data,
+        data.test_data,
+        need_train=need_train,
+        task=task,
+    )
 
 
 def cpz_estimate(model: nn.Module, input_shape=None) -> int | None:

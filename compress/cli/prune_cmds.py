@@ -11,9 +11,9 @@ from typing import Annotated, Literal
 import typer
 
 from compress.cli.app import app
-from compress.cli.common import err, out, table, use_threads, with_settings
+from compress.cli.common import err, out, table, with_settings
 from compress.cli.config_options import ConfigOptions, Field, methods_of
-from compress.cli.harness import TaskOptions, load_inputs, run_command
+from compress.cli.harness import command_inputs, run_command
 from compress.cli.options import (
     METHOD,
     DataOptions,
@@ -137,17 +137,7 @@ def prune(
             "--target-macs / --target-params are for l1-filter and channel-union (threshold pruning "
             "leaves the layers' shapes, so their MACs: give --sparsity)"
         )
-    use_threads(runtime.threads)
-    inp = load_inputs(
-        model,
-        dest.output,
-        dest.force,
-        load.load(),
-        data.train_data,
-        data.test_data,
-        need_train=needs_train,
-        task=TaskOptions(data.loss, data.metric, data.workers, data.val_data),
-    )
+    inp = command_inputs(model, load, data, dest, runtime, need_train=needs_train)
     extra: dict = {}
     fixed: dict = {}
     if method == "threshold" and kw.get("sparsity") is None and kw.get("quality") is None:

@@ -11,9 +11,9 @@ from typing import Annotated
 import typer
 
 from compress.cli.app import app
-from compress.cli.common import emit_json, err, out, table, use_threads, with_settings
+from compress.cli.common import emit_json, err, out, table, with_settings
 from compress.cli.config_options import ConfigOptions, Field
-from compress.cli.harness import TaskOptions, check_output, load_inputs, run_command
+from compress.cli.harness import check_output, command_inputs, run_command
 from compress.cli.options import (
     DATA,
     METHOD,
@@ -118,7 +118,6 @@ def quantize(
         compress quantize mbv2.pt --activations --epochs 1 --train-data "mnist5k?size=32&channels=3" -o mbv2-qat.pt
     """
     s = spec()
-    task = TaskOptions(data.loss, data.metric, data.workers, data.val_data)
     if kw.pop("activations"):
         if (
             kw["bits"] != "8" or kw["scheme"] != "minmax" or kw["per_channel"] or kw["symmetric"]
@@ -132,17 +131,7 @@ def quantize(
         if dest.output.endswith(".cpz"):  # before the work, not after it
             raise typer.BadParameter(f"{INT8_IS_PT}: give -o NAME.pt")
         cfg8 = s.config(ACTIVATIONS, kw)
-        use_threads(runtime.threads)
-        inp = load_inputs(
-            model,
-            dest.output,
-            dest.force,
-            load.load(),
-            data.train_data,
-            data.test_data,
-            need_train=bool(kw["epochs"]),
-            task=task,
-        )
+        inp = command_inputs(model, load, data, dest, runtime, need_train=bool(kw["epochs"]))
         calib = _calibration(inp, kw["calib_data"], data.workers)
         res = run_command(
             "quantize",
@@ -162,17 +151,7 @@ def quantize(
         )
         return
     cfg = s.config("weights", kw)
-    use_threads(runtime.threads)
-    inp = load_inputs(
-        model,
-        dest.output,
-        dest.force,
-        load.load(),
-        data.train_data,
-        data.test_data,
-        need_train=bool(kw["epochs"]),
-        task=task,
-    )
+    inp = command_inputs(model, load, data, dest, runtime, need_train=bool(kw["epochs"]))
     cfg = with_settings(cfg, settings)
     res = run_command(
         "quantize", cfg, inp, dest.output, dest.force, dest.report, dest.json_out, latency=not runtime.no_latency
