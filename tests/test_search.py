@@ -46,6 +46,15 @@ def trained(digits):
 RUN = [p for p in RECIPES if p.stem != "gentle"]
 
 
+def _save_mlp(trained, path):
+    """The trained digits MLP, with its input shape recorded, saved where a CLI test reads it."""
+    from compress.model_io import save_model
+
+    m = copy.deepcopy(trained["mlp"])
+    set_meta(m, input_shape=[1, 1, 8, 8])
+    save_model(m, path)
+
+
 @pytest.mark.parametrize("path", RUN, ids=[p.stem for p in RUN])
 def test_every_shipped_recipe_runs(path, trained, digits, tmp_path):
     from compress.model_io import load_model, save_model
@@ -320,11 +329,7 @@ def test_history_keeps_only_what_differs_from_the_defaults():
 def test_pipeline_command_reports_every_candidate_and_bytes_per_layer(trained, tmp_path, cli):
     import json
 
-    from compress.model_io import save_model
-
-    m = copy.deepcopy(trained["mlp"])
-    set_meta(m, input_shape=[1, 1, 8, 8])
-    save_model(m, tmp_path / "m.pt")
+    _save_mlp(trained, tmp_path / "m.pt")
     res = cli(
         "pipeline",
         tmp_path / "m.pt",
@@ -444,7 +449,6 @@ def test_a_time_budget_ends_the_search_between_candidates_and_the_eta_stays_with
     import json
 
     import compress.search as pl
-    from compress.model_io import save_model
 
     clock, real = FakeClock(), pl.run
     monkeypatch.setattr(pl, "clock", clock)
@@ -455,9 +459,7 @@ def test_a_time_budget_ends_the_search_between_candidates_and_the_eta_stays_with
         return done
 
     monkeypatch.setattr(pl, "run", slow)
-    m = copy.deepcopy(trained["mlp"])
-    set_meta(m, input_shape=[1, 1, 8, 8])
-    save_model(m, tmp_path / "m.pt")
+    _save_mlp(trained, tmp_path / "m.pt")
     res = cli(
         "pipeline",
         tmp_path / "m.pt",
@@ -574,11 +576,7 @@ def test_a_run_that_keeps_nothing_writes_nothing_and_says_what_to_try(trained, t
     the message says so and what to try."""
     import json
 
-    from compress.model_io import save_model
-
-    m = copy.deepcopy(trained["mlp"])
-    set_meta(m, input_shape=[1, 1, 8, 8])
-    save_model(m, tmp_path / "m.pt")
+    _save_mlp(trained, tmp_path / "m.pt")
     (tmp_path / "harsh.toml").write_text(
         "[[stage]]\nmethod = 'threshold'\nsparsity = [0.98, 0.99]\nrounds = 1\n"
         "allocate = 'std'\nfinetune = { epochs = 0 }\n"
@@ -612,11 +610,8 @@ def test_a_stopped_run_exits_3_with_what_it_kept(trained, tmp_path, cli, monkeyp
     """Ctrl-C (or the time budget) is told apart from a finished run: exit 3, the best result kept so far written
     (none when nothing was kept yet), the checkpoint left for --resume."""
     import compress.search as pl
-    from compress.model_io import save_model
 
-    m = copy.deepcopy(trained["mlp"])
-    set_meta(m, input_shape=[1, 1, 8, 8])
-    save_model(m, tmp_path / "m.pt")
+    _save_mlp(trained, tmp_path / "m.pt")
     args = [
         "pipeline",
         tmp_path / "m.pt",
@@ -642,15 +637,12 @@ def test_a_stopped_run_exits_3_with_what_it_kept(trained, tmp_path, cli, monkeyp
 
 
 def test_confidence_is_an_argument_and_the_summary_says_how_sure(trained, digits, tmp_path, cli):
-    from compress.model_io import save_model
 
     _, loose = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(DEMO), latency=False, confidence=0.0)
     _, strict = pipeline(copy.deepcopy(trained["mlp"]), digits, Recipe.load(DEMO), latency=False, confidence=3.0)
     assert loose.confidence == 0.0 and strict.confidence == 3.0
     assert strict.cpz_bytes >= loose.cpz_bytes  # a stricter promise keeps no smaller a result
-    m = copy.deepcopy(trained["mlp"])
-    set_meta(m, input_shape=[1, 1, 8, 8])
-    save_model(m, tmp_path / "m.pt")
+    _save_mlp(trained, tmp_path / "m.pt")
     res = cli(
         "pipeline",
         tmp_path / "m.pt",
@@ -729,11 +721,9 @@ def test_ctrl_c_then_resume_from_the_command_line(trained, tmp_path, cli):
     import subprocess
     import sys
 
-    from compress.model_io import load_model, save_model
+    from compress.model_io import load_model
 
-    m = copy.deepcopy(trained["mlp"])
-    set_meta(m, input_shape=[1, 1, 8, 8])
-    save_model(m, tmp_path / "m.pt")
+    _save_mlp(trained, tmp_path / "m.pt")
     args = [
         "pipeline",
         tmp_path / "m.pt",
