@@ -2,6 +2,10 @@ import os
 
 os.environ.setdefault("COMPRESS_PROGRESS", "0")
 os.environ.setdefault("COMPRESS_LATENCY_SECONDS", "0.1")  # tests check numbers, not speed (one test times)
+# PT2E INT8 models run their reference graph (the same integers and ranges; float arithmetic between them)
+# instead of compiling each model at each shape (seconds each, on a cold cache); the compiled path has tests of
+# its own (tests/quantize/test_int8.py, "compiled")
+os.environ.setdefault("COMPRESS_INT8_COMPILE", "0")
 
 import pytest
 import torch

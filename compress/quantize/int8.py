@@ -235,6 +235,26 @@ def calibrate(prepared: nn.Module, calib: Data, samples: int = CALIB_SAMPLES) ->
     return seen
 
 
+def check_calibration(calib: Data, samples: int = CALIB_SAMPLES) -> None:
+    """Calibration data that can set ranges: some samples, every value finite (checked before any work)."""
+    if calib is None or len(calib) == 0:
+        raise UsageError("INT8 activations need calibration data (--calib-data SPEC): none was given")
+    with torch.no_grad():
+        for x, _ in batches(calib, 64, torch.arange(min(samples, len(calib)))):
+            if not x.is_floating_point() and x.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32):
+                raise InputError(f"calibration data {calib.name}: inputs of type {x.dtype}, not numbers")
+            if not bool(torch.isfinite(x.float()).all()):
+                raise InputError(f"calibration data {calib.name}: NaN or infinite values")
+
+
+def convert_graph(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The converted FX graph of a calibrated prepared model (no Int8Model around it)."""
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    with _quiet():
+        return convert_fx(prepared.cpu().eval())
+
+
 def convert(prepared: torch.fx.GraphModule, table: dict, float_model: nn.Module) -> Int8Model:
     """The INT8 model of a calibrated (or QAT-trained) prepared model; ``table`` says how it was made."""
     from torch.ao.quantization.quantize_fx import convert_fx
@@ -260,10 +280,51 @@ class Int8Model(nn.Module):
         # the architecture again may need the user's --arch
         self.params = count_params(float_model)
         self.macs = count_macs(float_model, table["input_shape"])
+        self.runner = None
+        if self.engine == "pt2e":
+            from compress.quantize.pt2e import Runner
+
+            self.runner = Runner(inner)
+
+    @property
+    def engine(self) -> str:
+        """``pt2e`` (torchao's flow, compiled by inductor) or ``fx`` (torch.ao's FX flow, quantized tensors)."""
+        return str(self.compress_int8.get("engine", "fx"))
+
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        with _quiet():  # (an exported graph's tree specs warn as they are copied)
+            for k, v in self.__dict__.items():
+                if k != "runner":
+                    new.__dict__[k] = copy.deepcopy(v, memo)
+        new.runner = None
+        if self.runner is not None:
+            from compress.quantize.pt2e import Runner
+
+            new.runner = Runner(new.inner)
+        return new
+
+    @property
+    def compile_seconds(self) -> dict[str, float]:
+        """Seconds the first call at each input shape spent compiling (PT2E), by shape (``32x3x32x32``)."""
+        return dict(self.runner.compile_seconds) if self.runner is not None else {}
 
     def nonzeros(self) -> int:
         """Nonzero weights and biases of its INT8 layers (a pruned weight's integer is 0: its zero point)."""
         n = 0
+        if self.runner is not None:
+            from compress.quantize.pt2e import constants, is_qdq
+
+            graph = self.inner
+            qparams = set()  # per-channel scales and zero points are not weights
+            for node in graph.graph.nodes:  # type: ignore[union-attr]
+                if node.op == "call_function" and "per_channel" in str(node.target) and not is_qdq(node):
+                    qparams.update(a.target for a in node.args[1:3] if hasattr(a, "target"))
+            for name, t in constants(graph).items():  # type: ignore[arg-type]
+                if name not in qparams and t.dim() >= 1:
+                    n += int(torch.count_nonzero(t))
+            return n
         with _quiet():
             for v in self.inner.state_dict().values():
                 for t in v if isinstance(v, tuple) else (v,):
@@ -284,6 +345,8 @@ class Int8Model(nn.Module):
                     f"a sample: a batch of {x.shape[0]} would take more than {max_bytes / 2**20:,.0f} MiB "
                     "(COMPRESS_MAX_GRAPH_COST raises it for a file you trust)"
                 )
+        if self.runner is not None:
+            return self.runner(x.float())
         with _quiet():
             return self.inner(x.float())
 
@@ -307,7 +370,14 @@ def _refusal(model: Int8Model, action: str) -> UsageError | None:
 @kinds.execution.register(Int8Model)
 def _execution(model: Int8Model) -> dict:
     t = model.compress_int8
-    return {**t, "executes": f"INT8 weights and activations (PyTorch {t['backend']} kernels); MACs are INT8 MACs"}
+    if model.engine == "pt2e":
+        how = "torchao PT2E, compiled by inductor (oneDNN INT8 kernels)"
+        if model.runner is not None and model.runner.failed:
+            how = f"torchao PT2E, reference graph (inductor failed: {model.runner.failed})"
+        return {**t, "executes": f"INT8 weights and activations ({how}); MACs are INT8 MACs",
+                "compile_seconds": model.compile_seconds}
+    return {**t, "executes": f"INT8 weights and activations (PyTorch {t['backend']} kernels, torch.ao FX); "
+            "MACs are INT8 MACs"}
 
 
 @kinds.keeps_input_shape.register(Int8Model)

@@ -10,7 +10,9 @@ been checked against what it rebuilt. Version 1 (one tensor per entry) is still 
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 from typing import Any
 
 import torch
@@ -23,11 +25,14 @@ from compress.cpz.stats import size_bytes
 from compress.errors import InputError, first_line, printable, safe
 from compress.meta import META_ATTR, get_meta
 from compress.method import check_shape
-from compress.quantize.int8 import BACKENDS, OBSERVERS, Int8Model, _quiet, _require_fx, prepare
+from compress.quantize import pt2e
+from compress.quantize.int8 import BACKENDS, OBSERVERS, Int8Model, _quiet, _require_fx, native_activations, prepare
 from compress.torch_files import save_torch, save_wrapped, wrapped_size
 
 INT8_KEY = "compress_int8"  # the table in an INT8 file: {"version", "backend", "observer", "input_shape", ...}
 FILE_VERSION = 2  # 2: the state packed into one buffer per dtype + an index (1: one tensor per entry; still read)
+PT2E_VERSION = 3  # the PT2E engine's: the converted graph's constants packed as in 2, and every activation's qparams
+QAT_OBSERVER = "moving average (QAT)"  # the observer a QAT model's table names
 
 
 def _flat(key: str, v, out: dict) -> None:
@@ -111,13 +116,20 @@ def _text(v: Any) -> Any:
 
 
 def payload(model: Int8Model) -> dict[str, Any]:
-    """What an INT8 file holds besides the float model: the table and the INT8 state as plain tensors."""
-    flat: dict[str, torch.Tensor] = {}
+    """What an INT8 file holds besides the float model: the table and the INT8 state as plain tensors (PT2E:
+    the converted graph's constants, and each activation's scale and zero point by its quantize node)."""
+    # the model's metadata (its history since the conversion too) as JSON text: the table holds plain values only
+    meta = json.dumps(get_meta(model), default=str)
+    if model.engine == "pt2e":
+        flat = {k: v.detach() for k, v in pt2e.constants(model.inner).items()}  # type: ignore[arg-type]
+        qparams = [[k, *v] for k, v in pt2e.activation_qparams(model.inner).items()]  # type: ignore[arg-type]
+        buffers, index = _pack(flat)
+        table = {**model.compress_int8, "version": PT2E_VERSION, "meta": meta, "index": index, "qparams": qparams}
+        return {INT8_KEY: table, "int8_state": buffers}
+    flat = {}
     with _quiet():
         for k, v in model.inner.state_dict().items():
             _flat(k, v, flat)
-    # the model's metadata (its history since the conversion too) as JSON text: the table holds plain values only
-    meta = json.dumps(get_meta(model), default=str)
     buffers, index = _pack(flat)
     return {
         INT8_KEY: {**model.compress_int8, "version": FILE_VERSION, "meta": meta, "index": index},
@@ -199,20 +211,30 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
     """The INT8 model a file describes, from its float architecture (decoded from ``arch_cpz``, the file's bytes
     of it): prepared and converted by compress, then the file's INT8 state (checked: the same names and shapes)
     loaded into it."""
-    _require_fx()
     if not (
         isinstance(table, dict)
-        and table.get("version") in (1, FILE_VERSION)
+        and table.get("version") in (1, FILE_VERSION, PT2E_VERSION)
+        and table.get("engine", "fx") == ("pt2e" if table.get("version") == PT2E_VERSION else "fx")
         and table.get("backend") in BACKENDS
-        and table.get("observer") in OBSERVERS
+        and table.get("observer") in (*OBSERVERS, *pt2e.OBSERVERS, QAT_OBSERVER)
         and all(isinstance(v, (str, int, list)) for v in table.values())
+        and table.get("reduce_range", 0) in (0, 1)
+        and _errors_ok(table.get("observer_errors", []))
     ):
         raise InputError("INT8 file: its table is not one this compress writes")
     table = dict(table)
+    engine = table.get("engine", "fx")
+    if engine == "fx":
+        _require_fx()
+    elif pt2e.unavailable_library() is not None:
+        raise InputError(f"INT8 file: it runs on torchao's PT2E engine, and {pt2e.unavailable_library()}")
     meta = _meta(table.pop("meta", "{}"))
-    if table["version"] == FILE_VERSION:
+    qparams = _qparams(table.pop("qparams", None)) if engine == "pt2e" else None
+    if table["version"] in (FILE_VERSION, PT2E_VERSION):
         state = _unpack(state, table.pop("index", None))
-    table = {k: _text(v) if k not in ("keep_float", "native_activations") else v for k, v in table.items()}
+    table = {
+        k: _text(v) if k not in ("keep_float", "native_activations", "observer_errors") else v for k, v in table.items()
+    }
     refused = kinds.refusal(float_model, kinds.INT8)  # a float architecture stored as a graph only
     if refused is not None:
         raise refused
@@ -248,6 +270,8 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
     if not set(kept) <= known:
         raise InputError("INT8 file: it keeps float a layer its architecture does not have")
     try:
+        if engine == "pt2e":
+            return _rebuilt_pt2e(float_model, table, state, qparams, arch_cpz, meta, shape, kept, native, sample_bytes)
         return _rebuilt(float_model, table, state, arch_cpz, meta, shape, kept, native, sample_bytes)
     except InputError:
         raise
@@ -258,13 +282,71 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
         ) from None
 
 
+def _errors_ok(rows: Any) -> bool:
+    """An auto observer's table of candidates: at most a few ``[name, finite number >= 0]`` rows."""
+    return isinstance(rows, list) and len(rows) <= 16 and all(
+        isinstance(r, list)
+        and len(r) == 2
+        and r[0] in (*OBSERVERS, *pt2e.OBSERVERS)
+        and isinstance(r[1], (int, float))
+        and not isinstance(r[1], bool)
+        and math.isfinite(r[1])
+        and r[1] >= 0
+        for r in rows
+    )
+
+
+MAX_QPARAMS = 1_000_000
+
+
+def _qparams(rows: Any) -> dict[str, list]:
+    """A PT2E file's activation qparams, ``[[node name, scale, zero point, quant min, quant max], ...]``: every
+    row's types and ranges checked here, its names and grid against the rebuilt graph (``pt2e.load_numbers``)."""
+    if not isinstance(rows, list) or len(rows) > MAX_QPARAMS:
+        raise InputError("INT8 file: its activation ranges are not a list")
+    out: dict[str, list] = {}
+    for row in rows:
+        if not (
+            isinstance(row, list)
+            and len(row) == 5
+            and isinstance(row[0], str)
+            and len(row[0]) < 512
+            and isinstance(row[1], float)
+            and math.isfinite(row[1])
+            and 0 < row[1] < 2.0**64
+            and all(isinstance(v, int) and not isinstance(v, bool) and -(1 << 31) <= v < 1 << 31 for v in row[2:])
+            and row[0] not in out
+        ):
+            raise InputError("INT8 file: a row of its activation ranges is damaged")
+        out[row[0]] = row[1:]
+    return out
+
+
+def _rebuilt_pt2e(float_model, table, state, qparams, arch_cpz, meta, shape, kept, native, sample_bytes) -> Int8Model:
+    """The PT2E model: the float architecture exported, prepared and converted again (uncalibrated), then
+    every constant and activation range the file holds put back, each checked against what was rebuilt."""
+    work = copy.deepcopy(float_model).cpu().eval()
+    swapped = native_activations(work)
+    if sorted(swapped) != sorted(native or []):
+        raise InputError("INT8 file: its activations do not match its float model")
+    with pt2e.quiet():
+        prepared = pt2e.prepare(work, shape, "minmax", tuple(kept), reduce_range=bool(table.get("reduce_range", 0)))
+        with torch.no_grad():  # one sample of zeros (its cost checked above): the weight observers see their shapes
+            prepared(torch.zeros(shape))
+        graph = pt2e.convert(prepared)
+    pt2e.load_numbers(graph, state, qparams)
+    model = Int8Model(graph, table, float_model.eval(), arch_cpz).eval()
+    model.sample_bytes = sample_bytes
+    setattr(model, META_ATTR, {**get_meta(model), **meta, "input_shape": list(shape)})
+    return model
+
+
 def _rebuilt(float_model, table, state, arch_cpz, meta, shape, kept, native, sample_bytes) -> Int8Model:
     from torch.ao.quantization.quantize_fx import convert_fx
 
+    observer = table["observer"] if table["observer"] in OBSERVERS else "histogram"  # (QAT: moving averages)
     with _quiet():
-        prepared = prepare(
-            float_model, shape, table["observer"], tuple(kept), table["backend"], native=native is not None
-        )
+        prepared = prepare(float_model, shape, observer, tuple(kept), table["backend"], native=native is not None)
         if native is not None and sorted(getattr(prepared, "native_activations", [])) != sorted(native):
             raise InputError("INT8 file: its activations do not match its float model")
         q = convert_fx(prepared)

@@ -11,23 +11,33 @@ loses to rounding is trained back. The float model given is left as it was; the 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
+import torch
 import torch.nn as nn
 
 from compress.config import Config, FineTune, Select, bounded, register_method
-from compress.data import Data, as_data, check_fits
-from compress.errors import UsageError, safe
+from compress.data import Data, as_data, batches, check_fits
+from compress.errors import InputError, UsageError, first_line, safe
 from compress.method import Context, Method, _ctx, needs_data, run
-from compress.quantize import int8, int8_file  # noqa: F401  (int8_file: an Int8Model's writer and size register)
+from compress.quantize import int8, int8_file, pt2e  # noqa: F401  (int8_file: an Int8Model's writer and size register)
+
+ENGINES = ("auto", "pt2e", "fx")
+OBSERVER_CHOICES = ("auto", *pt2e.OBSERVERS)
+HELD_OUT = 4  # auto observer: 1/HELD_OUT of the calibration samples judge the candidates
 
 
 @dataclasses.dataclass(frozen=True)
 class Int8Config(Config):
     """Args:
-    observer: how activation ranges are set from the calibration data: "histogram" (the range with the
-        least quantization error), "minmax", or "percentile" (``percentile`` of each batch's values).
+    observer: how activation ranges are set from the calibration data: "auto" (each of the others is tried
+        on three quarters of the calibration samples, and the one whose outputs are closest to FP32 on the
+        last quarter is kept), "histogram" (the range with the least L2 error), "minmax", "percentile"
+        (``percentile`` of each batch's values) or "mse" (the clipped range with the least error; PT2E only).
+    engine: "auto" (PT2E where torchao and a C++ compiler are at hand and the model exports, else FX),
+        "pt2e" (torchao's flow, compiled by inductor) or "fx" (torch.ao's FX flow, deprecated by PyTorch).
     percentile: the percentile of the "percentile" observer (99.9 .. 100).
     calib_samples: calibration samples read from the stage's data.
     select: the layers that run INT8; every other Conv2d / Linear stays float (``Select.exclude``
@@ -42,7 +52,8 @@ class Int8Config(Config):
     search_key = "finetune.epochs"
     first_fit = True  # candidates cost more, not compress more: the first within budget is kept
 
-    observer: str = dataclasses.field(default="histogram", metadata={"choices": int8.OBSERVERS})
+    observer: str = dataclasses.field(default="auto", metadata={"choices": OBSERVER_CHOICES})
+    engine: str = dataclasses.field(default="auto", metadata={"choices": ENGINES})
     percentile: float = bounded(float, 99, 100, int8.PERCENTILE)
     calib_samples: int = bounded(int, 1, 1 << 20, int8.CALIB_SAMPLES)
     freeze: float = bounded(float, 0, 1, 0.3, hi_open=True)
@@ -50,15 +61,39 @@ class Int8Config(Config):
     finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(epochs=0.0, lr=1e-4, augment=0))
 
     def __post_init__(self):
-        if self.observer not in int8.OBSERVERS:
-            raise ValueError(f"observer must be one of {', '.join(int8.OBSERVERS)}, got {safe(self.observer)}")
+        if self.observer not in OBSERVER_CHOICES:
+            raise ValueError(f"observer must be one of {', '.join(OBSERVER_CHOICES)}, got {safe(self.observer)}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {safe(self.engine)}")
+        if self.engine == "fx" and self.observer == "mse":
+            raise ValueError('observer "mse" runs on the PT2E engine only')
+
+
+class _Exported(nn.Module):
+    """A prepared PT2E graph the training loop can switch between train and eval (an exported graph has no
+    switch of its own: torchao's moves batch norm and dropout); once ``frozen``, it stays in eval mode (batch
+    norm statistics no longer move)."""
+
+    def __init__(self, graph: nn.Module):
+        super().__init__()
+        self.graph = graph
+        self.frozen = False
+
+    def forward(self, x):
+        return self.graph(x)
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        pt2e.train_mode(self.graph, mode and not self.frozen)  # type: ignore[arg-type]
+        return self
 
 
 @register_method(Int8Config)
 class Int8Lowering(Method):
-    """``attach`` traces and prepares a copy of the model (observers; QAT: fake quantization) and, for PTQ,
-    calibrates it; the library's loop (or the user's) trains the QAT copy; ``finalize`` converts it to the
-    ``Int8Model`` PyTorch runs as integers."""
+    """``attach`` prepares a copy of the model (observers; QAT: fake quantization) on the PT2E engine (torchao's
+    flow: torch.export, the x86 inductor quantizer) or, where that cannot run, torch.ao's FX flow, and for PTQ
+    calibrates it (``observer="auto"``: every observer tried, the closest to FP32 kept); the library's loop (or
+    the user's) trains the QAT copy; ``finalize`` converts it to the ``Int8Model`` PyTorch runs as integers."""
 
     config: Int8Config
     in_place = False  # its result is a new Int8Model: lower_int8, not quantize_
@@ -74,6 +109,8 @@ class Int8Lowering(Method):
                 "train=...): none was given"
             )
         check_fits(self.model, self.calib, labels_needed=False)  # its samples are what the model takes
+        if not self.qat:
+            int8.check_calibration(self.calib)  # finite, and enough of it: before any work
         if cfg.select.exclude:  # the layers kept float are named on purpose: a pattern that names none is an error
             Select(names=cfg.select.exclude, spare_first_last=False).layers(self.model)
         chosen = {n for n, _ in self.select.layers(self.model)}
@@ -83,22 +120,107 @@ class Int8Lowering(Method):
             )
         )
         self.shape = ctx.shape(self.model)
-        self.engine = int8.backend()
         self.float_model = self.model
-        self.prepared = int8.prepare(
-            self.float_model, self.shape, cfg.observer, self.kept, self.engine, self.qat, cfg.percentile
-        )
-        self.model = self.prepared  # what the loop trains (QAT)
-        # PTQ: the ranges from calibration. QAT: the moving averages learn them from the training batches, as
-        # the weights adapt (ranges calibrated first, in eval mode, fit statistics the training batches do not
-        # have, and QAT does not win that back: docs/methods.md)
-        self.seen = 0 if self.qat else int8.calibrate(self.model.eval(), self.calib, cfg.calib_samples)
+        self.observer_errors: dict[str, float] = {}
+        self.engine, self.fallback = self._engine()
+        if self.engine == "pt2e":
+            self.backend = "x86"
+            self.prepared = self._prepare_pt2e()
+        else:
+            self.backend = int8.backend()
+            self.prepared = self._prepare_fx()
+        self.model = _Exported(self.prepared) if self.engine == "pt2e" and self.qat else self.prepared
         self.steps, self.frozen = 0, False
         if self.qat:
             if ctx.device:  # trained where the user trains; converted on the CPU
                 self.model.to(ctx.device)
             per_epoch = math.ceil(len(ctx.train) / cfg.finetune.batch_size)
             self.freeze_at = int(per_epoch * cfg.finetune.epochs * (1 - cfg.freeze))
+
+    def _engine(self) -> tuple[str, str | None]:
+        """The engine that runs, and why PT2E does not (None when it does)."""
+        want = self.config.engine
+        if want == "fx":
+            return "fx", None
+        reason = pt2e.unavailable()
+        if reason is None:
+            work = copy.deepcopy(self.float_model).cpu().eval()
+            self.native = int8.native_activations(work)
+            try:
+                self.exported = pt2e.export(work, self.shape)
+            except Exception as e:
+                reason = f"torch.export cannot capture the model ({type(e).__name__}: {safe(first_line(e, 120))})"
+        if reason is not None and want == "pt2e":
+            raise UsageError(f"the PT2E engine cannot run here: {reason}")
+        return ("fx", reason) if reason is not None else ("pt2e", None)
+
+    def _prepare_pt2e(self):
+        cfg = self.config
+
+        def make(observer: str):
+            return pt2e.prepare(
+                self.float_model, self.shape, observer, self.kept, self.qat, cfg.percentile, exported=self.exported
+            )
+
+        try:
+            if self.qat:
+                self.seen = 0  # QAT: the moving averages learn the ranges from the training batches
+                self.observer = "moving average (QAT)"
+                return make("minmax")
+            return self._calibrated(make, pt2e.convert, pt2e.OBSERVERS)
+        except (InputError, UsageError):
+            raise
+        except Exception as e:  # torchao's matcher or converter fails on an op: the FX flow, with a note
+            if cfg.engine == "pt2e":
+                raise UsageError(f"the PT2E engine cannot quantize this model: {safe(first_line(e, 160))}") from None
+            self.engine, self.fallback = "fx", f"torchao's PT2E failed ({type(e).__name__}: {safe(first_line(e, 120))})"
+            self.backend = int8.backend()
+            return self._prepare_fx()
+
+    def _prepare_fx(self):
+        cfg = self.config
+        if cfg.observer == "mse":
+            raise UsageError('observer "mse" runs on the PT2E engine only, which cannot run here: '
+                             f"{self.fallback}")
+
+        def make(observer: str):
+            return int8.prepare(
+                self.float_model, self.shape, observer, self.kept, self.backend, self.qat, cfg.percentile
+            )
+
+        if self.qat:
+            self.seen, self.observer = 0, "moving average (QAT)"
+            return make("histogram")
+        return self._calibrated(make, int8.convert_graph, int8.OBSERVERS)
+
+    def _calibrated(self, make, convert, candidates) -> nn.Module:
+        """A prepared model calibrated with the observer asked for, or with ``auto`` the candidate whose
+        converted outputs are closest to FP32 (relative L2) on the last 1/HELD_OUT of the calibration samples,
+        having seen the rest; the one kept then sees all of them."""
+        cfg = self.config
+        n = min(cfg.calib_samples, len(self.calib))
+        if cfg.observer != "auto" or n < HELD_OUT:
+            self.observer = "histogram" if cfg.observer == "auto" else cfg.observer
+            prepared = make(self.observer)
+            self.seen = int8.calibrate(prepared, self.calib, n)
+            return prepared
+        cut = n - n // HELD_OUT
+        held = [x.float() for x, _ in batches(self.calib, 64, torch.arange(cut, n))]
+        with torch.no_grad():
+            ref = [self.float_model.eval()(x) for x in held]
+        for obs in candidates:
+            prepared = make(obs)
+            int8.calibrate(prepared, self.calib, cut)
+            with int8._quiet():
+                q = convert(copy.deepcopy(prepared))
+            with torch.no_grad(), int8._quiet():
+                num = sum(float(((q(x) - r).double() ** 2).sum()) for x, r in zip(held, ref, strict=True))
+            den = sum(float((r.double() ** 2).sum()) for r in ref)
+            self.observer_errors[obs] = math.sqrt(num / max(den, 1e-30))
+        self.observer = min(self.observer_errors, key=self.observer_errors.__getitem__)
+        prepared = make(self.observer)
+        self.seen = int8.calibrate(prepared, self.calib, n)
+        return prepared
 
     @property
     def qat(self) -> bool:
@@ -109,11 +231,18 @@ class Int8Lowering(Method):
         weights settle on the grid they will run with)."""
         self.steps += 1
         if self.qat and not self.frozen and self.steps >= self.freeze_at:
-            from torch.ao.nn.intrinsic.qat import freeze_bn_stats
-            from torch.ao.quantization import disable_observer
+            if self.engine == "pt2e":
+                from torchao.quantization.pt2e.fake_quantize import disable_observer as pt2e_disable
 
-            self.model.apply(freeze_bn_stats)
-            self.model.apply(disable_observer)
+                self.model.apply(pt2e_disable)
+                self.model.frozen = True  # type: ignore[assignment]
+                self.model.train()
+            else:
+                from torch.ao.nn.intrinsic.qat import freeze_bn_stats
+                from torch.ao.quantization import disable_observer
+
+                self.model.apply(freeze_bn_stats)
+                self.model.apply(disable_observer)
             self.frozen = True
         return False
 
@@ -125,25 +254,44 @@ class Int8Lowering(Method):
     def finalize(self) -> nn.Module:
         cfg = self.config
         table = {
-            "backend": self.engine,
-            "observer": cfg.observer,
+            "engine": self.engine,
+            "backend": self.backend,
+            "observer": self.observer,
             "input_shape": list(self.shape),
             "calibration": f"{self.calib.name}, {self.seen} samples",
             "keep_float": list(self.kept),
-            "native_activations": list(getattr(self.prepared, "native_activations", [])),
+            "native_activations": list(self.native if self.engine == "pt2e" else
+                                       getattr(self.prepared, "native_activations", [])),
         }
+        if self.engine == "pt2e":
+            table["reduce_range"] = int(not pt2e.vnni())
+        if self.observer_errors:
+            table["observer_errors"] = [[k, round(v, 6)] for k, v in self.observer_errors.items()]
+        if self.fallback:
+            table["engine_note"] = self.fallback
+            self.notes.append(f"INT8 on torch.ao's FX flow: {self.fallback}")
         if self.qat:
             table["qat"] = f"{cfg.finetune.epochs:g} epochs on {self.ctx.train.name}"
             table["calibration"] = f"moving averages over the QAT batches of {self.ctx.train.name}"
-        q = int8.convert(self.prepared, table, self.float_model)
+        if self.engine == "pt2e":
+            if self.qat:
+                pt2e.train_mode(self.prepared, False)
+            q = int8.Int8Model(pt2e.convert(self.prepared.cpu()), {"version": 1, **table}, self.float_model).eval()
+        else:
+            q = int8.convert(self.prepared, table, self.float_model)
         if self.kept:
             self.notes.append(f"kept in float: {', '.join(self.kept)}")
-        swapped = getattr(self.prepared, "native_activations", [])
+        swapped = table["native_activations"]
         if swapped:
             self.notes.append(
                 f"{len(swapped)} hand-written hard-swish / hard-sigmoid modules run as torch's own "
                 f"(one INT8 op each, not every step of the formula): {', '.join(swapped[:3])}"
                 + (", ..." if len(swapped) > 3 else "")
+            )
+        if self.observer_errors:
+            self.notes.append(
+                f"observer {self.observer} (output error vs FP32 on {self.calib.name}'s held-out calibration "
+                "samples: " + ", ".join(f"{k} {v:.4f}" for k, v in self.observer_errors.items()) + ")"
             )
         self.layers = [
             {"name": n, "int8": n not in self.kept}
@@ -173,17 +321,18 @@ def to_int8(
     model: nn.Module,
     calib: Data,
     input_shape=None,
-    observer: str = "histogram",
+    observer: str = "auto",
     samples: int = int8.CALIB_SAMPLES,
     keep_float=(),
     *,
     qat: FineTune | None = None,
     ctx: Context | None = None,
+    engine: str = "auto",
 ) -> int8.Int8Model:
     """An INT8 copy of ``model`` (left unchanged) calibrated on up to ``samples`` samples of ``calib``;
     ``keep_float``: globs of layer names left in float (a sensitive first or last layer); ``qat``: train this
     long with fake quantization on ``calib`` (then labelled training data) before converting. ``ctx``: the
-    task's loss, train_step, device (its ``train`` is ``calib``)."""
+    task's loss, train_step, device (its ``train`` is ``calib``); ``engine``: as ``Int8Config.engine``."""
     if calib is None:
         raise UsageError("INT8 activations need calibration data (--calib-data SPEC): none was given")
     data = as_data(calib, "calibration data")
@@ -195,5 +344,6 @@ def to_int8(
         calib_samples=samples,
         select=Select(exclude=tuple(keep_float), spare_first_last=False),
         finetune=qat or Int8Config().finetune,
+        engine=engine,
     )
     return lower_int8(model, cfg, ctx=ctx)

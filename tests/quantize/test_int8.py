@@ -16,8 +16,17 @@ from compress.scoring import evaluate
 from tests.helpers import one_line_error
 
 
+ENGINES = ["pt2e", "fx"]
+
+
 def _quantized_layers(q: Int8Model) -> list[str]:
-    return [type(m).__module__ for m in q.inner.modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
+    """The layers that run on INT8 weights: PT2E's convolutions and linears fed by a dequantized integer
+    weight, FX's quantized modules."""
+    if q.engine == "pt2e":
+        from compress.quantize.pt2e import int8_layers
+
+        return int8_layers(q.inner)
+    return [n for n, m in q.inner.named_modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
 
 
 def test_lowering_to_int8_is_its_own_verb_and_quantize_refuses_it(lenet5_trained, mnist_small):
@@ -38,11 +47,16 @@ def test_lowering_to_int8_is_its_own_verb_and_quantize_refuses_it(lenet5_trained
     )  # the float model is as it was
 
 
-def test_lenet5_runs_as_int8_and_keeps_its_accuracy(lenet5_trained, mnist_small):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_lenet5_runs_as_int8_and_keeps_its_accuracy(lenet5_trained, mnist_small, engine):
     tr, va = mnist_small
-    q = to_int8(lenet5_trained, tr, (1, 1, 28, 28))
+    q = to_int8(lenet5_trained, tr, (1, 1, 28, 28), engine=engine)
+    assert q.engine == engine
     kinds = _quantized_layers(q)
     assert len(kinds) >= 4  # conv1, conv2, fc1, fc2 are INT8 kernels, not float layers
+    # the observer was chosen: every candidate tried on held-out calibration samples, the least error kept
+    errors = dict(q.compress_int8["observer_errors"])
+    assert q.compress_int8["observer"] == min(errors, key=errors.__getitem__) and len(errors) >= 3
     x = va.batch(torch.arange(32))[0]
     with torch.no_grad():
         ref, out = lenet5_trained(x), q(x)
@@ -52,18 +66,22 @@ def test_lenet5_runs_as_int8_and_keeps_its_accuracy(lenet5_trained, mnist_small)
     assert q.compress_int8["backend"] == backend() == "x86"  # this machine: x86 kernels (ARM: qnnpack)
 
 
-def test_int8_file_is_data_reloads_without_trust_and_is_small(lenet5_trained, mnist_small, tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_int8_file_is_data_reloads_without_trust_and_is_small(lenet5_trained, mnist_small, tmp_path, engine):
     tr, va = mnist_small
-    q = to_int8(lenet5_trained, tr, (1, 1, 28, 28), observer="minmax")
+    q = to_int8(lenet5_trained, tr, (1, 1, 28, 28), observer="minmax", engine=engine)
     save_model(q, tmp_path / "q.pt")
     save_model(lenet5_trained, tmp_path / "f.pt")
     assert (tmp_path / "q.pt").stat().st_size < 0.35 * (tmp_path / "f.pt").stat().st_size
     raw = torch.load(tmp_path / "q.pt", weights_only=True)  # plain data: tensors, bytes, numbers, strings
     assert set(raw) == {"compress_cpz", INT8_KEY, "int8_state"}
     assert all(not t.is_quantized for t in raw["int8_state"].values())
+    if engine == "pt2e":  # each activation's scale and zero point, by its quantize node's name
+        rows = raw[INT8_KEY]["qparams"]
+        assert len(rows) >= 8 and all(isinstance(r[0], str) and r[1] > 0 for r in rows)
     again = load_model(tmp_path / "q.pt")
     x = va.batch(torch.arange(16))[0]
-    assert isinstance(again, Int8Model) and torch.equal(again(x), q(x))
+    assert isinstance(again, Int8Model) and again.engine == engine and torch.equal(again(x), q(x))
     with pytest.raises(UsageError, match=".pt"):
         save_model(q, tmp_path / "q.cpz")
 
@@ -71,7 +89,7 @@ def test_int8_file_is_data_reloads_without_trust_and_is_small(lenet5_trained, mn
 @pytest.mark.parametrize("damage", ["drop", "shape", "table", "extra", "engine", "offset", "dtype", "index"])
 def test_a_damaged_int8_file_is_refused(lenet5_trained, mnist_small, tmp_path, damage, cli):
     tr, _ = mnist_small
-    save_model(to_int8(lenet5_trained, tr, (1, 1, 28, 28)), tmp_path / "q.pt")
+    save_model(to_int8(lenet5_trained, tr, (1, 1, 28, 28), observer="minmax", engine="fx"), tmp_path / "q.pt")
     obj = torch.load(tmp_path / "q.pt", weights_only=True)
     index, state = obj[INT8_KEY]["index"], obj["int8_state"]
     row = next(r for r in index if r[0].endswith("#int"))
@@ -102,7 +120,7 @@ def test_an_int8_file_of_the_first_layout_still_loads(lenet5_trained, mnist_smal
     from compress.quantize.int8_file import _unpack
 
     tr, va = mnist_small
-    q = to_int8(lenet5_trained, tr, (1, 1, 28, 28))
+    q = to_int8(lenet5_trained, tr, (1, 1, 28, 28), observer="minmax", engine="fx")
     save_model(q, tmp_path / "q.pt")
     obj = torch.load(tmp_path / "q.pt", weights_only=True)
     flat = _unpack(obj["int8_state"], obj[INT8_KEY].pop("index"))
@@ -187,7 +205,11 @@ def test_real_architectures_lower_to_int8_and_reload_with_their_code(spec, size,
     m = getattr(importlib.import_module(mod), fn)(num_classes=10).eval()
     shape = (1, 3, size, size)
     calib = data_mod.TensorData(torch.rand(8, 3, size, size), torch.zeros(8, dtype=torch.long), "random")
-    q = to_int8(copy.deepcopy(m), calib, shape)
+    q = to_int8(copy.deepcopy(m), calib, shape, observer="minmax")
+    if "shufflenet" in spec:  # torchao's matcher fails on its channel shuffle: FX runs it, and the table says why
+        assert q.engine == "fx" and "PT2E failed" in q.compress_int8["engine_note"]
+    else:  # the engine PyTorch keeps
+        assert q.engine == "pt2e", q.compress_int8.get("engine_note")
     assert len(_quantized_layers(q)) > 10
     x = torch.rand(2, 3, size, size)
     with torch.no_grad():
@@ -199,19 +221,22 @@ def test_real_architectures_lower_to_int8_and_reload_with_their_code(spec, size,
     assert torch.equal(load_model(tmp_path / "q.pt", arch=spec)(x), out)
 
 
-def test_layers_kept_float_stay_float_and_the_file_says_so(lenet5_trained, mnist_small, tmp_path, cli):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_layers_kept_float_stay_float_and_the_file_says_so(lenet5_trained, mnist_small, tmp_path, cli, engine):
     tr, va = mnist_small
-    q = to_int8(lenet5_trained, tr, (1, 1, 28, 28), keep_float=["fc2"])
-    mods = dict(q.inner.named_modules())
-    assert type(mods["fc2"]) is torch.nn.Linear and ".quantized" in type(mods["fc1"]).__module__  # fc1 (+relu): INT8
+    q = to_int8(lenet5_trained, tr, (1, 1, 28, 28), keep_float=["fc2"], observer="minmax", engine=engine)
+    layers = _quantized_layers(q)
+    assert "fc2" not in layers and "fc1" in layers
     assert q.compress_int8["keep_float"] == ["fc2"]
     save_model(q, tmp_path / "q.pt")
     again = load_model(tmp_path / "q.pt")
-    assert type(dict(again.inner.named_modules())["fc2"]) is torch.nn.Linear
+    assert "fc2" not in _quantized_layers(again) and "fc1" in _quantized_layers(again)
     x = va.batch(torch.arange(8))[0]
     assert torch.equal(again(x), q(x))
     with pytest.raises(UsageError, match="matches no"):
         to_int8(lenet5_trained, tr, (1, 1, 28, 28), keep_float=["fc9"])
+    if engine == "fx":
+        return
     save_model(lenet5_trained, tmp_path / "m.pt")
     r = cli(
         "quantize",
@@ -256,14 +281,17 @@ def test_percentile_ranges_ignore_an_outlier_that_min_max_and_histogram_follow(l
     assert acc["percentile"] > base - 10 and acc["percentile"] > acc["minmax"] + 40
 
 
-def test_qat_trains_the_model_that_runs_and_its_file_reloads(lenet5_trained, mnist_small, tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_qat_trains_the_model_that_runs_and_its_file_reloads(lenet5_trained, mnist_small, tmp_path, engine):
     from compress.config import FineTune
     from compress.method import Context
     from compress.quantize.int8_stage import Int8Config, Int8Lowering
 
     tr, va = mnist_small
     method = Int8Lowering(
-        copy.deepcopy(lenet5_trained), Int8Config(finetune=FineTune(epochs=0.5, lr=1e-4)), Context(train=tr)
+        copy.deepcopy(lenet5_trained),
+        Int8Config(finetune=FineTune(epochs=0.5, lr=1e-4), engine=engine),
+        Context(train=tr),
     )
     method.attach()
     before = {k: v.clone() for k, v in method.model.state_dict().items() if k.endswith("weight")}
@@ -277,7 +305,7 @@ def test_qat_trains_the_model_that_runs_and_its_file_reloads(lenet5_trained, mni
         fake, real = trained(x), q(x)
     assert float((fake.argmax(1) == real.argmax(1)).float().mean()) >= 0.98
     assert float((fake - real).norm() / fake.norm()) < 0.05
-    ptq = to_int8(lenet5_trained, tr, (1, 1, 28, 28))
+    ptq = to_int8(lenet5_trained, tr, (1, 1, 28, 28), observer="minmax", engine=engine)
     assert evaluate(q, va) >= evaluate(ptq, va) - 1.0
     assert q.compress_int8["qat"] == f"0.5 epochs on {tr.name}"
     save_model(q, tmp_path / "qat.pt")
@@ -390,10 +418,10 @@ def test_a_torch_without_the_fx_flow_gets_one_line_not_a_traceback(
     import sys
 
     tr, _ = mnist_small
-    save_model(to_int8(lenet5_trained, tr, (1, 1, 28, 28)), tmp_path / "q.pt")
+    save_model(to_int8(lenet5_trained, tr, (1, 1, 28, 28), observer="minmax", engine="fx"), tmp_path / "q.pt")
     monkeypatch.setitem(sys.modules, "torch.ao.quantization.quantize_fx", None)  # as if a later torch removed it
     with pytest.raises(UsageError, match="no FX INT8 flow"):
-        to_int8(lenet5_trained, tr, (1, 1, 28, 28))
+        to_int8(lenet5_trained, tr, (1, 1, 28, 28), engine="fx")
     r = cli("report", tmp_path / "q.pt", "--no-latency")
     assert one_line_error(r) and "export --int8" in r.err
 
@@ -419,9 +447,10 @@ def test_hand_written_hard_swish_runs_as_one_int8_op(tmp_path):
         assert torch.allclose(probe(x), m(x), atol=1e-5)  # the same function
     assert native_activations(nn.Sequential(nn.ReLU(), nn.Dropout(), nn.Identity())) == []
     calib = data_mod.TensorData(torch.rand(8, 3, 224, 224), torch.zeros(8, dtype=torch.long), "random")
-    res = run("quantize", m, Int8Config(), Context(train=calib))
-    kinds = {type(mod).__name__ for mod in res.model.inner.modules()}
-    assert "Hardswish" in kinds and any("hard-swish" in n for n in res.notes)
+    res = run("quantize", m, Int8Config(observer="minmax"), Context(train=calib))
+    assert res.model.engine == "pt2e", res.notes
+    ops = {str(n.target) for n in res.model.inner.graph.nodes}
+    assert "aten.hardswish.default" in ops and any("hard-swish" in n for n in res.notes)
     assert any(type(mod).__name__ == "HSwish" for mod in m.modules())  # the float model given is left as it was
 
 
