@@ -284,7 +284,7 @@ class Int8Model(nn.Module):
         if self.engine == "pt2e":
             from compress.quantize.pt2e import Runner
 
-            self.runner = Runner(inner)
+            self.runner = Runner(inner)  # type: ignore[arg-type]
 
     @property
     def engine(self) -> str:
@@ -317,7 +317,7 @@ class Int8Model(nn.Module):
             from compress.quantize.pt2e import constants, is_qdq
 
             graph = self.inner
-            qparams = set()  # per-channel scales and zero points are not weights
+            qparams: set[str] = set()  # per-channel scales and zero points are not weights
             for node in graph.graph.nodes:  # type: ignore[union-attr]
                 if node.op == "call_function" and "per_channel" in str(node.target) and not is_qdq(node):
                     qparams.update(a.target for a in node.args[1:3] if hasattr(a, "target"))
@@ -374,10 +374,15 @@ def _execution(model: Int8Model) -> dict:
         how = "torchao PT2E, compiled by inductor (oneDNN INT8 kernels)"
         if model.runner is not None and model.runner.failed:
             how = f"torchao PT2E, reference graph (inductor failed: {model.runner.failed})"
-        return {**t, "executes": f"INT8 weights and activations ({how}); MACs are INT8 MACs",
-                "compile_seconds": model.compile_seconds}
-    return {**t, "executes": f"INT8 weights and activations (PyTorch {t['backend']} kernels, torch.ao FX); "
-            "MACs are INT8 MACs"}
+        return {
+            **t,
+            "executes": f"INT8 weights and activations ({how}); MACs are INT8 MACs",
+            "compile_seconds": model.compile_seconds,
+        }
+    return {
+        **t,
+        "executes": f"INT8 weights and activations (PyTorch {t['backend']} kernels, torch.ao FX); MACs are INT8 MACs",
+    }
 
 
 @kinds.keeps_input_shape.register(Int8Model)

@@ -284,15 +284,19 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
 
 def _errors_ok(rows: Any) -> bool:
     """An auto observer's table of candidates: at most a few ``[name, finite number >= 0]`` rows."""
-    return isinstance(rows, list) and len(rows) <= 16 and all(
-        isinstance(r, list)
-        and len(r) == 2
-        and r[0] in (*OBSERVERS, *pt2e.OBSERVERS)
-        and isinstance(r[1], (int, float))
-        and not isinstance(r[1], bool)
-        and math.isfinite(r[1])
-        and r[1] >= 0
-        for r in rows
+    return (
+        isinstance(rows, list)
+        and len(rows) <= 16
+        and all(
+            isinstance(r, list)
+            and len(r) == 2
+            and r[0] in (*OBSERVERS, *pt2e.OBSERVERS)
+            and isinstance(r[1], (int, float))
+            and not isinstance(r[1], bool)
+            and math.isfinite(r[1])
+            and r[1] >= 0
+            for r in rows
+        )
     )
 
 

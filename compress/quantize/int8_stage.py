@@ -180,8 +180,7 @@ class Int8Lowering(Method):
     def _prepare_fx(self):
         cfg = self.config
         if cfg.observer == "mse":
-            raise UsageError('observer "mse" runs on the PT2E engine only, which cannot run here: '
-                             f"{self.fallback}")
+            raise UsageError(f'observer "mse" runs on the PT2E engine only, which cannot run here: {self.fallback}')
 
         def make(observer: str):
             return int8.prepare(
@@ -260,8 +259,9 @@ class Int8Lowering(Method):
             "input_shape": list(self.shape),
             "calibration": f"{self.calib.name}, {self.seen} samples",
             "keep_float": list(self.kept),
-            "native_activations": list(self.native if self.engine == "pt2e" else
-                                       getattr(self.prepared, "native_activations", [])),
+            "native_activations": list(
+                self.native if self.engine == "pt2e" else getattr(self.prepared, "native_activations", [])
+            ),
         }
         if self.engine == "pt2e":
             table["reduce_range"] = int(not pt2e.vnni())

@@ -123,7 +123,7 @@ def _observer_classes() -> dict[str, Any]:
     lazily)."""
     obs = _ao().obs
 
-    class Percentile(obs.MinMaxObserver):
+    class Percentile(obs.MinMaxObserver):  # type: ignore[name-defined]
         """The range from the ``100 - p`` and ``p`` percentiles of each batch's values (of at most 2^20
         evenly strided ones), averaged over batches: outliers saturate instead of stretching the grid."""
 
@@ -149,7 +149,7 @@ def _observer_classes() -> dict[str, Any]:
             self.batches += 1
             return x_orig
 
-    class Mse(obs.HistogramObserver):
+    class Mse(obs.HistogramObserver):  # type: ignore[name-defined]
         """The histogram of every value seen (torchao's, 2048 bins over the running range), then the range
         clipped to the fraction of it (0.3 .. 1; a range below zero shrinks with it) whose quantization error,
         summed over the histogram's bins, is least: an exhaustive search where torchao's own is greedy."""
@@ -233,7 +233,9 @@ def prepare(
     ao = _ao()
     q = quantizer(observer, keep_float, qat, percentile, reduce_range)
     with quiet():
-        graph = copy.deepcopy(exported) if exported is not None else export(copy.deepcopy(model).cpu().eval(), input_shape)
+        graph = (
+            copy.deepcopy(exported) if exported is not None else export(copy.deepcopy(model).cpu().eval(), input_shape)
+        )
         if qat:
             prepared = ao.q.prepare_qat_pt2e(graph, q)
         else:
@@ -265,9 +267,7 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def is_qdq(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and any(
-        str(node.target) == f"quantized_decomposed.{n}.default" for n in QDQ
-    )
+    return node.op == "call_function" and any(str(node.target) == f"quantized_decomposed.{n}.default" for n in QDQ)
 
 
 def constants(graph: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
@@ -321,11 +321,13 @@ def load_numbers(graph: torch.fx.GraphModule, tensors: dict[str, torch.Tensor], 
     for name, t in own.items():
         new = tensors[name]
         if new.shape != t.shape or new.dtype != t.dtype:
-            raise InputError(f"INT8 file: {name} does not match its float model {new.shape} {t.shape} {new.dtype} {t.dtype}")
+            raise InputError(
+                f"INT8 file: {name} does not match its float model {new.shape} {t.shape} {new.dtype} {t.dtype}"
+            )
     own_q = activation_qparams(graph)
     if set(own_q) != set(qparams):
         raise InputError("INT8 file: its activation ranges do not match its float model")
-    for name, (scale, zp, qmin, qmax) in own_q.items():
+    for name, (_, _, qmin, qmax) in own_q.items():
         s, z, lo, hi = qparams[name]
         if (lo, hi) != (qmin, qmax):
             raise InputError(f"INT8 file: {name} has another integer grid than its float model")

@@ -15,7 +15,6 @@ from compress.quantize.int8_stage import to_int8
 from compress.scoring import evaluate
 from tests.helpers import one_line_error
 
-
 ENGINES = ["pt2e", "fx"]
 
 
