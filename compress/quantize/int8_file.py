@@ -252,7 +252,7 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
     except InputError as e:
         raise InputError(f"INT8 file: {e}") from None
     max_work, max_bytes = call_limits()
-    if sample_bytes > max_bytes or sample_work > max_work:
+    if 2 * sample_bytes > max_bytes or 2 * sample_work > max_work:  # (a QAT rebuild runs two samples)
         raise InputError(
             f"INT8 file: its input shape {shape} asks for {sample_work:.3g} operations and "
             f"{sample_bytes / 2**20:,.0f} MiB of activations for one sample, more than any call may "
@@ -333,10 +333,25 @@ def _rebuilt_pt2e(float_model, table, state, qparams, arch_cpz, meta, shape, kep
     swapped = native_activations(work)
     if sorted(swapped) != sorted(native or []):
         raise InputError("INT8 file: its activations do not match its float model")
+    qat = "qat" in table  # QAT converts another graph (batch norm folded at conversion): made the same way
+    if qat:  # the skeleton's zeroed batch norms would divide zero by zero in QAT's conv-bn fusion
+        with torch.no_grad():
+            for mod in work.modules():
+                if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                    if mod.weight is not None:
+                        mod.weight.fill_(1.0)
+                    if mod.running_var is not None:
+                        mod.running_var.fill_(1.0)
+    reduce = bool(table.get("reduce_range", 0))
     with pt2e.quiet():
-        prepared = pt2e.prepare(work, shape, "minmax", tuple(kept), reduce_range=bool(table.get("reduce_range", 0)))
-        with torch.no_grad():  # one sample of zeros (its cost checked above): the weight observers see their shapes
-            prepared(torch.zeros(shape))
+        prepared = pt2e.prepare(work, shape, "minmax", tuple(kept), qat=qat, reduce_range=reduce)
+        with torch.no_grad():  # zeros (their cost checked above): the weight observers see their shapes
+            if qat:  # two samples: batch norm in training mode needs more than one value per channel
+                pt2e.train_mode(prepared, True)
+                prepared(torch.zeros([2, *shape[1:]]))
+                pt2e.train_mode(prepared, False)
+            else:
+                prepared(torch.zeros(shape))
         graph = pt2e.convert(prepared)
     pt2e.load_numbers(graph, state, qparams)
     model = Int8Model(graph, table, float_model.eval(), arch_cpz).eval()

@@ -321,9 +321,7 @@ def load_numbers(graph: torch.fx.GraphModule, tensors: dict[str, torch.Tensor], 
     for name, t in own.items():
         new = tensors[name]
         if new.shape != t.shape or new.dtype != t.dtype:
-            raise InputError(
-                f"INT8 file: {name} does not match its float model {new.shape} {t.shape} {new.dtype} {t.dtype}"
-            )
+            raise InputError(f"INT8 file: {name} does not match its float model")
     own_q = activation_qparams(graph)
     if set(own_q) != set(qparams):
         raise InputError("INT8 file: its activation ranges do not match its float model")
