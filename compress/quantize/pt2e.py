@@ -30,6 +30,7 @@ import importlib
 import logging
 import math
 import os
+import platform
 import shutil
 import time
 import warnings
@@ -61,8 +62,11 @@ def unavailable() -> str | None:
         _ao()
     except ImportError as e:
         return f"torchao is not installed ({e})"
-    if os.environ.get("COMPRESS_INT8_ENGINE", "").lower() == "fx":
-        return "COMPRESS_INT8_ENGINE=fx"
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64", "i686", "x86"):  # ARM: XNNPACK's quantizer lowers for ExecuTorch, not here
+        return (
+            f"the x86 inductor quantizer needs an x86 CPU (this is {machine or 'unknown'}); FX runs QNNPACK's kernels"
+        )
     if compiler() is None:
         return "no C++ compiler (g++, c++ or clang++; $CXX) for torch.compile"
     return None
