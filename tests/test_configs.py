@@ -216,6 +216,7 @@ OTHER_VALUES: dict[str, list] = {
     "percentile": [99.9],
     "calib_samples": [128],
     "freeze": [0.5, 0.0],
+    "engine": ["fx", "pt2e"],
 }
 PART_VALUES: dict[str, dict[str, list]] = {
     "finetune": {
