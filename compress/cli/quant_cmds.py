@@ -150,6 +150,11 @@ def quantize(
             f"activation ranges from {made['calibration']}); {made['executes']}"
         )
         return
+    if kw["max_accuracy_drop"] is not None:
+        raise typer.BadParameter(
+            "--max-accuracy-drop is the budget of --activations (INT8 layers kept float to meet it); a budget "
+            "for weight quantization is compress pipeline's"
+        )
     cfg = s.config("weights", kw)
     inp = command_inputs(model, load, data, dest, runtime, need_train=bool(kw["epochs"]))
     cfg = with_settings(cfg, settings)
