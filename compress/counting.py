@@ -111,6 +111,41 @@ def sample_cost(model: nn.Module, input_shape) -> tuple[int, int]:
     return x.numel() * 4 + 4 * largest[0], int(fc.get_total_flops())
 
 
+def sample_ops(model: nn.Module, input_shape, limit: int) -> int:
+    """The operations (aten calls) one sample through ``model`` dispatches, counted on the meta device and
+    stopped once past ``limit`` (then ``limit + 1``): the nodes of the graph torch.export or FX traces of it,
+    which each cost a rebuild of an INT8 model tens of milliseconds. InputError if the model does not run on
+    the meta device."""
+    import copy
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            if self.n > limit:
+                raise _Enough
+            return func(*args, **(kwargs or {}))
+
+    try:
+        meta = copy.deepcopy(model).to("meta").eval()
+        with torch.no_grad(), Count() as count:
+            meta(torch.zeros((1, *tuple(input_shape)[1:]), device="meta"))
+    except _Enough:
+        pass
+    except Exception as e:
+        raise InputError(
+            f"the model does not run on the meta device at input shape {tuple(input_shape)} ({first_line(e, 100)})"
+        ) from None
+    return count.n
+
+
+class _Enough(Exception):
+    pass
+
+
 _COSTS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 SMALL_INPUT = 1 << 20  # values per sample a model whose code does not run on the meta device may still be run at
 

@@ -145,10 +145,12 @@ def quantize(
             calib=calib,
         )
         made = res["after"]["int8"]
-        err.print(
-            f"INT8 ({made['observer'] if 'qat' not in made else 'quantization-aware: ' + made['qat']}; "
-            f"activation ranges from {made['calibration']}); {made['executes']}"
-        )
+        how = made["observer"] if "qat" not in made else "quantization-aware: " + made["qat"]
+        if made.get("observer_errors"):
+            how = f"observer {how}, the closest to FP32 of " + ", ".join(r[0] for r in made["observer_errors"])
+        err.print(f"INT8 ({how}; activation ranges from {made['calibration']}); {made['executes']}")
+        if made.get("engine_note"):
+            err.print(f"INT8 on torch.ao's FX flow: {made['engine_note']}")
         return
     if kw["max_accuracy_drop"] is not None:
         raise typer.BadParameter(

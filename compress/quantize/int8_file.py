@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 
 from compress import kinds
-from compress.budget import call_limits
-from compress.counting import sample_cost
+from compress.budget import call_limits, cost_factor
+from compress.counting import sample_cost, sample_ops
 from compress.cpz.stats import size_bytes
 from compress.errors import InputError, first_line, printable, safe
 from compress.meta import META_ATTR, get_meta
@@ -92,8 +92,7 @@ def _check_qparams(key: str, scales: torch.Tensor, zps: torch.Tensor, dtype: tor
     integers within the range of the integers they offset."""
     if not scales.is_floating_point() or zps.is_floating_point() or zps.dtype == torch.bool:
         raise InputError(f"INT8 file: {safe(key)} has scales or zero points of the wrong type")
-    s = scales.double()
-    if s.numel() and not bool((torch.isfinite(s) & (s > 0) & (s < 2.0**64)).all()):
+    if not pt2e.scales_ok(scales):
         raise InputError(f"INT8 file: {safe(key)} has a scale that is not a finite positive number")
     info = torch.iinfo(dtype)
     if zps.numel() and not (info.min <= int(zps.min()) and int(zps.max()) <= info.max):
@@ -105,13 +104,14 @@ MAX_TEXT = 2000  # characters of one string of the table (a calibration's descri
 
 def _text(v: Any) -> Any:
     """A string of the table as the file has it, fit to print: control characters escaped (no escape
-    sequence from a file reaches a terminal or a report), at most MAX_TEXT characters."""
+    sequence from a file reaches a terminal or a report), at most MAX_TEXT characters; in a list, its strings
+    (one level: the table's lists are flat, and their items' types are checked where they are read)."""
     if isinstance(v, str):
         if len(v) > MAX_TEXT:
             raise InputError(f"INT8 file: a string of its table is longer than {MAX_TEXT} characters")
         return printable(v)
     if isinstance(v, list):
-        return [_text(x) for x in v]
+        return [_text(x) if isinstance(x, str) else x for x in v]
     return v
 
 
@@ -160,7 +160,14 @@ def _unpack(buffers: Any, index: Any) -> dict[str, torch.Tensor]:
     if not (
         isinstance(buffers, dict)
         and set(buffers) <= set(PACKED)
-        and all(isinstance(b, torch.Tensor) and b.dim() == 1 and b.dtype == PACKED[dt] for dt, b in buffers.items())
+        and all(
+            isinstance(b, torch.Tensor)
+            and b.layout == torch.strided  # (a sparse tensor is no buffer to slice)
+            and b.is_contiguous()  # (as torch.save writes a buffer: a stride of 0 claims any length)
+            and b.dim() == 1
+            and b.dtype == PACKED[dt]
+            for dt, b in buffers.items()
+        )
     ):
         raise InputError("INT8 file: its INT8 state is not buffers of the dtypes this compress writes")
     if not isinstance(index, list) or len(index) > 1_000_000:
@@ -171,6 +178,7 @@ def _unpack(buffers: Any, index: Any) -> dict[str, torch.Tensor]:
             isinstance(row, list)
             and len(row) == 4
             and isinstance(row[0], str)
+            and isinstance(row[1], str)
             and row[1] in buffers
             and isinstance(row[2], list)
             and len(row[2]) <= 8
@@ -207,17 +215,39 @@ def _save(model: Int8Model, path, force: bool = False):
     return save_wrapped(model.arch_cpz, path, force=force, extra=payload(model))
 
 
+TABLE = {  # every key an INT8 file's table may hold, and the exact type of its value (files of every version)
+    "version": int,
+    "engine": str,
+    "backend": str,
+    "observer": str,
+    "input_shape": list,
+    "calibration": str,
+    "keep_float": list,
+    "native_activations": list,
+    "reduce_range": int,
+    "observer_errors": list,
+    "engine_note": str,
+    "qat": str,
+    "budget": str,
+    "float_fallback": list,
+    "meta": str,
+    "index": list,
+    "qparams": list,
+}
+
+
 def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | None = None) -> Int8Model:
     """The INT8 model a file describes, from its float architecture (decoded from ``arch_cpz``, the file's bytes
     of it): prepared and converted by compress, then the file's INT8 state (checked: the same names and shapes)
     loaded into it."""
     if not (
         isinstance(table, dict)
+        and all(k in TABLE and type(v) is TABLE[k] for k, v in table.items())  # (bool is no int here)
         and table.get("version") in (1, FILE_VERSION, PT2E_VERSION)
         and table.get("engine", "fx") == ("pt2e" if table.get("version") == PT2E_VERSION else "fx")
+        and ("qparams" in table) == (table.get("version") == PT2E_VERSION)
         and table.get("backend") in BACKENDS
         and table.get("observer") in (*OBSERVERS, *pt2e.OBSERVERS, QAT_OBSERVER)
-        and all(isinstance(v, (str, int, list)) for v in table.values())
         and table.get("reduce_range", 0) in (0, 1)
         and _errors_ok(table.get("observer_errors", []))
         and isinstance(table.get("budget", ""), str)
@@ -249,12 +279,13 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
     check_shape(shape, "INT8 file: its input shape")  # the shape budget every input shape goes through
     shape = [1, *shape[1:]]
     table["input_shape"] = shape
+    _check_rebuild_size(float_model, shape)
     try:  # on the meta device, before anything runs at that shape
         sample_bytes, sample_work = sample_cost(float_model, shape)
     except InputError as e:
         raise InputError(f"INT8 file: {e}") from None
     max_work, max_bytes = call_limits()
-    if sample_bytes > max_bytes or sample_work > max_work:
+    if 2 * sample_bytes > max_bytes or 2 * sample_work > max_work:  # (a QAT rebuild runs two samples)
         raise InputError(
             f"INT8 file: its input shape {shape} asks for {sample_work:.3g} operations and "
             f"{sample_bytes / 2**20:,.0f} MiB of activations for one sample, more than any call may "
@@ -286,6 +317,35 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
         ) from None
 
 
+# operations (aten calls) of one sample of the float architecture that an INT8 file may ask compress to export,
+# prepare and convert again: ResNet-56 runs 258 and rebuilds in 17 s; a chain of 1,000 tiny layers (a 33 KB
+# architecture) took 65 s, more for each layer than the one before
+MAX_REBUILD_OPS = 1024
+
+
+def _check_rebuild_size(float_model: nn.Module, shape: list[int]) -> None:
+    """Refuse an architecture that rebuilding would take minutes for, before it runs or is copied: more than
+    MAX_REBUILD_OPS operations a sample (stopped counting there), or more than 4 modules for each (copying 45,000
+    modules and counting their costs on the meta device took 140 s)."""
+    limit = int(cost_factor() * MAX_REBUILD_OPS)
+    modules = sum(1 for _ in float_model.modules())
+    try:
+        ops = sample_ops(float_model, shape, limit) if modules <= 4 * limit else limit + 1
+    except InputError as e:
+        raise InputError(f"INT8 file: {e}") from None
+    if ops > limit:
+        raise InputError(
+            f"INT8 file: its architecture ({modules:,} modules) is larger than an INT8 rebuild may be: more than "
+            f"{limit:,} operations a sample or {4 * limit:,} modules, each of which takes tens of milliseconds to "
+            "export, prepare and convert (COMPRESS_MAX_GRAPH_COST raises both)"
+        )
+
+
+def _finite(v: Any) -> bool:
+    """A finite float, or an int a float holds exactly (10**400 is no number a table holds; bool is no int)."""
+    return type(v) is float and math.isfinite(v) or type(v) is int and abs(v) < 1 << 53
+
+
 def _errors_ok(rows: Any) -> bool:
     """An auto observer's table of candidates: at most a few ``[name, finite number >= 0]`` rows."""
     return (
@@ -295,9 +355,7 @@ def _errors_ok(rows: Any) -> bool:
             isinstance(r, list)
             and len(r) == 2
             and r[0] in (*OBSERVERS, *pt2e.OBSERVERS)
-            and isinstance(r[1], (int, float))
-            and not isinstance(r[1], bool)
-            and math.isfinite(r[1])
+            and _finite(r[1])
             and r[1] >= 0
             for r in rows
         )
@@ -316,7 +374,7 @@ def _fallback_ok(rows: Any, kept: list) -> bool:
             and len(r) == 5
             and isinstance(r[0], str)
             and r[0] in kept
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in r[1:])
+            and all(_finite(v) for v in r[1:])
             and r[1] >= 0
             and r[2] >= 0
             for r in rows
@@ -342,8 +400,7 @@ def _qparams(rows: Any) -> dict[str, list]:
             and isinstance(row[0], str)
             and len(row[0]) < 512
             and isinstance(row[1], float)
-            and math.isfinite(row[1])
-            and 0 < row[1] < 2.0**64
+            and pt2e.scale_ok(row[1])
             and all(isinstance(v, int) and not isinstance(v, bool) and -(1 << 31) <= v < 1 << 31 for v in row[2:])
             and row[0] not in out
         ):
@@ -359,10 +416,25 @@ def _rebuilt_pt2e(float_model, table, state, qparams, arch_cpz, meta, shape, kep
     swapped = native_activations(work)
     if sorted(swapped) != sorted(native or []):
         raise InputError("INT8 file: its activations do not match its float model")
+    qat = "qat" in table  # QAT converts another graph (batch norm folded at conversion): made the same way
+    if qat:  # the skeleton's zeroed batch norms would divide zero by zero in QAT's conv-bn fusion
+        with torch.no_grad():
+            for mod in work.modules():
+                if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                    if mod.weight is not None:
+                        mod.weight.fill_(1.0)
+                    if mod.running_var is not None:
+                        mod.running_var.fill_(1.0)
+    reduce = bool(table.get("reduce_range", 0))
     with pt2e.quiet():
-        prepared = pt2e.prepare(work, shape, "minmax", tuple(kept), reduce_range=bool(table.get("reduce_range", 0)))
-        with torch.no_grad():  # one sample of zeros (its cost checked above): the weight observers see their shapes
-            prepared(torch.zeros(shape))
+        prepared = pt2e.prepare(work, shape, "minmax", tuple(kept), qat=qat, reduce_range=reduce)
+        with torch.no_grad():  # zeros (their cost checked above): the weight observers see their shapes
+            if qat:  # two samples: batch norm in training mode needs more than one value per channel
+                pt2e.train_mode(prepared, True)
+                prepared(torch.zeros([2, *shape[1:]]))
+                pt2e.train_mode(prepared, False)
+            else:
+                prepared(torch.zeros(shape))
         graph = pt2e.convert(prepared)
     pt2e.load_numbers(graph, state, qparams)
     model = Int8Model(graph, table, float_model.eval(), arch_cpz).eval()
@@ -408,6 +480,21 @@ def _meta(text: Any) -> dict:
         meta = json.loads(text)
     except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser goes
         raise InputError("INT8 file: its metadata is not JSON") from e
-    if not isinstance(meta, dict):
-        raise InputError("INT8 file: its metadata is not a table")
+    if not isinstance(meta, dict) or _nested_deeper(meta, MAX_META_DEPTH):
+        raise InputError(f"INT8 file: its metadata is not a table nested at most {MAX_META_DEPTH} deep")
     return meta
+
+
+MAX_META_DEPTH = 32  # compress's own metadata nests 5 deep; 600 parses, and copying it then recurses too deep
+
+
+def _nested_deeper(value: Any, limit: int) -> bool:
+    """Whether lists and tables nest more than ``limit`` deep in ``value`` (walked without recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth >= limit:
+                return True
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False

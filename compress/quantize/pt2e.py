@@ -30,6 +30,7 @@ import importlib
 import logging
 import math
 import os
+import platform
 import shutil
 import time
 import warnings
@@ -61,8 +62,11 @@ def unavailable() -> str | None:
         _ao()
     except ImportError as e:
         return f"torchao is not installed ({e})"
-    if os.environ.get("COMPRESS_INT8_ENGINE", "").lower() == "fx":
-        return "COMPRESS_INT8_ENGINE=fx"
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64", "i686", "x86"):  # ARM: XNNPACK's quantizer lowers for ExecuTorch, not here
+        return (
+            f"the x86 inductor quantizer needs an x86 CPU (this is {machine or 'unknown'}); FX runs QNNPACK's kernels"
+        )
     if compiler() is None:
         return "no C++ compiler (g++, c++ or clang++; $CXX) for torch.compile"
     return None
@@ -311,19 +315,62 @@ def int8_layers(graph: torch.fx.GraphModule) -> list[str]:
     return out
 
 
+# A scale is a float32 between the smallest normal one and 2^64: the kernels multiply by 1 / scale, which a
+# subnormal, zero, negative, infinite or NaN scale makes infinite or NaN (and a file's 1e-300 is 0 in float32)
+MIN_SCALE, MAX_SCALE = torch.finfo(torch.float32).tiny, 2.0**64
+
+
+def scale_ok(s: float) -> bool:
+    return MIN_SCALE <= s < MAX_SCALE  # (False for NaN)
+
+
+def scales_ok(scales: torch.Tensor) -> bool:
+    """Whether every one of ``scales`` is a scale (``scale_ok``), as float32 holds it."""
+    s = scales.double()
+    return not s.numel() or bool(((s >= MIN_SCALE) & (s < MAX_SCALE)).all())
+
+
+PER_CHANNEL = ("quantize_per_channel", "dequantize_per_channel")  # args: x, scales, zero points, axis, min, max
+
+
+def _check_weights(graph: torch.fx.GraphModule, tensors: dict[str, torch.Tensor]) -> None:
+    """The constants that are a weight's quantization, by the nodes that read them: each scale a scale, every
+    zero point 0 (the x86 quantizer's weights are symmetric, and its compiled kernels assume it: a zero point
+    of 5 moves their output while the reference graph's follows it), each integer within its grid."""
+    for node in graph.graph.nodes:
+        parts = str(node.target).split(".")
+        if not (node.op == "call_function" and parts[0] == "quantized_decomposed" and parts[1] in PER_CHANNEL):
+            continue
+        x, scales, zps = (_attr_name(a) for a in node.args[:3])
+        qmin, qmax = node.args[4:6]
+        if scales is not None and not scales_ok(tensors[scales]):
+            raise InputError(f"INT8 file: {scales} has a scale that is not a finite positive number")
+        if zps is not None and bool(tensors[zps].any()):
+            raise InputError(f"INT8 file: {zps} has a zero point other than 0 (its weights are symmetric)")
+        if x is not None and tensors[x].numel() and not qmin <= int(tensors[x].min()) <= int(tensors[x].max()) <= qmax:
+            raise InputError(f"INT8 file: {x} has integers outside [{qmin}, {qmax}]")
+
+
+def _attr_name(arg: Any) -> str | None:
+    """The constant a node's argument reads, or None (a computed tensor)."""
+    if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and isinstance(arg.target, str):
+        return arg.target
+    return None
+
+
 def load_numbers(graph: torch.fx.GraphModule, tensors: dict[str, torch.Tensor], qparams: dict[str, list]) -> None:
     """Put a file's numbers into ``graph`` (the same architecture converted again, uncalibrated): every constant
     and every activation's scale and zero point. The names, shapes, dtypes and grids must be exactly those of
-    ``graph`` (checked before anything is changed)."""
+    ``graph``, and every weight's scales, zero points and integers in range (checked before anything is
+    changed). Float constants (biases, the weights of layers kept float) are numbers as a float model's are."""
     own = constants(graph)
     if set(own) != set(tensors):
         raise InputError("INT8 file: its INT8 constants do not match its float model")
     for name, t in own.items():
         new = tensors[name]
         if new.shape != t.shape or new.dtype != t.dtype:
-            raise InputError(
-                f"INT8 file: {name} does not match its float model {new.shape} {t.shape} {new.dtype} {t.dtype}"
-            )
+            raise InputError(f"INT8 file: {name} does not match its float model")
+    _check_weights(graph, tensors)
     own_q = activation_qparams(graph)
     if set(own_q) != set(qparams):
         raise InputError("INT8 file: its activation ranges do not match its float model")
@@ -331,7 +378,7 @@ def load_numbers(graph: torch.fx.GraphModule, tensors: dict[str, torch.Tensor], 
         s, z, lo, hi = qparams[name]
         if (lo, hi) != (qmin, qmax):
             raise InputError(f"INT8 file: {name} has another integer grid than its float model")
-        if not (0 < s < 2.0**64) or not (qmin <= z <= qmax):
+        if not scale_ok(s) or not (qmin <= z <= qmax):
             raise InputError(f"INT8 file: {name} has a scale or zero point out of range")
     for name in own:
         parent, _, attr = name.rpartition(".")

@@ -112,11 +112,12 @@ def test_the_options_are_the_ones_the_cli_had(name):
 def test_choices_come_from_the_registries():
     from compress.prune import IMPORTANCES
     from compress.quant_state import SCHEMES
-    from compress.quantize.int8_stage import OBSERVER_CHOICES
+    from compress.quantize.int8_stage import ENGINES, OBSERVER_CHOICES
 
     choices = {p.opts[0]: list(p.type_descriptor.choices or ()) for n in ("prune", "quantize") for p in _params(n)}
     assert choices["--importance"] == list(IMPORTANCES) and "taylor" in choices["--importance"]
     assert choices["--scheme"] == list(SCHEMES) and choices["--observer"] == list(OBSERVER_CHOICES)
+    assert choices["--engine"] == list(ENGINES)
     assert set(choices["--method"]) == {"threshold", "l1-filter", "channel-union"}
 
 

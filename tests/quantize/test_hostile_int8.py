@@ -27,7 +27,8 @@ ESC = "\x1b[2J\x1b]0;pwned\x07"
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """Two real INT8 files: LeNet-300 (8x8 only) and a ResNet-8 (adaptive pooling: it runs at any size)."""
+    """Two real INT8 files of the FX engine (version 2; the PT2E file's own attacks: test_hostile_pt2e.py):
+    LeNet-300 (8x8 only) and a ResNet-8 (adaptive pooling: it runs at any size)."""
     d = tmp_path_factory.mktemp("int8")
     ds = data_mod.load("digits")
     torch.manual_seed(0)
@@ -35,7 +36,7 @@ def made(tmp_path_factory):
     for name in ("lenet300", "resnet8"):
         m = create_model(name, input_size=8) if name == "lenet300" else create_model(name)
         fit(m, ds, FineTune(epochs=0.2, lr=1e-3, batch_size=64))
-        q = to_int8(m, ds, (1, 1, 8, 8), observer="minmax")
+        q = to_int8(m, ds, (1, 1, 8, 8), observer="minmax", engine="fx")
         save_model(q, d / f"{name}.pt")
         files[name] = d / f"{name}.pt"
     return d, files
