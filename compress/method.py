@@ -34,7 +34,7 @@ from compress.counting import check_call
 from compress.data import as_data
 from compress.errors import InputError, UsageError, param
 from compress.meta import add_history, read_meta
-from compress.scoring import evaluate, resolve_metric
+from compress.scoring import Judge, evaluate, resolve_metric
 from compress.train import fit, resolve_loss
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ class Context:
         calib: calibration data for activation ranges (INT8); default: ``train``.
         filter_fn: ``(module, fqn) -> bool``: the stage touches only the layers of its config's ``select`` this
             accepts (code, so not a config field: a config stays data that a file or a recipe holds).
+        judge: the accuracy budget of the run the stage is part of (a started ``compress.scoring.Judge``;
+            ``pipeline`` sets its own): a stage that meets a budget itself -- the int8 stage's float fallback --
+            meets this one when its config sets none.
 
     ``train``, ``val`` and ``calib`` are converted by ``as_data`` whenever they are set (here or later), so
     each is a ``compress.data.Data`` from then on; anything else is an ``InputError`` naming the field.
@@ -83,6 +86,7 @@ class Context:
     teacher: nn.Module | None = None
     calib: Any = None
     filter_fn: FilterFn | None = None
+    judge: Judge | None = None
 
     def __post_init__(self):
         self.loss, self.metric = resolve_loss(self.loss), resolve_metric(self.metric)

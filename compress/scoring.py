@@ -1,6 +1,7 @@
 """How a model is scored: a ``Metric`` (top-1 by default, top-5, or the user's ``metric(outputs, targets)``, per
-sample or per batch), the ``Scores`` of a model on data, and the paired drop between two models' scores on the
-same samples. Every accuracy compress shows comes from here."""
+sample or per batch), the ``Scores`` of a model on data, the paired drop between two models' scores on the
+same samples, and the ``Judge`` that tests a model against an accuracy budget. Every accuracy compress shows
+comes from here."""
 
 from __future__ import annotations
 
@@ -163,3 +164,60 @@ def outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.
     out = torch.cat([model(x[i : i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])
     model.train(was)
     return out
+
+
+@dataclass
+class Judge:
+    """The budget test of a model against a reference model (the pipeline's rule, ``compress.search``): on
+    ``data``, a model is *within budget* when its score drop against the reference plus ``z`` standard errors of
+    that paired drop is at most ``budget`` points; *over* when the measured drop alone is over. ``evaluate``: the
+    user's ``evaluate(model, data) -> float`` instead of ``metric`` (one number: no standard error). ``start``
+    scores the reference once; each call scores a candidate."""
+
+    data: Any
+    budget: float
+    z: float = 1.0
+    metric: Any = None
+    evaluate: Callable | None = None
+    ref: Any = None
+
+    def _scores(self, model: nn.Module) -> Scores | float:
+        if self.evaluate is not None:  # the user's one number: no paired differences, no standard error
+            return float(self.evaluate(model, as_data(self.data, arg="data")))
+        return scores(model, self.data, self.metric)
+
+    def start(self, model: nn.Module) -> float:
+        """Score the reference; returns its score."""
+        self.ref = self._scores(model)
+        return self.ref if isinstance(self.ref, float) else self.ref.mean()
+
+    def __call__(self, model: nn.Module) -> dict:
+        """``accuracy``, ``drop``, ``se``, ``within_budget``, ``over``, ``verdict`` (in words) and ``why`` (the
+        sum, in words) of ``model`` against the reference (``start`` first)."""
+        if self.ref is None:
+            raise RuntimeError("Judge.start(reference) before judging a model")
+        cand = self._scores(model)
+        if isinstance(cand, float) or isinstance(self.ref, float):
+            acc = cand if isinstance(cand, float) else cand.mean()
+            ref = self.ref if isinstance(self.ref, float) else self.ref.mean()
+            drop, se = ref - acc, 0.0
+        else:
+            acc = cand.mean()
+            drop, se = paired_drop(self.ref, cand)
+        margin = drop + self.z * se
+        ok = margin <= self.budget
+        over = drop > self.budget  # the measured drop alone is over: evidence, not noise
+        why = (
+            f"drop {drop:+.2f} + {self.z:g} x SE {se:.2f} = {margin:.2f} pt "
+            f"{'<=' if ok else '>'} budget {self.budget:g} pt"
+        )
+        word = "within budget: " if ok else "over budget: " if over else "inconclusive (over by its margin only): "
+        return {
+            "accuracy": round(acc, 3),
+            "drop": round(drop, 3),
+            "se": round(se, 3),
+            "within_budget": ok,
+            "over": over,
+            "verdict": word + why,
+            "why": why,
+        }

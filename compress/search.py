@@ -48,55 +48,11 @@ from compress.measure import latency_stats
 from compress.meta import read_meta, set_meta
 from compress.method import Context, run
 from compress.recipe import DEFAULT_RECIPE, Recipe, Stage, resolve
-from compress.scoring import paired_drop, scores
+from compress.scoring import Judge
 from compress.search_results import PipelineSummary, StageSearch
 
 log = logging.getLogger(__name__)
 clock = time.perf_counter  # the time budget's clock (tests give a fake one)
-
-
-@dataclasses.dataclass
-class _Judge:
-    """The budget test of a candidate against the input model (see the module docstring)."""
-
-    ctx: Context
-    budget: float
-    z: float
-    ref: Any = None
-
-    def _scores(self, model: nn.Module):
-        if self.ctx.evaluate is not None:  # the user's one number: no paired differences, no standard error
-            return self.ctx.score(model, self.ctx.val)
-        return scores(model, self.ctx.val, self.ctx.metric)
-
-    def start(self, model: nn.Module) -> float:
-        self.ref = self._scores(model)
-        return self.ref if isinstance(self.ref, float) else self.ref.mean()
-
-    def __call__(self, model: nn.Module) -> dict:
-        cand = self._scores(model)
-        if isinstance(cand, float):
-            acc, drop, se = cand, self.ref - cand, 0.0
-        else:
-            acc = cand.mean()
-            drop, se = paired_drop(self.ref, cand)
-        margin = drop + self.z * se
-        ok = margin <= self.budget
-        over = drop > self.budget  # the measured drop alone is over: evidence, not noise
-        why = (
-            f"drop {drop:+.2f} + {self.z:g} x SE {se:.2f} = {margin:.2f} pt "
-            f"{'<=' if ok else '>'} budget {self.budget:g} pt"
-        )
-        word = "within budget: " if ok else "over budget: " if over else "inconclusive (over by its margin only): "
-        return {
-            "accuracy": round(acc, 3),
-            "drop": round(drop, 3),
-            "se": round(se, 3),
-            "within_budget": ok,
-            "over": over,
-            "verdict": word + why,
-            "why": why,
-        }
 
 
 @dataclasses.dataclass
@@ -117,7 +73,7 @@ def _search(
     stage: Stage,
     model: nn.Module,
     ctx: Context,
-    judge: _Judge,
+    judge: Judge,
     emit,
     stop: Stop,
     state: _SearchState | None = None,
@@ -332,7 +288,8 @@ def pipeline(
         else:
             checkpoint.check()
     emit = Context(on_event=on_event).emit  # the pipeline's own events: on_event(kind, fields), as a stage's
-    judge = _Judge(ctx, budget, z)
+    judge = Judge(ctx.val, budget, z, ctx.metric, ctx.evaluate)
+    ctx.judge = judge  # a stage that meets the budget itself (the int8 stage's float fallback) meets this one
     # (in place, as at the end): every candidate then carries the input shape its file will, so its .cpz bytes,
     # graph included, are those the file takes
     set_meta(model, input_shape=list(ctx.input_shape))

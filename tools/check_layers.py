@@ -58,7 +58,13 @@ LAYERS: list[list[str]] = [
     # torch files (state_dict + arch, TorchScript, the wrapped INT8 file) read and written safely
     ["compress.torch_files"],
     # lowering to INT8 execution: a new model whose file holds its architecture as .cpz bytes
-    ["compress.quantize.pt2e", "compress.quantize.int8", "compress.quantize.int8_stage", "compress.quantize.int8_file"],
+    [
+        "compress.quantize.pt2e",
+        "compress.quantize.int8",
+        "compress.quantize.int8_fallback",
+        "compress.quantize.int8_stage",
+        "compress.quantize.int8_file",
+    ],
     # every built-in method, registered (what reads configs and recipes by name imports it)
     ["compress.all_methods"],
     # the one place that dispatches on a file's format

@@ -152,6 +152,11 @@ def quantize(
         if made.get("engine_note"):
             err.print(f"INT8 on torch.ao's FX flow: {made['engine_note']}")
         return
+    if kw["max_accuracy_drop"] is not None:
+        raise typer.BadParameter(
+            "--max-accuracy-drop is the budget of --activations (INT8 layers kept float to meet it); a budget "
+            "for weight quantization is compress pipeline's"
+        )
     cfg = s.config("weights", kw)
     inp = command_inputs(model, load, data, dest, runtime, need_train=bool(kw["epochs"]))
     cfg = with_settings(cfg, settings)

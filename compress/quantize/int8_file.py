@@ -228,6 +228,8 @@ TABLE = {  # every key an INT8 file's table may hold, and the exact type of its 
     "observer_errors": list,
     "engine_note": str,
     "qat": str,
+    "budget": str,
+    "float_fallback": list,
     "meta": str,
     "index": list,
     "qparams": list,
@@ -248,6 +250,7 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
         and table.get("observer") in (*OBSERVERS, *pt2e.OBSERVERS, QAT_OBSERVER)
         and table.get("reduce_range", 0) in (0, 1)
         and _errors_ok(table.get("observer_errors", []))
+        and isinstance(table.get("budget", ""), str)
     ):
         raise InputError("INT8 file: its table is not one this compress writes")
     table = dict(table)
@@ -261,7 +264,8 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
     if table["version"] in (FILE_VERSION, PT2E_VERSION):
         state = _unpack(state, table.pop("index", None))
     table = {
-        k: _text(v) if k not in ("keep_float", "native_activations", "observer_errors") else v for k, v in table.items()
+        k: _text(v) if k not in ("keep_float", "native_activations", "observer_errors", "float_fallback") else v
+        for k, v in table.items()
     }
     refused = kinds.refusal(float_model, kinds.INT8)  # a float architecture stored as a graph only
     if refused is not None:
@@ -298,6 +302,8 @@ def rebuild(float_model: nn.Module, table: Any, state: Any, arch_cpz: bytes | No
     known = {n for n, _ in float_model.named_modules()}
     if not set(kept) <= known:
         raise InputError("INT8 file: it keeps float a layer its architecture does not have")
+    if not _fallback_ok(table.get("float_fallback", []), kept):
+        raise InputError("INT8 file: its float fallback is not rows of a layer it keeps float and four numbers")
     try:
         if engine == "pt2e":
             return _rebuilt_pt2e(float_model, table, state, qparams, arch_cpz, meta, shape, kept, native, sample_bytes)
@@ -335,6 +341,11 @@ def _check_rebuild_size(float_model: nn.Module, shape: list[int]) -> None:
         )
 
 
+def _finite(v: Any) -> bool:
+    """A finite float, or an int a float holds exactly (10**400 is no number a table holds; bool is no int)."""
+    return type(v) is float and math.isfinite(v) or type(v) is int and abs(v) < 1 << 53
+
+
 def _errors_ok(rows: Any) -> bool:
     """An auto observer's table of candidates: at most a few ``[name, finite number >= 0]`` rows."""
     return (
@@ -344,13 +355,35 @@ def _errors_ok(rows: Any) -> bool:
             isinstance(r, list)
             and len(r) == 2
             and r[0] in (*OBSERVERS, *pt2e.OBSERVERS)
-            and (type(r[1]) is float and math.isfinite(r[1]) or type(r[1]) is int and r[1] < 1 << 53)  # (10**400)
+            and _finite(r[1])
             and r[1] >= 0
             for r in rows
         )
     )
 
 
+def _fallback_ok(rows: Any, kept: list) -> bool:
+    """The layers an accuracy budget kept float (``int8_fallback``): at most ``MAX_FALLBACK`` rows ``[layer,
+    output error all INT8, output error with it float, score before, score after]``, each layer one the file keeps
+    float, named once; errors finite and >= 0, scores finite."""
+    return (
+        isinstance(rows, list)
+        and len(rows) <= MAX_FALLBACK
+        and all(
+            isinstance(r, list)
+            and len(r) == 5
+            and isinstance(r[0], str)
+            and r[0] in kept
+            and all(_finite(v) for v in r[1:])
+            and r[1] >= 0
+            and r[2] >= 0
+            for r in rows
+        )
+        and len({r[0] for r in rows}) == len(rows)
+    )
+
+
+MAX_FALLBACK = 100  # rows of a float fallback: Int8Config.max_float_layers at most
 MAX_QPARAMS = 1_000_000
 
 

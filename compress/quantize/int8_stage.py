@@ -7,6 +7,11 @@ an ``Int8Model``; ``Int8Config(finetune=FineTune(epochs=1))`` trains first with 
 loses to rounding is trained back. The float model given is left as it was; the INT8 model is returned
 (it is a new model, not the input changed in place). In a recipe, ``method = "int8"`` with
 ``finetune = { epochs = [0, 1] }`` tries PTQ and trains only when PTQ misses the budget.
+
+Under an accuracy budget (``Int8Config(max_accuracy_drop=0.5)``, or the pipeline's when the stage runs inside
+``compress pipeline``), PTQ judges the INT8 model on the validation data and, while it misses the budget, keeps
+the most costly layers float, up to ``max_float_layers`` of them (``int8_fallback.py``: how they are ranked and
+what that costs).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from compress.config import Config, FineTune, Select, bounded, register_method
 from compress.data import Data, as_data, batches, check_fits
 from compress.errors import InputError, UsageError, first_line, safe
 from compress.method import Context, Method, _ctx, needs_data, run
-from compress.quantize import int8, int8_file, pt2e  # noqa: F401  (int8_file: an Int8Model's writer and size register)
+from compress.quantize import int8, int8_fallback, int8_file, pt2e  # (int8_file: also an Int8Model's writer, size)
+from compress.scoring import Judge
 
 ENGINES = ("auto", "pt2e", "fx")
 OBSERVER_CHOICES = ("auto", *pt2e.OBSERVERS)
@@ -45,6 +51,11 @@ class Int8Config(Config):
     finetune: ``epochs`` > 0: quantization-aware training for that many epochs before the conversion;
         batch-norm statistics and activation ranges are frozen for the last ``freeze`` of it.
     freeze: the share of the QAT steps, at the end, with batch-norm statistics and ranges frozen.
+    max_accuracy_drop: PTQ under an accuracy budget, in points of the metric on the validation data (the drop
+        against the float model plus one standard error, as the pipeline judges): while it is missed, the most
+        costly layer is kept float and the model made again, up to max_float_layers of them. None: no budget of
+        its own (in a pipeline: the pipeline's).
+    max_float_layers: at most this many layers kept float by the budget (besides select.exclude).
     """
 
     verb = "quantize"
@@ -59,6 +70,8 @@ class Int8Config(Config):
     freeze: float = bounded(float, 0, 1, 0.3, hi_open=True)
     select: Select = dataclasses.field(default_factory=lambda: Select(spare_first_last=False))
     finetune: FineTune = dataclasses.field(default_factory=lambda: FineTune(epochs=0.0, lr=1e-4, augment=0))
+    max_accuracy_drop: float | None = bounded(float, 0, 100, None)
+    max_float_layers: int = bounded(int, 0, int8_file.MAX_FALLBACK, 4)
 
     def __post_init__(self):
         if self.observer not in OBSERVER_CHOICES:
@@ -111,6 +124,11 @@ class Int8Lowering(Method):
         check_fits(self.model, self.calib, labels_needed=False)  # its samples are what the model takes
         if not self.qat:
             int8.check_calibration(self.calib)  # finite, and enough of it: before any work
+        if cfg.max_accuracy_drop is not None and ctx.val is None:
+            raise UsageError(
+                "max_accuracy_drop (--max-accuracy-drop) is judged on validation data: give --train-data (a share "
+                "is held out) or --val-data too; Context(val=...)"
+            )
         if cfg.select.exclude:  # the layers kept float are named on purpose: a pattern that names none is an error
             Select(names=cfg.select.exclude, spare_first_last=False).layers(self.model)
         chosen = {n for n, _ in self.select.layers(self.model)}
@@ -122,6 +140,7 @@ class Int8Lowering(Method):
         self.shape = ctx.shape(self.model)
         self.float_model = self.model
         self.observer_errors: dict[str, float] = {}
+        self.held: list[tuple[torch.Tensor, torch.Tensor]] = []  # (held-out calibration batch, its FP32 outputs)
         self.engine, self.fallback = self._engine()
         if self.engine == "pt2e":
             self.backend = "x86"
@@ -154,20 +173,36 @@ class Int8Lowering(Method):
             raise UsageError(f"the PT2E engine cannot run here: {reason}")
         return ("fx", reason) if reason is not None else ("pt2e", None)
 
+    def _make(self, observer: str, kept: tuple[str, ...] | None = None):
+        """A prepared copy of the float model on this engine, ``kept`` (default: the config's) left float."""
+        kept = self.kept if kept is None else kept
+        if self.engine == "pt2e":
+            return pt2e.prepare(
+                self.float_model,
+                self.shape,
+                observer,
+                kept,
+                self.qat,
+                self.config.percentile,
+                exported=self.exported,
+            )
+        return int8.prepare(
+            self.float_model, self.shape, observer, kept, self.backend, self.qat, self.config.percentile
+        )
+
+    def _convert(self, prepared: torch.fx.GraphModule) -> nn.Module:
+        """The converted graph of a calibrated prepared model (which it consumes)."""
+        with int8._quiet():
+            return pt2e.convert(prepared) if self.engine == "pt2e" else int8.convert_graph(prepared)
+
     def _prepare_pt2e(self):
         cfg = self.config
-
-        def make(observer: str):
-            return pt2e.prepare(
-                self.float_model, self.shape, observer, self.kept, self.qat, cfg.percentile, exported=self.exported
-            )
-
         try:
             if self.qat:
                 self.seen = 0  # QAT: the moving averages learn the ranges from the training batches
                 self.observer = "moving average (QAT)"
-                return make("minmax")
-            return self._calibrated(make, pt2e.convert, pt2e.OBSERVERS)
+                return self._make("minmax")
+            return self._calibrated(pt2e.OBSERVERS)
         except (InputError, UsageError):
             raise
         except Exception as e:  # torchao's matcher or converter fails on an op: the FX flow, with a note
@@ -182,42 +217,51 @@ class Int8Lowering(Method):
         if cfg.observer == "mse":
             raise UsageError(f'observer "mse" runs on the PT2E engine only, which cannot run here: {self.fallback}')
 
-        def make(observer: str):
-            return int8.prepare(
-                self.float_model, self.shape, observer, self.kept, self.backend, self.qat, cfg.percentile
-            )
-
         if self.qat:
             self.seen, self.observer = 0, "moving average (QAT)"
-            return make("histogram")
-        return self._calibrated(make, int8.convert_graph, int8.OBSERVERS)
+            return self._make("histogram")
+        return self._calibrated(int8.OBSERVERS)
 
-    def _calibrated(self, make, convert, candidates) -> nn.Module:
+    def _split(self) -> tuple[int, int]:
+        """(calibration samples, of which the first ``cut`` calibrate the candidates of ``auto`` and of the
+        fallback's ranking; the rest judge them)."""
+        n = min(self.config.calib_samples, len(self.calib))
+        return n, (n - n // HELD_OUT if n >= HELD_OUT else n)
+
+    def _error(self, q: nn.Module) -> float:
+        """The output error of a converted model against FP32, relative L2, on the held-out calibration samples
+        (all of them when there are too few to hold some out)."""
+        if not self.held:
+            n, cut = self._split()
+            with torch.no_grad():
+                self.held = [
+                    (x.float(), self.float_model.eval()(x.float()))
+                    for x, _ in batches(self.calib, 64, torch.arange(cut if cut < n else 0, n))
+                ]
+        with torch.no_grad(), int8._quiet():
+            num = sum(float(((q(x) - r).double() ** 2).sum()) for x, r in self.held)
+        den = sum(float((r.double() ** 2).sum()) for _, r in self.held)
+        return math.sqrt(num / max(den, 1e-30))
+
+    def _build(self, kept: tuple[str, ...], samples: int, observer: str | None = None) -> nn.Module:
+        """A converted model with ``kept`` float, calibrated on the first ``samples`` calibration samples."""
+        prepared = self._make(observer or self.observer, kept)
+        int8.calibrate(prepared, self.calib, samples)
+        return _Reference(self._convert(prepared))
+
+    def _calibrated(self, candidates) -> nn.Module:
         """A prepared model calibrated with the observer asked for, or with ``auto`` the candidate whose
         converted outputs are closest to FP32 (relative L2) on the last 1/HELD_OUT of the calibration samples,
         having seen the rest; the one kept then sees all of them."""
         cfg = self.config
-        n = min(cfg.calib_samples, len(self.calib))
+        n, cut = self._split()
         if cfg.observer != "auto" or n < HELD_OUT:
             self.observer = "histogram" if cfg.observer == "auto" else cfg.observer
-            prepared = make(self.observer)
-            self.seen = int8.calibrate(prepared, self.calib, n)
-            return prepared
-        cut = n - n // HELD_OUT
-        held = [x.float() for x, _ in batches(self.calib, 64, torch.arange(cut, n))]
-        with torch.no_grad():
-            ref = [self.float_model.eval()(x) for x in held]
-        for obs in candidates:
-            prepared = make(obs)
-            int8.calibrate(prepared, self.calib, cut)
-            with int8._quiet():
-                q = convert(copy.deepcopy(prepared))
-            with torch.no_grad(), int8._quiet():
-                num = sum(float(((q(x) - r).double() ** 2).sum()) for x, r in zip(held, ref, strict=True))
-            den = sum(float((r.double() ** 2).sum()) for r in ref)
-            self.observer_errors[obs] = math.sqrt(num / max(den, 1e-30))
-        self.observer = min(self.observer_errors, key=self.observer_errors.__getitem__)
-        prepared = make(self.observer)
+        else:
+            for obs in candidates:
+                self.observer_errors[obs] = self._error(self._build(self.kept, cut, obs))
+            self.observer = min(self.observer_errors, key=self.observer_errors.__getitem__)
+        prepared = self._make(self.observer)
         self.seen = int8.calibrate(prepared, self.calib, n)
         return prepared
 
@@ -252,6 +296,11 @@ class Int8Lowering(Method):
 
     def finalize(self) -> nn.Module:
         cfg = self.config
+        native = list(self.native if self.engine == "pt2e" else getattr(self.prepared, "native_activations", []))
+        if self.engine == "pt2e" and self.qat:
+            pt2e.train_mode(self.prepared, False)
+        graph = self._convert(self.prepared.cpu())
+        graph, budget = self._meet_budget(graph)
         table = {
             "engine": self.engine,
             "backend": self.backend,
@@ -259,9 +308,8 @@ class Int8Lowering(Method):
             "input_shape": list(self.shape),
             "calibration": f"{self.calib.name}, {self.seen} samples",
             "keep_float": list(self.kept),
-            "native_activations": list(
-                self.native if self.engine == "pt2e" else getattr(self.prepared, "native_activations", [])
-            ),
+            "native_activations": native,
+            **budget,
         }
         if self.engine == "pt2e":
             table["reduce_range"] = int(not pt2e.vnni())
@@ -273,20 +321,14 @@ class Int8Lowering(Method):
         if self.qat:
             table["qat"] = f"{cfg.finetune.epochs:g} epochs on {self.ctx.train.name}"
             table["calibration"] = f"moving averages over the QAT batches of {self.ctx.train.name}"
-        if self.engine == "pt2e":
-            if self.qat:
-                pt2e.train_mode(self.prepared, False)
-            q = int8.Int8Model(pt2e.convert(self.prepared.cpu()), {"version": 1, **table}, self.float_model).eval()
-        else:
-            q = int8.convert(self.prepared, table, self.float_model)
+        q = int8.Int8Model(graph, {"version": 1, **table}, self.float_model).eval()
         if self.kept:
             self.notes.append(f"kept in float: {', '.join(self.kept)}")
-        swapped = table["native_activations"]
-        if swapped:
+        if native:
             self.notes.append(
-                f"{len(swapped)} hand-written hard-swish / hard-sigmoid modules run as torch's own "
-                f"(one INT8 op each, not every step of the formula): {', '.join(swapped[:3])}"
-                + (", ..." if len(swapped) > 3 else "")
+                f"{len(native)} hand-written hard-swish / hard-sigmoid modules run as torch's own "
+                f"(one INT8 op each, not every step of the formula): {', '.join(native[:3])}"
+                + (", ..." if len(native) > 3 else "")
             )
         if self.observer_errors:
             self.notes.append(
@@ -299,6 +341,89 @@ class Int8Lowering(Method):
             if isinstance(m, (nn.Conv2d, nn.Linear))
         ]
         return q
+
+    def _meet_budget(self, graph: nn.Module) -> tuple[nn.Module, dict]:
+        """Under a budget (the config's, else for PTQ the pipeline's, ``ctx.judge``): the converted ``graph``
+        judged on the validation data and, for PTQ while it misses, the most costly layers kept float
+        (``int8_fallback``); returns the graph kept and the table's entries that say so (none without a budget)."""
+        cfg, ctx = self.config, self.ctx
+        own = cfg.max_accuracy_drop is not None
+        if not own and self.qat:  # the pipeline's budget drives PTQ's fallback; its search judges QAT itself
+            return graph, {}
+        judge = ctx.judge
+        if cfg.max_accuracy_drop is not None:  # against the stage's float input, the pipeline's margin inside one
+            z = ctx.judge.z if ctx.judge is not None else 1.0
+            judge = Judge(ctx.val, cfg.max_accuracy_drop, z, ctx.metric, ctx.evaluate)
+            judge.start(self.float_model)
+        if judge is None:
+            return graph, {}
+        first = judge(_Reference(graph))
+        fb = int8_fallback.Fallback((), _Reference(graph), first)
+        if not self.qat:
+            n, cut = self._split()
+            layers = [
+                name
+                for name, m in self.float_model.named_modules()
+                if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in self.kept
+            ]
+            fb = int8_fallback.fall_back(
+                fb.model,
+                first,
+                layers,
+                cfg.max_float_layers,
+                lambda kept, ranking: self._build(tuple(sorted({*self.kept, *kept})), cut if ranking else n),
+                self._error,
+                judge,
+                self.observer_errors.get(self.observer),
+            )
+            self.kept = tuple(sorted({*self.kept, *fb.kept}))
+        data = judge.data
+        where = f"{data.name}, {len(data):,} samples, against {'the float model' if own else 'the pipeline input'}"
+        said = f"{fb.verdict['verdict']} ({where})"
+        if fb.kept:
+            self.notes.append(
+                f"the budget kept {len(fb.kept)} layer(s) float, the most costly first (output error vs FP32 all "
+                f"INT8 -> with only it float; {_label(ctx)} before -> after): "
+                + "; ".join(f"{r[0]} {r[1]:.4f} -> {r[2]:.4f}, {r[3]:.2f} -> {r[4]:.2f}" for r in fb.rows)
+                + f" ({fb.ranked} layers ranked, {fb.conversions} conversions)"
+            )
+        if fb.met:
+            self.notes.append(f"accuracy budget: {said}" + (f"; all INT8: {first['why']}" if fb.kept else ""))
+        else:
+            if self.qat:
+                why = "quantization-aware training has no float fallback (it follows PTQ)"
+            elif not cfg.max_float_layers:
+                why = "max_float_layers is 0: no layer was kept float"
+            elif not fb.tried:
+                why = f"no layer's float copy lowered the output error ({fb.ranked} ranked)"
+            else:
+                why = (
+                    f"{fb.tried} layer(s) tried float (max_float_layers {cfg.max_float_layers}); kept: the model "
+                    f"with the least drop, {len(fb.kept)} of them float"
+                )
+            self.notes.append(f"accuracy budget missed: {said}; {why}")
+        entries: dict = {"budget": said}
+        if fb.rows:
+            entries["float_fallback"] = fb.rows
+        return getattr(fb.model, "graph", fb.model), entries
+
+
+def _label(ctx: Context) -> str:
+    """What the judge's scores are, in a word or two."""
+    return "score" if ctx.evaluate is not None else ctx.metric.label
+
+
+class _Reference(nn.Module):
+    """A converted graph as the budget's judge and the output error run it: its reference graph (a candidate
+    runs once: nothing is compiled), inputs as floats."""
+
+    def __init__(self, graph: nn.Module):
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, x):
+        with int8._quiet():
+            return self.graph(x.float())
 
 
 def lower_int8(

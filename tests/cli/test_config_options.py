@@ -40,6 +40,8 @@ OPTIONS = {
         "--observer",
         "--engine",
         "--calib-data",
+        "--max-accuracy-drop",
+        "--max-float-layers",
     },
     "factorize": {"--energy", "--rank-ratio", "--rank"},
 }

@@ -138,6 +138,7 @@ def _arch(model: nn.Module, input_shape=None):
 DAMAGED_Q = "a row of its activation ranges is damaged"
 DAMAGED_I = "a row of its state index is damaged"
 NOT_OURS = "its table is not one this compress writes"
+FALLBACK = "its float fallback is not rows"
 BUFFERS = "not buffers of the dtypes this compress writes"
 SCALE = "has a scale that is not a finite positive number"
 TOO_BIG = "larger than an INT8 rebuild may be"
@@ -156,6 +157,33 @@ CASES = {  # name: (change, what the one line says; None: it loads and runs)
     "reduce_range 0 (another grid)": (_table(reduce_range=0), "another integer grid"),
     "an observer error of 10^400": (_table(observer_errors=[["minmax", 10**400]]), NOT_OURS),
     "an observer error of NaN": (_table(observer_errors=[["minmax", NAN]]), NOT_OURS),
+    "a budget that is a number": (_table(budget=0.5), NOT_OURS),
+    "a float fallback that is text": (_table(float_fallback="fc2"), NOT_OURS),
+    "a float fallback of a layer not kept float": (
+        _table(float_fallback=[["fc2", 0.1, 0.05, 90.0, 91.0]]),
+        FALLBACK,
+    ),
+    "a float fallback error of 10^400": (
+        _table(keep_float=["fc2"], float_fallback=[["fc2", 10**400, 0.05, 90.0, 91.0]]),
+        FALLBACK,
+    ),
+    "a float fallback score of NaN": (
+        _table(keep_float=["fc2"], float_fallback=[["fc2", 0.1, 0.0, NAN, 1.0]]),
+        FALLBACK,
+    ),
+    "a float fallback error True": (
+        _table(keep_float=["fc2"], float_fallback=[["fc2", True, 0.0, 1.0, 1.0]]),
+        FALLBACK,
+    ),
+    "a layer twice in the float fallback": (
+        _table(keep_float=["fc2"], float_fallback=[["fc2", 0.1, 0.0, 1.0, 1.0]] * 2),
+        FALLBACK,
+    ),
+    "a float fallback of 100,000 rows": (
+        _table(keep_float=["fc2"], float_fallback=[["fc2", 0.1, 0.0, 1.0, 1.0]] * 100_000),
+        FALLBACK,
+    ),
+    "a float fallback nested 50,000 deep": (_table(float_fallback=_deep(50_000)), FALLBACK),
     "an unknown key nested 50,000 deep": (_table(extra=_deep(50_000)), NOT_OURS),
     "an input shape nested 50,000 deep": (_table(input_shape=_deep(50_000)), "bad input shape"),
     "activation ranges nested 50,000 deep": (_table(qparams=_deep(50_000)), DAMAGED_Q),
