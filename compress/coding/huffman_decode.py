@@ -204,8 +204,8 @@ def lanes(
         if q_last < k:
             row[-1] = row[-1] >> (slot * (k - q_last)) if q_last else 0
     # the (lanes, steps) words, transposed (torch copies in cache-sized blocks), are each lane's symbols
-    words = torch.from_numpy(out.view(_SIGNED[k * slot])).T.contiguous().numpy()
-    sym = words.view(_DTYPES[slot])  # (lanes, steps * k)
+    sym = np.empty((count, steps * k), dtype=_DTYPES[slot])
+    torch.from_numpy(sym.view(_SIGNED[k * slot])).copy_(torch.from_numpy(out.view(_SIGNED[k * slot])).T)
     flat = sym.reshape(-1) if last == block == steps * k else np.concatenate([sym[:-1, :block].ravel(), sym[-1, :last]])
     return flat, pos.astype(np.int64)
 
