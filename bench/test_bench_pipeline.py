@@ -207,7 +207,8 @@ def test_decode_speed_vs_zlib(benchmark, tmp_path):
         zlib_ms=round(t_zlib * 1000, 3),
         times_zlib=round(t_cpz / t_zlib, 2),
         weights=2048 * 2048,
+        mweights_per_s=round(2048 * 2048 / t_cpz / 1e6, 1),
         cpz_bytes=size,
         zlib_bytes=len(z),
     )
-    assert t_cpz <= 10 * t_zlib
+    assert t_cpz <= 3 * t_zlib

@@ -1,14 +1,16 @@
-"""Canonical, length-limited Huffman coding with a vectorized block-parallel decoder.
+"""Canonical, length-limited Huffman coding with vectorized decoders.
 
 * Code lengths come from a Huffman tree (heap), limited to ``MAX_LEN`` bits with the length
   adjustment of the JPEG standard (ITU T.81, Annex K.3); only the lengths are stored, and the
   canonical code is rebuilt from them.
 * The symbol stream is cut into blocks of ``block`` symbols and the bit offset of every block is
-  stored (sync points). Decoding steps through all blocks at once: each step reads a ``MAX_LEN``-bit
-  window at every block's position, looks up (symbol, length) in a 2^MAX_LEN table, and advances.
-  That is ``block`` numpy steps over ``n / block`` lanes, not a per-bit Python loop.
-* Everything read is checked: lengths form a prefix code (Kraft), every block must end exactly where
-  the next one starts, and no invalid code may appear. A decoder error is a ``ValueError``.
+  stored (sync points). Decoding works on all blocks at once, in numpy operations over whole arrays,
+  never a Python step per symbol (``huffman_decode``): a short stream by looking up the code at every
+  bit and doubling the jumps from code to code, a long one by stepping every block together, 16 bits
+  and up to 4 symbols a lookup.
+* Everything read is checked, its size before any work: lengths form a prefix code (Kraft), every
+  block must end exactly where the next one starts, and no invalid code may appear. A decoder error
+  is a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import heapq
 
 import numpy as np
+
+from compress.coding import huffman_decode as D
 
 MAX_LEN = 15
 DEFAULT_BLOCK = 512
@@ -80,15 +84,6 @@ def canonical_codes(lengths: np.ndarray) -> np.ndarray:
     return codes
 
 
-def check_lengths(lengths: np.ndarray, max_len: int = MAX_LEN) -> None:
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if lengths.size and (lengths.min() < 0 or lengths.max() > max_len):
-        raise ValueError("code length out of range")
-    kraft = sum(2.0 ** -int(n) for n in lengths if n > 0)
-    if kraft > 1.0 + 1e-12:
-        raise ValueError("code lengths do not form a prefix code")
-
-
 def encoded_bits(freqs: np.ndarray, lengths: np.ndarray) -> int:
     return int((np.asarray(freqs, np.int64) * np.asarray(lengths, np.int64)).sum())
 
@@ -119,35 +114,45 @@ def encode(symbols: np.ndarray, lengths: np.ndarray, block: int = DEFAULT_BLOCK)
     return np.packbits(bits).tobytes(), block_bits.astype(np.uint16)
 
 
-def build_table(lengths: np.ndarray, max_len: int = MAX_LEN) -> tuple[np.ndarray, np.ndarray]:
-    """(symbol, length) for every max_len-bit window; symbol -1 where no code matches."""
+# ----------------------------------------------------------------------------- decoding
+# Streams of up to CHAIN_BITS bits decode by jumping from every bit at once (work ~ bits * log2(block)),
+# longer ones by stepping all blocks together (see huffman_decode).
+CHAIN_BITS = 1 << 17
+
+
+def _kraft(lengths: np.ndarray, max_len: int) -> int:
+    """Kraft sum of ``lengths`` in units of 2^-max_len (exact): 2^max_len for a complete code."""
+    used = lengths[lengths > 0]
+    return int(np.left_shift(np.int64(1), max_len - used).sum())
+
+
+def check_lengths(lengths: np.ndarray, max_len: int = MAX_LEN) -> None:
     lengths = np.asarray(lengths, dtype=np.int64)
-    check_lengths(lengths, max_len)
-    codes = canonical_codes(lengths)
-    sym = np.full(1 << max_len, -1, dtype=np.int32)
-    tl = np.zeros(1 << max_len, dtype=np.int32)
-    for s in np.nonzero(lengths)[0]:
-        n = int(lengths[s])
-        lo = int(codes[s]) << (max_len - n)
-        hi = (int(codes[s]) + 1) << (max_len - n)
-        sym[lo:hi] = s
-        tl[lo:hi] = n
-    return sym, tl
+    if lengths.size and (lengths.min() < 0 or lengths.max() > max_len):
+        raise ValueError("code length out of range")
+    if _kraft(lengths, max_len) > 1 << max_len:
+        raise ValueError("code lengths do not form a prefix code")
 
 
 def decode(
-    payload: bytes,
+    payload: bytes | memoryview,
     lengths: np.ndarray,
     count: int,
     block_bits: np.ndarray,
     block: int = DEFAULT_BLOCK,
     max_len: int = MAX_LEN,
+    relabel: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Inverse of ``encode``: ``count`` symbols (int32). Raises ValueError on any inconsistency."""
+    """Inverse of ``encode``: ``count`` symbols (uint8 where the alphabet allows, else wider), or
+    ``relabel[symbols]`` (``relabel``: uint8, one value per symbol, applied inside the lookups).
+
+    Raises ValueError on any inconsistency: a wrong number of sync points or stream length (checked
+    before any work), code lengths that are no prefix code, a block that does not end where the next
+    one starts, or a bit pattern that no code matches."""
     if count == 0:
         if len(payload) or len(block_bits):
             raise ValueError("data present for an empty stream")
-        return np.zeros(0, dtype=np.int32)
+        return np.zeros(0, dtype=np.uint8)
     nblocks = (count + block - 1) // block
     block_bits = np.asarray(block_bits, dtype=np.int64)
     if len(block_bits) != nblocks:
@@ -158,34 +163,38 @@ def decode(
         raise ValueError("stream length does not match its sync points")
     if total > count * max_len or total < count:
         raise ValueError("stream length impossible for its symbol count")
-    sym_t, len_t = build_table(lengths, max_len)
-    table = (sym_t.astype(np.int32) << 8) | len_t  # one gather per step: symbol << 8 | length
-    # 24-bit window at every byte (max_len + 7 <= 24); padded so that a corrupt stream, which can
-    # run at most block * max_len bits past its start, never reads outside the array
-    pad = block * max_len // 8 + 4
-    b = np.concatenate([np.frombuffer(payload, dtype=np.uint8), np.zeros(pad, dtype=np.uint8)]).astype(np.int32)
-    win = (b[:-2] << 16) | (b[1:-1] << 8) | b[2:]
-    mask = (1 << max_len) - 1
-    shift0 = 24 - max_len
-    pos = np.concatenate([[0], ends[:-1]]).astype(np.int32)
-    out = np.empty((min(block, count) if nblocks == 1 else block, nblocks), dtype=np.int32)  # row i: i-th symbols
-    last = count - (nblocks - 1) * block  # symbols in the last block
-    pos_last = None
-    e = np.empty(nblocks, dtype=np.int32)
-    steps = block if nblocks > 1 else count  # a short stream needs only `count` steps, not `block`
-    for i in range(steps):
-        if i == last:
-            pos_last = int(pos[-1])
-        np.take(win, pos >> 3, out=e)
-        e >>= shift0 - (pos & 7)
-        e &= mask
-        np.take(table, e, out=e)
-        np.right_shift(e, 8, out=out[i])
-        e &= 0xFF
-        pos += e
-    if pos_last is not None:
-        pos[-1] = pos_last
-    flat = out.T.ravel()[:count] if last == block else np.concatenate([out[:, :-1].T.ravel(), out[:last, -1]])
-    if not np.array_equal(pos, ends) or (flat < 0).any():
+    if max_len > D.MAX_WIDTH:
+        raise ValueError(f"codes longer than {D.MAX_WIDTH} bits are not supported")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    check_lengths(lengths, max_len)
+    if not lengths.any():
+        raise ValueError("no code for a non-empty stream")
+    alpha = len(lengths)
+    if alpha > 1 << 16:
+        raise ValueError("alphabet too large")
+    values = np.arange(alpha, dtype=np.int64) if relabel is None else np.asarray(relabel, dtype=np.int64)
+    starts, last = np.concatenate([[0], ends[:-1]]), count - (nblocks - 1) * block
+    win = D.windows(payload)
+    if total <= CHAIN_BITS:
+        dtype = (
+            np.uint8
+            if relabel is not None
+            else next(t for t in (np.uint8, np.uint16, np.uint32) if alpha <= np.iinfo(t).max + 1)
+        )
+        sym, stop = D.chain(win, lengths, values, dtype, total, starts, block, last)
+        if not np.array_equal(stop, ends):
+            raise ValueError("corrupt Huffman stream")
+        return sym
+    complete = _kraft(lengths, max_len) == 1 << max_len  # then every window starts with a code
+    baked = relabel is not None and complete  # else a sentinel marks windows that start no code
+    # the narrowest slot that holds every value, and the sentinel (alpha) where a window may start no code
+    slot = 8 if baked else next(b for b in (8, 16, 32) if alpha <= (1 << b) - (0 if complete else 1))
+    width = max(D.WINDOW, int(lengths.max()))
+    k = D.group_size(lengths, slot, width, nblocks)
+    table = D.tables(lengths, width, k, slot, values if baked else np.arange(alpha), alpha)
+    sym, stop = D.lanes(win, table, width, starts, block, last, k, slot)
+    if not np.array_equal(stop, ends):
         raise ValueError("corrupt Huffman stream")
-    return flat
+    if not complete and sym.max() >= alpha:
+        raise ValueError("corrupt Huffman stream (a bit pattern that no code matches)")
+    return relabel[sym] if relabel is not None and not baked else sym

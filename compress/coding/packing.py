@@ -21,18 +21,20 @@ def pack(codes: np.ndarray, bits: int) -> bytes:
     return np.packbits(bitmat.ravel()).tobytes()
 
 
-def unpack(data: bytes, bits: int, count: int) -> np.ndarray:
-    """Inverse of ``pack``: ``count`` codes as uint32."""
+def unpack(data: bytes | memoryview, bits: int, count: int) -> np.ndarray:
+    """Inverse of ``pack``: ``count`` codes, uint8 for ``bits`` <= 8, else uint32."""
     need = (count * bits + 7) // 8
     if len(data) < need:
         raise ValueError(f"packed data too short: {len(data)} < {need} bytes")
     buf = np.frombuffer(data, dtype=np.uint8, count=need)
     if bits == 8:
-        return buf.astype(np.uint32)
+        return buf.copy()
     if bits == 4:
-        out = np.empty(need * 2, dtype=np.uint32)
-        out[0::2] = buf >> 4
-        out[1::2] = buf & 0x0F
-        return out[:count]
-    bitsarr = np.unpackbits(buf)[: count * bits].reshape(count, bits).astype(np.uint32)
-    return (bitsarr << np.arange(bits - 1, -1, -1, dtype=np.uint32)).sum(1).astype(np.uint32)
+        out = np.empty((need, 2), dtype=np.uint8)
+        np.right_shift(buf, 4, out=out[:, 0])
+        np.bitwise_and(buf, 0x0F, out=out[:, 1])
+        return out.reshape(-1)[:count]
+    dtype = np.dtype(np.uint8 if bits <= 8 else np.uint32)
+    bitsarr = np.unpackbits(buf)[: count * bits].reshape(count, bits).astype(dtype)
+    weights = np.left_shift(1, np.arange(bits - 1, -1, -1)).astype(dtype)
+    return (bitsarr * weights).sum(1, dtype=dtype)

@@ -72,7 +72,12 @@ def fixed_bytes(f: dict) -> int:
     return (int(f["count"]) * _bits_for(int(f["alpha"])) + 7) // 8
 
 
-def decode_symbols(data: bytes, f: dict, max_count: int, budget: Budget = UNLIMITED) -> np.ndarray:
+def decode_symbols(
+    data: bytes | memoryview, f: dict, max_count: int, budget: Budget = UNLIMITED, relabel: np.ndarray | None = None
+) -> np.ndarray:
+    """The stream's ``count`` symbols, unsigned (uint8 for an alphabet of up to 256), each checked to
+    be below ``alpha``. ``relabel`` (uint8, one value per symbol) maps them on the way: for free inside
+    the Huffman tables, a gather for a packed stream."""
     alpha, n = _int(f, "alpha", 1, 1 << 16), _int(f, "count", 0, max_count)
     coding = f.get("coding")
     huff = coding == "huff"
@@ -84,32 +89,32 @@ def decode_symbols(data: bytes, f: dict, max_count: int, budget: Budget = UNLIMI
         width = _bits_for(alpha)
         if f.get("width", width) != width or len(data) != (n * width + 7) // 8:
             raise ValueError("packed stream has the wrong length")
-        out = unpack(data, width, n).astype(np.int64) if width <= 8 else _unpack_wide(data, width, n)
-    elif huff:
-        parts = f.get("parts")
-        if not (
-            isinstance(parts, list)
-            and len(parts) == 3
-            and all(isinstance(p, int) and p >= 0 for p in parts)
-            and sum(parts) == len(data)
-        ):
-            raise ValueError("Huffman stream parts do not add up")
-        a, b, _ = parts
-        if a != (alpha * 4 + 7) // 8 or b != 2 * ((n + block - 1) // block):
-            raise ValueError("Huffman stream tables have the wrong size")
-        lengths = unpack(data[:a], 4, alpha).astype(np.int64)
-        bb = np.frombuffer(data[a : a + b], dtype="<u2")
-        out = H.decode(data[a + b :], lengths, n, bb, block).astype(np.int64)
-    else:
+        out = unpack(data, width, n) if width <= 8 else _unpack_wide(data, width, n)
+        if n and out.max() >= alpha:
+            raise ValueError("symbol out of range")
+        return out if relabel is None else relabel[out]
+    if not huff:
         raise ValueError(f"unknown stream coding {coding!r}")
-    if n and (out.min() < 0 or out.max() >= alpha):
-        raise ValueError("symbol out of range")
-    return out
+    parts = f.get("parts")
+    if not (
+        isinstance(parts, list)
+        and len(parts) == 3
+        and all(isinstance(p, int) and p >= 0 for p in parts)
+        and sum(parts) == len(data)
+    ):
+        raise ValueError("Huffman stream parts do not add up")
+    a, b, _ = parts
+    if a != (alpha * 4 + 7) // 8 or b != 2 * ((n + block - 1) // block):
+        raise ValueError("Huffman stream tables have the wrong size")
+    lengths = unpack(data[:a], 4, alpha).astype(np.int64)
+    bb = np.frombuffer(data[a : a + b], dtype="<u2")
+    # every symbol the decoder yields is below alpha: it has a code length in the alphabet's table
+    return H.decode(data[a + b :], lengths, n, bb, block, relabel=relabel)
 
 
 def _unpack_wide(data, width, n):
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[: n * width].reshape(n, width).astype(np.int64)
-    return (bits << np.arange(width - 1, -1, -1)).sum(1)
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[: n * width].reshape(n, width).astype(np.uint32)
+    return (bits << np.arange(width - 1, -1, -1, dtype=np.uint32)).sum(1, dtype=np.uint32)
 
 
 def _int(f: dict, key: str, lo: int, hi: int) -> int:
@@ -131,6 +136,7 @@ def gaps_of(positions: np.ndarray) -> np.ndarray:
 
 
 def positions_of(sym: np.ndarray) -> np.ndarray:
+    sym = np.asarray(sym, dtype=np.int64)
     final = sym != GAP_FILLER
     step = np.where(final, sym + 1, GAP_FILLER)
     return (np.cumsum(step) - 1)[final]
@@ -147,7 +153,7 @@ def encode_index(mask: np.ndarray) -> tuple[bytes, dict]:
     return bitmask, {"index": "bitmask", "nnz": int(len(pos)), "n": n}
 
 
-def decode_index(data: bytes, f: dict, n: int, budget: Budget = UNLIMITED) -> np.ndarray:
+def decode_index(data: bytes | memoryview, f: dict, n: int, budget: Budget = UNLIMITED) -> np.ndarray:
     """-> flat boolean mask of length n."""
     nnz = _int(f, "nnz", 0, n)
     budget.spend(elements=n // 8, work=n // 8)

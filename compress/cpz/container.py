@@ -241,7 +241,7 @@ def decode_model(
         if off != expected_off:  # sections follow each other: none overlaps or is read twice
             _fail(path, f"section of {safe(name)} does not follow the previous one (overlapping sections)")
         expected_off = off + ln
-        data = blob[start + off : start + off + ln]
+        data = memoryview(blob)[start + off : start + off + ln]  # a view: slices of it copy nothing
         if zlib.crc32(data) != crc:
             _fail(path, f"checksum mismatch in {safe(name)}")
         try:

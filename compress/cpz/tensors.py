@@ -10,7 +10,7 @@ import torch
 from compress import quantize  # noqa: F401  (importing it registers the built-in schemes a file may name)
 from compress.coding import streams
 from compress.errors import InputError
-from compress.quant_state import QuantState, schemes
+from compress.quant_state import QuantState, lookup_bytes, schemes
 
 MAX_NUMEL = 1 << 31
 _STORAGE = {"uniform": "grid", "codebook": "codebook"}  # the manifest's "enc" -> a scheme's storage
@@ -139,7 +139,7 @@ def shape_numel(e: dict) -> tuple[list, int]:
     return shape, n
 
 
-def _decode_raw(e: dict, data: bytes, shape: list, n: int) -> torch.Tensor:
+def _decode_raw(e: dict, data: bytes | memoryview, shape: list, n: int) -> torch.Tensor:
     dtype = e.get("dtype")
     if dtype not in _RAW_DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}")
@@ -150,7 +150,7 @@ def _decode_raw(e: dict, data: bytes, shape: list, n: int) -> torch.Tensor:
     return torch.from_numpy(a.copy()).reshape(shape)
 
 
-def _decode_sparse_raw(e: dict, data: bytes, shape: list, n: int, budget) -> torch.Tensor:
+def _decode_sparse_raw(e: dict, data: bytes | memoryview, shape: list, n: int, budget) -> torch.Tensor:
     ib = streams._int(e, "index_bytes", 0, len(data))
     mask = streams.decode_index(data[:ib], _dict(e, "index"), n, budget)
     vals = data[ib:]
@@ -168,13 +168,16 @@ def _dict(e: dict, key: str) -> dict:
     return v
 
 
-def _symbols(e: dict, rest: bytes, n: int, alpha: int, budget) -> tuple[np.ndarray, np.ndarray | None]:
-    """The coded symbols of a quantized tensor: all n (dense), or the nonzeros and their mask."""
+def _symbols(
+    e: dict, rest: bytes | memoryview, n: int, alpha: int, budget, dense_relabel: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The coded symbols of a quantized tensor: all n (dense, mapped by ``dense_relabel`` if given),
+    or the nonzeros and their mask."""
     if _dict(e, "values").get("alpha") != alpha:
         raise ValueError("alphabet does not match the encoding")
     mode = e.get("mode")
     if mode == "dense":
-        sym, mask = streams.decode_symbols(rest, _dict(e, "values"), n, budget), None
+        sym, mask = streams.decode_symbols(rest, _dict(e, "values"), n, budget, dense_relabel), None
         expected = n
     elif mode == "sparse":
         ib = streams._int(e, "index_bytes", 0, len(rest))
@@ -201,8 +204,11 @@ def _scheme_name(e: dict) -> str:
     return name
 
 
-def _decode_state(e: dict, data: bytes, shape: list, n: int, budget) -> QuantState:
-    """The quantization state of a coded weight: its codes exactly as they were written."""
+def _decode_state(
+    e: dict, data: bytes | memoryview, shape: list, n: int, budget
+) -> tuple[QuantState, torch.Tensor | None]:
+    """The quantization state of a coded weight: its codes exactly as they were written; and the
+    weight where it comes cheaper from the symbols than from the state (else None)."""
     enc = e.get("enc")
     name = _scheme_name(e)
     if e.get("dtype") != "float32":
@@ -215,17 +221,26 @@ def _decode_state(e: dict, data: bytes, shape: list, n: int, budget) -> QuantSta
         half = e.get("cb16", False)
         if not isinstance(half, bool) or pb != (2 if half else 4) * k:
             raise ValueError("codebook has the wrong size")
-        sym, mask = _symbols(e, rest, n, k + 1, budget)  # symbols < k + 1: the streams check the alphabet
-        if mask is None:
+        # symbols < k + 1: the streams check the alphabet. The dense stream's zero symbol k is code
+        # -1: decoded straight to the byte 0xFF (int8 -1) where the codes fit in a signed byte
+        signed = k < 128
+        relabel = np.append(np.arange(k, dtype=np.uint8), np.uint8(0xFF)) if signed else None
+        sym, mask = _symbols(e, rest, n, k + 1, budget, relabel)
+        cb = np.frombuffer(params, dtype="<f2" if half else "<f4").astype(np.float32)
+        weight = None
+        if mask is None and signed:
+            codes = sym.view(np.int8).astype(np.int16)
+            weight = torch.from_numpy(lookup_bytes(cb + 0.0, sym)).view(shape)  # as state.dequantize
+        elif mask is None:
             codes = sym.astype(np.int16)
-            codes[codes == k] = -1  # the dense stream's zero symbol
+            codes[codes == k] = -1
         else:
             codes = np.full(n, -1, dtype=np.int16)
             codes[mask] = sym
             if n and codes.max() >= k:
                 raise ValueError("code outside the codebook")
-        cb = torch.from_numpy(np.frombuffer(params, dtype="<f2" if half else "<f4").astype(np.float32))
-        return QuantState(bits, name, torch.from_numpy(codes), codebook=cb, per_channel=False)
+        state = QuantState(bits, name, torch.from_numpy(codes), codebook=torch.from_numpy(cb), per_channel=False)
+        return state, weight
     c = streams._int(e, "channels", 1, n if n else 1)
     affine = e.get("affine")
     if not isinstance(affine, bool) or pb != 4 * c * (2 if affine else 1) or (n and n % c):
@@ -234,23 +249,24 @@ def _decode_state(e: dict, data: bytes, shape: list, n: int, budget) -> QuantSta
     scale = torch.from_numpy(np.frombuffer(params[: 4 * c], dtype="<f4").astype(np.float32))
     zp = torch.from_numpy(np.frombuffer(params[4 * c :], dtype="<f4").astype(np.float32)) if affine else None
     if mask is None:
-        codes = sym.astype(np.int64)
+        codes = sym.astype(np.uint8, copy=False)  # symbols < 2^bits <= 256
     else:  # pruned weights are the grid's zero: code -lo (symmetric) or the channel's zero point
         lo = -(2 ** (bits - 1) - 1) if not affine else 0
         codes = np.repeat(zp.numpy().astype(np.int64), n // c) if zp is not None else np.full(n, -lo, dtype=np.int64)
         codes[mask] = sym
+        codes = codes.astype(np.uint8)
     state = QuantState(
         bits,
         name,
-        torch.from_numpy(codes.astype(np.uint8)).view(c, -1),
+        torch.from_numpy(codes).view(c, -1),
         scale,
         zp,
         per_channel=bool(e.get("per_channel", True)),
     )
-    return state
+    return state, None
 
 
-def decode_entry(e: dict, data: bytes, budget) -> tuple[torch.Tensor, QuantState | None]:
+def decode_entry(e: dict, data: bytes | memoryview, budget) -> tuple[torch.Tensor, QuantState | None]:
     """One tensor section -> (tensor, its quantization state or None)."""
     shape, n = shape_numel(e)  # charged to the budget up front (container._charge)
     enc = e.get("enc")
@@ -262,5 +278,5 @@ def decode_entry(e: dict, data: bytes, budget) -> tuple[torch.Tensor, QuantState
         return _decode_sparse_raw(e, data, shape, n, budget), None
     if enc not in ("uniform", "codebook"):
         raise ValueError(f"unknown encoding {enc!r}")
-    state = _decode_state(e, data, shape, n, budget)
-    return state.dequantize(shape), state
+    state, weight = _decode_state(e, data, shape, n, budget)
+    return (state.dequantize(shape) if weight is None else weight), state

@@ -97,6 +97,69 @@ def test_decoder_rejects_corrupt_stream():
         H.decode(p, L, 100, wrong_sync, 32)
 
 
+@pytest.mark.parametrize("alpha", [17, 256, 257])
+@pytest.mark.parametrize("block,n", [(512, 512 * 600), (512, 512 * 600 - 77), (7, 7 * 40_000 + 3)])
+def test_huffman_long_streams_decode_exactly(alpha, block, n):
+    """Streams long enough for the 16-bit lookup, skewed so that some groups of symbols overrun one
+    window; a short last block, blocks that are no multiple of the symbols a lookup yields, and
+    alphabets that need one or two bytes a symbol."""
+    rng = np.random.default_rng(alpha + n)
+    sym = np.clip(np.round(rng.laplace(alpha / 2, alpha / 12, n)), 0, alpha - 1).astype(np.int64)
+    lengths = H.code_lengths(np.bincount(sym, minlength=alpha))
+    payload, bb = H.encode(sym, lengths, block)
+    out = H.decode(payload, lengths, n, bb, block)
+    assert out.dtype == (np.uint8 if alpha <= 256 else np.uint16)
+    assert np.array_equal(out, sym)
+    relabel = (np.arange(alpha) * 7 % 251).astype(np.uint8)
+    assert np.array_equal(H.decode(payload, lengths, n, bb, block, relabel=relabel), relabel[sym])
+
+
+def test_huffman_relabel_on_incomplete_codes_and_packed_streams():
+    sym = np.full(3000, 2)  # one symbol: the code "0" covers half the windows
+    data, f = streams.encode_symbols(sym, 5)
+    relabel = np.array([9, 8, 255, 6, 5], dtype=np.uint8)
+    assert f["coding"] == "huff"
+    assert np.array_equal(streams.decode_symbols(data, f, 3000, relabel=relabel), relabel[sym])
+    flat = np.arange(3000) % 4  # uniform over a power of two: packed beats Huffman
+    data, f = streams.encode_symbols(flat, 4)
+    assert f["coding"] == "packed"
+    assert np.array_equal(streams.decode_symbols(data, f, 3000, relabel=relabel[:4]), relabel[flat])
+
+
+@pytest.mark.parametrize("n", [8, 400_000])  # a short stream and a long one (decoded another way)
+def test_a_bit_pattern_no_code_matches_is_refused(n):
+    """One symbol has the code 0 and no code starts with 1: a 1 anywhere is corrupt, even where the
+    sync points add up (one bit a symbol)."""
+    lengths = np.array([0, 1, 0])
+    payload, bb = H.encode(np.ones(n, dtype=np.int64), lengths, 512)
+    assert np.array_equal(H.decode(payload, lengths, n, bb, 512), np.ones(n))
+    bad = bytearray(payload)
+    bad[len(bad) // 2] |= 0x10
+    with pytest.raises(ValueError, match="corrupt Huffman stream"):
+        H.decode(bytes(bad), lengths, n, bb, 512)
+
+
+@pytest.mark.parametrize("n", [3000, 400_000])
+def test_corrupt_long_and_short_streams_are_refused_or_differ(n):
+    rng = np.random.default_rng(n)
+    sym = np.clip(np.round(rng.laplace(8, 2, n)), 0, 16).astype(np.int64)
+    lengths = H.code_lengths(np.bincount(sym, minlength=17))
+    payload, bb = H.encode(sym, lengths, 512)
+    for i in (0, len(payload) // 3, len(payload) - 1):
+        bad = bytearray(payload)
+        bad[i] ^= 0x5A
+        try:  # a complete code re-synchronises: the symbols differ (the section's CRC catches it)
+            assert not np.array_equal(H.decode(bytes(bad), lengths, n, bb, 512), sym)
+        except ValueError:
+            pass
+    if len(bb) > 1:
+        shifted = bb.copy()
+        shifted[0] += 1
+        shifted[1] -= 1
+        with pytest.raises(ValueError):
+            H.decode(payload, lengths, n, shifted, 512)
+
+
 # ------------------------------------------------------------------ index streams
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.999, 1.0])
 @pytest.mark.parametrize("n", [1, 7, 4001])
