@@ -354,93 +354,100 @@ def _kept(st: dict) -> str:
     return f"{st['stage']} {fmt(st['kept'])}"
 
 
+def _both(e: dict, get, digits: int = 2) -> str:
+    """``get(batch)`` at batch 1 and 32 as "b1 / b32"."""
+    return " / ".join(fmt(get(b), digits) for b in ("1", "32"))
+
+
+def _ratio(r: list | None) -> str:
+    return "-" if not r else f"{r[1]:.2f}x ({r[0]:.2f}-{r[2]:.2f})"
+
+
+def _why(e: dict) -> str:
+    """The short form of each profile: batch, and the shares of the kinds of op that took 5% or more."""
+    out = []
+    for b, w in sorted(e.get("why", {}).items(), key=lambda kv: int(kv[0])):
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in w["shares"].items() if v >= 0.05)
+        out.append(f"b{b}: {shares}")
+    return "; ".join(out) or "-"
+
+
 def int8(by_name: dict) -> list[str]:
-    rows = [e for n, e in by_name.items() if n.startswith("test_int8_in_pytorch[")]
-    if not rows:
-        return []
-    ov = any("ov_int8_ms_b32" in e for e in rows)
-    out = section(
-        "INT8 that PyTorch executes: accuracy (bench/test_bench_int8.py)",
-        "`compress quantize --activations`: static INT8 through PyTorch's FX flow (x86 kernels, conv-bn-relu "
-        "fused, per-channel int8 weights, per-tensor uint8 activations). Post-training (PTQ): activation ranges "
-        "from 512 mnist5k digits by each observer. Quantization-aware (QAT, `--epochs 1`): 1 epoch of "
-        "fake-quantized fine-tuning on the training split (batch-norm statistics and ranges frozen for the last "
-        f"30%), then converted. Accuracy on {rows[0]['eval_data']}; one run each.",
-        [
-            "model",
-            "FP32 %",
-            "PTQ histogram %",
-            "PTQ min-max %",
-            "PTQ percentile %",
-            "QAT 1 epoch %",
-            "QAT s",
-            "ORT INT8 %",
-        ]
-        + (["OpenVINO INT8 %"] if ov else []),
-        [
-            [
-                e["case"],
-                fmt(e["fp32_accuracy"]),
-                fmt(e["int8_histogram_accuracy"]),
-                fmt(e["int8_minmax_accuracy"]),
-                fmt(e.get("int8_percentile_accuracy")),
-                fmt(e.get("int8_qat_accuracy")),
-                fmt(e.get("qat_seconds"), 1),
-                fmt(e["ort_int8_accuracy"]),
-            ]
-            + ([fmt(e.get("ov_int8_accuracy"))] if ov else [])
-            for e in rows
-        ],
-    )
-    out += section(
-        "INT8 that PyTorch executes: speed, memory, file (bench/test_bench_int8.py)",
-        "Latency at batch 32 on this machine with 2 threads: PyTorch FP32 and INT8 (PTQ histogram) interleaved, "
-        "with the 95% interval of the ratio; ONNX Runtime (static QDQ of the same model) and OpenVINO (the same "
-        "two ONNX files as IR, FP32 run in f32) timed each alone, medians. Memory: bytes of the tensors the model "
-        "holds while it runs; file: the INT8 .pt against the FP32 .pt.",
-        ["model", "PyTorch FP32 → INT8 ms", "speed", "ORT FP32 → INT8 ms"]
-        + (["OpenVINO FP32 → INT8 ms", "OpenVINO INT8 layers"] if ov else [])
-        + ["memory", "file"],
-        [
-            [
-                e["case"],
-                f"{fmt(e['fp32_ms_b32'])} → {fmt(e['int8_ms_b32'])}",
-                e["verdict"],
-                f"{fmt(e['ort_fp32_ms_b32'])} → {fmt(e['ort_int8_ms_b32'])}",
-            ]
-            + (
-                [
-                    f"{fmt(e.get('ov_fp32_ms_b32'))} → {fmt(e.get('ov_int8_ms_b32'))}",
-                    "{} of {}".format(*e.get("ov_int8_int8_layers", ["-", "-"])),
-                ]
-                if ov
-                else []
-            )
-            + [f"{e['memory_ratio']:.2f}x", f"{e['file_ratio']:.2f}x"]
-            for e in rows
-        ],
-    )
-    peers = [e for n, e in by_name.items() if n.startswith("test_int8_pt2e_peer[")]
-    if peers:
+    rows = [e for n, e in by_name.items() if n.startswith("test_int8_in_pytorch[") and "latency" in e]
+    out: list[str] = []
+    if rows:
+        how = rows[0]["timing"]
+        lat = lambda e, k: lambda b: e["latency"].get(k, {}).get(b, {}).get("ms")  # noqa: E731
         out += section(
-            "INT8 in PyTorch: compress's FX flow beside PT2E + inductor (bench/test_bench_int8.py)",
-            "The flow PyTorch now points to, as a peer: torchao 0.18's PT2E (`torch.export`, X86InductorQuantizer, "
-            "512 calibration digits) compiled by `torch.compile` with freezing, beside compress's FX INT8 "
-            f"(histogram) of the same model. Accuracy on {peers[0]['eval_data']}; latency at batch 32, 2 threads, "
-            "interleaved, 95% interval; compile: seconds of the first call at batch 32 (every new shape compiles "
-            "again; a compiled model is code and is not saved).",
-            ["model", "FX INT8 %", "PT2E INT8 %", "FX ms", "PT2E compiled ms", "PT2E vs FX", "compile s"],
+            "INT8 in PyTorch (PT2E) beside ONNX Runtime and OpenVINO (bench/test_bench_int8.py)",
+            "compress's INT8 as `compress quantize --activations` makes it by default (engine auto: torchao's PT2E, "
+            "compiled by inductor with frozen weights on the first call at each shape; FX where PT2E cannot run; "
+            "observer auto; 512 mnist5k digits) beside eager PyTorch FP32, ONNX Runtime INT8 (static QDQ of "
+            "compress's ONNX export of the same model, the same digits) and OpenVINO INT8 (that ONNX file as IR). "
+            f"Latency on {how['machine']}, {how['threads']} threads, each runtime in a process of its own "
+            f"(bench/runtime_worker.py), in {how['rounds']} alternating rounds of {how['round_seconds']} s of calls at "
+            "each batch (one runtime running at a time, the order rotated each round): ms is the median of the "
+            "rounds' medians, at batch 1 / batch 32; compress INT8 / OpenVINO is the ratio of those medians with "
+            "its 95% interval (paired bootstrap over the rounds). Compile: seconds of compress INT8's first call at "
+            "batch 1 / 32, in no latency. Where compress INT8 is more than 1.15x OpenVINO's, torch.profiler (CPU) "
+            "on the compiled model at that batch: the share of its time by kind of op (notes below).",
+            [
+                "model",
+                "engine",
+                "compile s",
+                "FP32 ms",
+                "compress INT8 ms",
+                "ORT INT8 ms",
+                "OpenVINO INT8 ms",
+                "compress INT8 / OpenVINO, b1",
+                "b32",
+                "why (profile)",
+            ],
             [
                 [
                     e["case"],
-                    fmt(e["fx_accuracy"]),
-                    fmt(e.get("pt2e_accuracy")),
-                    fmt(e.get("fx_ms_b32")),
-                    fmt(e.get("pt2e_ms_b32")),
-                    e.get("pt2e_vs_fx", f"PT2E failed: {e.get('pt2e_error')}"),
-                    fmt(e.get("compile_s_batch_32"), 1),
+                    e["engine"],
+                    _both(e, lambda b, e=e: e["compile_s"].get(b), 1),
+                    _both(e, lat(e, "fp32")),
+                    _both(e, lat(e, "int8")),
+                    _both(e, lat(e, "ort")),
+                    _both(e, lat(e, "ov")),
+                    _ratio(e.get("int8_to_openvino", {}).get("1")),
+                    _ratio(e.get("int8_to_openvino", {}).get("32")),
+                    _why(e),
                 ]
-                for e in peers
+                for e in rows
+            ],
+        )
+        notes = [
+            f"- {e['case']}, batch {b}: {w['note']}."
+            for e in rows
+            for b, w in sorted(e.get("why", {}).items(), key=lambda kv: int(kv[0]))
+        ]
+        notes += [f"- {e['case']}: on FX, {e['engine_note']}." for e in rows if e.get("engine_note")]
+        out += [""] + notes if notes else []
+        obs = list(rows[0]["int8_accuracy"])
+        out += section(
+            "INT8 in PyTorch: accuracy by observer (bench/test_bench_int8.py)",
+            "Post-training (PTQ): activation ranges from 512 mnist5k digits by each observer; auto tries each on "
+            "three quarters of them and keeps the one whose outputs are closest to FP32 on the last quarter (its "
+            "choice in brackets: the same model as that column). QAT: 1 epoch of fake-quantized fine-tuning on the "
+            "training split, then converted. ONNX Runtime and OpenVINO: the files timed above. Accuracy on "
+            f"{rows[0]['eval_data']}; one run each; file: the INT8 .pt against the FP32 .pt.",
+            ["model", "engine", "FP32 %"]
+            + [f"PTQ {o} %" for o in obs if o != "auto"]
+            + ["PTQ auto %", "QAT 1 epoch %", "ORT INT8 %", "OpenVINO INT8 %", "file"],
+            [
+                [e["case"], e["engine"], fmt(e["fp32_accuracy"])]
+                + [fmt(e["int8_accuracy"].get(o)) for o in obs if o != "auto"]
+                + [
+                    f"{fmt(e['int8_accuracy']['auto'])} ({e['observer_auto']})",
+                    fmt(e.get("int8_qat_accuracy")),
+                    fmt(e.get("ort_int8_accuracy")),
+                    fmt(e.get("ov_int8_accuracy")),
+                    f"{e['file_ratio']:.2f}x",
+                ]
+                for e in rows
             ],
         )
     pipes = [e for n, e in by_name.items() if n.startswith("test_pipeline_with_an_int8_stage[")]
