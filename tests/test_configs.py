@@ -217,7 +217,6 @@ OTHER_VALUES: dict[str, list] = {
     "percentile": [99.9],
     "calib_samples": [128],
     "freeze": [0.5, 0.0],
-    "engine": ["fx", "pt2e"],
     "max_accuracy_drop": [0.5, 0],
     "max_float_layers": [0, 100],
 }
