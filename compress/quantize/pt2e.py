@@ -338,7 +338,7 @@ def patterns():
 
         return run
 
-    made._compress_memo = True  # type: ignore[attr-defined]
+    made._compress_memo = True
     saved = [(utils, "_get_aten_graph_module_for_pattern", make), (qat, "_fuse_conv_bn_qat_helper", fuse)]
     saved += [(qat, "_fold_conv_bn_qat_helper", fold)]
     if getattr(qat, "_get_aten_graph_module_for_pattern", None) is make:
