@@ -11,7 +11,7 @@ TORCH   ?= torch==2.13.0
 EXTRAS  ?= dev
 DEMO    := demo-out
 
-.PHONY: install demo test lint readme-check bench bench-fast bench-baseline clean
+.PHONY: install demo test lint readme-check bench bench-fast bench-int8 bench-baseline clean
 
 install: $(STAMP)
 
@@ -59,6 +59,14 @@ bench: install
 
 bench-fast: install
 	$(BIN)/python -m pytest -q bench -m "not slow" -p no:cacheprovider --benchmark-json=bench-results.json
+
+# INT8 alone (five models, each runtime in its own process; ~40 minutes on 2 cores), its sections of docs/results.md
+# updated in place; COMPRESS_BENCH_ROUNDS=5 and BENCH_INT8_K=resnet20 (a -k expression) for a quick look
+BENCH_INT8_K ?= test_int8_in_pytorch
+bench-int8: install
+	$(BIN)/python -m pytest -q bench/test_bench_int8.py -k "$(BENCH_INT8_K)" -p no:cacheprovider \
+		--benchmark-json=bench-int8.json
+	$(BIN)/python bench/render_results.py bench-int8.json docs/results.md --update
 
 # the baseline that .github/workflows/bench.yml compares with (held-out evaluation, as in CI)
 bench-baseline: install

@@ -1,4 +1,8 @@
-"""Render docs/results.md from a pytest-benchmark JSON file: `python bench/render_results.py F OUT`."""
+"""Render docs/results.md from a pytest-benchmark JSON file: `python bench/render_results.py F OUT`.
+
+`python bench/render_results.py F OUT --update`: F is a partial run (some bench files, e.g. `make bench-int8`);
+its sections replace those of OUT with the same heading (and the headings in RETIRED, sections this renderer no
+longer writes), each marked with the run's date; OUT's other sections stay as they were, from their own run."""
 
 from __future__ import annotations
 
@@ -587,7 +591,62 @@ def main(src: str, dst: str) -> None:
     print(f"wrote {dst} ({len(rows)} benchmarks)")
 
 
+# headings of sections older renderers wrote and this one does not: a partial run's update removes them
+RETIRED = (
+    "## INT8 that PyTorch executes: accuracy (bench/test_bench_int8.py)",
+    "## INT8 that PyTorch executes: speed, memory, file (bench/test_bench_int8.py)",
+    "## INT8 in PyTorch: compress's FX flow beside PT2E + inductor (bench/test_bench_int8.py)",
+)
+
+
+def _sections(lines: list[str]) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """Lines before the first ``## `` heading, and each section as (heading, its lines without the heading)."""
+    head: list[str] = []
+    out: list[tuple[str, list[str]]] = []
+    for ln in lines:
+        if ln.startswith("## "):
+            out.append((ln, []))
+        elif out:
+            out[-1][1].append(ln)
+        else:
+            head.append(ln)
+    return head, out
+
+
+def update(src: str, dst: str) -> None:
+    """Splice a partial run's sections into ``dst`` (see the module's docstring)."""
+    data = json.load(open(src))
+    by_name = {b["name"]: b.get("extra_info", {}) for b in data["benchmarks"]}
+    renderers = (anchors, nncodec, matrix, graph_decode, user_data, targets, timing, confidence, extensions, int8)
+    _, new = _sections([ln for r in renderers for ln in r(by_name)])
+    if not new:
+        sys.exit(f"{src}: no benchmark of it renders a section")
+    when = str(data.get("datetime", datetime.now(timezone.utc).isoformat()))[:10]
+    fresh = {h: ["", f"*Updated from a partial run of {when}.*", *body] for h, body in new}
+    head, old = _sections(open(dst).read().rstrip("\n").split("\n"))
+    out, placed = list(head), set()
+    for h, body in old:
+        if h in fresh:
+            out += [h, *fresh[h]]
+            placed.add(h)
+        elif h in RETIRED:
+            for n, b in fresh.items():  # a retired section's place goes to the new ones not placed yet
+                if n not in placed:
+                    out += [n, *b]
+                    placed.add(n)
+        else:
+            out += [h, *body]
+    for n, b in fresh.items():
+        if n not in placed:
+            out += ["", n, *b]
+    open(dst, "w").write("\n".join(out).rstrip("\n") + "\n")
+    print(f"updated {dst}: {len(fresh)} section(s) from {src}")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: render_results.py BENCH.json OUT.md")
-    main(sys.argv[1], sys.argv[2])
+    if len(sys.argv) == 4 and sys.argv[3] == "--update":
+        update(sys.argv[1], sys.argv[2])
+    elif len(sys.argv) == 3:
+        main(sys.argv[1], sys.argv[2])
+    else:
+        sys.exit("usage: render_results.py BENCH.json OUT.md [--update]")
