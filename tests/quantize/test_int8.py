@@ -193,9 +193,13 @@ def test_cli_prints_before_and_after(lenet5_trained, cli, tmp_path):
     "spec,size",
     [
         ("pytorchcv.models.resnet_cifar:resnet20_cifar10", 32),  # residual
-        ("pytorchcv.models.mobilenetv2:mobilenetv2_w1", 224),  # depthwise, inverted residual
+        pytest.param(  # depthwise, inverted residual (slow: 224x224; MobileNetV3 below has both)
+            "pytorchcv.models.mobilenetv2:mobilenetv2_w1", 224, marks=pytest.mark.slow
+        ),
         ("pytorchcv.models.seresnet_cifar:seresnet20_cifar10", 32),  # squeeze-excitation
-        ("pytorchcv.models.densenet_cifar:densenet40_k12_cifar10", 32),  # dense concatenation
+        pytest.param(  # dense concatenation (slow: 40 layers, 25 s; bench/test_bench_int8.py runs DenseNet-40-BC)
+            "pytorchcv.models.densenet_cifar:densenet40_k12_cifar10", 32, marks=pytest.mark.slow
+        ),
         ("pytorchcv.models.shufflenetv2:shufflenetv2_wd2", 224),  # channel shuffle, grouped
         ("pytorchcv.models.resnext_cifar:resnext20_16x4d_cifar10", 32),  # grouped convolutions
         ("pytorchcv.models.mobilenetv3:mobilenetv3_small_w7d20", 224),  # hard-swish, SE with hard-sigmoid
