@@ -36,6 +36,7 @@ from compress.cpz.container import encode_model
 from compress.data import Data, batches
 from compress.errors import INT8_IS_PT, InputError, UsageError
 from compress.meta import META_ATTR, get_meta
+from compress.quantize.pt2e import observe_percentiles
 
 # activation ranges: the histogram's least-error range, min-max, or a percentile of each batch's values (averaged)
 OBSERVERS = ("histogram", "minmax", "percentile")
@@ -91,23 +92,7 @@ def _percentile_observer_class():
             self.register_buffer("batches", torch.tensor(0))
 
         def forward(self, x_orig):
-            if x_orig.numel() == 0:
-                return x_orig
-            x = x_orig.detach().float().flatten()
-            x = x[:: max(1, x.numel() >> 20)]
-            q = torch.tensor([1 - self.percentile / 100, self.percentile / 100], device=x.device)
-            lo, hi = torch.quantile(x, q)
-            n = int(self.batches)
-            if n == 0:
-                self.min_val.resize_(lo.shape)
-                self.max_val.resize_(hi.shape)
-                self.min_val.copy_(lo)
-                self.max_val.copy_(hi)
-            else:  # the running mean of the batches' percentiles
-                self.min_val.copy_(self.min_val + (lo - self.min_val) / (n + 1))
-                self.max_val.copy_(self.max_val + (hi - self.max_val) / (n + 1))
-            self.batches += 1
-            return x_orig
+            return observe_percentiles(self, x_orig, resize=True)
 
     return _Percentile
 

@@ -122,6 +122,30 @@ def _ao() -> Any:
 
 
 @functools.cache
+def observe_percentiles(obs: Any, x_orig: torch.Tensor, resize: bool = False) -> torch.Tensor:
+    """A percentile observer's step (this module's and the FX one's, ``int8.py``): the ``100 - p`` and ``p``
+    percentiles of the batch's values (of at most 2^20 evenly strided ones) folded into the running mean of the
+    batches' percentiles in ``obs.min_val`` / ``obs.max_val`` (``resize``: torch.ao's buffers start empty)."""
+    if x_orig.numel() == 0:
+        return x_orig
+    x = x_orig.detach().float().flatten()
+    x = x[:: max(1, x.numel() >> 20)]
+    q = torch.tensor([1 - obs.percentile / 100, obs.percentile / 100], device=x.device)
+    lo, hi = torch.quantile(x, q)
+    n = int(obs.batches)
+    if n == 0:
+        if resize:
+            obs.min_val.resize_(lo.shape)
+            obs.max_val.resize_(hi.shape)
+        obs.min_val.copy_(lo)
+        obs.max_val.copy_(hi)
+    else:  # the running mean of the batches' percentiles
+        obs.min_val.copy_(obs.min_val + (lo - obs.min_val) / (n + 1))
+        obs.max_val.copy_(obs.max_val + (hi - obs.max_val) / (n + 1))
+    obs.batches += 1
+    return x_orig
+
+
 def _observer_classes() -> dict[str, Any]:
     """The activation observer of each name, on torchao's observer base (made on first use: torchao loads
     lazily)."""
@@ -137,21 +161,7 @@ def _observer_classes() -> dict[str, Any]:
             self.register_buffer("batches", torch.tensor(0))
 
         def forward(self, x_orig):
-            if x_orig.numel() == 0:
-                return x_orig
-            x = x_orig.detach().float().flatten()
-            x = x[:: max(1, x.numel() >> 20)]
-            q = torch.tensor([1 - self.percentile / 100, self.percentile / 100], device=x.device)
-            lo, hi = torch.quantile(x, q)
-            n = int(self.batches)
-            if n == 0:
-                self.min_val.copy_(lo)
-                self.max_val.copy_(hi)
-            else:
-                self.min_val.copy_(self.min_val + (lo - self.min_val) / (n + 1))
-                self.max_val.copy_(self.max_val + (hi - self.max_val) / (n + 1))
-            self.batches += 1
-            return x_orig
+            return observe_percentiles(self, x_orig)
 
     class Mse(obs.HistogramObserver):  # type: ignore[name-defined]
         """The histogram of every value seen (torchao's, 2048 bins over the running range), then the range
