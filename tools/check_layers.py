@@ -59,6 +59,7 @@ LAYERS: list[list[str]] = [
     ["compress.torch_files"],
     # lowering to INT8 execution: a new model whose file holds its architecture as .cpz bytes
     [
+        "compress.quantize.pt2e_patches",
         "compress.quantize.pt2e",
         "compress.quantize.int8",
         "compress.quantize.int8_fallback",

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from compress.errors import InputError
+from compress.quantize.pt2e_patches import bn_folded_where_alone, patterns
 
 OBSERVERS = ("minmax", "histogram", "percentile", "mse")
 PERCENTILE = 99.99
@@ -254,155 +255,9 @@ def prepare(
             with patterns():
                 prepared = ao.q.prepare_qat_pt2e(graph, q)
         else:
-            with _bn_folded_where_alone():
+            with bn_folded_where_alone():
                 prepared = ao.q.prepare_pt2e(graph, q)
     return prepared
-
-
-# --- torchao's conv + batch-norm patterns, made once ---------------------------------------------------------
-#
-# QAT's prepare fuses conv + batch norm, and its convert folds them back, by matching patterns that torchao makes
-# with torch.export each time, for every kind of convolution (1-D, 2-D, transposed) and every variant (per-channel,
-# bias, training): 126 exports at 0.4 s each, 48 s of every QAT convert of even a LeNet. ``patterns`` makes each
-# pattern once a process (a copy is handed out: the rewriter copies from patterns and never changes them) and
-# skips the kinds of convolution the graph has none of (their search only finds nothing).
-
-_PATTERNS: dict[Any, torch.fx.GraphModule] = {}
-
-
-def _pattern_key(pattern: Any, example_inputs: tuple, is_cuda: bool, kwargs: dict) -> Any:
-    """What an exported pattern depends on: the function's code, what its closure holds, and the inputs' shapes and
-    dtypes (their values are random); None where that is not hashable (it is then made as torchao makes it)."""
-
-    def sig(v: Any) -> Any:
-        return ("tensor", tuple(v.shape), v.dtype, v.device.type) if isinstance(v, torch.Tensor) else v
-
-    if isinstance(pattern, nn.Module):  # torchao's WrapperModule around the function, nothing else in it
-        fn = getattr(pattern, "fn", None)
-        if (
-            type(pattern).__name__ != "WrapperModule"
-            or next(pattern.state_dict().values().__iter__(), None) is not None
-        ):
-            return None
-        pattern = fn
-    code = getattr(pattern, "__code__", None)
-    if code is None:
-        return None
-    try:
-        key = (
-            code,
-            tuple(c.cell_contents for c in pattern.__closure__ or ()),
-            tuple(sig(x) for x in example_inputs),
-            is_cuda,
-            tuple(sorted((k, sig(v)) for k, v in kwargs.items())),
-        )
-        hash(key)
-    except (TypeError, ValueError):  # an unhashable closure value, an empty cell
-        return None
-    return key
-
-
-def _conv_ops(conv_fn: Any) -> tuple[Any, ...] | None:
-    """The aten ops an exported graph calls for ``conv_fn`` (None: not a convolution this knows)."""
-    aten, F = torch.ops.aten, torch.nn.functional
-    return {
-        F.conv1d: (aten.conv1d,),
-        F.conv2d: (aten.conv2d,),
-        F.conv_transpose1d: (aten.conv_transpose1d,),
-        F.conv_transpose2d: (aten.conv_transpose2d,),
-    }.get(conv_fn)
-
-
-def _has_conv(m: torch.fx.GraphModule, conv_fn: Any) -> bool:
-    ops = _conv_ops(conv_fn)
-    return ops is None or any(getattr(n.target, "overloadpacket", None) in ops for n in m.graph.nodes)
-
-
-@contextlib.contextmanager
-def patterns():
-    """torchao's pattern making memoised and its conv + batch-norm passes skipped for convolutions the graph lacks,
-    while the block runs (its own functions are put back after)."""
-    try:
-        utils = importlib.import_module("torchao.quantization.pt2e.utils")
-        qat = importlib.import_module("torchao.quantization.pt2e.qat_utils")
-    except ImportError:
-        yield
-        return
-    make = getattr(utils, "_get_aten_graph_module_for_pattern", None)
-    fuse = getattr(qat, "_fuse_conv_bn_qat_helper", None)
-    fold = getattr(qat, "_fold_conv_bn_qat_helper", None)
-    if make is None or fuse is None or fold is None or getattr(make, "_compress_memo", False):
-        yield  # another torchao than the one this was written against, or already inside
-        return
-
-    def made(pattern, example_inputs, is_cuda=False, **kwargs):
-        key = _pattern_key(pattern, example_inputs, is_cuda, kwargs)
-        if key is None:
-            return make(pattern, example_inputs, is_cuda, **kwargs)
-        if key not in _PATTERNS:
-            _PATTERNS[key] = make(pattern, example_inputs, is_cuda, **kwargs)
-        return copy.deepcopy(_PATTERNS[key])
-
-    def only_present(helper):
-        def run(m, conv_fn, example_inputs, is_cuda):
-            return helper(m, conv_fn, example_inputs, is_cuda=is_cuda) if _has_conv(m, conv_fn) else m
-
-        return run
-
-    made._compress_memo = True
-    saved = [(utils, "_get_aten_graph_module_for_pattern", make), (qat, "_fuse_conv_bn_qat_helper", fuse)]
-    saved += [(qat, "_fold_conv_bn_qat_helper", fold)]
-    if getattr(qat, "_get_aten_graph_module_for_pattern", None) is make:
-        saved.append((qat, "_get_aten_graph_module_for_pattern", make))
-    replacement = {"_fuse_conv_bn_qat_helper": only_present(fuse), "_fold_conv_bn_qat_helper": only_present(fold)}
-    try:
-        for mod, name, _ in saved:
-            setattr(mod, name, replacement.get(name, made))
-        yield
-    finally:
-        for mod, name, original in saved:
-            setattr(mod, name, original)
-
-
-def _fuse_conv_bn_alone(m: torch.fx.GraphModule) -> None:
-    """torchao's ``_fuse_conv_bn_`` (batch norm folded into the convolution before it), only where the batch norm
-    is the convolution's one user. torchao folds it whatever else reads the convolution, and the others then read
-    normalised features: DenseNet's stem feeds its first unit's batch norm and the concatenation, and its PTQ
-    model fell from 97.28% to 10.36% on MNIST's test set."""
-    utils = importlib.import_module("torchao.quantization.pt2e.utils")
-    bn_ops = (torch.ops.aten._native_batch_norm_legit_no_training.default, torch.ops.aten.batch_norm.default)
-    fused: set = set()
-    for bn in list(m.graph.nodes):
-        if bn.op != "call_function" or bn.target not in bn_ops:
-            continue
-        conv = bn.args[0]
-        if not utils._is_conv_or_conv_transpose_node(conv) or len(conv.users) != 1:
-            continue
-        weight, bias = conv.args[1], conv.args[2] if len(conv.args) > 2 else None
-        utils.fold_bn_weights_into_conv_node(conv, weight, bias, bn, m, weight in fused)
-        fused.add(weight)
-    m.graph.eliminate_dead_code()
-    m.recompile()
-
-
-@contextlib.contextmanager
-def _bn_folded_where_alone():
-    """``prepare_pt2e`` with ``_fuse_conv_bn_alone`` in place of torchao's fusion (put back after)."""
-    try:
-        mod = importlib.import_module("torchao.quantization.pt2e.quantize_pt2e")
-        importlib.import_module("torchao.quantization.pt2e.utils").fold_bn_weights_into_conv_node  # noqa: B018
-    except (ImportError, AttributeError):
-        yield
-        return
-    original = getattr(mod, "_fuse_conv_bn_", None)
-    if original is None:
-        yield
-        return
-    mod._fuse_conv_bn_ = _fuse_conv_bn_alone
-    try:
-        yield
-    finally:
-        mod._fuse_conv_bn_ = original
 
 
 def train_mode(prepared: torch.fx.GraphModule, training: bool) -> None:
