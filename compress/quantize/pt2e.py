@@ -33,6 +33,7 @@ import os
 import platform
 import shutil
 import time
+import types
 import warnings
 from typing import Any
 
@@ -263,7 +264,7 @@ def prepare(
 def train_mode(prepared: torch.fx.GraphModule, training: bool) -> None:
     """An exported graph has no train/eval switch of its own: torchao's moves batch norm and dropout."""
     ao = _ao()
-    with quiet():
+    with quiet(), patterns():  # torchao makes six patterns with torch.export on every switch: made once
         if training:
             ao.pt2e.move_exported_model_to_train(prepared)
         else:
@@ -276,8 +277,22 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     ao = _ao()
     with quiet(), patterns():
         q = ao.q.convert_pt2e(prepared.cpu())
-        ao.pt2e.allow_exported_model_train_eval(q)  # .eval() / .train() are allowed (and change nothing)
+    _mode_recorded_only(q)
     return q
+
+
+def _mode_recorded_only(graph: torch.fx.GraphModule) -> None:
+    """``.train()`` / ``.eval()`` allowed on a converted graph, recording the mode and changing nothing: its batch
+    norms are folded into the convolutions and its dropouts were exported (or switched before converting) in eval
+    mode. torchao's own switch (``allow_exported_model_train_eval``) makes six patterns with torch.export on every
+    call: seconds for each ``Int8Model(...).eval()``, for the same graph."""
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        return self
+
+    graph.train = types.MethodType(train, graph)  # type: ignore[method-assign]
+    graph.eval = types.MethodType(lambda self: self.train(False), graph)  # type: ignore[method-assign]
 
 
 # --- what a converted graph's numbers are, and putting them back -------------------------------------------
