@@ -81,7 +81,7 @@ def decode_symbols(
     alpha, n = _int(f, "alpha", 1, 1 << 16), _int(f, "count", 0, max_count)
     coding = f.get("coding")
     huff = coding == "huff"
-    block = _int(f, "block", 1, 4096) if huff else 1
+    block = _int(f, "block", 1, H.MAX_BLOCK) if huff else 1
     # work units of ~10 ns: a symbol each, a decoding table, and ~5 us of overhead per decoder step
     steps = (block if n > block else n) if huff else 0
     budget.spend(work=n + ((1 << H.MAX_LEN) + 512 * steps if huff else 0))  # output: charged by the tensor
@@ -163,9 +163,11 @@ def decode_index(data: bytes | memoryview, f: dict, n: int, budget: Budget = UNL
         mask = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[:n].astype(bool)
     elif f.get("index") == "gaps":
         sf = f.get("stream")
-        if not isinstance(sf, dict):
-            raise ValueError("gap stream fields missing")
+        if not isinstance(sf, dict) or sf.get("alpha") != GAP_FILLER + 1:
+            raise ValueError("gap stream fields missing or of the wrong alphabet")
         sym = decode_symbols(data, sf, max_count=n + n // GAP_FILLER + 1, budget=budget)
+        if len(sym) and sym[-1] == GAP_FILLER:  # a filler is always followed by the gap's remainder
+            raise ValueError("gap stream ends in a filler")
         pos = positions_of(sym)
         if len(pos) and (pos[-1] >= n):
             raise ValueError("index points past the tensor")

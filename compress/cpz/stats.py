@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from compress.coding import streams
 from compress.cpz.container import HEAD, encode_model, read_manifest
@@ -20,25 +19,27 @@ def read_stats(path) -> dict[str, Any]:
 
 
 def tensor_row(e: dict) -> dict:
-    """Per-tensor numbers for tables: bytes, bits per weight, index overhead, Huffman gain."""
-    n = int(np.prod(e["shape"])) if e["shape"] else 1
+    """Per-tensor numbers for tables: bytes, bits per weight, index overhead, Huffman gain. Only the
+    fields that decoding an entry of its ``enc`` reads (and checked) are read: others may be anything."""
+    n = math.prod(e["shape"])
+    coded = e["enc"] in ("uniform", "codebook")
     row = {
         "name": e["name"],
         "enc": e["enc"],
         "numel": n,
         "bytes": e["length"],
         "bits_per_weight": round(8 * e["length"] / max(n, 1), 3),
-        "mode": e.get("mode", "-"),
+        "mode": e["mode"] if coded else "-",
     }
-    if "index_bytes" in e:
+    if e["enc"] == "sparse_raw" or (coded and e["mode"] == "sparse"):
         row["index_bytes"] = e["index_bytes"]
         row["index"] = e["index"]["index"]
-    v = e.get("values")
-    if v:
-        coded = e["length"] - e.get("params_bytes", 0) - e.get("index_bytes", 0)
-        row["bits"] = e.get("bits")
+    if coded:
+        v = e["values"]
+        coded_bytes = e["length"] - e["params_bytes"] - row.get("index_bytes", 0)
+        row["bits"] = e["bits"]
         row["coding"] = v["coding"]
-        row["huffman_gain"] = round(streams.fixed_bytes(v) / max(coded, 1), 3) if v["count"] else 1.0
+        row["huffman_gain"] = round(streams.fixed_bytes(v) / max(coded_bytes, 1), 3) if v["count"] else 1.0
     return row
 
 

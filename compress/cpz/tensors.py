@@ -134,7 +134,7 @@ def shape_numel(e: dict) -> tuple[list, int]:
     n = 1
     for s in shape:
         n *= s
-        if n > MAX_NUMEL:
+        if n >= MAX_NUMEL:
             raise ValueError("tensor too large")
     return shape, n
 
@@ -217,7 +217,7 @@ def _decode_state(
     pb = streams._int(e, "params_bytes", 0, len(data))
     params, rest = data[:pb], data[pb:]
     if enc == "codebook":
-        k = streams._int(e, "k", 1, 256)
+        k = streams._int(e, "k", 1, 2**bits)
         half = e.get("cb16", False)
         if not isinstance(half, bool) or pb != (2 if half else 4) * k:
             raise ValueError("codebook has the wrong size")
@@ -225,8 +225,10 @@ def _decode_state(
         # -1: decoded straight to the byte 0xFF (int8 -1) where the codes fit in a signed byte
         signed = k < 128
         relabel = np.append(np.arange(k, dtype=np.uint8), np.uint8(0xFF)) if signed else None
-        sym, mask = _symbols(e, rest, n, k + 1, budget, relabel)
         cb = np.frombuffer(params, dtype="<f2" if half else "<f4").astype(np.float32)
+        if not np.isfinite(cb).all():  # k-means and pow2 tables of finite weights are finite
+            raise ValueError("codebook value not finite")
+        sym, mask = _symbols(e, rest, n, k + 1, budget, relabel)
         weight = None
         if mask is None and signed:
             codes = sym.view(np.int8).astype(np.int16)
@@ -242,26 +244,34 @@ def _decode_state(
         state = QuantState(bits, name, torch.from_numpy(codes), codebook=torch.from_numpy(cb), per_channel=False)
         return state, weight
     c = streams._int(e, "channels", 1, n if n else 1)
-    affine = e.get("affine")
+    affine, per_channel = e.get("affine"), e.get("per_channel", True)
     if not isinstance(affine, bool) or pb != 4 * c * (2 if affine else 1) or (n and n % c):
         raise ValueError("scales have the wrong size")
+    if not isinstance(per_channel, bool) or (c > 1 and not per_channel):
+        raise ValueError("'per_channel' must be a boolean (true: several scales)")
+    scales = np.frombuffer(params[: 4 * c], dtype="<f4").astype(np.float32)
+    zps = np.frombuffer(params[4 * c :], dtype="<f4").astype(np.float32) if affine else None
+    # a grid's step is a finite number, its zero point one of its codes (as the quantizers make them)
+    if not np.isfinite(scales).all():
+        raise ValueError("scale not a finite number")
+    if zps is not None and not ((zps == np.round(zps)) & (zps >= 0) & (zps < 2**bits)).all():
+        raise ValueError(f"zero point not an integer from 0 to {2**bits - 1}")
     sym, mask = _symbols(e, rest, n, 2**bits, budget)
-    scale = torch.from_numpy(np.frombuffer(params[: 4 * c], dtype="<f4").astype(np.float32))
-    zp = torch.from_numpy(np.frombuffer(params[4 * c :], dtype="<f4").astype(np.float32)) if affine else None
+    scale = torch.from_numpy(scales)
+    zp = torch.from_numpy(zps) if zps is not None else None
     if mask is None:
         codes = sym.astype(np.uint8, copy=False)  # symbols < 2^bits <= 256
     else:  # pruned weights are the grid's zero: code -lo (symmetric) or the channel's zero point
-        lo = -(2 ** (bits - 1) - 1) if not affine else 0
-        codes = np.repeat(zp.numpy().astype(np.int64), n // c) if zp is not None else np.full(n, -lo, dtype=np.int64)
+        lo = -(2 ** (bits - 1) - 1) if not affine else 0  # the codes fit a byte: zero points were checked
+        codes = np.repeat(zps.astype(np.uint8), n // c) if zps is not None else np.full(n, -lo, dtype=np.uint8)
         codes[mask] = sym
-        codes = codes.astype(np.uint8)
     state = QuantState(
         bits,
         name,
         torch.from_numpy(codes).view(c, -1),
         scale,
         zp,
-        per_channel=bool(e.get("per_channel", True)),
+        per_channel=per_channel,
     )
     return state, None
 
