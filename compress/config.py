@@ -347,8 +347,10 @@ class Config:
     """Base of every method config. Subclasses are frozen dataclasses and set ``verb``,
     ``stage_name`` (its name in a recipe), ``search_key`` (the option a recipe may list) and
     ``iterative`` (its search candidates build on each other, as iterative pruning does). A search key
-    may name a part's option ("finetune.epochs"). ``first_fit``: the candidates cost more rather than
-    compress more (PTQ, then QAT): the first within budget is kept and the rest are not tried.
+    may name a part's option ("finetune.epochs"); ``also_searched`` names more options a recipe may list
+    too (quantize: ``rd_lambda`` beside ``bits``), the candidates then every combination. ``first_fit``: the
+    candidates cost more rather than compress more (PTQ, then QAT): the first within budget is kept and the rest
+    are not tried.
 
     ``version``: what ``to_dict`` writes beside the type. A config whose fields change raises it and turns data of
     its older versions into today's fields in ``upgrade``, so that a file written before still reads."""
@@ -356,6 +358,7 @@ class Config:
     verb: ClassVar[str] = ""
     stage_name: ClassVar[str] = ""
     search_key: ClassVar[str] = ""
+    also_searched: ClassVar[tuple[str, ...]] = ()  # more options a recipe may list (candidates: every combination)
     iterative: ClassVar[bool] = False  # in a recipe's search, each candidate continues from the previous one
     first_fit: ClassVar[bool] = False  # in a recipe's search, the first candidate within budget ends it
     version: ClassVar[int] = 2  # of its fields as to_dict writes them (1: before select and finetune were parts)

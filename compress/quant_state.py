@@ -41,11 +41,14 @@ class Scheme:
     "codebook": codes into one table of at most 256 values, -1 for an exact zero), so a new scheme
     needs no new file format. ``trainable``: the table's values are trained during fine-tuning
     (each value's gradient is the sum of the gradients of the weights that share it).
+    ``rate_distortion``: ``fit`` takes ``rd_lambda`` (weights go to the level of least squared error
+    plus λ·σ² times its bits, ``compress.quantize.rd``); a scheme without it refuses λ > 0.
     """
 
     name: ClassVar[str]
     storage: ClassVar[str]
     trainable: ClassVar[bool] = False
+    rate_distortion: ClassVar[bool] = False
 
     def fit(self, w: torch.Tensor, bits: int, per_channel: bool = True, symmetric: bool = True) -> QuantState:
         """The state of ``w`` (detached float32 on the CPU, as ``quantize_tensor`` passes it)."""

@@ -81,23 +81,33 @@ class Stage:
         if "candidates" in d:
             return cls._from_candidates(d, name, cfg_cls, where)
         opts = {k: v for k, v in d.items() if k not in _STAGE_KEYS}
-        key = cfg_cls.search_key
-        part, _, option = key.rpartition(".")  # "finetune.epochs": an option of a part
-        found = opts.get(part) if part else opts
-        holder: dict = found if isinstance(found, dict) else {}
-        values = holder.get(option)
-        if isinstance(values, list):
-            if not values:
-                raise UsageError(f"{where}: {key} = [] lists no candidate")
-            if len(values) > MAX_CANDIDATES:
-                raise UsageError(f"{where}: {key} lists {len(values):,} candidates; at most {MAX_CANDIDATES}")
-            option_sets = [{**opts, part: {**holder, option: v}} if part else {**opts, key: v} for v in values]
-        else:
-            option_sets = [opts]
+        option_sets = [opts]
+        for key in (cfg_cls.search_key, *cfg_cls.also_searched):  # each listed key multiplies the candidates
+            option_sets = [o for base in option_sets for o in _expand(base, key, where)]
+        if len(option_sets) > MAX_CANDIDATES:
+            raise UsageError(f"{where}: its lists make {len(option_sets):,} candidates; at most {MAX_CANDIDATES}")
         try:
             return cls(name, tuple(cfg_cls.from_options(o) for o in option_sets), d.get("patience", 2))
         except (TypeError, ValueError) as e:
             raise UsageError(f"{where} ({name}): {e}") from e
+
+    @property
+    def search_keys(self) -> tuple[str, ...]:
+        """The searched options whose values differ among the candidates (the search key alone when none do)."""
+        first = self.candidates[0]
+        keys = (first.search_key, *first.also_searched)
+        varied = tuple(k for k in keys if len({repr(_option(c, k)) for c in self.candidates}) > 1)
+        return varied or (first.search_key,)
+
+    @property
+    def search_key(self) -> str:
+        """What the stage searched, in words: "bits", or "bits, rd_lambda"."""
+        return ", ".join(self.search_keys)
+
+    def value(self, cfg: Config) -> Any:
+        """A candidate's searched value: the one option's, or a table of each varied option's."""
+        keys = self.search_keys
+        return _option(cfg, keys[0]) if len(keys) == 1 else {k: _option(cfg, k) for k in keys}
 
     @classmethod
     def _from_candidates(cls, d: dict[str, Any], name: str, cfg_cls: type[Config], where: str) -> Stage:
@@ -130,6 +140,29 @@ class Stage:
     def to_dict(self) -> dict[str, Any]:
         """Every candidate whole: ``Stage.from_dict(st.to_dict()) == st``."""
         return {"method": self.name, "patience": self.patience, "candidates": [c.to_dict() for c in self.candidates]}
+
+
+def _option(cfg: Config, key: str) -> Any:
+    """The value of ``key`` ("bits", or a part's option "finetune.epochs") in ``cfg``."""
+    value: Any = cfg
+    for name in key.split("."):
+        value = getattr(value, name)
+    return value
+
+
+def _expand(opts: dict[str, Any], key: str, where: str) -> list[dict[str, Any]]:
+    """``opts`` once per value of ``key`` when the recipe lists several (a list), else as it is."""
+    part, _, option = key.rpartition(".")  # "finetune.epochs": an option of a part
+    found = opts.get(part) if part else opts
+    holder: dict = found if isinstance(found, dict) else {}
+    values = holder.get(option)
+    if not isinstance(values, list):
+        return [opts]
+    if not values:
+        raise UsageError(f"{where}: {key} = [] lists no candidate")
+    if len(values) > MAX_CANDIDATES:
+        raise UsageError(f"{where}: {key} lists {len(values):,} candidates; at most {MAX_CANDIDATES}")
+    return [{**opts, part: {**holder, option: v}} if part else {**opts, key: v} for v in values]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -97,7 +97,7 @@ def _search(
             with progress.stop_when(stop.check):  # the time budget ends the candidate's work at its next step
                 cand = run(cfg.verb, copy.deepcopy(start), cfg, ctx).model
                 sizes = size_bytes(cand, graph=True)  # as the file is written: its graph too
-                rec = {"value": cfg.searched(), "options": cfg.to_dict(), **judge(cand), "bytes": sizes["coded"]}
+                rec = {"value": stage.value(cfg), "options": cfg.to_dict(), **judge(cand), "bytes": sizes["coded"]}
         except (
             KeyboardInterrupt
         ):  # Ctrl-C or the time budget: the candidate in progress is dropped; what was kept stands
@@ -163,7 +163,7 @@ def _search(
     return (
         st.kept_model,
         st.kept_sizes,
-        {"stage": stage.name, "search_key": stage.candidates[0].search_key, "kept": kept, "tried": st.tried},
+        {"stage": stage.name, "search_key": stage.search_key, "kept": kept, "tried": st.tried},
     )
 
 
@@ -188,8 +188,8 @@ def _plan(recipe: Recipe) -> list[StagePlan]:
     return [
         StagePlan(
             s.name,
-            s.candidates[0].search_key,
-            tuple((as_read(c.searched()), as_read(c.to_dict())) for c in s.candidates),
+            s.search_key,
+            tuple((as_read(s.value(c)), as_read(c.to_dict())) for c in s.candidates),
             (_label(s, True), _label(s, False)),
         )
         for s in recipe.stages

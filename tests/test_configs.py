@@ -209,6 +209,7 @@ OTHER_VALUES: dict[str, list] = {
     "per_channel": [False],
     "symmetric": [False],
     "bias_bits": [None, 4],
+    "rd_lambda": [0.1, 10.0],
     "energy": [0.9, None],
     "rank_ratio": [0.5],
     "rank": [4],

@@ -107,7 +107,7 @@ def test_a_summarys_recipe_runs_again_to_the_same_decisions(trained, digits):
                 "finetune": {"epochs": 0.3, "seed": 1},
                 "select": {"exclude": ["fc3"]},
             },
-            {"method": "quantize", "scheme": "kmeans", "bits": [6, 3], "per_channel": True},
+            {"method": "quantize", "scheme": "kmeans", "bits": [6, 3], "rd_lambda": [0, 0.3], "per_channel": True},
         ],
         "max_accuracy_drop": 2.0,
         "val_fraction": 0.25,
@@ -117,6 +117,10 @@ def test_a_summarys_recipe_runs_again_to_the_same_decisions(trained, digits):
         return [(st.stage, st.kept and st.kept.value, [(t.value, t.verdict) for t in st.tried]) for st in s.stages]
 
     _, first = pipeline(copy.deepcopy(trained["mlp"]), digits, recipe, latency=False)
+    quant = first.stages[1]  # two searched options: each candidate's value names both
+    assert quant.search_key == "bits, rd_lambda" and [t.value for t in quant.tried] == [
+        {"bits": b, "rd_lambda": x} for b in (6, 3) for x in (0, 0.3)
+    ]
     verdicts = [t.verdict.partition(":")[0] for st in first.stages for t in st.tried]
     assert "kept" in verdicts and len(set(verdicts)) >= 3, verdicts  # decisions that could come out otherwise
     again = Recipe.from_dict(json.loads(json.dumps(first.recipe)))

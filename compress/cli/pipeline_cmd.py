@@ -228,7 +228,8 @@ def pipeline(
     for k, s in enumerate(summary.stages):
         cut = stopped and k == len(summary.stages) - 1  # the stage the stop ended
         what = value_text(s.kept.value) if s.kept else "nothing (stopped)" if cut else "nothing (all over budget)"
-        out.print(f"{s.stage}: kept {s.search_key} {what} after {len(s.tried)} candidate(s), {s.seconds:.0f}s")
+        key = "" if s.kept and "," in s.search_key else f"{s.search_key} "  # several keys: the value names each
+        out.print(f"{s.stage}: kept {key}{what} after {len(s.tried)} candidate(s), {s.seconds:.0f}s")
     line = (
         f"[bold]nothing kept[/bold]: the model is unchanged, validation {score_text(summary.base_accuracy, label)}"
         if nothing

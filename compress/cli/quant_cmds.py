@@ -167,8 +167,8 @@ def quantize(
     out.print(
         table(
             "layers",
-            ["layer", "bits", "scheme", "weight MSE", "SQNR dB", "zeros"],
-            [[r["name"], r["bits"], r["scheme"], r["mse"], r["sqnr_db"], r["zeros"]] for r in rows],
+            ["layer", "bits", "scheme", "weight MSE", "SQNR dB", "code entropy (bits)", "zeros"],
+            [[r["name"], r["bits"], r["scheme"], r["mse"], r["sqnr_db"], r["entropy_bits"], r["zeros"]] for r in rows],
         )
     )
 

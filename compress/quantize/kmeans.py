@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from compress.quant_state import QuantState, Scheme, get_state, register_scheme, set_state
+from compress.quantize.rd import RateModel, entropy_rates, rd_assign, rd_mu, rd_rounds
 
 
 def lloyd_1d(values: torch.Tensor, k: int, iters: int = 30) -> torch.Tensor:
@@ -47,13 +48,51 @@ def half_exact(cb: torch.Tensor) -> torch.Tensor:
     return cb
 
 
-def quantize_kmeans(w: torch.Tensor, bits: int, iters: int = 30):
-    """w (any shape) -> (codes int64 with -1 for pruned zeros, codebook (2^bits,), dequantized)."""
+def _compact(c: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The centroids some index uses, sorted, and the indices renumbered to match."""
+    used = torch.bincount(idx, minlength=len(c)) > 0
+    keep = torch.nonzero(used).flatten()
+    c_kept, order = c[keep].sort()
+    new = torch.empty(len(c), dtype=torch.long)
+    new[keep[order]] = torch.arange(len(keep))
+    return c_kept, new[idx]
+
+
+def ecvq_1d(
+    values: torch.Tensor, k: int, lam: float, iters: int = 30, rate_model: RateModel = entropy_rates
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy-constrained 1-D k-means from Lloyd's codebook: (centroids (<= k,) sorted and float16-exact,
+    indices (N,) into them), each value at the centroid of least (v - c)^2 + λσ²·rate."""
+    v = values.double()
+    c = lloyd_1d(values, k, iters).double()
+    mu = rd_mu(v, lam)
+    idx = assign(v, c)
+    for _ in range(iters):
+        new = rd_assign(v, c, rate_model(torch.bincount(idx, minlength=len(c))), mu)
+        counts = torch.bincount(new, minlength=len(c)).double()
+        sums = torch.zeros(len(c), dtype=torch.float64).index_add_(0, new, v)
+        moved = torch.where(counts > 0, sums / counts.clamp_min(1), c)
+        if torch.equal(new, idx) and torch.allclose(moved, c, atol=1e-12, rtol=0):
+            break
+        c, idx = _compact(moved, new)  # the cells are intervals, so the means stay in order; empty ones go
+    cb = half_exact(c.float()).double()
+    idx = rd_rounds(v, cb, idx, mu, rate_model=rate_model)  # on the stored (float16) values
+    cb, idx = _compact(cb, idx)
+    return cb.float(), idx
+
+
+def quantize_kmeans(w: torch.Tensor, bits: int, iters: int = 30, rd_lambda: float = 0.0):
+    """w (any shape) -> (codes int64 with -1 for pruned zeros, codebook (<= 2^bits,), dequantized).
+    ``rd_lambda`` > 0: entropy-constrained (``ecvq_1d``); 0: nearest centroid, the codebook 2^bits."""
     flat = w.detach().flatten()
     nz = flat != 0
-    cb = half_exact(lloyd_1d(flat[nz], 2**bits, iters))
     codes = torch.full_like(flat, -1, dtype=torch.long)
-    codes[nz] = assign(flat[nz].float(), cb)
+    if rd_lambda and int(nz.sum()) > 1:
+        cb, idx = ecvq_1d(flat[nz], 2**bits, rd_lambda, iters)
+        codes[nz] = idx
+    else:
+        cb = half_exact(lloyd_1d(flat[nz], 2**bits, iters))
+        codes[nz] = assign(flat[nz].float(), cb)
     dq = torch.zeros_like(flat)
     dq[nz] = cb[codes[nz]].to(flat.dtype) + 0.0
     return codes.view_as(w), cb, dq.view_as(w)
@@ -66,9 +105,10 @@ class KMeans(Scheme):
     name = "kmeans"
     storage = "codebook"
     trainable = True
+    rate_distortion = True
 
-    def fit(self, w, bits, per_channel=True, symmetric=True):
-        codes, cb, _ = quantize_kmeans(w, bits)
+    def fit(self, w, bits, per_channel=True, symmetric=True, rd_lambda=0.0):
+        codes, cb, _ = quantize_kmeans(w, bits, rd_lambda=rd_lambda)
         return QuantState(bits, self.name, codes.flatten().to(torch.int16), codebook=cb)
 
 

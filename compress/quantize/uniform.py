@@ -5,6 +5,10 @@ weights (Choukroun et al., "Low-bit Quantization of Neural Networks for Efficien
 ICCVW 2019). The search starts from Banner et al.'s ACIQ closed form for Laplace-distributed
 weights (alpha* = c_b * b, b the mean absolute deviation) and scans a grid of clipping values
 around it that always includes min-max, so MMSE is never worse than min-max.
+
+With ``rd_lambda`` > 0 the grid is fitted as above and then each weight's code is chosen by rate and
+distortion (``compress.quantize.rd``): the grid point of least (w - q·s)^2 + λσ²·rate_q, the rates from
+the code frequencies over the whole tensor (one Huffman table per tensor), in units of each channel's step.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from compress.quant_state import QuantState, Scheme, qrange, register_scheme
+from compress.quantize.rd import rd_mu, rd_rounds
 
 # ACIQ (Banner et al., "Post training 4-bit quantization of convolutional networks for rapid-deployment",
 # NeurIPS 2019): optimal clipping for Laplace(b) at 2..8 bits, in units of b.
@@ -71,16 +76,35 @@ def mmse(w: torch.Tensor, bits: int, symmetric: bool = True, grid: int = 100):
     return quantize_affine(w, w.amin(1) * ratio, w.amax(1) * ratio, bits)
 
 
+def rd_grid(
+    mat: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, symmetric: bool, lam: float
+) -> torch.Tensor:
+    """The grid integers q (C, K) moved by rate and distortion; pruned zeros keep theirs (zero exactly)."""
+    lo, hi = qrange(bits, symmetric)
+    live = mat != 0
+    if int(live.sum()) < 2:
+        return q
+    s = scale.double().clamp_min(1e-12)
+    u = mat.double() / s[:, None] + zp.double()[:, None]  # in grid units: the weight is (q - zp)·s
+    levels = torch.arange(lo, hi + 1, dtype=torch.float64)
+    mu = rd_mu(mat[live], lam) / s**2  # each channel's trade in units of its own step
+    idx = rd_rounds(u, levels, (q - lo).long(), mu, live)
+    return (idx + lo).to(q.dtype)
+
+
 class GridScheme(Scheme):
     """A uniform grid per channel, fitted row by row by ``rows(w (C, K), bits, symmetric)``."""
 
     storage = "grid"
+    rate_distortion = True
     rows: staticmethod
 
-    def fit(self, w, bits, per_channel=True, symmetric=True):
+    def fit(self, w, bits, per_channel=True, symmetric=True, rd_lambda=0.0):
         per_channel = per_channel and w.dim() > 1
         mat = w.flatten(1) if per_channel else w.reshape(1, -1)  # (C, K)
         q, scale, zp, _ = self.rows(mat, bits, symmetric)
+        if rd_lambda:
+            q = rd_grid(mat, q, scale, zp, bits, symmetric, rd_lambda)
         lo, _ = qrange(bits, symmetric)
         return QuantState(
             bits,

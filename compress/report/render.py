@@ -310,9 +310,9 @@ def graph_layer_rows(layers: list[dict]) -> tuple[str, list[str], list[list]]:
 
 
 def value_text(v) -> str:
-    """A searched value for people: 0.93, or "conv 6, linear 4"."""
+    """A searched value for people: 0.93, "conv 6, linear 4", or "bits (conv 6, linear 4), rd_lambda 0.1"."""
     if isinstance(v, dict):
-        return ", ".join(f"{k} {x}" for k, x in v.items())
+        return ", ".join(f"{k} ({value_text(x)})" if isinstance(x, dict) else f"{k} {x}" for k, x in v.items())
     return "-" if v is None else str(v)
 
 

@@ -37,6 +37,7 @@ OPTIONS = {
         "--scheme",
         "--per-tensor",
         "--affine",
+        "--rd-lambda",
         "--observer",
         "--engine",
         "--calib-data",
