@@ -36,7 +36,7 @@ demo: install
 TEST_WORKERS ?= 2
 
 test: install lint
-	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist worksteal -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist worksteal -p no:cacheprovider --durations=25 tests
 
 # ruff (the rules in pyproject.toml, and its formatting) on everything, mypy on the library, and the layers
 # (tools/check_layers.py: every import counted, zero cycles, no import from a lower layer to a higher one)
