@@ -200,7 +200,8 @@ class Method:
         self.model, self.config, self.ctx = model, config, check_ctx(ctx) or Context()
         self.select = Selection(config.select, self.ctx.filter_fn)  # the layers it may touch
         self.teacher = None
-        if config.finetune.distill and config.finetune.epochs > 0:  # the input model, before any change
+        ft = config.finetune
+        if ft.distill and ft.distill_weight > 0 and ft.epochs > 0:  # the input model, before any change
             import copy
 
             self.teacher = self.ctx.teacher if self.ctx.teacher is not None else copy.deepcopy(model)

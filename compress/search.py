@@ -240,7 +240,9 @@ def pipeline(
     """Run a recipe on ``model`` (in place); returns (model, summary). ``data``: training data -- a spec or
     anything ``compress.data.as_data`` takes; ``val_data`` and ``test_data`` likewise. ``loss``, ``metric``,
     ``train_step``, ``evaluate``: the user's recipe (``compress.method.Context``); the budget is in the metric's
-    points. ``distill``: every stage's fine-tuning also learns from the input model at this temperature.
+    points. ``distill``: every stage's fine-tuning also learns from the input model at this temperature (a recipe's
+    ``finetune.distill`` does so for its stage; the teacher is always the input model, the one the budget judges
+    against).
     ``checkpoint``: written after each decided candidate (and removed at the end); with ``resume`` the run goes on
     from it, to the result an uninterrupted run reaches.
     ``on_event(kind, fields)`` hears "start", "resumed", "warning", "stage", "candidate" (once checkpointed), "skipped"
@@ -267,6 +269,11 @@ def pipeline(
         train, val = data_mod.split(ds, float(vf), seed=0)
     if test_data is not None:
         test_data = as_data(test_data, "test data", "test_data")
+    if distill:
+        recipe = recipe.with_finetune(distill=distill)
+    # the teacher of every stage that distils is the model the budget judges against (the input), not the stage's
+    # input: an iterative candidate learning from the last one would drift from the input a step at a time
+    distils = any(c.finetune.distill and c.finetune.distill_weight > 0 for st in recipe.stages for c in st.candidates)
     ctx = Context(
         train=train,
         val=val,
@@ -275,11 +282,9 @@ def pipeline(
         metric=metric,
         train_step=train_step,
         evaluate=evaluate,
-        teacher=copy.deepcopy(model) if distill else None,
+        teacher=copy.deepcopy(model) if distils else None,
     )
     ctx.input_shape = ctx.shape(model)
-    if distill:
-        recipe = recipe.with_finetune(distill=distill)
     fingerprint, saved, saved_models = "", dict[str, Any](), dict[str, nn.Module]()
     if checkpoint is not None:  # a checkpoint that will not do is refused before any work (or output)
         fingerprint = run_fingerprint(model, recipe, budget, z, train, val)

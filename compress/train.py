@@ -112,7 +112,11 @@ def fit(
     rebuilt around ``method.model``. Its ``parameters()`` (if any) are what the optimizer trains.
     ``loss(outputs, targets)`` (default cross-entropy) or ``train_step(model, inputs, targets) -> loss``
     is the task's loss; with a ``teacher`` and ``cfg.distill`` (a temperature) the loss is
-    ``(1 - cfg.distill_weight) * task + cfg.distill_weight * distill_loss(student, teacher)``.
+    ``(1 - cfg.distill_weight) * task + cfg.distill_weight * distill_loss(student, teacher)``. With a
+    ``train_step`` the student's outputs are those of ``model``'s last forward inside it (a hook), so the user's
+    step is mixed with the same term. The teacher runs once per batch without gradients, on the batch as
+    augmented (shifted inputs differ each epoch, so its outputs are not cached): about one more forward pass of
+    the input model per step.
     """
     data = as_data(data, "training data", arg="data")
     cfg = cfg or FineTune(epochs=1)
@@ -130,9 +134,9 @@ def fit(
     if total_steps == 0:
         return []
     check_augment(augment, data)
-    if teacher is not None and cfg.distill:
+    if teacher is not None and cfg.distill and cfg.distill_weight > 0:
         teacher.eval()
-    else:
+    else:  # weight 0: the task loss alone, exactly, and no teacher forward paid for
         teacher = None
 
     def schedule(optimizer, offset=0):  # cosine decay to 1% of lr over all steps

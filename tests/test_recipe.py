@@ -124,6 +124,12 @@ RECIPES = {
     STAGE + "finetune = { epochs = " + "9" * 400 + " }\n": ["finetune.epochs"],
     STAGE + "finetune = { epochs = " + "9" * 5000 + " }\n": ["recipe"],  # more digits than Python converts
     STAGE + "finetune = { distill = 0 }\n": ["finetune.distill", "> 0"],
+    STAGE + "finetune = { distill = -4 }\n": ["finetune.distill", "> 0 and <= 100"],
+    STAGE + "finetune = { distill = 1e300 }\n": ["finetune.distill", "> 0 and <= 100"],
+    STAGE + "finetune = { distill = 'hot' }\n": ["finetune.distill", "a number", "'hot'"],
+    STAGE + "finetune = { distill = 4, distill_weight = 1.5 }\n": ["finetune.distill_weight", "[0, 1]"],
+    STAGE + "finetune = { distill = 4, distill_weight = -0.1 }\n": ["finetune.distill_weight", "[0, 1]"],
+    STAGE + "finetune = { distill = 4, distill_weight = nan }\n": ["finetune.distill_weight", "nan"],
     STAGE + "first_last_factor = 'half'\n": ["first_last_factor", "a number"],
     STAGE + "select = { names = [" + ", ".join(["'fc*'"] * 5000) + "] }\n": ["select.names", "at most 1000"],
     STAGE + "select = 5\n": ["select must be a table"],
