@@ -60,7 +60,8 @@ def steps(n: int) -> int:
 
 def decode(data: bytes | memoryview, alpha: int, n: int) -> np.ndarray:
     """``n`` symbols, each below ``alpha`` (uint8 where alpha <= 256, else uint16). The caller has
-    checked alpha and n and charged the work; invalid data raises ValueError."""
+    checked alpha and n and charged the work; invalid data, or data other than the encoder writes for
+    the symbols decoded, raises ValueError."""
     import constriction
 
     if len(data) % 4:
@@ -78,4 +79,8 @@ def decode(data: bytes | memoryview, alpha: int, n: int) -> np.ndarray:
             counts += INCREMENT * np.bincount(out[lo:hi], minlength=alpha)
     except (AssertionError, RuntimeError, OverflowError) as e:  # constriction refuses data no model codes
         raise ValueError(f"range-coded stream is invalid ({str(e)[:60]})") from None
+    # The range decoder reads zeros past the end of its data, so a cut stream would decode to symbols:
+    # the stream must be exactly what the encoder writes for them (half the cost of decoding again).
+    if encode(out, alpha) != bytes(data):
+        raise ValueError("range-coded stream is not the coding of its symbols (cut or altered)")
     return out

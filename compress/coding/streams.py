@@ -108,8 +108,9 @@ def decode_symbols(
     if coding == "ac":
         if alpha > arith.MAX_ALPHA:
             raise ValueError("range-coded stream's alphabet too large")
-        # work: ~6 units a symbol (constriction decodes ~60 ns each), a model and ~5 us per chunk
-        budget.spend(work=6 * n + arith.steps(n) * (4 * alpha + 512))
+        # work: ~9 units a symbol (constriction decodes ~60 ns each, and encodes them again ~30 ns to check the
+        # stream), two models and ~10 us per chunk
+        budget.spend(work=9 * n + arith.steps(n) * (8 * alpha + 1024))
         if len(data) > 4 * n + 64:  # ~32 bits a symbol at most, even for a symbol the model found rare
             raise ValueError("range-coded stream longer than its symbols")
         out = arith.decode(data, alpha, n)
