@@ -120,7 +120,7 @@ def save_model(
 
     ``input_shape``: the (1, C, H, W) the model takes, recorded in its metadata and so in the file (default:
     the shape its metadata already says). ``coder`` (a .cpz): ``auto`` codes each stream in its smallest coding,
-    ``huffman`` without range coding (the bytes of compress before it), ``context`` range-coded wherever it applies.
+    ``huffman`` without ANS coding (the bytes of compress before it), ``context`` ANS-coded wherever it applies.
     A .cpz of a model of your own classes also holds its graph, as
     ``compress encode`` writes it, so that it loads without your code; that needs the input shape, and
     where no graph can be stored a ``CompressWarning`` says why (the file then loads with ``arch=``)."""

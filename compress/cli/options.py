@@ -67,8 +67,8 @@ CoderOpt = Annotated[
         "--coder",
         panel=OUTPUT,
         help="How a .cpz codes its quantized tensors: auto (each stream in its smallest coding, Huffman or "
-        "adaptive range coding), huffman (as compress before range coding, the same bytes) or context "
-        "(range coding wherever it applies).",
+        "adaptive ANS coding), huffman (as compress before ANS coding, the same bytes) or context "
+        "(ANS coding wherever it applies).",
     ),
 ]
 JsonOpt = Annotated[

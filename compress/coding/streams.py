@@ -1,12 +1,12 @@
 """Symbol and index streams inside a .cpz tensor section.
 
 A symbol stream is Huffman coded (``huff``: 4-bit code lengths, 16-bit block sync points, payload),
-fixed-width packed (``packed``) or range coded with an adaptive model (``ac``, ``arith.py``),
+fixed-width packed (``packed``) or ANS coded with an adaptive model (``ans``, ``arith.py``),
 whichever is smallest. Sparse positions are either gap indices as in Deep Compression (distance to
 the previous nonzero; a gap of 255 or more is spelled with filler symbols 255, each worth 255
-positions) in such a stream, a plain bitmask, or the bitmask as a range-coded stream of 0s and 1s
+positions) in such a stream, a plain bitmask, or the bitmask as an ANS-coded stream of 0s and 1s
 (``sig``), whichever is smallest. ``coder`` chooses among them: ``huffman`` the codings of files
-before the range coder (the very same bytes), ``context`` the range-coded ones, ``auto`` the
+before the ANS coder (the very same bytes), ``context`` the ANS-coded ones, ``auto`` the
 smallest of all. Each function returns ``(bytes, fields)``; the fields go into the manifest and are checked
 on the way back.
 """
@@ -67,11 +67,11 @@ def encode_symbols(
     if check_coder(coder) == "huffman" or alpha > arith.MAX_ALPHA:
         return _encode_huffman(sym, alpha, block)
     ac = arith.encode(sym, alpha)
-    acf = {"coding": "ac", "alpha": alpha, "count": n}
+    ansf = {"coding": "ans", "alpha": alpha, "count": n}
     if coder == "context":
-        return ac, acf
+        return ac, ansf
     data, fields = _encode_huffman(sym, alpha, block)
-    return (ac, acf) if len(ac) < len(data) else (data, fields)
+    return (ac, ansf) if len(ac) < len(data) else (data, fields)
 
 
 def _encode_huffman(sym: np.ndarray, alpha: int, block: int) -> tuple[bytes, dict]:
@@ -105,14 +105,13 @@ def decode_symbols(
     the Huffman tables, a gather for a packed stream."""
     alpha, n = _int(f, "alpha", 1, 1 << 16), _int(f, "count", 0, max_count)
     coding = f.get("coding")
-    if coding == "ac":
+    if coding == "ans":
         if alpha > arith.MAX_ALPHA:
-            raise ValueError("range-coded stream's alphabet too large")
-        # work: ~9 units a symbol (constriction decodes ~60 ns each, and encodes them again ~30 ns to check the
-        # stream), two models and ~10 us per chunk
-        budget.spend(work=9 * n + arith.steps(n) * (8 * alpha + 1024))
+            raise ValueError("ANS-coded stream's alphabet too large")
+        # work: ~6 units a symbol (constriction decodes one in ~40-90 ns), a model and ~5 us per chunk
+        budget.spend(work=6 * n + arith.steps(n) * (4 * alpha + 512))
         if len(data) > 4 * n + 64:  # ~32 bits a symbol at most, even for a symbol the model found rare
-            raise ValueError("range-coded stream longer than its symbols")
+            raise ValueError("ANS-coded stream longer than its symbols")
         out = arith.decode(data, alpha, n)
         return out if relabel is None else relabel[out]
     huff = coding == "huff"
@@ -179,7 +178,7 @@ def positions_of(sym: np.ndarray) -> np.ndarray:
 
 def encode_index(mask: np.ndarray, coder: str = "huffman") -> tuple[bytes, dict]:
     """Positions of the nonzeros of a flat boolean mask: gap stream, bitmask or (``coder`` other than
-    huffman) range-coded significance map, the smallest."""
+    huffman) ANS-coded significance map, the smallest."""
     n = len(mask)
     pos = np.nonzero(mask)[0]
     nnz = int(len(pos))
@@ -204,7 +203,7 @@ def decode_index(data: bytes | memoryview, f: dict, n: int, budget: Budget = UNL
         mask = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[:n].astype(bool)
     elif f.get("index") == "sig":
         sf = f.get("stream")
-        if not isinstance(sf, dict) or sf.get("alpha") != 2 or sf.get("count") != n or sf.get("coding") != "ac":
+        if not isinstance(sf, dict) or sf.get("alpha") != 2 or sf.get("count") != n or sf.get("coding") != "ans":
             raise ValueError("significance map fields missing or wrong")
         mask = decode_symbols(data, sf, max_count=n, budget=budget).astype(bool)
     elif f.get("index") == "gaps":

@@ -77,8 +77,8 @@ def encode_model(model: nn.Module, graph: bool = False, input_shape=None, coder:
     """The .cpz bytes of a model, and per-tensor stats. ``graph``: for a model of the user's own
     classes, also store its graph (``graph.py``, captured by ``capture.py``), so that it decodes without their code;
     ``stats["graph_bytes"]`` is what it costs, ``stats["graph_note"]`` why there is none. ``coder``:
-    ``auto`` (each stream in its smallest coding), ``huffman`` (no range coding: the bytes of
-    compress before it) or ``context`` (range coding wherever it applies); see ``tensors.encode_tensor``."""
+    ``auto`` (each stream in its smallest coding), ``huffman`` (no ANS coding: the bytes of
+    compress before it) or ``context`` (ANS coding wherever it applies); see ``tensors.encode_tensor``."""
     try:
         streams.check_coder(coder)
     except ValueError as e:

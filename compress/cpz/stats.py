@@ -21,7 +21,7 @@ def read_stats(path) -> dict[str, Any]:
 
 def tensor_row(e: dict) -> dict:
     """Per-tensor numbers for tables: bytes, bits per weight, index overhead, the values' coding and
-    its gain over fixed-width packing (``huffman_gain``, so named before the range coder)."""
+    its gain over fixed-width packing (``huffman_gain``, so named before the ANS coder)."""
     n = int(np.prod(e["shape"])) if e["shape"] else 1
     row = {
         "name": e["name"],

@@ -114,8 +114,8 @@ def encode_tensor(
     t: torch.Tensor, state: QuantState | None = None, where: str = "", coder: str = "auto"
 ) -> tuple[bytes, dict]:
     """A tensor's section and its manifest fields. ``coder``: ``auto`` (the smallest coding of each
-    stream), ``huffman`` (the codings before the range coder: the same bytes as those files) or
-    ``context`` (range-coded streams wherever there is one)."""
+    stream), ``huffman`` (the codings before the ANS coder: the same bytes as those files) or
+    ``context`` (ANS-coded streams wherever there is one)."""
     streams.check_coder(coder)
     if state is not None:
         try:

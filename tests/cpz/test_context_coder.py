@@ -1,6 +1,6 @@
-"""The adaptive range coder of .cpz streams (compress/coding/arith.py): real quantized tensors round-trip
+"""The adaptive ANS coder of .cpz streams (compress/coding/arith.py): real quantized tensors round-trip
 bit-exactly, ``auto`` is never larger than Huffman, ``huffman`` writes the bytes of before, and hostile
-range-coded sections are refused in one line (in a capped child process, tests/hostile_harness.py)."""
+ANS-coded sections are refused in one line (in a capped child process, tests/hostile_harness.py)."""
 
 import copy
 
@@ -19,7 +19,7 @@ from tests.hostile_harness import run_cli_each
 
 @pytest.mark.parametrize("alpha", [2, 5, 17, 257, arith.MAX_ALPHA])
 @pytest.mark.parametrize("n", [1, 16, 17, 1000])
-def test_range_coder_round_trip(alpha, n):
+def test_ans_coder_round_trip(alpha, n):
     rng = np.random.default_rng(alpha * 1000 + n)
     p = rng.dirichlet(np.full(alpha, 0.2))  # skewed, most symbols rare or absent
     sym = rng.choice(alpha, size=n, p=p)
@@ -28,7 +28,7 @@ def test_range_coder_round_trip(alpha, n):
     assert out.dtype == (np.uint8 if alpha <= 256 else np.uint16)
 
 
-def test_range_coder_adapts_to_a_skewed_stream():
+def test_ans_coder_adapts_to_a_skewed_stream():
     """95% zeros: close to the entropy (0.29 bits a symbol), where Huffman must spend 1 bit on each."""
     sym = (np.random.default_rng(0).random(20_000) < 0.05).astype(np.int64)
     data = arith.encode(sym, 2)
@@ -81,20 +81,20 @@ def test_real_tensors_round_trip_exactly_and_auto_is_never_larger(pruned_kmeans)
     sections = {coder: {e["name"]: e["length"] for e in st["tensors"]} for coder, (_, st) in files.items()}
     for name, n in sections["huffman"].items():
         assert sections["auto"][name] <= n, name  # each section the smaller of the two
-    assert len(files["auto"][0]) < len(files["huffman"][0])  # and the range coder wins somewhere
+    assert len(files["auto"][0]) < len(files["huffman"][0])  # and the ANS coder wins somewhere
     codings = {f["coding"] for f in _streams(unpack(files["auto"][0])[0]) if f["count"]}
-    assert "ac" in codings
+    assert "ans" in codings
     ctx = unpack(files["context"][0])[0]
-    assert all(f["coding"] == "ac" for f in _streams(ctx) if f["count"])
+    assert all(f["coding"] == "ans" for f in _streams(ctx) if f["count"])
     assert all(e["index"]["index"] in ("gaps", "sig") for e in ctx["tensors"] if "index" in e)
 
 
 def test_huffman_coder_writes_the_bytes_of_before(pruned_kmeans, tmp_path, cli):
-    """``huffman``: no stream of the range coder, and a Huffman file re-encoded is the same bytes; the CLI's
+    """``huffman``: no stream of the ANS coder, and a Huffman file re-encoded is the same bytes; the CLI's
     --coder huffman writes exactly what the library does."""
     blob, _ = encode_model(copy.deepcopy(pruned_kmeans), coder="huffman")
     manifest, _ = unpack(blob)
-    assert not any(f["coding"] == "ac" for f in _streams(manifest))
+    assert not any(f["coding"] == "ans" for f in _streams(manifest))
     assert not any(e.get("index", {}).get("index") == "sig" for e in manifest["tensors"])
     again, _ = encode_model(decode_model(blob), coder="huffman")
     assert again == blob
@@ -106,17 +106,17 @@ def test_huffman_coder_writes_the_bytes_of_before(pruned_kmeans, tmp_path, cli):
     assert res.code != 0 and not (tmp_path / "h3.cpz").exists()
 
 
-# ------------------------------------------------------------------ hostile range-coded sections
+# ------------------------------------------------------------------ hostile ANS-coded sections
 def _ac_entry(manifest):
-    """The first entry with a range-coded values stream, and its index in the manifest."""
+    """The first entry with a ANS-coded values stream, and its index in the manifest."""
     for i, e in enumerate(manifest["tensors"]):
-        if e.get("values", {}).get("coding") == "ac":
+        if e.get("values", {}).get("coding") == "ans":
             return i, e
-    raise AssertionError("no range-coded stream")
+    raise AssertionError("no ANS-coded stream")
 
 
 def _hostile_files(blob, tmp_path) -> dict:
-    """name -> path of a .cpz whose checksums are right and whose range-coded section lies."""
+    """name -> path of a .cpz whose checksums are right and whose ANS-coded section lies."""
     manifest, sections = unpack(blob)
     i, e = _ac_entry(manifest)
     start = e["params_bytes"] + e.get("index_bytes", 0)
@@ -157,7 +157,7 @@ def _hostile_files(blob, tmp_path) -> dict:
     return cases
 
 
-def test_hostile_range_coded_sections_are_refused_in_one_line(pruned_kmeans, tmp_path):
+def test_hostile_ans_coded_sections_are_refused_in_one_line(pruned_kmeans, tmp_path):
     blob, _ = encode_model(copy.deepcopy(pruned_kmeans), coder="context")
     cases = _hostile_files(blob, tmp_path)
     assert "significance map of the wrong length" in cases
@@ -172,8 +172,8 @@ def test_hostile_range_coded_sections_are_refused_in_one_line(pruned_kmeans, tmp
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_bit_flipped_range_coded_payloads_decode_or_are_refused(pruned_kmeans, seed):
-    """A flipped bit inside a range-coded stream (checksums recomputed): a model, or a FormatError."""
+def test_bit_flipped_ans_coded_payloads_decode_or_are_refused(pruned_kmeans, seed):
+    """A flipped bit inside a ANS-coded stream (checksums recomputed): a model, or a FormatError."""
     blob, _ = encode_model(copy.deepcopy(pruned_kmeans), coder="context")
     manifest, sections = unpack(blob)
     rng = np.random.default_rng(seed)
