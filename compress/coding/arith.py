@@ -68,9 +68,11 @@ def steps(n: int) -> int:
 
 def decode(data: bytes | memoryview, alpha: int, n: int) -> np.ndarray:
     """``n`` symbols, each below ``alpha`` (uint8 where alpha <= 256, else uint16). The caller has
-    checked alpha and n and charged the work. Data that is not exactly the encoder's coding of ``n``
-    symbols raises ValueError: the ANS coder ends where it began, empty, only then (a cut, altered or
-    extended stream leaves it with words or a state, ~2^-32 of chance aside)."""
+    checked alpha and n and charged the work. Decoding runs the encoder backwards and must end in the
+    empty state the encoder began in, else ValueError: that refuses most cut, altered or extended
+    streams, not all (an empty coder decodes zeros, so a cut stream may end empty, having decoded
+    other symbols). Like any entropy code, many words decode to something: the symbols are always of
+    the alphabet and the work is bounded; the section's CRC-32 is what catches damage."""
     import constriction
 
     if len(data) % 4:

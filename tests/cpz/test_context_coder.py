@@ -26,6 +26,14 @@ def test_ans_coder_round_trip(alpha, n):
     out = arith.decode(arith.encode(sym, alpha), alpha, n)
     assert np.array_equal(out, sym)
     assert out.dtype == (np.uint8 if alpha <= 256 else np.uint16)
+    data = arith.encode(sym, alpha)
+    for bad in (data[:-4], data[4:], data + b"\x01\x00\x00\x00"):
+        if bad and np.count_nonzero(sym):  # all zeros code to no words at all (see arith.decode)
+            try:  # refused, or (an empty coder decodes zeros) other symbols of the alphabet
+                out = arith.decode(bad, alpha, n)
+                assert not np.array_equal(out, sym) and len(out) == n and int(out.max()) < alpha
+            except ValueError as e:
+                assert "not the coding" in str(e) or "invalid" in str(e)
 
 
 def test_ans_coder_adapts_to_a_skewed_stream():
@@ -115,7 +123,7 @@ def _ac_entry(manifest):
     raise AssertionError("no ANS-coded stream")
 
 
-def _hostile_files(blob, tmp_path) -> dict:
+def _hostile_files(blob, huffman_blob, tmp_path) -> dict:
     """name -> path of a .cpz whose checksums are right and whose ANS-coded section lies."""
     manifest, sections = unpack(blob)
     i, e = _ac_entry(manifest)
@@ -144,23 +152,34 @@ def _hostile_files(blob, tmp_path) -> dict:
     case("not whole words", data=payload + b"\x01")
     case("far longer than its symbols", data=payload * (4 * e["values"]["count"] // len(payload) + 2))
     case("truncated to one word", data=payload[:4])
-    case("empty", data=b"")
     case("unknown coding", lambda t: t["values"].update(coding="ac2"))
-    sig = next((k for k, t in enumerate(manifest["tensors"]) if t.get("index", {}).get("index") == "sig"), None)
-    if sig is not None:
+    # a significance map in place of a Huffman file's first sparse index: as written, and with a count that lies
+    manifest, sections = unpack(huffman_blob)
+    k, t = next((k, t) for k, t in enumerate(manifest["tensors"]) if "index" in t)
+    ib, pb = t["index_bytes"], t["params_bytes"]
+    mask = streams.decode_index(sections[k][pb : pb + ib], t["index"], int(np.prod(t["shape"])))
+    sdata, sf = streams.encode_symbols(mask.astype(np.int64), 2, coder="context")
+    for name, count in (("significance map", len(mask)), ("significance map of the wrong length", len(mask) + 1)):
         m = copy.deepcopy(manifest)
-        m["tensors"][sig]["index"]["stream"]["count"] += 1
-        for t in m["tensors"]:
-            t.pop("offset", None)
-        (tmp_path / "sig.cpz").write_bytes(forge(m, sections))
-        cases["significance map of the wrong length"] = tmp_path / "sig.cpz"
+        m["tensors"][k].update(index_bytes=len(sdata), index={"index": "sig", "nnz": int(mask.sum())})
+        m["tensors"][k]["index"]["stream"] = dict(sf, count=count)
+        m["tensors"][k].pop("length")
+        s = list(sections)
+        s[k] = sections[k][:pb] + sdata + sections[k][pb + ib :]
+        for e2 in m["tensors"]:
+            e2.pop("offset", None)
+        cases[name] = tmp_path / f"{name}.cpz"
+        cases[name].write_bytes(forge(m, s))
     return cases
 
 
 def test_hostile_ans_coded_sections_are_refused_in_one_line(pruned_kmeans, tmp_path):
     blob, _ = encode_model(copy.deepcopy(pruned_kmeans), coder="context")
-    cases = _hostile_files(blob, tmp_path)
-    assert "significance map of the wrong length" in cases
+    huffman, _ = encode_model(copy.deepcopy(pruned_kmeans), coder="huffman")
+    cases = _hostile_files(blob, huffman, tmp_path)
+    valid = decode_model(cases.pop("significance map").read_bytes())  # the forged map itself is sound
+    want = pruned_kmeans.state_dict()
+    assert all(torch.equal(want[n], v) for n, v in valid.state_dict().items())
     names = list(cases)
     ended, whole = run_cli_each([["decode", cases[n], "-o", tmp_path / f"{k}.pt"] for k, n in enumerate(names)])
     for name, r in zip(names, ended, strict=True):
