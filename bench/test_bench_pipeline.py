@@ -177,7 +177,8 @@ def test_ort_int8_resnet20(benchmark, eval_sets, tmp_path):
 
 
 def test_decode_speed_vs_zlib(benchmark, tmp_path):
-    """load_cpz of a 4.2 M-weight INT4 k-means model vs zlib decompressing the same count of bytes."""
+    """load_cpz of a 4.2 M-weight INT4 k-means model vs zlib decompressing the same count of bytes; Huffman-coded
+    (``coder="huffman"``), and beside it ANS-coded (``coder="context"``, compress/coding/arith.py)."""
     from compress.coding.packing import pack
     from compress.quant_state import get_state
     from compress.quantize import QuantConfig, quantize_
@@ -187,8 +188,14 @@ def test_decode_speed_vs_zlib(benchmark, tmp_path):
     with torch.no_grad():  # trained weights are roughly Laplace-distributed, not uniform
         m[0].weight.copy_(torch.distributions.Laplace(0.0, 0.02).sample((2048, 2048)))
     quantize_(m, QuantConfig(bits=4, scheme="kmeans"))
-    save_cpz(m, tmp_path / "big.cpz")
+    save_cpz(m, tmp_path / "big.cpz", coder="huffman")
     size = (tmp_path / "big.cpz").stat().st_size
+    save_cpz(m, tmp_path / "ans.cpz", coder="context")
+    t_ans = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        load_cpz(tmp_path / "ans.cpz")
+        t_ans = min(t_ans, time.perf_counter() - t0)
     # zlib on the same content: the model's INT4 codes, packed two to a byte, deflated
     z = zlib.compress(pack(get_state(m[0]).codes.flatten().clamp_min(0).numpy(), 4), 6)
     t_zlib = float("inf")  # both sides: the best of several runs (least disturbed by the machine)
@@ -210,5 +217,9 @@ def test_decode_speed_vs_zlib(benchmark, tmp_path):
         mweights_per_s=round(2048 * 2048 / t_cpz / 1e6, 1),
         cpz_bytes=size,
         zlib_bytes=len(z),
+        ans_ms=round(t_ans * 1000, 3),
+        ans_times_huffman=round(t_ans / t_cpz, 2),
+        ans_bytes=(tmp_path / "ans.cpz").stat().st_size,
     )
     assert t_cpz <= 3 * t_zlib
+    assert t_ans <= 5 * t_cpz  # the ANS decoder: one library call per chunk of doubling length

@@ -108,20 +108,27 @@ def arch_base(arch: str | None):
 
 
 def save_model(
-    model: nn.Module, path: str | os.PathLike, force: bool = False, *, input_shape: tuple[int, ...] | None = None
+    model: nn.Module,
+    path: str | os.PathLike,
+    force: bool = False,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    coder: str = "auto",
 ) -> Path:
     """Save atomically: a .cpz (Huffman-coded, architecture as data) for a ``.cpz`` path, else a
     torch file that compress loads again without trust.
 
     ``input_shape``: the (1, C, H, W) the model takes, recorded in its metadata and so in the file (default:
-    the shape its metadata already says). A .cpz of a model of your own classes also holds its graph, as
+    the shape its metadata already says). ``coder`` (a .cpz): ``auto`` codes each stream in its smallest coding,
+    ``huffman`` without ANS coding (the bytes of compress before it), ``context`` ANS-coded wherever it applies.
+    A .cpz of a model of your own classes also holds its graph, as
     ``compress encode`` writes it, so that it loads without your code; that needs the input shape, and
     where no graph can be stored a ``CompressWarning`` says why (the file then loads with ``arch=``)."""
     path = Path(path)
     if input_shape is not None:
         record_shape(model, input_shape)
     if path.suffix == ".cpz":  # the container refuses an INT8 model (errors.INT8_IS_PT)
-        stats = save_cpz(model, path, force=force, graph=True)  # at the input shape of its metadata
+        stats = save_cpz(model, path, force=force, graph=True, coder=coder)  # at the input shape of its metadata
         if stats["graph_note"]:
             warnings.warn(
                 f"{path}: no graph stored ({stats['graph_note']}); loading it needs your "

@@ -78,6 +78,7 @@ def _search(
     stop: Stop,
     state: _SearchState | None = None,
     save: Callable | None = None,
+    coder: str = "auto",
 ):
     """Try a stage's candidates: (the most compressed one within budget or None, its sizes as measured
     when it was tried, the record of all). Ctrl-C or the time budget ends it with what was kept, the candidate in
@@ -96,7 +97,7 @@ def _search(
             stop.in_candidate = True
             with progress.stop_when(stop.check):  # the time budget ends the candidate's work at its next step
                 cand = run(cfg.verb, copy.deepcopy(start), cfg, ctx).model
-                sizes = size_bytes(cand, graph=True)  # as the file is written: its graph too
+                sizes = size_bytes(cand, graph=True, coder=coder)  # as the file is written: its graph too
                 rec = {"value": stage.value(cfg), "options": cfg.to_dict(), **judge(cand), "bytes": sizes["coded"]}
         except (
             KeyboardInterrupt
@@ -236,6 +237,7 @@ def pipeline(
     workers: int | None = None,
     checkpoint: Checkpoint | None = None,
     resume: bool = False,
+    coder: str = "auto",
 ) -> tuple[nn.Module, PipelineSummary]:
     """Run a recipe on ``model`` (in place); returns (model, summary). ``data``: training data -- a spec or
     anything ``compress.data.as_data`` takes; ``val_data`` and ``test_data`` likewise. ``loss``, ``metric``,
@@ -244,7 +246,8 @@ def pipeline(
     ``finetune.distill`` does so for its stage; the teacher is always the input model, the one the budget judges
     against).
     ``checkpoint``: written after each decided candidate (and removed at the end); with ``resume`` the run goes on
-    from it, to the result an uninterrupted run reaches.
+    from it, to the result an uninterrupted run reaches. ``coder``: how the .cpz bytes are counted (and the file
+    is to be written: ``save_model(..., coder=)``): ``auto``, ``huffman`` or ``context`` (``encode_model``).
     ``on_event(kind, fields)`` hears "start", "resumed", "warning", "stage", "candidate" (once checkpointed), "skipped"
     and "stopped", as
     stages' events. ``time_budget`` (seconds) or Ctrl-C ends the search early, the candidate in progress dropped
@@ -369,6 +372,7 @@ def pipeline(
                 stop,
                 state=search_state if i == first else None,
                 save=None if checkpoint is None else (lambda st, i=i: save(i, st)),
+                coder=coder,
             )
             if stop.reason:
                 emit("stopped", reason=stop.reason, stage=stage.name)
@@ -380,7 +384,7 @@ def pipeline(
             else:
                 model, measured = kept_model, (kept_sizes, res["kept"]["accuracy"])  # as measured when tried
             if measured is None:  # nothing kept yet: the input model, measured once
-                measured = (size_bytes(model, graph=True), base_acc)
+                measured = (size_bytes(model, graph=True, coder=coder), base_acc)
             sizes, acc = measured
             res.update(bytes=sizes["coded"], accuracy=round(acc, 3), seconds=round(clock() - t0, 2))
             quantized = stage.candidates[0].verb == "quantize"
@@ -421,7 +425,7 @@ def pipeline(
         ],
     )
     set_meta(model, input_shape=list(ctx.input_shape))
-    final = size_bytes(model, graph=True)  # with the history above: exactly the bytes save_model writes
+    final = size_bytes(model, graph=True, coder=coder)  # with the history above: exactly the bytes save_model writes
     last = "INT8 file" if kinds.execution(model) is not None else "huffman coded"  # same weights, as saved
     timeline.append({**timeline[-1], "stage": last, "bytes": final["coded"]})
     kept = [r["kept"]["bytes"] for r in results if r["kept"]]

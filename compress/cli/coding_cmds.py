@@ -8,7 +8,19 @@ from typing import Annotated
 from compress.cli.app import app
 from compress.cli.common import err, note_no_graph, out, table
 from compress.cli.harness import check_output
-from compress.cli.options import MODEL, ArchOpt, Command, ForceOpt, ModelArg, ModelOptions, OutOpt, flag, grouped
+from compress.cli.options import (
+    MODEL,
+    ArchOpt,
+    Coder,
+    CoderOpt,
+    Command,
+    ForceOpt,
+    ModelArg,
+    ModelOptions,
+    OutOpt,
+    flag,
+    grouped,
+)
 
 
 @app.command(cls=Command)
@@ -28,12 +40,15 @@ def encode(
             "decoders check it, and total its cost, before running it.",
         ),
     ] = True,
+    coder: CoderOpt = Coder.auto,
 ):
-    """Huffman-code a (pruned, quantized) model into one compact, checked .cpz file.
+    """Entropy-code a (pruned, quantized) model into one compact, checked .cpz file.
 
     Examples:
 
         compress encode lenet5-int4.pt -o lenet5.cpz
+
+        compress encode lenet5-int4.pt --coder huffman -o lenet5-huffman.cpz
 
         compress encode r20-int4.pt --arch mypkg.models:resnet20 -o r20.cpz
     """
@@ -44,12 +59,12 @@ def encode(
     check_output(model, output, force)
     opts = load.load()
     m = opts.load(model)
-    stats = save_cpz(m, output, force=force, graph=graph, input_shape=opts.input_shape)
+    stats = save_cpz(m, output, force=force, graph=graph, input_shape=opts.input_shape, coder=coder.value)
     rows = [tensor_row(e) for e in stats["tensors"]]
     out.print(
         table(
             f"{output}",
-            ["tensor", "encoding", "mode", "bits/weight", "index bytes", "Huffman gain", "bytes"],
+            ["tensor", "encoding", "mode", "bits/weight", "index bytes", "coding gain", "bytes"],
             [
                 [
                     r["name"],
@@ -57,7 +72,7 @@ def encode(
                     r["mode"],
                     r["bits_per_weight"],
                     r.get("index_bytes", "-"),
-                    f"{r['huffman_gain']:.2f}x" if "huffman_gain" in r else "-",
+                    f"{r['huffman_gain']:.2f}x {r['coding']}" if "huffman_gain" in r else "-",
                     r["bytes"],
                 ]
                 for r in rows

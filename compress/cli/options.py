@@ -9,6 +9,7 @@ generated from configs import the configs, and torch with them: ``compress --hel
 from __future__ import annotations
 
 import dataclasses
+import enum
 import inspect
 import typing
 from collections.abc import Callable
@@ -52,6 +53,24 @@ InputShapeOpt = Annotated[str | None, option("--input-shape", panel=MODEL, help=
 
 OutOpt = Annotated[str, option("--output", "-o", panel=OUTPUT, help="Output file.", show_default=False)]
 ForceOpt = Annotated[bool, flag("--force", "-f", panel=OUTPUT, help="Overwrite an existing output file.")]
+
+
+class Coder(str, enum.Enum):
+    auto = "auto"
+    huffman = "huffman"
+    context = "context"
+
+
+CoderOpt = Annotated[
+    Coder,
+    option(
+        "--coder",
+        panel=OUTPUT,
+        help="How a .cpz codes its quantized tensors: auto (each stream in its smallest coding, Huffman or "
+        "adaptive ANS coding), huffman (as compress before ANS coding, the same bytes) or context "
+        "(ANS coding wherever it applies).",
+    ),
+]
 JsonOpt = Annotated[
     str | None, option("--json", panel=OUTPUT, help="Also write the result as JSON to this file ('-' for stdout).")
 ]

@@ -14,6 +14,8 @@ from compress.cli.options import (
     DATA,
     METHOD,
     OUTPUT,
+    Coder,
+    CoderOpt,
     Command,
     DistillOpt,
     ForceOpt,
@@ -117,8 +119,9 @@ def pipeline(
     workers: WorkersOpt = None,
     distill: DistillOpt = None,
     force: ForceOpt = False,
+    coder: CoderOpt = Coder.auto,
 ):
-    """Prune, share weights and Huffman-code a model into a .cpz, keeping the most compressed
+    """Prune, share weights and entropy-code a model into a .cpz, keeping the most compressed
     result within an accuracy budget.
 
     The budget is judged on validation data: a candidate is kept when its accuracy drop plus one
@@ -192,11 +195,12 @@ def pipeline(
         distill=distill,
         checkpoint=ckpt,
         resume=resume,
+        coder=coder.value,
     )
     m = m.cpu()
     stopped, nothing = summary.stopped, summary.kept_nothing
     if not nothing:  # else the input, re-encoded: no smaller, and often larger than the input (headers, codes)
-        save_model(m, output, force=force or resume)  # the same bytes the summary counted
+        save_model(m, output, force=force or resume, coder=coder.value)  # the same bytes the summary counted
     if not stopped:
         ckpt.remove()
     note_no_graph(summary.graph_note)

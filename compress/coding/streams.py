@@ -1,10 +1,13 @@
 """Symbol and index streams inside a .cpz tensor section.
 
-A symbol stream is Huffman coded (``huff``: 4-bit code lengths, 16-bit block sync points, payload)
-or fixed-width packed (``packed``), whichever is smaller. Sparse positions are either gap indices
-as in Deep Compression (distance to the previous nonzero; a gap of 255 or more is spelled with
-filler symbols 255, each worth 255 positions) Huffman coded, or a plain bitmask, whichever is
-smaller. Each function returns ``(bytes, fields)``; the fields go into the manifest and are checked
+A symbol stream is Huffman coded (``huff``: 4-bit code lengths, 16-bit block sync points, payload),
+fixed-width packed (``packed``) or ANS coded with an adaptive model (``ans``, ``arith.py``),
+whichever is smallest. Sparse positions are either gap indices as in Deep Compression (distance to
+the previous nonzero; a gap of 255 or more is spelled with filler symbols 255, each worth 255
+positions) in such a stream, a plain bitmask, or the bitmask as an ANS-coded stream of 0s and 1s
+(``sig``), whichever is smallest. ``coder`` chooses among them: ``huffman`` the codings of files
+before the ANS coder (the very same bytes), ``context`` the ANS-coded ones, ``auto`` the
+smallest of all. Each function returns ``(bytes, fields)``; the fields go into the manifest and are checked
 on the way back.
 """
 
@@ -12,10 +15,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from compress.coding import arith
 from compress.coding import huffman as H
 from compress.coding.packing import pack, unpack
 
 GAP_FILLER = 255
+CODERS = ("auto", "huffman", "context")
 
 
 class BudgetExceeded(ValueError):
@@ -46,14 +51,34 @@ def _bits_for(alpha: int) -> int:
     return max(1, int(np.ceil(np.log2(max(alpha, 2)))))
 
 
-def encode_symbols(sym: np.ndarray, alpha: int, block: int = H.DEFAULT_BLOCK) -> tuple[bytes, dict]:
+def check_coder(coder: str) -> str:
+    if coder not in CODERS:
+        raise ValueError(f"unknown coder {str(coder)[:40]!r} (known: {', '.join(CODERS)})")
+    return coder
+
+
+def encode_symbols(
+    sym: np.ndarray, alpha: int, block: int = H.DEFAULT_BLOCK, coder: str = "huffman"
+) -> tuple[bytes, dict]:
     sym = np.asarray(sym, dtype=np.int64)
     n = len(sym)
-    width = _bits_for(alpha)
-    fixed = pack(sym, width) if n else b""
-    fields = {"coding": "packed", "alpha": alpha, "count": n}  # width: ceil(log2 alpha)
     if n == 0:
-        return b"", fields
+        return b"", {"coding": "packed", "alpha": alpha, "count": 0}
+    if check_coder(coder) == "huffman" or alpha > arith.MAX_ALPHA:
+        return _encode_huffman(sym, alpha, block)
+    ac = arith.encode(sym, alpha)
+    ansf = {"coding": "ans", "alpha": alpha, "count": n}
+    if coder == "context":
+        return ac, ansf
+    data, fields = _encode_huffman(sym, alpha, block)
+    return (ac, ansf) if len(ac) < len(data) else (data, fields)
+
+
+def _encode_huffman(sym: np.ndarray, alpha: int, block: int) -> tuple[bytes, dict]:
+    n = len(sym)
+    width = _bits_for(alpha)
+    fixed = pack(sym, width)
+    fields = {"coding": "packed", "alpha": alpha, "count": n}  # width: ceil(log2 alpha)
     freqs = np.bincount(sym, minlength=alpha)
     lengths = H.code_lengths(freqs)
     table = pack(lengths, 4)
@@ -80,6 +105,15 @@ def decode_symbols(
     the Huffman tables, a gather for a packed stream."""
     alpha, n = _int(f, "alpha", 1, 1 << 16), _int(f, "count", 0, max_count)
     coding = f.get("coding")
+    if coding == "ans":
+        if alpha > arith.MAX_ALPHA:
+            raise ValueError("ANS-coded stream's alphabet too large")
+        # work: ~6 units a symbol (constriction decodes one in ~40-90 ns), a model and ~5 us per chunk
+        budget.spend(work=6 * n + arith.steps(n) * (4 * alpha + 512))
+        if len(data) > 4 * n + 64:  # ~32 bits a symbol at most, even for a symbol the model found rare
+            raise ValueError("ANS-coded stream longer than its symbols")
+        out = arith.decode(data, alpha, n)
+        return out if relabel is None else relabel[out]
     huff = coding == "huff"
     block = _int(f, "block", 1, H.MAX_BLOCK) if huff else 1
     # work units of ~10 ns: a symbol each, a decoding table, and ~5 us of overhead per decoder step
@@ -142,15 +176,21 @@ def positions_of(sym: np.ndarray) -> np.ndarray:
     return (np.cumsum(step) - 1)[final]
 
 
-def encode_index(mask: np.ndarray) -> tuple[bytes, dict]:
-    """Positions of the nonzeros of a flat boolean mask: gap stream or bitmask, the smaller."""
+def encode_index(mask: np.ndarray, coder: str = "huffman") -> tuple[bytes, dict]:
+    """Positions of the nonzeros of a flat boolean mask: gap stream, bitmask or (``coder`` other than
+    huffman) ANS-coded significance map, the smallest."""
     n = len(mask)
-    bitmask = np.packbits(mask.astype(np.uint8)).tobytes()
     pos = np.nonzero(mask)[0]
-    gdata, gf = encode_symbols(gaps_of(pos), 256)
-    if len(gdata) < len(bitmask):
-        return gdata, {"index": "gaps", "nnz": int(len(pos)), "stream": gf}
-    return bitmask, {"index": "bitmask", "nnz": int(len(pos)), "n": n}
+    nnz = int(len(pos))
+    gdata, gf = encode_symbols(gaps_of(pos), 256, coder=coder)
+    cands = []
+    if check_coder(coder) != "context":
+        cands.append((np.packbits(mask.astype(np.uint8)).tobytes(), {"index": "bitmask", "nnz": nnz, "n": n}))
+    cands.append((gdata, {"index": "gaps", "nnz": nnz, "stream": gf}))
+    if coder != "huffman" and n:
+        sdata, sf = encode_symbols(mask.astype(np.int64), 2, coder="context")
+        cands.append((sdata, {"index": "sig", "nnz": nnz, "stream": sf}))
+    return min(cands, key=lambda c: len(c[0]))  # the first of the smallest: bitmask on a tie, as ever
 
 
 def decode_index(data: bytes | memoryview, f: dict, n: int, budget: Budget = UNLIMITED) -> np.ndarray:
@@ -161,6 +201,11 @@ def decode_index(data: bytes | memoryview, f: dict, n: int, budget: Budget = UNL
         if len(data) != (n + 7) // 8:
             raise ValueError("bitmask has the wrong length")
         mask = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[:n].astype(bool)
+    elif f.get("index") == "sig":
+        sf = f.get("stream")
+        if not isinstance(sf, dict) or sf.get("alpha") != 2 or sf.get("count") != n or sf.get("coding") != "ans":
+            raise ValueError("significance map fields missing or wrong")
+        mask = decode_symbols(data, sf, max_count=n, budget=budget).astype(bool)
     elif f.get("index") == "gaps":
         sf = f.get("stream")
         if not isinstance(sf, dict) or sf.get("alpha") != GAP_FILLER + 1:

@@ -73,10 +73,16 @@ def _graph_of(model: nn.Module, graph: bool, input_shape) -> tuple[dict | None, 
         return None, str(e)
 
 
-def encode_model(model: nn.Module, graph: bool = False, input_shape=None) -> tuple[bytes, dict]:
+def encode_model(model: nn.Module, graph: bool = False, input_shape=None, coder: str = "auto") -> tuple[bytes, dict]:
     """The .cpz bytes of a model, and per-tensor stats. ``graph``: for a model of the user's own
     classes, also store its graph (``graph.py``, captured by ``capture.py``), so that it decodes without their code;
-    ``stats["graph_bytes"]`` is what it costs, ``stats["graph_note"]`` why there is none."""
+    ``stats["graph_bytes"]`` is what it costs, ``stats["graph_note"]`` why there is none. ``coder``:
+    ``auto`` (each stream in its smallest coding), ``huffman`` (no ANS coding: the bytes of
+    compress before it) or ``context`` (ANS coding wherever it applies); see ``tensors.encode_tensor``."""
+    try:
+        streams.check_coder(coder)
+    except ValueError as e:
+        raise InputError(str(e)) from e
     if isinstance(model, torch.jit.ScriptModule):
         raise InputError("TorchScript models cannot be stored in a .cpz; pass the nn.Module")
     refused = kinds.refusal(model, kinds.CPZ)  # an INT8 model: packed INT8 kernels, not tensors
@@ -96,7 +102,7 @@ def encode_model(model: nn.Module, graph: bool = False, input_shape=None) -> tup
         if leaf in RESERVED:
             raise InputError(f"the model has a tensor named {name!r}, a name compress reserves; rename it")
         state = get_state(modules[mod_name], leaf) if leaf in PARAMS and mod_name in modules else None
-        data, fields = encode_tensor(t, state, name)
+        data, fields = encode_tensor(t, state, name, coder)
         entry = {
             "name": name,
             "shape": list(t.shape),
@@ -128,9 +134,11 @@ def encode_model(model: nn.Module, graph: bool = False, input_shape=None) -> tup
     return blob, stats
 
 
-def save_cpz(model: nn.Module, path, force: bool = False, graph: bool = True, input_shape=None) -> dict:
+def save_cpz(
+    model: nn.Module, path, force: bool = False, graph: bool = True, input_shape=None, coder: str = "auto"
+) -> dict:
     """Write ``model`` as a .cpz file atomically; returns per-tensor stats (``encode_model``)."""
-    blob, stats = encode_model(model, graph=graph, input_shape=input_shape)
+    blob, stats = encode_model(model, graph=graph, input_shape=input_shape, coder=coder)
     with atomic_write(path, force) as tmp:
         Path(tmp).write_bytes(blob)
     return stats

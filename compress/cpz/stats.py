@@ -19,8 +19,9 @@ def read_stats(path) -> dict[str, Any]:
 
 
 def tensor_row(e: dict) -> dict:
-    """Per-tensor numbers for tables: bytes, bits per weight, index overhead, Huffman gain. Only the
-    fields that decoding an entry of its ``enc`` reads (and checked) are read: others may be anything."""
+    """Per-tensor numbers for tables: bytes, bits per weight, index overhead, the values' coding and its gain over
+    fixed-width packing (``huffman_gain``, so named before the ANS coder). Only the fields that decoding an entry
+    of its ``enc`` reads (and checked) are read: others may be anything."""
     n = math.prod(e["shape"])
     coded = e["enc"] in ("uniform", "codebook")
     row = {
@@ -44,12 +45,12 @@ def tensor_row(e: dict) -> dict:
 
 
 @functools.singledispatch
-def size_bytes(model, graph: bool = False) -> dict[str, Any]:
+def size_bytes(model, graph: bool = False, coder: str = "auto") -> dict[str, Any]:
     """Encoded .cpz size, the size the same content takes without Huffman coding, and the bytes of
     each layer's tensors (weight, bias, buffers) in the .cpz. ``graph``: with the graph
     a .cpz of the user's own classes holds (``graph``), as ``save_model`` writes it. A kind of model saved
     otherwise registers its own (an INT8 model: its file's bytes, both coded and fixed)."""
-    _, stats = encode_model(copy.deepcopy(model), graph=graph)
+    _, stats = encode_model(copy.deepcopy(model), graph=graph, coder=coder)
     fixed = 0
     layers: dict[str, int] = {}
     for e in stats["tensors"]:

@@ -36,14 +36,17 @@ def _has_negative_zero(t: torch.Tensor) -> bool:
     return bool(((t == 0) & torch.signbit(t)).any())
 
 
-def _coded(sym: np.ndarray, zero: np.ndarray, alpha: int, params: bytes, fields: dict) -> tuple[bytes, dict]:
-    """Dense (all symbols) or sparse (index + nonzero symbols), the smaller."""
-    dense, df = streams.encode_symbols(sym, alpha)
+def _coded(
+    sym: np.ndarray, zero: np.ndarray, alpha: int, params: bytes, fields: dict, coder: str
+) -> tuple[bytes, dict]:
+    """Dense (all symbols) or sparse (index + nonzero symbols), the smaller; each stream coded by
+    ``coder`` (``streams.CODERS``)."""
+    dense, df = streams.encode_symbols(sym, alpha, coder=coder)
     best = (params + dense, {**fields, "mode": "dense", "params_bytes": len(params), "values": df})
     nz = ~zero
     if zero.any():
-        idx, ifl = streams.encode_index(nz)
-        vals, vf = streams.encode_symbols(sym[nz], alpha)
+        idx, ifl = streams.encode_index(nz, coder)
+        vals, vf = streams.encode_symbols(sym[nz], alpha, coder=coder)
         if len(idx) + len(vals) < len(dense):
             best = (
                 params + idx + vals,
@@ -64,7 +67,7 @@ def _scheme_field(state: QuantState, enc: str) -> dict:
     return {} if state.scheme == _OLD_SCHEME[enc] else {"scheme": state.scheme}
 
 
-def _encode_state(state: QuantState, t: torch.Tensor) -> tuple[bytes, dict]:
+def _encode_state(state: QuantState, t: torch.Tensor, coder: str) -> tuple[bytes, dict]:
     """A quantized weight: its codes as they are, with the grid's scales or the codebook in front."""
     zero = (t.detach().flatten() == 0).cpu().numpy()
     bits = int(state.bits)
@@ -81,7 +84,7 @@ def _encode_state(state: QuantState, t: torch.Tensor) -> tuple[bytes, dict]:
             "k": k,
             **({"cb16": True} if half else {}),
         }
-        return _coded(sym, zero, k + 1, (cb.astype("<f2") if half else cb).tobytes(), fields)
+        return _coded(sym, zero, k + 1, (cb.astype("<f2") if half else cb).tobytes(), fields, coder)
     if state.scale is None:
         raise ValueError("a grid state needs its scales")
     scale = state.scale.float().cpu().numpy().astype("<f4")
@@ -103,21 +106,28 @@ def _encode_state(state: QuantState, t: torch.Tensor) -> tuple[bytes, dict]:
             "affine": affine,
             "per_channel": bool(state.per_channel),
         },
+        coder,
     )
 
 
-def encode_tensor(t: torch.Tensor, state: QuantState | None = None, where: str = "") -> tuple[bytes, dict]:
+def encode_tensor(
+    t: torch.Tensor, state: QuantState | None = None, where: str = "", coder: str = "auto"
+) -> tuple[bytes, dict]:
+    """A tensor's section and its manifest fields. ``coder``: ``auto`` (the smallest coding of each
+    stream), ``huffman`` (the codings before the ANS coder: the same bytes as those files) or
+    ``context`` (ANS-coded streams wherever there is one)."""
+    streams.check_coder(coder)
     if state is not None:
         try:
             state.check(t, where)
         except ValueError as e:
             raise InputError(str(e)) from e
-        return _encode_state(state, t)
+        return _encode_state(state, t, coder)
     if t.dtype == torch.float32 and t.numel() > 64 and not _has_negative_zero(t):
         flat = t.detach().flatten().cpu()
         zero = (flat == 0).numpy()
         if zero.mean() > 0.5:  # pruned but not quantized: positions + fp32 nonzero values
-            idx, ifl = streams.encode_index(~zero)
+            idx, ifl = streams.encode_index(~zero, coder)
             vals = flat.numpy()[~zero].astype("<f4").tobytes()
             return idx + vals, {"enc": "sparse_raw", "index": ifl, "index_bytes": len(idx)}
     return _raw(t)

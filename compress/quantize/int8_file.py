@@ -204,7 +204,7 @@ def file_size(model: Int8Model) -> int:
 
 
 @size_bytes.register(Int8Model)
-def _size_bytes(model: Int8Model, graph: bool = False) -> dict[str, Any]:
+def _size_bytes(model: Int8Model, graph: bool = False, coder: str = "auto") -> dict[str, Any]:
     n = file_size(model)  # not a .cpz: its file's bytes, both coded and fixed
     return {"coded": n, "fixed": n, "layers": {}, "graph_note": None}
 

@@ -352,7 +352,7 @@ def test_encode_decode_cli(tmp_path, cli, lenet5_trained):
     save_model(m, tmp_path / "q.pt")
     res = cli("encode", tmp_path / "q.pt", "-o", tmp_path / "q.cpz")
     assert res.code == 0, res.err
-    assert "smaller" in res.out and "Huffman gain" in res.out
+    assert "smaller" in res.out and "coding gain" in res.out
     res = cli("decode", tmp_path / "q.cpz", "-o", tmp_path / "d.pt")
     assert res.code == 0, res.err
     from compress.model_io import load_model
