@@ -127,7 +127,7 @@ def lenet5_files():
                 for p in (m.conv1.weight, m.conv2.weight, m.fc1.weight, m.fc2.weight):
                     p[p.abs() < p.abs().flatten().quantile(sparsity)] = 0
         quantize_(m, cfg)
-        out[key] = encode_model(m)[0]
+        out[key] = encode_model(m, coder="huffman")[0]  # the Huffman decoder is what is attacked
     manifest, _ = split(out["kmeans"])
     coded = {e["name"]: e["values"] for e in manifest["tensors"] if e.get("enc") == "codebook"}
     assert coded["fc1.weight"]["coding"] == coded["conv2.weight"]["coding"] == "huff"
@@ -355,7 +355,7 @@ def test_report_reads_only_the_fields_decoding_checked(tmp_path):
     (`read_stats`): an internal error. It reads only what decoding checked."""
     m = create_model("lenet5")
     set_weight(m.fc2, quantize_tensor(m.fc2.weight, 4, "minmax"))  # one coded layer, the rest raw
-    manifest, sections = split(encode_model(m)[0])
+    manifest, sections = split(encode_model(m, coder="huffman")[0])
     for e in manifest["tensors"]:
         e.update(values=5, mode="\x1b[31m") if e["enc"] == "raw" else e.update(index_bytes=3)
     assert {e["enc"] for e in manifest["tensors"]} == {"raw", "uniform"}
