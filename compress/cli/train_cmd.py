@@ -111,7 +111,7 @@ def run_train(
     from compress.errors import UsageError
     from compress.meta import set_meta
     from compress.model_io import save_model
-    from compress.prune.prunetrain import train_model
+    from compress.prune.prunetrain import check_settings, train_model
     from compress.scoring import resolve_metric
     from compress.train import resolve_loss
 
@@ -130,22 +130,34 @@ def run_train(
     else:
         vf = val_fraction if val_fraction is not None else data_mod.VAL_FRACTION
         tr, va = data_mod.split(ds, vf, seed=0)
+    check_settings(
+        method,
+        len(tr),
+        batch_size=batch_size,
+        target_macs=target_macs,
+        target_params=target_params,
+        freeze_last=freeze_last,
+        reconfig_every=reconfig_every,
+        grow_batch=grow_batch,
+        max_batch=max_batch,
+    )  # fmt: skip  (before any work)
     torch.manual_seed(seed)  # the model's own init is seeded too
     model = build_model(model_path, load, ds, width).to(state["device"])
     check_data(model, tr, task, metric, training=True)
     check_data(model, va, task, metric)
     test = check_data(model, data_mod.load(data.test_data, data.workers), task, metric) if data.test_data else None
     shape = tr.sample_shape
+    name = load.arch or model_path or ""
     if augment is None:
         augment = 2 if len(shape) == 3 and min(shape[-2:]) >= 24 else 0
     kw: dict[str, Any] = dict(
         val=va, test=test, epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size, augment=augment,
         seed=seed, weight_decay=weight_decay, loss=loss, metric=metric,
         progress=lambda line: err.print(line, markup=False, highlight=False),
+        desc=f"train {name.removeprefix('zoo:')}",
     )  # fmt: skip
     runs: dict[str, Any] = {}
     dense_model = copy.deepcopy(model) if compare_dense else None
-    name = load.arch or model_path
     err.print(f"training {name} on {len(tr):,} samples of {data.train_data} ({method or 'dense'})")
     result = train_model(
         model, tr, method=method, target_macs=target_macs, target_params=target_params, lasso_ratio=lasso_ratio,

@@ -30,6 +30,7 @@ from compress.counting import count_macs, count_params
 from compress.data import as_data, batches
 from compress.errors import CompressError, InputError, UsageError, first_line
 from compress.method import Context
+from compress.progress import Bar, progress_enabled
 from compress.prune.channel_union import ChannelUnionConfig, ChannelUnionPruner
 from compress.scoring import evaluate, resolve_metric, to_device
 from compress.train import check_augment, make_optimizer, random_shift, resolve_loss
@@ -97,6 +98,44 @@ def _lr_at(base: float, seen: int, total: int) -> float:
     return base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(seen, total) / total)))
 
 
+def check_settings(
+    method: str | None,
+    n: int,
+    *,
+    batch_size: int,
+    target_macs: float | None = None,
+    target_params: float | None = None,
+    freeze_last: float = 0.25,
+    reconfig_every: float = 1.0,
+    grow_batch: bool = False,
+    max_batch: int | None = None,
+) -> int | None:
+    """UsageError, before any work, for settings that cannot be met on ``n`` training samples; returns the
+    batch's cap under ``grow_batch`` (default 4 x ``batch_size``, at most ``n``)."""
+    if method is not None and method not in METHODS:
+        raise UsageError(f"--method {method!r}: expected one of {', '.join(METHODS)} (or none: dense training)")
+    for name, v in (("target-macs", target_macs), ("target-params", target_params)):
+        if v is not None and not 0.0 < v <= 1.0:
+            raise UsageError(f"--{name} {v}: expected a fraction of the starting model's in (0, 1]")
+        if v is not None and method is None:
+            raise UsageError(f"--{name} needs --method channel-union (dense training keeps every channel)")
+    if not 0.0 <= freeze_last < 1.0:
+        raise UsageError(f"--freeze-last {freeze_last}: expected a fraction in [0, 1)")
+    if not 0.0 < reconfig_every <= 1000:
+        raise UsageError(f"--reconfig-every {reconfig_every}: expected epochs in (0, 1000]")
+    if grow_batch:
+        cap = max_batch if max_batch is not None else 4 * batch_size
+        if method is None:
+            raise UsageError("--grow-batch needs --method channel-union: a dense model frees no memory to grow into")
+        if cap <= batch_size or batch_size >= n:
+            raise UsageError(
+                f"--grow-batch: the batch of {batch_size} cannot grow (cap {cap}, {n} training samples); "
+                "give --max-batch above --batch-size, or a smaller --batch-size"
+            )
+        max_batch = min(cap, n)
+    return max_batch
+
+
 def train_model(
     model: nn.Module,
     train,
@@ -121,6 +160,7 @@ def train_model(
     loss: Any = None,
     metric: Any = None,
     progress: Callable[[str], None] | None = None,
+    desc: str = "train",
 ) -> TrainResult:
     """Train ``model`` in place on ``train`` (anything ``compress.data.as_data`` takes) and report the cost.
 
@@ -128,34 +168,18 @@ def train_model(
     (0, 1] of the starting model's; the pull stops once reached and what is left above the target when the
     architecture freezes is removed by L1 ranking. ``reconfig_every``: epochs between reconfigurations (0.5: twice
     an epoch). ``freeze_last``: the fraction of the training, at its end, with the architecture fixed.
-    ``val`` is scored after every epoch, ``test`` at the end. ``progress(line)`` gets a line per epoch."""
+    ``val`` is scored after every epoch, ``test`` at the end. ``progress(line)`` gets a line per epoch; a progress
+    bar (``desc``) shows on a terminal."""
     data = as_data(train, "training data", arg="train")
     val = as_data(val, "validation data", arg="val") if val is not None else None
     test = as_data(test, "test data", arg="test") if test is not None else None
-    if method is not None and method not in METHODS:
-        raise UsageError(f"--method {method!r}: expected one of {', '.join(METHODS)} (or none: dense training)")
-    for name, v in (("target-macs", target_macs), ("target-params", target_params)):
-        if v is not None and not 0.0 < v <= 1.0:
-            raise UsageError(f"--{name} {v}: expected a fraction of the starting model's in (0, 1]")
-        if v is not None and method is None:
-            raise UsageError(f"--{name} needs --method channel-union (dense training keeps every channel)")
-    if not 0.0 <= freeze_last < 1.0:
-        raise UsageError(f"--freeze-last {freeze_last}: expected a fraction in [0, 1)")
-    if not 0.0 < reconfig_every <= 1000:
-        raise UsageError(f"--reconfig-every {reconfig_every}: expected epochs in (0, 1000]")
     if data.iterable:
         raise UsageError("compress train needs training data of known length (not an iterable loader)")
     n = len(data)
-    if grow_batch:
-        cap = max_batch if max_batch is not None else 4 * batch_size
-        if method is None:
-            raise UsageError("--grow-batch needs --method channel-union: a dense model frees no memory to grow into")
-        if cap <= batch_size or batch_size >= n:
-            raise UsageError(
-                f"--grow-batch: the batch of {batch_size} cannot grow (cap {cap}, {n} training samples); "
-                "give --max-batch above --batch-size, or a smaller --batch-size"
-            )
-        max_batch = min(cap, n)
+    max_batch = check_settings(
+        method, n, batch_size=batch_size, target_macs=target_macs, target_params=target_params,
+        freeze_last=freeze_last, reconfig_every=reconfig_every, grow_batch=grow_batch, max_batch=max_batch,
+    )  # fmt: skip
     cfg = FineTune(
         epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size, augment=augment, seed=seed,
         weight_decay=weight_decay,
@@ -218,6 +242,7 @@ def train_model(
     model.train()
     seen, frozen, step, next_reconf = 0, pruner is None, 0, chunk
     train_macs = 0
+    bar = Bar(progress_enabled(), math.ceil(total / batch_size), desc)
     wall_total = eval_total = 0.0
     try:
         epoch = 0
@@ -258,6 +283,7 @@ def train_model(
                     ep_macs += 3 * macs * len(x)
                     ep_loss += float(value.detach()) * len(x)
                     ep_count += len(x)
+                    bar.update(f"loss {ep_loss / ep_count:.3f}  epoch {epoch}")
                 if pruner is None or frozen or seen >= total or seen < min(next_reconf, freeze_at):
                     continue
                 next_reconf = seen + chunk
@@ -320,6 +346,7 @@ def train_model(
             )
     finally:
         rng.__exit__(None, None, None)
+        bar.close()
     if pruner is not None:
         model = pruner.finalize()
         report["notes"] = list(pruner.notes)
