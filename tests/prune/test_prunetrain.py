@@ -152,3 +152,14 @@ def test_dense_training_learns_and_records_each_epoch(digits):
     assert [e["epoch"] for e in rep["epochs"]] == [1, 2, 3] and not rep["reconfigurations"]
     assert rep["epochs"][-1]["loss"] < rep["epochs"][0]["loss"]
     assert rep["final"]["val_score"] > 50 and rep["final"]["macs_fraction"] == 1.0
+
+
+def test_random_shift_of_one_channel_images_has_plain_strides():
+    """One-channel shifted images once kept strides that also read as channels-last; oneDNN's convolution
+    backward then corrupted the heap on a model pruned to odd channel counts (a crash mid-training)."""
+    from compress.train import random_shift
+
+    x = torch.randn(4, 1, 12, 12)
+    y = random_shift(x, 2, torch.Generator().manual_seed(0))
+    assert y.stride() == (144, 144, 12, 1)
+    assert torch.equal(random_shift(x, 0, torch.Generator().manual_seed(0)), x)
