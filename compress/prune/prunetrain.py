@@ -276,7 +276,7 @@ def train_model(
                     opt.zero_grad(set_to_none=True)
                     value.backward()
                     opt.step()
-                    if pruner is not None:
+                    if pruner is not None and pruner.lam > 0:  # the proximal step (none once the pull is off)
                         pruner.step(rate)
                     step += 1
                     seen += len(x)
@@ -298,6 +298,8 @@ def train_model(
                         if meas(model) / pruner.base_measure > wanted * 1.02:
                             removed.update(pruner._top_up(f"at {seen / total:.0%} of the training (frozen after)"))
                     pruner.lam = 0.0
+                elif pruner.lam == 0:  # the target was reached and the pull stopped: no channel will reach zero now
+                    freezing = frozen = True
                 model = pruner.model
                 before = macs
                 macs, params = measure()
