@@ -38,7 +38,10 @@ def random_shift(x: torch.Tensor, pixels: int, g: torch.Generator) -> torch.Tens
     dx = torch.randint(0, 2 * pixels + 1, (n,), generator=g)
     rows = (torch.arange(h)[None, :] + dy[:, None])[:, :, None]  # (N, H, 1)
     cols = (torch.arange(w)[None, :] + dx[:, None])[:, None, :]  # (N, 1, W)
-    return p[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
+    shifted = p[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    # copied into plain NCHW strides: for one channel ``.contiguous()`` keeps strides that read as channels-last
+    # too, and oneDNN's convolution backward then corrupted the heap once pruning left odd channel counts
+    return x.new_empty(shifted.shape).copy_(shifted)
 
 
 def check_augment(augment: int | None, data: Data) -> None:

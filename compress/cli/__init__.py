@@ -4,7 +4,16 @@ The Typer app is ``compress.cli.app``; each command module registers its command
 ``compress.cli.runner.main`` runs one command line.
 """
 
-from compress.cli import coding_cmds, factorize_cmd, model_cmds, pipeline_cmd, prune_cmds, quant_cmds, zoo  # noqa: F401
+from compress.cli import (  # noqa: F401
+    coding_cmds,
+    factorize_cmd,
+    model_cmds,
+    pipeline_cmd,
+    prune_cmds,
+    quant_cmds,
+    train_cmd,
+    zoo,
+)
 from compress.cli.runner import entry, main
 
 __all__ = ["entry", "main"]

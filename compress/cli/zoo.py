@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from compress.cli.app import app
-from compress.cli.common import err, make_config, out, table
+from compress.cli.common import out, table
 from compress.cli.options import Command, ForceOpt, Group, OutOpt, SeedOpt, TestDataOpt
 
 
@@ -65,7 +65,8 @@ def train(
     seed: SeedOpt = 0,
     force: ForceOpt = False,
 ):
-    """Train a zoo model on a data set (--val-fraction held out for validation) and save it.
+    """Train a zoo model on a data set (--val-fraction held out for validation) and save it: `compress train
+    --arch zoo:NAME` with the zoo's defaults (Adam, lr 1e-3, 3 epochs).
 
     Examples:
 
@@ -73,49 +74,11 @@ def train(
 
         compress zoo train resnet20 --train-data "mnist5k?size=32" --width 0.5 -o resnet20.pt
     """
-    import torch
+    from compress.cli.options import DataOptions, ModelOptions, OutputOptions
+    from compress.cli.train_cmd import run_train
 
-    from compress import data as data_mod
-    from compress.cli.harness import check_output
-    from compress.config import FineTune
-    from compress.counting import count_params
-    from compress.meta import set_meta
-    from compress.model_io import save_model
-    from compress.models import create_model
-    from compress.scoring import evaluate
-    from compress.train import fit
-
-    check_output("", output, force)  # fail on an existing output before training, not after
-    ds = data_mod.load(data)
-    shape = ds.sample_shape
-    if augment is None:
-        augment = 2 if len(shape) == 3 and min(shape[-2:]) >= 24 else 0
-    cfg = make_config(
-        FineTune, epochs=epochs, lr=lr, optimizer=optimizer.value, batch_size=batch_size, seed=seed, augment=augment
-    )
-    tr, va = data_mod.split(ds, val_fraction, seed=0)
-    torch.manual_seed(seed)
-    kw = {"width": width} if width != 1.0 else {}
-    if name.startswith("lenet"):
-        kw["input_size"] = shape[-1]
-    model = create_model(name, num_classes=ds.num_classes, in_channels=shape[0], **kw)
-    from compress.data import check_fits
-
-    check_fits(model, tr)
-    err.print(f"training {name} ({count_params(model):,} params) on {len(tr):,} samples of {data}")
-    fit(model, tr, cfg, desc=f"train {name}")
-    acc = evaluate(model, va)
-    row = [["validation accuracy %", acc]]
-    meta = {
-        "input_shape": [1, *shape],
-        "train_data": data,
-        "val_accuracy": round(acc, 3),
-        "val_fraction": val_fraction,
-        "augment": augment,
-    }
-    if test_data:
-        meta["test_accuracy"] = round(evaluate(model, data_mod.load(test_data)), 3)
-        row.append(["test accuracy %", meta["test_accuracy"]])
-    set_meta(model, **meta)
-    save_model(model, output, force=force)
-    out.print(table(f"{name} -> {output}", ["", "value"], [["params", count_params(model)], *row]))
+    run_train(
+        None, ModelOptions(arch=f"zoo:{name}"), DataOptions(train_data=data, test_data=test_data),
+        OutputOptions(output=output, force=force), method=None, epochs=epochs, lr=lr, optimizer=optimizer.value,
+        batch_size=batch_size, augment=augment, seed=seed, weight_decay=0.0, width=width, val_fraction=val_fraction,
+    )  # fmt: skip

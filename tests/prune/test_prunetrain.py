@@ -1,0 +1,165 @@
+"""compress train: dense and PruneTrain (channel-union from the first step) training, its cost report, the
+command's files and refusals. Real small models on sklearn's digits (8 x 8)."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from compress import data as data_mod
+from compress.data import TensorData
+from compress.method import Context
+from compress.model_io import load_model
+from compress.models import create_model
+from compress.prune.channel_union import ChannelUnionConfig, ChannelUnionPruner
+from compress.prune.prunetrain import train_model
+from tests.helpers import one_line_error
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds = data_mod.load("digits?limit=256")
+    x, y = ds.batch(torch.arange(len(ds)))
+    return x, y
+
+
+def test_training_macs_match_a_hand_count(digits):
+    x, y = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    forward = 4 * 1 * 9 * 8 * 8 + 4 * 8 * 8 * 10  # conv: out channels x in x kernel x positions; linear: in x out
+    rep = train_model(model, (x, y), epochs=1.5, batch_size=32, lr=0.05).report
+    assert rep["start"]["macs"] == forward
+    samples = len(x) + len(x) // 2
+    assert sum(e["samples"] for e in rep["epochs"]) == samples
+    assert rep["total"]["train_macs"] == 3 * forward * samples  # forward + backward ~ 3 x forward, per sample
+    assert rep["total"]["train_flops"] == 2 * rep["total"]["train_macs"]
+    assert [e["train_macs"] for e in rep["epochs"]] == [3 * forward * len(x), 3 * forward * (len(x) // 2)]
+
+
+def _user_loop(model, x, y, *, epochs, bs, lr, interval, lasso_ratio):
+    """What a user writes around compress.ChannelUnionPruner: SGD, a cosine lr, the pruner's hooks."""
+    n = len(x)
+    total = int(round(epochs * n))
+    pruner = ChannelUnionPruner(
+        model, ChannelUnionConfig(lasso_ratio=lasso_ratio), Context(train=(x, y), input_shape=(1, *x.shape[1:])),
+        interval=interval,
+    )  # fmt: skip
+    pruner.attach()
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+
+    def sgd(m):
+        return torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+    opt, seen = sgd(model), 0
+    model.train()
+    while seen < total:
+        order = torch.randperm(n, generator=g)[: total - seen]
+        for i in range(0, len(order), bs):
+            idx = order[i : i + bs]
+            rate = lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * seen / total)))
+            for group in opt.param_groups:
+                group["lr"] = rate
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            seen += len(idx)
+            if pruner.step(rate):  # the architecture changed: a new optimizer
+                opt = sgd(pruner.model)
+                model.train()
+    return pruner.finalize()
+
+
+def _kept(model):
+    return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_library_loop_and_a_users_loop_keep_the_same_channels(digits):
+    x, y = digits
+    torch.manual_seed(0)
+    start = create_model("resnet8", num_classes=10, in_channels=1, width=0.5)
+    # 0.75 epochs of 256 samples in batches of 32: 6 steps, one reconfiguration after 4 (half an epoch)
+    lib = train_model(
+        copy.deepcopy(start), (x, y), method="channel-union", epochs=0.75, batch_size=32, lr=0.1, lasso_ratio=6,
+        reconfig_every=0.5, freeze_last=0.0,
+    )  # fmt: skip
+    own = _user_loop(copy.deepcopy(start), x, y, epochs=0.75, bs=32, lr=0.1, interval=4, lasso_ratio=6)
+    assert len(lib.report["reconfigurations"]) == 1
+    assert _kept(lib.model) == _kept(own)
+    assert sum(_kept(own)) < sum(_kept(start))  # channels were removed: the comparison means something
+    for a, b in zip(lib.model.state_dict().values(), own.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-4)
+
+
+def test_channel_union_training_shrinks_and_the_file_reloads_and_runs(tmp_path, cli):
+    res = cli(
+        "train", "--arch", "zoo:resnet8", "--width", "0.5", "--train-data", "digits?limit=240", "--epochs", "1.5",
+        "-m", "channel-union", "--lasso-ratio", "6", "--lr", "0.1", "--reconfig-every", "0.5", "--grow-batch",
+        "--max-batch", "128", "--threads", "1", "--json", tmp_path / "r.json", "--report", tmp_path / "rep",
+        "-o", tmp_path / "m.pt",
+    )  # fmt: skip
+    assert res.code == 0, res.err
+    rep = json.loads((tmp_path / "r.json").read_text())["runs"]["channel-union"]
+    recs = rep["reconfigurations"]
+    assert rep["final"]["macs"] < rep["start"]["macs"] and recs and recs[-1]["frozen"]
+    # every epoch's training MACs follow the model as it shrank: the last epoch trained a smaller one than the first
+    last = rep["epochs"][-1]
+    assert last["train_macs"] >= 3 * rep["final"]["macs"] * last["samples"]
+    assert last["train_macs"] / last["samples"] < rep["epochs"][0]["train_macs"] / rep["epochs"][0]["samples"]
+    assert rep["total"]["train_macs"] < 3 * rep["start"]["macs"] * sum(e["samples"] for e in rep["epochs"])
+    grown = [r for r in recs if "bytes_per_sample" in r]
+    assert grown and grown[-1]["bytes_per_sample"] < grown[-1]["start_bytes_per_sample"]
+    assert recs[-1]["batch"] > 32 and recs[-1]["batch"] <= 128
+    assert (tmp_path / "rep" / "report.html").exists()
+    model = load_model(tmp_path / "m.pt")
+    assert _kept(model) == [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    out = model.eval()(torch.zeros(2, 1, 8, 8))
+    assert out.shape == (2, 10)
+    assert cli("train", "--arch", "zoo:resnet8", "--train-data", "digits", "-o", tmp_path / "m.pt").code != 0  # exists
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--arch", "no_such_module_xyz:build"], "no_such_module_xyz"),
+        (["--arch", "zoo:resnet8", "-m", "channel-union", "--target-macs", "1.5"], "target-macs"),
+        (["--arch", "zoo:resnet8", "-m", "channel-union", "--target-macs", "0"], "target-macs"),
+        (["--arch", "zoo:resnet8", "-m", "channel-union", "--grow-batch", "--max-batch", "16"], "cannot grow"),
+        (["--arch", "zoo:resnet8", "-m", "channel-union", "--grow-batch", "--batch-size", "5000"], "cannot grow"),
+        (["--arch", "zoo:resnet8", "--grow-batch"], "grow-batch"),
+        (["--arch", "zoo:resnet8", "--compare-dense"], "compare-dense"),
+        ([], "--arch"),
+    ],
+)
+def test_refusals_are_one_line(tmp_path, cli, args, said):
+    res = cli("train", *args, "--train-data", "digits?limit=200", "--epochs", "1", "-o", tmp_path / "m.pt")
+    assert one_line_error(res), res.err
+    assert said in res.err
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_dense_training_learns_and_records_each_epoch(digits):
+    x, y = digits
+    torch.manual_seed(0)
+    model = create_model("lenet300", input_size=8)
+    val = TensorData(x[:64], y[:64])
+    rep = train_model(model, (x, y), val=val, epochs=3, batch_size=32, lr=0.2).report
+    assert [e["epoch"] for e in rep["epochs"]] == [1, 2, 3] and not rep["reconfigurations"]
+    assert rep["epochs"][-1]["loss"] < rep["epochs"][0]["loss"]
+    assert rep["final"]["val_score"] > 50 and rep["final"]["macs_fraction"] == 1.0
+
+
+def test_random_shift_of_one_channel_images_has_plain_strides():
+    """One-channel shifted images once kept strides that also read as channels-last; oneDNN's convolution
+    backward then corrupted the heap on a model pruned to odd channel counts (a crash mid-training)."""
+    from compress.train import random_shift
+
+    x = torch.randn(4, 1, 12, 12)
+    y = random_shift(x, 2, torch.Generator().manual_seed(0))
+    assert y.stride() == (144, 144, 12, 1)
+    assert torch.equal(random_shift(x, 0, torch.Generator().manual_seed(0)), x)
