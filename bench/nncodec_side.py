@@ -9,7 +9,7 @@ the bench's test set (the official MNIST test set when it is on disk). Bytes are
 holds its architecture, NNCodec's bitstream none, so the .cpz's tensor sections alone are given too.
 ``match`` names, for each .cpz row, the smallest NNCodec bitstream whose accuracy is equal or better,
 and the byte ratio .cpz / NNCodec. A context-adaptive .cpz coder, when ``compress encode --coder``
-offers one, adds its row (``CODERS``).
+offers one (``compress.coding.streams.CODERS``), adds its rows: ".cpz (context-adaptive)".
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -31,14 +32,17 @@ RD_LAMBDAS = (0.0, 0.03, 0.1)
 MODELS = {"lenet5": (15, 28, 1e-3), "lenet300": (15, 28, 1e-3), "resnet20": (4, 32, 2e-3)}
 
 
-def _coders() -> list[str]:
-    """The .cpz coders beyond the default Huffman one, if the container offers a choice (h-ctx)."""
-    try:
-        from compress.cpz import container
+LABELS = {"context": "context-adaptive"}
 
-        return [c for c in getattr(container, "CODERS", ()) if c != "huffman"]
+
+def _coders() -> list[str]:
+    """The .cpz coders beyond Huffman, where the container offers a choice (``compress.coding.streams.CODERS``,
+    ``compress encode --coder``; the h-ctx branch): none before it lands."""
+    try:
+        from compress.coding import streams
     except ImportError:
         return []
+    return [c for c in getattr(streams, "CODERS", ()) if c not in ("auto", "huffman")]
 
 
 def cpz_row(model: torch.nn.Module, test, label: str, **encode_kw) -> dict:
@@ -128,9 +132,11 @@ def side_by_side(name: str, test, py: str, work: Path, qps=QPS, rd_lambdas=RD_LA
     t0 = time.perf_counter()
     m, _ = pipeline(copy.deepcopy(base), ds, recipe=recipe, max_accuracy_drop=0.5, val_fraction=VAL_FRACTION)
     times["pipeline_s"] = round(time.perf_counter() - t0, 1)
-    rows.append(cpz_row(m, test, ".cpz (Huffman)"))
-    for coder in _coders():
-        rows.append(cpz_row(m, test, f".cpz ({coder})", coder=coder))
+    coders = _coders()
+    huffman = {"coder": "huffman"} if coders else {}  # once there is a choice, the Huffman row asks for it
+    rows.append(cpz_row(m, test, ".cpz (Huffman)", **huffman))
+    for coder in coders:
+        rows.append(cpz_row(m, test, f".cpz ({LABELS.get(coder, coder)})", coder=coder))
     if not rd_lambdas:
         return _finish(name, base, test, rows, nncodec_rows(m, test, py, work), times)
     for st in recipe["stages"]:  # every (bits, rd_lambda) pair a candidate, as `rd_lambda = [...]` in a recipe
@@ -140,7 +146,9 @@ def side_by_side(name: str, test, py: str, work: Path, qps=QPS, rd_lambdas=RD_LA
     mr, summary = pipeline(copy.deepcopy(base), ds, recipe=recipe, max_accuracy_drop=0.5, val_fraction=VAL_FRACTION)
     times["pipeline_rd_s"] = round(time.perf_counter() - t0, 1)
     kept = [s.kept.options if s.kept else None for s in summary.stages]
-    rows.append({**cpz_row(mr, test, ".cpz (Huffman, RD quantization)"), "kept": kept})
+    rows.append({**cpz_row(mr, test, ".cpz (Huffman, RD quantization)", **huffman), "kept": kept})
+    for coder in coders:
+        rows.append(cpz_row(mr, test, f".cpz ({LABELS.get(coder, coder)}, RD quantization)", coder=coder))
     return _finish(name, base, test, rows, nncodec_rows(m, test, py, work), times)
 
 
@@ -155,6 +163,8 @@ def _finish(name, base, test, rows, peer, times) -> dict:
         "cpz": rows,
         "nncodec": peer,
         "match": match(rows, peer),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
         **times,
     }
 

@@ -55,13 +55,14 @@ def anchors(by_name: dict) -> list[str]:
 
 def nncodec(by_name: dict) -> list[str]:
     """The .cpz beside NNCodec at equal test accuracy (bench/nncodec_side.py, test_nncodec_peer)."""
-    rows, ratios = [], []
+    rows, ratios, runs = [], [], set()
     names = {"lenet5": "LeNet-5", "lenet300": "LeNet-300-100", "resnet20": "ResNet-20"}
     accept = {"lenet5": 0.8, "lenet300": 0.8, "resnet20": 0.9}
     for model in ("lenet5", "lenet300", "resnet20"):
         e = by_name.get(f"test_nncodec_peer[{model}]", {}).get("side")
         if not e:
             continue
+        runs.add(f"{e.get('date', '?')} on {e.get('machine', '?')}")
         for r in e["cpz"]:
             rows.append(
                 f"| {names[model]} | {r['row']} | {r['bytes']:,} | {r['tensor_bytes']:,} | {fmt(r['accuracy'])} | "
@@ -93,7 +94,9 @@ def nncodec(by_name: dict) -> list[str]:
         "rate-distortion quantization (`rd_lambda` 0, 0.03, 0.1 beside `bits`), and, when the container has it, "
         "its context-adaptive coder. Bytes are whole files; NNCodec's bitstream holds no architecture, the .cpz "
         "does, so its tensor sections alone are given too. Accuracy: the decoded model on the bench's test set; "
-        "seconds: one encode and one decode of the weights (bench/nncodec_side.py).",
+        "seconds: one encode and one decode of the weights (bench/nncodec_side.py). Measured "
+        + "; ".join(sorted(runs))
+        + ".",
         "",
         "| model | coder | bytes | tensor bytes | test acc % | encode s | decode s |",
         "|---|---|---|---|---|---|---|",
@@ -620,6 +623,7 @@ def main(src: str, dst: str) -> None:
 
 # headings of sections older renderers wrote and this one does not: a partial run's update removes them
 RETIRED = (
+    "## NNCodec beside .cpz, on the same weights (the 2026-11-26 run)",
     "## INT8 that PyTorch executes: accuracy (bench/test_bench_int8.py)",
     "## INT8 that PyTorch executes: speed, memory, file (bench/test_bench_int8.py)",
     "## INT8 in PyTorch: compress's FX flow beside PT2E + inductor (bench/test_bench_int8.py)",
