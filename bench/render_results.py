@@ -55,7 +55,7 @@ def anchors(by_name: dict) -> list[str]:
 
 def nncodec(by_name: dict) -> list[str]:
     """The .cpz beside NNCodec at equal test accuracy (bench/nncodec_side.py, test_nncodec_peer)."""
-    rows, ratios, runs = [], [], set()
+    rows, ratios, runs, notes = [], [], set(), []
     names = {"lenet5": "LeNet-5", "lenet300": "LeNet-300-100", "resnet20": "ResNet-20"}
     accept = {"lenet5": 0.8, "lenet300": 0.8, "resnet20": 0.9}
     for model in ("lenet5", "lenet300", "resnet20"):
@@ -63,6 +63,12 @@ def nncodec(by_name: dict) -> list[str]:
         if not e:
             continue
         runs.add(f"{e.get('date', '?')} on {e.get('machine', '?')}")
+        q = [o for r in e["cpz"] for o in (r.get("kept") or []) if o and "rd_lambda" in o]
+        bits = q[0]["bits"] if q else None
+        bits = ", ".join(f"{k} {v}" for k, v in bits.items()) if isinstance(bits, dict) else bits
+        kept = f" (kept: bits {bits}, rd_lambda {q[0]['rd_lambda']})" if q else ""
+        rd = f", with RD quantization {e['pipeline_rd_s']:,.0f} s{kept}" if "pipeline_rd_s" in e else ""
+        notes.append(f"{names[model]}: the pipeline {e.get('pipeline_s', 0):,.0f} s{rd}")
         for r in e["cpz"]:
             rows.append(
                 f"| {names[model]} | {r['row']} | {r['bytes']:,} | {r['tensor_bytes']:,} | {fmt(r['accuracy'])} | "
@@ -109,6 +115,11 @@ def nncodec(by_name: dict) -> list[str]:
         "| model | .cpz | NNCodec at >= its accuracy | ratio (whole file) | ratio (tensor sections) | acceptance |",
         "|---|---|---|---|---|---|",
         *ratios,
+        "",
+        "Pipeline wall seconds (pruning search and fine-tuning included, on the shared CPUs): "
+        + "; ".join(notes)
+        + ".",
+        "",
     ]
 
 
