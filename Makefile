@@ -11,7 +11,7 @@ TORCH   ?= torch==2.13.0
 EXTRAS  ?= dev
 DEMO    := demo-out
 
-.PHONY: install demo test lint readme-check bench bench-fast bench-int8 bench-baseline clean
+.PHONY: install demo test lint readme-check bench bench-fast bench-int8 bench-baseline nncodec-env clean
 
 install: $(STAMP)
 
@@ -73,6 +73,12 @@ bench-baseline: install
 	rm -rf bench/baselines && COMPRESS_BENCH_EVAL=heldout $(BIN)/python -m pytest -q bench -m "not slow" \
 		-p no:cacheprovider --benchmark-storage=file://bench/baselines --benchmark-save=baseline \
 		--benchmark-json=bench/baselines/quality.json
+
+# NNCodec (MPEG NNR), the peer of the NNCodec rows of `make bench`, in its own environment outside the repo;
+# then `NNCODEC_PYTHON=$(NNCODEC_ENV)/bin/python make bench`
+NNCODEC_ENV ?= /work/nncodec-env
+nncodec-env:
+	sh tools/nncodec_env.sh $(NNCODEC_ENV)
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .benchmarks bench-results.json

@@ -8,13 +8,12 @@ import io
 import time
 import warnings
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from bench.conftest import CACHE, VAL_FRACTION, once, record, train_split, trained
+from bench.conftest import VAL_FRACTION, once, record, train_split, trained
 from compress.config import FineTune
 from compress.counting import count_params
 from compress.cpz.container import load_cpz, save_cpz
@@ -83,8 +82,6 @@ def test_pipeline_deep_compression(benchmark, eval_sets, name, tmp_path):
 
     once(benchmark, run)
     d = load_cpz(tmp_path / "m.cpz")
-    CACHE.mkdir(exist_ok=True)
-    (CACHE / f"pipeline-{name}.cpz").write_bytes((tmp_path / "m.cpz").read_bytes())  # for the NNCodec peer
     record(
         benchmark,
         ratio=4 * count_params(base) / out["bytes"],
@@ -98,52 +95,33 @@ def test_pipeline_deep_compression(benchmark, eval_sets, name, tmp_path):
     assert benchmark.extra_info["compression_ratio"] >= 100
 
 
-NNCODEC_QPS = (-14, -20, -26, -32)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["lenet5", "lenet300"])
+@pytest.mark.parametrize("name", ["lenet5", "lenet300", "resnet20"])
 def test_nncodec_peer(benchmark, eval_sets, name, tmp_path):
-    """NNCodec (MPEG NNR / DeepCABAC) re-quantizes and codes the weights of the pipeline's .cpz (no
-    fine-tuning), at several qp; its own environment: set NNCODEC_PYTHON (see docs/results.md)."""
-    import json
+    """The .cpz (default pipeline; the same with rate-distortion quantization; the context-adaptive coder
+    when the container has one) beside NNCodec (MPEG NNR / DeepCABAC) at several qp on the default .cpz's
+    weights, at equal test accuracy (bench/nncodec_side.py). NNCodec's own environment: NNCODEC_PYTHON
+    (``make nncodec-env``)."""
     import os
-    import subprocess
     import sys
 
-    import numpy as np
+    from bench.nncodec_side import MODELS, side_by_side
 
     py = os.environ.get("NNCODEC_PYTHON")
-    src = CACHE / f"pipeline-{name}.cpz"
-    if not py or not src.exists():
-        pytest.skip("set NNCODEC_PYTHON to a Python with nncodec, and run test_pipeline_deep_compression first")
-    test, ev = eval_sets[28]
-    m = load_cpz(src)
-    np.savez(tmp_path / "w.npz", **{k: v.detach().numpy() for k, v in m.state_dict().items()})
-    script = Path(__file__).with_name("nncodec_peer.py")
-    cmd = [py, str(script), "code", str(tmp_path / "w.npz"), str(tmp_path / "out"), "--qp", *map(str, NNCODEC_QPS)]
-    once(benchmark, lambda: subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": ""}))
-    sizes = json.loads((tmp_path / "out" / "sizes.json").read_text())
-    peer = {}
-    for qp in NNCODEC_QPS:
-        dec = np.load(tmp_path / "out" / f"decoded_qp{qp}.npz")
-        mm = copy.deepcopy(m)
-        mm.load_state_dict({k: torch.from_numpy(dec[k]) for k in dec.files})
-        peer[str(qp)] = {"bytes": sizes[str(qp)], "accuracy": round(evaluate(mm, test), 2)}
-    cpz = src.stat().st_size
-    from compress.cpz.container import read_manifest
-
-    _, start = read_manifest(src.read_bytes())
+    if not py:
+        pytest.skip("set NNCODEC_PYTHON to a Python with nncodec (make nncodec-env)")
+    test, ev = eval_sets[MODELS[name][1]]
+    out = {}
+    once(benchmark, lambda: out.update(side_by_side(name, test, py, tmp_path)))
+    cpz = out["cpz"][0]
     record(
         benchmark,
-        ratio=4 * count_params(m) / cpz,
-        accuracy=evaluate(m, test),
-        base_accuracy=evaluate(m, test),
+        ratio=1.0,
+        accuracy=cpz["accuracy"],
+        base_accuracy=out["base_accuracy"],
         latency_ms=0.0,
         eval_name=ev,
-        cpz_bytes=cpz,
-        cpz_tensor_bytes=cpz - start - 4,
-        nncodec=peer,
+        side=out,
         python=sys.version.split()[0],
     )
 
