@@ -130,17 +130,16 @@ def run_train(
     else:
         vf = val_fraction if val_fraction is not None else data_mod.VAL_FRACTION
         tr, va = data_mod.split(ds, vf, seed=0)
-    check_settings(
-        method,
-        len(tr),
-        batch_size=batch_size,
+    # what PruneTrain shrinks by: checked here, before any work, and given to train_model
+    schedule: dict[str, Any] = dict(
         target_macs=target_macs,
         target_params=target_params,
         freeze_last=freeze_last,
         reconfig_every=reconfig_every,
         grow_batch=grow_batch,
         max_batch=max_batch,
-    )  # fmt: skip  (before any work)
+    )
+    check_settings(method, len(tr), batch_size=batch_size, **schedule)
     torch.manual_seed(seed)  # the model's own init is seeded too
     model = build_model(model_path, load, ds, width).to(state["device"])
     check_data(model, tr, task, metric, training=True)
@@ -159,10 +158,7 @@ def run_train(
     runs: dict[str, Any] = {}
     dense_model = copy.deepcopy(model) if compare_dense else None
     err.print(f"training {name} on {len(tr):,} samples of {data.train_data} ({method or 'dense'})")
-    result = train_model(
-        model, tr, method=method, target_macs=target_macs, target_params=target_params, lasso_ratio=lasso_ratio,
-        reconfig_every=reconfig_every, freeze_last=freeze_last, grow_batch=grow_batch, max_batch=max_batch, **kw,
-    )  # fmt: skip
+    result = train_model(model, tr, method=method, lasso_ratio=lasso_ratio, **schedule, **kw)
     runs[method or "dense"] = result.report
     if dense_model is not None:
         err.print("training the dense baseline (same init, seed and settings)")
