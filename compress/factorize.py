@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from compress.config import Config, FineTune, Select, bounded, register_method
+from compress.bounds import bounded
+from compress.config import Config, FineTune, Select, register_method
 from compress.method import Method
 from compress.train import recalibrate_bn
 

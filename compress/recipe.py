@@ -28,7 +28,8 @@ import sys
 from typing import Any
 
 from compress import all_methods  # noqa: F401  (a stage names a method: every built-in one is registered)
-from compress.config import Config, bounded, check_fields, close_matches, stage_types
+from compress.bounds import bounded, check_fields
+from compress.config import Config, close_matches, stage_types
 from compress.errors import InputError, UsageError, first_line, safe
 
 RECIPE_VERSION = 2  # what to_dict writes; from_dict reads it and earlier ones

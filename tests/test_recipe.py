@@ -1,6 +1,6 @@
 """Hostile recipes and --set values: every number a config takes is refused in one line, before any work.
 
-Each numeric option declares its type and range on its field (``config.bounded``); one function checks them for
+Each numeric option declares its type and range on its field (``bounds.bounded``); one function checks them for
 the library, the CLI, --set and recipes alike. Here the real CLI runs in a child process under an address-space
 cap and a timeout (``hostile_harness``), with the values an attacker tried: 1e300, -1, nan, inf, 2.5 and true for
 integers, strings for numbers, search lists of thousands, tables nested thousands deep, a 50 MB recipe, shifts
@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import compress.recipe  # noqa: F401  (reads stages by their method: every built-in one is registered)
-from compress.config import FineTune, Select, bound_of, stage_types
+from compress.bounds import bound_of
+from compress.config import FineTune, Select, stage_types
 from compress.errors import CompressError, UsageError
 from compress.recipe import MAX_CANDIDATES, Recipe, Stage
 from tests.hostile_harness import CPU_S, Ended, run_cli, run_python

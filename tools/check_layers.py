@@ -42,7 +42,7 @@ LAYERS: list[list[str]] = [
         "compress.kinds",
     ],
     # the vocabulary every method shares: configs, quantizer state and its schemes' registry, masks
-    ["compress.config", "compress.quant_state", "compress.masks"],
+    ["compress.bounds", "compress.config", "compress.quant_state", "compress.masks"],
     # datasets and model definitions
     ["compress.data", "compress.models"],
     # entropy coding

@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 
 from compress import distributed
-from compress.config import Config, FineTune, Select, Selection, bounded, register_method
+from compress.bounds import bounded
+from compress.config import Config, FineTune, Select, Selection, register_method
 from compress.counting import count_macs, count_params
 from compress.data import TensorData
 from compress.method import Context, Method, needs_data

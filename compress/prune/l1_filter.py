@@ -18,7 +18,8 @@ import math
 import torch
 import torch.nn as nn
 
-from compress.config import Config, FineTune, Select, Selection, bounded, check_keys, per_layer, register_method
+from compress.bounds import bounded
+from compress.config import Config, FineTune, Select, Selection, check_keys, per_layer, register_method
 from compress.counting import count_macs, count_params
 from compress.distributed import device_of
 from compress.errors import CompressError, InputError, first_line, safe

@@ -18,7 +18,8 @@ import math
 import torch
 import torch.nn as nn
 
-from compress.config import Config, FineTune, Select, bounded, check_keys, per_layer, register_method, uncovered
+from compress.bounds import bounded
+from compress.config import Config, FineTune, Select, check_keys, per_layer, register_method, uncovered
 from compress.errors import safe
 from compress.method import Method, quantize_
 from compress.quant_state import SCHEMES, QuantState, Scheme, get_scheme, get_state, register_scheme, set_state

@@ -23,7 +23,8 @@ import math
 import torch
 import torch.nn as nn
 
-from compress.config import Config, FineTune, Select, bounded, register_method
+from compress.bounds import bounded
+from compress.config import Config, FineTune, Select, register_method
 from compress.data import Data, as_data, batches, check_fits
 from compress.errors import InputError, UsageError, first_line, safe
 from compress.method import Context, Method, _ctx, needs_data, run
