@@ -103,13 +103,14 @@ def _timed(model, x, dtype=None):
     return once
 
 
-def _warm_up(run, window: int = 5, max_seconds: float = 3.0) -> float:
-    """Run until the median of a window of runs is within 10% of the window before it.
+def _warm_up(run, window: int = 5, max_seconds: float | None = None) -> float:
+    """Run until the median of a window of runs is within 10% of the window before it, or for ``max_seconds``
+    (default: twice ``timing_seconds()``, 3 s unless COMPRESS_LATENCY_SECONDS says otherwise).
 
     A fresh process can run a small model orders of magnitude slower for its first seconds (thread
     pools and allocators warming up); timing that phase would report any change as a huge speed-up.
     """
-    prev, deadline = None, time.perf_counter() + max_seconds
+    prev, deadline = None, time.perf_counter() + (2 * timing_seconds() if max_seconds is None else max_seconds)
     while True:
         times = []
         for _ in range(window):  # a model whose one run takes seconds stops at the deadline, not after a window
