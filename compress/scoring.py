@@ -103,6 +103,35 @@ def paired_drop(base: Scores, cand: Scores) -> tuple[float, float]:
     return drop, float(((w * (d - drop)) ** 2).sum().sqrt() / w.sum())
 
 
+def errors_allowed(n: int, budget: float, z: float) -> int:
+    """The most samples a candidate may get wrong that the input gets right, none the other way, and still be
+    within ``budget`` points at ``z`` standard errors on ``n`` samples of a 0/100 metric (McNemar's, as
+    ``paired_drop``): the finest change the budget can tell from noise. 0: no change that costs a sample passes."""
+    k = 0
+    while k < n:
+        b = k + 1
+        if 100.0 * b / n + z * 100.0 * math.sqrt(max(b - b * b / n, 0.0)) / n > budget + 1e-9:
+            break
+        k = b
+    return k
+
+
+def samples_for(errors: int, budget: float, z: float, limit: int = 10**7) -> int | None:
+    """The fewest samples on which the budget allows ``errors`` (``errors_allowed``); None past ``limit``."""
+    lo, hi = 1, 1
+    while errors_allowed(hi, budget, z) < errors:
+        if hi >= limit:
+            return None
+        lo, hi = hi, min(hi * 2, limit)
+    while lo < hi:  # errors_allowed grows with n (the SE and each sample's weight shrink)
+        mid = (lo + hi) // 2
+        if errors_allowed(mid, budget, z) >= errors:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
 @torch.no_grad()
 def scores(model: nn.Module, data, metric=None, batch_size: int | None = None) -> Scores:
     """Score ``model`` on every sample of ``data`` (anything ``compress.data.as_data`` takes) with ``metric``

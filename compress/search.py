@@ -48,7 +48,7 @@ from compress.measure import latency_stats
 from compress.meta import read_meta, set_meta
 from compress.method import Context, run
 from compress.recipe import DEFAULT_RECIPE, Recipe, Stage, resolve
-from compress.scoring import Judge
+from compress.scoring import Judge, Scores, errors_allowed, samples_for
 from compress.search_results import PipelineSummary, StageSearch
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,18 @@ def _search(
         st.kept_sizes,
         {"stage": stage.name, "search_key": stage.search_key, "kept": kept, "tried": st.tried},
     )
+
+
+def _errors_allowed(judge: Judge, budget: float, z: float) -> tuple[int, int, int | None] | None:
+    """For a 0/100 metric scored per sample (top-1, top-5): (samples, the most samples a candidate may get wrong
+    that the input gets right and stay within budget, the samples that would allow 3); None for other metrics."""
+    ref = judge.ref
+    if not isinstance(ref, Scores) or ref.weights is not None:
+        return None
+    if not bool(((ref.values == 0) | (ref.values == 100)).all()):
+        return None
+    n = len(ref.values)
+    return n, errors_allowed(n, budget, z), samples_for(3, budget, z)
 
 
 def _label(stage: Stage, kept: bool) -> str:
@@ -315,6 +327,18 @@ def pipeline(
         if on_event is None:  # a listener shows it; the log is for callers without one (said once)
             log.warning(text)
         emit("warning", text=text)
+    allowed = _errors_allowed(judge, budget, z)
+    if allowed is not None and allowed[1] <= 1:
+        n, k, more = allowed
+        text = (
+            f"{n:,} validation samples are few for a {budget:g} pt budget at {z:g} SE: a candidate may get at most "
+            f"{k} sample(s) wrong that the input gets right, so nearly every change is refused"
+            + (f" ({more:,} samples would allow 3)" if more is not None else "")
+            + ". Give more --val-data (val_data=) or a larger --max-accuracy-drop"
+        )
+        if on_event is None:
+            log.warning(text)
+        emit("warning", text=text)
     history_before = len(read_meta(model).history)
     results, measured = [], None  # measured: (sizes, val accuracy) of `model`, taken when it was a candidate
     stop = Stop(None if time_budget is None else clock() + time_budget, clock=clock)
@@ -445,7 +469,12 @@ def pipeline(
         stages=[StageSearch.from_record(r) for r in results],
         input_shape=list(ctx.input_shape),
         recipe=recipe.to_dict(),
-        validation={"samples": len(val), "source": "given" if val_data is not None else "held out", "data": val.name},
+        validation={
+            "samples": len(val),
+            "source": "given" if val_data is not None else "held out",
+            "data": val.name,
+            **({"errors_allowed": allowed[1]} if allowed is not None else {}),
+        },
         metric="evaluate" if evaluate is not None else ctx.metric.name,
         # a candidate's bytes are its own .cpz; the file's history entry is written only now
         candidate_bytes_error=final["coded"] - kept[-1] if kept else None,

@@ -16,6 +16,7 @@ from compress.errors import InputError, UsageError
 from compress.meta import set_meta
 from compress.models import create_model
 from compress.recipe import DEFAULT_RECIPE, Recipe
+from compress.scoring import errors_allowed, samples_for
 from compress.search import pipeline
 from compress.train import fit
 
@@ -267,7 +268,50 @@ def test_given_validation_data_is_used_whole(trained, digits):
         {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": 6}]},
         val_data=va,
     )
-    assert s.validation == {"samples": len(va), "source": "given", "data": "digits[val]"}
+    assert s.validation == {
+        "samples": len(va),
+        "source": "given",
+        "data": "digits[val]",
+        "errors_allowed": errors_allowed(len(va), 0.5, 1.0),
+    }
+
+
+def test_errors_allowed_is_what_the_judge_lets_through():
+    """``errors_allowed``: the most samples a candidate may lose (none gained) that the budget test passes, checked
+    against the Judge itself on made-up per-sample scores; and ``samples_for`` inverts it."""
+    from compress.scoring import Judge, Scores
+
+    for n, budget, z in [(100, 0.5, 1.0), (500, 0.5, 1.0), (1000, 0.5, 1.0), (1000, 0.5, 2.0), (300, 3.0, 1.0)]:
+        judge = Judge(None, budget, z)
+        judge.ref = Scores(torch.full((n,), 100.0, dtype=torch.float64))
+        judge._scores = lambda errors, n=n: Scores(torch.tensor([0.0] * errors + [100.0] * (n - errors)))
+        passing = [e for e in range(0, 20) if judge(e)["within_budget"]]
+        k = errors_allowed(n, budget, z)
+        assert passing == list(range(k + 1)), (n, budget, z, passing)
+        m = samples_for(k + 1, budget, z)
+        assert m is not None and m > n and errors_allowed(m, budget, z) >= k + 1 > errors_allowed(m - 1, budget, z)
+    assert errors_allowed(500, 0.5, 1.0) == 1 and errors_allowed(1000, 0.5, 1.0) == 3
+
+
+def test_too_few_validation_samples_for_the_budget_are_flagged(trained, digits):
+    """A validation set on which the budget lets a candidate lose at most one sample is said, with what would do."""
+    tr, va = data_mod.split(digits, 0.1, seed=0)
+    one = {"stage": [{"method": "quantize", "scheme": "kmeans", "bits": 6}]}
+    for budget, flagged in [(0.5, True), (5.0, False)]:
+        events = []
+        _, s = pipeline(
+            copy.deepcopy(trained["mlp"]),
+            tr,
+            one,
+            max_accuracy_drop=budget,
+            val_data=va,
+            latency=False,
+            on_event=lambda k, kw, events=events: events.append((k, kw)),
+        )
+        said = [kw["text"] for k, kw in events if k == "warning" and "validation samples are few" in kw["text"]]
+        assert bool(said) == flagged and s.validation["errors_allowed"] == errors_allowed(len(va), budget, 1.0)
+        if flagged:
+            assert f"{samples_for(3, budget, 1.0):,} samples would allow 3" in said[0]
 
 
 def test_a_model_trained_on_its_validation_split_is_flagged(digits):
