@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 
 from compress.cli.app import app
-from compress.cli.common import out, table, with_settings
+from compress.cli.common import out, table
 from compress.cli.config_options import ConfigOptions, Field
 from compress.cli.harness import command_inputs, run_command
 from compress.cli.options import (
@@ -59,10 +59,7 @@ def factorize(
     """
     cfg = spec().config("factorize", kw)
     inp = command_inputs(model, load, data, dest, runtime, need_train=bool(kw["epochs"]))
-    cfg = with_settings(cfg, settings)
-    res = run_command(
-        "factorize", cfg, inp, dest.output, dest.force, dest.report, dest.json_out, latency=not runtime.no_latency
-    )
+    res = run_command("factorize", cfg, inp, dest, runtime, settings)
     rows = res["layers_changed"]
     out.print(
         table(

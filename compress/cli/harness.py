@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compress.cli.common import before_after, check_reports, emit_json, err, out, state, use_threads
+from compress.cli.common import before_after, check_reports, emit_json, err, out, state, use_threads, with_settings
 from compress.errors import OutputExistsError, UsageError
 
 if TYPE_CHECKING:  # torch is imported where a command runs: `compress --help` starts without it
@@ -242,20 +242,22 @@ def run_command(
     verb: str,
     cfg,
     inp: Inputs,
-    output: str | None,
-    force: bool,
-    report_dir: str | None = None,
-    json_out: str | None = None,
+    dest,
+    runtime,
+    settings: list[str] | None = None,
     on_event=None,
     extra: dict | None = None,
-    latency: bool = True,
     calib=None,
 ) -> dict:
-    """Run one stage on loaded inputs, print before/after, save, report. ``calib``: calibration data (INT8)."""
+    """Run one stage on loaded inputs, print before/after, save, report. ``dest``, ``runtime``: the command's
+    output and run options; ``settings``: its --set overrides of ``cfg``; ``calib``: calibration data (INT8)."""
     from compress.meta import set_meta
     from compress.method import Context, run
     from compress.model_io import save_model
 
+    cfg = with_settings(cfg, settings)
+    output, force, report_dir, json_out = dest.output, dest.force, dest.report, dest.json_out
+    latency = not runtime.no_latency
     check_reports(report_dir, json_out, force)  # before the work, not after it
     if inp.train is not None and getattr(cfg, "finetune", None) is not None:
         from compress.train import check_augment

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 import typer
 
 from compress.cli.app import app
-from compress.cli.common import err, out, table, with_settings
+from compress.cli.common import err, out, table
 from compress.cli.config_options import ConfigOptions, Field, methods_of
 from compress.cli.harness import command_inputs, run_command
 from compress.cli.options import (
@@ -145,19 +145,8 @@ def prune(
     if method == "l1-filter" and sensitivity:
         folder = dest.report or str(Path(dest.output).with_suffix("")) + "-sensitivity"
         fixed["ratio"] = _sensitivity(inp, folder, budget, s.opts["ratio"].parse(kw["ratio"]), extra)
-    cfg = with_settings(s.config(method, kw, **fixed), settings)
-    res = run_command(
-        "prune",
-        cfg,
-        inp,
-        dest.output,
-        dest.force,
-        dest.report,
-        dest.json_out,
-        on_event=_Progress(inp.metric.label),
-        extra=extra,
-        latency=not runtime.no_latency,
-    )
+    cfg = s.config(method, kw, **fixed)
+    res = run_command("prune", cfg, inp, dest, runtime, settings, on_event=_Progress(inp.metric.label), extra=extra)
     drop = res["before"].get("accuracy", 0) - res["after"].get("accuracy", 0)
     if budget is not None and sensitivity and drop > budget:
         err.print(

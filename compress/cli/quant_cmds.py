@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from compress.cli.app import app
-from compress.cli.common import emit_json, err, out, table, with_settings
+from compress.cli.common import emit_json, err, out, table
 from compress.cli.config_options import ConfigOptions, Field
 from compress.cli.harness import check_output, command_inputs, run_command
 from compress.cli.options import (
@@ -133,17 +133,7 @@ def quantize(
         cfg8 = s.config(ACTIVATIONS, kw)
         inp = command_inputs(model, load, data, dest, runtime, need_train=bool(kw["epochs"]))
         calib = _calibration(inp, kw["calib_data"], data.workers)
-        res = run_command(
-            "quantize",
-            with_settings(cfg8, settings),
-            inp,
-            dest.output,
-            dest.force,
-            dest.report,
-            dest.json_out,
-            latency=not runtime.no_latency,
-            calib=calib,
-        )
+        res = run_command("quantize", cfg8, inp, dest, runtime, settings, calib=calib)
         made = res["after"]["int8"]
         how = made["observer"] if "qat" not in made else "quantization-aware: " + made["qat"]
         if made.get("observer_errors"):
@@ -159,10 +149,7 @@ def quantize(
         )
     cfg = s.config("weights", kw)
     inp = command_inputs(model, load, data, dest, runtime, need_train=bool(kw["epochs"]))
-    cfg = with_settings(cfg, settings)
-    res = run_command(
-        "quantize", cfg, inp, dest.output, dest.force, dest.report, dest.json_out, latency=not runtime.no_latency
-    )
+    res = run_command("quantize", cfg, inp, dest, runtime, settings)
     rows = res["layers_changed"]
     out.print(
         table(
