@@ -38,9 +38,11 @@ from compress.prune.graph import (
     ChannelGroup,
     channel_groups,
     group_norms,
+    group_slices,
     member_norms,
     prune_group,
-    scale_channels,
+    scale_slices,
+    slices_sq_norms,
     unselected,
 )
 from compress.prune.l1_filter import check_targets, global_counts, prune_filters, resolve_target, target_note
@@ -111,6 +113,7 @@ class GroupLasso:
             model, self.input_shape, roots=(nn.Conv2d,), ignored=unselected(model, self.select)
         )
         self.groups = [cg for cg in groups if cg.blocked is None]  # channels that can be removed
+        self.parts = [group_slices(cg.group, cg.size) for cg in self.groups]  # what prox reads and scales
 
     def value(self) -> torch.Tensor:
         """sum_g w_g * sum_c ||g_c|| with w_g the (constant) mean channel norm of group g."""
@@ -123,13 +126,10 @@ class GroupLasso:
     @torch.no_grad()
     def prox(self, step: float) -> None:
         """Shrink each channel's coupled slices by ``step * w_g`` in L2 norm (exact zero below it)."""
-        for cg in self.groups:
-            norm = group_norms(cg.group, cg.size).sqrt()
-            live = norm[norm > 0]
-            if len(live) == 0:
-                continue
-            scale = torch.clamp(1 - step * live.mean() / norm.clamp_min(1e-12), min=0.0)
-            scale_channels(cg.group, scale)
+        for cg, parts in zip(self.groups, self.parts, strict=True):
+            norm = slices_sq_norms(parts, cg.size).sqrt()
+            mean = norm.sum() / (norm > 0).sum().clamp_min(1)  # over live channels (zeros add nothing to the sum)
+            scale_slices(parts, torch.clamp(1 - step * mean / norm.clamp_min(1e-12), min=0.0))
 
 
 def reconfigure(model: nn.Module, lasso: GroupLasso, config: ChannelUnionConfig) -> dict:

@@ -388,3 +388,74 @@ def scale_channels(group, scale: torch.Tensor) -> None:
         elif fn == tpf.prune_batchnorm_out_channels and layer.affine:
             layer.weight[idx] *= s
             layer.bias[idx] *= s
+
+
+@dataclass
+class Slice:
+    """One parameter's share of a channel group: the rows (along ``dim``) that belong to root channels
+    ``roots``; ``rows``/``roots`` None where they are all of them, in order (no indexing needed)."""
+
+    module: nn.Module
+    attr: str
+    dim: int
+    rows: torch.Tensor | None
+    roots: torch.Tensor | None
+
+
+def group_slices(group, size: int) -> list[Slice]:
+    """The parameters that ``group_norms`` reads and ``scale_channels`` scales (kinds "out", "in", "bn"), as
+    ``Slice``s, so that a proximal step can work on whole tensors: the same members, rows and channels."""
+    normalised = _normalised_filters(group)
+    out = []
+    for i, (dep, idxs) in enumerate(group):
+        layer, fn = dep.layer, dep.pruning_fn
+        if getattr(layer, "weight", None) is None or normalised(fn, layer):
+            continue
+        if fn in (tpf.prune_conv_out_channels, tpf.prune_linear_out_channels):
+            dim, attrs = 0, ("weight", "bias")
+        elif fn in (tpf.prune_conv_in_channels, tpf.prune_linear_in_channels):
+            if isinstance(layer, nn.Conv2d) and layer.groups > 1:
+                continue
+            dim, attrs = 1, ("weight",)
+        elif fn == tpf.prune_batchnorm_out_channels and layer.affine:
+            dim, attrs = 0, ("weight", "bias")
+        else:
+            continue
+        rows = torch.as_tensor(idxs, dtype=torch.long)
+        roots = torch.as_tensor(group[i].root_idxs, dtype=torch.long)
+        n = layer.weight.shape[dim]
+        whole = len(rows) == n == size and bool((rows == torch.arange(n)).all() and (roots == rows).all())
+        for attr in attrs:
+            if getattr(layer, attr, None) is not None:
+                out.append(Slice(layer, attr, dim, None if whole else rows, None if whole else roots))
+    return out
+
+
+def slices_sq_norms(parts: list[Slice], size: int) -> torch.Tensor:
+    """Squared L2 norm of every root channel over ``parts`` (as ``group_norms``): (size,)."""
+    sq = None
+    for s in parts:
+        p = getattr(s.module, s.attr).detach()
+        r = p.pow(2)
+        if p.dim() > 1:
+            r = r.sum([d for d in range(p.dim()) if d != s.dim])
+        if s.rows is not None:
+            r = torch.zeros(size, dtype=r.dtype, device=r.device).index_add(0, s.roots.to(r.device), r[s.rows])
+        sq = r if sq is None else sq + r
+    return sq if sq is not None else torch.zeros(size)
+
+
+@torch.no_grad()
+def scale_slices(parts: list[Slice], scale: torch.Tensor) -> None:
+    """Multiply every slice of root channel c by scale[c], in place (as ``scale_channels``)."""
+    for s in parts:
+        p = getattr(s.module, s.attr)
+        f = scale.to(p.dtype) if s.roots is None else scale[s.roots].to(p.dtype)
+        shape = [1] * p.dim()
+        shape[s.dim] = -1
+        if s.rows is None:
+            p.mul_(f.view(shape))
+        elif s.dim == 0:
+            p[s.rows] *= f.view(shape)
+        else:
+            p[:, s.rows] *= f.view(shape)

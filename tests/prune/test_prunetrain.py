@@ -163,3 +163,32 @@ def test_random_shift_of_one_channel_images_has_plain_strides():
     y = random_shift(x, 2, torch.Generator().manual_seed(0))
     assert y.stride() == (144, 144, 12, 1)
     assert torch.equal(random_shift(x, 0, torch.Generator().manual_seed(0)), x)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "mobilenet_small", "lenet5", "vgg_small"])
+def test_the_whole_tensor_proximal_step_matches_the_slice_by_slice_one(name):
+    """GroupLasso.prox works on whole tensors; it must shrink exactly what group_norms reads and scale_channels
+    scales (depthwise convs, a flatten into a linear layer, residual stages)."""
+    from compress.prune.channel_union import GroupLasso
+    from compress.prune.graph import group_norms, scale_channels
+
+    torch.manual_seed(0)
+    kw = {"input_size": 16} if name.startswith("lenet") else {}
+    model = create_model(name, num_classes=10, in_channels=1, **kw)
+    for p in model.parameters():  # BatchNorm scales away from 1, so that every slice counts
+        p.data.normal_(0, 0.5)
+    ref = copy.deepcopy(model)
+    shape = (1, 1, 16, 16)
+    lasso, ref_lasso = GroupLasso(model, shape), GroupLasso(ref, shape)
+    assert lasso.groups
+    lasso.prox(0.9)
+    with torch.no_grad():
+        for cg in ref_lasso.groups:
+            norm = group_norms(cg.group, cg.size).sqrt()
+            live = norm[norm > 0]
+            scale_channels(cg.group, torch.clamp(1 - 0.9 * live.mean() / norm.clamp_min(1e-12), min=0.0))
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), k
+    after = [group_norms(cg.group, cg.size) for cg in lasso.groups]
+    assert any(bool((n == 0).any()) for n in after)  # channels reached zero: the comparison means something
+    assert not all(bool((n == 0).all()) for n in after)
