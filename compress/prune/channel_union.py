@@ -36,6 +36,7 @@ from compress.method import Context, Method, needs_data
 from compress.models.blocks import ResidualIdentity
 from compress.prune.graph import (
     ChannelGroup,
+    channel_costs,
     channel_groups,
     group_norms,
     group_slices,
@@ -132,31 +133,78 @@ class GroupLasso:
             scale_slices(parts, torch.clamp(1 - step * mean / norm.clamp_min(1e-12), min=0.0))
 
 
-def reconfigure(model: nn.Module, lasso: GroupLasso, config: ChannelUnionConfig) -> dict:
-    """Remove channels that are zero in every coupled layer; dead residual branches -> identity."""
-    names = {m: n for n, m in model.named_modules()}
+@dataclasses.dataclass
+class Removal:
+    """What a reconfiguration would remove: per group the channels (root indexing) and how far each is below
+    the removal threshold (its largest member norm over that member's threshold: 0 for exact zeros, < 1 all);
+    residual blocks whose whole branch is zero, with the group of their first conv."""
+
+    channels: list[tuple[ChannelGroup, torch.Tensor, torch.Tensor]]
+    blocks: list[tuple[Any, ChannelGroup, float]]
+
+    def __bool__(self) -> bool:
+        return bool(self.channels or self.blocks)
+
+
+def find_zeros(model: nn.Module, lasso: GroupLasso, config: ChannelUnionConfig) -> Removal:
+    """The channels that are zero (below ``zero_tol`` or ``rel_tol`` x the member's median) in every coupled
+    layer, and the residual blocks whose whole branch is zero. Reads weights only."""
     blocks = {m.conv1: m for m in model.modules() if _is_basic_block(m)}
-    plan: list[tuple[ChannelGroup, list[int]]] = []
-    dead_blocks: list[Any] = []  # residual blocks: their bn2 and shortcut are read below
+    out = Removal([], [])
     for cg in lasso.groups:
         norms = torch.stack(member_norms(cg.group, cg.size))  # (members, size)
         tol = torch.clamp(config.rel_tol * norms.median(1, keepdim=True).values, min=config.zero_tol)
-        zero = (norms <= tol).all(0)  # union: kept if any member is nonzero
+        rel = (norms / tol).amax(0)  # < 1 (at most 1): zero in every member; union: kept if any member is not
+        zero = rel <= 1
         if bool(zero.all()) and cg.root in blocks:
-            dead_blocks.append(blocks[cg.root])
+            out.blocks.append((blocks[cg.root], cg, float(rel.max())))
             continue
         idxs = torch.nonzero(zero).flatten()
-        keep = cg.size - len(idxs)
-        if keep < config.min_channels:  # keep the strongest few
-            order = norms.sum(0).argsort(descending=True)
-            idxs = order[config.min_channels :]
+        if cg.size - len(idxs) < config.min_channels:  # keep the strongest few
+            idxs = norms.sum(0).argsort(descending=True)[config.min_channels :]
         if len(idxs):
-            plan.append((cg, idxs.tolist()))
+            out.channels.append((cg, idxs, rel[idxs]))
+    return out
+
+
+def cap_removal(removal: Removal, costs: dict[str, torch.Tensor], budget: float) -> Removal:
+    """``removal`` cut so that what it saves (``costs``: per group name, per root channel) stays within
+    ``budget``: the channels (and dead branches) furthest below the threshold go first, the strongest stay."""
+    items = []  # (how far below the threshold, cost, what)
+    for cg, idxs, rel in removal.channels:
+        for i, r in zip(idxs.tolist(), rel.tolist(), strict=True):
+            items.append((r, float(costs[cg.name][i]), ("c", cg, i)))
+    for blk, cg, r in removal.blocks:
+        items.append((r, float(costs[cg.name].sum()), ("b", blk, cg)))
+    if sum(c for _, c, _ in items) <= budget:
+        return removal
+    chosen: dict[str, list[int]] = {}
+    blocks = []
+    spent = 0.0
+    for r, c, w in sorted(items, key=lambda t: t[0]):
+        if spent + c > budget:
+            continue
+        spent += c
+        if w[0] == "b":
+            blocks.append((w[1], w[2], r))
+        else:
+            chosen.setdefault(w[1].name, []).append(w[2])
+    channels = []
+    for cg, idxs, rel in removal.channels:
+        keep = [j for j, i in enumerate(idxs.tolist()) if i in set(chosen.get(cg.name, ()))]
+        if keep:
+            channels.append((cg, idxs[keep], rel[keep]))
+    return Removal(channels, blocks)
+
+
+def apply_removal(model: nn.Module, lasso: GroupLasso, removal: Removal) -> dict:
+    """Remove the channels physically; dead residual branches -> identity (plus their constant offset)."""
+    names = {m: n for n, m in model.named_modules()}
     removed: dict[str, int | str] = {}
-    for cg, dead in plan:
-        if prune_group(lasso.dg, cg, dead, model, lasso.input_shape) is None:
-            removed[cg.name] = len(dead)
-    for blk in dead_blocks:
+    for cg, idxs, _ in removal.channels:
+        if prune_group(lasso.dg, cg, idxs.tolist(), model, lasso.input_shape) is None:
+            removed[cg.name] = len(idxs)
+    for blk, _, _ in removal.blocks:
         name = names[blk]
         with torch.no_grad():
             bn = blk.bn2
@@ -167,6 +215,40 @@ def reconfigure(model: nn.Module, lasso: GroupLasso, config: ChannelUnionConfig)
         removed[name] = "branch"
     lasso.refresh(model)
     return removed
+
+
+def reconfigure(model: nn.Module, lasso: GroupLasso, config: ChannelUnionConfig) -> dict:
+    """Remove channels that are zero in every coupled layer; dead residual branches -> identity."""
+    return apply_removal(model, lasso, find_zeros(model, lasso, config))
+
+
+def stash_momentum(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Before a reconfiguration: every parameter's name, and SGD's momentum put in its ``.grad`` (torch-pruning
+    slices a parameter's ``.grad`` with it, so the buffers come out cut to the kept channels)."""
+    names = {p: n for n, p in model.named_parameters()}
+    carry: dict = {"names": {}, "momentum": any("momentum_buffer" in st for st in optimizer.state.values())}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            carry["names"][names.get(p)] = group
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            p.grad = buf.detach().clone() if buf is not None and carry["momentum"] else None
+    return carry
+
+
+def carry_momentum(model: nn.Module, optimizer: torch.optim.Optimizer, carry: dict) -> None:
+    """After a reconfiguration: ``optimizer`` holds the model's parameters now, each in the group its
+    predecessor of the same name was in (new ones in the first), with SGD's momentum sliced to the kept
+    channels; any other optimizer state starts afresh."""
+    groups = {id(g): g for g in optimizer.param_groups}
+    for g in optimizer.param_groups:
+        g["params"] = []
+    optimizer.state.clear()
+    for name, p in model.named_parameters():
+        group = carry["names"].get(name, optimizer.param_groups[0])
+        groups[id(group)]["params"].append(p)
+        if carry["momentum"] and p.grad is not None and p.grad.shape == p.shape:
+            optimizer.state[p] = {"momentum_buffer": p.grad.detach().clone()}
+        p.grad = None
 
 
 @register_method(ChannelUnionConfig)
@@ -189,11 +271,14 @@ class ChannelUnionPruner(Method):
         ctx: Context | None = None,
         interval: int | None = None,
         num_classes: int | None = None,
+        bn_samples: int = 1000,
     ):
         super().__init__(model, config, ctx)
         self.interval, self.num_classes = interval, num_classes
         self.steps = 0
         self._last_batch = None
+        self._now: float | None = None  # the model's measure toward the target, as last counted
+        self.bn_samples = bn_samples  # samples BatchNorm statistics are re-estimated on before a reconfiguration
 
     def attach(self) -> None:
         if self.ctx.train is None and self.interval is None:
@@ -239,37 +324,71 @@ class ChannelUnionPruner(Method):
         step after each optimizer step is how the penalty acts (exact zeros, no oscillation)."""
         return self.lam * self.lasso.value()
 
-    def step(self, lr: float | None = None) -> bool:
+    def step(self, lr: float | None = None, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """The proximal step after an optimizer step at learning rate ``lr``; every ``interval`` steps a
+        reconfiguration. Returns True when the architecture changed: give ``optimizer`` and it is moved onto the
+        new parameters in place (SGD's momentum sliced to the kept channels), else rebuild your optimizer."""
         if lr is None:
             raise ValueError("ChannelUnionPruner.step needs the learning rate of the step just taken")
-        self.lasso.prox(lr * self.lam)
+        if self.lam > 0:
+            self.lasso.prox(lr * self.lam)
         self.steps += 1
         if not self.interval or self.steps % self.interval:
             return False
-        return bool(self.reconfigure())
+        return bool(self.reconfigure(optimizer))
 
-    def reconfigure(self) -> dict:
-        """Re-estimate BatchNorm statistics (the same samples on every rank), then remove zero channels."""
-        calib = self.ctx.train
-        if calib is None and self._last_batch is not None:
-            calib = TensorData(self._last_batch.cpu(), torch.zeros(len(self._last_batch), dtype=torch.long))
-        if calib is not None:
-            recalibrate_bn(self.model, calib)
-        distributed.sync_buffers(self.model)
-        removed = reconfigure(self.model, self.lasso, self.config)
+    def reconfigure(self, optimizer: torch.optim.Optimizer | None = None) -> dict:
+        """Remove zero channels (never below a target: the channels furthest below the threshold go first),
+        BatchNorm statistics re-estimated before (the same samples on every rank) when anything goes. With
+        ``optimizer``, it is moved onto the new parameters (``carry_optimizer``)."""
+        removal = find_zeros(self.model, self.lasso, self.config)
+        capped = False
+        if removal and self.target is not None and self.lam > 0:
+            removal, capped = self._within_target(removal)
+        carry = stash_momentum(self.model, optimizer) if optimizer is not None else None
+        removed: dict = {}
+        if removal:
+            calib = self.ctx.train
+            if calib is None and self._last_batch is not None:
+                calib = TensorData(self._last_batch.cpu(), torch.zeros(len(self._last_batch), dtype=torch.long))
+            if calib is not None:
+                recalibrate_bn(self.model, calib, samples=self.bn_samples)
+            distributed.sync_buffers(self.model)
+            removed = apply_removal(self.model, self.lasso, removal)
         if self.target is not None:
-            removed.update(self._steer())
+            removed.update(self._steer(changed=bool(removed), capped=capped))
         self._measure(removed)
+        if carry is not None:
+            carry_momentum(self.model, optimizer, carry)
         self.model.train()
         return removed
 
+    def _within_target(self, removal: Removal) -> tuple[Removal, bool]:
+        """``removal`` cut so that the model stays at or above the target; whether it was cut."""
+        what, wanted, measure = self.target
+        now = self._now if self._now is not None else measure(self.model)
+        budget = now - wanted * self.base_measure
+        costs = channel_costs(self.model, self.lasso.groups, self.shape, what)
+        capped = cap_removal(removal, {cg.name: c for cg, c in zip(self.lasso.groups, costs, strict=True)}, budget)
+        cut = capped is not removal
+        if cut:
+            n = sum(len(i) for _, i, _ in removal.channels) - sum(len(i) for _, i, _ in capped.channels)
+            log.info("reconfiguration kept %d zero channels to stay at the target's %s", n, what)
+        return capped, cut
+
     def _measure(self, removed: dict) -> None:
+        last = self.records[-1] if self.records and "macs" in self.records[-1] else None
+        same = last is not None and not removed
         rec = {
             "step": self.steps,
-            "params": count_params(self.model),
-            "macs": count_macs(self.model, self.shape),
+            "params": last["params"] if same else count_params(self.model),
+            "macs": last["macs"] if same else count_macs(self.model, self.shape),
             "removed": removed,
         }
+        if self.target is not None:
+            self._now = (
+                rec["macs"] if self.target[0] == "MACs" else rec["params"] if self.target[0] == "parameters" else None
+            )
         if self.per_epoch:
             rec["epoch"] = round(self.steps / self.per_epoch, 2)
         if self.ctx.val is not None:
@@ -281,17 +400,23 @@ class ChannelUnionPruner(Method):
     def _total_steps(self) -> int | None:
         return int(self.per_epoch * self.config.finetune.epochs) if self.per_epoch else None
 
-    def _steer(self) -> dict:
-        """Toward the target: the group lasso pulls at its strength and its zero channels go as usual; once the
-        target is reached the pull stops; at 3/4 of the training what is left above the target is removed by L1
-        ranking across layers (the channels the lasso weakened rank lowest), so that the last quarter fine-tunes
-        the result. (Raising the pull to catch up collapsed small models: all channels shrink together and fall
-        below the removal threshold at once.) Returns the channels removed."""
+    def _steer(self, changed: bool = True, capped: bool = False) -> dict:
+        """Toward the target: the group lasso pulls at its strength and its zero channels go as usual, never
+        below the target; once the target is reached, or the zeros would overshoot it, the pull stops (what
+        is left above the target then goes by L1 ranking); at 3/4 of the training what is left above the
+        target is removed by L1 ranking across layers (the channels the lasso weakened rank lowest), so that
+        the last quarter fine-tunes the result. (Raising the pull to catch up collapsed small models: all
+        channels shrink together and fall below the removal threshold at once.) Returns the channels removed."""
         what, wanted, measure = self.target
-        frac = measure(self.model) / self.base_measure
+        if changed or self._now is None:
+            self._now = measure(self.model)
+        frac = self._now / self.base_measure
         if frac <= wanted * 1.02:
             self.lam = 0.0
             return {}
+        if capped:
+            self.lam = 0.0
+            return self._top_up(f"at step {self.steps}, where the zeros would have overshot the target")
         total = self._total_steps()
         if not total:
             return {}

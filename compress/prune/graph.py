@@ -459,3 +459,56 @@ def scale_slices(parts: list[Slice], scale: torch.Tensor) -> None:
             p[s.rows] *= f.view(shape)
         else:
             p[:, s.rows] *= f.view(shape)
+
+
+def channel_costs(model: nn.Module, groups: list[ChannelGroup], shape, what: str) -> list[torch.Tensor]:
+    """Per group, the MACs (of one sample) or parameters that removing each root channel saves, counted
+    layer by layer from the weights' shapes (and, for MACs, each layer's output positions). Removing a
+    conv's input and output channels together saves a little less than the sum (an estimate from above)."""
+    positions: dict[nn.Module, int] = {}
+
+    def hook(m, inp, out):
+        positions[m] = out[0, 0].numel() if isinstance(m, nn.Conv2d) else out.numel() // out.shape[-1]
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks = [m.register_forward_hook(hook) for m in layers]
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(shape, device=next(iter(model.parameters())).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    out = []
+    for cg in groups:
+        cost = torch.zeros(cg.size, dtype=torch.float64)
+        for i, (dep, idxs) in enumerate(cg.group):
+            layer, fn = dep.layer, dep.pruning_fn
+            w = getattr(layer, "weight", None)
+            if w is None:
+                continue
+            if fn in (tpf.prune_conv_out_channels, tpf.prune_linear_out_channels):
+                dim = 0
+            elif fn in (tpf.prune_conv_in_channels, tpf.prune_linear_in_channels):
+                if isinstance(layer, nn.Conv2d) and layer.groups > 1:
+                    continue  # depthwise: counted with its output channels
+                dim = 1
+            elif fn == tpf.prune_batchnorm_out_channels:
+                if what != "MACs" and w is not None:
+                    cost.index_add_(
+                        0, torch.as_tensor(cg.group[i].root_idxs), torch.full((len(idxs),), 2.0, dtype=cost.dtype)
+                    )
+                continue
+            else:
+                continue
+            per_row = w.numel() / w.shape[dim]
+            if what == "MACs":
+                per_row *= positions.get(layer, 0)
+            elif dim == 0 and getattr(layer, "bias", None) is not None:
+                per_row += 1
+            cost.index_add_(
+                0, torch.as_tensor(cg.group[i].root_idxs), torch.full((len(idxs),), per_row, dtype=cost.dtype)
+            )
+        out.append(cost)
+    return out

@@ -15,7 +15,7 @@ from compress.method import Context
 from compress.model_io import load_model
 from compress.models import create_model
 from compress.prune.channel_union import ChannelUnionConfig, ChannelUnionPruner
-from compress.prune.prunetrain import train_model
+from compress.prune.prunetrain import BN_SAMPLES, train_model
 from tests.helpers import one_line_error
 
 
@@ -46,7 +46,7 @@ def _user_loop(model, x, y, *, epochs, bs, lr, interval, lasso_ratio):
     total = int(round(epochs * n))
     pruner = ChannelUnionPruner(
         model, ChannelUnionConfig(lasso_ratio=lasso_ratio), Context(train=(x, y), input_shape=(1, *x.shape[1:])),
-        interval=interval,
+        interval=interval, bn_samples=BN_SAMPLES,
     )  # fmt: skip
     pruner.attach()
     g = torch.Generator().manual_seed(0)
@@ -69,8 +69,8 @@ def _user_loop(model, x, y, *, epochs, bs, lr, interval, lasso_ratio):
             loss.backward()
             opt.step()
             seen += len(idx)
-            if pruner.step(rate):  # the architecture changed: a new optimizer
-                opt = sgd(pruner.model)
+            if pruner.step(rate, optimizer=opt):  # the architecture changed: opt moved onto the new parameters
+                model = pruner.model
                 model.train()
     return pruner.finalize()
 
