@@ -25,8 +25,10 @@ def main() -> None:
     ap.add_argument("method", choices=["dense", "channel-union"])
     ap.add_argument("--epochs", type=float, default=8)
     ap.add_argument("--target-macs", type=float, default=0.55)
-    ap.add_argument("--lasso-ratio", type=float, default=0.3)
+    ap.add_argument("--lasso-ratio", type=float, default=0.2)
+    ap.add_argument("--cost-weight", type=float, default=0.5)
     ap.add_argument("--reconfig-every", type=float, default=0.25)
+    ap.add_argument("--freeze-last", type=float, default=0.25)
     ap.add_argument("--width", type=float, default=0.5)
     ap.add_argument("--test-data", default=None)
     ap.add_argument("--json", default=None)
@@ -43,7 +45,9 @@ def main() -> None:
             "method": args.method,
             "target_macs": args.target_macs,
             "lasso_ratio": args.lasso_ratio,
+            "cost_weight": args.cost_weight,
             "reconfig_every": args.reconfig_every,
+            "freeze_last": args.freeze_last,
         }
     load = os.getloadavg()
     rep = train_model(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -319,7 +320,13 @@ def refresh(dg, cg: ChannelGroup) -> ChannelGroup:
 
 
 def _state(obj) -> dict:
-    return {k: copy.copy(v) if isinstance(v, (dict, list)) else v for k, v in vars(obj).items()}
+    """A module's attributes, its dicts and lists copied one level (``.copy()`` for the plain and ordered
+    kinds, which keeps their type and is ~10x cheaper than ``copy.copy``)."""
+    plain = (dict, list, OrderedDict)
+    return {
+        k: (v.copy() if type(v) in plain else copy.copy(v)) if isinstance(v, (dict, list)) else v
+        for k, v in vars(obj).items()
+    }
 
 
 def prune_group(dg, cg: ChannelGroup, idxs, model: nn.Module, input_shape) -> str | None:

@@ -115,6 +115,7 @@ def check_settings(
     reconfig_every: float = 1.0,
     grow_batch: bool = False,
     max_batch: int | None = None,
+    cost_weight: float = 0.5,
 ) -> int | None:
     """UsageError, before any work, for settings that cannot be met on ``n`` training samples; returns the
     batch's cap under ``grow_batch`` (default 4 x ``batch_size``, at most ``n``)."""
@@ -127,6 +128,8 @@ def check_settings(
             raise UsageError(f"--{name} needs --method channel-union (dense training keeps every channel)")
     if not 0.0 <= freeze_last < 1.0:
         raise UsageError(f"--freeze-last {freeze_last}: expected a fraction in [0, 1)")
+    if not 0.0 <= cost_weight <= 4.0:
+        raise UsageError(f"--cost-weight {cost_weight}: expected an exponent in [0, 4] (0: all pulled alike)")
     if not 0.0 < reconfig_every <= 1000:
         raise UsageError(f"--reconfig-every {reconfig_every}: expected epochs in (0, 1000]")
     if grow_batch:
@@ -159,6 +162,7 @@ def train_model(
     target_macs: float | None = None,
     target_params: float | None = None,
     lasso_ratio: float = 0.8,
+    cost_weight: float = 0.5,
     reconfig_every: float = 1.0,
     freeze_last: float = 0.25,
     grow_batch: bool = False,
@@ -170,7 +174,9 @@ def train_model(
 ) -> TrainResult:
     """Train ``model`` in place on ``train`` (anything ``compress.data.as_data`` takes) and report the cost.
 
-    ``method``: None (dense) or "channel-union" (PruneTrain). ``target_macs`` / ``target_params``: fractions in
+    ``method``: None (dense) or "channel-union" (PruneTrain). ``cost_weight``: the pull on a channel group
+    scales with (its channels' MACs / the mean's) ** cost_weight (``ChannelUnionConfig.cost_weight``).
+    ``target_macs`` / ``target_params``: fractions in
     (0, 1] of the starting model's; the pull stops once reached and what is left above the target when the
     architecture freezes is removed by L1 ranking. ``reconfig_every``: epochs between reconfigurations (0.5: twice
     an epoch). ``freeze_last``: the fraction of the training, at its end, with the architecture fixed.
@@ -185,6 +191,7 @@ def train_model(
     max_batch = check_settings(
         method, n, batch_size=batch_size, target_macs=target_macs, target_params=target_params,
         freeze_last=freeze_last, reconfig_every=reconfig_every, grow_batch=grow_batch, max_batch=max_batch,
+        cost_weight=cost_weight,
     )  # fmt: skip
     cfg = FineTune(
         epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size, augment=augment, seed=seed,
@@ -202,8 +209,9 @@ def train_model(
     pruner = None
     if method == "channel-union":
         ccfg = ChannelUnionConfig(
-            lasso_ratio=lasso_ratio, target_macs=target_macs, target_params=target_params, finetune=cfg
-        )
+            lasso_ratio=lasso_ratio, cost_weight=cost_weight, target_macs=target_macs, target_params=target_params,
+            finetune=cfg,
+        )  # fmt: skip
         pruner = ChannelUnionPruner(
             model, ccfg, Context(train=data, input_shape=shape), interval=0, bn_samples=BN_SAMPLES
         )
@@ -239,7 +247,7 @@ def train_model(
     }
     if method is not None:
         report["settings"].update(
-            lasso_ratio=lasso_ratio, reconfig_every=reconfig_every, freeze_last=freeze_last,
+            lasso_ratio=lasso_ratio, cost_weight=cost_weight, reconfig_every=reconfig_every, freeze_last=freeze_last,
             target_macs=target_macs, target_params=target_params, grow_batch=grow_batch, max_batch=max_batch,
         )  # fmt: skip
     g = torch.Generator().manual_seed(seed)
