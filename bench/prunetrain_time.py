@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--cost-weight", type=float, default=0.5)
     ap.add_argument("--reconfig-every", type=float, default=0.25)
     ap.add_argument("--freeze-last", type=float, default=0.25)
+    ap.add_argument("--grow-batch", action="store_true")
     ap.add_argument("--width", type=float, default=0.5)
     ap.add_argument("--test-data", default=None)
     ap.add_argument("--json", default=None)
@@ -48,6 +49,7 @@ def main() -> None:
             "cost_weight": args.cost_weight,
             "reconfig_every": args.reconfig_every,
             "freeze_last": args.freeze_last,
+            "grow_batch": args.grow_batch,
         }
     load = os.getloadavg()
     rep = train_model(

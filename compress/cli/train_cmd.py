@@ -92,7 +92,7 @@ def run_train(
     target_params: float | None = None,
     lasso_ratio: float = 0.8,
     cost_weight: float = 0.5,
-    reconfig_every: float = 1.0,
+    reconfig_every: float = 0.25,
     freeze_last: float = 0.25,
     grow_batch: bool = False,
     max_batch: int | None = None,
@@ -263,8 +263,9 @@ def train(
         ),
     ] = 0.5,  # fmt: skip
     reconfig_every: Annotated[
-        float, option("--reconfig-every", panel=METHOD, help="Epochs between reconfigurations (0.5: twice an epoch).")
-    ] = 1.0,
+        float,
+        option("--reconfig-every", panel=METHOD, help="Epochs between reconfigurations (0.25: four times an epoch)."),
+    ] = 0.25,
     freeze_last: Annotated[
         float,
         option(

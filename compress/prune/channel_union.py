@@ -167,7 +167,7 @@ def find_zeros(model: nn.Module, lasso: GroupLasso, config: ChannelUnionConfig) 
     for cg in lasso.groups:
         norms = torch.stack(member_norms(cg.group, cg.size))  # (members, size)
         tol = torch.clamp(config.rel_tol * norms.median(1, keepdim=True).values, min=config.zero_tol)
-        rel = (norms / tol).amax(0)  # < 1 (at most 1): zero in every member; union: kept if any member is not
+        rel = (norms / tol.clamp_min(torch.finfo(norms.dtype).tiny)).amax(0)  # at most 1: zero in every member
         zero = rel <= 1
         if bool(zero.all()) and cg.root in blocks:
             out.blocks.append((blocks[cg.root], cg, float(rel.max())))
@@ -204,7 +204,8 @@ def cap_removal(removal: Removal, costs: dict[str, torch.Tensor], budget: float)
             chosen.setdefault(w[1].name, []).append(w[2])
     channels = []
     for cg, idxs, rel in removal.channels:
-        keep = [j for j, i in enumerate(idxs.tolist()) if i in set(chosen.get(cg.name, ()))]
+        picked = set(chosen.get(cg.name, ()))
+        keep = [j for j, i in enumerate(idxs.tolist()) if i in picked]
         if keep:
             channels.append((cg, idxs[keep], rel[keep]))
     return Removal(channels, blocks)
@@ -353,7 +354,7 @@ class ChannelUnionPruner(Method):
     def reconfigure(self, optimizer: torch.optim.Optimizer | None = None) -> dict:
         """Remove zero channels (never below a target: the channels furthest below the threshold go first),
         BatchNorm statistics re-estimated before (the same samples on every rank) when anything goes. With
-        ``optimizer``, it is moved onto the new parameters (``carry_optimizer``)."""
+        ``optimizer``, it is moved onto the new parameters (``carry_momentum``)."""
         removal = find_zeros(self.model, self.lasso, self.config)
         capped = False
         if removal and self.target is not None and self.lam > 0:

@@ -3,8 +3,8 @@
 ``train_model`` trains a model on data and reports what the training cost: wall time per epoch, training MACs
 (forward + backward ~ 3 x forward MACs per sample, summed as the model changes), the model's MACs, parameters and
 batch size at each reconfiguration, and the validation score per epoch. With ``method="channel-union"`` the group
-lasso of ``ChannelUnionPruner`` acts from the first step; every ``reconfig_every`` epochs BatchNorm statistics are
-re-estimated and zero channels removed (the union of kept channels over a residual stage), so every later step
+lasso of ``ChannelUnionPruner`` acts from the first step; every ``reconfig_every`` epochs zero channels are removed
+(the union of kept channels over a residual stage; BatchNorm statistics re-estimated first), so every later step
 computes less; the optimizer moves onto the smaller model with its momentum sliced to the kept channels; for the last
 ``freeze_last`` of the training the architecture is fixed and the pull off, so that accuracy recovers. With
 ``grow_batch`` the batch grows after each reconfiguration so that the activation memory of a step stays at its
@@ -47,7 +47,8 @@ BN_SAMPLES = 256  # BatchNorm statistics before a reconfiguration: 4 batches of 
 CONVENTION = (
     "train_macs: forward + backward multiply-accumulates ~ 3 x the forward MACs of one sample (torch's FLOP "
     "counter / 2) x the samples trained on, summed step by step as the model changes; train_flops = 2 x train_macs. "
-    "BatchNorm re-estimation and evaluation are not counted; wall_s is training alone (evaluation separate)."
+    "BatchNorm re-estimation and evaluation are not counted; wall_s is training alone (evaluation separate); "
+    "cpu_s the process's CPU time over the same span (all threads; on a shared machine the fairer A/B measure)."
 )
 
 
@@ -112,7 +113,7 @@ def check_settings(
     target_macs: float | None = None,
     target_params: float | None = None,
     freeze_last: float = 0.25,
-    reconfig_every: float = 1.0,
+    reconfig_every: float = 0.25,
     grow_batch: bool = False,
     max_batch: int | None = None,
     cost_weight: float = 0.5,
@@ -163,7 +164,7 @@ def train_model(
     target_params: float | None = None,
     lasso_ratio: float = 0.8,
     cost_weight: float = 0.5,
-    reconfig_every: float = 1.0,
+    reconfig_every: float = 0.25,
     freeze_last: float = 0.25,
     grow_batch: bool = False,
     max_batch: int | None = None,
@@ -259,13 +260,13 @@ def train_model(
     seen, frozen, step, next_reconf = 0, pruner is None, 0, chunk
     train_macs = 0
     bar = Bar(progress_enabled(), math.ceil(total / batch_size), desc)
-    wall_total = eval_total = 0.0
+    wall_total = eval_total = cpu_total = 0.0
     try:
         epoch = 0
         while seen < total:
             epoch += 1
             order = torch.randperm(n, generator=g)[: total - seen]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             ep_loss, ep_count, ep_macs, reconf_s = 0.0, 0, 0, 0.0
             pos = 0
             while pos < len(order):  # in parts that end where the architecture may change (or freezes)
@@ -344,13 +345,14 @@ def train_model(
                 )
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             wall_total += wall
+            cpu_total += cpu
             train_macs += ep_macs
             row: dict[str, Any] = {
-                "epoch": epoch, "wall_s": round(wall, 3), "reconfigure_s": round(reconf_s, 3), "samples": ep_count,
-                "train_macs": ep_macs, "loss": round(ep_loss / max(ep_count, 1), 5), "macs": macs, "params": params,
-                "batch": bs,
+                "epoch": epoch, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "reconfigure_s": round(reconf_s, 3),
+                "samples": ep_count, "train_macs": ep_macs, "loss": round(ep_loss / max(ep_count, 1), 5), "macs": macs,
+                "params": params, "batch": bs,
             }  # fmt: skip
             if val is not None:
                 e0 = time.perf_counter()
@@ -372,8 +374,8 @@ def train_model(
     model.eval()
     macs, params = count_macs(model, shape), count_params(model)
     report["total"] = {
-        "wall_s": round(wall_total, 3), "eval_s": round(eval_total, 3), "train_macs": train_macs,
-        "train_flops": 2 * train_macs, "epochs": len(report["epochs"]), "steps": step,
+        "wall_s": round(wall_total, 3), "cpu_s": round(cpu_total, 3), "eval_s": round(eval_total, 3),
+        "train_macs": train_macs, "train_flops": 2 * train_macs, "epochs": len(report["epochs"]), "steps": step,
     }  # fmt: skip
     report["final"] = {
         "macs": macs, "params": params, "macs_fraction": round(macs / base_macs, 4),
