@@ -372,7 +372,7 @@ class ChannelUnionPruner(Method):
         if self.target is not None:
             removed.update(self._steer(changed=bool(removed), capped=capped))
         self._measure(removed)
-        if carry is not None:
+        if carry is not None and optimizer is not None:
             carry_momentum(self.model, optimizer, carry)
         self.model.train()
         return removed
@@ -391,18 +391,12 @@ class ChannelUnionPruner(Method):
         return capped, cut
 
     def _measure(self, removed: dict) -> None:
-        last = self.records[-1] if self.records and "macs" in self.records[-1] else None
-        same = last is not None and not removed
-        rec = {
-            "step": self.steps,
-            "params": last["params"] if same else count_params(self.model),
-            "macs": last["macs"] if same else count_macs(self.model, self.shape),
-            "removed": removed,
-        }
+        last: dict = self.records[-1] if self.records and "macs" in self.records[-1] else {}
+        params = last["params"] if last and not removed else count_params(self.model)
+        macs = last["macs"] if last and not removed else count_macs(self.model, self.shape)
+        rec = {"step": self.steps, "params": params, "macs": macs, "removed": removed}
         if self.target is not None:
-            self._now = (
-                rec["macs"] if self.target[0] == "MACs" else rec["params"] if self.target[0] == "parameters" else None
-            )
+            self._now = float({"MACs": macs, "parameters": params}[self.target[0]])
         if self.per_epoch:
             rec["epoch"] = round(self.steps / self.per_epoch, 2)
         if self.ctx.val is not None:

@@ -418,6 +418,7 @@ def group_slices(group, size: int) -> list[Slice]:
         layer, fn = dep.layer, dep.pruning_fn
         if getattr(layer, "weight", None) is None or normalised(fn, layer):
             continue
+        attrs: tuple[str, ...]
         if fn in (tpf.prune_conv_out_channels, tpf.prune_linear_out_channels):
             dim, attrs = 0, ("weight", "bias")
         elif fn in (tpf.prune_conv_in_channels, tpf.prune_linear_in_channels):
@@ -446,7 +447,7 @@ def slices_sq_norms(parts: list[Slice], size: int) -> torch.Tensor:
         r = p.pow(2)
         if p.dim() > 1:
             r = r.sum([d for d in range(p.dim()) if d != s.dim])
-        if s.rows is not None:
+        if s.rows is not None and s.roots is not None:
             r = torch.zeros(size, dtype=r.dtype, device=r.device).index_add(0, s.roots.to(r.device), r[s.rows])
         sq = r if sq is None else sq + r
     return sq if sq is not None else torch.zeros(size)
