@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=8)
     ap.add_argument("--target-macs", type=float, default=0.55)
     ap.add_argument("--lasso-ratio", type=float, default=0.2)
-    ap.add_argument("--cost-weight", type=float, default=0.5)
+    ap.add_argument("--cost-weight", type=float, default=1.0)
     ap.add_argument("--reconfig-every", type=float, default=0.25)
     ap.add_argument("--freeze-last", type=float, default=0.25)
     ap.add_argument("--grow-batch", action="store_true")

@@ -91,7 +91,7 @@ def run_train(
     target_macs: float | None = None,
     target_params: float | None = None,
     lasso_ratio: float = 0.8,
-    cost_weight: float = 0.5,
+    cost_weight: float = 1.0,
     reconfig_every: float = 0.25,
     freeze_last: float = 0.25,
     grow_batch: bool = False,
@@ -258,10 +258,10 @@ def train(
         option(
             "--cost-weight",
             panel=METHOD,
-            help="Pull each channel group by (its channels' MACs / the mean's) ** this: 0 pulls all alike; 0.5 "
-            "prunes the costly high-resolution layers first (less accuracy lost, more time saved).",
+            help="Pull each channel group by (its channels' MACs / the mean's) ** this, in [0, 4]: 0 pulls all "
+            "alike; 1 prunes the costly high-resolution layers first (more time saved; 0.5: less accuracy lost).",
         ),
-    ] = 0.5,  # fmt: skip
+    ] = 1.0,  # fmt: skip
     reconfig_every: Annotated[
         float,
         option("--reconfig-every", panel=METHOD, help="Epochs between reconfigurations (0.25: four times an epoch)."),

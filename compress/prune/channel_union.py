@@ -58,7 +58,7 @@ class ChannelUnionConfig(Config):
     lasso_ratio: strength of the group-lasso pull relative to the loss of an untrained classifier
         (see the module docstring); larger prunes more.
     cost_weight: each group's pull times (its channels' MACs / the mean channel's) ** cost_weight: 0 pulls
-        every channel alike; 0.5 pulls the costly ones harder (the wide-resolution first stage of a ResNet,
+        every channel alike; 0.5 or 1 pull the costly ones harder (the high-resolution first stage of a ResNet,
         where a step's time goes), so that the same MACs go with less damage and more time saved.
     reconfig_interval: epochs between reconfigurations (removal of zero channels).
     zero_tol: a slice whose L2 norm is at most this counts as zero.

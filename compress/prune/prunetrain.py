@@ -116,7 +116,7 @@ def check_settings(
     reconfig_every: float = 0.25,
     grow_batch: bool = False,
     max_batch: int | None = None,
-    cost_weight: float = 0.5,
+    cost_weight: float = 1.0,
 ) -> int | None:
     """UsageError, before any work, for settings that cannot be met on ``n`` training samples; returns the
     batch's cap under ``grow_batch`` (default 4 x ``batch_size``, at most ``n``)."""
@@ -163,7 +163,7 @@ def train_model(
     target_macs: float | None = None,
     target_params: float | None = None,
     lasso_ratio: float = 0.8,
-    cost_weight: float = 0.5,
+    cost_weight: float = 1.0,
     reconfig_every: float = 0.25,
     freeze_last: float = 0.25,
     grow_batch: bool = False,

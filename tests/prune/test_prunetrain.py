@@ -40,7 +40,7 @@ def test_training_macs_match_a_hand_count(digits):
     assert [e["train_macs"] for e in rep["epochs"]] == [3 * forward * len(x), 3 * forward * (len(x) // 2)]
 
 
-def _user_loop(model, x, y, *, epochs, bs, lr, interval, lasso_ratio, cost_weight=0.5):
+def _user_loop(model, x, y, *, epochs, bs, lr, interval, lasso_ratio, cost_weight=1.0):
     """What a user writes around compress.ChannelUnionPruner: SGD, a cosine lr, the pruner's hooks."""
     n = len(x)
     total = int(round(epochs * n))
