@@ -317,6 +317,7 @@ class ChannelUnionPruner(Method):
                 self.interval = max(1, min(self.interval, total // 24))
         if self.ctx.train is None:  # calibrate BatchNorm on what the user's loop feeds the model
             self._hook = self.model.register_forward_pre_hook(self._keep_batch)
+        self._count()
         self._measure({})
 
     def _classes(self) -> int:
@@ -369,8 +370,12 @@ class ChannelUnionPruner(Method):
                 recalibrate_bn(self.model, calib, samples=self.bn_samples)
             distributed.sync_buffers(self.model)
             removed = apply_removal(self.model, self.lasso, removal)
+            self._count()
         if self.target is not None:
-            removed.update(self._steer(changed=bool(removed), capped=capped))
+            more = self._steer(capped=capped)
+            if more:
+                removed.update(more)
+                self._count()
         self._measure(removed)
         if carry is not None and optimizer is not None:
             carry_momentum(self.model, optimizer, carry)
@@ -390,13 +395,15 @@ class ChannelUnionPruner(Method):
             log.info("reconfiguration kept %d zero channels to stay at the target's %s", n, what)
         return capped, cut
 
-    def _measure(self, removed: dict) -> None:
-        last: dict = self.records[-1] if self.records and "macs" in self.records[-1] else {}
-        params = last["params"] if last and not removed else count_params(self.model)
-        macs = last["macs"] if last and not removed else count_macs(self.model, self.shape)
-        rec = {"step": self.steps, "params": params, "macs": macs, "removed": removed}
+    def _count(self) -> None:
+        """The model's parameters and MACs, counted once per change (and the measure toward a target)."""
+        params, macs = count_params(self.model), count_macs(self.model, self.shape)
+        self.counts = {"params": params, "macs": macs}
         if self.target is not None:
             self._now = float({"MACs": macs, "parameters": params}[self.target[0]])
+
+    def _measure(self, removed: dict) -> None:
+        rec = {"step": self.steps, **self.counts, "removed": removed}
         if self.per_epoch:
             rec["epoch"] = round(self.steps / self.per_epoch, 2)
         if self.ctx.val is not None:
@@ -408,7 +415,7 @@ class ChannelUnionPruner(Method):
     def _total_steps(self) -> int | None:
         return int(self.per_epoch * self.config.finetune.epochs) if self.per_epoch else None
 
-    def _steer(self, changed: bool = True, capped: bool = False) -> dict:
+    def _steer(self, capped: bool = False) -> dict:
         """Toward the target: the group lasso pulls at its strength and its zero channels go as usual, never
         below the target; once the target is reached, or the zeros would overshoot it, the pull stops (what
         is left above the target then goes by L1 ranking); at 3/4 of the training what is left above the
@@ -416,7 +423,7 @@ class ChannelUnionPruner(Method):
         the last quarter fine-tunes the result. (Raising the pull to catch up collapsed small models: all
         channels shrink together and fall below the removal threshold at once.) Returns the channels removed."""
         what, wanted, measure = self.target
-        if changed or self._now is None:
+        if self._now is None:
             self._now = measure(self.model)
         frac = self._now / self.base_measure
         if frac <= wanted * 1.02:

@@ -316,12 +316,13 @@ def train_model(
                             carry = stash_momentum(model, opt)
                             removed.update(pruner._top_up(f"at {seen / total:.0%} of the training (frozen after)"))
                             carry_momentum(pruner.model, opt, carry)
+                            pruner._count()
                     pruner.lam = 0.0
                 elif pruner.lam == 0:  # the target was reached and the pull stopped: no channel will reach zero now
                     freezing = frozen = True
                 model = pruner.model
                 before = macs
-                macs, params = measure() if removed else (macs, params)
+                macs, params = pruner.counts["macs"], pruner.counts["params"]  # counted once, by the pruner
                 rec: dict[str, Any] = {
                     "epoch": round(seen / n, 3), "step": step, "macs": macs, "params": params,
                     "removed_channels": sum(v for v in removed.values() if isinstance(v, int)),
