@@ -5,6 +5,9 @@ a shell loop can alternate dense and PruneTrain while the machine's load changes
     for m in channel-union dense channel-union dense; do
         python bench/prunetrain_time.py $m --test-data ../shared/data/mnist --json out-$m-$RANDOM.json
     done
+
+PruneTrain's defaults here: --target-macs 0.55 --lasso-ratio 0.2 --cost-weight 1 --reconfig-every 0.25 (docs/methods.md
+measures --target-macs 0.4). Compare ``cpu_s`` as well as ``wall_s`` on a shared machine.
 """
 
 from __future__ import annotations
