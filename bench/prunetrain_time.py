@@ -5,6 +5,9 @@ a shell loop can alternate dense and PruneTrain while the machine's load changes
     for m in channel-union dense channel-union dense; do
         python bench/prunetrain_time.py $m --test-data ../shared/data/mnist --json out-$m-$RANDOM.json
     done
+
+PruneTrain's defaults here: --target-macs 0.4 --lasso-ratio 0.2 --cost-weight 1 --reconfig-every 0.25 (as measured
+in docs/methods.md). Compare ``cpu_s`` as well as ``wall_s`` on a shared machine.
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("method", choices=["dense", "channel-union"])
     ap.add_argument("--epochs", type=float, default=8)
-    ap.add_argument("--target-macs", type=float, default=0.55)
-    ap.add_argument("--lasso-ratio", type=float, default=0.3)
+    ap.add_argument("--target-macs", type=float, default=0.4)
+    ap.add_argument("--lasso-ratio", type=float, default=0.2)
+    ap.add_argument("--cost-weight", type=float, default=1.0)
     ap.add_argument("--reconfig-every", type=float, default=0.25)
+    ap.add_argument("--freeze-last", type=float, default=0.25)
+    ap.add_argument("--grow-batch", action="store_true")
     ap.add_argument("--width", type=float, default=0.5)
     ap.add_argument("--test-data", default=None)
     ap.add_argument("--json", default=None)
@@ -43,7 +49,10 @@ def main() -> None:
             "method": args.method,
             "target_macs": args.target_macs,
             "lasso_ratio": args.lasso_ratio,
+            "cost_weight": args.cost_weight,
             "reconfig_every": args.reconfig_every,
+            "freeze_last": args.freeze_last,
+            "grow_batch": args.grow_batch,
         }
     load = os.getloadavg()
     rep = train_model(

@@ -201,6 +201,7 @@ OTHER_VALUES: dict[str, list] = {
     "target_latency": [0.5],
     "importance": ["l2", "bn-scale", "taylor", "group-lasso"],
     "lasso_ratio": [1.5, 0.0],
+    "cost_weight": [0.5, 4.0],
     "reconfig_interval": [3],
     "zero_tol": [1e-6],
     "rel_tol": [0.2],

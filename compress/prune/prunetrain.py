@@ -3,9 +3,9 @@
 ``train_model`` trains a model on data and reports what the training cost: wall time per epoch, training MACs
 (forward + backward ~ 3 x forward MACs per sample, summed as the model changes), the model's MACs, parameters and
 batch size at each reconfiguration, and the validation score per epoch. With ``method="channel-union"`` the group
-lasso of ``ChannelUnionPruner`` acts from the first step; every ``reconfig_every`` epochs BatchNorm statistics are
-re-estimated and zero channels removed (the union of kept channels over a residual stage), so every later step
-computes less; the optimizer is rebuilt around the smaller model (momentum starts afresh); for the last
+lasso of ``ChannelUnionPruner`` acts from the first step; every ``reconfig_every`` epochs zero channels are removed
+(the union of kept channels over a residual stage; BatchNorm statistics re-estimated first), so every later step
+computes less; the optimizer moves onto the smaller model with its momentum sliced to the kept channels; for the last
 ``freeze_last`` of the training the architecture is fixed and the pull off, so that accuracy recovers. With
 ``grow_batch`` the batch grows after each reconfiguration so that the activation memory of a step stays at its
 starting level (capped at ``max_batch``), and the learning rate follows it (linear scaling rule).
@@ -31,17 +31,24 @@ from compress.data import as_data, batches
 from compress.errors import CompressError, InputError, UsageError, first_line
 from compress.method import Context
 from compress.progress import Bar, progress_enabled
-from compress.prune.channel_union import ChannelUnionConfig, ChannelUnionPruner
+from compress.prune.channel_union import (
+    ChannelUnionConfig,
+    ChannelUnionPruner,
+    carry_momentum,
+    stash_momentum,
+)
 from compress.scoring import evaluate, resolve_metric, to_device
 from compress.train import check_augment, make_optimizer, random_shift, resolve_loss
 
 log = logging.getLogger(__name__)
 
 METHODS = ("channel-union",)
+BN_SAMPLES = 256  # BatchNorm statistics before a reconfiguration: 4 batches of 64 (1000 cost ~1.5 s a time on 2 cores)
 CONVENTION = (
     "train_macs: forward + backward multiply-accumulates ~ 3 x the forward MACs of one sample (torch's FLOP "
     "counter / 2) x the samples trained on, summed step by step as the model changes; train_flops = 2 x train_macs. "
-    "BatchNorm re-estimation and evaluation are not counted; wall_s is training alone (evaluation separate)."
+    "BatchNorm re-estimation and evaluation are not counted; wall_s is training alone (evaluation separate); "
+    "cpu_s the process's CPU time over the same span (all threads; on a shared machine the fairer A/B measure)."
 )
 
 
@@ -106,9 +113,10 @@ def check_settings(
     target_macs: float | None = None,
     target_params: float | None = None,
     freeze_last: float = 0.25,
-    reconfig_every: float = 1.0,
+    reconfig_every: float = 0.25,
     grow_batch: bool = False,
     max_batch: int | None = None,
+    cost_weight: float = 1.0,
 ) -> int | None:
     """UsageError, before any work, for settings that cannot be met on ``n`` training samples; returns the
     batch's cap under ``grow_batch`` (default 4 x ``batch_size``, at most ``n``)."""
@@ -121,6 +129,8 @@ def check_settings(
             raise UsageError(f"--{name} needs --method channel-union (dense training keeps every channel)")
     if not 0.0 <= freeze_last < 1.0:
         raise UsageError(f"--freeze-last {freeze_last}: expected a fraction in [0, 1)")
+    if not 0.0 <= cost_weight <= 4.0:
+        raise UsageError(f"--cost-weight {cost_weight}: expected an exponent in [0, 4] (0: all pulled alike)")
     if not 0.0 < reconfig_every <= 1000:
         raise UsageError(f"--reconfig-every {reconfig_every}: expected epochs in (0, 1000]")
     if grow_batch:
@@ -153,7 +163,8 @@ def train_model(
     target_macs: float | None = None,
     target_params: float | None = None,
     lasso_ratio: float = 0.8,
-    reconfig_every: float = 1.0,
+    cost_weight: float = 1.0,
+    reconfig_every: float = 0.25,
     freeze_last: float = 0.25,
     grow_batch: bool = False,
     max_batch: int | None = None,
@@ -164,7 +175,9 @@ def train_model(
 ) -> TrainResult:
     """Train ``model`` in place on ``train`` (anything ``compress.data.as_data`` takes) and report the cost.
 
-    ``method``: None (dense) or "channel-union" (PruneTrain). ``target_macs`` / ``target_params``: fractions in
+    ``method``: None (dense) or "channel-union" (PruneTrain). ``cost_weight``: the pull on a channel group
+    scales with (its channels' MACs / the mean's) ** cost_weight (``ChannelUnionConfig.cost_weight``).
+    ``target_macs`` / ``target_params``: fractions in
     (0, 1] of the starting model's; the pull stops once reached and what is left above the target when the
     architecture freezes is removed by L1 ranking. ``reconfig_every``: epochs between reconfigurations (0.5: twice
     an epoch). ``freeze_last``: the fraction of the training, at its end, with the architecture fixed.
@@ -179,6 +192,7 @@ def train_model(
     max_batch = check_settings(
         method, n, batch_size=batch_size, target_macs=target_macs, target_params=target_params,
         freeze_last=freeze_last, reconfig_every=reconfig_every, grow_batch=grow_batch, max_batch=max_batch,
+        cost_weight=cost_weight,
     )  # fmt: skip
     cfg = FineTune(
         epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size, augment=augment, seed=seed,
@@ -196,9 +210,12 @@ def train_model(
     pruner = None
     if method == "channel-union":
         ccfg = ChannelUnionConfig(
-            lasso_ratio=lasso_ratio, target_macs=target_macs, target_params=target_params, finetune=cfg
+            lasso_ratio=lasso_ratio, cost_weight=cost_weight, target_macs=target_macs, target_params=target_params,
+            finetune=cfg,
+        )  # fmt: skip
+        pruner = ChannelUnionPruner(
+            model, ccfg, Context(train=data, input_shape=shape), interval=0, bn_samples=BN_SAMPLES
         )
-        pruner = ChannelUnionPruner(model, ccfg, Context(train=data, input_shape=shape), interval=0)
         pruner.attach()
         pruner.interval, pruner.per_epoch = 0, None  # reconfigured here, at chunk ends; no 3/4 top-up of its own
 
@@ -231,7 +248,7 @@ def train_model(
     }
     if method is not None:
         report["settings"].update(
-            lasso_ratio=lasso_ratio, reconfig_every=reconfig_every, freeze_last=freeze_last,
+            lasso_ratio=lasso_ratio, cost_weight=cost_weight, reconfig_every=reconfig_every, freeze_last=freeze_last,
             target_macs=target_macs, target_params=target_params, grow_batch=grow_batch, max_batch=max_batch,
         )  # fmt: skip
     g = torch.Generator().manual_seed(seed)
@@ -243,13 +260,13 @@ def train_model(
     seen, frozen, step, next_reconf = 0, pruner is None, 0, chunk
     train_macs = 0
     bar = Bar(progress_enabled(), math.ceil(total / batch_size), desc)
-    wall_total = eval_total = 0.0
+    wall_total = eval_total = cpu_total = 0.0
     try:
         epoch = 0
         while seen < total:
             epoch += 1
             order = torch.randperm(n, generator=g)[: total - seen]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             ep_loss, ep_count, ep_macs, reconf_s = 0.0, 0, 0, 0.0
             pos = 0
             while pos < len(order):  # in parts that end where the architecture may change (or freezes)
@@ -290,19 +307,22 @@ def train_model(
                 # a reconfiguration (and at the freeze point the last one): BatchNorm re-estimated, zeros removed
                 r0 = time.perf_counter()
                 freezing = seen >= freeze_at
-                removed = pruner.reconfigure()
+                removed = pruner.reconfigure(opt)  # opt moved onto the new parameters, momentum kept
                 if freezing:
                     frozen = True
                     if pruner.target is not None:
                         what, wanted, meas = pruner.target
                         if meas(model) / pruner.base_measure > wanted * 1.02:
+                            carry = stash_momentum(model, opt)
                             removed.update(pruner._top_up(f"at {seen / total:.0%} of the training (frozen after)"))
+                            carry_momentum(pruner.model, opt, carry)
+                            pruner._count()
                     pruner.lam = 0.0
                 elif pruner.lam == 0:  # the target was reached and the pull stopped: no channel will reach zero now
                     freezing = frozen = True
                 model = pruner.model
                 before = macs
-                macs, params = measure()
+                macs, params = pruner.counts["macs"], pruner.counts["params"]  # counted once, by the pruner
                 rec: dict[str, Any] = {
                     "epoch": round(seen / n, 3), "step": step, "macs": macs, "params": params,
                     "removed_channels": sum(v for v in removed.values() if isinstance(v, int)),
@@ -317,7 +337,6 @@ def train_model(
                         bs, scale = new_bs, new_bs / batch_size
                 rec.update(batch=bs, lr_scale=round(scale, 4))
                 report["reconfigurations"].append(rec)
-                opt = make_optimizer(model.parameters(), cfg)  # new parameters: a new optimizer (momentum afresh)
                 model.train()
                 reconf_s += time.perf_counter() - r0
                 say(
@@ -327,13 +346,14 @@ def train_model(
                 )
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             wall_total += wall
+            cpu_total += cpu
             train_macs += ep_macs
             row: dict[str, Any] = {
-                "epoch": epoch, "wall_s": round(wall, 3), "reconfigure_s": round(reconf_s, 3), "samples": ep_count,
-                "train_macs": ep_macs, "loss": round(ep_loss / max(ep_count, 1), 5), "macs": macs, "params": params,
-                "batch": bs,
+                "epoch": epoch, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "reconfigure_s": round(reconf_s, 3),
+                "samples": ep_count, "train_macs": ep_macs, "loss": round(ep_loss / max(ep_count, 1), 5), "macs": macs,
+                "params": params, "batch": bs,
             }  # fmt: skip
             if val is not None:
                 e0 = time.perf_counter()
@@ -355,8 +375,8 @@ def train_model(
     model.eval()
     macs, params = count_macs(model, shape), count_params(model)
     report["total"] = {
-        "wall_s": round(wall_total, 3), "eval_s": round(eval_total, 3), "train_macs": train_macs,
-        "train_flops": 2 * train_macs, "epochs": len(report["epochs"]), "steps": step,
+        "wall_s": round(wall_total, 3), "cpu_s": round(cpu_total, 3), "eval_s": round(eval_total, 3),
+        "train_macs": train_macs, "train_flops": 2 * train_macs, "epochs": len(report["epochs"]), "steps": step,
     }  # fmt: skip
     report["final"] = {
         "macs": macs, "params": params, "macs_fraction": round(macs / base_macs, 4),

@@ -27,6 +27,7 @@ OPTIONS = {
         "--target-latency",
         "--importance",
         "--lasso-ratio",
+        "--cost-weight",
         "--reconfig-interval",
         "--sensitivity",
         "--budget",

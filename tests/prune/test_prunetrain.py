@@ -15,7 +15,7 @@ from compress.method import Context
 from compress.model_io import load_model
 from compress.models import create_model
 from compress.prune.channel_union import ChannelUnionConfig, ChannelUnionPruner
-from compress.prune.prunetrain import train_model
+from compress.prune.prunetrain import BN_SAMPLES, train_model
 from tests.helpers import one_line_error
 
 
@@ -40,13 +40,13 @@ def test_training_macs_match_a_hand_count(digits):
     assert [e["train_macs"] for e in rep["epochs"]] == [3 * forward * len(x), 3 * forward * (len(x) // 2)]
 
 
-def _user_loop(model, x, y, *, epochs, bs, lr, interval, lasso_ratio):
+def _user_loop(model, x, y, *, epochs, bs, lr, interval, lasso_ratio, cost_weight=1.0):
     """What a user writes around compress.ChannelUnionPruner: SGD, a cosine lr, the pruner's hooks."""
     n = len(x)
     total = int(round(epochs * n))
     pruner = ChannelUnionPruner(
-        model, ChannelUnionConfig(lasso_ratio=lasso_ratio), Context(train=(x, y), input_shape=(1, *x.shape[1:])),
-        interval=interval,
+        model, ChannelUnionConfig(lasso_ratio=lasso_ratio, cost_weight=cost_weight),
+        Context(train=(x, y), input_shape=(1, *x.shape[1:])), interval=interval, bn_samples=BN_SAMPLES,
     )  # fmt: skip
     pruner.attach()
     g = torch.Generator().manual_seed(0)
@@ -69,8 +69,8 @@ def _user_loop(model, x, y, *, epochs, bs, lr, interval, lasso_ratio):
             loss.backward()
             opt.step()
             seen += len(idx)
-            if pruner.step(rate):  # the architecture changed: a new optimizer
-                opt = sgd(pruner.model)
+            if pruner.step(rate, optimizer=opt):  # the architecture changed: opt moved onto the new parameters
+                model = pruner.model
                 model.train()
     return pruner.finalize()
 
@@ -132,6 +132,8 @@ def test_channel_union_training_shrinks_and_the_file_reloads_and_runs(tmp_path, 
         (["--arch", "zoo:resnet8", "-m", "channel-union", "--grow-batch", "--max-batch", "16"], "cannot grow"),
         (["--arch", "zoo:resnet8", "-m", "channel-union", "--grow-batch", "--batch-size", "5000"], "cannot grow"),
         (["--arch", "zoo:resnet8", "--grow-batch"], "grow-batch"),
+        (["--arch", "zoo:resnet8", "-m", "channel-union", "--cost-weight", "-1"], "cost-weight"),
+        (["--arch", "zoo:resnet8", "-m", "channel-union", "--cost-weight", "9"], "cost-weight"),
         (["--arch", "zoo:resnet8", "--compare-dense"], "compare-dense"),
         ([], "--arch"),
     ],
@@ -152,6 +154,8 @@ def test_dense_training_learns_and_records_each_epoch(digits):
     assert [e["epoch"] for e in rep["epochs"]] == [1, 2, 3] and not rep["reconfigurations"]
     assert rep["epochs"][-1]["loss"] < rep["epochs"][0]["loss"]
     assert rep["final"]["val_score"] > 50 and rep["final"]["macs_fraction"] == 1.0
+    assert rep["total"]["cpu_s"] > 0
+    assert rep["total"]["cpu_s"] == pytest.approx(sum(e["cpu_s"] for e in rep["epochs"]), abs=0.01)
 
 
 def test_random_shift_of_one_channel_images_has_plain_strides():
@@ -163,3 +167,131 @@ def test_random_shift_of_one_channel_images_has_plain_strides():
     y = random_shift(x, 2, torch.Generator().manual_seed(0))
     assert y.stride() == (144, 144, 12, 1)
     assert torch.equal(random_shift(x, 0, torch.Generator().manual_seed(0)), x)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "mobilenet_small", "lenet5", "vgg_small"])
+def test_the_whole_tensor_proximal_step_matches_the_slice_by_slice_one(name):
+    """GroupLasso.prox works on whole tensors; it must shrink exactly what group_norms reads and scale_channels
+    scales (depthwise convs, a flatten into a linear layer, residual stages)."""
+    from compress.prune.channel_union import GroupLasso
+    from compress.prune.graph import group_norms, scale_channels
+
+    torch.manual_seed(0)
+    kw = {"input_size": 16} if name.startswith("lenet") else {}
+    model = create_model(name, num_classes=10, in_channels=1, **kw)
+    for p in model.parameters():  # BatchNorm scales away from 1, so that every slice counts
+        p.data.normal_(0, 0.5)
+    ref = copy.deepcopy(model)
+    shape = (1, 1, 16, 16)
+    lasso, ref_lasso = GroupLasso(model, shape), GroupLasso(ref, shape)
+    assert lasso.groups
+    lasso.prox(0.9)
+    with torch.no_grad():
+        for cg in ref_lasso.groups:
+            norm = group_norms(cg.group, cg.size).sqrt()
+            live = norm[norm > 0]
+            scale_channels(cg.group, torch.clamp(1 - 0.9 * live.mean() / norm.clamp_min(1e-12), min=0.0))
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), k
+    after = [group_norms(cg.group, cg.size) for cg in lasso.groups]
+    assert any(bool((n == 0).any()) for n in after)  # channels reached zero: the comparison means something
+    assert not all(bool((n == 0).all()) for n in after)
+
+
+@pytest.mark.parametrize("what", ["MACs", "parameters"])
+def test_channel_costs_are_what_removing_one_channel_saves(what):
+    """The estimate that keeps a reconfiguration above its target: removing one channel of a group saves
+    exactly its cost (no conv of a ResNet has its input and output channels in the same group)."""
+    from compress.counting import count_macs, count_params
+    from compress.prune.channel_union import GroupLasso
+    from compress.prune.graph import channel_costs, prune_group
+
+    torch.manual_seed(0)
+    model = create_model("resnet8", num_classes=10, in_channels=1, width=0.5)
+    shape = (1, 1, 16, 16)
+    measure = (lambda m: count_macs(m, shape)) if what == "MACs" else count_params
+    lasso = GroupLasso(model, shape)
+    costs = channel_costs(model, lasso.groups, shape, what)
+    base = measure(model)
+    for i, cg in enumerate(lasso.groups):
+        m = copy.deepcopy(model)
+        groups = GroupLasso(m, shape)
+        assert prune_group(groups.dg, groups.groups[i], [1], m, shape) is None
+        assert base - measure(m) == costs[i][1] > 0, cg.name
+
+
+def _zero_channels(block, channels):
+    with torch.no_grad():
+        block.conv1.weight[channels] = 0
+        block.bn1.weight[channels] = 0
+        block.bn1.bias[channels] = 0
+        block.conv2.weight[:, channels] = 0
+
+
+def test_a_reconfiguration_carries_sgds_momentum_to_the_kept_channels(digits):
+    x, y = digits
+    torch.manual_seed(0)
+    model = create_model("resnet8", num_classes=10, in_channels=1, width=0.5)
+    pruner = ChannelUnionPruner(model, ChannelUnionConfig(lasso_ratio=0.1), Context(train=(x, y)), interval=0)
+    pruner.attach()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    for i in range(0, 96, 32):
+        nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32]).backward()
+        opt.step()
+        opt.zero_grad()
+    blk = model.layer1[0]
+    _zero_channels(blk, [0, 2])
+    kept = [c for c in range(blk.conv1.out_channels) if c not in (0, 2)]
+    old = {n: opt.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters()}
+    removed = pruner.reconfigure(opt)
+    assert removed == {"layer1.0.conv1": 2}
+    params = dict(pruner.model.named_parameters())
+    assert [p for g in opt.param_groups for p in g["params"]] == list(params.values())
+    state = {n: opt.state[p]["momentum_buffer"] for n, p in params.items()}
+    assert torch.equal(state["layer1.0.conv1.weight"], old["layer1.0.conv1.weight"][kept])
+    assert torch.equal(state["layer1.0.bn1.bias"], old["layer1.0.bn1.bias"][kept])
+    assert torch.equal(state["layer1.0.conv2.weight"], old["layer1.0.conv2.weight"][:, kept])
+    assert torch.equal(state["fc.weight"], old["fc.weight"])
+    assert all(p.grad is None for p in params.values())
+    nn.functional.cross_entropy(pruner.model(x[:32]), y[:32]).backward()
+    opt.step()  # the optimizer steps the smaller model
+
+
+def test_zeros_that_would_overshoot_the_target_stay_and_the_rest_goes_by_l1(digits):
+    """A strong pull zeroes many channels at once: without a target the first reconfiguration that removes
+    anything goes far below 0.7 of the MACs; with target 0.7 no reconfiguration goes below it."""
+    x, y = digits
+    torch.manual_seed(0)
+    start = create_model("resnet8", num_classes=10, in_channels=1, width=0.5)
+    kw = {"epochs": 1.5, "batch_size": 32, "lr": 0.1, "lasso_ratio": 6, "reconfig_every": 0.5, "freeze_last": 0.0}
+    free = train_model(copy.deepcopy(start), (x, y), method="channel-union", **kw).report
+    base = free["start"]["macs"]
+    first = next(r for r in free["reconfigurations"] if r["removed_channels"] or r["removed_branches"])
+    assert first["macs"] / base < 0.6
+    held = train_model(copy.deepcopy(start), (x, y), method="channel-union", target_macs=0.7, **kw).report
+    fracs = [r["macs"] / base for r in held["reconfigurations"]]
+    assert fracs and min(fracs) >= 0.7 * 0.99
+    assert abs(held["final"]["macs_fraction"] - 0.7) <= 0.7 * 0.02
+
+
+def test_cost_weight_pulls_the_costly_channels_harder():
+    """cost_weight a: each group's proximal step is scaled by (its channels' MACs / the mean channel's) ** a."""
+    from compress.prune.channel_union import GroupLasso
+    from compress.prune.graph import channel_costs, group_norms
+
+    torch.manual_seed(0)
+    model = create_model("resnet8", num_classes=10, in_channels=1, width=0.5)
+    shape = (1, 1, 16, 16)
+    assert GroupLasso(model, shape).weights == [1.0] * len(GroupLasso(model, shape).groups)
+    lasso = GroupLasso(model, shape, cost_weight=1.0)
+    costs = [float(c.mean()) for c in channel_costs(model, lasso.groups, shape, "MACs")]
+    sizes = [cg.size for cg in lasso.groups]
+    assert sum(w * n for w, n in zip(lasso.weights, sizes, strict=True)) == pytest.approx(sum(sizes))
+    by_name = dict(zip([cg.name for cg in lasso.groups], lasso.weights, strict=True))
+    assert by_name["conv1"] == max(lasso.weights) > 1 > by_name["layer3.0.conv1"]  # 16 x 16 stage vs 4 x 4
+    assert max(lasso.weights) / min(lasso.weights) == pytest.approx(max(costs) / min(costs))
+    before = [group_norms(cg.group, cg.size).detach().sqrt() for cg in lasso.groups]
+    lasso.prox(1e-3)
+    for cg, b, w in zip(lasso.groups, before, lasso.weights, strict=True):
+        after = group_norms(cg.group, cg.size).detach().sqrt()
+        assert torch.allclose(b - after, torch.full_like(b, 1e-3 * w * float(b.mean())), rtol=1e-3), cg.name
