@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--freeze-last", type=float, default=0.25)
     ap.add_argument("--grow-batch", action="store_true")
     ap.add_argument("--width", type=float, default=0.5)
+    ap.add_argument("--seed", type=int, default=0, help="the model's initialisation and the training order")
     ap.add_argument("--test-data", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -41,7 +42,7 @@ def main() -> None:
     ds = data_mod.load("mnist5k?size=32")
     tr, va = data_mod.split(ds, 0.2, seed=0)
     test = data_mod.load(f"{args.test_data}?size=32") if args.test_data else None
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = create_model("resnet20", num_classes=10, in_channels=1, width=args.width)
     kw = {}
     if args.method != "dense":
@@ -56,7 +57,7 @@ def main() -> None:
         }
     load = os.getloadavg()
     rep = train_model(
-        model, tr, val=va, test=test, epochs=args.epochs, lr=0.05, batch_size=64, augment=2, seed=0,
+        model, tr, val=va, test=test, epochs=args.epochs, lr=0.05, batch_size=64, augment=2, seed=args.seed,
         progress=lambda line: print(line, flush=True), **kw,
     ).report  # fmt: skip
     rep["load_before"], rep["load_after"] = load, os.getloadavg()
