@@ -10,6 +10,8 @@ os.environ.setdefault("COMPRESS_THREADS", "1")
 # its own (tests/quantize/test_int8.py, "compiled")
 os.environ.setdefault("COMPRESS_INT8_COMPILE", "0")
 
+import subprocess
+
 import pytest
 import torch
 
@@ -18,6 +20,12 @@ from compress.cli import main
 from compress.config import FineTune
 from compress.models import create_model
 from compress.train import fit
+
+# children are started by fork + exec, not vfork: late in a long test process (400+ tests: threads of torch, oneDNN
+# and inductor, GBs of heap), a plain subprocess.run ended the pytest worker itself, silently (3 runs of 3 on
+# 2026-12-07, in test_arch_by_path_and_by_module_name_the_same_classes and test_the_public_names_load_without_torch),
+# while the hostile harness's children (preexec_fn: fork, never vfork) never did
+subprocess._USE_VFORK = False  # type: ignore[attr-defined]
 
 # one thread per test process: `make test` runs two processes (pytest-xdist), and a second OpenMP thread
 # spinning beside other work on a busy 2-core machine costs more than it gives a small model
