@@ -35,19 +35,9 @@ from compress.counting import count_macs, count_params
 from compress.data import TensorData
 from compress.method import Context, Method, needs_data
 from compress.models.blocks import ResidualIdentity
-from compress.prune.graph import (
-    ChannelGroup,
-    channel_costs,
-    channel_groups,
-    group_norms,
-    group_slices,
-    member_norms,
-    prune_group,
-    scale_slices,
-    slices_sq_norms,
-    unselected,
-)
+from compress.prune.graph import ChannelGroup, channel_groups, group_norms, member_norms, prune_group, unselected
 from compress.prune.l1_filter import check_targets, global_counts, prune_filters, resolve_target, target_note
+from compress.prune.slices import channel_costs, group_slices, scale_slices, slices_sq_norms
 from compress.train import recalibrate_bn, steps_per_epoch
 
 log = logging.getLogger(__name__)

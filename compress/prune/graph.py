@@ -230,7 +230,7 @@ def _group(dg, name: str, root: nn.Module, handler, size: int) -> ChannelGroup:
     return ChannelGroup(name, group, size, blocked(dg, group))
 
 
-def _normalised_filters(group):
+def normalised_filters(group):
     """Predicate on (pruning fn, layer): a bias-free producer whose output a BatchNorm in the same
     group normalises. Its filters' size does not change the function, so penalties and the
     proximal step leave them alone and the union test ignores them."""
@@ -251,7 +251,7 @@ def slices(group, of=None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """
     out = []
     of = of or (lambda p: p)
-    normalised = _normalised_filters(group)
+    normalised = normalised_filters(group)
     for i, (dep, idxs) in enumerate(group):
         layer, fn = dep.layer, dep.pruning_fn
         root_idxs = torch.as_tensor(group[i].root_idxs, dtype=torch.long)
@@ -372,7 +372,7 @@ def member_norms(group, size: int, kinds=("out", "in", "bn")) -> list[torch.Tens
 def scale_channels(group, scale: torch.Tensor) -> None:
     """Multiply every coupled slice of root channel c by scale[c], in place (scale-invariant
     filters before a BatchNorm are left alone, as in ``slices``)."""
-    normalised = _normalised_filters(group)
+    normalised = normalised_filters(group)
     for i, (dep, idxs) in enumerate(group):
         layer, fn = dep.layer, dep.pruning_fn
         if normalised(fn, layer):
@@ -395,128 +395,3 @@ def scale_channels(group, scale: torch.Tensor) -> None:
         elif fn == tpf.prune_batchnorm_out_channels and layer.affine:
             layer.weight[idx] *= s
             layer.bias[idx] *= s
-
-
-@dataclass
-class Slice:
-    """One parameter's share of a channel group: the rows (along ``dim``) that belong to root channels
-    ``roots``; ``rows``/``roots`` None where they are all of them, in order (no indexing needed)."""
-
-    module: nn.Module
-    attr: str
-    dim: int
-    rows: torch.Tensor | None
-    roots: torch.Tensor | None
-
-
-def group_slices(group, size: int) -> list[Slice]:
-    """The parameters that ``group_norms`` reads and ``scale_channels`` scales (kinds "out", "in", "bn"), as
-    ``Slice``s, so that a proximal step can work on whole tensors: the same members, rows and channels."""
-    normalised = _normalised_filters(group)
-    out = []
-    for i, (dep, idxs) in enumerate(group):
-        layer, fn = dep.layer, dep.pruning_fn
-        if getattr(layer, "weight", None) is None or normalised(fn, layer):
-            continue
-        attrs: tuple[str, ...]
-        if fn in (tpf.prune_conv_out_channels, tpf.prune_linear_out_channels):
-            dim, attrs = 0, ("weight", "bias")
-        elif fn in (tpf.prune_conv_in_channels, tpf.prune_linear_in_channels):
-            if isinstance(layer, nn.Conv2d) and layer.groups > 1:
-                continue
-            dim, attrs = 1, ("weight",)
-        elif fn == tpf.prune_batchnorm_out_channels and layer.affine:
-            dim, attrs = 0, ("weight", "bias")
-        else:
-            continue
-        rows = torch.as_tensor(idxs, dtype=torch.long)
-        roots = torch.as_tensor(group[i].root_idxs, dtype=torch.long)
-        n = layer.weight.shape[dim]
-        whole = len(rows) == n == size and bool((rows == torch.arange(n)).all() and (roots == rows).all())
-        for attr in attrs:
-            if getattr(layer, attr, None) is not None:
-                out.append(Slice(layer, attr, dim, None if whole else rows, None if whole else roots))
-    return out
-
-
-def slices_sq_norms(parts: list[Slice], size: int) -> torch.Tensor:
-    """Squared L2 norm of every root channel over ``parts`` (as ``group_norms``): (size,)."""
-    sq = None
-    for s in parts:
-        p = getattr(s.module, s.attr).detach()
-        r = p.pow(2)
-        if p.dim() > 1:
-            r = r.sum([d for d in range(p.dim()) if d != s.dim])
-        if s.rows is not None and s.roots is not None:
-            r = torch.zeros(size, dtype=r.dtype, device=r.device).index_add(0, s.roots.to(r.device), r[s.rows])
-        sq = r if sq is None else sq + r
-    return sq if sq is not None else torch.zeros(size)
-
-
-@torch.no_grad()
-def scale_slices(parts: list[Slice], scale: torch.Tensor) -> None:
-    """Multiply every slice of root channel c by scale[c], in place (as ``scale_channels``)."""
-    for s in parts:
-        p = getattr(s.module, s.attr)
-        f = scale.to(p.dtype) if s.roots is None else scale[s.roots].to(p.dtype)
-        shape = [1] * p.dim()
-        shape[s.dim] = -1
-        if s.rows is None:
-            p.mul_(f.view(shape))
-        elif s.dim == 0:
-            p[s.rows] *= f.view(shape)
-        else:
-            p[:, s.rows] *= f.view(shape)
-
-
-def channel_costs(model: nn.Module, groups: list[ChannelGroup], shape, what: str) -> list[torch.Tensor]:
-    """Per group, the MACs (of one sample) or parameters that removing each root channel saves, counted
-    layer by layer from the weights' shapes (and, for MACs, each layer's output positions). Removing a
-    conv's input and output channels together saves a little less than the sum (an estimate from above)."""
-    positions: dict[nn.Module, int] = {}
-
-    def hook(m, inp, out):
-        positions[m] = out[0, 0].numel() if isinstance(m, nn.Conv2d) else out.numel() // out.shape[-1]
-
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    hooks = [m.register_forward_hook(hook) for m in layers]
-    was = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(shape, device=next(iter(model.parameters())).device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
-    out = []
-    for cg in groups:
-        cost = torch.zeros(cg.size, dtype=torch.float64)
-        for i, (dep, idxs) in enumerate(cg.group):
-            layer, fn = dep.layer, dep.pruning_fn
-            w = getattr(layer, "weight", None)
-            if w is None:
-                continue
-            if fn in (tpf.prune_conv_out_channels, tpf.prune_linear_out_channels):
-                dim = 0
-            elif fn in (tpf.prune_conv_in_channels, tpf.prune_linear_in_channels):
-                if isinstance(layer, nn.Conv2d) and layer.groups > 1:
-                    continue  # depthwise: counted with its output channels
-                dim = 1
-            elif fn == tpf.prune_batchnorm_out_channels:
-                if what != "MACs" and w is not None:
-                    cost.index_add_(
-                        0, torch.as_tensor(cg.group[i].root_idxs), torch.full((len(idxs),), 2.0, dtype=cost.dtype)
-                    )
-                continue
-            else:
-                continue
-            per_row = w.numel() / w.shape[dim]
-            if what == "MACs":
-                per_row *= positions.get(layer, 0)
-            elif dim == 0 and getattr(layer, "bias", None) is not None:
-                per_row += 1
-            cost.index_add_(
-                0, torch.as_tensor(cg.group[i].root_idxs), torch.full((len(idxs),), per_row, dtype=cost.dtype)
-            )
-        out.append(cost)
-    return out

@@ -204,7 +204,8 @@ def test_channel_costs_are_what_removing_one_channel_saves(what):
     exactly its cost (no conv of a ResNet has its input and output channels in the same group)."""
     from compress.counting import count_macs, count_params
     from compress.prune.channel_union import GroupLasso
-    from compress.prune.graph import channel_costs, prune_group
+    from compress.prune.graph import prune_group
+    from compress.prune.slices import channel_costs
 
     torch.manual_seed(0)
     model = create_model("resnet8", num_classes=10, in_channels=1, width=0.5)
@@ -277,7 +278,8 @@ def test_zeros_that_would_overshoot_the_target_stay_and_the_rest_goes_by_l1(digi
 def test_cost_weight_pulls_the_costly_channels_harder():
     """cost_weight a: each group's proximal step is scaled by (its channels' MACs / the mean channel's) ** a."""
     from compress.prune.channel_union import GroupLasso
-    from compress.prune.graph import channel_costs, group_norms
+    from compress.prune.graph import group_norms
+    from compress.prune.slices import channel_costs
 
     torch.manual_seed(0)
     model = create_model("resnet8", num_classes=10, in_channels=1, width=0.5)
