@@ -155,8 +155,9 @@ def test_ort_int8_resnet20(benchmark, eval_sets, tmp_path):
 
 
 def test_decode_speed_vs_zlib(benchmark, tmp_path):
-    """load_cpz of a 4.2 M-weight INT4 k-means model vs zlib decompressing the same count of bytes; Huffman-coded
-    (``coder="huffman"``), and beside it ANS-coded (``coder="context"``, compress/coding/arith.py)."""
+    """load_cpz of a 4.2 M-weight INT4 k-means model vs zlib decompressing the same count of bytes: the default
+    file (``coder="auto"``: Huffman for a stream this long), and beside it ANS-coded (``coder="context"``,
+    compress/coding/arith.py)."""
     from compress.coding.packing import pack
     from compress.quant_state import get_state
     from compress.quantize import QuantConfig, quantize_
@@ -166,7 +167,7 @@ def test_decode_speed_vs_zlib(benchmark, tmp_path):
     with torch.no_grad():  # trained weights are roughly Laplace-distributed, not uniform
         m[0].weight.copy_(torch.distributions.Laplace(0.0, 0.02).sample((2048, 2048)))
     quantize_(m, QuantConfig(bits=4, scheme="kmeans"))
-    save_cpz(m, tmp_path / "big.cpz", coder="huffman")
+    save_cpz(m, tmp_path / "big.cpz")  # the default coder
     size = (tmp_path / "big.cpz").stat().st_size
     save_cpz(m, tmp_path / "ans.cpz", coder="context")
     t_ans = float("inf")

@@ -67,7 +67,8 @@ CoderOpt = Annotated[
         "--coder",
         panel=OUTPUT,
         help="How a .cpz codes its quantized tensors: auto (each stream in its smallest coding, Huffman or "
-        "adaptive ANS coding), huffman (as compress before ANS coding, the same bytes) or context "
+        "adaptive ANS coding; ANS only up to 262,144 symbols a stream, as it decodes ~7x slower), huffman "
+        "(as compress before ANS coding, the same bytes) or context "
         "(ANS coding wherever it applies).",
     ),
 ]

@@ -97,6 +97,21 @@ def test_real_tensors_round_trip_exactly_and_auto_is_never_larger(pruned_kmeans)
     assert all(e["index"]["index"] in ("gaps", "sig") for e in ctx["tensors"] if "index" in e)
 
 
+def test_auto_leaves_a_long_stream_to_the_fast_decoder(monkeypatch):
+    """A stream over ``ANS_AUTO_MAX`` symbols is Huffman coded under ``auto`` even where ANS is smaller (ANS
+    decodes ~7x slower); ``context`` still codes it with ANS, and a shorter one still gets the smaller coding."""
+    rng = np.random.default_rng(0)
+    sym = (rng.random(4000) < 0.05).astype(np.int64) * rng.integers(1, 16, 4000)  # ANS wins on it by far
+    mask = rng.random(4000) < 0.05
+    assert streams.encode_symbols(sym, 16, coder="auto")[1]["coding"] == "ans"
+    assert streams.encode_index(mask, coder="auto")[1]["index"] == "sig"
+    monkeypatch.setattr(streams, "ANS_AUTO_MAX", 3999)
+    assert streams.encode_symbols(sym, 16, coder="auto")[1]["coding"] == "huff"
+    assert streams.encode_index(mask, coder="auto")[1]["index"] != "sig"
+    assert streams.encode_symbols(sym, 16, coder="context")[1]["coding"] == "ans"
+    assert streams.encode_index(mask, coder="context")[1]["index"] == "sig"
+
+
 def test_huffman_coder_writes_the_bytes_of_before(pruned_kmeans, tmp_path, cli):
     """``huffman``: no stream of the ANS coder, and a Huffman file re-encoded is the same bytes; the CLI's
     --coder huffman writes exactly what the library does."""
