@@ -9,6 +9,9 @@ back after, so nothing outside compress sees them.
   nothing).
 * ``bn_folded_where_alone``: torchao's PTQ prepare folds a batch norm into the convolution before it even where
   something else reads that convolution; compress folds only where the batch norm is the one reader.
+
+And one pass over the exported graph's metadata before torchao reads it (``one_partition_per_call``): a module
+called in several places is one "source partition" to torchao's matcher, which refuses it.
 """
 
 from __future__ import annotations
@@ -164,3 +167,73 @@ def bn_folded_where_alone() -> Iterator[None]:
         return
     with patched([(mod, "_fuse_conv_bn_", fuse_conv_bn_alone)]):
         yield
+
+
+CALL = "__call"  # a module's i-th call (i >= 1) in a graph that one_partition_per_call renamed: <name>__call<i>
+
+
+def _source(node: torch.fx.Node) -> tuple[Any, Any] | None:
+    """What torchao's ``get_source_partitions`` groups a node by: the last entry of ``source_fn_stack`` (strict
+    export), else the innermost module of ``nn_module_stack`` (non-strict, as compress exports)."""
+    stack = node.meta.get("source_fn_stack")
+    if stack:
+        return stack[-1][0], stack[-1][1]
+    if node.op == "call_function" and node.meta.get("nn_module_stack"):
+        return list(node.meta["nn_module_stack"].values())[-1]
+    return None
+
+
+def _rename(node: torch.fx.Node, name: str) -> None:
+    stack = node.meta.get("source_fn_stack")
+    if stack:
+        stack = list(stack)
+        stack[-1] = (name, stack[-1][1])
+        node.meta["source_fn_stack"] = stack
+        return
+    modules = dict(node.meta["nn_module_stack"])  # the metadata's dict may be shared between nodes
+    key = list(modules)[-1]
+    modules[key] = (name, modules[key][1])
+    node.meta["nn_module_stack"] = modules
+
+
+def _find(root: dict[torch.fx.Node, torch.fx.Node], n: torch.fx.Node) -> torch.fx.Node:
+    """The call ``n`` belongs to (union-find, with path halving)."""
+    while root[n] is not n:
+        root[n] = root[root[n]]
+        n = root[n]
+    return n
+
+
+def one_partition_per_call(m: torch.fx.GraphModule) -> int:
+    """Each call of a module called in several places becomes a source partition of its own; returns how many
+    calls were renamed.
+
+    torchao's X86 quantizer groups nodes into source partitions by the module torch.export records for them
+    (``_source``): a module called in several places (pytorchcv's ShuffleNetV2 calls one ReLU in up to three
+    places of a unit) is then one partition with several outputs, and the quantizer refuses the whole model
+    ("Input partition has more than one output node"). Here the nodes of such a group that are connected through
+    their arguments are one call, and every call after the first is named ``<name>__call<i>``. Only groups with
+    more than one output are touched, so every graph torchao accepted before is left as it was."""
+    groups: dict[tuple[Any, Any], list[torch.fx.Node]] = {}
+    for node in m.graph.nodes:
+        src = _source(node)
+        if src is not None:
+            groups.setdefault(src, []).append(node)
+    renamed = 0
+    for (name, _), nodes in groups.items():
+        members = set(nodes)
+        outputs = [n for n in nodes if any(u not in members for u in n.users)]
+        if len(outputs) < 2:
+            continue
+        root = {n: n for n in nodes}
+        for n in nodes:
+            for a in n.all_input_nodes:
+                if a in members:
+                    root[_find(root, a)] = _find(root, n)
+        calls = list(dict.fromkeys(_find(root, n) for n in nodes))
+        for i, call in enumerate(calls[1:], 1):
+            for n in nodes:
+                if _find(root, n) is call:
+                    _rename(n, f"{name}{CALL}{i}")
+        renamed += len(calls) - 1
+    return renamed
