@@ -23,6 +23,11 @@ def test_mnist5k_is_real_mnist():
 def test_digits_and_options():
     ds = data_mod.load("digits")
     assert ds.x.shape[1:] == (1, 8, 8) and len(ds) == 1797
+    from sklearn.datasets import load_digits  # scikit-learn's own reader: compress reads its file, the same values
+
+    d = load_digits()
+    assert torch.equal(ds.x, torch.from_numpy(d.images.reshape(-1, 1, 8, 8) / 16.0).float())
+    assert torch.equal(ds.y, torch.from_numpy(d.target).long())
     p = data_mod.load("mnist5k?size=32&limit=100")
     assert p.x.shape == (100, 1, 32, 32)
     assert torch.all(p.x[:, :, :2] == 0)  # zero padding
