@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,13 +49,21 @@ def _existing_mode(path: Path, force: bool) -> int | None:
     return stat.S_IMODE(st.st_mode)
 
 
+def _is_main() -> bool:
+    """Rank 0 of a torch process group, or no group: a process that has not imported torch has none (and a
+    write of its own need not import torch to know it: 2.5 s)."""
+    if "torch" not in sys.modules:
+        return True
+    from compress import distributed
+
+    return distributed.is_main()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it takes ``path``'s name only on success."""
-    from compress import distributed
-
     path = Path(path)
-    if not distributed.is_main():  # under torchrun only rank 0 writes (and checks) files
+    if not _is_main():  # under torchrun only rank 0 writes (and checks) files
         with tempfile.TemporaryDirectory() as d:
             yield Path(d) / path.name
         return

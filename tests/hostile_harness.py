@@ -147,14 +147,14 @@ def run_cli_each(
     argvs: list, *, cap_mb: int = CAP_MB, timeout: float = TIMEOUT_S * 3, cwd=None, env: dict | None = None
 ) -> tuple[list[Ended], Ended]:
     """Several ``compress`` commands in one capped child (torch is imported once; CPU_S of work for each):
-    each one's exit code, stdout, stderr and CPU seconds, and the child as a whole (its peak memory: that of the
-    costliest case at most, plus
-    what the others left behind)."""
+    each one's exit code, stdout, stderr, CPU seconds and the child's peak memory once it ended (the high-water
+    mark of it and every command before it: a bound on its own peak), and the child as a whole (its peak memory:
+    that of the costliest case at most, plus what the others left behind)."""
     import json
 
     code = (
         "import contextlib, io, json, sys, time\n"
-        "from compress.cli import main\n"
+        "from compress.cli import main\n"  # (_peak_kb: run_python's wrapper)
         f"results = []\n"
         f"for argv in {[[str(a) for a in argv] for argv in argvs]!r}:\n"
         "    out, err = io.StringIO(), io.StringIO()\n"
@@ -164,7 +164,7 @@ def run_cli_each(
         "            rc = main(argv)\n"
         "        except BaseException as e:\n"
         "            import traceback; traceback.print_exc(file=err); rc = None\n"
-        "    results.append([rc, out.getvalue(), err.getvalue(), time.process_time() - t0])\n"
+        "    results.append([rc, out.getvalue(), err.getvalue(), time.process_time() - t0, _peak_kb() / 1024])\n"
         "print(json.dumps(results))\n"
     )
     whole = run_python(code, cap_mb=cap_mb, timeout=timeout, cwd=cwd, env=env, cpu_s=CPU_S * max(1, len(argvs)))
@@ -172,4 +172,4 @@ def run_cli_each(
         rows = json.loads(whole.out.strip().splitlines()[-1])
     except (ValueError, IndexError):
         raise AssertionError(f"the child did not finish: {whole!r}") from None
-    return [Ended(rc, out, err, s, whole.peak_mb) for rc, out, err, s in rows], whole
+    return [Ended(rc, out, err, s, peak) for rc, out, err, s, peak in rows], whole

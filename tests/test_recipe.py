@@ -28,7 +28,7 @@ from compress.bounds import bound_of
 from compress.config import FineTune, Select, stage_types
 from compress.errors import CompressError, UsageError
 from compress.recipe import MAX_CANDIDATES, Recipe, Stage
-from tests.hostile_harness import CPU_S, Ended, run_cli, run_python
+from tests.hostile_harness import CPU_S, Ended, run_python
 
 PEAK_MB = 900  # the child's whole peak resident memory: torch, compress, the data (the attack took 4,500+)
 CASE_SECONDS = 5.0  # CPU seconds of one refusal, torch already imported
@@ -158,28 +158,34 @@ RECIPES = {
 }
 
 
-def test_hostile_recipes_are_refused_in_one_line_before_any_work(tmp_path, model_file, data):
-    cases, said = [], []
-    for i, (body, words) in enumerate(RECIPES.items()):
-        p = tmp_path / f"r{i}.toml"
+@pytest.fixture(scope="module")
+def ran(model_file, data, tmp_path_factory):
+    """Every recipe of RECIPES, then a 50 MB one, through `compress pipeline` in one capped child: its folder, the
+    cases, what each ended with and the child."""
+    out = tmp_path_factory.mktemp("recipes")
+    cases = []
+    for i, body in enumerate(RECIPES):
+        p = out / f"r{i}.toml"
         p.write_text(body)
         cases.append(
-            [
-                "pipeline",
-                str(model_file),
-                "--train-data",
-                data,
-                "--recipe",
-                str(p),
-                "--no-latency",
-                "-o",
-                str(tmp_path / f"out{i}.cpz"),
-            ]
+            ["pipeline", str(model_file), "--train-data", data, "--recipe", str(p), "--no-latency"]
+            + ["-o", str(out / f"out{i}.cpz")]
         )
-        said.append(words)
+    big = out / "big.toml"
+    with open(big, "w") as f:
+        f.write(STAGE)
+        line = "# " + "x" * 1000 + "\n"
+        f.write(line * (50 * 1024 * 1024 // len(line)))
+    cases.append(["pipeline", str(model_file), "--train-data", data, "--recipe", str(big), "-o", str(out / "out.cpz")])
     child, each = _cases_in_one_child(cases)
-    _check(child, each, cases, said)
-    assert not list(tmp_path.glob("out*"))  # nothing written, no checkpoint begun
+    return out, cases, each, child
+
+
+def test_hostile_recipes_are_refused_in_one_line_before_any_work(ran):
+    out, cases, each, child = ran
+    n = len(RECIPES)
+    _check(child, each[:n], cases[:n], list(RECIPES.values()))
+    assert not list(out.glob("out*"))  # nothing written, no checkpoint begun
 
 
 # --set value -> words its refusal must hold
@@ -261,16 +267,13 @@ def test_shifts_wider_than_the_images_are_refused_where_model_and_data_meet(tmp_
     assert not list(tmp_path.glob("out*"))
 
 
-def test_a_50_mb_recipe_is_refused_unread(tmp_path, model_file, data):
-    p = tmp_path / "big.toml"
-    with open(p, "w") as f:
-        f.write(STAGE)
-        line = "# " + "x" * 1000 + "\n"
-        f.write(line * (50 * 1024 * 1024 // len(line)))
-    ended = run_cli("pipeline", model_file, "--train-data", data, "--recipe", p, "-o", tmp_path / "out.cpz")
+def test_a_50_mb_recipe_is_refused_unread(ran):
+    out, _, each, _ = ran
+    ended = each[-1]
     print(ended)
     assert ended.one_line_refusal and "at most 1,048,576" in ended.err, ended
-    assert ended.peak_mb < PEAK_MB, ended
+    assert ended.peak_mb < PEAK_MB, ended  # (the child's peak once it ended: a bound on its own)
+    assert not (out / "out.cpz").exists()
 
 
 # ----------------------------------------------------------------------------- in process

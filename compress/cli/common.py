@@ -139,9 +139,10 @@ def note_no_graph(why: str | None) -> None:
 def check_reports(report_dir: str | None, json_out: str | None, force: bool) -> None:
     """Refuse, before any work, to replace an existing --report folder's report or --json file without --force."""
     from compress.errors import OutputExistsError
-    from compress.report.render import check_folder
 
     if report_dir:
+        from compress.report.render import check_folder  # (matplotlib: 1 s, only for a --report)
+
         check_folder(report_dir, force)
     if json_out and json_out != "-" and not force and Path(json_out).exists():
         raise OutputExistsError(f"{json_out} exists; pass --force to overwrite it")

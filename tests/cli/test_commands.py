@@ -155,13 +155,16 @@ def test_only_regular_files_are_replaced_and_no_file_compress_did_not_write_is_d
 
 
 def test_concurrent_writers_to_one_new_name_never_both_succeed(tmp_path):
-    code = (
-        "import sys; from compress.filesystem import write_bytes\n"
+    code = (  # both wait for the go file, then write at once (a write imports no torch: milliseconds apart)
+        "import os, sys, time; from compress.filesystem import write_bytes\n"
+        "while not os.path.exists(sys.argv[3]):\n    time.sleep(0.001)\n"
         "try:\n    write_bytes(sys.argv[1], sys.argv[2].encode() * 100000)\nexcept Exception:\n    sys.exit(3)\n"
     )
     for i in range(3):
-        target = tmp_path / f"out{i}.bin"
-        ps = [subprocess.Popen([sys.executable, "-c", code, str(target), tag]) for tag in "ab"]
+        target, go = tmp_path / f"out{i}.bin", tmp_path / f"go{i}"
+        ps = [subprocess.Popen([sys.executable, "-c", code, str(target), tag, str(go)]) for tag in "ab"]
+        time.sleep(0.3)  # both started and waiting
+        go.touch()
         codes = sorted(p.wait() for p in ps)
         assert codes == [0, 3], codes  # exactly one wins; the loser is told, nothing is silently replaced
 

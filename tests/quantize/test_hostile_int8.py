@@ -125,38 +125,44 @@ CASES = {  # name: (file, change, what the one line says)
 }
 
 
-def test_hostile_int8_files_are_refused_in_one_line(made, tmp_path):
-    d, files = made
+@pytest.fixture(scope="module")
+def ran(made, tmp_path_factory):
+    """The three tests below in one capped child (torch, the FX flow and the MAC counter's tracer start once):
+    CASES, then the escaped strings, then the large batch; each command's peak is the child's once it ended."""
+    _, files = made
+    d = tmp_path_factory.mktemp("forged")
     argvs = []
     for k, (src, change, _) in enumerate(CASES.values()):
-        path = _forge(files[src], tmp_path / f"case{k}.pt", change)
-        argvs.append(["report", path, "--no-latency"])
-    ended, child = run_cli_each(argvs)
-    for (what, (_, _, match)), e in zip(CASES.items(), ended, strict=False):
+        argvs.append(["report", _forge(files[src], d / f"case{k}.pt", change), "--no-latency"])
+    esc = _forge(files["resnet8"], d / "esc.pt", lambda o: o[INT8_KEY].update(calibration=ESC, observer="minmax"))
+    argvs.append(["report", esc, "--no-latency"])
+    big = _forge(files["resnet8"], d / "big.pt", lambda o: o[INT8_KEY].update(input_shape=[1, 1, 1024, 1024]))
+    argvs.append(["report", big])
+    ended, _ = run_cli_each(argvs)
+    return ended[: len(CASES)], ended[-2], ended[-1]
+
+
+def test_hostile_int8_files_are_refused_in_one_line(ran):
+    ended, _, _ = ran
+    for (what, (_, _, match)), e in zip(CASES.items(), ended, strict=True):
         if match is None:  # runs, bounded: at the table's checked shape
             assert e.code == 0 and e.clean and e.seconds < 20, (what, e)
             continue
         assert e.one_line_refusal and match in e.err, (what, e)
         assert e.seconds < 20, (what, e)
-    assert child.peak_mb < 1200, child  # no case allocated what its file asked for
+    assert ended[-1].peak_mb < 1200, ended[-1]  # no case allocated what its file asked for
 
 
-def test_the_batch_that_runs_is_checked_before_it_runs(made, tmp_path):
+def test_the_batch_that_runs_is_checked_before_it_runs(ran):
     """A 1024 x 1024 input fits one sample (about 0.4 GB of activations a sample) but not the batch of 32 a
     latency run takes: the file loads and reports, and the batch run is refused in one line."""
-    _, files = made
-    big = _forge(files["resnet8"], tmp_path / "big.pt", lambda o: o[INT8_KEY].update(input_shape=[1, 1, 1024, 1024]))
-    (ended,), child = run_cli_each([["report", big]])
+    _, _, ended = ran
     assert ended.one_line_refusal and "a batch of 32" in ended.err, ended
-    assert child.peak_mb < 1500, child
+    assert ended.peak_mb < 1500, ended
 
 
-def test_strings_of_the_table_are_printed_escaped(made, tmp_path):
-    _, files = made
-    path = _forge(
-        files["resnet8"], tmp_path / "esc.pt", lambda o: o[INT8_KEY].update(calibration=ESC, observer="minmax")
-    )
-    (ended,), _ = run_cli_each([["report", path, "--no-latency"]])
+def test_strings_of_the_table_are_printed_escaped(ran):
+    _, ended, _ = ran
     assert ended.code == 0 and ended.clean, ended
     assert "\\x1b[2J" in ended.out  # shown, escaped
 

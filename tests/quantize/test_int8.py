@@ -206,13 +206,17 @@ def test_cli_prints_before_and_after(lenet5_trained, cli, tmp_path):
         ("pytorchcv.models.mobilenetv3:mobilenetv3_small_w7d20", 224),  # hard-swish, SE with hard-sigmoid
     ],
 )
-def test_real_architectures_lower_to_int8_and_reload_with_their_code(spec, size, tmp_path):
+def test_real_architectures_lower_to_int8_and_reload_with_their_code(spec, size, tmp_path, request):
     mod, fn = spec.split(":")
-    torch.manual_seed(0)
-    m = getattr(importlib.import_module(mod), fn)(num_classes=10).eval()
     shape = (1, 3, size, size)
-    calib = data_mod.TensorData(torch.rand(8, 3, size, size), torch.zeros(8, dtype=torch.long), "random")
-    q = to_int8(copy.deepcopy(m), calib, shape, observer="minmax")
+    if fn == "mobilenetv3_small_w7d20":  # lowered once for this test and the hard-swish one below
+        m, res = request.getfixturevalue("mobilenetv3_int8")
+        q = res.model
+    else:
+        torch.manual_seed(0)
+        m = getattr(importlib.import_module(mod), fn)(num_classes=10).eval()
+        calib = data_mod.TensorData(torch.rand(8, 3, size, size), torch.zeros(8, dtype=torch.long), "random")
+        q = to_int8(copy.deepcopy(m), calib, shape, observer="minmax")
     assert q.engine == "pt2e", q.compress_int8.get("engine_note")  # the engine PyTorch keeps
     assert len(_quantized_layers(q)) > 10
     x = torch.rand(2, 3, size, size)
@@ -430,18 +434,32 @@ def test_a_torch_without_the_fx_flow_gets_one_line_not_a_traceback(
     assert one_line_error(r) and "export --int8" in r.err
 
 
-def test_hand_written_hard_swish_runs_as_one_int8_op(tmp_path):
-    """pytorchcv's MobileNetV3 computes hard-swish as x * relu6(x + 3) / 6 in its own module: INT8 runs it as
-    torch's Hardswish (judged by what the module computes), so no intermediate of the formula is rounded."""
-    import torch.nn as nn
+@pytest.fixture(scope="module")
+def mobilenetv3_int8():
+    """pytorchcv's MobileNetV3-small (224 x 224: its last pooling is 7 x 7) and what quantize --activations
+    (PT2E, min-max ranges of 8 random images) made of it; the float model given stays as it was."""
     from pytorchcv.models.mobilenetv3 import mobilenetv3_small_w7d20
 
     from compress.method import Context, run
-    from compress.quantize.int8 import native_activations
     from compress.quantize.int8_stage import Int8Config
 
     torch.manual_seed(0)
     m = mobilenetv3_small_w7d20(num_classes=10).eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    calib = data_mod.TensorData(torch.rand(8, 3, 224, 224), torch.zeros(8, dtype=torch.long), "random")
+    res = run("quantize", m, Int8Config(observer="minmax"), Context(train=calib))
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    return m, res
+
+
+def test_hand_written_hard_swish_runs_as_one_int8_op(mobilenetv3_int8):
+    """pytorchcv's MobileNetV3 computes hard-swish as x * relu6(x + 3) / 6 in its own module: INT8 runs it as
+    torch's Hardswish (judged by what the module computes), so no intermediate of the formula is rounded."""
+    import torch.nn as nn
+
+    from compress.quantize.int8 import native_activations
+
+    m, res = mobilenetv3_int8
     hand = [n for n, mod in m.named_modules() if type(mod).__name__ in ("HSwish", "HSigmoid")]
     probe = copy.deepcopy(m)
     assert sorted(native_activations(probe)) == sorted(hand) and hand
@@ -450,8 +468,6 @@ def test_hand_written_hard_swish_runs_as_one_int8_op(tmp_path):
     with torch.no_grad():
         assert torch.allclose(probe(x), m(x), atol=1e-5)  # the same function
     assert native_activations(nn.Sequential(nn.ReLU(), nn.Dropout(), nn.Identity())) == []
-    calib = data_mod.TensorData(torch.rand(8, 3, 224, 224), torch.zeros(8, dtype=torch.long), "random")
-    res = run("quantize", m, Int8Config(observer="minmax"), Context(train=calib))
     assert res.model.engine == "pt2e", res.notes
     ops = {str(n.target) for n in res.model.inner.graph.nodes}
     assert "aten.hardswish.default" in ops and any("hard-swish" in n for n in res.notes)
