@@ -101,3 +101,45 @@ def test_data_must_fit_model():
     m3 = create_model("lenet300", num_classes=3)
     with pytest.raises(InputError, match="label 9"):
         data_mod.check_fits(m3, data_mod.load("mnist5k?limit=200"))
+
+
+def test_a_packages_data_file_is_read_bounded_and_a_damaged_one_is_one_line(tmp_path):
+    """The embedded sets are read from files their packages ship (``_package_csv``): each forged file below is
+    refused in one line, in a capped child: a gzip bomb (1 GB of digits in 1 MB) before numpy parses it,
+    a file that is not gzip, values past a byte, text, rows of the wrong width or count, a FIFO in its place."""
+    import gzip
+    import os
+
+    from tests.hostile_harness import run_python
+
+    def gz(name, text: bytes):
+        (tmp_path / name).write_bytes(gzip.compress(text))
+
+    with gzip.open(tmp_path / "bomb.gz", "wb") as g:
+        for _ in range(1024):
+            g.write(b"1," * (1 << 19))
+    gz("big.gz", b"0,1,300\n")
+    gz("text.gz", b"0,1,x\n")
+    gz("wide.gz", b"0,1,2,3\n")
+    gz("rows.gz", b"0,1,2\n" * 3)
+    (tmp_path / "plain.gz").write_bytes(b"0,1,2\n")
+    os.mkfifo(tmp_path / "fifo.gz")
+    gz("good.gz", b"0,1,2\n" * 4)
+    code = (
+        "from compress.data.sources import _package_csv\n"
+        "from compress.errors import InputError\n"
+        "for name in ['bomb', 'big', 'text', 'wide', 'rows', 'plain', 'fifo', 'good']:\n"
+        "    try:\n"
+        f"        x, y = _package_csv({str(tmp_path)!r} + '/' + name + '.gz', 4, 3, 1 << 20)\n"
+        "        print(name, 'read', x.shape, y.tolist())\n"
+        "    except InputError as e:\n"
+        "        assert '\\n' not in str(e)\n"
+        "        print(name, 'refused', str(e)[-60:])\n"
+    )
+    r = run_python(code, timeout=60)
+    assert r.code == 0, r.err
+    assert r.peak_mb < 800, r.peak_mb  # the bomb's gigabyte never inflated
+    lines = dict(ln.split(" ", 1) for ln in r.out.strip().splitlines())
+    assert all(lines[n].startswith("refused") for n in ("bomb", "big", "text", "wide", "rows", "plain", "fifo")), lines
+    assert "inflates to more than" in lines["bomb"] and "not a regular file" in lines["fifo"]
+    assert lines["good"] == "read (4, 2) [2, 2, 2, 2]"
