@@ -61,6 +61,11 @@ def check_coder(coder: str) -> str:
     return coder
 
 
+def _ans_tried(coder: str, n: int) -> bool:
+    """Whether ``coder`` considers ANS for a stream of ``n`` symbols (``auto``: up to ``ANS_AUTO_MAX``)."""
+    return coder == "context" or (coder == "auto" and n <= ANS_AUTO_MAX)
+
+
 def encode_symbols(
     sym: np.ndarray, alpha: int, block: int = H.DEFAULT_BLOCK, coder: str = "huffman"
 ) -> tuple[bytes, dict]:
@@ -68,7 +73,7 @@ def encode_symbols(
     n = len(sym)
     if n == 0:
         return b"", {"coding": "packed", "alpha": alpha, "count": 0}
-    if check_coder(coder) == "huffman" or alpha > arith.MAX_ALPHA or (coder == "auto" and n > ANS_AUTO_MAX):
+    if not _ans_tried(check_coder(coder), n) or alpha > arith.MAX_ALPHA:
         return _encode_huffman(sym, alpha, block)
     ac = arith.encode(sym, alpha)
     ansf = {"coding": "ans", "alpha": alpha, "count": n}
@@ -191,7 +196,7 @@ def encode_index(mask: np.ndarray, coder: str = "huffman") -> tuple[bytes, dict]
     if check_coder(coder) != "context":
         cands.append((np.packbits(mask.astype(np.uint8)).tobytes(), {"index": "bitmask", "nnz": nnz, "n": n}))
     cands.append((gdata, {"index": "gaps", "nnz": nnz, "stream": gf}))
-    if coder == "context" or (coder == "auto" and 0 < n <= ANS_AUTO_MAX):
+    if n and _ans_tried(coder, n):
         sdata, sf = encode_symbols(mask.astype(np.int64), 2, coder="context")
         cands.append((sdata, {"index": "sig", "nnz": nnz, "stream": sf}))
     return min(cands, key=lambda c: len(c[0]))  # the first of the smallest: bitmask on a tie, as ever
