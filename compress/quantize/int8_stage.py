@@ -220,7 +220,7 @@ class Int8Lowering(Method):
         against 74.9% for the reference graph)."""
         if self.engine != "pt2e" or self.qat or self.config.engine != "auto" or q.runner is None:
             return None
-        if not pt2e.compile_enabled():
+        if not pt2e.compile_enabled():  # the reference graph runs: nothing to compare
             return None
         x = next(iter(batches(self.calib, 64, torch.arange(min(64, len(self.calib))))))[0]
         with torch.no_grad():
@@ -338,8 +338,8 @@ class Int8Lowering(Method):
             table["calibration"] = f"moving averages over the QAT batches of {self.ctx.train.name}"
         q = int8.Int8Model(graph, {"version": 1, **table}, self.float_model).eval()
         wrong = self._compiled_wrong(q)
-        if wrong:  # inductor computes other numbers than the graph it compiled: the FX flow runs the model
-            self.engine, self.fallback = "fx", f"torchao's PT2E graph compiles to other numbers ({wrong})"
+        if wrong:  # inductor cannot compile the graph, or computes other numbers: the FX flow runs the model
+            self.engine, self.fallback = "fx", f"inductor cannot run torchao's PT2E graph ({wrong})"
             self.backend, self.observer_errors = int8.backend(), {}
             self.prepared = self._prepare_fx()
             return self.finalize()

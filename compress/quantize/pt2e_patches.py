@@ -184,6 +184,8 @@ def _source(node: torch.fx.Node) -> tuple[Any, Any] | None:
 
 
 def _rename(node: torch.fx.Node, name: str) -> None:
+    """``node``'s partition name set to ``name``. Without ``source_fn_stack``, a new innermost module entry carries
+    it, so the module's own entry (which torchao's module-name filters, and so ``keep_float``, match) stays."""
     stack = node.meta.get("source_fn_stack")
     if stack:
         stack = list(stack)
@@ -192,7 +194,7 @@ def _rename(node: torch.fx.Node, name: str) -> None:
         return
     modules = dict(node.meta["nn_module_stack"])  # the metadata's dict may be shared between nodes
     key = list(modules)[-1]
-    modules[key] = (name, modules[key][1])
+    modules[f"{key}{CALL}{name.rsplit(CALL, 1)[1]}"] = (name, modules[key][1])
     node.meta["nn_module_stack"] = modules
 
 

@@ -566,6 +566,12 @@ class _OneReluTwice(torch.nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class _OneConvTwice(_OneReluTwice):
+    def forward(self, x):
+        x = self.relu(self.conv2(self.relu(self.conv2(self.relu(self.conv1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
 def test_a_module_called_in_two_places_runs_on_pt2e():
     """torchao's matcher refused a module called twice ("Input partition has more than one output node"), so
     such a model fell back to FX; each call is now a partition of its own (pt2e_patches.one_partition_per_call)."""
@@ -586,6 +592,9 @@ def test_a_module_called_in_two_places_runs_on_pt2e():
     x = torch.rand(8, 1, 16, 16)
     with torch.no_grad():
         assert float((q(x) - m(x)).norm() / m(x).norm()) < 0.05
+    twice = _OneConvTwice().eval()  # a module kept float stays float at each of its calls
+    kept = to_int8(twice, calib, (1, 1, 16, 16), observer="minmax", keep_float=["conv2"])
+    assert kept.engine == "pt2e" and sorted(_quantized_layers(kept)) == ["conv1", "fc"]  # float at both calls
 
 
 def test_a_compiled_graph_that_computes_other_numbers_is_not_run(lenet5_trained, mnist_small, monkeypatch):
@@ -606,7 +615,7 @@ def test_a_compiled_graph_that_computes_other_numbers_is_not_run(lenet5_trained,
         assert torch.equal(q(x), ref) and "differed from the reference graph's by 100.0%" in q.runner.failed
         assert torch.equal(q(x), ref)  # and from then on
     auto = to_int8(lenet5_trained, tr, (1, 1, 28, 28), observer="minmax")
-    assert auto.engine == "fx" and "compiles to other numbers" in auto.compress_int8["engine_note"]
+    assert auto.engine == "fx" and "differed from the reference graph's" in auto.compress_int8["engine_note"]
     monkeypatch.setattr(torch, "compile", lambda graph, **kw: graph)  # a compiler that gets it right
     assert to_int8(lenet5_trained, tr, (1, 1, 28, 28), observer="minmax").engine == "pt2e"
 
