@@ -166,6 +166,7 @@ def train_model(
     cost_weight: float = 1.0,
     reconfig_every: float = 0.25,
     freeze_last: float = 0.25,
+    min_channels: int = 1,
     grow_batch: bool = False,
     max_batch: int | None = None,
     loss: Any = None,
@@ -181,8 +182,9 @@ def train_model(
     (0, 1] of the starting model's; the pull stops once reached and what is left above the target when the
     architecture freezes is removed by L1 ranking. ``reconfig_every``: epochs between reconfigurations (0.5: twice
     an epoch). ``freeze_last``: the fraction of the training, at its end, with the architecture fixed.
-    ``val`` is scored after every epoch, ``test`` at the end. ``progress(line)`` gets a line per epoch; a progress
-    bar (``desc``) shows on a terminal."""
+    ``min_channels``: the fewest channels a group keeps (``ChannelUnionConfig.min_channels``). ``val`` is scored
+    after every epoch, ``test`` at the end. ``progress(line)`` gets a line per epoch; a progress bar (``desc``)
+    shows on a terminal."""
     data = as_data(train, "training data", arg="train")
     val = as_data(val, "validation data", arg="val") if val is not None else None
     test = as_data(test, "test data", arg="test") if test is not None else None
@@ -211,7 +213,7 @@ def train_model(
     if method == "channel-union":
         ccfg = ChannelUnionConfig(
             lasso_ratio=lasso_ratio, cost_weight=cost_weight, target_macs=target_macs, target_params=target_params,
-            finetune=cfg,
+            finetune=cfg, min_channels=min_channels,
         )  # fmt: skip
         pruner = ChannelUnionPruner(
             model, ccfg, Context(train=data, input_shape=shape), interval=0, bn_samples=BN_SAMPLES
@@ -250,6 +252,7 @@ def train_model(
         report["settings"].update(
             lasso_ratio=lasso_ratio, cost_weight=cost_weight, reconfig_every=reconfig_every, freeze_last=freeze_last,
             target_macs=target_macs, target_params=target_params, grow_batch=grow_batch, max_batch=max_batch,
+            min_channels=min_channels,
         )  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     rng = torch.random.fork_rng(devices=[])
