@@ -27,17 +27,17 @@ from tests.helpers import one_line_error
 SCALE = 100.0
 
 
-def _outlier(model, pairs):
+def _outlier(model, pairs, scale=SCALE):
     """A copy of ``model`` computing the same function, with an outlier for each ``(layer, next, x)``: the most
-    active neuron of ``layer`` (followed by a ReLU; ``x``: its inputs in ``model``) scaled up by SCALE and the
+    active neuron of ``layer`` (followed by a ReLU; ``x``: its inputs in ``model``) scaled up by ``scale`` and the
     weights of ``next`` that read it scaled down."""
     out = copy.deepcopy(model)
     with torch.no_grad():
         for name, nxt, x in pairs:
             j = int(torch.relu(model.get_submodule(name)(x)).mean(0).argmax())
-            out.get_submodule(name).weight[j] *= SCALE
-            out.get_submodule(name).bias[j] *= SCALE
-            out.get_submodule(nxt).weight[:, j] /= SCALE
+            out.get_submodule(name).weight[j] *= scale
+            out.get_submodule(name).bias[j] *= scale
+            out.get_submodule(nxt).weight[:, j] /= scale
     return out
 
 
@@ -50,10 +50,12 @@ def _fc1_inputs(model, x):
 
 @pytest.fixture(scope="module")
 def lenet5_outlier(lenet5_trained, mnist_small):
-    """LeNet-5 with one outlier neuron in fc1: fc2's input range stretches."""
+    """LeNet-5 with one outlier neuron in fc1: fc2's input range stretches. A thousandfold: at a hundredfold, INT8
+    with 8-bit activations (AVX-512 VNNI) kept this LeNet's accuracy on the 199 validation digits (16% output error);
+    only the 7-bit activations of x86 without VNNI (reduce_range) lost more than 2 pt."""
     tr, va = mnist_small
     x = _fc1_inputs(lenet5_trained, tr.batch(torch.arange(256))[0])
-    m = _outlier(lenet5_trained, [("fc1", "fc2", x)])
+    m = _outlier(lenet5_trained, [("fc1", "fc2", x)], scale=10 * SCALE)
     assert abs(evaluate(m, va) - evaluate(lenet5_trained, va)) < 1.0  # the same function, in float
     return m
 
