@@ -154,7 +154,11 @@ CASES = {  # name: (change, what the one line says; None: it loads and runs)
     "version 10^30": (_table(version=10**30), NOT_OURS),
     "reduce_range True": (_table(reduce_range=True), NOT_OURS),
     "reduce_range 2": (_table(reduce_range=2), NOT_OURS),
-    "reduce_range 0 (another grid)": (_table(reduce_range=0), "another integer grid"),
+    # the other grid than the one the file was written on (7-bit activations without VNNI, 8-bit with it)
+    "reduce_range flipped (another grid)": (
+        lambda o: o[INT8_KEY].update(reduce_range=1 - o[INT8_KEY].get("reduce_range", 0)),
+        "another integer grid",
+    ),
     "an observer error of 10^400": (_table(observer_errors=[["minmax", 10**400]]), NOT_OURS),
     "an observer error of NaN": (_table(observer_errors=[["minmax", NAN]]), NOT_OURS),
     "a budget that is a number": (_table(budget=0.5), NOT_OURS),
@@ -213,10 +217,16 @@ CASES = {  # name: (change, what the one line says; None: it loads and runs)
     "an activation scale of 1e-45 (subnormal)": (_qparam(2, 1, 1e-45), DAMAGED_Q),
     "an activation scale that is an int": (_qparam(2, 1, 1), DAMAGED_Q),
     "an activation scale that is True": (_qparam(2, 1, True), DAMAGED_Q),
-    "an activation zero point of 200 for 0..127": (_qparam(2, 2, 200), "scale or zero point out of range"),
+    "an activation zero point past its grid's top": (
+        lambda o: _qparam(2, 2, o[INT8_KEY]["qparams"][2][4] + 1)(o),  # 128 for 0..127 (no VNNI), 256 for 0..255
+        "scale or zero point out of range",
+    ),
     "an activation zero point of 2^40": (_qparam(2, 2, 2**40), DAMAGED_Q),
     "a quant_min that lies": (_qparam(2, 3, -128), "another integer grid"),
-    "a quant_max that lies": (_qparam(2, 4, 255), "another integer grid"),
+    "a quant_max that lies": (  # the other grid's top: 255 for 0..127, 127 for 0..255
+        lambda o: _qparam(2, 4, 382 - o[INT8_KEY]["qparams"][2][4])(o),
+        "another integer grid",
+    ),
     "an activation named twice": (lambda o: o[INT8_KEY]["qparams"].append(list(o[INT8_KEY]["qparams"][0])), DAMAGED_Q),
     "an activation the graph lacks": (
         lambda o: o[INT8_KEY]["qparams"].append(["nope", 0.1, 0, 0, 127]),
