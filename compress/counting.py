@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import sys
 import weakref
 from typing import Any
 
@@ -52,11 +54,56 @@ def _sdpa_cpu_flops(q, k, v, *args, out_shape=None, **kw) -> int:
     return 2 * n * length * s * dim + 2 * n * length * s * dv
 
 
-def mac_counter():
-    """torch's FLOP counter (a context manager; ``get_total_flops()``: twice the MACs), CPU attention included."""
+# torch wraps every dispatch mode's ``__torch_dispatch__`` in ``torch._compile._disable_dynamo``, whose first call
+# imports torch._dynamo to make the disabled function (and caches it on the wrapped function under this name): a
+# second of start-up for a command that only counts (``compress report``), and nothing is being compiled then
+_DYNAMO_CACHE = "__dynamo_disable"
+
+
+@contextlib.contextmanager
+def no_dynamo_import(mode: type):
+    """While torch._dynamo is not imported, calls of the dispatch mode class ``mode`` run its own
+    ``__torch_dispatch__`` instead of importing torch._dynamo to disable itself in a compilation that no part of
+    this process can be running (a process compiles only once it has imported it). The same numbers, as
+    ``tests/test_measure.py`` checks; where torch._dynamo is imported, or torch wraps modes otherwise, nothing
+    changes."""
+    raw = getattr(mode.__dict__.get("__torch_dispatch__"), "__wrapped__", None)
+    if raw is None or "torch._dynamo" in sys.modules or hasattr(raw, _DYNAMO_CACHE):
+        yield
+        return
+    setattr(raw, _DYNAMO_CACHE, raw)
+    try:
+        yield
+    finally:
+        if getattr(raw, _DYNAMO_CACHE, None) is raw:
+            delattr(raw, _DYNAMO_CACHE)  # a later call in a compiling process disables dynamo as torch does
+
+
+@functools.cache
+def _flop_counter_mode():
     from torch.utils.flop_counter import FlopCounterMode
 
-    return FlopCounterMode(
+    class Counter(FlopCounterMode):
+        """torch's FLOP counter, whose dispatch mode does not import torch._dynamo (``no_dynamo_import``)."""
+
+        def __enter__(self):
+            out = super().__enter__()
+            self._quiet = no_dynamo_import(type(self.mode))
+            self._quiet.__enter__()
+            return out
+
+        def __exit__(self, *exc):
+            try:
+                return super().__exit__(*exc)
+            finally:
+                self._quiet.__exit__(None, None, None)
+
+    return Counter
+
+
+def mac_counter():
+    """torch's FLOP counter (a context manager; ``get_total_flops()``: twice the MACs), CPU attention included."""
+    return _flop_counter_mode()(
         display=False, custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
     )
 
@@ -86,8 +133,6 @@ def sample_cost(model: nn.Module, input_shape) -> tuple[int, int]:
     meta device."""
     import copy
 
-    from torch.utils.flop_counter import FlopCounterMode
-
     largest = [0]
 
     def hook(m, inp, out):
@@ -99,7 +144,7 @@ def sample_cost(model: nn.Module, input_shape) -> tuple[int, int]:
         meta = copy.deepcopy(model).to("meta").eval()
         hooks = [m.register_forward_hook(hook) for m in meta.modules() if not list(m.children())]
         x = torch.zeros((1, *tuple(input_shape)[1:]), device="meta")
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        with torch.no_grad(), _flop_counter_mode()(display=False) as fc:
             meta(x)
     except Exception as e:
         raise InputError(
@@ -131,7 +176,7 @@ def sample_ops(model: nn.Module, input_shape, limit: int) -> int:
 
     try:
         meta = copy.deepcopy(model).to("meta").eval()
-        with torch.no_grad(), Count() as count:
+        with torch.no_grad(), no_dynamo_import(Count), Count() as count:
             meta(torch.zeros((1, *tuple(input_shape)[1:]), device="meta"))
     except _Enough:
         pass

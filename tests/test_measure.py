@@ -4,6 +4,7 @@ count is the bytes written. Timings here come from a fake clock: no assertion de
 
 from __future__ import annotations
 
+import json
 import types
 
 import numpy as np
@@ -307,3 +308,43 @@ def test_openvino_ir_bytes_are_both_files_and_int8_weights_are_int8(tmp_path):
     assert q["constants"].get("i8", 0) > 4 * q["constants"].get("f32", 0), q["constants"]  # the weights: INT8
     assert q["bin_bytes"] < f["bin_bytes"] / 3
     assert (q["size_note"] is not None) == (q["bytes"] > f["bytes"]), (q, f)
+
+
+def test_counting_and_a_report_start_neither_dynamo_nor_matplotlib_and_count_what_torch_counts(tmp_path):
+    """A `compress report` and MAC counts (torch's FLOP counter) in a fresh process import neither torch._dynamo (a
+    second of start-up: torch's dispatch modes import it to disable themselves in a compilation nothing runs)
+    nor matplotlib (only a --report draws); the counts equal those with torch._dynamo imported, on real
+    architectures: residual and batch norm, squeeze-excitation, attention (the CPU attention mapping), LayerNorm."""
+    import torch
+    from pytorchcv.models.resnet_cifar import resnet20_cifar10
+
+    from tests.hostile_harness import run_python
+
+    torch.save(resnet20_cifar10().state_dict(), tmp_path / "r.pt")
+    archs = {
+        "pytorchcv.models.resnet_cifar:resnet20_cifar10": 32,
+        "pytorchcv.models.seresnet_cifar:seresnet20_cifar10": 32,
+        "tests.archs:tiny_vit": 32,
+        "tests.archs:convnext_mini": 64,
+    }
+    code = (
+        "import contextlib, io, json, sys\n"
+        "import torch\n"
+        "from compress.cli import main\n"
+        "from compress.counting import count_macs\n"
+        "from compress.model_io import arch_base\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    rc = main(['report', {str(tmp_path / 'r.pt')!r}, '--arch', {next(iter(archs))!r},"
+        " '--input-shape', '1,3,32,32', '--no-latency'])\n"
+        "models = {a: (arch_base(a)().eval(), (1, 3, s, s)) for a, s in " + repr(archs) + ".items()}\n"
+        "counts = {a: count_macs(m, shape) for a, (m, shape) in models.items()}\n"
+        "loaded = sorted(n for n in ('torch._dynamo', 'matplotlib') if n in sys.modules)\n"
+        "import torch._dynamo\n"
+        "print(json.dumps([rc, loaded, counts, {a: count_macs(m, shape) for a, (m, shape) in models.items()}]))\n"
+    )
+    e = run_python(code)
+    assert e.code == 0, e
+    rc, loaded, counts, with_dynamo = json.loads(e.out.strip().splitlines()[-1])
+    assert rc == 0 and loaded == [], e
+    assert counts == with_dynamo and all(v > 0 for v in counts.values()), (counts, with_dynamo)
+    assert counts["pytorchcv.models.resnet_cifar:resnet20_cifar10"] == 40_813_184  # (ResNet-20: 41 M MACs)

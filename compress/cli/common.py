@@ -141,7 +141,7 @@ def check_reports(report_dir: str | None, json_out: str | None, force: bool) -> 
     from compress.errors import OutputExistsError
 
     if report_dir:
-        from compress.report.render import check_folder  # (matplotlib: 1 s, only for a --report)
+        from compress.report.render import check_folder
 
         check_folder(report_dir, force)
     if json_out and json_out != "-" and not force and Path(json_out).exists():

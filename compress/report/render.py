@@ -14,7 +14,6 @@ import torch.nn as nn
 from compress.errors import OutputExistsError, param, printable
 from compress.filesystem import write_text
 from compress.measure import BUSY, layer_table, speed_change
-from compress.report import plots
 from compress.scoring import METRICS, Metric
 
 if TYPE_CHECKING:
@@ -169,6 +168,8 @@ def before_after_rows(before: dict, after: dict) -> list[list]:
 def render_stage_report(
     result: dict, before_model: nn.Module | None, after_model: nn.Module, folder, force: bool = False
 ) -> dict[str, Path]:
+    from compress.report import plots  # (matplotlib: a second on import, so only where a report is written)
+
     folder = prepare_folder(folder, force)
     b, a = result["before"], result["after"]
     images = []
@@ -262,6 +263,8 @@ def model_rows(rep: dict) -> list[list]:
 
 
 def render_model_report(rep: dict, folder, force: bool = False) -> dict[str, Path]:
+    from compress.report import plots
+
     folder = prepare_folder(folder, force)
     images = [plots.layer_density(rep["layers"], None, folder / "layers.png")] if rep.get("layers") else []
     summary = (
@@ -319,6 +322,8 @@ def value_text(v) -> str:
 def render_pipeline_report(
     summary: PipelineSummary, before_model: nn.Module, after_model: nn.Module, input_shape, folder, force: bool = False
 ) -> dict[str, Path]:
+    from compress.report import plots
+
     folder = prepare_folder(folder, force)
     label = metric_label(summary.metric)  # every score named by the metric it was measured with
     lb, la = layer_table(before_model, input_shape), layer_table(after_model, input_shape)
