@@ -1,7 +1,7 @@
-"""Training time, dense vs PruneTrain: a residual net (default ResNet-20 at width 0.5; ``--arch zoo:resnet56`` or
-``--arch pytorchcv:preresnet20_cifar10``) from scratch on 32 x 32 digits (mnist5k?size=32, 80% trained on), the same
-init, epochs and seed; scored on MNIST's official test set. One run per call, so that a shell loop can alternate
-dense and PruneTrain while the machine's load changes (the load is recorded):
+"""Training time, dense vs PruneTrain: a residual net (default ResNet-20 at width 0.5; ``--arch zoo:resnet56``,
+``--arch pytorchcv:preresnet_cifar.preresnet20_cifar10``) from scratch on 32 x 32 digits (mnist5k?size=32, 80%
+trained on), the same init, epochs and seed; scored on MNIST's official test set. One run per call, so that a
+shell loop can alternate dense and PruneTrain while the machine's load changes (the load is recorded):
 
     for m in channel-union dense channel-union dense; do
         python bench/prunetrain_time.py $m --test-data ../shared/data/mnist --json out/$m-$RANDOM.json
@@ -29,15 +29,17 @@ from compress.prune.prunetrain import train_model
 
 
 def build(arch: str, width: float) -> torch.nn.Module:
-    """``zoo:NAME`` (compress's zoo, at ``width``) or ``pytorchcv:NAME`` (a CIFAR model, one input channel)."""
+    """``zoo:NAME`` (compress's zoo, at ``width``) or ``pytorchcv:MODULE.FUNCTION`` (a CIFAR model, one input
+    channel)."""
     kind, _, name = arch.partition(":")
     if kind == "zoo":
         return create_model(name, num_classes=10, in_channels=1, width=width)
-    if kind == "pytorchcv":
-        from pytorchcv.model_provider import get_model
+    if kind == "pytorchcv":  # MODULE.FUNCTION of pytorchcv.models (its model_provider imports torchvision's ops)
+        import importlib
 
-        return get_model(name, in_channels=1, num_classes=10)
-    raise SystemExit(f"--arch: zoo:NAME or pytorchcv:NAME, not {arch!r}")
+        module, _, func = name.rpartition(".")
+        return getattr(importlib.import_module(f"pytorchcv.models.{module}"), func)(in_channels=1, num_classes=10)
+    raise SystemExit(f"--arch: zoo:NAME or pytorchcv:MODULE.FUNCTION, not {arch!r}")
 
 
 def _spread(vals: list[float], fmt: str) -> str:
@@ -130,7 +132,7 @@ def main() -> None:
         return splice("docs/results.md", [SECTION, "", intro, "", *rows])
     ap = argparse.ArgumentParser()
     ap.add_argument("method", choices=["dense", "channel-union"])
-    ap.add_argument("--arch", default="zoo:resnet20", help="zoo:NAME (at --width) or pytorchcv:NAME")
+    ap.add_argument("--arch", default="zoo:resnet20", help="zoo:NAME (at --width) or pytorchcv:MODULE.FUNCTION")
     ap.add_argument("--epochs", type=float, default=8)
     ap.add_argument("--target-macs", type=float, default=0.4)
     ap.add_argument("--lasso-ratio", type=float, default=0.2)
