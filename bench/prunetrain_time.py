@@ -50,6 +50,7 @@ def _spread(vals: list[float], fmt: str) -> str:
     return format(m, fmt) if len(vals) == 1 else f"{m:{fmt}} ({min(vals):{fmt}}-{max(vals):{fmt}})"
 
 
+LASSO = 0.2  # the bench's --lasso-ratio (a dense run records none)
 SECTION = "## PruneTrain: training time, dense against channel-union (bench/prunetrain_time.py)"
 
 
@@ -63,7 +64,7 @@ def table(folder: str) -> list[str]:
             r = json.load(f)
         b, st = r.get("bench", {}), r["settings"]
         key = (b.get("arch", "zoo:resnet20"), b.get("width", 0.5), r["method"], bool(st.get("grow_batch")),
-               st.get("min_channels", 1))  # fmt: skip
+               st.get("min_channels", 1), st.get("lasso_ratio", LASSO))  # fmt: skip
         runs.setdefault(key, []).append(r)
     out = [
         "| arch | method | runs (seeds) | epochs | train s | time vs dense | CPU time vs dense | test % | drop (pt) | "
@@ -71,8 +72,8 @@ def table(folder: str) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, rs in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][2] != "dense", kv[0][3:])):
-        arch, width, method, grow, min_channels = key
-        dense = runs.get((arch, width, "dense", False, 1), [])
+        arch, width, method, grow, min_channels, lasso = key
+        dense = runs.get((arch, width, "dense", False, 1, LASSO), [])
         seeds = sorted({r["settings"]["seed"] for r in rs})
 
         def per_seed(rows, part, field, seed):
@@ -92,6 +93,7 @@ def table(folder: str) -> list[str]:
                 flops.append(fl / fd)
         name = {"dense": "dense", "channel-union": "PruneTrain"}[method]
         name += (" + grow-batch" if grow else "") + (f", min-channels {min_channels}" if min_channels != 1 else "")
+        name += f", lasso-ratio {lasso:g}" if lasso != LASSO else ""
         label = arch + (f" width {width}" if arch.startswith("zoo:") else "")
         pt = method != "dense"
         out.append(
@@ -135,7 +137,7 @@ def main() -> None:
     ap.add_argument("--arch", default="zoo:resnet20", help="zoo:NAME (at --width) or pytorchcv:MODULE.FUNCTION")
     ap.add_argument("--epochs", type=float, default=8)
     ap.add_argument("--target-macs", type=float, default=0.4)
-    ap.add_argument("--lasso-ratio", type=float, default=0.2)
+    ap.add_argument("--lasso-ratio", type=float, default=LASSO)
     ap.add_argument("--cost-weight", type=float, default=1.0)
     ap.add_argument("--reconfig-every", type=float, default=0.25)
     ap.add_argument("--freeze-last", type=float, default=0.25)

@@ -611,6 +611,7 @@ def main(src: str, dst: str) -> None:
     if len(side) == 7:
         side = []
     peer = nncodec(by_name) or kept_section(dst, "## NNCodec")
+    prunetrain = kept_section(dst, "## PruneTrain")  # written by bench/prunetrain_time.py (its own runs, not pytest's)
     open(dst, "w").write(
         "\n".join(
             head
@@ -626,6 +627,7 @@ def main(src: str, dst: str) -> None:
             + confidence(by_name)
             + extensions(by_name)
             + int8(by_name)
+            + prunetrain
         )
         + "\n"
     )
