@@ -92,6 +92,7 @@ def run_train(
     target_params: float | None = None,
     lasso_ratio: float = 0.8,
     cost_weight: float = 1.0,
+    min_channels: int = 2,
     reconfig_every: float = 0.25,
     freeze_last: float = 0.25,
     grow_batch: bool = False,
@@ -140,6 +141,7 @@ def run_train(
         grow_batch=grow_batch,
         max_batch=max_batch,
         cost_weight=cost_weight,
+        min_channels=min_channels,
     )
     check_settings(method, len(tr), batch_size=batch_size, **schedule)
     torch.manual_seed(seed)  # the model's own init is seeded too
@@ -262,6 +264,14 @@ def train(
             "alike; 1 prunes the costly high-resolution layers first (more time saved; 0.5: less accuracy lost).",
         ),
     ] = 1.0,  # fmt: skip
+    min_channels: Annotated[
+        int,
+        option(
+            "--min-channels",
+            panel=METHOD,
+            help="The fewest channels a channel group keeps (2: one-channel layers learnt less and ran no faster).",
+        ),
+    ] = 2,
     reconfig_every: Annotated[
         float,
         option("--reconfig-every", panel=METHOD, help="Epochs between reconfigurations (0.25: four times an epoch)."),
@@ -341,7 +351,7 @@ def train(
         model_path, load, data, dest, method=method.value if method else None, epochs=epochs, lr=lr,
         optimizer=optimizer.value, batch_size=batch_size, augment=augment, seed=seed, weight_decay=weight_decay,
         target_macs=target_macs, target_params=target_params, lasso_ratio=lasso_ratio, reconfig_every=reconfig_every,
-        cost_weight=cost_weight, freeze_last=freeze_last, grow_batch=grow_batch, max_batch=max_batch,
-        compare_dense=compare_dense, width=width,
+        cost_weight=cost_weight, min_channels=min_channels, freeze_last=freeze_last, grow_batch=grow_batch,
+        max_batch=max_batch, compare_dense=compare_dense, width=width,
         val_fraction=val_fraction, threads=threads,
     )  # fmt: skip

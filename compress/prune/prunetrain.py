@@ -43,6 +43,9 @@ from compress.train import check_augment, make_optimizer, random_shift, resolve_
 log = logging.getLogger(__name__)
 
 METHODS = ("channel-union",)
+# the fewest channels a group keeps by default (measured, docs/methods.md: 1 left ResNet-20's first stage one channel
+# wide, 0.79 pt less accurate and no faster than 2)
+MIN_CHANNELS = 2
 BN_SAMPLES = 256  # BatchNorm statistics before a reconfiguration: 4 batches of 64 (1000 cost ~1.5 s a time on 2 cores)
 CONVENTION = (
     "train_macs: forward + backward multiply-accumulates ~ 3 x the forward MACs of one sample (torch's FLOP "
@@ -117,6 +120,7 @@ def check_settings(
     grow_batch: bool = False,
     max_batch: int | None = None,
     cost_weight: float = 1.0,
+    min_channels: int = MIN_CHANNELS,
 ) -> int | None:
     """UsageError, before any work, for settings that cannot be met on ``n`` training samples; returns the
     batch's cap under ``grow_batch`` (default 4 x ``batch_size``, at most ``n``)."""
@@ -133,6 +137,8 @@ def check_settings(
         raise UsageError(f"--cost-weight {cost_weight}: expected an exponent in [0, 4] (0: all pulled alike)")
     if not 0.0 < reconfig_every <= 1000:
         raise UsageError(f"--reconfig-every {reconfig_every}: expected epochs in (0, 1000]")
+    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or not 1 <= min_channels <= 1_000_000:
+        raise UsageError(f"--min-channels {min_channels}: expected a whole number of channels in [1, 1000000]")
     if grow_batch:
         cap = max_batch if max_batch is not None else 4 * batch_size
         if method is None:
@@ -166,7 +172,7 @@ def train_model(
     cost_weight: float = 1.0,
     reconfig_every: float = 0.25,
     freeze_last: float = 0.25,
-    min_channels: int = 1,
+    min_channels: int = MIN_CHANNELS,
     grow_batch: bool = False,
     max_batch: int | None = None,
     loss: Any = None,
@@ -182,7 +188,9 @@ def train_model(
     (0, 1] of the starting model's; the pull stops once reached and what is left above the target when the
     architecture freezes is removed by L1 ranking. ``reconfig_every``: epochs between reconfigurations (0.5: twice
     an epoch). ``freeze_last``: the fraction of the training, at its end, with the architecture fixed.
-    ``min_channels``: the fewest channels a group keeps (``ChannelUnionConfig.min_channels``). ``val`` is scored
+    ``min_channels``: the fewest channels a group keeps (``ChannelUnionConfig.min_channels``; 2 here: a residual
+    stream pulled down to one channel trained less accurately and, its one-channel convolutions running far below
+    peak, no faster; docs/methods.md). ``val`` is scored
     after every epoch, ``test`` at the end. ``progress(line)`` gets a line per epoch; a progress bar (``desc``)
     shows on a terminal."""
     data = as_data(train, "training data", arg="train")
@@ -194,7 +202,7 @@ def train_model(
     max_batch = check_settings(
         method, n, batch_size=batch_size, target_macs=target_macs, target_params=target_params,
         freeze_last=freeze_last, reconfig_every=reconfig_every, grow_batch=grow_batch, max_batch=max_batch,
-        cost_weight=cost_weight,
+        cost_weight=cost_weight, min_channels=min_channels,
     )  # fmt: skip
     cfg = FineTune(
         epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size, augment=augment, seed=seed,

@@ -15,7 +15,7 @@ from compress.method import Context
 from compress.model_io import load_model
 from compress.models import create_model
 from compress.prune.channel_union import ChannelUnionConfig, ChannelUnionPruner
-from compress.prune.prunetrain import BN_SAMPLES, train_model
+from compress.prune.prunetrain import BN_SAMPLES, MIN_CHANNELS, train_model
 from tests.helpers import one_line_error
 
 
@@ -40,12 +40,13 @@ def test_training_macs_match_a_hand_count(digits):
     assert [e["train_macs"] for e in rep["epochs"]] == [3 * forward * len(x), 3 * forward * (len(x) // 2)]
 
 
-def _user_loop(model, x, y, *, epochs, bs, lr, interval, lasso_ratio, cost_weight=1.0):
-    """What a user writes around compress.ChannelUnionPruner: SGD, a cosine lr, the pruner's hooks."""
+def _user_loop(model, x, y, *, epochs, bs, lr, interval, lasso_ratio, cost_weight=1.0, min_channels=MIN_CHANNELS):
+    """What a user writes around compress.ChannelUnionPruner: SGD, a cosine lr, the pruner's hooks (with
+    ``compress train``'s settings)."""
     n = len(x)
     total = int(round(epochs * n))
     pruner = ChannelUnionPruner(
-        model, ChannelUnionConfig(lasso_ratio=lasso_ratio, cost_weight=cost_weight),
+        model, ChannelUnionConfig(lasso_ratio=lasso_ratio, cost_weight=cost_weight, min_channels=min_channels),
         Context(train=(x, y), input_shape=(1, *x.shape[1:])), interval=interval, bn_samples=BN_SAMPLES,
     )  # fmt: skip
     pruner.attach()
@@ -134,6 +135,7 @@ def test_channel_union_training_shrinks_and_the_file_reloads_and_runs(tmp_path, 
         (["--arch", "zoo:resnet8", "--grow-batch"], "grow-batch"),
         (["--arch", "zoo:resnet8", "-m", "channel-union", "--cost-weight", "-1"], "cost-weight"),
         (["--arch", "zoo:resnet8", "-m", "channel-union", "--cost-weight", "9"], "cost-weight"),
+        (["--arch", "zoo:resnet8", "-m", "channel-union", "--min-channels", "0"], "min-channels"),
         (["--arch", "zoo:resnet8", "--compare-dense"], "compare-dense"),
         ([], "--arch"),
     ],
@@ -300,8 +302,8 @@ def test_cost_weight_pulls_the_costly_channels_harder():
 
 
 def test_min_channels_keeps_that_many_channels_in_every_group(digits):
-    """A strong pull leaves some residual stream or inner conv with a channel or two; ``min_channels=4`` keeps at
-    least four in every group it prunes (the whole-tensor step zeroes them, the reconfiguration keeps the strongest)."""
+    """A strong pull takes some residual stream or inner conv down to one channel with ``min_channels=1``; the
+    default keeps two, ``min_channels=4`` four, in every group it prunes (the reconfiguration keeps the strongest)."""
     x, y = digits
     torch.manual_seed(0)
     start = create_model("resnet8", num_classes=10, in_channels=1, width=0.5)
@@ -312,8 +314,9 @@ def test_min_channels_keeps_that_many_channels_in_every_group(digits):
         convs = [m.out_channels for m in res.model.modules() if isinstance(m, nn.Conv2d)]
         return convs, res.report
 
-    free, _ = widths()
-    held, rep = widths(min_channels=4)
-    assert min(free) < 4  # the test would say nothing otherwise
-    assert min(held) >= 4
-    assert rep["settings"]["min_channels"] == 4
+    one, _ = widths(min_channels=1)
+    default, rep = widths()
+    held, rep4 = widths(min_channels=4)
+    assert min(one) == 1  # the test would say nothing otherwise
+    assert min(default) >= 2 and rep["settings"]["min_channels"] == 2
+    assert min(held) >= 4 and rep4["settings"]["min_channels"] == 4
