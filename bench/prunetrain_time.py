@@ -7,6 +7,7 @@ shell loop can alternate dense and PruneTrain while the machine's load changes (
         python bench/prunetrain_time.py $m --test-data ../shared/data/mnist --json out/$m-$RANDOM.json
     done
     python bench/prunetrain_time.py table out      # mean and spread of every (arch, method) in out/*.json
+    python bench/prunetrain_time.py table out intro.md [out2 intro2.md ...]   # into docs/results.md
 
 PruneTrain's defaults here: --target-macs 0.4 --lasso-ratio 0.2 --cost-weight 1 --reconfig-every 0.25 (as measured
 in docs/methods.md). Compare ``cpu_s`` as well as ``wall_s`` on a shared machine.
@@ -25,7 +26,7 @@ import torch
 
 from compress import data as data_mod
 from compress.models import create_model
-from compress.prune.prunetrain import train_model
+from compress.prune.prunetrain import MIN_CHANNELS, train_model
 
 
 def build(arch: str, width: float) -> torch.nn.Module:
@@ -50,7 +51,7 @@ def _spread(vals: list[float], fmt: str) -> str:
     return format(m, fmt) if len(vals) == 1 else f"{m:{fmt}} ({min(vals):{fmt}}-{max(vals):{fmt}})"
 
 
-LASSO = 0.2  # the bench's --lasso-ratio (a dense run records none)
+LASSO, TARGET = 0.2, 0.4  # the bench's --lasso-ratio and --target-macs (a dense run records neither)
 SECTION = "## PruneTrain: training time, dense against channel-union (bench/prunetrain_time.py)"
 
 
@@ -64,7 +65,7 @@ def table(folder: str) -> list[str]:
             r = json.load(f)
         b, st = r.get("bench", {}), r["settings"]
         key = (b.get("arch", "zoo:resnet20"), b.get("width", 0.5), r["method"], bool(st.get("grow_batch")),
-               st.get("min_channels", 1), st.get("lasso_ratio", LASSO))  # fmt: skip
+               st.get("min_channels", 1), st.get("lasso_ratio", LASSO), st.get("target_macs", TARGET))  # fmt: skip
         runs.setdefault(key, []).append(r)
     out = [
         "| arch | method | runs (seeds) | epochs | train s | time vs dense | CPU time vs dense | test % | drop (pt) | "
@@ -72,8 +73,8 @@ def table(folder: str) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, rs in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][2] != "dense", kv[0][3:])):
-        arch, width, method, grow, min_channels, lasso = key
-        dense = runs.get((arch, width, "dense", False, 1, LASSO), [])
+        arch, width, method, grow, min_channels, lasso, target = key
+        dense = runs.get((arch, width, "dense", False, 1, LASSO, TARGET), [])
         seeds = sorted({r["settings"]["seed"] for r in rs})
 
         def per_seed(rows, part, field, seed):
@@ -94,6 +95,7 @@ def table(folder: str) -> list[str]:
         name = {"dense": "dense", "channel-union": "PruneTrain"}[method]
         name += (" + grow-batch" if grow else "") + (f", min-channels {min_channels}" if min_channels != 1 else "")
         name += f", lasso-ratio {lasso:g}" if lasso != LASSO else ""
+        name += f", target-macs {target:g}" if target != TARGET else ""
         label = arch + (f" width {width}" if arch.startswith("zoo:") else "")
         pt = method != "dense"
         out.append(
@@ -124,24 +126,25 @@ def splice(doc: str, section: list[str]) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) in (3, 4) and sys.argv[1] == "table":  # table DIR [INTRO.md: splice into docs/results.md]
-        rows = table(sys.argv[2])
+    if len(sys.argv) >= 3 and sys.argv[1] == "table":  # table DIR | table DIR INTRO.md [DIR INTRO.md ...]
         if len(sys.argv) == 3:
-            print("\n".join(rows))
+            print("\n".join(table(sys.argv[2])))
             return
-        with open(sys.argv[3]) as f:
-            intro = f.read().strip()
-        return splice("docs/results.md", [SECTION, "", intro, "", *rows])
+        section = [SECTION]
+        for folder, intro in zip(sys.argv[2::2], sys.argv[3::2], strict=True):  # each table under its intro
+            with open(intro) as f:
+                section += ["", f.read().strip(), "", *table(folder)]
+        return splice("docs/results.md", section)
     ap = argparse.ArgumentParser()
     ap.add_argument("method", choices=["dense", "channel-union"])
     ap.add_argument("--arch", default="zoo:resnet20", help="zoo:NAME (at --width) or pytorchcv:MODULE.FUNCTION")
     ap.add_argument("--epochs", type=float, default=8)
-    ap.add_argument("--target-macs", type=float, default=0.4)
+    ap.add_argument("--target-macs", type=float, default=TARGET)
     ap.add_argument("--lasso-ratio", type=float, default=LASSO)
     ap.add_argument("--cost-weight", type=float, default=1.0)
     ap.add_argument("--reconfig-every", type=float, default=0.25)
     ap.add_argument("--freeze-last", type=float, default=0.25)
-    ap.add_argument("--min-channels", type=int, default=1)
+    ap.add_argument("--min-channels", type=int, default=MIN_CHANNELS)
     ap.add_argument("--grow-batch", action="store_true")
     ap.add_argument("--width", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0, help="the model's initialisation and the training order")
