@@ -269,7 +269,7 @@ def train(
         option(
             "--min-channels",
             panel=METHOD,
-            help="The fewest channels a channel group keeps (2: one-channel layers learnt less and ran no faster).",
+            help="The fewest channels a channel group keeps (2: a one-channel stage learnt less).",
         ),
     ] = 2,
     reconfig_every: Annotated[
