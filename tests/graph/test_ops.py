@@ -135,4 +135,6 @@ def test_convolutions_of_few_channels_are_charged_their_blocked_copies(cin, cout
                 measured = max(measured, _measured_peak(op.fn, args, {}))
         finally:
             torch.set_num_threads(threads)
-        assert measured <= alloc <= 4 * measured + 4096, (batch, alloc, measured)
+        # the charge holds both blocked copies (live at once with AVX-512: up to 3.5x the peak there); where a CPU
+        # holds one at a time (AVX2 machines did) the same charge reads up to twice that against its peak
+        assert measured <= alloc <= 8 * measured + 4096, (batch, alloc, measured)
