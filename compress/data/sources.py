@@ -10,6 +10,7 @@ import gzip
 import logging
 import math
 import os
+import warnings
 import zlib
 from pathlib import Path
 from typing import IO
@@ -40,7 +41,9 @@ def _package_csv(path, rows: int | None, cols: int, limit: int) -> tuple[np.ndar
             text = g.read(limit + 1)
         if len(text) > limit:
             raise InputError(f"{safe(str(path), 200)}: inflates to more than {limit:,} bytes")
-        table = np.loadtxt(text.decode("ascii").splitlines(), delimiter=",", dtype=np.uint8, ndmin=2)
+        with warnings.catch_warnings():  # numpy warns of a file of blank lines with the whole input in the message
+            warnings.simplefilter("ignore")
+            table = np.loadtxt(text.decode("ascii").splitlines(), delimiter=",", dtype=np.uint8, ndmin=2)
     except (OSError, EOFError, ValueError, zlib.error) as e:
         raise InputError(f"{safe(str(path), 200)}: not the package's data file ({first_line(e, 80)})") from None
     if table.shape[1] != cols or (rows is not None and table.shape[0] != rows):
