@@ -55,6 +55,12 @@ LASSO, TARGET = 0.2, 0.4  # the bench's --lasso-ratio and --target-macs (a dense
 SECTION = "## PruneTrain: training time, dense against channel-union (bench/prunetrain_time.py)"
 
 
+def _per_seed(rows: list[dict], part: str, field: str, seed: int) -> float | None:
+    """The mean of ``row[part][field]`` over the runs of ``seed``, None where there is none."""
+    vals = [r[part][field] for r in rows if r["settings"]["seed"] == seed]
+    return statistics.fmean(vals) if vals else None
+
+
 def table(folder: str) -> list[str]:
     """Markdown rows of the runs in ``folder``: per (arch, method, settings), the mean and range over its runs, and
     the time ratios against the dense runs of the same arch and seeds (each seed's mean PruneTrain seconds over its
@@ -76,17 +82,12 @@ def table(folder: str) -> list[str]:
         arch, width, method, grow, min_channels, lasso, target = key
         dense = runs.get((arch, width, "dense", False, 1, LASSO, TARGET), [])
         seeds = sorted({r["settings"]["seed"] for r in rs})
-
-        def per_seed(rows, part, field, seed):
-            vals = [r[part][field] for r in rows if r["settings"]["seed"] == seed]
-            return statistics.fmean(vals) if vals else None
-
         ratio, cpu, drop, flops = [], [], [], []
         for sd in seeds:
-            t, td = (per_seed(x, "total", "wall_s", sd) for x in (rs, dense))
-            c, cd = (per_seed(x, "total", "cpu_s", sd) for x in (rs, dense))
-            a, ad = (per_seed(x, "final", "test_score", sd) for x in (rs, dense))
-            fl, fd = (per_seed(x, "total", "train_flops", sd) for x in (rs, dense))
+            t, td = (_per_seed(x, "total", "wall_s", sd) for x in (rs, dense))
+            c, cd = (_per_seed(x, "total", "cpu_s", sd) for x in (rs, dense))
+            a, ad = (_per_seed(x, "final", "test_score", sd) for x in (rs, dense))
+            fl, fd = (_per_seed(x, "total", "train_flops", sd) for x in (rs, dense))
             if td:
                 ratio.append(t / td)
                 cpu.append(c / cd)
